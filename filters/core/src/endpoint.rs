@@ -1,0 +1,94 @@
+//! Endpoints and the versioned snapshot the control plane serves to the filters.
+//!
+//! One JSON schema, shared by the control plane (which builds snapshots from its sources),
+//! the filter (which polls and parses them) and the registry. An endpoint is what Envoy calls
+//! an LbEndpoint: an `IP:port` the filter can write into the override header, plus the
+//! attributes selection filters on (zone, tags, capabilities, metadata) and its health.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Health of one endpoint as the control plane sees it (from its source or active checks).
+///
+/// Mirrors Envoy's `HealthStatus` as Istio maps EndpointSlice conditions onto it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Health {
+    /// Ready and serving: eligible for new requests.
+    #[default]
+    Healthy,
+    /// Terminating but still serving: finishes sticky sessions, gets no new ones.
+    Draining,
+    /// Failing its checks or not ready: never picked.
+    Unhealthy,
+}
+
+/// One upstream instance of a service.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Endpoint {
+    /// The address Envoy knows the endpoint by; the filter writes it as `IP:port`.
+    pub address: SocketAddr,
+    /// Relative weight for the weighted algorithms; 1 unless set. Must be at least 1.
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    /// Failure domain (Kubernetes `topology.kubernetes.io/zone`), for locality preference.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone: Option<String>,
+    /// Free-form labels a policy can require (e.g. `canary`, `gpu`).
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub tags: BTreeSet<String>,
+    /// What the instance can do (e.g. `llm.chat`, `tools.search`); a policy can require some.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub capabilities: BTreeSet<String>,
+    /// Key/value attributes (labels, node name, version) a policy can match on.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Health as reported by the source and the control plane's active checks.
+    #[serde(default)]
+    pub health: Health,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+impl Endpoint {
+    /// A healthy endpoint of weight 1 with no attributes.
+    pub fn new(address: SocketAddr) -> Self {
+        Self {
+            address,
+            weight: default_weight(),
+            zone: None,
+            tags: BTreeSet::new(),
+            capabilities: BTreeSet::new(),
+            metadata: BTreeMap::new(),
+            health: Health::Healthy,
+        }
+    }
+}
+
+/// The endpoints of one service (one Envoy cluster).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceEndpoints {
+    /// Every known instance, in a stable order (sorted by address).
+    pub endpoints: Vec<Endpoint>,
+}
+
+/// Everything a filter needs at one version: endpoints per service.
+///
+/// `version` changes whenever any content changes; equal versions mean equal content, so a
+/// filter that already holds `version` need not parse the body again.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Snapshot {
+    /// Opaque version string; compare for equality only.
+    pub version: String,
+    /// Endpoints keyed by service name (the Envoy cluster name).
+    pub services: BTreeMap<String, ServiceEndpoints>,
+}

