@@ -1,0 +1,412 @@
+//! The snapshot cache: turns a [`fulcrum_core::Snapshot`] into encoded Envoy resources, each
+//! with its own content version, and publishes the result to the streams.
+//!
+//! Follows go-control-plane's `pkg/cache/v3`: the cache builds and versions resources and
+//! never touches a stream; the server only reads what the cache published. Each resource is
+//! encoded once into an `Any` behind an `Arc`, and a resource whose content did not change
+//! keeps the very same `Arc` across snapshots, so churn in one service neither rebuilds nor
+//! resends the others.
+
+use std::{collections::BTreeMap, sync::Arc, time::Instant};
+
+use envoy_types::pb::google::protobuf::Any;
+use envoy_types::util::pack_any;
+use fulcrum_core::{ServiceEndpoints, Snapshot};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::resources::{self, ClusterOptions};
+
+/// The xDS resource types fulcrum serves, in the order a push sends them (clusters before
+/// endpoints: make before break).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ResourceType {
+    /// CDS: `envoy.config.cluster.v3.Cluster`.
+    Cluster,
+    /// EDS: `envoy.config.endpoint.v3.ClusterLoadAssignment`.
+    Endpoint,
+}
+
+impl ResourceType {
+    /// Every served type, clusters first.
+    pub const ALL: [ResourceType; 2] = [ResourceType::Cluster, ResourceType::Endpoint];
+
+    /// The type URL used on the wire.
+    pub fn type_url(self) -> &'static str {
+        match self {
+            ResourceType::Cluster => "type.googleapis.com/envoy.config.cluster.v3.Cluster",
+            ResourceType::Endpoint => {
+                "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment"
+            }
+        }
+    }
+
+    /// The type for a type URL, if served.
+    pub fn from_type_url(type_url: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|ty| ty.type_url() == type_url)
+    }
+
+    /// Short name for logs, metrics and the status API: `cds` or `eds`.
+    pub fn short_name(self) -> &'static str {
+        match self {
+            ResourceType::Cluster => "cds",
+            ResourceType::Endpoint => "eds",
+        }
+    }
+
+    /// Whether Envoy subscribes to every resource of the type (CDS) rather than by name (EDS).
+    pub fn is_wildcard(self) -> bool {
+        self == ResourceType::Cluster
+    }
+}
+
+/// One resource, encoded once and shared by every stream that sends it.
+#[derive(Debug, PartialEq)]
+pub struct EncodedResource {
+    /// The resource name (the service name for both types).
+    pub name: String,
+    /// Content version: a hash of what the resource was built from. Equal versions mean
+    /// equal resources.
+    pub version: String,
+    /// The encoded resource.
+    pub any: Any,
+}
+
+/// Encoded resources of one type, by name.
+pub type Resources = BTreeMap<String, Arc<EncodedResource>>;
+
+/// Every resource of one snapshot. Immutable once built; replaced whole on change.
+#[derive(Debug, PartialEq)]
+pub struct XdsSnapshot {
+    /// The version of the [`Snapshot`] this was built from.
+    pub version: String,
+    /// When the cache published it (push latency is measured from here).
+    pub published_at: Instant,
+    /// One `Cluster` per service.
+    pub clusters: Resources,
+    /// One `ClusterLoadAssignment` per service.
+    pub endpoints: Resources,
+}
+
+impl XdsSnapshot {
+    /// The resources of one type.
+    pub fn resources(&self, ty: ResourceType) -> &Resources {
+        match ty {
+            ResourceType::Cluster => &self.clusters,
+            ResourceType::Endpoint => &self.endpoints,
+        }
+    }
+}
+
+/// What one [`SnapshotCache::set`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct UpdateSummary {
+    /// Resources encoded anew (new or changed content).
+    pub encoded: usize,
+    /// Resources carried over from the previous snapshot unchanged.
+    pub reused: usize,
+}
+
+fn content_version(parts: &[&[u8]]) -> String {
+    let mut hasher = Sha256::new();
+    for part in parts {
+        hasher.update((part.len() as u64).to_le_bytes());
+        hasher.update(part);
+    }
+    let digest = hasher.finalize();
+    digest[..8]
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Builds the snapshot for `core`, reusing every resource of `previous` whose version is
+/// unchanged.
+fn build(
+    core: &Snapshot,
+    options: &ClusterOptions,
+    previous: Option<&XdsSnapshot>,
+    summary: &mut UpdateSummary,
+) -> XdsSnapshot {
+    // The cluster depends on its name and the shared options only.
+    let options_key = format!("{options:?}");
+    let mut clusters = Resources::new();
+    let mut endpoints = Resources::new();
+    for (name, service) in &core.services {
+        let cluster_version = content_version(&[name.as_bytes(), options_key.as_bytes()]);
+        clusters.insert(
+            name.clone(),
+            reuse_or_encode(
+                previous.map(|p| &p.clusters),
+                name,
+                cluster_version,
+                summary,
+                || pack_any(resources::cluster(name, options)),
+            ),
+        );
+        let endpoints_version = content_version(&[name.as_bytes(), &service_key(service)]);
+        endpoints.insert(
+            name.clone(),
+            reuse_or_encode(
+                previous.map(|p| &p.endpoints),
+                name,
+                endpoints_version,
+                summary,
+                || pack_any(resources::load_assignment(name, service)),
+            ),
+        );
+    }
+    XdsSnapshot {
+        version: core.version.clone(),
+        published_at: Instant::now(),
+        clusters,
+        endpoints,
+    }
+}
+
+fn service_key(service: &ServiceEndpoints) -> Vec<u8> {
+    // Serializing plain structs of BTree collections cannot fail, and the bytes are stable.
+    serde_json::to_vec(service).unwrap_or_default()
+}
+
+fn reuse_or_encode(
+    previous: Option<&Resources>,
+    name: &str,
+    version: String,
+    summary: &mut UpdateSummary,
+    encode: impl FnOnce() -> Any,
+) -> Arc<EncodedResource> {
+    if let Some(existing) = previous
+        .and_then(|resources| resources.get(name))
+        .filter(|existing| existing.version == version)
+    {
+        summary.reused += 1;
+        return Arc::clone(existing);
+    }
+    summary.encoded += 1;
+    Arc::new(EncodedResource {
+        name: name.to_owned(),
+        version,
+        any: encode(),
+    })
+}
+
+/// Holds the current [`XdsSnapshot`] and tells the streams when it changes.
+///
+/// `None` until the first [`set`](Self::set): streams answer nothing before that, so an Envoy
+/// that connects early never sees an empty cluster list that would remove its clusters.
+#[derive(Debug)]
+pub struct SnapshotCache {
+    options: ClusterOptions,
+    current: watch::Sender<Option<Arc<XdsSnapshot>>>,
+}
+
+impl SnapshotCache {
+    /// An empty cache building clusters with `options`.
+    pub fn new(options: ClusterOptions) -> Self {
+        Self {
+            options,
+            current: watch::Sender::new(None),
+        }
+    }
+
+    /// Replaces the snapshot with one built from `core`. Resources whose content did not
+    /// change keep their encoding; a `core` with the current version changes nothing.
+    pub fn set(&self, core: &Snapshot) -> UpdateSummary {
+        let mut summary = UpdateSummary::default();
+        self.current.send_if_modified(|current| {
+            if current
+                .as_ref()
+                .is_some_and(|snapshot| snapshot.version == core.version)
+            {
+                return false;
+            }
+            let next = build(core, &self.options, current.as_deref(), &mut summary);
+            *current = Some(Arc::new(next));
+            true
+        });
+        summary
+    }
+
+    /// The current snapshot, if one was set.
+    pub fn current(&self) -> Option<Arc<XdsSnapshot>> {
+        self.current.borrow().clone()
+    }
+
+    /// A receiver that sees every new snapshot (streams watch it).
+    pub fn subscribe(&self) -> watch::Receiver<Option<Arc<XdsSnapshot>>> {
+        self.current.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use envoy_types::pb::envoy::config::{
+        cluster::v3::Cluster, core::v3::HealthStatus, endpoint::v3::ClusterLoadAssignment,
+    };
+    use fulcrum_core::{Endpoint, Health};
+    use prost::Message;
+
+    use super::*;
+
+    fn service(addresses: &[&str]) -> ServiceEndpoints {
+        ServiceEndpoints {
+            endpoints: addresses
+                .iter()
+                .map(|address| Endpoint::new(address.parse().expect("test address")))
+                .collect(),
+        }
+    }
+
+    fn snapshot(version: &str, services: &[(&str, ServiceEndpoints)]) -> Snapshot {
+        Snapshot {
+            version: version.to_owned(),
+            services: services
+                .iter()
+                .map(|(name, service)| ((*name).to_owned(), service.clone()))
+                .collect::<BTreeMap<_, _>>(),
+        }
+    }
+
+    #[test]
+    fn builds_one_cluster_and_one_assignment_per_service() {
+        let cache = SnapshotCache::new(ClusterOptions::default());
+        let summary = cache.set(&snapshot(
+            "v1",
+            &[
+                ("a", service(&["127.0.0.1:1"])),
+                ("b", service(&["127.0.0.1:2"])),
+            ],
+        ));
+        assert_eq!(
+            summary,
+            UpdateSummary {
+                encoded: 4,
+                reused: 0
+            }
+        );
+        let current = cache.current().expect("set");
+        assert_eq!(current.version, "v1");
+        assert_eq!(current.clusters.keys().collect::<Vec<_>>(), ["a", "b"]);
+        let cluster = Cluster::decode(current.clusters["a"].any.value.as_slice()).expect("cluster");
+        assert_eq!(cluster.name, "a");
+        assert_eq!(
+            current.clusters["a"].any.type_url,
+            ResourceType::Cluster.type_url()
+        );
+        assert_eq!(
+            current.endpoints["b"].any.type_url,
+            ResourceType::Endpoint.type_url()
+        );
+    }
+
+    #[test]
+    fn churn_in_one_service_reuses_every_other_resource() {
+        let cache = SnapshotCache::new(ClusterOptions::default());
+        cache.set(&snapshot(
+            "v1",
+            &[
+                ("a", service(&["127.0.0.1:1"])),
+                ("b", service(&["127.0.0.1:2"])),
+            ],
+        ));
+        let before = cache.current().expect("set");
+        let summary = cache.set(&snapshot(
+            "v2",
+            &[
+                ("a", service(&["127.0.0.1:1", "127.0.0.1:3"])),
+                ("b", service(&["127.0.0.1:2"])),
+            ],
+        ));
+        assert_eq!(
+            summary,
+            UpdateSummary {
+                encoded: 1,
+                reused: 3
+            }
+        );
+        let after = cache.current().expect("set");
+        assert!(Arc::ptr_eq(&before.clusters["a"], &after.clusters["a"]));
+        assert!(Arc::ptr_eq(&before.endpoints["b"], &after.endpoints["b"]));
+        assert_ne!(before.endpoints["a"].version, after.endpoints["a"].version);
+    }
+
+    #[test]
+    fn same_snapshot_version_changes_nothing() {
+        let cache = SnapshotCache::new(ClusterOptions::default());
+        let mut updates = cache.subscribe();
+        cache.set(&snapshot("v1", &[("a", service(&["127.0.0.1:1"]))]));
+        assert!(updates.has_changed().expect("open"));
+        updates.mark_unchanged();
+        assert_eq!(
+            cache.set(&snapshot("v1", &[("a", service(&["127.0.0.1:1"]))])),
+            UpdateSummary::default()
+        );
+        assert!(!updates.has_changed().expect("open"));
+    }
+
+    #[test]
+    fn resource_versions_depend_on_content_only() {
+        let first = SnapshotCache::new(ClusterOptions::default());
+        let second = SnapshotCache::new(ClusterOptions::default());
+        first.set(&snapshot("v1", &[("a", service(&["127.0.0.1:1"]))]));
+        second.set(&snapshot("other", &[("a", service(&["127.0.0.1:1"]))]));
+        let (first, second) = (
+            first.current().expect("set"),
+            second.current().expect("set"),
+        );
+        assert_eq!(first.endpoints["a"].version, second.endpoints["a"].version);
+        assert_eq!(first.clusters["a"].version, second.clusters["a"].version);
+    }
+
+    #[test]
+    fn assignment_maps_health_weight_zone_and_metadata() {
+        let mut draining = Endpoint::new("10.0.0.2:80".parse().expect("address"));
+        draining.health = Health::Draining;
+        draining.weight = 3;
+        draining.zone = Some("zone-b".to_owned());
+        draining.tags.insert("canary".to_owned());
+        draining
+            .metadata
+            .insert("version".to_owned(), "v2".to_owned());
+        let mut unhealthy = Endpoint::new("10.0.0.1:80".parse().expect("address"));
+        unhealthy.health = Health::Unhealthy;
+        let cache = SnapshotCache::new(ClusterOptions::default());
+        cache.set(&Snapshot {
+            version: "v1".to_owned(),
+            services: BTreeMap::from([(
+                "a".to_owned(),
+                ServiceEndpoints {
+                    endpoints: vec![unhealthy, draining],
+                },
+            )]),
+        });
+        let current = cache.current().expect("set");
+        let assignment = ClusterLoadAssignment::decode(current.endpoints["a"].any.value.as_slice())
+            .expect("assignment");
+        let zones: Vec<_> = assignment
+            .endpoints
+            .iter()
+            .map(|locality| locality.locality.as_ref().expect("locality").zone.as_str())
+            .collect();
+        assert_eq!(zones, ["", "zone-b"]);
+        let unhealthy = &assignment.endpoints[0].lb_endpoints[0];
+        assert_eq!(unhealthy.health_status, HealthStatus::Unhealthy as i32);
+        assert!(unhealthy.metadata.is_none());
+        let draining = &assignment.endpoints[1].lb_endpoints[0];
+        assert_eq!(draining.health_status, HealthStatus::Draining as i32);
+        assert_eq!(
+            draining.load_balancing_weight.as_ref().map(|w| w.value),
+            Some(3)
+        );
+        let fulcrum = &draining
+            .metadata
+            .as_ref()
+            .expect("metadata")
+            .filter_metadata["fulcrum"];
+        assert!(fulcrum.fields.contains_key("tags"));
+        assert!(fulcrum.fields.contains_key("metadata"));
+    }
+}

@@ -1,0 +1,319 @@
+//! Builds the Envoy resources of one service: its `Cluster` and its `ClusterLoadAssignment`.
+//!
+//! Every cluster is EDS over ADS and balances with Envoy's `override_host` policy: the
+//! fulcrum filter writes `IP:port` into [`OVERRIDE_HOST_HEADER`] and Envoy sends the request
+//! there; without the header (filter fail-open) the fallback policy, least request, picks.
+//! A cluster-level upstream `header_mutation` filter removes the header after host
+//! selection, so the upstream never sees it. (A route-level `request_headers_to_remove` would
+//! run before load balancing and disable the override.)
+
+use std::collections::{BTreeMap, HashMap};
+
+use envoy_types::pb::{
+    envoy::{
+        config::{
+            cluster::v3::{
+                Cluster, LoadBalancingPolicy,
+                cluster::{ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig},
+                load_balancing_policy::Policy,
+            },
+            common::mutation_rules::v3::{
+                HeaderMutation as HeaderMutationRule, header_mutation::Action,
+            },
+            core::v3::{
+                Address, AggregatedConfigSource, ApiVersion, ConfigSource, HealthStatus,
+                HealthStatusSet, Http1ProtocolOptions, Http2ProtocolOptions, Locality, Metadata,
+                SocketAddress, TypedExtensionConfig, address, config_source, socket_address,
+            },
+            endpoint::v3::{
+                ClusterLoadAssignment, Endpoint as EnvoyEndpoint, LbEndpoint, LocalityLbEndpoints,
+                lb_endpoint,
+            },
+        },
+        extensions::{
+            filters::{
+                http::{
+                    header_mutation::v3::{HeaderMutation, Mutations},
+                    upstream_codec::v3::UpstreamCodec,
+                },
+                network::http_connection_manager::v3::{HttpFilter, http_filter},
+            },
+            load_balancing_policies::{
+                least_request::v3::LeastRequest,
+                override_host::v3::{OverrideHost, override_host::OverrideHostSource},
+            },
+            upstreams::http::v3::{
+                HttpProtocolOptions,
+                http_protocol_options::{
+                    ExplicitHttpConfig, UpstreamProtocolOptions,
+                    explicit_http_config::ProtocolConfig,
+                },
+            },
+        },
+    },
+    google::protobuf::{Any, Duration, ListValue, Struct, UInt32Value, Value, value::Kind},
+};
+use envoy_types::util::pack_any;
+use fulcrum_core::{Endpoint, Health, ServiceEndpoints};
+
+/// The request header the filter writes `IP:port` into and `override_host` reads.
+pub const OVERRIDE_HOST_HEADER: &str = "x-fulcrum-endpoint";
+/// The `filter_metadata` namespace endpoint attributes are published under.
+pub const METADATA_NAMESPACE: &str = "fulcrum";
+const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
+
+/// The HTTP protocol Envoy speaks to the upstream endpoints.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1 (the default: what most backends speak in plaintext).
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (gRPC backends).
+    Http2,
+}
+
+/// Settings shared by every generated cluster. The defaults suit fulcrum's filter.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct ClusterOptions {
+    /// Upstream connect timeout; default 1 s.
+    pub connect_timeout: std::time::Duration,
+    /// `common_lb_config.update_merge_window`; default 0 s, so endpoint changes apply at once
+    /// (Envoy's own default, 1 s, delays every EDS update).
+    pub update_merge_window: std::time::Duration,
+    /// Protocol to the upstream endpoints; default HTTP/1.1.
+    pub upstream_protocol: UpstreamProtocol,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        Self {
+            connect_timeout: std::time::Duration::from_secs(1),
+            update_merge_window: std::time::Duration::ZERO,
+            upstream_protocol: UpstreamProtocol::Http1,
+        }
+    }
+}
+
+fn duration(value: std::time::Duration) -> Duration {
+    Duration {
+        seconds: i64::try_from(value.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(value.subsec_nanos()).unwrap_or(0),
+    }
+}
+
+fn typed_extension(name: &str, config: Any) -> TypedExtensionConfig {
+    TypedExtensionConfig {
+        name: name.to_owned(),
+        typed_config: Some(config),
+    }
+}
+
+/// The `Cluster` of service `name`: EDS over ADS, `override_host` balancing with a least
+/// request fallback, and the upstream filter chain that strips the override header.
+pub fn cluster(name: &str, options: &ClusterOptions) -> Cluster {
+    let override_host = OverrideHost {
+        override_host_sources: vec![OverrideHostSource {
+            header: OVERRIDE_HOST_HEADER.to_owned(),
+            ..Default::default()
+        }],
+        fallback_policy: Some(LoadBalancingPolicy {
+            policies: vec![Policy {
+                typed_extension_config: Some(typed_extension(
+                    "envoy.load_balancing_policies.least_request",
+                    pack_any(LeastRequest::default()),
+                )),
+            }],
+        }),
+        ..Default::default()
+    };
+    let strip_override_header = HeaderMutation {
+        mutations: Some(Mutations {
+            request_mutations: vec![HeaderMutationRule {
+                action: Some(Action::Remove(OVERRIDE_HOST_HEADER.to_owned())),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let protocol_config = match options.upstream_protocol {
+        UpstreamProtocol::Http1 => {
+            ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default())
+        }
+        UpstreamProtocol::Http2 => {
+            ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default())
+        }
+    };
+    let protocol_options = HttpProtocolOptions {
+        upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
+            ExplicitHttpConfig {
+                protocol_config: Some(protocol_config),
+            },
+        )),
+        http_filters: vec![
+            HttpFilter {
+                name: "envoy.filters.http.header_mutation".to_owned(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                    strip_override_header,
+                ))),
+                ..Default::default()
+            },
+            HttpFilter {
+                name: "envoy.filters.http.upstream_codec".to_owned(),
+                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                    UpstreamCodec::default(),
+                ))),
+                ..Default::default()
+            },
+        ],
+        ..Default::default()
+    };
+    Cluster {
+        name: name.to_owned(),
+        cluster_discovery_type: Some(ClusterDiscoveryType::Type(DiscoveryType::Eds as i32)),
+        eds_cluster_config: Some(EdsClusterConfig {
+            eds_config: Some(ConfigSource {
+                resource_api_version: ApiVersion::V3 as i32,
+                config_source_specifier: Some(config_source::ConfigSourceSpecifier::Ads(
+                    AggregatedConfigSource::default(),
+                )),
+                ..Default::default()
+            }),
+            service_name: String::new(),
+        }),
+        connect_timeout: Some(duration(options.connect_timeout)),
+        load_balancing_policy: Some(LoadBalancingPolicy {
+            policies: vec![Policy {
+                typed_extension_config: Some(typed_extension(
+                    "envoy.load_balancing_policies.override_host",
+                    pack_any(override_host),
+                )),
+            }],
+        }),
+        common_lb_config: Some(CommonLbConfig {
+            update_merge_window: Some(duration(options.update_merge_window)),
+            // Draining endpoints stay reachable through the override header, so sticky
+            // sessions finish on them; new picks skip them in the filter.
+            override_host_status: Some(HealthStatusSet {
+                statuses: [
+                    HealthStatus::Unknown,
+                    HealthStatus::Healthy,
+                    HealthStatus::Degraded,
+                    HealthStatus::Draining,
+                ]
+                .into_iter()
+                .map(|status| status as i32)
+                .collect(),
+            }),
+            ..Default::default()
+        }),
+        typed_extension_protocol_options: HashMap::from([(
+            HTTP_PROTOCOL_OPTIONS_KEY.to_owned(),
+            pack_any(protocol_options),
+        )]),
+        ..Default::default()
+    }
+}
+
+fn health_status(health: Health) -> HealthStatus {
+    match health {
+        Health::Healthy => HealthStatus::Healthy,
+        Health::Draining => HealthStatus::Draining,
+        Health::Unhealthy => HealthStatus::Unhealthy,
+    }
+}
+
+fn string_value(value: &str) -> Value {
+    Value {
+        kind: Some(Kind::StringValue(value.to_owned())),
+    }
+}
+
+fn list_value<'a>(values: impl Iterator<Item = &'a String>) -> Value {
+    Value {
+        kind: Some(Kind::ListValue(ListValue {
+            values: values.map(|value| string_value(value)).collect(),
+        })),
+    }
+}
+
+/// `filter_metadata["fulcrum"]` of one endpoint: `{metadata: {..}, tags: [..],
+/// capabilities: [..]}`, each present only when non-empty.
+fn endpoint_metadata(endpoint: &Endpoint) -> Option<Metadata> {
+    let mut fields = HashMap::new();
+    if !endpoint.metadata.is_empty() {
+        let metadata = endpoint
+            .metadata
+            .iter()
+            .map(|(key, value)| (key.clone(), string_value(value)))
+            .collect();
+        fields.insert(
+            "metadata".to_owned(),
+            Value {
+                kind: Some(Kind::StructValue(Struct { fields: metadata })),
+            },
+        );
+    }
+    if !endpoint.tags.is_empty() {
+        fields.insert("tags".to_owned(), list_value(endpoint.tags.iter()));
+    }
+    if !endpoint.capabilities.is_empty() {
+        fields.insert(
+            "capabilities".to_owned(),
+            list_value(endpoint.capabilities.iter()),
+        );
+    }
+    (!fields.is_empty()).then(|| Metadata {
+        filter_metadata: HashMap::from([(METADATA_NAMESPACE.to_owned(), Struct { fields })]),
+        ..Default::default()
+    })
+}
+
+fn lb_endpoint(endpoint: &Endpoint) -> LbEndpoint {
+    LbEndpoint {
+        host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(EnvoyEndpoint {
+            address: Some(Address {
+                address: Some(address::Address::SocketAddress(SocketAddress {
+                    address: endpoint.address.ip().to_string(),
+                    port_specifier: Some(socket_address::PortSpecifier::PortValue(u32::from(
+                        endpoint.address.port(),
+                    ))),
+                    ..Default::default()
+                })),
+            }),
+            ..Default::default()
+        })),
+        health_status: health_status(endpoint.health) as i32,
+        metadata: endpoint_metadata(endpoint),
+        // Passed through as given: Envoy rejects 0 (NACK), and the last good assignment stays.
+        load_balancing_weight: Some(UInt32Value {
+            value: endpoint.weight,
+        }),
+    }
+}
+
+/// The `ClusterLoadAssignment` of service `name`: one locality per zone (endpoints without a
+/// zone share the empty locality), endpoints in the order given.
+pub fn load_assignment(name: &str, service: &ServiceEndpoints) -> ClusterLoadAssignment {
+    let mut by_zone: BTreeMap<&str, Vec<LbEndpoint>> = BTreeMap::new();
+    for endpoint in &service.endpoints {
+        by_zone
+            .entry(endpoint.zone.as_deref().unwrap_or(""))
+            .or_default()
+            .push(lb_endpoint(endpoint));
+    }
+    ClusterLoadAssignment {
+        cluster_name: name.to_owned(),
+        endpoints: by_zone
+            .into_iter()
+            .map(|(zone, lb_endpoints)| LocalityLbEndpoints {
+                locality: Some(Locality {
+                    zone: zone.to_owned(),
+                    ..Default::default()
+                }),
+                lb_endpoints,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}

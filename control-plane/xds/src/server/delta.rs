@@ -1,0 +1,365 @@
+//! The incremental (delta) protocol for one stream: which responses a request or a new
+//! snapshot calls for.
+//!
+//! Pure: no IO, no clock. Follows the xDS delta protocol and go-control-plane's
+//! `server/delta`: the stream tracks, per type, what Envoy subscribed to (CDS is wildcard
+//! unless Envoy names resources) and the version of every resource Envoy holds (seeded from
+//! `initial_resource_versions` on reconnect). A response carries only the resources whose
+//! version differs and the names that disappeared. A NACK (`error_detail` with the nonce)
+//! is reported and the refused content is not resent until it changes.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+};
+
+use crate::cache::{ResourceType, XdsSnapshot};
+use crate::server::RequestOutcome;
+
+/// How many sent nonces per type are remembered to attribute ACKs/NACKs to a version.
+const REMEMBERED_NONCES: usize = 16;
+
+/// Progress of one resource type on the stream.
+#[derive(Debug, Default)]
+struct TypeState {
+    /// Whether Envoy asked for this type at all.
+    active: bool,
+    /// Envoy wants every resource of the type.
+    wildcard: bool,
+    /// Names Envoy subscribed to explicitly.
+    names: BTreeSet<String>,
+    /// Name → version Envoy holds (as far as we sent or it told us).
+    known: BTreeMap<String, String>,
+    /// Recent (nonce, system version) pairs, oldest first.
+    sent: VecDeque<(String, String)>,
+    /// Whether any response went out for the type (the first one is sent even if empty,
+    /// so Envoy's initialization can finish).
+    responded: bool,
+}
+
+impl TypeState {
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+/// One delta stream's state for every served type.
+#[derive(Debug, Default)]
+pub(crate) struct DeltaState {
+    next_nonce: u64,
+    types: BTreeMap<ResourceType, TypeState>,
+}
+
+impl DeltaState {
+    /// Handles one request: classifies it (ACK, NACK, initial or subscription change) and
+    /// returns the response it calls for, if any.
+    pub(crate) fn on_request(
+        &mut self,
+        ty: ResourceType,
+        request: &DeltaDiscoveryRequest,
+        snapshot: Option<&XdsSnapshot>,
+    ) -> (RequestOutcome, Option<DeltaDiscoveryResponse>) {
+        let state = self.types.entry(ty).or_default();
+        let first = !state.active;
+        let outcome = if request.response_nonce.is_empty() {
+            RequestOutcome::Initial
+        } else {
+            let version = state
+                .sent
+                .iter()
+                .find(|(nonce, _)| *nonce == request.response_nonce)
+                .map(|(_, version)| version.clone());
+            match (&request.error_detail, version) {
+                (_, None) => RequestOutcome::Stale,
+                (Some(error), Some(version)) => RequestOutcome::Nack {
+                    rejected_version: version,
+                    nonce: request.response_nonce.clone(),
+                    code: error.code,
+                    message: error.message.clone(),
+                },
+                (None, Some(version)) => RequestOutcome::Ack { version },
+            }
+        };
+        if first {
+            state.active = true;
+            state.known = request
+                .initial_resource_versions
+                .iter()
+                .map(|(name, version)| (name.clone(), version.clone()))
+                .collect();
+            // Legacy wildcard: a first CDS request naming nothing wants everything.
+            state.wildcard = ty.is_wildcard() && request.resource_names_subscribe.is_empty();
+        }
+        for name in &request.resource_names_subscribe {
+            if name == "*" {
+                state.wildcard = true;
+            } else {
+                state.names.insert(name.clone());
+            }
+        }
+        for name in &request.resource_names_unsubscribe {
+            if name == "*" {
+                state.wildcard = false;
+            } else {
+                state.names.remove(name);
+            }
+        }
+        let wildcard = state.wildcard;
+        let names = &state.names;
+        // Envoy drops what it unsubscribed from; forget it so a new subscription resends.
+        state
+            .known
+            .retain(|name, _| wildcard || names.contains(name));
+        let response = snapshot.and_then(|snapshot| self.respond(ty, snapshot));
+        (outcome, response)
+    }
+
+    /// The responses a new snapshot calls for, clusters first.
+    pub(crate) fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<DeltaDiscoveryResponse> {
+        ResourceType::ALL
+            .into_iter()
+            .filter_map(|ty| self.respond(ty, snapshot))
+            .collect()
+    }
+
+    fn respond(
+        &mut self,
+        ty: ResourceType,
+        snapshot: &XdsSnapshot,
+    ) -> Option<DeltaDiscoveryResponse> {
+        let state = self.types.get_mut(&ty).filter(|state| state.active)?;
+        let available = snapshot.resources(ty);
+        let changed: Vec<_> = available
+            .values()
+            .filter(|resource| state.wants(&resource.name))
+            .filter(|resource| state.known.get(&resource.name) != Some(&resource.version))
+            .cloned()
+            .collect();
+        let removed: Vec<String> = state
+            .known
+            .keys()
+            .filter(|name| !available.contains_key(*name))
+            .cloned()
+            .collect();
+        if changed.is_empty() && removed.is_empty() && state.responded {
+            return None;
+        }
+        for resource in &changed {
+            state
+                .known
+                .insert(resource.name.clone(), resource.version.clone());
+        }
+        for name in &removed {
+            state.known.remove(name);
+        }
+        self.next_nonce += 1;
+        let nonce = self.next_nonce.to_string();
+        if state.sent.len() == REMEMBERED_NONCES {
+            state.sent.pop_front();
+        }
+        state
+            .sent
+            .push_back((nonce.clone(), snapshot.version.clone()));
+        state.responded = true;
+        Some(DeltaDiscoveryResponse {
+            system_version_info: snapshot.version.clone(),
+            resources: changed
+                .iter()
+                .map(|resource| Resource {
+                    name: resource.name.clone(),
+                    version: resource.version.clone(),
+                    resource: Some(resource.any.clone()),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: ty.type_url().to_owned(),
+            removed_resources: removed,
+            nonce,
+            ..Default::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use envoy_types::pb::google::rpc::Status;
+    use fulcrum_core::{Endpoint, ServiceEndpoints, Snapshot};
+
+    use super::*;
+    use crate::cache::SnapshotCache;
+    use crate::resources::ClusterOptions;
+
+    fn snapshot(version: &str, services: &[(&str, &str)]) -> std::sync::Arc<XdsSnapshot> {
+        let cache = SnapshotCache::new(ClusterOptions::default());
+        cache.set(&Snapshot {
+            version: version.to_owned(),
+            services: services
+                .iter()
+                .map(|(name, address)| {
+                    let endpoints = vec![Endpoint::new(address.parse().expect("address"))];
+                    ((*name).to_owned(), ServiceEndpoints { endpoints })
+                })
+                .collect(),
+        });
+        cache.current().expect("set")
+    }
+
+    fn subscribe(ty: ResourceType, names: &[&str]) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: ty.type_url().to_owned(),
+            resource_names_subscribe: names.iter().map(|name| (*name).to_owned()).collect(),
+            ..Default::default()
+        }
+    }
+
+    fn reply(ty: ResourceType, nonce: &str) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: ty.type_url().to_owned(),
+            response_nonce: nonce.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn names(response: &DeltaDiscoveryResponse) -> Vec<&str> {
+        response
+            .resources
+            .iter()
+            .map(|resource| resource.name.as_str())
+            .collect()
+    }
+
+    #[test]
+    fn wildcard_cds_then_named_eds_send_only_what_is_missing() {
+        let v1 = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
+        let mut state = DeltaState::default();
+        let (outcome, cds) = state.on_request(
+            ResourceType::Cluster,
+            &subscribe(ResourceType::Cluster, &[]),
+            Some(&v1),
+        );
+        assert_eq!(outcome, RequestOutcome::Initial);
+        assert_eq!(names(&cds.expect("clusters")), ["a", "b"]);
+        let (_, eds) = state.on_request(
+            ResourceType::Endpoint,
+            &subscribe(ResourceType::Endpoint, &["a"]),
+            Some(&v1),
+        );
+        assert_eq!(names(&eds.expect("endpoints")), ["a"]);
+    }
+
+    #[test]
+    fn change_in_one_service_sends_only_its_endpoints() {
+        let v1 = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
+        let v2 = snapshot("v2", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:3")]);
+        let mut state = DeltaState::default();
+        state.on_request(
+            ResourceType::Cluster,
+            &subscribe(ResourceType::Cluster, &[]),
+            Some(&v1),
+        );
+        state.on_request(
+            ResourceType::Endpoint,
+            &subscribe(ResourceType::Endpoint, &["a", "b"]),
+            Some(&v1),
+        );
+        let responses = state.on_snapshot(&v2);
+        assert_eq!(responses.len(), 1);
+        assert_eq!(responses[0].type_url, ResourceType::Endpoint.type_url());
+        assert_eq!(names(&responses[0]), ["b"]);
+    }
+
+    #[test]
+    fn removed_service_is_listed_as_removed() {
+        let v1 = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
+        let v2 = snapshot("v2", &[("a", "127.0.0.1:1")]);
+        let mut state = DeltaState::default();
+        state.on_request(
+            ResourceType::Cluster,
+            &subscribe(ResourceType::Cluster, &[]),
+            Some(&v1),
+        );
+        let responses = state.on_snapshot(&v2);
+        assert_eq!(responses.len(), 1);
+        assert!(responses[0].resources.is_empty());
+        assert_eq!(responses[0].removed_resources, ["b"]);
+    }
+
+    #[test]
+    fn reconnect_with_initial_versions_resends_nothing_it_already_has() {
+        let v1 = snapshot("v1", &[("a", "127.0.0.1:1")]);
+        let mut first = DeltaState::default();
+        let (_, cds) = first.on_request(
+            ResourceType::Cluster,
+            &subscribe(ResourceType::Cluster, &[]),
+            Some(&v1),
+        );
+        let held = cds.expect("clusters").resources[0].version.clone();
+        let mut reconnected = DeltaState::default();
+        let mut request = subscribe(ResourceType::Cluster, &[]);
+        request.initial_resource_versions = HashMap::from([("a".to_owned(), held)]);
+        let (_, response) = reconnected.on_request(ResourceType::Cluster, &request, Some(&v1));
+        assert!(
+            response
+                .expect("first response is always sent")
+                .resources
+                .is_empty()
+        );
+        assert!(reconnected.on_snapshot(&v1).is_empty());
+    }
+
+    #[test]
+    fn ack_and_nack_are_attributed_to_the_version_of_their_nonce() {
+        let v1 = snapshot("v1", &[("a", "127.0.0.1:1")]);
+        let mut state = DeltaState::default();
+        let (_, cds) = state.on_request(
+            ResourceType::Cluster,
+            &subscribe(ResourceType::Cluster, &[]),
+            Some(&v1),
+        );
+        let nonce = cds.expect("clusters").nonce;
+        let (outcome, response) = state.on_request(
+            ResourceType::Cluster,
+            &reply(ResourceType::Cluster, &nonce),
+            Some(&v1),
+        );
+        assert_eq!(
+            outcome,
+            RequestOutcome::Ack {
+                version: "v1".to_owned()
+            }
+        );
+        assert!(response.is_none());
+        let (_, eds) = state.on_request(
+            ResourceType::Endpoint,
+            &subscribe(ResourceType::Endpoint, &["a"]),
+            Some(&v1),
+        );
+        let nonce = eds.expect("endpoints").nonce;
+        let mut nack = reply(ResourceType::Endpoint, &nonce);
+        nack.error_detail = Some(Status {
+            code: 3,
+            message: "bad weight".to_owned(),
+            details: vec![],
+        });
+        let (outcome, response) = state.on_request(ResourceType::Endpoint, &nack, Some(&v1));
+        assert_eq!(
+            outcome,
+            RequestOutcome::Nack {
+                rejected_version: "v1".to_owned(),
+                nonce,
+                code: 3,
+                message: "bad weight".to_owned()
+            }
+        );
+        assert!(response.is_none(), "refused content is not resent");
+        let (outcome, _) = state.on_request(
+            ResourceType::Endpoint,
+            &reply(ResourceType::Endpoint, "unknown"),
+            Some(&v1),
+        );
+        assert_eq!(outcome, RequestOutcome::Stale);
+    }
+}

@@ -1,0 +1,404 @@
+//! The Aggregated Discovery Service: CDS and EDS over one gRPC stream per Envoy, in both
+//! the state of the world (`StreamAggregatedResources`) and the incremental
+//! (`DeltaAggregatedResources`) variants.
+//!
+//! Follows go-control-plane's `pkg/server/v3`: the server reads snapshots the cache
+//! published and never builds a resource. Each stream runs one task that owns its protocol
+//! state ([`sotw`] / [`delta`], both pure) and reacts to two inputs: Envoy's requests and
+//! new snapshots. ACKs, NACKs and pushes are recorded in the [`NodeRegistry`] and the
+//! [`XdsMetrics`].
+
+mod delta;
+mod sotw;
+
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
+};
+
+use envoy_types::pb::envoy::{
+    config::core::v3::Node,
+    service::discovery::v3::{
+        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+        aggregated_discovery_service_server::{
+            AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+        },
+    },
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+
+use crate::{
+    cache::{ResourceType, SnapshotCache, XdsSnapshot},
+    metrics::{StreamLabels, TypeLabels, XdsMetrics},
+    status::{Nack, NodeRegistry, StreamKind, StreamStatus, unix_ms_now},
+};
+
+/// Responses queued per stream before the stream task waits for Envoy to read.
+const RESPONSE_QUEUE: usize = 16;
+
+/// How a request relates to what the stream sent before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RequestOutcome {
+    /// No nonce: the first request for a type, or a subscription change before any response.
+    Initial,
+    /// Envoy applied the response with the echoed nonce.
+    Ack {
+        /// The version it now runs with.
+        version: String,
+    },
+    /// Envoy refused the response with the echoed nonce and keeps its previous version.
+    Nack {
+        /// The version it refused.
+        rejected_version: String,
+        /// The refused response's nonce.
+        nonce: String,
+        /// `error_detail.code`.
+        code: i32,
+        /// `error_detail.message`.
+        message: String,
+    },
+    /// The nonce is not the latest sent: a newer response is on its way; ignored.
+    Stale,
+}
+
+/// The ADS gRPC service. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AdsServer {
+    shared: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    snapshots: watch::Receiver<Option<Arc<XdsSnapshot>>>,
+    registry: NodeRegistry,
+    metrics: XdsMetrics,
+    next_stream_id: AtomicU64,
+}
+
+impl AdsServer {
+    /// A server streaming what `cache` publishes, recording streams in `registry` and
+    /// counting in `metrics`.
+    pub fn new(cache: &SnapshotCache, registry: NodeRegistry, metrics: XdsMetrics) -> Self {
+        Self {
+            shared: Arc::new(Shared {
+                snapshots: cache.subscribe(),
+                registry,
+                metrics,
+                next_stream_id: AtomicU64::new(1),
+            }),
+        }
+    }
+
+    /// The tonic service to add to a `tonic::transport::Server`.
+    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
+        AggregatedDiscoveryServiceServer::new(self)
+    }
+
+    fn spawn<P: Protocol>(
+        &self,
+        requests: Streaming<P::Request>,
+    ) -> ReceiverStream<Result<P::Response, Status>> {
+        let (responses, receiver) = mpsc::channel(RESPONSE_QUEUE);
+        let shared = Arc::clone(&self.shared);
+        tokio::spawn(drive::<P>(shared, requests, responses));
+        ReceiverStream::new(receiver)
+    }
+}
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsServer {
+    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
+    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+
+    async fn stream_aggregated_resources(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
+        Ok(Response::new(
+            self.spawn::<sotw::SotwState>(request.into_inner()),
+        ))
+    }
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        Ok(Response::new(
+            self.spawn::<delta::DeltaState>(request.into_inner()),
+        ))
+    }
+}
+
+/// What the stream driver needs from one protocol variant.
+trait Protocol: Default + Send + 'static {
+    type Request: Send + 'static;
+    type Response: Send + 'static;
+    const KIND: StreamKind;
+
+    fn type_url(request: &Self::Request) -> &str;
+    fn node(request: &Self::Request) -> Option<&Node>;
+    fn on_request(
+        &mut self,
+        ty: ResourceType,
+        request: &Self::Request,
+        snapshot: Option<&XdsSnapshot>,
+    ) -> (RequestOutcome, Option<Self::Response>);
+    fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<Self::Response>;
+    /// (type URL, version, nonce, resources) of a response, for records and logs.
+    fn describe(response: &Self::Response) -> (&str, &str, &str, usize);
+}
+
+impl Protocol for sotw::SotwState {
+    type Request = DiscoveryRequest;
+    type Response = DiscoveryResponse;
+    const KIND: StreamKind = StreamKind::Sotw;
+
+    fn type_url(request: &DiscoveryRequest) -> &str {
+        &request.type_url
+    }
+    fn node(request: &DiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+    fn on_request(
+        &mut self,
+        ty: ResourceType,
+        request: &DiscoveryRequest,
+        snapshot: Option<&XdsSnapshot>,
+    ) -> (RequestOutcome, Option<DiscoveryResponse>) {
+        sotw::SotwState::on_request(self, ty, request, snapshot)
+    }
+    fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<DiscoveryResponse> {
+        sotw::SotwState::on_snapshot(self, snapshot)
+    }
+    fn describe(response: &DiscoveryResponse) -> (&str, &str, &str, usize) {
+        (
+            &response.type_url,
+            &response.version_info,
+            &response.nonce,
+            response.resources.len(),
+        )
+    }
+}
+
+impl Protocol for delta::DeltaState {
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaDiscoveryResponse;
+    const KIND: StreamKind = StreamKind::Delta;
+
+    fn type_url(request: &DeltaDiscoveryRequest) -> &str {
+        &request.type_url
+    }
+    fn node(request: &DeltaDiscoveryRequest) -> Option<&Node> {
+        request.node.as_ref()
+    }
+    fn on_request(
+        &mut self,
+        ty: ResourceType,
+        request: &DeltaDiscoveryRequest,
+        snapshot: Option<&XdsSnapshot>,
+    ) -> (RequestOutcome, Option<DeltaDiscoveryResponse>) {
+        delta::DeltaState::on_request(self, ty, request, snapshot)
+    }
+    fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<DeltaDiscoveryResponse> {
+        delta::DeltaState::on_snapshot(self, snapshot)
+    }
+    fn describe(response: &DeltaDiscoveryResponse) -> (&str, &str, &str, usize) {
+        (
+            &response.type_url,
+            &response.system_version_info,
+            &response.nonce,
+            response.resources.len() + response.removed_resources.len(),
+        )
+    }
+}
+
+/// Removes the stream from the registry and the gauge however the task ends.
+struct OpenStream {
+    shared: Arc<Shared>,
+    stream_id: u64,
+    kind: StreamKind,
+    node_id: String,
+}
+
+impl Drop for OpenStream {
+    fn drop(&mut self) {
+        self.shared.registry.close(self.stream_id);
+        self.shared
+            .metrics
+            .connected
+            .get_or_create(&StreamLabels {
+                stream: self.kind.as_str(),
+            })
+            .dec();
+        info!(stream_id = self.stream_id, node = %self.node_id, kind = self.kind.as_str(), "xDS stream closed");
+    }
+}
+
+/// Runs one stream until Envoy or the server closes it.
+async fn drive<P: Protocol>(
+    shared: Arc<Shared>,
+    mut requests: Streaming<P::Request>,
+    responses: mpsc::Sender<Result<P::Response, Status>>,
+) {
+    let stream_id = shared.next_stream_id.fetch_add(1, Ordering::Relaxed);
+    let mut snapshots = shared.snapshots.clone();
+    let mut state = P::default();
+    let mut open: Option<OpenStream> = None;
+    loop {
+        let outgoing: Vec<(P::Response, Option<std::time::Instant>)> = tokio::select! {
+            message = requests.message() => {
+                let request = match message {
+                    Ok(Some(request)) => request,
+                    Ok(None) => break,
+                    Err(status) => {
+                        debug!(stream_id, %status, "xDS stream ended with an error");
+                        break;
+                    }
+                };
+                if open.is_none() {
+                    open = Some(register::<P>(&shared, stream_id, P::node(&request)));
+                }
+                let Some(ty) = ResourceType::from_type_url(P::type_url(&request)) else {
+                    warn!(stream_id, type_url = P::type_url(&request), "ignoring a request for a type this server does not serve");
+                    continue;
+                };
+                let snapshot = snapshots.borrow().clone();
+                let (outcome, response) = state.on_request(ty, &request, snapshot.as_deref());
+                record_outcome::<P>(&shared, open.as_ref(), ty, outcome);
+                response.into_iter().map(|response| (response, None)).collect()
+            }
+            changed = snapshots.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let snapshot = snapshots.borrow_and_update().clone();
+                match snapshot {
+                    Some(snapshot) => state
+                        .on_snapshot(&snapshot)
+                        .into_iter()
+                        .map(|response| (response, Some(snapshot.published_at)))
+                        .collect(),
+                    None => Vec::new(),
+                }
+            }
+        };
+        for (response, published_at) in outgoing {
+            record_push::<P>(&shared, open.as_ref(), &response, published_at);
+            if responses.send(Ok(response)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn register<P: Protocol>(shared: &Arc<Shared>, stream_id: u64, node: Option<&Node>) -> OpenStream {
+    let node_id = node.map(|node| node.id.clone()).unwrap_or_default();
+    let node_cluster = node.map(|node| node.cluster.clone()).unwrap_or_default();
+    info!(stream_id, node = %node_id, node_cluster = %node_cluster, kind = P::KIND.as_str(), "xDS stream opened");
+    shared.registry.open(StreamStatus {
+        stream_id,
+        node_id: node_id.clone(),
+        node_cluster,
+        kind: P::KIND,
+        connected_at_unix_ms: unix_ms_now(),
+        types: Default::default(),
+    });
+    shared
+        .metrics
+        .connected
+        .get_or_create(&StreamLabels {
+            stream: P::KIND.as_str(),
+        })
+        .inc();
+    OpenStream {
+        shared: Arc::clone(shared),
+        stream_id,
+        kind: P::KIND,
+        node_id,
+    }
+}
+
+fn record_outcome<P: Protocol>(
+    shared: &Shared,
+    open: Option<&OpenStream>,
+    ty: ResourceType,
+    outcome: RequestOutcome,
+) {
+    let Some(open) = open else { return };
+    let labels = TypeLabels {
+        resource_type: ty.short_name(),
+        stream: P::KIND.as_str(),
+    };
+    match outcome {
+        RequestOutcome::Initial | RequestOutcome::Stale => {}
+        RequestOutcome::Ack { version } => {
+            debug!(stream_id = open.stream_id, node = %open.node_id, resource_type = ty.short_name(), version = %version, "ACK");
+            shared.registry.update(open.stream_id, ty, |status| {
+                status.last_acked_version = Some(version)
+            });
+        }
+        RequestOutcome::Nack {
+            rejected_version,
+            nonce,
+            code,
+            message,
+        } => {
+            warn!(
+                stream_id = open.stream_id,
+                node = %open.node_id,
+                resource_type = ty.short_name(),
+                rejected_version = %rejected_version,
+                nonce = %nonce,
+                code,
+                error = %message,
+                "Envoy rejected an xDS response (NACK); it keeps its last accepted version"
+            );
+            shared.metrics.nacks.get_or_create(&labels).inc();
+            shared.registry.update(open.stream_id, ty, |status| {
+                status.nacks += 1;
+                status.last_nack = Some(Nack {
+                    rejected_version,
+                    nonce,
+                    code,
+                    message,
+                    at_unix_ms: unix_ms_now(),
+                });
+            });
+        }
+    }
+}
+
+fn record_push<P: Protocol>(
+    shared: &Shared,
+    open: Option<&OpenStream>,
+    response: &P::Response,
+    published_at: Option<std::time::Instant>,
+) {
+    let (type_url, version, nonce, resources) = P::describe(response);
+    let Some(ty) = ResourceType::from_type_url(type_url) else {
+        return;
+    };
+    let labels = TypeLabels {
+        resource_type: ty.short_name(),
+        stream: P::KIND.as_str(),
+    };
+    shared.metrics.pushes.get_or_create(&labels).inc();
+    if let Some(published_at) = published_at {
+        shared
+            .metrics
+            .push_latency
+            .get_or_create(&labels)
+            .observe(published_at.elapsed().as_secs_f64());
+    }
+    if let Some(open) = open {
+        debug!(stream_id = open.stream_id, node = %open.node_id, resource_type = ty.short_name(), version, nonce, resources, "pushed");
+        let version = version.to_owned();
+        shared.registry.update(open.stream_id, ty, |status| {
+            status.responses_sent += 1;
+            status.last_sent_version = Some(version);
+        });
+    }
+}

@@ -1,0 +1,361 @@
+//! The state of the world protocol for one stream: which responses a request or a new
+//! snapshot calls for.
+//!
+//! Pure: no IO, no clock. Follows the xDS protocol spec and go-control-plane's
+//! `server/sotw`: a request whose `response_nonce` is not the last one sent for its type is
+//! stale and ignored; one with `error_detail` is a NACK (Envoy keeps its last accepted
+//! version, and we do not resend the refused content until it changes); otherwise it is an
+//! ACK of `version_info`. Clusters are always sent whole (SotW CDS is full state);
+//! endpoints only for the names Envoy subscribed to and only when their version changed,
+//! so a new cluster's endpoints go out after Envoy asks for them.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+
+use crate::cache::{ResourceType, XdsSnapshot};
+use crate::server::RequestOutcome;
+
+/// Which resources of one type Envoy asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Subscription {
+    /// Every resource of the type (CDS, or an empty / `*` name list).
+    Wildcard,
+    /// Only these names (EDS).
+    Names(BTreeSet<String>),
+}
+
+impl Subscription {
+    fn from_request(ty: ResourceType, names: &[String]) -> Self {
+        if ty.is_wildcard() && (names.is_empty() || names.iter().any(|name| name == "*")) {
+            Subscription::Wildcard
+        } else {
+            Subscription::Names(names.iter().cloned().collect())
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        match self {
+            Subscription::Wildcard => true,
+            Subscription::Names(names) => names.contains(name),
+        }
+    }
+}
+
+/// Progress of one resource type on the stream.
+#[derive(Debug, Default)]
+struct TypeState {
+    /// `None` until Envoy's first request for the type.
+    subscription: Option<Subscription>,
+    /// The nonce of the last response sent; only a request echoing it is current.
+    nonce: Option<String>,
+    /// The version of the last response sent.
+    sent_version: Option<String>,
+    /// Resource name → version, as last sent.
+    sent: BTreeMap<String, String>,
+}
+
+/// One SotW stream's state for every served type.
+#[derive(Debug, Default)]
+pub(crate) struct SotwState {
+    next_nonce: u64,
+    types: BTreeMap<ResourceType, TypeState>,
+}
+
+impl SotwState {
+    /// Handles one request: classifies it (ACK, NACK, stale) and returns the response it
+    /// calls for, if any. `snapshot` is `None` before the cache's first snapshot.
+    pub(crate) fn on_request(
+        &mut self,
+        ty: ResourceType,
+        request: &DiscoveryRequest,
+        snapshot: Option<&XdsSnapshot>,
+    ) -> (RequestOutcome, Option<DiscoveryResponse>) {
+        let state = self.types.entry(ty).or_default();
+        let outcome = if request.response_nonce.is_empty() {
+            RequestOutcome::Initial
+        } else if state.nonce.as_deref() != Some(request.response_nonce.as_str()) {
+            return (RequestOutcome::Stale, None);
+        } else if let Some(error) = &request.error_detail {
+            RequestOutcome::Nack {
+                rejected_version: state.sent_version.clone().unwrap_or_default(),
+                nonce: request.response_nonce.clone(),
+                code: error.code,
+                message: error.message.clone(),
+            }
+        } else {
+            RequestOutcome::Ack {
+                version: request.version_info.clone(),
+            }
+        };
+        let subscription = Subscription::from_request(ty, &request.resource_names);
+        let first = state.subscription.is_none();
+        // Forget what was sent for names Envoy dropped, so a later subscription resends them.
+        state.sent.retain(|name, _| subscription.contains(name));
+        state.subscription = Some(subscription);
+        let response = snapshot.and_then(|snapshot| self.respond(ty, snapshot, first));
+        (outcome, response)
+    }
+
+    /// The responses a new snapshot calls for, clusters first.
+    pub(crate) fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<DiscoveryResponse> {
+        ResourceType::ALL
+            .into_iter()
+            .filter_map(|ty| self.respond(ty, snapshot, false))
+            .collect()
+    }
+
+    /// A response for `ty` if Envoy subscribed and something it should hold differs from
+    /// what was sent (or `force` for a type's first request).
+    fn respond(
+        &mut self,
+        ty: ResourceType,
+        snapshot: &XdsSnapshot,
+        force: bool,
+    ) -> Option<DiscoveryResponse> {
+        let state = self.types.get_mut(&ty)?;
+        let subscription = state.subscription.as_ref()?;
+        let in_scope = snapshot
+            .resources(ty)
+            .values()
+            .filter(|resource| subscription.contains(&resource.name));
+        let resources: Vec<_> = if ty.is_wildcard() {
+            // Full state: send everything whenever the set or any version differs.
+            let current: Vec<_> = in_scope.collect();
+            let unchanged = current.len() == state.sent.len()
+                && current
+                    .iter()
+                    .all(|resource| state.sent.get(&resource.name) == Some(&resource.version));
+            if unchanged && !force {
+                return None;
+            }
+            current
+        } else {
+            let changed: Vec<_> = in_scope
+                .filter(|resource| state.sent.get(&resource.name) != Some(&resource.version))
+                .collect();
+            if changed.is_empty() {
+                return None;
+            }
+            changed
+        };
+        if ty.is_wildcard() {
+            state.sent.clear();
+        }
+        for resource in &resources {
+            state
+                .sent
+                .insert(resource.name.clone(), resource.version.clone());
+        }
+        self.next_nonce += 1;
+        let nonce = self.next_nonce.to_string();
+        state.nonce = Some(nonce.clone());
+        state.sent_version = Some(snapshot.version.clone());
+        Some(DiscoveryResponse {
+            version_info: snapshot.version.clone(),
+            resources: resources
+                .iter()
+                .map(|resource| resource.any.clone())
+                .collect(),
+            type_url: ty.type_url().to_owned(),
+            nonce,
+            ..Default::default()
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::google::rpc::Status;
+    use fulcrum_core::{Endpoint, ServiceEndpoints, Snapshot};
+
+    use super::*;
+    use crate::cache::SnapshotCache;
+    use crate::resources::ClusterOptions;
+
+    fn snapshot(version: &str, services: &[(&str, &str)]) -> std::sync::Arc<XdsSnapshot> {
+        let cache = SnapshotCache::new(ClusterOptions::default());
+        cache.set(&Snapshot {
+            version: version.to_owned(),
+            services: services
+                .iter()
+                .map(|(name, address)| {
+                    let endpoints = vec![Endpoint::new(address.parse().expect("address"))];
+                    ((*name).to_owned(), ServiceEndpoints { endpoints })
+                })
+                .collect(),
+        });
+        cache.current().expect("set")
+    }
+
+    fn request(ty: ResourceType, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: ty.type_url().to_owned(),
+            resource_names: names.iter().map(|name| (*name).to_owned()).collect(),
+            version_info: version.to_owned(),
+            response_nonce: nonce.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    fn names(response: &DiscoveryResponse) -> Vec<String> {
+        use envoy_types::pb::envoy::config::{
+            cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment,
+        };
+        use prost::Message;
+        response
+            .resources
+            .iter()
+            .map(|any| match ResourceType::from_type_url(&any.type_url) {
+                Some(ResourceType::Cluster) => {
+                    Cluster::decode(any.value.as_slice()).expect("cluster").name
+                }
+                _ => {
+                    ClusterLoadAssignment::decode(any.value.as_slice())
+                        .expect("assignment")
+                        .cluster_name
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn first_cluster_request_gets_every_cluster_and_no_endpoints_until_subscribed() {
+        let snap = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
+        let mut state = SotwState::default();
+        let (outcome, response) = state.on_request(
+            ResourceType::Cluster,
+            &request(ResourceType::Cluster, &[], "", ""),
+            Some(&snap),
+        );
+        assert_eq!(outcome, RequestOutcome::Initial);
+        let response = response.expect("clusters");
+        assert_eq!(names(&response), ["a", "b"]);
+        assert_eq!(response.version_info, "v1");
+        assert!(
+            state.on_snapshot(&snap).is_empty(),
+            "nothing new, no EDS subscription yet"
+        );
+        let (_, eds) = state.on_request(
+            ResourceType::Endpoint,
+            &request(ResourceType::Endpoint, &["a"], "", ""),
+            Some(&snap),
+        );
+        assert_eq!(names(&eds.expect("endpoints of a")), ["a"]);
+    }
+
+    #[test]
+    fn ack_of_the_last_nonce_records_the_version_and_sends_nothing() {
+        let snap = snapshot("v1", &[("a", "127.0.0.1:1")]);
+        let mut state = SotwState::default();
+        let (_, response) = state.on_request(
+            ResourceType::Cluster,
+            &request(ResourceType::Cluster, &[], "", ""),
+            Some(&snap),
+        );
+        let nonce = response.expect("clusters").nonce;
+        let (outcome, response) = state.on_request(
+            ResourceType::Cluster,
+            &request(ResourceType::Cluster, &[], "v1", &nonce),
+            Some(&snap),
+        );
+        assert_eq!(
+            outcome,
+            RequestOutcome::Ack {
+                version: "v1".to_owned()
+            }
+        );
+        assert!(response.is_none());
+    }
+
+    #[test]
+    fn nack_reports_the_detail_and_does_not_resend_the_refused_version() {
+        let snap = snapshot("v1", &[("a", "127.0.0.1:1")]);
+        let mut state = SotwState::default();
+        state.on_request(
+            ResourceType::Cluster,
+            &request(ResourceType::Cluster, &[], "", ""),
+            Some(&snap),
+        );
+        let (_, response) = state.on_request(
+            ResourceType::Endpoint,
+            &request(ResourceType::Endpoint, &["a"], "", ""),
+            Some(&snap),
+        );
+        let nonce = response.expect("endpoints").nonce;
+        let mut nack = request(ResourceType::Endpoint, &["a"], "v0", &nonce);
+        nack.error_detail = Some(Status {
+            code: 3,
+            message: "weight must be at least 1".to_owned(),
+            details: vec![],
+        });
+        let (outcome, response) = state.on_request(ResourceType::Endpoint, &nack, Some(&snap));
+        assert_eq!(
+            outcome,
+            RequestOutcome::Nack {
+                rejected_version: "v1".to_owned(),
+                nonce,
+                code: 3,
+                message: "weight must be at least 1".to_owned(),
+            }
+        );
+        assert!(response.is_none());
+    }
+
+    #[test]
+    fn request_with_an_old_nonce_is_stale_and_ignored() {
+        let v1 = snapshot("v1", &[("a", "127.0.0.1:1")]);
+        let v2 = snapshot("v2", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
+        let mut state = SotwState::default();
+        let (_, first) = state.on_request(
+            ResourceType::Cluster,
+            &request(ResourceType::Cluster, &[], "", ""),
+            Some(&v1),
+        );
+        let old_nonce = first.expect("clusters").nonce;
+        assert_eq!(state.on_snapshot(&v2).len(), 1);
+        let (outcome, response) = state.on_request(
+            ResourceType::Cluster,
+            &request(ResourceType::Cluster, &[], "v1", &old_nonce),
+            Some(&v2),
+        );
+        assert_eq!(outcome, RequestOutcome::Stale);
+        assert!(response.is_none());
+    }
+
+    #[test]
+    fn snapshot_change_resends_all_clusters_but_only_changed_endpoints() {
+        let v1 = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
+        let v2 = snapshot("v2", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:3")]);
+        let mut state = SotwState::default();
+        state.on_request(
+            ResourceType::Cluster,
+            &request(ResourceType::Cluster, &[], "", ""),
+            Some(&v1),
+        );
+        state.on_request(
+            ResourceType::Endpoint,
+            &request(ResourceType::Endpoint, &["a", "b"], "", ""),
+            Some(&v1),
+        );
+        let responses = state.on_snapshot(&v2);
+        assert_eq!(responses.len(), 1, "cluster set unchanged: no CDS push");
+        assert_eq!(responses[0].type_url, ResourceType::Endpoint.type_url());
+        assert_eq!(names(&responses[0]), ["b"]);
+        let v3 = snapshot(
+            "v3",
+            &[
+                ("a", "127.0.0.1:1"),
+                ("b", "127.0.0.1:3"),
+                ("c", "127.0.0.1:4"),
+            ],
+        );
+        let responses = state.on_snapshot(&v3);
+        assert_eq!(
+            responses.len(),
+            1,
+            "c's endpoints wait for its subscription"
+        );
+        assert_eq!(names(&responses[0]), ["a", "b", "c"]);
+    }
+}
