@@ -84,11 +84,14 @@ pub struct ServiceEndpoints {
 ///
 /// `version` changes whenever any content changes; equal versions mean equal content, so a
 /// filter that already holds `version` need not parse the body again.
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Snapshot {
     /// Opaque version string; compare for equality only.
     pub version: String,
     /// Endpoints keyed by service name (the Envoy cluster name).
     pub services: BTreeMap<String, ServiceEndpoints>,
+    /// The balancing policy, when the control plane serves one with the endpoints.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy: Option<crate::policy::Policy>,
 }

@@ -4,7 +4,34 @@
 //! algorithms. It does no IO and reads no clock or randomness of its own: time and random
 //! numbers are passed in, so every behaviour is deterministic under test. The proxy-wasm
 //! filter, the control plane and the benches all use it.
+//!
+//! - Time is `now: std::time::Duration` measured from an arbitrary monotonic epoch the caller
+//!   chooses (the filter: its first tick); it must not go backwards.
+//! - Randomness is any [`rng::Rng`]; [`rng::SplitMix64`] in production, [`rng::Sequence`] in
+//!   tests.
+//! - The per-request API is [`ServiceBalancer`]: `pick`, then `complete`.
 
+pub mod balancer;
+pub mod breaker;
+pub mod duration;
 pub mod endpoint;
+pub mod policy;
+pub mod ratelimit;
+pub mod rng;
+pub mod select;
+pub mod validate;
+pub mod window;
 
+#[cfg(test)]
+mod test_support;
+#[cfg(test)]
+mod tests;
+
+pub use balancer::{
+    EndpointView, Outcome, Pick, Rejection, RequestAttributes, RequestNeeds, RetryTargets,
+    ServiceBalancer, Transition, Transitions,
+};
+pub use breaker::BreakerState;
 pub use endpoint::{Endpoint, Health, ServiceEndpoints, Snapshot};
+pub use policy::{LoadBalancer, OnNoEndpoint, Policy, ServicePolicy};
+pub use validate::{PolicyError, ValidationError, ValidationErrors};

@@ -1,0 +1,368 @@
+//! Per-endpoint circuit breaker and outlier detector: one `enum` state machine, one
+//! transition function, driven by every pick and every completed request.
+//!
+//! It merges Envoy's outlier detection (consecutive 5xx / gateway errors, ejection time growing
+//! with the number of ejections up to a maximum, plus jitter) with the closed / open /
+//! half-open breaker of Hystrix and resilience4j (failure rate and slow-call rate over a
+//! sliding window with a minimum volume; bounded probes after the ejection expires). Unlike
+//! Envoy it needs no periodic sweep: a state is judged when an outcome arrives, and an expired
+//! ejection turns into half-open when the next pick admits a probe. Service-level limits
+//! (max ejection percent, panic threshold) are decided by the balancer and passed in.
+
+use std::time::Duration;
+
+use crate::{
+    policy::{FailureKinds, OutlierDetection},
+    rng::mix64,
+    window::{Counts, Window},
+};
+
+/// Where an endpoint's breaker stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BreakerState {
+    /// Serving normally. `ejections` past ejections are remembered (so the next one lasts
+    /// longer) until the endpoint has been closed for `max_ejection_time` since `since`.
+    Closed {
+        /// Ejections remembered.
+        ejections: u32,
+        /// When the endpoint last closed (the epoch for a new endpoint).
+        since: Duration,
+    },
+    /// Ejected: never picked before `until` (unless the service panics).
+    Open {
+        /// When the ejection expires and probes may be admitted.
+        until: Duration,
+        /// This ejection's number, 1 for the first.
+        ejections: u32,
+    },
+    /// Ejection expired: up to `half_open_max_probes` requests are admitted; when that many
+    /// succeed it closes, any failure re-opens it for longer.
+    HalfOpen {
+        /// Number of the ejection that preceded this.
+        ejections: u32,
+        /// Probes admitted since `since`.
+        probes_admitted: u32,
+        /// Probes that succeeded.
+        successes: u32,
+        /// When the current round of probes started; a round whose probes never completed is
+        /// restarted after `base_ejection_time`.
+        since: Duration,
+    },
+}
+
+impl BreakerState {
+    /// A short lower-case name for metrics labels and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Self::Closed { .. } => "closed",
+            Self::Open { .. } => "open",
+            Self::HalfOpen { .. } => "half_open",
+        }
+    }
+
+    /// Whether the endpoint counts as ejected (open or half-open) for `max_ejection_percent`.
+    pub fn is_ejected(&self) -> bool {
+        !matches!(self, Self::Closed { .. })
+    }
+}
+
+/// How one completed request counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Verdict {
+    /// It failed in a way the policy counts.
+    pub failure: bool,
+    /// It was a gateway error (502/503/504, connect failure, reset, timeout) the policy counts.
+    pub gateway_error: bool,
+    /// It took longer than the slow-call threshold.
+    pub slow: bool,
+}
+
+impl Verdict {
+    /// Classifies an outcome under the policy's failure kinds and slow-call threshold.
+    pub fn classify(
+        status: Option<u16>,
+        connect_failure: bool,
+        reset: bool,
+        timeout: bool,
+        latency: Duration,
+        kinds: &FailureKinds,
+        slow_threshold: Option<Duration>,
+    ) -> Self {
+        let gateway_status = matches!(status, Some(502..=504));
+        let server_error = matches!(status, Some(500..=599));
+        let gateway_error = (kinds.gateway_errors && gateway_status)
+            || (kinds.connect_failure && connect_failure)
+            || (kinds.reset && reset)
+            || (kinds.timeout && timeout);
+        let failure = gateway_error || (kinds.server_errors && server_error);
+        Self {
+            failure,
+            gateway_error,
+            slow: slow_threshold.is_some_and(|threshold| latency > threshold),
+        }
+    }
+
+    /// An attempt that Envoy retried on another endpoint: it failed, kind unknown, counted as
+    /// a gateway error (Envoy retries on 5xx, gateway errors, connect failures and resets).
+    pub const RETRIED_ELSEWHERE: Self = Self {
+        failure: true,
+        gateway_error: true,
+        slow: false,
+    };
+}
+
+/// What happens to a breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// The balancer sends a request to the endpoint (a probe when not closed).
+    Admit,
+    /// A request to the endpoint completed.
+    Complete(Verdict),
+}
+
+/// What the transition function needs besides the state.
+#[derive(Debug, Clone, Copy)]
+pub struct Context<'a> {
+    /// The service's outlier detection settings.
+    pub policy: &'a OutlierDetection,
+    /// The current time since the caller's epoch.
+    pub now: Duration,
+    /// Whether the service allows one more ejection (max ejection percent).
+    pub may_eject: bool,
+    /// Per-endpoint seed for the ejection jitter (the balancer hashes the address).
+    pub jitter_seed: u64,
+}
+
+/// A change of state kind (closed / open / half-open).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StateChange {
+    /// The state before the event.
+    pub from: BreakerState,
+    /// The state after it.
+    pub to: BreakerState,
+}
+
+/// One endpoint's breaker: the state plus the counters the rules read.
+#[derive(Debug, Clone)]
+pub struct Breaker {
+    state: BreakerState,
+    consecutive_failures: u32,
+    consecutive_gateway_errors: u32,
+    window: Window,
+}
+
+impl Breaker {
+    /// A closed breaker with empty counters, created at `now`.
+    pub fn new(policy: &OutlierDetection, now: Duration) -> Self {
+        Self {
+            state: BreakerState::Closed {
+                ejections: 0,
+                since: now,
+            },
+            consecutive_failures: 0,
+            consecutive_gateway_errors: 0,
+            window: Window::new(policy.window),
+        }
+    }
+
+    /// The current state.
+    pub fn state(&self) -> BreakerState {
+        self.state
+    }
+
+    /// The request counts over the sliding window at `now`.
+    pub fn recent(&self, now: Duration) -> Counts {
+        self.window.counts(now)
+    }
+
+    /// Whether a request may be sent now: closed, an expired ejection, or a half-open endpoint
+    /// with probes left (or whose probe round went stale).
+    pub fn admits(&self, policy: &OutlierDetection, now: Duration) -> bool {
+        match self.state {
+            BreakerState::Closed { .. } => true,
+            BreakerState::Open { until, .. } => now >= until,
+            BreakerState::HalfOpen {
+                probes_admitted,
+                since,
+                ..
+            } => {
+                probes_admitted < policy.half_open_max_probes
+                    || now.saturating_sub(since) >= policy.base_ejection_time
+            }
+        }
+    }
+
+    /// The transition function: applies `event` and returns the change of state kind, if any.
+    pub fn on(&mut self, event: Event, ctx: &Context<'_>) -> Option<StateChange> {
+        let from = self.state;
+        let now = ctx.now;
+        let policy = ctx.policy;
+        let next = match (self.state, event) {
+            (BreakerState::Closed { .. }, Event::Admit) => None,
+            (BreakerState::Open { until, ejections }, Event::Admit) => {
+                (now >= until).then_some(BreakerState::HalfOpen {
+                    ejections,
+                    probes_admitted: 1,
+                    successes: 0,
+                    since: now,
+                })
+            }
+            (
+                BreakerState::HalfOpen {
+                    ejections,
+                    probes_admitted,
+                    successes,
+                    since,
+                },
+                Event::Admit,
+            ) => Some(if now.saturating_sub(since) >= policy.base_ejection_time {
+                BreakerState::HalfOpen {
+                    ejections,
+                    probes_admitted: 1,
+                    successes: 0,
+                    since: now,
+                }
+            } else {
+                BreakerState::HalfOpen {
+                    ejections,
+                    probes_admitted: probes_admitted.saturating_add(1),
+                    successes,
+                    since,
+                }
+            }),
+            (BreakerState::Closed { ejections, since }, Event::Complete(verdict)) => {
+                self.count(verdict, now);
+                if self.should_trip(policy, now) && ctx.may_eject {
+                    let remembered = if now.saturating_sub(since) >= policy.max_ejection_time {
+                        0
+                    } else {
+                        ejections
+                    };
+                    Some(self.eject(remembered.saturating_add(1), ctx))
+                } else {
+                    None
+                }
+            }
+            (BreakerState::Open { .. }, Event::Complete(verdict)) => {
+                // A request admitted before the ejection; it no longer changes anything.
+                self.window.record(now, verdict.failure, verdict.slow);
+                None
+            }
+            (
+                BreakerState::HalfOpen {
+                    ejections,
+                    probes_admitted,
+                    successes,
+                    since,
+                },
+                Event::Complete(verdict),
+            ) => {
+                if verdict.failure {
+                    Some(self.eject(ejections.saturating_add(1), ctx))
+                } else if successes.saturating_add(1) >= policy.half_open_max_probes {
+                    self.reset_counters();
+                    Some(BreakerState::Closed {
+                        ejections,
+                        since: now,
+                    })
+                } else {
+                    Some(BreakerState::HalfOpen {
+                        ejections,
+                        probes_admitted,
+                        successes: successes + 1,
+                        since,
+                    })
+                }
+            }
+        };
+        let to = next?;
+        self.state = to;
+        (std::mem::discriminant(&from) != std::mem::discriminant(&to))
+            .then_some(StateChange { from, to })
+    }
+
+    fn count(&mut self, verdict: Verdict, now: Duration) {
+        self.window.record(now, verdict.failure, verdict.slow);
+        self.consecutive_failures = if verdict.failure {
+            self.consecutive_failures.saturating_add(1)
+        } else {
+            0
+        };
+        self.consecutive_gateway_errors = if verdict.gateway_error {
+            self.consecutive_gateway_errors.saturating_add(1)
+        } else {
+            0
+        };
+    }
+
+    fn should_trip(&self, policy: &OutlierDetection, now: Duration) -> bool {
+        let reached = |count: u32, limit: u32| limit > 0 && count >= limit;
+        if reached(self.consecutive_failures, policy.consecutive_failures)
+            || reached(
+                self.consecutive_gateway_errors,
+                policy.consecutive_gateway_errors,
+            )
+        {
+            return true;
+        }
+        let counts = self.window.counts(now);
+        let over = |part: u32, percent: u32, minimum: u32| {
+            counts.total >= minimum.max(1)
+                && u64::from(part) * 100 >= u64::from(percent) * u64::from(counts.total)
+        };
+        policy.failure_rate.as_ref().is_some_and(|rate| {
+            over(
+                counts.failures,
+                rate.threshold_percent,
+                rate.minimum_requests,
+            )
+        }) || policy
+            .slow_calls
+            .as_ref()
+            .is_some_and(|slow| over(counts.slow, slow.threshold_percent, slow.minimum_requests))
+    }
+
+    fn eject(&mut self, ejections: u32, ctx: &Context<'_>) -> BreakerState {
+        self.reset_counters();
+        BreakerState::Open {
+            until: ctx.now.saturating_add(ejection_time(
+                ctx.policy,
+                ejections,
+                ctx.jitter_seed,
+                ctx.now,
+            )),
+            ejections,
+        }
+    }
+
+    fn reset_counters(&mut self) {
+        self.consecutive_failures = 0;
+        self.consecutive_gateway_errors = 0;
+        self.window.clear();
+    }
+}
+
+/// `base_ejection_time × ejections`, spread by ± `ejection_jitter_percent`, capped at
+/// `max_ejection_time`.
+///
+/// The jitter is a hash of the endpoint's seed, the ejection number and the time, so it needs
+/// no RNG on the completion path and is exact under test.
+pub fn ejection_time(
+    policy: &OutlierDetection,
+    ejections: u32,
+    jitter_seed: u64,
+    now: Duration,
+) -> Duration {
+    let base = policy.base_ejection_time.saturating_mul(ejections.max(1));
+    let max = policy.max_ejection_time.max(policy.base_ejection_time);
+    let nominal = base.min(max);
+    let jitter = f64::from(policy.ejection_jitter_percent.min(100)) / 100.0;
+    if jitter == 0.0 {
+        return nominal;
+    }
+    let draw = mix64(jitter_seed ^ u64::from(ejections) ^ (now.as_nanos() as u64));
+    let unit = (draw >> 11) as f64 / (1u64 << 53) as f64;
+    Duration::try_from_secs_f64(nominal.as_secs_f64() * (1.0 + jitter * (2.0 * unit - 1.0)))
+        .unwrap_or(nominal)
+        .min(max)
+}

@@ -1,0 +1,492 @@
+//! The balancing policy: what the operator writes, per service, and its defaults.
+//!
+//! Named after Istio's `DestinationRule.trafficPolicy` where the concept matches
+//! (`loadBalancer`, `localityLbSetting`, `outlierDetection`), in snake_case JSON (YAML with
+//! the `yaml` feature). Every struct rejects unknown fields so a typo is an error, not a
+//! silently ignored setting; every field has a default, so `{}` is a valid policy. Durations
+//! are human strings (see [`crate::duration`]). Ranges are checked by
+//! [`Policy::validate`](crate::validate); `docs/policy.md` lists the whole schema and the
+//! mapping from DestinationRule.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// Policies for every service the filter balances.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Policy {
+    /// Per-service policies keyed by service (Envoy cluster) name.
+    pub services: BTreeMap<String, ServicePolicy>,
+    /// The policy for services not listed in `services`.
+    pub default: ServicePolicy,
+}
+
+impl Policy {
+    /// The policy that applies to `service`: its own entry, else `default`.
+    pub fn for_service(&self, service: &str) -> &ServicePolicy {
+        self.services.get(service).unwrap_or(&self.default)
+    }
+}
+
+/// How one service's requests are spread, filtered, protected and limited.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServicePolicy {
+    /// The selection algorithm. Default: least request, power of two choices (Istio's default).
+    pub load_balancer: LoadBalancer,
+    /// Which endpoints may serve this service at all. Default: every endpoint.
+    pub endpoint_selector: EndpointSelector,
+    /// Zone preference and failover. Default: no preference.
+    pub locality: Locality,
+    /// Per-endpoint circuit breaking. Default: eject after 5 consecutive failures for 30s.
+    pub outlier_detection: OutlierDetection,
+    /// Which outcomes count as failures. Default: any 5xx, connect failure, reset, timeout.
+    pub failure_kinds: FailureKinds,
+    /// What to do when no endpoint is admissible. Default: `fail_open`.
+    pub on_no_endpoint: OnNoEndpoint,
+    /// Optional token-bucket rate limit. Default: none.
+    pub rate_limit: Option<RateLimit>,
+    /// How many extra, distinct endpoints to hand Envoy as retry targets (0..=5). Default: 0.
+    pub retry: u32,
+}
+
+/// The selection algorithm, tagged by `type` (e.g. `{"type": "least_request"}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum LoadBalancer {
+    /// Each admissible endpoint in turn, ignoring weights (Istio `simple: ROUND_ROBIN`
+    /// without weights).
+    RoundRobin,
+    /// Smooth weighted round robin (nginx): deterministic, interleaves heavy endpoints.
+    WeightedRoundRobin,
+    /// Random, proportional to weight (Istio `simple: RANDOM` with weights).
+    WeightedRandom,
+    /// Least active requests (Istio `simple: LEAST_REQUEST`, Envoy `LEAST_REQUEST`).
+    LeastRequest(LeastRequest),
+    /// Peak-sensitive EWMA of latency × (inflight + 1), power of two choices (Linkerd, tower).
+    PeakEwma(PeakEwma),
+    /// Lowest health score of latency, inflight and recent failures, power of two choices.
+    HealthScore(HealthScore),
+    /// Consistent hashing on a ring (Istio `consistentHash.ringHash`, Envoy `RING_HASH`).
+    RingHash(RingHash),
+    /// Consistent hashing with a Maglev table (Istio `consistentHash.maglev`, Envoy `MAGLEV`).
+    Maglev(Maglev),
+    /// Sticky sessions by an opaque cookie; new sessions use `fallback`.
+    Sticky(Sticky),
+}
+
+impl Default for LoadBalancer {
+    fn default() -> Self {
+        Self::LeastRequest(LeastRequest::default())
+    }
+}
+
+/// Least request: Envoy's algorithm.
+///
+/// With equal weights, sample `choice_count` admissible endpoints and take the one with the
+/// fewest active requests. With unequal weights, pick proportionally to
+/// `weight / (active + 1)^active_request_bias`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LeastRequest {
+    /// Endpoints sampled per pick, 2..=16. Default: 2.
+    pub choice_count: u32,
+    /// Exponent on active requests for weighted picks, 0.0..=10.0. Default: 1.0.
+    pub active_request_bias: f64,
+}
+
+impl Default for LeastRequest {
+    fn default() -> Self {
+        Self {
+            choice_count: 2,
+            active_request_bias: 1.0,
+        }
+    }
+}
+
+/// Peak EWMA: prefers the endpoint with the lowest `rtt_estimate × (inflight + 1)`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PeakEwma {
+    /// Time constant of the exponential decay, 1ms..=1h. Default: `"10s"`.
+    #[serde(with = "crate::duration")]
+    pub decay: Duration,
+    /// Estimate for an endpoint with no sample yet, 1ms..=1h. Default: `"30ms"`.
+    #[serde(with = "crate::duration")]
+    pub default_rtt: Duration,
+    /// A failed response is recorded as `max(latency, failure_penalty)`, so fast errors do not
+    /// look fast; 0..=1h. Default: `"500ms"`.
+    #[serde(with = "crate::duration")]
+    pub failure_penalty: Duration,
+}
+
+impl Default for PeakEwma {
+    fn default() -> Self {
+        Self {
+            decay: Duration::from_secs(10),
+            default_rtt: Duration::from_millis(30),
+            failure_penalty: Duration::from_millis(500),
+        }
+    }
+}
+
+/// Health score: `latency × latency_ms + inflight × inflight + failures × failure_percent`,
+/// lowest wins among two random admissible endpoints.
+///
+/// `latency_ms` is the peak EWMA latency (decay 10s, failures counted as 500ms), and
+/// `failure_percent` the failure rate over the outlier-detection window.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthScore {
+    /// Weight per millisecond of latency, 0.0..=1000.0. Default: 1.0.
+    pub latency: f64,
+    /// Weight per active request, 0.0..=1000.0. Default: 5.0.
+    pub inflight: f64,
+    /// Weight per percent of recent failures, 0.0..=1000.0. Default: 2.0.
+    pub failures: f64,
+}
+
+impl Default for HealthScore {
+    fn default() -> Self {
+        Self {
+            latency: 1.0,
+            inflight: 5.0,
+            failures: 2.0,
+        }
+    }
+}
+
+/// What a consistent hash is computed on (Istio `consistentHash.httpHeaderName` /
+/// `httpCookie` / `useSourceIp`).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HashOn {
+    /// The value of this request header (lower-case name).
+    Header(String),
+    /// This cookie; when absent, the balancer generates one and asks the filter to set it.
+    Cookie(HashCookie),
+    /// The downstream source IP address.
+    #[default]
+    SourceIp,
+}
+
+/// A cookie used as hash key (Istio `httpCookie`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HashCookie {
+    /// Cookie name; RFC 6265 token characters.
+    pub name: String,
+    /// Max-Age of a generated cookie; a session cookie when absent. Default: none.
+    #[serde(default, with = "crate::duration::option")]
+    pub ttl: Option<Duration>,
+}
+
+/// Ring hash (Envoy `RING_HASH`, Karger et al. consistent hashing).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RingHash {
+    /// Hash key source. Default: `source_ip`.
+    pub hash_on: HashOn,
+    /// Smallest number of ring entries, 1..=262144. Default: 1024 (Envoy's default).
+    pub minimum_ring_size: u32,
+    /// Bounded load (Envoy `hash_balance_factor` / 100): an endpoint with more than
+    /// `factor × average` active requests is skipped. At least 1.0; absent disables. Default: none.
+    pub bounded_load: Option<f64>,
+}
+
+impl Default for RingHash {
+    fn default() -> Self {
+        Self {
+            hash_on: HashOn::default(),
+            minimum_ring_size: 1024,
+            bounded_load: None,
+        }
+    }
+}
+
+/// Maglev (Eisenbud et al., NSDI 2016; Envoy `MAGLEV`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Maglev {
+    /// Hash key source. Default: `source_ip`.
+    pub hash_on: HashOn,
+    /// Lookup table size; a prime up to 5000011. Default: 65537 (Envoy's default).
+    pub table_size: u32,
+    /// Bounded load factor as for [`RingHash::bounded_load`]. Default: none.
+    pub bounded_load: Option<f64>,
+}
+
+impl Default for Maglev {
+    fn default() -> Self {
+        Self {
+            hash_on: HashOn::default(),
+            table_size: 65537,
+            bounded_load: None,
+        }
+    }
+}
+
+/// Sticky sessions (Envoy `stateful_session` with a cookie).
+///
+/// A request carrying the cookie goes to the endpoint it names while that endpoint is known,
+/// healthy or draining, selected and not ejected; otherwise `fallback` picks and the balancer
+/// asks the filter to set a new cookie. The cookie value is an opaque hash of the address, so
+/// internal IPs do not leak.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Sticky {
+    /// Cookie name; RFC 6265 token characters. Default: `"fulcrum-session"`.
+    pub cookie: String,
+    /// Max-Age of the cookie; a session cookie when absent. Default: none.
+    #[serde(with = "crate::duration::option")]
+    pub ttl: Option<Duration>,
+    /// Picks new sessions; any algorithm but `sticky`. Default: least request.
+    pub fallback: Box<LoadBalancer>,
+}
+
+impl Default for Sticky {
+    fn default() -> Self {
+        Self {
+            cookie: "fulcrum-session".to_owned(),
+            ttl: None,
+            fallback: Box::default(),
+        }
+    }
+}
+
+/// Which endpoints may serve the service; all conditions must hold.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EndpointSelector {
+    /// Tags the endpoint must all carry. Default: none.
+    pub tags: BTreeSet<String>,
+    /// Capabilities the endpoint must all have. Default: none.
+    pub capabilities: BTreeSet<String>,
+    /// Metadata entries the endpoint must have with exactly these values. Default: none.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// Zone preference (Istio `localityLbSetting` with `failover`).
+///
+/// Endpoints are ranked in tiers: the local zone, then each `failover` zone in order, then all
+/// others. Requests go to the first tier in which at least `min_healthy_percent` of the
+/// selected endpoints are admissible; when no tier qualifies, to every admissible endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Locality {
+    /// The zone this proxy runs in; the filter may fill it from its node metadata. Default: none.
+    pub local_zone: Option<String>,
+    /// Whether to prefer `local_zone` and `failover` zones at all. Default: true.
+    pub prefer_local: bool,
+    /// Zones to fail over to, in order, before all others. Default: none.
+    pub failover: Vec<String>,
+    /// Share of a tier's endpoints that must be admissible to keep traffic in it, 0..=100.
+    /// Default: 70 (close to Envoy's overprovisioning factor 1.4).
+    pub min_healthy_percent: u32,
+}
+
+impl Default for Locality {
+    fn default() -> Self {
+        Self {
+            local_zone: None,
+            prefer_local: true,
+            failover: Vec::new(),
+            min_healthy_percent: 70,
+        }
+    }
+}
+
+/// Per-endpoint outlier detection and circuit breaking (Istio `outlierDetection`), evaluated
+/// on every completed request rather than on a periodic sweep.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutlierDetection {
+    /// Eject after this many consecutive failures of any counted kind; 0 disables.
+    /// Default: 5 (Istio `consecutive5xxErrors`).
+    pub consecutive_failures: u32,
+    /// Eject after this many consecutive gateway errors (502, 503, 504, connect failure,
+    /// reset, timeout); 0 disables. Default: 0 (Istio `consecutiveGatewayErrors`).
+    pub consecutive_gateway_errors: u32,
+    /// Length of the sliding window for the rate-based rules, 100ms..=1h, kept in 10 buckets.
+    /// Default: `"10s"`.
+    #[serde(with = "crate::duration")]
+    pub window: Duration,
+    /// Eject when the failure rate over `window` crosses a threshold. Default: disabled.
+    pub failure_rate: Option<FailureRate>,
+    /// Eject when too many calls over `window` are slow. Default: disabled.
+    pub slow_calls: Option<SlowCalls>,
+    /// Ejection time of the first ejection; the n-th lasts n × this, up to `max_ejection_time`.
+    /// 1ms..=1h. Default: `"30s"` (Istio `baseEjectionTime`).
+    #[serde(with = "crate::duration")]
+    pub base_ejection_time: Duration,
+    /// Cap on an ejection's length, at least `base_ejection_time`; also, an endpoint that stays
+    /// closed this long forgets its past ejections. Default: `"300s"` (Envoy).
+    #[serde(with = "crate::duration")]
+    pub max_ejection_time: Duration,
+    /// Each ejection time is spread by ± this percent so ejected endpoints do not all return
+    /// at once, 0..=100. Default: 10.
+    pub ejection_jitter_percent: u32,
+    /// Requests admitted to an endpoint whose ejection has expired; when all succeed it
+    /// closes, any failure re-ejects it for longer. 1..=100. Default: 1.
+    pub half_open_max_probes: u32,
+    /// At most this percent of the service's endpoints are ejected at once, 0..=100; any value
+    /// above 0 allows at least one ejection (as in Envoy), 0 disables ejection.
+    /// Default: 10 (Istio `maxEjectionPercent`).
+    pub max_ejection_percent: u32,
+    /// When fewer than this percent of the selected endpoints are admissible, ejections are
+    /// ignored (Envoy's panic threshold, Istio `minHealthPercent`), 0..=100. Default: 50.
+    pub panic_threshold_percent: u32,
+}
+
+impl Default for OutlierDetection {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            consecutive_gateway_errors: 0,
+            window: Duration::from_secs(10),
+            failure_rate: None,
+            slow_calls: None,
+            base_ejection_time: Duration::from_secs(30),
+            max_ejection_time: Duration::from_secs(300),
+            ejection_jitter_percent: 10,
+            half_open_max_probes: 1,
+            max_ejection_percent: 10,
+            panic_threshold_percent: 50,
+        }
+    }
+}
+
+/// Failure-rate ejection (Envoy `success_rate`-like, with a fixed threshold).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailureRate {
+    /// Eject when failures are at least this percent of requests, 1..=100. Default: 50.
+    pub threshold_percent: u32,
+    /// Only judge an endpoint with at least this many requests in the window, at least 1.
+    /// Default: 20.
+    pub minimum_requests: u32,
+}
+
+impl Default for FailureRate {
+    fn default() -> Self {
+        Self {
+            threshold_percent: 50,
+            minimum_requests: 20,
+        }
+    }
+}
+
+/// Slow-call ejection (resilience4j's slow-call rate).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SlowCalls {
+    /// A call slower than this is slow, 1ms..=1h. Default: `"1s"`.
+    #[serde(with = "crate::duration")]
+    pub latency_threshold: Duration,
+    /// Eject when slow calls are at least this percent of requests, 1..=100. Default: 50.
+    pub threshold_percent: u32,
+    /// Only judge an endpoint with at least this many requests in the window, at least 1.
+    /// Default: 20.
+    pub minimum_requests: u32,
+}
+
+impl Default for SlowCalls {
+    fn default() -> Self {
+        Self {
+            latency_threshold: Duration::from_secs(1),
+            threshold_percent: 50,
+            minimum_requests: 20,
+        }
+    }
+}
+
+/// Which outcomes count as failures for outlier detection and latency penalties.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FailureKinds {
+    /// Any 5xx status. Default: true (as Istio's `consecutive5xxErrors`).
+    pub server_errors: bool,
+    /// 502, 503 and 504 (implied by `server_errors`). Default: true.
+    pub gateway_errors: bool,
+    /// The connection to the endpoint could not be made. Default: true.
+    pub connect_failure: bool,
+    /// The endpoint reset the stream or connection. Default: true.
+    pub reset: bool,
+    /// The request timed out. Default: true.
+    pub timeout: bool,
+}
+
+impl Default for FailureKinds {
+    fn default() -> Self {
+        Self {
+            server_errors: true,
+            gateway_errors: true,
+            connect_failure: true,
+            reset: true,
+            timeout: true,
+        }
+    }
+}
+
+/// What happens when no endpoint is admissible.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnNoEndpoint {
+    /// Leave the request to Envoy's fallback load-balancing policy.
+    #[default]
+    FailOpen,
+    /// Answer locally with 503 and the reason.
+    FailFast,
+}
+
+/// A token bucket (rate `requests_per_second`, capacity `burst`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimit {
+    /// Sustained rate, above 0 and at most 1000000. Default: 100.
+    pub requests_per_second: f64,
+    /// Bucket capacity, 1..=1000000. Default: 100.
+    pub burst: u32,
+    /// When set, each value of this request header gets its own bucket (requests without it
+    /// share the service bucket). Default: none.
+    pub client_key_header: Option<String>,
+    /// Most client buckets kept; the least recently used is evicted. 1..=65536. Default: 1024.
+    pub max_clients: u32,
+}
+
+impl Default for RateLimit {
+    fn default() -> Self {
+        Self {
+            requests_per_second: 100.0,
+            burst: 100,
+            client_key_header: None,
+            max_clients: 1024,
+        }
+    }
+}
+
+impl EndpointSelector {
+    /// Whether `endpoint` carries every required tag and capability and every metadata entry.
+    pub fn matches(&self, endpoint: &crate::Endpoint) -> bool {
+        self.tags.is_subset(&endpoint.tags)
+            && self.capabilities.is_subset(&endpoint.capabilities)
+            && self
+                .metadata
+                .iter()
+                .all(|(key, value)| endpoint.metadata.get(key) == Some(value))
+    }
+}
+
+impl LoadBalancer {
+    /// The algorithm that picks new requests: the fallback for `sticky`, itself otherwise.
+    pub fn picker(&self) -> &LoadBalancer {
+        match self {
+            Self::Sticky(sticky) => &sticky.fallback,
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,107 @@
+//! Peak EWMA latency estimate and its power-of-two-choices pick.
+//!
+//! tower's `load/peak_ewma.rs` (as used by Linkerd): a sample above the estimate replaces it
+//! (peak-sensitive, so a slowing endpoint is noticed at once); a lower one is blended in with
+//! weight `1 - exp(-elapsed / decay)`; between samples the estimate decays toward zero the same
+//! way, so an idle endpoint is eventually tried again. Cost = estimate × (inflight + 1).
+//! Failures are recorded as `max(latency, failure_penalty)` so fast errors do not look fast.
+
+use std::time::Duration;
+
+use super::{Slot, power_of_choices};
+use crate::{policy::PeakEwma, rng::Rng};
+
+/// A peak-sensitive, time-decayed latency estimate in nanoseconds.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Ewma {
+    estimate_nanos: f64,
+    /// When the estimate was last updated; `None` before the first sample.
+    updated_at: Option<Duration>,
+}
+
+impl Ewma {
+    /// Records one response time observed at `now`.
+    pub fn observe(&mut self, rtt: Duration, now: Duration, decay: Duration) {
+        let rtt = rtt.as_nanos() as f64;
+        self.estimate_nanos = match self.updated_at {
+            Some(at) if self.estimate_nanos >= rtt => {
+                let weight = decay_weight(now.saturating_sub(at), decay);
+                self.estimate_nanos * weight + rtt * (1.0 - weight)
+            }
+            _ => rtt,
+        };
+        self.updated_at = Some(now);
+    }
+
+    /// The estimate at `now`, in nanoseconds: `default_rtt` before any sample, then decayed
+    /// toward zero since the last sample.
+    pub fn estimate_nanos(&self, now: Duration, decay: Duration, default_rtt: Duration) -> f64 {
+        match self.updated_at {
+            None => default_rtt.as_nanos() as f64,
+            Some(at) => self.estimate_nanos * decay_weight(now.saturating_sub(at), decay),
+        }
+    }
+}
+
+/// `exp(-elapsed / decay)`: the weight the old estimate keeps after `elapsed`.
+fn decay_weight(elapsed: Duration, decay: Duration) -> f64 {
+    let decay = decay.as_nanos() as f64;
+    if decay <= 0.0 {
+        return 0.0;
+    }
+    (-(elapsed.as_nanos() as f64) / decay).exp()
+}
+
+pub(crate) fn pick<R: Rng + ?Sized>(
+    config: &PeakEwma,
+    candidates: &[u32],
+    slots: &[Slot],
+    now: Duration,
+    rng: &mut R,
+) -> usize {
+    power_of_choices(candidates, 2, rng, |slot| {
+        let stats = &slots[slot as usize].stats;
+        stats
+            .ewma
+            .estimate_nanos(now, config.decay, config.default_rtt)
+            * (f64::from(stats.inflight) + 1.0)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DECAY: Duration = Duration::from_secs(10);
+
+    fn ms(ms: u64) -> Duration {
+        Duration::from_millis(ms)
+    }
+
+    #[test]
+    fn a_sample_above_the_estimate_replaces_it() {
+        let mut ewma = Ewma::default();
+        ewma.observe(ms(10), ms(0), DECAY);
+        ewma.observe(ms(200), ms(1), DECAY);
+        assert_eq!(ewma.estimate_nanos(ms(1), DECAY, ms(30)), 200_000_000.0);
+    }
+
+    #[test]
+    fn a_lower_sample_is_blended_by_elapsed_time() {
+        let mut ewma = Ewma::default();
+        ewma.observe(ms(100), ms(0), DECAY);
+        // After one time constant the old estimate keeps exp(-1) of its weight.
+        ewma.observe(ms(0), ms(10_000), DECAY);
+        let expected = 100_000_000.0 * (-1.0f64).exp();
+        assert!((ewma.estimate_nanos(ms(10_000), DECAY, ms(30)) - expected).abs() < 1e-3);
+    }
+
+    #[test]
+    fn uses_the_default_rtt_until_the_first_sample_then_decays_toward_zero() {
+        let mut ewma = Ewma::default();
+        assert_eq!(ewma.estimate_nanos(ms(5_000), DECAY, ms(30)), 30_000_000.0);
+        ewma.observe(ms(50), ms(0), DECAY);
+        let decayed = ewma.estimate_nanos(ms(20_000), DECAY, ms(30));
+        assert!((decayed - 50_000_000.0 * (-2.0f64).exp()).abs() < 1e-3);
+    }
+}

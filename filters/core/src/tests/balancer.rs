@@ -1,0 +1,118 @@
+use crate::{
+    BreakerState, Rejection, ServiceBalancer,
+    policy::{LoadBalancer, OnNoEndpoint},
+    rng::Sequence,
+    test_support::*,
+};
+
+#[test]
+fn round_robin_visits_each_endpoint_in_address_order() {
+    let mut balancer = ServiceBalancer::new(&policy(LoadBalancer::RoundRobin), &endpoints(3));
+    let mut rng = seeded();
+    let picked: Vec<_> = (0..6)
+        .map(|_| pick_and_complete(&mut balancer, ok(ms(5)), ms(0), &mut rng))
+        .collect();
+    assert_eq!(
+        picked,
+        [addr(1), addr(2), addr(3), addr(1), addr(2), addr(3)]
+    );
+}
+
+#[test]
+fn ejects_after_five_consecutive_failures_and_skips_the_endpoint() {
+    let mut service = policy(LoadBalancer::RoundRobin);
+    service.outlier_detection = strict_outlier_detection(5);
+    let mut balancer = ServiceBalancer::new(&service, &endpoints(3));
+    let transitions = fail_on(&mut balancer, addr(2), status(503), 5, secs(1));
+    assert_eq!(transitions.len(), 1);
+    assert_eq!(transitions[0].endpoint, addr(2));
+    assert_eq!(
+        transitions[0].to,
+        BreakerState::Open {
+            until: secs(11),
+            ejections: 1
+        }
+    );
+    let mut rng = Sequence::default();
+    for _ in 0..6 {
+        let pick = balancer
+            .pick(&Default::default(), secs(2), &mut rng)
+            .unwrap();
+        assert_ne!(pick.endpoint, addr(2));
+        balancer.complete(pick.endpoint, None, ok(ms(1)), secs(2));
+    }
+}
+
+#[test]
+fn no_healthy_endpoint_is_rejected_with_the_policy_action() {
+    let mut service = policy(LoadBalancer::RoundRobin);
+    service.on_no_endpoint = OnNoEndpoint::FailFast;
+    let mut balancer = ServiceBalancer::new(&service, &[]);
+    let rejection = balancer
+        .pick(&Default::default(), ms(0), &mut seeded())
+        .unwrap_err();
+    assert_eq!(
+        rejection,
+        Rejection::NoEndpoints {
+            action: OnNoEndpoint::FailFast
+        }
+    );
+    assert!(!rejection.fails_open());
+}
+
+#[test]
+fn smooth_weighted_round_robin_interleaves_like_nginx() {
+    let mut balancer = ServiceBalancer::new(
+        &policy(LoadBalancer::WeightedRoundRobin),
+        &weighted(&[5, 1, 1]),
+    );
+    let mut rng = seeded();
+    let picked: Vec<_> = (0..7)
+        .map(|_| pick_and_complete(&mut balancer, ok(ms(5)), ms(0), &mut rng))
+        .collect();
+    let (a, b, c) = (addr(1), addr(2), addr(3));
+    assert_eq!(picked, [a, a, b, a, c, a, a]);
+}
+
+#[test]
+fn ejects_after_five_consecutive_gateway_errors() {
+    let mut service = policy(LoadBalancer::RoundRobin);
+    service.outlier_detection = strict_outlier_detection(0);
+    service.outlier_detection.consecutive_gateway_errors = 5;
+    let mut balancer = ServiceBalancer::new(&service, &endpoints(3));
+    assert!(fail_on(&mut balancer, addr(1), connect_failure(), 4, secs(1)).is_empty());
+    // A plain 500 is not a gateway error: the run starts again.
+    assert!(fail_on(&mut balancer, addr(1), status(500), 1, secs(1)).is_empty());
+    assert!(fail_on(&mut balancer, addr(1), status(502), 4, secs(1)).is_empty());
+    let transitions = fail_on(&mut balancer, addr(1), status(504), 1, secs(1));
+    assert_eq!(transitions.len(), 1);
+    assert_eq!(transitions[0].to.name(), "open");
+}
+
+#[test]
+fn keeps_traffic_in_the_local_zone_until_too_few_are_admissible_then_fails_over() {
+    let mut service = policy(LoadBalancer::RoundRobin);
+    service.outlier_detection = strict_outlier_detection(1);
+    service.locality.local_zone = Some("z1".into());
+    service.locality.failover = vec!["z2".into()];
+    let fleet = [
+        in_zone(1, "z1"),
+        in_zone(2, "z1"),
+        in_zone(3, "z2"),
+        in_zone(4, "z3"),
+    ];
+    let mut balancer = ServiceBalancer::new(&service, &fleet);
+    let mut rng = seeded();
+    let picked: Vec<_> = (0..4)
+        .map(|_| pick_and_complete(&mut balancer, ok(ms(5)), ms(0), &mut rng))
+        .collect();
+    assert_eq!(picked, [addr(1), addr(2), addr(1), addr(2)]);
+    // One of two local endpoints ejected: 50% < 70%, so z2 (the first failover) takes over.
+    fail_on(&mut balancer, addr(1), status(503), 1, ms(1));
+    for _ in 0..3 {
+        assert_eq!(
+            pick_and_complete(&mut balancer, ok(ms(5)), ms(2), &mut rng),
+            addr(3)
+        );
+    }
+}
