@@ -1,0 +1,307 @@
+//! The filter's plugin configuration: where endpoints come from, how the service of a
+//! request is found, the header Envoy's `override_host` policy reads, and the default policy.
+//!
+//! This is the JSON in Envoy's `configuration` / Istio's `WasmPlugin.pluginConfig`. It is
+//! parsed and validated once, in `on_configure`; an invalid configuration is refused with
+//! every error and its field path, so the plugin never starts half-configured.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use fulcrum_core::{
+    Endpoint, Policy,
+    validate::{ValidationError, ValidationErrors},
+};
+use serde::Deserialize;
+
+/// The default header written with the chosen `IP:port` (and retry targets).
+pub const DEFAULT_OVERRIDE_HEADER: &str = "x-fulcrum-endpoint";
+
+/// The whole plugin configuration. `{}` is not valid: endpoints must come from somewhere.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FilterConfig {
+    /// Request header carrying the pick; must equal the cluster's `override_host` header
+    /// source. Lower-case. Default: `x-fulcrum-endpoint`.
+    pub override_header: String,
+    /// How a request's service (the Envoy cluster it goes to) is found.
+    /// Default: the `:authority` host without its port.
+    pub service: ServiceSource,
+    /// Policy per service. A policy in a control-plane snapshot replaces it. Default: defaults.
+    pub policy: Policy,
+    /// Static endpoints per service, used when no control plane is configured.
+    pub endpoints: BTreeMap<String, Vec<Endpoint>>,
+    /// The control plane whose snapshot (endpoints and policy) the filter polls.
+    pub control_plane: Option<ControlPlane>,
+}
+
+impl Default for FilterConfig {
+    fn default() -> Self {
+        Self {
+            override_header: DEFAULT_OVERRIDE_HEADER.to_owned(),
+            service: ServiceSource::default(),
+            policy: Policy::default(),
+            endpoints: BTreeMap::new(),
+            control_plane: None,
+        }
+    }
+}
+
+/// Where the service name of a request comes from.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
+#[serde(tag = "from", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ServiceSource {
+    /// The `:authority` (Host) header, without a `:port` suffix.
+    #[default]
+    Authority,
+    /// The value of a request header (lower-case name).
+    Header { name: String },
+    /// Always this service: one filter instance in front of one cluster.
+    Fixed { name: String },
+}
+
+/// How the filter reaches the control plane's snapshot API.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlPlane {
+    /// The Envoy cluster that routes to the control plane's HTTP port. Required.
+    pub cluster: String,
+    /// `:authority` of the snapshot requests. Default: `fulcrum-control-plane`.
+    pub authority: String,
+    /// Path of the snapshot API. Default: `/v1/snapshot`.
+    pub path: String,
+    /// How often one VM of the plugin asks for a new version, 100ms..=1h. Default: `"500ms"`.
+    #[serde(with = "fulcrum_core::duration")]
+    pub poll_interval: Duration,
+    /// Timeout of one snapshot request, 10ms..=1m. Default: `"2s"`.
+    #[serde(with = "fulcrum_core::duration")]
+    pub timeout: Duration,
+    /// Largest snapshot body accepted, in bytes, 1 KiB..=256 MiB. Default: 32 MiB.
+    pub max_snapshot_bytes: usize,
+}
+
+impl Default for ControlPlane {
+    fn default() -> Self {
+        Self {
+            cluster: String::new(),
+            authority: "fulcrum-control-plane".to_owned(),
+            path: "/v1/snapshot".to_owned(),
+            poll_interval: Duration::from_millis(500),
+            timeout: Duration::from_secs(2),
+            max_snapshot_bytes: 32 << 20,
+        }
+    }
+}
+
+/// Why the plugin configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not JSON of the configuration's shape.
+    #[error("plugin configuration JSON is malformed at line {line}, column {column}: {source}")]
+    Json {
+        line: usize,
+        column: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+    /// Parsed, but some values are invalid.
+    #[error("plugin configuration is invalid:\n{0}")]
+    Invalid(#[from] ValidationErrors),
+}
+
+impl FilterConfig {
+    /// Parses and validates the plugin configuration (empty means `{}`).
+    pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
+        let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
+            b"{}"
+        } else {
+            bytes
+        };
+        let config: Self = serde_json::from_slice(bytes).map_err(|source| ConfigError::Json {
+            line: source.line(),
+            column: source.column(),
+            source,
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every field, collecting every error with its path.
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errors = Vec::new();
+        let mut push = |path: &str, message: String| {
+            errors.push(ValidationError {
+                path: path.to_owned(),
+                message,
+            })
+        };
+        if !is_header_name(&self.override_header) {
+            push(
+                "override_header",
+                format!(
+                    "must be a lower-case HTTP header name, got {:?}",
+                    self.override_header
+                ),
+            );
+        }
+        match &self.service {
+            ServiceSource::Header { name } if !is_header_name(name) => push(
+                "service.name",
+                format!("must be a lower-case HTTP header name, got {name:?}"),
+            ),
+            ServiceSource::Fixed { name } if name.is_empty() => {
+                push("service.name", "must not be empty".to_owned())
+            }
+            _ => {}
+        }
+        if let Err(policy_errors) = self.policy.validate() {
+            for error in policy_errors.errors {
+                push(&format!("policy.{}", error.path), error.message);
+            }
+        }
+        for (service, endpoints) in &self.endpoints {
+            for (index, endpoint) in endpoints.iter().enumerate() {
+                if endpoint.weight == 0 {
+                    push(
+                        &format!("endpoints.{service}[{index}].weight"),
+                        "must be at least 1, got 0".to_owned(),
+                    );
+                }
+            }
+        }
+        match &self.control_plane {
+            None if self.endpoints.is_empty() => push(
+                "endpoints",
+                "no endpoints: set `endpoints` (static) or `control_plane` (polled)".to_owned(),
+            ),
+            None => {}
+            Some(cp) => {
+                if cp.cluster.is_empty() {
+                    push(
+                        "control_plane.cluster",
+                        "must name the Envoy cluster of the control plane".to_owned(),
+                    );
+                }
+                if cp.authority.is_empty() {
+                    push("control_plane.authority", "must not be empty".to_owned());
+                }
+                if !cp.path.starts_with('/') {
+                    push(
+                        "control_plane.path",
+                        format!("must start with '/', got {:?}", cp.path),
+                    );
+                }
+                if !(Duration::from_millis(100)..=Duration::from_secs(3600))
+                    .contains(&cp.poll_interval)
+                {
+                    push(
+                        "control_plane.poll_interval",
+                        "must be within 100ms..=1h".to_owned(),
+                    );
+                }
+                if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&cp.timeout) {
+                    push(
+                        "control_plane.timeout",
+                        "must be within 10ms..=1m".to_owned(),
+                    );
+                }
+                if !(1024..=256 << 20).contains(&cp.max_snapshot_bytes) {
+                    push(
+                        "control_plane.max_snapshot_bytes",
+                        format!(
+                            "must be within 1024..=268435456, got {}",
+                            cp.max_snapshot_bytes
+                        ),
+                    );
+                }
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ValidationErrors { errors })
+        }
+    }
+}
+
+/// An HTTP/2-valid header name: non-empty lower-case token characters.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b"!#$%&'*+-.^_`|~".contains(&b)
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accepts_static_endpoints_with_defaults() {
+        let config =
+            FilterConfig::parse(br#"{"endpoints": {"checkout": [{"address": "10.0.0.1:8080"}]}}"#)
+                .expect("valid");
+        assert_eq!(config.override_header, DEFAULT_OVERRIDE_HEADER);
+        assert_eq!(config.service, ServiceSource::Authority);
+        assert_eq!(config.endpoints["checkout"][0].weight, 1);
+    }
+
+    #[test]
+    fn accepts_a_control_plane_with_defaults() {
+        let config = FilterConfig::parse(br#"{"control_plane": {"cluster": "fulcrum"}, "service": {"from": "header", "name": "x-service"}}"#)
+            .expect("valid");
+        let control_plane = config.control_plane.expect("set");
+        assert_eq!(control_plane.path, "/v1/snapshot");
+        assert_eq!(control_plane.poll_interval, Duration::from_millis(500));
+    }
+
+    #[test]
+    fn refuses_an_empty_configuration_saying_where_endpoints_come_from() {
+        let error = FilterConfig::parse(b"")
+            .expect_err("no endpoints")
+            .to_string();
+        assert!(
+            error.contains(
+                "endpoints: no endpoints: set `endpoints` (static) or `control_plane` (polled)"
+            ),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn reports_every_invalid_field_with_its_path() {
+        let error = FilterConfig::parse(
+            br#"{
+                "override_header": "X-Upper",
+                "policy": {"default": {"retry": 9}},
+                "control_plane": {"cluster": "", "path": "snapshot", "poll_interval": "1ms"}
+            }"#,
+        )
+        .expect_err("invalid");
+        let ConfigError::Invalid(errors) = error else {
+            panic!("expected validation errors, got {error}")
+        };
+        let paths: Vec<&str> = errors.errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "override_header",
+                "policy.default.retry",
+                "control_plane.cluster",
+                "control_plane.path",
+                "control_plane.poll_interval"
+            ]
+        );
+    }
+
+    #[test]
+    fn reports_malformed_json_with_its_location() {
+        let error = FilterConfig::parse(b"{\n  \"endpoint\": {}\n}")
+            .expect_err("unknown field")
+            .to_string();
+        assert!(
+            error.starts_with("plugin configuration JSON is malformed at line 2"),
+            "{error}"
+        );
+        assert!(error.contains("unknown field `endpoint`"), "{error}");
+    }
+}

@@ -1,0 +1,233 @@
+//! The filter's Envoy stats, defined through proxy-wasm `define_metric`.
+//!
+//! proxy-wasm metrics have no labels, so labels are encoded in the stat name the way Envoy's
+//! tag extraction expects (`stats_config.stats_tags`, as Istio does): `<name>.service.<svc>`,
+//! `<name>.service.<svc>.endpoint.<ip:port>` and `<name>.reason.<reason>`. With the tag
+//! regexes of `docs/filter.md` in the bootstrap, `/stats/prometheus` shows
+//! `fulcrum_endpoint_picks_total{service="checkout",endpoint="10.0.0.1:8080"}`; without them
+//! the labels stay part of the (sanitised) name. Envoy stats are process-wide: every worker VM
+//! defining the same name shares one counter, so counters and the gauge below aggregate
+//! across workers.
+//!
+//! Per-endpoint stats are defined lazily on first use and capped at
+//! [`MAX_ENDPOINT_METRICS`] per service and VM, so churning endpoints cannot grow memory
+//! without bound;
+//! past the cap `fulcrum_endpoint_metrics_dropped_total` counts what was not recorded.
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use fulcrum_core::{BreakerState, Rejection, Transition};
+use proxy_wasm::{hostcalls, types::MetricType};
+
+/// Most per-endpoint stat sets one VM defines for one service.
+pub const MAX_ENDPOINT_METRICS: usize = 16_384;
+
+/// A defined Envoy stat; `None` when the host refused to define it (logged once).
+type MetricId = Option<u32>;
+
+fn define(kind: MetricType, name: &str) -> MetricId {
+    match hostcalls::define_metric(kind, name) {
+        Ok(id) => Some(id),
+        Err(status) => {
+            crate::log_warn(&format!("could not define metric {name}: {status:?}"));
+            None
+        }
+    }
+}
+
+fn add(metric: MetricId, delta: i64) {
+    if let Some(id) = metric {
+        // A failed increment only loses a sample; nothing to recover on the request path.
+        let _ = hostcalls::increment_metric(id, delta);
+    }
+}
+
+/// Stats of one endpoint of one service.
+#[derive(Debug, Clone, Copy)]
+struct EndpointMetrics {
+    /// `fulcrum_endpoint_picks_total`: requests sent to the endpoint.
+    picks: MetricId,
+    /// `fulcrum_endpoint_ejections_total`: transitions of its breaker to open.
+    ejections: MetricId,
+    /// `fulcrum_endpoint_circuit_open`: how many worker VMs currently hold its circuit open
+    /// or half-open (each VM adds 1 when it leaves closed and removes 1 when it returns).
+    circuit_open: MetricId,
+}
+
+/// Why a request went on to Envoy's fallback policy without a pick.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailOpen {
+    /// No endpoint snapshot has arrived yet.
+    NoSnapshot,
+    /// The request's service has no endpoints in the snapshot.
+    UnknownService,
+    /// The request carries no service name (no `:authority` or service header).
+    NoService,
+    /// The policy's `fail_open` applied to a rejection.
+    Rejected(Rejection),
+    /// The filter's own state was unavailable (should not happen; counted to be seen).
+    Internal,
+}
+
+/// The VM-wide stats. Methods never fail: a stat that cannot be recorded is skipped.
+#[derive(Debug)]
+pub struct Metrics {
+    fail_open_no_snapshot: MetricId,
+    fail_open_unknown_service: MetricId,
+    fail_open_no_service: MetricId,
+    fail_open_no_endpoints: MetricId,
+    fail_open_all_ejected: MetricId,
+    fail_open_internal: MetricId,
+    override_header_stripped: MetricId,
+    snapshot_updates: MetricId,
+    snapshot_rejected: MetricId,
+    snapshot_fetch_failures: MetricId,
+    endpoint_metrics_dropped: MetricId,
+}
+
+impl Metrics {
+    /// Defines the VM-wide stats.
+    pub fn new() -> Self {
+        let counter = |name: &str| define(MetricType::Counter, name);
+        Self {
+            fail_open_no_snapshot: counter("fulcrum_fail_open_total.reason.no_snapshot"),
+            fail_open_unknown_service: counter("fulcrum_fail_open_total.reason.unknown_service"),
+            fail_open_no_service: counter("fulcrum_fail_open_total.reason.no_service"),
+            fail_open_no_endpoints: counter("fulcrum_fail_open_total.reason.no_endpoints"),
+            fail_open_all_ejected: counter("fulcrum_fail_open_total.reason.all_ejected"),
+            fail_open_internal: counter("fulcrum_fail_open_total.reason.internal"),
+            override_header_stripped: counter("fulcrum_override_header_stripped_total"),
+            snapshot_updates: counter("fulcrum_snapshot_updates_total"),
+            snapshot_rejected: counter("fulcrum_snapshot_rejected_total"),
+            snapshot_fetch_failures: counter("fulcrum_snapshot_fetch_failures_total"),
+            endpoint_metrics_dropped: counter("fulcrum_endpoint_metrics_dropped_total"),
+        }
+    }
+
+    pub fn fail_open(&self, why: FailOpen) {
+        let metric = match why {
+            FailOpen::NoSnapshot => self.fail_open_no_snapshot,
+            FailOpen::UnknownService => self.fail_open_unknown_service,
+            FailOpen::NoService => self.fail_open_no_service,
+            FailOpen::Rejected(Rejection::AllEjected { .. }) => self.fail_open_all_ejected,
+            FailOpen::Rejected(_) => self.fail_open_no_endpoints,
+            FailOpen::Internal => self.fail_open_internal,
+        };
+        add(metric, 1);
+    }
+
+    pub fn override_header_stripped(&self) {
+        add(self.override_header_stripped, 1);
+    }
+
+    pub fn snapshot_updated(&self) {
+        add(self.snapshot_updates, 1);
+    }
+
+    pub fn snapshot_rejected(&self) {
+        add(self.snapshot_rejected, 1);
+    }
+
+    pub fn snapshot_fetch_failed(&self) {
+        add(self.snapshot_fetch_failures, 1);
+    }
+}
+
+/// Stats of one service and its endpoints, kept with the service's balancer so the request
+/// path looks endpoints up by address alone.
+#[derive(Debug)]
+pub struct ServiceMetrics {
+    /// `<name>.service.<svc>`, the suffix of every stat of this service.
+    suffix: String,
+    /// `fulcrum_fail_fast_total`: requests answered 503 because no endpoint was admissible.
+    fail_fast: MetricId,
+    /// `fulcrum_rate_limited_total`: requests answered 429.
+    rate_limited: MetricId,
+    /// Copied from [`Metrics`] so the request path needs only this struct.
+    endpoint_metrics_dropped: MetricId,
+    endpoints: HashMap<SocketAddr, EndpointMetrics>,
+}
+
+impl ServiceMetrics {
+    pub fn new(service: &str, vm: &Metrics) -> Self {
+        let suffix = format!("service.{service}");
+        Self {
+            fail_fast: define(
+                MetricType::Counter,
+                &format!("fulcrum_fail_fast_total.{suffix}"),
+            ),
+            rate_limited: define(
+                MetricType::Counter,
+                &format!("fulcrum_rate_limited_total.{suffix}"),
+            ),
+            endpoint_metrics_dropped: vm.endpoint_metrics_dropped,
+            suffix,
+            endpoints: HashMap::new(),
+        }
+    }
+
+    pub fn fail_fast(&self) {
+        add(self.fail_fast, 1);
+    }
+
+    pub fn rate_limited(&self) {
+        add(self.rate_limited, 1);
+    }
+
+    pub fn picked(&mut self, endpoint: SocketAddr) {
+        if let Some(metrics) = self.endpoint(endpoint) {
+            add(metrics.picks, 1);
+        }
+    }
+
+    /// Records a breaker transition of one of this service's endpoints.
+    pub fn transition(&mut self, transition: &Transition) {
+        let was_closed = matches!(transition.from, BreakerState::Closed { .. });
+        let is_closed = matches!(transition.to, BreakerState::Closed { .. });
+        let Some(metrics) = self.endpoint(transition.endpoint) else {
+            return;
+        };
+        if matches!(transition.to, BreakerState::Open { .. }) {
+            add(metrics.ejections, 1);
+        }
+        match (was_closed, is_closed) {
+            (true, false) => add(metrics.circuit_open, 1),
+            (false, true) => add(metrics.circuit_open, -1),
+            _ => {}
+        }
+    }
+
+    /// An endpoint left the snapshot while its circuit was not closed in this VM.
+    pub fn removed_while_open(&mut self, endpoint: SocketAddr) {
+        if let Some(metrics) = self.endpoints.get(&endpoint) {
+            add(metrics.circuit_open, -1);
+        }
+    }
+
+    fn endpoint(&mut self, endpoint: SocketAddr) -> Option<EndpointMetrics> {
+        if let Some(metrics) = self.endpoints.get(&endpoint) {
+            return Some(*metrics);
+        }
+        if self.endpoints.len() >= MAX_ENDPOINT_METRICS {
+            add(self.endpoint_metrics_dropped, 1);
+            return None;
+        }
+        let suffix = format!("{}.endpoint.{endpoint}", self.suffix);
+        let metrics = EndpointMetrics {
+            picks: define(
+                MetricType::Counter,
+                &format!("fulcrum_endpoint_picks_total.{suffix}"),
+            ),
+            ejections: define(
+                MetricType::Counter,
+                &format!("fulcrum_endpoint_ejections_total.{suffix}"),
+            ),
+            circuit_open: define(
+                MetricType::Gauge,
+                &format!("fulcrum_endpoint_circuit_open.{suffix}"),
+            ),
+        };
+        self.endpoints.insert(endpoint, metrics);
+        Some(metrics)
+    }
+}

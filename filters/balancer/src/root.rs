@@ -1,0 +1,293 @@
+//! The root context: configuration, snapshot polling and sharing, request contexts.
+//!
+//! `on_configure` parses and validates the plugin configuration and refuses to start with
+//! every error logged. With static endpoints the snapshot is built right there. With a control
+//! plane, `on_tick` (every VM) takes part in the poll lease, fetches `GET <path>` with
+//! `If-None-Match` when it wins, validates and publishes a new version, and applies any newer
+//! published version; an invalid or failed fetch is logged and counted and the last good
+//! snapshot stays in force.
+
+use std::{cell::RefCell, collections::BTreeMap, rc::Rc};
+
+use fulcrum_core::{ServiceEndpoints, Snapshot};
+use proxy_wasm::{
+    hostcalls,
+    traits::{Context, HttpContext, RootContext},
+    types::{BufferType, ContextType, MapType},
+};
+
+use crate::{
+    config::{ControlPlane, FilterConfig},
+    http::Request,
+    log_error, log_info, log_warn, now,
+    sync::SharedKeys,
+    worker::{Worker, validate_snapshot},
+};
+
+/// The version given to a snapshot built from the configuration's static endpoints.
+const STATIC_VERSION: &str = "static";
+
+/// One VM's root context.
+#[derive(Debug)]
+pub struct Root {
+    /// The root context id, mixed into the random seed so VMs do not pick in lockstep.
+    context_id: u32,
+    /// Set by a successful `on_configure`; `None` before (requests then fail open).
+    configured: Option<Configured>,
+}
+
+impl Root {
+    pub fn new(context_id: u32) -> Self {
+        Self {
+            context_id,
+            configured: None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Configured {
+    config: Rc<FilterConfig>,
+    worker: Rc<RefCell<Worker>>,
+    keys: SharedKeys,
+    /// The token of the snapshot request in flight, if this VM holds the lease.
+    pending_poll: Option<u32>,
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        _headers: usize,
+        body_size: usize,
+        _trailers: usize,
+    ) {
+        let Some(configured) = &mut self.configured else {
+            return;
+        };
+        if configured.pending_poll != Some(token) {
+            return;
+        }
+        configured.pending_poll = None;
+        if let Some(control_plane) = &configured.config.control_plane {
+            configured.on_snapshot_response(control_plane, body_size);
+        }
+    }
+}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _configuration_size: usize) -> bool {
+        let bytes = hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX)
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let config = match FilterConfig::parse(&bytes) {
+            Ok(config) => config,
+            Err(error) => {
+                for line in error.to_string().lines() {
+                    log_error(line);
+                }
+                return false;
+            }
+        };
+        let seed = (now().as_nanos() as u64) ^ (u64::from(self.context_id) << 32);
+        let worker = Rc::new(RefCell::new(Worker::new(config.policy.clone(), seed)));
+        let root_id = hostcalls::get_property(vec!["plugin_root_id"])
+            .ok()
+            .flatten()
+            .and_then(|bytes| String::from_utf8(bytes).ok())
+            .unwrap_or_default();
+        let configured = Configured {
+            config: Rc::new(config),
+            worker,
+            keys: SharedKeys::new(&root_id),
+            pending_poll: None,
+        };
+        match &configured.config.control_plane {
+            None => {
+                let snapshot = Snapshot {
+                    version: STATIC_VERSION.to_owned(),
+                    services: static_services(&configured.config),
+                    policy: None,
+                };
+                configured.worker.borrow_mut().apply(&snapshot);
+                log_info(&format!(
+                    "configured with static endpoints for {} services",
+                    snapshot.services.len()
+                ));
+            }
+            Some(control_plane) => {
+                if hostcalls::set_tick_period(control_plane.poll_interval).is_err() {
+                    log_error("could not set the tick period; snapshots will not be polled");
+                    return false;
+                }
+                configured.apply_published();
+                log_info(&format!(
+                    "configured to poll {} on cluster {} every {:?}",
+                    control_plane.path, control_plane.cluster, control_plane.poll_interval
+                ));
+            }
+        }
+        self.configured = Some(configured);
+        true
+    }
+
+    fn on_tick(&mut self) {
+        let Some(configured) = &mut self.configured else {
+            return;
+        };
+        if let Some(control_plane) = configured.config.control_plane.clone() {
+            configured.poll_if_lease_won(&control_plane);
+            configured.apply_published();
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        let configured = self.configured.as_ref()?;
+        Some(Box::new(Request::new(
+            configured.config.clone(),
+            configured.worker.clone(),
+        )))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+impl Configured {
+    fn poll_if_lease_won(&mut self, control_plane: &ControlPlane) {
+        if self.pending_poll.is_some()
+            || !self.keys.try_take_lease(now(), control_plane.poll_interval)
+        {
+            return;
+        }
+        let version = self.worker.borrow().version().map(|v| format!("\"{v}\""));
+        let mut headers = vec![
+            (":method", "GET"),
+            (":path", control_plane.path.as_str()),
+            (":authority", control_plane.authority.as_str()),
+            ("accept", "application/json"),
+        ];
+        if let Some(version) = &version {
+            headers.push(("if-none-match", version.as_str()));
+        }
+        match hostcalls::dispatch_http_call(
+            &control_plane.cluster,
+            headers,
+            None,
+            vec![],
+            control_plane.timeout,
+        ) {
+            Ok(token) => self.pending_poll = Some(token),
+            Err(status) => {
+                self.worker.borrow().metrics.snapshot_fetch_failed();
+                log_warn(&format!(
+                    "could not request a snapshot from cluster {}: {status:?} (is the cluster defined?)",
+                    control_plane.cluster
+                ));
+            }
+        }
+    }
+
+    fn on_snapshot_response(&self, control_plane: &ControlPlane, body_size: usize) {
+        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        let worker = self.worker.clone();
+        let mut worker = worker.borrow_mut();
+        match status.as_str() {
+            "304" => {}
+            "200" if body_size > control_plane.max_snapshot_bytes => {
+                worker.metrics.snapshot_rejected();
+                log_error(&format!(
+                    "snapshot of {body_size} bytes exceeds control_plane.max_snapshot_bytes ({}); keeping version {:?}",
+                    control_plane.max_snapshot_bytes,
+                    worker.version()
+                ));
+            }
+            "200" => {
+                let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                    .ok()
+                    .flatten()
+                    .unwrap_or_default();
+                match parse_snapshot(&body) {
+                    Ok(snapshot) => {
+                        if self.keys.publish(&body, &snapshot.version).is_err() {
+                            log_warn(
+                                "could not publish the snapshot to shared data; other workers keep theirs",
+                            );
+                        }
+                        if worker.version() != Some(snapshot.version.as_str()) {
+                            worker.apply(&snapshot);
+                            worker.metrics.snapshot_updated();
+                            log_info(&format!("applied snapshot version {}", snapshot.version));
+                        }
+                    }
+                    Err(message) => {
+                        worker.metrics.snapshot_rejected();
+                        log_error(&format!(
+                            "rejected snapshot, keeping version {:?}: {message}",
+                            worker.version()
+                        ));
+                    }
+                }
+            }
+            other => {
+                worker.metrics.snapshot_fetch_failed();
+                log_warn(&format!(
+                    "snapshot request to cluster {} answered {:?}; keeping version {:?}",
+                    control_plane.cluster,
+                    other,
+                    worker.version()
+                ));
+            }
+        }
+    }
+
+    /// Applies the snapshot another VM published, when its version differs from ours.
+    fn apply_published(&self) {
+        let Some(published) = self.keys.published_version() else {
+            return;
+        };
+        let mut worker = self.worker.borrow_mut();
+        if worker.version().map(str::as_bytes) == Some(published.as_slice()) {
+            return;
+        }
+        let Some(body) = self.keys.published_snapshot() else {
+            return;
+        };
+        match parse_snapshot(&body) {
+            Ok(snapshot) => {
+                worker.apply(&snapshot);
+                worker.metrics.snapshot_updated();
+            }
+            // The publisher validated it; reaching here means shared data was corrupted.
+            Err(message) => log_error(&format!("published snapshot is invalid: {message}")),
+        }
+    }
+}
+
+/// Parses and validates a snapshot body.
+fn parse_snapshot(body: &[u8]) -> Result<Snapshot, String> {
+    let snapshot: Snapshot =
+        serde_json::from_slice(body).map_err(|e| format!("malformed snapshot JSON: {e}"))?;
+    validate_snapshot(&snapshot).map_err(|errors| errors.to_string().replace('\n', "; "))?;
+    Ok(snapshot)
+}
+
+fn static_services(config: &FilterConfig) -> BTreeMap<String, ServiceEndpoints> {
+    config
+        .endpoints
+        .iter()
+        .map(|(name, endpoints)| {
+            (
+                name.clone(),
+                ServiceEndpoints {
+                    endpoints: endpoints.clone(),
+                },
+            )
+        })
+        .collect()
+}

@@ -1,0 +1,81 @@
+//! Sharing one control-plane snapshot among all VMs of the plugin through Envoy shared data.
+//!
+//! `on_tick` runs in every root context (the main thread's and each worker's), so without
+//! coordination N+1 VMs would poll the control plane. Instead one VM per poll interval wins a
+//! lease (a deadline in shared data, taken with compare-and-swap), fetches the snapshot, and
+//! publishes it; every VM notices the new version on its next tick and applies it.
+//!
+//! Keys, namespaced by the plugin's root id so two fulcrum plugins in one VM do not collide:
+//! - `fulcrum/<root_id>/poll_lease`: the deadline (ns since the Unix epoch, u64 LE) before
+//!   which no other VM polls;
+//! - `fulcrum/<root_id>/snapshot`: the snapshot JSON as the control plane sent it;
+//! - `fulcrum/<root_id>/version`: the snapshot's version, written *after* the snapshot.
+//!
+//! Invariant: the snapshot key is always at least as new as the version key, so a VM that sees
+//! a new version and then reads the snapshot gets that version or a newer one; it takes the
+//! version from the snapshot body itself, never from the version key.
+
+use std::time::Duration;
+
+use proxy_wasm::{hostcalls, types::Status};
+
+/// The shared-data keys of one plugin.
+#[derive(Debug, Clone)]
+pub struct SharedKeys {
+    lease: String,
+    snapshot: String,
+    version: String,
+}
+
+impl SharedKeys {
+    pub fn new(root_id: &str) -> Self {
+        Self {
+            lease: format!("fulcrum/{root_id}/poll_lease"),
+            snapshot: format!("fulcrum/{root_id}/snapshot"),
+            version: format!("fulcrum/{root_id}/version"),
+        }
+    }
+
+    /// Takes the poll lease until `now + interval` if it has expired. Returns whether this VM
+    /// holds it and should poll.
+    pub fn try_take_lease(&self, now: Duration, interval: Duration) -> bool {
+        let Ok((value, cas)) = hostcalls::get_shared_data(&self.lease) else {
+            return false;
+        };
+        let deadline = value
+            .as_deref()
+            .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
+            .map_or(0, u64::from_le_bytes);
+        let now_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+        if now_ns < deadline {
+            return false;
+        }
+        // Slightly shorter than the interval, so the holder's own next tick can take it again.
+        let hold = interval.saturating_sub(interval / 10);
+        let next = now_ns.saturating_add(u64::try_from(hold.as_nanos()).unwrap_or(u64::MAX));
+        // A missing key has no CAS; 0 means unconditional in Envoy, so two VMs may both win the
+        // very first lease: one extra poll at start-up, harmless.
+        hostcalls::set_shared_data(
+            &self.lease,
+            Some(&next.to_le_bytes()),
+            Some(cas.unwrap_or(0)),
+        )
+        .is_ok()
+    }
+
+    /// Publishes a validated snapshot body and its version to every VM.
+    pub fn publish(&self, body: &[u8], version: &str) -> Result<(), Status> {
+        hostcalls::set_shared_data(&self.snapshot, Some(body), None)?;
+        hostcalls::set_shared_data(&self.version, Some(version.as_bytes()), None)
+    }
+
+    /// The published version, if any (cheap: the version key is small).
+    pub fn published_version(&self) -> Option<Vec<u8>> {
+        hostcalls::get_shared_data(&self.version).ok()?.0
+    }
+
+    /// The published snapshot body, if any.
+    pub fn published_snapshot(&self) -> Option<Vec<u8>> {
+        hostcalls::get_shared_data(&self.snapshot).ok()?.0
+    }
+}

@@ -1,0 +1,181 @@
+//! One VM's balancing state: a [`ServiceBalancer`] per service, built from the current
+//! snapshot, plus the VM's stats and random source.
+//!
+//! Envoy runs one VM per worker thread and its own load balancers per worker too; fulcrum's
+//! in-flight counts, latency estimates and breakers are likewise per worker: each worker
+//! judges endpoints by the requests it sent. The root context and the request contexts of a
+//! VM share this state through `Rc<RefCell<_>>` (a VM is single-threaded).
+
+use std::{collections::HashMap, net::SocketAddr, rc::Rc};
+
+use fulcrum_core::{
+    BreakerState, Endpoint, Policy, ServiceBalancer, Snapshot,
+    rng::SplitMix64,
+    validate::{ValidationError, ValidationErrors},
+};
+
+use crate::metrics::{FailOpen, Metrics, ServiceMetrics};
+
+/// A service's balancer and stats.
+#[derive(Debug)]
+pub struct Service {
+    pub balancer: ServiceBalancer,
+    pub metrics: ServiceMetrics,
+}
+
+/// A service's state and the VM's shared parts, borrowed together for one pick.
+#[derive(Debug)]
+pub struct Routed<'a> {
+    /// The service name, shared so the request can hold it until the response.
+    pub key: Rc<str>,
+    pub service: &'a mut Service,
+    pub rng: &'a mut SplitMix64,
+    pub metrics: &'a Metrics,
+}
+
+/// The state every context of one VM shares.
+#[derive(Debug)]
+pub struct Worker {
+    /// Services of the current snapshot; `Rc<str>` keys so a request can keep its service
+    /// name until the response without copying it.
+    services: HashMap<Rc<str>, Service>,
+    /// The policy of the configuration, used when a snapshot carries none.
+    configured_policy: Policy,
+    /// The policy in force (the snapshot's, else the configured one).
+    policy: Policy,
+    /// Version of the snapshot in force, `None` before the first one.
+    version: Option<String>,
+    pub metrics: Metrics,
+    pub rng: SplitMix64,
+}
+
+impl Worker {
+    pub fn new(configured_policy: Policy, seed: u64) -> Self {
+        Self {
+            services: HashMap::new(),
+            policy: configured_policy.clone(),
+            configured_policy,
+            version: None,
+            metrics: Metrics::new(),
+            rng: SplitMix64::new(seed),
+        }
+    }
+
+    /// The version of the snapshot in force.
+    pub fn version(&self) -> Option<&str> {
+        self.version.as_deref()
+    }
+
+    /// Everything a pick for `service` needs, borrowed at once; `None` (counted as a
+    /// fail-open) when there is no snapshot yet or the snapshot lacks the service.
+    pub fn route(&mut self, service: &str) -> Option<Routed<'_>> {
+        let Self {
+            services,
+            metrics,
+            rng,
+            version,
+            ..
+        } = self;
+        let Some(key) = services.get_key_value(service).map(|(key, _)| key.clone()) else {
+            metrics.fail_open(if version.is_some() {
+                FailOpen::UnknownService
+            } else {
+                FailOpen::NoSnapshot
+            });
+            return None;
+        };
+        let service = services.get_mut(&key)?;
+        Some(Routed {
+            key,
+            service,
+            rng,
+            metrics,
+        })
+    }
+
+    /// The state of a service the request context already holds the key of.
+    pub fn service_by_key(&mut self, key: &Rc<str>) -> Option<&mut Service> {
+        self.services.get_mut(key)
+    }
+
+    /// Applies a validated snapshot: new services get balancers, kept services keep the stats
+    /// of their surviving endpoints, services whose policy changed start afresh, and removed
+    /// services are dropped.
+    pub fn apply(&mut self, snapshot: &Snapshot) {
+        let policy = snapshot
+            .policy
+            .clone()
+            .unwrap_or_else(|| self.configured_policy.clone());
+        let policy_changed = policy != self.policy;
+        self.policy = policy;
+        let mut previous = std::mem::take(&mut self.services);
+        for (name, endpoints) in &snapshot.services {
+            let service_policy = self.policy.for_service(name);
+            let key: Rc<str> = Rc::from(name.as_str());
+            let service = match previous.remove(name.as_str()) {
+                Some(mut service) if !policy_changed => {
+                    release_removed(&mut service, &endpoints.endpoints);
+                    service.balancer.update_endpoints(&endpoints.endpoints);
+                    service
+                }
+                stale => {
+                    if let Some(mut stale) = stale {
+                        release_removed(&mut stale, &[]);
+                    }
+                    Service {
+                        balancer: ServiceBalancer::new(service_policy, &endpoints.endpoints),
+                        metrics: ServiceMetrics::new(name, &self.metrics),
+                    }
+                }
+            };
+            self.services.insert(key, service);
+        }
+        for (_, mut removed) in previous {
+            release_removed(&mut removed, &[]);
+        }
+        self.version = Some(snapshot.version.clone());
+    }
+}
+
+/// Takes the endpoints that are about to disappear out of the circuit-open gauge.
+fn release_removed(service: &mut Service, remaining: &[Endpoint]) {
+    let open: Vec<SocketAddr> = service
+        .balancer
+        .endpoints()
+        .filter(|view| !matches!(view.breaker, BreakerState::Closed { .. }))
+        .map(|view| view.endpoint.address)
+        .filter(|address| !remaining.iter().any(|e| e.address == *address))
+        .collect();
+    for address in open {
+        service.metrics.removed_while_open(address);
+    }
+}
+
+/// Checks a snapshot before it replaces the one in force: its policy (if any) and endpoint
+/// weights, collecting every error.
+pub fn validate_snapshot(snapshot: &Snapshot) -> Result<(), ValidationErrors> {
+    let mut errors = Vec::new();
+    if let Some(policy) = &snapshot.policy
+        && let Err(policy_errors) = policy.validate()
+    {
+        errors.extend(policy_errors.errors.into_iter().map(|e| ValidationError {
+            path: format!("policy.{}", e.path),
+            message: e.message,
+        }));
+    }
+    for (service, endpoints) in &snapshot.services {
+        for (index, endpoint) in endpoints.endpoints.iter().enumerate() {
+            if endpoint.weight == 0 {
+                errors.push(ValidationError {
+                    path: format!("services.{service}.endpoints[{index}].weight"),
+                    message: "must be at least 1, got 0".to_owned(),
+                });
+            }
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ValidationErrors { errors })
+    }
+}
