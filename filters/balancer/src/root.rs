@@ -112,7 +112,7 @@ impl RootContext for Root {
                 };
                 configured.worker.borrow_mut().apply(&snapshot);
                 log_info(&format!(
-                    "configured with static endpoints for {} services",
+                    "configured with static endpoints for {} service(s)",
                     snapshot.services.len()
                 ));
             }
