@@ -1,0 +1,110 @@
+//! The per-worker host state every host call reads and writes: the root context, the live
+//! stream contexts with their headers, bodies and properties, pending http calls and the
+//! effective context (Envoy's `current_context_` / `effective_context_id_`).
+
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
+
+use wasmtime::{Memory, TypedFunc};
+use wasmtime_wasi::p1::WasiP1Ctx;
+
+use crate::{
+    abi::{LogLevel, StreamType},
+    http_call::{HttpCall, Response},
+    shared::Shared,
+};
+
+/// A reply the guest sent with `proxy_send_local_response`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalResponse {
+    pub status: u32,
+    pub details: String,
+    pub body: Vec<u8>,
+    pub headers: Vec<(String, String)>,
+    /// `-1` when the reply is not gRPC.
+    pub grpc_status: i32,
+}
+
+/// One HTTP stream context (request/response pair).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct StreamContext {
+    pub(crate) request_headers: Vec<(String, String)>,
+    pub(crate) request_body: Vec<u8>,
+    pub(crate) request_trailers: Vec<(String, String)>,
+    pub(crate) response_headers: Vec<(String, String)>,
+    pub(crate) response_body: Vec<u8>,
+    pub(crate) response_trailers: Vec<(String, String)>,
+    /// NUL-separated path → Envoy-encoded value.
+    pub(crate) properties: HashMap<Vec<u8>, Vec<u8>>,
+    pub(crate) local_response: Option<LocalResponse>,
+    /// Every `proxy_continue_stream` call, in order.
+    pub(crate) continued: Vec<StreamType>,
+    /// Every `proxy_close_stream` call, in order.
+    pub(crate) closed: Vec<StreamType>,
+}
+
+/// A dispatched http call waiting for its answer.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingCall {
+    pub(crate) token: u32,
+    /// The context that dispatched it; it receives `proxy_on_http_call_response`.
+    pub(crate) context: u32,
+    pub(crate) call: HttpCall,
+    pub(crate) dispatched_at_nanos: u64,
+}
+
+/// The response of the http call being delivered, readable only during
+/// `proxy_on_http_call_response` (Envoy drops it after the callback).
+#[derive(Debug, Clone)]
+pub(crate) struct DeliveredCall {
+    pub(crate) response: Option<Response>,
+}
+
+/// What a `Store` carries for one worker VM.
+pub(crate) struct HostState {
+    pub(crate) wasi: WasiP1Ctx,
+    pub(crate) shared: Shared,
+    pub(crate) worker: usize,
+    pub(crate) vm_id: String,
+    pub(crate) root_context: u32,
+    pub(crate) plugin_configuration: Vec<u8>,
+    pub(crate) vm_configuration: Vec<u8>,
+    /// Properties of the plugin (`plugin_name`, `plugin_root_id`, …), visible from any context.
+    pub(crate) plugin_properties: HashMap<Vec<u8>, Vec<u8>>,
+    pub(crate) log_level: LogLevel,
+    /// Clusters `proxy_http_call` accepts (Envoy: the thread-local cluster must exist).
+    pub(crate) clusters: Arc<HashSet<String>>,
+    /// The context host calls act on: the one the host called into, or the one set by
+    /// `proxy_set_effective_context`.
+    pub(crate) effective: u32,
+    pub(crate) streams: HashMap<u32, StreamContext>,
+    pub(crate) tick_period: Duration,
+    pub(crate) delivering: Option<DeliveredCall>,
+    pub(crate) pending_calls: Vec<PendingCall>,
+    pub(crate) next_token: u32,
+    /// `proxy_get_status`: the outcome of the last delivered http call.
+    pub(crate) last_status: (u32, String),
+    /// Contexts whose `proxy_on_done` returned false, waiting for `proxy_done`.
+    pub(crate) awaiting_done: HashSet<u32>,
+    /// Contexts that called `proxy_done` and are ready for `proxy_on_log` + `proxy_on_delete`.
+    pub(crate) ready_to_finalize: Vec<u32>,
+    pub(crate) memory: Option<Memory>,
+    pub(crate) allocate: Option<TypedFunc<i32, i32>>,
+}
+
+impl HostState {
+    pub(crate) fn stream(&self) -> Option<&StreamContext> {
+        self.streams.get(&self.effective)
+    }
+
+    pub(crate) fn stream_mut(&mut self) -> Option<&mut StreamContext> {
+        self.streams.get_mut(&self.effective)
+    }
+
+    pub(crate) fn is_known_context(&self, id: u32) -> bool {
+        id == self.root_context || self.streams.contains_key(&id)
+    }
+}

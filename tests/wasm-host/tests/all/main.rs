@@ -1,0 +1,1 @@
+//! Integration tests of the wasm host: one binary (see the modules).
