@@ -267,6 +267,7 @@ mod tests {
                 .iter()
                 .map(|(name, service)| ((*name).to_owned(), service.clone()))
                 .collect::<BTreeMap<_, _>>(),
+            ..Default::default()
         }
     }
 
@@ -382,6 +383,7 @@ mod tests {
                     endpoints: vec![unhealthy, draining],
                 },
             )]),
+            ..Default::default()
         });
         let current = cache.current().expect("set");
         let assignment = ClusterLoadAssignment::decode(current.endpoints["a"].any.value.as_slice())

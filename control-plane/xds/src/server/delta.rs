@@ -203,6 +203,7 @@ mod tests {
                     ((*name).to_owned(), ServiceEndpoints { endpoints })
                 })
                 .collect(),
+            ..Default::default()
         });
         cache.current().expect("set")
     }

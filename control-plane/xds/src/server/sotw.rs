@@ -184,6 +184,7 @@ mod tests {
                     ((*name).to_owned(), ServiceEndpoints { endpoints })
                 })
                 .collect(),
+            ..Default::default()
         });
         cache.current().expect("set")
     }

@@ -1,0 +1,304 @@
+//! The static file source: services and endpoints from a YAML file, reloaded on change.
+//!
+//! The local default source. The file uses the snapshot's own field names:
+//!
+//! ```yaml
+//! services:
+//!   checkout:
+//!     endpoints:
+//!       - address: 127.0.0.1:8081
+//!         weight: 2
+//!         zone: zone-a
+//!         tags: [canary]
+//!         metadata: { version: v2 }
+//!         health: healthy        # healthy | draining | unhealthy
+//! ```
+//!
+//! The file is polled: read and hashed every interval (500 ms by default; an endpoints file
+//! is small), which works the same on every filesystem, whatever its timestamp resolution,
+//! and for editors that replace the file instead of writing it. A file that cannot be
+//! read or parsed is reported with its path and the reason, and the last good state stays.
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use fulcrum_core::ServiceEndpoints;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tracing::{error, info};
+
+use crate::{Services, Source, SourceFuture, SourceSink};
+
+/// Why a static file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum StaticFileError {
+    /// The file could not be read.
+    #[error("cannot read endpoints file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid endpoints YAML.
+    #[error(
+        "endpoints file {path} is invalid: {source} (expected `services: {{NAME: {{endpoints: [{{address: IP:PORT, ...}}]}}}}`)"
+    )]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The YAML error, with its line and column.
+        #[source]
+        source: serde_norway::Error,
+    },
+    /// A service lists one address twice.
+    #[error(
+        "endpoints file {path}: service `{service}` lists {address} twice; list each endpoint once"
+    )]
+    DuplicateAddress {
+        /// The file.
+        path: PathBuf,
+        /// The service.
+        service: String,
+        /// The repeated address.
+        address: std::net::SocketAddr,
+    },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StaticFile {
+    #[serde(default)]
+    services: Services,
+}
+
+/// Parses the YAML text of an endpoints file; `path` only names it in errors.
+/// Endpoints come out sorted by address.
+pub fn parse_static_file(path: &Path, text: &str) -> Result<Services, StaticFileError> {
+    let file: StaticFile =
+        serde_norway::from_str(text).map_err(|source| StaticFileError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+    let mut services = file.services;
+    for (service, ServiceEndpoints { endpoints }) in &mut services {
+        endpoints.sort_by_key(|endpoint| endpoint.address);
+        if let Some(pair) = endpoints
+            .windows(2)
+            .find(|pair| pair[0].address == pair[1].address)
+        {
+            return Err(StaticFileError::DuplicateAddress {
+                path: path.to_owned(),
+                service: service.clone(),
+                address: pair[0].address,
+            });
+        }
+    }
+    Ok(services)
+}
+
+/// Watches one YAML endpoints file.
+#[derive(Debug, Clone)]
+pub struct StaticFileSource {
+    path: PathBuf,
+    poll_interval: Duration,
+}
+
+impl StaticFileSource {
+    /// A source for `path`, checked for changes every 500 ms.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        Self {
+            path: path.into(),
+            poll_interval: Duration::from_millis(500),
+        }
+    }
+
+    /// Checks for changes every `interval` instead.
+    pub fn with_poll_interval(mut self, interval: Duration) -> Self {
+        self.poll_interval = interval;
+        self
+    }
+}
+
+/// What the poller last looked at: the content hash, to skip unchanged files.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Seen {
+    hash: Option<[u8; 32]>,
+}
+
+impl Source for StaticFileSource {
+    fn name(&self) -> String {
+        format!("static-file:{}", self.path.display())
+    }
+
+    fn run(self: Box<Self>, sink: SourceSink) -> SourceFuture {
+        Box::pin(async move {
+            let mut seen = Seen::default();
+            let mut ticker = tokio::time::interval(self.poll_interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            while !sink.is_closed() {
+                ticker.tick().await;
+                let Some(services) = self.poll(&mut seen).await else {
+                    continue;
+                };
+                if sink.publish(services).await.is_err() {
+                    return;
+                }
+            }
+        })
+    }
+}
+
+impl StaticFileSource {
+    /// Reads the file if it may have changed; `Some` with its services when the content
+    /// changed and parsed, `None` otherwise (errors are logged once per distinct content).
+    async fn poll(&self, seen: &mut Seen) -> Option<Services> {
+        let read = tokio::fs::read(&self.path)
+            .await
+            .map_err(|source| StaticFileError::Read {
+                path: self.path.clone(),
+                source,
+            });
+        let hash: [u8; 32] = match &read {
+            Ok(bytes) => Sha256::digest(bytes).into(),
+            Err(_) => [0; 32],
+        };
+        if seen.hash == Some(hash) {
+            return None;
+        }
+        seen.hash = Some(hash);
+        let parsed =
+            read.and_then(|bytes| parse_static_file(&self.path, &String::from_utf8_lossy(&bytes)));
+        match parsed {
+            Ok(services) => {
+                info!(path = %self.path.display(), services = services.len(), "loaded endpoints file");
+                Some(services)
+            }
+            Err(error) => {
+                error!(path = %self.path.display(), %error, "keeping the last good endpoints");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fulcrum_core::Health;
+    use proptest::prelude::*;
+    use tokio::sync::mpsc;
+
+    use super::*;
+
+    const GOOD: &str = "
+services:
+  checkout:
+    endpoints:
+      - address: 127.0.0.1:8082
+        health: draining
+      - address: 127.0.0.1:8081
+        weight: 2
+        zone: zone-a
+        tags: [canary]
+        metadata: { version: v2 }
+";
+
+    fn path() -> PathBuf {
+        PathBuf::from("/etc/fulcrum/endpoints.yaml")
+    }
+
+    #[test]
+    fn parses_endpoints_sorted_by_address_with_defaults() {
+        let services = parse_static_file(&path(), GOOD).expect("valid");
+        let endpoints = &services["checkout"].endpoints;
+        assert_eq!(endpoints[0].address.port(), 8081);
+        assert_eq!(endpoints[0].weight, 2);
+        assert_eq!(endpoints[0].zone.as_deref(), Some("zone-a"));
+        assert_eq!(endpoints[1].weight, 1);
+        assert_eq!(endpoints[1].health, Health::Draining);
+    }
+
+    #[test]
+    fn unknown_field_names_the_file_and_the_field() {
+        let error = parse_static_file(
+            &path(),
+            "services:\n  a:\n    endpoints:\n      - adress: 127.0.0.1:1\n",
+        )
+        .expect_err("typo");
+        let message = error.to_string();
+        assert!(message.contains("/etc/fulcrum/endpoints.yaml"), "{message}");
+        assert!(message.contains("adress"), "{message}");
+    }
+
+    #[test]
+    fn bad_address_is_refused() {
+        let error = parse_static_file(
+            &path(),
+            "services:\n  a:\n    endpoints:\n      - address: localhost\n",
+        )
+        .expect_err("not IP:port");
+        assert!(matches!(error, StaticFileError::Parse { .. }), "{error}");
+    }
+
+    #[test]
+    fn duplicate_address_is_refused() {
+        let text = "services:\n  a:\n    endpoints:\n      - address: 127.0.0.1:1\n      - address: 127.0.0.1:1\n";
+        let error = parse_static_file(&path(), text).expect_err("duplicate");
+        assert!(
+            error.to_string().contains("lists 127.0.0.1:1 twice"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn empty_file_means_no_services() {
+        assert!(
+            parse_static_file(&path(), "services: {}\n")
+                .expect("valid")
+                .is_empty()
+        );
+    }
+
+    proptest! {
+        #[test]
+        fn parser_never_panics_on_arbitrary_text(text in ".{0,200}") {
+            let _ = parse_static_file(&path(), &text);
+        }
+    }
+
+    async fn next_update(updates: &mut mpsc::Receiver<crate::SourceUpdate>) -> crate::SourceUpdate {
+        tokio::time::timeout(Duration::from_secs(5), updates.recv())
+            .await
+            .expect("update in time")
+            .expect("source still running")
+    }
+
+    #[tokio::test]
+    async fn reload_publishes_changes_and_keeps_the_last_good_state_on_errors() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("endpoints.yaml");
+        std::fs::write(&file, GOOD).expect("write");
+        let (sender, mut updates) = mpsc::channel(8);
+        let source =
+            Box::new(StaticFileSource::new(&file).with_poll_interval(Duration::from_millis(20)));
+        let task = tokio::spawn(source.run(SourceSink::new(0, sender)));
+        let first = next_update(&mut updates).await;
+        assert_eq!(first.services["checkout"].endpoints.len(), 2);
+
+        std::fs::write(&file, "services: [not, a, map]\n").expect("write");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(updates.try_recv().is_err(), "a bad file publishes nothing");
+
+        std::fs::write(&file, "services:\n  other:\n    endpoints: []\n").expect("write");
+        let next = next_update(&mut updates).await;
+        assert_eq!(next.services.keys().collect::<Vec<_>>(), ["other"]);
+        drop(updates);
+        tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .expect("stops when the sink closes")
+            .expect("no panic");
+    }
+}
