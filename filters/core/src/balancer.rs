@@ -485,7 +485,8 @@ impl ServiceBalancer {
     /// Records the end of a request picked on `picked`.
     ///
     /// `served_by` is the endpoint that produced `outcome` when Envoy retried elsewhere (then
-    /// the attempt on `picked` counts as a failure there); `None` means `picked` served it.
+    /// the attempt on `picked` counts as a failure there, with the failure penalty as its
+    /// latency); `None` means `picked` served it.
     /// Decrements `picked`'s inflight, feeds latency and failure to the serving endpoint, and
     /// returns the breaker transitions this caused so the filter can count ejections.
     /// Endpoints no longer present are ignored.
@@ -505,10 +506,16 @@ impl ServiceBalancer {
                 self.total_inflight = self.total_inflight.saturating_sub(1);
             }
         }
+        let ewma = match self.policy.load_balancer.picker() {
+            LoadBalancer::PeakEwma(config) => config.clone(),
+            _ => PeakEwma::default(),
+        };
         let served = served_by.unwrap_or(picked);
         if served != picked
             && let Some(slot) = picked_slot
         {
+            let stats = &mut self.slots[slot].stats;
+            stats.ewma.observe(ewma.failure_penalty, now, ewma.decay);
             transitions.push(self.transition(
                 slot,
                 Event::Complete(Verdict::RETRIED_ELSEWHERE),
@@ -530,11 +537,6 @@ impl ServiceBalancer {
                     .as_ref()
                     .map(|slow| slow.latency_threshold),
             );
-            let default_ewma = PeakEwma::default();
-            let ewma = match policy.load_balancer.picker() {
-                LoadBalancer::PeakEwma(config) => config,
-                _ => &default_ewma,
-            };
             let rtt = if verdict.failure {
                 outcome.latency.max(ewma.failure_penalty)
             } else {
@@ -544,6 +546,12 @@ impl ServiceBalancer {
             transitions.push(self.transition(slot, Event::Complete(verdict), now));
         }
         transitions
+    }
+
+    /// A copy of the slots, for tests that inspect stats.
+    #[cfg(test)]
+    pub(crate) fn slots_for_tests(&self) -> Vec<Slot> {
+        self.slots.clone()
     }
 
     fn find(&self, address: SocketAddr) -> Option<usize> {

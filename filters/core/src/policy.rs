@@ -191,7 +191,8 @@ pub struct HashCookie {
 pub struct RingHash {
     /// Hash key source. Default: `source_ip`.
     pub hash_on: HashOn,
-    /// Smallest number of ring entries, 1..=262144. Default: 1024 (Envoy's default).
+    /// Smallest number of ring points, 1..=262144; the ring holds up to twice this (see
+    /// [`crate::select::ring_hash`]). Default: 1024 (Envoy's default).
     pub minimum_ring_size: u32,
     /// Bounded load (Envoy `hash_balance_factor` / 100): an endpoint with more than
     /// `factor × average` active requests is skipped. At least 1.0; absent disables. Default: none.

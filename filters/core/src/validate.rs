@@ -139,7 +139,7 @@ impl ServicePolicy {
 
     fn validate_into(&self, path: &str, errors: &mut Errors) {
         let at = |field: &str| join(path, field);
-        validate_load_balancer(&self.load_balancer, &at("load_balancer"), errors, true);
+        validate_load_balancer(&self.load_balancer, &at("load_balancer"), errors);
         validate_locality(&self.locality, &at("locality"), errors);
         validate_outlier_detection(&self.outlier_detection, &at("outlier_detection"), errors);
         if let Some(rate_limit) = &self.rate_limit {
@@ -149,7 +149,7 @@ impl ServicePolicy {
     }
 }
 
-fn validate_load_balancer(lb: &LoadBalancer, path: &str, errors: &mut Errors, top: bool) {
+fn validate_load_balancer(lb: &LoadBalancer, path: &str, errors: &mut Errors) {
     let at = |field: &str| join(path, field);
     match lb {
         LoadBalancer::RoundRobin | LoadBalancer::WeightedRoundRobin => {}
@@ -212,14 +212,13 @@ fn validate_load_balancer(lb: &LoadBalancer, path: &str, errors: &mut Errors, to
         }
         LoadBalancer::Sticky(sticky) => {
             validate_cookie_name(&sticky.cookie, &at("cookie"), errors);
-            if !top || matches!(*sticky.fallback, LoadBalancer::Sticky(_)) {
+            if matches!(*sticky.fallback, LoadBalancer::Sticky(_)) {
                 errors.push(
                     &at("fallback"),
                     "must not be sticky; use e.g. least_request".into(),
                 );
-            }
-            if top {
-                validate_load_balancer(&sticky.fallback, &at("fallback"), errors, false);
+            } else {
+                validate_load_balancer(&sticky.fallback, &at("fallback"), errors);
             }
         }
     }

@@ -1,37 +1,55 @@
-//! Ring hash: Karger et al. consistent hashing, built the way Envoy's `RING_HASH` builds it.
+//! Ring hash: Karger et al. consistent hashing with virtual nodes, like Envoy's `RING_HASH`.
 //!
-//! Each endpoint gets `round(scale × weight / total_weight)` points (at least one), where
-//! `scale` makes the lightest endpoint get about `minimum_ring_size × its share` points and
-//! the ring holds at least `minimum_ring_size` (capped at [`MAX_RING_SIZE`]). A key is served
-//! by the first point at or after its hash, wrapping. Adding one endpoint to `N` moves about
-//! `1/(N+1)` of the keys.
+//! Each endpoint gets `weight × points_per_weight` points on a 64-bit ring; a key is served
+//! by the first point at or after its hash, wrapping. Envoy sizes the ring so that it holds
+//! about `minimum_ring_size` points, which changes every endpoint's point count whenever one
+//! endpoint joins, so keys move between endpoints that did not change. Here
+//! `points_per_weight` is `minimum_ring_size / total_weight` rounded *up to a power of two*:
+//! the ring holds between one and two times `minimum_ring_size` points (at most
+//! [`MAX_RING_SIZE`]), and adding or removing an endpoint moves only the keys of that endpoint
+//! — about `1/N` — except when the total weight crosses a power-of-two boundary, where the
+//! point count halves or doubles once.
 
 use super::{Slot, hash::HashTable};
 use crate::{rng::mix64, validate::MAX_RING_SIZE};
 
+/// Points per unit of weight for a ring over `total_weight`.
+pub(crate) fn points_per_weight(minimum_ring_size: u32, total_weight: u64) -> u64 {
+    let total_weight = total_weight.max(1);
+    let wanted = u64::from(minimum_ring_size.clamp(1, MAX_RING_SIZE)).div_ceil(total_weight);
+    let mut points = wanted.next_power_of_two();
+    while points > 1 && points * total_weight > u64::from(MAX_RING_SIZE) {
+        points /= 2;
+    }
+    points
+}
+
 /// Builds the ring over `members` (slot indices).
 pub(crate) fn build(members: &[u32], slots: &[Slot], minimum_ring_size: u32) -> HashTable {
-    let total_weight: f64 = members
+    let total_weight: u64 = members
         .iter()
-        .map(|&slot| f64::from(slots[slot as usize].weight()))
+        .map(|&slot| u64::from(slots[slot as usize].weight()))
         .sum();
-    let min_weight = members
-        .iter()
-        .map(|&slot| slots[slot as usize].weight())
-        .min()
-        .unwrap_or(1);
+    let per_weight = points_per_weight(minimum_ring_size, total_weight);
+    // Only when the weights alone exceed the cap: scale counts down proportionally.
+    let over_cap = per_weight * total_weight > u64::from(MAX_RING_SIZE);
     let mut points: Vec<(u64, u32)> = Vec::new();
-    if total_weight > 0.0 {
-        let min_share = f64::from(min_weight) / total_weight;
-        let minimum = f64::from(minimum_ring_size.clamp(1, MAX_RING_SIZE));
-        let scale = ((min_share * minimum).ceil() / min_share).min(f64::from(MAX_RING_SIZE));
-        for &slot in members {
-            let s = &slots[slot as usize];
-            let share = f64::from(s.weight()) / total_weight;
-            let count = ((scale * share).round() as u64).max(1);
-            for replica in 0..count {
-                points.push((mix64(s.address_hash ^ mix64(replica)), slot));
-            }
+    for &slot in members {
+        let s = &slots[slot as usize];
+        let weight = u64::from(s.weight());
+        let count = if over_cap {
+            (weight * u64::from(MAX_RING_SIZE) / total_weight).max(1)
+        } else {
+            weight * per_weight
+        };
+        for replica in 0..count {
+            points.push((
+                mix64(
+                    s.address_hash
+                        .wrapping_add((replica + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)),
+                ),
+                slot,
+            ));
         }
     }
     points.sort_unstable();

@@ -1,0 +1,687 @@
+use std::{collections::BTreeMap, net::IpAddr, time::Duration};
+
+use proptest::prelude::*;
+
+use crate::{
+    Endpoint, Health, RequestAttributes, ServiceBalancer,
+    policy::{
+        HashCookie, HashOn, HealthScore, LeastRequest, LoadBalancer, Maglev, PeakEwma, RateLimit,
+        RingHash, Sticky,
+    },
+    rng::{Sequence, SplitMix64},
+    select::{Slot, hash::HashTable, maglev, ring_hash},
+    test_support::*,
+};
+
+fn counts(balancer: &mut ServiceBalancer, picks: u32) -> BTreeMap<std::net::SocketAddr, u32> {
+    let mut rng = seeded();
+    let mut counts = BTreeMap::new();
+    for _ in 0..picks {
+        let endpoint = pick_and_complete(balancer, ok(ms(5)), ms(0), &mut rng);
+        *counts.entry(endpoint).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn weighted_random_follows_weights_within_one_percent() {
+    let mut balancer =
+        ServiceBalancer::new(&policy(LoadBalancer::WeightedRandom), &weighted(&[1, 2, 7]));
+    let counts = counts(&mut balancer, 100_000);
+    for (i, expected) in [(1, 0.1), (2, 0.2), (3, 0.7)] {
+        let share = f64::from(counts[&addr(i)]) / 100_000.0;
+        assert!((share - expected).abs() < 0.01, "{i}: {share}");
+    }
+}
+
+#[test]
+fn smooth_weighted_round_robin_is_exact_over_a_cycle() {
+    let mut balancer = ServiceBalancer::new(
+        &policy(LoadBalancer::WeightedRoundRobin),
+        &weighted(&[3, 2, 1]),
+    );
+    let counts = counts(&mut balancer, 600);
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        [300, 200, 100]
+    );
+}
+
+#[test]
+fn least_request_takes_the_sampled_candidate_with_fewer_active_requests() {
+    let mut balancer = ServiceBalancer::new(
+        &policy(LoadBalancer::LeastRequest(LeastRequest::default())),
+        &endpoints(3),
+    );
+    // Each pair of fractions scripts the two draws: the first picks a position among 3, the
+    // second a different position among the remaining 2. Nothing completes in between.
+    let mut pick = |fractions: [f64; 2]| {
+        balancer
+            .pick(&Default::default(), ms(0), &mut Sequence::units(&fractions))
+            .unwrap()
+            .endpoint
+    };
+    assert_eq!(pick([0.0, 0.0]), addr(1)); // 1 vs 2, both idle: the first draw
+    assert_eq!(pick([0.0, 0.0]), addr(2)); // 1 (1 active) vs 2 (idle)
+    assert_eq!(pick([0.0, 0.0]), addr(1)); // 1 vs 2, one active each: the first draw
+    assert_eq!(pick([0.0, 0.99]), addr(3)); // 1 (2 active) vs 3 (idle)
+    assert_eq!(pick([0.5, 0.0]), addr(2)); // 2 (1 active) vs 1 (2 active)
+}
+
+#[test]
+fn weighted_least_request_divides_weight_by_active_requests() {
+    let mut balancer = ServiceBalancer::new(
+        &policy(LoadBalancer::LeastRequest(LeastRequest::default())),
+        &weighted(&[2, 1]),
+    );
+    // addr(1): weight 2 with 3 active → 0.5; addr(2): weight 1, idle → 1. Total 1.5.
+    let mut rng = Sequence::units(&[0.0]);
+    for _ in 0..3 {
+        balancer.pick(&Default::default(), ms(0), &mut rng).unwrap();
+    }
+    let mut at = |fraction: f64| {
+        let pick = balancer
+            .pick(
+                &Default::default(),
+                ms(0),
+                &mut Sequence::units(&[fraction]),
+            )
+            .unwrap();
+        balancer.complete(pick.endpoint, None, ok(ms(1)), ms(0));
+        pick.endpoint
+    };
+    assert_eq!(at(0.33), addr(1)); // 0.33 × 1.5 = 0.495 < 0.5
+    assert_eq!(at(0.34), addr(2)); // 0.51 ≥ 0.5
+}
+
+#[test]
+fn peak_ewma_steers_away_from_a_slow_endpoint_and_penalises_fast_failures() {
+    let mut balancer = ServiceBalancer::new(
+        &policy(LoadBalancer::PeakEwma(PeakEwma::default())),
+        &endpoints(2),
+    );
+    balancer.complete(addr(1), None, ok(ms(100)), ms(0));
+    balancer.complete(addr(2), None, ok(ms(10)), ms(0));
+    let pick = |balancer: &mut ServiceBalancer| {
+        let pick = balancer
+            .pick(
+                &Default::default(),
+                ms(1),
+                &mut Sequence::units(&[0.0, 0.0]),
+            )
+            .unwrap();
+        balancer.complete(pick.endpoint, None, ok(ms(10)), ms(1));
+        pick.endpoint
+    };
+    assert_eq!(pick(&mut balancer), addr(2));
+    // A 5ms 503 on addr(2) counts as 500ms (the failure penalty): addr(1) now looks better.
+    balancer.complete(addr(2), None, status(503), ms(2));
+    let pick = balancer
+        .pick(
+            &Default::default(),
+            ms(2),
+            &mut Sequence::units(&[0.0, 0.0]),
+        )
+        .unwrap();
+    assert_eq!(pick.endpoint, addr(1));
+}
+
+#[test]
+fn health_score_prefers_the_endpoint_with_fewer_recent_failures() {
+    let mut service = policy(LoadBalancer::HealthScore(HealthScore {
+        latency: 0.0,
+        inflight: 0.0,
+        failures: 1.0,
+    }));
+    service.outlier_detection.consecutive_failures = 0;
+    let mut balancer = ServiceBalancer::new(&service, &endpoints(2));
+    fail_on(&mut balancer, addr(1), status(500), 1, ms(0));
+    fail_on(&mut balancer, addr(1), ok(ms(1)), 1, ms(0));
+    fail_on(&mut balancer, addr(2), ok(ms(1)), 2, ms(0));
+    for fractions in [[0.0, 0.0], [0.9, 0.0]] {
+        let pick = balancer
+            .pick(&Default::default(), ms(1), &mut Sequence::units(&fractions))
+            .unwrap();
+        assert_eq!(pick.endpoint, addr(2));
+        balancer.complete(pick.endpoint, None, ok(ms(1)), ms(1));
+    }
+}
+
+fn hashing(load_balancer: LoadBalancer, n: u32) -> ServiceBalancer {
+    ServiceBalancer::new(&policy(load_balancer), &endpoints(n))
+}
+
+fn by_header(balancer: &mut ServiceBalancer, key: &str) -> std::net::SocketAddr {
+    let attributes = RequestAttributes {
+        hash_header: Some(key),
+        ..Default::default()
+    };
+    let pick = balancer.pick(&attributes, ms(0), &mut seeded()).unwrap();
+    balancer.complete(pick.endpoint, None, ok(ms(1)), ms(0));
+    pick.endpoint
+}
+
+fn ring_on_header() -> LoadBalancer {
+    LoadBalancer::RingHash(RingHash {
+        hash_on: HashOn::Header("x-user".into()),
+        ..RingHash::default()
+    })
+}
+
+fn maglev_on_header() -> LoadBalancer {
+    LoadBalancer::Maglev(Maglev {
+        hash_on: HashOn::Header("x-user".into()),
+        ..Maglev::default()
+    })
+}
+
+#[test]
+fn consistent_hashing_sends_a_key_to_the_same_endpoint_every_time() {
+    for load_balancer in [ring_on_header(), maglev_on_header()] {
+        let mut balancer = hashing(load_balancer, 5);
+        let first = by_header(&mut balancer, "alice");
+        for _ in 0..10 {
+            assert_eq!(by_header(&mut balancer, "alice"), first);
+        }
+    }
+}
+
+#[test]
+fn consistent_hashing_moves_only_the_keys_of_an_ejected_endpoint() {
+    for load_balancer in [ring_on_header(), maglev_on_header()] {
+        let mut service = policy(load_balancer);
+        service.outlier_detection = strict_outlier_detection(1);
+        let mut balancer = ServiceBalancer::new(&service, &endpoints(5));
+        let keys: Vec<String> = (0..500).map(|i| format!("user-{i}")).collect();
+        let before: Vec<_> = keys.iter().map(|k| by_header(&mut balancer, k)).collect();
+        fail_on(&mut balancer, addr(3), status(503), 1, ms(0));
+        for (key, was) in keys.iter().zip(&before) {
+            let now = by_header(&mut balancer, key);
+            assert_ne!(now, addr(3));
+            if *was != addr(3) {
+                assert_eq!(now, *was, "{key} moved although its endpoint is fine");
+            }
+        }
+    }
+}
+
+#[test]
+fn bounded_load_spills_a_hot_key_to_the_next_endpoint() {
+    let mut balancer = hashing(
+        LoadBalancer::RingHash(RingHash {
+            hash_on: HashOn::Header("x-user".into()),
+            bounded_load: Some(1.25),
+            ..RingHash::default()
+        }),
+        4,
+    );
+    let attributes = RequestAttributes {
+        hash_header: Some("hot"),
+        ..Default::default()
+    };
+    let picks: Vec<_> = (0..8)
+        .map(|_| {
+            balancer
+                .pick(&attributes, ms(0), &mut seeded())
+                .unwrap()
+                .endpoint
+        })
+        .collect();
+    let home = picks[0];
+    let at_home = picks.iter().filter(|&&p| p == home).count();
+    // With n in flight, home may hold at most 1.25 × (n + 1) / 4.
+    assert!(at_home <= 3, "{picks:?}");
+    assert!(picks.iter().any(|&p| p != home));
+}
+
+#[test]
+fn a_missing_hash_cookie_is_generated_and_set() {
+    let mut balancer = hashing(
+        LoadBalancer::RingHash(RingHash {
+            hash_on: HashOn::Cookie(HashCookie {
+                name: "affinity".into(),
+                ttl: Some(secs(3600)),
+            }),
+            ..RingHash::default()
+        }),
+        3,
+    );
+    let pick = balancer
+        .pick(&Default::default(), ms(0), &mut SplitMix64::new(1))
+        .unwrap();
+    let set_cookie = pick.set_sticky_cookie.unwrap();
+    assert!(set_cookie.starts_with("affinity="), "{set_cookie}");
+    assert!(set_cookie.ends_with("; Path=/; HttpOnly; Max-Age=3600"));
+    let value = &set_cookie["affinity=".len()..][..16];
+    let again = RequestAttributes {
+        hash_cookie: Some(value),
+        ..Default::default()
+    };
+    for _ in 0..5 {
+        let next = balancer.pick(&again, ms(0), &mut seeded()).unwrap();
+        assert_eq!(next.endpoint, pick.endpoint);
+        assert_eq!(next.set_sticky_cookie, None);
+    }
+}
+
+#[test]
+fn source_ip_hashing_keeps_a_client_on_one_endpoint() {
+    let mut balancer = hashing(LoadBalancer::Maglev(Maglev::default()), 7);
+    let attributes = RequestAttributes {
+        source_ip: Some(IpAddr::from([192, 168, 1, 20])),
+        ..Default::default()
+    };
+    let first = balancer
+        .pick(&attributes, ms(0), &mut seeded())
+        .unwrap()
+        .endpoint;
+    for _ in 0..5 {
+        assert_eq!(
+            balancer
+                .pick(&attributes, ms(0), &mut seeded())
+                .unwrap()
+                .endpoint,
+            first
+        );
+    }
+}
+
+fn sticky() -> LoadBalancer {
+    LoadBalancer::Sticky(Sticky {
+        cookie: "session".into(),
+        ttl: None,
+        fallback: Box::new(LoadBalancer::RoundRobin),
+    })
+}
+
+/// The 16-hex-digit value of a `session=` Set-Cookie header.
+fn cookie_value(set_cookie: &str) -> &str {
+    let start = "session=".len();
+    &set_cookie[start..start + 16]
+}
+
+#[test]
+fn sticky_sessions_stay_while_the_endpoint_lives_and_move_when_it_leaves() {
+    let mut balancer = ServiceBalancer::new(&policy(sticky()), &endpoints(3));
+    let mut rng = seeded();
+    let first = balancer.pick(&Default::default(), ms(0), &mut rng).unwrap();
+    let set_cookie = first.set_sticky_cookie.clone().unwrap();
+    assert_eq!(
+        set_cookie,
+        format!("session={}; Path=/; HttpOnly", cookie_value(&set_cookie))
+    );
+    let cookie = cookie_value(&set_cookie).to_owned();
+    let with_cookie = RequestAttributes {
+        sticky_cookie: Some(&cookie),
+        ..Default::default()
+    };
+    for _ in 0..5 {
+        let pick = balancer.pick(&with_cookie, ms(0), &mut rng).unwrap();
+        assert_eq!(pick.endpoint, first.endpoint);
+        assert_eq!(pick.set_sticky_cookie, None);
+    }
+    // Draining: existing sessions stay, new ones go elsewhere.
+    let mut fleet = endpoints(3);
+    let index = fleet
+        .iter()
+        .position(|e| e.address == first.endpoint)
+        .unwrap();
+    fleet[index].health = Health::Draining;
+    balancer.update_endpoints(&fleet);
+    assert_eq!(
+        balancer
+            .pick(&with_cookie, ms(0), &mut rng)
+            .unwrap()
+            .endpoint,
+        first.endpoint
+    );
+    for _ in 0..4 {
+        assert_ne!(
+            balancer
+                .pick(&Default::default(), ms(0), &mut rng)
+                .unwrap()
+                .endpoint,
+            first.endpoint
+        );
+    }
+    // Gone: the session moves and gets a new cookie.
+    fleet.remove(index);
+    balancer.update_endpoints(&fleet);
+    let moved = balancer.pick(&with_cookie, ms(0), &mut rng).unwrap();
+    assert_ne!(moved.endpoint, first.endpoint);
+    assert!(moved.set_sticky_cookie.is_some());
+}
+
+#[test]
+fn the_selector_excludes_endpoints_without_the_required_tags_capabilities_and_metadata() {
+    let mut service = policy(LoadBalancer::RoundRobin);
+    service.endpoint_selector.tags.insert("gpu".into());
+    service
+        .endpoint_selector
+        .capabilities
+        .insert("llm.chat".into());
+    service
+        .endpoint_selector
+        .metadata
+        .insert("version".into(), "v2".into());
+    let mut fleet = endpoints(4);
+    for endpoint in &mut fleet[1..] {
+        endpoint.tags.insert("gpu".into());
+        endpoint.capabilities.insert("llm.chat".into());
+        endpoint.metadata.insert("version".into(), "v2".into());
+    }
+    fleet[2].metadata.insert("version".into(), "v1".into());
+    fleet[3].health = Health::Unhealthy;
+    let mut balancer = ServiceBalancer::new(&service, &fleet);
+    let counts = counts(&mut balancer, 10);
+    assert_eq!(counts.keys().copied().collect::<Vec<_>>(), [addr(2)]);
+}
+
+#[test]
+fn retry_targets_are_distinct_admissible_and_exclude_the_pick() {
+    let mut service = policy(LoadBalancer::RoundRobin);
+    service.retry = 2;
+    service.outlier_detection = strict_outlier_detection(1);
+    let mut balancer = ServiceBalancer::new(&service, &endpoints(4));
+    fail_on(&mut balancer, addr(3), status(503), 1, ms(0));
+    let pick = balancer
+        .pick(&Default::default(), ms(1), &mut seeded())
+        .unwrap();
+    assert_eq!(pick.endpoint, addr(1));
+    assert_eq!(pick.retry_targets.as_slice(), [addr(2), addr(4)]);
+    let mut hashed = ServiceBalancer::new(
+        &crate::ServicePolicy {
+            retry: 5,
+            ..policy(ring_on_header())
+        },
+        &endpoints(3),
+    );
+    let attributes = RequestAttributes {
+        hash_header: Some("k"),
+        ..Default::default()
+    };
+    let pick = hashed.pick(&attributes, ms(0), &mut seeded()).unwrap();
+    let mut all: Vec<_> = pick.retry_targets.as_slice().to_vec();
+    all.push(pick.endpoint);
+    all.sort();
+    assert_eq!(all, [addr(1), addr(2), addr(3)]);
+}
+
+#[test]
+fn updating_endpoints_keeps_the_stats_of_those_that_survive() {
+    let mut service = policy(LoadBalancer::RoundRobin);
+    service.outlier_detection = strict_outlier_detection(1);
+    let mut balancer = ServiceBalancer::new(&service, &endpoints(3));
+    let mut rng = seeded();
+    let in_flight = balancer.pick(&Default::default(), ms(0), &mut rng).unwrap();
+    assert_eq!(in_flight.endpoint, addr(1));
+    fail_on(&mut balancer, addr(2), status(503), 1, ms(0));
+    let mut fleet = endpoints(4);
+    fleet.remove(2); // addr(3) leaves, addr(4) joins.
+    balancer.update_endpoints(&fleet);
+    let views: Vec<_> = balancer
+        .endpoints()
+        .map(|v| (v.endpoint.address, v.breaker.name(), v.inflight))
+        .collect();
+    assert_eq!(
+        views,
+        [
+            (addr(1), "closed", 1),
+            (addr(2), "open", 0),
+            (addr(4), "closed", 0)
+        ]
+    );
+    balancer.complete(in_flight.endpoint, None, ok(ms(1)), ms(1));
+    assert_eq!(balancer.endpoints().next().unwrap().inflight, 0);
+    // Completing for an endpoint that left is ignored.
+    assert!(
+        balancer
+            .complete(addr(3), None, status(503), ms(1))
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_rate_limited_service_rejects_with_the_time_until_the_next_token() {
+    let mut service = policy(LoadBalancer::RoundRobin);
+    service.rate_limit = Some(RateLimit {
+        requests_per_second: 2.0,
+        burst: 1,
+        ..RateLimit::default()
+    });
+    let mut balancer = ServiceBalancer::new(&service, &endpoints(2));
+    let mut rng = seeded();
+    assert!(balancer.pick(&Default::default(), ms(0), &mut rng).is_ok());
+    assert_eq!(
+        balancer.pick(&Default::default(), ms(100), &mut rng),
+        Err(crate::Rejection::RateLimited {
+            retry_after: ms(400)
+        })
+    );
+    assert!(
+        balancer
+            .pick(&Default::default(), ms(500), &mut rng)
+            .is_ok()
+    );
+}
+
+#[test]
+fn request_needs_name_what_the_filter_must_extract() {
+    let mut service = policy(LoadBalancer::Sticky(Sticky {
+        fallback: Box::new(ring_on_header()),
+        ..Sticky::default()
+    }));
+    service.rate_limit = Some(RateLimit {
+        client_key_header: Some("x-api-key".into()),
+        ..RateLimit::default()
+    });
+    let balancer = ServiceBalancer::new(&service, &[]);
+    let needs = balancer.request_needs();
+    assert_eq!(needs.hash_header, Some("x-user"));
+    assert_eq!(needs.sticky_cookie, Some("fulcrum-session"));
+    assert_eq!(needs.client_key_header, Some("x-api-key"));
+    assert!(!needs.source_ip);
+}
+
+fn slots(n: u32) -> Vec<Slot> {
+    let balancer = ServiceBalancer::new(&policy(LoadBalancer::RoundRobin), &endpoints(n));
+    balancer.slots_for_tests()
+}
+
+fn owners(table: &HashTable, slots: &[Slot], keys: u32) -> Vec<std::net::SocketAddr> {
+    (0..keys)
+        .map(|k| {
+            let hash = crate::select::hash::hash_bytes(&k.to_le_bytes());
+            slots[table.slot_at(table.start(hash)) as usize]
+                .endpoint
+                .address
+        })
+        .collect()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(24))]
+
+    /// Adding one endpoint to N moves about 1/(N+1) of the keys, all of them to the new
+    /// endpoint for the ring (when its point count per weight is unchanged) and nearly all for
+    /// Maglev.
+    #[test]
+    fn adding_one_endpoint_moves_about_one_nth_of_the_keys(n in 5u32..40, maglev_table in any::<bool>()) {
+        if !maglev_table {
+            prop_assume!(ring_hash::points_per_weight(1024, u64::from(n))
+                == ring_hash::points_per_weight(1024, u64::from(n + 1)));
+        }
+        let before_slots = slots(n);
+        let after_slots = slots(n + 1);
+        let build = |slots: &[Slot]| {
+            let members: Vec<u32> = (0..slots.len() as u32).collect();
+            if maglev_table {
+                maglev::build(&members, slots, 65537)
+            } else {
+                ring_hash::build(&members, slots, 1024)
+            }
+        };
+        let keys = 20_000u32;
+        let before = owners(&build(&before_slots), &before_slots, keys);
+        let after = owners(&build(&after_slots), &after_slots, keys);
+        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count() as f64 / f64::from(keys);
+        let ideal = 1.0 / f64::from(n + 1);
+        prop_assert!(moved < ideal * 1.5 + 0.01, "moved {moved}, ideal {ideal}");
+        let to_new = before.iter().zip(&after).filter(|(b, a)| b != a && **a == addr(n + 1)).count() as f64 / f64::from(keys);
+        if maglev_table {
+            prop_assert!(to_new >= moved * 0.75, "moved {moved}, to new {to_new}");
+        } else {
+            prop_assert_eq!(to_new, moved);
+        }
+    }
+
+    /// At a power-of-two boundary of the ring's point count, the ring moves more keys once,
+    /// but never more than half.
+    #[test]
+    fn crossing_a_ring_size_boundary_moves_at_most_half_the_keys(n in 2u32..40) {
+        let before_slots = slots(n);
+        let after_slots = slots(n + 1);
+        let members = |slots: &[Slot]| (0..slots.len() as u32).collect::<Vec<u32>>();
+        let before = owners(&ring_hash::build(&members(&before_slots), &before_slots, 1024), &before_slots, 10_000);
+        let after = owners(&ring_hash::build(&members(&after_slots), &after_slots, 1024), &after_slots, 10_000);
+        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count() as f64 / 10_000.0;
+        prop_assert!(moved <= 0.5 + 1.0 / f64::from(n + 1), "moved {moved}");
+    }
+
+    /// Every endpoint owns table_size / N Maglev entries within 10%, weighted ones in
+    /// proportion to weight.
+    #[test]
+    fn maglev_tables_are_balanced(n in 2u32..60) {
+        let slots = slots(n);
+        let members: Vec<u32> = (0..n).collect();
+        let HashTable::Maglev { table } = maglev::build(&members, &slots, 65537) else { unreachable!() };
+        let mut owned = vec![0u32; n as usize];
+        for slot in table { owned[slot as usize] += 1; }
+        let ideal = 65537.0 / f64::from(n);
+        for count in owned {
+            prop_assert!((f64::from(count) - ideal).abs() <= ideal * 0.1 + 1.0, "{count} vs {ideal}");
+        }
+    }
+
+    /// Ring hash shares follow weights within 20% of the ideal at the default ring size.
+    #[test]
+    fn ring_shares_follow_weights(weights in proptest::collection::vec(1u32..5, 2..12)) {
+        let balancer = ServiceBalancer::new(&policy(LoadBalancer::RoundRobin), &weighted(&weights));
+        let slots = balancer.slots_for_tests();
+        let members: Vec<u32> = (0..slots.len() as u32).collect();
+        let table = ring_hash::build(&members, &slots, 1024);
+        let keys = 40_000u32;
+        let owners = owners(&table, &slots, keys);
+        let total: u32 = weights.iter().sum();
+        for (i, &weight) in weights.iter().enumerate() {
+            let share = owners.iter().filter(|&&a| a == addr(i as u32 + 1)).count() as f64 / f64::from(keys);
+            let ideal = f64::from(weight) / f64::from(total);
+            prop_assert!((share - ideal).abs() < ideal * 0.35 + 0.01, "{i}: {share} vs {ideal}");
+        }
+    }
+
+    /// Seeded weighted distributions stay within 2% of the weights for every picker that
+    /// honours weights.
+    #[test]
+    fn weighted_pickers_follow_weights(weights in proptest::collection::vec(1u32..6, 2..6), seed in any::<u64>()) {
+        for load_balancer in [LoadBalancer::WeightedRandom, LoadBalancer::WeightedRoundRobin] {
+            let mut balancer = ServiceBalancer::new(&policy(load_balancer), &weighted(&weights));
+            let mut rng = SplitMix64::new(seed);
+            let picks = 20_000u32;
+            let mut counts = vec![0u32; weights.len()];
+            for _ in 0..picks {
+                let endpoint = pick_and_complete(&mut balancer, ok(ms(1)), ms(0), &mut rng);
+                counts[balancer.endpoints().position(|v| v.endpoint.address == endpoint).unwrap()] += 1;
+            }
+            let total: u32 = weights.iter().sum();
+            for (count, weight) in counts.iter().zip(&weights) {
+                let share = f64::from(*count) / f64::from(picks);
+                let ideal = f64::from(*weight) / f64::from(total);
+                prop_assert!((share - ideal).abs() < 0.02, "{share} vs {ideal}");
+            }
+        }
+    }
+
+    /// Any endpoint list (duplicates, zero weights, all health states) and any request never
+    /// makes pick or complete panic, and inflight returns to zero.
+    #[test]
+    fn pick_and_complete_never_panic_and_balance_inflight(
+        algorithm in 0usize..9,
+        fleet in proptest::collection::vec((0u32..8, 0u32..4, 0u8..3), 0..12),
+        requests in proptest::collection::vec((proptest::option::of("[a-z]{0,6}"), any::<bool>()), 1..40),
+    ) {
+        let load_balancer = [
+            LoadBalancer::RoundRobin,
+            LoadBalancer::WeightedRoundRobin,
+            LoadBalancer::WeightedRandom,
+            LoadBalancer::LeastRequest(LeastRequest { choice_count: 3, active_request_bias: 0.5 }),
+            LoadBalancer::PeakEwma(PeakEwma::default()),
+            LoadBalancer::HealthScore(HealthScore::default()),
+            ring_on_header(),
+            maglev_on_header(),
+            sticky(),
+        ][algorithm].clone();
+        let endpoints: Vec<Endpoint> = fleet
+            .iter()
+            .map(|&(i, weight, health)| Endpoint {
+                weight,
+                health: [Health::Healthy, Health::Draining, Health::Unhealthy][health as usize],
+                ..Endpoint::new(addr(i))
+            })
+            .collect();
+        let mut service = policy(load_balancer);
+        service.retry = 5;
+        let mut balancer = ServiceBalancer::new(&service, &endpoints);
+        let mut rng = SplitMix64::new(9);
+        let mut picked = Vec::new();
+        for (i, (key, fail)) in requests.iter().enumerate() {
+            let attributes = RequestAttributes {
+                hash_header: key.as_deref(),
+                sticky_cookie: key.as_deref(),
+                ..Default::default()
+            };
+            if let Ok(pick) = balancer.pick(&attributes, ms(i as u64), &mut rng) {
+                picked.push((pick.endpoint, *fail));
+            }
+        }
+        for (i, (endpoint, fail)) in picked.into_iter().enumerate() {
+            let outcome = if fail { status(503) } else { ok(ms(2)) };
+            balancer.complete(endpoint, None, outcome, ms(100 + i as u64));
+        }
+        prop_assert!(balancer.endpoints().all(|v| v.inflight == 0));
+    }
+}
+
+#[test]
+fn zero_weight_endpoints_count_as_weight_one() {
+    let mut balancer = ServiceBalancer::new(
+        &policy(LoadBalancer::WeightedRoundRobin),
+        &weighted(&[0, 1]),
+    );
+    let counts = counts(&mut balancer, 10);
+    assert_eq!(counts.values().copied().collect::<Vec<_>>(), [5, 5]);
+}
+
+#[test]
+fn latency_is_fed_to_the_endpoint_that_served() {
+    let mut balancer = ServiceBalancer::new(
+        &policy(LoadBalancer::PeakEwma(PeakEwma::default())),
+        &endpoints(2),
+    );
+    let pick = balancer
+        .pick(
+            &Default::default(),
+            ms(0),
+            &mut Sequence::units(&[0.0, 0.0]),
+        )
+        .unwrap();
+    assert_eq!(pick.endpoint, addr(1));
+    // Envoy retried on addr(2), which answered slowly: addr(2) gets the latency.
+    balancer.complete(addr(1), Some(addr(2)), ok(ms(900)), ms(1));
+    let slots = balancer.slots_for_tests();
+    let estimate = |i: usize| slots[i].stats.ewma.estimate_nanos(ms(1), secs(10), ms(30));
+    assert_eq!(estimate(1), 900_000_000.0);
+    // addr(1) failed (retried elsewhere): recorded at the failure penalty.
+    assert_eq!(estimate(0), 500_000_000.0);
+    assert_eq!(Duration::from_nanos(estimate(0) as u64), ms(500));
+}

@@ -1,0 +1,316 @@
+use std::time::Duration;
+
+use proptest::prelude::*;
+
+use crate::{
+    Policy, PolicyError, Snapshot,
+    policy::{
+        FailureRate, HashCookie, HashOn, LeastRequest, LoadBalancer, Maglev, OnNoEndpoint,
+        PeakEwma, RateLimit, RingHash, ServicePolicy, SlowCalls, Sticky,
+    },
+};
+
+#[test]
+fn an_empty_document_is_the_default_policy() {
+    let policy = Policy::from_json("{}").unwrap();
+    assert_eq!(policy, Policy::default());
+    assert_eq!(
+        policy.default.load_balancer,
+        LoadBalancer::LeastRequest(LeastRequest {
+            choice_count: 2,
+            active_request_bias: 1.0
+        })
+    );
+    assert_eq!(policy.default.outlier_detection.consecutive_failures, 5);
+    assert_eq!(
+        policy.default.outlier_detection.base_ejection_time,
+        Duration::from_secs(30)
+    );
+}
+
+#[test]
+fn parses_a_full_service_policy_with_human_durations() {
+    let policy = Policy::from_json(
+        r#"{
+          "services": {
+            "checkout": {
+              "load_balancer": {"type": "peak_ewma", "decay": "5s", "default_rtt": "20ms"},
+              "endpoint_selector": {"tags": ["canary"], "metadata": {"version": "v2"}},
+              "locality": {"local_zone": "eu-west-1a", "failover": ["eu-west-1b"]},
+              "outlier_detection": {
+                "consecutive_gateway_errors": 3,
+                "failure_rate": {"threshold_percent": 40},
+                "slow_calls": {"latency_threshold": "750ms"},
+                "base_ejection_time": "10s"
+              },
+              "on_no_endpoint": "fail_fast",
+              "rate_limit": {"requests_per_second": 50, "burst": 10, "client_key_header": "x-api-key"},
+              "retry": 2
+            }
+          },
+          "default": {"load_balancer": {"type": "round_robin"}}
+        }"#,
+    )
+    .unwrap();
+    let checkout = policy.for_service("checkout");
+    assert_eq!(
+        checkout.load_balancer,
+        LoadBalancer::PeakEwma(PeakEwma {
+            decay: Duration::from_secs(5),
+            default_rtt: Duration::from_millis(20),
+            failure_penalty: Duration::from_millis(500),
+        })
+    );
+    let od = &checkout.outlier_detection;
+    assert_eq!(od.consecutive_gateway_errors, 3);
+    assert_eq!(
+        od.failure_rate,
+        Some(FailureRate {
+            threshold_percent: 40,
+            minimum_requests: 20
+        })
+    );
+    assert_eq!(
+        od.slow_calls,
+        Some(SlowCalls {
+            latency_threshold: Duration::from_millis(750),
+            threshold_percent: 50,
+            minimum_requests: 20
+        })
+    );
+    assert_eq!(checkout.on_no_endpoint, OnNoEndpoint::FailFast);
+    assert_eq!(checkout.retry, 2);
+    assert_eq!(
+        policy.for_service("other").load_balancer,
+        LoadBalancer::RoundRobin
+    );
+}
+
+#[test]
+fn rejects_unknown_fields_with_their_location() {
+    let error = Policy::from_json("{\n  \"default\": {\"retries\": 2}\n}").unwrap_err();
+    let PolicyError::Json { line, .. } = &error else {
+        panic!("expected a JSON error, got {error}");
+    };
+    assert_eq!(*line, 2);
+    assert!(
+        error.to_string().contains("unknown field `retries`"),
+        "{error}"
+    );
+}
+
+#[test]
+fn rejects_a_duration_without_unit() {
+    let error =
+        Policy::from_json(r#"{"default": {"outlier_detection": {"window": "10"}}}"#).unwrap_err();
+    assert!(error.to_string().contains("missing unit"), "{error}");
+}
+
+#[test]
+fn validation_collects_every_error_with_its_path_and_range() {
+    let error = Policy::from_json(
+        r#"{
+          "services": {
+            "checkout": {
+              "outlier_detection": {"max_ejection_percent": 150, "half_open_max_probes": 0},
+              "load_balancer": {"type": "maglev", "table_size": 65536},
+              "retry": 9
+            }
+          },
+          "default": {
+            "load_balancer": {"type": "sticky", "cookie": "", "fallback": {"type": "sticky"}},
+            "rate_limit": {"requests_per_second": 0}
+          }
+        }"#,
+    )
+    .unwrap_err();
+    let PolicyError::Invalid(errors) = error else {
+        panic!("expected validation errors, got {error}");
+    };
+    assert_eq!(
+        errors.to_string(),
+        [
+            "services.checkout.load_balancer.table_size: must be a prime up to 5000011 (e.g. 65537), got 65536",
+            "services.checkout.outlier_detection.half_open_max_probes: must be 1..=100, got 0",
+            "services.checkout.outlier_detection.max_ejection_percent: must be 0..=100, got 150",
+            "services.checkout.retry: must be 0..=5, got 9",
+            "default.load_balancer.cookie: must be a non-empty cookie name of RFC 6265 token characters, got \"\"",
+            "default.load_balancer.fallback: must not be sticky; use e.g. least_request",
+            "default.rate_limit.requests_per_second: must be above 0 and at most 1000000, got 0",
+        ]
+        .join("\n")
+    );
+}
+
+#[test]
+fn a_snapshot_without_policy_still_parses_and_one_with_policy_carries_it() {
+    let bare: Snapshot = serde_json::from_str(r#"{"version": "7", "services": {}}"#).unwrap();
+    assert_eq!(bare.policy, None);
+    let with: Snapshot = serde_json::from_str(
+        r#"{"version": "8", "services": {}, "policy": {"default": {"retry": 1}}}"#,
+    )
+    .unwrap();
+    assert_eq!(with.policy.unwrap().default.retry, 1);
+}
+
+#[cfg(feature = "yaml")]
+#[test]
+fn parses_yaml_and_reports_its_location() {
+    let policy = Policy::from_yaml(
+        "services:\n  cart:\n    load_balancer:\n      type: ring_hash\n      hash_on:\n        header: x-user\n",
+    )
+    .unwrap();
+    assert_eq!(
+        policy.for_service("cart").load_balancer,
+        LoadBalancer::RingHash(RingHash {
+            hash_on: HashOn::Header("x-user".into()),
+            ..RingHash::default()
+        })
+    );
+    let error = Policy::from_yaml("default:\n  retry: many\n").unwrap_err();
+    assert!(error.to_string().contains("line 2"), "{error}");
+}
+
+fn duration_ms() -> impl Strategy<Value = Duration> {
+    (1u64..3_600_000).prop_map(Duration::from_millis)
+}
+
+fn hash_on() -> impl Strategy<Value = HashOn> {
+    prop_oneof![
+        Just(HashOn::SourceIp),
+        "[a-z-]{1,12}".prop_map(HashOn::Header),
+        ("[a-z]{1,8}", proptest::option::of(duration_ms()))
+            .prop_map(|(name, ttl)| HashOn::Cookie(HashCookie { name, ttl })),
+    ]
+}
+
+fn load_balancer() -> impl Strategy<Value = LoadBalancer> {
+    let leaf = prop_oneof![
+        Just(LoadBalancer::RoundRobin),
+        Just(LoadBalancer::WeightedRoundRobin),
+        Just(LoadBalancer::WeightedRandom),
+        (2u32..=16, 0u32..=10).prop_map(|(choice_count, bias)| {
+            LoadBalancer::LeastRequest(LeastRequest {
+                choice_count,
+                active_request_bias: f64::from(bias) / 2.0,
+            })
+        }),
+        (duration_ms(), duration_ms(), duration_ms()).prop_map(|(decay, rtt, penalty)| {
+            LoadBalancer::PeakEwma(PeakEwma {
+                decay,
+                default_rtt: rtt,
+                failure_penalty: penalty,
+            })
+        }),
+        (hash_on(), 1u32..=262_144, proptest::option::of(1u32..8)).prop_map(
+            |(hash_on, minimum_ring_size, bound)| {
+                LoadBalancer::RingHash(RingHash {
+                    hash_on,
+                    minimum_ring_size,
+                    bounded_load: bound.map(|b| 1.0 + f64::from(b) / 4.0),
+                })
+            }
+        ),
+        hash_on().prop_map(|hash_on| LoadBalancer::Maglev(Maglev {
+            hash_on,
+            ..Maglev::default()
+        })),
+    ];
+    leaf.prop_flat_map(|fallback| {
+        prop_oneof![
+            Just(fallback.clone()),
+            ("[a-z]{1,8}", proptest::option::of(duration_ms())).prop_map(move |(cookie, ttl)| {
+                LoadBalancer::Sticky(Sticky {
+                    cookie,
+                    ttl,
+                    fallback: Box::new(fallback.clone()),
+                })
+            }),
+        ]
+    })
+}
+
+fn service_policy() -> impl Strategy<Value = ServicePolicy> {
+    (
+        load_balancer(),
+        0u32..=5,
+        0u32..=100,
+        proptest::option::of((1u32..1000, 1u32..1000)),
+        any::<bool>(),
+    )
+        .prop_map(|(load_balancer, retry, percent, rate, fail_fast)| {
+            let mut policy = ServicePolicy {
+                load_balancer,
+                retry,
+                rate_limit: rate.map(|(rps, burst)| RateLimit {
+                    requests_per_second: f64::from(rps),
+                    burst,
+                    ..RateLimit::default()
+                }),
+                ..ServicePolicy::default()
+            };
+            policy.outlier_detection.max_ejection_percent = percent;
+            policy.locality.min_healthy_percent = percent;
+            if fail_fast {
+                policy.on_no_endpoint = OnNoEndpoint::FailFast;
+            }
+            policy
+        })
+}
+
+proptest! {
+    #[test]
+    fn valid_policies_round_trip_through_json(
+        services in proptest::collection::btree_map("[a-z]{1,8}", service_policy(), 0..4),
+        default in service_policy(),
+    ) {
+        let policy = Policy { services, default };
+        prop_assert_eq!(policy.validate(), Ok(()));
+        let json = serde_json::to_string(&policy).unwrap();
+        prop_assert_eq!(Policy::from_json(&json).unwrap(), policy);
+    }
+
+    #[test]
+    fn from_json_never_panics_on_arbitrary_text(text in ".{0,200}") {
+        let _ = Policy::from_json(&text);
+    }
+
+    #[test]
+    fn from_json_never_panics_on_policy_shaped_documents(
+        retry in any::<i64>(),
+        percent in any::<i64>(),
+        window in ".{0,12}",
+        kind in "[a-z_]{0,16}",
+    ) {
+        let text = format!(
+            r#"{{"default": {{"retry": {retry}, "load_balancer": {{"type": "{kind}"}},
+               "outlier_detection": {{"max_ejection_percent": {percent}, "window": {window:?}}}}}}}"#
+        );
+        let _ = Policy::from_json(&text);
+    }
+
+    #[test]
+    fn validation_reports_one_error_per_out_of_range_field(
+        retry in 6u32..1000,
+        max_ejection in 101u32..1000,
+        min_healthy in 101u32..1000,
+        services in proptest::collection::btree_set("[a-z]{1,6}", 1..4),
+    ) {
+        let mut broken = ServicePolicy { retry, ..ServicePolicy::default() };
+        broken.outlier_detection.max_ejection_percent = max_ejection;
+        broken.locality.min_healthy_percent = min_healthy;
+        let policy = Policy {
+            services: services.iter().map(|name| (name.clone(), broken.clone())).collect(),
+            default: broken,
+        };
+        let errors = policy.validate().unwrap_err().errors;
+        prop_assert_eq!(errors.len(), 3 * (services.len() + 1));
+        for name in &services {
+            let retry_path = format!("services.{name}.retry");
+            prop_assert!(errors.iter().any(|e| e.path == retry_path));
+        }
+        let expected = format!("must be 0..=100, got {min_healthy}");
+        prop_assert!(errors.iter().any(|e| e.path == "default.locality.min_healthy_percent"
+            && e.message == expected));
+    }
+}
