@@ -1,1 +1,258 @@
-use crate::test_support::filter;
+//! Scenarios against the real fulcrum filter (`fulcrum_balancer.wasm`, release build), one
+//! behaviour each, driven through the host the way Envoy would drive it.
+
+use std::collections::BTreeMap;
+
+use fulcrum_wasm_host::{Plugin, Response};
+
+use crate::test_support::{filter, ms};
+
+const OVERRIDE: &str = "x-fulcrum-endpoint";
+
+/// A static-endpoints config for service `checkout` with `policy` as its default policy.
+fn static_config(endpoints: &[&str], policy: &str) -> String {
+    let endpoints: Vec<String> = endpoints
+        .iter()
+        .map(|address| format!(r#"{{"address": "{address}"}}"#))
+        .collect();
+    format!(
+        r#"{{"endpoints": {{"checkout": [{}]}}, "policy": {{"default": {policy}}}}}"#,
+        endpoints.join(", ")
+    )
+}
+
+/// Sends one request for `checkout` to `worker`, answers it with whatever `status_of` says
+/// for the picked endpoint, and returns the pick.
+fn round_trip(
+    plugin: &Plugin,
+    worker: usize,
+    status_of: impl Fn(&str) -> (u16, u64),
+) -> anyhow::Result<String> {
+    let mut request = plugin
+        .worker(worker)
+        .request()
+        .header(":authority", "checkout")
+        .header(":path", "/")
+        .header(":method", "GET")
+        .send_headers()?;
+    let pick = request
+        .request_header(OVERRIDE)
+        .ok_or_else(|| anyhow::anyhow!("no pick; logs:\n{}", plugin.logs_text()))?;
+    let first = pick.split(',').next().unwrap_or_default().to_string();
+    let (status, latency_ms) = status_of(&first);
+    request
+        .respond(status)
+        .upstream(&first)
+        .latency(ms(latency_ms))
+        .finish()?;
+    Ok(first)
+}
+
+fn count(picks: &[String]) -> BTreeMap<&str, usize> {
+    let mut counts = BTreeMap::new();
+    for pick in picks {
+        *counts.entry(pick.as_str()).or_default() += 1;
+    }
+    counts
+}
+
+#[test]
+fn round_robin_spreads_requests_evenly_and_counts_picks_per_endpoint() -> anyhow::Result<()> {
+    let endpoints = ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"];
+    let plugin = filter()
+        .configure(static_config(
+            &endpoints,
+            r#"{"load_balancer": {"type": "round_robin"}}"#,
+        ))
+        .start()?;
+    let picks = (0..9)
+        .map(|_| round_trip(&plugin, 0, |_| (200, 5)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    assert_eq!(
+        count(&picks).values().copied().collect::<Vec<_>>(),
+        [3, 3, 3]
+    );
+    for endpoint in endpoints {
+        let name = format!("fulcrum_endpoint_picks_total.service.checkout.endpoint.{endpoint}");
+        assert_eq!(plugin.metric(&name)?, 3, "{name}");
+    }
+    Ok(())
+}
+
+#[test]
+fn weighted_round_robin_follows_the_weights() -> anyhow::Result<()> {
+    let config = r#"{"endpoints": {"checkout": [
+            {"address": "10.0.0.1:8080", "weight": 3}, {"address": "10.0.0.2:8080", "weight": 1}]},
+        "policy": {"default": {"load_balancer": {"type": "weighted_round_robin"}}}}"#;
+    let plugin = filter().configure(config).start()?;
+    let picks = (0..8)
+        .map(|_| round_trip(&plugin, 0, |_| (200, 5)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let counts = count(&picks);
+    assert_eq!(counts["10.0.0.1:8080"], 6);
+    assert_eq!(counts["10.0.0.2:8080"], 2);
+    Ok(())
+}
+
+#[test]
+fn client_supplied_override_header_is_stripped_and_counted() -> anyhow::Result<()> {
+    let plugin = filter()
+        .configure(static_config(
+            &["10.0.0.1:8080"],
+            r#"{"load_balancer": {"type": "round_robin"}}"#,
+        ))
+        .start()?;
+    let mut request = plugin
+        .worker(0)
+        .request()
+        .header(":authority", "checkout")
+        .header(OVERRIDE, "6.6.6.6:1")
+        .send_headers()?;
+    assert_eq!(
+        request.request_header(OVERRIDE).as_deref(),
+        Some("10.0.0.1:8080")
+    );
+    request.respond(200).upstream("10.0.0.1:8080").finish()?;
+    assert_eq!(plugin.metric("fulcrum_override_header_stripped_total")?, 1);
+    Ok(())
+}
+
+#[test]
+fn failing_endpoint_is_ejected_then_readmitted_through_half_open() -> anyhow::Result<()> {
+    let bad = "10.0.0.2:8080";
+    let policy = r#"{"load_balancer": {"type": "round_robin"},
+        "outlier_detection": {"consecutive_failures": 2, "base_ejection_time": "10s",
+          "ejection_jitter_percent": 0, "max_ejection_percent": 50, "panic_threshold_percent": 0}}"#;
+    let plugin = filter()
+        .configure(static_config(&["10.0.0.1:8080", bad], policy))
+        .start()?;
+    let failing = |pick: &str| if pick == bad { (503, 5) } else { (200, 5) };
+    // Round robin alternates: the bad endpoint fails twice within four requests.
+    for _ in 0..4 {
+        round_trip(&plugin, 0, failing)?;
+    }
+    let ejections = format!("fulcrum_endpoint_ejections_total.service.checkout.endpoint.{bad}");
+    assert_eq!(plugin.metric(&ejections)?, 1);
+    let while_open = (0..6)
+        .map(|_| round_trip(&plugin, 0, failing))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    assert!(
+        !while_open.iter().any(|p| p == bad),
+        "ejected endpoint picked: {while_open:?}"
+    );
+
+    // After the ejection time, the endpoint is probed (half-open); a success closes it.
+    plugin.advance_clock(ms(10_001));
+    let healthy = |_: &str| (200, 5);
+    let after = (0..6)
+        .map(|_| round_trip(&plugin, 0, healthy))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    assert!(
+        after.iter().filter(|p| *p == bad).count() >= 2,
+        "not re-admitted: {after:?}"
+    );
+    assert_eq!(plugin.metric(&ejections)?, 1);
+    Ok(())
+}
+
+#[test]
+fn slow_endpoint_is_avoided_by_peak_ewma() -> anyhow::Result<()> {
+    let slow = "10.0.0.2:8080";
+    let plugin = filter()
+        .configure(static_config(
+            &["10.0.0.1:8080", slow],
+            r#"{"load_balancer": {"type": "peak_ewma"}}"#,
+        ))
+        .start()?;
+    let latency = |pick: &str| if pick == slow { (200, 300) } else { (200, 5) };
+    for _ in 0..10 {
+        round_trip(&plugin, 0, latency)?;
+    }
+    let picks = (0..20)
+        .map(|_| round_trip(&plugin, 0, latency))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let to_slow = picks.iter().filter(|p| *p == slow).count();
+    // Power of two choices over two endpoints compares both every time: once the EWMA has
+    // seen both, the slow one loses every comparison.
+    assert_eq!(to_slow, 0, "{picks:?}");
+    Ok(())
+}
+
+#[test]
+fn invalid_plugin_config_is_refused_with_its_validation_errors() {
+    let error = filter()
+        .configure(r#"{"policy": {"default": {"retry": 9}}, "control_plane": {"cluster": ""}}"#)
+        .start()
+        .expect_err("an invalid config must be refused");
+    let message = format!("{error:#}");
+    assert!(message.contains("refused its configuration"), "{message}");
+    assert!(message.contains("policy.default.retry"), "{message}");
+    assert!(message.contains("control_plane.cluster"), "{message}");
+}
+
+#[test]
+fn control_plane_snapshot_is_fetched_once_and_shared_with_the_other_worker() -> anyhow::Result<()> {
+    let config = r#"{"control_plane": {"cluster": "fulcrum_control_plane", "poll_interval": "1s"},
+        "policy": {"default": {"load_balancer": {"type": "round_robin"}}}}"#;
+    let plugin = filter()
+        .configure(config)
+        .cluster("fulcrum_control_plane")
+        .workers(2)
+        .start()?;
+    assert_eq!(plugin.worker(1).tick_period(), ms(1000));
+    // Before any snapshot, requests fail open to Envoy's fallback policy.
+    let mut early = plugin
+        .worker(1)
+        .request()
+        .header(":authority", "checkout")
+        .send_headers()?;
+    assert_eq!(early.request_header(OVERRIDE), None);
+    early.respond(200).finish()?;
+    assert_eq!(
+        plugin.metric("fulcrum_fail_open_total.reason.no_snapshot")?,
+        1
+    );
+
+    plugin.serve_http_calls(|_| {
+        Response::ok(
+            r#"{"version": "v1", "services": {"checkout": {"endpoints": [{"address": "10.1.0.7:9000"}]}}}"#,
+        )
+    });
+    plugin.tick_all()?; // one VM wins the poll lease and dispatches the call
+    let calls = plugin.http_calls();
+    assert_eq!(calls.len(), 1, "one poll for all workers: {calls:?}");
+    assert_eq!(calls[0].header(":path"), Some("/v1/snapshot"));
+    plugin.tick_all()?; // delivered, published in shared data; applied on the ticks
+    plugin.tick_all()?;
+    for worker in [0, 1] {
+        let mut request = plugin
+            .worker(worker)
+            .request()
+            .header(":authority", "checkout")
+            .send_headers()?;
+        assert_eq!(
+            request.request_header(OVERRIDE).as_deref(),
+            Some("10.1.0.7:9000"),
+            "worker {worker}; logs:\n{}",
+            plugin.logs_text()
+        );
+        request.respond(200).upstream("10.1.0.7:9000").finish()?;
+    }
+    assert!(plugin.metric("fulcrum_snapshot_updates_total")? >= 2);
+    Ok(())
+}
+
+#[test]
+fn control_plane_timeout_keeps_no_snapshot_and_counts_the_failure() -> anyhow::Result<()> {
+    let config = r#"{"control_plane": {"cluster": "fulcrum_control_plane", "timeout": "100ms"}}"#;
+    let plugin = filter()
+        .configure(config)
+        .cluster("fulcrum_control_plane")
+        .start()?;
+    plugin.tick_all()?;
+    plugin.advance_clock(ms(100));
+    plugin.deliver_pending()?; // Envoy answers an unanswered call with 504 at its timeout
+    assert_eq!(plugin.metric("fulcrum_snapshot_fetch_failures_total")?, 1);
+    assert_eq!(plugin.metric("fulcrum_snapshot_updates_total")?, 0);
+    Ok(())
+}
