@@ -3,6 +3,7 @@
 //! Every command installs what it needs first (see [`tools`]), so the README's two commands
 //! work on a fresh machine and cost nothing extra the second time.
 
+mod oci;
 mod tools;
 
 use std::{
@@ -30,6 +31,7 @@ commands:
   test [cargo test args]   install what is missing, build the release filter, run every test
   demo                     run the local demo (real Envoy + control plane + sample backends)
   build-wasm               build the release filter (.wasm) and print its path and size
+  oci [--out DIR] [--tag T] [--repository R]  pack the release filter as a Wasm OCI image for Istio
   setup                    only install what is missing (wasm target, Envoy, Debian packages)
 ";
 
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         "test" => test(rest),
         "demo" => demo(rest),
         "build-wasm" => build_wasm().map(|wasm| report_wasm(&wasm)),
+        "oci" => oci::run(rest),
         "setup" => setup().map(|_| ()),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
