@@ -3,7 +3,8 @@
 //! Equal weights: power of `choice_count` choices on active requests. Unequal weights: each
 //! candidate's effective weight is `weight / (active + 1)^active_request_bias` and a candidate
 //! is drawn in proportion to it (Envoy schedules the same dynamic weights with EDF; a
-//! proportional draw has the same long-run shares and needs no scheduler state).
+//! proportional draw has the same long-run shares and needs no scheduler state, but costs
+//! O(candidates) per pick; equal weights cost O(choice_count)).
 
 use super::{Slot, power_of_choices, weighted::random_pick_by};
 use crate::{policy::LeastRequest, rng::Rng};

@@ -314,3 +314,26 @@ proptest! {
             && e.message == expected));
     }
 }
+
+/// The fenced block of `language` in docs/policy.md's section `heading`.
+fn doc_example(heading: &str, language: &str) -> &'static str {
+    let doc = include_str!("../../../../docs/policy.md");
+    let section = &doc[doc.find(heading).expect("section exists")..];
+    let fence = format!("```{language}\n");
+    let start = section.find(&fence).expect("example exists") + fence.len();
+    &section[start..start + section[start..].find("```").expect("fence closes")]
+}
+
+#[test]
+fn the_json_example_in_the_docs_is_a_valid_policy() {
+    let policy = Policy::from_json(doc_example("## Example (JSON)", "json")).unwrap();
+    assert_eq!(policy.services.len(), 2);
+    assert_eq!(policy.for_service("checkout").retry, 2);
+}
+
+#[cfg(feature = "yaml")]
+#[test]
+fn the_yaml_example_in_the_docs_is_a_valid_policy() {
+    let policy = Policy::from_yaml(doc_example("## Example (YAML)", "yaml")).unwrap();
+    assert_eq!(policy.default.load_balancer, LoadBalancer::RoundRobin);
+}
