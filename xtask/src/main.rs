@@ -21,8 +21,18 @@ use tools::{AptTool, WASM_TARGET};
 const FILTER_PACKAGE: &str = "fulcrum-balancer";
 const FILTER_WASM: &str = "fulcrum_balancer.wasm";
 
-/// Debian packages the test suite needs (none yet beyond what the image has).
-const TEST_APT_TOOLS: &[AptTool] = &[];
+/// Debian packages the test suite needs: etcd for the registry's cluster tests, and protoc,
+/// which the `etcd-client` crate's build script runs.
+const TEST_APT_TOOLS: &[AptTool] = &[
+    AptTool {
+        package: "etcd-server",
+        binary: "etcd",
+    },
+    AptTool {
+        package: "protobuf-compiler",
+        binary: "protoc",
+    },
+];
 
 const USAGE: &str = "\
 usage: cargo xtask <command> [args]
@@ -98,25 +108,34 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// `cargo xtask demo`: the demo lands with the end-to-end issue; until then this says what
-/// is missing instead of pretending.
-fn demo(_args: &[String]) -> Result<()> {
-    setup()?;
-    let root = workspace_root();
-    let parts = [
-        ("the balancer filter", "filters/balancer"),
-        ("the control plane", "control-plane/server"),
-        ("the sample backend", "examples/backend"),
-    ];
-    let missing: Vec<String> = parts
-        .iter()
-        .filter(|(_, dir)| !root.join(dir).join("Cargo.toml").is_file())
-        .map(|(what, dir)| format!("  - {what} ({dir}/)"))
-        .collect();
-    bail!(
-        "the demo is not built yet. Missing pieces:\n{}\n  - the demo driver (load, fault injection, live table) in xtask",
-        missing.join("\n")
+/// `cargo xtask demo [--duration SECS …]`: builds the filter (release) and the demo's
+/// programs, then runs `fulcrum-demo` (examples/demo), which starts the control plane, sample
+/// backends and Envoy, tells the fault story and stops everything it started.
+fn demo(demo_args: &[String]) -> Result<()> {
+    let tools = setup()?;
+    let wasm = build_wasm()?;
+    tools::run(cargo().args([
+        "build",
+        "--package",
+        "fulcrum-control-plane",
+        "--package",
+        "fulcrum-example-backend",
+        "--package",
+        "fulcrum-demo",
+    ]))
+    .context("building the demo's programs failed")?;
+    let bin_dir = target_dir()?.join("debug");
+    tools::run(
+        Command::new(bin_dir.join("fulcrum-demo"))
+            .arg("--envoy")
+            .arg(&tools.envoy)
+            .arg("--wasm")
+            .arg(&wasm)
+            .arg("--bin-dir")
+            .arg(&bin_dir)
+            .args(demo_args),
     )
+    .context("the demo failed")
 }
 
 /// Builds the filter for `wasm32-wasip1` in release mode and returns the `.wasm` path.

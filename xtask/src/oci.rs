@@ -17,7 +17,10 @@ const DEFAULT_OUT: &str = "target-oci/fulcrum-balancer";
 /// Templates rendered next to the layout: (template in the repository, rendered file name).
 const TEMPLATES: &[(&str, &str)] = &[
     ("istio/filter/wasmplugin.yaml.tmpl", "wasmplugin.yaml"),
-    ("istio/filter/trafficextension.yaml.tmpl", "trafficextension.yaml"),
+    (
+        "istio/filter/trafficextension.yaml.tmpl",
+        "trafficextension.yaml",
+    ),
 ];
 
 /// Options of `cargo xtask oci`.
@@ -60,8 +63,8 @@ pub fn run(args: &[String]) -> Result<()> {
     let root = super::workspace_root();
     let options = Options::parse(args, &root)?;
     let wasm_path = super::build_wasm()?;
-    let wasm = std::fs::read(&wasm_path)
-        .with_context(|| format!("reading {}", wasm_path.display()))?;
+    let wasm =
+        std::fs::read(&wasm_path).with_context(|| format!("reading {}", wasm_path.display()))?;
     let image = oci::pack(&wasm, &options.tag, &options.out)?;
     let reference = format!("{}:{}", options.repository, options.tag);
 
