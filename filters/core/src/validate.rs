@@ -3,8 +3,8 @@
 //! A policy is checked as a whole (like `kubectl apply`'s schema errors): the operator sees
 //! every mistake in one pass, each as `path: what is allowed, what was given`, e.g.
 //! `services.checkout.outlier_detection.max_ejection_percent: must be 0..=100, got 150`.
-//! Parsing ([`Policy::from_json`], [`Policy::from_yaml`]) validates too, so a `Policy` obtained
-//! from text is always in range and the balancer can trust it.
+//! Parsing ([`Policy::from_json`], and `Policy::from_yaml` with the `yaml` feature) validates
+//! too, so a `Policy` obtained from text is always in range and the balancer can trust it.
 
 use std::{fmt, time::Duration};
 

@@ -3,7 +3,7 @@
 //! Following pingora-load-balancing's `selection/`, the structures that depend only on the
 //! endpoint set (hash ring, Maglev table, sticky index) are built immutably by the balancer
 //! when endpoints change and swapped in whole; what changes per request (inflight, latency
-//! estimate, smooth weights, breaker) lives in each endpoint's [`Slot`] and survives rebuilds.
+//! estimate, smooth weights, breaker) lives in each endpoint's `Slot` and survives rebuilds.
 //! The functions here are pure: candidates, stats, `now` and the RNG are passed in. Each
 //! returns the position of its pick in `candidates`.
 
