@@ -36,6 +36,7 @@ pub(crate) struct VmConfig {
 type Callback1 = TypedFunc<i32, ()>;
 type Callback2 = TypedFunc<(i32, i32), ()>;
 type Stream3 = TypedFunc<(i32, i32, i32), i32>;
+type HttpCallResponse = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
 /// The callbacks the module exports; the spec makes every one optional.
 struct Exports {
@@ -50,7 +51,7 @@ struct Exports {
     log: Option<Callback1>,
     done: Option<TypedFunc<i32, i32>>,
     delete: Option<Callback1>,
-    http_call_response: Option<TypedFunc<(i32, i32, i32, i32, i32), ()>>,
+    http_call_response: Option<HttpCallResponse>,
     queue_ready: Option<Callback2>,
 }
 

@@ -1,0 +1,96 @@
+//! Nanoseconds per request through the real filter inside wasmtime, beside the same core
+//! (`fulcrum_core::ServiceBalancer`) called natively, at 10, 1,000 and 10,000 endpoints.
+//!
+//! One wasm iteration is the whole stream lifecycle Envoy drives: context create,
+//! `on_request_headers` (strip, pick, write the override header), `on_response_headers`
+//! (outcome to the core), `on_done`, `on_log`, `on_delete`, plus the host's own work
+//! (header maps, properties, fuel metering). One native iteration is `pick` + `complete`.
+//! The difference is the price of the wasm boundary and the proxy-wasm ABI.
+//!
+//! Needs the release filter: `cargo xtask build-wasm` (or `FULCRUM_FILTER_WASM`).
+
+use std::{hint::black_box, net::SocketAddr, time::Duration};
+
+use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
+use fulcrum_core::{
+    Endpoint, ServicePolicy,
+    balancer::{Outcome, RequestAttributes, ServiceBalancer},
+    rng::SplitMix64,
+};
+use fulcrum_wasm_host::Plugin;
+
+const SIZES: [usize; 3] = [10, 1_000, 10_000];
+
+fn address(index: usize) -> SocketAddr {
+    let (high, low) = ((index / 250) as u8, (index % 250) as u8 + 1);
+    SocketAddr::from(([10, 1, high, low], 8080))
+}
+
+fn config(size: usize) -> String {
+    let endpoints: Vec<String> = (0..size)
+        .map(|i| format!(r#"{{"address": "{}"}}"#, address(i)))
+        .collect();
+    format!(
+        r#"{{"endpoints": {{"checkout": [{}]}}}}"#,
+        endpoints.join(",")
+    )
+}
+
+fn wasm(c: &mut Criterion) {
+    let mut group = c.benchmark_group("request_through_filter");
+    for size in SIZES {
+        let plugin = Plugin::load_filter()
+            .and_then(|builder| builder.configure(config(size)).start())
+            .unwrap_or_else(|error| panic!("starting the filter: {error:#}"));
+        group.bench_with_input(BenchmarkId::new("wasmtime", size), &size, |b, _| {
+            b.iter(|| {
+                let mut request = plugin
+                    .worker(0)
+                    .request()
+                    .header(":authority", "checkout")
+                    .header(":path", "/")
+                    .send_headers()
+                    .expect("request headers");
+                let pick = request
+                    .request_header("x-fulcrum-endpoint")
+                    .expect("a pick");
+                plugin.advance_clock(Duration::from_micros(50));
+                request
+                    .respond(200)
+                    .upstream(&pick)
+                    .finish()
+                    .expect("response");
+                black_box(pick)
+            })
+        });
+    }
+    group.finish();
+}
+
+fn native(c: &mut Criterion) {
+    let mut group = c.benchmark_group("request_through_filter");
+    for size in SIZES {
+        let endpoints: Vec<Endpoint> = (0..size).map(|i| Endpoint::new(address(i))).collect();
+        let mut balancer = ServiceBalancer::new(&ServicePolicy::default(), &endpoints);
+        let mut rng = SplitMix64::new(7);
+        let mut now = Duration::from_secs(1);
+        group.bench_with_input(BenchmarkId::new("native_core", size), &size, |b, _| {
+            b.iter(|| {
+                let pick = balancer
+                    .pick(&RequestAttributes::default(), now, &mut rng)
+                    .expect("a pick");
+                now += Duration::from_micros(50);
+                let outcome = Outcome {
+                    status: Some(200),
+                    latency: Duration::from_micros(50),
+                    ..Outcome::default()
+                };
+                black_box(balancer.complete(pick.endpoint, Some(pick.endpoint), outcome, now));
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, wasm, native);
+criterion_main!(benches);
