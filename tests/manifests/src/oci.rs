@@ -46,7 +46,9 @@ pub enum OciError {
     #[error("the input is not a WebAssembly module (no `\\0asm` header); pass the built .wasm")]
     NotWasm,
     /// The tag is not a valid OCI tag.
-    #[error("`{0}` is not a valid image tag: use 1..=128 of [A-Za-z0-9_.-], not starting with . or -")]
+    #[error(
+        "`{0}` is not a valid image tag: use 1..=128 of [A-Za-z0-9_.-], not starting with . or -"
+    )]
     InvalidTag(String),
     /// The output directory holds something other than an OCI layout; nothing was written.
     #[error(
@@ -188,8 +190,10 @@ pub fn pack(wasm: &[u8], tag: &str, out: &Path) -> Result<PackedImage, OciError>
     }
     prepare_layout_dir(out)?;
 
-    let tar = plugin_tar(wasm).map_err(|source| io_error("building the layer tar for", out, source))?;
-    let layer_blob = gzip(&tar).map_err(|source| io_error("compressing the layer for", out, source))?;
+    let tar =
+        plugin_tar(wasm).map_err(|source| io_error("building the layer tar for", out, source))?;
+    let layer_blob =
+        gzip(&tar).map_err(|source| io_error("compressing the layer for", out, source))?;
     let diff_id = Sha256Digest::of(&tar);
     let config_blob = to_json(&ImageConfig {
         architecture: "wasm",
@@ -225,7 +229,10 @@ pub fn pack(wasm: &[u8], tag: &str, out: &Path) -> Result<PackedImage, OciError>
         manifests: [&manifest],
     });
     write(&out.join("index.json"), &index)?;
-    write(&out.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+    write(
+        &out.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
 
     Ok(PackedImage {
         layout: out.to_path_buf(),
@@ -260,8 +267,7 @@ fn prepare_layout_dir(out: &Path) -> Result<(), OciError> {
             fs::remove_dir_all(&blobs).map_err(|source| io_error("removing", &blobs, source))?;
         }
     } else if out.exists() {
-        let mut entries =
-            fs::read_dir(out).map_err(|source| io_error("reading", out, source))?;
+        let mut entries = fs::read_dir(out).map_err(|source| io_error("reading", out, source))?;
         if entries.next().is_some() {
             return Err(OciError::NotALayout(out.to_path_buf()));
         }

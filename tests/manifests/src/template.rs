@@ -28,7 +28,11 @@ pub enum TemplateError {
 
 /// `template` with every placeholder replaced by `image` and `sha256`.
 pub fn render(template: &str, image: &str, sha256: &str) -> Result<String, TemplateError> {
-    if sha256.len() != 64 || !sha256.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) {
+    if sha256.len() != 64
+        || !sha256
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    {
         return Err(TemplateError::InvalidDigest(sha256.to_owned()));
     }
     if image.is_empty() || image.contains("://") || image.contains(char::is_whitespace) {
