@@ -139,8 +139,11 @@ impl Source for StaticFileSource {
             let mut seen = Seen::default();
             let mut ticker = tokio::time::interval(self.poll_interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            while !sink.is_closed() {
+            loop {
                 ticker.tick().await;
+                if sink.is_closed() {
+                    return;
+                }
                 let Some(services) = self.poll(&mut seen).await else {
                     continue;
                 };

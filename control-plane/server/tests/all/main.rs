@@ -1,1 +1,6 @@
-fn main() {}
+//! End-to-end tests of the control plane against real Envoy (one test binary).
+
+mod support;
+
+mod snapshot_api;
+mod xds_envoy;

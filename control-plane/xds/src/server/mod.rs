@@ -73,6 +73,8 @@ pub struct AdsServer {
 #[derive(Debug)]
 struct Shared {
     snapshots: watch::Receiver<Option<Arc<XdsSnapshot>>>,
+    /// Set to `true` to end every stream (shutdown); gRPC streams never end by themselves.
+    closing: watch::Sender<bool>,
     registry: NodeRegistry,
     metrics: XdsMetrics,
     next_stream_id: AtomicU64,
@@ -85,11 +87,18 @@ impl AdsServer {
         Self {
             shared: Arc::new(Shared {
                 snapshots: cache.subscribe(),
+                closing: watch::Sender::new(false),
                 registry,
                 metrics,
                 next_stream_id: AtomicU64::new(1),
             }),
         }
+    }
+
+    /// Ends every open stream and every stream opened later (for shutdown: a gRPC server's
+    /// graceful shutdown waits for streams, and ADS streams never end by themselves).
+    pub fn close_streams(&self) {
+        self.shared.closing.send_replace(true);
     }
 
     /// The tonic service to add to a `tonic::transport::Server`.
@@ -245,10 +254,15 @@ async fn drive<P: Protocol>(
 ) {
     let stream_id = shared.next_stream_id.fetch_add(1, Ordering::Relaxed);
     let mut snapshots = shared.snapshots.clone();
+    let mut closing = shared.closing.subscribe();
     let mut state = P::default();
     let mut open: Option<OpenStream> = None;
     loop {
+        if *closing.borrow_and_update() {
+            break;
+        }
         let outgoing: Vec<(P::Response, Option<std::time::Instant>)> = tokio::select! {
+            _ = closing.changed() => continue,
             message = requests.message() => {
                 let request = match message {
                     Ok(Some(request)) => request,

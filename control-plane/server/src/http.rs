@@ -1,0 +1,152 @@
+//! The HTTP API: the snapshot the filters poll, health, readiness, metrics and xDS status.
+//!
+//! - `GET /v1/snapshot`: the current [`fulcrum_core::Snapshot`] as JSON with
+//!   `ETag: "<version>"`; `If-None-Match` naming the current version gets `304 Not Modified`
+//!   with no body. `503` before the first snapshot.
+//! - `GET /healthz`: `200` while the process serves.
+//! - `GET /readyz`: `200` once the first snapshot is built, `503` before.
+//! - `GET /metrics`: Prometheus (OpenMetrics text).
+//! - `GET /v1/status`: the snapshot version and, per connected Envoy stream, its kind, the
+//!   versions sent and acknowledged per type and its last NACK.
+
+use std::sync::Arc;
+
+use axum::{
+    Json, Router,
+    extract::State,
+    http::{HeaderMap, HeaderValue, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use fulcrum_xds::{NodeRegistry, StreamStatus};
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+
+use crate::snapshot::SnapshotStore;
+
+/// What the handlers share.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    /// The latest snapshot.
+    pub store: SnapshotStore,
+    /// Connected Envoy streams.
+    pub nodes: NodeRegistry,
+    /// Every metric.
+    pub registry: Arc<Registry>,
+}
+
+/// The API's routes.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/snapshot", get(snapshot))
+        .route("/v1/status", get(status))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .route("/metrics", get(metrics))
+        .with_state(state)
+}
+
+/// Whether `If-None-Match` names `etag` (or is `*`).
+fn matches_etag(headers: &HeaderMap, etag: &str) -> bool {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|candidate| candidate.trim().trim_start_matches("W/"))
+        .any(|candidate| candidate == etag || candidate == "*")
+}
+
+async fn snapshot(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    let Some(served) = state.store.current() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "no snapshot yet\n").into_response();
+    };
+    let etag = HeaderValue::from_str(&served.etag)
+        .unwrap_or_else(|_| HeaderValue::from_static("\"invalid\""));
+    if matches_etag(&headers, &served.etag) {
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+    }
+    (
+        [
+            (header::ETAG, etag),
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            ),
+        ],
+        served.body.clone(),
+    )
+        .into_response()
+}
+
+async fn ready(State(state): State<AppState>) -> Response {
+    match state.store.current() {
+        Some(_) => (StatusCode::OK, "ready\n").into_response(),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "waiting for the first snapshot\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let mut body = String::new();
+    if let Err(error) = prometheus_client::encoding::text::encode(&mut body, &state.registry) {
+        return (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode metrics: {error}\n"),
+        )
+            .into_response();
+    }
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/openmetrics-text; version=1.0.0; charset=utf-8"),
+        )],
+        body,
+    )
+        .into_response()
+}
+
+/// The body of `/v1/status`.
+#[derive(Debug, Serialize)]
+pub struct Status {
+    /// The current snapshot version, if any.
+    pub snapshot_version: Option<String>,
+    /// Every open xDS stream.
+    pub streams: Vec<StreamStatus>,
+}
+
+async fn status(State(state): State<AppState>) -> Json<Status> {
+    Json(Status {
+        snapshot_version: state
+            .store
+            .current()
+            .map(|served| served.snapshot.version.clone()),
+        streams: state.nodes.snapshot(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(value: &str) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::IF_NONE_MATCH,
+            HeaderValue::from_str(value).expect("header"),
+        );
+        headers
+    }
+
+    #[test]
+    fn if_none_match_accepts_lists_weak_tags_and_star() {
+        assert!(matches_etag(&headers("\"v1\""), "\"v1\""));
+        assert!(matches_etag(&headers("\"v0\", W/\"v1\""), "\"v1\""));
+        assert!(matches_etag(&headers("*"), "\"v1\""));
+        assert!(!matches_etag(&headers("\"v0\""), "\"v1\""));
+        assert!(!matches_etag(&HeaderMap::new(), "\"v1\""));
+    }
+}

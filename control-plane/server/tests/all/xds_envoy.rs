@@ -1,0 +1,358 @@
+//! Envoy bootstrapped with ADS to the control plane: clusters, endpoint changes, NACKs, both
+//! protocol variants, and the propagation latency from a file change to Envoy's admin.
+
+use std::time::{Duration, Instant};
+
+use fulcrum_envoy_harness::{AdsApi, Envoy, eventually};
+use serde_json::Value;
+
+use crate::support::{
+    Fixture, PATIENCE, addresses, endpoint, endpoints_file, hosts, stream_status, wait_for_hosts,
+};
+
+fn api_name(api: AdsApi) -> &'static str {
+    match api {
+        AdsApi::Sotw => "sotw",
+        AdsApi::Delta => "delta",
+    }
+}
+
+/// The first config_dump entry of `type_suffix` (e.g. `ClustersConfigDump`).
+fn dump_section<'a>(dump: &'a Value, type_suffix: &str) -> &'a Value {
+    dump["configs"]
+        .as_array()
+        .and_then(|configs| {
+            configs.iter().find(|config| {
+                config["@type"]
+                    .as_str()
+                    .is_some_and(|ty| ty.ends_with(type_suffix))
+            })
+        })
+        .unwrap_or_else(|| panic!("config_dump has no {type_suffix}"))
+}
+
+fn dynamic_cluster<'a>(dump: &'a Value, name: &str) -> &'a Value {
+    dump_section(dump, "ClustersConfigDump")["dynamic_active_clusters"]
+        .as_array()
+        .and_then(|clusters| clusters.iter().find(|c| c["cluster"]["name"] == name))
+        .map(|entry| &entry["cluster"])
+        .unwrap_or_else(|| panic!("no dynamic cluster {name} in config_dump"))
+}
+
+async fn assert_cluster_config(envoy: &Envoy) {
+    let dump = envoy.config_dump(true).await.expect("config_dump");
+    let cluster = dynamic_cluster(&dump, "checkout");
+    assert_eq!(cluster["type"], "EDS");
+    let policy = &cluster["load_balancing_policy"]["policies"][0]["typed_extension_config"];
+    assert_eq!(
+        policy["name"],
+        "envoy.load_balancing_policies.override_host"
+    );
+    assert_eq!(
+        policy["typed_config"]["override_host_sources"][0]["header"],
+        "x-fulcrum-endpoint"
+    );
+    assert_eq!(
+        policy["typed_config"]["fallback_policy"]["policies"][0]["typed_extension_config"]["name"],
+        "envoy.load_balancing_policies.least_request"
+    );
+    let options = &cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+    let filters: Vec<&str> = options["http_filters"]
+        .as_array()
+        .expect("upstream http filters")
+        .iter()
+        .filter_map(|filter| filter["name"].as_str())
+        .collect();
+    assert_eq!(
+        filters,
+        [
+            "envoy.filters.http.header_mutation",
+            "envoy.filters.http.upstream_codec"
+        ]
+    );
+    assert_eq!(
+        options["http_filters"][0]["typed_config"]["mutations"]["request_mutations"][0]["remove"],
+        "x-fulcrum-endpoint"
+    );
+    let endpoints = dump_section(&dump, "EndpointsConfigDump")["dynamic_endpoint_configs"]
+        .as_array()
+        .expect("EDS configs")
+        .iter()
+        .find(|config| config["endpoint_config"]["cluster_name"] == "checkout")
+        .expect("EDS config of checkout");
+    let zones: Vec<&str> = endpoints["endpoint_config"]["endpoints"]
+        .as_array()
+        .expect("localities")
+        .iter()
+        .map(|locality| locality["locality"]["zone"].as_str().unwrap_or(""))
+        .collect();
+    assert!(zones.contains(&"zone-a"), "zones {zones:?}");
+}
+
+/// Waits until the node acknowledged `version` for both CDS and EDS (both must have been
+/// sent at `version`: CDS is only resent when the clusters change).
+async fn wait_for_acks(fixture: &Fixture, node: &str, version: &str) -> Value {
+    eventually(PATIENCE, || async {
+        let stream = stream_status(fixture, node).await?;
+        let acked = |ty: &str| stream["types"][ty]["last_acked_version"].as_str() == Some(version);
+        (acked("cds") && acked("eds")).then_some(stream)
+    })
+    .await
+    .unwrap_or_else(|| panic!("{node} never acknowledged {version} for CDS and EDS"))
+}
+
+async fn endpoint_changes_reach_envoy(api: AdsApi) {
+    let node = format!("changes-{}", api_name(api));
+    let fixture = Fixture::start(&endpoints_file(&[
+        (
+            "checkout",
+            vec![
+                endpoint("127.0.0.1:19001", ""),
+                endpoint("127.0.0.1:19002", ", weight: 3, zone: zone-a"),
+            ],
+        ),
+        ("search", vec![endpoint("127.0.0.1:19101", "")]),
+    ]))
+    .await;
+    fixture.snapshot_version().await;
+    let envoy = fixture.envoy(&node, api).await;
+
+    let checkout = wait_for_hosts(&envoy, "checkout", "both endpoints", |hosts| {
+        addresses(hosts) == ["127.0.0.1:19001", "127.0.0.1:19002"]
+    })
+    .await;
+    assert_eq!(checkout[1].weight, 3);
+    wait_for_hosts(&envoy, "search", "its endpoint", |hosts| {
+        addresses(hosts) == ["127.0.0.1:19101"]
+    })
+    .await;
+    assert_cluster_config(&envoy).await;
+
+    // An endpoint added.
+    fixture.write(&endpoints_file(&[
+        (
+            "checkout",
+            vec![
+                endpoint("127.0.0.1:19001", ""),
+                endpoint("127.0.0.1:19002", ", weight: 3, zone: zone-a"),
+                endpoint("127.0.0.1:19003", ""),
+            ],
+        ),
+        ("search", vec![endpoint("127.0.0.1:19101", "")]),
+    ]));
+    wait_for_hosts(&envoy, "checkout", "the added endpoint", |hosts| {
+        hosts.len() == 3
+    })
+    .await;
+
+    // One marked unhealthy, one draining.
+    fixture.write(&endpoints_file(&[
+        (
+            "checkout",
+            vec![
+                endpoint("127.0.0.1:19001", ", health: unhealthy"),
+                endpoint("127.0.0.1:19002", ", weight: 3, zone: zone-a"),
+                endpoint("127.0.0.1:19003", ", health: draining"),
+            ],
+        ),
+        ("search", vec![endpoint("127.0.0.1:19101", "")]),
+    ]));
+    let checkout = wait_for_hosts(&envoy, "checkout", "the health changes", |hosts| {
+        hosts.len() == 3
+            && hosts[0].eds_health_status == "UNHEALTHY"
+            && hosts[2].eds_health_status == "DRAINING"
+    })
+    .await;
+    assert_eq!(checkout[1].eds_health_status, "HEALTHY");
+
+    // An endpoint and a whole service removed.
+    fixture.write(&endpoints_file(&[(
+        "checkout",
+        vec![
+            endpoint("127.0.0.1:19001", ""),
+            endpoint("127.0.0.1:19003", ""),
+        ],
+    )]));
+    wait_for_hosts(&envoy, "checkout", "the removal", |hosts| {
+        addresses(hosts) == ["127.0.0.1:19001", "127.0.0.1:19003"]
+            && hosts.iter().all(|host| host.eds_health_status == "HEALTHY")
+    })
+    .await;
+    let gone = eventually(PATIENCE, || async {
+        let clusters = envoy.cluster_hosts().await.expect("admin /clusters");
+        (!clusters.contains_key("search")).then_some(())
+    })
+    .await;
+    assert!(gone.is_some(), "cluster search was not removed from Envoy");
+
+    let version = fixture.snapshot_version().await;
+    let stream = wait_for_acks(&fixture, &node, &version).await;
+    assert_eq!(stream["kind"], api_name(api));
+    assert!(stream["types"]["cds"]["last_nack"].is_null());
+    assert!(stream["types"]["eds"]["last_nack"].is_null());
+    let metrics = fixture.metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "fulcrum_xds_connected_proxies{{stream=\"{}\"}} 1",
+            api_name(api)
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "fulcrum_xds_push_latency_seconds_count{{resource_type=\"eds\",stream=\"{}\"}}",
+            api_name(api)
+        )),
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sotw_stream_delivers_clusters_and_every_endpoint_change() {
+    endpoint_changes_reach_envoy(AdsApi::Sotw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_stream_delivers_clusters_and_every_endpoint_change() {
+    endpoint_changes_reach_envoy(AdsApi::Delta).await;
+}
+
+async fn invalid_assignment_is_nacked_and_the_last_good_version_stays(api: AdsApi) {
+    let node = format!("nack-{}", api_name(api));
+    let fixture = Fixture::start(&endpoints_file(&[(
+        "checkout",
+        vec![endpoint("127.0.0.1:19001", "")],
+    )]))
+    .await;
+    let good_version = fixture.snapshot_version().await;
+    let envoy = fixture.envoy(&node, api).await;
+    wait_for_hosts(&envoy, "checkout", "its endpoint", |hosts| hosts.len() == 1).await;
+    wait_for_acks(&fixture, &node, &good_version).await;
+
+    // Weight 0 passes the file's schema but Envoy's EDS validation refuses it.
+    fixture.write(&endpoints_file(&[(
+        "checkout",
+        vec![
+            endpoint("127.0.0.1:19001", ""),
+            endpoint("127.0.0.1:19002", ", weight: 0"),
+        ],
+    )]));
+    let stream = eventually(PATIENCE, || async {
+        let stream = stream_status(&fixture, &node).await?;
+        (!stream["types"]["eds"]["last_nack"].is_null()).then_some(stream)
+    })
+    .await
+    .expect("Envoy NACKs the assignment and /v1/status shows it");
+    let bad_version = fixture.snapshot_version().await;
+    let nack = &stream["types"]["eds"]["last_nack"];
+    eprintln!("{} NACK as reported in /v1/status: {nack}", api_name(api));
+    assert_eq!(nack["rejected_version"], bad_version.as_str());
+    assert!(
+        nack["message"]
+            .as_str()
+            .is_some_and(|message| message.to_lowercase().contains("weight")),
+        "NACK detail names the weight: {nack}"
+    );
+    assert_eq!(
+        stream["types"]["eds"]["last_acked_version"],
+        good_version.as_str()
+    );
+    let metrics = fixture.metrics().await;
+    assert!(
+        metrics.contains(&format!(
+            "fulcrum_xds_nacks_total{{resource_type=\"eds\",stream=\"{}\"}} 1",
+            api_name(api)
+        )),
+        "{metrics}"
+    );
+    assert_eq!(
+        addresses(&hosts(&envoy, "checkout").await),
+        ["127.0.0.1:19001"],
+        "Envoy keeps the last good assignment"
+    );
+
+    // Fixing the file recovers.
+    fixture.write(&endpoints_file(&[(
+        "checkout",
+        vec![
+            endpoint("127.0.0.1:19001", ""),
+            endpoint("127.0.0.1:19002", ", weight: 2"),
+        ],
+    )]));
+    wait_for_hosts(&envoy, "checkout", "the fixed assignment", |hosts| {
+        hosts.len() == 2
+    })
+    .await;
+    // Only endpoints changed: EDS is acknowledged at the new version, CDS stays where it was.
+    let fixed_version = fixture.snapshot_version().await;
+    let stream = eventually(PATIENCE, || async {
+        let stream = stream_status(&fixture, &node).await?;
+        (stream["types"]["eds"]["last_acked_version"] == fixed_version.as_str()).then_some(stream)
+    })
+    .await
+    .expect("the fixed assignment is acknowledged");
+    assert_eq!(
+        stream["types"]["cds"]["last_acked_version"],
+        good_version.as_str()
+    );
+    assert_eq!(stream["types"]["eds"]["nacks"], 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sotw_nack_is_reported_and_envoy_keeps_the_last_good_assignment() {
+    invalid_assignment_is_nacked_and_the_last_good_version_stays(AdsApi::Sotw).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_nack_is_reported_and_envoy_keeps_the_last_good_assignment() {
+    invalid_assignment_is_nacked_and_the_last_good_version_stays(AdsApi::Delta).await;
+}
+
+/// Time from an endpoints file write to Envoy's admin listing the new endpoint, over a few
+/// repetitions, for both protocol variants. Reported, not asserted (timing belongs to
+/// benchmarks); each wait is bounded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn propagation_latency_from_file_change_to_envoy_admin() {
+    const REPETITIONS: u16 = 5;
+    for api in [AdsApi::Sotw, AdsApi::Delta] {
+        let node = format!("latency-{}", api_name(api));
+        let mut lines = vec![endpoint("127.0.0.1:20000", "")];
+        let fixture = Fixture::start(&endpoints_file(&[("checkout", lines.clone())])).await;
+        fixture.snapshot_version().await;
+        let envoy = fixture.envoy(&node, api).await;
+        wait_for_hosts(&envoy, "checkout", "its endpoint", |hosts| hosts.len() == 1).await;
+        let mut samples = Vec::new();
+        for repetition in 1..=REPETITIONS {
+            let address = format!("127.0.0.1:{}", 20000 + repetition);
+            lines.push(endpoint(&address, ""));
+            let started = Instant::now();
+            fixture.write(&endpoints_file(&[("checkout", lines.clone())]));
+            loop {
+                let hosts = hosts(&envoy, "checkout").await;
+                if hosts.iter().any(|host| host.address == address) {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < PATIENCE,
+                    "{address} never reached Envoy"
+                );
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            samples.push(started.elapsed());
+            // Let the poller see the next write as a separate change.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        samples.sort();
+        eprintln!(
+            "propagation file → Envoy admin ({}, poll {:?}, debounce {:?}): min {:?} median {:?} max {:?} over {} samples {:?}",
+            api_name(api),
+            crate::support::POLL_INTERVAL,
+            crate::support::DEBOUNCE,
+            samples[0],
+            samples[samples.len() / 2],
+            samples[samples.len() - 1],
+            samples.len(),
+            samples
+        );
+    }
+}
