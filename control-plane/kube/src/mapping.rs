@@ -1,0 +1,246 @@
+//! Maps Kubernetes Services and EndpointSlices to fulcrum services, the way Istio does.
+//!
+//! Pure: takes the objects the reflector stores hold and returns the full state the source
+//! publishes, so every rule here is tested without a watcher.
+//!
+//! - **One cluster per Service port**, named as Istio names its outbound clusters,
+//!   `outbound|<port>||<service>.<namespace>.svc.<cluster domain>` (see [`cluster_name`]), so a
+//!   policy written for an Istio mesh keys the same services. Only TCP ports (the default
+//!   protocol) map; `ExternalName` Services have no endpoints and are skipped. A Service port
+//!   with no endpoints still yields its cluster, empty, as Istio sends it.
+//! - **Endpoints** come from every EndpointSlice labelled `kubernetes.io/service-name` with the
+//!   Service's name in its namespace (slices of one Service are merged). A Service port is
+//!   matched to a slice port by name (an unnamed single port matches the unnamed slice port)
+//!   and protocol; the endpoint's address is its first address (the API says they are
+//!   fungible) with the slice port's number (the target port). `FQDN` slices are skipped.
+//! - **Health** follows Istio's `endpointHealthStatus` ([`endpoint_health`]).
+//! - **Attributes**: `zone` becomes the endpoint's zone; the Service's labels, then the slice's
+//!   (which the EndpointSlice controller copies from the Service), then `node_name` and
+//!   `pod_name` become its metadata, later keys overriding earlier ones.
+//! - An address listed twice for one cluster (an endpoint moving between slices) is kept once,
+//!   with its healthiest state.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use fulcrum_core::{Endpoint, Health, ServiceEndpoints};
+use fulcrum_sources::Services;
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::{EndpointConditions, EndpointPort, EndpointSlice},
+};
+use tracing::debug;
+
+/// The label the EndpointSlice controller puts on every slice: the owning Service's name.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Metadata key of the node an endpoint runs on (the slice's `nodeName`).
+pub const NODE_NAME_KEY: &str = "node_name";
+/// Metadata key of the pod behind an endpoint (its `targetRef` when that is a Pod).
+pub const POD_NAME_KEY: &str = "pod_name";
+
+/// How Kubernetes objects become clusters. Defaults: `cluster.local`, unhealthy endpoints left
+/// out (Istio's `PILOT_SEND_UNHEALTHY_ENDPOINTS=false`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Mapping {
+    /// The cluster's DNS domain, the suffix of `<svc>.<ns>.svc.<domain>`.
+    pub cluster_domain: String,
+    /// Publish not-ready (and not terminating) endpoints as `unhealthy` instead of leaving
+    /// them out, as Istio's `PILOT_SEND_UNHEALTHY_ENDPOINTS` does.
+    pub send_unhealthy_endpoints: bool,
+}
+
+impl Default for Mapping {
+    fn default() -> Self {
+        Self {
+            cluster_domain: "cluster.local".to_owned(),
+            send_unhealthy_endpoints: false,
+        }
+    }
+}
+
+/// Istio's outbound cluster name for one Service port:
+/// `outbound|8080||checkout.shop.svc.cluster.local`.
+pub fn cluster_name(service: &str, namespace: &str, port: i32, cluster_domain: &str) -> String {
+    format!("outbound|{port}||{service}.{namespace}.svc.{cluster_domain}")
+}
+
+/// The health an endpoint is published with, or `None` to leave it out.
+///
+/// As Istio: `ready` (unset counts as ready) is healthy; not ready but still `serving` while
+/// `terminating` is draining (it finishes sticky sessions and gets no new ones); terminating
+/// and no longer serving is left out (Istio never sends terminating endpoints); any other
+/// not-ready endpoint is unhealthy, left out unless `send_unhealthy_endpoints`. Unset
+/// `serving` and `terminating` are read as the API defines them (serving defers to ready,
+/// terminating is false), where Istio reads both as true.
+pub fn endpoint_health(
+    conditions: Option<&EndpointConditions>,
+    send_unhealthy_endpoints: bool,
+) -> Option<Health> {
+    let ready = conditions.and_then(|c| c.ready).unwrap_or(true);
+    if ready {
+        return Some(Health::Healthy);
+    }
+    let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+    let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
+    match (serving, terminating) {
+        (true, true) => Some(Health::Draining),
+        (false, true) => None,
+        (_, false) => send_unhealthy_endpoints.then_some(Health::Unhealthy),
+    }
+}
+
+impl Mapping {
+    /// Every cluster of `services` with its endpoints from `slices`.
+    pub fn services(&self, services: &[Arc<Service>], slices: &[Arc<EndpointSlice>]) -> Services {
+        let mut slices_by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
+        for slice in slices {
+            let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
+            let owner = slice
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(SERVICE_NAME_LABEL));
+            match owner {
+                Some(owner) if slice.address_type != "FQDN" => slices_by_service
+                    .entry((namespace, owner.as_str()))
+                    .or_default()
+                    .push(slice),
+                _ => {}
+            }
+        }
+        let mut out = Services::new();
+        for service in services {
+            let (Some(name), Some(spec)) = (service.metadata.name.as_deref(), &service.spec) else {
+                continue;
+            };
+            if spec.type_.as_deref() == Some("ExternalName") {
+                continue;
+            }
+            let namespace = service.metadata.namespace.as_deref().unwrap_or_default();
+            let slices = slices_by_service
+                .get(&(namespace, name))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            for port in spec
+                .ports
+                .iter()
+                .flatten()
+                .filter(|port| is_tcp(&port.protocol))
+            {
+                let cluster = cluster_name(name, namespace, port.port, &self.cluster_domain);
+                let endpoints = self.endpoints(service, port, slices);
+                out.insert(cluster, ServiceEndpoints { endpoints });
+            }
+        }
+        out
+    }
+
+    /// The endpoints of one Service port, sorted by address, each address once.
+    fn endpoints(
+        &self,
+        service: &Service,
+        port: &ServicePort,
+        slices: &[&EndpointSlice],
+    ) -> Vec<Endpoint> {
+        let mut endpoints: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
+        for slice in slices {
+            let Some(target_port) = matching_port(port, slice.ports.as_deref().unwrap_or_default())
+            else {
+                continue;
+            };
+            for endpoint in &slice.endpoints {
+                let Some(health) =
+                    endpoint_health(endpoint.conditions.as_ref(), self.send_unhealthy_endpoints)
+                else {
+                    continue;
+                };
+                let Some(ip) = endpoint.addresses.first().and_then(|a| parse_ip(a, slice)) else {
+                    continue;
+                };
+                let address = SocketAddr::new(ip, target_port);
+                let mapped = Endpoint {
+                    zone: endpoint.zone.clone(),
+                    metadata: metadata(service, slice, endpoint),
+                    health,
+                    ..Endpoint::new(address)
+                };
+                match endpoints.get(&address) {
+                    Some(kept) if health_rank(kept.health) <= health_rank(health) => {}
+                    _ => {
+                        endpoints.insert(address, mapped);
+                    }
+                }
+            }
+        }
+        endpoints.into_values().collect()
+    }
+}
+
+/// Whether a port's protocol is TCP (unset means TCP).
+fn is_tcp(protocol: &Option<String>) -> bool {
+    protocol.as_deref().is_none_or(|protocol| protocol == "TCP")
+}
+
+/// The slice port serving `port` (same name, unset and empty alike; same protocol), as a
+/// socket port number.
+fn matching_port(port: &ServicePort, slice_ports: &[EndpointPort]) -> Option<u16> {
+    let name = port.name.as_deref().unwrap_or_default();
+    slice_ports
+        .iter()
+        .find(|candidate| {
+            candidate.name.as_deref().unwrap_or_default() == name && is_tcp(&candidate.protocol)
+        })
+        .and_then(|candidate| candidate.port)
+        .and_then(|number| u16::try_from(number).ok())
+}
+
+fn parse_ip(address: &str, slice: &EndpointSlice) -> Option<IpAddr> {
+    let parsed = address.parse().ok();
+    if parsed.is_none() {
+        debug!(
+            slice = slice.metadata.name.as_deref().unwrap_or_default(),
+            address, "skipping an endpoint address that is not an IP"
+        );
+    }
+    parsed
+}
+
+/// Service labels, then slice labels, then the endpoint's node and pod.
+fn metadata(
+    service: &Service,
+    slice: &EndpointSlice,
+    endpoint: &k8s_openapi::api::discovery::v1::Endpoint,
+) -> BTreeMap<String, String> {
+    let mut metadata: BTreeMap<String, String> = service
+        .metadata
+        .labels
+        .iter()
+        .chain(slice.metadata.labels.iter())
+        .flatten()
+        .map(|(key, value)| (key.clone(), value.clone()))
+        .collect();
+    if let Some(node) = &endpoint.node_name {
+        metadata.insert(NODE_NAME_KEY.to_owned(), node.clone());
+    }
+    if let Some(pod) = endpoint
+        .target_ref
+        .as_ref()
+        .filter(|target| target.kind.as_deref() == Some("Pod"))
+        .and_then(|target| target.name.clone())
+    {
+        metadata.insert(POD_NAME_KEY.to_owned(), pod);
+    }
+    metadata
+}
+
+/// Lower is healthier.
+fn health_rank(health: Health) -> u8 {
+    match health {
+        Health::Healthy => 0,
+        Health::Draining => 1,
+        Health::Unhealthy => 2,
+    }
+}

@@ -1,0 +1,253 @@
+//! [`KubeSource`]: watchers and reflector stores for Services and EndpointSlices, consumed into
+//! the full service set after every change.
+
+use std::{fmt::Debug, time::Duration};
+
+use fulcrum_sources::{Services, Source, SourceFuture, SourceSink};
+use futures::{StreamExt, stream::BoxStream};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use kube::{
+    Api, Client, Resource,
+    runtime::{
+        WatchStreamExt,
+        reflector::{self, Store},
+        watcher,
+    },
+};
+use serde::de::DeserializeOwned;
+use tracing::{debug, info, warn};
+
+use crate::Mapping;
+
+/// How often the source checks whether the pipeline stopped listening while no event comes.
+const SINK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+
+/// What to watch and how to map it. Defaults: every namespace, no label selector, the default
+/// [`Mapping`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KubeOptions {
+    /// Namespaces to watch; empty watches the whole cluster (needs a ClusterRole).
+    pub namespaces: Vec<String>,
+    /// A label selector (`app=checkout,tier!=batch`) applied to Services and EndpointSlices
+    /// alike: the EndpointSlice controller copies a Service's labels onto its slices.
+    pub label_selector: Option<String>,
+    /// How objects become clusters.
+    pub mapping: Mapping,
+}
+
+/// Why the Kubernetes source could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum KubeSourceError {
+    /// No client configuration was found or it was unusable.
+    #[error(
+        "cannot configure a Kubernetes client: {0} (run in a pod with a service account, or set KUBECONFIG)"
+    )]
+    Client(#[source] kube::Error),
+}
+
+/// Endpoints from Kubernetes EndpointSlices; see the [crate docs](crate).
+#[derive(Clone)]
+pub struct KubeSource {
+    client: Client,
+    options: KubeOptions,
+}
+
+impl Debug for KubeSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeSource")
+            .field("options", &self.options)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KubeSource {
+    /// A source using `client` (tests point it at a fake API server).
+    pub fn new(client: Client, options: KubeOptions) -> Self {
+        Self { client, options }
+    }
+
+    /// A source with the client configuration found in the environment: the in-cluster
+    /// service account, else the kubeconfig.
+    pub async fn from_environment(options: KubeOptions) -> Result<Self, KubeSourceError> {
+        let client = Client::try_default()
+            .await
+            .map_err(KubeSourceError::Client)?;
+        Ok(Self::new(client, options))
+    }
+
+    fn watcher_config(&self) -> watcher::Config {
+        let config = watcher::Config::default();
+        match &self.options.label_selector {
+            Some(selector) => config.labels(selector),
+            None => config,
+        }
+    }
+
+    /// `Api`s for every watched scope: each namespace, or the whole cluster.
+    fn apis<K>(&self) -> Vec<(String, Api<K>)>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        if self.options.namespaces.is_empty() {
+            return vec![("*".to_owned(), Api::all(self.client.clone()))];
+        }
+        self.options
+            .namespaces
+            .iter()
+            .map(|namespace| {
+                (
+                    namespace.clone(),
+                    Api::namespaced(self.client.clone(), namespace),
+                )
+            })
+            .collect()
+    }
+
+    async fn watch(self, sink: SourceSink) {
+        let name = self.name();
+        let config = self.watcher_config();
+        let mut labels = Vec::new();
+        let mut streams = Vec::new();
+        let mut service_stores = Vec::new();
+        let mut slice_stores = Vec::new();
+        for (namespace, api) in self.apis::<Service>() {
+            let (store, stream) = reflect(api, config.clone(), streams.len());
+            labels.push(format!("services in {namespace}"));
+            streams.push(stream);
+            service_stores.push(store);
+        }
+        for (namespace, api) in self.apis::<EndpointSlice>() {
+            let (store, stream) = reflect(api, config.clone(), streams.len());
+            labels.push(format!("endpointslices in {namespace}"));
+            streams.push(stream);
+            slice_stores.push(store);
+        }
+        let mut events = futures::stream::select_all(streams);
+        let mut listed = vec![false; labels.len()];
+        let mut published: Option<Services> = None;
+        let mut sink_check = tokio::time::interval(SINK_CHECK_INTERVAL);
+        loop {
+            let (index, progress) = tokio::select! {
+                next = events.next() => match next {
+                    Some(next) => next,
+                    None => return,
+                },
+                _ = sink_check.tick() => {
+                    if sink.is_closed() {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            let watched = labels.get(index).map_or("", String::as_str);
+            match progress {
+                Progress::Buffered => continue,
+                Progress::Failed(error) => {
+                    log_watch_error(&name, watched, &error);
+                    continue;
+                }
+                Progress::Listed => {
+                    info!(source = %name, watched, "listed");
+                    if let Some(flag) = listed.get_mut(index) {
+                        *flag = true;
+                    }
+                }
+                Progress::Changed => {}
+            }
+            if !listed.iter().all(|listed| *listed) {
+                continue;
+            }
+            let services = self
+                .options
+                .mapping
+                .services(&states(&service_stores), &states(&slice_stores));
+            if published.as_ref() == Some(&services) {
+                debug!(source = %name, watched, "change left the clusters as they were");
+                continue;
+            }
+            info!(source = %name, clusters = services.len(), "publishing");
+            if sink.publish(services.clone()).await.is_err() {
+                return;
+            }
+            published = Some(services);
+        }
+    }
+}
+
+impl Source for KubeSource {
+    fn name(&self) -> String {
+        let namespaces = if self.options.namespaces.is_empty() {
+            "*".to_owned()
+        } else {
+            self.options.namespaces.join(",")
+        };
+        match &self.options.label_selector {
+            Some(selector) => format!("kubernetes:{namespaces}:{selector}"),
+            None => format!("kubernetes:{namespaces}"),
+        }
+    }
+
+    fn run(self: Box<Self>, sink: SourceSink) -> SourceFuture {
+        Box::pin(self.watch(sink))
+    }
+}
+
+/// What one watcher event means to the consumer.
+#[derive(Debug)]
+enum Progress {
+    /// A (re)list started or delivered an object; the store changes only when it is done.
+    Buffered,
+    /// A (re)list finished; the store now holds exactly the listed objects.
+    Listed,
+    /// An object was added, modified or deleted.
+    Changed,
+    /// The watcher failed; it retries after a backoff (and relists after `410 Gone`).
+    Failed(watcher::Error),
+}
+
+impl<K> From<Result<watcher::Event<K>, watcher::Error>> for Progress {
+    fn from(event: Result<watcher::Event<K>, watcher::Error>) -> Self {
+        match event {
+            Ok(watcher::Event::Init | watcher::Event::InitApply(_)) => Self::Buffered,
+            Ok(watcher::Event::InitDone) => Self::Listed,
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => Self::Changed,
+            Err(error) => Self::Failed(error),
+        }
+    }
+}
+
+/// A watcher on `api` feeding a reflector store, its events tagged with `index`.
+fn reflect<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    index: usize,
+) -> (Store<K>, BoxStream<'static, (usize, Progress)>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let stream = reflector::reflector(writer, watcher(api, config))
+        .default_backoff()
+        .map(move |event| (index, Progress::from(event)))
+        .boxed();
+    (reader, stream)
+}
+
+fn states<K>(stores: &[Store<K>]) -> Vec<std::sync::Arc<K>>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    stores.iter().flat_map(Store::state).collect()
+}
+
+fn log_watch_error(source: &str, watched: &str, error: &watcher::Error) {
+    match error {
+        watcher::Error::WatchError(status) if status.code == 410 => info!(
+            source,
+            watched,
+            reason = %status.reason,
+            "watch expired (410 Gone); relisting"
+        ),
+        error => warn!(source, watched, %error, "watch failed; retrying after a backoff"),
+    }
+}

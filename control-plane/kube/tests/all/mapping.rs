@@ -1,0 +1,256 @@
+//! The mapping from Services and EndpointSlices to clusters, without a watcher.
+
+use std::sync::Arc;
+
+use fulcrum_core::Health;
+use fulcrum_kube_source::{
+    Mapping, cluster_name, endpoint_health,
+    test_support::objects::{endpoint, endpoint_slice, ready, service, with_labels},
+};
+use k8s_openapi::api::discovery::v1::EndpointConditions;
+
+const CHECKOUT_HTTP: &str = "outbound|80||checkout.shop.svc.cluster.local";
+
+fn addresses(services: &fulcrum_sources::Services, cluster: &str) -> Vec<String> {
+    services[cluster]
+        .endpoints
+        .iter()
+        .map(|endpoint| endpoint.address.to_string())
+        .collect()
+}
+
+#[test]
+fn cluster_names_follow_istio_outbound_names() {
+    assert_eq!(
+        cluster_name("checkout", "shop", 80, "cluster.local"),
+        CHECKOUT_HTTP
+    );
+    assert_eq!(
+        cluster_name("db", "data", 5432, "corp.internal"),
+        "outbound|5432||db.data.svc.corp.internal"
+    );
+}
+
+#[test]
+fn endpoint_health_follows_istio_endpoint_health_status() {
+    let conditions = |ready, serving, terminating| EndpointConditions {
+        ready,
+        serving,
+        terminating,
+    };
+    let cases = [
+        // (ready, serving, terminating) → health without / with send_unhealthy_endpoints
+        (
+            (None, None, None),
+            Some(Health::Healthy),
+            Some(Health::Healthy),
+        ),
+        (
+            (Some(true), Some(true), Some(false)),
+            Some(Health::Healthy),
+            Some(Health::Healthy),
+        ),
+        (
+            (Some(false), Some(true), Some(true)),
+            Some(Health::Draining),
+            Some(Health::Draining),
+        ),
+        ((Some(false), Some(false), Some(true)), None, None),
+        (
+            (Some(false), Some(false), Some(false)),
+            None,
+            Some(Health::Unhealthy),
+        ),
+        ((Some(false), None, None), None, Some(Health::Unhealthy)),
+    ];
+    for ((ready, serving, terminating), default, sending_unhealthy) in cases {
+        let conditions = conditions(ready, serving, terminating);
+        assert_eq!(
+            endpoint_health(Some(&conditions), false),
+            default,
+            "{conditions:?}"
+        );
+        assert_eq!(
+            endpoint_health(Some(&conditions), true),
+            sending_unhealthy,
+            "{conditions:?} with send_unhealthy_endpoints"
+        );
+    }
+    assert_eq!(endpoint_health(None, false), Some(Health::Healthy));
+}
+
+#[test]
+fn each_service_port_is_a_cluster_with_the_slice_target_port() {
+    let services = [Arc::new(service(
+        "shop",
+        "checkout",
+        &[("http", 80), ("grpc", 9090)],
+    ))];
+    let slices = [Arc::new(endpoint_slice(
+        "shop",
+        "checkout-abc",
+        "checkout",
+        &[("http", 8080), ("grpc", 9091)],
+        vec![ready("10.0.0.2"), ready("10.0.0.1")],
+    ))];
+    let mapped = Mapping::default().services(&services, &slices);
+    assert_eq!(
+        mapped.keys().collect::<Vec<_>>(),
+        [
+            "outbound|80||checkout.shop.svc.cluster.local",
+            "outbound|9090||checkout.shop.svc.cluster.local",
+        ]
+    );
+    assert_eq!(
+        addresses(&mapped, CHECKOUT_HTTP),
+        ["10.0.0.1:8080", "10.0.0.2:8080"]
+    );
+    assert_eq!(
+        addresses(&mapped, "outbound|9090||checkout.shop.svc.cluster.local"),
+        ["10.0.0.1:9091", "10.0.0.2:9091"]
+    );
+}
+
+#[test]
+fn unnamed_single_port_matches_the_unnamed_slice_port() {
+    let services = [Arc::new(service("shop", "checkout", &[("", 80)]))];
+    let slices = [Arc::new(endpoint_slice(
+        "shop",
+        "checkout-abc",
+        "checkout",
+        &[("", 8080)],
+        vec![ready("10.0.0.1")],
+    ))];
+    let mapped = Mapping::default().services(&services, &slices);
+    assert_eq!(addresses(&mapped, CHECKOUT_HTTP), ["10.0.0.1:8080"]);
+}
+
+#[test]
+fn slices_of_one_service_are_merged_and_a_duplicate_address_keeps_its_healthiest_state() {
+    let services = [Arc::new(service("shop", "checkout", &[("http", 80)]))];
+    let slices = [
+        Arc::new(endpoint_slice(
+            "shop",
+            "checkout-a",
+            "checkout",
+            &[("http", 8080)],
+            vec![ready("10.0.0.1"), endpoint("10.0.0.3", false, true, true)],
+        )),
+        Arc::new(endpoint_slice(
+            "shop",
+            "checkout-b",
+            "checkout",
+            &[("http", 8080)],
+            vec![ready("10.0.0.2"), ready("10.0.0.3")],
+        )),
+    ];
+    let mapped = Mapping::default().services(&services, &slices);
+    assert_eq!(
+        addresses(&mapped, CHECKOUT_HTTP),
+        ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"]
+    );
+    assert!(
+        mapped[CHECKOUT_HTTP]
+            .endpoints
+            .iter()
+            .all(|endpoint| endpoint.health == Health::Healthy)
+    );
+}
+
+#[test]
+fn service_without_slices_is_an_empty_cluster_and_slices_without_a_service_are_ignored() {
+    let services = [Arc::new(service("shop", "checkout", &[("http", 80)]))];
+    let slices = [Arc::new(endpoint_slice(
+        "shop",
+        "orphan-abc",
+        "orphan",
+        &[("http", 8080)],
+        vec![ready("10.0.0.9")],
+    ))];
+    let mapped = Mapping::default().services(&services, &slices);
+    assert_eq!(mapped.len(), 1);
+    assert!(mapped[CHECKOUT_HTTP].endpoints.is_empty());
+}
+
+#[test]
+fn udp_ports_external_name_services_and_fqdn_slices_are_skipped() {
+    let mut dns = service("shop", "dns", &[("dns", 53)]);
+    if let Some(ports) = dns.spec.as_mut().and_then(|spec| spec.ports.as_mut()) {
+        ports[0].protocol = Some("UDP".to_owned());
+    }
+    let mut external = service("shop", "payments", &[("https", 443)]);
+    if let Some(spec) = external.spec.as_mut() {
+        spec.type_ = Some("ExternalName".to_owned());
+    }
+    let mut fqdn = endpoint_slice(
+        "shop",
+        "checkout-fqdn",
+        "checkout",
+        &[("http", 8080)],
+        vec![ready("checkout.example")],
+    );
+    fqdn.address_type = "FQDN".to_owned();
+    let services = [
+        Arc::new(dns),
+        Arc::new(external),
+        Arc::new(service("shop", "checkout", &[("http", 80)])),
+    ];
+    let mapped = Mapping::default().services(&services, &[Arc::new(fqdn)]);
+    assert_eq!(mapped.keys().collect::<Vec<_>>(), [CHECKOUT_HTTP]);
+    assert!(mapped[CHECKOUT_HTTP].endpoints.is_empty());
+}
+
+#[test]
+fn zone_node_pod_and_labels_become_endpoint_attributes() {
+    let mut checkout = service("shop", "checkout", &[("http", 80)]);
+    checkout.metadata = with_labels(checkout.metadata, &[("app", "checkout"), ("tier", "web")]);
+    let mut zoned = ready("10.0.0.1");
+    zoned.zone = Some("eu-west-1a".to_owned());
+    zoned.node_name = Some("node-7".to_owned());
+    let mut slice = endpoint_slice(
+        "shop",
+        "checkout-a",
+        "checkout",
+        &[("http", 8080)],
+        vec![zoned],
+    );
+    slice.metadata = with_labels(slice.metadata, &[("tier", "frontend")]);
+    let mapped = Mapping::default().services(&[Arc::new(checkout)], &[Arc::new(slice)]);
+    let endpoint = &mapped[CHECKOUT_HTTP].endpoints[0];
+    assert_eq!(endpoint.zone.as_deref(), Some("eu-west-1a"));
+    let metadata: Vec<(&str, &str)> = endpoint
+        .metadata
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .collect();
+    assert_eq!(
+        metadata,
+        [
+            ("app", "checkout"),
+            (
+                "endpointslice.kubernetes.io/managed-by",
+                "endpointslice-controller.k8s.io"
+            ),
+            ("kubernetes.io/service-name", "checkout"),
+            ("node_name", "node-7"),
+            ("pod_name", "pod-10.0.0.1"),
+            ("tier", "frontend"),
+        ]
+    );
+}
+
+#[test]
+fn cluster_domain_is_configurable() {
+    let mapping = Mapping {
+        cluster_domain: "corp.internal".to_owned(),
+        ..Mapping::default()
+    };
+    let mapped = mapping.services(
+        &[Arc::new(service("shop", "checkout", &[("http", 80)]))],
+        &[],
+    );
+    assert_eq!(
+        mapped.keys().collect::<Vec<_>>(),
+        ["outbound|80||checkout.shop.svc.corp.internal"]
+    );
+}

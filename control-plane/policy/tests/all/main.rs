@@ -1,0 +1,7 @@
+//! The policy source's tests, one binary: the store, the polled file, and the ConfigMap
+//! watched with kube-rs against the in-process fake API server.
+
+mod configmap;
+mod file;
+mod store;
+mod support;
