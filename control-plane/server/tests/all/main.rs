@@ -2,5 +2,6 @@
 
 mod support;
 
+mod binary;
 mod snapshot_api;
 mod xds_envoy;

@@ -4,10 +4,12 @@
 //!
 //! Follows go-control-plane's `pkg/server/v3`: the server reads snapshots the cache
 //! published and never builds a resource. Each stream runs one task that owns its protocol
-//! state ([`sotw`] / [`delta`], both pure) and reacts to two inputs: Envoy's requests and
-//! new snapshots. ACKs, NACKs and pushes are recorded in the [`NodeRegistry`] and the
+//! state (the `sotw` and `delta` modules, both pure) and reacts to two inputs: Envoy's
+//! requests and new snapshots. ACKs, NACKs and pushes are recorded in the [`NodeRegistry`] and the
 //! [`XdsMetrics`].
 
+#[cfg(test)]
+mod convergence_tests;
 mod delta;
 mod sotw;
 
