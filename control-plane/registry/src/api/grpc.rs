@@ -1,0 +1,333 @@
+//! The gRPC face: `fulcrum.registry.v1.Registry` (see `proto/fulcrum/registry/v1/registry.proto`).
+//!
+//! Messages map field for field onto the model ([`InstanceSpec`] and friends), so both faces
+//! share one validation and give the same field names in errors. Watch streams a first
+//! answer (the changes after the cursor, or a reset) and then one answer per burst of
+//! changes, until the client goes away.
+
+use std::{pin::Pin, time::Duration};
+
+use fulcrum_proto::registry::v1 as pb;
+use tokio_stream::{Stream, wrappers::ReceiverStream};
+use tonic::{Request, Response, Status, metadata::MetadataMap};
+
+use super::{ApiState, MAX_WATCH_WAIT};
+use crate::{
+    BackendError, InstanceSpec, Query, RegistryError,
+    auth::AuthError,
+    model::{GrpcCheckSpec, HealthCheckSpec, HttpCheckSpec, PortSpec},
+    registry::{HealthStatusKey, record_ttl_ms},
+    view::{Cursor, Entry, HealthStatus, Since},
+};
+
+/// The tonic service; wrap it with [`server`].
+#[derive(Debug, Clone)]
+pub struct GrpcApi {
+    state: ApiState,
+}
+
+/// The gRPC server for `state`, ready to add to a `tonic::transport::Server`.
+pub fn server(state: ApiState) -> pb::registry_server::RegistryServer<GrpcApi> {
+    pb::registry_server::RegistryServer::new(GrpcApi { state })
+}
+
+fn identify(state: &ApiState, metadata: &MetadataMap) -> Result<String, Status> {
+    let authorization = metadata
+        .get("authorization")
+        .and_then(|value| value.to_str().ok());
+    state
+        .auth
+        .identify(authorization)
+        .map_err(|error: AuthError| Status::unauthenticated(error.to_string()))
+}
+
+fn status(error: RegistryError) -> Status {
+    let message = error.to_string();
+    match error {
+        RegistryError::Invalid(_) => Status::invalid_argument(message),
+        RegistryError::AddressInUse { .. } => Status::already_exists(message),
+        RegistryError::Backend(BackendError::NotFound { .. }) => Status::not_found(message),
+        RegistryError::Backend(BackendError::NotOwner { .. }) => Status::permission_denied(message),
+        RegistryError::Backend(BackendError::Unavailable { .. }) => Status::unavailable(message),
+    }
+}
+
+/// The model spec of a proto instance (validation happens on the spec).
+pub fn spec_from_proto(instance: pb::Instance) -> InstanceSpec {
+    InstanceSpec {
+        name: instance.name,
+        id: instance.id,
+        address: instance.address,
+        port: instance.port,
+        protocol: instance.protocol,
+        weight: instance.weight,
+        zone: instance.zone,
+        tags: instance.tags,
+        capabilities: instance.capabilities,
+        metadata: instance.metadata.into_iter().collect(),
+        health_check: instance.health_check.map(|check| {
+            let mut spec = HealthCheckSpec {
+                interval_ms: check.interval_ms,
+                timeout_ms: check.timeout_ms,
+                healthy_threshold: check.healthy_threshold,
+                unhealthy_threshold: check.unhealthy_threshold,
+                jitter_ms: check.jitter_ms,
+                ..HealthCheckSpec::default()
+            };
+            match check.kind {
+                Some(pb::health_check::Kind::Http(http)) => {
+                    spec.http = Some(HttpCheckSpec {
+                        path: http.path,
+                        expected_statuses: http.expected_statuses,
+                        port: http.port,
+                    });
+                }
+                Some(pb::health_check::Kind::Tcp(tcp)) => {
+                    spec.tcp = Some(PortSpec { port: tcp.port });
+                }
+                Some(pb::health_check::Kind::Grpc(grpc)) => {
+                    spec.grpc = Some(GrpcCheckSpec {
+                        service: grpc.service,
+                        port: grpc.port,
+                    });
+                }
+                None => {}
+            }
+            spec
+        }),
+        ttl_ms: instance.ttl_ms,
+    }
+}
+
+/// The proto instance of a model spec.
+pub fn spec_to_proto(spec: InstanceSpec) -> pb::Instance {
+    pb::Instance {
+        name: spec.name,
+        id: spec.id,
+        address: spec.address,
+        port: spec.port,
+        protocol: spec.protocol,
+        weight: spec.weight,
+        zone: spec.zone,
+        tags: spec.tags,
+        capabilities: spec.capabilities,
+        metadata: spec.metadata.into_iter().collect(),
+        health_check: spec.health_check.map(|check| pb::HealthCheck {
+            kind: if let Some(http) = check.http {
+                Some(pb::health_check::Kind::Http(pb::HttpCheck {
+                    path: http.path,
+                    expected_statuses: http.expected_statuses,
+                    port: http.port,
+                }))
+            } else if let Some(grpc) = check.grpc {
+                Some(pb::health_check::Kind::Grpc(pb::GrpcCheck {
+                    service: grpc.service,
+                    port: grpc.port,
+                }))
+            } else {
+                check
+                    .tcp
+                    .map(|tcp| pb::health_check::Kind::Tcp(pb::TcpCheck { port: tcp.port }))
+            },
+            interval_ms: check.interval_ms,
+            timeout_ms: check.timeout_ms,
+            healthy_threshold: check.healthy_threshold,
+            unhealthy_threshold: check.unhealthy_threshold,
+            jitter_ms: check.jitter_ms,
+        }),
+        ttl_ms: spec.ttl_ms,
+    }
+}
+
+fn health_to_proto(health: HealthStatus) -> pb::HealthStatus {
+    match health {
+        HealthStatus::Unknown => pb::HealthStatus::Unknown,
+        HealthStatus::Healthy => pb::HealthStatus::Healthy,
+        HealthStatus::Unhealthy => pb::HealthStatus::Unhealthy,
+    }
+}
+
+fn registration_to_proto(entry: &Entry) -> pb::Registration {
+    pb::Registration {
+        instance: Some(spec_to_proto(entry.record.registration.to_spec())),
+        owner: entry.record.owner.clone(),
+        health: health_to_proto(entry.health) as i32,
+        registered_at_unix_ms: entry.record.registered_at_unix_ms,
+        ttl_ms: record_ttl_ms(&entry.record),
+    }
+}
+
+fn cursor_to_proto(cursor: Cursor) -> pb::Cursor {
+    pb::Cursor {
+        epoch: cursor.epoch,
+        revision: cursor.revision,
+    }
+}
+
+fn watch_to_proto(since: Since, cursor: Cursor) -> pb::WatchResponse {
+    let (reset, changes) = match since {
+        Since::Reset(entries) => (
+            true,
+            entries
+                .iter()
+                .map(|entry| pb::Change {
+                    kind: pb::change::Kind::Put as i32,
+                    id: entry.record.registration.id.clone(),
+                    registration: Some(registration_to_proto(entry)),
+                    revision: 0,
+                })
+                .collect(),
+        ),
+        Since::Changes(changes) => (
+            false,
+            changes
+                .into_iter()
+                .map(|change| pb::Change {
+                    kind: if change.entry.is_some() {
+                        pb::change::Kind::Put
+                    } else {
+                        pb::change::Kind::Delete
+                    } as i32,
+                    id: change.id,
+                    registration: change.entry.as_ref().map(registration_to_proto),
+                    revision: change.revision,
+                })
+                .collect(),
+        ),
+    };
+    pb::WatchResponse {
+        reset,
+        changes,
+        cursor: Some(cursor_to_proto(cursor)),
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::registry_server::Registry for GrpcApi {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        let owner = identify(&self.state, request.metadata())?;
+        let instance = request
+            .into_inner()
+            .instance
+            .ok_or_else(|| Status::invalid_argument("invalid request: instance: is required"))?;
+        let entry = self
+            .state
+            .registry
+            .register(&spec_from_proto(instance), &owner)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::RegisterResponse {
+            registration: Some(registration_to_proto(&entry)),
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        let owner = identify(&self.state, request.metadata())?;
+        let ttl = self
+            .state
+            .registry
+            .heartbeat(&request.into_inner().id, &owner)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::HeartbeatResponse {
+            ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
+        }))
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        let owner = identify(&self.state, request.metadata())?;
+        self.state
+            .registry
+            .deregister(&request.into_inner().id, &owner)
+            .await
+            .map_err(status)?;
+        Ok(Response::new(pb::DeregisterResponse {}))
+    }
+
+    async fn discover(
+        &self,
+        request: Request<pb::DiscoverRequest>,
+    ) -> Result<Response<pb::DiscoverResponse>, Status> {
+        identify(&self.state, request.metadata())?;
+        let request = request.into_inner();
+        let mut health = std::collections::BTreeSet::new();
+        for (index, value) in request.health.iter().enumerate() {
+            let key = match pb::HealthStatus::try_from(*value) {
+                Ok(pb::HealthStatus::Unknown) => HealthStatusKey::Unknown,
+                Ok(pb::HealthStatus::Healthy) => HealthStatusKey::Healthy,
+                Ok(pb::HealthStatus::Unhealthy) => HealthStatusKey::Unhealthy,
+                _ => {
+                    return Err(Status::invalid_argument(format!(
+                        "invalid request: health[{index}]: {value} is not HEALTHY, UNHEALTHY or UNKNOWN"
+                    )));
+                }
+            };
+            health.insert(key);
+        }
+        let query = Query {
+            service: request.name,
+            tags: request.tags.into_iter().collect(),
+            capabilities: request.capabilities.into_iter().collect(),
+            metadata: request.metadata.into_iter().collect(),
+            zone: (!request.zone.is_empty()).then_some(request.zone),
+            health,
+            pick: request.pick,
+        };
+        let discovery = self.state.registry.discover(&query).map_err(status)?;
+        Ok(Response::new(pb::DiscoverResponse {
+            registrations: discovery
+                .entries
+                .iter()
+                .map(registration_to_proto)
+                .collect(),
+            cursor: Some(cursor_to_proto(discovery.cursor)),
+        }))
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        identify(&self.state, request.metadata())?;
+        let mut cursor = request.into_inner().after.map(|after| Cursor {
+            epoch: after.epoch,
+            revision: after.revision,
+        });
+        let registry = self.state.registry.clone();
+        let (sender, receiver) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut first = true;
+            loop {
+                let wait = if first {
+                    Duration::ZERO
+                } else {
+                    MAX_WATCH_WAIT
+                };
+                let (since, now) = registry.wait_since(cursor.as_ref(), wait).await;
+                let empty = matches!(&since, Since::Changes(changes) if changes.is_empty());
+                cursor = Some(now.clone());
+                if (first || !empty) && sender.send(Ok(watch_to_proto(since, now))).await.is_err() {
+                    return;
+                }
+                if sender.is_closed() {
+                    return;
+                }
+                first = false;
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}

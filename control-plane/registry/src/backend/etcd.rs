@@ -1,0 +1,530 @@
+//! The etcd backend: registrations as keys under a prefix, one etcd lease each.
+//!
+//! - **Keys**: `{prefix}{id}` holds a JSON [`StoredRecord`] (the instance spec, the owner's
+//!   identity, the first registration time), attached to a lease of the registration's TTL
+//!   (rounded up to whole seconds, and at least etcd's own minimum of 1.5 election timeouts).
+//! - **Writes** are transactions conditioned on the key's `mod_revision` read just before
+//!   (or its absence), so the owner check and the write are atomic across replicas; a lost
+//!   race is retried. Re-registering grants a new lease, puts, then revokes the old lease.
+//!   A heartbeat is one keep-alive of the registration's lease; etcd itself deletes the key
+//!   when the lease runs out, and every replica sees the delete.
+//! - **Reads** come from the shared [`View`], which a watcher keeps current: it loads the
+//!   prefix at a revision, watches from the next one, and on any break (a member died, the
+//!   revision was compacted) loads again and applies the difference. While etcd has no
+//!   quorum, writes fail with [`BackendError::Unavailable`] and the view keeps the last
+//!   state it saw, so discovery and the endpoint source keep serving.
+//!
+//! Every call has a deadline (`request_timeout`), so a write never hangs on a dead cluster.
+
+use std::{
+    future::Future,
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
+    TxnOp, WatchOptions,
+};
+use serde::{Deserialize, Serialize};
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use super::{BackendError, BackendFuture, RegistryBackend};
+use crate::{
+    model::{InstanceSpec, Registration},
+    unix_ms,
+    view::{Record, View},
+};
+
+/// How often a lost write race is retried before giving up.
+const MAX_ATTEMPTS: usize = 5;
+
+/// Where and how to reach etcd.
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    /// Client URLs, e.g. `http://127.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Key prefix of the registrations. Default `/fulcrum/registry/instances/`.
+    pub prefix: String,
+    /// Deadline of each request. Default 3 s.
+    pub request_timeout: Duration,
+    /// Deadline to open a connection. Default 2 s.
+    pub connect_timeout: Duration,
+}
+
+impl EtcdConfig {
+    /// Defaults for `endpoints`.
+    pub fn new(endpoints: Vec<String>) -> Self {
+        Self {
+            endpoints,
+            prefix: "/fulcrum/registry/instances/".to_owned(),
+            request_timeout: Duration::from_secs(3),
+            connect_timeout: Duration::from_secs(2),
+        }
+    }
+}
+
+/// The value stored under a registration's key.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoredRecord {
+    /// What was registered, defaults written out.
+    pub instance: InstanceSpec,
+    /// The registering token's identity.
+    pub owner: String,
+    /// First registration time, ms since the Unix epoch.
+    pub registered_at_unix_ms: u64,
+}
+
+/// See the module docs.
+pub struct EtcdBackend {
+    client: Client,
+    config: EtcdConfig,
+    view: Arc<View>,
+    watcher: JoinHandle<()>,
+}
+
+impl std::fmt::Debug for EtcdBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdBackend")
+            .field("config", &self.config)
+            .field("registrations", &self.view.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Drop for EtcdBackend {
+    fn drop(&mut self) {
+        self.watcher.abort();
+    }
+}
+
+fn unavailable(config: &EtcdConfig, what: &str, error: etcd_client::Error) -> BackendError {
+    BackendError::Unavailable {
+        backend: "etcd",
+        reason: format!(
+            "{what} failed ({error}); check that a majority of the etcd members at {} are up",
+            config.endpoints.join(",")
+        ),
+        source: Some(Box::new(error)),
+    }
+}
+
+fn timed_out(config: &EtcdConfig, what: &str) -> BackendError {
+    BackendError::Unavailable {
+        backend: "etcd",
+        reason: format!(
+            "{what} got no answer within {:?}; check that a majority of the etcd members at {} are up",
+            config.request_timeout,
+            config.endpoints.join(",")
+        ),
+        source: None,
+    }
+}
+
+/// Runs one etcd call with the configured deadline, mapping failures to `Unavailable`.
+async fn call<T>(
+    config: &EtcdConfig,
+    what: &str,
+    future: impl Future<Output = Result<T, etcd_client::Error>>,
+) -> Result<T, BackendError> {
+    match tokio::time::timeout(config.request_timeout, future).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(unavailable(config, what, error)),
+        Err(_) => Err(timed_out(config, what)),
+    }
+}
+
+/// The lease TTL etcd gets for `ttl`: whole seconds, rounded up.
+pub fn lease_seconds(ttl: Duration) -> i64 {
+    let millis = ttl.as_millis();
+    i64::try_from(millis.div_ceil(1000))
+        .unwrap_or(i64::MAX)
+        .max(1)
+}
+
+/// Decodes one key/value into a record; `None` (logged) when it is not a valid one.
+fn decode(prefix: &str, kv: &KeyValue) -> Option<Record> {
+    let key = String::from_utf8_lossy(kv.key());
+    let id = key.strip_prefix(prefix)?;
+    let stored: StoredRecord = match serde_json::from_slice(kv.value()) {
+        Ok(stored) => stored,
+        Err(error) => {
+            warn!(key = %key, %error, "skipping an etcd registration that is not valid JSON");
+            return None;
+        }
+    };
+    let registration = match stored.instance.validate() {
+        Ok(registration) if registration.id == id => registration,
+        Ok(registration) => {
+            warn!(key = %key, id = %registration.id, "skipping an etcd registration whose id is not its key");
+            return None;
+        }
+        Err(error) => {
+            warn!(key = %key, %error, "skipping an invalid etcd registration");
+            return None;
+        }
+    };
+    Some(Record {
+        registration,
+        owner: stored.owner,
+        registered_at_unix_ms: stored.registered_at_unix_ms,
+        lease: kv.lease(),
+        mod_revision: kv.mod_revision(),
+    })
+}
+
+impl EtcdBackend {
+    /// Connects, loads the current registrations into `view`, and starts the watcher.
+    /// Fails when no member answers within the deadlines.
+    pub async fn connect(config: EtcdConfig, view: Arc<View>) -> Result<Arc<Self>, BackendError> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(config.connect_timeout)
+            .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
+        let client = call(
+            &config,
+            "connecting to etcd",
+            Client::connect(config.endpoints.clone(), Some(options)),
+        )
+        .await?;
+        let revision = load(&client, &config, &view).await?;
+        let watcher = tokio::spawn(watch_loop(
+            client.clone(),
+            config.clone(),
+            Arc::downgrade(&view),
+            revision,
+        ));
+        info!(endpoints = %config.endpoints.join(","), prefix = %config.prefix, registrations = view.len(), "etcd registry backend connected");
+        Ok(Arc::new(Self {
+            client,
+            config,
+            view,
+            watcher,
+        }))
+    }
+
+    fn key(&self, id: &str) -> String {
+        format!("{}{id}", self.config.prefix)
+    }
+
+    /// The current record of `id` straight from etcd (a linearizable read).
+    async fn fetch(&self, id: &str) -> Result<Option<Record>, BackendError> {
+        let mut kv = self.client.kv_client();
+        let response = call(
+            &self.config,
+            "reading a registration",
+            kv.get(self.key(id), None),
+        )
+        .await?;
+        Ok(response
+            .kvs()
+            .first()
+            .and_then(|kv| decode(&self.config.prefix, kv)))
+    }
+
+    async fn revoke(&self, lease: i64) {
+        if lease == 0 {
+            return;
+        }
+        let mut leases = self.client.lease_client();
+        if let Err(error) = call(&self.config, "revoking a lease", leases.revoke(lease)).await {
+            debug!(lease, %error, "could not revoke a replaced lease; it will expire by itself");
+        }
+    }
+
+    async fn register_now(
+        &self,
+        registration: Registration,
+        owner: &str,
+    ) -> Result<Arc<Record>, BackendError> {
+        let id = registration.id.clone();
+        let key = self.key(&id);
+        for _ in 0..MAX_ATTEMPTS {
+            let current = self.fetch(&id).await?;
+            let (guard, registered_at_unix_ms, old_lease) = match &current {
+                Some(current) if current.owner != owner => {
+                    return Err(BackendError::NotOwner { id });
+                }
+                Some(current) => (
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, current.mod_revision),
+                    current.registered_at_unix_ms,
+                    current.lease,
+                ),
+                None => (
+                    Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+                    unix_ms(),
+                    0,
+                ),
+            };
+            let stored = StoredRecord {
+                instance: registration.to_spec(),
+                owner: owner.to_owned(),
+                registered_at_unix_ms,
+            };
+            let value = serde_json::to_vec(&stored).unwrap_or_default();
+            let mut leases = self.client.lease_client();
+            let lease = call(
+                &self.config,
+                "granting a lease",
+                leases.grant(lease_seconds(registration.ttl), None),
+            )
+            .await?
+            .id();
+            let txn = Txn::new().when([guard]).and_then([TxnOp::put(
+                key.clone(),
+                value,
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+            let mut kv = self.client.kv_client();
+            let response = match call(&self.config, "writing a registration", kv.txn(txn)).await {
+                Ok(response) => response,
+                Err(error) => {
+                    self.revoke(lease).await;
+                    return Err(error);
+                }
+            };
+            if !response.succeeded() {
+                debug!(instance = %id, "lost a registration race; retrying");
+                self.revoke(lease).await;
+                continue;
+            }
+            if old_lease != lease {
+                self.revoke(old_lease).await;
+            }
+            let mod_revision = response.header().map_or(0, |header| header.revision());
+            let record = Record {
+                registration,
+                owner: owner.to_owned(),
+                registered_at_unix_ms,
+                lease,
+                mod_revision,
+            };
+            // Read your writes: the watch will bring the same record a moment later.
+            self.view.upsert(record.clone());
+            return Ok(Arc::new(record));
+        }
+        Err(BackendError::Unavailable {
+            backend: "etcd",
+            reason: format!(
+                "instance `{id}` changed concurrently {MAX_ATTEMPTS} times in a row; retry"
+            ),
+            source: None,
+        })
+    }
+
+    async fn heartbeat_now(&self, id: &str, owner: &str) -> Result<Duration, BackendError> {
+        let record = self
+            .fetch(id)
+            .await?
+            .ok_or_else(|| BackendError::NotFound { id: id.to_owned() })?;
+        if record.owner != owner {
+            return Err(BackendError::NotOwner { id: id.to_owned() });
+        }
+        // `keep_alive` sends one renewal and reads its answer; a lease that is gone (it
+        // expired between the read and now) is reported as not found.
+        let mut leases = self.client.lease_client();
+        let renewal =
+            tokio::time::timeout(self.config.request_timeout, leases.keep_alive(record.lease))
+                .await;
+        match renewal {
+            Ok(Ok(_)) => Ok(Duration::from_secs(
+                lease_seconds(record.registration.ttl).unsigned_abs(),
+            )),
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => {
+                Err(BackendError::NotFound { id: id.to_owned() })
+            }
+            Ok(Err(error)) => Err(unavailable(&self.config, "renewing a lease", error)),
+            Err(_) => Err(timed_out(&self.config, "renewing a lease")),
+        }
+    }
+
+    async fn deregister_now(&self, id: &str, owner: &str) -> Result<(), BackendError> {
+        let key = self.key(id);
+        for _ in 0..MAX_ATTEMPTS {
+            let record = self
+                .fetch(id)
+                .await?
+                .ok_or_else(|| BackendError::NotFound { id: id.to_owned() })?;
+            if record.owner != owner {
+                return Err(BackendError::NotOwner { id: id.to_owned() });
+            }
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    key.clone(),
+                    CompareOp::Equal,
+                    record.mod_revision,
+                )])
+                .and_then([TxnOp::delete(key.clone(), None)]);
+            let mut kv = self.client.kv_client();
+            let response = call(&self.config, "deleting a registration", kv.txn(txn)).await?;
+            if response.succeeded() {
+                self.revoke(record.lease).await;
+                let revision = response.header().map_or(0, |header| header.revision());
+                self.view.remove(id, Some(revision));
+                return Ok(());
+            }
+        }
+        Err(BackendError::Unavailable {
+            backend: "etcd",
+            reason: format!(
+                "instance `{id}` changed concurrently {MAX_ATTEMPTS} times in a row; retry"
+            ),
+            source: None,
+        })
+    }
+}
+
+/// Loads every registration into the view (applying only differences); returns the
+/// revision the load was at.
+async fn load(client: &Client, config: &EtcdConfig, view: &View) -> Result<i64, BackendError> {
+    let mut kv = client.kv_client();
+    let response = call(
+        config,
+        "loading the registrations",
+        kv.get(config.prefix.clone(), Some(GetOptions::new().with_prefix())),
+    )
+    .await?;
+    let revision = response.header().map_or(0, |header| header.revision());
+    let records = response
+        .kvs()
+        .iter()
+        .filter_map(|kv| decode(&config.prefix, kv))
+        .collect();
+    view.replace_all(records);
+    Ok(revision)
+}
+
+/// Keeps the view current until it is dropped: watch from `revision + 1`; on a break,
+/// reload and watch again, with a backoff of up to 2 s while etcd is unreachable.
+async fn watch_loop(client: Client, config: EtcdConfig, view: Weak<View>, mut revision: i64) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match watch_once(&client, &config, &view, revision).await {
+            WatchEnd::ViewDropped => return,
+            WatchEnd::Broken(reason) => {
+                warn!(%reason, "etcd watch ended; reloading the registrations");
+            }
+        }
+        loop {
+            let Some(strong) = view.upgrade() else { return };
+            match load(&client, &config, &strong).await {
+                Ok(loaded) => {
+                    revision = loaded;
+                    backoff = Duration::from_millis(100);
+                    info!(
+                        revision,
+                        registrations = strong.len(),
+                        "reloaded the registrations from etcd"
+                    );
+                    break;
+                }
+                Err(error) => {
+                    warn!(%error, retry_in = ?backoff, "cannot reload from etcd; serving the last known registrations");
+                    drop(strong);
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+}
+
+enum WatchEnd {
+    ViewDropped,
+    Broken(String),
+}
+
+async fn watch_once(
+    client: &Client,
+    config: &EtcdConfig,
+    view: &Weak<View>,
+    revision: i64,
+) -> WatchEnd {
+    let mut watches = client.watch_client();
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(revision + 1);
+    let mut stream = match call(
+        config,
+        "starting the watch",
+        watches.watch(config.prefix.clone(), Some(options)),
+    )
+    .await
+    {
+        Ok(stream) => stream,
+        Err(error) => return WatchEnd::Broken(error.to_string()),
+    };
+    loop {
+        let response = match stream.message().await {
+            Ok(Some(response)) => response,
+            Ok(None) => return WatchEnd::Broken("the watch stream closed".into()),
+            Err(error) => return WatchEnd::Broken(error.to_string()),
+        };
+        if response.compact_revision() > 0 {
+            return WatchEnd::Broken(format!(
+                "revision {} was compacted (now {})",
+                revision + 1,
+                response.compact_revision()
+            ));
+        }
+        if response.canceled() {
+            return WatchEnd::Broken(format!("canceled: {}", response.cancel_reason()));
+        }
+        let Some(view) = view.upgrade() else {
+            return WatchEnd::ViewDropped;
+        };
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            match event.event_type() {
+                EventType::Put => {
+                    if let Some(record) = decode(&config.prefix, kv) {
+                        view.upsert(record);
+                    }
+                }
+                EventType::Delete => {
+                    let key = String::from_utf8_lossy(kv.key());
+                    if let Some(id) = key.strip_prefix(&config.prefix) {
+                        if view.remove(id, Some(kv.mod_revision())) {
+                            info!(instance = %id, "registration removed in etcd (deregistered or lease expired)");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl RegistryBackend for EtcdBackend {
+    fn kind(&self) -> &'static str {
+        "etcd"
+    }
+
+    fn register<'a>(
+        &'a self,
+        registration: Registration,
+        owner: &'a str,
+    ) -> BackendFuture<'a, Arc<Record>> {
+        Box::pin(self.register_now(registration, owner))
+    }
+
+    fn heartbeat<'a>(&'a self, id: &'a str, owner: &'a str) -> BackendFuture<'a, Duration> {
+        Box::pin(self.heartbeat_now(id, owner))
+    }
+
+    fn deregister<'a>(&'a self, id: &'a str, owner: &'a str) -> BackendFuture<'a, ()> {
+        Box::pin(self.deregister_now(id, owner))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lease_ttls_round_up_to_whole_seconds() {
+        assert_eq!(lease_seconds(Duration::from_millis(1000)), 1);
+        assert_eq!(lease_seconds(Duration::from_millis(1001)), 2);
+        assert_eq!(lease_seconds(Duration::from_millis(30_000)), 30);
+    }
+}

@@ -1,0 +1,280 @@
+//! The in-memory backend: registrations and leases in this process (the default).
+//!
+//! Leases are deadlines on tokio's clock, renewed by heartbeats; a reaper removes every
+//! registration whose deadline passed, checking every [`REAP_EVERY`], so a registration
+//! whose heartbeats stop disappears at most `TTL + REAP_EVERY` after its last renewal.
+//! Nothing survives a restart: clients re-register on their next heartbeat's `NotFound`.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, Weak},
+    time::Duration,
+};
+
+use tokio::time::Instant;
+use tracing::info;
+
+use super::{BackendError, BackendFuture, RegistryBackend};
+use crate::{
+    model::Registration,
+    unix_ms,
+    view::{Record, View},
+};
+
+/// How often expired leases are looked for.
+pub const REAP_EVERY: Duration = Duration::from_millis(100);
+
+#[derive(Debug)]
+struct Lease {
+    owner: String,
+    ttl: Duration,
+    expires_at: Instant,
+}
+
+/// See the module docs.
+#[derive(Debug)]
+pub struct MemoryBackend {
+    view: Arc<View>,
+    /// Leases by instance id. Locked across the view update so the two change together.
+    leases: Mutex<HashMap<String, Lease>>,
+    revision: std::sync::atomic::AtomicI64,
+}
+
+impl MemoryBackend {
+    /// A backend keeping `view` current; starts its reaper on the current runtime, which
+    /// stops when the backend is dropped.
+    pub fn start(view: Arc<View>) -> Arc<Self> {
+        let backend = Arc::new(Self {
+            view,
+            leases: Mutex::new(HashMap::new()),
+            revision: std::sync::atomic::AtomicI64::new(0),
+        });
+        tokio::spawn(reap(Arc::downgrade(&backend)));
+        backend
+    }
+
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+        self.leases
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn next_revision(&self) -> i64 {
+        self.revision
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            + 1
+    }
+
+    /// Removes every registration whose lease expired by `now`.
+    fn expire(&self, now: Instant) {
+        let mut leases = self.leases();
+        let expired: Vec<String> = leases
+            .iter()
+            .filter(|(_, lease)| lease.expires_at <= now)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            leases.remove(&id);
+            self.view.remove(&id, None);
+            info!(instance = %id, "registration expired: no heartbeat within its TTL");
+        }
+    }
+
+    fn register_now(
+        &self,
+        registration: Registration,
+        owner: &str,
+    ) -> Result<Arc<Record>, BackendError> {
+        let mut leases = self.leases();
+        let id = registration.id.clone();
+        if let Some(lease) = leases.get(&id)
+            && lease.owner != owner
+        {
+            return Err(BackendError::NotOwner { id });
+        }
+        let registered_at_unix_ms = self
+            .view
+            .get(&id)
+            .map_or_else(unix_ms, |entry| entry.record.registered_at_unix_ms);
+        let ttl = registration.ttl;
+        let record = Record {
+            registration,
+            owner: owner.to_owned(),
+            registered_at_unix_ms,
+            lease: 0,
+            mod_revision: self.next_revision(),
+        };
+        leases.insert(
+            id.clone(),
+            Lease {
+                owner: owner.to_owned(),
+                ttl,
+                expires_at: Instant::now() + ttl,
+            },
+        );
+        self.view.upsert(record);
+        let stored = self.view.get(&id).ok_or(BackendError::NotFound { id })?;
+        Ok(stored.record)
+    }
+}
+
+async fn reap(backend: Weak<MemoryBackend>) {
+    let mut ticker = tokio::time::interval(REAP_EVERY);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let Some(backend) = backend.upgrade() else {
+            return;
+        };
+        backend.expire(Instant::now());
+    }
+}
+
+impl RegistryBackend for MemoryBackend {
+    fn kind(&self) -> &'static str {
+        "memory"
+    }
+
+    fn register<'a>(
+        &'a self,
+        registration: Registration,
+        owner: &'a str,
+    ) -> BackendFuture<'a, Arc<Record>> {
+        Box::pin(async move { self.register_now(registration, owner) })
+    }
+
+    fn heartbeat<'a>(&'a self, id: &'a str, owner: &'a str) -> BackendFuture<'a, Duration> {
+        Box::pin(async move {
+            let mut leases = self.leases();
+            let now = Instant::now();
+            match leases.get_mut(id) {
+                Some(lease) if lease.expires_at <= now => {
+                    Err(BackendError::NotFound { id: id.to_owned() })
+                }
+                Some(lease) if lease.owner != owner => {
+                    Err(BackendError::NotOwner { id: id.to_owned() })
+                }
+                Some(lease) => {
+                    lease.expires_at = now + lease.ttl;
+                    Ok(lease.ttl)
+                }
+                None => Err(BackendError::NotFound { id: id.to_owned() }),
+            }
+        })
+    }
+
+    fn deregister<'a>(&'a self, id: &'a str, owner: &'a str) -> BackendFuture<'a, ()> {
+        Box::pin(async move {
+            let mut leases = self.leases();
+            match leases.get(id) {
+                Some(lease) if lease.owner != owner => {
+                    Err(BackendError::NotOwner { id: id.to_owned() })
+                }
+                Some(_) => {
+                    leases.remove(id);
+                    self.view.remove(id, None);
+                    Ok(())
+                }
+                None => Err(BackendError::NotFound { id: id.to_owned() }),
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::spec;
+
+    fn registration(id: &str, ttl_ms: u32) -> Registration {
+        let mut spec = spec("svc", id, 1);
+        spec.ttl_ms = ttl_ms;
+        spec.validate().expect("valid")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_registration_lives_while_heartbeats_arrive_within_its_ttl() {
+        let view = Arc::new(View::new("e"));
+        let backend = MemoryBackend::start(view.clone());
+        backend
+            .register(registration("a", 1000), "alice")
+            .await
+            .expect("registered");
+        for _ in 0..5 {
+            tokio::time::sleep(Duration::from_millis(900)).await;
+            assert_eq!(
+                backend.heartbeat("a", "alice").await.expect("renewed"),
+                Duration::from_secs(1)
+            );
+        }
+        assert!(view.get("a").is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_registration_without_heartbeats_is_removed_after_ttl_plus_one_reap_period() {
+        let view = Arc::new(View::new("e"));
+        let backend = MemoryBackend::start(view.clone());
+        backend
+            .register(registration("a", 1000), "alice")
+            .await
+            .expect("registered");
+        tokio::time::sleep(Duration::from_millis(999)).await;
+        assert!(view.get("a").is_some(), "alive before its TTL");
+        tokio::time::sleep(Duration::from_millis(1) + REAP_EVERY).await;
+        assert!(
+            view.get("a").is_none(),
+            "gone one reap period after its TTL"
+        );
+        assert!(matches!(
+            backend.heartbeat("a", "alice").await,
+            Err(BackendError::NotFound { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn re_registering_the_same_id_is_idempotent_and_keeps_the_first_time() {
+        let view = Arc::new(View::new("e"));
+        let backend = MemoryBackend::start(view.clone());
+        let first = backend
+            .register(registration("a", 1000), "alice")
+            .await
+            .expect("first");
+        let cursor = view.cursor();
+        let again = backend
+            .register(registration("a", 1000), "alice")
+            .await
+            .expect("again");
+        assert_eq!(view.len(), 1);
+        assert_eq!(again.registered_at_unix_ms, first.registered_at_unix_ms);
+        assert_eq!(again.registration, first.registration);
+        assert_eq!(view.cursor(), cursor, "nothing a reader sees changed");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn only_the_owner_can_heartbeat_deregister_or_replace() {
+        let view = Arc::new(View::new("e"));
+        let backend = MemoryBackend::start(view.clone());
+        backend
+            .register(registration("a", 1000), "alice")
+            .await
+            .expect("registered");
+        assert!(matches!(
+            backend.heartbeat("a", "mallory").await,
+            Err(BackendError::NotOwner { .. })
+        ));
+        assert!(matches!(
+            backend.deregister("a", "mallory").await,
+            Err(BackendError::NotOwner { .. })
+        ));
+        assert!(matches!(
+            backend.register(registration("a", 1000), "mallory").await,
+            Err(BackendError::NotOwner { .. })
+        ));
+        assert_eq!(view.get("a").expect("still there").record.owner, "alice");
+        backend
+            .deregister("a", "alice")
+            .await
+            .expect("owner deregisters");
+        assert!(view.is_empty());
+    }
+}

@@ -1,0 +1,832 @@
+//! What an instance registers, and its validation into a [`Registration`].
+//!
+//! [`InstanceSpec`] is the wire shape a client sends (REST JSON, and the gRPC message maps
+//! onto it field for field), with "empty means default" semantics like proto3. It is also
+//! how a registration is stored in etcd, so one validation guards every way in:
+//! [`InstanceSpec::validate`] applies the defaults and reports *every* bad field by name,
+//! giving a [`Registration`] whose invariants the rest of the crate relies on.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    fmt,
+    net::{IpAddr, SocketAddr},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+/// TTL when the client sends none.
+pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
+/// Shortest TTL accepted: a lease shorter than a second cannot be renewed reliably.
+pub const MIN_TTL: Duration = Duration::from_secs(1);
+/// Longest TTL accepted.
+pub const MAX_TTL: Duration = Duration::from_secs(3600);
+/// Probe interval when the health check sets none (the seed's "< 5 s" floor is met).
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// Probe timeout when the health check sets none.
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Consecutive passes to become healthy, when unset.
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
+/// Consecutive failures to become unhealthy, when unset.
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
+/// HTTP check path when unset.
+pub const DEFAULT_HTTP_PATH: &str = "/healthz";
+
+const MAX_WEIGHT: u32 = 10_000;
+const MAX_LIST: usize = 64;
+const MAX_LABEL: usize = 64;
+const MAX_METADATA_VALUE: usize = 256;
+
+/// An instance as a client describes it. Zero and empty values mean "the default".
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InstanceSpec {
+    /// Service (Envoy cluster) name.
+    pub name: String,
+    /// Instance id, unique in the registry.
+    pub id: String,
+    /// IPv4 or IPv6 literal.
+    pub address: String,
+    /// 1-65535.
+    pub port: u32,
+    /// `http` (default), `http2`, `grpc` or `tcp`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub protocol: String,
+    /// 1-10000; 0 for 1.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub weight: u32,
+    /// Failure domain; empty for none.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub zone: String,
+    /// Labels.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tags: Vec<String>,
+    /// Capabilities.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub capabilities: Vec<String>,
+    /// Key/value attributes.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub metadata: BTreeMap<String, String>,
+    /// Active health check; none when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheckSpec>,
+    /// Lease TTL in milliseconds, 1000-3600000; 0 for 30000.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub ttl_ms: u32,
+}
+
+/// An active health check as a client describes it: exactly one of `http`, `tcp`, `grpc`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthCheckSpec {
+    /// HTTP GET probe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub http: Option<HttpCheckSpec>,
+    /// TCP connect probe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tcp: Option<PortSpec>,
+    /// gRPC health v1 probe.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcCheckSpec>,
+    /// 100-60000 ms; 0 for 5000.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub interval_ms: u32,
+    /// 10 ms up to the interval; 0 for 1000 (or the interval, if shorter).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub timeout_ms: u32,
+    /// 1-10; 0 for 2.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub healthy_threshold: u32,
+    /// 1-10; 0 for 3.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub unhealthy_threshold: u32,
+    /// Up to the interval; 0 for interval / 10.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub jitter_ms: u32,
+}
+
+/// HTTP probe settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HttpCheckSpec {
+    /// Path starting with `/`; empty for `/healthz`.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub path: String,
+    /// Statuses that pass; empty for any 2xx.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub expected_statuses: Vec<u32>,
+    /// Port to probe; 0 for the instance's.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub port: u32,
+}
+
+/// TCP probe settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PortSpec {
+    /// Port to probe; 0 for the instance's.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub port: u32,
+}
+
+/// gRPC probe settings.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GrpcCheckSpec {
+    /// Service asked about; empty for the whole server.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub service: String,
+    /// Port to probe; 0 for the instance's.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub port: u32,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
+}
+
+/// The application protocol an instance speaks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// HTTP/1.1 (the default).
+    #[default]
+    Http,
+    /// HTTP/2 (h2c).
+    Http2,
+    /// gRPC.
+    Grpc,
+    /// Opaque TCP.
+    Tcp,
+}
+
+impl Protocol {
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "http",
+            Self::Http2 => "http2",
+            Self::Grpc => "grpc",
+            Self::Tcp => "tcp",
+        }
+    }
+}
+
+/// A validated registration: every field in range, defaults applied.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Registration {
+    /// Service name.
+    pub name: String,
+    /// Instance id.
+    pub id: String,
+    /// Where Envoy sends traffic.
+    pub address: SocketAddr,
+    /// Application protocol.
+    pub protocol: Protocol,
+    /// 1-10000.
+    pub weight: u32,
+    /// Failure domain.
+    pub zone: Option<String>,
+    /// Labels.
+    pub tags: BTreeSet<String>,
+    /// Capabilities.
+    pub capabilities: BTreeSet<String>,
+    /// Attributes.
+    pub metadata: BTreeMap<String, String>,
+    /// Active health check.
+    pub health_check: Option<HealthCheck>,
+    /// Lease TTL, 1 s to 1 h.
+    pub ttl: Duration,
+}
+
+/// A validated active health check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// What to probe.
+    pub probe: Probe,
+    /// Time between probes (100 ms to 60 s).
+    pub interval: Duration,
+    /// Probe deadline (10 ms up to the interval).
+    pub timeout: Duration,
+    /// Consecutive passes to become healthy (1-10).
+    pub healthy_threshold: u32,
+    /// Consecutive failures to become unhealthy (1-10).
+    pub unhealthy_threshold: u32,
+    /// Extra random delay before each probe, up to the interval.
+    pub jitter: Duration,
+}
+
+/// One probe kind, with the port it targets (the instance's unless overridden).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// `GET path`; passes on one of `expected_statuses`, or any 2xx when empty.
+    Http {
+        /// Request path.
+        path: String,
+        /// Passing statuses; empty means 200-299.
+        expected_statuses: Vec<u16>,
+        /// Probed port.
+        port: u16,
+    },
+    /// A TCP connection opens.
+    Tcp {
+        /// Probed port.
+        port: u16,
+    },
+    /// `grpc.health.v1.Health/Check` answers SERVING.
+    Grpc {
+        /// Service asked about ("" = server).
+        service: String,
+        /// Probed port.
+        port: u16,
+    },
+}
+
+/// One field that failed validation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    /// Path of the field, e.g. `health_check.interval_ms` or `tags[2]`.
+    pub field: String,
+    /// What is wrong and what is accepted.
+    pub reason: String,
+}
+
+/// Every field that failed validation, in field order.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct FieldErrors(pub Vec<FieldError>);
+
+impl fmt::Display for FieldErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (index, error) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str("; ")?;
+            }
+            write!(f, "{}: {}", error.field, error.reason)?;
+        }
+        Ok(())
+    }
+}
+
+impl FieldErrors {
+    /// One error.
+    pub fn one(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self(vec![FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        }])
+    }
+}
+
+#[derive(Default)]
+struct Errors(Vec<FieldError>);
+
+impl Errors {
+    fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
+        self.0.push(FieldError {
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+}
+
+/// Checks a service name: what Envoy accepts as a cluster name and DNS-like labels allow.
+pub fn validate_service_name(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 253 {
+        return Err(format!("must be 1-253 characters, got {}", name.len()));
+    }
+    let valid = name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'-' | b'.' | b'_'));
+    if !valid {
+        return Err(format!(
+            "`{name}` may only contain lowercase letters, digits, '-', '.' and '_'"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks an instance id.
+pub fn validate_instance_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > 128 {
+        return Err(format!("must be 1-128 characters, got {}", id.len()));
+    }
+    let valid = id
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b':'));
+    if !valid {
+        return Err(format!(
+            "`{id}` may only contain letters, digits, '-', '.', '_' and ':'"
+        ));
+    }
+    Ok(())
+}
+
+/// Checks a tag, capability, zone or metadata key: 1-64 visible ASCII characters.
+fn validate_label(value: &str) -> Result<(), String> {
+    if value.is_empty() || value.len() > MAX_LABEL {
+        return Err(format!(
+            "must be 1-{MAX_LABEL} characters, got {}",
+            value.len()
+        ));
+    }
+    if !value.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(format!(
+            "`{value}` must be visible ASCII without spaces or commas"
+        ));
+    }
+    if value.contains(',') {
+        return Err(format!("`{value}` must not contain ','"));
+    }
+    Ok(())
+}
+
+fn port(value: u32, field: &str, errors: &mut Errors) -> u16 {
+    match u16::try_from(value) {
+        Ok(port) if port > 0 => port,
+        _ => {
+            errors.add(field, format!("must be 1-65535, got {value}"));
+            0
+        }
+    }
+}
+
+/// A probe port override: 0 means the instance's port.
+fn override_port(value: u32, instance: u16, field: &str, errors: &mut Errors) -> u16 {
+    if value == 0 {
+        instance
+    } else {
+        port(value, field, errors)
+    }
+}
+
+fn labels(values: &[String], field: &str, errors: &mut Errors) -> BTreeSet<String> {
+    if values.len() > MAX_LIST {
+        errors.add(
+            field,
+            format!("at most {MAX_LIST} entries, got {}", values.len()),
+        );
+    }
+    for (index, value) in values.iter().enumerate() {
+        if let Err(reason) = validate_label(value) {
+            errors.add(format!("{field}[{index}]"), reason);
+        }
+    }
+    values.iter().cloned().collect()
+}
+
+fn millis(value: u32, default: Duration) -> Duration {
+    if value == 0 {
+        default
+    } else {
+        Duration::from_millis(u64::from(value))
+    }
+}
+
+fn millis_u32(duration: Duration) -> u32 {
+    u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
+}
+
+impl InstanceSpec {
+    /// Validates every field and applies the defaults.
+    pub fn validate(&self) -> Result<Registration, FieldErrors> {
+        let mut errors = Errors::default();
+        if let Err(reason) = validate_service_name(&self.name) {
+            errors.add("name", reason);
+        }
+        if let Err(reason) = validate_instance_id(&self.id) {
+            errors.add("id", reason);
+        }
+        let ip = match self.address.parse::<IpAddr>() {
+            Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
+                errors.add(
+                    "address",
+                    format!("`{ip}` is not a unicast address Envoy can send to"),
+                );
+                ip
+            }
+            Ok(ip) => ip,
+            Err(_) => {
+                errors.add(
+                    "address",
+                    format!(
+                        "`{}` is not an IPv4 or IPv6 literal (names are not resolved)",
+                        self.address
+                    ),
+                );
+                IpAddr::from([0, 0, 0, 0])
+            }
+        };
+        let instance_port = port(self.port, "port", &mut errors);
+        let protocol = match self.protocol.as_str() {
+            "" | "http" => Protocol::Http,
+            "http2" => Protocol::Http2,
+            "grpc" => Protocol::Grpc,
+            "tcp" => Protocol::Tcp,
+            other => {
+                errors.add(
+                    "protocol",
+                    format!("`{other}` is not one of http, http2, grpc, tcp"),
+                );
+                Protocol::Http
+            }
+        };
+        let weight = match self.weight {
+            0 => 1,
+            weight if weight > MAX_WEIGHT => {
+                errors.add("weight", format!("must be 1-{MAX_WEIGHT}, got {weight}"));
+                weight
+            }
+            weight => weight,
+        };
+        let zone = if self.zone.is_empty() {
+            None
+        } else {
+            if let Err(reason) = validate_label(&self.zone) {
+                errors.add("zone", reason);
+            }
+            Some(self.zone.clone())
+        };
+        let tags = labels(&self.tags, "tags", &mut errors);
+        let capabilities = labels(&self.capabilities, "capabilities", &mut errors);
+        if self.metadata.len() > MAX_LIST {
+            errors.add(
+                "metadata",
+                format!("at most {MAX_LIST} entries, got {}", self.metadata.len()),
+            );
+        }
+        for (key, value) in &self.metadata {
+            if let Err(reason) = validate_label(key) {
+                errors.add(format!("metadata[{key}]"), format!("key {reason}"));
+            }
+            if value.len() > MAX_METADATA_VALUE {
+                errors.add(
+                    format!("metadata[{key}]"),
+                    format!(
+                        "value must be at most {MAX_METADATA_VALUE} bytes, got {}",
+                        value.len()
+                    ),
+                );
+            }
+        }
+        let ttl = millis(self.ttl_ms, DEFAULT_TTL);
+        if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
+            errors.add(
+                "ttl_ms",
+                format!("must be 1000-3600000 (or 0 for 30000), got {}", self.ttl_ms),
+            );
+        }
+        let health_check = self
+            .health_check
+            .as_ref()
+            .map(|spec| spec.validate(instance_port, &mut errors));
+        if !errors.0.is_empty() {
+            return Err(FieldErrors(errors.0));
+        }
+        Ok(Registration {
+            name: self.name.clone(),
+            id: self.id.clone(),
+            address: SocketAddr::new(ip, instance_port),
+            protocol,
+            weight,
+            zone,
+            tags,
+            capabilities,
+            metadata: self.metadata.clone(),
+            health_check,
+            ttl,
+        })
+    }
+}
+
+impl HealthCheckSpec {
+    fn validate(&self, instance_port: u16, errors: &mut Errors) -> HealthCheck {
+        let kinds = [self.http.is_some(), self.tcp.is_some(), self.grpc.is_some()];
+        if kinds.iter().filter(|set| **set).count() != 1 {
+            errors.add("health_check", "set exactly one of `http`, `tcp` or `grpc`");
+        }
+        let probe = if let Some(http) = &self.http {
+            let path = if http.path.is_empty() {
+                DEFAULT_HTTP_PATH.to_owned()
+            } else {
+                http.path.clone()
+            };
+            if !path.starts_with('/') || path.bytes().any(|b| !b.is_ascii_graphic()) {
+                errors.add(
+                    "health_check.http.path",
+                    format!("`{path}` must start with '/' and contain no spaces"),
+                );
+            }
+            let mut expected_statuses = Vec::new();
+            for (index, status) in http.expected_statuses.iter().enumerate() {
+                match u16::try_from(*status) {
+                    Ok(status @ 100..=599) => expected_statuses.push(status),
+                    _ => errors.add(
+                        format!("health_check.http.expected_statuses[{index}]"),
+                        format!("must be an HTTP status 100-599, got {status}"),
+                    ),
+                }
+            }
+            Probe::Http {
+                path,
+                expected_statuses,
+                port: override_port(http.port, instance_port, "health_check.http.port", errors),
+            }
+        } else if let Some(grpc) = &self.grpc {
+            Probe::Grpc {
+                service: grpc.service.clone(),
+                port: override_port(grpc.port, instance_port, "health_check.grpc.port", errors),
+            }
+        } else {
+            let port = self.tcp.as_ref().map_or(0, |tcp| tcp.port);
+            Probe::Tcp {
+                port: override_port(port, instance_port, "health_check.tcp.port", errors),
+            }
+        };
+        let interval = millis(self.interval_ms, DEFAULT_CHECK_INTERVAL);
+        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&interval) {
+            errors.add(
+                "health_check.interval_ms",
+                format!(
+                    "must be 100-60000 (or 0 for 5000), got {}",
+                    self.interval_ms
+                ),
+            );
+        }
+        let timeout = millis(self.timeout_ms, DEFAULT_CHECK_TIMEOUT.min(interval));
+        if timeout < Duration::from_millis(10) || timeout > interval {
+            errors.add(
+                "health_check.timeout_ms",
+                format!(
+                    "must be 10 up to the interval ({} ms), got {}",
+                    interval.as_millis(),
+                    self.timeout_ms
+                ),
+            );
+        }
+        let threshold = |value: u32, default: u32, field: &str, errors: &mut Errors| {
+            let value = if value == 0 { default } else { value };
+            if value > 10 {
+                errors.add(field, format!("must be 1-10, got {value}"));
+            }
+            value
+        };
+        let healthy_threshold = threshold(
+            self.healthy_threshold,
+            DEFAULT_HEALTHY_THRESHOLD,
+            "health_check.healthy_threshold",
+            errors,
+        );
+        let unhealthy_threshold = threshold(
+            self.unhealthy_threshold,
+            DEFAULT_UNHEALTHY_THRESHOLD,
+            "health_check.unhealthy_threshold",
+            errors,
+        );
+        // Whole milliseconds, so the stored spec validates back to the same value.
+        let default_jitter =
+            Duration::from_millis(u64::try_from(interval.as_millis() / 10).unwrap_or(0));
+        let jitter = millis(self.jitter_ms, default_jitter);
+        if jitter > interval {
+            errors.add(
+                "health_check.jitter_ms",
+                format!(
+                    "must be at most the interval ({} ms), got {}",
+                    interval.as_millis(),
+                    self.jitter_ms
+                ),
+            );
+        }
+        HealthCheck {
+            probe,
+            interval,
+            timeout,
+            healthy_threshold,
+            unhealthy_threshold,
+            jitter,
+        }
+    }
+}
+
+impl Registration {
+    /// The spec that validates back into this registration (defaults written out), used to
+    /// store it and to answer clients.
+    pub fn to_spec(&self) -> InstanceSpec {
+        InstanceSpec {
+            name: self.name.clone(),
+            id: self.id.clone(),
+            address: self.address.ip().to_string(),
+            port: u32::from(self.address.port()),
+            protocol: self.protocol.as_str().to_owned(),
+            weight: self.weight,
+            zone: self.zone.clone().unwrap_or_default(),
+            tags: self.tags.iter().cloned().collect(),
+            capabilities: self.capabilities.iter().cloned().collect(),
+            metadata: self.metadata.clone(),
+            health_check: self.health_check.as_ref().map(HealthCheck::to_spec),
+            ttl_ms: millis_u32(self.ttl),
+        }
+    }
+
+    /// The endpoint this registration contributes to its service, with `health`.
+    pub fn endpoint(&self, health: fulcrum_core::Health) -> fulcrum_core::Endpoint {
+        fulcrum_core::Endpoint {
+            address: self.address,
+            weight: self.weight,
+            zone: self.zone.clone(),
+            tags: self.tags.clone(),
+            capabilities: self.capabilities.clone(),
+            metadata: self.metadata.clone(),
+            health,
+        }
+    }
+}
+
+impl HealthCheck {
+    fn to_spec(&self) -> HealthCheckSpec {
+        let mut spec = HealthCheckSpec {
+            interval_ms: millis_u32(self.interval),
+            timeout_ms: millis_u32(self.timeout),
+            healthy_threshold: self.healthy_threshold,
+            unhealthy_threshold: self.unhealthy_threshold,
+            jitter_ms: millis_u32(self.jitter),
+            ..HealthCheckSpec::default()
+        };
+        match &self.probe {
+            Probe::Http {
+                path,
+                expected_statuses,
+                port,
+            } => {
+                spec.http = Some(HttpCheckSpec {
+                    path: path.clone(),
+                    expected_statuses: expected_statuses.iter().map(|s| u32::from(*s)).collect(),
+                    port: u32::from(*port),
+                });
+            }
+            Probe::Tcp { port } => {
+                spec.tcp = Some(PortSpec {
+                    port: u32::from(*port),
+                })
+            }
+            Probe::Grpc { service, port } => {
+                spec.grpc = Some(GrpcCheckSpec {
+                    service: service.clone(),
+                    port: u32::from(*port),
+                })
+            }
+        }
+        spec
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn spec() -> InstanceSpec {
+        InstanceSpec {
+            name: "checkout".into(),
+            id: "checkout-1".into(),
+            address: "127.0.0.1".into(),
+            port: 8080,
+            ..InstanceSpec::default()
+        }
+    }
+
+    fn fields(error: &FieldErrors) -> Vec<&str> {
+        error.0.iter().map(|e| e.field.as_str()).collect()
+    }
+
+    #[test]
+    fn minimal_spec_gets_the_documented_defaults() {
+        let registration = spec().validate().expect("valid");
+        assert_eq!(
+            registration.address,
+            "127.0.0.1:8080".parse().expect("addr")
+        );
+        assert_eq!(registration.protocol, Protocol::Http);
+        assert_eq!(registration.weight, 1);
+        assert_eq!(registration.ttl, DEFAULT_TTL);
+        assert_eq!(registration.zone, None);
+        assert_eq!(registration.health_check, None);
+    }
+
+    #[test]
+    fn health_check_defaults_probe_the_instance_port_every_five_seconds() {
+        let mut input = spec();
+        input.health_check = Some(HealthCheckSpec {
+            http: Some(HttpCheckSpec::default()),
+            ..HealthCheckSpec::default()
+        });
+        let check = input
+            .validate()
+            .expect("valid")
+            .health_check
+            .expect("check");
+        assert_eq!(
+            check.probe,
+            Probe::Http {
+                path: "/healthz".into(),
+                expected_statuses: vec![],
+                port: 8080
+            }
+        );
+        assert_eq!(check.interval, Duration::from_secs(5));
+        assert_eq!(check.timeout, Duration::from_secs(1));
+        assert_eq!(check.jitter, Duration::from_millis(500));
+        assert_eq!((check.healthy_threshold, check.unhealthy_threshold), (2, 3));
+    }
+
+    #[test]
+    fn every_bad_field_is_named() {
+        let input = InstanceSpec {
+            name: "Checkout!".into(),
+            id: String::new(),
+            address: "db.internal".into(),
+            port: 70_000,
+            protocol: "smtp".into(),
+            weight: 20_000,
+            tags: vec!["ok".into(), "has space".into()],
+            ttl_ms: 10,
+            health_check: Some(HealthCheckSpec {
+                interval_ms: 50,
+                ..HealthCheckSpec::default()
+            }),
+            ..InstanceSpec::default()
+        };
+        let error = input.validate().expect_err("invalid");
+        assert_eq!(
+            fields(&error),
+            [
+                "name",
+                "id",
+                "address",
+                "port",
+                "protocol",
+                "weight",
+                "tags[1]",
+                "ttl_ms",
+                "health_check",
+                "health_check.interval_ms",
+            ]
+        );
+        assert!(
+            error
+                .to_string()
+                .contains("port: must be 1-65535, got 70000"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn timeout_longer_than_the_interval_is_refused() {
+        let mut input = spec();
+        input.health_check = Some(HealthCheckSpec {
+            tcp: Some(PortSpec::default()),
+            interval_ms: 200,
+            timeout_ms: 500,
+            ..HealthCheckSpec::default()
+        });
+        let error = input.validate().expect_err("invalid");
+        assert_eq!(fields(&error), ["health_check.timeout_ms"]);
+    }
+
+    #[test]
+    fn unknown_json_field_is_refused() {
+        let error =
+            serde_json::from_str::<InstanceSpec>(r#"{"name":"a","adress":"x"}"#).expect_err("typo");
+        assert!(error.to_string().contains("adress"), "{error}");
+    }
+
+    proptest! {
+        #[test]
+        fn a_valid_registration_round_trips_through_its_spec(
+            port in 1u16..,
+            weight in 1u32..=10_000,
+            ttl_ms in 1000u32..=3_600_000,
+            tags in proptest::collection::vec("[a-z0-9.-]{1,10}", 0..4),
+            interval_ms in 100u32..=60_000,
+        ) {
+            let input = InstanceSpec {
+                port: u32::from(port),
+                weight,
+                ttl_ms,
+                tags,
+                health_check: Some(HealthCheckSpec {
+                    grpc: Some(GrpcCheckSpec::default()),
+                    interval_ms,
+                    ..HealthCheckSpec::default()
+                }),
+                ..spec()
+            };
+            let registration = input.validate().expect("valid");
+            prop_assert_eq!(registration.to_spec().validate().expect("still valid"), registration);
+        }
+
+        #[test]
+        fn validation_never_panics(name in ".{0,20}", address in ".{0,20}", port in any::<u32>()) {
+            let _ = InstanceSpec { name, address, port, ..spec() }.validate();
+        }
+    }
+}

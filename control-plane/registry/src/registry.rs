@@ -1,0 +1,466 @@
+//! The registry: validation in front of a backend, reads from the view, picks by policy.
+//!
+//! Writes (register, heartbeat, deregister) validate and go to the [`RegistryBackend`];
+//! reads (discover, watch, the endpoint source) come from the local [`View`], so they keep
+//! answering with the last known state while the backend cannot take writes. A "pick one"
+//! discovery applies the service's [`fulcrum_core::Policy`] through a
+//! [`ServiceBalancer`] kept per service and filter, rebuilt when the service changes.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use fulcrum_core::{Outcome, Policy, RequestAttributes, ServiceBalancer, rng::SplitMix64};
+use tokio::time::Instant;
+use tracing::info;
+
+use crate::{
+    backend::{BackendError, RegistryBackend, memory::MemoryBackend},
+    health::spawn_monitor,
+    model::{FieldErrors, InstanceSpec, validate_instance_id, validate_service_name},
+    source::RegistrySource,
+    view::{Cursor, Entry, HealthStatus, Record, Since, View},
+};
+
+/// Cached balancers kept at most; the cache is cleared when it would grow beyond.
+const MAX_BALANCERS: usize = 4096;
+
+/// Why a registry call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// Bad input; every bad field is named.
+    #[error("invalid request: {0}")]
+    Invalid(#[from] FieldErrors),
+    /// Another registration of the service already uses the address.
+    #[error(
+        "{address} is already registered for service `{service}` as instance `{holder}`; deregister it first or use another address"
+    )]
+    AddressInUse {
+        /// The service.
+        service: String,
+        /// The address.
+        address: std::net::SocketAddr,
+        /// The instance holding it.
+        holder: String,
+    },
+    /// The backend refused or failed.
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// Which instances of a service a discovery wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+pub struct Query {
+    /// The service name.
+    pub service: String,
+    /// Tags every instance must have.
+    pub tags: BTreeSet<String>,
+    /// Capabilities every instance must have.
+    pub capabilities: BTreeSet<String>,
+    /// Key/values every instance must have.
+    pub metadata: BTreeMap<String, String>,
+    /// Only this zone.
+    pub zone: Option<String>,
+    /// Only these health states; empty means `Unknown` and `Healthy` (what serves).
+    pub health: BTreeSet<HealthStatusKey>,
+    /// One instance picked by the policy instead of all.
+    pub pick: bool,
+}
+
+/// [`HealthStatus`] ordered, for use in a [`Query`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum HealthStatusKey {
+    /// See [`HealthStatus::Unknown`].
+    Unknown,
+    /// See [`HealthStatus::Healthy`].
+    Healthy,
+    /// See [`HealthStatus::Unhealthy`].
+    Unhealthy,
+}
+
+impl HealthStatusKey {
+    fn of(health: HealthStatus) -> Self {
+        match health {
+            HealthStatus::Unknown => Self::Unknown,
+            HealthStatus::Healthy => Self::Healthy,
+            HealthStatus::Unhealthy => Self::Unhealthy,
+        }
+    }
+
+    /// Parses `unknown`, `healthy` or `unhealthy`.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "unknown" => Some(Self::Unknown),
+            "healthy" => Some(Self::Healthy),
+            "unhealthy" => Some(Self::Unhealthy),
+            _ => None,
+        }
+    }
+}
+
+impl Query {
+    /// Checks the service name.
+    pub fn validate(&self) -> Result<(), FieldErrors> {
+        validate_service_name(&self.service).map_err(|reason| FieldErrors::one("name", reason))
+    }
+
+    fn matches(&self, entry: &Entry) -> bool {
+        let registration = &entry.record.registration;
+        let health = HealthStatusKey::of(entry.health);
+        let health_ok = if self.health.is_empty() {
+            health != HealthStatusKey::Unhealthy
+        } else {
+            self.health.contains(&health)
+        };
+        health_ok
+            && self.tags.is_subset(&registration.tags)
+            && self.capabilities.is_subset(&registration.capabilities)
+            && self
+                .metadata
+                .iter()
+                .all(|(key, value)| registration.metadata.get(key) == Some(value))
+            && self
+                .zone
+                .as_ref()
+                .is_none_or(|zone| registration.zone.as_ref() == Some(zone))
+    }
+}
+
+/// What a discovery found.
+#[derive(Debug, Clone)]
+pub struct Discovery {
+    /// Matching entries sorted by id; with `pick`, the picked one or none.
+    pub entries: Vec<Entry>,
+    /// The view's cursor when it answered.
+    pub cursor: Cursor,
+}
+
+#[derive(Debug)]
+struct CachedBalancer {
+    generation: u64,
+    policy_version: u64,
+    /// Instance ids by address, to map the pick back.
+    ids: HashMap<std::net::SocketAddr, usize>,
+    entries: Vec<Entry>,
+    balancer: ServiceBalancer,
+}
+
+#[derive(Debug)]
+struct Picking {
+    balancers: HashMap<Query, CachedBalancer>,
+    rng: SplitMix64,
+}
+
+/// The registry. See the module docs.
+#[derive(Debug)]
+pub struct Registry {
+    backend: Arc<dyn RegistryBackend>,
+    view: Arc<View>,
+    policy: RwLock<(u64, Arc<Policy>)>,
+    picking: Mutex<Picking>,
+    started: Instant,
+}
+
+impl Registry {
+    /// A registry over the in-memory backend, with health checks running.
+    pub fn in_memory() -> Arc<Self> {
+        let view = Arc::new(View::new(new_epoch()));
+        let backend = MemoryBackend::start(view.clone());
+        Self::new(backend, view)
+    }
+
+    /// A registry over `backend`, which keeps `view` current; starts the health monitor on
+    /// the current runtime (it stops when the view is dropped).
+    pub fn new(backend: Arc<dyn RegistryBackend>, view: Arc<View>) -> Arc<Self> {
+        spawn_monitor(&view);
+        info!(backend = backend.kind(), "registry started");
+        Arc::new(Self {
+            backend,
+            view,
+            policy: RwLock::new((0, Arc::new(Policy::default()))),
+            picking: Mutex::new(Picking {
+                balancers: HashMap::new(),
+                rng: SplitMix64::new(u64::from(std::process::id()) ^ unix_nanos()),
+            }),
+            started: Instant::now(),
+        })
+    }
+
+    /// The view (for the source, the API and tests).
+    pub fn view(&self) -> &Arc<View> {
+        &self.view
+    }
+
+    /// The backend's kind.
+    pub fn backend_kind(&self) -> &'static str {
+        self.backend.kind()
+    }
+
+    /// Replaces the balancing policy used by picks.
+    pub fn set_policy(&self, policy: Policy) {
+        let mut current = self
+            .policy
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        *current = (current.0 + 1, Arc::new(policy));
+    }
+
+    /// An endpoint source publishing every registration (with its health).
+    pub fn source(&self) -> RegistrySource {
+        RegistrySource::new(self.view.clone())
+    }
+
+    /// Registers (or re-registers) `spec` for `owner`.
+    pub async fn register(&self, spec: &InstanceSpec, owner: &str) -> Result<Entry, RegistryError> {
+        let registration = spec.validate()?;
+        let (entries, _) = self.view.service(&registration.name);
+        if let Some(holder) = entries.iter().find(|entry| {
+            entry.record.registration.address == registration.address
+                && entry.record.registration.id != registration.id
+        }) {
+            return Err(RegistryError::AddressInUse {
+                service: registration.name.clone(),
+                address: registration.address,
+                holder: holder.record.registration.id.clone(),
+            });
+        }
+        let record = self.backend.register(registration, owner).await?;
+        let health = self
+            .view
+            .get(&record.registration.id)
+            .map_or(HealthStatus::Unknown, |entry| entry.health);
+        info!(
+            instance = %record.registration.id,
+            service = %record.registration.name,
+            address = %record.registration.address,
+            owner,
+            "registered"
+        );
+        Ok(Entry { record, health })
+    }
+
+    /// Renews `id`'s lease; returns its TTL.
+    pub async fn heartbeat(&self, id: &str, owner: &str) -> Result<Duration, RegistryError> {
+        validate_instance_id(id).map_err(|reason| FieldErrors::one("id", reason))?;
+        Ok(self.backend.heartbeat(id, owner).await?)
+    }
+
+    /// Removes `id`.
+    pub async fn deregister(&self, id: &str, owner: &str) -> Result<(), RegistryError> {
+        validate_instance_id(id).map_err(|reason| FieldErrors::one("id", reason))?;
+        self.backend.deregister(id, owner).await?;
+        info!(instance = %id, owner, "deregistered");
+        Ok(())
+    }
+
+    /// The instances matching `query`, or one picked by the service's policy.
+    pub fn discover(&self, query: &Query) -> Result<Discovery, RegistryError> {
+        query.validate()?;
+        let cursor = self.view.cursor();
+        if !query.pick {
+            let (entries, _) = self.view.service(&query.service);
+            let entries = entries
+                .into_iter()
+                .filter(|entry| query.matches(entry))
+                .collect();
+            return Ok(Discovery { entries, cursor });
+        }
+        Ok(Discovery {
+            entries: self.pick(query).into_iter().collect(),
+            cursor,
+        })
+    }
+
+    fn pick(&self, query: &Query) -> Option<Entry> {
+        let (policy_version, policy) = self
+            .policy
+            .read()
+            .map(|policy| (policy.0, policy.1.clone()))
+            .unwrap_or_else(|poisoned| {
+                let policy = poisoned.into_inner();
+                (policy.0, policy.1.clone())
+            });
+        let (_, generation) = self.view.service(&query.service);
+        let now = self.started.elapsed();
+        let mut picking = self
+            .picking
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let Picking { balancers, rng } = &mut *picking;
+        let fresh = balancers.get(query).is_some_and(|cached| {
+            cached.generation == generation && cached.policy_version == policy_version
+        });
+        if !fresh {
+            let (entries, generation) = self.view.service(&query.service);
+            let entries: Vec<Entry> = entries
+                .into_iter()
+                .filter(|entry| query.matches(entry))
+                .collect();
+            let endpoints: Vec<fulcrum_core::Endpoint> = entries
+                .iter()
+                .map(|entry| {
+                    entry
+                        .record
+                        .registration
+                        .endpoint(entry.health.endpoint_health())
+                })
+                .collect();
+            let ids = entries
+                .iter()
+                .enumerate()
+                .map(|(index, entry)| (entry.record.registration.address, index))
+                .collect();
+            let service_policy = policy.for_service(&query.service);
+            let cached = CachedBalancer {
+                generation,
+                policy_version,
+                ids,
+                entries,
+                balancer: ServiceBalancer::new(service_policy, &endpoints),
+            };
+            if balancers.len() >= MAX_BALANCERS {
+                balancers.clear();
+            }
+            balancers.insert(query.clone(), cached);
+        }
+        let cached = balancers.get_mut(query)?;
+        let pick = cached
+            .balancer
+            .pick(&RequestAttributes::default(), now, rng)
+            .ok()?;
+        // The registry never sees the request's outcome: count it as done at once so
+        // in-flight counts stay at zero and the algorithm spreads by its other signals.
+        cached
+            .balancer
+            .complete(pick.endpoint, None, Outcome::default(), now);
+        let index = *cached.ids.get(&pick.endpoint)?;
+        cached.entries.get(index).cloned()
+    }
+
+    /// Changes after `cursor` (or a reset), and the cursor after them.
+    pub fn since(&self, cursor: Option<&Cursor>) -> (Since, Cursor) {
+        self.view.since(cursor)
+    }
+
+    /// Waits until the view moves past `cursor` or `timeout` passes; then returns what
+    /// changed (possibly nothing).
+    pub async fn wait_since(&self, cursor: Option<&Cursor>, timeout: Duration) -> (Since, Cursor) {
+        let mut revisions = self.view.subscribe();
+        let (since, now) = self.view.since(cursor);
+        if !matches!(&since, Since::Changes(changes) if changes.is_empty()) {
+            return (since, now);
+        }
+        let _ = tokio::time::timeout(timeout, revisions.changed()).await;
+        self.view.since(cursor)
+    }
+}
+
+/// A registry record from a backend, for the API: entry plus effective values.
+pub fn record_ttl_ms(record: &Record) -> u32 {
+    u32::try_from(record.registration.ttl.as_millis()).unwrap_or(u32::MAX)
+}
+
+/// A fresh epoch for a view: time and process id, unique per run.
+pub fn new_epoch() -> String {
+    format!("{:x}-{:x}", unix_nanos(), std::process::id())
+}
+
+fn unix_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| elapsed.as_nanos() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use fulcrum_core::{LoadBalancer, ServicePolicy};
+
+    use super::*;
+    use crate::test_support::spec;
+
+    async fn registered(ports: &[u16]) -> Arc<Registry> {
+        let registry = Registry::in_memory();
+        for port in ports {
+            let mut spec = spec("svc", &format!("svc-{port}"), *port);
+            if port % 2 == 0 {
+                spec.tags = vec!["even".into()];
+            }
+            spec.metadata
+                .insert("version".into(), format!("v{}", port % 3));
+            registry.register(&spec, "alice").await.expect("registered");
+        }
+        registry
+    }
+
+    fn ids(discovery: &Discovery) -> Vec<&str> {
+        discovery
+            .entries
+            .iter()
+            .map(|e| e.record.registration.id.as_str())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn discover_filters_by_tags_and_metadata() {
+        let registry = registered(&[1, 2, 3, 4, 5, 6]).await;
+        let query = Query {
+            service: "svc".into(),
+            tags: BTreeSet::from(["even".into()]),
+            metadata: BTreeMap::from([("version".into(), "v0".into())]),
+            ..Query::default()
+        };
+        assert_eq!(ids(&registry.discover(&query).expect("ok")), ["svc-6"]);
+    }
+
+    #[tokio::test]
+    async fn unhealthy_instances_are_hidden_unless_asked_for() {
+        let registry = registered(&[1, 2]).await;
+        let entry = registry.view().get("svc-1").expect("svc-1");
+        registry
+            .view()
+            .set_health(&entry.record, HealthStatus::Unhealthy);
+        let mut query = Query {
+            service: "svc".into(),
+            ..Query::default()
+        };
+        assert_eq!(ids(&registry.discover(&query).expect("ok")), ["svc-2"]);
+        query.health = BTreeSet::from([HealthStatusKey::Unhealthy]);
+        assert_eq!(ids(&registry.discover(&query).expect("ok")), ["svc-1"]);
+    }
+
+    #[tokio::test]
+    async fn pick_applies_the_services_policy_round_robin_over_the_filtered_set() {
+        let registry = registered(&[1, 2, 3, 4]).await;
+        let mut policy = Policy::default();
+        policy.services.insert(
+            "svc".into(),
+            ServicePolicy {
+                load_balancer: LoadBalancer::RoundRobin,
+                ..ServicePolicy::default()
+            },
+        );
+        registry.set_policy(policy);
+        let query = Query {
+            service: "svc".into(),
+            tags: BTreeSet::from(["even".into()]),
+            pick: true,
+            ..Query::default()
+        };
+        let picks: Vec<String> = (0..4)
+            .map(|_| ids(&registry.discover(&query).expect("ok"))[0].to_owned())
+            .collect();
+        assert_eq!(picks, ["svc-2", "svc-4", "svc-2", "svc-4"]);
+    }
+
+    #[tokio::test]
+    async fn an_address_held_by_another_instance_of_the_service_is_refused() {
+        let registry = registered(&[1]).await;
+        let error = registry
+            .register(&spec("svc", "other", 1), "alice")
+            .await
+            .expect_err("address in use");
+        assert!(error.to_string().contains("as instance `svc-1`"), "{error}");
+    }
+}

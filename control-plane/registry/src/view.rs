@@ -1,0 +1,560 @@
+//! The registry's local view: every live registration with its health, one change history,
+//! and a revision that moves on every change.
+//!
+//! Backends keep the view current (the in-memory backend in the same step as its write, the
+//! etcd backend from its watch), the health monitor sets health, and everything that reads
+//! (Discover, Watch, the endpoint source) reads here. Registration and health live in one
+//! structure under one lock, so a reader never sees one without the other. The history is a
+//! bounded ring (like etcd's compaction): a watcher whose cursor fell out of it, or that
+//! carries another replica's epoch, gets a reset with the full state instead.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
+    sync::{Arc, RwLock},
+};
+
+use fulcrum_core::{Health, ServiceEndpoints};
+use fulcrum_sources::Services;
+use tokio::sync::watch;
+use tracing::warn;
+
+use crate::model::Registration;
+
+/// Changes kept for watchers before they must reset.
+pub const HISTORY: usize = 4096;
+
+/// A registration as stored: what was registered, by whom, and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// The validated registration.
+    pub registration: Registration,
+    /// Identity of the token that registered it.
+    pub owner: String,
+    /// First registration time, milliseconds since the Unix epoch (kept on re-registration).
+    pub registered_at_unix_ms: u64,
+    /// The backend's lease id (etcd), 0 in memory.
+    pub lease: i64,
+    /// The backend's modification revision; a change with an older one is stale.
+    pub mod_revision: i64,
+}
+
+/// Health as the registry sees it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum HealthStatus {
+    /// No active check, or no threshold reached yet: serving, as registered.
+    #[default]
+    Unknown,
+    /// The active check reached its healthy threshold.
+    Healthy,
+    /// The active check reached its unhealthy threshold: never picked.
+    Unhealthy,
+}
+
+impl HealthStatus {
+    /// The endpoint health Envoy and the filter see.
+    pub fn endpoint_health(self) -> Health {
+        match self {
+            Self::Unknown | Self::Healthy => Health::Healthy,
+            Self::Unhealthy => Health::Unhealthy,
+        }
+    }
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Unknown => "unknown",
+            Self::Healthy => "healthy",
+            Self::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// One live registration and its health.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    /// What is registered.
+    pub record: Arc<Record>,
+    /// Its current health.
+    pub health: HealthStatus,
+}
+
+/// One change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Change {
+    /// The view revision this change made.
+    pub revision: u64,
+    /// The instance id.
+    pub id: String,
+    /// The entry after the change; `None` when removed.
+    pub entry: Option<Entry>,
+}
+
+/// A position in this view's history.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    /// Names this view (this process's run), so cursors from elsewhere are recognised.
+    pub epoch: String,
+    /// Changes up to and including this revision have been seen.
+    pub revision: u64,
+}
+
+/// What a watcher gets after its cursor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Since {
+    /// The changes after the cursor, oldest first (possibly none).
+    Changes(Vec<Change>),
+    /// The cursor is unknown or too old: every current entry, replacing what it knew.
+    Reset(Vec<Entry>),
+}
+
+#[derive(Debug, Default)]
+struct State {
+    revision: u64,
+    entries: HashMap<String, Entry>,
+    /// Instance ids by service name.
+    by_service: BTreeMap<String, BTreeSet<String>>,
+    /// Bumped when anything in the service changes; keys cached balancers.
+    service_generation: HashMap<String, u64>,
+    history: VecDeque<Change>,
+}
+
+/// The view; see the module docs.
+#[derive(Debug)]
+pub struct View {
+    epoch: String,
+    state: RwLock<State>,
+    revisions: watch::Sender<u64>,
+}
+
+impl View {
+    /// An empty view named `epoch` (unique per process run).
+    pub fn new(epoch: impl Into<String>) -> Self {
+        Self {
+            epoch: epoch.into(),
+            state: RwLock::new(State::default()),
+            revisions: watch::Sender::new(0),
+        }
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, State> {
+        self.state
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, State> {
+        self.state
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The cursor now.
+    pub fn cursor(&self) -> Cursor {
+        Cursor {
+            epoch: self.epoch.clone(),
+            revision: self.read().revision,
+        }
+    }
+
+    /// Wakes when the revision moves.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.revisions.subscribe()
+    }
+
+    /// One entry.
+    pub fn get(&self, id: &str) -> Option<Entry> {
+        self.read().entries.get(id).cloned()
+    }
+
+    /// How many registrations are live.
+    pub fn len(&self) -> usize {
+        self.read().entries.len()
+    }
+
+    /// Whether nothing is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The entries of `service` sorted by id, with the service's generation.
+    pub fn service(&self, service: &str) -> (Vec<Entry>, u64) {
+        let state = self.read();
+        let entries = state
+            .by_service
+            .get(service)
+            .map(|ids| {
+                ids.iter()
+                    .filter_map(|id| state.entries.get(id).cloned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        let generation = state.service_generation.get(service).copied().unwrap_or(0);
+        (entries, generation)
+    }
+
+    /// Every service with its endpoints, as the endpoint source publishes them. Two
+    /// registrations of one service at one address (possible across etcd replicas racing)
+    /// give one endpoint: the earliest registered.
+    pub fn services(&self) -> Services {
+        let state = self.read();
+        let mut services = Services::new();
+        for (name, ids) in &state.by_service {
+            let mut by_address: BTreeMap<std::net::SocketAddr, &Entry> = BTreeMap::new();
+            for entry in ids.iter().filter_map(|id| state.entries.get(id)) {
+                let address = entry.record.registration.address;
+                let keep = by_address.get(&address).is_none_or(|kept| {
+                    entry.record.registered_at_unix_ms < kept.record.registered_at_unix_ms
+                });
+                if keep {
+                    by_address.insert(address, entry);
+                }
+            }
+            let endpoints = by_address
+                .into_values()
+                .map(|entry| {
+                    entry
+                        .record
+                        .registration
+                        .endpoint(entry.health.endpoint_health())
+                })
+                .collect();
+            services.insert(name.clone(), ServiceEndpoints { endpoints });
+        }
+        services
+    }
+
+    /// Every entry, sorted by id.
+    pub fn entries(&self) -> Vec<Entry> {
+        let state = self.read();
+        let mut entries: Vec<Entry> = state.entries.values().cloned().collect();
+        entries.sort_by(|a, b| a.record.registration.id.cmp(&b.record.registration.id));
+        entries
+    }
+
+    /// What changed after `cursor` (`None`: a reset).
+    pub fn since(&self, cursor: Option<&Cursor>) -> (Since, Cursor) {
+        let state = self.read();
+        let now = Cursor {
+            epoch: self.epoch.clone(),
+            revision: state.revision,
+        };
+        let Some(cursor) = cursor.filter(|cursor| cursor.epoch == self.epoch) else {
+            return (Since::Reset(sorted(&state)), now);
+        };
+        if cursor.revision >= state.revision {
+            return (Since::Changes(Vec::new()), now);
+        }
+        let oldest = state.history.front().map_or(u64::MAX, |c| c.revision);
+        if cursor.revision + 1 < oldest {
+            return (Since::Reset(sorted(&state)), now);
+        }
+        let changes = state
+            .history
+            .iter()
+            .filter(|change| change.revision > cursor.revision)
+            .cloned()
+            .collect();
+        (Since::Changes(changes), now)
+    }
+
+    /// Adds or replaces a registration. Keeps the health when the check is unchanged.
+    /// Ignored when the stored one has a newer backend revision (a stale watch event) or is
+    /// identical.
+    pub fn upsert(&self, record: Record) {
+        let mut state = self.write();
+        upsert_locked(&mut state, record);
+        self.publish(&state);
+    }
+
+    /// Removes `id` unless the stored registration is newer than `mod_revision`
+    /// (`None` removes unconditionally).
+    pub fn remove(&self, id: &str, mod_revision: Option<i64>) -> bool {
+        let mut state = self.write();
+        let removed = remove_locked(&mut state, id, mod_revision);
+        if removed {
+            self.publish(&state);
+        }
+        removed
+    }
+
+    /// Replaces the whole content with `records` (after an etcd reload), recording only
+    /// the differences.
+    pub fn replace_all(&self, records: Vec<Record>) {
+        let mut state = self.write();
+        let keep: BTreeSet<String> = records
+            .iter()
+            .map(|record| record.registration.id.clone())
+            .collect();
+        let gone: Vec<String> = state
+            .entries
+            .keys()
+            .filter(|id| !keep.contains(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            remove_locked(&mut state, &id, None);
+        }
+        for record in records {
+            upsert_locked(&mut state, record);
+        }
+        self.publish(&state);
+    }
+
+    /// Sets the health of `id`, if it is still registered with the same health check as
+    /// `record` (a result for a replaced check is dropped). Returns whether it changed.
+    pub fn set_health(&self, record: &Record, health: HealthStatus) -> bool {
+        let mut state = self.write();
+        let id = &record.registration.id;
+        let Some(entry) = state.entries.get(id) else {
+            return false;
+        };
+        if entry.health == health
+            || entry.record.registration.health_check != record.registration.health_check
+            || entry.record.registration.address != record.registration.address
+        {
+            return false;
+        }
+        let entry = Entry {
+            record: entry.record.clone(),
+            health,
+        };
+        let service = entry.record.registration.name.clone();
+        state.entries.insert(id.clone(), entry.clone());
+        record_change(&mut state, id.clone(), Some(entry), &[&service]);
+        self.publish(&state);
+        true
+    }
+
+    fn publish(&self, state: &State) {
+        self.revisions.send_if_modified(|revision| {
+            let changed = *revision != state.revision;
+            *revision = state.revision;
+            changed
+        });
+    }
+}
+
+fn sorted(state: &State) -> Vec<Entry> {
+    let mut entries: Vec<Entry> = state.entries.values().cloned().collect();
+    entries.sort_by(|a, b| a.record.registration.id.cmp(&b.record.registration.id));
+    entries
+}
+
+fn upsert_locked(state: &mut State, record: Record) {
+    let id = record.registration.id.clone();
+    let previous = state.entries.get(&id);
+    if let Some(previous) = previous {
+        if previous.record.mod_revision > record.mod_revision {
+            return;
+        }
+        if same_content(&previous.record, &record) {
+            // A re-registration that changes nothing a reader sees: not a change.
+            let health = previous.health;
+            state.entries.insert(
+                id,
+                Entry {
+                    record: Arc::new(record),
+                    health,
+                },
+            );
+            return;
+        }
+    }
+    let health = match previous {
+        Some(previous)
+            if previous.record.registration.health_check == record.registration.health_check
+                && previous.record.registration.address == record.registration.address =>
+        {
+            previous.health
+        }
+        _ => HealthStatus::Unknown,
+    };
+    let old_service = previous.map(|p| p.record.registration.name.clone());
+    let service = record.registration.name.clone();
+    if let Some(old) = old_service.as_ref().filter(|old| **old != service)
+        && let Some(ids) = state.by_service.get_mut(old)
+    {
+        ids.remove(&id);
+        if ids.is_empty() {
+            state.by_service.remove(old);
+        }
+    }
+    state
+        .by_service
+        .entry(service.clone())
+        .or_default()
+        .insert(id.clone());
+    let entry = Entry {
+        record: Arc::new(record),
+        health,
+    };
+    state.entries.insert(id.clone(), entry.clone());
+    let mut touched = vec![service.as_str()];
+    if let Some(old) = old_service.as_deref() {
+        touched.push(old);
+    }
+    let touched: Vec<String> = touched.into_iter().map(str::to_owned).collect();
+    let touched: Vec<&String> = touched.iter().collect();
+    record_change(state, id, Some(entry), &touched);
+}
+
+/// Equal in everything but the backend's revision.
+fn same_content(a: &Record, b: &Record) -> bool {
+    a.registration == b.registration
+        && a.owner == b.owner
+        && a.registered_at_unix_ms == b.registered_at_unix_ms
+        && a.lease == b.lease
+}
+
+fn remove_locked(state: &mut State, id: &str, mod_revision: Option<i64>) -> bool {
+    let Some(entry) = state.entries.get(id) else {
+        return false;
+    };
+    if let Some(revision) = mod_revision
+        && entry.record.mod_revision > revision
+    {
+        return false;
+    }
+    let service = entry.record.registration.name.clone();
+    state.entries.remove(id);
+    if let Some(ids) = state.by_service.get_mut(&service) {
+        ids.remove(id);
+        if ids.is_empty() {
+            state.by_service.remove(&service);
+        }
+    }
+    record_change(state, id.to_owned(), None, &[&service]);
+    true
+}
+
+fn record_change(state: &mut State, id: String, entry: Option<Entry>, services: &[&String]) {
+    state.revision += 1;
+    for service in services {
+        *state
+            .service_generation
+            .entry((*service).clone())
+            .or_default() = state.revision;
+    }
+    if state.history.len() == HISTORY {
+        state.history.pop_front();
+    }
+    debug_assert!(
+        state
+            .history
+            .back()
+            .is_none_or(|last| last.revision < state.revision),
+        "history revisions must increase"
+    );
+    state.history.push_back(Change {
+        revision: state.revision,
+        id,
+        entry,
+    });
+    if state.entries.len() > 1_000_000 {
+        warn!(
+            registrations = state.entries.len(),
+            "the registry holds over a million registrations"
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::{record, spec};
+
+    #[test]
+    fn a_cursor_in_the_history_gets_exactly_the_later_changes() {
+        let view = View::new("epoch-a");
+        view.upsert(record(spec("a", "a-1", 1)));
+        let cursor = view.cursor();
+        view.upsert(record(spec("a", "a-2", 2)));
+        view.remove("a-1", None);
+        let (since, now) = view.since(Some(&cursor));
+        let Since::Changes(changes) = since else {
+            panic!("expected changes, got {since:?}");
+        };
+        let ids: Vec<(&str, bool)> = changes
+            .iter()
+            .map(|c| (c.id.as_str(), c.entry.is_some()))
+            .collect();
+        assert_eq!(ids, [("a-2", true), ("a-1", false)]);
+        assert_eq!(now.revision, 3);
+    }
+
+    #[test]
+    fn a_cursor_of_another_epoch_or_out_of_history_gets_a_reset() {
+        let view = View::new("epoch-a");
+        view.upsert(record(spec("a", "a-1", 1)));
+        let foreign = Cursor {
+            epoch: "epoch-b".into(),
+            revision: 1,
+        };
+        assert!(matches!(view.since(Some(&foreign)).0, Since::Reset(e) if e.len() == 1));
+        for port in 0..HISTORY as u16 + 1 {
+            view.upsert(record(spec("a", "a-2", port + 2)));
+        }
+        let old = Cursor {
+            epoch: "epoch-a".into(),
+            revision: 1,
+        };
+        assert!(matches!(view.since(Some(&old)).0, Since::Reset(e) if e.len() == 2));
+    }
+
+    #[test]
+    fn health_survives_re_registration_with_the_same_check_only() {
+        let view = View::new("e");
+        let first = record(spec("a", "a-1", 1));
+        view.upsert(first.clone());
+        assert!(view.set_health(&first, HealthStatus::Unhealthy));
+        let mut again = first.clone();
+        again.registration.weight = 5;
+        view.upsert(again);
+        assert_eq!(
+            view.get("a-1").expect("a-1").health,
+            HealthStatus::Unhealthy
+        );
+        view.upsert(record(spec("a", "a-1", 9)));
+        assert_eq!(view.get("a-1").expect("a-1").health, HealthStatus::Unknown);
+    }
+
+    #[test]
+    fn stale_backend_revisions_are_ignored() {
+        let view = View::new("e");
+        let mut newer = record(spec("a", "a-1", 1));
+        newer.mod_revision = 10;
+        view.upsert(newer);
+        let mut older = record(spec("a", "a-1", 2));
+        older.mod_revision = 5;
+        view.upsert(older);
+        assert_eq!(
+            view.get("a-1")
+                .expect("a-1")
+                .record
+                .registration
+                .address
+                .port(),
+            1
+        );
+        assert!(!view.remove("a-1", Some(9)));
+        assert!(view.remove("a-1", Some(11)));
+    }
+
+    #[test]
+    fn moving_an_id_to_another_service_removes_it_from_the_first() {
+        let view = View::new("e");
+        view.upsert(record(spec("a", "x-1", 1)));
+        view.upsert(record(spec("b", "x-1", 1)));
+        let services = view.services();
+        assert_eq!(services.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    #[test]
+    fn unhealthy_entries_are_published_unhealthy() {
+        let view = View::new("e");
+        let first = record(spec("a", "a-1", 1));
+        view.upsert(first.clone());
+        view.set_health(&first, HealthStatus::Unhealthy);
+        assert_eq!(view.services()["a"].endpoints[0].health, Health::Unhealthy);
+    }
+}

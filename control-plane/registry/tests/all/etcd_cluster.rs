@@ -1,0 +1,164 @@
+//! A real etcd cluster on loopback for tests and benches: free ports, a temporary data
+//! directory per member, members killed on drop, every wait bounded.
+
+use std::{
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+
+/// How long a cluster or a restarted member may take to serve.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+struct Member {
+    name: String,
+    client_port: u16,
+    peer_port: u16,
+    data_dir: PathBuf,
+    log: PathBuf,
+    child: Option<Child>,
+}
+
+/// A running cluster. See the module docs.
+pub struct EtcdCluster {
+    members: Vec<Member>,
+    initial_cluster: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl EtcdCluster {
+    /// Starts `size` members and waits until every one serves. Fails with the reason when
+    /// the `etcd` binary is missing (`apt-get install etcd-server`, or `cargo xtask setup`).
+    pub async fn start(size: usize) -> Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let mut members = Vec::new();
+        for index in 0..size {
+            let name = format!("m{index}");
+            members.push(Member {
+                data_dir: dir.path().join(&name),
+                log: dir.path().join(format!("{name}.log")),
+                name,
+                client_port: free_port()?,
+                peer_port: free_port()?,
+                child: None,
+            });
+        }
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = Self {
+            members,
+            initial_cluster,
+            _dir: dir,
+        };
+        for index in 0..size {
+            cluster.spawn(index, "new")?;
+        }
+        for index in 0..size {
+            cluster.wait_ready(index).await?;
+        }
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, index: usize, state: &str) -> Result<()> {
+        let initial_cluster = self.initial_cluster.clone();
+        let member = &mut self.members[index];
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&member.log)?;
+        let client = format!("http://127.0.0.1:{}", member.client_port);
+        let peer = format!("http://127.0.0.1:{}", member.peer_port);
+        let child = Command::new("etcd")
+            .args(["--name", &member.name])
+            .arg("--data-dir")
+            .arg(&member.data_dir)
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &initial_cluster])
+            .args(["--initial-cluster-state", state])
+            .args(["--initial-cluster-token", "fulcrum-test"])
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context(
+                "starting `etcd` (install it: apt-get install etcd-server, or cargo xtask setup)",
+            )?;
+        member.child = Some(child);
+        Ok(())
+    }
+
+    async fn wait_ready(&mut self, index: usize) -> Result<()> {
+        let url = format!(
+            "http://127.0.0.1:{}/health",
+            self.members[index].client_port
+        );
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        let started = Instant::now();
+        while started.elapsed() < READY_WITHIN {
+            if let Some(child) = self.members[index].child.as_mut()
+                && let Some(status) = child.try_wait()?
+            {
+                let log = std::fs::read_to_string(&self.members[index].log).unwrap_or_default();
+                bail!("etcd member {index} exited with {status}:\n{log}");
+            }
+            if let Ok(response) = client
+                .get(&url)
+                .timeout(Duration::from_millis(500))
+                .send()
+                .await
+                && response.status().is_success()
+                && response.text().await.unwrap_or_default().contains("true")
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("etcd member {index} not healthy within {READY_WITHIN:?}")
+    }
+
+    /// Client URLs of every member.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members
+            .iter()
+            .map(|m| format!("http://127.0.0.1:{}", m.client_port))
+            .collect()
+    }
+
+    /// Kills member `index` (SIGKILL) and waits for it to exit.
+    pub fn kill(&mut self, index: usize) {
+        if let Some(mut child) = self.members[index].child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Restarts a killed member on its data directory and waits until the cluster serves
+    /// through it.
+    pub async fn restart(&mut self, index: usize) -> Result<()> {
+        self.spawn(index, "existing")?;
+        self.wait_ready(index).await
+    }
+}
+
+impl Drop for EtcdCluster {
+    fn drop(&mut self) {
+        for index in 0..self.members.len() {
+            self.kill(index);
+        }
+    }
+}

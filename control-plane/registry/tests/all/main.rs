@@ -1,0 +1,10 @@
+//! The registry's integration tests, one binary: the REST and gRPC APIs over loopback,
+//! active health checks against the sample backend and real gRPC servers, and the etcd
+//! backend on a real three-member etcd cluster.
+
+mod api_grpc;
+mod api_rest;
+mod etcd;
+mod etcd_cluster;
+mod health_checks;
+mod support;

@@ -1,0 +1,161 @@
+//! Shared fixtures: the API served on loopback, tokens, clients, bounded waits.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use anyhow::{Result, bail};
+use fulcrum_core::Snapshot;
+use fulcrum_proto::registry::v1::{self as pb, registry_client::RegistryClient};
+use fulcrum_registry::{
+    Registry, TokenAuth,
+    api::{ApiState, grpc, rest},
+};
+use fulcrum_sources::Debounce;
+use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Channel;
+
+/// Alice's token (identity `alice`).
+pub const ALICE: &str = "alice-token-0123456789";
+/// Bob's token (identity `bob`).
+pub const BOB: &str = "bob-token-0123456789ab";
+
+/// The registry served over REST and gRPC on loopback, with the source's snapshots.
+pub struct Served {
+    pub registry: Arc<Registry>,
+    /// `http://127.0.0.1:PORT`
+    pub rest: String,
+    /// `http://127.0.0.1:PORT`
+    pub grpc: String,
+    /// The latest merged snapshot of the registry source.
+    pub snapshots: watch::Receiver<Option<Snapshot>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+pub fn auth() -> Arc<TokenAuth> {
+    Arc::new(TokenAuth::from_pairs([("alice", ALICE), ("bob", BOB)]))
+}
+
+/// Serves `registry` and runs its source through the snapshot pipeline.
+pub async fn serve(registry: Arc<Registry>) -> Result<Served> {
+    let state = ApiState {
+        registry: registry.clone(),
+        auth: auth(),
+    };
+    let rest_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let grpc_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let rest_url = format!("http://{}", rest_listener.local_addr()?);
+    let grpc_url = format!("http://{}", grpc_listener.local_addr()?);
+    let router = rest::router(state.clone());
+    let grpc_service = grpc::server(state);
+    let (snapshot_sender, snapshots) = watch::channel(None);
+    let source = registry.source();
+    let tasks = vec![
+        tokio::spawn(async move {
+            let _ = axum::serve(rest_listener, router).await;
+        }),
+        tokio::spawn(async move {
+            let _ = tonic::transport::Server::builder()
+                .add_service(grpc_service)
+                .serve_with_incoming(TcpListenerStream::new(grpc_listener))
+                .await;
+        }),
+        tokio::spawn(async move {
+            fulcrum_sources::run(
+                vec![Box::new(source)],
+                Debounce::new(Duration::from_millis(10)),
+                move |snapshot| {
+                    let _ = snapshot_sender.send(Some(snapshot));
+                },
+            )
+            .await;
+        }),
+    ];
+    Ok(Served {
+        registry,
+        rest: rest_url,
+        grpc: grpc_url,
+        snapshots,
+        tasks,
+    })
+}
+
+/// A plain HTTP client that never uses a proxy.
+pub fn http() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("http client")
+}
+
+/// A registration body for `name`/`id` at 127.0.0.1:`port`.
+pub fn instance(name: &str, id: &str, port: u16) -> serde_json::Value {
+    serde_json::json!({ "name": name, "id": id, "address": "127.0.0.1", "port": port })
+}
+
+/// A gRPC client of the served API.
+pub async fn grpc_client(served: &Served) -> Result<RegistryClient<Channel>> {
+    Ok(RegistryClient::connect(served.grpc.clone()).await?)
+}
+
+/// `message` with `authorization: Bearer token`.
+pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {token}").parse().expect("ascii"),
+    );
+    request
+}
+
+/// A proto instance of `name`/`id` at 127.0.0.1:`port`.
+pub fn pb_instance(name: &str, id: &str, port: u16) -> pb::Instance {
+    pb::Instance {
+        name: name.into(),
+        id: id.into(),
+        address: "127.0.0.1".into(),
+        port: u32::from(port),
+        ..pb::Instance::default()
+    }
+}
+
+/// Polls `check` every 20 ms until it holds, failing after `within`.
+pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < within {
+        if check().await {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    bail!("not within {within:?}: {what}")
+}
+
+/// The ports of `service`'s endpoints in the latest snapshot, with their health.
+pub fn published(served: &Served, service: &str) -> Vec<(u16, fulcrum_core::Health)> {
+    served
+        .snapshots
+        .borrow()
+        .as_ref()
+        .and_then(|snapshot| snapshot.services.get(service))
+        .map(|endpoints| {
+            endpoints
+                .endpoints
+                .iter()
+                .map(|e| (e.address.port(), e.health))
+                .collect()
+        })
+        .unwrap_or_default()
+}
