@@ -168,9 +168,15 @@ impl ControlPlane {
             return;
         };
         let xds = tokio::time::timeout(SHUTDOWN_GRACE, servers.xds).await;
-        report_stop("xds", xds.map(|joined| joined.map(|served| served.map_err(|e| e.to_string()))));
+        report_stop(
+            "xds",
+            xds.map(|joined| joined.map(|served| served.map_err(|e| e.to_string()))),
+        );
         let http = tokio::time::timeout(SHUTDOWN_GRACE, servers.http).await;
-        report_stop("http", http.map(|joined| joined.map(|served| served.map_err(|e| e.to_string()))));
+        report_stop(
+            "http",
+            http.map(|joined| joined.map(|served| served.map_err(|e| e.to_string()))),
+        );
     }
 
     fn stop_tasks(&self) {
@@ -187,7 +193,8 @@ impl Drop for ControlPlane {
     }
 }
 
-type StopResult = Result<Result<Result<(), String>, tokio::task::JoinError>, tokio::time::error::Elapsed>;
+type StopResult =
+    Result<Result<Result<(), String>, tokio::task::JoinError>, tokio::time::error::Elapsed>;
 
 fn report_stop(server: &str, result: StopResult) {
     match result {
