@@ -6,7 +6,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Mutex, OnceLock},
+    sync::{Arc, Mutex, OnceLock},
 };
 
 use anyhow::Context as _;
@@ -22,19 +22,25 @@ pub(crate) fn engine() -> &'static Engine {
     })
 }
 
-/// The module at `path`, compiled once per process.
+/// The module at `path`, compiled once per process. Tests running in parallel wait for the
+/// first compilation instead of each compiling the same module.
 pub(crate) fn module_from_file(path: &Path) -> anyhow::Result<Module> {
-    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Module>>> = OnceLock::new();
-    let modules = MODULES.get_or_init(Default::default);
+    type Slot = Arc<Mutex<Option<Module>>>;
+    static MODULES: OnceLock<Mutex<HashMap<PathBuf, Slot>>> = OnceLock::new();
     let key = path.canonicalize().unwrap_or_else(|_| path.to_path_buf());
-    if let Some(module) = lock(modules).get(&key) {
+    let slot = lock(MODULES.get_or_init(Default::default))
+        .entry(key)
+        .or_default()
+        .clone();
+    let mut slot = lock(&slot);
+    if let Some(module) = slot.as_ref() {
         return Ok(module.clone());
     }
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let module = Module::new(engine(), bytes)
         .map_err(anyhow::Error::from)
         .with_context(|| format!("compiling {}", path.display()))?;
-    lock(modules).insert(key, module.clone());
+    *slot = Some(module.clone());
     Ok(module)
 }
 
