@@ -8,19 +8,23 @@
 //! - `GET /metrics`: Prometheus (OpenMetrics text).
 //! - `GET /v1/status`: the snapshot version and, per connected Envoy stream, its kind, the
 //!   versions sent and acknowledged per type and its last NACK.
+//! - `GET /v1/policy/history`: the kept policy versions, oldest first, the last current.
+//! - `POST /v1/policy/rollback?version=N`: makes kept version `N` current again (as a new
+//!   version); `404` with the kept versions when `N` is not kept.
 
 use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    extract::State,
+    extract::{Query, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
-    routing::get,
+    routing::{get, post},
 };
+use fulcrum_policy::{AppliedPolicy, PolicyStore};
 use fulcrum_xds::{NodeRegistry, StreamStatus};
 use prometheus_client::registry::Registry;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::snapshot::SnapshotStore;
 
@@ -29,6 +33,8 @@ use crate::snapshot::SnapshotStore;
 pub struct AppState {
     /// The latest snapshot.
     pub store: SnapshotStore,
+    /// The policy versions.
+    pub policies: PolicyStore,
     /// Connected Envoy streams.
     pub nodes: NodeRegistry,
     /// Every metric.
@@ -40,6 +46,8 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/snapshot", get(snapshot))
         .route("/v1/status", get(status))
+        .route("/v1/policy/history", get(policy_history))
+        .route("/v1/policy/rollback", post(policy_rollback))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
@@ -126,6 +134,34 @@ async fn status(State(state): State<AppState>) -> Json<Status> {
             .map(|served| served.snapshot.version.clone()),
         streams: state.nodes.snapshot(),
     })
+}
+
+async fn policy_history(State(state): State<AppState>) -> Json<Vec<AppliedPolicy>> {
+    Json(
+        state
+            .policies
+            .history()
+            .iter()
+            .map(|applied| AppliedPolicy::clone(applied))
+            .collect(),
+    )
+}
+
+/// The query of `POST /v1/policy/rollback`.
+#[derive(Debug, Deserialize)]
+pub struct RollbackQuery {
+    /// The kept version to make current again.
+    pub version: u64,
+}
+
+async fn policy_rollback(
+    State(state): State<AppState>,
+    Query(query): Query<RollbackQuery>,
+) -> Response {
+    match state.policies.rollback(query.version) {
+        Ok(applied) => Json(AppliedPolicy::clone(&applied)).into_response(),
+        Err(error) => (StatusCode::NOT_FOUND, format!("{error}\n")).into_response(),
+    }
 }
 
 #[cfg(test)]

@@ -12,6 +12,9 @@ pub mod snapshot;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
+use fulcrum_core::Snapshot;
+use fulcrum_kube_source::{KubeOptions, KubeSource};
+use fulcrum_policy::{AppliedPolicy, PolicyConfigMap, PolicyFile, PolicyStore, with_policy};
 use fulcrum_sources::{Debounce, Source, StaticFileSource};
 use fulcrum_xds::{AdsServer, ClusterOptions, NodeRegistry, SnapshotCache, XdsMetrics};
 use prometheus_client::registry::Registry;
@@ -41,6 +44,45 @@ pub struct Config {
     pub cluster_options: ClusterOptions,
 }
 
+/// Sources beyond the static file: Kubernetes EndpointSlices and the balancing policy.
+/// Default: neither.
+#[derive(Clone, Default)]
+pub struct OptionalSources {
+    /// Watch EndpointSlices and Services with these options.
+    pub kubernetes: Option<KubeOptions>,
+    /// Where the policy served in every snapshot comes from.
+    pub policy: Option<PolicySource>,
+    /// The Kubernetes client for both; `None` infers one (in-cluster service account, else
+    /// kubeconfig) when a Kubernetes source is configured.
+    pub kube_client: Option<kube::Client>,
+}
+
+impl std::fmt::Debug for OptionalSources {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OptionalSources")
+            .field("kubernetes", &self.kubernetes)
+            .field("policy", &self.policy)
+            .field("kube_client", &self.kube_client.as_ref().map(|_| "given"))
+            .finish()
+    }
+}
+
+/// Where the policy comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PolicySource {
+    /// A YAML (or `*.json`) file, polled for changes.
+    File(PathBuf),
+    /// A key of a ConfigMap, watched.
+    ConfigMap {
+        /// The ConfigMap's namespace.
+        namespace: String,
+        /// The ConfigMap's name.
+        name: String,
+        /// The key holding the policy (YAML, or JSON when it ends in `.json`).
+        key: String,
+    },
+}
+
 /// A running control plane.
 #[derive(Debug)]
 pub struct ControlPlane {
@@ -62,6 +104,11 @@ struct Servers {
 impl ControlPlane {
     /// Binds both listeners, starts the sources, the ADS server and the HTTP API.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
+        Self::start_with(config, OptionalSources::default()).await
+    }
+
+    /// [`start`](Self::start) with the Kubernetes source and the policy source as configured.
+    pub async fn start_with(config: Config, optional: OptionalSources) -> anyhow::Result<Self> {
         let cache = Arc::new(SnapshotCache::new(config.cluster_options.clone()));
         let nodes = NodeRegistry::default();
         let mut registry = Registry::default();
@@ -70,6 +117,8 @@ impl ControlPlane {
         let snapshot_metrics = SnapshotMetrics::default();
         snapshot_metrics.register(&mut registry);
         let store = SnapshotStore::default();
+        let policies = PolicyStore::default();
+        policies.metrics().register(&mut registry);
 
         let xds_listener = TcpListener::bind(config.xds_address)
             .await
@@ -82,16 +131,27 @@ impl ControlPlane {
             .local_addr()
             .context("HTTP listener address")?;
 
-        let sources: Vec<Box<dyn Source>> = vec![Box::new(
+        let mut sources: Vec<Box<dyn Source>> = vec![Box::new(
             StaticFileSource::new(&config.static_file).with_poll_interval(config.poll_interval),
         )];
+        let needs_kube = optional.kubernetes.is_some()
+            || matches!(optional.policy, Some(PolicySource::ConfigMap { .. }));
+        let kube_client = match (optional.kube_client, needs_kube) {
+            (Some(client), _) => Some(client),
+            (None, true) => Some(kube::Client::try_default().await.context(
+                "cannot configure a Kubernetes client (run in a pod with a service account, or set KUBECONFIG)",
+            )?),
+            (None, false) => None,
+        };
+        if let (Some(options), Some(client)) = (optional.kubernetes, &kube_client) {
+            sources.push(Box::new(KubeSource::new(client.clone(), options)));
+        }
+        let policy_source = policy_task(optional.policy, kube_client, policies.clone());
+        let (endpoints, endpoints_changed) = watch::channel(None);
         let pipeline = {
-            let (cache, store, snapshot_metrics) =
-                (Arc::clone(&cache), store.clone(), snapshot_metrics.clone());
-            tokio::spawn(fulcrum_sources::run(
-                sources,
-                Debounce::new(config.debounce),
-                move |snapshot| {
+            let (cache, snapshot_metrics) = (Arc::clone(&cache), snapshot_metrics.clone());
+            let pipeline =
+                fulcrum_sources::run(sources, Debounce::new(config.debounce), move |snapshot| {
                     let summary = cache.set(&snapshot);
                     snapshot_metrics.observe(&snapshot);
                     info!(
@@ -100,9 +160,12 @@ impl ControlPlane {
                         reused = summary.reused,
                         "published snapshot"
                     );
-                    store.publish(snapshot);
-                },
-            ))
+                    endpoints.send_replace(Some(snapshot));
+                });
+            let serve = serve_with_policy(endpoints_changed, policies.subscribe(), store.clone());
+            tokio::spawn(async move {
+                tokio::join!(pipeline, serve, policy_source);
+            })
         };
 
         let (stop, _) = watch::channel(false);
@@ -124,6 +187,7 @@ impl ControlPlane {
         let http_server = {
             let router = http::router(http::AppState {
                 store,
+                policies,
                 nodes,
                 registry: Arc::new(registry),
             });
@@ -190,6 +254,46 @@ impl ControlPlane {
 impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.stop_tasks();
+    }
+}
+
+/// Runs the configured policy source; never ends when there is none.
+fn policy_task(
+    source: Option<PolicySource>,
+    client: Option<kube::Client>,
+    policies: PolicyStore,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    match (source, client) {
+        (Some(PolicySource::File(path)), _) => Box::pin(PolicyFile::new(path).run(policies)),
+        (
+            Some(PolicySource::ConfigMap {
+                namespace,
+                name,
+                key,
+            }),
+            Some(client),
+        ) => Box::pin(PolicyConfigMap::new(client, namespace, name, key).run(policies)),
+        _ => Box::pin(std::future::pending()),
+    }
+}
+
+/// Serves the latest endpoint snapshot with the current policy, after a change of either.
+/// The xDS cache gets the endpoints alone; the filters' snapshot carries the policy too.
+async fn serve_with_policy(
+    mut endpoints: watch::Receiver<Option<Snapshot>>,
+    mut policy: watch::Receiver<Option<Arc<AppliedPolicy>>>,
+    store: SnapshotStore,
+) {
+    loop {
+        let latest = endpoints.borrow_and_update().clone();
+        let applied = policy.borrow_and_update().clone();
+        if let Some(snapshot) = latest {
+            store.publish(with_policy(snapshot, applied.as_deref()));
+        }
+        tokio::select! {
+            changed = endpoints.changed() => if changed.is_err() { return },
+            changed = policy.changed() => if changed.is_err() { return },
+        }
     }
 }
 

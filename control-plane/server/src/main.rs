@@ -4,7 +4,8 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::Parser;
-use fulcrum_control_plane::{Config, ControlPlane};
+use fulcrum_control_plane::{Config, ControlPlane, OptionalSources, PolicySource};
+use fulcrum_kube_source::{KubeOptions, Mapping};
 use fulcrum_xds::ClusterOptions;
 use tracing::error;
 use tracing_subscriber::EnvFilter;
@@ -32,6 +33,43 @@ struct Cli {
     /// How often the static file is checked for changes, in milliseconds.
     #[arg(long, default_value_t = 500)]
     poll_interval_ms: u64,
+    /// Also take endpoints from Kubernetes EndpointSlices (one cluster per Service port,
+    /// named `outbound|PORT||SVC.NS.svc.DOMAIN`), with the in-cluster or kubeconfig client.
+    #[arg(long, alias = "kubernetes")]
+    kube: bool,
+    /// Namespace to watch (repeatable); none watches every namespace.
+    #[arg(long, value_name = "NS", requires = "kube")]
+    kube_namespace: Vec<String>,
+    /// Label selector for the watched Services and EndpointSlices (`app=web,tier!=batch`).
+    #[arg(long, value_name = "SELECTOR", requires = "kube")]
+    kube_label_selector: Option<String>,
+    /// The cluster's DNS domain, in cluster names.
+    #[arg(long, default_value = "cluster.local", requires = "kube")]
+    cluster_domain: String,
+    /// Balancing policy file (YAML, or JSON for `*.json`), reloaded when it changes.
+    #[arg(long, value_name = "PATH", conflicts_with = "policy_configmap")]
+    policy_file: Option<PathBuf>,
+    /// Balancing policy from a ConfigMap key, watched: `NAMESPACE/NAME[:KEY]`, the key
+    /// `policy.yaml` unless given.
+    #[arg(long, value_name = "NS/NAME[:KEY]", value_parser = parse_configmap)]
+    policy_configmap: Option<PolicySource>,
+}
+
+/// Parses `NAMESPACE/NAME[:KEY]`.
+fn parse_configmap(text: &str) -> Result<PolicySource, String> {
+    let (reference, key) = text.split_once(':').unwrap_or((text, "policy.yaml"));
+    match reference.split_once('/') {
+        Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() && !key.is_empty() => {
+            Ok(PolicySource::ConfigMap {
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                key: key.to_owned(),
+            })
+        }
+        _ => Err(format!(
+            "expected NAMESPACE/NAME[:KEY], e.g. fulcrum-system/fulcrum-policy:policy.yaml; got `{text}`"
+        )),
+    }
 }
 
 #[tokio::main]
@@ -49,7 +87,22 @@ async fn main() -> ExitCode {
         debounce: Duration::from_millis(cli.debounce_ms),
         cluster_options: ClusterOptions::default(),
     };
-    let control_plane = match ControlPlane::start(config).await {
+    let optional = OptionalSources {
+        kubernetes: cli.kube.then(|| KubeOptions {
+            namespaces: cli.kube_namespace,
+            label_selector: cli.kube_label_selector,
+            mapping: Mapping {
+                cluster_domain: cli.cluster_domain,
+                ..Mapping::default()
+            },
+        }),
+        policy: cli
+            .policy_file
+            .map(PolicySource::File)
+            .or(cli.policy_configmap),
+        kube_client: None,
+    };
+    let control_plane = match ControlPlane::start_with(config, optional).await {
         Ok(control_plane) => control_plane,
         Err(error) => {
             error!(error = format!("{error:#}"), "cannot start");

@@ -3,5 +3,6 @@
 mod support;
 
 mod binary;
+mod kube_and_policy;
 mod snapshot_api;
 mod xds_envoy;

@@ -1,0 +1,178 @@
+//! The Kubernetes source and the policy source wired into the control plane: EndpointSlices
+//! from the fake API server and a policy file end up in `/v1/snapshot`, and the policy history
+//! and rollback endpoints work on the same store.
+
+use std::time::Duration;
+
+use fulcrum_control_plane::{Config, ControlPlane, OptionalSources, PolicySource};
+use fulcrum_envoy_harness::eventually;
+use fulcrum_kube_source::{
+    KubeOptions,
+    test_support::{
+        FakeApiServer,
+        objects::{endpoint_slice, ready, service},
+    },
+};
+use fulcrum_xds::ClusterOptions;
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use serde_json::Value;
+
+use crate::support::{DEBOUNCE, PATIENCE, POLL_INTERVAL, endpoint, endpoints_file};
+
+const CHECKOUT: &str = "outbound|80||checkout.shop.svc.cluster.local";
+
+fn policy_yaml(failures: u32) -> String {
+    format!("default:\n  outlier_detection:\n    consecutive_failures: {failures}\n")
+}
+
+struct Running {
+    control_plane: ControlPlane,
+    http: reqwest::Client,
+    policy_file: std::path::PathBuf,
+    _kube: FakeApiServer,
+    _dir: tempfile::TempDir,
+}
+
+impl Running {
+    async fn start() -> Self {
+        let kube = FakeApiServer::start().await;
+        kube.serve::<Service>();
+        kube.serve::<EndpointSlice>();
+        kube.apply(&service("shop", "checkout", &[("http", 80)]));
+        kube.apply(&endpoint_slice(
+            "shop",
+            "checkout-a",
+            "checkout",
+            &[("http", 8080)],
+            vec![ready("10.1.0.1")],
+        ));
+        let dir = tempfile::tempdir().expect("tempdir");
+        let static_file = dir.path().join("endpoints.yaml");
+        std::fs::write(
+            &static_file,
+            endpoints_file(&[("local", vec![endpoint("127.0.0.1:9001", "")])]),
+        )
+        .expect("write endpoints");
+        let policy_file = dir.path().join("policy.yaml");
+        std::fs::write(&policy_file, policy_yaml(3)).expect("write policy");
+        let control_plane = ControlPlane::start_with(
+            Config {
+                static_file,
+                poll_interval: POLL_INTERVAL,
+                xds_address: "127.0.0.1:0".parse().expect("address"),
+                http_address: "127.0.0.1:0".parse().expect("address"),
+                debounce: DEBOUNCE,
+                cluster_options: ClusterOptions::default(),
+            },
+            OptionalSources {
+                kubernetes: Some(KubeOptions {
+                    namespaces: vec!["shop".to_owned()],
+                    ..KubeOptions::default()
+                }),
+                policy: Some(PolicySource::File(policy_file.clone())),
+                kube_client: Some(kube.client()),
+            },
+        )
+        .await
+        .expect("control plane starts");
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        Self {
+            control_plane,
+            http,
+            policy_file,
+            _kube: kube,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.control_plane.http_address())
+    }
+
+    async fn get_json(&self, path: &str) -> Value {
+        let response = self.http.get(self.url(path)).send().await.expect("request");
+        response.json().await.unwrap_or(Value::Null)
+    }
+
+    /// The snapshot once `wanted` holds for it.
+    async fn snapshot_where(&self, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
+        eventually(PATIENCE, || async {
+            let snapshot = self.get_json("/v1/snapshot").await;
+            wanted(&snapshot).then_some(snapshot)
+        })
+        .await
+        .unwrap_or_else(|| panic!("no snapshot with {what} within {PATIENCE:?}"))
+    }
+}
+
+fn failures(snapshot: &Value) -> Option<u64> {
+    snapshot["policy"]["default"]["outlier_detection"]["consecutive_failures"].as_u64()
+}
+
+#[tokio::test]
+async fn snapshot_serves_kubernetes_endpoints_with_the_policy_and_rollback_restores_a_version() {
+    let running = Running::start().await;
+    let first = running
+        .snapshot_where("the Kubernetes cluster and the policy", |snapshot| {
+            snapshot["services"][CHECKOUT]["endpoints"][0]["address"] == "10.1.0.1:8080"
+                && snapshot["services"]["local"].is_object()
+                && failures(snapshot) == Some(3)
+        })
+        .await;
+
+    std::fs::write(&running.policy_file, policy_yaml(4)).expect("write policy");
+    let second = running
+        .snapshot_where("the edited policy", |snapshot| {
+            failures(snapshot) == Some(4)
+        })
+        .await;
+    assert_ne!(first["version"], second["version"]);
+    let history = running.get_json("/v1/policy/history").await;
+    let versions: Vec<u64> = history
+        .as_array()
+        .expect("a list")
+        .iter()
+        .filter_map(|applied| applied["version"].as_u64())
+        .collect();
+    assert_eq!(versions, [1, 2]);
+
+    let rollback = running
+        .http
+        .post(running.url("/v1/policy/rollback?version=1"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(rollback.status(), reqwest::StatusCode::OK);
+    let restored: Value = rollback.json().await.expect("json");
+    assert_eq!(
+        (
+            restored["version"].as_u64(),
+            restored["rolled_back_from"].as_u64()
+        ),
+        (Some(3), Some(1))
+    );
+    let rolled_back = running
+        .snapshot_where("the restored policy", |snapshot| {
+            failures(snapshot) == Some(3)
+        })
+        .await;
+    assert_eq!(
+        rolled_back["version"], first["version"],
+        "equal content, equal version"
+    );
+
+    let unknown = running
+        .http
+        .post(running.url("/v1/policy/rollback?version=99"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(unknown.status(), reqwest::StatusCode::NOT_FOUND);
+    let message = unknown.text().await.expect("body");
+    assert!(message.contains("[1, 2, 3]"), "{message}");
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    running.control_plane.shutdown().await;
+}
