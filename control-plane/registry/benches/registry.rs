@@ -1,1 +1,249 @@
-fn main() {}
+//! Registry load benchmark (a plain binary, not criterion: it measures latency
+//! distributions under concurrency, which criterion's per-iteration model does not).
+//!
+//! Over the real gRPC API on loopback, with the in-memory backend and with the etcd backend
+//! on a three-member etcd cluster it starts itself:
+//! 1. N concurrent registrations (N = 1,000 and 10,000): per-call latency p50 / p99 / max
+//!    and the wall time for all of them;
+//! 2. Discover at 10,000 registered endpoints (100 services of 100): requests per second
+//!    and p50 / p99 with 32 concurrent callers, plain and with `pick`.
+//!
+//! Every loop is bounded in count and time. Run:
+//! `cargo bench -p fulcrum-registry --bench registry` (add `-- --memory-only` to skip etcd).
+
+#[path = "../tests/all/etcd_cluster.rs"]
+#[allow(
+    dead_code,
+    reason = "the bench uses part of the tests' cluster fixture"
+)]
+mod etcd_cluster;
+
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::Result;
+use fulcrum_proto::registry::v1::{self as pb, registry_client::RegistryClient};
+use fulcrum_registry::{
+    EtcdBackend, EtcdConfig, Registry, TokenAuth, View,
+    api::{ApiState, grpc},
+    registry::new_epoch,
+};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Channel;
+
+const TOKEN: &str = "bench-token-0123456789";
+/// Connections the load spreads over.
+const CONNECTIONS: usize = 16;
+/// Concurrent Discover callers.
+const DISCOVER_CALLERS: usize = 32;
+/// Each Discover run stops at this many requests or this much time, whichever first.
+const DISCOVER_MAX_REQUESTS: usize = 300_000;
+const DISCOVER_MAX_TIME: Duration = Duration::from_secs(5);
+/// A registration run gives up after this long.
+const REGISTER_MAX_TIME: Duration = Duration::from_secs(120);
+
+fn authed<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    request.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {TOKEN}").parse().expect("ascii"),
+    );
+    request
+}
+
+/// Serves `registry` over gRPC on loopback; returns its URL.
+async fn serve(registry: Arc<Registry>) -> Result<String> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let state = ApiState {
+        registry,
+        auth: Arc::new(TokenAuth::from_pairs([("bench", TOKEN)])),
+    };
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(grpc::server(state))
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    Ok(url)
+}
+
+async fn clients(url: &str) -> Result<Vec<RegistryClient<Channel>>> {
+    let mut clients = Vec::new();
+    for _ in 0..CONNECTIONS {
+        clients.push(RegistryClient::connect(url.to_owned()).await?);
+    }
+    Ok(clients)
+}
+
+fn instance(service: usize, index: usize, run: &str) -> pb::Instance {
+    pb::Instance {
+        name: format!("svc-{service}"),
+        id: format!("{run}-{index}"),
+        address: format!(
+            "127.{}.{}.{}",
+            (index >> 16) & 0xff,
+            (index >> 8) & 0xff,
+            index & 0xff
+        ),
+        port: 8080,
+        tags: vec![
+            if index.is_multiple_of(2) {
+                "even"
+            } else {
+                "odd"
+            }
+            .into(),
+        ],
+        ttl_ms: 600_000,
+        ..pb::Instance::default()
+    }
+}
+
+struct Latencies(Vec<Duration>);
+
+impl Latencies {
+    fn quantile(&self, q: f64) -> Duration {
+        let index = ((self.0.len() as f64 - 1.0) * q).round() as usize;
+        self.0.get(index).copied().unwrap_or_default()
+    }
+
+    fn report(mut self, label: &str, wall: Duration, errors: usize) {
+        self.0.sort_unstable();
+        println!(
+            "{label}: n={} errors={errors} wall={:.2}s rate={:.0}/s p50={:.2}ms p99={:.2}ms max={:.2}ms",
+            self.0.len(),
+            wall.as_secs_f64(),
+            self.0.len() as f64 / wall.as_secs_f64(),
+            self.quantile(0.5).as_secs_f64() * 1e3,
+            self.quantile(0.99).as_secs_f64() * 1e3,
+            self.0.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
+        );
+    }
+}
+
+/// Registers `count` instances at once (all calls in flight together) over 100 services.
+async fn register_all(url: &str, count: usize, run: &str, label: &str) -> Result<()> {
+    let clients = clients(url).await?;
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(count);
+    for index in 0..count {
+        let mut client = clients[index % CONNECTIONS].clone();
+        let request = pb::RegisterRequest {
+            instance: Some(instance(index % 100, index, run)),
+        };
+        tasks.push(tokio::spawn(async move {
+            let call = Instant::now();
+            let result =
+                tokio::time::timeout(REGISTER_MAX_TIME, client.register(authed(request))).await;
+            (call.elapsed(), matches!(result, Ok(Ok(_))))
+        }));
+    }
+    let mut latencies = Vec::with_capacity(count);
+    let mut errors = 0;
+    for task in tasks {
+        let (latency, ok) = task.await?;
+        if ok {
+            latencies.push(latency);
+        } else {
+            errors += 1;
+        }
+    }
+    Latencies(latencies).report(label, started.elapsed(), errors);
+    Ok(())
+}
+
+/// Discover load against services `svc-0..svc-99`.
+async fn discover_load(url: &str, pick: bool, label: &str) -> Result<()> {
+    let clients = clients(url).await?;
+    let started = Instant::now();
+    let per_caller = DISCOVER_MAX_REQUESTS / DISCOVER_CALLERS;
+    let mut tasks = Vec::new();
+    for caller in 0..DISCOVER_CALLERS {
+        let mut client = clients[caller % CONNECTIONS].clone();
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::with_capacity(per_caller);
+            let mut errors = 0;
+            for request in 0..per_caller {
+                if started.elapsed() >= DISCOVER_MAX_TIME {
+                    break;
+                }
+                let message = pb::DiscoverRequest {
+                    name: format!("svc-{}", (caller * 7 + request) % 100),
+                    tags: vec!["even".into()],
+                    pick,
+                    ..pb::DiscoverRequest::default()
+                };
+                let call = Instant::now();
+                match client.discover(authed(message)).await {
+                    Ok(_) => latencies.push(call.elapsed()),
+                    Err(_) => errors += 1,
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut all = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        let (latencies, failed) = task.await?;
+        all.extend(latencies);
+        errors += failed;
+    }
+    Latencies(all).report(label, started.elapsed(), errors);
+    Ok(())
+}
+
+async fn etcd_registry(cluster: &etcd_cluster::EtcdCluster) -> Result<Arc<Registry>> {
+    let view = Arc::new(View::new(new_epoch()));
+    let mut config = EtcdConfig::new(cluster.endpoints());
+    config.request_timeout = Duration::from_secs(10);
+    let backend = EtcdBackend::connect(config, view.clone()).await?;
+    Ok(Registry::new(backend, view))
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let memory_only = std::env::args().any(|arg| arg == "--memory-only");
+    println!("registry bench: gRPC on loopback, {CONNECTIONS} connections");
+
+    for count in [1_000, 10_000] {
+        let url = serve(Registry::in_memory()).await?;
+        register_all(&url, count, "m", &format!("memory register x{count}")).await?;
+        if count == 10_000 {
+            discover_load(
+                &url,
+                false,
+                "memory discover (10k endpoints, 100/service, tag filter)",
+            )
+            .await?;
+            discover_load(&url, true, "memory discover pick (10k endpoints)").await?;
+        }
+    }
+
+    if memory_only {
+        return Ok(());
+    }
+    for count in [1_000, 10_000] {
+        let cluster = etcd_cluster::EtcdCluster::start(3).await?;
+        let url = serve(etcd_registry(&cluster).await?).await?;
+        register_all(
+            &url,
+            count,
+            "e",
+            &format!("etcd(3 members) register x{count}"),
+        )
+        .await?;
+        if count == 10_000 {
+            discover_load(
+                &url,
+                false,
+                "etcd discover (10k endpoints, served from the view)",
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}

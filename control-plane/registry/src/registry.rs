@@ -384,7 +384,7 @@ mod tests {
         let registry = Registry::in_memory();
         for port in ports {
             let mut spec = spec("svc", &format!("svc-{port}"), *port);
-            if port % 2 == 0 {
+            if port.is_multiple_of(2) {
                 spec.tags = vec!["even".into()];
             }
             spec.metadata

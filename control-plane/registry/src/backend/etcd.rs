@@ -484,10 +484,10 @@ async fn watch_once(
                 }
                 EventType::Delete => {
                     let key = String::from_utf8_lossy(kv.key());
-                    if let Some(id) = key.strip_prefix(&config.prefix) {
-                        if view.remove(id, Some(kv.mod_revision())) {
-                            info!(instance = %id, "registration removed in etcd (deregistered or lease expired)");
-                        }
+                    if let Some(id) = key.strip_prefix(&config.prefix)
+                        && view.remove(id, Some(kv.mod_revision()))
+                    {
+                        info!(instance = %id, "registration removed in etcd (deregistered or lease expired)");
                     }
                 }
             }
