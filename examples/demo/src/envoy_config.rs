@@ -143,7 +143,8 @@ impl Bootstrap {
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                     "stat_prefix": "ingress",
-                    "route_config": {"virtual_hosts": [{
+                    // Clusters from CDS do not exist when the static listener loads.
+                    "route_config": {"validate_clusters": false, "virtual_hosts": [{
                         "name": "all",
                         "domains": ["*"],
                         "routes": [{

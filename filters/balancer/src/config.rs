@@ -24,7 +24,7 @@ pub struct FilterConfig {
     /// source. Lower-case. Default: `x-fulcrum-endpoint`.
     pub override_header: String,
     /// How a request's service (the Envoy cluster it goes to) is found.
-    /// Default: the `:authority` host without its port.
+    /// Default: the `:authority` host without its port; in Istio use `route_cluster`.
     pub service: ServiceSource,
     /// Policy per service. A policy in a control-plane snapshot replaces it. Default: defaults.
     pub policy: Policy,
@@ -57,6 +57,9 @@ pub enum ServiceSource {
     Header { name: String },
     /// Always this service: one filter instance in front of one cluster.
     Fixed { name: String },
+    /// The cluster of the route Envoy resolved for the request (`xds.cluster_name`), e.g.
+    /// Istio's `outbound|8080||checkout.shop.svc.cluster.local`.
+    RouteCluster,
 }
 
 /// How the filter reaches the control plane's snapshot API.

