@@ -3,6 +3,7 @@
 //!
 //! Over the real gRPC API on loopback, with the in-memory backend and with the etcd backend
 //! on a three-member etcd cluster it starts itself:
+//! 0. 500 registrations one after the other (latency without queueing);
 //! 1. N concurrent registrations (N = 1,000 and 10,000): per-call latency p50 / p99 / max
 //!    and the wall time for all of them;
 //! 2. Discover at 10,000 registered endpoints (100 services of 100): requests per second
@@ -31,8 +32,7 @@ use fulcrum_registry::{
     registry::new_epoch,
 };
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Channel;
+use tonic::transport::{Channel, server::TcpIncoming};
 
 const TOKEN: &str = "bench-token-0123456789";
 /// Connections the load spreads over.
@@ -65,7 +65,8 @@ async fn serve(registry: Arc<Registry>) -> Result<String> {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(grpc::server(state))
-            .serve_with_incoming(TcpListenerStream::new(listener)),
+            // Small answers must not wait for delayed ACKs (Nagle): as Envoy does, no delay.
+            .serve_with_incoming(TcpIncoming::from(listener).with_nodelay(Some(true))),
     );
     Ok(url)
 }
@@ -138,17 +139,52 @@ async fn register_all(url: &str, count: usize, run: &str, label: &str) -> Result
             let call = Instant::now();
             let result =
                 tokio::time::timeout(REGISTER_MAX_TIME, client.register(authed(request))).await;
-            (call.elapsed(), matches!(result, Ok(Ok(_))))
+            let error = match result {
+                Ok(Ok(_)) => None,
+                Ok(Err(status)) => Some(format!("{:?}: {}", status.code(), status.message())),
+                Err(_) => Some(format!("no answer within {REGISTER_MAX_TIME:?}")),
+            };
+            (call.elapsed(), error)
         }));
     }
     let mut latencies = Vec::with_capacity(count);
     let mut errors = 0;
+    let mut first_error = None;
     for task in tasks {
-        let (latency, ok) = task.await?;
-        if ok {
-            latencies.push(latency);
-        } else {
-            errors += 1;
+        let (latency, error) = task.await?;
+        match error {
+            None => latencies.push(latency),
+            Some(error) => {
+                errors += 1;
+                first_error.get_or_insert(error);
+            }
+        }
+    }
+    Latencies(latencies).report(label, started.elapsed(), errors);
+    if let Some(error) = first_error {
+        println!("  first error: {error}");
+    }
+    Ok(())
+}
+
+/// Registers `count` instances one after the other: the latency of a call that does not
+/// queue behind others.
+async fn register_sequentially(url: &str, count: usize, run: &str, label: &str) -> Result<()> {
+    let mut client = RegistryClient::connect(url.to_owned()).await?;
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(count);
+    let mut errors = 0;
+    for index in 0..count {
+        if started.elapsed() >= REGISTER_MAX_TIME {
+            break;
+        }
+        let request = pb::RegisterRequest {
+            instance: Some(instance(index % 100, index, run)),
+        };
+        let call = Instant::now();
+        match client.register(authed(request)).await {
+            Ok(_) => latencies.push(call.elapsed()),
+            Err(_) => errors += 1,
         }
     }
     Latencies(latencies).report(label, started.elapsed(), errors);
@@ -209,6 +245,8 @@ async fn main() -> Result<()> {
     let memory_only = std::env::args().any(|arg| arg == "--memory-only");
     println!("registry bench: gRPC on loopback, {CONNECTIONS} connections");
 
+    let url = serve(Registry::in_memory()).await?;
+    register_sequentially(&url, 500, "s", "memory register sequential x500").await?;
     for count in [1_000, 10_000] {
         let url = serve(Registry::in_memory()).await?;
         register_all(&url, count, "m", &format!("memory register x{count}")).await?;
@@ -225,6 +263,11 @@ async fn main() -> Result<()> {
 
     if memory_only {
         return Ok(());
+    }
+    {
+        let cluster = etcd_cluster::EtcdCluster::start(3).await?;
+        let url = serve(etcd_registry(&cluster).await?).await?;
+        register_sequentially(&url, 500, "s", "etcd(3 members) register sequential x500").await?;
     }
     for count in [1_000, 10_000] {
         let cluster = etcd_cluster::EtcdCluster::start(3).await?;

@@ -14,7 +14,8 @@
 //!   quorum, writes fail with [`BackendError::Unavailable`] and the view keeps the last
 //!   state it saw, so discovery and the endpoint source keep serving.
 //!
-//! Every call has a deadline (`request_timeout`), so a write never hangs on a dead cluster.
+//! Every call has a deadline (`request_timeout`), so a write never hangs on a dead cluster,
+//! and at most [`MAX_WRITES_IN_FLIGHT`] writes go to etcd at once (the rest queue here).
 
 use std::{
     future::Future,
@@ -39,6 +40,10 @@ use crate::{
 
 /// How often a lost write race is retried before giving up.
 const MAX_ATTEMPTS: usize = 5;
+/// Writes (register, heartbeat, deregister) in flight to etcd at once; more wait their
+/// turn. etcd refuses requests ("too many requests") once its applied index lags the
+/// committed one by 5,000 entries, which 10,000 simultaneous registrations reach.
+pub const MAX_WRITES_IN_FLIGHT: usize = 128;
 
 /// Where and how to reach etcd.
 #[derive(Debug, Clone)]
@@ -83,6 +88,7 @@ pub struct EtcdBackend {
     config: EtcdConfig,
     view: Arc<View>,
     watcher: JoinHandle<()>,
+    writes: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for EtcdBackend {
@@ -201,6 +207,7 @@ impl EtcdBackend {
             config,
             view,
             watcher,
+            writes: tokio::sync::Semaphore::new(MAX_WRITES_IN_FLIGHT),
         }))
     }
 
@@ -505,15 +512,24 @@ impl RegistryBackend for EtcdBackend {
         registration: Registration,
         owner: &'a str,
     ) -> BackendFuture<'a, Arc<Record>> {
-        Box::pin(self.register_now(registration, owner))
+        Box::pin(async move {
+            let _turn = self.writes.acquire().await;
+            self.register_now(registration, owner).await
+        })
     }
 
     fn heartbeat<'a>(&'a self, id: &'a str, owner: &'a str) -> BackendFuture<'a, Duration> {
-        Box::pin(self.heartbeat_now(id, owner))
+        Box::pin(async move {
+            let _turn = self.writes.acquire().await;
+            self.heartbeat_now(id, owner).await
+        })
     }
 
     fn deregister<'a>(&'a self, id: &'a str, owner: &'a str) -> BackendFuture<'a, ()> {
-        Box::pin(self.deregister_now(id, owner))
+        Box::pin(async move {
+            let _turn = self.writes.acquire().await;
+            self.deregister_now(id, owner).await
+        })
     }
 }
 
