@@ -30,8 +30,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// Everything the control plane needs to start.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// The YAML endpoints file (the static file source).
-    pub static_file: PathBuf,
+    /// The YAML endpoints file (the static file source), if any.
+    pub static_file: Option<PathBuf>,
     /// How often the file is checked for changes.
     pub poll_interval: Duration,
     /// Where the ADS gRPC server listens (port 0: any free port).
@@ -131,9 +131,12 @@ impl ControlPlane {
             .local_addr()
             .context("HTTP listener address")?;
 
-        let mut sources: Vec<Box<dyn Source>> = vec![Box::new(
-            StaticFileSource::new(&config.static_file).with_poll_interval(config.poll_interval),
-        )];
+        let mut sources: Vec<Box<dyn Source>> = Vec::new();
+        if let Some(static_file) = &config.static_file {
+            sources.push(Box::new(
+                StaticFileSource::new(static_file).with_poll_interval(config.poll_interval),
+            ));
+        }
         let needs_kube = optional.kubernetes.is_some()
             || matches!(optional.policy, Some(PolicySource::ConfigMap { .. }));
         let kube_client = match (optional.kube_client, needs_kube) {
@@ -200,7 +203,7 @@ impl ControlPlane {
                     .await
             })
         };
-        info!(xds = %xds_address, http = %http_address, static_file = %config.static_file.display(), "control plane started");
+        info!(xds = %xds_address, http = %http_address, static_file = ?config.static_file, "control plane started");
         Ok(Self {
             xds_address,
             http_address,

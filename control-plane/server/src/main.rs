@@ -15,9 +15,9 @@ use tracing_subscriber::EnvFilter;
 #[command(version, about)]
 struct Cli {
     /// YAML endpoints file (`services: {NAME: {endpoints: [{address: IP:PORT, ...}]}}`),
-    /// reloaded when it changes.
-    #[arg(long, value_name = "PATH")]
-    static_file: PathBuf,
+    /// reloaded when it changes. At least one endpoint source (this, `--kube`) is required.
+    #[arg(long, value_name = "PATH", required_unless_present = "kube")]
+    static_file: Option<PathBuf>,
     /// Address of the ADS gRPC server.
     #[arg(long, default_value = "127.0.0.1:18000")]
     xds_addr: SocketAddr,

@@ -57,7 +57,7 @@ impl Running {
         std::fs::write(&policy_file, policy_yaml(3)).expect("write policy");
         let control_plane = ControlPlane::start_with(
             Config {
-                static_file,
+                static_file: Some(static_file),
                 poll_interval: POLL_INTERVAL,
                 xds_address: "127.0.0.1:0".parse().expect("address"),
                 http_address: "127.0.0.1:0".parse().expect("address"),

@@ -55,7 +55,7 @@ impl Fixture {
         let file = dir.path().join("endpoints.yaml");
         std::fs::write(&file, initial_yaml).expect("write endpoints file");
         let control_plane = ControlPlane::start(Config {
-            static_file: file.clone(),
+            static_file: Some(file.clone()),
             poll_interval: POLL_INTERVAL,
             xds_address: "127.0.0.1:0".parse().expect("address"),
             http_address: "127.0.0.1:0".parse().expect("address"),

@@ -20,7 +20,7 @@ fn write_endpoints(path: &Path, addresses: &[SocketAddr]) {
 
 fn config(static_file: &Path, xds: SocketAddr, http: SocketAddr) -> Config {
     Config {
-        static_file: static_file.to_path_buf(),
+        static_file: Some(static_file.to_path_buf()),
         poll_interval: Duration::from_millis(100),
         xds_address: xds,
         http_address: http,
