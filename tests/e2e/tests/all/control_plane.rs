@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, path::Path, sync::Arc, time::Duration};
 
-use fulcrum_control_plane::{Config, ControlPlane};
+use fulcrum_control_plane::{Config, ControlPlane, OptionalSources, PolicySource};
 use fulcrum_e2e::{Reply, SERVICE, backends, count_by_backend, envoy_with_control_plane};
 use serde_json::json;
 
@@ -119,4 +119,114 @@ async fn restarting_the_control_plane_under_load_fails_no_request() {
     let counts = count_by_backend(&replies);
     assert_eq!(counts.len(), 3, "every backend kept serving: {counts:?}");
     restarted.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_invalid_policy_is_rejected_and_the_last_good_one_stays_in_force() {
+    let backends = backends(3).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints_file = dir.path().join("endpoints.yaml");
+    let endpoints: Vec<_> = backends
+        .iter()
+        .map(|b| {
+            let tags: Vec<&str> = if b.name == "b3" {
+                vec!["canary"]
+            } else {
+                vec![]
+            };
+            json!({"address": b.addr.to_string(), "tags": tags})
+        })
+        .collect();
+    std::fs::write(
+        &endpoints_file,
+        json!({"services": {SERVICE: {"endpoints": endpoints}}}).to_string(),
+    )
+    .unwrap();
+    let policy_file = dir.path().join("policy.yaml");
+    let write_policy =
+        |policy: serde_json::Value| std::fs::write(&policy_file, policy.to_string()).unwrap();
+    write_policy(json!({"services": {SERVICE: {"load_balancer": {"type": "round_robin"}}}}));
+
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let control_plane = ControlPlane::start_with(
+        config(&endpoints_file, any, any),
+        OptionalSources {
+            policy: Some(PolicySource::File(policy_file.clone())),
+            ..OptionalSources::default()
+        },
+    )
+    .await
+    .unwrap();
+    let snapshot_url = format!("http://{}/v1/snapshot", control_plane.http_address());
+    let proxy = envoy_with_control_plane(
+        control_plane.xds_address(),
+        control_plane.http_address(),
+        json!({"load_balancer": {"type": "weighted_random"}}),
+    )
+    .await
+    .unwrap();
+    let all: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    proxy
+        .wait_for_endpoints(&all, Duration::from_secs(10))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let counts = count_by_backend(&proxy.send(30).await);
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        [10, 10, 10],
+        "the served round robin policy: {counts:?}"
+    );
+    let good_version = snapshot_version(&snapshot_url).await;
+
+    write_policy(
+        json!({"services": {SERVICE: {"load_balancer": {"type": "round_robin"}, "retry": 9}}}),
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        snapshot_version(&snapshot_url).await,
+        good_version,
+        "an invalid policy must not reach the snapshot"
+    );
+    let metrics = reqwest::get(format!("http://{}/metrics", control_plane.http_address()))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let rejected = metrics
+        .lines()
+        .find(|l| l.starts_with("fulcrum_policy_rejected_total"))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok());
+    assert!(
+        rejected.is_some_and(|r| r >= 1.0),
+        "the rejection is counted:\n{metrics}"
+    );
+    let counts = count_by_backend(&proxy.send(30).await);
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        [10, 10, 10],
+        "still round robin: {counts:?}"
+    );
+
+    write_policy(
+        json!({"services": {SERVICE: {"load_balancer": {"type": "round_robin"}, "endpoint_selector": {"tags": ["canary"]}}}}),
+    );
+    let mut only_canary = false;
+    for _ in 0..50 {
+        let counts = count_by_backend(&proxy.send(6).await);
+        if counts.get("b3") == Some(&6) {
+            only_canary = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(only_canary, "the next valid policy (canary only) applies");
+    control_plane.shutdown().await;
+}
+
+async fn snapshot_version(url: &str) -> String {
+    let snapshot: serde_json::Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+    snapshot["version"].as_str().unwrap().to_owned()
 }
