@@ -34,12 +34,19 @@ const TEST_APT_TOOLS: &[AptTool] = &[
     },
 ];
 
+/// Debian packages `bench-compare` needs: the wrk load generator.
+const BENCH_APT_TOOLS: &[AptTool] = &[AptTool {
+    package: "wrk",
+    binary: "wrk",
+}];
+
 const USAGE: &str = "\
 usage: cargo xtask <command> [args]
 
 commands:
   test [cargo test args]   install what is missing, build the release filter, run every test
   demo                     run the local demo (real Envoy + control plane + sample backends)
+  bench-compare [--duration SECS] [--scenario NAME]  fulcrum vs Envoy's native balancers under wrk
   build-wasm               build the release filter (.wasm) and print its path and size
   oci [--out DIR] [--tag T] [--repository R]  pack the release filter as a Wasm OCI image for Istio
   setup                    only install what is missing (wasm target, Envoy, Debian packages)
@@ -54,6 +61,7 @@ fn main() -> ExitCode {
     let result = match command.as_str() {
         "test" => test(rest),
         "demo" => demo(rest),
+        "bench-compare" => bench_compare(rest),
         "build-wasm" => build_wasm().map(|wasm| report_wasm(&wasm)),
         "oci" => oci::run(rest),
         "setup" => setup().map(|_| ()),
@@ -136,6 +144,36 @@ fn demo(demo_args: &[String]) -> Result<()> {
             .args(demo_args),
     )
     .context("the demo failed")
+}
+
+/// `cargo xtask bench-compare [--duration SECS] [--scenario NAME …]`: builds the release filter
+/// and the release `fulcrum-compare` (examples/demo), which runs fulcrum and Envoy's native
+/// balancers on the same Envoy, backends and route under wrk; the table goes to stdout and
+/// `bench-results/compare.md`.
+fn bench_compare(compare_args: &[String]) -> Result<()> {
+    let tools = setup()?;
+    tools::ensure_apt(BENCH_APT_TOOLS)?;
+    let wasm = build_wasm()?;
+    tools::run(cargo().args([
+        "build",
+        "--release",
+        "--package",
+        "fulcrum-demo",
+        "--bin",
+        "fulcrum-compare",
+    ]))
+    .context("building fulcrum-compare failed")?;
+    tools::run(
+        Command::new(target_dir()?.join("release").join("fulcrum-compare"))
+            .arg("--envoy")
+            .arg(&tools.envoy)
+            .arg("--wasm")
+            .arg(&wasm)
+            .arg("--out")
+            .arg(workspace_root().join("bench-results").join("compare.md"))
+            .args(compare_args),
+    )
+    .context("the comparison failed")
 }
 
 /// Builds the filter for `wasm32-wasip1` in release mode and returns the `.wasm` path.
