@@ -152,7 +152,9 @@ fn fulcrum_policy() -> serde_json::Value {
     }})
 }
 
-/// Prints one machine-readable line at the end of a wrk run (latencies in microseconds).
+/// Prints one machine-readable line at the end of a wrk run (latencies in microseconds). wrk 4
+/// applies its coordinated-omission correction before `done`, so a stalled connection adds
+/// synthetic tail samples.
 const WRK_SCRIPT: &str = r#"
 done = function(summary, latency, requests)
   local e = summary.errors
