@@ -7,6 +7,7 @@
 
 pub mod http;
 pub mod metrics;
+pub mod registry;
 pub mod snapshot;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -22,7 +23,8 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
-use crate::{metrics::SnapshotMetrics, snapshot::SnapshotStore};
+pub use crate::registry::{RegistryBackendOptions, RegistryOptions};
+use crate::{metrics::SnapshotMetrics, registry::StartedRegistry, snapshot::SnapshotStore};
 
 /// How long shutdown waits for the servers to finish before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -44,14 +46,17 @@ pub struct Config {
     pub cluster_options: ClusterOptions,
 }
 
-/// Sources beyond the static file: Kubernetes EndpointSlices and the balancing policy.
-/// Default: neither.
+/// Sources beyond the static file: Kubernetes EndpointSlices, the self-registration registry
+/// and the balancing policy. Default: none.
 #[derive(Clone, Default)]
 pub struct OptionalSources {
     /// Watch EndpointSlices and Services with these options.
     pub kubernetes: Option<KubeOptions>,
     /// Where the policy served in every snapshot comes from.
     pub policy: Option<PolicySource>,
+    /// Run the self-registration registry: its REST API on the HTTP address, its gRPC API
+    /// on its own, its registrations merged into the snapshot.
+    pub registry: Option<RegistryOptions>,
     /// The Kubernetes client for both; `None` infers one (in-cluster service account, else
     /// kubeconfig) when a Kubernetes source is configured.
     pub kube_client: Option<kube::Client>,
@@ -62,6 +67,7 @@ impl std::fmt::Debug for OptionalSources {
         f.debug_struct("OptionalSources")
             .field("kubernetes", &self.kubernetes)
             .field("policy", &self.policy)
+            .field("registry", &self.registry)
             .field("kube_client", &self.kube_client.as_ref().map(|_| "given"))
             .finish()
     }
@@ -88,6 +94,7 @@ pub enum PolicySource {
 pub struct ControlPlane {
     xds_address: SocketAddr,
     http_address: SocketAddr,
+    registry_address: Option<SocketAddr>,
     ads: AdsServer,
     stop: watch::Sender<bool>,
     pipeline: JoinHandle<()>,
@@ -99,6 +106,7 @@ pub struct ControlPlane {
 struct Servers {
     xds: JoinHandle<Result<(), tonic::transport::Error>>,
     http: JoinHandle<std::io::Result<()>>,
+    registry: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
 impl ControlPlane {
@@ -107,18 +115,18 @@ impl ControlPlane {
         Self::start_with(config, OptionalSources::default()).await
     }
 
-    /// [`start`](Self::start) with the Kubernetes source and the policy source as configured.
+    /// [`start`](Self::start) with the Kubernetes, registry and policy sources as configured.
     pub async fn start_with(config: Config, optional: OptionalSources) -> anyhow::Result<Self> {
         let cache = Arc::new(SnapshotCache::new(config.cluster_options.clone()));
         let nodes = NodeRegistry::default();
-        let mut registry = Registry::default();
+        let mut metrics_registry = Registry::default();
         let xds_metrics = XdsMetrics::default();
-        xds_metrics.register(&mut registry);
+        xds_metrics.register(&mut metrics_registry);
         let snapshot_metrics = SnapshotMetrics::default();
-        snapshot_metrics.register(&mut registry);
+        snapshot_metrics.register(&mut metrics_registry);
         let store = SnapshotStore::default();
         let policies = PolicyStore::default();
-        policies.metrics().register(&mut registry);
+        policies.metrics().register(&mut metrics_registry);
 
         let xds_listener = TcpListener::bind(config.xds_address)
             .await
@@ -149,6 +157,21 @@ impl ControlPlane {
         if let (Some(options), Some(client)) = (optional.kubernetes, &kube_client) {
             sources.push(Box::new(KubeSource::new(client.clone(), options)));
         }
+        let registry = match optional.registry {
+            Some(options) => Some(StartedRegistry::start(options).await?),
+            None => None,
+        };
+        if let Some(registry) = &registry {
+            sources.push(Box::new(registry.source()));
+        }
+        let registry_policy: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
+            match &registry {
+                Some(registry) => Box::pin(crate::registry::follow_policy(
+                    registry.registry.clone(),
+                    policies.subscribe(),
+                )),
+                None => Box::pin(std::future::ready(())),
+            };
         let policy_source = policy_task(optional.policy, kube_client, policies.clone());
         let (endpoints, endpoints_changed) = watch::channel(None);
         let pipeline = {
@@ -167,7 +190,7 @@ impl ControlPlane {
                 });
             let serve = serve_with_policy(endpoints_changed, policies.subscribe(), store.clone());
             tokio::spawn(async move {
-                tokio::join!(pipeline, serve, policy_source);
+                tokio::join!(pipeline, serve, policy_source, registry_policy);
             })
         };
 
@@ -187,13 +210,26 @@ impl ControlPlane {
                     ),
             )
         };
+        let (registry_address, registry_server, registry_routes) = match registry {
+            Some(started) => (
+                Some(started.grpc_address),
+                Some(tokio::spawn(crate::registry::serve_grpc(
+                    started.api.clone(),
+                    started.grpc_listener,
+                    stop.subscribe(),
+                ))),
+                fulcrum_registry::api::rest::router(started.api),
+            ),
+            None => (None, None, axum::Router::new()),
+        };
         let http_server = {
             let router = http::router(http::AppState {
                 store,
                 policies,
                 nodes,
-                registry: Arc::new(registry),
-            });
+                registry: Arc::new(metrics_registry),
+            })
+            .merge(registry_routes);
             let mut stopped = stop.subscribe();
             tokio::spawn(async move {
                 axum::serve(http_listener, router)
@@ -203,16 +239,24 @@ impl ControlPlane {
                     .await
             })
         };
-        info!(xds = %xds_address, http = %http_address, static_file = ?config.static_file, "control plane started");
+        info!(
+            xds = %xds_address,
+            http = %http_address,
+            registry = ?registry_address,
+            static_file = ?config.static_file,
+            "control plane started"
+        );
         Ok(Self {
             xds_address,
             http_address,
+            registry_address,
             ads,
             stop,
             pipeline,
             servers: Some(Servers {
                 xds: xds_server,
                 http: http_server,
+                registry: registry_server,
             }),
         })
     }
@@ -227,7 +271,12 @@ impl ControlPlane {
         self.http_address
     }
 
-    /// Stops accepting, ends the xDS streams, and waits (bounded) for both servers.
+    /// The bound address of the registry's gRPC API, when the registry runs.
+    pub fn registry_address(&self) -> Option<SocketAddr> {
+        self.registry_address
+    }
+
+    /// Stops accepting, ends the xDS streams, and waits (bounded) for every server.
     pub async fn shutdown(mut self) {
         info!("shutting down");
         self.stop_tasks();
@@ -244,6 +293,13 @@ impl ControlPlane {
             "http",
             http.map(|joined| joined.map(|served| served.map_err(|e| e.to_string()))),
         );
+        if let Some(registry) = servers.registry {
+            let registry = tokio::time::timeout(SHUTDOWN_GRACE, registry).await;
+            report_stop(
+                "registry",
+                registry.map(|joined| joined.map(|served| served.map_err(|e| e.to_string()))),
+            );
+        }
     }
 
     fn stop_tasks(&self) {

@@ -3,9 +3,12 @@
 
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::Parser;
-use fulcrum_control_plane::{Config, ControlPlane, OptionalSources, PolicySource};
+use clap::{CommandFactory, Parser, ValueEnum, error::ErrorKind};
+use fulcrum_control_plane::{
+    Config, ControlPlane, OptionalSources, PolicySource, RegistryBackendOptions, RegistryOptions,
+};
 use fulcrum_kube_source::{KubeOptions, Mapping};
+use fulcrum_registry::EtcdConfig;
 use fulcrum_xds::ClusterOptions;
 use tracing::error;
 use tracing_subscriber::EnvFilter;
@@ -15,8 +18,9 @@ use tracing_subscriber::EnvFilter;
 #[command(version, about)]
 struct Cli {
     /// YAML endpoints file (`services: {NAME: {endpoints: [{address: IP:PORT, ...}]}}`),
-    /// reloaded when it changes. At least one endpoint source (this, `--kube`) is required.
-    #[arg(long, value_name = "PATH", required_unless_present = "kube")]
+    /// reloaded when it changes. At least one endpoint source (this, `--kube`, `--registry`)
+    /// is required.
+    #[arg(long, value_name = "PATH", required_unless_present_any = ["kube", "registry"])]
     static_file: Option<PathBuf>,
     /// Address of the ADS gRPC server.
     #[arg(long, default_value = "127.0.0.1:18000")]
@@ -53,6 +57,86 @@ struct Cli {
     /// `policy.yaml` unless given.
     #[arg(long, value_name = "NS/NAME[:KEY]", value_parser = parse_configmap)]
     policy_configmap: Option<PolicySource>,
+    /// Run the self-registration registry with this backend: its REST API on `--http-addr`
+    /// (`/v1/registry/...`), its gRPC API on `--registry-addr`, its instances merged into the
+    /// snapshot. Requires `--registry-token-file`.
+    #[arg(
+        long,
+        value_enum,
+        value_name = "BACKEND",
+        requires = "registry_token_file"
+    )]
+    registry: Option<RegistryBackendArg>,
+    /// etcd client URLs of the `etcd` backend, comma-separated (`http://10.0.0.1:2379,...`).
+    #[arg(
+        long,
+        value_name = "URL,...",
+        value_delimiter = ',',
+        required_if_eq("registry", "etcd")
+    )]
+    etcd_endpoints: Vec<String>,
+    /// Key prefix of the registrations in etcd; a trailing `/` is added when missing.
+    #[arg(
+        long,
+        value_name = "PREFIX",
+        default_value = "/fulcrum/registry/instances/",
+        requires = "etcd_endpoints"
+    )]
+    etcd_prefix: String,
+    /// The registry's bearer tokens: one per line, `IDENTITY TOKEN` or `TOKEN` (at least 16
+    /// characters); `#` starts a comment.
+    #[arg(long, value_name = "PATH", requires = "registry")]
+    registry_token_file: Option<PathBuf>,
+    /// Address of the registry's gRPC API (`fulcrum.registry.v1.Registry`).
+    #[arg(long, default_value = "127.0.0.1:18001", requires = "registry")]
+    registry_addr: SocketAddr,
+}
+
+/// `--registry` values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RegistryBackendArg {
+    /// In this process: nothing survives a restart, replicas do not share registrations.
+    Memory,
+    /// In etcd (`--etcd-endpoints`), shared by every replica.
+    Etcd,
+}
+
+impl Cli {
+    /// The registry's options, or a usage error for flags that do not fit together.
+    fn registry(&self) -> Result<Option<RegistryOptions>, clap::Error> {
+        let Some(backend) = self.registry else {
+            return Ok(None);
+        };
+        let backend = match backend {
+            RegistryBackendArg::Memory if !self.etcd_endpoints.is_empty() => {
+                return Err(Cli::command().error(
+                    ErrorKind::ArgumentConflict,
+                    "--etcd-endpoints is for `--registry etcd`; drop it or switch the backend",
+                ));
+            }
+            RegistryBackendArg::Memory => RegistryBackendOptions::Memory,
+            RegistryBackendArg::Etcd => {
+                let mut config = EtcdConfig::new(self.etcd_endpoints.clone());
+                config.prefix = if self.etcd_prefix.ends_with('/') {
+                    self.etcd_prefix.clone()
+                } else {
+                    format!("{}/", self.etcd_prefix)
+                };
+                RegistryBackendOptions::Etcd(config)
+            }
+        };
+        let Some(token_file) = self.registry_token_file.clone() else {
+            return Err(Cli::command().error(
+                ErrorKind::MissingRequiredArgument,
+                "--registry needs --registry-token-file",
+            ));
+        };
+        Ok(Some(RegistryOptions {
+            backend,
+            token_file,
+            grpc_address: self.registry_addr,
+        }))
+    }
 }
 
 /// Parses `NAMESPACE/NAME[:KEY]`.
@@ -75,6 +159,7 @@ fn parse_configmap(text: &str) -> Result<PolicySource, String> {
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    let registry = cli.registry().unwrap_or_else(|error| error.exit());
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cli.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
@@ -100,6 +185,7 @@ async fn main() -> ExitCode {
             .policy_file
             .map(PolicySource::File)
             .or(cli.policy_configmap),
+        registry,
         kube_client: None,
     };
     let control_plane = match ControlPlane::start_with(config, optional).await {

@@ -71,6 +71,7 @@ impl Running {
                 }),
                 policy: Some(PolicySource::File(policy_file.clone())),
                 kube_client: Some(kube.client()),
+                ..OptionalSources::default()
             },
         )
         .await

@@ -4,5 +4,6 @@ mod support;
 
 mod binary;
 mod kube_and_policy;
+mod registry;
 mod snapshot_api;
 mod xds_envoy;

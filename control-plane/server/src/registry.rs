@@ -1,0 +1,132 @@
+//! The self-registration registry inside the control plane: its backend (memory or etcd),
+//! its bearer tokens, its gRPC server, and the REST routes mounted on the HTTP API.
+//!
+//! The registry is one more endpoint source ([`fulcrum_registry::RegistrySource`]), merged
+//! into the snapshot like the static file and Kubernetes. Picks (`pick=true`) follow the
+//! control plane's current balancing policy.
+
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
+
+use anyhow::Context;
+use fulcrum_policy::AppliedPolicy;
+use fulcrum_registry::{
+    EtcdBackend, EtcdConfig, Registry, RegistrySource, TokenAuth, View, api::ApiState,
+    auth::TokenFileError, registry::new_epoch,
+};
+use tokio::{net::TcpListener, sync::watch};
+use tonic::transport::server::TcpIncoming;
+use tracing::info;
+
+/// Where registrations and leases live.
+#[derive(Debug, Clone)]
+pub enum RegistryBackendOptions {
+    /// In this process; nothing survives a restart, replicas do not share registrations.
+    Memory,
+    /// In etcd, shared by every replica pointed at the same endpoints and prefix.
+    Etcd(EtcdConfig),
+}
+
+/// How to run the registry.
+#[derive(Debug, Clone)]
+pub struct RegistryOptions {
+    /// The backend.
+    pub backend: RegistryBackendOptions,
+    /// The accepted bearer tokens: one per line, `IDENTITY TOKEN` or `TOKEN`.
+    pub token_file: PathBuf,
+    /// Where the registry's gRPC API listens (port 0: any free port).
+    pub grpc_address: SocketAddr,
+}
+
+/// A registry ready to serve: its source, its REST routes and its bound gRPC listener.
+pub(crate) struct StartedRegistry {
+    pub registry: Arc<Registry>,
+    pub api: ApiState,
+    pub grpc_listener: TcpListener,
+    pub grpc_address: SocketAddr,
+}
+
+impl StartedRegistry {
+    /// Reads the tokens, connects the backend and binds the gRPC listener; fails on an
+    /// unreadable or bad token file, an unreachable etcd or a busy address.
+    pub async fn start(options: RegistryOptions) -> anyhow::Result<Self> {
+        let auth = TokenAuth::from_file(&options.token_file).map_err(|error| match error {
+            // Names the file and the IO error already.
+            TokenFileError::Read { .. } => anyhow::anyhow!("{error}"),
+            _ => anyhow::anyhow!("{}: {error}", options.token_file.display()),
+        })?;
+        let registry = match options.backend {
+            RegistryBackendOptions::Memory => Registry::in_memory(),
+            RegistryBackendOptions::Etcd(config) => {
+                let view = Arc::new(View::new(new_epoch()));
+                let endpoints = config.endpoints.join(",");
+                let backend = EtcdBackend::connect(config, view.clone())
+                    .await
+                    .with_context(|| {
+                        format!("cannot connect the registry to etcd at {endpoints}")
+                    })?;
+                Registry::new(backend, view)
+            }
+        };
+        let grpc_listener = TcpListener::bind(options.grpc_address)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen for the registry's gRPC API on {}",
+                    options.grpc_address
+                )
+            })?;
+        let grpc_address = grpc_listener
+            .local_addr()
+            .context("registry gRPC listener address")?;
+        info!(backend = registry.backend_kind(), grpc = %grpc_address, "registry ready");
+        Ok(Self {
+            api: ApiState {
+                registry: registry.clone(),
+                auth: Arc::new(auth),
+            },
+            registry,
+            grpc_listener,
+            grpc_address,
+        })
+    }
+
+    /// The registry as an endpoint source.
+    pub fn source(&self) -> RegistrySource {
+        self.registry.source()
+    }
+}
+
+/// Serves the registry's gRPC API until `stopped` turns true. Small answers are not held
+/// back for delayed ACKs (`TCP_NODELAY`, as Envoy does).
+pub(crate) async fn serve_grpc(
+    api: ApiState,
+    listener: TcpListener,
+    mut stopped: watch::Receiver<bool>,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(fulcrum_registry::api::grpc::server(api))
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            },
+        )
+        .await
+}
+
+/// Keeps the registry's picks on the current balancing policy; ends when the policy store
+/// goes away.
+pub(crate) async fn follow_policy(
+    registry: Arc<Registry>,
+    mut policy: watch::Receiver<Option<Arc<AppliedPolicy>>>,
+) {
+    loop {
+        let applied = policy.borrow_and_update().clone();
+        if let Some(applied) = applied {
+            registry.set_policy(fulcrum_core::Policy::clone(&applied.policy));
+        }
+        if policy.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,236 @@
+//! The self-registration registry inside the control plane, seen from real Envoy: an instance
+//! registered over REST with a token reaches Envoy's cluster of its service; deregistration
+//! and a lapsed TTL remove it; a call without a valid token changes nothing.
+
+use std::time::{Duration, Instant};
+
+use fulcrum_control_plane::{
+    Config, ControlPlane, OptionalSources, RegistryBackendOptions, RegistryOptions,
+};
+use fulcrum_envoy_harness::{AdsApi, AdsBootstrap, Envoy, eventually};
+use fulcrum_xds::ClusterOptions;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::{DEBOUNCE, PATIENCE, POLL_INTERVAL, addresses, hosts, wait_for_hosts};
+
+const TOKEN: &str = "registry-test-token-0123456789";
+
+/// A control plane whose only endpoint source is the in-memory registry, and an Envoy on it.
+struct RegistryFixture {
+    control_plane: ControlPlane,
+    envoy: Envoy,
+    http: reqwest::Client,
+    _dir: tempfile::TempDir,
+}
+
+impl RegistryFixture {
+    async fn start(node_id: &str) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let token_file = dir.path().join("tokens");
+        std::fs::write(&token_file, format!("# test tokens\ntester {TOKEN}\n")).expect("tokens");
+        let control_plane = ControlPlane::start_with(
+            Config {
+                static_file: None,
+                poll_interval: POLL_INTERVAL,
+                xds_address: "127.0.0.1:0".parse().expect("address"),
+                http_address: "127.0.0.1:0".parse().expect("address"),
+                debounce: DEBOUNCE,
+                cluster_options: ClusterOptions::default(),
+            },
+            OptionalSources {
+                registry: Some(RegistryOptions {
+                    backend: RegistryBackendOptions::Memory,
+                    token_file,
+                    grpc_address: "127.0.0.1:0".parse().expect("address"),
+                }),
+                ..OptionalSources::default()
+            },
+        )
+        .await
+        .expect("control plane starts");
+        assert!(control_plane.registry_address().is_some());
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .build()
+            .expect("client");
+        let ready = eventually(PATIENCE, || async {
+            let response = http
+                .get(format!("http://{}/readyz", control_plane.http_address()))
+                .send()
+                .await
+                .ok()?;
+            response.status().is_success().then_some(())
+        })
+        .await;
+        assert!(
+            ready.is_some(),
+            "the registry alone yields a first snapshot"
+        );
+        let bootstrap = AdsBootstrap::new(node_id, control_plane.xds_address(), AdsApi::Sotw);
+        let envoy = Envoy::start(&bootstrap.render())
+            .await
+            .expect("Envoy starts");
+        Self {
+            control_plane,
+            envoy,
+            http,
+            _dir: dir,
+        }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.control_plane.http_address())
+    }
+
+    async fn register(&self, token: Option<&str>, instance: &Value) -> (StatusCode, Value) {
+        let mut request = self
+            .http
+            .post(self.url("/v1/registry/instances"))
+            .json(instance);
+        if let Some(token) = token {
+            request = request.bearer_auth(token);
+        }
+        let response = request.send().await.expect("register");
+        let status = response.status();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn heartbeat(&self, id: &str) -> StatusCode {
+        self.http
+            .put(self.url(&format!("/v1/registry/instances/{id}/heartbeat")))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("heartbeat")
+            .status()
+    }
+}
+
+fn instance(service: &str, id: &str, port: u16, ttl_ms: u32) -> Value {
+    json!({
+        "name": service, "id": id, "address": "127.0.0.1", "port": port,
+        "weight": 3, "zone": "zone-a", "tags": ["canary"], "ttl_ms": ttl_ms,
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registered_instance_reaches_envoy_until_deregistered_and_unauthenticated_calls_change_nothing()
+ {
+    let fixture = RegistryFixture::start("registry-rest").await;
+
+    // Without a token, and with an unknown one: 401, nothing registered.
+    let intruder = instance("checkout", "checkout-intruder", 19301, 30_000);
+    let (status, body) = fixture.register(None, &intruder).await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED, "{body}");
+    assert_eq!(body["error"], "unauthenticated", "{body}");
+    let (status, _) = fixture
+        .register(Some("not-a-known-token-at-all"), &intruder)
+        .await;
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+
+    // A registration made after the refused ones reaches Envoy; had the refused ones
+    // registered anything, it would be there by then too.
+    let (status, body) = fixture
+        .register(Some(TOKEN), &instance("search", "search-1", 19401, 30_000))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_for_hosts(
+        &fixture.envoy,
+        "search",
+        "the registered instance",
+        |hosts| addresses(hosts) == ["127.0.0.1:19401"],
+    )
+    .await;
+    assert!(
+        hosts(&fixture.envoy, "checkout").await.is_empty(),
+        "an unauthenticated register reached Envoy"
+    );
+
+    // Registered with the token: in Envoy's cluster of its service, healthy, weighted.
+    let (status, body) = fixture
+        .register(
+            Some(TOKEN),
+            &instance("checkout", "checkout-1", 19302, 30_000),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(
+        body["registration"]["instance"]["id"], "checkout-1",
+        "{body}"
+    );
+    assert_eq!(body["registration"]["owner"], "tester", "{body}");
+    let checkout = wait_for_hosts(&fixture.envoy, "checkout", "checkout-1", |hosts| {
+        addresses(hosts) == ["127.0.0.1:19302"]
+    })
+    .await;
+    assert_eq!(checkout[0].eds_health_status, "HEALTHY");
+    assert_eq!(checkout[0].weight, 3);
+
+    // Deregistration without a token is refused and changes nothing; with it, the
+    // instance leaves Envoy while the other service keeps its instance.
+    let refused = fixture
+        .http
+        .delete(fixture.url("/v1/registry/instances/checkout-1"))
+        .send()
+        .await
+        .expect("deregister");
+    assert_eq!(refused.status(), StatusCode::UNAUTHORIZED);
+    let deregistered = fixture
+        .http
+        .delete(fixture.url("/v1/registry/instances/checkout-1"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .expect("deregister");
+    assert_eq!(deregistered.status(), StatusCode::NO_CONTENT);
+    wait_for_hosts(&fixture.envoy, "checkout", "no host", <[_]>::is_empty).await;
+    assert_eq!(
+        addresses(&hosts(&fixture.envoy, "search").await),
+        ["127.0.0.1:19401"]
+    );
+    fixture.control_plane.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instance_stays_in_envoy_while_heartbeating_and_leaves_after_its_ttl() {
+    const TTL: Duration = Duration::from_secs(1);
+    let fixture = RegistryFixture::start("registry-ttl").await;
+    let (status, body) = fixture
+        .register(Some(TOKEN), &instance("leased", "leased-1", 19501, 1_000))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_for_hosts(
+        &fixture.envoy,
+        "leased",
+        "the registered instance",
+        |hosts| addresses(hosts) == ["127.0.0.1:19501"],
+    )
+    .await;
+
+    // Heartbeats every 250 ms for twice the TTL keep it.
+    let heartbeating = Instant::now();
+    let mut last_heartbeat = heartbeating;
+    while heartbeating.elapsed() < 2 * TTL {
+        last_heartbeat = Instant::now();
+        assert_eq!(fixture.heartbeat("leased-1").await, StatusCode::OK);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        addresses(&hosts(&fixture.envoy, "leased").await),
+        ["127.0.0.1:19501"],
+        "a heartbeating instance left Envoy"
+    );
+
+    // Without heartbeats it leaves Envoy, not before its TTL ran out (the lease was renewed
+    // after `last_heartbeat`), and a late heartbeat finds nothing.
+    wait_for_hosts(&fixture.envoy, "leased", "no host", <[_]>::is_empty).await;
+    let gone_after = last_heartbeat.elapsed();
+    assert!(
+        gone_after >= TTL,
+        "left Envoy {gone_after:?} after the last heartbeat, before its {TTL:?} TTL"
+    );
+    assert_eq!(fixture.heartbeat("leased-1").await, StatusCode::NOT_FOUND);
+    eprintln!("left Envoy {gone_after:?} after the last heartbeat (TTL {TTL:?})");
+    fixture.control_plane.shutdown().await;
+}
