@@ -21,7 +21,7 @@ use anyhow::{Context, Result, bail};
 use clap::Parser;
 use fulcrum_demo::{
     envoy_config::{Bootstrap, ClusterBalancing, Endpoints, FilterSetup},
-    process::{Process, free_port, loopback, wait_ready},
+    process::{free_port, loopback, start_envoy},
 };
 use fulcrum_example_backend::{Backend, Fault};
 use serde_json::json;
@@ -270,25 +270,13 @@ async fn run(
         retries: RETRIES,
     };
     let label = format!("{}-{}", scenario.name, balancing.name());
-    let bootstrap_path = dir.join(format!("envoy-{label}.json"));
-    std::fs::write(
-        &bootstrap_path,
-        serde_json::to_vec_pretty(&bootstrap.to_json())?,
-    )?;
-    let mut command = Command::new(&args.envoy);
-    command.arg("-c").arg(&bootstrap_path).args([
-        "--concurrency",
-        &args.workers.to_string(),
-        "--use-dynamic-base-id",
-        "-l",
+    let mut envoy = start_envoy(
+        &args.envoy,
+        &format!("envoy-{label}"),
+        &bootstrap,
+        args.workers,
         "warning",
-    ]);
-    let mut envoy = Process::spawn(&format!("envoy-{label}"), command, dir)?;
-    wait_ready(
-        &mut envoy,
-        &format!("http://{admin}/ready"),
-        "LIVE",
-        Duration::from_secs(30),
+        dir,
     )
     .await?;
 

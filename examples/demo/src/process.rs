@@ -10,6 +10,8 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+
+use crate::envoy_config::Bootstrap;
 use tokio::process::{Child, Command};
 
 /// A running child process. Dropping it kills it.
@@ -102,6 +104,41 @@ pub async fn wait_ready(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// Writes `bootstrap` to `<log_dir>/<name>.json`, starts Envoy with it and `workers` worker
+/// threads, and waits until its admin listener says LIVE.
+pub async fn start_envoy(
+    binary: &Path,
+    name: &str,
+    bootstrap: &Bootstrap,
+    workers: u32,
+    log_level: &str,
+    log_dir: &Path,
+) -> Result<Process> {
+    let bootstrap_path = log_dir.join(format!("{name}.json"));
+    std::fs::write(
+        &bootstrap_path,
+        serde_json::to_vec_pretty(&bootstrap.to_json())?,
+    )?;
+    let mut command = Command::new(binary);
+    command.arg("-c").arg(&bootstrap_path).args([
+        "--concurrency",
+        &workers.to_string(),
+        "--use-dynamic-base-id",
+        "-l",
+        log_level,
+    ]);
+    let mut envoy = Process::spawn(name, command, log_dir)?;
+    let admin = loopback(bootstrap.admin_port);
+    wait_ready(
+        &mut envoy,
+        &format!("http://{admin}/ready"),
+        "LIVE",
+        Duration::from_secs(30),
+    )
+    .await?;
+    Ok(envoy)
 }
 
 /// `127.0.0.1:port`.

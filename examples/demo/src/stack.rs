@@ -16,7 +16,7 @@ use tokio::process::Command;
 
 use crate::{
     envoy_config::{Bootstrap, ClusterBalancing, Endpoints, FilterSetup},
-    process::{Process, free_port, loopback, wait_ready},
+    process::{Process, free_port, loopback, start_envoy, wait_ready},
 };
 
 /// The programs the stack runs.
@@ -178,25 +178,13 @@ impl Stack {
             route_timeout_ms: 1000,
             retries: 2,
         };
-        let bootstrap_path = log_dir.join("envoy.json");
-        std::fs::write(
-            &bootstrap_path,
-            serde_json::to_vec_pretty(&bootstrap.to_json())?,
-        )?;
-        let mut command = Command::new(&binaries.envoy);
-        command.arg("-c").arg(&bootstrap_path).args([
-            "--concurrency",
-            &workers.to_string(),
-            "--use-dynamic-base-id",
-            "-l",
+        let envoy = start_envoy(
+            &binaries.envoy,
+            "envoy",
+            &bootstrap,
+            workers,
             "info",
-        ]);
-        let mut envoy = Process::spawn("envoy", command, &log_dir)?;
-        wait_ready(
-            &mut envoy,
-            &format!("http://{admin}/ready"),
-            "LIVE",
-            Duration::from_secs(30),
+            &log_dir,
         )
         .await?;
         let mut stack = Self {
