@@ -141,6 +141,13 @@ async fn tell_story(
     while started.elapsed() < duration + Duration::from_millis(500) {
         ticker.tick().await;
         stack.check_running()?;
+        // Samples of the last second belong to the phase they were sent in.
+        let samples = recorder.drain();
+        let mut window = Window::default();
+        window.add(&samples);
+        if let Some((_, phase)) = phases.last_mut() {
+            phase.add(&samples);
+        }
         if let Some((at, step, what)) = STORY.get(next_step)
             && started.elapsed().as_secs_f64() >= at * duration.as_secs_f64()
         {
@@ -150,12 +157,6 @@ async fn tell_story(
                 println!("t={:>3}s  ** {what}", started.elapsed().as_secs());
             }
             next_step += 1;
-        }
-        let samples = recorder.drain();
-        let mut window = Window::default();
-        window.add(&samples);
-        if let Some((_, phase)) = phases.last_mut() {
-            phase.add(&samples);
         }
         let open = stack
             .endpoint_stat("circuit_open")
