@@ -229,3 +229,93 @@ async fn the_service_can_be_the_cluster_of_the_resolved_route() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_rate_limit_answers_429_once_the_burst_is_spent() {
+    let backends = backends(2).await.unwrap();
+    let policy = json!({
+        "load_balancer": {"type": "round_robin"},
+        "rate_limit": {"requests_per_second": 0.5, "burst": 3}
+    });
+    let proxy = envoy_with_static_endpoints(&backends, policy)
+        .await
+        .unwrap();
+    let statuses: Vec<Option<u16>> = proxy.send(5).await.into_iter().map(|r| r.status).collect();
+    assert_eq!(
+        statuses,
+        [Some(200), Some(200), Some(200), Some(429), Some(429)]
+    );
+    let limited = proxy
+        .envoy
+        .stat(&format!(
+            "wasmcustom.fulcrum_rate_limited_total.service.{}",
+            fulcrum_e2e::SERVICE
+        ))
+        .await
+        .unwrap();
+    assert_eq!(limited, Some(2));
+    assert_eq!(backends.iter().map(|b| b.stats().requests).sum::<u64>(), 3);
+}
+
+async fn all_unhealthy_proxy(
+    backends: &[fulcrum_example_backend::Backend],
+    on_no_endpoint: &str,
+) -> fulcrum_e2e::Proxy {
+    let addresses: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let endpoints: Vec<_> = addresses
+        .iter()
+        .map(|a| json!({"address": a.to_string(), "health": "unhealthy"}))
+        .collect();
+    let config = json!({
+        "endpoints": {fulcrum_e2e::SERVICE: endpoints},
+        "policy": {"default": {"on_no_endpoint": on_no_endpoint}}
+    });
+    fulcrum_e2e::Proxy::start_for_test(
+        fulcrum_demo::envoy_config::Endpoints::Static(addresses),
+        config,
+    )
+    .await
+    .unwrap()
+}
+
+#[tokio::test]
+async fn with_no_admissible_endpoint_fail_fast_answers_503_without_calling_upstream() {
+    let backends = backends(2).await.unwrap();
+    let proxy = all_unhealthy_proxy(&backends, "fail_fast").await;
+    let replies = proxy.send(4).await;
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == Some(503) && r.backend.is_none()),
+        "{replies:?}"
+    );
+    let fail_fast = proxy
+        .envoy
+        .stat(&format!(
+            "wasmcustom.fulcrum_fail_fast_total.service.{}",
+            fulcrum_e2e::SERVICE
+        ))
+        .await
+        .unwrap();
+    assert_eq!(fail_fast, Some(4));
+    assert_eq!(backends.iter().map(|b| b.stats().requests).sum::<u64>(), 0);
+}
+
+#[tokio::test]
+async fn with_no_admissible_endpoint_fail_open_leaves_the_pick_to_envoys_fallback() {
+    let backends = backends(2).await.unwrap();
+    let proxy = all_unhealthy_proxy(&backends, "fail_open").await;
+    let replies = proxy.send(4).await;
+    assert!(
+        replies
+            .iter()
+            .all(|r| r.status == Some(200) && r.backend.is_some()),
+        "{replies:?}"
+    );
+    let fail_open = proxy
+        .envoy
+        .stat("wasmcustom.fulcrum_fail_open_total.reason.no_endpoints")
+        .await
+        .unwrap();
+    assert_eq!(fail_open, Some(4));
+}
