@@ -142,6 +142,41 @@ async fn call<T>(
     }
 }
 
+/// Pause between attempts of [`call_failing_over`].
+const FAILOVER_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Runs an etcd call like [`call`], but tries again (within the same deadline) while etcd
+/// answers `Unavailable`: the client's channel spreads requests over every member and may pick
+/// one that is down (connection refused) or has no leader yet, so one member going away must
+/// not fail a registration. Only for calls that are safe to repeat: reads, and writes guarded
+/// by a revision compare (a repeat after an applied write fails its guard and is re-read).
+async fn call_failing_over<T, F, Fut>(
+    config: &EtcdConfig,
+    what: &str,
+    mut attempt: F,
+) -> Result<T, BackendError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + config.request_timeout;
+    loop {
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match tokio::time::timeout(remaining, attempt()).await {
+            Ok(Ok(value)) => return Ok(value),
+            Ok(Err(etcd_client::Error::GRpcStatus(status)))
+                if status.code() == tonic::Code::Unavailable
+                    && tokio::time::Instant::now() + FAILOVER_BACKOFF < deadline =>
+            {
+                debug!(what, %status, "etcd member unavailable; trying again");
+                tokio::time::sleep(FAILOVER_BACKOFF).await;
+            }
+            Ok(Err(error)) => return Err(unavailable(config, what, error)),
+            Err(_) => return Err(timed_out(config, what)),
+        }
+    }
+}
+
 /// The lease TTL etcd gets for `ttl`: whole seconds, rounded up.
 pub fn lease_seconds(ttl: Duration) -> i64 {
     let millis = ttl.as_millis();
@@ -217,12 +252,12 @@ impl EtcdBackend {
 
     /// The current record of `id` straight from etcd (a linearizable read).
     async fn fetch(&self, id: &str) -> Result<Option<Record>, BackendError> {
-        let mut kv = self.client.kv_client();
-        let response = call(
-            &self.config,
-            "reading a registration",
-            kv.get(self.key(id), None),
-        )
+        let kv = self.client.kv_client();
+        let key = self.key(id);
+        let response = call_failing_over(&self.config, "reading a registration", || {
+            let (mut kv, key) = (kv.clone(), key.clone());
+            async move { kv.get(key, None).await }
+        })
         .await?;
         Ok(response
             .kvs()
@@ -270,12 +305,12 @@ impl EtcdBackend {
                 registered_at_unix_ms,
             };
             let value = serde_json::to_vec(&stored).unwrap_or_default();
-            let mut leases = self.client.lease_client();
-            let lease = call(
-                &self.config,
-                "granting a lease",
-                leases.grant(lease_seconds(registration.ttl), None),
-            )
+            let leases = self.client.lease_client();
+            let seconds = lease_seconds(registration.ttl);
+            let lease = call_failing_over(&self.config, "granting a lease", || {
+                let mut leases = leases.clone();
+                async move { leases.grant(seconds, None).await }
+            })
             .await?
             .id();
             let txn = Txn::new().when([guard]).and_then([TxnOp::put(
@@ -283,14 +318,19 @@ impl EtcdBackend {
                 value,
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-            let mut kv = self.client.kv_client();
-            let response = match call(&self.config, "writing a registration", kv.txn(txn)).await {
-                Ok(response) => response,
-                Err(error) => {
-                    self.revoke(lease).await;
-                    return Err(error);
-                }
+            let kv = self.client.kv_client();
+            let write = || {
+                let (mut kv, txn) = (kv.clone(), txn.clone());
+                async move { kv.txn(txn).await }
             };
+            let response =
+                match call_failing_over(&self.config, "writing a registration", write).await {
+                    Ok(response) => response,
+                    Err(error) => {
+                        self.revoke(lease).await;
+                        return Err(error);
+                    }
+                };
             if !response.succeeded() {
                 debug!(instance = %id, "lost a registration race; retrying");
                 self.revoke(lease).await;
@@ -363,8 +403,12 @@ impl EtcdBackend {
                     record.mod_revision,
                 )])
                 .and_then([TxnOp::delete(key.clone(), None)]);
-            let mut kv = self.client.kv_client();
-            let response = call(&self.config, "deleting a registration", kv.txn(txn)).await?;
+            let kv = self.client.kv_client();
+            let response = call_failing_over(&self.config, "deleting a registration", || {
+                let (mut kv, txn) = (kv.clone(), txn.clone());
+                async move { kv.txn(txn).await }
+            })
+            .await?;
             if response.succeeded() {
                 self.revoke(record.lease).await;
                 let revision = response.header().map_or(0, |header| header.revision());
