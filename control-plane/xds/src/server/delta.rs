@@ -186,27 +186,9 @@ mod tests {
     use std::collections::HashMap;
 
     use envoy_types::pb::google::rpc::Status;
-    use fulcrum_core::{Endpoint, ServiceEndpoints, Snapshot};
 
     use super::*;
-    use crate::cache::SnapshotCache;
-    use crate::resources::ClusterOptions;
-
-    fn snapshot(version: &str, services: &[(&str, &str)]) -> std::sync::Arc<XdsSnapshot> {
-        let cache = SnapshotCache::new(ClusterOptions::default());
-        cache.set(&Snapshot {
-            version: version.to_owned(),
-            services: services
-                .iter()
-                .map(|(name, address)| {
-                    let endpoints = vec![Endpoint::new(address.parse().expect("address"))];
-                    ((*name).to_owned(), ServiceEndpoints { endpoints })
-                })
-                .collect(),
-            ..Default::default()
-        });
-        cache.current().expect("set")
-    }
+    use crate::server::test_support::snapshot;
 
     fn subscribe(ty: ResourceType, names: &[&str]) -> DeltaDiscoveryRequest {
         DeltaDiscoveryRequest {

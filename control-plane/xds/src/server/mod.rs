@@ -12,6 +12,8 @@
 mod convergence_tests;
 mod delta;
 mod sotw;
+#[cfg(test)]
+mod test_support;
 
 use std::sync::{
     Arc,

@@ -167,27 +167,9 @@ impl SotwState {
 #[cfg(test)]
 mod tests {
     use envoy_types::pb::google::rpc::Status;
-    use fulcrum_core::{Endpoint, ServiceEndpoints, Snapshot};
 
     use super::*;
-    use crate::cache::SnapshotCache;
-    use crate::resources::ClusterOptions;
-
-    fn snapshot(version: &str, services: &[(&str, &str)]) -> std::sync::Arc<XdsSnapshot> {
-        let cache = SnapshotCache::new(ClusterOptions::default());
-        cache.set(&Snapshot {
-            version: version.to_owned(),
-            services: services
-                .iter()
-                .map(|(name, address)| {
-                    let endpoints = vec![Endpoint::new(address.parse().expect("address"))];
-                    ((*name).to_owned(), ServiceEndpoints { endpoints })
-                })
-                .collect(),
-            ..Default::default()
-        });
-        cache.current().expect("set")
-    }
+    use crate::server::test_support::snapshot;
 
     fn request(ty: ResourceType, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
         DiscoveryRequest {

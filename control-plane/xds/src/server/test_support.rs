@@ -1,0 +1,25 @@
+//! Fixtures shared by the stream state machines' unit tests.
+
+use std::sync::Arc;
+
+use fulcrum_core::{Endpoint, ServiceEndpoints, Snapshot};
+
+use crate::cache::{SnapshotCache, XdsSnapshot};
+use crate::resources::ClusterOptions;
+
+/// The cache's snapshot of `services`, each `(name, "IP:port")` with one endpoint.
+pub(super) fn snapshot(version: &str, services: &[(&str, &str)]) -> Arc<XdsSnapshot> {
+    let cache = SnapshotCache::new(ClusterOptions::default());
+    cache.set(&Snapshot {
+        version: version.to_owned(),
+        services: services
+            .iter()
+            .map(|(name, address)| {
+                let endpoints = vec![Endpoint::new(address.parse().expect("address"))];
+                ((*name).to_owned(), ServiceEndpoints { endpoints })
+            })
+            .collect(),
+        ..Default::default()
+    });
+    cache.current().expect("set")
+}
