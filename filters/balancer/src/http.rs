@@ -14,6 +14,7 @@
 
 use std::{
     cell::RefCell,
+    fmt::Write as _,
     net::{IpAddr, SocketAddr},
     rc::Rc,
     time::Duration,
@@ -103,12 +104,12 @@ impl Request {
         let attributes = inputs.attributes();
         match service.balancer.pick(&attributes, now, rng) {
             Ok(pick) => {
+                // One allocation: addresses are written straight into the header value.
                 let mut value =
                     String::with_capacity(22 * (1 + pick.retry_targets.as_slice().len()));
-                value.push_str(&pick.endpoint.to_string());
+                let _ = write!(value, "{}", pick.endpoint);
                 for target in pick.retry_targets.as_slice() {
-                    value.push(',');
-                    value.push_str(&target.to_string());
+                    let _ = write!(value, ",{target}");
                 }
                 let _ = hostcalls::set_map_value(
                     MapType::HttpRequestHeaders,
