@@ -369,21 +369,26 @@ impl EtcdBackend {
             return Err(BackendError::NotOwner { id: id.to_owned() });
         }
         // `keep_alive` sends one renewal and reads its answer; a lease that is gone (it
-        // expired between the read and now) is reported as not found.
-        let mut leases = self.client.lease_client();
-        let renewal =
-            tokio::time::timeout(self.config.request_timeout, leases.keep_alive(record.lease))
-                .await;
-        match renewal {
-            Ok(Ok(_)) => Ok(Duration::from_secs(
-                lease_seconds(record.registration.ttl).unsigned_abs(),
-            )),
-            Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => {
-                Err(BackendError::NotFound { id: id.to_owned() })
+        // expired between the read and now) is reported as not found. A renewal is safe to
+        // repeat, so a member that is down is failed over like a read.
+        let lease = record.lease;
+        let renewed = call_failing_over(&self.config, "renewing a lease", || {
+            let mut leases = self.client.lease_client();
+            async move {
+                match leases.keep_alive(lease).await {
+                    Ok(_) => Ok(true),
+                    Err(etcd_client::Error::LeaseKeepAliveError(_)) => Ok(false),
+                    Err(error) => Err(error),
+                }
             }
-            Ok(Err(error)) => Err(unavailable(&self.config, "renewing a lease", error)),
-            Err(_) => Err(timed_out(&self.config, "renewing a lease")),
+        })
+        .await?;
+        if !renewed {
+            return Err(BackendError::NotFound { id: id.to_owned() });
         }
+        Ok(Duration::from_secs(
+            lease_seconds(record.registration.ttl).unsigned_abs(),
+        ))
     }
 
     async fn deregister_now(&self, id: &str, owner: &str) -> Result<(), BackendError> {
