@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use fulcrum_control_plane::{Config, ControlPlane, OptionalSources, PolicySource};
+use fulcrum_control_plane::{ControlPlane, OptionalSources, PolicySource};
 use fulcrum_envoy_harness::eventually;
 use fulcrum_kube_source::{
     KubeOptions,
@@ -13,11 +13,10 @@ use fulcrum_kube_source::{
         objects::{endpoint_slice, ready, service},
     },
 };
-use fulcrum_xds::ClusterOptions;
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use serde_json::Value;
 
-use crate::support::{DEBOUNCE, PATIENCE, POLL_INTERVAL, endpoint, endpoints_file};
+use crate::support::{PATIENCE, endpoint, endpoints_file, http_client, loopback_config};
 
 const CHECKOUT: &str = "outbound|80||checkout.shop.svc.cluster.local";
 
@@ -56,14 +55,7 @@ impl Running {
         let policy_file = dir.path().join("policy.yaml");
         std::fs::write(&policy_file, policy_yaml(3)).expect("write policy");
         let control_plane = ControlPlane::start_with(
-            Config {
-                static_file: Some(static_file),
-                poll_interval: POLL_INTERVAL,
-                xds_address: "127.0.0.1:0".parse().expect("address"),
-                http_address: "127.0.0.1:0".parse().expect("address"),
-                debounce: DEBOUNCE,
-                cluster_options: ClusterOptions::default(),
-            },
+            loopback_config(Some(static_file)),
             OptionalSources {
                 kubernetes: Some(KubeOptions {
                     namespaces: vec!["shop".to_owned()],
@@ -76,10 +68,7 @@ impl Running {
         )
         .await
         .expect("control plane starts");
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
+        let http = http_client();
         Self {
             control_plane,
             http,

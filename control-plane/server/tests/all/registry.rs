@@ -5,14 +5,13 @@
 use std::time::{Duration, Instant};
 
 use fulcrum_control_plane::{
-    Config, ControlPlane, OptionalSources, RegistryBackendOptions, RegistryOptions,
+    ControlPlane, OptionalSources, RegistryBackendOptions, RegistryOptions,
 };
 use fulcrum_envoy_harness::{AdsApi, AdsBootstrap, Envoy, eventually};
-use fulcrum_xds::ClusterOptions;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{DEBOUNCE, PATIENCE, POLL_INTERVAL, addresses, hosts, wait_for_hosts};
+use crate::support::{PATIENCE, addresses, hosts, http_client, loopback_config, wait_for_hosts};
 
 const TOKEN: &str = "registry-test-token-0123456789";
 
@@ -30,14 +29,7 @@ impl RegistryFixture {
         let token_file = dir.path().join("tokens");
         std::fs::write(&token_file, format!("# test tokens\ntester {TOKEN}\n")).expect("tokens");
         let control_plane = ControlPlane::start_with(
-            Config {
-                static_file: None,
-                poll_interval: POLL_INTERVAL,
-                xds_address: "127.0.0.1:0".parse().expect("address"),
-                http_address: "127.0.0.1:0".parse().expect("address"),
-                debounce: DEBOUNCE,
-                cluster_options: ClusterOptions::default(),
-            },
+            loopback_config(None),
             OptionalSources {
                 registry: Some(RegistryOptions {
                     backend: RegistryBackendOptions::Memory,
@@ -50,10 +42,7 @@ impl RegistryFixture {
         .await
         .expect("control plane starts");
         assert!(control_plane.registry_address().is_some());
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
+        let http = http_client();
         let ready = eventually(PATIENCE, || async {
             let response = http
                 .get(format!("http://{}/readyz", control_plane.http_address()))

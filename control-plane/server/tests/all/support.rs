@@ -15,6 +15,26 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(50);
 /// Debounce used by the tests (the binary's default is 50 ms).
 pub const DEBOUNCE: Duration = Duration::from_millis(10);
 
+/// A control plane configuration for tests: any free loopback ports, fast polling and debounce.
+pub fn loopback_config(static_file: Option<PathBuf>) -> Config {
+    Config {
+        static_file,
+        poll_interval: POLL_INTERVAL,
+        xds_address: "127.0.0.1:0".parse().expect("address"),
+        http_address: "127.0.0.1:0".parse().expect("address"),
+        debounce: DEBOUNCE,
+        cluster_options: ClusterOptions::default(),
+    }
+}
+
+/// An HTTP client that ignores proxy settings from the environment (every call is loopback).
+pub fn http_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client")
+}
+
 /// One endpoint line of the YAML file.
 pub fn endpoint(address: &str, extra: &str) -> String {
     format!("      - {{ address: \"{address}\"{extra} }}\n")
@@ -54,20 +74,10 @@ impl Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let file = dir.path().join("endpoints.yaml");
         std::fs::write(&file, initial_yaml).expect("write endpoints file");
-        let control_plane = ControlPlane::start(Config {
-            static_file: Some(file.clone()),
-            poll_interval: POLL_INTERVAL,
-            xds_address: "127.0.0.1:0".parse().expect("address"),
-            http_address: "127.0.0.1:0".parse().expect("address"),
-            debounce: DEBOUNCE,
-            cluster_options: ClusterOptions::default(),
-        })
-        .await
-        .expect("control plane starts");
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
+        let control_plane = ControlPlane::start(loopback_config(Some(file.clone())))
+            .await
+            .expect("control plane starts");
+        let http = http_client();
         Self {
             control_plane,
             file,
