@@ -9,7 +9,7 @@ use std::{
 
 use fulcrum_envoy_harness::{AdsApi, AdsBootstrap, Envoy, eventually, free_port};
 
-use crate::support::{PATIENCE, addresses, endpoint, endpoints_file, wait_for_hosts};
+use crate::support::{PATIENCE, addresses, endpoint, endpoints_file, http_client, wait_for_hosts};
 
 /// Kills the process on drop unless it already exited.
 struct Running(Child);
@@ -46,10 +46,7 @@ async fn binary_serves_envoy_and_exits_cleanly_on_sigterm() {
             .spawn()
             .expect("start the binary"),
     );
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client");
+    let client = http_client();
     let ready = eventually(PATIENCE, || async {
         let response = client
             .get(format!("http://{http}/readyz"))
@@ -121,10 +118,7 @@ impl Etcd {
                 .spawn()
                 .expect("start etcd (apt-get install etcd-server, or cargo xtask setup)"),
         );
-        let http = reqwest::Client::builder()
-            .no_proxy()
-            .build()
-            .expect("client");
+        let http = http_client();
         let healthy = eventually(PATIENCE, || async {
             let body = http
                 .get(format!("{client}/health"))
@@ -177,10 +171,7 @@ async fn binary_with_etcd_registry_serves_grpc_registrations_to_envoy_across_a_r
     let xds = format!("127.0.0.1:{}", free_port().expect("port"));
     let http = format!("127.0.0.1:{}", free_port().expect("port"));
     let grpc = format!("127.0.0.1:{}", free_port().expect("port"));
-    let client = reqwest::Client::builder()
-        .no_proxy()
-        .build()
-        .expect("client");
+    let client = http_client();
     // No --static-file: the registry is the only endpoint source.
     let start = |run: &str| {
         let log = std::fs::File::create(dir.path().join(format!("control-plane-{run}.log")))
