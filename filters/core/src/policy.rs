@@ -52,6 +52,11 @@ pub struct ServicePolicy {
     pub rate_limit: Option<RateLimit>,
     /// How many extra, distinct endpoints to hand Envoy as retry targets (0..=5). Default: 0.
     pub retry: u32,
+    /// Active health check the control plane runs against every endpoint of the service,
+    /// whatever its source; endpoints failing it are published unhealthy. The filter ignores
+    /// this field. Default: none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub health_check: Option<HealthCheck>,
 }
 
 /// The selection algorithm, tagged by `type` (e.g. `{"type": "least_request"}`).
@@ -489,5 +494,227 @@ impl LoadBalancer {
             Self::Sticky(sticky) => &sticky.fallback,
             other => other,
         }
+    }
+}
+
+/// Probe interval when a health check sets none.
+pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
+/// Probe timeout when a health check sets none (capped at the interval).
+pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+/// Consecutive passes to become healthy, when unset.
+pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
+/// Consecutive failures to become unhealthy, when unset.
+pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
+/// HTTP check path when unset.
+pub const DEFAULT_HTTP_PATH: &str = "/healthz";
+
+/// An active health check (Envoy's `HealthCheck`, Kubernetes' readiness probe): one probe
+/// every `interval` plus a random `0..jitter`, failed when it takes longer than `timeout`;
+/// the endpoint turns healthy after `healthy_threshold` consecutive passes and unhealthy after
+/// `unhealthy_threshold` consecutive failures.
+///
+/// The policy's `health_check` and the registry's registrations share this model. Written as
+/// `{"http": {"path": "/healthz"}, "interval": "5s", ...}` with exactly one of `http`, `tcp`,
+/// `grpc`; omitted fields take their defaults when parsed (`timeout`: 1s or the interval if
+/// shorter, `jitter`: a tenth of the interval), so a parsed value has every field resolved.
+/// Ranges are checked by [`ServicePolicy::validate`] (100ms..=60s interval, 10ms..=interval
+/// timeout, thresholds 1..=10, jitter up to the interval).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "HealthCheckDocument", into = "HealthCheckDocument")]
+pub struct HealthCheck {
+    /// What to probe.
+    pub probe: Probe,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Probe deadline.
+    pub timeout: Duration,
+    /// Consecutive passes to become healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures to become unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Extra random delay before each probe, so probes of many endpoints do not align.
+    pub jitter: Duration,
+}
+
+/// One probe kind. `port: None` probes the endpoint's own port.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Probe {
+    /// `GET path`; passes on one of `expected_statuses`, or any 2xx when empty.
+    Http {
+        /// Request path, starting with `/`.
+        path: String,
+        /// Passing statuses (100..=599); empty means 200..=299.
+        expected_statuses: Vec<u16>,
+        /// Probed port; the endpoint's when `None`.
+        port: Option<u16>,
+    },
+    /// A TCP connection opens.
+    Tcp {
+        /// Probed port; the endpoint's when `None`.
+        port: Option<u16>,
+    },
+    /// `grpc.health.v1.Health/Check` answers `SERVING`.
+    Grpc {
+        /// Service asked about; empty asks about the whole server.
+        service: String,
+        /// Probed port; the endpoint's when `None`.
+        port: Option<u16>,
+    },
+}
+
+impl Probe {
+    /// The port this probe overrides, if any.
+    pub fn port(&self) -> Option<u16> {
+        match self {
+            Self::Http { port, .. } | Self::Tcp { port } | Self::Grpc { port, .. } => *port,
+        }
+    }
+
+    /// The address probed for an endpoint at `endpoint`: its IP, at the override port if set.
+    pub fn target(&self, endpoint: std::net::SocketAddr) -> std::net::SocketAddr {
+        std::net::SocketAddr::new(endpoint.ip(), self.port().unwrap_or(endpoint.port()))
+    }
+}
+
+impl HealthCheck {
+    /// A check of `probe` with every other field at its default.
+    pub fn new(probe: Probe) -> Self {
+        Self {
+            probe,
+            interval: DEFAULT_CHECK_INTERVAL,
+            timeout: DEFAULT_CHECK_TIMEOUT,
+            healthy_threshold: DEFAULT_HEALTHY_THRESHOLD,
+            unhealthy_threshold: DEFAULT_UNHEALTHY_THRESHOLD,
+            jitter: default_jitter(DEFAULT_CHECK_INTERVAL),
+        }
+    }
+}
+
+/// A tenth of the interval, in whole milliseconds (so it formats and parses back exactly).
+pub fn default_jitter(interval: Duration) -> Duration {
+    Duration::from_millis(u64::try_from(interval.as_millis() / 10).unwrap_or(u64::MAX))
+}
+
+/// How a [`HealthCheck`] is written: optional fields, one probe kind per key.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct HealthCheckDocument {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    http: Option<HttpProbeDocument>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tcp: Option<PortDocument>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    grpc: Option<GrpcProbeDocument>,
+    #[serde(with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    interval: Option<Duration>,
+    #[serde(with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    timeout: Option<Duration>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    healthy_threshold: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    unhealthy_threshold: Option<u32>,
+    #[serde(with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    jitter: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HttpProbeDocument {
+    #[serde(default = "default_http_path")]
+    path: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    expected_statuses: Vec<u16>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+}
+
+fn default_http_path() -> String {
+    DEFAULT_HTTP_PATH.to_owned()
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct PortDocument {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+struct GrpcProbeDocument {
+    #[serde(skip_serializing_if = "String::is_empty")]
+    service: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    port: Option<u16>,
+}
+
+/// A health check that names no probe kind, or several.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a health check needs exactly one of `http`, `tcp` or `grpc`, e.g. {{\"http\": {{\"path\": \"/healthz\"}}}}")]
+pub struct ProbeKindError;
+
+impl TryFrom<HealthCheckDocument> for HealthCheck {
+    type Error = ProbeKindError;
+
+    fn try_from(document: HealthCheckDocument) -> Result<Self, Self::Error> {
+        let probe = match (document.http, document.tcp, document.grpc) {
+            (Some(http), None, None) => Probe::Http {
+                path: http.path,
+                expected_statuses: http.expected_statuses,
+                port: http.port,
+            },
+            (None, Some(tcp), None) => Probe::Tcp { port: tcp.port },
+            (None, None, Some(grpc)) => Probe::Grpc {
+                service: grpc.service,
+                port: grpc.port,
+            },
+            _ => return Err(ProbeKindError),
+        };
+        let interval = document.interval.unwrap_or(DEFAULT_CHECK_INTERVAL);
+        Ok(Self {
+            probe,
+            interval,
+            timeout: document
+                .timeout
+                .unwrap_or(DEFAULT_CHECK_TIMEOUT.min(interval)),
+            healthy_threshold: document
+                .healthy_threshold
+                .unwrap_or(DEFAULT_HEALTHY_THRESHOLD),
+            unhealthy_threshold: document
+                .unhealthy_threshold
+                .unwrap_or(DEFAULT_UNHEALTHY_THRESHOLD),
+            jitter: document.jitter.unwrap_or(default_jitter(interval)),
+        })
+    }
+}
+
+impl From<HealthCheck> for HealthCheckDocument {
+    fn from(check: HealthCheck) -> Self {
+        let mut document = Self {
+            interval: Some(check.interval),
+            timeout: Some(check.timeout),
+            healthy_threshold: Some(check.healthy_threshold),
+            unhealthy_threshold: Some(check.unhealthy_threshold),
+            jitter: Some(check.jitter),
+            ..Self::default()
+        };
+        match check.probe {
+            Probe::Http {
+                path,
+                expected_statuses,
+                port,
+            } => {
+                document.http = Some(HttpProbeDocument {
+                    path,
+                    expected_statuses,
+                    port,
+                })
+            }
+            Probe::Tcp { port } => document.tcp = Some(PortDocument { port }),
+            Probe::Grpc { service, port } => {
+                document.grpc = Some(GrpcProbeDocument { service, port })
+            }
+        }
+        document
     }
 }

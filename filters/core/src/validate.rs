@@ -10,7 +10,10 @@ use std::{fmt, time::Duration};
 
 use crate::{
     duration,
-    policy::{HashOn, LoadBalancer, Locality, OutlierDetection, Policy, RateLimit, ServicePolicy},
+    policy::{
+        HashOn, HealthCheck, LoadBalancer, Locality, OutlierDetection, Policy, Probe, RateLimit,
+        ServicePolicy,
+    },
 };
 
 /// Largest ring a `ring_hash` balancer builds (entries), bounding its memory.
@@ -19,6 +22,14 @@ pub const MAX_RING_SIZE: u32 = 262_144;
 pub const MAX_MAGLEV_TABLE_SIZE: u32 = 5_000_011;
 /// Most retry targets a pick carries.
 pub const MAX_RETRY_TARGETS: u32 = 5;
+/// Shortest health check interval: probing faster loads endpoints for little gain.
+pub const MIN_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest health check interval.
+pub const MAX_CHECK_INTERVAL: Duration = Duration::from_secs(60);
+/// Shortest health check timeout.
+pub const MIN_CHECK_TIMEOUT: Duration = Duration::from_millis(10);
+/// Largest healthy / unhealthy threshold.
+pub const MAX_CHECK_THRESHOLD: u32 = 10;
 
 /// One invalid field.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -146,6 +157,96 @@ impl ServicePolicy {
             validate_rate_limit(rate_limit, &at("rate_limit"), errors);
         }
         errors.range(&at("retry"), self.retry, 0, MAX_RETRY_TARGETS);
+        if let Some(check) = &self.health_check {
+            validate_health_check(check, &at("health_check"), errors);
+        }
+    }
+}
+
+impl HealthCheck {
+    /// Checks this health check alone; paths start at its fields (`interval`, `http.path`).
+    pub fn validate(&self) -> Result<(), ValidationErrors> {
+        let mut errors = Errors::default();
+        validate_health_check(self, "", &mut errors);
+        errors.finish()
+    }
+}
+
+fn validate_health_check(check: &HealthCheck, path: &str, errors: &mut Errors) {
+    let at = |field: &str| join(path, field);
+    let port = |port: Option<u16>, field: &str, errors: &mut Errors| {
+        if port == Some(0) {
+            errors.push(
+                &at(field),
+                "must be 1..=65535; omit it to probe the endpoint's port".into(),
+            );
+        }
+    };
+    match &check.probe {
+        Probe::Http {
+            path: http_path,
+            expected_statuses,
+            port: http_port,
+        } => {
+            if !http_path.starts_with('/') || !http_path.bytes().all(|b| b.is_ascii_graphic()) {
+                errors.push(
+                    &at("http.path"),
+                    format!("must start with '/' and contain no spaces, got {http_path:?}"),
+                );
+            }
+            for (i, status) in expected_statuses.iter().enumerate() {
+                if !(100..=599).contains(status) {
+                    errors.push(
+                        &format!("{}[{i}]", at("http.expected_statuses")),
+                        format!("must be an HTTP status 100..=599, got {status}"),
+                    );
+                }
+            }
+            port(*http_port, "http.port", errors);
+        }
+        Probe::Tcp { port: tcp_port } => port(*tcp_port, "tcp.port", errors),
+        Probe::Grpc {
+            port: grpc_port, ..
+        } => port(*grpc_port, "grpc.port", errors),
+    }
+    errors.duration(
+        &at("interval"),
+        check.interval,
+        MIN_CHECK_INTERVAL,
+        MAX_CHECK_INTERVAL,
+    );
+    if !(MIN_CHECK_TIMEOUT..=check.interval).contains(&check.timeout) {
+        errors.push(
+            &at("timeout"),
+            format!(
+                "must be {}..=interval ({}), got {}; a probe must end before the next one starts",
+                duration::format(MIN_CHECK_TIMEOUT),
+                duration::format(check.interval),
+                duration::format(check.timeout)
+            ),
+        );
+    }
+    errors.range(
+        &at("healthy_threshold"),
+        check.healthy_threshold,
+        1,
+        MAX_CHECK_THRESHOLD,
+    );
+    errors.range(
+        &at("unhealthy_threshold"),
+        check.unhealthy_threshold,
+        1,
+        MAX_CHECK_THRESHOLD,
+    );
+    if check.jitter > check.interval {
+        errors.push(
+            &at("jitter"),
+            format!(
+                "must be at most the interval ({}), got {}",
+                duration::format(check.interval),
+                duration::format(check.jitter)
+            ),
+        );
     }
 }
 

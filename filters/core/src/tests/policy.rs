@@ -5,8 +5,8 @@ use proptest::prelude::*;
 use crate::{
     Policy, PolicyError, Snapshot,
     policy::{
-        FailureRate, HashCookie, HashOn, LeastRequest, LoadBalancer, Maglev, OnNoEndpoint,
-        PeakEwma, RateLimit, RingHash, ServicePolicy, SlowCalls, Sticky,
+        FailureRate, HashCookie, HashOn, HealthCheck, LeastRequest, LoadBalancer, Maglev,
+        OnNoEndpoint, PeakEwma, Probe, RateLimit, RingHash, ServicePolicy, SlowCalls, Sticky,
     },
 };
 
@@ -171,6 +171,102 @@ fn parses_yaml_and_reports_its_location() {
     assert!(error.to_string().contains("line 2"), "{error}");
 }
 
+#[test]
+fn a_health_check_gets_the_registrys_defaults() {
+    let policy =
+        Policy::from_json(r#"{"services": {"shop": {"health_check": {"http": {}}}}}"#).unwrap();
+    let check = policy.for_service("shop").health_check.clone().unwrap();
+    assert_eq!(
+        check,
+        HealthCheck {
+            probe: Probe::Http {
+                path: "/healthz".into(),
+                expected_statuses: vec![],
+                port: None,
+            },
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(1),
+            healthy_threshold: 2,
+            unhealthy_threshold: 3,
+            jitter: Duration::from_millis(500),
+        }
+    );
+    assert_eq!(check, HealthCheck::new(check.probe.clone()));
+    assert_eq!(policy.default.health_check, None);
+}
+
+#[test]
+fn a_short_interval_shortens_the_default_timeout_and_jitter() {
+    let policy = Policy::from_json(
+        r#"{"default": {"health_check": {"tcp": {"port": 9000}, "interval": "200ms"}}}"#,
+    )
+    .unwrap();
+    let check = policy.default.health_check.unwrap();
+    assert_eq!(check.probe, Probe::Tcp { port: Some(9000) });
+    assert_eq!(check.timeout, Duration::from_millis(200));
+    assert_eq!(check.jitter, Duration::from_millis(20));
+    assert_eq!(
+        check.probe.target("10.0.0.1:8080".parse().unwrap()),
+        "10.0.0.1:9000".parse().unwrap()
+    );
+    let grpc = Probe::Grpc {
+        service: String::new(),
+        port: None,
+    };
+    assert_eq!(
+        grpc.target("10.0.0.1:8080".parse().unwrap()),
+        "10.0.0.1:8080".parse().unwrap()
+    );
+}
+
+#[test]
+fn a_health_check_needs_exactly_one_probe_kind() {
+    for text in [
+        r#"{"default": {"health_check": {"interval": "1s"}}}"#,
+        r#"{"default": {"health_check": {"tcp": {}, "grpc": {}}}}"#,
+    ] {
+        let error = Policy::from_json(text).unwrap_err();
+        assert!(
+            matches!(error, PolicyError::Json { .. })
+                && error
+                    .to_string()
+                    .contains("exactly one of `http`, `tcp` or `grpc`"),
+            "{error}"
+        );
+    }
+    let error =
+        Policy::from_json(r#"{"default": {"health_check": {"http": {"paht": "/"}}}}"#).unwrap_err();
+    assert!(error.to_string().contains("unknown field `paht`"), "{error}");
+}
+
+#[test]
+fn health_check_validation_names_every_bad_field_with_a_fix() {
+    let error = Policy::from_json(
+        r#"{"services": {"shop": {"health_check": {
+             "http": {"path": "healthz", "expected_statuses": [200, 700], "port": 0},
+             "interval": "50ms", "timeout": "1s", "healthy_threshold": 0,
+             "unhealthy_threshold": 11, "jitter": "2s"}}}}"#,
+    )
+    .unwrap_err();
+    let PolicyError::Invalid(errors) = error else {
+        panic!("expected validation errors, got {error}");
+    };
+    assert_eq!(
+        errors.to_string(),
+        [
+            "services.shop.health_check.http.path: must start with '/' and contain no spaces, got \"healthz\"",
+            "services.shop.health_check.http.expected_statuses[1]: must be an HTTP status 100..=599, got 700",
+            "services.shop.health_check.http.port: must be 1..=65535; omit it to probe the endpoint's port",
+            "services.shop.health_check.interval: must be 100ms..=1m, got 50ms",
+            "services.shop.health_check.timeout: must be 10ms..=interval (50ms), got 1s; a probe must end before the next one starts",
+            "services.shop.health_check.healthy_threshold: must be 1..=10, got 0",
+            "services.shop.health_check.unhealthy_threshold: must be 1..=10, got 11",
+            "services.shop.health_check.jitter: must be at most the interval (50ms), got 2s",
+        ]
+        .join("\n")
+    );
+}
+
 fn duration_ms() -> impl Strategy<Value = Duration> {
     (1u64..3_600_000).prop_map(Duration::from_millis)
 }
@@ -230,6 +326,39 @@ fn load_balancer() -> impl Strategy<Value = LoadBalancer> {
     })
 }
 
+fn probe() -> impl Strategy<Value = Probe> {
+    let port = proptest::option::of(1u16..);
+    prop_oneof![
+        (
+            "/[a-z/]{0,12}",
+            proptest::collection::vec(100u16..=599, 0..3),
+            port.clone()
+        )
+            .prop_map(|(path, expected_statuses, port)| Probe::Http {
+                path,
+                expected_statuses,
+                port
+            }),
+        port.clone().prop_map(|port| Probe::Tcp { port }),
+        ("[a-z.]{0,12}", port).prop_map(|(service, port)| Probe::Grpc { service, port }),
+    ]
+}
+
+fn health_check() -> impl Strategy<Value = HealthCheck> {
+    (probe(), 100u64..=60_000, 1u32..=10, 1u32..=10, 0u64..=1000).prop_flat_map(
+        |(probe, interval_ms, healthy_threshold, unhealthy_threshold, per_mille)| {
+            (10u64..=interval_ms).prop_map(move |timeout_ms| HealthCheck {
+                probe: probe.clone(),
+                interval: Duration::from_millis(interval_ms),
+                timeout: Duration::from_millis(timeout_ms),
+                healthy_threshold,
+                unhealthy_threshold,
+                jitter: Duration::from_millis(interval_ms * per_mille / 1000),
+            })
+        },
+    )
+}
+
 fn service_policy() -> impl Strategy<Value = ServicePolicy> {
     (
         load_balancer(),
@@ -237,11 +366,13 @@ fn service_policy() -> impl Strategy<Value = ServicePolicy> {
         0u32..=100,
         proptest::option::of((1u32..1000, 1u32..1000)),
         any::<bool>(),
+        proptest::option::of(health_check()),
     )
-        .prop_map(|(load_balancer, retry, percent, rate, fail_fast)| {
+        .prop_map(|(load_balancer, retry, percent, rate, fail_fast, health_check)| {
             let mut policy = ServicePolicy {
                 load_balancer,
                 retry,
+                health_check,
                 rate_limit: rate.map(|(rps, burst)| RateLimit {
                     requests_per_second: f64::from(rps),
                     burst,
@@ -268,6 +399,27 @@ proptest! {
         prop_assert_eq!(policy.validate(), Ok(()));
         let json = serde_json::to_string(&policy).unwrap();
         prop_assert_eq!(Policy::from_json(&json).unwrap(), policy);
+    }
+
+    #[test]
+    fn valid_health_checks_round_trip_through_json(check in health_check()) {
+        prop_assert_eq!(check.validate(), Ok(()));
+        let json = serde_json::to_string(&check).unwrap();
+        prop_assert_eq!(serde_json::from_str::<HealthCheck>(&json).unwrap(), check);
+    }
+
+    #[test]
+    fn from_json_never_panics_on_health_check_shaped_documents(
+        kind in "[a-z]{0,5}",
+        interval in ".{0,8}",
+        threshold in any::<i64>(),
+        port in any::<i64>(),
+    ) {
+        let text = format!(
+            r#"{{"default": {{"health_check": {{"{kind}": {{"port": {port}}},
+               "interval": {interval:?}, "unhealthy_threshold": {threshold}}}}}}}"#
+        );
+        let _ = Policy::from_json(&text);
     }
 
     #[test]
@@ -336,4 +488,14 @@ fn the_json_example_in_the_docs_is_a_valid_policy() {
 fn the_yaml_example_in_the_docs_is_a_valid_policy() {
     let policy = Policy::from_yaml(doc_example("## Example (YAML)", "yaml")).unwrap();
     assert_eq!(policy.default.load_balancer, LoadBalancer::RoundRobin);
+    let check = policy.for_service("checkout").health_check.clone().unwrap();
+    assert_eq!(
+        check.probe,
+        Probe::Http {
+            path: "/healthz".into(),
+            expected_statuses: vec![200],
+            port: None
+        }
+    );
+    assert_eq!(check.jitter, Duration::from_millis(500));
 }
