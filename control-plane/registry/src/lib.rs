@@ -11,7 +11,7 @@
 //! - [`view`]: the local state every read serves from, with its change history;
 //! - [`backend`]: where registrations and leases live: in memory, or etcd (shared by
 //!   several control-plane replicas);
-//! - [`health`]: active HTTP / TCP / gRPC checks with thresholds and jitter;
+//! - [`health`]: the active checks of registrations, run by the shared `fulcrum-health` crate;
 //! - [`registry`]: the operations, over a backend and the view;
 //! - [`api`]: the REST (axum) and gRPC (tonic) faces, with token authentication ([`auth`]);
 //! - [`source`]: the registry as an endpoint source.

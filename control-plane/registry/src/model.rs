@@ -13,6 +13,15 @@ use std::{
     time::Duration,
 };
 
+/// The validated health check: the same model as the policy's `health_check`.
+pub use fulcrum_core::policy::{HealthCheck, Probe};
+use fulcrum_core::{
+    policy::{
+        DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT, DEFAULT_HEALTHY_THRESHOLD,
+        DEFAULT_HTTP_PATH, DEFAULT_UNHEALTHY_THRESHOLD, default_jitter,
+    },
+    validate::{MAX_CHECK_INTERVAL, MAX_CHECK_THRESHOLD, MIN_CHECK_INTERVAL, MIN_CHECK_TIMEOUT},
+};
 use serde::{Deserialize, Serialize};
 
 /// TTL when the client sends none.
@@ -21,17 +30,6 @@ pub const DEFAULT_TTL: Duration = Duration::from_secs(30);
 pub const MIN_TTL: Duration = Duration::from_secs(1);
 /// Longest TTL accepted.
 pub const MAX_TTL: Duration = Duration::from_secs(3600);
-/// Probe interval when the health check sets none (the seed's "< 5 s" floor is met).
-pub const DEFAULT_CHECK_INTERVAL: Duration = Duration::from_secs(5);
-/// Probe timeout when the health check sets none.
-pub const DEFAULT_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
-/// Consecutive passes to become healthy, when unset.
-pub const DEFAULT_HEALTHY_THRESHOLD: u32 = 2;
-/// Consecutive failures to become unhealthy, when unset.
-pub const DEFAULT_UNHEALTHY_THRESHOLD: u32 = 3;
-/// HTTP check path when unset.
-pub const DEFAULT_HTTP_PATH: &str = "/healthz";
-
 const MAX_WEIGHT: u32 = 10_000;
 const MAX_LIST: usize = 64;
 const MAX_LABEL: usize = 64;
@@ -198,49 +196,6 @@ pub struct Registration {
     pub ttl: Duration,
 }
 
-/// A validated active health check.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HealthCheck {
-    /// What to probe.
-    pub probe: Probe,
-    /// Time between probes (100 ms to 60 s).
-    pub interval: Duration,
-    /// Probe deadline (10 ms up to the interval).
-    pub timeout: Duration,
-    /// Consecutive passes to become healthy (1-10).
-    pub healthy_threshold: u32,
-    /// Consecutive failures to become unhealthy (1-10).
-    pub unhealthy_threshold: u32,
-    /// Extra random delay before each probe, up to the interval.
-    pub jitter: Duration,
-}
-
-/// One probe kind, with the port it targets (the instance's unless overridden).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Probe {
-    /// `GET path`; passes on one of `expected_statuses`, or any 2xx when empty.
-    Http {
-        /// Request path.
-        path: String,
-        /// Passing statuses; empty means 200-299.
-        expected_statuses: Vec<u16>,
-        /// Probed port.
-        port: u16,
-    },
-    /// A TCP connection opens.
-    Tcp {
-        /// Probed port.
-        port: u16,
-    },
-    /// `grpc.health.v1.Health/Check` answers SERVING.
-    Grpc {
-        /// Service asked about ("" = server).
-        service: String,
-        /// Probed port.
-        port: u16,
-    },
-}
-
 /// One field that failed validation.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct FieldError {
@@ -349,13 +304,14 @@ fn port(value: u32, field: &str, errors: &mut Errors) -> u16 {
     }
 }
 
-/// A probe port override: 0 means the instance's port.
-fn override_port(value: u32, instance: u16, field: &str, errors: &mut Errors) -> u16 {
-    if value == 0 {
+/// A probe port override: 0 means the instance's port. Always resolved, so a registration
+/// records the port it probes.
+fn override_port(value: u32, instance: u16, field: &str, errors: &mut Errors) -> Option<u16> {
+    Some(if value == 0 {
         instance
     } else {
         port(value, field, errors)
-    }
+    })
 }
 
 fn labels(values: &[String], field: &str, errors: &mut Errors) -> BTreeSet<String> {
@@ -542,21 +498,25 @@ impl HealthCheckSpec {
             }
         };
         let interval = millis(self.interval_ms, DEFAULT_CHECK_INTERVAL);
-        if !(Duration::from_millis(100)..=Duration::from_secs(60)).contains(&interval) {
+        if !(MIN_CHECK_INTERVAL..=MAX_CHECK_INTERVAL).contains(&interval) {
             errors.add(
                 "health_check.interval_ms",
                 format!(
-                    "must be 100-60000 (or 0 for 5000), got {}",
+                    "must be {}-{} (or 0 for {}), got {}",
+                    MIN_CHECK_INTERVAL.as_millis(),
+                    MAX_CHECK_INTERVAL.as_millis(),
+                    DEFAULT_CHECK_INTERVAL.as_millis(),
                     self.interval_ms
                 ),
             );
         }
         let timeout = millis(self.timeout_ms, DEFAULT_CHECK_TIMEOUT.min(interval));
-        if timeout < Duration::from_millis(10) || timeout > interval {
+        if !(MIN_CHECK_TIMEOUT..=interval).contains(&timeout) {
             errors.add(
                 "health_check.timeout_ms",
                 format!(
-                    "must be 10 up to the interval ({} ms), got {}",
+                    "must be {} up to the interval ({} ms), got {}",
+                    MIN_CHECK_TIMEOUT.as_millis(),
                     interval.as_millis(),
                     self.timeout_ms
                 ),
@@ -564,8 +524,11 @@ impl HealthCheckSpec {
         }
         let threshold = |value: u32, default: u32, field: &str, errors: &mut Errors| {
             let value = if value == 0 { default } else { value };
-            if value > 10 {
-                errors.add(field, format!("must be 1-10, got {value}"));
+            if value > MAX_CHECK_THRESHOLD {
+                errors.add(
+                    field,
+                    format!("must be 1-{MAX_CHECK_THRESHOLD}, got {value}"),
+                );
             }
             value
         };
@@ -581,10 +544,7 @@ impl HealthCheckSpec {
             "health_check.unhealthy_threshold",
             errors,
         );
-        // Whole milliseconds, so the stored spec validates back to the same value.
-        let default_jitter =
-            Duration::from_millis(u64::try_from(interval.as_millis() / 10).unwrap_or(0));
-        let jitter = millis(self.jitter_ms, default_jitter);
+        let jitter = millis(self.jitter_ms, default_jitter(interval));
         if jitter > interval {
             errors.add(
                 "health_check.jitter_ms",
@@ -621,7 +581,7 @@ impl Registration {
             tags: self.tags.iter().cloned().collect(),
             capabilities: self.capabilities.iter().cloned().collect(),
             metadata: self.metadata.clone(),
-            health_check: self.health_check.as_ref().map(HealthCheck::to_spec),
+            health_check: self.health_check.as_ref().map(HealthCheckSpec::from_check),
             ttl_ms: millis_u32(self.ttl),
         }
     }
@@ -640,37 +600,35 @@ impl Registration {
     }
 }
 
-impl HealthCheck {
-    fn to_spec(&self) -> HealthCheckSpec {
-        let mut spec = HealthCheckSpec {
-            interval_ms: millis_u32(self.interval),
-            timeout_ms: millis_u32(self.timeout),
-            healthy_threshold: self.healthy_threshold,
-            unhealthy_threshold: self.unhealthy_threshold,
-            jitter_ms: millis_u32(self.jitter),
-            ..HealthCheckSpec::default()
+impl HealthCheckSpec {
+    /// The spec that validates back into `check`.
+    fn from_check(check: &HealthCheck) -> Self {
+        let mut spec = Self {
+            interval_ms: millis_u32(check.interval),
+            timeout_ms: millis_u32(check.timeout),
+            healthy_threshold: check.healthy_threshold,
+            unhealthy_threshold: check.unhealthy_threshold,
+            jitter_ms: millis_u32(check.jitter),
+            ..Self::default()
         };
-        match &self.probe {
+        let port = check.probe.port().map_or(0, u32::from);
+        match &check.probe {
             Probe::Http {
                 path,
                 expected_statuses,
-                port,
+                ..
             } => {
                 spec.http = Some(HttpCheckSpec {
                     path: path.clone(),
                     expected_statuses: expected_statuses.iter().map(|s| u32::from(*s)).collect(),
-                    port: u32::from(*port),
+                    port,
                 });
             }
-            Probe::Tcp { port } => {
-                spec.tcp = Some(PortSpec {
-                    port: u32::from(*port),
-                })
-            }
-            Probe::Grpc { service, port } => {
+            Probe::Tcp { .. } => spec.tcp = Some(PortSpec { port }),
+            Probe::Grpc { service, .. } => {
                 spec.grpc = Some(GrpcCheckSpec {
                     service: service.clone(),
-                    port: u32::from(*port),
+                    port,
                 })
             }
         }
@@ -729,7 +687,7 @@ mod tests {
             Probe::Http {
                 path: "/healthz".into(),
                 expected_statuses: vec![],
-                port: 8080
+                port: Some(8080)
             }
         );
         assert_eq!(check.interval, Duration::from_secs(5));
