@@ -1,5 +1,5 @@
-//! fulcrum's control plane: sources → snapshot → xDS cache → ADS server for Envoy, and the
-//! snapshot HTTP API the filters poll.
+//! fulcrum's control plane: sources → snapshot → health checks the policy asks for → xDS
+//! cache → ADS server for Envoy, and the snapshot HTTP API the filters poll.
 //!
 //! [`ControlPlane::start`] wires the pieces and serves on the configured addresses; the
 //! binary (`main.rs`) only parses the command line, sets up logging and waits for a signal.
@@ -14,6 +14,7 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
 use fulcrum_core::Snapshot;
+use fulcrum_health::HealthMetrics;
 use fulcrum_kube_source::{KubeOptions, KubeSource};
 use fulcrum_policy::{AppliedPolicy, PolicyConfigMap, PolicyFile, PolicyStore, with_policy};
 use fulcrum_sources::{Debounce, Source, StaticFileSource};
@@ -127,6 +128,7 @@ impl ControlPlane {
         let store = SnapshotStore::default();
         let policies = PolicyStore::default();
         policies.metrics().register(&mut metrics_registry);
+        HealthMetrics::global().register(&mut metrics_registry);
 
         let xds_listener = TcpListener::bind(config.xds_address)
             .await
@@ -173,11 +175,23 @@ impl ControlPlane {
                 None => Box::pin(std::future::ready(())),
             };
         let policy_source = policy_task(optional.policy, kube_client, policies.clone());
+        let (merged, merged_changed) = watch::channel(None);
         let (endpoints, endpoints_changed) = watch::channel(None);
         let pipeline = {
             let (cache, snapshot_metrics) = (Arc::clone(&cache), snapshot_metrics.clone());
-            let pipeline =
+            let sources =
                 fulcrum_sources::run(sources, Debounce::new(config.debounce), move |snapshot| {
+                    merged.send_replace(Some(snapshot));
+                });
+            // Active checks the policy asks for overlay the merged endpoints' health.
+            let health = fulcrum_health::overlay::run(
+                merged_changed,
+                policies.subscribe(),
+                |applied: &Option<Arc<AppliedPolicy>>| {
+                    applied.as_ref().map(|applied| Arc::clone(&applied.policy))
+                },
+                HealthMetrics::global().clone(),
+                move |snapshot| {
                     let summary = cache.set(&snapshot);
                     snapshot_metrics.observe(&snapshot);
                     info!(
@@ -187,10 +201,11 @@ impl ControlPlane {
                         "published snapshot"
                     );
                     endpoints.send_replace(Some(snapshot));
-                });
+                },
+            );
             let serve = serve_with_policy(endpoints_changed, policies.subscribe(), store.clone());
             tokio::spawn(async move {
-                tokio::join!(pipeline, serve, policy_source, registry_policy);
+                tokio::join!(sources, health, serve, policy_source, registry_policy);
             })
         };
 

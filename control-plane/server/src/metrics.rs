@@ -1,17 +1,31 @@
-//! Snapshot-level Prometheus metrics: endpoints per cluster and the current version.
+//! Snapshot-level Prometheus metrics: endpoints per cluster and health, and the current version.
 
-use fulcrum_core::Snapshot;
+use fulcrum_core::{Health, Snapshot};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
 
-/// Labels naming one cluster.
+/// Labels naming one cluster and one endpoint health.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub struct ClusterLabels {
+pub struct ClusterHealthLabels {
     /// The cluster (service) name.
     pub cluster: String,
+    /// `healthy`, `draining` or `unhealthy`, as in the snapshot.
+    pub health: &'static str,
+}
+
+/// Every endpoint health, in the order the gauges are written.
+const HEALTHS: [Health; 3] = [Health::Healthy, Health::Draining, Health::Unhealthy];
+
+/// The label value of `health`: its name in the snapshot's JSON.
+fn health_label(health: Health) -> &'static str {
+    match health {
+        Health::Healthy => "healthy",
+        Health::Draining => "draining",
+        Health::Unhealthy => "unhealthy",
+    }
 }
 
 /// Labels carrying the snapshot version.
@@ -24,8 +38,10 @@ pub struct VersionLabels {
 /// Gauges describing the current snapshot. Cheap to clone (shared handles).
 #[derive(Debug, Clone, Default)]
 pub struct SnapshotMetrics {
-    /// `fulcrum_cluster_endpoints{cluster}`: endpoints per cluster in the current snapshot.
-    pub endpoints: Family<ClusterLabels, Gauge>,
+    /// `fulcrum_cluster_endpoints{cluster, health}`: endpoints per cluster and health in the
+    /// current snapshot; every health of a known cluster has a series, 0 included, so
+    /// `fulcrum_cluster_endpoints{health="healthy"} < 2` alerts.
+    pub endpoints: Family<ClusterHealthLabels, Gauge>,
     /// `fulcrum_snapshot_info{version}`: 1 for the current version only.
     pub info: Family<VersionLabels, Gauge>,
     /// `fulcrum_snapshot_updates_total`: snapshots published.
@@ -38,7 +54,7 @@ impl SnapshotMetrics {
         let fulcrum = registry.sub_registry_with_prefix("fulcrum");
         fulcrum.register(
             "cluster_endpoints",
-            "Endpoints per cluster in the current snapshot",
+            "Endpoints per cluster and health in the current snapshot",
             self.endpoints.clone(),
         );
         fulcrum.register(
@@ -57,12 +73,19 @@ impl SnapshotMetrics {
     pub fn observe(&self, snapshot: &Snapshot) {
         self.endpoints.clear();
         for (name, service) in &snapshot.services {
-            let count = i64::try_from(service.endpoints.len()).unwrap_or(i64::MAX);
-            self.endpoints
-                .get_or_create(&ClusterLabels {
-                    cluster: name.clone(),
-                })
-                .set(count);
+            for health in HEALTHS {
+                let count = service
+                    .endpoints
+                    .iter()
+                    .filter(|endpoint| endpoint.health == health)
+                    .count();
+                self.endpoints
+                    .get_or_create(&ClusterHealthLabels {
+                        cluster: name.clone(),
+                        health: health_label(health),
+                    })
+                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+            }
         }
         self.info.clear();
         self.info

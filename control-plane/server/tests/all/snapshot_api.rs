@@ -72,7 +72,11 @@ async fn snapshot_is_served_with_its_version_as_etag_then_304_for_that_etag() {
 
     let metrics = fixture.metrics().await;
     assert!(
-        metrics.contains("fulcrum_cluster_endpoints{cluster=\"checkout\"} 1"),
+        metrics.contains("fulcrum_cluster_endpoints{cluster=\"checkout\",health=\"healthy\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fulcrum_cluster_endpoints{cluster=\"checkout\",health=\"unhealthy\"} 0"),
         "{metrics}"
     );
     assert!(
