@@ -2,4 +2,5 @@
 //! sample backends and control plane. Run by `cargo xtask test`.
 
 mod control_plane;
+mod health_checks;
 mod static_endpoints;
