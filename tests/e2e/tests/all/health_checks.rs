@@ -1,14 +1,16 @@
-//! Active health checks the policy asks for, on endpoints from the static file: a backend
-//! whose `/healthz` fails (while its traffic still answers 200, so only the check can be the
-//! reason) is published unhealthy to Envoy and the filter, which stops picking it, and is
-//! picked again once it passes.
+//! Active health checks, asked for by the policy on endpoints from the static file, or by a
+//! registration: a backend whose `/healthz` fails (while its traffic still answers 200, so
+//! only the check can be the reason) is published unhealthy to Envoy and the filter, which
+//! stops picking it, and is picked again once it passes.
 
 use std::{net::SocketAddr, path::Path, time::Duration};
 
-use fulcrum_control_plane::{Config, ControlPlane, OptionalSources, PolicySource};
+use fulcrum_control_plane::{
+    Config, ControlPlane, OptionalSources, PolicySource, RegistryBackendOptions, RegistryOptions,
+};
 use fulcrum_e2e::{Proxy, SERVICE, backends, count_by_backend, envoy_with_control_plane};
 use fulcrum_envoy_harness::eventually;
-use fulcrum_example_backend::Fault;
+use fulcrum_example_backend::{Backend, Fault};
 use serde_json::{Value, json};
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -83,7 +85,6 @@ async fn fail_open_total(proxy: &Proxy) -> u64 {
 async fn an_endpoint_failing_the_policys_health_check_is_not_picked_until_it_passes_again() {
     let backends = backends(3).await.unwrap();
     let all: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let checked = backends[0].addr;
     let dir = tempfile::tempdir().unwrap();
     let endpoints_file = dir.path().join("endpoints.yaml");
     write_endpoints(&endpoints_file, &all);
@@ -135,6 +136,14 @@ async fn an_endpoint_failing_the_policys_health_check_is_not_picked_until_it_pas
         "every backend passes its checks and serves: {counts:?}"
     );
 
+    fails_then_recovers(&control_plane, &proxy, &backends).await;
+    control_plane.shutdown().await;
+}
+
+/// Makes `backends[0]` fail its health checks, sees it published unhealthy and never picked
+/// (the other two share the round robin), then restores it and sees it picked again.
+async fn fails_then_recovers(control_plane: &ControlPlane, proxy: &Proxy, backends: &[Backend]) {
+    let checked = backends[0].addr;
     backends[0]
         .set_fault(Fault {
             fail_health_checks: true,
@@ -142,20 +151,20 @@ async fn an_endpoint_failing_the_policys_health_check_is_not_picked_until_it_pas
         })
         .unwrap();
     let unhealthy = eventually(PATIENCE, || async {
-        (snapshot_health(&control_plane, checked).await.as_deref() == Some("unhealthy"))
+        (snapshot_health(control_plane, checked).await.as_deref() == Some("unhealthy"))
             .then_some(())
     })
     .await;
     assert!(unhealthy.is_some(), "the control plane marks b1 unhealthy");
     let in_envoy = eventually(PATIENCE, || async {
-        (envoy_health(&proxy, checked).await.as_deref() == Some("UNHEALTHY")).then_some(())
+        (envoy_health(proxy, checked).await.as_deref() == Some("UNHEALTHY")).then_some(())
     })
     .await;
     assert!(
         in_envoy.is_some(),
         "Envoy's /clusters shows b1 unhealthy over EDS"
     );
-    let metrics_text = metrics(&control_plane).await;
+    let metrics_text = metrics(control_plane).await;
     assert_eq!(
         metric(
             &metrics_text,
@@ -177,7 +186,7 @@ async fn an_endpoint_failing_the_policys_health_check_is_not_picked_until_it_pas
     tokio::time::sleep(Duration::from_millis(500)).await;
     let picks_before = proxy.endpoint_stat("picks_total", checked).await.unwrap();
     let served_before = backends[0].stats().requests;
-    let fail_open_before = fail_open_total(&proxy).await;
+    let fail_open_before = fail_open_total(proxy).await;
     let replies = proxy.send(30).await;
     let counts = count_by_backend(&replies);
     assert!(
@@ -196,7 +205,7 @@ async fn an_endpoint_failing_the_policys_health_check_is_not_picked_until_it_pas
         "the filter never picked b1"
     );
     assert_eq!(
-        fail_open_total(&proxy).await,
+        fail_open_total(proxy).await,
         fail_open_before,
         "the filter picked every request itself"
     );
@@ -204,7 +213,7 @@ async fn an_endpoint_failing_the_policys_health_check_is_not_picked_until_it_pas
 
     backends[0].set_fault(Fault::default()).unwrap();
     let healthy = eventually(PATIENCE, || async {
-        (snapshot_health(&control_plane, checked).await.as_deref() == Some("healthy")).then_some(())
+        (snapshot_health(control_plane, checked).await.as_deref() == Some("healthy")).then_some(())
     })
     .await;
     assert!(
@@ -225,5 +234,78 @@ async fn an_endpoint_failing_the_policys_health_check_is_not_picked_until_it_pas
         proxy.endpoint_stat("picks_total", checked).await.unwrap() > picks_before,
         "by the filter's own pick"
     );
+}
+
+const TOKEN: &str = "e2e-registry-token-0123456789";
+
+#[tokio::test]
+async fn a_registered_instance_failing_its_own_health_check_is_not_picked_until_it_passes_again() {
+    let backends = backends(3).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("tokens");
+    std::fs::write(&token_file, format!("e2e {TOKEN}\n")).unwrap();
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let control_plane = ControlPlane::start_with(
+        Config {
+            static_file: None,
+            poll_interval: Duration::from_millis(100),
+            xds_address: any,
+            http_address: any,
+            debounce: Duration::from_millis(20),
+            cluster_options: Default::default(),
+        },
+        OptionalSources {
+            registry: Some(RegistryOptions {
+                backend: RegistryBackendOptions::Memory,
+                token_file,
+                grpc_address: any,
+            }),
+            ..OptionalSources::default()
+        },
+    )
+    .await
+    .unwrap();
+    let client = reqwest::Client::builder().no_proxy().build().unwrap();
+    for backend in &backends {
+        client
+            .post(format!(
+                "http://{}/v1/registry/instances",
+                control_plane.http_address()
+            ))
+            .bearer_auth(TOKEN)
+            .json(&json!({
+                "name": SERVICE, "id": backend.name, "address": "127.0.0.1",
+                "port": backend.addr.port(), "ttl_ms": 120_000,
+                "health_check": {
+                    "http": {"path": "/healthz", "expected_statuses": [200]},
+                    "interval_ms": 100, "timeout_ms": 100, "jitter_ms": 10,
+                    "healthy_threshold": 2, "unhealthy_threshold": 2
+                }
+            }))
+            .send()
+            .await
+            .unwrap()
+            .error_for_status()
+            .unwrap();
+    }
+    // No policy source: the filter's own round robin, and no policy-driven check.
+    let proxy = envoy_with_control_plane(
+        control_plane.xds_address(),
+        control_plane.http_address(),
+        json!({"load_balancer": {"type": "round_robin"}}),
+    )
+    .await
+    .unwrap();
+    let all: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    proxy.wait_for_endpoints(&all, PATIENCE).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let counts = count_by_backend(&proxy.send(30).await);
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        [10, 10, 10],
+        "every instance serves: {counts:?}"
+    );
+
+    fails_then_recovers(&control_plane, &proxy, &backends).await;
     control_plane.shutdown().await;
 }
