@@ -605,15 +605,24 @@ struct HealthCheckDocument {
     tcp: Option<PortDocument>,
     #[serde(skip_serializing_if = "Option::is_none")]
     grpc: Option<GrpcProbeDocument>,
-    #[serde(with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "crate::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     interval: Option<Duration>,
-    #[serde(with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "crate::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     timeout: Option<Duration>,
     #[serde(skip_serializing_if = "Option::is_none")]
     healthy_threshold: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     unhealthy_threshold: Option<u32>,
-    #[serde(with = "crate::duration::option", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        with = "crate::duration::option",
+        skip_serializing_if = "Option::is_none"
+    )]
     jitter: Option<Duration>,
 }
 
@@ -650,7 +659,9 @@ struct GrpcProbeDocument {
 
 /// A health check that names no probe kind, or several.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-#[error("a health check needs exactly one of `http`, `tcp` or `grpc`, e.g. {{\"http\": {{\"path\": \"/healthz\"}}}}")]
+#[error(
+    "a health check needs exactly one of `http`, `tcp` or `grpc`, e.g. {{\"http\": {{\"path\": \"/healthz\"}}}}"
+)]
 pub struct ProbeKindError;
 
 impl TryFrom<HealthCheckDocument> for HealthCheck {

@@ -236,7 +236,10 @@ fn a_health_check_needs_exactly_one_probe_kind() {
     }
     let error =
         Policy::from_json(r#"{"default": {"health_check": {"http": {"paht": "/"}}}}"#).unwrap_err();
-    assert!(error.to_string().contains("unknown field `paht`"), "{error}");
+    assert!(
+        error.to_string().contains("unknown field `paht`"),
+        "{error}"
+    );
 }
 
 #[test]
@@ -368,25 +371,27 @@ fn service_policy() -> impl Strategy<Value = ServicePolicy> {
         any::<bool>(),
         proptest::option::of(health_check()),
     )
-        .prop_map(|(load_balancer, retry, percent, rate, fail_fast, health_check)| {
-            let mut policy = ServicePolicy {
-                load_balancer,
-                retry,
-                health_check,
-                rate_limit: rate.map(|(rps, burst)| RateLimit {
-                    requests_per_second: f64::from(rps),
-                    burst,
-                    ..RateLimit::default()
-                }),
-                ..ServicePolicy::default()
-            };
-            policy.outlier_detection.max_ejection_percent = percent;
-            policy.locality.min_healthy_percent = percent;
-            if fail_fast {
-                policy.on_no_endpoint = OnNoEndpoint::FailFast;
-            }
-            policy
-        })
+        .prop_map(
+            |(load_balancer, retry, percent, rate, fail_fast, health_check)| {
+                let mut policy = ServicePolicy {
+                    load_balancer,
+                    retry,
+                    health_check,
+                    rate_limit: rate.map(|(rps, burst)| RateLimit {
+                        requests_per_second: f64::from(rps),
+                        burst,
+                        ..RateLimit::default()
+                    }),
+                    ..ServicePolicy::default()
+                };
+                policy.outlier_detection.max_ejection_percent = percent;
+                policy.locality.min_healthy_percent = percent;
+                if fail_fast {
+                    policy.on_no_endpoint = OnNoEndpoint::FailFast;
+                }
+                policy
+            },
+        )
 }
 
 proptest! {
