@@ -14,6 +14,7 @@
 //! - [`health`]: the active checks of registrations, run by the shared `fulcrum-health` crate;
 //! - [`registry`]: the operations, over a backend and the view;
 //! - [`api`]: the REST (axum) and gRPC (tonic) faces, with token authentication ([`auth`]);
+//! - [`metrics`]: Prometheus metrics of both faces and of the live instances;
 //! - [`source`]: the registry as an endpoint source.
 //!
 //! `docs/registry.md` describes the API for operators.
@@ -22,6 +23,7 @@ pub mod api;
 pub mod auth;
 pub mod backend;
 pub mod health;
+pub mod metrics;
 pub mod model;
 pub mod registry;
 pub mod source;
@@ -36,6 +38,7 @@ pub use backend::{
     etcd::{EtcdBackend, EtcdConfig},
     memory::MemoryBackend,
 };
+pub use metrics::RegistryMetrics;
 pub use model::{FieldErrors, InstanceSpec, Registration};
 pub use registry::{Discovery, Query, Registry, RegistryError};
 pub use source::RegistrySource;

@@ -19,6 +19,7 @@ use tracing::info;
 use crate::{
     backend::{BackendError, RegistryBackend, memory::MemoryBackend},
     health::spawn_monitor,
+    metrics::RegistryMetrics,
     model::{FieldErrors, InstanceSpec, validate_instance_id, validate_service_name},
     source::RegistrySource,
     view::{Cursor, Entry, HealthStatus, Record, Since, View},
@@ -161,6 +162,7 @@ pub struct Registry {
     policy: RwLock<(u64, Arc<Policy>)>,
     picking: Mutex<Picking>,
     started: Instant,
+    metrics: RegistryMetrics,
 }
 
 impl Registry {
@@ -171,10 +173,13 @@ impl Registry {
         Self::new(backend, view)
     }
 
-    /// A registry over `backend`, which keeps `view` current; starts the health monitor on
-    /// the current runtime (it stops when the view is dropped).
+    /// A registry over `backend`, which keeps `view` current; starts the health monitor and
+    /// the instances gauge's follower on the current runtime (both stop when the view is
+    /// dropped).
     pub fn new(backend: Arc<dyn RegistryBackend>, view: Arc<View>) -> Arc<Self> {
         spawn_monitor(&view);
+        let metrics = RegistryMetrics::default();
+        metrics.follow(&view);
         info!(backend = backend.kind(), "registry started");
         Arc::new(Self {
             backend,
@@ -185,7 +190,14 @@ impl Registry {
                 rng: SplitMix64::new(u64::from(std::process::id()) ^ unix_nanos()),
             }),
             started: Instant::now(),
+            metrics,
         })
+    }
+
+    /// The registry's Prometheus metrics, counted by the API faces; register them with
+    /// [`RegistryMetrics::register`].
+    pub fn metrics(&self) -> &RegistryMetrics {
+        &self.metrics
     }
 
     /// The view (for the source, the API and tests).

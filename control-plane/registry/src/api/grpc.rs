@@ -5,7 +5,7 @@
 //! answer (the changes after the cursor, or a reset) and then one answer per burst of
 //! changes, until the client goes away.
 
-use std::{pin::Pin, time::Duration};
+use std::{future::Future, pin::Pin, time::Duration};
 
 use fulcrum_proto::registry::v1 as pb;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -15,6 +15,7 @@ use super::{ApiState, MAX_WATCH_WAIT};
 use crate::{
     BackendError, InstanceSpec, Query, RegistryError,
     auth::AuthError,
+    metrics::{Api, Operation, grpc_code_name},
     model::{GrpcCheckSpec, HealthCheckSpec, HttpCheckSpec, PortSpec},
     registry::{HealthStatusKey, record_ttl_ms},
     view::{Cursor, Entry, HealthStatus, Since},
@@ -204,9 +205,30 @@ fn watch_to_proto(since: Since, cursor: Cursor) -> pb::WatchResponse {
 
 type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchResponse, Status>> + Send>>;
 
-#[tonic::async_trait]
-impl pb::registry_server::Registry for GrpcApi {
-    async fn register(
+impl GrpcApi {
+    /// Runs one call and counts it (code and latency), whatever its outcome.
+    async fn measured<T>(
+        &self,
+        operation: Operation,
+        call: impl Future<Output = Result<T, Status>>,
+    ) -> Result<T, Status> {
+        let started = tokio::time::Instant::now();
+        let result = call.await;
+        let code = result
+            .as_ref()
+            .map_or_else(|status| status.code(), |_| tonic::Code::Ok);
+        self.state.registry.metrics().observe(
+            Api::Grpc,
+            operation,
+            grpc_code_name(code),
+            started.elapsed(),
+        );
+        result
+    }
+
+    // The calls themselves, uncounted: the trait implementation below counts them.
+
+    async fn register_call(
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
@@ -226,7 +248,7 @@ impl pb::registry_server::Registry for GrpcApi {
         }))
     }
 
-    async fn heartbeat(
+    async fn heartbeat_call(
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
@@ -242,7 +264,7 @@ impl pb::registry_server::Registry for GrpcApi {
         }))
     }
 
-    async fn deregister(
+    async fn deregister_call(
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
@@ -255,7 +277,7 @@ impl pb::registry_server::Registry for GrpcApi {
         Ok(Response::new(pb::DeregisterResponse {}))
     }
 
-    async fn discover(
+    async fn discover_call(
         &self,
         request: Request<pb::DiscoverRequest>,
     ) -> Result<Response<pb::DiscoverResponse>, Status> {
@@ -295,12 +317,10 @@ impl pb::registry_server::Registry for GrpcApi {
         }))
     }
 
-    type WatchStream = WatchStream;
-
-    async fn watch(
+    async fn watch_call(
         &self,
         request: Request<pb::WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
+    ) -> Result<Response<WatchStream>, Status> {
         identify(&self.state, request.metadata())?;
         let mut cursor = request.into_inner().after.map(|after| Cursor {
             epoch: after.epoch,
@@ -329,5 +349,51 @@ impl pb::registry_server::Registry for GrpcApi {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::registry_server::Registry for GrpcApi {
+    async fn register(
+        &self,
+        request: Request<pb::RegisterRequest>,
+    ) -> Result<Response<pb::RegisterResponse>, Status> {
+        self.measured(Operation::Register, self.register_call(request))
+            .await
+    }
+
+    async fn heartbeat(
+        &self,
+        request: Request<pb::HeartbeatRequest>,
+    ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.measured(Operation::Heartbeat, self.heartbeat_call(request))
+            .await
+    }
+
+    async fn deregister(
+        &self,
+        request: Request<pb::DeregisterRequest>,
+    ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        self.measured(Operation::Deregister, self.deregister_call(request))
+            .await
+    }
+
+    async fn discover(
+        &self,
+        request: Request<pb::DiscoverRequest>,
+    ) -> Result<Response<pb::DiscoverResponse>, Status> {
+        self.measured(Operation::Discover, self.discover_call(request))
+            .await
+    }
+
+    type WatchStream = WatchStream;
+
+    /// Counted once, when the stream opens (or is refused).
+    async fn watch(
+        &self,
+        request: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        self.measured(Operation::Watch, self.watch_call(request))
+            .await
     }
 }

@@ -14,7 +14,7 @@
 //! client library, and the cursor makes reconnects lossless.
 //! Errors are `{"error": "invalid_argument", "message": "...", "fields": [...]}`.
 
-use std::time::Duration;
+use std::{future::Future, time::Duration};
 
 use axum::{
     Json, Router,
@@ -29,6 +29,7 @@ use super::{ApiState, MAX_WATCH_WAIT};
 use crate::{
     BackendError, InstanceSpec, Query, RegistryError,
     auth::AuthError,
+    metrics::{Api, Operation},
     model::{FieldError, FieldErrors},
     registry::{HealthStatusKey, record_ttl_ms},
     view::{Cursor, Entry, Since},
@@ -152,13 +153,16 @@ pub struct FieldErrorJson {
 #[derive(Debug)]
 pub struct ApiError {
     status: StatusCode,
+    /// The gRPC code name the HTTP status stands for; equals `body.error`.
+    code: &'static str,
     body: ErrorJson,
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &str, message: String, fields: &[FieldError]) -> Self {
+    fn new(status: StatusCode, code: &'static str, message: String, fields: &[FieldError]) -> Self {
         Self {
             status,
+            code,
             body: ErrorJson {
                 error: code.to_owned(),
                 message,
@@ -249,18 +253,38 @@ fn identify(state: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> {
     Ok(state.auth.identify(authorization)?)
 }
 
+/// Runs one handler's work and counts it (code and latency), whatever its outcome.
+async fn measured<T>(
+    state: &ApiState,
+    operation: Operation,
+    call: impl Future<Output = Result<T, ApiError>>,
+) -> Result<T, ApiError> {
+    let started = tokio::time::Instant::now();
+    let result = call.await;
+    let code = result.as_ref().map_or_else(|error| error.code, |_| "ok");
+    state
+        .registry
+        .metrics()
+        .observe(Api::Rest, operation, code, started.elapsed());
+    result
+}
+
 async fn register(
     State(state): State<ApiState>,
     headers: HeaderMap,
     body: Result<Json<InstanceSpec>, JsonRejection>,
 ) -> Result<Json<RegisterJson>, ApiError> {
-    let owner = identify(&state, &headers)?;
-    let Json(spec) = body
-        .map_err(|rejection| ApiError::invalid(FieldErrors::one("body", rejection.body_text())))?;
-    let entry = state.registry.register(&spec, &owner).await?;
-    Ok(Json(RegisterJson {
-        registration: RegistrationJson::from(&entry),
-    }))
+    measured(&state, Operation::Register, async {
+        let owner = identify(&state, &headers)?;
+        let Json(spec) = body.map_err(|rejection| {
+            ApiError::invalid(FieldErrors::one("body", rejection.body_text()))
+        })?;
+        let entry = state.registry.register(&spec, &owner).await?;
+        Ok(Json(RegisterJson {
+            registration: RegistrationJson::from(&entry),
+        }))
+    })
+    .await
 }
 
 async fn heartbeat(
@@ -268,11 +292,14 @@ async fn heartbeat(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<HeartbeatJson>, ApiError> {
-    let owner = identify(&state, &headers)?;
-    let ttl = state.registry.heartbeat(&id, &owner).await?;
-    Ok(Json(HeartbeatJson {
-        ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
-    }))
+    measured(&state, Operation::Heartbeat, async {
+        let owner = identify(&state, &headers)?;
+        let ttl = state.registry.heartbeat(&id, &owner).await?;
+        Ok(Json(HeartbeatJson {
+            ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
+        }))
+    })
+    .await
 }
 
 async fn deregister(
@@ -280,9 +307,12 @@ async fn deregister(
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
-    let owner = identify(&state, &headers)?;
-    state.registry.deregister(&id, &owner).await?;
-    Ok(StatusCode::NO_CONTENT)
+    measured(&state, Operation::Deregister, async {
+        let owner = identify(&state, &headers)?;
+        state.registry.deregister(&id, &owner).await?;
+        Ok(StatusCode::NO_CONTENT)
+    })
+    .await
 }
 
 fn split(value: &str) -> impl Iterator<Item = String> + '_ {
@@ -350,17 +380,20 @@ async fn discover(
     Path(name): Path<String>,
     QueryParams(params): QueryParams<Vec<(String, String)>>,
 ) -> Result<Json<DiscoverJson>, ApiError> {
-    identify(&state, &headers)?;
-    let query = parse_query(name, &params).map_err(ApiError::invalid)?;
-    let discovery = state.registry.discover(&query)?;
-    Ok(Json(DiscoverJson {
-        registrations: discovery
-            .entries
-            .iter()
-            .map(RegistrationJson::from)
-            .collect(),
-        cursor: discovery.cursor.into(),
-    }))
+    measured(&state, Operation::Discover, async {
+        identify(&state, &headers)?;
+        let query = parse_query(name, &params).map_err(ApiError::invalid)?;
+        let discovery = state.registry.discover(&query)?;
+        Ok(Json(DiscoverJson {
+            registrations: discovery
+                .entries
+                .iter()
+                .map(RegistrationJson::from)
+                .collect(),
+            cursor: discovery.cursor.into(),
+        }))
+    })
+    .await
 }
 
 #[derive(Debug, Deserialize)]
@@ -411,27 +444,32 @@ pub fn watch_json(since: Since, cursor: Cursor) -> WatchJson {
     }
 }
 
+/// Counted once per long poll; its latency includes the wait for a change.
 async fn watch(
     State(state): State<ApiState>,
     headers: HeaderMap,
     params: Result<QueryParams<WatchParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Json<WatchJson>, ApiError> {
-    identify(&state, &headers)?;
-    let QueryParams(params) = params
-        .map_err(|rejection| ApiError::invalid(FieldErrors::one("query", rejection.body_text())))?;
-    let cursor = match (params.epoch, params.revision) {
-        (Some(epoch), Some(revision)) => Some(Cursor { epoch, revision }),
-        (None, None) => None,
-        _ => {
-            return Err(ApiError::invalid(FieldErrors::one(
-                "epoch",
-                "give both epoch and revision (from a previous answer's cursor), or neither",
-            )));
-        }
-    };
-    let wait = Duration::from_millis(params.wait_ms.unwrap_or(30_000)).min(MAX_WATCH_WAIT);
-    let (since, now) = state.registry.wait_since(cursor.as_ref(), wait).await;
-    Ok(Json(watch_json(since, now)))
+    measured(&state, Operation::Watch, async {
+        identify(&state, &headers)?;
+        let QueryParams(params) = params.map_err(|rejection| {
+            ApiError::invalid(FieldErrors::one("query", rejection.body_text()))
+        })?;
+        let cursor = match (params.epoch, params.revision) {
+            (Some(epoch), Some(revision)) => Some(Cursor { epoch, revision }),
+            (None, None) => None,
+            _ => {
+                return Err(ApiError::invalid(FieldErrors::one(
+                    "epoch",
+                    "give both epoch and revision (from a previous answer's cursor), or neither",
+                )));
+            }
+        };
+        let wait = Duration::from_millis(params.wait_ms.unwrap_or(30_000)).min(MAX_WATCH_WAIT);
+        let (since, now) = state.registry.wait_since(cursor.as_ref(), wait).await;
+        Ok(Json(watch_json(since, now)))
+    })
+    .await
 }
 
 #[cfg(test)]

@@ -7,4 +7,5 @@ mod api_rest;
 mod etcd;
 mod etcd_cluster;
 mod health_checks;
+mod metrics;
 mod support;

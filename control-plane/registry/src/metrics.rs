@@ -1,0 +1,271 @@
+//! Prometheus metrics of the registry: calls per API face, operation and outcome, their
+//! latency, and the live instances per service and health.
+//!
+//! Both faces count at their edge (after the answer is decided, unauthenticated calls
+//! included) with the same labels, so one query covers REST and gRPC. The outcome is the
+//! gRPC status code name in snake case for both (REST's HTTP statuses map onto the same
+//! set, see [`crate::api`]). The instances gauge follows the [`View`]'s change history: it
+//! moves when a registration, a removal or a health transition happens, never by scanning
+//! on a request.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Weak},
+    time::Duration,
+};
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    registry::Registry as MetricsRegistry,
+};
+use tokio::task::JoinHandle;
+
+use crate::view::{Entry, Since, View};
+
+/// Latency buckets, in seconds: 100 µs to 1 s, with 50 ms on a boundary so a "p99 above
+/// 50 ms" alert reads one bucket exactly.
+const DURATION_BUCKETS: [f64; 13] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+];
+
+/// Which face served a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Api {
+    /// REST/JSON ([`crate::api::rest`]).
+    Rest,
+    /// gRPC ([`crate::api::grpc`]).
+    Grpc,
+}
+
+impl Api {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Rest => "rest",
+            Self::Grpc => "grpc",
+        }
+    }
+}
+
+/// A registry operation, as both faces name it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Operation {
+    /// Register or re-register an instance.
+    Register,
+    /// Renew an instance's lease.
+    Heartbeat,
+    /// Remove an instance.
+    Deregister,
+    /// Find (or pick) instances of a service.
+    Discover,
+    /// Follow changes (a REST long poll, or a gRPC stream counted when opened).
+    Watch,
+}
+
+impl Operation {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Register => "register",
+            Self::Heartbeat => "heartbeat",
+            Self::Deregister => "deregister",
+            Self::Discover => "discover",
+            Self::Watch => "watch",
+        }
+    }
+}
+
+/// The gRPC status code name in snake case (`ok`, `invalid_argument`, ...), the `code`
+/// label of both faces.
+pub fn grpc_code_name(code: tonic::Code) -> &'static str {
+    match code {
+        tonic::Code::Ok => "ok",
+        tonic::Code::Cancelled => "cancelled",
+        tonic::Code::Unknown => "unknown",
+        tonic::Code::InvalidArgument => "invalid_argument",
+        tonic::Code::DeadlineExceeded => "deadline_exceeded",
+        tonic::Code::NotFound => "not_found",
+        tonic::Code::AlreadyExists => "already_exists",
+        tonic::Code::PermissionDenied => "permission_denied",
+        tonic::Code::ResourceExhausted => "resource_exhausted",
+        tonic::Code::FailedPrecondition => "failed_precondition",
+        tonic::Code::Aborted => "aborted",
+        tonic::Code::OutOfRange => "out_of_range",
+        tonic::Code::Unimplemented => "unimplemented",
+        tonic::Code::Internal => "internal",
+        tonic::Code::Unavailable => "unavailable",
+        tonic::Code::DataLoss => "data_loss",
+        tonic::Code::Unauthenticated => "unauthenticated",
+    }
+}
+
+/// Labels of `fulcrum_registry_requests_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RequestLabels {
+    /// `rest` or `grpc`.
+    pub api: &'static str,
+    /// `register`, `heartbeat`, `deregister`, `discover` or `watch`.
+    pub operation: &'static str,
+    /// The gRPC status code name in snake case.
+    pub code: &'static str,
+}
+
+/// Labels of `fulcrum_registry_request_duration_seconds`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct OperationLabels {
+    /// `rest` or `grpc`.
+    pub api: &'static str,
+    /// `register`, `heartbeat`, `deregister`, `discover` or `watch`.
+    pub operation: &'static str,
+}
+
+/// Labels of `fulcrum_registry_instances`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct InstanceLabels {
+    /// The service name.
+    pub service: String,
+    /// `healthy`, `unhealthy` or `unknown`.
+    pub health: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new(DURATION_BUCKETS)
+}
+
+/// The registry's metrics. Cheap to clone (shared handles); register them once with
+/// [`register`](Self::register).
+#[derive(Debug, Clone)]
+pub struct RegistryMetrics {
+    /// `fulcrum_registry_requests_total{api,operation,code}`: calls answered.
+    requests: Family<RequestLabels, Counter>,
+    /// `fulcrum_registry_request_duration_seconds{api,operation}`: from the call reaching
+    /// the handler to its answer (for a gRPC watch: to the stream being open).
+    duration: Family<OperationLabels, Histogram, fn() -> Histogram>,
+    /// `fulcrum_registry_instances{service,health}`: live registrations. A label set whose
+    /// count drops to zero is removed, so gone services do not linger.
+    instances: Family<InstanceLabels, Gauge>,
+}
+
+impl Default for RegistryMetrics {
+    fn default() -> Self {
+        Self {
+            requests: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            instances: Family::default(),
+        }
+    }
+}
+
+impl RegistryMetrics {
+    /// Registers every metric under the `fulcrum_registry` prefix.
+    pub fn register(&self, registry: &mut MetricsRegistry) {
+        let prefixed = registry.sub_registry_with_prefix("fulcrum_registry");
+        prefixed.register(
+            "requests",
+            "Registry API calls answered, by face, operation and gRPC status code name",
+            self.requests.clone(),
+        );
+        prefixed.register(
+            "request_duration_seconds",
+            "Registry API call latency, by face and operation (a gRPC watch: until the stream is open)",
+            self.duration.clone(),
+        );
+        prefixed.register(
+            "instances",
+            "Live registrations, by service and health",
+            self.instances.clone(),
+        );
+    }
+
+    /// Counts one answered call and its latency.
+    pub fn observe(&self, api: Api, operation: Operation, code: &'static str, elapsed: Duration) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                api: api.as_str(),
+                operation: operation.as_str(),
+                code,
+            })
+            .inc();
+        self.duration
+            .get_or_create(&OperationLabels {
+                api: api.as_str(),
+                operation: operation.as_str(),
+            })
+            .observe(elapsed.as_secs_f64());
+    }
+
+    /// Keeps the instances gauge equal to `view`'s content by following its changes; the
+    /// task ends when the view is dropped.
+    pub fn follow(&self, view: &Arc<View>) -> JoinHandle<()> {
+        let weak: Weak<View> = Arc::downgrade(view);
+        let mut revisions = view.subscribe();
+        let mut tally = InstanceTally {
+            gauge: self.instances.clone(),
+            known: HashMap::new(),
+        };
+        tokio::spawn(async move {
+            let mut cursor = None;
+            loop {
+                {
+                    let Some(view) = weak.upgrade() else { break };
+                    let (since, now) = view.since(cursor.as_ref());
+                    cursor = Some(now);
+                    match since {
+                        Since::Reset(entries) => tally.reset(&entries),
+                        Since::Changes(changes) => {
+                            for change in changes {
+                                tally.apply(change.id, change.entry.as_ref());
+                            }
+                        }
+                    }
+                }
+                if revisions.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+    }
+}
+
+/// What the gauge counts, per instance id, so a change can move one instance between label
+/// sets. Invariant: every label set's gauge equals the number of `known` values with it.
+#[derive(Debug)]
+struct InstanceTally {
+    gauge: Family<InstanceLabels, Gauge>,
+    known: HashMap<String, InstanceLabels>,
+}
+
+impl InstanceTally {
+    fn labels(entry: &Entry) -> InstanceLabels {
+        InstanceLabels {
+            service: entry.record.registration.name.clone(),
+            health: entry.health.as_str(),
+        }
+    }
+
+    fn reset(&mut self, entries: &[Entry]) {
+        self.gauge.clear();
+        self.known.clear();
+        for entry in entries {
+            self.apply(entry.record.registration.id.clone(), Some(entry));
+        }
+    }
+
+    fn apply(&mut self, id: String, entry: Option<&Entry>) {
+        let labels = entry.map(Self::labels);
+        if self.known.get(&id) == labels.as_ref() {
+            return;
+        }
+        if let Some(old) = self.known.remove(&id) {
+            let left = self.gauge.get_or_create(&old).dec() - 1;
+            if left <= 0 {
+                self.gauge.remove(&old);
+            }
+        }
+        if let Some(labels) = labels {
+            self.gauge.get_or_create(&labels).inc();
+            self.known.insert(id, labels);
+        }
+    }
+}
