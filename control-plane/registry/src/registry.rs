@@ -27,6 +27,8 @@ use crate::{
 
 /// Cached balancers kept at most; the cache is cleared when it would grow beyond.
 const MAX_BALANCERS: usize = 4096;
+/// Cached discovery answers kept at most; the cache is cleared when it would grow beyond.
+pub const MAX_CACHED_ANSWERS: usize = 4096;
 
 /// Why a registry call failed.
 #[derive(Debug, thiserror::Error)]
@@ -133,9 +135,59 @@ impl Query {
 #[derive(Debug, Clone)]
 pub struct Discovery {
     /// Matching entries sorted by id; with `pick`, the picked one or none.
-    pub entries: Vec<Entry>,
+    pub entries: Arc<[Entry]>,
+    /// The service's generation the entries were read at: without `pick`, one query at one
+    /// generation always finds the same entries, so an answer built from them can be reused
+    /// while the generation stays (see [`AnswerCache`]).
+    pub generation: u64,
     /// The view's cursor when it answered.
     pub cursor: Cursor,
+}
+
+/// Answers built from a discovery, kept per query and service generation so that repeated
+/// discoveries of an unchanged service share one answer instead of rebuilding it. A change
+/// to the service moves its generation, which makes the kept answer stale: it is rebuilt
+/// on the next call. Holds at most [`MAX_CACHED_ANSWERS`] queries.
+#[derive(Debug)]
+pub struct AnswerCache<T: ?Sized> {
+    answers: Mutex<HashMap<Query, (u64, Arc<T>)>>,
+}
+
+impl<T: ?Sized> Default for AnswerCache<T> {
+    fn default() -> Self {
+        Self {
+            answers: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+impl<T: ?Sized> AnswerCache<T> {
+    /// The answer for `query` at `generation`: the kept one, or `build()` (then kept).
+    pub fn get_or_build(
+        &self,
+        query: &Query,
+        generation: u64,
+        build: impl FnOnce() -> Arc<T>,
+    ) -> Arc<T> {
+        if let Some((kept, answer)) = self.lock().get(query)
+            && *kept == generation
+        {
+            return answer.clone();
+        }
+        let answer = build();
+        let mut answers = self.lock();
+        if answers.len() >= MAX_CACHED_ANSWERS && !answers.contains_key(query) {
+            answers.clear();
+        }
+        answers.insert(query.clone(), (generation, answer.clone()));
+        answer
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Query, (u64, Arc<T>)>> {
+        self.answers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 #[derive(Debug)]
@@ -161,6 +213,8 @@ pub struct Registry {
     view: Arc<View>,
     policy: RwLock<(u64, Arc<Policy>)>,
     picking: Mutex<Picking>,
+    /// The filtered entries of discoveries without `pick`.
+    filtered: AnswerCache<[Entry]>,
     started: Instant,
     metrics: RegistryMetrics,
 }
@@ -189,6 +243,7 @@ impl Registry {
                 balancers: HashMap::new(),
                 rng: SplitMix64::new(u64::from(std::process::id()) ^ unix_nanos()),
             }),
+            filtered: AnswerCache::default(),
             started: Instant::now(),
             metrics,
         })
@@ -271,21 +326,30 @@ impl Registry {
     pub fn discover(&self, query: &Query) -> Result<Discovery, RegistryError> {
         query.validate()?;
         let cursor = self.view.cursor();
+        let (entries, generation) = self.view.service(&query.service);
         if !query.pick {
-            let (entries, _) = self.view.service(&query.service);
-            let entries = entries
-                .into_iter()
-                .filter(|entry| query.matches(entry))
-                .collect();
-            return Ok(Discovery { entries, cursor });
+            let entries = self.filtered.get_or_build(query, generation, || {
+                entries
+                    .iter()
+                    .filter(|entry| query.matches(entry))
+                    .cloned()
+                    .collect()
+            });
+            return Ok(Discovery {
+                entries,
+                generation,
+                cursor,
+            });
         }
         Ok(Discovery {
-            entries: self.pick(query).into_iter().collect(),
+            entries: self.pick(query, entries, generation).into_iter().collect(),
+            generation,
             cursor,
         })
     }
 
-    fn pick(&self, query: &Query) -> Option<Entry> {
+    /// Picks among `entries` (the service's at `generation`) by the policy.
+    fn pick(&self, query: &Query, entries: Arc<[Entry]>, generation: u64) -> Option<Entry> {
         let (policy_version, policy) = self
             .policy
             .read()
@@ -294,7 +358,6 @@ impl Registry {
                 let policy = poisoned.into_inner();
                 (policy.0, policy.1.clone())
             });
-        let (_, generation) = self.view.service(&query.service);
         let now = self.started.elapsed();
         let mut picking = self
             .picking
@@ -305,10 +368,10 @@ impl Registry {
             cached.generation == generation && cached.policy_version == policy_version
         });
         if !fresh {
-            let (entries, generation) = self.view.service(&query.service);
             let entries: Vec<Entry> = entries
-                .into_iter()
+                .iter()
                 .filter(|entry| query.matches(entry))
+                .cloned()
                 .collect();
             let endpoints: Vec<fulcrum_core::Endpoint> = entries
                 .iter()
@@ -440,6 +503,66 @@ mod tests {
         assert_eq!(ids(&registry.discover(&query).expect("ok")), ["svc-2"]);
         query.health = BTreeSet::from([HealthStatusKey::Unhealthy]);
         assert_eq!(ids(&registry.discover(&query).expect("ok")), ["svc-1"]);
+    }
+
+    #[tokio::test]
+    async fn a_kept_discovery_answer_is_reused_and_follows_every_change_of_the_service() {
+        let registry = registered(&[1, 2, 3, 4]).await;
+        let even = Query {
+            service: "svc".into(),
+            tags: BTreeSet::from(["even".into()]),
+            ..Query::default()
+        };
+        let first = registry.discover(&even).expect("ok");
+        let again = registry.discover(&even).expect("ok");
+        assert!(Arc::ptr_eq(&first.entries, &again.entries));
+        assert_eq!(ids(&first), ["svc-2", "svc-4"]);
+
+        let mut spec = spec("svc", "svc-6", 6);
+        spec.tags = vec!["even".into()];
+        registry.register(&spec, "alice").await.expect("registered");
+        assert_eq!(
+            ids(&registry.discover(&even).expect("ok")),
+            ["svc-2", "svc-4", "svc-6"]
+        );
+        let entry = registry.view().get("svc-4").expect("svc-4");
+        registry
+            .view()
+            .set_health(&entry.record, HealthStatus::Unhealthy);
+        assert_eq!(
+            ids(&registry.discover(&even).expect("ok")),
+            ["svc-2", "svc-6"]
+        );
+        registry
+            .deregister("svc-2", "alice")
+            .await
+            .expect("removed");
+        assert_eq!(ids(&registry.discover(&even).expect("ok")), ["svc-6"]);
+        // Another query on the same service keeps its own answer.
+        let all = Query {
+            service: "svc".into(),
+            ..Query::default()
+        };
+        assert_eq!(
+            ids(&registry.discover(&all).expect("ok")),
+            ["svc-1", "svc-3", "svc-6"]
+        );
+    }
+
+    #[test]
+    fn the_answer_cache_rebuilds_on_a_new_generation_and_stays_bounded() {
+        let cache: AnswerCache<u64> = AnswerCache::default();
+        let query = |service: usize| Query {
+            service: format!("svc-{service}"),
+            ..Query::default()
+        };
+        assert_eq!(*cache.get_or_build(&query(0), 1, || Arc::new(10)), 10);
+        assert_eq!(*cache.get_or_build(&query(0), 1, || Arc::new(11)), 10);
+        assert_eq!(*cache.get_or_build(&query(0), 2, || Arc::new(12)), 12);
+        for service in 1..=MAX_CACHED_ANSWERS {
+            cache.get_or_build(&query(service), 1, || Arc::new(0));
+        }
+        assert!(cache.lock().len() <= MAX_CACHED_ANSWERS);
     }
 
     #[tokio::test]

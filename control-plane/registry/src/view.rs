@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
-    sync::{Arc, RwLock},
+    sync::{Arc, OnceLock, RwLock},
 };
 
 use fulcrum_core::{Health, ServiceEndpoints};
@@ -113,8 +113,13 @@ struct State {
     entries: HashMap<String, Entry>,
     /// Instance ids by service name.
     by_service: BTreeMap<String, BTreeSet<String>>,
-    /// Bumped when anything in the service changes; keys cached balancers.
+    /// Bumped when anything in the service changes; keys cached balancers and answers.
     service_generation: HashMap<String, u64>,
+    /// Each service's entries sorted by id, built by the first reader after a change (under
+    /// the read lock) and shared by every later one until the next change. Invariant: a
+    /// service has a cell exactly when it is in `by_service`, and a filled cell equals its
+    /// entries now (every write to one of them replaces the cell).
+    service_entries: HashMap<String, OnceLock<Arc<[Entry]>>>,
     history: VecDeque<Change>,
 }
 
@@ -176,18 +181,24 @@ impl View {
         self.len() == 0
     }
 
-    /// The entries of `service` sorted by id, with the service's generation.
-    pub fn service(&self, service: &str) -> (Vec<Entry>, u64) {
+    /// The entries of `service` sorted by id, with the service's generation (read together:
+    /// equal generations of one service mean equal entries). Shared, not copied: the list is
+    /// built once per change of the service.
+    pub fn service(&self, service: &str) -> (Arc<[Entry]>, u64) {
         let state = self.read();
-        let entries = state
-            .by_service
-            .get(service)
-            .map(|ids| {
-                ids.iter()
-                    .filter_map(|id| state.entries.get(id).cloned())
-                    .collect()
-            })
-            .unwrap_or_default();
+        let entries = match (
+            state.by_service.get(service),
+            state.service_entries.get(service),
+        ) {
+            (Some(ids), Some(cell)) => cell
+                .get_or_init(|| {
+                    ids.iter()
+                        .filter_map(|id| state.entries.get(id).cloned())
+                        .collect()
+                })
+                .clone(),
+            _ => Arc::from(Vec::new()),
+        };
         let generation = state.service_generation.get(service).copied().unwrap_or(0);
         (entries, generation)
     }
@@ -348,8 +359,12 @@ fn upsert_locked(state: &mut State, record: Record) {
             return;
         }
         if same_content(&previous.record, &record) {
-            // A re-registration that changes nothing a reader sees: not a change.
+            // A re-registration that changes nothing a reader sees: not a change (the
+            // shared list is still rebuilt, to hold the stored record).
             let health = previous.health;
+            if let Some(cell) = state.service_entries.get_mut(&record.registration.name) {
+                *cell = OnceLock::new();
+            }
             state.entries.insert(
                 id,
                 Entry {
@@ -434,6 +449,13 @@ fn record_change(state: &mut State, id: String, entry: Option<Entry>, services: 
             .service_generation
             .entry((*service).clone())
             .or_default() = state.revision;
+        if state.by_service.contains_key(*service) {
+            state
+                .service_entries
+                .insert((*service).clone(), OnceLock::new());
+        } else {
+            state.service_entries.remove(*service);
+        }
     }
     if state.history.len() == HISTORY {
         state.history.pop_front();
@@ -547,6 +569,68 @@ mod tests {
         view.upsert(record(spec("b", "x-1", 1)));
         let services = view.services();
         assert_eq!(services.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    fn service_ids(view: &View, service: &str) -> Vec<String> {
+        view.service(service)
+            .0
+            .iter()
+            .map(|entry| entry.record.registration.id.clone())
+            .collect()
+    }
+
+    #[test]
+    fn a_services_shared_list_is_reused_until_the_service_changes() {
+        let view = View::new("e");
+        let first = record(spec("a", "a-1", 1));
+        view.upsert(first.clone());
+        view.upsert(record(spec("b", "b-1", 1)));
+        let (shared, generation) = view.service("a");
+        let (again, same_generation) = view.service("a");
+        assert!(Arc::ptr_eq(&shared, &again));
+        assert_eq!(generation, same_generation);
+
+        // Another service's change keeps this one's list.
+        view.upsert(record(spec("b", "b-2", 2)));
+        assert!(Arc::ptr_eq(&shared, &view.service("a").0));
+
+        view.upsert(record(spec("a", "a-2", 2)));
+        assert_eq!(service_ids(&view, "a"), ["a-1", "a-2"]);
+        assert!(view.set_health(&first, HealthStatus::Unhealthy));
+        let (after_health, after_generation) = view.service("a");
+        assert_eq!(after_health[0].health, HealthStatus::Unhealthy);
+        assert!(after_generation > generation);
+        view.remove("a-1", None);
+        assert_eq!(service_ids(&view, "a"), ["a-2"]);
+        view.remove("a-2", None);
+        assert!(view.service("a").0.is_empty());
+        view.upsert(record(spec("a", "a-3", 3)));
+        assert_eq!(service_ids(&view, "a"), ["a-3"]);
+    }
+
+    #[test]
+    fn a_same_content_re_registration_refreshes_the_shared_list_without_a_change() {
+        let view = View::new("e");
+        view.upsert(record(spec("a", "a-1", 1)));
+        let (before, generation) = view.service("a");
+        let mut renewed = record(spec("a", "a-1", 1));
+        renewed.mod_revision = 7;
+        view.upsert(renewed);
+        let (after, same_generation) = view.service("a");
+        assert_eq!(generation, same_generation);
+        assert_eq!(before[0].record.mod_revision, 0);
+        assert_eq!(after[0].record.mod_revision, 7);
+    }
+
+    #[test]
+    fn moving_an_id_between_services_updates_both_shared_lists() {
+        let view = View::new("e");
+        view.upsert(record(spec("a", "x-1", 1)));
+        view.upsert(record(spec("a", "x-2", 2)));
+        assert_eq!(service_ids(&view, "a"), ["x-1", "x-2"]);
+        view.upsert(record(spec("b", "x-1", 1)));
+        assert_eq!(service_ids(&view, "a"), ["x-2"]);
+        assert_eq!(service_ids(&view, "b"), ["x-1"]);
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! answer (the changes after the cursor, or a reset) and then one answer per burst of
 //! changes, until the client goes away.
 
-use std::{future::Future, pin::Pin, time::Duration};
+use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use fulcrum_proto::registry::v1 as pb;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
@@ -17,7 +17,7 @@ use crate::{
     auth::AuthError,
     metrics::{Api, Operation, grpc_code_name},
     model::{GrpcCheckSpec, HealthCheckSpec, HttpCheckSpec, PortSpec},
-    registry::{HealthStatusKey, record_ttl_ms},
+    registry::{AnswerCache, HealthStatusKey, record_ttl_ms},
     view::{Cursor, Entry, HealthStatus, Since},
 };
 
@@ -25,11 +25,17 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct GrpcApi {
     state: ApiState,
+    /// Discover answers (without `pick`) per query and service generation: a service with
+    /// thousands of instances is converted to proto once per change, not once per call.
+    answers: Arc<AnswerCache<[pb::Registration]>>,
 }
 
 /// The gRPC server for `state`, ready to add to a `tonic::transport::Server`.
 pub fn server(state: ApiState) -> pb::registry_server::RegistryServer<GrpcApi> {
-    pb::registry_server::RegistryServer::new(GrpcApi { state })
+    pb::registry_server::RegistryServer::new(GrpcApi {
+        state,
+        answers: Arc::default(),
+    })
 }
 
 fn identify(state: &ApiState, metadata: &MetadataMap) -> Result<String, Status> {
@@ -307,12 +313,22 @@ impl GrpcApi {
             pick: request.pick,
         };
         let discovery = self.state.registry.discover(&query).map_err(status)?;
-        Ok(Response::new(pb::DiscoverResponse {
-            registrations: discovery
+        let convert = || -> Vec<pb::Registration> {
+            discovery
                 .entries
                 .iter()
                 .map(registration_to_proto)
-                .collect(),
+                .collect()
+        };
+        let registrations = if query.pick {
+            convert()
+        } else {
+            self.answers
+                .get_or_build(&query, discovery.generation, || Arc::from(convert()))
+                .to_vec()
+        };
+        Ok(Response::new(pb::DiscoverResponse {
+            registrations,
             cursor: Some(cursor_to_proto(discovery.cursor)),
         }))
     }

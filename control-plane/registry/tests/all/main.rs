@@ -4,6 +4,7 @@
 
 mod api_grpc;
 mod api_rest;
+mod discover_answers;
 mod etcd;
 mod etcd_cluster;
 mod health_checks;
