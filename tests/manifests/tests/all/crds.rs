@@ -94,9 +94,9 @@ fn wasm_plugin_schema() -> Result<Value> {
     crd_schema("wasmplugins.extensions.istio.io.yaml", "v1alpha1")
 }
 
-/// TrafficExtension's schema: the pre-rename ExtensionFilter CRD (see NOTICE.md).
+/// TrafficExtension's schema (Istio 1.30's `trafficextensions.extensions.istio.io`).
 fn traffic_extension_schema() -> Result<Value> {
-    crd_schema("extensionfilters.extensions.istio.io.yaml", "v1alpha1")
+    crd_schema("trafficextensions.extensions.istio.io.yaml", "v1alpha1")
 }
 
 #[test]
@@ -161,6 +161,27 @@ fn the_schema_check_rejects_an_unknown_field_and_a_bad_digest() -> Result<()> {
     assert!(
         validate(&schema, &plugin).is_err(),
         "a digest with prefix must fail"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_trafficextension_schema_rejects_wasm_fields_outside_wasm_and_both_wasm_and_lua() -> Result<()>
+{
+    let schema = traffic_extension_schema()?;
+    let mut extension =
+        rendered_template("trafficextension", "registry.example/f:1", SAMPLE_DIGEST)?;
+    extension.value["spec"]["url"] = extension.value["spec"]["wasm"]["url"].clone();
+    assert!(
+        validate(&schema, &extension).is_err(),
+        "`url` belongs under `wasm`"
+    );
+    let mut extension =
+        rendered_template("trafficextension", "registry.example/f:1", SAMPLE_DIGEST)?;
+    extension.value["spec"]["lua"] = json!({"inlineCode": "function envoy_on_request(h) end"});
+    assert!(
+        validate(&schema, &extension).is_err(),
+        "wasm and lua are mutually exclusive"
     );
     Ok(())
 }
