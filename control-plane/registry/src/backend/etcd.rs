@@ -16,17 +16,24 @@
 //!
 //! Every call has a deadline (`request_timeout`), so a write never hangs on a dead cluster,
 //! and at most [`MAX_WRITES_IN_FLIGHT`] writes go to etcd at once (the rest queue here).
+//!
+//! **TLS** ([`EtcdTls`]): `https://` endpoints are verified against a CA file, or the
+//! system's roots without one; a client certificate answers members started with
+//! `--client-cert-auth`. Files are read and checked before any connection, and a failed
+//! handshake is reported as such (with what to check), not as an unavailable cluster.
 
 use std::{
     future::Future,
+    path::{Path, PathBuf},
     sync::{Arc, Weak},
     time::Duration,
 };
 
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, KeyValue, PutOptions, Txn,
-    TxnOp, WatchOptions,
+    Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
+    KeyValue, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use serde::{Deserialize, Serialize};
 use tokio::task::JoinHandle;
 use tracing::{debug, info, warn};
@@ -56,6 +63,118 @@ pub struct EtcdConfig {
     pub request_timeout: Duration,
     /// Deadline to open a connection. Default 2 s.
     pub connect_timeout: Duration,
+    /// TLS settings; every endpoint must then be `https://`. `None` with `https://`
+    /// endpoints means TLS verified against the system's roots, without a client
+    /// certificate (what `etcdctl` does without `--cacert`). Default `None`.
+    pub tls: Option<EtcdTls>,
+}
+
+/// TLS to the etcd members.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct EtcdTls {
+    /// PEM bundle of the CAs that signed the members' serving certificates (what the members
+    /// were started with as `--trusted-ca-file`, in most clusters). `None` trusts the
+    /// system's roots.
+    pub ca_file: Option<PathBuf>,
+    /// The client certificate, for members started with `--client-cert-auth`.
+    pub client_cert: Option<ClientCertFiles>,
+    /// The name the members' certificates must be valid for, instead of each endpoint's
+    /// host: for endpoints given as addresses whose certificates only name a DNS name.
+    pub server_name: Option<String>,
+}
+
+/// A client certificate and its private key, both PEM files (as a `kubernetes.io/tls`
+/// Secret's `tls.crt` and `tls.key`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertFiles {
+    /// The certificate, then any intermediates.
+    pub cert_file: PathBuf,
+    /// The certificate's private key: PKCS#8, PKCS#1 (RSA) or SEC1 (EC).
+    pub key_file: PathBuf,
+}
+
+/// Why an [`EtcdConfig`] cannot work. Found before any connection is tried.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdConfigError {
+    /// A TLS file cannot be read.
+    #[error(
+        "cannot read the etcd {role} {}: {source}; check the path, and that the control plane may read it (a mounted Secret needs that key)",
+        path.display()
+    )]
+    Unreadable {
+        /// `CA file`, `client certificate file` or `client key file`.
+        role: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The IO error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A TLS file holds no usable PEM block of the expected kind.
+    #[error("the etcd {role} {} is not {expected}: {reason}", path.display())]
+    NotPem {
+        /// `CA file`, `client certificate file` or `client key file`.
+        role: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// What the file must hold.
+        expected: &'static str,
+        /// What is wrong, and how to convert when that is the likely cause.
+        reason: String,
+    },
+    /// TLS settings are given but an endpoint is plain `http://`.
+    #[error(
+        "the etcd endpoint `{endpoint}` is http:// but TLS settings are given; write it https://, or drop the TLS settings if the cluster serves plain HTTP"
+    )]
+    TlsOverHttp {
+        /// The endpoint.
+        endpoint: String,
+    },
+    /// Some endpoints are `http://`, others `https://`.
+    #[error(
+        "the etcd endpoints mix http:// (`{http}`) and https:// (`{https}`); one cluster serves clients with one scheme: use it for every endpoint"
+    )]
+    MixedSchemes {
+        /// One `http://` endpoint.
+        http: String,
+        /// One `https://` endpoint.
+        https: String,
+    },
+    /// TLS without a CA file, and the system trusts no root.
+    #[error(
+        "no CA file is given for etcd over TLS and this system has no trusted root certificates; give the CA file that signed the etcd members' certificates"
+    )]
+    NoSystemRoots,
+    /// The client refused the settings (e.g. a key that is not the certificate's, an
+    /// endpoint that is not a URL).
+    #[error(
+        "the etcd client refused its settings: {reason}; check that the endpoints are URLs (https://HOST:PORT) and that the client key is the client certificate's key"
+    )]
+    Rejected {
+        /// The client's reason.
+        reason: String,
+    },
+}
+
+/// Why [`EtcdBackend::connect`] failed.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdConnectError {
+    /// The configuration cannot work; nothing was tried.
+    #[error(transparent)]
+    Config(#[from] EtcdConfigError),
+    /// A TLS handshake with the members failed.
+    #[error("the TLS handshake with etcd at {endpoints} failed ({cause}); {fix}")]
+    Handshake {
+        /// The endpoints, comma-separated.
+        endpoints: String,
+        /// What the TLS library reported.
+        cause: String,
+        /// What to check.
+        fix: &'static str,
+    },
+    /// No member answered in time.
+    #[error(transparent)]
+    Unavailable(#[from] BackendError),
 }
 
 impl EtcdConfig {
@@ -66,7 +185,118 @@ impl EtcdConfig {
             prefix: "/fulcrum/registry/instances/".to_owned(),
             request_timeout: Duration::from_secs(3),
             connect_timeout: Duration::from_secs(2),
+            tls: None,
         }
+    }
+
+    /// The TLS settings in force: the configured ones, or system roots for `https://`
+    /// endpoints without any; `None` for plain HTTP. Schemes must agree with each other
+    /// and with the settings.
+    fn effective_tls(&self) -> Result<Option<EtcdTls>, EtcdConfigError> {
+        let http = self.endpoints.iter().find(|e| e.starts_with("http://"));
+        let https = self.endpoints.iter().find(|e| e.starts_with("https://"));
+        match (http, https, &self.tls) {
+            (Some(http), Some(https), _) => Err(EtcdConfigError::MixedSchemes {
+                http: http.clone(),
+                https: https.clone(),
+            }),
+            (Some(endpoint), None, Some(_)) => Err(EtcdConfigError::TlsOverHttp {
+                endpoint: endpoint.clone(),
+            }),
+            (_, _, Some(tls)) => Ok(Some(tls.clone())),
+            (None, Some(_), None) => Ok(Some(EtcdTls::default())),
+            (_, None, None) => Ok(None),
+        }
+    }
+}
+
+impl EtcdTls {
+    /// The client's TLS options, every file read and checked to hold what it should.
+    fn client_options(&self) -> Result<TlsOptions, EtcdConfigError> {
+        let mut options = TlsOptions::new();
+        match &self.ca_file {
+            Some(path) => {
+                options = options
+                    .ca_certificate(Certificate::from_pem(read_certificates("CA file", path)?));
+            }
+            None => {
+                if rustls_native_certs::load_native_certs().certs.is_empty() {
+                    return Err(EtcdConfigError::NoSystemRoots);
+                }
+                options = options.with_native_roots();
+            }
+        }
+        if let Some(client) = &self.client_cert {
+            let cert = read_certificates("client certificate file", &client.cert_file)?;
+            let key = read_private_key(&client.key_file)?;
+            options = options.identity(Identity::from_pem(cert, key));
+        }
+        if let Some(name) = &self.server_name {
+            options = options.domain_name(name.clone());
+        }
+        Ok(options)
+    }
+}
+
+fn read_tls_file(role: &'static str, path: &Path) -> Result<Vec<u8>, EtcdConfigError> {
+    std::fs::read(path).map_err(|source| EtcdConfigError::Unreadable {
+        role,
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// What a PEM file that holds none of the expected blocks probably is.
+fn not_pem_reason(pem: &[u8], wanted: &str) -> String {
+    if pem.starts_with(&[0x30, 0x82]) || pem.starts_with(&[0x30, 0x81]) {
+        format!(
+            "it looks like DER; convert it with `openssl {} -inform der -in FILE -out FILE.pem`",
+            if wanted == "CERTIFICATE" {
+                "x509"
+            } else {
+                "pkey"
+            }
+        )
+    } else {
+        format!("it has no `-----BEGIN {wanted}-----` block")
+    }
+}
+
+/// Reads a PEM file of one or more certificates; returns its bytes.
+fn read_certificates(role: &'static str, path: &Path) -> Result<Vec<u8>, EtcdConfigError> {
+    let pem = read_tls_file(role, path)?;
+    let not_pem = |reason| EtcdConfigError::NotPem {
+        role,
+        path: path.to_owned(),
+        expected: "PEM certificates",
+        reason,
+    };
+    let mut found = 0_usize;
+    for certificate in CertificateDer::pem_slice_iter(&pem) {
+        certificate.map_err(|error| not_pem(error.to_string()))?;
+        found += 1;
+    }
+    if found == 0 {
+        return Err(not_pem(not_pem_reason(&pem, "CERTIFICATE")));
+    }
+    Ok(pem)
+}
+
+/// Reads a PEM private key file; returns its bytes.
+fn read_private_key(path: &Path) -> Result<Vec<u8>, EtcdConfigError> {
+    let role = "client key file";
+    let pem = read_tls_file(role, path)?;
+    match PrivateKeyDer::from_pem_slice(&pem) {
+        Ok(_) => Ok(pem),
+        Err(error) => Err(EtcdConfigError::NotPem {
+            role,
+            path: path.to_owned(),
+            expected: "a PEM private key",
+            reason: match error {
+                rustls_pki_types::pem::Error::NoItemsFound => not_pem_reason(&pem, "PRIVATE KEY"),
+                other => other.to_string(),
+            },
+        }),
     }
 }
 
@@ -177,6 +407,108 @@ where
     }
 }
 
+/// `error` and its sources, `: `-separated.
+fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}
+
+/// Fix-its of [`EtcdConnectError::Handshake`].
+const FIX_CA: &str = "the members' certificates are not signed by a CA in the CA file: give the CA that signed them (most clusters use the members' --trusted-ca-file), or no CA file when a CA the system trusts signed them";
+const FIX_NAME: &str = "the members' certificates are not valid for the name checked (the endpoint's host, or the server name when one is set): set the server name to a name the certificates hold, or write the endpoints with one";
+const FIX_VALIDITY: &str =
+    "a certificate has expired or is not valid yet: renew it, and check this host's clock";
+const FIX_CLIENT_CERT_MISSING: &str = "the members most likely require a client certificate (etcd --client-cert-auth): give a client certificate and key signed by a CA the members trust";
+const FIX_CLIENT_CERT_REFUSED: &str = "the members most likely refused the client certificate: check that a CA the members trust (their --trusted-ca-file) signed it and that it has not expired";
+const FIX_NOT_TLS: &str = "the member does not speak TLS on that port: write the endpoint http:// if it serves plain HTTP";
+const FIX_OTHER: &str = "check the CA file, the client certificate and key, and the server name";
+
+/// The TLS error somewhere in `error`'s chain, including inside IO errors (whose
+/// `source()` skips the error they wrap).
+fn find_tls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+    let mut next = Some(error);
+    while let Some(current) = next {
+        if let Some(tls) = current.downcast_ref::<rustls::Error>() {
+            return Some(tls);
+        }
+        next = match current.downcast_ref::<std::io::Error>() {
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => current.source(),
+        };
+    }
+    None
+}
+
+/// `error` as a handshake failure when TLS is in use and the handshake failed, with what
+/// to check; otherwise unchanged. A member that refuses the client certificate under TLS
+/// 1.3 closes the connection after the client's side of the handshake completed, so the
+/// client only sees the request cancelled: that is reported as a refused (or missing)
+/// client certificate.
+fn handshake_error(config: &EtcdConfig, tls: bool, error: BackendError) -> EtcdConnectError {
+    let status = match &error {
+        BackendError::Unavailable {
+            source: Some(source),
+            ..
+        } if tls => match source.downcast_ref::<etcd_client::Error>() {
+            Some(etcd_client::Error::GRpcStatus(status)) => status,
+            _ => return error.into(),
+        },
+        _ => return error.into(),
+    };
+    let (cause, fix) = match find_tls_error(status) {
+        Some(tls_error) => {
+            let fix = match tls_error {
+                rustls::Error::InvalidCertificate(certificate) => match certificate {
+                    rustls::CertificateError::NotValidForName
+                    | rustls::CertificateError::NotValidForNameContext { .. } => FIX_NAME,
+                    rustls::CertificateError::Expired
+                    | rustls::CertificateError::ExpiredContext { .. }
+                    | rustls::CertificateError::NotValidYet
+                    | rustls::CertificateError::NotValidYetContext { .. } => FIX_VALIDITY,
+                    _ => FIX_CA,
+                },
+                rustls::Error::AlertReceived(_) if client_cert_given(config) => {
+                    FIX_CLIENT_CERT_REFUSED
+                }
+                rustls::Error::AlertReceived(_) => FIX_CLIENT_CERT_MISSING,
+                rustls::Error::InvalidMessage(_) => FIX_NOT_TLS,
+                _ => FIX_OTHER,
+            };
+            (tls_error.to_string(), fix)
+        }
+        None if status.code() == tonic::Code::Cancelled => (
+            "the member closed the connection right after the TLS handshake".to_owned(),
+            if client_cert_given(config) {
+                FIX_CLIENT_CERT_REFUSED
+            } else {
+                FIX_CLIENT_CERT_MISSING
+            },
+        ),
+        None => return error.into(),
+    };
+    warn!(%cause, fix, "TLS handshake with etcd failed");
+    EtcdConnectError::Handshake {
+        endpoints: config.endpoints.join(","),
+        cause,
+        fix,
+    }
+}
+
+fn client_cert_given(config: &EtcdConfig) -> bool {
+    config
+        .tls
+        .as_ref()
+        .is_some_and(|tls| tls.client_cert.is_some())
+}
+
 /// The lease TTL etcd gets for `ttl`: whole seconds, rounded up.
 pub fn lease_seconds(ttl: Duration) -> i64 {
     let millis = ttl.as_millis();
@@ -218,25 +550,43 @@ fn decode(prefix: &str, kv: &KeyValue) -> Option<Record> {
 
 impl EtcdBackend {
     /// Connects, loads the current registrations into `view`, and starts the watcher.
-    /// Fails when no member answers within the deadlines.
-    pub async fn connect(config: EtcdConfig, view: Arc<View>) -> Result<Arc<Self>, BackendError> {
-        let options = ConnectOptions::new()
+    /// Fails when the configuration cannot work (before connecting), when a TLS handshake
+    /// fails, or when no member answers within the deadlines.
+    pub async fn connect(
+        config: EtcdConfig,
+        view: Arc<View>,
+    ) -> Result<Arc<Self>, EtcdConnectError> {
+        let mut options = ConnectOptions::new()
             .with_connect_timeout(config.connect_timeout)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
-        let client = call(
-            &config,
-            "connecting to etcd",
-            Client::connect(config.endpoints.clone(), Some(options)),
-        )
-        .await?;
-        let revision = load(&client, &config, &view).await?;
+        let tls = config.effective_tls()?;
+        if let Some(tls) = &tls {
+            options = options.with_tls(tls.client_options()?);
+        }
+        let tls = tls.is_some();
+        // The client connects lazily: an error here is about the settings (the TLS
+        // library refused them, or an endpoint is not a URL), not about the members.
+        let connecting = Client::connect(config.endpoints.clone(), Some(options));
+        let client = match tokio::time::timeout(config.request_timeout, connecting).await {
+            Ok(Ok(client)) => client,
+            Ok(Err(error)) => {
+                return Err(EtcdConfigError::Rejected {
+                    reason: error_chain(&error),
+                }
+                .into());
+            }
+            Err(_) => return Err(timed_out(&config, "connecting to etcd").into()),
+        };
+        let revision = load(&client, &config, &view)
+            .await
+            .map_err(|error| handshake_error(&config, tls, error))?;
         let watcher = tokio::spawn(watch_loop(
             client.clone(),
             config.clone(),
             Arc::downgrade(&view),
             revision,
         ));
-        info!(endpoints = %config.endpoints.join(","), prefix = %config.prefix, registrations = view.len(), "etcd registry backend connected");
+        info!(endpoints = %config.endpoints.join(","), tls, prefix = %config.prefix, registrations = view.len(), "etcd registry backend connected");
         Ok(Arc::new(Self {
             client,
             config,

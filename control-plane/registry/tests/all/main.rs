@@ -7,6 +7,7 @@ mod api_rest;
 mod discover_answers;
 mod etcd;
 mod etcd_cluster;
+mod etcd_tls;
 mod health_checks;
 mod metrics;
 mod support;

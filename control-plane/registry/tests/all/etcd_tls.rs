@@ -1,0 +1,427 @@
+//! The etcd backend over TLS and mutual TLS, on a real single-member etcd started with
+//! certificates made here: a throwaway CA, a serving certificate for `127.0.0.1` and
+//! `localhost`, a client certificate, and a second CA that signed none of them. What an
+//! operator sees when a setting is wrong is asserted on the error messages.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use fulcrum_registry::{
+    EtcdBackend, EtcdConfig, InstanceSpec, Query, Registry, View,
+    backend::etcd::{ClientCertFiles, EtcdConfigError, EtcdConnectError, EtcdTls},
+    registry::new_epoch,
+};
+use rcgen::{
+    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
+    KeyPair, KeyUsagePurpose,
+};
+
+use crate::support::eventually;
+
+/// How long etcd may take to serve.
+const READY_WITHIN: Duration = Duration::from_secs(30);
+
+/// The certificates, as PEM files in a temporary directory.
+struct Pki {
+    dir: tempfile::TempDir,
+}
+
+impl Pki {
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// `ca.pem` (the CA of everything below), `server.pem` + `server-key.pem` (for
+    /// `127.0.0.1` and `localhost`), `client.pem` + `client-key.pem`, and `other-ca.pem`
+    /// (a CA that signed nothing here).
+    fn generate() -> Result<Self> {
+        let pki = Self {
+            dir: tempfile::tempdir()?,
+        };
+        let ca = certificate_authority("fulcrum test CA")?;
+        std::fs::write(pki.path("ca.pem"), ca.pem())?;
+        let other_ca = certificate_authority("another CA")?;
+        std::fs::write(pki.path("other-ca.pem"), other_ca.pem())?;
+        let (cert, key) = leaf(
+            &ca,
+            "etcd",
+            &["127.0.0.1", "localhost"],
+            ExtendedKeyUsagePurpose::ServerAuth,
+        )?;
+        std::fs::write(pki.path("server.pem"), cert)?;
+        std::fs::write(pki.path("server-key.pem"), key)?;
+        let (cert, key) = leaf(
+            &ca,
+            "fulcrum-control-plane",
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+        std::fs::write(pki.path("client.pem"), cert)?;
+        std::fs::write(pki.path("client-key.pem"), key)?;
+        Ok(pki)
+    }
+
+    /// TLS settings trusting `ca`, with the client certificate when `client` is set.
+    fn tls(&self, ca: &str, client: bool) -> EtcdTls {
+        EtcdTls {
+            ca_file: Some(self.path(ca)),
+            client_cert: client.then(|| ClientCertFiles {
+                cert_file: self.path("client.pem"),
+                key_file: self.path("client-key.pem"),
+            }),
+            server_name: None,
+        }
+    }
+}
+
+fn certificate_authority(name: &str) -> Result<CertifiedIssuer<'static, KeyPair>> {
+    let mut params = CertificateParams::new(Vec::<String>::new())?;
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.distinguished_name.push(DnType::CommonName, name);
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    Ok(CertifiedIssuer::self_signed(params, KeyPair::generate()?)?)
+}
+
+/// A certificate for `names` signed by `ca`, and its key, both PEM.
+fn leaf(
+    ca: &CertifiedIssuer<'static, KeyPair>,
+    common_name: &str,
+    names: &[&str],
+    usage: ExtendedKeyUsagePurpose,
+) -> Result<(String, String)> {
+    let names: Vec<String> = names.iter().map(|name| (*name).to_owned()).collect();
+    let mut params = CertificateParams::new(names)?;
+    params
+        .distinguished_name
+        .push(DnType::CommonName, common_name);
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![usage];
+    let key = KeyPair::generate()?;
+    let cert = params.signed_by(&key, ca)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// One etcd member serving clients over TLS only, requiring client certificates signed by
+/// the test CA; its health on a plain-HTTP metrics port. Killed on drop.
+struct TlsEtcd {
+    child: Child,
+    client_port: u16,
+    _data: tempfile::TempDir,
+}
+
+impl TlsEtcd {
+    async fn start(pki: &Pki) -> Result<Self> {
+        let data = tempfile::tempdir()?;
+        let client_port = free_port()?;
+        let peer = format!("http://127.0.0.1:{}", free_port()?);
+        let metrics_port = free_port()?;
+        let client = format!("https://127.0.0.1:{client_port}");
+        let log_path = data.path().join("etcd.log");
+        let log = std::fs::File::create(&log_path)?;
+        let child = Command::new("etcd")
+            .args(["--name", "tls0"])
+            .arg("--data-dir")
+            .arg(data.path().join("data"))
+            .args(["--listen-client-urls", &client])
+            .args(["--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer])
+            .args(["--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("tls0={peer}")])
+            .args([
+                "--listen-metrics-urls",
+                &format!("http://127.0.0.1:{metrics_port}"),
+            ])
+            .arg("--cert-file")
+            .arg(pki.path("server.pem"))
+            .arg("--key-file")
+            .arg(pki.path("server-key.pem"))
+            .arg("--trusted-ca-file")
+            .arg(pki.path("ca.pem"))
+            .arg("--client-cert-auth")
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
+            .args(["--logger", "zap", "--log-level", "warn"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context(
+                "starting `etcd` (install it: apt-get install etcd-server, or cargo xtask setup)",
+            )?;
+        let mut etcd = Self {
+            child,
+            client_port,
+            _data: data,
+        };
+        etcd.wait_ready(metrics_port, &log_path).await?;
+        Ok(etcd)
+    }
+
+    async fn wait_ready(&mut self, metrics_port: u16, log: &Path) -> Result<()> {
+        let url = format!("http://127.0.0.1:{metrics_port}/health");
+        let client = reqwest::Client::builder().no_proxy().build()?;
+        let started = Instant::now();
+        while started.elapsed() < READY_WITHIN {
+            if let Some(status) = self.child.try_wait()? {
+                let log = std::fs::read_to_string(log).unwrap_or_default();
+                bail!("etcd exited with {status}:\n{log}");
+            }
+            if let Ok(response) = client
+                .get(&url)
+                .timeout(Duration::from_millis(500))
+                .send()
+                .await
+                && response.status().is_success()
+                && response.text().await.unwrap_or_default().contains("true")
+            {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        bail!("etcd not healthy within {READY_WITHIN:?}")
+    }
+
+    fn endpoint(&self) -> String {
+        format!("https://127.0.0.1:{}", self.client_port)
+    }
+}
+
+impl Drop for TlsEtcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn config(etcd: &TlsEtcd, tls: EtcdTls) -> EtcdConfig {
+    let mut config = EtcdConfig::new(vec![etcd.endpoint()]);
+    config.request_timeout = Duration::from_secs(2);
+    config.tls = Some(tls);
+    config
+}
+
+async fn replica(config: EtcdConfig) -> Result<Arc<Registry>, EtcdConnectError> {
+    let view = Arc::new(View::new(new_epoch()));
+    let backend = EtcdBackend::connect(config, view.clone()).await?;
+    Ok(Registry::new(backend, view))
+}
+
+/// The connection error for `config`; fails the test when it connects.
+async fn connect_error(config: EtcdConfig) -> EtcdConnectError {
+    match tokio::time::timeout(Duration::from_secs(10), replica(config)).await {
+        Ok(Ok(_)) => panic!("connected, but it must not"),
+        Ok(Err(error)) => error,
+        Err(_) => panic!("no answer within 10 s"),
+    }
+}
+
+fn spec(id: &str, port: u16) -> InstanceSpec {
+    InstanceSpec {
+        name: "svc".into(),
+        id: id.into(),
+        address: "127.0.0.1".into(),
+        port: u32::from(port),
+        ttl_ms: 10_000,
+        ..InstanceSpec::default()
+    }
+}
+
+fn discovered(registry: &Registry) -> Vec<String> {
+    let query = Query {
+        service: "svc".into(),
+        ..Query::default()
+    };
+    registry
+        .discover(&query)
+        .expect("valid query")
+        .entries
+        .iter()
+        .map(|entry| entry.record.registration.id.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn registrations_heartbeats_and_discovery_work_over_mutual_tls() -> Result<()> {
+    let pki = Pki::generate()?;
+    let etcd = TlsEtcd::start(&pki).await?;
+    let a = replica(config(&etcd, pki.tls("ca.pem", true))).await?;
+    // The second replica verifies the member's certificate by its DNS name.
+    let b = replica(config(
+        &etcd,
+        EtcdTls {
+            server_name: Some("localhost".into()),
+            ..pki.tls("ca.pem", true)
+        },
+    ))
+    .await?;
+    a.register(&spec("t-1", 1), "alice").await?;
+    b.register(&spec("t-2", 2), "bob").await?;
+    a.heartbeat("t-1", "alice").await?;
+    b.heartbeat("t-2", "bob").await?;
+    eventually(
+        Duration::from_secs(5),
+        "both replicas see both, through their watches",
+        || async { discovered(&a) == ["t-1", "t-2"] && discovered(&b) == ["t-1", "t-2"] },
+    )
+    .await?;
+    b.deregister("t-1", "alice").await?;
+    eventually(Duration::from_secs(5), "the removal reaches a", || async {
+        discovered(&a) == ["t-2"]
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test]
+async fn without_a_client_certificate_the_handshake_fails_naming_the_client_certificate()
+-> Result<()> {
+    let pki = Pki::generate()?;
+    let etcd = TlsEtcd::start(&pki).await?;
+    let error = connect_error(config(&etcd, pki.tls("ca.pem", false))).await;
+    let message = error.to_string();
+    assert!(
+        matches!(error, EtcdConnectError::Handshake { .. }),
+        "{message}"
+    );
+    assert!(message.contains(&etcd.endpoint()), "{message}");
+    assert!(message.contains("client certificate"), "{message}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_ca_that_did_not_sign_the_members_certificate_fails_naming_the_ca() -> Result<()> {
+    let pki = Pki::generate()?;
+    let etcd = TlsEtcd::start(&pki).await?;
+    let error = connect_error(config(&etcd, pki.tls("other-ca.pem", true))).await;
+    let message = error.to_string();
+    assert!(
+        matches!(error, EtcdConnectError::Handshake { .. }),
+        "{message}"
+    );
+    assert!(message.contains("CA file"), "{message}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_server_name_the_members_certificate_does_not_hold_fails_naming_the_server_name()
+-> Result<()> {
+    let pki = Pki::generate()?;
+    let etcd = TlsEtcd::start(&pki).await?;
+    let tls = EtcdTls {
+        server_name: Some("etcd.example".into()),
+        ..pki.tls("ca.pem", true)
+    };
+    let error = connect_error(config(&etcd, tls)).await;
+    let message = error.to_string();
+    assert!(
+        matches!(error, EtcdConnectError::Handshake { .. }),
+        "{message}"
+    );
+    assert!(message.contains("server name"), "{message}");
+    Ok(())
+}
+
+/// Settings that cannot work fail before any connection, naming the file or endpoint.
+#[tokio::test]
+async fn unusable_tls_settings_fail_before_connecting_naming_the_file_or_endpoint() -> Result<()> {
+    let pki = Pki::generate()?;
+    // No etcd listens here: each error must come from the settings alone.
+    let endpoint = format!("https://127.0.0.1:{}", free_port()?);
+    let with = |tls: EtcdTls| {
+        let mut config = EtcdConfig::new(vec![endpoint.clone()]);
+        config.tls = Some(tls);
+        config
+    };
+
+    let missing = pki.path("missing-ca.pem");
+    let error = connect_error(with(pki.tls("missing-ca.pem", true))).await;
+    let message = error.to_string();
+    assert!(
+        matches!(
+            error,
+            EtcdConnectError::Config(EtcdConfigError::Unreadable { .. })
+        ),
+        "{message}"
+    );
+    assert!(
+        message.contains("CA file") && message.contains(&missing.display().to_string()),
+        "{message}"
+    );
+
+    // A key where the certificate belongs, and a certificate where the key belongs.
+    let swapped = EtcdTls {
+        client_cert: Some(ClientCertFiles {
+            cert_file: pki.path("client-key.pem"),
+            key_file: pki.path("client.pem"),
+        }),
+        ..pki.tls("ca.pem", false)
+    };
+    let message = connect_error(with(swapped)).await.to_string();
+    assert!(
+        message.contains("client certificate file")
+            && message.contains("client-key.pem")
+            && message.contains("-----BEGIN CERTIFICATE-----"),
+        "{message}"
+    );
+    let key_not_pem = EtcdTls {
+        client_cert: Some(ClientCertFiles {
+            cert_file: pki.path("client.pem"),
+            key_file: pki.path("client.pem"),
+        }),
+        ..pki.tls("ca.pem", false)
+    };
+    let message = connect_error(with(key_not_pem)).await.to_string();
+    assert!(
+        message.contains("client key file") && message.contains("PRIVATE KEY"),
+        "{message}"
+    );
+
+    // A key that is not the certificate's.
+    let mismatched = EtcdTls {
+        client_cert: Some(ClientCertFiles {
+            cert_file: pki.path("client.pem"),
+            key_file: pki.path("server-key.pem"),
+        }),
+        ..pki.tls("ca.pem", false)
+    };
+    let error = connect_error(with(mismatched)).await;
+    let message = error.to_string();
+    assert!(
+        matches!(
+            error,
+            EtcdConnectError::Config(EtcdConfigError::Rejected { .. })
+        ),
+        "{message}"
+    );
+    assert!(message.contains("client key"), "{message}");
+
+    // TLS settings with a plain-HTTP endpoint, and mixed schemes.
+    let mut plain = with(pki.tls("ca.pem", true));
+    plain.endpoints = vec![endpoint.replace("https://", "http://")];
+    let message = connect_error(plain).await.to_string();
+    assert!(
+        message.contains("is http:// but TLS settings are given"),
+        "{message}"
+    );
+    let mut mixed = EtcdConfig::new(vec![
+        endpoint.clone(),
+        endpoint.replace("https://", "http://"),
+    ]);
+    mixed.tls = None;
+    let message = connect_error(mixed).await.to_string();
+    assert!(message.contains("mix http:// "), "{message}");
+    Ok(())
+}
