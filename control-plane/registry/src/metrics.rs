@@ -269,3 +269,133 @@ impl InstanceTally {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        test_support::{record, spec},
+        view::HealthStatus,
+    };
+
+    fn entry(service: &str, id: &str, health: HealthStatus) -> Entry {
+        Entry {
+            record: Arc::new(record(spec(service, id, 1))),
+            health,
+        }
+    }
+
+    fn count(tally: &InstanceTally, service: &str, health: HealthStatus) -> Option<i64> {
+        let labels = InstanceLabels {
+            service: service.into(),
+            health: health.as_str(),
+        };
+        tally.gauge.get(&labels).map(|gauge| gauge.get())
+    }
+
+    #[test]
+    fn the_tally_moves_an_instance_between_label_sets_and_drops_empty_ones() {
+        let mut tally = InstanceTally {
+            gauge: Family::default(),
+            known: HashMap::new(),
+        };
+        tally.apply(
+            "a-1".into(),
+            Some(&entry("a", "a-1", HealthStatus::Unknown)),
+        );
+        tally.apply(
+            "a-2".into(),
+            Some(&entry("a", "a-2", HealthStatus::Unknown)),
+        );
+        // The same labels again (a re-registration): no double count.
+        tally.apply(
+            "a-2".into(),
+            Some(&entry("a", "a-2", HealthStatus::Unknown)),
+        );
+        assert_eq!(count(&tally, "a", HealthStatus::Unknown), Some(2));
+        tally.apply(
+            "a-1".into(),
+            Some(&entry("a", "a-1", HealthStatus::Unhealthy)),
+        );
+        assert_eq!(count(&tally, "a", HealthStatus::Unknown), Some(1));
+        assert_eq!(count(&tally, "a", HealthStatus::Unhealthy), Some(1));
+        // Moved to another service.
+        tally.apply(
+            "a-2".into(),
+            Some(&entry("b", "a-2", HealthStatus::Unknown)),
+        );
+        assert_eq!(count(&tally, "a", HealthStatus::Unknown), None);
+        assert_eq!(count(&tally, "b", HealthStatus::Unknown), Some(1));
+        tally.apply("a-1".into(), None);
+        assert_eq!(count(&tally, "a", HealthStatus::Unhealthy), None);
+        // A removal of something never seen changes nothing.
+        tally.apply("ghost".into(), None);
+        assert_eq!(count(&tally, "b", HealthStatus::Unknown), Some(1));
+    }
+
+    #[test]
+    fn a_reset_replaces_every_count() {
+        let mut tally = InstanceTally {
+            gauge: Family::default(),
+            known: HashMap::new(),
+        };
+        tally.apply(
+            "a-1".into(),
+            Some(&entry("a", "a-1", HealthStatus::Healthy)),
+        );
+        tally.reset(&[
+            entry("b", "b-1", HealthStatus::Healthy),
+            entry("b", "b-2", HealthStatus::Healthy),
+        ]);
+        assert_eq!(count(&tally, "a", HealthStatus::Healthy), None);
+        assert_eq!(count(&tally, "b", HealthStatus::Healthy), Some(2));
+        tally.apply("b-1".into(), None);
+        assert_eq!(count(&tally, "b", HealthStatus::Healthy), Some(1));
+    }
+
+    #[tokio::test]
+    async fn the_follower_catches_up_with_a_view_whose_history_overflowed() {
+        let view = Arc::new(View::new("e"));
+        let metrics = RegistryMetrics::default();
+        let follower = metrics.follow(&view);
+        let count = |service: &str| {
+            metrics
+                .instances
+                .get(&InstanceLabels {
+                    service: service.into(),
+                    health: "unknown",
+                })
+                .map(|gauge| gauge.get())
+        };
+        let settles = |expected: &'static [(&'static str, Option<i64>)]| async move {
+            tokio::time::timeout(std::time::Duration::from_secs(5), async {
+                while !expected
+                    .iter()
+                    .all(|(service, value)| count(service) == *value)
+                {
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                }
+            })
+            .await
+            .is_ok()
+        };
+        view.upsert(record(spec("c", "c-1", 1)));
+        assert!(settles(&[("c", Some(1))]).await, "c-1 never counted");
+        // More changes than the history keeps, without the follower running in between: its
+        // cursor falls out of the history and it gets a reset.
+        for port in 1..=u16::try_from(crate::view::HISTORY).expect("fits") + 10 {
+            view.upsert(record(spec("a", &format!("a-{}", port % 3), port)));
+        }
+        view.remove("c-1", None);
+        view.upsert(record(spec("b", "b-1", 1)));
+        assert!(
+            settles(&[("a", Some(3)), ("b", Some(1)), ("c", None)]).await,
+            "the gauge never reached a=3, b=1, no c"
+        );
+        drop(view);
+        tokio::time::timeout(std::time::Duration::from_secs(5), follower)
+            .await
+            .expect("the follower ends with the view")
+            .expect("no panic");
+    }
+}
