@@ -8,7 +8,10 @@ use fulcrum_control_plane::{
     Config, ControlPlane, OptionalSources, PolicySource, RegistryBackendOptions, RegistryOptions,
 };
 use fulcrum_kube_source::{KubeOptions, Mapping};
-use fulcrum_registry::EtcdConfig;
+use fulcrum_registry::{
+    EtcdConfig,
+    backend::etcd::{ClientCertFiles, EtcdTls},
+};
 use fulcrum_xds::ClusterOptions;
 use tracing::error;
 use tracing_subscriber::EnvFilter;
@@ -83,6 +86,26 @@ struct Cli {
         requires = "etcd_endpoints"
     )]
     etcd_prefix: String,
+    /// PEM bundle of the CAs that signed the etcd members' certificates; implies TLS
+    /// (`https://` endpoints). Without it, `https://` endpoints are verified against the
+    /// system's roots.
+    #[arg(long, value_name = "PATH", requires = "etcd_endpoints")]
+    etcd_ca_file: Option<PathBuf>,
+    /// PEM client certificate for etcd members started with `--client-cert-auth`; implies
+    /// TLS. Requires `--etcd-key-file`.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires_all = ["etcd_endpoints", "etcd_key_file"]
+    )]
+    etcd_cert_file: Option<PathBuf>,
+    /// PEM private key of `--etcd-cert-file` (PKCS#8, PKCS#1 or SEC1).
+    #[arg(long, value_name = "PATH", requires = "etcd_cert_file")]
+    etcd_key_file: Option<PathBuf>,
+    /// The name the etcd members' certificates must hold, instead of each endpoint's host
+    /// (for endpoints given as IPs); implies TLS.
+    #[arg(long, value_name = "NAME", requires = "etcd_endpoints")]
+    etcd_server_name: Option<String>,
     /// The registry's bearer tokens: one per line, `IDENTITY TOKEN` or `TOKEN` (at least 16
     /// characters); `#` starts a comment.
     #[arg(long, value_name = "PATH", requires = "registry")]
@@ -122,6 +145,7 @@ impl Cli {
                 } else {
                     format!("{}/", self.etcd_prefix)
                 };
+                config.tls = self.etcd_tls();
                 RegistryBackendOptions::Etcd(config)
             }
         };
@@ -136,6 +160,25 @@ impl Cli {
             token_file,
             grpc_address: self.registry_addr,
         }))
+    }
+
+    /// The TLS settings for etcd when any TLS flag is given; `None` leaves TLS to the
+    /// endpoints' scheme (`https://` verified against the system's roots).
+    fn etcd_tls(&self) -> Option<EtcdTls> {
+        let client_cert = match (&self.etcd_cert_file, &self.etcd_key_file) {
+            (Some(cert_file), Some(key_file)) => Some(ClientCertFiles {
+                cert_file: cert_file.clone(),
+                key_file: key_file.clone(),
+            }),
+            // clap requires both or neither.
+            _ => None,
+        };
+        let tls = EtcdTls {
+            ca_file: self.etcd_ca_file.clone(),
+            client_cert,
+            server_name: self.etcd_server_name.clone(),
+        };
+        (tls != EtcdTls::default()).then_some(tls)
     }
 }
 
@@ -216,5 +259,93 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         () = terminate => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ETCD: [&str; 7] = [
+        "fulcrum-control-plane",
+        "--registry",
+        "etcd",
+        "--registry-token-file",
+        "tokens",
+        "--etcd-endpoints",
+        "https://10.0.0.1:2379,https://10.0.0.2:2379",
+    ];
+
+    fn etcd_config(extra: &[&str]) -> Result<EtcdConfig, clap::Error> {
+        let cli = Cli::try_parse_from(ETCD.iter().chain(extra))?;
+        match cli.registry()?.map(|registry| registry.backend) {
+            Some(RegistryBackendOptions::Etcd(config)) => Ok(config),
+            other => panic!("expected the etcd backend, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn etcd_tls_flags_make_the_tls_settings() {
+        let config = etcd_config(&[
+            "--etcd-ca-file",
+            "/etc/etcd-tls/ca.crt",
+            "--etcd-cert-file",
+            "/etc/etcd-tls/tls.crt",
+            "--etcd-key-file",
+            "/etc/etcd-tls/tls.key",
+            "--etcd-server-name",
+            "etcd.etcd.svc",
+        ])
+        .expect("valid flags");
+        assert_eq!(
+            config.tls,
+            Some(EtcdTls {
+                ca_file: Some("/etc/etcd-tls/ca.crt".into()),
+                client_cert: Some(ClientCertFiles {
+                    cert_file: "/etc/etcd-tls/tls.crt".into(),
+                    key_file: "/etc/etcd-tls/tls.key".into(),
+                }),
+                server_name: Some("etcd.etcd.svc".into()),
+            })
+        );
+        let ca_only = etcd_config(&["--etcd-ca-file", "ca.crt"]).expect("valid flags");
+        assert_eq!(
+            ca_only.tls,
+            Some(EtcdTls {
+                ca_file: Some("ca.crt".into()),
+                ..EtcdTls::default()
+            })
+        );
+    }
+
+    #[test]
+    fn without_tls_flags_tls_follows_the_endpoints_scheme() {
+        let config = etcd_config(&[]).expect("valid flags");
+        assert_eq!(config.tls, None);
+        assert_eq!(
+            config.endpoints,
+            ["https://10.0.0.1:2379", "https://10.0.0.2:2379"]
+        );
+    }
+
+    #[test]
+    fn a_client_certificate_needs_its_key_and_tls_flags_need_etcd() {
+        let error = etcd_config(&["--etcd-cert-file", "tls.crt"]).expect_err("no key");
+        assert_eq!(error.kind(), ErrorKind::MissingRequiredArgument);
+        assert!(error.to_string().contains("--etcd-key-file"), "{error}");
+        let error = etcd_config(&["--etcd-key-file", "tls.key"]).expect_err("no certificate");
+        assert_eq!(error.kind(), ErrorKind::MissingRequiredArgument);
+        assert!(error.to_string().contains("--etcd-cert-file"), "{error}");
+        let error = Cli::try_parse_from([
+            "fulcrum-control-plane",
+            "--registry",
+            "memory",
+            "--registry-token-file",
+            "tokens",
+            "--etcd-ca-file",
+            "ca.crt",
+        ])
+        .expect_err("TLS to etcd without etcd");
+        assert!(error.to_string().contains("--etcd-endpoints"), "{error}");
     }
 }
