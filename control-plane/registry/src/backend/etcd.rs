@@ -570,10 +570,12 @@ impl EtcdBackend {
         let client = match tokio::time::timeout(config.request_timeout, connecting).await {
             Ok(Ok(client)) => client,
             Ok(Err(error)) => {
-                return Err(EtcdConfigError::Rejected {
-                    reason: error_chain(&error),
-                }
-                .into());
+                // etcd_client's errors do not chain to the error they wrap.
+                let reason = match &error {
+                    etcd_client::Error::TransportError(transport) => error_chain(transport),
+                    other => other.to_string(),
+                };
+                return Err(EtcdConfigError::Rejected { reason }.into());
             }
             Err(_) => return Err(timed_out(&config, "connecting to etcd").into()),
         };
