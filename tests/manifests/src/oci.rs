@@ -45,6 +45,11 @@ pub enum OciError {
     /// The input does not start with the wasm magic number; Istio would refuse it.
     #[error("the input is not a WebAssembly module (no `\\0asm` header); pass the built .wasm")]
     NotWasm,
+    /// The input does not start with the ELF magic number; no runtime could execute it.
+    #[error(
+        "the input is not an ELF executable (no `\\x7fELF` header); pass the built control-plane binary"
+    )]
+    NotElf,
     /// The tag is not a valid OCI tag.
     #[error(
         "`{0}` is not a valid image tag: use 1..=128 of [A-Za-z0-9_.-], not starting with . or -"
@@ -152,11 +157,12 @@ struct ImageConfig<'a> {
     rootfs: RootFs<'a>,
 }
 
+/// The image config's `rootfs`: the diff ids (uncompressed digests) of the layers.
 #[derive(Serialize)]
-struct RootFs<'a> {
+pub(crate) struct RootFs<'a> {
     #[serde(rename = "type")]
-    kind: &'static str,
-    diff_ids: [&'a Sha256Digest; 1],
+    pub(crate) kind: &'static str,
+    pub(crate) diff_ids: [&'a Sha256Digest; 1],
 }
 
 /// What [`pack`] wrote.
@@ -203,8 +209,29 @@ pub fn pack(wasm: &[u8], tag: &str, out: &Path) -> Result<PackedImage, OciError>
             diff_ids: [&diff_id],
         },
     });
-    let config = Descriptor::of(CONFIG_MEDIA_TYPE, &config_blob);
-    let layer = Descriptor::of(LAYER_MEDIA_TYPE, &layer_blob);
+    let [manifest, config, layer] = write_image(out, tag, &config_blob, &layer_blob)?;
+
+    Ok(PackedImage {
+        layout: out.to_path_buf(),
+        tag: tag.to_owned(),
+        manifest,
+        config,
+        layer,
+        wasm_sha256: Sha256Digest::of(wasm),
+    })
+}
+
+/// Writes an image of one config and one tar+gzip layer into the prepared layout `out`: the
+/// blobs, a manifest, and an `index.json` naming it `tag`. Returns the descriptors of the
+/// manifest (annotated with the tag), the config and the layer.
+pub(crate) fn write_image(
+    out: &Path,
+    tag: &str,
+    config_blob: &[u8],
+    layer_blob: &[u8],
+) -> Result<[Descriptor; 3], OciError> {
+    let config = Descriptor::of(CONFIG_MEDIA_TYPE, config_blob);
+    let layer = Descriptor::of(LAYER_MEDIA_TYPE, layer_blob);
     let manifest_blob = to_json(&Manifest {
         schema_version: 2,
         media_type: MANIFEST_MEDIA_TYPE,
@@ -212,11 +239,10 @@ pub fn pack(wasm: &[u8], tag: &str, out: &Path) -> Result<PackedImage, OciError>
         layers: [&layer],
     });
     let mut manifest = Descriptor::of(MANIFEST_MEDIA_TYPE, &manifest_blob);
-
     for (descriptor, blob) in [
-        (&config, &config_blob),
-        (&layer, &layer_blob),
-        (&manifest, &manifest_blob),
+        (&config, config_blob),
+        (&layer, layer_blob),
+        (&manifest, manifest_blob.as_slice()),
     ] {
         write(&blob_path(out, &descriptor.digest), blob)?;
     }
@@ -233,15 +259,7 @@ pub fn pack(wasm: &[u8], tag: &str, out: &Path) -> Result<PackedImage, OciError>
         &out.join("oci-layout"),
         br#"{"imageLayoutVersion":"1.0.0"}"#,
     )?;
-
-    Ok(PackedImage {
-        layout: out.to_path_buf(),
-        tag: tag.to_owned(),
-        manifest,
-        config,
-        layer,
-        wasm_sha256: Sha256Digest::of(wasm),
-    })
+    Ok([manifest, config, layer])
 }
 
 /// Where the blob with `digest` lives in the layout `root`.
@@ -250,7 +268,7 @@ pub fn blob_path(root: &Path, digest: &Sha256Digest) -> PathBuf {
 }
 
 /// The OCI distribution spec's tag grammar: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
-fn is_valid_tag(tag: &str) -> bool {
+pub(crate) fn is_valid_tag(tag: &str) -> bool {
     let mut chars = tag.chars();
     chars
         .next()
@@ -260,7 +278,7 @@ fn is_valid_tag(tag: &str) -> bool {
 }
 
 /// Creates `out`, or clears the blobs and index of an existing layout; refuses anything else.
-fn prepare_layout_dir(out: &Path) -> Result<(), OciError> {
+pub(crate) fn prepare_layout_dir(out: &Path) -> Result<(), OciError> {
     if out.join("oci-layout").is_file() {
         let blobs = out.join("blobs");
         if blobs.exists() {
@@ -294,7 +312,7 @@ fn plugin_tar(wasm: &[u8]) -> io::Result<Vec<u8>> {
 }
 
 /// gzip at the best level, with no file name and mtime 0 in the header.
-fn gzip(bytes: &[u8]) -> io::Result<Vec<u8>> {
+pub(crate) fn gzip(bytes: &[u8]) -> io::Result<Vec<u8>> {
     let mut encoder = GzBuilder::new()
         .mtime(0)
         .operating_system(255)
@@ -303,15 +321,18 @@ fn gzip(bytes: &[u8]) -> io::Result<Vec<u8>> {
     encoder.finish()
 }
 
-fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
+/// `value` as compact JSON (field order fixed by the struct).
+pub(crate) fn to_json<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("OCI documents are plain structs of strings and numbers")
 }
 
-fn write(path: &Path, bytes: &[u8]) -> Result<(), OciError> {
+/// Writes `bytes` to `path`.
+pub(crate) fn write(path: &Path, bytes: &[u8]) -> Result<(), OciError> {
     fs::write(path, bytes).map_err(|source| io_error("writing", path, source))
 }
 
-fn io_error(action: &'static str, path: &Path, source: io::Error) -> OciError {
+/// An [`OciError::Io`] for `action` on `path`.
+pub(crate) fn io_error(action: &'static str, path: &Path, source: io::Error) -> OciError {
     OciError::Io {
         action,
         path: path.to_path_buf(),

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 
 use crate::test_support::{filter_wasm, rendered_template};
 
-fn sha256_hex(bytes: &[u8]) -> String {
+pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes)
         .iter()
         .map(|b| format!("{b:02x}"))
@@ -20,7 +20,7 @@ fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 /// Reads the blob a descriptor names and checks its digest and size.
-fn blob(layout: &Path, descriptor: &Value) -> Result<Vec<u8>> {
+pub fn blob(layout: &Path, descriptor: &Value) -> Result<Vec<u8>> {
     let digest = descriptor["digest"].as_str().context("descriptor digest")?;
     let hex = digest.strip_prefix("sha256:").context("sha256 digest")?;
     let bytes = std::fs::read(layout.join("blobs/sha256").join(hex))

@@ -1,5 +1,6 @@
-//! Shared fixtures: the repository's manifests as JSON values, the vendored CRDs, and the
-//! release filter (`FULCRUM_FILTER_WASM`, or built once for these tests).
+//! Shared fixtures: the repository's manifests as JSON values, the vendored CRDs, the
+//! release filter (`FULCRUM_FILTER_WASM`, or built once for these tests) and the control
+//! plane's static binary (`FULCRUM_CONTROL_PLANE_BIN`, or built once).
 
 use std::{
     path::{Path, PathBuf},
@@ -142,4 +143,37 @@ fn load_filter_wasm() -> Result<Vec<u8>> {
     }
     let wasm = target.join("wasm32-wasip1/release/fulcrum_balancer.wasm");
     std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))
+}
+
+/// The control plane's static (musl) release binary: `FULCRUM_CONTROL_PLANE_BIN` (set by
+/// `cargo xtask test`, which builds it as `cargo xtask image` does), else built once into a
+/// target directory of its own.
+pub fn control_plane_binary() -> Result<&'static Path> {
+    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    BINARY
+        .get_or_init(|| build_control_plane().map_err(|error| format!("{error:#}")))
+        .as_deref()
+        .map_err(|error| anyhow::anyhow!("{error}"))
+}
+
+fn build_control_plane() -> Result<PathBuf> {
+    if let Some(path) = std::env::var_os("FULCRUM_CONTROL_PLANE_BIN") {
+        return Ok(PathBuf::from(path));
+    }
+    const MUSL: &str = "x86_64-unknown-linux-musl";
+    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("control-plane-musl");
+    let status = Command::new(env!("CARGO"))
+        .current_dir(repo_root())
+        .args(["build", "--release", "--package", "fulcrum-control-plane"])
+        .args(["--bin", "fulcrum-control-plane", "--target", MUSL])
+        .env("CARGO_TARGET_DIR", &target)
+        .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
+        .status()
+        .context("running cargo to build the control plane")?;
+    if !status.success() {
+        bail!(
+            "building the control plane for {MUSL} failed ({status}); are the target and musl-gcc installed (`cargo xtask setup`)?"
+        );
+    }
+    Ok(target.join(MUSL).join("release/fulcrum-control-plane"))
 }
