@@ -1,6 +1,6 @@
 //! The registry's integration tests, one binary: the REST and gRPC APIs over loopback,
 //! active health checks against the sample backend and real gRPC servers, and the etcd
-//! backend on a real three-member etcd cluster.
+//! backend on a real three-member etcd cluster, and over mutual TLS on a one-member one.
 
 mod api_grpc;
 mod api_rest;
