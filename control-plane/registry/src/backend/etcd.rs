@@ -429,14 +429,15 @@ const FIX_CLIENT_CERT_REFUSED: &str = "the members most likely refused the clien
 const FIX_NOT_TLS: &str = "the member does not speak TLS on that port: write the endpoint http:// if it serves plain HTTP";
 const FIX_OTHER: &str = "check the CA file, the client certificate and key, and the server name";
 
-/// The TLS error somewhere in `error`'s chain, including inside IO errors (whose
-/// `source()` skips the error they wrap).
-fn find_tls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'a rustls::Error> {
+/// `error` and its causes, including those inside IO errors (whose `source()` skips the
+/// error they wrap).
+fn causes<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> Vec<&'a (dyn std::error::Error + 'static)> {
+    let mut causes = Vec::new();
     let mut next = Some(error);
     while let Some(current) = next {
-        if let Some(tls) = current.downcast_ref::<rustls::Error>() {
-            return Some(tls);
-        }
+        causes.push(current);
         next = match current.downcast_ref::<std::io::Error>() {
             Some(io) => io
                 .get_ref()
@@ -444,13 +445,14 @@ fn find_tls_error<'a>(error: &'a (dyn std::error::Error + 'static)) -> Option<&'
             None => current.source(),
         };
     }
-    None
+    causes
 }
 
 /// `error` as a handshake failure when TLS is in use and the handshake failed, with what
 /// to check; otherwise unchanged. A member that refuses the client certificate under TLS
-/// 1.3 closes the connection after the client's side of the handshake completed, so the
-/// client only sees the request cancelled: that is reported as a refused (or missing)
+/// 1.3 does so after the client's side of the handshake completed: the client reads its
+/// alert (as text only), or, when the member closed the connection first, only sees the
+/// request cancelled or its connection broken. Each is reported as a refused (or missing)
 /// client certificate.
 fn handshake_error(config: &EtcdConfig, tls: bool, error: BackendError) -> EtcdConnectError {
     let status = match &error {
@@ -463,8 +465,22 @@ fn handshake_error(config: &EtcdConfig, tls: bool, error: BackendError) -> EtcdC
         },
         _ => return error.into(),
     };
-    let (cause, fix) = match find_tls_error(status) {
-        Some(tls_error) => {
+    let client_cert_fix = if client_cert_given(config) {
+        FIX_CLIENT_CERT_REFUSED
+    } else {
+        FIX_CLIENT_CERT_MISSING
+    };
+    let causes = causes(status);
+    let typed = causes
+        .iter()
+        .find_map(|cause| cause.downcast_ref::<rustls::Error>());
+    // An alert read after the handshake reaches here as text only.
+    let alert = causes
+        .iter()
+        .map(ToString::to_string)
+        .find(|text| text.starts_with("received fatal alert"));
+    let (cause, fix) = match (typed, alert) {
+        (Some(tls_error), _) => {
             let fix = match tls_error {
                 rustls::Error::InvalidCertificate(certificate) => match certificate {
                     rustls::CertificateError::NotValidForName
@@ -475,24 +491,18 @@ fn handshake_error(config: &EtcdConfig, tls: bool, error: BackendError) -> EtcdC
                     | rustls::CertificateError::NotValidYetContext { .. } => FIX_VALIDITY,
                     _ => FIX_CA,
                 },
-                rustls::Error::AlertReceived(_) if client_cert_given(config) => {
-                    FIX_CLIENT_CERT_REFUSED
-                }
-                rustls::Error::AlertReceived(_) => FIX_CLIENT_CERT_MISSING,
+                rustls::Error::AlertReceived(_) => client_cert_fix,
                 rustls::Error::InvalidMessage(_) => FIX_NOT_TLS,
                 _ => FIX_OTHER,
             };
             (tls_error.to_string(), fix)
         }
-        None if status.code() == tonic::Code::Cancelled => (
+        (None, Some(alert)) => (alert, client_cert_fix),
+        (None, None) if closed_by_peer(status, &causes) => (
             "the member closed the connection right after the TLS handshake".to_owned(),
-            if client_cert_given(config) {
-                FIX_CLIENT_CERT_REFUSED
-            } else {
-                FIX_CLIENT_CERT_MISSING
-            },
+            client_cert_fix,
         ),
-        None => return error.into(),
+        (None, None) => return error.into(),
     };
     warn!(%cause, fix, "TLS handshake with etcd failed");
     EtcdConnectError::Handshake {
@@ -500,6 +510,23 @@ fn handshake_error(config: &EtcdConfig, tls: bool, error: BackendError) -> EtcdC
         cause,
         fix,
     }
+}
+
+/// Whether the member closed the connection under the request: cancelled (the connection
+/// was gone before the request was sent), or a pipe broken or reset while sending it.
+fn closed_by_peer(status: &tonic::Status, causes: &[&(dyn std::error::Error + 'static)]) -> bool {
+    status.code() == tonic::Code::Cancelled
+        || causes.iter().any(|cause| {
+            cause.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                matches!(
+                    io.kind(),
+                    std::io::ErrorKind::BrokenPipe
+                        | std::io::ErrorKind::ConnectionReset
+                        | std::io::ErrorKind::ConnectionAborted
+                        | std::io::ErrorKind::UnexpectedEof
+                )
+            })
+        })
 }
 
 fn client_cert_given(config: &EtcdConfig) -> bool {

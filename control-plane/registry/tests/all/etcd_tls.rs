@@ -37,9 +37,10 @@ impl Pki {
         self.dir.path().join(name)
     }
 
-    /// `ca.pem` (the CA of everything below), `server.pem` + `server-key.pem` (for
-    /// `127.0.0.1` and `localhost`), `client.pem` + `client-key.pem`, and `other-ca.pem`
-    /// (a CA that signed nothing here).
+    /// `ca.pem` (the CA the member trusts), `server.pem` + `server-key.pem` (for
+    /// `127.0.0.1` and `localhost`) and `client.pem` + `client-key.pem` signed by it;
+    /// `other-ca.pem`, a CA the member does not trust, and `untrusted-client.pem` +
+    /// `untrusted-client-key.pem` signed by that one.
     fn generate() -> Result<Self> {
         let pki = Self {
             dir: tempfile::tempdir()?,
@@ -64,6 +65,14 @@ impl Pki {
         )?;
         std::fs::write(pki.path("client.pem"), cert)?;
         std::fs::write(pki.path("client-key.pem"), key)?;
+        let (cert, key) = leaf(
+            &other_ca,
+            "fulcrum-control-plane",
+            &[],
+            ExtendedKeyUsagePurpose::ClientAuth,
+        )?;
+        std::fs::write(pki.path("untrusted-client.pem"), cert)?;
+        std::fs::write(pki.path("untrusted-client-key.pem"), key)?;
         Ok(pki)
     }
 
@@ -302,6 +311,31 @@ async fn without_a_client_certificate_the_handshake_fails_naming_the_client_cert
 }
 
 #[tokio::test]
+async fn a_client_certificate_the_member_does_not_trust_fails_naming_the_client_certificate()
+-> Result<()> {
+    let pki = Pki::generate()?;
+    let etcd = TlsEtcd::start(&pki).await?;
+    let tls = EtcdTls {
+        client_cert: Some(ClientCertFiles {
+            cert_file: pki.path("untrusted-client.pem"),
+            key_file: pki.path("untrusted-client-key.pem"),
+        }),
+        ..pki.tls("ca.pem", false)
+    };
+    let error = connect_error(config(&etcd, tls)).await;
+    let message = error.to_string();
+    assert!(
+        matches!(error, EtcdConnectError::Handshake { .. }),
+        "{message}"
+    );
+    assert!(
+        message.contains("refused the client certificate"),
+        "{message}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn a_ca_that_did_not_sign_the_members_certificate_fails_naming_the_ca() -> Result<()> {
     let pki = Pki::generate()?;
     let etcd = TlsEtcd::start(&pki).await?;
@@ -331,6 +365,27 @@ async fn a_server_name_the_members_certificate_does_not_hold_fails_naming_the_se
         "{message}"
     );
     assert!(message.contains("server name"), "{message}");
+    Ok(())
+}
+
+/// `https://` endpoints without TLS settings use TLS on the system's roots, which do not
+/// hold the test CA: the member's certificate is refused, pointing at the CA file.
+#[tokio::test]
+async fn https_endpoints_without_tls_settings_verify_against_the_system_roots() -> Result<()> {
+    let pki = Pki::generate()?;
+    let etcd = TlsEtcd::start(&pki).await?;
+    let mut config = config(&etcd, EtcdTls::default());
+    config.tls = None;
+    let error = connect_error(config).await;
+    let message = error.to_string();
+    assert!(
+        matches!(error, EtcdConnectError::Handshake { .. }),
+        "{message}"
+    );
+    assert!(
+        message.contains("UnknownIssuer") && message.contains("CA file"),
+        "{message}"
+    );
     Ok(())
 }
 
