@@ -247,8 +247,7 @@ fn the_deployments_args_parse_with_the_control_planes_own_flags() -> Result<()> 
         let args = expanded_args(&container(&deployment)?, &objects)?;
         accepted_by_the_binary(&args).with_context(|| dir.to_owned())?;
     }
-    let mut misspelt = vec!["--kubernetes".to_owned()];
-    misspelt.push("--registry-tokenfile=/etc/tokens".to_owned());
+    let misspelt = ["--kubernetes", "--registry-tokenfile=/etc/tokens"].map(String::from);
     ensure!(
         accepted_by_the_binary(&misspelt).is_err(),
         "a misspelt flag must be refused"
