@@ -165,6 +165,7 @@ impl ControlPlane {
         };
         if let Some(registry) = &registry {
             sources.push(Box::new(registry.source()));
+            registry.register_metrics(&mut metrics_registry);
         }
         let registry_policy: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
             match &registry {

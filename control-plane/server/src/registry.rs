@@ -97,10 +97,6 @@ impl StartedRegistry {
 
     /// Registers the registry's metrics (`fulcrum_registry_*`: calls per face, operation and
     /// code, their latency, live instances per service and health) into `metrics`.
-    #[expect(
-        dead_code,
-        reason = "Server::start_with (lib.rs, owned by another change) calls it once wired; drop this attribute then"
-    )]
     pub fn register_metrics(&self, metrics: &mut prometheus_client::registry::Registry) {
         self.registry.metrics().register(metrics);
     }

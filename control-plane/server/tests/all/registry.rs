@@ -178,6 +178,28 @@ async fn registered_instance_reaches_envoy_until_deregistered_and_unauthenticate
         addresses(&hosts(&fixture.envoy, "search").await),
         ["127.0.0.1:19401"]
     );
+
+    // The control plane's /metrics serves the registry's own metrics: both deregistrations
+    // above are counted with their codes, and the live instances by service.
+    let metrics = fixture
+        .http
+        .get(fixture.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    for line in [
+        r#"fulcrum_registry_requests_total{api="rest",operation="deregister",code="unauthenticated"} 1"#,
+        r#"fulcrum_registry_requests_total{api="rest",operation="deregister",code="ok"} 1"#,
+        r#"fulcrum_registry_instances{service="search",health="unknown"} 1"#,
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "{line} missing from:\n{metrics}"
+        );
+    }
     fixture.control_plane.shutdown().await;
 }
 
