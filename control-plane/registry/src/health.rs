@@ -16,7 +16,7 @@ use fulcrum_health::{HealthMetrics, ProbeLoop, Status};
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::view::{HealthStatus, Record, Since, View};
+use crate::view::{self, HealthStatus, Record, Since, View};
 
 impl From<Status> for HealthStatus {
     fn from(status: Status) -> Self {
@@ -33,52 +33,41 @@ impl From<Status> for HealthStatus {
 /// stops it when the registration goes.
 pub fn spawn_monitor(view: &Arc<View>) -> JoinHandle<()> {
     let weak = Arc::downgrade(view);
-    let mut revisions = view.subscribe();
     tokio::spawn(async move {
         let mut running: HashMap<String, (Arc<Record>, JoinHandle<()>)> = HashMap::new();
-        let mut cursor = None;
-        loop {
-            {
-                let Some(view) = weak.upgrade() else { break };
-                let (since, now) = view.since(cursor.as_ref());
-                cursor = Some(now);
-                match since {
-                    Since::Reset(entries) => {
-                        let mut keep = HashMap::new();
-                        for entry in entries {
-                            keep.insert(entry.record.registration.id.clone(), ());
-                            reconcile(
-                                &weak,
-                                &mut running,
-                                &entry.record.registration.id.clone(),
-                                Some(entry.record),
-                            );
-                        }
-                        let gone: Vec<String> = running
-                            .keys()
-                            .filter(|id| !keep.contains_key(*id))
-                            .cloned()
-                            .collect();
-                        for id in gone {
-                            reconcile(&weak, &mut running, &id, None);
-                        }
-                    }
-                    Since::Changes(changes) => {
-                        for change in changes {
-                            reconcile(
-                                &weak,
-                                &mut running,
-                                &change.id,
-                                change.entry.map(|e| e.record),
-                            );
-                        }
-                    }
+        view::follow(weak.clone(), |since| match since {
+            Since::Reset(entries) => {
+                let mut keep = HashMap::new();
+                for entry in entries {
+                    keep.insert(entry.record.registration.id.clone(), ());
+                    reconcile(
+                        &weak,
+                        &mut running,
+                        &entry.record.registration.id.clone(),
+                        Some(entry.record),
+                    );
+                }
+                let gone: Vec<String> = running
+                    .keys()
+                    .filter(|id| !keep.contains_key(*id))
+                    .cloned()
+                    .collect();
+                for id in gone {
+                    reconcile(&weak, &mut running, &id, None);
                 }
             }
-            if revisions.changed().await.is_err() {
-                break;
+            Since::Changes(changes) => {
+                for change in changes {
+                    reconcile(
+                        &weak,
+                        &mut running,
+                        &change.id,
+                        change.entry.map(|e| e.record),
+                    );
+                }
             }
-        }
+        })
+        .await;
         for (_, (_, task)) in running {
             task.abort();
         }

@@ -8,11 +8,7 @@
 //! moves when a registration, a removal or a health transition happens, never by scanning
 //! on a request.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Weak},
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -21,7 +17,7 @@ use prometheus_client::{
 };
 use tokio::task::JoinHandle;
 
-use crate::view::{Entry, Since, View};
+use crate::view::{self, Entry, Since, View};
 
 /// Latency buckets, in seconds: 100 µs to 1 s, with 50 ms on a boundary so a "p99 above
 /// 50 ms" alert reads one bucket exactly.
@@ -198,33 +194,21 @@ impl RegistryMetrics {
     /// Keeps the instances gauge equal to `view`'s content by following its changes; the
     /// task ends when the view is dropped.
     pub fn follow(&self, view: &Arc<View>) -> JoinHandle<()> {
-        let weak: Weak<View> = Arc::downgrade(view);
-        let mut revisions = view.subscribe();
         let mut tally = InstanceTally {
             gauge: self.instances.clone(),
             known: HashMap::new(),
         };
-        tokio::spawn(async move {
-            let mut cursor = None;
-            loop {
-                {
-                    let Some(view) = weak.upgrade() else { break };
-                    let (since, now) = view.since(cursor.as_ref());
-                    cursor = Some(now);
-                    match since {
-                        Since::Reset(entries) => tally.reset(&entries),
-                        Since::Changes(changes) => {
-                            for change in changes {
-                                tally.apply(change.id, change.entry.as_ref());
-                            }
-                        }
+        tokio::spawn(view::follow(
+            Arc::downgrade(view),
+            move |since| match since {
+                Since::Reset(entries) => tally.reset(&entries),
+                Since::Changes(changes) => {
+                    for change in changes {
+                        tally.apply(change.id, change.entry.as_ref());
                     }
                 }
-                if revisions.changed().await.is_err() {
-                    break;
-                }
-            }
-        })
+            },
+        ))
     }
 }
 

@@ -10,7 +10,7 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, VecDeque},
-    sync::{Arc, OnceLock, RwLock},
+    sync::{Arc, OnceLock, RwLock, Weak},
 };
 
 use fulcrum_core::{Health, ServiceEndpoints};
@@ -477,6 +477,28 @@ fn record_change(state: &mut State, id: String, entry: Option<Entry>, services: 
             registrations = state.entries.len(),
             "the registry holds over a million registrations"
         );
+    }
+}
+
+/// Calls `apply` with what changed in the view since its previous call (the first call, and
+/// any call whose history no longer reaches back, gets [`Since::Reset`]), once now and again
+/// after every new revision; returns when the view is dropped. The view is held only while
+/// `apply` runs.
+pub async fn follow(view: Weak<View>, mut apply: impl FnMut(Since)) {
+    let Some(mut revisions) = view.upgrade().map(|view| view.subscribe()) else {
+        return;
+    };
+    let mut cursor = None;
+    loop {
+        {
+            let Some(view) = view.upgrade() else { return };
+            let (since, now) = view.since(cursor.as_ref());
+            cursor = Some(now);
+            apply(since);
+        }
+        if revisions.changed().await.is_err() {
+            return;
+        }
     }
 }
 
