@@ -44,23 +44,18 @@ impl Options {
             repository: DEFAULT_REPOSITORY.to_owned(),
             source: DEFAULT_SOURCE.to_owned(),
         };
-        let mut args = args.iter();
-        while let Some(flag) = args.next() {
-            let mut value = || {
-                args.next()
-                    .with_context(|| format!("{flag} needs a value"))
-                    .cloned()
-            };
-            match flag.as_str() {
-                "--out" => options.out = PathBuf::from(value()?),
-                "--tag" => options.tag = value()?,
-                "--repository" => options.repository = value()?,
-                "--source" => options.source = value()?,
-                other => bail!(
-                    "unknown argument `{other}`; usage: cargo xtask image [--out DIR] [--tag TAG] [--repository REGISTRY/REPO] [--source URL]"
-                ),
-            }
-        }
+        tools::parse_flags(
+            args,
+            &["--out", "--tag", "--repository", "--source"],
+            "cargo xtask image [--out DIR] [--tag TAG] [--repository REGISTRY/REPO] [--source URL]",
+            |flag, value| match flag {
+                "--out" => options.out = PathBuf::from(value),
+                "--tag" => options.tag = value,
+                "--repository" => options.repository = value,
+                "--source" => options.source = value,
+                _ => unreachable!("parse_flags passes known flags only"),
+            },
+        )?;
         Ok(options)
     }
 }

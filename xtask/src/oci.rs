@@ -9,8 +9,10 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use fulcrum_manifest_tests::{oci, template};
+
+use crate::tools;
 
 const DEFAULT_REPOSITORY: &str = "localhost:5000/fulcrum-balancer";
 const DEFAULT_OUT: &str = "target-oci/fulcrum-balancer";
@@ -38,22 +40,17 @@ impl Options {
             tag: env!("CARGO_PKG_VERSION").to_owned(),
             repository: DEFAULT_REPOSITORY.to_owned(),
         };
-        let mut args = args.iter();
-        while let Some(flag) = args.next() {
-            let mut value = || {
-                args.next()
-                    .with_context(|| format!("{flag} needs a value"))
-                    .cloned()
-            };
-            match flag.as_str() {
-                "--out" => options.out = PathBuf::from(value()?),
-                "--tag" => options.tag = value()?,
-                "--repository" => options.repository = value()?,
-                other => bail!(
-                    "unknown argument `{other}`; usage: cargo xtask oci [--out DIR] [--tag TAG] [--repository REGISTRY/REPO]"
-                ),
-            }
-        }
+        tools::parse_flags(
+            args,
+            &["--out", "--tag", "--repository"],
+            "cargo xtask oci [--out DIR] [--tag TAG] [--repository REGISTRY/REPO]",
+            |flag, value| match flag {
+                "--out" => options.out = PathBuf::from(value),
+                "--tag" => options.tag = value,
+                "--repository" => options.repository = value,
+                _ => unreachable!("parse_flags passes known flags only"),
+            },
+        )?;
         Ok(options)
     }
 }

@@ -164,3 +164,25 @@ pub fn output(command: &mut Command) -> Result<String> {
     }
     Ok(String::from_utf8(out.stdout)?)
 }
+
+/// Reads `--flag VALUE` pairs from `args`, calling `set` once per pair in order. A flag not in
+/// `known` is refused (before its value is read) with `usage`; a flag without a value is
+/// refused by name. `set` is only ever called with a flag from `known`.
+pub fn parse_flags(
+    args: &[String],
+    known: &[&str],
+    usage: &str,
+    mut set: impl FnMut(&str, String),
+) -> Result<()> {
+    let mut args = args.iter();
+    while let Some(flag) = args.next() {
+        if !known.contains(&flag.as_str()) {
+            bail!("unknown argument `{flag}`; usage: {usage}");
+        }
+        let value = args
+            .next()
+            .with_context(|| format!("{flag} needs a value"))?;
+        set(flag, value.clone());
+    }
+    Ok(())
+}
