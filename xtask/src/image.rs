@@ -14,15 +14,13 @@ use std::{
 use anyhow::{Context, Result, bail};
 use fulcrum_manifest_tests::image::{self, Provenance};
 
-use crate::tools::{self, AptTool, MUSL_TARGET};
+use crate::{
+    setup,
+    tools::{self, MUSL_TARGET},
+};
 
 /// The control plane's package and binary.
 const PACKAGE: &str = "fulcrum-control-plane";
-/// `musl-gcc`, which `ring`'s build script needs to compile its C for the musl target.
-pub const MUSL_GCC: AptTool = AptTool {
-    package: "musl-tools",
-    binary: "musl-gcc",
-};
 const DEFAULT_REPOSITORY: &str = "ghcr.io/fulcrum-lb/fulcrum-control-plane";
 const DEFAULT_SOURCE: &str = "https://github.com/fulcrum-lb/fulcrum";
 const DEFAULT_OUT: &str = "target-oci/fulcrum-control-plane";
@@ -60,11 +58,10 @@ impl Options {
     }
 }
 
-/// Builds the control plane for [`MUSL_TARGET`] in release mode (installing the target and
-/// `musl-gcc` first) and returns the static binary's path.
+/// Builds the control plane for [`MUSL_TARGET`] in release mode and returns the static
+/// binary's path. The caller has run [`setup::ensure`] with [`setup::FOR_IMAGE`] (the musl
+/// target, `musl-gcc`, protoc).
 pub fn build_binary() -> Result<PathBuf> {
-    tools::ensure_target(MUSL_TARGET)?;
-    tools::ensure_apt(&[MUSL_GCC])?;
     let started = Instant::now();
     tools::run(
         super::cargo()
@@ -114,6 +111,7 @@ fn git_revision(root: &Path) -> Result<String> {
 pub fn run(args: &[String]) -> Result<()> {
     let root = super::workspace_root();
     let options = Options::parse(args, &root)?;
+    setup::ensure(&root, setup::FOR_IMAGE)?;
     let binary_path = build_binary()?;
     let binary = std::fs::read(&binary_path)
         .with_context(|| format!("reading {}", binary_path.display()))?;

@@ -5,6 +5,7 @@
 
 mod image;
 mod oci;
+mod setup;
 mod tools;
 
 use std::{
@@ -16,32 +17,12 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 
-use tools::{AptTool, MUSL_TARGET, WASM_TARGET};
+use setup::Purpose;
+use tools::WASM_TARGET;
 
 /// The proxy-wasm balancer filter's package and the file it compiles to.
 const FILTER_PACKAGE: &str = "fulcrum-balancer";
 const FILTER_WASM: &str = "fulcrum_balancer.wasm";
-
-/// Debian packages the test suite needs: etcd for the registry's cluster tests, protoc,
-/// which the `etcd-client` crate's build script runs, and musl-gcc, which compiles `ring`'s C
-/// and assembly for the control plane's static (musl) image binary.
-const TEST_APT_TOOLS: &[AptTool] = &[
-    AptTool {
-        package: "etcd-server",
-        binary: "etcd",
-    },
-    AptTool {
-        package: "protobuf-compiler",
-        binary: "protoc",
-    },
-    image::MUSL_GCC,
-];
-
-/// Debian packages `bench-compare` needs: the wrk load generator.
-const BENCH_APT_TOOLS: &[AptTool] = &[AptTool {
-    package: "wrk",
-    binary: "wrk",
-}];
 
 const USAGE: &str = "\
 usage: cargo xtask <command> [args]
@@ -53,7 +34,8 @@ commands:
   build-wasm               build the release filter (.wasm) and print its path and size
   oci [--out DIR] [--tag T] [--repository R]  pack the release filter as a Wasm OCI image for Istio
   image [--out DIR] [--tag T] [--repository R] [--source URL]  build the control plane's container image (OCI layout)
-  setup                    only install what is missing (Rust targets, Envoy, Debian packages)
+  setup                    check what the tests need (protoc with its imports, musl-gcc, etcd, Envoy 1.40,
+                           Rust targets) and install what is missing; one line per capability
 ";
 
 fn main() -> ExitCode {
@@ -69,7 +51,7 @@ fn main() -> ExitCode {
         "build-wasm" => build_wasm().map(|wasm| report_wasm(&wasm)),
         "oci" => oci::run(rest),
         "image" => image::run(rest),
-        "setup" => setup().map(|_| ()),
+        "setup" => setup(setup::FOR_TEST).map(|_| ()),
         "help" | "-h" | "--help" => {
             print!("{USAGE}");
             Ok(())
@@ -94,11 +76,11 @@ struct Tools {
     envoy: PathBuf,
 }
 
-fn setup() -> Result<Tools> {
-    tools::ensure_target(WASM_TARGET)?;
-    tools::ensure_target(MUSL_TARGET)?;
-    let envoy = tools::ensure_envoy(&workspace_root())?;
-    tools::ensure_apt(TEST_APT_TOOLS)?;
+/// Makes sure every capability of `purposes` works (see [`setup`]) and returns Envoy's path.
+fn setup(purposes: &[Purpose]) -> Result<Tools> {
+    let root = workspace_root();
+    setup::ensure(&root, purposes)?;
+    let envoy = tools::installed_envoy(&root)?;
     Ok(Tools { envoy })
 }
 
@@ -107,7 +89,7 @@ fn setup() -> Result<Tools> {
 /// and `FULCRUM_CONTROL_PLANE_BIN` set for the tests that load them.
 fn test(cargo_test_args: &[String]) -> Result<()> {
     let started = Instant::now();
-    let tools = setup()?;
+    let tools = setup(setup::FOR_TEST)?;
     let mut command = cargo();
     command
         .args(["test", "--workspace"])
@@ -128,7 +110,7 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
 /// programs, then runs `fulcrum-demo` (examples/demo), which starts the control plane, sample
 /// backends and Envoy, tells the fault story and stops everything it started.
 fn demo(demo_args: &[String]) -> Result<()> {
-    let tools = setup()?;
+    let tools = setup(setup::FOR_DEMO)?;
     let wasm = build_wasm()?;
     tools::run(cargo().args([
         "build",
@@ -159,8 +141,7 @@ fn demo(demo_args: &[String]) -> Result<()> {
 /// balancers on the same Envoy, backends and route under wrk; the table goes to stdout and
 /// `bench-results/compare.md`.
 fn bench_compare(compare_args: &[String]) -> Result<()> {
-    let tools = setup()?;
-    tools::ensure_apt(BENCH_APT_TOOLS)?;
+    let tools = setup(setup::FOR_BENCH)?;
     let wasm = build_wasm()?;
     tools::run(cargo().args([
         "build",

