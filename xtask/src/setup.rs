@@ -314,7 +314,10 @@ fn install_debian(packages: &[&str]) -> Result<()> {
     if !tools::is_root() {
         bail!("installing Debian packages needs root; run: {command}");
     }
-    eprintln!("xtask setup: installing Debian packages: {}", packages.join(" "));
+    eprintln!(
+        "xtask setup: installing Debian packages: {}",
+        packages.join(" ")
+    );
     tools::run(Command::new("apt-get").args(["update", "-qq"]))
         .context("apt-get update failed; check access to the Debian mirrors")?;
     tools::run(

@@ -31,6 +31,12 @@ struct Cli {
     /// Address of the HTTP API (snapshot, health, metrics, status).
     #[arg(long, default_value = "127.0.0.1:18080")]
     http_addr: SocketAddr,
+    /// Once every listener is bound, write their addresses here as JSON
+    /// (`{"xds": "IP:PORT", "http": "IP:PORT", "registry": "IP:PORT" | null}`), replacing the
+    /// file atomically. With port 0 in `--xds-addr` and the like, this is how a supervisor or a
+    /// test learns the ports the kernel chose, without racing for a "free" port.
+    #[arg(long, value_name = "PATH")]
+    address_file: Option<PathBuf>,
     /// Log filter (`info`, `debug`, `fulcrum_xds=debug,info`, ...); `RUST_LOG` overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -207,6 +213,7 @@ async fn main() -> ExitCode {
         .or_else(|_| EnvFilter::try_new(&cli.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     tracing_subscriber::fmt().with_env_filter(filter).init();
+    let address_file = cli.address_file.clone();
     let config = Config {
         static_file: cli.static_file,
         poll_interval: Duration::from_millis(cli.poll_interval_ms),
@@ -238,9 +245,34 @@ async fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    if let Some(path) = address_file
+        && let Err(error) = write_address_file(&path, &control_plane)
+    {
+        error!(
+            path = %path.display(),
+            %error,
+            "cannot write the address file"
+        );
+        control_plane.shutdown().await;
+        return ExitCode::FAILURE;
+    }
     shutdown_signal().await;
     control_plane.shutdown().await;
     ExitCode::SUCCESS
+}
+
+/// Writes the bound addresses as JSON to a temporary file beside `path`, then renames it, so
+/// a reader never sees half a file.
+fn write_address_file(path: &std::path::Path, control_plane: &ControlPlane) -> std::io::Result<()> {
+    let addresses = serde_json::json!({
+        "xds": control_plane.xds_address().to_string(),
+        "http": control_plane.http_address().to_string(),
+        "registry": control_plane.registry_address().map(|address| address.to_string()),
+    });
+    let mut partial = path.as_os_str().to_owned();
+    partial.push(".partial");
+    std::fs::write(&partial, addresses.to_string())?;
+    std::fs::rename(&partial, path)
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

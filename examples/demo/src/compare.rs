@@ -260,6 +260,7 @@ async fn run(
     let listener = loopback(free_port()?);
     let admin = loopback(free_port()?);
     let bootstrap = Bootstrap {
+        node_id: format!("fulcrum-{}", listener.port()),
         admin_port: admin.port(),
         listener_port: listener.port(),
         service: SERVICE.to_owned(),

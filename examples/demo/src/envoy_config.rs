@@ -64,7 +64,11 @@ pub enum Endpoints {
 /// One Envoy: a listener routing everything to one service's cluster.
 #[derive(Debug, Clone)]
 pub struct Bootstrap {
+    /// `node.id`: what the control plane and logs call this Envoy.
+    pub node_id: String,
+    /// 0 lets Envoy pick; read it back from the admin address path.
     pub admin_port: u16,
+    /// The `ingress` listener's port; 0 lets Envoy pick (read it back from `/listeners`).
     pub listener_port: u16,
     /// The service (= cluster) name every request goes to.
     pub service: String,
@@ -85,7 +89,7 @@ impl Bootstrap {
         let mut bootstrap = json!({
             "admin": {"address": socket("127.0.0.1", self.admin_port)},
             "stats_config": {"stats_tags": stats_tags()},
-            "node": {"id": format!("fulcrum-{}", self.listener_port), "cluster": "fulcrum-demo"},
+            "node": {"id": self.node_id, "cluster": "fulcrum-demo"},
         });
         match &self.endpoints {
             Endpoints::Static(addresses) => clusters.push(self.static_cluster(addresses)),

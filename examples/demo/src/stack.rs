@@ -163,6 +163,7 @@ impl Stack {
         let listener = loopback(free_port()?);
         let admin = loopback(free_port()?);
         let bootstrap = Bootstrap {
+            node_id: format!("fulcrum-{}", listener.port()),
             admin_port: admin.port(),
             listener_port: listener.port(),
             service: service.to_owned(),

@@ -14,7 +14,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use fulcrum_demo::envoy_config::{Bootstrap, ClusterBalancing, Endpoints, FilterSetup};
-use fulcrum_envoy_harness::{Envoy, EnvoyOptions, free_port};
+use fulcrum_envoy_harness::{Envoy, EnvoyOptions};
 use fulcrum_example_backend::Backend;
 use serde_json::{Value, json};
 
@@ -89,10 +89,13 @@ pub struct Reply {
 impl Proxy {
     /// Envoy (one worker) with the filter under `filter_config`, in front of `endpoints`.
     pub async fn start_for_test(endpoints: Endpoints, filter_config: Value) -> Result<Self> {
-        let listener = SocketAddr::from(([127, 0, 0, 1], free_port()?));
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let started = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bootstrap = Bootstrap {
+            node_id: format!("e2e-{}-{started}", std::process::id()),
             admin_port: 0,
-            listener_port: listener.port(),
+            // Envoy binds a port of its own choosing; asked back below.
+            listener_port: 0,
             service: SERVICE.to_owned(),
             endpoints,
             balancing: ClusterBalancing::Fulcrum,
@@ -108,6 +111,7 @@ impl Proxy {
             ..EnvoyOptions::default()
         };
         let envoy = Envoy::start_with(&bootstrap.to_json().to_string(), &options).await?;
+        let listener = envoy.listener_address("ingress").await?;
         let client = reqwest::Client::builder()
             .resolve(SERVICE, listener)
             .timeout(Duration::from_secs(5))

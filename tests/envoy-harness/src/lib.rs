@@ -5,7 +5,8 @@
 //! on loopback only, with a dynamic base id so several can run in parallel, its log captured
 //! to a file, and waits until the admin `/ready` says `LIVE`. The process is killed when the
 //! [`Envoy`] is dropped; if the test is panicking, the tail of Envoy's log is printed first.
-//! [`AdsBootstrap`] renders a bootstrap that takes CDS and EDS from an ADS server.
+//! [`AdsBootstrap`] renders a bootstrap that takes CDS and EDS from an ADS server;
+//! [`reserve_port`] hands out ports for children that cannot bind port 0 themselves.
 
 use std::{
     fs,
@@ -64,6 +65,14 @@ pub enum HarnessError {
         #[source]
         source: reqwest::Error,
     },
+    /// Envoy has no listener of that name (or it reports no socket address).
+    #[error("Envoy has no listener named {name}; /listeners says {listeners}")]
+    NoListener {
+        /// The listener asked for.
+        name: String,
+        /// What Envoy reported.
+        listeners: String,
+    },
     /// An admin response was not the JSON expected.
     #[error("Envoy admin {path} returned invalid JSON: {source}")]
     Json {
@@ -95,14 +104,44 @@ pub fn envoy_binary() -> Result<PathBuf, HarnessError> {
         .ok_or(HarnessError::EnvoyMissing { stamp })
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; a tiny race with other processes is
-/// accepted in tests).
-pub fn free_port() -> Result<u16, HarnessError> {
-    let listener = TcpListener::bind(("127.0.0.1", 0)).map_err(io("binding a free port"))?;
-    Ok(listener
-        .local_addr()
-        .map_err(io("reading a bound port"))?
-        .port())
+/// A loopback port to hand to a child process that cannot bind port 0 and report what it got
+/// (etcd), or that must come back on the same port after a restart.
+///
+/// `bind(127.0.0.1:0)`-and-release is not enough: the kernel hands the same ephemeral range to
+/// every `connect()` and `bind(0)` on the machine, so a port released here can be taken (as a
+/// connection's source port, say) before the child binds it. These ports come from below the
+/// kernel's ephemeral range (`/proc/sys/net/ipv4/ip_local_port_range`), which neither ever
+/// picks; a process-wide counter (starting at an offset from the process id, so parallel test
+/// processes start apart) hands each out once, and each is checked bindable when handed out.
+/// Prefer port 0 wherever the child reports its address (Envoy's admin address path and
+/// `/listeners`, the control plane's `--address-file`).
+pub fn reserve_port() -> Result<u16, HarnessError> {
+    use std::sync::{
+        OnceLock,
+        atomic::{AtomicU32, Ordering},
+    };
+    static RANGE: OnceLock<(u32, u32)> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let (first, end) = *RANGE.get_or_init(|| {
+        let ephemeral_low = fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+            .ok()
+            .and_then(|text| text.split_whitespace().next()?.parse::<u32>().ok())
+            .unwrap_or(32768);
+        (10_000, ephemeral_low.clamp(10_001, 32_000))
+    });
+    let span = end - first;
+    let offset = std::process::id().wrapping_mul(7919) % span;
+    for _ in 0..span {
+        let port = first + (offset + NEXT.fetch_add(1, Ordering::Relaxed)) % span;
+        let port = u16::try_from(port).expect("the range ends below 32000");
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(HarnessError::Io {
+        what: format!("reserving a loopback port in {first}..{end}"),
+        source: std::io::Error::from(std::io::ErrorKind::AddrInUse),
+    })
 }
 
 /// How to start Envoy. Defaults: 2 worker threads, log level `info`.
@@ -273,6 +312,27 @@ impl Envoy {
             path: path.to_owned(),
             source,
         })
+    }
+
+    /// The address a listener bound, from `/listeners?format=json`: bootstraps give listeners
+    /// port 0 and ask here, so no port is chosen before Envoy binds it.
+    pub async fn listener_address(&self, name: &str) -> Result<SocketAddr, HarnessError> {
+        let listeners = self.admin_json("/listeners?format=json").await?;
+        listeners["listener_statuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|listener| listener["name"] == name)
+            .and_then(|listener| {
+                let socket = &listener["local_address"]["socket_address"];
+                let ip: std::net::IpAddr = socket["address"].as_str()?.parse().ok()?;
+                let port = u16::try_from(socket["port_value"].as_u64()?).ok()?;
+                Some(SocketAddr::new(ip, port))
+            })
+            .ok_or_else(|| HarnessError::NoListener {
+                name: name.to_owned(),
+                listeners: listeners.to_string(),
+            })
     }
 
     /// `/clusters?format=json`.

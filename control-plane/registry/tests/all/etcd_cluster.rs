@@ -1,8 +1,7 @@
-//! A real etcd cluster on loopback for tests and benches: free ports, a temporary data
+//! A real etcd cluster on loopback for tests and benches: reserved ports, a temporary data
 //! directory per member, members killed on drop, every wait bounded.
 
 use std::{
-    net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -29,8 +28,10 @@ pub struct EtcdCluster {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// etcd cannot bind port 0 and report it: ports reserved outside the kernel's ephemeral range
+/// (see [`fulcrum_envoy_harness::reserve_port`]), so no other socket takes one first.
+fn reserved_port() -> Result<u16> {
+    Ok(fulcrum_envoy_harness::reserve_port()?)
 }
 
 impl EtcdCluster {
@@ -45,8 +46,8 @@ impl EtcdCluster {
                 data_dir: dir.path().join(&name),
                 log: dir.path().join(format!("{name}.log")),
                 name,
-                client_port: free_port()?,
-                peer_port: free_port()?,
+                client_port: reserved_port()?,
+                peer_port: reserved_port()?,
                 child: None,
             });
         }
@@ -128,7 +129,12 @@ impl EtcdCluster {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("etcd member {index} not healthy within {READY_WITHIN:?}")
+        let log = std::fs::read_to_string(&self.members[index].log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        bail!(
+            "etcd member {index} not healthy within {READY_WITHIN:?}; its log ends:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
     }
 
     /// Client URLs of every member.

@@ -4,7 +4,6 @@
 //! operator sees when a setting is wrong is asserted on the error messages.
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::Arc,
@@ -120,8 +119,10 @@ fn leaf(
     Ok((cert.pem(), key.serialize_pem()))
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+/// etcd cannot bind port 0 and report it: ports reserved outside the kernel's ephemeral range
+/// (see [`fulcrum_envoy_harness::reserve_port`]), so no other socket takes one first.
+fn reserved_port() -> Result<u16> {
+    Ok(fulcrum_envoy_harness::reserve_port()?)
 }
 
 /// One etcd member serving clients over TLS only, requiring client certificates signed by
@@ -135,9 +136,9 @@ struct TlsEtcd {
 impl TlsEtcd {
     async fn start(pki: &Pki) -> Result<Self> {
         let data = tempfile::tempdir()?;
-        let client_port = free_port()?;
-        let peer = format!("http://127.0.0.1:{}", free_port()?);
-        let metrics_port = free_port()?;
+        let client_port = reserved_port()?;
+        let peer = format!("http://127.0.0.1:{}", reserved_port()?);
+        let metrics_port = reserved_port()?;
         let client = format!("https://127.0.0.1:{client_port}");
         let log_path = data.path().join("etcd.log");
         let log = std::fs::File::create(&log_path)?;
@@ -200,7 +201,12 @@ impl TlsEtcd {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        bail!("etcd not healthy within {READY_WITHIN:?}")
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        bail!(
+            "etcd not healthy within {READY_WITHIN:?}; its log ends:\n{}",
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
     }
 
     fn endpoint(&self) -> String {
@@ -394,7 +400,7 @@ async fn https_endpoints_without_tls_settings_verify_against_the_system_roots() 
 async fn unusable_tls_settings_fail_before_connecting_naming_the_file_or_endpoint() -> Result<()> {
     let pki = Pki::generate()?;
     // No etcd listens here: each error must come from the settings alone.
-    let endpoint = format!("https://127.0.0.1:{}", free_port()?);
+    let endpoint = format!("https://127.0.0.1:{}", reserved_port()?);
     let with = |tls: EtcdTls| {
         let mut config = EtcdConfig::new(vec![endpoint.clone()]);
         config.tls = Some(tls);

@@ -3,23 +3,93 @@
 //! registrations to Envoy and keeps them across a restart (on a real one-member etcd).
 
 use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use fulcrum_envoy_harness::{AdsApi, AdsBootstrap, Envoy, eventually, free_port};
+use fulcrum_envoy_harness::{AdsApi, AdsBootstrap, Envoy, eventually, reserve_port};
 
 use crate::support::{PATIENCE, addresses, endpoint, endpoints_file, http_client, wait_for_hosts};
 
-/// Kills the process on drop unless it already exited.
-struct Running(Child);
+/// A child process with its output in a log file: killed on drop unless it already exited,
+/// and when the test is failing, the log's tail is printed first (the temporary directory
+/// holding it goes with the test).
+struct Running {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Running {
+    /// Starts `command` with stdout and stderr appended to `log`.
+    fn spawn(command: &mut Command, log: PathBuf) -> Self {
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().expect("log"))
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|error| panic!("start {command:?}: {error}"));
+        Self { child, log }
+    }
+
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
 
 impl Drop for Running {
     fn drop(&mut self) {
-        if matches!(self.0.try_wait(), Ok(None)) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- tail of {} ---\n{}",
+                self.log.display(),
+                self.log_tail()
+            );
         }
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// The addresses the binary reports in its `--address-file`.
+struct Bound {
+    xds: SocketAddr,
+    http: SocketAddr,
+}
+
+/// Waits (bounded) for the binary to write its `--address-file`, failing with its log tail
+/// if it exits first.
+async fn bound_addresses(process: &mut Running, file: &Path) -> Bound {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok(Some(status)) = process.child.try_wait() {
+            panic!("the binary exited with {status} before binding");
+        }
+        if let Ok(text) = std::fs::read_to_string(file) {
+            let json: serde_json::Value =
+                serde_json::from_str(&text).expect("the address file is JSON");
+            let address = |key: &str| {
+                json[key]
+                    .as_str()
+                    .and_then(|text| text.parse::<SocketAddr>().ok())
+                    .unwrap_or_else(|| panic!("no {key} address in {text}"))
+            };
+            return Bound {
+                xds: address("xds"),
+                http: address("http"),
+            };
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the binary wrote no address file within {PATIENCE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -32,20 +102,18 @@ async fn binary_serves_envoy_and_exits_cleanly_on_sigterm() {
         endpoints_file(&[("checkout", vec![endpoint("127.0.0.1:19001", "")])]),
     )
     .expect("write");
-    let xds = format!("127.0.0.1:{}", free_port().expect("port"));
-    let http = format!("127.0.0.1:{}", free_port().expect("port"));
-    let log = std::fs::File::create(dir.path().join("control-plane.log")).expect("log file");
-    let mut process = Running(
+    let address_file = dir.path().join("addresses.json");
+    // Port 0 everywhere: the kernel picks, the binary reports; nothing to race for.
+    let mut process = Running::spawn(
         Command::new(env!("CARGO_BIN_EXE_fulcrum-control-plane"))
             .args(["--static-file", file.to_str().expect("utf-8 path")])
-            .args(["--xds-addr", &xds, "--http-addr", &http])
-            .args(["--debounce-ms", "10", "--log-level", "info"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("start the binary"),
+            .args(["--xds-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .arg("--address-file")
+            .arg(&address_file)
+            .args(["--debounce-ms", "10", "--log-level", "info"]),
+        dir.path().join("control-plane.log"),
     );
+    let Bound { xds, http } = bound_addresses(&mut process, &address_file).await;
     let client = http_client();
     let ready = eventually(PATIENCE, || async {
         let response = client
@@ -58,14 +126,14 @@ async fn binary_serves_envoy_and_exits_cleanly_on_sigterm() {
     .await;
     assert!(ready.is_some(), "the binary becomes ready");
 
-    let bootstrap = AdsBootstrap::new("binary", xds.parse().expect("address"), AdsApi::Sotw);
+    let bootstrap = AdsBootstrap::new("binary", xds, AdsApi::Sotw);
     let envoy = Envoy::start(&bootstrap.render())
         .await
         .expect("Envoy starts");
     let hosts = wait_for_hosts(&envoy, "checkout", "its endpoint", |hosts| hosts.len() == 1).await;
     assert_eq!(addresses(&hosts), ["127.0.0.1:19001"]);
 
-    let pid = process.0.id().to_string();
+    let pid = process.child.id().to_string();
     let signalled = Command::new("kill")
         .args(["-TERM", &pid])
         .status()
@@ -73,7 +141,7 @@ async fn binary_serves_envoy_and_exits_cleanly_on_sigterm() {
     assert!(signalled.success());
     let started = Instant::now();
     let status = loop {
-        if let Some(status) = process.0.try_wait().expect("wait") {
+        if let Some(status) = process.child.try_wait().expect("wait") {
             break status;
         }
         assert!(
@@ -98,10 +166,10 @@ struct Etcd {
 
 impl Etcd {
     async fn start(dir: &std::path::Path) -> Self {
-        let client = format!("http://127.0.0.1:{}", free_port().expect("port"));
-        let peer = format!("http://127.0.0.1:{}", free_port().expect("port"));
-        let log = std::fs::File::create(dir.join("etcd.log")).expect("etcd log");
-        let process = Running(
+        // etcd cannot report a port it chose: reserved ports, outside the ephemeral range.
+        let client = format!("http://127.0.0.1:{}", reserve_port().expect("port"));
+        let peer = format!("http://127.0.0.1:{}", reserve_port().expect("port"));
+        let process = Running::spawn(
             Command::new("etcd")
                 .args(["--name", "solo"])
                 .arg("--data-dir")
@@ -111,12 +179,8 @@ impl Etcd {
                 .args(["--listen-peer-urls", &peer])
                 .args(["--initial-advertise-peer-urls", &peer])
                 .args(["--initial-cluster", &format!("solo={peer}")])
-                .args(["--logger", "zap", "--log-level", "warn"])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log)
-                .spawn()
-                .expect("start etcd (apt-get install etcd-server, or cargo xtask setup)"),
+                .args(["--logger", "zap", "--log-level", "warn"]),
+            dir.join("etcd.log"),
         );
         let http = http_client();
         let healthy = eventually(PATIENCE, || async {
@@ -142,13 +206,13 @@ impl Etcd {
 /// Sends SIGTERM and waits (bounded) for a successful exit.
 async fn terminate(process: &mut Running) {
     let signalled = Command::new("kill")
-        .args(["-TERM", &process.0.id().to_string()])
+        .args(["-TERM", &process.child.id().to_string()])
         .status()
         .expect("kill");
     assert!(signalled.success());
     let started = Instant::now();
     let status = loop {
-        if let Some(status) = process.0.try_wait().expect("wait") {
+        if let Some(status) = process.child.try_wait().expect("wait") {
             break status;
         }
         assert!(
@@ -157,7 +221,11 @@ async fn terminate(process: &mut Running) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    assert!(status.success(), "exit status {status}");
+    assert!(
+        status.success(),
+        "exit status {status}; log:\n{}",
+        process.log_tail()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,15 +236,14 @@ async fn binary_with_etcd_registry_serves_grpc_registrations_to_envoy_across_a_r
     let etcd = Etcd::start(dir.path()).await;
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, format!("orders-team {REGISTRY_TOKEN}\n")).expect("tokens");
-    let xds = format!("127.0.0.1:{}", free_port().expect("port"));
-    let http = format!("127.0.0.1:{}", free_port().expect("port"));
-    let grpc = format!("127.0.0.1:{}", free_port().expect("port"));
+    // The restarted binary must come back on the same addresses (Envoy's bootstrap names the
+    // xDS one): reserved ports, outside the range the kernel hands to anyone else.
+    let port = || format!("127.0.0.1:{}", reserve_port().expect("port"));
+    let (xds, http, grpc) = (port(), port(), port());
     let client = http_client();
     // No --static-file: the registry is the only endpoint source.
     let start = |run: &str| {
-        let log = std::fs::File::create(dir.path().join(format!("control-plane-{run}.log")))
-            .expect("log file");
-        Running(
+        Running::spawn(
             Command::new(env!("CARGO_BIN_EXE_fulcrum-control-plane"))
                 .args(["--registry", "etcd", "--etcd-endpoints", &etcd.url])
                 .args(["--etcd-prefix", "/binary-test/instances"])
@@ -184,12 +251,8 @@ async fn binary_with_etcd_registry_serves_grpc_registrations_to_envoy_across_a_r
                 .arg(&tokens)
                 .args(["--registry-addr", &grpc])
                 .args(["--xds-addr", &xds, "--http-addr", &http])
-                .args(["--debounce-ms", "10", "--log-level", "info"])
-                .stdin(Stdio::null())
-                .stdout(log.try_clone().expect("log"))
-                .stderr(log)
-                .spawn()
-                .expect("start the binary"),
+                .args(["--debounce-ms", "10", "--log-level", "info"]),
+            dir.path().join(format!("control-plane-{run}.log")),
         )
     };
     let discover = || async {
