@@ -407,9 +407,12 @@ impl Registry {
             .ok()?;
         // The registry never sees the request's outcome: count it as done at once so
         // in-flight counts stay at zero and the algorithm spreads by its other signals.
-        cached
-            .balancer
-            .complete(pick.endpoint, None, Outcome::default(), now);
+        cached.balancer.complete(
+            pick.endpoint,
+            fulcrum_core::Served::ByPick,
+            Outcome::default(),
+            now,
+        );
         let index = *cached.ids.get(&pick.endpoint)?;
         cached.entries.get(index).cloned()
     }

@@ -6,7 +6,10 @@
 //! to retries in order). A rejection becomes a local 429/503 or, when the policy says
 //! `fail_open`, no header at all so Envoy's fallback policy picks. On the response path the
 //! outcome (status, Envoy's response flags, the upstream that really served, latency to the
-//! first response byte) goes back to the core. `on_log`, which Envoy calls for every stream,
+//! first response byte) goes back to the core, charged to the endpoint that earned it: a
+//! response from a host that is neither the pick nor one of its retry targets means Envoy's
+//! `override_host` ignored the pick (counted in `fulcrum_override_ignored_total`) and the pick
+//! is charged nothing. `on_log`, which Envoy calls for every stream,
 //! completes a request that ended without response headers (reset, timeout), so in-flight
 //! counts never leak.
 //!
@@ -20,7 +23,7 @@ use std::{
     time::Duration,
 };
 
-use fulcrum_core::{Outcome, Rejection, RequestAttributes, RequestNeeds};
+use fulcrum_core::{Outcome, Rejection, RequestAttributes, RequestNeeds, RetryTargets, Served};
 use proxy_wasm::{
     hostcalls,
     traits::{Context, HttpContext},
@@ -48,6 +51,8 @@ mod flags {
 struct Pending {
     service: Rc<str>,
     endpoint: SocketAddr,
+    /// The addresses after the pick in the header: a response from one of them is a retry.
+    retry_targets: RetryTargets,
     started: Duration,
     set_cookie: Option<String>,
 }
@@ -120,6 +125,7 @@ impl Request {
                 self.pending = Some(Pending {
                     service: key,
                     endpoint: pick.endpoint,
+                    retry_targets: pick.retry_targets,
                     started: now,
                     set_cookie: pick.set_sticky_cookie,
                 });
@@ -185,15 +191,20 @@ impl Request {
             timeout: flags & (flags::UPSTREAM_REQUEST_TIMEOUT | flags::STREAM_IDLE_TIMEOUT) != 0,
             latency: now().saturating_sub(pending.started),
         };
-        let served_by = string_property(&["upstream", "address"])
-            .and_then(|address| address.parse::<SocketAddr>().ok())
-            .filter(|address| *address != pending.endpoint);
+        let upstream = string_property(&["upstream", "address"])
+            .and_then(|address| address.parse::<SocketAddr>().ok());
+        let attempts = int_property(&["upstream", "request_attempt_count"]);
+        let served_by =
+            Served::classify(pending.endpoint, &pending.retry_targets, upstream, attempts);
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
             return;
         };
         let Some(service) = worker.service_by_key(&pending.service) else {
             return;
         };
+        if matches!(served_by, Served::ByFallback(_)) {
+            service.metrics.override_ignored();
+        }
         let transitions = service
             .balancer
             .complete(pending.endpoint, served_by, outcome, now());

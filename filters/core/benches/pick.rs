@@ -85,7 +85,12 @@ fn pick_and_complete(c: &mut Criterion) {
                         latency: Duration::from_millis(5),
                         ..Outcome::default()
                     };
-                    black_box(balancer.complete(pick.endpoint, None, outcome, now));
+                    black_box(balancer.complete(
+                        pick.endpoint,
+                        fulcrum_core::Served::ByPick,
+                        outcome,
+                        now,
+                    ));
                 });
             });
         }

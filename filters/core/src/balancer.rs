@@ -84,7 +84,8 @@ impl RetryTargets {
         &self.addresses[..usize::from(self.len)]
     }
 
-    fn contains(&self, address: &SocketAddr) -> bool {
+    /// Whether `address` is one of the targets.
+    pub fn contains(&self, address: &SocketAddr) -> bool {
         self.as_slice().contains(address)
     }
 
@@ -109,6 +110,47 @@ pub struct Pick {
     /// A complete `Set-Cookie` header value (`name=value; Path=/; HttpOnly[; Max-Age=n]`) to
     /// add to the response: a new sticky session or a generated hash cookie.
     pub set_sticky_cookie: Option<String>,
+}
+
+/// Who produced a request's outcome, relative to the pick the filter wrote: decides which
+/// endpoint's breaker and latency estimate the outcome is charged to.
+///
+/// Envoy reports the upstream that served the last attempt (`upstream.address`) and how many
+/// attempts there were (`upstream.request_attempt_count`). On the first attempt the host is
+/// the pick when `override_host` honoured it; any other host means it did not (the address
+/// is not an endpoint of the routed cluster: EDS behind the snapshot, a cluster without the
+/// override policy, a service name that is not the routed cluster) and its fallback policy
+/// chose: the pick never received the request and is charged nothing. After a retry, a host
+/// among the pick's retry targets means the pick failed its attempt; any other host is again
+/// the fallback's choice, and the pick is given the benefit of the doubt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// The pick served it (or Envoy named no upstream, e.g. no attempt connected).
+    ByPick,
+    /// A retry target of the pick served it after the pick's attempt failed.
+    ByRetryTarget(SocketAddr),
+    /// Envoy's fallback chose this host instead of the pick; the pick is charged nothing.
+    ByFallback(SocketAddr),
+}
+
+impl Served {
+    /// Classifies Envoy's `upstream` host and attempt count against the pick and its retry
+    /// targets. An unknown attempt count is read as "maybe retried".
+    pub fn classify(
+        picked: SocketAddr,
+        retry_targets: &RetryTargets,
+        upstream: Option<SocketAddr>,
+        attempts: Option<u64>,
+    ) -> Self {
+        match upstream {
+            None => Self::ByPick,
+            Some(upstream) if upstream == picked => Self::ByPick,
+            Some(upstream) if attempts != Some(1) && retry_targets.contains(&upstream) => {
+                Self::ByRetryTarget(upstream)
+            }
+            Some(upstream) => Self::ByFallback(upstream),
+        }
+    }
 }
 
 /// Why no endpoint was picked.
@@ -482,18 +524,18 @@ impl ServiceBalancer {
         })
     }
 
-    /// Records the end of a request picked on `picked`.
+    /// Records the end of a request picked on `picked`, charging `outcome` to whoever
+    /// [`Served`] it.
     ///
-    /// `served_by` is the endpoint that produced `outcome` when Envoy retried elsewhere (then
-    /// the attempt on `picked` counts as a failure there, with the failure penalty as its
-    /// latency); `None` means `picked` served it.
-    /// Decrements `picked`'s inflight, feeds latency and failure to the serving endpoint, and
-    /// returns the breaker transitions this caused so the filter can count ejections.
-    /// Endpoints no longer present are ignored.
+    /// Always releases `picked`'s in-flight count. [`Served::ByRetryTarget`] also records the
+    /// pick's attempt as a failure (at the failure penalty latency); [`Served::ByFallback`]
+    /// charges the pick nothing. The endpoint that served (if it is one of this service's)
+    /// gets the outcome's latency and verdict. Returns the breaker transitions this caused so
+    /// the filter can count ejections. Endpoints no longer present are ignored.
     pub fn complete(
         &mut self,
         picked: SocketAddr,
-        served_by: Option<SocketAddr>,
+        served_by: Served,
         outcome: Outcome,
         now: Duration,
     ) -> Transitions {
@@ -510,8 +552,11 @@ impl ServiceBalancer {
             LoadBalancer::PeakEwma(config) => config.clone(),
             _ => PeakEwma::default(),
         };
-        let served = served_by.unwrap_or(picked);
-        if served != picked
+        let served = match served_by {
+            Served::ByPick => picked,
+            Served::ByRetryTarget(served) | Served::ByFallback(served) => served,
+        };
+        if matches!(served_by, Served::ByRetryTarget(_))
             && let Some(slot) = picked_slot
         {
             let stats = &mut self.slots[slot].stats;

@@ -17,6 +17,7 @@ pub mod duration;
 pub mod endpoint;
 pub mod policy;
 pub mod ratelimit;
+pub mod receive;
 pub mod rng;
 pub mod select;
 pub mod validate;
@@ -28,7 +29,7 @@ mod test_support;
 mod tests;
 
 pub use balancer::{
-    EndpointView, Outcome, Pick, Rejection, RequestAttributes, RequestNeeds, RetryTargets,
+    EndpointView, Outcome, Pick, Rejection, RequestAttributes, RequestNeeds, RetryTargets, Served,
     ServiceBalancer, Transition, Transitions,
 };
 pub use breaker::BreakerState;

@@ -109,7 +109,7 @@ pub fn pick_and_complete(
     let pick = balancer
         .pick(&Default::default(), now, rng)
         .expect("an endpoint is admissible");
-    balancer.complete(pick.endpoint, None, outcome, now);
+    balancer.complete(pick.endpoint, crate::Served::ByPick, outcome, now);
     pick.endpoint
 }
 
@@ -125,7 +125,7 @@ pub fn fail_on(
     for _ in 0..times {
         transitions.extend(
             balancer
-                .complete(endpoint, None, outcome, now)
+                .complete(endpoint, crate::Served::ByPick, outcome, now)
                 .iter()
                 .copied(),
         );

@@ -85,7 +85,12 @@ fn native(c: &mut Criterion) {
                     latency: Duration::from_micros(50),
                     ..Outcome::default()
                 };
-                black_box(balancer.complete(pick.endpoint, Some(pick.endpoint), outcome, now));
+                black_box(balancer.complete(
+                    pick.endpoint,
+                    fulcrum_core::Served::ByPick,
+                    outcome,
+                    now,
+                ));
             })
         });
     }

@@ -87,7 +87,7 @@ fn weighted_least_request_divides_weight_by_active_requests() {
                 &mut Sequence::units(&[fraction]),
             )
             .unwrap();
-        balancer.complete(pick.endpoint, None, ok(ms(1)), ms(0));
+        balancer.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), ms(0));
         pick.endpoint
     };
     assert_eq!(at(0.33), addr(1)); // 0.33 × 1.5 = 0.495 < 0.5
@@ -100,8 +100,8 @@ fn peak_ewma_steers_away_from_a_slow_endpoint_and_penalises_fast_failures() {
         &policy(LoadBalancer::PeakEwma(PeakEwma::default())),
         &endpoints(2),
     );
-    balancer.complete(addr(1), None, ok(ms(100)), ms(0));
-    balancer.complete(addr(2), None, ok(ms(10)), ms(0));
+    balancer.complete(addr(1), crate::Served::ByPick, ok(ms(100)), ms(0));
+    balancer.complete(addr(2), crate::Served::ByPick, ok(ms(10)), ms(0));
     let pick = |balancer: &mut ServiceBalancer| {
         let pick = balancer
             .pick(
@@ -110,12 +110,12 @@ fn peak_ewma_steers_away_from_a_slow_endpoint_and_penalises_fast_failures() {
                 &mut Sequence::units(&[0.0, 0.0]),
             )
             .unwrap();
-        balancer.complete(pick.endpoint, None, ok(ms(10)), ms(1));
+        balancer.complete(pick.endpoint, crate::Served::ByPick, ok(ms(10)), ms(1));
         pick.endpoint
     };
     assert_eq!(pick(&mut balancer), addr(2));
     // A 5ms 503 on addr(2) counts as 500ms (the failure penalty): addr(1) now looks better.
-    balancer.complete(addr(2), None, status(503), ms(2));
+    balancer.complete(addr(2), crate::Served::ByPick, status(503), ms(2));
     let pick = balancer
         .pick(
             &Default::default(),
@@ -143,7 +143,7 @@ fn health_score_prefers_the_endpoint_with_fewer_recent_failures() {
             .pick(&Default::default(), ms(1), &mut Sequence::units(&fractions))
             .unwrap();
         assert_eq!(pick.endpoint, addr(2));
-        balancer.complete(pick.endpoint, None, ok(ms(1)), ms(1));
+        balancer.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), ms(1));
     }
 }
 
@@ -157,7 +157,7 @@ fn by_header(balancer: &mut ServiceBalancer, key: &str) -> std::net::SocketAddr 
         ..Default::default()
     };
     let pick = balancer.pick(&attributes, ms(0), &mut seeded()).unwrap();
-    balancer.complete(pick.endpoint, None, ok(ms(1)), ms(0));
+    balancer.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), ms(0));
     pick.endpoint
 }
 
@@ -431,12 +431,12 @@ fn updating_endpoints_keeps_the_stats_of_those_that_survive() {
             (addr(4), "closed", 0)
         ]
     );
-    balancer.complete(in_flight.endpoint, None, ok(ms(1)), ms(1));
+    balancer.complete(in_flight.endpoint, crate::Served::ByPick, ok(ms(1)), ms(1));
     assert_eq!(balancer.endpoints().next().unwrap().inflight, 0);
     // Completing for an endpoint that left is ignored.
     assert!(
         balancer
-            .complete(addr(3), None, status(503), ms(1))
+            .complete(addr(3), crate::Served::ByPick, status(503), ms(1))
             .is_empty()
     );
 }
@@ -646,7 +646,7 @@ proptest! {
         }
         for (i, (endpoint, fail)) in picked.into_iter().enumerate() {
             let outcome = if fail { status(503) } else { ok(ms(2)) };
-            balancer.complete(endpoint, None, outcome, ms(100 + i as u64));
+            balancer.complete(endpoint, crate::Served::ByPick, outcome, ms(100 + i as u64));
         }
         prop_assert!(balancer.endpoints().all(|v| v.inflight == 0));
     }
@@ -677,7 +677,12 @@ fn latency_is_fed_to_the_endpoint_that_served() {
         .unwrap();
     assert_eq!(pick.endpoint, addr(1));
     // Envoy retried on addr(2), which answered slowly: addr(2) gets the latency.
-    balancer.complete(addr(1), Some(addr(2)), ok(ms(900)), ms(1));
+    balancer.complete(
+        addr(1),
+        crate::Served::ByRetryTarget(addr(2)),
+        ok(ms(900)),
+        ms(1),
+    );
     let slots = balancer.slots_for_tests();
     let estimate = |i: usize| slots[i].stats.ewma.estimate_nanos(ms(1), secs(10), ms(30));
     assert_eq!(estimate(1), 900_000_000.0);

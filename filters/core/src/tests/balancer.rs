@@ -39,7 +39,7 @@ fn ejects_after_five_consecutive_failures_and_skips_the_endpoint() {
             .pick(&Default::default(), secs(2), &mut rng)
             .unwrap();
         assert_ne!(pick.endpoint, addr(2));
-        balancer.complete(pick.endpoint, None, ok(ms(1)), secs(2));
+        balancer.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), secs(2));
     }
 }
 
@@ -115,4 +115,102 @@ fn keeps_traffic_in_the_local_zone_until_too_few_are_admissible_then_fails_over(
             addr(3)
         );
     }
+}
+
+#[test]
+fn a_host_envoy_chose_instead_of_the_pick_charges_the_pick_nothing() {
+    // The pick is not in the routed cluster: override_host falls back and another host
+    // answers 503 every time. The pick never saw those requests and must stay closed.
+    let mut service = policy(LoadBalancer::RoundRobin);
+    service.outlier_detection = strict_outlier_detection(2);
+    let outsider: std::net::SocketAddr = "192.0.2.9:80".parse().unwrap();
+    let mut balancer = ServiceBalancer::new(&service, &endpoints(1));
+    let mut rng = Sequence::default();
+    for _ in 0..10 {
+        let pick = balancer
+            .pick(&Default::default(), secs(1), &mut rng)
+            .unwrap();
+        assert_eq!(pick.endpoint, addr(1));
+        let transitions = balancer.complete(
+            pick.endpoint,
+            crate::Served::ByFallback(outsider),
+            status(503),
+            secs(1),
+        );
+        assert!(transitions.is_empty());
+    }
+    let views: Vec<_> = balancer
+        .endpoints()
+        .map(|view| (view.breaker.name(), view.inflight))
+        .collect();
+    assert_eq!(views, [("closed", 0)]);
+}
+
+#[test]
+fn a_fallback_host_of_the_service_is_charged_its_own_outcome() {
+    let mut service = policy(LoadBalancer::RoundRobin);
+    service.outlier_detection = strict_outlier_detection(2);
+    let mut balancer = ServiceBalancer::new(&service, &endpoints(2));
+    let mut transitions = Vec::new();
+    for _ in 0..2 {
+        transitions.extend(
+            balancer
+                .complete(
+                    addr(1),
+                    crate::Served::ByFallback(addr(2)),
+                    status(503),
+                    secs(1),
+                )
+                .iter()
+                .copied(),
+        );
+    }
+    assert_eq!(transitions.len(), 1);
+    assert_eq!(transitions[0].endpoint, addr(2));
+    let breakers: Vec<_> = balancer.endpoints().map(|v| v.breaker.name()).collect();
+    assert_eq!(breakers, ["closed", "open"]);
+}
+
+#[test]
+fn the_upstream_is_classified_against_the_pick_and_its_retry_targets() {
+    let mut service = policy(LoadBalancer::RoundRobin);
+    service.retry = 1;
+    let mut balancer = ServiceBalancer::new(&service, &endpoints(3));
+    let pick = balancer
+        .pick(&Default::default(), secs(1), &mut Sequence::default())
+        .unwrap();
+    let retry = pick.retry_targets.as_slice()[0];
+    let other = [addr(1), addr(2), addr(3)]
+        .into_iter()
+        .find(|a| *a != pick.endpoint && *a != retry)
+        .unwrap();
+    let classify = |upstream, attempts| {
+        crate::Served::classify(pick.endpoint, &pick.retry_targets, upstream, attempts)
+    };
+    assert_eq!(classify(None, Some(1)), crate::Served::ByPick);
+    assert_eq!(
+        classify(Some(pick.endpoint), Some(1)),
+        crate::Served::ByPick
+    );
+    assert_eq!(
+        classify(Some(pick.endpoint), Some(2)),
+        crate::Served::ByPick
+    );
+    assert_eq!(
+        classify(Some(retry), Some(2)),
+        crate::Served::ByRetryTarget(retry)
+    );
+    assert_eq!(
+        classify(Some(retry), None),
+        crate::Served::ByRetryTarget(retry)
+    );
+    // One attempt that reached a retry target: override_host ignored the pick.
+    assert_eq!(
+        classify(Some(retry), Some(1)),
+        crate::Served::ByFallback(retry)
+    );
+    assert_eq!(
+        classify(Some(other), Some(2)),
+        crate::Served::ByFallback(other)
+    );
 }

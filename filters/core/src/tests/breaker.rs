@@ -236,7 +236,7 @@ fn below_the_panic_threshold_ejections_are_ignored() {
             .pick(&Default::default(), secs(2), &mut rng)
             .unwrap();
         assert!([addr(3), addr(4)].contains(&pick.endpoint));
-        balancer.complete(pick.endpoint, None, ok(ms(1)), secs(2));
+        balancer.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), secs(2));
     }
     // 1 of 4 = 25% < 50%: panic, every selected endpoint takes traffic again.
     fail_on(&mut balancer, addr(3), status(503), 1, secs(2));
@@ -285,14 +285,19 @@ fn a_retry_elsewhere_counts_as_a_failure_of_the_picked_endpoint() {
             .pick(&Default::default(), secs(1), &mut rng)
             .unwrap();
         assert_eq!(pick.endpoint, addr(1));
-        let t = balancer.complete(addr(1), Some(addr(3)), ok(ms(5)), secs(1));
+        let t = balancer.complete(
+            addr(1),
+            crate::Served::ByRetryTarget(addr(3)),
+            ok(ms(5)),
+            secs(1),
+        );
         transitions.extend(t.iter().copied());
         // Rotate back to addr(1).
         for _ in 0..2 {
             let other = balancer
                 .pick(&Default::default(), secs(1), &mut rng)
                 .unwrap();
-            balancer.complete(other.endpoint, None, ok(ms(5)), secs(1));
+            balancer.complete(other.endpoint, crate::Served::ByPick, ok(ms(5)), secs(1));
         }
     }
     assert_eq!(transitions.len(), 1);
@@ -410,12 +415,12 @@ proptest! {
                         prop_assert_eq!(view.breaker.name(), "closed");
                     }
                     let outcome = if fail { status(503) } else { ok(ms(3)) };
-                    balancer.complete(pick.endpoint, None, outcome, now);
+                    balancer.complete(pick.endpoint, crate::Served::ByPick, outcome, now);
                 }
                 Err(rejection) => prop_assert_eq!(rejection.reason(), "all_ejected"),
             }
             if fail {
-                balancer.complete(addr(fail_target + 1), None, status(502), now);
+                balancer.complete(addr(fail_target + 1), crate::Served::ByPick, status(502), now);
             }
         }
     }
