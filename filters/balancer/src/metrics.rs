@@ -9,10 +9,10 @@
 //! defining the same name shares one counter, so counters and the gauge below aggregate
 //! across workers.
 //!
-//! Per-endpoint stats are defined lazily on first use and capped at
-//! [`MAX_ENDPOINT_METRICS`] per service and VM, so churning endpoints cannot grow memory
-//! without bound;
-//! past the cap `fulcrum_endpoint_metrics_dropped_total` counts what was not recorded.
+//! Per-endpoint stats are defined lazily on first use, released when the endpoint leaves the
+//! snapshot, and capped at [`MAX_ENDPOINT_METRICS`] current endpoints per service and VM, so
+//! churning endpoints cannot grow the VM's memory without bound; past the cap
+//! `fulcrum_endpoint_metrics_dropped_total` counts what was not recorded.
 
 use std::{collections::HashMap, net::SocketAddr};
 
@@ -81,6 +81,8 @@ pub struct Metrics {
     override_header_stripped: MetricId,
     snapshot_updates: MetricId,
     snapshot_rejected: MetricId,
+    snapshot_services_skipped: MetricId,
+    snapshot_policy_rejected: MetricId,
     snapshot_fetch_failures: MetricId,
     endpoint_metrics_dropped: MetricId,
 }
@@ -99,6 +101,8 @@ impl Metrics {
             override_header_stripped: counter("fulcrum_override_header_stripped_total"),
             snapshot_updates: counter("fulcrum_snapshot_updates_total"),
             snapshot_rejected: counter("fulcrum_snapshot_rejected_total"),
+            snapshot_services_skipped: counter("fulcrum_snapshot_services_skipped_total"),
+            snapshot_policy_rejected: counter("fulcrum_snapshot_policy_rejected_total"),
             snapshot_fetch_failures: counter("fulcrum_snapshot_fetch_failures_total"),
             endpoint_metrics_dropped: counter("fulcrum_endpoint_metrics_dropped_total"),
         }
@@ -128,6 +132,16 @@ impl Metrics {
         add(self.snapshot_rejected, 1);
     }
 
+    /// A service of a fetched snapshot was left out as invalid.
+    pub fn snapshot_service_skipped(&self) {
+        add(self.snapshot_services_skipped, 1);
+    }
+
+    /// A fetched snapshot's policy was refused; the policy in force stays.
+    pub fn snapshot_policy_rejected(&self) {
+        add(self.snapshot_policy_rejected, 1);
+    }
+
     pub fn snapshot_fetch_failed(&self) {
         add(self.snapshot_fetch_failures, 1);
     }
@@ -143,6 +157,9 @@ pub struct ServiceMetrics {
     fail_fast: MetricId,
     /// `fulcrum_rate_limited_total`: requests answered 429.
     rate_limited: MetricId,
+    /// `fulcrum_override_ignored_total`: responses from a host Envoy chose instead of the
+    /// pick (the pick is not an endpoint of the routed cluster).
+    override_ignored: MetricId,
     /// Copied from [`Metrics`] so the request path needs only this struct.
     endpoint_metrics_dropped: MetricId,
     endpoints: HashMap<SocketAddr, EndpointMetrics>,
@@ -160,6 +177,10 @@ impl ServiceMetrics {
                 MetricType::Counter,
                 &format!("fulcrum_rate_limited_total.{suffix}"),
             ),
+            override_ignored: define(
+                MetricType::Counter,
+                &format!("fulcrum_override_ignored_total.{suffix}"),
+            ),
             endpoint_metrics_dropped: vm.endpoint_metrics_dropped,
             suffix,
             endpoints: HashMap::new(),
@@ -172,6 +193,10 @@ impl ServiceMetrics {
 
     pub fn rate_limited(&self) {
         add(self.rate_limited, 1);
+    }
+
+    pub fn override_ignored(&self) {
+        add(self.override_ignored, 1);
     }
 
     pub fn picked(&mut self, endpoint: SocketAddr) {
@@ -197,9 +222,13 @@ impl ServiceMetrics {
         }
     }
 
-    /// An endpoint left the snapshot while its circuit was not closed in this VM.
-    pub fn removed_while_open(&mut self, endpoint: SocketAddr) {
-        if let Some(metrics) = self.endpoints.get(&endpoint) {
+    /// An endpoint left the snapshot: if its circuit was not closed in this VM, this VM's
+    /// share of the circuit-open gauge goes; its stat handles are forgotten (Envoy keeps the
+    /// stats themselves; an endpoint that returns gets the same ones back by name).
+    pub fn release(&mut self, endpoint: SocketAddr, circuit_open: bool) {
+        if let Some(metrics) = self.endpoints.remove(&endpoint)
+            && circuit_open
+        {
             add(metrics.circuit_open, -1);
         }
     }

@@ -9,7 +9,7 @@
 
 use std::{cell::RefCell, collections::BTreeMap, rc::Rc};
 
-use fulcrum_core::{ServiceEndpoints, Snapshot};
+use fulcrum_core::{ServiceEndpoints, Snapshot, receive::receive};
 use proxy_wasm::{
     hostcalls,
     traits::{Context, HttpContext, RootContext},
@@ -19,9 +19,11 @@ use proxy_wasm::{
 use crate::{
     config::{ControlPlane, FilterConfig},
     http::Request,
-    log_error, log_info, log_warn, now,
+    log_error, log_info, log_warn,
+    metrics::Metrics,
+    now,
     sync::SharedKeys,
-    worker::{Worker, validate_snapshot},
+    worker::Worker,
 };
 
 /// The version given to a snapshot built from the configuration's static endpoints.
@@ -212,7 +214,7 @@ impl Configured {
                     .ok()
                     .flatten()
                     .unwrap_or_default();
-                match parse_snapshot(&body) {
+                match parse_snapshot(&body, Some(&worker.metrics)) {
                     Ok(snapshot) => {
                         if self.keys.publish(&body, &snapshot.version).is_err() {
                             log_warn(
@@ -258,7 +260,7 @@ impl Configured {
         let Some(body) = self.keys.published_snapshot() else {
             return;
         };
-        match parse_snapshot(&body) {
+        match parse_snapshot(&body, None) {
             Ok(snapshot) => {
                 worker.apply(&snapshot);
                 worker.metrics.snapshot_updated();
@@ -269,12 +271,31 @@ impl Configured {
     }
 }
 
-/// Parses and validates a snapshot body.
-fn parse_snapshot(body: &[u8]) -> Result<Snapshot, String> {
-    let snapshot: Snapshot =
-        serde_json::from_slice(body).map_err(|e| format!("malformed snapshot JSON: {e}"))?;
-    validate_snapshot(&snapshot).map_err(|errors| errors.to_string().replace('\n', "; "))?;
-    Ok(snapshot)
+/// Parses a snapshot body with [`fulcrum_core::receive`]: services that are invalid on their
+/// own and a policy that does not validate are left out, logged by name and, when `metrics`
+/// is given (the VM that fetched the body; others applying the shared copy pass `None`),
+/// counted. Fails only for a body that is not a snapshot at all.
+fn parse_snapshot(body: &[u8], metrics: Option<&Metrics>) -> Result<Snapshot, String> {
+    let received = receive(body).map_err(|error| error.to_string())?;
+    for skipped in &received.skipped {
+        if let Some(metrics) = metrics {
+            metrics.snapshot_service_skipped();
+            log_error(&format!(
+                "snapshot {}: left out service {}: {}",
+                received.snapshot.version, skipped.service, skipped.reason
+            ));
+        }
+    }
+    if let Some(reason) = &received.policy_error
+        && let Some(metrics) = metrics
+    {
+        metrics.snapshot_policy_rejected();
+        log_error(&format!(
+            "snapshot {}: refused its policy, keeping the one in force: {reason}",
+            received.snapshot.version
+        ));
+    }
+    Ok(received.snapshot)
 }
 
 fn static_services(config: &FilterConfig) -> BTreeMap<String, ServiceEndpoints> {

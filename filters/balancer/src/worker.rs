@@ -8,11 +8,7 @@
 
 use std::{collections::HashMap, net::SocketAddr, rc::Rc};
 
-use fulcrum_core::{
-    BreakerState, Endpoint, Policy, ServiceBalancer, Snapshot,
-    rng::SplitMix64,
-    validate::{ValidationError, ValidationErrors},
-};
+use fulcrum_core::{BreakerState, Endpoint, Policy, ServiceBalancer, Snapshot, rng::SplitMix64};
 
 use crate::metrics::{FailOpen, Metrics, ServiceMetrics};
 
@@ -39,9 +35,8 @@ pub struct Worker {
     /// Services of the current snapshot; `Rc<str>` keys so a request can keep its service
     /// name until the response without copying it.
     services: HashMap<Rc<str>, Service>,
-    /// The policy of the configuration, used when a snapshot carries none.
-    configured_policy: Policy,
-    /// The policy in force (the snapshot's, else the configured one).
+    /// The policy in force: the configuration's until a snapshot brings one, then the last
+    /// one a snapshot brought.
     policy: Policy,
     /// Version of the snapshot in force, `None` before the first one.
     version: Option<String>,
@@ -53,8 +48,7 @@ impl Worker {
     pub fn new(configured_policy: Policy, seed: u64) -> Self {
         Self {
             services: HashMap::new(),
-            policy: configured_policy.clone(),
-            configured_policy,
+            policy: configured_policy,
             version: None,
             metrics: Metrics::new(),
             rng: SplitMix64::new(seed),
@@ -98,22 +92,24 @@ impl Worker {
         self.services.get_mut(key)
     }
 
-    /// Applies a validated snapshot: new services get balancers, kept services keep the stats
-    /// of their surviving endpoints, services whose policy changed start afresh, and removed
-    /// services are dropped.
+    /// Applies a received snapshot: new services get balancers, services whose selection
+    /// policy is unchanged keep the state of their surviving endpoints (a change of
+    /// `health_check` alone, or of another service's policy, resets nothing), services whose
+    /// selection policy changed start afresh, and removed services are dropped. A snapshot
+    /// without a policy keeps the policy in force (the configured one until a snapshot brings
+    /// one).
     pub fn apply(&mut self, snapshot: &Snapshot) {
-        let policy = snapshot
-            .policy
-            .clone()
-            .unwrap_or_else(|| self.configured_policy.clone());
-        let policy_changed = policy != self.policy;
-        self.policy = policy;
+        let previous_policy = match &snapshot.policy {
+            Some(policy) => std::mem::replace(&mut self.policy, policy.clone()),
+            None => self.policy.clone(),
+        };
         let mut previous = std::mem::take(&mut self.services);
         for (name, endpoints) in &snapshot.services {
             let service_policy = self.policy.for_service(name);
+            let unchanged = service_policy.same_selection(previous_policy.for_service(name));
             let key: Rc<str> = Rc::from(name.as_str());
             let service = match previous.remove(name.as_str()) {
-                Some(mut service) if !policy_changed => {
+                Some(mut service) if unchanged => {
                     release_removed(&mut service, &endpoints.endpoints);
                     service.balancer.update_endpoints(&endpoints.endpoints);
                     service
@@ -137,45 +133,22 @@ impl Worker {
     }
 }
 
-/// Takes the endpoints that are about to disappear out of the circuit-open gauge.
+/// Takes the endpoints that are about to disappear out of the circuit-open gauge and frees
+/// their stat handles, so the per-service cap counts current endpoints, not every address
+/// the service ever had.
 fn release_removed(service: &mut Service, remaining: &[Endpoint]) {
-    let open: Vec<SocketAddr> = service
+    let removed: Vec<(SocketAddr, bool)> = service
         .balancer
         .endpoints()
-        .filter(|view| !matches!(view.breaker, BreakerState::Closed { .. }))
-        .map(|view| view.endpoint.address)
-        .filter(|address| !remaining.iter().any(|e| e.address == *address))
+        .filter(|view| !remaining.iter().any(|e| e.address == view.endpoint.address))
+        .map(|view| {
+            (
+                view.endpoint.address,
+                !matches!(view.breaker, BreakerState::Closed { .. }),
+            )
+        })
         .collect();
-    for address in open {
-        service.metrics.removed_while_open(address);
-    }
-}
-
-/// Checks a snapshot before it replaces the one in force: its policy (if any) and endpoint
-/// weights, collecting every error.
-pub fn validate_snapshot(snapshot: &Snapshot) -> Result<(), ValidationErrors> {
-    let mut errors = Vec::new();
-    if let Some(policy) = &snapshot.policy
-        && let Err(policy_errors) = policy.validate()
-    {
-        errors.extend(policy_errors.errors.into_iter().map(|e| ValidationError {
-            path: format!("policy.{}", e.path),
-            message: e.message,
-        }));
-    }
-    for (service, endpoints) in &snapshot.services {
-        for (index, endpoint) in endpoints.endpoints.iter().enumerate() {
-            if endpoint.weight == 0 {
-                errors.push(ValidationError {
-                    path: format!("services.{service}.endpoints[{index}].weight"),
-                    message: "must be at least 1, got 0".to_owned(),
-                });
-            }
-        }
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(ValidationErrors { errors })
+    for (address, open) in removed {
+        service.metrics.release(address, open);
     }
 }

@@ -59,6 +59,35 @@ pub struct ServicePolicy {
     pub health_check: Option<HealthCheck>,
 }
 
+impl ServicePolicy {
+    /// Whether `other` selects, protects and limits exactly like `self`: every field but
+    /// `health_check`, which only the control plane acts on. A filter keeps a service's
+    /// balancing state (breakers, latency estimates, in-flight counts) across a policy change
+    /// for which this holds.
+    pub fn same_selection(&self, other: &Self) -> bool {
+        // Destructured so a new field must be placed on one side or the other.
+        let Self {
+            load_balancer,
+            endpoint_selector,
+            locality,
+            outlier_detection,
+            failure_kinds,
+            on_no_endpoint,
+            rate_limit,
+            retry,
+            health_check: _,
+        } = self;
+        *load_balancer == other.load_balancer
+            && *endpoint_selector == other.endpoint_selector
+            && *locality == other.locality
+            && *outlier_detection == other.outlier_detection
+            && *failure_kinds == other.failure_kinds
+            && *on_no_endpoint == other.on_no_endpoint
+            && *rate_limit == other.rate_limit
+            && *retry == other.retry
+    }
+}
+
 /// The selection algorithm, tagged by `type` (e.g. `{"type": "least_request"}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]

@@ -5,3 +5,4 @@ mod algorithms;
 mod balancer;
 mod breaker;
 mod policy;
+mod receive;

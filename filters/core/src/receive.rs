@@ -1,0 +1,197 @@
+//! Taking a snapshot body from the control plane: tolerant of what a newer control plane
+//! adds, strict about what would break balancing, and degrading per service.
+//!
+//! A filter receives one JSON document for the whole mesh. Refusing all of it for one bad
+//! endpoint would freeze every service on every proxy, so [`receive`] checks each service on
+//! its own: a service whose endpoints do not parse or validate is left out (named, with the
+//! reason, in [`Received::skipped`]) and the rest applies. A policy that does not parse or
+//! validate is left out the same way ([`Received::policy_error`]); the filter then keeps the
+//! policy it has.
+//!
+//! **Compatibility (filter N-1 against control plane N).** Fields a filter does not know are
+//! ignored at every level of the snapshot: the document, a service, an endpoint. So a control
+//! plane may add fields freely; an older filter balances on the fields it knows. The policy is
+//! the exception: it is parsed strictly (an operator's typo must not be ignored), so a policy
+//! using a field the filter does not know is refused by that filter, which keeps its previous
+//! policy and counts the refusal. Roll filters out before using a new policy field.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use serde::Deserialize;
+
+use crate::{
+    Policy, ServiceEndpoints, Snapshot,
+    validate::{ValidationError, ValidationErrors},
+};
+
+/// The endpoint fields this version knows; others are dropped before parsing (see the
+/// module docs). A test keeps it equal to what [`crate::Endpoint`] serializes.
+pub const ENDPOINT_FIELDS: &[&str] = &[
+    "address",
+    "weight",
+    "zone",
+    "tags",
+    "capabilities",
+    "metadata",
+    "health",
+];
+
+/// What a filter keeps of a snapshot body.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    /// The services that parsed and validated, and the policy if it did.
+    pub snapshot: Snapshot,
+    /// Services left out, each with why.
+    pub skipped: Vec<Skipped>,
+    /// Why the snapshot's policy was left out, if it was.
+    pub policy_error: Option<String>,
+}
+
+/// A service left out of a received snapshot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Skipped {
+    /// The service name.
+    pub service: String,
+    /// Every problem found, with its path (`services.<name>.endpoints[2].weight: ...`).
+    pub reason: String,
+}
+
+/// Why a snapshot body could not be used at all.
+#[derive(Debug, thiserror::Error)]
+pub enum ReceiveError {
+    /// Not JSON, or no `version` string.
+    #[error(
+        "snapshot is not a JSON object with a string `version` (line {line}, column {column}): {source}"
+    )]
+    Malformed {
+        line: usize,
+        column: usize,
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+#[derive(Deserialize)]
+struct Wire {
+    version: String,
+    #[serde(default)]
+    services: BTreeMap<String, serde_json::Value>,
+    #[serde(default)]
+    policy: Option<serde_json::Value>,
+}
+
+/// Parses a snapshot body, keeping every service that is valid on its own.
+pub fn receive(body: &[u8]) -> Result<Received, ReceiveError> {
+    let wire: Wire = serde_json::from_slice(body).map_err(|source| ReceiveError::Malformed {
+        line: source.line(),
+        column: source.column(),
+        source,
+    })?;
+    let mut services = BTreeMap::new();
+    let mut skipped = Vec::new();
+    for (name, value) in wire.services {
+        match service(&name, value) {
+            Ok(endpoints) => {
+                services.insert(name, endpoints);
+            }
+            Err(reason) => skipped.push(Skipped {
+                service: name,
+                reason,
+            }),
+        }
+    }
+    let (policy, policy_error) = match wire.policy {
+        None | Some(serde_json::Value::Null) => (None, None),
+        Some(value) => match policy(value) {
+            Ok(policy) => (Some(policy), None),
+            Err(reason) => (None, Some(reason)),
+        },
+    };
+    Ok(Received {
+        snapshot: Snapshot {
+            version: wire.version,
+            services,
+            policy,
+        },
+        skipped,
+        policy_error,
+    })
+}
+
+/// The service fields this version knows; others are dropped before parsing.
+const SERVICE_FIELDS: &[&str] = &["endpoints"];
+
+fn service(name: &str, mut value: serde_json::Value) -> Result<ServiceEndpoints, String> {
+    if let Some(fields) = value.as_object_mut() {
+        fields.retain(|key, _| SERVICE_FIELDS.contains(&key.as_str()));
+    }
+    if let Some(endpoints) = value
+        .get_mut("endpoints")
+        .and_then(serde_json::Value::as_array_mut)
+    {
+        for endpoint in endpoints {
+            if let Some(fields) = endpoint.as_object_mut() {
+                fields.retain(|key, _| ENDPOINT_FIELDS.contains(&key.as_str()));
+            }
+        }
+    }
+    let endpoints = ServiceEndpoints::deserialize(value)
+        .map_err(|error| format!("services.{name}: {error}"))?;
+    validate_service(name, &endpoints).map_err(|errors| errors.to_string().replace('\n', "; "))?;
+    Ok(endpoints)
+}
+
+fn policy(value: serde_json::Value) -> Result<Policy, String> {
+    let policy = Policy::deserialize(value).map_err(|error| format!("policy: {error}"))?;
+    policy.validate().map_err(|errors| {
+        errors
+            .errors
+            .iter()
+            .map(|error| format!("policy.{}: {}", error.path, error.message))
+            .collect::<Vec<_>>()
+            .join("; ")
+    })?;
+    Ok(policy)
+}
+
+/// Checks one service's endpoints: a name, weights of at least 1, addresses a proxy can
+/// connect to (no port 0, no unspecified IP), no address twice.
+pub fn validate_service(name: &str, service: &ServiceEndpoints) -> Result<(), ValidationErrors> {
+    let mut errors = Vec::new();
+    if name.is_empty() {
+        errors.push(ValidationError {
+            path: "services.\"\"".to_owned(),
+            message: "service name must not be empty".to_owned(),
+        });
+    }
+    let mut seen = BTreeSet::new();
+    for (index, endpoint) in service.endpoints.iter().enumerate() {
+        let path = |field: &str| format!("services.{name}.endpoints[{index}].{field}");
+        if endpoint.weight == 0 {
+            errors.push(ValidationError {
+                path: path("weight"),
+                message: "must be at least 1, got 0".to_owned(),
+            });
+        }
+        if endpoint.address.port() == 0 || endpoint.address.ip().is_unspecified() {
+            errors.push(ValidationError {
+                path: path("address"),
+                message: format!(
+                    "must be a connectable IP:port, got {} (port 0 or an unspecified IP)",
+                    endpoint.address
+                ),
+            });
+        }
+        if !seen.insert(endpoint.address) {
+            errors.push(ValidationError {
+                path: path("address"),
+                message: format!("{} appears twice in the service", endpoint.address),
+            });
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(ValidationErrors { errors })
+    }
+}
