@@ -3,11 +3,19 @@
 //! The classic token bucket (as in Envoy's local rate limit filter): capacity `burst`, refilled
 //! continuously at `requests_per_second`; a request takes one token or is rejected with the
 //! time until the next token. Tokens are counted in millionths so refill is exact integer
-//! arithmetic. Client buckets are keyed by a 64-bit hash of the key (memory per client is
-//! constant whatever the key length) and capped at `max_clients`: a new client when full
-//! evicts the least recently used one, so memory is bounded by the cap.
+//! arithmetic.
+//!
+//! With a client key, a request must find a token in its client's bucket **and** in the
+//! service bucket, and takes one from each: a client is held to its own share, and rotating
+//! keys cannot lift the service's limit. Client buckets are keyed by a 64-bit hash of the key
+//! (memory per client is constant whatever the key length) and capped at `max_clients`: a new
+//! client when full evicts the client whose bucket was created longest ago, in O(1) (a FIFO of
+//! keys), so memory is bounded by the cap and a flood of new keys costs constant time each.
 
-use std::{collections::HashMap, time::Duration};
+use std::{
+    collections::{HashMap, VecDeque},
+    time::Duration,
+};
 
 use crate::{policy::RateLimit, select::hash::hash_bytes};
 
@@ -30,8 +38,8 @@ impl Bucket {
         }
     }
 
-    /// Refills, then takes one token or says how long until one is available.
-    fn take(&mut self, rate_micro_per_sec: u64, burst: u64, now: Duration) -> Result<(), Duration> {
+    /// Brings the bucket up to `now`.
+    fn refill(&mut self, rate_micro_per_sec: u64, burst: u64, now: Duration) {
         let elapsed = now.saturating_sub(self.updated_at);
         let refill = elapsed.as_nanos() * u128::from(rate_micro_per_sec) / 1_000_000_000;
         let capacity = burst * MICROS_PER_TOKEN;
@@ -39,16 +47,23 @@ impl Bucket {
         // Rounding loses under one millionth of a token per call.
         self.micro_tokens = refilled as u64;
         self.updated_at = now.max(self.updated_at);
+    }
+
+    /// After [`refill`](Self::refill): `Ok` if a token is there, else the time until one is.
+    fn check(&self, rate_micro_per_sec: u64) -> Result<(), Duration> {
         if self.micro_tokens >= MICROS_PER_TOKEN {
-            self.micro_tokens -= MICROS_PER_TOKEN;
-            Ok(())
-        } else {
-            let missing = u128::from(MICROS_PER_TOKEN - self.micro_tokens);
-            let nanos = (missing * 1_000_000_000).div_ceil(u128::from(rate_micro_per_sec.max(1)));
-            Err(Duration::from_nanos(
-                u64::try_from(nanos).unwrap_or(u64::MAX),
-            ))
+            return Ok(());
         }
+        let missing = u128::from(MICROS_PER_TOKEN - self.micro_tokens);
+        let nanos = (missing * 1_000_000_000).div_ceil(u128::from(rate_micro_per_sec.max(1)));
+        Err(Duration::from_nanos(
+            u64::try_from(nanos).unwrap_or(u64::MAX),
+        ))
+    }
+
+    /// Takes the token [`check`](Self::check) found.
+    fn take(&mut self) {
+        self.micro_tokens = self.micro_tokens.saturating_sub(MICROS_PER_TOKEN);
     }
 }
 
@@ -60,6 +75,8 @@ pub struct RateLimiter {
     max_clients: usize,
     service: Bucket,
     clients: HashMap<u64, Bucket>,
+    /// Client keys in the order their buckets were created: the front is evicted first.
+    created: VecDeque<u64>,
 }
 
 impl RateLimiter {
@@ -74,30 +91,46 @@ impl RateLimiter {
             max_clients,
             service: Bucket::full(burst, now),
             clients: HashMap::with_capacity(max_clients),
+            created: VecDeque::with_capacity(max_clients),
         }
     }
 
-    /// Admits one request (of `client`, when keyed) or returns how long to wait.
+    /// Admits one request (of `client`, when keyed) or returns how long to wait: a keyed
+    /// request needs a token in its client's bucket and in the service bucket.
     pub fn admit(&mut self, client: Option<&str>, now: Duration) -> Result<(), Duration> {
+        let (rate, burst) = (self.rate_micro_per_sec, self.burst);
+        self.service.refill(rate, burst, now);
         let Some(client) = client else {
-            return self.service.take(self.rate_micro_per_sec, self.burst, now);
+            self.service.check(rate)?;
+            self.service.take();
+            return Ok(());
         };
         let key = hash_bytes(client.as_bytes());
-        if !self.clients.contains_key(&key) && self.clients.len() >= self.max_clients {
-            let oldest = self
-                .clients
-                .iter()
-                .min_by_key(|(_, bucket)| bucket.updated_at)
-                .map(|(&key, _)| key);
-            if let Some(oldest) = oldest {
+        if !self.clients.contains_key(&key) {
+            if self.clients.len() >= self.max_clients
+                && let Some(oldest) = self.created.pop_front()
+            {
                 self.clients.remove(&oldest);
             }
+            self.clients.insert(key, Bucket::full(burst, now));
+            self.created.push_back(key);
         }
         let bucket = self
             .clients
-            .entry(key)
-            .or_insert_with(|| Bucket::full(self.burst, now));
-        bucket.take(self.rate_micro_per_sec, self.burst, now)
+            .get_mut(&key)
+            .expect("inserted above when missing");
+        bucket.refill(rate, burst, now);
+        let client_wait = bucket.check(rate);
+        let service_wait = self.service.check(rate);
+        match (client_wait, service_wait) {
+            (Ok(()), Ok(())) => {
+                bucket.take();
+                self.service.take();
+                Ok(())
+            }
+            (Err(a), Err(b)) => Err(a.max(b)),
+            (Err(wait), Ok(())) | (Ok(()), Err(wait)) => Err(wait),
+        }
     }
 
     /// Number of client buckets held (at most `max_clients`).
@@ -149,24 +182,42 @@ mod tests {
     }
 
     #[test]
-    fn clients_have_separate_buckets() {
-        let mut limiter = limiter(1.0, 1, 8);
+    fn clients_have_separate_buckets_within_the_service_bucket() {
+        let mut limiter = limiter(1.0, 2, 8);
+        assert_eq!(limiter.admit(Some("alice"), Duration::ZERO), Ok(()));
         assert_eq!(limiter.admit(Some("alice"), Duration::ZERO), Ok(()));
         assert!(limiter.admit(Some("alice"), Duration::ZERO).is_err());
-        assert_eq!(limiter.admit(Some("bob"), Duration::ZERO), Ok(()));
-        assert_eq!(limiter.admit(None, Duration::ZERO), Ok(()));
+        // Bob has a full bucket of his own, but the service bucket is empty.
+        assert_eq!(
+            limiter.admit(Some("bob"), Duration::ZERO),
+            Err(Duration::from_secs(1))
+        );
+        assert!(limiter.admit(None, Duration::ZERO).is_err());
     }
 
     #[test]
-    fn evicts_the_least_recently_used_client_when_full() {
-        let mut limiter = limiter(1.0, 1, 2);
+    fn rotating_client_keys_cannot_exceed_the_service_limit() {
+        let mut limiter = limiter(10.0, 5, 1024);
+        let admitted = (0..1_000)
+            .filter(|i| {
+                let at = Duration::from_millis(*i);
+                limiter.admit(Some(&format!("client-{i}")), at).is_ok()
+            })
+            .count();
+        // One second at 10/s plus the burst of 5.
+        assert!((14..=16).contains(&admitted), "{admitted}");
+    }
+
+    #[test]
+    fn evicts_the_oldest_client_when_full() {
+        let mut limiter = limiter(1000.0, 1, 2);
         let t = Duration::from_millis;
         assert_eq!(limiter.admit(Some("a"), t(0)), Ok(()));
         assert_eq!(limiter.admit(Some("b"), t(1)), Ok(()));
         assert_eq!(limiter.admit(Some("c"), t(2)), Ok(()));
         assert_eq!(limiter.clients(), 2);
-        // "a" was evicted, so it starts again with a full bucket; "c" is still limited.
+        // "a" was evicted: it starts again with a full bucket.
         assert_eq!(limiter.admit(Some("a"), t(3)), Ok(()));
-        assert!(limiter.admit(Some("c"), t(4)).is_err());
+        assert_eq!(limiter.clients(), 2);
     }
 }
