@@ -10,7 +10,8 @@
 //! completes a request that ended without response headers (reset, timeout), so in-flight
 //! counts never leak.
 //!
-//! Nothing here panics: host calls are used through `hostcalls`, whose errors become "absent".
+//! Every header and property is read through [`crate::input`], as bytes: anything not UTF-8,
+//! too long or unusable is treated as absent and counted, never a panic.
 
 use std::{
     cell::RefCell,
@@ -29,7 +30,8 @@ use proxy_wasm::{
 
 use crate::{
     config::{FilterConfig, ServiceSource},
-    metrics::FailOpen,
+    input::{self, Input},
+    metrics::{FailOpen, Metrics},
     now,
     worker::{Routed, Worker},
 };
@@ -57,28 +59,35 @@ struct Pending {
 pub struct Request {
     config: Rc<FilterConfig>,
     worker: Rc<RefCell<Worker>>,
+    /// The VM's stats (the worker's), reachable without borrowing the worker.
+    metrics: Rc<Metrics>,
     pending: Option<Pending>,
 }
 
 impl Request {
     pub fn new(config: Rc<FilterConfig>, worker: Rc<RefCell<Worker>>) -> Self {
+        let metrics = worker.borrow().metrics.clone();
         Self {
             config,
             worker,
+            metrics,
             pending: None,
         }
     }
 
     /// The request's service name, per the configured source.
     fn service_name(&self) -> Option<String> {
+        let metrics = &self.metrics;
         match &self.config.service {
             ServiceSource::Authority => {
-                let authority = request_header(":authority")?;
+                let authority = input::request_header(":authority", Input::Authority, metrics)?;
                 Some(strip_port(&authority).to_owned())
             }
-            ServiceSource::Header { name } => request_header(name),
+            ServiceSource::Header { name } => input::request_header(name, Input::Service, metrics),
             ServiceSource::Fixed { name } => Some(name.clone()),
-            ServiceSource::RouteCluster => string_property(&["xds", "cluster_name"]),
+            ServiceSource::RouteCluster => {
+                input::string_property(&["xds", "cluster_name"], Input::RouteCluster, metrics)
+            }
         }
     }
 
@@ -100,7 +109,7 @@ impl Request {
             return Action::Continue;
         };
         let now = now();
-        let inputs = RequestInputs::read(service.balancer.request_needs());
+        let inputs = RequestInputs::read(service.balancer.request_needs(), metrics);
         let attributes = inputs.attributes();
         match service.balancer.pick(&attributes, now, rng) {
             Ok(pick) => {
@@ -162,9 +171,7 @@ impl Request {
     }
 
     fn fail_open(&self, why: FailOpen) -> Action {
-        if let Ok(worker) = self.worker.try_borrow() {
-            worker.metrics.fail_open(why);
-        }
+        self.metrics.fail_open(why);
         Action::Continue
     }
 
@@ -173,8 +180,10 @@ impl Request {
         let Some(pending) = self.pending.take() else {
             return;
         };
-        let flags = int_property(&["response", "flags"]).unwrap_or(0);
-        let status = int_property(&["response", "code"])
+        let metrics = &self.metrics;
+        let flags =
+            input::int_property(&["response", "flags"], Input::ResponseFlags, metrics).unwrap_or(0);
+        let status = input::int_property(&["response", "code"], Input::ResponseCode, metrics)
             .and_then(|code| u16::try_from(code).ok())
             .filter(|code| *code > 0);
         let outcome = Outcome {
@@ -185,9 +194,13 @@ impl Request {
             timeout: flags & (flags::UPSTREAM_REQUEST_TIMEOUT | flags::STREAM_IDLE_TIMEOUT) != 0,
             latency: now().saturating_sub(pending.started),
         };
-        let served_by = string_property(&["upstream", "address"])
-            .and_then(|address| address.parse::<SocketAddr>().ok())
-            .filter(|address| *address != pending.endpoint);
+        let served_by = input::parsed_property(
+            &["upstream", "address"],
+            Input::UpstreamAddress,
+            metrics,
+            |address| address.parse::<SocketAddr>().ok(),
+        )
+        .filter(|address| *address != pending.endpoint);
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
             return;
         };
@@ -207,16 +220,7 @@ impl Context for Request {}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        let header = self.config.override_header.as_str();
-        if matches!(
-            hostcalls::get_map_value(MapType::HttpRequestHeaders, header),
-            Ok(Some(_))
-        ) {
-            let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, header);
-            if let Ok(worker) = self.worker.try_borrow() {
-                worker.metrics.override_header_stripped();
-            }
-        }
+        input::strip_override_headers(&self.config.override_header, &self.metrics);
         self.pick()
     }
 
@@ -249,19 +253,22 @@ struct RequestInputs {
 }
 
 impl RequestInputs {
-    fn read(needs: RequestNeeds<'_>) -> Self {
+    fn read(needs: RequestNeeds<'_>, metrics: &Metrics) -> Self {
+        let header = |name: Option<&str>, input| {
+            name.and_then(|name| input::request_header(name, input, metrics))
+        };
         let wants_cookies = needs.hash_cookie.is_some() || needs.sticky_cookie.is_some();
         Self {
-            hash_header: needs.hash_header.and_then(request_header),
-            cookies: if wants_cookies {
-                request_header("cookie")
+            hash_header: header(needs.hash_header, Input::HashHeader),
+            cookies: header(wants_cookies.then_some("cookie"), Input::Cookie),
+            hash_cookie_name: needs.hash_cookie.map(str::to_owned),
+            sticky_cookie_name: needs.sticky_cookie.map(str::to_owned),
+            source_ip: if needs.source_ip {
+                source_ip(metrics)
             } else {
                 None
             },
-            hash_cookie_name: needs.hash_cookie.map(str::to_owned),
-            sticky_cookie_name: needs.sticky_cookie.map(str::to_owned),
-            source_ip: if needs.source_ip { source_ip() } else { None },
-            client_key: needs.client_key_header.and_then(request_header),
+            client_key: header(needs.client_key_header, Input::ClientKey),
         }
     }
 
@@ -280,32 +287,21 @@ impl RequestInputs {
     }
 }
 
-fn request_header(name: &str) -> Option<String> {
-    hostcalls::get_map_value(MapType::HttpRequestHeaders, name)
-        .ok()
-        .flatten()
-}
-
-fn string_property(path: &[&str]) -> Option<String> {
-    let bytes = hostcalls::get_property(path.to_vec()).ok().flatten()?;
-    String::from_utf8(bytes).ok()
-}
-
-/// An integer property: Envoy encodes them as 8 little-endian bytes.
-fn int_property(path: &[&str]) -> Option<u64> {
-    let bytes = hostcalls::get_property(path.to_vec()).ok().flatten()?;
-    <[u8; 8]>::try_from(bytes.as_slice())
-        .ok()
-        .map(u64::from_le_bytes)
-}
-
-fn source_ip() -> Option<IpAddr> {
-    let address = string_property(&["source", "address"])?;
-    address
-        .parse::<SocketAddr>()
-        .map(|socket| socket.ip())
-        .or_else(|_| address.parse::<IpAddr>())
-        .ok()
+/// The downstream IP (`source.address` is `ip:port`, or an IP); anything else (a pipe path)
+/// is unusable and counted.
+fn source_ip(metrics: &Metrics) -> Option<IpAddr> {
+    input::parsed_property(
+        &["source", "address"],
+        Input::SourceAddress,
+        metrics,
+        |address| {
+            address
+                .parse::<SocketAddr>()
+                .map(|socket| socket.ip())
+                .or_else(|_| address.parse::<IpAddr>())
+                .ok()
+        },
+    )
 }
 
 /// `host` of `host:port` or `[v6]:port`; the input itself when there is no port.

@@ -2,8 +2,9 @@
 //!
 //! proxy-wasm metrics have no labels, so labels are encoded in the stat name the way Envoy's
 //! tag extraction expects (`stats_config.stats_tags`, as Istio does): `<name>.service.<svc>`,
-//! `<name>.service.<svc>.endpoint.<ip:port>` and `<name>.reason.<reason>`. With the tag
-//! regexes of `docs/filter.md` in the bootstrap, `/stats/prometheus` shows
+//! `<name>.service.<svc>.endpoint.<ip:port>`, `<name>.reason.<reason>` and
+//! `<name>.input.<input>`. With the tag regexes of `docs/filter.md` in the bootstrap,
+//! `/stats/prometheus` shows
 //! `fulcrum_endpoint_picks_total{service="checkout",endpoint="10.0.0.1:8080"}`; without them
 //! the labels stay part of the (sanitised) name. Envoy stats are process-wide: every worker VM
 //! defining the same name shares one counter, so counters and the gauge below aggregate
@@ -18,6 +19,8 @@ use std::{collections::HashMap, net::SocketAddr};
 
 use fulcrum_core::{BreakerState, Rejection, Transition};
 use proxy_wasm::{hostcalls, types::MetricType};
+
+use crate::input::Input;
 
 /// Most per-endpoint stat sets one VM defines for one service.
 pub const MAX_ENDPOINT_METRICS: usize = 16_384;
@@ -79,6 +82,8 @@ pub struct Metrics {
     fail_open_all_ejected: MetricId,
     fail_open_internal: MetricId,
     override_header_stripped: MetricId,
+    /// `fulcrum_request_input_invalid_total.input.<input>`, indexed by `Input as usize`.
+    input_invalid: [MetricId; Input::ALL.len()],
     snapshot_updates: MetricId,
     snapshot_rejected: MetricId,
     snapshot_fetch_failures: MetricId,
@@ -97,6 +102,12 @@ impl Metrics {
             fail_open_all_ejected: counter("fulcrum_fail_open_total.reason.all_ejected"),
             fail_open_internal: counter("fulcrum_fail_open_total.reason.internal"),
             override_header_stripped: counter("fulcrum_override_header_stripped_total"),
+            input_invalid: Input::ALL.map(|input| {
+                counter(&format!(
+                    "fulcrum_request_input_invalid_total.input.{}",
+                    input.label()
+                ))
+            }),
             snapshot_updates: counter("fulcrum_snapshot_updates_total"),
             snapshot_rejected: counter("fulcrum_snapshot_rejected_total"),
             snapshot_fetch_failures: counter("fulcrum_snapshot_fetch_failures_total"),
@@ -118,6 +129,12 @@ impl Metrics {
 
     pub fn override_header_stripped(&self) {
         add(self.override_header_stripped, 1);
+    }
+
+    /// A request input was not UTF-8, too long or unusable, and was treated as absent.
+    pub fn input_invalid(&self, input: Input) {
+        // `Input::ALL` lists the inputs in declaration order, so the index is always in range.
+        add(self.input_invalid.get(input as usize).copied().flatten(), 1);
     }
 
     pub fn snapshot_updated(&self) {

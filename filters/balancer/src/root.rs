@@ -19,7 +19,9 @@ use proxy_wasm::{
 use crate::{
     config::{ControlPlane, FilterConfig},
     http::Request,
-    log_error, log_info, log_warn, now,
+    log_error, log_info, log_warn,
+    metrics::Metrics,
+    now,
     sync::SharedKeys,
     worker::{Worker, validate_snapshot},
 };
@@ -91,7 +93,11 @@ impl RootContext for Root {
             }
         };
         let seed = (now().as_nanos() as u64) ^ (u64::from(self.context_id) << 32);
-        let worker = Rc::new(RefCell::new(Worker::new(config.policy.clone(), seed)));
+        let worker = Rc::new(RefCell::new(Worker::new(
+            config.policy.clone(),
+            seed,
+            Rc::new(Metrics::new()),
+        )));
         let root_id = hostcalls::get_property(vec!["plugin_root_id"])
             .ok()
             .flatten()
