@@ -11,7 +11,8 @@
 //! counts never leak.
 //!
 //! Every header and property is read through [`crate::input`], as bytes: anything not UTF-8,
-//! too long or unusable is treated as absent and counted, never a panic.
+//! too long or unusable is treated as absent and counted, never a panic. A VM whose plugin is
+//! not configured hands out [`PassThrough`] contexts instead of none.
 
 use std::{
     cell::RefCell,
@@ -238,6 +239,36 @@ impl HttpContext for Request {
 
     fn on_log(&mut self) {
         self.complete();
+    }
+}
+
+/// The context of a request on a VM whose plugin is not configured (its `on_configure` failed
+/// or has not run): the SDK panics when `create_http_context` has no context to give, so the
+/// request gets this one. It strips the override header, counts a `not_configured` fail-open
+/// and lets the cluster's fallback policy pick.
+#[derive(Debug)]
+pub struct PassThrough {
+    /// The configured override header if the configuration parsed, else the default.
+    override_header: Rc<str>,
+    metrics: Rc<Metrics>,
+}
+
+impl PassThrough {
+    pub fn new(override_header: Rc<str>, metrics: Rc<Metrics>) -> Self {
+        Self {
+            override_header,
+            metrics,
+        }
+    }
+}
+
+impl Context for PassThrough {}
+
+impl HttpContext for PassThrough {
+    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        input::strip_override_headers(&self.override_header, &self.metrics);
+        self.metrics.fail_open(FailOpen::NotConfigured);
+        Action::Continue
     }
 }
 

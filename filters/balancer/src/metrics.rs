@@ -70,6 +70,9 @@ pub enum FailOpen {
     Rejected(Rejection),
     /// The filter's own state was unavailable (should not happen; counted to be seen).
     Internal,
+    /// The plugin has no valid configuration on this VM (`on_configure` failed or has not
+    /// run); the request passes through with only the override header stripped.
+    NotConfigured,
 }
 
 /// The VM-wide stats. Methods never fail: a stat that cannot be recorded is skipped.
@@ -81,6 +84,7 @@ pub struct Metrics {
     fail_open_no_endpoints: MetricId,
     fail_open_all_ejected: MetricId,
     fail_open_internal: MetricId,
+    fail_open_not_configured: MetricId,
     override_header_stripped: MetricId,
     /// `fulcrum_request_input_invalid_total.input.<input>`, indexed by `Input as usize`.
     input_invalid: [MetricId; Input::ALL.len()],
@@ -101,6 +105,7 @@ impl Metrics {
             fail_open_no_endpoints: counter("fulcrum_fail_open_total.reason.no_endpoints"),
             fail_open_all_ejected: counter("fulcrum_fail_open_total.reason.all_ejected"),
             fail_open_internal: counter("fulcrum_fail_open_total.reason.internal"),
+            fail_open_not_configured: counter("fulcrum_fail_open_total.reason.not_configured"),
             override_header_stripped: counter("fulcrum_override_header_stripped_total"),
             input_invalid: Input::ALL.map(|input| {
                 counter(&format!(
@@ -123,6 +128,7 @@ impl Metrics {
             FailOpen::Rejected(Rejection::AllEjected { .. }) => self.fail_open_all_ejected,
             FailOpen::Rejected(_) => self.fail_open_no_endpoints,
             FailOpen::Internal => self.fail_open_internal,
+            FailOpen::NotConfigured => self.fail_open_not_configured,
         };
         add(metric, 1);
     }

@@ -6,6 +6,10 @@
 //! `If-None-Match` when it wins, validates and publishes a new version, and applies any newer
 //! published version; an invalid or failed fetch is logged and counted and the last good
 //! snapshot stays in force.
+//!
+//! Every request gets a context, even before (or without) a valid configuration: the SDK
+//! panics when `create_http_context` returns `None`, so an unconfigured VM hands out
+//! [`PassThrough`] contexts that still strip the override header.
 
 use std::{cell::RefCell, collections::BTreeMap, rc::Rc};
 
@@ -17,8 +21,8 @@ use proxy_wasm::{
 };
 
 use crate::{
-    config::{ControlPlane, FilterConfig},
-    http::Request,
+    config::{ControlPlane, DEFAULT_OVERRIDE_HEADER, FilterConfig},
+    http::{PassThrough, Request},
     log_error, log_info, log_warn,
     metrics::Metrics,
     now,
@@ -34,7 +38,12 @@ const STATIC_VERSION: &str = "static";
 pub struct Root {
     /// The root context id, mixed into the random seed so VMs do not pick in lockstep.
     context_id: u32,
-    /// Set by a successful `on_configure`; `None` before (requests then fail open).
+    /// The VM's stats, defined with the root so an unconfigured VM can count too.
+    metrics: Rc<Metrics>,
+    /// The override header to strip: the configured one as soon as a configuration parsed,
+    /// else the default.
+    override_header: Rc<str>,
+    /// Set by a successful `on_configure`; `None` before (requests then pass through).
     configured: Option<Configured>,
 }
 
@@ -42,6 +51,8 @@ impl Root {
     pub fn new(context_id: u32) -> Self {
         Self {
             context_id,
+            metrics: Rc::new(Metrics::new()),
+            override_header: Rc::from(DEFAULT_OVERRIDE_HEADER),
             configured: None,
         }
     }
@@ -92,11 +103,12 @@ impl RootContext for Root {
                 return false;
             }
         };
+        self.override_header = Rc::from(config.override_header.as_str());
         let seed = (now().as_nanos() as u64) ^ (u64::from(self.context_id) << 32);
         let worker = Rc::new(RefCell::new(Worker::new(
             config.policy.clone(),
             seed,
-            Rc::new(Metrics::new()),
+            self.metrics.clone(),
         )));
         let root_id = hostcalls::get_property(vec!["plugin_root_id"])
             .ok()
@@ -148,12 +160,18 @@ impl RootContext for Root {
         }
     }
 
+    /// Always a context: `None` would panic the SDK's dispatcher.
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let configured = self.configured.as_ref()?;
-        Some(Box::new(Request::new(
-            configured.config.clone(),
-            configured.worker.clone(),
-        )))
+        Some(match &self.configured {
+            Some(configured) => Box::new(Request::new(
+                configured.config.clone(),
+                configured.worker.clone(),
+            )),
+            None => Box::new(PassThrough::new(
+                self.override_header.clone(),
+                self.metrics.clone(),
+            )),
+        })
     }
 
     fn get_type(&self) -> Option<ContextType> {
