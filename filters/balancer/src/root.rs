@@ -71,7 +71,7 @@ impl Context for Root {
     fn on_http_call_response(
         &mut self,
         token: u32,
-        _headers: usize,
+        headers: usize,
         body_size: usize,
         _trailers: usize,
     ) {
@@ -83,7 +83,7 @@ impl Context for Root {
         }
         configured.pending_poll = None;
         if let Some(control_plane) = &configured.config.control_plane {
-            configured.on_snapshot_response(control_plane, body_size);
+            configured.on_snapshot_response(control_plane, headers, body_size);
         }
     }
 }
@@ -214,16 +214,22 @@ impl Configured {
         }
     }
 
-    fn on_snapshot_response(&self, control_plane: &ControlPlane, body_size: usize) {
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+    /// Handles the answer to a snapshot request. `headers == 0` means the call was reset and
+    /// there is no response: Envoy then answers `BadArgument` to any header read, which the
+    /// SDK turns into a panic, so headers are read only when there are some, and as bytes.
+    fn on_snapshot_response(&self, control_plane: &ControlPlane, headers: usize, body_size: usize) {
+        let status = if headers == 0 {
+            None
+        } else {
+            hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+                .ok()
+                .flatten()
+        };
         let worker = self.worker.clone();
         let mut worker = worker.borrow_mut();
-        match status.as_str() {
-            "304" => {}
-            "200" if body_size > control_plane.max_snapshot_bytes => {
+        match status.as_deref() {
+            Some(b"304") => {}
+            Some(b"200") if body_size > control_plane.max_snapshot_bytes => {
                 worker.metrics.snapshot_rejected();
                 log_error(&format!(
                     "snapshot of {body_size} bytes exceeds control_plane.max_snapshot_bytes ({}); keeping version {:?}",
@@ -231,7 +237,7 @@ impl Configured {
                     worker.version()
                 ));
             }
-            "200" => {
+            Some(b"200") => {
                 let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
                     .ok()
                     .flatten()
@@ -261,9 +267,9 @@ impl Configured {
             other => {
                 worker.metrics.snapshot_fetch_failed();
                 log_warn(&format!(
-                    "snapshot request to cluster {} answered {:?}; keeping version {:?}",
+                    "snapshot request to cluster {} answered {}; keeping version {:?}",
                     control_plane.cluster,
-                    other,
+                    describe_status(other),
                     worker.version()
                 ));
             }
@@ -289,6 +295,19 @@ impl Configured {
             }
             // The publisher validated it; reaching here means shared data was corrupted.
             Err(message) => log_error(&format!("published snapshot is invalid: {message}")),
+        }
+    }
+}
+
+/// A `:status` for a log line: escaped and cut short, as it comes from the network.
+fn describe_status(status: Option<&[u8]>) -> String {
+    const SHOWN: usize = 16;
+    match status {
+        None => "no response (reset)".to_owned(),
+        Some(bytes) => {
+            let shown = bytes.get(..SHOWN).unwrap_or(bytes);
+            let ellipsis = if bytes.len() > SHOWN { "…" } else { "" };
+            format!("status \"{}{ellipsis}\"", shown.escape_ascii())
         }
     }
 }

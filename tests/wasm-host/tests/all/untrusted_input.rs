@@ -2,11 +2,12 @@
 //! the ways a client (or a misbehaving peer) can send it — bytes 0x80..=0xFF, a repeated
 //! header, an upper-case name, a 60 KiB value — must not trap, must never let a client's
 //! override header reach the upstream, must be counted when unusable, and must leave the
-//! filter picking for the requests that follow.
+//! filter picking for the requests that follow. Also the control plane's snapshot response
+//! with a `:status` or body that is not UTF-8, and a reset snapshot call.
 
-use fulcrum_wasm_host::{Plugin, Request};
+use fulcrum_wasm_host::{Outcome, Plugin, Request, Response};
 
-use crate::test_support::filter;
+use crate::test_support::{filter, ms};
 
 const OVERRIDE: &str = "x-fulcrum-endpoint";
 const ENDPOINTS: [&str; 3] = ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"];
@@ -454,6 +455,58 @@ fn response_properties_of_the_wrong_shape_are_counted_and_never_trap() -> anyhow
     assert_eq!(plugin.metric(&invalid("response_code"))?, 1);
     assert_eq!(plugin.metric(&invalid("response_flags"))?, 1);
     assert_eq!(plugin.metric(&invalid("upstream_address"))?, 2);
+    ordinary_request_is_picked(&plugin)?;
+    Ok(())
+}
+
+const CONTROL_PLANE: &str = "fulcrum_control_plane";
+
+/// One poll: the next snapshot call is answered with `outcome`, delivered and applied.
+fn poll(plugin: &Plugin, outcome: impl Into<Outcome>) -> anyhow::Result<()> {
+    plugin.script_http_call(CONTROL_PLANE, outcome);
+    plugin.advance_clock(ms(1_000));
+    plugin.tick_all()?; // the lease winner dispatches the call
+    plugin.tick_all()?; // delivered; a new snapshot is published and applied
+    Ok(())
+}
+
+#[test]
+fn snapshot_response_that_is_not_utf8_or_was_reset_keeps_the_last_good_snapshot()
+-> anyhow::Result<()> {
+    let plugin = filter()
+        .configure(
+            r#"{"control_plane": {"cluster": "fulcrum_control_plane", "poll_interval": "1s"},
+                "policy": {"default": {"load_balancer": {"type": "round_robin"}}}}"#,
+        )
+        .cluster(CONTROL_PLANE)
+        .start()?;
+    let good = r#"{"version": "v1", "services": {"checkout": {"endpoints": [
+        {"address": "10.0.0.1:8080"}, {"address": "10.0.0.2:8080"}]}}}"#;
+    poll(&plugin, Response::ok(good))?;
+    assert_eq!(plugin.metric("fulcrum_snapshot_updates_total")?, 1);
+
+    poll(
+        &plugin,
+        Response::raw_status(b"\xff\x802".to_vec()).body(good),
+    )?;
+    poll(&plugin, Response::raw_status(vec![b'2'; HUGE]))?;
+    assert_eq!(plugin.metric("fulcrum_snapshot_fetch_failures_total")?, 2);
+    assert!(
+        plugin.logged(fulcrum_wasm_host::LogLevel::Warn, r#"status "\xff\x802""#),
+        "the status is logged escaped:\n{}",
+        plugin.logs_text()
+    );
+
+    poll(&plugin, Response::ok(b"{\"version\": \"\xff\"}".to_vec()))?;
+    poll(&plugin, Response::ok(vec![0xfe; 4096]))?;
+    assert_eq!(plugin.metric("fulcrum_snapshot_rejected_total")?, 2);
+
+    // A reset call has no response at all: Envoy refuses header reads then.
+    poll(&plugin, Outcome::Reset)?;
+    assert_eq!(plugin.metric("fulcrum_snapshot_fetch_failures_total")?, 3);
+    assert!(plugin.logged(fulcrum_wasm_host::LogLevel::Warn, "no response (reset)"));
+
+    assert_eq!(plugin.metric("fulcrum_snapshot_updates_total")?, 1);
     ordinary_request_is_picked(&plugin)?;
     Ok(())
 }
