@@ -115,8 +115,12 @@ pub struct Request {
 }
 
 impl Request {
-    pub fn new(config: Rc<FilterConfig>, worker: Rc<RefCell<Worker>>) -> Self {
-        let metrics = worker.borrow().metrics.clone();
+    /// A request over the VM's `worker`; `metrics` are the worker's (`Worker::metrics`).
+    pub fn new(
+        config: Rc<FilterConfig>,
+        worker: Rc<RefCell<Worker>>,
+        metrics: Rc<Metrics>,
+    ) -> Self {
         Self {
             config,
             worker,

@@ -166,6 +166,7 @@ impl RootContext for Root {
             Some(configured) => Box::new(Request::new(
                 configured.config.clone(),
                 configured.worker.clone(),
+                self.metrics.clone(),
             )),
             None => Box::new(PassThrough::new(
                 self.override_header.clone(),
