@@ -247,6 +247,7 @@ pub fn stats_tags() -> Value {
         {"tag_name": "service", "regex": r"(\.service\.(.+?))(?:\.endpoint\.|$)"},
         {"tag_name": "endpoint", "regex": r"(\.endpoint\.(.+))$"},
         {"tag_name": "reason", "regex": r"fulcrum_fail_open_total(\.reason\.(\w+))$"},
+        {"tag_name": "input", "regex": r"fulcrum_request_input_invalid_total(\.input\.(\w+))$"},
     ])
 }
 

@@ -8,10 +8,12 @@
 //!
 //! Modules follow the proxy-wasm SDK's shape: [`root`] (the root context: configuration,
 //! snapshot polling and sharing) and [`http`] (one context per request), over [`worker`]
-//! (the per-VM balancing state).
+//! (the per-VM balancing state). [`input`] reads every request header and property, none of
+//! which the filter trusts.
 
 pub mod config;
 pub mod http;
+pub mod input;
 mod metrics;
 pub mod root;
 mod sync;

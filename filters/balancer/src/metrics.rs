@@ -2,8 +2,9 @@
 //!
 //! proxy-wasm metrics have no labels, so labels are encoded in the stat name the way Envoy's
 //! tag extraction expects (`stats_config.stats_tags`, as Istio does): `<name>.service.<svc>`,
-//! `<name>.service.<svc>.endpoint.<ip:port>` and `<name>.reason.<reason>`. With the tag
-//! regexes of `docs/filter.md` in the bootstrap, `/stats/prometheus` shows
+//! `<name>.service.<svc>.endpoint.<ip:port>`, `<name>.reason.<reason>` and
+//! `<name>.input.<input>`. With the tag regexes of `docs/filter.md` in the bootstrap,
+//! `/stats/prometheus` shows
 //! `fulcrum_endpoint_picks_total{service="checkout",endpoint="10.0.0.1:8080"}`; without them
 //! the labels stay part of the (sanitised) name. Envoy stats are process-wide: every worker VM
 //! defining the same name shares one counter, so counters and the gauge below aggregate
@@ -18,6 +19,8 @@ use std::{collections::HashMap, net::SocketAddr};
 
 use fulcrum_core::{BreakerState, Rejection, Transition};
 use proxy_wasm::{hostcalls, types::MetricType};
+
+use crate::input::Input;
 
 /// Most per-endpoint stat sets one VM defines for one service.
 pub const MAX_ENDPOINT_METRICS: usize = 16_384;
@@ -67,6 +70,9 @@ pub enum FailOpen {
     Rejected(Rejection),
     /// The filter's own state was unavailable (should not happen; counted to be seen).
     Internal,
+    /// The plugin has no valid configuration on this VM (`on_configure` failed or has not
+    /// run); the request passes through with only the override header stripped.
+    NotConfigured,
 }
 
 /// The VM-wide stats. Methods never fail: a stat that cannot be recorded is skipped.
@@ -78,7 +84,10 @@ pub struct Metrics {
     fail_open_no_endpoints: MetricId,
     fail_open_all_ejected: MetricId,
     fail_open_internal: MetricId,
+    fail_open_not_configured: MetricId,
     override_header_stripped: MetricId,
+    /// `fulcrum_request_input_invalid_total.input.<input>`, indexed by `Input as usize`.
+    input_invalid: [MetricId; Input::ALL.len()],
     snapshot_updates: MetricId,
     snapshot_rejected: MetricId,
     snapshot_services_skipped: MetricId,
@@ -98,7 +107,14 @@ impl Metrics {
             fail_open_no_endpoints: counter("fulcrum_fail_open_total.reason.no_endpoints"),
             fail_open_all_ejected: counter("fulcrum_fail_open_total.reason.all_ejected"),
             fail_open_internal: counter("fulcrum_fail_open_total.reason.internal"),
+            fail_open_not_configured: counter("fulcrum_fail_open_total.reason.not_configured"),
             override_header_stripped: counter("fulcrum_override_header_stripped_total"),
+            input_invalid: Input::ALL.map(|input| {
+                counter(&format!(
+                    "fulcrum_request_input_invalid_total.input.{}",
+                    input.label()
+                ))
+            }),
             snapshot_updates: counter("fulcrum_snapshot_updates_total"),
             snapshot_rejected: counter("fulcrum_snapshot_rejected_total"),
             snapshot_services_skipped: counter("fulcrum_snapshot_services_skipped_total"),
@@ -116,12 +132,19 @@ impl Metrics {
             FailOpen::Rejected(Rejection::AllEjected { .. }) => self.fail_open_all_ejected,
             FailOpen::Rejected(_) => self.fail_open_no_endpoints,
             FailOpen::Internal => self.fail_open_internal,
+            FailOpen::NotConfigured => self.fail_open_not_configured,
         };
         add(metric, 1);
     }
 
     pub fn override_header_stripped(&self) {
         add(self.override_header_stripped, 1);
+    }
+
+    /// A request input was not UTF-8, too long or unusable, and was treated as absent.
+    pub fn input_invalid(&self, input: Input) {
+        // `Input::ALL` lists the inputs in declaration order, so the index is always in range.
+        add(self.input_invalid.get(input as usize).copied().flatten(), 1);
     }
 
     pub fn snapshot_updated(&self) {

@@ -6,6 +6,10 @@
 //! `If-None-Match` when it wins, validates and publishes a new version, and applies any newer
 //! published version; an invalid or failed fetch is logged and counted and the last good
 //! snapshot stays in force.
+//!
+//! Every request gets a context, even before (or without) a valid configuration: the SDK
+//! panics when `create_http_context` returns `None`, so an unconfigured VM hands out
+//! [`PassThrough`] contexts that still strip the override header.
 
 use std::{cell::RefCell, collections::BTreeMap, rc::Rc};
 
@@ -17,8 +21,8 @@ use proxy_wasm::{
 };
 
 use crate::{
-    config::{ControlPlane, FilterConfig},
-    http::Request,
+    config::{ControlPlane, DEFAULT_OVERRIDE_HEADER, FilterConfig},
+    http::{PassThrough, Request},
     log_error, log_info, log_warn,
     metrics::Metrics,
     now,
@@ -34,7 +38,12 @@ const STATIC_VERSION: &str = "static";
 pub struct Root {
     /// The root context id, mixed into the random seed so VMs do not pick in lockstep.
     context_id: u32,
-    /// Set by a successful `on_configure`; `None` before (requests then fail open).
+    /// The VM's stats, defined with the root so an unconfigured VM can count too.
+    metrics: Rc<Metrics>,
+    /// The override header to strip: the configured one as soon as a configuration parsed,
+    /// else the default.
+    override_header: Rc<str>,
+    /// Set by a successful `on_configure`; `None` before (requests then pass through).
     configured: Option<Configured>,
 }
 
@@ -42,6 +51,8 @@ impl Root {
     pub fn new(context_id: u32) -> Self {
         Self {
             context_id,
+            metrics: Rc::new(Metrics::new()),
+            override_header: Rc::from(DEFAULT_OVERRIDE_HEADER),
             configured: None,
         }
     }
@@ -60,7 +71,7 @@ impl Context for Root {
     fn on_http_call_response(
         &mut self,
         token: u32,
-        _headers: usize,
+        headers: usize,
         body_size: usize,
         _trailers: usize,
     ) {
@@ -72,7 +83,7 @@ impl Context for Root {
         }
         configured.pending_poll = None;
         if let Some(control_plane) = &configured.config.control_plane {
-            configured.on_snapshot_response(control_plane, body_size);
+            configured.on_snapshot_response(control_plane, headers, body_size);
         }
     }
 }
@@ -92,8 +103,13 @@ impl RootContext for Root {
                 return false;
             }
         };
+        self.override_header = Rc::from(config.override_header.as_str());
         let seed = (now().as_nanos() as u64) ^ (u64::from(self.context_id) << 32);
-        let worker = Rc::new(RefCell::new(Worker::new(config.policy.clone(), seed)));
+        let worker = Rc::new(RefCell::new(Worker::new(
+            config.policy.clone(),
+            seed,
+            self.metrics.clone(),
+        )));
         let root_id = hostcalls::get_property(vec!["plugin_root_id"])
             .ok()
             .flatten()
@@ -144,12 +160,19 @@ impl RootContext for Root {
         }
     }
 
+    /// Always a context: `None` would panic the SDK's dispatcher.
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        let configured = self.configured.as_ref()?;
-        Some(Box::new(Request::new(
-            configured.config.clone(),
-            configured.worker.clone(),
-        )))
+        Some(match &self.configured {
+            Some(configured) => Box::new(Request::new(
+                configured.config.clone(),
+                configured.worker.clone(),
+                self.metrics.clone(),
+            )),
+            None => Box::new(PassThrough::new(
+                self.override_header.clone(),
+                self.metrics.clone(),
+            )),
+        })
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -192,16 +215,22 @@ impl Configured {
         }
     }
 
-    fn on_snapshot_response(&self, control_plane: &ControlPlane, body_size: usize) {
-        let status = hostcalls::get_map_value(MapType::HttpCallResponseHeaders, ":status")
-            .ok()
-            .flatten()
-            .unwrap_or_default();
+    /// Handles the answer to a snapshot request. `headers == 0` means the call was reset and
+    /// there is no response: Envoy then answers `BadArgument` to any header read, which the
+    /// SDK turns into a panic, so headers are read only when there are some, and as bytes.
+    fn on_snapshot_response(&self, control_plane: &ControlPlane, headers: usize, body_size: usize) {
+        let status = if headers == 0 {
+            None
+        } else {
+            hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+                .ok()
+                .flatten()
+        };
         let worker = self.worker.clone();
         let mut worker = worker.borrow_mut();
-        match status.as_str() {
-            "304" => {}
-            "200" if body_size > control_plane.max_snapshot_bytes => {
+        match status.as_deref() {
+            Some(b"304") => {}
+            Some(b"200") if body_size > control_plane.max_snapshot_bytes => {
                 worker.metrics.snapshot_rejected();
                 log_error(&format!(
                     "snapshot of {body_size} bytes exceeds control_plane.max_snapshot_bytes ({}); keeping version {:?}",
@@ -209,7 +238,7 @@ impl Configured {
                     worker.version()
                 ));
             }
-            "200" => {
+            Some(b"200") => {
                 let body = hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
                     .ok()
                     .flatten()
@@ -239,9 +268,9 @@ impl Configured {
             other => {
                 worker.metrics.snapshot_fetch_failed();
                 log_warn(&format!(
-                    "snapshot request to cluster {} answered {:?}; keeping version {:?}",
+                    "snapshot request to cluster {} answered {}; keeping version {:?}",
                     control_plane.cluster,
-                    other,
+                    describe_status(other),
                     worker.version()
                 ));
             }
@@ -296,6 +325,19 @@ fn parse_snapshot(body: &[u8], metrics: Option<&Metrics>) -> Result<Snapshot, St
         ));
     }
     Ok(received.snapshot)
+}
+
+/// A `:status` for a log line: escaped and cut short, as it comes from the network.
+fn describe_status(status: Option<&[u8]>) -> String {
+    const SHOWN: usize = 16;
+    match status {
+        None => "no response (reset)".to_owned(),
+        Some(bytes) => {
+            let shown = bytes.get(..SHOWN).unwrap_or(bytes);
+            let ellipsis = if bytes.len() > SHOWN { "…" } else { "" };
+            format!("status \"{}{ellipsis}\"", shown.escape_ascii())
+        }
+    }
 }
 
 fn static_services(config: &FilterConfig) -> BTreeMap<String, ServiceEndpoints> {

@@ -40,17 +40,18 @@ pub struct Worker {
     policy: Policy,
     /// Version of the snapshot in force, `None` before the first one.
     version: Option<String>,
-    pub metrics: Metrics,
+    /// The VM-wide stats, shared with the root context and every request context.
+    pub metrics: Rc<Metrics>,
     pub rng: SplitMix64,
 }
 
 impl Worker {
-    pub fn new(configured_policy: Policy, seed: u64) -> Self {
+    pub fn new(configured_policy: Policy, seed: u64, metrics: Rc<Metrics>) -> Self {
         Self {
             services: HashMap::new(),
             policy: configured_policy,
             version: None,
-            metrics: Metrics::new(),
+            metrics,
             rng: SplitMix64::new(seed),
         }
     }

@@ -159,8 +159,8 @@ impl MetricType {
 
 /// Serializes header pairs the way proxy-wasm does: a u32 count, then a (name length, value
 /// length) u32 pair per entry, then each name and value followed by a NUL byte; all
-/// little-endian.
-pub(crate) fn encode_map(pairs: &[(String, String)]) -> Vec<u8> {
+/// little-endian. Names and values are bytes: the format carries their lengths.
+pub(crate) fn encode_map(pairs: &[(Vec<u8>, Vec<u8>)]) -> Vec<u8> {
     let payload: usize = pairs.iter().map(|(k, v)| k.len() + v.len() + 2).sum();
     let mut bytes = Vec::with_capacity(4 + pairs.len() * 8 + payload);
     bytes.extend_from_slice(&len_u32(pairs.len()).to_le_bytes());
@@ -169,22 +169,23 @@ pub(crate) fn encode_map(pairs: &[(String, String)]) -> Vec<u8> {
         bytes.extend_from_slice(&len_u32(value.len()).to_le_bytes());
     }
     for (name, value) in pairs {
-        bytes.extend_from_slice(name.as_bytes());
+        bytes.extend_from_slice(name);
         bytes.push(0);
-        bytes.extend_from_slice(value.as_bytes());
+        bytes.extend_from_slice(value);
         bytes.push(0);
     }
     bytes
 }
 
-/// Parses the format of [`encode_map`]; `None` when the bytes are truncated or not UTF-8.
-/// An empty slice is an empty map (the SDK sends one for `vec![]`).
-pub(crate) fn decode_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
+/// Parses the format of [`encode_map`]; `None` when the bytes are truncated. Names and values
+/// may be any bytes, as in Envoy. An empty slice is an empty map (the SDK sends one for
+/// `vec![]`).
+pub(crate) fn decode_map(bytes: &[u8]) -> Option<Vec<(Vec<u8>, Vec<u8>)>> {
     if bytes.is_empty() {
         return Some(Vec::new());
     }
     let read_u32 = |at: usize| -> Option<usize> {
-        let raw: [u8; 4] = bytes.get(at..at + 4)?.try_into().ok()?;
+        let raw: [u8; 4] = bytes.get(at..at.checked_add(4)?)?.try_into().ok()?;
         usize::try_from(u32::from_le_bytes(raw)).ok()
     };
     let count = read_u32(0)?;
@@ -193,14 +194,11 @@ pub(crate) fn decode_map(bytes: &[u8]) -> Option<Vec<(String, String)>> {
     for index in 0..count {
         let name_len = read_u32(4 + index * 8)?;
         let value_len = read_u32(8 + index * 8)?;
-        let name = bytes.get(data..data + name_len)?;
+        let name = bytes.get(data..data.checked_add(name_len)?)?;
         data += name_len + 1;
-        let value = bytes.get(data..data + value_len)?;
+        let value = bytes.get(data..data.checked_add(value_len)?)?;
         data += value_len + 1;
-        pairs.push((
-            String::from_utf8(name.to_vec()).ok()?,
-            String::from_utf8(value.to_vec()).ok()?,
-        ));
+        pairs.push((name.to_vec(), value.to_vec()));
     }
     Some(pairs)
 }
@@ -218,8 +216,8 @@ mod tests {
     #[test]
     fn map_encoding_round_trips_and_matches_the_sdk_layout() {
         let pairs = vec![
-            (":authority".to_string(), "checkout".to_string()),
-            ("x-empty".to_string(), String::new()),
+            (b":authority".to_vec(), b"checkout".to_vec()),
+            (b"x-empty".to_vec(), Vec::new()),
         ];
         let bytes = encode_map(&pairs);
         assert_eq!(&bytes[..4], &2u32.to_le_bytes());
@@ -229,8 +227,14 @@ mod tests {
     }
 
     #[test]
+    fn map_encoding_carries_any_bytes_including_nul() {
+        let pairs = vec![(b"x-\xff".to_vec(), b"\x80\x00\xfe".to_vec())];
+        assert_eq!(decode_map(&encode_map(&pairs)), Some(pairs));
+    }
+
+    #[test]
     fn truncated_map_is_rejected() {
-        let bytes = encode_map(&[("a".into(), "b".into())]);
+        let bytes = encode_map(&[(b"a".to_vec(), b"b".to_vec())]);
         assert_eq!(decode_map(&bytes[..bytes.len() - 2]), None);
     }
 }

@@ -13,6 +13,7 @@ use wasmtime_wasi::p1::WasiP1Ctx;
 
 use crate::{
     abi::{LogLevel, StreamType},
+    headers::HeaderMap,
     http_call::{HttpCall, Response},
     shared::Shared,
 };
@@ -23,20 +24,21 @@ pub struct LocalResponse {
     pub status: u32,
     pub details: String,
     pub body: Vec<u8>,
-    pub headers: Vec<(String, String)>,
+    /// Header names and values as the guest sent them (names lower-cased).
+    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
     /// `-1` when the reply is not gRPC.
     pub grpc_status: i32,
 }
 
-/// One HTTP stream context (request/response pair).
+/// One HTTP stream context (request/response pair). Header maps hold bytes, as Envoy's do.
 #[derive(Debug, Clone, Default)]
 pub(crate) struct StreamContext {
-    pub(crate) request_headers: Vec<(String, String)>,
+    pub(crate) request_headers: HeaderMap,
     pub(crate) request_body: Vec<u8>,
-    pub(crate) request_trailers: Vec<(String, String)>,
-    pub(crate) response_headers: Vec<(String, String)>,
+    pub(crate) request_trailers: HeaderMap,
+    pub(crate) response_headers: HeaderMap,
     pub(crate) response_body: Vec<u8>,
-    pub(crate) response_trailers: Vec<(String, String)>,
+    pub(crate) response_trailers: HeaderMap,
     /// NUL-separated path → Envoy-encoded value.
     pub(crate) properties: HashMap<Vec<u8>, Vec<u8>>,
     pub(crate) local_response: Option<LocalResponse>,

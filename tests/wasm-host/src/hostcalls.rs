@@ -15,7 +15,7 @@ use crate::{
         len_u32,
     },
     context::{HostState, LocalResponse, PendingCall},
-    headers,
+    headers::{self, HeaderMap},
     http_call::HttpCall,
     shared::{LogEntry, QueueReady},
 };
@@ -290,8 +290,9 @@ fn link_buffers(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 // ---- header maps --------------------------------------------------------------------------
 
 /// The map `kind` of the effective context; `None` when it does not exist there (Envoy:
-/// `BadArgument`, "requested map type is not currently available").
-fn map(state: &HostState, kind: MapType) -> Option<&Vec<(String, String)>> {
+/// `BadArgument`, "requested map type is not currently available"), as for the response
+/// maps of an http call that was reset.
+fn map(state: &HostState, kind: MapType) -> Option<&HeaderMap> {
     match kind {
         MapType::HttpCallResponseHeaders => state
             .delivering
@@ -313,7 +314,7 @@ fn map(state: &HostState, kind: MapType) -> Option<&Vec<(String, String)>> {
 }
 
 /// The writable map `kind` of the effective stream; http call maps are read-only.
-fn map_mut(state: &mut HostState, kind: MapType) -> Option<&mut Vec<(String, String)>> {
+fn map_mut(state: &mut HostState, kind: MapType) -> Option<&mut HeaderMap> {
     let stream = state.stream_mut()?;
     match kind {
         MapType::RequestHeaders => Some(&mut stream.request_headers),
@@ -359,12 +360,12 @@ fn link_header_maps(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
          ret_ptr: i32,
          ret_size: i32| {
             let kind = argument!(MapType::from_guest(kind));
-            let key = guest!(read_string(&caller, key_ptr, key_len));
+            let key = guest!(read(&caller, key_ptr, key_len));
             let pairs = argument!(map(caller.data(), kind));
-            let Some(value) = headers::first(pairs, &key).map(str::to_owned) else {
+            let Some(value) = headers::first(pairs, &key).map(<[u8]>::to_vec) else {
                 return ok(Status::NotFound);
             };
-            return_bytes(&mut caller, value.as_bytes(), ret_ptr, ret_size)
+            return_bytes(&mut caller, &value, ret_ptr, ret_size)
         },
     )?;
     linker.func_wrap(
@@ -372,8 +373,8 @@ fn link_header_maps(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_add_header_map_value",
         |mut caller: Ctx<'_>, kind: i32, key_ptr: i32, key_len: i32, ptr: i32, len: i32| {
             let kind = argument!(MapType::from_guest(kind));
-            let key = guest!(read_string(&caller, key_ptr, key_len));
-            let value = guest!(read_string(&caller, ptr, len));
+            let key = guest!(read(&caller, key_ptr, key_len));
+            let value = guest!(read(&caller, ptr, len));
             headers::add(argument!(map_mut(caller.data_mut(), kind)), &key, &value);
             ok(Status::Ok)
         },
@@ -383,8 +384,8 @@ fn link_header_maps(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_replace_header_map_value",
         |mut caller: Ctx<'_>, kind: i32, key_ptr: i32, key_len: i32, ptr: i32, len: i32| {
             let kind = argument!(MapType::from_guest(kind));
-            let key = guest!(read_string(&caller, key_ptr, key_len));
-            let value = guest!(read_string(&caller, ptr, len));
+            let key = guest!(read(&caller, key_ptr, key_len));
+            let value = guest!(read(&caller, ptr, len));
             headers::replace(argument!(map_mut(caller.data_mut(), kind)), &key, &value);
             ok(Status::Ok)
         },
@@ -394,7 +395,7 @@ fn link_header_maps(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
         "proxy_remove_header_map_value",
         |mut caller: Ctx<'_>, kind: i32, key_ptr: i32, key_len: i32| -> HostResult {
             let kind = argument!(MapType::from_guest(kind));
-            let key = guest!(read_string(&caller, key_ptr, key_len));
+            let key = guest!(read(&caller, key_ptr, key_len));
             headers::remove(argument!(map_mut(caller.data_mut(), kind)), &key);
             ok(Status::Ok)
         },
@@ -421,23 +422,23 @@ fn link_header_maps(linker: &mut Linker<HostState>) -> wasmtime::Result<()> {
 /// `request.*` attributes Envoy derives from the request headers.
 fn request_attribute(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
     let stream = state.stream()?;
-    let header = |name: &str| headers::first(&stream.request_headers, name).map(str::to_owned);
+    let header = |name: &[u8]| headers::first(&stream.request_headers, name).map(<[u8]>::to_vec);
     let value = match path {
-        b"request\0path" => header(":path")?,
-        b"request\0url_path" => header(":path")?
-            .split('?')
-            .next()
-            .unwrap_or_default()
-            .to_owned(),
-        b"request\0host" => header(":authority")?,
-        b"request\0method" => header(":method")?,
-        b"request\0scheme" => header(":scheme")?,
-        b"request\0id" => header("x-request-id")?,
-        b"request\0useragent" => header("user-agent")?,
-        b"request\0referer" => header("referer")?,
+        b"request\0path" => header(b":path")?,
+        b"request\0url_path" => {
+            let path = header(b":path")?;
+            let end = path.iter().position(|&b| b == b'?').unwrap_or(path.len());
+            path[..end].to_vec()
+        }
+        b"request\0host" => header(b":authority")?,
+        b"request\0method" => header(b":method")?,
+        b"request\0scheme" => header(b":scheme")?,
+        b"request\0id" => header(b"x-request-id")?,
+        b"request\0useragent" => header(b"user-agent")?,
+        b"request\0referer" => header(b"referer")?,
         _ => return None,
     };
-    Some(value.into_bytes())
+    Some(value)
 }
 
 fn lookup_property(state: &HostState, path: &[u8]) -> Option<Vec<u8>> {
@@ -705,7 +706,7 @@ fn http_call(
     if !state.clusters.contains(&cluster) {
         return ok(Status::BadArgument);
     }
-    let required = [":method", ":path", ":authority"];
+    let required: [&[u8]; 3] = [b":method", b":path", b":authority"];
     if required
         .iter()
         .any(|name| headers::first(&headers, name).is_none())

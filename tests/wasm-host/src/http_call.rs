@@ -21,32 +21,46 @@ pub struct HttpCall {
     pub worker: usize,
     /// The upstream cluster name passed to `dispatch_http_call`.
     pub cluster: String,
-    pub headers: Vec<(String, String)>,
+    /// Header names and values as the guest sent them.
+    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
     pub body: Vec<u8>,
-    pub trailers: Vec<(String, String)>,
+    pub trailers: Vec<(Vec<u8>, Vec<u8>)>,
     pub timeout: Duration,
 }
 
 impl HttpCall {
-    /// The first value of header `name` (case-insensitive).
+    /// The first value of header `name` (case-insensitive), when it is UTF-8; see
+    /// [`HttpCall::header_bytes`] for any value.
     pub fn header(&self, name: &str) -> Option<&str> {
-        crate::headers::first(&self.headers, name)
+        std::str::from_utf8(self.header_bytes(name)?).ok()
+    }
+
+    /// The first value of header `name` (case-insensitive), as bytes.
+    pub fn header_bytes(&self, name: impl AsRef<[u8]>) -> Option<&[u8]> {
+        crate::headers::first(&self.headers, name.as_ref())
     }
 }
 
-/// A response from the called cluster.
+/// A response from the called cluster. Headers are bytes, so a test can answer with anything
+/// a misbehaving upstream could.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Response {
-    pub headers: Vec<(String, String)>,
+    pub headers: Vec<(Vec<u8>, Vec<u8>)>,
     pub body: Vec<u8>,
-    pub trailers: Vec<(String, String)>,
+    pub trailers: Vec<(Vec<u8>, Vec<u8>)>,
 }
 
 impl Response {
     /// A response with `:status` `status` and no body.
     pub fn status(status: u16) -> Self {
+        Self::raw_status(status.to_string())
+    }
+
+    /// A response whose `:status` is exactly `status`, e.g. bytes that are not a number or not
+    /// UTF-8 (Envoy's codecs refuse those, but the guest must not rely on it).
+    pub fn raw_status(status: impl Into<Vec<u8>>) -> Self {
         Self {
-            headers: vec![(":status".to_string(), status.to_string())],
+            headers: vec![(b":status".to_vec(), status.into())],
             body: Vec::new(),
             trailers: Vec::new(),
         }
@@ -62,8 +76,13 @@ impl Response {
         self
     }
 
-    pub fn header(mut self, name: &str, value: &str) -> Self {
-        self.headers.push((name.to_string(), value.to_string()));
+    pub fn header(self, name: &str, value: &str) -> Self {
+        self.header_bytes(name, value)
+    }
+
+    /// Adds a header with any bytes as name and value.
+    pub fn header_bytes(mut self, name: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Self {
+        crate::headers::add(&mut self.headers, name.as_ref(), value.as_ref());
         self
     }
 }

@@ -6,6 +6,10 @@
 //! Envoy gives none of that deterministically. This host gives:
 //! - several worker VMs of one plugin sharing shared data (with CAS), queues and metrics;
 //! - a controllable clock (`proxy_get_current_time_nanoseconds` and WASI clocks);
+//! - header names and values as bytes, so a test can send anything a client can (bytes that
+//!   are not UTF-8, repeated or upper-case names, 60 KiB values) and see exactly what the
+//!   guest left;
+//! - the size of each worker's guest memory, to bound what the guest allocates;
 //! - http calls validated like Envoy and answered by the test on a later turn;
 //! - every guest callback under a fuel limit, and a named trap for any host call this host
 //!   does not implement.

@@ -413,4 +413,11 @@ impl<'p> Worker<'p> {
     pub fn pending_http_calls(self) -> usize {
         self.plugin.vm(self.index).pending_http_calls()
     }
+
+    /// The size of this worker's guest memory in bytes. Wasm memory never shrinks, so this is
+    /// the high-water mark of what the guest ever needed: compare it before and after a run to
+    /// bound what the guest allocates.
+    pub fn memory_bytes(self) -> usize {
+        self.plugin.vm(self.index).memory_bytes()
+    }
 }

@@ -6,13 +6,17 @@
 //! The test sets the properties Envoy would know by then (`upstream.address`,
 //! `response.code`, `request.duration`, …); the guest reads them through
 //! `proxy_get_property`.
+//!
+//! Headers are bytes end to end: besides the `&str` methods, `header_bytes` sends any name and
+//! value a client could (bytes that are not UTF-8, repeated names, upper case, 60 KiB values)
+//! and the `*_bytes` readers show exactly what the filter left.
 
 use std::time::Duration;
 
 use crate::{
     abi::{Action, StreamType},
     context::{LocalResponse, StreamContext},
-    headers,
+    headers::{self, HeaderMap},
     plugin::Plugin,
     property::{Property, path_key},
 };
@@ -44,7 +48,7 @@ pub struct Request<'p> {
 #[derive(Debug)]
 pub struct ResponseBuilder<'r, 'p> {
     request: &'r mut Request<'p>,
-    headers: Vec<(String, String)>,
+    headers: HeaderMap,
     body: Option<Vec<u8>>,
     latency: Duration,
     properties: Vec<(String, Property)>,
@@ -65,8 +69,18 @@ impl<'p> RequestBuilder<'p> {
     }
 
     /// Adds a request header (names are lower-cased, as in Envoy).
-    pub fn header(mut self, name: &str, value: &str) -> Self {
-        headers::add(&mut self.stream.request_headers, name, value);
+    pub fn header(self, name: &str, value: &str) -> Self {
+        self.header_bytes(name, value)
+    }
+
+    /// Adds a request header with any bytes as name and value; adding a name again repeats
+    /// it. Names are lower-cased (ASCII), as Envoy's codecs store them.
+    pub fn header_bytes(mut self, name: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Self {
+        headers::add(
+            &mut self.stream.request_headers,
+            name.as_ref(),
+            value.as_ref(),
+        );
         self
     }
 
@@ -140,19 +154,41 @@ impl<'p> Request<'p> {
         }
     }
 
-    /// The request header `name` as the filter left it (what Envoy sends upstream).
+    /// The request header `name` as the filter left it (what Envoy sends upstream); bytes
+    /// that are not UTF-8 read as U+FFFD (see [`Request::request_header_bytes`]).
     pub fn request_header(&self, name: &str) -> Option<String> {
-        self.read(|s| headers::first(&s.request_headers, name).map(str::to_owned))
+        self.request_header_bytes(name)
+            .map(|value| headers::lossy(&value))
     }
 
-    /// Every request header as the filter left it.
+    /// The first value of request header `name` as the filter left it, byte for byte.
+    pub fn request_header_bytes(&self, name: impl AsRef<[u8]>) -> Option<Vec<u8>> {
+        self.read(|s| headers::first(&s.request_headers, name.as_ref()).map(<[u8]>::to_vec))
+    }
+
+    /// Every request header as the filter left it, as text (U+FFFD for bytes that are not
+    /// UTF-8).
     pub fn request_headers(&self) -> Vec<(String, String)> {
+        self.request_headers_bytes()
+            .iter()
+            .map(|(name, value)| (headers::lossy(name), headers::lossy(value)))
+            .collect()
+    }
+
+    /// Every request header as the filter left it, byte for byte, in order.
+    pub fn request_headers_bytes(&self) -> Vec<(Vec<u8>, Vec<u8>)> {
         self.read(|s| s.request_headers.clone())
     }
 
-    /// The response header `name` as the filter left it.
+    /// The response header `name` as the filter left it (U+FFFD for bytes that are not UTF-8).
     pub fn response_header(&self, name: &str) -> Option<String> {
-        self.read(|s| headers::first(&s.response_headers, name).map(str::to_owned))
+        self.response_header_bytes(name)
+            .map(|value| headers::lossy(&value))
+    }
+
+    /// The first value of response header `name` as the filter left it, byte for byte.
+    pub fn response_header_bytes(&self, name: impl AsRef<[u8]>) -> Option<Vec<u8>> {
+        self.read(|s| headers::first(&s.response_headers, name.as_ref()).map(<[u8]>::to_vec))
     }
 
     /// The action `proxy_on_request_headers` returned.
@@ -206,7 +242,7 @@ impl<'p> Request<'p> {
     pub fn respond(&mut self, status: u16) -> ResponseBuilder<'_, 'p> {
         ResponseBuilder {
             request: self,
-            headers: vec![(":status".to_string(), status.to_string())],
+            headers: vec![(b":status".to_vec(), status.to_string().into_bytes())],
             body: None,
             latency: Duration::ZERO,
             properties: vec![
@@ -245,8 +281,13 @@ impl<'p> Request<'p> {
 
 impl ResponseBuilder<'_, '_> {
     /// Adds a response header.
-    pub fn header(mut self, name: &str, value: &str) -> Self {
-        headers::add(&mut self.headers, name, value);
+    pub fn header(self, name: &str, value: &str) -> Self {
+        self.header_bytes(name, value)
+    }
+
+    /// Adds a response header with any bytes as name and value.
+    pub fn header_bytes(mut self, name: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Self {
+        headers::add(&mut self.headers, name.as_ref(), value.as_ref());
         self
     }
 

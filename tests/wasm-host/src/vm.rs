@@ -393,6 +393,14 @@ impl Vm {
         self.store.data().tick_period
     }
 
+    /// The size of the guest's linear memory in bytes (it only ever grows).
+    pub(crate) fn memory_bytes(&self) -> usize {
+        self.store
+            .data()
+            .memory
+            .map_or(0, |memory| memory.data_size(&self.store))
+    }
+
     /// Delivers, on this turn, every http call answered (or timed out on the clock) before it,
     /// and finalizes contexts that called `proxy_done`. Returns how many events ran. Calls
     /// dispatched during delivery wait for the next turn.

@@ -47,6 +47,36 @@ fn header_maps_round_trip_through_guest_memory() -> anyhow::Result<()> {
 }
 
 #[test]
+fn header_names_and_values_reach_the_guest_and_come_back_byte_for_byte() -> anyhow::Result<()> {
+    let plugin = abi_guest().start()?;
+    let mut request = plugin
+        .worker(0)
+        .request()
+        .header_bytes("X-IN", b"\x80\xff\x00tail")
+        .header_bytes(b"x-\xfe", b"\xc3")
+        .header_bytes("x-strip", b"\xff")
+        .header_bytes("X-Strip", b"again")
+        .send_headers()?;
+    // The guest read x-in through `proxy_get_header_map_value` and wrote it to x-out.
+    assert_eq!(
+        request.request_header_bytes("x-out").as_deref(),
+        Some(&b"\x80\xff\x00tail"[..])
+    );
+    assert_eq!(
+        request.request_header("x-out").as_deref(),
+        Some("\u{fffd}\u{fffd}\u{0}tail")
+    );
+    assert_eq!(request.request_header_bytes("x-strip"), None);
+    request.respond(200).finish()?;
+    // The guest copied every pair (`proxy_get_header_map_pairs` / `set_header_map_pairs`).
+    assert_eq!(
+        request.response_header_bytes(b"X-\xfe").as_deref(),
+        Some(&b"\xc3"[..])
+    );
+    Ok(())
+}
+
+#[test]
 fn response_code_property_is_eight_little_endian_bytes_like_envoy() -> anyhow::Result<()> {
     let plugin = abi_guest().start()?;
     let mut request = plugin.worker(0).request().send_headers()?;

@@ -1,0 +1,229 @@
+//! Reading what the filter does not trust: every request header and every property.
+//!
+//! A client controls every byte of its request headers, and other filters can put anything in
+//! the stream's properties. proxy-wasm 0.2.5's text getters (`hostcalls::get_map_value`,
+//! `get_map`, `get_map_bytes`) `unwrap` a UTF-8 decoding, so one header byte that is not UTF-8
+//! panics the VM, and on Envoy a panicked VM stays dead for its worker. This module therefore
+//! reads headers only with `get_map_value_bytes` and properties with `get_property` (both
+//! return raw bytes), and turns a value that is not UTF-8, longer than its cap or otherwise
+//! unusable into "absent", counted in `fulcrum_request_input_invalid_total` with the input's
+//! label. An absent input is not counted: the policy simply goes without it.
+//!
+//! The caps bound what the filter keeps and processes per request. They cannot bound the copy
+//! the host makes into guest memory before the filter sees the length (ABI 0.2.1 has no call
+//! that reports a value's size); Envoy's `max_request_headers_kb` (60 KiB by default) bounds
+//! that, and the copy is freed when the callback returns.
+
+use proxy_wasm::{hostcalls, types::MapType};
+
+use crate::{config::DEFAULT_OVERRIDE_HEADER, metrics::Metrics};
+
+/// Longest hash-key, client-key, service or authority header value, and longest string
+/// property, the filter uses: 4 KiB. A DNS name is at most 253 bytes and Istio cluster names
+/// stay far below this; anything longer is not a name.
+pub const MAX_VALUE_BYTES: usize = 4 << 10;
+
+/// Longest `cookie` header the filter parses: 8 KiB, the per-header limit of nginx
+/// (`large_client_header_buffers`) and Apache (`LimitRequestFieldSize`), so a longer one would
+/// not pass the usual web servers either. A longer header reads as no cookie: a sticky client
+/// gets a new session, a hash cookie is generated afresh.
+pub const MAX_COOKIE_BYTES: usize = 8 << 10;
+
+/// A request input the filter reads: the `input` label of
+/// `fulcrum_request_input_invalid_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Input {
+    /// `:authority`, when the service comes from it.
+    Authority,
+    /// The service header, when the service comes from `{"from": "header"}`.
+    Service,
+    /// `xds.cluster_name`, when the service comes from the route's cluster.
+    RouteCluster,
+    /// The header a consistent hash is computed on.
+    HashHeader,
+    /// The `cookie` header, for sticky sessions and cookie hashing.
+    Cookie,
+    /// The rate limit's client key header.
+    ClientKey,
+    /// `source.address`, for source-IP hashing.
+    SourceAddress,
+    /// `upstream.address`: the endpoint that served.
+    UpstreamAddress,
+    /// `upstream.request_attempt_count`: whether Envoy retried.
+    UpstreamAttempts,
+    /// `response.code`.
+    ResponseCode,
+    /// `response.flags`.
+    ResponseFlags,
+}
+
+impl Input {
+    /// Every input, in declaration order (so `input as usize` indexes it).
+    pub const ALL: [Self; 11] = [
+        Self::Authority,
+        Self::Service,
+        Self::RouteCluster,
+        Self::HashHeader,
+        Self::Cookie,
+        Self::ClientKey,
+        Self::SourceAddress,
+        Self::UpstreamAddress,
+        Self::UpstreamAttempts,
+        Self::ResponseCode,
+        Self::ResponseFlags,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Authority => "authority",
+            Self::Service => "service",
+            Self::RouteCluster => "route_cluster",
+            Self::HashHeader => "hash_header",
+            Self::Cookie => "cookie",
+            Self::ClientKey => "client_key",
+            Self::SourceAddress => "source_address",
+            Self::UpstreamAddress => "upstream_address",
+            Self::UpstreamAttempts => "upstream_attempts",
+            Self::ResponseCode => "response_code",
+            Self::ResponseFlags => "response_flags",
+        }
+    }
+
+    /// The longest value of this input the filter uses.
+    pub fn cap(self) -> usize {
+        match self {
+            Self::Cookie => MAX_COOKIE_BYTES,
+            _ => MAX_VALUE_BYTES,
+        }
+    }
+}
+
+/// The request header `name` as text. `None` when absent, and also, counted, when it is not
+/// UTF-8 or longer than `input`'s cap. A repeated header reads as its first value (Envoy's
+/// `proxy_get_header_map_value`); the name matches case-insensitively.
+pub fn request_header(name: &str, input: Input, metrics: &Metrics) -> Option<String> {
+    let bytes = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+        .ok()
+        .flatten()?;
+    checked_text(bytes, input, metrics)
+}
+
+/// A string property as text, under the same rules as [`request_header`].
+pub fn string_property(path: &[&str], input: Input, metrics: &Metrics) -> Option<String> {
+    let bytes = hostcalls::get_property(path.to_vec()).ok().flatten()?;
+    checked_text(bytes, input, metrics)
+}
+
+/// A string property that `parse` must accept; one it refuses is unusable and counted.
+pub fn parsed_property<T>(
+    path: &[&str],
+    input: Input,
+    metrics: &Metrics,
+    parse: impl FnOnce(&str) -> Option<T>,
+) -> Option<T> {
+    let parsed = parse(&string_property(path, input, metrics)?);
+    if parsed.is_none() {
+        metrics.input_invalid(input);
+    }
+    parsed
+}
+
+/// An integer property: Envoy encodes them as 8 little-endian bytes; any other length is
+/// counted and reads as absent.
+pub fn int_property(path: &[&str], input: Input, metrics: &Metrics) -> Option<u64> {
+    let bytes = hostcalls::get_property(path.to_vec()).ok().flatten()?;
+    match <[u8; 8]>::try_from(bytes.as_slice()) {
+        Ok(bytes) => Some(u64::from_le_bytes(bytes)),
+        Err(_) => {
+            metrics.input_invalid(input);
+            None
+        }
+    }
+}
+
+fn checked_text(bytes: Vec<u8>, input: Input, metrics: &Metrics) -> Option<String> {
+    let text = text(bytes, input.cap());
+    if text.is_none() {
+        metrics.input_invalid(input);
+    }
+    text
+}
+
+/// `bytes` as text when they are UTF-8 and at most `cap` long.
+pub fn text(bytes: Vec<u8>, cap: usize) -> Option<String> {
+    if bytes.len() > cap {
+        return None;
+    }
+    String::from_utf8(bytes).ok()
+}
+
+/// Removes every client-sent copy of the override header, under the default name and under
+/// the configured one when it differs, so no client can steer traffic whichever name the
+/// cluster's `override_host` policy reads. Counts one `fulcrum_override_header_stripped_total`
+/// when any copy was there.
+///
+/// Removal never depends on reading: the value is only probed, as bytes (never as text), to
+/// know whether to count, and every copy is removed whatever the probe says (Envoy's remove
+/// drops all entries of the name, matched case-insensitively).
+pub fn strip_override_headers(configured: &str, metrics: &Metrics) {
+    let mut present = false;
+    for name in override_header_names(configured) {
+        present |= matches!(
+            hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name),
+            Ok(Some(_))
+        );
+        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+    }
+    if present {
+        metrics.override_header_stripped();
+    }
+}
+
+/// The default override header name and `configured`, once each.
+fn override_header_names(configured: &str) -> impl Iterator<Item = &str> {
+    let other = (!configured.eq_ignore_ascii_case(DEFAULT_OVERRIDE_HEADER)).then_some(configured);
+    std::iter::once(DEFAULT_OVERRIDE_HEADER).chain(other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_is_refused_when_not_utf8_or_longer_than_the_cap() {
+        assert_eq!(text(b"checkout".to_vec(), 8).as_deref(), Some("checkout"));
+        assert_eq!(text(b"checkout".to_vec(), 7), None);
+        assert_eq!(text(vec![b'a', 0xff], 8), None);
+        assert_eq!(text(vec![0xc3], 8), None, "a truncated sequence");
+        assert_eq!(text("é".as_bytes().to_vec(), 2).as_deref(), Some("é"));
+        assert_eq!(text(Vec::new(), 0).as_deref(), Some(""));
+    }
+
+    #[test]
+    fn cookies_get_the_larger_cap() {
+        assert_eq!(Input::Cookie.cap(), 8192);
+        for input in Input::ALL.into_iter().filter(|i| *i != Input::Cookie) {
+            assert_eq!(input.cap(), 4096, "{input:?}");
+        }
+    }
+
+    #[test]
+    fn every_input_sits_at_its_own_index_with_a_distinct_label() {
+        for (index, input) in Input::ALL.into_iter().enumerate() {
+            assert_eq!(input as usize, index, "{input:?}");
+        }
+        let mut labels: Vec<&str> = Input::ALL.iter().map(|i| i.label()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), Input::ALL.len());
+    }
+
+    #[test]
+    fn override_header_is_stripped_under_the_default_and_the_configured_name() {
+        let names = |configured| override_header_names(configured).collect::<Vec<_>>();
+        assert_eq!(names("x-fulcrum-endpoint"), ["x-fulcrum-endpoint"]);
+        assert_eq!(names("X-Fulcrum-Endpoint"), ["x-fulcrum-endpoint"]);
+        assert_eq!(names("x-pick"), ["x-fulcrum-endpoint", "x-pick"]);
+    }
+}
