@@ -84,9 +84,10 @@ fn setup(purposes: &[Purpose]) -> Result<Tools> {
     Ok(Tools { envoy })
 }
 
-/// `cargo xtask test`: installs, builds the release filter and the control plane's static
-/// image binary, runs `cargo test --workspace` with `FULCRUM_ENVOY`, `FULCRUM_FILTER_WASM`
-/// and `FULCRUM_CONTROL_PLANE_BIN` set for the tests that load them.
+/// `cargo xtask test`: installs, builds the release filter, its test-only fault-injection
+/// variant and the control plane's static image binary, runs `cargo test --workspace` with
+/// `FULCRUM_ENVOY`, `FULCRUM_FILTER_WASM`, `FULCRUM_FAULT_WASM` and
+/// `FULCRUM_CONTROL_PLANE_BIN` set for the tests that load them.
 fn test(cargo_test_args: &[String]) -> Result<()> {
     let started = Instant::now();
     let tools = setup(setup::FOR_TEST)?;
@@ -99,6 +100,7 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
         let wasm = build_wasm()?;
         report_wasm(&wasm);
         command.env("FULCRUM_FILTER_WASM", &wasm);
+        command.env("FULCRUM_FAULT_WASM", build_fault_wasm()?);
     }
     command.env("FULCRUM_CONTROL_PLANE_BIN", image::build_binary()?);
     tools::run(&mut command).context("tests failed")?;
@@ -184,6 +186,26 @@ fn build_wasm() -> Result<PathBuf> {
         .join(WASM_TARGET)
         .join("release")
         .join(FILTER_WASM);
+    if !wasm.is_file() {
+        bail!("the build succeeded but {} is missing", wasm.display());
+    }
+    Ok(wasm)
+}
+
+/// Builds the test-only variant of the filter with the `fault-injection` feature (a request
+/// can make it panic, for the failure-policy tests) in a target directory of its own, so the
+/// release filter is never it and neither build invalidates the other.
+fn build_fault_wasm() -> Result<PathBuf> {
+    let target = target_dir()?.join("fault-injection");
+    tools::run(
+        cargo()
+            .args(["build", "--release", "--package", FILTER_PACKAGE])
+            .args(["--target", WASM_TARGET, "--features", "fault-injection"])
+            .arg("--target-dir")
+            .arg(&target),
+    )
+    .context("building the fault-injection filter failed")?;
+    let wasm = target.join(WASM_TARGET).join("release").join(FILTER_WASM);
     if !wasm.is_file() {
         bail!("the build succeeded but {} is missing", wasm.display());
     }

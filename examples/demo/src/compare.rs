@@ -20,7 +20,7 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use fulcrum_demo::{
-    envoy_config::{Bootstrap, ClusterBalancing, Endpoints, FilterSetup},
+    envoy_config::{Bootstrap, ClusterBalancing, Endpoints, FailurePolicy, FilterSetup},
     process::{free_port, loopback, start_envoy},
 };
 use fulcrum_example_backend::{Backend, Fault};
@@ -256,6 +256,7 @@ async fn run(
                 .collect::<Vec<_>>()},
             "policy": fulcrum_policy(),
         }),
+        failure_policy: FailurePolicy::default(),
     });
     let listener = loopback(free_port()?);
     let admin = loopback(free_port()?);

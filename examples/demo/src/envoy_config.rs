@@ -46,6 +46,33 @@ pub struct FilterSetup {
     pub wasm: PathBuf,
     /// The plugin configuration (docs/filter.md).
     pub config: Value,
+    /// What Envoy does when the filter's VM fails.
+    pub failure_policy: FailurePolicy,
+}
+
+/// Envoy's `PluginConfig.failure_policy`: what happens to requests once the filter's VM has
+/// failed (a panic, a trap).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum FailurePolicy {
+    /// Replace the failed VM on the next request (after a backoff): what fulcrum ships
+    /// (Istio's `failStrategy: FAIL_RELOAD`). Requests meanwhile are answered 503.
+    #[default]
+    Reload,
+    /// Answer every request 503 from then on (Envoy's default).
+    Closed,
+    /// Run without the filter from then on: nothing strips a client's override header.
+    Open,
+}
+
+impl FailurePolicy {
+    /// The `failure_policy` value.
+    pub fn as_envoy(self) -> &'static str {
+        match self {
+            Self::Reload => "FAIL_RELOAD",
+            Self::Closed => "FAIL_CLOSED",
+            Self::Open => "FAIL_OPEN",
+        }
+    }
 }
 
 /// Where the upstream cluster's endpoints come from.
@@ -116,13 +143,14 @@ impl Bootstrap {
     fn listener(&self) -> Value {
         let mut http_filters = Vec::new();
         if let Some(filter) = &self.filter {
-            http_filters.push(json!({
+            let mut wasm = json!({
                 "name": "envoy.filters.http.wasm",
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
                     "config": {
                         "name": "fulcrum",
                         "root_id": "fulcrum",
+                        "failure_policy": filter.failure_policy.as_envoy(),
                         "configuration": {
                             "@type": "type.googleapis.com/google.protobuf.StringValue",
                             "value": filter.config.to_string(),
@@ -133,7 +161,13 @@ impl Bootstrap {
                         },
                     },
                 },
-            }));
+            });
+            if filter.failure_policy == FailurePolicy::Reload {
+                // At most one reload of a failed VM per second.
+                wasm["typed_config"]["config"]["reload_config"] =
+                    json!({"backoff": {"base_interval": "1s"}});
+            }
+            http_filters.push(wasm);
         }
         http_filters.push(json!({
             "name": "envoy.filters.http.router",

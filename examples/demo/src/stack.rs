@@ -15,7 +15,7 @@ use tempfile::TempDir;
 use tokio::process::Command;
 
 use crate::{
-    envoy_config::{Bootstrap, ClusterBalancing, Endpoints, FilterSetup},
+    envoy_config::{Bootstrap, ClusterBalancing, Endpoints, FailurePolicy, FilterSetup},
     process::{Process, free_port, loopback, start_envoy, wait_ready},
 };
 
@@ -175,6 +175,7 @@ impl Stack {
                     "control_plane": {"cluster": "fulcrum_control_plane", "poll_interval": "250ms"},
                     "policy": policy,
                 }),
+                failure_policy: FailurePolicy::default(),
             }),
             route_timeout_ms: 1000,
             retries: 2,

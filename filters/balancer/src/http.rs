@@ -289,6 +289,8 @@ impl Context for Request {}
 
 impl HttpContext for Request {
     fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+        #[cfg(feature = "fault-injection")]
+        crate::fault::panic_if_asked();
         input::strip_override_headers(&self.config.override_header, &self.metrics);
         self.pick()
     }

@@ -12,6 +12,8 @@
 //! which the filter trusts.
 
 pub mod config;
+#[cfg(feature = "fault-injection")]
+mod fault;
 pub mod http;
 pub mod input;
 mod metrics;

@@ -13,7 +13,9 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use fulcrum_demo::envoy_config::{Bootstrap, ClusterBalancing, Endpoints, FilterSetup};
+use fulcrum_demo::envoy_config::{
+    Bootstrap, ClusterBalancing, Endpoints, FailurePolicy, FilterSetup,
+};
 use fulcrum_envoy_harness::{Envoy, EnvoyOptions};
 use fulcrum_example_backend::Backend;
 use serde_json::{Value, json};
@@ -86,9 +88,35 @@ pub struct Reply {
     pub status: Option<u16>,
 }
 
+/// The filter built with the `fault-injection` feature: `FULCRUM_FAULT_WASM` (set by
+/// `cargo xtask test`). A request with `x-fulcrum-test-fault: panic` panics its VM.
+pub fn fault_wasm() -> Result<PathBuf> {
+    let path = std::env::var_os("FULCRUM_FAULT_WASM").map(PathBuf::from).context(
+        "FULCRUM_FAULT_WASM is not set: run the end-to-end tests with `cargo xtask test`, which builds the fault-injection filter",
+    )?;
+    if !path.is_file() {
+        bail!("FULCRUM_FAULT_WASM={} does not exist", path.display());
+    }
+    Ok(path)
+}
+
 impl Proxy {
-    /// Envoy (one worker) with the filter under `filter_config`, in front of `endpoints`.
+    /// Envoy (one worker) with the release filter under `filter_config`, in front of
+    /// `endpoints`, with the shipped failure policy (`FAIL_RELOAD`).
     pub async fn start_for_test(endpoints: Endpoints, filter_config: Value) -> Result<Self> {
+        Self::start_with_filter(
+            endpoints,
+            FilterSetup {
+                wasm: filter_wasm()?,
+                config: filter_config,
+                failure_policy: FailurePolicy::default(),
+            },
+        )
+        .await
+    }
+
+    /// Envoy (one worker) with `filter` in front of `endpoints`.
+    pub async fn start_with_filter(endpoints: Endpoints, filter: FilterSetup) -> Result<Self> {
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let started = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bootstrap = Bootstrap {
@@ -99,10 +127,7 @@ impl Proxy {
             service: SERVICE.to_owned(),
             endpoints,
             balancing: ClusterBalancing::Fulcrum,
-            filter: Some(FilterSetup {
-                wasm: filter_wasm()?,
-                config: filter_config,
-            }),
+            filter: Some(filter),
             route_timeout_ms: 2000,
             retries: 2,
         };
@@ -112,7 +137,9 @@ impl Proxy {
         };
         let envoy = Envoy::start_with(&bootstrap.to_json().to_string(), &options).await?;
         let listener = envoy.listener_address("ingress").await?;
+        // Title-Case header names on the wire, as some clients send them.
         let client = reqwest::Client::builder()
+            .http1_title_case_headers()
             .resolve(SERVICE, listener)
             .timeout(Duration::from_secs(5))
             .build()?;
@@ -125,12 +152,30 @@ impl Proxy {
 
     /// Sends one `GET /` for the service, with extra headers.
     pub async fn send_with(&self, headers: &[(&str, &str)]) -> Reply {
+        let bytes: Vec<(&str, &[u8])> = headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_bytes()))
+            .collect();
+        self.send_raw(&bytes).await
+    }
+
+    /// Sends one `GET /` for the service with header values as raw bytes, as any client can
+    /// (bytes 0x80–0xFF included; a name may repeat). A header the client library itself
+    /// refuses to send (control characters) is left out.
+    pub async fn send_raw(&self, headers: &[(&str, &[u8])]) -> Reply {
         let mut request = self
             .client
             .get(format!("http://{SERVICE}:{}/", self.listener.port()));
+        let mut map = reqwest::header::HeaderMap::new();
         for (name, value) in headers {
-            request = request.header(*name, *value);
+            if let (Ok(name), Ok(value)) = (
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+                reqwest::header::HeaderValue::from_bytes(value),
+            ) {
+                map.append(name, value);
+            }
         }
+        request = request.headers(map);
         match request.send().await {
             Ok(response) => Reply {
                 backend: response

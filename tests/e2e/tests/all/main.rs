@@ -4,3 +4,4 @@
 mod control_plane;
 mod health_checks;
 mod static_endpoints;
+mod untrusted_requests;
