@@ -8,7 +8,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use fulcrum_core::{
-    Endpoint, Policy,
+    Endpoint, Policy, SessionKeys,
     validate::{ValidationError, ValidationErrors},
 };
 use serde::Deserialize;
@@ -32,6 +32,11 @@ pub struct FilterConfig {
     pub endpoints: BTreeMap<String, Vec<Endpoint>>,
     /// The control plane whose snapshot (endpoints and policy) the filter polls.
     pub control_plane: Option<ControlPlane>,
+    /// Secret keys of sticky-session cookies, 32 hex digits each: the first signs new
+    /// cookies, every one is accepted (rotate by putting a new key first, drop the old one
+    /// after the cookie TTL). The same on every proxy of a service, so a session survives a
+    /// change of proxy. Default: none (a public key: cookies can be forged; the filter warns).
+    pub session_keys: Vec<String>,
 }
 
 impl Default for FilterConfig {
@@ -42,6 +47,7 @@ impl Default for FilterConfig {
             policy: Policy::default(),
             endpoints: BTreeMap::new(),
             control_plane: None,
+            session_keys: Vec::new(),
         }
     }
 }
@@ -112,6 +118,17 @@ pub enum ConfigError {
 }
 
 impl FilterConfig {
+    /// The sticky-session keys (validated by [`FilterConfig::validate`]; an invalid one is
+    /// skipped here).
+    pub fn session_keys(&self) -> SessionKeys {
+        SessionKeys::new(
+            self.session_keys
+                .iter()
+                .filter_map(|key| SessionKeys::parse_key(key))
+                .collect(),
+        )
+    }
+
     /// Parses and validates the plugin configuration (empty means `{}`).
     pub fn parse(bytes: &[u8]) -> Result<Self, ConfigError> {
         let bytes = if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -216,6 +233,18 @@ impl FilterConfig {
                         ),
                     );
                 }
+            }
+        }
+        for (index, key) in self.session_keys.iter().enumerate() {
+            if SessionKeys::parse_key(key).is_none() {
+                // The key itself is a secret: never echo it.
+                push(
+                    &format!("session_keys[{index}]"),
+                    format!(
+                        "must be 32 hex digits (16 random bytes, e.g. `openssl rand -hex 16`), got {} characters",
+                        key.len()
+                    ),
+                );
             }
         }
         if errors.is_empty() {

@@ -105,8 +105,15 @@ impl RootContext for Root {
         };
         self.override_header = Rc::from(config.override_header.as_str());
         let seed = (now().as_nanos() as u64) ^ (u64::from(self.context_id) << 32);
+        let session_keys = config.session_keys();
+        if session_keys.is_public_default() && uses_sticky_sessions(&config.policy) {
+            log_warn(
+                "sticky sessions without session_keys: cookies use a public key, so a client can forge one for an address it guesses; set session_keys",
+            );
+        }
         let worker = Rc::new(RefCell::new(Worker::new(
             config.policy.clone(),
+            session_keys,
             seed,
             self.metrics.clone(),
         )));
@@ -338,6 +345,13 @@ fn describe_status(status: Option<&[u8]>) -> String {
             format!("status \"{}{ellipsis}\"", shown.escape_ascii())
         }
     }
+}
+
+/// Whether any service of `policy` keeps sticky sessions.
+fn uses_sticky_sessions(policy: &fulcrum_core::Policy) -> bool {
+    std::iter::once(&policy.default)
+        .chain(policy.services.values())
+        .any(|service| matches!(service.load_balancer, fulcrum_core::LoadBalancer::Sticky(_)))
 }
 
 fn static_services(config: &FilterConfig) -> BTreeMap<String, ServiceEndpoints> {

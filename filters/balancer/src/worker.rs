@@ -8,7 +8,9 @@
 
 use std::{collections::HashMap, net::SocketAddr, rc::Rc};
 
-use fulcrum_core::{BreakerState, Endpoint, Policy, ServiceBalancer, Snapshot, rng::SplitMix64};
+use fulcrum_core::{
+    BreakerState, Endpoint, Policy, ServiceBalancer, SessionKeys, Snapshot, rng::SplitMix64,
+};
 
 use crate::metrics::{FailOpen, Metrics, ServiceMetrics};
 
@@ -38,6 +40,8 @@ pub struct Worker {
     /// The policy in force: the configuration's until a snapshot brings one, then the last
     /// one a snapshot brought.
     policy: Policy,
+    /// Keys of sticky-session cookies, given to every service's balancer.
+    session_keys: SessionKeys,
     /// Version of the snapshot in force, `None` before the first one.
     version: Option<String>,
     /// The VM-wide stats, shared with the root context and every request context.
@@ -46,10 +50,16 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn new(configured_policy: Policy, seed: u64, metrics: Rc<Metrics>) -> Self {
+    pub fn new(
+        configured_policy: Policy,
+        session_keys: SessionKeys,
+        seed: u64,
+        metrics: Rc<Metrics>,
+    ) -> Self {
         Self {
             services: HashMap::new(),
             policy: configured_policy,
+            session_keys,
             version: None,
             metrics,
             rng: SplitMix64::new(seed),
@@ -119,8 +129,10 @@ impl Worker {
                     if let Some(mut stale) = stale {
                         release_removed(&mut stale, &[]);
                     }
+                    let mut balancer = ServiceBalancer::new(service_policy, &endpoints.endpoints);
+                    balancer.set_session_keys(&self.session_keys);
                     Service {
-                        balancer: ServiceBalancer::new(service_policy, &endpoints.endpoints),
+                        balancer,
                         metrics: ServiceMetrics::new(name, &self.metrics),
                     }
                 }

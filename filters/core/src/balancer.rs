@@ -25,7 +25,9 @@ use crate::{
     select::{
         EndpointStats, Slot,
         hash::{HashTable, address_hash, hash_bytes, ip_hash},
-        health_score, least_request, maglev, peak_ewma, ring_hash, round_robin, sticky, weighted,
+        health_score, least_request, maglev, peak_ewma, ring_hash, round_robin,
+        sticky::{self, SessionKeys},
+        weighted,
     },
     validate::MAX_RETRY_TARGETS,
 };
@@ -312,6 +314,8 @@ pub struct ServiceBalancer {
     total_inflight: u64,
     round_robin_cursor: u64,
     limiter: Option<RateLimiter>,
+    /// Keys of the sticky-session tokens.
+    session_keys: SessionKeys,
     scratch: Scratch,
 }
 
@@ -330,10 +334,20 @@ impl ServiceBalancer {
                 .rate_limit
                 .as_ref()
                 .map(|config| RateLimiter::new(config, Duration::ZERO)),
+            session_keys: SessionKeys::default(),
             scratch: Scratch::default(),
         };
         balancer.update_endpoints(endpoints);
         balancer
+    }
+
+    /// Makes and checks sticky-session cookies with `keys` (the first signs new sessions,
+    /// every one is accepted) instead of the public default key.
+    pub fn set_session_keys(&mut self, keys: &SessionKeys) {
+        if self.session_keys != *keys {
+            self.session_keys = keys.clone();
+            self.selection = Selection::build(&self.policy, &self.slots, &self.session_keys);
+        }
     }
 
     /// Replaces the endpoint set, keeping inflight, latency and breaker state of every
@@ -363,7 +377,7 @@ impl ServiceBalancer {
             .iter()
             .map(|slot| u64::from(slot.stats.inflight))
             .sum();
-        self.selection = Selection::build(&self.policy, &self.slots);
+        self.selection = Selection::build(&self.policy, &self.slots, &self.session_keys);
         self.scratch.marks = vec![0; self.slots.len()];
         self.scratch.generation = 0;
     }
@@ -509,7 +523,7 @@ impl ServiceBalancer {
             }
         };
         if let LoadBalancer::Sticky(config) = &self.policy.load_balancer {
-            let token = sticky::token(self.slots[slot].address_hash);
+            let token = self.session_keys.token(&self.slots[slot].endpoint.address);
             set_cookie = Some(sticky::set_cookie(
                 &config.cookie,
                 &sticky::format_token(token),
@@ -852,7 +866,7 @@ fn linear_retry_targets(
 }
 
 impl Selection {
-    fn build(policy: &ServicePolicy, slots: &[Slot]) -> Self {
+    fn build(policy: &ServicePolicy, slots: &[Slot], session_keys: &SessionKeys) -> Self {
         let locality = &policy.locality;
         let local_zone = locality
             .local_zone
@@ -915,7 +929,11 @@ impl Selection {
                     slot.endpoint.health != Health::Unhealthy
                         && policy.endpoint_selector.matches(&slot.endpoint)
                 })
-                .map(|(index, slot)| (sticky::token(slot.address_hash), index as u32))
+                .flat_map(|(index, slot)| {
+                    session_keys
+                        .tokens(slot.endpoint.address)
+                        .map(move |token| (token, index as u32))
+                })
                 .collect();
             sticky_index.sort_unstable();
         }

@@ -35,4 +35,5 @@ pub use balancer::{
 pub use breaker::BreakerState;
 pub use endpoint::{Endpoint, Health, ServiceEndpoints, Snapshot};
 pub use policy::{LoadBalancer, OnNoEndpoint, Policy, ServicePolicy};
+pub use select::sticky::SessionKeys;
 pub use validate::{PolicyError, ValidationError, ValidationErrors};

@@ -1,15 +1,88 @@
 //! Sticky-session tokens: an opaque cookie value naming an endpoint without revealing its IP.
 //!
-//! The token is 16 lower-case hex digits of a keyed hash of the address; the balancer keeps a
-//! sorted index token → endpoint, rebuilt with the endpoint set. Envoy's `stateful_session`
-//! stores the address itself (base64); a hash keeps internal addresses private and makes a
-//! forged cookie useless beyond naming an endpoint that exists.
+//! The token is 16 lower-case hex digits of SipHash-2-4 of the endpoint's `IP:port`, keyed
+//! with a 128-bit session key the operator configures ([`SessionKeys`]): without the key a
+//! client can neither forge a token for an endpoint of its choice nor recover an address from
+//! a token. The balancer keeps a sorted index token → endpoint over every configured key, so
+//! keys rotate without breaking sessions: the first key signs new cookies, the others are still
+//! accepted (add the new key first, drop the old one once the cookie TTL has passed). Envoy's
+//! `stateful_session` stores the address itself (base64); a keyed hash keeps internal
+//! addresses private and a forged cookie useless.
+//!
+//! With no key configured a fixed, public key is used: tokens still hide nothing from someone
+//! who guesses candidate addresses, and the filter warns about it.
 
-use crate::rng::mix64;
+use std::{
+    hash::Hasher,
+    net::{IpAddr, SocketAddr},
+};
 
-/// The token for an endpoint with this address hash.
-pub fn token(address_hash: u64) -> u64 {
-    mix64(address_hash ^ 0x243F_6A88_85A3_08D3)
+use siphasher::sip::SipHasher24;
+
+/// One session key: 16 bytes, written as 32 hex digits in configuration.
+pub type SessionKey = [u8; 16];
+
+/// The keys sticky tokens are made and checked with: the first signs, every one verifies.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionKeys {
+    keys: Vec<SessionKey>,
+}
+
+impl Default for SessionKeys {
+    /// The fixed public key used when none is configured.
+    fn default() -> Self {
+        Self {
+            keys: vec![*b"fulcrum-sticky-0"],
+        }
+    }
+}
+
+impl SessionKeys {
+    /// Keys in order of preference; an empty list means the public default.
+    pub fn new(keys: Vec<SessionKey>) -> Self {
+        if keys.is_empty() {
+            Self::default()
+        } else {
+            Self { keys }
+        }
+    }
+
+    /// Whether these are the public default key (no secret configured).
+    pub fn is_public_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Parses one key from 32 hex digits.
+    pub fn parse_key(text: &str) -> Option<SessionKey> {
+        if text.len() != 32 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        let mut key = [0u8; 16];
+        for (index, byte) in key.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&text[2 * index..2 * index + 2], 16).ok()?;
+        }
+        Some(key)
+    }
+
+    /// The token new cookies carry for `address` (first key).
+    pub fn token(&self, address: &SocketAddr) -> u64 {
+        keyed_token(&self.keys[0], address)
+    }
+
+    /// The tokens every key makes for `address`, first key first.
+    pub fn tokens(&self, address: SocketAddr) -> impl Iterator<Item = u64> + '_ {
+        self.keys.iter().map(move |key| keyed_token(key, &address))
+    }
+}
+
+fn keyed_token(key: &SessionKey, address: &SocketAddr) -> u64 {
+    let mut hasher = SipHasher24::new_with_key(key);
+    match address.ip() {
+        IpAddr::V4(ip) => hasher.write(&ip.octets()),
+        IpAddr::V6(ip) => hasher.write(&ip.octets()),
+    }
+    hasher.write(&address.port().to_be_bytes());
+    hasher.finish()
 }
 
 /// Formats a token as the cookie value.

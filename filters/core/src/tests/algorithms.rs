@@ -352,6 +352,76 @@ fn sticky_sessions_stay_while_the_endpoint_lives_and_move_when_it_leaves() {
     assert!(moved.set_sticky_cookie.is_some());
 }
 
+/// A session cookie from `balancer` for a new session, and the endpoint it names.
+fn new_session(balancer: &mut ServiceBalancer) -> (String, std::net::SocketAddr) {
+    let pick = balancer
+        .pick(&Default::default(), ms(0), &mut seeded())
+        .unwrap();
+    let set_cookie = pick.set_sticky_cookie.unwrap();
+    (cookie_value(&set_cookie).to_owned(), pick.endpoint)
+}
+
+/// Where a request with `cookie` goes, and whether it got a new cookie.
+fn with_session(balancer: &mut ServiceBalancer, cookie: &str) -> (std::net::SocketAddr, bool) {
+    let attributes = RequestAttributes {
+        sticky_cookie: Some(cookie),
+        ..Default::default()
+    };
+    let pick = balancer.pick(&attributes, ms(0), &mut seeded()).unwrap();
+    (pick.endpoint, pick.set_sticky_cookie.is_some())
+}
+
+#[test]
+fn sticky_tokens_depend_on_the_session_key_and_survive_a_rotation() {
+    let old = crate::SessionKeys::new(vec![[1; 16]]);
+    let new = [2; 16];
+    let mut balancer = ServiceBalancer::new(&policy(sticky()), &endpoints(3));
+    balancer.set_session_keys(&old);
+    let (cookie, endpoint) = new_session(&mut balancer);
+    // Without the key, the same endpoint has another token: a cookie cannot be computed
+    // from an address (nor an address recovered from a cookie) without the secret.
+    let mut public = ServiceBalancer::new(&policy(sticky()), &endpoints(3));
+    // Round robin hands out each endpoint within three new sessions.
+    let (public_cookie, _) = (0..3)
+        .map(|_| new_session(&mut public))
+        .find(|(_, picked)| *picked == endpoint)
+        .unwrap();
+    assert_ne!(public_cookie, cookie);
+    // Rotation: the new key signs, the old one still verifies.
+    balancer.set_session_keys(&crate::SessionKeys::new(vec![new, [1; 16]]));
+    assert_eq!(with_session(&mut balancer, &cookie), (endpoint, false));
+    let (rotated, _) = new_session(&mut balancer);
+    assert_ne!(rotated, cookie);
+    // Once the old key is dropped, its cookies start new sessions.
+    balancer.set_session_keys(&crate::SessionKeys::new(vec![new]));
+    assert!(with_session(&mut balancer, &cookie).1);
+}
+
+#[test]
+fn a_forged_sticky_cookie_names_no_endpoint() {
+    let mut balancer = ServiceBalancer::new(&policy(sticky()), &endpoints(3));
+    balancer.set_session_keys(&crate::SessionKeys::new(vec![[7; 16]]));
+    for forged in ["0000000000000000", "ffffffffffffffff", "0123456789abcdef"] {
+        assert!(with_session(&mut balancer, forged).1, "{forged}");
+    }
+}
+
+#[test]
+fn session_keys_are_32_hex_digits() {
+    assert_eq!(
+        crate::SessionKeys::parse_key("000102030405060708090a0b0c0d0e0f"),
+        Some([0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15])
+    );
+    for bad in [
+        "",
+        "00",
+        "000102030405060708090a0b0c0d0e0g",
+        "000102030405060708090a0b0c0d0e0f00",
+    ] {
+        assert_eq!(crate::SessionKeys::parse_key(bad), None, "{bad}");
+    }
+}
+
 #[test]
 fn the_selector_excludes_endpoints_without_the_required_tags_capabilities_and_metadata() {
     let mut service = policy(LoadBalancer::RoundRobin);

@@ -256,3 +256,44 @@ fn control_plane_timeout_keeps_no_snapshot_and_counts_the_failure() -> anyhow::R
     assert_eq!(plugin.metric("fulcrum_snapshot_updates_total")?, 0);
     Ok(())
 }
+
+#[test]
+fn a_malformed_session_key_is_refused_without_being_echoed() {
+    let secret = "not-a-key-but-secret-material!!";
+    let error = filter()
+        .configure(format!(
+            r#"{{"endpoints": {{"checkout": [{{"address": "10.0.0.1:80"}}]}},
+                "session_keys": ["000102030405060708090a0b0c0d0e0f", "{secret}"]}}"#
+        ))
+        .start()
+        .expect_err("a malformed key must be refused");
+    let message = format!("{error:#}");
+    assert!(message.contains("session_keys[1]"), "{message}");
+    assert!(!message.contains(secret), "the key leaked: {message}");
+}
+
+#[test]
+fn sticky_cookies_are_signed_with_the_configured_session_key() -> anyhow::Result<()> {
+    let policy = r#"{"load_balancer": {"type": "sticky", "fallback": {"type": "round_robin"}}}"#;
+    let cookie_with = |keys: &str| -> anyhow::Result<String> {
+        let plugin = filter()
+            .configure(format!(
+                r#"{{"endpoints": {{"checkout": [{{"address": "10.0.0.1:8080"}}]}},
+                    "policy": {{"default": {policy}}}, "session_keys": [{keys}]}}"#
+            ))
+            .start()?;
+        let mut request = plugin
+            .worker(0)
+            .request()
+            .header(":authority", "checkout")
+            .send_headers()?;
+        request.respond(200).upstream("10.0.0.1:8080").finish()?;
+        request
+            .response_header("set-cookie")
+            .ok_or_else(|| anyhow::anyhow!("no cookie; logs:\n{}", plugin.logs_text()))
+    };
+    let a = cookie_with(r#""000102030405060708090a0b0c0d0e0f""#)?;
+    let b = cookie_with(r#""f0e0d0c0b0a090807060504030201000""#)?;
+    assert_ne!(a, b, "the same endpoint under two keys must get two tokens");
+    Ok(())
+}
