@@ -32,6 +32,12 @@ pub struct FilterConfig {
     pub endpoints: BTreeMap<String, Vec<Endpoint>>,
     /// The control plane whose snapshot (endpoints and policy) the filter polls.
     pub control_plane: Option<ControlPlane>,
+    /// When set, only these services (as the `service` source names them) get a pick; every
+    /// other request passes with no header (counted as the `not_listed` fail-open). List
+    /// exactly the clusters whose `override_host` reads and whose upstream filter strips the
+    /// header (in Istio, the clusters `envoyfilter-override-host.yaml` patches), so the header
+    /// never reaches an application. Default: every service of the snapshot.
+    pub only_services: Option<Vec<String>>,
     /// Secret keys of sticky-session cookies, 32 hex digits each: the first signs new
     /// cookies, every one is accepted (rotate by putting a new key first, drop the old one
     /// after the cookie TTL). The same on every proxy of a service, so a session survives a
@@ -47,6 +53,7 @@ impl Default for FilterConfig {
             policy: Policy::default(),
             endpoints: BTreeMap::new(),
             control_plane: None,
+            only_services: None,
             session_keys: Vec::new(),
         }
     }
@@ -231,6 +238,22 @@ impl FilterConfig {
                             "must be within 1024..=268435456, got {}",
                             cp.max_snapshot_bytes
                         ),
+                    );
+                }
+            }
+        }
+        if let Some(only) = &self.only_services {
+            if only.is_empty() {
+                push(
+                    "only_services",
+                    "must list at least one service (omit it to balance every service)".to_owned(),
+                );
+            }
+            for (index, name) in only.iter().enumerate() {
+                if name.is_empty() {
+                    push(
+                        &format!("only_services[{index}]"),
+                        "must not be empty".to_owned(),
                     );
                 }
             }

@@ -150,10 +150,31 @@ impl Request {
         }
     }
 
+    /// Why a request for service `name` must get no header: the service is not in the
+    /// configuration's `only_services`, or the route Envoy resolved goes to another cluster
+    /// (a name from `:authority` or a header is the client's word; the routed cluster is
+    /// Envoy's, and only its endpoints can honour the pick).
+    fn refuse_service(&self, name: &str) -> Option<FailOpen> {
+        if let Some(only) = &self.config.only_services
+            && !only.iter().any(|listed| listed == name)
+        {
+            return Some(FailOpen::NotListed);
+        }
+        if matches!(self.config.service, ServiceSource::RouteCluster) {
+            return None;
+        }
+        let routed =
+            input::string_property(&["xds", "cluster_name"], Input::RouteCluster, &self.metrics)?;
+        (routed != name).then_some(FailOpen::ServiceMismatch)
+    }
+
     fn pick(&mut self) -> Action {
         let Some(name) = self.service_name().filter(|name| !name.is_empty()) else {
             return self.fail_open(FailOpen::NoService);
         };
+        if let Some(refused) = self.refuse_service(&name) {
+            return self.fail_open(refused);
+        }
         let worker_cell = self.worker.clone();
         let Ok(mut worker) = worker_cell.try_borrow_mut() else {
             return self.fail_open(FailOpen::Internal);

@@ -70,6 +70,11 @@ pub enum FailOpen {
     Rejected(Rejection),
     /// The filter's own state was unavailable (should not happen; counted to be seen).
     Internal,
+    /// The service is not in the configuration's `only_services`.
+    NotListed,
+    /// The request's service name (from `:authority` or a header) is not the cluster Envoy
+    /// routed it to, so the pick could not be honoured.
+    ServiceMismatch,
     /// The plugin has no valid configuration on this VM (`on_configure` failed or has not
     /// run); the request passes through with only the override header stripped.
     NotConfigured,
@@ -85,6 +90,8 @@ pub struct Metrics {
     fail_open_all_ejected: MetricId,
     fail_open_internal: MetricId,
     fail_open_not_configured: MetricId,
+    fail_open_not_listed: MetricId,
+    fail_open_service_mismatch: MetricId,
     override_header_stripped: MetricId,
     /// `fulcrum_request_input_invalid_total.input.<input>`, indexed by `Input as usize`.
     input_invalid: [MetricId; Input::ALL.len()],
@@ -108,6 +115,8 @@ impl Metrics {
             fail_open_all_ejected: counter("fulcrum_fail_open_total.reason.all_ejected"),
             fail_open_internal: counter("fulcrum_fail_open_total.reason.internal"),
             fail_open_not_configured: counter("fulcrum_fail_open_total.reason.not_configured"),
+            fail_open_not_listed: counter("fulcrum_fail_open_total.reason.not_listed"),
+            fail_open_service_mismatch: counter("fulcrum_fail_open_total.reason.service_mismatch"),
             override_header_stripped: counter("fulcrum_override_header_stripped_total"),
             input_invalid: Input::ALL.map(|input| {
                 counter(&format!(
@@ -133,6 +142,8 @@ impl Metrics {
             FailOpen::Rejected(_) => self.fail_open_no_endpoints,
             FailOpen::Internal => self.fail_open_internal,
             FailOpen::NotConfigured => self.fail_open_not_configured,
+            FailOpen::NotListed => self.fail_open_not_listed,
+            FailOpen::ServiceMismatch => self.fail_open_service_mismatch,
         };
         add(metric, 1);
     }

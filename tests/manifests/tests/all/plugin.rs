@@ -68,6 +68,43 @@ fn the_snapshot_cluster_reaches_the_control_plane_http_port() -> Result<()> {
 }
 
 #[test]
+fn the_filter_balances_exactly_the_clusters_that_read_and_strip_its_header() -> Result<()> {
+    let filter = object(
+        "networking.istio.io/v1alpha3/EnvoyFilter",
+        "fulcrum-override-host",
+    )?;
+    let mut patched: Vec<String> = filter["spec"]["configPatches"]
+        .as_array()
+        .context("configPatches")?
+        .iter()
+        .map(|patch| {
+            let cluster = &patch["match"]["cluster"];
+            // Istio's name for the outbound cluster of a Service port.
+            format!(
+                "outbound|{}||{}",
+                cluster["portNumber"],
+                cluster["service"].as_str().unwrap_or_default()
+            )
+        })
+        .collect();
+    patched.sort();
+    for template in ["wasmplugin", "trafficextension"] {
+        let rendered = rendered_template(template, "r/f:1", SAMPLE_DIGEST)?.value;
+        let spec = &rendered["spec"];
+        let plugin_config = if template == "wasmplugin" {
+            &spec["pluginConfig"]
+        } else {
+            &spec["wasm"]["pluginConfig"]
+        };
+        let config = FilterConfig::parse(&serde_json::to_vec(plugin_config)?)?;
+        let mut listed = config.only_services.context("only_services")?;
+        listed.sort();
+        assert_eq!(listed, patched, "{template}'s only_services");
+    }
+    Ok(())
+}
+
+#[test]
 fn override_host_reads_and_strips_the_header_the_filter_writes() -> Result<()> {
     let filter = object(
         "networking.istio.io/v1alpha3/EnvoyFilter",

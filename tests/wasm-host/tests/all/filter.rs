@@ -297,3 +297,70 @@ fn sticky_cookies_are_signed_with_the_configured_session_key() -> anyhow::Result
     assert_ne!(a, b, "the same endpoint under two keys must get two tokens");
     Ok(())
 }
+
+#[test]
+fn only_listed_services_get_a_pick_and_the_rest_pass_with_no_header() -> anyhow::Result<()> {
+    let plugin = filter()
+        .configure(
+            r#"{"endpoints": {"checkout": [{"address": "10.0.0.1:8080"}],
+                              "payments": [{"address": "10.0.0.2:8080"}]},
+                "only_services": ["checkout"]}"#,
+        )
+        .start()?;
+    for (service, expected) in [("checkout", Some("10.0.0.1:8080")), ("payments", None)] {
+        let mut request = plugin
+            .worker(0)
+            .request()
+            .header(":authority", service)
+            .header(OVERRIDE, "10.0.0.9:1")
+            .send_headers()?;
+        assert_eq!(
+            request.request_header(OVERRIDE).as_deref(),
+            expected,
+            "{service}"
+        );
+        request.respond(200).finish()?;
+    }
+    assert_eq!(
+        plugin.metric("fulcrum_fail_open_total.reason.not_listed")?,
+        1
+    );
+    assert_eq!(plugin.metric("fulcrum_override_header_stripped_total")?, 2);
+    Ok(())
+}
+
+#[test]
+fn a_client_named_service_other_than_the_routed_cluster_gets_no_pick() -> anyhow::Result<()> {
+    let plugin = filter()
+        .configure(
+            r#"{"endpoints": {"checkout": [{"address": "10.0.0.1:8080"}],
+                              "payments": [{"address": "10.0.0.2:8080"}]}}"#,
+        )
+        .start()?;
+    // The route sends the request to checkout; the client names payments in :authority.
+    let mut request = plugin
+        .worker(0)
+        .request()
+        .header(":authority", "payments")
+        .cluster("checkout")
+        .send_headers()?;
+    assert_eq!(request.request_header(OVERRIDE), None);
+    request.respond(200).finish()?;
+    assert_eq!(
+        plugin.metric("fulcrum_fail_open_total.reason.service_mismatch")?,
+        1
+    );
+    // Named as routed, it is picked.
+    let mut request = plugin
+        .worker(0)
+        .request()
+        .header(":authority", "checkout")
+        .cluster("checkout")
+        .send_headers()?;
+    assert_eq!(
+        request.request_header(OVERRIDE).as_deref(),
+        Some("10.0.0.1:8080")
+    );
+    request.respond(200).upstream("10.0.0.1:8080").finish()?;
+    Ok(())
+}
