@@ -46,16 +46,34 @@ pub async fn backends(n: usize) -> Result<Vec<Backend>> {
     Ok(started)
 }
 
-/// Envoy with the filter in front of `backends` listed statically in both the cluster and the
-/// filter's configuration, under `policy` (the `default` service policy).
+/// Envoy with the release filter in front of `backends` listed statically in both the
+/// cluster and the filter's configuration, under `policy` (the `default` service policy).
 pub async fn envoy_with_static_endpoints(backends: &[Backend], policy: Value) -> Result<Proxy> {
+    envoy_with_static_filter(backends, policy, filter_wasm()?, FailurePolicy::default()).await
+}
+
+/// [`envoy_with_static_endpoints`] with another build of the filter (`wasm`) and VM failure
+/// policy.
+pub async fn envoy_with_static_filter(
+    backends: &[Backend],
+    policy: Value,
+    wasm: PathBuf,
+    failure_policy: FailurePolicy,
+) -> Result<Proxy> {
     let addresses: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
     let endpoints: Vec<Value> = addresses
         .iter()
         .map(|a| json!({"address": a.to_string()}))
         .collect();
-    let filter_config = json!({"endpoints": {SERVICE: endpoints}, "policy": {"default": policy}});
-    Proxy::start_for_test(Endpoints::Static(addresses), filter_config).await
+    Proxy::start_with_filter(
+        Endpoints::Static(addresses),
+        FilterSetup {
+            wasm,
+            config: json!({"endpoints": {SERVICE: endpoints}, "policy": {"default": policy}}),
+            failure_policy,
+        },
+    )
+    .await
 }
 
 /// Envoy getting its cluster over ADS from `xds` and the filter polling `snapshot_http`.

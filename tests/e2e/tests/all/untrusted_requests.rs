@@ -6,8 +6,10 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use fulcrum_demo::envoy_config::{Endpoints, FailurePolicy, FilterSetup};
-use fulcrum_e2e::{Proxy, Reply, SERVICE, backends, count_by_backend, fault_wasm, filter_wasm};
+use fulcrum_demo::envoy_config::FailurePolicy;
+use fulcrum_e2e::{
+    Proxy, Reply, backends, count_by_backend, envoy_with_static_filter, fault_wasm, filter_wasm,
+};
 use fulcrum_example_backend::Backend;
 use serde_json::{Value, json};
 
@@ -20,21 +22,10 @@ fn high_bytes() -> Vec<u8> {
 
 /// A proxy in front of `backends` with `policy` and the given VM failure policy.
 async fn proxy(backends: &[Backend], policy: Value, failure_policy: FailurePolicy) -> Proxy {
-    let addresses: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let endpoints: Vec<Value> = addresses
-        .iter()
-        .map(|a| json!({"address": a.to_string()}))
-        .collect();
-    Proxy::start_with_filter(
-        Endpoints::Static(addresses),
-        FilterSetup {
-            wasm: filter_wasm().expect("the release filter"),
-            config: json!({"endpoints": {SERVICE: endpoints}, "policy": {"default": policy}}),
-            failure_policy,
-        },
-    )
-    .await
-    .expect("Envoy starts")
+    let wasm = filter_wasm().expect("the release filter");
+    envoy_with_static_filter(backends, policy, wasm, failure_policy)
+        .await
+        .expect("Envoy starts")
 }
 
 /// The abuse of one header: each hostile form, and the status Envoy answered.
@@ -171,19 +162,11 @@ async fn hostile_header_bytes_are_harmless_when_a_failed_vm_fails_open() {
 #[tokio::test]
 async fn after_a_vm_failure_fail_reload_brings_the_filter_back_stripping() {
     let backends = backends(3).await.unwrap();
-    let addresses: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let endpoints: Vec<Value> = addresses
-        .iter()
-        .map(|a| json!({"address": a.to_string()}))
-        .collect();
-    let proxy = Proxy::start_with_filter(
-        Endpoints::Static(addresses),
-        FilterSetup {
-            wasm: fault_wasm().expect("the fault-injection filter"),
-            config: json!({"endpoints": {SERVICE: endpoints},
-                           "policy": {"default": {"load_balancer": {"type": "round_robin"}}}}),
-            failure_policy: FailurePolicy::Reload,
-        },
+    let proxy = envoy_with_static_filter(
+        &backends,
+        json!({"load_balancer": {"type": "round_robin"}}),
+        fault_wasm().expect("the fault-injection filter"),
+        FailurePolicy::Reload,
     )
     .await
     .expect("Envoy starts");

@@ -70,8 +70,9 @@ fn strict() -> Value {
 
 #[test]
 fn a_pick_envoy_did_not_honour_is_charged_nothing_and_counted() -> anyhow::Result<()> {
-    // The filter knows b1..b3; Envoy's cluster lacks b3, so override_host falls back to b1
-    // and b1 answers 503 for those requests: b3 never saw them and must not be ejected.
+    // The filter knows b1..b3; Envoy's cluster lacks b3, so override_host falls back to b1,
+    // which answers those requests: b3 never saw them and must be charged nothing (before,
+    // each counted as a failure of b3, which ejected it).
     let plugin = polling_filter()?;
     deliver(
         &plugin,
