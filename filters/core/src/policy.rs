@@ -489,7 +489,7 @@ pub struct RateLimit {
     /// When set, each value of this request header gets its own bucket (requests without it
     /// share the service bucket). Default: none.
     pub client_key_header: Option<String>,
-    /// Most client buckets kept; the least recently used is evicted. 1..=65536. Default: 1024.
+    /// Most client buckets kept; beyond it the oldest is evicted. 1..=65536. Default: 1024.
     pub max_clients: u32,
 }
 
