@@ -486,8 +486,8 @@ pub struct RateLimit {
     pub requests_per_second: f64,
     /// Bucket capacity, 1..=1000000. Default: 100.
     pub burst: u32,
-    /// When set, each value of this request header gets its own bucket (requests without it
-    /// share the service bucket). Default: none.
+    /// When set, each value of this request header gets its own bucket as well: a keyed
+    /// request needs a token in its own bucket and in the service bucket. Default: none.
     pub client_key_header: Option<String>,
     /// Most client buckets kept; beyond it the oldest is evicted. 1..=65536. Default: 1024.
     pub max_clients: u32,
