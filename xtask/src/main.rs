@@ -76,7 +76,7 @@ struct Tools {
     envoy: PathBuf,
 }
 
-/// Makes sure every capability of `purposes` works (see [`setup`]) and returns Envoy's path.
+/// Makes sure every capability of `purposes` works (see [`mod@setup`]) and returns Envoy's path.
 fn setup(purposes: &[Purpose]) -> Result<Tools> {
     let root = workspace_root();
     setup::ensure(&root, purposes)?;

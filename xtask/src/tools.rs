@@ -1,5 +1,5 @@
 //! The tools xtask drives: rustup targets, Envoy in the project's virtualenv, and helpers to
-//! run commands and read flags. What to install and when is decided in [`crate::setup`].
+//! run commands and read flags. What to install and when is decided in [`mod@crate::setup`].
 
 use std::{
     env, fs,

@@ -3,7 +3,7 @@
 //! For each scenario (one of four backends slow, erroring, black-holed or flapping, or all
 //! healthy) and each balancer (fulcrum's filter over an `override_host` cluster, Envoy's
 //! round robin, least request, least request with outlier detection) it starts four fresh
-//! in-process sample backends, one Envoy (`--concurrency 2`) from [`envoy_config::Bootstrap`]
+//! in-process sample backends, one Envoy (`--concurrency 2`) from [`fulcrum_demo::envoy_config::Bootstrap`]
 //! with static endpoints, and drives `wrk` through it for a bounded time. Route, timeout and
 //! retry policy are identical on both sides; only the listener's filter and the cluster's
 //! policy differ. Prints a markdown table (latency percentiles, success rate, requests/s, the

@@ -7,7 +7,7 @@
 //! Envoy setup it needs and its stats.
 //!
 //! Modules follow the proxy-wasm SDK's shape: [`root`] (the root context: configuration,
-//! snapshot polling and sharing) and [`http`] (one context per request), over [`worker`]
+//! snapshot polling and sharing) and [`http`] (one context per request), over `worker`
 //! (the per-VM balancing state). [`input`] reads every request header and property, none of
 //! which the filter trusts.
 
