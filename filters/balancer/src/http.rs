@@ -281,11 +281,16 @@ impl Request {
             metrics,
             |address| address.parse::<SocketAddr>().ok(),
         );
-        let attempts = input::int_property(
-            &["upstream", "request_attempt_count"],
-            Input::UpstreamAttempts,
-            metrics,
-        );
+        // The attempt count matters only when another host answered: read it only then.
+        let attempts = upstream
+            .filter(|upstream| *upstream != pending.endpoint)
+            .and_then(|_| {
+                input::int_property(
+                    &["upstream", "request_attempt_count"],
+                    Input::UpstreamAttempts,
+                    metrics,
+                )
+            });
         let served_by =
             Served::classify(pending.endpoint, &pending.retry_targets, upstream, attempts);
         let Ok(mut worker) = self.worker.try_borrow_mut() else {

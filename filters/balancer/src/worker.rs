@@ -110,10 +110,11 @@ impl Worker {
     /// without a policy keeps the policy in force (the configured one until a snapshot brings
     /// one).
     pub fn apply(&mut self, snapshot: &Snapshot) {
-        let previous_policy = match &snapshot.policy {
-            Some(policy) => std::mem::replace(&mut self.policy, policy.clone()),
-            None => self.policy.clone(),
-        };
+        let replaced = snapshot
+            .policy
+            .as_ref()
+            .map(|policy| std::mem::replace(&mut self.policy, policy.clone()));
+        let previous_policy = replaced.as_ref().unwrap_or(&self.policy);
         let mut previous = std::mem::take(&mut self.services);
         for (name, endpoints) in &snapshot.services {
             let service_policy = self.policy.for_service(name);

@@ -106,19 +106,17 @@ impl RateLimiter {
             return Ok(());
         };
         let key = hash_bytes(client.as_bytes());
-        if !self.clients.contains_key(&key) {
-            if self.clients.len() >= self.max_clients
-                && let Some(oldest) = self.created.pop_front()
-            {
-                self.clients.remove(&oldest);
-            }
-            self.clients.insert(key, Bucket::full(burst, now));
-            self.created.push_back(key);
+        if !self.clients.contains_key(&key)
+            && self.clients.len() >= self.max_clients
+            && let Some(oldest) = self.created.pop_front()
+        {
+            self.clients.remove(&oldest);
         }
-        let bucket = self
-            .clients
-            .get_mut(&key)
-            .expect("inserted above when missing");
+        let created = &mut self.created;
+        let bucket = self.clients.entry(key).or_insert_with(|| {
+            created.push_back(key);
+            Bucket::full(burst, now)
+        });
         bucket.refill(rate, burst, now);
         let client_wait = bucket.check(rate);
         let service_wait = self.service.check(rate);

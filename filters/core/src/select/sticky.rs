@@ -66,7 +66,9 @@ impl SessionKeys {
 
     /// The token new cookies carry for `address` (first key).
     pub fn token(&self, address: &SocketAddr) -> u64 {
-        keyed_token(&self.keys[0], address)
+        // Never empty (see `new` and `default`); the public key stands in all the same.
+        let key = self.keys.first().unwrap_or(b"fulcrum-sticky-0");
+        keyed_token(key, address)
     }
 
     /// The tokens every key makes for `address`, first key first.
