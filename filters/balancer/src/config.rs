@@ -23,8 +23,8 @@ pub struct FilterConfig {
     /// Request header carrying the pick; must equal the cluster's `override_host` header
     /// source. Lower-case. Default: `x-fulcrum-endpoint`.
     pub override_header: String,
-    /// How a request's service (the Envoy cluster it goes to) is found.
-    /// Default: the `:authority` host without its port; in Istio use `route_cluster`.
+    /// How a request's service (the Envoy cluster it goes to) is found. Default: the cluster
+    /// of the route Envoy resolved (`route_cluster`), the only source a client cannot steer.
     pub service: ServiceSource,
     /// Policy per service. A policy in a control-plane snapshot replaces it. Default: defaults.
     pub policy: Policy,
@@ -63,15 +63,16 @@ impl Default for FilterConfig {
 #[derive(Debug, Default, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "from", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ServiceSource {
-    /// The `:authority` (Host) header, without a `:port` suffix.
-    #[default]
+    /// The `:authority` (Host) header, without a `:port` suffix. The client's word: a request
+    /// whose routed cluster differs gets no header (`service_mismatch`).
     Authority,
     /// The value of a request header (lower-case name).
     Header { name: String },
     /// Always this service: one filter instance in front of one cluster.
     Fixed { name: String },
     /// The cluster of the route Envoy resolved for the request (`xds.cluster_name`), e.g.
-    /// Istio's `outbound|8080||checkout.shop.svc.cluster.local`.
+    /// Istio's `outbound|8080||checkout.shop.svc.cluster.local`. The default.
+    #[default]
     RouteCluster,
 }
 
@@ -296,7 +297,7 @@ mod tests {
             FilterConfig::parse(br#"{"endpoints": {"checkout": [{"address": "10.0.0.1:8080"}]}}"#)
                 .expect("valid");
         assert_eq!(config.override_header, DEFAULT_OVERRIDE_HEADER);
-        assert_eq!(config.service, ServiceSource::Authority);
+        assert_eq!(config.service, ServiceSource::RouteCluster);
         assert_eq!(config.endpoints["checkout"][0].weight, 1);
     }
 

@@ -7,6 +7,11 @@
 //! `response.code`, `request.duration`, …); the guest reads them through
 //! `proxy_get_property`.
 //!
+//! The route table is the demo's: every `:authority` host routes to the cluster of the same
+//! name, so `xds.cluster_name` is the authority without its port unless the test names
+//! another cluster ([`RequestBuilder::cluster`]) or no route at all
+//! ([`RequestBuilder::without_route`]). A host that is not UTF-8 matches no route.
+//!
 //! Headers are bytes end to end: besides the `&str` methods, `header_bytes` sends any name and
 //! value a client could (bytes that are not UTF-8, repeated names, upper case, 60 KiB values)
 //! and the `*_bytes` readers show exactly what the filter left.
@@ -30,6 +35,8 @@ pub struct RequestBuilder<'p> {
     plugin: &'p Plugin,
     worker: usize,
     stream: StreamContext,
+    /// Whether the route goes to the cluster named after the authority (see the module docs).
+    route_by_authority: bool,
 }
 
 /// A request the filter has seen; respond to it with [`Request::respond`].
@@ -65,6 +72,7 @@ impl<'p> RequestBuilder<'p> {
             plugin,
             worker,
             stream,
+            route_by_authority: true,
         }
     }
 
@@ -92,9 +100,17 @@ impl<'p> RequestBuilder<'p> {
         self
     }
 
-    /// The route's upstream cluster (`xds.cluster_name`).
+    /// The route's upstream cluster (`xds.cluster_name`), instead of the one named after the
+    /// authority.
     pub fn cluster(self, name: &str) -> Self {
         self.property("xds.cluster_name", Property::string(name))
+    }
+
+    /// No route matched the request: Envoy knows no cluster (`xds.cluster_name` is absent).
+    pub fn without_route(mut self) -> Self {
+        self.route_by_authority = false;
+        self.stream.properties.remove(&path_key("xds.cluster_name"));
+        self
     }
 
     /// The downstream address (`source.address`, default `127.0.0.1:40000`).
@@ -114,6 +130,17 @@ impl<'p> RequestBuilder<'p> {
     }
 
     fn send(mut self, end_of_stream: bool) -> anyhow::Result<Request<'p>> {
+        let cluster_key = path_key("xds.cluster_name");
+        if self.route_by_authority && !self.stream.properties.contains_key(&cluster_key) {
+            let host = headers::first(&self.stream.request_headers, b":authority")
+                .and_then(|authority| std::str::from_utf8(authority).ok())
+                .map(host_of)
+                .filter(|host| !host.is_empty());
+            if let Some(host) = host {
+                let cluster = Property::string(host).0;
+                self.stream.properties.insert(cluster_key, cluster);
+            }
+        }
         let started_at_nanos = self.plugin.shared().clock.now_nanos();
         self.stream.properties.insert(
             path_key("request.time"),
@@ -131,6 +158,19 @@ impl<'p> RequestBuilder<'p> {
             actions: vec![("proxy_on_request_headers", action)],
             ended: None,
         })
+    }
+}
+
+/// The host of an `:authority`: without its `:port`, and an IPv6 literal without brackets.
+fn host_of(authority: &str) -> &str {
+    if let Some(rest) = authority.strip_prefix('[') {
+        return rest.split_once(']').map_or(authority, |(host, _)| host);
+    }
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.contains(':') && port.bytes().all(|b| b.is_ascii_digit()) => {
+            host
+        }
+        _ => authority,
     }
 }
 

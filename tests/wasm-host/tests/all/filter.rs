@@ -330,10 +330,46 @@ fn only_listed_services_get_a_pick_and_the_rest_pass_with_no_header() -> anyhow:
 }
 
 #[test]
-fn a_client_named_service_other_than_the_routed_cluster_gets_no_pick() -> anyhow::Result<()> {
+fn by_default_the_service_is_the_routed_cluster_whatever_the_client_names() -> anyhow::Result<()> {
     let plugin = filter()
         .configure(
             r#"{"endpoints": {"checkout": [{"address": "10.0.0.1:8080"}],
+                              "payments": [{"address": "10.0.0.2:8080"}]}}"#,
+        )
+        .start()?;
+    let mut request = plugin
+        .worker(0)
+        .request()
+        .header(":authority", "payments")
+        .cluster("checkout")
+        .send_headers()?;
+    assert_eq!(
+        request.request_header(OVERRIDE).as_deref(),
+        Some("10.0.0.1:8080")
+    );
+    request.respond(200).upstream("10.0.0.1:8080").finish()?;
+    // No route, no cluster: the request passes without a pick.
+    let mut request = plugin
+        .worker(0)
+        .request()
+        .header(":authority", "checkout")
+        .without_route()
+        .send_headers()?;
+    assert_eq!(request.request_header(OVERRIDE), None);
+    request.respond(200).finish()?;
+    assert_eq!(
+        plugin.metric("fulcrum_fail_open_total.reason.no_service")?,
+        1
+    );
+    Ok(())
+}
+
+#[test]
+fn a_client_named_service_other_than_the_routed_cluster_gets_no_pick() -> anyhow::Result<()> {
+    let plugin = filter()
+        .configure(
+            r#"{"service": {"from": "authority"},
+                "endpoints": {"checkout": [{"address": "10.0.0.1:8080"}],
                               "payments": [{"address": "10.0.0.2:8080"}]}}"#,
         )
         .start()?;

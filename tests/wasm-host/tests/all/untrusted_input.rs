@@ -361,7 +361,10 @@ fn service_source_survives(plugin: &Plugin, name: &str, label: &str) -> anyhow::
 
 #[test]
 fn authority_in_any_form_never_traps_and_an_unusable_one_fails_open() -> anyhow::Result<()> {
-    let plugin = round_robin();
+    let plugin = plugin(
+        r#""service": {"from": "authority"},"#,
+        r#"{"load_balancer": {"type": "round_robin"}}"#,
+    );
     service_source_survives(&plugin, ":authority", "authority")?;
     let mut request = plugin
         .worker(0)
