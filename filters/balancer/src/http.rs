@@ -52,9 +52,10 @@
 //!   `NotFound`, mapped to `None`, for the first two).
 //! - `dispatch_http_call` (`root.rs`): headers from the configuration; the SDK maps Envoy's
 //!   `BadArgument` and `InternalFailure` (unknown cluster, no client) to `Err`.
-//! - `get_shared_data` / `set_shared_data` (`sync.rs`): keys built from the root id; Envoy
-//!   answers `Ok` or `NotFound` to a get and `Ok` or `CasMismatch` to a set, all mapped by
-//!   the SDK.
+//! - `get_shared_data` / `set_shared_data` (`sync.rs`: the snapshot, and per request the rate
+//!   limit's buckets): keys built from the root id and a snapshot service name, values the
+//!   filter's own; Envoy answers `Ok` or `NotFound` to a get and `Ok` or `CasMismatch` to a
+//!   set, all mapped by the SDK. A bucket of another length reads as a fresh bucket.
 //! - `define_metric` / `increment_metric` (`metrics.rs`): valid metric types only; Envoy's
 //!   `BadArgument` (a counter decrement) and `NotFound` are mapped to `Err` and ignored.
 //! - `get_current_time`, `log` (`lib.rs`; the SDK's panic hook logs too): always `Ok` on
@@ -191,7 +192,10 @@ impl Request {
         let now = now();
         let inputs = RequestInputs::read(service.balancer.request_needs(), metrics);
         let attributes = inputs.attributes();
-        match service.balancer.pick(&attributes, now, rng) {
+        match service
+            .balancer
+            .pick_with_buckets(&attributes, now, rng, &mut service.buckets)
+        {
             Ok(pick) => {
                 // One allocation: addresses are written straight into the header value.
                 let mut value =

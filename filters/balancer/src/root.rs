@@ -111,21 +111,23 @@ impl RootContext for Root {
                 "sticky sessions without session_keys: cookies use a public key, so a client can forge one for an address it guesses; set session_keys",
             );
         }
-        let worker = Rc::new(RefCell::new(Worker::new(
-            config.policy.clone(),
-            session_keys,
-            seed,
-            self.metrics.clone(),
-        )));
         let root_id = hostcalls::get_property(vec!["plugin_root_id"])
             .ok()
             .flatten()
             .and_then(|bytes| String::from_utf8(bytes).ok())
             .unwrap_or_default();
+        let keys = SharedKeys::new(&root_id);
+        let worker = Rc::new(RefCell::new(Worker::new(
+            config.policy.clone(),
+            session_keys,
+            keys.clone(),
+            seed,
+            self.metrics.clone(),
+        )));
         let configured = Configured {
             config: Rc::new(config),
             worker,
-            keys: SharedKeys::new(&root_id),
+            keys,
             pending_poll: None,
         };
         match &configured.config.control_plane {

@@ -1,6 +1,7 @@
-//! Sharing one control-plane snapshot among all VMs of the plugin through Envoy shared data.
+//! What the VMs of one plugin (the main thread's and every worker's) share through Envoy's
+//! shared data: the control-plane snapshot, and the rate limit's token buckets.
 //!
-//! `on_tick` runs in every root context (the main thread's and each worker's), so without
+//! **The snapshot.** `on_tick` runs in every root context (the main thread's and each worker's), so without
 //! coordination N+1 VMs would poll the control plane. Instead one VM per poll interval wins a
 //! lease (a deadline in shared data, taken with compare-and-swap), fetches the snapshot, and
 //! publishes it; every VM notices the new version on its next tick and applies it.
@@ -14,9 +15,17 @@
 //! Invariant: the snapshot key is always at least as new as the version key, so a VM that sees
 //! a new version and then reads the snapshot gets that version or a newer one; it takes the
 //! version from the snapshot body itself, never from the version key.
+//!
+//! **The rate limit's buckets** ([`SharedBuckets`]): `fulcrum/<root_id>/rate_limit/<service>/
+//! service` and `…/client/<slot>`, 24 bytes each, read and written with compare-and-swap, so
+//! all workers of a proxy draw from one bucket per service and the limit is per proxy. Their
+//! number is bounded by the policy (`max_clients + 1` per service), not by clients. Shared
+//! data cannot delete a key: a service that leaves the snapshot leaves its buckets behind,
+//! which a service that comes back reuses.
 
-use std::time::Duration;
+use std::{fmt::Write as _, time::Duration};
 
+use fulcrum_core::ratelimit::{BucketId, BucketState, BucketStore};
 use proxy_wasm::{hostcalls, types::Status};
 
 /// The shared-data keys of one plugin.
@@ -25,6 +34,7 @@ pub struct SharedKeys {
     lease: String,
     snapshot: String,
     version: String,
+    rate_limit: String,
 }
 
 impl SharedKeys {
@@ -33,6 +43,16 @@ impl SharedKeys {
             lease: format!("fulcrum/{root_id}/poll_lease"),
             snapshot: format!("fulcrum/{root_id}/snapshot"),
             version: format!("fulcrum/{root_id}/version"),
+            rate_limit: format!("fulcrum/{root_id}/rate_limit/"),
+        }
+    }
+
+    /// The rate limit's buckets of `service`, shared by every VM of the plugin.
+    pub fn rate_limit_buckets(&self, service: &str) -> SharedBuckets {
+        let prefix = format!("{}{service}/", self.rate_limit);
+        SharedBuckets {
+            key: String::with_capacity(prefix.len() + "client/65535".len()),
+            prefix,
         }
     }
 
@@ -77,5 +97,43 @@ impl SharedKeys {
     /// The published snapshot body, if any.
     pub fn published_snapshot(&self) -> Option<Vec<u8>> {
         hostcalls::get_shared_data(&self.snapshot).ok()?.0
+    }
+}
+
+/// One service's rate-limit buckets in shared data (see the module docs).
+#[derive(Debug, Clone)]
+pub struct SharedBuckets {
+    /// `fulcrum/<root_id>/rate_limit/<service>/`.
+    prefix: String,
+    /// The key of the bucket at hand, rebuilt in place: no allocation per request.
+    key: String,
+}
+
+impl SharedBuckets {
+    fn key(&mut self, bucket: BucketId) -> &str {
+        self.key.clear();
+        self.key.push_str(&self.prefix);
+        let _ = match bucket {
+            BucketId::Service => write!(self.key, "service"),
+            BucketId::Client(slot) => write!(self.key, "client/{slot}"),
+        };
+        &self.key
+    }
+}
+
+impl BucketStore for SharedBuckets {
+    fn read(&mut self, bucket: BucketId) -> (Option<BucketState>, u32) {
+        match hostcalls::get_shared_data(self.key(bucket)) {
+            Ok((bytes, cas)) => (
+                bytes.as_deref().and_then(BucketState::from_bytes),
+                cas.unwrap_or(0),
+            ),
+            Err(_) => (None, 0),
+        }
+    }
+
+    fn write(&mut self, bucket: BucketId, state: BucketState, version: u32) -> bool {
+        let bytes = state.to_bytes();
+        hostcalls::set_shared_data(self.key(bucket), Some(&bytes), Some(version)).is_ok()
     }
 }

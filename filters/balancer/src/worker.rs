@@ -3,7 +3,8 @@
 //!
 //! Envoy runs one VM per worker thread and its own load balancers per worker too; fulcrum's
 //! in-flight counts, latency estimates and breakers are likewise per worker: each worker
-//! judges endpoints by the requests it sent. The root context and the request contexts of a
+//! judges endpoints by the requests it sent. The rate limit is the exception: its buckets are
+//! in shared data ([`SharedBuckets`]), so the limit is per proxy. The root context and the request contexts of a
 //! VM share this state through `Rc<RefCell<_>>` (a VM is single-threaded).
 
 use std::{collections::HashMap, net::SocketAddr, rc::Rc};
@@ -12,12 +13,17 @@ use fulcrum_core::{
     BreakerState, Endpoint, Policy, ServiceBalancer, SessionKeys, Snapshot, rng::SplitMix64,
 };
 
-use crate::metrics::{FailOpen, Metrics, ServiceMetrics};
+use crate::{
+    metrics::{FailOpen, Metrics, ServiceMetrics},
+    sync::{SharedBuckets, SharedKeys},
+};
 
-/// A service's balancer and stats.
+/// A service's balancer, rate-limit buckets and stats.
 #[derive(Debug)]
 pub struct Service {
     pub balancer: ServiceBalancer,
+    /// The rate limit's buckets, shared with every VM of the plugin.
+    pub buckets: SharedBuckets,
     pub metrics: ServiceMetrics,
 }
 
@@ -42,6 +48,8 @@ pub struct Worker {
     policy: Policy,
     /// Keys of sticky-session cookies, given to every service's balancer.
     session_keys: SessionKeys,
+    /// Where the plugin's VMs share state (here: each service's rate-limit buckets).
+    shared: SharedKeys,
     /// Version of the snapshot in force, `None` before the first one.
     version: Option<String>,
     /// The VM-wide stats, shared with the root context and every request context.
@@ -53,6 +61,7 @@ impl Worker {
     pub fn new(
         configured_policy: Policy,
         session_keys: SessionKeys,
+        shared: SharedKeys,
         seed: u64,
         metrics: Rc<Metrics>,
     ) -> Self {
@@ -60,6 +69,7 @@ impl Worker {
             services: HashMap::new(),
             policy: configured_policy,
             session_keys,
+            shared,
             version: None,
             metrics,
             rng: SplitMix64::new(seed),
@@ -134,6 +144,7 @@ impl Worker {
                     balancer.set_session_keys(&self.session_keys);
                     Service {
                         balancer,
+                        buckets: self.shared.rate_limit_buckets(name),
                         metrics: ServiceMetrics::new(name, &self.metrics),
                     }
                 }

@@ -20,7 +20,7 @@ use crate::{
     breaker::{BreakerState, Context, Event, Verdict},
     endpoint::{Endpoint, Health},
     policy::{HashOn, LoadBalancer, OnNoEndpoint, PeakEwma, ServicePolicy},
-    ratelimit::RateLimiter,
+    ratelimit::{BucketStore, LocalBuckets, RateLimiter},
     rng::Rng,
     select::{
         EndpointStats, Slot,
@@ -314,6 +314,8 @@ pub struct ServiceBalancer {
     total_inflight: u64,
     round_robin_cursor: u64,
     limiter: Option<RateLimiter>,
+    /// The rate limit's buckets when the caller keeps none of its own ([`Self::pick`]).
+    local_buckets: LocalBuckets,
     /// Keys of the sticky-session tokens.
     session_keys: SessionKeys,
     scratch: Scratch,
@@ -330,10 +332,8 @@ impl ServiceBalancer {
             not_closed: 0,
             total_inflight: 0,
             round_robin_cursor: 0,
-            limiter: policy
-                .rate_limit
-                .as_ref()
-                .map(|config| RateLimiter::new(config, Duration::ZERO)),
+            limiter: policy.rate_limit.as_ref().map(RateLimiter::new),
+            local_buckets: LocalBuckets::default(),
             session_keys: SessionKeys::default(),
             scratch: Scratch::default(),
         };
@@ -427,13 +427,31 @@ impl ServiceBalancer {
     /// admissible candidates (healthy, selected, not ejected unless in panic, best locality
     /// tier) and the algorithm. The caller must later call [`complete`](Self::complete) with
     /// `Pick::endpoint`.
+    ///
+    /// The rate limit's buckets are this balancer's own: the limit holds for the requests it
+    /// picks. [`pick_with_buckets`](Self::pick_with_buckets) shares them.
     pub fn pick<R: Rng + ?Sized>(
         &mut self,
         attributes: &RequestAttributes<'_>,
         now: Duration,
         rng: &mut R,
     ) -> Result<Pick, Rejection> {
-        if let Some(limiter) = &mut self.limiter {
+        let mut buckets = std::mem::take(&mut self.local_buckets);
+        let picked = self.pick_with_buckets(attributes, now, rng, &mut buckets);
+        self.local_buckets = buckets;
+        picked
+    }
+
+    /// [`pick`](Self::pick) with the rate limit's tokens taken from `buckets`: the filter
+    /// passes buckets every worker of the proxy shares, so the limit is per proxy.
+    pub fn pick_with_buckets<R: Rng + ?Sized>(
+        &mut self,
+        attributes: &RequestAttributes<'_>,
+        now: Duration,
+        rng: &mut R,
+        buckets: &mut dyn BucketStore,
+    ) -> Result<Pick, Rejection> {
+        if let Some(limiter) = &self.limiter {
             let client = self
                 .policy
                 .rate_limit
@@ -441,7 +459,7 @@ impl ServiceBalancer {
                 .and_then(|limit| limit.client_key_header.as_ref())
                 .and(attributes.client_key);
             limiter
-                .admit(client, now)
+                .admit(buckets, client, now)
                 .map_err(|retry_after| Rejection::RateLimited { retry_after })?;
         }
         let sticky_slot = self.sticky_hit(attributes, now);

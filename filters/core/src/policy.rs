@@ -489,7 +489,8 @@ pub struct RateLimit {
     /// When set, each value of this request header gets its own bucket as well: a keyed
     /// request needs a token in its own bucket and in the service bucket. Default: none.
     pub client_key_header: Option<String>,
-    /// Most client buckets kept; beyond it the oldest is evicted. 1..=65536. Default: 1024.
+    /// Client bucket slots; a client key's hash names its slot, and a new client whose slot
+    /// holds another client's bucket takes it over (one write). 1..=65536. Default: 1024.
     pub max_clients: u32,
 }
 

@@ -234,6 +234,16 @@ impl Plugin {
         self.shared.lock().data.get(key).cloned()
     }
 
+    /// The shared-data keys that start with `prefix`, sorted.
+    pub fn shared_data_keys(&self, prefix: &str) -> Vec<String> {
+        let mut keys: Vec<String> = (self.shared.lock().data.keys())
+            .filter(|key| key.starts_with(prefix))
+            .cloned()
+            .collect();
+        keys.sort();
+        keys
+    }
+
     /// Writes shared data as another plugin on the same VM id would (CAS 0: unconditional).
     pub fn set_shared_data(&self, key: &str, value: impl Into<Vec<u8>>) {
         self.shared.lock().set_data(key, value.into(), 0);
