@@ -1,9 +1,10 @@
 //! Fixtures for fulcrum's end-to-end tests: real Envoy (through `fulcrum-envoy-harness`) with
 //! the release filter, in-process sample backends and control plane, and a small client.
 //!
-//! Every Envoy here runs one worker thread, so per-worker balancing state makes exact,
-//! repeatable counts; the filter's behaviour with several workers is covered in the wasmtime
-//! host's tests.
+//! An Envoy here runs one worker thread unless a test asks for more
+//! ([`Proxy::start_with_workers`]): per-worker balancing state then makes exact, repeatable
+//! counts. The tests with two workers check what must hold across workers (the per-proxy rate
+//! limit, outcome attribution) and that both workers served.
 
 use std::{
     collections::BTreeMap,
@@ -94,7 +95,14 @@ pub async fn envoy_with_control_plane(
 pub struct Proxy {
     pub envoy: Envoy,
     pub listener: SocketAddr,
+    client: Client,
+}
+
+/// A client of a proxy's listener, with its own connection pool.
+#[derive(Debug, Clone)]
+pub struct Client {
     client: reqwest::Client,
+    listener: SocketAddr,
 }
 
 /// What one request got.
@@ -135,6 +143,16 @@ impl Proxy {
 
     /// Envoy (one worker) with `filter` in front of `endpoints`.
     pub async fn start_with_filter(endpoints: Endpoints, filter: FilterSetup) -> Result<Self> {
+        Self::start_with_workers(endpoints, filter, 1).await
+    }
+
+    /// Envoy with `workers` worker threads (`--concurrency`) and `filter` in front of
+    /// `endpoints`.
+    pub async fn start_with_workers(
+        endpoints: Endpoints,
+        filter: FilterSetup,
+        workers: u32,
+    ) -> Result<Self> {
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let started = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bootstrap = Bootstrap {
@@ -150,17 +168,12 @@ impl Proxy {
             retries: 2,
         };
         let options = EnvoyOptions {
-            concurrency: 1,
+            concurrency: workers,
             ..EnvoyOptions::default()
         };
         let envoy = Envoy::start_with(&bootstrap.to_json().to_string(), &options).await?;
         let listener = envoy.listener_address("ingress").await?;
-        // Title-Case header names on the wire, as some clients send them.
-        let client = reqwest::Client::builder()
-            .http1_title_case_headers()
-            .resolve(SERVICE, listener)
-            .timeout(Duration::from_secs(5))
-            .build()?;
+        let client = Client::new(listener, usize::MAX);
         Ok(Self {
             envoy,
             listener,
@@ -170,44 +183,73 @@ impl Proxy {
 
     /// Sends one `GET /` for the service, with extra headers.
     pub async fn send_with(&self, headers: &[(&str, &str)]) -> Reply {
-        let bytes: Vec<(&str, &[u8])> = headers
-            .iter()
-            .map(|(name, value)| (*name, value.as_bytes()))
-            .collect();
-        self.send_raw(&bytes).await
+        self.client.send_with(headers).await
     }
 
     /// Sends one `GET /` for the service with header values as raw bytes, as any client can
     /// (bytes 0x80–0xFF included; a name may repeat). A header the client library itself
     /// refuses to send (control characters) is left out.
     pub async fn send_raw(&self, headers: &[(&str, &[u8])]) -> Reply {
-        let mut request = self
-            .client
-            .get(format!("http://{SERVICE}:{}/", self.listener.port()));
-        let mut map = reqwest::header::HeaderMap::new();
-        for (name, value) in headers {
-            if let (Ok(name), Ok(value)) = (
-                reqwest::header::HeaderName::from_bytes(name.as_bytes()),
-                reqwest::header::HeaderValue::from_bytes(value),
-            ) {
-                map.append(name, value);
-            }
+        self.client.send_raw(headers).await
+    }
+
+    /// Offers `rate` requests per second for `duration`, spread over `connections` clients
+    /// that each send at `rate / connections` per second on a connection of their own (so
+    /// Envoy spreads them over its workers). Returns each reply with the time it was sent,
+    /// in sending order.
+    pub async fn offer_load(
+        &self,
+        rate: f64,
+        connections: usize,
+        duration: Duration,
+    ) -> Vec<(Instant, Reply)> {
+        let interval = Duration::from_secs_f64(connections as f64 / rate);
+        let start = Instant::now();
+        let mut tasks = tokio::task::JoinSet::new();
+        for connection in 0..connections {
+            let client = Client::new(self.listener, 1);
+            tasks.spawn(async move {
+                // Staggered, so the clients do not send in lock step.
+                let offset = interval.mul_f64(connection as f64 / connections as f64);
+                let mut ticks = tokio::time::interval_at((start + offset).into(), interval);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let mut replies = Vec::new();
+                while start.elapsed() < duration {
+                    ticks.tick().await;
+                    let sent = Instant::now();
+                    replies.push((sent, client.send_with(&[]).await));
+                }
+                replies
+            });
         }
-        request = request.headers(map);
-        match request.send().await {
-            Ok(response) => Reply {
-                backend: response
-                    .headers()
-                    .get("x-backend")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned),
-                status: Some(response.status().as_u16()),
-            },
-            Err(_) => Reply {
-                backend: None,
-                status: None,
-            },
+        let mut replies: Vec<(Instant, Reply)> = tasks.join_all().await.concat();
+        replies.sort_by_key(|(sent, _)| *sent);
+        replies
+    }
+
+    /// Connections each Envoy worker accepted on the listener (`worker_<i>.downstream_cx_total`),
+    /// in worker order.
+    pub async fn connections_per_worker(&self) -> Result<Vec<u64>> {
+        let stats = self
+            .envoy
+            .admin_get("/stats?filter=downstream_cx_total")
+            .await?;
+        let mut per_worker: BTreeMap<u32, u64> = BTreeMap::new();
+        for line in stats.lines() {
+            let Some((name, value)) = line.split_once(": ") else {
+                continue;
+            };
+            let Some(worker) = name
+                .strip_prefix("listener.")
+                .and_then(|rest| rest.split_once(".worker_"))
+                .and_then(|(_, rest)| rest.strip_suffix(".downstream_cx_total"))
+                .and_then(|worker| worker.parse().ok())
+            else {
+                continue;
+            };
+            *per_worker.entry(worker).or_default() += value.trim().parse::<u64>()?;
         }
+        Ok(per_worker.into_values().collect())
     }
 
     /// Sends `n` requests one after another.
@@ -253,6 +295,63 @@ impl Proxy {
         let stat =
             format!("wasmcustom.fulcrum_endpoint_{name}.service.{SERVICE}.endpoint.{endpoint}");
         Ok(self.envoy.stat(&stat).await?.unwrap_or(0))
+    }
+}
+
+impl Client {
+    /// A client of `listener` keeping at most `idle_connections` idle connections.
+    fn new(listener: SocketAddr, idle_connections: usize) -> Self {
+        // Title-Case header names on the wire, as some clients send them.
+        let client = reqwest::Client::builder()
+            .http1_title_case_headers()
+            .resolve(SERVICE, listener)
+            .timeout(Duration::from_secs(5))
+            .pool_max_idle_per_host(idle_connections)
+            .build()
+            .expect("a reqwest client with these options builds");
+        Self { client, listener }
+    }
+
+    /// Sends one `GET /` for the service, with extra headers.
+    pub async fn send_with(&self, headers: &[(&str, &str)]) -> Reply {
+        let bytes: Vec<(&str, &[u8])> = headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_bytes()))
+            .collect();
+        self.send_raw(&bytes).await
+    }
+
+    /// Sends one `GET /` for the service with header values as raw bytes, as any client can
+    /// (bytes 0x80–0xFF included; a name may repeat). A header the client library itself
+    /// refuses to send (control characters) is left out.
+    pub async fn send_raw(&self, headers: &[(&str, &[u8])]) -> Reply {
+        let mut request = self
+            .client
+            .get(format!("http://{SERVICE}:{}/", self.listener.port()));
+        let mut map = reqwest::header::HeaderMap::new();
+        for (name, value) in headers {
+            if let (Ok(name), Ok(value)) = (
+                reqwest::header::HeaderName::from_bytes(name.as_bytes()),
+                reqwest::header::HeaderValue::from_bytes(value),
+            ) {
+                map.append(name, value);
+            }
+        }
+        request = request.headers(map);
+        match request.send().await {
+            Ok(response) => Reply {
+                backend: response
+                    .headers()
+                    .get("x-backend")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned),
+                status: Some(response.status().as_u16()),
+            },
+            Err(_) => Reply {
+                backend: None,
+                status: None,
+            },
+        }
     }
 }
 

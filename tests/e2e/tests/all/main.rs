@@ -4,4 +4,5 @@
 mod control_plane;
 mod health_checks;
 mod static_endpoints;
+mod two_workers;
 mod untrusted_requests;
