@@ -10,6 +10,7 @@ mod tools;
 
 use std::{
     env,
+    hash::{BuildHasher, RandomState},
     path::{Path, PathBuf},
     process::{Command, ExitCode},
     time::Instant,
@@ -32,6 +33,8 @@ commands:
   demo                     run the local demo (real Envoy + control plane + sample backends)
   bench-compare [--duration SECS] [--scenario NAME]  fulcrum vs Envoy's native balancers under wrk
   build-wasm               build the release filter (.wasm) and print its path and size
+  fuzz [--minutes M] [--cases N]  drive the release filter with hostile requests and snapshots
+                           (the untrusted-input property test), N cases per fresh seed, for M minutes
   oci [--out DIR] [--tag T] [--repository R]  pack the release filter as a Wasm OCI image for Istio
   image [--out DIR] [--tag T] [--repository R] [--source URL]  build the control plane's container image (OCI layout)
   setup                    check what the tests need (protoc with its imports, musl-gcc, etcd, Envoy 1.40,
@@ -49,6 +52,7 @@ fn main() -> ExitCode {
         "demo" => demo(rest),
         "bench-compare" => bench_compare(rest),
         "build-wasm" => build_wasm().map(|wasm| report_wasm(&wasm)),
+        "fuzz" => fuzz(rest),
         "oci" => oci::run(rest),
         "image" => image::run(rest),
         "setup" => setup(setup::FOR_TEST).map(|_| ()),
@@ -105,6 +109,68 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
     command.env("FULCRUM_CONTROL_PLANE_BIN", image::build_binary()?);
     tools::run(&mut command).context("tests failed")?;
     eprintln!("xtask test: passed in {:.0?}", started.elapsed());
+    Ok(())
+}
+
+/// The property test that drives the real filter with hostile input (tests/wasm-host).
+const FUZZ_TEST: &str = "untrusted_input_property::hostile_requests_and_snapshots_never_trap_leak_the_override_header_or_grow_memory";
+
+/// `cargo xtask fuzz [--minutes M] [--cases N]`: the long run of the untrusted-input property
+/// test (CI runs 10,000 cases with a fixed seed): runs of N cases (default 100,000), each with
+/// a fresh random seed, until M minutes (default 60) have passed. Prints each run's seed; a
+/// failing run stops with the seed that reproduces it (`PROPTEST_RNG_SEED`).
+fn fuzz(args: &[String]) -> Result<()> {
+    let usage = "cargo xtask fuzz [--minutes M] [--cases N]";
+    let (mut minutes, mut cases) = (String::from("60"), String::from("100000"));
+    tools::parse_flags(
+        args,
+        &["--minutes", "--cases"],
+        usage,
+        |flag, value| match flag {
+            "--minutes" => minutes = value,
+            _ => cases = value,
+        },
+    )?;
+    let minutes: u64 = minutes.parse().context("--minutes takes a whole number")?;
+    let cases: u64 = cases.parse().context("--cases takes a whole number")?;
+    let wasm = build_wasm()?;
+    let deadline = Instant::now() + std::time::Duration::from_secs(60 * minutes);
+    let (mut runs, mut total) = (0_u64, 0_u64);
+    let started = Instant::now();
+    while Instant::now() < deadline {
+        // std's hasher keys are random per process; hashing the time varies them per run.
+        let seed = RandomState::new().hash_one(std::time::SystemTime::now());
+        eprintln!(
+            "xtask fuzz: run {} with PROPTEST_RNG_SEED={seed}, {cases} cases",
+            runs + 1
+        );
+        let mut command = cargo();
+        command
+            .args([
+                "test",
+                "--package",
+                "fulcrum-wasm-host",
+                "--test",
+                "all",
+                "--",
+                "--exact",
+            ])
+            .arg(FUZZ_TEST)
+            .env("FULCRUM_FILTER_WASM", &wasm)
+            .env("PROPTEST_CASES", cases.to_string())
+            .env("PROPTEST_RNG_SEED", seed.to_string());
+        tools::run(&mut command).with_context(|| {
+            format!(
+                "fuzz run failed; reproduce with PROPTEST_RNG_SEED={seed} PROPTEST_CASES={cases}"
+            )
+        })?;
+        runs += 1;
+        total += cases;
+    }
+    eprintln!(
+        "xtask fuzz: {total} cases in {runs} runs passed in {:.0?}",
+        started.elapsed()
+    );
     Ok(())
 }
 
