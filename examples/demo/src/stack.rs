@@ -173,6 +173,8 @@ impl Stack {
                 wasm: binaries.wasm.clone(),
                 config: json!({
                     "control_plane": {"cluster": "fulcrum_control_plane", "poll_interval": "250ms"},
+                    // The one cluster this bootstrap patches with override_host.
+                    "only_services": [service],
                     "policy": policy,
                 }),
                 failure_policy: FailurePolicy::default(),

@@ -16,6 +16,9 @@ use serde::Deserialize;
 /// The default header written with the chosen `IP:port` (and retry targets).
 pub const DEFAULT_OVERRIDE_HEADER: &str = "x-fulcrum-endpoint";
 
+/// `only_services: ["*"]`: every service gets a pick.
+pub const ALL_SERVICES: &str = "*";
+
 /// The whole plugin configuration. `{}` is not valid: endpoints must come from somewhere.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -32,11 +35,13 @@ pub struct FilterConfig {
     pub endpoints: BTreeMap<String, Vec<Endpoint>>,
     /// The control plane whose snapshot (endpoints and policy) the filter polls.
     pub control_plane: Option<ControlPlane>,
-    /// When set, only these services (as the `service` source names them) get a pick; every
-    /// other request passes with no header (counted as the `not_listed` fail-open). List
-    /// exactly the clusters whose `override_host` reads and whose upstream filter strips the
-    /// header (in Istio, the clusters `envoyfilter-override-host.yaml` patches), so the header
-    /// never reaches an application. Default: every service of the snapshot.
+    /// The services (as the `service` source names them) that get a pick; every other
+    /// request passes with no header (counted as the `not_listed` fail-open). List exactly the
+    /// clusters whose `override_host` reads and whose upstream filter strips the header (in
+    /// Istio, the clusters `envoyfilter-override-host.yaml` patches), so the header never
+    /// reaches an application; `["*"]` opts in every service, for a proxy whose every
+    /// cluster does. Required with `control_plane`, whose snapshot names every service of the
+    /// mesh; with static `endpoints` the default is the services listed there.
     pub only_services: Option<Vec<String>>,
     /// Secret keys of sticky-session cookies, 32 hex digits each: the first signs new
     /// cookies, every one is accepted (rotate by putting a new key first, drop the old one
@@ -243,19 +248,39 @@ impl FilterConfig {
                 }
             }
         }
-        if let Some(only) = &self.only_services {
-            if only.is_empty() {
-                push(
-                    "only_services",
-                    "must list at least one service (omit it to balance every service)".to_owned(),
-                );
-            }
-            for (index, name) in only.iter().enumerate() {
-                if name.is_empty() {
+        match &self.only_services {
+            None if self.control_plane.is_some() => push(
+                "only_services",
+                format!(
+                    "required with control_plane (its snapshot names every service of the mesh): list the services whose Envoy cluster reads `{}` with override_host and strips it, or [\"{ALL_SERVICES}\"] when every cluster of this proxy does",
+                    self.override_header
+                ),
+            ),
+            None => {}
+            Some(only) => {
+                if only.is_empty() {
                     push(
-                        &format!("only_services[{index}]"),
-                        "must not be empty".to_owned(),
+                        "only_services",
+                        format!(
+                            "must list at least one service, or [\"{ALL_SERVICES}\"] for every service"
+                        ),
                     );
+                }
+                if only.len() > 1 && only.iter().any(|name| name == ALL_SERVICES) {
+                    push(
+                        "only_services",
+                        format!(
+                            "\"{ALL_SERVICES}\" stands alone: it already opts in every service"
+                        ),
+                    );
+                }
+                for (index, name) in only.iter().enumerate() {
+                    if name.is_empty() {
+                        push(
+                            &format!("only_services[{index}]"),
+                            "must not be empty".to_owned(),
+                        );
+                    }
                 }
             }
         }
@@ -303,7 +328,7 @@ mod tests {
 
     #[test]
     fn accepts_a_control_plane_with_defaults() {
-        let config = FilterConfig::parse(br#"{"control_plane": {"cluster": "fulcrum"}, "service": {"from": "header", "name": "x-service"}}"#)
+        let config = FilterConfig::parse(br#"{"control_plane": {"cluster": "fulcrum"}, "only_services": ["*"], "service": {"from": "header", "name": "x-service"}}"#)
             .expect("valid");
         let control_plane = config.control_plane.expect("set");
         assert_eq!(control_plane.path, "/v1/snapshot");
@@ -329,7 +354,8 @@ mod tests {
             br#"{
                 "override_header": "X-Upper",
                 "policy": {"default": {"retry": 9}},
-                "control_plane": {"cluster": "", "path": "snapshot", "poll_interval": "1ms"}
+                "control_plane": {"cluster": "", "path": "snapshot", "poll_interval": "1ms"},
+                "only_services": ["*", "checkout"]
             }"#,
         )
         .expect_err("invalid");
@@ -344,8 +370,28 @@ mod tests {
                 "policy.default.retry",
                 "control_plane.cluster",
                 "control_plane.path",
-                "control_plane.poll_interval"
+                "control_plane.poll_interval",
+                "only_services"
             ]
+        );
+    }
+
+    #[test]
+    fn a_control_plane_requires_the_services_to_balance_to_be_listed() {
+        let error = FilterConfig::parse(br#"{"control_plane": {"cluster": "fulcrum"}}"#)
+            .expect_err("only_services is required with a control plane")
+            .to_string();
+        assert!(
+            error.contains("only_services: required with control_plane"),
+            "{error}"
+        );
+        let listed = br#"{"control_plane": {"cluster": "fulcrum"}, "only_services": ["checkout"]}"#;
+        assert!(FilterConfig::parse(listed).is_ok());
+        // Static endpoints name their services themselves.
+        let fixed = br#"{"endpoints": {"checkout": [{"address": "10.0.0.1:8080"}]}}"#;
+        assert_eq!(
+            FilterConfig::parse(fixed).expect("valid").only_services,
+            None
         );
     }
 

@@ -83,7 +83,7 @@ use proxy_wasm::{
 };
 
 use crate::{
-    config::{FilterConfig, ServiceSource},
+    config::{ALL_SERVICES, FilterConfig, ServiceSource},
     input::{self, Input},
     metrics::{FailOpen, Metrics},
     now,
@@ -157,7 +157,9 @@ impl Request {
     /// Envoy's, and only its endpoints can honour the pick).
     fn refuse_service(&self, name: &str) -> Option<FailOpen> {
         if let Some(only) = &self.config.only_services
-            && !only.iter().any(|listed| listed == name)
+            && !only
+                .iter()
+                .any(|listed| listed == name || listed == ALL_SERVICES)
         {
             return Some(FailOpen::NotListed);
         }

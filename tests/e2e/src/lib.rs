@@ -85,6 +85,7 @@ pub async fn envoy_with_control_plane(
 ) -> Result<Proxy> {
     let filter_config = json!({
         "control_plane": {"cluster": "fulcrum_control_plane", "poll_interval": "200ms"},
+        "only_services": [SERVICE],
         "policy": {"default": policy},
     });
     Proxy::start_for_test(Endpoints::Ads { xds, snapshot_http }, filter_config).await

@@ -188,12 +188,16 @@ fn invalid_plugin_config_is_refused_with_its_validation_errors() {
     assert!(message.contains("refused its configuration"), "{message}");
     assert!(message.contains("policy.default.retry"), "{message}");
     assert!(message.contains("control_plane.cluster"), "{message}");
+    assert!(
+        message.contains("only_services: required with control_plane"),
+        "{message}"
+    );
 }
 
 #[test]
 fn control_plane_snapshot_is_fetched_once_and_shared_with_the_other_worker() -> anyhow::Result<()> {
     let config = r#"{"control_plane": {"cluster": "fulcrum_control_plane", "poll_interval": "1s"},
-        "policy": {"default": {"load_balancer": {"type": "round_robin"}}}}"#;
+        "only_services": ["*"], "policy": {"default": {"load_balancer": {"type": "round_robin"}}}}"#;
     let plugin = filter()
         .configure(config)
         .cluster("fulcrum_control_plane")
@@ -244,7 +248,8 @@ fn control_plane_snapshot_is_fetched_once_and_shared_with_the_other_worker() -> 
 
 #[test]
 fn control_plane_timeout_keeps_no_snapshot_and_counts_the_failure() -> anyhow::Result<()> {
-    let config = r#"{"control_plane": {"cluster": "fulcrum_control_plane", "timeout": "100ms"}}"#;
+    let config = r#"{"control_plane": {"cluster": "fulcrum_control_plane", "timeout": "100ms"},
+        "only_services": ["*"]}"#;
     let plugin = filter()
         .configure(config)
         .cluster("fulcrum_control_plane")

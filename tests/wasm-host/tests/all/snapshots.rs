@@ -14,7 +14,7 @@ const CONTROL_PLANE: &str = "fulcrum_control_plane";
 fn polling_filter() -> anyhow::Result<Plugin> {
     filter()
         .configure(format!(
-            r#"{{"control_plane": {{"cluster": "{CONTROL_PLANE}", "poll_interval": "1s"}}}}"#
+            r#"{{"control_plane": {{"cluster": "{CONTROL_PLANE}", "poll_interval": "1s"}}, "only_services": ["*"]}}"#
         ))
         .cluster(CONTROL_PLANE)
         .start()

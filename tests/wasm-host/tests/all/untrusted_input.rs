@@ -487,7 +487,7 @@ fn snapshot_response_that_is_not_utf8_or_was_reset_keeps_the_last_good_snapshot(
 -> anyhow::Result<()> {
     let plugin = filter()
         .configure(
-            r#"{"control_plane": {"cluster": "fulcrum_control_plane", "poll_interval": "1s"},
+            r#"{"control_plane": {"cluster": "fulcrum_control_plane", "poll_interval": "1s"}, "only_services": ["*"],
                 "policy": {"default": {"load_balancer": {"type": "round_robin"}}}}"#,
         )
         .cluster(CONTROL_PLANE)

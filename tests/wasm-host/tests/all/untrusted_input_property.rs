@@ -124,7 +124,7 @@ impl Fixture {
             (
                 Source::RouteCluster,
                 format!(
-                    r#"{{"control_plane": {{"cluster": "{CONTROL_PLANE}", "poll_interval": "1s"}},
+                    r#"{{"control_plane": {{"cluster": "{CONTROL_PLANE}", "poll_interval": "1s"}}, "only_services": ["*"],
                         "policy": {POLICY}, "service": {{"from": "route_cluster"}}}}"#
                 ),
             ),
