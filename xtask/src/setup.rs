@@ -430,7 +430,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         fs::create_dir(dir.path().join("bin")).expect("bin");
         let bare = dir.path().join("bin").join("protoc");
-        fs::copy(system_protoc(), &bare).expect("copy protoc");
+        // Copied by `cp`, not `fs::copy`: a file this process had open for writing could be
+        // inherited by another test thread's fork, and exec'ing it would then fail with
+        // ETXTBSY ("Text file busy").
+        let copied = Command::new("cp")
+            .arg(system_protoc())
+            .arg(&bare)
+            .status()
+            .expect("cp runs");
+        assert!(copied.success(), "cp protoc: {copied}");
         let error = probe_protoc(&probe(), &bare).expect_err("the import must not resolve");
         assert!(
             format!("{error:#}").contains("google/protobuf/descriptor.proto"),
