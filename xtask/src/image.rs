@@ -26,36 +26,24 @@ const DEFAULT_SOURCE: &str = "https://github.com/fulcrum-lb/fulcrum";
 const DEFAULT_OUT: &str = "target-oci/fulcrum-control-plane";
 
 /// Options of `cargo xtask image`.
-#[derive(Debug)]
-struct Options {
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Directory for the OCI layout
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value_os_t = super::workspace_root().join(DEFAULT_OUT)
+    )]
     out: PathBuf,
+    /// The image's tag
+    #[arg(long, value_name = "TAG", default_value = env!("CARGO_PKG_VERSION"))]
     tag: String,
+    /// Where the image will be pushed: the reference in the push commands and the pin
+    #[arg(long, value_name = "REGISTRY/REPO", default_value = DEFAULT_REPOSITORY)]
     repository: String,
+    /// The source repository, recorded in the image's org.opencontainers.image.source label
+    #[arg(long, value_name = "URL", default_value = DEFAULT_SOURCE)]
     source: String,
-}
-
-impl Options {
-    fn parse(args: &[String], root: &Path) -> Result<Self> {
-        let mut options = Options {
-            out: root.join(DEFAULT_OUT),
-            tag: env!("CARGO_PKG_VERSION").to_owned(),
-            repository: DEFAULT_REPOSITORY.to_owned(),
-            source: DEFAULT_SOURCE.to_owned(),
-        };
-        tools::parse_flags(
-            args,
-            &["--out", "--tag", "--repository", "--source"],
-            "cargo xtask image [--out DIR] [--tag TAG] [--repository REGISTRY/REPO] [--source URL]",
-            |flag, value| match flag {
-                "--out" => options.out = PathBuf::from(value),
-                "--tag" => options.tag = value,
-                "--repository" => options.repository = value,
-                "--source" => options.source = value,
-                _ => unreachable!("parse_flags passes known flags only"),
-            },
-        )?;
-        Ok(options)
-    }
 }
 
 /// Builds the control plane for [`MUSL_TARGET`] in release mode and returns the static
@@ -107,10 +95,9 @@ fn git_revision(root: &Path) -> Result<String> {
     })
 }
 
-/// Runs `cargo xtask image [args]`.
-pub fn run(args: &[String]) -> Result<()> {
+/// Runs `cargo xtask image`.
+pub fn run(options: &Options) -> Result<()> {
     let root = super::workspace_root();
-    let options = Options::parse(args, &root)?;
     setup::ensure(&root, setup::FOR_IMAGE)?;
     let binary_path = build_binary()?;
     let binary = std::fs::read(&binary_path)

@@ -1,7 +1,8 @@
 //! `cargo xtask` — fulcrum's project automation (the xtask pattern: plain Rust, no make).
 //!
 //! Every command installs what it needs first (see [`tools`]), so the README's two commands
-//! work on a fresh machine and cost nothing extra the second time.
+//! work on a fresh machine and cost nothing extra the second time. The commands and their
+//! flags are [`Task`] (clap derive); each answers `--help`.
 
 mod image;
 mod oci;
@@ -10,6 +11,7 @@ mod tools;
 
 use std::{
     env,
+    ffi::OsString,
     hash::{BuildHasher, RandomState},
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -17,6 +19,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 
 use setup::Purpose;
 use tools::WASM_TARGET;
@@ -25,50 +28,114 @@ use tools::WASM_TARGET;
 const FILTER_PACKAGE: &str = "fulcrum-balancer";
 const FILTER_WASM: &str = "fulcrum_balancer.wasm";
 
-const USAGE: &str = "\
-usage: cargo xtask <command> [args]
+/// fulcrum's project automation: every command first installs what it needs.
+#[derive(Debug, Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    arg_required_else_help = true,
+    args_override_self = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
 
-commands:
-  test [cargo test args]   install what is missing, build the release filter, run every test
-  demo                     run the local demo (real Envoy + control plane + sample backends)
-  bench-compare [--duration SECS] [--scenario NAME]  fulcrum vs Envoy's native balancers under wrk
-  build-wasm               build the release filter (.wasm) and print its path and size
-  fuzz [--minutes M] [--cases N]  drive the release filter with hostile requests and snapshots
-                           (the untrusted-input property test), N cases per fresh seed, for M minutes
-  oci [--out DIR] [--tag T] [--repository R]  pack the release filter as a Wasm OCI image for Istio
-  image [--out DIR] [--tag T] [--repository R] [--source URL]  build the control plane's container image (OCI layout)
-  setup                    check what the tests need (protoc with its imports, musl-gcc, etcd, Envoy 1.40,
-                           Rust targets) and install what is missing; one line per capability
-";
+/// The commands of `cargo xtask`.
+#[derive(Debug, Subcommand)]
+enum Task {
+    /// Install what is missing, build the release filter, run every test
+    ///
+    /// Also builds the test-only fault-injection filter and the control plane's static
+    /// binary, then runs `cargo test --workspace` with FULCRUM_ENVOY, FULCRUM_FILTER_WASM,
+    /// FULCRUM_FAULT_WASM and FULCRUM_CONTROL_PLANE_BIN set.
+    Test {
+        /// Arguments for `cargo test --workspace`, passed on as given
+        /// (e.g. `-p fulcrum-core -- --nocapture`)
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        cargo_test_args: Vec<String>,
+    },
+    /// Run the local demo (real Envoy + control plane + sample backends, faults midway)
+    Demo {
+        /// Arguments for fulcrum-demo, passed on as given
+        /// (--duration SECS, --concurrency N, --workers N, --plain)
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        demo_args: Vec<String>,
+    },
+    /// Compare fulcrum with Envoy's native balancers under wrk
+    ///
+    /// The table goes to stdout and bench-results/compare.md.
+    BenchCompare {
+        /// Arguments for fulcrum-compare, passed on as given
+        /// (--duration SECS, --scenario NAME (repeatable), --workers N)
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        compare_args: Vec<String>,
+    },
+    /// Build the release filter (.wasm) and print its path and size
+    BuildWasm,
+    /// Drive the release filter with hostile requests and snapshots for M minutes
+    ///
+    /// The long run of the untrusted-input property test: runs of N cases, each with a fresh
+    /// random seed, until M minutes have passed. A failing run stops with the seed that
+    /// reproduces it (PROPTEST_RNG_SEED).
+    Fuzz {
+        /// Start runs until this many minutes have passed
+        #[arg(long, value_name = "M", default_value_t = 60)]
+        minutes: u64,
+        /// Cases per run
+        #[arg(long, value_name = "N", default_value_t = 100_000)]
+        cases: u64,
+    },
+    /// Pack the release filter as a Wasm OCI image for Istio
+    ///
+    /// Writes an OCI layout and the WasmPlugin and TrafficExtension manifests rendered with
+    /// the image's digest; pushing is left to skopeo, oras or crane.
+    Oci(oci::Options),
+    /// Build the control plane's container image (OCI layout)
+    ///
+    /// A static musl binary in an OCI layout, no Docker needed; pushing is left to skopeo,
+    /// oras or crane.
+    Image(image::Options),
+    /// Check what the tests need and install what is missing
+    ///
+    /// Checks protoc with its imports, musl-gcc, etcd, python3-venv, Envoy 1.40 and the Rust
+    /// targets by using each, and installs what fails; one line per capability.
+    Setup,
+}
+
+/// Reads the command line (`argv` starts with the program): the command's name, for error
+/// messages, and the command.
+fn parse(argv: Vec<OsString>) -> Result<(String, Task), clap::Error> {
+    let matches = Cli::command().try_get_matches_from(&argv)?;
+    let Cli { mut task } = Cli::from_arg_matches(&matches)?;
+    let name = matches.subcommand_name().unwrap_or_default().to_owned();
+    // clap takes a `--` right after the command (`argv[1]`: xtask has no options of its own)
+    // as the end of xtask's arguments and drops it; for `test` it is cargo test's `--`
+    // (what follows goes to the test binaries), so it goes back.
+    if let Task::Test { cargo_test_args } = &mut task
+        && argv.get(2).is_some_and(|arg| arg == "--")
+    {
+        cargo_test_args.insert(0, "--".to_owned());
+    }
+    Ok((name, task))
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = env::args().skip(1).collect();
-    let Some((command, rest)) = args.split_first() else {
-        eprint!("{USAGE}");
-        return ExitCode::from(2);
-    };
-    let result = match command.as_str() {
-        "test" => test(rest),
-        "demo" => demo(rest),
-        "bench-compare" => bench_compare(rest),
-        "build-wasm" => build_wasm().map(|wasm| report_wasm(&wasm)),
-        "fuzz" => fuzz(rest),
-        "oci" => oci::run(rest),
-        "image" => image::run(rest),
-        "setup" => setup(setup::FOR_TEST).map(|_| ()),
-        "help" | "-h" | "--help" => {
-            print!("{USAGE}");
-            Ok(())
-        }
-        other => {
-            eprint!("xtask: unknown command `{other}`\n{USAGE}");
-            return ExitCode::from(2);
-        }
+    let (name, task) = parse(env::args_os().collect()).unwrap_or_else(|error| error.exit());
+    let result = match task {
+        Task::Test { cargo_test_args } => test(&cargo_test_args),
+        Task::Demo { demo_args } => demo(&demo_args),
+        Task::BenchCompare { compare_args } => bench_compare(&compare_args),
+        Task::BuildWasm => build_wasm().map(|wasm| report_wasm(&wasm)),
+        Task::Fuzz { minutes, cases } => fuzz(minutes, cases),
+        Task::Oci(options) => oci::run(&options),
+        Task::Image(options) => image::run(&options),
+        Task::Setup => setup(setup::FOR_TEST).map(|_| ()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("xtask {command}: error: {error:#}");
+            eprintln!("xtask {name}: error: {error:#}");
             ExitCode::FAILURE
         }
     }
@@ -119,20 +186,7 @@ const FUZZ_TEST: &str = "untrusted_input_property::hostile_requests_and_snapshot
 /// test (CI runs 10,000 cases with a fixed seed): runs of N cases (default 100,000), each with
 /// a fresh random seed, until M minutes (default 60) have passed. Prints each run's seed; a
 /// failing run stops with the seed that reproduces it (`PROPTEST_RNG_SEED`).
-fn fuzz(args: &[String]) -> Result<()> {
-    let usage = "cargo xtask fuzz [--minutes M] [--cases N]";
-    let (mut minutes, mut cases) = (String::from("60"), String::from("100000"));
-    tools::parse_flags(
-        args,
-        &["--minutes", "--cases"],
-        usage,
-        |flag, value| match flag {
-            "--minutes" => minutes = value,
-            _ => cases = value,
-        },
-    )?;
-    let minutes: u64 = minutes.parse().context("--minutes takes a whole number")?;
-    let cases: u64 = cases.parse().context("--cases takes a whole number")?;
+fn fuzz(minutes: u64, cases: u64) -> Result<()> {
     let wasm = build_wasm()?;
     let deadline = Instant::now() + std::time::Duration::from_secs(60 * minutes);
     let (mut runs, mut total) = (0_u64, 0_u64);
@@ -311,4 +365,139 @@ fn target_dir() -> Result<PathBuf> {
         .as_str()
         .map(PathBuf::from)
         .context("cargo metadata has no target_directory")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parsed(args: &[&str]) -> (String, Task) {
+        let argv = std::iter::once("xtask").chain(args.iter().copied());
+        parse(argv.map(OsString::from).collect()).expect("parses")
+    }
+
+    fn refused(args: &[&str]) -> clap::error::ErrorKind {
+        let argv = std::iter::once("xtask").chain(args.iter().copied());
+        parse(argv.map(OsString::from).collect())
+            .expect_err("refused")
+            .kind()
+    }
+
+    #[test]
+    fn the_command_definitions_are_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn test_passes_every_argument_on_as_given() {
+        for args in [
+            &["-p", "fulcrum-core", "--", "--nocapture"][..],
+            &["--", "--nocapture"],
+            &["--", "--help"],
+            &["--release"],
+            &[],
+        ] {
+            let (name, task) = parsed(&[&["test"][..], args].concat());
+            assert_eq!(name, "test");
+            let Task::Test { cargo_test_args } = task else {
+                panic!("not test: {task:?}");
+            };
+            assert_eq!(cargo_test_args, args);
+        }
+    }
+
+    #[test]
+    fn demo_and_bench_compare_pass_their_arguments_on() {
+        let args = ["--duration", "30", "--plain"];
+        let (name, task) = parsed(&[&["demo"][..], &args].concat());
+        assert_eq!(name, "demo");
+        assert!(matches!(task, Task::Demo { demo_args } if demo_args == args));
+        let args = ["--scenario", "slow", "--scenario", "errors"];
+        let (name, task) = parsed(&[&["bench-compare"][..], &args].concat());
+        assert_eq!(name, "bench-compare");
+        assert!(matches!(task, Task::BenchCompare { compare_args } if compare_args == args));
+    }
+
+    #[test]
+    fn fuzz_defaults_to_an_hour_of_100_000_case_runs_and_the_last_flag_wins() {
+        assert!(matches!(
+            parsed(&["fuzz"]).1,
+            Task::Fuzz {
+                minutes: 60,
+                cases: 100_000
+            }
+        ));
+        assert!(matches!(
+            parsed(&["fuzz", "--cases", "9", "--minutes=0", "--cases", "5"]).1,
+            Task::Fuzz {
+                minutes: 0,
+                cases: 5
+            }
+        ));
+        assert_eq!(
+            refused(&["fuzz", "--minutes", "soon"]),
+            clap::error::ErrorKind::ValueValidation
+        );
+    }
+
+    #[test]
+    fn oci_and_image_take_their_flags_with_the_version_and_workspace_as_defaults() {
+        let (name, task) = parsed(&["oci"]);
+        assert_eq!(name, "oci");
+        let rendered = format!("{task:?}");
+        assert!(rendered.contains(env!("CARGO_PKG_VERSION")), "{rendered}");
+        assert!(
+            rendered.contains("target-oci/fulcrum-balancer"),
+            "{rendered}"
+        );
+        let (_, task) = parsed(&[
+            "image",
+            "--tag",
+            "0.0.1",
+            "--source",
+            "https://example.com/x",
+            "--tag",
+            "1.2.3",
+        ]);
+        let rendered = format!("{task:?}");
+        assert!(
+            rendered.contains("\"1.2.3\""),
+            "the last --tag wins: {rendered}"
+        );
+        assert!(rendered.contains("https://example.com/x"), "{rendered}");
+        assert!(
+            rendered.contains("target-oci/fulcrum-control-plane"),
+            "{rendered}"
+        );
+    }
+
+    #[test]
+    fn unknown_commands_and_flags_and_missing_values_are_usage_errors() {
+        use clap::error::ErrorKind;
+        assert_eq!(refused(&["bogus"]), ErrorKind::InvalidSubcommand);
+        assert_eq!(
+            refused(&["oci", "--bogus", "x"]),
+            ErrorKind::UnknownArgument
+        );
+        assert_eq!(refused(&["oci", "--tag"]), ErrorKind::InvalidValue);
+        assert_eq!(
+            refused(&["build-wasm", "extra"]),
+            ErrorKind::UnknownArgument
+        );
+        assert_eq!(
+            refused(&[]),
+            ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand
+        );
+    }
+
+    #[test]
+    fn every_command_answers_help() {
+        for command in Cli::command().get_subcommands() {
+            let name = command.get_name();
+            assert_eq!(
+                refused(&[name, "--help"]),
+                clap::error::ErrorKind::DisplayHelp
+            );
+        }
+    }
 }

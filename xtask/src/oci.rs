@@ -3,16 +3,14 @@
 //! WasmPlugin and TrafficExtension templates of `istio/filter/` with the image's digest.
 //!
 //! The packer is `fulcrum_manifest_tests::oci`, the same code the manifest tests check; this
-//! module only parses arguments, builds, and reports. Pushing is left to standard tools
+//! module only declares its options, builds, and reports. Pushing is left to standard tools
 //! (`skopeo`, `oras`, `crane`), which copy the layout's manifest unchanged, so the digest
 //! printed here is the one the registry will serve.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use fulcrum_manifest_tests::{oci, template};
-
-use crate::tools;
 
 const DEFAULT_REPOSITORY: &str = "localhost:5000/fulcrum-balancer";
 const DEFAULT_OUT: &str = "target-oci/fulcrum-balancer";
@@ -26,39 +24,26 @@ const TEMPLATES: &[(&str, &str)] = &[
 ];
 
 /// Options of `cargo xtask oci`.
-#[derive(Debug)]
-struct Options {
+#[derive(Debug, clap::Args)]
+pub struct Options {
+    /// Directory for the OCI layout and the rendered manifests
+    #[arg(
+        long,
+        value_name = "DIR",
+        default_value_os_t = super::workspace_root().join(DEFAULT_OUT)
+    )]
     out: PathBuf,
+    /// The image's tag
+    #[arg(long, value_name = "TAG", default_value = env!("CARGO_PKG_VERSION"))]
     tag: String,
+    /// Where the image will be pushed: the reference in the manifests and push commands
+    #[arg(long, value_name = "REGISTRY/REPO", default_value = DEFAULT_REPOSITORY)]
     repository: String,
 }
 
-impl Options {
-    fn parse(args: &[String], root: &Path) -> Result<Self> {
-        let mut options = Options {
-            out: root.join(DEFAULT_OUT),
-            tag: env!("CARGO_PKG_VERSION").to_owned(),
-            repository: DEFAULT_REPOSITORY.to_owned(),
-        };
-        tools::parse_flags(
-            args,
-            &["--out", "--tag", "--repository"],
-            "cargo xtask oci [--out DIR] [--tag TAG] [--repository REGISTRY/REPO]",
-            |flag, value| match flag {
-                "--out" => options.out = PathBuf::from(value),
-                "--tag" => options.tag = value,
-                "--repository" => options.repository = value,
-                _ => unreachable!("parse_flags passes known flags only"),
-            },
-        )?;
-        Ok(options)
-    }
-}
-
-/// Runs `cargo xtask oci [args]`.
-pub fn run(args: &[String]) -> Result<()> {
+/// Runs `cargo xtask oci`.
+pub fn run(options: &Options) -> Result<()> {
     let root = super::workspace_root();
-    let options = Options::parse(args, &root)?;
     let wasm_path = super::build_wasm()?;
     let wasm =
         std::fs::read(&wasm_path).with_context(|| format!("reading {}", wasm_path.display()))?;

@@ -1,5 +1,5 @@
 //! The tools xtask drives: rustup targets, Envoy in the project's virtualenv, and helpers to
-//! run commands and read flags. What to install and when is decided in [`mod@crate::setup`].
+//! run commands. What to install and when is decided in [`mod@crate::setup`].
 
 use std::{
     env, fs,
@@ -147,26 +147,4 @@ pub fn output(command: &mut Command) -> Result<String> {
         );
     }
     Ok(String::from_utf8(out.stdout)?)
-}
-
-/// Reads `--flag VALUE` pairs from `args`, calling `set` once per pair in order. A flag not in
-/// `known` is refused (before its value is read) with `usage`; a flag without a value is
-/// refused by name. `set` is only ever called with a flag from `known`.
-pub fn parse_flags(
-    args: &[String],
-    known: &[&str],
-    usage: &str,
-    mut set: impl FnMut(&str, String),
-) -> Result<()> {
-    let mut args = args.iter();
-    while let Some(flag) = args.next() {
-        if !known.contains(&flag.as_str()) {
-            bail!("unknown argument `{flag}`; usage: {usage}");
-        }
-        let value = args
-            .next()
-            .with_context(|| format!("{flag} needs a value"))?;
-        set(flag, value.clone());
-    }
-    Ok(())
 }
