@@ -14,6 +14,6 @@ pub mod status;
 
 pub use cache::{EncodedResource, ResourceType, SnapshotCache, UpdateSummary, XdsSnapshot};
 pub use metrics::XdsMetrics;
-pub use resources::{ClusterOptions, OVERRIDE_HOST_HEADER, UpstreamProtocol};
+pub use resources::{ClusterOptions, UpstreamProtocol};
 pub use server::AdsServer;
 pub use status::{Nack, NodeRegistry, StreamKind, StreamStatus, TypeStatus};

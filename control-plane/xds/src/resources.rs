@@ -1,7 +1,7 @@
 //! Builds the Envoy resources of one service: its `Cluster` and its `ClusterLoadAssignment`.
 //!
 //! Every cluster is EDS over ADS and balances with Envoy's `override_host` policy: the
-//! fulcrum filter writes `IP:port` into [`OVERRIDE_HOST_HEADER`] and Envoy sends the request
+//! fulcrum filter writes `IP:port` into [`OVERRIDE_HEADER`] and Envoy sends the request
 //! there; without the header (filter fail-open) the fallback policy, least request, picks.
 //! A cluster-level upstream `header_mutation` filter removes the header after host
 //! selection, so the upstream never sees it. (A route-level `request_headers_to_remove` would
@@ -54,10 +54,8 @@ use envoy_types::pb::{
     google::protobuf::{Any, Duration, ListValue, Struct, UInt32Value, Value, value::Kind},
 };
 use envoy_types::util::pack_any;
-use fulcrum_core::{Endpoint, Health, ServiceEndpoints};
+use fulcrum_core::{Endpoint, Health, OVERRIDE_HEADER, ServiceEndpoints};
 
-/// The request header the filter writes `IP:port` into and `override_host` reads.
-pub const OVERRIDE_HOST_HEADER: &str = "x-fulcrum-endpoint";
 /// The `filter_metadata` namespace endpoint attributes are published under.
 pub const METADATA_NAMESPACE: &str = "fulcrum";
 const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
@@ -113,7 +111,7 @@ fn typed_extension(name: &str, config: Any) -> TypedExtensionConfig {
 pub fn cluster(name: &str, options: &ClusterOptions) -> Cluster {
     let override_host = OverrideHost {
         override_host_sources: vec![OverrideHostSource {
-            header: OVERRIDE_HOST_HEADER.to_owned(),
+            header: OVERRIDE_HEADER.to_owned(),
             ..Default::default()
         }],
         fallback_policy: Some(LoadBalancingPolicy {
@@ -129,7 +127,7 @@ pub fn cluster(name: &str, options: &ClusterOptions) -> Cluster {
     let strip_override_header = HeaderMutation {
         mutations: Some(Mutations {
             request_mutations: vec![HeaderMutationRule {
-                action: Some(Action::Remove(OVERRIDE_HOST_HEADER.to_owned())),
+                action: Some(Action::Remove(OVERRIDE_HEADER.to_owned())),
             }],
             ..Default::default()
         }),

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, task::JoinHandle};
 
 /// The header fulcrum's filter sets; a backend must never see it.
-pub const OVERRIDE_HEADER: &str = "x-fulcrum-endpoint";
+pub use fulcrum_core::OVERRIDE_HEADER;
 
 /// How the backend misbehaves. The default is a healthy, fast backend.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

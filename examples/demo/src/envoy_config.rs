@@ -11,7 +11,7 @@ use std::{net::SocketAddr, path::PathBuf};
 use serde_json::{Value, json};
 
 /// The header the filter writes and the cluster's `override_host` policy reads.
-pub const OVERRIDE_HEADER: &str = "x-fulcrum-endpoint";
+pub use fulcrum_core::OVERRIDE_HEADER;
 
 /// How the upstream cluster balances.
 #[derive(Debug, Clone, PartialEq)]

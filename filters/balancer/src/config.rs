@@ -14,7 +14,7 @@ use fulcrum_core::{
 use serde::Deserialize;
 
 /// The default header written with the chosen `IP:port` (and retry targets).
-pub const DEFAULT_OVERRIDE_HEADER: &str = "x-fulcrum-endpoint";
+pub const DEFAULT_OVERRIDE_HEADER: &str = fulcrum_core::OVERRIDE_HEADER;
 
 /// `only_services: ["*"]`: every service gets a pick.
 pub const ALL_SERVICES: &str = "*";

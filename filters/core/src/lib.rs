@@ -5,11 +5,17 @@
 //! numbers are passed in, so every behaviour is deterministic under test. The proxy-wasm
 //! filter, the control plane and the benches all use it.
 //!
-//! - Time is `now: std::time::Duration` measured from an arbitrary monotonic epoch the caller
-//!   chooses (the filter: its first tick); it must not go backwards.
+//! - Time is `now: std::time::Duration` measured from an epoch the caller chooses (the filter:
+//!   the host's clock since the Unix epoch, the same in every worker, which the rate limit's
+//!   shared buckets rely on); time going backwards counts as no time passing.
 //! - Randomness is any [`rng::Rng`]; [`rng::SplitMix64`] in production, [`rng::Sequence`] in
 //!   tests.
 //! - The per-request API is [`ServiceBalancer`]: `pick`, then `complete`.
+
+/// The request header the filter writes the picked `IP:port` (then the retry targets) into,
+/// and the cluster's `override_host` policy reads: the contract between the filter and the
+/// clusters the control plane, the demo and the Istio manifests configure.
+pub const OVERRIDE_HEADER: &str = "x-fulcrum-endpoint";
 
 pub mod balancer;
 pub mod breaker;
