@@ -31,7 +31,8 @@ pub enum ProbeError {
 /// Probes one target with reusable clients.
 #[derive(Debug)]
 pub struct Prober {
-    http: reqwest::Client,
+    /// The HTTP client, or why it could not be built (each HTTP probe then fails with it).
+    http: Result<reqwest::Client, String>,
     grpc: Option<HealthClient<tonic::transport::Channel>>,
 }
 
@@ -52,12 +53,15 @@ impl Prober {
                     })
             })
             .flatten();
+        // Redirects are answers, judged by their status as Envoy's HTTP health checker does;
+        // following one would let an endpoint point the prober at any address (SSRF).
         let http = reqwest::Client::builder()
             .no_proxy()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(check.timeout)
             .pool_max_idle_per_host(1)
             .build()
-            .unwrap_or_default();
+            .map_err(|error| error.to_string());
         Self { http, grpc }
     }
 
@@ -78,8 +82,11 @@ impl Prober {
                     expected_statuses,
                     ..
                 } => {
-                    let response = self
+                    let http = self
                         .http
+                        .as_ref()
+                        .map_err(|error| ProbeError::Failed(format!("no HTTP client: {error}")))?;
+                    let response = http
                         .get(format!("http://{target}{path}"))
                         .send()
                         .await
