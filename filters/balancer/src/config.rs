@@ -131,6 +131,14 @@ pub enum ConfigError {
 }
 
 impl FilterConfig {
+    /// Whether requests for `service` may get a pick under `only_services`.
+    pub fn opts_in(&self, service: &str) -> bool {
+        self.only_services.as_ref().is_none_or(|only| {
+            only.iter()
+                .any(|listed| listed == service || listed == ALL_SERVICES)
+        })
+    }
+
     /// The sticky-session keys (validated by [`FilterConfig::validate`]; an invalid one is
     /// skipped here).
     pub fn session_keys(&self) -> SessionKeys {

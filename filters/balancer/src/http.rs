@@ -83,7 +83,7 @@ use proxy_wasm::{
 };
 
 use crate::{
-    config::{ALL_SERVICES, FilterConfig, ServiceSource},
+    config::{FilterConfig, ServiceSource},
     input::{self, Input},
     metrics::{FailOpen, Metrics},
     now,
@@ -156,11 +156,7 @@ impl Request {
     /// (a name from `:authority` or a header is the client's word; the routed cluster is
     /// Envoy's, and only its endpoints can honour the pick).
     fn refuse_service(&self, name: &str) -> Option<FailOpen> {
-        if let Some(only) = &self.config.only_services
-            && !only
-                .iter()
-                .any(|listed| listed == name || listed == ALL_SERVICES)
-        {
+        if !self.config.opts_in(name) {
             return Some(FailOpen::NotListed);
         }
         if matches!(self.config.service, ServiceSource::RouteCluster) {

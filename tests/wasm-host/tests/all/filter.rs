@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use fulcrum_wasm_host::{Plugin, Response};
+use fulcrum_wasm_host::{Plugin, Request, Response};
 
 use crate::test_support::{filter, ms};
 
@@ -334,20 +334,31 @@ fn only_listed_services_get_a_pick_and_the_rest_pass_with_no_header() -> anyhow:
     Ok(())
 }
 
-#[test]
-fn by_default_the_service_is_the_routed_cluster_whatever_the_client_names() -> anyhow::Result<()> {
-    let plugin = filter()
-        .configure(
-            r#"{"endpoints": {"checkout": [{"address": "10.0.0.1:8080"}],
-                              "payments": [{"address": "10.0.0.2:8080"}]}}"#,
-        )
-        .start()?;
-    let mut request = plugin
+/// A plugin balancing checkout (10.0.0.1:8080) and payments (10.0.0.2:8080), with the
+/// configuration's other fields in `fields` (JSON members and a trailing comma, or nothing).
+fn checkout_and_payments(fields: &str) -> anyhow::Result<Plugin> {
+    filter()
+        .configure(format!(
+            r#"{{{fields} "endpoints": {{"checkout": [{{"address": "10.0.0.1:8080"}}],
+                                        "payments": [{{"address": "10.0.0.2:8080"}}]}}}}"#
+        ))
+        .start()
+}
+
+/// A request whose `:authority` is `authority` and that Envoy routed to `cluster`.
+fn routed<'p>(plugin: &'p Plugin, authority: &str, cluster: &str) -> anyhow::Result<Request<'p>> {
+    plugin
         .worker(0)
         .request()
-        .header(":authority", "payments")
-        .cluster("checkout")
-        .send_headers()?;
+        .header(":authority", authority)
+        .cluster(cluster)
+        .send_headers()
+}
+
+#[test]
+fn by_default_the_service_is_the_routed_cluster_whatever_the_client_names() -> anyhow::Result<()> {
+    let plugin = checkout_and_payments("")?;
+    let mut request = routed(&plugin, "payments", "checkout")?;
     assert_eq!(
         request.request_header(OVERRIDE).as_deref(),
         Some("10.0.0.1:8080")
@@ -371,20 +382,9 @@ fn by_default_the_service_is_the_routed_cluster_whatever_the_client_names() -> a
 
 #[test]
 fn a_client_named_service_other_than_the_routed_cluster_gets_no_pick() -> anyhow::Result<()> {
-    let plugin = filter()
-        .configure(
-            r#"{"service": {"from": "authority"},
-                "endpoints": {"checkout": [{"address": "10.0.0.1:8080"}],
-                              "payments": [{"address": "10.0.0.2:8080"}]}}"#,
-        )
-        .start()?;
+    let plugin = checkout_and_payments(r#""service": {"from": "authority"},"#)?;
     // The route sends the request to checkout; the client names payments in :authority.
-    let mut request = plugin
-        .worker(0)
-        .request()
-        .header(":authority", "payments")
-        .cluster("checkout")
-        .send_headers()?;
+    let mut request = routed(&plugin, "payments", "checkout")?;
     assert_eq!(request.request_header(OVERRIDE), None);
     request.respond(200).finish()?;
     assert_eq!(
@@ -392,12 +392,7 @@ fn a_client_named_service_other_than_the_routed_cluster_gets_no_pick() -> anyhow
         1
     );
     // Named as routed, it is picked.
-    let mut request = plugin
-        .worker(0)
-        .request()
-        .header(":authority", "checkout")
-        .cluster("checkout")
-        .send_headers()?;
+    let mut request = routed(&plugin, "checkout", "checkout")?;
     assert_eq!(
         request.request_header(OVERRIDE).as_deref(),
         Some("10.0.0.1:8080")
