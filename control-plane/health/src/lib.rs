@@ -8,13 +8,14 @@
 //!
 //! - [`checker`]: the thresholds, a pure state machine;
 //! - [`probe`]: one HTTP / TCP / gRPC probe ([`Prober`]) and the probe loop ([`ProbeLoop`]);
-//! - [`metrics`]: `fulcrum_health_checks_total{cluster, result}`;
-//! - [`overlay`]: the control-plane stage that probes the endpoints of every service whose
-//!   policy asks for a check, whatever their source, and publishes failing ones unhealthy.
+//! - [`metrics`]: `fulcrum_health_checks_total{cluster, result}`.
+//!
+//! The control-plane stage that probes every endpoint whose policy asks for a check is
+//! `fulcrum-pipeline`'s `health`; the registry's checks of its registrations are in
+//! `fulcrum-registry`.
 
 pub mod checker;
 pub mod metrics;
-pub mod overlay;
 pub mod probe;
 
 pub use checker::{Checker, Status};

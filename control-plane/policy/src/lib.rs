@@ -18,5 +18,5 @@ pub use configmap::PolicyConfigMap;
 pub use file::PolicyFile;
 pub use store::{
     AppliedPolicy, DEFAULT_HISTORY, Offered, PolicyFormat, PolicyMetrics, PolicyRejected,
-    PolicyStore, RollbackError, with_policy,
+    PolicyStore, RollbackError,
 };

@@ -6,13 +6,12 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-use fulcrum_core::{Policy, PolicyError, Snapshot};
+use fulcrum_core::{Policy, PolicyError};
 use prometheus_client::{
     metrics::{counter::Counter, gauge::Gauge},
     registry::Registry,
 };
 use serde::Serialize;
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 use tracing::{error, info};
 
@@ -349,18 +348,5 @@ impl PolicyStore {
 fn digest(policy: &Policy) -> String {
     // Plain structs over ordered maps: serialization is canonical and cannot fail.
     let canonical = serde_json::to_vec(policy).unwrap_or_default();
-    Sha256::digest(&canonical)[..8]
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
-}
-
-/// `snapshot` carrying `policy`, its version extended with the policy's digest so a policy
-/// change is a new snapshot version and equal content keeps equal versions.
-pub fn with_policy(mut snapshot: Snapshot, policy: Option<&AppliedPolicy>) -> Snapshot {
-    if let Some(applied) = policy {
-        snapshot.version = format!("{}.{}", snapshot.version, applied.digest);
-        snapshot.policy = Some((*applied.policy).clone());
-    }
-    snapshot
+    fulcrum_core::version::content_version(&[&canonical])
 }

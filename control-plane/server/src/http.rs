@@ -6,8 +6,9 @@
 //! - `GET /healthz`: `200` while the process serves.
 //! - `GET /readyz`: `200` once the first snapshot is built, `503` before.
 //! - `GET /metrics`: Prometheus (OpenMetrics text).
-//! - `GET /v1/status`: the snapshot version and, per connected Envoy stream, its kind, the
-//!   versions sent and acknowledged per type and its last NACK.
+//! - `GET /v1/status`: the snapshot version, what validation left out of it and, per
+//!   connected Envoy stream, its kind, the versions sent and acknowledged per type and its
+//!   last NACK.
 //! - `GET /v1/policy/history`: the kept policy versions, oldest first, the last current.
 //! - `POST /v1/policy/rollback?version=N`: makes kept version `N` current again (as a new
 //!   version); `404` with the kept versions when `N` is not kept.
@@ -21,18 +22,20 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use fulcrum_pipeline::{Dropped, SnapshotStore};
 use fulcrum_policy::{AppliedPolicy, PolicyStore};
 use fulcrum_xds::{NodeRegistry, StreamStatus};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
-
-use crate::snapshot::SnapshotStore;
+use tokio::sync::watch;
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
 pub struct AppState {
     /// The latest snapshot.
     pub store: SnapshotStore,
+    /// What validation left out of it.
+    pub dropped: watch::Receiver<Arc<Dropped>>,
     /// The policy versions.
     pub policies: PolicyStore,
     /// Connected Envoy streams.
@@ -122,6 +125,8 @@ async fn metrics(State(state): State<AppState>) -> Response {
 pub struct Status {
     /// The current snapshot version, if any.
     pub snapshot_version: Option<String>,
+    /// Endpoints and services left out of it as invalid, with the first problems.
+    pub dropped: Dropped,
     /// Every open xDS stream.
     pub streams: Vec<StreamStatus>,
 }
@@ -132,6 +137,7 @@ async fn status(State(state): State<AppState>) -> Json<Status> {
             .store
             .current()
             .map(|served| served.snapshot.version.clone()),
+        dropped: Dropped::clone(&state.dropped.borrow()),
         streams: state.nodes.snapshot(),
     })
 }

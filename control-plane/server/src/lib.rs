@@ -1,31 +1,29 @@
-//! fulcrum's control plane: sources → snapshot → health checks the policy asks for → xDS
-//! cache → ADS server for Envoy, and the snapshot HTTP API the filters poll.
+//! fulcrum's control plane: the endpoint-change flow (`fulcrum-pipeline`) wired to its
+//! listeners: the ADS server for Envoy, the HTTP API the filters poll, and the registry.
 //!
-//! [`ControlPlane::start`] wires the pieces and serves on the configured addresses; the
-//! binary (`main.rs`) only parses the command line, sets up logging and waits for a signal.
-//! Tests start the same thing in-process.
+//! [`ControlPlane::start`] builds the sources and the policy source, starts the pipeline and
+//! serves on the configured addresses; the binary (`main.rs`) only parses the command line,
+//! sets up logging and waits for a signal. Tests start the same thing in-process.
 
 pub mod http;
-pub mod metrics;
 pub mod registry;
-pub mod snapshot;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use fulcrum_core::Snapshot;
 use fulcrum_health::HealthMetrics;
 use fulcrum_kube_source::{KubeOptions, KubeSource};
-use fulcrum_policy::{AppliedPolicy, PolicyConfigMap, PolicyFile, PolicyStore, with_policy};
-use fulcrum_sources::{Debounce, Source, StaticFileSource};
+use fulcrum_pipeline::{Debounce, Pipeline, PipelineMetrics};
+use fulcrum_policy::{PolicyConfigMap, PolicyFile, PolicyStore};
+use fulcrum_sources::{Source, StaticFileSource};
 use fulcrum_xds::{AdsServer, ClusterOptions, NodeRegistry, SnapshotCache, XdsMetrics};
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
+use crate::registry::StartedRegistry;
 pub use crate::registry::{RegistryBackendOptions, RegistryOptions};
-use crate::{metrics::SnapshotMetrics, registry::StartedRegistry, snapshot::SnapshotStore};
 
 /// How long shutdown waits for the servers to finish before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -98,7 +96,10 @@ pub struct ControlPlane {
     registry_address: Option<SocketAddr>,
     ads: AdsServer,
     stop: watch::Sender<bool>,
-    pipeline: JoinHandle<()>,
+    /// The endpoint-change flow; dropping it stops it.
+    pipeline: Pipeline,
+    /// The sources, the policy source and what follows the published snapshot.
+    tasks: JoinHandle<()>,
     /// Taken by [`ControlPlane::shutdown`].
     servers: Option<Servers>,
 }
@@ -118,14 +119,12 @@ impl ControlPlane {
 
     /// [`start`](Self::start) with the Kubernetes, registry and policy sources as configured.
     pub async fn start_with(config: Config, optional: OptionalSources) -> anyhow::Result<Self> {
-        let cache = Arc::new(SnapshotCache::new(config.cluster_options.clone()));
         let nodes = NodeRegistry::default();
         let mut metrics_registry = Registry::default();
         let xds_metrics = XdsMetrics::default();
         xds_metrics.register(&mut metrics_registry);
-        let snapshot_metrics = SnapshotMetrics::default();
-        snapshot_metrics.register(&mut metrics_registry);
-        let store = SnapshotStore::default();
+        let pipeline_metrics = PipelineMetrics::default();
+        pipeline_metrics.register(&mut metrics_registry);
         let policies = PolicyStore::default();
         policies.metrics().register(&mut metrics_registry);
         HealthMetrics::global().register(&mut metrics_registry);
@@ -167,51 +166,30 @@ impl ControlPlane {
             sources.push(Box::new(registry.source()));
             registry.register_metrics(&mut metrics_registry);
         }
+
+        let pipeline = Pipeline::start(
+            sources,
+            Debounce::new(config.debounce),
+            policies.subscribe(),
+            config.cluster_options.clone(),
+            pipeline_metrics,
+            HealthMetrics::global().clone(),
+        );
         let registry_policy: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
             match &registry {
                 Some(registry) => Box::pin(crate::registry::follow_policy(
                     registry.registry.clone(),
-                    policies.subscribe(),
+                    pipeline.published(),
                 )),
                 None => Box::pin(std::future::ready(())),
             };
         let policy_source = policy_task(optional.policy, kube_client, policies.clone());
-        let (merged, merged_changed) = watch::channel(None);
-        let (endpoints, endpoints_changed) = watch::channel(None);
-        let pipeline = {
-            let (cache, snapshot_metrics) = (Arc::clone(&cache), snapshot_metrics.clone());
-            let sources =
-                fulcrum_sources::run(sources, Debounce::new(config.debounce), move |snapshot| {
-                    merged.send_replace(Some(snapshot));
-                });
-            // Active checks the policy asks for overlay the merged endpoints' health.
-            let health = fulcrum_health::overlay::run(
-                merged_changed,
-                policies.subscribe(),
-                |applied: &Option<Arc<AppliedPolicy>>| {
-                    applied.as_ref().map(|applied| Arc::clone(&applied.policy))
-                },
-                HealthMetrics::global().clone(),
-                move |snapshot| {
-                    let summary = cache.set(&snapshot);
-                    snapshot_metrics.observe(&snapshot);
-                    info!(
-                        version = %snapshot.version,
-                        encoded = summary.encoded,
-                        reused = summary.reused,
-                        "published snapshot"
-                    );
-                    endpoints.send_replace(Some(snapshot));
-                },
-            );
-            let serve = serve_with_policy(endpoints_changed, policies.subscribe(), store.clone());
-            tokio::spawn(async move {
-                tokio::join!(sources, health, serve, policy_source, registry_policy);
-            })
-        };
+        let tasks = tokio::spawn(async move {
+            tokio::join!(policy_source, registry_policy);
+        });
 
         let (stop, _) = watch::channel(false);
-        let ads = AdsServer::new(&cache, nodes.clone(), xds_metrics);
+        let ads = AdsServer::new(pipeline.cache(), nodes.clone(), xds_metrics);
         let xds_server = {
             let service = ads.clone().into_service();
             let mut stopped = stop.subscribe();
@@ -240,7 +218,8 @@ impl ControlPlane {
         };
         let http_server = {
             let router = http::router(http::AppState {
-                store,
+                store: pipeline.store().clone(),
+                dropped: pipeline.dropped(),
                 policies,
                 nodes,
                 registry: Arc::new(metrics_registry),
@@ -269,6 +248,7 @@ impl ControlPlane {
             ads,
             stop,
             pipeline,
+            tasks,
             servers: Some(Servers {
                 xds: xds_server,
                 http: http_server,
@@ -285,6 +265,11 @@ impl ControlPlane {
     /// The bound HTTP address.
     pub fn http_address(&self) -> SocketAddr {
         self.http_address
+    }
+
+    /// The xDS cache the ADS server streams from, as the pipeline last published it.
+    pub fn xds_cache(&self) -> &Arc<SnapshotCache> {
+        self.pipeline.cache()
     }
 
     /// The bound address of the registry's gRPC API, when the registry runs.
@@ -321,7 +306,8 @@ impl ControlPlane {
     fn stop_tasks(&self) {
         self.stop.send_replace(true);
         self.ads.close_streams();
-        self.pipeline.abort();
+        self.pipeline.stop();
+        self.tasks.abort();
     }
 }
 
@@ -349,26 +335,6 @@ fn policy_task(
             Some(client),
         ) => Box::pin(PolicyConfigMap::new(client, namespace, name, key).run(policies)),
         _ => Box::pin(std::future::pending()),
-    }
-}
-
-/// Serves the latest endpoint snapshot with the current policy, after a change of either.
-/// The xDS cache gets the endpoints alone; the filters' snapshot carries the policy too.
-async fn serve_with_policy(
-    mut endpoints: watch::Receiver<Option<Snapshot>>,
-    mut policy: watch::Receiver<Option<Arc<AppliedPolicy>>>,
-    store: SnapshotStore,
-) {
-    loop {
-        let latest = endpoints.borrow_and_update().clone();
-        let applied = policy.borrow_and_update().clone();
-        if let Some(snapshot) = latest {
-            store.publish(with_policy(snapshot, applied.as_deref()));
-        }
-        tokio::select! {
-            changed = endpoints.changed() => if changed.is_err() { return },
-            changed = policy.changed() => if changed.is_err() { return },
-        }
     }
 }
 

@@ -3,12 +3,12 @@
 //!
 //! The registry is one more endpoint source ([`fulcrum_registry::RegistrySource`]), merged
 //! into the snapshot like the static file and Kubernetes. Picks (`pick=true`) follow the
-//! control plane's current balancing policy.
+//! policy of the published snapshot, the one the filters balance with.
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
-use fulcrum_policy::AppliedPolicy;
+use fulcrum_core::Snapshot;
 use fulcrum_registry::{
     EtcdBackend, EtcdConfig, Registry, RegistrySource, TokenAuth, View, api::ApiState,
     auth::TokenFileError, registry::new_epoch,
@@ -120,18 +120,25 @@ pub(crate) async fn serve_grpc(
         .await
 }
 
-/// Keeps the registry's picks on the current balancing policy; ends when the policy store
-/// goes away.
+/// Keeps the registry's picks on the policy of the published snapshot; ends when the
+/// pipeline stops.
 pub(crate) async fn follow_policy(
     registry: Arc<Registry>,
-    mut policy: watch::Receiver<Option<Arc<AppliedPolicy>>>,
+    mut published: watch::Receiver<Option<Arc<Snapshot>>>,
 ) {
+    let mut current = None;
     loop {
-        let applied = policy.borrow_and_update().clone();
-        if let Some(applied) = applied {
-            registry.set_policy(fulcrum_core::Policy::clone(&applied.policy));
+        let policy = published
+            .borrow_and_update()
+            .as_ref()
+            .and_then(|snapshot| snapshot.policy.clone());
+        if let Some(policy) = policy
+            && current.as_ref() != Some(&policy)
+        {
+            registry.set_policy(policy.clone());
+            current = Some(policy);
         }
-        if policy.changed().await.is_err() {
+        if published.changed().await.is_err() {
             return;
         }
     }

@@ -1,14 +1,13 @@
-//! Endpoint sources for fulcrum's control plane, and their merging into one snapshot.
+//! Endpoint sources for fulcrum's control plane: the [`Source`] trait, the sink a source
+//! publishes through, and the static file source.
 //!
-//! A [`Source`] publishes the full set of services it knows whenever it changes (the static
-//! file now; the Kubernetes EndpointSlice watcher and the registry later, behind the same
-//! trait). [`pipeline::run`] folds bursts of updates with a short debounce and
-//! [`merge::merge`] combines the latest state of every source into one
-//! [`fulcrum_core::Snapshot`] with a content-derived version. A source that hits bad input
-//! logs it and keeps publishing its last good state, so one bad edit never empties a cluster.
+//! A [`Source`] publishes the full set of services it knows whenever it changes: the static
+//! file (here), Kubernetes EndpointSlices (`fulcrum-kube-source`) and the self-registration
+//! registry (`fulcrum-registry`). The first stage of the endpoint-change flow
+//! (`fulcrum-pipeline`'s `merge`) runs them and merges their states. A source that hits bad
+//! input logs it and keeps publishing its last good state, so one bad edit never empties a
+//! cluster.
 
-pub mod merge;
-pub mod pipeline;
 pub mod static_file;
 
 use std::{collections::BTreeMap, future::Future, pin::Pin, sync::Arc};
@@ -16,8 +15,6 @@ use std::{collections::BTreeMap, future::Future, pin::Pin, sync::Arc};
 use fulcrum_core::ServiceEndpoints;
 use tokio::sync::mpsc;
 
-pub use merge::merge;
-pub use pipeline::{Debounce, run};
 pub use static_file::{StaticFileError, StaticFileSource, parse_static_file};
 
 /// Services by name, each with its endpoints: the state one source publishes.
@@ -42,9 +39,11 @@ pub trait Source: Send + 'static {
 
 /// One source's state at one moment, as sent to the pipeline.
 #[derive(Debug, Clone)]
-pub(crate) struct SourceUpdate {
-    pub(crate) source: usize,
-    pub(crate) services: Arc<Services>,
+pub struct SourceUpdate {
+    /// The source's index in the pipeline's list.
+    pub source: usize,
+    /// Its full state.
+    pub services: Arc<Services>,
 }
 
 /// Where a source publishes its state.
@@ -60,7 +59,8 @@ pub struct SourceSink {
 pub struct SinkClosed;
 
 impl SourceSink {
-    pub(crate) fn new(source: usize, updates: mpsc::Sender<SourceUpdate>) -> Self {
+    /// The sink of source number `source`, sending into `updates`.
+    pub fn new(source: usize, updates: mpsc::Sender<SourceUpdate>) -> Self {
         Self { source, updates }
     }
 

@@ -11,8 +11,7 @@ use std::{collections::BTreeMap, sync::Arc, time::Instant};
 
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
-use fulcrum_core::{ServiceEndpoints, Snapshot};
-use sha2::{Digest, Sha256};
+use fulcrum_core::{ServiceEndpoints, Snapshot, version::content_version};
 use tokio::sync::watch;
 
 use crate::resources::{self, ClusterOptions};
@@ -107,19 +106,6 @@ pub struct UpdateSummary {
     pub reused: usize,
 }
 
-fn content_version(parts: &[&[u8]]) -> String {
-    let mut hasher = Sha256::new();
-    for part in parts {
-        hasher.update((part.len() as u64).to_le_bytes());
-        hasher.update(part);
-    }
-    let digest = hasher.finalize();
-    digest[..8]
-        .iter()
-        .map(|byte| format!("{byte:02x}"))
-        .collect()
-}
-
 /// Builds the snapshot for `core`, reusing every resource of `previous` whose version is
 /// unchanged.
 fn build(
@@ -128,12 +114,13 @@ fn build(
     previous: Option<&XdsSnapshot>,
     summary: &mut UpdateSummary,
 ) -> XdsSnapshot {
-    // The cluster depends on its name and the shared options only.
-    let options_key = format!("{options:?}");
+    // The cluster depends on its name and the shared options only. Plain data: serialization
+    // cannot fail and is stable.
+    let options_key = serde_json::to_vec(options).unwrap_or_default();
     let mut clusters = Resources::new();
     let mut endpoints = Resources::new();
     for (name, service) in &core.services {
-        let cluster_version = content_version(&[name.as_bytes(), options_key.as_bytes()]);
+        let cluster_version = content_version(&[name.as_bytes(), &options_key]);
         clusters.insert(
             name.clone(),
             reuse_or_encode(

@@ -61,7 +61,7 @@ pub const METADATA_NAMESPACE: &str = "fulcrum";
 const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 /// The HTTP protocol Envoy speaks to the upstream endpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
 pub enum UpstreamProtocol {
     /// HTTP/1.1 (the default: what most backends speak in plaintext).
     #[default]
@@ -71,7 +71,7 @@ pub enum UpstreamProtocol {
 }
 
 /// Settings shared by every generated cluster. The defaults suit fulcrum's filter.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
 pub struct ClusterOptions {
     /// Upstream connect timeout; default 1 s.
     pub connect_timeout: std::time::Duration,

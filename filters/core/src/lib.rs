@@ -27,6 +27,7 @@ pub mod receive;
 pub mod rng;
 pub mod select;
 pub mod validate;
+pub mod version;
 pub mod window;
 
 #[cfg(test)]

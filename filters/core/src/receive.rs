@@ -15,12 +15,15 @@
 //! using a field the filter does not know is refused by that filter, which keeps its previous
 //! policy and counts the refusal. Roll filters out before using a new policy field.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+};
 
 use serde::Deserialize;
 
 use crate::{
-    Policy, ServiceEndpoints, Snapshot,
+    Endpoint, Policy, ServiceEndpoints, Snapshot,
     validate::{ValidationError, ValidationErrors},
 };
 
@@ -157,41 +160,95 @@ fn policy(value: serde_json::Value) -> Result<Policy, String> {
 /// Checks one service's endpoints: a name, weights of at least 1, addresses a proxy can
 /// connect to (no port 0, no unspecified IP), no address twice.
 pub fn validate_service(name: &str, service: &ServiceEndpoints) -> Result<(), ValidationErrors> {
-    let mut errors = Vec::new();
-    if name.is_empty() {
-        errors.push(ValidationError {
-            path: "services.\"\"".to_owned(),
-            message: "service name must not be empty".to_owned(),
-        });
-    }
+    let mut errors = name_errors(name);
     let mut seen = BTreeSet::new();
     for (index, endpoint) in service.endpoints.iter().enumerate() {
-        let path = |field: &str| format!("services.{name}.endpoints[{index}].{field}");
-        if endpoint.weight == 0 {
-            errors.push(ValidationError {
-                path: path("weight"),
-                message: "must be at least 1, got 0".to_owned(),
-            });
-        }
-        if endpoint.address.port() == 0 || endpoint.address.ip().is_unspecified() {
-            errors.push(ValidationError {
-                path: path("address"),
-                message: format!(
-                    "must be a connectable IP:port, got {} (port 0 or an unspecified IP)",
-                    endpoint.address
-                ),
-            });
-        }
-        if !seen.insert(endpoint.address) {
-            errors.push(ValidationError {
-                path: path("address"),
-                message: format!("{} appears twice in the service", endpoint.address),
-            });
-        }
+        errors.extend(endpoint_errors(name, index, endpoint, &mut seen));
     }
     if errors.is_empty() {
         Ok(())
     } else {
         Err(ValidationErrors { errors })
     }
+}
+
+/// One service as the control plane publishes it: the endpoints that pass
+/// [`validate_service`]'s checks, and why each other one was left out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Screened {
+    /// The endpoints that pass, in their order; a repeated address keeps its first entry.
+    pub service: ServiceEndpoints,
+    /// One error per problem of a left-out endpoint, with its path in the input.
+    pub dropped: Vec<ValidationError>,
+}
+
+/// Splits `service` into what passes [`validate_service`] and what does not, so one bad
+/// endpoint costs only itself. Fails when the service itself is invalid (an empty name).
+pub fn screen_service(
+    name: &str,
+    service: &ServiceEndpoints,
+) -> Result<Screened, ValidationErrors> {
+    let errors = name_errors(name);
+    if !errors.is_empty() {
+        return Err(ValidationErrors { errors });
+    }
+    let mut seen = BTreeSet::new();
+    let mut screened = Screened {
+        service: ServiceEndpoints::default(),
+        dropped: Vec::new(),
+    };
+    for (index, endpoint) in service.endpoints.iter().enumerate() {
+        let errors = endpoint_errors(name, index, endpoint, &mut seen);
+        if errors.is_empty() {
+            screened.service.endpoints.push(endpoint.clone());
+        } else {
+            screened.dropped.extend(errors);
+        }
+    }
+    Ok(screened)
+}
+
+fn name_errors(name: &str) -> Vec<ValidationError> {
+    if name.is_empty() {
+        vec![ValidationError {
+            path: "services.\"\"".to_owned(),
+            message: "service name must not be empty".to_owned(),
+        }]
+    } else {
+        Vec::new()
+    }
+}
+
+/// Every problem of endpoint `index` of service `name`; `seen` holds the addresses of the
+/// endpoints before it.
+fn endpoint_errors(
+    name: &str,
+    index: usize,
+    endpoint: &Endpoint,
+    seen: &mut BTreeSet<SocketAddr>,
+) -> Vec<ValidationError> {
+    let path = |field: &str| format!("services.{name}.endpoints[{index}].{field}");
+    let mut errors = Vec::new();
+    if endpoint.weight == 0 {
+        errors.push(ValidationError {
+            path: path("weight"),
+            message: "must be at least 1, got 0".to_owned(),
+        });
+    }
+    if endpoint.address.port() == 0 || endpoint.address.ip().is_unspecified() {
+        errors.push(ValidationError {
+            path: path("address"),
+            message: format!(
+                "must be a connectable IP:port, got {} (port 0 or an unspecified IP)",
+                endpoint.address
+            ),
+        });
+    }
+    if !seen.insert(endpoint.address) {
+        errors.push(ValidationError {
+            path: path("address"),
+            message: format!("{} appears twice in the service", endpoint.address),
+        });
+    }
+    errors
 }

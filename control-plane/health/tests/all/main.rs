@@ -1,6 +1,4 @@
-//! The health stage against real backends on loopback: the sample backend's `/healthz`
-//! fails on demand (`fail_health_checks`) while its traffic keeps answering; `probe` checks one
-//! probe against hand-written answers.
+//! Probes against real answers on loopback: `probe` checks one probe against hand-written
+//! answers. (The health *stage* of the control plane is tested in `fulcrum-pipeline`.)
 
-mod overlay;
 mod probe;

@@ -11,13 +11,14 @@ use fulcrum_kube_source::{
         objects::{endpoint, endpoint_slice, ready, service, with_labels},
     },
 };
-use fulcrum_sources::{Debounce, Source};
+use fulcrum_pipeline::{Debounce, policy::attach};
+use fulcrum_sources::Source;
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Service},
     discovery::v1::EndpointSlice,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 const CHECKOUT: &str = "outbound|80||checkout.shop.svc.cluster.local";
 /// Bounds every wait; the watcher's first backoff after an error is about a second.
@@ -57,13 +58,23 @@ impl Harness {
         setup(&server);
         let source: Box<dyn Source> = Box::new(KubeSource::new(server.client(), options));
         let (sender, snapshots) = mpsc::unbounded_channel();
-        let pipeline = tokio::spawn(fulcrum_sources::run(
+        let (merged, mut merges) = watch::channel(None);
+        let merge = fulcrum_pipeline::merge::run(
             vec![source],
             Debounce::new(Duration::from_millis(10)),
-            move |snapshot| {
-                let _ = sender.send(snapshot);
-            },
-        ));
+            merged,
+        );
+        let forward = async move {
+            while merges.changed().await.is_ok() {
+                let services = merges.borrow_and_update().clone();
+                if let Some(services) = services {
+                    let _ = sender.send(attach(&services, None));
+                }
+            }
+        };
+        let pipeline = tokio::spawn(async move {
+            tokio::join!(merge, forward);
+        });
         Self {
             server,
             snapshots,

@@ -1,7 +1,7 @@
 //! The store: acceptance, rejection, history and rollback.
 
-use fulcrum_core::{PolicyError, Snapshot};
-use fulcrum_policy::{Offered, PolicyFormat, PolicyStore, RollbackError, with_policy};
+use fulcrum_core::PolicyError;
+use fulcrum_policy::{Offered, PolicyFormat, PolicyStore, RollbackError};
 
 use crate::support::{CapturedLogs, INVALID_YAML, failures, valid_yaml};
 
@@ -153,28 +153,4 @@ fn rollback_to_a_version_no_longer_kept_is_refused_with_the_kept_ones() {
         }
     );
     assert_eq!(store.current().map(|current| current.version), Some(3));
-}
-
-#[test]
-fn snapshot_version_follows_the_policy_content() {
-    let store = PolicyStore::default();
-    let endpoints = Snapshot {
-        version: "abc".to_owned(),
-        ..Snapshot::default()
-    };
-    assert_eq!(with_policy(endpoints.clone(), None), endpoints);
-    store
-        .offer(&valid_yaml(3), PolicyFormat::Yaml, "t")
-        .expect("valid");
-    let first = with_policy(endpoints.clone(), store.current().as_deref());
-    store
-        .offer(&valid_yaml(4), PolicyFormat::Yaml, "t")
-        .expect("valid");
-    let second = with_policy(endpoints.clone(), store.current().as_deref());
-    store.rollback(1).expect("kept");
-    let rolled_back = with_policy(endpoints, store.current().as_deref());
-    assert_ne!(first.version, second.version);
-    assert_eq!(first.version, rolled_back.version);
-    assert!(first.version.starts_with("abc."), "{}", first.version);
-    assert_eq!(first.policy, rolled_back.policy);
 }

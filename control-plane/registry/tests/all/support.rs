@@ -4,12 +4,12 @@ use std::{future::Future, sync::Arc, time::Duration};
 
 use anyhow::{Result, bail};
 use fulcrum_core::Snapshot;
+use fulcrum_pipeline::{Debounce, policy::attach};
 use fulcrum_proto::registry::v1::{self as pb, registry_client::RegistryClient};
 use fulcrum_registry::{
     Registry, TokenAuth,
     api::{ApiState, grpc, rest},
 };
-use fulcrum_sources::Debounce;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
@@ -68,14 +68,21 @@ pub async fn serve(registry: Arc<Registry>) -> Result<Served> {
                 .await;
         }),
         tokio::spawn(async move {
-            fulcrum_sources::run(
+            let (merged, mut merges) = watch::channel(None);
+            let merge = fulcrum_pipeline::merge::run(
                 vec![Box::new(source)],
                 Debounce::new(Duration::from_millis(10)),
-                move |snapshot| {
-                    let _ = snapshot_sender.send(Some(snapshot));
-                },
-            )
-            .await;
+                merged,
+            );
+            let forward = async move {
+                while merges.changed().await.is_ok() {
+                    let services = merges.borrow_and_update().clone();
+                    if let Some(services) = services {
+                        let _ = snapshot_sender.send(Some(attach(&services, None)));
+                    }
+                }
+            };
+            tokio::join!(merge, forward);
         }),
     ];
     Ok(Served {

@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use fulcrum_core::{Endpoint, ServiceEndpoints, Snapshot};
 use fulcrum_envoy_harness::{AdsApi, Envoy, eventually};
 use serde_json::Value;
 
@@ -229,24 +230,37 @@ async fn invalid_assignment_is_nacked_and_the_last_good_version_stays(api: AdsAp
     wait_for_hosts(&envoy, "checkout", "its endpoint", |hosts| hosts.len() == 1).await;
     wait_for_acks(&fixture, &node, &good_version).await;
 
-    // Weight 0 passes the file's schema but Envoy's EDS validation refuses it.
-    fixture.write(&endpoints_file(&[(
-        "checkout",
-        vec![
-            endpoint("127.0.0.1:19001", ""),
-            endpoint("127.0.0.1:19002", ", weight: 0"),
-        ],
-    )]));
+    // The pipeline leaves out what Envoy would refuse, so put an assignment Envoy's EDS
+    // validation refuses (weight 0) straight into the cache the ADS server streams from, as
+    // a control plane of another version might send it.
+    let bad_version = "refused-by-envoy";
+    let bad = Snapshot {
+        version: bad_version.to_owned(),
+        services: [(
+            "checkout".to_owned(),
+            ServiceEndpoints {
+                endpoints: vec![
+                    Endpoint::new("127.0.0.1:19001".parse().expect("address")),
+                    Endpoint {
+                        weight: 0,
+                        ..Endpoint::new("127.0.0.1:19002".parse().expect("address"))
+                    },
+                ],
+            },
+        )]
+        .into(),
+        policy: None,
+    };
+    fixture.control_plane.xds_cache().set(&bad);
     let stream = eventually(PATIENCE, || async {
         let stream = stream_status(&fixture, &node).await?;
         (!stream["types"]["eds"]["last_nack"].is_null()).then_some(stream)
     })
     .await
     .expect("Envoy NACKs the assignment and /v1/status shows it");
-    let bad_version = fixture.snapshot_version().await;
     let nack = &stream["types"]["eds"]["last_nack"];
     eprintln!("{} NACK as reported in /v1/status: {nack}", api_name(api));
-    assert_eq!(nack["rejected_version"], bad_version.as_str());
+    assert_eq!(nack["rejected_version"], bad_version);
     assert!(
         nack["message"]
             .as_str()
@@ -306,6 +320,61 @@ async fn sotw_nack_is_reported_and_envoy_keeps_the_last_good_assignment() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_nack_is_reported_and_envoy_keeps_the_last_good_assignment() {
     invalid_assignment_is_nacked_and_the_last_good_version_stays(AdsApi::Delta).await;
+}
+
+/// What Envoy or the filters would refuse never leaves the control plane: a `weight: 0`
+/// endpoint in the static file is left out, named in `/v1/status` and counted, while Envoy
+/// and the filters' snapshot both get the rest of the service, and nothing is NACKed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_endpoint_is_left_out_for_envoy_and_the_filters_alike() {
+    let node = "validated";
+    let fixture = Fixture::start(&endpoints_file(&[(
+        "checkout",
+        vec![
+            endpoint("127.0.0.1:19001", ""),
+            endpoint("127.0.0.1:19002", ", weight: 0"),
+        ],
+    )]))
+    .await;
+    let version = fixture.snapshot_version().await;
+    let envoy = fixture.envoy(node, AdsApi::Sotw).await;
+    wait_for_hosts(&envoy, "checkout", "the valid endpoint", |hosts| {
+        hosts.len() == 1
+    })
+    .await;
+    wait_for_acks(&fixture, node, &version).await;
+    assert_eq!(
+        addresses(&hosts(&envoy, "checkout").await),
+        ["127.0.0.1:19001"]
+    );
+
+    let snapshot = fixture.get_json("/v1/snapshot").await;
+    assert_eq!(snapshot["version"], version.as_str());
+    let served: Vec<&str> = snapshot["services"]["checkout"]["endpoints"]
+        .as_array()
+        .expect("checkout's endpoints")
+        .iter()
+        .filter_map(|endpoint| endpoint["address"].as_str())
+        .collect();
+    assert_eq!(
+        served,
+        ["127.0.0.1:19001"],
+        "the filters get what Envoy gets"
+    );
+
+    let status = fixture.get_json("/v1/status").await;
+    assert_eq!(status["dropped"]["endpoints"], 1, "{status}");
+    assert_eq!(
+        status["dropped"]["problems"][0],
+        "services.checkout.endpoints[1].weight: must be at least 1, got 0"
+    );
+    let stream = stream_status(&fixture, node).await.expect("Envoy's stream");
+    assert!(stream["types"]["eds"]["last_nack"].is_null(), "{stream}");
+    let metrics = fixture.metrics().await;
+    assert!(
+        metrics.contains("fulcrum_snapshot_dropped{kind=\"endpoint\"} 1"),
+        "{metrics}"
+    );
 }
 
 /// Time from an endpoints file write to Envoy's admin listing the new endpoint, over a few

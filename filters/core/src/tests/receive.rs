@@ -3,7 +3,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use crate::{
     Endpoint, Health,
     policy::ServicePolicy,
-    receive::{ENDPOINT_FIELDS, receive},
+    receive::{ENDPOINT_FIELDS, receive, screen_service, validate_service},
 };
 
 fn body(value: serde_json::Value) -> Vec<u8> {
@@ -151,4 +151,63 @@ fn a_health_check_change_keeps_the_same_selection_and_a_retry_change_does_not() 
     let mut retried = base.clone();
     retried.retry = 2;
     assert!(!base.same_selection(&retried));
+}
+
+#[test]
+fn screening_keeps_the_valid_endpoints_and_names_each_dropped_one() {
+    let endpoint = |address: &str, weight: u32| Endpoint {
+        weight,
+        ..Endpoint::new(address.parse().unwrap())
+    };
+    let service = crate::ServiceEndpoints {
+        endpoints: vec![
+            endpoint("10.0.0.1:80", 1),
+            endpoint("10.0.0.2:80", 0),
+            endpoint("10.0.0.1:80", 3),
+            endpoint("0.0.0.0:80", 1),
+        ],
+    };
+    let screened = screen_service("shop", &service).unwrap();
+    assert_eq!(screened.service.endpoints, [endpoint("10.0.0.1:80", 1)]);
+    let paths: Vec<&str> = screened.dropped.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        [
+            "services.shop.endpoints[1].weight",
+            "services.shop.endpoints[2].address",
+            "services.shop.endpoints[3].address",
+        ]
+    );
+    assert!(
+        screen_service("", &service).is_err(),
+        "a service without a name is dropped whole"
+    );
+}
+
+proptest::proptest! {
+    /// What the control plane publishes after screening, the filter always accepts.
+    #[test]
+    fn a_screened_service_always_passes_the_filters_validation(
+        endpoints in proptest::collection::vec(
+            (0u8..4, 0u16..3, 0u32..3, proptest::bool::ANY), 0..12),
+    ) {
+        let endpoints = endpoints
+            .into_iter()
+            .map(|(host, port, weight, unspecified)| Endpoint {
+                weight,
+                ..Endpoint::new(std::net::SocketAddr::from((
+                    if unspecified { [0, 0, 0, 0] } else { [10, 0, 0, host] },
+                    port,
+                )))
+            })
+            .collect();
+        let service = crate::ServiceEndpoints { endpoints };
+        let screened = screen_service("svc", &service).unwrap();
+        proptest::prop_assert!(validate_service("svc", &screened.service).is_ok());
+        let valid = validate_service("svc", &service).is_ok();
+        proptest::prop_assert_eq!(valid, screened.dropped.is_empty());
+        if valid {
+            proptest::prop_assert_eq!(&screened.service, &service);
+        }
+    }
 }

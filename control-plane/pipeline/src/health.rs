@@ -1,15 +1,13 @@
-//! The control plane's health stage: active checks of any source's endpoints, asked for by
-//! the policy (`health_check` of a service, or of `default`).
+//! Stage 3, validated endpoints → checked endpoints: active checks of any source's
+//! endpoints, asked for by the policy (`health_check` of a service, or of `default`).
 //!
-//! The stage sits between the merged sources and everything that publishes a snapshot (the
-//! xDS cache, the filters' snapshot). It keeps exactly one probe task per (service, endpoint
-//! address) of every service whose policy has a check, reconciled whenever the endpoints or
-//! the policy change, and publishes the merged snapshot with the endpoints failing their
-//! checks set to [`Health::Unhealthy`]. A check only ever makes an endpoint worse: a source's
-//! `unhealthy` or `draining` is never upgraded. The overlaid snapshot's version is the content
-//! version of what it publishes, so every health change reaches Envoy as a new EDS version and
-//! equal content keeps equal versions. Without any check in the policy the merged snapshot
-//! passes through unchanged and no task runs.
+//! The stage keeps exactly one probe task per (service, endpoint address) of every service
+//! whose policy has a check, reconciled whenever the endpoints or the policy change, and
+//! emits the endpoints with those failing their checks set to [`Health::Unhealthy`]. A check
+//! only ever makes an endpoint worse: a source's `unhealthy` or `draining` is never upgraded.
+//! Every health change is new content, so it reaches Envoy as a new EDS version and the
+//! filters as a new snapshot version. Without any check in the policy the endpoints pass
+//! through unchanged and no task runs.
 
 use std::{
     collections::{BTreeSet, HashMap},
@@ -17,14 +15,15 @@ use std::{
     sync::Arc,
 };
 
-use fulcrum_core::{Health, Policy, Snapshot, policy::HealthCheck};
+use fulcrum_core::{Health, Policy, policy::HealthCheck};
+use fulcrum_health::{HealthMetrics, ProbeLoop, Status};
+use fulcrum_policy::AppliedPolicy;
+use fulcrum_sources::Services;
 use tokio::{
     sync::{mpsc, watch},
     task::JoinHandle,
 };
 use tracing::{info, warn};
-
-use crate::{HealthMetrics, ProbeLoop, Status};
 
 /// Results buffered between the probe tasks and the stage; a full queue holds the probes back.
 const RESULT_QUEUE: usize = 256;
@@ -32,39 +31,43 @@ const RESULT_QUEUE: usize = 256;
 /// One probed endpoint: its service and address.
 type Key = (String, SocketAddr);
 
-/// Runs the stage until `snapshots` or `policy` closes: reads merged snapshots from
-/// `snapshots` and the policy from `policy` (projected by `policy_of`), and calls `publish`
-/// with every snapshot whose version differs from the last one published.
-pub async fn run<P: Send + Sync>(
-    mut snapshots: watch::Receiver<Option<Snapshot>>,
-    mut policy: watch::Receiver<P>,
-    policy_of: impl Fn(&P) -> Option<Arc<Policy>> + Send,
+/// Runs the stage until `input` or `policy` closes: reads endpoints from `input` and the
+/// policy from `policy`, and sends `output` the checked endpoints whenever they differ from
+/// what it holds.
+pub async fn run(
+    mut input: watch::Receiver<Option<Arc<Services>>>,
+    mut policy: watch::Receiver<Option<Arc<AppliedPolicy>>>,
     metrics: HealthMetrics,
-    mut publish: impl FnMut(Snapshot) + Send,
+    output: watch::Sender<Option<Arc<Services>>>,
 ) {
     let (results, mut received) = mpsc::channel(RESULT_QUEUE);
     let mut overlay = Overlay::new(metrics, results);
-    let mut published: Option<String> = None;
     let mut inputs_changed = true;
     loop {
-        let merged = if inputs_changed {
-            let merged = snapshots.borrow_and_update().clone();
-            let current = policy_of(&policy.borrow_and_update());
-            overlay.reconcile(merged.as_ref(), current.as_deref());
-            merged
+        let endpoints = if inputs_changed {
+            let endpoints = input.borrow_and_update().clone();
+            let current = policy
+                .borrow_and_update()
+                .as_ref()
+                .map(|applied| Arc::clone(&applied.policy));
+            overlay.reconcile(endpoints.as_deref(), current.as_deref());
+            endpoints
         } else {
-            snapshots.borrow().clone()
+            input.borrow().clone()
         };
-        if let Some(merged) = merged {
-            let snapshot = overlay.apply(merged);
-            if published.as_deref() != Some(snapshot.version.as_str()) {
-                published = Some(snapshot.version.clone());
-                publish(snapshot);
-            }
+        if let Some(endpoints) = endpoints {
+            let checked = overlay.apply(endpoints);
+            output.send_if_modified(|current| {
+                if current.as_ref() == Some(&checked) {
+                    return false;
+                }
+                *current = Some(checked);
+                true
+            });
         }
         inputs_changed = loop {
             tokio::select! {
-                changed = snapshots.changed() => match changed {
+                changed = input.changed() => match changed {
                     Ok(()) => break true,
                     Err(_) => return,
                 },
@@ -128,12 +131,12 @@ impl Overlay {
         }
     }
 
-    /// Makes the probe tasks match `snapshot`'s endpoints of the services `policy` checks:
-    /// starts missing ones, restarts those whose check changed, stops the rest.
-    fn reconcile(&mut self, snapshot: Option<&Snapshot>, policy: Option<&Policy>) {
+    /// Makes the probe tasks match the endpoints of the services `policy` checks: starts
+    /// missing ones, restarts those whose check changed, stops the rest.
+    fn reconcile(&mut self, services: Option<&Services>, policy: Option<&Policy>) {
         let mut wanted: HashMap<Key, &HealthCheck> = HashMap::new();
-        if let (Some(snapshot), Some(policy)) = (snapshot, policy) {
-            for (service, endpoints) in &snapshot.services {
+        if let (Some(services), Some(policy)) = (services, policy) {
+            for (service, endpoints) in services {
                 let Some(check) = &policy.for_service(service).health_check else {
                     continue;
                 };
@@ -206,28 +209,32 @@ impl Overlay {
         }
     }
 
-    /// `merged` with the failing endpoints unhealthy, versioned by its content; `merged`
-    /// itself when no endpoint changes.
-    fn apply(&self, mut merged: Snapshot) -> Snapshot {
-        let mut changed = false;
+    /// `endpoints` with the failing ones unhealthy; `endpoints` itself (not a copy) when
+    /// none changes.
+    fn apply(&self, endpoints: Arc<Services>) -> Arc<Services> {
+        let mut checked: Option<Services> = None;
         for (service, address) in &self.failing {
-            let endpoint = merged.services.get_mut(service).and_then(|endpoints| {
-                endpoints
+            let passing = |services: &Services| {
+                services
+                    .get(service)?
                     .endpoints
-                    .iter_mut()
-                    .find(|endpoint| endpoint.address == *address)
-            });
-            if let Some(endpoint) = endpoint
-                && endpoint.health != Health::Unhealthy
+                    .iter()
+                    .position(|endpoint| {
+                        endpoint.address == *address && endpoint.health != Health::Unhealthy
+                    })
+            };
+            let Some(index) = passing(checked.as_ref().unwrap_or(&endpoints)) else {
+                continue;
+            };
+            let checked = checked.get_or_insert_with(|| Services::clone(&endpoints));
+            if let Some(endpoint) = checked
+                .get_mut(service)
+                .and_then(|service| service.endpoints.get_mut(index))
             {
                 endpoint.health = Health::Unhealthy;
-                changed = true;
             }
         }
-        if changed {
-            merged.version = fulcrum_sources::merge::content_version(&merged.services);
-        }
-        merged
+        checked.map_or(endpoints, Arc::new)
     }
 }
 
@@ -235,11 +242,11 @@ impl Overlay {
 mod tests {
     use std::time::Duration;
 
-    use fulcrum_core::{Endpoint, ServiceEndpoints, policy::Probe};
+    use fulcrum_core::{Endpoint, ServiceEndpoints, policy::Probe, version::snapshot_version};
 
     use super::*;
 
-    fn snapshot(endpoints: &[(&str, Health)]) -> Snapshot {
+    fn snapshot(endpoints: &[(&str, Health)]) -> Arc<Services> {
         let endpoints = endpoints
             .iter()
             .map(|(address, health)| Endpoint {
@@ -247,12 +254,7 @@ mod tests {
                 ..Endpoint::new(address.parse().expect("address"))
             })
             .collect();
-        let services = [("shop".to_owned(), ServiceEndpoints { endpoints })].into();
-        Snapshot {
-            version: fulcrum_sources::merge::content_version(&services),
-            services,
-            policy: None,
-        }
+        Arc::new([("shop".to_owned(), ServiceEndpoints { endpoints })].into())
     }
 
     fn checked(service: &str) -> Policy {
@@ -332,7 +334,7 @@ mod tests {
         );
         failing(&mut overlay, "127.0.0.1:1");
         let overlaid = overlay.apply(merged.clone());
-        let health: Vec<Health> = overlaid.services["shop"]
+        let health: Vec<Health> = overlaid["shop"]
             .endpoints
             .iter()
             .map(|e| e.health)
@@ -341,10 +343,9 @@ mod tests {
             health,
             [Health::Unhealthy, Health::Draining, Health::Unhealthy]
         );
-        assert_ne!(overlaid.version, merged.version);
-        assert_eq!(
-            overlaid.version,
-            fulcrum_sources::merge::content_version(&overlaid.services)
+        assert_ne!(
+            snapshot_version(&overlaid, None),
+            snapshot_version(&merged, None)
         );
     }
 

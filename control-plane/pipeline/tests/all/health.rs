@@ -1,3 +1,6 @@
+//! The health stage against real backends: probes follow the endpoints and the policy, and
+//! failing endpoints are published unhealthy until they pass again.
+
 use std::{
     collections::BTreeMap,
     sync::Arc,
@@ -5,33 +8,36 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use fulcrum_core::{Endpoint, Health, Policy, ServiceEndpoints, Snapshot};
+use fulcrum_core::{Endpoint, Health, ServiceEndpoints};
 use fulcrum_example_backend::{Backend, Fault};
 use fulcrum_health::HealthMetrics;
+use fulcrum_policy::{PolicyFormat, PolicyStore};
+use fulcrum_sources::Services;
 use prometheus_client::{encoding::text::encode, registry::Registry};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
-fn merged(backends: &[&Backend]) -> Snapshot {
+fn merged(backends: &[&Backend]) -> Arc<Services> {
     let endpoints = backends.iter().map(|b| Endpoint::new(b.addr)).collect();
-    let services = BTreeMap::from([("shop".to_owned(), ServiceEndpoints { endpoints })]);
-    Snapshot {
-        version: fulcrum_sources::merge::content_version(&services),
-        services,
-        policy: None,
-    }
+    Arc::new(BTreeMap::from([(
+        "shop".to_owned(),
+        ServiceEndpoints { endpoints },
+    )]))
 }
 
-fn policy(check: serde_json::Value) -> Arc<Policy> {
+/// Makes `store`'s current policy one that checks `shop` with `check`.
+fn check_shop(store: &PolicyStore, check: serde_json::Value) {
     let text = serde_json::json!({"services": {"shop": {"health_check": check}}}).to_string();
-    Arc::new(Policy::from_json(&text).expect("valid policy"))
+    store
+        .offer(&text, PolicyFormat::Json, "test")
+        .expect("valid policy");
 }
 
 /// The published health of each backend's address, in backend order.
-fn health(snapshot: &Snapshot, backends: &[&Backend]) -> Vec<Health> {
+fn health(services: &Services, backends: &[&Backend]) -> Vec<Health> {
     backends
         .iter()
         .map(|backend| {
-            snapshot.services["shop"]
+            services["shop"]
                 .endpoints
                 .iter()
                 .find(|e| e.address == backend.addr)
@@ -41,23 +47,46 @@ fn health(snapshot: &Snapshot, backends: &[&Backend]) -> Vec<Health> {
         .collect()
 }
 
-/// The next published snapshot satisfying `done`, within `timeout`.
+/// The stage's output once it satisfies `done`, within `timeout`.
 async fn published_until(
-    published: &mut mpsc::UnboundedReceiver<Snapshot>,
+    published: &mut watch::Receiver<Option<Arc<Services>>>,
     timeout: Duration,
     what: &str,
-    done: impl Fn(&Snapshot) -> bool,
-) -> Result<Snapshot> {
+    done: impl Fn(&Services) -> bool,
+) -> Result<Arc<Services>> {
     let deadline = Instant::now() + timeout;
     loop {
+        if let Some(services) = published.borrow_and_update().clone()
+            && done(&services)
+        {
+            return Ok(services);
+        }
         let left = deadline.saturating_duration_since(Instant::now());
-        match tokio::time::timeout(left, published.recv()).await {
-            Ok(Some(snapshot)) if done(&snapshot) => return Ok(snapshot),
-            Ok(Some(_)) => {}
-            Ok(None) => bail!("the stage stopped before {what}"),
-            Err(_) => bail!("no snapshot with {what} within {timeout:?}"),
+        match tokio::time::timeout(left, published.changed()).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => bail!("the stage stopped before {what}"),
+            Err(_) => bail!("no output with {what} within {timeout:?}"),
         }
     }
+}
+
+/// Starts the health stage over `endpoints` and `policies`' current policy.
+fn start_stage(
+    endpoints: watch::Receiver<Option<Arc<Services>>>,
+    policies: &PolicyStore,
+    metrics: HealthMetrics,
+) -> (
+    tokio::task::JoinHandle<()>,
+    watch::Receiver<Option<Arc<Services>>>,
+) {
+    let (output, published) = watch::channel(None);
+    let stage = tokio::spawn(fulcrum_pipeline::health::run(
+        endpoints,
+        policies.subscribe(),
+        metrics,
+        output,
+    ));
+    (stage, published)
 }
 
 fn checks_metric(metrics: &HealthMetrics, result: &str) -> f64 {
@@ -82,21 +111,16 @@ async fn a_failing_http_check_publishes_the_endpoint_unhealthy_until_it_passes_a
     let both = [&b1, &b2];
     let source = merged(&both);
     let (_snapshots, snapshots_rx) = watch::channel(Some(source.clone()));
-    let (_policies, policies_rx) = watch::channel(Some(policy(serde_json::json!({
-        "http": {"path": "/healthz"}, "interval": "100ms", "timeout": "100ms",
-        "jitter": "10ms", "healthy_threshold": 1, "unhealthy_threshold": 2
-    }))));
+    let policies = PolicyStore::default();
+    check_shop(
+        &policies,
+        serde_json::json!({
+            "http": {"path": "/healthz"}, "interval": "100ms", "timeout": "100ms",
+            "jitter": "10ms", "healthy_threshold": 1, "unhealthy_threshold": 2
+        }),
+    );
     let metrics = HealthMetrics::default();
-    let (sender, mut published) = mpsc::unbounded_channel();
-    let stage = tokio::spawn(fulcrum_health::overlay::run(
-        snapshots_rx,
-        policies_rx,
-        Option::clone,
-        metrics.clone(),
-        move |snapshot| {
-            let _ = sender.send(snapshot);
-        },
-    ));
+    let (stage, mut published) = start_stage(snapshots_rx, &policies, metrics.clone());
 
     let first = published_until(
         &mut published,
@@ -122,7 +146,10 @@ async fn a_failing_http_check_publishes_the_endpoint_unhealthy_until_it_passes_a
         |s| health(s, &both) == [Health::Unhealthy, Health::Healthy],
     )
     .await?;
-    assert_ne!(failed.version, source.version);
+    assert_ne!(
+        failed, source,
+        "a health change is new content: a new version"
+    );
     assert_eq!(
         b1.stats().requests,
         0,
@@ -168,17 +195,8 @@ async fn endpoints_and_policy_changes_start_and_stop_probes() -> Result<()> {
     })
     .map_err(anyhow::Error::msg)?;
     let (snapshots, snapshots_rx) = watch::channel(Some(merged(&[&b1])));
-    let (policies, policies_rx) = watch::channel(None);
-    let (sender, mut published) = mpsc::unbounded_channel();
-    let stage = tokio::spawn(fulcrum_health::overlay::run(
-        snapshots_rx,
-        policies_rx,
-        Option::clone,
-        HealthMetrics::default(),
-        move |snapshot| {
-            let _ = sender.send(snapshot);
-        },
-    ));
+    let policies = PolicyStore::default();
+    let (stage, mut published) = start_stage(snapshots_rx, &policies, HealthMetrics::default());
     published_until(
         &mut published,
         Duration::from_secs(5),
@@ -191,14 +209,17 @@ async fn endpoints_and_policy_changes_start_and_stop_probes() -> Result<()> {
     let both = merged(&[&b1, &b2]);
     snapshots.send_replace(Some(both.clone()));
     published_until(&mut published, Duration::from_secs(5), "b2 added", |s| {
-        *s == both
+        *s == *both
     })
     .await?;
 
     // An HTTP check fails b2, whose /healthz answers 503.
-    policies.send_replace(Some(policy(serde_json::json!({
-        "http": {}, "interval": "100ms", "jitter": "10ms", "unhealthy_threshold": 1
-    }))));
+    check_shop(
+        &policies,
+        serde_json::json!({
+            "http": {}, "interval": "100ms", "jitter": "10ms", "unhealthy_threshold": 1
+        }),
+    );
     published_until(
         &mut published,
         Duration::from_secs(5),
@@ -208,9 +229,11 @@ async fn endpoints_and_policy_changes_start_and_stop_probes() -> Result<()> {
     .await?;
 
     // The policy drops the check: b2 is published as its source says again.
-    policies.send_replace(Some(Arc::new(Policy::default())));
+    policies
+        .offer("{}", PolicyFormat::Json, "test")
+        .expect("the empty policy is valid");
     published_until(&mut published, Duration::from_secs(5), "no check", |s| {
-        *s == both
+        *s == *both
     })
     .await?;
     stage.abort();

@@ -1,18 +1,23 @@
-//! Runs the sources and turns their updates into snapshots, folding bursts with a debounce.
+//! Stage 1, sources → merged endpoints: runs every endpoint source, folds bursts of their
+//! updates with a debounce, and merges the latest state of each into one set of services.
 //!
-//! After the first update of a burst the pipeline waits `quiet` for more; every further
+//! After the first update of a burst the stage waits `quiet` for more; every further
 //! update restarts that wait, but never beyond `max_delay` after the burst's first update,
 //! so a source that churns without pause still gets its changes out. Nothing is emitted
-//! until every source has published once (a snapshot missing a source would remove its
-//! clusters), and a snapshot whose version equals the last one is not emitted again.
+//! until every source has published once (a merge missing a source would remove its
+//! clusters), and a merge equal to the last one is not emitted again.
+//!
+//! A service known to several sources gets the union of their endpoints; when two sources
+//! list the same address for a service, the earlier source (in configuration order) wins.
+use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
-use std::{sync::Arc, time::Duration};
-
-use fulcrum_core::Snapshot;
-use tokio::{sync::mpsc, time::Instant};
-use tracing::{debug, info};
-
-use crate::{Services, Source, SourceSink, SourceUpdate, merge};
+use fulcrum_core::{Endpoint, ServiceEndpoints};
+use fulcrum_sources::{Services, Source, SourceSink, SourceUpdate};
+use tokio::{
+    sync::{mpsc, watch},
+    time::Instant,
+};
+use tracing::{debug, info, warn};
 
 /// Updates buffered between the sources and the pipeline.
 const UPDATE_QUEUE: usize = 64;
@@ -42,12 +47,12 @@ impl Debounce {
     }
 }
 
-/// Starts every source on the current tokio runtime and calls `on_snapshot` with each new
-/// merged snapshot. Returns when every source has stopped.
+/// Starts every source on the current tokio runtime and sends each new merge to `output`.
+/// Returns when every source has stopped.
 pub async fn run(
     sources: Vec<Box<dyn Source>>,
     debounce: Debounce,
-    mut on_snapshot: impl FnMut(Snapshot) + Send,
+    output: watch::Sender<Option<Arc<Services>>>,
 ) {
     let (sender, mut updates) = mpsc::channel(UPDATE_QUEUE);
     let names: Vec<String> = sources.iter().map(|source| source.name()).collect();
@@ -56,7 +61,6 @@ pub async fn run(
     }
     drop(sender);
     let mut latest: Vec<Option<Arc<Services>>> = vec![None; names.len()];
-    let mut last_version: Option<String> = None;
     while let Some(first) = updates.recv().await {
         let burst_start = Instant::now();
         apply(&mut latest, first);
@@ -85,20 +89,47 @@ pub async fn run(
             debug!(folded, "waiting for every source's first state");
             continue;
         };
-        let snapshot = merge(states);
-        if last_version.as_deref() == Some(snapshot.version.as_str()) {
-            debug!(folded, version = %snapshot.version, "sources changed nothing");
+        let merged = merge(states);
+        if output.borrow().as_deref() == Some(&merged) {
+            debug!(folded, "sources changed nothing");
             continue;
         }
-        info!(
-            folded,
-            version = %snapshot.version,
-            services = snapshot.services.len(),
-            "new snapshot"
-        );
-        last_version = Some(snapshot.version.clone());
-        on_snapshot(snapshot);
+        info!(folded, services = merged.len(), "sources changed");
+        output.send_replace(Some(Arc::new(merged)));
     }
+}
+
+/// Merges `sources` (name, state), earlier sources taking precedence on conflicts.
+/// Endpoints come out sorted by address.
+pub fn merge<'a>(sources: impl IntoIterator<Item = (&'a str, &'a Services)>) -> Services {
+    let mut merged: BTreeMap<String, BTreeMap<SocketAddr, (&str, &Endpoint)>> = BTreeMap::new();
+    for (source, services) in sources {
+        for (service, endpoints) in services {
+            let entry = merged.entry(service.clone()).or_default();
+            for endpoint in &endpoints.endpoints {
+                match entry.get(&endpoint.address) {
+                    Some((winner, existing)) if *existing != endpoint => warn!(
+                        service = %service,
+                        address = %endpoint.address,
+                        kept_from = %winner,
+                        ignored_from = %source,
+                        "two sources disagree about one endpoint; keeping the earlier source's"
+                    ),
+                    Some(_) => {}
+                    None => {
+                        entry.insert(endpoint.address, (source, endpoint));
+                    }
+                }
+            }
+        }
+    }
+    merged
+        .into_iter()
+        .map(|(name, endpoints)| {
+            let endpoints = endpoints.into_values().map(|(_, e)| e.clone()).collect();
+            (name, ServiceEndpoints { endpoints })
+        })
+        .collect()
 }
 
 /// Records the latest state of the update's source.
@@ -114,12 +145,11 @@ fn apply(latest: &mut [Option<Arc<Services>>], update: SourceUpdate) {
 
 #[cfg(test)]
 mod tests {
-    use std::{collections::BTreeMap, sync::Mutex};
-
-    use fulcrum_core::{Endpoint, ServiceEndpoints};
+    use fulcrum_core::Health;
+    use fulcrum_sources::SourceFuture;
+    use proptest::prelude::*;
 
     use super::*;
-    use crate::SourceFuture;
 
     /// A source whose states a test feeds in at chosen (paused-clock) times; it stays open
     /// for a further 10 s so the pipeline's timing, not the source's end, decides emission.
@@ -153,24 +183,28 @@ mod tests {
         BTreeMap::from([(service.to_owned(), ServiceEndpoints { endpoints })])
     }
 
+    /// Every merge the stage emits, with when (on the paused clock).
     async fn collect(
         sources: Vec<Box<dyn Source>>,
         debounce: Debounce,
-    ) -> Vec<(Duration, Snapshot)> {
+    ) -> Vec<(Duration, Arc<Services>)> {
         let start = Instant::now();
-        let emitted = Mutex::new(Vec::new());
-        run(sources, debounce, |snapshot| {
+        let (output, mut merged) = watch::channel(None);
+        let recorder = tokio::spawn(async move {
+            let mut emitted = Vec::new();
+            while merged.changed().await.is_ok() {
+                if let Some(services) = merged.borrow_and_update().clone() {
+                    emitted.push((start.elapsed(), services));
+                }
+            }
             emitted
-                .lock()
-                .expect("lock")
-                .push((start.elapsed(), snapshot));
-        })
-        .await;
-        emitted.into_inner().expect("lock")
+        });
+        run(sources, debounce, output).await;
+        recorder.await.expect("recorder")
     }
 
-    fn ports(snapshot: &Snapshot, service: &str) -> Vec<u16> {
-        snapshot.services[service]
+    fn ports(services: &Services, service: &str) -> Vec<u16> {
+        services[service]
             .endpoints
             .iter()
             .map(|e| e.address.port())
@@ -237,7 +271,7 @@ mod tests {
         let emitted = collect(vec![Box::new(fast), Box::new(slow)], Debounce::default()).await;
         assert_eq!(emitted.len(), 1);
         assert_eq!(emitted[0].0, Duration::from_millis(5050));
-        assert_eq!(emitted[0].1.services.keys().collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(emitted[0].1.keys().collect::<Vec<_>>(), ["a", "b"]);
     }
 
     #[tokio::test(start_paused = true)]
@@ -251,5 +285,72 @@ mod tests {
         };
         let emitted = collect(vec![Box::new(source)], Debounce::default()).await;
         assert_eq!(emitted.len(), 1);
+    }
+
+    fn services(entries: &[(&str, &[&str])]) -> Services {
+        entries
+            .iter()
+            .map(|(name, addresses)| {
+                let endpoints = addresses
+                    .iter()
+                    .map(|address| Endpoint::new(address.parse().expect("address")))
+                    .collect();
+                ((*name).to_owned(), ServiceEndpoints { endpoints })
+            })
+            .collect()
+    }
+
+    fn addresses(merged: &Services, service: &str) -> Vec<String> {
+        merged[service]
+            .endpoints
+            .iter()
+            .map(|endpoint| endpoint.address.to_string())
+            .collect()
+    }
+
+    #[test]
+    fn union_of_endpoints_sorted_by_address() {
+        let file = services(&[("a", &["127.0.0.2:80"]), ("b", &["127.0.0.9:80"])]);
+        let registry = services(&[("a", &["127.0.0.1:80"])]);
+        let merged = merge([("file", &file), ("registry", &registry)]);
+        assert_eq!(addresses(&merged, "a"), ["127.0.0.1:80", "127.0.0.2:80"]);
+        assert_eq!(addresses(&merged, "b"), ["127.0.0.9:80"]);
+    }
+
+    #[test]
+    fn earlier_source_wins_a_conflicting_endpoint() {
+        let file = services(&[("a", &["127.0.0.1:80"])]);
+        let mut registry = services(&[("a", &["127.0.0.1:80"])]);
+        registry.get_mut("a").expect("a").endpoints[0].health = Health::Unhealthy;
+        let merged = merge([("file", &file), ("registry", &registry)]);
+        assert_eq!(merged["a"].endpoints[0].health, Health::Healthy);
+    }
+
+    #[test]
+    fn the_merge_depends_on_content_only() {
+        let a = services(&[("a", &["127.0.0.1:80"])]);
+        let b = services(&[("a", &["127.0.0.1:81"])]);
+        assert_eq!(merge([("x", &a)]), merge([("y", &a)]));
+        assert_ne!(merge([("x", &a)]), merge([("x", &b)]));
+    }
+
+    proptest! {
+        #[test]
+        fn source_order_does_not_change_content_without_conflicts(
+            left in prop::collection::btree_set(1u16..500, 0..8),
+            right in prop::collection::btree_set(500u16..1000, 0..8),
+        ) {
+            let to_services = |ports: &std::collections::BTreeSet<u16>| -> Services {
+                let endpoints = ports
+                    .iter()
+                    .map(|port| Endpoint::new(SocketAddr::from(([127, 0, 0, 1], *port))))
+                    .collect();
+                BTreeMap::from([("svc".to_owned(), ServiceEndpoints { endpoints })])
+            };
+            let (left, right) = (to_services(&left), to_services(&right));
+            let forward = merge([("l", &left), ("r", &right)]);
+            let backward = merge([("r", &right), ("l", &left)]);
+            prop_assert_eq!(forward, backward);
+        }
     }
 }

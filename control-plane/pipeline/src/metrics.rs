@@ -1,4 +1,5 @@
-//! Snapshot-level Prometheus metrics: endpoints per cluster and health, and the current version.
+//! The pipeline's Prometheus metrics: endpoints per cluster and health and the version of the
+//! published snapshot, and what validation left out of it.
 
 use fulcrum_core::{Health, Snapshot};
 use prometheus_client::{
@@ -6,6 +7,8 @@ use prometheus_client::{
     metrics::{counter::Counter, family::Family, gauge::Gauge},
     registry::Registry,
 };
+
+use crate::validate::Dropped;
 
 /// Labels naming one cluster and one endpoint health.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
@@ -35,9 +38,16 @@ pub struct VersionLabels {
     pub version: String,
 }
 
-/// Gauges describing the current snapshot. Cheap to clone (shared handles).
+/// Labels naming what validation left out: `endpoint` or `service`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct DroppedLabels {
+    /// `endpoint` or `service`.
+    pub kind: &'static str,
+}
+
+/// Gauges describing the published snapshot. Cheap to clone (shared handles).
 #[derive(Debug, Clone, Default)]
-pub struct SnapshotMetrics {
+pub struct PipelineMetrics {
     /// `fulcrum_cluster_endpoints{cluster, health}`: endpoints per cluster and health in the
     /// current snapshot; every health of a known cluster has a series, 0 included, so
     /// `fulcrum_cluster_endpoints{health="healthy"} < 2` alerts.
@@ -46,9 +56,13 @@ pub struct SnapshotMetrics {
     pub info: Family<VersionLabels, Gauge>,
     /// `fulcrum_snapshot_updates_total`: snapshots published.
     pub updates: Counter,
+    /// `fulcrum_snapshot_dropped{kind}`: endpoints and services the last validation left out
+    /// of the published snapshot; above 0, a source publishes something Envoy or the filters
+    /// would refuse (`/v1/status` names it).
+    pub dropped: Family<DroppedLabels, Gauge>,
 }
 
-impl SnapshotMetrics {
+impl PipelineMetrics {
     /// Registers every metric under the `fulcrum` prefix.
     pub fn register(&self, registry: &mut Registry) {
         let fulcrum = registry.sub_registry_with_prefix("fulcrum");
@@ -67,6 +81,23 @@ impl SnapshotMetrics {
             "Snapshots published",
             self.updates.clone(),
         );
+        fulcrum.register(
+            "snapshot_dropped",
+            "Endpoints and services left out of the published snapshot as invalid",
+            self.dropped.clone(),
+        );
+    }
+
+    /// Sets the dropped gauges from the last validation.
+    pub fn observe_dropped(&self, dropped: &Dropped) {
+        for (kind, count) in [
+            ("endpoint", dropped.endpoints),
+            ("service", dropped.services),
+        ] {
+            self.dropped
+                .get_or_create(&DroppedLabels { kind })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
     }
 
     /// Replaces the gauges with `snapshot`'s values.
