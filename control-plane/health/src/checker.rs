@@ -1,8 +1,11 @@
 //! Consecutive probe results and the health they add up to.
 
-/// Health as active checks see it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum Status {
+/// Health as active checks see it: the one model of a check's result, for the registry (its
+/// API's `health`) and the pipeline's health stage. What Envoy and the filters are served is
+/// [`fulcrum_core::Health`], which [`endpoint_health`](Self::endpoint_health) maps onto: a
+/// check never upgrades what a source says, and `Unknown` serves as the source says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default)]
+pub enum HealthStatus {
     /// No threshold reached yet: the target is served as its source says.
     #[default]
     Unknown,
@@ -12,7 +15,7 @@ pub enum Status {
     Unhealthy,
 }
 
-impl Status {
+impl HealthStatus {
     /// The name used in logs and APIs.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -21,14 +24,32 @@ impl Status {
             Self::Unhealthy => "unhealthy",
         }
     }
+
+    /// Parses [`as_str`](Self::as_str)'s names.
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "unknown" => Some(Self::Unknown),
+            "healthy" => Some(Self::Healthy),
+            "unhealthy" => Some(Self::Unhealthy),
+            _ => None,
+        }
+    }
+
+    /// The endpoint health served for a target with this status and no other information.
+    pub fn endpoint_health(self) -> fulcrum_core::Health {
+        match self {
+            Self::Unknown | Self::Healthy => fulcrum_core::Health::Healthy,
+            Self::Unhealthy => fulcrum_core::Health::Unhealthy,
+        }
+    }
 }
 
-/// Consecutive probe results of one target and the [`Status`] they add up to.
+/// Consecutive probe results of one target and the [`HealthStatus`] they add up to.
 ///
 /// Invariant: at most one of `passes` and `failures` is non-zero.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Checker {
-    status: Status,
+    status: HealthStatus,
     /// Consecutive passes (reset by a failure).
     passes: u32,
     /// Consecutive failures (reset by a pass).
@@ -37,7 +58,7 @@ pub struct Checker {
 
 impl Checker {
     /// The status so far.
-    pub fn status(&self) -> Status {
+    pub fn status(&self) -> HealthStatus {
         self.status
     }
 
@@ -51,7 +72,7 @@ impl Checker {
         passed: bool,
         healthy_threshold: u32,
         unhealthy_threshold: u32,
-    ) -> Option<Status> {
+    ) -> Option<HealthStatus> {
         if passed {
             self.passes = self.passes.saturating_add(1);
             self.failures = 0;
@@ -60,11 +81,11 @@ impl Checker {
             self.passes = 0;
         }
         let next = match self.status {
-            Status::Unknown | Status::Unhealthy if self.passes >= healthy_threshold.max(1) => {
-                Status::Healthy
+            HealthStatus::Unknown | HealthStatus::Unhealthy if self.passes >= healthy_threshold.max(1) => {
+                HealthStatus::Healthy
             }
-            Status::Unknown | Status::Healthy if self.failures >= unhealthy_threshold.max(1) => {
-                Status::Unhealthy
+            HealthStatus::Unknown | HealthStatus::Healthy if self.failures >= unhealthy_threshold.max(1) => {
+                HealthStatus::Unhealthy
             }
             unchanged => unchanged,
         };
@@ -79,7 +100,7 @@ impl Checker {
 mod tests {
     use super::*;
 
-    fn run(checker: &mut Checker, results: &[bool]) -> Vec<Option<Status>> {
+    fn run(checker: &mut Checker, results: &[bool]) -> Vec<Option<HealthStatus>> {
         results
             .iter()
             .map(|passed| checker.observe(*passed, 2, 3))
@@ -91,7 +112,7 @@ mod tests {
         let mut checker = Checker::default();
         assert_eq!(
             run(&mut checker, &[true, false, true, true]),
-            [None, None, None, Some(Status::Healthy)]
+            [None, None, None, Some(HealthStatus::Healthy)]
         );
     }
 
@@ -101,18 +122,18 @@ mod tests {
         run(&mut checker, &[true, true]);
         assert_eq!(
             run(&mut checker, &[false, false, true, false, false, false]),
-            [None, None, None, None, None, Some(Status::Unhealthy)]
+            [None, None, None, None, None, Some(HealthStatus::Unhealthy)]
         );
         assert_eq!(
             run(&mut checker, &[true, true]),
-            [None, Some(Status::Healthy)]
+            [None, Some(HealthStatus::Healthy)]
         );
-        assert_eq!(checker.status(), Status::Healthy);
+        assert_eq!(checker.status(), HealthStatus::Healthy);
     }
 
     #[test]
     fn a_threshold_of_zero_acts_as_one() {
         let mut checker = Checker::default();
-        assert_eq!(checker.observe(false, 0, 0), Some(Status::Unhealthy));
+        assert_eq!(checker.observe(false, 0, 0), Some(HealthStatus::Unhealthy));
     }
 }

@@ -12,7 +12,7 @@ use tonic_health::pb::{
 };
 use tracing::debug;
 
-use crate::{Checker, HealthMetrics, Status};
+use crate::{Checker, HealthMetrics, HealthStatus};
 
 /// Why a probe failed.
 #[derive(Debug, thiserror::Error)]
@@ -173,7 +173,7 @@ impl ProbeLoop {
     }
 
     /// Probes until the status changes and returns it (`Healthy` or `Unhealthy`).
-    pub async fn next_change(&mut self) -> Status {
+    pub async fn next_change(&mut self) -> HealthStatus {
         loop {
             tokio::time::sleep(self.wait + self.check.jitter.mul_f64(self.rng.unit())).await;
             self.wait = self.check.interval;

@@ -15,33 +15,26 @@ use std::{
     sync::Arc,
 };
 
-use fulcrum_core::{Health, Policy, policy::HealthCheck};
-use fulcrum_health::{HealthMetrics, ProbeLoop, Status};
+use fulcrum_core::{Health, Policy};
+use fulcrum_health::{HealthStatus, ProbeHub, Reconciler, Report, Wanted};
 use fulcrum_policy::AppliedPolicy;
 use fulcrum_sources::Services;
-use tokio::{
-    sync::{mpsc, watch},
-    task::JoinHandle,
-};
+use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
-
-/// Results buffered between the probe tasks and the stage; a full queue holds the probes back.
-const RESULT_QUEUE: usize = 256;
 
 /// One probed endpoint: its service and address.
 type Key = (String, SocketAddr);
 
 /// Runs the stage until `input` or `policy` closes: reads endpoints from `input` and the
-/// policy from `policy`, and sends `output` the checked endpoints whenever they differ from
-/// what it holds.
+/// policy from `policy`, probes through `probes`, and sends `output` the checked endpoints
+/// whenever they differ from what it holds.
 pub async fn run(
     mut input: watch::Receiver<Option<Arc<Services>>>,
     mut policy: watch::Receiver<Option<Arc<AppliedPolicy>>>,
-    metrics: HealthMetrics,
+    probes: ProbeHub,
     output: watch::Sender<Option<Arc<Services>>>,
 ) {
-    let (results, mut received) = mpsc::channel(RESULT_QUEUE);
-    let mut overlay = Overlay::new(metrics, results);
+    let (mut overlay, mut reports) = Overlay::new(probes);
     let mut inputs_changed = true;
     loop {
         let endpoints = if inputs_changed {
@@ -75,8 +68,8 @@ pub async fn run(
                     Ok(()) => break true,
                     Err(_) => return,
                 },
-                Some(result) = received.recv() => {
-                    if overlay.record(result) {
+                Some(report) = reports.recv() => {
+                    if overlay.record(report) {
                         break false;
                     }
                 }
@@ -85,122 +78,63 @@ pub async fn run(
     }
 }
 
-/// A status change reported by one probe task.
-#[derive(Debug)]
-struct ProbeResult {
-    key: Key,
-    /// The reporting task's id; results of a replaced task are ignored.
-    task: u64,
-    status: Status,
-}
-
-/// One running probe task; dropping it stops the task.
-#[derive(Debug)]
-struct Probing {
-    check: HealthCheck,
-    id: u64,
-    task: JoinHandle<()>,
-}
-
-impl Drop for Probing {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-/// The stage's state: the probe tasks and which endpoints fail their checks.
+/// The stage's state: the probes it follows and which endpoints fail their checks.
 ///
-/// Invariant: every key in `failing` has a task in `probes`.
+/// Invariant: every key in `failing` is followed by `probes`.
 #[derive(Debug)]
 struct Overlay {
-    metrics: HealthMetrics,
-    results: mpsc::Sender<ProbeResult>,
-    probes: HashMap<Key, Probing>,
+    probes: Reconciler<Key>,
     failing: BTreeSet<Key>,
-    next_id: u64,
 }
 
 impl Overlay {
-    fn new(metrics: HealthMetrics, results: mpsc::Sender<ProbeResult>) -> Self {
-        Self {
-            metrics,
-            results,
-            probes: HashMap::new(),
+    fn new(hub: ProbeHub) -> (Self, mpsc::Receiver<Report<Key>>) {
+        let (probes, reports) = Reconciler::new(hub);
+        let overlay = Self {
+            probes,
             failing: BTreeSet::new(),
-            next_id: 0,
-        }
+        };
+        (overlay, reports)
     }
 
-    /// Makes the probe tasks match the endpoints of the services `policy` checks: starts
-    /// missing ones, restarts those whose check changed, stops the rest.
+    /// Makes the probes match the endpoints of the services `policy` checks: follows new
+    /// ones, re-follows those whose check changed, drops the rest.
     fn reconcile(&mut self, services: Option<&Services>, policy: Option<&Policy>) {
-        let mut wanted: HashMap<Key, &HealthCheck> = HashMap::new();
+        let mut wanted = HashMap::new();
         if let (Some(services), Some(policy)) = (services, policy) {
             for (service, endpoints) in services {
                 let Some(check) = &policy.for_service(service).health_check else {
                     continue;
                 };
                 for endpoint in &endpoints.endpoints {
-                    wanted.insert((service.clone(), endpoint.address), check);
+                    let key = (service.clone(), endpoint.address);
+                    let probe = Wanted {
+                        target: check.probe.target(endpoint.address),
+                        check: check.clone(),
+                        cluster: service.clone(),
+                    };
+                    wanted.insert(key, probe);
                 }
             }
         }
-        self.probes.retain(|key, probing| {
-            wanted
-                .get(key)
-                .is_some_and(|check| **check == probing.check)
-        });
+        self.probes.reconcile(wanted);
         let probes = &self.probes;
-        self.failing.retain(|key| probes.contains_key(key));
-        for (key, check) in wanted {
-            if !self.probes.contains_key(&key) {
-                let probing = self.spawn(key.clone(), check.clone());
-                self.probes.insert(key, probing);
-            }
-        }
+        self.failing.retain(|key| probes.contains(key));
     }
 
-    fn spawn(&mut self, key: Key, check: HealthCheck) -> Probing {
-        let id = self.next_id;
-        self.next_id += 1;
-        let (service, address) = &key;
-        let mut probes = ProbeLoop::new(
-            check.clone(),
-            check.probe.target(*address),
-            service,
-            &format!("{service}/{address}"),
-            &self.metrics,
-        );
-        let results = self.results.clone();
-        let task = tokio::spawn(async move {
-            loop {
-                let status = probes.next_change().await;
-                let result = ProbeResult {
-                    key: key.clone(),
-                    task: id,
-                    status,
-                };
-                if results.send(result).await.is_err() {
-                    return;
-                }
-            }
-        });
-        Probing { check, id, task }
-    }
-
-    /// Records a task's status change; true when the set of failing endpoints changed.
-    fn record(&mut self, result: ProbeResult) -> bool {
-        if self.probes.get(&result.key).map(|probing| probing.id) != Some(result.task) {
+    /// Records a probe's status; true when the set of failing endpoints changed.
+    fn record(&mut self, report: Report<Key>) -> bool {
+        if !self.probes.is_current(&report) {
             return false;
         }
-        let (service, address) = &result.key;
-        match result.status {
-            Status::Unhealthy => {
+        let (service, address) = &report.key;
+        match report.status {
+            HealthStatus::Unhealthy => {
                 warn!(%service, endpoint = %address, "endpoint failed its health checks: publishing it unhealthy");
-                self.failing.insert(result.key)
+                self.failing.insert(report.key)
             }
-            Status::Healthy | Status::Unknown => {
-                let recovered = self.failing.remove(&result.key);
+            HealthStatus::Healthy | HealthStatus::Unknown => {
+                let recovered = self.failing.remove(&report.key);
                 if recovered {
                     info!(%service, endpoint = %address, "endpoint passes its health checks again");
                 }
@@ -215,13 +149,9 @@ impl Overlay {
         let mut checked: Option<Services> = None;
         for (service, address) in &self.failing {
             let passing = |services: &Services| {
-                services
-                    .get(service)?
-                    .endpoints
-                    .iter()
-                    .position(|endpoint| {
-                        endpoint.address == *address && endpoint.health != Health::Unhealthy
-                    })
+                services.get(service)?.endpoints.iter().position(|endpoint| {
+                    endpoint.address == *address && endpoint.health != Health::Unhealthy
+                })
             };
             let Some(index) = passing(checked.as_ref().unwrap_or(&endpoints)) else {
                 continue;
@@ -242,7 +172,12 @@ impl Overlay {
 mod tests {
     use std::time::Duration;
 
-    use fulcrum_core::{Endpoint, ServiceEndpoints, policy::Probe, version::snapshot_version};
+    use fulcrum_core::{
+        Endpoint, ServiceEndpoints,
+        policy::{HealthCheck, Probe},
+        version::snapshot_version,
+    };
+    use fulcrum_health::HealthMetrics;
 
     use super::*;
 
@@ -272,16 +207,16 @@ mod tests {
 
     fn failing(overlay: &mut Overlay, address: &str) {
         let key = ("shop".to_owned(), address.parse().expect("address"));
-        let task = overlay.probes[&key].id;
-        assert!(overlay.record(ProbeResult {
+        let generation = overlay.probes.generation(&key).expect("followed");
+        assert!(overlay.record(Report {
             key,
-            task,
-            status: Status::Unhealthy
+            status: HealthStatus::Unhealthy,
+            generation,
         }));
     }
 
     fn overlay() -> Overlay {
-        Overlay::new(HealthMetrics::default(), mpsc::channel(1).0)
+        Overlay::new(ProbeHub::new(HealthMetrics::default())).0
     }
 
     #[tokio::test]
@@ -297,18 +232,16 @@ mod tests {
 
         overlay.reconcile(Some(&merged), Some(&checked("shop")));
         assert_eq!(overlay.probes.len(), 2);
-        let first = overlay
-            .probes
-            .values()
-            .map(|p| p.id)
-            .collect::<BTreeSet<_>>();
+        let generations = |overlay: &Overlay| {
+            ["127.0.0.1:1", "127.0.0.1:2"]
+                .map(|address| {
+                    let key = ("shop".to_owned(), address.parse().expect("address"));
+                    overlay.probes.generation(&key)
+                })
+        };
+        let first = generations(&overlay);
         overlay.reconcile(Some(&merged), Some(&checked("shop")));
-        let again = overlay
-            .probes
-            .values()
-            .map(|p| p.id)
-            .collect::<BTreeSet<_>>();
-        assert_eq!(first, again, "an unchanged check keeps its tasks");
+        assert_eq!(first, generations(&overlay), "an unchanged check keeps its tasks");
 
         let fewer = snapshot(&[("127.0.0.1:2", Health::Healthy)]);
         overlay.reconcile(Some(&fewer), Some(&checked("shop")));
@@ -355,20 +288,21 @@ mod tests {
         let merged = snapshot(&[("127.0.0.1:1", Health::Healthy)]);
         overlay.reconcile(Some(&merged), Some(&checked("shop")));
         let key = ("shop".to_owned(), "127.0.0.1:1".parse().expect("address"));
-        let stale = overlay.probes[&key].id;
+        let stale = overlay.probes.generation(&key).expect("followed");
         let mut policy = checked("shop");
         if let Some(check) = &mut policy.services.get_mut("shop").expect("shop").health_check {
             check.unhealthy_threshold = 1;
         }
         overlay.reconcile(Some(&merged), Some(&policy));
         assert_ne!(
-            overlay.probes[&key].id, stale,
+            overlay.probes.generation(&key),
+            Some(stale),
             "a changed check restarts the task"
         );
-        assert!(!overlay.record(ProbeResult {
+        assert!(!overlay.record(Report {
             key,
-            task: stale,
-            status: Status::Unhealthy
+            status: HealthStatus::Unhealthy,
+            generation: stale,
         }));
         assert!(overlay.failing.is_empty());
     }

@@ -26,7 +26,7 @@ pub mod validate;
 use std::sync::Arc;
 
 use fulcrum_core::Snapshot;
-use fulcrum_health::HealthMetrics;
+use fulcrum_health::ProbeHub;
 use fulcrum_policy::AppliedPolicy;
 use fulcrum_sources::Source;
 use fulcrum_xds::{ClusterOptions, SnapshotCache};
@@ -49,15 +49,15 @@ pub struct Pipeline {
 
 impl Pipeline {
     /// Starts every stage on the current tokio runtime: `sources` merged with `debounce`,
-    /// checked and published with the policy `policy` holds, as clusters built with
-    /// `cluster_options`. `metrics` and `health_metrics` count what the stages do.
+    /// checked (through `probes`) and published with the policy `policy` holds, as clusters
+    /// built with `cluster_options`; `metrics` counts what the stages do.
     pub fn start(
         sources: Vec<Box<dyn Source>>,
         debounce: Debounce,
         policy: watch::Receiver<Option<Arc<AppliedPolicy>>>,
         cluster_options: ClusterOptions,
         metrics: PipelineMetrics,
-        health_metrics: HealthMetrics,
+        probes: ProbeHub,
     ) -> Self {
         let cache = Arc::new(SnapshotCache::new(cluster_options));
         let store = SnapshotStore::default();
@@ -69,7 +69,7 @@ impl Pipeline {
         let stages = (
             merge::run(sources, debounce, merged),
             validate::run(merged_out, valid, dropped, metrics.clone()),
-            health::run(valid_out, policy.clone(), health_metrics, checked),
+            health::run(valid_out, policy.clone(), probes, checked),
             policy::run(checked_out, policy, snapshots),
             publish::run(
                 published.clone(),

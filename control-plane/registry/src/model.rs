@@ -15,12 +15,11 @@ use std::{
 
 /// The validated health check: the same model as the policy's `health_check`.
 pub use fulcrum_core::policy::{HealthCheck, Probe};
-use fulcrum_core::{
-    policy::{
-        DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT, DEFAULT_HEALTHY_THRESHOLD,
-        DEFAULT_HTTP_PATH, DEFAULT_UNHEALTHY_THRESHOLD, default_jitter,
-    },
-    validate::{MAX_CHECK_INTERVAL, MAX_CHECK_THRESHOLD, MIN_CHECK_INTERVAL, MIN_CHECK_TIMEOUT},
+/// One invalid field: the same model as the policy's and the snapshot's validation errors.
+pub use fulcrum_core::ValidationError;
+use fulcrum_core::policy::{
+    DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT, DEFAULT_HEALTHY_THRESHOLD, DEFAULT_HTTP_PATH,
+    DEFAULT_UNHEALTHY_THRESHOLD, default_jitter,
 };
 use serde::{Deserialize, Serialize};
 
@@ -196,18 +195,9 @@ pub struct Registration {
     pub ttl: Duration,
 }
 
-/// One field that failed validation.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct FieldError {
-    /// Path of the field, e.g. `health_check.interval_ms` or `tags[2]`.
-    pub field: String,
-    /// What is wrong and what is accepted.
-    pub reason: String,
-}
-
 /// Every field that failed validation, in field order.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct FieldErrors(pub Vec<FieldError>);
+pub struct FieldErrors(pub Vec<ValidationError>);
 
 impl fmt::Display for FieldErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -215,7 +205,7 @@ impl fmt::Display for FieldErrors {
             if index > 0 {
                 f.write_str("; ")?;
             }
-            write!(f, "{}: {}", error.field, error.reason)?;
+            write!(f, "{}: {}", error.path, error.message)?;
         }
         Ok(())
     }
@@ -224,21 +214,21 @@ impl fmt::Display for FieldErrors {
 impl FieldErrors {
     /// One error.
     pub fn one(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self(vec![FieldError {
-            field: field.into(),
-            reason: reason.into(),
+        Self(vec![ValidationError {
+            path: field.into(),
+            message: reason.into(),
         }])
     }
 }
 
 #[derive(Default)]
-struct Errors(Vec<FieldError>);
+struct Errors(Vec<ValidationError>);
 
 impl Errors {
     fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
-        self.0.push(FieldError {
-            field: field.into(),
-            reason: reason.into(),
+        self.0.push(ValidationError {
+            path: field.into(),
+            message: reason.into(),
         });
     }
 }
@@ -305,13 +295,15 @@ fn port(value: u32, field: &str, errors: &mut Errors) -> u16 {
 }
 
 /// A probe port override: 0 means the instance's port. Always resolved, so a registration
-/// records the port it probes.
+/// records the port it probes. An invalid port (this one, or the instance's) is reported once,
+/// on its own field, and left unresolved.
 fn override_port(value: u32, instance: u16, field: &str, errors: &mut Errors) -> Option<u16> {
-    Some(if value == 0 {
+    let port = if value == 0 {
         instance
     } else {
         port(value, field, errors)
-    })
+    };
+    (port != 0).then_some(port)
 }
 
 fn labels(values: &[String], field: &str, errors: &mut Errors) -> BTreeSet<String> {
@@ -454,6 +446,9 @@ impl InstanceSpec {
 }
 
 impl HealthCheckSpec {
+    /// The check this spec describes, with defaults filled in. The wire form (one of `http`,
+    /// `tcp`, `grpc`; numbers that fit) is checked here; ranges by [`HealthCheck::validate`],
+    /// the policy's own validator, with its paths named as this spec's fields.
     fn validate(&self, instance_port: u16, errors: &mut Errors) -> HealthCheck {
         let kinds = [self.http.is_some(), self.tcp.is_some(), self.grpc.is_some()];
         if kinds.iter().filter(|set| **set).count() != 1 {
@@ -465,19 +460,13 @@ impl HealthCheckSpec {
             } else {
                 http.path.clone()
             };
-            if !path.starts_with('/') || path.bytes().any(|b| !b.is_ascii_graphic()) {
-                errors.add(
-                    "health_check.http.path",
-                    format!("`{path}` must start with '/' and contain no spaces"),
-                );
-            }
             let mut expected_statuses = Vec::new();
             for (index, status) in http.expected_statuses.iter().enumerate() {
                 match u16::try_from(*status) {
-                    Ok(status @ 100..=599) => expected_statuses.push(status),
-                    _ => errors.add(
+                    Ok(status) => expected_statuses.push(status),
+                    Err(_) => errors.add(
                         format!("health_check.http.expected_statuses[{index}]"),
-                        format!("must be an HTTP status 100-599, got {status}"),
+                        format!("must be an HTTP status 100..=599, got {status}"),
                     ),
                 }
             }
@@ -498,71 +487,30 @@ impl HealthCheckSpec {
             }
         };
         let interval = millis(self.interval_ms, DEFAULT_CHECK_INTERVAL);
-        if !(MIN_CHECK_INTERVAL..=MAX_CHECK_INTERVAL).contains(&interval) {
-            errors.add(
-                "health_check.interval_ms",
-                format!(
-                    "must be {}-{} (or 0 for {}), got {}",
-                    MIN_CHECK_INTERVAL.as_millis(),
-                    MAX_CHECK_INTERVAL.as_millis(),
-                    DEFAULT_CHECK_INTERVAL.as_millis(),
-                    self.interval_ms
-                ),
-            );
-        }
-        let timeout = millis(self.timeout_ms, DEFAULT_CHECK_TIMEOUT.min(interval));
-        if !(MIN_CHECK_TIMEOUT..=interval).contains(&timeout) {
-            errors.add(
-                "health_check.timeout_ms",
-                format!(
-                    "must be {} up to the interval ({} ms), got {}",
-                    MIN_CHECK_TIMEOUT.as_millis(),
-                    interval.as_millis(),
-                    self.timeout_ms
-                ),
-            );
-        }
-        let threshold = |value: u32, default: u32, field: &str, errors: &mut Errors| {
-            let value = if value == 0 { default } else { value };
-            if value > MAX_CHECK_THRESHOLD {
-                errors.add(
-                    field,
-                    format!("must be 1-{MAX_CHECK_THRESHOLD}, got {value}"),
-                );
-            }
-            value
-        };
-        let healthy_threshold = threshold(
-            self.healthy_threshold,
-            DEFAULT_HEALTHY_THRESHOLD,
-            "health_check.healthy_threshold",
-            errors,
-        );
-        let unhealthy_threshold = threshold(
-            self.unhealthy_threshold,
-            DEFAULT_UNHEALTHY_THRESHOLD,
-            "health_check.unhealthy_threshold",
-            errors,
-        );
-        let jitter = millis(self.jitter_ms, default_jitter(interval));
-        if jitter > interval {
-            errors.add(
-                "health_check.jitter_ms",
-                format!(
-                    "must be at most the interval ({} ms), got {}",
-                    interval.as_millis(),
-                    self.jitter_ms
-                ),
-            );
-        }
-        HealthCheck {
+        let or_default = |value: u32, default: u32| if value == 0 { default } else { value };
+        let check = HealthCheck {
             probe,
             interval,
-            timeout,
-            healthy_threshold,
-            unhealthy_threshold,
-            jitter,
+            timeout: millis(self.timeout_ms, DEFAULT_CHECK_TIMEOUT.min(interval)),
+            healthy_threshold: or_default(self.healthy_threshold, DEFAULT_HEALTHY_THRESHOLD),
+            unhealthy_threshold: or_default(self.unhealthy_threshold, DEFAULT_UNHEALTHY_THRESHOLD),
+            jitter: millis(self.jitter_ms, default_jitter(interval)),
+        };
+        if let Err(invalid) = check.validate() {
+            for error in invalid.errors {
+                errors.add(spec_field(&error.path), error.message);
+            }
         }
+        check
+    }
+}
+
+/// The field of this wire form that [`HealthCheck::validate`]'s `path` names: durations are
+/// `*_ms` here.
+fn spec_field(path: &str) -> String {
+    match path {
+        "interval" | "timeout" | "jitter" => format!("health_check.{path}_ms"),
+        _ => format!("health_check.{path}"),
     }
 }
 
@@ -653,7 +601,7 @@ mod tests {
     }
 
     fn fields(error: &FieldErrors) -> Vec<&str> {
-        error.0.iter().map(|e| e.field.as_str()).collect()
+        error.0.iter().map(|e| e.path.as_str()).collect()
     }
 
     #[test]

@@ -13,6 +13,7 @@ use std::{
 };
 
 use fulcrum_core::{Outcome, Policy, RequestAttributes, ServiceBalancer, rng::SplitMix64};
+use fulcrum_health::ProbeHub;
 use tokio::time::Instant;
 use tracing::info;
 
@@ -67,40 +68,9 @@ pub struct Query {
     /// Only this zone.
     pub zone: Option<String>,
     /// Only these health states; empty means `Unknown` and `Healthy` (what serves).
-    pub health: BTreeSet<HealthStatusKey>,
+    pub health: BTreeSet<HealthStatus>,
     /// One instance picked by the policy instead of all.
     pub pick: bool,
-}
-
-/// [`HealthStatus`] ordered, for use in a [`Query`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum HealthStatusKey {
-    /// See [`HealthStatus::Unknown`].
-    Unknown,
-    /// See [`HealthStatus::Healthy`].
-    Healthy,
-    /// See [`HealthStatus::Unhealthy`].
-    Unhealthy,
-}
-
-impl HealthStatusKey {
-    fn of(health: HealthStatus) -> Self {
-        match health {
-            HealthStatus::Unknown => Self::Unknown,
-            HealthStatus::Healthy => Self::Healthy,
-            HealthStatus::Unhealthy => Self::Unhealthy,
-        }
-    }
-
-    /// Parses `unknown`, `healthy` or `unhealthy`.
-    pub fn parse(text: &str) -> Option<Self> {
-        match text {
-            "unknown" => Some(Self::Unknown),
-            "healthy" => Some(Self::Healthy),
-            "unhealthy" => Some(Self::Unhealthy),
-            _ => None,
-        }
-    }
 }
 
 impl Query {
@@ -111,9 +81,9 @@ impl Query {
 
     fn matches(&self, entry: &Entry) -> bool {
         let registration = &entry.record.registration;
-        let health = HealthStatusKey::of(entry.health);
+        let health = entry.health;
         let health_ok = if self.health.is_empty() {
-            health != HealthStatusKey::Unhealthy
+            health != HealthStatus::Unhealthy
         } else {
             self.health.contains(&health)
         };
@@ -231,7 +201,7 @@ impl Registry {
     /// the instances gauge's follower on the current runtime (both stop when the view is
     /// dropped).
     pub fn new(backend: Arc<dyn RegistryBackend>, view: Arc<View>) -> Arc<Self> {
-        spawn_monitor(&view);
+        spawn_monitor(&view, ProbeHub::global().clone());
         let metrics = RegistryMetrics::default();
         metrics.follow(&view);
         info!(backend = backend.kind(), "registry started");
@@ -504,7 +474,7 @@ mod tests {
             ..Query::default()
         };
         assert_eq!(ids(&registry.discover(&query).expect("ok")), ["svc-2"]);
-        query.health = BTreeSet::from([HealthStatusKey::Unhealthy]);
+        query.health = BTreeSet::from([HealthStatus::Unhealthy]);
         assert_eq!(ids(&registry.discover(&query).expect("ok")), ["svc-1"]);
     }
 

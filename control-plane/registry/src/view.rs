@@ -13,7 +13,7 @@ use std::{
     sync::{Arc, OnceLock, RwLock, Weak},
 };
 
-use fulcrum_core::{Health, ServiceEndpoints};
+use fulcrum_core::ServiceEndpoints;
 use fulcrum_sources::Services;
 use tokio::sync::watch;
 use tracing::warn;
@@ -38,36 +38,8 @@ pub struct Record {
     pub mod_revision: i64,
 }
 
-/// Health as the registry sees it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub enum HealthStatus {
-    /// No active check, or no threshold reached yet: serving, as registered.
-    #[default]
-    Unknown,
-    /// The active check reached its healthy threshold.
-    Healthy,
-    /// The active check reached its unhealthy threshold: never picked.
-    Unhealthy,
-}
-
-impl HealthStatus {
-    /// The endpoint health Envoy and the filter see.
-    pub fn endpoint_health(self) -> Health {
-        match self {
-            Self::Unknown | Self::Healthy => Health::Healthy,
-            Self::Unhealthy => Health::Unhealthy,
-        }
-    }
-
-    /// The wire name.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Unknown => "unknown",
-            Self::Healthy => "healthy",
-            Self::Unhealthy => "unhealthy",
-        }
-    }
-}
+/// A registration's health: the one model of a check's result, shared with the pipeline.
+pub use fulcrum_health::HealthStatus;
 
 /// One live registration and its health.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -661,6 +633,6 @@ mod tests {
         let first = record(spec("a", "a-1", 1));
         view.upsert(first.clone());
         view.set_health(&first, HealthStatus::Unhealthy);
-        assert_eq!(view.services()["a"].endpoints[0].health, Health::Unhealthy);
+        assert_eq!(view.services()["a"].endpoints[0].health, fulcrum_core::Health::Unhealthy);
     }
 }

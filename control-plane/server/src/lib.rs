@@ -11,7 +11,7 @@ pub mod registry;
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use anyhow::Context;
-use fulcrum_health::HealthMetrics;
+use fulcrum_health::{HealthMetrics, ProbeHub};
 use fulcrum_kube_source::{KubeOptions, KubeSource};
 use fulcrum_pipeline::{Debounce, Pipeline, PipelineMetrics};
 use fulcrum_policy::{PolicyConfigMap, PolicyFile, PolicyStore};
@@ -173,7 +173,7 @@ impl ControlPlane {
             policies.subscribe(),
             config.cluster_options.clone(),
             pipeline_metrics,
-            HealthMetrics::global().clone(),
+            ProbeHub::global().clone(),
         );
         let registry_policy: std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> =
             match &registry {

@@ -549,7 +549,7 @@ pub const DEFAULT_HTTP_PATH: &str = "/healthz";
 /// shorter, `jitter`: a tenth of the interval), so a parsed value has every field resolved.
 /// Ranges are checked by [`ServicePolicy::validate`] (100ms..=60s interval, 10ms..=interval
 /// timeout, thresholds 1..=10, jitter up to the interval).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(try_from = "HealthCheckDocument", into = "HealthCheckDocument")]
 pub struct HealthCheck {
     /// What to probe.
@@ -567,7 +567,7 @@ pub struct HealthCheck {
 }
 
 /// One probe kind. `port: None` probes the endpoint's own port.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Probe {
     /// `GET path`; passes on one of `expected_statuses`, or any 2xx when empty.
     Http {

@@ -10,7 +10,7 @@ use std::{
 use anyhow::{Result, bail};
 use fulcrum_core::{Endpoint, Health, ServiceEndpoints};
 use fulcrum_example_backend::{Backend, Fault};
-use fulcrum_health::HealthMetrics;
+use fulcrum_health::{HealthMetrics, ProbeHub};
 use fulcrum_policy::{PolicyFormat, PolicyStore};
 use fulcrum_sources::Services;
 use prometheus_client::{encoding::text::encode, registry::Registry};
@@ -83,7 +83,7 @@ fn start_stage(
     let stage = tokio::spawn(fulcrum_pipeline::health::run(
         endpoints,
         policies.subscribe(),
-        metrics,
+        ProbeHub::new(metrics),
         output,
     ));
     (stage, published)

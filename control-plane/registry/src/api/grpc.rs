@@ -17,7 +17,7 @@ use crate::{
     auth::AuthError,
     metrics::{Api, Operation, grpc_code_name},
     model::{GrpcCheckSpec, HealthCheckSpec, HttpCheckSpec, PortSpec},
-    registry::{AnswerCache, HealthStatusKey, record_ttl_ms},
+    registry::{AnswerCache, record_ttl_ms},
     view::{Cursor, Entry, HealthStatus, Since},
 };
 
@@ -292,9 +292,9 @@ impl GrpcApi {
         let mut health = std::collections::BTreeSet::new();
         for (index, value) in request.health.iter().enumerate() {
             let key = match pb::HealthStatus::try_from(*value) {
-                Ok(pb::HealthStatus::Unknown) => HealthStatusKey::Unknown,
-                Ok(pb::HealthStatus::Healthy) => HealthStatusKey::Healthy,
-                Ok(pb::HealthStatus::Unhealthy) => HealthStatusKey::Unhealthy,
+                Ok(pb::HealthStatus::Unknown) => HealthStatus::Unknown,
+                Ok(pb::HealthStatus::Healthy) => HealthStatus::Healthy,
+                Ok(pb::HealthStatus::Unhealthy) => HealthStatus::Unhealthy,
                 _ => {
                     return Err(Status::invalid_argument(format!(
                         "invalid request: health[{index}]: {value} is not HEALTHY, UNHEALTHY or UNKNOWN"

@@ -23,6 +23,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post, put},
 };
+use fulcrum_core::ValidationError;
 use serde::{Deserialize, Serialize};
 
 use super::{ApiState, MAX_WATCH_WAIT};
@@ -30,9 +31,9 @@ use crate::{
     BackendError, InstanceSpec, Query, RegistryError,
     auth::AuthError,
     metrics::{Api, Operation},
-    model::{FieldError, FieldErrors},
-    registry::{HealthStatusKey, record_ttl_ms},
-    view::{Cursor, Entry, Since},
+    model::FieldErrors,
+    registry::record_ttl_ms,
+    view::{Cursor, Entry, HealthStatus, Since},
 };
 
 /// A registration as the API returns it.
@@ -159,7 +160,7 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: String, fields: &[FieldError]) -> Self {
+    fn new(status: StatusCode, code: &'static str, message: String, fields: &[ValidationError]) -> Self {
         Self {
             status,
             code,
@@ -169,8 +170,8 @@ impl ApiError {
                 fields: fields
                     .iter()
                     .map(|f| FieldErrorJson {
-                        field: f.field.clone(),
-                        reason: f.reason.clone(),
+                        field: f.path.clone(),
+                        reason: f.message.clone(),
                     })
                     .collect(),
             },
@@ -338,20 +339,20 @@ pub fn parse_query(service: String, params: &[(String, String)]) -> Result<Query
             "pick" => match value.as_str() {
                 "true" | "1" | "" => query.pick = true,
                 "false" | "0" => query.pick = false,
-                other => errors.push(FieldError {
-                    field: "pick".into(),
-                    reason: format!("`{other}` is not true or false"),
+                other => errors.push(ValidationError {
+                    path: "pick".into(),
+                    message: format!("`{other}` is not true or false"),
                 }),
             },
             "health" => {
                 for item in split(value) {
-                    match HealthStatusKey::parse(&item) {
+                    match HealthStatus::parse(&item) {
                         Some(health) => {
                             query.health.insert(health);
                         }
-                        None => errors.push(FieldError {
-                            field: "health".into(),
-                            reason: format!("`{item}` is not healthy, unhealthy or unknown"),
+                        None => errors.push(ValidationError {
+                            path: "health".into(),
+                            message: format!("`{item}` is not healthy, unhealthy or unknown"),
                         }),
                     }
                 }
@@ -360,9 +361,9 @@ pub fn parse_query(service: String, params: &[(String, String)]) -> Result<Query
                 Some(meta) if !meta.is_empty() => {
                     query.metadata.insert(meta.to_owned(), value.clone());
                 }
-                _ => errors.push(FieldError {
-                    field: other.to_owned(),
-                    reason: "unknown parameter; expected tags, capabilities, zone, health, pick or metadata.KEY".into(),
+                _ => errors.push(ValidationError {
+                    path: other.to_owned(),
+                    message: "unknown parameter; expected tags, capabilities, zone, health, pick or metadata.KEY".into(),
                 }),
             },
         }
@@ -517,7 +518,7 @@ mod tests {
     fn unknown_parameters_and_values_are_named() {
         let error = parse_query("svc".into(), &params(&[("tag", "a"), ("health", "sick")]))
             .expect_err("invalid");
-        let fields: Vec<&str> = error.0.iter().map(|e| e.field.as_str()).collect();
+        let fields: Vec<&str> = error.0.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(fields, ["tag", "health"]);
     }
 }
