@@ -7,12 +7,12 @@
 //! keeps the very same `Arc` across snapshots, so churn in one service neither rebuilds nor
 //! resends the others.
 
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{collections::BTreeMap, sync::Arc};
 
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
 use fulcrum_core::{ServiceEndpoints, Snapshot, version::content_version};
-use tokio::sync::watch;
+use tokio::{sync::watch, time::Instant};
 
 use crate::resources::{self, ClusterOptions};
 

@@ -265,7 +265,7 @@ async fn drive<P: Protocol>(
         if *closing.borrow_and_update() {
             break;
         }
-        let outgoing: Vec<(P::Response, Option<std::time::Instant>)> = tokio::select! {
+        let outgoing: Vec<(P::Response, Option<tokio::time::Instant>)> = tokio::select! {
             _ = closing.changed() => continue,
             message = requests.message() => {
                 let request = match message {
@@ -393,7 +393,7 @@ fn record_push<P: Protocol>(
     shared: &Shared,
     open: Option<&OpenStream>,
     response: &P::Response,
-    published_at: Option<std::time::Instant>,
+    published_at: Option<tokio::time::Instant>,
 ) {
     let (type_url, version, nonce, resources) = P::describe(response);
     let Some(ty) = ResourceType::from_type_url(type_url) else {
