@@ -29,9 +29,9 @@ pub struct EtcdCluster {
 }
 
 /// etcd cannot bind port 0 and report it: ports reserved outside the kernel's ephemeral range
-/// (see [`fulcrum_envoy_harness::reserve_port`]), so no other socket takes one first.
+/// (see [`fulcrum_test_support::reserve_port`]), so no other socket takes one first.
 fn reserved_port() -> Result<u16> {
-    Ok(fulcrum_envoy_harness::reserve_port()?)
+    Ok(fulcrum_test_support::reserve_port()?)
 }
 
 impl EtcdCluster {

@@ -16,12 +16,11 @@ use fulcrum_registry::{
     backend::etcd::{ClientCertFiles, EtcdConfigError, EtcdConnectError, EtcdTls},
     registry::new_epoch,
 };
+use fulcrum_test_support::eventually;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
-
-use crate::support::eventually;
 
 /// How long etcd may take to serve.
 const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -120,9 +119,9 @@ fn leaf(
 }
 
 /// etcd cannot bind port 0 and report it: ports reserved outside the kernel's ephemeral range
-/// (see [`fulcrum_envoy_harness::reserve_port`]), so no other socket takes one first.
+/// (see [`fulcrum_test_support::reserve_port`]), so no other socket takes one first.
 fn reserved_port() -> Result<u16> {
-    Ok(fulcrum_envoy_harness::reserve_port()?)
+    Ok(fulcrum_test_support::reserve_port()?)
 }
 
 /// One etcd member serving clients over TLS only, requiring client certificates signed by
