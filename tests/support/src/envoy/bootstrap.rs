@@ -381,3 +381,126 @@ fn http2_cluster(name: &str, address: SocketAddr) -> Value {
     }});
     cluster
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ingress(balancing: ClusterBalancing, filter: Option<FilterSetup>) -> Ingress {
+        Ingress {
+            service: "shop".to_owned(),
+            balancing,
+            filter,
+            route_timeout_ms: 1500,
+            retries: 2,
+        }
+    }
+
+    #[test]
+    fn an_ads_bootstrap_has_the_xds_cluster_and_no_listener() {
+        let xds = SocketAddr::from(([127, 0, 0, 1], 18000));
+        let bootstrap = Bootstrap::ads("node-1", xds, AdsApi::Delta).to_json();
+        let ads = &bootstrap["dynamic_resources"]["ads_config"];
+        assert_eq!(ads["api_type"], "DELTA_GRPC");
+        assert_eq!(ads["set_node_on_first_message_only"], true);
+        assert_eq!(bootstrap["node"]["id"], "node-1");
+        assert_eq!(
+            bootstrap["admin"]["address"]["socket_address"]["port_value"],
+            0
+        );
+        let clusters = bootstrap["static_resources"]["clusters"]
+            .as_array()
+            .expect("clusters");
+        assert_eq!(clusters.len(), 1, "{clusters:?}");
+        assert_eq!(clusters[0]["name"], XDS_CLUSTER);
+        let endpoint = &clusters[0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0];
+        assert_eq!(
+            endpoint["endpoint"]["address"]["socket_address"]["port_value"],
+            18000
+        );
+        assert_eq!(bootstrap["static_resources"]["listeners"], json!([]));
+    }
+
+    #[test]
+    fn static_endpoints_behind_the_filter_get_override_host_and_the_wasm_filter() {
+        let filter = FilterSetup {
+            wasm: PathBuf::from("/filter.wasm"),
+            config: json!({"policy": {}}),
+            failure_policy: FailurePolicy::Reload,
+        };
+        let bootstrap = Bootstrap {
+            node_id: "static".to_owned(),
+            endpoints: Endpoints::Static(vec![SocketAddr::from(([127, 0, 0, 1], 9001))]),
+            ingress: Some(ingress(ClusterBalancing::Fulcrum, Some(filter))),
+        }
+        .to_json();
+        assert!(bootstrap.get("dynamic_resources").is_none());
+        let cluster = &bootstrap["static_resources"]["clusters"][0];
+        assert_eq!(cluster["name"], "shop");
+        let policy = &cluster["load_balancing_policy"]["policies"][0]["typed_extension_config"];
+        assert_eq!(
+            policy["typed_config"]["override_host_sources"][0]["header"],
+            OVERRIDE_HEADER
+        );
+        let listener = &bootstrap["static_resources"]["listeners"][0];
+        assert_eq!(listener["name"], INGRESS_LISTENER);
+        let manager = &listener["filter_chains"][0]["filters"][0]["typed_config"];
+        let route = &manager["route_config"]["virtual_hosts"][0]["routes"][0]["route"];
+        assert_eq!(route["cluster"], "shop");
+        assert_eq!(route["timeout"], "1.5s");
+        let wasm = &manager["http_filters"][0]["typed_config"]["config"];
+        assert_eq!(wasm["failure_policy"], "FAIL_RELOAD");
+        assert_eq!(wasm["reload_config"]["backoff"]["base_interval"], "1s");
+        assert_eq!(
+            wasm["vm_config"]["code"]["local"]["filename"],
+            "/filter.wasm"
+        );
+    }
+
+    #[test]
+    fn a_native_balancer_has_no_filter_and_envoys_policy() {
+        let bootstrap = Bootstrap {
+            node_id: "native".to_owned(),
+            endpoints: Endpoints::Static(vec![SocketAddr::from(([127, 0, 0, 1], 9001))]),
+            ingress: Some(ingress(ClusterBalancing::RoundRobin, None)),
+        }
+        .to_json();
+        let cluster = &bootstrap["static_resources"]["clusters"][0];
+        assert_eq!(cluster["lb_policy"], "ROUND_ROBIN");
+        assert!(cluster.get("load_balancing_policy").is_none());
+        let manager = &bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+            [0]["typed_config"];
+        let filters: Vec<&str> = manager["http_filters"]
+            .as_array()
+            .expect("filters")
+            .iter()
+            .filter_map(|filter| filter["name"].as_str())
+            .collect();
+        assert_eq!(filters, ["envoy.filters.http.router"]);
+    }
+
+    #[test]
+    fn ads_with_a_snapshot_api_adds_the_cluster_the_filter_polls() {
+        let bootstrap = Bootstrap {
+            node_id: "demo".to_owned(),
+            endpoints: Endpoints::Ads {
+                xds: SocketAddr::from(([127, 0, 0, 1], 18000)),
+                api: AdsApi::Sotw,
+                snapshot_http: Some(SocketAddr::from(([127, 0, 0, 1], 18080))),
+            },
+            ingress: Some(ingress(ClusterBalancing::Fulcrum, None)),
+        }
+        .to_json();
+        assert_eq!(
+            bootstrap["dynamic_resources"]["ads_config"]["api_type"],
+            "GRPC"
+        );
+        let names: Vec<&str> = bootstrap["static_resources"]["clusters"]
+            .as_array()
+            .expect("clusters")
+            .iter()
+            .filter_map(|cluster| cluster["name"].as_str())
+            .collect();
+        assert_eq!(names, [XDS_CLUSTER, CONTROL_PLANE_CLUSTER]);
+    }
+}
