@@ -65,17 +65,10 @@ async fn binary_serves_envoy_and_exits_cleanly_on_sigterm() {
     )
     .expect("the binary starts");
     let Bound { xds, http } = bound_addresses(&mut process, &address_file).await;
-    let client = http_client();
-    let ready = eventually(PATIENCE, "the binary is ready", || async {
-        let response = client
-            .get(format!("http://{http}/readyz"))
-            .send()
-            .await
-            .ok()?;
-        response.status().is_success().then_some(())
-    })
-    .await;
-    assert!(ready.is_ok(), "the binary becomes ready");
+    let ready = process
+        .wait_until_serving(&format!("http://{http}/readyz"), "", PATIENCE)
+        .await;
+    assert!(ready.is_ok(), "the binary becomes ready: {ready:?}");
 
     let bootstrap = Bootstrap::ads("binary", xds, AdsApi::Sotw);
     let envoy = Envoy::start(&bootstrap).await.expect("Envoy starts");
