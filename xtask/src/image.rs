@@ -1,7 +1,7 @@
 //! `cargo xtask image`: builds the control plane as a static musl executable and packs it as a
 //! container image into an OCI layout on disk — no Docker engine or registry needed.
 //!
-//! The packer is `fulcrum_manifest_tests::image`, the same code the manifest tests check; this
+//! The packer is `fulcrum_release::image`, the same code the manifest tests check; this
 //! module builds, collects the provenance labels (version, git revision) and reports. Pushing
 //! is left to standard tools (`skopeo`, `oras`, `crane`), which copy the manifest unchanged,
 //! so the digest printed here is the one the registry serves.
@@ -12,7 +12,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use fulcrum_manifest_tests::image::{self, Provenance};
+use fulcrum_release::image::{self, Provenance};
 
 use crate::{
     setup,

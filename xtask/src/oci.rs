@@ -2,7 +2,7 @@
 //! what Istio's WasmPlugin / TrafficExtension pull) into an OCI layout on disk, and renders the
 //! WasmPlugin and TrafficExtension templates of `istio/filter/` with the image's digest.
 //!
-//! The packer is `fulcrum_manifest_tests::oci`, the same code the manifest tests check; this
+//! The packer is `fulcrum_release::oci`, the same code the manifest tests check; this
 //! module only declares its options, builds, and reports. Pushing is left to standard tools
 //! (`skopeo`, `oras`, `crane`), which copy the layout's manifest unchanged, so the digest
 //! printed here is the one the registry will serve.
@@ -10,7 +10,7 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use fulcrum_manifest_tests::{oci, template};
+use fulcrum_release::{oci, template};
 
 const DEFAULT_REPOSITORY: &str = "localhost:5000/fulcrum-balancer";
 const DEFAULT_OUT: &str = "target-oci/fulcrum-balancer";

@@ -9,13 +9,11 @@
 //! differs. Nothing is published until every store has listed once, so a slow watcher never
 //! empties clusters.
 //!
-//! The `test_support` module (feature `test-support`) holds an in-process fake API server
-//! speaking the real list/watch protocol, for this crate's tests and other crates' watchers.
+//! Its tests run kube-rs against the fake API server of `fulcrum-test-support` (feature
+//! `kube-api`), which speaks the real list/watch protocol.
 
 pub mod mapping;
 mod source;
-#[cfg(feature = "test-support")]
-pub mod test_support;
 
 pub use mapping::{Mapping, cluster_name, endpoint_health};
 pub use source::{KubeOptions, KubeSource, KubeSourceError};

@@ -2,6 +2,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
+use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_example_backend::{Backend, Stats};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -66,14 +67,7 @@ async fn answers_200_naming_itself_by_default() {
 #[tokio::test]
 async fn reports_a_leaked_override_header() {
     let b = backend().await;
-    let (_, response) = exchange(
-        b.addr,
-        "GET",
-        "/",
-        &[("x-fulcrum-endpoint", "127.0.0.1:1")],
-        "",
-    )
-    .await;
+    let (_, response) = exchange(b.addr, "GET", "/", &[(OVERRIDE_HEADER, "127.0.0.1:1")], "").await;
     assert!(
         response.contains("x-saw-override-header: true"),
         "{response}"

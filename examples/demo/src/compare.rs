@@ -3,8 +3,8 @@
 //! For each scenario (one of four backends slow, erroring, black-holed or flapping, or all
 //! healthy) and each balancer (fulcrum's filter over an `override_host` cluster, Envoy's
 //! round robin, least request, least request with outlier detection) it starts four fresh
-//! in-process sample backends, one Envoy (`--concurrency 2`) from [`fulcrum_demo::envoy_config::Bootstrap`]
-//! with static endpoints, and drives `wrk` through it for a bounded time. Route, timeout and
+//! in-process sample backends, one Envoy (`--concurrency 2`) from
+//! [`fulcrum_test_support::Bootstrap`] with static endpoints, and drives `wrk` through it for a bounded time. Route, timeout and
 //! retry policy are identical on both sides; only the listener's filter and the cluster's
 //! policy differ. Prints a markdown table (latency percentiles, success rate, requests/s, the
 //! faulty backend's share, and fulcrum ÷ native ratios) and optionally writes it to a file.
@@ -19,11 +19,11 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use fulcrum_demo::{
-    envoy_config::{Bootstrap, ClusterBalancing, Endpoints, FailurePolicy, FilterSetup},
-    process::{free_port, loopback, start_envoy},
-};
 use fulcrum_example_backend::{Backend, Fault};
+use fulcrum_test_support::{
+    Bootstrap, ClusterBalancing, Endpoints, Envoy, EnvoyOptions, FailurePolicy, FilterSetup,
+    Ingress,
+};
 use serde_json::json;
 use tokio::process::Command;
 
@@ -258,29 +258,28 @@ async fn run(
         }),
         failure_policy: FailurePolicy::default(),
     });
-    let listener = loopback(free_port()?);
-    let admin = loopback(free_port()?);
-    let bootstrap = Bootstrap {
-        node_id: format!("fulcrum-{}", listener.port()),
-        admin_port: admin.port(),
-        listener_port: listener.port(),
-        service: SERVICE.to_owned(),
-        endpoints: Endpoints::Static(addresses),
-        balancing: balancing.clone(),
-        filter,
-        route_timeout_ms: ROUTE_TIMEOUT_MS,
-        retries: RETRIES,
-    };
     let label = format!("{}-{}", scenario.name, balancing.name());
-    let mut envoy = start_envoy(
-        &args.envoy,
-        &format!("envoy-{label}"),
-        &bootstrap,
-        args.workers,
-        "warning",
-        dir,
-    )
-    .await?;
+    let bootstrap = Bootstrap {
+        node_id: format!("compare-{label}"),
+        endpoints: Endpoints::Static(addresses),
+        ingress: Some(Ingress {
+            service: SERVICE.to_owned(),
+            balancing: balancing.clone(),
+            filter,
+            route_timeout_ms: ROUTE_TIMEOUT_MS,
+            retries: RETRIES,
+        }),
+    };
+    let options = EnvoyOptions {
+        binary: Some(args.envoy.clone()),
+        concurrency: args.workers,
+        log_level: "warning".to_owned(),
+        dir: Some(dir.to_path_buf()),
+        name: format!("envoy-{label}"),
+        ..EnvoyOptions::default()
+    };
+    let mut envoy = Envoy::start_with(&bootstrap, &options).await?;
+    let listener = envoy.ingress_address().await?;
 
     let threads = scenario.connections.min(2);
     let output = tokio::time::timeout(
@@ -304,7 +303,8 @@ async fn run(
     .context("wrk did not finish in time")?
     .with_context(|| format!("running {}", args.wrk.display()))?;
     envoy.check_running()?;
-    envoy.kill().await;
+    // Stops the traffic before the backends are counted.
+    drop(envoy);
     let stdout = String::from_utf8_lossy(&output.stdout);
     if !output.status.success() {
         bail!(

@@ -197,7 +197,7 @@ async fn apply(stack: &mut Stack, step: Step, states: &mut [&str]) -> Result<()>
             states[index] = "erroring";
         }
         Step::Kill(index) => {
-            stack.backends[index].kill().await;
+            stack.backends[index].kill();
             states[index] = "killed";
         }
         Step::RecoverAll => {

@@ -1,23 +1,35 @@
 //! The demo's stack as real processes: sample backends, fulcrum's control plane (static-file
 //! source), and Envoy with the fulcrum filter getting its clusters over ADS.
+//!
+//! The control plane and Envoy bind port 0 and report what they got (the control plane's
+//! `--address-file`, Envoy's admin). A backend must come back on the same port after it is
+//! killed (the control plane lists it), so its ports are reserved for the demo's lifetime
+//! ([`reserve_port`]): no other process is handed them, the kernel never picks them, and a
+//! killed backend's port refuses connections as a dead instance's does.
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
+    process::Command,
     time::Duration,
 };
 
 use anyhow::{Context, Result};
 use fulcrum_example_backend::Fault;
+use fulcrum_test_support::{
+    AdsApi, Bootstrap, ClusterBalancing, Endpoints, Envoy, EnvoyOptions, FailurePolicy,
+    FilterSetup, Ingress, Process, envoy::CONTROL_PLANE_CLUSTER, loopback, reserve_port,
+};
 use serde_json::{Value, json};
 use tempfile::TempDir;
-use tokio::process::Command;
 
-use crate::{
-    envoy_config::{Bootstrap, ClusterBalancing, Endpoints, FailurePolicy, FilterSetup},
-    process::{Process, free_port, loopback, start_envoy, wait_ready},
-};
+/// How long a backend may take to serve.
+const BACKEND_READY: Duration = Duration::from_secs(10);
+/// How long the control plane may take to serve its first snapshot.
+const CONTROL_PLANE_READY: Duration = Duration::from_secs(20);
+/// How long Envoy may take to receive the service's cluster and endpoints.
+const CLUSTER_READY: Duration = Duration::from_secs(10);
 
 /// The programs the stack runs.
 #[derive(Debug, Clone)]
@@ -43,8 +55,8 @@ impl BackendProcess {
     async fn start(binary: &Path, name: &str, log_dir: &Path) -> Result<Self> {
         let mut backend = Self {
             name: name.to_owned(),
-            addr: loopback(free_port()?),
-            admin: loopback(free_port()?),
+            addr: loopback(reserve_port()?),
+            admin: loopback(reserve_port()?),
             process: None,
             binary: binary.to_path_buf(),
             log_dir: log_dir.to_path_buf(),
@@ -59,9 +71,9 @@ impl BackendProcess {
     }
 
     /// Kills the process: its ports close, in-flight requests are cut.
-    pub async fn kill(&mut self) {
+    pub fn kill(&mut self) {
         if let Some(mut process) = self.process.take() {
-            process.kill().await;
+            process.kill();
         }
     }
 
@@ -76,14 +88,12 @@ impl BackendProcess {
             "--admin-port",
             &self.admin.port().to_string(),
         ]);
-        let mut process = Process::spawn(&self.name, command, &self.log_dir)?;
-        wait_ready(
-            &mut process,
-            &format!("http://{}/fault", self.admin),
-            "latency_ms",
-            Duration::from_secs(10),
-        )
-        .await?;
+        let log = self.log_dir.join(format!("{}.log", self.name));
+        let mut process = Process::spawn(&self.name, &mut command, &log)?;
+        let fault = format!("http://{}/fault", self.admin);
+        process
+            .wait_until_serving(&fault, "latency_ms", BACKEND_READY)
+            .await?;
         self.process = Some(process);
         Ok(())
     }
@@ -109,7 +119,7 @@ pub struct Stack {
     pub listener: SocketAddr,
     pub admin: SocketAddr,
     control_plane: Process,
-    envoy: Process,
+    envoy: Envoy,
     /// Holds the logs, the endpoints file and the bootstrap; removed on drop.
     pub dir: TempDir,
 }
@@ -142,56 +152,80 @@ impl Stack {
             json!({"services": {service: {"endpoints": endpoints}}}).to_string(),
         )?;
 
-        let xds = loopback(free_port()?);
-        let snapshot_http = loopback(free_port()?);
+        let address_file = log_dir.join("control-plane.addresses.json");
         let mut command = Command::new(&binaries.control_plane);
-        command.arg("--static-file").arg(&static_file).args([
-            "--xds-addr",
-            &xds.to_string(),
-            "--http-addr",
-            &snapshot_http.to_string(),
-        ]);
-        let mut control_plane = Process::spawn("control-plane", command, &log_dir)?;
-        wait_ready(
-            &mut control_plane,
-            &format!("http://{snapshot_http}/readyz"),
-            "",
-            Duration::from_secs(20),
-        )
-        .await?;
+        command
+            .arg("--static-file")
+            .arg(&static_file)
+            .args(["--xds-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .arg("--address-file")
+            .arg(&address_file);
+        let mut control_plane = Process::spawn(
+            "control-plane",
+            &mut command,
+            &log_dir.join("control-plane.log"),
+        )?;
+        let (xds, snapshot_http) = control_plane
+            .wait_for(
+                CONTROL_PLANE_READY,
+                "the control plane's address file",
+                || {
+                    let addresses = std::fs::read_to_string(&address_file)
+                        .ok()
+                        .and_then(|text| bound_addresses(&text));
+                    async move { addresses }
+                },
+            )
+            .await?;
+        control_plane
+            .wait_until_serving(
+                &format!("http://{snapshot_http}/readyz"),
+                "",
+                CONTROL_PLANE_READY,
+            )
+            .await?;
 
-        let listener = loopback(free_port()?);
-        let admin = loopback(free_port()?);
         let bootstrap = Bootstrap {
-            node_id: format!("fulcrum-{}", listener.port()),
-            admin_port: admin.port(),
-            listener_port: listener.port(),
-            service: service.to_owned(),
-            endpoints: Endpoints::Ads { xds, snapshot_http },
-            balancing: ClusterBalancing::Fulcrum,
-            filter: Some(FilterSetup {
-                wasm: binaries.wasm.clone(),
-                config: json!({
-                    "control_plane": {"cluster": "fulcrum_control_plane", "poll_interval": "250ms"},
-                    // The one cluster this bootstrap patches with override_host.
-                    "only_services": [service],
-                    "policy": policy,
+            node_id: format!("fulcrum-demo-{}", std::process::id()),
+            endpoints: Endpoints::Ads {
+                xds,
+                api: AdsApi::Sotw,
+                snapshot_http: Some(snapshot_http),
+            },
+            ingress: Some(Ingress {
+                service: service.to_owned(),
+                balancing: ClusterBalancing::Fulcrum,
+                filter: Some(FilterSetup {
+                    wasm: binaries.wasm.clone(),
+                    config: json!({
+                        "control_plane": {"cluster": CONTROL_PLANE_CLUSTER, "poll_interval": "250ms"},
+                        // The one cluster this bootstrap patches with override_host.
+                        "only_services": [service],
+                        "policy": policy,
+                    }),
+                    failure_policy: FailurePolicy::default(),
                 }),
-                failure_policy: FailurePolicy::default(),
+                route_timeout_ms: 1000,
+                retries: 2,
             }),
-            route_timeout_ms: 1000,
-            retries: 2,
         };
-        let envoy = start_envoy(
-            &binaries.envoy,
-            "envoy",
-            &bootstrap,
-            workers,
-            "info",
-            &log_dir,
-        )
-        .await?;
-        let mut stack = Self {
+        let options = EnvoyOptions {
+            binary: Some(binaries.envoy.clone()),
+            concurrency: workers,
+            dir: Some(log_dir.clone()),
+            ..EnvoyOptions::default()
+        };
+        let envoy = Envoy::start_with(&bootstrap, &options).await?;
+        let listener = envoy.ingress_address().await?;
+        let admin = envoy.admin_address();
+        let addresses: Vec<SocketAddr> = started.iter().map(|b| b.addr).collect();
+        envoy
+            .wait_for_endpoints(service, &addresses, CLUSTER_READY)
+            .await
+            .context(
+                "Envoy did not receive the cluster with all endpoints from the control plane",
+            )?;
+        Ok(Self {
             service: service.to_owned(),
             backends: started,
             listener,
@@ -199,36 +233,13 @@ impl Stack {
             control_plane,
             envoy,
             dir,
-        };
-        stack.wait_for_cluster().await?;
-        Ok(stack)
-    }
-
-    /// Waits until Envoy has the service's cluster with every endpoint (CDS + EDS arrived).
-    async fn wait_for_cluster(&mut self) -> Result<()> {
-        let expected: Vec<String> = self
-            .backends
-            .iter()
-            .map(|b| format!("{}::{}::", self.service, b.addr))
-            .collect();
-        let url = format!("http://{}/clusters", self.admin);
-        for _ in 0..100 {
-            let clusters = reqwest::get(&url).await?.text().await?;
-            if expected.iter().all(|line| clusters.contains(line)) {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        anyhow::bail!(
-            "Envoy did not receive cluster {} with all endpoints from the control plane",
-            self.service
-        )
+        })
     }
 
     /// Fails if Envoy or the control plane died.
     pub fn check_running(&mut self) -> Result<()> {
         self.envoy.check_running()?;
-        self.control_plane.check_running()
+        Ok(self.control_plane.check_running()?)
     }
 
     /// Envoy stats of the filter, summed per endpoint: `fulcrum_endpoint_<name>`.
@@ -237,8 +248,10 @@ impl Stack {
             "wasmcustom.fulcrum_endpoint_{name}.service.{}.endpoint.",
             self.service
         );
-        let url = format!("http://{}/stats?filter=fulcrum_endpoint_{name}", self.admin);
-        let text = reqwest::get(&url).await?.text().await?;
+        let text = self
+            .envoy
+            .admin_get(&format!("/stats?filter=fulcrum_endpoint_{name}"))
+            .await?;
         let mut values = BTreeMap::new();
         for line in text.lines() {
             let Some(rest) = line.strip_prefix(&prefix) else {
@@ -253,4 +266,11 @@ impl Stack {
         }
         Ok(values)
     }
+}
+
+/// The xDS and snapshot HTTP addresses in the control plane's `--address-file`.
+fn bound_addresses(text: &str) -> Option<(SocketAddr, SocketAddr)> {
+    let addresses: Value = serde_json::from_str(text).ok()?;
+    let address = |key: &str| addresses[key].as_str()?.parse().ok();
+    Some((address("xds")?, address("http")?))
 }

@@ -1,4 +1,4 @@
-//! Fixtures for fulcrum's end-to-end tests: real Envoy (through `fulcrum-envoy-harness`) with
+//! Fixtures for fulcrum's end-to-end tests: real Envoy (through `fulcrum-test-support`) with
 //! the release filter, in-process sample backends and control plane, and a small client.
 //!
 //! An Envoy here runs one worker thread unless a test asks for more
@@ -14,11 +14,11 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use fulcrum_demo::envoy_config::{
-    Bootstrap, ClusterBalancing, Endpoints, FailurePolicy, FilterSetup,
-};
-use fulcrum_envoy_harness::{Envoy, EnvoyOptions};
 use fulcrum_example_backend::Backend;
+use fulcrum_test_support::{
+    AdsApi, Bootstrap, ClusterBalancing, Endpoints, Envoy, EnvoyOptions, FailurePolicy,
+    FilterSetup, Ingress, envoy::CONTROL_PLANE_CLUSTER,
+};
 use serde_json::{Value, json};
 
 /// The service every test sends its requests to.
@@ -84,11 +84,16 @@ pub async fn envoy_with_control_plane(
     policy: Value,
 ) -> Result<Proxy> {
     let filter_config = json!({
-        "control_plane": {"cluster": "fulcrum_control_plane", "poll_interval": "200ms"},
+        "control_plane": {"cluster": CONTROL_PLANE_CLUSTER, "poll_interval": "200ms"},
         "only_services": [SERVICE],
         "policy": {"default": policy},
     });
-    Proxy::start_for_test(Endpoints::Ads { xds, snapshot_http }, filter_config).await
+    let endpoints = Endpoints::Ads {
+        xds,
+        api: AdsApi::Sotw,
+        snapshot_http: Some(snapshot_http),
+    };
+    Proxy::start_for_test(endpoints, filter_config).await
 }
 
 /// A running Envoy and a client for its listener.
@@ -158,22 +163,21 @@ impl Proxy {
         let started = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bootstrap = Bootstrap {
             node_id: format!("e2e-{}-{started}", std::process::id()),
-            admin_port: 0,
-            // Envoy binds a port of its own choosing; asked back below.
-            listener_port: 0,
-            service: SERVICE.to_owned(),
             endpoints,
-            balancing: ClusterBalancing::Fulcrum,
-            filter: Some(filter),
-            route_timeout_ms: 2000,
-            retries: 2,
+            ingress: Some(Ingress {
+                service: SERVICE.to_owned(),
+                balancing: ClusterBalancing::Fulcrum,
+                filter: Some(filter),
+                route_timeout_ms: 2000,
+                retries: 2,
+            }),
         };
         let options = EnvoyOptions {
             concurrency: workers,
             ..EnvoyOptions::default()
         };
-        let envoy = Envoy::start_with(&bootstrap.to_json().to_string(), &options).await?;
-        let listener = envoy.listener_address("ingress").await?;
+        let envoy = Envoy::start_with(&bootstrap, &options).await?;
+        let listener = envoy.ingress_address().await?;
         let client = Client::new(listener, usize::MAX);
         Ok(Self {
             envoy,
@@ -268,27 +272,10 @@ impl Proxy {
         endpoints: &[SocketAddr],
         timeout: Duration,
     ) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let clusters = self.envoy.admin_get("/clusters").await?;
-            let present: Vec<&SocketAddr> = endpoints
-                .iter()
-                .filter(|a| clusters.contains(&format!("{SERVICE}::{a}::")))
-                .collect();
-            let members = clusters
-                .lines()
-                .filter(|l| l.starts_with(&format!("{SERVICE}::")) && l.contains("::cx_active::"))
-                .count();
-            if present.len() == endpoints.len() && members == endpoints.len() {
-                return Ok(());
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "Envoy's cluster {SERVICE} did not get exactly {endpoints:?} within {timeout:?}"
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        Ok(self
+            .envoy
+            .wait_for_endpoints(SERVICE, endpoints, timeout)
+            .await?)
     }
 
     /// The filter's per-endpoint stat `fulcrum_endpoint_<name>` for the service.

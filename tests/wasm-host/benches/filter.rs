@@ -13,7 +13,7 @@ use std::{hint::black_box, net::SocketAddr, time::Duration};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fulcrum_core::{
-    Endpoint, ServicePolicy,
+    Endpoint, OVERRIDE_HEADER, ServicePolicy,
     balancer::{Outcome, RequestAttributes, ServiceBalancer},
     rng::SplitMix64,
 };
@@ -51,9 +51,7 @@ fn wasm(c: &mut Criterion) {
                     .header(":path", "/")
                     .send_headers()
                     .expect("request headers");
-                let pick = request
-                    .request_header("x-fulcrum-endpoint")
-                    .expect("a pick");
+                let pick = request.request_header(OVERRIDE_HEADER).expect("a pick");
                 plugin.advance_clock(Duration::from_micros(50));
                 request
                     .respond(200)

@@ -3,9 +3,9 @@
 use std::sync::Arc;
 
 use fulcrum_core::Health;
-use fulcrum_kube_source::{
-    Mapping, cluster_name, endpoint_health,
-    test_support::objects::{endpoint, endpoint_slice, ready, service, with_labels},
+use fulcrum_kube_source::{Mapping, cluster_name, endpoint_health};
+use fulcrum_test_support::kube_api::objects::{
+    endpoint, endpoint_slice, ready, service, with_labels,
 };
 use k8s_openapi::api::discovery::v1::EndpointConditions;
 

@@ -4,15 +4,13 @@
 use std::time::Duration;
 
 use fulcrum_core::{Health, Snapshot};
-use fulcrum_kube_source::{
-    KubeOptions, KubeSource,
-    test_support::{
-        FakeApiServer,
-        objects::{endpoint, endpoint_slice, ready, service, with_labels},
-    },
-};
+use fulcrum_kube_source::{KubeOptions, KubeSource};
 use fulcrum_pipeline::{Debounce, policy::attach};
 use fulcrum_sources::Source;
+use fulcrum_test_support::kube_api::{
+    FakeApiServer,
+    objects::{endpoint, endpoint_slice, ready, service, with_labels},
+};
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Service},
     discovery::v1::EndpointSlice,

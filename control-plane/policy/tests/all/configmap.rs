@@ -2,8 +2,8 @@
 
 use std::collections::BTreeMap;
 
-use fulcrum_kube_source::test_support::FakeApiServer;
 use fulcrum_policy::{PolicyConfigMap, PolicyStore};
+use fulcrum_test_support::kube_api::FakeApiServer;
 use k8s_openapi::{api::core::v1::ConfigMap, apimachinery::pkg::apis::meta::v1::ObjectMeta};
 
 use crate::support::{INVALID_YAML, WAIT, failures, until_current, until_rejected, valid_yaml};

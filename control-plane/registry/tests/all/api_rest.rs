@@ -8,9 +8,10 @@ use fulcrum_registry::{
     Registry,
     api::rest::{DiscoverJson, ErrorJson, RegisterJson, WatchJson},
 };
+use fulcrum_test_support::eventually;
 use reqwest::StatusCode;
 
-use crate::support::{ALICE, BOB, eventually, http, instance, published, serve};
+use crate::support::{ALICE, BOB, http, instance, published, serve};
 
 #[tokio::test]
 async fn a_registered_instance_is_discoverable_and_published_to_the_snapshot() -> Result<()> {

@@ -7,8 +7,9 @@ use fulcrum_registry::{
     BackendError, EtcdBackend, EtcdConfig, InstanceSpec, Query, Registry, RegistryError, View,
     registry::new_epoch,
 };
+use fulcrum_test_support::eventually;
 
-use crate::{etcd_cluster::EtcdCluster, support::eventually};
+use crate::etcd_cluster::EtcdCluster;
 
 /// A control-plane replica: a registry on the cluster, with a short request deadline.
 async fn replica(cluster: &EtcdCluster) -> Result<Arc<Registry>> {

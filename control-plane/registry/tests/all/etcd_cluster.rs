@@ -1,13 +1,10 @@
 //! A real etcd cluster on loopback for tests and benches: reserved ports, a temporary data
 //! directory per member, members killed on drop, every wait bounded.
 
-use std::{
-    path::PathBuf,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, process::Command, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
+use fulcrum_test_support::Process;
 
 /// How long a cluster or a restarted member may take to serve.
 const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -18,7 +15,7 @@ struct Member {
     peer_port: u16,
     data_dir: PathBuf,
     log: PathBuf,
-    child: Option<Child>,
+    process: Option<Process>,
 }
 
 /// A running cluster. See the module docs.
@@ -29,9 +26,9 @@ pub struct EtcdCluster {
 }
 
 /// etcd cannot bind port 0 and report it: ports reserved outside the kernel's ephemeral range
-/// (see [`fulcrum_envoy_harness::reserve_port`]), so no other socket takes one first.
+/// (see [`fulcrum_test_support::reserve_port`]), so no other socket takes one first.
 fn reserved_port() -> Result<u16> {
-    Ok(fulcrum_envoy_harness::reserve_port()?)
+    Ok(fulcrum_test_support::reserve_port()?)
 }
 
 impl EtcdCluster {
@@ -48,7 +45,7 @@ impl EtcdCluster {
                 name,
                 client_port: reserved_port()?,
                 peer_port: reserved_port()?,
-                child: None,
+                process: None,
             });
         }
         let initial_cluster = members
@@ -73,13 +70,10 @@ impl EtcdCluster {
     fn spawn(&mut self, index: usize, state: &str) -> Result<()> {
         let initial_cluster = self.initial_cluster.clone();
         let member = &mut self.members[index];
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&member.log)?;
         let client = format!("http://127.0.0.1:{}", member.client_port);
         let peer = format!("http://127.0.0.1:{}", member.peer_port);
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        command
             .args(["--name", &member.name])
             .arg("--data-dir")
             .arg(&member.data_dir)
@@ -91,15 +85,12 @@ impl EtcdCluster {
             .args(["--initial-cluster-state", state])
             .args(["--initial-cluster-token", "fulcrum-test"])
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-            .args(["--logger", "zap", "--log-level", "warn"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
+            .args(["--logger", "zap", "--log-level", "warn"]);
+        let process = Process::spawn(&format!("etcd member {index}"), &mut command, &member.log)
             .context(
                 "starting `etcd` (install it: apt-get install etcd-server, or cargo xtask setup)",
             )?;
-        member.child = Some(child);
+        member.process = Some(process);
         Ok(())
     }
 
@@ -108,33 +99,13 @@ impl EtcdCluster {
             "http://127.0.0.1:{}/health",
             self.members[index].client_port
         );
-        let client = reqwest::Client::builder().no_proxy().build()?;
-        let started = Instant::now();
-        while started.elapsed() < READY_WITHIN {
-            if let Some(child) = self.members[index].child.as_mut()
-                && let Some(status) = child.try_wait()?
-            {
-                let log = std::fs::read_to_string(&self.members[index].log).unwrap_or_default();
-                bail!("etcd member {index} exited with {status}:\n{log}");
-            }
-            if let Ok(response) = client
-                .get(&url)
-                .timeout(Duration::from_millis(500))
-                .send()
-                .await
-                && response.status().is_success()
-                && response.text().await.unwrap_or_default().contains("true")
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let log = std::fs::read_to_string(&self.members[index].log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        bail!(
-            "etcd member {index} not healthy within {READY_WITHIN:?}; its log ends:\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        )
+        let process = self.members[index]
+            .process
+            .as_mut()
+            .context("the member is not running")?;
+        Ok(process
+            .wait_until_serving(&url, "true", READY_WITHIN)
+            .await?)
     }
 
     /// Client URLs of every member.
@@ -147,9 +118,8 @@ impl EtcdCluster {
 
     /// Kills member `index` (SIGKILL) and waits for it to exit.
     pub fn kill(&mut self, index: usize) {
-        if let Some(mut child) = self.members[index].child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut process) = self.members[index].process.take() {
+            process.kill();
         }
     }
 
@@ -158,13 +128,5 @@ impl EtcdCluster {
     pub async fn restart(&mut self, index: usize) -> Result<()> {
         self.spawn(index, "existing")?;
         self.wait_ready(index).await
-    }
-}
-
-impl Drop for EtcdCluster {
-    fn drop(&mut self) {
-        for index in 0..self.members.len() {
-            self.kill(index);
-        }
     }
 }

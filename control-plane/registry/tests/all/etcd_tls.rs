@@ -3,25 +3,19 @@
 //! `localhost`, a client certificate, and a second CA that signed none of them. What an
 //! operator sees when a setting is wrong is asserted on the error messages.
 
-use std::{
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::Arc,
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, process::Command, sync::Arc, time::Duration};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use fulcrum_registry::{
     EtcdBackend, EtcdConfig, InstanceSpec, Query, Registry, View,
     backend::etcd::{ClientCertFiles, EtcdConfigError, EtcdConnectError, EtcdTls},
     registry::new_epoch,
 };
+use fulcrum_test_support::{Process, eventually};
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
-
-use crate::support::eventually;
 
 /// How long etcd may take to serve.
 const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -120,15 +114,15 @@ fn leaf(
 }
 
 /// etcd cannot bind port 0 and report it: ports reserved outside the kernel's ephemeral range
-/// (see [`fulcrum_envoy_harness::reserve_port`]), so no other socket takes one first.
+/// (see [`fulcrum_test_support::reserve_port`]), so no other socket takes one first.
 fn reserved_port() -> Result<u16> {
-    Ok(fulcrum_envoy_harness::reserve_port()?)
+    Ok(fulcrum_test_support::reserve_port()?)
 }
 
 /// One etcd member serving clients over TLS only, requiring client certificates signed by
 /// the test CA; its health on a plain-HTTP metrics port. Killed on drop.
 struct TlsEtcd {
-    child: Child,
+    _process: Process,
     client_port: u16,
     _data: tempfile::TempDir,
 }
@@ -140,9 +134,8 @@ impl TlsEtcd {
         let peer = format!("http://127.0.0.1:{}", reserved_port()?);
         let metrics_port = reserved_port()?;
         let client = format!("https://127.0.0.1:{client_port}");
-        let log_path = data.path().join("etcd.log");
-        let log = std::fs::File::create(&log_path)?;
-        let child = Command::new("etcd")
+        let mut command = Command::new("etcd");
+        command
             .args(["--name", "tls0"])
             .arg("--data-dir")
             .arg(data.path().join("data"))
@@ -163,61 +156,24 @@ impl TlsEtcd {
             .arg(pki.path("ca.pem"))
             .arg("--client-cert-auth")
             .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-            .args(["--logger", "zap", "--log-level", "warn"])
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
+            .args(["--logger", "zap", "--log-level", "warn"]);
+        let mut process = Process::spawn("etcd", &mut command, &data.path().join("etcd.log"))
             .context(
                 "starting `etcd` (install it: apt-get install etcd-server, or cargo xtask setup)",
             )?;
-        let mut etcd = Self {
-            child,
+        let health = format!("http://127.0.0.1:{metrics_port}/health");
+        process
+            .wait_until_serving(&health, "true", READY_WITHIN)
+            .await?;
+        Ok(Self {
+            _process: process,
             client_port,
             _data: data,
-        };
-        etcd.wait_ready(metrics_port, &log_path).await?;
-        Ok(etcd)
-    }
-
-    async fn wait_ready(&mut self, metrics_port: u16, log: &Path) -> Result<()> {
-        let url = format!("http://127.0.0.1:{metrics_port}/health");
-        let client = reqwest::Client::builder().no_proxy().build()?;
-        let started = Instant::now();
-        while started.elapsed() < READY_WITHIN {
-            if let Some(status) = self.child.try_wait()? {
-                let log = std::fs::read_to_string(log).unwrap_or_default();
-                bail!("etcd exited with {status}:\n{log}");
-            }
-            if let Ok(response) = client
-                .get(&url)
-                .timeout(Duration::from_millis(500))
-                .send()
-                .await
-                && response.status().is_success()
-                && response.text().await.unwrap_or_default().contains("true")
-            {
-                return Ok(());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let log = std::fs::read_to_string(log).unwrap_or_default();
-        let tail: Vec<&str> = log.lines().rev().take(40).collect();
-        bail!(
-            "etcd not healthy within {READY_WITHIN:?}; its log ends:\n{}",
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-        )
+        })
     }
 
     fn endpoint(&self) -> String {
         format!("https://127.0.0.1:{}", self.client_port)
-    }
-}
-
-impl Drop for TlsEtcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 

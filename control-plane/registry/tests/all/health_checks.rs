@@ -7,9 +7,10 @@ use anyhow::Result;
 use fulcrum_core::Health;
 use fulcrum_example_backend::{Backend, Fault};
 use fulcrum_registry::{HealthStatus, Registry};
+use fulcrum_test_support::eventually;
 use tonic_health::ServingStatus;
 
-use crate::support::{ALICE, eventually, http, instance, published, serve};
+use crate::support::{ALICE, http, instance, published, serve};
 
 fn check(kind: serde_json::Value) -> serde_json::Value {
     let mut check = serde_json::json!({
@@ -105,7 +106,8 @@ async fn a_tcp_check_of_a_closed_port_marks_the_instance_unhealthy() -> Result<(
         view.get("db-1")
             .is_some_and(|e| e.health == HealthStatus::Unhealthy)
     })
-    .await
+    .await?;
+    Ok(())
 }
 
 #[tokio::test]

@@ -8,12 +8,11 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use fulcrum_proto::registry::v1 as pb;
 use fulcrum_registry::Registry;
+use fulcrum_test_support::eventually;
 use reqwest::StatusCode;
 use tonic::Code;
 
-use crate::support::{
-    ALICE, BOB, Served, authed, eventually, grpc_client, http, instance, pb_instance, serve,
-};
+use crate::support::{ALICE, BOB, Served, authed, grpc_client, http, instance, pb_instance, serve};
 
 /// The registry's metrics in Prometheus text format.
 fn scrape(served: &Served) -> Result<String> {

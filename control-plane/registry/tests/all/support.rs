@@ -1,8 +1,8 @@
 //! Shared fixtures: the API served on loopback, tokens, clients, bounded waits.
 
-use std::{future::Future, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
-use anyhow::{Result, bail};
+use anyhow::Result;
 use fulcrum_core::Snapshot;
 use fulcrum_pipeline::{Debounce, policy::attach};
 use fulcrum_proto::registry::v1::{self as pb, registry_client::RegistryClient};
@@ -132,22 +132,6 @@ pub fn pb_instance(name: &str, id: &str, port: u16) -> pb::Instance {
         port: u32::from(port),
         ..pb::Instance::default()
     }
-}
-
-/// Polls `check` every 20 ms until it holds, failing after `within`.
-pub async fn eventually<F, Fut>(within: Duration, what: &str, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let started = tokio::time::Instant::now();
-    while started.elapsed() < within {
-        if check().await {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    bail!("not within {within:?}: {what}")
 }
 
 /// The ports of `service`'s endpoints in the latest snapshot, with their health.

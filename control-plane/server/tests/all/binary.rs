@@ -4,58 +4,14 @@
 
 use std::{
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::Path,
+    process::Command,
     time::{Duration, Instant},
 };
 
-use fulcrum_envoy_harness::{AdsApi, AdsBootstrap, Envoy, eventually, reserve_port};
+use fulcrum_test_support::{AdsApi, Bootstrap, Envoy, Process, eventually, reserve_port};
 
 use crate::support::{PATIENCE, addresses, endpoint, endpoints_file, http_client, wait_for_hosts};
-
-/// A child process with its output in a log file: killed on drop unless it already exited,
-/// and when the test is failing, the log's tail is printed first (the temporary directory
-/// holding it goes with the test).
-struct Running {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Running {
-    /// Starts `command` with stdout and stderr appended to `log`.
-    fn spawn(command: &mut Command, log: PathBuf) -> Self {
-        let file = std::fs::File::create(&log).expect("log file");
-        let child = command
-            .stdin(Stdio::null())
-            .stdout(file.try_clone().expect("log"))
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|error| panic!("start {command:?}: {error}"));
-        Self { child, log }
-    }
-
-    fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!(
-                "--- tail of {} ---\n{}",
-                self.log.display(),
-                self.log_tail()
-            );
-        }
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 /// The addresses the binary reports in its `--address-file`.
 struct Bound {
@@ -65,31 +21,24 @@ struct Bound {
 
 /// Waits (bounded) for the binary to write its `--address-file`, failing with its log tail
 /// if it exits first.
-async fn bound_addresses(process: &mut Running, file: &Path) -> Bound {
-    let deadline = Instant::now() + PATIENCE;
-    loop {
-        if let Ok(Some(status)) = process.child.try_wait() {
-            panic!("the binary exited with {status} before binding");
-        }
-        if let Ok(text) = std::fs::read_to_string(file) {
-            let json: serde_json::Value =
-                serde_json::from_str(&text).expect("the address file is JSON");
-            let address = |key: &str| {
-                json[key]
-                    .as_str()
-                    .and_then(|text| text.parse::<SocketAddr>().ok())
-                    .unwrap_or_else(|| panic!("no {key} address in {text}"))
-            };
-            return Bound {
-                xds: address("xds"),
-                http: address("http"),
-            };
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the binary wrote no address file within {PATIENCE:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
+async fn bound_addresses(process: &mut Process, file: &Path) -> Bound {
+    let text = process
+        .wait_for(PATIENCE, "the binary writes its address file", || {
+            let text = std::fs::read_to_string(file).ok();
+            async move { text }
+        })
+        .await
+        .unwrap_or_else(|error| panic!("the binary exited or wrote no address file: {error}"));
+    let json: serde_json::Value = serde_json::from_str(&text).expect("the address file is JSON");
+    let address = |key: &str| {
+        json[key]
+            .as_str()
+            .and_then(|text| text.parse::<SocketAddr>().ok())
+            .unwrap_or_else(|| panic!("no {key} address in {text}"))
+    };
+    Bound {
+        xds: address("xds"),
+        http: address("http"),
     }
 }
 
@@ -104,54 +53,31 @@ async fn binary_serves_envoy_and_exits_cleanly_on_sigterm() {
     .expect("write");
     let address_file = dir.path().join("addresses.json");
     // Port 0 everywhere: the kernel picks, the binary reports; nothing to race for.
-    let mut process = Running::spawn(
+    let mut process = Process::spawn(
+        "control-plane",
         Command::new(env!("CARGO_BIN_EXE_fulcrum-control-plane"))
             .args(["--static-file", file.to_str().expect("utf-8 path")])
             .args(["--xds-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .arg("--address-file")
             .arg(&address_file)
             .args(["--debounce-ms", "10", "--log-level", "info"]),
-        dir.path().join("control-plane.log"),
-    );
+        &dir.path().join("control-plane.log"),
+    )
+    .expect("the binary starts");
     let Bound { xds, http } = bound_addresses(&mut process, &address_file).await;
-    let client = http_client();
-    let ready = eventually(PATIENCE, || async {
-        let response = client
-            .get(format!("http://{http}/readyz"))
-            .send()
-            .await
-            .ok()?;
-        response.status().is_success().then_some(())
-    })
-    .await;
-    assert!(ready.is_some(), "the binary becomes ready");
+    let ready = process
+        .wait_until_serving(&format!("http://{http}/readyz"), "", PATIENCE)
+        .await;
+    assert!(ready.is_ok(), "the binary becomes ready: {ready:?}");
 
-    let bootstrap = AdsBootstrap::new("binary", xds, AdsApi::Sotw);
-    let envoy = Envoy::start(&bootstrap.render())
-        .await
-        .expect("Envoy starts");
+    let bootstrap = Bootstrap::ads("binary", xds, AdsApi::Sotw);
+    let envoy = Envoy::start(&bootstrap).await.expect("Envoy starts");
     let hosts = wait_for_hosts(&envoy, "checkout", "its endpoint", |hosts| hosts.len() == 1).await;
     assert_eq!(addresses(&hosts), ["127.0.0.1:19001"]);
 
-    let pid = process.child.id().to_string();
-    let signalled = Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .expect("kill");
-    assert!(signalled.success());
     let started = Instant::now();
-    let status = loop {
-        if let Some(status) = process.child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the binary did not exit within 10 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let log = std::fs::read_to_string(dir.path().join("control-plane.log")).unwrap_or_default();
-    assert!(status.success(), "exit status {status}; log:\n{log}");
+    terminate(&mut process).await;
+    let log = process.log();
     assert!(log.contains("shutting down"), "{log}");
     eprintln!("exited {:?} after SIGTERM", started.elapsed());
 }
@@ -160,7 +86,7 @@ const REGISTRY_TOKEN: &str = "binary-registry-token-0123456789";
 
 /// A one-member etcd on loopback, killed on drop.
 struct Etcd {
-    _process: Running,
+    _process: Process,
     url: String,
 }
 
@@ -169,7 +95,8 @@ impl Etcd {
         // etcd cannot report a port it chose: reserved ports, outside the ephemeral range.
         let client = format!("http://127.0.0.1:{}", reserve_port().expect("port"));
         let peer = format!("http://127.0.0.1:{}", reserve_port().expect("port"));
-        let process = Running::spawn(
+        let mut process = Process::spawn(
+            "etcd",
             Command::new("etcd")
                 .args(["--name", "solo"])
                 .arg("--data-dir")
@@ -180,22 +107,13 @@ impl Etcd {
                 .args(["--initial-advertise-peer-urls", &peer])
                 .args(["--initial-cluster", &format!("solo={peer}")])
                 .args(["--logger", "zap", "--log-level", "warn"]),
-            dir.join("etcd.log"),
-        );
-        let http = http_client();
-        let healthy = eventually(PATIENCE, || async {
-            let body = http
-                .get(format!("{client}/health"))
-                .send()
-                .await
-                .ok()?
-                .text()
-                .await
-                .ok()?;
-            body.contains("true").then_some(())
-        })
-        .await;
-        assert!(healthy.is_some(), "etcd becomes healthy");
+            &dir.join("etcd.log"),
+        )
+        .expect("etcd starts");
+        let healthy = process
+            .wait_until_serving(&format!("{client}/health"), "true", PATIENCE)
+            .await;
+        assert!(healthy.is_ok(), "etcd becomes healthy: {healthy:?}");
         Self {
             _process: process,
             url: client,
@@ -204,27 +122,15 @@ impl Etcd {
 }
 
 /// Sends SIGTERM and waits (bounded) for a successful exit.
-async fn terminate(process: &mut Running) {
-    let signalled = Command::new("kill")
-        .args(["-TERM", &process.child.id().to_string()])
-        .status()
-        .expect("kill");
-    assert!(signalled.success());
-    let started = Instant::now();
-    let status = loop {
-        if let Some(status) = process.child.try_wait().expect("wait") {
-            break status;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the binary did not exit within 10 s of SIGTERM"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+async fn terminate(process: &mut Process) {
+    let status = process
+        .terminate(Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|error| panic!("the binary did not exit within 10 s of SIGTERM: {error}"));
     assert!(
         status.success(),
         "exit status {status}; log:\n{}",
-        process.log_tail()
+        process.log()
     );
 }
 
@@ -243,7 +149,8 @@ async fn binary_with_etcd_registry_serves_grpc_registrations_to_envoy_across_a_r
     let client = http_client();
     // No --static-file: the registry is the only endpoint source.
     let start = |run: &str| {
-        Running::spawn(
+        Process::spawn(
+            "control-plane",
             Command::new(env!("CARGO_BIN_EXE_fulcrum-control-plane"))
                 .args(["--registry", "etcd", "--etcd-endpoints", &etcd.url])
                 .args(["--etcd-prefix", "/binary-test/instances"])
@@ -252,8 +159,9 @@ async fn binary_with_etcd_registry_serves_grpc_registrations_to_envoy_across_a_r
                 .args(["--registry-addr", &grpc])
                 .args(["--xds-addr", &xds, "--http-addr", &http])
                 .args(["--debounce-ms", "10", "--log-level", "info"]),
-            dir.path().join(format!("control-plane-{run}.log")),
+            &dir.path().join(format!("control-plane-{run}.log")),
         )
+        .expect("the binary starts")
     };
     let discover = || async {
         let response = client
@@ -278,15 +186,13 @@ async fn binary_with_etcd_registry_serves_grpc_registrations_to_envoy_across_a_r
     };
 
     let mut process = start("first");
-    let bootstrap = AdsBootstrap::new(
+    let bootstrap = Bootstrap::ads(
         "binary-registry",
         xds.parse().expect("address"),
         AdsApi::Sotw,
     );
-    let envoy = Envoy::start(&bootstrap.render())
-        .await
-        .expect("Envoy starts");
-    let mut registry = eventually(PATIENCE, || async {
+    let envoy = Envoy::start(&bootstrap).await.expect("Envoy starts");
+    let mut registry = eventually(PATIENCE, "the registry's gRPC API answers", || async {
         pb::registry_client::RegistryClient::connect(format!("http://{grpc}"))
             .await
             .ok()
@@ -324,11 +230,13 @@ async fn binary_with_etcd_registry_serves_grpc_registrations_to_envoy_across_a_r
     // The registration lives in etcd: a restarted control plane still has it.
     terminate(&mut process).await;
     let mut process = start("second");
-    let ids = eventually(PATIENCE, || async {
-        discover().await.filter(|ids| !ids.is_empty())
-    })
+    let ids = eventually(
+        PATIENCE,
+        "the restarted binary discovers a registration",
+        || async { discover().await.filter(|ids| !ids.is_empty()) },
+    )
     .await;
-    assert_eq!(ids, Some(vec!["orders-1".to_owned()]));
+    assert_eq!(ids.ok(), Some(vec!["orders-1".to_owned()]));
 
     let deregistered = client
         .delete(format!("http://{http}/v1/registry/instances/orders-1"))

@@ -5,10 +5,10 @@
 use std::time::Duration;
 
 use fulcrum_control_plane::{ControlPlane, OptionalSources, PolicySource};
-use fulcrum_envoy_harness::eventually;
-use fulcrum_kube_source::{
-    KubeOptions,
-    test_support::{
+use fulcrum_kube_source::KubeOptions;
+use fulcrum_test_support::{
+    eventually,
+    kube_api::{
         FakeApiServer,
         objects::{endpoint_slice, ready, service},
     },
@@ -89,12 +89,12 @@ impl Running {
 
     /// The snapshot once `wanted` holds for it.
     async fn snapshot_where(&self, what: &str, wanted: impl Fn(&Value) -> bool) -> Value {
-        eventually(PATIENCE, || async {
+        eventually(PATIENCE, what, || async {
             let snapshot = self.get_json("/v1/snapshot").await;
             wanted(&snapshot).then_some(snapshot)
         })
         .await
-        .unwrap_or_else(|| panic!("no snapshot with {what} within {PATIENCE:?}"))
+        .unwrap_or_else(|_| panic!("no snapshot with {what} within {PATIENCE:?}"))
     }
 }
 

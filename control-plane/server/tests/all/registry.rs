@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use fulcrum_control_plane::{
     ControlPlane, OptionalSources, RegistryBackendOptions, RegistryOptions,
 };
-use fulcrum_envoy_harness::{AdsApi, AdsBootstrap, Envoy, eventually};
+use fulcrum_test_support::{AdsApi, Bootstrap, Envoy, eventually};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -43,7 +43,7 @@ impl RegistryFixture {
         .expect("control plane starts");
         assert!(control_plane.registry_address().is_some());
         let http = http_client();
-        let ready = eventually(PATIENCE, || async {
+        let ready = eventually(PATIENCE, "a first snapshot", || async {
             let response = http
                 .get(format!("http://{}/readyz", control_plane.http_address()))
                 .send()
@@ -52,14 +52,9 @@ impl RegistryFixture {
             response.status().is_success().then_some(())
         })
         .await;
-        assert!(
-            ready.is_some(),
-            "the registry alone yields a first snapshot"
-        );
-        let bootstrap = AdsBootstrap::new(node_id, control_plane.xds_address(), AdsApi::Sotw);
-        let envoy = Envoy::start(&bootstrap.render())
-            .await
-            .expect("Envoy starts");
+        assert!(ready.is_ok(), "the registry alone yields a first snapshot");
+        let bootstrap = Bootstrap::ads(node_id, control_plane.xds_address(), AdsApi::Sotw);
+        let envoy = Envoy::start(&bootstrap).await.expect("Envoy starts");
         Self {
             control_plane,
             envoy,

@@ -1,7 +1,7 @@
 //! The snapshot HTTP API the filters poll, and the health, readiness and metrics endpoints.
 
 use fulcrum_core::Snapshot;
-use fulcrum_envoy_harness::eventually;
+use fulcrum_test_support::eventually;
 use reqwest::{StatusCode, header};
 
 use crate::support::{Fixture, PATIENCE, endpoint, endpoints_file};
@@ -54,7 +54,7 @@ async fn snapshot_is_served_with_its_version_as_etag_then_304_for_that_etag() {
         "checkout",
         vec![endpoint("127.0.0.1:19001", "")],
     )]));
-    let changed = eventually(PATIENCE, || async {
+    let changed = eventually(PATIENCE, "a new snapshot version", || async {
         let response = fixture
             .http
             .get(fixture.url("/v1/snapshot"))
@@ -118,7 +118,7 @@ async fn readiness_waits_for_the_first_valid_file() {
         "checkout",
         vec![endpoint("127.0.0.1:19001", "")],
     )]));
-    let ready = eventually(PATIENCE, || async {
+    let ready = eventually(PATIENCE, "ready", || async {
         let response = fixture
             .http
             .get(fixture.url("/readyz"))
@@ -128,5 +128,5 @@ async fn readiness_waits_for_the_first_valid_file() {
         (response.status() == StatusCode::OK).then_some(())
     })
     .await;
-    assert!(ready.is_some(), "ready once a valid file is loaded");
+    assert!(ready.is_ok(), "ready once a valid file is loaded");
 }

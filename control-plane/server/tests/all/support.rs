@@ -4,7 +4,7 @@
 use std::{path::PathBuf, time::Duration};
 
 use fulcrum_control_plane::{Config, ControlPlane};
-use fulcrum_envoy_harness::{AdsApi, AdsBootstrap, ClusterHost, Envoy, eventually};
+use fulcrum_test_support::{AdsApi, Bootstrap, ClusterHost, Envoy, eventually};
 use fulcrum_xds::ClusterOptions;
 use serde_json::Value;
 
@@ -121,7 +121,7 @@ impl Fixture {
 
     /// The current snapshot version once the control plane has one.
     pub async fn snapshot_version(&self) -> String {
-        eventually(PATIENCE, || async {
+        eventually(PATIENCE, "a snapshot version", || async {
             self.get_json("/v1/status").await["snapshot_version"]
                 .as_str()
                 .map(str::to_owned)
@@ -132,10 +132,8 @@ impl Fixture {
 
     /// Starts an Envoy taking CDS/EDS from this control plane.
     pub async fn envoy(&self, node_id: &str, api: AdsApi) -> Envoy {
-        let bootstrap = AdsBootstrap::new(node_id, self.control_plane.xds_address(), api);
-        Envoy::start(&bootstrap.render())
-            .await
-            .expect("Envoy starts")
+        let bootstrap = Bootstrap::ads(node_id, self.control_plane.xds_address(), api);
+        Envoy::start(&bootstrap).await.expect("Envoy starts")
     }
 }
 
@@ -158,14 +156,14 @@ pub async fn wait_for_hosts(
     what: &str,
     expected: impl Fn(&[ClusterHost]) -> bool,
 ) -> Vec<ClusterHost> {
-    match eventually(PATIENCE, || async {
+    match eventually(PATIENCE, what, || async {
         let hosts = hosts(envoy, cluster).await;
         expected(&hosts).then_some(hosts)
     })
     .await
     {
-        Some(hosts) => hosts,
-        None => panic!(
+        Ok(hosts) => hosts,
+        Err(_) => panic!(
             "Envoy never showed {what} for {cluster}; it has {:?}",
             hosts(envoy, cluster).await
         ),

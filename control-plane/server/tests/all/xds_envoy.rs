@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use fulcrum_core::{Endpoint, ServiceEndpoints, Snapshot};
-use fulcrum_envoy_harness::{AdsApi, Envoy, eventually};
+use fulcrum_test_support::{AdsApi, Envoy, eventually};
 use serde_json::Value;
 
 use crate::support::{
@@ -93,13 +93,13 @@ async fn assert_cluster_config(envoy: &Envoy) {
 /// Waits until the node acknowledged `version` for both CDS and EDS (both must have been
 /// sent at `version`: CDS is only resent when the clusters change).
 async fn wait_for_acks(fixture: &Fixture, node: &str, version: &str) -> Value {
-    eventually(PATIENCE, || async {
+    eventually(PATIENCE, "CDS and EDS acknowledged", || async {
         let stream = stream_status(fixture, node).await?;
         let acked = |ty: &str| stream["types"][ty]["last_acked_version"].as_str() == Some(version);
         (acked("cds") && acked("eds")).then_some(stream)
     })
     .await
-    .unwrap_or_else(|| panic!("{node} never acknowledged {version} for CDS and EDS"))
+    .unwrap_or_else(|_| panic!("{node} never acknowledged {version} for CDS and EDS"))
 }
 
 async fn endpoint_changes_reach_envoy(api: AdsApi) {
@@ -179,12 +179,12 @@ async fn endpoint_changes_reach_envoy(api: AdsApi) {
             && hosts.iter().all(|host| host.eds_health_status == "HEALTHY")
     })
     .await;
-    let gone = eventually(PATIENCE, || async {
+    let gone = eventually(PATIENCE, "cluster search removed", || async {
         let clusters = envoy.cluster_hosts().await.expect("admin /clusters");
         (!clusters.contains_key("search")).then_some(())
     })
     .await;
-    assert!(gone.is_some(), "cluster search was not removed from Envoy");
+    assert!(gone.is_ok(), "cluster search was not removed from Envoy");
 
     let version = fixture.snapshot_version().await;
     let stream = wait_for_acks(&fixture, &node, &version).await;
@@ -252,7 +252,7 @@ async fn invalid_assignment_is_nacked_and_the_last_good_version_stays(api: AdsAp
         policy: None,
     };
     fixture.control_plane.xds_cache().set(&bad);
-    let stream = eventually(PATIENCE, || async {
+    let stream = eventually(PATIENCE, "an EDS NACK", || async {
         let stream = stream_status(&fixture, &node).await?;
         (!stream["types"]["eds"]["last_nack"].is_null()).then_some(stream)
     })
@@ -299,7 +299,7 @@ async fn invalid_assignment_is_nacked_and_the_last_good_version_stays(api: AdsAp
     .await;
     // Only endpoints changed: EDS is acknowledged at the new version, CDS stays where it was.
     let fixed_version = fixture.snapshot_version().await;
-    let stream = eventually(PATIENCE, || async {
+    let stream = eventually(PATIENCE, "the fixed assignment acknowledged", || async {
         let stream = stream_status(&fixture, &node).await?;
         (stream["types"]["eds"]["last_acked_version"] == fixed_version.as_str()).then_some(stream)
     })

@@ -9,8 +9,8 @@ use fulcrum_control_plane::{
     Config, ControlPlane, OptionalSources, PolicySource, RegistryBackendOptions, RegistryOptions,
 };
 use fulcrum_e2e::{Proxy, SERVICE, backends, count_by_backend, envoy_with_control_plane};
-use fulcrum_envoy_harness::eventually;
 use fulcrum_example_backend::{Backend, Fault};
+use fulcrum_test_support::eventually;
 use serde_json::{Value, json};
 
 const PATIENCE: Duration = Duration::from_secs(10);
@@ -150,18 +150,17 @@ async fn fails_then_recovers(control_plane: &ControlPlane, proxy: &Proxy, backen
             ..Fault::default()
         })
         .unwrap();
-    let unhealthy = eventually(PATIENCE, || async {
-        (snapshot_health(control_plane, checked).await.as_deref() == Some("unhealthy"))
-            .then_some(())
+    let unhealthy = eventually(PATIENCE, "b1 unhealthy in the snapshot", || async {
+        snapshot_health(control_plane, checked).await.as_deref() == Some("unhealthy")
     })
     .await;
-    assert!(unhealthy.is_some(), "the control plane marks b1 unhealthy");
-    let in_envoy = eventually(PATIENCE, || async {
-        (envoy_health(proxy, checked).await.as_deref() == Some("UNHEALTHY")).then_some(())
+    assert!(unhealthy.is_ok(), "the control plane marks b1 unhealthy");
+    let in_envoy = eventually(PATIENCE, "b1 unhealthy in Envoy", || async {
+        envoy_health(proxy, checked).await.as_deref() == Some("UNHEALTHY")
     })
     .await;
     assert!(
-        in_envoy.is_some(),
+        in_envoy.is_ok(),
         "Envoy's /clusters shows b1 unhealthy over EDS"
     );
     let metrics_text = metrics(control_plane).await;
@@ -212,24 +211,17 @@ async fn fails_then_recovers(control_plane: &ControlPlane, proxy: &Proxy, backen
     assert_eq!(backends[0].stats().requests, served_before);
 
     backends[0].set_fault(Fault::default()).unwrap();
-    let healthy = eventually(PATIENCE, || async {
-        (snapshot_health(control_plane, checked).await.as_deref() == Some("healthy")).then_some(())
+    let healthy = eventually(PATIENCE, "b1 healthy in the snapshot", || async {
+        snapshot_health(control_plane, checked).await.as_deref() == Some("healthy")
     })
     .await;
-    assert!(
-        healthy.is_some(),
-        "b1 passes two checks and is healthy again"
-    );
-    let mut picked_again = false;
-    for _ in 0..50 {
+    assert!(healthy.is_ok(), "b1 passes two checks and is healthy again");
+    let picked_again = eventually(Duration::from_secs(5), "b1 picked again", || async {
         let counts = count_by_backend(&proxy.send(6).await);
-        if counts.get("b1").is_some_and(|hits| *hits >= 2) {
-            picked_again = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(picked_again, "the filter picks b1 again");
+        counts.get("b1").is_some_and(|hits| *hits >= 2)
+    })
+    .await;
+    assert!(picked_again.is_ok(), "the filter picks b1 again");
     assert!(
         proxy.endpoint_stat("picks_total", checked).await.unwrap() > picks_before,
         "by the filter's own pick"

@@ -2,8 +2,10 @@
 
 use std::time::Duration;
 
+use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_e2e::{backends, count_by_backend, envoy_with_static_endpoints};
 use fulcrum_example_backend::Fault;
+use fulcrum_test_support::Endpoints;
 use serde_json::json;
 
 #[tokio::test]
@@ -20,12 +22,9 @@ async fn smooth_weighted_round_robin_spreads_exactly_by_weight() {
             "endpoints": {fulcrum_e2e::SERVICE: endpoints},
             "policy": {"default": {"load_balancer": {"type": "weighted_round_robin"}}}
         });
-        fulcrum_e2e::Proxy::start_for_test(
-            fulcrum_demo::envoy_config::Endpoints::Static(addresses),
-            config,
-        )
-        .await
-        .unwrap()
+        fulcrum_e2e::Proxy::start_for_test(Endpoints::Static(addresses), config)
+            .await
+            .unwrap()
     };
     let counts = count_by_backend(&proxy.send(60).await);
     assert_eq!(counts.get("b1"), Some(&10), "{counts:?}");
@@ -51,11 +50,7 @@ async fn a_client_supplied_override_header_has_no_effect() {
     let steer = backends[0].addr.to_string();
     let mut replies = Vec::new();
     for _ in 0..12 {
-        replies.push(
-            proxy
-                .send_with(&[("x-fulcrum-endpoint", steer.as_str())])
-                .await,
-        );
+        replies.push(proxy.send_with(&[(OVERRIDE_HEADER, steer.as_str())]).await);
     }
     let counts = count_by_backend(&replies);
     assert_eq!(
@@ -212,12 +207,9 @@ async fn the_service_can_be_the_cluster_of_the_resolved_route() {
         "endpoints": {fulcrum_e2e::SERVICE: endpoints},
         "policy": {"default": {"load_balancer": {"type": "round_robin"}}}
     });
-    let proxy = fulcrum_e2e::Proxy::start_for_test(
-        fulcrum_demo::envoy_config::Endpoints::Static(addresses.clone()),
-        config,
-    )
-    .await
-    .unwrap();
+    let proxy = fulcrum_e2e::Proxy::start_for_test(Endpoints::Static(addresses.clone()), config)
+        .await
+        .unwrap();
     for _ in 0..4 {
         let reply = proxy.send_with(&[("host", "not-the-cluster-name")]).await;
         assert_eq!(reply.status, Some(200));
@@ -270,12 +262,9 @@ async fn all_unhealthy_proxy(
         "endpoints": {fulcrum_e2e::SERVICE: endpoints},
         "policy": {"default": {"on_no_endpoint": on_no_endpoint}}
     });
-    fulcrum_e2e::Proxy::start_for_test(
-        fulcrum_demo::envoy_config::Endpoints::Static(addresses),
-        config,
-    )
-    .await
-    .unwrap()
+    fulcrum_e2e::Proxy::start_for_test(Endpoints::Static(addresses), config)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]

@@ -5,8 +5,8 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use fulcrum_demo::envoy_config::{Endpoints, FailurePolicy, FilterSetup};
 use fulcrum_e2e::{Proxy, SERVICE, backends, count_by_backend, filter_wasm};
+use fulcrum_test_support::{Endpoints, FailurePolicy, FilterSetup};
 use serde_json::{Value, json};
 
 /// Envoy with two workers whose cluster has `cluster` and whose filter has `filter_endpoints`.

@@ -6,14 +6,13 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use fulcrum_demo::envoy_config::FailurePolicy;
+use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_e2e::{
     Proxy, Reply, backends, count_by_backend, envoy_with_static_filter, fault_wasm, filter_wasm,
 };
 use fulcrum_example_backend::Backend;
+use fulcrum_test_support::{FailurePolicy, eventually};
 use serde_json::{Value, json};
-
-const OVERRIDE: &str = "x-fulcrum-endpoint";
 
 /// Every byte from 0x80 to 0xFF: not UTF-8 on its own, and Envoy lets it through.
 fn high_bytes() -> Vec<u8> {
@@ -56,7 +55,7 @@ async fn still_balancing(proxy: &Proxy, target: &Backend) {
     let mut replies: Vec<Reply> = Vec::new();
     for i in 0..12 {
         let user = format!("user-{i}");
-        let headers = [(OVERRIDE, steer.as_str()), ("x-user", user.as_str())];
+        let headers = [(OVERRIDE_HEADER, steer.as_str()), ("x-user", user.as_str())];
         replies.push(proxy.send_with(&headers).await);
     }
     assert!(
@@ -94,7 +93,7 @@ async fn hostile_headers_neither_crash_the_filter_nor_steer(failure_policy: Fail
     )
     .await;
     let mut report = BTreeMap::new();
-    for header in [OVERRIDE, "cookie", "x-client", "host"] {
+    for header in [OVERRIDE_HEADER, "cookie", "x-client", "host"] {
         report.insert(header, abuse(&sticky, header).await);
         still_balancing(&sticky, &backends[0]).await;
     }
@@ -176,16 +175,12 @@ async fn after_a_vm_failure_fail_reload_brings_the_filter_back_stripping() {
     eprintln!("the panicking request got {:?}", failed.status);
     let started = std::time::Instant::now();
     // Back within the reload backoff (1 s) plus slack: every request meanwhile may be a 503.
-    let mut back = false;
-    while started.elapsed() < Duration::from_secs(10) {
+    let back = eventually(Duration::from_secs(10), "a 200 from a backend", || async {
         let reply = proxy.send_with(&[]).await;
-        if reply.status == Some(200) && reply.backend.is_some() {
-            back = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(back, "the filter is not back after 10 s");
+        reply.status == Some(200) && reply.backend.is_some()
+    })
+    .await;
+    assert!(back.is_ok(), "the filter is not back after 10 s");
     eprintln!("filter back after {:?}", started.elapsed());
     let stripped_before = stat(&proxy, "fulcrum_override_header_stripped_total").await;
     still_balancing(&proxy, &backends[0]).await;

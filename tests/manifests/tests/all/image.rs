@@ -6,7 +6,7 @@
 use std::{io::Read, os::unix::fs::PermissionsExt, path::Path, process::Command};
 
 use anyhow::{Context, Result, bail, ensure};
-use fulcrum_manifest_tests::{
+use fulcrum_release::{
     image::{self, Provenance},
     oci::{self, OciError},
 };

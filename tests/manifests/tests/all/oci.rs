@@ -6,7 +6,7 @@
 use std::{io::Read, path::Path};
 
 use anyhow::{Context, Result, bail, ensure};
-use fulcrum_manifest_tests::oci::{self, OciError};
+use fulcrum_release::oci::{self, OciError};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 

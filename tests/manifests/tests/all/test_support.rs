@@ -9,7 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use fulcrum_manifest_tests::template;
+use fulcrum_release::template;
 use serde_json::Value;
 
 /// The workspace root.

@@ -3,11 +3,10 @@
 
 use std::collections::BTreeMap;
 
+use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_wasm_host::{Plugin, Request, Response};
 
 use crate::test_support::{filter, ms};
-
-const OVERRIDE: &str = "x-fulcrum-endpoint";
 
 /// A static-endpoints config for service `checkout` with `policy` as its default policy.
 fn static_config(endpoints: &[&str], policy: &str) -> String {
@@ -36,7 +35,7 @@ fn round_trip(
         .header(":method", "GET")
         .send_headers()?;
     let pick = request
-        .request_header(OVERRIDE)
+        .request_header(OVERRIDE_HEADER)
         .ok_or_else(|| anyhow::anyhow!("no pick; logs:\n{}", plugin.logs_text()))?;
     let first = pick.split(',').next().unwrap_or_default().to_string();
     let (status, latency_ms) = status_of(&first);
@@ -106,10 +105,10 @@ fn client_supplied_override_header_is_stripped_and_counted() -> anyhow::Result<(
         .worker(0)
         .request()
         .header(":authority", "checkout")
-        .header(OVERRIDE, "6.6.6.6:1")
+        .header(OVERRIDE_HEADER, "6.6.6.6:1")
         .send_headers()?;
     assert_eq!(
-        request.request_header(OVERRIDE).as_deref(),
+        request.request_header(OVERRIDE_HEADER).as_deref(),
         Some("10.0.0.1:8080")
     );
     request.respond(200).upstream("10.0.0.1:8080").finish()?;
@@ -210,7 +209,7 @@ fn control_plane_snapshot_is_fetched_once_and_shared_with_the_other_worker() -> 
         .request()
         .header(":authority", "checkout")
         .send_headers()?;
-    assert_eq!(early.request_header(OVERRIDE), None);
+    assert_eq!(early.request_header(OVERRIDE_HEADER), None);
     early.respond(200).finish()?;
     assert_eq!(
         plugin.metric("fulcrum_fail_open_total.reason.no_snapshot")?,
@@ -235,7 +234,7 @@ fn control_plane_snapshot_is_fetched_once_and_shared_with_the_other_worker() -> 
             .header(":authority", "checkout")
             .send_headers()?;
         assert_eq!(
-            request.request_header(OVERRIDE).as_deref(),
+            request.request_header(OVERRIDE_HEADER).as_deref(),
             Some("10.1.0.7:9000"),
             "worker {worker}; logs:\n{}",
             plugin.logs_text()
@@ -317,10 +316,10 @@ fn only_listed_services_get_a_pick_and_the_rest_pass_with_no_header() -> anyhow:
             .worker(0)
             .request()
             .header(":authority", service)
-            .header(OVERRIDE, "10.0.0.9:1")
+            .header(OVERRIDE_HEADER, "10.0.0.9:1")
             .send_headers()?;
         assert_eq!(
-            request.request_header(OVERRIDE).as_deref(),
+            request.request_header(OVERRIDE_HEADER).as_deref(),
             expected,
             "{service}"
         );
@@ -360,7 +359,7 @@ fn by_default_the_service_is_the_routed_cluster_whatever_the_client_names() -> a
     let plugin = checkout_and_payments("")?;
     let mut request = routed(&plugin, "payments", "checkout")?;
     assert_eq!(
-        request.request_header(OVERRIDE).as_deref(),
+        request.request_header(OVERRIDE_HEADER).as_deref(),
         Some("10.0.0.1:8080")
     );
     request.respond(200).upstream("10.0.0.1:8080").finish()?;
@@ -371,7 +370,7 @@ fn by_default_the_service_is_the_routed_cluster_whatever_the_client_names() -> a
         .header(":authority", "checkout")
         .without_route()
         .send_headers()?;
-    assert_eq!(request.request_header(OVERRIDE), None);
+    assert_eq!(request.request_header(OVERRIDE_HEADER), None);
     request.respond(200).finish()?;
     assert_eq!(
         plugin.metric("fulcrum_fail_open_total.reason.no_service")?,
@@ -385,7 +384,7 @@ fn a_client_named_service_other_than_the_routed_cluster_gets_no_pick() -> anyhow
     let plugin = checkout_and_payments(r#""service": {"from": "authority"},"#)?;
     // The route sends the request to checkout; the client names payments in :authority.
     let mut request = routed(&plugin, "payments", "checkout")?;
-    assert_eq!(request.request_header(OVERRIDE), None);
+    assert_eq!(request.request_header(OVERRIDE_HEADER), None);
     request.respond(200).finish()?;
     assert_eq!(
         plugin.metric("fulcrum_fail_open_total.reason.service_mismatch")?,
@@ -394,7 +393,7 @@ fn a_client_named_service_other_than_the_routed_cluster_gets_no_pick() -> anyhow
     // Named as routed, it is picked.
     let mut request = routed(&plugin, "checkout", "checkout")?;
     assert_eq!(
-        request.request_header(OVERRIDE).as_deref(),
+        request.request_header(OVERRIDE_HEADER).as_deref(),
         Some("10.0.0.1:8080")
     );
     request.respond(200).upstream("10.0.0.1:8080").finish()?;

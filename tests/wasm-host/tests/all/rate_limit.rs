@@ -3,11 +3,10 @@
 //! shared the same way, and their number is bounded by `max_clients` whatever keys clients
 //! invent.
 
+use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_wasm_host::Plugin;
 
 use crate::test_support::{filter, ms};
-
-const OVERRIDE: &str = "x-fulcrum-endpoint";
 
 fn limited_plugin(workers: usize, rate_limit: &str) -> Plugin {
     filter()
@@ -36,13 +35,13 @@ fn admitted(plugin: &Plugin, worker: usize, key: Option<&str>) -> anyhow::Result
     match request.local_response() {
         Some(reply) => {
             anyhow::ensure!(reply.status == 429, "unexpected local reply {reply:?}");
-            anyhow::ensure!(request.request_header(OVERRIDE).is_none());
+            anyhow::ensure!(request.request_header(OVERRIDE_HEADER).is_none());
             request.reset()?;
             Ok(false)
         }
         None => {
             let picked = request
-                .request_header(OVERRIDE)
+                .request_header(OVERRIDE_HEADER)
                 .ok_or_else(|| anyhow::anyhow!("neither picked nor limited"))?;
             request.respond(200).upstream(&picked).finish()?;
             Ok(true)

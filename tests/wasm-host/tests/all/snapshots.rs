@@ -2,12 +2,12 @@
 //! fields pass, a policy change resets only what it changes) and charging outcomes only to
 //! the endpoint that earned them.
 
+use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_wasm_host::{Plugin, Response};
 use serde_json::{Value, json};
 
 use crate::test_support::{filter, ms};
 
-const OVERRIDE: &str = "x-fulcrum-endpoint";
 const CONTROL_PLANE: &str = "fulcrum_control_plane";
 
 /// A filter polling the control plane every second, one worker.
@@ -48,7 +48,7 @@ fn request(
         .header(":authority", service)
         .send_headers()?;
     let pick = request
-        .request_header(OVERRIDE)
+        .request_header(OVERRIDE_HEADER)
         .map(|value| value.split(',').next().unwrap_or_default().to_owned());
     let (upstream, status) = answer(pick.as_deref().unwrap_or("192.0.2.1:80"));
     request

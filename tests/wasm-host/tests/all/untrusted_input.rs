@@ -5,11 +5,11 @@
 //! filter picking for the requests that follow. Also the control plane's snapshot response
 //! with a `:status` or body that is not UTF-8, and a reset snapshot call.
 
+use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_wasm_host::{Outcome, Plugin, Request, Response};
 
 use crate::test_support::{filter, ms};
 
-const OVERRIDE: &str = "x-fulcrum-endpoint";
 const ENDPOINTS: [&str; 3] = ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"];
 /// A value far above every cap, just under Envoy's default 60 KiB header limit per request.
 const HUGE: usize = 60 << 10;
@@ -110,7 +110,7 @@ fn pick_in(request: &Request<'_>, name: &str) -> anyhow::Result<String> {
 /// Sends an ordinary request and answers it: the filter must still pick.
 fn ordinary_request_is_picked(plugin: &Plugin) -> anyhow::Result<String> {
     let mut request = send(plugin, &Vec::new())?;
-    let pick = pick_in(&request, OVERRIDE)
+    let pick = pick_in(&request, OVERRIDE_HEADER)
         .map_err(|error| error.context(format!("logs:\n{}", plugin.logs_text())))?;
     request.respond(200).upstream(&pick).finish()?;
     Ok(pick)
@@ -138,8 +138,8 @@ fn survives_every_variant(
 #[test]
 fn client_override_header_in_any_form_is_stripped_and_replaced_by_the_pick() -> anyhow::Result<()> {
     let plugin = round_robin();
-    survives_every_variant(&plugin, OVERRIDE, b"6.6.6.6:1", |_, request| {
-        pick_in(request, OVERRIDE).map(drop)
+    survives_every_variant(&plugin, OVERRIDE_HEADER, b"6.6.6.6:1", |_, request| {
+        pick_in(request, OVERRIDE_HEADER).map(drop)
     })?;
     assert_eq!(plugin.metric("fulcrum_override_header_stripped_total")?, 4);
     Ok(())
@@ -153,14 +153,14 @@ fn custom_override_header_and_the_default_name_are_both_stripped() -> anyhow::Re
     );
     for (label, mut headers, _) in hostile_variants("x-pick", b"6.6.6.6:1") {
         headers.extend(
-            hostile_variants(OVERRIDE, b"6.6.6.6:2")
+            hostile_variants(OVERRIDE_HEADER, b"6.6.6.6:2")
                 .into_iter()
                 .flat_map(|v| v.1),
         );
         let mut request = send(&plugin, &headers)?;
         let pick = pick_in(&request, "x-pick").map_err(|e| e.context(label))?;
         assert_eq!(
-            entries(&request, OVERRIDE),
+            entries(&request, OVERRIDE_HEADER),
             Vec::<Vec<u8>>::new(),
             "{label}"
         );
@@ -186,7 +186,7 @@ fn sticky_session() -> anyhow::Result<(Plugin, String, String)> {
         r#"{"load_balancer": {"type": "sticky", "fallback": {"type": "round_robin"}}}"#,
     );
     let mut request = send(&plugin, &Vec::new())?;
-    let endpoint = pick_in(&request, OVERRIDE)?;
+    let endpoint = pick_in(&request, OVERRIDE_HEADER)?;
     request.respond(200).upstream(&endpoint).finish()?;
     let set_cookie = request
         .response_header("set-cookie")
@@ -199,7 +199,7 @@ fn sticky_cookie_in_any_form_never_traps_and_unusable_ones_are_counted() -> anyh
     let (plugin, token, endpoint) = sticky_session()?;
     let valid = format!("fulcrum-session={token}");
     let invalid_count = survives_every_variant(&plugin, "cookie", valid.as_bytes(), |label, r| {
-        let pick = pick_in(r, OVERRIDE)?;
+        let pick = pick_in(r, OVERRIDE_HEADER)?;
         if matches!(label, "a repeated header" | "an upper-case name") {
             anyhow::ensure!(
                 pick == endpoint,
@@ -221,13 +221,13 @@ fn cookie_header_of_8_kib_is_used_and_one_byte_more_is_ignored_and_counted() -> 
         vec![(b"cookie".to_vec(), cookie)]
     };
     let mut at_cap = send(&plugin, &cookie(8 << 10))?;
-    assert_eq!(pick_in(&at_cap, OVERRIDE)?, endpoint);
+    assert_eq!(pick_in(&at_cap, OVERRIDE_HEADER)?, endpoint);
     at_cap.respond(200).upstream(&endpoint).finish()?;
     assert_eq!(at_cap.response_header("set-cookie"), None, "session kept");
     assert_eq!(plugin.metric(&invalid("cookie"))?, 0);
 
     let mut over = send(&plugin, &cookie((8 << 10) + 1))?;
-    let pick = pick_in(&over, OVERRIDE)?;
+    let pick = pick_in(&over, OVERRIDE_HEADER)?;
     over.respond(200).upstream(&pick).finish()?;
     assert!(
         over.response_header("set-cookie").is_some(),
@@ -244,10 +244,10 @@ fn hash_cookie_in_any_form_never_traps_and_unusable_ones_get_a_new_cookie() -> a
         r#"{"load_balancer": {"type": "ring_hash", "hash_on": {"cookie": {"name": "user"}}}}"#,
     );
     let mut first = send(&plugin, &vec![(b"cookie".to_vec(), b"user=alice".to_vec())])?;
-    let alice = pick_in(&first, OVERRIDE)?;
+    let alice = pick_in(&first, OVERRIDE_HEADER)?;
     first.respond(200).upstream(&alice).finish()?;
     let invalid_count = survives_every_variant(&plugin, "cookie", b"user=alice", |label, r| {
-        let pick = pick_in(r, OVERRIDE)?;
+        let pick = pick_in(r, OVERRIDE_HEADER)?;
         if matches!(label, "a repeated header" | "an upper-case name") {
             anyhow::ensure!(pick == alice, "hash key not read: {pick} != {alice}");
         }
@@ -264,10 +264,10 @@ fn hash_header_in_any_form_never_traps_and_the_first_value_is_the_key() -> anyho
         r#"{"load_balancer": {"type": "ring_hash", "hash_on": {"header": "x-user"}}}"#,
     );
     let mut first = send(&plugin, &vec![(b"x-user".to_vec(), b"alice".to_vec())])?;
-    let alice = pick_in(&first, OVERRIDE)?;
+    let alice = pick_in(&first, OVERRIDE_HEADER)?;
     first.respond(200).upstream(&alice).finish()?;
     let invalid_count = survives_every_variant(&plugin, "x-user", b"alice", |label, r| {
-        let pick = pick_in(r, OVERRIDE)?;
+        let pick = pick_in(r, OVERRIDE_HEADER)?;
         if matches!(label, "a repeated header" | "an upper-case name") {
             anyhow::ensure!(pick == alice, "hash key not read: {pick} != {alice}");
         }
@@ -286,7 +286,7 @@ fn client_key_in_any_form_never_traps_and_unusable_ones_share_the_service_bucket
             "rate_limit": {"requests_per_second": 1000, "burst": 1000, "client_key_header": "x-api-key"}}"#,
     );
     let invalid_count = survives_every_variant(&plugin, "x-api-key", b"alice", |_, r| {
-        pick_in(r, OVERRIDE).map(drop)
+        pick_in(r, OVERRIDE_HEADER).map(drop)
     })?;
     assert_eq!(plugin.metric(&invalid("client_key"))?, invalid_count);
     Ok(())
@@ -301,7 +301,7 @@ fn unusable_client_key_is_limited_with_the_keyless_requests() -> anyhow::Result<
     );
     let key = |value: &[u8]| vec![(b"x-api-key".to_vec(), value.to_vec())];
     let mut keyless = send(&plugin, &Vec::new())?;
-    pick_in(&keyless, OVERRIDE)?;
+    pick_in(&keyless, OVERRIDE_HEADER)?;
     keyless.respond(200).finish()?;
     // The service bucket is empty now; a key that is not UTF-8 is no key at all.
     let mut unusable = send(&plugin, &key(b"\xffalice"))?;
@@ -309,7 +309,7 @@ fn unusable_client_key_is_limited_with_the_keyless_requests() -> anyhow::Result<
         unusable.local_response().map(|reply| reply.status),
         Some(429)
     );
-    assert_eq!(entries(&unusable, OVERRIDE), Vec::<Vec<u8>>::new());
+    assert_eq!(entries(&unusable, OVERRIDE_HEADER), Vec::<Vec<u8>>::new());
     unusable.reset()?;
     // A usable key does not lift the service limit either: every keyed request also takes
     // a token from the service bucket.
@@ -321,7 +321,7 @@ fn unusable_client_key_is_limited_with_the_keyless_requests() -> anyhow::Result<
     limited.reset()?;
     plugin.advance_clock(std::time::Duration::from_secs(1));
     let mut alice = send(&plugin, &key(b"alice"))?;
-    pick_in(&alice, OVERRIDE)?;
+    pick_in(&alice, OVERRIDE_HEADER)?;
     alice.respond(200).finish()?;
     assert_eq!(plugin.metric(&invalid("client_key"))?, 1);
     Ok(())
@@ -332,7 +332,7 @@ fn unusable_client_key_is_limited_with_the_keyless_requests() -> anyhow::Result<
 fn service_source_survives(plugin: &Plugin, name: &str, label: &str) -> anyhow::Result<()> {
     let mut unusable = 0;
     for (variant, mut headers, counted) in hostile_variants(name, b"checkout") {
-        headers.push((OVERRIDE.as_bytes().to_vec(), b"6.6.6.6:1".to_vec()));
+        headers.push((OVERRIDE_HEADER.as_bytes().to_vec(), b"6.6.6.6:1".to_vec()));
         let mut builder = plugin.worker(0).request();
         for (name, value) in &headers {
             builder = builder.header_bytes(name, value);
@@ -340,13 +340,13 @@ fn service_source_survives(plugin: &Plugin, name: &str, label: &str) -> anyhow::
         let mut request = builder.send_headers()?;
         if counted {
             assert_eq!(
-                entries(&request, OVERRIDE),
+                entries(&request, OVERRIDE_HEADER),
                 Vec::<Vec<u8>>::new(),
                 "{variant}"
             );
             unusable += 1;
         } else {
-            pick_in(&request, OVERRIDE).map_err(|e| e.context(variant))?;
+            pick_in(&request, OVERRIDE_HEADER).map_err(|e| e.context(variant))?;
         }
         request.respond(200).finish()?;
     }
@@ -371,7 +371,7 @@ fn authority_in_any_form_never_traps_and_an_unusable_one_fails_open() -> anyhow:
         .request()
         .header(":authority", "checkout:8080")
         .send_headers()?;
-    pick_in(&request, OVERRIDE)?;
+    pick_in(&request, OVERRIDE_HEADER)?;
     request.respond(200).finish()?;
     Ok(())
 }
@@ -388,7 +388,7 @@ fn service_header_in_any_form_never_traps_and_an_unusable_one_fails_open() -> an
         .request()
         .header("x-service", "checkout")
         .send_headers()?;
-    pick_in(&request, OVERRIDE)?;
+    pick_in(&request, OVERRIDE_HEADER)?;
     request.respond(200).finish()?;
     Ok(())
 }
@@ -405,10 +405,10 @@ fn route_cluster_property_that_is_not_utf8_or_too_long_fails_open_and_is_counted
         let mut request = plugin
             .worker(0)
             .request()
-            .header(OVERRIDE, "6.6.6.6:1")
+            .header(OVERRIDE_HEADER, "6.6.6.6:1")
             .property("xds.cluster_name", Property::bytes(cluster))
             .send_headers()?;
-        assert_eq!(entries(&request, OVERRIDE), Vec::<Vec<u8>>::new());
+        assert_eq!(entries(&request, OVERRIDE_HEADER), Vec::<Vec<u8>>::new());
         request.respond(200).finish()?;
     }
     assert_eq!(plugin.metric(&invalid("route_cluster"))?, 2);
@@ -417,7 +417,7 @@ fn route_cluster_property_that_is_not_utf8_or_too_long_fails_open_and_is_counted
         .request()
         .cluster("checkout")
         .send_headers()?;
-    pick_in(&request, OVERRIDE)?;
+    pick_in(&request, OVERRIDE_HEADER)?;
     request.respond(200).finish()?;
     Ok(())
 }
@@ -437,7 +437,7 @@ fn source_address_that_is_not_an_address_is_counted_and_hashed_at_random() -> an
             .header(":authority", "checkout")
             .property("source.address", Property::bytes(source))
             .send_headers()?;
-        pick_in(&request, OVERRIDE)?;
+        pick_in(&request, OVERRIDE_HEADER)?;
         request.respond(200).finish()?;
     }
     assert_eq!(plugin.metric(&invalid("source_address"))?, 3);

@@ -12,6 +12,7 @@
 
 use std::net::SocketAddr;
 
+use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_wasm_host::{Outcome, Plugin, Property, Request, Response};
 use proptest::{
     collection::vec,
@@ -34,7 +35,7 @@ const LARGEST_VALUE: usize = 64 << 10;
 /// Largest generated endpoint weight: the registry's cap (0 is invalid and must be refused).
 const MAX_WEIGHT: u32 = 10_000;
 
-const DEFAULT_OVERRIDE: &[u8] = b"x-fulcrum-endpoint";
+const DEFAULT_OVERRIDE: &[u8] = OVERRIDE_HEADER.as_bytes();
 const CUSTOM_OVERRIDE: &[u8] = b"x-pick";
 const CONTROL_PLANE: &str = "fulcrum_control_plane";
 const SERVICES: [&str; 4] = ["checkout", "cart", "api", "geo"];
@@ -294,7 +295,7 @@ struct Case {
 fn header_name() -> impl Strategy<Value = Vec<u8>> {
     let known = select(vec![
         ":authority",
-        "x-fulcrum-endpoint",
+        OVERRIDE_HEADER,
         "x-pick",
         "cookie",
         "x-user",

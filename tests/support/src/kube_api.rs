@@ -111,7 +111,7 @@ enum Delivery {
 }
 
 /// The resource key of `K`: `<apiVersion>/<plural>`.
-pub fn resource_of<K: Resource<DynamicType = ()>>() -> String {
+fn resource_of<K: Resource<DynamicType = ()>>() -> String {
     format!("{}/{}", K::api_version(&()), K::plural(&()))
 }
 
@@ -614,7 +614,9 @@ pub mod objects {
         apimachinery::pkg::apis::meta::v1::ObjectMeta,
     };
 
-    use crate::mapping::SERVICE_NAME_LABEL;
+    /// The label the EndpointSlice controller puts on a slice naming its Service. Stated
+    /// here as Kubernetes defines it, not taken from the source under test.
+    pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
     /// A ClusterIP Service with TCP ports `(name, port)`; an empty name leaves the port unnamed.
     pub fn service(namespace: &str, name: &str, ports: &[(&str, i32)]) -> Service {

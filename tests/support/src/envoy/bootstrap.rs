@@ -1,17 +1,27 @@
-//! Envoy bootstraps for fulcrum, built as JSON values (Envoy reads JSON as YAML).
+//! Envoy bootstraps for fulcrum, built as JSON values (Envoy reads JSON as YAML): the one
+//! builder behind every Envoy the tests, the demo and the comparison benchmark start.
 //!
-//! One place builds every Envoy configuration the demo, the end-to-end tests and the
-//! comparison benchmark use, so fulcrum and Envoy's native balancers are set up identically
-//! except for the one thing compared: the listener's wasm filter and the cluster's
-//! load-balancing policy. Both get the same route, retry policy and timeouts; native outlier
-//! detection gets `update_merge_window: 0s` so its ejections reach the workers at once.
+//! A [`Bootstrap`] is an Envoy whose clusters are static or come over ADS from fulcrum's
+//! control plane ([`Endpoints`]), with an optional `ingress` listener routing every request
+//! to one service ([`Ingress`]) through fulcrum's filter or none. fulcrum and Envoy's native
+//! balancers are set up identically except for the one thing compared: the listener's wasm
+//! filter and the cluster's load-balancing policy. Both get the same route, retry policy and
+//! timeouts; native outlier detection gets `update_merge_window: 0s` so its ejections reach
+//! the workers at once. The admin and ingress listeners bind port 0: [`Envoy`](super::Envoy)
+//! reads back the ports Envoy got, so no port is chosen before it is bound.
 
 use std::{net::SocketAddr, path::PathBuf};
 
+use fulcrum_core::OVERRIDE_HEADER;
 use serde_json::{Value, json};
 
-/// The header the filter writes and the cluster's `override_host` policy reads.
-pub use fulcrum_core::OVERRIDE_HEADER;
+/// The static cluster carrying the ADS stream.
+const XDS_CLUSTER: &str = "fulcrum_xds";
+/// The static cluster of the control plane's snapshot HTTP API, which the filter polls
+/// (its `control_plane.cluster`).
+pub const CONTROL_PLANE_CLUSTER: &str = "fulcrum_control_plane";
+/// The name of the listener an [`Ingress`] becomes.
+pub const INGRESS_LISTENER: &str = "ingress";
 
 /// How the upstream cluster balances.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,31 +85,51 @@ impl FailurePolicy {
     }
 }
 
-/// Where the upstream cluster's endpoints come from.
+/// Which ADS protocol variant Envoy uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdsApi {
+    /// State of the world (`GRPC`).
+    Sotw,
+    /// Incremental (`DELTA_GRPC`).
+    Delta,
+}
+
+impl AdsApi {
+    /// The `ads_config.api_type` value.
+    pub fn as_envoy(self) -> &'static str {
+        match self {
+            Self::Sotw => "GRPC",
+            Self::Delta => "DELTA_GRPC",
+        }
+    }
+}
+
+/// Where Envoy's clusters come from.
 #[derive(Debug, Clone)]
 pub enum Endpoints {
-    /// A static list in the bootstrap.
+    /// A static cluster named after the [`Ingress`]'s service, with these members and the
+    /// ingress's balancing. Needs an ingress: without one nothing names the cluster.
     Static(Vec<SocketAddr>),
-    /// CDS + EDS over ADS from fulcrum's control plane at this gRPC address; the control
-    /// plane generates the cluster (with `override_host`).
+    /// CDS + EDS over ADS from fulcrum's control plane, which generates each cluster (with
+    /// `override_host`). The node is sent on the stream's first message only.
     Ads {
+        /// The control plane's xDS gRPC address.
         xds: SocketAddr,
-        snapshot_http: SocketAddr,
+        /// SotW or delta.
+        api: AdsApi,
+        /// The control plane's snapshot HTTP API, as the static cluster
+        /// [`CONTROL_PLANE_CLUSTER`] for the filter to poll; `None` when no filter polls.
+        snapshot_http: Option<SocketAddr>,
     },
 }
 
-/// One Envoy: a listener routing everything to one service's cluster.
+/// The `ingress` listener: every request goes to one service's cluster, through fulcrum's
+/// filter if there is one.
 #[derive(Debug, Clone)]
-pub struct Bootstrap {
-    /// `node.id`: what the control plane and logs call this Envoy.
-    pub node_id: String,
-    /// 0 lets Envoy pick; read it back from the admin address path.
-    pub admin_port: u16,
-    /// The `ingress` listener's port; 0 lets Envoy pick (read it back from `/listeners`).
-    pub listener_port: u16,
+pub struct Ingress {
     /// The service (= cluster) name every request goes to.
     pub service: String,
-    pub endpoints: Endpoints,
+    /// How a static cluster balances (a cluster from ADS is the control plane's).
     pub balancing: ClusterBalancing,
     /// Present iff `balancing` is [`ClusterBalancing::Fulcrum`].
     pub filter: Option<FilterSetup>,
@@ -109,37 +139,80 @@ pub struct Bootstrap {
     pub retries: u32,
 }
 
+/// One Envoy: its node, its clusters and its listener.
+#[derive(Debug, Clone)]
+pub struct Bootstrap {
+    /// `node.id`: what the control plane and logs call this Envoy.
+    pub node_id: String,
+    /// Where the clusters come from.
+    pub endpoints: Endpoints,
+    /// The `ingress` listener; `None` for an Envoy that only takes clusters (what the control
+    /// plane's tests watch).
+    pub ingress: Option<Ingress>,
+}
+
 impl Bootstrap {
+    /// An Envoy with no listener taking every cluster over ADS from `xds`.
+    pub fn ads(node_id: impl Into<String>, xds: SocketAddr, api: AdsApi) -> Self {
+        Self {
+            node_id: node_id.into(),
+            endpoints: Endpoints::Ads {
+                xds,
+                api,
+                snapshot_http: None,
+            },
+            ingress: None,
+        }
+    }
+
     /// The whole bootstrap.
     pub fn to_json(&self) -> Value {
         let mut clusters = Vec::new();
         let mut bootstrap = json!({
-            "admin": {"address": socket("127.0.0.1", self.admin_port)},
+            "admin": {"address": socket("127.0.0.1", 0)},
             "stats_config": {"stats_tags": stats_tags()},
-            "node": {"id": self.node_id, "cluster": "fulcrum-demo"},
+            "node": {"id": self.node_id, "cluster": "fulcrum"},
         });
         match &self.endpoints {
-            Endpoints::Static(addresses) => clusters.push(self.static_cluster(addresses)),
-            Endpoints::Ads { xds, snapshot_http } => {
-                clusters.push(http2_cluster("fulcrum_xds", *xds));
-                clusters.push(plain_cluster("fulcrum_control_plane", *snapshot_http));
+            Endpoints::Static(addresses) => {
+                debug_assert!(
+                    self.ingress.is_some(),
+                    "static endpoints need an ingress to name their cluster"
+                );
+                if let Some(ingress) = &self.ingress {
+                    clusters.push(ingress.static_cluster(addresses));
+                }
+            }
+            Endpoints::Ads {
+                xds,
+                api,
+                snapshot_http,
+            } => {
+                clusters.push(http2_cluster(XDS_CLUSTER, *xds));
+                if let Some(snapshot_http) = snapshot_http {
+                    clusters.push(plain_cluster(CONTROL_PLANE_CLUSTER, *snapshot_http));
+                }
                 bootstrap["dynamic_resources"] = json!({
                     "ads_config": {
-                        "api_type": "GRPC",
+                        "api_type": api.as_envoy(),
                         "transport_api_version": "V3",
-                        "grpc_services": [{"envoy_grpc": {"cluster_name": "fulcrum_xds"}}],
+                        "set_node_on_first_message_only": true,
+                        "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
                     },
                     "cds_config": {"ads": {}, "resource_api_version": "V3"},
                 });
             }
         }
+        let listeners: Vec<Value> = self.ingress.iter().map(Ingress::listener).collect();
         bootstrap["static_resources"] = json!({
-            "listeners": [self.listener()],
+            "listeners": listeners,
             "clusters": clusters,
         });
         bootstrap
     }
+}
 
+impl Ingress {
     fn listener(&self) -> Value {
         let mut http_filters = Vec::new();
         if let Some(filter) = &self.filter {
@@ -174,8 +247,8 @@ impl Bootstrap {
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
         }));
         json!({
-            "name": "ingress",
-            "address": socket("127.0.0.1", self.listener_port),
+            "name": INGRESS_LISTENER,
+            "address": socket("127.0.0.1", 0),
             "filter_chains": [{"filters": [{
                 "name": "envoy.filters.network.http_connection_manager",
                 "typed_config": {
@@ -242,7 +315,7 @@ impl Bootstrap {
 
 /// The `override_host` policy (fallback: least request) and the upstream `header_mutation`
 /// that removes the override header after host selection (docs/filter.md).
-pub fn override_host_options() -> Value {
+fn override_host_options() -> Value {
     json!({
         "load_balancing_policy": {"policies": [{"typed_extension_config": {
             "name": "envoy.load_balancing_policies.override_host",
@@ -276,7 +349,7 @@ pub fn override_host_options() -> Value {
 }
 
 /// Turns fulcrum's label-encoding stat names into Prometheus labels (docs/filter.md).
-pub fn stats_tags() -> Value {
+fn stats_tags() -> Value {
     json!([
         {"tag_name": "service", "regex": r"(\.service\.(.+?))(?:\.endpoint\.|$)"},
         {"tag_name": "endpoint", "regex": r"(\.endpoint\.(.+))$"},
@@ -307,4 +380,127 @@ fn http2_cluster(name: &str, address: SocketAddr) -> Value {
         "explicit_http_config": {"http2_protocol_options": {}},
     }});
     cluster
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ingress(balancing: ClusterBalancing, filter: Option<FilterSetup>) -> Ingress {
+        Ingress {
+            service: "shop".to_owned(),
+            balancing,
+            filter,
+            route_timeout_ms: 1500,
+            retries: 2,
+        }
+    }
+
+    #[test]
+    fn an_ads_bootstrap_has_the_xds_cluster_and_no_listener() {
+        let xds = SocketAddr::from(([127, 0, 0, 1], 18000));
+        let bootstrap = Bootstrap::ads("node-1", xds, AdsApi::Delta).to_json();
+        let ads = &bootstrap["dynamic_resources"]["ads_config"];
+        assert_eq!(ads["api_type"], "DELTA_GRPC");
+        assert_eq!(ads["set_node_on_first_message_only"], true);
+        assert_eq!(bootstrap["node"]["id"], "node-1");
+        assert_eq!(
+            bootstrap["admin"]["address"]["socket_address"]["port_value"],
+            0
+        );
+        let clusters = bootstrap["static_resources"]["clusters"]
+            .as_array()
+            .expect("clusters");
+        assert_eq!(clusters.len(), 1, "{clusters:?}");
+        assert_eq!(clusters[0]["name"], XDS_CLUSTER);
+        let endpoint = &clusters[0]["load_assignment"]["endpoints"][0]["lb_endpoints"][0];
+        assert_eq!(
+            endpoint["endpoint"]["address"]["socket_address"]["port_value"],
+            18000
+        );
+        assert_eq!(bootstrap["static_resources"]["listeners"], json!([]));
+    }
+
+    #[test]
+    fn static_endpoints_behind_the_filter_get_override_host_and_the_wasm_filter() {
+        let filter = FilterSetup {
+            wasm: PathBuf::from("/filter.wasm"),
+            config: json!({"policy": {}}),
+            failure_policy: FailurePolicy::Reload,
+        };
+        let bootstrap = Bootstrap {
+            node_id: "static".to_owned(),
+            endpoints: Endpoints::Static(vec![SocketAddr::from(([127, 0, 0, 1], 9001))]),
+            ingress: Some(ingress(ClusterBalancing::Fulcrum, Some(filter))),
+        }
+        .to_json();
+        assert!(bootstrap.get("dynamic_resources").is_none());
+        let cluster = &bootstrap["static_resources"]["clusters"][0];
+        assert_eq!(cluster["name"], "shop");
+        let policy = &cluster["load_balancing_policy"]["policies"][0]["typed_extension_config"];
+        assert_eq!(
+            policy["typed_config"]["override_host_sources"][0]["header"],
+            OVERRIDE_HEADER
+        );
+        let listener = &bootstrap["static_resources"]["listeners"][0];
+        assert_eq!(listener["name"], INGRESS_LISTENER);
+        let manager = &listener["filter_chains"][0]["filters"][0]["typed_config"];
+        let route = &manager["route_config"]["virtual_hosts"][0]["routes"][0]["route"];
+        assert_eq!(route["cluster"], "shop");
+        assert_eq!(route["timeout"], "1.5s");
+        let wasm = &manager["http_filters"][0]["typed_config"]["config"];
+        assert_eq!(wasm["failure_policy"], "FAIL_RELOAD");
+        assert_eq!(wasm["reload_config"]["backoff"]["base_interval"], "1s");
+        assert_eq!(
+            wasm["vm_config"]["code"]["local"]["filename"],
+            "/filter.wasm"
+        );
+    }
+
+    #[test]
+    fn a_native_balancer_has_no_filter_and_envoys_policy() {
+        let bootstrap = Bootstrap {
+            node_id: "native".to_owned(),
+            endpoints: Endpoints::Static(vec![SocketAddr::from(([127, 0, 0, 1], 9001))]),
+            ingress: Some(ingress(ClusterBalancing::RoundRobin, None)),
+        }
+        .to_json();
+        let cluster = &bootstrap["static_resources"]["clusters"][0];
+        assert_eq!(cluster["lb_policy"], "ROUND_ROBIN");
+        assert!(cluster.get("load_balancing_policy").is_none());
+        let manager = &bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+            [0]["typed_config"];
+        let filters: Vec<&str> = manager["http_filters"]
+            .as_array()
+            .expect("filters")
+            .iter()
+            .filter_map(|filter| filter["name"].as_str())
+            .collect();
+        assert_eq!(filters, ["envoy.filters.http.router"]);
+    }
+
+    #[test]
+    fn ads_with_a_snapshot_api_adds_the_cluster_the_filter_polls() {
+        let bootstrap = Bootstrap {
+            node_id: "demo".to_owned(),
+            endpoints: Endpoints::Ads {
+                xds: SocketAddr::from(([127, 0, 0, 1], 18000)),
+                api: AdsApi::Sotw,
+                snapshot_http: Some(SocketAddr::from(([127, 0, 0, 1], 18080))),
+            },
+            ingress: Some(ingress(ClusterBalancing::Fulcrum, None)),
+        }
+        .to_json();
+        assert_eq!(
+            bootstrap["dynamic_resources"]["ads_config"]["api_type"],
+            "GRPC"
+        );
+        let names: Vec<&str> = bootstrap["static_resources"]["clusters"]
+            .as_array()
+            .expect("clusters")
+            .iter()
+            .filter_map(|cluster| cluster["name"].as_str())
+            .collect();
+        assert_eq!(names, [XDS_CLUSTER, CONTROL_PLANE_CLUSTER]);
+    }
 }
