@@ -1,7 +1,7 @@
 //! Selection algorithms: each picks one endpoint among the admissible candidates.
 //!
 //! Following pingora-load-balancing's `selection/`, the structures that depend only on the
-//! endpoint set (hash ring, Maglev table, sticky index) are built immutably by the balancer
+//! endpoint set (hash ring, Maglev table, sticky index) are built immutably by the picker
 //! when endpoints change and swapped in whole; what changes per request (inflight, latency
 //! estimate, smooth weights, breaker) lives in each endpoint's `Slot` and survives rebuilds.
 //! The functions here are pure: candidates, stats, `now` and the RNG are passed in. Each
@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use crate::{breaker::Breaker, endpoint::Endpoint, policy::OutlierDetection, rng::Rng};
 
-/// One endpoint as the balancer holds it: its description and its mutable stats.
+/// One endpoint as the picker holds it: its description and its mutable stats.
 #[derive(Debug, Clone)]
 pub(crate) struct Slot {
     pub endpoint: Endpoint,

@@ -3,7 +3,7 @@
 //! The token is 16 lower-case hex digits of SipHash-2-4 of the endpoint's `IP:port`, keyed
 //! with a 128-bit session key the operator configures ([`SessionKeys`]): without the key a
 //! client can neither forge a token for an endpoint of its choice nor recover an address from
-//! a token. The balancer keeps a sorted index token → endpoint over every configured key, so
+//! a token. The picker keeps a sorted index token → endpoint over every configured key, so
 //! keys rotate without breaking sessions: the first key signs new cookies, the others are still
 //! accepted (add the new key first, drop the old one once the cookie TTL has passed). Envoy's
 //! `stateful_session` stores the address itself (base64); a keyed hash keeps internal

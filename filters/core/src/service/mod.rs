@@ -1,10 +1,10 @@
-//! `ServiceBalancer`: one service's endpoints, policy and state; the per-request API the
+//! `ServicePicker`: one service's endpoints, policy and state; the per-request API the
 //! proxy-wasm filter calls.
 //!
-//! Per request the filter calls [`ServiceBalancer::pick`] (rate limit, sticky session,
+//! Per request the filter calls [`ServicePicker::pick`] (rate limit, sticky session,
 //! selector / health / breaker / locality filtering, then the algorithm) and, when the response
-//! ends, [`ServiceBalancer::complete`] (inflight, latency and outlier detection). When the
-//! control plane pushes a new endpoint set it calls [`ServiceBalancer::update_endpoints`], which
+//! ends, [`ServicePicker::complete`] (inflight, latency and outlier detection). When the
+//! control plane pushes a new endpoint set it calls [`ServicePicker::update_endpoints`], which
 //! rebuilds the immutable selection structures (pingora style) and keeps the stats of endpoints
 //! that survive, keyed by address. Time is `now: Duration` since any monotonic epoch the caller
 //! picks (it must not go backwards; if it does, elapsed time counts as zero). Nothing here
@@ -300,9 +300,9 @@ enum Found {
     Scratch(usize, usize),
 }
 
-/// One service's balancer. See the module docs.
+/// One service's picker. See the module docs.
 #[derive(Debug, Clone)]
-pub struct ServiceBalancer {
+pub struct ServicePicker {
     policy: ServicePolicy,
     /// Endpoints sorted by address, unique.
     slots: Vec<Slot>,
@@ -321,11 +321,11 @@ pub struct ServiceBalancer {
     scratch: Scratch,
 }
 
-impl ServiceBalancer {
-    /// A balancer for `endpoints` under `policy` (assumed validated; an unvalidated policy
+impl ServicePicker {
+    /// A picker for `endpoints` under `policy` (assumed validated; an unvalidated policy
     /// still never causes a panic). Duplicate addresses keep their first entry.
     pub fn new(policy: &ServicePolicy, endpoints: &[Endpoint]) -> Self {
-        let mut balancer = Self {
+        let mut picker = Self {
             policy: policy.clone(),
             slots: Vec::new(),
             selection: Selection::default(),
@@ -337,8 +337,8 @@ impl ServiceBalancer {
             session_keys: SessionKeys::default(),
             scratch: Scratch::default(),
         };
-        balancer.update_endpoints(endpoints);
-        balancer
+        picker.update_endpoints(endpoints);
+        picker
     }
 
     /// Makes and checks sticky-session cookies with `keys` (the first signs new sessions,
@@ -382,7 +382,7 @@ impl ServiceBalancer {
         self.scratch.generation = 0;
     }
 
-    /// The policy this balancer applies.
+    /// The policy this picker applies.
     pub fn policy(&self) -> &ServicePolicy {
         &self.policy
     }
@@ -390,7 +390,7 @@ impl ServiceBalancer {
     /// Which request attributes [`pick`](Self::pick) reads under this policy.
     pub fn request_needs(&self) -> RequestNeeds<'_> {
         let mut needs = RequestNeeds::default();
-        let hash_on = match self.policy.load_balancer.picker() {
+        let hash_on = match self.policy.load_balancer.algorithm() {
             LoadBalancer::RingHash(ring) => Some(&ring.hash_on),
             LoadBalancer::Maglev(maglev) => Some(&maglev.hash_on),
             _ => None,
@@ -428,7 +428,7 @@ impl ServiceBalancer {
     /// tier) and the algorithm. The caller must later call [`complete`](Self::complete) with
     /// `Pick::endpoint`.
     ///
-    /// The rate limit's buckets are this balancer's own: the limit holds for the requests it
+    /// The rate limit's buckets are this picker's own: the limit holds for the requests it
     /// picks. [`pick_with_buckets`](Self::pick_with_buckets) shares them.
     pub fn pick<R: Rng + ?Sized>(
         &mut self,
@@ -492,7 +492,7 @@ impl ServiceBalancer {
         let found = found?;
         let mut set_cookie = None;
         let mut retry_targets = RetryTargets::default();
-        let slot = match self.policy.load_balancer.picker() {
+        let slot = match self.policy.load_balancer.algorithm() {
             LoadBalancer::RingHash(config) => {
                 let key = hash_key(&config.hash_on, attributes, rng, &mut set_cookie);
                 self.hash_pick(found, key, config.bounded_load, retries, &mut retry_targets)
@@ -580,7 +580,7 @@ impl ServiceBalancer {
                 self.total_inflight = self.total_inflight.saturating_sub(1);
             }
         }
-        let ewma = match self.policy.load_balancer.picker() {
+        let ewma = match self.policy.load_balancer.algorithm() {
             LoadBalancer::PeakEwma(config) => config.clone(),
             _ => PeakEwma::default(),
         };
@@ -931,7 +931,7 @@ impl Selection {
         let uniform_weights = members
             .windows(2)
             .all(|pair| slots[pair[0] as usize].weight() == slots[pair[1] as usize].weight());
-        let hash_table = match policy.load_balancer.picker() {
+        let hash_table = match policy.load_balancer.algorithm() {
             LoadBalancer::RingHash(config) => {
                 Some(ring_hash::build(&members, slots, config.minimum_ring_size))
             }
