@@ -48,6 +48,23 @@ fn smooth_weighted_round_robin_is_exact_over_a_cycle() {
 }
 
 #[test]
+fn smooth_weighted_round_robin_carries_its_rotation_across_an_endpoint_change() {
+    let mut picker = ServicePicker::new(&policy(LoadBalancer::WeightedRoundRobin), &endpoints(2));
+    let mut rng = seeded();
+    assert_eq!(
+        pick_and_complete(&mut picker, ok(ms(5)), ms(0), &mut rng),
+        addr(1)
+    );
+    picker.update_endpoints(&endpoints(3));
+    let picked: Vec<_> = (0..3)
+        .map(|_| pick_and_complete(&mut picker, ok(ms(5)), ms(0), &mut rng))
+        .collect();
+    // addr(2) was owed the next turn and keeps it; the newcomer starts from zero. Had the
+    // rotation restarted, addr(1) would come first.
+    assert_eq!(picked, [addr(2), addr(3), addr(1)]);
+}
+
+#[test]
 fn least_request_takes_the_sampled_candidate_with_fewer_active_requests() {
     let mut picker = ServicePicker::new(
         &policy(LoadBalancer::LeastRequest(LeastRequest::default())),
@@ -555,7 +572,7 @@ fn owners(table: &HashTable, slots: &[Slot], keys: u32) -> Vec<std::net::SocketA
     (0..keys)
         .map(|k| {
             let hash = crate::select::hash::hash_bytes(&k.to_le_bytes());
-            slots[table.slot_at(table.start(hash)) as usize]
+            slots[table.entries()[table.start(hash)] as usize]
                 .endpoint
                 .address
         })
