@@ -11,6 +11,9 @@
 //! from the pick onwards for the list-based algorithms, the table from the key's entry for the
 //! hash ones. The picker takes the retry targets from the walk an algorithm returns, so the
 //! retry order is always "what the algorithm would have picked next".
+//!
+//! The small methods here are `#[inline]`: the picks that call them are generic over the
+//! RNG, so they are compiled in the caller's crate, where a plain call would not inline.
 
 /// Generation-stamped candidate marks, one per slot, reused by every pick: a slot is marked
 /// when its mark equals the generation, so unmarking is one increment.
@@ -62,6 +65,7 @@ enum Kind<'a> {
 
 impl<'a> Candidates<'a> {
     /// All of tier `tier`: `slots` are its members and `tier_of` gives every slot's tier.
+    #[inline]
     pub fn tier(slots: &'a [u32], tier_of: &'a [u16], tier: usize) -> Self {
         Self {
             slots,
@@ -73,6 +77,7 @@ impl<'a> Candidates<'a> {
     }
 
     /// The subset `slots`, with `marks` to test membership in when asked.
+    #[inline]
     pub fn subset(slots: &'a [u32], marks: &'a mut Marks) -> Self {
         Self {
             slots,
@@ -81,12 +86,14 @@ impl<'a> Candidates<'a> {
     }
 
     /// The candidates' slot indices.
+    #[inline]
     pub fn slots(&self) -> &'a [u32] {
         self.slots
     }
 
     /// A membership test, for algorithms that walk more than the candidates; for a subset
     /// this marks it (O(candidates)), so call it once per pick.
+    #[inline]
     pub fn membership(&mut self) -> Membership<'_> {
         match &mut self.kind {
             Kind::Tier { tier_of, tier } => Membership::Tier {
@@ -106,6 +113,7 @@ pub(crate) enum Membership<'a> {
 }
 
 impl Membership<'_> {
+    #[inline]
     pub fn contains(&self, slot: u32) -> bool {
         match *self {
             Self::Tier { tier_of, tier } => tier_of[slot as usize] == tier,
@@ -126,6 +134,7 @@ pub(crate) struct Walk<'a> {
 
 impl<'a> Walk<'a> {
     /// Every entry once, from `entries[start % len]`.
+    #[inline]
     pub fn lap(entries: &'a [u32], start: usize) -> Self {
         Self {
             entries,
@@ -136,6 +145,7 @@ impl<'a> Walk<'a> {
     }
 
     /// The same walk yielding only the candidates of `membership`.
+    #[inline]
     pub fn among(self, membership: Membership<'a>) -> Self {
         Self {
             only: Some(membership),
@@ -144,6 +154,7 @@ impl<'a> Walk<'a> {
     }
 
     /// A walk that yields nothing.
+    #[inline]
     pub fn empty() -> Self {
         Self::lap(&[], 0)
     }
@@ -152,6 +163,7 @@ impl<'a> Walk<'a> {
 impl Iterator for Walk<'_> {
     type Item = u32;
 
+    #[inline]
     fn next(&mut self) -> Option<u32> {
         while self.remaining > 0 {
             let slot = self.entries[self.next % self.entries.len()];

@@ -120,6 +120,43 @@ impl<L: Layout> ConsistentHash<L> {
             layout,
         }
     }
+
+    /// Walks the table from `key`: the first candidate within the load bound is the pick
+    /// (the first candidate at all if every one is over it, with no retry order), the
+    /// candidates after it up to the end of the lap are the retry order. Apart from the
+    /// RNG-generic [`Select::pick`] so that the walk is compiled here, once.
+    fn walk<'a>(
+        &'a self,
+        key: u64,
+        candidates: &'a mut Candidates<'_>,
+        slots: &[Slot],
+        total_inflight: u64,
+    ) -> Choice<'a> {
+        let fallback = candidates.slots().first().copied().unwrap_or(0) as usize;
+        let limit = self.bounded_load.map(|factor| {
+            factor * (total_inflight as f64 + 1.0) / candidates.slots().len().max(1) as f64
+        });
+        let table = &self.table;
+        let mut walk = Walk::lap(table.entries(), table.start(key)).among(candidates.membership());
+        let mut first_candidate = None;
+        while let Some(slot) = walk.next() {
+            let slot = slot as usize;
+            first_candidate.get_or_insert(slot);
+            let load = f64::from(slots[slot].stats.inflight) + 1.0;
+            if limit.is_none_or(|limit| load <= limit) {
+                return Choice {
+                    slot,
+                    then: walk,
+                    set_cookie: None,
+                };
+            }
+        }
+        Choice {
+            slot: first_candidate.unwrap_or(fallback),
+            then: Walk::empty(),
+            set_cookie: None,
+        }
+    }
 }
 
 impl<L: Layout> Select for ConsistentHash<L> {
@@ -127,9 +164,6 @@ impl<L: Layout> Select for ConsistentHash<L> {
         self.table = self.layout.build(set.eligible, set.slots);
     }
 
-    /// Walks the table from the request's key: the first candidate within the load bound is
-    /// the pick (the first candidate at all if every one is over it, with no retry order),
-    /// the candidates after it up to the end of the lap are the retry order.
     fn pick<'a, R: Rng + ?Sized>(
         &'a mut self,
         candidates: &'a mut Candidates<'_>,
@@ -142,29 +176,9 @@ impl<L: Layout> Select for ConsistentHash<L> {
             request.rng,
             &mut set_cookie,
         );
-        let fallback = candidates.slots().first().copied().unwrap_or(0) as usize;
-        let limit = self.bounded_load.map(|factor| {
-            factor * (request.total_inflight as f64 + 1.0) / candidates.slots().len().max(1) as f64
-        });
-        let table = &self.table;
-        let mut walk = Walk::lap(table.entries(), table.start(key)).among(candidates.membership());
-        let mut first_candidate = None;
-        while let Some(slot) = walk.next() {
-            let slot = slot as usize;
-            first_candidate.get_or_insert(slot);
-            let load = f64::from(request.slots[slot].stats.inflight) + 1.0;
-            if limit.is_none_or(|limit| load <= limit) {
-                return Choice {
-                    slot,
-                    then: walk,
-                    set_cookie,
-                };
-            }
-        }
         Choice {
-            slot: first_candidate.unwrap_or(fallback),
-            then: Walk::empty(),
             set_cookie,
+            ..self.walk(key, candidates, request.slots, request.total_inflight)
         }
     }
 

@@ -172,6 +172,7 @@ pub(crate) struct Choice<'a> {
 impl<'a> Choice<'a> {
     /// The candidate at `position` (the first if out of range), then the others in
     /// candidate order from the next one: the answer of every list-based algorithm.
+    #[inline]
     pub fn at(candidates: &Candidates<'a>, position: usize) -> Self {
         let slots = candidates.slots();
         let slot = slots.get(position).copied().unwrap_or(slots[0]) as usize;
