@@ -1,4 +1,5 @@
-//! Sticky-session tokens: an opaque cookie value naming an endpoint without revealing its IP.
+//! Sticky sessions: the layer in front of the policy's algorithm (`Sessions`), and its tokens,
+//! an opaque cookie value naming an endpoint without revealing its IP.
 //!
 //! The token is 16 lower-case hex digits of SipHash-2-4 of the endpoint's `IP:port`, keyed
 //! with a 128-bit session key the operator configures ([`SessionKeys`]): without the key a

@@ -23,7 +23,8 @@ impl Select for WeightedRoundRobin {
             .iter()
             .map(|old| {
                 old.and_then(|old| previous.get(old as usize))
-                    .map_or(0, |&w| w)
+                    .copied()
+                    .unwrap_or(0)
             })
             .collect();
     }
