@@ -81,10 +81,14 @@ impl Checker {
             self.passes = 0;
         }
         let next = match self.status {
-            HealthStatus::Unknown | HealthStatus::Unhealthy if self.passes >= healthy_threshold.max(1) => {
+            HealthStatus::Unknown | HealthStatus::Unhealthy
+                if self.passes >= healthy_threshold.max(1) =>
+            {
                 HealthStatus::Healthy
             }
-            HealthStatus::Unknown | HealthStatus::Healthy if self.failures >= unhealthy_threshold.max(1) => {
+            HealthStatus::Unknown | HealthStatus::Healthy
+                if self.failures >= unhealthy_threshold.max(1) =>
+            {
                 HealthStatus::Unhealthy
             }
             unchanged => unchanged,

@@ -58,7 +58,12 @@ impl ProbeHub {
 
     /// Follows `check` of `target`, starting its probe task (on the current tokio runtime,
     /// counted under `cluster`) unless one runs already.
-    pub fn subscribe(&self, target: SocketAddr, check: &HealthCheck, cluster: &str) -> Subscription {
+    pub fn subscribe(
+        &self,
+        target: SocketAddr,
+        check: &HealthCheck,
+        cluster: &str,
+    ) -> Subscription {
         let key = (target, check.clone());
         let mut probes = self.shared.lock();
         let probe = probes.entry(key.clone()).or_insert_with(|| {

@@ -123,7 +123,9 @@ impl<K: Clone + Eq + Hash + Send + 'static> Reconciler<K> {
 
     /// Which subscription follows `key`: a new number each time it is (re)subscribed.
     pub fn generation(&self, key: &K) -> Option<u64> {
-        self.following.get(key).map(|following| following.generation)
+        self.following
+            .get(key)
+            .map(|following| following.generation)
     }
 
     /// How many keys are followed.

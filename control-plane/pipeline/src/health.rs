@@ -149,9 +149,13 @@ impl Overlay {
         let mut checked: Option<Services> = None;
         for (service, address) in &self.failing {
             let passing = |services: &Services| {
-                services.get(service)?.endpoints.iter().position(|endpoint| {
-                    endpoint.address == *address && endpoint.health != Health::Unhealthy
-                })
+                services
+                    .get(service)?
+                    .endpoints
+                    .iter()
+                    .position(|endpoint| {
+                        endpoint.address == *address && endpoint.health != Health::Unhealthy
+                    })
             };
             let Some(index) = passing(checked.as_ref().unwrap_or(&endpoints)) else {
                 continue;
@@ -233,15 +237,18 @@ mod tests {
         overlay.reconcile(Some(&merged), Some(&checked("shop")));
         assert_eq!(overlay.probes.len(), 2);
         let generations = |overlay: &Overlay| {
-            ["127.0.0.1:1", "127.0.0.1:2"]
-                .map(|address| {
-                    let key = ("shop".to_owned(), address.parse().expect("address"));
-                    overlay.probes.generation(&key)
-                })
+            ["127.0.0.1:1", "127.0.0.1:2"].map(|address| {
+                let key = ("shop".to_owned(), address.parse().expect("address"));
+                overlay.probes.generation(&key)
+            })
         };
         let first = generations(&overlay);
         overlay.reconcile(Some(&merged), Some(&checked("shop")));
-        assert_eq!(first, generations(&overlay), "an unchanged check keeps its tasks");
+        assert_eq!(
+            first,
+            generations(&overlay),
+            "an unchanged check keeps its tasks"
+        );
 
         let fewer = snapshot(&[("127.0.0.1:2", Health::Healthy)]);
         overlay.reconcile(Some(&fewer), Some(&checked("shop")));

@@ -13,14 +13,14 @@ use std::{
     time::Duration,
 };
 
-/// The validated health check: the same model as the policy's `health_check`.
-pub use fulcrum_core::policy::{HealthCheck, Probe};
 /// One invalid field: the same model as the policy's and the snapshot's validation errors.
 pub use fulcrum_core::ValidationError;
 use fulcrum_core::policy::{
     DEFAULT_CHECK_INTERVAL, DEFAULT_CHECK_TIMEOUT, DEFAULT_HEALTHY_THRESHOLD, DEFAULT_HTTP_PATH,
     DEFAULT_UNHEALTHY_THRESHOLD, default_jitter,
 };
+/// The validated health check: the same model as the policy's `health_check`.
+pub use fulcrum_core::policy::{HealthCheck, Probe};
 use serde::{Deserialize, Serialize};
 
 /// TTL when the client sends none.

@@ -4,7 +4,7 @@
 //! reads (discover, watch, the endpoint source) come from the local [`View`], so they keep
 //! answering with the last known state while the backend cannot take writes. A "pick one"
 //! discovery applies the service's [`fulcrum_core::Policy`] through a
-//! [`ServiceBalancer`] kept per service and filter, rebuilt when the service changes.
+//! [`ServicePicker`] kept per service and filter, rebuilt when the service changes.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
@@ -12,7 +12,7 @@ use std::{
     time::Duration,
 };
 
-use fulcrum_core::{Outcome, Policy, RequestAttributes, ServiceBalancer, rng::SplitMix64};
+use fulcrum_core::{Outcome, Policy, RequestAttributes, ServicePicker, rng::SplitMix64};
 use fulcrum_health::ProbeHub;
 use tokio::time::Instant;
 use tracing::info;
@@ -167,7 +167,7 @@ struct CachedBalancer {
     /// Instance ids by address, to map the pick back.
     ids: HashMap<std::net::SocketAddr, usize>,
     entries: Vec<Entry>,
-    balancer: ServiceBalancer,
+    balancer: ServicePicker,
 }
 
 #[derive(Debug)]
@@ -363,7 +363,7 @@ impl Registry {
                 policy_version,
                 ids,
                 entries,
-                balancer: ServiceBalancer::new(service_policy, &endpoints),
+                balancer: ServicePicker::new(service_policy, &endpoints),
             };
             if balancers.len() >= MAX_BALANCERS {
                 balancers.clear();

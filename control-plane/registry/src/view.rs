@@ -633,6 +633,9 @@ mod tests {
         let first = record(spec("a", "a-1", 1));
         view.upsert(first.clone());
         view.set_health(&first, HealthStatus::Unhealthy);
-        assert_eq!(view.services()["a"].endpoints[0].health, fulcrum_core::Health::Unhealthy);
+        assert_eq!(
+            view.services()["a"].endpoints[0].health,
+            fulcrum_core::Health::Unhealthy
+        );
     }
 }

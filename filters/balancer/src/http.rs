@@ -188,10 +188,10 @@ impl Request {
             return Action::Continue;
         };
         let now = now();
-        let inputs = RequestInputs::read(service.balancer.request_needs(), metrics);
+        let inputs = RequestInputs::read(service.picker.request_needs(), metrics);
         let attributes = inputs.attributes();
         match service
-            .balancer
+            .picker
             .pick_with_buckets(&attributes, now, rng, &mut service.buckets)
         {
             Ok(pick) => {
@@ -305,7 +305,7 @@ impl Request {
             service.metrics.override_ignored();
         }
         let transitions = service
-            .balancer
+            .picker
             .complete(pending.endpoint, served_by, outcome, now());
         for transition in transitions.iter() {
             service.metrics.transition(transition);

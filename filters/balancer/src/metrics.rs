@@ -181,7 +181,7 @@ impl Metrics {
     }
 }
 
-/// Stats of one service and its endpoints, kept with the service's balancer so the request
+/// Stats of one service and its endpoints, kept with the service's picker so the request
 /// path looks endpoints up by address alone.
 #[derive(Debug)]
 pub struct ServiceMetrics {

@@ -1,4 +1,4 @@
-//! One VM's balancing state: a [`ServiceBalancer`] per service, built from the current
+//! One VM's balancing state: a [`ServicePicker`] per service, built from the current
 //! snapshot, plus the VM's stats and random source.
 //!
 //! Envoy runs one VM per worker thread and its own load balancers per worker too; fulcrum's
@@ -10,7 +10,7 @@
 use std::{collections::HashMap, net::SocketAddr, rc::Rc};
 
 use fulcrum_core::{
-    BreakerState, Endpoint, Policy, ServiceBalancer, SessionKeys, Snapshot, rng::SplitMix64,
+    BreakerState, Endpoint, Policy, ServicePicker, SessionKeys, Snapshot, rng::SplitMix64,
 };
 
 use crate::{
@@ -18,10 +18,10 @@ use crate::{
     sync::{SharedBuckets, SharedKeys},
 };
 
-/// A service's balancer, rate-limit buckets and stats.
+/// A service's picker, rate-limit buckets and stats.
 #[derive(Debug)]
 pub struct Service {
-    pub balancer: ServiceBalancer,
+    pub picker: ServicePicker,
     /// The rate limit's buckets, shared with every VM of the plugin.
     pub buckets: SharedBuckets,
     pub metrics: ServiceMetrics,
@@ -46,7 +46,7 @@ pub struct Worker {
     /// The policy in force: the configuration's until a snapshot brings one, then the last
     /// one a snapshot brought.
     policy: Policy,
-    /// Keys of sticky-session cookies, given to every service's balancer.
+    /// Keys of sticky-session cookies, given to every service's picker.
     session_keys: SessionKeys,
     /// Where the plugin's VMs share state (here: each service's rate-limit buckets).
     shared: SharedKeys,
@@ -113,7 +113,7 @@ impl Worker {
         self.services.get_mut(key)
     }
 
-    /// Applies a received snapshot: new services get balancers, services whose selection
+    /// Applies a received snapshot: new services get pickers, services whose selection
     /// policy is unchanged keep the state of their surviving endpoints (a change of
     /// `health_check` alone, or of another service's policy, resets nothing), services whose
     /// selection policy changed start afresh, and removed services are dropped. A snapshot
@@ -133,17 +133,17 @@ impl Worker {
             let service = match previous.remove(name.as_str()) {
                 Some(mut service) if unchanged => {
                     release_removed(&mut service, &endpoints.endpoints);
-                    service.balancer.update_endpoints(&endpoints.endpoints);
+                    service.picker.update_endpoints(&endpoints.endpoints);
                     service
                 }
                 stale => {
                     if let Some(mut stale) = stale {
                         release_removed(&mut stale, &[]);
                     }
-                    let mut balancer = ServiceBalancer::new(service_policy, &endpoints.endpoints);
-                    balancer.set_session_keys(&self.session_keys);
+                    let mut picker = ServicePicker::new(service_policy, &endpoints.endpoints);
+                    picker.set_session_keys(&self.session_keys);
                     Service {
-                        balancer,
+                        picker,
                         buckets: self.shared.rate_limit_buckets(name),
                         metrics: ServiceMetrics::new(name, &self.metrics),
                     }
@@ -163,7 +163,7 @@ impl Worker {
 /// the service ever had.
 fn release_removed(service: &mut Service, remaining: &[Endpoint]) {
     let removed: Vec<(SocketAddr, bool)> = service
-        .balancer
+        .picker
         .endpoints()
         .filter(|view| !remaining.iter().any(|e| e.address == view.endpoint.address))
         .map(|view| {

@@ -7,7 +7,7 @@ use std::{hint::black_box, net::SocketAddr, time::Duration};
 
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fulcrum_core::{
-    Endpoint, LoadBalancer, Outcome, RequestAttributes, ServiceBalancer, ServicePolicy,
+    Endpoint, LoadBalancer, Outcome, RequestAttributes, ServicePicker, ServicePolicy,
     policy::{HashOn, HealthScore, LeastRequest, Maglev, PeakEwma, RingHash, Sticky},
     rng::SplitMix64,
 };
@@ -66,7 +66,7 @@ fn pick_and_complete(c: &mut Criterion) {
                 load_balancer: load_balancer.clone(),
                 ..ServicePolicy::default()
             };
-            let mut balancer = ServiceBalancer::new(&policy, &endpoints(n));
+            let mut picker = ServicePicker::new(&policy, &endpoints(n));
             let mut rng = SplitMix64::new(42);
             let mut tick: u64 = 0;
             group.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, _| {
@@ -77,7 +77,7 @@ fn pick_and_complete(c: &mut Criterion) {
                         hash_header: Some(&keys[(tick % 1024) as usize]),
                         ..RequestAttributes::default()
                     };
-                    let pick = balancer
+                    let pick = picker
                         .pick(black_box(&attributes), now, &mut rng)
                         .expect("healthy endpoints");
                     let outcome = Outcome {
@@ -85,7 +85,7 @@ fn pick_and_complete(c: &mut Criterion) {
                         latency: Duration::from_millis(5),
                         ..Outcome::default()
                     };
-                    black_box(balancer.complete(
+                    black_box(picker.complete(
                         pick.endpoint,
                         fulcrum_core::Served::ByPick,
                         outcome,

@@ -7,7 +7,7 @@
 //! sliding window with a minimum volume; bounded probes after the ejection expires). Unlike
 //! Envoy it needs no periodic sweep: a state is judged when an outcome arrives, and an expired
 //! ejection turns into half-open when the next pick admits a probe. Service-level limits
-//! (max ejection percent, panic threshold) are decided by the balancer and passed in.
+//! (max ejection percent, panic threshold) are decided by the picker and passed in.
 
 use std::time::Duration;
 
@@ -114,7 +114,7 @@ impl Verdict {
 /// What happens to a breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
-    /// The balancer sends a request to the endpoint (a probe when not closed).
+    /// The picker sends a request to the endpoint (a probe when not closed).
     Admit,
     /// A request to the endpoint completed.
     Complete(Verdict),
@@ -129,7 +129,7 @@ pub struct Context<'a> {
     pub now: Duration,
     /// Whether the service allows one more ejection (max ejection percent).
     pub may_eject: bool,
-    /// Per-endpoint seed for the ejection jitter (the balancer hashes the address).
+    /// Per-endpoint seed for the ejection jitter (the picker hashes the address).
     pub jitter_seed: u64,
 }
 

@@ -5,7 +5,7 @@
 //! Units: `ms`, `s`, `m`, `h`; each component is a whole number; the resolution is one
 //! millisecond. Serialization writes the shortest exact form (`"1500ms"`, `"30s"`).
 //!
-//! Time at run time is different: the balancer takes `now: std::time::Duration` measured
+//! Time at run time is different: the picker takes `now: std::time::Duration` measured
 //! from an arbitrary monotonic epoch chosen by the caller (see the crate docs).
 
 use std::time::Duration;

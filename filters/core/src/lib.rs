@@ -10,14 +10,13 @@
 //!   shared buckets rely on); time going backwards counts as no time passing.
 //! - Randomness is any [`rng::Rng`]; [`rng::SplitMix64`] in production, [`rng::Sequence`] in
 //!   tests.
-//! - The per-request API is [`ServiceBalancer`]: `pick`, then `complete`.
+//! - The per-request API is [`ServicePicker`]: `pick`, then `complete`.
 
 /// The request header the filter writes the picked `IP:port` (then the retry targets) into,
 /// and the cluster's `override_host` policy reads: the contract between the filter and the
 /// clusters the control plane, the demo and the Istio manifests configure.
 pub const OVERRIDE_HEADER: &str = "x-fulcrum-endpoint";
 
-pub mod balancer;
 pub mod breaker;
 pub mod duration;
 pub mod endpoint;
@@ -26,6 +25,7 @@ pub mod ratelimit;
 pub mod receive;
 pub mod rng;
 pub mod select;
+pub mod service;
 pub mod validate;
 pub mod version;
 pub mod window;
@@ -35,10 +35,11 @@ mod test_support;
 #[cfg(test)]
 mod tests;
 
-pub use balancer::{
+pub use service::{
     EndpointView, Outcome, Pick, Rejection, RequestAttributes, RequestNeeds, RetryTargets, Served,
-    ServiceBalancer, Transition, Transitions,
+    ServicePicker, Transition, Transitions,
 };
+
 pub use breaker::BreakerState;
 pub use endpoint::{Endpoint, Health, ServiceEndpoints, Snapshot};
 pub use policy::{LoadBalancer, OnNoEndpoint, Policy, ServicePolicy};

@@ -201,7 +201,7 @@ impl Default for HealthScore {
 pub enum HashOn {
     /// The value of this request header (lower-case name).
     Header(String),
-    /// This cookie; when absent, the balancer generates one and asks the filter to set it.
+    /// This cookie; when absent, the picker generates one and asks the filter to set it.
     Cookie(HashCookie),
     /// The downstream source IP address.
     #[default]
@@ -268,7 +268,7 @@ impl Default for Maglev {
 /// Sticky sessions (Envoy `stateful_session` with a cookie).
 ///
 /// A request carrying the cookie goes to the endpoint it names while that endpoint is known,
-/// healthy or draining, selected and not ejected; otherwise `fallback` picks and the balancer
+/// healthy or draining, selected and not ejected; otherwise `fallback` picks and the picker
 /// asks the filter to set a new cookie. The cookie value is an opaque hash of the address, so
 /// internal IPs do not leak.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -519,7 +519,7 @@ impl EndpointSelector {
 
 impl LoadBalancer {
     /// The algorithm that picks new requests: the fallback for `sticky`, itself otherwise.
-    pub fn picker(&self) -> &LoadBalancer {
+    pub fn algorithm(&self) -> &LoadBalancer {
         match self {
             Self::Sticky(sticky) => &sticky.fallback,
             other => other,

@@ -12,7 +12,7 @@
 //! the service bucket is empty, so a rejected request costs the service nothing.
 //!
 //! **Where buckets live** is the [`BucketStore`]'s business: [`LocalBuckets`] keeps them in
-//! memory (one balancer, one thread); the filter keeps them in Envoy's shared data, so every
+//! memory (one picker, one thread); the filter keeps them in Envoy's shared data, so every
 //! worker of a proxy draws from the same buckets and the limit is per proxy, as an operator
 //! reads it. The store offers compare-and-swap (Envoy's shared data does): a bucket is read
 //! with a version and written only if nobody wrote it since, so two workers never both spend
@@ -134,7 +134,7 @@ pub trait BucketStore {
     fn write(&mut self, bucket: BucketId, state: BucketState, version: u32) -> bool;
 }
 
-/// Buckets in this balancer's memory: at most `max_clients + 1` of them.
+/// Buckets in local memory: at most `max_clients + 1` of them.
 #[derive(Debug, Clone, Default)]
 pub struct LocalBuckets {
     buckets: HashMap<BucketId, (BucketState, u32)>,

@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use crate::{
-    Endpoint, Outcome, ServiceBalancer,
+    Endpoint, Outcome, ServicePicker,
     policy::{LoadBalancer, OutlierDetection, ServicePolicy},
     rng::SplitMix64,
 };
@@ -101,21 +101,21 @@ pub fn connect_failure() -> Outcome {
 /// Picks once with no request attributes and completes with `outcome` at `now`; returns the
 /// endpoint picked.
 pub fn pick_and_complete(
-    balancer: &mut ServiceBalancer,
+    picker: &mut ServicePicker,
     outcome: Outcome,
     now: Duration,
     rng: &mut SplitMix64,
 ) -> SocketAddr {
-    let pick = balancer
+    let pick = picker
         .pick(&Default::default(), now, rng)
         .expect("an endpoint is admissible");
-    balancer.complete(pick.endpoint, crate::Served::ByPick, outcome, now);
+    picker.complete(pick.endpoint, crate::Served::ByPick, outcome, now);
     pick.endpoint
 }
 
 /// Sends `outcome` to `endpoint` directly, as if it had been picked, `times` times.
 pub fn fail_on(
-    balancer: &mut ServiceBalancer,
+    picker: &mut ServicePicker,
     endpoint: SocketAddr,
     outcome: Outcome,
     times: u32,
@@ -124,7 +124,7 @@ pub fn fail_on(
     let mut transitions = Vec::new();
     for _ in 0..times {
         transitions.extend(
-            balancer
+            picker
                 .complete(endpoint, crate::Served::ByPick, outcome, now)
                 .iter()
                 .copied(),

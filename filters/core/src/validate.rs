@@ -4,7 +4,7 @@
 //! every mistake in one pass, each as `path: what is allowed, what was given`, e.g.
 //! `services.checkout.outlier_detection.max_ejection_percent: must be 0..=100, got 150`.
 //! Parsing ([`Policy::from_json`], and `Policy::from_yaml` with the `yaml` feature) validates
-//! too, so a `Policy` obtained from text is always in range and the balancer can trust it.
+//! too, so a `Policy` obtained from text is always in range and the picker can trust it.
 
 use std::{fmt, time::Duration};
 
@@ -16,7 +16,7 @@ use crate::{
     },
 };
 
-/// Largest ring a `ring_hash` balancer builds (entries), bounding its memory.
+/// Largest ring `ring_hash` builds (entries), bounding its memory.
 pub const MAX_RING_SIZE: u32 = 262_144;
 /// Largest Maglev table (Envoy's limit).
 pub const MAX_MAGLEV_TABLE_SIZE: u32 = 5_000_011;

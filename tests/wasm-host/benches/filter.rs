@@ -1,5 +1,5 @@
 //! Nanoseconds per request through the real filter inside wasmtime, beside the same core
-//! (`fulcrum_core::ServiceBalancer`) called natively, at 10, 1,000 and 10,000 endpoints.
+//! (`fulcrum_core::ServicePicker`) called natively, at 10, 1,000 and 10,000 endpoints.
 //!
 //! One wasm iteration is the whole stream lifecycle Envoy drives: context create,
 //! `on_request_headers` (strip, pick, write the override header), `on_response_headers`
@@ -14,8 +14,8 @@ use std::{hint::black_box, net::SocketAddr, time::Duration};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use fulcrum_core::{
     Endpoint, OVERRIDE_HEADER, ServicePolicy,
-    balancer::{Outcome, RequestAttributes, ServiceBalancer},
     rng::SplitMix64,
+    service::{Outcome, RequestAttributes, ServicePicker},
 };
 use fulcrum_wasm_host::Plugin;
 
@@ -69,12 +69,12 @@ fn native(c: &mut Criterion) {
     let mut group = c.benchmark_group("request_through_filter");
     for size in SIZES {
         let endpoints: Vec<Endpoint> = (0..size).map(|i| Endpoint::new(address(i))).collect();
-        let mut balancer = ServiceBalancer::new(&ServicePolicy::default(), &endpoints);
+        let mut picker = ServicePicker::new(&ServicePolicy::default(), &endpoints);
         let mut rng = SplitMix64::new(7);
         let mut now = Duration::from_secs(1);
         group.bench_with_input(BenchmarkId::new("native_core", size), &size, |b, _| {
             b.iter(|| {
-                let pick = balancer
+                let pick = picker
                     .pick(&RequestAttributes::default(), now, &mut rng)
                     .expect("a pick");
                 now += Duration::from_micros(50);
@@ -83,7 +83,7 @@ fn native(c: &mut Criterion) {
                     latency: Duration::from_micros(50),
                     ..Outcome::default()
                 };
-                black_box(balancer.complete(
+                black_box(picker.complete(
                     pick.endpoint,
                     fulcrum_core::Served::ByPick,
                     outcome,

@@ -160,7 +160,12 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: String, fields: &[ValidationError]) -> Self {
+    fn new(
+        status: StatusCode,
+        code: &'static str,
+        message: String,
+        fields: &[ValidationError],
+    ) -> Self {
         Self {
             status,
             code,

@@ -9,15 +9,26 @@
 
 use std::time::Duration;
 
-use super::{Slot, power_of_choices};
-use crate::{
-    policy::{HealthScore, PeakEwma},
-    rng::Rng,
-};
+use super::{Choice, Request, Select, Slot, candidates::Candidates, two_choices};
+use crate::{policy, rng::Rng};
+
+/// Health score under its policy's weights.
+#[derive(Debug, Clone)]
+pub(crate) struct HealthScore(pub policy::HealthScore);
+
+impl Select for HealthScore {
+    fn pick<'a, R: Rng + ?Sized>(
+        &'a mut self,
+        candidates: &'a mut Candidates<'_>,
+        request: Request<'_, R>,
+    ) -> Choice<'a> {
+        two_choices(candidates, request, |slot, now| score(&self.0, slot, now))
+    }
+}
 
 /// The score of one endpoint at `now`; lower is healthier.
-pub(crate) fn score(config: &HealthScore, slot: &Slot, now: Duration) -> f64 {
-    let ewma = PeakEwma::default();
+fn score(config: &policy::HealthScore, slot: &Slot, now: Duration) -> f64 {
+    let ewma = policy::PeakEwma::default();
     let latency_ms = slot
         .stats
         .ewma
@@ -32,16 +43,4 @@ pub(crate) fn score(config: &HealthScore, slot: &Slot, now: Duration) -> f64 {
     config.latency * latency_ms
         + config.inflight * f64::from(slot.stats.inflight)
         + config.failures * failure_percent
-}
-
-pub(crate) fn pick<R: Rng + ?Sized>(
-    config: &HealthScore,
-    candidates: &[u32],
-    slots: &[Slot],
-    now: Duration,
-    rng: &mut R,
-) -> usize {
-    power_of_choices(candidates, 2, rng, |slot| {
-        score(config, &slots[slot as usize], now)
-    })
 }

@@ -6,11 +6,56 @@
 //! proportional draw has the same long-run shares and needs no scheduler state, but costs
 //! O(candidates) per pick; equal weights cost O(choice_count)).
 
-use super::{Slot, power_of_choices, weighted::random_pick_by};
-use crate::{policy::LeastRequest, rng::Rng};
+use super::{
+    Choice, EndpointSet, Request, Select, Slot, candidates::Candidates, power_of_choices,
+    weighted::random_pick_by,
+};
+use crate::{policy, rng::Rng};
 
-pub(crate) fn pick<R: Rng + ?Sized>(
-    config: &LeastRequest,
+/// Least request under its policy, and whether the eligible endpoints' weights are all equal
+/// (which selects the power-of-choices path).
+#[derive(Debug, Clone)]
+pub(crate) struct LeastRequest {
+    config: policy::LeastRequest,
+    uniform_weights: bool,
+}
+
+impl LeastRequest {
+    pub fn new(config: &policy::LeastRequest) -> Self {
+        Self {
+            config: config.clone(),
+            uniform_weights: true,
+        }
+    }
+}
+
+impl Select for LeastRequest {
+    fn rebuild(&mut self, set: &EndpointSet<'_>) {
+        let slots = set.slots;
+        self.uniform_weights = set
+            .eligible
+            .windows(2)
+            .all(|pair| slots[pair[0] as usize].weight() == slots[pair[1] as usize].weight());
+    }
+
+    fn pick<'a, R: Rng + ?Sized>(
+        &'a mut self,
+        candidates: &'a mut Candidates<'_>,
+        request: Request<'_, R>,
+    ) -> Choice<'a> {
+        let position = pick(
+            &self.config,
+            candidates.slots(),
+            request.slots,
+            self.uniform_weights,
+            request.rng,
+        );
+        Choice::at(candidates, position)
+    }
+}
+
+fn pick<R: Rng + ?Sized>(
+    config: &policy::LeastRequest,
     candidates: &[u32],
     slots: &[Slot],
     uniform_weights: bool,

@@ -6,8 +6,21 @@
 //! up with its claims × the maximum weight, so shares follow weights. Lookups are one table
 //! read; each endpoint owns `M / N` entries within a few percent.
 
-use super::{Slot, hash::HashTable};
+use super::{
+    Slot,
+    hash::{HashTable, Layout},
+};
 use crate::rng::mix64;
+
+/// The lookup table's layout: its `table_size` from the policy.
+#[derive(Debug, Clone)]
+pub(crate) struct Table(pub u32);
+
+impl Layout for Table {
+    fn build(&self, eligible: &[u32], slots: &[Slot]) -> HashTable {
+        build(eligible, slots, self.0)
+    }
+}
 
 /// Builds a table of `table_size` entries (should be prime) over `members` (slot indices).
 pub(crate) fn build(members: &[u32], slots: &[Slot], table_size: u32) -> HashTable {

@@ -1,12 +1,21 @@
-//! Selection algorithms: each picks one endpoint among the admissible candidates.
+//! Selection algorithms: each picks one endpoint among a request's admissible candidates.
 //!
-//! Following pingora-load-balancing's `selection/`, the structures that depend only on the
-//! endpoint set (hash ring, Maglev table, sticky index) are built immutably by the balancer
-//! when endpoints change and swapped in whole; what changes per request (inflight, latency
-//! estimate, smooth weights, breaker) lives in each endpoint's `Slot` and survives rebuilds.
-//! The functions here are pure: candidates, stats, `now` and the RNG are passed in. Each
-//! returns the position of its pick in `candidates`.
+//! Every algorithm is a type implementing `Select` in its own file, its state (a cursor,
+//! smooth weights, a hash table) beside its code; `Algorithm` is the one place they are
+//! registered: the policy's [`LoadBalancer`] → its implementation, dispatched statically.
+//! The shape is pingora-load-balancing's `selection/` (`BackendSelection` built from the
+//! backend set, then asked per request) and tower's `p2c` (load read from the endpoints at
+//! pick time): what depends only on the endpoint set (hash ring, Maglev table, whether
+//! weights are uniform) is rebuilt by `Select::rebuild` when the set changes; what changes
+//! per request (inflight, latency estimate, breaker) lives in each endpoint's `Slot`, kept by
+//! the picker across rebuilds. Picks are pure: candidates, stats, `now` and the RNG are passed
+//! in (`Request`), and a pick allocates nothing but a cookie it asks the filter to set.
+//!
+//! Sticky sessions ([`sticky`]) are a layer in front of an algorithm, not one: a request
+//! whose cookie names an admissible endpoint goes there, any other is picked by the fallback
+//! algorithm and given a cookie.
 
+pub(crate) mod candidates;
 pub mod hash;
 pub mod health_score;
 pub mod least_request;
@@ -19,9 +28,16 @@ pub mod weighted;
 
 use std::time::Duration;
 
-use crate::{breaker::Breaker, endpoint::Endpoint, policy::OutlierDetection, rng::Rng};
+use self::candidates::{Candidates, Walk};
+use crate::{
+    breaker::Breaker,
+    endpoint::Endpoint,
+    policy::{self, LoadBalancer, OutlierDetection},
+    rng::Rng,
+    service::{RequestAttributes, RequestNeeds},
+};
 
-/// One endpoint as the balancer holds it: its description and its mutable stats.
+/// One endpoint as the picker holds it: its description and its mutable stats.
 #[derive(Debug, Clone)]
 pub(crate) struct Slot {
     pub endpoint: Endpoint,
@@ -39,8 +55,6 @@ pub(crate) struct EndpointStats {
     pub ewma: peak_ewma::Ewma,
     /// Circuit breaker / outlier detector.
     pub breaker: Breaker,
-    /// Smooth weighted round robin's current weight.
-    pub smooth_weight: i64,
 }
 
 impl EndpointStats {
@@ -49,7 +63,6 @@ impl EndpointStats {
             inflight: 0,
             ewma: peak_ewma::Ewma::default(),
             breaker: Breaker::new(outlier_detection, Duration::ZERO),
-            smooth_weight: 0,
         }
     }
 }
@@ -93,4 +106,180 @@ pub(crate) fn power_of_choices<R: Rng + ?Sized>(
         }
     }
     best
+}
+
+/// One selection algorithm over one service's endpoints.
+pub(crate) trait Select {
+    /// Recomputes what depends on the endpoint set; the picker calls it on every change of
+    /// the set (and once at the start). Nothing by default.
+    fn rebuild(&mut self, _set: &EndpointSet<'_>) {}
+
+    /// Chooses the endpoint for one request among `candidates` (never empty), and the order
+    /// in which it would take the others: the picker draws the retry targets from it.
+    fn pick<'a, R: Rng + ?Sized>(
+        &'a mut self,
+        candidates: &'a mut Candidates<'_>,
+        request: Request<'_, R>,
+    ) -> Choice<'a>;
+
+    /// Records in `needs` the request attributes [`pick`](Self::pick) reads. None by default.
+    fn needs<'a>(&'a self, _needs: &mut RequestNeeds<'a>) {}
+
+    /// How response times are folded into every endpoint's latency estimate (recorded for
+    /// all algorithms; health score reads it too): peak EWMA's own settings, the defaults
+    /// otherwise.
+    fn latency_estimate(&self) -> policy::PeakEwma {
+        policy::PeakEwma::default()
+    }
+}
+
+/// The endpoint set an algorithm rebuilds over.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct EndpointSet<'a> {
+    /// Every endpoint, sorted by address.
+    pub slots: &'a [Slot],
+    /// The eligible ones (healthy, selected), ascending: the only ones ever candidates.
+    pub eligible: &'a [u32],
+    /// Per slot, its index in the previous set if it was there: what per-endpoint state
+    /// survives the change.
+    pub previous: &'a [Option<u32>],
+}
+
+/// What one pick may read.
+#[derive(Debug)]
+pub(crate) struct Request<'a, R: ?Sized> {
+    /// What the filter extracted from the request.
+    pub attributes: &'a RequestAttributes<'a>,
+    /// Every endpoint with its stats; candidates index into it.
+    pub slots: &'a [Slot],
+    /// The sum of the endpoints' in-flight requests.
+    pub total_inflight: u64,
+    pub now: Duration,
+    pub rng: &'a mut R,
+}
+
+/// An algorithm's answer for one request.
+#[derive(Debug)]
+pub(crate) struct Choice<'a> {
+    /// The slot picked.
+    pub slot: usize,
+    /// The rest, in the order the algorithm prefers them: where retries go.
+    pub then: Walk<'a>,
+    /// A `Set-Cookie` value for the response (a generated hash cookie).
+    pub set_cookie: Option<String>,
+}
+
+impl<'a> Choice<'a> {
+    /// The candidate at `position` (the first if out of range), then the others in
+    /// candidate order from the next one: the answer of every list-based algorithm.
+    #[inline]
+    pub fn at(candidates: &Candidates<'a>, position: usize) -> Self {
+        let slots = candidates.slots();
+        let slot = slots.get(position).copied().unwrap_or(slots[0]) as usize;
+        Self {
+            slot,
+            then: Walk::lap(slots, position + 1),
+            set_cookie: None,
+        }
+    }
+}
+
+/// Power of two choices by `cost(slot, now)`, lowest wins: the answer of the latency-aware
+/// algorithms (tower's `p2c`).
+pub(crate) fn two_choices<'a, R: Rng + ?Sized>(
+    candidates: &Candidates<'a>,
+    request: Request<'_, R>,
+    cost: impl Fn(&Slot, Duration) -> f64,
+) -> Choice<'a> {
+    let Request {
+        slots, now, rng, ..
+    } = request;
+    let position = power_of_choices(candidates.slots(), 2, rng, |slot| {
+        cost(&slots[slot as usize], now)
+    });
+    Choice::at(candidates, position)
+}
+
+/// Declares [`Algorithm`], one variant per implementation, and its [`Select`] by delegation.
+macro_rules! algorithms {
+    ($($variant:ident($implementation:ty),)*) => {
+        /// The algorithm of a service's policy: one variant per implementation of
+        /// [`Select`], so a pick is one `match` and no virtual call.
+        #[derive(Debug, Clone)]
+        pub(crate) enum Algorithm {
+            $($variant($implementation),)*
+        }
+
+        impl Select for Algorithm {
+            fn rebuild(&mut self, set: &EndpointSet<'_>) {
+                match self {
+                    $(Self::$variant(algorithm) => algorithm.rebuild(set),)*
+                }
+            }
+
+            fn pick<'a, R: Rng + ?Sized>(
+                &'a mut self,
+                candidates: &'a mut Candidates<'_>,
+                request: Request<'_, R>,
+            ) -> Choice<'a> {
+                match self {
+                    $(Self::$variant(algorithm) => algorithm.pick(candidates, request),)*
+                }
+            }
+
+            fn needs<'a>(&'a self, needs: &mut RequestNeeds<'a>) {
+                match self {
+                    $(Self::$variant(algorithm) => algorithm.needs(needs),)*
+                }
+            }
+
+            fn latency_estimate(&self) -> policy::PeakEwma {
+                match self {
+                    $(Self::$variant(algorithm) => algorithm.latency_estimate(),)*
+                }
+            }
+        }
+    };
+}
+
+algorithms! {
+    RoundRobin(round_robin::RoundRobin),
+    WeightedRoundRobin(weighted::WeightedRoundRobin),
+    WeightedRandom(weighted::WeightedRandom),
+    LeastRequest(least_request::LeastRequest),
+    PeakEwma(peak_ewma::PeakEwma),
+    HealthScore(health_score::HealthScore),
+    RingHash(hash::ConsistentHash<ring_hash::Ring>),
+    Maglev(hash::ConsistentHash<maglev::Table>),
+}
+
+impl Algorithm {
+    /// The implementation of the algorithm that picks new requests under `load_balancer`
+    /// (`sticky`'s fallback for `sticky`): where a new algorithm is registered.
+    pub fn new(load_balancer: &LoadBalancer) -> Self {
+        match load_balancer.algorithm() {
+            LoadBalancer::RoundRobin => Self::RoundRobin(Default::default()),
+            LoadBalancer::WeightedRoundRobin => Self::WeightedRoundRobin(Default::default()),
+            LoadBalancer::WeightedRandom => Self::WeightedRandom(weighted::WeightedRandom),
+            LoadBalancer::LeastRequest(config) => {
+                Self::LeastRequest(least_request::LeastRequest::new(config))
+            }
+            LoadBalancer::PeakEwma(config) => Self::PeakEwma(peak_ewma::PeakEwma(config.clone())),
+            LoadBalancer::HealthScore(config) => {
+                Self::HealthScore(health_score::HealthScore(config.clone()))
+            }
+            LoadBalancer::RingHash(config) => Self::RingHash(hash::ConsistentHash::new(
+                &config.hash_on,
+                config.bounded_load,
+                ring_hash::Ring(config.minimum_ring_size),
+            )),
+            LoadBalancer::Maglev(config) => Self::Maglev(hash::ConsistentHash::new(
+                &config.hash_on,
+                config.bounded_load,
+                maglev::Table(config.table_size),
+            )),
+            // `sticky` as `sticky`'s fallback: refused by validation; round robin, as ever.
+            LoadBalancer::Sticky(_) => Self::RoundRobin(Default::default()),
+        }
+    }
 }

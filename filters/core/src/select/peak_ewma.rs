@@ -8,8 +8,8 @@
 
 use std::time::Duration;
 
-use super::{Slot, power_of_choices};
-use crate::{policy::PeakEwma, rng::Rng};
+use super::{Choice, Request, Select, candidates::Candidates, two_choices};
+use crate::{policy, rng::Rng};
 
 /// A peak-sensitive, time-decayed latency estimate in nanoseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -52,20 +52,29 @@ fn decay_weight(elapsed: Duration, decay: Duration) -> f64 {
     (-(elapsed.as_nanos() as f64) / decay).exp()
 }
 
-pub(crate) fn pick<R: Rng + ?Sized>(
-    config: &PeakEwma,
-    candidates: &[u32],
-    slots: &[Slot],
-    now: Duration,
-    rng: &mut R,
-) -> usize {
-    power_of_choices(candidates, 2, rng, |slot| {
-        let stats = &slots[slot as usize].stats;
-        stats
-            .ewma
-            .estimate_nanos(now, config.decay, config.default_rtt)
-            * (f64::from(stats.inflight) + 1.0)
-    })
+/// Peak EWMA under its policy, which also sets how every endpoint's estimate is kept.
+#[derive(Debug, Clone)]
+pub(crate) struct PeakEwma(pub policy::PeakEwma);
+
+impl Select for PeakEwma {
+    fn pick<'a, R: Rng + ?Sized>(
+        &'a mut self,
+        candidates: &'a mut Candidates<'_>,
+        request: Request<'_, R>,
+    ) -> Choice<'a> {
+        let config = &self.0;
+        two_choices(candidates, request, |slot, now| {
+            let stats = &slot.stats;
+            stats
+                .ewma
+                .estimate_nanos(now, config.decay, config.default_rtt)
+                * (f64::from(stats.inflight) + 1.0)
+        })
+    }
+
+    fn latency_estimate(&self) -> policy::PeakEwma {
+        self.0.clone()
+    }
 }
 
 #[cfg(test)]

@@ -10,8 +10,21 @@
 //! — about `1/N` — except when the total weight crosses a power-of-two boundary, where the
 //! point count halves or doubles once.
 
-use super::{Slot, hash::HashTable};
+use super::{
+    Slot,
+    hash::{HashTable, Layout},
+};
 use crate::{rng::mix64, validate::MAX_RING_SIZE};
+
+/// The ring's layout: its `minimum_ring_size` from the policy.
+#[derive(Debug, Clone)]
+pub(crate) struct Ring(pub u32);
+
+impl Layout for Ring {
+    fn build(&self, eligible: &[u32], slots: &[Slot]) -> HashTable {
+        build(eligible, slots, self.0)
+    }
+}
 
 /// Points per unit of weight for a ring over `total_weight`.
 pub(crate) fn points_per_weight(minimum_ring_size: u32, total_weight: u64) -> u64 {

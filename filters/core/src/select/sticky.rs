@@ -1,9 +1,10 @@
-//! Sticky-session tokens: an opaque cookie value naming an endpoint without revealing its IP.
+//! Sticky sessions: the layer in front of the policy's algorithm (`Sessions`), and its tokens,
+//! an opaque cookie value naming an endpoint without revealing its IP.
 //!
 //! The token is 16 lower-case hex digits of SipHash-2-4 of the endpoint's `IP:port`, keyed
 //! with a 128-bit session key the operator configures ([`SessionKeys`]): without the key a
 //! client can neither forge a token for an endpoint of its choice nor recover an address from
-//! a token. The balancer keeps a sorted index token → endpoint over every configured key, so
+//! a token. `Sessions` keeps a sorted index token → endpoint over every configured key, so
 //! keys rotate without breaking sessions: the first key signs new cookies, the others are still
 //! accepted (add the new key first, drop the old one once the cookie TTL has passed). Envoy's
 //! `stateful_session` stores the address itself (base64); a keyed hash keeps internal
@@ -15,9 +16,91 @@
 use std::{
     hash::Hasher,
     net::{IpAddr, SocketAddr},
+    time::Duration,
 };
 
 use siphasher::sip::SipHasher24;
+
+use super::Slot;
+use crate::{
+    endpoint::Health,
+    policy::{EndpointSelector, Sticky},
+    service::RequestNeeds,
+};
+
+/// The sticky-session layer of a service: the cookie, the keys, and which endpoint each
+/// token names. Rebuilt with the endpoint set and when the keys change.
+#[derive(Debug, Clone)]
+pub(crate) struct Sessions {
+    cookie: String,
+    ttl: Option<Duration>,
+    keys: SessionKeys,
+    /// Token → slot for the healthy and draining selected endpoints, sorted by token.
+    index: Vec<(u64, u32)>,
+}
+
+impl Sessions {
+    /// Sessions under `config`, signed with the public default key until
+    /// [`set_keys`](Self::set_keys); empty until [`rebuild`](Self::rebuild).
+    pub fn new(config: &Sticky) -> Self {
+        Self {
+            cookie: config.cookie.clone(),
+            ttl: config.ttl,
+            keys: SessionKeys::default(),
+            index: Vec::new(),
+        }
+    }
+
+    /// Records the cookie the filter must extract.
+    pub fn needs<'a>(&'a self, needs: &mut RequestNeeds<'a>) {
+        needs.sticky_cookie = Some(&self.cookie);
+    }
+
+    /// Makes and checks tokens with `keys` from now on.
+    pub fn set_keys(&mut self, keys: &SessionKeys, slots: &[Slot], selector: &EndpointSelector) {
+        if self.keys != *keys {
+            self.keys = keys.clone();
+            self.rebuild(slots, selector);
+        }
+    }
+
+    /// Indexes the endpoints a session may stay on: selected and not unhealthy (draining
+    /// endpoints keep their sessions and get no new ones).
+    pub fn rebuild(&mut self, slots: &[Slot], selector: &EndpointSelector) {
+        self.index = slots
+            .iter()
+            .enumerate()
+            .filter(|(_, slot)| {
+                slot.endpoint.health != Health::Unhealthy && selector.matches(&slot.endpoint)
+            })
+            .flat_map(|(index, slot)| {
+                self.keys
+                    .tokens(slot.endpoint.address)
+                    .map(move |token| (token, index as u32))
+            })
+            .collect();
+        self.index.sort_unstable();
+    }
+
+    /// The slot a request's session cookie names, if any.
+    pub fn lookup(&self, cookie: Option<&str>) -> Option<usize> {
+        let token = parse_token(cookie?)?;
+        let position = self
+            .index
+            .binary_search_by_key(&token, |&(token, _)| token)
+            .ok()?;
+        Some(self.index[position].1 as usize)
+    }
+
+    /// The `Set-Cookie` value starting a session on `address`.
+    pub fn set_cookie(&self, address: &SocketAddr) -> String {
+        set_cookie(
+            &self.cookie,
+            &format_token(self.keys.token(address)),
+            self.ttl,
+        )
+    }
+}
 
 /// One session key: 16 bytes, written as 32 hex digits in configuration.
 pub type SessionKey = [u8; 16];
@@ -102,7 +185,7 @@ pub fn parse_token(value: &str) -> Option<u64> {
 
 /// The `Set-Cookie` header value for `name=value`, `Path=/`, `HttpOnly`, and `Max-Age` when a
 /// TTL is configured.
-pub fn set_cookie(name: &str, value: &str, ttl: Option<std::time::Duration>) -> String {
+pub fn set_cookie(name: &str, value: &str, ttl: Option<Duration>) -> String {
     match ttl {
         Some(ttl) => format!(
             "{name}={value}; Path=/; HttpOnly; Max-Age={}",

@@ -3,7 +3,7 @@ use std::{collections::BTreeMap, net::IpAddr, time::Duration};
 use proptest::prelude::*;
 
 use crate::{
-    Endpoint, Health, RequestAttributes, ServiceBalancer,
+    Endpoint, Health, RequestAttributes, ServicePicker,
     policy::{
         HashCookie, HashOn, HealthScore, LeastRequest, LoadBalancer, Maglev, PeakEwma, RateLimit,
         RingHash, Sticky,
@@ -13,11 +13,11 @@ use crate::{
     test_support::*,
 };
 
-fn counts(balancer: &mut ServiceBalancer, picks: u32) -> BTreeMap<std::net::SocketAddr, u32> {
+fn counts(picker: &mut ServicePicker, picks: u32) -> BTreeMap<std::net::SocketAddr, u32> {
     let mut rng = seeded();
     let mut counts = BTreeMap::new();
     for _ in 0..picks {
-        let endpoint = pick_and_complete(balancer, ok(ms(5)), ms(0), &mut rng);
+        let endpoint = pick_and_complete(picker, ok(ms(5)), ms(0), &mut rng);
         *counts.entry(endpoint).or_default() += 1;
     }
     counts
@@ -25,9 +25,9 @@ fn counts(balancer: &mut ServiceBalancer, picks: u32) -> BTreeMap<std::net::Sock
 
 #[test]
 fn weighted_random_follows_weights_within_one_percent() {
-    let mut balancer =
-        ServiceBalancer::new(&policy(LoadBalancer::WeightedRandom), &weighted(&[1, 2, 7]));
-    let counts = counts(&mut balancer, 100_000);
+    let mut picker =
+        ServicePicker::new(&policy(LoadBalancer::WeightedRandom), &weighted(&[1, 2, 7]));
+    let counts = counts(&mut picker, 100_000);
     for (i, expected) in [(1, 0.1), (2, 0.2), (3, 0.7)] {
         let share = f64::from(counts[&addr(i)]) / 100_000.0;
         assert!((share - expected).abs() < 0.01, "{i}: {share}");
@@ -36,11 +36,11 @@ fn weighted_random_follows_weights_within_one_percent() {
 
 #[test]
 fn smooth_weighted_round_robin_is_exact_over_a_cycle() {
-    let mut balancer = ServiceBalancer::new(
+    let mut picker = ServicePicker::new(
         &policy(LoadBalancer::WeightedRoundRobin),
         &weighted(&[3, 2, 1]),
     );
-    let counts = counts(&mut balancer, 600);
+    let counts = counts(&mut picker, 600);
     assert_eq!(
         counts.values().copied().collect::<Vec<_>>(),
         [300, 200, 100]
@@ -48,15 +48,32 @@ fn smooth_weighted_round_robin_is_exact_over_a_cycle() {
 }
 
 #[test]
+fn smooth_weighted_round_robin_carries_its_rotation_across_an_endpoint_change() {
+    let mut picker = ServicePicker::new(&policy(LoadBalancer::WeightedRoundRobin), &endpoints(2));
+    let mut rng = seeded();
+    assert_eq!(
+        pick_and_complete(&mut picker, ok(ms(5)), ms(0), &mut rng),
+        addr(1)
+    );
+    picker.update_endpoints(&endpoints(3));
+    let picked: Vec<_> = (0..3)
+        .map(|_| pick_and_complete(&mut picker, ok(ms(5)), ms(0), &mut rng))
+        .collect();
+    // addr(2) was owed the next turn and keeps it; the newcomer starts from zero. Had the
+    // rotation restarted, addr(1) would come first.
+    assert_eq!(picked, [addr(2), addr(3), addr(1)]);
+}
+
+#[test]
 fn least_request_takes_the_sampled_candidate_with_fewer_active_requests() {
-    let mut balancer = ServiceBalancer::new(
+    let mut picker = ServicePicker::new(
         &policy(LoadBalancer::LeastRequest(LeastRequest::default())),
         &endpoints(3),
     );
     // Each pair of fractions scripts the two draws: the first picks a position among 3, the
     // second a different position among the remaining 2. Nothing completes in between.
     let mut pick = |fractions: [f64; 2]| {
-        balancer
+        picker
             .pick(&Default::default(), ms(0), &mut Sequence::units(&fractions))
             .unwrap()
             .endpoint
@@ -70,24 +87,24 @@ fn least_request_takes_the_sampled_candidate_with_fewer_active_requests() {
 
 #[test]
 fn weighted_least_request_divides_weight_by_active_requests() {
-    let mut balancer = ServiceBalancer::new(
+    let mut picker = ServicePicker::new(
         &policy(LoadBalancer::LeastRequest(LeastRequest::default())),
         &weighted(&[2, 1]),
     );
     // addr(1): weight 2 with 3 active → 0.5; addr(2): weight 1, idle → 1. Total 1.5.
     let mut rng = Sequence::units(&[0.0]);
     for _ in 0..3 {
-        balancer.pick(&Default::default(), ms(0), &mut rng).unwrap();
+        picker.pick(&Default::default(), ms(0), &mut rng).unwrap();
     }
     let mut at = |fraction: f64| {
-        let pick = balancer
+        let pick = picker
             .pick(
                 &Default::default(),
                 ms(0),
                 &mut Sequence::units(&[fraction]),
             )
             .unwrap();
-        balancer.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), ms(0));
+        picker.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), ms(0));
         pick.endpoint
     };
     assert_eq!(at(0.33), addr(1)); // 0.33 × 1.5 = 0.495 < 0.5
@@ -96,27 +113,27 @@ fn weighted_least_request_divides_weight_by_active_requests() {
 
 #[test]
 fn peak_ewma_steers_away_from_a_slow_endpoint_and_penalises_fast_failures() {
-    let mut balancer = ServiceBalancer::new(
+    let mut picker = ServicePicker::new(
         &policy(LoadBalancer::PeakEwma(PeakEwma::default())),
         &endpoints(2),
     );
-    balancer.complete(addr(1), crate::Served::ByPick, ok(ms(100)), ms(0));
-    balancer.complete(addr(2), crate::Served::ByPick, ok(ms(10)), ms(0));
-    let pick = |balancer: &mut ServiceBalancer| {
-        let pick = balancer
+    picker.complete(addr(1), crate::Served::ByPick, ok(ms(100)), ms(0));
+    picker.complete(addr(2), crate::Served::ByPick, ok(ms(10)), ms(0));
+    let pick = |picker: &mut ServicePicker| {
+        let pick = picker
             .pick(
                 &Default::default(),
                 ms(1),
                 &mut Sequence::units(&[0.0, 0.0]),
             )
             .unwrap();
-        balancer.complete(pick.endpoint, crate::Served::ByPick, ok(ms(10)), ms(1));
+        picker.complete(pick.endpoint, crate::Served::ByPick, ok(ms(10)), ms(1));
         pick.endpoint
     };
-    assert_eq!(pick(&mut balancer), addr(2));
+    assert_eq!(pick(&mut picker), addr(2));
     // A 5ms 503 on addr(2) counts as 500ms (the failure penalty): addr(1) now looks better.
-    balancer.complete(addr(2), crate::Served::ByPick, status(503), ms(2));
-    let pick = balancer
+    picker.complete(addr(2), crate::Served::ByPick, status(503), ms(2));
+    let pick = picker
         .pick(
             &Default::default(),
             ms(2),
@@ -134,30 +151,30 @@ fn health_score_prefers_the_endpoint_with_fewer_recent_failures() {
         failures: 1.0,
     }));
     service.outlier_detection.consecutive_failures = 0;
-    let mut balancer = ServiceBalancer::new(&service, &endpoints(2));
-    fail_on(&mut balancer, addr(1), status(500), 1, ms(0));
-    fail_on(&mut balancer, addr(1), ok(ms(1)), 1, ms(0));
-    fail_on(&mut balancer, addr(2), ok(ms(1)), 2, ms(0));
+    let mut picker = ServicePicker::new(&service, &endpoints(2));
+    fail_on(&mut picker, addr(1), status(500), 1, ms(0));
+    fail_on(&mut picker, addr(1), ok(ms(1)), 1, ms(0));
+    fail_on(&mut picker, addr(2), ok(ms(1)), 2, ms(0));
     for fractions in [[0.0, 0.0], [0.9, 0.0]] {
-        let pick = balancer
+        let pick = picker
             .pick(&Default::default(), ms(1), &mut Sequence::units(&fractions))
             .unwrap();
         assert_eq!(pick.endpoint, addr(2));
-        balancer.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), ms(1));
+        picker.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), ms(1));
     }
 }
 
-fn hashing(load_balancer: LoadBalancer, n: u32) -> ServiceBalancer {
-    ServiceBalancer::new(&policy(load_balancer), &endpoints(n))
+fn hashing(load_balancer: LoadBalancer, n: u32) -> ServicePicker {
+    ServicePicker::new(&policy(load_balancer), &endpoints(n))
 }
 
-fn by_header(balancer: &mut ServiceBalancer, key: &str) -> std::net::SocketAddr {
+fn by_header(picker: &mut ServicePicker, key: &str) -> std::net::SocketAddr {
     let attributes = RequestAttributes {
         hash_header: Some(key),
         ..Default::default()
     };
-    let pick = balancer.pick(&attributes, ms(0), &mut seeded()).unwrap();
-    balancer.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), ms(0));
+    let pick = picker.pick(&attributes, ms(0), &mut seeded()).unwrap();
+    picker.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), ms(0));
     pick.endpoint
 }
 
@@ -178,10 +195,10 @@ fn maglev_on_header() -> LoadBalancer {
 #[test]
 fn consistent_hashing_sends_a_key_to_the_same_endpoint_every_time() {
     for load_balancer in [ring_on_header(), maglev_on_header()] {
-        let mut balancer = hashing(load_balancer, 5);
-        let first = by_header(&mut balancer, "alice");
+        let mut picker = hashing(load_balancer, 5);
+        let first = by_header(&mut picker, "alice");
         for _ in 0..10 {
-            assert_eq!(by_header(&mut balancer, "alice"), first);
+            assert_eq!(by_header(&mut picker, "alice"), first);
         }
     }
 }
@@ -191,12 +208,12 @@ fn consistent_hashing_moves_only_the_keys_of_an_ejected_endpoint() {
     for load_balancer in [ring_on_header(), maglev_on_header()] {
         let mut service = policy(load_balancer);
         service.outlier_detection = strict_outlier_detection(1);
-        let mut balancer = ServiceBalancer::new(&service, &endpoints(5));
+        let mut picker = ServicePicker::new(&service, &endpoints(5));
         let keys: Vec<String> = (0..500).map(|i| format!("user-{i}")).collect();
-        let before: Vec<_> = keys.iter().map(|k| by_header(&mut balancer, k)).collect();
-        fail_on(&mut balancer, addr(3), status(503), 1, ms(0));
+        let before: Vec<_> = keys.iter().map(|k| by_header(&mut picker, k)).collect();
+        fail_on(&mut picker, addr(3), status(503), 1, ms(0));
         for (key, was) in keys.iter().zip(&before) {
-            let now = by_header(&mut balancer, key);
+            let now = by_header(&mut picker, key);
             assert_ne!(now, addr(3));
             if *was != addr(3) {
                 assert_eq!(now, *was, "{key} moved although its endpoint is fine");
@@ -207,7 +224,7 @@ fn consistent_hashing_moves_only_the_keys_of_an_ejected_endpoint() {
 
 #[test]
 fn bounded_load_spills_a_hot_key_to_the_next_endpoint() {
-    let mut balancer = hashing(
+    let mut picker = hashing(
         LoadBalancer::RingHash(RingHash {
             hash_on: HashOn::Header("x-user".into()),
             bounded_load: Some(1.25),
@@ -221,7 +238,7 @@ fn bounded_load_spills_a_hot_key_to_the_next_endpoint() {
     };
     let picks: Vec<_> = (0..8)
         .map(|_| {
-            balancer
+            picker
                 .pick(&attributes, ms(0), &mut seeded())
                 .unwrap()
                 .endpoint
@@ -236,7 +253,7 @@ fn bounded_load_spills_a_hot_key_to_the_next_endpoint() {
 
 #[test]
 fn a_missing_hash_cookie_is_generated_and_set() {
-    let mut balancer = hashing(
+    let mut picker = hashing(
         LoadBalancer::RingHash(RingHash {
             hash_on: HashOn::Cookie(HashCookie {
                 name: "affinity".into(),
@@ -246,7 +263,7 @@ fn a_missing_hash_cookie_is_generated_and_set() {
         }),
         3,
     );
-    let pick = balancer
+    let pick = picker
         .pick(&Default::default(), ms(0), &mut SplitMix64::new(1))
         .unwrap();
     let set_cookie = pick.set_sticky_cookie.unwrap();
@@ -258,7 +275,7 @@ fn a_missing_hash_cookie_is_generated_and_set() {
         ..Default::default()
     };
     for _ in 0..5 {
-        let next = balancer.pick(&again, ms(0), &mut seeded()).unwrap();
+        let next = picker.pick(&again, ms(0), &mut seeded()).unwrap();
         assert_eq!(next.endpoint, pick.endpoint);
         assert_eq!(next.set_sticky_cookie, None);
     }
@@ -266,18 +283,18 @@ fn a_missing_hash_cookie_is_generated_and_set() {
 
 #[test]
 fn source_ip_hashing_keeps_a_client_on_one_endpoint() {
-    let mut balancer = hashing(LoadBalancer::Maglev(Maglev::default()), 7);
+    let mut picker = hashing(LoadBalancer::Maglev(Maglev::default()), 7);
     let attributes = RequestAttributes {
         source_ip: Some(IpAddr::from([192, 168, 1, 20])),
         ..Default::default()
     };
-    let first = balancer
+    let first = picker
         .pick(&attributes, ms(0), &mut seeded())
         .unwrap()
         .endpoint;
     for _ in 0..5 {
         assert_eq!(
-            balancer
+            picker
                 .pick(&attributes, ms(0), &mut seeded())
                 .unwrap()
                 .endpoint,
@@ -302,9 +319,9 @@ fn cookie_value(set_cookie: &str) -> &str {
 
 #[test]
 fn sticky_sessions_stay_while_the_endpoint_lives_and_move_when_it_leaves() {
-    let mut balancer = ServiceBalancer::new(&policy(sticky()), &endpoints(3));
+    let mut picker = ServicePicker::new(&policy(sticky()), &endpoints(3));
     let mut rng = seeded();
-    let first = balancer.pick(&Default::default(), ms(0), &mut rng).unwrap();
+    let first = picker.pick(&Default::default(), ms(0), &mut rng).unwrap();
     let set_cookie = first.set_sticky_cookie.clone().unwrap();
     assert_eq!(
         set_cookie,
@@ -316,7 +333,7 @@ fn sticky_sessions_stay_while_the_endpoint_lives_and_move_when_it_leaves() {
         ..Default::default()
     };
     for _ in 0..5 {
-        let pick = balancer.pick(&with_cookie, ms(0), &mut rng).unwrap();
+        let pick = picker.pick(&with_cookie, ms(0), &mut rng).unwrap();
         assert_eq!(pick.endpoint, first.endpoint);
         assert_eq!(pick.set_sticky_cookie, None);
     }
@@ -327,17 +344,14 @@ fn sticky_sessions_stay_while_the_endpoint_lives_and_move_when_it_leaves() {
         .position(|e| e.address == first.endpoint)
         .unwrap();
     fleet[index].health = Health::Draining;
-    balancer.update_endpoints(&fleet);
+    picker.update_endpoints(&fleet);
     assert_eq!(
-        balancer
-            .pick(&with_cookie, ms(0), &mut rng)
-            .unwrap()
-            .endpoint,
+        picker.pick(&with_cookie, ms(0), &mut rng).unwrap().endpoint,
         first.endpoint
     );
     for _ in 0..4 {
         assert_ne!(
-            balancer
+            picker
                 .pick(&Default::default(), ms(0), &mut rng)
                 .unwrap()
                 .endpoint,
@@ -346,15 +360,15 @@ fn sticky_sessions_stay_while_the_endpoint_lives_and_move_when_it_leaves() {
     }
     // Gone: the session moves and gets a new cookie.
     fleet.remove(index);
-    balancer.update_endpoints(&fleet);
-    let moved = balancer.pick(&with_cookie, ms(0), &mut rng).unwrap();
+    picker.update_endpoints(&fleet);
+    let moved = picker.pick(&with_cookie, ms(0), &mut rng).unwrap();
     assert_ne!(moved.endpoint, first.endpoint);
     assert!(moved.set_sticky_cookie.is_some());
 }
 
-/// A session cookie from `balancer` for a new session, and the endpoint it names.
-fn new_session(balancer: &mut ServiceBalancer) -> (String, std::net::SocketAddr) {
-    let pick = balancer
+/// A session cookie from `picker` for a new session, and the endpoint it names.
+fn new_session(picker: &mut ServicePicker) -> (String, std::net::SocketAddr) {
+    let pick = picker
         .pick(&Default::default(), ms(0), &mut seeded())
         .unwrap();
     let set_cookie = pick.set_sticky_cookie.unwrap();
@@ -362,12 +376,12 @@ fn new_session(balancer: &mut ServiceBalancer) -> (String, std::net::SocketAddr)
 }
 
 /// Where a request with `cookie` goes, and whether it got a new cookie.
-fn with_session(balancer: &mut ServiceBalancer, cookie: &str) -> (std::net::SocketAddr, bool) {
+fn with_session(picker: &mut ServicePicker, cookie: &str) -> (std::net::SocketAddr, bool) {
     let attributes = RequestAttributes {
         sticky_cookie: Some(cookie),
         ..Default::default()
     };
-    let pick = balancer.pick(&attributes, ms(0), &mut seeded()).unwrap();
+    let pick = picker.pick(&attributes, ms(0), &mut seeded()).unwrap();
     (pick.endpoint, pick.set_sticky_cookie.is_some())
 }
 
@@ -375,12 +389,12 @@ fn with_session(balancer: &mut ServiceBalancer, cookie: &str) -> (std::net::Sock
 fn sticky_tokens_depend_on_the_session_key_and_survive_a_rotation() {
     let old = crate::SessionKeys::new(vec![[1; 16]]);
     let new = [2; 16];
-    let mut balancer = ServiceBalancer::new(&policy(sticky()), &endpoints(3));
-    balancer.set_session_keys(&old);
-    let (cookie, endpoint) = new_session(&mut balancer);
+    let mut picker = ServicePicker::new(&policy(sticky()), &endpoints(3));
+    picker.set_session_keys(&old);
+    let (cookie, endpoint) = new_session(&mut picker);
     // Without the key, the same endpoint has another token: a cookie cannot be computed
     // from an address (nor an address recovered from a cookie) without the secret.
-    let mut public = ServiceBalancer::new(&policy(sticky()), &endpoints(3));
+    let mut public = ServicePicker::new(&policy(sticky()), &endpoints(3));
     // Round robin hands out each endpoint within three new sessions.
     let (public_cookie, _) = (0..3)
         .map(|_| new_session(&mut public))
@@ -388,21 +402,21 @@ fn sticky_tokens_depend_on_the_session_key_and_survive_a_rotation() {
         .unwrap();
     assert_ne!(public_cookie, cookie);
     // Rotation: the new key signs, the old one still verifies.
-    balancer.set_session_keys(&crate::SessionKeys::new(vec![new, [1; 16]]));
-    assert_eq!(with_session(&mut balancer, &cookie), (endpoint, false));
-    let (rotated, _) = new_session(&mut balancer);
+    picker.set_session_keys(&crate::SessionKeys::new(vec![new, [1; 16]]));
+    assert_eq!(with_session(&mut picker, &cookie), (endpoint, false));
+    let (rotated, _) = new_session(&mut picker);
     assert_ne!(rotated, cookie);
     // Once the old key is dropped, its cookies start new sessions.
-    balancer.set_session_keys(&crate::SessionKeys::new(vec![new]));
-    assert!(with_session(&mut balancer, &cookie).1);
+    picker.set_session_keys(&crate::SessionKeys::new(vec![new]));
+    assert!(with_session(&mut picker, &cookie).1);
 }
 
 #[test]
 fn a_forged_sticky_cookie_names_no_endpoint() {
-    let mut balancer = ServiceBalancer::new(&policy(sticky()), &endpoints(3));
-    balancer.set_session_keys(&crate::SessionKeys::new(vec![[7; 16]]));
+    let mut picker = ServicePicker::new(&policy(sticky()), &endpoints(3));
+    picker.set_session_keys(&crate::SessionKeys::new(vec![[7; 16]]));
     for forged in ["0000000000000000", "ffffffffffffffff", "0123456789abcdef"] {
-        assert!(with_session(&mut balancer, forged).1, "{forged}");
+        assert!(with_session(&mut picker, forged).1, "{forged}");
     }
 }
 
@@ -442,8 +456,8 @@ fn the_selector_excludes_endpoints_without_the_required_tags_capabilities_and_me
     }
     fleet[2].metadata.insert("version".into(), "v1".into());
     fleet[3].health = Health::Unhealthy;
-    let mut balancer = ServiceBalancer::new(&service, &fleet);
-    let counts = counts(&mut balancer, 10);
+    let mut picker = ServicePicker::new(&service, &fleet);
+    let counts = counts(&mut picker, 10);
     assert_eq!(counts.keys().copied().collect::<Vec<_>>(), [addr(2)]);
 }
 
@@ -452,14 +466,14 @@ fn retry_targets_are_distinct_admissible_and_exclude_the_pick() {
     let mut service = policy(LoadBalancer::RoundRobin);
     service.retry = 2;
     service.outlier_detection = strict_outlier_detection(1);
-    let mut balancer = ServiceBalancer::new(&service, &endpoints(4));
-    fail_on(&mut balancer, addr(3), status(503), 1, ms(0));
-    let pick = balancer
+    let mut picker = ServicePicker::new(&service, &endpoints(4));
+    fail_on(&mut picker, addr(3), status(503), 1, ms(0));
+    let pick = picker
         .pick(&Default::default(), ms(1), &mut seeded())
         .unwrap();
     assert_eq!(pick.endpoint, addr(1));
     assert_eq!(pick.retry_targets.as_slice(), [addr(2), addr(4)]);
-    let mut hashed = ServiceBalancer::new(
+    let mut hashed = ServicePicker::new(
         &crate::ServicePolicy {
             retry: 5,
             ..policy(ring_on_header())
@@ -481,15 +495,15 @@ fn retry_targets_are_distinct_admissible_and_exclude_the_pick() {
 fn updating_endpoints_keeps_the_stats_of_those_that_survive() {
     let mut service = policy(LoadBalancer::RoundRobin);
     service.outlier_detection = strict_outlier_detection(1);
-    let mut balancer = ServiceBalancer::new(&service, &endpoints(3));
+    let mut picker = ServicePicker::new(&service, &endpoints(3));
     let mut rng = seeded();
-    let in_flight = balancer.pick(&Default::default(), ms(0), &mut rng).unwrap();
+    let in_flight = picker.pick(&Default::default(), ms(0), &mut rng).unwrap();
     assert_eq!(in_flight.endpoint, addr(1));
-    fail_on(&mut balancer, addr(2), status(503), 1, ms(0));
+    fail_on(&mut picker, addr(2), status(503), 1, ms(0));
     let mut fleet = endpoints(4);
     fleet.remove(2); // addr(3) leaves, addr(4) joins.
-    balancer.update_endpoints(&fleet);
-    let views: Vec<_> = balancer
+    picker.update_endpoints(&fleet);
+    let views: Vec<_> = picker
         .endpoints()
         .map(|v| (v.endpoint.address, v.breaker.name(), v.inflight))
         .collect();
@@ -501,11 +515,11 @@ fn updating_endpoints_keeps_the_stats_of_those_that_survive() {
             (addr(4), "closed", 0)
         ]
     );
-    balancer.complete(in_flight.endpoint, crate::Served::ByPick, ok(ms(1)), ms(1));
-    assert_eq!(balancer.endpoints().next().unwrap().inflight, 0);
+    picker.complete(in_flight.endpoint, crate::Served::ByPick, ok(ms(1)), ms(1));
+    assert_eq!(picker.endpoints().next().unwrap().inflight, 0);
     // Completing for an endpoint that left is ignored.
     assert!(
-        balancer
+        picker
             .complete(addr(3), crate::Served::ByPick, status(503), ms(1))
             .is_empty()
     );
@@ -519,20 +533,16 @@ fn a_rate_limited_service_rejects_with_the_time_until_the_next_token() {
         burst: 1,
         ..RateLimit::default()
     });
-    let mut balancer = ServiceBalancer::new(&service, &endpoints(2));
+    let mut picker = ServicePicker::new(&service, &endpoints(2));
     let mut rng = seeded();
-    assert!(balancer.pick(&Default::default(), ms(0), &mut rng).is_ok());
+    assert!(picker.pick(&Default::default(), ms(0), &mut rng).is_ok());
     assert_eq!(
-        balancer.pick(&Default::default(), ms(100), &mut rng),
+        picker.pick(&Default::default(), ms(100), &mut rng),
         Err(crate::Rejection::RateLimited {
             retry_after: ms(400)
         })
     );
-    assert!(
-        balancer
-            .pick(&Default::default(), ms(500), &mut rng)
-            .is_ok()
-    );
+    assert!(picker.pick(&Default::default(), ms(500), &mut rng).is_ok());
 }
 
 #[test]
@@ -545,8 +555,8 @@ fn request_needs_name_what_the_filter_must_extract() {
         client_key_header: Some("x-api-key".into()),
         ..RateLimit::default()
     });
-    let balancer = ServiceBalancer::new(&service, &[]);
-    let needs = balancer.request_needs();
+    let picker = ServicePicker::new(&service, &[]);
+    let needs = picker.request_needs();
     assert_eq!(needs.hash_header, Some("x-user"));
     assert_eq!(needs.sticky_cookie, Some("fulcrum-session"));
     assert_eq!(needs.client_key_header, Some("x-api-key"));
@@ -554,15 +564,15 @@ fn request_needs_name_what_the_filter_must_extract() {
 }
 
 fn slots(n: u32) -> Vec<Slot> {
-    let balancer = ServiceBalancer::new(&policy(LoadBalancer::RoundRobin), &endpoints(n));
-    balancer.slots_for_tests()
+    let picker = ServicePicker::new(&policy(LoadBalancer::RoundRobin), &endpoints(n));
+    picker.slots_for_tests()
 }
 
 fn owners(table: &HashTable, slots: &[Slot], keys: u32) -> Vec<std::net::SocketAddr> {
     (0..keys)
         .map(|k| {
             let hash = crate::select::hash::hash_bytes(&k.to_le_bytes());
-            slots[table.slot_at(table.start(hash)) as usize]
+            slots[table.entries()[table.start(hash)] as usize]
                 .endpoint
                 .address
         })
@@ -636,8 +646,8 @@ proptest! {
     /// Ring hash shares follow weights within 20% of the ideal at the default ring size.
     #[test]
     fn ring_shares_follow_weights(weights in proptest::collection::vec(1u32..5, 2..12)) {
-        let balancer = ServiceBalancer::new(&policy(LoadBalancer::RoundRobin), &weighted(&weights));
-        let slots = balancer.slots_for_tests();
+        let picker = ServicePicker::new(&policy(LoadBalancer::RoundRobin), &weighted(&weights));
+        let slots = picker.slots_for_tests();
         let members: Vec<u32> = (0..slots.len() as u32).collect();
         let table = ring_hash::build(&members, &slots, 1024);
         let keys = 40_000u32;
@@ -655,13 +665,13 @@ proptest! {
     #[test]
     fn weighted_pickers_follow_weights(weights in proptest::collection::vec(1u32..6, 2..6), seed in any::<u64>()) {
         for load_balancer in [LoadBalancer::WeightedRandom, LoadBalancer::WeightedRoundRobin] {
-            let mut balancer = ServiceBalancer::new(&policy(load_balancer), &weighted(&weights));
+            let mut picker = ServicePicker::new(&policy(load_balancer), &weighted(&weights));
             let mut rng = SplitMix64::new(seed);
             let picks = 20_000u32;
             let mut counts = vec![0u32; weights.len()];
             for _ in 0..picks {
-                let endpoint = pick_and_complete(&mut balancer, ok(ms(1)), ms(0), &mut rng);
-                counts[balancer.endpoints().position(|v| v.endpoint.address == endpoint).unwrap()] += 1;
+                let endpoint = pick_and_complete(&mut picker, ok(ms(1)), ms(0), &mut rng);
+                counts[picker.endpoints().position(|v| v.endpoint.address == endpoint).unwrap()] += 1;
             }
             let total: u32 = weights.iter().sum();
             for (count, weight) in counts.iter().zip(&weights) {
@@ -701,7 +711,7 @@ proptest! {
             .collect();
         let mut service = policy(load_balancer);
         service.retry = 5;
-        let mut balancer = ServiceBalancer::new(&service, &endpoints);
+        let mut picker = ServicePicker::new(&service, &endpoints);
         let mut rng = SplitMix64::new(9);
         let mut picked = Vec::new();
         for (i, (key, fail)) in requests.iter().enumerate() {
@@ -710,35 +720,35 @@ proptest! {
                 sticky_cookie: key.as_deref(),
                 ..Default::default()
             };
-            if let Ok(pick) = balancer.pick(&attributes, ms(i as u64), &mut rng) {
+            if let Ok(pick) = picker.pick(&attributes, ms(i as u64), &mut rng) {
                 picked.push((pick.endpoint, *fail));
             }
         }
         for (i, (endpoint, fail)) in picked.into_iter().enumerate() {
             let outcome = if fail { status(503) } else { ok(ms(2)) };
-            balancer.complete(endpoint, crate::Served::ByPick, outcome, ms(100 + i as u64));
+            picker.complete(endpoint, crate::Served::ByPick, outcome, ms(100 + i as u64));
         }
-        prop_assert!(balancer.endpoints().all(|v| v.inflight == 0));
+        prop_assert!(picker.endpoints().all(|v| v.inflight == 0));
     }
 }
 
 #[test]
 fn zero_weight_endpoints_count_as_weight_one() {
-    let mut balancer = ServiceBalancer::new(
+    let mut picker = ServicePicker::new(
         &policy(LoadBalancer::WeightedRoundRobin),
         &weighted(&[0, 1]),
     );
-    let counts = counts(&mut balancer, 10);
+    let counts = counts(&mut picker, 10);
     assert_eq!(counts.values().copied().collect::<Vec<_>>(), [5, 5]);
 }
 
 #[test]
 fn latency_is_fed_to_the_endpoint_that_served() {
-    let mut balancer = ServiceBalancer::new(
+    let mut picker = ServicePicker::new(
         &policy(LoadBalancer::PeakEwma(PeakEwma::default())),
         &endpoints(2),
     );
-    let pick = balancer
+    let pick = picker
         .pick(
             &Default::default(),
             ms(0),
@@ -747,13 +757,13 @@ fn latency_is_fed_to_the_endpoint_that_served() {
         .unwrap();
     assert_eq!(pick.endpoint, addr(1));
     // Envoy retried on addr(2), which answered slowly: addr(2) gets the latency.
-    balancer.complete(
+    picker.complete(
         addr(1),
         crate::Served::ByRetryTarget(addr(2)),
         ok(ms(900)),
         ms(1),
     );
-    let slots = balancer.slots_for_tests();
+    let slots = picker.slots_for_tests();
     let estimate = |i: usize| slots[i].stats.ewma.estimate_nanos(ms(1), secs(10), ms(30));
     assert_eq!(estimate(1), 900_000_000.0);
     // addr(1) failed (retried elsewhere): recorded at the failure penalty.

@@ -3,7 +3,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 
 use crate::{
-    BreakerState, Rejection, ServiceBalancer,
+    BreakerState, Rejection, ServicePicker,
     breaker::{Breaker, Context, Event, Verdict, ejection_time},
     policy::{FailureRate, LoadBalancer, OnNoEndpoint, OutlierDetection, SlowCalls},
     rng::{Sequence, SplitMix64},
@@ -183,10 +183,10 @@ fn ejects_when_too_many_calls_are_slow() {
         }),
         ..strict_outlier_detection(0)
     };
-    let mut balancer = ServiceBalancer::new(&service, &endpoints(2));
-    assert!(fail_on(&mut balancer, addr(1), ok(ms(300)), 2, secs(1)).is_empty());
-    assert!(fail_on(&mut balancer, addr(1), ok(ms(20)), 2, secs(1)).is_empty());
-    let transitions = fail_on(&mut balancer, addr(1), ok(ms(201)), 1, secs(1));
+    let mut picker = ServicePicker::new(&service, &endpoints(2));
+    assert!(fail_on(&mut picker, addr(1), ok(ms(300)), 2, secs(1)).is_empty());
+    assert!(fail_on(&mut picker, addr(1), ok(ms(20)), 2, secs(1)).is_empty());
+    let transitions = fail_on(&mut picker, addr(1), ok(ms(201)), 1, secs(1));
     assert_eq!(transitions.len(), 1, "3 slow of 5 is 60%");
 }
 
@@ -197,9 +197,9 @@ fn max_ejection_percent_keeps_most_of_the_fleet_in_service() {
         max_ejection_percent: 20,
         ..strict_outlier_detection(1)
     };
-    let mut balancer = ServiceBalancer::new(&service, &endpoints(10));
+    let mut picker = ServicePicker::new(&service, &endpoints(10));
     let ejected = (1..=10)
-        .filter(|&i| !fail_on(&mut balancer, addr(i), status(503), 1, secs(1)).is_empty())
+        .filter(|&i| !fail_on(&mut picker, addr(i), status(503), 1, secs(1)).is_empty())
         .count();
     assert_eq!(ejected, 2);
 }
@@ -211,12 +211,12 @@ fn any_nonzero_max_ejection_percent_allows_one_ejection() {
         max_ejection_percent: 10,
         ..strict_outlier_detection(1)
     };
-    let mut balancer = ServiceBalancer::new(&service, &endpoints(3));
+    let mut picker = ServicePicker::new(&service, &endpoints(3));
     assert_eq!(
-        fail_on(&mut balancer, addr(1), status(503), 1, secs(1)).len(),
+        fail_on(&mut picker, addr(1), status(503), 1, secs(1)).len(),
         1
     );
-    assert!(fail_on(&mut balancer, addr(2), status(503), 1, secs(1)).is_empty());
+    assert!(fail_on(&mut picker, addr(2), status(503), 1, secs(1)).is_empty());
 }
 
 #[test]
@@ -226,25 +226,21 @@ fn below_the_panic_threshold_ejections_are_ignored() {
         panic_threshold_percent: 50,
         ..strict_outlier_detection(1)
     };
-    let mut balancer = ServiceBalancer::new(&service, &endpoints(4));
-    fail_on(&mut balancer, addr(1), status(503), 1, secs(1));
-    fail_on(&mut balancer, addr(2), status(503), 1, secs(1));
+    let mut picker = ServicePicker::new(&service, &endpoints(4));
+    fail_on(&mut picker, addr(1), status(503), 1, secs(1));
+    fail_on(&mut picker, addr(2), status(503), 1, secs(1));
     let mut rng = Sequence::default();
     // 2 of 4 admissible = 50%: not panicking, ejected endpoints are skipped.
     for _ in 0..4 {
-        let pick = balancer
-            .pick(&Default::default(), secs(2), &mut rng)
-            .unwrap();
+        let pick = picker.pick(&Default::default(), secs(2), &mut rng).unwrap();
         assert!([addr(3), addr(4)].contains(&pick.endpoint));
-        balancer.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), secs(2));
+        picker.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), secs(2));
     }
     // 1 of 4 = 25% < 50%: panic, every selected endpoint takes traffic again.
-    fail_on(&mut balancer, addr(3), status(503), 1, secs(2));
+    fail_on(&mut picker, addr(3), status(503), 1, secs(2));
     let picked: Vec<_> = (0..4)
         .map(|_| {
-            let pick = balancer
-                .pick(&Default::default(), secs(3), &mut rng)
-                .unwrap();
+            let pick = picker.pick(&Default::default(), secs(3), &mut rng).unwrap();
             pick.endpoint
         })
         .collect();
@@ -257,10 +253,10 @@ fn with_no_panic_threshold_an_all_ejected_service_is_rejected_with_the_policy_ac
     let mut service = policy(LoadBalancer::RoundRobin);
     service.outlier_detection = strict_outlier_detection(1);
     service.on_no_endpoint = OnNoEndpoint::FailOpen;
-    let mut balancer = ServiceBalancer::new(&service, &endpoints(2));
-    fail_on(&mut balancer, addr(1), status(503), 1, secs(1));
-    fail_on(&mut balancer, addr(2), status(503), 1, secs(1));
-    let rejection = balancer
+    let mut picker = ServicePicker::new(&service, &endpoints(2));
+    fail_on(&mut picker, addr(1), status(503), 1, secs(1));
+    fail_on(&mut picker, addr(2), status(503), 1, secs(1));
+    let rejection = picker
         .pick(&Default::default(), secs(2), &mut Sequence::default())
         .unwrap_err();
     assert_eq!(
@@ -277,15 +273,13 @@ fn with_no_panic_threshold_an_all_ejected_service_is_rejected_with_the_policy_ac
 fn a_retry_elsewhere_counts_as_a_failure_of_the_picked_endpoint() {
     let mut service = policy(LoadBalancer::RoundRobin);
     service.outlier_detection = strict_outlier_detection(2);
-    let mut balancer = ServiceBalancer::new(&service, &endpoints(3));
+    let mut picker = ServicePicker::new(&service, &endpoints(3));
     let mut rng = Sequence::default();
     let mut transitions = Vec::new();
     for _ in 0..2 {
-        let pick = balancer
-            .pick(&Default::default(), secs(1), &mut rng)
-            .unwrap();
+        let pick = picker.pick(&Default::default(), secs(1), &mut rng).unwrap();
         assert_eq!(pick.endpoint, addr(1));
-        let t = balancer.complete(
+        let t = picker.complete(
             addr(1),
             crate::Served::ByRetryTarget(addr(3)),
             ok(ms(5)),
@@ -294,15 +288,13 @@ fn a_retry_elsewhere_counts_as_a_failure_of_the_picked_endpoint() {
         transitions.extend(t.iter().copied());
         // Rotate back to addr(1).
         for _ in 0..2 {
-            let other = balancer
-                .pick(&Default::default(), secs(1), &mut rng)
-                .unwrap();
-            balancer.complete(other.endpoint, crate::Served::ByPick, ok(ms(5)), secs(1));
+            let other = picker.pick(&Default::default(), secs(1), &mut rng).unwrap();
+            picker.complete(other.endpoint, crate::Served::ByPick, ok(ms(5)), secs(1));
         }
     }
     assert_eq!(transitions.len(), 1);
     assert_eq!(transitions[0].endpoint, addr(1));
-    let views: Vec<_> = balancer
+    let views: Vec<_> = picker
         .endpoints()
         .map(|v| (v.breaker.name(), v.inflight))
         .collect();
@@ -388,21 +380,21 @@ proptest! {
         service.outlier_detection = strict_outlier_detection(2);
         service.outlier_detection.ejection_jitter_percent = 30;
         service.retry = 3;
-        let mut balancer = ServiceBalancer::new(&service, &weighted(&[1, 2, 3, 1, 2, 3]));
+        let mut picker = ServicePicker::new(&service, &weighted(&[1, 2, 3, 1, 2, 3]));
         let mut rng = SplitMix64::new(seed);
         let mut now = Duration::ZERO;
         for (fail_target, fail, advance_ms) in steps {
             now += ms(advance_ms);
-            let open_until: Vec<_> = balancer
+            let open_until: Vec<_> = picker
                 .endpoints()
                 .map(|v| match v.breaker {
                     BreakerState::Open { until, .. } => Some(until),
                     _ => None,
                 })
                 .collect();
-            match balancer.pick(&Default::default(), now, &mut rng) {
+            match picker.pick(&Default::default(), now, &mut rng) {
                 Ok(pick) => {
-                    let index = balancer
+                    let index = picker
                         .endpoints()
                         .position(|v| v.endpoint.address == pick.endpoint)
                         .unwrap();
@@ -411,16 +403,16 @@ proptest! {
                     }
                     for target in pick.retry_targets.as_slice() {
                         prop_assert_ne!(*target, pick.endpoint);
-                        let view = balancer.endpoints().find(|v| v.endpoint.address == *target).unwrap();
+                        let view = picker.endpoints().find(|v| v.endpoint.address == *target).unwrap();
                         prop_assert_eq!(view.breaker.name(), "closed");
                     }
                     let outcome = if fail { status(503) } else { ok(ms(3)) };
-                    balancer.complete(pick.endpoint, crate::Served::ByPick, outcome, now);
+                    picker.complete(pick.endpoint, crate::Served::ByPick, outcome, now);
                 }
                 Err(rejection) => prop_assert_eq!(rejection.reason(), "all_ejected"),
             }
             if fail {
-                balancer.complete(addr(fail_target + 1), crate::Served::ByPick, status(502), now);
+                picker.complete(addr(fail_target + 1), crate::Served::ByPick, status(502), now);
             }
         }
     }

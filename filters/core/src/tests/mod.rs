@@ -1,8 +1,8 @@
-//! Scenario and property tests of the balancer, the policy and the algorithms, named as
+//! Scenario and property tests of the picker, the policy and the algorithms, named as
 //! specifications.
 
 mod algorithms;
-mod balancer;
 mod breaker;
+mod picker;
 mod policy;
 mod receive;

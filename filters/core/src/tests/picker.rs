@@ -1,5 +1,5 @@
 use crate::{
-    BreakerState, Rejection, ServiceBalancer,
+    BreakerState, Rejection, ServicePicker,
     policy::{LoadBalancer, OnNoEndpoint},
     rng::Sequence,
     test_support::*,
@@ -7,10 +7,10 @@ use crate::{
 
 #[test]
 fn round_robin_visits_each_endpoint_in_address_order() {
-    let mut balancer = ServiceBalancer::new(&policy(LoadBalancer::RoundRobin), &endpoints(3));
+    let mut picker = ServicePicker::new(&policy(LoadBalancer::RoundRobin), &endpoints(3));
     let mut rng = seeded();
     let picked: Vec<_> = (0..6)
-        .map(|_| pick_and_complete(&mut balancer, ok(ms(5)), ms(0), &mut rng))
+        .map(|_| pick_and_complete(&mut picker, ok(ms(5)), ms(0), &mut rng))
         .collect();
     assert_eq!(
         picked,
@@ -22,8 +22,8 @@ fn round_robin_visits_each_endpoint_in_address_order() {
 fn ejects_after_five_consecutive_failures_and_skips_the_endpoint() {
     let mut service = policy(LoadBalancer::RoundRobin);
     service.outlier_detection = strict_outlier_detection(5);
-    let mut balancer = ServiceBalancer::new(&service, &endpoints(3));
-    let transitions = fail_on(&mut balancer, addr(2), status(503), 5, secs(1));
+    let mut picker = ServicePicker::new(&service, &endpoints(3));
+    let transitions = fail_on(&mut picker, addr(2), status(503), 5, secs(1));
     assert_eq!(transitions.len(), 1);
     assert_eq!(transitions[0].endpoint, addr(2));
     assert_eq!(
@@ -35,11 +35,9 @@ fn ejects_after_five_consecutive_failures_and_skips_the_endpoint() {
     );
     let mut rng = Sequence::default();
     for _ in 0..6 {
-        let pick = balancer
-            .pick(&Default::default(), secs(2), &mut rng)
-            .unwrap();
+        let pick = picker.pick(&Default::default(), secs(2), &mut rng).unwrap();
         assert_ne!(pick.endpoint, addr(2));
-        balancer.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), secs(2));
+        picker.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), secs(2));
     }
 }
 
@@ -47,8 +45,8 @@ fn ejects_after_five_consecutive_failures_and_skips_the_endpoint() {
 fn no_healthy_endpoint_is_rejected_with_the_policy_action() {
     let mut service = policy(LoadBalancer::RoundRobin);
     service.on_no_endpoint = OnNoEndpoint::FailFast;
-    let mut balancer = ServiceBalancer::new(&service, &[]);
-    let rejection = balancer
+    let mut picker = ServicePicker::new(&service, &[]);
+    let rejection = picker
         .pick(&Default::default(), ms(0), &mut seeded())
         .unwrap_err();
     assert_eq!(
@@ -62,13 +60,13 @@ fn no_healthy_endpoint_is_rejected_with_the_policy_action() {
 
 #[test]
 fn smooth_weighted_round_robin_interleaves_like_nginx() {
-    let mut balancer = ServiceBalancer::new(
+    let mut picker = ServicePicker::new(
         &policy(LoadBalancer::WeightedRoundRobin),
         &weighted(&[5, 1, 1]),
     );
     let mut rng = seeded();
     let picked: Vec<_> = (0..7)
-        .map(|_| pick_and_complete(&mut balancer, ok(ms(5)), ms(0), &mut rng))
+        .map(|_| pick_and_complete(&mut picker, ok(ms(5)), ms(0), &mut rng))
         .collect();
     let (a, b, c) = (addr(1), addr(2), addr(3));
     assert_eq!(picked, [a, a, b, a, c, a, a]);
@@ -79,12 +77,12 @@ fn ejects_after_five_consecutive_gateway_errors() {
     let mut service = policy(LoadBalancer::RoundRobin);
     service.outlier_detection = strict_outlier_detection(0);
     service.outlier_detection.consecutive_gateway_errors = 5;
-    let mut balancer = ServiceBalancer::new(&service, &endpoints(3));
-    assert!(fail_on(&mut balancer, addr(1), connect_failure(), 4, secs(1)).is_empty());
+    let mut picker = ServicePicker::new(&service, &endpoints(3));
+    assert!(fail_on(&mut picker, addr(1), connect_failure(), 4, secs(1)).is_empty());
     // A plain 500 is not a gateway error: the run starts again.
-    assert!(fail_on(&mut balancer, addr(1), status(500), 1, secs(1)).is_empty());
-    assert!(fail_on(&mut balancer, addr(1), status(502), 4, secs(1)).is_empty());
-    let transitions = fail_on(&mut balancer, addr(1), status(504), 1, secs(1));
+    assert!(fail_on(&mut picker, addr(1), status(500), 1, secs(1)).is_empty());
+    assert!(fail_on(&mut picker, addr(1), status(502), 4, secs(1)).is_empty());
+    let transitions = fail_on(&mut picker, addr(1), status(504), 1, secs(1));
     assert_eq!(transitions.len(), 1);
     assert_eq!(transitions[0].to.name(), "open");
 }
@@ -101,17 +99,17 @@ fn keeps_traffic_in_the_local_zone_until_too_few_are_admissible_then_fails_over(
         in_zone(3, "z2"),
         in_zone(4, "z3"),
     ];
-    let mut balancer = ServiceBalancer::new(&service, &fleet);
+    let mut picker = ServicePicker::new(&service, &fleet);
     let mut rng = seeded();
     let picked: Vec<_> = (0..4)
-        .map(|_| pick_and_complete(&mut balancer, ok(ms(5)), ms(0), &mut rng))
+        .map(|_| pick_and_complete(&mut picker, ok(ms(5)), ms(0), &mut rng))
         .collect();
     assert_eq!(picked, [addr(1), addr(2), addr(1), addr(2)]);
     // One of two local endpoints ejected: 50% < 70%, so z2 (the first failover) takes over.
-    fail_on(&mut balancer, addr(1), status(503), 1, ms(1));
+    fail_on(&mut picker, addr(1), status(503), 1, ms(1));
     for _ in 0..3 {
         assert_eq!(
-            pick_and_complete(&mut balancer, ok(ms(5)), ms(2), &mut rng),
+            pick_and_complete(&mut picker, ok(ms(5)), ms(2), &mut rng),
             addr(3)
         );
     }
@@ -124,14 +122,12 @@ fn a_host_envoy_chose_instead_of_the_pick_charges_the_pick_nothing() {
     let mut service = policy(LoadBalancer::RoundRobin);
     service.outlier_detection = strict_outlier_detection(2);
     let outsider: std::net::SocketAddr = "192.0.2.9:80".parse().unwrap();
-    let mut balancer = ServiceBalancer::new(&service, &endpoints(1));
+    let mut picker = ServicePicker::new(&service, &endpoints(1));
     let mut rng = Sequence::default();
     for _ in 0..10 {
-        let pick = balancer
-            .pick(&Default::default(), secs(1), &mut rng)
-            .unwrap();
+        let pick = picker.pick(&Default::default(), secs(1), &mut rng).unwrap();
         assert_eq!(pick.endpoint, addr(1));
-        let transitions = balancer.complete(
+        let transitions = picker.complete(
             pick.endpoint,
             crate::Served::ByFallback(outsider),
             status(503),
@@ -139,7 +135,7 @@ fn a_host_envoy_chose_instead_of_the_pick_charges_the_pick_nothing() {
         );
         assert!(transitions.is_empty());
     }
-    let views: Vec<_> = balancer
+    let views: Vec<_> = picker
         .endpoints()
         .map(|view| (view.breaker.name(), view.inflight))
         .collect();
@@ -150,11 +146,11 @@ fn a_host_envoy_chose_instead_of_the_pick_charges_the_pick_nothing() {
 fn a_fallback_host_of_the_service_is_charged_its_own_outcome() {
     let mut service = policy(LoadBalancer::RoundRobin);
     service.outlier_detection = strict_outlier_detection(2);
-    let mut balancer = ServiceBalancer::new(&service, &endpoints(2));
+    let mut picker = ServicePicker::new(&service, &endpoints(2));
     let mut transitions = Vec::new();
     for _ in 0..2 {
         transitions.extend(
-            balancer
+            picker
                 .complete(
                     addr(1),
                     crate::Served::ByFallback(addr(2)),
@@ -167,7 +163,7 @@ fn a_fallback_host_of_the_service_is_charged_its_own_outcome() {
     }
     assert_eq!(transitions.len(), 1);
     assert_eq!(transitions[0].endpoint, addr(2));
-    let breakers: Vec<_> = balancer.endpoints().map(|v| v.breaker.name()).collect();
+    let breakers: Vec<_> = picker.endpoints().map(|v| v.breaker.name()).collect();
     assert_eq!(breakers, ["closed", "open"]);
 }
 
@@ -175,8 +171,8 @@ fn a_fallback_host_of_the_service_is_charged_its_own_outcome() {
 fn the_upstream_is_classified_against_the_pick_and_its_retry_targets() {
     let mut service = policy(LoadBalancer::RoundRobin);
     service.retry = 1;
-    let mut balancer = ServiceBalancer::new(&service, &endpoints(3));
-    let pick = balancer
+    let mut picker = ServicePicker::new(&service, &endpoints(3));
+    let pick = picker
         .pick(&Default::default(), secs(1), &mut Sequence::default())
         .unwrap();
     let retry = pick.retry_targets.as_slice()[0];

@@ -1,0 +1,148 @@
+//! [`ServicePicker`]: one service's endpoints, policy and balancing state; the per-request API
+//! the proxy-wasm filter (and the registry) call.
+//!
+//! Per request the caller calls [`ServicePicker::pick`] and, when the response ends,
+//! [`ServicePicker::complete`]. When the control plane pushes a new endpoint set it calls
+//! [`ServicePicker::update_endpoints`], which rebuilds the immutable selection structures
+//! (pingora style) and keeps the stats of endpoints that survive, keyed by address. Time is
+//! `now: Duration` since any monotonic epoch the caller picks (it must not go backwards; if it
+//! does, elapsed time counts as zero). Nothing here panics on any input, memory is bounded by
+//! the endpoint count and the policy's caps, and a pick allocates nothing except the
+//! `Set-Cookie` value when a cookie must be set.
+//!
+//! By file:
+//! - `request.rs`: what a request brings and gets back ([`RequestAttributes`],
+//!   [`RequestNeeds`], [`Pick`], [`Rejection`]);
+//! - `pick.rs`: how one request is picked (rate limit, sticky session, candidates, algorithm,
+//!   retry targets);
+//! - `eligible.rs`: which endpoints may serve (health, selector, locality tiers, breakers,
+//!   panic threshold);
+//! - `retry.rs`: which endpoints Envoy retries on ([`RetryTargets`]);
+//! - `outcome.rs`: what a response does (in-flight count, latency estimate, breaker;
+//!   [`Served`], [`Outcome`], [`Transitions`]);
+//! - `slots.rs`: the endpoints with their stats and the counts kept in step with them.
+//!
+//! The algorithms themselves are in [`crate::select`], one file each.
+
+mod eligible;
+mod outcome;
+mod pick;
+mod request;
+mod retry;
+mod slots;
+
+use self::{eligible::Eligible, slots::Slots};
+pub use self::{
+    outcome::{Outcome, Served, Transition, Transitions},
+    request::{Pick, Rejection, RequestAttributes, RequestNeeds},
+    retry::RetryTargets,
+    slots::EndpointView,
+};
+#[cfg(test)]
+use crate::select::Slot;
+use crate::{
+    endpoint::Endpoint,
+    policy::{LoadBalancer, PeakEwma, ServicePolicy},
+    ratelimit::{LocalBuckets, RateLimiter},
+    select::{
+        Algorithm, EndpointSet, Select,
+        sticky::{SessionKeys, Sessions},
+    },
+};
+
+/// One service's picker. See the module docs.
+#[derive(Debug, Clone)]
+pub struct ServicePicker {
+    policy: ServicePolicy,
+    slots: Slots,
+    eligible: Eligible,
+    /// The algorithm that picks new requests (`sticky`'s fallback for `sticky`).
+    algorithm: Algorithm,
+    /// The sticky-session layer, when the policy is `sticky`.
+    sessions: Option<Sessions>,
+    /// How response times are folded into latency estimates, as the algorithm wants it.
+    latency_estimate: PeakEwma,
+    limiter: Option<RateLimiter>,
+    /// The rate limit's buckets when the caller keeps none of its own ([`Self::pick`]).
+    local_buckets: LocalBuckets,
+}
+
+impl ServicePicker {
+    /// A picker for `endpoints` under `policy` (assumed validated; an unvalidated policy
+    /// still never causes a panic). Duplicate addresses keep their first entry.
+    pub fn new(policy: &ServicePolicy, endpoints: &[Endpoint]) -> Self {
+        let algorithm = Algorithm::new(&policy.load_balancer);
+        let sessions = match &policy.load_balancer {
+            LoadBalancer::Sticky(sticky) => Some(Sessions::new(sticky)),
+            _ => None,
+        };
+        let mut picker = Self {
+            policy: policy.clone(),
+            slots: Slots::default(),
+            eligible: Eligible::default(),
+            latency_estimate: algorithm.latency_estimate(),
+            algorithm,
+            sessions,
+            limiter: policy.rate_limit.as_ref().map(RateLimiter::new),
+            local_buckets: LocalBuckets::default(),
+        };
+        picker.update_endpoints(endpoints);
+        picker
+    }
+
+    /// Makes and checks sticky-session cookies with `keys` (the first signs new sessions,
+    /// every one is accepted) instead of the public default key.
+    pub fn set_session_keys(&mut self, keys: &SessionKeys) {
+        if let Some(sessions) = &mut self.sessions {
+            sessions.set_keys(keys, &self.slots, &self.policy.endpoint_selector);
+        }
+    }
+
+    /// Replaces the endpoint set, keeping inflight, latency and breaker state of every
+    /// endpoint whose address is still present.
+    pub fn update_endpoints(&mut self, endpoints: &[Endpoint]) {
+        let previous = self
+            .slots
+            .replace(endpoints, &self.policy.outlier_detection);
+        self.eligible = Eligible::new(&self.policy, &self.slots);
+        self.algorithm.rebuild(&EndpointSet {
+            slots: &self.slots,
+            eligible: self.eligible.members(),
+            previous: &previous,
+        });
+        if let Some(sessions) = &mut self.sessions {
+            sessions.rebuild(&self.slots, &self.policy.endpoint_selector);
+        }
+    }
+
+    /// The policy this picker applies.
+    pub fn policy(&self) -> &ServicePolicy {
+        &self.policy
+    }
+
+    /// Which request attributes [`pick`](Self::pick) reads under this policy.
+    pub fn request_needs(&self) -> RequestNeeds<'_> {
+        let mut needs = RequestNeeds::default();
+        self.algorithm.needs(&mut needs);
+        if let Some(sessions) = &self.sessions {
+            sessions.needs(&mut needs);
+        }
+        needs.client_key_header = self
+            .policy
+            .rate_limit
+            .as_ref()
+            .and_then(|limit| limit.client_key_header.as_deref());
+        needs
+    }
+
+    /// Every endpoint with its breaker state and inflight, sorted by address.
+    pub fn endpoints(&self) -> impl ExactSizeIterator<Item = EndpointView<'_>> {
+        self.slots.views()
+    }
+
+    /// A copy of the slots, for tests that inspect stats.
+    #[cfg(test)]
+    pub(crate) fn slots_for_tests(&self) -> Vec<Slot> {
+        self.slots.to_vec()
+    }
+}

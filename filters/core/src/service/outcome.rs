@@ -1,0 +1,170 @@
+//! What a response does: [`ServicePicker::complete`] releases the pick's in-flight count and
+//! charges the outcome to the endpoint that earned it ([`Served`]): its latency estimate and
+//! its breaker, whose state changes come back as [`Transitions`] for the filter's metrics.
+
+use std::{net::SocketAddr, time::Duration};
+
+use super::{RetryTargets, ServicePicker};
+use crate::breaker::{BreakerState, Event, Verdict};
+
+/// Who produced a request's outcome, relative to the pick the filter wrote: decides which
+/// endpoint's breaker and latency estimate the outcome is charged to.
+///
+/// Envoy reports the upstream that served the last attempt (`upstream.address`) and how many
+/// attempts there were (`upstream.request_attempt_count`). On the first attempt the host is
+/// the pick when `override_host` honoured it; any other host means it did not (the address
+/// is not an endpoint of the routed cluster: EDS behind the snapshot, a cluster without the
+/// override policy, a service name that is not the routed cluster) and its fallback policy
+/// chose: the pick never received the request and is charged nothing. After a retry, a host
+/// among the pick's retry targets means the pick failed its attempt; any other host is again
+/// the fallback's choice, and the pick is given the benefit of the doubt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Served {
+    /// The pick served it (or Envoy named no upstream, e.g. no attempt connected).
+    ByPick,
+    /// A retry target of the pick served it after the pick's attempt failed.
+    ByRetryTarget(SocketAddr),
+    /// Envoy's fallback chose this host instead of the pick; the pick is charged nothing.
+    ByFallback(SocketAddr),
+}
+
+impl Served {
+    /// Classifies Envoy's `upstream` host and attempt count against the pick and its retry
+    /// targets. An unknown attempt count is read as "maybe retried".
+    pub fn classify(
+        picked: SocketAddr,
+        retry_targets: &RetryTargets,
+        upstream: Option<SocketAddr>,
+        attempts: Option<u64>,
+    ) -> Self {
+        match upstream {
+            None => Self::ByPick,
+            Some(upstream) if upstream == picked => Self::ByPick,
+            Some(upstream) if attempts != Some(1) && retry_targets.contains(&upstream) => {
+                Self::ByRetryTarget(upstream)
+            }
+            Some(upstream) => Self::ByFallback(upstream),
+        }
+    }
+}
+
+/// How a request ended, as the filter saw it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Outcome {
+    /// The response status, if a response arrived.
+    pub status: Option<u16>,
+    /// Envoy could not connect to the endpoint.
+    pub connect_failure: bool,
+    /// The stream or connection was reset.
+    pub reset: bool,
+    /// The request timed out.
+    pub timeout: bool,
+    /// Time from pick to the end of the response.
+    pub latency: Duration,
+}
+
+/// A breaker changed state kind (closed / open / half-open) on an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Transition {
+    /// The endpoint whose breaker changed.
+    pub endpoint: SocketAddr,
+    /// The state before.
+    pub from: BreakerState,
+    /// The state after.
+    pub to: BreakerState,
+}
+
+/// The transitions caused by one completion: at most one on the picked endpoint (when Envoy
+/// retried elsewhere) and one on the endpoint that served.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Transitions {
+    items: [Option<Transition>; 2],
+}
+
+impl Transitions {
+    /// The transitions, picked endpoint first.
+    pub fn iter(&self) -> impl Iterator<Item = &Transition> {
+        self.items.iter().flatten()
+    }
+
+    /// Whether nothing changed state.
+    pub fn is_empty(&self) -> bool {
+        self.items.iter().all(Option::is_none)
+    }
+
+    fn push(&mut self, transition: Option<Transition>) {
+        if let Some(free) = self.items.iter_mut().find(|item| item.is_none()) {
+            *free = transition;
+        }
+    }
+}
+
+impl ServicePicker {
+    /// Records the end of a request picked on `picked`, charging `outcome` to whoever
+    /// [`Served`] it.
+    ///
+    /// Always releases `picked`'s in-flight count. [`Served::ByRetryTarget`] also records the
+    /// pick's attempt as a failure (at the failure penalty latency); [`Served::ByFallback`]
+    /// charges the pick nothing. The endpoint that served (if it is one of this service's)
+    /// gets the outcome's latency and verdict. Returns the breaker transitions this caused so
+    /// the filter can count ejections. Endpoints no longer present are ignored.
+    pub fn complete(
+        &mut self,
+        picked: SocketAddr,
+        served_by: Served,
+        outcome: Outcome,
+        now: Duration,
+    ) -> Transitions {
+        let mut transitions = Transitions::default();
+        let policy = &self.policy;
+        let estimate = &self.latency_estimate;
+        let picked_slot = self.slots.find(picked);
+        if let Some(slot) = picked_slot {
+            self.slots.release(slot);
+        }
+        let served = match served_by {
+            Served::ByPick => picked,
+            Served::ByRetryTarget(served) | Served::ByFallback(served) => served,
+        };
+        if matches!(served_by, Served::ByRetryTarget(_))
+            && let Some(slot) = picked_slot
+        {
+            self.slots
+                .observe(slot, estimate.failure_penalty, now, estimate.decay);
+            transitions.push(self.slots.transition(
+                slot,
+                Event::Complete(Verdict::RETRIED_ELSEWHERE),
+                now,
+                &policy.outlier_detection,
+            ));
+        }
+        if let Some(slot) = self.slots.find(served) {
+            let verdict = Verdict::classify(
+                outcome.status,
+                outcome.connect_failure,
+                outcome.reset,
+                outcome.timeout,
+                outcome.latency,
+                &policy.failure_kinds,
+                policy
+                    .outlier_detection
+                    .slow_calls
+                    .as_ref()
+                    .map(|slow| slow.latency_threshold),
+            );
+            let rtt = if verdict.failure {
+                outcome.latency.max(estimate.failure_penalty)
+            } else {
+                outcome.latency
+            };
+            self.slots.observe(slot, rtt, now, estimate.decay);
+            transitions.push(self.slots.transition(
+                slot,
+                Event::Complete(verdict),
+                now,
+                &policy.outlier_detection,
+            ));
+        }
+        transitions
+    }
+}

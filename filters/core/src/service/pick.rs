@@ -1,0 +1,117 @@
+//! How one request is picked: [`ServicePicker::pick`].
+//!
+//! 1. The rate limit, if the policy has one: an empty bucket rejects the request (429).
+//! 2. A sticky session: a cookie naming an endpoint that is still selected, not unhealthy and
+//!    admitted by its breaker sends the request there.
+//! 3. Otherwise the admissible candidates (`eligible.rs`: healthy, selected, admitted by their
+//!    breaker unless in panic, best locality tier), or a rejection when there are none.
+//! 4. The service's algorithm chooses among them (`crate::select`) and says in which order it
+//!    would take the others; the first `retry` admissible ones become the retry targets
+//!    (`retry.rs`).
+//! 5. The endpoint is counted in flight (and as a probe if its breaker is open) until
+//!    [`ServicePicker::complete`].
+
+use std::time::Duration;
+
+use super::{Pick, Rejection, RequestAttributes, RetryTargets, ServicePicker};
+use crate::{
+    ratelimit::BucketStore,
+    rng::Rng,
+    select::{Request, Select, candidates::Walk},
+    validate::MAX_RETRY_TARGETS,
+};
+
+impl ServicePicker {
+    /// Picks the endpoint for one request and counts it as inflight there.
+    ///
+    /// Order: rate limit; the sticky endpoint if the cookie names an admissible one; else the
+    /// admissible candidates (healthy, selected, not ejected unless in panic, best locality
+    /// tier) and the algorithm. The caller must later call [`complete`](Self::complete) with
+    /// `Pick::endpoint`.
+    ///
+    /// The rate limit's buckets are this picker's own: the limit holds for the requests it
+    /// picks. [`pick_with_buckets`](Self::pick_with_buckets) shares them.
+    pub fn pick<R: Rng + ?Sized>(
+        &mut self,
+        attributes: &RequestAttributes<'_>,
+        now: Duration,
+        rng: &mut R,
+    ) -> Result<Pick, Rejection> {
+        let mut buckets = std::mem::take(&mut self.local_buckets);
+        let picked = self.pick_with_buckets(attributes, now, rng, &mut buckets);
+        self.local_buckets = buckets;
+        picked
+    }
+
+    /// [`pick`](Self::pick) with the rate limit's tokens taken from `buckets`: the filter
+    /// passes buckets every worker of the proxy shares, so the limit is per proxy.
+    pub fn pick_with_buckets<R: Rng + ?Sized>(
+        &mut self,
+        attributes: &RequestAttributes<'_>,
+        now: Duration,
+        rng: &mut R,
+        buckets: &mut dyn BucketStore,
+    ) -> Result<Pick, Rejection> {
+        let policy = &self.policy;
+        if let Some(limiter) = &self.limiter {
+            let client = policy
+                .rate_limit
+                .as_ref()
+                .and_then(|limit| limit.client_key_header.as_ref())
+                .and(attributes.client_key);
+            limiter
+                .admit(buckets, client, now)
+                .map_err(|retry_after| Rejection::RateLimited { retry_after })?;
+        }
+        let slots = &self.slots;
+        let retries = policy.retry.min(MAX_RETRY_TARGETS) as usize;
+        let session = self
+            .sessions
+            .as_ref()
+            .and_then(|sessions| sessions.lookup(attributes.sticky_cookie))
+            .filter(|&slot| {
+                slots[slot]
+                    .stats
+                    .breaker
+                    .admits(&policy.outlier_detection, now)
+            });
+        let candidates = self.eligible.candidates(slots, policy, now);
+
+        let (slot, retry_targets, set_cookie) = if let Some(slot) = session {
+            // A session's retries start at a place fixed by its endpoint, so they spread.
+            let order = candidates.map_or_else(
+                |_| Walk::empty(),
+                |candidates| {
+                    let entries = candidates.slots();
+                    let start = slots[slot].address_hash % entries.len().max(1) as u64;
+                    Walk::lap(entries, start as usize)
+                },
+            );
+            (slot, RetryTargets::after(order, slot, slots, retries), None)
+        } else {
+            let mut candidates = candidates?;
+            let choice = self.algorithm.pick(
+                &mut candidates,
+                Request {
+                    attributes,
+                    slots,
+                    total_inflight: slots.total_inflight(),
+                    now,
+                    rng,
+                },
+            );
+            let retry_targets = RetryTargets::after(choice.then, choice.slot, slots, retries);
+            let set_cookie = match &self.sessions {
+                Some(sessions) => Some(sessions.set_cookie(&slots[choice.slot].endpoint.address)),
+                None => choice.set_cookie,
+            };
+            (choice.slot, retry_targets, set_cookie)
+        };
+        self.slots.admit(slot, now, &self.policy.outlier_detection);
+        Ok(Pick {
+            endpoint: self.slots[slot].endpoint.address,
+            retry_targets,
+            set_sticky_cookie: set_cookie,
+        })
+    }
+}

@@ -1,0 +1,185 @@
+//! A service's endpoints as the picker holds them ([`Slot`]s, sorted by address) with the two
+//! counts kept in step with them: how many breakers are not closed (for `max_ejection_percent`
+//! and the steady-state shortcut) and how many requests are in flight (for bounded load).
+//! Every change of a breaker or an in-flight count goes through here, so the counts cannot
+//! drift; an endpoint-set change keeps the stats of every endpoint still present.
+
+use std::{net::SocketAddr, ops::Deref, time::Duration};
+
+use super::Transition;
+use crate::{
+    breaker::{BreakerState, Context, Event},
+    endpoint::Endpoint,
+    policy::OutlierDetection,
+    select::{EndpointStats, Slot, hash::address_hash},
+};
+
+/// A read-only view of one endpoint for metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct EndpointView<'a> {
+    /// The endpoint as last updated.
+    pub endpoint: &'a Endpoint,
+    /// Its breaker state.
+    pub breaker: BreakerState,
+    /// Requests picked and not yet completed.
+    pub inflight: u32,
+}
+
+/// The endpoints, sorted by address and unique, and their aggregate counts.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Slots {
+    list: Vec<Slot>,
+    /// Endpoints whose breaker is open or half-open.
+    not_closed: usize,
+    /// Sum of the endpoints' in-flight counts.
+    total_inflight: u64,
+}
+
+impl Deref for Slots {
+    type Target = [Slot];
+
+    fn deref(&self) -> &[Slot] {
+        &self.list
+    }
+}
+
+impl Slots {
+    /// Replaces the endpoints with `endpoints` (duplicate addresses keep their first entry),
+    /// keeping the stats of those still present and starting the others afresh. Returns, per
+    /// new slot, its index before the change if it was there.
+    pub fn replace(
+        &mut self,
+        endpoints: &[Endpoint],
+        outlier_detection: &OutlierDetection,
+    ) -> Vec<Option<u32>> {
+        let mut sorted: Vec<&Endpoint> = endpoints.iter().collect();
+        sorted.sort_by_key(|endpoint| endpoint.address);
+        sorted.dedup_by_key(|endpoint| endpoint.address);
+        let previous = std::mem::take(&mut self.list);
+        let mut carried = Vec::with_capacity(sorted.len());
+        self.list = sorted
+            .into_iter()
+            .map(|endpoint| {
+                let old = previous
+                    .binary_search_by_key(&endpoint.address, |slot| slot.endpoint.address)
+                    .ok();
+                carried.push(old.map(|old| old as u32));
+                Slot {
+                    endpoint: endpoint.clone(),
+                    address_hash: address_hash(&endpoint.address),
+                    stats: old.map_or_else(
+                        || EndpointStats::new(outlier_detection),
+                        |old| previous[old].stats.clone(),
+                    ),
+                }
+            })
+            .collect();
+        self.not_closed = self.count_not_closed();
+        self.total_inflight = self
+            .list
+            .iter()
+            .map(|slot| u64::from(slot.stats.inflight))
+            .sum();
+        carried
+    }
+
+    /// The slot of `address`, if it is one of the endpoints.
+    pub fn find(&self, address: SocketAddr) -> Option<usize> {
+        self.list
+            .binary_search_by_key(&address, |slot| slot.endpoint.address)
+            .ok()
+    }
+
+    /// How many breakers are open or half-open.
+    pub fn not_closed(&self) -> usize {
+        self.not_closed
+    }
+
+    /// How many requests are in flight, over every endpoint.
+    pub fn total_inflight(&self) -> u64 {
+        self.total_inflight
+    }
+
+    /// Every endpoint with its breaker state and in-flight count.
+    pub fn views(&self) -> impl ExactSizeIterator<Item = EndpointView<'_>> {
+        self.list.iter().map(|slot| EndpointView {
+            endpoint: &slot.endpoint,
+            breaker: slot.stats.breaker.state(),
+            inflight: slot.stats.inflight,
+        })
+    }
+
+    /// Counts a request sent to `slot`: in flight, and a probe if its breaker is open.
+    pub fn admit(&mut self, slot: usize, now: Duration, outlier_detection: &OutlierDetection) {
+        let stats = &mut self.list[slot].stats;
+        stats.inflight = stats.inflight.saturating_add(1);
+        self.total_inflight = self.total_inflight.saturating_add(1);
+        // Admitting never changes the state kind except open → half-open (both ejected).
+        let _ = self.transition(slot, Event::Admit, now, outlier_detection);
+    }
+
+    /// Takes a finished request off `slot`'s in-flight count.
+    pub fn release(&mut self, slot: usize) {
+        let inflight = &mut self.list[slot].stats.inflight;
+        if *inflight > 0 {
+            *inflight -= 1;
+            self.total_inflight = self.total_inflight.saturating_sub(1);
+        }
+    }
+
+    /// Folds one response time into `slot`'s latency estimate.
+    pub fn observe(&mut self, slot: usize, rtt: Duration, now: Duration, decay: Duration) {
+        self.list[slot].stats.ewma.observe(rtt, now, decay);
+    }
+
+    /// Applies a breaker event to `slot`; returns the change of state kind, if any.
+    pub fn transition(
+        &mut self,
+        slot: usize,
+        event: Event,
+        now: Duration,
+        outlier_detection: &OutlierDetection,
+    ) -> Option<Transition> {
+        let may_eject = self.may_eject(outlier_detection);
+        let entry = &mut self.list[slot];
+        let context = Context {
+            policy: outlier_detection,
+            now,
+            may_eject,
+            jitter_seed: entry.address_hash,
+        };
+        let change = entry.stats.breaker.on(event, &context)?;
+        match (change.from.is_ejected(), change.to.is_ejected()) {
+            (false, true) => self.not_closed += 1,
+            (true, false) => self.not_closed = self.not_closed.saturating_sub(1),
+            _ => {}
+        }
+        debug_assert_eq!(
+            self.not_closed,
+            self.count_not_closed(),
+            "not_closed must count the ejected breakers"
+        );
+        Some(Transition {
+            endpoint: self.list[slot].endpoint.address,
+            from: change.from,
+            to: change.to,
+        })
+    }
+
+    /// Whether one more endpoint may be ejected under `max_ejection_percent`.
+    fn may_eject(&self, outlier_detection: &OutlierDetection) -> bool {
+        let percent = outlier_detection.max_ejection_percent.min(100) as usize;
+        if percent == 0 {
+            return false;
+        }
+        let allowed = (self.list.len() * percent / 100).max(1);
+        self.not_closed < allowed
+    }
+
+    fn count_not_closed(&self) -> usize {
+        self.list
+            .iter()
+            .filter(|slot| slot.stats.breaker.state().is_ejected())
+            .count()
+    }
+}
