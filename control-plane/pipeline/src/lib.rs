@@ -34,8 +34,33 @@ use tokio::{sync::watch, task::JoinHandle};
 
 pub use merge::Debounce;
 pub use metrics::PipelineMetrics;
-pub use publish::{ServedSnapshot, SnapshotStore};
+pub use publish::{Refused, ServedSnapshot, SnapshotStore};
 pub use validate::Dropped;
+
+/// The default snapshot budget: half the filters' default `max_snapshot_bytes` (32 MiB), so
+/// a snapshot the filters would refuse is refused here first, with room for growth.
+pub const DEFAULT_SNAPSHOT_BUDGET: usize = 16 << 20;
+
+/// How the pipeline runs.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// How source updates are folded.
+    pub debounce: Debounce,
+    /// Settings of the generated Envoy clusters.
+    pub cluster_options: ClusterOptions,
+    /// The largest snapshot published, in bytes of JSON (see [`publish`]).
+    pub snapshot_budget_bytes: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            debounce: Debounce::default(),
+            cluster_options: ClusterOptions::default(),
+            snapshot_budget_bytes: DEFAULT_SNAPSHOT_BUDGET,
+        }
+    }
+}
 
 /// A running pipeline. Dropping it stops every stage (and with them the sources and probes).
 #[derive(Debug)]
@@ -44,39 +69,41 @@ pub struct Pipeline {
     store: SnapshotStore,
     published: watch::Receiver<Option<Arc<Snapshot>>>,
     dropped: watch::Receiver<Arc<Dropped>>,
+    refused: watch::Receiver<Option<Arc<Refused>>>,
     task: JoinHandle<()>,
 }
 
 impl Pipeline {
-    /// Starts every stage on the current tokio runtime: `sources` merged with `debounce`,
-    /// checked (through `probes`) and published with the policy `policy` holds, as clusters
-    /// built with `cluster_options`; `metrics` counts what the stages do.
+    /// Starts every stage on the current tokio runtime: `sources` merged, checked (through
+    /// `probes`) and published with the policy `policy` holds, as `config` says; `metrics`
+    /// counts what the stages do.
     pub fn start(
         sources: Vec<Box<dyn Source>>,
-        debounce: Debounce,
         policy: watch::Receiver<Option<Arc<AppliedPolicy>>>,
-        cluster_options: ClusterOptions,
+        config: PipelineConfig,
         metrics: PipelineMetrics,
         probes: ProbeHub,
     ) -> Self {
-        let cache = Arc::new(SnapshotCache::new(cluster_options));
+        let cache = Arc::new(SnapshotCache::new(config.cluster_options));
         let store = SnapshotStore::default();
+        let (refused, refused_out) = watch::channel(None);
+        let sinks = publish::Sinks {
+            cache: Arc::clone(&cache),
+            store: store.clone(),
+            budget_bytes: config.snapshot_budget_bytes,
+            refused,
+        };
         let (merged, merged_out) = watch::channel(None);
         let (valid, valid_out) = watch::channel(None);
         let (dropped, dropped_out) = watch::channel(Arc::default());
         let (checked, checked_out) = watch::channel(None);
         let (snapshots, published) = watch::channel(None);
         let stages = (
-            merge::run(sources, debounce, merged),
+            merge::run(sources, config.debounce, merged),
             validate::run(merged_out, valid, dropped, metrics.clone()),
             health::run(valid_out, policy.clone(), probes, checked),
             policy::run(checked_out, policy, snapshots),
-            publish::run(
-                published.clone(),
-                Arc::clone(&cache),
-                store.clone(),
-                metrics,
-            ),
+            publish::run(published.clone(), sinks, metrics),
         );
         let task = tokio::spawn(async move {
             let (merge, validate, health, policy, publish) = stages;
@@ -87,6 +114,7 @@ impl Pipeline {
             store,
             published,
             dropped: dropped_out,
+            refused: refused_out,
             task,
         }
     }
@@ -109,6 +137,11 @@ impl Pipeline {
     /// What validation left out of the latest published snapshot.
     pub fn dropped(&self) -> watch::Receiver<Arc<Dropped>> {
         self.dropped.clone()
+    }
+
+    /// The snapshot refused last for exceeding the budget, while no later one is published.
+    pub fn refused(&self) -> watch::Receiver<Option<Arc<Refused>>> {
+        self.refused.clone()
     }
 
     /// Stops every stage; the cache and the store keep what they hold.

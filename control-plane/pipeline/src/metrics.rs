@@ -60,6 +60,9 @@ pub struct PipelineMetrics {
     /// of the published snapshot; above 0, a source publishes something Envoy or the filters
     /// would refuse (`/v1/status` names it).
     pub dropped: Family<DroppedLabels, Gauge>,
+    /// `fulcrum_snapshot_over_budget`: 1 while the latest snapshot is refused for exceeding
+    /// the budget (Envoy and the filters keep the last good one), else 0.
+    pub over_budget: Gauge,
 }
 
 impl PipelineMetrics {
@@ -82,10 +85,20 @@ impl PipelineMetrics {
             self.updates.clone(),
         );
         fulcrum.register(
+            "snapshot_over_budget",
+            "1 while the latest snapshot is refused for exceeding the budget, else 0",
+            self.over_budget.clone(),
+        );
+        fulcrum.register(
             "snapshot_dropped",
             "Endpoints and services left out of the published snapshot as invalid",
             self.dropped.clone(),
         );
+    }
+
+    /// Sets the over-budget gauge.
+    pub fn observe_over_budget(&self, over: bool) {
+        self.over_budget.set(i64::from(over));
     }
 
     /// Sets the dropped gauges from the last validation.

@@ -1,9 +1,13 @@
 //! Stage 5, the published snapshot → its two sinks: the xDS cache Envoy streams from, and
 //! the [`SnapshotStore`] the filters poll (`/v1/snapshot`), with the same version in both.
 //!
-//! The store serializes each snapshot to JSON once and keeps the bytes, so every
-//! `GET /v1/snapshot` of a version serves the same buffer. Each publication is logged with its
-//! version and reflected in the snapshot metrics.
+//! The stage serializes each snapshot to JSON once and the store keeps the bytes, so every
+//! `GET /v1/snapshot` of a version serves the same buffer. A snapshot whose JSON exceeds the
+//! budget (set below the filters' `max_snapshot_bytes`, which would refuse it on every proxy)
+//! is published to neither sink: Envoy and the filters keep the last good one, the refusal is
+//! logged, reported ([`Refused`], in `/v1/status`) and shown by
+//! `fulcrum_snapshot_over_budget`. Each publication is logged with its version and reflected
+//! in the snapshot metrics.
 
 use std::sync::Arc;
 
@@ -13,35 +17,86 @@ use fulcrum_xds::SnapshotCache;
 use tokio::sync::watch;
 use tracing::info;
 
+use serde::Serialize;
+use tracing::warn;
+
 use crate::metrics::PipelineMetrics;
 
-/// Runs the stage until `input` closes: every new snapshot goes to `cache` (Envoy) and
-/// `store` (the filters).
+/// A snapshot the stage refused to publish because it is over the budget.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Refused {
+    /// Its version.
+    pub version: String,
+    /// Its JSON size.
+    pub bytes: usize,
+    /// The budget it exceeds.
+    pub budget_bytes: usize,
+}
+
+/// Where the stage publishes, and its budget.
+#[derive(Debug, Clone)]
+pub struct Sinks {
+    /// The xDS cache Envoy's streams serve from.
+    pub cache: Arc<SnapshotCache>,
+    /// The snapshot the filters poll.
+    pub store: SnapshotStore,
+    /// The largest JSON published, in bytes.
+    pub budget_bytes: usize,
+    /// The snapshot refused last, `None` once one is published again.
+    pub refused: watch::Sender<Option<Arc<Refused>>>,
+}
+
+/// Runs the stage until `input` closes: every new snapshot within the budget goes to the
+/// cache (Envoy) and the store (the filters); one over it to neither.
 pub async fn run(
     mut input: watch::Receiver<Option<Arc<Snapshot>>>,
-    cache: Arc<SnapshotCache>,
-    store: SnapshotStore,
+    sinks: Sinks,
     metrics: PipelineMetrics,
 ) {
     loop {
         let snapshot = input.borrow_and_update().clone();
         if let Some(snapshot) = snapshot {
-            let summary = cache.set(&snapshot);
-            metrics.observe(&snapshot);
-            info!(
-                version = %snapshot.version,
-                services = snapshot.services.len(),
-                policy = snapshot.policy.is_some(),
-                encoded = summary.encoded,
-                reused = summary.reused,
-                "published snapshot"
-            );
-            store.publish(snapshot);
+            publish(snapshot, &sinks, &metrics);
         }
         if input.changed().await.is_err() {
             return;
         }
     }
+}
+
+fn publish(snapshot: Arc<Snapshot>, sinks: &Sinks, metrics: &PipelineMetrics) {
+    // Plain data over ordered maps: serialization cannot fail.
+    let body = Bytes::from(serde_json::to_vec(&*snapshot).unwrap_or_default());
+    if body.len() > sinks.budget_bytes {
+        warn!(
+            version = %snapshot.version,
+            bytes = body.len(),
+            budget_bytes = sinks.budget_bytes,
+            kept = ?sinks.store.current().map(|served| served.snapshot.version.clone()),
+            "refused a snapshot over the budget: Envoy and the filters keep the last good one"
+        );
+        metrics.observe_over_budget(true);
+        sinks.refused.send_replace(Some(Arc::new(Refused {
+            version: snapshot.version.clone(),
+            bytes: body.len(),
+            budget_bytes: sinks.budget_bytes,
+        })));
+        return;
+    }
+    let summary = sinks.cache.set(&snapshot);
+    metrics.observe(&snapshot);
+    metrics.observe_over_budget(false);
+    sinks.refused.send_replace(None);
+    info!(
+        version = %snapshot.version,
+        services = snapshot.services.len(),
+        policy = snapshot.policy.is_some(),
+        bytes = body.len(),
+        encoded = summary.encoded,
+        reused = summary.reused,
+        "published snapshot"
+    );
+    sinks.store.publish(snapshot, body);
 }
 
 /// One snapshot with its JSON encoding.
@@ -62,10 +117,8 @@ pub struct SnapshotStore {
 }
 
 impl SnapshotStore {
-    /// Encodes and publishes `snapshot`.
-    pub fn publish(&self, snapshot: Arc<Snapshot>) {
-        // Plain data over ordered maps: serialization cannot fail.
-        let body = Bytes::from(serde_json::to_vec(&*snapshot).unwrap_or_default());
+    /// Publishes `snapshot`, whose JSON is `body`.
+    pub fn publish(&self, snapshot: Arc<Snapshot>, body: Bytes) {
         let etag = format!("\"{}\"", snapshot.version);
         self.current.send_replace(Some(Arc::new(ServedSnapshot {
             snapshot,
@@ -77,5 +130,78 @@ impl SnapshotStore {
     /// The latest snapshot, if any was built yet.
     pub fn current(&self) -> Option<Arc<ServedSnapshot>> {
         self.current.borrow().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use fulcrum_core::{Endpoint, ServiceEndpoints, version::snapshot_version};
+    use fulcrum_xds::ClusterOptions;
+
+    use super::*;
+
+    fn snapshot(endpoints: u16) -> Arc<Snapshot> {
+        let endpoints = (1..=endpoints)
+            .map(|port| Endpoint::new(([10, 0, 0, 1], port).into()))
+            .collect();
+        let services = [("shop".to_owned(), ServiceEndpoints { endpoints })].into();
+        Arc::new(Snapshot {
+            version: snapshot_version(&services, None),
+            services,
+            policy: None,
+        })
+    }
+
+    fn sinks(budget_bytes: usize) -> Sinks {
+        Sinks {
+            cache: Arc::new(SnapshotCache::new(ClusterOptions::default())),
+            store: SnapshotStore::default(),
+            budget_bytes,
+            refused: watch::Sender::new(None),
+        }
+    }
+
+    fn versions(sinks: &Sinks) -> (Option<String>, Option<String>) {
+        (
+            sinks.cache.current().map(|current| current.version.clone()),
+            sinks
+                .store
+                .current()
+                .map(|served| served.snapshot.version.clone()),
+        )
+    }
+
+    #[test]
+    fn a_snapshot_over_the_budget_reaches_neither_sink_and_the_last_good_stays() {
+        let small = snapshot(2);
+        let budget = serde_json::to_vec(&*small).expect("json").len() + 100;
+        let sinks = sinks(budget);
+        let metrics = PipelineMetrics::default();
+        publish(Arc::clone(&small), &sinks, &metrics);
+        assert_eq!(
+            versions(&sinks),
+            (Some(small.version.clone()), Some(small.version.clone()))
+        );
+
+        let big = snapshot(50);
+        publish(Arc::clone(&big), &sinks, &metrics);
+        assert_eq!(
+            versions(&sinks),
+            (Some(small.version.clone()), Some(small.version.clone())),
+            "Envoy and the filters keep the last good snapshot"
+        );
+        let refused = sinks.refused.borrow().clone().expect("refused");
+        assert_eq!(refused.version, big.version);
+        assert!(refused.bytes > budget);
+        assert_eq!(metrics.over_budget.get(), 1);
+
+        let fits = snapshot(3);
+        publish(Arc::clone(&fits), &sinks, &metrics);
+        assert_eq!(
+            versions(&sinks),
+            (Some(fits.version.clone()), Some(fits.version.clone()))
+        );
+        assert!(sinks.refused.borrow().is_none());
+        assert_eq!(metrics.over_budget.get(), 0);
     }
 }

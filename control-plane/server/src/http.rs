@@ -10,24 +10,32 @@
 //!   connected Envoy stream, its kind, the versions sent and acknowledged per type and its
 //!   last NACK.
 //! - `GET /v1/policy/history`: the kept policy versions, oldest first, the last current.
+//!
+//! The **admin API** ([`admin_router`], on its own listener, loopback by default) holds what
+//! changes state, behind bearer tokens when configured:
+//!
 //! - `POST /v1/policy/rollback?version=N`: makes kept version `N` current again (as a new
 //!   version); `404` with the kept versions when `N` is not kept.
+//! - `GET /v1/policy/history`, as above.
 
 use std::sync::Arc;
 
 use axum::{
     Json, Router,
-    extract::{Query, State},
+    extract::{Query, Request, State},
     http::{HeaderMap, HeaderValue, StatusCode, header},
+    middleware::Next,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use fulcrum_pipeline::{Dropped, SnapshotStore};
+use fulcrum_pipeline::{Dropped, Refused, SnapshotStore};
 use fulcrum_policy::{AppliedPolicy, PolicyStore};
+use fulcrum_registry::TokenAuth;
 use fulcrum_xds::{NodeRegistry, StreamStatus};
 use prometheus_client::registry::Registry;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+use tracing::{info, warn};
 
 /// What the handlers share.
 #[derive(Debug, Clone)]
@@ -36,6 +44,8 @@ pub struct AppState {
     pub store: SnapshotStore,
     /// What validation left out of it.
     pub dropped: watch::Receiver<Arc<Dropped>>,
+    /// The snapshot refused for exceeding the budget, if the latest one was.
+    pub refused: watch::Receiver<Option<Arc<Refused>>>,
     /// The policy versions.
     pub policies: PolicyStore,
     /// Connected Envoy streams.
@@ -44,17 +54,59 @@ pub struct AppState {
     pub registry: Arc<Registry>,
 }
 
-/// The API's routes.
+/// The API's routes: read-only.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/snapshot", get(snapshot))
         .route("/v1/status", get(status))
         .route("/v1/policy/history", get(policy_history))
-        .route("/v1/policy/rollback", post(policy_rollback))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
         .route("/metrics", get(metrics))
         .with_state(state)
+}
+
+/// The admin API's routes, each requiring one of `tokens` when given.
+pub fn admin_router(state: AppState, tokens: Option<Arc<TokenAuth>>) -> Router {
+    Router::new()
+        .route("/v1/policy/history", get(policy_history))
+        .route("/v1/policy/rollback", post(policy_rollback))
+        .with_state(state)
+        .layer(axum::middleware::from_fn(
+            move |request: Request, next: Next| {
+                let tokens = tokens.clone();
+                async move { authorize(tokens.as_deref(), request, next).await }
+            },
+        ))
+}
+
+/// Lets `request` through when no tokens are configured or it bears one of them; `401`
+/// otherwise. Every admin request is logged with who made it.
+async fn authorize(tokens: Option<&TokenAuth>, request: Request, next: Next) -> Response {
+    let (method, path) = (request.method().clone(), request.uri().path().to_owned());
+    let identity = match tokens {
+        None => "unauthenticated (loopback)".to_owned(),
+        Some(tokens) => {
+            let presented = request
+                .headers()
+                .get(header::AUTHORIZATION)
+                .and_then(|value| value.to_str().ok());
+            match tokens.identify(presented) {
+                Ok(identity) => identity,
+                Err(error) => {
+                    warn!(%method, %path, %error, "refused an admin request");
+                    return (
+                        StatusCode::UNAUTHORIZED,
+                        [(header::WWW_AUTHENTICATE, "Bearer")],
+                        format!("{error}\n"),
+                    )
+                        .into_response();
+                }
+            }
+        }
+    };
+    info!(%method, %path, %identity, "admin request");
+    next.run(request).await
 }
 
 /// Whether `If-None-Match` names `etag` (or is `*`).
@@ -127,6 +179,8 @@ pub struct Status {
     pub snapshot_version: Option<String>,
     /// Endpoints and services left out of it as invalid, with the first problems.
     pub dropped: Dropped,
+    /// The newer snapshot refused for exceeding the budget, while the served one stays.
+    pub refused: Option<Refused>,
     /// Every open xDS stream.
     pub streams: Vec<StreamStatus>,
 }
@@ -138,6 +192,7 @@ async fn status(State(state): State<AppState>) -> Json<Status> {
             .current()
             .map(|served| served.snapshot.version.clone()),
         dropped: Dropped::clone(&state.dropped.borrow()),
+        refused: state.refused.borrow().as_deref().cloned(),
         streams: state.nodes.snapshot(),
     })
 }

@@ -6,6 +6,7 @@
 //! sets up logging and waits for a signal. Tests start the same thing in-process.
 
 pub mod http;
+pub mod limits;
 pub mod registry;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -13,8 +14,11 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 use anyhow::Context;
 use fulcrum_health::{HealthMetrics, ProbeHub};
 use fulcrum_kube_source::{KubeOptions, KubeSource};
-use fulcrum_pipeline::{Debounce, Pipeline, PipelineMetrics};
+use fulcrum_pipeline::{
+    DEFAULT_SNAPSHOT_BUDGET, Debounce, Pipeline, PipelineConfig, PipelineMetrics,
+};
 use fulcrum_policy::{PolicyConfigMap, PolicyFile, PolicyStore};
+use fulcrum_registry::TokenAuth;
 use fulcrum_sources::{Source, StaticFileSource};
 use fulcrum_xds::{AdsServer, ClusterOptions, NodeRegistry, SnapshotCache, XdsMetrics};
 use prometheus_client::registry::Registry;
@@ -22,8 +26,11 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
-use crate::registry::StartedRegistry;
-pub use crate::registry::{RegistryBackendOptions, RegistryOptions};
+use crate::{limits::LimitMetrics, registry::StartedRegistry};
+pub use crate::{
+    limits::Limits,
+    registry::{RegistryBackendOptions, RegistryOptions},
+};
 
 /// How long shutdown waits for the servers to finish before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -43,6 +50,37 @@ pub struct Config {
     pub debounce: Duration,
     /// Settings of the generated Envoy clusters.
     pub cluster_options: ClusterOptions,
+    /// Where the admin API listens: the endpoints that change state (policy rollback).
+    /// Anywhere but loopback requires `admin_token_file`.
+    pub admin_address: SocketAddr,
+    /// The bearer tokens the admin API requires (`IDENTITY TOKEN` per line, as the registry's
+    /// token file); `None` leaves it open to whoever reaches it, which only loopback allows.
+    pub admin_token_file: Option<PathBuf>,
+    /// The largest snapshot published, in bytes of JSON; keep it below the filters'
+    /// `control_plane.max_snapshot_bytes`. A larger one is refused and the last good stays.
+    pub snapshot_budget_bytes: usize,
+    /// Bounds on every listener.
+    pub limits: Limits,
+}
+
+impl Default for Config {
+    /// Every listener on loopback at a port the kernel picks, no static file, default
+    /// timings and limits.
+    fn default() -> Self {
+        let loopback = SocketAddr::from(([127, 0, 0, 1], 0));
+        Self {
+            static_file: None,
+            poll_interval: Duration::from_millis(500),
+            xds_address: loopback,
+            http_address: loopback,
+            debounce: Debounce::default().quiet,
+            cluster_options: ClusterOptions::default(),
+            admin_address: loopback,
+            admin_token_file: None,
+            snapshot_budget_bytes: DEFAULT_SNAPSHOT_BUDGET,
+            limits: Limits::default(),
+        }
+    }
 }
 
 /// Sources beyond the static file: Kubernetes EndpointSlices, the self-registration registry
@@ -93,6 +131,7 @@ pub enum PolicySource {
 pub struct ControlPlane {
     xds_address: SocketAddr,
     http_address: SocketAddr,
+    admin_address: SocketAddr,
     registry_address: Option<SocketAddr>,
     ads: AdsServer,
     stop: watch::Sender<bool>,
@@ -108,11 +147,12 @@ pub struct ControlPlane {
 struct Servers {
     xds: JoinHandle<Result<(), tonic::transport::Error>>,
     http: JoinHandle<std::io::Result<()>>,
+    admin: JoinHandle<std::io::Result<()>>,
     registry: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
 }
 
 impl ControlPlane {
-    /// Binds both listeners, starts the sources, the ADS server and the HTTP API.
+    /// Binds the listeners, starts the sources, the ADS server, the HTTP API and the admin API.
     pub async fn start(config: Config) -> anyhow::Result<Self> {
         Self::start_with(config, OptionalSources::default()).await
     }
@@ -128,6 +168,9 @@ impl ControlPlane {
         let policies = PolicyStore::default();
         policies.metrics().register(&mut metrics_registry);
         HealthMetrics::global().register(&mut metrics_registry);
+        let limit_metrics = LimitMetrics::default();
+        limit_metrics.register(&mut metrics_registry);
+        let admin_tokens = admin_tokens(config.admin_address, config.admin_token_file.as_deref())?;
 
         let xds_listener = TcpListener::bind(config.xds_address)
             .await
@@ -135,10 +178,21 @@ impl ControlPlane {
         let http_listener = TcpListener::bind(config.http_address)
             .await
             .with_context(|| format!("cannot listen for HTTP on {}", config.http_address))?;
+        let admin_listener = TcpListener::bind(config.admin_address)
+            .await
+            .with_context(|| {
+                format!(
+                    "cannot listen for the admin API on {}",
+                    config.admin_address
+                )
+            })?;
         let xds_address = xds_listener.local_addr().context("xDS listener address")?;
         let http_address = http_listener
             .local_addr()
             .context("HTTP listener address")?;
+        let admin_address = admin_listener
+            .local_addr()
+            .context("admin listener address")?;
 
         let mut sources: Vec<Box<dyn Source>> = Vec::new();
         if let Some(static_file) = &config.static_file {
@@ -169,9 +223,12 @@ impl ControlPlane {
 
         let pipeline = Pipeline::start(
             sources,
-            Debounce::new(config.debounce),
             policies.subscribe(),
-            config.cluster_options.clone(),
+            PipelineConfig {
+                debounce: Debounce::new(config.debounce),
+                cluster_options: config.cluster_options.clone(),
+                snapshot_budget_bytes: config.snapshot_budget_bytes,
+            },
             pipeline_metrics,
             ProbeHub::global().clone(),
         );
@@ -189,12 +246,22 @@ impl ControlPlane {
         });
 
         let (stop, _) = watch::channel(false);
-        let ads = AdsServer::new(pipeline.cache(), nodes.clone(), xds_metrics);
+        let limits = &config.limits;
+        let ads = AdsServer::with_max_streams(
+            pipeline.cache(),
+            nodes.clone(),
+            xds_metrics,
+            limits.xds_max_streams,
+        );
         let xds_server = {
-            let service = ads.clone().into_service();
+            let service = ads
+                .clone()
+                .into_service()
+                .max_decoding_message_size(limits.grpc_max_message_bytes);
             let mut stopped = stop.subscribe();
             tokio::spawn(
-                tonic::transport::Server::builder()
+                limits
+                    .grpc_server()
                     .add_service(service)
                     .serve_with_incoming_shutdown(
                         TcpListenerStream::new(xds_listener),
@@ -210,33 +277,45 @@ impl ControlPlane {
                 Some(tokio::spawn(crate::registry::serve_grpc(
                     started.api.clone(),
                     started.grpc_listener,
+                    limits.clone(),
                     stop.subscribe(),
                 ))),
                 fulcrum_registry::api::rest::router(started.api),
             ),
             None => (None, None, axum::Router::new()),
         };
-        let http_server = {
-            let router = http::router(http::AppState {
-                store: pipeline.store().clone(),
-                dropped: pipeline.dropped(),
-                policies,
-                nodes,
-                registry: Arc::new(metrics_registry),
-            })
-            .merge(registry_routes);
-            let mut stopped = stop.subscribe();
-            tokio::spawn(async move {
-                axum::serve(http_listener, router)
-                    .with_graceful_shutdown(async move {
-                        let _ = stopped.wait_for(|stop| *stop).await;
-                    })
-                    .await
-            })
+        let state = http::AppState {
+            store: pipeline.store().clone(),
+            dropped: pipeline.dropped(),
+            refused: pipeline.refused(),
+            policies,
+            nodes,
+            registry: Arc::new(metrics_registry),
         };
+        let http_server = serve_http(
+            http_listener,
+            limits.bound_http(
+                http::router(state.clone()).merge(registry_routes),
+                fulcrum_registry::api::rest::LONG_POLL_PATHS,
+                fulcrum_registry::api::MAX_WATCH_WAIT,
+                &limit_metrics,
+            ),
+            stop.subscribe(),
+        );
+        let admin_server = serve_http(
+            admin_listener,
+            limits.bound_http(
+                http::admin_router(state, admin_tokens),
+                &[],
+                Duration::ZERO,
+                &limit_metrics,
+            ),
+            stop.subscribe(),
+        );
         info!(
             xds = %xds_address,
             http = %http_address,
+            admin = %admin_address,
             registry = ?registry_address,
             static_file = ?config.static_file,
             "control plane started"
@@ -244,6 +323,7 @@ impl ControlPlane {
         Ok(Self {
             xds_address,
             http_address,
+            admin_address,
             registry_address,
             ads,
             stop,
@@ -252,6 +332,7 @@ impl ControlPlane {
             servers: Some(Servers {
                 xds: xds_server,
                 http: http_server,
+                admin: admin_server,
                 registry: registry_server,
             }),
         })
@@ -265,6 +346,11 @@ impl ControlPlane {
     /// The bound HTTP address.
     pub fn http_address(&self) -> SocketAddr {
         self.http_address
+    }
+
+    /// The bound admin API address.
+    pub fn admin_address(&self) -> SocketAddr {
+        self.admin_address
     }
 
     /// The xDS cache the ADS server streams from, as the pipeline last published it.
@@ -294,6 +380,11 @@ impl ControlPlane {
             "http",
             http.map(|joined| joined.map(|served| served.map_err(|e| e.to_string()))),
         );
+        let admin = tokio::time::timeout(SHUTDOWN_GRACE, servers.admin).await;
+        report_stop(
+            "admin",
+            admin.map(|joined| joined.map(|served| served.map_err(|e| e.to_string()))),
+        );
         if let Some(registry) = servers.registry {
             let registry = tokio::time::timeout(SHUTDOWN_GRACE, registry).await;
             report_stop(
@@ -316,6 +407,42 @@ impl Drop for ControlPlane {
     fn drop(&mut self) {
         self.stop_tasks();
     }
+}
+
+/// Serves `router` on `listener` until `stopped` turns true.
+fn serve_http(
+    listener: TcpListener,
+    router: axum::Router,
+    mut stopped: watch::Receiver<bool>,
+) -> JoinHandle<std::io::Result<()>> {
+    tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async move {
+                let _ = stopped.wait_for(|stop| *stop).await;
+            })
+            .await
+    })
+}
+
+/// The admin API's tokens: read from `token_file`, or none, which only a loopback
+/// `address` allows.
+fn admin_tokens(
+    address: SocketAddr,
+    token_file: Option<&std::path::Path>,
+) -> anyhow::Result<Option<Arc<TokenAuth>>> {
+    let Some(path) = token_file else {
+        anyhow::ensure!(
+            address.ip().is_loopback(),
+            "the admin API (policy rollback) would listen on {address} without credentials: \
+             bind it to loopback (--admin-addr 127.0.0.1:PORT) or give --admin-token-file"
+        );
+        return Ok(None);
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the admin token file {}", path.display()))?;
+    let tokens = TokenAuth::parse(&text)
+        .map_err(|error| anyhow::anyhow!("admin token file {}: {error}", path.display()))?;
+    Ok(Some(Arc::new(tokens)))
 }
 
 /// Runs the configured policy source; never ends when there is none.

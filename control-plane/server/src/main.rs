@@ -5,7 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{CommandFactory, Parser, ValueEnum, error::ErrorKind};
 use fulcrum_control_plane::{
-    Config, ControlPlane, OptionalSources, PolicySource, RegistryBackendOptions, RegistryOptions,
+    Config, ControlPlane, Limits, OptionalSources, PolicySource, RegistryBackendOptions,
+    RegistryOptions,
 };
 use fulcrum_kube_source::{KubeOptions, Mapping};
 use fulcrum_registry::{
@@ -31,8 +32,40 @@ struct Cli {
     /// Address of the HTTP API (snapshot, health, metrics, status).
     #[arg(long, default_value = "127.0.0.1:18080")]
     http_addr: SocketAddr,
+    /// Address of the admin API (policy rollback and history): loopback unless
+    /// `--admin-token-file` is given, since it changes what every proxy runs.
+    #[arg(long, default_value = "127.0.0.1:18081")]
+    admin_addr: SocketAddr,
+    /// Bearer tokens the admin API requires: one per line, `IDENTITY TOKEN` or `TOKEN` (at
+    /// least 16 characters); `#` starts a comment. Required when `--admin-addr` is not
+    /// loopback.
+    #[arg(long, value_name = "PATH")]
+    admin_token_file: Option<PathBuf>,
+    /// The largest snapshot published, in bytes of JSON. Keep it below the filters'
+    /// `control_plane.max_snapshot_bytes` (32 MiB by default): a larger snapshot is refused,
+    /// Envoy and the filters keep the last good one, `fulcrum_snapshot_over_budget` is 1.
+    #[arg(long, default_value_t = fulcrum_pipeline::DEFAULT_SNAPSHOT_BUDGET)]
+    snapshot_budget_bytes: usize,
+    /// Deadline of an HTTP request, in milliseconds (the registry's watch adds its wait).
+    #[arg(long, default_value_t = 10_000)]
+    http_request_timeout_ms: u64,
+    /// HTTP requests served at once per listener; more get 503 at once.
+    #[arg(long, default_value_t = 1024)]
+    http_max_in_flight: usize,
+    /// Largest HTTP request body, in bytes.
+    #[arg(long, default_value_t = 64 << 10)]
+    http_max_body_bytes: usize,
+    /// xDS streams served at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = fulcrum_xds::DEFAULT_MAX_STREAMS)]
+    xds_max_streams: usize,
+    /// Concurrent gRPC streams per HTTP/2 connection (xDS and the registry).
+    #[arg(long, default_value_t = 64)]
+    grpc_max_streams_per_connection: u32,
+    /// Largest gRPC message accepted, in bytes.
+    #[arg(long, default_value_t = 4 << 20)]
+    grpc_max_message_bytes: usize,
     /// Once every listener is bound, write their addresses here as JSON
-    /// (`{"xds": "IP:PORT", "http": "IP:PORT", "registry": "IP:PORT" | null}`), replacing the
+    /// (`{"xds": "IP:PORT", "http": "IP:PORT", "admin": "IP:PORT", "registry": "IP:PORT" | null}`), replacing the
     /// file atomically. With port 0 in `--xds-addr` and the like, this is how a supervisor or a
     /// test learns the ports the kernel chose, without racing for a "free" port.
     #[arg(long, value_name = "PATH")]
@@ -221,6 +254,17 @@ async fn main() -> ExitCode {
         http_address: cli.http_addr,
         debounce: Duration::from_millis(cli.debounce_ms),
         cluster_options: ClusterOptions::default(),
+        admin_address: cli.admin_addr,
+        admin_token_file: cli.admin_token_file,
+        snapshot_budget_bytes: cli.snapshot_budget_bytes,
+        limits: Limits {
+            http_request_timeout: Duration::from_millis(cli.http_request_timeout_ms),
+            http_max_in_flight: cli.http_max_in_flight,
+            http_max_body_bytes: cli.http_max_body_bytes,
+            xds_max_streams: cli.xds_max_streams,
+            grpc_max_streams_per_connection: cli.grpc_max_streams_per_connection,
+            grpc_max_message_bytes: cli.grpc_max_message_bytes,
+        },
     };
     let optional = OptionalSources {
         kubernetes: cli.kube.then(|| KubeOptions {
@@ -267,6 +311,7 @@ fn write_address_file(path: &std::path::Path, control_plane: &ControlPlane) -> s
     let addresses = serde_json::json!({
         "xds": control_plane.xds_address().to_string(),
         "http": control_plane.http_address().to_string(),
+        "admin": control_plane.admin_address().to_string(),
         "registry": control_plane.registry_address().map(|address| address.to_string()),
     });
     let mut partial = path.as_os_str().to_owned();

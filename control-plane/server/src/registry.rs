@@ -17,6 +17,8 @@ use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
+use crate::limits::Limits;
+
 /// Where registrations and leases live.
 #[derive(Debug, Clone)]
 pub enum RegistryBackendOptions {
@@ -102,15 +104,19 @@ impl StartedRegistry {
     }
 }
 
-/// Serves the registry's gRPC API until `stopped` turns true. Small answers are not held
-/// back for delayed ACKs (`TCP_NODELAY`, as Envoy does).
+/// Serves the registry's gRPC API until `stopped` turns true, within `limits`. Small
+/// answers are not held back for delayed ACKs (`TCP_NODELAY`, as Envoy does).
 pub(crate) async fn serve_grpc(
     api: ApiState,
     listener: TcpListener,
+    limits: Limits,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .add_service(fulcrum_registry::api::grpc::server(api))
+    let service = fulcrum_registry::api::grpc::server(api)
+        .max_decoding_message_size(limits.grpc_max_message_bytes);
+    limits
+        .grpc_server()
+        .add_service(service)
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listener).with_nodelay(Some(true)),
             async move {

@@ -15,5 +15,5 @@ pub mod status;
 pub use cache::{EncodedResource, ResourceType, SnapshotCache, UpdateSummary, XdsSnapshot};
 pub use metrics::XdsMetrics;
 pub use resources::{ClusterOptions, UpstreamProtocol};
-pub use server::AdsServer;
+pub use server::{AdsServer, DEFAULT_MAX_STREAMS};
 pub use status::{Nack, NodeRegistry, StreamKind, StreamStatus, TypeStatus};

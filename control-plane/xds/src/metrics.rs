@@ -41,6 +41,9 @@ pub struct XdsMetrics {
     pub nacks: Family<TypeLabels, Counter>,
     /// `fulcrum_xds_connected_proxies`: open ADS streams.
     pub connected: Family<StreamLabels, Gauge>,
+    /// `fulcrum_xds_streams_refused_total`: streams refused because the server held its
+    /// maximum.
+    pub streams_refused: Counter,
 }
 
 impl Default for XdsMetrics {
@@ -50,6 +53,7 @@ impl Default for XdsMetrics {
             push_latency: Family::new_with_constructor(push_latency_histogram),
             nacks: Family::default(),
             connected: Family::default(),
+            streams_refused: Counter::default(),
         }
     }
 }
@@ -73,6 +77,11 @@ impl XdsMetrics {
             "connected_proxies",
             "Open ADS streams",
             self.connected.clone(),
+        );
+        xds.register(
+            "streams_refused",
+            "ADS streams refused because the server held its maximum",
+            self.streams_refused.clone(),
         );
     }
 }

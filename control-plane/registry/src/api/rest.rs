@@ -238,6 +238,13 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Where the watch long-polls: it may hold a request for up to [`super::MAX_WATCH_WAIT`].
+const WATCH_PATH: &str = "/v1/registry/watch";
+
+/// The routes that wait by design, for a server's request deadline to add
+/// [`super::MAX_WATCH_WAIT`] to.
+pub const LONG_POLL_PATHS: &[&str] = &[WATCH_PATH];
+
 /// The router for the paths above.
 pub fn router(state: ApiState) -> Router {
     Router::new()
@@ -248,7 +255,7 @@ pub fn router(state: ApiState) -> Router {
             axum::routing::delete(deregister),
         )
         .route("/v1/registry/services/{name}/instances", get(discover))
-        .route("/v1/registry/watch", get(watch))
+        .route(WATCH_PATH, get(watch))
         .with_state(state)
 }
 

@@ -1,6 +1,6 @@
 //! The Kubernetes source and the policy source wired into the control plane: EndpointSlices
 //! from the fake API server and a policy file end up in `/v1/snapshot`, and the policy history
-//! and rollback endpoints work on the same store.
+//! and rollback endpoints (the rollback on the admin listener) work on the same store.
 
 use std::time::Duration;
 
@@ -82,6 +82,10 @@ impl Running {
         format!("http://{}{path}", self.control_plane.http_address())
     }
 
+    fn admin_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.control_plane.admin_address())
+    }
+
     async fn get_json(&self, path: &str) -> Value {
         let response = self.http.get(self.url(path)).send().await.expect("request");
         response.json().await.unwrap_or(Value::Null)
@@ -131,7 +135,7 @@ async fn snapshot_serves_kubernetes_endpoints_with_the_policy_and_rollback_resto
 
     let rollback = running
         .http
-        .post(running.url("/v1/policy/rollback?version=1"))
+        .post(running.admin_url("/v1/policy/rollback?version=1"))
         .send()
         .await
         .expect("request");
@@ -156,7 +160,7 @@ async fn snapshot_serves_kubernetes_endpoints_with_the_policy_and_rollback_resto
 
     let unknown = running
         .http
-        .post(running.url("/v1/policy/rollback?version=99"))
+        .post(running.admin_url("/v1/policy/rollback?version=99"))
         .send()
         .await
         .expect("request");

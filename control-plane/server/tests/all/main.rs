@@ -4,6 +4,7 @@ mod support;
 
 mod binary;
 mod kube_and_policy;
+mod limits;
 mod registry;
 mod snapshot_api;
 mod xds_envoy;

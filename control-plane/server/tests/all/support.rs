@@ -24,6 +24,7 @@ pub fn loopback_config(static_file: Option<PathBuf>) -> Config {
         http_address: "127.0.0.1:0".parse().expect("address"),
         debounce: DEBOUNCE,
         cluster_options: ClusterOptions::default(),
+        ..Config::default()
     }
 }
 

@@ -29,7 +29,7 @@ use envoy_types::pb::envoy::{
         },
     },
 };
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
@@ -42,6 +42,11 @@ use crate::{
 
 /// Responses queued per stream before the stream task waits for Envoy to read.
 const RESPONSE_QUEUE: usize = 16;
+
+/// Streams one server holds at most, by default: far more Envoys than one control plane
+/// serves, few enough that their state (a task, a queue, the resource versions sent) stays
+/// in tens of MiB.
+pub const DEFAULT_MAX_STREAMS: usize = 10_000;
 
 /// How a request relates to what the stream sent before.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +81,9 @@ pub struct AdsServer {
 
 #[derive(Debug)]
 struct Shared {
+    /// One permit per open stream; a stream that finds none is refused.
+    streams: Arc<Semaphore>,
+    max_streams: usize,
     snapshots: watch::Receiver<Option<Arc<XdsSnapshot>>>,
     /// Set to `true` to end every stream (shutdown); gRPC streams never end by themselves.
     closing: watch::Sender<bool>,
@@ -86,10 +94,25 @@ struct Shared {
 
 impl AdsServer {
     /// A server streaming what `cache` publishes, recording streams in `registry` and
-    /// counting in `metrics`.
+    /// counting in `metrics`, serving at most [`DEFAULT_MAX_STREAMS`] streams at once.
     pub fn new(cache: &SnapshotCache, registry: NodeRegistry, metrics: XdsMetrics) -> Self {
+        Self::with_max_streams(cache, registry, metrics, DEFAULT_MAX_STREAMS)
+    }
+
+    /// [`new`](Self::new) serving at most `max_streams` streams at once: a stream beyond it
+    /// is refused with `RESOURCE_EXHAUSTED` (Envoy retries with backoff) and counted in
+    /// `fulcrum_xds_streams_refused_total`, so no number of clients can make the server hold
+    /// unbounded state.
+    pub fn with_max_streams(
+        cache: &SnapshotCache,
+        registry: NodeRegistry,
+        metrics: XdsMetrics,
+        max_streams: usize,
+    ) -> Self {
         Self {
             shared: Arc::new(Shared {
+                streams: Arc::new(Semaphore::new(max_streams)),
+                max_streams,
                 snapshots: cache.subscribe(),
                 closing: watch::Sender::new(false),
                 registry,
@@ -113,11 +136,25 @@ impl AdsServer {
     fn spawn<P: Protocol>(
         &self,
         requests: Streaming<P::Request>,
-    ) -> ReceiverStream<Result<P::Response, Status>> {
+    ) -> Result<ReceiverStream<Result<P::Response, Status>>, Status> {
+        let Ok(permit) = Arc::clone(&self.shared.streams).try_acquire_owned() else {
+            self.shared.metrics.streams_refused.inc();
+            warn!(
+                max_streams = self.shared.max_streams,
+                "refused an xDS stream: the server holds as many as it may"
+            );
+            return Err(Status::resource_exhausted(format!(
+                "this control plane serves at most {} xDS streams; retry later or add replicas",
+                self.shared.max_streams
+            )));
+        };
         let (responses, receiver) = mpsc::channel(RESPONSE_QUEUE);
         let shared = Arc::clone(&self.shared);
-        tokio::spawn(drive::<P>(shared, requests, responses));
-        ReceiverStream::new(receiver)
+        tokio::spawn(async move {
+            drive::<P>(shared, requests, responses).await;
+            drop(permit);
+        });
+        Ok(ReceiverStream::new(receiver))
     }
 }
 
@@ -131,7 +168,7 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
         Ok(Response::new(
-            self.spawn::<sotw::SotwState>(request.into_inner()),
+            self.spawn::<sotw::SotwState>(request.into_inner())?,
         ))
     }
 
@@ -140,7 +177,7 @@ impl AggregatedDiscoveryService for AdsServer {
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
         Ok(Response::new(
-            self.spawn::<delta::DeltaState>(request.into_inner()),
+            self.spawn::<delta::DeltaState>(request.into_inner())?,
         ))
     }
 }

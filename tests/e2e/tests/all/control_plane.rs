@@ -27,6 +27,7 @@ fn config(static_file: &Path, xds: SocketAddr, http: SocketAddr) -> Config {
         http_address: http,
         debounce: Duration::from_millis(20),
         cluster_options: Default::default(),
+        ..Config::default()
     }
 }
 

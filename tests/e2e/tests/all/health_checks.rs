@@ -111,6 +111,7 @@ async fn an_endpoint_failing_the_policys_health_check_is_not_picked_until_it_pas
             http_address: any,
             debounce: Duration::from_millis(20),
             cluster_options: Default::default(),
+            ..Config::default()
         },
         OptionalSources {
             policy: Some(PolicySource::File(policy_file)),
@@ -245,6 +246,7 @@ async fn a_registered_instance_failing_its_own_health_check_is_not_picked_until_
             http_address: any,
             debounce: Duration::from_millis(20),
             cluster_options: Default::default(),
+            ..Config::default()
         },
         OptionalSources {
             registry: Some(RegistryOptions {

@@ -1,0 +1,299 @@
+//! What a client on the network cannot do to the control plane: change state without the
+//! admin credentials, hold more requests or streams than the limits allow, or keep a request
+//! open past its deadline.
+
+use std::time::Duration;
+
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
+};
+use fulcrum_control_plane::{
+    Config, ControlPlane, Limits, OptionalSources, RegistryBackendOptions, RegistryOptions,
+};
+use reqwest::StatusCode;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+    sync::mpsc,
+};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::support::{endpoint, endpoints_file, http_client, loopback_config};
+
+const ADMIN_TOKEN: &str = "admin-test-token-0123456789";
+
+async fn started(config: Config) -> (ControlPlane, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("endpoints.yaml");
+    std::fs::write(
+        &file,
+        endpoints_file(&[("checkout", vec![endpoint("127.0.0.1:19001", "")])]),
+    )
+    .expect("endpoints");
+    let control_plane = ControlPlane::start(Config {
+        static_file: Some(file),
+        ..config
+    })
+    .await
+    .expect("control plane starts");
+    (control_plane, dir)
+}
+
+#[tokio::test]
+async fn policy_rollback_is_served_on_the_admin_listener_only() {
+    let (control_plane, _dir) = started(loopback_config(None)).await;
+    let http = http_client();
+    let public = http
+        .post(format!(
+            "http://{}/v1/policy/rollback?version=1",
+            control_plane.http_address()
+        ))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        public.status(),
+        StatusCode::NOT_FOUND,
+        "the public listener has no state-changing route"
+    );
+    let admin = http
+        .post(format!(
+            "http://{}/v1/policy/rollback?version=1",
+            control_plane.admin_address()
+        ))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        admin.status(),
+        StatusCode::NOT_FOUND,
+        "reached: no policy version 1 is kept"
+    );
+    assert!(control_plane.admin_address().ip().is_loopback());
+    control_plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn the_admin_api_requires_a_listed_bearer_token_when_tokens_are_configured() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let tokens = dir.path().join("admin-tokens");
+    std::fs::write(&tokens, format!("ops {ADMIN_TOKEN}\n")).expect("tokens");
+    let (control_plane, _endpoints) = started(Config {
+        admin_token_file: Some(tokens),
+        ..loopback_config(None)
+    })
+    .await;
+    let http = http_client();
+    let history = format!("http://{}/v1/policy/history", control_plane.admin_address());
+    let rollback = format!(
+        "http://{}/v1/policy/rollback?version=1",
+        control_plane.admin_address()
+    );
+
+    let anonymous = http.post(&rollback).send().await.expect("request");
+    assert_eq!(anonymous.status(), StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        anonymous
+            .headers()
+            .get("www-authenticate")
+            .and_then(|value| value.to_str().ok()),
+        Some("Bearer")
+    );
+    let wrong = http
+        .post(&rollback)
+        .bearer_auth("not-the-admin-token-0000")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(wrong.status(), StatusCode::UNAUTHORIZED);
+    let allowed = http
+        .get(&history)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(allowed.status(), StatusCode::OK);
+    let through = http
+        .post(&rollback)
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        through.status(),
+        StatusCode::NOT_FOUND,
+        "past the token check: no policy version 1 is kept"
+    );
+    control_plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_admin_api_off_loopback_without_tokens_refuses_to_start() {
+    let error = ControlPlane::start(Config {
+        admin_address: "0.0.0.0:0".parse().expect("address"),
+        ..loopback_config(None)
+    })
+    .await
+    .expect_err("an open admin API on every interface");
+    let message = format!("{error:#}");
+    assert!(message.contains("--admin-token-file"), "{message}");
+}
+
+/// Sends the head of a request whose body never comes, holding a request slot open.
+async fn stalled_upload(address: std::net::SocketAddr) -> TcpStream {
+    let mut stream = TcpStream::connect(address).await.expect("connect");
+    stream
+        .write_all(
+            b"POST /v1/registry/instances HTTP/1.1\r\nhost: cp\r\ncontent-type: application/json\r\n\
+              authorization: Bearer registry-test-token-0123456789\r\ncontent-length: 100\r\n\r\n{",
+        )
+        .await
+        .expect("write");
+    stream
+}
+
+/// Reads what the server answers on `stream`, within `within`.
+async fn answer(stream: &mut TcpStream, within: Duration) -> String {
+    let mut answer = vec![0; 256];
+    let read = tokio::time::timeout(within, stream.read(&mut answer))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    String::from_utf8_lossy(&answer[..read]).into_owned()
+}
+
+#[tokio::test]
+async fn requests_beyond_the_in_flight_cap_are_refused_at_once_stalled_ones_cut_at_the_deadline_and_big_bodies_refused()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("tokens");
+    std::fs::write(&token_file, "tester registry-test-token-0123456789\n").expect("tokens");
+    let control_plane = ControlPlane::start_with(
+        Config {
+            limits: Limits {
+                http_max_in_flight: 2,
+                http_request_timeout: Duration::from_secs(1),
+                ..Limits::default()
+            },
+            ..loopback_config(None)
+        },
+        OptionalSources {
+            registry: Some(RegistryOptions {
+                backend: RegistryBackendOptions::Memory,
+                token_file,
+                grpc_address: "127.0.0.1:0".parse().expect("address"),
+            }),
+            ..OptionalSources::default()
+        },
+    )
+    .await
+    .expect("control plane starts");
+    let address = control_plane.http_address();
+    let mut held = [stalled_upload(address).await, stalled_upload(address).await];
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let http = http_client();
+    let refused = http
+        .get(format!("http://{address}/healthz"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        refused.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "both slots are held by uploads that never finish"
+    );
+    for stalled in &mut held {
+        let answer = answer(stalled, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    }
+    let healthy = http
+        .get(format!("http://{address}/healthz"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(healthy.status(), StatusCode::OK, "the slots are free again");
+    let metrics = http
+        .get(format!("http://{address}/metrics"))
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("body");
+    let oversized = http
+        .post(format!("http://{address}/v1/registry/instances"))
+        .bearer_auth("registry-test-token-0123456789")
+        .header("content-type", "application/json")
+        .body(vec![b' '; Limits::default().http_max_body_bytes + 1])
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(oversized.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    for series in [
+        "fulcrum_http_requests_limited_total{reason=\"in_flight\"} 1",
+        "fulcrum_http_requests_limited_total{reason=\"timeout\"} 2",
+    ] {
+        assert!(metrics.contains(series), "{series} in {metrics}");
+    }
+    control_plane.shutdown().await;
+}
+
+/// Opens an ADS stream and sends its first request; the stream's answer, or its refusal.
+async fn open_ads_stream(
+    address: std::net::SocketAddr,
+) -> (
+    Result<
+        tonic::Streaming<envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse>,
+        tonic::Status,
+    >,
+    mpsc::Sender<DiscoveryRequest>,
+) {
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{address}"))
+        .await
+        .expect("connect");
+    let (requests, receiver) = mpsc::channel(4);
+    requests
+        .send(DiscoveryRequest {
+            type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".to_owned(),
+            ..DiscoveryRequest::default()
+        })
+        .await
+        .expect("queue the first request");
+    let stream = client
+        .stream_aggregated_resources(ReceiverStream::new(receiver))
+        .await
+        .map(tonic::Response::into_inner);
+    (stream, requests)
+}
+
+#[tokio::test]
+async fn xds_streams_beyond_the_cap_are_refused_with_resource_exhausted_until_one_closes() {
+    let (control_plane, _dir) = started(Config {
+        limits: Limits {
+            xds_max_streams: 2,
+            ..Limits::default()
+        },
+        ..loopback_config(None)
+    })
+    .await;
+    let address = control_plane.xds_address();
+    let first = open_ads_stream(address).await;
+    let second = open_ads_stream(address).await;
+    assert!(first.0.is_ok() && second.0.is_ok());
+    let (third, _requests) = open_ads_stream(address).await;
+    let refused = third.expect_err("a third stream is over the cap");
+    assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+
+    drop(first);
+    let reopened = fulcrum_test_support::eventually(
+        Duration::from_secs(5),
+        "a slot freed by the closed stream",
+        || async {
+            let (stream, requests) = open_ads_stream(address).await;
+            stream.ok().map(|stream| (stream, requests))
+        },
+    )
+    .await;
+    assert!(reopened.is_ok(), "closing a stream frees its slot");
+    control_plane.shutdown().await;
+}
