@@ -50,6 +50,9 @@ pub struct PipelineConfig {
     pub cluster_options: ClusterOptions,
     /// The largest snapshot published, in bytes of JSON (see [`publish`]).
     pub snapshot_budget_bytes: usize,
+    /// Publish nothing until a policy is accepted (a policy source is configured; see
+    /// [`policy`]).
+    pub require_policy: bool,
 }
 
 impl Default for PipelineConfig {
@@ -58,6 +61,7 @@ impl Default for PipelineConfig {
             debounce: Debounce::default(),
             cluster_options: ClusterOptions::default(),
             snapshot_budget_bytes: DEFAULT_SNAPSHOT_BUDGET,
+            require_policy: false,
         }
     }
 }
@@ -102,7 +106,7 @@ impl Pipeline {
             merge::run(sources, config.debounce, merged),
             validate::run(merged_out, valid, dropped, metrics.clone()),
             health::run(valid_out, policy.clone(), probes, checked),
-            policy::run(checked_out, policy, snapshots),
+            policy::run(checked_out, policy, snapshots, config.require_policy),
             publish::run(published.clone(), sinks, metrics),
         );
         let task = tokio::spawn(async move {

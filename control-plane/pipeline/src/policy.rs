@@ -5,6 +5,11 @@
 //! filters (`/v1/snapshot`), the registry, logs and metrics all carry. A policy change alone
 //! makes a new version too; the xDS streams then send Envoy nothing, since no resource
 //! changed.
+//!
+//! When a policy source is configured (`require_policy`), nothing is published until it has
+//! accepted a policy: a snapshot without one would make every filter fall back to its own
+//! plugin configuration, mesh-wide, while the source is merely slow or its text invalid. The
+//! control plane stays unready (`/readyz`) meanwhile, and the filters keep what they have.
 
 use std::sync::Arc;
 
@@ -12,17 +17,28 @@ use fulcrum_core::{Snapshot, version::snapshot_version};
 use fulcrum_policy::AppliedPolicy;
 use fulcrum_sources::Services;
 use tokio::sync::watch;
+use tracing::warn;
 
-/// Runs the stage until `input` or `policy` closes, sending `output` every new snapshot.
+/// Runs the stage until `input` or `policy` closes, sending `output` every new snapshot;
+/// with `require_policy`, only once a policy is accepted.
 pub async fn run(
     mut input: watch::Receiver<Option<Arc<Services>>>,
     mut policy: watch::Receiver<Option<Arc<AppliedPolicy>>>,
     output: watch::Sender<Option<Arc<Snapshot>>>,
+    require_policy: bool,
 ) {
+    let mut waiting_logged = false;
     loop {
         let endpoints = input.borrow_and_update().clone();
         let applied = policy.borrow_and_update().clone();
-        if let Some(endpoints) = endpoints {
+        if require_policy && applied.is_none() {
+            if endpoints.is_some() && !waiting_logged {
+                warn!(
+                    "endpoints are ready but no policy is accepted yet: publishing nothing until the policy source yields a valid policy"
+                );
+                waiting_logged = true;
+            }
+        } else if let Some(endpoints) = endpoints {
             let snapshot = attach(&endpoints, applied.as_deref());
             output.send_if_modified(|current| {
                 if current
@@ -66,6 +82,40 @@ mod tests {
     fn endpoints(port: u16) -> Services {
         let endpoints = vec![Endpoint::new(([127, 0, 0, 1], port).into())];
         Services::from([("shop".to_owned(), ServiceEndpoints { endpoints })])
+    }
+
+    #[tokio::test]
+    async fn with_a_policy_source_nothing_is_published_before_a_policy_is_accepted() {
+        let store = PolicyStore::default();
+        let (_endpoints, input) = watch::channel(Some(Arc::new(endpoints(1))));
+        let (output, mut published) = watch::channel(None);
+        let stage = tokio::spawn(run(input, store.subscribe(), output, true));
+        tokio::task::yield_now().await;
+        assert!(
+            published.borrow_and_update().is_none(),
+            "no snapshot without the policy"
+        );
+        store
+            .offer(&policy_yaml(3), PolicyFormat::Yaml, "t")
+            .expect("valid");
+        published.changed().await.expect("published");
+        let snapshot = published.borrow().clone().expect("a snapshot");
+        assert!(snapshot.policy.is_some());
+        stage.abort();
+    }
+
+    #[tokio::test]
+    async fn without_a_policy_source_endpoints_are_published_alone() {
+        let (_endpoints, input) = watch::channel(Some(Arc::new(endpoints(1))));
+        let (_policy, policy) = watch::channel(None);
+        let (output, mut published) = watch::channel(None);
+        let stage = tokio::spawn(run(input, policy, output, false));
+        published.changed().await.expect("published");
+        assert_eq!(
+            published.borrow().as_ref().expect("a snapshot").policy,
+            None
+        );
+        stage.abort();
     }
 
     #[test]

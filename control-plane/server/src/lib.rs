@@ -228,6 +228,7 @@ impl ControlPlane {
                 debounce: Debounce::new(config.debounce),
                 cluster_options: config.cluster_options.clone(),
                 snapshot_budget_bytes: config.snapshot_budget_bytes,
+                require_policy: optional.policy.is_some(),
             },
             pipeline_metrics,
             ProbeHub::global().clone(),

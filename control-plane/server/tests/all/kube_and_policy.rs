@@ -170,3 +170,53 @@ async fn snapshot_serves_kubernetes_endpoints_with_the_policy_and_rollback_resto
     tokio::time::sleep(Duration::from_millis(10)).await;
     running.control_plane.shutdown().await;
 }
+
+#[tokio::test]
+async fn with_a_policy_source_nothing_is_served_and_the_control_plane_is_unready_until_a_policy_is_accepted()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let static_file = dir.path().join("endpoints.yaml");
+    std::fs::write(
+        &static_file,
+        endpoints_file(&[("local", vec![endpoint("127.0.0.1:9001", "")])]),
+    )
+    .expect("write endpoints");
+    let policy_file = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy_file,
+        "default:\n  outlier_detection:\n    max_ejection_percent: 150\n",
+    )
+    .expect("write an invalid policy");
+    let control_plane = ControlPlane::start_with(
+        loopback_config(Some(static_file)),
+        OptionalSources {
+            policy: Some(PolicySource::File(policy_file.clone())),
+            ..OptionalSources::default()
+        },
+    )
+    .await
+    .expect("control plane starts");
+    let http = http_client();
+    let url = |path: &str| format!("http://{}{path}", control_plane.http_address());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for path in ["/readyz", "/v1/snapshot"] {
+        let response = http.get(url(path)).send().await.expect("request");
+        assert_eq!(
+            response.status(),
+            reqwest::StatusCode::SERVICE_UNAVAILABLE,
+            "{path} while the only policy is invalid"
+        );
+    }
+
+    std::fs::write(&policy_file, policy_yaml(4)).expect("write a valid policy");
+    let snapshot = eventually(PATIENCE, "a snapshot with the policy", || async {
+        let response = http.get(url("/v1/snapshot")).send().await.ok()?;
+        let snapshot: Value = response.json().await.ok()?;
+        (failures(&snapshot) == Some(4)).then_some(snapshot)
+    })
+    .await;
+    assert!(snapshot.is_ok(), "{snapshot:?}");
+    let ready = http.get(url("/readyz")).send().await.expect("request");
+    assert_eq!(ready.status(), reqwest::StatusCode::OK);
+    control_plane.shutdown().await;
+}
