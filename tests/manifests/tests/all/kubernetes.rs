@@ -8,10 +8,11 @@ use k8s_openapi::{
     api::{
         apps::v1::Deployment,
         core::v1::{ConfigMap, Namespace, Service, ServiceAccount},
+        networking::v1::NetworkPolicy,
         policy::v1::PodDisruptionBudget,
         rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding},
     },
-    apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    apimachinery::pkg::{apis::meta::v1::ObjectMeta, util::intstr::IntOrString},
 };
 use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
@@ -70,6 +71,7 @@ pub fn check_builtin(document: &Document) -> Result<bool> {
         "v1/Service" => drop(strict::<Service>(origin, value)?),
         "apps/v1/Deployment" => drop(strict::<Deployment>(origin, value)?),
         "policy/v1/PodDisruptionBudget" => drop(strict::<PodDisruptionBudget>(origin, value)?),
+        "networking.k8s.io/v1/NetworkPolicy" => drop(strict::<NetworkPolicy>(origin, value)?),
         "rbac.authorization.k8s.io/v1/ClusterRole" => drop(strict::<ClusterRole>(origin, value)?),
         "rbac.authorization.k8s.io/v1/ClusterRoleBinding" => {
             drop(strict::<ClusterRoleBinding>(origin, value)?)
@@ -265,6 +267,49 @@ fn service_exposes_xds_registry_and_http_ports() -> Result<()> {
             ("grpc-registry".to_owned(), 18001),
             ("http-api".to_owned(), 18080)
         ]
+    );
+    Ok(())
+}
+
+#[test]
+fn the_network_policy_admits_only_the_served_ports_and_never_the_admin_api() -> Result<()> {
+    let document = istio_objects()?
+        .into_iter()
+        .find(|d| d.type_name() == "networking.k8s.io/v1/NetworkPolicy")
+        .context("no NetworkPolicy under istio/")?;
+    let policy: NetworkPolicy = strict(&document.origin, &document.value)?;
+    let spec = policy.spec.context("spec")?;
+    assert_eq!(
+        spec.pod_selector
+            .and_then(|selector| selector.match_labels)
+            .unwrap_or_default()
+            .get("app.kubernetes.io/name"),
+        Some(&"fulcrum-control-plane".to_owned())
+    );
+    assert_eq!(spec.policy_types.unwrap_or_default(), ["Ingress"]);
+    let admitted: Vec<String> = spec
+        .ingress
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|rule| rule.ports.unwrap_or_default())
+        .filter_map(|port| port.port)
+        .map(|port| match port {
+            IntOrString::String(name) => name,
+            IntOrString::Int(number) => number.to_string(),
+        })
+        .collect();
+    assert_eq!(admitted, ["http-api", "grpc-xds", "grpc-registry"]);
+
+    let deployment = control_plane_deployment()?;
+    let args = deployment
+        .spec
+        .and_then(|spec| spec.template.spec)
+        .and_then(|pod| pod.containers.into_iter().next())
+        .and_then(|container| container.args)
+        .unwrap_or_default();
+    assert!(
+        args.iter().any(|arg| arg == "--admin-addr=127.0.0.1:18081"),
+        "the admin API stays on loopback: {args:?}"
     );
     Ok(())
 }
