@@ -272,6 +272,26 @@ fn service_exposes_xds_registry_and_http_ports() -> Result<()> {
 }
 
 #[test]
+fn each_proxy_stays_on_one_control_plane_replica() -> Result<()> {
+    let document = istio_objects()?
+        .into_iter()
+        .find(|d| d.type_name() == "v1/Service")
+        .context("no Service under istio/")?;
+    let service: Service = strict(&document.origin, &document.value)?;
+    let spec = service.spec.context("spec")?;
+    assert_eq!(spec.session_affinity.as_deref(), Some("ClientIP"));
+    let timeout = spec
+        .session_affinity_config
+        .and_then(|config| config.client_ip)
+        .and_then(|client_ip| client_ip.timeout_seconds);
+    assert!(
+        timeout.is_some_and(|seconds| seconds >= 3600),
+        "affinity outlives many poll intervals: {timeout:?}"
+    );
+    Ok(())
+}
+
+#[test]
 fn the_network_policy_admits_only_the_served_ports_and_never_the_admin_api() -> Result<()> {
     let document = istio_objects()?
         .into_iter()
