@@ -91,23 +91,25 @@ impl Pipeline {
         let cache = Arc::new(SnapshotCache::new(config.cluster_options));
         let store = SnapshotStore::default();
         let (refused, refused_out) = watch::channel(None);
+        let (published_in, published) = watch::channel(None);
         let sinks = publish::Sinks {
             cache: Arc::clone(&cache),
             store: store.clone(),
             budget_bytes: config.snapshot_budget_bytes,
             refused,
+            published: published_in,
         };
         let (merged, merged_out) = watch::channel(None);
         let (valid, valid_out) = watch::channel(None);
         let (dropped, dropped_out) = watch::channel(Arc::default());
         let (checked, checked_out) = watch::channel(None);
-        let (snapshots, published) = watch::channel(None);
+        let (snapshots, versioned) = watch::channel(None);
         let stages = (
             merge::run(sources, config.debounce, merged),
             validate::run(merged_out, valid, dropped, metrics.clone()),
             health::run(valid_out, policy.clone(), probes, checked),
             policy::run(checked_out, policy, snapshots, config.require_policy),
-            publish::run(published.clone(), sinks, metrics),
+            publish::run(versioned, sinks, metrics),
         );
         let task = tokio::spawn(async move {
             let (merge, validate, health, policy, publish) = stages;
@@ -133,7 +135,7 @@ impl Pipeline {
         &self.store
     }
 
-    /// Every published snapshot, as it is published.
+    /// Every snapshot the flow published (to Envoy and the filters alike), as it is published.
     pub fn published(&self) -> watch::Receiver<Option<Arc<Snapshot>>> {
         self.published.clone()
     }

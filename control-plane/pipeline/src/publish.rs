@@ -44,6 +44,8 @@ pub struct Sinks {
     pub budget_bytes: usize,
     /// The snapshot refused last, `None` once one is published again.
     pub refused: watch::Sender<Option<Arc<Refused>>>,
+    /// The snapshot published last, for whatever follows the flow's output.
+    pub published: watch::Sender<Option<Arc<Snapshot>>>,
 }
 
 /// Runs the stage until `input` closes: every new snapshot within the budget goes to the
@@ -96,7 +98,8 @@ fn publish(snapshot: Arc<Snapshot>, sinks: &Sinks, metrics: &PipelineMetrics) {
         reused = summary.reused,
         "published snapshot"
     );
-    sinks.store.publish(snapshot, body);
+    sinks.store.publish(Arc::clone(&snapshot), body);
+    sinks.published.send_replace(Some(snapshot));
 }
 
 /// One snapshot with its JSON encoding.
@@ -158,6 +161,7 @@ mod tests {
             store: SnapshotStore::default(),
             budget_bytes,
             refused: watch::Sender::new(None),
+            published: watch::Sender::new(None),
         }
     }
 
@@ -203,5 +207,10 @@ mod tests {
         );
         assert!(sinks.refused.borrow().is_none());
         assert_eq!(metrics.over_budget.get(), 0);
+        assert_eq!(
+            sinks.published.borrow().as_ref().map(|s| s.version.clone()),
+            Some(fits.version.clone()),
+            "what follows the flow sees only what was published"
+        );
     }
 }
