@@ -6,7 +6,8 @@
 //! registration at port 0) would leave Envoy and the filters with different endpoint sets.
 //! This stage screens every service with [`fulcrum_core::receive::screen_service`], the
 //! function the filter's validation is built from: a bad endpoint is left out on its own, a
-//! service without a name as a whole, each with a warning naming it. What was left out is
+//! service without a name as a whole, each logged with its field when what is left out
+//! changes (not on every merge). What was left out is
 //! kept as a [`Dropped`] report for `/v1/status` and counted in
 //! `fulcrum_snapshot_dropped{kind}`, so an operator can alert on it.
 
@@ -51,6 +52,10 @@ pub async fn run(
                 if **current == dropped {
                     return false;
                 }
+                // Logged when what is left out changes, not on every merge.
+                for problem in &dropped.problems {
+                    warn!(%problem, "left an invalid endpoint or service out of the snapshot");
+                }
                 *current = Arc::new(dropped);
                 true
             });
@@ -77,21 +82,12 @@ pub fn screen(merged: Arc<Services>) -> (Arc<Services>, Dropped) {
             Ok(screened) => {
                 if !screened.dropped.is_empty() {
                     dropped.endpoints += service.endpoints.len() - screened.service.endpoints.len();
-                    for problem in &screened.dropped {
-                        warn!(
-                            service = %name,
-                            field = %problem.path,
-                            problem = %problem.message,
-                            "left an invalid endpoint out of the snapshot"
-                        );
-                    }
                     report(&mut dropped, &screened.dropped);
                 }
                 valid.insert(name.clone(), screened.service);
             }
             Err(errors) => {
                 dropped.services += 1;
-                warn!(service = ?name, %errors, "left an invalid service out of the snapshot");
                 report(&mut dropped, &errors.errors);
             }
         }
