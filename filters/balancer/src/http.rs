@@ -75,7 +75,10 @@ use std::{
     time::Duration,
 };
 
-use fulcrum_core::{Outcome, Rejection, RequestAttributes, RequestNeeds, RetryTargets, Served};
+use fulcrum_core::{
+    Outcome, Rejection, RequestAttributes, RequestNeeds, RetryTargets, Served,
+    service::grpc_http_status,
+};
 use proxy_wasm::{
     hostcalls,
     traits::{Context, HttpContext},
@@ -108,6 +111,9 @@ struct Pending {
     retry_targets: RetryTargets,
     started: Duration,
     set_cookie: Option<String>,
+    /// Time to the response headers, kept while a gRPC response's status is awaited in its
+    /// trailers: the latency an endpoint is judged on, whatever the stream's length.
+    to_headers: Option<Duration>,
 }
 
 /// One HTTP stream's context.
@@ -214,6 +220,7 @@ impl Request {
                     retry_targets: pick.retry_targets,
                     started: now,
                     set_cookie: pick.set_sticky_cookie,
+                    to_headers: None,
                 });
                 Action::Continue
             }
@@ -258,24 +265,30 @@ impl Request {
         Action::Continue
     }
 
-    /// Feeds the outcome of the pending pick to the core, once.
-    fn complete(&mut self) {
+    /// Feeds the outcome of the pending pick to the core, once; a gRPC status, when one
+    /// arrived, decides the verdict ([`grpc_http_status`]) instead of the HTTP status.
+    fn complete(&mut self, grpc_status: Option<u64>) {
         let Some(pending) = self.pending.take() else {
             return;
         };
         let metrics = &self.metrics;
         let flags =
             input::int_property(&["response", "flags"], Input::ResponseFlags, metrics).unwrap_or(0);
-        let status = input::int_property(&["response", "code"], Input::ResponseCode, metrics)
-            .and_then(|code| u16::try_from(code).ok())
-            .filter(|code| *code > 0);
+        let status = match grpc_status {
+            Some(code) => Some(grpc_http_status(code)),
+            None => input::int_property(&["response", "code"], Input::ResponseCode, metrics)
+                .and_then(|code| u16::try_from(code).ok())
+                .filter(|code| *code > 0),
+        };
         let outcome = Outcome {
             status,
             connect_failure: flags & flags::UPSTREAM_CONNECTION_FAILURE != 0,
             reset: flags & (flags::UPSTREAM_REMOTE_RESET | flags::UPSTREAM_CONNECTION_TERMINATION)
                 != 0,
             timeout: flags & (flags::UPSTREAM_REQUEST_TIMEOUT | flags::STREAM_IDLE_TIMEOUT) != 0,
-            latency: now().saturating_sub(pending.started),
+            latency: pending
+                .to_headers
+                .unwrap_or_else(|| now().saturating_sub(pending.started)),
         };
         let upstream = input::parsed_property(
             &["upstream", "address"],
@@ -323,20 +336,37 @@ impl HttpContext for Request {
         self.pick()
     }
 
-    fn on_http_response_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(cookie) = self
-            .pending
-            .as_mut()
-            .and_then(|pending| pending.set_cookie.take())
-        {
+    fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
+        let Some(pending) = self.pending.as_mut() else {
+            return Action::Continue;
+        };
+        if let Some(cookie) = pending.set_cookie.take() {
             let _ = hostcalls::add_map_value(MapType::HttpResponseHeaders, "set-cookie", &cookie);
         }
-        self.complete();
+        if !input::is_grpc_response() {
+            self.complete(None);
+            return Action::Continue;
+        }
+        match input::grpc_status(MapType::HttpResponseHeaders, &self.metrics) {
+            // A trailers-only response (or one that ends here) carries its status now.
+            Some(code) => self.complete(Some(code)),
+            None if end_of_stream => self.complete(None),
+            // The status comes in the trailers.
+            None => pending.to_headers = Some(now().saturating_sub(pending.started)),
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_trailers(&mut self, _trailers: usize) -> Action {
+        let status = input::grpc_status(MapType::HttpResponseTrailers, &self.metrics);
+        self.complete(status);
         Action::Continue
     }
 
     fn on_log(&mut self) {
-        self.complete();
+        // Reached without a completion: no response, or a gRPC response that never sent its
+        // trailers (a reset, which the flags report).
+        self.complete(None);
     }
 }
 

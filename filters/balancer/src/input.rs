@@ -55,11 +55,13 @@ pub enum Input {
     ResponseCode,
     /// `response.flags`.
     ResponseFlags,
+    /// `grpc-status`, in the response headers or trailers.
+    GrpcStatus,
 }
 
 impl Input {
     /// Every input, in declaration order (so `input as usize` indexes it).
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Authority,
         Self::Service,
         Self::RouteCluster,
@@ -71,6 +73,7 @@ impl Input {
         Self::UpstreamAttempts,
         Self::ResponseCode,
         Self::ResponseFlags,
+        Self::GrpcStatus,
     ];
 
     /// The metric label.
@@ -87,6 +90,7 @@ impl Input {
             Self::UpstreamAttempts => "upstream_attempts",
             Self::ResponseCode => "response_code",
             Self::ResponseFlags => "response_flags",
+            Self::GrpcStatus => "grpc_status",
         }
     }
 
@@ -107,6 +111,39 @@ pub fn request_header(name: &str, input: Input, metrics: &Metrics) -> Option<Str
         .ok()
         .flatten()?;
     checked_text(bytes, input, metrics)
+}
+
+/// Whether the response is gRPC: its `content-type` is `application/grpc` or a subtype
+/// (`application/grpc+proto`). Read as bytes, so a value that is not UTF-8 is simply not gRPC.
+pub fn is_grpc_response() -> bool {
+    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, "content-type")
+        .ok()
+        .flatten()
+        .is_some_and(|value| {
+            value.strip_prefix(b"application/grpc").is_some_and(|rest| {
+                rest.is_empty() || rest.starts_with(b"+") || rest.starts_with(b";")
+            })
+        })
+}
+
+/// The `grpc-status` in `map` (the response headers of a trailers-only response, else the
+/// trailers); `None` when absent. A value that is not a decimal code is counted and read as
+/// `UNKNOWN` (2), a failure, as Envoy reads it.
+pub fn grpc_status(map: MapType, metrics: &Metrics) -> Option<u64> {
+    const UNKNOWN: u64 = 2;
+    let bytes = hostcalls::get_map_value_bytes(map, "grpc-status")
+        .ok()
+        .flatten()?;
+    let code = (!bytes.is_empty() && bytes.len() <= 3 && bytes.iter().all(u8::is_ascii_digit))
+        .then(|| {
+            bytes
+                .iter()
+                .fold(0, |code, digit| code * 10 + u64::from(digit - b'0'))
+        });
+    if code.is_none() {
+        metrics.input_invalid(Input::GrpcStatus);
+    }
+    Some(code.unwrap_or(UNKNOWN))
 }
 
 /// A string property as text, under the same rules as [`request_header`].

@@ -57,6 +57,7 @@ pub struct ResponseBuilder<'r, 'p> {
     request: &'r mut Request<'p>,
     headers: HeaderMap,
     body: Option<Vec<u8>>,
+    trailers: Option<HeaderMap>,
     latency: Duration,
     properties: Vec<(String, Property)>,
 }
@@ -284,6 +285,7 @@ impl<'p> Request<'p> {
             request: self,
             headers: vec![(b":status".to_vec(), status.to_string().into_bytes())],
             body: None,
+            trailers: None,
             latency: Duration::ZERO,
             properties: vec![
                 (
@@ -391,9 +393,20 @@ impl ResponseBuilder<'_, '_> {
         self
     }
 
-    /// Runs `proxy_on_response_headers` (and `proxy_on_response_body`), then ends the stream
-    /// (`proxy_on_done`, `proxy_on_log`, `proxy_on_delete`). Returns the response headers
-    /// action.
+    /// Ends the response with a trailer (repeat for more): `proxy_on_response_trailers` runs
+    /// after the headers and the body.
+    pub fn trailer(mut self, name: &str, value: &str) -> Self {
+        headers::add(
+            self.trailers.get_or_insert_with(Vec::new),
+            name.as_bytes(),
+            value.as_bytes(),
+        );
+        self
+    }
+
+    /// Runs `proxy_on_response_headers` (and `proxy_on_response_body`, then
+    /// `proxy_on_response_trailers`), then ends the stream (`proxy_on_done`, `proxy_on_log`,
+    /// `proxy_on_delete`). Returns the response headers action.
     pub fn finish(self) -> anyhow::Result<Action> {
         let request = self.request;
         let plugin = request.plugin;
@@ -416,16 +429,26 @@ impl ResponseBuilder<'_, '_> {
             Property::duration(Duration::from_nanos(duration)).0,
         );
         let has_body = self.body.is_some();
-        let action = vm.on_response_headers(request.id, !has_body)?;
+        let has_trailers = self.trailers.is_some();
+        let action = vm.on_response_headers(request.id, !has_body && !has_trailers)?;
         request.actions.push(("proxy_on_response_headers", action));
         if let Some(body) = self.body {
             if let Some(stream) = vm.stream_mut(request.id) {
                 stream.response_body = body;
             }
-            let body_action = vm.on_response_body(request.id, true)?;
+            let body_action = vm.on_response_body(request.id, !has_trailers)?;
             request
                 .actions
                 .push(("proxy_on_response_body", body_action));
+        }
+        if let Some(trailers) = self.trailers {
+            if let Some(stream) = vm.stream_mut(request.id) {
+                stream.response_trailers = trailers;
+            }
+            let trailers_action = vm.on_response_trailers(request.id)?;
+            request
+                .actions
+                .push(("proxy_on_response_trailers", trailers_action));
         }
         drop(vm);
         request.end()?;

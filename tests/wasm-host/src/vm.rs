@@ -36,6 +36,7 @@ pub(crate) struct VmConfig {
 type Callback1 = TypedFunc<i32, ()>;
 type Callback2 = TypedFunc<(i32, i32), ()>;
 type Stream3 = TypedFunc<(i32, i32, i32), i32>;
+type Stream2 = TypedFunc<(i32, i32), i32>;
 type HttpCallResponse = TypedFunc<(i32, i32, i32, i32, i32), ()>;
 
 /// The callbacks the module exports; the spec makes every one optional.
@@ -48,6 +49,7 @@ struct Exports {
     request_body: Option<Stream3>,
     response_headers: Option<Stream3>,
     response_body: Option<Stream3>,
+    response_trailers: Option<Stream2>,
     log: Option<Callback1>,
     done: Option<TypedFunc<i32, i32>>,
     delete: Option<Callback1>,
@@ -168,6 +170,7 @@ impl Vm {
             request_body: export(&instance, &mut store, "proxy_on_request_body")?,
             response_headers: export(&instance, &mut store, "proxy_on_response_headers")?,
             response_body: export(&instance, &mut store, "proxy_on_response_body")?,
+            response_trailers: export(&instance, &mut store, "proxy_on_response_trailers")?,
             log: export(&instance, &mut store, "proxy_on_log")?,
             done: export(&instance, &mut store, "proxy_on_done")?,
             delete: export(&instance, &mut store, "proxy_on_delete")?,
@@ -320,6 +323,21 @@ impl Vm {
             size,
             end_of_stream,
         )
+    }
+
+    pub(crate) fn on_response_trailers(&mut self, id: u32) -> anyhow::Result<Action> {
+        let Some(callback) = self.exports.response_trailers.clone() else {
+            return Ok(Action::Continue);
+        };
+        let count = self.stream(id).map_or(0, |s| s.response_trailers.len());
+        let action = self.call(
+            "proxy_on_response_trailers",
+            id,
+            callback,
+            (id as i32, abi_len(count)),
+        )?;
+        Action::from_guest(action)
+            .with_context(|| format!("proxy_on_response_trailers on context {id}"))
     }
 
     fn stream_callback(

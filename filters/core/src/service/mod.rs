@@ -33,7 +33,7 @@ mod slots;
 
 use self::{eligible::Eligible, slots::Slots};
 pub use self::{
-    outcome::{Outcome, Served, Transition, Transitions},
+    outcome::{Outcome, Served, Transition, Transitions, grpc_http_status},
     request::{Pick, Rejection, RequestAttributes, RequestNeeds},
     retry::RetryTargets,
     slots::EndpointView,

@@ -1,6 +1,10 @@
 //! What a response does: [`ServicePicker::complete`] releases the pick's in-flight count and
 //! charges the outcome to the endpoint that earned it ([`Served`]): its latency estimate and
 //! its breaker, whose state changes come back as [`Transitions`] for the filter's metrics.
+//!
+//! A gRPC call fails with HTTP 200 and a `grpc-status`; [`Outcome::status`] carries the HTTP
+//! status Envoy maps it to ([`grpc_http_status`]), so a gRPC `UNAVAILABLE` counts as a `503`
+//! everywhere an HTTP one does, as Envoy's own outlier detection counts it.
 
 use std::{net::SocketAddr, time::Duration};
 
@@ -48,10 +52,32 @@ impl Served {
     }
 }
 
+/// The HTTP status of a gRPC status code, as Envoy maps it (`Grpc::Utility::grpcToHttpStatus`):
+/// `OK` is 200, `UNAVAILABLE` 503, `DEADLINE_EXCEEDED` 504, `INTERNAL`, `UNKNOWN` and
+/// `DATA_LOSS` 500, `RESOURCE_EXHAUSTED` 429, `UNIMPLEMENTED` 501, the caller's errors 4xx;
+/// a code gRPC does not define is 500.
+pub fn grpc_http_status(code: u64) -> u16 {
+    match code {
+        0 => 200,
+        1 => 499,
+        3 | 9 | 11 => 400,
+        4 => 504,
+        5 => 404,
+        6 | 10 => 409,
+        7 => 403,
+        8 => 429,
+        12 => 501,
+        14 => 503,
+        16 => 401,
+        _ => 500,
+    }
+}
+
 /// How a request ended, as the filter saw it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Outcome {
-    /// The response status, if a response arrived.
+    /// The response status, if a response arrived; for gRPC, the HTTP status of its
+    /// `grpc-status` ([`grpc_http_status`]).
     pub status: Option<u16>,
     /// Envoy could not connect to the endpoint.
     pub connect_failure: bool,
@@ -166,5 +192,26 @@ impl ServicePicker {
             ));
         }
         transitions
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::grpc_http_status;
+
+    #[test]
+    fn grpc_failures_map_onto_the_http_statuses_envoy_uses() {
+        assert_eq!(grpc_http_status(0), 200);
+        assert_eq!(grpc_http_status(14), 503, "UNAVAILABLE");
+        assert_eq!(grpc_http_status(4), 504, "DEADLINE_EXCEEDED");
+        assert_eq!(grpc_http_status(13), 500, "INTERNAL");
+        assert_eq!(grpc_http_status(2), 500, "UNKNOWN");
+        assert_eq!(grpc_http_status(8), 429, "RESOURCE_EXHAUSTED");
+        assert_eq!(grpc_http_status(3), 400, "INVALID_ARGUMENT");
+        assert_eq!(
+            grpc_http_status(99),
+            500,
+            "undefined codes are server errors"
+        );
     }
 }

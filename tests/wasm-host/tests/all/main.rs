@@ -6,6 +6,7 @@
 
 mod abi;
 mod filter;
+mod grpc;
 mod rate_limit;
 mod snapshots;
 mod test_support;
