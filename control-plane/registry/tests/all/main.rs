@@ -8,6 +8,7 @@ mod discover_answers;
 mod etcd;
 mod etcd_cluster;
 mod etcd_tls;
+mod etcd_writes;
 mod health_checks;
 mod metrics;
 mod support;

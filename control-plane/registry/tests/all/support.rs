@@ -10,7 +10,11 @@ use fulcrum_registry::{
     Registry, TokenAuth,
     api::{ApiState, grpc, rest},
 };
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::watch,
+    task::JoinHandle,
+};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
 
@@ -43,14 +47,23 @@ pub fn auth() -> Arc<TokenAuth> {
     Arc::new(TokenAuth::from_pairs([("alice", ALICE), ("bob", BOB)]))
 }
 
+/// A loopback listener that takes a burst of hundreds of connections at once:
+/// `TcpListener::bind` keeps a backlog of 128, and a connection beyond it waits a second for
+/// its SYN to be sent again.
+fn listener() -> Result<TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    Ok(socket.listen(1024)?)
+}
+
 /// Serves `registry` and runs its source through the snapshot pipeline.
 pub async fn serve(registry: Arc<Registry>) -> Result<Served> {
     let state = ApiState {
         registry: registry.clone(),
         auth: auth(),
     };
-    let rest_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let grpc_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let rest_listener = listener()?;
+    let grpc_listener = listener()?;
     let rest_url = format!("http://{}", rest_listener.local_addr()?);
     let grpc_url = format!("http://{}", grpc_listener.local_addr()?);
     let router = rest::router(state.clone());
