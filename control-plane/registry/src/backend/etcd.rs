@@ -6,6 +6,8 @@
 //! - **Writes** are transactions conditioned on the key's `mod_revision` read just before
 //!   (or its absence), so the owner check and the write are atomic across replicas; a lost
 //!   race is retried. Re-registering grants a new lease, puts, then revokes the old lease.
+//!   A write whose answer is lost may have committed: its lease is revoked only after the
+//!   key is read again and only if nothing live can hang on it ([`commit`]).
 //!   A heartbeat is one keep-alive of the registration's lease; etcd itself deletes the key
 //!   when the lease runs out, and every replica sees the delete.
 //! - **Reads** come from the shared [`View`], which a watcher keeps current: it loads the
@@ -25,6 +27,8 @@
 //! system's roots without one; a client certificate answers members started with
 //! `--client-cert-auth`. Files are read and checked before any connection, and a failed
 //! handshake is reported as such (with what to check), not as an unavailable cluster.
+
+pub mod commit;
 
 use std::{
     future::Future,
@@ -46,6 +50,7 @@ use tokio::{
 };
 use tracing::{debug, info, warn};
 
+use self::commit::{DirectTxn, Etcd, Guard, LeaseFate, TxnSender};
 use super::{BackendError, BackendFuture, RegistryBackend};
 use crate::{
     model::{InstanceSpec, Registration},
@@ -333,8 +338,7 @@ pub struct StoredRecord {
 
 /// See the module docs.
 pub struct EtcdBackend {
-    client: Client,
-    config: EtcdConfig,
+    etcd: Etcd,
     view: Arc<View>,
     watcher: JoinHandle<()>,
     /// Turns to send a write to etcd: `max_writes_in_flight` permits.
@@ -346,7 +350,7 @@ pub struct EtcdBackend {
 impl std::fmt::Debug for EtcdBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdBackend")
-            .field("config", &self.config)
+            .field("config", &self.etcd.config)
             .field("registrations", &self.view.len())
             .finish_non_exhaustive()
     }
@@ -622,6 +626,16 @@ impl EtcdBackend {
         config: EtcdConfig,
         view: Arc<View>,
     ) -> Result<Arc<Self>, EtcdConnectError> {
+        Self::connect_with(config, view, Arc::new(DirectTxn)).await
+    }
+
+    /// [`connect`](Self::connect), sending every write transaction through `txns` (see
+    /// [`commit`]).
+    pub async fn connect_with(
+        config: EtcdConfig,
+        view: Arc<View>,
+        txns: Arc<dyn TxnSender>,
+    ) -> Result<Arc<Self>, EtcdConnectError> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(config.connect_timeout)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
@@ -656,62 +670,28 @@ impl EtcdBackend {
         ));
         info!(endpoints = %config.endpoints.join(","), tls, prefix = %config.prefix, registrations = view.len(), "etcd registry backend connected");
         Ok(Arc::new(Self {
-            client,
             view,
             watcher,
             in_flight: Semaphore::new(config.max_writes_in_flight),
             places: Semaphore::new(config.max_writes_in_flight + config.max_queued_writes),
-            config,
+            etcd: Etcd {
+                client,
+                config,
+                txns,
+            },
         }))
     }
 
     /// A write's turn to go to etcd, waited for until `deadline`; refused at once when the
     /// queue is full.
     async fn turn(&self, deadline: Instant) -> Result<[SemaphorePermit<'_>; 2], BackendError> {
-        let place = self
-            .places
-            .try_acquire()
-            .map_err(|_| queue_full(&self.config))?;
+        let config = &self.etcd.config;
+        let place = self.places.try_acquire().map_err(|_| queue_full(config))?;
         match tokio::time::timeout_at(deadline, self.in_flight.acquire()).await {
             Ok(Ok(turn)) => Ok([place, turn]),
             // The semaphores are never closed.
-            Ok(Err(_)) | Err(_) => Err(timed_out(&self.config, "waiting for a turn to write")),
+            Ok(Err(_)) | Err(_) => Err(timed_out(config, "waiting for a turn to write")),
         }
-    }
-
-    fn key(&self, id: &str) -> String {
-        format!("{}{id}", self.config.prefix)
-    }
-
-    /// The current record of `id` straight from etcd (a linearizable read).
-    async fn fetch(&self, id: &str, deadline: Instant) -> Result<Option<Record>, BackendError> {
-        let kv = self.client.kv_client();
-        let key = self.key(id);
-        let response = call_failing_over(&self.config, deadline, "reading a registration", || {
-            let (mut kv, key) = (kv.clone(), key.clone());
-            async move { kv.get(key, None).await }
-        })
-        .await?;
-        Ok(response
-            .kvs()
-            .first()
-            .and_then(|kv| decode(&self.config.prefix, kv)))
-    }
-
-    /// Revokes `lease` in the background, with a deadline of its own: the write that
-    /// replaced it answers without waiting.
-    fn revoke(&self, lease: i64) {
-        if lease == 0 {
-            return;
-        }
-        let (mut leases, config) = (self.client.lease_client(), self.config.clone());
-        tokio::spawn(async move {
-            let revoking = leases.revoke(lease);
-            if let Err(error) = call(&config, deadline(&config), "revoking a lease", revoking).await
-            {
-                debug!(lease, %error, "could not revoke a replaced lease; it will expire by itself");
-            }
-        });
     }
 
     async fn register_now(
@@ -720,24 +700,22 @@ impl EtcdBackend {
         owner: &str,
         deadline: Instant,
     ) -> Result<Arc<Record>, BackendError> {
+        let etcd = &self.etcd;
         let id = registration.id.clone();
-        let key = self.key(&id);
+        let ttl = registration.ttl;
+        let key = etcd.key(&id);
         for _ in 0..MAX_ATTEMPTS {
-            let current = self.fetch(&id, deadline).await?;
+            let current = etcd.fetch(&id, deadline).await?;
             let (guard, registered_at_unix_ms, old_lease) = match &current {
                 Some(current) if current.owner != owner => {
                     return Err(BackendError::NotOwner { id });
                 }
                 Some(current) => (
-                    Compare::mod_revision(key.clone(), CompareOp::Equal, current.mod_revision),
+                    Guard::At(current.mod_revision),
                     current.registered_at_unix_ms,
                     current.lease,
                 ),
-                None => (
-                    Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                    unix_ms(),
-                    0,
-                ),
+                None => (Guard::Absent, unix_ms(), 0),
             };
             let stored = StoredRecord {
                 instance: registration.to_spec(),
@@ -745,41 +723,56 @@ impl EtcdBackend {
                 registered_at_unix_ms,
             };
             let value = serde_json::to_vec(&stored).unwrap_or_default();
-            let leases = self.client.lease_client();
+            let leases = etcd.client.lease_client();
             let seconds = lease_seconds(registration.ttl);
-            let lease = call_failing_over(&self.config, deadline, "granting a lease", || {
+            let lease = call_failing_over(&etcd.config, deadline, "granting a lease", || {
                 let mut leases = leases.clone();
                 async move { leases.grant(seconds, None).await }
             })
             .await?
             .id();
-            let txn = Txn::new().when([guard]).and_then([TxnOp::put(
+            let compare = match guard {
+                Guard::At(revision) => {
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, revision)
+                }
+                Guard::Absent => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            };
+            let txn = Txn::new().when([compare]).and_then([TxnOp::put(
                 key.clone(),
                 value,
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-            let kv = self.client.kv_client();
-            let write = || {
-                let (mut kv, txn) = (kv.clone(), txn.clone());
-                async move { kv.txn(txn).await }
+            // A write whose answer is lost may have committed: the lease is settled (revoked
+            // or kept) only after the key is read again; see `commit`.
+            let settle_later = || etcd.settle_later(id.clone(), guard, lease, old_lease, ttl);
+            let response = match etcd.txn(txn, "writing a registration", deadline).await {
+                Ok(response) => response,
+                Err(error) => {
+                    settle_later();
+                    return Err(error);
+                }
             };
-            let response =
-                match call_failing_over(&self.config, deadline, "writing a registration", write)
-                    .await
-                {
-                    Ok(response) => response,
+            if !response.succeeded() {
+                // Another write changed the key since it was read, or an attempt of this
+                // very transaction, whose answer was lost, applied it.
+                let stored = match etcd.fetch(&id, deadline).await {
+                    Ok(stored) => stored,
                     Err(error) => {
-                        self.revoke(lease);
+                        settle_later();
                         return Err(error);
                     }
                 };
-            if !response.succeeded() {
+                let fate = etcd.settle(stored.as_ref(), guard, lease, old_lease);
+                if let (LeaseFate::Attached, Some(record)) = (fate, stored) {
+                    self.view.upsert(record.clone());
+                    return Ok(Arc::new(record));
+                }
                 debug!(instance = %id, "lost a registration race; retrying");
-                self.revoke(lease);
                 continue;
             }
+            // Committed: the stored registration holds the new lease, not the replaced one.
             if old_lease != lease {
-                self.revoke(old_lease);
+                etcd.revoke(old_lease);
             }
             let mod_revision = response.header().map_or(0, |header| header.revision());
             let record = Record {
@@ -808,7 +801,8 @@ impl EtcdBackend {
         owner: &str,
         deadline: Instant,
     ) -> Result<Duration, BackendError> {
-        let record = self
+        let etcd = &self.etcd;
+        let record = etcd
             .fetch(id, deadline)
             .await?
             .ok_or_else(|| BackendError::NotFound { id: id.to_owned() })?;
@@ -819,8 +813,8 @@ impl EtcdBackend {
         // expired between the read and now) is reported as not found. A renewal is safe to
         // repeat, so a member that is down is failed over like a read.
         let lease = record.lease;
-        let renewed = call_failing_over(&self.config, deadline, "renewing a lease", || {
-            let mut leases = self.client.lease_client();
+        let renewed = call_failing_over(&etcd.config, deadline, "renewing a lease", || {
+            let mut leases = etcd.client.lease_client();
             async move {
                 match leases.keep_alive(lease).await {
                     Ok(_) => Ok(true),
@@ -844,9 +838,10 @@ impl EtcdBackend {
         owner: &str,
         deadline: Instant,
     ) -> Result<(), BackendError> {
-        let key = self.key(id);
+        let etcd = &self.etcd;
+        let key = etcd.key(id);
         for _ in 0..MAX_ATTEMPTS {
-            let record = self
+            let record = etcd
                 .fetch(id, deadline)
                 .await?
                 .ok_or_else(|| BackendError::NotFound { id: id.to_owned() })?;
@@ -860,15 +855,10 @@ impl EtcdBackend {
                     record.mod_revision,
                 )])
                 .and_then([TxnOp::delete(key.clone(), None)]);
-            let kv = self.client.kv_client();
-            let response =
-                call_failing_over(&self.config, deadline, "deleting a registration", || {
-                    let (mut kv, txn) = (kv.clone(), txn.clone());
-                    async move { kv.txn(txn).await }
-                })
-                .await?;
+            let response = etcd.txn(txn, "deleting a registration", deadline).await?;
             if response.succeeded() {
-                self.revoke(record.lease);
+                // The key it held is gone: nothing can hang on the lease any more.
+                etcd.revoke(record.lease);
                 let revision = response.header().map_or(0, |header| header.revision());
                 self.view.remove(id, Some(revision));
                 return Ok(());
@@ -1017,7 +1007,7 @@ impl RegistryBackend for EtcdBackend {
         owner: &'a str,
     ) -> BackendFuture<'a, Arc<Record>> {
         Box::pin(async move {
-            let deadline = deadline(&self.config);
+            let deadline = deadline(&self.etcd.config);
             let _turn = self.turn(deadline).await?;
             self.register_now(registration, owner, deadline).await
         })
@@ -1025,7 +1015,7 @@ impl RegistryBackend for EtcdBackend {
 
     fn heartbeat<'a>(&'a self, id: &'a str, owner: &'a str) -> BackendFuture<'a, Duration> {
         Box::pin(async move {
-            let deadline = deadline(&self.config);
+            let deadline = deadline(&self.etcd.config);
             let _turn = self.turn(deadline).await?;
             self.heartbeat_now(id, owner, deadline).await
         })
@@ -1033,7 +1023,7 @@ impl RegistryBackend for EtcdBackend {
 
     fn deregister<'a>(&'a self, id: &'a str, owner: &'a str) -> BackendFuture<'a, ()> {
         Box::pin(async move {
-            let deadline = deadline(&self.config);
+            let deadline = deadline(&self.etcd.config);
             let _turn = self.turn(deadline).await?;
             self.deregister_now(id, owner, deadline).await
         })

@@ -1,14 +1,21 @@
-//! Writes to etcd when etcd fails, on a real three-member cluster: during an outage every
-//! caller gets its 503 / `UNAVAILABLE` within the request deadline, queued or not.
+//! Writes to etcd when etcd fails, on real etcd: during an outage every caller gets its 503
+//! / `UNAVAILABLE` within the request deadline, queued or not; and a write whose answer was
+//! lost after it committed never costs the registration it wrote.
 
 use std::{
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
-use anyhow::Result;
+use anyhow::{Context, Result};
+use etcd_client::{Client, KvClient, Txn};
 use fulcrum_proto::registry::v1 as pb;
-use fulcrum_registry::{EtcdBackend, EtcdConfig, Registry, View, registry::new_epoch};
+use fulcrum_registry::{
+    BackendError, EtcdBackend, EtcdConfig, InstanceSpec, Query, Registry, RegistryError, View,
+    backend::etcd::commit::{DirectTxn, TxnAnswer, TxnSender},
+    registry::new_epoch,
+};
+use fulcrum_test_support::eventually;
 use reqwest::StatusCode;
 use tokio::task::JoinSet;
 use tonic::Code;
@@ -140,5 +147,170 @@ async fn a_write_finding_the_queue_full_is_refused_at_once() -> Result<()> {
             .all(|(_, took)| *took <= REQUEST_TIMEOUT + SLACK),
         "{answers:?}"
     );
+    Ok(())
+}
+
+/// How the next transaction's answer is lost after etcd applied it.
+#[derive(Debug, Clone, Copy)]
+enum Loss {
+    /// Never arrives: the write's deadline passes.
+    Silence,
+    /// The connection breaks: etcd's "unavailable", which the backend retries.
+    Unavailable,
+}
+
+/// Sends transactions to etcd for real, and loses the answer of the next one once armed.
+#[derive(Debug, Default)]
+struct LoseNextAnswer {
+    armed: Mutex<Option<Loss>>,
+    /// The revision of the transaction whose answer was lost.
+    committed: Arc<Mutex<Option<i64>>>,
+}
+
+impl LoseNextAnswer {
+    fn arm(&self, loss: Loss) {
+        *self.armed.lock().expect("lock") = Some(loss);
+    }
+
+    fn committed(&self) -> Option<i64> {
+        *self.committed.lock().expect("lock")
+    }
+}
+
+impl TxnSender for LoseNextAnswer {
+    fn send(&self, kv: KvClient, txn: Txn) -> TxnAnswer {
+        let loss = self.armed.lock().expect("lock").take();
+        let committed = self.committed.clone();
+        let sent = DirectTxn.send(kv, txn);
+        Box::pin(async move {
+            let answer = sent.await?;
+            if loss.is_some() {
+                assert!(answer.succeeded(), "the transaction to lose did commit");
+                *committed.lock().expect("lock") = answer.header().map(|h| h.revision());
+            }
+            match loss {
+                None => Ok(answer),
+                Some(Loss::Silence) => std::future::pending().await,
+                Some(Loss::Unavailable) => Err(etcd_client::Error::GRpcStatus(
+                    tonic::Status::unavailable("the connection broke after the commit"),
+                )),
+            }
+        })
+    }
+}
+
+const KEY: &str = "/fulcrum/registry/instances/kept-1";
+
+fn kept(weight: u32) -> InstanceSpec {
+    InstanceSpec {
+        name: "kept".into(),
+        id: "kept-1".into(),
+        address: "127.0.0.1".into(),
+        port: 7001,
+        weight,
+        ttl_ms: 30_000,
+        ..InstanceSpec::default()
+    }
+}
+
+/// The lease `KEY` is attached to in etcd, if it exists.
+async fn stored_lease(etcd: &mut Client) -> Result<Option<i64>> {
+    Ok(etcd
+        .get(KEY, None)
+        .await?
+        .kvs()
+        .first()
+        .map(|kv| kv.lease()))
+}
+
+async fn lease_alive(etcd: &mut Client, lease: i64) -> Result<bool> {
+    Ok(etcd.lease_time_to_live(lease, None).await?.ttl() > 0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_re_registration_whose_answer_was_lost_after_it_committed_keeps_the_registration()
+-> Result<()> {
+    let cluster = EtcdCluster::start(1).await?;
+    let txns = Arc::new(LoseNextAnswer::default());
+    let view = Arc::new(View::new(new_epoch()));
+    let mut config = EtcdConfig::new(cluster.endpoints());
+    config.request_timeout = REQUEST_TIMEOUT;
+    let backend = EtcdBackend::connect_with(config, view.clone(), txns.clone()).await?;
+    let registry = Registry::new(backend, view);
+    let mut etcd = Client::connect(cluster.endpoints(), None).await?;
+
+    let first = registry.register(&kept(1), "alice").await?;
+    let replaced = first.record.lease;
+    txns.arm(Loss::Silence);
+    let error = registry
+        .register(&kept(2), "alice")
+        .await
+        .expect_err("the answer never came");
+    assert!(
+        matches!(
+            error,
+            RegistryError::Backend(BackendError::Unavailable { .. })
+        ),
+        "{error}"
+    );
+
+    // The transaction did commit: etcd holds the new registration on a new lease. Once the
+    // backend re-read the key, it revokes the replaced lease, and only that one.
+    let committed = stored_lease(&mut etcd).await?.context("committed")?;
+    assert_ne!(committed, replaced);
+    eventually(
+        Duration::from_secs(10),
+        "the replaced lease revoked, the committed one kept",
+        || {
+            let mut etcd = etcd.clone();
+            async move {
+                !lease_alive(&mut etcd, replaced).await.unwrap_or(true)
+                    && stored_lease(&mut etcd).await.ok().flatten() == Some(committed)
+                    && lease_alive(&mut etcd, committed).await.unwrap_or(false)
+            }
+        },
+    )
+    .await?;
+    registry.heartbeat("kept-1", "alice").await?;
+    let query = Query {
+        service: "kept".into(),
+        ..Query::default()
+    };
+    let found = registry.discover(&query)?;
+    assert_eq!(found.entries.len(), 1);
+    assert_eq!(found.entries[0].record.registration.weight, 2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_registration_whose_answer_was_lost_and_retried_is_written_once_and_never_removed()
+-> Result<()> {
+    let cluster = EtcdCluster::start(1).await?;
+    let txns = Arc::new(LoseNextAnswer::default());
+    let view = Arc::new(View::new(new_epoch()));
+    let mut config = EtcdConfig::new(cluster.endpoints());
+    config.request_timeout = REQUEST_TIMEOUT;
+    let backend = EtcdBackend::connect_with(config, view.clone(), txns.clone()).await?;
+    let registry = Registry::new(backend, view);
+    let mut etcd = Client::connect(cluster.endpoints(), None).await?;
+
+    // The retry of the committed transaction fails its guard: the key is no longer absent.
+    txns.arm(Loss::Unavailable);
+    let entry = registry.register(&kept(1), "alice").await?;
+    let committed = txns.committed().context("a transaction committed")?;
+    assert_eq!(
+        entry.record.mod_revision, committed,
+        "the answer is the write that committed"
+    );
+    // Whatever the backend does after answering, it does within the deadline.
+    tokio::time::sleep(REQUEST_TIMEOUT).await;
+    let response = etcd.get(KEY, None).await?;
+    let stored = response.kvs().first().context("still registered")?;
+    assert_eq!(
+        (stored.create_revision(), stored.version()),
+        (committed, 1),
+        "written once, by the transaction whose answer was lost, and never removed"
+    );
+    assert_eq!(stored.lease(), entry.record.lease);
     Ok(())
 }
