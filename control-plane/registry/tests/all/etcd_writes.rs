@@ -11,7 +11,8 @@ use anyhow::{Context, Result};
 use etcd_client::{Client, KvClient, Txn};
 use fulcrum_proto::registry::v1 as pb;
 use fulcrum_registry::{
-    BackendError, EtcdBackend, EtcdConfig, InstanceSpec, Query, Registry, RegistryError, View,
+    BackendError, EtcdBackend, EtcdConfig, Identity, InstanceSpec, Query, Registry, RegistryError,
+    View,
     backend::etcd::commit::{DirectTxn, TxnAnswer, TxnSender},
     registry::new_epoch,
 };
@@ -22,7 +23,7 @@ use tonic::Code;
 
 use crate::{
     etcd_cluster::EtcdCluster,
-    support::{ALICE, authed, grpc_client, http, instance, pb_instance, serve},
+    support::{ALICE, authed, grpc_client, http, instance, loopback, pb_instance, serve},
 };
 
 /// The request deadline of the replicas here.
@@ -40,7 +41,7 @@ async fn replica(
     etcd.request_timeout = REQUEST_TIMEOUT;
     config(&mut etcd);
     let backend = EtcdBackend::connect(etcd, view.clone()).await?;
-    Ok(Registry::new(backend, view))
+    Ok(Registry::new(backend, view, loopback()))
 }
 
 /// `count` registrations over REST at once; each one's status and how long it took.
@@ -236,14 +237,16 @@ async fn a_re_registration_whose_answer_was_lost_after_it_committed_keeps_the_re
     let mut config = EtcdConfig::new(cluster.endpoints());
     config.request_timeout = REQUEST_TIMEOUT;
     let backend = EtcdBackend::connect_with(config, view.clone(), txns.clone()).await?;
-    let registry = Registry::new(backend, view);
+    let registry = Registry::new(backend, view, loopback());
     let mut etcd = Client::connect(cluster.endpoints(), None).await?;
 
-    let first = registry.register(&kept(1), "alice").await?;
+    let first = registry
+        .register(&kept(1), &Identity::unscoped("alice"))
+        .await?;
     let replaced = first.record.lease;
     txns.arm(Loss::Silence);
     let error = registry
-        .register(&kept(2), "alice")
+        .register(&kept(2), &Identity::unscoped("alice"))
         .await
         .expect_err("the answer never came");
     assert!(
@@ -291,12 +294,14 @@ async fn a_registration_whose_answer_was_lost_and_retried_is_written_once_and_ne
     let mut config = EtcdConfig::new(cluster.endpoints());
     config.request_timeout = REQUEST_TIMEOUT;
     let backend = EtcdBackend::connect_with(config, view.clone(), txns.clone()).await?;
-    let registry = Registry::new(backend, view);
+    let registry = Registry::new(backend, view, loopback());
     let mut etcd = Client::connect(cluster.endpoints(), None).await?;
 
     // The retry of the committed transaction fails its guard: the key is no longer absent.
     txns.arm(Loss::Unavailable);
-    let entry = registry.register(&kept(1), "alice").await?;
+    let entry = registry
+        .register(&kept(1), &Identity::unscoped("alice"))
+        .await?;
     let committed = txns.committed().context("a transaction committed")?;
     assert_eq!(
         entry.record.mod_revision, committed,

@@ -7,7 +7,7 @@ use fulcrum_core::Snapshot;
 use fulcrum_pipeline::{Debounce, policy::attach};
 use fulcrum_proto::registry::v1::{self as pb, registry_client::RegistryClient};
 use fulcrum_registry::{
-    Registry, TokenAuth,
+    Limits, Registry, TokenAuth,
     api::{ApiState, grpc, rest},
 };
 use tokio::{
@@ -17,6 +17,11 @@ use tokio::{
 };
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
+
+/// Limits explicitly allowing loopback addresses, where the tests' instances live.
+pub fn loopback() -> Limits {
+    Limits::allowing(vec!["127.0.0.0/8".parse().expect("range")])
+}
 
 /// Alice's token (identity `alice`).
 pub const ALICE: &str = "alice-token-0123456789";
@@ -56,11 +61,17 @@ fn listener() -> Result<TcpListener> {
     Ok(socket.listen(1024)?)
 }
 
-/// Serves `registry` and runs its source through the snapshot pipeline.
+/// Serves `registry` with Alice's and Bob's tokens and runs its source through the snapshot
+/// pipeline.
 pub async fn serve(registry: Arc<Registry>) -> Result<Served> {
+    serve_with(registry, auth()).await
+}
+
+/// [`serve`] with the tokens of `auth`.
+pub async fn serve_with(registry: Arc<Registry>, auth: Arc<TokenAuth>) -> Result<Served> {
     let state = ApiState {
         registry: registry.clone(),
-        auth: auth(),
+        auth,
     };
     let rest_listener = listener()?;
     let grpc_listener = listener()?;
@@ -162,4 +173,22 @@ pub fn published(served: &Served, service: &str) -> Vec<(u16, fulcrum_core::Heal
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The registry's metrics in Prometheus text format.
+pub fn scrape(served: &Served) -> Result<String> {
+    let mut metrics = prometheus_client::registry::Registry::default();
+    served.registry.metrics().register(&mut metrics);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &metrics)?;
+    Ok(text)
+}
+
+/// The value of exactly `series` (name and labels as exposed), if present.
+pub fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|number| number.trim().parse().ok())
+    })
 }
