@@ -15,7 +15,7 @@
 //! 3. **Address scope** ([`Scope::addresses`]): the identity's address ranges (CIDRs).
 //! 4. **Quotas**: fewer live registrations than the identity's [`Scope::max`] and than the
 //!    registry's [`Limits::max_instances`], counted in the local view plus the writes in
-//!    flight ([`Admission`]), so concurrent registrations cannot all take the last slot.
+//!    flight, so concurrent registrations cannot all take the last slot.
 //!
 //! A scope comes from the token file (see [`crate::auth`]); a field left out leaves that
 //! step open (any name; any address outside the refused classes; only the registry's cap).

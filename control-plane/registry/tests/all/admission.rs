@@ -6,7 +6,6 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use anyhow::{Context, Result};
 use fulcrum_pipeline::policy::attach;
-use fulcrum_proto::registry::v1 as pb;
 use fulcrum_registry::{
     EtcdBackend, EtcdConfig, Identity, InstanceSpec, Limits, Registry, TokenAuth, View,
     api::rest::ErrorJson, model::MAX_ENDPOINT_BYTES, registry::new_epoch,
@@ -18,7 +17,10 @@ use tonic::Code;
 
 use crate::{
     etcd_cluster::EtcdCluster,
-    support::{ALICE, Served, authed, grpc_client, http, scrape, serve, serve_with, value},
+    support::{
+        ALICE, Served, grpc_client, pb_instance, post_instance, register_request, scrape, serve,
+        serve_with, value,
+    },
 };
 
 const SHOP: &str = "shop-token-0123456789";
@@ -44,12 +46,7 @@ async fn register(
     token: &str,
     body: &Value,
 ) -> Result<(StatusCode, Option<ErrorJson>)> {
-    let response = http()
-        .post(format!("{}/v1/registry/instances", served.rest))
-        .bearer_auth(token)
-        .json(body)
-        .send()
-        .await?;
+    let response = post_instance(served, token, body).await?;
     let status = response.status();
     let error = if status.is_success() {
         None
@@ -136,38 +133,17 @@ async fn an_identity_registers_only_its_service_names_in_its_address_ranges() ->
 
     // The same refusal over gRPC.
     let mut client = grpc_client(&served).await?;
-    let mut instance = pb::Instance {
-        name: "checkout".into(),
-        id: "s-5".into(),
-        address: "10.1.2.5".into(),
-        port: 8080,
-        ..pb::Instance::default()
-    };
+    let mut instance = pb_instance("checkout", "s-5", 8080);
+    instance.address = "10.1.2.5".into();
     let refused = client
-        .register(authed(
-            pb::RegisterRequest {
-                instance: Some(instance.clone()),
-            },
-            SHOP,
-        ))
+        .register(register_request(instance.clone(), SHOP))
         .await
         .expect_err("outside the scope");
     assert_eq!(refused.code(), Code::PermissionDenied);
-    assert!(
-        refused.message().starts_with("name: "),
-        "{}",
-        refused.message()
-    );
+    assert!(refused.message().starts_with("name: "), "{refused}");
     // An unscoped identity may register the name.
     instance.id = "o-1".into();
-    client
-        .register(authed(
-            pb::RegisterRequest {
-                instance: Some(instance),
-            },
-            OPS,
-        ))
-        .await?;
+    client.register(register_request(instance, OPS)).await?;
 
     assert_eq!(refusals(&served, "service_scope"), Some(2.0));
     assert_eq!(refusals(&served, "address_scope"), Some(1.0));
@@ -240,19 +216,10 @@ async fn the_registry_holds_at_most_its_cap_of_live_registrations() -> Result<()
         error.message
     );
     let mut client = grpc_client(&served).await?;
+    let mut instance = pb_instance("b", "a-5", 1);
+    instance.address = "10.0.0.4".into();
     let refused = client
-        .register(authed(
-            pb::RegisterRequest {
-                instance: Some(pb::Instance {
-                    name: "b".into(),
-                    id: "a-5".into(),
-                    address: "10.0.0.1".into(),
-                    port: 1,
-                    ..pb::Instance::default()
-                }),
-            },
-            ALICE,
-        ))
+        .register(register_request(instance, ALICE))
         .await
         .expect_err("the cap");
     assert_eq!(refused.code(), Code::ResourceExhausted);

@@ -23,7 +23,9 @@ use tonic::Code;
 
 use crate::{
     etcd_cluster::EtcdCluster,
-    support::{ALICE, authed, grpc_client, http, instance, loopback, pb_instance, serve},
+    support::{
+        ALICE, authed, grpc_client, http, instance, loopback, pb_instance, register_request, serve,
+    },
 };
 
 /// The request deadline of the replicas here.
@@ -32,15 +34,26 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// shared 2-core machine, far below one more deadline (what a queued write waited before).
 const SLACK: Duration = Duration::from_millis(750);
 
+/// A control-plane replica on `cluster` with the deadline above, its etcd settings changed
+/// by `config`.
 async fn replica(
     cluster: &EtcdCluster,
+    config: impl FnOnce(&mut EtcdConfig),
+) -> Result<Arc<Registry>> {
+    replica_sending(cluster, Arc::new(DirectTxn), config).await
+}
+
+/// [`replica`] sending its write transactions through `txns`.
+async fn replica_sending(
+    cluster: &EtcdCluster,
+    txns: Arc<dyn TxnSender>,
     config: impl FnOnce(&mut EtcdConfig),
 ) -> Result<Arc<Registry>> {
     let view = Arc::new(View::new(new_epoch()));
     let mut etcd = EtcdConfig::new(cluster.endpoints());
     etcd.request_timeout = REQUEST_TIMEOUT;
     config(&mut etcd);
-    let backend = EtcdBackend::connect(etcd, view.clone()).await?;
+    let backend = EtcdBackend::connect_with(etcd, view.clone(), txns).await?;
     Ok(Registry::new(backend, view, loopback()))
 }
 
@@ -75,12 +88,7 @@ async fn during_an_etcd_outage_every_write_is_refused_with_503_within_the_reques
     let served = serve(replica(&cluster, |_| {}).await?).await?;
     let mut client = grpc_client(&served).await?;
     client
-        .register(authed(
-            pb::RegisterRequest {
-                instance: Some(pb_instance("outage", "before", 9)),
-            },
-            ALICE,
-        ))
+        .register(register_request(pb_instance("outage", "before", 9), ALICE))
         .await?;
 
     cluster.kill(0);
@@ -200,6 +208,28 @@ impl TxnSender for LoseNextAnswer {
     }
 }
 
+/// A replica on a one-member cluster losing the answers it is told to, and a client of the
+/// cluster to look at what etcd holds.
+struct Lossy {
+    registry: Arc<Registry>,
+    txns: Arc<LoseNextAnswer>,
+    etcd: Client,
+    _cluster: EtcdCluster,
+}
+
+impl Lossy {
+    async fn start() -> Result<Self> {
+        let cluster = EtcdCluster::start(1).await?;
+        let txns = Arc::new(LoseNextAnswer::default());
+        Ok(Self {
+            registry: replica_sending(&cluster, txns.clone(), |_| {}).await?,
+            txns,
+            etcd: Client::connect(cluster.endpoints(), None).await?,
+            _cluster: cluster,
+        })
+    }
+}
+
 const KEY: &str = "/fulcrum/registry/instances/kept-1";
 
 fn kept(weight: u32) -> InstanceSpec {
@@ -231,35 +261,24 @@ async fn lease_alive(etcd: &mut Client, lease: i64) -> Result<bool> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_re_registration_whose_answer_was_lost_after_it_committed_keeps_the_registration()
 -> Result<()> {
-    let cluster = EtcdCluster::start(1).await?;
-    let txns = Arc::new(LoseNextAnswer::default());
-    let view = Arc::new(View::new(new_epoch()));
-    let mut config = EtcdConfig::new(cluster.endpoints());
-    config.request_timeout = REQUEST_TIMEOUT;
-    let backend = EtcdBackend::connect_with(config, view.clone(), txns.clone()).await?;
-    let registry = Registry::new(backend, view, loopback());
-    let mut etcd = Client::connect(cluster.endpoints(), None).await?;
-
+    let mut lossy = Lossy::start().await?;
+    let (registry, etcd) = (&lossy.registry, &mut lossy.etcd);
     let first = registry
         .register(&kept(1), &Identity::unscoped("alice"))
         .await?;
     let replaced = first.record.lease;
-    txns.arm(Loss::Silence);
+    lossy.txns.arm(Loss::Silence);
     let error = registry
         .register(&kept(2), &Identity::unscoped("alice"))
         .await
         .expect_err("the answer never came");
-    assert!(
-        matches!(
-            error,
-            RegistryError::Backend(BackendError::Unavailable { .. })
-        ),
-        "{error}"
-    );
+    let RegistryError::Backend(BackendError::Unavailable { .. }) = &error else {
+        panic!("expected the backend unavailable, got {error}");
+    };
 
     // The transaction did commit: etcd holds the new registration on a new lease. Once the
     // backend re-read the key, it revokes the replaced lease, and only that one.
-    let committed = stored_lease(&mut etcd).await?.context("committed")?;
+    let committed = stored_lease(etcd).await?.context("committed")?;
     assert_ne!(committed, replaced);
     eventually(
         Duration::from_secs(10),
@@ -288,28 +307,21 @@ async fn a_re_registration_whose_answer_was_lost_after_it_committed_keeps_the_re
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_registration_whose_answer_was_lost_and_retried_is_written_once_and_never_removed()
 -> Result<()> {
-    let cluster = EtcdCluster::start(1).await?;
-    let txns = Arc::new(LoseNextAnswer::default());
-    let view = Arc::new(View::new(new_epoch()));
-    let mut config = EtcdConfig::new(cluster.endpoints());
-    config.request_timeout = REQUEST_TIMEOUT;
-    let backend = EtcdBackend::connect_with(config, view.clone(), txns.clone()).await?;
-    let registry = Registry::new(backend, view, loopback());
-    let mut etcd = Client::connect(cluster.endpoints(), None).await?;
-
+    let mut lossy = Lossy::start().await?;
     // The retry of the committed transaction fails its guard: the key is no longer absent.
-    txns.arm(Loss::Unavailable);
-    let entry = registry
+    lossy.txns.arm(Loss::Unavailable);
+    let entry = lossy
+        .registry
         .register(&kept(1), &Identity::unscoped("alice"))
         .await?;
-    let committed = txns.committed().context("a transaction committed")?;
+    let committed = lossy.txns.committed().context("a transaction committed")?;
     assert_eq!(
         entry.record.mod_revision, committed,
         "the answer is the write that committed"
     );
     // Whatever the backend does after answering, it does within the deadline.
     tokio::time::sleep(REQUEST_TIMEOUT).await;
-    let response = etcd.get(KEY, None).await?;
+    let response = lossy.etcd.get(KEY, None).await?;
     let stored = response.kvs().first().context("still registered")?;
     assert_eq!(
         (stored.create_revision(), stored.version()),

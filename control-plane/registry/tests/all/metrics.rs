@@ -13,7 +13,8 @@ use reqwest::StatusCode;
 use tonic::Code;
 
 use crate::support::{
-    ALICE, BOB, authed, grpc_client, http, instance, loopback, pb_instance, scrape, serve, value,
+    ALICE, BOB, authed, grpc_client, http, instance, loopback, pb_instance, post_instance, scrape,
+    serve, value,
 };
 
 fn requests(text: &str, api: &str, operation: &str, code: &str) -> Option<f64> {
@@ -337,15 +338,10 @@ async fn service_label_values_stay_bounded_however_many_services_clients_registe
         ..loopback()
     };
     let served = serve(Registry::in_memory(limits)).await?;
-    let client = http();
     for index in 0..10 {
         let mut body = instance(&format!("svc-{index}"), &format!("i-{index}"), 8080);
         body["address"] = serde_json::json!(format!("10.0.0.{index}"));
-        client
-            .post(format!("{}/v1/registry/instances", served.rest))
-            .bearer_auth(ALICE)
-            .json(&body)
-            .send()
+        post_instance(&served, ALICE, &body)
             .await?
             .error_for_status()?;
     }
@@ -375,11 +371,7 @@ async fn service_label_values_stay_bounded_however_many_services_clients_registe
             listener.local_addr()?.port(),
         );
         body["health_check"] = serde_json::json!({ "tcp": {}, "interval_ms": 100 });
-        client
-            .post(format!("{}/v1/registry/instances", served.rest))
-            .bearer_auth(ALICE)
-            .json(&body)
-            .send()
+        post_instance(&served, ALICE, &body)
             .await?
             .error_for_status()?;
     }

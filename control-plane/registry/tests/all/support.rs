@@ -147,6 +147,33 @@ pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
+/// Registers `body` over REST with `token`; the answer, whatever its status.
+pub async fn post_instance(
+    served: &Served,
+    token: &str,
+    body: &serde_json::Value,
+) -> Result<reqwest::Response> {
+    Ok(http()
+        .post(format!("{}/v1/registry/instances", served.rest))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await?)
+}
+
+/// A gRPC register request of `instance` with `token`.
+pub fn register_request(
+    instance: pb::Instance,
+    token: &str,
+) -> tonic::Request<pb::RegisterRequest> {
+    authed(
+        pb::RegisterRequest {
+            instance: Some(instance),
+        },
+        token,
+    )
+}
+
 /// A proto instance of `name`/`id` at 127.0.0.1:`port`.
 pub fn pb_instance(name: &str, id: &str, port: u16) -> pb::Instance {
     pb::Instance {

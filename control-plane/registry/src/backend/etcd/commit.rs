@@ -6,7 +6,7 @@
 //! may have committed: revoking its lease then would delete a live registration. So no lease
 //! is revoked on a failed write without re-reading the key first, and then only a lease the
 //! stored registration does not hold and that no transaction still in flight can attach
-//! ([`LeaseFate`]). A lease that might still be attached is left to expire on its own TTL.
+//! (`LeaseFate`). A lease that might still be attached is left to expire on its own TTL.
 //!
 //! Every write transaction goes through a [`TxnSender`]: [`DirectTxn`] in production; the
 //! tests wrap it to lose answers of transactions that did commit, against a real etcd.
