@@ -27,7 +27,7 @@ use std::{
 use anyhow::Result;
 use fulcrum_proto::registry::v1::{self as pb, registry_client::RegistryClient};
 use fulcrum_registry::{
-    EtcdBackend, EtcdConfig, Registry, TokenAuth, View,
+    EtcdBackend, EtcdConfig, Limits, Registry, TokenAuth, View,
     api::{ApiState, grpc},
     registry::new_epoch,
 };
@@ -52,6 +52,11 @@ fn authed<T>(message: T) -> tonic::Request<T> {
         format!("Bearer {TOKEN}").parse().expect("ascii"),
     );
     request
+}
+
+/// Limits explicitly allowing loopback addresses, where the bench's instances live.
+fn loopback() -> Limits {
+    Limits::allowing(vec!["127.0.0.0/8".parse().expect("range")])
 }
 
 /// Serves `registry` over gRPC on loopback; returns its URL.
@@ -237,7 +242,7 @@ async fn etcd_registry(cluster: &etcd_cluster::EtcdCluster) -> Result<Arc<Regist
     let mut config = EtcdConfig::new(cluster.endpoints());
     config.request_timeout = Duration::from_secs(10);
     let backend = EtcdBackend::connect(config, view.clone()).await?;
-    Ok(Registry::new(backend, view))
+    Ok(Registry::new(backend, view, loopback()))
 }
 
 #[tokio::main]
@@ -245,10 +250,10 @@ async fn main() -> Result<()> {
     let memory_only = std::env::args().any(|arg| arg == "--memory-only");
     println!("registry bench: gRPC on loopback, {CONNECTIONS} connections");
 
-    let url = serve(Registry::in_memory()).await?;
+    let url = serve(Registry::in_memory(loopback())).await?;
     register_sequentially(&url, 500, "s", "memory register sequential x500").await?;
     for count in [1_000, 10_000] {
-        let url = serve(Registry::in_memory()).await?;
+        let url = serve(Registry::in_memory(loopback())).await?;
         register_all(&url, count, "m", &format!("memory register x{count}")).await?;
         if count == 10_000 {
             discover_load(

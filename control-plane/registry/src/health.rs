@@ -5,8 +5,9 @@
 //! on a [`ProbeHub`] (the process's, in the control plane), so an endpoint the policy also
 //! checks the same way is probed once. Status changes go into the [`View`], so they reach
 //! Discover, Watch and the published endpoints (Envoy sees `UNHEALTHY`). Every probe is
-//! counted in `fulcrum_health_checks_total` under the registration's service name. Every
-//! control-plane replica probes on its own, as every Envoy does.
+//! counted in `fulcrum_health_checks_total` under the registration's service label, bounded
+//! like the registry's own metrics ([`ServiceLabels`]). Every control-plane replica probes on
+//! its own, as every Envoy does.
 
 use std::{collections::HashMap, sync::Arc};
 
@@ -14,12 +15,15 @@ use fulcrum_health::{ProbeHub, Reconciler, Report, Wanted};
 use tokio::task::JoinHandle;
 use tracing::info;
 
-use crate::view::{Entry, Record, Since, View};
+use crate::{
+    metrics::ServiceLabels,
+    view::{Entry, Record, Since, View},
+};
 
-/// Runs the checks of every registration in `view` on `probes` until the view is dropped:
-/// follows a registration with a check, re-follows it when the check or address changes, and
-/// stops when the registration goes.
-pub fn spawn_monitor(view: &Arc<View>, probes: ProbeHub) -> JoinHandle<()> {
+/// Runs the checks of every registration in `view` on `probes` until the view is dropped,
+/// counting them under `labels`: follows a registration with a check, re-follows it when the
+/// check or address changes, and stops when the registration goes.
+pub fn spawn_monitor(view: &Arc<View>, probes: ProbeHub, labels: ServiceLabels) -> JoinHandle<()> {
     let weak = Arc::downgrade(view);
     let mut revisions = view.subscribe();
     tokio::spawn(async move {
@@ -27,6 +31,7 @@ pub fn spawn_monitor(view: &Arc<View>, probes: ProbeHub) -> JoinHandle<()> {
         let mut monitor = Monitor {
             reconciler,
             records: HashMap::new(),
+            labels,
         };
         let mut cursor = None;
         loop {
@@ -56,6 +61,7 @@ pub fn spawn_monitor(view: &Arc<View>, probes: ProbeHub) -> JoinHandle<()> {
 struct Monitor {
     reconciler: Reconciler<String>,
     records: HashMap<String, Arc<Record>>,
+    labels: ServiceLabels,
 }
 
 impl Monitor {
@@ -88,7 +94,7 @@ impl Monitor {
         let wanted = Wanted {
             target: check.probe.target(registration.address),
             check: check.clone(),
-            cluster: registration.name.clone(),
+            cluster: self.labels.label(&registration.name),
         };
         let id = registration.id.clone();
         self.records.insert(id.clone(), entry.record);

@@ -8,6 +8,8 @@
 //!
 //! Layout, in the shape of pingora's discovery / health / selection split:
 //! - [`model`]: what a client sends and its validation (no IO);
+//! - [`admission`]: what an identity may register (address classes, scopes, quotas, the
+//!   registry's cap);
 //! - [`view`]: the local state every read serves from, with its change history;
 //! - [`backend`]: where registrations and leases live: in memory, or etcd (shared by
 //!   several control-plane replicas);
@@ -19,6 +21,7 @@
 //!
 //! `docs/registry.md` describes the API for operators.
 
+pub mod admission;
 pub mod api;
 pub mod auth;
 pub mod backend;
@@ -32,7 +35,8 @@ pub mod view;
 #[cfg(test)]
 mod test_support;
 
-pub use auth::TokenAuth;
+pub use admission::{AddressPolicy, Limits, Refusal};
+pub use auth::{Identity, TokenAuth};
 pub use backend::{
     BackendError, RegistryBackend,
     etcd::{EtcdBackend, EtcdConfig},

@@ -1,5 +1,5 @@
 //! Prometheus metrics of the registry: calls per API face, operation and outcome, their
-//! latency, and the live instances per service and health.
+//! latency, refused registrations by reason, and the live instances per service and health.
 //!
 //! Both faces count at their edge (after the answer is decided, unauthenticated calls
 //! included) with the same labels, so one query covers REST and gRPC. The outcome is the
@@ -7,8 +7,18 @@
 //! set, see [`crate::api`]). The instances gauge follows the [`View`]'s change history: it
 //! moves when a registration, a removal or a health transition happens, never by scanning
 //! on a request.
+//!
+//! **Bounded series**: every label value is a fixed name, except the service, which clients
+//! choose. [`ServiceLabels`] gives the first `max_service_series` service names seen their
+//! own series and counts every later one under [`OTHER_SERVICES`], for the life of the
+//! process; the registry's health checks are counted under the same labels. Identities and
+//! instance ids are never labels (refusals are logged with the identity).
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -17,7 +27,48 @@ use prometheus_client::{
 };
 use tokio::task::JoinHandle;
 
-use crate::view::{self, Entry, Since, View};
+use crate::{
+    admission::Refusal,
+    view::{self, Entry, Since, View},
+};
+
+/// The service label of every service beyond the first `max_service_series`: a value no
+/// service name can take (service names have no parentheses).
+pub const OTHER_SERVICES: &str = "(other)";
+
+/// The service label values of the registry's metrics, bounded. See the module docs.
+#[derive(Debug, Clone)]
+pub struct ServiceLabels {
+    named: Arc<Mutex<HashSet<String>>>,
+    max: usize,
+}
+
+impl ServiceLabels {
+    /// Labels naming at most `max` services.
+    pub fn new(max: usize) -> Self {
+        Self {
+            named: Arc::default(),
+            max,
+        }
+    }
+
+    /// The label of `service`: its name while fewer than `max` names were given out (or it
+    /// got its own before), else [`OTHER_SERVICES`].
+    pub fn label(&self, service: &str) -> String {
+        let mut named = self
+            .named
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if named.contains(service) {
+            return service.to_owned();
+        }
+        if named.len() < self.max {
+            named.insert(service.to_owned());
+            return service.to_owned();
+        }
+        OTHER_SERVICES.to_owned()
+    }
+}
 
 /// Latency buckets, in seconds: 100 µs to 1 s, with 50 ms on a boundary so a "p99 above
 /// 50 ms" alert reads one bucket exactly.
@@ -116,10 +167,17 @@ pub struct OperationLabels {
     pub operation: &'static str,
 }
 
+/// Labels of `fulcrum_registry_refusals_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// One of [`Refusal::REASONS`].
+    pub reason: &'static str,
+}
+
 /// Labels of `fulcrum_registry_instances`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct InstanceLabels {
-    /// The service name.
+    /// The service name, or [`OTHER_SERVICES`] (see [`ServiceLabels`]).
     pub service: String,
     /// `healthy`, `unhealthy` or `unknown`.
     pub health: &'static str,
@@ -133,6 +191,8 @@ fn duration_histogram() -> Histogram {
 /// [`register`](Self::register).
 #[derive(Debug, Clone)]
 pub struct RegistryMetrics {
+    /// `fulcrum_registry_refusals_total{reason}`: registrations refused by admission.
+    refusals: Family<RefusalLabels, Counter>,
     /// `fulcrum_registry_requests_total{api,operation,code}`: calls answered.
     requests: Family<RequestLabels, Counter>,
     /// `fulcrum_registry_request_duration_seconds{api,operation}`: from the call reaching
@@ -141,19 +201,32 @@ pub struct RegistryMetrics {
     /// `fulcrum_registry_instances{service,health}`: live registrations. A label set whose
     /// count drops to zero is removed, so gone services do not linger.
     instances: Family<InstanceLabels, Gauge>,
-}
-
-impl Default for RegistryMetrics {
-    fn default() -> Self {
-        Self {
-            requests: Family::default(),
-            duration: Family::new_with_constructor(duration_histogram),
-            instances: Family::default(),
-        }
-    }
+    /// The service labels of `instances` and of the registry's health checks.
+    services: ServiceLabels,
 }
 
 impl RegistryMetrics {
+    /// Metrics naming at most `max_service_series` services (see [`ServiceLabels`]).
+    pub fn new(max_service_series: usize) -> Self {
+        let refusals = Family::default();
+        // Every reason exposed from the start, at 0, so a rate over it is defined at once.
+        for reason in Refusal::REASONS {
+            let _ = refusals.get_or_create(&RefusalLabels { reason });
+        }
+        Self {
+            refusals,
+            requests: Family::default(),
+            duration: Family::new_with_constructor(duration_histogram),
+            instances: Family::default(),
+            services: ServiceLabels::new(max_service_series),
+        }
+    }
+
+    /// The bounded service labels, for whatever else counts per registered service.
+    pub fn service_labels(&self) -> &ServiceLabels {
+        &self.services
+    }
+
     /// Registers every metric under the `fulcrum_registry` prefix.
     pub fn register(&self, registry: &mut MetricsRegistry) {
         let prefixed = registry.sub_registry_with_prefix("fulcrum_registry");
@@ -169,9 +242,23 @@ impl RegistryMetrics {
         );
         prefixed.register(
             "instances",
-            "Live registrations, by service and health",
+            "Live registrations, by service (the first ones seen; others as \"(other)\") and health",
             self.instances.clone(),
         );
+        prefixed.register(
+            "refusals",
+            "Registrations refused by admission, by reason",
+            self.refusals.clone(),
+        );
+    }
+
+    /// Counts one refused registration.
+    pub fn refused(&self, refusal: &Refusal) {
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                reason: refusal.reason(),
+            })
+            .inc();
     }
 
     /// Counts one answered call and its latency.
@@ -196,6 +283,7 @@ impl RegistryMetrics {
     pub fn follow(&self, view: &Arc<View>) -> JoinHandle<()> {
         let mut tally = InstanceTally {
             gauge: self.instances.clone(),
+            services: self.services.clone(),
             known: HashMap::new(),
         };
         tokio::spawn(view::follow(
@@ -217,13 +305,14 @@ impl RegistryMetrics {
 #[derive(Debug)]
 struct InstanceTally {
     gauge: Family<InstanceLabels, Gauge>,
+    services: ServiceLabels,
     known: HashMap<String, InstanceLabels>,
 }
 
 impl InstanceTally {
-    fn labels(entry: &Entry) -> InstanceLabels {
+    fn labels(&self, entry: &Entry) -> InstanceLabels {
         InstanceLabels {
-            service: entry.record.registration.name.clone(),
+            service: self.services.label(&entry.record.registration.name),
             health: entry.health.as_str(),
         }
     }
@@ -237,7 +326,7 @@ impl InstanceTally {
     }
 
     fn apply(&mut self, id: String, entry: Option<&Entry>) {
-        let labels = entry.map(Self::labels);
+        let labels = entry.map(|entry| self.labels(entry));
         if self.known.get(&id) == labels.as_ref() {
             return;
         }
@@ -269,6 +358,14 @@ mod tests {
         }
     }
 
+    fn tally(max_service_series: usize) -> InstanceTally {
+        InstanceTally {
+            gauge: Family::default(),
+            services: ServiceLabels::new(max_service_series),
+            known: HashMap::new(),
+        }
+    }
+
     fn count(tally: &InstanceTally, service: &str, health: HealthStatus) -> Option<i64> {
         let labels = InstanceLabels {
             service: service.into(),
@@ -279,10 +376,7 @@ mod tests {
 
     #[test]
     fn the_tally_moves_an_instance_between_label_sets_and_drops_empty_ones() {
-        let mut tally = InstanceTally {
-            gauge: Family::default(),
-            known: HashMap::new(),
-        };
+        let mut tally = tally(10);
         tally.apply(
             "a-1".into(),
             Some(&entry("a", "a-1", HealthStatus::Unknown)),
@@ -319,10 +413,7 @@ mod tests {
 
     #[test]
     fn a_reset_replaces_every_count() {
-        let mut tally = InstanceTally {
-            gauge: Family::default(),
-            known: HashMap::new(),
-        };
+        let mut tally = tally(10);
         tally.apply(
             "a-1".into(),
             Some(&entry("a", "a-1", HealthStatus::Healthy)),
@@ -340,7 +431,7 @@ mod tests {
     #[tokio::test]
     async fn the_follower_catches_up_with_a_view_whose_history_overflowed() {
         let view = Arc::new(View::new("e"));
-        let metrics = RegistryMetrics::default();
+        let metrics = RegistryMetrics::new(10);
         let follower = metrics.follow(&view);
         let count = |service: &str| {
             metrics
@@ -381,5 +472,75 @@ mod tests {
             .await
             .expect("the follower ends with the view")
             .expect("no panic");
+    }
+
+    /// The gauge's series as exposed: (service, health, value).
+    fn exposed(tally: &InstanceTally) -> Vec<(String, String, i64)> {
+        let mut registry = MetricsRegistry::default();
+        registry.register("i", "instances", tally.gauge.clone());
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        text.lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("i{service=\"")?;
+                let (service, rest) = rest.split_once("\",health=\"")?;
+                let (health, value) = rest.split_once("\"} ")?;
+                Some((service.to_owned(), health.to_owned(), value.parse().ok()?))
+            })
+            .collect()
+    }
+
+    #[test]
+    fn services_beyond_the_series_cap_are_counted_as_other() {
+        let mut tally = tally(2);
+        for service in ["a", "b", "c", "d"] {
+            let id = format!("{service}-1");
+            tally.apply(
+                id.clone(),
+                Some(&entry(service, &id, HealthStatus::Unknown)),
+            );
+        }
+        let mut series = exposed(&tally);
+        series.sort();
+        assert_eq!(
+            series,
+            [
+                ("(other)".to_owned(), "unknown".to_owned(), 2),
+                ("a".to_owned(), "unknown".to_owned(), 1),
+                ("b".to_owned(), "unknown".to_owned(), 1),
+            ]
+        );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_gauge_counts_every_live_instance_in_at_most_the_capped_series(
+            changes in proptest::collection::vec((0u8..40, 0u8..30, 0u8..4), 0..200),
+        ) {
+            let cap = 5;
+            let mut tally = tally(cap);
+            let mut live = HashMap::new();
+            for (id, service, health) in changes {
+                let id = format!("i-{id}");
+                let health = match health {
+                    0 => None,
+                    1 => Some(HealthStatus::Healthy),
+                    2 => Some(HealthStatus::Unhealthy),
+                    _ => Some(HealthStatus::Unknown),
+                };
+                let entry = health.map(|health| entry(&format!("s-{service}"), &id, health));
+                tally.apply(id.clone(), entry.as_ref());
+                match entry {
+                    Some(entry) => live.insert(id, entry),
+                    None => live.remove(&id),
+                };
+                let series = exposed(&tally);
+                let total: i64 = series.iter().map(|(_, _, value)| value).sum();
+                proptest::prop_assert_eq!(total, i64::try_from(live.len()).expect("small"));
+                proptest::prop_assert!(series.iter().all(|(_, _, value)| *value > 0));
+                let services: HashSet<&String> = series.iter().map(|(service, _, _)| service).collect();
+                proptest::prop_assert!(services.len() <= cap + 1, "{services:?}");
+            }
+        }
     }
 }

@@ -5,6 +5,13 @@
 //! how a registration is stored in etcd, so one validation guards every way in:
 //! [`InstanceSpec::validate`] applies the defaults and reports *every* bad field by name,
 //! giving a [`Registration`] whose invariants the rest of the crate relies on.
+//!
+//! Sizes are bounded so that a registration cannot bloat what every filter loads: each
+//! string and list has a limit, and the endpoint a registration publishes (tags,
+//! capabilities, zone and metadata, encoded as the snapshot encodes them, escapes included)
+//! takes at most [`MAX_ENDPOINT_BYTES`]. With the registry's cap on live registrations
+//! ([`crate::admission::DEFAULT_MAX_INSTANCES`]), the registry's share of the snapshot stays
+//! under the filters' 32 MiB cap.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -33,6 +40,15 @@ const MAX_WEIGHT: u32 = 10_000;
 const MAX_LIST: usize = 64;
 const MAX_LABEL: usize = 64;
 const MAX_METADATA_VALUE: usize = 256;
+/// Longest HTTP health check path, in bytes.
+const MAX_CHECK_PATH: usize = 256;
+/// Longest gRPC health check service name, in bytes.
+const MAX_CHECK_SERVICE: usize = 253;
+/// Most expected statuses of an HTTP health check.
+const MAX_EXPECTED_STATUSES: usize = 16;
+/// Most bytes the endpoint a registration publishes takes in the snapshot (as JSON, with its
+/// address, weight and health). 10,000 such endpoints take about 20 MiB.
+pub const MAX_ENDPOINT_BYTES: usize = 2048;
 
 /// An instance as a client describes it. Zero and empty values mean "the default".
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -344,10 +360,12 @@ impl InstanceSpec {
             errors.add("id", reason);
         }
         let ip = match self.address.parse::<IpAddr>() {
-            Ok(ip) if ip.is_unspecified() || ip.is_multicast() => {
+            Ok(ip) if !is_unicast(ip) => {
                 errors.add(
                     "address",
-                    format!("`{ip}` is not a unicast address Envoy can send to"),
+                    format!(
+                        "`{ip}` is not a unicast address Envoy can send to (unspecified, 0.0.0.0/8, multicast and broadcast addresses are never accepted)"
+                    ),
                 );
                 ip
             }
@@ -429,7 +447,7 @@ impl InstanceSpec {
         if !errors.0.is_empty() {
             return Err(FieldErrors(errors.0));
         }
-        Ok(Registration {
+        let registration = Registration {
             name: self.name.clone(),
             id: self.id.clone(),
             address: SocketAddr::new(ip, instance_port),
@@ -441,8 +459,24 @@ impl InstanceSpec {
             metadata: self.metadata.clone(),
             health_check,
             ttl,
-        })
+        };
+        registration.check_published_size()?;
+        Ok(registration)
     }
+}
+
+/// Whether Envoy can send to `ip`: not unspecified, not in 0.0.0.0/8 ("this network"), not
+/// multicast, not the IPv4 broadcast address (IPv4-mapped IPv6 addresses as their IPv4).
+fn is_unicast(ip: IpAddr) -> bool {
+    match ip.to_canonical() {
+        IpAddr::V4(v4) => !(v4.octets()[0] == 0 || v4.is_multicast() || v4.is_broadcast()),
+        IpAddr::V6(v6) => !(v6.is_unspecified() || v6.is_multicast()),
+    }
+}
+
+/// Bytes `value` takes as JSON.
+fn json_len(value: &impl Serialize) -> usize {
+    serde_json::to_vec(value).map_or(usize::MAX, |bytes| bytes.len())
 }
 
 impl HealthCheckSpec {
@@ -460,6 +494,21 @@ impl HealthCheckSpec {
             } else {
                 http.path.clone()
             };
+            if path.len() > MAX_CHECK_PATH {
+                errors.add(
+                    "health_check.http.path",
+                    format!("must be at most {MAX_CHECK_PATH} bytes, got {}", path.len()),
+                );
+            }
+            if http.expected_statuses.len() > MAX_EXPECTED_STATUSES {
+                errors.add(
+                    "health_check.http.expected_statuses",
+                    format!(
+                        "at most {MAX_EXPECTED_STATUSES} entries, got {}",
+                        http.expected_statuses.len()
+                    ),
+                );
+            }
             let mut expected_statuses = Vec::new();
             for (index, status) in http.expected_statuses.iter().enumerate() {
                 match u16::try_from(*status) {
@@ -476,6 +525,15 @@ impl HealthCheckSpec {
                 port: override_port(http.port, instance_port, "health_check.http.port", errors),
             }
         } else if let Some(grpc) = &self.grpc {
+            if grpc.service.len() > MAX_CHECK_SERVICE {
+                errors.add(
+                    "health_check.grpc.service",
+                    format!(
+                        "must be at most {MAX_CHECK_SERVICE} bytes, got {}",
+                        grpc.service.len()
+                    ),
+                );
+            }
             Probe::Grpc {
                 service: grpc.service.clone(),
                 port: override_port(grpc.port, instance_port, "health_check.grpc.port", errors),
@@ -515,6 +573,31 @@ fn spec_field(path: &str) -> String {
 }
 
 impl Registration {
+    /// Refuses a registration whose published endpoint would take more than
+    /// [`MAX_ENDPOINT_BYTES`], naming the field that takes the most.
+    fn check_published_size(&self) -> Result<(), FieldErrors> {
+        let size = json_len(&self.endpoint(fulcrum_core::Health::Unhealthy));
+        if size <= MAX_ENDPOINT_BYTES {
+            return Ok(());
+        }
+        let parts = [
+            ("metadata", json_len(&self.metadata)),
+            ("tags", json_len(&self.tags)),
+            ("capabilities", json_len(&self.capabilities)),
+            ("zone", json_len(&self.zone)),
+        ];
+        let field = parts
+            .iter()
+            .max_by_key(|(_, bytes)| *bytes)
+            .map_or("metadata", |(field, _)| field);
+        Err(FieldErrors::one(
+            field,
+            format!(
+                "the instance's endpoint would take {size} bytes of the snapshot every filter loads, at most {MAX_ENDPOINT_BYTES} (tags, capabilities, zone and metadata together, as JSON with escapes); `{field}` takes the most: shorten or drop some"
+            ),
+        ))
+    }
+
     /// The spec that validates back into this registration (defaults written out), used to
     /// store it and to answer clients.
     pub fn to_spec(&self) -> InstanceSpec {
@@ -705,6 +788,86 @@ mod tests {
         assert!(error.to_string().contains("adress"), "{error}");
     }
 
+    /// A spec with every list and string at its longest, of characters JSON escapes.
+    fn maximal() -> InstanceSpec {
+        let label = |index: usize| format!("{index:02}{}", "\"".repeat(MAX_LABEL - 2));
+        InstanceSpec {
+            zone: label(99),
+            tags: (0..MAX_LIST).map(label).collect(),
+            capabilities: (0..MAX_LIST).map(label).collect(),
+            metadata: (0..MAX_LIST)
+                .map(|index| (label(index), "\u{1}".repeat(MAX_METADATA_VALUE)))
+                .collect(),
+            ..spec()
+        }
+    }
+
+    fn published_len(registration: &Registration) -> usize {
+        json_len(&registration.endpoint(fulcrum_core::Health::Unhealthy))
+    }
+
+    #[test]
+    fn a_registration_whose_endpoint_would_bloat_the_snapshot_is_refused_naming_its_largest_field()
+    {
+        let error = maximal().validate().expect_err("too large");
+        assert_eq!(fields(&error), ["metadata"]);
+        assert!(error.to_string().contains("2048"), "{error}");
+        let mut tags_only = spec();
+        tags_only.tags = maximal().tags;
+        let error = tags_only.validate().expect_err("too large");
+        assert_eq!(fields(&error), ["tags"]);
+    }
+
+    #[test]
+    fn addresses_envoy_cannot_send_to_are_refused() {
+        for address in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "255.255.255.255",
+            "224.0.0.1",
+            "::",
+            "ff02::1",
+            "::ffff:0.0.0.0",
+        ] {
+            let input = InstanceSpec {
+                address: address.into(),
+                ..spec()
+            };
+            let error = input.validate().expect_err(address);
+            assert_eq!(fields(&error), ["address"], "{address}");
+        }
+    }
+
+    #[test]
+    fn health_check_strings_and_lists_are_bounded() {
+        let mut input = spec();
+        input.health_check = Some(HealthCheckSpec {
+            http: Some(HttpCheckSpec {
+                path: format!("/{}", "a".repeat(MAX_CHECK_PATH)),
+                expected_statuses: vec![200; MAX_EXPECTED_STATUSES + 1],
+                port: 0,
+            }),
+            ..HealthCheckSpec::default()
+        });
+        let error = input.validate().expect_err("too long");
+        assert_eq!(
+            fields(&error),
+            [
+                "health_check.http.path",
+                "health_check.http.expected_statuses"
+            ]
+        );
+        input.health_check = Some(HealthCheckSpec {
+            grpc: Some(GrpcCheckSpec {
+                service: "s".repeat(MAX_CHECK_SERVICE + 1),
+                port: 0,
+            }),
+            ..HealthCheckSpec::default()
+        });
+        let error = input.validate().expect_err("too long");
+        assert_eq!(fields(&error), ["health_check.grpc.service"]);
+    }
+
     proptest! {
         #[test]
         fn a_valid_registration_round_trips_through_its_spec(
@@ -728,6 +891,19 @@ mod tests {
             };
             let registration = input.validate().expect("valid");
             prop_assert_eq!(registration.to_spec().validate().expect("still valid"), registration);
+        }
+
+        #[test]
+        fn every_valid_registration_publishes_at_most_the_endpoint_budget(
+            tags in proptest::collection::vec("[!-~]{1,64}", 0..64),
+            capabilities in proptest::collection::vec("[\"\\\\a-z]{1,64}", 0..64),
+            metadata in proptest::collection::btree_map("[a-z\"]{1,64}", "(?s).{0,256}", 0..64),
+            zone in "[\"a-z]{0,64}",
+        ) {
+            let input = InstanceSpec { tags, capabilities, metadata, zone, ..spec() };
+            if let Ok(registration) = input.validate() {
+                prop_assert!(published_len(&registration) <= MAX_ENDPOINT_BYTES);
+            }
         }
 
         #[test]

@@ -1,6 +1,10 @@
-//! The registry: validation in front of a backend, reads from the view, picks by policy.
+//! The registry: validation and admission in front of a backend, reads from the view,
+//! picks by policy.
 //!
-//! Writes (register, heartbeat, deregister) validate and go to the [`RegistryBackend`];
+//! Writes (register, heartbeat, deregister) validate and go to the [`RegistryBackend`]; a
+//! registration is admitted first ([`crate::admission`]: address classes, the identity's
+//! scope and quota, the registry's cap), and a refusal is counted by reason and logged with
+//! the identity;
 //! reads (discover, watch, the endpoint source) come from the local [`View`], so they keep
 //! answering with the last known state while the backend cannot take writes. A "pick one"
 //! discovery applies the service's [`fulcrum_core::Policy`] through a
@@ -15,9 +19,11 @@ use std::{
 use fulcrum_core::{Outcome, Policy, RequestAttributes, ServicePicker, rng::SplitMix64};
 use fulcrum_health::ProbeHub;
 use tokio::time::Instant;
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::{
+    admission::{Admission, Limits, Refusal},
+    auth::Identity,
     backend::{BackendError, RegistryBackend, memory::MemoryBackend},
     health::spawn_monitor,
     metrics::RegistryMetrics,
@@ -37,6 +43,9 @@ pub enum RegistryError {
     /// Bad input; every bad field is named.
     #[error("invalid request: {0}")]
     Invalid(#[from] FieldErrors),
+    /// Valid, but not admitted (address class, scope, quota, cap).
+    #[error(transparent)]
+    Refused(#[from] Refusal),
     /// Another registration of the service already uses the address.
     #[error(
         "{address} is already registered for service `{service}` as instance `{holder}`; deregister it first or use another address"
@@ -187,24 +196,34 @@ pub struct Registry {
     filtered: AnswerCache<[Entry]>,
     started: Instant,
     metrics: RegistryMetrics,
+    admission: Admission,
 }
 
 impl Registry {
-    /// A registry over the in-memory backend, with health checks running.
-    pub fn in_memory() -> Arc<Self> {
+    /// A registry over the in-memory backend admitting what `limits` allow, with health
+    /// checks running.
+    pub fn in_memory(limits: Limits) -> Arc<Self> {
         let view = Arc::new(View::new(new_epoch()));
         let backend = MemoryBackend::start(view.clone());
-        Self::new(backend, view)
+        Self::new(backend, view, limits)
     }
 
-    /// A registry over `backend`, which keeps `view` current; starts the health monitor and
-    /// the instances gauge's follower on the current runtime (both stop when the view is
-    /// dropped).
-    pub fn new(backend: Arc<dyn RegistryBackend>, view: Arc<View>) -> Arc<Self> {
-        spawn_monitor(&view, ProbeHub::global().clone());
-        let metrics = RegistryMetrics::default();
+    /// A registry over `backend`, which keeps `view` current, admitting what `limits` allow;
+    /// starts the health monitor and the instances gauge's follower on the current runtime
+    /// (both stop when the view is dropped).
+    pub fn new(backend: Arc<dyn RegistryBackend>, view: Arc<View>, limits: Limits) -> Arc<Self> {
+        let metrics = RegistryMetrics::new(limits.max_service_series);
+        spawn_monitor(
+            &view,
+            ProbeHub::global().clone(),
+            metrics.service_labels().clone(),
+        );
         metrics.follow(&view);
-        info!(backend = backend.kind(), "registry started");
+        info!(
+            backend = backend.kind(),
+            max_instances = limits.max_instances,
+            "registry started"
+        );
         Arc::new(Self {
             backend,
             view,
@@ -216,7 +235,13 @@ impl Registry {
             filtered: AnswerCache::default(),
             started: Instant::now(),
             metrics,
+            admission: Admission::new(limits),
         })
+    }
+
+    /// What this registry admits.
+    pub fn limits(&self) -> &Limits {
+        self.admission.limits()
     }
 
     /// The registry's Prometheus metrics, counted by the API faces; register them with
@@ -249,9 +274,30 @@ impl Registry {
         RegistrySource::new(self.view.clone())
     }
 
-    /// Registers (or re-registers) `spec` for `owner`.
-    pub async fn register(&self, spec: &InstanceSpec, owner: &str) -> Result<Entry, RegistryError> {
+    /// Registers (or re-registers) `spec` for `identity`, if admitted.
+    pub async fn register(
+        &self,
+        spec: &InstanceSpec,
+        identity: &Identity,
+    ) -> Result<Entry, RegistryError> {
         let registration = spec.validate()?;
+        let owner = identity.name.as_str();
+        let reservation = self
+            .admission
+            .admit(&registration, owner, &identity.scope, &self.view)
+            .map_err(|refusal| {
+                self.metrics.refused(&refusal);
+                warn!(
+                    identity = owner,
+                    instance = %registration.id,
+                    service = %registration.name,
+                    address = %registration.address,
+                    reason = refusal.reason(),
+                    %refusal,
+                    "registration refused"
+                );
+                refusal
+            })?;
         let (entries, _) = self.view.service(&registration.name);
         if let Some(holder) = entries.iter().find(|entry| {
             entry.record.registration.address == registration.address
@@ -264,6 +310,7 @@ impl Registry {
             });
         }
         let record = self.backend.register(registration, owner).await?;
+        drop(reservation);
         let health = self
             .view
             .get(&record.registration.id)
@@ -426,10 +473,14 @@ mod tests {
     use fulcrum_core::{LoadBalancer, ServicePolicy};
 
     use super::*;
-    use crate::test_support::spec;
+    use crate::test_support::{loopback, spec};
+
+    fn alice() -> Identity {
+        Identity::unscoped("alice")
+    }
 
     async fn registered(ports: &[u16]) -> Arc<Registry> {
-        let registry = Registry::in_memory();
+        let registry = Registry::in_memory(loopback());
         for port in ports {
             let mut spec = spec("svc", &format!("svc-{port}"), *port);
             if port.is_multiple_of(2) {
@@ -437,7 +488,10 @@ mod tests {
             }
             spec.metadata
                 .insert("version".into(), format!("v{}", port % 3));
-            registry.register(&spec, "alice").await.expect("registered");
+            registry
+                .register(&spec, &alice())
+                .await
+                .expect("registered");
         }
         registry
     }
@@ -493,7 +547,10 @@ mod tests {
 
         let mut spec = spec("svc", "svc-6", 6);
         spec.tags = vec!["even".into()];
-        registry.register(&spec, "alice").await.expect("registered");
+        registry
+            .register(&spec, &alice())
+            .await
+            .expect("registered");
         assert_eq!(
             ids(&registry.discover(&even).expect("ok")),
             ["svc-2", "svc-4", "svc-6"]
@@ -566,7 +623,7 @@ mod tests {
     async fn an_address_held_by_another_instance_of_the_service_is_refused() {
         let registry = registered(&[1]).await;
         let error = registry
-            .register(&spec("svc", "other", 1), "alice")
+            .register(&spec("svc", "other", 1), &alice())
             .await
             .expect_err("address in use");
         assert!(error.to_string().contains("as instance `svc-1`"), "{error}");

@@ -1,6 +1,11 @@
 //! Shared fixtures for the unit tests.
 
-use crate::{model::InstanceSpec, view::Record};
+use crate::{admission::Limits, model::InstanceSpec, view::Record};
+
+/// Limits explicitly allowing loopback addresses, where the tests' instances live.
+pub fn loopback() -> Limits {
+    Limits::allowing(vec!["127.0.0.0/8".parse().expect("range")])
+}
 
 /// A minimal valid spec of `service` at 127.0.0.1:`port`.
 pub fn spec(service: &str, id: &str, port: u16) -> InstanceSpec {

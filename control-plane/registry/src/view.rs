@@ -85,6 +85,8 @@ struct State {
     entries: HashMap<String, Entry>,
     /// Instance ids by service name.
     by_service: BTreeMap<String, BTreeSet<String>>,
+    /// Live registrations per owner. Invariant: equals the count of `entries` by owner.
+    by_owner: HashMap<String, usize>,
     /// Bumped when anything in the service changes; keys cached balancers and answers.
     service_generation: HashMap<String, u64>,
     /// Each service's entries sorted by id, built by the first reader after a change (under
@@ -146,6 +148,11 @@ impl View {
     /// How many registrations are live.
     pub fn len(&self) -> usize {
         self.read().entries.len()
+    }
+
+    /// How many live registrations `owner` holds.
+    pub fn owned_by(&self, owner: &str) -> usize {
+        self.read().by_owner.get(owner).copied().unwrap_or(0)
     }
 
     /// Whether nothing is registered.
@@ -357,6 +364,13 @@ fn upsert_locked(state: &mut State, record: Record) {
         _ => HealthStatus::Unknown,
     };
     let old_service = previous.map(|p| p.record.registration.name.clone());
+    let old_owner = previous.map(|p| p.record.owner.clone());
+    if old_owner.as_ref() != Some(&record.owner) {
+        if let Some(old) = &old_owner {
+            uncount_owner(state, old);
+        }
+        *state.by_owner.entry(record.owner.clone()).or_default() += 1;
+    }
     let service = record.registration.name.clone();
     if let Some(old) = old_service.as_ref().filter(|old| **old != service)
         && let Some(ids) = state.by_service.get_mut(old)
@@ -403,7 +417,9 @@ fn remove_locked(state: &mut State, id: &str, mod_revision: Option<i64>) -> bool
         return false;
     }
     let service = entry.record.registration.name.clone();
+    let owner = entry.record.owner.clone();
     state.entries.remove(id);
+    uncount_owner(state, &owner);
     if let Some(ids) = state.by_service.get_mut(&service) {
         ids.remove(id);
         if ids.is_empty() {
@@ -412,6 +428,15 @@ fn remove_locked(state: &mut State, id: &str, mod_revision: Option<i64>) -> bool
     }
     record_change(state, id.to_owned(), None, &[&service]);
     true
+}
+
+fn uncount_owner(state: &mut State, owner: &str) {
+    if let Some(count) = state.by_owner.get_mut(owner) {
+        *count -= 1;
+        if *count == 0 {
+            state.by_owner.remove(owner);
+        }
+    }
 }
 
 fn record_change(state: &mut State, id: String, entry: Option<Entry>, services: &[&String]) {
@@ -637,5 +662,44 @@ mod tests {
             view.services()["a"].endpoints[0].health,
             fulcrum_core::Health::Unhealthy
         );
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_count_per_owner_follows_every_upsert_removal_and_reload(
+            steps in proptest::collection::vec((0u8..4, 0u8..6, 0u8..3), 0..60),
+        ) {
+            let view = View::new("e");
+            for (step, (kind, id, owner)) in steps.into_iter().enumerate() {
+                let id = format!("i-{id}");
+                match kind {
+                    0 | 1 => {
+                        let mut record = record(spec("svc", &id, u16::from(owner) + 1));
+                        record.owner = format!("o-{owner}");
+                        record.mod_revision = i64::try_from(step).expect("small");
+                        view.upsert(record);
+                    }
+                    2 => {
+                        view.remove(&id, None);
+                    }
+                    _ => view.replace_all(
+                        view.entries()
+                            .into_iter()
+                            .filter(|entry| entry.record.registration.id != id)
+                            .map(|entry| (*entry.record).clone())
+                            .collect(),
+                    ),
+                }
+                for owner in 0..3 {
+                    let owner = format!("o-{owner}");
+                    let held = view
+                        .entries()
+                        .iter()
+                        .filter(|entry| entry.record.owner == owner)
+                        .count();
+                    proptest::prop_assert_eq!(view.owned_by(&owner), held);
+                }
+            }
+        }
     }
 }

@@ -10,7 +10,8 @@ use fulcrum_control_plane::{
 };
 use fulcrum_kube_source::{KubeOptions, Mapping};
 use fulcrum_registry::{
-    EtcdConfig,
+    EtcdConfig, Limits,
+    admission::{DEFAULT_MAX_INSTANCES, IpNet, parse_range},
     backend::etcd::{ClientCertFiles, EtcdTls},
 };
 use fulcrum_xds::ClusterOptions;
@@ -146,9 +147,21 @@ struct Cli {
     #[arg(long, value_name = "NAME", requires = "etcd_endpoints")]
     etcd_server_name: Option<String>,
     /// The registry's bearer tokens: one per line, `IDENTITY TOKEN` or `TOKEN` (at least 16
-    /// characters); `#` starts a comment.
+    /// characters), then optionally what the identity may register: `services=PATTERN,...`
+    /// (`shop-*`, `cart`), `addresses=CIDR,...`, `max=N` live registrations; `#` starts a
+    /// comment.
     #[arg(long, value_name = "PATH", requires = "registry")]
     registry_token_file: Option<PathBuf>,
+    /// Address ranges whose loopback, link-local or cloud metadata addresses the registry
+    /// admits anyway (refused by default: they reach the proxy's or the node's own services),
+    /// comma-separated CIDRs or addresses, e.g. `127.0.0.0/8` for instances on this host.
+    #[arg(long, value_name = "CIDR,...", value_delimiter = ',', value_parser = parse_range, requires = "registry")]
+    registry_allow_addresses: Vec<IpNet>,
+    /// Live registrations the registry holds at most; more are refused (429 /
+    /// RESOURCE_EXHAUSTED). Every filter loads every registration: at the default, the largest
+    /// registrations make a snapshot of about 22 MiB, under the filters' 32 MiB cap.
+    #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_INSTANCES, requires = "registry")]
+    registry_max_instances: usize,
     /// Address of the registry's gRPC API (`fulcrum.registry.v1.Registry`).
     #[arg(long, default_value = "127.0.0.1:18001", requires = "registry")]
     registry_addr: SocketAddr,
@@ -197,6 +210,10 @@ impl Cli {
         Ok(Some(RegistryOptions {
             backend,
             token_file,
+            limits: Limits {
+                max_instances: self.registry_max_instances,
+                ..Limits::allowing(self.registry_allow_addresses.clone())
+            },
             grpc_address: self.registry_addr,
         }))
     }
@@ -359,6 +376,34 @@ mod tests {
             Some(RegistryBackendOptions::Etcd(config)) => Ok(config),
             other => panic!("expected the etcd backend, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn registry_admission_flags_make_the_limits() {
+        let limits = |extra: &[&str]| {
+            let cli = Cli::try_parse_from(ETCD.iter().chain(extra))?;
+            Ok::<_, clap::Error>(cli.registry()?.map(|registry| registry.limits))
+        };
+        assert_eq!(limits(&[]).expect("valid"), Some(Limits::default()));
+        let allowed = limits(&[
+            "--registry-allow-addresses",
+            "127.0.0.0/8,::1",
+            "--registry-max-instances",
+            "500",
+        ])
+        .expect("valid");
+        assert_eq!(
+            allowed,
+            Some(Limits {
+                max_instances: 500,
+                ..Limits::allowing(vec![
+                    "127.0.0.0/8".parse().expect("net"),
+                    "::1/128".parse().expect("net")
+                ])
+            })
+        );
+        let error = limits(&["--registry-allow-addresses", "localhost"]).expect_err("not a range");
+        assert!(error.to_string().contains("CIDR"), "{error}");
     }
 
     #[test]

@@ -9,6 +9,8 @@ use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::Context;
 use fulcrum_core::Snapshot;
+/// What the registry admits, the type of [`RegistryOptions::limits`].
+pub use fulcrum_registry::Limits;
 use fulcrum_registry::{
     EtcdBackend, EtcdConfig, Registry, RegistrySource, TokenAuth, View, api::ApiState,
     auth::TokenFileError, registry::new_epoch,
@@ -33,8 +35,11 @@ pub enum RegistryBackendOptions {
 pub struct RegistryOptions {
     /// The backend.
     pub backend: RegistryBackendOptions,
-    /// The accepted bearer tokens: one per line, `IDENTITY TOKEN` or `TOKEN`.
+    /// The accepted bearer tokens: one per line, `IDENTITY TOKEN` or `TOKEN`, each optionally
+    /// scoped (`services=`, `addresses=`, `max=`).
     pub token_file: PathBuf,
+    /// What the registry admits: allowed address ranges, its cap of live registrations.
+    pub limits: Limits,
     /// Where the registry's gRPC API listens (port 0: any free port).
     pub grpc_address: SocketAddr,
 }
@@ -57,7 +62,7 @@ impl StartedRegistry {
             _ => anyhow::anyhow!("{}: {error}", options.token_file.display()),
         })?;
         let registry = match options.backend {
-            RegistryBackendOptions::Memory => Registry::in_memory(),
+            RegistryBackendOptions::Memory => Registry::in_memory(options.limits),
             RegistryBackendOptions::Etcd(config) => {
                 let view = Arc::new(View::new(new_epoch()));
                 let endpoints = config.endpoints.join(",");
@@ -66,7 +71,7 @@ impl StartedRegistry {
                     .with_context(|| {
                         format!("cannot connect the registry to etcd at {endpoints}")
                     })?;
-                Registry::new(backend, view)
+                Registry::new(backend, view, options.limits)
             }
         };
         let grpc_listener = TcpListener::bind(options.grpc_address)

@@ -13,8 +13,8 @@ use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use super::{ApiState, MAX_WATCH_WAIT};
 use crate::{
-    BackendError, InstanceSpec, Query, RegistryError,
-    auth::AuthError,
+    BackendError, InstanceSpec, Query, Refusal, RegistryError,
+    auth::{AuthError, Identity},
     metrics::{Api, Operation, grpc_code_name},
     model::{GrpcCheckSpec, HealthCheckSpec, HttpCheckSpec, PortSpec},
     registry::{AnswerCache, record_ttl_ms},
@@ -38,7 +38,7 @@ pub fn server(state: ApiState) -> pb::registry_server::RegistryServer<GrpcApi> {
     })
 }
 
-fn identify(state: &ApiState, metadata: &MetadataMap) -> Result<String, Status> {
+fn identify(state: &ApiState, metadata: &MetadataMap) -> Result<Identity, Status> {
     let authorization = metadata
         .get("authorization")
         .and_then(|value| value.to_str().ok());
@@ -52,6 +52,19 @@ fn status(error: RegistryError) -> Status {
     let message = error.to_string();
     match error {
         RegistryError::Invalid(_) => Status::invalid_argument(message),
+        // The codes of the REST face's statuses; the message names the field.
+        RegistryError::Refused(refusal) => match refusal {
+            Refusal::AddressClass { .. } => {
+                Status::invalid_argument(format!("invalid request: address: {message}"))
+            }
+            Refusal::ServiceScope { .. } | Refusal::AddressScope { .. } => {
+                let field = refusal.field().unwrap_or_default();
+                Status::permission_denied(format!("{field}: {message}"))
+            }
+            Refusal::IdentityQuota { .. } | Refusal::GlobalCap { .. } => {
+                Status::resource_exhausted(message)
+            }
+        },
         RegistryError::AddressInUse { .. } => Status::already_exists(message),
         RegistryError::Backend(BackendError::NotFound { .. }) => Status::not_found(message),
         RegistryError::Backend(BackendError::NotOwner { .. }) => Status::permission_denied(message),
@@ -238,7 +251,7 @@ impl GrpcApi {
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
-        let owner = identify(&self.state, request.metadata())?;
+        let identity = identify(&self.state, request.metadata())?;
         let instance = request
             .into_inner()
             .instance
@@ -246,7 +259,7 @@ impl GrpcApi {
         let entry = self
             .state
             .registry
-            .register(&spec_from_proto(instance), &owner)
+            .register(&spec_from_proto(instance), &identity)
             .await
             .map_err(status)?;
         Ok(Response::new(pb::RegisterResponse {
@@ -258,7 +271,7 @@ impl GrpcApi {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
-        let owner = identify(&self.state, request.metadata())?;
+        let owner = identify(&self.state, request.metadata())?.name;
         let ttl = self
             .state
             .registry
@@ -274,7 +287,7 @@ impl GrpcApi {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
-        let owner = identify(&self.state, request.metadata())?;
+        let owner = identify(&self.state, request.metadata())?.name;
         self.state
             .registry
             .deregister(&request.into_inner().id, &owner)

@@ -7,10 +7,11 @@
 //! | error | HTTP | gRPC |
 //! | --- | --- | --- |
 //! | no / unknown token | 401 | `UNAUTHENTICATED` |
-//! | bad field | 400 | `INVALID_ARGUMENT` |
-//! | not the registering token | 403 | `PERMISSION_DENIED` |
+//! | bad field, refused address class | 400 | `INVALID_ARGUMENT` |
+//! | not the registering token, outside the token's scope | 403 | `PERMISSION_DENIED` |
 //! | no such instance | 404 | `NOT_FOUND` |
 //! | address held by another instance | 409 | `ALREADY_EXISTS` |
+//! | the token's quota or the registry's cap is full | 429 | `RESOURCE_EXHAUSTED` |
 //! | backend cannot write (etcd without quorum) | 503 | `UNAVAILABLE` |
 
 pub mod grpc;

@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
 use super::{ApiState, MAX_WATCH_WAIT};
 use crate::{
     BackendError, InstanceSpec, Query, RegistryError,
-    auth::AuthError,
+    admission::Refusal,
+    auth::{AuthError, Identity},
     metrics::{Api, Operation},
     model::FieldErrors,
     registry::record_ttl_ms,
@@ -209,6 +210,18 @@ impl From<RegistryError> for ApiError {
         let message = error.to_string();
         match error {
             RegistryError::Invalid(errors) => Self::invalid(errors),
+            RegistryError::Refused(refusal) => {
+                let (status, code) = refusal_status(&refusal);
+                let fields: Vec<ValidationError> = refusal
+                    .field()
+                    .map(|field| ValidationError {
+                        path: field.to_owned(),
+                        message: message.clone(),
+                    })
+                    .into_iter()
+                    .collect();
+                Self::new(status, code, message, &fields)
+            }
             RegistryError::AddressInUse { .. } => {
                 Self::new(StatusCode::CONFLICT, "already_exists", message, &[])
             }
@@ -221,6 +234,21 @@ impl From<RegistryError> for ApiError {
             RegistryError::Backend(BackendError::Unavailable { .. }) => {
                 Self::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message, &[])
             }
+        }
+    }
+}
+
+/// The HTTP status and code of a refusal: an address never admitted is a bad field (400);
+/// a name or address outside the identity's scope is not this token's to register (403); a
+/// quota or the cap is full (429).
+fn refusal_status(refusal: &Refusal) -> (StatusCode, &'static str) {
+    match refusal {
+        Refusal::AddressClass { .. } => (StatusCode::BAD_REQUEST, "invalid_argument"),
+        Refusal::ServiceScope { .. } | Refusal::AddressScope { .. } => {
+            (StatusCode::FORBIDDEN, "permission_denied")
+        }
+        Refusal::IdentityQuota { .. } | Refusal::GlobalCap { .. } => {
+            (StatusCode::TOO_MANY_REQUESTS, "resource_exhausted")
         }
     }
 }
@@ -259,7 +287,7 @@ pub fn router(state: ApiState) -> Router {
         .with_state(state)
 }
 
-fn identify(state: &ApiState, headers: &HeaderMap) -> Result<String, ApiError> {
+fn identify(state: &ApiState, headers: &HeaderMap) -> Result<Identity, ApiError> {
     let authorization = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok());
@@ -288,11 +316,11 @@ async fn register(
     body: Result<Json<InstanceSpec>, JsonRejection>,
 ) -> Result<Json<RegisterJson>, ApiError> {
     measured(&state, Operation::Register, async {
-        let owner = identify(&state, &headers)?;
+        let identity = identify(&state, &headers)?;
         let Json(spec) = body.map_err(|rejection| {
             ApiError::invalid(FieldErrors::one("body", rejection.body_text()))
         })?;
-        let entry = state.registry.register(&spec, &owner).await?;
+        let entry = state.registry.register(&spec, &identity).await?;
         Ok(Json(RegisterJson {
             registration: RegistrationJson::from(&entry),
         }))
@@ -306,7 +334,7 @@ async fn heartbeat(
     Path(id): Path<String>,
 ) -> Result<Json<HeartbeatJson>, ApiError> {
     measured(&state, Operation::Heartbeat, async {
-        let owner = identify(&state, &headers)?;
+        let owner = identify(&state, &headers)?.name;
         let ttl = state.registry.heartbeat(&id, &owner).await?;
         Ok(Json(HeartbeatJson {
             ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
@@ -321,7 +349,7 @@ async fn deregister(
     Path(id): Path<String>,
 ) -> Result<StatusCode, ApiError> {
     measured(&state, Operation::Deregister, async {
-        let owner = identify(&state, &headers)?;
+        let owner = identify(&state, &headers)?.name;
         state.registry.deregister(&id, &owner).await?;
         Ok(StatusCode::NO_CONTENT)
     })

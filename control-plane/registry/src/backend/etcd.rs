@@ -6,6 +6,8 @@
 //! - **Writes** are transactions conditioned on the key's `mod_revision` read just before
 //!   (or its absence), so the owner check and the write are atomic across replicas; a lost
 //!   race is retried. Re-registering grants a new lease, puts, then revokes the old lease.
+//!   A write whose answer is lost may have committed: its lease is revoked only after the
+//!   key is read again and only if nothing live can hang on it ([`commit`]).
 //!   A heartbeat is one keep-alive of the registration's lease; etcd itself deletes the key
 //!   when the lease runs out, and every replica sees the delete.
 //! - **Reads** come from the shared [`View`], which a watcher keeps current: it loads the
@@ -14,13 +16,19 @@
 //!   quorum, writes fail with [`BackendError::Unavailable`] and the view keeps the last
 //!   state it saw, so discovery and the endpoint source keep serving.
 //!
-//! Every call has a deadline (`request_timeout`), so a write never hangs on a dead cluster,
-//! and at most [`MAX_WRITES_IN_FLIGHT`] writes go to etcd at once (the rest queue here).
+//! **Deadlines and the write queue**: a write (register, heartbeat, deregister) has one
+//! deadline, `request_timeout` after it arrived, for everything it does: its wait in the
+//! queue and every etcd call. At most `max_writes_in_flight` writes go to etcd at once, at
+//! most `max_queued_writes` more wait their turn, and a write finding the queue full is
+//! refused at once. So during an outage every caller gets [`BackendError::Unavailable`]
+//! within the deadline, and the queue cannot grow without bound.
 //!
 //! **TLS** ([`EtcdTls`]): `https://` endpoints are verified against a CA file, or the
 //! system's roots without one; a client certificate answers members started with
 //! `--client-cert-auth`. Files are read and checked before any connection, and a failed
 //! handshake is reported as such (with what to check), not as an unavailable cluster.
+
+pub mod commit;
 
 use std::{
     future::Future,
@@ -35,9 +43,14 @@ use etcd_client::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use serde::{Deserialize, Serialize};
-use tokio::task::JoinHandle;
+use tokio::{
+    sync::{Semaphore, SemaphorePermit},
+    task::JoinHandle,
+    time::Instant,
+};
 use tracing::{debug, info, warn};
 
+use self::commit::{DirectTxn, Etcd, Guard, LeaseFate, TxnSender};
 use super::{BackendError, BackendFuture, RegistryBackend};
 use crate::{
     model::{InstanceSpec, Registration},
@@ -47,10 +60,13 @@ use crate::{
 
 /// How often a lost write race is retried before giving up.
 const MAX_ATTEMPTS: usize = 5;
-/// Writes (register, heartbeat, deregister) in flight to etcd at once; more wait their
-/// turn. etcd refuses requests ("too many requests") once its applied index lags the
-/// committed one by 5,000 entries, which 10,000 simultaneous registrations reach.
+/// Default of [`EtcdConfig::max_writes_in_flight`]. etcd refuses requests ("too many
+/// requests") once its applied index lags the committed one by 5,000 entries, which 10,000
+/// simultaneous registrations reach without a bound.
 pub const MAX_WRITES_IN_FLIGHT: usize = 128;
+/// Default of [`EtcdConfig::max_queued_writes`]: a burst of every registration the registry
+/// holds by default ([`crate::admission::DEFAULT_MAX_INSTANCES`]) fits.
+pub const MAX_QUEUED_WRITES: usize = 10_000;
 
 /// Where and how to reach etcd.
 #[derive(Debug, Clone)]
@@ -59,8 +75,14 @@ pub struct EtcdConfig {
     pub endpoints: Vec<String>,
     /// Key prefix of the registrations. Default `/fulcrum/registry/instances/`.
     pub prefix: String,
-    /// Deadline of each request. Default 3 s.
+    /// Deadline of each request: of a whole write (its wait in the queue included), and of
+    /// each read of the watcher. Default 3 s.
     pub request_timeout: Duration,
+    /// Writes sent to etcd at once. Default [`MAX_WRITES_IN_FLIGHT`].
+    pub max_writes_in_flight: usize,
+    /// Writes waiting for their turn at most; a write beyond is refused at once. Default
+    /// [`MAX_QUEUED_WRITES`].
+    pub max_queued_writes: usize,
     /// Deadline to open a connection. Default 2 s.
     pub connect_timeout: Duration,
     /// TLS settings; every endpoint must then be `https://`. `None` with `https://`
@@ -184,6 +206,8 @@ impl EtcdConfig {
             endpoints,
             prefix: "/fulcrum/registry/instances/".to_owned(),
             request_timeout: Duration::from_secs(3),
+            max_writes_in_flight: MAX_WRITES_IN_FLIGHT,
+            max_queued_writes: MAX_QUEUED_WRITES,
             connect_timeout: Duration::from_secs(2),
             tls: None,
         }
@@ -314,17 +338,19 @@ pub struct StoredRecord {
 
 /// See the module docs.
 pub struct EtcdBackend {
-    client: Client,
-    config: EtcdConfig,
+    etcd: Etcd,
     view: Arc<View>,
     watcher: JoinHandle<()>,
-    writes: tokio::sync::Semaphore,
+    /// Turns to send a write to etcd: `max_writes_in_flight` permits.
+    in_flight: Semaphore,
+    /// Places of writes sent or waiting: `max_writes_in_flight + max_queued_writes` permits.
+    places: Semaphore,
 }
 
 impl std::fmt::Debug for EtcdBackend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdBackend")
-            .field("config", &self.config)
+            .field("config", &self.etcd.config)
             .field("registrations", &self.view.len())
             .finish_non_exhaustive()
     }
@@ -347,6 +373,18 @@ fn unavailable(config: &EtcdConfig, what: &str, error: etcd_client::Error) -> Ba
     }
 }
 
+fn queue_full(config: &EtcdConfig) -> BackendError {
+    BackendError::Unavailable {
+        backend: "etcd",
+        reason: format!(
+            "{} writes are already waiting for etcd at {} (it is slow or unreachable); retry later",
+            config.max_queued_writes,
+            config.endpoints.join(",")
+        ),
+        source: None,
+    }
+}
+
 fn timed_out(config: &EtcdConfig, what: &str) -> BackendError {
     BackendError::Unavailable {
         backend: "etcd",
@@ -359,13 +397,19 @@ fn timed_out(config: &EtcdConfig, what: &str) -> BackendError {
     }
 }
 
-/// Runs one etcd call with the configured deadline, mapping failures to `Unavailable`.
+/// The deadline of a request starting now.
+fn deadline(config: &EtcdConfig) -> Instant {
+    Instant::now() + config.request_timeout
+}
+
+/// Runs one etcd call until `deadline`, mapping failures to `Unavailable`.
 async fn call<T>(
     config: &EtcdConfig,
+    deadline: Instant,
     what: &str,
     future: impl Future<Output = Result<T, etcd_client::Error>>,
 ) -> Result<T, BackendError> {
-    match tokio::time::timeout(config.request_timeout, future).await {
+    match tokio::time::timeout_at(deadline, future).await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => Err(unavailable(config, what, error)),
         Err(_) => Err(timed_out(config, what)),
@@ -375,13 +419,14 @@ async fn call<T>(
 /// Pause between attempts of [`call_failing_over`].
 const FAILOVER_BACKOFF: Duration = Duration::from_millis(50);
 
-/// Runs an etcd call like [`call`], but tries again (within the same deadline) while etcd
+/// Runs an etcd call like [`call`], but tries again (until the same deadline) while etcd
 /// answers `Unavailable`: the client's channel spreads requests over every member and may pick
 /// one that is down (connection refused) or has no leader yet, so one member going away must
 /// not fail a registration. Only for calls that are safe to repeat: reads, and writes guarded
 /// by a revision compare (a repeat after an applied write fails its guard and is re-read).
 async fn call_failing_over<T, F, Fut>(
     config: &EtcdConfig,
+    deadline: Instant,
     what: &str,
     mut attempt: F,
 ) -> Result<T, BackendError>
@@ -389,14 +434,12 @@ where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<T, etcd_client::Error>>,
 {
-    let deadline = tokio::time::Instant::now() + config.request_timeout;
     loop {
-        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        match tokio::time::timeout(remaining, attempt()).await {
+        match tokio::time::timeout_at(deadline, attempt()).await {
             Ok(Ok(value)) => return Ok(value),
             Ok(Err(etcd_client::Error::GRpcStatus(status)))
                 if status.code() == tonic::Code::Unavailable
-                    && tokio::time::Instant::now() + FAILOVER_BACKOFF < deadline =>
+                    && Instant::now() + FAILOVER_BACKOFF < deadline =>
             {
                 debug!(what, %status, "etcd member unavailable; trying again");
                 tokio::time::sleep(FAILOVER_BACKOFF).await;
@@ -583,6 +626,16 @@ impl EtcdBackend {
         config: EtcdConfig,
         view: Arc<View>,
     ) -> Result<Arc<Self>, EtcdConnectError> {
+        Self::connect_with(config, view, Arc::new(DirectTxn)).await
+    }
+
+    /// [`connect`](Self::connect), sending every write transaction through `txns` (see
+    /// [`commit`]).
+    pub async fn connect_with(
+        config: EtcdConfig,
+        view: Arc<View>,
+        txns: Arc<dyn TxnSender>,
+    ) -> Result<Arc<Self>, EtcdConnectError> {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(config.connect_timeout)
             .with_keep_alive(Duration::from_secs(2), Duration::from_secs(2));
@@ -617,40 +670,27 @@ impl EtcdBackend {
         ));
         info!(endpoints = %config.endpoints.join(","), tls, prefix = %config.prefix, registrations = view.len(), "etcd registry backend connected");
         Ok(Arc::new(Self {
-            client,
-            config,
             view,
             watcher,
-            writes: tokio::sync::Semaphore::new(MAX_WRITES_IN_FLIGHT),
+            in_flight: Semaphore::new(config.max_writes_in_flight),
+            places: Semaphore::new(config.max_writes_in_flight + config.max_queued_writes),
+            etcd: Etcd {
+                client,
+                config,
+                txns,
+            },
         }))
     }
 
-    fn key(&self, id: &str) -> String {
-        format!("{}{id}", self.config.prefix)
-    }
-
-    /// The current record of `id` straight from etcd (a linearizable read).
-    async fn fetch(&self, id: &str) -> Result<Option<Record>, BackendError> {
-        let kv = self.client.kv_client();
-        let key = self.key(id);
-        let response = call_failing_over(&self.config, "reading a registration", || {
-            let (mut kv, key) = (kv.clone(), key.clone());
-            async move { kv.get(key, None).await }
-        })
-        .await?;
-        Ok(response
-            .kvs()
-            .first()
-            .and_then(|kv| decode(&self.config.prefix, kv)))
-    }
-
-    async fn revoke(&self, lease: i64) {
-        if lease == 0 {
-            return;
-        }
-        let mut leases = self.client.lease_client();
-        if let Err(error) = call(&self.config, "revoking a lease", leases.revoke(lease)).await {
-            debug!(lease, %error, "could not revoke a replaced lease; it will expire by itself");
+    /// A write's turn to go to etcd, waited for until `deadline`; refused at once when the
+    /// queue is full.
+    async fn turn(&self, deadline: Instant) -> Result<[SemaphorePermit<'_>; 2], BackendError> {
+        let config = &self.etcd.config;
+        let place = self.places.try_acquire().map_err(|_| queue_full(config))?;
+        match tokio::time::timeout_at(deadline, self.in_flight.acquire()).await {
+            Ok(Ok(turn)) => Ok([place, turn]),
+            // The semaphores are never closed.
+            Ok(Err(_)) | Err(_) => Err(timed_out(config, "waiting for a turn to write")),
         }
     }
 
@@ -658,25 +698,24 @@ impl EtcdBackend {
         &self,
         registration: Registration,
         owner: &str,
+        deadline: Instant,
     ) -> Result<Arc<Record>, BackendError> {
+        let etcd = &self.etcd;
         let id = registration.id.clone();
-        let key = self.key(&id);
+        let ttl = registration.ttl;
+        let key = etcd.key(&id);
         for _ in 0..MAX_ATTEMPTS {
-            let current = self.fetch(&id).await?;
+            let current = etcd.fetch(&id, deadline).await?;
             let (guard, registered_at_unix_ms, old_lease) = match &current {
                 Some(current) if current.owner != owner => {
                     return Err(BackendError::NotOwner { id });
                 }
                 Some(current) => (
-                    Compare::mod_revision(key.clone(), CompareOp::Equal, current.mod_revision),
+                    Guard::At(current.mod_revision),
                     current.registered_at_unix_ms,
                     current.lease,
                 ),
-                None => (
-                    Compare::create_revision(key.clone(), CompareOp::Equal, 0),
-                    unix_ms(),
-                    0,
-                ),
+                None => (Guard::Absent, unix_ms(), 0),
             };
             let stored = StoredRecord {
                 instance: registration.to_spec(),
@@ -684,39 +723,56 @@ impl EtcdBackend {
                 registered_at_unix_ms,
             };
             let value = serde_json::to_vec(&stored).unwrap_or_default();
-            let leases = self.client.lease_client();
+            let leases = etcd.client.lease_client();
             let seconds = lease_seconds(registration.ttl);
-            let lease = call_failing_over(&self.config, "granting a lease", || {
+            let lease = call_failing_over(&etcd.config, deadline, "granting a lease", || {
                 let mut leases = leases.clone();
                 async move { leases.grant(seconds, None).await }
             })
             .await?
             .id();
-            let txn = Txn::new().when([guard]).and_then([TxnOp::put(
+            let compare = match guard {
+                Guard::At(revision) => {
+                    Compare::mod_revision(key.clone(), CompareOp::Equal, revision)
+                }
+                Guard::Absent => Compare::create_revision(key.clone(), CompareOp::Equal, 0),
+            };
+            let txn = Txn::new().when([compare]).and_then([TxnOp::put(
                 key.clone(),
                 value,
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-            let kv = self.client.kv_client();
-            let write = || {
-                let (mut kv, txn) = (kv.clone(), txn.clone());
-                async move { kv.txn(txn).await }
+            // A write whose answer is lost may have committed: the lease is settled (revoked
+            // or kept) only after the key is read again; see `commit`.
+            let settle_later = || etcd.settle_later(id.clone(), guard, lease, old_lease, ttl);
+            let response = match etcd.txn(txn, "writing a registration", deadline).await {
+                Ok(response) => response,
+                Err(error) => {
+                    settle_later();
+                    return Err(error);
+                }
             };
-            let response =
-                match call_failing_over(&self.config, "writing a registration", write).await {
-                    Ok(response) => response,
+            if !response.succeeded() {
+                // Another write changed the key since it was read, or an attempt of this
+                // very transaction, whose answer was lost, applied it.
+                let stored = match etcd.fetch(&id, deadline).await {
+                    Ok(stored) => stored,
                     Err(error) => {
-                        self.revoke(lease).await;
+                        settle_later();
                         return Err(error);
                     }
                 };
-            if !response.succeeded() {
+                let fate = etcd.settle(stored.as_ref(), guard, lease, old_lease);
+                if let (LeaseFate::Attached, Some(record)) = (fate, stored) {
+                    self.view.upsert(record.clone());
+                    return Ok(Arc::new(record));
+                }
                 debug!(instance = %id, "lost a registration race; retrying");
-                self.revoke(lease).await;
                 continue;
             }
+            // Committed: the stored registration holds the new lease, not the replaced one.
             if old_lease != lease {
-                self.revoke(old_lease).await;
+                etcd.revoke(old_lease);
             }
             let mod_revision = response.header().map_or(0, |header| header.revision());
             let record = Record {
@@ -739,9 +795,15 @@ impl EtcdBackend {
         })
     }
 
-    async fn heartbeat_now(&self, id: &str, owner: &str) -> Result<Duration, BackendError> {
-        let record = self
-            .fetch(id)
+    async fn heartbeat_now(
+        &self,
+        id: &str,
+        owner: &str,
+        deadline: Instant,
+    ) -> Result<Duration, BackendError> {
+        let etcd = &self.etcd;
+        let record = etcd
+            .fetch(id, deadline)
             .await?
             .ok_or_else(|| BackendError::NotFound { id: id.to_owned() })?;
         if record.owner != owner {
@@ -751,8 +813,8 @@ impl EtcdBackend {
         // expired between the read and now) is reported as not found. A renewal is safe to
         // repeat, so a member that is down is failed over like a read.
         let lease = record.lease;
-        let renewed = call_failing_over(&self.config, "renewing a lease", || {
-            let mut leases = self.client.lease_client();
+        let renewed = call_failing_over(&etcd.config, deadline, "renewing a lease", || {
+            let mut leases = etcd.client.lease_client();
             async move {
                 match leases.keep_alive(lease).await {
                     Ok(_) => Ok(true),
@@ -770,11 +832,17 @@ impl EtcdBackend {
         ))
     }
 
-    async fn deregister_now(&self, id: &str, owner: &str) -> Result<(), BackendError> {
-        let key = self.key(id);
+    async fn deregister_now(
+        &self,
+        id: &str,
+        owner: &str,
+        deadline: Instant,
+    ) -> Result<(), BackendError> {
+        let etcd = &self.etcd;
+        let key = etcd.key(id);
         for _ in 0..MAX_ATTEMPTS {
-            let record = self
-                .fetch(id)
+            let record = etcd
+                .fetch(id, deadline)
                 .await?
                 .ok_or_else(|| BackendError::NotFound { id: id.to_owned() })?;
             if record.owner != owner {
@@ -787,14 +855,10 @@ impl EtcdBackend {
                     record.mod_revision,
                 )])
                 .and_then([TxnOp::delete(key.clone(), None)]);
-            let kv = self.client.kv_client();
-            let response = call_failing_over(&self.config, "deleting a registration", || {
-                let (mut kv, txn) = (kv.clone(), txn.clone());
-                async move { kv.txn(txn).await }
-            })
-            .await?;
+            let response = etcd.txn(txn, "deleting a registration", deadline).await?;
             if response.succeeded() {
-                self.revoke(record.lease).await;
+                // The key it held is gone: nothing can hang on the lease any more.
+                etcd.revoke(record.lease);
                 let revision = response.header().map_or(0, |header| header.revision());
                 self.view.remove(id, Some(revision));
                 return Ok(());
@@ -816,6 +880,7 @@ async fn load(client: &Client, config: &EtcdConfig, view: &View) -> Result<i64, 
     let mut kv = client.kv_client();
     let response = call(
         config,
+        deadline(config),
         "loading the registrations",
         kv.get(config.prefix.clone(), Some(GetOptions::new().with_prefix())),
     )
@@ -882,6 +947,7 @@ async fn watch_once(
         .with_start_revision(revision + 1);
     let mut stream = match call(
         config,
+        deadline(config),
         "starting the watch",
         watches.watch(config.prefix.clone(), Some(options)),
     )
@@ -941,22 +1007,25 @@ impl RegistryBackend for EtcdBackend {
         owner: &'a str,
     ) -> BackendFuture<'a, Arc<Record>> {
         Box::pin(async move {
-            let _turn = self.writes.acquire().await;
-            self.register_now(registration, owner).await
+            let deadline = deadline(&self.etcd.config);
+            let _turn = self.turn(deadline).await?;
+            self.register_now(registration, owner, deadline).await
         })
     }
 
     fn heartbeat<'a>(&'a self, id: &'a str, owner: &'a str) -> BackendFuture<'a, Duration> {
         Box::pin(async move {
-            let _turn = self.writes.acquire().await;
-            self.heartbeat_now(id, owner).await
+            let deadline = deadline(&self.etcd.config);
+            let _turn = self.turn(deadline).await?;
+            self.heartbeat_now(id, owner, deadline).await
         })
     }
 
     fn deregister<'a>(&'a self, id: &'a str, owner: &'a str) -> BackendFuture<'a, ()> {
         Box::pin(async move {
-            let _turn = self.writes.acquire().await;
-            self.deregister_now(id, owner).await
+            let deadline = deadline(&self.etcd.config);
+            let _turn = self.turn(deadline).await?;
+            self.deregister_now(id, owner, deadline).await
         })
     }
 }

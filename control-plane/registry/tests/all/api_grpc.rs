@@ -7,11 +7,11 @@ use fulcrum_proto::registry::v1 as pb;
 use fulcrum_registry::Registry;
 use tonic::Code;
 
-use crate::support::{ALICE, BOB, authed, grpc_client, pb_instance, serve};
+use crate::support::{ALICE, BOB, authed, grpc_client, loopback, pb_instance, serve};
 
 #[tokio::test]
 async fn grpc_register_discover_pick_heartbeat_and_deregister() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let mut client = grpc_client(&served).await?;
     for (id, port, tag) in [("s-1", 1, "gpu"), ("s-2", 2, "cpu"), ("s-3", 3, "gpu")] {
         let mut instance = pb_instance("search", id, port);
@@ -82,7 +82,7 @@ async fn grpc_register_discover_pick_heartbeat_and_deregister() -> Result<()> {
 
 #[tokio::test]
 async fn grpc_refuses_unauthenticated_and_foreign_calls_and_changes_nothing() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let mut client = grpc_client(&served).await?;
     let unauthenticated = client
         .register(tonic::Request::new(pb::RegisterRequest {
@@ -112,7 +112,7 @@ async fn grpc_refuses_unauthenticated_and_foreign_calls_and_changes_nothing() ->
 
 #[tokio::test]
 async fn grpc_invalid_argument_names_the_field() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let mut client = grpc_client(&served).await?;
     let mut instance = pb_instance("a", "a-1", 1);
     instance.health_check = Some(pb::HealthCheck {
@@ -143,7 +143,7 @@ async fn grpc_invalid_argument_names_the_field() -> Result<()> {
 
 #[tokio::test]
 async fn grpc_watch_streams_a_reset_then_each_change() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let mut client = grpc_client(&served).await?;
     client
         .register(authed(

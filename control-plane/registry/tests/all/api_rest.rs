@@ -11,11 +11,11 @@ use fulcrum_registry::{
 use fulcrum_test_support::eventually;
 use reqwest::StatusCode;
 
-use crate::support::{ALICE, BOB, http, instance, published, serve};
+use crate::support::{ALICE, BOB, http, instance, loopback, published, serve};
 
 #[tokio::test]
 async fn a_registered_instance_is_discoverable_and_published_to_the_snapshot() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let mut body = instance("checkout", "checkout-1", 8081);
     body["tags"] = serde_json::json!(["canary"]);
     body["capabilities"] = serde_json::json!(["llm.chat"]);
@@ -89,7 +89,7 @@ async fn a_registered_instance_is_discoverable_and_published_to_the_snapshot() -
 
 #[tokio::test]
 async fn an_unauthenticated_request_gets_401_and_changes_nothing() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let url = format!("{}/v1/registry/instances", served.rest);
     let missing = http()
         .post(&url)
@@ -127,7 +127,7 @@ async fn an_unauthenticated_request_gets_401_and_changes_nothing() -> Result<()>
 
 #[tokio::test]
 async fn another_token_cannot_deregister_heartbeat_or_replace_a_registration() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let url = format!("{}/v1/registry/instances", served.rest);
     http()
         .post(&url)
@@ -179,7 +179,7 @@ async fn another_token_cannot_deregister_heartbeat_or_replace_a_registration() -
 
 #[tokio::test]
 async fn an_invalid_registration_gets_400_naming_every_bad_field() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let url = format!("{}/v1/registry/instances", served.rest);
     let mut body = instance("Bad Name", "a-1", 0);
     body["address"] = serde_json::json!("example.com");
@@ -221,7 +221,7 @@ async fn an_invalid_registration_gets_400_naming_every_bad_field() -> Result<()>
 
 #[tokio::test]
 async fn an_instance_whose_heartbeats_stop_is_removed_within_its_ttl() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let url = format!("{}/v1/registry/instances", served.rest);
     let mut body = instance("a", "a-1", 1);
     body["ttl_ms"] = serde_json::json!(1000);
@@ -270,7 +270,7 @@ async fn an_instance_whose_heartbeats_stop_is_removed_within_its_ttl() -> Result
 
 #[tokio::test]
 async fn watch_long_poll_returns_the_changes_after_the_cursor() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let url = format!("{}/v1/registry/instances", served.rest);
     http()
         .post(&url)

@@ -8,11 +8,11 @@ use fulcrum_proto::registry::v1::{self as pb, registry_client::RegistryClient};
 use fulcrum_registry::{HealthStatus, Registry};
 use tonic::transport::Channel;
 
-use crate::support::{ALICE, BOB, authed, grpc_client, pb_instance, serve};
+use crate::support::{ALICE, BOB, authed, grpc_client, loopback, pb_instance, serve};
 
 #[tokio::test]
 async fn grpc_discovery_answers_follow_every_change_of_the_service() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let mut client = grpc_client(&served).await?;
     let discover = |client: &mut RegistryClient<Channel>| {
         let mut client = client.clone();

@@ -4,12 +4,12 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Result;
 use fulcrum_registry::{
-    BackendError, EtcdBackend, EtcdConfig, InstanceSpec, Query, Registry, RegistryError, View,
-    registry::new_epoch,
+    BackendError, EtcdBackend, EtcdConfig, Identity, InstanceSpec, Query, Registry, RegistryError,
+    View, registry::new_epoch,
 };
 use fulcrum_test_support::eventually;
 
-use crate::etcd_cluster::EtcdCluster;
+use crate::{etcd_cluster::EtcdCluster, support::loopback};
 
 /// A control-plane replica: a registry on the cluster, with a short request deadline.
 async fn replica(cluster: &EtcdCluster) -> Result<Arc<Registry>> {
@@ -17,7 +17,7 @@ async fn replica(cluster: &EtcdCluster) -> Result<Arc<Registry>> {
     let mut config = EtcdConfig::new(cluster.endpoints());
     config.request_timeout = Duration::from_secs(2);
     let backend = EtcdBackend::connect(config, view.clone()).await?;
-    Ok(Registry::new(backend, view))
+    Ok(Registry::new(backend, view, loopback()))
 }
 
 fn spec(id: &str, port: u16, ttl_ms: u32) -> InstanceSpec {
@@ -50,9 +50,12 @@ async fn replicas_on_one_etcd_see_the_same_registry_and_enforce_ownership() -> R
     let cluster = EtcdCluster::start(3).await?;
     let a = replica(&cluster).await?;
     let b = replica(&cluster).await?;
-    a.register(&spec("x-1", 1, 10_000), "alice").await?;
-    a.register(&spec("x-1", 1, 10_000), "alice").await?; // idempotent
-    b.register(&spec("x-2", 2, 10_000), "bob").await?;
+    a.register(&spec("x-1", 1, 10_000), &Identity::unscoped("alice"))
+        .await?;
+    a.register(&spec("x-1", 1, 10_000), &Identity::unscoped("alice"))
+        .await?; // idempotent
+    b.register(&spec("x-2", 2, 10_000), &Identity::unscoped("bob"))
+        .await?;
     eventually(Duration::from_secs(5), "both replicas see both", || async {
         discovered(&a) == ["x-1", "x-2"] && discovered(&b) == ["x-1", "x-2"]
     })
@@ -79,7 +82,9 @@ async fn replicas_on_one_etcd_see_the_same_registry_and_enforce_ownership() -> R
 async fn an_etcd_registration_without_heartbeats_is_removed_when_its_lease_expires() -> Result<()> {
     let cluster = EtcdCluster::start(3).await?;
     let registry = replica(&cluster).await?;
-    registry.register(&spec("e-1", 1, 1000), "alice").await?;
+    registry
+        .register(&spec("e-1", 1, 1000), &Identity::unscoped("alice"))
+        .await?;
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(600)).await;
         registry.heartbeat("e-1", "alice").await?;
@@ -117,7 +122,9 @@ async fn one_member_down_keeps_writes_two_down_refuse_them_and_a_restore_loses_n
 -> Result<()> {
     let mut cluster = EtcdCluster::start(3).await?;
     let registry = replica(&cluster).await?;
-    registry.register(&spec("q-1", 1, 60_000), "alice").await?;
+    registry
+        .register(&spec("q-1", 1, 60_000), &Identity::unscoped("alice"))
+        .await?;
 
     cluster.kill(0);
     // The client may first try the dead member; a write succeeds within a few attempts.
@@ -126,7 +133,7 @@ async fn one_member_down_keeps_writes_two_down_refuse_them_and_a_restore_loses_n
         "a write with one member down",
         || async {
             registry
-                .register(&spec("q-2", 2, 60_000), "alice")
+                .register(&spec("q-2", 2, 60_000), &Identity::unscoped("alice"))
                 .await
                 .is_ok()
         },
@@ -136,7 +143,7 @@ async fn one_member_down_keeps_writes_two_down_refuse_them_and_a_restore_loses_n
 
     cluster.kill(1);
     let error = registry
-        .register(&spec("q-3", 3, 60_000), "alice")
+        .register(&spec("q-3", 3, 60_000), &Identity::unscoped("alice"))
         .await
         .expect_err("no quorum");
     assert!(
@@ -163,7 +170,7 @@ async fn one_member_down_keeps_writes_two_down_refuse_them_and_a_restore_loses_n
         "writes again after the restore",
         || async {
             registry
-                .register(&spec("q-3", 3, 60_000), "alice")
+                .register(&spec("q-3", 3, 60_000), &Identity::unscoped("alice"))
                 .await
                 .is_ok()
         },

@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::Command, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use fulcrum_registry::{
-    EtcdBackend, EtcdConfig, InstanceSpec, Query, Registry, View,
+    EtcdBackend, EtcdConfig, Identity, InstanceSpec, Query, Registry, View,
     backend::etcd::{ClientCertFiles, EtcdConfigError, EtcdConnectError, EtcdTls},
     registry::new_epoch,
 };
@@ -16,6 +16,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa,
     KeyPair, KeyUsagePurpose,
 };
+
+use crate::support::loopback;
 
 /// How long etcd may take to serve.
 const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -187,7 +189,7 @@ fn config(etcd: &TlsEtcd, tls: EtcdTls) -> EtcdConfig {
 async fn replica(config: EtcdConfig) -> Result<Arc<Registry>, EtcdConnectError> {
     let view = Arc::new(View::new(new_epoch()));
     let backend = EtcdBackend::connect(config, view.clone()).await?;
-    Ok(Registry::new(backend, view))
+    Ok(Registry::new(backend, view, loopback()))
 }
 
 /// The connection error for `config`; fails the test when it connects.
@@ -238,8 +240,10 @@ async fn registrations_heartbeats_and_discovery_work_over_mutual_tls() -> Result
         },
     ))
     .await?;
-    a.register(&spec("t-1", 1), "alice").await?;
-    b.register(&spec("t-2", 2), "bob").await?;
+    a.register(&spec("t-1", 1), &Identity::unscoped("alice"))
+        .await?;
+    b.register(&spec("t-2", 2), &Identity::unscoped("bob"))
+        .await?;
     a.heartbeat("t-1", "alice").await?;
     b.heartbeat("t-2", "bob").await?;
     eventually(

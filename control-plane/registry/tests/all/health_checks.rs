@@ -10,7 +10,7 @@ use fulcrum_registry::{HealthStatus, Registry};
 use fulcrum_test_support::eventually;
 use tonic_health::ServingStatus;
 
-use crate::support::{ALICE, http, instance, published, serve};
+use crate::support::{ALICE, http, instance, loopback, published, serve};
 
 fn check(kind: serde_json::Value) -> serde_json::Value {
     let mut check = serde_json::json!({
@@ -26,7 +26,7 @@ fn check(kind: serde_json::Value) -> serde_json::Value {
 #[tokio::test]
 async fn a_failing_http_health_check_marks_the_instance_unhealthy_until_it_passes_again()
 -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let backend = Backend::bind("checked", 0, 0).await?;
     let mut body = instance("web", "web-1", backend.addr.port());
     body["health_check"] = check(serde_json::json!({ "http": { "path": "/healthz" } }));
@@ -88,7 +88,7 @@ async fn a_failing_http_health_check_marks_the_instance_unhealthy_until_it_passe
 
 #[tokio::test]
 async fn a_tcp_check_of_a_closed_port_marks_the_instance_unhealthy() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let closed = std::net::TcpListener::bind("127.0.0.1:0")?
         .local_addr()?
         .port();
@@ -112,7 +112,7 @@ async fn a_tcp_check_of_a_closed_port_marks_the_instance_unhealthy() -> Result<(
 
 #[tokio::test]
 async fn a_grpc_health_check_follows_the_servers_serving_status() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("model.v1.Chat", ServingStatus::Serving)

@@ -2,12 +2,14 @@
 //! active health checks against the sample backend and real gRPC servers, and the etcd
 //! backend on a real three-member etcd cluster, and over mutual TLS on a one-member one.
 
+mod admission;
 mod api_grpc;
 mod api_rest;
 mod discover_answers;
 mod etcd;
 mod etcd_cluster;
 mod etcd_tls;
+mod etcd_writes;
 mod health_checks;
 mod metrics;
 mod support;

@@ -1,36 +1,21 @@
 //! The registry's Prometheus metrics, read from the text exposition after real REST and
 //! gRPC calls over loopback (in-memory backend): calls per face, operation and code, their
-//! latency histogram, and the live-instances gauge following registrations, removals,
-//! expiry and health.
+//! latency histogram, the live-instances gauge following registrations, removals, expiry
+//! and health, and service label values bounded however many services clients register.
 
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use fulcrum_proto::registry::v1 as pb;
-use fulcrum_registry::Registry;
+use fulcrum_registry::{Limits, Registry};
 use fulcrum_test_support::eventually;
 use reqwest::StatusCode;
 use tonic::Code;
 
-use crate::support::{ALICE, BOB, Served, authed, grpc_client, http, instance, pb_instance, serve};
-
-/// The registry's metrics in Prometheus text format.
-fn scrape(served: &Served) -> Result<String> {
-    let mut metrics = prometheus_client::registry::Registry::default();
-    served.registry.metrics().register(&mut metrics);
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, &metrics)?;
-    Ok(text)
-}
-
-/// The value of exactly `series` (name and labels as exposed), if present.
-fn value(text: &str, series: &str) -> Option<f64> {
-    text.lines().find_map(|line| {
-        line.strip_prefix(series)
-            .and_then(|rest| rest.strip_prefix(' '))
-            .and_then(|number| number.trim().parse().ok())
-    })
-}
+use crate::support::{
+    ALICE, BOB, authed, grpc_client, http, instance, loopback, pb_instance, post_instance, scrape,
+    serve, value,
+};
 
 fn requests(text: &str, api: &str, operation: &str, code: &str) -> Option<f64> {
     value(
@@ -59,7 +44,7 @@ fn instances(text: &str, service: &str, health: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn rest_calls_are_counted_by_operation_and_code_with_their_latency() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let client = http();
     let register = format!("{}/v1/registry/instances", served.rest);
     for (id, port) in [("checkout-1", 8081), ("checkout-2", 8082)] {
@@ -154,7 +139,7 @@ async fn rest_calls_are_counted_by_operation_and_code_with_their_latency() -> Re
 
 #[tokio::test]
 async fn grpc_calls_are_counted_and_a_watch_once_when_it_opens() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let mut client = grpc_client(&served).await?;
     client
         .register(authed(
@@ -244,7 +229,7 @@ async fn grpc_calls_are_counted_and_a_watch_once_when_it_opens() -> Result<()> {
 
 #[tokio::test]
 async fn the_instances_gauge_follows_registrations_removals_expiry_and_health() -> Result<()> {
-    let served = serve(Registry::in_memory()).await?;
+    let served = serve(Registry::in_memory(loopback())).await?;
     let client = http();
     let register = format!("{}/v1/registry/instances", served.rest);
     for (id, port) in [("checkout-1", 8081), ("checkout-2", 8082)] {
@@ -330,5 +315,79 @@ async fn the_instances_gauge_follows_registrations_removals_expiry_and_health() 
         std::future::ready(gauge("checkout", "unknown").is_none())
     })
     .await?;
+    Ok(())
+}
+
+/// The distinct `service` label values of `metric`'s series in `text`.
+fn services(text: &str, metric: &str, label: &str) -> std::collections::BTreeSet<String> {
+    text.lines()
+        .filter_map(|line| {
+            line.strip_prefix(metric)?
+                .split_once(&format!("{label}=\""))?
+                .1
+                .split_once('"')
+        })
+        .map(|(service, _)| service.to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn service_label_values_stay_bounded_however_many_services_clients_register() -> Result<()> {
+    let limits = Limits {
+        max_service_series: 3,
+        ..loopback()
+    };
+    let served = serve(Registry::in_memory(limits)).await?;
+    for index in 0..10 {
+        let mut body = instance(&format!("svc-{index}"), &format!("i-{index}"), 8080);
+        body["address"] = serde_json::json!(format!("10.0.0.{index}"));
+        post_instance(&served, ALICE, &body)
+            .await?
+            .error_for_status()?;
+    }
+    eventually(Duration::from_secs(5), "ten instances counted", || {
+        let text = scrape(&served).expect("encodes");
+        std::future::ready(
+            instances(&text, "(other)", "unknown") == Some(7.0)
+                && services(&text, "fulcrum_registry_instances{", "service").len() == 4,
+        )
+    })
+    .await?;
+    let text = scrape(&served)?;
+    assert_eq!(
+        services(&text, "fulcrum_registry_instances{", "service"),
+        ["(other)", "svc-0", "svc-1", "svc-2"]
+            .map(String::from)
+            .into()
+    );
+
+    // The registry's health checks count under the same labels.
+    let a = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let b = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    for (service, listener) in [("svc-1", &a), ("checked-late", &b)] {
+        let mut body = instance(
+            service,
+            &format!("{service}-probed"),
+            listener.local_addr()?.port(),
+        );
+        body["health_check"] = serde_json::json!({ "tcp": {}, "interval_ms": 100 });
+        post_instance(&served, ALICE, &body)
+            .await?
+            .error_for_status()?;
+    }
+    let health = || {
+        let mut registry = prometheus_client::registry::Registry::default();
+        fulcrum_health::HealthMetrics::global().register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        services(&text, "fulcrum_health_checks_total{", "cluster")
+    };
+    // Only this test names more services than its registry's series cap.
+    eventually(Duration::from_secs(5), "both probed", || {
+        let labels = health();
+        std::future::ready(labels.contains("svc-1") && labels.contains("(other)"))
+    })
+    .await?;
+    assert!(!health().contains("checked-late"), "{:?}", health());
     Ok(())
 }

@@ -7,12 +7,21 @@ use fulcrum_core::Snapshot;
 use fulcrum_pipeline::{Debounce, policy::attach};
 use fulcrum_proto::registry::v1::{self as pb, registry_client::RegistryClient};
 use fulcrum_registry::{
-    Registry, TokenAuth,
+    Limits, Registry, TokenAuth,
     api::{ApiState, grpc, rest},
 };
-use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
+use tokio::{
+    net::{TcpListener, TcpSocket},
+    sync::watch,
+    task::JoinHandle,
+};
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Channel;
+
+/// Limits explicitly allowing loopback addresses, where the tests' instances live.
+pub fn loopback() -> Limits {
+    Limits::allowing(vec!["127.0.0.0/8".parse().expect("range")])
+}
 
 /// Alice's token (identity `alice`).
 pub const ALICE: &str = "alice-token-0123456789";
@@ -43,14 +52,29 @@ pub fn auth() -> Arc<TokenAuth> {
     Arc::new(TokenAuth::from_pairs([("alice", ALICE), ("bob", BOB)]))
 }
 
-/// Serves `registry` and runs its source through the snapshot pipeline.
+/// A loopback listener that takes a burst of hundreds of connections at once:
+/// `TcpListener::bind` keeps a backlog of 128, and a connection beyond it waits a second for
+/// its SYN to be sent again.
+fn listener() -> Result<TcpListener> {
+    let socket = TcpSocket::new_v4()?;
+    socket.bind("127.0.0.1:0".parse()?)?;
+    Ok(socket.listen(1024)?)
+}
+
+/// Serves `registry` with Alice's and Bob's tokens and runs its source through the snapshot
+/// pipeline.
 pub async fn serve(registry: Arc<Registry>) -> Result<Served> {
+    serve_with(registry, auth()).await
+}
+
+/// [`serve`] with the tokens of `auth`.
+pub async fn serve_with(registry: Arc<Registry>, auth: Arc<TokenAuth>) -> Result<Served> {
     let state = ApiState {
         registry: registry.clone(),
-        auth: auth(),
+        auth,
     };
-    let rest_listener = TcpListener::bind("127.0.0.1:0").await?;
-    let grpc_listener = TcpListener::bind("127.0.0.1:0").await?;
+    let rest_listener = listener()?;
+    let grpc_listener = listener()?;
     let rest_url = format!("http://{}", rest_listener.local_addr()?);
     let grpc_url = format!("http://{}", grpc_listener.local_addr()?);
     let router = rest::router(state.clone());
@@ -123,6 +147,33 @@ pub fn authed<T>(message: T, token: &str) -> tonic::Request<T> {
     request
 }
 
+/// Registers `body` over REST with `token`; the answer, whatever its status.
+pub async fn post_instance(
+    served: &Served,
+    token: &str,
+    body: &serde_json::Value,
+) -> Result<reqwest::Response> {
+    Ok(http()
+        .post(format!("{}/v1/registry/instances", served.rest))
+        .bearer_auth(token)
+        .json(body)
+        .send()
+        .await?)
+}
+
+/// A gRPC register request of `instance` with `token`.
+pub fn register_request(
+    instance: pb::Instance,
+    token: &str,
+) -> tonic::Request<pb::RegisterRequest> {
+    authed(
+        pb::RegisterRequest {
+            instance: Some(instance),
+        },
+        token,
+    )
+}
+
 /// A proto instance of `name`/`id` at 127.0.0.1:`port`.
 pub fn pb_instance(name: &str, id: &str, port: u16) -> pb::Instance {
     pb::Instance {
@@ -149,4 +200,22 @@ pub fn published(served: &Served, service: &str) -> Vec<(u16, fulcrum_core::Heal
                 .collect()
         })
         .unwrap_or_default()
+}
+
+/// The registry's metrics in Prometheus text format.
+pub fn scrape(served: &Served) -> Result<String> {
+    let mut metrics = prometheus_client::registry::Registry::default();
+    served.registry.metrics().register(&mut metrics);
+    let mut text = String::new();
+    prometheus_client::encoding::text::encode(&mut text, &metrics)?;
+    Ok(text)
+}
+
+/// The value of exactly `series` (name and labels as exposed), if present.
+pub fn value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        line.strip_prefix(series)
+            .and_then(|rest| rest.strip_prefix(' '))
+            .and_then(|number| number.trim().parse().ok())
+    })
 }

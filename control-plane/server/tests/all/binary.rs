@@ -141,7 +141,11 @@ async fn binary_with_etcd_registry_serves_grpc_registrations_to_envoy_across_a_r
     let dir = tempfile::tempdir().expect("tempdir");
     let etcd = Etcd::start(dir.path()).await;
     let tokens = dir.path().join("tokens");
-    std::fs::write(&tokens, format!("orders-team {REGISTRY_TOKEN}\n")).expect("tokens");
+    std::fs::write(
+        &tokens,
+        format!("orders-team {REGISTRY_TOKEN} services=orders addresses=127.0.0.0/8 max=10\n"),
+    )
+    .expect("tokens");
     // The restarted binary must come back on the same addresses (Envoy's bootstrap names the
     // xDS one): reserved ports, outside the range the kernel hands to anyone else.
     let port = || format!("127.0.0.1:{}", reserve_port().expect("port"));
@@ -157,6 +161,8 @@ async fn binary_with_etcd_registry_serves_grpc_registrations_to_envoy_across_a_r
                 .arg("--registry-token-file")
                 .arg(&tokens)
                 .args(["--registry-addr", &grpc])
+                // The instance lives on this host: an explicit allowance.
+                .args(["--registry-allow-addresses", "127.0.0.0/8"])
                 .args(["--xds-addr", &xds, "--http-addr", &http])
                 .args(["--debounce-ms", "10", "--log-level", "info"]),
             &dir.path().join(format!("control-plane-{run}.log")),

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use fulcrum_control_plane::{
-    ControlPlane, OptionalSources, RegistryBackendOptions, RegistryOptions,
+    ControlPlane, OptionalSources, RegistryBackendOptions, RegistryOptions, registry::Limits,
 };
 use fulcrum_test_support::{AdsApi, Bootstrap, Envoy, eventually};
 use reqwest::StatusCode;
@@ -34,6 +34,8 @@ impl RegistryFixture {
                 registry: Some(RegistryOptions {
                     backend: RegistryBackendOptions::Memory,
                     token_file,
+                    // The instances live on this host: an explicit allowance.
+                    limits: Limits::allowing(vec!["127.0.0.0/8".parse().expect("range")]),
                     grpc_address: "127.0.0.1:0".parse().expect("address"),
                 }),
                 ..OptionalSources::default()

@@ -7,6 +7,7 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use fulcrum_control_plane::{
     Config, ControlPlane, OptionalSources, PolicySource, RegistryBackendOptions, RegistryOptions,
+    registry::Limits,
 };
 use fulcrum_e2e::{Proxy, SERVICE, backends, count_by_backend, envoy_with_control_plane};
 use fulcrum_example_backend::{Backend, Fault};
@@ -252,6 +253,8 @@ async fn a_registered_instance_failing_its_own_health_check_is_not_picked_until_
             registry: Some(RegistryOptions {
                 backend: RegistryBackendOptions::Memory,
                 token_file,
+                // The instances live on this host: an explicit allowance.
+                limits: Limits::allowing(vec!["127.0.0.0/8".parse().expect("range")]),
                 grpc_address: any,
             }),
             ..OptionalSources::default()

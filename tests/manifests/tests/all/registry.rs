@@ -181,6 +181,17 @@ fn the_registry_overlay_runs_the_etcd_registry_with_the_operators_token_secret()
         ensure!(args.contains(kept), "the overlay dropped {kept}");
     }
 
+    // The shipped registry refuses loopback, link-local and metadata addresses, and caps its
+    // live registrations.
+    ensure!(
+        flag(&args, "--registry-allow-addresses").is_none(),
+        "the overlay must not allow refused address classes"
+    );
+    let cap: usize = flag(&args, "--registry-max-instances")
+        .context("--registry-max-instances")?
+        .parse()?;
+    ensure!(cap > 0 && cap <= 10_000, "cap {cap}");
+
     // The token file lies in a read-only mount of the fulcrum-registry-tokens Secret's `tokens`.
     let token_file = flag(&args, "--registry-token-file").context("--registry-token-file")?;
     let (directory, file) = token_file.rsplit_once('/').context("absolute path")?;
