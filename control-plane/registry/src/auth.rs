@@ -35,7 +35,7 @@ pub const MIN_TOKEN_LEN: usize = 16;
 #[derive(Debug, thiserror::Error)]
 pub enum TokenFileError {
     /// The file could not be read.
-    #[error("cannot read the registry token file {path}: {source}")]
+    #[error("cannot read the token file {path}: {source}")]
     Read {
         /// The file.
         path: String,
@@ -44,7 +44,7 @@ pub enum TokenFileError {
         source: std::io::Error,
     },
     /// A line is malformed.
-    #[error("registry token file, line {line}: {reason}")]
+    #[error("line {line}: {reason}")]
     Line {
         /// 1-based line number.
         line: usize,
@@ -53,7 +53,7 @@ pub enum TokenFileError {
     },
     /// No token at all.
     #[error(
-        "the registry token file has no token; add a line `IDENTITY TOKEN` (token of at least {MIN_TOKEN_LEN} characters)"
+        "the token file has no token; add a line `IDENTITY TOKEN` (token of at least {MIN_TOKEN_LEN} characters)"
     )]
     Empty,
 }

@@ -92,7 +92,7 @@ async fn authorize(tokens: Option<&TokenAuth>, request: Request, next: Next) -> 
                 .get(header::AUTHORIZATION)
                 .and_then(|value| value.to_str().ok());
             match tokens.identify(presented) {
-                Ok(identity) => identity,
+                Ok(identity) => identity.name,
                 Err(error) => {
                     warn!(%method, %path, %error, "refused an admin request");
                     return (

@@ -28,7 +28,7 @@ use tracing::{info, warn};
 
 use crate::{limits::LimitMetrics, registry::StartedRegistry};
 pub use crate::{
-    limits::Limits,
+    limits::ListenerLimits,
     registry::{RegistryBackendOptions, RegistryOptions},
 };
 
@@ -60,7 +60,7 @@ pub struct Config {
     /// `control_plane.max_snapshot_bytes`. A larger one is refused and the last good stays.
     pub snapshot_budget_bytes: usize,
     /// Bounds on every listener.
-    pub limits: Limits,
+    pub limits: ListenerLimits,
 }
 
 impl Default for Config {
@@ -78,7 +78,7 @@ impl Default for Config {
             admin_address: loopback,
             admin_token_file: None,
             snapshot_budget_bytes: DEFAULT_SNAPSHOT_BUDGET,
-            limits: Limits::default(),
+            limits: ListenerLimits::default(),
         }
     }
 }

@@ -20,7 +20,7 @@ use tower_http::limit::RequestBodyLimitLayer;
 
 /// The bounds. The defaults suit a control plane serving a few thousand proxies.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Limits {
+pub struct ListenerLimits {
     /// Longest an HTTP request may take before it is answered `503`. The registry's
     /// long-polling watch gets its own wait cap on top of it.
     pub http_request_timeout: Duration,
@@ -36,7 +36,7 @@ pub struct Limits {
     pub grpc_max_message_bytes: usize,
 }
 
-impl Default for Limits {
+impl Default for ListenerLimits {
     fn default() -> Self {
         Self {
             http_request_timeout: Duration::from_secs(10),
@@ -77,7 +77,7 @@ impl LimitMetrics {
     }
 }
 
-impl Limits {
+impl ListenerLimits {
     /// `router`, serving one listener, within the HTTP limits: at most
     /// [`http_max_in_flight`](Self::http_max_in_flight) requests at once (the rest get `503`
     /// at once), bodies up to [`http_max_body_bytes`](Self::http_max_body_bytes) (`413`), and a

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{CommandFactory, Parser, ValueEnum, error::ErrorKind};
 use fulcrum_control_plane::{
-    Config, ControlPlane, Limits, OptionalSources, PolicySource, RegistryBackendOptions,
+    Config, ControlPlane, ListenerLimits, OptionalSources, PolicySource, RegistryBackendOptions,
     RegistryOptions,
 };
 use fulcrum_kube_source::{KubeOptions, Mapping};
@@ -274,7 +274,7 @@ async fn main() -> ExitCode {
         admin_address: cli.admin_addr,
         admin_token_file: cli.admin_token_file,
         snapshot_budget_bytes: cli.snapshot_budget_bytes,
-        limits: Limits {
+        limits: ListenerLimits {
             http_request_timeout: Duration::from_millis(cli.http_request_timeout_ms),
             http_max_in_flight: cli.http_max_in_flight,
             http_max_body_bytes: cli.http_max_body_bytes,

@@ -19,7 +19,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
-use crate::limits::Limits;
+use crate::limits::ListenerLimits;
 
 /// Where registrations and leases live.
 #[derive(Debug, Clone)]
@@ -59,7 +59,10 @@ impl StartedRegistry {
         let auth = TokenAuth::from_file(&options.token_file).map_err(|error| match error {
             // Names the file and the IO error already.
             TokenFileError::Read { .. } => anyhow::anyhow!("{error}"),
-            _ => anyhow::anyhow!("{}: {error}", options.token_file.display()),
+            _ => anyhow::anyhow!(
+                "registry token file {}: {error}",
+                options.token_file.display()
+            ),
         })?;
         let registry = match options.backend {
             RegistryBackendOptions::Memory => Registry::in_memory(options.limits),
@@ -114,7 +117,7 @@ impl StartedRegistry {
 pub(crate) async fn serve_grpc(
     api: ApiState,
     listener: TcpListener,
-    limits: Limits,
+    limits: ListenerLimits,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let service = fulcrum_registry::api::grpc::server(api)

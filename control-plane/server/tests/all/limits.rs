@@ -8,7 +8,7 @@ use envoy_types::pb::envoy::service::discovery::v3::{
     DiscoveryRequest, aggregated_discovery_service_client::AggregatedDiscoveryServiceClient,
 };
 use fulcrum_control_plane::{
-    Config, ControlPlane, Limits, OptionalSources, RegistryBackendOptions, RegistryOptions,
+    Config, ControlPlane, ListenerLimits, OptionalSources, RegistryBackendOptions, RegistryOptions,
 };
 use reqwest::StatusCode;
 use tokio::{
@@ -170,10 +170,10 @@ async fn requests_beyond_the_in_flight_cap_are_refused_at_once_stalled_ones_cut_
     std::fs::write(&token_file, "tester registry-test-token-0123456789\n").expect("tokens");
     let control_plane = ControlPlane::start_with(
         Config {
-            limits: Limits {
+            limits: ListenerLimits {
                 http_max_in_flight: 2,
                 http_request_timeout: Duration::from_secs(1),
-                ..Limits::default()
+                ..ListenerLimits::default()
             },
             ..loopback_config(None)
         },
@@ -181,6 +181,7 @@ async fn requests_beyond_the_in_flight_cap_are_refused_at_once_stalled_ones_cut_
             registry: Some(RegistryOptions {
                 backend: RegistryBackendOptions::Memory,
                 token_file,
+                limits: fulcrum_control_plane::registry::Limits::default(),
                 grpc_address: "127.0.0.1:0".parse().expect("address"),
             }),
             ..OptionalSources::default()
@@ -224,7 +225,10 @@ async fn requests_beyond_the_in_flight_cap_are_refused_at_once_stalled_ones_cut_
         .post(format!("http://{address}/v1/registry/instances"))
         .bearer_auth("registry-test-token-0123456789")
         .header("content-type", "application/json")
-        .body(vec![b' '; Limits::default().http_max_body_bytes + 1])
+        .body(vec![
+            b' ';
+            ListenerLimits::default().http_max_body_bytes + 1
+        ])
         .send()
         .await
         .expect("request");
@@ -269,9 +273,9 @@ async fn open_ads_stream(
 #[tokio::test]
 async fn xds_streams_beyond_the_cap_are_refused_with_resource_exhausted_until_one_closes() {
     let (control_plane, _dir) = started(Config {
-        limits: Limits {
+        limits: ListenerLimits {
             xds_max_streams: 2,
-            ..Limits::default()
+            ..ListenerLimits::default()
         },
         ..loopback_config(None)
     })
