@@ -158,6 +158,7 @@ impl Stack {
             .arg("--static-file")
             .arg(&static_file)
             .args(["--xds-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--admin-addr", "127.0.0.1:0"])
             .arg("--address-file")
             .arg(&address_file);
         let mut control_plane = Process::spawn(

@@ -58,6 +58,7 @@ async fn binary_serves_envoy_and_exits_cleanly_on_sigterm() {
         Command::new(env!("CARGO_BIN_EXE_fulcrum-control-plane"))
             .args(["--static-file", file.to_str().expect("utf-8 path")])
             .args(["--xds-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--admin-addr", "127.0.0.1:0"])
             .arg("--address-file")
             .arg(&address_file)
             .args(["--debounce-ms", "10", "--log-level", "info"]),
@@ -164,6 +165,7 @@ async fn binary_with_etcd_registry_serves_grpc_registrations_to_envoy_across_a_r
                 // The instance lives on this host: an explicit allowance.
                 .args(["--registry-allow-addresses", "127.0.0.0/8"])
                 .args(["--xds-addr", &xds, "--http-addr", &http])
+                .args(["--admin-addr", "127.0.0.1:0"])
                 .args(["--debounce-ms", "10", "--log-level", "info"]),
             &dir.path().join(format!("control-plane-{run}.log")),
         )
