@@ -395,11 +395,16 @@ impl ResponseBuilder<'_, '_> {
 
     /// Ends the response with a trailer (repeat for more): `proxy_on_response_trailers` runs
     /// after the headers and the body.
-    pub fn trailer(mut self, name: &str, value: &str) -> Self {
+    pub fn trailer(self, name: &str, value: &str) -> Self {
+        self.trailer_bytes(name, value)
+    }
+
+    /// [`trailer`](Self::trailer) with any bytes as name and value.
+    pub fn trailer_bytes(mut self, name: impl AsRef<[u8]>, value: impl AsRef<[u8]>) -> Self {
         headers::add(
             self.trailers.get_or_insert_with(Vec::new),
-            name.as_bytes(),
-            value.as_bytes(),
+            name.as_ref(),
+            value.as_ref(),
         );
         self
     }

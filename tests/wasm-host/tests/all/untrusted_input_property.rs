@@ -1,6 +1,7 @@
 //! Property: whatever a client sends (arbitrary header names and values as bytes, repeated,
-//! in any case, up to 64 KiB; arbitrary cookies, authorities and properties) and whatever the
-//! control plane answers (any `:status`, any body, valid snapshots with arbitrary names,
+//! in any case, up to 64 KiB; arbitrary cookies, authorities and properties), whatever an
+//! upstream answers (any `content-type`, gRPC or not, any `grpc-status` bytes, in the headers
+//! or the trailers) and whatever the control plane answers (any `:status`, any body, valid snapshots with arbitrary names,
 //! zones and weights up to the registry's 10,000, resets, timeouts), the real filter never
 //! traps, never lets a client's override header through, keeps picking for ordinary requests,
 //! and its memory stays bounded.
@@ -235,6 +236,12 @@ fn hostile_request(source: Source, plugin: &Plugin, case: &Case) -> anyhow::Resu
     for (path, value) in &case.response_properties {
         response = response.property(path, Property::bytes(value.clone()));
     }
+    for (name, value) in &case.response_headers {
+        response = response.header_bytes(name, value);
+    }
+    for (name, value) in case.trailers.iter().flatten() {
+        response = response.trailer_bytes(name, value);
+    }
     response.finish()?;
     Ok(())
 }
@@ -288,7 +295,36 @@ struct Case {
     route_cluster: Option<Vec<u8>>,
     status: u16,
     response_properties: Vec<(&'static str, Vec<u8>)>,
+    response_headers: Vec<(Vec<u8>, Vec<u8>)>,
+    trailers: Option<Vec<(Vec<u8>, Vec<u8>)>>,
     snapshot: Option<Answer>,
+}
+
+/// Response headers or trailers an upstream may send: gRPC's (`content-type`, `grpc-status`)
+/// with plausible and arbitrary values, or arbitrary bytes.
+fn response_field() -> impl Strategy<Value = (Vec<u8>, Vec<u8>)> {
+    let name = prop_oneof![
+        4 => select(vec!["content-type", "grpc-status", "Grpc-Status", "grpc-message"])
+            .prop_map(|name| name.as_bytes().to_vec()),
+        1 => vec(any::<u8>(), 0..16),
+    ];
+    let value = prop_oneof![
+        3 => select(vec![
+            "application/grpc",
+            "application/grpc+proto",
+            "application/grpcx",
+            "0",
+            "14",
+            "4",
+            "999",
+            "1234",
+            "-1",
+            "",
+        ])
+        .prop_map(|value| value.as_bytes().to_vec()),
+        1 => vec(any::<u8>(), 0..64),
+    ];
+    (name, value)
 }
 
 /// A name the filter reads, in random case, or arbitrary bytes.
@@ -442,16 +478,30 @@ fn case() -> impl Strategy<Value = Case> {
         ]),
         select(vec![200u16, 404, 503]),
         vec(response_property, 0..3),
+        (
+            vec(response_field(), 0..4),
+            proptest::option::weighted(0.5, vec(response_field(), 0..3)),
+        ),
         proptest::option::weighted(0.3, answer()),
     )
         .prop_map(
-            |(headers, source_address, route_cluster, status, response_properties, snapshot)| {
+            |(
+                headers,
+                source_address,
+                route_cluster,
+                status,
+                response_properties,
+                (response_headers, trailers),
+                snapshot,
+            )| {
                 Case {
                     headers,
                     source_address,
                     route_cluster,
                     status,
                     response_properties,
+                    response_headers,
+                    trailers,
                     snapshot,
                 }
             },
