@@ -20,6 +20,17 @@ use crate::support::{PATIENCE, endpoint, endpoints_file, http_client, loopback_c
 
 const CHECKOUT: &str = "outbound|80||checkout.shop.svc.cluster.local";
 
+/// Writes an endpoints file with one `local` service into `dir`; its path.
+fn local_endpoints(dir: &std::path::Path) -> std::path::PathBuf {
+    let static_file = dir.join("endpoints.yaml");
+    std::fs::write(
+        &static_file,
+        endpoints_file(&[("local", vec![endpoint("127.0.0.1:9001", "")])]),
+    )
+    .expect("write endpoints");
+    static_file
+}
+
 fn policy_yaml(failures: u32) -> String {
     format!("default:\n  outlier_detection:\n    consecutive_failures: {failures}\n")
 }
@@ -46,12 +57,7 @@ impl Running {
             vec![ready("10.1.0.1")],
         ));
         let dir = tempfile::tempdir().expect("tempdir");
-        let static_file = dir.path().join("endpoints.yaml");
-        std::fs::write(
-            &static_file,
-            endpoints_file(&[("local", vec![endpoint("127.0.0.1:9001", "")])]),
-        )
-        .expect("write endpoints");
+        let static_file = local_endpoints(dir.path());
         let policy_file = dir.path().join("policy.yaml");
         std::fs::write(&policy_file, policy_yaml(3)).expect("write policy");
         let control_plane = ControlPlane::start_with(
@@ -175,12 +181,7 @@ async fn snapshot_serves_kubernetes_endpoints_with_the_policy_and_rollback_resto
 async fn with_a_policy_source_nothing_is_served_and_the_control_plane_is_unready_until_a_policy_is_accepted()
  {
     let dir = tempfile::tempdir().expect("tempdir");
-    let static_file = dir.path().join("endpoints.yaml");
-    std::fs::write(
-        &static_file,
-        endpoints_file(&[("local", vec![endpoint("127.0.0.1:9001", "")])]),
-    )
-    .expect("write endpoints");
+    let static_file = local_endpoints(dir.path());
     let policy_file = dir.path().join("policy.yaml");
     std::fs::write(
         &policy_file,
