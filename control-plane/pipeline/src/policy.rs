@@ -97,6 +97,7 @@ mod tests {
         );
         store
             .offer(&policy_yaml(3), PolicyFormat::Yaml, "t")
+            .await
             .expect("valid");
         published.changed().await.expect("published");
         let snapshot = published.borrow().clone().expect("a snapshot");
@@ -118,21 +119,23 @@ mod tests {
         stage.abort();
     }
 
-    #[test]
-    fn the_snapshot_version_follows_the_endpoints_and_the_policy_content() {
+    #[tokio::test]
+    async fn the_snapshot_version_follows_the_endpoints_and_the_policy_content() {
         let store = PolicyStore::default();
         let without = attach(&endpoints(1), None);
         assert_eq!(without.policy, None);
         assert_eq!(without.version, snapshot_version(&endpoints(1), None));
         store
             .offer(&policy_yaml(3), PolicyFormat::Yaml, "t")
+            .await
             .expect("valid");
         let first = attach(&endpoints(1), store.current().as_deref());
         store
             .offer(&policy_yaml(4), PolicyFormat::Yaml, "t")
+            .await
             .expect("valid");
         let second = attach(&endpoints(1), store.current().as_deref());
-        store.rollback(1).expect("kept");
+        store.rollback(1).await.expect("kept");
         let rolled_back = attach(&endpoints(1), store.current().as_deref());
         assert_ne!(first.version, second.version);
         assert_eq!(first.version, rolled_back.version);

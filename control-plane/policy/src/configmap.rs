@@ -4,6 +4,10 @@
 //! relisting after `410 Gone` like every kube-rs watcher. Each distinct text of the key is
 //! offered once; a ConfigMap missing (at a list), deleted or without the key is reported and
 //! counted, and the current policy stays (deleting the ConfigMap never removes the policy).
+//! A valid text that cannot be recorded yet (the status ConfigMap unreachable) is offered
+//! again until it is.
+
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -14,7 +18,7 @@ use kube::{
 use sha2::{Digest, Sha256};
 use tracing::{info, warn};
 
-use crate::{PolicyFormat, PolicyStore};
+use crate::{OfferError, PolicyFormat, PolicyStore};
 
 /// The policy in `key` of ConfigMap `namespace/name`. Format: JSON when the key ends in
 /// `.json`, YAML otherwise.
@@ -56,7 +60,9 @@ impl PolicyConfigMap {
         format!("configmap:{}/{}:{}", self.namespace, self.name, self.key)
     }
 
-    /// Offers the key's text to `store` on every change, until dropped.
+    /// Offers the key's text to `store` on every change, until dropped. A valid text that
+    /// could not be recorded (the status ConfigMap unreachable) is offered again every
+    /// [`RETRY`] until it is, unless a newer text replaces it.
     pub async fn run(self, store: PolicyStore) {
         let origin = self.origin();
         let format = PolicyFormat::from_name(&self.key);
@@ -64,8 +70,19 @@ impl PolicyConfigMap {
         let config = watcher::Config::default().fields(&format!("metadata.name={}", self.name));
         let mut events = watcher(api, config).default_backoff().boxed();
         let mut last_offered: Option<[u8; 32]> = None;
+        let mut unrecorded: Option<String> = None;
         let mut listed_it = false;
-        while let Some(event) = events.next().await {
+        loop {
+            let event = tokio::select! {
+                event = events.next() => event,
+                () = tokio::time::sleep(RETRY), if unrecorded.is_some() => {
+                    if let Some(text) = unrecorded.take() {
+                        unrecorded = offer(&store, text, format, &origin).await;
+                    }
+                    continue;
+                }
+            };
+            let Some(event) = event else { return };
             match event {
                 Ok(watcher::Event::Apply(map) | watcher::Event::InitApply(map)) => {
                     listed_it = true;
@@ -76,23 +93,25 @@ impl PolicyConfigMap {
                                 continue;
                             }
                             last_offered = Some(hash);
-                            // Rejections are logged and counted by the store.
-                            let _ = store.offer(text, format, &origin);
+                            unrecorded = offer(&store, text.clone(), format, &origin).await;
                         }
                         None => {
                             last_offered = None;
+                            unrecorded = None;
                             store.reject_missing(&origin, "the ConfigMap has no such key");
                         }
                     }
                 }
                 Ok(watcher::Event::Delete(_)) => {
                     last_offered = None;
+                    unrecorded = None;
                     store.reject_missing(&origin, "the ConfigMap was deleted");
                 }
                 Ok(watcher::Event::Init) => listed_it = false,
                 Ok(watcher::Event::InitDone) => {
                     if !listed_it {
                         last_offered = None;
+                        unrecorded = None;
                         store.reject_missing(&origin, "no such ConfigMap");
                     }
                 }
@@ -104,5 +123,22 @@ impl PolicyConfigMap {
                 }
             }
         }
+    }
+}
+
+/// How long a text that could not be recorded waits before it is offered again.
+pub const RETRY: Duration = Duration::from_secs(2);
+
+/// Offers `text`; returns it when it must be offered again (valid, but not recorded).
+/// Rejections are logged and counted by the store.
+async fn offer(
+    store: &PolicyStore,
+    text: String,
+    format: PolicyFormat,
+    origin: &str,
+) -> Option<String> {
+    match store.offer(&text, format, origin).await {
+        Err(OfferError::NotRecorded(_)) => Some(text),
+        Ok(_) | Err(OfferError::Rejected(_)) => None,
     }
 }

@@ -10,7 +10,7 @@ use std::{path::PathBuf, time::Duration};
 use sha2::{Digest, Sha256};
 use tracing::error;
 
-use crate::{PolicyFormat, PolicyStore};
+use crate::{OfferError, PolicyFormat, PolicyStore};
 
 /// A policy file polled for changes. Format: JSON for `*.json`, YAML otherwise.
 #[derive(Debug, Clone)]
@@ -60,9 +60,14 @@ impl PolicyFile {
             }
             last_seen = Some(fingerprint);
             match seen {
-                // Rejections are logged and counted by the store.
                 Ok((_, text)) => {
-                    let _ = store.offer(&text, self.format, &origin);
+                    // Rejections are logged and counted by the store; a text that could not
+                    // be recorded is offered again at the next tick.
+                    if let Err(OfferError::NotRecorded(_)) =
+                        store.offer(&text, self.format, &origin).await
+                    {
+                        last_seen = None;
+                    }
                 }
                 Err(problem) => error!(
                     origin = %origin,

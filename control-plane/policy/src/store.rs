@@ -1,7 +1,7 @@
-//! [`PolicyStore`]: accepted policy versions, the current one on a watch channel, rollback.
+//! [`PolicyStore`]: accepted policy versions, the current one on a watch channel, rollback;
+//! every change a compare-and-swap of the [`PolicyRecord`], in memory or shared by replicas.
 
 use std::{
-    collections::VecDeque,
     sync::{Arc, Mutex, MutexGuard},
     time::{SystemTime, UNIX_EPOCH},
 };
@@ -11,9 +11,11 @@ use prometheus_client::{
     metrics::{counter::Counter, gauge::Gauge},
     registry::Registry,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{error, info};
+
+use crate::{PolicyRecord, PolicyStatus, StatusError, record::source_digest, status::StatusWrite};
 
 /// Accepted versions kept for rollback unless configured otherwise.
 pub const DEFAULT_HISTORY: usize = 16;
@@ -46,7 +48,7 @@ impl PolicyFormat {
 }
 
 /// One accepted policy version.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct AppliedPolicy {
     /// Increases by one with every accepted policy and every rollback; starts at 1.
     pub version: u64,
@@ -55,20 +57,12 @@ pub struct AppliedPolicy {
     /// Where the text came from, e.g. `file:/etc/fulcrum/policy.yaml`.
     pub origin: String,
     /// The version this one restored, when it was made by a rollback.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rolled_back_from: Option<u64>,
     /// When it was accepted, in milliseconds since the Unix epoch.
     pub accepted_at_unix_ms: u64,
     /// The validated policy.
-    #[serde(serialize_with = "serialize_shared")]
     pub policy: Arc<Policy>,
-}
-
-fn serialize_shared<S: serde::Serializer>(
-    policy: &Arc<Policy>,
-    serializer: S,
-) -> Result<S::Ok, S::Error> {
-    Serialize::serialize(policy.as_ref(), serializer)
 }
 
 /// What [`PolicyStore::offer`] did with a valid policy.
@@ -78,6 +72,9 @@ pub enum Offered {
     Applied(u64),
     /// It equals the current policy, which stays as this version.
     Unchanged(u64),
+    /// This very text was decided before (on this or another replica, before a restart or
+    /// not); the current version, possibly a rollback made since, stays.
+    AlreadyDecided(u64),
 }
 
 /// A policy text refused; the current policy stays.
@@ -93,6 +90,18 @@ pub struct PolicyRejected {
     pub source: PolicyError,
 }
 
+/// Why an offered policy text did not become current.
+#[derive(Debug, thiserror::Error)]
+pub enum OfferError {
+    /// The text is not a valid policy.
+    #[error(transparent)]
+    Rejected(#[from] PolicyRejected),
+    /// The text is valid but could not be recorded where every replica reads it; nothing
+    /// changed, and the source offers it again.
+    #[error(transparent)]
+    NotRecorded(#[from] StatusError),
+}
+
 /// Why a rollback was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RollbackError {
@@ -106,6 +115,9 @@ pub enum RollbackError {
         /// The versions kept.
         available: Vec<u64>,
     },
+    /// The rollback could not be recorded where every replica reads it; nothing changed.
+    #[error(transparent)]
+    NotRecorded(#[from] StatusError),
 }
 
 /// Prometheus metrics of the policy store. Cheap to clone (shared handles).
@@ -119,6 +131,15 @@ pub struct PolicyMetrics {
     pub rollbacks: Counter,
     /// `fulcrum_policy_version`: the current version (0 before the first).
     pub version: Gauge,
+    /// `fulcrum_policy_status_failures_total`: reads or writes of the status ConfigMap that
+    /// failed, so a policy change or rollback was not applied (retried for source texts).
+    pub status_failures: Counter,
+    /// `fulcrum_policy_status_conflicts_total`: writes that lost a race with another replica
+    /// and were redone on the newer record.
+    pub status_conflicts: Counter,
+    /// `fulcrum_policy_status_invalid_total`: status records that could not be read back
+    /// (edited by hand or corrupted); the in-memory record stays and the next write replaces it.
+    pub status_invalid: Counter,
 }
 
 impl PolicyMetrics {
@@ -141,26 +162,54 @@ impl PolicyMetrics {
             "The current policy version (0 before the first)",
             self.version.clone(),
         );
+        policy.register(
+            "status_failures",
+            "Reads or writes of the policy status ConfigMap that failed; the change was not applied",
+            self.status_failures.clone(),
+        );
+        policy.register(
+            "status_conflicts",
+            "Policy status writes redone after another replica wrote first",
+            self.status_conflicts.clone(),
+        );
+        policy.register(
+            "status_invalid",
+            "Policy status records that could not be read back",
+            self.status_invalid.clone(),
+        );
     }
 }
 
+/// Compare-and-swap attempts of one change before giving up as contended.
+const WRITE_ATTEMPTS: u32 = 8;
+
 #[derive(Debug)]
-struct History {
+struct Shared {
     capacity: usize,
-    next_version: u64,
-    /// Oldest first; the last entry is current.
-    versions: VecDeque<Arc<AppliedPolicy>>,
+    /// The record in force here: the last one written or adopted.
+    record: Mutex<PolicyRecord>,
+    current: watch::Sender<Option<Arc<AppliedPolicy>>>,
+    metrics: PolicyMetrics,
+    /// Where the record is shared with the other replicas, if anywhere.
+    status: Option<PolicyStatus>,
+    /// One change at a time from this process: read, decide, compare-and-swap.
+    writing: tokio::sync::Mutex<()>,
 }
 
 /// Accepted policy versions and the current one. Cheap to clone (shared state).
+///
+/// Every change is made the same way: read the newest [`PolicyRecord`], decide the next one
+/// with its pure rules, and write it back with compare-and-swap, redoing the change on the
+/// newer record when another replica wrote first. With a [`PolicyStatus`] the record lives in
+/// a ConfigMap every replica reads and writes, so the accepted policy, its history and
+/// rollbacks survive restarts and are the same on every replica; without one it lives in this
+/// process only.
 ///
 /// Invariants: the history holds at most `capacity` versions, in increasing version order,
 /// and its last entry is the one published on the watch channel.
 #[derive(Debug, Clone)]
 pub struct PolicyStore {
-    history: Arc<Mutex<History>>,
-    current: watch::Sender<Option<Arc<AppliedPolicy>>>,
-    metrics: PolicyMetrics,
+    shared: Arc<Shared>,
 }
 
 impl Default for PolicyStore {
@@ -170,97 +219,145 @@ impl Default for PolicyStore {
 }
 
 impl PolicyStore {
-    /// An empty store keeping the last `capacity` (at least 1) accepted versions.
+    /// An empty store, in this process only, keeping the last `capacity` (at least 1)
+    /// accepted versions.
     pub fn new(capacity: usize) -> Self {
+        Self::build(capacity, None)
+    }
+
+    /// An empty store whose record is shared through `status`: it adopts the stored record at
+    /// its first change or when [`PolicyStatus::follow`] reads it, and writes every change
+    /// there before applying it.
+    pub fn shared_through(status: PolicyStatus, capacity: usize) -> Self {
+        Self::build(capacity, Some(status))
+    }
+
+    fn build(capacity: usize, status: Option<PolicyStatus>) -> Self {
         let (current, _) = watch::channel(None);
         Self {
-            history: Arc::new(Mutex::new(History {
+            shared: Arc::new(Shared {
                 capacity: capacity.max(1),
-                next_version: 1,
-                versions: VecDeque::new(),
-            })),
-            current,
-            metrics: PolicyMetrics::default(),
+                record: Mutex::new(PolicyRecord::default()),
+                current,
+                metrics: PolicyMetrics::default(),
+                status,
+                writing: tokio::sync::Mutex::new(()),
+            }),
         }
     }
 
-    fn lock(&self) -> MutexGuard<'_, History> {
-        self.history
+    fn lock(&self) -> MutexGuard<'_, PolicyRecord> {
+        self.shared
+            .record
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The current policy, then every change of it.
     pub fn subscribe(&self) -> watch::Receiver<Option<Arc<AppliedPolicy>>> {
-        self.current.subscribe()
+        self.shared.current.subscribe()
     }
 
     /// The current policy, if one was accepted.
     pub fn current(&self) -> Option<Arc<AppliedPolicy>> {
-        self.current.borrow().clone()
+        self.shared.current.borrow().clone()
     }
 
     /// The kept versions, oldest first; the last is current.
     pub fn history(&self) -> Vec<Arc<AppliedPolicy>> {
-        self.lock().versions.iter().cloned().collect()
+        self.lock().versions.clone()
+    }
+
+    /// The record in force here.
+    pub fn record(&self) -> PolicyRecord {
+        self.lock().clone()
     }
 
     /// The store's metrics, to register or read.
     pub fn metrics(&self) -> &PolicyMetrics {
-        &self.metrics
+        &self.shared.metrics
     }
 
-    /// Parses, validates and applies `text` from `origin`. A policy equal to the current one
-    /// changes nothing. On error every problem is logged, the rejection is counted, and the
-    /// current policy stays.
-    pub fn offer(
+    /// Parses, validates and applies `text` from `origin`. A policy equal to the current one,
+    /// or a text decided before, changes nothing. An invalid text is logged field by field and
+    /// counted, and the current policy stays; so it does when the change cannot be recorded.
+    pub async fn offer(
         &self,
         text: &str,
         format: PolicyFormat,
         origin: &str,
-    ) -> Result<Offered, PolicyRejected> {
-        match format.parse(text) {
-            Ok(policy) => Ok(self.accept(policy, origin, None)),
+    ) -> Result<Offered, OfferError> {
+        let policy = match format.parse(text) {
+            Ok(policy) => policy,
             Err(source) => {
                 let kept = self.current().map(|current| current.version);
                 self.log_rejection(origin, kept, &source);
-                Err(PolicyRejected {
+                return Err(PolicyRejected {
                     origin: origin.to_owned(),
                     kept,
                     source,
-                })
+                }
+                .into());
             }
+        };
+        let source = source_digest(text);
+        let capacity = self.shared.capacity;
+        let decided = self
+            .commit(|record| {
+                Ok::<_, std::convert::Infallible>(record.offered(
+                    &source,
+                    &policy,
+                    origin,
+                    capacity,
+                    now_unix_ms(),
+                ))
+            })
+            .await
+            .map_err(|problem| self.not_recorded(origin, problem))?;
+        let Ok(offered) = decided;
+        match offered {
+            Offered::Applied(version) => {
+                self.shared.metrics.accepted.inc();
+                let digest = self.current().map(|current| current.digest.clone());
+                info!(origin, version, digest = ?digest, "policy applied");
+            }
+            Offered::Unchanged(version) => info!(origin, version, "policy unchanged"),
+            Offered::AlreadyDecided(version) => info!(
+                origin,
+                version,
+                "policy text decided before; the current version (a rollback included) stays"
+            ),
         }
+        Ok(offered)
     }
 
     /// Counts and logs a rejection that has no policy text (e.g. a ConfigMap without the key).
     pub(crate) fn reject_missing(&self, origin: &str, reason: &str) {
-        self.metrics.rejected.inc();
+        self.shared.metrics.rejected.inc();
         let kept = self.current().map(|current| current.version);
         error!(origin, reason, kept_version = ?kept, "no policy text; keeping the current policy");
     }
 
-    /// Makes accepted `version` current again, as a new version.
-    pub fn rollback(&self, version: u64) -> Result<Arc<AppliedPolicy>, RollbackError> {
-        let target = {
-            let history = self.lock();
-            history
-                .versions
-                .iter()
-                .find(|applied| applied.version == version)
-                .cloned()
-                .ok_or_else(|| RollbackError::UnknownVersion {
-                    version,
-                    available: history
-                        .versions
-                        .iter()
-                        .map(|applied| applied.version)
-                        .collect(),
-                })?
-        };
-        self.metrics.rollbacks.inc();
+    /// Makes accepted `version` current again, as a new version (none when its policy is
+    /// already current), on every replica sharing the record.
+    pub async fn rollback(&self, version: u64) -> Result<Arc<AppliedPolicy>, RollbackError> {
+        let capacity = self.shared.capacity;
         let origin = format!("rollback to version {version}");
-        let applied = self.append(target.policy.clone(), &origin, Some(version));
+        let (applied, made_version) = self
+            .commit(|record| {
+                record
+                    .rolled_back(version, capacity, now_unix_ms())
+                    .map(|(next, applied)| {
+                        let made_version = next.is_some();
+                        (next, (applied, made_version))
+                    })
+            })
+            .await
+            .map_err(|problem| self.not_recorded(&origin, problem))??;
+        self.shared.metrics.rollbacks.inc();
+        if made_version {
+            self.shared.metrics.accepted.inc();
+        }
         info!(
             from_version = version,
             version = applied.version,
@@ -270,58 +367,108 @@ impl PolicyStore {
         Ok(applied)
     }
 
-    fn accept(&self, policy: Policy, origin: &str, rolled_back_from: Option<u64>) -> Offered {
-        if let Some(current) = self.current()
-            && *current.policy == policy
-        {
-            info!(origin, version = current.version, "policy unchanged");
-            return Offered::Unchanged(current.version);
+    /// Adopts `record`, read from the shared status, if it is newer than the one in force.
+    pub(crate) fn adopt(&self, record: PolicyRecord) {
+        let newer = record.revision > self.lock().revision;
+        if newer {
+            let version = record.current().map(|current| current.version);
+            self.install(record);
+            info!(version = ?version, "adopted the policy record the replicas share");
         }
-        let applied = self.append(Arc::new(policy), origin, rolled_back_from);
-        info!(origin, version = applied.version, digest = %applied.digest, "policy applied");
-        Offered::Applied(applied.version)
     }
 
-    /// Records `policy` as the next version and publishes it, under one lock so the history
-    /// and the channel change together.
-    fn append(
+    /// Counts that the shared status could not be read back.
+    pub(crate) fn count_invalid_status(&self) {
+        self.shared.metrics.status_invalid.inc();
+    }
+
+    /// Reads the newest record, decides the next one with `change`, writes it back with
+    /// compare-and-swap and installs it; redone on the newer record after a conflict.
+    async fn commit<T, E>(
         &self,
-        policy: Arc<Policy>,
-        origin: &str,
-        rolled_back_from: Option<u64>,
-    ) -> Arc<AppliedPolicy> {
-        let mut history = self.lock();
-        let applied = Arc::new(AppliedPolicy {
-            version: history.next_version,
-            digest: digest(&policy),
-            origin: origin.to_owned(),
-            rolled_back_from,
-            accepted_at_unix_ms: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |since| {
-                    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-                }),
-            policy,
-        });
-        history.next_version += 1;
-        history.versions.push_back(applied.clone());
-        while history.versions.len() > history.capacity {
-            history.versions.pop_front();
+        change: impl Fn(&PolicyRecord) -> Result<(Option<PolicyRecord>, T), E>,
+    ) -> Result<Result<T, E>, StatusError> {
+        let _one_at_a_time = self.shared.writing.lock().await;
+        let Some(status) = &self.shared.status else {
+            let decided = change(&self.record());
+            return Ok(decided.map(|(next, outcome)| {
+                if let Some(mut next) = next {
+                    next.revision += 1;
+                    self.install(next);
+                }
+                outcome
+            }));
+        };
+        for _ in 0..WRITE_ATTEMPTS {
+            let stored = status.load(self).await.inspect_err(|_| {
+                self.shared.metrics.status_failures.inc();
+            })?;
+            let base = match &stored.record {
+                Some(record) => {
+                    self.adopt(record.clone());
+                    record.clone()
+                }
+                // Nothing stored (first start, deleted, or unreadable): go on from this
+                // replica's memory.
+                None => self.record(),
+            };
+            let (next, outcome) = match change(&base) {
+                Ok(decided) => decided,
+                Err(refused) => return Ok(Err(refused)),
+            };
+            let Some(mut next) = next else {
+                return Ok(Ok(outcome));
+            };
+            next.revision = base.revision.max(self.lock().revision) + 1;
+            match status.save(next, &stored).await {
+                Ok(written) => {
+                    self.install(written);
+                    return Ok(Ok(outcome));
+                }
+                Err(StatusWrite::Conflict) => self.shared.metrics.status_conflicts.inc(),
+                Err(StatusWrite::Failed(problem)) => {
+                    self.shared.metrics.status_failures.inc();
+                    return Err(problem);
+                }
+            };
         }
-        debug_assert!(
-            history.versions.len() <= history.capacity,
-            "policy history exceeds its capacity"
-        );
-        self.metrics.accepted.inc();
-        self.metrics
-            .version
-            .set(i64::try_from(applied.version).unwrap_or(i64::MAX));
-        self.current.send_replace(Some(applied.clone()));
-        applied
+        self.shared.metrics.status_failures.inc();
+        Err(StatusError::Contended {
+            status: status.to_string(),
+            attempts: WRITE_ATTEMPTS,
+        })
+    }
+
+    fn not_recorded(&self, origin: &str, problem: StatusError) -> StatusError {
+        let kept = self.current().map(|current| current.version);
+        error!(origin, error = %problem, kept_version = ?kept, "policy change not recorded; keeping the current policy");
+        problem
+    }
+
+    /// Makes `record` the one in force and publishes its current version, under one lock so
+    /// the history and the channel change together.
+    fn install(&self, record: PolicyRecord) {
+        let mut held = self.lock();
+        let current = record.current().cloned();
+        *held = record;
+        if let Some(current) = &current {
+            self.shared
+                .metrics
+                .version
+                .set(i64::try_from(current.version).unwrap_or(i64::MAX));
+        }
+        self.shared.current.send_if_modified(|published| {
+            let changed = published.as_ref().map(|p| (p.version, &p.digest))
+                != current.as_ref().map(|c| (c.version, &c.digest));
+            if changed {
+                published.clone_from(&current);
+            }
+            changed
+        });
     }
 
     fn log_rejection(&self, origin: &str, kept: Option<u64>, problem: &PolicyError) {
-        self.metrics.rejected.inc();
+        self.shared.metrics.rejected.inc();
         match problem {
             PolicyError::Invalid(invalid) => {
                 for field in &invalid.errors {
@@ -344,9 +491,10 @@ impl PolicyStore {
     }
 }
 
-/// A short hex hash of the policy's canonical JSON.
-fn digest(policy: &Policy) -> String {
-    // Plain structs over ordered maps: serialization is canonical and cannot fail.
-    let canonical = serde_json::to_vec(policy).unwrap_or_default();
-    fulcrum_core::version::content_version(&[&canonical])
+fn now_unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
 }

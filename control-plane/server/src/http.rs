@@ -29,7 +29,7 @@ use axum::{
     routing::{get, post},
 };
 use fulcrum_pipeline::{Dropped, Refused, SnapshotStore};
-use fulcrum_policy::{AppliedPolicy, PolicyStore};
+use fulcrum_policy::{AppliedPolicy, PolicyStore, RollbackError};
 use fulcrum_registry::TokenAuth;
 use fulcrum_xds::{NodeRegistry, StreamStatus};
 use prometheus_client::registry::Registry;
@@ -219,9 +219,14 @@ async fn policy_rollback(
     State(state): State<AppState>,
     Query(query): Query<RollbackQuery>,
 ) -> Response {
-    match state.policies.rollback(query.version) {
+    match state.policies.rollback(query.version).await {
         Ok(applied) => Json(AppliedPolicy::clone(&applied)).into_response(),
-        Err(error) => (StatusCode::NOT_FOUND, format!("{error}\n")).into_response(),
+        Err(error @ RollbackError::UnknownVersion { .. }) => {
+            (StatusCode::NOT_FOUND, format!("{error}\n")).into_response()
+        }
+        Err(error @ RollbackError::NotRecorded(_)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{error}\n")).into_response()
+        }
     }
 }
 

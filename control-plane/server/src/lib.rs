@@ -17,7 +17,7 @@ use fulcrum_kube_source::{KubeOptions, KubeSource};
 use fulcrum_pipeline::{
     DEFAULT_SNAPSHOT_BUDGET, Debounce, Pipeline, PipelineConfig, PipelineMetrics,
 };
-use fulcrum_policy::{PolicyConfigMap, PolicyFile, PolicyStore};
+use fulcrum_policy::{DEFAULT_HISTORY, PolicyConfigMap, PolicyFile, PolicyStatus, PolicyStore};
 use fulcrum_registry::TokenAuth;
 use fulcrum_sources::{Source, StaticFileSource};
 use fulcrum_xds::{AdsServer, ClusterOptions, NodeRegistry, SnapshotCache, XdsMetrics};
@@ -123,6 +123,9 @@ pub enum PolicySource {
         name: String,
         /// The key holding the policy (YAML, or JSON when it ends in `.json`).
         key: String,
+        /// The ConfigMap, in the same namespace, where the control plane records the accepted
+        /// policy, its history and rollbacks for every replica and every restart.
+        status: String,
     },
 }
 
@@ -165,8 +168,6 @@ impl ControlPlane {
         xds_metrics.register(&mut metrics_registry);
         let pipeline_metrics = PipelineMetrics::default();
         pipeline_metrics.register(&mut metrics_registry);
-        let policies = PolicyStore::default();
-        policies.metrics().register(&mut metrics_registry);
         HealthMetrics::global().register(&mut metrics_registry);
         let limit_metrics = LimitMetrics::default();
         limit_metrics.register(&mut metrics_registry);
@@ -209,6 +210,19 @@ impl ControlPlane {
             )?),
             (None, false) => None,
         };
+        let policies = match (&optional.policy, &kube_client) {
+            (
+                Some(PolicySource::ConfigMap {
+                    namespace, status, ..
+                }),
+                Some(client),
+            ) => PolicyStore::shared_through(
+                PolicyStatus::new(client.clone(), namespace, status),
+                DEFAULT_HISTORY,
+            ),
+            _ => PolicyStore::default(),
+        };
+        policies.metrics().register(&mut metrics_registry);
         if let (Some(options), Some(client)) = (optional.kubernetes, &kube_client) {
             sources.push(Box::new(KubeSource::new(client.clone(), options)));
         }
@@ -459,9 +473,16 @@ fn policy_task(
                 namespace,
                 name,
                 key,
+                status,
             }),
             Some(client),
-        ) => Box::pin(PolicyConfigMap::new(client, namespace, name, key).run(policies)),
+        ) => {
+            let status = PolicyStatus::new(client.clone(), &namespace, status);
+            let source = PolicyConfigMap::new(client, namespace, name, key);
+            Box::pin(async move {
+                tokio::join!(source.run(policies.clone()), status.follow(policies));
+            })
+        }
         _ => Box::pin(std::future::pending()),
     }
 }

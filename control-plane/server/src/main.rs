@@ -100,6 +100,11 @@ struct Cli {
     /// `policy.yaml` unless given.
     #[arg(long, value_name = "NS/NAME[:KEY]", value_parser = parse_configmap)]
     policy_configmap: Option<PolicySource>,
+    /// The ConfigMap (in the policy ConfigMap's namespace) where the accepted policy, its
+    /// history and rollbacks are recorded for every replica and restart; the control plane
+    /// creates and updates it. Default: the policy ConfigMap's name with `-accepted`.
+    #[arg(long, value_name = "NAME", requires = "policy_configmap")]
+    policy_status_configmap: Option<String>,
     /// Run the self-registration registry with this backend: its REST API on `--http-addr`
     /// (`/v1/registry/...`), its gRPC API on `--registry-addr`, its instances merged into the
     /// snapshot. Requires `--registry-token-file`.
@@ -247,6 +252,7 @@ fn parse_configmap(text: &str) -> Result<PolicySource, String> {
                 namespace: namespace.to_owned(),
                 name: name.to_owned(),
                 key: key.to_owned(),
+                status: format!("{name}-accepted"),
             })
         }
         _ => Err(format!(
@@ -292,10 +298,16 @@ async fn main() -> ExitCode {
                 ..Mapping::default()
             },
         }),
-        policy: cli
-            .policy_file
-            .map(PolicySource::File)
-            .or(cli.policy_configmap),
+        policy: cli.policy_file.map(PolicySource::File).or_else(|| {
+            cli.policy_configmap.map(|mut source| {
+                if let (PolicySource::ConfigMap { status, .. }, Some(named)) =
+                    (&mut source, cli.policy_status_configmap)
+                {
+                    *status = named;
+                }
+                source
+            })
+        }),
         registry,
         kube_client: None,
     };

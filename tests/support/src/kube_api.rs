@@ -16,8 +16,20 @@
 //! - `labelSelector` (`k=v`, `k!=v`, `k`, `!k`, comma-separated) and `fieldSelector`
 //!   (`metadata.name=`, `metadata.namespace=`) filter lists and watches.
 //!
+//! Writes follow the API server's optimistic concurrency, which a controller that owns an object
+//! relies on:
+//!
+//! - `GET` of one object (`.../{plural}/{name}`) returns it, or `404 NotFound`;
+//! - `POST` to a collection creates the object, or answers `409 AlreadyExists`;
+//! - `PUT` to an object replaces it when the body's `metadata.resourceVersion` is the stored
+//!   one (or absent), and answers `409 Conflict` otherwise, or `404 NotFound` if there is none.
+//!
+//! A created or replaced object gets the next resource version and is announced to watches.
+//! [`refuse_writes`](FakeApiServer::refuse_writes) makes every write fail with `503`, as
+//! during an API server outage, while reads go on.
+//!
 //! Every request is recorded ([`requests`](FakeApiServer::requests)) so a test can check what
-//! the client asked for: how many lists, from which version a watch resumed.
+//! the client asked for: how many lists, from which version a watch resumed, which writes.
 //! Pagination (`limit`/`continue`) is not implemented: a list returns every object at once,
 //! which the API server may do too.
 
@@ -30,14 +42,14 @@ use std::{
 
 use axum::{
     Router,
-    body::Body,
+    body::{Body, Bytes},
     extract::{Query, State as AxumState},
-    http::{StatusCode, Uri, header},
+    http::{Method, StatusCode, Uri, header},
     response::{IntoResponse, Response},
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ListMeta, Status, WatchEvent};
 use kube::Resource;
-use serde::Serialize;
+use serde::{Serialize, de::DeserializeOwned};
 use serde_json::Value;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -56,6 +68,10 @@ pub struct FakeApiServer {
 /// One request the server answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RecordedRequest {
+    /// The HTTP method: `GET` for lists, watches and reads; `POST` and `PUT` for writes.
+    pub method: String,
+    /// The object's name, for a request to one object (a read or a replace).
+    pub name: Option<String>,
     /// `<apiVersion>/<plural>`, e.g. `discovery.k8s.io/v1/endpointslices` or `v1/services`.
     pub resource: String,
     /// The namespace in the path, if any.
@@ -82,6 +98,8 @@ struct ServerState {
     history: Vec<Arc<Change>>,
     requests: Vec<RecordedRequest>,
     deliveries: broadcast::Sender<Delivery>,
+    /// Every write answers `503` while set.
+    refuse_writes: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -131,6 +149,7 @@ impl FakeApiServer {
             history: Vec::new(),
             requests: Vec::new(),
             deliveries,
+            refuse_writes: false,
         }));
         let router = Router::new().fallback(handle).with_state(state.clone());
         let task = tokio::spawn(async move {
@@ -182,7 +201,7 @@ impl FakeApiServer {
 
     fn store<K: Resource<DynamicType = ()> + Serialize>(&self, object: &K, announce: bool) -> u64 {
         self.serve::<K>();
-        let mut value = serde_json::to_value(object).expect("k8s-openapi objects serialize");
+        let value = serde_json::to_value(object).expect("k8s-openapi objects serialize");
         let meta = object.meta();
         let key = ObjectKey {
             resource: resource_of::<K>(),
@@ -193,23 +212,8 @@ impl FakeApiServer {
             name: meta.name.clone().expect("an applied object has a name"),
         };
         let mut state = self.lock();
-        state.resource_version += 1;
-        let version = state.resource_version;
-        value["metadata"]["namespace"] = Value::String(key.namespace.clone());
-        value["metadata"]["resourceVersion"] = Value::String(version.to_string());
-        if value["metadata"]["uid"].is_null() {
-            value["metadata"]["uid"] = Value::String(format!("uid-{}-{}", key.namespace, key.name));
-        }
-        let existed = state.objects.insert(key.clone(), value.clone()).is_some();
-        if announce {
-            let event = if existed {
-                WatchEvent::Modified(value)
-            } else {
-                WatchEvent::Added(value)
-            };
-            state.record(key, version, event);
-        }
-        version
+        state.write(key, value, announce);
+        state.resource_version
     }
 
     /// Deletes an object and announces it as `DELETED`; returns the change's version, or
@@ -263,6 +267,36 @@ impl FakeApiServer {
         let _ = self.lock().deliveries.send(Delivery::Close);
     }
 
+    /// Makes every write (`POST`, `PUT`) fail with `503 ServiceUnavailable` while `refuse`
+    /// holds, as during an API server or etcd outage; reads and watches go on.
+    pub fn refuse_writes(&self, refuse: bool) {
+        self.lock().refuse_writes = refuse;
+    }
+
+    /// The stored object `namespace/name` of resource `K`, as a client would read it.
+    pub fn get<K: Resource<DynamicType = ()> + DeserializeOwned>(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Option<K> {
+        let key = ObjectKey {
+            resource: resource_of::<K>(),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        };
+        let value = self.lock().objects.get(&key).cloned()?;
+        Some(serde_json::from_value(value).expect("a stored object reads back as its type"))
+    }
+
+    /// The writes (`POST`, `PUT`) of resource `K` answered so far, in order.
+    pub fn writes<K: Resource<DynamicType = ()>>(&self) -> Vec<RecordedRequest> {
+        let resource = resource_of::<K>();
+        self.requests()
+            .into_iter()
+            .filter(|request| request.method != "GET" && request.resource == resource)
+            .collect()
+    }
+
     /// The current resource version.
     pub fn resource_version(&self) -> u64 {
         self.lock().resource_version
@@ -278,7 +312,12 @@ impl FakeApiServer {
         let resource = resource_of::<K>();
         self.requests()
             .iter()
-            .filter(|request| !request.watch && request.resource == resource)
+            .filter(|request| {
+                request.method == "GET"
+                    && request.name.is_none()
+                    && !request.watch
+                    && request.resource == resource
+            })
             .count()
     }
 
@@ -299,6 +338,29 @@ impl Drop for FakeApiServer {
 }
 
 impl ServerState {
+    /// Stores `value` under `key` with the next resource version and, if `announce`, tells
+    /// watches and the replayable history.
+    fn write(&mut self, key: ObjectKey, mut value: Value, announce: bool) -> Value {
+        self.resource_version += 1;
+        let version = self.resource_version;
+        value["metadata"]["namespace"] = Value::String(key.namespace.clone());
+        value["metadata"]["name"] = Value::String(key.name.clone());
+        value["metadata"]["resourceVersion"] = Value::String(version.to_string());
+        if value["metadata"]["uid"].is_null() {
+            value["metadata"]["uid"] = Value::String(format!("uid-{}-{}", key.namespace, key.name));
+        }
+        let existed = self.objects.insert(key.clone(), value.clone()).is_some();
+        if announce {
+            let event = if existed {
+                WatchEvent::Modified(value.clone())
+            } else {
+                WatchEvent::Added(value.clone())
+            };
+            self.record(key, version, event);
+        }
+        value
+    }
+
     fn record(&mut self, key: ObjectKey, resource_version: u64, event: WatchEvent<Value>) {
         let change = Arc::new(Change {
             resource_version,
@@ -392,38 +454,56 @@ fn parse_fields(selector: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-/// `(apiVersion, namespace, plural)` from `/api/v1/...` or `/apis/<group>/<version>/...`.
-fn parse_path(path: &str) -> Option<(String, Option<String>, String)> {
+/// What a request's path names.
+struct Target {
+    api_version: String,
+    namespace: Option<String>,
+    plural: String,
+    /// Set for a request to one object.
+    name: Option<String>,
+}
+
+/// The target of `/api/v1/...` or `/apis/<group>/<version>/...`.
+fn parse_path(path: &str) -> Option<Target> {
     let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
     let (api_version, rest) = match segments.as_slice() {
         ["api", version, rest @ ..] => ((*version).to_owned(), rest),
         ["apis", group, version, rest @ ..] => (format!("{group}/{version}"), rest),
         _ => return None,
     };
+    let target = |namespace: Option<&str>, plural: &str, name: Option<&str>| Target {
+        api_version: api_version.clone(),
+        namespace: namespace.map(str::to_owned),
+        plural: plural.to_owned(),
+        name: name.map(str::to_owned),
+    };
     match rest {
-        [plural] => Some((api_version, None, (*plural).to_owned())),
-        ["namespaces", namespace, plural] => Some((
-            api_version,
-            Some((*namespace).to_owned()),
-            (*plural).to_owned(),
-        )),
+        [plural] => Some(target(None, plural, None)),
+        ["namespaces", namespace, plural] => Some(target(Some(namespace), plural, None)),
+        ["namespaces", namespace, plural, name] => {
+            Some(target(Some(namespace), plural, Some(name)))
+        }
         _ => None,
     }
 }
 
 async fn handle(
     AxumState(state): AxumState<Arc<Mutex<ServerState>>>,
+    method: Method,
     uri: Uri,
     Query(params): Query<HashMap<String, String>>,
+    body: Bytes,
 ) -> Response {
-    let Some((api_version, namespace, plural)) = parse_path(uri.path()) else {
+    let Some(target) = parse_path(uri.path()) else {
         return status_response(StatusCode::NOT_FOUND, "NotFound", "no such path");
     };
-    let resource = format!("{api_version}/{plural}");
+    let resource = format!("{}/{}", target.api_version, target.plural);
     let watch = params.get("watch").is_some_and(|w| w == "true" || w == "1");
     let request = RecordedRequest {
+        method: method.to_string(),
+        name: target.name.clone(),
         resource: resource.clone(),
-        namespace: namespace.clone(),
+        namespace: target.namespace.clone(),
         watch,
         resource_version: params.get("resourceVersion").cloned(),
         allow_bookmarks: params
@@ -434,8 +514,8 @@ async fn handle(
     };
     let scope = Scope {
         resource,
-        api_version,
-        namespace,
+        api_version: target.api_version.clone(),
+        namespace: target.namespace.clone(),
         labels: request
             .label_selector
             .as_deref()
@@ -451,11 +531,130 @@ async fn handle(
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner());
     guard.requests.push(request.clone());
-    if watch {
-        start_watch(&guard, scope, &request)
-    } else {
-        list(&guard, &scope)
+    match (method, target.name) {
+        (Method::GET, None) if watch => start_watch(&guard, scope, &request),
+        (Method::GET, None) => list(&guard, &scope),
+        (Method::GET, Some(name)) => read(&guard, &scope, &name),
+        (Method::POST, None) => create(&mut guard, &scope, &body),
+        (Method::PUT, Some(name)) => replace(&mut guard, &scope, &name, &body),
+        _ => status_response(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "MethodNotAllowed",
+            "the fake API server lists, watches, reads, creates and replaces",
+        ),
     }
+}
+
+fn key_of(scope: &Scope, name: &str) -> ObjectKey {
+    ObjectKey {
+        resource: scope.resource.clone(),
+        namespace: scope
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".to_owned()),
+        name: name.to_owned(),
+    }
+}
+
+fn not_found(scope: &Scope, name: &str) -> Response {
+    status_response(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("{} \"{name}\" not found", scope.resource),
+    )
+}
+
+fn read(state: &ServerState, scope: &Scope, name: &str) -> Response {
+    match state.objects.get(&key_of(scope, name)) {
+        Some(object) => (StatusCode::OK, axum::Json(object.clone())).into_response(),
+        None => not_found(scope, name),
+    }
+}
+
+/// The object in a write's body, and its name, or the `400` to answer.
+fn object_of(body: &[u8]) -> Result<(Value, String), Box<Response>> {
+    let object: Value = serde_json::from_slice(body).map_err(|problem| {
+        Box::new(status_response(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            &problem.to_string(),
+        ))
+    })?;
+    let name = object["metadata"]["name"]
+        .as_str()
+        .map(str::to_owned)
+        .ok_or_else(|| {
+            Box::new(status_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "Invalid",
+                "metadata.name: Required value",
+            ))
+        })?;
+    Ok((object, name))
+}
+
+fn refused_write() -> Response {
+    status_response(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "ServiceUnavailable",
+        "writes are refused (the test made the API server unavailable)",
+    )
+}
+
+fn create(state: &mut ServerState, scope: &Scope, body: &[u8]) -> Response {
+    if state.refuse_writes {
+        return refused_write();
+    }
+    let (object, name) = match object_of(body) {
+        Ok(parsed) => parsed,
+        Err(response) => return *response,
+    };
+    let key = key_of(scope, &name);
+    if state.objects.contains_key(&key) {
+        return status_response(
+            StatusCode::CONFLICT,
+            "AlreadyExists",
+            &format!("{} \"{name}\" already exists", scope.resource),
+        );
+    }
+    let stored = state.write(key, object, true);
+    (StatusCode::CREATED, axum::Json(stored)).into_response()
+}
+
+fn replace(state: &mut ServerState, scope: &Scope, name: &str, body: &[u8]) -> Response {
+    if state.refuse_writes {
+        return refused_write();
+    }
+    let (object, body_name) = match object_of(body) {
+        Ok(parsed) => parsed,
+        Err(response) => return *response,
+    };
+    if body_name != name {
+        return status_response(
+            StatusCode::BAD_REQUEST,
+            "BadRequest",
+            "the name in the body does not match the name in the URL",
+        );
+    }
+    let key = key_of(scope, name);
+    let Some(stored) = state.objects.get(&key) else {
+        return not_found(scope, name);
+    };
+    if let Some(expected) = object["metadata"]["resourceVersion"].as_str()
+        && stored["metadata"]["resourceVersion"].as_str() != Some(expected)
+    {
+        return status_response(
+            StatusCode::CONFLICT,
+            "Conflict",
+            &format!(
+                "Operation cannot be fulfilled on {} \"{name}\": the object has been modified; \
+                 please apply your changes to the latest version and try again",
+                scope.resource
+            ),
+        );
+    }
+    let stored = state.write(key, object, true);
+    (StatusCode::OK, axum::Json(stored)).into_response()
 }
 
 fn list(state: &ServerState, scope: &Scope) -> Response {

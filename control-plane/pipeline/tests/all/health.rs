@@ -25,10 +25,11 @@ fn merged(backends: &[&Backend]) -> Arc<Services> {
 }
 
 /// Makes `store`'s current policy one that checks `shop` with `check`.
-fn check_shop(store: &PolicyStore, check: serde_json::Value) {
+async fn check_shop(store: &PolicyStore, check: serde_json::Value) {
     let text = serde_json::json!({"services": {"shop": {"health_check": check}}}).to_string();
     store
         .offer(&text, PolicyFormat::Json, "test")
+        .await
         .expect("valid policy");
 }
 
@@ -118,7 +119,8 @@ async fn a_failing_http_check_publishes_the_endpoint_unhealthy_until_it_passes_a
             "http": {"path": "/healthz"}, "interval": "100ms", "timeout": "100ms",
             "jitter": "10ms", "healthy_threshold": 1, "unhealthy_threshold": 2
         }),
-    );
+    )
+    .await;
     let metrics = HealthMetrics::default();
     let (stage, mut published) = start_stage(snapshots_rx, &policies, metrics.clone());
 
@@ -219,7 +221,8 @@ async fn endpoints_and_policy_changes_start_and_stop_probes() -> Result<()> {
         serde_json::json!({
             "http": {}, "interval": "100ms", "jitter": "10ms", "unhealthy_threshold": 1
         }),
-    );
+    )
+    .await;
     published_until(
         &mut published,
         Duration::from_secs(5),
@@ -231,6 +234,7 @@ async fn endpoints_and_policy_changes_start_and_stop_probes() -> Result<()> {
     // The policy drops the check: b2 is published as its source says again.
     policies
         .offer("{}", PolicyFormat::Json, "test")
+        .await
         .expect("the empty policy is valid");
     published_until(&mut published, Duration::from_secs(5), "no check", |s| {
         *s == *both

@@ -64,7 +64,7 @@ async fn a_rollback_holds_until_the_file_changes_again() {
     until_current(&store, "version 1", |applied| failures(applied) == 3).await;
     std::fs::write(&path, valid_yaml(4)).expect("write");
     until_current(&store, "version 2", |applied| failures(applied) == 4).await;
-    store.rollback(1).expect("kept");
+    store.rollback(1).await.expect("kept");
     tokio::time::sleep(Duration::from_millis(100)).await;
     let current = store.current().expect("a policy");
     assert_eq!((current.version, failures(&current)), (3, 3));

@@ -3,5 +3,6 @@
 
 mod configmap;
 mod file;
+mod status;
 mod store;
 mod support;

@@ -63,13 +63,14 @@ pub async fn until_rejected(store: &PolicyStore, count: u64) {
 pub struct CapturedLogs(Arc<Mutex<Vec<u8>>>);
 
 impl CapturedLogs {
-    /// Runs `f` with every event at INFO and above captured, without ANSI colours.
-    pub fn capture<T>(&self, f: impl FnOnce() -> T) -> T {
+    /// Awaits `future` with every event at INFO and above captured, without ANSI colours.
+    pub async fn capture<T>(&self, future: impl std::future::Future<Output = T>) -> T {
+        use tracing::instrument::WithSubscriber;
         let subscriber = tracing_subscriber::fmt()
             .with_ansi(false)
             .with_writer(self.clone())
             .finish();
-        tracing::subscriber::with_default(subscriber, f)
+        future.with_subscriber(subscriber).await
     }
 
     /// The captured text.

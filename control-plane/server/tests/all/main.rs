@@ -6,5 +6,6 @@ mod binary;
 mod kube_and_policy;
 mod limits;
 mod registry;
+mod replicas;
 mod snapshot_api;
 mod xds_envoy;
