@@ -2,7 +2,8 @@
 //!
 //! - `GET /v1/snapshot`: the current [`fulcrum_core::Snapshot`] as JSON with
 //!   `ETag: "<version>"`; `If-None-Match` naming the current version gets `304 Not Modified`
-//!   with no body. `503` before the first snapshot.
+//!   with no body. `503` before the first snapshot. Both name the replica that answered in
+//!   `x-fulcrum-replica`, so a filter follows one replica at a time (`fulcrum_core::replica`).
 //! - `GET /healthz`: `200` while the process serves.
 //! - `GET /readyz`: `200` once the first snapshot is built, `503` before.
 //! - `GET /metrics`: Prometheus (OpenMetrics text).
@@ -23,7 +24,7 @@ use std::sync::Arc;
 use axum::{
     Json, Router,
     extract::{Query, Request, State},
-    http::{HeaderMap, HeaderValue, StatusCode, header},
+    http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
     routing::{get, post},
@@ -52,7 +53,12 @@ pub struct AppState {
     pub nodes: NodeRegistry,
     /// Every metric.
     pub registry: Arc<Registry>,
+    /// This replica's name, sent as `x-fulcrum-replica` with every snapshot answer.
+    pub replica: HeaderValue,
 }
+
+/// The header naming the replica that answered a snapshot request.
+pub const REPLICA_HEADER: &str = "x-fulcrum-replica";
 
 /// The API's routes: read-only.
 pub fn router(state: AppState) -> Router {
@@ -126,8 +132,9 @@ async fn snapshot(State(state): State<AppState>, headers: HeaderMap) -> Response
     };
     let etag = HeaderValue::from_str(&served.etag)
         .unwrap_or_else(|_| HeaderValue::from_static("\"invalid\""));
+    let replica = (HeaderName::from_static(REPLICA_HEADER), state.replica);
     if matches_etag(&headers, &served.etag) {
-        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag)]).into_response();
+        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag), replica]).into_response();
     }
     (
         [
@@ -136,6 +143,7 @@ async fn snapshot(State(state): State<AppState>, headers: HeaderMap) -> Response
                 header::CONTENT_TYPE,
                 HeaderValue::from_static("application/json"),
             ),
+            replica,
         ],
         served.body.clone(),
     )

@@ -61,6 +61,19 @@ pub struct Config {
     pub snapshot_budget_bytes: usize,
     /// Bounds on every listener.
     pub limits: ListenerLimits,
+    /// This replica's name, sent with every snapshot (`x-fulcrum-replica`) so a filter
+    /// follows one replica at a time (`fulcrum_core::replica`). Unique per replica: the pod
+    /// name in Kubernetes.
+    pub replica: String,
+}
+
+/// A name no other running control plane has: `control-plane-` and 64 random bits.
+pub fn unique_replica_name() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    format!("control-plane-{random:016x}")
 }
 
 impl Default for Config {
@@ -79,6 +92,7 @@ impl Default for Config {
             admin_token_file: None,
             snapshot_budget_bytes: DEFAULT_SNAPSHOT_BUDGET,
             limits: ListenerLimits::default(),
+            replica: unique_replica_name(),
         }
     }
 }
@@ -306,6 +320,12 @@ impl ControlPlane {
             policies,
             nodes,
             registry: Arc::new(metrics_registry),
+            replica: axum::http::HeaderValue::from_str(&config.replica).with_context(|| {
+                format!(
+                    "the replica name {:?} is not a valid header value",
+                    config.replica
+                )
+            })?,
         };
         let http_server = serve_http(
             http_listener,

@@ -100,6 +100,10 @@ struct Cli {
     /// `policy.yaml` unless given.
     #[arg(long, value_name = "NS/NAME[:KEY]", value_parser = parse_configmap)]
     policy_configmap: Option<PolicySource>,
+    /// This replica's name, sent with every snapshot so each filter follows one replica at a
+    /// time; unique per replica. Default: `$POD_NAME`, else `$HOSTNAME`, else a random name.
+    #[arg(long, value_name = "NAME")]
+    replica_name: Option<String>,
     /// The ConfigMap (in the policy ConfigMap's namespace) where the accepted policy, its
     /// history and rollbacks are recorded for every replica and restart; the control plane
     /// creates and updates it. Default: the policy ConfigMap's name with `-accepted`.
@@ -279,6 +283,12 @@ async fn main() -> ExitCode {
         cluster_options: ClusterOptions::default(),
         admin_address: cli.admin_addr,
         admin_token_file: cli.admin_token_file,
+        replica: cli
+            .replica_name
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .filter(|name| !name.is_empty())
+            .unwrap_or_else(fulcrum_control_plane::unique_replica_name),
         snapshot_budget_bytes: cli.snapshot_budget_bytes,
         limits: ListenerLimits {
             http_request_timeout: Duration::from_millis(cli.http_request_timeout_ms),

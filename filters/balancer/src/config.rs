@@ -99,6 +99,11 @@ pub struct ControlPlane {
     pub timeout: Duration,
     /// Largest snapshot body accepted, in bytes, 1 KiB..=256 MiB. Default: 32 MiB.
     pub max_snapshot_bytes: usize,
+    /// How long the followed control-plane replica may stay silent before the proxy follows
+    /// another one that answers (see `fulcrum_core::replica`), 1s..=1h and at least twice
+    /// `poll_interval`. Default: `"10s"`.
+    #[serde(with = "fulcrum_core::duration")]
+    pub failover_after: Duration,
 }
 
 impl Default for ControlPlane {
@@ -110,6 +115,7 @@ impl Default for ControlPlane {
             poll_interval: Duration::from_millis(500),
             timeout: Duration::from_secs(2),
             max_snapshot_bytes: 32 << 20,
+            failover_after: Duration::from_secs(10),
         }
     }
 }
@@ -245,6 +251,16 @@ impl FilterConfig {
                         "must be within 10ms..=1m".to_owned(),
                     );
                 }
+                if !(Duration::from_secs(1)..=Duration::from_secs(3600))
+                    .contains(&cp.failover_after)
+                    || cp.failover_after < cp.poll_interval.saturating_mul(2)
+                {
+                    push(
+                        "control_plane.failover_after",
+                        "must be within 1s..=1h and at least twice control_plane.poll_interval"
+                            .to_owned(),
+                    );
+                }
                 if !(1024..=256 << 20).contains(&cp.max_snapshot_bytes) {
                     push(
                         "control_plane.max_snapshot_bytes",
@@ -341,6 +357,19 @@ mod tests {
         let control_plane = config.control_plane.expect("set");
         assert_eq!(control_plane.path, "/v1/snapshot");
         assert_eq!(control_plane.poll_interval, Duration::from_millis(500));
+        assert_eq!(control_plane.failover_after, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn refuses_a_failover_shorter_than_two_polls() {
+        let error = FilterConfig::parse(br#"{"control_plane": {"cluster": "fulcrum", "poll_interval": "2s", "failover_after": "3s"}, "only_services": ["*"]}"#)
+            .expect_err("fails over between two polls")
+            .to_string();
+        assert!(error.contains("control_plane.failover_after"), "{error}");
+        assert!(
+            error.contains("twice control_plane.poll_interval"),
+            "{error}"
+        );
     }
 
     #[test]

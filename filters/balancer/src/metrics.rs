@@ -100,6 +100,8 @@ pub struct Metrics {
     snapshot_services_skipped: MetricId,
     snapshot_policy_rejected: MetricId,
     snapshot_fetch_failures: MetricId,
+    snapshot_other_replica: MetricId,
+    snapshot_replica_failovers: MetricId,
     endpoint_metrics_dropped: MetricId,
 }
 
@@ -129,6 +131,8 @@ impl Metrics {
             snapshot_services_skipped: counter("fulcrum_snapshot_services_skipped_total"),
             snapshot_policy_rejected: counter("fulcrum_snapshot_policy_rejected_total"),
             snapshot_fetch_failures: counter("fulcrum_snapshot_fetch_failures_total"),
+            snapshot_other_replica: counter("fulcrum_snapshot_other_replica_total"),
+            snapshot_replica_failovers: counter("fulcrum_snapshot_replica_failovers_total"),
             endpoint_metrics_dropped: counter("fulcrum_endpoint_metrics_dropped_total"),
         }
     }
@@ -178,6 +182,17 @@ impl Metrics {
 
     pub fn snapshot_fetch_failed(&self) {
         add(self.snapshot_fetch_failures, 1);
+    }
+
+    /// A snapshot answer came from a control-plane replica other than the one followed, and
+    /// was left.
+    pub fn snapshot_other_replica(&self) {
+        add(self.snapshot_other_replica, 1);
+    }
+
+    /// The followed control-plane replica fell silent and the proxy moved to another.
+    pub fn snapshot_replica_failover(&self) {
+        add(self.snapshot_replica_failovers, 1);
     }
 }
 

@@ -5,7 +5,8 @@
 //! plane, `on_tick` (every VM) takes part in the poll lease, fetches `GET <path>` with
 //! `If-None-Match` when it wins, validates and publishes a new version, and applies any newer
 //! published version; an invalid or failed fetch is logged and counted and the last good
-//! snapshot stays in force.
+//! snapshot stays in force. Answers are taken from one control-plane replica at a time
+//! (`fulcrum_core::replica`), so a proxy never alternates between two replicas' views.
 //!
 //! Every request gets a context, even before (or without) a valid configuration: the SDK
 //! panics when `create_http_context` returns `None`, so an unconfigured VM hands out
@@ -13,7 +14,11 @@
 
 use std::{cell::RefCell, collections::BTreeMap, rc::Rc};
 
-use fulcrum_core::{ServiceEndpoints, Snapshot, receive::receive};
+use fulcrum_core::{
+    ServiceEndpoints, Snapshot,
+    receive::receive,
+    replica::{self, Followed, Verdict},
+};
 use proxy_wasm::{
     hostcalls,
     traits::{Context, HttpContext, RootContext},
@@ -29,6 +34,9 @@ use crate::{
     sync::SharedKeys,
     worker::Worker,
 };
+
+/// The header in which the control plane names the replica that answered.
+const REPLICA_HEADER: &str = "x-fulcrum-replica";
 
 /// The version given to a snapshot built from the configuration's static endpoints.
 const STATIC_VERSION: &str = "static";
@@ -237,6 +245,11 @@ impl Configured {
         };
         let worker = self.worker.clone();
         let mut worker = worker.borrow_mut();
+        if matches!(status.as_deref(), Some(b"200" | b"304"))
+            && !self.answered_by_followed_replica(control_plane, &worker.metrics)
+        {
+            return;
+        }
         match status.as_deref() {
             Some(b"304") => {}
             Some(b"200") if body_size > control_plane.max_snapshot_bytes => {
@@ -282,6 +295,52 @@ impl Configured {
                     describe_status(other),
                     worker.version()
                 ));
+            }
+        }
+    }
+
+    /// Whether to use a snapshot answer, by the replica it names (`fulcrum_core::replica`):
+    /// answers from the followed replica refresh when it was last heard; another replica's
+    /// are left until the followed one has been silent for `failover_after`.
+    fn answered_by_followed_replica(
+        &self,
+        control_plane: &ControlPlane,
+        metrics: &Metrics,
+    ) -> bool {
+        let from = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, REPLICA_HEADER)
+            .ok()
+            .flatten();
+        let now = now();
+        let followed = self.keys.followed();
+        let verdict = replica::judge(
+            followed.as_ref(),
+            from.as_deref(),
+            now,
+            control_plane.failover_after,
+        );
+        match (verdict, from) {
+            (Verdict::Ignore, _) => {
+                metrics.snapshot_other_replica();
+                false
+            }
+            (_, None) => true,
+            (verdict, Some(from)) => {
+                let next = Followed::new(&from, now);
+                if verdict == Verdict::FailOver {
+                    metrics.snapshot_replica_failover();
+                    log_warn(&format!(
+                        "control-plane replica {} silent for {:?} or more; following {}",
+                        followed
+                            .as_ref()
+                            .map_or_else(String::new, |f| describe_bytes(&f.replica)),
+                        control_plane.failover_after,
+                        describe_bytes(&next.replica),
+                    ));
+                }
+                if self.keys.follow(&next).is_err() {
+                    log_warn("could not record the followed control-plane replica in shared data");
+                }
+                true
             }
         }
     }
@@ -338,15 +397,18 @@ fn parse_snapshot(body: &[u8], metrics: Option<&Metrics>) -> Result<Snapshot, St
 
 /// A `:status` for a log line: escaped and cut short, as it comes from the network.
 fn describe_status(status: Option<&[u8]>) -> String {
-    const SHOWN: usize = 16;
     match status {
         None => "no response (reset)".to_owned(),
-        Some(bytes) => {
-            let shown = bytes.get(..SHOWN).unwrap_or(bytes);
-            let ellipsis = if bytes.len() > SHOWN { "…" } else { "" };
-            format!("status \"{}{ellipsis}\"", shown.escape_ascii())
-        }
+        Some(bytes) => format!("status \"{}\"", describe_bytes(bytes)),
     }
+}
+
+/// Bytes from the network for a log line: escaped and cut short.
+fn describe_bytes(bytes: &[u8]) -> String {
+    const SHOWN: usize = 64;
+    let shown = bytes.get(..SHOWN).unwrap_or(bytes);
+    let ellipsis = if bytes.len() > SHOWN { "…" } else { "" };
+    format!("{}{ellipsis}", shown.escape_ascii())
 }
 
 /// Whether any service of `policy` keeps sticky sessions.

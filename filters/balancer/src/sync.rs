@@ -10,7 +10,9 @@
 //! - `fulcrum/<root_id>/poll_lease`: the deadline (ns since the Unix epoch, u64 LE) before
 //!   which no other VM polls;
 //! - `fulcrum/<root_id>/snapshot`: the snapshot JSON as the control plane sent it;
-//! - `fulcrum/<root_id>/version`: the snapshot's version, written *after* the snapshot.
+//! - `fulcrum/<root_id>/version`: the snapshot's version, written *after* the snapshot;
+//! - `fulcrum/<root_id>/replica`: the control-plane replica the plugin follows and when it
+//!   last answered ([`fulcrum_core::replica::Followed`]), written by the VM that polled.
 //!
 //! Invariant: the snapshot key is always at least as new as the version key, so a VM that sees
 //! a new version and then reads the snapshot gets that version or a newer one; it takes the
@@ -25,7 +27,10 @@
 
 use std::{fmt::Write as _, time::Duration};
 
-use fulcrum_core::ratelimit::{BucketId, BucketState, BucketStore};
+use fulcrum_core::{
+    ratelimit::{BucketId, BucketState, BucketStore},
+    replica::Followed,
+};
 use proxy_wasm::{hostcalls, types::Status};
 
 /// The shared-data keys of one plugin.
@@ -34,6 +39,7 @@ pub struct SharedKeys {
     lease: String,
     snapshot: String,
     version: String,
+    replica: String,
     rate_limit: String,
 }
 
@@ -43,6 +49,7 @@ impl SharedKeys {
             lease: format!("fulcrum/{root_id}/poll_lease"),
             snapshot: format!("fulcrum/{root_id}/snapshot"),
             version: format!("fulcrum/{root_id}/version"),
+            replica: format!("fulcrum/{root_id}/replica"),
             rate_limit: format!("fulcrum/{root_id}/rate_limit/"),
         }
     }
@@ -97,6 +104,16 @@ impl SharedKeys {
     /// The published snapshot body, if any.
     pub fn published_snapshot(&self) -> Option<Vec<u8>> {
         hostcalls::get_shared_data(&self.snapshot).ok()?.0
+    }
+
+    /// The control-plane replica the plugin follows, if one answered yet.
+    pub fn followed(&self) -> Option<Followed> {
+        Followed::decode(&hostcalls::get_shared_data(&self.replica).ok()?.0?)
+    }
+
+    /// Records the replica followed from now on and when it answered.
+    pub fn follow(&self, followed: &Followed) -> Result<(), Status> {
+        hostcalls::set_shared_data(&self.replica, Some(&followed.encode()), None)
     }
 }
 

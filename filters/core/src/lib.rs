@@ -23,6 +23,7 @@ pub mod endpoint;
 pub mod policy;
 pub mod ratelimit;
 pub mod receive;
+pub mod replica;
 pub mod rng;
 pub mod select;
 pub mod service;

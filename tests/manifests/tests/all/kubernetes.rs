@@ -188,7 +188,7 @@ fn control_plane_runs_two_hardened_replicas_probed_on_healthz_and_readyz() -> Re
 }
 
 #[test]
-fn rbac_grants_only_list_watch_of_slices_and_services_and_reads_of_the_policy_configmap()
+fn rbac_grants_only_list_watch_of_slices_and_services_reads_of_the_policy_and_updates_of_its_status()
 -> Result<()> {
     let mut rules = Vec::new();
     for document in istio_objects()? {
@@ -240,6 +240,10 @@ fn rbac_grants_only_list_watch_of_slices_and_services_and_reads_of_the_policy_co
             "namespace /configmaps[\"fulcrum-policy\"] get",
             "namespace /configmaps[\"fulcrum-policy\"] list",
             "namespace /configmaps[\"fulcrum-policy\"] watch",
+            "namespace /configmaps[\"fulcrum-policy-accepted\"] get",
+            "namespace /configmaps[\"fulcrum-policy-accepted\"] list",
+            "namespace /configmaps[\"fulcrum-policy-accepted\"] update",
+            "namespace /configmaps[\"fulcrum-policy-accepted\"] watch",
         ]
     );
     Ok(())

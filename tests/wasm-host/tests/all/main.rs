@@ -1,13 +1,15 @@
 //! Integration tests of the wasm host, as one binary: `abi` checks the host's ABI with
 //! hand-written WAT guests; `filter` runs scenarios against the real fulcrum filter;
 //! `snapshots` how it takes control-plane snapshots and charges outcomes;
-//! `rate_limit` how the workers of a proxy share one limit; `untrusted_input` sends it hostile headers, properties and snapshot responses, and
+//! `rate_limit` how the workers of a proxy share one limit; `replicas` how it follows one
+//! control-plane replica; `untrusted_input` sends it hostile headers, properties and snapshot responses, and
 //! `untrusted_input_property` thousands of generated ones.
 
 mod abi;
 mod filter;
 mod grpc;
 mod rate_limit;
+mod replicas;
 mod snapshots;
 mod test_support;
 mod untrusted_input;

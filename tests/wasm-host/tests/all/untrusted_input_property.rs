@@ -1,7 +1,7 @@
 //! Property: whatever a client sends (arbitrary header names and values as bytes, repeated,
 //! in any case, up to 64 KiB; arbitrary cookies, authorities and properties), whatever an
 //! upstream answers (any `content-type`, gRPC or not, any `grpc-status` bytes, in the headers
-//! or the trailers) and whatever the control plane answers (any `:status`, any body, valid snapshots with arbitrary names,
+//! or the trailers) and whatever the control plane answers (any `:status`, any body, any replica name, valid snapshots with arbitrary names,
 //! zones and weights up to the registry's 10,000, resets, timeouts), the real filter never
 //! traps, never lets a client's override header through, keeps picking for ordinary requests,
 //! and its memory stays bounded.
@@ -271,7 +271,12 @@ fn ordinary_request_is_picked(source: Source, plugin: &Plugin) -> anyhow::Result
 /// How the control plane answers one poll.
 #[derive(Debug, Clone)]
 enum Answer {
-    Respond { status: Vec<u8>, body: Vec<u8> },
+    /// `replica`: the `x-fulcrum-replica` the answer carries, if any.
+    Respond {
+        status: Vec<u8>,
+        body: Vec<u8>,
+        replica: Option<Vec<u8>>,
+    },
     Reset,
     Timeout,
     Refused,
@@ -280,7 +285,17 @@ enum Answer {
 impl Answer {
     fn into_outcome(self) -> Outcome {
         match self {
-            Self::Respond { status, body } => Response::raw_status(status).body(body).into(),
+            Self::Respond {
+                status,
+                body,
+                replica,
+            } => {
+                let response = Response::raw_status(status).body(body);
+                match replica {
+                    Some(replica) => response.header_bytes("x-fulcrum-replica", replica).into(),
+                    None => response.into(),
+                }
+            }
             Self::Reset => Outcome::Reset,
             Self::Timeout => Outcome::Timeout,
             Self::Refused => Outcome::Refused,
@@ -452,9 +467,21 @@ fn answer() -> impl Strategy<Value = Answer> {
         Just(good_snapshot().into_bytes()),
         Just(b"{\"version\": \"v\", \"services\": {\"checkout\": {\"endpoints\": [".to_vec()),
     ];
+    // Replica names: a few plausible ones (so the filter follows, ignores and fails over),
+    // and arbitrary bytes, longer than the names it compares.
+    let replica = proptest::option::of(prop_oneof![
+        3 => select(vec!["control-plane-a", "control-plane-b", ""])
+            .prop_map(|name| name.as_bytes().to_vec()),
+        1 => vec(any::<u8>(), 0..400),
+    ]);
     prop_oneof![
-        6 => (status, body).prop_map(|(status, body)| Answer::Respond { status, body }),
-        6 => snapshot_body().prop_map(|body| Answer::Respond { status: b"200".to_vec(), body }),
+        6 => (status, body, replica.clone())
+            .prop_map(|(status, body, replica)| Answer::Respond { status, body, replica }),
+        6 => (snapshot_body(), replica).prop_map(|(body, replica)| Answer::Respond {
+            status: b"200".to_vec(),
+            body,
+            replica,
+        }),
         1 => Just(Answer::Reset),
         1 => Just(Answer::Timeout),
         1 => Just(Answer::Refused),
