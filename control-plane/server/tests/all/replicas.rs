@@ -1,7 +1,8 @@
 //! Two control-plane replicas sharing the policy through the status ConfigMap, against one
 //! fake API server, as the Istio Deployment runs them: they serve the same policy version, a
 //! rollback on one is served by both, and it outlives a restart of both while the operator's
-//! ConfigMap holds an invalid policy.
+//! ConfigMap holds an invalid policy. Every snapshot answer names its replica, so each filter
+//! follows one (`fulcrum_core::replica`).
 
 use std::collections::BTreeMap;
 
@@ -158,4 +159,42 @@ async fn replicas_serve_one_policy_and_a_rollback_on_one_outlives_a_restart_of_b
     for replica in replicas {
         replica.shutdown().await;
     }
+}
+
+#[tokio::test]
+async fn every_snapshot_answer_names_its_replica_and_replicas_have_distinct_names() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let static_file = dir.path().join("endpoints.yaml");
+    std::fs::write(
+        &static_file,
+        endpoints_file(&[("web", vec![endpoint("127.0.0.1:9001", "")])]),
+    )
+    .expect("write endpoints");
+    let http = http_client();
+    let mut names = Vec::new();
+    for _ in 0..2 {
+        let replica = ControlPlane::start(loopback_config(Some(static_file.clone())))
+            .await
+            .expect("a replica starts");
+        let url = format!("http://{}/v1/snapshot", replica.http_address());
+        let full = eventually(PATIENCE, "a snapshot", || async {
+            let response = http.get(&url).send().await.ok()?;
+            (response.status() == reqwest::StatusCode::OK).then_some(response)
+        })
+        .await
+        .expect("a snapshot");
+        let name = full.headers()["x-fulcrum-replica"].clone();
+        let etag = full.headers()[reqwest::header::ETAG].clone();
+        let unchanged = http
+            .get(&url)
+            .header(reqwest::header::IF_NONE_MATCH, etag)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(unchanged.status(), reqwest::StatusCode::NOT_MODIFIED);
+        assert_eq!(unchanged.headers()["x-fulcrum-replica"], name);
+        names.push(name);
+        replica.shutdown().await;
+    }
+    assert_ne!(names[0], names[1]);
 }
