@@ -8,6 +8,7 @@
 pub mod http;
 pub mod limits;
 pub mod registry;
+pub mod tls;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
@@ -30,6 +31,7 @@ use crate::{limits::LimitMetrics, registry::StartedRegistry};
 pub use crate::{
     limits::ListenerLimits,
     registry::{RegistryBackendOptions, RegistryOptions},
+    tls::{Tls, TlsFiles, TlsMetrics},
 };
 
 /// How long shutdown waits for the servers to finish before giving up on them.
@@ -61,6 +63,8 @@ pub struct Config {
     pub snapshot_budget_bytes: usize,
     /// Bounds on every listener.
     pub limits: ListenerLimits,
+    /// The certificate and key every listener serves TLS with; `None`: plain TCP.
+    pub tls: Option<TlsFiles>,
     /// This replica's name, sent with every snapshot (`x-fulcrum-replica`) so a filter
     /// follows one replica at a time (`fulcrum_core::replica`). Unique per replica: the pod
     /// name in Kubernetes.
@@ -92,6 +96,7 @@ impl Default for Config {
             admin_token_file: None,
             snapshot_budget_bytes: DEFAULT_SNAPSHOT_BUDGET,
             limits: ListenerLimits::default(),
+            tls: None,
             replica: unique_replica_name(),
         }
     }
@@ -186,6 +191,13 @@ impl ControlPlane {
         let limit_metrics = LimitMetrics::default();
         limit_metrics.register(&mut metrics_registry);
         let admin_tokens = admin_tokens(config.admin_address, config.admin_token_file.as_deref())?;
+        let tls_metrics = TlsMetrics::default();
+        tls_metrics.register(&mut metrics_registry);
+        let tls = config
+            .tls
+            .clone()
+            .map(|files| Tls::start(files, tls::RELOAD_EVERY, tls_metrics))
+            .transpose()?;
 
         let xds_listener = TcpListener::bind(config.xds_address)
             .await
@@ -282,30 +294,35 @@ impl ControlPlane {
             xds_metrics,
             limits.xds_max_streams,
         );
-        let xds_server = {
-            let service = ads
-                .clone()
-                .into_service()
-                .max_decoding_message_size(limits.grpc_max_message_bytes);
-            let mut stopped = stop.subscribe();
-            tokio::spawn(
-                limits
-                    .grpc_server()
-                    .add_service(service)
-                    .serve_with_incoming_shutdown(
+        let xds_server =
+            {
+                let service = ads
+                    .clone()
+                    .into_service()
+                    .max_decoding_message_size(limits.grpc_max_message_bytes);
+                let mut stopped = stop.subscribe();
+                let stopped = async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                };
+                let server = limits.grpc_server().add_service(service);
+                match &tls {
+                    Some(tls) => tokio::spawn(server.serve_with_incoming_shutdown(
+                        tls.accept(xds_listener, GRPC_ALPN).into_stream(),
+                        stopped,
+                    )),
+                    None => tokio::spawn(server.serve_with_incoming_shutdown(
                         TcpListenerStream::new(xds_listener),
-                        async move {
-                            let _ = stopped.wait_for(|stop| *stop).await;
-                        },
-                    ),
-            )
-        };
+                        stopped,
+                    )),
+                }
+            };
         let (registry_address, registry_server, registry_routes) = match registry {
             Some(started) => (
                 Some(started.grpc_address),
                 Some(tokio::spawn(crate::registry::serve_grpc(
                     started.api.clone(),
                     started.grpc_listener,
+                    tls.clone(),
                     limits.clone(),
                     stop.subscribe(),
                 ))),
@@ -329,6 +346,7 @@ impl ControlPlane {
         };
         let http_server = serve_http(
             http_listener,
+            tls.as_ref(),
             limits.bound_http(
                 http::router(state.clone()).merge(registry_routes),
                 fulcrum_registry::api::rest::LONG_POLL_PATHS,
@@ -339,6 +357,7 @@ impl ControlPlane {
         );
         let admin_server = serve_http(
             admin_listener,
+            tls.as_ref(),
             limits.bound_http(
                 http::admin_router(state, admin_tokens),
                 &[],
@@ -445,18 +464,36 @@ impl Drop for ControlPlane {
 }
 
 /// Serves `router` on `listener` until `stopped` turns true.
+/// ALPN of the gRPC listeners.
+const GRPC_ALPN: &[&[u8]] = &[b"h2"];
+
+/// ALPN of the HTTP listeners.
+const HTTP_ALPN: &[&[u8]] = &[b"h2", b"http/1.1"];
+
 fn serve_http(
     listener: TcpListener,
+    tls: Option<&Tls>,
     router: axum::Router,
     mut stopped: watch::Receiver<bool>,
 ) -> JoinHandle<std::io::Result<()>> {
-    tokio::spawn(async move {
-        axum::serve(listener, router)
-            .with_graceful_shutdown(async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
+    let stopped = async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    match tls {
+        Some(tls) => {
+            let listener = tls.accept(listener, HTTP_ALPN);
+            tokio::spawn(async move {
+                axum::serve(listener, router)
+                    .with_graceful_shutdown(stopped)
+                    .await
             })
-            .await
-    })
+        }
+        None => tokio::spawn(async move {
+            axum::serve(listener, router)
+                .with_graceful_shutdown(stopped)
+                .await
+        }),
+    }
 }
 
 /// The admin API's tokens: read from `token_file`, or none, which only a loopback

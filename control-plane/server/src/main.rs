@@ -6,7 +6,7 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 use clap::{CommandFactory, Parser, ValueEnum, error::ErrorKind};
 use fulcrum_control_plane::{
     Config, ControlPlane, ListenerLimits, OptionalSources, PolicySource, RegistryBackendOptions,
-    RegistryOptions,
+    RegistryOptions, TlsFiles,
 };
 use fulcrum_kube_source::{KubeOptions, Mapping};
 use fulcrum_registry::{
@@ -100,6 +100,13 @@ struct Cli {
     /// `policy.yaml` unless given.
     #[arg(long, value_name = "NS/NAME[:KEY]", value_parser = parse_configmap)]
     policy_configmap: Option<PolicySource>,
+    /// Serve TLS on every listener (HTTP, admin, xDS, registry gRPC) with this PEM certificate
+    /// chain; reloaded every 10 s, so a rotated Secret takes effect without a restart.
+    #[arg(long, value_name = "PATH", requires = "tls_key_file")]
+    tls_cert_file: Option<PathBuf>,
+    /// The PEM private key of `--tls-cert-file`.
+    #[arg(long, value_name = "PATH", requires = "tls_cert_file")]
+    tls_key_file: Option<PathBuf>,
     /// This replica's name, sent with every snapshot so each filter follows one replica at a
     /// time; unique per replica. Default: `$POD_NAME`, else `$HOSTNAME`, else a random name.
     #[arg(long, value_name = "NAME")]
@@ -283,6 +290,10 @@ async fn main() -> ExitCode {
         cluster_options: ClusterOptions::default(),
         admin_address: cli.admin_addr,
         admin_token_file: cli.admin_token_file,
+        tls: cli
+            .tls_cert_file
+            .zip(cli.tls_key_file)
+            .map(|(cert, key)| TlsFiles { cert, key }),
         replica: cli
             .replica_name
             .or_else(|| std::env::var("POD_NAME").ok())

@@ -19,7 +19,7 @@ use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::server::TcpIncoming;
 use tracing::info;
 
-use crate::limits::ListenerLimits;
+use crate::{limits::ListenerLimits, tls::Tls};
 
 /// Where registrations and leases live.
 #[derive(Debug, Clone)]
@@ -112,26 +112,39 @@ impl StartedRegistry {
     }
 }
 
-/// Serves the registry's gRPC API until `stopped` turns true, within `limits`. Small
-/// answers are not held back for delayed ACKs (`TCP_NODELAY`, as Envoy does).
+/// Serves the registry's gRPC API until `stopped` turns true, within `limits`, over TLS when
+/// configured. Small answers are not held back for delayed ACKs (`TCP_NODELAY`, as Envoy does).
 pub(crate) async fn serve_grpc(
     api: ApiState,
     listener: TcpListener,
+    tls: Option<Tls>,
     limits: ListenerLimits,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
     let service = fulcrum_registry::api::grpc::server(api)
         .max_decoding_message_size(limits.grpc_max_message_bytes);
-    limits
-        .grpc_server()
-        .add_service(service)
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
-            },
-        )
-        .await
+    let server = limits.grpc_server().add_service(service);
+    let stopped = async move {
+        let _ = stopped.wait_for(|stop| *stop).await;
+    };
+    match tls {
+        Some(tls) => {
+            server
+                .serve_with_incoming_shutdown(
+                    tls.accept(listener, crate::GRPC_ALPN).into_stream(),
+                    stopped,
+                )
+                .await
+        }
+        None => {
+            server
+                .serve_with_incoming_shutdown(
+                    TcpIncoming::from(listener).with_nodelay(Some(true)),
+                    stopped,
+                )
+                .await
+        }
+    }
 }
 
 /// Keeps the registry's picks on the policy of the published snapshot; ends when the

@@ -8,4 +8,5 @@ mod limits;
 mod registry;
 mod replicas;
 mod snapshot_api;
+mod tls;
 mod xds_envoy;
