@@ -59,8 +59,24 @@ pub(crate) struct Candidates<'a> {
 enum Kind<'a> {
     /// Every member of locality tier `tier`.
     Tier { tier_of: &'a [u16], tier: u16 },
-    /// A subset of the eligible endpoints, markable for membership tests.
-    Subset(&'a mut Marks),
+    /// A subset of the eligible endpoints, markable for membership tests; within one tier
+    /// (and then ascending) or across tiers.
+    Subset {
+        marks: &'a mut Marks,
+        tier: Option<u16>,
+    },
+}
+
+/// Where the candidates lie among the locality tiers: what tells an algorithm whether a
+/// structure it keeps per tier serves this pick as is, with rejections, or not at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// Every member of this tier, in the tier's order (the steady state).
+    Whole(usize),
+    /// Some members of this tier, ascending (a breaker is open).
+    Part(usize),
+    /// Members of several tiers (no tier has enough admissible members).
+    Mixed,
 }
 
 impl<'a> Candidates<'a> {
@@ -76,12 +92,20 @@ impl<'a> Candidates<'a> {
         }
     }
 
-    /// The subset `slots`, with `marks` to test membership in when asked.
+    /// The subset `slots`, with `marks` to test membership in when asked: members of tier
+    /// `tier` only, ascending, when it is `Some`.
     #[inline]
-    pub fn subset(slots: &'a [u32], marks: &'a mut Marks) -> Self {
+    pub fn subset(slots: &'a [u32], marks: &'a mut Marks, tier: Option<usize>) -> Self {
+        debug_assert!(
+            tier.is_none() || slots.is_sorted(),
+            "a subset within one tier must be ascending"
+        );
         Self {
             slots,
-            kind: Kind::Subset(marks),
+            kind: Kind::Subset {
+                marks,
+                tier: tier.map(|tier| tier as u16),
+            },
         }
     }
 
@@ -89,6 +113,28 @@ impl<'a> Candidates<'a> {
     #[inline]
     pub fn slots(&self) -> &'a [u32] {
         self.slots
+    }
+
+    /// Where the candidates lie among the tiers.
+    #[inline]
+    pub fn scope(&self) -> Scope {
+        match self.kind {
+            Kind::Tier { tier, .. } => Scope::Whole(usize::from(tier)),
+            Kind::Subset {
+                tier: Some(tier), ..
+            } => Scope::Part(usize::from(tier)),
+            Kind::Subset { tier: None, .. } => Scope::Mixed,
+        }
+    }
+
+    /// The position of `slot` among the candidates, if it is one: O(log candidates) for a
+    /// whole tier or part of one (both ascending), O(candidates) across tiers.
+    #[inline]
+    pub fn position(&self, slot: u32) -> Option<usize> {
+        match self.scope() {
+            Scope::Whole(_) | Scope::Part(_) => self.slots.binary_search(&slot).ok(),
+            Scope::Mixed => self.slots.iter().position(|&member| member == slot),
+        }
     }
 
     /// A membership test, for algorithms that walk more than the candidates; for a subset
@@ -100,7 +146,7 @@ impl<'a> Candidates<'a> {
                 tier_of,
                 tier: *tier,
             },
-            Kind::Subset(marks) => marks.mark(self.slots),
+            Kind::Subset { marks, .. } => marks.mark(self.slots),
         }
     }
 }
@@ -195,11 +241,11 @@ mod tests {
         marks.reset(6);
         let table = [5, 0, 3, 3, 1, 4];
         let first = [1, 3];
-        let mut candidates = Candidates::subset(&first, &mut marks);
+        let mut candidates = Candidates::subset(&first, &mut marks, Some(0));
         let walk = Walk::lap(&table, 4).among(candidates.membership());
         assert_eq!(walk.collect::<Vec<_>>(), [1, 3, 3]);
         let second = [0, 4];
-        let mut candidates = Candidates::subset(&second, &mut marks);
+        let mut candidates = Candidates::subset(&second, &mut marks, None);
         let walk = Walk::lap(&table, 0).among(candidates.membership());
         assert_eq!(walk.collect::<Vec<_>>(), [0, 4]);
     }

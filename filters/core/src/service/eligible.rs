@@ -102,6 +102,11 @@ impl Eligible {
         &self.members
     }
 
+    /// The eligible slots per locality tier, best first, each ascending.
+    pub fn tiers(&self) -> &[Vec<u32>] {
+        &self.tiers
+    }
+
     /// The admissible candidates at `now`, or why there are none.
     ///
     /// Admissible: eligible and admitted by its breaker, unless fewer than the panic
@@ -145,16 +150,19 @@ impl Eligible {
             return Err(Rejection::AllEjected { action });
         }
         let min_healthy = policy.locality.min_healthy_percent.min(100) as usize;
-        let mut range = (0, admissible);
-        for (&(start, end), tier) in self.tier_ranges.iter().zip(&self.tiers) {
+        // Every admissible endpoint, unless a tier has enough of its own; with one tier that
+        // is still part of the one tier.
+        let mut range = (0, admissible, (self.tiers.len() == 1).then_some(0));
+        for (index, (&(start, end), tier)) in self.tier_ranges.iter().zip(&self.tiers).enumerate() {
             if end > start && (end - start) * 100 >= min_healthy * tier.len() {
-                range = (start, end);
+                range = (start, end, Some(index));
                 break;
             }
         }
         Ok(Candidates::subset(
             &self.admitted[range.0..range.1],
             &mut self.marks,
+            range.2,
         ))
     }
 
