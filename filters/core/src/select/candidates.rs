@@ -5,7 +5,8 @@
 //! as is; otherwise they are the admitted subset, collected into scratch space the picker
 //! reuses, so a pick copies nothing in the common case and allocates nothing in any case. The
 //! hash algorithms walk a table of every eligible endpoint and skip the ones that are not
-//! candidates; for a subset, membership is stamped into [`Marks`] only when they ask.
+//! candidates; membership is a tier check, a binary search in a subset of one tier, or, for
+//! a subset across tiers (rare), stamped into [`Marks`] when they ask.
 //!
 //! A [`Walk`] is the one notion of "preference order" every algorithm shares: the candidates
 //! from the pick onwards for the list-based algorithms, the table from the key's entry for the
@@ -137,8 +138,9 @@ impl<'a> Candidates<'a> {
         }
     }
 
-    /// A membership test, for algorithms that walk more than the candidates; for a subset
-    /// this marks it (O(candidates)), so call it once per pick.
+    /// A membership test, for algorithms that walk more than the candidates: O(1) a test
+    /// for a whole tier, O(log candidates) for part of one (a binary search); for candidates
+    /// across tiers this marks them (O(candidates)), so call it once per pick.
     #[inline]
     pub fn membership(&mut self) -> Membership<'_> {
         match &mut self.kind {
@@ -146,7 +148,8 @@ impl<'a> Candidates<'a> {
                 tier_of,
                 tier: *tier,
             },
-            Kind::Subset { marks, .. } => marks.mark(self.slots),
+            Kind::Subset { tier: Some(_), .. } => Membership::Sorted(self.slots),
+            Kind::Subset { marks, tier: None } => marks.mark(self.slots),
         }
     }
 }
@@ -155,6 +158,7 @@ impl<'a> Candidates<'a> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Membership<'a> {
     Tier { tier_of: &'a [u16], tier: u16 },
+    Sorted(&'a [u32]),
     Marked { marks: &'a [u32], generation: u32 },
 }
 
@@ -163,6 +167,7 @@ impl Membership<'_> {
     pub fn contains(&self, slot: u32) -> bool {
         match *self {
             Self::Tier { tier_of, tier } => tier_of[slot as usize] == tier,
+            Self::Sorted(members) => members.binary_search(&slot).is_ok(),
             Self::Marked { marks, generation } => marks[slot as usize] == generation,
         }
     }
@@ -236,7 +241,7 @@ mod tests {
     }
 
     #[test]
-    fn a_walk_among_candidates_skips_the_others_and_each_pick_marks_afresh() {
+    fn a_walk_among_candidates_skips_the_others_whether_searched_or_marked() {
         let mut marks = Marks::default();
         marks.reset(6);
         let table = [5, 0, 3, 3, 1, 4];
