@@ -9,9 +9,10 @@
 //! weights, whether weights are uniform) is rebuilt by `Select::rebuild` when the set changes;
 //! what changes per request (inflight, latency estimate, breaker) lives in each endpoint's
 //! `Slot`, kept by the picker across rebuilds, and an algorithm that keeps a structure over
-//! the loads follows every change through `Select::load_changed`. In the steady state (no
-//! breaker open) every algorithm's pick costs O(1) or O(log n) in the endpoints (`tiered`
-//! says how the weighted ones restrict a structure built per tier to a pick's candidates).
+//! the loads follows every change through `Select::load_changed`. Every algorithm's pick
+//! costs O(1) or O(log n) in the endpoints, with breakers open too (`tiered` says how the
+//! weighted ones restrict a structure built per tier to a pick's candidates); only the rare
+//! pick whose candidates span locality tiers costs O(n).
 //! Picks are pure: candidates, stats, `now` and the RNG are passed in (`Request`), and a pick
 //! allocates nothing but a cookie it asks the filter to set.
 //!
