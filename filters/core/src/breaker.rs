@@ -192,6 +192,22 @@ impl Breaker {
         }
     }
 
+    /// When [`admits`](Self::admits), false at `now`, turns true with time alone: the end of
+    /// an ejection, or of a probe round's wait. `None` when it admits at `now` or only an
+    /// event can change it. Time never turns it from true to false.
+    pub fn admits_from(&self, policy: &OutlierDetection, now: Duration) -> Option<Duration> {
+        match self.state {
+            BreakerState::Closed { .. } => None,
+            BreakerState::Open { until, .. } => (now < until).then_some(until),
+            BreakerState::HalfOpen {
+                probes_admitted,
+                since,
+                ..
+            } => (!self.admits(policy, now) && probes_admitted >= policy.half_open_max_probes)
+                .then(|| since.saturating_add(policy.base_ejection_time)),
+        }
+    }
+
     /// The transition function: applies `event` and returns the change of state kind, if any.
     pub fn on(&mut self, event: Event, ctx: &Context<'_>) -> Option<StateChange> {
         let from = self.state;

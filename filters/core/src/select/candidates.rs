@@ -5,7 +5,8 @@
 //! as is; otherwise they are the admitted subset, collected into scratch space the picker
 //! reuses, so a pick copies nothing in the common case and allocates nothing in any case. The
 //! hash algorithms walk a table of every eligible endpoint and skip the ones that are not
-//! candidates; for a subset, membership is stamped into [`Marks`] only when they ask.
+//! candidates; membership is a tier check, a binary search in a subset of one tier, or, for
+//! a subset across tiers (rare), stamped into [`Marks`] when they ask.
 //!
 //! A [`Walk`] is the one notion of "preference order" every algorithm shares: the candidates
 //! from the pick onwards for the list-based algorithms, the table from the key's entry for the
@@ -59,8 +60,24 @@ pub(crate) struct Candidates<'a> {
 enum Kind<'a> {
     /// Every member of locality tier `tier`.
     Tier { tier_of: &'a [u16], tier: u16 },
-    /// A subset of the eligible endpoints, markable for membership tests.
-    Subset(&'a mut Marks),
+    /// A subset of the eligible endpoints, markable for membership tests; within one tier
+    /// (and then ascending) or across tiers.
+    Subset {
+        marks: &'a mut Marks,
+        tier: Option<u16>,
+    },
+}
+
+/// Where the candidates lie among the locality tiers: what tells an algorithm whether a
+/// structure it keeps per tier serves this pick as is, with rejections, or not at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Scope {
+    /// Every member of this tier, in the tier's order (the steady state).
+    Whole(usize),
+    /// Some members of this tier, ascending (a breaker is open).
+    Part(usize),
+    /// Members of several tiers (no tier has enough admissible members).
+    Mixed,
 }
 
 impl<'a> Candidates<'a> {
@@ -76,12 +93,20 @@ impl<'a> Candidates<'a> {
         }
     }
 
-    /// The subset `slots`, with `marks` to test membership in when asked.
+    /// The subset `slots`, with `marks` to test membership in when asked: members of tier
+    /// `tier` only, ascending, when it is `Some`.
     #[inline]
-    pub fn subset(slots: &'a [u32], marks: &'a mut Marks) -> Self {
+    pub fn subset(slots: &'a [u32], marks: &'a mut Marks, tier: Option<usize>) -> Self {
+        debug_assert!(
+            tier.is_none() || slots.is_sorted(),
+            "a subset within one tier must be ascending"
+        );
         Self {
             slots,
-            kind: Kind::Subset(marks),
+            kind: Kind::Subset {
+                marks,
+                tier: tier.map(|tier| tier as u16),
+            },
         }
     }
 
@@ -91,8 +116,31 @@ impl<'a> Candidates<'a> {
         self.slots
     }
 
-    /// A membership test, for algorithms that walk more than the candidates; for a subset
-    /// this marks it (O(candidates)), so call it once per pick.
+    /// Where the candidates lie among the tiers.
+    #[inline]
+    pub fn scope(&self) -> Scope {
+        match self.kind {
+            Kind::Tier { tier, .. } => Scope::Whole(usize::from(tier)),
+            Kind::Subset {
+                tier: Some(tier), ..
+            } => Scope::Part(usize::from(tier)),
+            Kind::Subset { tier: None, .. } => Scope::Mixed,
+        }
+    }
+
+    /// The position of `slot` among the candidates, if it is one: O(log candidates) for a
+    /// whole tier or part of one (both ascending), O(candidates) across tiers.
+    #[inline]
+    pub fn position(&self, slot: u32) -> Option<usize> {
+        match self.scope() {
+            Scope::Whole(_) | Scope::Part(_) => self.slots.binary_search(&slot).ok(),
+            Scope::Mixed => self.slots.iter().position(|&member| member == slot),
+        }
+    }
+
+    /// A membership test, for algorithms that walk more than the candidates: O(1) a test
+    /// for a whole tier, O(log candidates) for part of one (a binary search); for candidates
+    /// across tiers this marks them (O(candidates)), so call it once per pick.
     #[inline]
     pub fn membership(&mut self) -> Membership<'_> {
         match &mut self.kind {
@@ -100,7 +148,8 @@ impl<'a> Candidates<'a> {
                 tier_of,
                 tier: *tier,
             },
-            Kind::Subset(marks) => marks.mark(self.slots),
+            Kind::Subset { tier: Some(_), .. } => Membership::Sorted(self.slots),
+            Kind::Subset { marks, tier: None } => marks.mark(self.slots),
         }
     }
 }
@@ -109,6 +158,7 @@ impl<'a> Candidates<'a> {
 #[derive(Debug, Clone, Copy)]
 pub(crate) enum Membership<'a> {
     Tier { tier_of: &'a [u16], tier: u16 },
+    Sorted(&'a [u32]),
     Marked { marks: &'a [u32], generation: u32 },
 }
 
@@ -117,6 +167,7 @@ impl Membership<'_> {
     pub fn contains(&self, slot: u32) -> bool {
         match *self {
             Self::Tier { tier_of, tier } => tier_of[slot as usize] == tier,
+            Self::Sorted(members) => members.binary_search(&slot).is_ok(),
             Self::Marked { marks, generation } => marks[slot as usize] == generation,
         }
     }
@@ -190,16 +241,16 @@ mod tests {
     }
 
     #[test]
-    fn a_walk_among_candidates_skips_the_others_and_each_pick_marks_afresh() {
+    fn a_walk_among_candidates_skips_the_others_whether_searched_or_marked() {
         let mut marks = Marks::default();
         marks.reset(6);
         let table = [5, 0, 3, 3, 1, 4];
         let first = [1, 3];
-        let mut candidates = Candidates::subset(&first, &mut marks);
+        let mut candidates = Candidates::subset(&first, &mut marks, Some(0));
         let walk = Walk::lap(&table, 4).among(candidates.membership());
         assert_eq!(walk.collect::<Vec<_>>(), [1, 3, 3]);
         let second = [0, 4];
-        let mut candidates = Candidates::subset(&second, &mut marks);
+        let mut candidates = Candidates::subset(&second, &mut marks, None);
         let walk = Walk::lap(&table, 0).among(candidates.membership());
         assert_eq!(walk.collect::<Vec<_>>(), [0, 4]);
     }

@@ -1,15 +1,20 @@
 //! Selection algorithms: each picks one endpoint among a request's admissible candidates.
 //!
 //! Every algorithm is a type implementing `Select` in its own file, its state (a cursor,
-//! smooth weights, a hash table) beside its code; `Algorithm` is the one place they are
+//! a deadline schedule, prefix sums, a hash table) beside its code; `Algorithm` is the one place they are
 //! registered: the policy's [`LoadBalancer`] → its implementation, dispatched statically.
 //! The shape is pingora-load-balancing's `selection/` (`BackendSelection` built from the
 //! backend set, then asked per request) and tower's `p2c` (load read from the endpoints at
-//! pick time): what depends only on the endpoint set (hash ring, Maglev table, whether
-//! weights are uniform) is rebuilt by `Select::rebuild` when the set changes; what changes
-//! per request (inflight, latency estimate, breaker) lives in each endpoint's `Slot`, kept by
-//! the picker across rebuilds. Picks are pure: candidates, stats, `now` and the RNG are passed
-//! in (`Request`), and a pick allocates nothing but a cookie it asks the filter to set.
+//! pick time): what depends only on the endpoint set (hash ring, Maglev table, cumulative
+//! weights, whether weights are uniform) is rebuilt by `Select::rebuild` when the set changes;
+//! what changes per request (inflight, latency estimate, breaker) lives in each endpoint's
+//! `Slot`, kept by the picker across rebuilds, and an algorithm that keeps a structure over
+//! the loads follows every change through `Select::load_changed`. Every algorithm's pick
+//! costs O(1) or O(log n) in the endpoints, with breakers open too (`tiered` says how the
+//! weighted ones restrict a structure built per tier to a pick's candidates); only the rare
+//! pick whose candidates span locality tiers costs O(n).
+//! Picks are pure: candidates, stats, `now` and the RNG are passed in (`Request`), and a pick
+//! allocates nothing but a cookie it asks the filter to set.
 //!
 //! Sticky sessions ([`sticky`]) are a layer in front of an algorithm, not one: a request
 //! whose cookie names an admissible endpoint goes there, any other is picked by the fallback
@@ -24,7 +29,9 @@ pub mod peak_ewma;
 pub mod ring_hash;
 pub mod round_robin;
 pub mod sticky;
-pub mod weighted;
+mod tiered;
+pub mod weighted_random;
+pub mod weighted_round_robin;
 
 use std::time::Duration;
 
@@ -125,6 +132,10 @@ pub(crate) trait Select {
     /// Records in `needs` the request attributes [`pick`](Self::pick) reads. None by default.
     fn needs<'a>(&'a self, _needs: &mut RequestNeeds<'a>) {}
 
+    /// Follows a change of `slot`'s in-flight count (a pick sent it a request, or one
+    /// completed), for algorithms that keep a structure over the loads. Nothing by default.
+    fn load_changed(&mut self, _slot: usize, _slots: &[Slot]) {}
+
     /// How response times are folded into every endpoint's latency estimate (recorded for
     /// all algorithms; health score reads it too): peak EWMA's own settings, the defaults
     /// otherwise.
@@ -140,6 +151,9 @@ pub(crate) struct EndpointSet<'a> {
     pub slots: &'a [Slot],
     /// The eligible ones (healthy, selected), ascending: the only ones ever candidates.
     pub eligible: &'a [u32],
+    /// The eligible ones by locality tier, best first, each ascending: a pick's candidates
+    /// are one of them, part of one, or (rarely) parts of several ([`candidates::Scope`]).
+    pub tiers: &'a [Vec<u32>],
     /// Per slot, its index in the previous set if it was there: what per-endpoint state
     /// survives the change.
     pub previous: &'a [Option<u32>],
@@ -233,6 +247,12 @@ macro_rules! algorithms {
                 }
             }
 
+            fn load_changed(&mut self, slot: usize, slots: &[Slot]) {
+                match self {
+                    $(Self::$variant(algorithm) => algorithm.load_changed(slot, slots),)*
+                }
+            }
+
             fn latency_estimate(&self) -> policy::PeakEwma {
                 match self {
                     $(Self::$variant(algorithm) => algorithm.latency_estimate(),)*
@@ -244,8 +264,8 @@ macro_rules! algorithms {
 
 algorithms! {
     RoundRobin(round_robin::RoundRobin),
-    WeightedRoundRobin(weighted::WeightedRoundRobin),
-    WeightedRandom(weighted::WeightedRandom),
+    WeightedRoundRobin(weighted_round_robin::WeightedRoundRobin),
+    WeightedRandom(weighted_random::WeightedRandom),
     LeastRequest(least_request::LeastRequest),
     PeakEwma(peak_ewma::PeakEwma),
     HealthScore(health_score::HealthScore),
@@ -260,7 +280,7 @@ impl Algorithm {
         match load_balancer.algorithm() {
             LoadBalancer::RoundRobin => Self::RoundRobin(Default::default()),
             LoadBalancer::WeightedRoundRobin => Self::WeightedRoundRobin(Default::default()),
-            LoadBalancer::WeightedRandom => Self::WeightedRandom(weighted::WeightedRandom),
+            LoadBalancer::WeightedRandom => Self::WeightedRandom(Default::default()),
             LoadBalancer::LeastRequest(config) => {
                 Self::LeastRequest(least_request::LeastRequest::new(config))
             }

@@ -4,8 +4,11 @@
 //! with the panic threshold and the tier failover applied.
 //!
 //! The tiers are rebuilt with the endpoint set; narrowing them to the admissible candidates
-//! happens per pick, in scratch space kept here so a pick does not allocate. With every
-//! breaker closed (the steady state) the candidates are the first tier itself.
+//! happens at pick time, in space kept here so a pick does not allocate. With every breaker
+//! closed (the steady state) the candidates are the first tier itself; otherwise they are
+//! worked out at one pick and reused by the next ones until a breaker that is not closed
+//! changes or an ejection ends with time, so a pick costs O(1) here either way but at those
+//! events (O(eligible)).
 
 use std::time::Duration;
 
@@ -37,6 +40,99 @@ pub(super) struct Eligible {
     tier_ranges: Vec<(usize, usize)>,
     /// Candidate marks for membership tests of the current pick.
     marks: Marks,
+    /// The last answer worked out while a breaker was not closed, and how long it holds.
+    admission: Option<Admission>,
+}
+
+/// Which endpoints are admissible, as worked out at one time, and how long that holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Admission {
+    answer: Answer,
+    /// `Slots::ejection_changes` when worked out: any change of a not-closed breaker since
+    /// may change the answer.
+    changes: u64,
+    /// When it was worked out (a clock going back may change the answer)...
+    from: Duration,
+    /// ...and the first time an ejection or a probe round's wait ends after that.
+    until: Duration,
+}
+
+/// The candidates when a breaker is not closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    /// Fewer than the panic threshold admissible: the whole first tier.
+    Panic,
+    /// None admissible.
+    AllEjected,
+    /// `admitted[start..end]`, all within tier `tier` when it is `Some`.
+    Subset {
+        start: usize,
+        end: usize,
+        tier: Option<usize>,
+    },
+}
+
+/// Works out the admissible endpoints of `tiers` at `now` into `admitted` (tier after tier,
+/// each tier's range in `tier_ranges`). See [`Eligible::candidates`].
+fn admit(
+    tiers: &[Vec<u32>],
+    slots: &Slots,
+    policy: &ServicePolicy,
+    now: Duration,
+    admitted: &mut Vec<u32>,
+    tier_ranges: &mut Vec<(usize, usize)>,
+) -> Admission {
+    let outlier_detection = &policy.outlier_detection;
+    admitted.clear();
+    tier_ranges.clear();
+    let mut until = Duration::MAX;
+    for tier in tiers {
+        let start = admitted.len();
+        for &slot in tier {
+            let breaker = &slots[slot as usize].stats.breaker;
+            if breaker.admits(outlier_detection, now) {
+                admitted.push(slot);
+            } else if let Some(from) = breaker.admits_from(outlier_detection, now) {
+                until = until.min(from);
+            }
+        }
+        tier_ranges.push((start, admitted.len()));
+    }
+    let eligible: usize = tiers.iter().map(Vec::len).sum();
+    let admissible = admitted.len();
+    let panic_percent = outlier_detection.panic_threshold_percent.min(100) as usize;
+    let answer = if admissible * 100 < panic_percent * eligible {
+        // Panic: too few endpoints left; ignore ejections rather than overload them.
+        Answer::Panic
+    } else if admissible == 0 {
+        Answer::AllEjected
+    } else {
+        let min_healthy = policy.locality.min_healthy_percent.min(100) as usize;
+        // Every admissible endpoint, unless a tier has enough of its own; with one tier
+        // that is still part of the one tier.
+        let mut answer = Answer::Subset {
+            start: 0,
+            end: admissible,
+            tier: (tiers.len() == 1).then_some(0),
+        };
+        for (index, (&(start, end), tier)) in tier_ranges.iter().zip(tiers).enumerate() {
+            if end > start && (end - start) * 100 >= min_healthy * tier.len() {
+                answer = Answer::Subset {
+                    start,
+                    end,
+                    tier: Some(index),
+                };
+                break;
+            }
+        }
+        answer
+    };
+    Admission {
+        answer,
+        changes: slots.ejection_changes(),
+        from: now,
+        until,
+    }
 }
 
 impl Eligible {
@@ -94,6 +190,7 @@ impl Eligible {
             admitted: Vec::new(),
             tier_ranges: Vec::new(),
             marks,
+            admission: None,
         }
     }
 
@@ -102,12 +199,21 @@ impl Eligible {
         &self.members
     }
 
+    /// The eligible slots per locality tier, best first, each ascending.
+    pub fn tiers(&self) -> &[Vec<u32>] {
+        &self.tiers
+    }
+
     /// The admissible candidates at `now`, or why there are none.
     ///
     /// Admissible: eligible and admitted by its breaker, unless fewer than the panic
     /// threshold are, in which case every eligible endpoint of the first tier (ejections are
     /// ignored rather than overload the few left). Of those, the first tier with at least
     /// `min_healthy_percent` of its members admissible, else all of them.
+    ///
+    /// With every breaker closed that is the first tier, O(1). Otherwise the answer is
+    /// worked out once (O(eligible)) and reused until a breaker that is not closed changes
+    /// or an ejection ends with time, so picks between those events cost O(1) here too.
     pub fn candidates(
         &mut self,
         slots: &Slots,
@@ -115,47 +221,52 @@ impl Eligible {
         now: Duration,
     ) -> Result<Candidates<'_>, Rejection> {
         let action = policy.on_no_endpoint;
-        let eligible = self.members.len();
-        if eligible == 0 {
+        if self.members.is_empty() {
             return Err(Rejection::NoEndpoints { action });
         }
         if slots.not_closed() == 0 {
             return Ok(self.tier(0));
         }
-        let outlier_detection = &policy.outlier_detection;
-        self.admitted.clear();
-        self.tier_ranges.clear();
-        for tier in &self.tiers {
-            let start = self.admitted.len();
-            self.admitted.extend(tier.iter().copied().filter(|&slot| {
-                slots[slot as usize]
-                    .stats
-                    .breaker
-                    .admits(outlier_detection, now)
-            }));
-            self.tier_ranges.push((start, self.admitted.len()));
-        }
-        let admissible = self.admitted.len();
-        let panic_percent = outlier_detection.panic_threshold_percent.min(100) as usize;
-        if admissible * 100 < panic_percent * eligible {
-            // Panic: too few endpoints left; ignore ejections rather than overload them.
-            return Ok(self.tier(0));
-        }
-        if admissible == 0 {
-            return Err(Rejection::AllEjected { action });
-        }
-        let min_healthy = policy.locality.min_healthy_percent.min(100) as usize;
-        let mut range = (0, admissible);
-        for (&(start, end), tier) in self.tier_ranges.iter().zip(&self.tiers) {
-            if end > start && (end - start) * 100 >= min_healthy * tier.len() {
-                range = (start, end);
-                break;
+        let current = self.admission.filter(|admission| {
+            admission.changes == slots.ejection_changes()
+                && admission.from <= now
+                && now < admission.until
+        });
+        let admission = match current {
+            Some(admission) => {
+                debug_assert!(
+                    {
+                        let (mut admitted, mut ranges) = (Vec::new(), Vec::new());
+                        let fresh =
+                            admit(&self.tiers, slots, policy, now, &mut admitted, &mut ranges);
+                        fresh.answer == admission.answer && admitted == self.admitted
+                    },
+                    "a reused admission must be what working it out afresh gives"
+                );
+                admission
             }
+            None => {
+                let admission = admit(
+                    &self.tiers,
+                    slots,
+                    policy,
+                    now,
+                    &mut self.admitted,
+                    &mut self.tier_ranges,
+                );
+                self.admission = Some(admission);
+                admission
+            }
+        };
+        match admission.answer {
+            Answer::Panic => Ok(self.tier(0)),
+            Answer::AllEjected => Err(Rejection::AllEjected { action }),
+            Answer::Subset { start, end, tier } => Ok(Candidates::subset(
+                &self.admitted[start..end],
+                &mut self.marks,
+                tier,
+            )),
         }
-        Ok(Candidates::subset(
-            &self.admitted[range.0..range.1],
-            &mut self.marks,
-        ))
     }
 
     /// Every member of tier `tier`.

@@ -31,6 +31,8 @@ mod request;
 mod retry;
 mod slots;
 
+use std::time::Duration;
+
 use self::{eligible::Eligible, slots::Slots};
 pub use self::{
     outcome::{Outcome, Served, Transition, Transitions, grpc_http_status},
@@ -108,6 +110,7 @@ impl ServicePicker {
         self.algorithm.rebuild(&EndpointSet {
             slots: &self.slots,
             eligible: self.eligible.members(),
+            tiers: self.eligible.tiers(),
             previous: &previous,
         });
         if let Some(sessions) = &mut self.sessions {
@@ -138,6 +141,19 @@ impl ServicePicker {
     /// Every endpoint with its breaker state and inflight, sorted by address.
     pub fn endpoints(&self) -> impl ExactSizeIterator<Item = EndpointView<'_>> {
         self.slots.views()
+    }
+
+    /// Counts a request sent to `slot` (in flight, and a probe if its breaker is open) and
+    /// tells the algorithm, so a structure over the loads follows every change.
+    fn admit(&mut self, slot: usize, now: Duration) {
+        self.slots.admit(slot, now, &self.policy.outlier_detection);
+        self.algorithm.load_changed(slot, &self.slots);
+    }
+
+    /// Takes a finished request off `slot`'s in-flight count and tells the algorithm.
+    fn release(&mut self, slot: usize) {
+        self.slots.release(slot);
+        self.algorithm.load_changed(slot, &self.slots);
     }
 
     /// A copy of the slots, for tests that inspect stats.

@@ -142,12 +142,12 @@ impl ServicePicker {
         now: Duration,
     ) -> Transitions {
         let mut transitions = Transitions::default();
-        let policy = &self.policy;
-        let estimate = &self.latency_estimate;
         let picked_slot = self.slots.find(picked);
         if let Some(slot) = picked_slot {
-            self.slots.release(slot);
+            self.release(slot);
         }
+        let policy = &self.policy;
+        let estimate = &self.latency_estimate;
         let served = match served_by {
             Served::ByPick => picked,
             Served::ByRetryTarget(served) | Served::ByFallback(served) => served,

@@ -107,7 +107,7 @@ impl ServicePicker {
             };
             (choice.slot, retry_targets, set_cookie)
         };
-        self.slots.admit(slot, now, &self.policy.outlier_detection);
+        self.admit(slot, now);
         Ok(Pick {
             endpoint: self.slots[slot].endpoint.address,
             retry_targets,

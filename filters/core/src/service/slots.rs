@@ -33,6 +33,9 @@ pub(super) struct Slots {
     not_closed: usize,
     /// Sum of the endpoints' in-flight counts.
     total_inflight: u64,
+    /// Counts the changes of breakers that are, or were until the change, not closed: what
+    /// may change which endpoints a breaker admits, apart from time.
+    ejection_changes: u64,
 }
 
 impl Deref for Slots {
@@ -95,6 +98,13 @@ impl Slots {
         self.not_closed
     }
 
+    /// How many changes of not-closed breakers there have been: equal counts mean every
+    /// breaker admits what it did, but for ejections ending with time
+    /// ([`Breaker::admits_from`](crate::breaker::Breaker::admits_from)).
+    pub fn ejection_changes(&self) -> u64 {
+        self.ejection_changes
+    }
+
     /// How many requests are in flight, over every endpoint.
     pub fn total_inflight(&self) -> u64 {
         self.total_inflight
@@ -148,7 +158,13 @@ impl Slots {
             may_eject,
             jitter_seed: entry.address_hash,
         };
-        let change = entry.stats.breaker.on(event, &context)?;
+        let before = entry.stats.breaker.state();
+        let change = entry.stats.breaker.on(event, &context);
+        let after = entry.stats.breaker.state();
+        if before != after && (before.is_ejected() || after.is_ejected()) {
+            self.ejection_changes += 1;
+        }
+        let change = change?;
         match (change.from.is_ejected(), change.to.is_ejected()) {
             (false, true) => self.not_closed += 1,
             (true, false) => self.not_closed = self.not_closed.saturating_sub(1),

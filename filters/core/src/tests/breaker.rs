@@ -39,6 +39,28 @@ fn tripped(policy: &OutlierDetection, now: Duration) -> Breaker {
 }
 
 #[test]
+fn a_breaker_says_when_time_alone_makes_it_admit_again() {
+    let policy = strict_outlier_detection(1);
+    let mut breaker = Breaker::new(&policy, Duration::ZERO);
+    assert_eq!(
+        breaker.admits_from(&policy, secs(0)),
+        None,
+        "closed: admits"
+    );
+    breaker.on(FAILURE, &context(&policy, secs(0)));
+    assert_eq!(breaker.admits_from(&policy, secs(3)), Some(secs(10)));
+    assert_eq!(
+        breaker.admits_from(&policy, secs(10)),
+        None,
+        "ejection over"
+    );
+    // The one probe is out: admitted again once the round has waited base_ejection_time.
+    breaker.on(Event::Admit, &context(&policy, secs(12)));
+    assert_eq!(breaker.admits_from(&policy, secs(13)), Some(secs(22)));
+    assert_eq!(breaker.admits_from(&policy, secs(22)), None);
+}
+
+#[test]
 fn an_expired_ejection_admits_bounded_probes_and_closes_when_they_succeed() {
     let mut policy = strict_outlier_detection(2);
     policy.half_open_max_probes = 2;
