@@ -62,7 +62,7 @@ impl PolicyConfigMap {
 
     /// Offers the key's text to `store` on every change, until dropped. A valid text that
     /// could not be recorded (the status ConfigMap unreachable) is offered again every
-    /// [`RETRY`] until it is, unless a newer text replaces it.
+    /// two seconds until it is, unless a newer text replaces it.
     pub async fn run(self, store: PolicyStore) {
         let origin = self.origin();
         let format = PolicyFormat::from_name(&self.key);
@@ -127,7 +127,7 @@ impl PolicyConfigMap {
 }
 
 /// How long a text that could not be recorded waits before it is offered again.
-pub const RETRY: Duration = Duration::from_secs(2);
+const RETRY: Duration = Duration::from_secs(2);
 
 /// Offers `text`; returns it when it must be offered again (valid, but not recorded).
 /// Rejections are logged and counted by the store.
