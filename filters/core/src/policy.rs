@@ -95,7 +95,8 @@ pub enum LoadBalancer {
     /// Each admissible endpoint in turn, ignoring weights (Istio `simple: ROUND_ROBIN`
     /// without weights).
     RoundRobin,
-    /// Smooth weighted round robin (nginx): deterministic, interleaves heavy endpoints.
+    /// Weighted round robin by earliest deadline first, as Envoy's: deterministic; any `W`
+    /// consecutive picks serve each endpoint exactly its weight.
     WeightedRoundRobin,
     /// Random, proportional to weight (Istio `simple: RANDOM` with weights).
     WeightedRandom,
