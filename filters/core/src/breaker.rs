@@ -7,14 +7,15 @@
 //! sliding window with a minimum volume; bounded probes after the ejection expires). Unlike
 //! Envoy it needs no periodic sweep: a state is judged when an outcome arrives, and an expired
 //! ejection turns into half-open when the next pick admits a probe. Service-level limits
-//! (max ejection percent, panic threshold) are decided by the picker and passed in.
+//! (max ejection percent, panic threshold) and the peers' typical latency (for the
+//! relative-latency rule) are worked out by the picker and passed in.
 
 use std::time::Duration;
 
 use crate::{
-    policy::{FailureKinds, OutlierDetection},
+    policy::{FailureKinds, OutlierDetection, RelativeLatency},
     rng::mix64,
-    window::{Counts, Window},
+    window::{Counts, Sample, Window},
 };
 
 /// Where an endpoint's breaker stands.
@@ -36,7 +37,8 @@ pub enum BreakerState {
         ejections: u32,
     },
     /// Ejection expired: up to `half_open_max_probes` requests are admitted; when that many
-    /// succeed it closes, any failure re-opens it for longer.
+    /// succeed it closes, any failure (or a probe slow against its peers) re-opens it for
+    /// longer.
     HalfOpen {
         /// Number of the ejection that preceded this.
         ejections: u32,
@@ -75,6 +77,10 @@ pub struct Verdict {
     pub gateway_error: bool,
     /// It took longer than the slow-call threshold.
     pub slow: bool,
+    /// It was slow against the service's typical latency (the relative-latency rule).
+    pub slow_vs_peers: bool,
+    /// How long it took.
+    pub latency: Duration,
 }
 
 impl Verdict {
@@ -99,6 +105,31 @@ impl Verdict {
             failure,
             gateway_error,
             slow: slow_threshold.is_some_and(|threshold| latency > threshold),
+            slow_vs_peers: false,
+            latency,
+        }
+    }
+
+    /// This verdict with `slow_vs_peers` judged by `rule` against the peers' `typical`
+    /// latency (left false while there is no rule or no typical latency yet).
+    pub fn against_peers(
+        mut self,
+        rule: Option<&RelativeLatency>,
+        typical: Option<Duration>,
+    ) -> Self {
+        self.slow_vs_peers = match (rule, typical) {
+            (Some(rule), Some(typical)) => rule.is_slow(self.latency, typical),
+            _ => false,
+        };
+        self
+    }
+
+    fn sample(&self) -> Sample {
+        Sample {
+            failure: self.failure,
+            slow: self.slow,
+            slow_vs_peers: self.slow_vs_peers,
+            latency: self.latency,
         }
     }
 
@@ -108,6 +139,8 @@ impl Verdict {
         failure: true,
         gateway_error: true,
         slow: false,
+        slow_vs_peers: false,
+        latency: Duration::ZERO,
     };
 }
 
@@ -261,7 +294,7 @@ impl Breaker {
             }
             (BreakerState::Open { .. }, Event::Complete(verdict)) => {
                 // A request admitted before the ejection; it no longer changes anything.
-                self.window.record(now, verdict.failure, verdict.slow);
+                self.window.record(now, verdict.sample());
                 None
             }
             (
@@ -273,7 +306,7 @@ impl Breaker {
                 },
                 Event::Complete(verdict),
             ) => {
-                if verdict.failure {
+                if verdict.failure || verdict.slow_vs_peers {
                     Some(self.eject(ejections.saturating_add(1), ctx))
                 } else if successes.saturating_add(1) >= policy.half_open_max_probes {
                     self.reset_counters();
@@ -298,7 +331,7 @@ impl Breaker {
     }
 
     fn count(&mut self, verdict: Verdict, now: Duration) {
-        self.window.record(now, verdict.failure, verdict.slow);
+        self.window.record(now, verdict.sample());
         self.consecutive_failures = if verdict.failure {
             self.consecutive_failures.saturating_add(1)
         } else {
@@ -336,6 +369,13 @@ impl Breaker {
             .slow_calls
             .as_ref()
             .is_some_and(|slow| over(counts.slow, slow.threshold_percent, slow.minimum_requests))
+            || policy.relative_latency.as_ref().is_some_and(|relative| {
+                over(
+                    counts.slow_vs_peers,
+                    relative.threshold_percent,
+                    relative.minimum_requests,
+                )
+            })
     }
 
     fn eject(&mut self, ejections: u32, ctx: &Context<'_>) -> BreakerState {

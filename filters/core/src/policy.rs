@@ -355,6 +355,10 @@ pub struct OutlierDetection {
     pub failure_rate: Option<FailureRate>,
     /// Eject when too many calls over `window` are slow. Default: disabled.
     pub slow_calls: Option<SlowCalls>,
+    /// Eject an endpoint whose calls are mostly far slower than its peers' typical latency,
+    /// with no absolute threshold to guess. Default: enabled with [`RelativeLatency`]'s
+    /// defaults; `null` disables it.
+    pub relative_latency: Option<RelativeLatency>,
     /// Ejection time of the first ejection; the n-th lasts n × this, up to `max_ejection_time`.
     /// 1ms..=1h. Default: `"30s"` (Istio `baseEjectionTime`).
     #[serde(with = "crate::duration")]
@@ -386,6 +390,7 @@ impl Default for OutlierDetection {
             window: Duration::from_secs(10),
             failure_rate: None,
             slow_calls: None,
+            relative_latency: Some(RelativeLatency::default()),
             base_ejection_time: Duration::from_secs(30),
             max_ejection_time: Duration::from_secs(300),
             ejection_jitter_percent: 10,
@@ -437,6 +442,67 @@ impl Default for SlowCalls {
             threshold_percent: 50,
             minimum_requests: 20,
         }
+    }
+}
+
+/// Latency-outlier ejection relative to the endpoint's peers.
+///
+/// The peers' typical latency is the median, over the service's closed endpoints with at
+/// least `minimum_requests` calls in the window, of each one's mean latency; it is worked out
+/// again at most once per tenth of the window. A call is *slow against its peers* when it
+/// took at least `factor` × that median and at least `minimum_difference` more. An endpoint
+/// is ejected when at least `threshold_percent` of its calls over the window (and at least
+/// `minimum_requests` of them) were, within `max_ejection_percent`; a probe of an ejected
+/// endpoint that is slow against its peers ejects it again, for longer. Nothing is judged
+/// while fewer than `minimum_hosts` endpoints have enough calls to say what typical is.
+///
+/// A per-call majority rather than the endpoint's mean, so one stall (a GC pause, a
+/// reconnect) on a fast endpoint does not eject it; the median across endpoints rather than
+/// their mean, so the outlier does not move the yardstick it is measured against.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelativeLatency {
+    /// A call is slow against its peers at this multiple of their typical latency, 1.5..=100.
+    /// Default: 3.
+    pub factor: f64,
+    /// ...and at least this much above it, so microsecond differences between fast endpoints
+    /// never count, 0..=1h. Default: `"1ms"`.
+    #[serde(with = "crate::duration")]
+    pub minimum_difference: Duration,
+    /// Eject when slow calls are at least this percent of the endpoint's calls, 1..=100.
+    /// Default: 50.
+    pub threshold_percent: u32,
+    /// Calls in the window an endpoint needs to be judged, or to count as a peer, at least 1.
+    /// Default: 20.
+    pub minimum_requests: u32,
+    /// Peers with enough calls needed before anyone is judged, 3..=10000 (a median of two is
+    /// not a yardstick). Default: 3.
+    pub minimum_hosts: u32,
+}
+
+impl Default for RelativeLatency {
+    fn default() -> Self {
+        Self {
+            factor: 3.0,
+            minimum_difference: Duration::from_millis(1),
+            threshold_percent: 50,
+            minimum_requests: 20,
+            minimum_hosts: 3,
+        }
+    }
+}
+
+impl RelativeLatency {
+    /// Whether a call that took `latency` is slow against peers whose typical latency is
+    /// `typical`.
+    pub fn is_slow(&self, latency: Duration, typical: Duration) -> bool {
+        let factor = if self.factor.is_finite() {
+            self.factor.max(1.0)
+        } else {
+            return false;
+        };
+        latency.as_secs_f64() >= typical.as_secs_f64() * factor
+            && latency.saturating_sub(typical) >= self.minimum_difference
     }
 }
 

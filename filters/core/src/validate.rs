@@ -424,6 +424,33 @@ fn validate_outlier_detection(od: &OutlierDetection, path: &str, errors: &mut Er
             u32::MAX,
         );
     }
+    if let Some(relative) = &od.relative_latency {
+        errors.float(&at("relative_latency.factor"), relative.factor, 1.5, 100.0);
+        errors.duration(
+            &at("relative_latency.minimum_difference"),
+            relative.minimum_difference,
+            Duration::ZERO,
+            hour,
+        );
+        errors.range(
+            &at("relative_latency.threshold_percent"),
+            relative.threshold_percent,
+            1,
+            100,
+        );
+        errors.range(
+            &at("relative_latency.minimum_requests"),
+            relative.minimum_requests,
+            1,
+            u32::MAX,
+        );
+        errors.range(
+            &at("relative_latency.minimum_hosts"),
+            relative.minimum_hosts,
+            3,
+            10_000,
+        );
+    }
     errors.duration(
         &at("base_ejection_time"),
         od.base_ejection_time,

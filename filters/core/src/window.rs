@@ -18,6 +18,38 @@ pub struct Counts {
     pub failures: u32,
     /// Those slower than the slow-call threshold.
     pub slow: u32,
+    /// Those slower than the relative-latency rule allows, given the peers' latency.
+    pub slow_vs_peers: u32,
+    /// The sum of their latencies, for the mean.
+    pub latency: Duration,
+}
+
+impl Counts {
+    /// The mean latency of the requests counted, `None` when there are none.
+    pub fn mean_latency(&self) -> Option<Duration> {
+        (self.total > 0).then(|| self.latency / self.total)
+    }
+
+    fn add(&mut self, other: &Counts) {
+        self.total = self.total.saturating_add(other.total);
+        self.failures = self.failures.saturating_add(other.failures);
+        self.slow = self.slow.saturating_add(other.slow);
+        self.slow_vs_peers = self.slow_vs_peers.saturating_add(other.slow_vs_peers);
+        self.latency = self.latency.saturating_add(other.latency);
+    }
+}
+
+/// One completed request as the window counts it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sample {
+    /// It counted as a failure.
+    pub failure: bool,
+    /// It was slower than the slow-call threshold.
+    pub slow: bool,
+    /// It was slower than the relative-latency rule allows.
+    pub slow_vs_peers: bool,
+    /// How long it took.
+    pub latency: Duration,
 }
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -49,7 +81,7 @@ impl Window {
     }
 
     /// Counts one completed request at `now`.
-    pub fn record(&mut self, now: Duration, failure: bool, slow: bool) {
+    pub fn record(&mut self, now: Duration, sample: Sample) {
         let period = self.period(now);
         let bucket = &mut self.buckets[(period % BUCKETS as u64) as usize];
         if bucket.period != period {
@@ -58,10 +90,13 @@ impl Window {
                 counts: Counts::default(),
             };
         }
-        let counts = &mut bucket.counts;
-        counts.total = counts.total.saturating_add(1);
-        counts.failures = counts.failures.saturating_add(u32::from(failure));
-        counts.slow = counts.slow.saturating_add(u32::from(slow));
+        bucket.counts.add(&Counts {
+            total: 1,
+            failures: u32::from(sample.failure),
+            slow: u32::from(sample.slow),
+            slow_vs_peers: u32::from(sample.slow_vs_peers),
+            latency: sample.latency,
+        });
     }
 
     /// The counts of the buckets that are still inside the window at `now`.
@@ -70,9 +105,7 @@ impl Window {
         let mut sum = Counts::default();
         for bucket in &self.buckets {
             if bucket.period <= period && period - bucket.period < BUCKETS as u64 {
-                sum.total = sum.total.saturating_add(bucket.counts.total);
-                sum.failures = sum.failures.saturating_add(bucket.counts.failures);
-                sum.slow = sum.slow.saturating_add(bucket.counts.slow);
+                sum.add(&bucket.counts);
             }
         }
         sum
@@ -92,18 +125,29 @@ mod tests {
         Duration::from_millis(ms)
     }
 
+    fn sample(failure: bool, slow: bool, latency: u64) -> Sample {
+        Sample {
+            failure,
+            slow,
+            slow_vs_peers: slow,
+            latency: ms(latency),
+        }
+    }
+
     #[test]
     fn counts_requests_inside_the_window_and_forgets_older_buckets() {
         let mut window = Window::new(ms(1000));
-        window.record(ms(0), true, false);
-        window.record(ms(150), false, true);
-        window.record(ms(950), true, false);
+        window.record(ms(0), sample(true, false, 1));
+        window.record(ms(150), sample(false, true, 20));
+        window.record(ms(950), sample(true, false, 3));
         assert_eq!(
             window.counts(ms(999)),
             Counts {
                 total: 3,
                 failures: 2,
-                slow: 1
+                slow: 1,
+                slow_vs_peers: 1,
+                latency: ms(24),
             }
         );
         // At 1050ms the bucket [0, 100) has left the window.
@@ -112,19 +156,32 @@ mod tests {
             Counts {
                 total: 2,
                 failures: 1,
-                slow: 1
+                slow: 1,
+                slow_vs_peers: 1,
+                latency: ms(23),
             }
         );
         // Reusing the slot of [100, 200) resets it.
-        window.record(ms(1150), false, false);
+        window.record(ms(1150), sample(false, false, 5));
         assert_eq!(
             window.counts(ms(1150)),
             Counts {
                 total: 2,
                 failures: 1,
-                slow: 0
+                slow: 0,
+                slow_vs_peers: 0,
+                latency: ms(8),
             }
         );
         assert_eq!(window.counts(ms(5000)), Counts::default());
+    }
+
+    #[test]
+    fn the_mean_latency_is_over_the_requests_in_the_window() {
+        let mut window = Window::new(ms(1000));
+        assert_eq!(window.counts(ms(0)).mean_latency(), None);
+        window.record(ms(0), sample(false, false, 2));
+        window.record(ms(10), sample(false, false, 4));
+        assert_eq!(window.counts(ms(20)).mean_latency(), Some(ms(3)));
     }
 }

@@ -165,6 +165,7 @@ impl ServicePicker {
             ));
         }
         if let Some(slot) = self.slots.find(served) {
+            let typical = self.slots.typical_latency(now, &policy.outlier_detection);
             let verdict = Verdict::classify(
                 outcome.status,
                 outcome.connect_failure,
@@ -177,7 +178,8 @@ impl ServicePicker {
                     .slow_calls
                     .as_ref()
                     .map(|slow| slow.latency_threshold),
-            );
+            )
+            .against_peers(policy.outlier_detection.relative_latency.as_ref(), typical);
             let rtt = if verdict.failure {
                 outcome.latency.max(estimate.failure_penalty)
             } else {

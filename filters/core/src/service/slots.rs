@@ -1,8 +1,9 @@
-//! A service's endpoints as the picker holds them ([`Slot`]s, sorted by address) with the two
+//! A service's endpoints as the picker holds them ([`Slot`]s, sorted by address) with the
 //! counts kept in step with them: how many breakers are not closed (for `max_ejection_percent`
 //! and the steady-state shortcut) and how many requests are in flight (for bounded load).
 //! Every change of a breaker or an in-flight count goes through here, so the counts cannot
-//! drift; an endpoint-set change keeps the stats of every endpoint still present.
+//! drift; an endpoint-set change keeps the stats of every endpoint still present. It also
+//! works out the peers' typical latency the relative-latency rule measures calls against.
 
 use std::{net::SocketAddr, ops::Deref, time::Duration};
 
@@ -12,6 +13,7 @@ use crate::{
     endpoint::Endpoint,
     policy::OutlierDetection,
     select::{EndpointStats, Slot, hash::address_hash},
+    window::BUCKETS,
 };
 
 /// A read-only view of one endpoint for metrics.
@@ -36,6 +38,21 @@ pub(super) struct Slots {
     /// Counts the changes of breakers that are, or were until the change, not closed: what
     /// may change which endpoints a breaker admits, apart from time.
     ejection_changes: u64,
+    /// The peers' typical latency, as last worked out.
+    typical: TypicalLatency,
+}
+
+/// The median, over closed endpoints with enough calls in their window, of their mean
+/// latency; worked out again at most once per tenth of the window (one window bucket), so a
+/// completion costs O(1) but once per bucket (O(endpoints)).
+#[derive(Debug, Clone, Default)]
+struct TypicalLatency {
+    /// The answer, `None` while too few endpoints have enough calls.
+    value: Option<Duration>,
+    /// When it was worked out; `None` before the first time and after an endpoint change.
+    at: Option<Duration>,
+    /// The means of the peers, kept to avoid an allocation each time.
+    means: Vec<Duration>,
 }
 
 impl Deref for Slots {
@@ -83,6 +100,7 @@ impl Slots {
             .iter()
             .map(|slot| u64::from(slot.stats.inflight))
             .sum();
+        self.typical.at = None;
         carried
     }
 
@@ -180,6 +198,39 @@ impl Slots {
             from: change.from,
             to: change.to,
         })
+    }
+
+    /// The peers' typical latency at `now` for the relative-latency rule: the median, over
+    /// closed endpoints with at least `minimum_requests` calls in their window, of their mean
+    /// latency. `None` without the rule or while fewer than `minimum_hosts` endpoints qualify.
+    pub fn typical_latency(
+        &mut self,
+        now: Duration,
+        outlier_detection: &OutlierDetection,
+    ) -> Option<Duration> {
+        let rule = outlier_detection.relative_latency.as_ref()?;
+        let typical = &mut self.typical;
+        let refresh = (outlier_detection.window / BUCKETS as u32).max(Duration::from_millis(1));
+        let fresh = typical
+            .at
+            .is_some_and(|at| at <= now && now.saturating_sub(at) < refresh);
+        if !fresh {
+            typical.means.clear();
+            typical.means.extend(self.list.iter().filter_map(|slot| {
+                let breaker = &slot.stats.breaker;
+                let counts = breaker.recent(now);
+                (!breaker.state().is_ejected() && counts.total >= rule.minimum_requests)
+                    .then(|| counts.mean_latency())
+                    .flatten()
+            }));
+            let hosts = typical.means.len();
+            typical.value = (hosts > 0 && hosts >= rule.minimum_hosts as usize).then(|| {
+                let (_, median, _) = typical.means.select_nth_unstable(hosts / 2);
+                *median
+            });
+            typical.at = Some(now);
+        }
+        typical.value
     }
 
     /// Whether one more endpoint may be ejected under `max_ejection_percent`.

@@ -14,11 +14,15 @@ const FAILURE: Event = Event::Complete(Verdict {
     failure: true,
     gateway_error: true,
     slow: false,
+    slow_vs_peers: false,
+    latency: Duration::from_millis(1),
 });
 const SUCCESS: Event = Event::Complete(Verdict {
     failure: false,
     gateway_error: false,
     slow: false,
+    slow_vs_peers: false,
+    latency: Duration::from_millis(1),
 });
 
 fn context(policy: &OutlierDetection, now: Duration) -> Context<'_> {

@@ -6,3 +6,4 @@ mod breaker;
 mod picker;
 mod policy;
 mod receive;
+mod relative_latency;
