@@ -357,7 +357,9 @@ pub struct OutlierDetection {
     pub slow_calls: Option<SlowCalls>,
     /// Eject an endpoint whose calls are mostly far slower than its peers' typical latency,
     /// with no absolute threshold to guess. Default: enabled with [`RelativeLatency`]'s
-    /// defaults; `null` disables it.
+    /// defaults; `null` disables it. Serialized only when not the default, so a snapshot of a
+    /// policy that leaves it alone still parses in a filter from before the rule.
+    #[serde(skip_serializing_if = "RelativeLatency::is_default_rule")]
     pub relative_latency: Option<RelativeLatency>,
     /// Ejection time of the first ejection; the n-th lasts n × this, up to `max_ejection_time`.
     /// 1ms..=1h. Default: `"30s"` (Istio `baseEjectionTime`).
@@ -493,6 +495,10 @@ impl Default for RelativeLatency {
 }
 
 impl RelativeLatency {
+    fn is_default_rule(rule: &Option<Self>) -> bool {
+        rule.as_ref() == Some(&Self::default())
+    }
+
     /// Whether a call that took `latency` is slow against peers whose typical latency is
     /// `typical`.
     pub fn is_slow(&self, latency: Duration, typical: Duration) -> bool {

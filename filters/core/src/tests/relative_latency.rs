@@ -252,3 +252,20 @@ fn the_rule_is_on_by_default_and_its_fields_are_validated_by_path() {
         ]
     );
 }
+
+#[test]
+fn a_policy_leaving_the_rule_at_its_default_serializes_as_older_filters_read_it() {
+    let policy = crate::Policy::from_json("{}").expect("the default policy");
+    let json = serde_json::to_string(&policy).expect("serializes");
+    assert!(!json.contains("relative_latency"), "{json}");
+    assert_eq!(
+        crate::Policy::from_json(&json).expect("parses back"),
+        policy
+    );
+    let off = crate::Policy::from_json(
+        r#"{"default": {"outlier_detection": {"relative_latency": null}}}"#,
+    )
+    .expect("null is valid");
+    let json = serde_json::to_string(&off).expect("serializes");
+    assert_eq!(crate::Policy::from_json(&json).expect("parses back"), off);
+}
