@@ -52,6 +52,10 @@ pub struct ServicePolicy {
     pub rate_limit: Option<RateLimit>,
     /// How many extra, distinct endpoints to hand Envoy as retry targets (0..=5). Default: 0.
     pub retry: u32,
+    /// Ramp an endpoint that joins, turns healthy or returns from an ejection up to its full
+    /// share instead of giving it that share at once. Default: none (full share at once).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<SlowStart>,
     /// Active health check the control plane runs against every endpoint of the service,
     /// whatever its source; endpoints failing it are published unhealthy. The filter ignores
     /// this field. Default: none.
@@ -75,6 +79,7 @@ impl ServicePolicy {
             on_no_endpoint,
             rate_limit,
             retry,
+            slow_start,
             health_check: _,
         } = self;
         *load_balancer == other.load_balancer
@@ -85,6 +90,54 @@ impl ServicePolicy {
             && *on_no_endpoint == other.on_no_endpoint
             && *rate_limit == other.rate_limit
             && *retry == other.retry
+            && *slow_start == other.slow_start
+    }
+}
+
+/// Slow start (Envoy's `slow_start_config`): an endpoint that joins the service, turns
+/// healthy, or closes after an ejection gets `max(min_weight_percent / 100,
+/// (elapsed / window)^(1 / aggression))` of the share the algorithm would give it, from its
+/// first pick until `window` has passed. Applies to every algorithm but `ring_hash` and
+/// `maglev`, whose point is that a key keeps its endpoint. The endpoints present when a
+/// service first appears start at full share: they all start together.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SlowStart {
+    /// How long the ramp lasts, 1s..=1h. Default: `"30s"`.
+    #[serde(with = "crate::duration")]
+    pub window: Duration,
+    /// The ramp's shape, 0.1..=10: 1 is linear, above 1 gives more traffic early.
+    /// Default: 1.
+    pub aggression: f64,
+    /// The share never starts below this percent of the full one, 1..=100. Default: 10.
+    pub min_weight_percent: u32,
+}
+
+impl Default for SlowStart {
+    fn default() -> Self {
+        Self {
+            window: Duration::from_secs(30),
+            aggression: 1.0,
+            min_weight_percent: 10,
+        }
+    }
+}
+
+impl SlowStart {
+    /// The fraction of its full share an endpoint warming up for `elapsed` gets, in
+    /// `min_weight_percent / 100 ..= 1`.
+    pub fn factor(&self, elapsed: Duration) -> f64 {
+        let floor = f64::from(self.min_weight_percent.clamp(1, 100)) / 100.0;
+        if elapsed >= self.window || self.window.is_zero() {
+            return 1.0;
+        }
+        let aggression = if self.aggression.is_finite() && self.aggression > 0.0 {
+            self.aggression
+        } else {
+            1.0
+        };
+        let progress = elapsed.as_secs_f64() / self.window.as_secs_f64();
+        progress.powf(1.0 / aggression).clamp(floor, 1.0)
     }
 }
 

@@ -157,6 +157,26 @@ impl ServicePolicy {
             validate_rate_limit(rate_limit, &at("rate_limit"), errors);
         }
         errors.range(&at("retry"), self.retry, 0, MAX_RETRY_TARGETS);
+        if let Some(slow_start) = &self.slow_start {
+            errors.duration(
+                &at("slow_start.window"),
+                slow_start.window,
+                Duration::from_secs(1),
+                Duration::from_secs(3600),
+            );
+            errors.float(
+                &at("slow_start.aggression"),
+                slow_start.aggression,
+                0.1,
+                10.0,
+            );
+            errors.range(
+                &at("slow_start.min_weight_percent"),
+                slow_start.min_weight_percent,
+                1,
+                100,
+            );
+        }
         if let Some(check) = &self.health_check {
             validate_health_check(check, &at("health_check"), errors);
         }

@@ -41,7 +41,7 @@ use crate::{
     endpoint::Endpoint,
     policy::{self, LoadBalancer, OutlierDetection},
     rng::Rng,
-    service::{RequestAttributes, RequestNeeds},
+    service::{RequestAttributes, RequestNeeds, Warmup},
 };
 
 /// One endpoint as the picker holds it: its description and its mutable stats.
@@ -62,6 +62,8 @@ pub(crate) struct EndpointStats {
     pub ewma: peak_ewma::Ewma,
     /// Circuit breaker / outlier detector.
     pub breaker: Breaker,
+    /// Where its slow start stands.
+    pub warmup: Warmup,
 }
 
 impl EndpointStats {
@@ -70,6 +72,7 @@ impl EndpointStats {
             inflight: 0,
             ewma: peak_ewma::Ewma::default(),
             breaker: Breaker::new(outlier_detection, Duration::ZERO),
+            warmup: Warmup::Warm,
         }
     }
 }
@@ -274,6 +277,12 @@ algorithms! {
 }
 
 impl Algorithm {
+    /// Whether this is consistent hashing (`ring_hash`, `maglev`), where a key must keep its
+    /// endpoint: slow start leaves it alone.
+    pub fn is_consistent_hash(&self) -> bool {
+        matches!(self, Self::RingHash(_) | Self::Maglev(_))
+    }
+
     /// The implementation of the algorithm that picks new requests under `load_balancer`
     /// (`sticky`'s fallback for `sticky`): where a new algorithm is registered.
     pub fn new(load_balancer: &LoadBalancer) -> Self {

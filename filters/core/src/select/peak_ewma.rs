@@ -20,6 +20,14 @@ pub struct Ewma {
 }
 
 impl Ewma {
+    /// An estimate of `estimate`, as if just observed at `now`.
+    pub fn starting_at(estimate: Duration, now: Duration) -> Self {
+        Self {
+            estimate_nanos: estimate.as_nanos() as f64,
+            updated_at: Some(now),
+        }
+    }
+
     /// Records one response time observed at `now`.
     pub fn observe(&mut self, rtt: Duration, now: Duration, decay: Duration) {
         let rtt = rtt.as_nanos() as f64;

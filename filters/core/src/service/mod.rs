@@ -20,7 +20,8 @@
 //! - `retry.rs`: which endpoints Envoy retries on ([`RetryTargets`]);
 //! - `outcome.rs`: what a response does (in-flight count, latency estimate, breaker;
 //!   [`Served`], [`Outcome`], [`Transitions`]);
-//! - `slots.rs`: the endpoints with their stats and the counts kept in step with them.
+//! - `slots.rs`: the endpoints with their stats and the counts kept in step with them;
+//! - `warmup.rs`: slow start, a share ramped up after an endpoint joins or returns.
 //!
 //! The algorithms themselves are in [`crate::select`], one file each.
 
@@ -30,9 +31,11 @@ mod pick;
 mod request;
 mod retry;
 mod slots;
+mod warmup;
 
 use std::time::Duration;
 
+pub(crate) use self::warmup::Warmup;
 use self::{eligible::Eligible, slots::Slots};
 pub use self::{
     outcome::{Outcome, Served, Transition, Transitions, grpc_http_status},
@@ -146,7 +149,12 @@ impl ServicePicker {
     /// Counts a request sent to `slot` (in flight, and a probe if its breaker is open) and
     /// tells the algorithm, so a structure over the loads follows every change.
     fn admit(&mut self, slot: usize, now: Duration) {
-        self.slots.admit(slot, now, &self.policy.outlier_detection);
+        self.slots.admit(
+            slot,
+            now,
+            &self.policy.outlier_detection,
+            self.policy.slow_start.as_ref(),
+        );
         self.algorithm.load_changed(slot, &self.slots);
     }
 

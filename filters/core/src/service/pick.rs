@@ -7,13 +7,14 @@
 //!    breaker unless in panic, best locality tier), or a rejection when there are none.
 //! 4. The service's algorithm chooses among them (`crate::select`) and says in which order it
 //!    would take the others; the first `retry` admissible ones become the retry targets
-//!    (`retry.rs`).
+//!    (`retry.rs`). A choice of an endpoint still warming up stands only with its slow-start
+//!    factor's probability, else the algorithm chooses again (`warmup.rs`).
 //! 5. The endpoint is counted in flight (and as a probe if its breaker is open) until
 //!    [`ServicePicker::complete`].
 
 use std::time::Duration;
 
-use super::{Pick, Rejection, RequestAttributes, RetryTargets, ServicePicker};
+use super::{Pick, Rejection, RequestAttributes, RetryTargets, ServicePicker, warmup::MAX_REDRAWS};
 use crate::{
     ratelimit::BucketStore,
     rng::Rng,
@@ -90,22 +91,40 @@ impl ServicePicker {
             (slot, RetryTargets::after(order, slot, slots, retries), None)
         } else {
             let mut candidates = candidates?;
-            let choice = self.algorithm.pick(
-                &mut candidates,
-                Request {
-                    attributes,
-                    slots,
-                    total_inflight: slots.total_inflight(),
-                    now,
-                    rng,
-                },
-            );
-            let retry_targets = RetryTargets::after(choice.then, choice.slot, slots, retries);
-            let set_cookie = match &self.sessions {
-                Some(sessions) => Some(sessions.set_cookie(&slots[choice.slot].endpoint.address)),
-                None => choice.set_cookie,
-            };
-            (choice.slot, retry_targets, set_cookie)
+            let slow_start = policy
+                .slow_start
+                .as_ref()
+                .filter(|_| !self.algorithm.is_consistent_hash());
+            let mut redraws = 0;
+            loop {
+                let choice = self.algorithm.pick(
+                    &mut candidates,
+                    Request {
+                        attributes,
+                        slots,
+                        total_inflight: slots.total_inflight(),
+                        now,
+                        rng: &mut *rng,
+                    },
+                );
+                if redraws < MAX_REDRAWS
+                    && !slots[choice.slot]
+                        .stats
+                        .warmup
+                        .keeps_pick(slow_start, now, rng)
+                {
+                    redraws += 1;
+                    continue;
+                }
+                let retry_targets = RetryTargets::after(choice.then, choice.slot, slots, retries);
+                let set_cookie = match &self.sessions {
+                    Some(sessions) => {
+                        Some(sessions.set_cookie(&slots[choice.slot].endpoint.address))
+                    }
+                    None => choice.set_cookie,
+                };
+                break (choice.slot, retry_targets, set_cookie);
+            }
         };
         self.admit(slot, now);
         Ok(Pick {

@@ -7,12 +7,12 @@
 
 use std::{net::SocketAddr, ops::Deref, time::Duration};
 
-use super::Transition;
+use super::{Transition, Warmup};
 use crate::{
     breaker::{BreakerState, Context, Event},
-    endpoint::Endpoint,
-    policy::OutlierDetection,
-    select::{EndpointStats, Slot, hash::address_hash},
+    endpoint::{Endpoint, Health},
+    policy::{OutlierDetection, SlowStart},
+    select::{EndpointStats, Slot, hash::address_hash, peak_ewma::Ewma},
     window::BUCKETS,
 };
 
@@ -84,13 +84,23 @@ impl Slots {
                     .binary_search_by_key(&endpoint.address, |slot| slot.endpoint.address)
                     .ok();
                 carried.push(old.map(|old| old as u32));
+                let mut stats = old.map_or_else(
+                    || EndpointStats::new(outlier_detection),
+                    |old| previous[old].stats.clone(),
+                );
+                // A newcomer warms up, unless the whole set is new (they all start together);
+                // so does an endpoint that turned healthy.
+                let was_healthy = old.map(|old| previous[old].endpoint.health == Health::Healthy);
+                if !previous.is_empty()
+                    && endpoint.health == Health::Healthy
+                    && was_healthy != Some(true)
+                {
+                    stats.warmup = Warmup::Pending;
+                }
                 Slot {
                     endpoint: endpoint.clone(),
                     address_hash: address_hash(&endpoint.address),
-                    stats: old.map_or_else(
-                        || EndpointStats::new(outlier_detection),
-                        |old| previous[old].stats.clone(),
-                    ),
+                    stats,
                 }
             })
             .collect();
@@ -137,10 +147,18 @@ impl Slots {
         })
     }
 
-    /// Counts a request sent to `slot`: in flight, and a probe if its breaker is open.
-    pub fn admit(&mut self, slot: usize, now: Duration, outlier_detection: &OutlierDetection) {
+    /// Counts a request sent to `slot`: in flight, a probe if its breaker is open, and the
+    /// start of its slow start if one is pending.
+    pub fn admit(
+        &mut self,
+        slot: usize,
+        now: Duration,
+        outlier_detection: &OutlierDetection,
+        slow_start: Option<&SlowStart>,
+    ) {
         let stats = &mut self.list[slot].stats;
         stats.inflight = stats.inflight.saturating_add(1);
+        stats.warmup = stats.warmup.admitted(slow_start, now);
         self.total_inflight = self.total_inflight.saturating_add(1);
         // Admitting never changes the state kind except open → half-open (both ejected).
         let _ = self.transition(slot, Event::Admit, now, outlier_detection);
@@ -184,8 +202,17 @@ impl Slots {
         }
         let change = change?;
         match (change.from.is_ejected(), change.to.is_ejected()) {
-            (false, true) => self.not_closed += 1,
-            (true, false) => self.not_closed = self.not_closed.saturating_sub(1),
+            (false, true) => {
+                self.not_closed += 1;
+                // Forgotten: the probe after the ejection measures the endpoint afresh, and
+                // a latency-aware algorithm must not shun the probe for a stale estimate (a
+                // failure penalty decays for minutes). Probes are bounded by the breaker.
+                self.list[slot].stats.ewma = Ewma::starting_at(Duration::ZERO, now);
+            }
+            (true, false) => {
+                self.not_closed = self.not_closed.saturating_sub(1);
+                self.readmitted(slot, now);
+            }
             _ => {}
         }
         debug_assert_eq!(
@@ -231,6 +258,18 @@ impl Slots {
             typical.at = Some(now);
         }
         typical.value
+    }
+
+    /// An endpoint back from an ejection: its latency estimate restarts at the peers'
+    /// typical latency when there is one (else it keeps its probes' samples), so it is
+    /// neither shunned nor flooded for what one probe measured; and it warms up again.
+    fn readmitted(&mut self, slot: usize, now: Duration) {
+        let typical = self.typical.value;
+        let stats = &mut self.list[slot].stats;
+        if let Some(typical) = typical {
+            stats.ewma = Ewma::starting_at(typical, now);
+        }
+        stats.warmup = Warmup::Pending;
     }
 
     /// Whether one more endpoint may be ejected under `max_ejection_percent`.

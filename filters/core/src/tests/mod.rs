@@ -7,3 +7,4 @@ mod picker;
 mod policy;
 mod receive;
 mod relative_latency;
+mod slow_start;
