@@ -295,6 +295,40 @@ fn with_no_panic_threshold_an_all_ejected_service_is_rejected_with_the_policy_ac
     assert_eq!(rejection.reason(), "all_ejected");
 }
 
+/// The service-level breaker of docs/policy.md ("Service-level protection"): every endpoint
+/// may be ejected, no panic, fail fast. While the whole service is down requests get a local
+/// 503 without reaching it; when the ejections end, probes go out and a service that
+/// recovered serves again.
+#[test]
+fn a_whole_service_down_fails_fast_until_its_probes_succeed() {
+    let mut service = policy(LoadBalancer::RoundRobin);
+    service.outlier_detection = strict_outlier_detection(3);
+    service.on_no_endpoint = OnNoEndpoint::FailFast;
+    let mut picker = ServicePicker::new(&service, &endpoints(3));
+    let mut rng = Sequence::default();
+    let mut now = secs(1);
+    // Every endpoint fails until all are ejected (10 s).
+    while picker.endpoints().any(|view| !view.breaker.is_ejected()) {
+        let pick = picker.pick(&Default::default(), now, &mut rng).unwrap();
+        picker.complete(pick.endpoint, crate::Served::ByPick, status(503), now);
+        now += ms(1);
+    }
+    for _ in 0..100 {
+        let rejection = picker.pick(&Default::default(), now, &mut rng).unwrap_err();
+        assert_eq!(rejection.reason(), "all_ejected");
+        assert!(!rejection.fails_open(), "a local 503, not Envoy's fallback");
+        now += ms(10);
+    }
+    // The ejections end: one probe per endpoint goes out; they succeed and close.
+    now = secs(12);
+    for _ in 0..3 {
+        let pick = picker.pick(&Default::default(), now, &mut rng).unwrap();
+        picker.complete(pick.endpoint, crate::Served::ByPick, ok(ms(1)), now);
+    }
+    assert!(picker.endpoints().all(|view| !view.breaker.is_ejected()));
+    assert!(picker.pick(&Default::default(), now, &mut rng).is_ok());
+}
+
 #[test]
 fn a_retry_elsewhere_counts_as_a_failure_of_the_picked_endpoint() {
     let mut service = policy(LoadBalancer::RoundRobin);
