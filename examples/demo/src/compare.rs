@@ -1,13 +1,14 @@
 //! `fulcrum-compare`: fulcrum against Envoy's native balancers on the same real Envoy.
 //!
-//! For each scenario (one of four backends slow, erroring, black-holed or flapping, or all
-//! healthy) and each balancer (fulcrum's filter over an `override_host` cluster, Envoy's
+//! For each scenario (one of four backends slow, erroring, black-holed, flapping or
+//! recovering from an outage, or all healthy) and each balancer (fulcrum's filter over an `override_host` cluster, Envoy's
 //! round robin, least request, least request with outlier detection) it starts four fresh
 //! in-process sample backends, one Envoy (`--concurrency 2`) from
 //! [`fulcrum_test_support::Bootstrap`] with static endpoints, and drives `wrk` through it for a bounded time. Route, timeout and
 //! retry policy are identical on both sides; only the listener's filter and the cluster's
 //! policy differ. Prints a markdown table (latency percentiles, success rate, requests/s, the
-//! faulty backend's share, and fulcrum ÷ native ratios) and optionally writes it to a file.
+//! faulty backend's share over the run and over its last seconds, how far the shares stray
+//! from equal, and fulcrum ÷ native ratios) and optionally writes it to a file.
 //! Normally run through `cargo xtask bench-compare`.
 
 use std::{
@@ -42,8 +43,8 @@ struct Args {
     /// Seconds of load per run (scenario × balancer), 1..=120.
     #[arg(long, default_value_t = 10)]
     duration: u64,
-    /// Only these scenarios (repeatable): slow, errors, blackhole, flapping, healthy-c1,
-    /// healthy-c64.
+    /// Only these scenarios (repeatable): slow, errors, blackhole, flapping, recovery,
+    /// healthy-c1, healthy-c64.
     #[arg(long)]
     scenario: Vec<String>,
     /// Envoy worker threads.
@@ -63,6 +64,8 @@ const RETRIES: u32 = 2;
 const FAULT_CONNECTIONS: u32 = 16;
 /// Base latency of every backend in the fault scenarios; the slow one gets ten times this.
 const BASE_LATENCY_MS: u64 = 2;
+/// The last seconds of a run over which "b4 last" measures the odd backend's share.
+const TAIL_SECONDS: u64 = 5;
 
 const BALANCERS: [ClusterBalancing; 4] = [
     ClusterBalancing::Fulcrum,
@@ -78,6 +81,10 @@ struct Scenario {
     about: &'static str,
     connections: u32,
     faults: [Fault; 4],
+    /// The odd backend's fault ends after this long, leaving it like the others.
+    odd_recovers_after: Option<Duration>,
+    /// The run lasts at least this many seconds, whatever `--duration` says.
+    min_seconds: u64,
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -95,6 +102,8 @@ fn scenarios() -> Vec<Scenario> {
                 latency_ms: BASE_LATENCY_MS * 10,
                 ..Fault::default()
             }),
+            odd_recovers_after: None,
+            min_seconds: 0,
         },
         Scenario {
             name: "errors",
@@ -104,6 +113,8 @@ fn scenarios() -> Vec<Scenario> {
                 error_rate: 0.3,
                 ..base.clone()
             }),
+            odd_recovers_after: None,
+            min_seconds: 0,
         },
         Scenario {
             name: "blackhole",
@@ -113,6 +124,8 @@ fn scenarios() -> Vec<Scenario> {
                 blackhole: true,
                 ..base.clone()
             }),
+            odd_recovers_after: None,
+            min_seconds: 0,
         },
         Scenario {
             name: "flapping",
@@ -122,18 +135,37 @@ fn scenarios() -> Vec<Scenario> {
                 flap_period_ms: Some(2000),
                 ..base.clone()
             }),
+            odd_recovers_after: None,
+            min_seconds: 0,
+        },
+        Scenario {
+            name: "recovery",
+            about: "b4 answers every request with 503 for 3 s, then recovers; both sides eject \
+                    it for 30 s, so the run lasts 45 s and \"b4 last\" (fair: 25 %) shows the \
+                    share it gets back once re-admitted",
+            connections: FAULT_CONNECTIONS,
+            faults: with_odd(Fault {
+                error_rate: 1.0,
+                ..base.clone()
+            }),
+            odd_recovers_after: Some(Duration::from_secs(3)),
+            min_seconds: 45,
         },
         Scenario {
             name: "healthy-c1",
             about: "all healthy, 0 ms, 1 connection (overhead)",
             connections: 1,
             faults: std::array::from_fn(|_| Fault::default()),
+            odd_recovers_after: None,
+            min_seconds: 0,
         },
         Scenario {
             name: "healthy-c64",
             about: "all healthy, 0 ms, 64 connections (overhead)",
             connections: 64,
             faults: std::array::from_fn(|_| Fault::default()),
+            odd_recovers_after: None,
+            min_seconds: 0,
         },
     ]
 }
@@ -176,6 +208,10 @@ struct Measured {
     p999_ms: f64,
     /// Share of the requests the backends received that went to the odd backend (b4).
     odd_share: f64,
+    /// The same over the last [`TAIL_SECONDS`] of the run.
+    odd_tail_share: f64,
+    /// How far the busiest or idlest backend strays from an equal share, relative to it.
+    spread: f64,
 }
 
 #[tokio::main]
@@ -282,13 +318,32 @@ async fn run(
     let listener = envoy.ingress_address().await?;
 
     let threads = scenario.connections.min(2);
-    let output = tokio::time::timeout(
-        Duration::from_secs(args.duration + 30),
+    let seconds = args.duration.max(scenario.min_seconds);
+    let counts = |backends: &[Backend]| -> Vec<u64> {
+        backends.iter().map(|b| b.stats().requests).collect()
+    };
+    // Ends the odd backend's fault on time and notes the counts when the tail starts.
+    let timeline = async {
+        let started = tokio::time::Instant::now();
+        if let Some(after) = scenario.odd_recovers_after {
+            tokio::time::sleep(after).await;
+            backends[3]
+                .set_fault(scenario.faults[0].clone())
+                .map_err(anyhow::Error::msg)?;
+        }
+        tokio::time::sleep_until(
+            started + Duration::from_secs(seconds.saturating_sub(TAIL_SECONDS)),
+        )
+        .await;
+        anyhow::Ok(counts(&backends))
+    };
+    let wrk = tokio::time::timeout(
+        Duration::from_secs(seconds + 30),
         Command::new(&args.wrk)
             .args([
                 &format!("-t{threads}"),
                 &format!("-c{}", scenario.connections),
-                &format!("-d{}s", args.duration),
+                &format!("-d{seconds}s"),
                 "--timeout",
                 "3s",
                 "--latency",
@@ -298,10 +353,12 @@ async fn run(
             .arg(format!("http://{listener}/"))
             .kill_on_drop(true)
             .output(),
-    )
-    .await
-    .context("wrk did not finish in time")?
-    .with_context(|| format!("running {}", args.wrk.display()))?;
+    );
+    let (output, tail_start) = tokio::join!(wrk, timeline);
+    let tail_start = tail_start?;
+    let output = output
+        .context("wrk did not finish in time")?
+        .with_context(|| format!("running {}", args.wrk.display()))?;
     envoy.check_running()?;
     // Stops the traffic before the backends are counted.
     drop(envoy);
@@ -317,7 +374,18 @@ async fn run(
     let field = |name: &str| fields.get(name).copied().unwrap_or(0.0);
     let finished = field("requests");
     let attempted = finished + field("connect") + field("read") + field("write") + field("timeout");
-    let received: u64 = backends.iter().map(|b| b.stats().requests).sum();
+    let end = counts(&backends);
+    let received: u64 = end.iter().sum();
+    let tail: Vec<u64> = end
+        .iter()
+        .zip(&tail_start)
+        .map(|(end, start)| end.saturating_sub(*start))
+        .collect();
+    let equal = 1.0 / end.len() as f64;
+    let spread = end
+        .iter()
+        .map(|&count| (count as f64 / received.max(1) as f64 - equal).abs() / equal)
+        .fold(0.0, f64::max);
     Ok(Measured {
         requests_per_second: finished / (field("duration_us") / 1e6).max(1e-9),
         success: if attempted > 0.0 {
@@ -328,7 +396,9 @@ async fn run(
         p50_ms: field("p50") / 1000.0,
         p99_ms: field("p99") / 1000.0,
         p999_ms: field("p999") / 1000.0,
-        odd_share: backends[3].stats().requests as f64 / (received.max(1)) as f64,
+        odd_share: end[3] as f64 / received.max(1) as f64,
+        odd_tail_share: tail[3] as f64 / tail.iter().sum::<u64>().max(1) as f64,
+        spread,
     })
 }
 
@@ -370,7 +440,10 @@ fn report(
          connect-failure/reset for every setup; fulcrum: peak_ewma, retry {}, outlier detection \
          5 consecutive failures / 30 s / 50 %. Load average before: {load_before}; after: \
          {load_after}. ×-columns are fulcrum ÷ this balancer (latency < 1 and req/s > 1 favour \
-         fulcrum). \"to b4\" is the odd backend's share of the requests backends received.\n",
+         fulcrum). \"to b4\" is the odd backend's share of the requests backends received, \
+         \"b4 last\" the same over the run's last {TAIL_SECONDS} s; \"spread\" is how far the \
+         busiest or idlest backend strays from an equal share, relative to it (the faulty \
+         backend counts too).\n",
         args.envoy.display(),
         args.workers,
         args.duration,
@@ -381,11 +454,11 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "| scenario | balancer | conns | req/s | success | p50 ms | p99 ms | p999 ms | to b4 | p50 × | p99 × | p999 × | req/s × |"
+        "| scenario | balancer | conns | req/s | success | p50 ms | p99 ms | p999 ms | to b4 | b4 last | spread | p50 × | p99 × | p999 × | req/s × |"
     );
     let _ = writeln!(
         out,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
     for (scenario, balancing, m) in results {
         let fulcrum = results
@@ -404,7 +477,7 @@ fn report(
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.0} | {:.2} % | {:.2} | {:.2} | {:.2} | {:.1} % {ratios}",
+            "| {} | {} | {} | {:.0} | {:.2} % | {:.2} | {:.2} | {:.2} | {:.1} % | {:.1} % | {:.0} % {ratios}",
             scenario.name,
             balancing.name(),
             scenario.connections,
@@ -414,6 +487,8 @@ fn report(
             m.p99_ms,
             m.p999_ms,
             m.odd_share * 100.0,
+            m.odd_tail_share * 100.0,
+            m.spread * 100.0,
         );
     }
     let _ = writeln!(out, "\nScenarios:");
