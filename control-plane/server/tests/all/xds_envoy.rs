@@ -1,5 +1,6 @@
 //! Envoy bootstrapped with ADS to the control plane: clusters, endpoint changes, NACKs, both
-//! protocol variants, and the propagation latency from a file change to Envoy's admin.
+//! protocol variants, the upstream protocol of a gRPC service's cluster, and the propagation
+//! latency from a file change to Envoy's admin.
 
 use std::time::{Duration, Instant};
 
@@ -218,6 +219,72 @@ async fn delta_stream_delivers_clusters_and_every_endpoint_change() {
     endpoint_changes_reach_envoy(AdsApi::Delta).await;
 }
 
+/// The `explicit_http_config` Envoy holds for cluster `name`, if it holds the cluster.
+async fn explicit_http_config(envoy: &Envoy, name: &str) -> Option<Value> {
+    let dump = envoy.config_dump(false).await.ok()?;
+    let clusters = dump_section(&dump, "ClustersConfigDump")["dynamic_active_clusters"]
+        .as_array()?
+        .clone();
+    let cluster = clusters.iter().find(|c| c["cluster"]["name"] == name)?;
+    Some(
+        cluster["cluster"]["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+            .clone(),
+    )
+}
+
+/// Waits until Envoy's cluster `name` speaks `protocol` (`http2_protocol_options` or
+/// `http_protocol_options`).
+async fn wait_for_protocol(envoy: &Envoy, name: &str, protocol: &str) {
+    let waited = eventually(PATIENCE, &format!("{name} with {protocol}"), || async {
+        let config = explicit_http_config(envoy, name).await?;
+        config.get(protocol).map(|_| ())
+    })
+    .await;
+    if let Err(error) = waited {
+        let dump = envoy.config_dump(false).await.unwrap_or_default();
+        panic!(
+            "Envoy's cluster {name} never had {protocol}: {error}; clusters: {:#}",
+            dump_section(&dump, "ClustersConfigDump")
+        );
+    }
+}
+
+#[tokio::test]
+async fn sotw_grpc_service_gets_an_http2_cluster_and_a_protocol_change_alone_reaches_envoy() {
+    grpc_service_gets_an_http2_cluster(AdsApi::Sotw).await;
+}
+
+#[tokio::test]
+async fn delta_grpc_service_gets_an_http2_cluster_and_a_protocol_change_alone_reaches_envoy() {
+    grpc_service_gets_an_http2_cluster(AdsApi::Delta).await;
+}
+
+/// A changed cluster is warmed anew by Envoy, which waits for its (unchanged) assignment: the
+/// protocol change only becomes active if the control plane sends it again.
+async fn grpc_service_gets_an_http2_cluster(api: AdsApi) {
+    let file = |protocol: &str| {
+        format!(
+            "services:\n  payments:\n    protocol: {protocol}\n    endpoints:\n{}  checkout:\n    endpoints:\n{}",
+            endpoint("127.0.0.1:19201", ""),
+            endpoint("127.0.0.1:19202", "")
+        )
+    };
+    let fixture = Fixture::start(&file("grpc")).await;
+    fixture.snapshot_version().await;
+    let envoy = fixture
+        .envoy(&format!("grpc-cluster-{}", api_name(api)), api)
+        .await;
+    wait_for_protocol(&envoy, "payments", "http2_protocol_options").await;
+    wait_for_protocol(&envoy, "checkout", "http_protocol_options").await;
+
+    // Only the protocol changes: a new snapshot version, a new cluster, the same endpoints.
+    let before = fixture.snapshot_version().await;
+    fixture.write(&file("http"));
+    wait_for_protocol(&envoy, "payments", "http_protocol_options").await;
+    assert_ne!(fixture.snapshot_version().await, before);
+}
+
 async fn invalid_assignment_is_nacked_and_the_last_good_version_stays(api: AdsApi) {
     let node = format!("nack-{}", api_name(api));
     let fixture = Fixture::start(&endpoints_file(&[(
@@ -246,6 +313,7 @@ async fn invalid_assignment_is_nacked_and_the_last_good_version_stays(api: AdsAp
                         ..Endpoint::new("127.0.0.1:19002".parse().expect("address"))
                     },
                 ],
+                protocol: None,
             },
         )]
         .into(),
