@@ -9,7 +9,8 @@ use fulcrum_test_support::{AdsApi, Envoy, eventually};
 use serde_json::Value;
 
 use crate::support::{
-    Fixture, PATIENCE, addresses, endpoint, endpoints_file, hosts, stream_status, wait_for_hosts,
+    Fixture, PATIENCE, addresses, dump_section, endpoint, endpoints_file, hosts, stream_status,
+    wait_for_hosts, wait_for_protocol,
 };
 
 fn api_name(api: AdsApi) -> &'static str {
@@ -17,20 +18,6 @@ fn api_name(api: AdsApi) -> &'static str {
         AdsApi::Sotw => "sotw",
         AdsApi::Delta => "delta",
     }
-}
-
-/// The first config_dump entry of `type_suffix` (e.g. `ClustersConfigDump`).
-fn dump_section<'a>(dump: &'a Value, type_suffix: &str) -> &'a Value {
-    dump["configs"]
-        .as_array()
-        .and_then(|configs| {
-            configs.iter().find(|config| {
-                config["@type"]
-                    .as_str()
-                    .is_some_and(|ty| ty.ends_with(type_suffix))
-            })
-        })
-        .unwrap_or_else(|| panic!("config_dump has no {type_suffix}"))
 }
 
 fn dynamic_cluster<'a>(dump: &'a Value, name: &str) -> &'a Value {
@@ -217,37 +204,6 @@ async fn sotw_stream_delivers_clusters_and_every_endpoint_change() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delta_stream_delivers_clusters_and_every_endpoint_change() {
     endpoint_changes_reach_envoy(AdsApi::Delta).await;
-}
-
-/// The `explicit_http_config` Envoy holds for cluster `name`, if it holds the cluster.
-async fn explicit_http_config(envoy: &Envoy, name: &str) -> Option<Value> {
-    let dump = envoy.config_dump(false).await.ok()?;
-    let clusters = dump_section(&dump, "ClustersConfigDump")["dynamic_active_clusters"]
-        .as_array()?
-        .clone();
-    let cluster = clusters.iter().find(|c| c["cluster"]["name"] == name)?;
-    Some(
-        cluster["cluster"]["typed_extension_protocol_options"]
-            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
-            .clone(),
-    )
-}
-
-/// Waits until Envoy's cluster `name` speaks `protocol` (`http2_protocol_options` or
-/// `http_protocol_options`).
-async fn wait_for_protocol(envoy: &Envoy, name: &str, protocol: &str) {
-    let waited = eventually(PATIENCE, &format!("{name} with {protocol}"), || async {
-        let config = explicit_http_config(envoy, name).await?;
-        config.get(protocol).map(|_| ())
-    })
-    .await;
-    if let Err(error) = waited {
-        let dump = envoy.config_dump(false).await.unwrap_or_default();
-        panic!(
-            "Envoy's cluster {name} never had {protocol}: {error}; clusters: {:#}",
-            dump_section(&dump, "ClustersConfigDump")
-        );
-    }
 }
 
 #[tokio::test]
