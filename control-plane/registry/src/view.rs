@@ -53,12 +53,12 @@ pub struct RegistryServices {
 /// Whether `entry` was registered before `other` (ids break ties, so the order is total and
 /// every replica picks the same).
 fn registered_before(entry: &Entry, other: &Entry) -> bool {
-    let key = |entry: &Entry| {
+    fn key(entry: &Entry) -> (u64, &str) {
         (
             entry.record.registered_at_unix_ms,
-            entry.record.registration.id.clone(),
+            entry.record.registration.id.as_str(),
         )
-    };
+    }
     key(entry) < key(other)
 }
 
