@@ -15,5 +15,5 @@
 pub mod mapping;
 mod source;
 
-pub use mapping::{Mapping, cluster_name, endpoint_health};
+pub use mapping::{Mapping, cluster_name, endpoint_health, port_protocol};
 pub use source::{KubeOptions, KubeSource, KubeSourceError};

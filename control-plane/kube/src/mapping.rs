@@ -13,6 +13,12 @@
 //!   matched to a slice port by name (an unnamed single port matches the unnamed slice port)
 //!   and protocol; the endpoint's address is its first address (the API says they are
 //!   fungible) with the slice port's number (the target port). `FQDN` slices are skipped.
+//! - **Protocol** of a cluster, as Istio selects it ([`port_protocol`]): the Service port's
+//!   `appProtocol` (else its EndpointSlice port's) when set — `grpc`, `http2` and
+//!   `kubernetes.io/h2c` make the cluster HTTP/2, `http` HTTP/1.1, any other names none —
+//!   else the port name's prefix before the first `-` (`grpc`, `grpc-*`, `http2`, `http2-*`
+//!   HTTP/2; `http`, `http-*` HTTP/1.1), case-insensitive. A cluster with no protocol named
+//!   is HTTP/1.1.
 //! - **Health** follows Istio's `endpointHealthStatus` ([`endpoint_health`]).
 //! - **Attributes**: `zone` becomes the endpoint's zone; the Service's labels, then the slice's
 //!   (which the EndpointSlice controller copies from the Service), then `node_name` and
@@ -26,7 +32,7 @@ use std::{
     sync::Arc,
 };
 
-use fulcrum_core::{Endpoint, Health, ServiceEndpoints};
+use fulcrum_core::{Endpoint, Health, ServiceEndpoints, UpstreamProtocol};
 use fulcrum_sources::Services;
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort},
@@ -132,7 +138,17 @@ impl Mapping {
             {
                 let cluster = cluster_name(name, namespace, port.port, &self.cluster_domain);
                 let endpoints = self.endpoints(service, port, slices);
-                out.insert(cluster, ServiceEndpoints { endpoints });
+                let slice_port = slices.iter().find_map(|slice| {
+                    matching_slice_port(port, slice.ports.as_deref().unwrap_or_default())
+                });
+                let protocol = port_protocol(port, slice_port);
+                out.insert(
+                    cluster,
+                    ServiceEndpoints {
+                        endpoints,
+                        protocol,
+                    },
+                );
             }
         }
         out
@@ -184,17 +200,67 @@ fn is_tcp(protocol: &Option<String>) -> bool {
     protocol.as_deref().is_none_or(|protocol| protocol == "TCP")
 }
 
-/// The slice port serving `port` (same name, unset and empty alike; same protocol), as a
-/// socket port number.
-fn matching_port(port: &ServicePort, slice_ports: &[EndpointPort]) -> Option<u16> {
+/// The slice port serving `port`: same name (unset and empty alike), same protocol.
+fn matching_slice_port<'a>(
+    port: &ServicePort,
+    slice_ports: &'a [EndpointPort],
+) -> Option<&'a EndpointPort> {
     let name = port.name.as_deref().unwrap_or_default();
-    slice_ports
-        .iter()
-        .find(|candidate| {
-            candidate.name.as_deref().unwrap_or_default() == name && is_tcp(&candidate.protocol)
-        })
+    slice_ports.iter().find(|candidate| {
+        candidate.name.as_deref().unwrap_or_default() == name && is_tcp(&candidate.protocol)
+    })
+}
+
+/// The slice port serving `port`, as a socket port number.
+fn matching_port(port: &ServicePort, slice_ports: &[EndpointPort]) -> Option<u16> {
+    matching_slice_port(port, slice_ports)
         .and_then(|candidate| candidate.port)
         .and_then(|number| u16::try_from(number).ok())
+}
+
+/// The protocol Envoy speaks to the endpoints of Service port `port`, whose EndpointSlice
+/// port is `slice_port`, when they name one. See the module docs for the rules.
+///
+/// Both fields are anyone's text: a value that is not a known protocol names none (the
+/// cluster stays HTTP/1.1) and is logged at debug level with the field it came from.
+pub fn port_protocol(
+    port: &ServicePort,
+    slice_port: Option<&EndpointPort>,
+) -> Option<UpstreamProtocol> {
+    let port_name = port.name.as_deref().unwrap_or_default();
+    let app_protocol = port
+        .app_protocol
+        .as_deref()
+        .map(|value| ("spec.ports[].appProtocol", value))
+        .or_else(|| {
+            slice_port
+                .and_then(|slice_port| slice_port.app_protocol.as_deref())
+                .map(|value| ("ports[].appProtocol", value))
+        });
+    if let Some((field, value)) = app_protocol {
+        let protocol = match value {
+            "grpc" | "http2" | "kubernetes.io/h2c" => Some(UpstreamProtocol::Http2),
+            "http" => Some(UpstreamProtocol::Http1),
+            _ => None,
+        };
+        if protocol.is_none() {
+            debug!(
+                port = port_name,
+                field,
+                value,
+                "an appProtocol other than grpc, http2, kubernetes.io/h2c or http names no protocol; the cluster is HTTP/1.1"
+            );
+        }
+        return protocol;
+    }
+    let prefix = port_name.split('-').next().unwrap_or_default();
+    if prefix.eq_ignore_ascii_case("grpc") || prefix.eq_ignore_ascii_case("http2") {
+        Some(UpstreamProtocol::Http2)
+    } else if prefix.eq_ignore_ascii_case("http") {
+        Some(UpstreamProtocol::Http1)
+    } else {
+        None
+    }
 }
 
 fn parse_ip(address: &str, slice: &EndpointSlice) -> Option<IpAddr> {

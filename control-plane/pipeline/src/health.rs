@@ -193,7 +193,16 @@ mod tests {
                 ..Endpoint::new(address.parse().expect("address"))
             })
             .collect();
-        Arc::new([("shop".to_owned(), ServiceEndpoints { endpoints })].into())
+        Arc::new(
+            [(
+                "shop".to_owned(),
+                ServiceEndpoints {
+                    endpoints,
+                    protocol: None,
+                },
+            )]
+            .into(),
+        )
     }
 
     fn checked(service: &str) -> Policy {

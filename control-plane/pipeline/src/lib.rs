@@ -105,7 +105,7 @@ impl Pipeline {
         let (checked, checked_out) = watch::channel(None);
         let (snapshots, versioned) = watch::channel(None);
         let stages = (
-            merge::run(sources, config.debounce, merged),
+            merge::run(sources, config.debounce, merged, metrics.clone()),
             validate::run(merged_out, valid, dropped, metrics.clone()),
             health::run(valid_out, policy.clone(), probes, checked),
             policy::run(checked_out, policy, snapshots, config.require_policy),

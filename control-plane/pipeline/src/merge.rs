@@ -9,15 +9,21 @@
 //!
 //! A service known to several sources gets the union of their endpoints; when two sources
 //! list the same address for a service, the earlier source (in configuration order) wins.
+//! Its protocol is the one the earliest source naming one gives (a source naming none has no
+//! say); when two sources name different protocols, that one still wins, the conflict is
+//! logged and counted in `fulcrum_service_protocol_conflicts` (one Envoy cluster speaks one
+//! protocol, so the endpoints of the other source will fail until the sources agree).
 use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
-use fulcrum_core::{Endpoint, ServiceEndpoints};
+use fulcrum_core::{Endpoint, ServiceEndpoints, UpstreamProtocol};
 use fulcrum_sources::{Services, Source, SourceSink, SourceUpdate};
 use tokio::{
     sync::{mpsc, watch},
     time::Instant,
 };
 use tracing::{debug, info, warn};
+
+use crate::metrics::PipelineMetrics;
 
 /// Updates buffered between the sources and the pipeline.
 const UPDATE_QUEUE: usize = 64;
@@ -53,6 +59,7 @@ pub async fn run(
     sources: Vec<Box<dyn Source>>,
     debounce: Debounce,
     output: watch::Sender<Option<Arc<Services>>>,
+    metrics: PipelineMetrics,
 ) {
     let (sender, mut updates) = mpsc::channel(UPDATE_QUEUE);
     let names: Vec<String> = sources.iter().map(|source| source.name()).collect();
@@ -89,7 +96,11 @@ pub async fn run(
             debug!(folded, "waiting for every source's first state");
             continue;
         };
-        let merged = merge(states);
+        let Merged {
+            services: merged,
+            protocol_conflicts,
+        } = merge(states);
+        metrics.observe_protocol_conflicts(protocol_conflicts);
         if output.borrow().as_deref() == Some(&merged) {
             debug!(folded, "sources changed nothing");
             continue;
@@ -99,15 +110,27 @@ pub async fn run(
     }
 }
 
+/// What [`merge`] made of the sources' states.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Merged {
+    /// Every service with the union of its endpoints.
+    pub services: Services,
+    /// Services whose sources named different protocols.
+    pub protocol_conflicts: usize,
+}
+
 /// Merges `sources` (name, state), earlier sources taking precedence on conflicts.
 /// Endpoints come out sorted by address.
-pub fn merge<'a>(sources: impl IntoIterator<Item = (&'a str, &'a Services)>) -> Services {
-    let mut merged: BTreeMap<String, BTreeMap<SocketAddr, (&str, &Endpoint)>> = BTreeMap::new();
+pub fn merge<'a>(sources: impl IntoIterator<Item = (&'a str, &'a Services)>) -> Merged {
+    let mut merged: BTreeMap<String, MergedService<'a>> = BTreeMap::new();
     for (source, services) in sources {
         for (service, endpoints) in services {
             let entry = merged.entry(service.clone()).or_default();
+            if let Some(protocol) = endpoints.protocol {
+                entry.name_protocol(service, source, protocol);
+            }
             for endpoint in &endpoints.endpoints {
-                match entry.get(&endpoint.address) {
+                match entry.endpoints.get(&endpoint.address) {
                     Some((winner, existing)) if *existing != endpoint => warn!(
                         service = %service,
                         address = %endpoint.address,
@@ -117,19 +140,66 @@ pub fn merge<'a>(sources: impl IntoIterator<Item = (&'a str, &'a Services)>) -> 
                     ),
                     Some(_) => {}
                     None => {
-                        entry.insert(endpoint.address, (source, endpoint));
+                        entry.endpoints.insert(endpoint.address, (source, endpoint));
                     }
                 }
             }
         }
     }
-    merged
+    let protocol_conflicts = merged.values().filter(|service| service.conflict).count();
+    let services = merged
         .into_iter()
-        .map(|(name, endpoints)| {
-            let endpoints = endpoints.into_values().map(|(_, e)| e.clone()).collect();
-            (name, ServiceEndpoints { endpoints })
+        .map(|(name, service)| {
+            let endpoints = service
+                .endpoints
+                .into_values()
+                .map(|(_, e)| e.clone())
+                .collect();
+            let protocol = service.protocol.map(|(_, protocol)| protocol);
+            (
+                name,
+                ServiceEndpoints {
+                    endpoints,
+                    protocol,
+                },
+            )
         })
-        .collect()
+        .collect();
+    Merged {
+        services,
+        protocol_conflicts,
+    }
+}
+
+/// One service while [`merge`] folds the sources in.
+#[derive(Debug, Default)]
+struct MergedService<'a> {
+    endpoints: BTreeMap<SocketAddr, (&'a str, &'a Endpoint)>,
+    /// The protocol and the source that named it first.
+    protocol: Option<(&'a str, UpstreamProtocol)>,
+    conflict: bool,
+}
+
+impl<'a> MergedService<'a> {
+    /// Records that `source` names `protocol` for `service`: the first source to name one
+    /// keeps it.
+    fn name_protocol(&mut self, service: &str, source: &'a str, protocol: UpstreamProtocol) {
+        match self.protocol {
+            None => self.protocol = Some((source, protocol)),
+            Some((winner, kept)) if kept != protocol => {
+                self.conflict = true;
+                warn!(
+                    service = %service,
+                    kept = kept.as_str(),
+                    kept_from = %winner,
+                    ignored = protocol.as_str(),
+                    ignored_from = %source,
+                    "two sources name different protocols for one service; keeping the earlier source's"
+                );
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 /// Records the latest state of the update's source.
@@ -180,7 +250,13 @@ mod tests {
             [127, 0, 0, 1],
             port,
         )))];
-        BTreeMap::from([(service.to_owned(), ServiceEndpoints { endpoints })])
+        BTreeMap::from([(
+            service.to_owned(),
+            ServiceEndpoints {
+                endpoints,
+                protocol: None,
+            },
+        )])
     }
 
     /// Every merge the stage emits, with when (on the paused clock).
@@ -199,7 +275,7 @@ mod tests {
             }
             emitted
         });
-        run(sources, debounce, output).await;
+        run(sources, debounce, output, PipelineMetrics::default()).await;
         recorder.await.expect("recorder")
     }
 
@@ -295,7 +371,13 @@ mod tests {
                     .iter()
                     .map(|address| Endpoint::new(address.parse().expect("address")))
                     .collect();
-                ((*name).to_owned(), ServiceEndpoints { endpoints })
+                (
+                    (*name).to_owned(),
+                    ServiceEndpoints {
+                        endpoints,
+                        protocol: None,
+                    },
+                )
             })
             .collect()
     }
@@ -312,7 +394,7 @@ mod tests {
     fn union_of_endpoints_sorted_by_address() {
         let file = services(&[("a", &["127.0.0.2:80"]), ("b", &["127.0.0.9:80"])]);
         let registry = services(&[("a", &["127.0.0.1:80"])]);
-        let merged = merge([("file", &file), ("registry", &registry)]);
+        let merged = merge([("file", &file), ("registry", &registry)]).services;
         assert_eq!(addresses(&merged, "a"), ["127.0.0.1:80", "127.0.0.2:80"]);
         assert_eq!(addresses(&merged, "b"), ["127.0.0.9:80"]);
     }
@@ -322,8 +404,51 @@ mod tests {
         let file = services(&[("a", &["127.0.0.1:80"])]);
         let mut registry = services(&[("a", &["127.0.0.1:80"])]);
         registry.get_mut("a").expect("a").endpoints[0].health = Health::Unhealthy;
-        let merged = merge([("file", &file), ("registry", &registry)]);
+        let merged = merge([("file", &file), ("registry", &registry)]).services;
         assert_eq!(merged["a"].endpoints[0].health, Health::Healthy);
+    }
+
+    fn with_protocol(mut services: Services, protocol: Option<UpstreamProtocol>) -> Services {
+        for service in services.values_mut() {
+            service.protocol = protocol;
+        }
+        services
+    }
+
+    #[test]
+    fn a_protocol_comes_from_the_earliest_source_naming_one() {
+        let file = with_protocol(services(&[("a", &["127.0.0.1:80"])]), None);
+        let registry = with_protocol(
+            services(&[("a", &["127.0.0.2:80"])]),
+            Some(UpstreamProtocol::Http2),
+        );
+        let merged = merge([("file", &file), ("registry", &registry)]);
+        assert_eq!(
+            merged.services["a"].protocol,
+            Some(UpstreamProtocol::Http2),
+            "a source naming no protocol has no say"
+        );
+        assert_eq!(merged.protocol_conflicts, 0);
+    }
+
+    #[test]
+    fn conflicting_protocols_keep_the_earlier_source_and_are_counted() {
+        let kube = with_protocol(
+            services(&[("a", &["127.0.0.1:80"]), ("b", &["127.0.0.3:80"])]),
+            Some(UpstreamProtocol::Http1),
+        );
+        let registry = with_protocol(
+            services(&[("a", &["127.0.0.2:80"]), ("b", &["127.0.0.4:80"])]),
+            Some(UpstreamProtocol::Http2),
+        );
+        let merged = merge([("kube", &kube), ("registry", &registry)]);
+        assert_eq!(merged.services["a"].protocol, Some(UpstreamProtocol::Http1));
+        assert_eq!(merged.protocol_conflicts, 2);
+        let backward = merge([("registry", &registry), ("kube", &kube)]);
+        assert_eq!(
+            backward.services["a"].protocol,
+            Some(UpstreamProtocol::Http2)
+        );
     }
 
     #[test]
@@ -345,7 +470,13 @@ mod tests {
                     .iter()
                     .map(|port| Endpoint::new(SocketAddr::from(([127, 0, 0, 1], *port))))
                     .collect();
-                BTreeMap::from([("svc".to_owned(), ServiceEndpoints { endpoints })])
+                BTreeMap::from([(
+                    "svc".to_owned(),
+                    ServiceEndpoints {
+                        endpoints,
+                        protocol: None,
+                    },
+                )])
             };
             let (left, right) = (to_services(&left), to_services(&right));
             let forward = merge([("l", &left), ("r", &right)]);

@@ -1,5 +1,6 @@
 //! The pipeline's Prometheus metrics: endpoints per cluster and health and the version of the
-//! published snapshot, and what validation left out of it.
+//! published snapshot, what validation left out of it, and services whose sources disagree
+//! on the protocol.
 
 use fulcrum_core::{Health, Snapshot};
 use prometheus_client::{
@@ -60,6 +61,10 @@ pub struct PipelineMetrics {
     /// of the published snapshot; above 0, a source publishes something Envoy or the filters
     /// would refuse (`/v1/status` names it).
     pub dropped: Family<DroppedLabels, Gauge>,
+    /// `fulcrum_service_protocol_conflicts`: services whose sources name different protocols
+    /// in the latest merge (the earliest source's is used); above 0, some endpoints are
+    /// spoken to in a protocol they may not speak.
+    pub protocol_conflicts: Gauge,
     /// `fulcrum_snapshot_over_budget`: 1 while the latest snapshot is refused for exceeding
     /// the budget (Envoy and the filters keep the last good one), else 0.
     pub over_budget: Gauge,
@@ -90,10 +95,21 @@ impl PipelineMetrics {
             self.over_budget.clone(),
         );
         fulcrum.register(
+            "service_protocol_conflicts",
+            "Services whose sources name different protocols (the earliest source's is used)",
+            self.protocol_conflicts.clone(),
+        );
+        fulcrum.register(
             "snapshot_dropped",
             "Endpoints and services left out of the published snapshot as invalid",
             self.dropped.clone(),
         );
+    }
+
+    /// Sets the protocol conflicts gauge from the latest merge.
+    pub fn observe_protocol_conflicts(&self, services: usize) {
+        self.protocol_conflicts
+            .set(i64::try_from(services).unwrap_or(i64::MAX));
     }
 
     /// Sets the over-budget gauge.

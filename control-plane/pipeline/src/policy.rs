@@ -81,7 +81,13 @@ mod tests {
 
     fn endpoints(port: u16) -> Services {
         let endpoints = vec![Endpoint::new(([127, 0, 0, 1], port).into())];
-        Services::from([("shop".to_owned(), ServiceEndpoints { endpoints })])
+        Services::from([(
+            "shop".to_owned(),
+            ServiceEndpoints {
+                endpoints,
+                protocol: None,
+            },
+        )])
     }
 
     #[tokio::test]

@@ -147,7 +147,14 @@ mod tests {
         let endpoints = (1..=endpoints)
             .map(|port| Endpoint::new(([10, 0, 0, 1], port).into()))
             .collect();
-        let services = [("shop".to_owned(), ServiceEndpoints { endpoints })].into();
+        let services = [(
+            "shop".to_owned(),
+            ServiceEndpoints {
+                endpoints,
+                protocol: None,
+            },
+        )]
+        .into();
         Arc::new(Snapshot {
             version: snapshot_version(&services, None),
             services,

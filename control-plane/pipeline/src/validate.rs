@@ -126,7 +126,13 @@ mod tests {
         Arc::new(
             entries
                 .into_iter()
-                .map(|(name, endpoints)| (name.to_owned(), ServiceEndpoints { endpoints }))
+                .map(|(name, endpoints)| {
+                    let service = ServiceEndpoints {
+                        endpoints,
+                        protocol: None,
+                    };
+                    (name.to_owned(), service)
+                })
                 .collect(),
         )
     }

@@ -1,5 +1,6 @@
 //! Prometheus metrics of the registry: calls per API face, operation and outcome, their
-//! latency, refused registrations by reason, and the live instances per service and health.
+//! latency, refused registrations by reason, the live instances per service and health, and
+//! the services whose registrations disagree on the protocol.
 //!
 //! Both faces count at their edge (after the answer is decided, unauthenticated calls
 //! included) with the same labels, so one query covers REST and gRPC. The outcome is the
@@ -203,6 +204,9 @@ pub struct RegistryMetrics {
     instances: Family<InstanceLabels, Gauge>,
     /// The service labels of `instances` and of the registry's health checks.
     services: ServiceLabels,
+    /// `fulcrum_registry_protocol_conflicts`: services whose registrations name different
+    /// protocols (the earliest registration's is used), as last published.
+    protocol_conflicts: Gauge,
 }
 
 impl RegistryMetrics {
@@ -219,7 +223,14 @@ impl RegistryMetrics {
             duration: Family::new_with_constructor(duration_histogram),
             instances: Family::default(),
             services: ServiceLabels::new(max_service_series),
+            protocol_conflicts: Gauge::default(),
         }
+    }
+
+    /// The gauge of services whose registrations name different protocols, set by the
+    /// registry's endpoint source.
+    pub fn protocol_conflicts(&self) -> Gauge {
+        self.protocol_conflicts.clone()
     }
 
     /// The bounded service labels, for whatever else counts per registered service.
@@ -244,6 +255,11 @@ impl RegistryMetrics {
             "instances",
             "Live registrations, by service (the first ones seen; others as \"(other)\") and health",
             self.instances.clone(),
+        );
+        prefixed.register(
+            "protocol_conflicts",
+            "Services whose registrations name different protocols (the earliest registration's is used)",
+            self.protocol_conflicts.clone(),
         );
         prefixed.register(
             "refusals",

@@ -173,6 +173,16 @@ pub enum Protocol {
 }
 
 impl Protocol {
+    /// What Envoy speaks to an instance of this protocol: HTTP/2 for gRPC and HTTP/2, HTTP/1.1
+    /// for HTTP, nothing for TCP (an HTTP cluster has no protocol for it; it names none).
+    pub fn upstream(self) -> Option<fulcrum_core::UpstreamProtocol> {
+        match self {
+            Self::Http => Some(fulcrum_core::UpstreamProtocol::Http1),
+            Self::Http2 | Self::Grpc => Some(fulcrum_core::UpstreamProtocol::Http2),
+            Self::Tcp => None,
+        }
+    }
+
     /// The wire name.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -271,7 +271,7 @@ impl Registry {
 
     /// An endpoint source publishing every registration (with its health).
     pub fn source(&self) -> RegistrySource {
-        RegistrySource::new(self.view.clone())
+        RegistrySource::new(self.view.clone(), self.metrics.protocol_conflicts())
     }
 
     /// Registers (or re-registers) `spec` for `identity`, if admitted.

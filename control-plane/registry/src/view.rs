@@ -41,6 +41,27 @@ pub struct Record {
 /// A registration's health: the one model of a check's result, shared with the pipeline.
 pub use fulcrum_health::HealthStatus;
 
+/// The registry's services, as its endpoint source publishes them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RegistryServices {
+    /// Every service with its endpoints and protocol.
+    pub services: Services,
+    /// Services whose registrations name different protocols.
+    pub protocol_conflicts: usize,
+}
+
+/// Whether `entry` was registered before `other` (ids break ties, so the order is total and
+/// every replica picks the same).
+fn registered_before(entry: &Entry, other: &Entry) -> bool {
+    fn key(entry: &Entry) -> (u64, &str) {
+        (
+            entry.record.registered_at_unix_ms,
+            entry.record.registration.id.as_str(),
+        )
+    }
+    key(entry) < key(other)
+}
+
 /// One live registration and its health.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -184,20 +205,45 @@ impl View {
 
     /// Every service with its endpoints, as the endpoint source publishes them. Two
     /// registrations of one service at one address (possible across etcd replicas racing)
-    /// give one endpoint: the earliest registered.
-    pub fn services(&self) -> Services {
+    /// give one endpoint: the earliest registered. A service's protocol is the earliest
+    /// registration's that names one; registrations naming another are logged and counted
+    /// in [`RegistryServices::protocol_conflicts`].
+    pub fn services(&self) -> RegistryServices {
         let state = self.read();
         let mut services = Services::new();
+        let mut protocol_conflicts = 0;
         for (name, ids) in &state.by_service {
             let mut by_address: BTreeMap<std::net::SocketAddr, &Entry> = BTreeMap::new();
-            for entry in ids.iter().filter_map(|id| state.entries.get(id)) {
+            let entries: Vec<&Entry> = ids.iter().filter_map(|id| state.entries.get(id)).collect();
+            for entry in &entries {
                 let address = entry.record.registration.address;
-                let keep = by_address.get(&address).is_none_or(|kept| {
-                    entry.record.registered_at_unix_ms < kept.record.registered_at_unix_ms
-                });
+                let keep = by_address
+                    .get(&address)
+                    .is_none_or(|kept| registered_before(entry, kept));
                 if keep {
                     by_address.insert(address, entry);
                 }
+            }
+            let naming = |entry: &&&Entry| entry.record.registration.protocol.upstream().is_some();
+            let kept = entries
+                .iter()
+                .filter(naming)
+                .reduce(|a, b| if registered_before(b, a) { b } else { a });
+            let protocol = kept.and_then(|kept| kept.record.registration.protocol.upstream());
+            let other = entries
+                .iter()
+                .filter(naming)
+                .find(|entry| entry.record.registration.protocol.upstream() != protocol);
+            if let (Some(kept), Some(other)) = (kept, other) {
+                protocol_conflicts += 1;
+                warn!(
+                    service = %name,
+                    protocol = kept.record.registration.protocol.as_str(),
+                    kept_from = %kept.record.registration.id,
+                    other_protocol = other.record.registration.protocol.as_str(),
+                    other = %other.record.registration.id,
+                    "registrations of one service name different protocols; keeping the earliest registration's"
+                );
             }
             let endpoints = by_address
                 .into_values()
@@ -208,9 +254,18 @@ impl View {
                         .endpoint(entry.health.endpoint_health())
                 })
                 .collect();
-            services.insert(name.clone(), ServiceEndpoints { endpoints });
+            services.insert(
+                name.clone(),
+                ServiceEndpoints {
+                    endpoints,
+                    protocol,
+                },
+            );
         }
-        services
+        RegistryServices {
+            services,
+            protocol_conflicts,
+        }
     }
 
     /// Every entry, sorted by id.
@@ -586,8 +641,39 @@ mod tests {
         let view = View::new("e");
         view.upsert(record(spec("a", "x-1", 1)));
         view.upsert(record(spec("b", "x-1", 1)));
-        let services = view.services();
+        let services = view.services().services;
         assert_eq!(services.keys().collect::<Vec<_>>(), ["b"]);
+    }
+
+    fn speaking(service: &str, id: &str, port: u16, protocol: &str, at: u64) -> Record {
+        let mut spec = spec(service, id, port);
+        spec.protocol = protocol.into();
+        Record {
+            registered_at_unix_ms: at,
+            ..record(spec)
+        }
+    }
+
+    #[test]
+    fn a_service_speaks_its_earliest_registrations_protocol_and_a_disagreement_is_counted() {
+        let view = View::new("e");
+        view.upsert(speaking("api", "api-2", 2, "http", 20));
+        view.upsert(speaking("api", "api-1", 1, "grpc", 10));
+        view.upsert(speaking("api", "api-3", 3, "tcp", 5));
+        view.upsert(speaking("grpc", "grpc-1", 4, "grpc", 10));
+        view.upsert(speaking("grpc", "grpc-2", 5, "http2", 30));
+        let published = view.services();
+        assert_eq!(
+            published.services["api"].protocol,
+            Some(fulcrum_core::UpstreamProtocol::Http2),
+            "the earliest registration naming an HTTP protocol wins; tcp names none"
+        );
+        assert_eq!(
+            published.services["grpc"].protocol,
+            Some(fulcrum_core::UpstreamProtocol::Http2),
+            "grpc and http2 agree"
+        );
+        assert_eq!(published.protocol_conflicts, 1);
     }
 
     fn service_ids(view: &View, service: &str) -> Vec<String> {
@@ -659,7 +745,7 @@ mod tests {
         view.upsert(first.clone());
         view.set_health(&first, HealthStatus::Unhealthy);
         assert_eq!(
-            view.services()["a"].endpoints[0].health,
+            view.services().services["a"].endpoints[0].health,
             fulcrum_core::Health::Unhealthy
         );
     }

@@ -12,7 +12,15 @@
 //!         tags: [canary]
 //!         metadata: { version: v2 }
 //!         health: healthy        # healthy | draining | unhealthy
+//!   payments:
+//!     protocol: grpc             # http (the default) | http2 | grpc
+//!     endpoints:
+//!       - address: 127.0.0.1:9090
 //! ```
+//!
+//! A service's optional `protocol` is what Envoy speaks to its endpoints: `grpc` and `http2`
+//! make its cluster HTTP/2 (h2c, prior knowledge), `http` or no `protocol` HTTP/1.1. It is the
+//! one field the snapshot does not have: the filters never see it, only the cluster does.
 //!
 //! The file is polled: read and hashed every interval (500 ms by default; an endpoints file
 //! is small), which works the same on every filesystem, whatever its timestamp resolution,
@@ -20,11 +28,12 @@
 //! read or parsed is reported with its path and the reason, and the last good state stays.
 
 use std::{
+    collections::BTreeMap,
     path::{Path, PathBuf},
     time::Duration,
 };
 
-use fulcrum_core::ServiceEndpoints;
+use fulcrum_core::{Endpoint, ServiceEndpoints, UpstreamProtocol};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tracing::{error, info};
@@ -72,7 +81,34 @@ pub enum StaticFileError {
 #[serde(deny_unknown_fields)]
 struct StaticFile {
     #[serde(default)]
-    services: Services,
+    services: BTreeMap<String, FileService>,
+}
+
+/// One service of the file: the snapshot's fields, plus the protocol.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileService {
+    endpoints: Vec<Endpoint>,
+    #[serde(default)]
+    protocol: Option<FileProtocol>,
+}
+
+/// The values of a service's `protocol`.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum FileProtocol {
+    Http,
+    Http2,
+    Grpc,
+}
+
+impl From<FileProtocol> for UpstreamProtocol {
+    fn from(protocol: FileProtocol) -> Self {
+        match protocol {
+            FileProtocol::Http => UpstreamProtocol::Http1,
+            FileProtocol::Http2 | FileProtocol::Grpc => UpstreamProtocol::Http2,
+        }
+    }
 }
 
 /// Parses the YAML text of an endpoints file; `path` only names it in errors.
@@ -83,8 +119,15 @@ pub fn parse_static_file(path: &Path, text: &str) -> Result<Services, StaticFile
             path: path.to_owned(),
             source,
         })?;
-    let mut services = file.services;
-    for (service, ServiceEndpoints { endpoints }) in &mut services {
+    let mut services = Services::new();
+    for (
+        service,
+        FileService {
+            mut endpoints,
+            protocol,
+        },
+    ) in file.services
+    {
         endpoints.sort_by_key(|endpoint| endpoint.address);
         if let Some(pair) = endpoints
             .windows(2)
@@ -92,10 +135,18 @@ pub fn parse_static_file(path: &Path, text: &str) -> Result<Services, StaticFile
         {
             return Err(StaticFileError::DuplicateAddress {
                 path: path.to_owned(),
-                service: service.clone(),
+                service,
                 address: pair[0].address,
             });
         }
+        let protocol = protocol.map(UpstreamProtocol::from);
+        services.insert(
+            service,
+            ServiceEndpoints {
+                endpoints,
+                protocol,
+            },
+        );
     }
     Ok(services)
 }
@@ -234,6 +285,39 @@ services:
         let message = error.to_string();
         assert!(message.contains("/etc/fulcrum/endpoints.yaml"), "{message}");
         assert!(message.contains("adress"), "{message}");
+    }
+
+    #[test]
+    fn grpc_and_http2_services_are_http2_and_http_or_no_protocol_http1() {
+        let text = "services:
+  a: { protocol: grpc, endpoints: [] }
+  b: { protocol: http2, endpoints: [] }
+  c: { protocol: http, endpoints: [] }
+  d: { endpoints: [] }
+";
+        let services = parse_static_file(&path(), text).expect("valid");
+        let protocols: Vec<_> = services.values().map(|service| service.protocol).collect();
+        assert_eq!(
+            protocols,
+            [
+                Some(UpstreamProtocol::Http2),
+                Some(UpstreamProtocol::Http2),
+                Some(UpstreamProtocol::Http1),
+                None,
+            ]
+        );
+    }
+
+    #[test]
+    fn an_unknown_protocol_names_the_field_and_the_allowed_values() {
+        let error = parse_static_file(
+            &path(),
+            "services:\n  a:\n    protocol: h2c\n    endpoints: []\n",
+        )
+        .expect_err("unknown protocol");
+        let message = error.to_string();
+        assert!(message.contains("services.a.protocol"), "{message}");
+        assert!(message.contains("http2"), "{message}");
     }
 
     #[test]

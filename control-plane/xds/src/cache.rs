@@ -114,13 +114,15 @@ fn build(
     previous: Option<&XdsSnapshot>,
     summary: &mut UpdateSummary,
 ) -> XdsSnapshot {
-    // The cluster depends on its name and the shared options only. Plain data: serialization
-    // cannot fail and is stable.
+    // The cluster depends on its name, its protocol and the shared options only. Plain data:
+    // serialization cannot fail and is stable.
     let options_key = serde_json::to_vec(options).unwrap_or_default();
     let mut clusters = Resources::new();
     let mut endpoints = Resources::new();
     for (name, service) in &core.services {
-        let cluster_version = content_version(&[name.as_bytes(), &options_key]);
+        let protocol = service.protocol.unwrap_or_default();
+        let cluster_version =
+            content_version(&[name.as_bytes(), &options_key, protocol.as_str().as_bytes()]);
         clusters.insert(
             name.clone(),
             reuse_or_encode(
@@ -128,7 +130,7 @@ fn build(
                 name,
                 cluster_version,
                 summary,
-                || pack_any(resources::cluster(name, options)),
+                || pack_any(resources::cluster(name, options, protocol)),
             ),
         );
         let endpoints_version = content_version(&[name.as_bytes(), &service_key(service)]);
@@ -230,10 +232,18 @@ impl SnapshotCache {
 mod tests {
     use std::collections::BTreeMap;
 
-    use envoy_types::pb::envoy::config::{
-        cluster::v3::Cluster, core::v3::HealthStatus, endpoint::v3::ClusterLoadAssignment,
+    use envoy_types::pb::envoy::{
+        config::{
+            cluster::v3::Cluster, core::v3::HealthStatus, endpoint::v3::ClusterLoadAssignment,
+        },
+        extensions::upstreams::http::v3::{
+            HttpProtocolOptions,
+            http_protocol_options::{
+                UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
+            },
+        },
     };
-    use fulcrum_core::{Endpoint, Health};
+    use fulcrum_core::{Endpoint, Health, UpstreamProtocol};
     use prost::Message;
 
     use super::*;
@@ -244,6 +254,7 @@ mod tests {
                 .iter()
                 .map(|address| Endpoint::new(address.parse().expect("test address")))
                 .collect(),
+            protocol: None,
         }
     }
 
@@ -349,6 +360,77 @@ mod tests {
         assert_eq!(first.clusters["a"].version, second.clusters["a"].version);
     }
 
+    /// The protocol `explicit_http_config` of the encoded cluster of `name`.
+    fn cluster_protocol(snapshot: &XdsSnapshot, name: &str) -> ProtocolConfig {
+        let cluster =
+            Cluster::decode(snapshot.clusters[name].any.value.as_slice()).expect("cluster");
+        let options = HttpProtocolOptions::decode(
+            cluster.typed_extension_protocol_options
+                ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+                .value
+                .as_slice(),
+        )
+        .expect("http protocol options");
+        match options.upstream_protocol_options {
+            Some(UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) => {
+                explicit.protocol_config.expect("protocol config")
+            }
+            other => panic!("expected an explicit HTTP config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn an_http2_service_gets_an_http2_cluster_and_every_other_http1() {
+        let mut grpc = service(&["127.0.0.1:1"]);
+        grpc.protocol = Some(UpstreamProtocol::Http2);
+        let mut http = service(&["127.0.0.1:2"]);
+        http.protocol = Some(UpstreamProtocol::Http1);
+        let cache = SnapshotCache::new(ClusterOptions::default());
+        cache.set(&snapshot(
+            "v1",
+            &[
+                ("grpc", grpc),
+                ("http", http),
+                ("unnamed", service(&["127.0.0.1:3"])),
+            ],
+        ));
+        let current = cache.current().expect("set");
+        assert!(matches!(
+            cluster_protocol(&current, "grpc"),
+            ProtocolConfig::Http2ProtocolOptions(_)
+        ));
+        for name in ["http", "unnamed"] {
+            assert!(
+                matches!(
+                    cluster_protocol(&current, name),
+                    ProtocolConfig::HttpProtocolOptions(_)
+                ),
+                "{name} is HTTP/1.1"
+            );
+        }
+    }
+
+    #[test]
+    fn a_protocol_change_alone_re_encodes_that_cluster_only() {
+        let cache = SnapshotCache::new(ClusterOptions::default());
+        cache.set(&snapshot("v1", &[("a", service(&["127.0.0.1:1"]))]));
+        let mut http2 = service(&["127.0.0.1:1"]);
+        http2.protocol = Some(UpstreamProtocol::Http2);
+        let summary = cache.set(&snapshot("v2", &[("a", http2)]));
+        assert_eq!(
+            summary,
+            UpdateSummary {
+                encoded: 1,
+                reused: 1
+            },
+            "the cluster changes, the assignment does not"
+        );
+        assert!(matches!(
+            cluster_protocol(&cache.current().expect("set"), "a"),
+            ProtocolConfig::Http2ProtocolOptions(_)
+        ));
+    }
+
     #[test]
     fn assignment_maps_health_weight_zone_and_metadata() {
         let mut draining = Endpoint::new("10.0.0.2:80".parse().expect("address"));
@@ -368,6 +450,7 @@ mod tests {
                 "a".to_owned(),
                 ServiceEndpoints {
                     endpoints: vec![unhealthy, draining],
+                    protocol: None,
                 },
             )]),
             ..Default::default()

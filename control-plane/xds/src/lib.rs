@@ -14,6 +14,6 @@ pub mod status;
 
 pub use cache::{EncodedResource, ResourceType, SnapshotCache, UpdateSummary, XdsSnapshot};
 pub use metrics::XdsMetrics;
-pub use resources::{ClusterOptions, UpstreamProtocol};
+pub use resources::ClusterOptions;
 pub use server::{AdsServer, DEFAULT_MAX_STREAMS};
 pub use status::{Nack, NodeRegistry, StreamKind, StreamStatus, TypeStatus};

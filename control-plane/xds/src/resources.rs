@@ -6,6 +6,12 @@
 //! A cluster-level upstream `header_mutation` filter removes the header after host
 //! selection, so the upstream never sees it. (A route-level `request_headers_to_remove` would
 //! run before load balancing and disable the override.)
+//!
+//! The cluster speaks the service's [`UpstreamProtocol`] to its endpoints through
+//! `typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]`
+//! (`explicit_http_config`): HTTP/2 with prior knowledge for a gRPC or HTTP/2 service, so
+//! gRPC's trailers and streams reach the backend, HTTP/1.1 otherwise, whatever the
+//! downstream spoke.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -54,21 +60,11 @@ use envoy_types::pb::{
     google::protobuf::{Any, Duration, ListValue, Struct, UInt32Value, Value, value::Kind},
 };
 use envoy_types::util::pack_any;
-use fulcrum_core::{Endpoint, Health, OVERRIDE_HEADER, ServiceEndpoints};
+use fulcrum_core::{Endpoint, Health, OVERRIDE_HEADER, ServiceEndpoints, UpstreamProtocol};
 
 /// The `filter_metadata` namespace endpoint attributes are published under.
 pub const METADATA_NAMESPACE: &str = "fulcrum";
 const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
-
-/// The HTTP protocol Envoy speaks to the upstream endpoints.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Serialize)]
-pub enum UpstreamProtocol {
-    /// HTTP/1.1 (the default: what most backends speak in plaintext).
-    #[default]
-    Http1,
-    /// HTTP/2 with prior knowledge (gRPC backends).
-    Http2,
-}
 
 /// Settings shared by every generated cluster. The defaults suit fulcrum's filter.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, serde::Serialize)]
@@ -78,8 +74,6 @@ pub struct ClusterOptions {
     /// `common_lb_config.update_merge_window`; default 0 s, so endpoint changes apply at once
     /// (Envoy's own default, 1 s, delays every EDS update).
     pub update_merge_window: std::time::Duration,
-    /// Protocol to the upstream endpoints; default HTTP/1.1.
-    pub upstream_protocol: UpstreamProtocol,
 }
 
 impl Default for ClusterOptions {
@@ -87,7 +81,6 @@ impl Default for ClusterOptions {
         Self {
             connect_timeout: std::time::Duration::from_secs(1),
             update_merge_window: std::time::Duration::ZERO,
-            upstream_protocol: UpstreamProtocol::Http1,
         }
     }
 }
@@ -107,8 +100,9 @@ fn typed_extension(name: &str, config: Any) -> TypedExtensionConfig {
 }
 
 /// The `Cluster` of service `name`: EDS over ADS, `override_host` balancing with a least
-/// request fallback, and the upstream filter chain that strips the override header.
-pub fn cluster(name: &str, options: &ClusterOptions) -> Cluster {
+/// request fallback, the upstream filter chain that strips the override header, and
+/// `protocol` to the endpoints (HTTP/2 with prior knowledge for gRPC, else HTTP/1.1).
+pub fn cluster(name: &str, options: &ClusterOptions, protocol: UpstreamProtocol) -> Cluster {
     let override_host = OverrideHost {
         override_host_sources: vec![OverrideHostSource {
             header: OVERRIDE_HEADER.to_owned(),
@@ -133,7 +127,7 @@ pub fn cluster(name: &str, options: &ClusterOptions) -> Cluster {
         }),
         ..Default::default()
     };
-    let protocol_config = match options.upstream_protocol {
+    let protocol_config = match protocol {
         UpstreamProtocol::Http1 => {
             ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default())
         }

@@ -23,7 +23,7 @@ use clap::Parser;
 use fulcrum_example_backend::{Backend, Fault};
 use fulcrum_test_support::{
     Bootstrap, ClusterBalancing, Endpoints, Envoy, EnvoyOptions, FailurePolicy, FilterSetup,
-    Ingress,
+    Ingress, RETRY_ON_HTTP,
 };
 use serde_json::json;
 use tokio::process::Command;
@@ -304,6 +304,7 @@ async fn run(
             filter,
             route_timeout_ms: ROUTE_TIMEOUT_MS,
             retries: RETRIES,
+            retry_on: RETRY_ON_HTTP,
         }),
     };
     let options = EnvoyOptions {

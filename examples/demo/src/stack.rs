@@ -19,7 +19,8 @@ use anyhow::{Context, Result};
 use fulcrum_example_backend::Fault;
 use fulcrum_test_support::{
     AdsApi, Bootstrap, ClusterBalancing, Endpoints, Envoy, EnvoyOptions, FailurePolicy,
-    FilterSetup, Ingress, Process, envoy::CONTROL_PLANE_CLUSTER, loopback, reserve_port,
+    FilterSetup, Ingress, Process, RETRY_ON_HTTP, envoy::CONTROL_PLANE_CLUSTER, loopback,
+    reserve_port,
 };
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -208,6 +209,7 @@ impl Stack {
                 }),
                 route_timeout_ms: 1000,
                 retries: 2,
+                retry_on: RETRY_ON_HTTP,
             }),
         };
         let options = EnvoyOptions {

@@ -427,6 +427,7 @@ fn static_services(config: &FilterConfig) -> BTreeMap<String, ServiceEndpoints> 
                 name.clone(),
                 ServiceEndpoints {
                     endpoints: endpoints.clone(),
+                    protocol: None,
                 },
             )
         })

@@ -78,6 +78,33 @@ impl Endpoint {
 pub struct ServiceEndpoints {
     /// Every known instance, in a stable order (sorted by address).
     pub endpoints: Vec<Endpoint>,
+    /// The protocol Envoy speaks to these endpoints, when a source says; `None` is HTTP/1.1.
+    ///
+    /// The control plane's alone: it shapes the Envoy cluster (CDS), and a filter balances
+    /// the same whatever it is, so it is never part of the filters' JSON (an older filter
+    /// refuses no snapshot for it, and the JSON of a mesh without it did not change).
+    #[serde(skip)]
+    pub protocol: Option<UpstreamProtocol>,
+}
+
+/// The HTTP protocol Envoy speaks to a service's endpoints.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1: what most plaintext backends speak, and the default.
+    #[default]
+    Http1,
+    /// HTTP/2 with prior knowledge (h2c): gRPC and HTTP/2 backends.
+    Http2,
+}
+
+impl UpstreamProtocol {
+    /// The name in logs, metrics and versions: `http1` or `http2`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http1 => "http1",
+            Self::Http2 => "http2",
+        }
+    }
 }
 
 /// Everything a filter needs at one version: endpoints per service.

@@ -42,7 +42,7 @@ pub use service::{
 };
 
 pub use breaker::BreakerState;
-pub use endpoint::{Endpoint, Health, ServiceEndpoints, Snapshot};
+pub use endpoint::{Endpoint, Health, ServiceEndpoints, Snapshot, UpstreamProtocol};
 pub use policy::{LoadBalancer, OnNoEndpoint, Policy, ServicePolicy};
 pub use select::sticky::SessionKeys;
 pub use validate::{PolicyError, ValidationError, ValidationErrors};

@@ -194,7 +194,10 @@ pub fn screen_service(
     }
     let mut seen = BTreeSet::new();
     let mut screened = Screened {
-        service: ServiceEndpoints::default(),
+        service: ServiceEndpoints {
+            endpoints: Vec::new(),
+            protocol: service.protocol,
+        },
         dropped: Vec::new(),
     };
     for (index, endpoint) in service.endpoints.iter().enumerate() {

@@ -37,12 +37,34 @@ pub fn snapshot_version(
     services: &BTreeMap<String, ServiceEndpoints>,
     policy: Option<&Policy>,
 ) -> String {
+    let protocols = protocols_key(services);
     // Plain structs over ordered collections: serialization cannot fail and is canonical.
     let services = serde_json::to_vec(services).unwrap_or_default();
     let policy = policy
         .map(|policy| serde_json::to_vec(policy).unwrap_or_default())
         .unwrap_or_default();
-    content_version(&[&services, &policy])
+    if protocols.is_empty() {
+        // The version of a mesh whose sources name no protocol is what it was before
+        // protocols existed, so replicas of both releases agree during an upgrade.
+        content_version(&[&services, &policy])
+    } else {
+        content_version(&[&services, &policy, &protocols])
+    }
+}
+
+/// The JSON `[[name, protocol], ..]` of every service whose protocol a source named (empty
+/// when none did): the part of the published state the filters' JSON leaves out (see
+/// [`ServiceEndpoints::protocol`]).
+fn protocols_key(services: &BTreeMap<String, ServiceEndpoints>) -> Vec<u8> {
+    let named: Vec<(&str, &str)> = services
+        .iter()
+        .filter_map(|(name, service)| Some((name.as_str(), service.protocol?.as_str())))
+        .collect();
+    if named.is_empty() {
+        return Vec::new();
+    }
+    // Strings in a list: serialization cannot fail, and quoting keeps names unambiguous.
+    serde_json::to_vec(&named).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -52,7 +74,31 @@ mod tests {
 
     fn services(port: u16) -> BTreeMap<String, ServiceEndpoints> {
         let endpoints = vec![Endpoint::new(([127, 0, 0, 1], port).into())];
-        BTreeMap::from([("shop".to_owned(), ServiceEndpoints { endpoints })])
+        BTreeMap::from([(
+            "shop".to_owned(),
+            ServiceEndpoints {
+                endpoints,
+                protocol: None,
+            },
+        )])
+    }
+
+    #[test]
+    fn a_protocol_change_alone_is_a_new_version_and_no_protocol_keeps_the_old_one() {
+        let mut http2 = services(1);
+        let shop = http2.get_mut("shop").expect("shop");
+        shop.protocol = Some(crate::UpstreamProtocol::Http2);
+        assert_ne!(
+            snapshot_version(&services(1), None),
+            snapshot_version(&http2, None),
+            "the protocol shapes Envoy's cluster, so it is part of the published state"
+        );
+        let services = serde_json::to_vec(&services(1)).expect("json");
+        assert_eq!(
+            snapshot_version(&self::services(1), None),
+            content_version(&[&services, b""]),
+            "without protocols the version is computed as before they existed"
+        );
     }
 
     #[test]

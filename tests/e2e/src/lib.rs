@@ -6,6 +6,8 @@
 //! counts. The tests with two workers check what must hold across workers (the per-proxy rate
 //! limit, outcome attribution) and that both workers served.
 
+pub mod grpc;
+
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -17,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use fulcrum_example_backend::Backend;
 use fulcrum_test_support::{
     AdsApi, Bootstrap, ClusterBalancing, Endpoints, Envoy, EnvoyOptions, FailurePolicy,
-    FilterSetup, Ingress, envoy::CONTROL_PLANE_CLUSTER,
+    FilterSetup, Ingress, RETRY_ON_GRPC, RETRY_ON_HTTP, envoy::CONTROL_PLANE_CLUSTER,
 };
 use serde_json::{Value, json};
 
@@ -83,6 +85,25 @@ pub async fn envoy_with_control_plane(
     snapshot_http: SocketAddr,
     policy: Value,
 ) -> Result<Proxy> {
+    envoy_with_control_plane_retrying(xds, snapshot_http, policy, RETRY_ON_HTTP).await
+}
+
+/// [`envoy_with_control_plane`] in front of a gRPC service: the route also retries calls that
+/// end `UNAVAILABLE` ([`RETRY_ON_GRPC`]).
+pub async fn envoy_with_control_plane_for_grpc(
+    xds: SocketAddr,
+    snapshot_http: SocketAddr,
+    policy: Value,
+) -> Result<Proxy> {
+    envoy_with_control_plane_retrying(xds, snapshot_http, policy, RETRY_ON_GRPC).await
+}
+
+async fn envoy_with_control_plane_retrying(
+    xds: SocketAddr,
+    snapshot_http: SocketAddr,
+    policy: Value,
+    retry_on: &'static str,
+) -> Result<Proxy> {
     let filter_config = json!({
         "control_plane": {"cluster": CONTROL_PLANE_CLUSTER, "poll_interval": "200ms"},
         "only_services": [SERVICE],
@@ -93,7 +114,12 @@ pub async fn envoy_with_control_plane(
         api: AdsApi::Sotw,
         snapshot_http: Some(snapshot_http),
     };
-    Proxy::start_for_test(endpoints, filter_config).await
+    let filter = FilterSetup {
+        wasm: filter_wasm()?,
+        config: filter_config,
+        failure_policy: FailurePolicy::default(),
+    };
+    Proxy::start(endpoints, filter, 1, retry_on).await
 }
 
 /// A running Envoy and a client for its listener.
@@ -159,6 +185,16 @@ impl Proxy {
         filter: FilterSetup,
         workers: u32,
     ) -> Result<Self> {
+        Self::start(endpoints, filter, workers, RETRY_ON_HTTP).await
+    }
+
+    /// [`Proxy::start_with_workers`] whose route retries on `retry_on`.
+    async fn start(
+        endpoints: Endpoints,
+        filter: FilterSetup,
+        workers: u32,
+        retry_on: &'static str,
+    ) -> Result<Self> {
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let started = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bootstrap = Bootstrap {
@@ -170,6 +206,7 @@ impl Proxy {
                 filter: Some(filter),
                 route_timeout_ms: 2000,
                 retries: 2,
+                retry_on,
             }),
         };
         let options = EnvoyOptions {

@@ -2,12 +2,15 @@
 
 use std::sync::Arc;
 
-use fulcrum_core::Health;
-use fulcrum_kube_source::{Mapping, cluster_name, endpoint_health};
+use fulcrum_core::{Health, UpstreamProtocol};
+use fulcrum_kube_source::{Mapping, cluster_name, endpoint_health, port_protocol};
 use fulcrum_test_support::kube_api::objects::{
     endpoint, endpoint_slice, ready, service, with_labels,
 };
-use k8s_openapi::api::discovery::v1::EndpointConditions;
+use k8s_openapi::api::{
+    core::v1::ServicePort,
+    discovery::v1::{EndpointConditions, EndpointPort},
+};
 
 const CHECKOUT_HTTP: &str = "outbound|80||checkout.shop.svc.cluster.local";
 
@@ -109,6 +112,67 @@ fn each_service_port_is_a_cluster_with_the_slice_target_port() {
         addresses(&mapped, "outbound|9090||checkout.shop.svc.cluster.local"),
         ["10.0.0.1:9091", "10.0.0.2:9091"]
     );
+}
+
+#[test]
+fn grpc_and_http2_ports_are_http2_clusters_by_app_protocol_then_by_istio_port_name() {
+    let service_port = |name: &str, app_protocol: Option<&str>| ServicePort {
+        name: Some(name.to_owned()),
+        app_protocol: app_protocol.map(str::to_owned),
+        port: 80,
+        ..ServicePort::default()
+    };
+    let slice_port = |app_protocol: &str| EndpointPort {
+        app_protocol: Some(app_protocol.to_owned()),
+        ..EndpointPort::default()
+    };
+    let http2 = Some(UpstreamProtocol::Http2);
+    let http1 = Some(UpstreamProtocol::Http1);
+    let cases = [
+        (service_port("web", Some("grpc")), None, http2),
+        (service_port("web", Some("http2")), None, http2),
+        (service_port("web", Some("kubernetes.io/h2c")), None, http2),
+        (service_port("grpc", Some("http")), None, http1),
+        (service_port("grpc", Some("kubernetes.io/ws")), None, None),
+        (service_port("web", None), Some(slice_port("grpc")), http2),
+        (
+            service_port("grpc-web", Some("http")),
+            Some(slice_port("grpc")),
+            http1,
+        ),
+        (service_port("grpc", None), None, http2),
+        (service_port("grpc-api", None), None, http2),
+        (service_port("GRPC-api", None), None, http2),
+        (service_port("http2", None), None, http2),
+        (service_port("http2-internal", None), None, http2),
+        (service_port("http", None), None, http1),
+        (service_port("http-metrics", None), None, http1),
+        (service_port("grpcx", None), None, None),
+        (service_port("tcp-grpc", None), None, None),
+        (service_port("", None), None, None),
+    ];
+    for (port, slice, expected) in cases {
+        assert_eq!(
+            port_protocol(&port, slice.as_ref()),
+            expected,
+            "{port:?} with slice port {slice:?}"
+        );
+    }
+}
+
+#[test]
+fn a_cluster_carries_its_ports_protocol() {
+    let services = [Arc::new(service(
+        "shop",
+        "checkout",
+        &[("http", 80), ("grpc", 9090), ("metrics", 9100)],
+    ))];
+    let mapped = Mapping::default().services(&services, &[]);
+    let protocol =
+        |port: i32| mapped[&cluster_name("checkout", "shop", port, "cluster.local")].protocol;
+    assert_eq!(protocol(80), Some(UpstreamProtocol::Http1));
+    assert_eq!(protocol(9090), Some(UpstreamProtocol::Http2));
+    assert_eq!(protocol(9100), None);
 }
 
 #[test]

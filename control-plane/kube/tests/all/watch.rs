@@ -61,6 +61,7 @@ impl Harness {
             vec![source],
             Debounce::new(Duration::from_millis(10)),
             merged,
+            fulcrum_pipeline::PipelineMetrics::default(),
         );
         let forward = async move {
             while merges.changed().await.is_ok() {

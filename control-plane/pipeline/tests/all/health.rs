@@ -20,7 +20,10 @@ fn merged(backends: &[&Backend]) -> Arc<Services> {
     let endpoints = backends.iter().map(|b| Endpoint::new(b.addr)).collect();
     Arc::new(BTreeMap::from([(
         "shop".to_owned(),
-        ServiceEndpoints { endpoints },
+        ServiceEndpoints {
+            endpoints,
+            protocol: None,
+        },
     )]))
 }
 

@@ -328,7 +328,7 @@ async fn a_registry_full_of_the_largest_registrations_stays_under_the_filters_sn
         .await
         .expect_err("the cap");
     assert!(refused.to_string().contains("cap of 10000"), "{refused}");
-    let snapshot = serde_json::to_vec(&attach(&registry.view().services(), None))?;
+    let snapshot = serde_json::to_vec(&attach(&registry.view().services().services, None))?;
     let endpoint = served_len(&template);
     eprintln!(
         "{max} registrations of {endpoint} published bytes each: a snapshot of {} bytes",

@@ -97,6 +97,7 @@ pub async fn serve_with(registry: Arc<Registry>, auth: Arc<TokenAuth>) -> Result
                 vec![Box::new(source)],
                 Debounce::new(Duration::from_millis(10)),
                 merged,
+                fulcrum_pipeline::PipelineMetrics::default(),
             );
             let forward = async move {
                 while merges.changed().await.is_ok() {

@@ -1,6 +1,7 @@
 //! The self-registration registry inside the control plane, seen from real Envoy: an instance
 //! registered over REST with a token reaches Envoy's cluster of its service; deregistration
-//! and a lapsed TTL remove it; a call without a valid token changes nothing.
+//! and a lapsed TTL remove it; a call without a valid token changes nothing; gRPC
+//! registrations make their service's cluster HTTP/2.
 
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,9 @@ use fulcrum_test_support::{AdsApi, Bootstrap, Envoy, eventually};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{PATIENCE, addresses, hosts, http_client, loopback_config, wait_for_hosts};
+use crate::support::{
+    PATIENCE, addresses, hosts, http_client, loopback_config, wait_for_hosts, wait_for_protocol,
+};
 
 const TOKEN: &str = "registry-test-token-0123456789";
 
@@ -240,5 +243,54 @@ async fn instance_stays_in_envoy_while_heartbeating_and_leaves_after_its_ttl() {
     );
     assert_eq!(fixture.heartbeat("leased-1").await, StatusCode::NOT_FOUND);
     eprintln!("left Envoy {gone_after:?} after the last heartbeat (TTL {TTL:?})");
+    fixture.control_plane.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_registrations_get_an_http2_cluster_and_a_disagreeing_one_is_counted() {
+    let fixture = RegistryFixture::start("registry-grpc").await;
+    let speaking = |id: &str, port: u16, protocol: &str| {
+        let mut registration = instance("payments", id, port, 30_000);
+        registration["protocol"] = json!(protocol);
+        registration
+    };
+    for (id, port, protocol) in [
+        ("payments-1", 19501, "grpc"),
+        ("payments-2", 19502, "http2"),
+    ] {
+        let (status, body) = fixture
+            .register(Some(TOKEN), &speaking(id, port, protocol))
+            .await;
+        assert_eq!(status, StatusCode::OK, "{body}");
+    }
+    wait_for_protocol(&fixture.envoy, "payments", "http2_protocol_options").await;
+
+    // A later registration naming HTTP/1.1 loses to the earliest one, and is counted.
+    let (status, body) = fixture
+        .register(Some(TOKEN), &speaking("payments-3", 19503, "http"))
+        .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    wait_for_hosts(&fixture.envoy, "payments", "three instances", |hosts| {
+        hosts.len() == 3
+    })
+    .await;
+    wait_for_protocol(&fixture.envoy, "payments", "http2_protocol_options").await;
+    let metrics = fixture
+        .http
+        .get(fixture.url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics body");
+    assert!(
+        metrics.contains("fulcrum_registry_protocol_conflicts 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("fulcrum_service_protocol_conflicts 0"),
+        "one source: no disagreement between sources\n{metrics}"
+    );
     fixture.control_plane.shutdown().await;
 }

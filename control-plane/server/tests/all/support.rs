@@ -185,3 +185,48 @@ pub async fn stream_status(fixture: &Fixture, node_id: &str) -> Option<Value> {
         .find(|stream| stream["node_id"] == node_id)
         .cloned()
 }
+
+/// The first config_dump entry of `type_suffix` (e.g. `ClustersConfigDump`).
+pub fn dump_section<'a>(dump: &'a Value, type_suffix: &str) -> &'a Value {
+    dump["configs"]
+        .as_array()
+        .and_then(|configs| {
+            configs.iter().find(|config| {
+                config["@type"]
+                    .as_str()
+                    .is_some_and(|ty| ty.ends_with(type_suffix))
+            })
+        })
+        .unwrap_or_else(|| panic!("config_dump has no {type_suffix}"))
+}
+
+/// The `explicit_http_config` Envoy holds for cluster `name`, if it holds the cluster.
+async fn explicit_http_config(envoy: &Envoy, name: &str) -> Option<Value> {
+    let dump = envoy.config_dump(false).await.ok()?;
+    let clusters = dump_section(&dump, "ClustersConfigDump")["dynamic_active_clusters"]
+        .as_array()?
+        .clone();
+    let cluster = clusters.iter().find(|c| c["cluster"]["name"] == name)?;
+    Some(
+        cluster["cluster"]["typed_extension_protocol_options"]
+            ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"]
+            .clone(),
+    )
+}
+
+/// Waits until Envoy's cluster `name` speaks `protocol` (`http2_protocol_options` or
+/// `http_protocol_options`).
+pub async fn wait_for_protocol(envoy: &Envoy, name: &str, protocol: &str) {
+    let waited = eventually(PATIENCE, &format!("{name} with {protocol}"), || async {
+        let config = explicit_http_config(envoy, name).await?;
+        config.get(protocol).map(|_| ())
+    })
+    .await;
+    if let Err(error) = waited {
+        let dump = envoy.config_dump(false).await.unwrap_or_default();
+        panic!(
+            "Envoy's cluster {name} never had {protocol}: {error}; clusters: {:#}",
+            dump_section(&dump, "ClustersConfigDump")
+        );
+    }
+}

@@ -1,5 +1,6 @@
 //! Envoy bootstrapped with ADS to the control plane: clusters, endpoint changes, NACKs, both
-//! protocol variants, and the propagation latency from a file change to Envoy's admin.
+//! protocol variants, the upstream protocol of a gRPC service's cluster, and the propagation
+//! latency from a file change to Envoy's admin.
 
 use std::time::{Duration, Instant};
 
@@ -8,7 +9,8 @@ use fulcrum_test_support::{AdsApi, Envoy, eventually};
 use serde_json::Value;
 
 use crate::support::{
-    Fixture, PATIENCE, addresses, endpoint, endpoints_file, hosts, stream_status, wait_for_hosts,
+    Fixture, PATIENCE, addresses, dump_section, endpoint, endpoints_file, hosts, stream_status,
+    wait_for_hosts, wait_for_protocol,
 };
 
 fn api_name(api: AdsApi) -> &'static str {
@@ -16,20 +18,6 @@ fn api_name(api: AdsApi) -> &'static str {
         AdsApi::Sotw => "sotw",
         AdsApi::Delta => "delta",
     }
-}
-
-/// The first config_dump entry of `type_suffix` (e.g. `ClustersConfigDump`).
-fn dump_section<'a>(dump: &'a Value, type_suffix: &str) -> &'a Value {
-    dump["configs"]
-        .as_array()
-        .and_then(|configs| {
-            configs.iter().find(|config| {
-                config["@type"]
-                    .as_str()
-                    .is_some_and(|ty| ty.ends_with(type_suffix))
-            })
-        })
-        .unwrap_or_else(|| panic!("config_dump has no {type_suffix}"))
 }
 
 fn dynamic_cluster<'a>(dump: &'a Value, name: &str) -> &'a Value {
@@ -218,6 +206,41 @@ async fn delta_stream_delivers_clusters_and_every_endpoint_change() {
     endpoint_changes_reach_envoy(AdsApi::Delta).await;
 }
 
+#[tokio::test]
+async fn sotw_grpc_service_gets_an_http2_cluster_and_a_protocol_change_alone_reaches_envoy() {
+    grpc_service_gets_an_http2_cluster(AdsApi::Sotw).await;
+}
+
+#[tokio::test]
+async fn delta_grpc_service_gets_an_http2_cluster_and_a_protocol_change_alone_reaches_envoy() {
+    grpc_service_gets_an_http2_cluster(AdsApi::Delta).await;
+}
+
+/// A changed cluster is warmed anew by Envoy, which waits for its (unchanged) assignment: the
+/// protocol change only becomes active if the control plane sends it again.
+async fn grpc_service_gets_an_http2_cluster(api: AdsApi) {
+    let file = |protocol: &str| {
+        format!(
+            "services:\n  payments:\n    protocol: {protocol}\n    endpoints:\n{}  checkout:\n    endpoints:\n{}",
+            endpoint("127.0.0.1:19201", ""),
+            endpoint("127.0.0.1:19202", "")
+        )
+    };
+    let fixture = Fixture::start(&file("grpc")).await;
+    fixture.snapshot_version().await;
+    let envoy = fixture
+        .envoy(&format!("grpc-cluster-{}", api_name(api)), api)
+        .await;
+    wait_for_protocol(&envoy, "payments", "http2_protocol_options").await;
+    wait_for_protocol(&envoy, "checkout", "http_protocol_options").await;
+
+    // Only the protocol changes: a new snapshot version, a new cluster, the same endpoints.
+    let before = fixture.snapshot_version().await;
+    fixture.write(&file("http"));
+    wait_for_protocol(&envoy, "payments", "http_protocol_options").await;
+    assert_ne!(fixture.snapshot_version().await, before);
+}
+
 async fn invalid_assignment_is_nacked_and_the_last_good_version_stays(api: AdsApi) {
     let node = format!("nack-{}", api_name(api));
     let fixture = Fixture::start(&endpoints_file(&[(
@@ -246,6 +269,7 @@ async fn invalid_assignment_is_nacked_and_the_last_good_version_stays(api: AdsAp
                         ..Endpoint::new("127.0.0.1:19002".parse().expect("address"))
                     },
                 ],
+                protocol: None,
             },
         )]
         .into(),

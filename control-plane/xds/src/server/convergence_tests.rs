@@ -43,7 +43,13 @@ fn publish(cache: &SnapshotCache, index: usize, services: &BTreeMap<String, u16>
             .map(|(name, port)| {
                 let address = std::net::SocketAddr::from(([127, 0, 0, 1], *port));
                 let endpoints = vec![Endpoint::new(address)];
-                (name.clone(), ServiceEndpoints { endpoints })
+                (
+                    name.clone(),
+                    ServiceEndpoints {
+                        endpoints,
+                        protocol: None,
+                    },
+                )
             })
             .collect(),
         ..Default::default()

@@ -6,7 +6,9 @@
 //! unless Envoy names resources) and the version of every resource Envoy holds (seeded from
 //! `initial_resource_versions` on reconnect). A response carries only the resources whose
 //! version differs and the names that disappeared. A NACK (`error_detail` with the nonce)
-//! is reported and the refused content is not resent until it changes.
+//! is reported and the refused content is not resent until it changes. A changed cluster is
+//! warmed anew by Envoy, which waits for its assignment: that assignment is sent again right
+//! after the clusters, even when it did not change.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -145,6 +147,15 @@ impl DeltaState {
         if changed.is_empty() && removed.is_empty() && state.responded {
             return None;
         }
+        let updated_clusters: Vec<String> = if ty == ResourceType::Cluster {
+            changed
+                .iter()
+                .filter(|resource| state.known.contains_key(&resource.name))
+                .map(|resource| resource.name.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         for resource in &changed {
             state
                 .known
@@ -162,6 +173,13 @@ impl DeltaState {
             .sent
             .push_back((nonce.clone(), snapshot.version.clone()));
         state.responded = true;
+        // Envoy warms a changed cluster anew and waits for its assignment, unchanged or not:
+        // forget Envoy holds it, so it goes out again right after this response.
+        if let Some(endpoints) = self.types.get_mut(&ResourceType::Endpoint) {
+            for name in &updated_clusters {
+                endpoints.known.remove(name);
+            }
+        }
         Some(DeltaDiscoveryResponse {
             system_version_info: snapshot.version.clone(),
             resources: changed
@@ -188,7 +206,7 @@ mod tests {
     use envoy_types::pb::google::rpc::Status;
 
     use super::*;
-    use crate::server::test_support::snapshot;
+    use crate::server::test_support::{snapshot, snapshot_with_http2};
 
     fn subscribe(ty: ResourceType, names: &[&str]) -> DeltaDiscoveryRequest {
         DeltaDiscoveryRequest {
@@ -252,6 +270,28 @@ mod tests {
         assert_eq!(responses.len(), 1);
         assert_eq!(responses[0].type_url, ResourceType::Endpoint.type_url());
         assert_eq!(names(&responses[0]), ["b"]);
+    }
+
+    #[test]
+    fn a_changed_cluster_gets_its_unchanged_assignment_again_for_warming() {
+        let v1 = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
+        let v2 = snapshot_with_http2("v2", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")], &["a"]);
+        let mut state = DeltaState::default();
+        state.on_request(
+            ResourceType::Cluster,
+            &subscribe(ResourceType::Cluster, &[]),
+            Some(&v1),
+        );
+        state.on_request(
+            ResourceType::Endpoint,
+            &subscribe(ResourceType::Endpoint, &["a", "b"]),
+            Some(&v1),
+        );
+        let responses = state.on_snapshot(&v2);
+        assert_eq!(responses.len(), 2);
+        assert_eq!(names(&responses[0]), ["a"], "the changed cluster");
+        assert_eq!(responses[1].type_url, ResourceType::Endpoint.type_url());
+        assert_eq!(names(&responses[1]), ["a"], "its assignment, again");
     }
 
     #[test]

@@ -7,7 +7,9 @@
 //! version, and we do not resend the refused content until it changes); otherwise it is an
 //! ACK of `version_info`. Clusters are always sent whole (SotW CDS is full state);
 //! endpoints only for the names Envoy subscribed to and only when their version changed,
-//! so a new cluster's endpoints go out after Envoy asks for them.
+//! so a new cluster's endpoints go out after Envoy asks for them. A changed cluster (a new
+//! protocol, say) is warmed anew by Envoy, which waits for its assignment: that assignment is
+//! sent again right after the clusters, even when it did not change.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -139,6 +141,20 @@ impl SotwState {
             }
             changed
         };
+        let updated_clusters: Vec<String> = if ty == ResourceType::Cluster {
+            resources
+                .iter()
+                .filter(|resource| {
+                    state
+                        .sent
+                        .get(&resource.name)
+                        .is_some_and(|sent| *sent != resource.version)
+                })
+                .map(|resource| resource.name.clone())
+                .collect()
+        } else {
+            Vec::new()
+        };
         if ty.is_wildcard() {
             state.sent.clear();
         }
@@ -151,6 +167,13 @@ impl SotwState {
         let nonce = self.next_nonce.to_string();
         state.nonce = Some(nonce.clone());
         state.sent_version = Some(snapshot.version.clone());
+        // Envoy warms a changed cluster anew and waits for its assignment, unchanged or not:
+        // forget it was sent, so it goes out again right after this response.
+        if let Some(endpoints) = self.types.get_mut(&ResourceType::Endpoint) {
+            for name in &updated_clusters {
+                endpoints.sent.remove(name);
+            }
+        }
         Some(DiscoveryResponse {
             version_info: snapshot.version.clone(),
             resources: resources
@@ -169,7 +192,7 @@ mod tests {
     use envoy_types::pb::google::rpc::Status;
 
     use super::*;
-    use crate::server::test_support::snapshot;
+    use crate::server::test_support::{snapshot, snapshot_with_http2};
 
     fn request(ty: ResourceType, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
         DiscoveryRequest {
@@ -340,5 +363,31 @@ mod tests {
             "c's endpoints wait for its subscription"
         );
         assert_eq!(names(&responses[0]), ["a", "b", "c"]);
+    }
+
+    #[test]
+    fn a_changed_cluster_gets_its_unchanged_assignment_again_for_warming() {
+        let v1 = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
+        let v2 = snapshot_with_http2("v2", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")], &["a"]);
+        let mut state = SotwState::default();
+        state.on_request(
+            ResourceType::Cluster,
+            &request(ResourceType::Cluster, &[], "", ""),
+            Some(&v1),
+        );
+        state.on_request(
+            ResourceType::Endpoint,
+            &request(ResourceType::Endpoint, &["a", "b"], "", ""),
+            Some(&v1),
+        );
+        let responses = state.on_snapshot(&v2);
+        assert_eq!(responses.len(), 2);
+        assert_eq!(responses[0].type_url, ResourceType::Cluster.type_url());
+        assert_eq!(responses[1].type_url, ResourceType::Endpoint.type_url());
+        assert_eq!(
+            names(&responses[1]),
+            ["a"],
+            "only the changed cluster's assignment"
+        );
     }
 }

@@ -2,13 +2,22 @@
 
 use std::sync::Arc;
 
-use fulcrum_core::{Endpoint, ServiceEndpoints, Snapshot};
+use fulcrum_core::{Endpoint, ServiceEndpoints, Snapshot, UpstreamProtocol};
 
 use crate::cache::{SnapshotCache, XdsSnapshot};
 use crate::resources::ClusterOptions;
 
 /// The cache's snapshot of `services`, each `(name, "IP:port")` with one endpoint.
 pub(super) fn snapshot(version: &str, services: &[(&str, &str)]) -> Arc<XdsSnapshot> {
+    snapshot_with_http2(version, services, &[])
+}
+
+/// [`snapshot`], the services named in `http2` speaking HTTP/2.
+pub(super) fn snapshot_with_http2(
+    version: &str,
+    services: &[(&str, &str)],
+    http2: &[&str],
+) -> Arc<XdsSnapshot> {
     let cache = SnapshotCache::new(ClusterOptions::default());
     cache.set(&Snapshot {
         version: version.to_owned(),
@@ -16,7 +25,13 @@ pub(super) fn snapshot(version: &str, services: &[(&str, &str)]) -> Arc<XdsSnaps
             .iter()
             .map(|(name, address)| {
                 let endpoints = vec![Endpoint::new(address.parse().expect("address"))];
-                ((*name).to_owned(), ServiceEndpoints { endpoints })
+                (
+                    (*name).to_owned(),
+                    ServiceEndpoints {
+                        endpoints,
+                        protocol: http2.contains(name).then_some(UpstreamProtocol::Http2),
+                    },
+                )
             })
             .collect(),
         ..Default::default()

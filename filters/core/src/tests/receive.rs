@@ -166,8 +166,13 @@ fn screening_keeps_the_valid_endpoints_and_names_each_dropped_one() {
             endpoint("10.0.0.1:80", 3),
             endpoint("0.0.0.0:80", 1),
         ],
+        protocol: Some(crate::UpstreamProtocol::Http2),
     };
     let screened = screen_service("shop", &service).unwrap();
+    assert_eq!(
+        screened.service.protocol, service.protocol,
+        "screening keeps the service's protocol"
+    );
     assert_eq!(screened.service.endpoints, [endpoint("10.0.0.1:80", 1)]);
     let paths: Vec<&str> = screened.dropped.iter().map(|e| e.path.as_str()).collect();
     assert_eq!(
@@ -201,7 +206,10 @@ proptest::proptest! {
                 )))
             })
             .collect();
-        let service = crate::ServiceEndpoints { endpoints };
+        let service = crate::ServiceEndpoints {
+            endpoints,
+            protocol: None,
+        };
         let screened = screen_service("svc", &service).unwrap();
         proptest::prop_assert!(validate_service("svc", &screened.service).is_ok());
         let valid = validate_service("svc", &service).is_ok();

@@ -135,9 +135,18 @@ pub struct Ingress {
     pub filter: Option<FilterSetup>,
     /// Route timeout in milliseconds (the same for every setup).
     pub route_timeout_ms: u64,
-    /// Retries on connect failure and reset (the same for every setup).
+    /// How many retries the route allows (the same for every setup).
     pub retries: u32,
+    /// The route's `retry_on`: [`RETRY_ON_HTTP`], or [`RETRY_ON_GRPC`] in front of gRPC
+    /// services (the same for every setup compared).
+    pub retry_on: &'static str,
 }
+
+/// The route's `retry_on` in front of HTTP services: connect failures and resets.
+pub const RETRY_ON_HTTP: &str = "connect-failure,reset";
+/// The route's `retry_on` in front of gRPC services: [`RETRY_ON_HTTP`] and calls that end
+/// `UNAVAILABLE` (Envoy's gRPC retry condition `unavailable`).
+pub const RETRY_ON_GRPC: &str = "connect-failure,reset,unavailable";
 
 /// One Envoy: its node, its clusters and its listener.
 #[derive(Debug, Clone)]
@@ -264,7 +273,7 @@ impl Ingress {
                                 "cluster": self.service,
                                 "timeout": format!("{}s", self.route_timeout_ms as f64 / 1000.0),
                                 "retry_policy": {
-                                    "retry_on": "connect-failure,reset",
+                                    "retry_on": self.retry_on,
                                     "num_retries": self.retries,
                                 },
                             },
@@ -393,6 +402,7 @@ mod tests {
             filter,
             route_timeout_ms: 1500,
             retries: 2,
+            retry_on: RETRY_ON_HTTP,
         }
     }
 
@@ -448,6 +458,7 @@ mod tests {
         let route = &manager["route_config"]["virtual_hosts"][0]["routes"][0]["route"];
         assert_eq!(route["cluster"], "shop");
         assert_eq!(route["timeout"], "1.5s");
+        assert_eq!(route["retry_policy"]["retry_on"], RETRY_ON_HTTP);
         let wasm = &manager["http_filters"][0]["typed_config"]["config"];
         assert_eq!(wasm["failure_policy"], "FAIL_RELOAD");
         assert_eq!(wasm["reload_config"]["backoff"]["base_interval"], "1s");
