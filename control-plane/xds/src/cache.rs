@@ -411,6 +411,30 @@ mod tests {
     }
 
     #[test]
+    fn every_cluster_carries_a_retry_budget_unless_it_is_turned_off() {
+        let cache = SnapshotCache::new(ClusterOptions::default());
+        cache.set(&snapshot("v1", &[("a", service(&["127.0.0.1:1"]))]));
+        let current = cache.current().expect("set");
+        let cluster = Cluster::decode(current.clusters["a"].any.value.as_slice()).expect("cluster");
+        let thresholds = &cluster
+            .circuit_breakers
+            .expect("circuit breakers")
+            .thresholds;
+        let budget = thresholds[0].retry_budget.as_ref().expect("a retry budget");
+        assert_eq!(budget.budget_percent.as_ref().map(|p| p.value), Some(20.0));
+        assert_eq!(budget.min_retry_concurrency.map(|m| m.value), Some(3));
+
+        let off = SnapshotCache::new(ClusterOptions {
+            retry_budget_percent: 0,
+            ..ClusterOptions::default()
+        });
+        off.set(&snapshot("v1", &[("a", service(&["127.0.0.1:1"]))]));
+        let current = off.current().expect("set");
+        let cluster = Cluster::decode(current.clusters["a"].any.value.as_slice()).expect("cluster");
+        assert_eq!(cluster.circuit_breakers, None);
+    }
+
+    #[test]
     fn a_protocol_change_alone_re_encodes_that_cluster_only() {
         let cache = SnapshotCache::new(ClusterOptions::default());
         cache.set(&snapshot("v1", &[("a", service(&["127.0.0.1:1"]))]));

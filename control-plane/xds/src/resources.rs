@@ -19,7 +19,8 @@ use envoy_types::pb::{
     envoy::{
         config::{
             cluster::v3::{
-                Cluster, LoadBalancingPolicy,
+                CircuitBreakers, Cluster, LoadBalancingPolicy,
+                circuit_breakers::{Thresholds, thresholds::RetryBudget},
                 cluster::{ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig},
                 load_balancing_policy::Policy,
             },
@@ -74,6 +75,14 @@ pub struct ClusterOptions {
     /// `common_lb_config.update_merge_window`; default 0 s, so endpoint changes apply at once
     /// (Envoy's own default, 1 s, delays every EDS update).
     pub update_merge_window: std::time::Duration,
+    /// The cluster's retry budget (`circuit_breakers.thresholds[DEFAULT].retry_budget`):
+    /// retries in flight may be at most this percent of the requests in flight, per proxy
+    /// across its workers; 0 leaves Envoy's fixed `max_retries` (3) instead. Default 20, as
+    /// Linkerd's budget: a failing service cannot turn every request into three.
+    pub retry_budget_percent: u32,
+    /// ...but always at least this many retries in flight, so a quiet service can retry.
+    /// Default 3 (Envoy's default).
+    pub min_retry_concurrency: u32,
 }
 
 impl Default for ClusterOptions {
@@ -81,6 +90,8 @@ impl Default for ClusterOptions {
         Self {
             connect_timeout: std::time::Duration::from_secs(1),
             update_merge_window: std::time::Duration::ZERO,
+            retry_budget_percent: 20,
+            min_retry_concurrency: 3,
         }
     }
 }
@@ -202,8 +213,29 @@ pub fn cluster(name: &str, options: &ClusterOptions, protocol: UpstreamProtocol)
             HTTP_PROTOCOL_OPTIONS_KEY.to_owned(),
             pack_any(protocol_options),
         )]),
+        circuit_breakers: retry_budget(options),
         ..Default::default()
     }
+}
+
+/// The cluster's retry budget: the service-level brake on retry storms is Envoy's, per proxy
+/// across workers (docs/policy.md, "Service-level protection").
+fn retry_budget(options: &ClusterOptions) -> Option<CircuitBreakers> {
+    (options.retry_budget_percent > 0).then(|| CircuitBreakers {
+        thresholds: vec![Thresholds {
+            retry_budget: Some(RetryBudget {
+                budget_percent: Some(envoy_types::pb::envoy::r#type::v3::Percent {
+                    value: f64::from(options.retry_budget_percent.min(100)),
+                }),
+                min_retry_concurrency: Some(UInt32Value {
+                    value: options.min_retry_concurrency,
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        ..Default::default()
+    })
 }
 
 fn health_status(health: Health) -> HealthStatus {
