@@ -24,8 +24,12 @@
 //!
 //! The file is polled: read and hashed every interval (500 ms by default; an endpoints file
 //! is small), which works the same on every filesystem, whatever its timestamp resolution,
-//! and for editors that replace the file instead of writing it. A file that cannot be
-//! read or parsed is reported with its path and the reason, and the last good state stays.
+//! and for editors that replace the file instead of writing it. A new content is taken only
+//! when two polls in a row read it: a file rewritten in place is empty or half-written for a
+//! moment, and one read at that moment would publish a mesh missing services (every one of
+//! them, for an empty file) until the next poll. So a change applies one poll interval
+//! later. A file that cannot be read or parsed is reported with its path and the reason, and
+//! the last good state stays.
 
 use std::{
     collections::BTreeMap,
@@ -174,10 +178,14 @@ impl StaticFileSource {
     }
 }
 
-/// What the poller last looked at: the content hash, to skip unchanged files.
+/// What the poller last looked at: content hashes, to skip unchanged files and to take a new
+/// content only once it reads the same twice.
 #[derive(Debug, Default, PartialEq, Eq)]
 struct Seen {
+    /// The content last taken (published or refused).
     hash: Option<[u8; 32]>,
+    /// A different content read once, waiting for a second read to confirm it.
+    pending: Option<[u8; 32]>,
 }
 
 impl Source for StaticFileSource {
@@ -207,8 +215,9 @@ impl Source for StaticFileSource {
 }
 
 impl StaticFileSource {
-    /// Reads the file if it may have changed; `Some` with its services when the content
-    /// changed and parsed, `None` otherwise (errors are logged once per distinct content).
+    /// Reads the file; `Some` with its services when the content changed, read the same as at
+    /// the previous poll, and parsed; `None` otherwise (errors are logged once per distinct
+    /// content).
     async fn poll(&self, seen: &mut Seen) -> Option<Services> {
         let read = tokio::fs::read(&self.path)
             .await
@@ -221,8 +230,15 @@ impl StaticFileSource {
             Err(_) => [0; 32],
         };
         if seen.hash == Some(hash) {
+            seen.pending = None;
             return None;
         }
+        if seen.pending != Some(hash) {
+            // Read once: maybe a write in progress. Taken if the next poll reads it again.
+            seen.pending = Some(hash);
+            return None;
+        }
+        seen.pending = None;
         seen.hash = Some(hash);
         let parsed =
             read.and_then(|bytes| parse_static_file(&self.path, &String::from_utf8_lossy(&bytes)));
@@ -361,6 +377,45 @@ services:
             .await
             .expect("update in time")
             .expect("source still running")
+    }
+
+    #[tokio::test]
+    async fn a_content_read_once_mid_write_is_never_published() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("endpoints.yaml");
+        let source = StaticFileSource::new(&file);
+        let mut seen = Seen::default();
+        std::fs::write(&file, GOOD).expect("write");
+        assert!(source.poll(&mut seen).await.is_none(), "read once");
+        let first = source.poll(&mut seen).await.expect("read twice: taken");
+        assert_eq!(first["checkout"].endpoints.len(), 2);
+        // An in-place rewrite caught half-way: valid YAML, one endpoint short. The next poll
+        // reads the finished file, so the torn content is never published.
+        let torn = &GOOD[..GOOD
+            .find("      - address: 127.0.0.1:8081")
+            .expect("two endpoints")];
+        assert_eq!(
+            parse_static_file(&path(), torn).expect("valid on its own")["checkout"]
+                .endpoints
+                .len(),
+            1
+        );
+        std::fs::write(&file, torn).expect("write");
+        assert!(source.poll(&mut seen).await.is_none(), "torn, read once");
+        std::fs::write(&file, GOOD).expect("write");
+        assert!(
+            source.poll(&mut seen).await.is_none(),
+            "back to the content already taken: nothing to publish"
+        );
+        std::fs::write(&file, "").expect("write");
+        assert!(source.poll(&mut seen).await.is_none(), "emptied, read once");
+        std::fs::write(&file, "services:\n  other:\n    endpoints: []\n").expect("write");
+        assert!(
+            source.poll(&mut seen).await.is_none(),
+            "new content, read once"
+        );
+        let next = source.poll(&mut seen).await.expect("read twice: taken");
+        assert_eq!(next.keys().collect::<Vec<_>>(), ["other"]);
     }
 
     #[tokio::test]
