@@ -21,13 +21,17 @@
 //!   is HTTP/1.1.
 //! - **Health** follows Istio's `endpointHealthStatus` ([`endpoint_health`]).
 //! - **Attributes**: `zone` becomes the endpoint's zone; the Service's labels, then the slice's
-//!   (which the EndpointSlice controller copies from the Service), then `node_name` and
-//!   `pod_name` become its metadata, later keys overriding earlier ones.
+//!   (which the EndpointSlice controller copies from the Service), then the labels of the pod
+//!   behind the endpoint that are on [`Mapping::pod_labels`] (so a policy's
+//!   `endpoint_selector.metadata` selects DestinationRule-style subsets such as `version: v2`),
+//!   then `node_name` and `pod_name` become its metadata, later keys overriding earlier ones.
+//!   Pod labels are an allow-list: a pod's labels are set by whoever deploys it, and every key
+//!   published lands in every filter's snapshot.
 //! - An address listed twice for one cluster (an endpoint moving between slices) is kept once,
 //!   with its healthiest state.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     sync::Arc,
 };
@@ -35,7 +39,7 @@ use std::{
 use fulcrum_core::{Endpoint, Health, ServiceEndpoints, UpstreamProtocol};
 use fulcrum_sources::Services;
 use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
+    core::v1::{Pod, Service, ServicePort},
     discovery::v1::{EndpointConditions, EndpointPort, EndpointSlice},
 };
 use tracing::debug;
@@ -56,6 +60,9 @@ pub struct Mapping {
     /// Publish not-ready (and not terminating) endpoints as `unhealthy` instead of leaving
     /// them out, as Istio's `PILOT_SEND_UNHEALTHY_ENDPOINTS` does.
     pub send_unhealthy_endpoints: bool,
+    /// Pod labels copied into the metadata of the pod's endpoints; empty watches no pods.
+    /// Default: `version` and `app.kubernetes.io/version`, what DestinationRule subsets key on.
+    pub pod_labels: BTreeSet<String>,
 }
 
 impl Default for Mapping {
@@ -63,6 +70,10 @@ impl Default for Mapping {
         Self {
             cluster_domain: "cluster.local".to_owned(),
             send_unhealthy_endpoints: false,
+            pod_labels: ["version", "app.kubernetes.io/version"]
+                .into_iter()
+                .map(str::to_owned)
+                .collect(),
         }
     }
 }
@@ -99,8 +110,14 @@ pub fn endpoint_health(
 }
 
 impl Mapping {
-    /// Every cluster of `services` with its endpoints from `slices`.
-    pub fn services(&self, services: &[Arc<Service>], slices: &[Arc<EndpointSlice>]) -> Services {
+    /// Every cluster of `services` with its endpoints from `slices`, labelled from `pods`.
+    pub fn services(
+        &self,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+        pods: &[Arc<Pod>],
+    ) -> Services {
+        let pod_labels = self.pod_labels(pods);
         let mut slices_by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for slice in slices {
             let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
@@ -137,7 +154,7 @@ impl Mapping {
                 .filter(|port| is_tcp(&port.protocol))
             {
                 let cluster = cluster_name(name, namespace, port.port, &self.cluster_domain);
-                let endpoints = self.endpoints(service, port, slices);
+                let endpoints = self.endpoints(service, port, slices, &pod_labels);
                 let slice_port = slices.iter().find_map(|slice| {
                     matching_slice_port(port, slice.ports.as_deref().unwrap_or_default())
                 });
@@ -154,12 +171,37 @@ impl Mapping {
         out
     }
 
+    /// The allowed labels of every pod that has some, by namespace and name.
+    fn pod_labels<'a>(&self, pods: &'a [Arc<Pod>]) -> PodLabels<'a> {
+        if self.pod_labels.is_empty() {
+            return PodLabels::new();
+        }
+        pods.iter()
+            .filter_map(|pod| {
+                let meta = &pod.metadata;
+                let allowed: Vec<(&str, &str)> = meta
+                    .labels
+                    .iter()
+                    .flatten()
+                    .filter(|(key, _)| self.pod_labels.contains(*key))
+                    .map(|(key, value)| (key.as_str(), value.as_str()))
+                    .collect();
+                let key = (
+                    meta.namespace.as_deref().unwrap_or_default(),
+                    meta.name.as_deref()?,
+                );
+                (!allowed.is_empty()).then_some((key, allowed))
+            })
+            .collect()
+    }
+
     /// The endpoints of one Service port, sorted by address, each address once.
     fn endpoints(
         &self,
         service: &Service,
         port: &ServicePort,
         slices: &[&EndpointSlice],
+        pod_labels: &PodLabels<'_>,
     ) -> Vec<Endpoint> {
         let mut endpoints: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
         for slice in slices {
@@ -179,7 +221,7 @@ impl Mapping {
                 let address = SocketAddr::new(ip, target_port);
                 let mapped = Endpoint {
                     zone: endpoint.zone.clone(),
-                    metadata: metadata(service, slice, endpoint),
+                    metadata: metadata(service, slice, endpoint, pod_labels),
                     health,
                     ..Endpoint::new(address)
                 };
@@ -274,11 +316,16 @@ fn parse_ip(address: &str, slice: &EndpointSlice) -> Option<IpAddr> {
     parsed
 }
 
-/// Service labels, then slice labels, then the endpoint's node and pod.
+/// Allowed pod labels by (namespace, pod name).
+type PodLabels<'a> = HashMap<(&'a str, &'a str), Vec<(&'a str, &'a str)>>;
+
+/// Service labels, then slice labels, then the allowed labels of the endpoint's pod, then its
+/// node and pod names.
 fn metadata(
     service: &Service,
     slice: &EndpointSlice,
     endpoint: &k8s_openapi::api::discovery::v1::Endpoint,
+    pod_labels: &PodLabels<'_>,
 ) -> BTreeMap<String, String> {
     let mut metadata: BTreeMap<String, String> = service
         .metadata
@@ -288,16 +335,30 @@ fn metadata(
         .flatten()
         .map(|(key, value)| (key.clone(), value.clone()))
         .collect();
+    let pod = endpoint
+        .target_ref
+        .as_ref()
+        .filter(|target| target.kind.as_deref() == Some("Pod"));
+    if let Some(target) = pod {
+        // A targetRef without a namespace is in the slice's.
+        let namespace = target
+            .namespace
+            .as_deref()
+            .or(slice.metadata.namespace.as_deref())
+            .unwrap_or_default();
+        let labels = target
+            .name
+            .as_deref()
+            .and_then(|name| pod_labels.get(&(namespace, name)));
+        for (key, value) in labels.into_iter().flatten() {
+            metadata.insert((*key).to_owned(), (*value).to_owned());
+        }
+    }
     if let Some(node) = &endpoint.node_name {
         metadata.insert(NODE_NAME_KEY.to_owned(), node.clone());
     }
-    if let Some(pod) = endpoint
-        .target_ref
-        .as_ref()
-        .filter(|target| target.kind.as_deref() == Some("Pod"))
-        .and_then(|target| target.name.clone())
-    {
-        metadata.insert(POD_NAME_KEY.to_owned(), pod);
+    if let Some(name) = pod.and_then(|target| target.name.clone()) {
+        metadata.insert(POD_NAME_KEY.to_owned(), name);
     }
     metadata
 }

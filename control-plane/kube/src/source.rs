@@ -1,11 +1,18 @@
-//! [`KubeSource`]: watchers and reflector stores for Services and EndpointSlices, consumed into
-//! the full service set after every change.
+//! [`KubeSource`]: watchers and reflector stores for Services and EndpointSlices (and Pods,
+//! for the labels [`Mapping::pod_labels`] allows), consumed into the full service set after
+//! every change.
+//!
+//! Pods are stored stripped to their name, namespace and allowed labels: a pod's spec and
+//! status are most of its size, and a cluster has many more pods than Services.
 
 use std::{fmt::Debug, time::Duration};
 
 use fulcrum_sources::{Services, Source, SourceFuture, SourceSink};
 use futures::{StreamExt, stream::BoxStream};
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
 use kube::{
     Api, Client, Resource,
     runtime::{
@@ -122,6 +129,25 @@ impl KubeSource {
             streams.push(stream);
             slice_stores.push(store);
         }
+        // Pods only add labels: the clusters are published without waiting for them (a
+        // control plane missing the RBAC for pods still serves endpoints, warning).
+        let required = streams.len();
+        let mut pod_stores = Vec::new();
+        if !self.options.mapping.pod_labels.is_empty() {
+            // Pods carry their own labels, not the Services': no label selector.
+            for (namespace, api) in self.apis::<Pod>() {
+                let allowed = self.options.mapping.pod_labels.clone();
+                let (store, stream) = reflect_modified(
+                    api,
+                    watcher::Config::default(),
+                    streams.len(),
+                    move |pod: &mut Pod| strip_pod(pod, &allowed),
+                );
+                labels.push(format!("pods in {namespace}"));
+                streams.push(stream);
+                pod_stores.push(store);
+            }
+        }
         let mut events = futures::stream::select_all(streams);
         let mut listed = vec![false; labels.len()];
         let mut published: Option<Services> = None;
@@ -154,13 +180,14 @@ impl KubeSource {
                 }
                 Progress::Changed => {}
             }
-            if !listed.iter().all(|listed| *listed) {
+            if !listed[..required].iter().all(|listed| *listed) {
                 continue;
             }
-            let services = self
-                .options
-                .mapping
-                .services(&states(&service_stores), &states(&slice_stores));
+            let services = self.options.mapping.services(
+                &states(&service_stores),
+                &states(&slice_stores),
+                &states(&pod_stores),
+            );
             if published.as_ref() == Some(&services) {
                 debug!(source = %name, watched, "change left the clusters as they were");
                 continue;
@@ -225,12 +252,44 @@ fn reflect<K>(
 where
     K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
 {
+    reflect_modified(api, config, index, |_: &mut K| {})
+}
+
+/// [`reflect`], with every object passed through `modify` before it is stored.
+fn reflect_modified<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    index: usize,
+    modify: impl FnMut(&mut K) + Send + 'static,
+) -> (Store<K>, BoxStream<'static, (usize, Progress)>)
+where
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+{
     let (reader, writer) = reflector::store();
-    let stream = reflector::reflector(writer, watcher(api, config))
+    let stream = reflector::reflector(writer, watcher(api, config).modify(modify))
         .default_backoff()
         .map(move |event| (index, Progress::from(event)))
         .boxed();
     (reader, stream)
+}
+
+/// A pod as the store keeps it: name, namespace and the allowed labels only.
+fn strip_pod(pod: &mut Pod, allowed: &std::collections::BTreeSet<String>) {
+    let meta = &mut pod.metadata;
+    *pod = Pod {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: meta.name.take(),
+            namespace: meta.namespace.take(),
+            uid: meta.uid.take(),
+            resource_version: meta.resource_version.take(),
+            labels: meta.labels.take().map(|mut labels| {
+                labels.retain(|key, _| allowed.contains(key));
+                labels
+            }),
+            ..Default::default()
+        },
+        ..Pod::default()
+    };
 }
 
 fn states<K>(stores: &[Store<K>]) -> Vec<std::sync::Arc<K>>

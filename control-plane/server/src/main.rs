@@ -93,6 +93,17 @@ struct Cli {
     /// The cluster's DNS domain, in cluster names.
     #[arg(long, default_value = "cluster.local", requires = "kube")]
     cluster_domain: String,
+    /// Pod labels copied into the metadata of the pod's endpoints, so a policy's
+    /// `endpoint_selector.metadata` can select subsets (comma-separated; an empty value watches
+    /// no pods). Needs list/watch on pods.
+    #[arg(
+        long,
+        value_name = "KEYS",
+        value_delimiter = ',',
+        default_value = "version,app.kubernetes.io/version",
+        requires = "kube"
+    )]
+    kube_pod_labels: Vec<String>,
     /// Balancing policy file (YAML, or JSON for `*.json`), reloaded when it changes.
     #[arg(long, value_name = "PATH", conflicts_with = "policy_configmap")]
     policy_file: Option<PathBuf>,
@@ -316,6 +327,12 @@ async fn main() -> ExitCode {
             label_selector: cli.kube_label_selector,
             mapping: Mapping {
                 cluster_domain: cli.cluster_domain,
+                pod_labels: cli
+                    .kube_pod_labels
+                    .into_iter()
+                    .map(|key| key.trim().to_owned())
+                    .filter(|key| !key.is_empty())
+                    .collect(),
                 ..Mapping::default()
             },
         }),

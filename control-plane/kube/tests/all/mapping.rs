@@ -7,9 +7,12 @@ use fulcrum_kube_source::{Mapping, cluster_name, endpoint_health, port_protocol}
 use fulcrum_test_support::kube_api::objects::{
     endpoint, endpoint_slice, ready, service, with_labels,
 };
-use k8s_openapi::api::{
-    core::v1::ServicePort,
-    discovery::v1::{EndpointConditions, EndpointPort},
+use k8s_openapi::{
+    api::{
+        core::v1::{Pod, ServicePort},
+        discovery::v1::{EndpointConditions, EndpointPort},
+    },
+    apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
 
 const CHECKOUT_HTTP: &str = "outbound|80||checkout.shop.svc.cluster.local";
@@ -96,7 +99,7 @@ fn each_service_port_is_a_cluster_with_the_slice_target_port() {
         &[("http", 8080), ("grpc", 9091)],
         vec![ready("10.0.0.2"), ready("10.0.0.1")],
     ))];
-    let mapped = Mapping::default().services(&services, &slices);
+    let mapped = Mapping::default().services(&services, &slices, &[]);
     assert_eq!(
         mapped.keys().collect::<Vec<_>>(),
         [
@@ -167,7 +170,7 @@ fn a_cluster_carries_its_ports_protocol() {
         "checkout",
         &[("http", 80), ("grpc", 9090), ("metrics", 9100)],
     ))];
-    let mapped = Mapping::default().services(&services, &[]);
+    let mapped = Mapping::default().services(&services, &[], &[]);
     let protocol =
         |port: i32| mapped[&cluster_name("checkout", "shop", port, "cluster.local")].protocol;
     assert_eq!(protocol(80), Some(UpstreamProtocol::Http1));
@@ -185,7 +188,7 @@ fn unnamed_single_port_matches_the_unnamed_slice_port() {
         &[("", 8080)],
         vec![ready("10.0.0.1")],
     ))];
-    let mapped = Mapping::default().services(&services, &slices);
+    let mapped = Mapping::default().services(&services, &slices, &[]);
     assert_eq!(addresses(&mapped, CHECKOUT_HTTP), ["10.0.0.1:8080"]);
 }
 
@@ -208,7 +211,7 @@ fn slices_of_one_service_are_merged_and_a_duplicate_address_keeps_its_healthiest
             vec![ready("10.0.0.2"), ready("10.0.0.3")],
         )),
     ];
-    let mapped = Mapping::default().services(&services, &slices);
+    let mapped = Mapping::default().services(&services, &slices, &[]);
     assert_eq!(
         addresses(&mapped, CHECKOUT_HTTP),
         ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"]
@@ -231,7 +234,7 @@ fn service_without_slices_is_an_empty_cluster_and_slices_without_a_service_are_i
         &[("http", 8080)],
         vec![ready("10.0.0.9")],
     ))];
-    let mapped = Mapping::default().services(&services, &slices);
+    let mapped = Mapping::default().services(&services, &slices, &[]);
     assert_eq!(mapped.len(), 1);
     assert!(mapped[CHECKOUT_HTTP].endpoints.is_empty());
 }
@@ -259,7 +262,7 @@ fn udp_ports_external_name_services_and_fqdn_slices_are_skipped() {
         Arc::new(external),
         Arc::new(service("shop", "checkout", &[("http", 80)])),
     ];
-    let mapped = Mapping::default().services(&services, &[Arc::new(fqdn)]);
+    let mapped = Mapping::default().services(&services, &[Arc::new(fqdn)], &[]);
     assert_eq!(mapped.keys().collect::<Vec<_>>(), [CHECKOUT_HTTP]);
     assert!(mapped[CHECKOUT_HTTP].endpoints.is_empty());
 }
@@ -279,7 +282,7 @@ fn zone_node_pod_and_labels_become_endpoint_attributes() {
         vec![zoned],
     );
     slice.metadata = with_labels(slice.metadata, &[("tier", "frontend")]);
-    let mapped = Mapping::default().services(&[Arc::new(checkout)], &[Arc::new(slice)]);
+    let mapped = Mapping::default().services(&[Arc::new(checkout)], &[Arc::new(slice)], &[]);
     let endpoint = &mapped[CHECKOUT_HTTP].endpoints[0];
     assert_eq!(endpoint.zone.as_deref(), Some("eu-west-1a"));
     let metadata: Vec<(&str, &str)> = endpoint
@@ -312,9 +315,87 @@ fn cluster_domain_is_configurable() {
     let mapped = mapping.services(
         &[Arc::new(service("shop", "checkout", &[("http", 80)]))],
         &[],
+        &[],
     );
     assert_eq!(
         mapped.keys().collect::<Vec<_>>(),
         ["outbound|80||checkout.shop.svc.corp.internal"]
+    );
+}
+
+fn pod(namespace: &str, name: &str, labels: &[(&str, &str)]) -> Arc<Pod> {
+    Arc::new(Pod {
+        metadata: with_labels(
+            ObjectMeta {
+                namespace: Some(namespace.to_owned()),
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
+            labels,
+        ),
+        ..Pod::default()
+    })
+}
+
+#[test]
+fn allowed_pod_labels_become_endpoint_metadata_so_policies_select_subsets() {
+    let checkout = service("shop", "checkout", &[("http", 80)]);
+    let slice = endpoint_slice(
+        "shop",
+        "checkout-a",
+        "checkout",
+        &[("http", 8080)],
+        vec![ready("10.0.0.1"), ready("10.0.0.2"), ready("10.0.0.3")],
+    );
+    let pods = [
+        pod(
+            "shop",
+            "pod-10.0.0.1",
+            &[("version", "v1"), ("team", "payments")],
+        ),
+        pod(
+            "shop",
+            "pod-10.0.0.2",
+            &[("version", "v2"), ("app.kubernetes.io/version", "2.1")],
+        ),
+        // Same name, other namespace: not the pod behind 10.0.0.3.
+        pod("other", "pod-10.0.0.3", &[("version", "v9")]),
+    ];
+    let mapped = Mapping::default().services(&[Arc::new(checkout)], &[Arc::new(slice)], &pods);
+    let label = |index: usize, key: &str| {
+        mapped[CHECKOUT_HTTP].endpoints[index]
+            .metadata
+            .get(key)
+            .cloned()
+    };
+    assert_eq!(label(0, "version").as_deref(), Some("v1"));
+    assert_eq!(label(0, "team"), None, "not on the allow-list");
+    assert_eq!(label(1, "version").as_deref(), Some("v2"));
+    assert_eq!(
+        label(1, "app.kubernetes.io/version").as_deref(),
+        Some("2.1")
+    );
+    assert_eq!(label(2, "version"), None);
+
+    let none = Mapping {
+        pod_labels: Default::default(),
+        ..Mapping::default()
+    };
+    let endpoints = none.services(
+        &[Arc::new(service("shop", "checkout", &[("http", 80)]))],
+        &[Arc::new(endpoint_slice(
+            "shop",
+            "checkout-a",
+            "checkout",
+            &[("http", 8080)],
+            vec![ready("10.0.0.1")],
+        ))],
+        &pods,
+    );
+    assert_eq!(
+        endpoints[CHECKOUT_HTTP].endpoints[0]
+            .metadata
+            .get("version"),
+        None
     );
 }

@@ -12,7 +12,7 @@ use fulcrum_test_support::kube_api::{
     objects::{endpoint, endpoint_slice, ready, service, with_labels},
 };
 use k8s_openapi::api::{
-    core::v1::{ConfigMap, Service},
+    core::v1::{ConfigMap, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -53,6 +53,7 @@ impl Harness {
         let server = FakeApiServer::start().await;
         server.serve::<Service>();
         server.serve::<EndpointSlice>();
+        server.serve::<Pod>();
         setup(&server);
         let source: Box<dyn Source> = Box::new(KubeSource::new(server.client(), options));
         let (sender, snapshots) = mpsc::unbounded_channel();
@@ -419,10 +420,85 @@ async fn watches_only_the_configured_namespaces_and_label_selector() {
     assert_eq!(snapshot.services.keys().collect::<Vec<_>>(), [CHECKOUT]);
     for request in harness.server.requests() {
         assert_eq!(request.namespace.as_deref(), Some("shop"), "{request:?}");
-        assert_eq!(
-            request.label_selector.as_deref(),
-            Some("mesh=fulcrum"),
-            "{request:?}"
-        );
+        // Pods carry their own labels, not their Service's: watched without the selector.
+        let selector = (request.resource != "v1/pods").then_some("mesh=fulcrum");
+        assert_eq!(request.label_selector.as_deref(), selector, "{request:?}");
     }
+}
+
+fn checkout_pod(name: &str, version: &str) -> Pod {
+    Pod {
+        metadata: with_labels(
+            ObjectMeta {
+                namespace: Some("shop".to_owned()),
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
+            &[("version", version), ("team", "payments")],
+        ),
+        ..Pod::default()
+    }
+}
+
+fn version_of(snapshot: &Snapshot) -> Option<String> {
+    snapshot
+        .services
+        .get(CHECKOUT)?
+        .endpoints
+        .first()?
+        .metadata
+        .get("version")
+        .cloned()
+}
+
+#[tokio::test]
+async fn a_pods_allowed_labels_follow_it_into_its_endpoints_metadata() {
+    let mut harness = Harness::start(|server| {
+        server.apply(&checkout_service());
+        server.apply(&checkout_slice("checkout-a", vec![ready("10.0.0.1")]));
+        server.apply(&checkout_pod("pod-10.0.0.1", "v1"));
+    })
+    .await;
+    let first = harness
+        .until("version v1", |snapshot| {
+            version_of(snapshot).as_deref() == Some("v1")
+        })
+        .await;
+    let metadata = &first.services[CHECKOUT].endpoints[0].metadata;
+    assert_eq!(metadata.get("team"), None, "not on the allow-list");
+    harness.server.apply(&checkout_pod("pod-10.0.0.1", "v2"));
+    harness
+        .until("version v2 after the relabel", |snapshot| {
+            version_of(snapshot).as_deref() == Some("v2")
+        })
+        .await;
+}
+
+#[tokio::test]
+async fn endpoints_are_published_even_when_pods_cannot_be_watched() {
+    // A control plane whose RBAC predates pod labels: the pod list fails (the fake serves
+    // no pods here); clusters must not wait for it.
+    let server = FakeApiServer::start().await;
+    server.serve::<Service>();
+    server.serve::<EndpointSlice>();
+    server.apply(&checkout_service());
+    server.apply(&checkout_slice("checkout-a", vec![ready("10.0.0.1")]));
+    let source = KubeSource::new(
+        server.client(),
+        KubeOptions {
+            namespaces: vec!["shop".to_owned()],
+            ..KubeOptions::default()
+        },
+    );
+    let (sender, mut updates) = mpsc::channel(8);
+    let task = tokio::spawn(Box::new(source).run(fulcrum_sources::SourceSink::new(0, sender)));
+    let update = tokio::time::timeout(WAIT, updates.recv())
+        .await
+        .expect("published in time")
+        .expect("source running");
+    assert_eq!(
+        update.services[CHECKOUT].endpoints[0].address.to_string(),
+        "10.0.0.1:8080"
+    );
+    task.abort();
 }

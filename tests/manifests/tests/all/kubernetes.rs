@@ -233,6 +233,8 @@ fn rbac_grants_only_list_watch_of_slices_and_services_reads_of_the_policy_and_up
     assert_eq!(
         granted,
         [
+            "cluster /pods[] list",
+            "cluster /pods[] watch",
             "cluster /services[] list",
             "cluster /services[] watch",
             "cluster discovery.k8s.io/endpointslices[] list",
