@@ -10,20 +10,43 @@
 //! holding at most [`EjectionRecord::MAX_ENTRIES`] entries, and an ejection that ended is an
 //! entry that is gone.
 //!
-//! Encoding, little-endian: a version byte ([`EjectionRecord::VERSION`]), a `u16` entry count,
-//! then per entry, sorted by address and unique: the address family (`4` or `6`), the IP (4 or
+//! A record carries the fingerprint of the rules it was judged under ([`rules_fingerprint`]:
+//! the service's `outlier_detection` and `failure_kinds`): a worker applies only a record of
+//! its own rules, and one writing under other rules starts the record afresh, so a policy
+//! change that restarts a service's breakers is not undone by ejections judged before it.
+//!
+//! Encoding, little-endian: a version byte ([`EjectionRecord::VERSION`]), the rules
+//! fingerprint (`u64`), a `u16` entry count, then per entry, sorted by address and unique: the address family (`4` or `6`), the IP (4 or
 //! 16 bytes), the port (`u16`), `until` in nanoseconds of the caller's clock (`u64`; the filter
 //! uses the Unix epoch, which every worker shares) and the ejection number (`u32`). At most
-//! 33 bytes an entry, so a full record is under 34 KiB. The bytes come from shared data, which
+//! 33 bytes an entry after an 11-byte header, so a full record is under 34 KiB. The bytes come from shared data, which
 //! any plugin in the VM may write: [`EjectionRecord::decode`] trusts nothing, never panics,
 //! allocates at most what the entry cap allows and refuses anything it would not have written.
 //!
 //! [`ServicePicker::apply_shared_ejections`]: crate::ServicePicker::apply_shared_ejections
 
 use std::{
+    hash::Hasher,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     time::Duration,
 };
+
+use siphasher::sip::SipHasher13;
+
+use crate::policy::{FailureKinds, OutlierDetection};
+
+/// A fingerprint of the rules ejections are judged by: equal rules give equal fingerprints in
+/// every worker and every build of the same version.
+pub fn rules_fingerprint(
+    outlier_detection: &OutlierDetection,
+    failure_kinds: &FailureKinds,
+) -> u64 {
+    // Serializing plain policy structs cannot fail; an empty input would still be consistent.
+    let bytes = serde_json::to_vec(&(outlier_detection, failure_kinds)).unwrap_or_default();
+    let mut hasher = SipHasher13::new_with_keys(0, 0);
+    hasher.write(&bytes);
+    hasher.finish()
+}
 
 /// One endpoint's ejection as another worker judged it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,10 +82,11 @@ pub enum DecodeError {
     TrailingBytes(usize),
 }
 
-/// A service's current ejections, sorted by address, unique, at most
+/// A service's current ejections under one set of rules, sorted by address, unique, at most
 /// [`MAX_ENTRIES`](Self::MAX_ENTRIES).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct EjectionRecord {
+    rules: u64,
     entries: Vec<SharedEjection>,
 }
 
@@ -72,6 +96,19 @@ impl EjectionRecord {
     /// Most entries a record holds: far more endpoints than `max_ejection_percent` lets a
     /// service of a few thousand eject, and a full record stays under 34 KiB.
     pub const MAX_ENTRIES: usize = 1024;
+
+    /// An empty record for ejections judged under `rules` ([`rules_fingerprint`]).
+    pub fn new(rules: u64) -> Self {
+        Self {
+            rules,
+            entries: Vec::new(),
+        }
+    }
+
+    /// The fingerprint of the rules its ejections were judged under.
+    pub fn rules(&self) -> u64 {
+        self.rules
+    }
 
     /// The ejections, sorted by address.
     pub fn entries(&self) -> &[SharedEjection] {
@@ -139,8 +176,9 @@ impl EjectionRecord {
 
     /// The record's bytes (see the module docs).
     pub fn encode(&self) -> Vec<u8> {
-        let mut bytes = Vec::with_capacity(3 + self.entries.len() * 33);
+        let mut bytes = Vec::with_capacity(11 + self.entries.len() * 33);
         bytes.push(Self::VERSION);
+        bytes.extend_from_slice(&self.rules.to_le_bytes());
         // `MAX_ENTRIES` fits a u16; a record never holds more.
         let count = u16::try_from(self.entries.len()).unwrap_or(u16::MAX);
         bytes.extend_from_slice(&count.to_le_bytes());
@@ -171,6 +209,7 @@ impl EjectionRecord {
         if version != Self::VERSION {
             return Err(DecodeError::UnknownVersion(version));
         }
+        let rules = u64::from_le_bytes(reader.array()?);
         let count = usize::from(reader.u16()?);
         if count > Self::MAX_ENTRIES {
             return Err(DecodeError::TooManyEntries(count));
@@ -195,7 +234,7 @@ impl EjectionRecord {
             });
         }
         match reader.0.len() {
-            0 => Ok(Self { entries }),
+            0 => Ok(Self { rules, entries }),
             trailing => Err(DecodeError::TrailingBytes(trailing)),
         }
     }

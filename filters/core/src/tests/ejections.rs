@@ -9,7 +9,7 @@ use proptest::prelude::*;
 use crate::{
     BreakerState, ServicePicker, Transition,
     breaker::{Breaker, Context, Event},
-    ejections::{DecodeError, EjectionRecord, SharedEjection},
+    ejections::{DecodeError, EjectionRecord, SharedEjection, rules_fingerprint},
     policy::{LoadBalancer, OutlierDetection},
     test_support::*,
 };
@@ -73,7 +73,7 @@ fn a_record_reads_back_as_written() {
     record.record_ejection(ejection(1, secs(40), 2));
     assert_eq!(EjectionRecord::decode(&record.encode()), Ok(record.clone()));
     assert_eq!(record.entries()[0].address, addr(1), "sorted by address");
-    assert_eq!(record.encode().len(), 3 + 2 * 19 + 31);
+    assert_eq!(record.encode().len(), 11 + 2 * 19 + 31);
 }
 
 #[test]
@@ -121,36 +121,70 @@ fn pruning_drops_ejections_expired_long_ago() {
     assert_eq!(record.entries(), [ejection(2, secs(500), 1)]);
 }
 
+/// The header of a record of version 1 under rules 7 with `count` entries.
+fn header(count: u16) -> Vec<u8> {
+    let mut bytes = vec![1];
+    bytes.extend_from_slice(&7u64.to_le_bytes());
+    bytes.extend_from_slice(&count.to_le_bytes());
+    bytes
+}
+
 #[test]
 fn bytes_the_filter_would_not_write_are_refused_with_the_reason() {
+    let with = |count: u16, tail: &[u8]| [header(count), tail.to_vec()].concat();
     assert_eq!(EjectionRecord::decode(&[]), Err(DecodeError::Truncated));
+    assert_eq!(
+        EjectionRecord::decode(&header(0)[..10]),
+        Err(DecodeError::Truncated)
+    );
     assert_eq!(
         EjectionRecord::decode(&[2, 0, 0]),
         Err(DecodeError::UnknownVersion(2))
     );
     assert_eq!(
-        EjectionRecord::decode(&[1, 0xff, 0xff]),
+        EjectionRecord::decode(&header(0xffff)),
         Err(DecodeError::TooManyEntries(65_535))
     );
     assert_eq!(
-        EjectionRecord::decode(&[1, 1, 0, 5]),
+        EjectionRecord::decode(&with(1, &[5])),
         Err(DecodeError::BadFamily(5))
     );
     assert_eq!(
-        EjectionRecord::decode(&[1, 0, 0, 9]),
+        EjectionRecord::decode(&with(0, &[9])),
         Err(DecodeError::TrailingBytes(1))
     );
-    let mut twice = EjectionRecord::default();
+    assert_eq!(
+        EjectionRecord::decode(&header(0)).map(|record| record.rules()),
+        Ok(7)
+    );
+    let mut twice = EjectionRecord::new(7);
     twice.record_ejection(ejection(1, secs(1), 1));
     let mut bytes = twice.encode();
-    let entry = bytes[3..].to_vec();
-    bytes[1] = 2;
+    let entry = bytes[11..].to_vec();
+    bytes[9] = 2;
     bytes.extend_from_slice(&entry);
     assert_eq!(EjectionRecord::decode(&bytes), Err(DecodeError::Unsorted));
     assert_eq!(
         EjectionRecord::decode(&bytes[..bytes.len() - 1]),
         Err(DecodeError::Truncated)
     );
+}
+
+#[test]
+fn the_rules_fingerprint_follows_the_ejection_rules_only() {
+    let strict = strict_outlier_detection(5);
+    let kinds = crate::policy::FailureKinds::default();
+    let base = rules_fingerprint(&strict, &kinds);
+    assert_eq!(base, rules_fingerprint(&strict.clone(), &kinds.clone()));
+    assert_ne!(
+        base,
+        rules_fingerprint(&strict_outlier_detection(6), &kinds)
+    );
+    let kinds_without_timeouts = crate::policy::FailureKinds {
+        timeout: false,
+        ..kinds
+    };
+    assert_ne!(base, rules_fingerprint(&strict, &kinds_without_timeouts));
 }
 
 fn any_ejection() -> impl Strategy<Value = SharedEjection> {
@@ -177,8 +211,11 @@ fn any_ejection() -> impl Strategy<Value = SharedEjection> {
 
 proptest! {
     #[test]
-    fn any_record_reads_back_as_written(entries in prop::collection::vec(any_ejection(), 0..64)) {
-        let mut record = EjectionRecord::default();
+    fn any_record_reads_back_as_written(
+        rules in any::<u64>(),
+        entries in prop::collection::vec(any_ejection(), 0..64),
+    ) {
+        let mut record = EjectionRecord::new(rules);
         for entry in entries {
             record.record_ejection(entry);
         }
@@ -192,6 +229,24 @@ proptest! {
         if let Ok(record) = EjectionRecord::decode(&bytes) {
             prop_assert!(record.entries().len() <= EjectionRecord::MAX_ENTRIES);
             prop_assert_eq!(record.encode(), bytes);
+        }
+    }
+
+    #[test]
+    fn a_record_with_a_byte_changed_never_panics_and_what_decodes_is_canonical(
+        entries in prop::collection::vec(any_ejection(), 1..8),
+        at in any::<prop::sample::Index>(),
+        byte in any::<u8>(),
+    ) {
+        let mut record = EjectionRecord::new(7);
+        for entry in entries {
+            record.record_ejection(entry);
+        }
+        let mut bytes = record.encode();
+        let at = at.index(bytes.len());
+        bytes[at] = byte;
+        if let Ok(decoded) = EjectionRecord::decode(&bytes) {
+            prop_assert_eq!(decoded.encode(), bytes);
         }
     }
 
