@@ -8,8 +8,9 @@
 //! snapshot stays in force. Answers are taken from one control-plane replica at a time
 //! (`fulcrum_core::replica`), so a proxy never alternates between two replicas' views.
 //!
-//! Every VM ticks at least every [`EJECTION_SYNC_PERIOD`], static endpoints or not, to apply
-//! the ejections other workers shared (`crate::sync`). The proxy's zone comes from its Envoy
+//! Every VM ticks at least every [`EJECTION_SYNC_PERIOD`], static endpoints or not, and, once
+//! it has served a request (so not Envoy's main-thread VM), applies the ejections other
+//! workers shared (`crate::sync`). The proxy's zone comes from its Envoy
 //! node's locality, read once in `on_configure` ([`crate::input::node_zone`]); a
 //! `locality.local_zone` in the policy overrides it.
 //!
@@ -17,7 +18,12 @@
 //! panics when `create_http_context` returns `None`, so an unconfigured VM hands out
 //! [`PassThrough`] contexts that still strip the override header.
 
-use std::{cell::RefCell, collections::BTreeMap, rc::Rc, time::Duration};
+use std::{
+    cell::{Cell, RefCell},
+    collections::BTreeMap,
+    rc::Rc,
+    time::Duration,
+};
 
 use fulcrum_core::{
     ServiceEndpoints, Snapshot,
@@ -82,6 +88,10 @@ struct Configured {
     keys: SharedKeys,
     /// The token of the snapshot request in flight, if this VM holds the lease.
     pending_poll: Option<u32>,
+    /// Whether this VM has handed out a request context: only then does it apply shared
+    /// ejections. Envoy's main-thread VM ticks but never serves, so it stays out (and out of
+    /// the circuit-open gauge, which counts the VMs that avoid an endpoint).
+    serving: Cell<bool>,
 }
 
 impl Context for Root {
@@ -155,6 +165,7 @@ impl RootContext for Root {
             worker,
             keys,
             pending_poll: None,
+            serving: Cell::new(false),
         };
         match &configured.config.control_plane {
             None => {
@@ -197,7 +208,9 @@ impl RootContext for Root {
             configured.poll_if_lease_won(&control_plane);
             configured.apply_published();
         }
-        if let Ok(mut worker) = configured.worker.try_borrow_mut() {
+        if configured.serving.get()
+            && let Ok(mut worker) = configured.worker.try_borrow_mut()
+        {
             worker.adopt_shared_ejections(now());
         }
     }
@@ -205,11 +218,7 @@ impl RootContext for Root {
     /// Always a context: `None` would panic the SDK's dispatcher.
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(match &self.configured {
-            Some(configured) => Box::new(Request::new(
-                configured.config.clone(),
-                configured.worker.clone(),
-                self.metrics.clone(),
-            )),
+            Some(configured) => Box::new(configured.request(&self.metrics)),
             None => Box::new(PassThrough::new(
                 self.override_header.clone(),
                 self.metrics.clone(),
@@ -223,6 +232,16 @@ impl RootContext for Root {
 }
 
 impl Configured {
+    /// A request context; the VM's first also catches up with the ejections shared so far.
+    fn request(&self, metrics: &Rc<Metrics>) -> Request {
+        if !self.serving.replace(true)
+            && let Ok(mut worker) = self.worker.try_borrow_mut()
+        {
+            worker.adopt_shared_ejections(now());
+        }
+        Request::new(self.config.clone(), self.worker.clone(), metrics.clone())
+    }
+
     fn poll_if_lease_won(&mut self, control_plane: &ControlPlane) {
         if self.pending_poll.is_some()
             || !self.keys.try_take_lease(now(), control_plane.poll_interval)

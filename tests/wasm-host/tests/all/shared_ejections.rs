@@ -69,6 +69,13 @@ fn fail_on_dead(plugin: &Plugin, worker: usize, failures: usize) -> anyhow::Resu
     anyhow::bail!("the dead endpoint was picked {seen} times in 100 requests")
 }
 
+/// One healthy request on each worker: a VM applies shared ejections once it serves.
+fn serve_once_on_each_worker(plugin: &Plugin) -> anyhow::Result<()> {
+    send(plugin, 0, true)?;
+    send(plugin, 1, true)?;
+    Ok(())
+}
+
 fn dead_picks(plugin: &Plugin) -> anyhow::Result<u64> {
     plugin.metric(&format!(
         "fulcrum_endpoint_picks_total.service.checkout.endpoint.{DEAD}"
@@ -78,6 +85,7 @@ fn dead_picks(plugin: &Plugin) -> anyhow::Result<u64> {
 #[test]
 fn an_endpoint_one_worker_ejected_is_avoided_by_the_other_after_one_tick() -> anyhow::Result<()> {
     let plugin = two_workers();
+    serve_once_on_each_worker(&plugin)?;
     fail_on_dead(&plugin, 0, 3)?;
     assert_eq!(
         plugin.metric(&format!(
@@ -117,6 +125,7 @@ fn an_endpoint_one_worker_ejected_is_avoided_by_the_other_after_one_tick() -> an
 fn a_failure_on_an_endpoint_ejected_elsewhere_adopts_the_ejection_before_the_tick()
 -> anyhow::Result<()> {
     let plugin = two_workers();
+    serve_once_on_each_worker(&plugin)?;
     fail_on_dead(&plugin, 0, 3)?;
     // No tick: worker 1 learns of the ejection from its first failure on the endpoint, which
     // then does not count towards an ejection of its own.
@@ -140,7 +149,8 @@ fn a_failure_on_an_endpoint_ejected_elsewhere_adopts_the_ejection_before_the_tic
 fn the_end_of_an_ejection_reaches_every_worker_after_one_tick() -> anyhow::Result<()> {
     let plugin = two_workers();
     fail_on_dead(&plugin, 0, 3)?;
-    plugin.tick_all()?;
+    // Worker 1's first request catches up with the ejection before its pick.
+    assert_ne!(send(&plugin, 1, false)?, DEAD);
     plugin.advance_clock(ms(10_001));
     // Worker 0 probes the endpoint, now healthy, and closes it.
     for _ in 0..3 {
@@ -169,6 +179,7 @@ fn the_end_of_an_ejection_reaches_every_worker_after_one_tick() -> anyhow::Resul
 fn garbage_in_the_shared_record_is_counted_and_replaced_by_the_next_ejection() -> anyhow::Result<()>
 {
     let plugin = two_workers();
+    serve_once_on_each_worker(&plugin)?;
     plugin.set_shared_data(RECORD_KEY, vec![1, 0xff, 0x03, 6, 0, 0]);
     plugin.tick_all()?;
     assert_eq!(plugin.metric("fulcrum_shared_ejections_invalid_total")?, 2);
@@ -190,6 +201,7 @@ fn garbage_in_the_shared_record_is_counted_and_replaced_by_the_next_ejection() -
 #[test]
 fn a_record_judged_under_other_rules_is_not_applied() -> anyhow::Result<()> {
     let plugin = two_workers();
+    serve_once_on_each_worker(&plugin)?;
     fail_on_dead(&plugin, 0, 3)?;
     let (mut bytes, _) = plugin
         .shared_data(RECORD_KEY)
@@ -203,5 +215,26 @@ fn a_record_judged_under_other_rules_is_not_applied() -> anyhow::Result<()> {
         0
     );
     assert_eq!(plugin.metric("fulcrum_shared_ejections_invalid_total")?, 0);
+    Ok(())
+}
+
+#[test]
+fn a_worker_catches_up_with_shared_ejections_on_its_first_request() -> anyhow::Result<()> {
+    let plugin = two_workers();
+    fail_on_dead(&plugin, 0, 3)?;
+    plugin.tick_all()?;
+    assert_eq!(
+        plugin.metric("fulcrum_ejections_adopted_total.service.checkout")?,
+        0,
+        "a VM that never served (Envoy's main thread) applies nothing on its ticks"
+    );
+    let picks = (0..30)
+        .map(|_| send(&plugin, 1, false))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    assert!(!picks.iter().any(|pick| pick == DEAD), "{picks:?}");
+    assert_eq!(
+        plugin.metric("fulcrum_ejections_adopted_total.service.checkout")?,
+        1
+    );
     Ok(())
 }
