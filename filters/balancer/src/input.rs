@@ -61,7 +61,8 @@ pub enum Input {
     ResponseFlags,
     /// `grpc-status`, in the response headers or trailers.
     GrpcStatus,
-    /// `node.locality.zone`: the zone of the proxy's Envoy node, read once per configuration.
+    /// `xds.node.locality.zone` (or `node.locality.zone`): the zone of the proxy's Envoy node,
+    /// read once per configuration.
     NodeZone,
 }
 
@@ -161,12 +162,15 @@ pub fn string_property(path: &[&str], input: Input, metrics: &Metrics) -> Option
     checked_text(bytes, input, metrics)
 }
 
-/// The zone of the proxy's Envoy node (`node.locality.zone`, which Istio sets from the
-/// pod's node labels); `None` when unset or empty, and also, counted, when not UTF-8 or longer
-/// than [`MAX_ZONE_BYTES`].
+/// The zone of the proxy's Envoy node (its `locality.zone`, which Istio sets from the pod's
+/// node labels): `xds.node.locality.zone`, the attribute current Envoy serves, else the older
+/// Wasm-only `node.locality.zone`. `None` when unset or empty, and also, counted, when not
+/// UTF-8 or longer than [`MAX_ZONE_BYTES`].
 pub fn node_zone(metrics: &Metrics) -> Option<String> {
-    string_property(&["node", "locality", "zone"], Input::NodeZone, metrics)
-        .filter(|zone| !zone.is_empty())
+    let read = |path: &[&str]| hostcalls::get_property(path.to_vec()).ok().flatten();
+    let bytes = read(&["xds", "node", "locality", "zone"])
+        .or_else(|| read(&["node", "locality", "zone"]))?;
+    checked_text(bytes, Input::NodeZone, metrics).filter(|zone| !zone.is_empty())
 }
 
 /// A string property that `parse` must accept; one it refuses is unusable and counted.

@@ -336,7 +336,7 @@ impl PluginBuilder {
     }
 
     /// A property every context of every worker reads (a stream property of the same path
-    /// wins), e.g. `node.locality.zone`, as Envoy serves the node's fields.
+    /// wins), e.g. `xds.node.locality.zone`, as Envoy serves the node's fields.
     pub fn property(mut self, dotted_path: &str, value: Property) -> Self {
         self.properties.push((dotted_path.to_string(), value));
         self

@@ -1,6 +1,7 @@
-//! The proxy's zone comes from its Envoy node (`node.locality.zone`), so one policy serves a
-//! mesh whose proxies run in different zones; a policy `local_zone` overrides it, and a zone
-//! that is not UTF-8 or too long is ignored and counted.
+//! The proxy's zone comes from its Envoy node (`xds.node.locality.zone`, or the older
+//! `node.locality.zone`), so one policy serves a mesh whose proxies run in different zones; a
+//! policy `local_zone` overrides it, and a zone that is not UTF-8 or too long is ignored and
+//! counted.
 
 use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_wasm_host::{Plugin, Property};
@@ -9,6 +10,11 @@ use crate::test_support::filter;
 
 /// Two endpoints in zone `a`, two in zone `b`; `locality` is the default policy's.
 fn zoned(node_zone: Option<Property>, locality: &str) -> Plugin {
+    zoned_at("xds.node.locality.zone", node_zone, locality)
+}
+
+/// [`zoned`] with the node's zone served at property `path`.
+fn zoned_at(path: &str, node_zone: Option<Property>, locality: &str) -> Plugin {
     let mut builder = filter().configure(format!(
         r#"{{"endpoints": {{"checkout": [
               {{"address": "10.0.0.1:8080", "zone": "a"}}, {{"address": "10.0.0.2:8080", "zone": "a"}},
@@ -17,7 +23,7 @@ fn zoned(node_zone: Option<Property>, locality: &str) -> Plugin {
                                     "locality": {locality}}}}}}}"#
     ));
     if let Some(zone) = node_zone {
-        builder = builder.property("node.locality.zone", zone);
+        builder = builder.property(path, zone);
     }
     builder.start().expect("the filter starts")
 }
@@ -46,6 +52,13 @@ fn picked(plugin: &Plugin) -> anyhow::Result<Vec<String>> {
 #[test]
 fn requests_stay_in_the_zone_of_the_node() -> anyhow::Result<()> {
     let plugin = zoned(Some(Property::string("b")), "{}");
+    assert_eq!(picked(&plugin)?, ["10.0.0.3:8080", "10.0.0.4:8080"]);
+    Ok(())
+}
+
+#[test]
+fn the_zone_is_read_where_older_envoys_serve_it_too() -> anyhow::Result<()> {
+    let plugin = zoned_at("node.locality.zone", Some(Property::string("b")), "{}");
     assert_eq!(picked(&plugin)?, ["10.0.0.3:8080", "10.0.0.4:8080"]);
     Ok(())
 }
