@@ -159,6 +159,20 @@ impl Proxy {
         filter: FilterSetup,
         workers: u32,
     ) -> Result<Self> {
+        let options = EnvoyOptions {
+            concurrency: workers,
+            ..EnvoyOptions::default()
+        };
+        Self::start_with_options(endpoints, filter, &options).await
+    }
+
+    /// Envoy started with `options` (workers, extra arguments such as `--service-zone`) and
+    /// `filter` in front of `endpoints`.
+    pub async fn start_with_options(
+        endpoints: Endpoints,
+        filter: FilterSetup,
+        options: &EnvoyOptions,
+    ) -> Result<Self> {
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let started = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let bootstrap = Bootstrap {
@@ -172,11 +186,7 @@ impl Proxy {
                 retries: 2,
             }),
         };
-        let options = EnvoyOptions {
-            concurrency: workers,
-            ..EnvoyOptions::default()
-        };
-        let envoy = Envoy::start_with(&bootstrap, &options).await?;
+        let envoy = Envoy::start_with(&bootstrap, options).await?;
         let listener = envoy.ingress_address().await?;
         let client = Client::new(listener, usize::MAX);
         Ok(Self {
