@@ -44,4 +44,4 @@ pub use http_call::{HttpCall, Outcome, Response};
 pub use plugin::{DEFAULT_FUEL_PER_CALLBACK, Plugin, PluginBuilder, Worker, filter_wasm_path};
 pub use property::{Property, response_flags};
 pub use request::{Request, RequestBuilder, ResponseBuilder};
-pub use shared::LogEntry;
+pub use shared::{LogEntry, SharedDataCalls};

@@ -23,7 +23,7 @@ use crate::{
     http_call::{HttpCall, Outcome},
     property::{Property, path_key},
     request::RequestBuilder,
-    shared::{LogEntry, Shared},
+    shared::{LogEntry, Shared, SharedDataCalls},
     vm::{Vm, VmConfig},
 };
 
@@ -234,6 +234,12 @@ impl Plugin {
     /// A shared-data value and its CAS version.
     pub fn shared_data(&self, key: &str) -> Option<(Vec<u8>, u32)> {
         self.shared.lock().data.get(key).cloned()
+    }
+
+    /// How many shared-data reads and writes every worker made so far (the test's own
+    /// [`set_shared_data`](Self::set_shared_data) not included).
+    pub fn shared_data_calls(&self) -> SharedDataCalls {
+        self.shared.lock().shared_data_calls
     }
 
     /// The shared-data keys that start with `prefix`, sorted.

@@ -238,3 +238,33 @@ fn a_worker_catches_up_with_shared_ejections_on_its_first_request() -> anyhow::R
     );
     Ok(())
 }
+
+/// The host calls sharing ejections costs, exactly: none for a success, one read for a
+/// response that may be a failure, a read and a write more for a breaker transition.
+#[test]
+fn sharing_costs_no_host_call_per_success_and_one_read_per_possible_failure() -> anyhow::Result<()>
+{
+    let plugin = two_workers();
+    serve_once_on_each_worker(&plugin)?;
+    let calls = || plugin.shared_data_calls();
+    let before = calls();
+    for _ in 0..30 {
+        send(&plugin, 0, true)?;
+    }
+    assert_eq!(calls(), before, "successes");
+    fail_on_dead(&plugin, 0, 2)?;
+    let two_failures = calls();
+    assert_eq!(two_failures.reads - before.reads, 2);
+    assert_eq!(two_failures.writes, before.writes);
+    fail_on_dead(&plugin, 0, 1)?;
+    let ejected = calls();
+    assert_eq!(
+        (
+            ejected.reads - two_failures.reads,
+            ejected.writes - two_failures.writes
+        ),
+        (2, 1),
+        "the third failure reads once before it is recorded, then ejects: a read and a write"
+    );
+    Ok(())
+}
