@@ -1,5 +1,6 @@
 //! What the VMs of one plugin (the main thread's and every worker's) share through Envoy's
-//! shared data: the control-plane snapshot, and the rate limit's token buckets.
+//! shared data: the control-plane snapshot, the rate limit's token buckets, and each
+//! service's ejections.
 //!
 //! **The snapshot.** `on_tick` runs in every root context (the main thread's and each worker's), so without
 //! coordination N+1 VMs would poll the control plane. Instead one VM per poll interval wins a

@@ -10,6 +10,7 @@
 //!   are not UTF-8, repeated or upper-case names, 60 KiB values) and see exactly what the
 //!   guest left;
 //! - the size of each worker's guest memory, to bound what the guest allocates;
+//! - the guests' shared-data reads and writes counted, to pin what shared state costs;
 //! - http calls validated like Envoy and answered by the test on a later turn;
 //! - every guest callback under a fuel limit, and a named trap for any host call this host
 //!   does not implement.
