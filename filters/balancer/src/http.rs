@@ -52,10 +52,11 @@
 //!   `NotFound`, mapped to `None`, for the first two).
 //! - `dispatch_http_call` (`root.rs`): headers from the configuration; the SDK maps Envoy's
 //!   `BadArgument` and `InternalFailure` (unknown cluster, no client) to `Err`.
-//! - `get_shared_data` / `set_shared_data` (`sync.rs`: the snapshot, and per request the rate
-//!   limit's buckets): keys built from the root id and a snapshot service name, values the
+//! - `get_shared_data` / `set_shared_data` (`sync.rs`: the snapshot, per request the rate
+//!   limit's buckets, per possible failure and breaker transition the ejections): keys built from the root id and a snapshot service name, values the
 //!   filter's own; Envoy answers `Ok` or `NotFound` to a get and `Ok` or `CasMismatch` to a
-//!   set, all mapped by the SDK. A bucket of another length reads as a fresh bucket.
+//!   set, all mapped by the SDK. A bucket of another length reads as a fresh bucket; an
+//!   ejection record that does not decode is counted and ignored.
 //! - `define_metric` / `increment_metric` (`metrics.rs`): valid metric types only; Envoy's
 //!   `BadArgument` (a counter decrement) and `NotFound` are mapped to `Err` and ignored.
 //! - `get_current_time`, `log` (`lib.rs`; the SDK's panic hook logs too): always `Ok` on
@@ -317,13 +318,33 @@ impl Request {
         if matches!(served_by, Served::ByFallback(_)) {
             service.metrics.override_ignored();
         }
+        let now = now();
+        if may_be_a_failure(&outcome, served_by) {
+            // Another worker may have ejected the endpoint since the last tick: learn it
+            // first, so this failure is not counted towards an ejection of our own.
+            service.adopt_shared_ejections(now, metrics);
+        }
         let transitions = service
             .picker
-            .complete(pending.endpoint, served_by, outcome, now());
+            .complete(pending.endpoint, served_by, outcome, now);
         for transition in transitions.iter() {
             service.metrics.transition(transition);
         }
+        if !transitions.is_empty() {
+            service.share_transitions(transitions.iter(), now, metrics);
+        }
     }
+}
+
+/// Whether an outcome may count as a failure under some policy: a 5xx, no response, a
+/// connection failure, reset or timeout, or a retry away from the pick. Only these pay for a
+/// read of the shared ejections; a success costs no host call.
+fn may_be_a_failure(outcome: &Outcome, served_by: Served) -> bool {
+    outcome.status.is_none_or(|status| status >= 500)
+        || outcome.connect_failure
+        || outcome.reset
+        || outcome.timeout
+        || matches!(served_by, Served::ByRetryTarget(_))
 }
 
 impl Context for Request {}

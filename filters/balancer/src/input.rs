@@ -29,6 +29,10 @@ pub const MAX_VALUE_BYTES: usize = 4 << 10;
 /// gets a new session, a hash cookie is generated afresh.
 pub const MAX_COOKIE_BYTES: usize = 8 << 10;
 
+/// Longest node zone the filter takes: 253 bytes, a DNS name's limit; Kubernetes label
+/// values (where Istio takes the zone from) are at most 63.
+pub const MAX_ZONE_BYTES: usize = 253;
+
 /// A request input the filter reads: the `input` label of
 /// `fulcrum_request_input_invalid_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -57,11 +61,14 @@ pub enum Input {
     ResponseFlags,
     /// `grpc-status`, in the response headers or trailers.
     GrpcStatus,
+    /// `xds.node.locality.zone` (or `node.locality.zone`): the zone of the proxy's Envoy node,
+    /// read once per configuration.
+    NodeZone,
 }
 
 impl Input {
     /// Every input, in declaration order (so `input as usize` indexes it).
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Authority,
         Self::Service,
         Self::RouteCluster,
@@ -74,6 +81,7 @@ impl Input {
         Self::ResponseCode,
         Self::ResponseFlags,
         Self::GrpcStatus,
+        Self::NodeZone,
     ];
 
     /// The metric label.
@@ -91,6 +99,7 @@ impl Input {
             Self::ResponseCode => "response_code",
             Self::ResponseFlags => "response_flags",
             Self::GrpcStatus => "grpc_status",
+            Self::NodeZone => "node_zone",
         }
     }
 
@@ -98,6 +107,7 @@ impl Input {
     pub fn cap(self) -> usize {
         match self {
             Self::Cookie => MAX_COOKIE_BYTES,
+            Self::NodeZone => MAX_ZONE_BYTES,
             _ => MAX_VALUE_BYTES,
         }
     }
@@ -150,6 +160,17 @@ pub fn grpc_status(map: MapType, metrics: &Metrics) -> Option<u64> {
 pub fn string_property(path: &[&str], input: Input, metrics: &Metrics) -> Option<String> {
     let bytes = hostcalls::get_property(path.to_vec()).ok().flatten()?;
     checked_text(bytes, input, metrics)
+}
+
+/// The zone of the proxy's Envoy node (its `locality.zone`, which Istio sets from the pod's
+/// node labels): `xds.node.locality.zone`, the attribute current Envoy serves, else the older
+/// Wasm-only `node.locality.zone`. `None` when unset or empty, and also, counted, when not
+/// UTF-8 or longer than [`MAX_ZONE_BYTES`].
+pub fn node_zone(metrics: &Metrics) -> Option<String> {
+    let read = |path: &[&str]| hostcalls::get_property(path.to_vec()).ok().flatten();
+    let bytes = read(&["xds", "node", "locality", "zone"])
+        .or_else(|| read(&["node", "locality", "zone"]))?;
+    checked_text(bytes, Input::NodeZone, metrics).filter(|zone| !zone.is_empty())
 }
 
 /// A string property that `parse` must accept; one it refuses is unusable and counted.
@@ -238,9 +259,13 @@ mod tests {
     }
 
     #[test]
-    fn cookies_get_the_larger_cap() {
+    fn cookies_get_the_larger_cap_and_the_node_zone_a_dns_name_s() {
         assert_eq!(Input::Cookie.cap(), 8192);
-        for input in Input::ALL.into_iter().filter(|i| *i != Input::Cookie) {
+        assert_eq!(Input::NodeZone.cap(), 253);
+        for input in Input::ALL
+            .into_iter()
+            .filter(|i| ![Input::Cookie, Input::NodeZone].contains(i))
+        {
             assert_eq!(input.cap(), 4096, "{input:?}");
         }
     }

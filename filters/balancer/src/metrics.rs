@@ -103,6 +103,8 @@ pub struct Metrics {
     snapshot_other_replica: MetricId,
     snapshot_replica_failovers: MetricId,
     endpoint_metrics_dropped: MetricId,
+    shared_ejections_invalid: MetricId,
+    shared_ejections_write_failures: MetricId,
 }
 
 impl Metrics {
@@ -134,6 +136,10 @@ impl Metrics {
             snapshot_other_replica: counter("fulcrum_snapshot_other_replica_total"),
             snapshot_replica_failovers: counter("fulcrum_snapshot_replica_failovers_total"),
             endpoint_metrics_dropped: counter("fulcrum_endpoint_metrics_dropped_total"),
+            shared_ejections_invalid: counter("fulcrum_shared_ejections_invalid_total"),
+            shared_ejections_write_failures: counter(
+                "fulcrum_shared_ejections_write_failures_total",
+            ),
         }
     }
 
@@ -194,6 +200,17 @@ impl Metrics {
     pub fn snapshot_replica_failover(&self) {
         add(self.snapshot_replica_failovers, 1);
     }
+
+    /// A service's shared ejection record held bytes that are not a record.
+    pub fn shared_ejections_invalid(&self) {
+        add(self.shared_ejections_invalid, 1);
+    }
+
+    /// A breaker's ejection or its end could not be written to shared data (contention, a
+    /// full record or a host error); the other workers learn it only by their own failures.
+    pub fn shared_ejections_write_failed(&self) {
+        add(self.shared_ejections_write_failures, 1);
+    }
 }
 
 /// Stats of one service and its endpoints, kept with the service's picker so the request
@@ -209,6 +226,12 @@ pub struct ServiceMetrics {
     /// `fulcrum_override_ignored_total`: responses from a host Envoy chose instead of the
     /// pick (the pick is not an endpoint of the routed cluster).
     override_ignored: MetricId,
+    /// `fulcrum_ejections_adopted_total`: ejections another worker judged that this VM's
+    /// breakers took on.
+    ejections_adopted: MetricId,
+    /// `fulcrum_ejections_ended_elsewhere_total`: breakers this VM closed because another
+    /// worker's probes closed the endpoint.
+    ejections_ended_elsewhere: MetricId,
     /// Copied from [`Metrics`] so the request path needs only this struct.
     endpoint_metrics_dropped: MetricId,
     endpoints: HashMap<SocketAddr, EndpointMetrics>,
@@ -229,6 +252,14 @@ impl ServiceMetrics {
             override_ignored: define(
                 MetricType::Counter,
                 &format!("fulcrum_override_ignored_total.{suffix}"),
+            ),
+            ejections_adopted: define(
+                MetricType::Counter,
+                &format!("fulcrum_ejections_adopted_total.{suffix}"),
+            ),
+            ejections_ended_elsewhere: define(
+                MetricType::Counter,
+                &format!("fulcrum_ejections_ended_elsewhere_total.{suffix}"),
             ),
             endpoint_metrics_dropped: vm.endpoint_metrics_dropped,
             suffix,
@@ -254,16 +285,35 @@ impl ServiceMetrics {
         }
     }
 
-    /// Records a breaker transition of one of this service's endpoints.
+    /// Records a breaker transition this VM judged on one of this service's endpoints.
     pub fn transition(&mut self, transition: &Transition) {
+        if matches!(transition.to, BreakerState::Open { .. })
+            && let Some(metrics) = self.endpoint(transition.endpoint)
+        {
+            add(metrics.ejections, 1);
+        }
+        self.circuit_changed(transition);
+    }
+
+    /// Records a breaker transition taken on from another worker
+    /// ([`fulcrum_core::ServicePicker::apply_shared_ejections`]): counted as adopted or ended
+    /// elsewhere, not in `fulcrum_endpoint_ejections_total`, which counts judgements.
+    pub fn shared_transition(&mut self, transition: &Transition) {
+        match transition.to {
+            BreakerState::Open { .. } => add(self.ejections_adopted, 1),
+            BreakerState::Closed { .. } => add(self.ejections_ended_elsewhere, 1),
+            BreakerState::HalfOpen { .. } => {}
+        }
+        self.circuit_changed(transition);
+    }
+
+    /// Moves this VM's share of the circuit-open gauge.
+    fn circuit_changed(&mut self, transition: &Transition) {
         let was_closed = matches!(transition.from, BreakerState::Closed { .. });
         let is_closed = matches!(transition.to, BreakerState::Closed { .. });
         let Some(metrics) = self.endpoint(transition.endpoint) else {
             return;
         };
-        if matches!(transition.to, BreakerState::Open { .. }) {
-            add(metrics.ejections, 1);
-        }
         match (was_closed, is_closed) {
             (true, false) => add(metrics.circuit_open, 1),
             (false, true) => add(metrics.circuit_open, -1),

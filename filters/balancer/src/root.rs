@@ -8,11 +8,22 @@
 //! snapshot stays in force. Answers are taken from one control-plane replica at a time
 //! (`fulcrum_core::replica`), so a proxy never alternates between two replicas' views.
 //!
+//! Every VM ticks at least every [`EJECTION_SYNC_PERIOD`], static endpoints or not, and, once
+//! it has served a request (so not Envoy's main-thread VM), applies the ejections other
+//! workers shared (`crate::sync`). The proxy's zone comes from its Envoy
+//! node's locality, read once in `on_configure` ([`crate::input::node_zone`]); a
+//! `locality.local_zone` in the policy overrides it.
+//!
 //! Every request gets a context, even before (or without) a valid configuration: the SDK
 //! panics when `create_http_context` returns `None`, so an unconfigured VM hands out
 //! [`PassThrough`] contexts that still strip the override header.
 
-use std::{cell::RefCell, collections::BTreeMap, rc::Rc};
+use std::{
+    cell::{Cell, RefCell},
+    collections::BTreeMap,
+    rc::Rc,
+    time::Duration,
+};
 
 use fulcrum_core::{
     ServiceEndpoints, Snapshot,
@@ -28,7 +39,7 @@ use proxy_wasm::{
 use crate::{
     config::{ControlPlane, DEFAULT_OVERRIDE_HEADER, FilterConfig},
     http::{PassThrough, Request},
-    log_error, log_info, log_warn,
+    input, log_error, log_info, log_warn,
     metrics::Metrics,
     now,
     sync::SharedKeys,
@@ -37,6 +48,10 @@ use crate::{
 
 /// The header in which the control plane names the replica that answered.
 const REPLICA_HEADER: &str = "x-fulcrum-replica";
+
+/// The longest a VM goes without applying the ejections other workers shared: the tick
+/// period, or the control plane's poll interval when that is shorter.
+pub const EJECTION_SYNC_PERIOD: Duration = Duration::from_secs(1);
 
 /// The version given to a snapshot built from the configuration's static endpoints.
 const STATIC_VERSION: &str = "static";
@@ -73,6 +88,10 @@ struct Configured {
     keys: SharedKeys,
     /// The token of the snapshot request in flight, if this VM holds the lease.
     pending_poll: Option<u32>,
+    /// Whether this VM has handed out a request context: only then does it apply shared
+    /// ejections. Envoy's main-thread VM ticks but never serves, so it stays out (and out of
+    /// the circuit-open gauge, which counts the VMs that avoid an endpoint).
+    serving: Cell<bool>,
 }
 
 impl Context for Root {
@@ -125,8 +144,17 @@ impl RootContext for Root {
             .and_then(|bytes| String::from_utf8(bytes).ok())
             .unwrap_or_default();
         let keys = SharedKeys::new(&root_id);
+        let node_zone = input::node_zone(&self.metrics);
+        match &node_zone {
+            Some(zone) => log_info(&format!(
+                "node zone {}: preferred by every service whose policy names no local_zone",
+                zone.escape_debug()
+            )),
+            None => log_info("the node has no zone: zone preference needs a policy local_zone"),
+        }
         let worker = Rc::new(RefCell::new(Worker::new(
             config.policy.clone(),
+            node_zone,
             session_keys,
             keys.clone(),
             seed,
@@ -137,6 +165,7 @@ impl RootContext for Root {
             worker,
             keys,
             pending_poll: None,
+            serving: Cell::new(false),
         };
         match &configured.config.control_plane {
             None => {
@@ -146,13 +175,17 @@ impl RootContext for Root {
                     policy: None,
                 };
                 configured.worker.borrow_mut().apply(&snapshot);
+                if hostcalls::set_tick_period(EJECTION_SYNC_PERIOD).is_err() {
+                    log_warn("could not set the tick period; ejections will not be shared");
+                }
                 log_info(&format!(
                     "configured with static endpoints for {} service(s)",
                     snapshot.services.len()
                 ));
             }
             Some(control_plane) => {
-                if hostcalls::set_tick_period(control_plane.poll_interval).is_err() {
+                let period = control_plane.poll_interval.min(EJECTION_SYNC_PERIOD);
+                if hostcalls::set_tick_period(period).is_err() {
                     log_error("could not set the tick period; snapshots will not be polled");
                     return false;
                 }
@@ -175,16 +208,17 @@ impl RootContext for Root {
             configured.poll_if_lease_won(&control_plane);
             configured.apply_published();
         }
+        if configured.serving.get()
+            && let Ok(mut worker) = configured.worker.try_borrow_mut()
+        {
+            worker.adopt_shared_ejections(now());
+        }
     }
 
     /// Always a context: `None` would panic the SDK's dispatcher.
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(match &self.configured {
-            Some(configured) => Box::new(Request::new(
-                configured.config.clone(),
-                configured.worker.clone(),
-                self.metrics.clone(),
-            )),
+            Some(configured) => Box::new(configured.request(&self.metrics)),
             None => Box::new(PassThrough::new(
                 self.override_header.clone(),
                 self.metrics.clone(),
@@ -198,6 +232,16 @@ impl RootContext for Root {
 }
 
 impl Configured {
+    /// A request context; the VM's first also catches up with the ejections shared so far.
+    fn request(&self, metrics: &Rc<Metrics>) -> Request {
+        if !self.serving.replace(true)
+            && let Ok(mut worker) = self.worker.try_borrow_mut()
+        {
+            worker.adopt_shared_ejections(now());
+        }
+        Request::new(self.config.clone(), self.worker.clone(), metrics.clone())
+    }
+
     fn poll_if_lease_won(&mut self, control_plane: &ControlPlane) {
         if self.pending_poll.is_some()
             || !self.keys.try_take_lease(now(), control_plane.poll_interval)

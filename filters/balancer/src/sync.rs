@@ -1,5 +1,6 @@
 //! What the VMs of one plugin (the main thread's and every worker's) share through Envoy's
-//! shared data: the control-plane snapshot, and the rate limit's token buckets.
+//! shared data: the control-plane snapshot, the rate limit's token buckets, and each
+//! service's ejections.
 //!
 //! **The snapshot.** `on_tick` runs in every root context (the main thread's and each worker's), so without
 //! coordination N+1 VMs would poll the control plane. Instead one VM per poll interval wins a
@@ -24,10 +25,31 @@
 //! number is bounded by the policy (`max_clients + 1` per service), not by clients. Shared
 //! data cannot delete a key: a service that leaves the snapshot leaves its buckets behind,
 //! which a service that comes back reuses.
+//!
+//! **Ejections** ([`SharedEjections`]): `fulcrum/<root_id>/ejections/<service>`, one
+//! [`EjectionRecord`] per service (at most 1024 entries, under 34 KiB), so a breaker that opens
+//! on one worker opens on every worker of the proxy. A worker writes it with compare-and-swap
+//! when one of its breakers opens (the ejection, its deadline in ns since the Unix epoch, its
+//! number) or closes after an ejection (the entry goes once expired), pruning entries expired
+//! for longer than `max_ejection_time`; every worker reads it on each tick, and before it
+//! records a response that may be a failure, and applies it when its CAS version changed
+//! ([`fulcrum_core::ServicePicker::apply_shared_ejections`]). The record carries a
+//! fingerprint of the rules its ejections were judged under (`outlier_detection`,
+//! `failure_kinds`): a VM applies only records of its own rules and a write under other rules
+//! starts the record afresh, so new rules restart ejections everywhere. A successful response costs no
+//! host call. What is not shared, and why: in-flight counts and latency estimates change on
+//! every request (sharing them would cost a write per request), and each worker's balancing
+//! only needs its own; failure counts below the ejection threshold likewise stay per worker, so
+//! before the first ejection each worker still counts its own failures.
+//!
+//! A missing key has no CAS version, so two workers creating a service's record at the same
+//! moment may overwrite each other's first entry; the loser's breaker is open regardless and
+//! its next transition writes again.
 
 use std::{fmt::Write as _, time::Duration};
 
 use fulcrum_core::{
+    ejections::{DecodeError, EjectionRecord},
     ratelimit::{BucketId, BucketState, BucketStore},
     replica::Followed,
 };
@@ -41,6 +63,7 @@ pub struct SharedKeys {
     version: String,
     replica: String,
     rate_limit: String,
+    ejections: String,
 }
 
 impl SharedKeys {
@@ -51,6 +74,17 @@ impl SharedKeys {
             version: format!("fulcrum/{root_id}/version"),
             replica: format!("fulcrum/{root_id}/replica"),
             rate_limit: format!("fulcrum/{root_id}/rate_limit/"),
+            ejections: format!("fulcrum/{root_id}/ejections/"),
+        }
+    }
+
+    /// The shared ejection record of `service`, whose ejections are judged under `rules`
+    /// ([`fulcrum_core::ejections::rules_fingerprint`]).
+    pub fn ejections(&self, service: &str, rules: u64) -> SharedEjections {
+        SharedEjections {
+            key: format!("{}{service}", self.ejections),
+            rules,
+            seen: None,
         }
     }
 
@@ -152,5 +186,93 @@ impl BucketStore for SharedBuckets {
     fn write(&mut self, bucket: BucketId, state: BucketState, version: u32) -> bool {
         let bytes = state.to_bytes();
         hostcalls::set_shared_data(self.key(bucket), Some(&bytes), Some(version)).is_ok()
+    }
+}
+
+/// Most compare-and-swap attempts to update an ejection record: workers write it only when a
+/// breaker changes state, so contention is rare; past this the change is counted as not shared.
+const MAX_WRITE_ATTEMPTS: usize = 4;
+
+/// What reading a service's shared ejections found.
+#[derive(Debug)]
+pub enum EjectionsRead {
+    /// No worker has written the record yet, it did not change since the last read, or it
+    /// holds ejections judged under other rules (a policy change on its way).
+    Unchanged,
+    /// A record this VM has not applied yet.
+    Changed(EjectionRecord),
+    /// Bytes that are not a record; left alone until the next write replaces them.
+    Invalid(DecodeError),
+}
+
+/// Why an ejection record could not be updated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EjectionsWriteError {
+    /// Other workers kept changing it ([`MAX_WRITE_ATTEMPTS`]).
+    Contended,
+    /// The record is full and holds no entry for the endpoint.
+    Full,
+    /// The host refused the read or write.
+    Host(Status),
+}
+
+/// One service's shared ejection record (see the module docs).
+#[derive(Debug, Clone)]
+pub struct SharedEjections {
+    /// `fulcrum/<root_id>/ejections/<service>`.
+    key: String,
+    /// The fingerprint of the service's ejection rules in this VM: a record judged under
+    /// other rules is not applied, and is replaced by the next write.
+    rules: u64,
+    /// The CAS version of the record this VM last read, so an unchanged record is not decoded.
+    seen: Option<u32>,
+}
+
+impl SharedEjections {
+    /// Reads the record: one host call, and a decoding only when its version changed.
+    pub fn read(&mut self) -> EjectionsRead {
+        let Ok((Some(bytes), cas)) = hostcalls::get_shared_data(&self.key) else {
+            return EjectionsRead::Unchanged;
+        };
+        if cas.is_some() && cas == self.seen {
+            return EjectionsRead::Unchanged;
+        }
+        self.seen = cas;
+        match EjectionRecord::decode(&bytes) {
+            Ok(record) if record.rules() != self.rules => EjectionsRead::Unchanged,
+            Ok(record) => EjectionsRead::Changed(record),
+            Err(error) => EjectionsRead::Invalid(error),
+        }
+    }
+
+    /// Applies `update` to the record with compare-and-swap; `update` returns whether it
+    /// changed anything (nothing is written otherwise). Bytes that do not decode, and a record
+    /// of other rules, are replaced by a record of this VM's rules.
+    pub fn write(
+        &self,
+        update: impl Fn(&mut EjectionRecord) -> Result<bool, EjectionsWriteError>,
+    ) -> Result<(), EjectionsWriteError> {
+        for _ in 0..MAX_WRITE_ATTEMPTS {
+            let (bytes, cas) =
+                hostcalls::get_shared_data(&self.key).map_err(EjectionsWriteError::Host)?;
+            let mut record = bytes
+                .as_deref()
+                .and_then(|bytes| EjectionRecord::decode(bytes).ok())
+                .filter(|record| record.rules() == self.rules)
+                .unwrap_or_else(|| EjectionRecord::new(self.rules));
+            if !update(&mut record)? {
+                return Ok(());
+            }
+            match hostcalls::set_shared_data(
+                &self.key,
+                Some(&record.encode()),
+                Some(cas.unwrap_or(0)),
+            ) {
+                Ok(()) => return Ok(()),
+                Err(Status::CasMismatch) => continue,
+                Err(status) => return Err(EjectionsWriteError::Host(status)),
+            }
+        }
+        Err(EjectionsWriteError::Contended)
     }
 }

@@ -2,29 +2,94 @@
 //! snapshot, plus the VM's stats and random source.
 //!
 //! Envoy runs one VM per worker thread and its own load balancers per worker too; fulcrum's
-//! in-flight counts, latency estimates and breakers are likewise per worker: each worker
-//! judges endpoints by the requests it sent. The rate limit is the exception: its buckets are
-//! in shared data ([`SharedBuckets`]), so the limit is per proxy. The root context and the request contexts of a
-//! VM share this state through `Rc<RefCell<_>>` (a VM is single-threaded).
+//! in-flight counts and latency estimates are likewise per worker: each worker balances by
+//! the requests it sent. Two things are per proxy, through shared data: the rate limit's
+//! buckets ([`SharedBuckets`]), and ejections ([`SharedEjections`]): a breaker that opens or
+//! closes after an ejection on one worker is written to its service's record, and every
+//! worker applies the record on its next tick (or sooner, before recording a response that
+//! may be a failure), so an endpoint found dead by one worker is avoided by all. The root
+//! context and the request contexts of a VM share this state through `Rc<RefCell<_>>` (a VM is
+//! single-threaded).
 
-use std::{collections::HashMap, net::SocketAddr, rc::Rc};
+use std::{collections::HashMap, net::SocketAddr, rc::Rc, time::Duration};
 
 use fulcrum_core::{
-    BreakerState, Endpoint, Policy, ServicePicker, SessionKeys, Snapshot, rng::SplitMix64,
+    BreakerState, Endpoint, Policy, ServicePicker, SessionKeys, Snapshot, Transition,
+    ejections::{SharedEjection, rules_fingerprint},
+    rng::SplitMix64,
 };
 
 use crate::{
+    log_warn,
     metrics::{FailOpen, Metrics, ServiceMetrics},
-    sync::{SharedBuckets, SharedKeys},
+    sync::{EjectionsRead, EjectionsWriteError, SharedBuckets, SharedEjections, SharedKeys},
 };
 
-/// A service's picker, rate-limit buckets and stats.
+/// A service's picker, rate-limit buckets, shared ejections and stats.
 #[derive(Debug)]
 pub struct Service {
     pub picker: ServicePicker,
     /// The rate limit's buckets, shared with every VM of the plugin.
     pub buckets: SharedBuckets,
+    /// The service's ejections, shared with every VM of the plugin.
+    ejections: SharedEjections,
     pub metrics: ServiceMetrics,
+}
+
+impl Service {
+    /// Applies the service's shared ejections if another VM changed them since the last read:
+    /// one host call, plus a decoding when they changed.
+    pub fn adopt_shared_ejections(&mut self, now: Duration, vm: &Metrics) {
+        match self.ejections.read() {
+            EjectionsRead::Unchanged => {}
+            EjectionsRead::Changed(record) => {
+                for transition in self.picker.apply_shared_ejections(&record, now) {
+                    self.metrics.shared_transition(&transition);
+                }
+            }
+            EjectionsRead::Invalid(error) => {
+                vm.shared_ejections_invalid();
+                log_warn(&error.to_string());
+            }
+        }
+    }
+
+    /// Writes this VM's ejections and their ends among `transitions` to the shared record.
+    pub fn share_transitions<'t>(
+        &self,
+        transitions: impl IntoIterator<Item = &'t Transition>,
+        now: Duration,
+        vm: &Metrics,
+    ) {
+        let expired_before =
+            now.saturating_sub(self.picker.policy().outlier_detection.max_ejection_time);
+        for transition in transitions {
+            let address = transition.endpoint;
+            let written = match transition.to {
+                BreakerState::Open { until, ejections } => self.ejections.write(|record| {
+                    let pruned = record.prune(expired_before);
+                    let ejection = SharedEjection {
+                        address,
+                        until,
+                        ejections,
+                    };
+                    let recorded = record.record_ejection(ejection);
+                    if recorded || record.get(address).is_some() {
+                        Ok(recorded || pruned)
+                    } else {
+                        Err(EjectionsWriteError::Full)
+                    }
+                }),
+                BreakerState::Closed { .. } => self
+                    .ejections
+                    .write(|record| Ok(record.record_restored(address, now))),
+                BreakerState::HalfOpen { .. } => continue,
+            };
+            if written.is_err() {
+                vm.shared_ejections_write_failed();
+            }
+        }
+    }
 }
 
 /// A service's state and the VM's shared parts, borrowed together for one pick.
@@ -48,8 +113,12 @@ pub struct Worker {
     policy: Policy,
     /// Keys of sticky-session cookies, given to every service's picker.
     session_keys: SessionKeys,
-    /// Where the plugin's VMs share state (here: each service's rate-limit buckets).
+    /// Where the plugin's VMs share state (here: each service's rate-limit buckets and
+    /// ejections).
     shared: SharedKeys,
+    /// The zone of this proxy's Envoy node, given to every service policy without a
+    /// `locality.local_zone` of its own ([`Policy::in_zone`]).
+    node_zone: Option<String>,
     /// Version of the snapshot in force, `None` before the first one.
     version: Option<String>,
     /// The VM-wide stats, shared with the root context and every request context.
@@ -60,6 +129,7 @@ pub struct Worker {
 impl Worker {
     pub fn new(
         configured_policy: Policy,
+        node_zone: Option<String>,
         session_keys: SessionKeys,
         shared: SharedKeys,
         seed: u64,
@@ -67,7 +137,8 @@ impl Worker {
     ) -> Self {
         Self {
             services: HashMap::new(),
-            policy: configured_policy,
+            policy: placed(configured_policy, node_zone.as_deref()),
+            node_zone,
             session_keys,
             shared,
             version: None,
@@ -108,6 +179,13 @@ impl Worker {
         })
     }
 
+    /// Applies every service's shared ejections that changed since the last tick.
+    pub fn adopt_shared_ejections(&mut self, now: Duration) {
+        for service in self.services.values_mut() {
+            service.adopt_shared_ejections(now, &self.metrics);
+        }
+    }
+
     /// The state of a service the request context already holds the key of.
     pub fn service_by_key(&mut self, key: &Rc<str>) -> Option<&mut Service> {
         self.services.get_mut(key)
@@ -120,10 +198,10 @@ impl Worker {
     /// without a policy keeps the policy in force (the configured one until a snapshot brings
     /// one).
     pub fn apply(&mut self, snapshot: &Snapshot) {
-        let replaced = snapshot
-            .policy
-            .as_ref()
-            .map(|policy| std::mem::replace(&mut self.policy, policy.clone()));
+        let replaced = snapshot.policy.as_ref().map(|policy| {
+            let placed = placed(policy.clone(), self.node_zone.as_deref());
+            std::mem::replace(&mut self.policy, placed)
+        });
         let previous_policy = replaced.as_ref().unwrap_or(&self.policy);
         let mut previous = std::mem::take(&mut self.services);
         for (name, endpoints) in &snapshot.services {
@@ -145,6 +223,13 @@ impl Worker {
                     Service {
                         picker,
                         buckets: self.shared.rate_limit_buckets(name),
+                        ejections: self.shared.ejections(
+                            name,
+                            rules_fingerprint(
+                                &service_policy.outlier_detection,
+                                &service_policy.failure_kinds,
+                            ),
+                        ),
                         metrics: ServiceMetrics::new(name, &self.metrics),
                     }
                 }
@@ -155,6 +240,14 @@ impl Worker {
             release_removed(&mut removed, &[]);
         }
         self.version = Some(snapshot.version.clone());
+    }
+}
+
+/// `policy` as this proxy applies it: in the node's zone when the node has one.
+fn placed(policy: Policy, node_zone: Option<&str>) -> Policy {
+    match node_zone {
+        Some(zone) => policy.in_zone(zone),
+        None => policy,
     }
 }
 

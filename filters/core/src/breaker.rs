@@ -151,6 +151,21 @@ pub enum Event {
     Admit,
     /// A request to the endpoint completed.
     Complete(Verdict),
+    /// Another worker of the proxy ejected the endpoint until `until` (in the caller's clock)
+    /// as its ejection number `ejections`: a closed or half-open breaker opens until then
+    /// (a closed one only if the service allows one more ejection), an open one keeps the later
+    /// deadline. The ejection count becomes the larger of the two, so the next ejection lasts
+    /// longer everywhere. An `until` already past changes nothing.
+    EjectedElsewhere {
+        /// When the shared ejection expires.
+        until: Duration,
+        /// That ejection's number.
+        ejections: u32,
+    },
+    /// Another worker closed the endpoint after its ejection expired: a half-open breaker, or
+    /// an open one whose ejection has expired too, closes; an ejection still running here
+    /// (one this worker judged itself and could not share) stays.
+    RestoredElsewhere,
 }
 
 /// What the transition function needs besides the state.
@@ -247,6 +262,21 @@ impl Breaker {
         let now = ctx.now;
         let policy = ctx.policy;
         let next = match (self.state, event) {
+            (state, Event::EjectedElsewhere { until, ejections }) => {
+                self.adopt_ejection(state, until, ejections, ctx)
+            }
+            (BreakerState::Closed { .. }, Event::RestoredElsewhere) => None,
+            (BreakerState::Open { until, .. }, Event::RestoredElsewhere) if now < until => None,
+            (
+                BreakerState::Open { ejections, .. } | BreakerState::HalfOpen { ejections, .. },
+                Event::RestoredElsewhere,
+            ) => {
+                self.reset_counters();
+                Some(BreakerState::Closed {
+                    ejections,
+                    since: now,
+                })
+            }
             (BreakerState::Closed { .. }, Event::Admit) => None,
             (BreakerState::Open { until, ejections }, Event::Admit) => {
                 (now >= until).then_some(BreakerState::HalfOpen {
@@ -328,6 +358,42 @@ impl Breaker {
         self.state = to;
         (std::mem::discriminant(&from) != std::mem::discriminant(&to))
             .then_some(StateChange { from, to })
+    }
+
+    /// The state after [`Event::EjectedElsewhere`], `None` when it changes nothing.
+    fn adopt_ejection(
+        &mut self,
+        state: BreakerState,
+        until: Duration,
+        ejections: u32,
+        ctx: &Context<'_>,
+    ) -> Option<BreakerState> {
+        if until <= ctx.now {
+            return None;
+        }
+        let adopted = |local: u32| BreakerState::Open {
+            until,
+            ejections: ejections.max(local).max(1),
+        };
+        match state {
+            BreakerState::Closed {
+                ejections: local, ..
+            } if ctx.may_eject => {
+                self.reset_counters();
+                Some(adopted(local))
+            }
+            BreakerState::Closed { .. } => None,
+            BreakerState::Open {
+                until: local_until,
+                ejections: local,
+            } => (until > local_until).then(|| adopted(local)),
+            BreakerState::HalfOpen {
+                ejections: local, ..
+            } => {
+                self.reset_counters();
+                Some(adopted(local))
+            }
+        }
     }
 
     fn count(&mut self, verdict: Verdict, now: Duration) {

@@ -19,6 +19,7 @@ pub const OVERRIDE_HEADER: &str = "x-fulcrum-endpoint";
 
 pub mod breaker;
 pub mod duration;
+pub mod ejections;
 pub mod endpoint;
 pub mod policy;
 pub mod ratelimit;

@@ -30,6 +30,21 @@ impl Policy {
     pub fn for_service(&self, service: &str) -> &ServicePolicy {
         self.services.get(service).unwrap_or(&self.default)
     }
+
+    /// The policy as a proxy in `zone` applies it: every service policy (and the default)
+    /// without a `locality.local_zone` of its own takes `zone`; one that names a zone keeps
+    /// it, so the policy's value overrides the proxy's. The filter calls this with the zone of
+    /// its Envoy node (Istio sets it from the pod's node labels), since one policy reaches
+    /// every proxy of the mesh and cannot know where each runs.
+    pub fn in_zone(mut self, zone: &str) -> Self {
+        for service in std::iter::once(&mut self.default).chain(self.services.values_mut()) {
+            service
+                .locality
+                .local_zone
+                .get_or_insert_with(|| zone.to_owned());
+        }
+        self
+    }
 }
 
 /// How one service's requests are spread, filtered, protected and limited.
@@ -367,7 +382,8 @@ pub struct EndpointSelector {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Locality {
-    /// The zone this proxy runs in; the filter may fill it from its node metadata. Default: none.
+    /// The zone this proxy runs in. The filter takes it from its Envoy node's locality
+    /// ([`Policy::in_zone`]); a value here overrides that for every proxy. Default: none.
     pub local_zone: Option<String>,
     /// Whether to prefer `local_zone` and `failover` zones at all. Default: true.
     pub prefer_local: bool,

@@ -119,7 +119,11 @@ async fn envoy_with_control_plane_retrying(
         config: filter_config,
         failure_policy: FailurePolicy::default(),
     };
-    Proxy::start(endpoints, filter, 1, retry_on).await
+    let options = EnvoyOptions {
+        concurrency: 1,
+        ..EnvoyOptions::default()
+    };
+    Proxy::start(endpoints, filter, &options, retry_on).await
 }
 
 /// A running Envoy and a client for its listener.
@@ -185,14 +189,28 @@ impl Proxy {
         filter: FilterSetup,
         workers: u32,
     ) -> Result<Self> {
-        Self::start(endpoints, filter, workers, RETRY_ON_HTTP).await
+        let options = EnvoyOptions {
+            concurrency: workers,
+            ..EnvoyOptions::default()
+        };
+        Self::start_with_options(endpoints, filter, &options).await
     }
 
-    /// [`Proxy::start_with_workers`] whose route retries on `retry_on`.
+    /// Envoy started with `options` (workers, extra arguments such as `--service-zone`) and
+    /// `filter` in front of `endpoints`.
+    pub async fn start_with_options(
+        endpoints: Endpoints,
+        filter: FilterSetup,
+        options: &EnvoyOptions,
+    ) -> Result<Self> {
+        Self::start(endpoints, filter, options, RETRY_ON_HTTP).await
+    }
+
+    /// [`Proxy::start_with_options`] whose route retries on `retry_on`.
     async fn start(
         endpoints: Endpoints,
         filter: FilterSetup,
-        workers: u32,
+        options: &EnvoyOptions,
         retry_on: &'static str,
     ) -> Result<Self> {
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -209,11 +227,7 @@ impl Proxy {
                 retry_on,
             }),
         };
-        let options = EnvoyOptions {
-            concurrency: workers,
-            ..EnvoyOptions::default()
-        };
-        let envoy = Envoy::start_with(&bootstrap, &options).await?;
+        let envoy = Envoy::start_with(&bootstrap, options).await?;
         let listener = envoy.ingress_address().await?;
         let client = Client::new(listener, usize::MAX);
         Ok(Self {

@@ -493,7 +493,11 @@ fn link_shared_data_and_queues(linker: &mut Linker<HostState>) -> wasmtime::Resu
         "proxy_get_shared_data",
         |mut caller: Ctx<'_>, kp: i32, kl: i32, ret_ptr: i32, ret_size: i32, ret_cas: i32| {
             let key = guest!(read_string(&caller, kp, kl));
-            let entry = caller.data().shared.lock().data.get(&key).cloned();
+            let entry = {
+                let mut shared = caller.data().shared.lock();
+                shared.shared_data_calls.reads += 1;
+                shared.data.get(&key).cloned()
+            };
             let Some((value, cas)) = entry else {
                 return ok(Status::NotFound);
             };
@@ -509,11 +513,9 @@ fn link_shared_data_and_queues(linker: &mut Linker<HostState>) -> wasmtime::Resu
         |caller: Ctx<'_>, kp: i32, kl: i32, vp: i32, vl: i32, cas: i32| -> HostResult {
             let key = guest!(read_string(&caller, kp, kl));
             let value = guest!(read(&caller, vp, vl));
-            ok(caller
-                .data()
-                .shared
-                .lock()
-                .set_data(&key, value, cas as u32))
+            let mut shared = caller.data().shared.lock();
+            shared.shared_data_calls.writes += 1;
+            ok(shared.set_data(&key, value, cas as u32))
         },
     )?;
     linker.func_wrap(

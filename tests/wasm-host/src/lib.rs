@@ -10,6 +10,7 @@
 //!   are not UTF-8, repeated or upper-case names, 60 KiB values) and see exactly what the
 //!   guest left;
 //! - the size of each worker's guest memory, to bound what the guest allocates;
+//! - the guests' shared-data reads and writes counted, to pin what shared state costs;
 //! - http calls validated like Envoy and answered by the test on a later turn;
 //! - every guest callback under a fuel limit, and a named trap for any host call this host
 //!   does not implement.
@@ -44,4 +45,4 @@ pub use http_call::{HttpCall, Outcome, Response};
 pub use plugin::{DEFAULT_FUEL_PER_CALLBACK, Plugin, PluginBuilder, Worker, filter_wasm_path};
 pub use property::{Property, response_flags};
 pub use request::{Request, RequestBuilder, ResponseBuilder};
-pub use shared::LogEntry;
+pub use shared::{LogEntry, SharedDataCalls};

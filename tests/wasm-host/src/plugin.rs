@@ -23,7 +23,7 @@ use crate::{
     http_call::{HttpCall, Outcome},
     property::{Property, path_key},
     request::RequestBuilder,
-    shared::{LogEntry, Shared},
+    shared::{LogEntry, Shared, SharedDataCalls},
     vm::{Vm, VmConfig},
 };
 
@@ -46,6 +46,8 @@ pub struct PluginBuilder {
     log_level: LogLevel,
     fuel_per_callback: u64,
     random_seed: u64,
+    /// Plugin-wide properties the test set, by dotted path.
+    properties: Vec<(String, Property)>,
 }
 
 /// A started plugin: its workers and the state they share.
@@ -234,6 +236,12 @@ impl Plugin {
         self.shared.lock().data.get(key).cloned()
     }
 
+    /// How many shared-data reads and writes every worker made so far (the test's own
+    /// [`set_shared_data`](Self::set_shared_data) not included).
+    pub fn shared_data_calls(&self) -> SharedDataCalls {
+        self.shared.lock().shared_data_calls
+    }
+
     /// The shared-data keys that start with `prefix`, sorted.
     pub fn shared_data_keys(&self, prefix: &str) -> Vec<String> {
         let mut keys: Vec<String> = (self.shared.lock().data.keys())
@@ -293,6 +301,7 @@ impl PluginBuilder {
             log_level: LogLevel::Trace,
             fuel_per_callback: DEFAULT_FUEL_PER_CALLBACK,
             random_seed: 0x00f0_1c00,
+            properties: Vec::new(),
         }
     }
 
@@ -329,6 +338,13 @@ impl PluginBuilder {
     /// The `plugin_root_id` property (default empty, as in Envoy).
     pub fn root_id(mut self, root_id: &str) -> Self {
         self.root_id = root_id.to_string();
+        self
+    }
+
+    /// A property every context of every worker reads (a stream property of the same path
+    /// wins), e.g. `xds.node.locality.zone`, as Envoy serves the node's fields.
+    pub fn property(mut self, dotted_path: &str, value: Property) -> Self {
+        self.properties.push((dotted_path.to_string(), value));
         self
     }
 
@@ -369,6 +385,9 @@ impl PluginBuilder {
             ("plugin_vm_id", Property::string(&self.vm_id)),
         ] {
             plugin_properties.insert(path_key(path), value.0);
+        }
+        for (path, value) in &self.properties {
+            plugin_properties.insert(path_key(path), value.0.clone());
         }
         let config = VmConfig {
             vm_id: self.vm_id.clone(),

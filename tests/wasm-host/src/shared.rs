@@ -103,11 +103,21 @@ pub(crate) struct QueueReady {
     pub(crate) queue_id: u32,
 }
 
+/// How many times the guests called `proxy_get_shared_data` and `proxy_set_shared_data`:
+/// what shared state costs the guest in host calls.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct SharedDataCalls {
+    pub reads: u64,
+    pub writes: u64,
+}
+
 /// The plugin-wide mutable state; see [`Shared::lock`].
 #[derive(Debug, Default)]
 pub(crate) struct SharedState {
     /// key → (value, cas). Envoy keys shared data by vm_id; all workers of a plugin share one.
     pub(crate) data: HashMap<String, (Vec<u8>, u32)>,
+    /// Every worker's shared-data host calls so far (the test's own writes excluded).
+    pub(crate) shared_data_calls: SharedDataCalls,
     /// The next CAS version; never 0, which means "no version" in the ABI.
     next_cas: u32,
     /// Queue id − 1 indexes this vector.

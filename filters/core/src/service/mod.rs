@@ -20,6 +20,8 @@
 //! - `retry.rs`: which endpoints Envoy retries on ([`RetryTargets`]);
 //! - `outcome.rs`: what a response does (in-flight count, latency estimate, breaker;
 //!   [`Served`], [`Outcome`], [`Transitions`]);
+//! - `shared.rs`: ejections judged by another worker of the proxy
+//!   ([`ServicePicker::apply_shared_ejections`]);
 //! - `slots.rs`: the endpoints with their stats and the counts kept in step with them;
 //! - `warmup.rs`: slow start, a share ramped up after an endpoint joins or returns.
 //!
@@ -30,6 +32,7 @@ mod outcome;
 mod pick;
 mod request;
 mod retry;
+mod shared;
 mod slots;
 mod warmup;
 

@@ -3,6 +3,7 @@
 
 mod algorithms;
 mod breaker;
+mod ejections;
 mod picker;
 mod policy;
 mod receive;

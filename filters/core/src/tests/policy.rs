@@ -504,3 +504,27 @@ fn the_yaml_example_in_the_docs_is_a_valid_policy() {
     );
     assert_eq!(check.jitter, Duration::from_millis(500));
 }
+
+#[test]
+fn the_proxy_zone_fills_every_service_without_a_zone_of_its_own() {
+    let mut policy = Policy::default();
+    let mut pinned = ServicePolicy::default();
+    pinned.locality.local_zone = Some("eu-west-1c".into());
+    policy.services.insert("pinned".into(), pinned);
+    policy
+        .services
+        .insert("open".into(), ServicePolicy::default());
+    let placed = policy.in_zone("eu-west-1a");
+    let zone = |service: &str| placed.for_service(service).locality.local_zone.clone();
+    assert_eq!(zone("open").as_deref(), Some("eu-west-1a"));
+    assert_eq!(
+        zone("unlisted").as_deref(),
+        Some("eu-west-1a"),
+        "the default too"
+    );
+    assert_eq!(
+        zone("pinned").as_deref(),
+        Some("eu-west-1c"),
+        "the policy's zone overrides the proxy's"
+    );
+}

@@ -7,3 +7,4 @@ mod health_checks;
 mod static_endpoints;
 mod two_workers;
 mod untrusted_requests;
+mod zones;

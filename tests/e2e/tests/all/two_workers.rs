@@ -1,16 +1,29 @@
 //! With two Envoy workers, what must hold for the proxy as a whole: the rate limit admits the
-//! configured rate per proxy (its buckets are in shared data, not per worker VM), and a pick
-//! Envoy's `override_host` cannot honour is charged to nobody on any worker. Each test also
-//! checks that both workers served connections, so it cannot pass on one worker alone.
+//! configured rate per proxy (its buckets are in shared data, not per worker VM), an ejection
+//! judged by one worker holds on every worker within a tick, and a pick Envoy's
+//! `override_host` cannot honour is charged to nobody on any worker. Each test also checks
+//! that both workers served connections, so it cannot pass on one worker alone.
 
 use std::{net::SocketAddr, time::Duration};
 
 use fulcrum_e2e::{Proxy, SERVICE, backends, count_by_backend, filter_wasm};
-use fulcrum_test_support::{Endpoints, FailurePolicy, FilterSetup};
+use fulcrum_example_backend::Backend;
+use fulcrum_test_support::{Endpoints, FailurePolicy, FilterSetup, ports};
 use serde_json::{Value, json};
 
 /// Envoy with two workers whose cluster has `cluster` and whose filter has `filter_endpoints`.
 async fn two_worker_proxy(
+    cluster: &[SocketAddr],
+    filter_endpoints: &[SocketAddr],
+    policy: Value,
+) -> Proxy {
+    proxy_with_workers(2, cluster, filter_endpoints, policy).await
+}
+
+/// Envoy with `workers` workers whose cluster has `cluster` and whose filter has
+/// `filter_endpoints`.
+async fn proxy_with_workers(
+    workers: u32,
     cluster: &[SocketAddr],
     filter_endpoints: &[SocketAddr],
     policy: Value,
@@ -26,10 +39,10 @@ async fn two_worker_proxy(
             config: json!({"endpoints": {SERVICE: endpoints}, "policy": {"default": policy}}),
             failure_policy: FailurePolicy::default(),
         },
-        2,
+        workers,
     )
     .await
-    .expect("Envoy starts with two workers")
+    .expect("Envoy starts")
 }
 
 async fn assert_both_workers_served(proxy: &Proxy) {
@@ -142,4 +155,126 @@ async fn a_pick_outside_the_routed_cluster_is_charged_to_nobody_on_any_worker() 
         proxy.endpoint_stat("circuit_open", outside).await.unwrap(),
         0
     );
+}
+
+/// Round robin over three live backends and one refused port; three connect failures eject,
+/// retry targets absorb them, one ejection lasts 30 s (longer than any test here).
+async fn proxy_with_a_dead_endpoint(workers: u32) -> (Proxy, SocketAddr, Vec<Backend>) {
+    let backends = backends(3).await.unwrap();
+    let dead = ports::loopback(ports::reserve_port().unwrap());
+    let mut addresses: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
+    addresses.push(dead);
+    let policy = json!({
+        "load_balancer": {"type": "round_robin"},
+        "retry": 2,
+        "outlier_detection": {"consecutive_gateway_errors": 3, "consecutive_failures": 0,
+                              "base_ejection_time": "30s", "max_ejection_percent": 50}
+    });
+    let proxy = proxy_with_workers(workers, &addresses, &addresses, policy).await;
+    (proxy, dead, backends)
+}
+
+async fn service_stat(proxy: &Proxy, name: &str) -> u64 {
+    proxy
+        .envoy
+        .stat(&format!("wasmcustom.{name}.service.{SERVICE}"))
+        .await
+        .unwrap()
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endpoint_one_worker_ejected_is_avoided_by_the_other_without_a_failure_of_its_own() {
+    let (proxy, dead, _backends) = proxy_with_a_dead_endpoint(2).await;
+    // One connection: one worker finds the endpoint dead and ejects it. (A short pause after
+    // each reply lets the connection go back to the client's pool before the next request,
+    // so the client opens no second connection, which the other worker might accept.)
+    for _ in 0..20 {
+        let reply = proxy.send_with(&[]).await;
+        assert_eq!(reply.status, Some(200), "{reply:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let per_worker = proxy.connections_per_worker().await.unwrap();
+    assert_eq!(
+        per_worker
+            .iter()
+            .filter(|connections| **connections > 0)
+            .count(),
+        1,
+        "one worker served the first requests: {per_worker:?}"
+    );
+    assert_eq!(proxy.endpoint_stat("picks_total", dead).await.unwrap(), 3);
+    assert_eq!(
+        proxy.endpoint_stat("ejections_total", dead).await.unwrap(),
+        1
+    );
+    // Load over both workers: the other worker takes the ejection on (on its first request,
+    // or its first tick after serving) and never picks the endpoint.
+    let replies = proxy.offer_load(100.0, 8, Duration::from_secs(1)).await;
+    assert_both_workers_served(&proxy).await;
+    assert!(replies.iter().all(|(_, reply)| reply.status == Some(200)));
+    assert_eq!(proxy.endpoint_stat("circuit_open", dead).await.unwrap(), 2);
+    assert_eq!(
+        service_stat(&proxy, "fulcrum_ejections_adopted_total").await,
+        1
+    );
+    assert_eq!(
+        proxy.endpoint_stat("picks_total", dead).await.unwrap(),
+        3,
+        "failures before avoidance, for the whole proxy: as many as one worker needs"
+    );
+}
+
+/// Load on a dead endpoint: 200 req/s over [`LOAD_CONNECTIONS`] connections for 2 s.
+const LOAD_CONNECTIONS: usize = 8;
+
+/// What a proxy with `workers` workers pays for a dead endpoint under load: the filter's picks
+/// of it and Envoy's connect failures (retries included). Checks that every worker avoids it
+/// in the end, having judged the ejection or adopted it.
+async fn failures_under_load(workers: u32) -> (u64, u64) {
+    let (proxy, dead, _backends) = proxy_with_a_dead_endpoint(workers).await;
+    let replies = proxy
+        .offer_load(200.0, LOAD_CONNECTIONS, Duration::from_secs(2))
+        .await;
+    if workers > 1 {
+        assert_both_workers_served(&proxy).await;
+    }
+    assert!(replies.iter().all(|(_, reply)| reply.status == Some(200)));
+    assert_eq!(
+        proxy.endpoint_stat("circuit_open", dead).await.unwrap(),
+        u64::from(workers),
+        "every worker avoids it"
+    );
+    let judged = proxy.endpoint_stat("ejections_total", dead).await.unwrap();
+    let adopted = service_stat(&proxy, "fulcrum_ejections_adopted_total").await;
+    assert_eq!(
+        judged + adopted,
+        u64::from(workers),
+        "judged {judged}, adopted {adopted}"
+    );
+    let picks = proxy.endpoint_stat("picks_total", dead).await.unwrap();
+    let connect_failures = proxy
+        .envoy
+        .stat(&format!("cluster.{SERVICE}.upstream_cx_connect_fail"))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    (picks, connect_failures)
+}
+
+/// Under concurrent load each worker counts its own failures until the first ejection
+/// (failure counts are not shared), so two workers pay more than one: measured 3–4 picks of
+/// the dead endpoint for one worker, 5–6 for two (separate breakers: at least 6).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_load_a_dead_endpoint_costs_each_worker_at_most_its_own_threshold() {
+    let (one, one_cx) = failures_under_load(1).await;
+    let (two, two_cx) = failures_under_load(2).await;
+    println!(
+        "dead endpoint at 200 req/s over {LOAD_CONNECTIONS} connections: 1 worker {one} picks \
+         ({one_cx} connect failures), 2 workers {two} picks ({two_cx} connect failures)"
+    );
+    // Three failures eject, plus at most one request in flight per connection.
+    let bound = |workers: u64| 3 * workers + LOAD_CONNECTIONS as u64;
+    assert!((3..=bound(1)).contains(&one), "one worker: {one}");
+    assert!((3..=bound(2)).contains(&two), "two workers: {two}");
 }

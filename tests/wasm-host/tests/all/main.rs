@@ -2,14 +2,17 @@
 //! hand-written WAT guests; `filter` runs scenarios against the real fulcrum filter;
 //! `snapshots` how it takes control-plane snapshots and charges outcomes;
 //! `rate_limit` how the workers of a proxy share one limit; `replicas` how it follows one
-//! control-plane replica; `untrusted_input` sends it hostile headers, properties and snapshot responses, and
+//! control-plane replica; `shared_ejections` how an ejection on one worker reaches the
+//! others; `node_zone` how the proxy's zone comes from its node; `untrusted_input` sends it hostile headers, properties and snapshot responses, and
 //! `untrusted_input_property` thousands of generated ones.
 
 mod abi;
 mod filter;
 mod grpc;
+mod node_zone;
 mod rate_limit;
 mod replicas;
+mod shared_ejections;
 mod snapshots;
 mod test_support;
 mod untrusted_input;

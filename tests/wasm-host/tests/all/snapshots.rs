@@ -207,9 +207,11 @@ fn a_policy_change_resets_only_the_services_whose_selection_changed() -> anyhow:
     )?;
     assert!(!picks_of(&plugin, "shop", 6)?.iter().any(|p| p == bad));
 
-    // shop's own selection policy changes: it starts afresh and picks the endpoint again.
+    // shop's own ejection rules change: it starts afresh and picks the endpoint again. (A
+    // change that leaves the rules alone, such as `retry`, restarts the picker too, but it
+    // takes back the ejection the proxy still holds under those rules: `shared_ejections`.)
     let mut shop = checked.clone();
-    shop["retry"] = json!(1);
+    shop["outlier_detection"]["consecutive_failures"] = json!(3);
     deliver(
         &plugin,
         &json!({"version": "v4", "services": services,
