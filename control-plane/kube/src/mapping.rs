@@ -117,7 +117,7 @@ impl Mapping {
         slices: &[Arc<EndpointSlice>],
         pods: &[Arc<Pod>],
     ) -> Services {
-        let pod_labels = self.pod_labels(pods);
+        let pod_labels = self.labels_by_pod(pods);
         let mut slices_by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for slice in slices {
             let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
@@ -172,7 +172,7 @@ impl Mapping {
     }
 
     /// The allowed labels of every pod that has some, by namespace and name.
-    fn pod_labels<'a>(&self, pods: &'a [Arc<Pod>]) -> PodLabels<'a> {
+    fn labels_by_pod<'a>(&self, pods: &'a [Arc<Pod>]) -> PodLabels<'a> {
         if self.pod_labels.is_empty() {
             return PodLabels::new();
         }
