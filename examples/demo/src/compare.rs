@@ -245,7 +245,7 @@ async fn main() -> Result<()> {
                 "fulcrum-compare: {} / {} ({} s)…",
                 scenario.name,
                 balancing.name(),
-                args.duration
+                args.duration.max(scenario.min_seconds)
             );
             let measured = run(&args, scenario, balancing.clone(), dir.path(), &script)
                 .await
@@ -436,8 +436,8 @@ fn report(
     let _ = writeln!(out, "## fulcrum vs Envoy native balancers\n");
     let _ = writeln!(
         out,
-        "Envoy `{}` with `--concurrency {}`; 4 in-process backends; wrk {} s per run \
-         ({} connections in fault scenarios); route timeout {} ms, {} retries on \
+        "Envoy `{}` with `--concurrency {}`; 4 in-process backends; wrk {} s per run (at \
+         least 45 s for `recovery`; {} connections in fault scenarios); route timeout {} ms, {} retries on \
          connect-failure/reset for every setup; fulcrum: peak_ewma, retry {}, outlier detection \
          5 consecutive failures / 30 s / 50 %. Load average before: {load_before}; after: \
          {load_after}. ×-columns are fulcrum ÷ this balancer (latency < 1 and req/s > 1 favour \
