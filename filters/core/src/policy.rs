@@ -221,10 +221,27 @@ pub struct PeakEwma {
     /// Estimate for an endpoint with no sample yet, 1ms..=1h. Default: `"30ms"`.
     #[serde(with = "crate::duration")]
     pub default_rtt: Duration,
-    /// A failed response is recorded as `max(latency, failure_penalty)`, so fast errors do not
-    /// look fast; 0..=1h. Default: `"500ms"`.
+    /// A failed response makes the estimate at least this, so fast errors do not look fast;
+    /// 0..=1h. Default: `"500ms"`.
     #[serde(with = "crate::duration")]
     pub failure_penalty: Duration,
+    /// Time constant in which a failure's penalty wears off, 1ms..=1h, apart from the latency
+    /// estimate (which decays with `decay`): an endpoint that keeps failing keeps its penalty,
+    /// one that stopped is back among its peers in a few of these, not in minutes. Default:
+    /// `"1s"`; serialized only when set otherwise, so older filters read default policies.
+    #[serde(
+        with = "crate::duration",
+        skip_serializing_if = "PeakEwma::is_default_penalty_decay"
+    )]
+    pub failure_penalty_decay: Duration,
+}
+
+impl PeakEwma {
+    const DEFAULT_PENALTY_DECAY: Duration = Duration::from_secs(1);
+
+    fn is_default_penalty_decay(decay: &Duration) -> bool {
+        *decay == Self::DEFAULT_PENALTY_DECAY
+    }
 }
 
 impl Default for PeakEwma {
@@ -233,6 +250,7 @@ impl Default for PeakEwma {
             decay: Duration::from_secs(10),
             default_rtt: Duration::from_millis(30),
             failure_penalty: Duration::from_millis(500),
+            failure_penalty_decay: Self::DEFAULT_PENALTY_DECAY,
         }
     }
 }
@@ -240,7 +258,8 @@ impl Default for PeakEwma {
 /// Health score: `latency × latency_ms + inflight × inflight + failures × failure_percent`,
 /// lowest wins among two random admissible endpoints.
 ///
-/// `latency_ms` is the peak EWMA latency (decay 10s, failures counted as 500ms), and
+/// `latency_ms` is the peak EWMA latency (decay 10s, a failure's 500ms penalty wearing off in
+/// about a second), and
 /// `failure_percent` the failure rate over the outlier-detection window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -299,6 +299,12 @@ fn validate_load_balancer(lb: &LoadBalancer, path: &str, errors: &mut Errors) {
                 Duration::ZERO,
                 hour,
             );
+            errors.duration(
+                &at("failure_penalty_decay"),
+                ewma.failure_penalty_decay,
+                Duration::from_millis(1),
+                hour,
+            );
         }
         LoadBalancer::HealthScore(score) => {
             errors.float(&at("latency"), score.latency, 0.0, 1000.0);

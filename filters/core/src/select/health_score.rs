@@ -29,11 +29,7 @@ impl Select for HealthScore {
 /// The score of one endpoint at `now`; lower is healthier.
 fn score(config: &policy::HealthScore, slot: &Slot, now: Duration) -> f64 {
     let ewma = policy::PeakEwma::default();
-    let latency_ms = slot
-        .stats
-        .ewma
-        .estimate_nanos(now, ewma.decay, ewma.default_rtt)
-        / 1e6;
+    let latency_ms = slot.stats.ewma.estimate_nanos(now, &ewma) / 1e6;
     let recent = slot.stats.breaker.recent(now);
     let failure_percent = if recent.total == 0 {
         0.0

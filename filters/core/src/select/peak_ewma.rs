@@ -4,19 +4,27 @@
 //! (peak-sensitive, so a slowing endpoint is noticed at once); a lower one is blended in with
 //! weight `1 - exp(-elapsed / decay)`; between samples the estimate decays toward zero the same
 //! way, so an idle endpoint is eventually tried again. Cost = estimate × (inflight + 1).
-//! Failures are recorded as `max(latency, failure_penalty)` so fast errors do not look fast.
+//! A failure also sets a penalty (`failure_penalty`) under which the estimate never falls, so
+//! fast errors do not look fast. The penalty wears off on its own, faster time constant
+//! (`failure_penalty_decay`): folded into the latency estimate as a peak (as tower records
+//! failures), 500 ms took a minute to decay to a 2 ms peer's level, and a recovered endpoint
+//! that P2C shuns gets no samples to correct it.
 
 use std::time::Duration;
 
 use super::{Choice, Request, Select, candidates::Candidates, two_choices};
 use crate::{policy, rng::Rng};
 
-/// A peak-sensitive, time-decayed latency estimate in nanoseconds.
+/// A peak-sensitive, time-decayed latency estimate in nanoseconds, and a failure penalty.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Ewma {
     estimate_nanos: f64,
     /// When the estimate was last updated; `None` before the first sample.
     updated_at: Option<Duration>,
+    /// The failure penalty as last set, in nanoseconds...
+    penalty_nanos: f64,
+    /// ...and when (`None`: never).
+    penalized_at: Option<Duration>,
 }
 
 impl Ewma {
@@ -25,7 +33,22 @@ impl Ewma {
         Self {
             estimate_nanos: estimate.as_nanos() as f64,
             updated_at: Some(now),
+            ..Self::default()
         }
+    }
+
+    /// Records a failure at `now`: the estimate stays at least `penalty`, wearing off with
+    /// time constant `decay`.
+    pub fn penalize(&mut self, penalty: Duration, now: Duration, decay: Duration) {
+        let left = self.penalty_at(now, decay);
+        self.penalty_nanos = left.max(penalty.as_nanos() as f64);
+        self.penalized_at = Some(now);
+    }
+
+    fn penalty_at(&self, now: Duration, decay: Duration) -> f64 {
+        self.penalized_at.map_or(0.0, |at| {
+            self.penalty_nanos * decay_weight(now.saturating_sub(at), decay)
+        })
     }
 
     /// Records one response time observed at `now`.
@@ -42,12 +65,13 @@ impl Ewma {
     }
 
     /// The estimate at `now`, in nanoseconds: `default_rtt` before any sample, then decayed
-    /// toward zero since the last sample.
-    pub fn estimate_nanos(&self, now: Duration, decay: Duration, default_rtt: Duration) -> f64 {
-        match self.updated_at {
-            None => default_rtt.as_nanos() as f64,
-            Some(at) => self.estimate_nanos * decay_weight(now.saturating_sub(at), decay),
-        }
+    /// toward zero since the last sample; never below what is left of the failure penalty.
+    pub fn estimate_nanos(&self, now: Duration, config: &policy::PeakEwma) -> f64 {
+        let latency = match self.updated_at {
+            None => config.default_rtt.as_nanos() as f64,
+            Some(at) => self.estimate_nanos * decay_weight(now.saturating_sub(at), config.decay),
+        };
+        latency.max(self.penalty_at(now, config.failure_penalty_decay))
     }
 }
 
@@ -73,10 +97,7 @@ impl Select for PeakEwma {
         let config = &self.0;
         two_choices(candidates, request, |slot, now| {
             let stats = &slot.stats;
-            stats
-                .ewma
-                .estimate_nanos(now, config.decay, config.default_rtt)
-                * (f64::from(stats.inflight) + 1.0)
+            stats.ewma.estimate_nanos(now, config) * (f64::from(stats.inflight) + 1.0)
         })
     }
 
@@ -91,6 +112,11 @@ mod tests {
 
     const DECAY: Duration = Duration::from_secs(10);
 
+    /// Decay 10 s, default RTT 30 ms, penalty 500 ms wearing off in 1 s.
+    fn config() -> policy::PeakEwma {
+        policy::PeakEwma::default()
+    }
+
     fn ms(ms: u64) -> Duration {
         Duration::from_millis(ms)
     }
@@ -100,7 +126,7 @@ mod tests {
         let mut ewma = Ewma::default();
         ewma.observe(ms(10), ms(0), DECAY);
         ewma.observe(ms(200), ms(1), DECAY);
-        assert_eq!(ewma.estimate_nanos(ms(1), DECAY, ms(30)), 200_000_000.0);
+        assert_eq!(ewma.estimate_nanos(ms(1), &config()), 200_000_000.0);
     }
 
     #[test]
@@ -110,15 +136,33 @@ mod tests {
         // After one time constant the old estimate keeps exp(-1) of its weight.
         ewma.observe(ms(0), ms(10_000), DECAY);
         let expected = 100_000_000.0 * (-1.0f64).exp();
-        assert!((ewma.estimate_nanos(ms(10_000), DECAY, ms(30)) - expected).abs() < 1e-3);
+        assert!((ewma.estimate_nanos(ms(10_000), &config()) - expected).abs() < 1e-3);
     }
 
     #[test]
     fn uses_the_default_rtt_until_the_first_sample_then_decays_toward_zero() {
         let mut ewma = Ewma::default();
-        assert_eq!(ewma.estimate_nanos(ms(5_000), DECAY, ms(30)), 30_000_000.0);
+        assert_eq!(ewma.estimate_nanos(ms(5_000), &config()), 30_000_000.0);
         ewma.observe(ms(50), ms(0), DECAY);
-        let decayed = ewma.estimate_nanos(ms(20_000), DECAY, ms(30));
+        let decayed = ewma.estimate_nanos(ms(20_000), &config());
         assert!((decayed - 50_000_000.0 * (-2.0f64).exp()).abs() < 1e-3);
+    }
+
+    #[test]
+    fn a_failure_penalty_holds_while_failures_go_on_and_wears_off_in_seconds_after() {
+        let config = config();
+        let mut ewma = Ewma::default();
+        ewma.observe(ms(2), ms(0), DECAY);
+        // A fast error: 1 ms, but the estimate is the 500 ms penalty.
+        ewma.observe(ms(1), ms(10), DECAY);
+        ewma.penalize(ms(500), ms(10), config.failure_penalty_decay);
+        assert_eq!(ewma.estimate_nanos(ms(10), &config), 500_000_000.0);
+        // Failing again a second later keeps it at the penalty.
+        ewma.penalize(ms(500), ms(1_010), config.failure_penalty_decay);
+        assert_eq!(ewma.estimate_nanos(ms(1_010), &config), 500_000_000.0);
+        // Five seconds after the last failure the penalty is under 4 ms: back among 2 ms
+        // peers, where a latency peak of 500 ms would still be at 300 ms.
+        let later = ewma.estimate_nanos(ms(6_010), &config);
+        assert!(later < 4_000_000.0, "{later}");
     }
 }

@@ -130,7 +130,7 @@ impl ServicePicker {
     /// [`Served`] it.
     ///
     /// Always releases `picked`'s in-flight count. [`Served::ByRetryTarget`] also records the
-    /// pick's attempt as a failure (at the failure penalty latency); [`Served::ByFallback`]
+    /// pick's attempt as a failure (with the failure penalty); [`Served::ByFallback`]
     /// charges the pick nothing. The endpoint that served (if it is one of this service's)
     /// gets the outcome's latency and verdict. Returns the breaker transitions this caused so
     /// the filter can count ejections. Endpoints no longer present are ignored.
@@ -155,8 +155,7 @@ impl ServicePicker {
         if matches!(served_by, Served::ByRetryTarget(_))
             && let Some(slot) = picked_slot
         {
-            self.slots
-                .observe(slot, estimate.failure_penalty, now, estimate.decay);
+            self.slots.penalize(slot, estimate, now);
             transitions.push(self.slots.transition(
                 slot,
                 Event::Complete(Verdict::RETRIED_ELSEWHERE),
@@ -180,12 +179,11 @@ impl ServicePicker {
                     .map(|slow| slow.latency_threshold),
             )
             .against_peers(policy.outlier_detection.relative_latency.as_ref(), typical);
-            let rtt = if verdict.failure {
-                outcome.latency.max(estimate.failure_penalty)
-            } else {
-                outcome.latency
-            };
-            self.slots.observe(slot, rtt, now, estimate.decay);
+            self.slots
+                .observe(slot, outcome.latency, now, estimate.decay);
+            if verdict.failure {
+                self.slots.penalize(slot, estimate, now);
+            }
             transitions.push(self.slots.transition(
                 slot,
                 Event::Complete(verdict),

@@ -11,7 +11,7 @@ use super::{Transition, Warmup};
 use crate::{
     breaker::{BreakerState, Context, Event},
     endpoint::{Endpoint, Health},
-    policy::{OutlierDetection, SlowStart},
+    policy::{OutlierDetection, PeakEwma, SlowStart},
     select::{EndpointStats, Slot, hash::address_hash, peak_ewma::Ewma},
     window::BUCKETS,
 };
@@ -176,6 +176,15 @@ impl Slots {
     /// Folds one response time into `slot`'s latency estimate.
     pub fn observe(&mut self, slot: usize, rtt: Duration, now: Duration, decay: Duration) {
         self.list[slot].stats.ewma.observe(rtt, now, decay);
+    }
+
+    /// Records a failure on `slot`'s latency estimate: its penalty, under `estimate`'s policy.
+    pub fn penalize(&mut self, slot: usize, estimate: &PeakEwma, now: Duration) {
+        self.list[slot].stats.ewma.penalize(
+            estimate.failure_penalty,
+            now,
+            estimate.failure_penalty_decay,
+        );
     }
 
     /// Applies a breaker event to `slot`; returns the change of state kind, if any.

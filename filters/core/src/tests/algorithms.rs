@@ -930,7 +930,12 @@ fn latency_is_fed_to_the_endpoint_that_served() {
         ms(1),
     );
     let slots = picker.slots_for_tests();
-    let estimate = |i: usize| slots[i].stats.ewma.estimate_nanos(ms(1), secs(10), ms(30));
+    let estimate = |i: usize| {
+        slots[i]
+            .stats
+            .ewma
+            .estimate_nanos(ms(1), &crate::policy::PeakEwma::default())
+    };
     assert_eq!(estimate(1), 900_000_000.0);
     // addr(1) failed (retried elsewhere): recorded at the failure penalty.
     assert_eq!(estimate(0), 500_000_000.0);

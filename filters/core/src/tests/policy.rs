@@ -59,6 +59,7 @@ fn parses_a_full_service_policy_with_human_durations() {
             decay: Duration::from_secs(5),
             default_rtt: Duration::from_millis(20),
             failure_penalty: Duration::from_millis(500),
+            ..PeakEwma::default()
         })
     );
     let od = &checkout.outlier_detection;
@@ -294,13 +295,16 @@ fn load_balancer() -> impl Strategy<Value = LoadBalancer> {
                 active_request_bias: f64::from(bias) / 2.0,
             })
         }),
-        (duration_ms(), duration_ms(), duration_ms()).prop_map(|(decay, rtt, penalty)| {
-            LoadBalancer::PeakEwma(PeakEwma {
-                decay,
-                default_rtt: rtt,
-                failure_penalty: penalty,
-            })
-        }),
+        (duration_ms(), duration_ms(), duration_ms(), duration_ms()).prop_map(
+            |(decay, rtt, penalty, penalty_decay)| {
+                LoadBalancer::PeakEwma(PeakEwma {
+                    decay,
+                    default_rtt: rtt,
+                    failure_penalty: penalty,
+                    failure_penalty_decay: penalty_decay,
+                })
+            }
+        ),
         (hash_on(), 1u32..=262_144, proptest::option::of(1u32..8)).prop_map(
             |(hash_on, minimum_ring_size, bound)| {
                 LoadBalancer::RingHash(RingHash {

@@ -237,3 +237,23 @@ fn slow_start_is_off_by_default_validated_by_path_and_left_out_of_snapshots_when
         "{error}"
     );
 }
+
+#[test]
+fn an_endpoint_that_stopped_failing_before_any_ejection_is_back_to_its_share_in_seconds() {
+    // Peak EWMA avoids an erroring endpoint through its failure penalty, often before any
+    // breaker trips; the penalty wears off in seconds once the errors stop.
+    let mut picker = picker_with(LoadBalancer::PeakEwma(PeakEwma::default()), None, 4);
+    shares(&mut picker, secs(0), secs(2), |_| ms(2));
+    // Fast errors, as 503s are: as quick as the peers' answers.
+    let fast_error = crate::Outcome {
+        latency: ms(2),
+        ..status(503)
+    };
+    let transitions = fail_on(&mut picker, addr(4), fast_error, 3, secs(2));
+    assert!(transitions.is_empty(), "three failures eject nothing");
+    let after = shares(&mut picker, secs(8), secs(12), |_| ms(2));
+    assert!(
+        share_of(&after, addr(4)) >= 0.8 * 0.25,
+        "at least 80 % of its fair share 6 s after its last error: {after:?}"
+    );
+}
