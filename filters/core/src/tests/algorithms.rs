@@ -937,7 +937,7 @@ fn latency_is_fed_to_the_endpoint_that_served() {
             .estimate_nanos(ms(1), &crate::policy::PeakEwma::default())
     };
     assert_eq!(estimate(1), 900_000_000.0);
-    // addr(1) failed (retried elsewhere): recorded at the failure penalty.
+    // addr(1) failed (retried elsewhere): its estimate is the failure penalty.
     assert_eq!(estimate(0), 500_000_000.0);
     assert_eq!(Duration::from_nanos(estimate(0) as u64), ms(500));
 }
