@@ -140,9 +140,9 @@ fn scenarios() -> Vec<Scenario> {
         },
         Scenario {
             name: "recovery",
-            about: "b4 answers every request with 503 for 3 s, then recovers; both sides eject \
-                    it for 30 s, so the run lasts 45 s and \"b4 last\" (fair: 25 %) shows the \
-                    share it gets back once re-admitted",
+            about: "b4 answers every request with 503 for 3 s, then recovers; an ejection \
+                    lasts 30 s on both sides, so the run lasts 45 s and \"b4 last\" (fair: \
+                    25 %) shows the share it gets back",
             connections: FAULT_CONNECTIONS,
             faults: with_odd(Fault {
                 error_rate: 1.0,
