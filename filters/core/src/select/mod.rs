@@ -171,6 +171,9 @@ pub(crate) struct Request<'a, R: ?Sized> {
     pub slots: &'a [Slot],
     /// The sum of the endpoints' in-flight requests.
     pub total_inflight: u64,
+    /// The service's typical latency as last worked out (the relative-latency rule's
+    /// yardstick), for latency estimates of endpoints with no sample yet.
+    pub typical_latency: Option<Duration>,
     pub now: Duration,
     pub rng: &'a mut R,
 }

@@ -236,6 +236,12 @@ impl Slots {
         })
     }
 
+    /// The typical latency as last worked out by [`typical_latency`](Self::typical_latency),
+    /// without working it out again.
+    pub fn last_typical_latency(&self) -> Option<Duration> {
+        self.typical.value
+    }
+
     /// The peers' typical latency at `now` for the relative-latency rule: the median, over
     /// closed endpoints with at least `minimum_requests` calls in their window, of their mean
     /// latency. `None` without the rule or while fewer than `minimum_hosts` endpoints qualify.
