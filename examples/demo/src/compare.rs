@@ -12,7 +12,6 @@
 //! Normally run through `cargo xtask bench-compare`.
 
 use std::{
-    collections::BTreeMap,
     fmt::Write as _,
     path::{Path, PathBuf},
     time::Duration,
@@ -20,13 +19,13 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
+use fulcrum_demo::wrk;
 use fulcrum_example_backend::{Backend, Fault};
 use fulcrum_test_support::{
     Bootstrap, ClusterBalancing, Endpoints, Envoy, EnvoyOptions, FailurePolicy, FilterSetup,
     Ingress, RETRY_ON_HTTP,
 };
 use serde_json::json;
-use tokio::process::Command;
 
 #[derive(Debug, Parser)]
 #[command(about = "fulcrum vs Envoy's native balancers on the same Envoy, backends and route")]
@@ -184,19 +183,6 @@ fn fulcrum_policy() -> serde_json::Value {
     }})
 }
 
-/// Prints one machine-readable line at the end of a wrk run (latencies in microseconds). wrk 4
-/// applies its coordinated-omission correction before `done`, so a stalled connection adds
-/// synthetic tail samples.
-const WRK_SCRIPT: &str = r#"
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "FULCRUM_RESULT requests=%d duration_us=%d status=%d connect=%d read=%d write=%d timeout=%d p50=%.0f p99=%.0f p999=%.0f\n",
-    summary.requests, summary.duration, e.status, e.connect, e.read, e.write, e.timeout,
-    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
-end
-"#;
-
 /// What one run measured.
 #[derive(Debug, Clone)]
 struct Measured {
@@ -235,9 +221,9 @@ async fn main() -> Result<()> {
         .prefix("fulcrum-compare-")
         .tempdir()?;
     let script = dir.path().join("report.lua");
-    std::fs::write(&script, WRK_SCRIPT)?;
+    std::fs::write(&script, wrk::SCRIPT)?;
 
-    let load_before = load_average();
+    let load_before = wrk::load_average();
     let mut results: Vec<(&Scenario, ClusterBalancing, Measured)> = Vec::new();
     for scenario in &chosen {
         for balancing in BALANCERS {
@@ -253,7 +239,7 @@ async fn main() -> Result<()> {
             results.push((scenario, balancing, measured));
         }
     }
-    let report = report(&args, &results, &load_before, &load_average());
+    let report = report(&args, &results, &load_before, &wrk::load_average());
     print!("{report}");
     if let Some(out) = &args.out {
         if let Some(parent) = out.parent() {
@@ -318,7 +304,6 @@ async fn run(
     let mut envoy = Envoy::start_with(&bootstrap, &options).await?;
     let listener = envoy.ingress_address().await?;
 
-    let threads = scenario.connections.min(2);
     let seconds = args.duration.max(scenario.min_seconds);
     let counts = |backends: &[Backend]| -> Vec<u64> {
         backends.iter().map(|b| b.stats().requests).collect()
@@ -338,41 +323,15 @@ async fn run(
         .await;
         anyhow::Ok(counts(&backends))
     };
-    let wrk = tokio::time::timeout(
-        Duration::from_secs(seconds + 30),
-        Command::new(&args.wrk)
-            .args([
-                &format!("-t{threads}"),
-                &format!("-c{}", scenario.connections),
-                &format!("-d{seconds}s"),
-                "--timeout",
-                "3s",
-                "--latency",
-                "-s",
-            ])
-            .arg(script)
-            .arg(format!("http://{listener}/"))
-            .kill_on_drop(true)
-            .output(),
-    );
-    let (output, tail_start) = tokio::join!(wrk, timeline);
+    let url = format!("http://{listener}/");
+    let load = wrk::run(&args.wrk, script, &url, scenario.connections, seconds);
+    let (report, tail_start) = tokio::join!(load, timeline);
     let tail_start = tail_start?;
-    let output = output
-        .context("wrk did not finish in time")?
-        .with_context(|| format!("running {}", args.wrk.display()))?;
     envoy.check_running()?;
     // Stops the traffic before the backends are counted.
     drop(envoy);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    if !output.status.success() {
-        bail!(
-            "wrk failed ({}): {stdout}{}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    let fields = parse_wrk(&stdout)?;
-    let field = |name: &str| fields.get(name).copied().unwrap_or(0.0);
+    let report = report?;
+    let field = |name: &str| report.field(name);
     let finished = field("requests");
     let attempted = finished + field("connect") + field("read") + field("write") + field("timeout");
     let end = counts(&backends);
@@ -388,7 +347,7 @@ async fn run(
         .map(|&count| (count as f64 / received.max(1) as f64 - equal).abs() / equal)
         .fold(0.0, f64::max);
     Ok(Measured {
-        requests_per_second: finished / (field("duration_us") / 1e6).max(1e-9),
+        requests_per_second: report.requests_per_second(),
         success: if attempted > 0.0 {
             (finished - field("status")) / attempted
         } else {
@@ -401,29 +360,6 @@ async fn run(
         odd_tail_share: tail[3] as f64 / tail.iter().sum::<u64>().max(1) as f64,
         spread,
     })
-}
-
-/// The `key=value` fields of the script's `FULCRUM_RESULT` line.
-fn parse_wrk(stdout: &str) -> Result<BTreeMap<String, f64>> {
-    let line = stdout
-        .lines()
-        .find_map(|l| l.strip_prefix("FULCRUM_RESULT "))
-        .with_context(|| format!("wrk printed no FULCRUM_RESULT line:\n{stdout}"))?;
-    line.split_whitespace()
-        .map(|pair| {
-            let (key, value) = pair
-                .split_once('=')
-                .with_context(|| format!("bad wrk field `{pair}`"))?;
-            Ok((key.to_owned(), value.parse()?))
-        })
-        .collect()
-}
-
-/// `/proc/loadavg`'s three load averages.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".to_owned())
 }
 
 fn report(

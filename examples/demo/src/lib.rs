@@ -9,3 +9,4 @@
 
 pub mod load;
 pub mod stack;
+pub mod wrk;

@@ -165,6 +165,11 @@ impl Envoy {
         Ok(envoy)
     }
 
+    /// The Envoy process's id (for reading its CPU time and memory from `/proc`).
+    pub fn pid(&self) -> u32 {
+        self.process.id()
+    }
+
     /// The admin listener's address.
     pub fn admin_address(&self) -> SocketAddr {
         self.admin

@@ -1,0 +1,427 @@
+//! `fulcrum-datapath`: what fulcrum costs per request, against the floor of running any wasm
+//! filter at all.
+//!
+//! One Envoy, four in-process backends answering at once (0 ms), the same route, three ways:
+//! - **native**: Envoy's round robin, no filter;
+//! - **floor**: a proxy-wasm filter that does nothing (`tests/floor-filter`) in front of the
+//!   same `override_host` cluster fulcrum uses, so floor − native is the price of V8 and the
+//!   `override_host` policy's fallback pick;
+//! - **fulcrum**: the release filter, static endpoints, default policy; fulcrum − floor is
+//!   fulcrum's own work.
+//!
+//! For Envoy `--concurrency` 1 and 2 and at 1 and 64 connections, each configuration gets a
+//! fresh Envoy, a warm-up (V8 compiles the module's hot functions with its optimising tier
+//! only after they ran a while), then one measured wrk run per connection count. Repeats
+//! interleave the configurations (the order rotates from one repeat to the next), so a slow
+//! minute on this shared machine hits all three instead of one. Proxy CPU is Envoy's own: the
+//! on-CPU nanoseconds of all its threads (`/proc/<pid>/task/*/schedstat`) over the measured
+//! run, divided by the requests wrk completed. Ratios are paired per repeat (the three runs of
+//! one repeat are minutes apart at most) and reported as the median with the spread.
+//! Normally run through `cargo xtask bench`.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use clap::Parser;
+use fulcrum_demo::wrk;
+use fulcrum_example_backend::Backend;
+use fulcrum_test_support::{
+    Bootstrap, ClusterBalancing, Endpoints, Envoy, EnvoyOptions, FailurePolicy, FilterSetup,
+    Ingress, RETRY_ON_HTTP,
+};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(about = "Per-request cost of fulcrum vs a do-nothing wasm filter vs native round robin")]
+struct Args {
+    /// Envoy binary (cargo xtask bench passes the one it installed).
+    #[arg(long, env = "FULCRUM_ENVOY")]
+    envoy: PathBuf,
+    /// The release filter (`fulcrum_balancer.wasm`).
+    #[arg(long, env = "FULCRUM_FILTER_WASM")]
+    wasm: PathBuf,
+    /// The do-nothing filter (`fulcrum_floor_filter.wasm`).
+    #[arg(long, env = "FULCRUM_FLOOR_WASM")]
+    floor_wasm: PathBuf,
+    /// The wrk load generator.
+    #[arg(long, default_value = "wrk")]
+    wrk: PathBuf,
+    /// Seconds of each measured run, 1..=60.
+    #[arg(long, default_value_t = 5)]
+    duration: u64,
+    /// Seconds of load before the measured runs on each fresh Envoy, 0..=30.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
+    /// Interleaved repeats of every configuration, 1..=20.
+    #[arg(long, default_value_t = 3)]
+    repeats: u32,
+    /// A smoke run: one repeat of 1 s runs after a 1 s warm-up.
+    #[arg(long)]
+    quick: bool,
+    /// Envoy worker counts to measure (repeatable).
+    #[arg(long = "workers", default_values_t = [1, 2])]
+    workers: Vec<u32>,
+    /// Connection counts to measure (repeatable).
+    #[arg(long = "connections", default_values_t = [1, 64])]
+    connections: Vec<u32>,
+    /// Also write the markdown report here.
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+const SERVICE: &str = "datapath";
+const ROUTE_TIMEOUT_MS: u64 = 1000;
+const RETRIES: u32 = 2;
+
+/// The three ways one Envoy is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    Native,
+    Floor,
+    Fulcrum,
+}
+
+const SETUPS: [Setup; 3] = [Setup::Native, Setup::Floor, Setup::Fulcrum];
+
+impl Setup {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Native => "native round_robin",
+            Self::Floor => "floor (do-nothing wasm)",
+            Self::Fulcrum => "fulcrum",
+        }
+    }
+}
+
+/// One measured run.
+#[derive(Debug, Clone)]
+struct Sample {
+    repeat: u32,
+    workers: u32,
+    connections: u32,
+    setup: Setup,
+    requests_per_second: f64,
+    p50_us: f64,
+    p99_us: f64,
+    /// Envoy's on-CPU time over the run per completed request.
+    cpu_us_per_request: f64,
+    /// Non-2xx answers and socket errors.
+    errors: f64,
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let mut args = Args::parse();
+    if args.quick {
+        args.repeats = 1;
+        args.duration = 1;
+        args.warmup = 1;
+    }
+    if !(1..=60).contains(&args.duration) {
+        bail!("--duration must be 1..=60 seconds, got {}", args.duration);
+    }
+    if args.warmup > 30 {
+        bail!("--warmup must be 0..=30 seconds, got {}", args.warmup);
+    }
+    if !(1..=20).contains(&args.repeats) {
+        bail!("--repeats must be 1..=20, got {}", args.repeats);
+    }
+    if let Some(bad) = args.workers.iter().find(|w| !(1..=8).contains(*w)) {
+        bail!("--workers must be 1..=8, got {bad}");
+    }
+    if let Some(bad) = args.connections.iter().find(|c| !(1..=1024).contains(*c)) {
+        bail!("--connections must be 1..=1024, got {bad}");
+    }
+    let dir = tempfile::Builder::new()
+        .prefix("fulcrum-datapath-")
+        .tempdir()?;
+    let script = dir.path().join("report.lua");
+    std::fs::write(&script, wrk::SCRIPT)?;
+    let mut backends = Vec::new();
+    for index in 1..=4 {
+        backends.push(Backend::bind(&format!("b{index}"), 0, 0).await?);
+    }
+    let addresses: Vec<_> = backends.iter().map(|b| b.addr).collect();
+
+    let load_before = wrk::load_average();
+    let mut samples = Vec::new();
+    for repeat in 0..args.repeats {
+        for &workers in &args.workers {
+            for offset in 0..SETUPS.len() {
+                let setup = SETUPS[(offset + repeat as usize) % SETUPS.len()];
+                eprintln!(
+                    "fulcrum-datapath: repeat {}/{}, {workers} worker(s), {}…",
+                    repeat + 1,
+                    args.repeats,
+                    setup.name()
+                );
+                let measured = run(&args, setup, workers, &addresses, dir.path(), &script)
+                    .await
+                    .with_context(|| format!("{} with {workers} worker(s)", setup.name()))?;
+                samples.extend(measured.into_iter().map(|mut sample| {
+                    sample.repeat = repeat;
+                    sample
+                }));
+            }
+        }
+    }
+    let report = report(&args, &samples, &load_before, &wrk::load_average());
+    print!("{report}");
+    if let Some(out) = &args.out {
+        if let Some(parent) = out.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(out, &report).with_context(|| format!("writing {}", out.display()))?;
+        eprintln!("fulcrum-datapath: wrote {}", out.display());
+    }
+    Ok(())
+}
+
+/// One configuration on a fresh Envoy: warm-up, then one measured run per connection count.
+async fn run(
+    args: &Args,
+    setup: Setup,
+    workers: u32,
+    addresses: &[std::net::SocketAddr],
+    dir: &Path,
+    script: &Path,
+) -> Result<Vec<Sample>> {
+    let endpoints = addresses
+        .iter()
+        .map(|a| json!({"address": a.to_string()}))
+        .collect::<Vec<_>>();
+    let (balancing, filter) = match setup {
+        Setup::Native => (ClusterBalancing::RoundRobin, None),
+        Setup::Floor => (
+            ClusterBalancing::Fulcrum,
+            Some(FilterSetup {
+                wasm: args.floor_wasm.clone(),
+                config: json!({}),
+                failure_policy: FailurePolicy::default(),
+            }),
+        ),
+        Setup::Fulcrum => (
+            ClusterBalancing::Fulcrum,
+            Some(FilterSetup {
+                wasm: args.wasm.clone(),
+                config: json!({
+                    "service": {"from": "fixed", "name": SERVICE},
+                    "endpoints": {SERVICE: endpoints},
+                }),
+                failure_policy: FailurePolicy::default(),
+            }),
+        ),
+    };
+    let label = format!(
+        "{}-w{workers}",
+        setup.name().split(' ').next().unwrap_or("x")
+    );
+    let bootstrap = Bootstrap {
+        node_id: format!("datapath-{label}"),
+        endpoints: Endpoints::Static(addresses.to_vec()),
+        ingress: Some(Ingress {
+            service: SERVICE.to_owned(),
+            balancing,
+            filter,
+            route_timeout_ms: ROUTE_TIMEOUT_MS,
+            retries: RETRIES,
+            retry_on: RETRY_ON_HTTP,
+        }),
+    };
+    let options = EnvoyOptions {
+        binary: Some(args.envoy.clone()),
+        concurrency: workers,
+        log_level: "warning".to_owned(),
+        dir: Some(dir.to_path_buf()),
+        name: format!("envoy-{label}"),
+        ..EnvoyOptions::default()
+    };
+    let mut envoy = Envoy::start_with(&bootstrap, &options).await?;
+    let url = format!("http://{}/", envoy.ingress_address().await?);
+    if args.warmup > 0 {
+        wrk::run(&args.wrk, script, &url, 64, args.warmup).await?;
+    }
+    let mut samples = Vec::new();
+    for &connections in &args.connections {
+        let before = cpu_time(envoy.pid())?;
+        let report = wrk::run(&args.wrk, script, &url, connections, args.duration).await?;
+        let cpu = cpu_time(envoy.pid())?.saturating_sub(before);
+        envoy.check_running()?;
+        let requests = report.field("requests").max(1.0);
+        samples.push(Sample {
+            repeat: 0,
+            workers,
+            connections,
+            setup,
+            requests_per_second: report.requests_per_second(),
+            p50_us: report.field("p50"),
+            p99_us: report.field("p99"),
+            cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests,
+            errors: ["status", "connect", "read", "write", "timeout"]
+                .iter()
+                .map(|field| report.field(field))
+                .sum(),
+        });
+    }
+    Ok(samples)
+}
+
+/// A process's on-CPU time so far: the sum over its threads of `/proc/<pid>/task/<tid>/
+/// schedstat`'s first field (nanoseconds, unlike `stat`'s 10 ms clock ticks).
+fn cpu_time(pid: u32) -> Result<Duration> {
+    let tasks = format!("/proc/{pid}/task");
+    let mut nanos: u64 = 0;
+    for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+        let path = task?.path().join("schedstat");
+        // A thread that ended between the listing and the read has nothing left to count.
+        let Ok(text) = std::fs::read_to_string(&path) else {
+            continue;
+        };
+        let on_cpu = text
+            .split_whitespace()
+            .next()
+            .and_then(|field| field.parse::<u64>().ok())
+            .with_context(|| format!("{} is not `<ns on cpu> …`: {text:?}", path.display()))?;
+        nanos = nanos.saturating_add(on_cpu);
+    }
+    Ok(Duration::from_nanos(nanos))
+}
+
+/// The median and the smallest and largest of `values` (not empty).
+fn summary(mut values: Vec<f64>) -> (f64, f64, f64) {
+    values.sort_by(f64::total_cmp);
+    let middle = values.len() / 2;
+    let median = if values.len() % 2 == 0 {
+        (values[middle - 1] + values[middle]) / 2.0
+    } else {
+        values[middle]
+    };
+    (median, values[0], values[values.len() - 1])
+}
+
+/// `median (min–max)` with `decimals`, or the median alone when there was one repeat.
+fn spread(values: Vec<f64>, decimals: usize) -> String {
+    let count = values.len();
+    let (median, min, max) = summary(values);
+    if count > 1 {
+        format!("{median:.decimals$} ({min:.decimals$}–{max:.decimals$})")
+    } else {
+        format!("{median:.decimals$}")
+    }
+}
+
+fn report(args: &Args, samples: &[Sample], load_before: &str, load_after: &str) -> String {
+    let of = |workers: u32, connections: u32, setup: Setup| -> Vec<&Sample> {
+        samples
+            .iter()
+            .filter(|s| s.workers == workers && s.connections == connections && s.setup == setup)
+            .collect()
+    };
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Envoy `{}`; 4 in-process backends answering at once; wrk {} s per measured run after \
+         a {} s warm-up on each fresh Envoy; {} interleaved repeat(s), medians with (min–max). \
+         Proxy CPU = Envoy's on-CPU time over the run ÷ requests. Load average before: \
+         {load_before}; after: {load_after}.\n",
+        args.envoy.display(),
+        args.duration,
+        args.warmup,
+        args.repeats,
+    );
+    let _ = writeln!(
+        out,
+        "| workers | conns | setup | req/s | p50 µs | p99 µs | proxy CPU µs/req | errors |"
+    );
+    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- | --- | --- |");
+    for &workers in &args.workers {
+        for &connections in &args.connections {
+            for setup in SETUPS {
+                let runs = of(workers, connections, setup);
+                let column = |value: fn(&Sample) -> f64, decimals| {
+                    spread(runs.iter().map(|s| value(s)).collect(), decimals)
+                };
+                let _ = writeln!(
+                    out,
+                    "| {workers} | {connections} | {} | {} | {} | {} | {} | {:.0} |",
+                    setup.name(),
+                    column(|s| s.requests_per_second, 0),
+                    column(|s| s.p50_us, 0),
+                    column(|s| s.p99_us, 0),
+                    column(|s| s.cpu_us_per_request, 1),
+                    runs.iter().map(|s| s.errors).sum::<f64>(),
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nPaired per repeat (the three setups of one repeat), median (min–max):\n"
+    );
+    let _ = writeln!(
+        out,
+        "| workers | conns | fulcrum ÷ floor req/s | floor ÷ native req/s | fulcrum − floor CPU µs/req | floor − native CPU µs/req | fulcrum − floor p50 µs |"
+    );
+    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- | --- |");
+    for &workers in &args.workers {
+        for &connections in &args.connections {
+            let paired = |a: Setup, b: Setup, value: fn(&Sample, &Sample) -> f64| -> Vec<f64> {
+                (0..args.repeats)
+                    .filter_map(|repeat| {
+                        let find = |setup| {
+                            samples.iter().find(|s| {
+                                s.repeat == repeat
+                                    && s.workers == workers
+                                    && s.connections == connections
+                                    && s.setup == setup
+                            })
+                        };
+                        Some(value(find(a)?, find(b)?))
+                    })
+                    .collect()
+            };
+            let ratio = |a: &Sample, b: &Sample| a.requests_per_second / b.requests_per_second;
+            let cpu = |a: &Sample, b: &Sample| a.cpu_us_per_request - b.cpu_us_per_request;
+            let p50 = |a: &Sample, b: &Sample| a.p50_us - b.p50_us;
+            let _ = writeln!(
+                out,
+                "| {workers} | {connections} | {} | {} | {} | {} | {} |",
+                spread(paired(Setup::Fulcrum, Setup::Floor, ratio), 2),
+                spread(paired(Setup::Floor, Setup::Native, ratio), 2),
+                spread(paired(Setup::Fulcrum, Setup::Floor, cpu), 1),
+                spread(paired(Setup::Floor, Setup::Native, cpu), 1),
+                spread(paired(Setup::Fulcrum, Setup::Floor, p50), 0),
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_summary_is_the_median_with_the_extremes_whatever_the_order() {
+        assert_eq!(summary(vec![3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
+        assert_eq!(summary(vec![4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
+        assert_eq!(summary(vec![7.0]), (7.0, 7.0, 7.0));
+    }
+
+    #[test]
+    fn this_process_has_spent_cpu_time_and_it_never_goes_backwards() {
+        let pid = std::process::id();
+        let first = cpu_time(pid).unwrap();
+        let mut spin = 0u64;
+        for i in 0..2_000_000u64 {
+            spin = spin.wrapping_add(i * i);
+        }
+        std::hint::black_box(spin);
+        assert!(cpu_time(pid).unwrap() >= first);
+        assert!(first > Duration::ZERO);
+    }
+}
