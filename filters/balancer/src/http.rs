@@ -69,6 +69,7 @@
 //!   body by `max_snapshot_bytes`.
 
 use std::{
+    borrow::Cow,
     cell::RefCell,
     fmt::Write as _,
     net::{IpAddr, SocketAddr},
@@ -142,19 +143,31 @@ impl Request {
         }
     }
 
-    /// The request's service name, per the configured source.
-    fn service_name(&self) -> Option<String> {
+    /// The request's service name, per the configured source; a fixed name is borrowed, a
+    /// header's is the header's own copy.
+    fn service_name(&self) -> Option<Cow<'_, str>> {
         let metrics = &self.metrics;
+        let owned = |name: String| Some(Cow::Owned(name));
         match &self.config.service {
             ServiceSource::Authority => {
-                let authority = input::request_header(":authority", Input::Authority, metrics)?;
-                Some(strip_port(&authority).to_owned())
+                let mut authority = input::request_header(":authority", Input::Authority, metrics)?;
+                let host = strip_port(&authority);
+                if authority.starts_with(host) {
+                    authority.truncate(host.len());
+                    owned(authority)
+                } else {
+                    owned(host.to_owned())
+                }
             }
-            ServiceSource::Header { name } => input::request_header(name, Input::Service, metrics),
-            ServiceSource::Fixed { name } => Some(name.clone()),
-            ServiceSource::RouteCluster => {
-                input::string_property(&["xds", "cluster_name"], Input::RouteCluster, metrics)
+            ServiceSource::Header { name } => {
+                owned(input::request_header(name, Input::Service, metrics)?)
             }
+            ServiceSource::Fixed { name } => Some(Cow::Borrowed(name)),
+            ServiceSource::RouteCluster => owned(input::string_property(
+                &["xds", "cluster_name"],
+                Input::RouteCluster,
+                metrics,
+            )?),
         }
     }
 
@@ -273,23 +286,12 @@ impl Request {
             return;
         };
         let metrics = &self.metrics;
-        let flags =
-            input::int_property(&["response", "flags"], Input::ResponseFlags, metrics).unwrap_or(0);
+        let now = now();
         let status = match grpc_status {
             Some(code) => Some(grpc_http_status(code)),
             None => input::int_property(&["response", "code"], Input::ResponseCode, metrics)
                 .and_then(|code| u16::try_from(code).ok())
                 .filter(|code| *code > 0),
-        };
-        let outcome = Outcome {
-            status,
-            connect_failure: flags & flags::UPSTREAM_CONNECTION_FAILURE != 0,
-            reset: flags & (flags::UPSTREAM_REMOTE_RESET | flags::UPSTREAM_CONNECTION_TERMINATION)
-                != 0,
-            timeout: flags & (flags::UPSTREAM_REQUEST_TIMEOUT | flags::STREAM_IDLE_TIMEOUT) != 0,
-            latency: pending
-                .to_headers
-                .unwrap_or_else(|| now().saturating_sub(pending.started)),
         };
         let upstream = input::parsed_property(
             &["upstream", "address"],
@@ -309,6 +311,21 @@ impl Request {
             });
         let served_by =
             Served::classify(pending.endpoint, &pending.retry_targets, upstream, attempts);
+        let flags = if answered_by_the_pick(status, served_by) {
+            0
+        } else {
+            input::int_property(&["response", "flags"], Input::ResponseFlags, metrics).unwrap_or(0)
+        };
+        let outcome = Outcome {
+            status,
+            connect_failure: flags & flags::UPSTREAM_CONNECTION_FAILURE != 0,
+            reset: flags & (flags::UPSTREAM_REMOTE_RESET | flags::UPSTREAM_CONNECTION_TERMINATION)
+                != 0,
+            timeout: flags & (flags::UPSTREAM_REQUEST_TIMEOUT | flags::STREAM_IDLE_TIMEOUT) != 0,
+            latency: pending
+                .to_headers
+                .unwrap_or_else(|| now.saturating_sub(pending.started)),
+        };
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
             return;
         };
@@ -318,7 +335,6 @@ impl Request {
         if matches!(served_by, Served::ByFallback(_)) {
             service.metrics.override_ignored();
         }
-        let now = now();
         if may_be_a_failure(&outcome, served_by) {
             // Another worker may have ejected the endpoint since the last tick: learn it
             // first, so this failure is not counted towards an ejection of our own.
@@ -334,6 +350,15 @@ impl Request {
             service.share_transitions(transitions.iter(), now, metrics);
         }
     }
+}
+
+/// Whether the pick itself answered with a success or a redirect (below 400): then Envoy's
+/// response flags, which say how an attempt failed (connect failure, reset, timeout), are not
+/// read, saving a host call on nearly every request. The endpoint is judged by its answer
+/// even when an earlier attempt of the stream failed and a retry came back to it. A 4xx
+/// still reads them: a stream idle timeout ends as a local 408.
+fn answered_by_the_pick(status: Option<u16>, served_by: Served) -> bool {
+    status.is_some_and(|status| status < 400) && served_by == Served::ByPick
 }
 
 /// Whether an outcome may count as a failure under some policy: a 5xx, no response, a

@@ -221,17 +221,18 @@ pub fn text(bytes: Vec<u8>, cap: usize) -> Option<String> {
 /// cluster's `override_host` policy reads. Counts one `fulcrum_override_header_stripped_total`
 /// when any copy was there.
 ///
-/// Removal never depends on reading: the value is only probed, as bytes (never as text), to
-/// know whether to count, and every copy is removed whatever the probe says (Envoy's remove
-/// drops all entries of the name, matched case-insensitively).
+/// The value is probed as bytes (never as text). Only Envoy's definite "no such header"
+/// (`NotFound`, `Ok(None)`) skips the removal, which saves a host call on every honest
+/// request; any other answer, an error included, removes every copy (Envoy's remove drops all
+/// entries of the name, matched case-insensitively, as its get finds the first of them).
 pub fn strip_override_headers(configured: &str, metrics: &Metrics) {
     let mut present = false;
     for name in override_header_names(configured) {
-        present |= matches!(
-            hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name),
-            Ok(Some(_))
-        );
-        let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+        let probe = hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name);
+        if !matches!(probe, Ok(None)) {
+            present |= probe.is_ok();
+            let _ = hostcalls::remove_map_value(MapType::HttpRequestHeaders, name);
+        }
     }
     if present {
         metrics.override_header_stripped();

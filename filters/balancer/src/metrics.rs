@@ -10,6 +10,12 @@
 //! defining the same name shares one counter, so counters and the gauge below aggregate
 //! across workers.
 //!
+//! Picks are the one stat a request moves: `fulcrum_endpoint_picks_total` is added up in the
+//! VM and flushed to Envoy on the root context's tick (every second, [`ServiceMetrics::flush`])
+//! and when an endpoint leaves the snapshot, so a request costs no `increment_metric` host
+//! call; the stat lags by at most a tick, far below any scrape interval. Everything else
+//! (fail-opens, ejections, rejections) is rare and counted at once.
+//!
 //! Per-endpoint stats are defined lazily on first use, released when the endpoint leaves the
 //! snapshot, and capped at [`MAX_ENDPOINT_METRICS`] current endpoints per service and VM, so
 //! churning endpoints cannot grow the VM's memory without bound; past the cap
@@ -50,6 +56,8 @@ fn add(metric: MetricId, delta: i64) {
 struct EndpointMetrics {
     /// `fulcrum_endpoint_picks_total`: requests sent to the endpoint.
     picks: MetricId,
+    /// Picks counted in the VM since the last [`ServiceMetrics::flush`].
+    unflushed_picks: u64,
     /// `fulcrum_endpoint_ejections_total`: transitions of its breaker to open.
     ejections: MetricId,
     /// `fulcrum_endpoint_circuit_open`: how many worker VMs currently hold its circuit open
@@ -235,6 +243,8 @@ pub struct ServiceMetrics {
     /// Copied from [`Metrics`] so the request path needs only this struct.
     endpoint_metrics_dropped: MetricId,
     endpoints: HashMap<SocketAddr, EndpointMetrics>,
+    /// Whether some endpoint has unflushed picks, so an idle service's flush is free.
+    unflushed: bool,
 }
 
 impl ServiceMetrics {
@@ -264,6 +274,7 @@ impl ServiceMetrics {
             endpoint_metrics_dropped: vm.endpoint_metrics_dropped,
             suffix,
             endpoints: HashMap::new(),
+            unflushed: false,
         }
     }
 
@@ -279,9 +290,25 @@ impl ServiceMetrics {
         add(self.override_ignored, 1);
     }
 
+    /// Counts a pick in the VM; Envoy sees it at the next [`ServiceMetrics::flush`].
     pub fn picked(&mut self, endpoint: SocketAddr) {
-        if let Some(metrics) = self.endpoint(endpoint) {
-            add(metrics.picks, 1);
+        if !self.endpoints.contains_key(&endpoint) && self.endpoint(endpoint).is_none() {
+            return;
+        }
+        if let Some(metrics) = self.endpoints.get_mut(&endpoint) {
+            metrics.unflushed_picks += 1;
+            self.unflushed = true;
+        }
+    }
+
+    /// Hands the picks counted since the last flush to Envoy: one host call per endpoint
+    /// picked meanwhile, none when the service was idle.
+    pub fn flush(&mut self) {
+        if !std::mem::take(&mut self.unflushed) {
+            return;
+        }
+        for metrics in self.endpoints.values_mut() {
+            flush_picks(metrics);
         }
     }
 
@@ -325,10 +352,11 @@ impl ServiceMetrics {
     /// share of the circuit-open gauge goes; its stat handles are forgotten (Envoy keeps the
     /// stats themselves; an endpoint that returns gets the same ones back by name).
     pub fn release(&mut self, endpoint: SocketAddr, circuit_open: bool) {
-        if let Some(metrics) = self.endpoints.remove(&endpoint)
-            && circuit_open
-        {
-            add(metrics.circuit_open, -1);
+        if let Some(mut metrics) = self.endpoints.remove(&endpoint) {
+            flush_picks(&mut metrics);
+            if circuit_open {
+                add(metrics.circuit_open, -1);
+            }
         }
     }
 
@@ -346,6 +374,7 @@ impl ServiceMetrics {
                 MetricType::Counter,
                 &format!("fulcrum_endpoint_picks_total.{suffix}"),
             ),
+            unflushed_picks: 0,
             ejections: define(
                 MetricType::Counter,
                 &format!("fulcrum_endpoint_ejections_total.{suffix}"),
@@ -357,5 +386,13 @@ impl ServiceMetrics {
         };
         self.endpoints.insert(endpoint, metrics);
         Some(metrics)
+    }
+}
+
+/// Adds an endpoint's unflushed picks to its Envoy counter.
+fn flush_picks(metrics: &mut EndpointMetrics) {
+    let picks = std::mem::take(&mut metrics.unflushed_picks);
+    if picks > 0 {
+        add(metrics.picks, i64::try_from(picks).unwrap_or(i64::MAX));
     }
 }

@@ -10,7 +10,8 @@
 //!
 //! Every VM ticks at least every [`EJECTION_SYNC_PERIOD`], static endpoints or not, and, once
 //! it has served a request (so not Envoy's main-thread VM), applies the ejections other
-//! workers shared (`crate::sync`). The proxy's zone comes from its Envoy
+//! workers shared (`crate::sync`) and flushes the picks it counted to Envoy's stats. The
+//! proxy's zone comes from its Envoy
 //! node's locality, read once in `on_configure` ([`crate::input::node_zone`]); a
 //! `locality.local_zone` in the policy overrides it.
 //!
@@ -212,6 +213,7 @@ impl RootContext for Root {
             && let Ok(mut worker) = configured.worker.try_borrow_mut()
         {
             worker.adopt_shared_ejections(now());
+            worker.flush_metrics();
         }
     }
 

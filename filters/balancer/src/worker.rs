@@ -186,6 +186,13 @@ impl Worker {
         }
     }
 
+    /// Hands every service's picks counted since the last tick to Envoy's stats.
+    pub fn flush_metrics(&mut self) {
+        for service in self.services.values_mut() {
+            service.metrics.flush();
+        }
+    }
+
     /// The state of a service the request context already holds the key of.
     pub fn service_by_key(&mut self, key: &Rc<str>) -> Option<&mut Service> {
         self.services.get_mut(key)

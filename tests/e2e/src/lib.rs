@@ -26,6 +26,10 @@ use serde_json::{Value, json};
 /// The service every test sends its requests to.
 pub const SERVICE: &str = "shop";
 
+/// How long [`Proxy::picks`] waits for the filter's tick (every second) to have flushed every
+/// worker's pick counts: two tick periods and a margin for a busy machine.
+pub const PICKS_FLUSH_WAIT: Duration = Duration::from_millis(2500);
+
 /// The release filter: `FULCRUM_FILTER_WASM` (set by `cargo xtask test` after building it).
 pub fn filter_wasm() -> Result<PathBuf> {
     let path = std::env::var_os("FULCRUM_FILTER_WASM").map(PathBuf::from).context(
@@ -334,6 +338,14 @@ impl Proxy {
         let stat =
             format!("wasmcustom.fulcrum_endpoint_{name}.service.{SERVICE}.endpoint.{endpoint}");
         Ok(self.envoy.stat(&stat).await?.unwrap_or(0))
+    }
+
+    /// `fulcrum_endpoint_picks_total` for the endpoint, with every pick made so far in it:
+    /// each worker's filter counts picks in its VM and hands them to Envoy on its tick (every
+    /// second), so this first waits out [`PICKS_FLUSH_WAIT`].
+    pub async fn picks(&self, endpoint: SocketAddr) -> Result<u64> {
+        tokio::time::sleep(PICKS_FLUSH_WAIT).await;
+        self.endpoint_stat("picks_total", endpoint).await
     }
 }
 

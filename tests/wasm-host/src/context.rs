@@ -95,6 +95,9 @@ pub(crate) struct HostState {
     pub(crate) ready_to_finalize: Vec<u32>,
     pub(crate) memory: Option<Memory>,
     pub(crate) allocate: Option<TypedFunc<i32, i32>>,
+    /// Calls the guest made into the host (proxy-wasm and WASI imports alike) since the VM
+    /// started: what a request costs in boundary crossings, which Envoy pays for each.
+    pub(crate) host_calls: u64,
 }
 
 impl HostState {

@@ -428,6 +428,13 @@ impl<'p> Worker<'p> {
         self.index
     }
 
+    /// Calls this worker's VM has made into the host (proxy-wasm and WASI imports) since it
+    /// started. Every one crosses the wasm boundary, which in Envoy's V8 costs far more than
+    /// the filter's own work; the difference across a request is what the request cost.
+    pub fn host_calls(self) -> u64 {
+        self.plugin.vm(self.index).host_calls()
+    }
+
     /// Runs `proxy_on_tick` in this worker's root context if it set a tick period.
     pub fn tick(self) -> anyhow::Result<bool> {
         self.plugin.vm(self.index).tick()

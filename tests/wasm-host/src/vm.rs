@@ -9,7 +9,9 @@ use std::{collections::HashMap, sync::Arc};
 
 use anyhow::{Context as _, anyhow};
 use rand::SeedableRng as _;
-use wasmtime::{Instance, Linker, Module, Store, Trap, TypedFunc, WasmParams, WasmResults};
+use wasmtime::{
+    CallHook, Instance, Linker, Module, Store, Trap, TypedFunc, WasmParams, WasmResults,
+};
 use wasmtime_wasi::{WasiCtxBuilder, p2::pipe::MemoryOutputPipe};
 
 use crate::{
@@ -96,6 +98,11 @@ impl std::fmt::Debug for Vm {
 const PIPE_CAPACITY: usize = 4 << 20;
 
 impl Vm {
+    /// Calls the guest has made into the host so far.
+    pub(crate) fn host_calls(&self) -> u64 {
+        self.store.data().host_calls
+    }
+
     /// Instantiates `module` for `worker` and runs `_initialize` (or `_start`). The root
     /// context is not created yet: see [`Vm::start`].
     pub(crate) fn instantiate(
@@ -137,8 +144,15 @@ impl Vm {
             ready_to_finalize: Vec::new(),
             memory: None,
             allocate: None,
+            host_calls: 0,
         };
         let mut store = Store::new(module.engine(), state);
+        store.call_hook(|mut store, hook| {
+            if matches!(hook, CallHook::CallingHost) {
+                store.data_mut().host_calls += 1;
+            }
+            Ok(())
+        });
         let mut linker: Linker<HostState> = Linker::new(module.engine());
         wasmtime_wasi::p1::add_to_linker_sync(&mut linker, |state: &mut HostState| &mut state.wasi)
             .map_err(anyhow::Error::from)?;

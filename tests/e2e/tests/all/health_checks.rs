@@ -185,7 +185,7 @@ async fn fails_then_recovers(control_plane: &ControlPlane, proxy: &Proxy, backen
 
     // Two filter polls after the control plane published it.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let picks_before = proxy.endpoint_stat("picks_total", checked).await.unwrap();
+    let picks_before = proxy.picks(checked).await.unwrap();
     let served_before = backends[0].stats().requests;
     let fail_open_before = fail_open_total(proxy).await;
     let replies = proxy.send(30).await;
@@ -201,7 +201,7 @@ async fn fails_then_recovers(control_plane: &ControlPlane, proxy: &Proxy, backen
         "round robin over the two healthy backends: {counts:?}"
     );
     assert_eq!(
-        proxy.endpoint_stat("picks_total", checked).await.unwrap(),
+        proxy.picks(checked).await.unwrap(),
         picks_before,
         "the filter never picked b1"
     );
@@ -225,7 +225,7 @@ async fn fails_then_recovers(control_plane: &ControlPlane, proxy: &Proxy, backen
     .await;
     assert!(picked_again.is_ok(), "the filter picks b1 again");
     assert!(
-        proxy.endpoint_stat("picks_total", checked).await.unwrap() > picks_before,
+        proxy.picks(checked).await.unwrap() > picks_before,
         "by the filter's own pick"
     );
 }

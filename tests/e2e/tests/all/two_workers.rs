@@ -130,7 +130,7 @@ async fn a_pick_outside_the_routed_cluster_is_charged_to_nobody_on_any_worker() 
         None,
         "b5 is not in the cluster: {counts:?}"
     );
-    let picked_outside = proxy.endpoint_stat("picks_total", outside).await.unwrap();
+    let picked_outside = proxy.picks(outside).await.unwrap();
     assert!(
         picked_outside >= 10,
         "round robin picks b5 a fifth of the time"
@@ -203,7 +203,7 @@ async fn an_endpoint_one_worker_ejected_is_avoided_by_the_other_without_a_failur
         1,
         "one worker served the first requests: {per_worker:?}"
     );
-    assert_eq!(proxy.endpoint_stat("picks_total", dead).await.unwrap(), 3);
+    assert_eq!(proxy.picks(dead).await.unwrap(), 3);
     assert_eq!(
         proxy.endpoint_stat("ejections_total", dead).await.unwrap(),
         1
@@ -219,7 +219,7 @@ async fn an_endpoint_one_worker_ejected_is_avoided_by_the_other_without_a_failur
         1
     );
     assert_eq!(
-        proxy.endpoint_stat("picks_total", dead).await.unwrap(),
+        proxy.picks(dead).await.unwrap(),
         3,
         "failures before avoidance, for the whole proxy: as many as one worker needs"
     );
@@ -252,7 +252,7 @@ async fn failures_under_load(workers: u32) -> (u64, u64) {
         u64::from(workers),
         "judged {judged}, adopted {adopted}"
     );
-    let picks = proxy.endpoint_stat("picks_total", dead).await.unwrap();
+    let picks = proxy.picks(dead).await.unwrap();
     let connect_failures = proxy
         .envoy
         .stat(&format!("cluster.{SERVICE}.upstream_cx_connect_fail"))

@@ -73,6 +73,15 @@ fn round_robin_spreads_requests_evenly_and_counts_picks_per_endpoint() -> anyhow
     );
     for endpoint in endpoints {
         let name = format!("fulcrum_endpoint_picks_total.service.checkout.endpoint.{endpoint}");
+        assert_eq!(
+            plugin.metric(&name)?,
+            0,
+            "{name}: counted in the VM until the tick"
+        );
+    }
+    plugin.tick_all()?;
+    for endpoint in endpoints {
+        let name = format!("fulcrum_endpoint_picks_total.service.checkout.endpoint.{endpoint}");
         assert_eq!(plugin.metric(&name)?, 3, "{name}");
     }
     Ok(())

@@ -9,6 +9,7 @@
 mod abi;
 mod filter;
 mod grpc;
+mod host_calls;
 mod node_zone;
 mod rate_limit;
 mod replicas;

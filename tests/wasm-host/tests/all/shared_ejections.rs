@@ -76,7 +76,9 @@ fn serve_once_on_each_worker(plugin: &Plugin) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The proxy's picks of the dead endpoint, once every worker's tick has flushed its count.
 fn dead_picks(plugin: &Plugin) -> anyhow::Result<u64> {
+    plugin.tick_all()?;
     plugin.metric(&format!(
         "fulcrum_endpoint_picks_total.service.checkout.endpoint.{DEAD}"
     ))
