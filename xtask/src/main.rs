@@ -4,6 +4,7 @@
 //! work on a fresh machine and cost nothing extra the second time. The commands and their
 //! flags are [`Task`] (clap derive); each answers `--help`.
 
+mod bench;
 mod image;
 mod oci;
 mod setup;
@@ -71,6 +72,14 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         compare_args: Vec<String>,
     },
+    /// Run every benchmark and rewrite BENCHMARKS.md's generated tables
+    ///
+    /// The core's and the wasmtime filter's criterion benches, the data path (native round
+    /// robin vs a do-nothing wasm filter vs fulcrum on one Envoy), the comparison with
+    /// Envoy's balancers under faults and the registry's API, one after another (about 25
+    /// minutes). Each table goes between its `<!-- bench:NAME -->` markers in BENCHMARKS.md
+    /// and to bench-results/NAME.md, stamped with date, commit, machine and load.
+    Bench(bench::Options),
     /// Build the release filter (.wasm) and print its path and size
     BuildWasm,
     /// Drive the release filter with hostile requests and snapshots for M minutes
@@ -126,6 +135,7 @@ fn main() -> ExitCode {
         Task::Test { cargo_test_args } => test(&cargo_test_args),
         Task::Demo { demo_args } => demo(&demo_args),
         Task::BenchCompare { compare_args } => bench_compare(&compare_args),
+        Task::Bench(options) => bench::run(&options),
         Task::BuildWasm => build_wasm().map(|wasm| report_wasm(&wasm)),
         Task::Fuzz { minutes, cases } => fuzz(minutes, cases),
         Task::Oci(options) => oci::run(&options),

@@ -11,6 +11,7 @@
 //!
 //! Every loop is bounded in count and time. Run:
 //! `cargo bench -p fulcrum-registry --bench registry` (add `-- --memory-only` to skip etcd).
+//! The closing markdown table also goes to the file `FULCRUM_BENCH_OUT` names, when set.
 
 #[path = "../tests/all/etcd_cluster.rs"]
 #[allow(
@@ -108,6 +109,25 @@ fn instance(service: usize, index: usize, run: &str) -> pb::Instance {
     }
 }
 
+/// The markdown rows of every run so far, written to `FULCRUM_BENCH_OUT` at the end.
+static TABLE: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// The runs as a markdown table; to the file `FULCRUM_BENCH_OUT` names too (`cargo xtask
+/// bench` splices it into BENCHMARKS.md).
+fn write_table() -> Result<()> {
+    let rows = TABLE.lock().expect("no bench task panics holding it");
+    let table = format!(
+        "| what | calls | errors | wall | rate | p50 | p99 | max |\n\
+         | --- | --- | --- | --- | --- | --- | --- | --- |\n{}\n",
+        rows.join("\n")
+    );
+    println!("\n{table}");
+    if let Some(path) = std::env::var_os("FULCRUM_BENCH_OUT") {
+        std::fs::write(&path, &table)?;
+    }
+    Ok(())
+}
+
 struct Latencies(Vec<Duration>);
 
 impl Latencies {
@@ -116,17 +136,21 @@ impl Latencies {
         self.0.get(index).copied().unwrap_or_default()
     }
 
+    /// Prints the run's line and adds its row to [`TABLE`].
     fn report(mut self, label: &str, wall: Duration, errors: usize) {
         self.0.sort_unstable();
+        let ms = |latency: Duration| latency.as_secs_f64() * 1e3;
+        let (calls, rate) = (self.0.len(), self.0.len() as f64 / wall.as_secs_f64());
+        let (p50, p99) = (ms(self.quantile(0.5)), ms(self.quantile(0.99)));
+        let max = ms(self.0.last().copied().unwrap_or_default());
         println!(
-            "{label}: n={} errors={errors} wall={:.2}s rate={:.0}/s p50={:.2}ms p99={:.2}ms max={:.2}ms",
-            self.0.len(),
+            "{label}: n={calls} errors={errors} wall={:.2}s rate={rate:.0}/s p50={p50:.2}ms p99={p99:.2}ms max={max:.2}ms",
             wall.as_secs_f64(),
-            self.0.len() as f64 / wall.as_secs_f64(),
-            self.quantile(0.5).as_secs_f64() * 1e3,
-            self.quantile(0.99).as_secs_f64() * 1e3,
-            self.0.last().copied().unwrap_or_default().as_secs_f64() * 1e3,
         );
+        TABLE.lock().expect("no bench task panics holding it").push(format!(
+            "| {label} | {calls} | {errors} | {:.2} s | {rate:.0}/s | {p50:.2} ms | {p99:.2} ms | {max:.2} ms |",
+            wall.as_secs_f64(),
+        ));
     }
 }
 
@@ -267,7 +291,7 @@ async fn main() -> Result<()> {
     }
 
     if memory_only {
-        return Ok(());
+        return write_table();
     }
     {
         let cluster = etcd_cluster::EtcdCluster::start(3).await?;
@@ -293,5 +317,5 @@ async fn main() -> Result<()> {
             .await?;
         }
     }
-    Ok(())
+    write_table()
 }

@@ -369,7 +369,6 @@ fn report(
     load_after: &str,
 ) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "## fulcrum vs Envoy native balancers\n");
     let _ = writeln!(
         out,
         "Envoy `{}` with `--concurrency {}`; 4 in-process backends; wrk {} s per run (at \
