@@ -136,6 +136,36 @@ pub fn is_grpc_response() -> bool {
         })
 }
 
+/// The response's `:status`: three digits, 100 to 999 (Envoy's codecs refuse anything else
+/// from an upstream). `None` when absent, and also, counted as an invalid `response_code`,
+/// when it is not a three-digit code.
+pub fn response_status(metrics: &Metrics) -> Option<u16> {
+    let bytes = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
+        .ok()
+        .flatten()?;
+    let status = parse_status(&bytes);
+    if status.is_none() {
+        metrics.input_invalid(Input::ResponseCode);
+    }
+    status
+}
+
+/// `bytes` as an HTTP status code: exactly three ASCII digits, the first not 0.
+fn parse_status(bytes: &[u8]) -> Option<u16> {
+    match bytes {
+        [
+            hundreds @ b'1'..=b'9',
+            tens @ b'0'..=b'9',
+            units @ b'0'..=b'9',
+        ] => Some(
+            u16::from(hundreds - b'0') * 100
+                + u16::from(tens - b'0') * 10
+                + u16::from(units - b'0'),
+        ),
+        _ => None,
+    }
+}
+
 /// The `grpc-status` in `map` (the response headers of a trailers-only response, else the
 /// trailers); `None` when absent. A value that is not a decimal code is counted and read as
 /// `UNKNOWN` (2), a failure, as Envoy reads it.
@@ -257,6 +287,26 @@ mod tests {
         assert_eq!(text(vec![0xc3], 8), None, "a truncated sequence");
         assert_eq!(text("é".as_bytes().to_vec(), 2).as_deref(), Some("é"));
         assert_eq!(text(Vec::new(), 0).as_deref(), Some(""));
+    }
+
+    #[test]
+    fn a_status_is_exactly_three_digits_from_100_to_999() {
+        assert_eq!(parse_status(b"200"), Some(200));
+        assert_eq!(parse_status(b"503"), Some(503));
+        assert_eq!(parse_status(b"100"), Some(100));
+        assert_eq!(parse_status(b"999"), Some(999));
+        for bad in [
+            &b""[..],
+            b"20",
+            b"2000",
+            b"099",
+            b"2x0",
+            b" 200",
+            b"-20",
+            &[0xff, b'0', b'0'],
+        ] {
+            assert_eq!(parse_status(bad), None, "{bad:?}");
+        }
     }
 
     #[test]
