@@ -7,16 +7,18 @@
 //!   same `override_host` cluster fulcrum uses, so floor − native is the price of V8 and the
 //!   `override_host` policy's fallback pick;
 //! - **fulcrum**: the release filter, static endpoints, default policy; fulcrum − floor is
-//!   fulcrum's own work.
+//!   fulcrum's own work;
+//! - with `--baseline-wasm`, a fourth: another build of fulcrum's filter (the commit before an
+//!   optimisation), so what the optimisation bought is measured in the same interleaved run.
 //!
 //! For Envoy `--concurrency` 1 and 2 and at 1 and 64 connections, each configuration gets a
 //! fresh Envoy, a warm-up (V8 compiles the module's hot functions with its optimising tier
 //! only after they ran a while), then one measured wrk run per connection count. Repeats
 //! interleave the configurations (the order rotates from one repeat to the next), so a slow
-//! minute on this shared machine hits all three instead of one. Proxy CPU is Envoy's own: the
+//! minute on this shared machine hits every setup instead of one. Proxy CPU is Envoy's own: the
 //! on-CPU nanoseconds of all its threads (`/proc/<pid>/task/*/schedstat`) over the measured
-//! run, divided by the requests wrk completed. Ratios are paired per repeat (the three runs of
-//! one repeat are minutes apart at most) and reported as the median with the spread.
+//! run, divided by the requests wrk completed. Ratios are paired per repeat (the runs of one
+//! repeat are minutes apart at most) and reported as the median with the spread.
 //! Normally run through `cargo xtask bench`.
 
 use std::{
@@ -47,6 +49,10 @@ struct Args {
     /// The do-nothing filter (`fulcrum_floor_filter.wasm`).
     #[arg(long, env = "FULCRUM_FLOOR_WASM")]
     floor_wasm: PathBuf,
+    /// Another build of fulcrum's filter (e.g. of the commit before an optimisation), run as
+    /// a fourth setup interleaved with the others so the two builds compare in one run.
+    #[arg(long)]
+    baseline_wasm: Option<PathBuf>,
     /// The wrk load generator.
     #[arg(long, default_value = "wrk")]
     wrk: PathBuf,
@@ -77,15 +83,15 @@ const SERVICE: &str = "datapath";
 const ROUTE_TIMEOUT_MS: u64 = 1000;
 const RETRIES: u32 = 2;
 
-/// The three ways one Envoy is set up.
+/// The ways one Envoy is set up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Setup {
     Native,
     Floor,
     Fulcrum,
+    /// `--baseline-wasm`: fulcrum's filter as another build.
+    Baseline,
 }
-
-const SETUPS: [Setup; 3] = [Setup::Native, Setup::Floor, Setup::Fulcrum];
 
 impl Setup {
     fn name(self) -> &'static str {
@@ -93,7 +99,17 @@ impl Setup {
             Self::Native => "native round_robin",
             Self::Floor => "floor (do-nothing wasm)",
             Self::Fulcrum => "fulcrum",
+            Self::Baseline => "fulcrum baseline (--baseline-wasm)",
         }
+    }
+
+    /// The setups a run measures: the baseline too when one was given.
+    fn all(args: &Args) -> Vec<Self> {
+        let mut setups = vec![Self::Native, Self::Floor, Self::Fulcrum];
+        if args.baseline_wasm.is_some() {
+            setups.push(Self::Baseline);
+        }
+        setups
     }
 }
 
@@ -149,10 +165,11 @@ async fn main() -> Result<()> {
 
     let load_before = wrk::load_average();
     let mut samples = Vec::new();
+    let setups = Setup::all(&args);
     for repeat in 0..args.repeats {
         for &workers in &args.workers {
-            for offset in 0..SETUPS.len() {
-                let setup = SETUPS[(offset + repeat as usize) % SETUPS.len()];
+            for offset in 0..setups.len() {
+                let setup = setups[(offset + repeat as usize) % setups.len()];
                 eprintln!(
                     "fulcrum-datapath: repeat {}/{}, {workers} worker(s), {}…",
                     repeat + 1,
@@ -204,10 +221,13 @@ async fn run(
                 failure_policy: FailurePolicy::default(),
             }),
         ),
-        Setup::Fulcrum => (
+        Setup::Fulcrum | Setup::Baseline => (
             ClusterBalancing::Fulcrum,
             Some(FilterSetup {
-                wasm: args.wasm.clone(),
+                wasm: match (setup, &args.baseline_wasm) {
+                    (Setup::Baseline, Some(baseline)) => baseline.clone(),
+                    _ => args.wasm.clone(),
+                },
                 config: json!({
                     "service": {"from": "fixed", "name": SERVICE},
                     "endpoints": {SERVICE: endpoints},
@@ -295,7 +315,7 @@ fn cpu_time(pid: u32) -> Result<Duration> {
 fn summary(mut values: Vec<f64>) -> (f64, f64, f64) {
     values.sort_by(f64::total_cmp);
     let middle = values.len() / 2;
-    let median = if values.len() % 2 == 0 {
+    let median = if values.len().is_multiple_of(2) {
         (values[middle - 1] + values[middle]) / 2.0
     } else {
         values[middle]
@@ -340,7 +360,7 @@ fn report(args: &Args, samples: &[Sample], load_before: &str, load_after: &str) 
     let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- | --- | --- |");
     for &workers in &args.workers {
         for &connections in &args.connections {
-            for setup in SETUPS {
+            for setup in Setup::all(args) {
                 let runs = of(workers, connections, setup);
                 let column = |value: fn(&Sample) -> f64, decimals| {
                     spread(runs.iter().map(|s| value(s)).collect(), decimals)
@@ -360,13 +380,23 @@ fn report(args: &Args, samples: &[Sample], load_before: &str, load_after: &str) 
     }
     let _ = writeln!(
         out,
-        "\nPaired per repeat (the three setups of one repeat), median (min–max):\n"
+        "\nPaired per repeat (the setups of one repeat), median (min–max):\n"
+    );
+    let baseline = args.baseline_wasm.is_some();
+    let _ = writeln!(
+        out,
+        "| workers | conns | fulcrum ÷ floor req/s | floor ÷ native req/s | fulcrum − floor CPU µs/req | floor − native CPU µs/req | fulcrum − floor p50 µs |{}",
+        if baseline {
+            " fulcrum ÷ baseline req/s | fulcrum − baseline CPU µs/req |"
+        } else {
+            ""
+        }
     );
     let _ = writeln!(
         out,
-        "| workers | conns | fulcrum ÷ floor req/s | floor ÷ native req/s | fulcrum − floor CPU µs/req | floor − native CPU µs/req | fulcrum − floor p50 µs |"
+        "| --- | --- | --- | --- | --- | --- | --- |{}",
+        if baseline { " --- | --- |" } else { "" }
     );
-    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- | --- |");
     for &workers in &args.workers {
         for &connections in &args.connections {
             let paired = |a: Setup, b: Setup, value: fn(&Sample, &Sample) -> f64| -> Vec<f64> {
@@ -387,9 +417,18 @@ fn report(args: &Args, samples: &[Sample], load_before: &str, load_after: &str) 
             let ratio = |a: &Sample, b: &Sample| a.requests_per_second / b.requests_per_second;
             let cpu = |a: &Sample, b: &Sample| a.cpu_us_per_request - b.cpu_us_per_request;
             let p50 = |a: &Sample, b: &Sample| a.p50_us - b.p50_us;
+            let against_baseline = if baseline {
+                format!(
+                    " {} | {} |",
+                    spread(paired(Setup::Fulcrum, Setup::Baseline, ratio), 2),
+                    spread(paired(Setup::Fulcrum, Setup::Baseline, cpu), 1),
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 out,
-                "| {workers} | {connections} | {} | {} | {} | {} | {} |",
+                "| {workers} | {connections} | {} | {} | {} | {} | {} |{against_baseline}",
                 spread(paired(Setup::Fulcrum, Setup::Floor, ratio), 2),
                 spread(paired(Setup::Floor, Setup::Native, ratio), 2),
                 spread(paired(Setup::Fulcrum, Setup::Floor, cpu), 1),
