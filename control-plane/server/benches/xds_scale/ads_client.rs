@@ -199,7 +199,10 @@ async fn connect(xds: SocketAddr) -> Result<AggregatedDiscoveryServiceClient<Cha
         .connect()
         .await
         .with_context(|| format!("connecting to the ADS server at {xds}"))?;
-    Ok(AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(MAX_RESPONSE_BYTES))
+    Ok(
+        AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(MAX_RESPONSE_BYTES),
+    )
 }
 
 fn cluster_name(any: &Any) -> Result<String> {

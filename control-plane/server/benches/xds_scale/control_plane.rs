@@ -63,7 +63,12 @@ impl ControlPlane {
             "fulcrum-control-plane",
             Command::new(env!("CARGO_BIN_EXE_fulcrum-control-plane"))
                 .args(["--xds-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-                .args(["--admin-addr", "127.0.0.1:0", "--registry-addr", "127.0.0.1:0"])
+                .args([
+                    "--admin-addr",
+                    "127.0.0.1:0",
+                    "--registry-addr",
+                    "127.0.0.1:0",
+                ])
                 .args(["--registry", "memory", "--registry-token-file"])
                 .arg(&tokens)
                 .args(["--registry-allow-addresses", "127.0.0.0/8"])

@@ -163,10 +163,15 @@ async fn run(args: &Args, variant: Variant) -> Result<Run> {
     eprintln!("{}: starting the control plane", variant.label());
     let dir = tempfile::tempdir()?;
     let max_instances = args.endpoints + args.changes as usize + 16;
-    let mut control_plane = ControlPlane::start(dir.path(), args.debounce_ms, max_instances).await?;
+    let mut control_plane =
+        ControlPlane::start(dir.path(), args.debounce_ms, max_instances).await?;
     let usage_empty = control_plane.usage()?;
 
-    eprintln!("{}: registering {} endpoints", variant.label(), args.endpoints);
+    eprintln!(
+        "{}: registering {} endpoints",
+        variant.label(),
+        args.endpoints
+    );
     let instances = (0..args.endpoints)
         .map(|index| {
             control_plane::instance(
@@ -207,11 +212,17 @@ async fn run(args: &Args, variant: Variant) -> Result<Run> {
         ));
     }
     let mut sync = Vec::with_capacity(args.clients);
-    collect(&mut events, SYNC_LIMIT, "initial sync", args.clients, |event| {
-        if let Event::Synced { at } = event {
-            sync.push(at - started);
-        }
-    })
+    collect(
+        &mut events,
+        SYNC_LIMIT,
+        "initial sync",
+        args.clients,
+        |event| {
+            if let Event::Synced { at } = event {
+                sync.push(at - started);
+            }
+        },
+    )
     .await?;
     tokio::time::sleep(SETTLE).await;
     let usage_synced = control_plane.usage()?;
@@ -323,14 +334,20 @@ fn mib(kib: u64) -> String {
     format!("{:.1} MiB", kib as f64 / 1024.0)
 }
 
+/// How one row of the report shows a run.
+type Cell<'a> = Box<dyn Fn(&Run) -> String + 'a>;
+
 /// The markdown report: one column per variant.
 fn report(args: &Args, runs: &[Run]) -> String {
     let per_endpoint = |run: &Run| {
-        (run.usage_synced.rss_kib.saturating_sub(run.usage_empty.rss_kib) as f64 * 1024.0)
+        (run.usage_synced
+            .rss_kib
+            .saturating_sub(run.usage_empty.rss_kib) as f64
+            * 1024.0)
             / args.endpoints as f64
     };
     let changes = f64::from(args.changes.max(1));
-    let rows: Vec<(String, Box<dyn Fn(&Run) -> String>)> = vec![
+    let rows: Vec<(String, Cell)> = vec![
         (
             format!(
                 "register {} endpoints (gRPC, 64 in flight) until published",
