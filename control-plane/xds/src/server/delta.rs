@@ -83,6 +83,14 @@ impl DeltaState {
                 (None, Some(version)) => RequestOutcome::Ack { version },
             }
         };
+        let keeps_subscription = request.resource_names_subscribe.is_empty()
+            && request.resource_names_unsubscribe.is_empty();
+        if !first && keeps_subscription && outcome != RequestOutcome::Initial {
+            // An ACK or NACK changing no subscription calls for nothing: a refused version is
+            // not resent, and a snapshot published since the response it answers is sent by
+            // `on_snapshot`, which the stream runs for every snapshot it has not handled.
+            return (outcome, None);
+        }
         if first {
             state.active = true;
             state.known = request
@@ -292,6 +300,39 @@ mod tests {
         assert_eq!(names(&responses[0]), ["a"], "the changed cluster");
         assert_eq!(responses[1].type_url, ResourceType::Endpoint.type_url());
         assert_eq!(names(&responses[1]), ["a"], "its assignment, again");
+    }
+
+    #[test]
+    fn an_ack_leaves_a_snapshot_published_meanwhile_to_on_snapshot() {
+        let v1 = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
+        let v2 = snapshot("v2", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:3")]);
+        let mut state = DeltaState::default();
+        state.on_request(
+            ResourceType::Cluster,
+            &subscribe(ResourceType::Cluster, &[]),
+            Some(&v1),
+        );
+        let (_, eds) = state.on_request(
+            ResourceType::Endpoint,
+            &subscribe(ResourceType::Endpoint, &["a", "b"]),
+            Some(&v1),
+        );
+        let nonce = eds.expect("endpoints").nonce;
+        let (outcome, response) = state.on_request(
+            ResourceType::Endpoint,
+            &reply(ResourceType::Endpoint, &nonce),
+            Some(&v2),
+        );
+        assert_eq!(
+            outcome,
+            RequestOutcome::Ack {
+                version: "v1".to_owned()
+            }
+        );
+        assert!(response.is_none(), "the ACK itself calls for nothing");
+        let responses = state.on_snapshot(&v2);
+        assert_eq!(responses.len(), 1);
+        assert_eq!(names(&responses[0]), ["b"], "v2's change, sent once");
     }
 
     #[test]

@@ -36,6 +36,21 @@ impl Subscription {
         }
     }
 
+    /// Whether a request for `ty` naming `names` asks for exactly this subscription. Builds
+    /// nothing: an ACK repeats its names, and a fleet of Envoys ACKs every push.
+    fn is_asked_by(&self, ty: ResourceType, names: &[String]) -> bool {
+        match self {
+            Subscription::Wildcard => {
+                ty.is_wildcard() && (names.is_empty() || names.iter().any(|name| name == "*"))
+            }
+            // Equal lengths and every name held: the same set unless `names` repeats one,
+            // which only makes a kept subscription look changed (then rebuilt, still right).
+            Subscription::Names(held) => {
+                names.len() == held.len() && names.iter().all(|name| held.contains(name))
+            }
+        }
+    }
+
     fn contains(&self, name: &str) -> bool {
         match self {
             Subscription::Wildcard => true,
@@ -90,6 +105,16 @@ impl SotwState {
                 version: request.version_info.clone(),
             }
         };
+        let kept = state
+            .subscription
+            .as_ref()
+            .is_some_and(|current| current.is_asked_by(ty, &request.resource_names));
+        if kept && outcome != RequestOutcome::Initial {
+            // An ACK or NACK keeping the subscription calls for nothing: a refused version is
+            // not resent, and a snapshot published since the response it answers is sent by
+            // `on_snapshot`, which the stream runs for every snapshot it has not handled.
+            return (outcome, None);
+        }
         let subscription = Subscription::from_request(ty, &request.resource_names);
         let first = state.subscription.is_none();
         // Forget what was sent for names Envoy dropped, so a later subscription resends them.
@@ -306,6 +331,57 @@ mod tests {
             }
         );
         assert!(response.is_none());
+    }
+
+    #[test]
+    fn an_ack_leaves_a_snapshot_published_meanwhile_to_on_snapshot() {
+        let v1 = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
+        let v2 = snapshot("v2", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:3")]);
+        let mut state = SotwState::default();
+        state.on_request(
+            ResourceType::Cluster,
+            &request(ResourceType::Cluster, &[], "", ""),
+            Some(&v1),
+        );
+        let (_, eds) = state.on_request(
+            ResourceType::Endpoint,
+            &request(ResourceType::Endpoint, &["a", "b"], "", ""),
+            Some(&v1),
+        );
+        let nonce = eds.expect("endpoints").nonce;
+        let (outcome, response) = state.on_request(
+            ResourceType::Endpoint,
+            &request(ResourceType::Endpoint, &["b", "a"], "v1", &nonce),
+            Some(&v2),
+        );
+        assert_eq!(
+            outcome,
+            RequestOutcome::Ack {
+                version: "v1".to_owned()
+            }
+        );
+        assert!(response.is_none(), "the ACK itself calls for nothing");
+        let responses = state.on_snapshot(&v2);
+        assert_eq!(responses.len(), 1);
+        assert_eq!(names(&responses[0]), ["b"], "v2's change, sent once");
+    }
+
+    #[test]
+    fn an_ack_naming_other_resources_is_answered_for_the_new_ones() {
+        let v1 = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
+        let mut state = SotwState::default();
+        let (_, eds) = state.on_request(
+            ResourceType::Endpoint,
+            &request(ResourceType::Endpoint, &["a"], "", ""),
+            Some(&v1),
+        );
+        let nonce = eds.expect("endpoints of a").nonce;
+        let (_, response) = state.on_request(
+            ResourceType::Endpoint,
+            &request(ResourceType::Endpoint, &["a", "b"], "v1", &nonce),
+            Some(&v1),
+        );
+        assert_eq!(names(&response.expect("endpoints of b")), ["b"]);
     }
 
     #[test]
