@@ -45,7 +45,7 @@ pub struct Options {
     /// Smoke mode: every benchmark briefly, results to bench-results/ only
     #[arg(long)]
     quick: bool,
-    /// Only these benchmarks (repeatable): core, wasm, datapath, compare, registry
+    /// Only these benchmarks (repeatable): core, wasm, datapath, compare, registry, xds
     #[arg(long, value_name = "NAME")]
     only: Vec<String>,
 }
@@ -57,7 +57,7 @@ struct Bench {
 }
 
 /// The benchmarks, in the order they run (cheap and deterministic first).
-const BENCHES: [Bench; 5] = [
+const BENCHES: [Bench; 6] = [
     Bench {
         name: "core",
         run: core,
@@ -77,6 +77,10 @@ const BENCHES: [Bench; 5] = [
     Bench {
         name: "registry",
         run: registry,
+    },
+    Bench {
+        name: "xds",
+        run: xds,
     },
 ];
 
@@ -323,6 +327,34 @@ fn registry(context: &Run) -> Result<Fragment> {
     Ok(Fragment {
         command: format!(
             "cargo bench -p fulcrum-registry --bench registry -- {}",
+            quick.join(" ")
+        )
+        .trim()
+        .to_owned(),
+        markdown: fs::read_to_string(&out)?,
+    })
+}
+
+/// The control plane's xDS at 10,000 endpoints and 100 ADS clients, SotW and delta.
+fn xds(context: &Run) -> Result<Fragment> {
+    let out = context.results.join("xds.raw.md");
+    let quick: &[&str] = if context.quick { &["--quick"] } else { &[] };
+    let mut command = cargo();
+    command
+        .args([
+            "bench",
+            "--package",
+            "fulcrum-control-plane",
+            "--bench",
+            "xds_scale",
+            "--",
+        ])
+        .args(quick)
+        .env("FULCRUM_BENCH_OUT", &out);
+    tools::run(&mut command).context("the xDS scale bench failed")?;
+    Ok(Fragment {
+        command: format!(
+            "cargo bench -p fulcrum-control-plane --bench xds_scale -- {}",
             quick.join(" ")
         )
         .trim()

@@ -76,8 +76,8 @@ enum Task {
     ///
     /// The core's and the wasmtime filter's criterion benches, the data path (native round
     /// robin vs a do-nothing wasm filter vs fulcrum on one Envoy), the comparison with
-    /// Envoy's balancers under faults and the registry's API, one after another (about 25
-    /// minutes). Each table goes between its `<!-- bench:NAME -->` markers in BENCHMARKS.md
+    /// Envoy's balancers under faults, the registry's API and xDS at 10,000 endpoints, one
+    /// after another (about 25 minutes). Each table goes between its `<!-- bench:NAME -->` markers in BENCHMARKS.md
     /// and to bench-results/NAME.md, stamped with date, commit, machine and load.
     Bench(bench::Options),
     /// Build the release filter (.wasm) and print its path and size
