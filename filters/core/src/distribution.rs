@@ -33,6 +33,10 @@ use crate::{Policy, ServiceEndpoints, Snapshot, receive::ReceiveError, version::
 /// deltas), which a filter names in `Accept` to ask for deltas.
 pub const DELTA_MEDIA_TYPE: &str = "application/vnd.fulcrum.snapshot-delta.v1+json";
 
+/// The `Accept` of a filter that takes deltas: a delta when the control plane can, else the
+/// whole snapshot as JSON (all a control plane older than deltas serves).
+pub const DELTA_ACCEPT: &str = "application/vnd.fulcrum.snapshot-delta.v1+json, application/json";
+
 /// The content hash of one service's (or the policy's) JSON as the control plane sent it:
 /// 16 hex digits of SHA-256, as versions are.
 pub fn content_hash(json: &[u8]) -> String {
