@@ -2,10 +2,13 @@
 //!
 //! `on_configure` parses and validates the plugin configuration and refuses to start with
 //! every error logged. With static endpoints the snapshot is built right there. With a control
-//! plane, `on_tick` (every VM) takes part in the poll lease, fetches `GET <path>` with
-//! `If-None-Match` when it wins, validates and publishes a new version, and applies any newer
-//! published version; an invalid or failed fetch is logged and counted and the last good
-//! snapshot stays in force. Answers are taken from one control-plane replica at a time
+//! plane, `on_tick` (every VM) takes part in the poll lease, fetches `GET <path>` when it wins
+//! (`If-None-Match` naming the published version, `Accept` taking deltas:
+//! `fulcrum_core::distribution`), publishes what changed one key per service
+//! (`crate::shared_snapshot`), and applies any newer published version by reading, parsing
+//! and rebuilding only the services whose content changed (`fulcrum_core::mesh`); an invalid
+//! or failed fetch is logged and counted and the last good snapshot stays in force, and so
+//! does one whose tables exceed `max_table_bytes`. Answers are taken from one control-plane replica at a time
 //! (`fulcrum_core::replica`), so a proxy never alternates between two replicas' views.
 //!
 //! Every VM ticks at least every [`EJECTION_SYNC_PERIOD`], static endpoints or not, and, once

@@ -73,7 +73,10 @@ fn three_services() -> Value {
 #[test]
 fn each_vm_parses_only_the_services_whose_content_changed() -> anyhow::Result<()> {
     let plugin = two_workers()?;
-    deliver(&plugin, &json!({"version": "v1", "services": three_services()}))?;
+    deliver(
+        &plugin,
+        &json!({"version": "v1", "services": three_services()}),
+    )?;
     assert_eq!(
         plugin.metric("fulcrum_snapshot_services_parsed_total")?,
         6,
@@ -88,7 +91,10 @@ fn each_vm_parses_only_the_services_whose_content_changed() -> anyhow::Result<()
         ]
     );
     let shop = json!({"endpoints": [{"address": "10.0.0.1:80"}]}).to_string();
-    assert_eq!(index(&plugin)["services"]["shop"], content_hash(shop.as_bytes()));
+    assert_eq!(
+        index(&plugin)["services"]["shop"],
+        content_hash(shop.as_bytes())
+    );
 
     // A whole snapshot (an old control plane) in which only cart changed.
     let mut services = three_services();
@@ -100,8 +106,14 @@ fn each_vm_parses_only_the_services_whose_content_changed() -> anyhow::Result<()
         "cart alone, on each VM"
     );
     for worker in 0..2 {
-        assert_eq!(pick(&plugin, worker, "cart")?.as_deref(), Some("10.0.1.2:80"));
-        assert_eq!(pick(&plugin, worker, "shop")?.as_deref(), Some("10.0.0.1:80"));
+        assert_eq!(
+            pick(&plugin, worker, "cart")?.as_deref(),
+            Some("10.0.1.2:80")
+        );
+        assert_eq!(
+            pick(&plugin, worker, "shop")?.as_deref(),
+            Some("10.0.0.1:80")
+        );
     }
     Ok(())
 }
@@ -109,7 +121,10 @@ fn each_vm_parses_only_the_services_whose_content_changed() -> anyhow::Result<()
 #[test]
 fn a_filter_asks_for_a_delta_from_the_published_version_and_applies_one() -> anyhow::Result<()> {
     let plugin = two_workers()?;
-    deliver(&plugin, &json!({"version": "v1", "services": three_services()}))?;
+    deliver(
+        &plugin,
+        &json!({"version": "v1", "services": three_services()}),
+    )?;
     deliver(
         &plugin,
         &json!({"version": "v2", "base": "v1",
@@ -131,8 +146,14 @@ fn a_filter_asks_for_a_delta_from_the_published_version_and_applies_one() -> any
         "shop alone, on each VM"
     );
     for worker in 0..2 {
-        assert_eq!(pick(&plugin, worker, "shop")?.as_deref(), Some("10.0.0.2:80"));
-        assert_eq!(pick(&plugin, worker, "cart")?.as_deref(), Some("10.0.1.1:80"));
+        assert_eq!(
+            pick(&plugin, worker, "shop")?.as_deref(),
+            Some("10.0.0.2:80")
+        );
+        assert_eq!(
+            pick(&plugin, worker, "cart")?.as_deref(),
+            Some("10.0.1.1:80")
+        );
         assert_eq!(pick(&plugin, worker, "search")?, None, "removed");
     }
     Ok(())
@@ -141,14 +162,21 @@ fn a_filter_asks_for_a_delta_from_the_published_version_and_applies_one() -> any
 #[test]
 fn a_delta_against_another_version_than_the_published_one_is_not_applied() -> anyhow::Result<()> {
     let plugin = two_workers()?;
-    deliver(&plugin, &json!({"version": "v1", "services": three_services()}))?;
+    deliver(
+        &plugin,
+        &json!({"version": "v1", "services": three_services()}),
+    )?;
     deliver(
         &plugin,
         &json!({"version": "v3", "base": "v2", "services": {"shop": service(&["10.0.0.2:80"])}}),
     )?;
     assert_eq!(index(&plugin)["version"], "v1");
     assert_eq!(pick(&plugin, 0, "shop")?.as_deref(), Some("10.0.0.1:80"));
-    assert!(plugin.logged(LogLevel::Warn, "delta against version \"v2\""), "{}", plugin.logs_text());
+    assert!(
+        plugin.logged(LogLevel::Warn, "delta against version \"v2\""),
+        "{}",
+        plugin.logs_text()
+    );
     Ok(())
 }
 
@@ -156,7 +184,10 @@ fn a_delta_against_another_version_than_the_published_one_is_not_applied() -> an
 fn a_vm_that_finds_a_service_key_ahead_of_the_index_changes_nothing_until_the_index_catches_up()
 -> anyhow::Result<()> {
     let plugin = two_workers()?;
-    deliver(&plugin, &json!({"version": "v1", "services": three_services()}))?;
+    deliver(
+        &plugin,
+        &json!({"version": "v1", "services": three_services()}),
+    )?;
     let torn_before = plugin.metric("fulcrum_snapshot_torn_reads_total")?;
 
     // A publisher mid-way, as another VM would see it: the index names shop's v2 content,
@@ -173,9 +204,16 @@ fn a_vm_that_finds_a_service_key_ahead_of_the_index_changes_nothing_until_the_in
     plugin.set_shared_data(&format!("{PREFIX}index"), published.to_string());
     plugin.set_shared_data(&format!("{PREFIX}version"), "v2");
     plugin.tick_all()?;
-    assert_eq!(plugin.metric("fulcrum_snapshot_torn_reads_total")?, torn_before + 2);
+    assert_eq!(
+        plugin.metric("fulcrum_snapshot_torn_reads_total")?,
+        torn_before + 2
+    );
     for worker in 0..2 {
-        assert_eq!(pick(&plugin, worker, "shop")?.as_deref(), Some("10.0.0.1:80"), "v1 stays whole");
+        assert_eq!(
+            pick(&plugin, worker, "shop")?.as_deref(),
+            Some("10.0.0.1:80"),
+            "v1 stays whole"
+        );
     }
 
     // The index catches up with the key: every VM applies v3.
@@ -185,7 +223,10 @@ fn a_vm_that_finds_a_service_key_ahead_of_the_index_changes_nothing_until_the_in
     plugin.set_shared_data(&format!("{PREFIX}version"), "v3");
     plugin.tick_all()?;
     for worker in 0..2 {
-        assert_eq!(pick(&plugin, worker, "shop")?.as_deref(), Some("10.0.0.3:80"));
+        assert_eq!(
+            pick(&plugin, worker, "shop")?.as_deref(),
+            Some("10.0.0.3:80")
+        );
     }
     Ok(())
 }
@@ -194,7 +235,10 @@ fn a_vm_that_finds_a_service_key_ahead_of_the_index_changes_nothing_until_the_in
 fn a_snapshot_whose_tables_exceed_max_table_bytes_is_refused_naming_service_and_field()
 -> anyhow::Result<()> {
     let plugin = two_workers()?;
-    deliver(&plugin, &json!({"version": "v1", "services": three_services()}))?;
+    deliver(
+        &plugin,
+        &json!({"version": "v1", "services": three_services()}),
+    )?;
     // 3 services × a 5000011-entry Maglev table (19 MiB each) = 57 MiB; max_table_bytes is
     // 64 MiB by default, so a fourth service crosses it.
     let mut services = three_services();
@@ -204,14 +248,24 @@ fn a_snapshot_whose_tables_exceed_max_table_bytes_is_refused_naming_service_and_
         &json!({"version": "v2", "services": services,
             "policy": {"default": {"load_balancer": {"type": "maglev", "table_size": 5000011}}}}),
     )?;
-    assert_eq!(plugin.metric("fulcrum_snapshot_over_table_budget_total")?, 2, "each VM refuses");
+    assert_eq!(
+        plugin.metric("fulcrum_snapshot_over_table_budget_total")?,
+        2,
+        "each VM refuses"
+    );
     assert!(
-        plugin.logged(LogLevel::Error, "service web: policy.default.load_balancer.maglev.table_size = 5000011"),
+        plugin.logged(
+            LogLevel::Error,
+            "service web: policy.default.load_balancer.maglev.table_size = 5000011"
+        ),
         "{}",
         plugin.logs_text()
     );
     for worker in 0..2 {
-        assert_eq!(pick(&plugin, worker, "shop")?.as_deref(), Some("10.0.0.1:80"));
+        assert_eq!(
+            pick(&plugin, worker, "shop")?.as_deref(),
+            Some("10.0.0.1:80")
+        );
         assert_eq!(pick(&plugin, worker, "web")?, None, "v1 stays in force");
     }
     plugin.tick_all()?;
