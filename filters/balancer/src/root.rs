@@ -337,7 +337,7 @@ impl Configured {
                         report_left_out(&published, &metrics);
                         self.apply_published();
                     }
-                    Err(error @ (PublishError::Malformed(_) | PublishError::InvalidIndex(_))) => {
+                    Err(error @ PublishError::Malformed(_)) => {
                         metrics.snapshot_rejected();
                         log_error(&format!(
                             "rejected snapshot, keeping version {:?}: {error}",

@@ -32,6 +32,8 @@
 //! 3. One publisher at a time (the lock), so keys never mix two publications. A publisher
 //!    that dies holding the lock (a VM panic mid-publish) may leave keys ahead of the index;
 //!    the next poller finds the lock expired, asks for a whole snapshot and rewrites every key.
+//!    An index that does not decode (shared data corrupted) is likewise written over, whole, by
+//!    the next answer; until then every VM keeps what it has and logs why.
 //!
 //! Shared data cannot delete a key: the key of a removed service stays behind (its name is
 //! no longer in the index) and is reused if the service comes back; their number is bounded
@@ -114,9 +116,6 @@ pub enum PublishError {
         "a previous publisher died mid-publish; waiting for a whole snapshot to rewrite every key"
     )]
     NeedsWhole,
-    /// The index in shared data does not decode.
-    #[error("the published index is not valid JSON: {0}")]
-    InvalidIndex(String),
     /// Another VM wrote the index meanwhile.
     #[error("the published index changed while publishing")]
     Raced,
@@ -229,10 +228,12 @@ impl SharedSnapshot {
         answer: &Answer<'_>,
         rewrite_all: bool,
     ) -> Result<Published, PublishError> {
-        let (current, cas) = match self.read_index() {
-            Ok(Some((index, cas))) => (Some(index), cas),
-            Ok(None) => (None, None),
-            Err(error) => return Err(PublishError::InvalidIndex(error)),
+        // An index that does not decode (shared data corrupted) is written over: only a whole
+        // snapshot can, and it rewrites every key.
+        let (current, cas, rewrite_all) = match self.read_index() {
+            Ok(Some((index, cas))) => (Some(index), cas, rewrite_all),
+            Ok(None) => (None, None, rewrite_all),
+            Err(_) => (None, None, true),
         };
         let empty = Index::default();
         let held = current.as_ref().unwrap_or(&empty);
@@ -242,7 +243,7 @@ impl SharedSnapshot {
             services: BTreeMap::new(),
         };
         if let Some(base) = &answer.base {
-            if rewrite_all {
+            if rewrite_all && current.is_some() {
                 return Err(PublishError::NeedsWhole);
             }
             if current.as_ref().map(|index| &index.version) != Some(base) {
@@ -299,8 +300,8 @@ impl SharedSnapshot {
         if let Some((hash, json)) = policy_write {
             self.write_content(&self.policy, &hash, json)?;
         }
-        let index = serde_json::to_vec(&next)
-            .map_err(|error| PublishError::InvalidIndex(error.to_string()))?;
+        // Strings over ordered maps: serialization cannot fail.
+        let index = serde_json::to_vec(&next).unwrap_or_default();
         match hostcalls::set_shared_data(&self.index, Some(&index), Some(cas.unwrap_or(0))) {
             Ok(()) => {}
             Err(Status::CasMismatch) => return Err(PublishError::Raced),

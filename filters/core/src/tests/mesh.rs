@@ -316,11 +316,13 @@ fn policy_with(load_balancer: LoadBalancer) -> ServicePolicy {
 
 #[test]
 fn the_default_policy_s_tables_add_up_over_every_service_and_name_the_default_field() {
-    let mut policy = Policy::default();
-    policy.default = policy_with(LoadBalancer::RingHash(RingHash {
-        minimum_ring_size: 1024,
-        ..RingHash::default()
-    }));
+    let policy = Policy {
+        default: policy_with(LoadBalancer::RingHash(RingHash {
+            minimum_ring_size: 1024,
+            ..RingHash::default()
+        })),
+        ..Policy::default()
+    };
     let three = endpoints(3);
     let services = ["a", "b", "c"].map(|name| (name, three.iter().map(|e| e.weight)));
     // 3 endpoints of weight 1: 512 points each (1024 / 3 rounded up to a power of two).

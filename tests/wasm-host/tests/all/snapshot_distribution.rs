@@ -276,3 +276,44 @@ fn a_snapshot_whose_tables_exceed_max_table_bytes_is_refused_naming_service_and_
     );
     Ok(())
 }
+
+#[test]
+fn garbage_in_the_shared_snapshot_keys_changes_nothing_and_never_panics() -> anyhow::Result<()> {
+    let plugin = two_workers()?;
+    deliver(
+        &plugin,
+        &json!({"version": "v1", "services": three_services()}),
+    )?;
+    let garbage: [&[u8]; 4] = [b"", b"\xff\xfe not json", b"{\"version\": 7}", b"[]"];
+    for (round, bytes) in garbage.iter().enumerate() {
+        plugin.set_shared_data(&format!("{PREFIX}index"), *bytes);
+        plugin.set_shared_data(&format!("{PREFIX}version"), format!("garbage-{round}"));
+        plugin.set_shared_data(&format!("{PREFIX}services/shop"), *bytes);
+        plugin.tick_all()?;
+        for worker in 0..2 {
+            assert_eq!(
+                pick(&plugin, worker, "shop")?.as_deref(),
+                Some("10.0.0.1:80")
+            );
+        }
+    }
+    assert!(
+        plugin.logged(LogLevel::Error, "the published snapshot is invalid"),
+        "{}",
+        plugin.logs_text()
+    );
+
+    // The next answer from the control plane is published over the garbage, whole.
+    deliver(
+        &plugin,
+        &json!({"version": "v2", "services": three_services()}),
+    )?;
+    assert_eq!(index(&plugin)["version"], "v2");
+    for worker in 0..2 {
+        assert_eq!(
+            pick(&plugin, worker, "shop")?.as_deref(),
+            Some("10.0.0.1:80")
+        );
+    }
+    Ok(())
+}
