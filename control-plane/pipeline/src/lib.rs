@@ -34,7 +34,7 @@ use tokio::{sync::watch, task::JoinHandle};
 
 pub use merge::Debounce;
 pub use metrics::PipelineMetrics;
-pub use publish::{Refused, ServedSnapshot, SnapshotStore};
+pub use publish::{DELTA_HISTORY, Refused, ServedSnapshot, SnapshotStore};
 pub use validate::Dropped;
 
 /// The default snapshot budget: half the filters' default `max_snapshot_bytes` (32 MiB), so

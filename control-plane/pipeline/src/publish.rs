@@ -8,11 +8,18 @@
 //! logged, reported ([`Refused`], in `/v1/status`) and shown by
 //! `fulcrum_snapshot_over_budget`. Each publication is logged with its version and reflected
 //! in the snapshot metrics.
+//!
+//! The store keeps the [`DELTA_HISTORY`] versions before the current one, so a filter that
+//! holds one of them gets only what changed since ([`SnapshotStore::delta`],
+//! `fulcrum_core::distribution`), each delta computed once and served to every proxy.
 
-use std::sync::Arc;
+use std::{
+    collections::VecDeque,
+    sync::{Arc, Mutex},
+};
 
 use bytes::Bytes;
-use fulcrum_core::Snapshot;
+use fulcrum_core::{Snapshot, distribution};
 use fulcrum_xds::SnapshotCache;
 use tokio::sync::watch;
 use tracing::info;
@@ -102,7 +109,11 @@ fn publish(snapshot: Arc<Snapshot>, sinks: &Sinks, metrics: &PipelineMetrics) {
     sinks.published.send_replace(Some(snapshot));
 }
 
-/// One snapshot with its JSON encoding.
+/// How many recent versions the store answers deltas from. A filter more versions behind
+/// (or holding one this replica never published) gets the whole snapshot.
+pub const DELTA_HISTORY: usize = 16;
+
+/// One snapshot with its JSON encoding, and the deltas to it computed so far.
 #[derive(Debug)]
 pub struct ServedSnapshot {
     /// The snapshot.
@@ -111,29 +122,72 @@ pub struct ServedSnapshot {
     pub body: Bytes,
     /// The `ETag` header value: the version in quotes.
     pub etag: String,
+    /// Delta bodies from earlier versions (at most [`DELTA_HISTORY`]), computed on first
+    /// request: every proxy one change behind asks for the same one.
+    deltas: Mutex<Vec<(String, Bytes)>>,
 }
 
-/// The latest snapshot, shared by the pipeline (writer) and the HTTP API (readers).
+/// The latest snapshot, shared by the pipeline (writer) and the HTTP API (readers), and the
+/// versions before it that deltas are answered from.
 #[derive(Debug, Clone, Default)]
 pub struct SnapshotStore {
     current: Arc<watch::Sender<Option<Arc<ServedSnapshot>>>>,
+    /// The last [`DELTA_HISTORY`] snapshots published before the current one, oldest first.
+    recent: Arc<Mutex<VecDeque<Arc<ServedSnapshot>>>>,
 }
 
 impl SnapshotStore {
     /// Publishes `snapshot`, whose JSON is `body`.
     pub fn publish(&self, snapshot: Arc<Snapshot>, body: Bytes) {
         let etag = format!("\"{}\"", snapshot.version);
-        self.current.send_replace(Some(Arc::new(ServedSnapshot {
+        let served = Arc::new(ServedSnapshot {
             snapshot,
             body,
             etag,
-        })));
+            deltas: Mutex::new(Vec::new()),
+        });
+        if let Some(previous) = self.current.send_replace(Some(served)) {
+            let mut recent = lock(&self.recent);
+            recent.retain(|kept| kept.snapshot.version != previous.snapshot.version);
+            recent.push_back(previous);
+            while recent.len() > DELTA_HISTORY {
+                recent.pop_front();
+            }
+        }
     }
 
     /// The latest snapshot, if any was built yet.
     pub fn current(&self) -> Option<Arc<ServedSnapshot>> {
         self.current.borrow().clone()
     }
+
+    /// The JSON of the delta from version `base` to `current`
+    /// ([`fulcrum_core::distribution::delta`]), when `base` is one of the recent versions;
+    /// `None` (answer the whole snapshot) otherwise, whatever `base` holds.
+    pub fn delta(&self, current: &ServedSnapshot, base: &str) -> Option<Bytes> {
+        if let Some((_, body)) = lock(&current.deltas).iter().find(|(from, _)| from == base) {
+            return Some(body.clone());
+        }
+        let from = lock(&self.recent)
+            .iter()
+            .find(|kept| kept.snapshot.version == base)
+            .cloned()?;
+        let delta = distribution::delta(&from.snapshot, &current.snapshot);
+        // Plain data over ordered maps: serialization cannot fail.
+        let body = Bytes::from(serde_json::to_vec(&delta).unwrap_or_default());
+        let mut deltas = lock(&current.deltas);
+        if deltas.len() < DELTA_HISTORY {
+            deltas.push((base.to_owned(), body.clone()));
+        }
+        Some(body)
+    }
+}
+
+/// The data behind `mutex`, even if a holder panicked (it only ever holds plain data).
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 #[cfg(test)]
@@ -218,6 +272,43 @@ mod tests {
             sinks.published.borrow().as_ref().map(|s| s.version.clone()),
             Some(fits.version.clone()),
             "what follows the flow sees only what was published"
+        );
+    }
+
+    #[test]
+    fn deltas_are_answered_from_the_recent_versions_only_and_computed_once() {
+        let store = SnapshotStore::default();
+        let versions: Vec<String> = (1..=DELTA_HISTORY as u16 + 2)
+            .map(|endpoints| {
+                let snapshot = snapshot(endpoints);
+                let body = Bytes::from(serde_json::to_vec(&*snapshot).expect("json"));
+                store.publish(Arc::clone(&snapshot), body);
+                snapshot.version.clone()
+            })
+            .collect();
+        let current = store.current().expect("current");
+        assert!(
+            store.delta(&current, &versions[0]).is_none(),
+            "the oldest version fell out of the history: the whole snapshot answers it"
+        );
+        assert!(store.delta(&current, "garbage").is_none());
+        let base = &versions[versions.len() - 2];
+        let delta = store.delta(&current, base).expect("a recent version");
+        let delta: serde_json::Value = serde_json::from_slice(&delta).expect("json");
+        assert_eq!(delta["base"], base.as_str());
+        assert_eq!(delta["version"], current.snapshot.version.as_str());
+        assert_eq!(
+            delta["services"]["shop"]["endpoints"]
+                .as_array()
+                .map(Vec::len),
+            Some(versions.len())
+        );
+        assert_eq!(current.deltas.lock().expect("deltas").len(), 1);
+        store.delta(&current, base).expect("served again");
+        assert_eq!(
+            current.deltas.lock().expect("deltas").len(),
+            1,
+            "computed once"
         );
     }
 }

@@ -2,8 +2,13 @@
 //!
 //! - `GET /v1/snapshot`: the current [`fulcrum_core::Snapshot`] as JSON with
 //!   `ETag: "<version>"`; `If-None-Match` naming the current version gets `304 Not Modified`
-//!   with no body. `503` before the first snapshot. Both name the replica that answered in
-//!   `x-fulcrum-replica`, so a filter follows one replica at a time (`fulcrum_core::replica`).
+//!   with no body. A client whose `Accept` names
+//!   [`DELTA_MEDIA_TYPE`] and whose `If-None-Match` names one of the last
+//!   [`fulcrum_pipeline::DELTA_HISTORY`] versions gets only what changed since (a delta,
+//!   `fulcrum_core::distribution`); any other request, whatever its headers hold, gets the
+//!   whole snapshot exactly as before deltas existed. `503` before the first snapshot. Every
+//!   answer names the replica that answered in `x-fulcrum-replica`, so a filter follows one
+//!   replica at a time (`fulcrum_core::replica`).
 //! - `GET /healthz`: `200` while the process serves.
 //! - `GET /readyz`: `200` once the first snapshot is built, `503` before.
 //! - `GET /metrics`: Prometheus (OpenMetrics text).
@@ -29,6 +34,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{get, post},
 };
+use fulcrum_core::distribution::DELTA_MEDIA_TYPE;
 use fulcrum_pipeline::{Dropped, Refused, SnapshotStore};
 use fulcrum_policy::{AppliedPolicy, PolicyStore, RollbackError};
 use fulcrum_registry::TokenAuth;
@@ -126,6 +132,33 @@ fn matches_etag(headers: &HeaderMap, etag: &str) -> bool {
         .any(|candidate| candidate == etag || candidate == "*")
 }
 
+/// Most `If-None-Match` entries looked up for a delta base: a filter sends one; anything
+/// longer is a client to answer with the whole snapshot, not to search for.
+const MAX_DELTA_BASES: usize = 4;
+
+/// The versions an `If-None-Match` names (quotes and weak markers stripped), at most
+/// [`MAX_DELTA_BASES`].
+fn named_versions(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(header::IF_NONE_MATCH)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(|candidate| candidate.trim().trim_start_matches("W/").trim_matches('"'))
+        .filter(|version| !version.is_empty())
+        .take(MAX_DELTA_BASES)
+}
+
+/// Whether the client takes delta answers: its `Accept` names [`DELTA_MEDIA_TYPE`].
+fn accepts_delta(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .any(|range| range.split(';').next().map(str::trim) == Some(DELTA_MEDIA_TYPE))
+}
+
 async fn snapshot(State(state): State<AppState>, headers: HeaderMap) -> Response {
     let Some(served) = state.store.current() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "no snapshot yet\n").into_response();
@@ -133,19 +166,35 @@ async fn snapshot(State(state): State<AppState>, headers: HeaderMap) -> Response
     let etag = HeaderValue::from_str(&served.etag)
         .unwrap_or_else(|_| HeaderValue::from_static("\"invalid\""));
     let replica = (HeaderName::from_static(REPLICA_HEADER), state.replica);
+    let vary = (
+        header::VARY,
+        HeaderValue::from_static("accept, if-none-match"),
+    );
     if matches_etag(&headers, &served.etag) {
-        return (StatusCode::NOT_MODIFIED, [(header::ETAG, etag), replica]).into_response();
+        return (
+            StatusCode::NOT_MODIFIED,
+            [(header::ETAG, etag), replica, vary],
+        )
+            .into_response();
     }
+    let delta = accepts_delta(&headers)
+        .then(|| named_versions(&headers).find_map(|base| state.store.delta(&served, base)))
+        .flatten();
+    let (content_type, body) = match delta {
+        Some(delta) => (HeaderValue::from_static(DELTA_MEDIA_TYPE), delta),
+        None => (
+            HeaderValue::from_static("application/json"),
+            served.body.clone(),
+        ),
+    };
     (
         [
             (header::ETAG, etag),
-            (
-                header::CONTENT_TYPE,
-                HeaderValue::from_static("application/json"),
-            ),
+            (header::CONTENT_TYPE, content_type),
             replica,
+            vary,
         ],
-        served.body.clone(),
+        body,
     )
         .into_response()
 }

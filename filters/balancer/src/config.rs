@@ -9,6 +9,7 @@ use std::{collections::BTreeMap, time::Duration};
 
 use fulcrum_core::{
     Endpoint, Policy, SessionKeys,
+    tables::{self, DEFAULT_TABLE_BUDGET_BYTES},
     validate::{ValidationError, ValidationErrors},
 };
 use serde::Deserialize;
@@ -48,6 +49,11 @@ pub struct FilterConfig {
     /// after the cookie TTL). The same on every proxy of a service, so a session survives a
     /// change of proxy. Default: none (a public key: cookies can be forged; the filter warns).
     pub session_keys: Vec<String>,
+    /// The most memory, in bytes, the consistent-hash tables (`ring_hash`, `maglev`) of every
+    /// service together may take in one VM, 1 MiB..=1 GiB: a snapshot (or static
+    /// configuration) whose tables would exceed it is refused, naming the service and the
+    /// policy field, and the last good one stays (`fulcrum_core::tables`). Default: 64 MiB.
+    pub max_table_bytes: u64,
 }
 
 impl Default for FilterConfig {
@@ -60,6 +66,7 @@ impl Default for FilterConfig {
             control_plane: None,
             only_services: None,
             session_keys: Vec::new(),
+            max_table_bytes: DEFAULT_TABLE_BUDGET_BYTES,
         }
     }
 }
@@ -214,6 +221,26 @@ impl FilterConfig {
                     );
                 }
             }
+        }
+        if !(1 << 20..=1 << 30).contains(&self.max_table_bytes) {
+            push(
+                "max_table_bytes",
+                format!(
+                    "must be within 1048576..=1073741824, got {}",
+                    self.max_table_bytes
+                ),
+            );
+        } else if let Err(error) = tables::check_budget(
+            &self.policy,
+            self.endpoints.iter().map(|(name, endpoints)| {
+                (
+                    name.as_str(),
+                    endpoints.iter().map(|endpoint| endpoint.weight),
+                )
+            }),
+            self.max_table_bytes,
+        ) {
+            push(&format!("endpoints.{}", error.service), error.to_string());
         }
         match &self.control_plane {
             None if self.endpoints.is_empty() => push(

@@ -18,6 +18,7 @@ pub mod http;
 pub mod input;
 mod metrics;
 pub mod root;
+mod shared_snapshot;
 mod sync;
 mod worker;
 
@@ -42,6 +43,10 @@ fn now() -> Duration {
 fn log(level: LogLevel, message: &str) {
     // Logging failures have nowhere to be reported.
     let _ = hostcalls::log(level, message);
+}
+
+fn log_debug(message: &str) {
+    log(LogLevel::Debug, message);
 }
 
 fn log_info(message: &str) {

@@ -110,6 +110,9 @@ pub struct Metrics {
     snapshot_fetch_failures: MetricId,
     snapshot_other_replica: MetricId,
     snapshot_replica_failovers: MetricId,
+    snapshot_services_parsed: MetricId,
+    snapshot_torn_reads: MetricId,
+    snapshot_over_table_budget: MetricId,
     endpoint_metrics_dropped: MetricId,
     shared_ejections_invalid: MetricId,
     shared_ejections_write_failures: MetricId,
@@ -143,6 +146,9 @@ impl Metrics {
             snapshot_fetch_failures: counter("fulcrum_snapshot_fetch_failures_total"),
             snapshot_other_replica: counter("fulcrum_snapshot_other_replica_total"),
             snapshot_replica_failovers: counter("fulcrum_snapshot_replica_failovers_total"),
+            snapshot_services_parsed: counter("fulcrum_snapshot_services_parsed_total"),
+            snapshot_torn_reads: counter("fulcrum_snapshot_torn_reads_total"),
+            snapshot_over_table_budget: counter("fulcrum_snapshot_over_table_budget_total"),
             endpoint_metrics_dropped: counter("fulcrum_endpoint_metrics_dropped_total"),
             shared_ejections_invalid: counter("fulcrum_shared_ejections_invalid_total"),
             shared_ejections_write_failures: counter(
@@ -196,6 +202,26 @@ impl Metrics {
 
     pub fn snapshot_fetch_failed(&self) {
         add(self.snapshot_fetch_failures, 1);
+    }
+
+    /// A VM parsed `count` services out of shared data to apply a change: only those whose
+    /// content changed, so over a proxy's VMs this grows by (VMs × services changed).
+    pub fn snapshot_services_parsed(&self, count: usize) {
+        add(
+            self.snapshot_services_parsed,
+            i64::try_from(count).unwrap_or(i64::MAX),
+        );
+    }
+
+    /// A VM found a service key newer than the published index (a publish under way) and
+    /// left the change for its next tick.
+    pub fn snapshot_torn_read(&self) {
+        add(self.snapshot_torn_reads, 1);
+    }
+
+    /// A VM refused a published snapshot whose tables exceed `max_table_bytes`.
+    pub fn snapshot_over_table_budget(&self) {
+        add(self.snapshot_over_table_budget, 1);
     }
 
     /// A snapshot answer came from a control-plane replica other than the one followed, and

@@ -2,10 +2,13 @@
 //!
 //! `on_configure` parses and validates the plugin configuration and refuses to start with
 //! every error logged. With static endpoints the snapshot is built right there. With a control
-//! plane, `on_tick` (every VM) takes part in the poll lease, fetches `GET <path>` with
-//! `If-None-Match` when it wins, validates and publishes a new version, and applies any newer
-//! published version; an invalid or failed fetch is logged and counted and the last good
-//! snapshot stays in force. Answers are taken from one control-plane replica at a time
+//! plane, `on_tick` (every VM) takes part in the poll lease, fetches `GET <path>` when it wins
+//! (`If-None-Match` naming the published version, `Accept` taking deltas:
+//! `fulcrum_core::distribution`), publishes what changed one key per service
+//! (`crate::shared_snapshot`), and applies any newer published version by reading, parsing
+//! and rebuilding only the services whose content changed (`fulcrum_core::mesh`); an invalid
+//! or failed fetch is logged and counted and the last good snapshot stays in force, and so
+//! does one whose tables exceed `max_table_bytes`. Answers are taken from one control-plane replica at a time
 //! (`fulcrum_core::replica`), so a proxy never alternates between two replicas' views.
 //!
 //! Every VM ticks at least every [`EJECTION_SYNC_PERIOD`], static endpoints or not, and, once
@@ -28,7 +31,7 @@ use std::{
 
 use fulcrum_core::{
     ServiceEndpoints, Snapshot,
-    receive::receive,
+    distribution::DELTA_ACCEPT,
     replica::{self, Followed, Verdict},
 };
 use proxy_wasm::{
@@ -40,9 +43,10 @@ use proxy_wasm::{
 use crate::{
     config::{ControlPlane, DEFAULT_OVERRIDE_HEADER, FilterConfig},
     http::{PassThrough, Request},
-    input, log_error, log_info, log_warn,
+    input, log_debug, log_error, log_info, log_warn,
     metrics::Metrics,
     now,
+    shared_snapshot::{PublishError, Published, ReadError, SharedSnapshot},
     sync::SharedKeys,
     worker::Worker,
 };
@@ -87,6 +91,8 @@ struct Configured {
     config: Rc<FilterConfig>,
     worker: Rc<RefCell<Worker>>,
     keys: SharedKeys,
+    /// The snapshot as the plugin's VMs share it.
+    snapshot: SharedSnapshot,
     /// The token of the snapshot request in flight, if this VM holds the lease.
     pending_poll: Option<u32>,
     /// Whether this VM has handed out a request context: only then does it apply shared
@@ -158,6 +164,7 @@ impl RootContext for Root {
             node_zone,
             session_keys,
             keys.clone(),
+            config.max_table_bytes,
             seed,
             self.metrics.clone(),
         )));
@@ -165,6 +172,7 @@ impl RootContext for Root {
             config: Rc::new(config),
             worker,
             keys,
+            snapshot: SharedSnapshot::new(&root_id),
             pending_poll: None,
             serving: Cell::new(false),
         };
@@ -175,7 +183,11 @@ impl RootContext for Root {
                     services: static_services(&configured.config),
                     policy: None,
                 };
-                configured.worker.borrow_mut().apply(&snapshot);
+                // Validation checked the static endpoints' tables against the budget.
+                if let Err(error) = configured.worker.borrow_mut().apply_whole(&snapshot) {
+                    log_error(&error.to_string());
+                    return false;
+                }
                 if hostcalls::set_tick_period(EJECTION_SYNC_PERIOD).is_err() {
                     log_warn("could not set the tick period; ejections will not be shared");
                 }
@@ -246,16 +258,23 @@ impl Configured {
 
     fn poll_if_lease_won(&mut self, control_plane: &ControlPlane) {
         if self.pending_poll.is_some()
-            || !self.keys.try_take_lease(now(), control_plane.poll_interval)
+            || !self
+                .snapshot
+                .try_take_lease(now(), control_plane.poll_interval)
         {
             return;
         }
-        let version = self.worker.borrow().version().map(|v| format!("\"{v}\""));
+        // The version the proxy's shared snapshot is at, so the control plane can answer with
+        // what changed since; none when keys may be ahead of the index (a whole snapshot then).
+        let version = (!self.snapshot.needs_whole(now()))
+            .then(|| self.snapshot.published_version())
+            .flatten()
+            .map(|version| format!("\"{}\"", version.escape_ascii()));
         let mut headers = vec![
             (":method", "GET"),
             (":path", control_plane.path.as_str()),
             (":authority", control_plane.authority.as_str()),
-            ("accept", "application/json"),
+            ("accept", DELTA_ACCEPT),
         ];
         if let Some(version) = &version {
             headers.push(("if-none-match", version.as_str()));
@@ -269,7 +288,7 @@ impl Configured {
         ) {
             Ok(token) => self.pending_poll = Some(token),
             Err(status) => {
-                self.worker.borrow().metrics.snapshot_fetch_failed();
+                self.worker.borrow().metrics().snapshot_fetch_failed();
                 log_warn(&format!(
                     "could not request a snapshot from cluster {}: {status:?} (is the cluster defined?)",
                     control_plane.cluster
@@ -289,21 +308,21 @@ impl Configured {
                 .ok()
                 .flatten()
         };
-        let worker = self.worker.clone();
-        let mut worker = worker.borrow_mut();
+        let metrics = self.worker.borrow().metrics().clone();
         if matches!(status.as_deref(), Some(b"200" | b"304"))
-            && !self.answered_by_followed_replica(control_plane, &worker.metrics)
+            && !self.answered_by_followed_replica(control_plane, &metrics)
         {
             return;
         }
+        let kept = || self.worker.borrow().version().map(str::to_owned);
         match status.as_deref() {
             Some(b"304") => {}
             Some(b"200") if body_size > control_plane.max_snapshot_bytes => {
-                worker.metrics.snapshot_rejected();
+                metrics.snapshot_rejected();
                 log_error(&format!(
                     "snapshot of {body_size} bytes exceeds control_plane.max_snapshot_bytes ({}); keeping version {:?}",
                     control_plane.max_snapshot_bytes,
-                    worker.version()
+                    kept()
                 ));
             }
             Some(b"200") => {
@@ -311,35 +330,38 @@ impl Configured {
                     .ok()
                     .flatten()
                     .unwrap_or_default();
-                match parse_snapshot(&body, Some(&worker.metrics)) {
-                    Ok(snapshot) => {
-                        if self.keys.publish(&body, &snapshot.version).is_err() {
-                            log_warn(
-                                "could not publish the snapshot to shared data; other workers keep theirs",
-                            );
-                        }
-                        if worker.version() != Some(snapshot.version.as_str()) {
-                            worker.apply(&snapshot);
-                            worker.metrics.snapshot_updated();
-                            log_info(&format!("applied snapshot version {}", snapshot.version));
-                        }
+                match self.snapshot.publish(&body, now()) {
+                    Ok(published) => {
+                        log_debug(&format!(
+                            "published snapshot version {}: {} service key(s) written",
+                            published.version, published.written
+                        ));
+                        report_left_out(&published, &metrics);
+                        self.apply_published();
                     }
-                    Err(message) => {
-                        worker.metrics.snapshot_rejected();
+                    Err(error @ PublishError::Malformed(_)) => {
+                        metrics.snapshot_rejected();
                         log_error(&format!(
-                            "rejected snapshot, keeping version {:?}: {message}",
-                            worker.version()
+                            "rejected snapshot, keeping version {:?}: {error}",
+                            kept()
+                        ));
+                    }
+                    Err(error) => {
+                        metrics.snapshot_fetch_failed();
+                        log_warn(&format!(
+                            "snapshot not published, keeping version {:?}: {error}; asking again next poll",
+                            kept()
                         ));
                     }
                 }
             }
             other => {
-                worker.metrics.snapshot_fetch_failed();
+                metrics.snapshot_fetch_failed();
                 log_warn(&format!(
                     "snapshot request to cluster {} answered {}; keeping version {:?}",
                     control_plane.cluster,
                     describe_status(other),
-                    worker.version()
+                    kept()
                 ));
             }
         }
@@ -391,54 +413,72 @@ impl Configured {
         }
     }
 
-    /// Applies the snapshot another VM published, when its version differs from ours.
+    /// Applies the published snapshot when its version differs from ours: only the services
+    /// whose content changed are read, parsed and rebuilt (`crate::shared_snapshot`).
     fn apply_published(&self) {
-        let Some(published) = self.keys.published_version() else {
+        let Some(published) = self.snapshot.published_version() else {
             return;
         };
-        let mut worker = self.worker.borrow_mut();
-        if worker.version().map(str::as_bytes) == Some(published.as_slice()) {
+        let Ok(mut worker) = self.worker.try_borrow_mut() else {
+            return;
+        };
+        if worker.version().map(str::as_bytes) == Some(published.as_slice())
+            || worker.refused(&published)
+        {
             return;
         }
-        let Some(body) = self.keys.published_snapshot() else {
-            return;
-        };
-        match parse_snapshot(&body, None) {
-            Ok(snapshot) => {
-                worker.apply(&snapshot);
-                worker.metrics.snapshot_updated();
+        let change = match self.snapshot.read_change(worker.services()) {
+            Ok(Some(change)) => change,
+            Ok(None) => return,
+            Err(error @ ReadError::Torn(_)) => {
+                worker.metrics().snapshot_torn_read();
+                log_debug(&error.to_string());
+                return;
             }
-            // The publisher validated it; reaching here means shared data was corrupted.
-            Err(message) => log_error(&format!("published snapshot is invalid: {message}")),
+            Err(error @ ReadError::Invalid(_)) => {
+                log_error(&error.to_string());
+                return;
+            }
+        };
+        let version = change.version.clone();
+        let parsed = change.upserted.len();
+        match worker.apply(change) {
+            Ok(_) => {
+                let metrics = worker.metrics();
+                metrics.snapshot_services_parsed(parsed);
+                metrics.snapshot_updated();
+                log_info(&format!(
+                    "applied snapshot version {version} ({parsed} service(s) changed)"
+                ));
+            }
+            Err(error) => {
+                worker.metrics().snapshot_over_table_budget();
+                log_error(&format!(
+                    "refused snapshot version {version}, keeping version {:?}: {error}",
+                    worker.version()
+                ));
+            }
         }
     }
 }
 
-/// Parses a snapshot body with [`fulcrum_core::receive`]: services that are invalid on their
-/// own and a policy that does not validate are left out, logged by name and, when `metrics`
-/// is given (the VM that fetched the body; others applying the shared copy pass `None`),
-/// counted. Fails only for a body that is not a snapshot at all.
-fn parse_snapshot(body: &[u8], metrics: Option<&Metrics>) -> Result<Snapshot, String> {
-    let received = receive(body).map_err(|error| error.to_string())?;
-    for skipped in &received.skipped {
-        if let Some(metrics) = metrics {
-            metrics.snapshot_service_skipped();
-            log_error(&format!(
-                "snapshot {}: left out service {}: {}",
-                received.snapshot.version, skipped.service, skipped.reason
-            ));
-        }
+/// Logs and counts what publishing left out: invalid services, a refused policy. Only the
+/// VM that fetched the answer does, so each is counted once per proxy.
+fn report_left_out(published: &Published, metrics: &Metrics) {
+    for skipped in &published.skipped {
+        metrics.snapshot_service_skipped();
+        log_error(&format!(
+            "snapshot {}: left out service {}: {}",
+            published.version, skipped.service, skipped.reason
+        ));
     }
-    if let Some(reason) = &received.policy_error
-        && let Some(metrics) = metrics
-    {
+    if let Some(reason) = &published.policy_error {
         metrics.snapshot_policy_rejected();
         log_error(&format!(
             "snapshot {}: refused its policy, keeping the one in force: {reason}",
-            received.snapshot.version
+            published.version
         ));
     }
-    Ok(received.snapshot)
 }
 
 /// A `:status` for a log line: escaped and cut short, as it comes from the network.

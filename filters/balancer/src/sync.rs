@@ -4,20 +4,14 @@
 //!
 //! **The snapshot.** `on_tick` runs in every root context (the main thread's and each worker's), so without
 //! coordination N+1 VMs would poll the control plane. Instead one VM per poll interval wins a
-//! lease (a deadline in shared data, taken with compare-and-swap), fetches the snapshot, and
-//! publishes it; every VM notices the new version on its next tick and applies it.
-//!
-//! Keys, namespaced by the plugin's root id so two fulcrum plugins in one VM do not collide:
-//! - `fulcrum/<root_id>/poll_lease`: the deadline (ns since the Unix epoch, u64 LE) before
-//!   which no other VM polls;
-//! - `fulcrum/<root_id>/snapshot`: the snapshot JSON as the control plane sent it;
-//! - `fulcrum/<root_id>/version`: the snapshot's version, written *after* the snapshot;
-//! - `fulcrum/<root_id>/replica`: the control-plane replica the plugin follows and when it
-//!   last answered ([`fulcrum_core::replica::Followed`]), written by the VM that polled.
-//!
-//! Invariant: the snapshot key is always at least as new as the version key, so a VM that sees
-//! a new version and then reads the snapshot gets that version or a newer one; it takes the
-//! version from the snapshot body itself, never from the version key.
+//! lease (a deadline in shared data, taken with compare-and-swap), fetches the snapshot (a
+//! delta against the published version when the control plane can, see
+//! `fulcrum_core::distribution`), and publishes it one key per service; every VM notices the
+//! new version on its next tick and copies out, parses and applies only the services whose
+//! content changed. The layout and its invariants (no VM ever applies a torn or mixed view)
+//! are in [`crate::shared_snapshot`]. Beside it, `fulcrum/<root_id>/replica`: the
+//! control-plane replica the plugin follows and when it last answered
+//! ([`fulcrum_core::replica::Followed`]), written by the VM that polled.
 //!
 //! **The rate limit's buckets** ([`SharedBuckets`]): `fulcrum/<root_id>/rate_limit/<service>/
 //! service` and `…/client/<slot>`, 24 bytes each, read and written with compare-and-swap, so
@@ -46,7 +40,7 @@
 //! moment may overwrite each other's first entry; the loser's breaker is open regardless and
 //! its next transition writes again.
 
-use std::{fmt::Write as _, time::Duration};
+use std::fmt::Write as _;
 
 use fulcrum_core::{
     ejections::{DecodeError, EjectionRecord},
@@ -58,9 +52,6 @@ use proxy_wasm::{hostcalls, types::Status};
 /// The shared-data keys of one plugin.
 #[derive(Debug, Clone)]
 pub struct SharedKeys {
-    lease: String,
-    snapshot: String,
-    version: String,
     replica: String,
     rate_limit: String,
     ejections: String,
@@ -69,9 +60,6 @@ pub struct SharedKeys {
 impl SharedKeys {
     pub fn new(root_id: &str) -> Self {
         Self {
-            lease: format!("fulcrum/{root_id}/poll_lease"),
-            snapshot: format!("fulcrum/{root_id}/snapshot"),
-            version: format!("fulcrum/{root_id}/version"),
             replica: format!("fulcrum/{root_id}/replica"),
             rate_limit: format!("fulcrum/{root_id}/rate_limit/"),
             ejections: format!("fulcrum/{root_id}/ejections/"),
@@ -95,49 +83,6 @@ impl SharedKeys {
             key: String::with_capacity(prefix.len() + "client/65535".len()),
             prefix,
         }
-    }
-
-    /// Takes the poll lease until `now + interval` if it has expired. Returns whether this VM
-    /// holds it and should poll.
-    pub fn try_take_lease(&self, now: Duration, interval: Duration) -> bool {
-        let Ok((value, cas)) = hostcalls::get_shared_data(&self.lease) else {
-            return false;
-        };
-        let deadline = value
-            .as_deref()
-            .and_then(|bytes| <[u8; 8]>::try_from(bytes).ok())
-            .map_or(0, u64::from_le_bytes);
-        let now_ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
-        if now_ns < deadline {
-            return false;
-        }
-        // Slightly shorter than the interval, so the holder's own next tick can take it again.
-        let hold = interval.saturating_sub(interval / 10);
-        let next = now_ns.saturating_add(u64::try_from(hold.as_nanos()).unwrap_or(u64::MAX));
-        // A missing key has no CAS; 0 means unconditional in Envoy, so two VMs may both win the
-        // very first lease: one extra poll at start-up, harmless.
-        hostcalls::set_shared_data(
-            &self.lease,
-            Some(&next.to_le_bytes()),
-            Some(cas.unwrap_or(0)),
-        )
-        .is_ok()
-    }
-
-    /// Publishes a validated snapshot body and its version to every VM.
-    pub fn publish(&self, body: &[u8], version: &str) -> Result<(), Status> {
-        hostcalls::set_shared_data(&self.snapshot, Some(body), None)?;
-        hostcalls::set_shared_data(&self.version, Some(version.as_bytes()), None)
-    }
-
-    /// The published version, if any (cheap: the version key is small).
-    pub fn published_version(&self) -> Option<Vec<u8>> {
-        hostcalls::get_shared_data(&self.version).ok()?.0
-    }
-
-    /// The published snapshot body, if any.
-    pub fn published_snapshot(&self) -> Option<Vec<u8>> {
-        hostcalls::get_shared_data(&self.snapshot).ok()?.0
     }
 
     /// The control-plane replica the plugin follows, if one answered yet.

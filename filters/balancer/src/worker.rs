@@ -11,12 +11,16 @@
 //! context and the request contexts of a VM share this state through `Rc<RefCell<_>>` (a VM is
 //! single-threaded).
 
-use std::{collections::HashMap, net::SocketAddr, rc::Rc, time::Duration};
+use std::{net::SocketAddr, rc::Rc, time::Duration};
 
 use fulcrum_core::{
-    BreakerState, Endpoint, Policy, ServicePicker, SessionKeys, Snapshot, Transition,
+    BreakerState, Endpoint, Policy, ServicePicker, ServicePolicy, SessionKeys, Snapshot,
+    Transition,
+    distribution::content_hash,
     ejections::{SharedEjection, rules_fingerprint},
+    mesh::{Applied, Change, Hashed, Lifecycle, ServiceState, Services},
     rng::SplitMix64,
+    tables::TableBudgetError,
 };
 
 use crate::{
@@ -105,25 +109,62 @@ pub struct Routed<'a> {
 /// The state every context of one VM shares.
 #[derive(Debug)]
 pub struct Worker {
-    /// Services of the current snapshot; `Rc<str>` keys so a request can keep its service
-    /// name until the response without copying it.
-    services: HashMap<Rc<str>, Service>,
-    /// The policy in force: the configuration's until a snapshot brings one, then the last
-    /// one a snapshot brought.
-    policy: Policy,
+    /// Services of the snapshot in force, under the policy in force: the configuration's
+    /// until a snapshot brings one, then the last one a snapshot brought.
+    services: Services<Service>,
+    /// How a service's state is made and released.
+    lifecycle: ServiceLifecycle,
+    /// The zone of this proxy's Envoy node, given to every service policy without a
+    /// `locality.local_zone` of its own ([`Policy::in_zone`]).
+    node_zone: Option<String>,
+    /// The most bytes every consistent-hash table together may take (`max_table_bytes`).
+    max_table_bytes: u64,
+    /// The version last refused for exceeding `max_table_bytes`, so it is not read again.
+    refused: Option<String>,
+    pub rng: SplitMix64,
+}
+
+/// Makes a service's state (its picker, shared-data handles and stats) and releases the
+/// stats of endpoints that go.
+#[derive(Debug)]
+struct ServiceLifecycle {
     /// Keys of sticky-session cookies, given to every service's picker.
     session_keys: SessionKeys,
     /// Where the plugin's VMs share state (here: each service's rate-limit buckets and
     /// ejections).
     shared: SharedKeys,
-    /// The zone of this proxy's Envoy node, given to every service policy without a
-    /// `locality.local_zone` of its own ([`Policy::in_zone`]).
-    node_zone: Option<String>,
-    /// Version of the snapshot in force, `None` before the first one.
-    version: Option<String>,
     /// The VM-wide stats, shared with the root context and every request context.
-    pub metrics: Rc<Metrics>,
-    pub rng: SplitMix64,
+    metrics: Rc<Metrics>,
+}
+
+impl Lifecycle<Service> for ServiceLifecycle {
+    fn create(&mut self, name: &str, policy: &ServicePolicy, endpoints: &[Endpoint]) -> Service {
+        let mut picker = ServicePicker::new(policy, endpoints);
+        picker.set_session_keys(&self.session_keys);
+        Service {
+            picker,
+            buckets: self.shared.rate_limit_buckets(name),
+            ejections: self.shared.ejections(
+                name,
+                rules_fingerprint(&policy.outlier_detection, &policy.failure_kinds),
+            ),
+            metrics: ServiceMetrics::new(name, &self.metrics),
+        }
+    }
+
+    fn release(&mut self, service: &mut Service, remaining: &[Endpoint]) {
+        release_removed(service, remaining);
+    }
+}
+
+impl ServiceState for Service {
+    fn picker(&self) -> &ServicePicker {
+        &self.picker
+    }
+
+    fn picker_mut(&mut self) -> &mut ServicePicker {
+        &mut self.picker
+    }
 }
 
 impl Worker {
@@ -132,24 +173,42 @@ impl Worker {
         node_zone: Option<String>,
         session_keys: SessionKeys,
         shared: SharedKeys,
+        max_table_bytes: u64,
         seed: u64,
         metrics: Rc<Metrics>,
     ) -> Self {
         Self {
-            services: HashMap::new(),
-            policy: placed(configured_policy, node_zone.as_deref()),
+            services: Services::new(placed(configured_policy, node_zone.as_deref())),
+            lifecycle: ServiceLifecycle {
+                session_keys,
+                shared,
+                metrics,
+            },
             node_zone,
-            session_keys,
-            shared,
-            version: None,
-            metrics,
+            max_table_bytes,
+            refused: None,
             rng: SplitMix64::new(seed),
         }
     }
 
+    /// The VM-wide stats.
+    pub fn metrics(&self) -> &Rc<Metrics> {
+        &self.lifecycle.metrics
+    }
+
     /// The version of the snapshot in force.
     pub fn version(&self) -> Option<&str> {
-        self.version.as_deref()
+        self.services.version()
+    }
+
+    /// The services in force, which a change is computed against.
+    pub fn services(&self) -> &Services<Service> {
+        &self.services
+    }
+
+    /// Whether `version` was refused for exceeding `max_table_bytes`.
+    pub fn refused(&self, version: &[u8]) -> bool {
+        self.refused.as_deref().map(str::as_bytes) == Some(version)
     }
 
     /// Everything a pick for `service` needs, borrowed at once; `None` (counted as a
@@ -157,13 +216,13 @@ impl Worker {
     pub fn route(&mut self, service: &str) -> Option<Routed<'_>> {
         let Self {
             services,
-            metrics,
+            lifecycle,
             rng,
-            version,
             ..
         } = self;
+        let metrics = &lifecycle.metrics;
         let Some(key) = services.get_key_value(service).map(|(key, _)| key.clone()) else {
-            metrics.fail_open(if version.is_some() {
+            metrics.fail_open(if services.version().is_some() {
                 FailOpen::UnknownService
             } else {
                 FailOpen::NoSnapshot
@@ -182,7 +241,7 @@ impl Worker {
     /// Applies every service's shared ejections that changed since the last tick.
     pub fn adopt_shared_ejections(&mut self, now: Duration) {
         for service in self.services.values_mut() {
-            service.adopt_shared_ejections(now, &self.metrics);
+            service.adopt_shared_ejections(now, &self.lifecycle.metrics);
         }
     }
 
@@ -198,55 +257,43 @@ impl Worker {
         self.services.get_mut(key)
     }
 
-    /// Applies a received snapshot: new services get pickers, services whose selection
-    /// policy is unchanged keep the state of their surviving endpoints (a change of
-    /// `health_check` alone, or of another service's policy, resets nothing), services whose
-    /// selection policy changed start afresh, and removed services are dropped. A snapshot
-    /// without a policy keeps the policy in force (the configured one until a snapshot brings
-    /// one).
-    pub fn apply(&mut self, snapshot: &Snapshot) {
-        let replaced = snapshot.policy.as_ref().map(|policy| {
-            let placed = placed(policy.clone(), self.node_zone.as_deref());
-            std::mem::replace(&mut self.policy, placed)
-        });
-        let previous_policy = replaced.as_ref().unwrap_or(&self.policy);
-        let mut previous = std::mem::take(&mut self.services);
-        for (name, endpoints) in &snapshot.services {
-            let service_policy = self.policy.for_service(name);
-            let unchanged = service_policy.same_selection(previous_policy.for_service(name));
-            let key: Rc<str> = Rc::from(name.as_str());
-            let service = match previous.remove(name.as_str()) {
-                Some(mut service) if unchanged => {
-                    release_removed(&mut service, &endpoints.endpoints);
-                    service.picker.update_endpoints(&endpoints.endpoints);
-                    service
-                }
-                stale => {
-                    if let Some(mut stale) = stale {
-                        release_removed(&mut stale, &[]);
-                    }
-                    let mut picker = ServicePicker::new(service_policy, &endpoints.endpoints);
-                    picker.set_session_keys(&self.session_keys);
-                    Service {
-                        picker,
-                        buckets: self.shared.rate_limit_buckets(name),
-                        ejections: self.shared.ejections(
-                            name,
-                            rules_fingerprint(
-                                &service_policy.outlier_detection,
-                                &service_policy.failure_kinds,
-                            ),
-                        ),
-                        metrics: ServiceMetrics::new(name, &self.metrics),
-                    }
-                }
-            };
-            self.services.insert(key, service);
+    /// Applies a snapshot change (`fulcrum_core::mesh`): only the services it names are
+    /// rebuilt or updated, every other keeps its state; a change of policy rebuilds the
+    /// services whose selection it changes. Refused whole, changing nothing, when its tables
+    /// would exceed `max_table_bytes`.
+    pub fn apply(&mut self, mut change: Change) -> Result<Applied, TableBudgetError> {
+        if let Some(policy) = &mut change.policy {
+            policy.value = placed(std::mem::take(&mut policy.value), self.node_zone.as_deref());
         }
-        for (_, mut removed) in previous {
-            release_removed(&mut removed, &[]);
+        let version = change.version.clone();
+        let applied = self
+            .services
+            .apply(change, self.max_table_bytes, &mut self.lifecycle);
+        if applied.is_err() {
+            self.refused = Some(version);
         }
-        self.version = Some(snapshot.version.clone());
+        applied
+    }
+
+    /// Applies a whole snapshot (the configuration's static endpoints).
+    pub fn apply_whole(&mut self, snapshot: &Snapshot) -> Result<Applied, TableBudgetError> {
+        let services = snapshot
+            .services
+            .iter()
+            .map(|(name, service)| {
+                // Plain data over ordered maps: serialization cannot fail.
+                let json = serde_json::to_vec(service).unwrap_or_default();
+                let hashed = Hashed {
+                    hash: content_hash(&json),
+                    value: service.clone(),
+                };
+                (name.clone(), hashed)
+            })
+            .collect();
+        let change = self
+            .services
+            .whole(snapshot.version.clone(), services, None);
+        self.apply(change)
     }
 }
 

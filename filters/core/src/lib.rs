@@ -18,9 +18,11 @@
 pub const OVERRIDE_HEADER: &str = "x-fulcrum-endpoint";
 
 pub mod breaker;
+pub mod distribution;
 pub mod duration;
 pub mod ejections;
 pub mod endpoint;
+pub mod mesh;
 pub mod policy;
 pub mod ratelimit;
 pub mod receive;
@@ -28,6 +30,7 @@ pub mod replica;
 pub mod rng;
 pub mod select;
 pub mod service;
+pub mod tables;
 pub mod validate;
 pub mod version;
 pub mod window;

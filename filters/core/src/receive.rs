@@ -124,6 +124,21 @@ pub fn receive(body: &[u8]) -> Result<Received, ReceiveError> {
 /// The service fields this version knows; others are dropped before parsing.
 const SERVICE_FIELDS: &[&str] = &["endpoints"];
 
+/// Parses and validates one service from its JSON (as [`receive`] does for each service of
+/// a snapshot): the reason, with its path, when it is left out.
+pub fn receive_service(name: &str, json: &[u8]) -> Result<ServiceEndpoints, String> {
+    let value =
+        serde_json::from_slice(json).map_err(|error| format!("services.{name}: {error}"))?;
+    service(name, value)
+}
+
+/// Parses and validates a snapshot's policy from its JSON (as [`receive`] does): the reason,
+/// with the paths, when it is refused.
+pub fn receive_policy(json: &[u8]) -> Result<Policy, String> {
+    let value = serde_json::from_slice(json).map_err(|error| format!("policy: {error}"))?;
+    policy(value)
+}
+
 fn service(name: &str, mut value: serde_json::Value) -> Result<ServiceEndpoints, String> {
     if let Some(fields) = value.as_object_mut() {
         fields.retain(|key, _| SERVICE_FIELDS.contains(&key.as_str()));

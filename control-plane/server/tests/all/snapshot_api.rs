@@ -130,3 +130,128 @@ async fn readiness_waits_for_the_first_valid_file() {
     .await;
     assert!(ready.is_ok(), "ready once a valid file is loaded");
 }
+
+/// What a filter that takes deltas sends, as `(Accept, If-None-Match)`.
+fn delta_request(fixture: &Fixture, version: &str) -> reqwest::RequestBuilder {
+    fixture
+        .http
+        .get(fixture.url("/v1/snapshot"))
+        .header(header::ACCEPT, fulcrum_core::distribution::DELTA_ACCEPT)
+        .header(header::IF_NONE_MATCH, format!("\"{version}\""))
+}
+
+/// Three services; `checkout` gets one endpoint per port in `checkout_ports`, `cart` is
+/// there only when `with_cart`.
+fn three_services(checkout_ports: &[u16], with_cart: bool) -> String {
+    let mut services = vec![
+        (
+            "checkout",
+            checkout_ports
+                .iter()
+                .map(|port| endpoint(&format!("127.0.0.1:{port}"), ""))
+                .collect(),
+        ),
+        ("search", vec![endpoint("127.0.0.1:19101", "")]),
+    ];
+    if with_cart {
+        services.push(("cart", vec![endpoint("127.0.0.1:19201", "")]));
+    }
+    endpoints_file(&services)
+}
+
+/// Writes `yaml` and waits for the version after `previous`.
+async fn next_version(fixture: &Fixture, yaml: &str, previous: &str) -> String {
+    fixture.write(yaml);
+    eventually(PATIENCE, "a new snapshot version", || async {
+        let version = fixture.snapshot_version().await;
+        (version != previous).then_some(version)
+    })
+    .await
+    .expect("a changed file yields a new version")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_taking_deltas_gets_only_the_changed_and_removed_services_since_its_version() {
+    let fixture = Fixture::start(&three_services(&[19001], true)).await;
+    let v1 = fixture.snapshot_version().await;
+    let v2 = next_version(&fixture, &three_services(&[19001, 19002], false), &v1).await;
+
+    let response = delta_request(&fixture, &v1).send().await.expect("get");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.headers()[header::CONTENT_TYPE],
+        fulcrum_core::distribution::DELTA_MEDIA_TYPE
+    );
+    assert_eq!(
+        response.headers()[header::ETAG],
+        format!("\"{v2}\"").as_str()
+    );
+    let delta: serde_json::Value = response.json().await.expect("JSON");
+    assert_eq!(delta["version"], v2.as_str());
+    assert_eq!(delta["base"], v1.as_str());
+    let changed: Vec<&String> = delta["services"]
+        .as_object()
+        .expect("services")
+        .keys()
+        .collect();
+    assert_eq!(changed, ["checkout"], "search did not change");
+    assert_eq!(delta["removed"], serde_json::json!(["cart"]));
+    assert_eq!(
+        delta["services"]["checkout"]["endpoints"]
+            .as_array()
+            .expect("endpoints")
+            .len(),
+        2
+    );
+
+    let current = delta_request(&fixture, &v2).send().await.expect("get");
+    assert_eq!(current.status(), StatusCode::NOT_MODIFIED);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_filter_and_a_filter_with_an_unknown_or_hostile_version_get_the_whole_snapshot() {
+    let fixture = Fixture::start(&three_services(&[19001], true)).await;
+    let v1 = fixture.snapshot_version().await;
+    let v2 = next_version(&fixture, &three_services(&[19001, 19002], true), &v1).await;
+
+    // An old filter: `Accept: application/json` and its version.
+    let old = fixture
+        .http
+        .get(fixture.url("/v1/snapshot"))
+        .header(header::ACCEPT, "application/json")
+        .header(header::IF_NONE_MATCH, format!("\"{v1}\""))
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(old.headers()[header::CONTENT_TYPE], "application/json");
+    let whole: serde_json::Value = old.json().await.expect("JSON");
+    assert!(whole.get("base").is_none(), "a whole snapshot has no base");
+    assert_eq!(whole["services"].as_object().expect("services").len(), 3);
+    assert_eq!(whole["version"], v2.as_str());
+
+    let long_list = (0..200)
+        .map(|i| format!("\"{i:016x}\""))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let hostile = [
+        "\"0000000000000000\"".to_owned(),
+        "\"not a version at all\"".to_owned(),
+        "W/\"\", ,,\"".to_owned(),
+        long_list,
+    ];
+    for if_none_match in hostile {
+        let response = fixture
+            .http
+            .get(fixture.url("/v1/snapshot"))
+            .header(header::ACCEPT, fulcrum_core::distribution::DELTA_ACCEPT)
+            .header(header::IF_NONE_MATCH, &if_none_match)
+            .send()
+            .await
+            .expect("get");
+        assert_eq!(response.status(), StatusCode::OK, "{if_none_match}");
+        assert_eq!(response.headers()[header::CONTENT_TYPE], "application/json");
+        let whole: serde_json::Value = response.json().await.expect("JSON");
+        assert!(whole.get("base").is_none());
+        assert_eq!(whole["services"].as_object().expect("services").len(), 3);
+    }
+}

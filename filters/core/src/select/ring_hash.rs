@@ -37,24 +37,42 @@ pub(crate) fn points_per_weight(minimum_ring_size: u32, total_weight: u64) -> u6
     points
 }
 
-/// Builds the ring over `members` (slot indices).
-pub(crate) fn build(members: &[u32], slots: &[Slot], minimum_ring_size: u32) -> HashTable {
-    let total_weight: u64 = members
-        .iter()
-        .map(|&slot| u64::from(slots[slot as usize].weight()))
-        .sum();
+/// How many points each weight gets on a ring of `minimum_ring_size` over endpoints of
+/// these `weights`: `weight × points_per_weight`, or, only when the weights alone exceed
+/// [`MAX_RING_SIZE`], counts scaled down proportionally (at least one each).
+fn point_counts(
+    minimum_ring_size: u32,
+    weights: impl Iterator<Item = u64> + Clone,
+) -> impl Iterator<Item = u64> {
+    let total_weight: u64 = weights.clone().sum();
     let per_weight = points_per_weight(minimum_ring_size, total_weight);
-    // Only when the weights alone exceed the cap: scale counts down proportionally.
     let over_cap = per_weight * total_weight > u64::from(MAX_RING_SIZE);
-    let mut points: Vec<(u64, u32)> = Vec::new();
-    for &slot in members {
-        let s = &slots[slot as usize];
-        let weight = u64::from(s.weight());
-        let count = if over_cap {
-            (weight * u64::from(MAX_RING_SIZE) / total_weight).max(1)
+    weights.map(move |weight| {
+        if over_cap {
+            (weight * u64::from(MAX_RING_SIZE) / total_weight.max(1)).max(1)
         } else {
             weight * per_weight
-        };
+        }
+    })
+}
+
+/// The number of points a ring of `minimum_ring_size` holds over endpoints of these
+/// `weights`: what [`build`] allocates, for the table memory budget ([`crate::tables`]).
+pub(crate) fn ring_points(
+    minimum_ring_size: u32,
+    weights: impl Iterator<Item = u64> + Clone,
+) -> u64 {
+    point_counts(minimum_ring_size, weights).sum()
+}
+
+/// Builds the ring over `members` (slot indices).
+pub(crate) fn build(members: &[u32], slots: &[Slot], minimum_ring_size: u32) -> HashTable {
+    let weights = members
+        .iter()
+        .map(|&slot| u64::from(slots[slot as usize].weight()));
+    let mut points: Vec<(u64, u32)> = Vec::new();
+    for (&slot, count) in members.iter().zip(point_counts(minimum_ring_size, weights)) {
+        let s = &slots[slot as usize];
         for replica in 0..count {
             points.push((
                 mix64(

@@ -4,6 +4,7 @@
 mod algorithms;
 mod breaker;
 mod ejections;
+mod mesh;
 mod picker;
 mod policy;
 mod receive;

@@ -1,6 +1,7 @@
 //! Integration tests of the wasm host, as one binary: `abi` checks the host's ABI with
 //! hand-written WAT guests; `filter` runs scenarios against the real fulcrum filter;
 //! `snapshots` how it takes control-plane snapshots and charges outcomes;
+//! `snapshot_distribution` how the VMs of a proxy share them, one key per service;
 //! `rate_limit` how the workers of a proxy share one limit; `replicas` how it follows one
 //! control-plane replica; `shared_ejections` how an ejection on one worker reaches the
 //! others; `node_zone` how the proxy's zone comes from its node; `untrusted_input` sends it hostile headers, properties and snapshot responses, and
@@ -14,6 +15,7 @@ mod node_zone;
 mod rate_limit;
 mod replicas;
 mod shared_ejections;
+mod snapshot_distribution;
 mod snapshots;
 mod test_support;
 mod untrusted_input;
