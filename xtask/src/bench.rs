@@ -45,7 +45,8 @@ pub struct Options {
     /// Smoke mode: every benchmark briefly, results to bench-results/ only
     #[arg(long)]
     quick: bool,
-    /// Only these benchmarks (repeatable): core, wasm, datapath, compare, registry, xds
+    /// Only these benchmarks (repeatable): core, wasm, datapath, compare, registry, xds,
+    /// snapshot
     #[arg(long, value_name = "NAME")]
     only: Vec<String>,
 }
@@ -57,7 +58,7 @@ struct Bench {
 }
 
 /// The benchmarks, in the order they run (cheap and deterministic first).
-const BENCHES: [Bench; 6] = [
+const BENCHES: [Bench; 7] = [
     Bench {
         name: "core",
         run: core,
@@ -81,6 +82,10 @@ const BENCHES: [Bench; 6] = [
     Bench {
         name: "xds",
         run: xds,
+    },
+    Bench {
+        name: "snapshot",
+        run: snapshot,
     },
 ];
 
@@ -359,6 +364,34 @@ fn xds(context: &Run) -> Result<Fragment> {
         )
         .trim()
         .to_owned(),
+        markdown: fs::read_to_string(&out)?,
+    })
+}
+
+/// What one snapshot change costs a proxy's VMs (the real filter in wasmtime, criterion
+/// plus a table of bytes, apply times and VM memory).
+fn snapshot(context: &Run) -> Result<Fragment> {
+    let out = context.results.join("snapshot.raw.md");
+    let timing = criterion_timing(context.quick);
+    let mut command = cargo();
+    command
+        .args([
+            "bench",
+            "--package",
+            "fulcrum-wasm-host",
+            "--bench",
+            "snapshot",
+            "--",
+        ])
+        .args(&timing)
+        .env("FULCRUM_FILTER_WASM", &context.wasm)
+        .env("FULCRUM_BENCH_OUT", &out);
+    tools::run(&mut command).context("the snapshot bench failed")?;
+    Ok(Fragment {
+        command: format!(
+            "FULCRUM_FILTER_WASM=…/{FILTER_WASM} cargo bench -p fulcrum-wasm-host --bench snapshot -- {}",
+            timing.join(" ")
+        ),
         markdown: fs::read_to_string(&out)?,
     })
 }
