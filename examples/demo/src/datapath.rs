@@ -176,13 +176,18 @@ async fn main() -> Result<()> {
                     args.repeats,
                     setup.name()
                 );
-                let measured = run(&args, setup, workers, &addresses, dir.path(), &script)
-                    .await
-                    .with_context(|| format!("{} with {workers} worker(s)", setup.name()))?;
-                samples.extend(measured.into_iter().map(|mut sample| {
-                    sample.repeat = repeat;
-                    sample
-                }));
+                let measured = run(
+                    &args,
+                    repeat,
+                    setup,
+                    workers,
+                    &addresses,
+                    dir.path(),
+                    &script,
+                )
+                .await
+                .with_context(|| format!("{} with {workers} worker(s)", setup.name()))?;
+                samples.extend(measured);
             }
         }
     }
@@ -201,6 +206,7 @@ async fn main() -> Result<()> {
 /// One configuration on a fresh Envoy: warm-up, then one measured run per connection count.
 async fn run(
     args: &Args,
+    repeat: u32,
     setup: Setup,
     workers: u32,
     addresses: &[std::net::SocketAddr],
@@ -236,10 +242,8 @@ async fn run(
             }),
         ),
     };
-    let label = format!(
-        "{}-w{workers}",
-        setup.name().split(' ').next().unwrap_or("x")
-    );
+    // Unique per run: Envoy's admin-address and base-id files are named after it.
+    let label = format!("{setup:?}-w{workers}-r{repeat}").to_lowercase();
     let bootstrap = Bootstrap {
         node_id: format!("datapath-{label}"),
         endpoints: Endpoints::Static(addresses.to_vec()),
@@ -273,7 +277,7 @@ async fn run(
         envoy.check_running()?;
         let requests = report.field("requests").max(1.0);
         samples.push(Sample {
-            repeat: 0,
+            repeat,
             workers,
             connections,
             setup,
