@@ -310,88 +310,55 @@ fn compare(context: &Run) -> Result<Fragment> {
 
 /// The registry's gRPC API at 10,000 endpoints, in memory and on a 3-member etcd.
 fn registry(context: &Run) -> Result<Fragment> {
-    let out = context.results.join("registry.raw.md");
     let quick: &[&str] = if context.quick {
         &["--memory-only"]
     } else {
         &[]
     };
-    let mut command = cargo();
-    command
-        .args([
-            "bench",
-            "--package",
-            "fulcrum-registry",
-            "--bench",
-            "registry",
-            "--",
-        ])
-        .args(quick)
-        .env("FULCRUM_BENCH_OUT", &out);
-    tools::run(&mut command).context("the registry bench failed")?;
-    Ok(Fragment {
-        command: format!(
-            "cargo bench -p fulcrum-registry --bench registry -- {}",
-            quick.join(" ")
-        )
-        .trim()
-        .to_owned(),
-        markdown: fs::read_to_string(&out)?,
-    })
+    bench_writing_its_table(context, "fulcrum-registry", "registry", quick, false)
 }
 
 /// The control plane's xDS at 10,000 endpoints and 100 ADS clients, SotW and delta.
 fn xds(context: &Run) -> Result<Fragment> {
-    let out = context.results.join("xds.raw.md");
     let quick: &[&str] = if context.quick { &["--quick"] } else { &[] };
-    let mut command = cargo();
-    command
-        .args([
-            "bench",
-            "--package",
-            "fulcrum-control-plane",
-            "--bench",
-            "xds_scale",
-            "--",
-        ])
-        .args(quick)
-        .env("FULCRUM_BENCH_OUT", &out);
-    tools::run(&mut command).context("the xDS scale bench failed")?;
-    Ok(Fragment {
-        command: format!(
-            "cargo bench -p fulcrum-control-plane --bench xds_scale -- {}",
-            quick.join(" ")
-        )
-        .trim()
-        .to_owned(),
-        markdown: fs::read_to_string(&out)?,
-    })
+    bench_writing_its_table(context, "fulcrum-control-plane", "xds_scale", quick, false)
 }
 
 /// What one snapshot change costs a proxy's VMs (the real filter in wasmtime, criterion
 /// plus a table of bytes, apply times and VM memory).
 fn snapshot(context: &Run) -> Result<Fragment> {
-    let out = context.results.join("snapshot.raw.md");
     let timing = criterion_timing(context.quick);
+    let timing: Vec<&str> = timing.iter().map(String::as_str).collect();
+    bench_writing_its_table(context, "fulcrum-wasm-host", "snapshot", &timing, true)
+}
+
+/// `cargo bench -p PACKAGE --bench BENCH -- ARGS` for a bench that writes its own markdown
+/// table to `FULCRUM_BENCH_OUT`; with `filter`, the release filter's path goes along in
+/// `FULCRUM_FILTER_WASM`.
+fn bench_writing_its_table(
+    context: &Run,
+    package: &str,
+    bench: &str,
+    args: &[&str],
+    filter: bool,
+) -> Result<Fragment> {
+    let out = context.results.join(format!("{bench}.raw.md"));
     let mut command = cargo();
     command
-        .args([
-            "bench",
-            "--package",
-            "fulcrum-wasm-host",
-            "--bench",
-            "snapshot",
-            "--",
-        ])
-        .args(&timing)
-        .env("FULCRUM_FILTER_WASM", &context.wasm)
+        .args(["bench", "--package", package, "--bench", bench, "--"])
+        .args(args)
         .env("FULCRUM_BENCH_OUT", &out);
-    tools::run(&mut command).context("the snapshot bench failed")?;
+    let mut shown = format!(
+        "cargo bench -p {package} --bench {bench} -- {}",
+        args.join(" ")
+    );
+    if filter {
+        command.env("FULCRUM_FILTER_WASM", &context.wasm);
+        shown = format!("FULCRUM_FILTER_WASM=…/{FILTER_WASM} {shown}");
+    }
+    tools::run(&mut command).with_context(|| format!("the {bench} bench failed"))?;
     Ok(Fragment {
-        command: format!(
-            "FULCRUM_FILTER_WASM=…/{FILTER_WASM} cargo bench -p fulcrum-wasm-host --bench snapshot -- {}",
-            timing.join(" ")
-        ),
+        command: shown.trim().to_owned(),
         markdown: fs::read_to_string(&out)?,
     })
 }
