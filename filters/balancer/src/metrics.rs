@@ -318,12 +318,12 @@ impl ServiceMetrics {
 
     /// Counts a pick in the VM; Envoy sees it at the next [`ServiceMetrics::flush`].
     pub fn picked(&mut self, endpoint: SocketAddr) {
-        if !self.endpoints.contains_key(&endpoint) && self.endpoint(endpoint).is_none() {
-            return;
-        }
+        // One lookup on the request path; only an endpoint's first pick defines its stats.
         if let Some(metrics) = self.endpoints.get_mut(&endpoint) {
             metrics.unflushed_picks += 1;
             self.unflushed = true;
+        } else if self.endpoint(endpoint).is_some() {
+            self.picked(endpoint);
         }
     }
 
