@@ -234,6 +234,21 @@ pub struct PeakEwma {
         skip_serializing_if = "PeakEwma::is_default_penalty_decay"
     )]
     pub failure_penalty_decay: Duration,
+    /// Time constant in which a latency peak wears off, 1ms..=1h, apart from the blended
+    /// estimate: a peak (three slow answers in a row) holds an endpoint back
+    /// at once, and an isolated stall does not hold it back for tens of seconds. Default:
+    /// `"1s"`; serialized only when set otherwise.
+    #[serde(
+        with = "crate::duration",
+        skip_serializing_if = "PeakEwma::is_default_peak_decay"
+    )]
+    pub peak_decay: Duration,
+    /// How close two endpoints' estimates must be to count as equal, when the pick between
+    /// them goes to the one with fewer requests in flight, then to chance. Default:
+    /// `{"difference": "1ms", "percent": 20}`; serialized only when set otherwise, so older
+    /// filters read default policies.
+    #[serde(skip_serializing_if = "LatencyTolerance::is_default")]
+    pub tolerance: LatencyTolerance,
 }
 
 impl PeakEwma {
@@ -241,6 +256,56 @@ impl PeakEwma {
 
     fn is_default_penalty_decay(decay: &Duration) -> bool {
         *decay == Self::DEFAULT_PENALTY_DECAY
+    }
+
+    const DEFAULT_PEAK_DECAY: Duration = Duration::from_secs(1);
+
+    fn is_default_peak_decay(decay: &Duration) -> bool {
+        *decay == Self::DEFAULT_PEAK_DECAY
+    }
+}
+
+/// When two latency estimates count as equal: they differ by at most `difference`, or by at
+/// most `percent` % of the lower one.
+///
+/// At low concurrency nothing is in flight anywhere and the estimates alone decide every
+/// comparison: without a tolerance, equal endpoints' noise (a few microseconds, or a stall
+/// one of them happened to hit) hands the lowest estimate every comparison it is drawn into,
+/// and shares stray far from equal (measured on real Envoy at one connection: one endpoint
+/// of four at 40 %). The default matches the relative-latency rule's `minimum_difference`:
+/// what that rule will not call slow, the pick does not avoid either. `{"difference": "0s",
+/// "percent": 0}` compares estimates exactly, as tower does.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LatencyTolerance {
+    /// Estimates at most this far apart are equal, 0s..=1h. Default: `"1ms"`.
+    #[serde(with = "crate::duration")]
+    pub difference: Duration,
+    /// Estimates at most this percentage of the lower one apart are equal, 0..=1000.
+    /// Default: 20.
+    pub percent: u32,
+}
+
+impl LatencyTolerance {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// Whether estimates `a` and `b` (nanoseconds) count as equal.
+    pub fn equal(&self, a: f64, b: f64) -> bool {
+        let lower = a.min(b);
+        let apart = (a - b).abs();
+        apart <= self.difference.as_nanos() as f64
+            || apart * 100.0 <= lower * f64::from(self.percent)
+    }
+}
+
+impl Default for LatencyTolerance {
+    fn default() -> Self {
+        Self {
+            difference: Duration::from_millis(1),
+            percent: 20,
+        }
     }
 }
 
@@ -251,6 +316,8 @@ impl Default for PeakEwma {
             default_rtt: Duration::from_millis(30),
             failure_penalty: Duration::from_millis(500),
             failure_penalty_decay: Self::DEFAULT_PENALTY_DECAY,
+            peak_decay: Self::DEFAULT_PEAK_DECAY,
+            tolerance: LatencyTolerance::default(),
         }
     }
 }

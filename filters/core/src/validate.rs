@@ -305,6 +305,19 @@ fn validate_load_balancer(lb: &LoadBalancer, path: &str, errors: &mut Errors) {
                 Duration::from_millis(1),
                 hour,
             );
+            errors.duration(
+                &at("peak_decay"),
+                ewma.peak_decay,
+                Duration::from_millis(1),
+                hour,
+            );
+            errors.duration(
+                &at("tolerance.difference"),
+                ewma.tolerance.difference,
+                Duration::ZERO,
+                hour,
+            );
+            errors.range(&at("tolerance.percent"), ewma.tolerance.percent, 0, 1000);
         }
         LoadBalancer::HealthScore(score) => {
             errors.float(&at("latency"), score.latency, 0.0, 1000.0);

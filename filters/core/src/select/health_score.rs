@@ -22,22 +22,22 @@ impl Select for HealthScore {
         candidates: &'a mut Candidates<'_>,
         request: Request<'_, R>,
     ) -> Choice<'a> {
-        let typical = request.typical_latency;
-        two_choices(candidates, request, |slot, now| {
-            score(&self.0, slot, now, typical)
-        })
+        let now = request.now;
+        let estimate = policy::PeakEwma::default();
+        two_choices(
+            candidates,
+            request,
+            &estimate,
+            |slot, now| slot.stats.ewma.estimate_nanos(now, &estimate),
+            |slot, latency| score(&self.0, slot, latency, now),
+        )
     }
 }
 
-/// The score of one endpoint at `now`; lower is healthier.
-fn score(
-    config: &policy::HealthScore,
-    slot: &Slot,
-    now: Duration,
-    typical: Option<Duration>,
-) -> f64 {
-    let ewma = policy::PeakEwma::default();
-    let latency_ms = slot.stats.ewma.estimate_nanos(now, &ewma, typical) / 1e6;
+/// The score of one endpoint at `now` with latency estimate `latency` (nanoseconds); lower is
+/// healthier.
+fn score(config: &policy::HealthScore, slot: &Slot, latency: f64, now: Duration) -> f64 {
+    let latency_ms = latency / 1e6;
     let recent = slot.stats.breaker.recent(now);
     let failure_percent = if recent.total == 0 {
         0.0

@@ -179,8 +179,7 @@ impl ServicePicker {
                     .map(|slow| slow.latency_threshold),
             )
             .against_peers(policy.outlier_detection.relative_latency.as_ref(), typical);
-            self.slots
-                .observe(slot, outcome.latency, now, estimate.decay);
+            self.slots.observe(slot, outcome.latency, now, estimate);
             if verdict.failure {
                 self.slots.penalize(slot, estimate, now);
             }

@@ -103,7 +103,6 @@ impl ServicePicker {
                         attributes,
                         slots,
                         total_inflight: slots.total_inflight(),
-                        typical_latency: slots.last_typical_latency(),
                         now,
                         rng: &mut *rng,
                     },

@@ -174,8 +174,8 @@ impl Slots {
     }
 
     /// Folds one response time into `slot`'s latency estimate.
-    pub fn observe(&mut self, slot: usize, rtt: Duration, now: Duration, decay: Duration) {
-        self.list[slot].stats.ewma.observe(rtt, now, decay);
+    pub fn observe(&mut self, slot: usize, rtt: Duration, now: Duration, estimate: &PeakEwma) {
+        self.list[slot].stats.ewma.observe(rtt, now, estimate);
     }
 
     /// Records a failure on `slot`'s latency estimate: its penalty, under `estimate`'s policy.
@@ -234,12 +234,6 @@ impl Slots {
             from: change.from,
             to: change.to,
         })
-    }
-
-    /// The typical latency as last worked out by [`typical_latency`](Self::typical_latency),
-    /// without working it out again.
-    pub fn last_typical_latency(&self) -> Option<Duration> {
-        self.typical.value
     }
 
     /// The peers' typical latency at `now` for the relative-latency rule: the median, over

@@ -934,7 +934,8 @@ fn latency_is_fed_to_the_endpoint_that_served() {
         slots[i]
             .stats
             .ewma
-            .estimate_nanos(ms(1), &crate::policy::PeakEwma::default(), None)
+            .estimate_nanos(ms(1), &crate::policy::PeakEwma::default())
+            .expect("sampled")
     };
     assert_eq!(estimate(1), 900_000_000.0);
     // addr(1) failed (retried elsewhere): its estimate is the failure penalty.

@@ -4,6 +4,7 @@
 mod algorithms;
 mod breaker;
 mod ejections;
+mod equal_shares;
 mod mesh;
 mod picker;
 mod policy;

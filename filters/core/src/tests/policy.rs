@@ -5,8 +5,9 @@ use proptest::prelude::*;
 use crate::{
     Policy, PolicyError, Snapshot,
     policy::{
-        FailureRate, HashCookie, HashOn, HealthCheck, LeastRequest, LoadBalancer, Maglev,
-        OnNoEndpoint, PeakEwma, Probe, RateLimit, RingHash, ServicePolicy, SlowCalls, Sticky,
+        FailureRate, HashCookie, HashOn, HealthCheck, LatencyTolerance, LeastRequest, LoadBalancer,
+        Maglev, OnNoEndpoint, PeakEwma, Probe, RateLimit, RingHash, ServicePolicy, SlowCalls,
+        Sticky,
     },
 };
 
@@ -295,16 +296,25 @@ fn load_balancer() -> impl Strategy<Value = LoadBalancer> {
                 active_request_bias: f64::from(bias) / 2.0,
             })
         }),
-        (duration_ms(), duration_ms(), duration_ms(), duration_ms()).prop_map(
-            |(decay, rtt, penalty, penalty_decay)| {
-                LoadBalancer::PeakEwma(PeakEwma {
-                    decay,
-                    default_rtt: rtt,
-                    failure_penalty: penalty,
-                    failure_penalty_decay: penalty_decay,
-                })
-            }
-        ),
+        (
+            (duration_ms(), duration_ms(), duration_ms(), duration_ms()),
+            (duration_ms(), duration_ms(), 0u32..=1000)
+        )
+            .prop_map(
+                |((decay, rtt, penalty, penalty_decay), (peak_decay, difference, percent))| {
+                    LoadBalancer::PeakEwma(PeakEwma {
+                        decay,
+                        default_rtt: rtt,
+                        failure_penalty: penalty,
+                        failure_penalty_decay: penalty_decay,
+                        peak_decay,
+                        tolerance: LatencyTolerance {
+                            difference,
+                            percent,
+                        },
+                    })
+                }
+            ),
         (hash_on(), 1u32..=262_144, proptest::option::of(1u32..8)).prop_map(
             |(hash_on, minimum_ring_size, bound)| {
                 LoadBalancer::RingHash(RingHash {
@@ -530,5 +540,48 @@ fn the_proxy_zone_fills_every_service_without_a_zone_of_its_own() {
         zone("pinned").as_deref(),
         Some("eu-west-1c"),
         "the policy's zone overrides the proxy's"
+    );
+}
+
+#[test]
+fn a_peak_ewma_tolerance_out_of_range_is_refused_naming_its_field() {
+    let error = Policy::from_json(
+        r#"{"default": {"load_balancer": {"type": "peak_ewma", "peak_decay": "0s",
+            "tolerance": {"difference": "2h", "percent": 1001}}}}"#,
+    )
+    .unwrap_err();
+    let PolicyError::Invalid(errors) = error else {
+        panic!("expected validation errors, got {error}");
+    };
+    let text = errors.to_string();
+    for field in [
+        "default.load_balancer.peak_decay: must be",
+        "default.load_balancer.tolerance.difference: must be",
+        "default.load_balancer.tolerance.percent: must be 0..=1000, got 1001",
+    ] {
+        assert!(text.contains(field), "{field} in {text}");
+    }
+}
+
+#[test]
+fn a_default_peak_ewma_is_written_without_the_fields_older_filters_refuse() {
+    // Older filters deny unknown fields: a control plane upgraded first must not send them
+    // a field they do not know while it holds its default.
+    let written =
+        serde_json::to_string(&LoadBalancer::PeakEwma(PeakEwma::default())).expect("serializes");
+    for field in ["failure_penalty_decay", "peak_decay", "tolerance"] {
+        assert!(!written.contains(field), "{field} in {written}");
+    }
+    let tuned = LoadBalancer::PeakEwma(PeakEwma {
+        tolerance: LatencyTolerance {
+            difference: Duration::ZERO,
+            percent: 0,
+        },
+        ..PeakEwma::default()
+    });
+    let written = serde_json::to_string(&tuned).expect("serializes");
+    assert!(
+        written.contains(r#""tolerance":{"difference":"0s","percent":0}"#),
+        "{written}"
     );
 }
