@@ -22,13 +22,13 @@ impl Select for HealthScore {
         candidates: &'a mut Candidates<'_>,
         request: Request<'_, R>,
     ) -> Choice<'a> {
-        let now = request.now;
+        let (now, level) = (request.now, request.level);
         let estimate = policy::PeakEwma::default();
         two_choices(
             candidates,
             request,
             &estimate,
-            |slot, now| slot.stats.ewma.estimate_nanos(now, &estimate),
+            |slot, now| slot.stats.ewma.estimate_nanos(now, &estimate, level),
             |slot, latency| score(&self.0, slot, latency, now),
         )
     }

@@ -171,6 +171,9 @@ pub(crate) struct Request<'a, R: ?Sized> {
     pub slots: &'a [Slot],
     /// The sum of the endpoints' in-flight requests.
     pub total_inflight: u64,
+    /// The service's latency level in nanoseconds, which endpoints' latency estimates are
+    /// kept relative to ([`peak_ewma::Level`]).
+    pub level: f64,
     pub now: Duration,
     pub rng: &'a mut R,
 }

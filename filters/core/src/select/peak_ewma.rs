@@ -1,28 +1,34 @@
 //! Peak EWMA latency estimate and its power-of-two-choices pick.
 //!
 //! After tower's `load/peak_ewma.rs` (as used by Linkerd): a lower sample is blended in with
-//! weight `1 - exp(-elapsed / decay)`, between samples the estimate decays toward zero the
-//! same way (so an idle endpoint is eventually tried again), and a peak is taken at once (so
-//! a slowing endpoint is noticed at once). Cost = estimate × (inflight + 1).
+//! weight `1 - exp(-elapsed / decay)`, between samples the estimate decays (so an idle
+//! endpoint is eventually tried again), and a peak is taken at once (so a slowing endpoint
+//! is noticed at once). Cost = estimate × (inflight + 1).
 //!
 //! Departures from tower, each measured on equal endpoints at one connection, where the
-//! estimate alone decides every comparison (`tests/equal_shares.rs`):
-//! - **every sample weighs at least 1/16** in the blend: at thousands of answers a second
-//!   `1 - exp(-elapsed / decay)` is under 10⁻⁴, so the estimate stayed for tens of seconds
+//! estimates alone decide every comparison (`tests/equal_shares.rs`, and bench-compare's
+//! `healthy-c1` on real Envoy, where tower's rules gave one endpoint of four 40 % and
+//! another 9 %):
+//! - **estimates are kept relative to the service's level** ([`Level`]: every answer of
+//!   every endpoint, blended over [`LEVEL_DECAY`]): an endpoint's estimate is the level plus
+//!   its blended excess over the level at the time of each of its answers. A busy machine or
+//!   a slow network slows every endpoint at once; kept absolutely, it was charged to
+//!   whichever endpoints happened to answer then, which were shunned after it for seconds
+//!   while the others took their traffic. An idle endpoint's excess decays toward none
+//!   (like its peers) rather than its estimate toward zero;
+//! - **every answer weighs at least 1/16** in the blend: at thousands of answers a second
+//!   `1 - exp(-elapsed / decay)` is under 10⁻⁴, so an estimate stayed for tens of seconds
 //!   wherever its first sample put it;
-//! - **a peak needs three slow answers in a row** (the lowest of the three, when above the
-//!   blended estimate) and wears off with `peak_decay`, as a floor under the blended
-//!   estimate. tower takes every sample above the estimate as the estimate, decaying with
-//!   `decay` (10 s): one isolated stall (a scheduler hiccup, a GC pause; on loopback 0.1 %
-//!   of answers at 20× the median) then held an endpoint as fast as its peers above them
-//!   for tens of seconds, and it lost every comparison meanwhile (measured on real Envoy:
-//!   shares from 22 % to 40 % for four equal endpoints; two in a row still strayed ±10 %
-//!   in simulation). An endpoint that really slowed answers slowly three times in a row, and
-//!   from its first slow answer its blended estimate rises by a sixteenth of the excess;
-//! - **a failure sets a penalty** (`failure_penalty`) so fast errors do not look fast,
-//!   wearing off with `failure_penalty_decay`: folded into the estimate (as tower records
-//!   failures), 500 ms took a minute to decay to a 2 ms peer's level, and a recovered
-//!   endpoint that P2C shuns gets no samples to correct it;
+//! - **a peak needs three slow answers in a row** (the least excess of the three) and wears
+//!   off with `peak_decay`: taken from every answer, as tower does, one isolated stall (a
+//!   scheduler hiccup, a GC pause; on loopback 0.1 % of answers at 20× the median) held an
+//!   endpoint as fast as its peers above them for tens of seconds. An endpoint that really
+//!   slowed answers slowly three times in a row, and from its first slow answer its
+//!   blended excess rises by a sixteenth of the difference;
+//! - **a failure sets a penalty** (`failure_penalty`, an absolute latency) so fast errors do
+//!   not look fast, wearing off with `failure_penalty_decay`: folded into the estimate (as
+//!   tower records failures), 500 ms took a minute to decay to a 2 ms peer's level, and a
+//!   recovered endpoint that P2C shuns gets no samples to correct it;
 //! - **estimates within the policy's `tolerance` compare as equal**, and so does an
 //!   endpoint with no sample yet (the power-of-two-choices pick, `select::two_choices`).
 
@@ -61,31 +67,67 @@ impl Floor {
     }
 }
 
-/// A time-decayed latency estimate in nanoseconds, with a peak and a failure penalty under
-/// it.
+/// The service's latency level: every answer of every endpoint, blended with time constant
+/// [`LEVEL_DECAY`]. An endpoint's estimate is kept as its excess over the level at the time
+/// of each answer, so what slows every endpoint at once (a busy machine, a slow network)
+/// moves the level, not one endpoint's estimate.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Level {
+    nanos: f64,
+    at: Option<Duration>,
+}
+
+/// The time constant of the service's latency level: short, so the level follows what
+/// every endpoint sees now, and an answer is compared with what its peers answered just
+/// before.
+pub const LEVEL_DECAY: Duration = Duration::from_millis(10);
+
+impl Level {
+    /// Folds in one answer at `now` and returns the level it is measured against (the level
+    /// before it; the answer itself when there was none).
+    pub fn observe(&mut self, rtt: Duration, now: Duration) -> f64 {
+        let rtt = rtt.as_nanos() as f64;
+        let before = match self.at {
+            Some(_) => self.nanos,
+            None => rtt,
+        };
+        let weight = self
+            .at
+            .map_or(0.0, |at| decay_weight(now.saturating_sub(at), LEVEL_DECAY));
+        self.nanos = before * weight + rtt * (1.0 - weight);
+        self.at = Some(now);
+        before
+    }
+
+    /// The level in nanoseconds (0 before any answer).
+    pub fn nanos(&self) -> f64 {
+        self.nanos
+    }
+}
+
+/// An endpoint's latency estimate: its time-blended excess over the service's [`Level`],
+/// with a peak excess and a failure penalty under it.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Ewma {
-    /// The blended estimate as of `updated_at`.
-    estimate_nanos: f64,
-    /// When the estimate was last updated; `None` before the first sample.
+    /// The blended excess over the level as of `updated_at`, in nanoseconds (negative when
+    /// faster than the level).
+    excess_nanos: f64,
+    /// When the excess was last updated; `None` before the first sample.
     updated_at: Option<Duration>,
-    /// The two samples before the last one, newest first, in nanoseconds: what confirms a
+    /// The excesses of the two answers before the last one, newest first: what confirms a
     /// peak.
-    last_samples_nanos: [f64; 2],
-    /// The last confirmed peak, wearing off with `peak_decay`.
+    last_excesses_nanos: [f64; 2],
+    /// The last confirmed peak excess, wearing off with `peak_decay`.
     peak: Floor,
-    /// The failure penalty, wearing off with `failure_penalty_decay`.
+    /// The failure penalty (an absolute latency), wearing off with `failure_penalty_decay`.
     penalty: Floor,
 }
 
 impl Ewma {
-    /// An estimate of `estimate`, as if just observed at `now`.
-    pub fn starting_at(estimate: Duration, now: Duration) -> Self {
-        let estimate_nanos = estimate.as_nanos() as f64;
+    /// An endpoint estimated like its peers (no excess), as if just observed at `now`.
+    pub fn like_peers(now: Duration) -> Self {
         Self {
-            estimate_nanos,
             updated_at: Some(now),
-            last_samples_nanos: [estimate_nanos; 2],
             ..Self::default()
         }
     }
@@ -96,43 +138,55 @@ impl Ewma {
         self.penalty.raise(penalty.as_nanos() as f64, now, decay);
     }
 
-    /// Records one response time observed at `now`: blended into the estimate by elapsed
-    /// time (at least 1/16); and when it and the two samples before it are
-    /// all above the blended estimate, the lowest of the three becomes the peak.
-    pub fn observe(&mut self, rtt: Duration, now: Duration, config: &policy::PeakEwma) {
-        let rtt = rtt.as_nanos() as f64;
-        let confirmed_peak = rtt
-            .min(self.last_samples_nanos[0])
-            .min(self.last_samples_nanos[1]);
-        self.last_samples_nanos = [rtt, self.last_samples_nanos[0]];
-        self.estimate_nanos = match self.updated_at {
+    /// Records one response time observed at `now` against the service's `level` (the
+    /// level before this answer, as [`Level::observe`] returns it): its excess over the
+    /// level is blended in by elapsed time (weight at least 1/16); and when it and the two
+    /// answers before it all exceed the level by more than the blended excess, the lowest of
+    /// the three excesses becomes the peak.
+    pub fn observe(&mut self, rtt: Duration, level: f64, now: Duration, config: &policy::PeakEwma) {
+        let excess = rtt.as_nanos() as f64 - level;
+        let confirmed_peak = excess
+            .min(self.last_excesses_nanos[0])
+            .min(self.last_excesses_nanos[1]);
+        self.last_excesses_nanos = [excess, self.last_excesses_nanos[0]];
+        self.excess_nanos = match self.updated_at {
             Some(at) => {
                 let weight =
                     decay_weight(now.saturating_sub(at), config.decay).min(1.0 - MIN_SAMPLE_WEIGHT);
-                self.estimate_nanos * weight + rtt * (1.0 - weight)
+                self.excess_nanos * weight + excess * (1.0 - weight)
             }
-            None => rtt,
+            None => excess,
         };
         self.updated_at = Some(now);
-        if confirmed_peak > self.estimate_nanos {
+        if confirmed_peak > self.excess_nanos.max(0.0) {
             self.peak.raise(confirmed_peak, now, config.peak_decay);
         }
     }
 
-    /// The estimate at `now`, in nanoseconds: `None` before the first sample or failure;
-    /// then the blended estimate decayed toward zero since the last sample, never below
-    /// what is left of the peak or the failure penalty.
-    pub fn estimate_nanos(&self, now: Duration, config: &policy::PeakEwma) -> Option<f64> {
+    /// The estimate at `now` in nanoseconds, the service's level being `level`: `None`
+    /// before the first sample or failure; then the level plus the blended excess, which
+    /// decays toward none (like its peers) while the endpoint gets no answers, or plus what
+    /// is left of the peak excess if more; never below what is left of the failure penalty.
+    pub fn estimate_nanos(
+        &self,
+        now: Duration,
+        config: &policy::PeakEwma,
+        level: f64,
+    ) -> Option<f64> {
         if self.updated_at.is_none() && self.penalty.at.is_none() {
             return None;
         }
-        let latency = self.updated_at.map_or(0.0, |at| {
-            self.estimate_nanos * decay_weight(now.saturating_sub(at), config.decay)
+        let excess = self.updated_at.map_or(0.0, |at| {
+            self.excess_nanos * decay_weight(now.saturating_sub(at), config.decay)
         });
+        let excess = match self.peak.at {
+            Some(_) => excess.max(self.peak.at(now, config.peak_decay)),
+            None => excess,
+        };
         Some(
-            latency
-                .max(self.peak.at(now, config.peak_decay))
-                .max(self.penalty.at(now, config.failure_penalty_decay)),
+            (level + excess)
+                .max(self.penalty.at(now, config.failure_penalty_decay))
+                .max(0.0),
         )
     }
 }
@@ -157,11 +211,12 @@ impl Select for PeakEwma {
         request: Request<'_, R>,
     ) -> Choice<'a> {
         let config = &self.0;
+        let level = request.level;
         two_choices(
             candidates,
             request,
             config,
-            |slot, now| slot.stats.ewma.estimate_nanos(now, config),
+            |slot, now| slot.stats.ewma.estimate_nanos(now, config, level),
             |slot, latency| latency * (f64::from(slot.stats.inflight) + 1.0),
         )
     }
@@ -188,28 +243,31 @@ mod tests {
     fn a_slowdown_becomes_the_peak_at_its_third_slow_answer() {
         let mut ewma = Ewma::default();
         for at in 0..3 {
-            ewma.observe(ms(1), ms(at), &config());
+            ewma.observe(ms(1), 0.0, ms(at), &config());
         }
-        ewma.observe(ms(200), ms(3), &config());
-        ewma.observe(ms(150), ms(4), &config());
-        let blended = ewma.estimate_nanos(ms(4), &config()).unwrap();
+        ewma.observe(ms(200), 0.0, ms(3), &config());
+        ewma.observe(ms(150), 0.0, ms(4), &config());
+        let blended = ewma.estimate_nanos(ms(4), &config(), 0.0).unwrap();
         assert!(blended < 40_000_000.0, "{blended}");
-        ewma.observe(ms(180), ms(5), &config());
-        assert_eq!(ewma.estimate_nanos(ms(5), &config()), Some(150_000_000.0));
+        ewma.observe(ms(180), 0.0, ms(5), &config());
+        assert_eq!(
+            ewma.estimate_nanos(ms(5), &config(), 0.0),
+            Some(150_000_000.0)
+        );
     }
 
     #[test]
     fn an_isolated_stall_moves_the_estimate_a_sixteenth_of_its_excess_and_sets_no_peak() {
         let mut ewma = Ewma::default();
-        ewma.observe(ms(1), ms(0), &config());
-        ewma.observe(ms(1), ms(1), &config());
-        ewma.observe(ms(49), ms(2), &config());
-        let estimate = ewma.estimate_nanos(ms(2), &config()).unwrap();
+        ewma.observe(ms(1), 0.0, ms(0), &config());
+        ewma.observe(ms(1), 0.0, ms(1), &config());
+        ewma.observe(ms(49), 0.0, ms(2), &config());
+        let estimate = ewma.estimate_nanos(ms(2), &config(), 0.0).unwrap();
         assert!((estimate - 4_000_000.0).abs() < 1_000.0, "{estimate}");
         for at in 3..35 {
-            ewma.observe(ms(1), ms(at), &config());
+            ewma.observe(ms(1), 0.0, ms(at), &config());
         }
-        let estimate = ewma.estimate_nanos(ms(34), &config()).unwrap();
+        let estimate = ewma.estimate_nanos(ms(34), &config(), 0.0).unwrap();
         assert!(estimate < 1_400_000.0, "{estimate}");
     }
 
@@ -217,35 +275,38 @@ mod tests {
     fn a_peak_wears_off_in_seconds_leaving_the_blended_estimate() {
         let mut ewma = Ewma::default();
         for at in 0..3 {
-            ewma.observe(ms(2), ms(at), &config());
+            ewma.observe(ms(2), 0.0, ms(at), &config());
         }
         for at in 3..6 {
-            ewma.observe(ms(100), ms(at), &config());
+            ewma.observe(ms(100), 0.0, ms(at), &config());
         }
-        assert_eq!(ewma.estimate_nanos(ms(5), &config()), Some(100_000_000.0));
+        assert_eq!(
+            ewma.estimate_nanos(ms(5), &config(), 0.0),
+            Some(100_000_000.0)
+        );
         // Five peak time constants later the peak is under 1 ms; the blended estimate
         // (three samples of 100 ms among 2 ms ones: about 19 ms) has decayed by half a
         // `decay` only.
-        let later = ewma.estimate_nanos(ms(5_005), &config()).unwrap();
+        let later = ewma.estimate_nanos(ms(5_005), &config(), 0.0).unwrap();
         assert!((10_000_000.0..13_000_000.0).contains(&later), "{later}");
     }
 
     #[test]
     fn a_lower_sample_is_blended_by_elapsed_time() {
         let mut ewma = Ewma::default();
-        ewma.observe(ms(100), ms(0), &config());
+        ewma.observe(ms(100), 0.0, ms(0), &config());
         // After one time constant the old estimate keeps exp(-1) of its weight.
-        ewma.observe(ms(0), ms(10_000), &config());
+        ewma.observe(ms(0), 0.0, ms(10_000), &config());
         let expected = 100_000_000.0 * (-1.0f64).exp();
-        assert!((ewma.estimate_nanos(ms(10_000), &config()).unwrap() - expected).abs() < 1e-3);
+        assert!((ewma.estimate_nanos(ms(10_000), &config(), 0.0).unwrap() - expected).abs() < 1e-3);
     }
 
     #[test]
     fn has_no_estimate_until_the_first_sample_then_decays_toward_zero() {
         let mut ewma = Ewma::default();
-        assert_eq!(ewma.estimate_nanos(ms(5_000), &config()), None);
-        ewma.observe(ms(50), ms(0), &config());
-        let decayed = ewma.estimate_nanos(ms(20_000), &config()).unwrap();
+        assert_eq!(ewma.estimate_nanos(ms(5_000), &config(), 0.0), None);
+        ewma.observe(ms(50), 0.0, ms(0), &config());
+        let decayed = ewma.estimate_nanos(ms(20_000), &config(), 0.0).unwrap();
         assert!((decayed - 50_000_000.0 * (-2.0f64).exp()).abs() < 1e-3);
     }
 
@@ -254,27 +315,67 @@ mod tests {
         let config = config();
         let mut ewma = Ewma::default();
         ewma.penalize(ms(500), ms(10), config.failure_penalty_decay);
-        assert_eq!(ewma.estimate_nanos(ms(10), &config), Some(500_000_000.0));
+        assert_eq!(
+            ewma.estimate_nanos(ms(10), &config, 0.0),
+            Some(500_000_000.0)
+        );
     }
 
     #[test]
     fn a_failure_penalty_holds_while_failures_go_on_and_wears_off_in_seconds_after() {
         let config = config();
         let mut ewma = Ewma::default();
-        ewma.observe(ms(2), ms(0), &config);
+        ewma.observe(ms(2), 0.0, ms(0), &config);
         // A fast error: 1 ms, but the estimate is the 500 ms penalty.
-        ewma.observe(ms(1), ms(10), &config);
+        ewma.observe(ms(1), 0.0, ms(10), &config);
         ewma.penalize(ms(500), ms(10), config.failure_penalty_decay);
-        assert_eq!(ewma.estimate_nanos(ms(10), &config).unwrap(), 500_000_000.0);
+        assert_eq!(
+            ewma.estimate_nanos(ms(10), &config, 0.0).unwrap(),
+            500_000_000.0
+        );
         // Failing again a second later keeps it at the penalty.
         ewma.penalize(ms(500), ms(1_010), config.failure_penalty_decay);
         assert_eq!(
-            ewma.estimate_nanos(ms(1_010), &config).unwrap(),
+            ewma.estimate_nanos(ms(1_010), &config, 0.0).unwrap(),
             500_000_000.0
         );
         // Five seconds after the last failure the penalty is under 4 ms: back among 2 ms
         // peers, where a latency peak of 500 ms would still be at 300 ms.
-        let later = ewma.estimate_nanos(ms(6_010), &config).unwrap();
+        let later = ewma.estimate_nanos(ms(6_010), &config, 0.0).unwrap();
         assert!(later < 4_000_000.0, "{later}");
+    }
+
+    /// Answers alternating between two endpoints, `rtt(i)` for the `i`th, one after the
+    /// other; returns both estimates after the last.
+    fn alternate(answers: usize, rtt: impl Fn(usize) -> u64) -> (f64, f64) {
+        let config = config();
+        let (mut level, mut endpoints) = (Level::default(), [Ewma::default(); 2]);
+        let mut now = ms(0);
+        for i in 0..answers {
+            let answer = ms(rtt(i));
+            now += answer;
+            let before = level.observe(answer, now);
+            endpoints[i % 2].observe(answer, before, now, &config);
+        }
+        let estimate = |ewma: &Ewma| ewma.estimate_nanos(now, &config, level.nanos()).unwrap();
+        (estimate(&endpoints[0]), estimate(&endpoints[1]))
+    }
+
+    #[test]
+    fn what_slows_every_endpoint_at_once_moves_the_level_and_leaves_them_equal() {
+        // 1 ms answers, then 40 answers of 5 ms to whichever endpoint, then 1 ms again.
+        let (a, b) = alternate(100, |i| if (40..80).contains(&i) { 5 } else { 1 });
+        assert!(config().tolerance.equal(a, b), "{a} vs {b}");
+        assert!((a - b).abs() < 300_000.0, "{a} vs {b}");
+    }
+
+    #[test]
+    fn an_endpoint_slower_than_its_peers_at_the_same_time_is_estimated_that_much_slower() {
+        let (fast, slow) = alternate(40, |i| if i % 2 == 1 { 10 } else { 1 });
+        let apart = slow - fast;
+        assert!(
+            (8_000_000.0..10_000_000.0).contains(&apart),
+            "{fast} vs {slow}"
+        );
     }
 }

@@ -167,6 +167,12 @@ impl ServicePicker {
         self.algorithm.load_changed(slot, &self.slots);
     }
 
+    /// The service's latency level, for tests that inspect estimates.
+    #[cfg(test)]
+    pub(crate) fn level_for_tests(&self) -> f64 {
+        self.slots.level()
+    }
+
     /// A copy of the slots, for tests that inspect stats.
     #[cfg(test)]
     pub(crate) fn slots_for_tests(&self) -> Vec<Slot> {

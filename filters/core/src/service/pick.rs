@@ -103,6 +103,7 @@ impl ServicePicker {
                         attributes,
                         slots,
                         total_inflight: slots.total_inflight(),
+                        level: slots.level(),
                         now,
                         rng: &mut *rng,
                     },

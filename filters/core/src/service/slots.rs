@@ -12,7 +12,11 @@ use crate::{
     breaker::{BreakerState, Context, Event},
     endpoint::{Endpoint, Health},
     policy::{OutlierDetection, PeakEwma, SlowStart},
-    select::{EndpointStats, Slot, hash::address_hash, peak_ewma::Ewma},
+    select::{
+        EndpointStats, Slot,
+        hash::address_hash,
+        peak_ewma::{Ewma, Level},
+    },
     window::BUCKETS,
 };
 
@@ -40,6 +44,8 @@ pub(super) struct Slots {
     ejection_changes: u64,
     /// The peers' typical latency, as last worked out.
     typical: TypicalLatency,
+    /// The service's latency level, which latency estimates are kept relative to.
+    level: Level,
 }
 
 /// The median, over closed endpoints with enough calls in their window, of their mean
@@ -173,9 +179,18 @@ impl Slots {
         }
     }
 
-    /// Folds one response time into `slot`'s latency estimate.
+    /// The service's latency level, in nanoseconds.
+    pub fn level(&self) -> f64 {
+        self.level.nanos()
+    }
+
+    /// Folds one response time into the service's latency level and `slot`'s estimate.
     pub fn observe(&mut self, slot: usize, rtt: Duration, now: Duration, estimate: &PeakEwma) {
-        self.list[slot].stats.ewma.observe(rtt, now, estimate);
+        let level = self.level.observe(rtt, now);
+        self.list[slot]
+            .stats
+            .ewma
+            .observe(rtt, level, now, estimate);
     }
 
     /// Records a failure on `slot`'s latency estimate: its penalty, under `estimate`'s policy.
@@ -216,7 +231,7 @@ impl Slots {
                 // Forgotten: the probe after the ejection measures the endpoint afresh, and
                 // a latency-aware algorithm must not shun the probe for a stale estimate (a
                 // failure penalty decays for minutes). Probes are bounded by the breaker.
-                self.list[slot].stats.ewma = Ewma::starting_at(Duration::ZERO, now);
+                self.list[slot].stats.ewma = Ewma::like_peers(now);
             }
             (true, false) => {
                 self.not_closed = self.not_closed.saturating_sub(1);
@@ -269,15 +284,11 @@ impl Slots {
         typical.value
     }
 
-    /// An endpoint back from an ejection: its latency estimate restarts at the peers'
-    /// typical latency when there is one (else it keeps its probes' samples), so it is
-    /// neither shunned nor flooded for what one probe measured; and it warms up again.
+    /// An endpoint back from an ejection: its latency estimate restarts like its peers', so
+    /// it is neither shunned nor flooded for what one probe measured; and it warms up again.
     fn readmitted(&mut self, slot: usize, now: Duration) {
-        let typical = self.typical.value;
         let stats = &mut self.list[slot].stats;
-        if let Some(typical) = typical {
-            stats.ewma = Ewma::starting_at(typical, now);
-        }
+        stats.ewma = Ewma::like_peers(now);
         stats.warmup = Warmup::Pending;
     }
 

@@ -930,17 +930,20 @@ fn latency_is_fed_to_the_endpoint_that_served() {
         ms(1),
     );
     let slots = picker.slots_for_tests();
-    let estimate = |i: usize| {
+    let estimate = |i: usize, level: f64| {
         slots[i]
             .stats
             .ewma
-            .estimate_nanos(ms(1), &crate::policy::PeakEwma::default())
-            .expect("sampled")
+            .estimate_nanos(ms(1), &crate::policy::PeakEwma::default(), level)
+            .expect("sampled or penalized")
     };
-    assert_eq!(estimate(1), 900_000_000.0);
-    // addr(1) failed (retried elsewhere): its estimate is the failure penalty.
-    assert_eq!(estimate(0), 500_000_000.0);
-    assert_eq!(Duration::from_nanos(estimate(0) as u64), ms(500));
+    // The only answer so far is the service's level, and addr(2) is at it.
+    assert_eq!(picker.level_for_tests(), 900_000_000.0);
+    assert_eq!(estimate(1, picker.level_for_tests()), 900_000_000.0);
+    // addr(1) failed (retried elsewhere): its estimate is at least the failure penalty,
+    // however fast its peers.
+    assert_eq!(estimate(0, 0.0), 500_000_000.0);
+    assert_eq!(Duration::from_nanos(estimate(0, 0.0) as u64), ms(500));
 }
 
 /// Picks `picks` times at 1ms with a fixed seed and counts the picks per endpoint.

@@ -3,7 +3,8 @@
 //! the traffic.
 //!
 //! The answers are those of healthy loopback backends: 120–180 µs, with 1 % stalls of 2–5 ms
-//! (a scheduler hiccup, a GC pause) that any endpoint may hit. At one request at a time every
+//! (a scheduler hiccup, a GC pause) that any endpoint may hit; and those of a busy machine,
+//! where on top of that every answer takes milliseconds for tens of milliseconds at a time. At one request at a time every
 //! candidate has nothing in flight, so the latency estimate alone decides a comparison: a
 //! stall that holds one endpoint's estimate up, or a few microseconds of difference between
 //! two estimates, would hand the lowest estimate every comparison it is drawn into; and the
@@ -28,21 +29,60 @@ use crate::{
 /// Picks made per run.
 const PICKS: u32 = 60_000;
 
-/// One loopback answer: 120–180 µs, or 1 % of the time a stall of 2–5 ms.
-fn loopback_answer(noise: &mut SplitMix64) -> Duration {
-    if noise.unit() < 0.01 {
-        Duration::from_micros(2_000 + (noise.unit() * 3_000.0) as u64)
-    } else {
-        Duration::from_micros(120 + (noise.unit() * 60.0) as u64)
+/// How long answers take.
+#[derive(Debug, Clone, Copy)]
+enum Answers {
+    /// Loopback: 120–180 µs, or 1 % of the time a stall of 2–5 ms, each on its own.
+    Loopback,
+    /// A busy machine: the same, and now and then (an answer in 2,000 starts one) an
+    /// episode of 20–100 ms in which every answer, to whichever endpoint, takes 2–10 ms.
+    BusyMachine,
+}
+
+/// Draws answer times; `episode_until` is when the busy machine's current episode ends.
+struct Noise {
+    answers: Answers,
+    rng: SplitMix64,
+    episode_until: Duration,
+}
+
+impl Noise {
+    fn answer(&mut self, now: Duration) -> Duration {
+        let rng = &mut self.rng;
+        if let Answers::BusyMachine = self.answers {
+            if now >= self.episode_until && rng.unit() < 0.0005 {
+                self.episode_until =
+                    now + Duration::from_micros(20_000 + (rng.unit() * 80_000.0) as u64);
+            }
+            if now < self.episode_until {
+                return Duration::from_micros(2_000 + (rng.unit() * 8_000.0) as u64);
+            }
+        }
+        if rng.unit() < 0.01 {
+            Duration::from_micros(2_000 + (rng.unit() * 3_000.0) as u64)
+        } else {
+            Duration::from_micros(120 + (rng.unit() * 60.0) as u64)
+        }
     }
 }
 
 /// Each of four equal endpoints' share of [`PICKS`] picks with `concurrency` requests kept in
 /// flight: a request is picked as soon as one completes.
-fn shares(load_balancer: LoadBalancer, concurrency: usize, seed: u64) -> Vec<f64> {
-    let mut picker = ServicePicker::new(&policy(load_balancer), &endpoints(4));
+fn shares(
+    load_balancer: LoadBalancer,
+    answers: Answers,
+    concurrency: usize,
+    seed: u64,
+) -> Vec<f64> {
+    let mut service = policy(load_balancer);
+    service.outlier_detection.relative_latency = None;
+    let mut picker = ServicePicker::new(&service, &endpoints(4));
     let mut rng = SplitMix64::new(seed);
-    let mut noise = SplitMix64::new(seed ^ 0x5eed);
+    let mut noise = Noise {
+        answers,
+        rng: SplitMix64::new(seed ^ 0x5eed),
+        episode_until: Duration::ZERO,
+    };
     let mut counts: BTreeMap<SocketAddr, u32> = BTreeMap::new();
     // Completions in flight, earliest first: (when, sequence, endpoint, latency).
     let mut inflight = BinaryHeap::new();
@@ -61,7 +101,7 @@ fn shares(load_balancer: LoadBalancer, concurrency: usize, seed: u64) -> Vec<f64
             .expect("admissible");
         *counts.entry(pick.endpoint).or_default() += 1;
         sequence += 1;
-        let latency = loopback_answer(&mut noise);
+        let latency = noise.answer(now);
         inflight.push(Reverse((now + latency, sequence, pick.endpoint, latency)));
     }
     (1..=4)
@@ -79,13 +119,17 @@ fn p2c_algorithms() -> [LoadBalancer; 3] {
     ]
 }
 
-fn assert_within_ten_percent_of_equal(load_balancer: &LoadBalancer, concurrency: usize) {
+fn assert_within_ten_percent_of_equal(
+    load_balancer: &LoadBalancer,
+    answers: Answers,
+    concurrency: usize,
+) {
     for seed in [1, 2, 3] {
-        let shares = shares(load_balancer.clone(), concurrency, seed);
+        let shares = shares(load_balancer.clone(), answers, concurrency, seed);
         assert!(
             shares.iter().all(|share| (share - 0.25).abs() <= 0.025),
-            "{load_balancer:?} at {concurrency} in flight (seed {seed}): shares {shares:?}, \
-             each must be within ±10 % of 25 %"
+            "{load_balancer:?}, {answers:?}, {concurrency} in flight (seed {seed}): shares \
+             {shares:?}, each must be within ±10 % of 25 %"
         );
     }
 }
@@ -93,13 +137,27 @@ fn assert_within_ten_percent_of_equal(load_balancer: &LoadBalancer, concurrency:
 #[test]
 fn equal_endpoints_get_equal_shares_one_request_at_a_time_under_every_p2c_algorithm() {
     for load_balancer in p2c_algorithms() {
-        assert_within_ten_percent_of_equal(&load_balancer, 1);
+        assert_within_ten_percent_of_equal(&load_balancer, Answers::Loopback, 1);
     }
 }
 
 #[test]
 fn equal_endpoints_get_equal_shares_at_64_in_flight_under_every_p2c_algorithm() {
     for load_balancer in p2c_algorithms() {
-        assert_within_ten_percent_of_equal(&load_balancer, 64);
+        assert_within_ten_percent_of_equal(&load_balancer, Answers::Loopback, 64);
+    }
+}
+
+#[test]
+fn equal_endpoints_get_equal_shares_one_request_at_a_time_on_a_busy_machine() {
+    for load_balancer in p2c_algorithms() {
+        assert_within_ten_percent_of_equal(&load_balancer, Answers::BusyMachine, 1);
+    }
+}
+
+#[test]
+fn equal_endpoints_get_equal_shares_at_64_in_flight_on_a_busy_machine() {
+    for load_balancer in p2c_algorithms() {
+        assert_within_ten_percent_of_equal(&load_balancer, Answers::BusyMachine, 64);
     }
 }
