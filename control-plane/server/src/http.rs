@@ -39,7 +39,11 @@ use fulcrum_pipeline::{Dropped, Refused, SnapshotStore};
 use fulcrum_policy::{AppliedPolicy, PolicyStore, RollbackError};
 use fulcrum_registry::TokenAuth;
 use fulcrum_xds::{NodeRegistry, StreamStatus};
-use prometheus_client::registry::Registry;
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family},
+    registry::Registry,
+};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
@@ -61,6 +65,52 @@ pub struct AppState {
     pub registry: Arc<Registry>,
     /// This replica's name, sent as `x-fulcrum-replica` with every snapshot answer.
     pub replica: HeaderValue,
+    /// What the snapshot answers were.
+    pub snapshot_answers: SnapshotAnswerMetrics,
+}
+
+/// Labels of [`SnapshotAnswerMetrics`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct AnswerLabels {
+    /// `not_modified` (the poller is current), `delta` (what changed since its version) or
+    /// `full` (the whole snapshot: a first poll, an old filter, or a base version no longer
+    /// kept).
+    pub kind: &'static str,
+}
+
+/// The snapshot answers by kind, and the body bytes they carried: how much the delta
+/// distribution saves, and a sign of pollers that keep needing the whole snapshot (filters
+/// too old for deltas, or falling more than [`fulcrum_pipeline::DELTA_HISTORY`] versions
+/// behind). Cheap to clone (shared handles).
+#[derive(Debug, Clone, Default)]
+pub struct SnapshotAnswerMetrics {
+    /// `fulcrum_snapshot_answers_total{kind}`.
+    pub answers: Family<AnswerLabels, Counter>,
+    /// `fulcrum_snapshot_answer_bytes_total{kind}`.
+    pub bytes: Family<AnswerLabels, Counter>,
+}
+
+impl SnapshotAnswerMetrics {
+    /// Registers both counters under the `fulcrum` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let registry = registry.sub_registry_with_prefix("fulcrum");
+        registry.register(
+            "snapshot_answers",
+            "Answers to GET /v1/snapshot, by kind (not_modified, delta, full)",
+            self.answers.clone(),
+        );
+        registry.register(
+            "snapshot_answer_bytes",
+            "Body bytes of the answers to GET /v1/snapshot, by kind",
+            self.bytes.clone(),
+        );
+    }
+
+    fn answered(&self, kind: &'static str, bytes: usize) {
+        let labels = AnswerLabels { kind };
+        self.answers.get_or_create(&labels).inc();
+        self.bytes.get_or_create(&labels).inc_by(bytes as u64);
+    }
 }
 
 /// The header naming the replica that answered a snapshot request.
@@ -171,6 +221,7 @@ async fn snapshot(State(state): State<AppState>, headers: HeaderMap) -> Response
         HeaderValue::from_static("accept, if-none-match"),
     );
     if matches_etag(&headers, &served.etag) {
+        state.snapshot_answers.answered("not_modified", 0);
         return (
             StatusCode::NOT_MODIFIED,
             [(header::ETAG, etag), replica, vary],
@@ -180,13 +231,15 @@ async fn snapshot(State(state): State<AppState>, headers: HeaderMap) -> Response
     let delta = accepts_delta(&headers)
         .then(|| named_versions(&headers).find_map(|base| state.store.delta(&served, base)))
         .flatten();
-    let (content_type, body) = match delta {
-        Some(delta) => (HeaderValue::from_static(DELTA_MEDIA_TYPE), delta),
+    let (kind, content_type, body) = match delta {
+        Some(delta) => ("delta", HeaderValue::from_static(DELTA_MEDIA_TYPE), delta),
         None => (
+            "full",
             HeaderValue::from_static("application/json"),
             served.body.clone(),
         ),
     };
+    state.snapshot_answers.answered(kind, body.len());
     (
         [
             (header::ETAG, etag),

@@ -190,6 +190,8 @@ impl ControlPlane {
         HealthMetrics::global().register(&mut metrics_registry);
         let limit_metrics = LimitMetrics::default();
         limit_metrics.register(&mut metrics_registry);
+        let snapshot_answers = http::SnapshotAnswerMetrics::default();
+        snapshot_answers.register(&mut metrics_registry);
         let admin_tokens = admin_tokens(config.admin_address, config.admin_token_file.as_deref())?;
         let tls_metrics = TlsMetrics::default();
         tls_metrics.register(&mut metrics_registry);
@@ -337,6 +339,7 @@ impl ControlPlane {
             policies,
             nodes,
             registry: Arc::new(metrics_registry),
+            snapshot_answers,
             replica: axum::http::HeaderValue::from_str(&config.replica).with_context(|| {
                 format!(
                     "the replica name {:?} is not a valid header value",

@@ -206,6 +206,22 @@ async fn a_filter_taking_deltas_gets_only_the_changed_and_removed_services_since
 
     let current = delta_request(&fixture, &v2).send().await.expect("get");
     assert_eq!(current.status(), StatusCode::NOT_MODIFIED);
+
+    let metrics = fixture.metrics().await;
+    assert_eq!(answer_metric(&metrics, "answers", "delta"), Some(1));
+    assert_eq!(answer_metric(&metrics, "answers", "not_modified"), Some(1));
+    assert_eq!(answer_metric(&metrics, "answers", "full"), None);
+    let delta_bytes = answer_metric(&metrics, "answer_bytes", "delta").expect("delta bytes");
+    assert!(delta_bytes > 0, "{metrics}");
+}
+
+/// `fulcrum_snapshot_{name}_total{kind="{kind}"}` from a `/metrics` text, if exported.
+fn answer_metric(metrics: &str, name: &str, kind: &str) -> Option<u64> {
+    let prefix = format!("fulcrum_snapshot_{name}_total{{kind=\"{kind}\"}} ");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(&prefix))
+        .map(|value| value.trim().parse().expect("a counter value"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -254,4 +270,8 @@ async fn an_old_filter_and_a_filter_with_an_unknown_or_hostile_version_get_the_w
         assert!(whole.get("base").is_none());
         assert_eq!(whole["services"].as_object().expect("services").len(), 3);
     }
+    // An operator sees pollers that keep needing the whole snapshot.
+    let metrics = fixture.metrics().await;
+    assert_eq!(answer_metric(&metrics, "answers", "full"), Some(5));
+    assert_eq!(answer_metric(&metrics, "answers", "delta"), None);
 }
