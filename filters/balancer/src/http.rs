@@ -226,6 +226,11 @@ impl Request {
             return Action::Continue;
         };
         let now = now();
+        if service.picker.knows_of_failures() {
+            // An endpoint is failing: another worker may have ejected it since this one last
+            // looked. One read, only while a run of failures is known.
+            let _ = service.adopt_shared_ejections(now, metrics);
+        }
         let inputs = RequestInputs::read(service.picker.request_needs(), metrics);
         let attributes = inputs.attributes();
         match service

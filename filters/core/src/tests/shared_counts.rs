@@ -383,3 +383,44 @@ proptest! {
         }
     }
 }
+
+#[test]
+fn a_picker_knows_of_failures_from_a_failure_or_the_record_until_a_success_or_the_ejection() {
+    let service = service(3);
+    let mut picker = ServicePicker::new(&service, &endpoints(3));
+    let mut record = EjectionRecord::default();
+    assert!(!picker.knows_of_failures());
+    complete(
+        &mut picker,
+        &mut record,
+        addr(2),
+        connect_failure(),
+        secs(1),
+    );
+    assert!(picker.knows_of_failures());
+    complete(&mut picker, &mut record, addr(2), ok(ms(1)), secs(1));
+    assert!(!picker.knows_of_failures(), "reset by a success");
+    record.count_outcome(addr(1), &GATEWAY_ERROR, secs(2));
+    picker.apply_shared_ejections(&record, secs(2));
+    assert!(picker.knows_of_failures(), "learnt from the record");
+    let (ejected, _) = complete(
+        &mut picker,
+        &mut record,
+        addr(1),
+        connect_failure(),
+        secs(3),
+    );
+    assert!(!ejected);
+    complete(
+        &mut picker,
+        &mut record,
+        addr(1),
+        connect_failure(),
+        secs(3),
+    );
+    assert_eq!(state_of(&picker, addr(1)).name(), "open");
+    assert!(
+        !picker.knows_of_failures(),
+        "counters restart with the ejection"
+    );
+}

@@ -15,9 +15,10 @@
 //! A fixed service name or the routed cluster as the name saves the header read. Response
 //! flags are read only when the answer is not a success from the pick, and pick counts reach
 //! Envoy's stats on the tick, not per request. A failure also reads the service's shared
-//! ejection record and writes its failure count there (counted once per proxy); the first
-//! success after it reads and writes the record once more to reset the count, the successes
-//! after that none.
+//! ejection record and writes its failure count there (counted once per proxy); while the
+//! count is not reset, each request reads the record before its pick (so an ejection judged
+//! by another worker is seen before this one fails on it), and the success that resets it
+//! reads and writes it once more; the successes after that cost nothing more.
 
 use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_wasm_host::Plugin;
@@ -106,8 +107,8 @@ fn the_first_success_after_a_failure_resets_the_shared_failure_count_and_the_nex
     eprintln!("{success} host calls per success, {reset} for the first after a 503");
     assert_eq!(
         reset,
-        success + 2,
-        "a read and a write of the shared record"
+        success + 3,
+        "a read before the pick, a read and a write to reset the count"
     );
     assert_eq!(after, success);
 }

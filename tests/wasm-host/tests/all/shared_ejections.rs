@@ -267,48 +267,78 @@ fn a_worker_catches_up_with_shared_ejections_on_its_first_request() -> anyhow::R
     Ok(())
 }
 
-/// The host calls sharing ejections and failure counts costs, exactly: none for a success
-/// while the worker knows of no failure count, a read and a write for a failure (the read
-/// before it is recorded is the first round of its count's compare-and-swap), a read and a
-/// write more for a breaker transition, and a read and a write for the first success after
-/// a failure.
+/// Sends one request on worker 0 (see [`send`]); returns the pick and the shared-data reads
+/// and writes it cost.
+fn send_costing(plugin: &Plugin, all_healthy: bool) -> anyhow::Result<(String, (u64, u64))> {
+    let before = plugin.shared_data_calls();
+    let pick = send(plugin, 0, all_healthy)?;
+    let after = plugin.shared_data_calls();
+    Ok((
+        pick,
+        (after.reads - before.reads, after.writes - before.writes),
+    ))
+}
+
+/// The host calls sharing ejections and failure counts costs, exactly: none for a request
+/// while the worker knows of no failure count; a read and a write for a failure (the read
+/// before it is recorded is the first round of its count's compare-and-swap); a read before
+/// each pick while the worker knows of a failure count (an ejection elsewhere is then seen
+/// before the pick); a read and a write more for the success that resets the count, and for
+/// a breaker transition.
 #[test]
 fn sharing_costs_no_host_call_per_success_and_a_read_and_a_write_per_failure() -> anyhow::Result<()>
 {
     let plugin = two_workers();
     serve_once_on_each_worker(&plugin)?;
-    let calls = || plugin.shared_data_calls();
-    let delta = |from: &fulcrum_wasm_host::SharedDataCalls| {
-        let now = calls();
-        (now.reads - from.reads, now.writes - from.writes)
-    };
-    let before = calls();
     for _ in 0..30 {
-        send(&plugin, 0, true)?;
+        assert_eq!(send_costing(&plugin, true)?.1, (0, 0), "successes");
     }
-    assert_eq!(delta(&before), (0, 0), "successes");
-    fail_on_dead(&plugin, 0, 1)?;
-    let one_failure = calls();
-    assert_eq!(delta(&before), (1, 1), "a failure is counted in the record");
-    succeed_on_dead(&plugin, 0)?;
-    let reset = calls();
-    assert_eq!(
-        delta(&one_failure),
-        (1, 1),
-        "the first success after it resets the count"
-    );
+    let mut costs = Vec::new();
+    // Until the first failure, then until the success on the same endpoint that resets it.
+    for phase in [false, true] {
+        loop {
+            let (pick, cost) = send_costing(&plugin, phase)?;
+            costs.push((pick == DEAD, cost));
+            if pick == DEAD {
+                break;
+            }
+        }
+    }
+    let expected: Vec<(bool, (u64, u64))> = costs
+        .iter()
+        .enumerate()
+        .map(|(i, (dead, _))| {
+            let first_failure = costs.iter().position(|(dead, _)| *dead).unwrap_or(0);
+            let cost = match (i.cmp(&first_failure), dead) {
+                (std::cmp::Ordering::Less, _) => (0, 0),
+                (std::cmp::Ordering::Equal, _) => (1, 1),
+                (std::cmp::Ordering::Greater, false) => (1, 0),
+                (std::cmp::Ordering::Greater, true) => (2, 1),
+            };
+            (*dead, cost)
+        })
+        .collect();
+    assert_eq!(costs, expected);
     for _ in 0..30 {
-        send(&plugin, 0, true)?;
+        assert_eq!(
+            send_costing(&plugin, true)?.1,
+            (0, 0),
+            "successes once the count is reset"
+        );
     }
-    assert_eq!(delta(&reset), (0, 0), "successes once it is reset");
-    fail_on_dead(&plugin, 0, 2)?;
-    let two_failures = calls();
-    assert_eq!(delta(&reset), (2, 2));
-    fail_on_dead(&plugin, 0, 1)?;
+    let mut failures = 0;
+    let mut last = (0, 0);
+    while failures < 3 {
+        let (pick, cost) = send_costing(&plugin, false)?;
+        if pick == DEAD {
+            failures += 1;
+            last = cost;
+        }
+    }
     assert_eq!(
-        delta(&two_failures),
-        (2, 2),
-        "the third failure is counted, then ejects: a read and a write each"
+        last,
+        (3, 2),
+        "the third failure: the read before its pick, its count, and its ejection"
     );
     Ok(())
 }
