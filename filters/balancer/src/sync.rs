@@ -29,8 +29,9 @@
 //! ejection (the entry goes once expired), and when a closed endpoint fails (its counters grow,
 //! before its breaker judges them) or succeeds while the worker knows of a count (they go);
 //! writes prune entries older than `max_ejection_time`. Every worker reads it on each tick,
-//! and before it records a response that may be a failure (that read is the first round of
-//! the failure's compare-and-swap), and applies it when its CAS version changed
+//! before it records a response that may be a failure (that read is the first round of
+//! the failure's compare-and-swap), and before each pick while it knows of a failure count in
+//! the service, and applies it when its CAS version changed
 //! ([`fulcrum_core::ServicePicker::apply_shared_ejections`]: ejections, their ends, and the
 //! counters). The record carries a fingerprint of the rules its ejections were judged under
 //! (`outlier_detection`, `failure_kinds`): a VM applies only records of its own rules and a

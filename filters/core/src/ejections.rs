@@ -25,7 +25,10 @@
 //!
 //! **A success costs no host call** unless the worker believes the proxy's count for that
 //! endpoint is not zero: its breaker's counters are the proxy's as last learnt, from its own
-//! counting or from the record it applies on every tick ([`Event::CountedElsewhere`]). The
+//! counting or from the record it applies on every tick ([`Event::CountedElsewhere`]). (While
+//! a worker knows of any count in the service, the filter also reads the record before each
+//! pick, [`ServicePicker::knows_of_failures`], so an ejection judged elsewhere is seen before
+//! the worker fails on the endpoint itself.) The
 //! staleness this allows is one tick: a success on a worker that has not yet seen another
 //! worker's failures does not reset them, so for at most a tick a run may span a success on
 //! another worker. That errs towards ejecting an endpoint that fails most of its requests a
@@ -54,6 +57,7 @@
 //!
 //! [`ServicePicker::apply_shared_ejections`]: crate::ServicePicker::apply_shared_ejections
 //! [`ServicePicker::complete_counted`]: crate::ServicePicker::complete_counted
+//! [`ServicePicker::knows_of_failures`]: crate::ServicePicker::knows_of_failures
 //! [`Event::CompleteCounted`]: crate::breaker::Event::CompleteCounted
 //! [`Event::CountedElsewhere`]: crate::breaker::Event::CountedElsewhere
 
