@@ -58,7 +58,8 @@
 //! - `dispatch_http_call` (`root.rs`): headers from the configuration; the SDK maps Envoy's
 //!   `BadArgument` and `InternalFailure` (unknown cluster, no client) to `Err`.
 //! - `get_shared_data` / `set_shared_data` (`sync.rs`: the snapshot, per request the rate
-//!   limit's buckets, per possible failure and breaker transition the ejections): keys built from the root id and a snapshot service name, values the
+//!   limit's buckets, per possible failure, failure count and breaker transition the
+//!   ejection record): keys built from the root id and a snapshot service name, values the
 //!   filter's own; Envoy answers `Ok` or `NotFound` to a get and `Ok` or `CasMismatch` to a
 //!   set, all mapped by the SDK. A bucket of another length reads as a fresh bucket; an
 //!   ejection record that does not decode is counted and ignored.
@@ -225,6 +226,11 @@ impl Request {
             return Action::Continue;
         };
         let now = now();
+        if service.picker.knows_of_failures() {
+            // An endpoint is failing: another worker may have ejected it since this one last
+            // looked. One read, only while a run of failures is known.
+            let _ = service.adopt_shared_ejections(now, metrics);
+        }
         let inputs = RequestInputs::read(service.picker.request_needs(), metrics);
         let attributes = inputs.attributes();
         match service
@@ -355,20 +361,13 @@ impl Request {
         if matches!(served_by, Served::ByFallback(_)) {
             service.metrics.override_ignored();
         }
-        if may_be_a_failure(&outcome, served_by) {
-            // Another worker may have ejected the endpoint since the last tick: learn it
-            // first, so this failure is not counted towards an ejection of our own.
-            service.adopt_shared_ejections(now, metrics);
-        }
-        let transitions = service
-            .picker
-            .complete(pending.endpoint, served_by, outcome, now);
-        for transition in transitions.iter() {
-            service.metrics.transition(transition);
-        }
-        if !transitions.is_empty() {
-            service.share_transitions(transitions.iter(), now, metrics);
-        }
+        // Another worker may have ejected the endpoint since the last tick: learn it first,
+        // so this failure is not counted towards an ejection again. The read is also the
+        // first round of the failure count's compare-and-swap.
+        let fetched = may_be_a_failure(&outcome, served_by)
+            .then(|| service.adopt_shared_ejections(now, metrics))
+            .flatten();
+        service.complete(pending.endpoint, served_by, outcome, now, fetched, metrics);
     }
 }
 
@@ -383,7 +382,8 @@ fn answered_by_the_pick(status: Option<u16>, served_by: Served) -> bool {
 
 /// Whether an outcome may count as a failure under some policy: a 5xx, no response, a
 /// connection failure, reset or timeout, or a retry away from the pick. Only these pay for a
-/// read of the shared ejections; a success costs no host call.
+/// read of the shared ejections (and, when they count as a failure, a write of the failure
+/// count); a success costs no host call unless the worker knows of a failure count to reset.
 fn may_be_a_failure(outcome: &Outcome, served_by: Served) -> bool {
     outcome.status.is_none_or(|status| status >= 500)
         || outcome.connect_failure

@@ -240,8 +240,9 @@ impl Metrics {
         add(self.shared_ejections_invalid, 1);
     }
 
-    /// A breaker's ejection or its end could not be written to shared data (contention, a
-    /// full record or a host error); the other workers learn it only by their own failures.
+    /// A breaker's ejection, its end, or an endpoint's failure count could not be written to
+    /// shared data (contention, a full record or a host error): the other workers learn an
+    /// ejection only by their own failures, and a count not written is this worker's alone.
     pub fn shared_ejections_write_failed(&self) {
         add(self.shared_ejections_write_failures, 1);
     }

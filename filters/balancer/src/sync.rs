@@ -20,21 +20,28 @@
 //! data cannot delete a key: a service that leaves the snapshot leaves its buckets behind,
 //! which a service that comes back reuses.
 //!
-//! **Ejections** ([`SharedEjections`]): `fulcrum/<root_id>/ejections/<service>`, one
-//! [`EjectionRecord`] per service (at most 1024 entries, under 34 KiB), so a breaker that opens
-//! on one worker opens on every worker of the proxy. A worker writes it with compare-and-swap
-//! when one of its breakers opens (the ejection, its deadline in ns since the Unix epoch, its
-//! number) or closes after an ejection (the entry goes once expired), pruning entries expired
-//! for longer than `max_ejection_time`; every worker reads it on each tick, and before it
-//! records a response that may be a failure, and applies it when its CAS version changed
-//! ([`fulcrum_core::ServicePicker::apply_shared_ejections`]). The record carries a
-//! fingerprint of the rules its ejections were judged under (`outlier_detection`,
-//! `failure_kinds`): a VM applies only records of its own rules and a write under other rules
-//! starts the record afresh, so new rules restart ejections everywhere. A successful response costs no
-//! host call. What is not shared, and why: in-flight counts and latency estimates change on
-//! every request (sharing them would cost a write per request), and each worker's balancing
-//! only needs its own; failure counts below the ejection threshold likewise stay per worker, so
-//! before the first ejection each worker still counts its own failures.
+//! **Ejections and failure counts** ([`SharedEjections`]): `fulcrum/<root_id>/ejections/
+//! <service>`, one [`EjectionRecord`] per service (at most 1024 ejections and 256 failure
+//! counters, under 42 KiB), so a breaker that opens on one worker opens on every worker of the
+//! proxy, and the consecutive failures that open it are counted once per proxy. A worker
+//! writes it with compare-and-swap when one of its breakers opens (the ejection, its deadline
+//! in ns since the Unix epoch, its number; the endpoint's counters go) or closes after an
+//! ejection (the entry goes once expired), and when a closed endpoint fails (its counters grow,
+//! before its breaker judges them) or succeeds while the worker knows of a count (they go);
+//! writes prune entries older than `max_ejection_time`. Every worker reads it on each tick,
+//! before it records a response that may be a failure (that read is the first round of
+//! the failure's compare-and-swap), and before each pick while it knows of a failure count in
+//! the service, and applies it when its CAS version changed
+//! ([`fulcrum_core::ServicePicker::apply_shared_ejections`]: ejections, their ends, and the
+//! counters). The record carries a fingerprint of the rules its ejections were judged under
+//! (`outlier_detection`, `failure_kinds`): a VM applies only records of its own rules and a
+//! write under other rules starts the record afresh, so new rules restart ejections and
+//! counts everywhere. A successful response costs no host call unless the worker knows of a
+//! failure count on that endpoint (see [`fulcrum_core::ejections`] for the one tick of
+//! staleness this allows). What is not shared, and why: in-flight counts and latency estimates
+//! change on every request (sharing them would cost a write per request), and each worker's
+//! balancing only needs its own; the sliding windows of the rate rules likewise stay per
+//! worker.
 //!
 //! A missing key has no CAS version, so two workers creating a service's record at the same
 //! moment may overwrite each other's first entry; the loser's breaker is open regardless and
@@ -134,8 +141,10 @@ impl BucketStore for SharedBuckets {
     }
 }
 
-/// Most compare-and-swap attempts to update an ejection record: workers write it only when a
-/// breaker changes state, so contention is rare; past this the change is counted as not shared.
+/// Most compare-and-swap attempts to update an ejection record: workers write it when a
+/// breaker changes state or an endpoint fails (or succeeds after failing), so contention is
+/// between failures landing together on two workers and settles in a round or two; past this
+/// the change is counted as not shared.
 const MAX_WRITE_ATTEMPTS: usize = 4;
 
 /// What reading a service's shared ejections found.
@@ -161,6 +170,14 @@ pub enum EjectionsWriteError {
     Host(Status),
 }
 
+/// The record's bytes and CAS version as one host call read them: applied, then used as the
+/// first round of a compare-and-swap, so a response that may be a failure reads once.
+#[derive(Debug)]
+pub struct Fetched {
+    bytes: Option<Vec<u8>>,
+    cas: Option<u32>,
+}
+
 /// One service's shared ejection record (see the module docs).
 #[derive(Debug, Clone)]
 pub struct SharedEjections {
@@ -174,32 +191,43 @@ pub struct SharedEjections {
 }
 
 impl SharedEjections {
-    /// Reads the record: one host call, and a decoding only when its version changed.
-    pub fn read(&mut self) -> EjectionsRead {
-        let Ok((Some(bytes), cas)) = hostcalls::get_shared_data(&self.key) else {
+    /// Reads the record's bytes: one host call.
+    pub fn fetch(&self) -> Result<Fetched, Status> {
+        let (bytes, cas) = hostcalls::get_shared_data(&self.key)?;
+        Ok(Fetched { bytes, cas })
+    }
+
+    /// What `fetched` holds for this VM: decoded only when its version changed since the
+    /// last read.
+    pub fn read(&mut self, fetched: &Fetched) -> EjectionsRead {
+        let Some(bytes) = &fetched.bytes else {
             return EjectionsRead::Unchanged;
         };
-        if cas.is_some() && cas == self.seen {
+        if fetched.cas.is_some() && fetched.cas == self.seen {
             return EjectionsRead::Unchanged;
         }
-        self.seen = cas;
-        match EjectionRecord::decode(&bytes) {
+        self.seen = fetched.cas;
+        match EjectionRecord::decode(bytes) {
             Ok(record) if record.rules() != self.rules => EjectionsRead::Unchanged,
             Ok(record) => EjectionsRead::Changed(record),
             Err(error) => EjectionsRead::Invalid(error),
         }
     }
 
-    /// Applies `update` to the record with compare-and-swap; `update` returns whether it
-    /// changed anything (nothing is written otherwise). Bytes that do not decode, and a record
-    /// of other rules, are replaced by a record of this VM's rules.
+    /// Applies `update` to the record with compare-and-swap, starting from `fetched` when
+    /// given (else reading it); `update` returns whether it changed anything (nothing is
+    /// written otherwise). Bytes that do not decode, and a record of other rules, are replaced
+    /// by a record of this VM's rules.
     pub fn write(
         &self,
-        update: impl Fn(&mut EjectionRecord) -> Result<bool, EjectionsWriteError>,
+        mut fetched: Option<Fetched>,
+        mut update: impl FnMut(&mut EjectionRecord) -> Result<bool, EjectionsWriteError>,
     ) -> Result<(), EjectionsWriteError> {
         for _ in 0..MAX_WRITE_ATTEMPTS {
-            let (bytes, cas) =
-                hostcalls::get_shared_data(&self.key).map_err(EjectionsWriteError::Host)?;
+            let Fetched { bytes, cas } = match fetched.take() {
+                Some(fetched) => fetched,
+                None => self.fetch().map_err(EjectionsWriteError::Host)?,
+            };
             let mut record = bytes
                 .as_deref()
                 .and_then(|bytes| EjectionRecord::decode(bytes).ok())

@@ -4,20 +4,24 @@
 //! Envoy runs one VM per worker thread and its own load balancers per worker too; fulcrum's
 //! in-flight counts and latency estimates are likewise per worker: each worker balances by
 //! the requests it sent. Two things are per proxy, through shared data: the rate limit's
-//! buckets ([`SharedBuckets`]), and ejections ([`SharedEjections`]): a breaker that opens or
-//! closes after an ejection on one worker is written to its service's record, and every
-//! worker applies the record on its next tick (or sooner, before recording a response that
-//! may be a failure), so an endpoint found dead by one worker is avoided by all. The root
+//! buckets ([`SharedBuckets`]), and ejections with the failure counts that lead to them
+//! ([`SharedEjections`]): a closed endpoint's failure is counted in its service's record
+//! before its breaker judges the proxy's count ([`SharedCounting`]), a breaker that opens or
+//! closes after an ejection on one worker is written there too, and every worker applies the
+//! record on its next tick (or sooner, before recording a response that may be a failure), so
+//! an endpoint found dead by the proxy costs the proxy one threshold of failures and is
+//! avoided by all. The root
 //! context and the request contexts of a VM share this state through `Rc<RefCell<_>>` (a VM is
 //! single-threaded).
 
 use std::{net::SocketAddr, rc::Rc, time::Duration};
 
 use fulcrum_core::{
-    BreakerState, Endpoint, Policy, ServicePicker, ServicePolicy, SessionKeys, Snapshot,
-    Transition,
+    BreakerState, Endpoint, Outcome, Policy, Served, ServicePicker, ServicePolicy, SessionKeys,
+    Snapshot, Transition, Transitions,
+    breaker::{Consecutive, Verdict},
     distribution::content_hash,
-    ejections::{SharedEjection, rules_fingerprint},
+    ejections::{FailureCounts, SharedEjection, rules_fingerprint},
     mesh::{Applied, Change, Hashed, Lifecycle, ServiceState, Services},
     rng::SplitMix64,
     tables::TableBudgetError,
@@ -26,7 +30,9 @@ use fulcrum_core::{
 use crate::{
     log_warn,
     metrics::{FailOpen, Metrics, ServiceMetrics},
-    sync::{EjectionsRead, EjectionsWriteError, SharedBuckets, SharedEjections, SharedKeys},
+    sync::{
+        EjectionsRead, EjectionsWriteError, Fetched, SharedBuckets, SharedEjections, SharedKeys,
+    },
 };
 
 /// A service's picker, rate-limit buckets, shared ejections and stats.
@@ -41,10 +47,12 @@ pub struct Service {
 }
 
 impl Service {
-    /// Applies the service's shared ejections if another VM changed them since the last read:
-    /// one host call, plus a decoding when they changed.
-    pub fn adopt_shared_ejections(&mut self, now: Duration, vm: &Metrics) {
-        match self.ejections.read() {
+    /// Applies the service's shared ejections and failure counts if another VM changed them
+    /// since the last read: one host call, plus a decoding when they changed. Returns what
+    /// was read, for a compare-and-swap that follows (`None` when the host refused the read).
+    pub fn adopt_shared_ejections(&mut self, now: Duration, vm: &Metrics) -> Option<Fetched> {
+        let fetched = self.ejections.fetch().ok()?;
+        match self.ejections.read(&fetched) {
             EjectionsRead::Unchanged => {}
             EjectionsRead::Changed(record) => {
                 for transition in self.picker.apply_shared_ejections(&record, now) {
@@ -56,10 +64,42 @@ impl Service {
                 log_warn(&error.to_string());
             }
         }
+        Some(fetched)
+    }
+
+    /// Records the end of a request ([`ServicePicker::complete_counted`]) with the
+    /// consecutive-failure counts kept in the shared record, `fetched` being the record as
+    /// read just before (for a response that may be a failure), and shares the ejections and
+    /// their ends it causes.
+    pub fn complete(
+        &mut self,
+        picked: SocketAddr,
+        served_by: Served,
+        outcome: Outcome,
+        now: Duration,
+        fetched: Option<Fetched>,
+        vm: &Metrics,
+    ) -> Transitions {
+        let mut counting = SharedCounting {
+            ejections: &self.ejections,
+            fetched,
+            max_ejection_time: self.picker.policy().outlier_detection.max_ejection_time,
+            vm,
+        };
+        let transitions =
+            self.picker
+                .complete_counted(picked, served_by, outcome, now, &mut counting);
+        for transition in transitions.iter() {
+            self.metrics.transition(transition);
+        }
+        if !transitions.is_empty() {
+            self.share_transitions(transitions.iter(), now, vm);
+        }
+        transitions
     }
 
     /// Writes this VM's ejections and their ends among `transitions` to the shared record.
-    pub fn share_transitions<'t>(
+    fn share_transitions<'t>(
         &self,
         transitions: impl IntoIterator<Item = &'t Transition>,
         now: Duration,
@@ -70,27 +110,69 @@ impl Service {
         for transition in transitions {
             let address = transition.endpoint;
             let written = match transition.to {
-                BreakerState::Open { until, ejections } => self.ejections.write(|record| {
+                BreakerState::Open { until, ejections } => self.ejections.write(None, |record| {
                     let pruned = record.prune(expired_before);
                     let ejection = SharedEjection {
                         address,
                         until,
                         ejections,
                     };
+                    // The breaker's counters restarted with the ejection; so do the proxy's.
+                    let forgotten = record.forget_count(address);
                     let recorded = record.record_ejection(ejection);
                     if recorded || record.get(address).is_some() {
-                        Ok(recorded || pruned)
+                        Ok(recorded || pruned || forgotten)
                     } else {
                         Err(EjectionsWriteError::Full)
                     }
                 }),
                 BreakerState::Closed { .. } => self
                     .ejections
-                    .write(|record| Ok(record.record_restored(address, now))),
+                    .write(None, |record| Ok(record.record_restored(address, now))),
                 BreakerState::HalfOpen { .. } => continue,
             };
             if written.is_err() {
                 vm.shared_ejections_write_failed();
+            }
+        }
+    }
+}
+
+/// The consecutive-failure counts of a service's endpoints in its shared record, for one
+/// completion: each count is a compare-and-swap whose first round uses the record as read
+/// just before, when there is one. A count that cannot be written (contention, a record full
+/// of counters, a host error) is counted in `fulcrum_shared_ejections_write_failures_total`
+/// and left to the worker's breaker alone.
+struct SharedCounting<'a> {
+    ejections: &'a SharedEjections,
+    fetched: Option<Fetched>,
+    /// Counters last counted longer ago are pruned, like ejections expired that long.
+    max_ejection_time: Duration,
+    vm: &'a Metrics,
+}
+
+impl FailureCounts for SharedCounting<'_> {
+    fn count(
+        &mut self,
+        address: SocketAddr,
+        verdict: &Verdict,
+        now: Duration,
+    ) -> Option<Consecutive> {
+        let expired_before = now.saturating_sub(self.max_ejection_time);
+        let mut counted = None;
+        let written = self.ejections.write(self.fetched.take(), |record| {
+            let pruned = record.prune(expired_before);
+            let outcome = record
+                .count_outcome(address, verdict, now)
+                .ok_or(EjectionsWriteError::Full)?;
+            counted = Some(outcome.proxy);
+            Ok(outcome.changed || pruned)
+        });
+        match written {
+            Ok(()) => counted,
+            Err(_) => {
+                self.vm.shared_ejections_write_failed();
+                None
             }
         }
     }
@@ -241,7 +323,8 @@ impl Worker {
     /// Applies every service's shared ejections that changed since the last tick.
     pub fn adopt_shared_ejections(&mut self, now: Duration) {
         for service in self.services.values_mut() {
-            service.adopt_shared_ejections(now, &self.lifecycle.metrics);
+            // The tick only applies the record; nothing follows that could use the read.
+            let _ = service.adopt_shared_ejections(now, &self.lifecycle.metrics);
         }
     }
 

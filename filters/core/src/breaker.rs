@@ -9,6 +9,12 @@
 //! ejection turns into half-open when the next pick admits a probe. Service-level limits
 //! (max ejection percent, panic threshold) and the peers' typical latency (for the
 //! relative-latency rule) are worked out by the picker and passed in.
+//!
+//! The consecutive counters may be the proxy's rather than this breaker's own: when the caller
+//! shares them between the workers of a proxy ([`crate::ejections::FailureCounts`]), a
+//! completion arrives as [`Event::CompleteCounted`] with the proxy-wide counts, this outcome
+//! included, and the breaker judges those, as Envoy's outlier detection judges its per-host
+//! counters whichever worker saw the failures. The sliding window stays this breaker's own.
 
 use std::time::Duration;
 
@@ -144,6 +150,32 @@ impl Verdict {
     };
 }
 
+/// An endpoint's consecutive-failure counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Consecutive {
+    /// Failures in a row (any kind the policy counts).
+    pub failures: u32,
+    /// Gateway errors in a row.
+    pub gateway_errors: u32,
+}
+
+impl Consecutive {
+    /// Whether both counters are zero: the last outcome counted was a success, or none was.
+    pub fn is_zero(&self) -> bool {
+        self.failures == 0 && self.gateway_errors == 0
+    }
+
+    /// The counters after `verdict`: each grows by one on its kind of failure and restarts at
+    /// zero otherwise.
+    pub fn after(self, verdict: &Verdict) -> Self {
+        let next = |count: u32, failed: bool| if failed { count.saturating_add(1) } else { 0 };
+        Self {
+            failures: next(self.failures, verdict.failure),
+            gateway_errors: next(self.gateway_errors, verdict.gateway_error),
+        }
+    }
+}
+
 /// What happens to a breaker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -151,6 +183,22 @@ pub enum Event {
     Admit,
     /// A request to the endpoint completed.
     Complete(Verdict),
+    /// A request to the endpoint completed, and the proxy's consecutive counters for it, this
+    /// outcome included, are `proxy` (every worker's outcomes counted through shared data): a
+    /// closed breaker records the verdict in its window as for [`Event::Complete`] but judges
+    /// the consecutive rules on `proxy` instead of its own counters. In any other state it is
+    /// [`Event::Complete`].
+    CompleteCounted {
+        /// How the request counts.
+        verdict: Verdict,
+        /// The proxy's counters after it.
+        proxy: Consecutive,
+    },
+    /// Another worker's outcomes changed the proxy's consecutive counters to these (a success
+    /// elsewhere resets them): a closed breaker takes them without judging them (the worker
+    /// whose failure reaches a threshold judges it), so that its own next success knows to
+    /// reset the proxy's counters. Nothing happens in another state.
+    CountedElsewhere(Consecutive),
     /// Another worker of the proxy ejected the endpoint until `until` (in the caller's clock)
     /// as its ejection number `ejections`: a closed or half-open breaker opens until then
     /// (a closed one only if the service allows one more ejection), an open one keeps the later
@@ -194,8 +242,8 @@ pub struct StateChange {
 #[derive(Debug, Clone)]
 pub struct Breaker {
     state: BreakerState,
-    consecutive_failures: u32,
-    consecutive_gateway_errors: u32,
+    /// The consecutive counters: this breaker's own, or the proxy's as last learnt.
+    consecutive: Consecutive,
     window: Window,
 }
 
@@ -207,8 +255,7 @@ impl Breaker {
                 ejections: 0,
                 since: now,
             },
-            consecutive_failures: 0,
-            consecutive_gateway_errors: 0,
+            consecutive: Consecutive::default(),
             window: Window::new(policy.window),
         }
     }
@@ -216,6 +263,11 @@ impl Breaker {
     /// The current state.
     pub fn state(&self) -> BreakerState {
         self.state
+    }
+
+    /// The consecutive counters as this breaker last knew them (zero unless closed).
+    pub fn consecutive(&self) -> Consecutive {
+        self.consecutive
     }
 
     /// The request counts over the sliding window at `now`.
@@ -262,6 +314,11 @@ impl Breaker {
         let now = ctx.now;
         let policy = ctx.policy;
         let next = match (self.state, event) {
+            (BreakerState::Closed { .. }, Event::CountedElsewhere(counted)) => {
+                self.consecutive = counted;
+                None
+            }
+            (_, Event::CountedElsewhere(_)) => None,
             (state, Event::EjectedElsewhere { until, ejections }) => {
                 self.adopt_ejection(state, until, ejections, ctx)
             }
@@ -309,8 +366,14 @@ impl Breaker {
                     since,
                 }
             }),
-            (BreakerState::Closed { ejections, since }, Event::Complete(verdict)) => {
+            (
+                BreakerState::Closed { ejections, since },
+                Event::Complete(verdict) | Event::CompleteCounted { verdict, .. },
+            ) => {
                 self.count(verdict, now);
+                if let Event::CompleteCounted { proxy, .. } = event {
+                    self.consecutive = proxy;
+                }
                 if self.should_trip(policy, now) && ctx.may_eject {
                     let remembered = if now.saturating_sub(since) >= policy.max_ejection_time {
                         0
@@ -322,7 +385,10 @@ impl Breaker {
                     None
                 }
             }
-            (BreakerState::Open { .. }, Event::Complete(verdict)) => {
+            (
+                BreakerState::Open { .. },
+                Event::Complete(verdict) | Event::CompleteCounted { verdict, .. },
+            ) => {
                 // A request admitted before the ejection; it no longer changes anything.
                 self.window.record(now, verdict.sample());
                 None
@@ -334,7 +400,7 @@ impl Breaker {
                     successes,
                     since,
                 },
-                Event::Complete(verdict),
+                Event::Complete(verdict) | Event::CompleteCounted { verdict, .. },
             ) => {
                 if verdict.failure || verdict.slow_vs_peers {
                     Some(self.eject(ejections.saturating_add(1), ctx))
@@ -398,23 +464,14 @@ impl Breaker {
 
     fn count(&mut self, verdict: Verdict, now: Duration) {
         self.window.record(now, verdict.sample());
-        self.consecutive_failures = if verdict.failure {
-            self.consecutive_failures.saturating_add(1)
-        } else {
-            0
-        };
-        self.consecutive_gateway_errors = if verdict.gateway_error {
-            self.consecutive_gateway_errors.saturating_add(1)
-        } else {
-            0
-        };
+        self.consecutive = self.consecutive.after(&verdict);
     }
 
     fn should_trip(&self, policy: &OutlierDetection, now: Duration) -> bool {
         let reached = |count: u32, limit: u32| limit > 0 && count >= limit;
-        if reached(self.consecutive_failures, policy.consecutive_failures)
+        if reached(self.consecutive.failures, policy.consecutive_failures)
             || reached(
-                self.consecutive_gateway_errors,
+                self.consecutive.gateway_errors,
                 policy.consecutive_gateway_errors,
             )
         {
@@ -458,8 +515,7 @@ impl Breaker {
     }
 
     fn reset_counters(&mut self) {
-        self.consecutive_failures = 0;
-        self.consecutive_gateway_errors = 0;
+        self.consecutive = Consecutive::default();
         self.window.clear();
     }
 }

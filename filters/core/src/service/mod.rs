@@ -144,6 +144,14 @@ impl ServicePicker {
         needs
     }
 
+    /// Whether this picker knows of an endpoint in a run of failures (a closed breaker whose
+    /// consecutive counters, its own or the proxy's as last learnt, are not zero). The filter
+    /// then reads the shared record before each pick, so an ejection another worker judged
+    /// meanwhile is avoided before this worker fails on it rather than after.
+    pub fn knows_of_failures(&self) -> bool {
+        self.slots.failing() > 0
+    }
+
     /// Every endpoint with its breaker state and inflight, sorted by address.
     pub fn endpoints(&self) -> impl ExactSizeIterator<Item = EndpointView<'_>> {
         self.slots.views()

@@ -2,6 +2,12 @@
 //! charges the outcome to the endpoint that earned it ([`Served`]): its latency estimate and
 //! its breaker, whose state changes come back as [`Transitions`] for the filter's metrics.
 //!
+//! Sharing the consecutive-failure counters between the workers of a proxy is the caller's
+//! choice of [`FailureCounts`] ([`ServicePicker::complete_counted`]): a closed endpoint's
+//! outcome is counted there first and its breaker judges the proxy's count
+//! ([`Event::CompleteCounted`]). A success is counted there only when the breaker's counters
+//! are not zero, so the common case asks the store nothing.
+//!
 //! A gRPC call fails with HTTP 200 and a `grpc-status`; [`Outcome::status`] carries the HTTP
 //! status Envoy maps it to ([`grpc_http_status`]), so a gRPC `UNAVAILABLE` counts as a `503`
 //! everywhere an HTTP one does, as Envoy's own outlier detection counts it.
@@ -9,7 +15,10 @@
 use std::{net::SocketAddr, time::Duration};
 
 use super::{RetryTargets, ServicePicker};
-use crate::breaker::{BreakerState, Event, Verdict};
+use crate::{
+    breaker::{BreakerState, Event, Verdict},
+    ejections::{FailureCounts, Unshared},
+};
 
 /// Who produced a request's outcome, relative to the pick the filter wrote: decides which
 /// endpoint's breaker and latency estimate the outcome is charged to.
@@ -127,19 +136,38 @@ impl Transitions {
 
 impl ServicePicker {
     /// Records the end of a request picked on `picked`, charging `outcome` to whoever
-    /// [`Served`] it.
-    ///
-    /// Always releases `picked`'s in-flight count. [`Served::ByRetryTarget`] also records the
-    /// pick's attempt as a failure (with the failure penalty); [`Served::ByFallback`]
-    /// charges the pick nothing. The endpoint that served (if it is one of this service's)
-    /// gets the outcome's latency and verdict. Returns the breaker transitions this caused so
-    /// the filter can count ejections. Endpoints no longer present are ignored.
+    /// [`Served`] it; each breaker counts alone ([`Unshared`]). See
+    /// [`complete_counted`](Self::complete_counted).
     pub fn complete(
         &mut self,
         picked: SocketAddr,
         served_by: Served,
         outcome: Outcome,
         now: Duration,
+    ) -> Transitions {
+        self.complete_counted(picked, served_by, outcome, now, &mut Unshared)
+    }
+
+    /// Records the end of a request picked on `picked`, charging `outcome` to whoever
+    /// [`Served`] it, with the consecutive-failure counters of the proxy kept in `counts`.
+    ///
+    /// Always releases `picked`'s in-flight count. [`Served::ByRetryTarget`] also records the
+    /// pick's attempt as a failure (with the failure penalty); [`Served::ByFallback`]
+    /// charges the pick nothing. The endpoint that served (if it is one of this service's)
+    /// gets the outcome's latency and verdict. Returns the breaker transitions this caused so
+    /// the filter can count ejections. Endpoints no longer present are ignored.
+    ///
+    /// A closed endpoint's outcome is counted in `counts` when the policy has a consecutive
+    /// rule and the outcome is a failure, or a success while the breaker's counters are not
+    /// zero; the breaker then judges the proxy's counters `counts` returns (its own when it
+    /// returns `None`).
+    pub fn complete_counted(
+        &mut self,
+        picked: SocketAddr,
+        served_by: Served,
+        outcome: Outcome,
+        now: Duration,
+        counts: &mut dyn FailureCounts,
     ) -> Transitions {
         let mut transitions = Transitions::default();
         let picked_slot = self.slots.find(picked);
@@ -156,11 +184,12 @@ impl ServicePicker {
             && let Some(slot) = picked_slot
         {
             self.slots.penalize(slot, estimate, now);
+            let event = self.completion(slot, Verdict::RETRIED_ELSEWHERE, now, counts);
             transitions.push(self.slots.transition(
                 slot,
-                Event::Complete(Verdict::RETRIED_ELSEWHERE),
+                event,
                 now,
-                &policy.outlier_detection,
+                &self.policy.outlier_detection,
             ));
         }
         if let Some(slot) = self.slots.find(served) {
@@ -183,14 +212,43 @@ impl ServicePicker {
             if verdict.failure {
                 self.slots.penalize(slot, estimate, now);
             }
+            let event = self.completion(slot, verdict, now, counts);
             transitions.push(self.slots.transition(
                 slot,
-                Event::Complete(verdict),
+                event,
                 now,
-                &policy.outlier_detection,
+                &self.policy.outlier_detection,
             ));
         }
         transitions
+    }
+
+    /// The breaker event of `verdict` on `slot`: counted in `counts` first when it may change
+    /// the proxy's consecutive counters (see [`complete_counted`](Self::complete_counted)).
+    fn completion(
+        &self,
+        slot: usize,
+        verdict: Verdict,
+        now: Duration,
+        counts: &mut dyn FailureCounts,
+    ) -> Event {
+        let outlier_detection = &self.policy.outlier_detection;
+        let counts_consecutive = outlier_detection.consecutive_failures > 0
+            || outlier_detection.consecutive_gateway_errors > 0;
+        let entry = &self.slots[slot];
+        let breaker = &entry.stats.breaker;
+        let may_change_counts =
+            verdict.failure || verdict.gateway_error || !breaker.consecutive().is_zero();
+        if !counts_consecutive
+            || !may_change_counts
+            || !matches!(breaker.state(), BreakerState::Closed { .. })
+        {
+            return Event::Complete(verdict);
+        }
+        match counts.count(entry.endpoint.address, &verdict, now) {
+            Some(proxy) => Event::CompleteCounted { verdict, proxy },
+            None => Event::Complete(verdict),
+        }
     }
 }
 

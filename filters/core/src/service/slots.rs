@@ -37,6 +37,8 @@ pub(super) struct Slots {
     list: Vec<Slot>,
     /// Endpoints whose breaker is open or half-open.
     not_closed: usize,
+    /// Endpoints whose breaker's consecutive counters are not zero: in a run of failures.
+    failing: usize,
     /// Sum of the endpoints' in-flight counts.
     total_inflight: u64,
     /// Counts the changes of breakers that are, or were until the change, not closed: what
@@ -111,6 +113,7 @@ impl Slots {
             })
             .collect();
         self.not_closed = self.count_not_closed();
+        self.failing = self.count_failing();
         self.total_inflight = self
             .list
             .iter()
@@ -130,6 +133,12 @@ impl Slots {
     /// How many breakers are open or half-open.
     pub fn not_closed(&self) -> usize {
         self.not_closed
+    }
+
+    /// How many endpoints are in a run of failures as their breakers know it (consecutive
+    /// counters not zero).
+    pub fn failing(&self) -> usize {
+        self.failing
     }
 
     /// How many changes of not-closed breakers there have been: equal counts mean every
@@ -219,11 +228,23 @@ impl Slots {
             jitter_seed: entry.address_hash,
         };
         let before = entry.stats.breaker.state();
+        let was_failing = !entry.stats.breaker.consecutive().is_zero();
         let change = entry.stats.breaker.on(event, &context);
         let after = entry.stats.breaker.state();
+        let is_failing = !entry.stats.breaker.consecutive().is_zero();
         if before != after && (before.is_ejected() || after.is_ejected()) {
             self.ejection_changes += 1;
         }
+        match (was_failing, is_failing) {
+            (false, true) => self.failing += 1,
+            (true, false) => self.failing = self.failing.saturating_sub(1),
+            _ => {}
+        }
+        debug_assert_eq!(
+            self.failing,
+            self.count_failing(),
+            "failing must count the breakers in a run of failures"
+        );
         let change = change?;
         match (change.from.is_ejected(), change.to.is_ejected()) {
             (false, true) => {
@@ -300,6 +321,13 @@ impl Slots {
         }
         let allowed = (self.list.len() * percent / 100).max(1);
         self.not_closed < allowed
+    }
+
+    fn count_failing(&self) -> usize {
+        self.list
+            .iter()
+            .filter(|slot| !slot.stats.breaker.consecutive().is_zero())
+            .count()
     }
 
     fn count_not_closed(&self) -> usize {

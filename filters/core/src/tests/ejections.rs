@@ -8,7 +8,7 @@ use proptest::prelude::*;
 
 use crate::{
     BreakerState, ServicePicker, Transition,
-    breaker::{Breaker, Context, Event},
+    breaker::{Breaker, Context, Event, Verdict},
     ejections::{DecodeError, EjectionRecord, SharedEjection, rules_fingerprint},
     policy::{LoadBalancer, OutlierDetection},
     test_support::*,
@@ -71,9 +71,10 @@ fn a_record_reads_back_as_written() {
         ejections: 3,
     });
     record.record_ejection(ejection(1, secs(40), 2));
+    record.count_outcome(addr(3), &Verdict::RETRIED_ELSEWHERE, secs(5));
     assert_eq!(EjectionRecord::decode(&record.encode()), Ok(record.clone()));
     assert_eq!(record.entries()[0].address, addr(1), "sorted by address");
-    assert_eq!(record.encode().len(), 11 + 2 * 19 + 31);
+    assert_eq!(record.encode().len(), 13 + 2 * 19 + 31 + 23);
 }
 
 #[test]
@@ -121,52 +122,104 @@ fn pruning_drops_ejections_expired_long_ago() {
     assert_eq!(record.entries(), [ejection(2, secs(500), 1)]);
 }
 
-/// The header of a record of version 1 under rules 7 with `count` entries.
+/// The header of a record of version 2 under rules 7 with `count` ejections.
 fn header(count: u16) -> Vec<u8> {
-    let mut bytes = vec![1];
+    let mut bytes = vec![2];
     bytes.extend_from_slice(&7u64.to_le_bytes());
     bytes.extend_from_slice(&count.to_le_bytes());
+    bytes
+}
+
+/// An encoded counter of `10.0.0.1:8080` with these counts.
+fn counter(failures: u32, gateway_errors: u32) -> Vec<u8> {
+    let mut bytes = vec![4, 10, 0, 0, 1];
+    bytes.extend_from_slice(&8080u16.to_le_bytes());
+    bytes.extend_from_slice(&failures.to_le_bytes());
+    bytes.extend_from_slice(&gateway_errors.to_le_bytes());
+    bytes.extend_from_slice(&5u64.to_le_bytes());
     bytes
 }
 
 #[test]
 fn bytes_the_filter_would_not_write_are_refused_with_the_reason() {
     let with = |count: u16, tail: &[u8]| [header(count), tail.to_vec()].concat();
+    let no_counts = 0u16.to_le_bytes();
     assert_eq!(EjectionRecord::decode(&[]), Err(DecodeError::Truncated));
     assert_eq!(
         EjectionRecord::decode(&header(0)[..10]),
         Err(DecodeError::Truncated)
     );
     assert_eq!(
-        EjectionRecord::decode(&[2, 0, 0]),
-        Err(DecodeError::UnknownVersion(2))
+        EjectionRecord::decode(&header(0)),
+        Err(DecodeError::Truncated),
+        "the counters' count is missing"
+    );
+    assert_eq!(
+        EjectionRecord::decode(&[3, 0, 0]),
+        Err(DecodeError::UnknownVersion(3))
     );
     assert_eq!(
         EjectionRecord::decode(&header(0xffff)),
         Err(DecodeError::TooManyEntries(65_535))
     );
     assert_eq!(
+        EjectionRecord::decode(&with(0, &[0xff, 0xff])),
+        Err(DecodeError::TooManyCounts(65_535))
+    );
+    assert_eq!(
         EjectionRecord::decode(&with(1, &[5])),
         Err(DecodeError::BadFamily(5))
     );
     assert_eq!(
-        EjectionRecord::decode(&with(0, &[9])),
+        EjectionRecord::decode(&with(0, &[1, 0, 9])),
+        Err(DecodeError::BadFamily(9)),
+        "a counter's address is checked like an ejection's"
+    );
+    assert_eq!(
+        EjectionRecord::decode(&with(0, &[no_counts[0], no_counts[1], 9])),
         Err(DecodeError::TrailingBytes(1))
     );
     assert_eq!(
-        EjectionRecord::decode(&header(0)).map(|record| record.rules()),
+        EjectionRecord::decode(&with(0, &no_counts)).map(|record| record.rules()),
         Ok(7)
+    );
+    assert_eq!(
+        EjectionRecord::decode(&with(0, &[&[1, 0][..], &counter(0, 0)].concat())),
+        Err(DecodeError::ZeroCount)
+    );
+    assert_eq!(
+        EjectionRecord::decode(&with(
+            0,
+            &[&[2, 0][..], &counter(1, 0), &counter(2, 0)].concat()
+        )),
+        Err(DecodeError::Unsorted),
+        "counters are unique"
     );
     let mut twice = EjectionRecord::new(7);
     twice.record_ejection(ejection(1, secs(1), 1));
-    let mut bytes = twice.encode();
-    let entry = bytes[11..].to_vec();
+    let valid = twice.encode();
+    assert_eq!(
+        EjectionRecord::decode(&valid[..valid.len() - 1]),
+        Err(DecodeError::Truncated)
+    );
+    let mut bytes = valid;
+    let entry = bytes[11..bytes.len() - 2].to_vec();
+    bytes.truncate(bytes.len() - 2);
     bytes[9] = 2;
     bytes.extend_from_slice(&entry);
+    bytes.extend_from_slice(&no_counts);
     assert_eq!(EjectionRecord::decode(&bytes), Err(DecodeError::Unsorted));
+}
+
+#[test]
+fn a_record_of_version_one_is_refused() {
+    // What a filter of the previous version wrote: an ejection record without counters.
+    let mut bytes = vec![1];
+    bytes.extend_from_slice(&7u64.to_le_bytes());
+    bytes.extend_from_slice(&0u16.to_le_bytes());
     assert_eq!(
-        EjectionRecord::decode(&bytes[..bytes.len() - 1]),
-        Err(DecodeError::Truncated)
+        EjectionRecord::decode(&bytes),
+        Err(DecodeError::UnknownVersion(1))
     );
 }
 
@@ -187,26 +240,60 @@ fn the_rules_fingerprint_follows_the_ejection_rules_only() {
     assert_ne!(base, rules_fingerprint(&strict, &kinds_without_timeouts));
 }
 
+fn any_address() -> impl Strategy<Value = SocketAddr> {
+    (any::<[u8; 16]>(), any::<bool>(), any::<u16>()).prop_map(|(ip, v4, port)| {
+        let ip: std::net::IpAddr = if v4 {
+            std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).into()
+        } else {
+            std::net::Ipv6Addr::from(ip).into()
+        };
+        SocketAddr::new(ip, port)
+    })
+}
+
 fn any_ejection() -> impl Strategy<Value = SharedEjection> {
+    (any_address(), any::<u64>(), any::<u32>()).prop_map(|(address, until, ejections)| {
+        SharedEjection {
+            address,
+            until: Duration::from_nanos(until),
+            ejections,
+        }
+    })
+}
+
+/// Outcomes counted into a record: an address (from a few, so runs build up), whether it
+/// failed, whether as a gateway error, and when.
+fn any_counted() -> impl Strategy<Value = (SocketAddr, Verdict, Duration)> {
     (
-        any::<[u8; 16]>(),
+        prop::sample::select(vec![addr(1), addr(2), "[::1]:80".parse().unwrap()]),
         any::<bool>(),
-        any::<u16>(),
+        any::<bool>(),
         any::<u64>(),
-        any::<u32>(),
     )
-        .prop_map(|(ip, v4, port, until, ejections)| {
-            let ip: std::net::IpAddr = if v4 {
-                std::net::Ipv4Addr::new(ip[0], ip[1], ip[2], ip[3]).into()
-            } else {
-                std::net::Ipv6Addr::from(ip).into()
+        .prop_map(|(address, failure, gateway_error, at)| {
+            let verdict = Verdict {
+                failure: failure || gateway_error,
+                gateway_error,
+                ..Verdict::default()
             };
-            SharedEjection {
-                address: SocketAddr::new(ip, port),
-                until: Duration::from_nanos(until),
-                ejections,
-            }
+            (address, verdict, Duration::from_nanos(at))
         })
+}
+
+/// A record of `rules` holding `ejections` and the counters `outcomes` leave.
+fn record_with(
+    rules: u64,
+    ejections: Vec<SharedEjection>,
+    outcomes: Vec<(SocketAddr, Verdict, Duration)>,
+) -> EjectionRecord {
+    let mut record = EjectionRecord::new(rules);
+    for entry in ejections {
+        record.record_ejection(entry);
+    }
+    for (address, verdict, at) in outcomes {
+        record.count_outcome(address, &verdict, at);
+    }
+    record
 }
 
 proptest! {
@@ -214,12 +301,24 @@ proptest! {
     fn any_record_reads_back_as_written(
         rules in any::<u64>(),
         entries in prop::collection::vec(any_ejection(), 0..64),
+        outcomes in prop::collection::vec(any_counted(), 0..32),
     ) {
-        let mut record = EjectionRecord::new(rules);
-        for entry in entries {
-            record.record_ejection(entry);
-        }
+        let record = record_with(rules, entries, outcomes);
         prop_assert_eq!(EjectionRecord::decode(&record.encode()), Ok(record));
+    }
+
+    #[test]
+    fn hostile_counters_never_panic_and_what_decodes_is_canonical(
+        counts in any::<u16>(),
+        body in prop::collection::vec(any::<u8>(), 0..512),
+    ) {
+        // A valid header and no ejections, so the bytes reach the counters.
+        let bytes = [header(0), counts.to_le_bytes().to_vec(), body].concat();
+        if let Ok(record) = EjectionRecord::decode(&bytes) {
+            prop_assert!(record.counts().len() <= EjectionRecord::MAX_COUNTS);
+            prop_assert!(record.counts().iter().all(|count| !count.consecutive.is_zero()));
+            prop_assert_eq!(record.encode(), bytes);
+        }
     }
 
     #[test]
@@ -235,13 +334,11 @@ proptest! {
     #[test]
     fn a_record_with_a_byte_changed_never_panics_and_what_decodes_is_canonical(
         entries in prop::collection::vec(any_ejection(), 1..8),
+        outcomes in prop::collection::vec(any_counted(), 0..8),
         at in any::<prop::sample::Index>(),
         byte in any::<u8>(),
     ) {
-        let mut record = EjectionRecord::new(7);
-        for entry in entries {
-            record.record_ejection(entry);
-        }
+        let record = record_with(7, entries, outcomes);
         let mut bytes = record.encode();
         let at = at.index(bytes.len());
         bytes[at] = byte;
@@ -253,12 +350,10 @@ proptest! {
     #[test]
     fn a_valid_prefix_with_garbage_appended_is_refused(
         entries in prop::collection::vec(any_ejection(), 0..8),
+        outcomes in prop::collection::vec(any_counted(), 0..8),
         garbage in prop::collection::vec(any::<u8>(), 1..64),
     ) {
-        let mut record = EjectionRecord::default();
-        for entry in entries {
-            record.record_ejection(entry);
-        }
+        let record = record_with(0, entries, outcomes);
         let mut bytes = record.encode();
         bytes.extend_from_slice(&garbage);
         prop_assert!(EjectionRecord::decode(&bytes).is_err());

@@ -10,4 +10,5 @@ mod picker;
 mod policy;
 mod receive;
 mod relative_latency;
+mod shared_counts;
 mod slow_start;

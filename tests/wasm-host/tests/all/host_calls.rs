@@ -14,7 +14,11 @@
 //!
 //! A fixed service name or the routed cluster as the name saves the header read. Response
 //! flags are read only when the answer is not a success from the pick, and pick counts reach
-//! Envoy's stats on the tick, not per request.
+//! Envoy's stats on the tick, not per request. A failure also reads the service's shared
+//! ejection record and writes its failure count there (counted once per proxy); while the
+//! count is not reset, each request reads the record before its pick (so an ejection judged
+//! by another worker is seen before this one fails on it), and the success that resets it
+//! reads and writes it once more; the successes after that cost nothing more.
 
 use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_wasm_host::Plugin;
@@ -84,6 +88,27 @@ fn a_failed_request_also_reads_the_response_flags() {
     let success = steady_calls(&plugin, 200);
     let failure = steady_calls(&plugin, 503);
     eprintln!("{success} host calls per success, {failure} per 503");
-    // The flags, and the shared ejections that a possible failure consults first.
-    assert_eq!(failure, success + 2);
+    // The flags, the shared record that a possible failure consults first, and the write
+    // of its failure count.
+    assert_eq!(failure, success + 3);
+}
+
+#[test]
+fn the_first_success_after_a_failure_resets_the_shared_failure_count_and_the_next_costs_nothing_more()
+ {
+    let plugin = filter()
+        .configure(r#"{"endpoints": {"checkout": [{"address": "10.0.0.1:8080"}]}}"#)
+        .start()
+        .expect("the filter starts");
+    let success = steady_calls(&plugin, 200);
+    calls_for_one_request(&plugin, 503);
+    let reset = calls_for_one_request(&plugin, 200);
+    let after = calls_for_one_request(&plugin, 200);
+    eprintln!("{success} host calls per success, {reset} for the first after a 503");
+    assert_eq!(
+        reset,
+        success + 3,
+        "a read before the pick, a read and a write to reset the count"
+    );
+    assert_eq!(after, success);
 }

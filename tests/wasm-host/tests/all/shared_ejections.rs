@@ -1,6 +1,8 @@
 //! Ejections are learnt once per proxy: a breaker that opens on one worker opens on the others
 //! by their next tick (or their next response that may be a failure) through shared data, and
-//! the end of the ejection travels the same way. Bytes in shared data are not trusted.
+//! the end of the ejection travels the same way. The consecutive failures that lead to an
+//! ejection are counted once per proxy too, and a success on any worker resets them. Bytes in
+//! shared data are not trusted.
 
 use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_wasm_host::{Plugin, response_flags};
@@ -57,16 +59,40 @@ fn send(plugin: &Plugin, worker: usize, all_healthy: bool) -> anyhow::Result<Str
 /// Sends requests on `worker` until the dead endpoint has been picked `failures` times (at
 /// most 100 requests).
 fn fail_on_dead(plugin: &Plugin, worker: usize, failures: usize) -> anyhow::Result<()> {
+    pick_dead(plugin, worker, failures, false)
+}
+
+/// Sends requests on `worker`, every endpoint answering, until the endpoint that was dead has
+/// been picked and succeeded once.
+fn succeed_on_dead(plugin: &Plugin, worker: usize) -> anyhow::Result<()> {
+    pick_dead(plugin, worker, 1, true)
+}
+
+/// Sends requests on `worker` until `DEAD` has been picked `times` times (at most 100
+/// requests), answering as [`send`] does.
+fn pick_dead(
+    plugin: &Plugin,
+    worker: usize,
+    times: usize,
+    all_healthy: bool,
+) -> anyhow::Result<()> {
     let mut seen = 0;
     for _ in 0..100 {
-        if send(plugin, worker, false)? == DEAD {
+        if send(plugin, worker, all_healthy)? == DEAD {
             seen += 1;
-            if seen == failures {
+            if seen == times {
                 return Ok(());
             }
         }
     }
     anyhow::bail!("the dead endpoint was picked {seen} times in 100 requests")
+}
+
+/// Ejections of the dead endpoint judged by a worker (not adopted), over both workers.
+fn judged_ejections(plugin: &Plugin) -> anyhow::Result<u64> {
+    plugin.metric(&format!(
+        "fulcrum_endpoint_ejections_total.service.checkout.endpoint.{DEAD}"
+    ))
 }
 
 /// One healthy request on each worker: a VM applies shared ejections once it serves.
@@ -241,32 +267,138 @@ fn a_worker_catches_up_with_shared_ejections_on_its_first_request() -> anyhow::R
     Ok(())
 }
 
-/// The host calls sharing ejections costs, exactly: none for a success, one read for a
-/// response that may be a failure, a read and a write more for a breaker transition.
+/// Sends one request on worker 0 (see [`send`]); returns the pick and the shared-data reads
+/// and writes it cost.
+fn send_costing(plugin: &Plugin, all_healthy: bool) -> anyhow::Result<(String, (u64, u64))> {
+    let before = plugin.shared_data_calls();
+    let pick = send(plugin, 0, all_healthy)?;
+    let after = plugin.shared_data_calls();
+    Ok((
+        pick,
+        (after.reads - before.reads, after.writes - before.writes),
+    ))
+}
+
+/// The host calls sharing ejections and failure counts costs, exactly: none for a request
+/// while the worker knows of no failure count; a read and a write for a failure (the read
+/// before it is recorded is the first round of its count's compare-and-swap); a read before
+/// each pick while the worker knows of a failure count (an ejection elsewhere is then seen
+/// before the pick); a read and a write more for the success that resets the count, and for
+/// a breaker transition.
 #[test]
-fn sharing_costs_no_host_call_per_success_and_one_read_per_possible_failure() -> anyhow::Result<()>
+fn sharing_costs_no_host_call_per_success_and_a_read_and_a_write_per_failure() -> anyhow::Result<()>
 {
     let plugin = two_workers();
     serve_once_on_each_worker(&plugin)?;
-    let calls = || plugin.shared_data_calls();
-    let before = calls();
     for _ in 0..30 {
-        send(&plugin, 0, true)?;
+        assert_eq!(send_costing(&plugin, true)?.1, (0, 0), "successes");
     }
-    assert_eq!(calls(), before, "successes");
-    fail_on_dead(&plugin, 0, 2)?;
-    let two_failures = calls();
-    assert_eq!(two_failures.reads - before.reads, 2);
-    assert_eq!(two_failures.writes, before.writes);
-    fail_on_dead(&plugin, 0, 1)?;
-    let ejected = calls();
+    let mut costs = Vec::new();
+    // Until the first failure, then until the success on the same endpoint that resets it.
+    for phase in [false, true] {
+        loop {
+            let (pick, cost) = send_costing(&plugin, phase)?;
+            costs.push((pick == DEAD, cost));
+            if pick == DEAD {
+                break;
+            }
+        }
+    }
+    let expected: Vec<(bool, (u64, u64))> = costs
+        .iter()
+        .enumerate()
+        .map(|(i, (dead, _))| {
+            let first_failure = costs.iter().position(|(dead, _)| *dead).unwrap_or(0);
+            let cost = match (i.cmp(&first_failure), dead) {
+                (std::cmp::Ordering::Less, _) => (0, 0),
+                (std::cmp::Ordering::Equal, _) => (1, 1),
+                (std::cmp::Ordering::Greater, false) => (1, 0),
+                (std::cmp::Ordering::Greater, true) => (2, 1),
+            };
+            (*dead, cost)
+        })
+        .collect();
+    assert_eq!(costs, expected);
+    for _ in 0..30 {
+        assert_eq!(
+            send_costing(&plugin, true)?.1,
+            (0, 0),
+            "successes once the count is reset"
+        );
+    }
+    let mut failures = 0;
+    let mut last = (0, 0);
+    while failures < 3 {
+        let (pick, cost) = send_costing(&plugin, false)?;
+        if pick == DEAD {
+            failures += 1;
+            last = cost;
+        }
+    }
     assert_eq!(
-        (
-            ejected.reads - two_failures.reads,
-            ejected.writes - two_failures.writes
-        ),
-        (2, 1),
-        "the third failure reads once before it is recorded, then ejects: a read and a write"
+        last,
+        (3, 2),
+        "the third failure: the read before its pick, its count, and its ejection"
+    );
+    Ok(())
+}
+
+#[test]
+fn failures_observed_by_two_workers_add_up_to_one_ejection_at_the_threshold() -> anyhow::Result<()>
+{
+    let plugin = two_workers();
+    serve_once_on_each_worker(&plugin)?;
+    fail_on_dead(&plugin, 0, 2)?;
+    assert_eq!(judged_ejections(&plugin)?, 0, "two failures, below three");
+    fail_on_dead(&plugin, 1, 1)?;
+    assert_eq!(
+        judged_ejections(&plugin)?,
+        1,
+        "the proxy's third failure ejects, on the worker that saw only one"
+    );
+    plugin.tick_all()?;
+    let picks = (0..30)
+        .map(|_| send(&plugin, 0, false))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    assert!(!picks.iter().any(|pick| pick == DEAD), "{picks:?}");
+    assert_eq!(dead_picks(&plugin)?, 3, "the proxy paid one threshold");
+    assert_eq!(
+        plugin.metric(&format!(
+            "fulcrum_endpoint_circuit_open.service.checkout.endpoint.{DEAD}"
+        ))?,
+        2,
+        "both workers hold the circuit open"
+    );
+    assert_eq!(
+        plugin.metric("fulcrum_shared_ejections_write_failures_total")?,
+        0
+    );
+    Ok(())
+}
+
+#[test]
+fn a_success_on_either_worker_resets_the_proxys_failure_count() -> anyhow::Result<()> {
+    let plugin = two_workers();
+    serve_once_on_each_worker(&plugin)?;
+    // A success on the worker that counted the failures.
+    fail_on_dead(&plugin, 0, 2)?;
+    succeed_on_dead(&plugin, 0)?;
+    fail_on_dead(&plugin, 1, 2)?;
+    assert_eq!(
+        judged_ejections(&plugin)?,
+        0,
+        "two failures since the success"
+    );
+    // A success on the other worker, once its tick has shown it the count.
+    plugin.tick_all()?;
+    succeed_on_dead(&plugin, 0)?;
+    fail_on_dead(&plugin, 1, 2)?;
+    assert_eq!(judged_ejections(&plugin)?, 0, "reset by worker 0");
+    fail_on_dead(&plugin, 0, 1)?;
+    assert_eq!(
+        judged_ejections(&plugin)?,
+        1,
+        "three failures in a row, over both workers"
     );
     Ok(())
 }
