@@ -27,6 +27,11 @@
 //!   then `node_name` and `pod_name` become its metadata, later keys overriding earlier ones.
 //!   Pod labels are an allow-list: a pod's labels are set by whoever deploys it, and every key
 //!   published lands in every filter's snapshot.
+//! - **Region**: the `topology.kubernetes.io/region` label of the endpoint's node (the slice's
+//!   `nodeName`) becomes its metadata entry [`REGION_KEY`], which the filters rank by (a
+//!   metadata entry rather than a field, so filters from before regions still read the
+//!   snapshot). Only the node says where an endpoint runs: the key is never taken from a
+//!   Service, slice or pod label, and an endpoint whose node's region is unknown has none.
 //! - An address listed twice for one cluster (an endpoint moving between slices) is kept once,
 //!   with its healthiest state.
 
@@ -36,10 +41,10 @@ use std::{
     sync::Arc,
 };
 
-use fulcrum_core::{Endpoint, Health, ServiceEndpoints, UpstreamProtocol};
+use fulcrum_core::{Endpoint, Health, ServiceEndpoints, UpstreamProtocol, endpoint::REGION_KEY};
 use fulcrum_sources::Services;
 use k8s_openapi::api::{
-    core::v1::{Pod, Service, ServicePort},
+    core::v1::{Node, Pod, Service, ServicePort},
     discovery::v1::{EndpointConditions, EndpointPort, EndpointSlice},
 };
 use tracing::debug;
@@ -48,6 +53,9 @@ use tracing::debug;
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Metadata key of the node an endpoint runs on (the slice's `nodeName`).
 pub const NODE_NAME_KEY: &str = "node_name";
+/// The node label Kubernetes (and the cloud's node controller) puts the node's region in;
+/// fulcrum's endpoint metadata uses the same key ([`REGION_KEY`]).
+pub const NODE_REGION_LABEL: &str = "topology.kubernetes.io/region";
 /// Metadata key of the pod behind an endpoint (its `targetRef` when that is a Pod).
 pub const POD_NAME_KEY: &str = "pod_name";
 
@@ -63,6 +71,9 @@ pub struct Mapping {
     /// Pod labels copied into the metadata of the pod's endpoints; empty watches no pods.
     /// Default: `version` and `app.kubernetes.io/version`, what DestinationRule subsets key on.
     pub pod_labels: BTreeSet<String>,
+    /// Watch Nodes for their region label, which becomes the metadata [`REGION_KEY`] of the
+    /// endpoints on them. Default: true. Needs list/watch on nodes.
+    pub node_regions: bool,
 }
 
 impl Default for Mapping {
@@ -74,6 +85,7 @@ impl Default for Mapping {
                 .into_iter()
                 .map(str::to_owned)
                 .collect(),
+            node_regions: true,
         }
     }
 }
@@ -110,14 +122,17 @@ pub fn endpoint_health(
 }
 
 impl Mapping {
-    /// Every cluster of `services` with its endpoints from `slices`, labelled from `pods`.
+    /// Every cluster of `services` with its endpoints from `slices`, labelled from `pods`
+    /// and placed in the regions of `nodes`.
     pub fn services(
         &self,
         services: &[Arc<Service>],
         slices: &[Arc<EndpointSlice>],
         pods: &[Arc<Pod>],
+        nodes: &[Arc<Node>],
     ) -> Services {
         let pod_labels = self.labels_by_pod(pods);
+        let node_regions = regions_by_node(nodes);
         let mut slices_by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
         for slice in slices {
             let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
@@ -154,7 +169,7 @@ impl Mapping {
                 .filter(|port| is_tcp(&port.protocol))
             {
                 let cluster = cluster_name(name, namespace, port.port, &self.cluster_domain);
-                let endpoints = self.endpoints(service, port, slices, &pod_labels);
+                let endpoints = self.endpoints(service, port, slices, &pod_labels, &node_regions);
                 let slice_port = slices.iter().find_map(|slice| {
                     matching_slice_port(port, slice.ports.as_deref().unwrap_or_default())
                 });
@@ -202,6 +217,7 @@ impl Mapping {
         port: &ServicePort,
         slices: &[&EndpointSlice],
         pod_labels: &PodLabels<'_>,
+        node_regions: &NodeRegions<'_>,
     ) -> Vec<Endpoint> {
         let mut endpoints: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
         for slice in slices {
@@ -221,7 +237,7 @@ impl Mapping {
                 let address = SocketAddr::new(ip, target_port);
                 let mapped = Endpoint {
                     zone: endpoint.zone.clone(),
-                    metadata: metadata(service, slice, endpoint, pod_labels),
+                    metadata: metadata(service, slice, endpoint, pod_labels, node_regions),
                     health,
                     ..Endpoint::new(address)
                 };
@@ -319,13 +335,30 @@ fn parse_ip(address: &str, slice: &EndpointSlice) -> Option<IpAddr> {
 /// Allowed pod labels by (namespace, pod name).
 type PodLabels<'a> = HashMap<(&'a str, &'a str), Vec<(&'a str, &'a str)>>;
 
+/// The region of every node that has one, by node name.
+type NodeRegions<'a> = HashMap<&'a str, &'a str>;
+
+/// The non-empty region label of every node.
+fn regions_by_node(nodes: &[Arc<Node>]) -> NodeRegions<'_> {
+    nodes
+        .iter()
+        .filter_map(|node| {
+            let meta = &node.metadata;
+            let region = meta.labels.as_ref()?.get(NODE_REGION_LABEL)?;
+            Some((meta.name.as_deref()?, region.as_str()))
+        })
+        .filter(|(_, region)| !region.is_empty())
+        .collect()
+}
+
 /// Service labels, then slice labels, then the allowed labels of the endpoint's pod, then its
-/// node and pod names.
+/// node and pod names and its node's region (the region only from the node).
 fn metadata(
     service: &Service,
     slice: &EndpointSlice,
     endpoint: &k8s_openapi::api::discovery::v1::Endpoint,
     pod_labels: &PodLabels<'_>,
+    node_regions: &NodeRegions<'_>,
 ) -> BTreeMap<String, String> {
     let mut metadata: BTreeMap<String, String> = service
         .metadata
@@ -359,6 +392,14 @@ fn metadata(
     }
     if let Some(name) = pod.and_then(|target| target.name.clone()) {
         metadata.insert(POD_NAME_KEY.to_owned(), name);
+    }
+    metadata.remove(REGION_KEY);
+    let region = endpoint
+        .node_name
+        .as_deref()
+        .and_then(|node| node_regions.get(node));
+    if let Some(region) = region {
+        metadata.insert(REGION_KEY.to_owned(), (*region).to_owned());
     }
     metadata
 }

@@ -1,16 +1,18 @@
 //! [`KubeSource`]: watchers and reflector stores for Services and EndpointSlices (and Pods,
-//! for the labels [`Mapping::pod_labels`] allows), consumed into the full service set after
-//! every change.
+//! for the labels [`Mapping::pod_labels`] allows, and Nodes, for their region when
+//! [`Mapping::node_regions`]), consumed into the full service set after every change.
 //!
-//! Pods are stored stripped to their name, namespace and allowed labels: a pod's spec and
-//! status are most of its size, and a cluster has many more pods than Services.
+//! Pods are stored stripped to their name, namespace and allowed labels, Nodes to their name
+//! and region label: a pod's or node's spec and status are most of its size. Neither is
+//! waited for: clusters are published once Services and EndpointSlices are listed, so a
+//! control plane without the RBAC for them loses labels or regions, never endpoints.
 
 use std::{fmt::Debug, time::Duration};
 
 use fulcrum_sources::{Services, Source, SourceFuture, SourceSink};
 use futures::{StreamExt, stream::BoxStream};
 use k8s_openapi::api::{
-    core::v1::{Pod, Service},
+    core::v1::{Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use kube::{
@@ -24,7 +26,7 @@ use kube::{
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
-use crate::Mapping;
+use crate::{Mapping, mapping::NODE_REGION_LABEL};
 
 /// How often the source checks whether the pipeline stopped listening while no event comes.
 const SINK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -148,6 +150,19 @@ impl KubeSource {
                 pod_stores.push(store);
             }
         }
+        let mut node_stores = Vec::new();
+        if self.options.mapping.node_regions {
+            // Nodes are cluster-scoped and carry their own labels: all of them, no selector.
+            let (store, stream) = reflect_modified(
+                Api::<Node>::all(self.client.clone()),
+                watcher::Config::default(),
+                streams.len(),
+                strip_node,
+            );
+            labels.push("nodes".to_owned());
+            streams.push(stream);
+            node_stores.push(store);
+        }
         let mut events = futures::stream::select_all(streams);
         let mut listed = vec![false; labels.len()];
         let mut published: Option<Services> = None;
@@ -187,6 +202,7 @@ impl KubeSource {
                 &states(&service_stores),
                 &states(&slice_stores),
                 &states(&pod_stores),
+                &states(&node_stores),
             );
             if published.as_ref() == Some(&services) {
                 debug!(source = %name, watched, "change left the clusters as they were");
@@ -289,6 +305,24 @@ fn strip_pod(pod: &mut Pod, allowed: &std::collections::BTreeSet<String>) {
             ..Default::default()
         },
         ..Pod::default()
+    };
+}
+
+/// A node as the store keeps it: its name and region label only.
+fn strip_node(node: &mut Node) {
+    let meta = &mut node.metadata;
+    *node = Node {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            name: meta.name.take(),
+            uid: meta.uid.take(),
+            resource_version: meta.resource_version.take(),
+            labels: meta.labels.take().map(|mut labels| {
+                labels.retain(|key, _| key == NODE_REGION_LABEL);
+                labels
+            }),
+            ..Default::default()
+        },
+        ..Node::default()
     };
 }
 

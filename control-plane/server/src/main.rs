@@ -104,6 +104,17 @@ struct Cli {
         requires = "kube"
     )]
     kube_pod_labels: Vec<String>,
+    /// Watch Nodes for their `topology.kubernetes.io/region` label, which becomes the region
+    /// (metadata `topology.kubernetes.io/region`) of the endpoints on them, for region
+    /// locality. Needs list/watch on nodes; without it endpoints are published with no region.
+    #[arg(
+        long,
+        value_name = "BOOL",
+        default_value_t = true,
+        action = clap::ArgAction::Set,
+        requires = "kube"
+    )]
+    kube_node_regions: bool,
     /// Balancing policy file (YAML, or JSON for `*.json`), reloaded when it changes.
     #[arg(long, value_name = "PATH", conflicts_with = "policy_configmap")]
     policy_file: Option<PathBuf>,
@@ -333,6 +344,7 @@ async fn main() -> ExitCode {
                     .map(|key| key.trim().to_owned())
                     .filter(|key| !key.is_empty())
                     .collect(),
+                node_regions: cli.kube_node_regions,
                 ..Mapping::default()
             },
         }),

@@ -33,7 +33,7 @@ use fulcrum_demo::wrk;
 use fulcrum_example_backend::Backend;
 use fulcrum_test_support::{
     Bootstrap, ClusterBalancing, Endpoints, Envoy, EnvoyOptions, FailurePolicy, FilterSetup,
-    Ingress, RETRY_ON_HTTP,
+    Ingress, NodeLocality, RETRY_ON_HTTP,
 };
 use serde_json::json;
 
@@ -255,6 +255,7 @@ async fn run(
             retries: RETRIES,
             retry_on: RETRY_ON_HTTP,
         }),
+        locality: NodeLocality::default(),
     };
     let options = EnvoyOptions {
         binary: Some(args.envoy.clone()),

@@ -19,8 +19,8 @@ use anyhow::{Context, Result};
 use fulcrum_example_backend::Fault;
 use fulcrum_test_support::{
     AdsApi, Bootstrap, ClusterBalancing, Endpoints, Envoy, EnvoyOptions, FailurePolicy,
-    FilterSetup, Ingress, Process, RETRY_ON_HTTP, envoy::CONTROL_PLANE_CLUSTER, loopback,
-    reserve_port,
+    FilterSetup, Ingress, NodeLocality, Process, RETRY_ON_HTTP, envoy::CONTROL_PLANE_CLUSTER,
+    loopback, reserve_port,
 };
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -211,6 +211,7 @@ impl Stack {
                 retries: 2,
                 retry_on: RETRY_ON_HTTP,
             }),
+            locality: NodeLocality::default(),
         };
         let options = EnvoyOptions {
             binary: Some(binaries.envoy.clone()),

@@ -29,9 +29,9 @@ pub const MAX_VALUE_BYTES: usize = 4 << 10;
 /// gets a new session, a hash cookie is generated afresh.
 pub const MAX_COOKIE_BYTES: usize = 8 << 10;
 
-/// Longest node zone the filter takes: 253 bytes, a DNS name's limit; Kubernetes label
-/// values (where Istio takes the zone from) are at most 63.
-pub const MAX_ZONE_BYTES: usize = 253;
+/// Longest node zone or region the filter takes: 253 bytes, a DNS name's limit; Kubernetes
+/// label values (where Istio takes them from) are at most 63.
+pub const MAX_LOCALITY_BYTES: usize = 253;
 
 /// A request input the filter reads: the `input` label of
 /// `fulcrum_request_input_invalid_total`.
@@ -64,11 +64,14 @@ pub enum Input {
     /// `xds.node.locality.zone` (or `node.locality.zone`): the zone of the proxy's Envoy node,
     /// read once per configuration.
     NodeZone,
+    /// `xds.node.locality.region` (or `node.locality.region`): the region of the proxy's Envoy
+    /// node, read once per configuration.
+    NodeRegion,
 }
 
 impl Input {
     /// Every input, in declaration order (so `input as usize` indexes it).
-    pub const ALL: [Self; 13] = [
+    pub const ALL: [Self; 14] = [
         Self::Authority,
         Self::Service,
         Self::RouteCluster,
@@ -82,6 +85,7 @@ impl Input {
         Self::ResponseFlags,
         Self::GrpcStatus,
         Self::NodeZone,
+        Self::NodeRegion,
     ];
 
     /// The metric label.
@@ -100,6 +104,7 @@ impl Input {
             Self::ResponseFlags => "response_flags",
             Self::GrpcStatus => "grpc_status",
             Self::NodeZone => "node_zone",
+            Self::NodeRegion => "node_region",
         }
     }
 
@@ -107,7 +112,7 @@ impl Input {
     pub fn cap(self) -> usize {
         match self {
             Self::Cookie => MAX_COOKIE_BYTES,
-            Self::NodeZone => MAX_ZONE_BYTES,
+            Self::NodeZone | Self::NodeRegion => MAX_LOCALITY_BYTES,
             _ => MAX_VALUE_BYTES,
         }
     }
@@ -192,15 +197,31 @@ pub fn string_property(path: &[&str], input: Input, metrics: &Metrics) -> Option
     checked_text(bytes, input, metrics)
 }
 
-/// The zone of the proxy's Envoy node (its `locality.zone`, which Istio sets from the pod's
-/// node labels): `xds.node.locality.zone`, the attribute current Envoy serves, else the older
-/// Wasm-only `node.locality.zone`. `None` when unset or empty, and also, counted, when not
-/// UTF-8 or longer than [`MAX_ZONE_BYTES`].
-pub fn node_zone(metrics: &Metrics) -> Option<String> {
-    let read = |path: &[&str]| hostcalls::get_property(path.to_vec()).ok().flatten();
-    let bytes = read(&["xds", "node", "locality", "zone"])
-        .or_else(|| read(&["node", "locality", "zone"]))?;
-    checked_text(bytes, Input::NodeZone, metrics).filter(|zone| !zone.is_empty())
+/// Where the proxy's Envoy node runs: its `locality`, which Istio sets from the labels
+/// `topology.kubernetes.io/region` and `topology.kubernetes.io/zone` of the pod's node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeLocality {
+    /// `locality.region`, when set, not empty and usable.
+    pub region: Option<String>,
+    /// `locality.zone`, when set, not empty and usable.
+    pub zone: Option<String>,
+}
+
+/// The locality of the proxy's Envoy node: each field read at `xds.node.locality.<field>`,
+/// the attribute current Envoy serves, else the older Wasm-only `node.locality.<field>`. A
+/// field is `None` when unset or empty, and also, counted, when not UTF-8 or longer than
+/// [`MAX_LOCALITY_BYTES`].
+pub fn node_locality(metrics: &Metrics) -> NodeLocality {
+    let field = |name: &str, input: Input| {
+        let read = |path: &[&str]| hostcalls::get_property(path.to_vec()).ok().flatten();
+        let bytes = read(&["xds", "node", "locality", name])
+            .or_else(|| read(&["node", "locality", name]))?;
+        checked_text(bytes, input, metrics).filter(|value| !value.is_empty())
+    };
+    NodeLocality {
+        region: field("region", Input::NodeRegion),
+        zone: field("zone", Input::NodeZone),
+    }
 }
 
 /// A string property that `parse` must accept; one it refuses is unusable and counted.
@@ -310,12 +331,13 @@ mod tests {
     }
 
     #[test]
-    fn cookies_get_the_larger_cap_and_the_node_zone_a_dns_name_s() {
+    fn cookies_get_the_larger_cap_and_the_node_locality_a_dns_name_s() {
         assert_eq!(Input::Cookie.cap(), 8192);
         assert_eq!(Input::NodeZone.cap(), 253);
+        assert_eq!(Input::NodeRegion.cap(), 253);
         for input in Input::ALL
             .into_iter()
-            .filter(|i| ![Input::Cookie, Input::NodeZone].contains(i))
+            .filter(|i| ![Input::Cookie, Input::NodeZone, Input::NodeRegion].contains(i))
         {
             assert_eq!(input.cap(), 4096, "{input:?}");
         }

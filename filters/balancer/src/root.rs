@@ -14,9 +14,9 @@
 //! Every VM ticks at least every [`EJECTION_SYNC_PERIOD`], static endpoints or not, and, once
 //! it has served a request (so not Envoy's main-thread VM), applies the ejections other
 //! workers shared (`crate::sync`) and flushes the picks it counted to Envoy's stats. The
-//! proxy's zone comes from its Envoy
-//! node's locality, read once in `on_configure` ([`crate::input::node_zone`]); a
-//! `locality.local_zone` in the policy overrides it.
+//! proxy's zone and region come from its Envoy node's locality, read once in `on_configure`
+//! ([`crate::input::node_locality`]); a `locality.local_zone` or `locality.local_region` in
+//! the policy overrides them.
 //!
 //! Every request gets a context, even before (or without) a valid configuration: the SDK
 //! panics when `create_http_context` returns `None`, so an unconfigured VM hands out
@@ -151,17 +151,26 @@ impl RootContext for Root {
             .and_then(|bytes| String::from_utf8(bytes).ok())
             .unwrap_or_default();
         let keys = SharedKeys::new(&root_id);
-        let node_zone = input::node_zone(&self.metrics);
-        match &node_zone {
+        let node_locality = input::node_locality(&self.metrics);
+        match &node_locality.zone {
             Some(zone) => log_info(&format!(
                 "node zone {}: preferred by every service whose policy names no local_zone",
                 zone.escape_debug()
             )),
             None => log_info("the node has no zone: zone preference needs a policy local_zone"),
         }
+        match &node_locality.region {
+            Some(region) => log_info(&format!(
+                "node region {}: preferred by every service whose policy names no local_region",
+                region.escape_debug()
+            )),
+            None => {
+                log_info("the node has no region: region preference needs a policy local_region")
+            }
+        }
         let worker = Rc::new(RefCell::new(Worker::new(
             config.policy.clone(),
-            node_zone,
+            node_locality,
             session_keys,
             keys.clone(),
             config.max_table_bytes,

@@ -28,6 +28,7 @@ use fulcrum_core::{
 };
 
 use crate::{
+    input::NodeLocality,
     log_warn,
     metrics::{FailOpen, Metrics, ServiceMetrics},
     sync::{
@@ -196,9 +197,10 @@ pub struct Worker {
     services: Services<Service>,
     /// How a service's state is made and released.
     lifecycle: ServiceLifecycle,
-    /// The zone of this proxy's Envoy node, given to every service policy without a
-    /// `locality.local_zone` of its own ([`Policy::in_zone`]).
-    node_zone: Option<String>,
+    /// The locality of this proxy's Envoy node: its zone and region, given to every service
+    /// policy without a `locality.local_zone` or `local_region` of its own
+    /// ([`Policy::in_zone`], [`Policy::in_region`]).
+    node_locality: NodeLocality,
     /// The most bytes every consistent-hash table together may take (`max_table_bytes`).
     max_table_bytes: u64,
     /// The version last refused for exceeding `max_table_bytes`, so it is not read again.
@@ -252,7 +254,7 @@ impl ServiceState for Service {
 impl Worker {
     pub fn new(
         configured_policy: Policy,
-        node_zone: Option<String>,
+        node_locality: NodeLocality,
         session_keys: SessionKeys,
         shared: SharedKeys,
         max_table_bytes: u64,
@@ -260,13 +262,13 @@ impl Worker {
         metrics: Rc<Metrics>,
     ) -> Self {
         Self {
-            services: Services::new(placed(configured_policy, node_zone.as_deref())),
+            services: Services::new(placed(configured_policy, &node_locality)),
             lifecycle: ServiceLifecycle {
                 session_keys,
                 shared,
                 metrics,
             },
-            node_zone,
+            node_locality,
             max_table_bytes,
             refused: None,
             rng: SplitMix64::new(seed),
@@ -346,7 +348,7 @@ impl Worker {
     /// would exceed `max_table_bytes`.
     pub fn apply(&mut self, mut change: Change) -> Result<Applied, TableBudgetError> {
         if let Some(policy) = &mut change.policy {
-            policy.value = placed(std::mem::take(&mut policy.value), self.node_zone.as_deref());
+            policy.value = placed(std::mem::take(&mut policy.value), &self.node_locality);
         }
         let version = change.version.clone();
         let applied = self
@@ -380,12 +382,15 @@ impl Worker {
     }
 }
 
-/// `policy` as this proxy applies it: in the node's zone when the node has one.
-fn placed(policy: Policy, node_zone: Option<&str>) -> Policy {
-    match node_zone {
-        Some(zone) => policy.in_zone(zone),
-        None => policy,
+/// `policy` as this proxy applies it: in the node's zone and region, those it has.
+fn placed(mut policy: Policy, node: &NodeLocality) -> Policy {
+    if let Some(zone) = &node.zone {
+        policy = policy.in_zone(zone);
     }
+    if let Some(region) = &node.region {
+        policy = policy.in_region(region);
+    }
+    policy
 }
 
 /// Takes the endpoints that are about to disappear out of the circuit-open gauge and frees

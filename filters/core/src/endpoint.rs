@@ -4,6 +4,12 @@
 //! the filter (which polls and parses them) and the registry. An endpoint is what Envoy calls
 //! an LbEndpoint: an `IP:port` the filter can write into the override header, plus the
 //! attributes selection filters on (zone, tags, capabilities, metadata) and its health.
+//!
+//! An endpoint's region travels in its `metadata` under [`REGION_KEY`], not in a field of its
+//! own: endpoints deny unknown fields (a typo is an error), so a new field would make every
+//! filter older than it refuse the snapshots of an upgraded control plane, while a metadata
+//! entry is data every filter already reads. Filters that know regions rank by it
+//! ([`Endpoint::region`]); older ones keep it as one more attribute a policy can match.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -45,13 +51,19 @@ pub struct Endpoint {
     /// What the instance can do (e.g. `llm.chat`, `tools.search`); a policy can require some.
     #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub capabilities: BTreeSet<String>,
-    /// Key/value attributes (labels, node name, version) a policy can match on.
+    /// Key/value attributes (labels, node name, version) a policy can match on; the region,
+    /// for locality preference, under [`REGION_KEY`].
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
     /// Health as reported by the source and the control plane's active checks.
     #[serde(default)]
     pub health: Health,
 }
+
+/// The `metadata` key of an endpoint's region, Kubernetes' well-known node label (Envoy and
+/// Istio locality: region, then zone). The control plane sets it for Kubernetes endpoints
+/// from their node's label; a static or registered endpoint sets it in its own metadata.
+pub const REGION_KEY: &str = "topology.kubernetes.io/region";
 
 fn default_weight() -> u32 {
     1
@@ -69,6 +81,14 @@ impl Endpoint {
             metadata: BTreeMap::new(),
             health: Health::Healthy,
         }
+    }
+
+    /// The endpoint's region: its `metadata` entry [`REGION_KEY`], when set and not empty.
+    pub fn region(&self) -> Option<&str> {
+        self.metadata
+            .get(REGION_KEY)
+            .map(String::as_str)
+            .filter(|region| !region.is_empty())
     }
 }
 

@@ -45,6 +45,19 @@ impl Policy {
         }
         self
     }
+
+    /// The policy as a proxy in `region` applies it: like [`Policy::in_zone`], every service
+    /// policy without a `locality.local_region` of its own takes `region`, one that names a
+    /// region keeps it. The filter calls this with the region of its Envoy node.
+    pub fn in_region(mut self, region: &str) -> Self {
+        for service in std::iter::once(&mut self.default).chain(self.services.values_mut()) {
+            service
+                .locality
+                .local_region
+                .get_or_insert_with(|| region.to_owned());
+        }
+        self
+    }
 }
 
 /// How one service's requests are spread, filtered, protected and limited.
@@ -460,18 +473,29 @@ pub struct EndpointSelector {
     pub metadata: BTreeMap<String, String>,
 }
 
-/// Zone preference (Istio `localityLbSetting` with `failover`).
+/// Zone and region preference (Istio `localityLbSetting` with `failover`).
 ///
-/// Endpoints are ranked in tiers: the local zone, then each `failover` zone in order, then all
-/// others. Requests go to the first tier in which at least `min_healthy_percent` of the
-/// selected endpoints are admissible; when no tier qualifies, to every admissible endpoint.
+/// Endpoints are ranked in tiers: the local zone, then each `failover` zone in order, then
+/// the other zones of the local region, then all others. Requests go to the first tier in
+/// which at least `min_healthy_percent` of the selected endpoints are admissible; when no tier
+/// qualifies, to every admissible endpoint. Without a local zone the `failover` zones rank
+/// nowhere in particular (the tiers are the local region, then all others); without a local
+/// zone or region there is one tier. An endpoint's region is its metadata entry
+/// [`REGION_KEY`](crate::endpoint::REGION_KEY).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Locality {
     /// The zone this proxy runs in. The filter takes it from its Envoy node's locality
     /// ([`Policy::in_zone`]); a value here overrides that for every proxy. Default: none.
     pub local_zone: Option<String>,
-    /// Whether to prefer `local_zone` and `failover` zones at all. Default: true.
+    /// The region this proxy runs in. The filter takes it from its Envoy node's locality
+    /// ([`Policy::in_region`]); a value here overrides that for every proxy. Default: none.
+    /// Serialized only when set, so a snapshot of a policy without it still parses in a
+    /// filter from before regions.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub local_region: Option<String>,
+    /// Whether to prefer the local zone, `failover` zones and the local region at all.
+    /// Default: true.
     pub prefer_local: bool,
     /// Zones to fail over to, in order, before all others. Default: none.
     pub failover: Vec<String>,
@@ -484,6 +508,7 @@ impl Default for Locality {
     fn default() -> Self {
         Self {
             local_zone: None,
+            local_region: None,
             prefer_local: true,
             failover: Vec::new(),
             min_healthy_percent: 70,

@@ -398,11 +398,13 @@ fn validate_cookie_name(name: &str, path: &str, errors: &mut Errors) {
 
 fn validate_locality(locality: &Locality, path: &str, errors: &mut Errors) {
     let at = |field: &str| join(path, field);
-    if locality.local_zone.as_deref() == Some("") {
-        errors.push(
-            &at("local_zone"),
-            "must not be empty; omit it instead".into(),
-        );
+    for (field, value) in [
+        ("local_zone", &locality.local_zone),
+        ("local_region", &locality.local_region),
+    ] {
+        if value.as_deref() == Some("") {
+            errors.push(&at(field), "must not be empty; omit it instead".into());
+        }
     }
     for (i, zone) in locality.failover.iter().enumerate() {
         if zone.is_empty() {

@@ -19,7 +19,7 @@ use anyhow::{Context, Result, bail};
 use fulcrum_example_backend::Backend;
 use fulcrum_test_support::{
     AdsApi, Bootstrap, ClusterBalancing, Endpoints, Envoy, EnvoyOptions, FailurePolicy,
-    FilterSetup, Ingress, RETRY_ON_GRPC, RETRY_ON_HTTP, envoy::CONTROL_PLANE_CLUSTER,
+    FilterSetup, Ingress, NodeLocality, RETRY_ON_GRPC, RETRY_ON_HTTP, envoy::CONTROL_PLANE_CLUSTER,
 };
 use serde_json::{Value, json};
 
@@ -127,7 +127,14 @@ async fn envoy_with_control_plane_retrying(
         concurrency: 1,
         ..EnvoyOptions::default()
     };
-    Proxy::start(endpoints, filter, &options, retry_on).await
+    Proxy::start(
+        endpoints,
+        filter,
+        &options,
+        retry_on,
+        NodeLocality::default(),
+    )
+    .await
 }
 
 /// A running Envoy and a client for its listener.
@@ -207,15 +214,41 @@ impl Proxy {
         filter: FilterSetup,
         options: &EnvoyOptions,
     ) -> Result<Self> {
-        Self::start(endpoints, filter, options, RETRY_ON_HTTP).await
+        Self::start(
+            endpoints,
+            filter,
+            options,
+            RETRY_ON_HTTP,
+            NodeLocality::default(),
+        )
+        .await
     }
 
-    /// [`Proxy::start_with_options`] whose route retries on `retry_on`.
+    /// Envoy whose node runs in `locality` (`node.locality` of its bootstrap, where Istio
+    /// puts the pod's node region and zone), with `filter` in front of `endpoints`.
+    pub async fn start_in(
+        locality: NodeLocality,
+        endpoints: Endpoints,
+        filter: FilterSetup,
+    ) -> Result<Self> {
+        Self::start(
+            endpoints,
+            filter,
+            &EnvoyOptions::default(),
+            RETRY_ON_HTTP,
+            locality,
+        )
+        .await
+    }
+
+    /// [`Proxy::start_with_options`] whose route retries on `retry_on`, its node in
+    /// `locality`.
     async fn start(
         endpoints: Endpoints,
         filter: FilterSetup,
         options: &EnvoyOptions,
         retry_on: &'static str,
+        locality: NodeLocality,
     ) -> Result<Self> {
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let started = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -230,6 +263,7 @@ impl Proxy {
                 retries: 2,
                 retry_on,
             }),
+            locality,
         };
         let envoy = Envoy::start_with(&bootstrap, options).await?;
         let listener = envoy.ingress_address().await?;

@@ -24,7 +24,7 @@ pub mod process;
 
 pub use envoy::{
     AdsApi, Bootstrap, ClusterBalancing, ClusterHost, Endpoints, Envoy, EnvoyOptions,
-    FailurePolicy, FilterSetup, Ingress, RETRY_ON_GRPC, RETRY_ON_HTTP,
+    FailurePolicy, FilterSetup, Ingress, NodeLocality, RETRY_ON_GRPC, RETRY_ON_HTTP,
 };
 pub use error::Error;
 pub use eventually::{Ready, eventually};

@@ -2,14 +2,14 @@
 
 use std::sync::Arc;
 
-use fulcrum_core::{Health, UpstreamProtocol};
+use fulcrum_core::{Health, UpstreamProtocol, endpoint::REGION_KEY};
 use fulcrum_kube_source::{Mapping, cluster_name, endpoint_health, port_protocol};
 use fulcrum_test_support::kube_api::objects::{
     endpoint, endpoint_slice, ready, service, with_labels,
 };
 use k8s_openapi::{
     api::{
-        core::v1::{Pod, ServicePort},
+        core::v1::{Node, Pod, ServicePort},
         discovery::v1::{EndpointConditions, EndpointPort},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
@@ -99,7 +99,7 @@ fn each_service_port_is_a_cluster_with_the_slice_target_port() {
         &[("http", 8080), ("grpc", 9091)],
         vec![ready("10.0.0.2"), ready("10.0.0.1")],
     ))];
-    let mapped = Mapping::default().services(&services, &slices, &[]);
+    let mapped = Mapping::default().services(&services, &slices, &[], &[]);
     assert_eq!(
         mapped.keys().collect::<Vec<_>>(),
         [
@@ -170,7 +170,7 @@ fn a_cluster_carries_its_ports_protocol() {
         "checkout",
         &[("http", 80), ("grpc", 9090), ("metrics", 9100)],
     ))];
-    let mapped = Mapping::default().services(&services, &[], &[]);
+    let mapped = Mapping::default().services(&services, &[], &[], &[]);
     let protocol =
         |port: i32| mapped[&cluster_name("checkout", "shop", port, "cluster.local")].protocol;
     assert_eq!(protocol(80), Some(UpstreamProtocol::Http1));
@@ -188,7 +188,7 @@ fn unnamed_single_port_matches_the_unnamed_slice_port() {
         &[("", 8080)],
         vec![ready("10.0.0.1")],
     ))];
-    let mapped = Mapping::default().services(&services, &slices, &[]);
+    let mapped = Mapping::default().services(&services, &slices, &[], &[]);
     assert_eq!(addresses(&mapped, CHECKOUT_HTTP), ["10.0.0.1:8080"]);
 }
 
@@ -211,7 +211,7 @@ fn slices_of_one_service_are_merged_and_a_duplicate_address_keeps_its_healthiest
             vec![ready("10.0.0.2"), ready("10.0.0.3")],
         )),
     ];
-    let mapped = Mapping::default().services(&services, &slices, &[]);
+    let mapped = Mapping::default().services(&services, &slices, &[], &[]);
     assert_eq!(
         addresses(&mapped, CHECKOUT_HTTP),
         ["10.0.0.1:8080", "10.0.0.2:8080", "10.0.0.3:8080"]
@@ -234,7 +234,7 @@ fn service_without_slices_is_an_empty_cluster_and_slices_without_a_service_are_i
         &[("http", 8080)],
         vec![ready("10.0.0.9")],
     ))];
-    let mapped = Mapping::default().services(&services, &slices, &[]);
+    let mapped = Mapping::default().services(&services, &slices, &[], &[]);
     assert_eq!(mapped.len(), 1);
     assert!(mapped[CHECKOUT_HTTP].endpoints.is_empty());
 }
@@ -262,7 +262,7 @@ fn udp_ports_external_name_services_and_fqdn_slices_are_skipped() {
         Arc::new(external),
         Arc::new(service("shop", "checkout", &[("http", 80)])),
     ];
-    let mapped = Mapping::default().services(&services, &[Arc::new(fqdn)], &[]);
+    let mapped = Mapping::default().services(&services, &[Arc::new(fqdn)], &[], &[]);
     assert_eq!(mapped.keys().collect::<Vec<_>>(), [CHECKOUT_HTTP]);
     assert!(mapped[CHECKOUT_HTTP].endpoints.is_empty());
 }
@@ -282,7 +282,7 @@ fn zone_node_pod_and_labels_become_endpoint_attributes() {
         vec![zoned],
     );
     slice.metadata = with_labels(slice.metadata, &[("tier", "frontend")]);
-    let mapped = Mapping::default().services(&[Arc::new(checkout)], &[Arc::new(slice)], &[]);
+    let mapped = Mapping::default().services(&[Arc::new(checkout)], &[Arc::new(slice)], &[], &[]);
     let endpoint = &mapped[CHECKOUT_HTTP].endpoints[0];
     assert_eq!(endpoint.zone.as_deref(), Some("eu-west-1a"));
     let metadata: Vec<(&str, &str)> = endpoint
@@ -314,6 +314,7 @@ fn cluster_domain_is_configurable() {
     };
     let mapped = mapping.services(
         &[Arc::new(service("shop", "checkout", &[("http", 80)]))],
+        &[],
         &[],
         &[],
     );
@@ -361,7 +362,7 @@ fn allowed_pod_labels_become_endpoint_metadata_so_policies_select_subsets() {
         // Same name, other namespace: not the pod behind 10.0.0.3.
         pod("other", "pod-10.0.0.3", &[("version", "v9")]),
     ];
-    let mapped = Mapping::default().services(&[Arc::new(checkout)], &[Arc::new(slice)], &pods);
+    let mapped = Mapping::default().services(&[Arc::new(checkout)], &[Arc::new(slice)], &pods, &[]);
     let label = |index: usize, key: &str| {
         mapped[CHECKOUT_HTTP].endpoints[index]
             .metadata
@@ -391,6 +392,7 @@ fn allowed_pod_labels_become_endpoint_metadata_so_policies_select_subsets() {
             vec![ready("10.0.0.1")],
         ))],
         &pods,
+        &[],
     );
     assert_eq!(
         endpoints[CHECKOUT_HTTP].endpoints[0]
@@ -398,4 +400,64 @@ fn allowed_pod_labels_become_endpoint_metadata_so_policies_select_subsets() {
             .get("version"),
         None
     );
+}
+
+/// Node `name` with region label `region`.
+fn node(name: &str, region: &str) -> Arc<Node> {
+    Arc::new(Node {
+        metadata: with_labels(
+            ObjectMeta {
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
+            &[("topology.kubernetes.io/region", region)],
+        ),
+        ..Node::default()
+    })
+}
+
+/// Endpoint `ip` on node `node`, when given.
+fn on_node(ip: &str, node: Option<&str>) -> k8s_openapi::api::discovery::v1::Endpoint {
+    let mut endpoint = ready(ip);
+    endpoint.node_name = node.map(str::to_owned);
+    endpoint
+}
+
+#[test]
+fn the_region_of_an_endpoints_node_becomes_its_region_metadata_and_only_the_node_says_it() {
+    let mut checkout = service("shop", "checkout", &[("http", 80)]);
+    // A Service label cannot place endpoints: the key is the node's alone.
+    checkout.metadata = with_labels(checkout.metadata, &[(REGION_KEY, "spoofed")]);
+    let slice = endpoint_slice(
+        "shop",
+        "checkout-a",
+        "checkout",
+        &[("http", 8080)],
+        vec![
+            on_node("10.0.0.1", Some("node-eu")),
+            on_node("10.0.0.2", Some("node-us")),
+            on_node("10.0.0.3", Some("node-unlabelled")),
+            on_node("10.0.0.4", None),
+        ],
+    );
+    let unlabelled = Arc::new(Node {
+        metadata: ObjectMeta {
+            name: Some("node-unlabelled".to_owned()),
+            ..ObjectMeta::default()
+        },
+        ..Node::default()
+    });
+    let nodes = [
+        node("node-eu", "eu-west-1"),
+        node("node-us", "us-east-1"),
+        unlabelled,
+    ];
+    let mapped =
+        Mapping::default().services(&[Arc::new(checkout)], &[Arc::new(slice)], &[], &nodes);
+    let regions: Vec<Option<&str>> = mapped[CHECKOUT_HTTP]
+        .endpoints
+        .iter()
+        .map(|endpoint| endpoint.region())
+        .collect();
+    assert_eq!(regions, [Some("eu-west-1"), Some("us-east-1"), None, None]);
 }

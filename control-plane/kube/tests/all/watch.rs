@@ -12,7 +12,7 @@ use fulcrum_test_support::kube_api::{
     objects::{endpoint, endpoint_slice, ready, service, with_labels},
 };
 use k8s_openapi::api::{
-    core::v1::{ConfigMap, Pod, Service},
+    core::v1::{ConfigMap, Node, Pod, Service},
     discovery::v1::EndpointSlice,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -54,6 +54,7 @@ impl Harness {
         server.serve::<Service>();
         server.serve::<EndpointSlice>();
         server.serve::<Pod>();
+        server.serve::<Node>();
         setup(&server);
         let source: Box<dyn Source> = Box::new(KubeSource::new(server.client(), options));
         let (sender, snapshots) = mpsc::unbounded_channel();
@@ -419,9 +420,13 @@ async fn watches_only_the_configured_namespaces_and_label_selector() {
         .await;
     assert_eq!(snapshot.services.keys().collect::<Vec<_>>(), [CHECKOUT]);
     for request in harness.server.requests() {
-        assert_eq!(request.namespace.as_deref(), Some("shop"), "{request:?}");
-        // Pods carry their own labels, not their Service's: watched without the selector.
-        let selector = (request.resource != "v1/pods").then_some("mesh=fulcrum");
+        // Nodes are cluster-scoped: every node, whatever the namespaces watched.
+        let namespace = (request.resource != "v1/nodes").then_some("shop");
+        assert_eq!(request.namespace.as_deref(), namespace, "{request:?}");
+        // Pods and nodes carry their own labels, not the Services': watched without the
+        // selector.
+        let own_labels = ["v1/pods", "v1/nodes"].contains(&request.resource.as_str());
+        let selector = (!own_labels).then_some("mesh=fulcrum");
         assert_eq!(request.label_selector.as_deref(), selector, "{request:?}");
     }
 }
@@ -475,9 +480,9 @@ async fn a_pods_allowed_labels_follow_it_into_its_endpoints_metadata() {
 }
 
 #[tokio::test]
-async fn endpoints_are_published_even_when_pods_cannot_be_watched() {
-    // A control plane whose RBAC predates pod labels: the pod list fails (the fake serves
-    // no pods here); clusters must not wait for it.
+async fn endpoints_are_published_even_when_pods_and_nodes_cannot_be_watched() {
+    // A control plane whose RBAC predates pod labels and node regions: the pod and node
+    // lists fail (the fake serves neither here); clusters must not wait for them.
     let server = FakeApiServer::start().await;
     server.serve::<Service>();
     server.serve::<EndpointSlice>();
@@ -501,4 +506,50 @@ async fn endpoints_are_published_even_when_pods_cannot_be_watched() {
         "10.0.0.1:8080"
     );
     task.abort();
+}
+
+fn node_in(name: &str, region: &str) -> Node {
+    Node {
+        metadata: with_labels(
+            ObjectMeta {
+                name: Some(name.to_owned()),
+                ..ObjectMeta::default()
+            },
+            &[("topology.kubernetes.io/region", region)],
+        ),
+        ..Node::default()
+    }
+}
+
+fn region_of(snapshot: &Snapshot) -> Option<String> {
+    snapshot
+        .services
+        .get(CHECKOUT)?
+        .endpoints
+        .first()?
+        .region()
+        .map(str::to_owned)
+}
+
+#[tokio::test]
+async fn an_endpoint_takes_the_region_of_its_node_and_follows_a_relabel() {
+    let mut harness = Harness::start(|server| {
+        server.apply(&checkout_service());
+        let mut endpoint = ready("10.0.0.1");
+        endpoint.node_name = Some("node-1".to_owned());
+        server.apply(&checkout_slice("checkout-a", vec![endpoint]));
+        server.apply(&node_in("node-1", "eu-west-1"));
+    })
+    .await;
+    harness
+        .until("region eu-west-1", |snapshot| {
+            region_of(snapshot).as_deref() == Some("eu-west-1")
+        })
+        .await;
+    harness.server.apply(&node_in("node-1", "eu-central-1"));
+    harness
+        .until("region eu-central-1 after the relabel", |snapshot| {
+            region_of(snapshot).as_deref() == Some("eu-central-1")
+        })
+        .await;
 }

@@ -1,6 +1,7 @@
 //! Which endpoints may serve a request: the eligible ones (healthy and selected by the
 //! policy's `endpoint_selector`), grouped into locality tiers when the policy prefers the
-//! local zone, and among them the admissible ones at pick time (breaker closed or probing),
+//! local zone or region (Envoy's and Istio's locality order: zone, then region, then the
+//! rest; `failover` zones right after the local one), and among them the admissible ones at pick time (breaker closed or probing),
 //! with the panic threshold and the tier failover applied.
 //!
 //! The tiers are rebuilt with the endpoint set; narrowing them to the admissible candidates
@@ -14,8 +15,8 @@ use std::time::Duration;
 
 use super::{Rejection, slots::Slots};
 use crate::{
-    endpoint::Health,
-    policy::ServicePolicy,
+    endpoint::{Endpoint, Health},
+    policy::{Locality, ServicePolicy},
     select::{
         Slot,
         candidates::{Candidates, Marks},
@@ -135,38 +136,72 @@ fn admit(
     }
 }
 
-impl Eligible {
-    /// The eligible endpoints of `slots` under `policy`.
-    pub fn new(policy: &ServicePolicy, slots: &[Slot]) -> Self {
-        let locality = &policy.locality;
-        let local_zone = locality
-            .local_zone
-            .as_deref()
-            .filter(|_| locality.prefer_local);
-        let tier_count = if local_zone.is_some() {
-            locality.failover.len() + 2
-        } else {
+/// Where the policy's locality ranks an endpoint.
+#[derive(Debug, Clone, Copy)]
+struct Ranking<'a> {
+    /// The local zone, when preferred and known.
+    zone: Option<&'a str>,
+    /// The zones ranked right after the local zone: `failover`, and only with a local zone.
+    failover: &'a [String],
+    /// The local region, when preferred and known.
+    region: Option<&'a str>,
+}
+
+impl<'a> Ranking<'a> {
+    fn new(locality: &'a Locality) -> Self {
+        let preferred =
+            |value: &'a Option<String>| value.as_deref().filter(|_| locality.prefer_local);
+        let zone = preferred(&locality.local_zone);
+        Self {
+            zone,
+            failover: if zone.is_some() {
+                &locality.failover
+            } else {
+                &[]
+            },
+            region: preferred(&locality.local_region),
+        }
+    }
+
+    /// The raw tiers: local zone, failover zones, local region, others; or one.
+    fn tier_count(self) -> usize {
+        if self.zone.is_none() && self.region.is_none() {
             1
-        };
-        let mut raw_tiers: Vec<Vec<u32>> = vec![Vec::new(); tier_count];
+        } else {
+            self.failover.len() + 3
+        }
+    }
+
+    /// The raw tier of `endpoint`, below [`Ranking::tier_count`].
+    fn tier(self, endpoint: &Endpoint) -> usize {
+        if self.tier_count() == 1 {
+            return 0;
+        }
+        let zone = endpoint.zone.as_deref();
+        if zone.is_some() && zone == self.zone {
+            return 0;
+        }
+        if let Some(position) = zone.and_then(|zone| self.failover.iter().position(|f| f == zone)) {
+            return position + 1;
+        }
+        let same_region = self.region.is_some() && endpoint.region() == self.region;
+        self.failover.len() + if same_region { 1 } else { 2 }
+    }
+}
+
+impl Eligible {
+    /// The eligible endpoints of `slots` under `policy`, by locality tier: the local zone,
+    /// each `failover` zone in order, the other zones of the local region, all others (empty
+    /// tiers dropped). One tier when the policy knows neither a local zone nor a region.
+    pub fn new(policy: &ServicePolicy, slots: &[Slot]) -> Self {
+        let ranking = Ranking::new(&policy.locality);
+        let mut raw_tiers: Vec<Vec<u32>> = vec![Vec::new(); ranking.tier_count()];
         for (index, slot) in slots.iter().enumerate() {
             let endpoint = &slot.endpoint;
             if endpoint.health != Health::Healthy || !policy.endpoint_selector.matches(endpoint) {
                 continue;
             }
-            let tier = match local_zone {
-                None => 0,
-                Some(local) => {
-                    let zone = endpoint.zone.as_deref();
-                    if zone == Some(local) {
-                        0
-                    } else {
-                        zone.and_then(|zone| locality.failover.iter().position(|f| f == zone))
-                            .map_or(tier_count - 1, |position| position + 1)
-                    }
-                }
-            };
-            raw_tiers[tier].push(index as u32);
+            raw_tiers[ranking.tier(endpoint)].push(index as u32);
         }
         let tiers: Vec<Vec<u32>> = raw_tiers
             .into_iter()

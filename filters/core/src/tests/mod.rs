@@ -5,6 +5,7 @@ mod algorithms;
 mod breaker;
 mod ejections;
 mod equal_shares;
+mod locality;
 mod mesh;
 mod picker;
 mod policy;

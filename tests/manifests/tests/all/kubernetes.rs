@@ -233,6 +233,8 @@ fn rbac_grants_only_list_watch_of_slices_and_services_reads_of_the_policy_and_up
     assert_eq!(
         granted,
         [
+            "cluster /nodes[] list",
+            "cluster /nodes[] watch",
             "cluster /pods[] list",
             "cluster /pods[] watch",
             "cluster /services[] list",

@@ -158,6 +158,32 @@ pub struct Bootstrap {
     /// The `ingress` listener; `None` for an Envoy that only takes clusters (what the control
     /// plane's tests watch).
     pub ingress: Option<Ingress>,
+    /// `node.locality`: where this Envoy runs, as Istio's bootstrap sets it from the pod's
+    /// node labels. Empty by default.
+    pub locality: NodeLocality,
+}
+
+/// An Envoy node's `locality`: its region and zone, each left out of the bootstrap when
+/// `None` (Envoy's `--service-zone` sets the zone too, and wins; no flag sets the region).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeLocality {
+    /// `node.locality.region`.
+    pub region: Option<String>,
+    /// `node.locality.zone`.
+    pub zone: Option<String>,
+}
+
+impl NodeLocality {
+    /// The `locality` object of the bootstrap's node.
+    fn to_json(&self) -> Value {
+        let mut locality = serde_json::Map::new();
+        for (field, value) in [("region", &self.region), ("zone", &self.zone)] {
+            if let Some(value) = value {
+                locality.insert(field.to_owned(), Value::from(value.as_str()));
+            }
+        }
+        Value::Object(locality)
+    }
 }
 
 impl Bootstrap {
@@ -171,6 +197,7 @@ impl Bootstrap {
                 snapshot_http: None,
             },
             ingress: None,
+            locality: NodeLocality::default(),
         }
     }
 
@@ -182,6 +209,13 @@ impl Bootstrap {
             "stats_config": {"stats_tags": stats_tags()},
             "node": {"id": self.node_id, "cluster": "fulcrum"},
         });
+        let locality = self.locality.to_json();
+        if locality
+            .as_object()
+            .is_some_and(|fields| !fields.is_empty())
+        {
+            bootstrap["node"]["locality"] = locality;
+        }
         match &self.endpoints {
             Endpoints::Static(addresses) => {
                 debug_assert!(
@@ -432,6 +466,23 @@ mod tests {
     }
 
     #[test]
+    fn a_node_locality_sets_only_the_fields_given() {
+        let xds = SocketAddr::from(([127, 0, 0, 1], 18000));
+        let mut bootstrap = Bootstrap::ads("node-1", xds, AdsApi::Delta);
+        assert!(bootstrap.to_json()["node"].get("locality").is_none());
+        bootstrap.locality.region = Some("r1".to_owned());
+        assert_eq!(
+            bootstrap.to_json()["node"]["locality"],
+            json!({"region": "r1"})
+        );
+        bootstrap.locality.zone = Some("z1".to_owned());
+        assert_eq!(
+            bootstrap.to_json()["node"]["locality"],
+            json!({"region": "r1", "zone": "z1"})
+        );
+    }
+
+    #[test]
     fn static_endpoints_behind_the_filter_get_override_host_and_the_wasm_filter() {
         let filter = FilterSetup {
             wasm: PathBuf::from("/filter.wasm"),
@@ -442,6 +493,7 @@ mod tests {
             node_id: "static".to_owned(),
             endpoints: Endpoints::Static(vec![SocketAddr::from(([127, 0, 0, 1], 9001))]),
             ingress: Some(ingress(ClusterBalancing::Fulcrum, Some(filter))),
+            locality: NodeLocality::default(),
         }
         .to_json();
         assert!(bootstrap.get("dynamic_resources").is_none());
@@ -474,6 +526,7 @@ mod tests {
             node_id: "native".to_owned(),
             endpoints: Endpoints::Static(vec![SocketAddr::from(([127, 0, 0, 1], 9001))]),
             ingress: Some(ingress(ClusterBalancing::RoundRobin, None)),
+            locality: NodeLocality::default(),
         }
         .to_json();
         let cluster = &bootstrap["static_resources"]["clusters"][0];
@@ -500,6 +553,7 @@ mod tests {
                 snapshot_http: Some(SocketAddr::from(([127, 0, 0, 1], 18080))),
             },
             ingress: Some(ingress(ClusterBalancing::Fulcrum, None)),
+            locality: NodeLocality::default(),
         }
         .to_json();
         assert_eq!(

@@ -22,7 +22,7 @@ use std::{
 
 pub use bootstrap::{
     AdsApi, Bootstrap, CONTROL_PLANE_CLUSTER, ClusterBalancing, Endpoints, FailurePolicy,
-    FilterSetup, INGRESS_LISTENER, Ingress, RETRY_ON_GRPC, RETRY_ON_HTTP,
+    FilterSetup, INGRESS_LISTENER, Ingress, NodeLocality, RETRY_ON_GRPC, RETRY_ON_HTTP,
 };
 use serde_json::Value;
 

@@ -4,14 +4,14 @@
 //! `snapshot_distribution` how the VMs of a proxy share them, one key per service;
 //! `rate_limit` how the workers of a proxy share one limit; `replicas` how it follows one
 //! control-plane replica; `shared_ejections` how an ejection on one worker reaches the
-//! others; `node_zone` how the proxy's zone comes from its node; `untrusted_input` sends it hostile headers, properties and snapshot responses, and
+//! others; `node_locality` how the proxy's zone and region come from its node; `untrusted_input` sends it hostile headers, properties and snapshot responses, and
 //! `untrusted_input_property` thousands of generated ones.
 
 mod abi;
 mod filter;
 mod grpc;
 mod host_calls;
-mod node_zone;
+mod node_locality;
 mod rate_limit;
 mod replicas;
 mod shared_ejections;

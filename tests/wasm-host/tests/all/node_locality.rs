@@ -1,7 +1,7 @@
-//! The proxy's zone comes from its Envoy node (`xds.node.locality.zone`, or the older
-//! `node.locality.zone`), so one policy serves a mesh whose proxies run in different zones; a
-//! policy `local_zone` overrides it, and a zone that is not UTF-8 or too long is ignored and
-//! counted.
+//! The proxy's zone and region come from its Envoy node (`xds.node.locality.zone` and
+//! `.region`, or the older `node.locality.*`), so one policy serves a mesh whose proxies run in
+//! different zones and regions; a policy `local_zone` or `local_region` overrides them, and a
+//! value that is not UTF-8 or too long is ignored and counted.
 
 use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_wasm_host::{Plugin, Property};
@@ -87,6 +87,62 @@ fn a_node_zone_that_is_not_utf8_or_too_long_is_ignored_and_counted() -> anyhow::
         assert_eq!(picked(&plugin)?.len(), 4);
         assert_eq!(
             plugin.metric("fulcrum_request_input_invalid_total.input.node_zone")?,
+            1
+        );
+    }
+    Ok(())
+}
+
+/// One endpoint in zone `a` of region `r1`, one in zone `b` of `r1`, one in zone `c` of `r2`;
+/// the node's region served at `path` and no zone; `locality` is the default policy's.
+fn regional(path: &str, region: Option<Property>, locality: &str) -> Plugin {
+    let mut builder = filter().configure(format!(
+        r#"{{"endpoints": {{"checkout": [
+              {{"address": "10.0.0.1:8080", "zone": "a",
+                "metadata": {{"topology.kubernetes.io/region": "r1"}}}},
+              {{"address": "10.0.0.2:8080", "zone": "b",
+                "metadata": {{"topology.kubernetes.io/region": "r1"}}}},
+              {{"address": "10.0.0.3:8080", "zone": "c",
+                "metadata": {{"topology.kubernetes.io/region": "r2"}}}}]}},
+            "policy": {{"default": {{"load_balancer": {{"type": "round_robin"}},
+                                    "locality": {locality}}}}}}}"#
+    ));
+    if let Some(region) = region {
+        builder = builder.property(path, region);
+    }
+    builder.start().expect("the filter starts")
+}
+
+#[test]
+fn requests_stay_in_the_region_of_the_node() -> anyhow::Result<()> {
+    for path in ["xds.node.locality.region", "node.locality.region"] {
+        let plugin = regional(path, Some(Property::string("r2")), "{}");
+        assert_eq!(picked(&plugin)?, ["10.0.0.3:8080"], "{path}");
+    }
+    Ok(())
+}
+
+#[test]
+fn a_policy_local_region_overrides_the_node_region() -> anyhow::Result<()> {
+    let plugin = regional(
+        "xds.node.locality.region",
+        Some(Property::string("r2")),
+        r#"{"local_region": "r1"}"#,
+    );
+    assert_eq!(picked(&plugin)?, ["10.0.0.1:8080", "10.0.0.2:8080"]);
+    Ok(())
+}
+
+#[test]
+fn a_node_region_that_is_not_utf8_or_too_long_is_ignored_and_counted() -> anyhow::Result<()> {
+    for region in [
+        Property::bytes(vec![b'r', 0xff]),
+        Property::string(&"r".repeat(254)),
+    ] {
+        let plugin = regional("xds.node.locality.region", Some(region), "{}");
+        assert_eq!(picked(&plugin)?.len(), 3);
+        assert_eq!(
+            plugin.metric("fulcrum_request_input_invalid_total.input.node_region")?,
             1
         );
     }
