@@ -5,7 +5,8 @@
 //! `--address-file`, Envoy's admin). A backend must come back on the same port after it is
 //! killed (the control plane lists it), so its ports are reserved for the demo's lifetime
 //! ([`reserve_port`]): no other process is handed them, the kernel never picks them, and a
-//! killed backend's port refuses connections as a dead instance's does.
+//! killed backend's port refuses connections as a dead instance's does. Starting the control
+//! plane ([`ControlPlane`]) is shared with `fulcrum-compare`, whose `warm-up` scenario runs one.
 
 use std::{
     collections::BTreeMap,
@@ -157,7 +158,14 @@ impl Stack {
             process: control_plane,
             xds,
             snapshot_http,
-        } = ControlPlane::start(&binaries.control_plane, &static_file, &[], &log_dir).await?;
+        } = ControlPlane::start(
+            &binaries.control_plane,
+            "control-plane",
+            &static_file,
+            &[],
+            &log_dir,
+        )
+        .await?;
 
         let bootstrap = Bootstrap {
             node_id: format!("fulcrum-demo-{}", std::process::id()),
@@ -256,16 +264,23 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// Starts `binary` serving the services of `static_file`, with `extra_args` (a policy
-    /// file, a faster poll of the static file), logging to `log_dir`, every listener on a
-    /// loopback port of its choosing; returns once it serves its first snapshot.
+    /// Starts `binary` as `name` serving the services of `static_file`, with `extra_args` (a
+    /// policy file, a faster poll of the static file), every listener on a loopback port of
+    /// its choosing; returns once it serves its first snapshot. Its log and address file go to
+    /// `log_dir` as `<name>.log` and `<name>.addresses.json`.
     pub async fn start(
         binary: &Path,
+        name: &str,
         static_file: &Path,
         extra_args: &[&str],
         log_dir: &Path,
     ) -> Result<Self> {
-        let address_file = log_dir.join("control-plane.addresses.json");
+        let address_file = log_dir.join(format!("{name}.addresses.json"));
+        // A file left by an earlier run would name ports nothing serves.
+        match std::fs::remove_file(&address_file) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error.into()),
+            _ => {}
+        }
         let mut command = Command::new(binary);
         command
             .arg("--static-file")
@@ -275,11 +290,7 @@ impl ControlPlane {
             .arg("--address-file")
             .arg(&address_file)
             .args(extra_args);
-        let mut process = Process::spawn(
-            "control-plane",
-            &mut command,
-            &log_dir.join("control-plane.log"),
-        )?;
+        let mut process = Process::spawn(name, &mut command, &log_dir.join(format!("{name}.log")))?;
         let (xds, snapshot_http) = process
             .wait_for(
                 CONTROL_PLANE_READY,
