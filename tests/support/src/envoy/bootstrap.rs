@@ -192,8 +192,9 @@ impl UpstreamProtocol {
 }
 
 /// Envoy's active HTTP health check of every member of a static cluster: `GET path` every
-/// `interval` (which is also its timeout) must answer 200. One failure makes a member
-/// unhealthy, one pass healthy again, so a member's health follows within one interval.
+/// `interval` (which is also its timeout, and the interval before the cluster's first
+/// connection too) must answer 200. One failure makes a member unhealthy, one pass healthy
+/// again, so a member's health follows within one interval.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthCheck {
     /// The path checked.
@@ -375,6 +376,8 @@ impl Ingress {
             let interval = seconds(check.interval);
             cluster["health_checks"] = json!([{
                 "interval": interval,
+                // Envoy checks every 60 s until the cluster's first connection otherwise.
+                "no_traffic_interval": interval,
                 "timeout": interval,
                 "unhealthy_threshold": 1,
                 "healthy_threshold": 1,
@@ -674,6 +677,7 @@ mod tests {
         let check = &native["health_checks"][0];
         assert_eq!(check["interval"], "0.25s");
         assert_eq!(check["timeout"], "0.25s");
+        assert_eq!(check["no_traffic_interval"], "0.25s");
         assert_eq!(check["http_health_check"]["path"], "/healthz");
         let slow_start = &native["least_request_lb_config"]["slow_start_config"];
         assert_eq!(slow_start["slow_start_window"], "10s");
