@@ -276,6 +276,7 @@ fn datapath(context: &Run) -> Result<Fragment> {
 /// fulcrum against Envoy's native balancers under faults (wrk).
 fn compare(context: &Run) -> Result<Fragment> {
     let binary = release_binary("fulcrum-compare")?;
+    let control_plane = release_control_plane()?;
     let out = context.results.join("compare.raw.md");
     let quick: &[&str] = if context.quick {
         &[
@@ -295,6 +296,8 @@ fn compare(context: &Run) -> Result<Fragment> {
             .arg(&context.envoy)
             .arg("--wasm")
             .arg(&context.wasm)
+            .arg("--control-plane")
+            .arg(&control_plane)
             .arg("--out")
             .arg(&out)
             .args(quick),
@@ -518,6 +521,15 @@ fn release_binary(name: &str) -> Result<PathBuf> {
         name,
     ]))
     .with_context(|| format!("building {name} failed"))?;
+    Ok(target_dir()?.join("release").join(name))
+}
+
+/// Builds the release control plane, which `fulcrum-compare`'s `warm-up` runs for fulcrum,
+/// and returns its path.
+pub(crate) fn release_control_plane() -> Result<PathBuf> {
+    let name = "fulcrum-control-plane";
+    tools::run(cargo().args(["build", "--release", "--package", name, "--bin", name]))
+        .with_context(|| format!("building {name} failed"))?;
     Ok(target_dir()?.join("release").join(name))
 }
 

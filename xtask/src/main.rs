@@ -63,12 +63,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         demo_args: Vec<String>,
     },
-    /// Compare fulcrum with Envoy's native balancers under wrk
+    /// Compare fulcrum with Envoy's native balancers under faults (wrk, gRPC clients)
     ///
     /// The table goes to stdout and bench-results/compare.md.
     BenchCompare {
         /// Arguments for fulcrum-compare, passed on as given
-        /// (--duration SECS, --scenario NAME (repeatable), --workers N)
+        /// (--duration SECS, --scenario NAME (repeatable), --workers N[,N…])
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         compare_args: Vec<String>,
     },
@@ -268,10 +268,10 @@ fn demo(demo_args: &[String]) -> Result<()> {
     .context("the demo failed")
 }
 
-/// `cargo xtask bench-compare [--duration SECS] [--scenario NAME …]`: builds the release filter
-/// and the release `fulcrum-compare` (examples/demo), which runs fulcrum and Envoy's native
-/// balancers on the same Envoy, backends and route under wrk; the table goes to stdout and
-/// `bench-results/compare.md`.
+/// `cargo xtask bench-compare [--duration SECS] [--scenario NAME …] [--workers 1,2]`: builds the
+/// release filter, control plane and `fulcrum-compare` (examples/demo), which runs fulcrum and
+/// Envoy's native balancers on the same Envoy, backends and route under bounded load; the table
+/// goes to stdout and `bench-results/compare.md`.
 fn bench_compare(compare_args: &[String]) -> Result<()> {
     let tools = setup(setup::FOR_BENCH)?;
     let wasm = build_wasm()?;
@@ -284,12 +284,15 @@ fn bench_compare(compare_args: &[String]) -> Result<()> {
         "fulcrum-compare",
     ]))
     .context("building fulcrum-compare failed")?;
+    let control_plane = bench::release_control_plane()?;
     tools::run(
         Command::new(target_dir()?.join("release").join("fulcrum-compare"))
             .arg("--envoy")
             .arg(&tools.envoy)
             .arg("--wasm")
             .arg(&wasm)
+            .arg("--control-plane")
+            .arg(&control_plane)
             .arg("--out")
             .arg(workspace_root().join("bench-results").join("compare.md"))
             .args(compare_args),

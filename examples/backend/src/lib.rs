@@ -8,6 +8,9 @@
 //! Every response names the backend (`x-backend` header and JSON body) and says whether the
 //! request still carried fulcrum's override header (`x-saw-override-header`), which Envoy must
 //! strip before the request leaves it.
+//!
+//! With the `grpc` feature, [`grpc`] adds a gRPC backend failing a fixed share of its calls
+//! with `UNAVAILABLE`, and a client of it.
 
 use std::{
     net::SocketAddr,
@@ -27,6 +30,9 @@ use axum::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::{net::TcpListener, task::JoinHandle};
+
+#[cfg(feature = "grpc")]
+pub mod grpc;
 
 /// The header fulcrum's filter sets; a backend must never see it.
 pub use fulcrum_core::OVERRIDE_HEADER;

@@ -1,15 +1,23 @@
 //! `fulcrum-compare`: fulcrum against Envoy's native balancers on the same real Envoy.
 //!
-//! For each scenario (one of four backends slow, erroring, black-holed, flapping or
-//! recovering from an outage, or all healthy) and each balancer (fulcrum's filter over an `override_host` cluster, Envoy's
-//! round robin, least request, least request with outlier detection) it starts four fresh
-//! in-process sample backends, one Envoy (`--concurrency 2`) from
-//! [`fulcrum_test_support::Bootstrap`] with static endpoints, and drives `wrk` through it for a bounded time. Route, timeout and
-//! retry policy are identical on both sides; only the listener's filter and the cluster's
-//! policy differ. Prints a markdown table (latency percentiles, success rate, requests/s, the
-//! faulty backend's share over the run and over its last seconds, how far the shares stray
-//! from equal, and fulcrum ÷ native ratios) and optionally writes it to a file.
+//! For each scenario (one of four backends slow, erroring, black-holed, flapping, recovering
+//! from an outage, dead, joining mid-run, or failing gRPC calls, or all healthy), each Envoy
+//! worker count and each balancer (fulcrum's filter over an `override_host` cluster, Envoy's
+//! round robin, least request, least request with outlier detection; the newer scenarios run
+//! fulcrum against the last only) it starts four fresh in-process backends, one Envoy from
+//! [`fulcrum_test_support::Bootstrap`] with static endpoints, and drives bounded load through
+//! it: `wrk` for HTTP ([`http`]), a fixed set of tonic clients for gRPC ([`grpc`]). Route,
+//! timeout and retry policy are identical on both sides; only the listener's filter and the
+//! cluster's policy differ. Prints a markdown table (latency percentiles, success rate,
+//! requests/s, the odd backend's share over the run and over its last seconds, how far the
+//! shares stray from equal, and fulcrum ÷ native ratios) and what some scenarios measure beyond
+//! it (connect failures, the joining backend's ramp), and optionally writes it to a file.
 //! Normally run through `cargo xtask bench-compare`.
+
+#[path = "compare/grpc.rs"]
+mod grpc;
+#[path = "compare/http.rs"]
+mod http;
 
 use std::{
     fmt::Write as _,
@@ -20,10 +28,10 @@ use std::{
 use anyhow::{Context, Result, bail};
 use clap::Parser;
 use fulcrum_demo::wrk;
-use fulcrum_example_backend::{Backend, Fault};
+use fulcrum_example_backend::Fault;
 use fulcrum_test_support::{
-    Bootstrap, ClusterBalancing, Endpoints, Envoy, EnvoyOptions, FailurePolicy, FilterSetup,
-    Ingress, NodeLocality, RETRY_ON_HTTP,
+    Bootstrap, ClusterBalancing, ClusterOptions, Endpoints, Envoy, EnvoyOptions, FilterSetup,
+    Ingress, NodeLocality,
 };
 use serde_json::json;
 
@@ -36,19 +44,24 @@ struct Args {
     /// The release filter (`fulcrum_balancer.wasm`).
     #[arg(long, env = "FULCRUM_FILTER_WASM")]
     wasm: PathBuf,
+    /// The control plane (`fulcrum-control-plane`): fulcrum learns from it that b4 joined in
+    /// `warm-up`, which needs it.
+    #[arg(long, env = "FULCRUM_CONTROL_PLANE")]
+    control_plane: Option<PathBuf>,
     /// The wrk load generator.
     #[arg(long, default_value = "wrk")]
     wrk: PathBuf,
-    /// Seconds of load per run (scenario × balancer), 1..=120.
+    /// Seconds of load per run (scenario × workers × balancer), 1..=120.
     #[arg(long, default_value_t = 10)]
     duration: u64,
     /// Only these scenarios (repeatable): slow, errors, blackhole, flapping, recovery,
-    /// healthy-c1, healthy-c64.
+    /// healthy-c1, healthy-c64, dead, warm-up, grpc-errors.
     #[arg(long)]
     scenario: Vec<String>,
-    /// Envoy worker threads.
-    #[arg(long, default_value_t = 2)]
-    workers: u32,
+    /// Envoy worker threads, 1..=8: a list (`1,2`, or repeated) gives every scenario one set
+    /// of rows per count (`dead` runs at 1 and 2 whatever this says).
+    #[arg(long, value_delimiter = ',', default_values_t = [2])]
+    workers: Vec<u32>,
     /// Also write the markdown report here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -57,33 +70,67 @@ struct Args {
 const SERVICE: &str = "compare";
 /// Route timeout for every setup: a black-holed request ends as a 504 after this.
 const ROUTE_TIMEOUT_MS: u64 = 1000;
-/// Retries on connect failure and reset for every setup.
+/// Retries on connect failure and reset (and gRPC `UNAVAILABLE`) for every setup.
 const RETRIES: u32 = 2;
 /// Connections for the fault scenarios.
 const FAULT_CONNECTIONS: u32 = 16;
-/// Base latency of every backend in the fault scenarios; the slow one gets ten times this.
+/// Base latency of every backend in the HTTP fault scenarios; the slow one gets ten times this.
 const BASE_LATENCY_MS: u64 = 2;
 /// The last seconds of a run over which "b4 last" measures the odd backend's share.
 const TAIL_SECONDS: u64 = 5;
+/// When b4 starts listening in `warm-up`.
+const JOINS_AFTER: Duration = Duration::from_secs(3);
+/// The slow-start window of `warm-up`, the same on both sides.
+const SLOW_START_WINDOW: Duration = Duration::from_secs(10);
+/// A joining backend counts as warmed up from the first second its share reaches this fraction
+/// of a fair share.
+const WARM_SHARE_OF_FAIR: f64 = 0.8;
 
-const BALANCERS: [ClusterBalancing; 4] = [
+const ALL_BALANCERS: &[ClusterBalancing] = &[
     ClusterBalancing::Fulcrum,
     ClusterBalancing::RoundRobin,
     ClusterBalancing::LeastRequest,
     ClusterBalancing::LeastRequestWithOutlierDetection,
 ];
+/// The newer scenarios set fulcrum against Envoy's strongest native setup only.
+const AGAINST_OUTLIER_DETECTION: &[ClusterBalancing] = &[
+    ClusterBalancing::Fulcrum,
+    ClusterBalancing::LeastRequestWithOutlierDetection,
+];
 
-/// Four backends' faults and the load on them; the fourth backend is the odd one.
+/// Four backends and the load on them; the fourth backend (b4) is the odd one.
 #[derive(Debug, Clone)]
 struct Scenario {
     name: &'static str,
     about: &'static str,
     connections: u32,
-    faults: [Fault; 4],
-    /// The odd backend's fault ends after this long, leaving it like the others.
-    odd_recovers_after: Option<Duration>,
+    /// What b1–b3 do (HTTP scenarios).
+    base: Fault,
+    /// What b4 does.
+    odd: Odd,
     /// The run lasts at least this many seconds, whatever `--duration` says.
     min_seconds: u64,
+    /// The balancers compared.
+    balancers: &'static [ClusterBalancing],
+    /// Also run at these Envoy worker counts, whatever `--workers` says.
+    also_workers: &'static [u32],
+}
+
+/// What the odd backend, b4, does.
+#[derive(Debug, Clone)]
+enum Odd {
+    /// Serves HTTP with this fault, which ends after `recovers_after` when set.
+    Faulty {
+        fault: Fault,
+        recovers_after: Option<Duration>,
+    },
+    /// Nothing listens on its port: every connection to it is refused.
+    Refused,
+    /// Refused until [`JOINS_AFTER`], then serves like the others: a new instance joining.
+    Joins,
+    /// All four serve gRPC; b4 fails this share of its calls with `UNAVAILABLE`, which gRPC
+    /// sends inside an HTTP 200.
+    GrpcUnavailable { percent: u64 },
 }
 
 fn scenarios() -> Vec<Scenario> {
@@ -91,80 +138,124 @@ fn scenarios() -> Vec<Scenario> {
         latency_ms: BASE_LATENCY_MS,
         ..Fault::default()
     };
-    let with_odd = |odd: Fault| [base.clone(), base.clone(), base.clone(), odd];
+    let fault = |fault: Fault| Odd::Faulty {
+        fault,
+        recovers_after: None,
+    };
+    let scenario = |name, about, odd| Scenario {
+        name,
+        about,
+        connections: FAULT_CONNECTIONS,
+        base: base.clone(),
+        odd,
+        min_seconds: 0,
+        balancers: ALL_BALANCERS,
+        also_workers: &[],
+    };
+    let healthy = |name, about, connections| Scenario {
+        connections,
+        base: Fault::default(),
+        ..scenario(name, about, fault(Fault::default()))
+    };
     vec![
-        Scenario {
-            name: "slow",
-            about: "b4 10× slower (20 ms vs 2 ms)",
-            connections: FAULT_CONNECTIONS,
-            faults: with_odd(Fault {
+        scenario(
+            "slow",
+            "b4 10× slower (20 ms vs 2 ms)",
+            fault(Fault {
                 latency_ms: BASE_LATENCY_MS * 10,
                 ..Fault::default()
             }),
-            odd_recovers_after: None,
-            min_seconds: 0,
-        },
-        Scenario {
-            name: "errors",
-            about: "b4 answers 30 % of requests with 503",
-            connections: FAULT_CONNECTIONS,
-            faults: with_odd(Fault {
+        ),
+        scenario(
+            "errors",
+            "b4 answers 30 % of requests with 503",
+            fault(Fault {
                 error_rate: 0.3,
                 ..base.clone()
             }),
-            odd_recovers_after: None,
-            min_seconds: 0,
-        },
-        Scenario {
-            name: "blackhole",
-            about: "b4 accepts and never answers (route timeout 1 s)",
-            connections: FAULT_CONNECTIONS,
-            faults: with_odd(Fault {
+        ),
+        scenario(
+            "blackhole",
+            "b4 accepts and never answers (route timeout 1 s)",
+            fault(Fault {
                 blackhole: true,
                 ..base.clone()
             }),
-            odd_recovers_after: None,
-            min_seconds: 0,
-        },
-        Scenario {
-            name: "flapping",
-            about: "b4 alternates 2 s healthy / 2 s all-503",
-            connections: FAULT_CONNECTIONS,
-            faults: with_odd(Fault {
+        ),
+        scenario(
+            "flapping",
+            "b4 alternates 2 s healthy / 2 s all-503",
+            fault(Fault {
                 flap_period_ms: Some(2000),
                 ..base.clone()
             }),
-            odd_recovers_after: None,
-            min_seconds: 0,
-        },
+        ),
         Scenario {
-            name: "recovery",
-            about: "b4 answers every request with 503 for 3 s, then recovers; an ejection \
-                    lasts 30 s on both sides, so the run lasts 45 s and \"b4 last\" (fair: \
-                    25 %) shows the share it gets back",
-            connections: FAULT_CONNECTIONS,
-            faults: with_odd(Fault {
-                error_rate: 1.0,
-                ..base.clone()
-            }),
-            odd_recovers_after: Some(Duration::from_secs(3)),
             min_seconds: 45,
+            ..scenario(
+                "recovery",
+                "b4 answers every request with 503 for 3 s, then recovers; an ejection \
+                 lasts 30 s on both sides, so the run lasts 45 s and \"b4 last\" (fair: \
+                 25 %) shows the share it gets back",
+                Odd::Faulty {
+                    fault: Fault {
+                        error_rate: 1.0,
+                        ..base.clone()
+                    },
+                    recovers_after: Some(Duration::from_secs(3)),
+                },
+            )
+        },
+        healthy(
+            "healthy-c1",
+            "all healthy, 0 ms, 1 connection (overhead)",
+            1,
+        ),
+        healthy(
+            "healthy-c64",
+            "all healthy, 0 ms, 64 connections (overhead)",
+            64,
+        ),
+        Scenario {
+            balancers: AGAINST_OUTLIER_DETECTION,
+            also_workers: &[1, 2],
+            ..scenario(
+                "dead",
+                "nothing listens on b4's port, every connection to it is refused; run at 1 \
+                 and 2 Envoy workers; the details count Envoy's connect failures to the \
+                 cluster (`upstream_cx_connect_fail`, all of them b4's) and fulcrum's picks \
+                 of b4",
+                Odd::Refused,
+            )
         },
         Scenario {
-            name: "healthy-c1",
-            about: "all healthy, 0 ms, 1 connection (overhead)",
-            connections: 1,
-            faults: std::array::from_fn(|_| Fault::default()),
-            odd_recovers_after: None,
-            min_seconds: 0,
+            balancers: AGAINST_OUTLIER_DETECTION,
+            min_seconds: JOINS_AFTER.as_secs() + SLOW_START_WINDOW.as_secs() + TAIL_SECONDS,
+            ..scenario(
+                "warm-up",
+                "b4 is refused for 3 s, then starts listening: a new instance joining; slow \
+                 start with a 10 s window (aggression 1, minimum weight 10 %) on both sides. \
+                 fulcrum learns of b4 from its control plane, whose endpoints file gets b4 \
+                 when it starts listening (file polled every 100 ms, filter polls every \
+                 100 ms); native least request has every backend in its static cluster and \
+                 learns it from Envoy's active health check (`GET /healthz` every 250 ms, \
+                 one pass makes it healthy), which starts its slow start. The run lasts 18 s; \
+                 the details give b4's share in each second after it started listening",
+                Odd::Joins,
+            )
         },
         Scenario {
-            name: "healthy-c64",
-            about: "all healthy, 0 ms, 64 connections (overhead)",
-            connections: 64,
-            faults: std::array::from_fn(|_| Fault::default()),
-            odd_recovers_after: None,
-            min_seconds: 0,
+            balancers: AGAINST_OUTLIER_DETECTION,
+            ..scenario(
+                "grpc-errors",
+                "four gRPC (tonic) backends answering at once, b4 fails 30 % of its calls \
+                 with UNAVAILABLE (in an HTTP 200, evenly spread, never 5 in a row); the \
+                 route retries connect-failure, reset and unavailable on both sides over \
+                 an HTTP/2 cluster; load: 16 connections, one call at a time each, from \
+                 in-process tonic clients (latencies without wrk's coordinated-omission \
+                 correction); success = gRPC OK at the client",
+                Odd::GrpcUnavailable { percent: 30 },
+            )
         },
     ]
 }
@@ -183,11 +274,72 @@ fn fulcrum_policy() -> serde_json::Value {
     }})
 }
 
+/// One run: a scenario with one balancer on an Envoy with so many workers.
+#[derive(Debug, Clone, Copy)]
+struct Run<'a> {
+    args: &'a Args,
+    scenario: &'a Scenario,
+    balancing: &'a ClusterBalancing,
+    workers: u32,
+    /// Where Envoy's (and the control plane's) files go.
+    dir: &'a Path,
+}
+
+impl Run<'_> {
+    fn label(&self) -> String {
+        format!(
+            "{}-w{}-{}",
+            self.scenario.name,
+            self.workers,
+            self.balancing.name()
+        )
+    }
+
+    fn seconds(&self) -> u64 {
+        self.args.duration.max(self.scenario.min_seconds)
+    }
+
+    /// Starts this run's Envoy: the listener and route every setup shares, `cluster`'s options,
+    /// `filter` in front for fulcrum.
+    async fn start_envoy(
+        &self,
+        endpoints: Endpoints,
+        filter: Option<FilterSetup>,
+        retry_on: &'static str,
+        cluster: ClusterOptions,
+    ) -> Result<Envoy> {
+        let label = self.label();
+        let bootstrap = Bootstrap {
+            node_id: format!("compare-{label}"),
+            endpoints,
+            ingress: Some(Ingress {
+                service: SERVICE.to_owned(),
+                balancing: self.balancing.clone(),
+                filter,
+                route_timeout_ms: ROUTE_TIMEOUT_MS,
+                retries: RETRIES,
+                retry_on,
+                cluster,
+            }),
+            locality: NodeLocality::default(),
+        };
+        let options = EnvoyOptions {
+            binary: Some(self.args.envoy.clone()),
+            concurrency: self.workers,
+            log_level: "warning".to_owned(),
+            dir: Some(self.dir.to_path_buf()),
+            name: format!("envoy-{label}"),
+            ..EnvoyOptions::default()
+        };
+        Ok(Envoy::start_with(&bootstrap, &options).await?)
+    }
+}
+
 /// What one run measured.
 #[derive(Debug, Clone)]
 struct Measured {
     requests_per_second: f64,
-    /// 2xx/3xx answers over all requests wrk finished or gave up on.
+    /// Successful answers (2xx/3xx, gRPC OK) over all requests finished or given up on.
     success: f64,
     p50_ms: f64,
     p99_ms: f64,
@@ -198,6 +350,30 @@ struct Measured {
     odd_tail_share: f64,
     /// How far the busiest or idlest backend strays from an equal share, relative to it.
     spread: f64,
+    /// What the scenario measures beyond the table's columns.
+    detail: Option<String>,
+}
+
+/// b4's share, its share since `tail_start`, and the spread, from what each backend received
+/// by the end of the run (`end`) and by the start of its tail.
+fn shares(end: &[u64], tail_start: &[u64]) -> (f64, f64, f64) {
+    let received: u64 = end.iter().sum();
+    let tail: Vec<u64> = end
+        .iter()
+        .zip(tail_start)
+        .map(|(end, start)| end.saturating_sub(*start))
+        .collect();
+    let equal = 1.0 / end.len() as f64;
+    let spread = end
+        .iter()
+        .map(|&count| (count as f64 / received.max(1) as f64 - equal).abs() / equal)
+        .fold(0.0, f64::max);
+    let odd = end.len() - 1;
+    (
+        end[odd] as f64 / received.max(1) as f64,
+        tail[odd] as f64 / tail.iter().sum::<u64>().max(1) as f64,
+        spread,
+    )
 }
 
 #[tokio::main]
@@ -205,6 +381,9 @@ async fn main() -> Result<()> {
     let args = Args::parse();
     if !(1..=120).contains(&args.duration) {
         bail!("--duration must be 1..=120 seconds, got {}", args.duration);
+    }
+    if let Some(bad) = args.workers.iter().find(|w| !(1..=8).contains(*w)) {
+        bail!("--workers must be 1..=8, got {bad}");
     }
     let all = scenarios();
     for name in &args.scenario {
@@ -217,6 +396,12 @@ async fn main() -> Result<()> {
         .into_iter()
         .filter(|s| args.scenario.is_empty() || args.scenario.iter().any(|n| n == s.name))
         .collect();
+    if args.control_plane.is_none() && chosen.iter().any(|s| matches!(s.odd, Odd::Joins)) {
+        bail!(
+            "warm-up needs the control plane: pass --control-plane PATH (or FULCRUM_CONTROL_PLANE), \
+             built by `cargo build --release -p fulcrum-control-plane`"
+        );
+    }
     let dir = tempfile::Builder::new()
         .prefix("fulcrum-compare-")
         .tempdir()?;
@@ -224,19 +409,49 @@ async fn main() -> Result<()> {
     std::fs::write(&script, wrk::SCRIPT)?;
 
     let load_before = wrk::load_average();
-    let mut results: Vec<(&Scenario, ClusterBalancing, Measured)> = Vec::new();
+    let mut results: Vec<Row> = Vec::new();
     for scenario in &chosen {
-        for balancing in BALANCERS {
-            eprintln!(
-                "fulcrum-compare: {} / {} ({} s)…",
-                scenario.name,
-                balancing.name(),
-                args.duration.max(scenario.min_seconds)
-            );
-            let measured = run(&args, scenario, balancing.clone(), dir.path(), &script)
-                .await
-                .with_context(|| format!("{} with {}", scenario.name, balancing.name()))?;
-            results.push((scenario, balancing, measured));
+        let mut workers: Vec<u32> = args
+            .workers
+            .iter()
+            .chain(scenario.also_workers)
+            .copied()
+            .collect();
+        workers.sort_unstable();
+        workers.dedup();
+        for workers in workers {
+            for balancing in scenario.balancers {
+                let run = Run {
+                    args: &args,
+                    scenario,
+                    balancing,
+                    workers,
+                    dir: dir.path(),
+                };
+                eprintln!(
+                    "fulcrum-compare: {} / {workers} worker(s) / {} ({} s)…",
+                    scenario.name,
+                    balancing.name(),
+                    run.seconds()
+                );
+                let measured = match scenario.odd {
+                    Odd::GrpcUnavailable { percent } => grpc::run(run, percent).await,
+                    _ => http::run(run, &script).await,
+                }
+                .with_context(|| {
+                    format!(
+                        "{} with {} at {workers} worker(s)",
+                        scenario.name,
+                        balancing.name()
+                    )
+                })?;
+                results.push(Row {
+                    scenario,
+                    workers,
+                    balancing: balancing.clone(),
+                    measured,
+                });
+            }
         }
     }
     let report = report(&args, &results, &load_before, &wrk::load_average());
@@ -251,138 +466,30 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
-/// One scenario with one balancer: fresh backends, fresh Envoy, one wrk run.
-async fn run(
-    args: &Args,
-    scenario: &Scenario,
+/// One row of the report.
+#[derive(Debug)]
+struct Row<'a> {
+    scenario: &'a Scenario,
+    workers: u32,
     balancing: ClusterBalancing,
-    dir: &Path,
-    script: &Path,
-) -> Result<Measured> {
-    let mut backends = Vec::new();
-    for (index, fault) in scenario.faults.iter().enumerate() {
-        let backend = Backend::bind(&format!("b{}", index + 1), 0, 0).await?;
-        backend
-            .set_fault(fault.clone())
-            .map_err(anyhow::Error::msg)?;
-        backends.push(backend);
-    }
-    let addresses: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let filter = (balancing == ClusterBalancing::Fulcrum).then(|| FilterSetup {
-        wasm: args.wasm.clone(),
-        config: json!({
-            "service": {"from": "fixed", "name": SERVICE},
-            "endpoints": {SERVICE: addresses
-                .iter()
-                .map(|a| json!({"address": a.to_string()}))
-                .collect::<Vec<_>>()},
-            "policy": fulcrum_policy(),
-        }),
-        failure_policy: FailurePolicy::default(),
-    });
-    let label = format!("{}-{}", scenario.name, balancing.name());
-    let bootstrap = Bootstrap {
-        node_id: format!("compare-{label}"),
-        endpoints: Endpoints::Static(addresses),
-        ingress: Some(Ingress {
-            service: SERVICE.to_owned(),
-            balancing: balancing.clone(),
-            filter,
-            route_timeout_ms: ROUTE_TIMEOUT_MS,
-            retries: RETRIES,
-            retry_on: RETRY_ON_HTTP,
-        }),
-        locality: NodeLocality::default(),
-    };
-    let options = EnvoyOptions {
-        binary: Some(args.envoy.clone()),
-        concurrency: args.workers,
-        log_level: "warning".to_owned(),
-        dir: Some(dir.to_path_buf()),
-        name: format!("envoy-{label}"),
-        ..EnvoyOptions::default()
-    };
-    let mut envoy = Envoy::start_with(&bootstrap, &options).await?;
-    let listener = envoy.ingress_address().await?;
-
-    let seconds = args.duration.max(scenario.min_seconds);
-    let counts = |backends: &[Backend]| -> Vec<u64> {
-        backends.iter().map(|b| b.stats().requests).collect()
-    };
-    // Ends the odd backend's fault on time and notes the counts when the tail starts.
-    let timeline = async {
-        let started = tokio::time::Instant::now();
-        if let Some(after) = scenario.odd_recovers_after {
-            tokio::time::sleep(after).await;
-            backends[3]
-                .set_fault(scenario.faults[0].clone())
-                .map_err(anyhow::Error::msg)?;
-        }
-        tokio::time::sleep_until(
-            started + Duration::from_secs(seconds.saturating_sub(TAIL_SECONDS)),
-        )
-        .await;
-        anyhow::Ok(counts(&backends))
-    };
-    let url = format!("http://{listener}/");
-    let load = wrk::run(&args.wrk, script, &url, scenario.connections, seconds);
-    let (report, tail_start) = tokio::join!(load, timeline);
-    let tail_start = tail_start?;
-    envoy.check_running()?;
-    // Stops the traffic before the backends are counted.
-    drop(envoy);
-    let report = report?;
-    let field = |name: &str| report.field(name);
-    let finished = field("requests");
-    let attempted = finished + field("connect") + field("read") + field("write") + field("timeout");
-    let end = counts(&backends);
-    let received: u64 = end.iter().sum();
-    let tail: Vec<u64> = end
-        .iter()
-        .zip(&tail_start)
-        .map(|(end, start)| end.saturating_sub(*start))
-        .collect();
-    let equal = 1.0 / end.len() as f64;
-    let spread = end
-        .iter()
-        .map(|&count| (count as f64 / received.max(1) as f64 - equal).abs() / equal)
-        .fold(0.0, f64::max);
-    Ok(Measured {
-        requests_per_second: report.requests_per_second(),
-        success: if attempted > 0.0 {
-            (finished - field("status")) / attempted
-        } else {
-            0.0
-        },
-        p50_ms: field("p50") / 1000.0,
-        p99_ms: field("p99") / 1000.0,
-        p999_ms: field("p999") / 1000.0,
-        odd_share: end[3] as f64 / received.max(1) as f64,
-        odd_tail_share: tail[3] as f64 / tail.iter().sum::<u64>().max(1) as f64,
-        spread,
-    })
+    measured: Measured,
 }
 
-fn report(
-    args: &Args,
-    results: &[(&Scenario, ClusterBalancing, Measured)],
-    load_before: &str,
-    load_after: &str,
-) -> String {
+fn report(args: &Args, results: &[Row<'_>], load_before: &str, load_after: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Envoy `{}` with `--concurrency {}`; 4 in-process backends; wrk {} s per run (at \
-         least 45 s for `recovery`; {} connections in fault scenarios); route timeout {} ms, {} retries on \
-         connect-failure/reset for every setup; fulcrum: peak_ewma, retry {}, outlier detection \
-         5 consecutive failures / 30 s / 50 %. Load average before: {load_before}; after: \
-         {load_after}. ×-columns are fulcrum ÷ this balancer (latency < 1 and req/s > 1 favour \
-         fulcrum). \"to b4\" is the odd backend's share of the requests backends received, \
-         \"b4 last\" the same over the run's last {TAIL_SECONDS} s; \"spread\" is how far the \
-         busiest or idlest backend strays from an equal share, relative to it (the faulty \
-         backend counts too).\n",
+        "Envoy `{}` with `--concurrency` as the workers column says; 4 in-process backends; {} s \
+         of load per run (at least 45 s for `recovery`, 18 s for `warm-up`; {} connections in \
+         fault scenarios; wrk for HTTP, tonic clients for gRPC); route timeout {} ms, {} retries \
+         on connect-failure/reset (and unavailable for gRPC) for every setup; fulcrum: \
+         peak_ewma, retry {}, outlier detection 5 consecutive failures / 30 s / 50 %. Load \
+         average before: {load_before}; after: {load_after}. ×-columns are fulcrum ÷ this \
+         balancer at the same workers (latency < 1 and req/s > 1 favour fulcrum). \"to b4\" is \
+         the odd backend's share of the requests backends received, \"b4 last\" the same over \
+         the run's last {TAIL_SECONDS} s; \"spread\" is how far the busiest or idlest backend \
+         strays from an equal share, relative to it (the odd backend counts too).\n",
         args.envoy.display(),
-        args.workers,
         args.duration,
         FAULT_CONNECTIONS,
         ROUTE_TIMEOUT_MS,
@@ -391,18 +498,23 @@ fn report(
     );
     let _ = writeln!(
         out,
-        "| scenario | balancer | conns | req/s | success | p50 ms | p99 ms | p999 ms | to b4 | b4 last | spread | p50 × | p99 × | p999 × | req/s × |"
+        "| scenario | workers | balancer | conns | req/s | success | p50 ms | p99 ms | p999 ms | to b4 | b4 last | spread | p50 × | p99 × | p999 × | req/s × |"
     );
     let _ = writeln!(
         out,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
     );
-    for (scenario, balancing, m) in results {
+    for row in results {
+        let m = &row.measured;
         let fulcrum = results
             .iter()
-            .find(|(s, b, _)| s.name == scenario.name && *b == ClusterBalancing::Fulcrum)
-            .map(|(_, _, m)| m);
-        let ratios = match (balancing, fulcrum) {
+            .find(|other| {
+                other.scenario.name == row.scenario.name
+                    && other.workers == row.workers
+                    && other.balancing == ClusterBalancing::Fulcrum
+            })
+            .map(|other| &other.measured);
+        let ratios = match (&row.balancing, fulcrum) {
             (ClusterBalancing::Fulcrum, _) | (_, None) => "| — | — | — | — |".to_owned(),
             (_, Some(f)) => format!(
                 "| {} | {} | {} | {} |",
@@ -414,10 +526,11 @@ fn report(
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {:.0} | {:.2} % | {:.2} | {:.2} | {:.2} | {:.1} % | {:.1} % | {:.0} % {ratios}",
-            scenario.name,
-            balancing.name(),
-            scenario.connections,
+            "| {} | {} | {} | {} | {:.0} | {:.2} % | {:.2} | {:.2} | {:.2} | {:.1} % | {:.1} % | {:.0} % {ratios}",
+            row.scenario.name,
+            row.workers,
+            row.balancing.name(),
+            row.scenario.connections,
             m.requests_per_second,
             m.success * 100.0,
             m.p50_ms,
@@ -428,12 +541,32 @@ fn report(
             m.spread * 100.0,
         );
     }
+    let details: Vec<&Row<'_>> = results
+        .iter()
+        .filter(|row| row.measured.detail.is_some())
+        .collect();
+    if !details.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n| scenario | workers | balancer | beyond the table |\n| --- | --- | --- | --- |"
+        );
+        for row in details {
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} |",
+                row.scenario.name,
+                row.workers,
+                row.balancing.name(),
+                row.measured.detail.as_deref().unwrap_or_default(),
+            );
+        }
+    }
     let _ = writeln!(out, "\nScenarios:");
     let mut seen = Vec::new();
-    for (scenario, _, _) in results {
-        if !seen.contains(&scenario.name) {
-            seen.push(scenario.name);
-            let _ = writeln!(out, "- `{}`: {}", scenario.name, scenario.about);
+    for row in results {
+        if !seen.contains(&row.scenario.name) {
+            seen.push(row.scenario.name);
+            let _ = writeln!(out, "- `{}`: {}", row.scenario.name, row.scenario.about);
         }
     }
     out
@@ -444,5 +577,40 @@ fn ratio(fulcrum: f64, native: f64) -> String {
         format!("{:.2}", fulcrum / native)
     } else {
         "—".to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_count_the_odd_backend_over_the_run_and_its_tail() {
+        let (odd, tail, spread) = shares(&[100, 100, 100, 100], &[50, 50, 50, 90]);
+        assert_eq!(odd, 0.25);
+        assert_eq!(tail, 10.0 / 160.0);
+        assert_eq!(spread, 0.0);
+        let (odd, _, spread) = shares(&[150, 150, 100, 0], &[0, 0, 0, 0]);
+        assert_eq!(odd, 0.0);
+        assert_eq!(spread, 1.0, "the idle backend strays by a whole share");
+    }
+
+    #[test]
+    fn workers_take_a_list_and_scenario_names_are_unique() {
+        let args = Args::parse_from([
+            "fulcrum-compare",
+            "--envoy",
+            "envoy",
+            "--wasm",
+            "f.wasm",
+            "--workers",
+            "1,2",
+        ]);
+        assert_eq!(args.workers, [1, 2]);
+        let mut names: Vec<&str> = scenarios().iter().map(|s| s.name).collect();
+        let count = names.len();
+        names.sort_unstable();
+        names.dedup();
+        assert_eq!(names.len(), count);
     }
 }

@@ -32,8 +32,8 @@ use clap::Parser;
 use fulcrum_demo::wrk;
 use fulcrum_example_backend::Backend;
 use fulcrum_test_support::{
-    Bootstrap, ClusterBalancing, Endpoints, Envoy, EnvoyOptions, FailurePolicy, FilterSetup,
-    Ingress, NodeLocality, RETRY_ON_HTTP,
+    Bootstrap, ClusterBalancing, ClusterOptions, Endpoints, Envoy, EnvoyOptions, FailurePolicy,
+    FilterSetup, Ingress, NodeLocality, RETRY_ON_HTTP,
 };
 use serde_json::json;
 
@@ -254,6 +254,7 @@ async fn run(
             route_timeout_ms: ROUTE_TIMEOUT_MS,
             retries: RETRIES,
             retry_on: RETRY_ON_HTTP,
+            cluster: ClusterOptions::default(),
         }),
         locality: NodeLocality::default(),
     };

@@ -5,7 +5,8 @@
 //! `--address-file`, Envoy's admin). A backend must come back on the same port after it is
 //! killed (the control plane lists it), so its ports are reserved for the demo's lifetime
 //! ([`reserve_port`]): no other process is handed them, the kernel never picks them, and a
-//! killed backend's port refuses connections as a dead instance's does.
+//! killed backend's port refuses connections as a dead instance's does. Starting the control
+//! plane ([`ControlPlane`]) is shared with `fulcrum-compare`, whose `warm-up` scenario runs one.
 
 use std::{
     collections::BTreeMap,
@@ -18,9 +19,9 @@ use std::{
 use anyhow::{Context, Result};
 use fulcrum_example_backend::Fault;
 use fulcrum_test_support::{
-    AdsApi, Bootstrap, ClusterBalancing, Endpoints, Envoy, EnvoyOptions, FailurePolicy,
-    FilterSetup, Ingress, NodeLocality, Process, RETRY_ON_HTTP, envoy::CONTROL_PLANE_CLUSTER,
-    loopback, reserve_port,
+    AdsApi, Bootstrap, ClusterBalancing, ClusterOptions, Endpoints, Envoy, EnvoyOptions,
+    FailurePolicy, FilterSetup, Ingress, NodeLocality, Process, RETRY_ON_HTTP,
+    envoy::CONTROL_PLANE_CLUSTER, loopback, reserve_port,
 };
 use serde_json::{Value, json};
 use tempfile::TempDir;
@@ -153,39 +154,18 @@ impl Stack {
             json!({"services": {service: {"endpoints": endpoints}}}).to_string(),
         )?;
 
-        let address_file = log_dir.join("control-plane.addresses.json");
-        let mut command = Command::new(&binaries.control_plane);
-        command
-            .arg("--static-file")
-            .arg(&static_file)
-            .args(["--xds-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
-            .args(["--admin-addr", "127.0.0.1:0"])
-            .arg("--address-file")
-            .arg(&address_file);
-        let mut control_plane = Process::spawn(
+        let ControlPlane {
+            process: control_plane,
+            xds,
+            snapshot_http,
+        } = ControlPlane::start(
+            &binaries.control_plane,
             "control-plane",
-            &mut command,
-            &log_dir.join("control-plane.log"),
-        )?;
-        let (xds, snapshot_http) = control_plane
-            .wait_for(
-                CONTROL_PLANE_READY,
-                "the control plane's address file",
-                || {
-                    let addresses = std::fs::read_to_string(&address_file)
-                        .ok()
-                        .and_then(|text| bound_addresses(&text));
-                    async move { addresses }
-                },
-            )
-            .await?;
-        control_plane
-            .wait_until_serving(
-                &format!("http://{snapshot_http}/readyz"),
-                "",
-                CONTROL_PLANE_READY,
-            )
-            .await?;
+            &static_file,
+            &[],
+            &log_dir,
+        )
+        .await?;
 
         let bootstrap = Bootstrap {
             node_id: format!("fulcrum-demo-{}", std::process::id()),
@@ -210,6 +190,7 @@ impl Stack {
                 route_timeout_ms: 1000,
                 retries: 2,
                 retry_on: RETRY_ON_HTTP,
+                cluster: ClusterOptions::default(),
             }),
             locality: NodeLocality::default(),
         };
@@ -269,6 +250,72 @@ impl Stack {
             }
         }
         Ok(values)
+    }
+}
+
+/// fulcrum's control plane as a child process, on the ports it picked.
+#[derive(Debug)]
+pub struct ControlPlane {
+    /// The process, killed on drop.
+    pub process: Process,
+    /// Its ADS gRPC server.
+    pub xds: SocketAddr,
+    /// Its HTTP API (`/v1/snapshot`, which the filters poll).
+    pub snapshot_http: SocketAddr,
+}
+
+impl ControlPlane {
+    /// Starts `binary` as `name` serving the services of `static_file`, with `extra_args` (a
+    /// policy file, a faster poll of the static file), every listener on a loopback port of
+    /// its choosing; returns once it serves its first snapshot. Its log and address file go to
+    /// `log_dir` as `<name>.log` and `<name>.addresses.json`.
+    pub async fn start(
+        binary: &Path,
+        name: &str,
+        static_file: &Path,
+        extra_args: &[&str],
+        log_dir: &Path,
+    ) -> Result<Self> {
+        let address_file = log_dir.join(format!("{name}.addresses.json"));
+        // A file left by an earlier run would name ports nothing serves.
+        match std::fs::remove_file(&address_file) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error.into()),
+            _ => {}
+        }
+        let mut command = Command::new(binary);
+        command
+            .arg("--static-file")
+            .arg(static_file)
+            .args(["--xds-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--admin-addr", "127.0.0.1:0"])
+            .arg("--address-file")
+            .arg(&address_file)
+            .args(extra_args);
+        let mut process = Process::spawn(name, &mut command, &log_dir.join(format!("{name}.log")))?;
+        let (xds, snapshot_http) = process
+            .wait_for(
+                CONTROL_PLANE_READY,
+                "the control plane's address file",
+                || {
+                    let addresses = std::fs::read_to_string(&address_file)
+                        .ok()
+                        .and_then(|text| bound_addresses(&text));
+                    async move { addresses }
+                },
+            )
+            .await?;
+        process
+            .wait_until_serving(
+                &format!("http://{snapshot_http}/readyz"),
+                "",
+                CONTROL_PLANE_READY,
+            )
+            .await?;
+        Ok(Self {
+            process,
+            xds,
+            snapshot_http,
+        })
     }
 }
 

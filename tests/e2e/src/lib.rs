@@ -6,8 +6,6 @@
 //! counts. The tests with two workers check what must hold across workers (the per-proxy rate
 //! limit, outcome attribution) and that both workers served.
 
-pub mod grpc;
-
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -18,8 +16,9 @@ use std::{
 use anyhow::{Context, Result, bail};
 use fulcrum_example_backend::Backend;
 use fulcrum_test_support::{
-    AdsApi, Bootstrap, ClusterBalancing, Endpoints, Envoy, EnvoyOptions, FailurePolicy,
-    FilterSetup, Ingress, NodeLocality, RETRY_ON_GRPC, RETRY_ON_HTTP, envoy::CONTROL_PLANE_CLUSTER,
+    AdsApi, Bootstrap, ClusterBalancing, ClusterOptions, Endpoints, Envoy, EnvoyOptions,
+    FailurePolicy, FilterSetup, Ingress, NodeLocality, RETRY_ON_GRPC, RETRY_ON_HTTP,
+    envoy::CONTROL_PLANE_CLUSTER,
 };
 use serde_json::{Value, json};
 
@@ -262,6 +261,7 @@ impl Proxy {
                 route_timeout_ms: 2000,
                 retries: 2,
                 retry_on,
+                cluster: ClusterOptions::default(),
             }),
             locality,
         };

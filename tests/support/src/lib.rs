@@ -23,8 +23,9 @@ pub mod ports;
 pub mod process;
 
 pub use envoy::{
-    AdsApi, Bootstrap, ClusterBalancing, ClusterHost, Endpoints, Envoy, EnvoyOptions,
-    FailurePolicy, FilterSetup, Ingress, NodeLocality, RETRY_ON_GRPC, RETRY_ON_HTTP,
+    AdsApi, Bootstrap, ClusterBalancing, ClusterHost, ClusterOptions, Endpoints, Envoy,
+    EnvoyOptions, FailurePolicy, FilterSetup, HealthCheck, Ingress, NodeLocality, RETRY_ON_GRPC,
+    RETRY_ON_HTTP, UpstreamProtocol,
 };
 pub use error::Error;
 pub use eventually::{Ready, eventually};

@@ -5,10 +5,8 @@
 use std::{net::SocketAddr, path::Path, time::Duration};
 
 use fulcrum_control_plane::{Config, ControlPlane};
-use fulcrum_e2e::{
-    SERVICE, envoy_with_control_plane_for_grpc,
-    grpc::{self, GrpcBackend},
-};
+use fulcrum_e2e::{SERVICE, envoy_with_control_plane_for_grpc};
+use fulcrum_example_backend::grpc::{self, GrpcBackend};
 use serde_json::json;
 
 /// Calls in the run, and the longest it may take.

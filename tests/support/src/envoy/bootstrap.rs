@@ -10,7 +10,7 @@
 //! the workers at once. The admin and ingress listeners bind port 0: [`Envoy`](super::Envoy)
 //! reads back the ports Envoy got, so no port is chosen before it is bound.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use fulcrum_core::OVERRIDE_HEADER;
 use serde_json::{Value, json};
@@ -110,6 +110,16 @@ pub enum Endpoints {
     /// A static cluster named after the [`Ingress`]'s service, with these members and the
     /// ingress's balancing. Needs an ingress: without one nothing names the cluster.
     Static(Vec<SocketAddr>),
+    /// The static cluster of [`Endpoints::Static`], while the filter learns the service's
+    /// endpoints and their health from the control plane's snapshot API, the static cluster
+    /// [`CONTROL_PLANE_CLUSTER`]: Envoy's cluster stays fixed, so it must list every endpoint
+    /// the control plane may name (`override_host` honours members only).
+    StaticWithSnapshots {
+        /// The static cluster's members.
+        members: Vec<SocketAddr>,
+        /// The control plane's snapshot HTTP API.
+        snapshot_http: SocketAddr,
+    },
     /// CDS + EDS over ADS from fulcrum's control plane, which generates each cluster (with
     /// `override_host`). The node is sent on the stream's first message only.
     Ads {
@@ -140,6 +150,57 @@ pub struct Ingress {
     /// The route's `retry_on`: [`RETRY_ON_HTTP`], or [`RETRY_ON_GRPC`] in front of gRPC
     /// services (the same for every setup compared).
     pub retry_on: &'static str,
+    /// A static cluster's protocol, health checks and slow start (a cluster from ADS is the
+    /// control plane's).
+    pub cluster: ClusterOptions,
+}
+
+/// What a static cluster has beyond its members and balancing. Default: HTTP/1.1, no health
+/// checks, no slow start.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterOptions {
+    /// The protocol Envoy speaks to the members.
+    pub protocol: UpstreamProtocol,
+    /// Envoy's active health checks of the members. fulcrum's `override_host` cluster ignores
+    /// Envoy's host health (fulcrum's own comes from the control plane), so give them to
+    /// native balancers.
+    pub health_check: Option<HealthCheck>,
+    /// The window of Envoy's `slow_start_config` (aggression 1, minimum weight 10 %) for round
+    /// robin and least request; not applied to fulcrum's cluster, whose slow start is its
+    /// policy's `slow_start`.
+    pub slow_start_window: Option<Duration>,
+}
+
+/// The protocol Envoy speaks to a static cluster's members.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// HTTP/1.1.
+    #[default]
+    Http1,
+    /// HTTP/2 without TLS (h2c), what gRPC servers such as tonic speak.
+    Http2,
+}
+
+impl UpstreamProtocol {
+    /// The `explicit_http_config` of the cluster's `HttpProtocolOptions`.
+    fn explicit_http_config(self) -> Value {
+        match self {
+            Self::Http1 => json!({"http_protocol_options": {}}),
+            Self::Http2 => json!({"http2_protocol_options": {}}),
+        }
+    }
+}
+
+/// Envoy's active HTTP health check of every member of a static cluster: `GET path` every
+/// `interval` (which is also its timeout, and the interval before the cluster's first
+/// connection too) must answer 200. One failure makes a member unhealthy, one pass healthy
+/// again, so a member's health follows within one interval.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    /// The path checked.
+    pub path: String,
+    /// Time between two checks of a member.
+    pub interval: Duration,
 }
 
 /// The route's `retry_on` in front of HTTP services: connect failures and resets.
@@ -217,13 +278,20 @@ impl Bootstrap {
             bootstrap["node"]["locality"] = locality;
         }
         match &self.endpoints {
-            Endpoints::Static(addresses) => {
+            Endpoints::Static(members)
+            | Endpoints::StaticWithSnapshots {
+                members,
+                snapshot_http: _,
+            } => {
                 debug_assert!(
                     self.ingress.is_some(),
                     "static endpoints need an ingress to name their cluster"
                 );
                 if let Some(ingress) = &self.ingress {
-                    clusters.push(ingress.static_cluster(addresses));
+                    clusters.push(ingress.static_cluster(members));
+                }
+                if let Endpoints::StaticWithSnapshots { snapshot_http, .. } = &self.endpoints {
+                    clusters.push(plain_cluster(CONTROL_PLANE_CLUSTER, *snapshot_http));
                 }
             }
             Endpoints::Ads {
@@ -305,7 +373,7 @@ impl Ingress {
                             "match": {"prefix": "/"},
                             "route": {
                                 "cluster": self.service,
-                                "timeout": format!("{}s", self.route_timeout_ms as f64 / 1000.0),
+                                "timeout": seconds(Duration::from_millis(self.route_timeout_ms)),
                                 "retry_policy": {
                                     "retry_on": self.retry_on,
                                     "num_retries": self.retries,
@@ -331,34 +399,69 @@ impl Ingress {
             "load_assignment": {"cluster_name": self.service, "endpoints": [{"lb_endpoints": lb_endpoints}]},
             "common_lb_config": {"update_merge_window": "0s"},
         });
+        let options = &self.cluster;
+        if options.protocol != UpstreamProtocol::Http1 {
+            cluster["typed_extension_protocol_options"] = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": options.protocol.explicit_http_config(),
+            }});
+        }
+        if let Some(check) = &options.health_check {
+            let interval = seconds(check.interval);
+            cluster["health_checks"] = json!([{
+                "interval": interval,
+                // Envoy checks every 60 s until the cluster's first connection otherwise.
+                "no_traffic_interval": interval,
+                "timeout": interval,
+                "unhealthy_threshold": 1,
+                "healthy_threshold": 1,
+                "http_health_check": {"path": check.path},
+            }]);
+        }
+        let slow_start = options.slow_start_window.map(|window| {
+            json!({"slow_start_config": {
+                "slow_start_window": seconds(window),
+                "aggression": {"default_value": 1.0, "runtime_key": "upstream.slow_start.aggression"},
+                "min_weight_percent": {"value": 10.0},
+            }})
+        });
         match self.balancing {
             ClusterBalancing::Fulcrum => {
-                let options = override_host_options();
-                cluster["load_balancing_policy"] = options["load_balancing_policy"].clone();
+                let override_host = override_host_options(options.protocol);
+                cluster["load_balancing_policy"] = override_host["load_balancing_policy"].clone();
                 cluster["typed_extension_protocol_options"] =
-                    options["typed_extension_protocol_options"].clone();
+                    override_host["typed_extension_protocol_options"].clone();
             }
-            ClusterBalancing::RoundRobin => cluster["lb_policy"] = json!("ROUND_ROBIN"),
-            ClusterBalancing::LeastRequest => cluster["lb_policy"] = json!("LEAST_REQUEST"),
-            ClusterBalancing::LeastRequestWithOutlierDetection => {
+            ClusterBalancing::RoundRobin => {
+                cluster["lb_policy"] = json!("ROUND_ROBIN");
+                if let Some(slow_start) = slow_start {
+                    cluster["round_robin_lb_config"] = slow_start;
+                }
+            }
+            ClusterBalancing::LeastRequest | ClusterBalancing::LeastRequestWithOutlierDetection => {
                 cluster["lb_policy"] = json!("LEAST_REQUEST");
-                cluster["outlier_detection"] = json!({
-                    "consecutive_5xx": 5,
-                    "consecutive_gateway_failure": 5,
-                    "enforcing_consecutive_gateway_failure": 100,
-                    "interval": "10s",
-                    "base_ejection_time": "30s",
-                    "max_ejection_percent": 50,
-                });
+                if let Some(slow_start) = slow_start {
+                    cluster["least_request_lb_config"] = slow_start;
+                }
             }
+        }
+        if self.balancing == ClusterBalancing::LeastRequestWithOutlierDetection {
+            cluster["outlier_detection"] = json!({
+                "consecutive_5xx": 5,
+                "consecutive_gateway_failure": 5,
+                "enforcing_consecutive_gateway_failure": 100,
+                "interval": "10s",
+                "base_ejection_time": "30s",
+                "max_ejection_percent": 50,
+            });
         }
         cluster
     }
 }
 
 /// The `override_host` policy (fallback: least request) and the upstream `header_mutation`
-/// that removes the override header after host selection (docs/filter.md).
-fn override_host_options() -> Value {
+/// that removes the override header after host selection (docs/filter.md), over `protocol`.
+fn override_host_options(protocol: UpstreamProtocol) -> Value {
     json!({
         "load_balancing_policy": {"policies": [{"typed_extension_config": {
             "name": "envoy.load_balancing_policies.override_host",
@@ -373,7 +476,7 @@ fn override_host_options() -> Value {
         }}]},
         "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-            "explicit_http_config": {"http_protocol_options": {}},
+            "explicit_http_config": protocol.explicit_http_config(),
             "http_filters": [
                 {
                     "name": "envoy.filters.http.header_mutation",
@@ -401,6 +504,11 @@ fn stats_tags() -> Value {
     ])
 }
 
+/// A protobuf `Duration` as JSON: seconds with a fraction, `"0.25s"`.
+fn seconds(duration: Duration) -> String {
+    format!("{}s", duration.as_secs_f64())
+}
+
 fn socket(address: &str, port: u16) -> Value {
     json!({"socket_address": {"address": address, "port_value": port}})
 }
@@ -420,7 +528,7 @@ fn http2_cluster(name: &str, address: SocketAddr) -> Value {
     let mut cluster = plain_cluster(name, address);
     cluster["typed_extension_protocol_options"] = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
         "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-        "explicit_http_config": {"http2_protocol_options": {}},
+        "explicit_http_config": UpstreamProtocol::Http2.explicit_http_config(),
     }});
     cluster
 }
@@ -437,6 +545,7 @@ mod tests {
             route_timeout_ms: 1500,
             retries: 2,
             retry_on: RETRY_ON_HTTP,
+            cluster: ClusterOptions::default(),
         }
     }
 
@@ -567,5 +676,98 @@ mod tests {
             .filter_map(|cluster| cluster["name"].as_str())
             .collect();
         assert_eq!(names, [XDS_CLUSTER, CONTROL_PLANE_CLUSTER]);
+    }
+
+    #[test]
+    fn an_http2_cluster_speaks_h2c_natively_and_under_override_host() {
+        let members = vec![SocketAddr::from(([127, 0, 0, 1], 9001))];
+        for balancing in [ClusterBalancing::LeastRequest, ClusterBalancing::Fulcrum] {
+            let mut ingress = ingress(balancing.clone(), None);
+            ingress.cluster.protocol = UpstreamProtocol::Http2;
+            let bootstrap = Bootstrap {
+                node_id: "grpc".to_owned(),
+                endpoints: Endpoints::Static(members.clone()),
+                ingress: Some(ingress),
+                locality: NodeLocality::default(),
+            }
+            .to_json();
+            let options = &bootstrap["static_resources"]["clusters"][0]["typed_extension_protocol_options"]
+                ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"];
+            assert_eq!(
+                options["explicit_http_config"],
+                json!({"http2_protocol_options": {}}),
+                "{balancing:?}"
+            );
+            let upstream_filters = options["http_filters"].as_array().map_or(0, Vec::len);
+            assert_eq!(
+                upstream_filters,
+                if balancing == ClusterBalancing::Fulcrum {
+                    2
+                } else {
+                    0
+                },
+                "only fulcrum's cluster strips the override header: {options}"
+            );
+        }
+    }
+
+    #[test]
+    fn health_checks_and_slow_start_go_to_native_least_request_and_slow_start_not_to_fulcrum() {
+        let cluster_of = |balancing: ClusterBalancing| {
+            let mut ingress = ingress(balancing, None);
+            ingress.cluster.health_check = Some(HealthCheck {
+                path: "/healthz".to_owned(),
+                interval: Duration::from_millis(250),
+            });
+            ingress.cluster.slow_start_window = Some(Duration::from_secs(10));
+            Bootstrap {
+                node_id: "warm".to_owned(),
+                endpoints: Endpoints::Static(vec![SocketAddr::from(([127, 0, 0, 1], 9001))]),
+                ingress: Some(ingress),
+                locality: NodeLocality::default(),
+            }
+            .to_json()["static_resources"]["clusters"][0]
+                .clone()
+        };
+        let native = cluster_of(ClusterBalancing::LeastRequestWithOutlierDetection);
+        let check = &native["health_checks"][0];
+        assert_eq!(check["interval"], "0.25s");
+        assert_eq!(check["timeout"], "0.25s");
+        assert_eq!(check["no_traffic_interval"], "0.25s");
+        assert_eq!(check["http_health_check"]["path"], "/healthz");
+        let slow_start = &native["least_request_lb_config"]["slow_start_config"];
+        assert_eq!(slow_start["slow_start_window"], "10s");
+        assert_eq!(slow_start["min_weight_percent"]["value"], 10.0);
+        assert_eq!(native["outlier_detection"]["consecutive_5xx"], 5);
+        let fulcrum = cluster_of(ClusterBalancing::Fulcrum);
+        assert!(
+            fulcrum.get("least_request_lb_config").is_none(),
+            "{fulcrum}"
+        );
+        assert!(fulcrum.get("outlier_detection").is_none(), "{fulcrum}");
+    }
+
+    #[test]
+    fn static_members_with_snapshots_add_the_cluster_the_filter_polls() {
+        let bootstrap = Bootstrap {
+            node_id: "joins".to_owned(),
+            endpoints: Endpoints::StaticWithSnapshots {
+                members: vec![SocketAddr::from(([127, 0, 0, 1], 9001))],
+                snapshot_http: SocketAddr::from(([127, 0, 0, 1], 18080)),
+            },
+            ingress: Some(ingress(ClusterBalancing::Fulcrum, None)),
+            locality: NodeLocality::default(),
+        }
+        .to_json();
+        assert!(bootstrap.get("dynamic_resources").is_none());
+        let clusters = bootstrap["static_resources"]["clusters"]
+            .as_array()
+            .expect("clusters");
+        let names: Vec<&str> = clusters
+            .iter()
+            .filter_map(|cluster| cluster["name"].as_str())
+            .collect();
+        assert_eq!(names, ["shop", CONTROL_PLANE_CLUSTER]);
+        assert_eq!(clusters[0]["type"], "STATIC");
     }
 }

@@ -21,8 +21,9 @@ use std::{
 };
 
 pub use bootstrap::{
-    AdsApi, Bootstrap, CONTROL_PLANE_CLUSTER, ClusterBalancing, Endpoints, FailurePolicy,
-    FilterSetup, INGRESS_LISTENER, Ingress, NodeLocality, RETRY_ON_GRPC, RETRY_ON_HTTP,
+    AdsApi, Bootstrap, CONTROL_PLANE_CLUSTER, ClusterBalancing, ClusterOptions, Endpoints,
+    FailurePolicy, FilterSetup, HealthCheck, INGRESS_LISTENER, Ingress, NodeLocality,
+    RETRY_ON_GRPC, RETRY_ON_HTTP, UpstreamProtocol,
 };
 use serde_json::Value;
 

@@ -1,6 +1,6 @@
-//! A gRPC backend for the end-to-end tests: tonic serving `grpc.health.v1.Health/Check` (the
-//! standard health API, so no proto of our own), whose calls can fail with `UNAVAILABLE` on a
-//! fixed share, and a client of it through Envoy.
+//! A sample gRPC backend for the end-to-end tests and the comparison benchmark: tonic serving
+//! `grpc.health.v1.Health/Check` (the standard health API, so no proto of our own), whose calls
+//! can fail with `UNAVAILABLE` on a fixed share, and a client of it through Envoy.
 //!
 //! Failures are deterministic and evenly spread: call `n` (from 0) fails when
 //! `⌊(n + 1) · p / 100⌋ > ⌊n · p / 100⌋` for `p = unavailable_percent`, so every 100 calls hold
@@ -17,7 +17,6 @@ use std::{
     },
 };
 
-use anyhow::{Context, Result};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tonic::{
     Request, Response, Status,
@@ -55,7 +54,7 @@ struct Shared {
 impl GrpcBackend {
     /// Serves on a free loopback port; `unavailable_percent` (0..=100) of its calls fail
     /// with `UNAVAILABLE`.
-    pub async fn start(name: &str, unavailable_percent: u64) -> Result<Self> {
+    pub async fn start(name: &str, unavailable_percent: u64) -> std::io::Result<Self> {
         let listener = TcpListener::bind(("127.0.0.1", 0)).await?;
         let addr = listener.local_addr()?;
         let shared = Arc::new(Shared {
@@ -129,11 +128,12 @@ impl Health for Checks {
 
 /// A gRPC client through Envoy's listener `listener` (h2c, one connection), whose every call
 /// the listener routes to the test service.
-pub async fn client(listener: SocketAddr) -> Result<HealthClient<Channel>> {
+pub async fn client(
+    listener: SocketAddr,
+) -> Result<HealthClient<Channel>, tonic::transport::Error> {
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{listener}"))?
         .connect()
-        .await
-        .with_context(|| format!("connecting to Envoy's listener {listener}"))?;
+        .await?;
     Ok(HealthClient::new(channel))
 }
 
