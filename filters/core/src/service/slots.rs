@@ -52,7 +52,8 @@ pub(super) struct Slots {
 
 /// The median, over closed endpoints with enough calls in their window, of their mean
 /// latency; worked out again at most once per tenth of the window (one window bucket), so a
-/// completion costs O(1) but once per bucket (O(endpoints)).
+/// completion costs O(1) but once per bucket (O(endpoints)); ten times as often while there
+/// is none yet.
 #[derive(Debug, Clone, Default)]
 struct TypicalLatency {
     /// The answer, `None` while too few endpoints have enough calls.
@@ -282,7 +283,14 @@ impl Slots {
     ) -> Option<Duration> {
         let rule = outlier_detection.relative_latency.as_ref()?;
         let typical = &mut self.typical;
-        let refresh = (outlier_detection.window / BUCKETS as u32).max(Duration::from_millis(1));
+        // Once per bucket; while there is none yet, ten times as often, so that the rule
+        // starts judging within a tenth of a bucket of the peers' having enough calls.
+        let bucket = outlier_detection.window / BUCKETS as u32;
+        let refresh = match typical.value {
+            Some(_) => bucket,
+            None => bucket / 10,
+        }
+        .max(Duration::from_millis(1));
         let fresh = typical
             .at
             .is_some_and(|at| at <= now && now.saturating_sub(at) < refresh);

@@ -12,4 +12,5 @@ mod policy;
 mod receive;
 mod relative_latency;
 mod shared_counts;
+mod slow_endpoint;
 mod slow_start;
