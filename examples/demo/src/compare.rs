@@ -54,7 +54,7 @@ struct Args {
     /// Seconds of load per run (scenario × workers × balancer), 1..=120.
     #[arg(long, default_value_t = 10)]
     duration: u64,
-    /// Only these scenarios (repeatable): slow, errors, blackhole, flapping, recovery,
+    /// Only these scenarios (repeatable): slow, healthy, errors, blackhole, flapping, recovery,
     /// healthy-c1, healthy-c64, dead, warm-up, grpc-errors.
     #[arg(long)]
     scenario: Vec<String>,
@@ -62,6 +62,10 @@ struct Args {
     /// of rows per count (`dead` runs at 1 and 2 whatever this says).
     #[arg(long, value_delimiter = ',', default_values_t = [2])]
     workers: Vec<u32>,
+    /// Only these balancers (repeatable): fulcrum, round_robin, least_request,
+    /// least_request+outlier_detection; default: each scenario's own set.
+    #[arg(long)]
+    balancer: Vec<String>,
     /// Also write the markdown report here.
     #[arg(long)]
     out: Option<PathBuf>,
@@ -82,7 +86,14 @@ const TAIL_SECONDS: u64 = 5;
 const JOINS_AFTER: Duration = Duration::from_secs(3);
 /// The slow-start window of `warm-up`, the same on both sides.
 const SLOW_START_WINDOW: Duration = Duration::from_secs(10);
-/// A joining backend counts as warmed up from the first second its share reaches this fraction
+/// How long an ejection lasts on both sides, in every scenario but `recovery`.
+const EJECTION: Duration = Duration::from_secs(30);
+/// How long an ejection lasts in `recovery`: short, so b4 comes back within the run and the
+/// run measures how fast it gets its share back.
+const RECOVERY_EJECTION: Duration = Duration::from_secs(5);
+/// `recovery`'s run: 3 s failing, the ejection, and 10 s more, rounded up.
+const RECOVERY_SECONDS: u64 = 20;
+/// A joining (or recovered) backend counts as warmed up from the first second its share reaches this fraction
 /// of a fair share.
 const WARM_SHARE_OF_FAIR: f64 = 0.8;
 
@@ -114,6 +125,12 @@ struct Scenario {
     balancers: &'static [ClusterBalancing],
     /// Also run at these Envoy worker counts, whatever `--workers` says.
     also_workers: &'static [u32],
+    /// How long an ejection lasts on both sides: fulcrum's `base_ejection_time`, Envoy's
+    /// outlier detection's.
+    ejection: Duration,
+    /// The details give b4's share in each second of the run, and the p99 against the same
+    /// balancer's in `healthy`.
+    slow_detail: bool,
 }
 
 /// What the odd backend, b4, does.
@@ -151,6 +168,8 @@ fn scenarios() -> Vec<Scenario> {
         min_seconds: 0,
         balancers: ALL_BALANCERS,
         also_workers: &[],
+        ejection: EJECTION,
+        slow_detail: false,
     };
     let healthy = |name, about, connections| Scenario {
         connections,
@@ -158,13 +177,23 @@ fn scenarios() -> Vec<Scenario> {
         ..scenario(name, about, fault(Fault::default()))
     };
     vec![
+        Scenario {
+            slow_detail: true,
+            ..scenario(
+                "slow",
+                "b4 10× slower (20 ms vs 2 ms); the details give b4's share in each second \
+                 and the run's p99 against the same balancer's in `healthy`",
+                fault(Fault {
+                    latency_ms: BASE_LATENCY_MS * 10,
+                    ..Fault::default()
+                }),
+            )
+        },
         scenario(
-            "slow",
-            "b4 10× slower (20 ms vs 2 ms)",
-            fault(Fault {
-                latency_ms: BASE_LATENCY_MS * 10,
-                ..Fault::default()
-            }),
+            "healthy",
+            "all four healthy at 2 ms: the fault scenarios' load without a fault, the p99 `slow` \
+             is held to",
+            fault(base.clone()),
         ),
         scenario(
             "errors",
@@ -191,12 +220,15 @@ fn scenarios() -> Vec<Scenario> {
             }),
         ),
         Scenario {
-            min_seconds: 45,
+            min_seconds: RECOVERY_SECONDS,
+            ejection: RECOVERY_EJECTION,
             ..scenario(
                 "recovery",
                 "b4 answers every request with 503 for 3 s, then recovers; an ejection \
-                 lasts 30 s on both sides, so the run lasts 45 s and \"b4 last\" (fair: \
-                 25 %) shows the share it gets back",
+                 lasts 5 s on both sides, so b4 returns about 2 s after it recovered (Envoy: \
+                 at its next sweep once the ejection ended, every 5 s); the run lasts 20 s, the details give b4's \
+                 share in each second after it recovered and the first second it reached \
+                 80 % of a fair share",
                 Odd::Faulty {
                     fault: Fault {
                         error_rate: 1.0,
@@ -261,14 +293,14 @@ fn scenarios() -> Vec<Scenario> {
 }
 
 /// fulcrum's policy: peak EWMA, two retry targets, and outlier detection matching the native
-/// one (5 consecutive failures, 30 s base ejection, at most 50 % ejected).
-fn fulcrum_policy() -> serde_json::Value {
+/// one (5 consecutive failures, the scenario's base ejection, at most 50 % ejected).
+fn fulcrum_policy(scenario: &Scenario) -> serde_json::Value {
     json!({"default": {
         "load_balancer": {"type": "peak_ewma"},
         "retry": RETRIES,
         "outlier_detection": {
             "consecutive_failures": 5,
-            "base_ejection_time": "30s",
+            "base_ejection_time": format!("{}s", scenario.ejection.as_secs()),
             "max_ejection_percent": 50
         }
     }})
@@ -392,6 +424,16 @@ async fn main() -> Result<()> {
             bail!("unknown scenario `{name}`; known: {}", names.join(", "));
         }
     }
+    if let Some(unknown) = args
+        .balancer
+        .iter()
+        .find(|name| !ALL_BALANCERS.iter().any(|b| b.name() == name.as_str()))
+    {
+        bail!(
+            "unknown balancer `{unknown}`; known: fulcrum, round_robin, least_request, \
+             least_request+outlier_detection"
+        );
+    }
     let chosen: Vec<Scenario> = all
         .into_iter()
         .filter(|s| args.scenario.is_empty() || args.scenario.iter().any(|n| n == s.name))
@@ -420,7 +462,9 @@ async fn main() -> Result<()> {
         workers.sort_unstable();
         workers.dedup();
         for workers in workers {
-            for balancing in scenario.balancers {
+            for balancing in scenario.balancers.iter().filter(|balancing| {
+                args.balancer.is_empty() || args.balancer.iter().any(|b| b == balancing.name())
+            }) {
                 let run = Run {
                     args: &args,
                     scenario,
@@ -480,10 +524,11 @@ fn report(args: &Args, results: &[Row<'_>], load_before: &str, load_after: &str)
     let _ = writeln!(
         out,
         "Envoy `{}` with `--concurrency` as the workers column says; 4 in-process backends; {} s \
-         of load per run (at least 45 s for `recovery`, 18 s for `warm-up`; {} connections in \
+         of load per run (at least 20 s for `recovery`, 18 s for `warm-up`; {} connections in \
          fault scenarios; wrk for HTTP, tonic clients for gRPC); route timeout {} ms, {} retries \
          on connect-failure/reset (and unavailable for gRPC) for every setup; fulcrum: \
-         peak_ewma, retry {}, outlier detection 5 consecutive failures / 30 s / 50 %. Load \
+         peak_ewma, retry {}, outlier detection 5 consecutive failures / 30 s (5 s in `recovery`, on both sides) / \
+         50 %. Load \
          average before: {load_before}; after: {load_after}. ×-columns are fulcrum ÷ this \
          balancer at the same workers (latency < 1 and req/s > 1 favour fulcrum). \"to b4\" is \
          the odd backend's share of the requests backends received, \"b4 last\" the same over \
@@ -541,23 +586,31 @@ fn report(args: &Args, results: &[Row<'_>], load_before: &str, load_after: &str)
             m.spread * 100.0,
         );
     }
-    let details: Vec<&Row<'_>> = results
+    let details: Vec<(&Row<'_>, String)> = results
         .iter()
-        .filter(|row| row.measured.detail.is_some())
+        .filter_map(|row| {
+            let against_healthy = against_healthy(row, results);
+            let detail = match (&row.measured.detail, against_healthy) {
+                (Some(detail), Some(healthy)) => format!("{healthy}; {detail}"),
+                (Some(detail), None) => detail.clone(),
+                (None, Some(healthy)) => healthy,
+                (None, None) => return None,
+            };
+            Some((row, detail))
+        })
         .collect();
     if !details.is_empty() {
         let _ = writeln!(
             out,
             "\n| scenario | workers | balancer | beyond the table |\n| --- | --- | --- | --- |"
         );
-        for row in details {
+        for (row, detail) in details {
             let _ = writeln!(
                 out,
-                "| {} | {} | {} | {} |",
+                "| {} | {} | {} | {detail} |",
                 row.scenario.name,
                 row.workers,
                 row.balancing.name(),
-                row.measured.detail.as_deref().unwrap_or_default(),
             );
         }
     }
@@ -570,6 +623,25 @@ fn report(args: &Args, results: &[Row<'_>], load_before: &str, load_after: &str)
         }
     }
     out
+}
+
+/// For a `slow` row: its p99 against the same balancer's at the same workers in `healthy`
+/// (the same load without the slow backend), when both ran.
+fn against_healthy(row: &Row<'_>, results: &[Row<'_>]) -> Option<String> {
+    if !row.scenario.slow_detail {
+        return None;
+    }
+    let healthy = results.iter().find(|other| {
+        other.scenario.name == "healthy"
+            && other.workers == row.workers
+            && other.balancing == row.balancing
+    })?;
+    Some(format!(
+        "p99 {:.2} ms = {} × `healthy`'s {:.2} ms",
+        row.measured.p99_ms,
+        ratio(row.measured.p99_ms, healthy.measured.p99_ms),
+        healthy.measured.p99_ms,
+    ))
 }
 
 fn ratio(fulcrum: f64, native: f64) -> String {

@@ -50,12 +50,13 @@ pub async fn run(run: Run<'_>, unavailable_percent: u64) -> Result<Measured> {
                 .iter()
                 .map(|a| json!({"address": a.to_string()}))
                 .collect::<Vec<_>>()},
-            "policy": fulcrum_policy(),
+            "policy": fulcrum_policy(run.scenario),
         }),
         failure_policy: FailurePolicy::default(),
     });
     let cluster = ClusterOptions {
         protocol: UpstreamProtocol::Http2,
+        base_ejection_time: Some(run.scenario.ejection),
         ..ClusterOptions::default()
     };
     let mut envoy = run

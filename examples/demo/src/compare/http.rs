@@ -121,10 +121,14 @@ pub async fn run(run: Run<'_>, script: &Path) -> Result<Measured> {
                 interval: HEALTH_CHECK_INTERVAL,
             }),
             slow_start_window: Some(SLOW_START_WINDOW),
+            base_ejection_time: Some(scenario.ejection),
             ..ClusterOptions::default()
         }
     } else {
-        ClusterOptions::default()
+        ClusterOptions {
+            base_ejection_time: Some(scenario.ejection),
+            ..ClusterOptions::default()
+        }
     };
     let mut envoy = run
         .start_envoy(endpoints, filter, RETRY_ON_HTTP, cluster)
@@ -146,62 +150,76 @@ pub async fn run(run: Run<'_>, script: &Path) -> Result<Measured> {
             .chain(odd.is_none().then_some(0))
             .collect()
     };
-    // Ends b4's fault or lets it join on time, notes b4's share each second after it joined,
-    // and the counts when the tail starts.
+    // Ends b4's fault or lets it join on time, notes b4's share in each whole second of the
+    // run, and the counts when the tail starts.
     let timeline = async {
         let started = tokio::time::Instant::now();
         let mut odd = odd;
-        let mut ramp = Vec::new();
-        match &scenario.odd {
+        let mut pending = match &scenario.odd {
             Odd::Faulty {
                 recovers_after: Some(after),
                 ..
-            } => {
-                tokio::time::sleep(*after).await;
-                if let Some(odd) = &odd {
-                    odd.set_fault(scenario.base.clone())
-                        .map_err(anyhow::Error::msg)?;
+            } => Some(*after),
+            Odd::Joins => Some(JOINS_AFTER),
+            _ => None,
+        };
+        let mut last = counts(odd.as_ref());
+        let mut tail_start = last.clone();
+        let mut per_second = Vec::new();
+        for second in 1..seconds {
+            let boundary = started + Duration::from_secs(second);
+            if let Some(at) = pending.filter(|at| started + *at <= boundary) {
+                tokio::time::sleep_until(started + at).await;
+                pending = None;
+                match &odd {
+                    Some(faulty) => faulty
+                        .set_fault(scenario.base.clone())
+                        .map_err(anyhow::Error::msg)?,
+                    None => {
+                        let joined = Backend::bind("b4", odd_addr.port(), 0).await?;
+                        joined
+                            .set_fault(scenario.base.clone())
+                            .map_err(anyhow::Error::msg)?;
+                        if fulcrum {
+                            write_endpoints(&endpoints_file, &members)?;
+                        }
+                        odd = Some(joined);
+                    }
                 }
             }
-            Odd::Joins => {
-                tokio::time::sleep_until(started + JOINS_AFTER).await;
-                let joined = Backend::bind("b4", odd_addr.port(), 0).await?;
-                joined
-                    .set_fault(scenario.base.clone())
-                    .map_err(anyhow::Error::msg)?;
-                if fulcrum {
-                    write_endpoints(&endpoints_file, &members)?;
-                }
-                let mut last = counts(Some(&joined));
-                let ramp_seconds = SLOW_START_WINDOW.as_secs() + 2;
-                for second in 1..=ramp_seconds {
-                    tokio::time::sleep_until(started + JOINS_AFTER + Duration::from_secs(second))
-                        .await;
-                    let now = counts(Some(&joined));
-                    let (_, share, _) = shares(&now, &last);
-                    ramp.push(share);
-                    last = now;
-                }
-                odd = Some(joined);
+            tokio::time::sleep_until(boundary).await;
+            let now = counts(odd.as_ref());
+            per_second.push(shares(&now, &last).1);
+            if second == seconds.saturating_sub(TAIL_SECONDS) {
+                tail_start.clone_from(&now);
             }
-            _ => {}
+            last = now;
         }
-        tokio::time::sleep_until(
-            started + Duration::from_secs(seconds.saturating_sub(TAIL_SECONDS)),
-        )
-        .await;
-        anyhow::Ok((counts(odd.as_ref()), ramp, odd))
+        anyhow::Ok((tail_start, per_second, odd))
     };
     let url = format!("http://{listener}/");
     let load = wrk::run(&run.args.wrk, script, &url, scenario.connections, seconds);
     let (report, timeline) = tokio::join!(load, timeline);
-    let (tail_start, ramp, odd) = timeline?;
+    let (tail_start, per_second, odd) = timeline?;
     envoy.check_running()?;
     let detail = match &scenario.odd {
         Odd::Refused => Some(refused_detail(&envoy, fulcrum, odd_addr).await?),
         Odd::Joins => Some(format!(
             "{}; {}",
-            ramp_detail(&ramp),
+            ramp_detail("after it listens", &per_second, JOINS_AFTER),
+            ejections(&envoy, fulcrum, odd_addr).await?
+        )),
+        Odd::Faulty {
+            recovers_after: Some(after),
+            ..
+        } => Some(format!(
+            "{}; {}",
+            ramp_detail("after it recovered", &per_second, *after),
+            ejections(&envoy, fulcrum, odd_addr).await?
+        )),
+        _ if scenario.slow_detail => Some(format!(
+            "b4 % per second: {}; {}",
+            percents(&per_second),
             ejections(&envoy, fulcrum, odd_addr).await?
         )),
         _ => None,
@@ -233,7 +251,7 @@ pub async fn run(run: Run<'_>, script: &Path) -> Result<Measured> {
 
 /// fulcrum's policy for `scenario`: with slow start for `warm-up`, as the native side's.
 fn policy(scenario: &super::Scenario) -> Value {
-    let mut policy = fulcrum_policy();
+    let mut policy = fulcrum_policy(scenario);
     if matches!(scenario.odd, Odd::Joins) {
         policy["default"]["slow_start"] = json!({
             "window": format!("{}s", SLOW_START_WINDOW.as_secs()),
@@ -322,14 +340,14 @@ async fn refused_detail(envoy: &Envoy, fulcrum: bool, odd: SocketAddr) -> Result
     Ok(detail)
 }
 
-/// `warm-up`: b4's share in each second after it started listening, and the first second it
-/// reached [`WARM_SHARE_OF_FAIR`] of a fair share.
-fn ramp_detail(ramp: &[f64]) -> String {
+/// `warm-up` and `recovery`: b4's share in each second after `since` (when it started
+/// listening, when it recovered; a whole second of the run), and the first second it reached
+/// [`WARM_SHARE_OF_FAIR`] of a fair share.
+fn ramp_detail(what: &str, per_second: &[f64], since: Duration) -> String {
     let fair = 0.25;
-    let per_second: Vec<String> = ramp
-        .iter()
-        .map(|share| format!("{:.1}", share * 100.0))
-        .collect();
+    let ramp = per_second
+        .get(usize::try_from(since.as_secs()).unwrap_or(usize::MAX)..)
+        .unwrap_or_default();
     let warm = ramp
         .iter()
         .position(|&share| share >= WARM_SHARE_OF_FAIR * fair)
@@ -338,9 +356,18 @@ fn ramp_detail(ramp: &[f64]) -> String {
             |second| format!("in second {}", second + 1),
         );
     format!(
-        "b4 % per second after it listens: {}; ≥ {:.0} % of fair ({:.0} %) {warm}",
-        per_second.join(" / "),
+        "b4 % per second {what}: {}; ≥ {:.0} % of fair ({:.0} %) {warm}",
+        percents(ramp),
         WARM_SHARE_OF_FAIR * 100.0,
         WARM_SHARE_OF_FAIR * fair * 100.0,
     )
+}
+
+/// Shares as percentages with one decimal, `/`-separated.
+fn percents(shares: &[f64]) -> String {
+    shares
+        .iter()
+        .map(|share| format!("{:.1}", share * 100.0))
+        .collect::<Vec<_>>()
+        .join(" / ")
 }

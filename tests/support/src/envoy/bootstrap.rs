@@ -169,6 +169,10 @@ pub struct ClusterOptions {
     /// robin and least request; not applied to fulcrum's cluster, whose slow start is its
     /// policy's `slow_start`.
     pub slow_start_window: Option<Duration>,
+    /// The base ejection time of Envoy's outlier detection
+    /// ([`ClusterBalancing::LeastRequestWithOutlierDetection`]); `None`: 30 s. Its sweep
+    /// interval is the shorter of 10 s and this, so an ejected host returns on time.
+    pub base_ejection_time: Option<Duration>,
 }
 
 /// The protocol Envoy speaks to a static cluster's members.
@@ -446,12 +450,15 @@ impl Ingress {
             }
         }
         if self.balancing == ClusterBalancing::LeastRequestWithOutlierDetection {
+            let base_ejection_time = options
+                .base_ejection_time
+                .unwrap_or(Duration::from_secs(30));
             cluster["outlier_detection"] = json!({
                 "consecutive_5xx": 5,
                 "consecutive_gateway_failure": 5,
                 "enforcing_consecutive_gateway_failure": 100,
-                "interval": "10s",
-                "base_ejection_time": "30s",
+                "interval": seconds(base_ejection_time.min(Duration::from_secs(10))),
+                "base_ejection_time": seconds(base_ejection_time),
                 "max_ejection_percent": 50,
             });
         }
