@@ -60,7 +60,7 @@ struct Args {
     scenario: Vec<String>,
     /// Envoy worker threads, 1..=8: a list (`1,2`, or repeated) gives every scenario one set
     /// of rows per count (`dead` runs at 1 and 2 whatever this says).
-    #[arg(long, value_delimiter = ',', default_values_t = [2])]
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 2])]
     workers: Vec<u32>,
     /// Only these balancers (repeatable): fulcrum, round_robin, least_request,
     /// least_request+outlier_detection; default: each scenario's own set.
