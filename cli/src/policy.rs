@@ -92,12 +92,21 @@ struct Checked {
     errors: Vec<FieldError>,
     /// Why the text could not be parsed at all (syntax, unknown field, wrong type).
     #[serde(skip_serializing_if = "Option::is_none")]
-    malformed: Option<String>,
+    malformed: Option<Malformed>,
 }
 
 #[derive(Debug, Serialize)]
 struct FieldError {
     path: String,
+    message: String,
+}
+
+/// A parse error: where, when the parser knows, and what.
+#[derive(Debug, Serialize)]
+struct Malformed {
+    line: Option<usize>,
+    column: Option<usize>,
+    /// The parser's message, naming the field and the location.
     message: String,
 }
 
@@ -115,7 +124,30 @@ fn check(text: &document::PolicyText) -> Checked {
                 .collect(),
             None,
         ),
-        Err(other) => (Vec::new(), Some(other.to_string())),
+        Err(PolicyError::Json {
+            line,
+            column,
+            source,
+        }) => (
+            Vec::new(),
+            Some(Malformed {
+                line: Some(line),
+                column: Some(column),
+                message: source.to_string(),
+            }),
+        ),
+        Err(PolicyError::Yaml {
+            line,
+            column,
+            source,
+        }) => (
+            Vec::new(),
+            Some(Malformed {
+                line,
+                column,
+                message: source.to_string(),
+            }),
+        ),
     };
     Checked {
         source: text.source.to_string(),
@@ -135,7 +167,9 @@ fn validate(files: &[PathBuf], key: &str, format: Format) -> Result<Verdict> {
         Format::Table => {
             for result in &checked {
                 match (&result.malformed, result.valid) {
-                    (Some(malformed), _) => println!("{}: malformed: {malformed}", result.source),
+                    (Some(malformed), _) => {
+                        println!("{}: malformed: {}", result.source, malformed.message)
+                    }
                     (None, true) => println!("{}: valid", result.source),
                     (None, false) => {
                         println!("{}: invalid", result.source);

@@ -58,6 +58,12 @@ fn validate_reports_a_malformed_policy_with_its_location() {
     );
     assert!(run.stdout.contains("unknown field `retri`"), "{run:?}");
     assert!(run.stdout.contains("line 2"), "{run:?}");
+
+    let run = fulcrum(&["policy", "validate", "-o", "json", &typo]);
+    assert_eq!(run.code, 1, "{run:?}");
+    let results: serde_json::Value = serde_json::from_str(&run.stdout).expect("JSON");
+    assert_eq!(results[0]["malformed"]["line"], 2, "{results}");
+    assert_eq!(results[0]["malformed"]["column"], 3, "{results}");
 }
 
 #[test]

@@ -53,8 +53,9 @@ fn checked_in_schema_is_what_the_policy_types_generate() {
     );
 }
 
-/// The policies the repository ships and documents: the Istio ConfigMap's, and the whole
-/// policies of docs/policy.md (its `## Example` sections; its other blocks are fragments).
+/// The policies the repository ships and documents: the Istio ConfigMap's, the whole policies
+/// of docs/policy.md (its `## Example` sections; its other blocks are fragments), and the one
+/// in docs/filter.md's filter configuration.
 fn shipped_policies() -> Vec<(String, Value)> {
     let root = repository();
     let manifest = std::fs::read_to_string(root.join("istio/control-plane/policy-configmap.yaml"))
@@ -90,7 +91,33 @@ fn shipped_policies() -> Vec<(String, Value)> {
         policies.len() >= 3,
         "the docs' examples were found: {policies:?}"
     );
+    policies.push((
+        "docs/filter.md".to_owned(),
+        filter_configuration_policy(&root),
+    ));
     policies
+}
+
+/// The `policy` of the filter configuration docs/filter.md shows (a JSON string in the
+/// `http_filters` block of its section `### The filter`).
+fn filter_configuration_policy(root: &std::path::Path) -> Value {
+    let docs = std::fs::read_to_string(root.join("docs/filter.md")).expect("docs/filter.md");
+    let section = docs
+        .split("### The filter\n")
+        .nth(1)
+        .expect("docs/filter.md has a section `### The filter`");
+    let block = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a yaml block in it");
+    let filters = yaml(block);
+    let configuration =
+        filters["http_filters"][0]["typed_config"]["config"]["configuration"]["value"]
+            .as_str()
+            .expect("the filter's configuration string");
+    let configuration: Value = serde_json::from_str(configuration).expect("JSON");
+    configuration["policy"].clone()
 }
 
 #[test]
