@@ -39,7 +39,9 @@ impl PolicyFormat {
         }
     }
 
-    fn parse(self, text: &str) -> Result<Policy, PolicyError> {
+    /// Parses and validates `text` as the control plane does with every offered policy (the
+    /// `fulcrum` CLI's `policy validate` calls this, so it judges exactly the same).
+    pub fn parse(self, text: &str) -> Result<Policy, PolicyError> {
         match self {
             Self::Json => Policy::from_json(text),
             Self::Yaml => Policy::from_yaml(text),

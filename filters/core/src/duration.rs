@@ -117,6 +117,33 @@ pub mod option {
     }
 }
 
+/// The JSON Schema of a duration string (feature `schema`), for fields serialized with this
+/// module: `#[schemars(with = "crate::duration::HumanDuration")]`. Never constructed; the
+/// fields stay [`Duration`]s.
+#[cfg(feature = "schema")]
+#[derive(Debug)]
+pub enum HumanDuration {}
+
+#[cfg(feature = "schema")]
+impl schemars::JsonSchema for HumanDuration {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "type": "string",
+            "pattern": PATTERN,
+            "description": "A duration: whole numbers with units ms, s, m or h, in sequence (\"250ms\", \"10s\", \"1m30s\"), or \"0\".",
+            "examples": ["250ms", "10s", "1m30s"]
+        })
+    }
+}
+
+/// What [`parse`] accepts, as a regular expression (surrounding whitespace aside).
+#[cfg(feature = "schema")]
+pub const PATTERN: &str = "^(0|([0-9]+(ms|s|m|h))+)$";
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -28,6 +28,8 @@ pub mod ratelimit;
 pub mod receive;
 pub mod replica;
 pub mod rng;
+#[cfg(feature = "schema")]
+pub mod schema;
 pub mod select;
 pub mod service;
 pub mod tables;

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 /// Policies for every service the filter balances.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Policy {
     /// Per-service policies keyed by service (Envoy cluster) name.
@@ -62,6 +63,7 @@ impl Policy {
 
 /// How one service's requests are spread, filtered, protected and limited.
 #[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct ServicePolicy {
     /// The selection algorithm. Default: least request, power of two choices (Istio's default).
@@ -129,9 +131,11 @@ impl ServicePolicy {
 /// `maglev`, whose point is that a key keeps its endpoint. The endpoints present when a
 /// service first appears start at full share: they all start together.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct SlowStart {
     /// How long the ramp lasts, 1s..=1h. Default: `"30s"`.
+    #[cfg_attr(feature = "schema", schemars(with = "crate::duration::HumanDuration"))]
     #[serde(with = "crate::duration")]
     pub window: Duration,
     /// The ramp's shape, 0.1..=10: 1 is linear, above 1 gives more traffic early.
@@ -171,6 +175,7 @@ impl SlowStart {
 
 /// The selection algorithm, tagged by `type` (e.g. `{"type": "least_request"}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LoadBalancer {
     /// Each admissible endpoint in turn, ignoring weights (Istio `simple: ROUND_ROBIN`
@@ -207,6 +212,7 @@ impl Default for LoadBalancer {
 /// fewest active requests. With unequal weights, pick proportionally to
 /// `weight / (active + 1)^active_request_bias`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct LeastRequest {
     /// Endpoints sampled per pick, 2..=16. Default: 2.
@@ -226,22 +232,27 @@ impl Default for LeastRequest {
 
 /// Peak EWMA: prefers the endpoint with the lowest `rtt_estimate × (inflight + 1)`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct PeakEwma {
     /// Time constant of the exponential decay, 1ms..=1h. Default: `"10s"`.
+    #[cfg_attr(feature = "schema", schemars(with = "crate::duration::HumanDuration"))]
     #[serde(with = "crate::duration")]
     pub decay: Duration,
     /// Estimate for an endpoint with no sample yet, 1ms..=1h. Default: `"30ms"`.
+    #[cfg_attr(feature = "schema", schemars(with = "crate::duration::HumanDuration"))]
     #[serde(with = "crate::duration")]
     pub default_rtt: Duration,
     /// A failed response makes the estimate at least this, so fast errors do not look fast;
     /// 0..=1h. Default: `"500ms"`.
+    #[cfg_attr(feature = "schema", schemars(with = "crate::duration::HumanDuration"))]
     #[serde(with = "crate::duration")]
     pub failure_penalty: Duration,
     /// Time constant in which a failure's penalty wears off, 1ms..=1h, apart from the latency
     /// estimate (which decays with `decay`): an endpoint that keeps failing keeps its penalty,
     /// one that stopped is back among its peers in a few of these, not in minutes. Default:
     /// `"1s"`; serialized only when set otherwise, so older filters read default policies.
+    #[cfg_attr(feature = "schema", schemars(with = "crate::duration::HumanDuration"))]
     #[serde(
         with = "crate::duration",
         skip_serializing_if = "PeakEwma::is_default_penalty_decay"
@@ -251,6 +262,7 @@ pub struct PeakEwma {
     /// estimate: a peak (three slow answers in a row) holds an endpoint back
     /// at once, and an isolated stall does not hold it back for tens of seconds. Default:
     /// `"1s"`; serialized only when set otherwise.
+    #[cfg_attr(feature = "schema", schemars(with = "crate::duration::HumanDuration"))]
     #[serde(
         with = "crate::duration",
         skip_serializing_if = "PeakEwma::is_default_peak_decay"
@@ -289,9 +301,11 @@ impl PeakEwma {
 /// what that rule will not call slow, the pick does not avoid either. `{"difference": "0s",
 /// "percent": 0}` compares estimates exactly, as tower does.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct LatencyTolerance {
     /// Estimates at most this far apart are equal, 0s..=1h. Default: `"1ms"`.
+    #[cfg_attr(feature = "schema", schemars(with = "crate::duration::HumanDuration"))]
     #[serde(with = "crate::duration")]
     pub difference: Duration,
     /// Estimates at most this percentage of the lower one apart are equal, 0..=1000.
@@ -342,6 +356,7 @@ impl Default for PeakEwma {
 /// about a second), and
 /// `failure_percent` the failure rate over the outlier-detection window.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct HealthScore {
     /// Weight per millisecond of latency, 0.0..=1000.0. Default: 1.0.
@@ -365,6 +380,7 @@ impl Default for HealthScore {
 /// What a consistent hash is computed on (Istio `consistentHash.httpHeaderName` /
 /// `httpCookie` / `useSourceIp`).
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum HashOn {
     /// The value of this request header (lower-case name).
@@ -378,17 +394,23 @@ pub enum HashOn {
 
 /// A cookie used as hash key (Istio `httpCookie`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(deny_unknown_fields)]
 pub struct HashCookie {
     /// Cookie name; RFC 6265 token characters.
     pub name: String,
     /// Max-Age of a generated cookie; a session cookie when absent. Default: none.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "Option<crate::duration::HumanDuration>")
+    )]
     #[serde(default, with = "crate::duration::option")]
     pub ttl: Option<Duration>,
 }
 
 /// Ring hash (Envoy `RING_HASH`, Karger et al. consistent hashing).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct RingHash {
     /// Hash key source. Default: `source_ip`.
@@ -413,6 +435,7 @@ impl Default for RingHash {
 
 /// Maglev (Eisenbud et al., NSDI 2016; Envoy `MAGLEV`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Maglev {
     /// Hash key source. Default: `source_ip`.
@@ -440,11 +463,16 @@ impl Default for Maglev {
 /// asks the filter to set a new cookie. The cookie value is an opaque hash of the address, so
 /// internal IPs do not leak.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Sticky {
     /// Cookie name; RFC 6265 token characters. Default: `"fulcrum-session"`.
     pub cookie: String,
     /// Max-Age of the cookie; a session cookie when absent. Default: none.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "Option<crate::duration::HumanDuration>")
+    )]
     #[serde(with = "crate::duration::option")]
     pub ttl: Option<Duration>,
     /// Picks new sessions; any algorithm but `sticky`. Default: least request.
@@ -463,6 +491,7 @@ impl Default for Sticky {
 
 /// Which endpoints may serve the service; all conditions must hold.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct EndpointSelector {
     /// Tags the endpoint must all carry. Default: none.
@@ -483,6 +512,7 @@ pub struct EndpointSelector {
 /// zone or region there is one tier. An endpoint's region is its metadata entry
 /// [`REGION_KEY`](crate::endpoint::REGION_KEY).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct Locality {
     /// The zone this proxy runs in. The filter takes it from its Envoy node's locality
@@ -519,6 +549,7 @@ impl Default for Locality {
 /// Per-endpoint outlier detection and circuit breaking (Istio `outlierDetection`), evaluated
 /// on every completed request rather than on a periodic sweep.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct OutlierDetection {
     /// Eject after this many consecutive failures of any counted kind; 0 disables.
@@ -529,6 +560,7 @@ pub struct OutlierDetection {
     pub consecutive_gateway_errors: u32,
     /// Length of the sliding window for the rate-based rules, 100ms..=1h, kept in 10 buckets.
     /// Default: `"10s"`.
+    #[cfg_attr(feature = "schema", schemars(with = "crate::duration::HumanDuration"))]
     #[serde(with = "crate::duration")]
     pub window: Duration,
     /// Eject when the failure rate over `window` crosses a threshold. Default: disabled.
@@ -543,10 +575,12 @@ pub struct OutlierDetection {
     pub relative_latency: Option<RelativeLatency>,
     /// Ejection time of the first ejection; the n-th lasts n × this, up to `max_ejection_time`.
     /// 1ms..=1h. Default: `"30s"` (Istio `baseEjectionTime`).
+    #[cfg_attr(feature = "schema", schemars(with = "crate::duration::HumanDuration"))]
     #[serde(with = "crate::duration")]
     pub base_ejection_time: Duration,
     /// Cap on an ejection's length, at least `base_ejection_time`; also, an endpoint that stays
     /// closed this long forgets its past ejections. Default: `"300s"` (Envoy).
+    #[cfg_attr(feature = "schema", schemars(with = "crate::duration::HumanDuration"))]
     #[serde(with = "crate::duration")]
     pub max_ejection_time: Duration,
     /// Each ejection time is spread by ± this percent so ejected endpoints do not all return
@@ -585,6 +619,7 @@ impl Default for OutlierDetection {
 
 /// Failure-rate ejection (Envoy `success_rate`-like, with a fixed threshold).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct FailureRate {
     /// Eject when failures are at least this percent of requests, 1..=100. Default: 50.
@@ -605,9 +640,11 @@ impl Default for FailureRate {
 
 /// Slow-call ejection (resilience4j's slow-call rate).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct SlowCalls {
     /// A call slower than this is slow, 1ms..=1h. Default: `"1s"`.
+    #[cfg_attr(feature = "schema", schemars(with = "crate::duration::HumanDuration"))]
     #[serde(with = "crate::duration")]
     pub latency_threshold: Duration,
     /// Eject when slow calls are at least this percent of requests, 1..=100. Default: 50.
@@ -642,6 +679,7 @@ impl Default for SlowCalls {
 /// reconnect) on a fast endpoint does not eject it; the median across endpoints rather than
 /// their mean, so the outlier does not move the yardstick it is measured against.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct RelativeLatency {
     /// A call is slow against its peers at this multiple of their typical latency, 1.5..=100.
@@ -649,6 +687,7 @@ pub struct RelativeLatency {
     pub factor: f64,
     /// ...and at least this much above it, so microsecond differences between fast endpoints
     /// never count, 0..=1h. Default: `"1ms"`.
+    #[cfg_attr(feature = "schema", schemars(with = "crate::duration::HumanDuration"))]
     #[serde(with = "crate::duration")]
     pub minimum_difference: Duration,
     /// Eject when slow calls are at least this percent of the endpoint's calls, 1..=100.
@@ -694,6 +733,7 @@ impl RelativeLatency {
 
 /// Which outcomes count as failures for outlier detection and latency penalties.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct FailureKinds {
     /// Any 5xx status. Default: true (as Istio's `consecutive5xxErrors`).
@@ -722,6 +762,7 @@ impl Default for FailureKinds {
 
 /// What happens when no endpoint is admissible.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum OnNoEndpoint {
     /// Leave the request to Envoy's fallback load-balancing policy.
@@ -733,6 +774,7 @@ pub enum OnNoEndpoint {
 
 /// A token bucket (rate `requests_per_second`, capacity `burst`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(default, deny_unknown_fields)]
 pub struct RateLimit {
     /// Sustained rate, above 0 and at most 1000000. Default: 100.
@@ -803,6 +845,7 @@ pub const DEFAULT_HTTP_PATH: &str = "/healthz";
 /// Ranges are checked by [`ServicePolicy::validate`] (100ms..=60s interval, 10ms..=interval
 /// timeout, thresholds 1..=10, jitter up to the interval).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(try_from = "HealthCheckDocument", into = "HealthCheckDocument")]
 pub struct HealthCheck {
     /// What to probe.
@@ -878,30 +921,58 @@ pub fn default_jitter(interval: Duration) -> Duration {
     Duration::from_millis(u64::try_from(interval.as_millis() / 10).unwrap_or(u64::MAX))
 }
 
-/// How a [`HealthCheck`] is written: optional fields, one probe kind per key.
+/// How a [`HealthCheck`] is written: optional fields, one probe kind per key. Its JSON Schema
+/// (feature `schema`) is the one [`HealthCheck`] reports, requiring exactly one of `http`,
+/// `tcp`, `grpc`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "schema",
+    derive(schemars::JsonSchema),
+    schemars(extend("oneOf" = [{"required": ["http"]}, {"required": ["tcp"]}, {"required": ["grpc"]}]))
+)]
 #[serde(default, deny_unknown_fields)]
 struct HealthCheckDocument {
+    /// Probe with `GET path`.
     #[serde(skip_serializing_if = "Option::is_none")]
     http: Option<HttpProbeDocument>,
+    /// Probe by opening a TCP connection.
     #[serde(skip_serializing_if = "Option::is_none")]
     tcp: Option<PortDocument>,
+    /// Probe with `grpc.health.v1.Health/Check`, passing on `SERVING`.
     #[serde(skip_serializing_if = "Option::is_none")]
     grpc: Option<GrpcProbeDocument>,
+    /// Time between probes, 100ms..=60s. Default: `"5s"`.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "Option<crate::duration::HumanDuration>")
+    )]
     #[serde(
         with = "crate::duration::option",
         skip_serializing_if = "Option::is_none"
     )]
     interval: Option<Duration>,
+    /// Probe deadline, 10ms..=interval. Default: `"1s"`, or the interval if shorter.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "Option<crate::duration::HumanDuration>")
+    )]
     #[serde(
         with = "crate::duration::option",
         skip_serializing_if = "Option::is_none"
     )]
     timeout: Option<Duration>,
+    /// Consecutive passes to become healthy, 1..=10. Default: 2.
     #[serde(skip_serializing_if = "Option::is_none")]
     healthy_threshold: Option<u32>,
+    /// Consecutive failures to become unhealthy, 1..=10. Default: 3.
     #[serde(skip_serializing_if = "Option::is_none")]
     unhealthy_threshold: Option<u32>,
+    /// Extra random delay before each probe, up to the interval. Default: a tenth of the
+    /// interval.
+    #[cfg_attr(
+        feature = "schema",
+        schemars(with = "Option<crate::duration::HumanDuration>")
+    )]
     #[serde(
         with = "crate::duration::option",
         skip_serializing_if = "Option::is_none"
@@ -909,13 +980,22 @@ struct HealthCheckDocument {
     jitter: Option<Duration>,
 }
 
+/// An HTTP probe: `GET path`, passing on one of `expected_statuses`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "schema",
+    derive(schemars::JsonSchema),
+    schemars(rename = "HttpProbe")
+)]
 #[serde(deny_unknown_fields)]
 struct HttpProbeDocument {
+    /// Request path, starting with `/`. Default: `"/healthz"`.
     #[serde(default = "default_http_path")]
     path: String,
+    /// Passing statuses, 100..=599. Default: any 2xx.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     expected_statuses: Vec<u16>,
+    /// Probed port. Default: the endpoint's.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     port: Option<u16>,
 }
@@ -924,18 +1004,33 @@ fn default_http_path() -> String {
     DEFAULT_HTTP_PATH.to_owned()
 }
 
+/// A TCP probe: passes when a connection opens.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "schema",
+    derive(schemars::JsonSchema),
+    schemars(rename = "TcpProbe")
+)]
 #[serde(default, deny_unknown_fields)]
 struct PortDocument {
+    /// Probed port. Default: the endpoint's.
     #[serde(skip_serializing_if = "Option::is_none")]
     port: Option<u16>,
 }
 
+/// A gRPC health probe: `grpc.health.v1.Health/Check` answers `SERVING`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[cfg_attr(
+    feature = "schema",
+    derive(schemars::JsonSchema),
+    schemars(rename = "GrpcProbe")
+)]
 #[serde(default, deny_unknown_fields)]
 struct GrpcProbeDocument {
+    /// Service asked about. Default: empty, which asks about the whole server.
     #[serde(skip_serializing_if = "String::is_empty")]
     service: String,
+    /// Probed port. Default: the endpoint's.
     #[serde(skip_serializing_if = "Option::is_none")]
     port: Option<u16>,
 }

@@ -1,0 +1,209 @@
+//! Shared fixtures: running the built `fulcrum` binary, and a control plane serving a policy
+//! file with an admin token, in-process on loopback.
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use fulcrum_control_plane::{Config, ControlPlane, OptionalSources, PolicySource};
+use fulcrum_test_support::eventually;
+
+/// How long any eventually-consistent expectation may take.
+pub const PATIENCE: Duration = Duration::from_secs(15);
+/// The admin token the fixture's control plane requires.
+pub const ADMIN_TOKEN: &str = "cli-test-admin-token-0123456789";
+
+/// The repository's root.
+pub fn repository() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("cli/ is in the repository")
+        .to_owned()
+}
+
+/// What a run of `fulcrum` did.
+#[derive(Debug)]
+pub struct Run {
+    /// Its exit code.
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs the built `fulcrum` with `args`, no control-plane settings from the environment, and
+/// no proxy (every call is loopback).
+pub fn fulcrum(args: &[&str]) -> Run {
+    fulcrum_with(args, &[])
+}
+
+/// [`fulcrum`] with `env` set as well.
+pub fn fulcrum_with(args: &[&str], env: &[(&str, &str)]) -> Run {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_fulcrum"));
+    command.args(args);
+    for name in [
+        "FULCRUM_SERVER",
+        "FULCRUM_ADMIN",
+        "FULCRUM_ADMIN_TOKEN",
+        "HTTP_PROXY",
+        "http_proxy",
+        "HTTPS_PROXY",
+        "https_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+    ] {
+        command.env_remove(name);
+    }
+    command.envs(env.iter().copied());
+    let output = command.output().expect("fulcrum runs");
+    Run {
+        code: output.status.code().expect("fulcrum exits, not killed"),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// A control plane serving one static endpoint and the policy in a file it polls, its admin
+/// API requiring [`ADMIN_TOKEN`]; stopped on drop.
+pub struct Served {
+    control_plane: Option<ControlPlane>,
+    runtime: tokio::runtime::Runtime,
+    policy_file: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Served {
+    /// Starts serving `policy_yaml` and waits until it is accepted.
+    pub fn start(policy_yaml: &str) -> Self {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let endpoints = dir.path().join("endpoints.yaml");
+        std::fs::write(
+            &endpoints,
+            "services:\n  checkout:\n    endpoints:\n      - { address: \"127.0.0.1:19001\" }\n",
+        )
+        .expect("write endpoints");
+        let tokens = dir.path().join("admin-tokens");
+        std::fs::write(&tokens, format!("ops {ADMIN_TOKEN}\n")).expect("write tokens");
+        let policy_file = dir.path().join("policy.yaml");
+        std::fs::write(&policy_file, policy_yaml).expect("write policy");
+        let control_plane = runtime
+            .block_on(ControlPlane::start_with(
+                Config {
+                    static_file: Some(endpoints),
+                    poll_interval: Duration::from_millis(50),
+                    debounce: Duration::from_millis(10),
+                    admin_token_file: Some(tokens),
+                    ..Config::default()
+                },
+                OptionalSources {
+                    policy: Some(PolicySource::File(policy_file.clone())),
+                    ..OptionalSources::default()
+                },
+            ))
+            .expect("the control plane starts");
+        let served = Self {
+            control_plane: Some(control_plane),
+            runtime,
+            policy_file,
+            dir,
+        };
+        served.wait_for_versions(1);
+        served
+    }
+
+    fn control_plane(&self) -> &ControlPlane {
+        self.control_plane.as_ref().expect("running until dropped")
+    }
+
+    /// `--server URL --admin URL` of this control plane.
+    pub fn urls(&self) -> [String; 4] {
+        [
+            "--server".to_owned(),
+            format!("http://{}", self.control_plane().http_address()),
+            "--admin".to_owned(),
+            format!("http://{}", self.control_plane().admin_address()),
+        ]
+    }
+
+    /// Runs `fulcrum` against this control plane with `args`, the token in
+    /// `FULCRUM_ADMIN_TOKEN`.
+    pub fn fulcrum(&self, args: &[&str]) -> Run {
+        let urls = self.urls();
+        let mut all: Vec<&str> = urls.iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        fulcrum_with(&all, &[("FULCRUM_ADMIN_TOKEN", ADMIN_TOKEN)])
+    }
+
+    /// Writes a file into the fixture's directory; its path.
+    pub fn file(&self, name: &str, text: &str) -> String {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, text).expect("write");
+        path.to_str().expect("utf-8 path").to_owned()
+    }
+
+    /// Replaces the served policy file (write, then rename, as a deploy does) and waits until
+    /// the control plane has accepted `versions` versions in all.
+    pub fn replace_policy(&self, policy_yaml: &str, versions: u64) {
+        let staging = self.policy_file.with_extension("yaml.tmp");
+        std::fs::write(&staging, policy_yaml).expect("write staging");
+        std::fs::rename(&staging, &self.policy_file).expect("rename into place");
+        self.wait_for_versions(versions);
+    }
+
+    /// Waits until the current policy version is `version` and the snapshot serves it.
+    pub fn wait_for_versions(&self, version: u64) {
+        let http = self.control_plane().http_address();
+        let current_and_served = || async move {
+            let client = reqwest::Client::builder().no_proxy().build().ok()?;
+            let get = |path: &str| {
+                let request = client.get(format!("http://{http}{path}")).send();
+                async move { request.await.ok()?.json::<serde_json::Value>().await.ok() }
+            };
+            let history = get("/v1/policy/history").await?;
+            let current = history.as_array()?.last()?.clone();
+            let snapshot = get("/v1/snapshot").await?;
+            (current["version"] == version && snapshot["policy"] == current["policy"]).then_some(())
+        };
+        self.runtime
+            .block_on(eventually(
+                PATIENCE,
+                "the policy version served",
+                current_and_served,
+            ))
+            .unwrap_or_else(|error| panic!("policy version {version} never served: {error}"));
+    }
+
+    /// The served snapshot's policy, as JSON.
+    pub fn served_policy(&self) -> serde_json::Value {
+        let url = format!("http://{}/v1/snapshot", self.control_plane().http_address());
+        self.runtime.block_on(async move {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client");
+            let snapshot: serde_json::Value = client
+                .get(url)
+                .send()
+                .await
+                .expect("request")
+                .json()
+                .await
+                .expect("a snapshot");
+            snapshot["policy"].clone()
+        })
+    }
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        if let Some(control_plane) = self.control_plane.take() {
+            self.runtime.block_on(control_plane.shutdown());
+        }
+    }
+}
