@@ -142,9 +142,9 @@ fn every_feature() -> Policy {
     };
     let mut policy = Policy::default();
     let algorithms = [
-        LoadBalancer::RoundRobin,
-        LoadBalancer::WeightedRoundRobin,
-        LoadBalancer::WeightedRandom,
+        LoadBalancer::RoundRobin {},
+        LoadBalancer::WeightedRoundRobin {},
+        LoadBalancer::WeightedRandom {},
         LoadBalancer::LeastRequest(LeastRequest::default()),
         LoadBalancer::PeakEwma(PeakEwma {
             failure_penalty_decay: Duration::from_millis(1500),
@@ -250,14 +250,15 @@ fn the_schema_rejects_what_the_control_plane_cannot_parse() {
 }
 
 #[test]
-fn the_schema_refuses_settings_given_to_an_algorithm_that_has_none() {
-    // The one place the schema is stricter than the parser: serde ignores extra fields next
-    // to the tag of a variant without fields (`round_robin`), where the schema, like every
-    // other struct of the policy, refuses them.
+fn the_schema_and_the_parser_refuse_settings_given_to_an_algorithm_that_has_none() {
     let validator = validator();
     for algorithm in ["round_robin", "weighted_round_robin", "weighted_random"] {
         let policy = json!({"default": {"load_balancer": {"type": algorithm, "choice_count": 2}}});
         assert!(!validator.is_valid(&policy), "{policy}");
+        assert!(
+            fulcrum_core::Policy::from_json(&policy.to_string()).is_err(),
+            "the parser refuses {policy}"
+        );
     }
 }
 

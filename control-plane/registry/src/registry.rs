@@ -602,7 +602,7 @@ mod tests {
         policy.services.insert(
             "svc".into(),
             ServicePolicy {
-                load_balancer: LoadBalancer::RoundRobin,
+                load_balancer: LoadBalancer::RoundRobin {},
                 ..ServicePolicy::default()
             },
         );

@@ -30,9 +30,9 @@ fn endpoints(n: u32) -> Vec<Endpoint> {
 fn algorithms() -> Vec<(&'static str, LoadBalancer)> {
     let header = || HashOn::Header("x-user".into());
     vec![
-        ("round_robin", LoadBalancer::RoundRobin),
-        ("weighted_round_robin", LoadBalancer::WeightedRoundRobin),
-        ("weighted_random", LoadBalancer::WeightedRandom),
+        ("round_robin", LoadBalancer::RoundRobin {}),
+        ("weighted_round_robin", LoadBalancer::WeightedRoundRobin {}),
+        ("weighted_random", LoadBalancer::WeightedRandom {}),
         (
             "least_request",
             LoadBalancer::LeastRequest(LeastRequest::default()),

@@ -174,18 +174,21 @@ impl SlowStart {
 }
 
 /// The selection algorithm, tagged by `type` (e.g. `{"type": "least_request"}`).
+// The algorithms without settings are empty struct variants, not unit variants: serde ignores
+// every field next to the tag of a unit variant whatever `deny_unknown_fields` says, so
+// `{"type": "round_robin", "choice_count": 2}` was accepted and the typo lost.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum LoadBalancer {
     /// Each admissible endpoint in turn, ignoring weights (Istio `simple: ROUND_ROBIN`
     /// without weights).
-    RoundRobin,
+    RoundRobin {},
     /// Weighted round robin by earliest deadline first, as Envoy's: deterministic; any `W`
     /// consecutive picks serve each endpoint exactly its weight.
-    WeightedRoundRobin,
+    WeightedRoundRobin {},
     /// Random, proportional to weight (Istio `simple: RANDOM` with weights).
-    WeightedRandom,
+    WeightedRandom {},
     /// Least active requests (Istio `simple: LEAST_REQUEST`, Envoy `LEAST_REQUEST`).
     LeastRequest(LeastRequest),
     /// Peak-sensitive EWMA of latency × (inflight + 1), power of two choices (Linkerd, tower).

@@ -6,12 +6,10 @@
 //! tags, defaults and descriptions (the doc comments) cannot drift from the code; durations
 //! are strings matching [`crate::duration::PATTERN`]. Ranges and cross-field rules live in
 //! [`Policy::validate`](crate::Policy::validate) and are stated in the descriptions only: a
-//! policy the schema accepts can still be refused. The reverse holds in two places only: the
-//! schema refuses whitespace around a duration, and settings next to the tag of an algorithm
-//! without any (`{"type": "round_robin", "choice_count": 2}`), which serde ignores for a
-//! variant without fields. The filter never enables this feature, so the wasm does not
-//! carry schemars. `docs/policy.schema.json` is this schema, checked in and kept equal by a
-//! test of the `fulcrum` CLI, whose `fulcrum policy schema` prints it.
+//! policy the schema accepts can still be refused. The reverse holds in one place only: the
+//! schema refuses whitespace around a duration. The filter never enables this feature, so
+//! the wasm does not carry schemars. `docs/policy.schema.json` is this schema, checked in and
+//! kept equal by a test of the `fulcrum` CLI, whose `fulcrum policy schema` prints it.
 
 use schemars::{Schema, generate::SchemaSettings};
 

@@ -273,8 +273,8 @@ fn validate_health_check(check: &HealthCheck, path: &str, errors: &mut Errors) {
 fn validate_load_balancer(lb: &LoadBalancer, path: &str, errors: &mut Errors) {
     let at = |field: &str| join(path, field);
     match lb {
-        LoadBalancer::RoundRobin | LoadBalancer::WeightedRoundRobin => {}
-        LoadBalancer::WeightedRandom => {}
+        LoadBalancer::RoundRobin {} | LoadBalancer::WeightedRoundRobin {} => {}
+        LoadBalancer::WeightedRandom {} => {}
         LoadBalancer::LeastRequest(lr) => {
             errors.range(&at("choice_count"), lr.choice_count, 2, 16);
             errors.float(

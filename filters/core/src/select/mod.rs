@@ -328,9 +328,9 @@ impl Algorithm {
     /// (`sticky`'s fallback for `sticky`): where a new algorithm is registered.
     pub fn new(load_balancer: &LoadBalancer) -> Self {
         match load_balancer.algorithm() {
-            LoadBalancer::RoundRobin => Self::RoundRobin(Default::default()),
-            LoadBalancer::WeightedRoundRobin => Self::WeightedRoundRobin(Default::default()),
-            LoadBalancer::WeightedRandom => Self::WeightedRandom(Default::default()),
+            LoadBalancer::RoundRobin {} => Self::RoundRobin(Default::default()),
+            LoadBalancer::WeightedRoundRobin {} => Self::WeightedRoundRobin(Default::default()),
+            LoadBalancer::WeightedRandom {} => Self::WeightedRandom(Default::default()),
             LoadBalancer::LeastRequest(config) => {
                 Self::LeastRequest(least_request::LeastRequest::new(config))
             }

@@ -25,8 +25,10 @@ fn counts(picker: &mut ServicePicker, picks: u32) -> BTreeMap<std::net::SocketAd
 
 #[test]
 fn weighted_random_follows_weights_within_one_percent() {
-    let mut picker =
-        ServicePicker::new(&policy(LoadBalancer::WeightedRandom), &weighted(&[1, 2, 7]));
+    let mut picker = ServicePicker::new(
+        &policy(LoadBalancer::WeightedRandom {}),
+        &weighted(&[1, 2, 7]),
+    );
     let counts = counts(&mut picker, 100_000);
     for (i, expected) in [(1, 0.1), (2, 0.2), (3, 0.7)] {
         let share = f64::from(counts[&addr(i)]) / 100_000.0;
@@ -37,7 +39,7 @@ fn weighted_random_follows_weights_within_one_percent() {
 #[test]
 fn weighted_round_robin_is_exact_over_a_cycle() {
     let mut picker = ServicePicker::new(
-        &policy(LoadBalancer::WeightedRoundRobin),
+        &policy(LoadBalancer::WeightedRoundRobin {}),
         &weighted(&[3, 2, 1]),
     );
     let counts = counts(&mut picker, 600);
@@ -49,7 +51,8 @@ fn weighted_round_robin_is_exact_over_a_cycle() {
 
 #[test]
 fn weighted_round_robin_carries_its_rotation_across_an_endpoint_change() {
-    let mut picker = ServicePicker::new(&policy(LoadBalancer::WeightedRoundRobin), &endpoints(2));
+    let mut picker =
+        ServicePicker::new(&policy(LoadBalancer::WeightedRoundRobin {}), &endpoints(2));
     let mut rng = seeded();
     assert_eq!(
         pick_and_complete(&mut picker, ok(ms(5)), ms(0), &mut rng),
@@ -307,7 +310,7 @@ fn sticky() -> LoadBalancer {
     LoadBalancer::Sticky(Sticky {
         cookie: "session".into(),
         ttl: None,
-        fallback: Box::new(LoadBalancer::RoundRobin),
+        fallback: Box::new(LoadBalancer::RoundRobin {}),
     })
 }
 
@@ -438,7 +441,7 @@ fn session_keys_are_32_hex_digits() {
 
 #[test]
 fn the_selector_excludes_endpoints_without_the_required_tags_capabilities_and_metadata() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.endpoint_selector.tags.insert("gpu".into());
     service
         .endpoint_selector
@@ -463,7 +466,7 @@ fn the_selector_excludes_endpoints_without_the_required_tags_capabilities_and_me
 
 #[test]
 fn retry_targets_are_distinct_admissible_and_exclude_the_pick() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.retry = 2;
     service.outlier_detection = strict_outlier_detection(1);
     let mut picker = ServicePicker::new(&service, &endpoints(4));
@@ -493,7 +496,7 @@ fn retry_targets_are_distinct_admissible_and_exclude_the_pick() {
 
 #[test]
 fn updating_endpoints_keeps_the_stats_of_those_that_survive() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(1);
     let mut picker = ServicePicker::new(&service, &endpoints(3));
     let mut rng = seeded();
@@ -527,7 +530,7 @@ fn updating_endpoints_keeps_the_stats_of_those_that_survive() {
 
 #[test]
 fn a_rate_limited_service_rejects_with_the_time_until_the_next_token() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.rate_limit = Some(RateLimit {
         requests_per_second: 2.0,
         burst: 1,
@@ -564,7 +567,7 @@ fn request_needs_name_what_the_filter_must_extract() {
 }
 
 fn slots(n: u32) -> Vec<Slot> {
-    let picker = ServicePicker::new(&policy(LoadBalancer::RoundRobin), &endpoints(n));
+    let picker = ServicePicker::new(&policy(LoadBalancer::RoundRobin {}), &endpoints(n));
     picker.slots_for_tests()
 }
 
@@ -700,7 +703,7 @@ proptest! {
     /// probability below 1e-7, and a run (24 cases, at most 11 endpoints) below 3e-5.
     #[test]
     fn ring_shares_follow_weights(weights in proptest::collection::vec(1u32..5, 2..12)) {
-        let picker = ServicePicker::new(&policy(LoadBalancer::RoundRobin), &weighted(&weights));
+        let picker = ServicePicker::new(&policy(LoadBalancer::RoundRobin {}), &weighted(&weights));
         let slots = picker.slots_for_tests();
         let members: Vec<u32> = (0..slots.len() as u32).collect();
         let table = ring_hash::build(&members, &slots, 1024);
@@ -722,8 +725,8 @@ proptest! {
     #[test]
     fn weighted_pickers_follow_weights(weights in proptest::collection::vec(1u32..6, 2..6), seed in any::<u64>()) {
         for load_balancer in [
-            LoadBalancer::WeightedRandom,
-            LoadBalancer::WeightedRoundRobin,
+            LoadBalancer::WeightedRandom {},
+            LoadBalancer::WeightedRoundRobin {},
             LoadBalancer::LeastRequest(LeastRequest::default()),
         ] {
             let mut picker = ServicePicker::new(&policy(load_balancer), &weighted(&weights));
@@ -751,7 +754,7 @@ proptest! {
         warm_up in 0usize..50,
     ) {
         let fleet = weighted(&weights);
-        let mut picker = ServicePicker::new(&policy(LoadBalancer::WeightedRoundRobin), &fleet);
+        let mut picker = ServicePicker::new(&policy(LoadBalancer::WeightedRoundRobin {}), &fleet);
         let mut rng = seeded();
         let expected: BTreeMap<_, _> = fleet.iter().map(|e| (e.address, e.weight)).collect();
         let mut run = |picker: &mut ServicePicker, picks: u32| -> Vec<_> {
@@ -772,7 +775,7 @@ proptest! {
         fleet in proptest::collection::vec((1u32..8, any::<bool>()), 2..40),
     ) {
         prop_assume!(fleet.iter().any(|&(_, ejected)| !ejected));
-        let mut picker = ejecting(LoadBalancer::WeightedRoundRobin, &fleet);
+        let mut picker = ejecting(LoadBalancer::WeightedRoundRobin {}, &fleet);
         let expected: BTreeMap<_, _> = fleet
             .iter()
             .enumerate()
@@ -796,7 +799,7 @@ proptest! {
     ) {
         prop_assume!(fleet.iter().any(|&(_, ejected)| !ejected));
         for load_balancer in [
-            LoadBalancer::WeightedRandom,
+            LoadBalancer::WeightedRandom {},
             LoadBalancer::LeastRequest(LeastRequest::default()),
         ] {
             let mut picker = ejecting(load_balancer, &fleet);
@@ -857,9 +860,9 @@ proptest! {
         requests in proptest::collection::vec((proptest::option::of("[a-z]{0,6}"), any::<bool>()), 1..40),
     ) {
         let load_balancer = [
-            LoadBalancer::RoundRobin,
-            LoadBalancer::WeightedRoundRobin,
-            LoadBalancer::WeightedRandom,
+            LoadBalancer::RoundRobin {},
+            LoadBalancer::WeightedRoundRobin {},
+            LoadBalancer::WeightedRandom {},
             LoadBalancer::LeastRequest(LeastRequest { choice_count: 3, active_request_bias: 0.5 }),
             LoadBalancer::PeakEwma(PeakEwma::default()),
             LoadBalancer::HealthScore(HealthScore::default()),
@@ -901,7 +904,7 @@ proptest! {
 #[test]
 fn zero_weight_endpoints_count_as_weight_one() {
     let mut picker = ServicePicker::new(
-        &policy(LoadBalancer::WeightedRoundRobin),
+        &policy(LoadBalancer::WeightedRoundRobin {}),
         &weighted(&[0, 1]),
     );
     let counts = counts(&mut picker, 10);
@@ -961,7 +964,7 @@ fn draws(picker: &mut ServicePicker, picks: u32) -> BTreeMap<std::net::SocketAdd
 /// Checks that the weighted algorithms split traffic between addr(1) (weight 1) and addr(2)
 /// (weight 3) exactly: in every run of 4 for round robin, within sampling error otherwise.
 fn assert_one_to_three(picker: impl Fn(LoadBalancer) -> ServicePicker) {
-    let mut round_robin = picker(LoadBalancer::WeightedRoundRobin);
+    let mut round_robin = picker(LoadBalancer::WeightedRoundRobin {});
     let mut rng = seeded();
     let picked: Vec<_> = (0..40)
         .map(|_| pick_and_complete(&mut round_robin, ok(ms(1)), ms(1), &mut rng))
@@ -969,7 +972,7 @@ fn assert_one_to_three(picker: impl Fn(LoadBalancer) -> ServicePicker) {
     let expected = BTreeMap::from([(addr(1), 1), (addr(2), 3)]);
     check_windows(&picked, &expected).unwrap();
     for load_balancer in [
-        LoadBalancer::WeightedRandom,
+        LoadBalancer::WeightedRandom {},
         LoadBalancer::LeastRequest(LeastRequest::default()),
     ] {
         let counts = draws(&mut picker(load_balancer), 20_000);

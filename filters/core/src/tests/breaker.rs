@@ -200,7 +200,7 @@ fn ejects_when_the_failure_rate_crosses_the_threshold_with_enough_volume() {
 
 #[test]
 fn ejects_when_too_many_calls_are_slow() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = OutlierDetection {
         slow_calls: Some(SlowCalls {
             latency_threshold: ms(200),
@@ -218,7 +218,7 @@ fn ejects_when_too_many_calls_are_slow() {
 
 #[test]
 fn max_ejection_percent_keeps_most_of_the_fleet_in_service() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = OutlierDetection {
         max_ejection_percent: 20,
         ..strict_outlier_detection(1)
@@ -232,7 +232,7 @@ fn max_ejection_percent_keeps_most_of_the_fleet_in_service() {
 
 #[test]
 fn any_nonzero_max_ejection_percent_allows_one_ejection() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = OutlierDetection {
         max_ejection_percent: 10,
         ..strict_outlier_detection(1)
@@ -247,7 +247,7 @@ fn any_nonzero_max_ejection_percent_allows_one_ejection() {
 
 #[test]
 fn below_the_panic_threshold_ejections_are_ignored() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = OutlierDetection {
         panic_threshold_percent: 50,
         ..strict_outlier_detection(1)
@@ -276,7 +276,7 @@ fn below_the_panic_threshold_ejections_are_ignored() {
 
 #[test]
 fn with_no_panic_threshold_an_all_ejected_service_is_rejected_with_the_policy_action() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(1);
     service.on_no_endpoint = OnNoEndpoint::FailOpen;
     let mut picker = ServicePicker::new(&service, &endpoints(2));
@@ -301,7 +301,7 @@ fn with_no_panic_threshold_an_all_ejected_service_is_rejected_with_the_policy_ac
 /// recovered serves again.
 #[test]
 fn a_whole_service_down_fails_fast_until_its_probes_succeed() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(3);
     service.on_no_endpoint = OnNoEndpoint::FailFast;
     let mut picker = ServicePicker::new(&service, &endpoints(3));
@@ -331,7 +331,7 @@ fn a_whole_service_down_fails_fast_until_its_probes_succeed() {
 
 #[test]
 fn a_retry_elsewhere_counts_as_a_failure_of_the_picked_endpoint() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(2);
     let mut picker = ServicePicker::new(&service, &endpoints(3));
     let mut rng = Sequence::default();
@@ -429,9 +429,9 @@ proptest! {
         steps in proptest::collection::vec((0u32..6, any::<bool>(), 0u64..3_000), 1..150),
     ) {
         let load_balancer = [
-            LoadBalancer::RoundRobin,
-            LoadBalancer::WeightedRoundRobin,
-            LoadBalancer::WeightedRandom,
+            LoadBalancer::RoundRobin {},
+            LoadBalancer::WeightedRoundRobin {},
+            LoadBalancer::WeightedRandom {},
             LoadBalancer::LeastRequest(Default::default()),
             LoadBalancer::PeakEwma(Default::default()),
             LoadBalancer::Maglev(Default::default()),

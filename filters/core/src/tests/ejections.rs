@@ -489,7 +489,7 @@ fn the_end_of_an_ejection_elsewhere_closes_a_half_open_breaker() {
 
 #[test]
 fn a_second_worker_avoids_an_endpoint_the_first_ejected_without_failing_on_it() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(5);
     let mut first = ServicePicker::new(&service, &endpoints(3));
     let mut second = ServicePicker::new(&service, &endpoints(3));
@@ -513,7 +513,7 @@ fn a_second_worker_avoids_an_endpoint_the_first_ejected_without_failing_on_it() 
 
 #[test]
 fn the_end_of_an_ejection_reaches_the_second_worker_when_the_first_closes_it() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(5);
     service.outlier_detection.half_open_max_probes = 1;
     let mut first = ServicePicker::new(&service, &endpoints(3));
@@ -553,7 +553,7 @@ fn the_end_of_an_ejection_reaches_the_second_worker_when_the_first_closes_it() {
 
 #[test]
 fn a_worker_keeps_its_own_running_ejection_that_the_record_lacks() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(5);
     let mut picker = ServicePicker::new(&service, &endpoints(3));
     fail_on(&mut picker, addr(2), connect_failure(), 5, secs(1));
@@ -567,7 +567,7 @@ fn a_worker_keeps_its_own_running_ejection_that_the_record_lacks() {
 
 #[test]
 fn shared_ejections_respect_max_ejection_percent() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(5);
     service.outlier_detection.max_ejection_percent = 34;
     let mut picker = ServicePicker::new(&service, &endpoints(3));

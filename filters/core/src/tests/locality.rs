@@ -21,7 +21,7 @@ fn located(i: u32, zone: &str, region: &str) -> Endpoint {
 
 /// Round robin that ejects on the first failure, preferring zone `z1` and region `r1`.
 fn in_z1_of_r1() -> ServicePolicy {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(1);
     service.locality.local_zone = Some("z1".into());
     service.locality.local_region = Some("r1".into());
@@ -238,7 +238,7 @@ proptest! {
         let mut zones_alone = policy(if least_request {
             LoadBalancer::LeastRequest(Default::default())
         } else {
-            LoadBalancer::RoundRobin
+            LoadBalancer::RoundRobin {}
         });
         zones_alone.outlier_detection = strict_outlier_detection(1);
         zones_alone.locality.local_zone = (local_zone > 0).then(|| ZONES[local_zone].to_owned());

@@ -197,7 +197,7 @@ fn a_changed_service_under_another_selection_policy_is_rebuilt_and_others_are_no
     policy.services.insert(
         "shop".to_owned(),
         ServicePolicy {
-            load_balancer: LoadBalancer::RoundRobin,
+            load_balancer: LoadBalancer::RoundRobin {},
             ..strict().default
         },
     );
@@ -225,7 +225,7 @@ fn a_changed_service_under_another_selection_policy_is_rebuilt_and_others_are_no
             .expect("shop")
             .policy()
             .load_balancer,
-        LoadBalancer::RoundRobin
+        LoadBalancer::RoundRobin {}
     );
     assert_eq!(
         services.get_mut("shop").expect("shop").endpoints().len(),
@@ -310,7 +310,7 @@ fn a_change_whose_tables_exceed_the_budget_is_refused_naming_service_and_field_a
 fn policy_with(load_balancer: LoadBalancer) -> ServicePolicy {
     ServicePolicy {
         load_balancer,
-        ..policy(LoadBalancer::RoundRobin)
+        ..policy(LoadBalancer::RoundRobin {})
     }
 }
 

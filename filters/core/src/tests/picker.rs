@@ -7,7 +7,7 @@ use crate::{
 
 #[test]
 fn round_robin_visits_each_endpoint_in_address_order() {
-    let mut picker = ServicePicker::new(&policy(LoadBalancer::RoundRobin), &endpoints(3));
+    let mut picker = ServicePicker::new(&policy(LoadBalancer::RoundRobin {}), &endpoints(3));
     let mut rng = seeded();
     let picked: Vec<_> = (0..6)
         .map(|_| pick_and_complete(&mut picker, ok(ms(5)), ms(0), &mut rng))
@@ -20,7 +20,7 @@ fn round_robin_visits_each_endpoint_in_address_order() {
 
 #[test]
 fn ejects_after_five_consecutive_failures_and_skips_the_endpoint() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(5);
     let mut picker = ServicePicker::new(&service, &endpoints(3));
     let transitions = fail_on(&mut picker, addr(2), status(503), 5, secs(1));
@@ -43,7 +43,7 @@ fn ejects_after_five_consecutive_failures_and_skips_the_endpoint() {
 
 #[test]
 fn no_healthy_endpoint_is_rejected_with_the_policy_action() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.on_no_endpoint = OnNoEndpoint::FailFast;
     let mut picker = ServicePicker::new(&service, &[]);
     let rejection = picker
@@ -61,7 +61,7 @@ fn no_healthy_endpoint_is_rejected_with_the_policy_action() {
 #[test]
 fn weighted_round_robin_serves_the_endpoint_due_first_half_a_period_in() {
     let mut picker = ServicePicker::new(
-        &policy(LoadBalancer::WeightedRoundRobin),
+        &policy(LoadBalancer::WeightedRoundRobin {}),
         &weighted(&[5, 1, 1]),
     );
     let mut rng = seeded();
@@ -75,7 +75,7 @@ fn weighted_round_robin_serves_the_endpoint_due_first_half_a_period_in() {
 
 #[test]
 fn ejects_after_five_consecutive_gateway_errors() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(0);
     service.outlier_detection.consecutive_gateway_errors = 5;
     let mut picker = ServicePicker::new(&service, &endpoints(3));
@@ -90,7 +90,7 @@ fn ejects_after_five_consecutive_gateway_errors() {
 
 #[test]
 fn keeps_traffic_in_the_local_zone_until_too_few_are_admissible_then_fails_over() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(1);
     service.locality.local_zone = Some("z1".into());
     service.locality.failover = vec!["z2".into()];
@@ -120,7 +120,7 @@ fn keeps_traffic_in_the_local_zone_until_too_few_are_admissible_then_fails_over(
 fn a_host_envoy_chose_instead_of_the_pick_charges_the_pick_nothing() {
     // The pick is not in the routed cluster: override_host falls back and another host
     // answers 503 every time. The pick never saw those requests and must stay closed.
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(2);
     let outsider: std::net::SocketAddr = "192.0.2.9:80".parse().unwrap();
     let mut picker = ServicePicker::new(&service, &endpoints(1));
@@ -145,7 +145,7 @@ fn a_host_envoy_chose_instead_of_the_pick_charges_the_pick_nothing() {
 
 #[test]
 fn a_fallback_host_of_the_service_is_charged_its_own_outcome() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(2);
     let mut picker = ServicePicker::new(&service, &endpoints(2));
     let mut transitions = Vec::new();
@@ -170,7 +170,7 @@ fn a_fallback_host_of_the_service_is_charged_its_own_outcome() {
 
 #[test]
 fn the_upstream_is_classified_against_the_pick_and_its_retry_targets() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.retry = 1;
     let mut picker = ServicePicker::new(&service, &endpoints(3));
     let pick = picker

@@ -84,7 +84,7 @@ fn parses_a_full_service_policy_with_human_durations() {
     assert_eq!(checkout.retry, 2);
     assert_eq!(
         policy.for_service("other").load_balancer,
-        LoadBalancer::RoundRobin
+        LoadBalancer::RoundRobin {}
     );
 }
 
@@ -99,6 +99,22 @@ fn rejects_unknown_fields_with_their_location() {
         error.to_string().contains("unknown field `retries`"),
         "{error}"
     );
+}
+
+#[test]
+fn rejects_settings_next_to_an_algorithm_that_takes_none() {
+    for algorithm in ["round_robin", "weighted_round_robin", "weighted_random"] {
+        let text = format!(
+            r#"{{"default": {{"load_balancer": {{"type": "{algorithm}", "choice_count": 2}}}}}}"#
+        );
+        let error = Policy::from_json(&text).unwrap_err();
+        assert!(
+            error.to_string().contains("unknown field `choice_count`"),
+            "{algorithm}: {error}"
+        );
+        let bare = format!(r#"{{"default": {{"load_balancer": {{"type": "{algorithm}"}}}}}}"#);
+        assert!(Policy::from_json(&bare).is_ok(), "{algorithm} alone parses");
+    }
 }
 
 #[test]
@@ -287,9 +303,9 @@ fn hash_on() -> impl Strategy<Value = HashOn> {
 
 fn load_balancer() -> impl Strategy<Value = LoadBalancer> {
     let leaf = prop_oneof![
-        Just(LoadBalancer::RoundRobin),
-        Just(LoadBalancer::WeightedRoundRobin),
-        Just(LoadBalancer::WeightedRandom),
+        Just(LoadBalancer::RoundRobin {}),
+        Just(LoadBalancer::WeightedRoundRobin {}),
+        Just(LoadBalancer::WeightedRandom {}),
         (2u32..=16, 0u32..=10).prop_map(|(choice_count, bias)| {
             LoadBalancer::LeastRequest(LeastRequest {
                 choice_count,
@@ -506,7 +522,7 @@ fn the_json_example_in_the_docs_is_a_valid_policy() {
 #[test]
 fn the_yaml_example_in_the_docs_is_a_valid_policy() {
     let policy = Policy::from_yaml(doc_example("## Example (YAML)", "yaml")).unwrap();
-    assert_eq!(policy.default.load_balancer, LoadBalancer::RoundRobin);
+    assert_eq!(policy.default.load_balancer, LoadBalancer::RoundRobin {});
     let check = policy.for_service("checkout").health_check.clone().unwrap();
     assert_eq!(
         check.probe,

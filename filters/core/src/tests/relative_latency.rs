@@ -15,7 +15,7 @@ use crate::{
 /// Round robin over `n` endpoints, ejecting on the relative rule only (no consecutive-failure
 /// rule, every share of the fleet may be ejected, no panic threshold).
 fn picker(n: u32, relative: RelativeLatency) -> ServicePicker {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = OutlierDetection {
         relative_latency: Some(relative),
         ..strict_outlier_detection(0)
@@ -156,7 +156,7 @@ fn a_probe_as_fast_as_its_peers_closes_the_endpoint() {
 
 #[test]
 fn the_rule_ejects_no_more_than_max_ejection_percent() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = OutlierDetection {
         max_ejection_percent: 10,
         ..strict_outlier_detection(0)
@@ -179,7 +179,7 @@ fn the_rule_ejects_no_more_than_max_ejection_percent() {
 
 #[test]
 fn null_disables_the_rule() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = OutlierDetection {
         relative_latency: None,
         ..strict_outlier_detection(0)

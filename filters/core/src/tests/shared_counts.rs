@@ -68,7 +68,7 @@ fn context(policy: &OutlierDetection, now: Duration) -> Context<'_> {
 
 /// A round-robin service over three endpoints ejecting after `threshold` consecutive failures.
 fn service(threshold: u32) -> crate::ServicePolicy {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(threshold);
     service
 }

@@ -112,7 +112,7 @@ fn a_ten_times_slower_endpoint_gets_under_half_a_percent_and_under_two_in_the_fi
 fn the_relative_latency_rule_ejects_the_slow_endpoint_and_no_fast_one_on_a_noisy_machine() {
     for load_balancer in [
         LoadBalancer::PeakEwma(PeakEwma::default()),
-        LoadBalancer::RoundRobin,
+        LoadBalancer::RoundRobin {},
     ] {
         for seed in 1..=8 {
             let run = run(load_balancer.clone(), seed);
