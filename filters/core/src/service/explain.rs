@@ -148,6 +148,13 @@ pub(super) struct Picked {
 }
 
 impl ServicePicker {
+    /// The service's endpoints at `now` by why they are candidates or not, as a pick would
+    /// find them: what a rejected pick (`no_endpoints`, `all_ejected`) was short of.
+    /// O(endpoints), and it allocates: only when asked.
+    pub fn exclusions(&self, now: Duration) -> Exclusions {
+        self.eligible.exclusions(&self.slots, &self.policy, now)
+    }
+
     /// The explanation of `picked`, made at `now` before the pick counts itself on the
     /// endpoint: what the algorithm saw.
     pub(super) fn explain(&self, pick: &Pick, picked: Picked, now: Duration) -> PickExplanation {
@@ -170,7 +177,7 @@ impl ServicePicker {
             endpoint: seen(picked.slot),
             algorithm: self.policy.load_balancer.algorithm().name(),
             chosen_by: picked.chosen_by,
-            endpoints: self.eligible.exclusions(&self.slots, &self.policy, now),
+            endpoints: self.exclusions(now),
             rival: picked.rival.map(seen),
             retry_targets: pick.retry_targets,
         }
@@ -180,28 +187,10 @@ impl ServicePicker {
 impl fmt::Display for PickExplanation {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let mut line = Bounded::new(f);
-        let endpoints = &self.endpoints;
         line.put(format_args!("endpoint={}", self.endpoint.address))?;
         line.put(format_args!("; algorithm={}", self.algorithm))?;
         line.put(format_args!("; via={}", self.chosen_by.name()))?;
-        line.put(format_args!(
-            "; candidates={} of {}",
-            endpoints.candidates,
-            endpoints.total()
-        ))?;
-        line.put(format_args!("; excluded="))?;
-        if endpoints.excluded() == 0 {
-            line.put(format_args!("none"))?;
-        }
-        let mut separator = "";
-        for (reason, count) in endpoints.reasons() {
-            if count > 0 {
-                line.put(format_args!("{separator}{reason}:{count}"))?;
-                separator = ",";
-            }
-        }
-        let panic = if endpoints.panic { "yes" } else { "no" };
-        line.put(format_args!("; panic={panic}"))?;
+        line.put(format_args!("; {}", self.endpoints))?;
         let picked = &self.endpoint;
         match &self.rival {
             Some(rival) => {
@@ -237,6 +226,31 @@ impl fmt::Display for PickExplanation {
             line.put(format_args!("{separator}{target}"))?;
         }
         line.finish()
+    }
+}
+
+/// `candidates=3 of 5; excluded=unhealthy:1,ejected:1; panic=no`: at most about 240 bytes
+/// (every count `usize::MAX`).
+impl fmt::Display for Exclusions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "candidates={} of {}; excluded=",
+            self.candidates,
+            self.total()
+        )?;
+        if self.excluded() == 0 {
+            f.write_str("none")?;
+        }
+        let mut separator = "";
+        for (reason, count) in self.reasons() {
+            if count > 0 {
+                write!(f, "{separator}{reason}:{count}")?;
+                separator = ",";
+            }
+        }
+        let panic = if self.panic { "yes" } else { "no" };
+        write!(f, "; panic={panic}")
     }
 }
 

@@ -206,6 +206,25 @@ fn in_panic_ejected_endpoints_are_candidates_and_the_panic_is_said() {
 }
 
 #[test]
+fn a_rejected_pick_s_exclusions_say_what_it_was_short_of() {
+    let mut service = policy(LoadBalancer::RoundRobin);
+    service.outlier_detection = strict_outlier_detection(1);
+    let mut fleet = endpoints(3);
+    fleet[2].health = Health::Unhealthy;
+    let mut picker = ServicePicker::new(&service, &fleet);
+    for i in 1..=2 {
+        fail_on(&mut picker, addr(i), status(503), 1, ms(1));
+    }
+    let rejection = picker.pick(&Default::default(), ms(2), &mut seeded());
+    assert_eq!(rejection.map_err(|r| r.reason()), Err("all_ejected"));
+    let exclusions = picker.exclusions(ms(2));
+    assert_eq!(
+        exclusions.to_string(),
+        "candidates=0 of 3; excluded=unhealthy:1,ejected:2; panic=no"
+    );
+}
+
+#[test]
 fn peak_ewma_names_the_rival_it_won_against_with_both_estimates() {
     let mut picker = ServicePicker::new(
         &policy(LoadBalancer::PeakEwma(PeakEwma::default())),
