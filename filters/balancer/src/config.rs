@@ -54,6 +54,12 @@ pub struct FilterConfig {
     /// configuration) whose tables would exceed it is refused, naming the service and the
     /// policy field, and the last good one stays (`fulcrum_core::tables`). Default: 64 MiB.
     pub max_table_bytes: u64,
+    /// Which responses say why their request went where it did, in the response header
+    /// `x-fulcrum-pick` (and a debug log line): `off`, `on_request` (requests carrying the
+    /// header `x-fulcrum-explain`, whatever its value) or `always`. The explanation names
+    /// upstream addresses: keep it `off` or `on_request` in production and strip both
+    /// headers at the edge. Default: `off`.
+    pub explain_picks: ExplainPicks,
 }
 
 impl Default for FilterConfig {
@@ -67,6 +73,35 @@ impl Default for FilterConfig {
             only_services: None,
             session_keys: Vec::new(),
             max_table_bytes: DEFAULT_TABLE_BUDGET_BYTES,
+            explain_picks: ExplainPicks::default(),
+        }
+    }
+}
+
+/// Which responses carry the explanation of their pick (`explain_picks`).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub enum ExplainPicks {
+    /// None: a pick costs nothing for it, not even a header lookup.
+    #[default]
+    Off,
+    /// Those whose request carries `x-fulcrum-explain` (any value): one header lookup per
+    /// request.
+    OnRequest,
+    /// Every one.
+    Always,
+}
+
+impl<'de> Deserialize<'de> for ExplainPicks {
+    /// One of `"off"`, `"on_request"`, `"always"`; anything else is refused naming the field.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let value = String::deserialize(deserializer)?;
+        match value.as_str() {
+            "off" => Ok(Self::Off),
+            "on_request" => Ok(Self::OnRequest),
+            "always" => Ok(Self::Always),
+            other => Err(serde::de::Error::custom(format!(
+                "explain_picks must be \"off\", \"on_request\" or \"always\", got {other:?}"
+            ))),
         }
     }
 }
@@ -456,6 +491,30 @@ mod tests {
         assert_eq!(
             FilterConfig::parse(fixed).expect("valid").only_services,
             None
+        );
+    }
+
+    #[test]
+    fn explains_no_pick_unless_asked_and_refuses_an_unknown_mode_naming_the_field() {
+        let endpoints = r#""endpoints": {"checkout": [{"address": "10.0.0.1:8080"}]}"#;
+        let parse = |extra: &str| FilterConfig::parse(format!("{{{endpoints}{extra}}}").as_bytes());
+        assert_eq!(parse("").expect("valid").explain_picks, ExplainPicks::Off);
+        for (mode, expected) in [
+            ("off", ExplainPicks::Off),
+            ("on_request", ExplainPicks::OnRequest),
+            ("always", ExplainPicks::Always),
+        ] {
+            let config = parse(&format!(r#", "explain_picks": "{mode}""#)).expect("valid");
+            assert_eq!(config.explain_picks, expected);
+        }
+        let error = parse(r#", "explain_picks": "sometimes""#)
+            .expect_err("not a mode")
+            .to_string();
+        assert!(
+            error.contains(
+                r#"explain_picks must be "off", "on_request" or "always", got "sometimes""#
+            ),
+            "{error}"
         );
     }
 

@@ -128,6 +128,15 @@ pub fn request_header(name: &str, input: Input, metrics: &Metrics) -> Option<Str
     checked_text(bytes, input, metrics)
 }
 
+/// Whether the request carries header `name`, whatever its value: the value is probed as
+/// bytes and never read (only Envoy's definite answer that the header is there counts).
+pub fn has_request_header(name: &str) -> bool {
+    matches!(
+        hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name),
+        Ok(Some(_))
+    )
+}
+
 /// Whether the response is gRPC: its `content-type` is `application/grpc` or a subtype
 /// (`application/grpc+proto`). Read as bytes, so a value that is not UTF-8 is simply not gRPC.
 pub fn is_grpc_response() -> bool {

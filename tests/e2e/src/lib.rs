@@ -158,6 +158,9 @@ pub struct Reply {
     pub backend: Option<String>,
     /// `None` when no response arrived.
     pub status: Option<u16>,
+    /// `x-fulcrum-pick` of the response: why the filter picked where it did, under the
+    /// filter's `explain_picks`.
+    pub explanation: Option<String>,
 }
 
 /// The filter built with the `fault-injection` feature: `FULCRUM_FAULT_WASM` (set by
@@ -424,17 +427,24 @@ impl Client {
         }
         request = request.headers(map);
         match request.send().await {
-            Ok(response) => Reply {
-                backend: response
-                    .headers()
-                    .get("x-backend")
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_owned),
-                status: Some(response.status().as_u16()),
-            },
+            Ok(response) => {
+                let header = |name: &str| {
+                    response
+                        .headers()
+                        .get(name)
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_owned)
+                };
+                Reply {
+                    backend: header("x-backend"),
+                    status: Some(response.status().as_u16()),
+                    explanation: header("x-fulcrum-pick"),
+                }
+            }
             Err(_) => Reply {
                 backend: None,
                 status: None,
+                explanation: None,
             },
         }
     }

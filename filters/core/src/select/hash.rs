@@ -148,6 +148,7 @@ impl<L: Layout> ConsistentHash<L> {
                     slot,
                     then: walk,
                     set_cookie: None,
+                    rival: None,
                 };
             }
         }
@@ -155,6 +156,7 @@ impl<L: Layout> ConsistentHash<L> {
             slot: first_candidate.unwrap_or(fallback),
             then: Walk::empty(),
             set_cookie: None,
+            rival: None,
         }
     }
 }

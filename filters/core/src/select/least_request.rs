@@ -106,11 +106,11 @@ impl Select for LeastRequest {
         let slots = request.slots;
         let members = candidates.slots();
         let Some(weighted) = &self.weighted else {
-            let position =
+            let (position, rival) =
                 power_of_choices(members, self.config.choice_count, request.rng, |slot| {
                     f64::from(slots[slot as usize].stats.inflight)
                 });
-            return Choice::at(candidates, position);
+            return Choice::compared(candidates, position, rival);
         };
         let bias = self.config.active_request_bias;
         let position = tiered::draw(

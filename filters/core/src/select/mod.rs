@@ -85,7 +85,9 @@ impl Slot {
 }
 
 /// Power of `choices` choices: the candidate with the lowest `cost` among `choices` draws
-/// (distinct when `choices` is 2, with replacement otherwise, as Envoy does).
+/// (distinct when `choices` is 2, with replacement otherwise, as Envoy does). Returns its
+/// position and, when another candidate was drawn, the position of the cheapest of the
+/// others: the rival it was compared with.
 ///
 /// Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing" (2001).
 pub(crate) fn power_of_choices<R: Rng + ?Sized>(
@@ -93,14 +95,14 @@ pub(crate) fn power_of_choices<R: Rng + ?Sized>(
     choices: u32,
     rng: &mut R,
     mut cost: impl FnMut(u32) -> f64,
-) -> usize {
+) -> (usize, Option<usize>) {
     let n = candidates.len();
     if n <= 1 {
-        return 0;
+        return (0, None);
     }
     let first = rng.below(n);
-    let mut best = first;
-    let mut best_cost = cost(candidates[first]);
+    let mut best = (first, cost(candidates[first]));
+    let mut rival: Option<(usize, f64)> = None;
     for draw in 1..choices.max(2) {
         let position = if draw == 1 {
             // Second draw distinct from the first.
@@ -109,13 +111,18 @@ pub(crate) fn power_of_choices<R: Rng + ?Sized>(
         } else {
             rng.below(n)
         };
-        let candidate_cost = cost(candidates[position]);
-        if candidate_cost < best_cost {
-            best = position;
-            best_cost = candidate_cost;
+        if position == best.0 || rival.is_some_and(|(rival, _)| rival == position) {
+            continue;
+        }
+        let drawn = (position, cost(candidates[position]));
+        if drawn.1 < best.1 {
+            rival = Some(best);
+            best = drawn;
+        } else if rival.is_none_or(|(_, cost)| drawn.1 < cost) {
+            rival = Some(drawn);
         }
     }
-    best
+    (best.0, rival.map(|(position, _)| position))
 }
 
 /// One selection algorithm over one service's endpoints.
@@ -187,6 +194,9 @@ pub(crate) struct Choice<'a> {
     pub then: Walk<'a>,
     /// A `Set-Cookie` value for the response (a generated hash cookie).
     pub set_cookie: Option<String>,
+    /// The slot the pick was compared with and won against, for the algorithms that compare
+    /// two (or more) drawn candidates; `None` for the others and when there was one candidate.
+    pub rival: Option<usize>,
 }
 
 impl<'a> Choice<'a> {
@@ -200,6 +210,19 @@ impl<'a> Choice<'a> {
             slot,
             then: Walk::lap(slots, position + 1),
             set_cookie: None,
+            rival: None,
+        }
+    }
+
+    /// [`Choice::at`] for a comparison: the candidate at `position` won against the one at
+    /// `rival`, when there was one.
+    #[inline]
+    pub fn compared(candidates: &Candidates<'a>, position: usize, rival: Option<usize>) -> Self {
+        Self {
+            rival: rival
+                .and_then(|rival| candidates.slots().get(rival))
+                .map(|&slot| slot as usize),
+            ..Self::at(candidates, position)
         }
     }
 }
@@ -250,12 +273,12 @@ pub(crate) fn two_choices<'a, R: Rng + ?Sized>(
             (lower, lower)
         }
     };
-    let position = if cost(b, latency_b) < cost(a, latency_a) {
-        second
+    let (position, rival) = if cost(b, latency_b) < cost(a, latency_a) {
+        (second, first)
     } else {
-        first
+        (first, second)
     };
-    Choice::at(candidates, position)
+    Choice::compared(candidates, position, Some(rival))
 }
 
 /// Declares [`Algorithm`], one variant per implementation, and its [`Select`] by delegation.
@@ -351,5 +374,34 @@ impl Algorithm {
             // `sticky` as `sticky`'s fallback: refused by validation; round robin, as ever.
             LoadBalancer::Sticky(_) => Self::RoundRobin(Default::default()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::Sequence;
+
+    const COSTS: [f64; 4] = [5.0, 1.0, 3.0, 9.0];
+
+    #[test]
+    fn the_rival_of_several_choices_is_the_cheapest_of_the_others_drawn() {
+        // Draws: position 0 (5), then 2 (3), then 1 (1).
+        let mut rng = Sequence::units(&[0.0, 0.5, 0.3]);
+        let drawn = power_of_choices(&[0, 1, 2, 3], 3, &mut rng, |slot| COSTS[slot as usize]);
+        assert_eq!(drawn, (1, Some(2)));
+    }
+
+    #[test]
+    fn a_candidate_drawn_again_is_not_its_own_rival() {
+        // Draws: position 0 (5), then 2 (3), then 2 again.
+        let mut rng = Sequence::units(&[0.0, 0.5, 0.5]);
+        let drawn = power_of_choices(&[0, 1, 2, 3], 3, &mut rng, |slot| COSTS[slot as usize]);
+        assert_eq!(drawn, (2, Some(0)));
+        assert_eq!(
+            power_of_choices(&[7], 2, &mut rng, |_| 0.0),
+            (0, None),
+            "one candidate: nothing to compare"
+        );
     }
 }

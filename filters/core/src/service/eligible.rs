@@ -13,7 +13,7 @@
 
 use std::time::Duration;
 
-use super::{Rejection, slots::Slots};
+use super::{Exclusions, Rejection, slots::Slots};
 use crate::{
     endpoint::{Endpoint, Health},
     policy::{Locality, ServicePolicy},
@@ -302,6 +302,63 @@ impl Eligible {
                 tier,
             )),
         }
+    }
+
+    /// The endpoints of `slots` by why they are candidates at `now` or not, as
+    /// [`candidates`](Self::candidates) decides (worked out afresh, O(endpoints), with its
+    /// own scratch space: only for an explanation). An endpoint is counted by the first
+    /// reason that excludes it: unhealthy, draining, not selected, not admitted by its
+    /// breaker (never in panic, where ejections are ignored), in another tier than the
+    /// candidates (less preferred, or failed over for want of `min_healthy_percent`).
+    pub fn exclusions(&self, slots: &Slots, policy: &ServicePolicy, now: Duration) -> Exclusions {
+        let mut counts = Exclusions::default();
+        let mut eligible = 0usize;
+        for slot in slots.iter() {
+            let endpoint = &slot.endpoint;
+            match endpoint.health {
+                Health::Unhealthy => counts.unhealthy += 1,
+                Health::Draining => counts.draining += 1,
+                Health::Healthy if !policy.endpoint_selector.matches(endpoint) => {
+                    counts.unselected += 1
+                }
+                Health::Healthy => eligible += 1,
+            }
+        }
+        // Tiers past the last one kept (`NOT_ELIGIBLE` of them) never serve: less preferred.
+        counts.other_tier = eligible.saturating_sub(self.members.len());
+        let Some(first) = self.tiers.first() else {
+            return counts;
+        };
+        let in_later_tiers = self.members.len().saturating_sub(first.len());
+        if slots.not_closed() == 0 {
+            counts.candidates = first.len();
+            counts.other_tier += in_later_tiers;
+            return counts;
+        }
+        let (mut admitted, mut tier_ranges) = (Vec::new(), Vec::new());
+        let admission = admit(
+            &self.tiers,
+            slots,
+            policy,
+            now,
+            &mut admitted,
+            &mut tier_ranges,
+        );
+        let ejected = self.members.len().saturating_sub(admitted.len());
+        match admission.answer {
+            Answer::Panic => {
+                counts.candidates = first.len();
+                counts.other_tier += in_later_tiers;
+                counts.panic = true;
+            }
+            Answer::AllEjected => counts.ejected = ejected,
+            Answer::Subset { start, end, .. } => {
+                counts.candidates = end.saturating_sub(start);
+                counts.ejected = ejected;
+                counts.other_tier += admitted.len().saturating_sub(end - start);
+            }
+        }
+        counts
     }
 
     /// Every member of tier `tier`.

@@ -8,7 +8,8 @@
 //! `now: Duration` since any monotonic epoch the caller picks (it must not go backwards; if it
 //! does, elapsed time counts as zero). Nothing here panics on any input, memory is bounded by
 //! the endpoint count and the policy's caps, and a pick allocates nothing except the
-//! `Set-Cookie` value when a cookie must be set.
+//! `Set-Cookie` value when a cookie must be set (and, for a pick explained on request,
+//! [`ServicePicker::pick_explained`], the O(endpoints) scratch space of its explanation).
 //!
 //! By file:
 //! - `request.rs`: what a request brings and gets back ([`RequestAttributes`],
@@ -17,6 +18,7 @@
 //!   retry targets);
 //! - `eligible.rs`: which endpoints may serve (health, selector, locality tiers, breakers,
 //!   panic threshold);
+//! - `explain.rs`: why a pick went where it did ([`PickExplanation`]), when asked;
 //! - `retry.rs`: which endpoints Envoy retries on ([`RetryTargets`]);
 //! - `outcome.rs`: what a response does (in-flight count, latency estimate, breaker;
 //!   [`Served`], [`Outcome`], [`Transitions`]);
@@ -28,6 +30,7 @@
 //! The algorithms themselves are in [`crate::select`], one file each.
 
 mod eligible;
+mod explain;
 mod outcome;
 mod pick;
 mod request;
@@ -41,6 +44,9 @@ use std::time::Duration;
 pub(crate) use self::warmup::Warmup;
 use self::{eligible::Eligible, slots::Slots};
 pub use self::{
+    explain::{
+        ChosenBy, Exclusions, ExplainedEndpoint, MAX_EXPLANATION_BYTES, PickExplanation, TRUNCATED,
+    },
     outcome::{Outcome, Served, Transition, Transitions, grpc_http_status},
     request::{Pick, Rejection, RequestAttributes, RequestNeeds},
     retry::RetryTargets,

@@ -11,10 +11,16 @@
 //!    factor's probability, else the algorithm chooses again (`warmup.rs`).
 //! 5. The endpoint is counted in flight (and as a probe if its breaker is open) until
 //!    [`ServicePicker::complete`].
+//!
+//! [`ServicePicker::pick_explained`] also says why (`explain.rs`), from the state between
+//! steps 4 and 5: what the algorithm saw.
 
 use std::time::Duration;
 
-use super::{Pick, Rejection, RequestAttributes, RetryTargets, ServicePicker, warmup::MAX_REDRAWS};
+use super::{
+    ChosenBy, Pick, PickExplanation, Rejection, RequestAttributes, RetryTargets, ServicePicker,
+    explain::Picked, warmup::MAX_REDRAWS,
+};
 use crate::{
     ratelimit::BucketStore,
     rng::Rng,
@@ -53,6 +59,36 @@ impl ServicePicker {
         rng: &mut R,
         buckets: &mut dyn BucketStore,
     ) -> Result<Pick, Rejection> {
+        let (pick, picked) = self.choose(attributes, now, rng, buckets)?;
+        self.admit(picked.slot, now);
+        Ok(pick)
+    }
+
+    /// [`pick_with_buckets`](Self::pick_with_buckets), and why: the same pick (the same
+    /// draws from `rng`), explained from the state the algorithm saw, before the pick counts
+    /// itself on the endpoint. Costs O(endpoints) and one allocation more, so only for the
+    /// requests that ask.
+    pub fn pick_explained<R: Rng + ?Sized>(
+        &mut self,
+        attributes: &RequestAttributes<'_>,
+        now: Duration,
+        rng: &mut R,
+        buckets: &mut dyn BucketStore,
+    ) -> Result<(Pick, PickExplanation), Rejection> {
+        let (pick, picked) = self.choose(attributes, now, rng, buckets)?;
+        let explanation = self.explain(&pick, picked, now);
+        self.admit(picked.slot, now);
+        Ok((pick, explanation))
+    }
+
+    /// Steps 1 to 4: the pick and how it was made, not yet counted on the endpoint.
+    fn choose<R: Rng + ?Sized>(
+        &mut self,
+        attributes: &RequestAttributes<'_>,
+        now: Duration,
+        rng: &mut R,
+        buckets: &mut dyn BucketStore,
+    ) -> Result<(Pick, Picked), Rejection> {
         let policy = &self.policy;
         if let Some(limiter) = &self.limiter {
             let client = policy
@@ -78,7 +114,7 @@ impl ServicePicker {
             });
         let candidates = self.eligible.candidates(slots, policy, now);
 
-        let (slot, retry_targets, set_cookie) = if let Some(slot) = session {
+        let (picked, retry_targets, set_cookie) = if let Some(slot) = session {
             // A session's retries start at a place fixed by its endpoint, so they spread.
             let order = candidates.map_or_else(
                 |_| Walk::empty(),
@@ -88,7 +124,16 @@ impl ServicePicker {
                     Walk::lap(entries, start as usize)
                 },
             );
-            (slot, RetryTargets::after(order, slot, slots, retries), None)
+            let picked = Picked {
+                slot,
+                rival: None,
+                chosen_by: ChosenBy::Session,
+            };
+            (
+                picked,
+                RetryTargets::after(order, slot, slots, retries),
+                None,
+            )
         } else {
             let mut candidates = candidates?;
             let slow_start = policy
@@ -118,20 +163,26 @@ impl ServicePicker {
                     continue;
                 }
                 let retry_targets = RetryTargets::after(choice.then, choice.slot, slots, retries);
-                let set_cookie = match &self.sessions {
-                    Some(sessions) => {
-                        Some(sessions.set_cookie(&slots[choice.slot].endpoint.address))
-                    }
-                    None => choice.set_cookie,
+                let (set_cookie, chosen_by) = match &self.sessions {
+                    Some(sessions) => (
+                        Some(sessions.set_cookie(&slots[choice.slot].endpoint.address)),
+                        ChosenBy::NewSession,
+                    ),
+                    None => (choice.set_cookie, ChosenBy::Algorithm),
                 };
-                break (choice.slot, retry_targets, set_cookie);
+                let picked = Picked {
+                    slot: choice.slot,
+                    rival: choice.rival,
+                    chosen_by,
+                };
+                break (picked, retry_targets, set_cookie);
             }
         };
-        self.admit(slot, now);
-        Ok(Pick {
-            endpoint: self.slots[slot].endpoint.address,
+        let pick = Pick {
+            endpoint: slots[picked.slot].endpoint.address,
             retry_targets,
             set_sticky_cookie: set_cookie,
-        })
+        };
+        Ok((pick, picked))
     }
 }

@@ -66,6 +66,16 @@ impl RetryTargets {
         targets
     }
 
+    /// The first five of `addresses`, as they are: for tests that build a pick's parts.
+    #[cfg(test)]
+    pub(crate) fn of(addresses: &[SocketAddr]) -> Self {
+        let mut targets = Self::default();
+        for &address in addresses {
+            targets.push(address);
+        }
+        targets
+    }
+
     /// Adds `address` unless full; returns whether there is room for more.
     fn push(&mut self, address: SocketAddr) -> bool {
         if let Some(free) = self.addresses.get_mut(usize::from(self.len)) {

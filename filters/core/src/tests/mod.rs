@@ -5,6 +5,7 @@ mod algorithms;
 mod breaker;
 mod ejections;
 mod equal_shares;
+mod explain;
 mod locality;
 mod mesh;
 mod picker;

@@ -426,6 +426,17 @@ fn service_policy() -> impl Strategy<Value = ServicePolicy> {
 
 proptest! {
     #[test]
+    fn an_algorithm_s_name_is_the_type_its_json_carries(
+        load_balancer in prop_oneof![
+            load_balancer(),
+            Just(LoadBalancer::HealthScore(Default::default())),
+        ],
+    ) {
+        let json = serde_json::to_value(&load_balancer).unwrap();
+        prop_assert_eq!(json["type"].as_str(), Some(load_balancer.name()));
+    }
+
+    #[test]
     fn valid_policies_round_trip_through_json(
         services in proptest::collection::btree_map("[a-z]{1,8}", service_policy(), 0..4),
         default in service_policy(),

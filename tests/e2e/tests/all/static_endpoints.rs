@@ -130,6 +130,75 @@ async fn an_erroring_backend_is_ejected_then_readmitted_through_half_open() {
 }
 
 #[tokio::test]
+async fn an_explained_pick_counts_an_ejected_backend_among_the_excluded() {
+    let backends = backends(3).await.unwrap();
+    let addresses: Vec<_> = backends.iter().map(|b| b.addr).collect();
+    let endpoints: Vec<_> = addresses
+        .iter()
+        .map(|a| json!({"address": a.to_string()}))
+        .collect();
+    let config = json!({
+        "endpoints": {fulcrum_e2e::SERVICE: endpoints},
+        "explain_picks": "always",
+        "policy": {"default": {
+            "load_balancer": {"type": "round_robin"},
+            "outlier_detection": {
+                "consecutive_failures": 3,
+                "base_ejection_time": "30s",
+                "ejection_jitter_percent": 0,
+                "max_ejection_percent": 50
+            }
+        }}
+    });
+    let proxy = fulcrum_e2e::Proxy::start_for_test(Endpoints::Static(addresses), config)
+        .await
+        .unwrap();
+    let address_of = |reply: &fulcrum_e2e::Reply| {
+        let name = reply.backend.as_deref().expect("a backend answered");
+        let backend = backends.iter().find(|b| b.name == name).expect("a backend");
+        backend.addr
+    };
+    let before = proxy.send_with(&[]).await;
+    assert_eq!(
+        before.explanation,
+        Some(format!(
+            "endpoint={}; algorithm=round_robin; via=algorithm; candidates=3 of 3; \
+             excluded=none; panic=no; estimate_ms=-; inflight=0; breaker=closed; retry=none",
+            address_of(&before)
+        ))
+    );
+
+    backends[0]
+        .set_fault(Fault {
+            error_rate: 1.0,
+            ..Fault::default()
+        })
+        .unwrap();
+    let warm_up = proxy.send(12).await;
+    assert_eq!(
+        warm_up.iter().filter(|r| r.status == Some(503)).count(),
+        3,
+        "three failures eject b1: {warm_up:?}"
+    );
+    for reply in proxy.send(4).await {
+        let explanation = reply
+            .explanation
+            .clone()
+            .expect("every response is explained");
+        let expected = format!(
+            "endpoint={}; algorithm=round_robin; via=algorithm; candidates=2 of 3; \
+             excluded=ejected:1; panic=no; ",
+            address_of(&reply)
+        );
+        assert!(explanation.starts_with(&expected), "{explanation}");
+        assert!(
+            !explanation.contains(&backends[0].addr.to_string()),
+            "the ejected endpoint is neither picked nor a retry target: {explanation}"
+        );
+    }
+}
+
+#[tokio::test]
 async fn peak_ewma_keeps_traffic_away_from_a_slow_backend() {
     let backends = backends(3).await.unwrap();
     let proxy =

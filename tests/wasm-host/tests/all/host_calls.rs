@@ -19,6 +19,10 @@
 //! count is not reset, each request reads the record before its pick (so an ejection judged
 //! by another worker is seen before this one fails on it), and the success that resets it
 //! reads and writes it once more; the successes after that cost nothing more.
+//!
+//! Explaining picks (`explain_picks`, off by default and then free) costs, per request, one
+//! header lookup under `on_request`, and when a pick is explained the debug log line and the
+//! response header.
 
 use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_wasm_host::Plugin;
@@ -26,9 +30,14 @@ use fulcrum_wasm_host::Plugin;
 use crate::test_support::{filter, ms};
 
 fn plugin(service_source: &str) -> Plugin {
+    explaining(service_source, "off")
+}
+
+/// [`plugin`] with `explain_picks: explain`.
+fn explaining(service_source: &str, explain: &str) -> Plugin {
     filter()
         .configure(format!(
-            r#"{{"service": {service_source},
+            r#"{{"service": {service_source}, "explain_picks": "{explain}",
                  "endpoints": {{"checkout": [{{"address": "10.0.0.1:8080"}},
                                              {{"address": "10.0.0.2:8080"}}]}}}}"#
         ))
@@ -38,15 +47,22 @@ fn plugin(service_source: &str) -> Plugin {
 
 /// Host calls of one request for `checkout` answered `status` by the endpoint picked.
 fn calls_for_one_request(plugin: &Plugin, status: u16) -> u64 {
+    calls_for_one_request_with(plugin, status, &[])
+}
+
+/// [`calls_for_one_request`] with extra request headers.
+fn calls_for_one_request_with(plugin: &Plugin, status: u16, headers: &[(&str, &str)]) -> u64 {
     let worker = plugin.worker(0);
     let before = worker.host_calls();
-    let mut request = worker
+    let mut builder = worker
         .request()
         .header(":authority", "checkout")
         .header("x-service", "checkout")
-        .header(":path", "/")
-        .send_headers()
-        .expect("request headers");
+        .header(":path", "/");
+    for (name, value) in headers {
+        builder = builder.header(name, value);
+    }
+    let mut request = builder.send_headers().expect("request headers");
     let header = request.request_header(OVERRIDE_HEADER).expect("a pick");
     // The pick, then its retry targets.
     let pick = header.split(',').next().expect("an address");
@@ -111,4 +127,22 @@ fn the_first_success_after_a_failure_resets_the_shared_failure_count_and_the_nex
         "a read before the pick, a read and a write to reset the count"
     );
     assert_eq!(after, success);
+}
+
+#[test]
+fn explaining_costs_a_lookup_on_request_and_a_log_line_and_a_header_per_explained_pick() {
+    let source = r#"{"from": "route_cluster"}"#;
+    let off = steady_calls(&plugin(source), 200);
+    let on_request = explaining(source, "on_request");
+    let not_asked = steady_calls(&on_request, 200);
+    let asked = calls_for_one_request_with(&on_request, 200, &[("x-fulcrum-explain", "1")]);
+    let always = steady_calls(&explaining(source, "always"), 200);
+    eprintln!("{off} host calls off, {not_asked}/{asked} on request, {always} always");
+    assert_eq!(not_asked, off + 1, "the lookup of x-fulcrum-explain");
+    assert_eq!(
+        asked,
+        off + 3,
+        "the lookup, the debug line, the response header"
+    );
+    assert_eq!(always, off + 2, "the debug line, the response header");
 }

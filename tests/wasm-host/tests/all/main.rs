@@ -1,5 +1,6 @@
 //! Integration tests of the wasm host, as one binary: `abi` checks the host's ABI with
 //! hand-written WAT guests; `filter` runs scenarios against the real fulcrum filter;
+//! `explain` which responses say why their request went where it did;
 //! `snapshots` how it takes control-plane snapshots and charges outcomes;
 //! `snapshot_distribution` how the VMs of a proxy share them, one key per service;
 //! `rate_limit` how the workers of a proxy share one limit; `replicas` how it follows one
@@ -8,6 +9,7 @@
 //! `untrusted_input_property` thousands of generated ones.
 
 mod abi;
+mod explain;
 mod filter;
 mod grpc;
 mod host_calls;
