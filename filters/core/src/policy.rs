@@ -827,9 +827,9 @@ impl LoadBalancer {
     /// The algorithm's name as the policy spells its `type` (`"peak_ewma"`).
     pub fn name(&self) -> &'static str {
         match self {
-            Self::RoundRobin => "round_robin",
-            Self::WeightedRoundRobin => "weighted_round_robin",
-            Self::WeightedRandom => "weighted_random",
+            Self::RoundRobin {} => "round_robin",
+            Self::WeightedRoundRobin {} => "weighted_round_robin",
+            Self::WeightedRandom {} => "weighted_random",
             Self::LeastRequest(_) => "least_request",
             Self::PeakEwma(_) => "peak_ewma",
             Self::HealthScore(_) => "health_score",

@@ -42,7 +42,7 @@ fn explained_with(
 
 /// Round robin preferring zone `z1`, ejecting on the first failure, no panic threshold.
 fn in_zone_z1(min_healthy_percent: u32) -> ServicePolicy {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(1);
     service.locality.local_zone = Some("z1".into());
     service.locality.min_healthy_percent = min_healthy_percent;
@@ -61,7 +61,7 @@ fn tagged(mut endpoint: Endpoint) -> Endpoint {
 
 #[test]
 fn a_steady_pick_names_its_endpoint_and_algorithm_with_every_endpoint_a_candidate() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.retry = 2;
     let mut picker = ServicePicker::new(&service, &endpoints(3));
     let (pick, explanation) = explained(&mut picker, ms(0), &mut seeded());
@@ -176,7 +176,7 @@ fn with_no_tier_healthy_enough_every_admissible_endpoint_is_a_candidate() {
 
 #[test]
 fn in_panic_ejected_endpoints_are_candidates_and_the_panic_is_said() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(1);
     service.outlier_detection.panic_threshold_percent = 50;
     let mut picker = ServicePicker::new(&service, &endpoints(3));
@@ -207,7 +207,7 @@ fn in_panic_ejected_endpoints_are_candidates_and_the_panic_is_said() {
 
 #[test]
 fn a_rejected_pick_s_exclusions_say_what_it_was_short_of() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(1);
     let mut fleet = endpoints(3);
     fleet[2].health = Health::Unhealthy;
@@ -273,7 +273,7 @@ fn a_sticky_session_is_explained_as_the_session_and_a_new_one_as_such() {
     let sticky = LoadBalancer::Sticky(Sticky {
         cookie: "session".into(),
         ttl: None,
-        fallback: Box::new(LoadBalancer::RoundRobin),
+        fallback: Box::new(LoadBalancer::RoundRobin {}),
     });
     let mut picker = ServicePicker::new(&policy(sticky), &endpoints(3));
     let mut rng = seeded();
@@ -294,7 +294,7 @@ fn a_sticky_session_is_explained_as_the_session_and_a_new_one_as_such() {
 
 #[test]
 fn a_probe_is_explained_as_the_breaker_was_before_it_was_sent() {
-    let mut service = policy(LoadBalancer::RoundRobin);
+    let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(1);
     let mut picker = ServicePicker::new(&service, &endpoints(1));
     fail_on(&mut picker, addr(1), status(503), 1, secs(1));
@@ -319,8 +319,8 @@ fn a_probe_is_explained_as_the_breaker_was_before_it_was_sent() {
 #[test]
 fn explaining_a_pick_never_changes_it() {
     for load_balancer in [
-        LoadBalancer::RoundRobin,
-        LoadBalancer::WeightedRandom,
+        LoadBalancer::RoundRobin {},
+        LoadBalancer::WeightedRandom {},
         LoadBalancer::LeastRequest(LeastRequest::default()),
         LoadBalancer::PeakEwma(PeakEwma::default()),
         LoadBalancer::HealthScore(Default::default()),
@@ -533,7 +533,7 @@ proptest! {
         panic_threshold_percent in prop_oneof![Just(0u32), 1u32..=100],
         seed in any::<u64>(),
     ) {
-        let mut service = policy(LoadBalancer::RoundRobin);
+        let mut service = policy(LoadBalancer::RoundRobin {});
         service.outlier_detection = strict_outlier_detection(1);
         service.outlier_detection.panic_threshold_percent = panic_threshold_percent;
         if select_tag {
