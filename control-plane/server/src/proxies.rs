@@ -843,6 +843,44 @@ mod tests {
         ));
     }
 
+    /// Every field a report keeps is 1 to its bound of printable ASCII.
+    fn within_bounds(text: &str, max: usize) -> bool {
+        !text.is_empty() && text.len() <= max && text.bytes().all(|b| (b' '..=b'~').contains(&b))
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_bytes_give_a_bounded_printable_report_or_none_and_never_panic(
+            node_id in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..300)),
+            node_cluster in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..300)),
+            version in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..300)),
+            rejected in proptest::option::of(proptest::collection::vec(proptest::num::u8::ANY, 0..200)),
+        ) {
+            let parsed = Report::parse(RawReport {
+                node_id: node_id.as_deref(),
+                node_cluster: node_cluster.as_deref(),
+                version: version.as_deref(),
+                rejected: rejected.as_deref(),
+            });
+            proptest::prop_assert_eq!(parsed.report.is_some(), node_id.is_some() && !parsed.invalid.contains(&InvalidField::NodeId));
+            if let Some(report) = parsed.report {
+                proptest::prop_assert!(within_bounds(&report.node_id, MAX_NODE_NAME_BYTES));
+                if let Some(cluster) = &report.node_cluster {
+                    proptest::prop_assert!(within_bounds(cluster, MAX_NODE_NAME_BYTES));
+                }
+                if let Some(version) = &report.version {
+                    proptest::prop_assert!(within_bounds(version, MAX_VERSION_BYTES));
+                }
+                if let Some(rejection) = &report.rejection {
+                    proptest::prop_assert!(within_bounds(&rejection.reason, MAX_REJECTION_REASON_BYTES));
+                    if let Some(version) = &rejection.version {
+                        proptest::prop_assert!(within_bounds(version, MAX_REJECTION_VERSION_BYTES));
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn states_parse_from_their_labels() {
         for state in ProxyState::ALL {
