@@ -8,7 +8,11 @@
 //!   `fulcrum_core::distribution`); any other request, whatever its headers hold, gets the
 //!   whole snapshot exactly as before deltas existed. `503` before the first snapshot. Every
 //!   answer names the replica that answered in `x-fulcrum-replica`, so a filter follows one
-//!   replica at a time (`fulcrum_core::replica`).
+//!   replica at a time (`fulcrum_core::replica`). A filter's poll also names its proxy
+//!   (`x-fulcrum-node-id`, `x-fulcrum-node-cluster`, `x-fulcrum-rejected`), recorded in the
+//!   proxy table ([`crate::proxy_reports`]); a poll without them is answered all the same.
+//! - `GET /v1/proxies[?state=current|behind|stale]`: the proxies whose filters poll this
+//!   replica, sorted by node id ([`Proxies`]); `400` for another `state`.
 //! - `GET /healthz`: `200` while the process serves.
 //! - `GET /readyz`: `200` once the first snapshot is built, `503` before.
 //! - `GET /metrics`: Prometheus (OpenMetrics text).
@@ -24,7 +28,7 @@
 //!   version); `404` with the kept versions when `N` is not kept.
 //! - `GET /v1/policy/history`, as above.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::SystemTime};
 
 use axum::{
     Json, Router,
@@ -48,6 +52,11 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
+use crate::{
+    proxies::{ProxyState, ProxyView},
+    proxy_reports::ProxyReports,
+};
+
 /// What the handlers share.
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -67,6 +76,8 @@ pub struct AppState {
     pub replica: HeaderValue,
     /// What the snapshot answers were.
     pub snapshot_answers: SnapshotAnswerMetrics,
+    /// The proxies whose filters poll this replica.
+    pub proxies: ProxyReports,
 }
 
 /// Labels of [`SnapshotAnswerMetrics`].
@@ -121,6 +132,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/snapshot", get(snapshot))
         .route("/v1/status", get(status))
+        .route("/v1/proxies", get(proxies))
         .route("/v1/policy/history", get(policy_history))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -210,6 +222,9 @@ fn accepts_delta(headers: &HeaderMap) -> bool {
 }
 
 async fn snapshot(State(state): State<AppState>, headers: HeaderMap) -> Response {
+    state
+        .proxies
+        .record_poll(&headers, named_versions(&headers).next(), SystemTime::now());
     let Some(served) = state.store.current() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "no snapshot yet\n").into_response();
     };
@@ -264,6 +279,13 @@ async fn ready(State(state): State<AppState>) -> Response {
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
+    let served = state.store.current();
+    state.proxies.refresh_gauges(
+        SystemTime::now(),
+        served
+            .as_ref()
+            .map(|served| served.snapshot.version.as_str()),
+    );
     let mut body = String::new();
     if let Err(error) = prometheus_client::encoding::text::encode(&mut body, &state.registry) {
         return (
@@ -305,6 +327,61 @@ async fn status(State(state): State<AppState>) -> Json<Status> {
         refused: state.refused.borrow().as_deref().cloned(),
         streams: state.nodes.snapshot(),
     })
+}
+
+/// The body of `/v1/proxies`: a stable schema, fields only ever added.
+#[derive(Debug, Serialize)]
+pub struct Proxies {
+    /// The snapshot version this replica serves, which `current` is judged against.
+    pub snapshot_version: Option<String>,
+    /// This replica's name: each replica lists only the proxies that polled it.
+    pub replica: String,
+    /// A proxy unheard for this long is `stale`.
+    pub stale_after_seconds: f64,
+    /// A proxy unheard for this long is no longer listed.
+    pub expire_after_seconds: f64,
+    /// Every proxy, sorted by node id.
+    pub proxies: Vec<ProxyView>,
+}
+
+/// The query of `GET /v1/proxies`.
+#[derive(Debug, Deserialize)]
+pub struct ProxiesQuery {
+    /// Only the proxies in this state: `current`, `behind` or `stale`.
+    pub state: Option<String>,
+}
+
+async fn proxies(State(state): State<AppState>, Query(query): Query<ProxiesQuery>) -> Response {
+    let only = match query
+        .state
+        .as_deref()
+        .map(|label| (label, ProxyState::from_label(label)))
+    {
+        None => None,
+        Some((_, Some(only))) => Some(only),
+        Some((label, None)) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                format!("unknown state {label:?}: expected current, behind or stale\n"),
+            )
+                .into_response();
+        }
+    };
+    let served = state
+        .store
+        .current()
+        .map(|served| served.snapshot.version.clone());
+    let limits = state.proxies.limits();
+    Json(Proxies {
+        proxies: state
+            .proxies
+            .view(SystemTime::now(), served.as_deref(), only),
+        snapshot_version: served,
+        replica: String::from_utf8_lossy(state.replica.as_bytes()).into_owned(),
+        stale_after_seconds: limits.stale_after.as_secs_f64(),
+        expire_after_seconds: limits.expire_after.as_secs_f64(),
+    })
+    .into_response()
 }
 
 async fn policy_history(State(state): State<AppState>) -> Json<Vec<AppliedPolicy>> {

@@ -7,6 +7,8 @@
 
 pub mod http;
 pub mod limits;
+pub mod proxies;
+pub mod proxy_reports;
 pub mod registry;
 pub mod tls;
 
@@ -27,9 +29,14 @@ use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
 use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
-use crate::{limits::LimitMetrics, registry::StartedRegistry};
+use crate::{
+    limits::LimitMetrics,
+    proxy_reports::{ProxyMetrics, ProxyReports},
+    registry::StartedRegistry,
+};
 pub use crate::{
     limits::ListenerLimits,
+    proxies::ProxyTableLimits,
     registry::{RegistryBackendOptions, RegistryOptions},
     tls::{Tls, TlsFiles, TlsMetrics},
 };
@@ -69,6 +76,8 @@ pub struct Config {
     /// follows one replica at a time (`fulcrum_core::replica`). Unique per replica: the pod
     /// name in Kubernetes.
     pub replica: String,
+    /// How many polling proxies `GET /v1/proxies` holds and when it forgets them.
+    pub proxies: ProxyTableLimits,
 }
 
 /// A name no other running control plane has: `control-plane-` and 64 random bits.
@@ -98,6 +107,7 @@ impl Default for Config {
             limits: ListenerLimits::default(),
             tls: None,
             replica: unique_replica_name(),
+            proxies: ProxyTableLimits::default(),
         }
     }
 }
@@ -192,6 +202,9 @@ impl ControlPlane {
         limit_metrics.register(&mut metrics_registry);
         let snapshot_answers = http::SnapshotAnswerMetrics::default();
         snapshot_answers.register(&mut metrics_registry);
+        config.proxies.check()?;
+        let proxy_metrics = ProxyMetrics::default();
+        proxy_metrics.register(&mut metrics_registry);
         let admin_tokens = admin_tokens(config.admin_address, config.admin_token_file.as_deref())?;
         let tls_metrics = TlsMetrics::default();
         tls_metrics.register(&mut metrics_registry);
@@ -340,6 +353,7 @@ impl ControlPlane {
             nodes,
             registry: Arc::new(metrics_registry),
             snapshot_answers,
+            proxies: ProxyReports::new(config.proxies, proxy_metrics),
             replica: axum::http::HeaderValue::from_str(&config.replica).with_context(|| {
                 format!(
                     "the replica name {:?} is not a valid header value",

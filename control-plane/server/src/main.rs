@@ -5,8 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{CommandFactory, Parser, ValueEnum, error::ErrorKind};
 use fulcrum_control_plane::{
-    Config, ControlPlane, ListenerLimits, OptionalSources, PolicySource, RegistryBackendOptions,
-    RegistryOptions, TlsFiles,
+    Config, ControlPlane, ListenerLimits, OptionalSources, PolicySource, ProxyTableLimits,
+    RegistryBackendOptions, RegistryOptions, TlsFiles,
 };
 use fulcrum_kube_source::{KubeOptions, Mapping};
 use fulcrum_registry::{
@@ -200,6 +200,20 @@ struct Cli {
     /// registrations make a snapshot of about 22 MiB, under the filters' 32 MiB cap.
     #[arg(long, value_name = "N", default_value_t = DEFAULT_MAX_INSTANCES, requires = "registry")]
     registry_max_instances: usize,
+    /// Most proxies `GET /v1/proxies` lists (one per Envoy node id whose filter polls this
+    /// replica); a new one beyond evicts the least recently seen
+    /// (`fulcrum_proxies_evicted_total`).
+    #[arg(long, value_name = "N", default_value_t = fulcrum_control_plane::proxies::DEFAULT_MAX_PROXIES)]
+    max_proxies: usize,
+    /// A proxy whose filter has not polled for this long reads `stale`, in milliseconds.
+    /// Default: three times the filter's default `control_plane.poll_interval` (500ms); raise
+    /// it with the filters' poll interval.
+    #[arg(long, value_name = "MS", default_value_t = 1_500)]
+    proxy_stale_after_ms: u64,
+    /// A proxy whose filter has not polled for this long is no longer listed, in
+    /// milliseconds; longer than `--proxy-stale-after-ms`.
+    #[arg(long, value_name = "MS", default_value_t = 600_000)]
+    proxy_expire_after_ms: u64,
     /// Address of the registry's gRPC API (`fulcrum.registry.v1.Registry`).
     #[arg(long, default_value = "127.0.0.1:18001", requires = "registry")]
     registry_addr: SocketAddr,
@@ -323,6 +337,11 @@ async fn main() -> ExitCode {
             .filter(|name| !name.is_empty())
             .unwrap_or_else(fulcrum_control_plane::unique_replica_name),
         snapshot_budget_bytes: cli.snapshot_budget_bytes,
+        proxies: ProxyTableLimits {
+            max_proxies: cli.max_proxies,
+            stale_after: Duration::from_millis(cli.proxy_stale_after_ms),
+            expire_after: Duration::from_millis(cli.proxy_expire_after_ms),
+        },
         limits: ListenerLimits {
             http_request_timeout: Duration::from_millis(cli.http_request_timeout_ms),
             http_max_in_flight: cli.http_max_in_flight,

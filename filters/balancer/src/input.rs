@@ -33,6 +33,11 @@ pub const MAX_COOKIE_BYTES: usize = 8 << 10;
 /// label values (where Istio takes them from) are at most 63.
 pub const MAX_LOCALITY_BYTES: usize = 253;
 
+/// Longest node id or node cluster the filter sends to the control plane: 256 bytes. Istio's
+/// node ids (`sidecar~IP~POD.NS~NS.svc.cluster.local`) stay far below; a longer value is cut
+/// to this length (two nodes whose ids share their first 256 bytes then report as one).
+pub const MAX_NODE_NAME_BYTES: usize = 256;
+
 /// A request input the filter reads: the `input` label of
 /// `fulcrum_request_input_invalid_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,11 +72,17 @@ pub enum Input {
     /// `xds.node.locality.region` (or `node.locality.region`): the region of the proxy's Envoy
     /// node, read once per configuration.
     NodeRegion,
+    /// `xds.node.id` (or `node.id`): the proxy's Envoy node id, read once per configuration
+    /// and sent with every snapshot poll.
+    NodeId,
+    /// `xds.node.cluster` (or `node.cluster`): the proxy's Envoy node cluster, read once per
+    /// configuration and sent with every snapshot poll.
+    NodeCluster,
 }
 
 impl Input {
     /// Every input, in declaration order (so `input as usize` indexes it).
-    pub const ALL: [Self; 14] = [
+    pub const ALL: [Self; 16] = [
         Self::Authority,
         Self::Service,
         Self::RouteCluster,
@@ -86,6 +97,8 @@ impl Input {
         Self::GrpcStatus,
         Self::NodeZone,
         Self::NodeRegion,
+        Self::NodeId,
+        Self::NodeCluster,
     ];
 
     /// The metric label.
@@ -105,6 +118,8 @@ impl Input {
             Self::GrpcStatus => "grpc_status",
             Self::NodeZone => "node_zone",
             Self::NodeRegion => "node_region",
+            Self::NodeId => "node_id",
+            Self::NodeCluster => "node_cluster",
         }
     }
 
@@ -113,6 +128,7 @@ impl Input {
         match self {
             Self::Cookie => MAX_COOKIE_BYTES,
             Self::NodeZone | Self::NodeRegion => MAX_LOCALITY_BYTES,
+            Self::NodeId | Self::NodeCluster => MAX_NODE_NAME_BYTES,
             _ => MAX_VALUE_BYTES,
         }
     }
@@ -233,6 +249,51 @@ pub fn node_locality(metrics: &Metrics) -> NodeLocality {
     }
 }
 
+/// Who the proxy is, as its Envoy node says: sent with every snapshot poll so the control
+/// plane can list which proxy runs which version.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeIdentity {
+    /// `node.id`, when set, not empty and usable.
+    pub id: Option<String>,
+    /// `node.cluster`, when set, not empty and usable.
+    pub cluster: Option<String>,
+}
+
+/// The id and cluster of the proxy's Envoy node, each read at `xds.node.<field>`, else at the
+/// older `node.<field>`. A field is `None` when unset or empty, and also, counted, when it
+/// holds a byte that is not printable ASCII (it goes into a request header); one longer than
+/// [`MAX_NODE_NAME_BYTES`] is cut to that length.
+pub fn node_identity(metrics: &Metrics) -> NodeIdentity {
+    let field = |name: &str, input: Input| {
+        let read = |path: &[&str]| hostcalls::get_property(path.to_vec()).ok().flatten();
+        let bytes = read(&["xds", "node", name]).or_else(|| read(&["node", name]))?;
+        if bytes.is_empty() {
+            return None;
+        }
+        let value = header_text(&bytes, input.cap());
+        if value.is_none() {
+            metrics.input_invalid(input);
+        }
+        value
+    };
+    NodeIdentity {
+        id: field("id", Input::NodeId),
+        cluster: field("cluster", Input::NodeCluster),
+    }
+}
+
+/// `bytes` cut to `cap` bytes, as text fit for a header value: `None` when any byte is not
+/// printable ASCII (space to `~`), so no control character, line break or non-ASCII byte
+/// ever reaches a header.
+pub fn header_text(bytes: &[u8], cap: usize) -> Option<String> {
+    if !bytes.iter().all(|byte| matches!(byte, b' '..=b'~')) {
+        return None;
+    }
+    let kept = bytes.get(..cap).unwrap_or(bytes);
+    // Printable ASCII is UTF-8.
+    String::from_utf8(kept.to_vec()).ok()
+}
+
 /// A string property that `parse` must accept; one it refuses is unusable and counted.
 pub fn parsed_property<T>(
     path: &[&str],
@@ -320,6 +381,26 @@ mod tests {
     }
 
     #[test]
+    fn header_text_is_printable_ascii_cut_to_the_cap() {
+        assert_eq!(
+            header_text(b"sidecar~10.0.0.1~web-1.shop~shop.svc.cluster.local", 256).as_deref(),
+            Some("sidecar~10.0.0.1~web-1.shop~shop.svc.cluster.local")
+        );
+        assert_eq!(header_text(b"abcdef", 4).as_deref(), Some("abcd"));
+        assert_eq!(header_text(b"a b", 8).as_deref(), Some("a b"));
+        for hostile in [
+            &b"a\r\nx-injected: 1"[..],
+            b"a\x00b",
+            b"tab\there",
+            b"\x7f",
+            "é".as_bytes(),
+            &[0xff, b'a'],
+        ] {
+            assert_eq!(header_text(hostile, 256), None, "{hostile:?}");
+        }
+    }
+
+    #[test]
     fn a_status_is_exactly_three_digits_from_100_to_999() {
         assert_eq!(parse_status(b"200"), Some(200));
         assert_eq!(parse_status(b"503"), Some(503));
@@ -340,14 +421,20 @@ mod tests {
     }
 
     #[test]
-    fn cookies_get_the_larger_cap_and_the_node_locality_a_dns_name_s() {
+    fn cookies_get_the_larger_cap_the_node_locality_a_dns_name_s_and_node_names_256() {
         assert_eq!(Input::Cookie.cap(), 8192);
         assert_eq!(Input::NodeZone.cap(), 253);
         assert_eq!(Input::NodeRegion.cap(), 253);
-        for input in Input::ALL
-            .into_iter()
-            .filter(|i| ![Input::Cookie, Input::NodeZone, Input::NodeRegion].contains(i))
-        {
+        assert_eq!(Input::NodeId.cap(), 256);
+        assert_eq!(Input::NodeCluster.cap(), 256);
+        let special = [
+            Input::Cookie,
+            Input::NodeZone,
+            Input::NodeRegion,
+            Input::NodeId,
+            Input::NodeCluster,
+        ];
+        for input in Input::ALL.into_iter().filter(|i| !special.contains(i)) {
             assert_eq!(input.cap(), 4096, "{input:?}");
         }
     }

@@ -9,7 +9,8 @@
 //! Modules follow the proxy-wasm SDK's shape: [`root`] (the root context: configuration,
 //! snapshot polling and sharing) and [`http`] (one context per request), over `worker`
 //! (the per-VM balancing state). [`input`] reads every request header and property, none of
-//! which the filter trusts.
+//! which the filter trusts; `report` is what each snapshot poll tells the control plane
+//! about the proxy.
 
 pub mod config;
 #[cfg(feature = "fault-injection")]
@@ -17,6 +18,7 @@ mod fault;
 pub mod http;
 pub mod input;
 mod metrics;
+mod report;
 pub mod root;
 mod shared_snapshot;
 mod sync;

@@ -9,7 +9,9 @@
 //! and rebuilding only the services whose content changed (`fulcrum_core::mesh`); an invalid
 //! or failed fetch is logged and counted and the last good snapshot stays in force, and so
 //! does one whose tables exceed `max_table_bytes`. Answers are taken from one control-plane replica at a time
-//! (`fulcrum_core::replica`), so a proxy never alternates between two replicas' views.
+//! (`fulcrum_core::replica`), so a proxy never alternates between two replicas' views. Each
+//! poll also names the proxy (its Envoy node id and cluster, read once here) and the last
+//! snapshot it refused (`crate::report`), for the control plane's `GET /v1/proxies`.
 //!
 //! Every VM ticks at least every [`EJECTION_SYNC_PERIOD`], static endpoints or not, and, once
 //! it has served a request (so not Envoy's main-thread VM), applies the ejections other
@@ -43,9 +45,13 @@ use proxy_wasm::{
 use crate::{
     config::{ControlPlane, DEFAULT_OVERRIDE_HEADER, FilterConfig},
     http::{PassThrough, Request},
-    input, log_debug, log_error, log_info, log_warn,
+    input::{self, NodeIdentity},
+    log_debug, log_error, log_info, log_warn,
     metrics::Metrics,
     now,
+    report::{
+        NODE_CLUSTER_HEADER, NODE_ID_HEADER, REJECTED_HEADER, RejectionReason, rejected_value,
+    },
     shared_snapshot::{PublishError, Published, ReadError, SharedSnapshot},
     sync::SharedKeys,
     worker::Worker,
@@ -95,6 +101,8 @@ struct Configured {
     snapshot: SharedSnapshot,
     /// The token of the snapshot request in flight, if this VM holds the lease.
     pending_poll: Option<u32>,
+    /// The Envoy node's id and cluster, named in every poll; read once, with a control plane.
+    identity: NodeIdentity,
     /// Whether this VM has handed out a request context: only then does it apply shared
     /// ejections. Envoy's main-thread VM ticks but never serves, so it stays out (and out of
     /// the circuit-open gauge, which counts the VMs that avoid an endpoint).
@@ -177,12 +185,17 @@ impl RootContext for Root {
             seed,
             self.metrics.clone(),
         )));
+        let identity = match &config.control_plane {
+            Some(_) => input::node_identity(&self.metrics),
+            None => NodeIdentity::default(),
+        };
         let configured = Configured {
             config: Rc::new(config),
             worker,
             keys,
             snapshot: SharedSnapshot::new(&root_id),
             pending_poll: None,
+            identity,
             serving: Cell::new(false),
         };
         match &configured.config.control_plane {
@@ -288,6 +301,16 @@ impl Configured {
         if let Some(version) = &version {
             headers.push(("if-none-match", version.as_str()));
         }
+        if let Some(id) = &self.identity.id {
+            headers.push((NODE_ID_HEADER, id.as_str()));
+        }
+        if let Some(cluster) = &self.identity.cluster {
+            headers.push((NODE_CLUSTER_HEADER, cluster.as_str()));
+        }
+        let rejected = self.keys.last_rejection();
+        if let Some(rejected) = &rejected {
+            headers.push((REJECTED_HEADER, rejected.as_str()));
+        }
         match hostcalls::dispatch_http_call(
             &control_plane.cluster,
             headers,
@@ -328,6 +351,7 @@ impl Configured {
             Some(b"304") => {}
             Some(b"200") if body_size > control_plane.max_snapshot_bytes => {
                 metrics.snapshot_rejected();
+                self.record_rejection(RejectionReason::TooLarge, answer_version().as_deref());
                 log_error(&format!(
                     "snapshot of {body_size} bytes exceeds control_plane.max_snapshot_bytes ({}); keeping version {:?}",
                     control_plane.max_snapshot_bytes,
@@ -345,11 +369,15 @@ impl Configured {
                             "published snapshot version {}: {} service key(s) written",
                             published.version, published.written
                         ));
-                        report_left_out(&published, &metrics);
+                        self.report_left_out(&published, &metrics);
                         self.apply_published();
                     }
                     Err(error @ PublishError::Malformed(_)) => {
                         metrics.snapshot_rejected();
+                        self.record_rejection(
+                            RejectionReason::Malformed,
+                            answer_version().as_deref(),
+                        );
                         log_error(&format!(
                             "rejected snapshot, keeping version {:?}: {error}",
                             kept()
@@ -422,6 +450,47 @@ impl Configured {
         }
     }
 
+    /// Logs and counts what publishing left out: invalid services, a refused policy, and
+    /// records it for the next poll to report. Only the VM that fetched the answer does, so
+    /// each is counted once per proxy.
+    fn report_left_out(&self, published: &Published, metrics: &Metrics) {
+        for skipped in &published.skipped {
+            metrics.snapshot_service_skipped();
+            log_error(&format!(
+                "snapshot {}: left out service {}: {}",
+                published.version, skipped.service, skipped.reason
+            ));
+        }
+        if !published.skipped.is_empty() {
+            self.record_rejection(
+                RejectionReason::ServiceInvalid,
+                Some(published.version.as_bytes()),
+            );
+        }
+        if let Some(reason) = &published.policy_error {
+            metrics.snapshot_policy_rejected();
+            self.record_rejection(
+                RejectionReason::PolicyInvalid,
+                Some(published.version.as_bytes()),
+            );
+            log_error(&format!(
+                "snapshot {}: refused its policy, keeping the one in force: {reason}",
+                published.version
+            ));
+        }
+    }
+
+    /// Records a refused snapshot in shared data, for the next poll of any VM to report.
+    fn record_rejection(&self, reason: RejectionReason, version: Option<&[u8]>) {
+        if self
+            .keys
+            .record_rejection(&rejected_value(reason, version))
+            .is_err()
+        {
+            log_warn("could not record a refused snapshot in shared data");
+        }
+    }
+
     /// Applies the published snapshot when its version differs from ours: only the services
     /// whose content changed are read, parsed and rebuilt (`crate::shared_snapshot`).
     fn apply_published(&self) {
@@ -462,6 +531,7 @@ impl Configured {
             }
             Err(error) => {
                 worker.metrics().snapshot_over_table_budget();
+                self.record_rejection(RejectionReason::OverTableBudget, Some(version.as_bytes()));
                 log_error(&format!(
                     "refused snapshot version {version}, keeping version {:?}: {error}",
                     worker.version()
@@ -471,23 +541,17 @@ impl Configured {
     }
 }
 
-/// Logs and counts what publishing left out: invalid services, a refused policy. Only the
-/// VM that fetched the answer does, so each is counted once per proxy.
-fn report_left_out(published: &Published, metrics: &Metrics) {
-    for skipped in &published.skipped {
-        metrics.snapshot_service_skipped();
-        log_error(&format!(
-            "snapshot {}: left out service {}: {}",
-            published.version, skipped.service, skipped.reason
-        ));
-    }
-    if let Some(reason) = &published.policy_error {
-        metrics.snapshot_policy_rejected();
-        log_error(&format!(
-            "snapshot {}: refused its policy, keeping the one in force: {reason}",
-            published.version
-        ));
-    }
+/// The version an answer names in its `ETag` (quotes stripped), read only when the answer is
+/// refused.
+fn answer_version() -> Option<Vec<u8>> {
+    let etag = hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, "etag")
+        .ok()
+        .flatten()?;
+    let unquoted = etag
+        .strip_prefix(b"\"")
+        .and_then(|rest| rest.strip_suffix(b"\""))
+        .unwrap_or(&etag);
+    Some(unquoted.to_vec())
 }
 
 /// A `:status` for a log line: escaped and cut short, as it comes from the network.

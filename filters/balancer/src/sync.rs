@@ -11,7 +11,9 @@
 //! content changed. The layout and its invariants (no VM ever applies a torn or mixed view)
 //! are in [`crate::shared_snapshot`]. Beside it, `fulcrum/<root_id>/replica`: the
 //! control-plane replica the plugin follows and when it last answered
-//! ([`fulcrum_core::replica::Followed`]), written by the VM that polled.
+//! ([`fulcrum_core::replica::Followed`]), written by the VM that polled; and
+//! `fulcrum/<root_id>/rejected`: the last snapshot a VM refused, which the next poll reports
+//! (`crate::report`).
 //!
 //! **The rate limit's buckets** ([`SharedBuckets`]): `fulcrum/<root_id>/rate_limit/<service>/
 //! service` and `…/client/<slot>`, 24 bytes each, read and written with compare-and-swap, so
@@ -56,10 +58,14 @@ use fulcrum_core::{
 };
 use proxy_wasm::{hostcalls, types::Status};
 
+use crate::{input::header_text, report::MAX_REJECTED_BYTES};
+
 /// The shared-data keys of one plugin.
 #[derive(Debug, Clone)]
 pub struct SharedKeys {
     replica: String,
+    /// The last snapshot a VM of the proxy refused (`crate::report`).
+    rejected: String,
     rate_limit: String,
     ejections: String,
 }
@@ -68,6 +74,7 @@ impl SharedKeys {
     pub fn new(root_id: &str) -> Self {
         Self {
             replica: format!("fulcrum/{root_id}/replica"),
+            rejected: format!("fulcrum/{root_id}/rejected"),
             rate_limit: format!("fulcrum/{root_id}/rate_limit/"),
             ejections: format!("fulcrum/{root_id}/ejections/"),
         }
@@ -100,6 +107,22 @@ impl SharedKeys {
     /// Records the replica followed from now on and when it answered.
     pub fn follow(&self, followed: &Followed) -> Result<(), Status> {
         hostcalls::set_shared_data(&self.replica, Some(&followed.encode()), None)
+    }
+
+    /// Records the last snapshot a VM of the proxy refused, as the `x-fulcrum-rejected`
+    /// value ([`crate::report::rejected_value`]); the last writer wins.
+    pub fn record_rejection(&self, value: &str) -> Result<(), Status> {
+        hostcalls::set_shared_data(&self.rejected, Some(value.as_bytes()), None)
+    }
+
+    /// The last snapshot a VM of the proxy refused, when one did and the record is a header
+    /// value of at most [`MAX_REJECTED_BYTES`] (anything else is not sent).
+    pub fn last_rejection(&self) -> Option<String> {
+        let bytes = hostcalls::get_shared_data(&self.rejected).ok()?.0?;
+        if bytes.is_empty() || bytes.len() > MAX_REJECTED_BYTES {
+            return None;
+        }
+        header_text(&bytes, MAX_REJECTED_BYTES)
     }
 }
 

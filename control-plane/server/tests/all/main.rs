@@ -5,6 +5,7 @@ mod support;
 mod binary;
 mod kube_and_policy;
 mod limits;
+mod proxies;
 mod registry;
 mod replicas;
 mod snapshot_api;

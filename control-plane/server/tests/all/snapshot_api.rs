@@ -159,22 +159,13 @@ fn three_services(checkout_ports: &[u16], with_cart: bool) -> String {
     endpoints_file(&services)
 }
 
-/// Writes `yaml` and waits for the version after `previous`.
-async fn next_version(fixture: &Fixture, yaml: &str, previous: &str) -> String {
-    fixture.write(yaml);
-    eventually(PATIENCE, "a new snapshot version", || async {
-        let version = fixture.snapshot_version().await;
-        (version != previous).then_some(version)
-    })
-    .await
-    .expect("a changed file yields a new version")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_filter_taking_deltas_gets_only_the_changed_and_removed_services_since_its_version() {
     let fixture = Fixture::start(&three_services(&[19001], true)).await;
     let v1 = fixture.snapshot_version().await;
-    let v2 = next_version(&fixture, &three_services(&[19001, 19002], false), &v1).await;
+    let v2 = fixture
+        .next_version(&three_services(&[19001, 19002], false), &v1)
+        .await;
 
     let response = delta_request(&fixture, &v1).send().await.expect("get");
     assert_eq!(response.status(), StatusCode::OK);
@@ -228,7 +219,9 @@ fn answer_metric(metrics: &str, name: &str, kind: &str) -> Option<u64> {
 async fn an_old_filter_and_a_filter_with_an_unknown_or_hostile_version_get_the_whole_snapshot() {
     let fixture = Fixture::start(&three_services(&[19001], true)).await;
     let v1 = fixture.snapshot_version().await;
-    let v2 = next_version(&fixture, &three_services(&[19001, 19002], true), &v1).await;
+    let v2 = fixture
+        .next_version(&three_services(&[19001, 19002], true), &v1)
+        .await;
 
     // An old filter: `Accept: application/json` and its version.
     let old = fixture

@@ -131,6 +131,17 @@ impl Fixture {
         .expect("a snapshot is built")
     }
 
+    /// Writes `yaml` and waits for the version after `previous`.
+    pub async fn next_version(&self, yaml: &str, previous: &str) -> String {
+        self.write(yaml);
+        eventually(PATIENCE, "a new snapshot version", || async {
+            let version = self.snapshot_version().await;
+            (version != previous).then_some(version)
+        })
+        .await
+        .expect("a changed file yields a new version")
+    }
+
     /// Starts an Envoy taking CDS/EDS from this control plane.
     pub async fn envoy(&self, node_id: &str, api: AdsApi) -> Envoy {
         let bootstrap = Bootstrap::ads(node_id, self.control_plane.xds_address(), api);

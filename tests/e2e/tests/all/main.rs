@@ -4,6 +4,7 @@
 mod control_plane;
 mod grpc;
 mod health_checks;
+mod proxies;
 mod static_endpoints;
 mod two_workers;
 mod untrusted_requests;

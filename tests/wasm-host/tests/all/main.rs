@@ -5,7 +5,8 @@
 //! `snapshot_distribution` how the VMs of a proxy share them, one key per service;
 //! `rate_limit` how the workers of a proxy share one limit; `replicas` how it follows one
 //! control-plane replica; `shared_ejections` how an ejection on one worker reaches the
-//! others; `node_locality` how the proxy's zone and region come from its node; `untrusted_input` sends it hostile headers, properties and snapshot responses, and
+//! others; `node_locality` how the proxy's zone and region come from its node; `proxy_report` what
+//! each poll tells the control plane about the proxy; `untrusted_input` sends it hostile headers, properties and snapshot responses, and
 //! `untrusted_input_property` thousands of generated ones.
 
 mod abi;
@@ -14,6 +15,7 @@ mod filter;
 mod grpc;
 mod host_calls;
 mod node_locality;
+mod proxy_report;
 mod rate_limit;
 mod replicas;
 mod shared_ejections;
