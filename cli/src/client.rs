@@ -101,6 +101,22 @@ impl ControlPlane {
         json(response, &url)
     }
 
+    /// The proxies whose filters poll the control plane (`GET /v1/proxies[?state=S]`).
+    pub fn proxies(&self, state: Option<&str>) -> Result<crate::proxies::Proxies> {
+        let url = match state {
+            Some(state) => format!("{}/v1/proxies?state={state}", self.server),
+            None => format!("{}/v1/proxies", self.server),
+        };
+        let response = send(self.client.get(&url), &url, "--server")?;
+        if response.status() == StatusCode::NOT_FOUND {
+            bail!(
+                "the control plane at {} has no /v1/proxies: it predates proxy status; upgrade it",
+                self.server
+            );
+        }
+        json(response, &url)
+    }
+
     /// The kept policy versions, oldest first, the last current (`GET /v1/policy/history`
     /// on the admin API).
     pub fn policy_history(&self) -> Result<Vec<AppliedPolicy>> {

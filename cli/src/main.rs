@@ -13,6 +13,7 @@
 mod client;
 mod output;
 mod policy;
+mod proxies;
 
 use std::process::ExitCode;
 
@@ -50,6 +51,9 @@ enum Command {
     /// Validate, diff, list and roll back the balancing policy.
     #[command(subcommand)]
     Policy(policy::PolicyCommand),
+    /// List the proxies whose filters poll the control plane (`--server`), the snapshot
+    /// version each runs and whether it is current, behind or stale.
+    Proxies(proxies::ProxiesCommand),
 }
 
 /// What a command concluded, when it could do its job.
@@ -65,6 +69,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Policy(command) => command.run(&cli.global.endpoints, cli.global.output),
+        Command::Proxies(command) => command.run(&cli.global.endpoints, cli.global.output),
     };
     match outcome {
         Ok(Verdict::Yes) => ExitCode::SUCCESS,

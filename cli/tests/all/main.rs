@@ -1,9 +1,10 @@
 //! The `fulcrum` binary as an operator runs it: against policy files and manifests, and
 //! against a real control plane (in-process, on loopback) serving a policy file, with an
-//! admin token; and the checked-in JSON Schema against the types and every policy in the
-//! repository.
+//! admin token, and polled as filters poll it; and the checked-in JSON Schema against the
+//! types and every policy in the repository.
 
 mod policy_files;
 mod policy_served;
+mod proxies;
 mod schema;
 mod support;

@@ -179,6 +179,43 @@ impl Served {
             .unwrap_or_else(|error| panic!("policy version {version} never served: {error}"));
     }
 
+    /// The version of the snapshot served.
+    pub fn snapshot_version(&self) -> String {
+        let url = format!("http://{}/v1/snapshot", self.control_plane().http_address());
+        self.runtime.block_on(async move {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client");
+            let snapshot: serde_json::Value = client
+                .get(url)
+                .send()
+                .await
+                .expect("request")
+                .json()
+                .await
+                .expect("a snapshot");
+            snapshot["version"].as_str().expect("a version").to_owned()
+        })
+    }
+
+    /// Polls the snapshot as a filter of Envoy node `node_id` at snapshot `version` does.
+    pub fn poll_as(&self, node_id: &str, version: Option<&str>) {
+        let url = format!("http://{}/v1/snapshot", self.control_plane().http_address());
+        self.runtime.block_on(async move {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client");
+            let mut request = client.get(url).header("x-fulcrum-node-id", node_id);
+            if let Some(version) = version {
+                request = request.header("if-none-match", format!("\"{version}\""));
+            }
+            let status = request.send().await.expect("request").status();
+            assert!(status.is_success() || status.as_u16() == 304, "{status}");
+        });
+    }
+
     /// The served snapshot's policy, as JSON.
     pub fn served_policy(&self) -> serde_json::Value {
         let url = format!("http://{}/v1/snapshot", self.control_plane().http_address());
