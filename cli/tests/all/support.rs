@@ -181,22 +181,10 @@ impl Served {
 
     /// The version of the snapshot served.
     pub fn snapshot_version(&self) -> String {
-        let url = format!("http://{}/v1/snapshot", self.control_plane().http_address());
-        self.runtime.block_on(async move {
-            let client = reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .expect("client");
-            let snapshot: serde_json::Value = client
-                .get(url)
-                .send()
-                .await
-                .expect("request")
-                .json()
-                .await
-                .expect("a snapshot");
-            snapshot["version"].as_str().expect("a version").to_owned()
-        })
+        self.snapshot()["version"]
+            .as_str()
+            .expect("a version")
+            .to_owned()
     }
 
     /// Polls the snapshot as a filter of Envoy node `node_id` at snapshot `version` does.
@@ -218,21 +206,25 @@ impl Served {
 
     /// The served snapshot's policy, as JSON.
     pub fn served_policy(&self) -> serde_json::Value {
+        self.snapshot()["policy"].clone()
+    }
+
+    /// The snapshot served, as JSON.
+    fn snapshot(&self) -> serde_json::Value {
         let url = format!("http://{}/v1/snapshot", self.control_plane().http_address());
         self.runtime.block_on(async move {
             let client = reqwest::Client::builder()
                 .no_proxy()
                 .build()
                 .expect("client");
-            let snapshot: serde_json::Value = client
+            client
                 .get(url)
                 .send()
                 .await
                 .expect("request")
                 .json()
                 .await
-                .expect("a snapshot");
-            snapshot["policy"].clone()
+                .expect("a snapshot")
         })
     }
 }
