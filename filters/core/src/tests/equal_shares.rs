@@ -12,12 +12,7 @@
 //! its sampled peers and never get the sample that corrects it (measured: 0 of 50,000
 //! picks).
 
-use std::{
-    cmp::Reverse,
-    collections::{BTreeMap, BinaryHeap},
-    net::SocketAddr,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use crate::{
     ServicePicker,
@@ -25,6 +20,8 @@ use crate::{
     rng::{Rng, SplitMix64},
     test_support::*,
 };
+
+use super::closed_loop::drive;
 
 /// Picks made per run.
 const PICKS: u32 = 60_000;
@@ -84,26 +81,18 @@ fn shares(
         episode_until: Duration::ZERO,
     };
     let mut counts: BTreeMap<SocketAddr, u32> = BTreeMap::new();
-    // Completions in flight, earliest first: (when, sequence, endpoint, latency).
-    let mut inflight = BinaryHeap::new();
-    let mut now = Duration::ZERO;
-    let mut sequence = 0u64;
-    for _ in 0..PICKS {
-        while inflight.len() >= concurrency {
-            let Some(Reverse((at, _, endpoint, latency))) = inflight.pop() else {
-                break;
-            };
-            now = at;
-            picker.complete(endpoint, crate::Served::ByPick, ok(latency), now);
-        }
-        let pick = picker
-            .pick(&Default::default(), now, &mut rng)
-            .expect("admissible");
-        *counts.entry(pick.endpoint).or_default() += 1;
-        sequence += 1;
-        let latency = noise.answer(now);
-        inflight.push(Reverse((now + latency, sequence, pick.endpoint, latency)));
-    }
+    let mut picks = 0;
+    drive(
+        &mut picker,
+        concurrency,
+        &mut rng,
+        |_, now| noise.answer(now),
+        |endpoint, _| {
+            *counts.entry(endpoint).or_default() += 1;
+            picks += 1;
+            picks < PICKS
+        },
+    );
     (1..=4)
         .map(|endpoint| {
             f64::from(counts.get(&addr(endpoint)).copied().unwrap_or(0)) / f64::from(PICKS)

@@ -3,6 +3,7 @@
 
 mod algorithms;
 mod breaker;
+mod closed_loop;
 mod ejections;
 mod equal_shares;
 mod explain;

@@ -9,7 +9,7 @@
 //! waited a whole bucket (1 s) for a yardstick and then for judged calls to outnumber the
 //! calls made before it.
 
-use std::{cmp::Reverse, collections::BinaryHeap, net::SocketAddr, time::Duration};
+use std::{net::SocketAddr, time::Duration};
 
 use crate::{
     ServicePicker,
@@ -18,6 +18,8 @@ use crate::{
     rng::{Rng, SplitMix64},
     test_support::*,
 };
+
+use super::closed_loop::drive;
 
 /// How long the simulated run lasts.
 const RUN: Duration = Duration::from_secs(10);
@@ -41,42 +43,39 @@ fn run(load_balancer: LoadBalancer, seed: u64) -> Run {
     let mut rng = SplitMix64::new(seed);
     let mut noise = SplitMix64::new(seed ^ 0x5eed);
     let mut episode_until = Duration::ZERO;
-    // Completions in flight, earliest first: (when, sequence, endpoint, latency).
-    let mut inflight = BinaryHeap::new();
-    let mut now = Duration::ZERO;
-    let mut sequence = 0u64;
     let (mut picks, mut slow_picks) = (0u32, 0u32);
     let (mut first_second, mut first_second_slow) = (0u32, 0u32);
-    while now < RUN {
-        while inflight.len() >= CONCURRENCY {
-            let Some(Reverse((at, _, endpoint, latency))) = inflight.pop() else {
-                break;
-            };
-            now = at;
-            picker.complete(endpoint, crate::Served::ByPick, ok(latency), now);
-        }
-        let pick = picker
-            .pick(&Default::default(), now, &mut rng)
-            .expect("admissible");
-        picks += 1;
-        slow_picks += u32::from(pick.endpoint == slow);
-        if now < Duration::from_secs(1) {
-            first_second += 1;
-            first_second_slow += u32::from(pick.endpoint == slow);
-        }
-        if now >= episode_until && noise.unit() < 0.002 {
-            episode_until = now + Duration::from_micros(10_000 + (noise.unit() * 40_000.0) as u64);
-        }
-        let mut latency = Duration::from_micros(2_000 + (noise.unit() * 3_000.0) as u64);
-        if now < episode_until {
-            latency += Duration::from_micros((noise.unit() * 15_000.0) as u64);
-        }
-        if pick.endpoint == slow {
-            latency += Duration::from_millis(20);
-        }
-        sequence += 1;
-        inflight.push(Reverse((now + latency, sequence, pick.endpoint, latency)));
-    }
+    drive(
+        &mut picker,
+        CONCURRENCY,
+        &mut rng,
+        |endpoint, now| {
+            if now >= episode_until && noise.unit() < 0.002 {
+                episode_until =
+                    now + Duration::from_micros(10_000 + (noise.unit() * 40_000.0) as u64);
+            }
+            let mut latency = Duration::from_micros(2_000 + (noise.unit() * 3_000.0) as u64);
+            if now < episode_until {
+                latency += Duration::from_micros((noise.unit() * 15_000.0) as u64);
+            }
+            if endpoint == slow {
+                latency += Duration::from_millis(20);
+            }
+            latency
+        },
+        |endpoint, now| {
+            if now >= RUN {
+                return false;
+            }
+            picks += 1;
+            slow_picks += u32::from(endpoint == slow);
+            if now < Duration::from_secs(1) {
+                first_second += 1;
+                first_second_slow += u32::from(endpoint == slow);
+            }
+            true
+        },
+    );
     Run {
         slow_share: f64::from(slow_picks) / f64::from(picks),
         first_second_share: f64::from(first_second_slow) / f64::from(first_second),
