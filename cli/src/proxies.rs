@@ -10,6 +10,8 @@
 //! The response is read leniently (fields added by a newer control plane are ignored); the
 //! tests run this command against the real control plane, so the two agree on the format.
 
+use std::time::{Duration, Instant};
+
 use anyhow::Result;
 use clap::{Args, ValueEnum};
 use serde::{Deserialize, Serialize};
@@ -24,9 +26,17 @@ use crate::{
 #[derive(Debug, Args)]
 pub struct ProxiesCommand {
     /// Only the proxies in this state.
-    #[arg(long, value_enum)]
+    #[arg(long, value_enum, conflicts_with = "wait")]
     state: Option<State>,
+    /// Wait up to this many seconds until no polling proxy is behind, to confirm that a
+    /// policy or endpoint change reached every proxy of this replica; exit code 1 if some
+    /// still are then. Stale proxies do not poll, so they neither hold it up nor count.
+    #[arg(long, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    wait: Option<u64>,
 }
+
+/// How often `--wait` asks again: the filters' default poll interval.
+const WAIT_POLL: Duration = Duration::from_millis(500);
 
 /// Where a proxy stands against the snapshot the replica serves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
@@ -85,14 +95,39 @@ pub struct Rejection {
 }
 
 impl ProxiesCommand {
-    /// Lists the proxies; exit code 0 whatever their state (the table says it).
+    /// Lists the proxies; exit code 0 whatever their state (the table says it), unless
+    /// `--wait` gave up on proxies behind.
     pub fn run(self, endpoints: &Endpoints, format: Format) -> Result<Verdict> {
-        let listed = ControlPlane::new(endpoints)?.proxies(self.state.map(State::label))?;
+        let control_plane = ControlPlane::new(endpoints)?;
+        let deadline = self
+            .wait
+            .map(|seconds| Instant::now() + Duration::from_secs(seconds));
+        let (listed, verdict) = loop {
+            let listed = control_plane.proxies(self.state.map(State::label))?;
+            let behind = listed
+                .proxies
+                .iter()
+                .filter(|proxy| proxy.state == State::Behind)
+                .count();
+            match deadline {
+                None => break (listed, Verdict::Yes),
+                Some(_) if behind == 0 => break (listed, Verdict::Yes),
+                Some(deadline) if Instant::now() >= deadline => {
+                    eprintln!(
+                        "{behind} proxies still behind snapshot {} after {} s",
+                        short(listed.snapshot_version.as_deref().unwrap_or("none")),
+                        self.wait.unwrap_or_default()
+                    );
+                    break (listed, Verdict::No);
+                }
+                Some(_) => std::thread::sleep(WAIT_POLL),
+            }
+        };
         match format {
             Format::Json => print_json(&listed)?,
             Format::Table => print!("{}", render(&listed)),
         }
-        Ok(Verdict::Yes)
+        Ok(verdict)
     }
 }
 

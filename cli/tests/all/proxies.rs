@@ -40,6 +40,27 @@ fn proxies_lists_each_polling_proxy_current_or_behind_and_filters_by_state() {
 }
 
 #[test]
+fn proxies_wait_exits_zero_once_every_polling_proxy_is_current_and_one_when_some_stay_behind() {
+    let served = Served::start("default: {retry: 1}\n");
+    let current = served.snapshot_version();
+    let node = "sidecar~10.0.0.7~cart-1.shop";
+    let behind = served.keep_polling_as(node, "an-older-version");
+
+    let run = served.fulcrum(&["proxies", "--wait", "1"]);
+    assert_eq!(run.code, 1, "{run:?}");
+    assert!(run.stderr.contains("1 proxies still behind"), "{run:?}");
+
+    // The proxy catches up while the command waits.
+    let waiting = served.fulcrum_in_background(&["proxies", "--wait", "20"]);
+    std::thread::sleep(std::time::Duration::from_millis(700));
+    drop(behind);
+    let _current = served.keep_polling_as(node, &current);
+    let run = waiting.finish();
+    assert_eq!(run.code, 0, "{run:?}");
+    assert!(run.stdout.contains(" current "), "{run:?}");
+}
+
+#[test]
 fn proxies_says_so_when_no_proxy_polled() {
     let served = Served::start("default: {retry: 1}\n");
     let run = served.fulcrum(&["proxies"]);

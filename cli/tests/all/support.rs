@@ -3,7 +3,7 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::Command,
+    process::{Child, Command, Output, Stdio},
     time::Duration,
 };
 
@@ -40,6 +40,31 @@ pub fn fulcrum(args: &[&str]) -> Run {
 
 /// [`fulcrum`] with `env` set as well.
 pub fn fulcrum_with(args: &[&str], env: &[(&str, &str)]) -> Run {
+    finished(command(args, env).output().expect("fulcrum runs"))
+}
+
+/// A `fulcrum` started and not yet waited for.
+#[derive(Debug)]
+pub struct Background(Child);
+
+impl Background {
+    /// Waits for it to exit (it must exit by itself: give it a bound, as `--wait` does).
+    pub fn finish(self) -> Run {
+        finished(self.0.wait_with_output().expect("fulcrum runs"))
+    }
+}
+
+fn finished(output: Output) -> Run {
+    Run {
+        code: output.status.code().expect("fulcrum exits, not killed"),
+        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+    }
+}
+
+/// The built `fulcrum` with `args` and `env`, no control-plane settings or proxy from the
+/// environment.
+fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_fulcrum"));
     command.args(args);
     for name in [
@@ -56,12 +81,7 @@ pub fn fulcrum_with(args: &[&str], env: &[(&str, &str)]) -> Run {
         command.env_remove(name);
     }
     command.envs(env.iter().copied());
-    let output = command.output().expect("fulcrum runs");
-    Run {
-        code: output.status.code().expect("fulcrum exits, not killed"),
-        stdout: String::from_utf8_lossy(&output.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
-    }
+    command
 }
 
 /// A control plane serving one static endpoint and the policy in a file it polls, its admin
@@ -140,6 +160,19 @@ impl Served {
         fulcrum_with(&all, &[("FULCRUM_ADMIN_TOKEN", ADMIN_TOKEN)])
     }
 
+    /// Starts [`Served::fulcrum`] without waiting for it.
+    pub fn fulcrum_in_background(&self, args: &[&str]) -> Background {
+        let urls = self.urls();
+        let mut all: Vec<&str> = urls.iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        let child = command(&all, &[("FULCRUM_ADMIN_TOKEN", ADMIN_TOKEN)])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("fulcrum starts");
+        Background(child)
+    }
+
     /// Writes a file into the fixture's directory; its path.
     pub fn file(&self, name: &str, text: &str) -> String {
         let path = self.dir.path().join(name);
@@ -187,21 +220,24 @@ impl Served {
             .to_owned()
     }
 
-    /// Polls the snapshot as a filter of Envoy node `node_id` at snapshot `version` does.
+    /// Polls the snapshot once as a filter of Envoy node `node_id` at snapshot `version`
+    /// does.
     pub fn poll_as(&self, node_id: &str, version: Option<&str>) {
         let url = format!("http://{}/v1/snapshot", self.control_plane().http_address());
-        self.runtime.block_on(async move {
-            let client = reqwest::Client::builder()
-                .no_proxy()
-                .build()
-                .expect("client");
-            let mut request = client.get(url).header("x-fulcrum-node-id", node_id);
-            if let Some(version) = version {
-                request = request.header("if-none-match", format!("\"{version}\""));
+        self.runtime
+            .block_on(poll(url, node_id.to_owned(), version.map(str::to_owned)));
+    }
+
+    /// Polls as [`Served::poll_as`] every 200 ms, as a running filter does, until dropped.
+    pub fn keep_polling_as(&self, node_id: &str, version: &str) -> Poller {
+        let url = format!("http://{}/v1/snapshot", self.control_plane().http_address());
+        let (node_id, version) = (node_id.to_owned(), version.to_owned());
+        Poller(self.runtime.spawn(async move {
+            loop {
+                poll(url.clone(), node_id.clone(), Some(version.clone())).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
             }
-            let status = request.send().await.expect("request").status();
-            assert!(status.is_success() || status.as_u16() == 304, "{status}");
-        });
+        }))
     }
 
     /// The served snapshot's policy, as JSON.
@@ -227,6 +263,30 @@ impl Served {
                 .expect("a snapshot")
         })
     }
+}
+
+/// A filter's polls, as [`Served::keep_polling_as`] makes them; they stop on drop.
+#[derive(Debug)]
+pub struct Poller(tokio::task::JoinHandle<()>);
+
+impl Drop for Poller {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// One snapshot poll at `url` naming `node_id` and the `version` it is at.
+async fn poll(url: String, node_id: String, version: Option<String>) {
+    let client = reqwest::Client::builder()
+        .no_proxy()
+        .build()
+        .expect("client");
+    let mut request = client.get(url).header("x-fulcrum-node-id", node_id);
+    if let Some(version) = version {
+        request = request.header("if-none-match", format!("\"{version}\""));
+    }
+    let status = request.send().await.expect("request").status();
+    assert!(status.is_success() || status.as_u16() == 304, "{status}");
 }
 
 impl Drop for Served {
