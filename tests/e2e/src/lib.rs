@@ -52,6 +52,15 @@ pub async fn backends(n: usize) -> Result<Vec<Backend>> {
     Ok(started)
 }
 
+/// `addresses` as a static endpoint list, in the snapshot's and the filter configuration's
+/// form: `[{"address": "IP:port"}, …]`.
+pub fn endpoints_json(addresses: &[SocketAddr]) -> Value {
+    addresses
+        .iter()
+        .map(|a| json!({"address": a.to_string()}))
+        .collect()
+}
+
 /// Envoy with the release filter in front of `backends` listed statically in both the
 /// cluster and the filter's configuration, under `policy` (the `default` service policy).
 pub async fn envoy_with_static_endpoints(backends: &[Backend], policy: Value) -> Result<Proxy> {
@@ -67,10 +76,7 @@ pub async fn envoy_with_static_filter(
     failure_policy: FailurePolicy,
 ) -> Result<Proxy> {
     let addresses: Vec<SocketAddr> = backends.iter().map(|b| b.addr).collect();
-    let endpoints: Vec<Value> = addresses
-        .iter()
-        .map(|a| json!({"address": a.to_string()}))
-        .collect();
+    let endpoints = endpoints_json(&addresses);
     Proxy::start_with_filter(
         Endpoints::Static(addresses),
         FilterSetup {

@@ -8,10 +8,7 @@ use fulcrum_test_support::eventually;
 use serde_json::json;
 
 fn write_endpoints(path: &Path, addresses: &[SocketAddr]) {
-    let endpoints: Vec<_> = addresses
-        .iter()
-        .map(|a| json!({"address": a.to_string()}))
-        .collect();
+    let endpoints = fulcrum_e2e::endpoints_json(addresses);
     std::fs::write(
         path,
         json!({"services": {SERVICE: {"endpoints": endpoints}}}).to_string(),

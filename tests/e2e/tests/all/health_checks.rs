@@ -17,10 +17,7 @@ use serde_json::{Value, json};
 const PATIENCE: Duration = Duration::from_secs(10);
 
 fn write_endpoints(path: &Path, addresses: &[SocketAddr]) {
-    let endpoints: Vec<_> = addresses
-        .iter()
-        .map(|a| json!({"address": a.to_string()}))
-        .collect();
+    let endpoints = fulcrum_e2e::endpoints_json(addresses);
     std::fs::write(
         path,
         json!({"services": {SERVICE: {"endpoints": endpoints}}}).to_string(),

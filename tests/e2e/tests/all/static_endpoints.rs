@@ -133,10 +133,7 @@ async fn an_erroring_backend_is_ejected_then_readmitted_through_half_open() {
 async fn an_explained_pick_counts_an_ejected_backend_among_the_excluded() {
     let backends = backends(3).await.unwrap();
     let addresses: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let endpoints: Vec<_> = addresses
-        .iter()
-        .map(|a| json!({"address": a.to_string()}))
-        .collect();
+    let endpoints = fulcrum_e2e::endpoints_json(&addresses);
     let config = json!({
         "endpoints": {fulcrum_e2e::SERVICE: endpoints},
         "explain_picks": "always",
@@ -260,10 +257,7 @@ async fn a_killed_backend_stops_getting_traffic_and_no_request_fails() {
 async fn the_service_can_be_the_cluster_of_the_resolved_route() {
     let backends = backends(2).await.unwrap();
     let addresses: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    let endpoints: Vec<_> = addresses
-        .iter()
-        .map(|a| json!({"address": a.to_string()}))
-        .collect();
+    let endpoints = fulcrum_e2e::endpoints_json(&addresses);
     let config = json!({
         "service": {"from": "route_cluster"},
         "endpoints": {fulcrum_e2e::SERVICE: endpoints},
