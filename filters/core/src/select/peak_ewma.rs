@@ -29,8 +29,11 @@
 //!   not look fast, wearing off with `failure_penalty_decay`: folded into the estimate (as
 //!   tower records failures), 500 ms took a minute to decay to a 2 ms peer's level, and a
 //!   recovered endpoint that P2C shuns gets no samples to correct it;
-//! - **estimates within the policy's `tolerance` compare as equal**, and so does an
-//!   endpoint with no sample yet (the power-of-two-choices pick, `select::two_choices`).
+//! - **estimates within the policy's `tolerance` compare as equal**, and an endpoint with no
+//!   sample yet is taken as typical and wins a tie (the power-of-two-choices pick,
+//!   `select::two_choices`);
+//! - **the service's first answer is measured against the level that follows**, not against
+//!   itself: a level only its own answer made estimated a slow endpoint like its peers.
 
 use std::time::Duration;
 
@@ -83,18 +86,19 @@ pub struct Level {
 pub const LEVEL_DECAY: Duration = Duration::from_millis(10);
 
 impl Level {
-    /// Folds in one answer at `now` and returns the level it is measured against (the level
-    /// before it; the answer itself when there was none).
-    pub fn observe(&mut self, rtt: Duration, now: Duration) -> f64 {
+    /// Folds in one answer at `now` and returns the level it is measured against: the level
+    /// before it, `None` for the service's first answer.
+    pub fn observe(&mut self, rtt: Duration, now: Duration) -> Option<f64> {
         let rtt = rtt.as_nanos() as f64;
-        let before = match self.at {
-            Some(_) => self.nanos,
-            None => rtt,
-        };
-        let weight = self
-            .at
-            .map_or(0.0, |at| decay_weight(now.saturating_sub(at), LEVEL_DECAY));
-        self.nanos = before * weight + rtt * (1.0 - weight);
+        let before = self.at.map(|at| {
+            let before = self.nanos;
+            let weight = decay_weight(now.saturating_sub(at), LEVEL_DECAY);
+            self.nanos = before * weight + rtt * (1.0 - weight);
+            before
+        });
+        if before.is_none() {
+            self.nanos = rtt;
+        }
         self.at = Some(now);
         before
     }
@@ -110,8 +114,12 @@ impl Level {
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct Ewma {
     /// The blended excess over the level as of `updated_at`, in nanoseconds (negative when
-    /// faster than the level).
+    /// faster than the level); while `unleveled`, the answer itself.
     excess_nanos: f64,
+    /// Whether the one sample so far was the service's first answer, which had no level to
+    /// be measured against: it is measured against the level of the moment until the next.
+    /// Measured against itself it was estimated like its peers, however slow.
+    unleveled: bool,
     /// When the excess was last updated; `None` before the first sample.
     updated_at: Option<Duration>,
     /// The excesses of the two answers before the last one, newest first: what confirms a
@@ -139,11 +147,26 @@ impl Ewma {
     }
 
     /// Records one response time observed at `now` against the service's `level` (the
-    /// level before this answer, as [`Level::observe`] returns it): its excess over the
-    /// level is blended in by elapsed time (weight at least 1/16); and when it and the two
-    /// answers before it all exceed the level by more than the blended excess, the lowest of
-    /// the three excesses becomes the peak.
-    pub fn observe(&mut self, rtt: Duration, level: f64, now: Duration, config: &policy::PeakEwma) {
+    /// level before this answer, as [`Level::observe`] returns it; `None` for the service's
+    /// first answer): its excess over the level is blended in by elapsed time (weight at
+    /// least 1/16); and when it and the two answers before it all exceed the level by more
+    /// than the blended excess, the lowest of the three excesses becomes the peak.
+    pub fn observe(
+        &mut self,
+        rtt: Duration,
+        level: Option<f64>,
+        now: Duration,
+        config: &policy::PeakEwma,
+    ) {
+        let Some(level) = level else {
+            self.excess_nanos = rtt.as_nanos() as f64;
+            self.updated_at = Some(now);
+            self.unleveled = true;
+            return;
+        };
+        if std::mem::take(&mut self.unleveled) {
+            self.excess_nanos -= level;
+        }
         let excess = rtt.as_nanos() as f64 - level;
         let confirmed_peak = excess
             .min(self.last_excesses_nanos[0])
@@ -176,8 +199,13 @@ impl Ewma {
         if self.updated_at.is_none() && self.penalty.at.is_none() {
             return None;
         }
+        let excess_then = if self.unleveled {
+            self.excess_nanos - level
+        } else {
+            self.excess_nanos
+        };
         let excess = self.updated_at.map_or(0.0, |at| {
-            self.excess_nanos * decay_weight(now.saturating_sub(at), config.decay)
+            excess_then * decay_weight(now.saturating_sub(at), config.decay)
         });
         let excess = match self.peak.at {
             Some(_) => excess.max(self.peak.at(now, config.peak_decay)),
@@ -243,13 +271,13 @@ mod tests {
     fn a_slowdown_becomes_the_peak_at_its_third_slow_answer() {
         let mut ewma = Ewma::default();
         for at in 0..3 {
-            ewma.observe(ms(1), 0.0, ms(at), &config());
+            ewma.observe(ms(1), Some(0.0), ms(at), &config());
         }
-        ewma.observe(ms(200), 0.0, ms(3), &config());
-        ewma.observe(ms(150), 0.0, ms(4), &config());
+        ewma.observe(ms(200), Some(0.0), ms(3), &config());
+        ewma.observe(ms(150), Some(0.0), ms(4), &config());
         let blended = ewma.estimate_nanos(ms(4), &config(), 0.0).unwrap();
         assert!(blended < 40_000_000.0, "{blended}");
-        ewma.observe(ms(180), 0.0, ms(5), &config());
+        ewma.observe(ms(180), Some(0.0), ms(5), &config());
         assert_eq!(
             ewma.estimate_nanos(ms(5), &config(), 0.0),
             Some(150_000_000.0)
@@ -259,13 +287,13 @@ mod tests {
     #[test]
     fn an_isolated_stall_moves_the_estimate_a_sixteenth_of_its_excess_and_sets_no_peak() {
         let mut ewma = Ewma::default();
-        ewma.observe(ms(1), 0.0, ms(0), &config());
-        ewma.observe(ms(1), 0.0, ms(1), &config());
-        ewma.observe(ms(49), 0.0, ms(2), &config());
+        ewma.observe(ms(1), Some(0.0), ms(0), &config());
+        ewma.observe(ms(1), Some(0.0), ms(1), &config());
+        ewma.observe(ms(49), Some(0.0), ms(2), &config());
         let estimate = ewma.estimate_nanos(ms(2), &config(), 0.0).unwrap();
         assert!((estimate - 4_000_000.0).abs() < 1_000.0, "{estimate}");
         for at in 3..35 {
-            ewma.observe(ms(1), 0.0, ms(at), &config());
+            ewma.observe(ms(1), Some(0.0), ms(at), &config());
         }
         let estimate = ewma.estimate_nanos(ms(34), &config(), 0.0).unwrap();
         assert!(estimate < 1_400_000.0, "{estimate}");
@@ -275,10 +303,10 @@ mod tests {
     fn a_peak_wears_off_in_seconds_leaving_the_blended_estimate() {
         let mut ewma = Ewma::default();
         for at in 0..3 {
-            ewma.observe(ms(2), 0.0, ms(at), &config());
+            ewma.observe(ms(2), Some(0.0), ms(at), &config());
         }
         for at in 3..6 {
-            ewma.observe(ms(100), 0.0, ms(at), &config());
+            ewma.observe(ms(100), Some(0.0), ms(at), &config());
         }
         assert_eq!(
             ewma.estimate_nanos(ms(5), &config(), 0.0),
@@ -294,9 +322,9 @@ mod tests {
     #[test]
     fn a_lower_sample_is_blended_by_elapsed_time() {
         let mut ewma = Ewma::default();
-        ewma.observe(ms(100), 0.0, ms(0), &config());
+        ewma.observe(ms(100), Some(0.0), ms(0), &config());
         // After one time constant the old estimate keeps exp(-1) of its weight.
-        ewma.observe(ms(0), 0.0, ms(10_000), &config());
+        ewma.observe(ms(0), Some(0.0), ms(10_000), &config());
         let expected = 100_000_000.0 * (-1.0f64).exp();
         assert!((ewma.estimate_nanos(ms(10_000), &config(), 0.0).unwrap() - expected).abs() < 1e-3);
     }
@@ -305,7 +333,7 @@ mod tests {
     fn has_no_estimate_until_the_first_sample_then_decays_toward_zero() {
         let mut ewma = Ewma::default();
         assert_eq!(ewma.estimate_nanos(ms(5_000), &config(), 0.0), None);
-        ewma.observe(ms(50), 0.0, ms(0), &config());
+        ewma.observe(ms(50), Some(0.0), ms(0), &config());
         let decayed = ewma.estimate_nanos(ms(20_000), &config(), 0.0).unwrap();
         assert!((decayed - 50_000_000.0 * (-2.0f64).exp()).abs() < 1e-3);
     }
@@ -325,9 +353,9 @@ mod tests {
     fn a_failure_penalty_holds_while_failures_go_on_and_wears_off_in_seconds_after() {
         let config = config();
         let mut ewma = Ewma::default();
-        ewma.observe(ms(2), 0.0, ms(0), &config);
+        ewma.observe(ms(2), Some(0.0), ms(0), &config);
         // A fast error: 1 ms, but the estimate is the 500 ms penalty.
-        ewma.observe(ms(1), 0.0, ms(10), &config);
+        ewma.observe(ms(1), Some(0.0), ms(10), &config);
         ewma.penalize(ms(500), ms(10), config.failure_penalty_decay);
         assert_eq!(
             ewma.estimate_nanos(ms(10), &config, 0.0).unwrap(),
@@ -362,6 +390,34 @@ mod tests {
     }
 
     #[test]
+    fn the_services_first_answer_is_measured_against_the_level_that_follows_not_itself() {
+        let config = config();
+        let mut level = Level::default();
+        let (mut slow, mut fast) = (Ewma::default(), Ewma::default());
+        let before = level.observe(ms(150), ms(150));
+        assert_eq!(before, None, "no level before the service's first answer");
+        slow.observe(ms(150), before, ms(150), &config);
+        let estimate =
+            |ewma: &Ewma, now, level: &Level| ewma.estimate_nanos(now, &config, level.nanos());
+        assert_eq!(estimate(&slow, ms(150), &level), Some(150_000_000.0));
+        let mut now = ms(150);
+        for _ in 0..50 {
+            now += ms(1);
+            let before = level.observe(ms(1), now);
+            fast.observe(ms(1), before, now, &config);
+        }
+        let (slow, fast) = (
+            estimate(&slow, now, &level).unwrap(),
+            estimate(&fast, now, &level).unwrap(),
+        );
+        assert!(
+            slow > 140_000_000.0 && fast < 2_000_000.0,
+            "the slow endpoint stays 150 ms slow as the level falls to its peers' 1 ms: \
+             {slow} vs {fast}"
+        );
+    }
+
+    #[test]
     fn what_slows_every_endpoint_at_once_moves_the_level_and_leaves_them_equal() {
         // 1 ms answers, then 40 answers of 5 ms to whichever endpoint, then 1 ms again.
         let (a, b) = alternate(100, |i| if (40..80).contains(&i) { 5 } else { 1 });
@@ -371,7 +427,9 @@ mod tests {
 
     #[test]
     fn an_endpoint_slower_than_its_peers_at_the_same_time_is_estimated_that_much_slower() {
-        let (fast, slow) = alternate(40, |i| if i % 2 == 1 { 10 } else { 1 });
+        // Settled: the first answers, measured against a level one or two answers made,
+        // overstate the difference (11 ms after 40 answers) until the blend wears them off.
+        let (fast, slow) = alternate(400, |i| if i % 2 == 1 { 10 } else { 1 });
         let apart = slow - fast;
         assert!(
             (8_000_000.0..10_000_000.0).contains(&apart),
