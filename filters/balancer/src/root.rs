@@ -363,7 +363,11 @@ impl Configured {
                     .ok()
                     .flatten()
                     .unwrap_or_default();
-                match self.snapshot.publish(&body, now()) {
+                let published = self.snapshot.publish(&body, now());
+                // The body goes before the VM applies its own copy: wasm memory never shrinks,
+                // so the whole answer held through the apply raised the VM's memory for good.
+                drop(body);
+                match published {
                     Ok(published) => {
                         log_debug(&format!(
                             "published snapshot version {}: {} service key(s) written",

@@ -39,7 +39,7 @@ use self::candidates::{Candidates, Walk};
 use crate::{
     breaker::Breaker,
     endpoint::Endpoint,
-    policy::{self, LoadBalancer, OutlierDetection},
+    policy::{self, LoadBalancer},
     rng::Rng,
     service::{RequestAttributes, RequestNeeds, Warmup},
 };
@@ -66,12 +66,12 @@ pub(crate) struct EndpointStats {
     pub warmup: Warmup,
 }
 
-impl EndpointStats {
-    pub fn new(outlier_detection: &OutlierDetection) -> Self {
+impl Default for EndpointStats {
+    fn default() -> Self {
         Self {
             inflight: 0,
             ewma: peak_ewma::Ewma::default(),
-            breaker: Breaker::new(outlier_detection, Duration::ZERO),
+            breaker: Breaker::new(Duration::ZERO),
             warmup: Warmup::Warm,
         }
     }

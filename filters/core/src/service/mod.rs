@@ -115,9 +115,7 @@ impl ServicePicker {
     /// Replaces the endpoint set, keeping inflight, latency and breaker state of every
     /// endpoint whose address is still present.
     pub fn update_endpoints(&mut self, endpoints: &[Endpoint]) {
-        let previous = self
-            .slots
-            .replace(endpoints, &self.policy.outlier_detection);
+        let previous = self.slots.replace(endpoints);
         self.eligible = Eligible::new(&self.policy, &self.slots);
         self.algorithm.rebuild(&EndpointSet {
             slots: &self.slots,

@@ -76,11 +76,7 @@ impl Slots {
     /// Replaces the endpoints with `endpoints` (duplicate addresses keep their first entry),
     /// keeping the stats of those still present and starting the others afresh. Returns, per
     /// new slot, its index before the change if it was there.
-    pub fn replace(
-        &mut self,
-        endpoints: &[Endpoint],
-        outlier_detection: &OutlierDetection,
-    ) -> Vec<Option<u32>> {
+    pub fn replace(&mut self, endpoints: &[Endpoint]) -> Vec<Option<u32>> {
         let mut sorted: Vec<&Endpoint> = endpoints.iter().collect();
         sorted.sort_by_key(|endpoint| endpoint.address);
         sorted.dedup_by_key(|endpoint| endpoint.address);
@@ -93,10 +89,8 @@ impl Slots {
                     .binary_search_by_key(&endpoint.address, |slot| slot.endpoint.address)
                     .ok();
                 carried.push(old.map(|old| old as u32));
-                let mut stats = old.map_or_else(
-                    || EndpointStats::new(outlier_detection),
-                    |old| previous[old].stats.clone(),
-                );
+                let mut stats =
+                    old.map_or_else(EndpointStats::default, |old| previous[old].stats.clone());
                 // A newcomer warms up, unless the whole set is new (they all start together);
                 // so does an endpoint that turned healthy.
                 let was_healthy = old.map(|old| previous[old].endpoint.health == Health::Healthy);

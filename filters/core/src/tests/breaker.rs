@@ -35,7 +35,7 @@ fn context(policy: &OutlierDetection, now: Duration) -> Context<'_> {
 }
 
 fn tripped(policy: &OutlierDetection, now: Duration) -> Breaker {
-    let mut breaker = Breaker::new(policy, Duration::ZERO);
+    let mut breaker = Breaker::new(Duration::ZERO);
     for _ in 0..policy.consecutive_failures {
         breaker.on(FAILURE, &context(policy, now));
     }
@@ -45,7 +45,7 @@ fn tripped(policy: &OutlierDetection, now: Duration) -> Breaker {
 #[test]
 fn a_breaker_says_when_time_alone_makes_it_admit_again() {
     let policy = strict_outlier_detection(1);
-    let mut breaker = Breaker::new(&policy, Duration::ZERO);
+    let mut breaker = Breaker::new(Duration::ZERO);
     assert_eq!(
         breaker.admits_from(&policy, secs(0)),
         None,
@@ -188,7 +188,7 @@ fn ejects_when_the_failure_rate_crosses_the_threshold_with_enough_volume() {
         }),
         ..strict_outlier_detection(0)
     };
-    let mut breaker = Breaker::new(&policy, Duration::ZERO);
+    let mut breaker = Breaker::new(Duration::ZERO);
     // Alternating: 50% failures, but only 9 requests: not judged yet.
     for i in 0..9 {
         let event = if i % 2 == 0 { FAILURE } else { SUCCESS };
@@ -372,7 +372,7 @@ proptest! {
         let mut policy = strict_outlier_detection(threshold);
         policy.half_open_max_probes = probes;
         policy.ejection_jitter_percent = 20;
-        let mut breaker = Breaker::new(&policy, Duration::ZERO);
+        let mut breaker = Breaker::new(Duration::ZERO);
         let mut now = Duration::ZERO;
         let mut last_ejections = 0;
         for (kind, advance_ms) in events {

@@ -363,7 +363,7 @@ proptest! {
 #[test]
 fn an_ejection_judged_elsewhere_opens_a_closed_breaker_until_its_deadline() {
     let policy = strict_outlier_detection(5);
-    let mut breaker = Breaker::new(&policy, secs(0));
+    let mut breaker = Breaker::new(secs(0));
     let change = breaker.on(
         Event::EjectedElsewhere {
             until: secs(12),
@@ -383,7 +383,7 @@ fn an_ejection_judged_elsewhere_opens_a_closed_breaker_until_its_deadline() {
 #[test]
 fn an_ejection_judged_elsewhere_is_refused_past_max_ejection_percent() {
     let policy = strict_outlier_detection(5);
-    let mut breaker = Breaker::new(&policy, secs(0));
+    let mut breaker = Breaker::new(secs(0));
     let adopt = Event::EjectedElsewhere {
         until: secs(12),
         ejections: 1,
@@ -395,7 +395,7 @@ fn an_ejection_judged_elsewhere_is_refused_past_max_ejection_percent() {
 #[test]
 fn an_expired_ejection_judged_elsewhere_changes_nothing() {
     let policy = strict_outlier_detection(5);
-    let mut breaker = Breaker::new(&policy, secs(0));
+    let mut breaker = Breaker::new(secs(0));
     let stale = Event::EjectedElsewhere {
         until: secs(2),
         ejections: 1,
@@ -406,7 +406,7 @@ fn an_expired_ejection_judged_elsewhere_changes_nothing() {
 #[test]
 fn an_open_breaker_keeps_the_later_of_two_deadlines_and_the_larger_count() {
     let policy = strict_outlier_detection(1);
-    let mut breaker = Breaker::new(&policy, secs(0));
+    let mut breaker = Breaker::new(secs(0));
     breaker.on(
         Event::EjectedElsewhere {
             until: secs(20),
@@ -448,7 +448,7 @@ fn an_open_breaker_keeps_the_later_of_two_deadlines_and_the_larger_count() {
 #[test]
 fn the_end_of_an_ejection_elsewhere_closes_an_expired_one_but_not_one_still_running() {
     let policy = strict_outlier_detection(5);
-    let mut breaker = Breaker::new(&policy, secs(0));
+    let mut breaker = Breaker::new(secs(0));
     breaker.on(
         Event::EjectedElsewhere {
             until: secs(10),
@@ -473,7 +473,7 @@ fn the_end_of_an_ejection_elsewhere_closes_an_expired_one_but_not_one_still_runn
 #[test]
 fn the_end_of_an_ejection_elsewhere_closes_a_half_open_breaker() {
     let policy = strict_outlier_detection(5);
-    let mut breaker = Breaker::new(&policy, secs(0));
+    let mut breaker = Breaker::new(secs(0));
     breaker.on(
         Event::EjectedElsewhere {
             until: secs(10),

@@ -176,7 +176,7 @@ fn pruning_drops_counters_last_counted_long_ago() {
 #[test]
 fn a_closed_breaker_judges_the_proxys_count_instead_of_its_own() {
     let policy = strict_outlier_detection(3);
-    let mut breaker = Breaker::new(&policy, secs(0));
+    let mut breaker = Breaker::new(secs(0));
     let first = breaker.on(
         Event::CompleteCounted {
             verdict: GATEWAY_ERROR,
@@ -207,7 +207,7 @@ fn a_closed_breaker_judges_the_proxys_count_instead_of_its_own() {
 #[test]
 fn counts_learnt_elsewhere_are_taken_without_being_judged() {
     let policy = strict_outlier_detection(3);
-    let mut breaker = Breaker::new(&policy, secs(0));
+    let mut breaker = Breaker::new(secs(0));
     let learnt = breaker.on(
         Event::CountedElsewhere(consecutive(5, 5)),
         &context(&policy, secs(1)),
