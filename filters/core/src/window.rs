@@ -52,11 +52,29 @@ pub struct Sample {
     pub latency: Duration,
 }
 
+/// One bucket's counts, 32 bytes: [`Counts`] with the latency in nanoseconds (a `Duration`
+/// takes 16 bytes), as every endpoint a proxy talks to holds [`BUCKETS`] of them.
 #[derive(Debug, Clone, Copy, Default)]
 struct Bucket {
     /// Which bucket period (`now / bucket_len`) these counts belong to.
     period: u64,
-    counts: Counts,
+    total: u32,
+    failures: u32,
+    slow: u32,
+    slow_vs_peers: u32,
+    latency_nanos: u64,
+}
+
+impl Bucket {
+    fn counts(&self) -> Counts {
+        Counts {
+            total: self.total,
+            failures: self.failures,
+            slow: self.slow,
+            slow_vs_peers: self.slow_vs_peers,
+            latency: Duration::from_nanos(self.latency_nanos),
+        }
+    }
 }
 
 /// Request counts over a sliding window.
@@ -87,16 +105,17 @@ impl Window {
         if bucket.period != period {
             *bucket = Bucket {
                 period,
-                counts: Counts::default(),
+                ..Bucket::default()
             };
         }
-        bucket.counts.add(&Counts {
-            total: 1,
-            failures: u32::from(sample.failure),
-            slow: u32::from(sample.slow),
-            slow_vs_peers: u32::from(sample.slow_vs_peers),
-            latency: sample.latency,
-        });
+        bucket.total = bucket.total.saturating_add(1);
+        bucket.failures = bucket.failures.saturating_add(u32::from(sample.failure));
+        bucket.slow = bucket.slow.saturating_add(u32::from(sample.slow));
+        bucket.slow_vs_peers = bucket
+            .slow_vs_peers
+            .saturating_add(u32::from(sample.slow_vs_peers));
+        let latency = u64::try_from(sample.latency.as_nanos()).unwrap_or(u64::MAX);
+        bucket.latency_nanos = bucket.latency_nanos.saturating_add(latency);
     }
 
     /// The counts of the buckets that are still inside the window at `now`.
@@ -105,15 +124,10 @@ impl Window {
         let mut sum = Counts::default();
         for bucket in &self.buckets {
             if bucket.period <= period && period - bucket.period < BUCKETS as u64 {
-                sum.add(&bucket.counts);
+                sum.add(&bucket.counts());
             }
         }
         sum
-    }
-
-    /// Forgets every count.
-    pub fn clear(&mut self) {
-        self.buckets = [Bucket::default(); BUCKETS];
     }
 }
 

@@ -1,7 +1,8 @@
 //! What one snapshot change costs a proxy, through the real filter inside wasmtime: the bytes
 //! the control plane sends, the time the polling VM takes to handle the answer (parse,
 //! publish to shared data, apply its own copy), the time every other VM takes to apply it,
-//! and the VMs' linear memory.
+//! and the VMs' linear memory: at rest, and once a VM has sent a request to every endpoint
+//! (what each endpoint it talks to adds).
 //!
 //! Two meshes, 1,000 services × 10 endpoints and 100 services × 100 endpoints (10,000
 //! endpoints each); the change moves one endpoint of one service. The control plane is
@@ -28,7 +29,7 @@ use std::{
 
 use criterion::{BenchmarkId, Criterion, criterion_group};
 use fulcrum_core::{
-    Endpoint, ServiceEndpoints, Snapshot,
+    Endpoint, OVERRIDE_HEADER, ServiceEndpoints, Snapshot,
     distribution::{DELTA_MEDIA_TYPE, delta},
 };
 use fulcrum_wasm_host::{HttpCall, Plugin, Response, filter_wasm_path};
@@ -38,6 +39,8 @@ const CONTROL_PLANE: &str = "fulcrum_control_plane";
 const TABLE_CHANGES: usize = 15;
 /// The VMs of the proxy: worker 0 polls, worker 1 applies what it publishes.
 const WORKERS: usize = 2;
+/// The most requests per endpoint [`Proxy::send_to_every_endpoint`] sends to a service.
+const MAX_REQUESTS_PER_ENDPOINT: usize = 20;
 
 /// A mesh shape: services × endpoints each.
 #[derive(Debug, Clone, Copy)]
@@ -236,6 +239,44 @@ impl Proxy {
         }
     }
 
+    /// Sends requests through the other VM, each answered 200 by its pick, until every
+    /// endpoint of every service has been picked or [`MAX_REQUESTS_PER_ENDPOINT`] requests per
+    /// endpoint went; returns the share of endpoints picked. An endpoint's first answer makes
+    /// its breaker's sliding window, so this is what a proxy that talks to every endpoint of
+    /// the mesh holds.
+    fn send_to_every_endpoint(&self, shape: Shape) -> f64 {
+        let mut picked = 0;
+        for service in 0..shape.services {
+            let authority = format!("svc-{service:04}");
+            let mut seen = std::collections::HashSet::new();
+            for _ in 0..shape.endpoints * MAX_REQUESTS_PER_ENDPOINT {
+                let mut request = self
+                    .plugin
+                    .worker(1)
+                    .request()
+                    .header(":authority", &authority)
+                    .send_headers()
+                    .expect("request headers");
+                let pick = request
+                    .request_header(OVERRIDE_HEADER)
+                    .and_then(|header| header.split(',').next().map(str::to_owned))
+                    .expect("a pick");
+                request
+                    .respond(200)
+                    .upstream(&pick)
+                    .latency(Duration::from_millis(1))
+                    .finish()
+                    .expect("the response");
+                seen.insert(pick);
+                if seen.len() == shape.endpoints {
+                    break;
+                }
+            }
+            picked += seen.len();
+        }
+        picked as f64 / (shape.services * shape.endpoints) as f64
+    }
+
     /// The linear memory of the polling VM and of the other one: its high-water mark, as wasm
     /// memory never shrinks.
     fn memory_bytes(&self) -> (usize, usize) {
@@ -290,6 +331,9 @@ struct Measured {
     memory: (usize, usize),
     /// A VM's linear memory before the first snapshot.
     empty_memory: usize,
+    /// The other VM's linear memory once it sent requests to every endpoint, and the share
+    /// of endpoints it reached.
+    memory_with_traffic: (usize, f64),
 }
 
 fn measure(wasm: &PathBuf, shape: Shape) -> Measured {
@@ -299,7 +343,10 @@ fn measure(wasm: &PathBuf, shape: Shape) -> Measured {
         costs.sort_by_key(key);
         key(&costs[costs.len() / 2])
     };
+    let memory = proxy.memory_bytes();
+    let reached = proxy.send_to_every_endpoint(shape);
     Measured {
+        memory_with_traffic: (proxy.memory_bytes().1, reached),
         bytes: costs.iter().map(|cost| cost.bytes).max().unwrap_or(0),
         whole_bytes: proxy
             .control_plane
@@ -308,7 +355,7 @@ fn measure(wasm: &PathBuf, shape: Shape) -> Measured {
             .whole_bytes(),
         poller: median(&mut costs, |cost| cost.poller),
         other_vm: median(&mut costs, |cost| cost.other_vm),
-        memory: proxy.memory_bytes(),
+        memory,
         empty_memory: proxy.empty_memory,
     }
 }
@@ -340,7 +387,7 @@ fn pair(before: Option<&Measured>, after: &Measured, show: fn(&Measured) -> Stri
 fn table() -> String {
     let builds = builds();
     let mut out = String::from(
-        "| shape | change | bytes per change | poller: fetch + publish + apply | other VM: apply | memory, polling VM | memory, other VM |\n|---|---|---|---|---|---|---|\n",
+        "| shape | change | bytes per change | poller: fetch + publish + apply | other VM: apply | memory, polling VM | memory, other VM | memory, other VM after a request to every endpoint |\n|---|---|---|---|---|---|---|---|\n",
     );
     let mut empty = 0;
     for shape in SHAPES {
@@ -352,7 +399,7 @@ fn table() -> String {
         let before = measured.pop().map(|(_, before)| before);
         let _ = writeln!(
             out,
-            "| {} ({} endpoints, {} whole) | 1 endpoint of 1 service | {} | {} | {} | {} | {} |",
+            "| {} ({} endpoints, {} whole) | 1 endpoint of 1 service | {} | {} | {} | {} | {} | {} |",
             shape.label(),
             shape.services * shape.endpoints,
             kib(after.whole_bytes),
@@ -361,6 +408,11 @@ fn table() -> String {
             pair(before.as_ref(), &after, |m| ms(m.other_vm)),
             pair(before.as_ref(), &after, |m| mib(m.memory.0)),
             pair(before.as_ref(), &after, |m| mib(m.memory.1)),
+            pair(before.as_ref(), &after, |m| format!(
+                "{} ({:.1} % of endpoints picked)",
+                mib(m.memory_with_traffic.0),
+                m.memory_with_traffic.1 * 100.0
+            )),
         );
         empty = empty.max(after.empty_memory);
     }
