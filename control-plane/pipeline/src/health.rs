@@ -19,8 +19,11 @@ use fulcrum_core::{Health, Policy};
 use fulcrum_health::{HealthStatus, ProbeHub, Reconciler, Report, Wanted};
 use fulcrum_policy::AppliedPolicy;
 use fulcrum_sources::Services;
+use fulcrum_xds::ChangeTrace;
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::{info, info_span, warn};
+
+use crate::change::Traced;
 
 /// One probed endpoint: its service and address.
 type Key = (String, SocketAddr);
@@ -29,15 +32,17 @@ type Key = (String, SocketAddr);
 /// policy from `policy`, probes through `probes`, and sends `output` the checked endpoints
 /// whenever they differ from what it holds.
 pub async fn run(
-    mut input: watch::Receiver<Option<Arc<Services>>>,
+    mut input: watch::Receiver<Option<Traced<Services>>>,
     mut policy: watch::Receiver<Option<Arc<AppliedPolicy>>>,
     probes: ProbeHub,
-    output: watch::Sender<Option<Arc<Services>>>,
+    output: watch::Sender<Option<Traced<Services>>>,
 ) {
     let (mut overlay, mut reports) = Overlay::new(probes);
-    let mut inputs_changed = true;
+    // `None`: the endpoints or the policy changed; `Some`: a check flipped an endpoint, the
+    // root of a trace of its own.
+    let mut transition: Option<ChangeTrace> = None;
     loop {
-        let endpoints = if inputs_changed {
+        let endpoints = if transition.is_none() {
             let endpoints = input.borrow_and_update().clone();
             let current = policy
                 .borrow_and_update()
@@ -49,7 +54,8 @@ pub async fn run(
             input.borrow().clone()
         };
         if let Some(endpoints) = endpoints {
-            let checked = overlay.apply(endpoints);
+            let trace = transition.take().unwrap_or(endpoints.trace);
+            let checked = Traced::new(overlay.apply(endpoints.value), trace);
             output.send_if_modified(|current| {
                 if current.as_ref() == Some(&checked) {
                     return false;
@@ -58,19 +64,28 @@ pub async fn run(
                 true
             });
         }
-        inputs_changed = loop {
+        transition = loop {
             tokio::select! {
                 changed = input.changed() => match changed {
-                    Ok(()) => break true,
+                    Ok(()) => break None,
                     Err(_) => return,
                 },
                 changed = policy.changed() => match changed {
-                    Ok(()) => break true,
+                    Ok(()) => break None,
                     Err(_) => return,
                 },
                 Some(report) = reports.recv() => {
+                    let (service, address) = report.key.clone();
+                    let status = report.status;
                     if overlay.record(report) {
-                        break false;
+                        let span = info_span!(
+                            parent: None,
+                            "health_transition",
+                            service = %service,
+                            endpoint = %address,
+                            status = ?status,
+                        );
+                        break Some(ChangeTrace::of(&span));
                     }
                 }
             }

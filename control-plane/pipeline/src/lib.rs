@@ -15,7 +15,11 @@
 //! health and policy stages; everything downstream (Envoy, the filters, the registry's
 //! picks) sees it through the published snapshot, with one version for one state.
 //! [`Pipeline::published`] is the flow's output for anything else that follows it.
+//!
+//! Every stage's output carries the trace of the change that made it ([`change`]), so a
+//! change is one trace from where it entered to every Envoy's ACK of its version.
 
+pub mod change;
 pub mod health;
 pub mod merge;
 pub mod metrics;
@@ -32,6 +36,7 @@ use fulcrum_sources::Source;
 use fulcrum_xds::{ClusterOptions, SnapshotCache};
 use tokio::{sync::watch, task::JoinHandle};
 
+pub use change::Traced;
 pub use merge::Debounce;
 pub use metrics::PipelineMetrics;
 pub use publish::{DELTA_HISTORY, Refused, ServedSnapshot, SnapshotStore};

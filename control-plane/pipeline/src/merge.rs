@@ -17,13 +17,14 @@ use std::{collections::BTreeMap, net::SocketAddr, sync::Arc, time::Duration};
 
 use fulcrum_core::{Endpoint, ServiceEndpoints, UpstreamProtocol};
 use fulcrum_sources::{Services, Source, SourceSink, SourceUpdate};
+use fulcrum_xds::ChangeTrace;
 use tokio::{
     sync::{mpsc, watch},
     time::Instant,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn};
 
-use crate::metrics::PipelineMetrics;
+use crate::{change::Traced, metrics::PipelineMetrics};
 
 /// Updates buffered between the sources and the pipeline.
 const UPDATE_QUEUE: usize = 64;
@@ -58,7 +59,7 @@ impl Debounce {
 pub async fn run(
     sources: Vec<Box<dyn Source>>,
     debounce: Debounce,
-    output: watch::Sender<Option<Arc<Services>>>,
+    output: watch::Sender<Option<Traced<Services>>>,
     metrics: PipelineMetrics,
 ) {
     let (sender, mut updates) = mpsc::channel(UPDATE_QUEUE);
@@ -70,6 +71,7 @@ pub async fn run(
     let mut latest: Vec<Option<Arc<Services>>> = vec![None; names.len()];
     while let Some(first) = updates.recv().await {
         let burst_start = Instant::now();
+        let source = first.source;
         apply(&mut latest, first);
         let mut open = true;
         let mut folded = 1_u32;
@@ -101,12 +103,21 @@ pub async fn run(
             protocol_conflicts,
         } = merge(states);
         metrics.observe_protocol_conflicts(protocol_conflicts);
-        if output.borrow().as_deref() == Some(&merged) {
+        if output.borrow().as_ref().map(|current| &*current.value) == Some(&merged) {
             debug!(folded, "sources changed nothing");
             continue;
         }
-        info!(folded, services = merged.len(), "sources changed");
-        output.send_replace(Some(Arc::new(merged)));
+        // The root of this change's trace: the source whose update opened the burst.
+        let change = info_span!(
+            parent: None,
+            "endpoint_change",
+            source = %names[source],
+            folded,
+            services = merged.len(),
+        );
+        let trace = ChangeTrace::of(&change);
+        change.in_scope(|| info!(folded, services = merged.len(), "sources changed"));
+        output.send_replace(Some(Traced::new(Arc::new(merged), trace)));
     }
 }
 
@@ -265,12 +276,12 @@ mod tests {
         debounce: Debounce,
     ) -> Vec<(Duration, Arc<Services>)> {
         let start = Instant::now();
-        let (output, mut merged) = watch::channel(None);
+        let (output, mut merged) = watch::channel(None::<Traced<Services>>);
         let recorder = tokio::spawn(async move {
             let mut emitted = Vec::new();
             while merged.changed().await.is_ok() {
                 if let Some(services) = merged.borrow_and_update().clone() {
-                    emitted.push((start.elapsed(), services));
+                    emitted.push((start.elapsed(), services.value));
                 }
             }
             emitted

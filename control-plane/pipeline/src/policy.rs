@@ -16,18 +16,23 @@ use std::sync::Arc;
 use fulcrum_core::{Snapshot, version::snapshot_version};
 use fulcrum_policy::AppliedPolicy;
 use fulcrum_sources::Services;
+use fulcrum_xds::ChangeTrace;
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{info_span, warn};
+
+use crate::change::Traced;
 
 /// Runs the stage until `input` or `policy` closes, sending `output` every new snapshot;
 /// with `require_policy`, only once a policy is accepted.
 pub async fn run(
-    mut input: watch::Receiver<Option<Arc<Services>>>,
+    mut input: watch::Receiver<Option<Traced<Services>>>,
     mut policy: watch::Receiver<Option<Arc<AppliedPolicy>>>,
-    output: watch::Sender<Option<Arc<Snapshot>>>,
+    output: watch::Sender<Option<Traced<Snapshot>>>,
     require_policy: bool,
 ) {
     let mut waiting_logged = false;
+    // Whether the policy alone changed since the last pass: the root of a trace of its own.
+    let mut policy_changed = false;
     loop {
         let endpoints = input.borrow_and_update().clone();
         let applied = policy.borrow_and_update().clone();
@@ -39,7 +44,21 @@ pub async fn run(
                 waiting_logged = true;
             }
         } else if let Some(endpoints) = endpoints {
+            let trace = match (policy_changed, &applied) {
+                (true, Some(applied)) => ChangeTrace::of(&info_span!(
+                    parent: None,
+                    "policy_change",
+                    policy_version = applied.version,
+                    policy_digest = %applied.digest,
+                    origin = %applied.origin,
+                )),
+                _ => endpoints.trace.clone(),
+            };
+            let span = info_span!(parent: None, "version", version = tracing::field::Empty);
+            trace.adopt(&span);
             let snapshot = attach(&endpoints, applied.as_deref());
+            span.record("version", snapshot.version.as_str());
+            drop(span);
             output.send_if_modified(|current| {
                 if current
                     .as_ref()
@@ -47,14 +66,14 @@ pub async fn run(
                 {
                     return false;
                 }
-                *current = Some(Arc::new(snapshot));
+                *current = Some(Traced::new(Arc::new(snapshot), trace));
                 true
             });
         }
-        tokio::select! {
-            changed = input.changed() => if changed.is_err() { return },
-            changed = policy.changed() => if changed.is_err() { return },
-        }
+        policy_changed = tokio::select! {
+            changed = input.changed() => if changed.is_err() { return } else { false },
+            changed = policy.changed() => if changed.is_err() { return } else { true },
+        };
     }
 }
 
@@ -93,7 +112,7 @@ mod tests {
     #[tokio::test]
     async fn with_a_policy_source_nothing_is_published_before_a_policy_is_accepted() {
         let store = PolicyStore::default();
-        let (_endpoints, input) = watch::channel(Some(Arc::new(endpoints(1))));
+        let (_endpoints, input) = watch::channel(Some(Traced::untraced(Arc::new(endpoints(1)))));
         let (output, mut published) = watch::channel(None);
         let stage = tokio::spawn(run(input, store.subscribe(), output, true));
         tokio::task::yield_now().await;
@@ -113,7 +132,7 @@ mod tests {
 
     #[tokio::test]
     async fn without_a_policy_source_endpoints_are_published_alone() {
-        let (_endpoints, input) = watch::channel(Some(Arc::new(endpoints(1))));
+        let (_endpoints, input) = watch::channel(Some(Traced::untraced(Arc::new(endpoints(1)))));
         let (_policy, policy) = watch::channel(None);
         let (output, mut published) = watch::channel(None);
         let stage = tokio::spawn(run(input, policy, output, false));

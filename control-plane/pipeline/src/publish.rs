@@ -20,14 +20,14 @@ use std::{
 
 use bytes::Bytes;
 use fulcrum_core::{Snapshot, distribution};
-use fulcrum_xds::SnapshotCache;
+use fulcrum_xds::{ChangeTrace, SnapshotCache};
 use tokio::sync::watch;
-use tracing::info;
+use tracing::{info, info_span};
 
 use serde::Serialize;
 use tracing::warn;
 
-use crate::metrics::PipelineMetrics;
+use crate::{change::Traced, metrics::PipelineMetrics};
 
 /// A snapshot the stage refused to publish because it is over the budget.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -58,7 +58,7 @@ pub struct Sinks {
 /// Runs the stage until `input` closes: every new snapshot within the budget goes to the
 /// cache (Envoy) and the store (the filters); one over it to neither.
 pub async fn run(
-    mut input: watch::Receiver<Option<Arc<Snapshot>>>,
+    mut input: watch::Receiver<Option<Traced<Snapshot>>>,
     sinks: Sinks,
     metrics: PipelineMetrics,
 ) {
@@ -73,7 +73,20 @@ pub async fn run(
     }
 }
 
-fn publish(snapshot: Arc<Snapshot>, sinks: &Sinks, metrics: &PipelineMetrics) {
+fn publish(snapshot: Traced<Snapshot>, sinks: &Sinks, metrics: &PipelineMetrics) {
+    let span = info_span!(
+        parent: None,
+        "publish",
+        version = %snapshot.version,
+        services = snapshot.services.len(),
+        bytes = tracing::field::Empty,
+        encoded = tracing::field::Empty,
+        reused = tracing::field::Empty,
+    );
+    snapshot.trace.adopt(&span);
+    let Traced {
+        value: snapshot, ..
+    } = snapshot;
     // Plain data over ordered maps: serialization cannot fail.
     let body = Bytes::from(serde_json::to_vec(&*snapshot).unwrap_or_default());
     if body.len() > sinks.budget_bytes {
@@ -92,7 +105,11 @@ fn publish(snapshot: Arc<Snapshot>, sinks: &Sinks, metrics: &PipelineMetrics) {
         })));
         return;
     }
-    let summary = sinks.cache.set(&snapshot);
+    span.record("bytes", body.len());
+    // The streams' pushes of this version are children of this span.
+    let summary = sinks.cache.set_traced(&snapshot, ChangeTrace::of(&span));
+    span.record("encoded", summary.encoded);
+    span.record("reused", summary.reused);
     metrics.observe(&snapshot);
     metrics.observe_over_budget(false);
     sinks.refused.send_replace(None);
@@ -242,14 +259,14 @@ mod tests {
         let budget = serde_json::to_vec(&*small).expect("json").len() + 100;
         let sinks = sinks(budget);
         let metrics = PipelineMetrics::default();
-        publish(Arc::clone(&small), &sinks, &metrics);
+        publish(Traced::untraced(Arc::clone(&small)), &sinks, &metrics);
         assert_eq!(
             versions(&sinks),
             (Some(small.version.clone()), Some(small.version.clone()))
         );
 
         let big = snapshot(50);
-        publish(Arc::clone(&big), &sinks, &metrics);
+        publish(Traced::untraced(Arc::clone(&big)), &sinks, &metrics);
         assert_eq!(
             versions(&sinks),
             (Some(small.version.clone()), Some(small.version.clone())),
@@ -261,7 +278,7 @@ mod tests {
         assert_eq!(metrics.over_budget.get(), 1);
 
         let fits = snapshot(3);
-        publish(Arc::clone(&fits), &sinks, &metrics);
+        publish(Traced::untraced(Arc::clone(&fits)), &sinks, &metrics);
         assert_eq!(
             versions(&sinks),
             (Some(fits.version.clone()), Some(fits.version.clone()))

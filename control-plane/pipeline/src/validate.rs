@@ -17,9 +17,9 @@ use fulcrum_core::receive::screen_service;
 use fulcrum_sources::Services;
 use serde::Serialize;
 use tokio::sync::watch;
-use tracing::warn;
+use tracing::{info_span, warn};
 
-use crate::metrics::PipelineMetrics;
+use crate::{change::Traced, metrics::PipelineMetrics};
 
 /// The most entries a [`Dropped`] report lists; the counts are always complete.
 pub const REPORTED: usize = 100;
@@ -38,15 +38,25 @@ pub struct Dropped {
 /// Runs the stage until `input` closes: sends `output` the valid part of every input, and
 /// `report` what was left out.
 pub async fn run(
-    mut input: watch::Receiver<Option<Arc<Services>>>,
-    output: watch::Sender<Option<Arc<Services>>>,
+    mut input: watch::Receiver<Option<Traced<Services>>>,
+    output: watch::Sender<Option<Traced<Services>>>,
     report: watch::Sender<Arc<Dropped>>,
     metrics: PipelineMetrics,
 ) {
     loop {
         let merged = input.borrow_and_update().clone();
         if let Some(merged) = merged {
-            let (valid, dropped) = screen(merged);
+            let span = info_span!(
+                parent: None,
+                "validate",
+                dropped_endpoints = tracing::field::Empty,
+                dropped_services = tracing::field::Empty,
+            );
+            merged.trace.adopt(&span);
+            let (valid, dropped) = screen(merged.value);
+            span.record("dropped_endpoints", dropped.endpoints);
+            span.record("dropped_services", dropped.services);
+            let valid = Traced::new(valid, merged.trace);
             metrics.observe_dropped(&dropped);
             report.send_if_modified(|current| {
                 if **current == dropped {

@@ -10,6 +10,7 @@ pub mod limits;
 pub mod proxies;
 pub mod proxy_reports;
 pub mod registry;
+pub mod telemetry;
 pub mod tls;
 
 use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
@@ -198,6 +199,7 @@ impl ControlPlane {
         let pipeline_metrics = PipelineMetrics::default();
         pipeline_metrics.register(&mut metrics_registry);
         HealthMetrics::global().register(&mut metrics_registry);
+        telemetry::OtlpMetrics::global().register(&mut metrics_registry);
         let limit_metrics = LimitMetrics::default();
         limit_metrics.register(&mut metrics_registry);
         let snapshot_answers = http::SnapshotAnswerMetrics::default();

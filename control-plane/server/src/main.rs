@@ -4,6 +4,7 @@
 use std::{net::SocketAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{CommandFactory, Parser, ValueEnum, error::ErrorKind};
+use fulcrum_control_plane::telemetry::{Otlp, OtlpConfig, OtlpMetrics};
 use fulcrum_control_plane::{
     Config, ControlPlane, ListenerLimits, OptionalSources, PolicySource, ProxyTableLimits,
     RegistryBackendOptions, RegistryOptions, TlsFiles,
@@ -16,7 +17,7 @@ use fulcrum_registry::{
 };
 use fulcrum_xds::ClusterOptions;
 use tracing::error;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
 
 /// fulcrum's control plane.
 #[derive(Debug, Parser)]
@@ -71,6 +72,12 @@ struct Cli {
     /// test learns the ports the kernel chose, without racing for a "free" port.
     #[arg(long, value_name = "PATH")]
     address_file: Option<PathBuf>,
+    /// Export the control plane's spans (one trace per change, from the source to every
+    /// Envoy's ACK) to this OTLP/gRPC collector, e.g. `http://otel-collector:4317`. Default:
+    /// `$OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, else `$OTEL_EXPORTER_OTLP_ENDPOINT`; unset: off.
+    /// `$OTEL_SERVICE_NAME` names the service (default `fulcrum-control-plane`).
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
     /// Log filter (`info`, `debug`, `fulcrum_xds=debug,info`, ...); `RUST_LOG` overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -315,7 +322,34 @@ async fn main() -> ExitCode {
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(&cli.log_level))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).init();
+    let replica = cli
+        .replica_name
+        .clone()
+        .or_else(|| std::env::var("POD_NAME").ok())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(fulcrum_control_plane::unique_replica_name);
+    let otlp = match OtlpConfig::resolve(cli.otlp_endpoint.as_deref(), &replica, |name| {
+        std::env::var(name).ok()
+    })
+    .map(|config| Otlp::start(&config, OtlpMetrics::global().clone()))
+    .transpose()
+    {
+        Ok(otlp) => otlp,
+        Err(error) => {
+            eprintln!(
+                "fulcrum-control-plane: {error}: {}",
+                std::error::Error::source(&error)
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            );
+            return ExitCode::FAILURE;
+        }
+    };
+    tracing_subscriber::registry()
+        .with(tracing_subscriber::fmt::layer().with_filter(filter))
+        .with(otlp.as_ref().map(Otlp::layer))
+        .init();
     let address_file = cli.address_file.clone();
     let config = Config {
         static_file: cli.static_file,
@@ -330,12 +364,7 @@ async fn main() -> ExitCode {
             .tls_cert_file
             .zip(cli.tls_key_file)
             .map(|(cert, key)| TlsFiles { cert, key }),
-        replica: cli
-            .replica_name
-            .or_else(|| std::env::var("POD_NAME").ok())
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .filter(|name| !name.is_empty())
-            .unwrap_or_else(fulcrum_control_plane::unique_replica_name),
+        replica,
         snapshot_budget_bytes: cli.snapshot_budget_bytes,
         proxies: ProxyTableLimits {
             max_proxies: cli.max_proxies,
@@ -384,6 +413,7 @@ async fn main() -> ExitCode {
         Ok(control_plane) => control_plane,
         Err(error) => {
             error!(error = format!("{error:#}"), "cannot start");
+            stop_export(otlp).await;
             return ExitCode::FAILURE;
         }
     };
@@ -396,11 +426,20 @@ async fn main() -> ExitCode {
             "cannot write the address file"
         );
         control_plane.shutdown().await;
+        stop_export(otlp).await;
         return ExitCode::FAILURE;
     }
     shutdown_signal().await;
     control_plane.shutdown().await;
+    stop_export(otlp).await;
     ExitCode::SUCCESS
+}
+
+/// Flushes the spans still queued for the collector, if spans are exported.
+async fn stop_export(otlp: Option<Otlp>) {
+    if let Some(otlp) = otlp {
+        otlp.shutdown().await;
+    }
 }
 
 /// Writes the bound addresses as JSON to a temporary file beside `path`, then renames it, so

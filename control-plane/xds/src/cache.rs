@@ -14,7 +14,10 @@ use envoy_types::util::pack_any;
 use fulcrum_core::{ServiceEndpoints, Snapshot, version::content_version};
 use tokio::{sync::watch, time::Instant};
 
-use crate::resources::{self, ClusterOptions};
+use crate::{
+    resources::{self, ClusterOptions},
+    trace::ChangeTrace,
+};
 
 /// The xDS resource types fulcrum serves, in the order a push sends them (clusters before
 /// endpoints: make before break).
@@ -85,6 +88,9 @@ pub struct XdsSnapshot {
     pub clusters: Resources,
     /// One `ClusterLoadAssignment` per service.
     pub endpoints: Resources,
+    /// The trace of the change that made this version: the streams' pushes of it are its
+    /// children ([`crate::trace`]).
+    pub trace: ChangeTrace,
 }
 
 impl XdsSnapshot {
@@ -110,6 +116,7 @@ pub struct UpdateSummary {
 /// unchanged.
 fn build(
     core: &Snapshot,
+    trace: ChangeTrace,
     options: &ClusterOptions,
     previous: Option<&XdsSnapshot>,
     summary: &mut UpdateSummary,
@@ -150,6 +157,7 @@ fn build(
         published_at: Instant::now(),
         clusters,
         endpoints,
+        trace,
     }
 }
 
@@ -202,6 +210,12 @@ impl SnapshotCache {
     /// Replaces the snapshot with one built from `core`. Resources whose content did not
     /// change keep their encoding; a `core` with the current version changes nothing.
     pub fn set(&self, core: &Snapshot) -> UpdateSummary {
+        self.set_traced(core, ChangeTrace::NONE)
+    }
+
+    /// [`set`](Self::set), the new snapshot carrying `trace`, the change that made it, to
+    /// every stream that pushes it.
+    pub fn set_traced(&self, core: &Snapshot, trace: ChangeTrace) -> UpdateSummary {
         let mut summary = UpdateSummary::default();
         self.current.send_if_modified(|current| {
             if current
@@ -210,7 +224,7 @@ impl SnapshotCache {
             {
                 return false;
             }
-            let next = build(core, &self.options, current.as_deref(), &mut summary);
+            let next = build(core, trace, &self.options, current.as_deref(), &mut summary);
             *current = Some(Arc::new(next));
             true
         });

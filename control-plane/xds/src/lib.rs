@@ -4,16 +4,19 @@
 //! [`fulcrum_core::Snapshot`] into versioned, once-encoded Envoy resources ([`resources`]
 //! says what they contain) and never touches a stream; [`server`] streams them to Envoy over
 //! ADS (state of the world and delta) and never builds a resource. [`status`] and
-//! [`metrics`] record what every Envoy accepted and rejected.
+//! [`metrics`] record what every Envoy accepted and rejected; [`trace`] carries the trace of
+//! the change that made a snapshot to the pushes and ACKs of its version.
 
 pub mod cache;
 pub mod metrics;
 pub mod resources;
 pub mod server;
 pub mod status;
+pub mod trace;
 
 pub use cache::{EncodedResource, ResourceType, SnapshotCache, UpdateSummary, XdsSnapshot};
 pub use metrics::XdsMetrics;
 pub use resources::ClusterOptions;
 pub use server::{AdsServer, DEFAULT_MAX_STREAMS};
 pub use status::{Nack, NodeRegistry, StreamKind, StreamStatus, TypeStatus};
+pub use trace::ChangeTrace;

@@ -7,7 +7,9 @@
 //!
 //! Every response names the backend (`x-backend` header and JSON body) and says whether the
 //! request still carried fulcrum's override header (`x-saw-override-header`), which Envoy must
-//! strip before the request leaves it.
+//! strip before the request leaves it. It keeps the distributed-tracing headers
+//! ([`TRACE_HEADERS`]) of its latest request, so a test can check that a proxy passed them
+//! through unchanged ([`Backend::last_trace_headers`]).
 //!
 //! With the `grpc` feature, [`grpc`] adds a gRPC backend failing a fixed share of its calls
 //! with `UNAVAILABLE`, and a client of it.
@@ -36,6 +38,20 @@ pub mod grpc;
 
 /// The header fulcrum's filter sets; a backend must never see it.
 pub use fulcrum_core::OVERRIDE_HEADER;
+
+/// The distributed-tracing headers a backend keeps from its latest request: W3C Trace Context,
+/// Envoy's request id, and Zipkin's B3 (multi- and single-header).
+pub const TRACE_HEADERS: [&str; 9] = [
+    "traceparent",
+    "tracestate",
+    "x-request-id",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "b3",
+];
 
 /// How the backend misbehaves. The default is a healthy, fast backend.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -113,6 +129,8 @@ struct Shared {
     errors: AtomicU64,
     blackholed: AtomicU64,
     saw_override_header: AtomicU64,
+    /// The [`TRACE_HEADERS`] of the latest request, in that order (the first value of each).
+    last_trace_headers: Mutex<Vec<(&'static str, String)>>,
     /// xorshift state for the error-rate coin; seeded from the name so runs are repeatable.
     coin: AtomicU64,
 }
@@ -182,6 +200,7 @@ impl Backend {
             errors: AtomicU64::new(0),
             blackholed: AtomicU64::new(0),
             saw_override_header: AtomicU64::new(0),
+            last_trace_headers: Mutex::new(Vec::new()),
             coin: AtomicU64::new(seed),
         });
         let addr = traffic.local_addr()?;
@@ -229,6 +248,16 @@ impl Backend {
         Ok(())
     }
 
+    /// The tracing headers ([`TRACE_HEADERS`]) the latest request on the traffic port carried,
+    /// name and value, in [`TRACE_HEADERS`] order; a value that is not text is left out.
+    pub fn last_trace_headers(&self) -> Vec<(&'static str, String)> {
+        self.shared
+            .last_trace_headers
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone()
+    }
+
     /// The counters so far.
     pub fn stats(&self) -> Stats {
         self.shared.stats()
@@ -248,6 +277,17 @@ impl Drop for Backend {
 
 async fn serve(State(shared): State<Arc<Shared>>, headers: HeaderMap) -> Response {
     shared.requests.fetch_add(1, Ordering::Relaxed);
+    let trace_headers = TRACE_HEADERS
+        .into_iter()
+        .filter_map(|name| {
+            let value = headers.get(name)?.to_str().ok()?;
+            Some((name, value.to_owned()))
+        })
+        .collect();
+    *shared
+        .last_trace_headers
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner()) = trace_headers;
     if headers.contains_key(OVERRIDE_HEADER) {
         shared.saw_override_header.fetch_add(1, Ordering::Relaxed);
     }

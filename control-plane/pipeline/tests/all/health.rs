@@ -11,20 +11,21 @@ use anyhow::{Result, bail};
 use fulcrum_core::{Endpoint, Health, ServiceEndpoints};
 use fulcrum_example_backend::{Backend, Fault};
 use fulcrum_health::{HealthMetrics, ProbeHub};
+use fulcrum_pipeline::Traced;
 use fulcrum_policy::{PolicyFormat, PolicyStore};
 use fulcrum_sources::Services;
 use prometheus_client::{encoding::text::encode, registry::Registry};
 use tokio::sync::watch;
 
-fn merged(backends: &[&Backend]) -> Arc<Services> {
+fn merged(backends: &[&Backend]) -> Traced<Services> {
     let endpoints = backends.iter().map(|b| Endpoint::new(b.addr)).collect();
-    Arc::new(BTreeMap::from([(
+    Traced::untraced(Arc::new(BTreeMap::from([(
         "shop".to_owned(),
         ServiceEndpoints {
             endpoints,
             protocol: None,
         },
-    )]))
+    )])))
 }
 
 /// Makes `store`'s current policy one that checks `shop` with `check`.
@@ -53,11 +54,11 @@ fn health(services: &Services, backends: &[&Backend]) -> Vec<Health> {
 
 /// The stage's output once it satisfies `done`, within `timeout`.
 async fn published_until(
-    published: &mut watch::Receiver<Option<Arc<Services>>>,
+    published: &mut watch::Receiver<Option<Traced<Services>>>,
     timeout: Duration,
     what: &str,
     done: impl Fn(&Services) -> bool,
-) -> Result<Arc<Services>> {
+) -> Result<Traced<Services>> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(services) = published.borrow_and_update().clone()
@@ -76,12 +77,12 @@ async fn published_until(
 
 /// Starts the health stage over `endpoints` and `policies`' current policy.
 fn start_stage(
-    endpoints: watch::Receiver<Option<Arc<Services>>>,
+    endpoints: watch::Receiver<Option<Traced<Services>>>,
     policies: &PolicyStore,
     metrics: HealthMetrics,
 ) -> (
     tokio::task::JoinHandle<()>,
-    watch::Receiver<Option<Arc<Services>>>,
+    watch::Receiver<Option<Traced<Services>>>,
 ) {
     let (output, published) = watch::channel(None);
     let stage = tokio::spawn(fulcrum_pipeline::health::run(

@@ -5,6 +5,7 @@ mod support;
 mod binary;
 mod kube_and_policy;
 mod limits;
+mod otlp;
 mod proxies;
 mod registry;
 mod replicas;

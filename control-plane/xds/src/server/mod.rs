@@ -7,6 +7,15 @@
 //! state (the `sotw` and `delta` modules, both pure) and reacts to two inputs: Envoy's
 //! requests and new snapshots. ACKs, NACKs and pushes are recorded in the [`NodeRegistry`] and the
 //! [`XdsMetrics`].
+//!
+//! Each response is an `xds_push` span (node, resource type, version, nonce, resource count)
+//! and Envoy's answer to it an `xds_ack` or `xds_nack` span, its child. A push a new snapshot
+//! caused is a child of the span that published it ([`XdsSnapshot::trace`]), so one change's
+//! trace reaches every proxy that took it. A response to a request (a stream's first
+//! subscription, a reconnect) is caused by the proxy, not by the change, and may come hours
+//! after it: it starts a trace of its own with a span link to the change that made the version
+//! sent, rather than growing an old trace without end. Spans are per response, never per
+//! resource or endpoint; a stream keeps the context of its last push per type only.
 
 #[cfg(test)]
 mod convergence_tests;
@@ -15,9 +24,12 @@ mod sotw;
 #[cfg(test)]
 mod test_support;
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
+use std::{
+    collections::BTreeMap,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use envoy_types::pb::envoy::{
@@ -32,12 +44,13 @@ use envoy_types::pb::envoy::{
 use tokio::sync::{Semaphore, mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn};
 
 use crate::{
     cache::{ResourceType, SnapshotCache, XdsSnapshot},
     metrics::{StreamLabels, TypeLabels, XdsMetrics},
     status::{Nack, NodeRegistry, StreamKind, StreamStatus, unix_ms_now},
+    trace::ChangeTrace,
 };
 
 /// Responses queued per stream before the stream task waits for Envoy to read.
@@ -298,11 +311,13 @@ async fn drive<P: Protocol>(
     let mut closing = shared.closing.subscribe();
     let mut state = P::default();
     let mut open: Option<OpenStream> = None;
+    // The last push of each type, whose ACK or NACK is traced as its child.
+    let mut pushes: BTreeMap<ResourceType, ChangeTrace> = BTreeMap::new();
     loop {
         if *closing.borrow_and_update() {
             break;
         }
-        let outgoing: Vec<(P::Response, Option<tokio::time::Instant>)> = tokio::select! {
+        let outgoing: Vec<(P::Response, Cause)> = tokio::select! {
             _ = closing.changed() => continue,
             message = requests.message() => {
                 let request = match message {
@@ -322,8 +337,11 @@ async fn drive<P: Protocol>(
                 };
                 let snapshot = snapshots.borrow().clone();
                 let (outcome, response) = state.on_request(ty, &request, snapshot.as_deref());
-                record_outcome::<P>(&shared, open.as_ref(), ty, outcome);
-                response.into_iter().map(|response| (response, None)).collect()
+                record_outcome::<P>(&shared, open.as_ref(), ty, outcome, &mut pushes);
+                response
+                    .into_iter()
+                    .map(|response| (response, Cause::Request(snapshot.clone())))
+                    .collect()
             }
             changed = snapshots.changed() => {
                 if changed.is_err() {
@@ -334,14 +352,14 @@ async fn drive<P: Protocol>(
                     Some(snapshot) => state
                         .on_snapshot(&snapshot)
                         .into_iter()
-                        .map(|response| (response, Some(snapshot.published_at)))
+                        .map(|response| (response, Cause::Snapshot(Arc::clone(&snapshot))))
                         .collect(),
                     None => Vec::new(),
                 }
             }
         };
-        for (response, published_at) in outgoing {
-            record_push::<P>(&shared, open.as_ref(), &response, published_at);
+        for (response, cause) in outgoing {
+            record_push::<P>(&shared, open.as_ref(), &response, &cause, &mut pushes);
             if responses.send(Ok(response)).await.is_err() {
                 return;
             }
@@ -376,13 +394,30 @@ fn register<P: Protocol>(shared: &Arc<Shared>, stream_id: u64, node: Option<&Nod
     }
 }
 
+/// Why a response is sent.
+enum Cause {
+    /// A new snapshot: the push continues the trace of the change that made it.
+    Snapshot(Arc<XdsSnapshot>),
+    /// Envoy's request (first subscription, changed names), answered from the current
+    /// snapshot if any: a trace of its own, linked to the change that made that version.
+    Request(Option<Arc<XdsSnapshot>>),
+}
+
 fn record_outcome<P: Protocol>(
     shared: &Shared,
     open: Option<&OpenStream>,
     ty: ResourceType,
     outcome: RequestOutcome,
+    pushes: &mut BTreeMap<ResourceType, ChangeTrace>,
 ) {
     let Some(open) = open else { return };
+    if matches!(
+        outcome,
+        RequestOutcome::Ack { .. } | RequestOutcome::Nack { .. }
+    ) && let Some(push) = pushes.remove(&ty)
+    {
+        trace_answer(open, ty, &outcome, &push);
+    }
     let labels = TypeLabels {
         resource_type: ty.short_name(),
         stream: P::KIND.as_str(),
@@ -426,15 +461,85 @@ fn record_outcome<P: Protocol>(
     }
 }
 
+/// Records Envoy's ACK or NACK of the push traced as `push`, as that push's child.
+fn trace_answer(open: &OpenStream, ty: ResourceType, outcome: &RequestOutcome, push: &ChangeTrace) {
+    let span = match outcome {
+        RequestOutcome::Ack { version } => info_span!(
+            parent: None,
+            "xds_ack",
+            node = %open.node_id,
+            stream_id = open.stream_id,
+            resource_type = ty.short_name(),
+            version = %version,
+        ),
+        RequestOutcome::Nack {
+            rejected_version,
+            code,
+            message,
+            ..
+        } => info_span!(
+            parent: None,
+            "xds_nack",
+            node = %open.node_id,
+            stream_id = open.stream_id,
+            resource_type = ty.short_name(),
+            version = %rejected_version,
+            code,
+            error = %message,
+            otel.status_code = "ERROR",
+        ),
+        RequestOutcome::Initial | RequestOutcome::Stale => return,
+    };
+    push.adopt(&span);
+}
+
+/// The `xds_push` span of one response: a child of the change that made the snapshot, or a
+/// root linked to it for a response to a request.
+fn push_span(
+    open: &OpenStream,
+    ty: ResourceType,
+    (version, nonce, resources): (&str, &str, usize),
+    cause: &Cause,
+) -> ChangeTrace {
+    let span = info_span!(
+        parent: None,
+        "xds_push",
+        node = %open.node_id,
+        stream_id = open.stream_id,
+        resource_type = ty.short_name(),
+        version,
+        nonce,
+        resources,
+        cause = match cause {
+            Cause::Snapshot(_) => "snapshot",
+            Cause::Request(_) => "request",
+        },
+    );
+    match cause {
+        Cause::Snapshot(snapshot) => snapshot.trace.adopt(&span),
+        Cause::Request(snapshot) => {
+            if let Some(snapshot) = snapshot {
+                snapshot.trace.link(&span);
+            }
+        }
+    }
+    ChangeTrace::of(&span)
+}
+
 fn record_push<P: Protocol>(
     shared: &Shared,
     open: Option<&OpenStream>,
     response: &P::Response,
-    published_at: Option<tokio::time::Instant>,
+    cause: &Cause,
+    pushes: &mut BTreeMap<ResourceType, ChangeTrace>,
 ) {
     let (type_url, version, nonce, resources) = P::describe(response);
     let Some(ty) = ResourceType::from_type_url(type_url) else {
         return;
+    };
+    let published_at = match cause {
+        Cause::Snapshot(snapshot) => Some(snapshot.published_at),
+        Cause::Request(_) => None,
     };
     let labels = TypeLabels {
         resource_type: ty.short_name(),
@@ -449,6 +554,10 @@ fn record_push<P: Protocol>(
             .observe(published_at.elapsed().as_secs_f64());
     }
     if let Some(open) = open {
+        let push = push_span(open, ty, (version, nonce, resources), cause);
+        if push.is_traced() {
+            pushes.insert(ty, push);
+        }
         debug!(stream_id = open.stream_id, node = %open.node_id, resource_type = ty.short_name(), version, nonce, resources, "pushed");
         let version = version.to_owned();
         shared.registry.update(open.stream_id, ty, |status| {

@@ -6,6 +6,7 @@ mod grpc;
 mod health_checks;
 mod proxies;
 mod static_endpoints;
+mod trace_headers;
 mod two_workers;
 mod untrusted_requests;
 mod zones;
