@@ -195,6 +195,7 @@ fn a_worker_takes_the_slot_of_a_vm_that_stopped_heart_beating_and_stays_out_when
     let plugin = polling(2)?;
     let _control_plane = ControlPlane::serve(&plugin, checkout(3));
     turn(&plugin)?;
+    turn(&plugin)?;
     let now = u64::try_from(
         plugin
             .now()
@@ -273,6 +274,7 @@ fn a_report_waits_for_a_live_worker_at_most_two_seconds_then_goes_without_it()
     let plugin = polling(1)?;
     let control_plane = ControlPlane::serve(&plugin, checkout(3));
     turn(&plugin)?;
+    turn(&plugin)?;
     send(&plugin, 0)?;
     turn(&plugin)?;
     // A VM that holds slot 7 and heart-beats, but never answers.
@@ -301,6 +303,7 @@ fn a_report_waits_for_a_live_worker_at_most_two_seconds_then_goes_without_it()
 fn a_diagnose_header_that_is_not_an_id_and_a_service_is_ignored() -> anyhow::Result<()> {
     let plugin = polling(1)?;
     let control_plane = ControlPlane::serve(&plugin, checkout(3));
+    turn(&plugin)?;
     turn(&plugin)?;
     send(&plugin, 0)?;
     for hostile in ["checkout", "7 two words", "-1 checkout", "99999999999999999999999 x"] {
