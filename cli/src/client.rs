@@ -136,10 +136,7 @@ impl ControlPlane {
             .append_pair("wait", &wait.as_secs().to_string());
         let shown = url.to_string();
         // The control plane holds the request for up to `wait`.
-        let request = self
-            .client
-            .get(url)
-            .timeout(wait + Duration::from_secs(5));
+        let request = self.client.get(url).timeout(wait + Duration::from_secs(5));
         let response = send(request, &shown, "--server")?;
         match response.status() {
             StatusCode::NOT_FOUND => {

@@ -108,7 +108,9 @@ fn latency(ms: Option<f64>) -> String {
 fn render(report: &Report, per_worker: bool, now: SystemTime) -> String {
     let age = now
         .duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX))
+        .map_or(0, |since| {
+            u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+        })
         .saturating_sub(report.received_unix_ms);
     let mut text = format!(
         "proxy {}, service {}: {} worker(s) reported {:.1}s ago\n",
@@ -155,8 +157,15 @@ fn render(report: &Report, per_worker: bool, now: SystemTime) -> String {
         .collect();
     text.push_str(&table(
         [
-            "ENDPOINT", "HEALTH", "WEIGHT", "STATE", "REASON", "READMIT IN", "LATENCY",
-            "INFLIGHT", "PICKS",
+            "ENDPOINT",
+            "HEALTH",
+            "WEIGHT",
+            "STATE",
+            "REASON",
+            "READMIT IN",
+            "LATENCY",
+            "INFLIGHT",
+            "PICKS",
         ],
         &rows,
     ));
@@ -169,7 +178,13 @@ fn render(report: &Report, per_worker: bool, now: SystemTime) -> String {
             .collect();
         text.push_str(&table(
             [
-                "WORKER", "ENDPOINT", "STATE", "REASON", "READMIT IN", "LATENCY", "INFLIGHT",
+                "WORKER",
+                "ENDPOINT",
+                "STATE",
+                "REASON",
+                "READMIT IN",
+                "LATENCY",
+                "INFLIGHT",
                 "PICKS",
             ],
             &rows,
@@ -223,7 +238,11 @@ mod tests {
                 worker: 0,
                 version: Some("v1".to_owned()),
                 endpoints: vec![
-                    endpoint("10.0.0.2:80", BreakerKind::Open, Some("consecutive_gateway_errors")),
+                    endpoint(
+                        "10.0.0.2:80",
+                        BreakerKind::Open,
+                        Some("consecutive_gateway_errors"),
+                    ),
                     endpoint("10.0.0.1:80", BreakerKind::Closed, None),
                 ],
                 omitted: 0,
@@ -256,7 +275,16 @@ mod tests {
         assert!(lines[1].starts_with("ENDPOINT"), "{text}");
         assert_eq!(
             lines[2].split_whitespace().collect::<Vec<_>>(),
-            ["10.0.0.1:80", "healthy", "1", "closed", "2.2ms", "2", "6", "(100%)"],
+            [
+                "10.0.0.1:80",
+                "healthy",
+                "1",
+                "closed",
+                "2.2ms",
+                "2",
+                "6",
+                "(100%)"
+            ],
             "{text}"
         );
         assert_eq!(

@@ -11,7 +11,12 @@ use crate::support::Served;
 
 const NODE: &str = "sidecar~10.0.0.7~cart-1.shop";
 
-fn endpoint(address: &str, breaker: BreakerKind, reason: Option<&str>, picks: u64) -> EndpointDiagnostics {
+fn endpoint(
+    address: &str,
+    breaker: BreakerKind,
+    reason: Option<&str>,
+    picks: u64,
+) -> EndpointDiagnostics {
     EndpointDiagnostics {
         address: address.parse().expect("an address"),
         health: Health::Healthy,
@@ -40,7 +45,12 @@ fn endpoints_shows_the_proxy_view_with_an_ejected_endpoint_and_its_reason() {
             (
                 0,
                 vec![
-                    endpoint("127.0.0.1:19002", BreakerKind::Open, Some("consecutive_gateway_errors"), 0),
+                    endpoint(
+                        "127.0.0.1:19002",
+                        BreakerKind::Open,
+                        Some("consecutive_gateway_errors"),
+                        0,
+                    ),
                     endpoint("127.0.0.1:19001", BreakerKind::Closed, None, 4),
                 ],
             ),
@@ -58,7 +68,9 @@ fn endpoints_shows_the_proxy_view_with_an_ejected_endpoint_and_its_reason() {
     assert_eq!(run.code, 0, "{run:?}");
     let lines: Vec<&str> = run.stdout.lines().collect();
     assert!(
-        lines[0].starts_with(&format!("proxy {NODE}, service checkout: 2 worker(s) reported")),
+        lines[0].starts_with(&format!(
+            "proxy {NODE}, service checkout: 2 worker(s) reported"
+        )),
         "{run:?}"
     );
     let ejected = lines
@@ -90,7 +102,8 @@ fn endpoints_says_so_and_fails_when_the_proxy_never_reports() {
     let run = served.fulcrum(&["endpoints", "checkout", "--proxy", NODE, "--wait", "1"]);
     assert_eq!(run.code, 2, "{run:?}");
     assert!(
-        run.stderr.contains("sent no endpoint diagnostics within 1 s"),
+        run.stderr
+            .contains("sent no endpoint diagnostics within 1 s"),
         "{run:?}"
     );
 }
@@ -100,7 +113,10 @@ fn endpoints_names_a_proxy_that_does_not_poll_and_refuses_a_bad_service_name() {
     let served = Served::start("default: {retry: 1}\n");
     let run = served.fulcrum(&["endpoints", "checkout", "--proxy", "nobody"]);
     assert_eq!(run.code, 2, "{run:?}");
-    assert!(run.stderr.contains("has not polled this replica"), "{run:?}");
+    assert!(
+        run.stderr.contains("has not polled this replica"),
+        "{run:?}"
+    );
     let run = served.fulcrum(&["endpoints", "checkout"]);
     assert_eq!(run.code, 2, "{run:?}");
     assert!(run.stderr.contains("no proxy polls"), "{run:?}");

@@ -287,7 +287,9 @@ impl EndpointsView {
             received_unix_ms: received
                 .at
                 .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |since| u64::try_from(since.as_millis()).unwrap_or(u64::MAX)),
+                .map_or(0, |since| {
+                    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+                }),
             endpoints: aggregate(&received.report.workers),
             workers: received.report.workers.clone(),
         }
@@ -324,12 +326,7 @@ impl Diagnostics {
 
     /// Parses and keeps a report `body` from `node` (`None`: no valid node id) at `now`,
     /// counting the outcome and waking the handlers waiting for reports.
-    pub fn receive(
-        &self,
-        node: Option<&str>,
-        body: &[u8],
-        now: SystemTime,
-    ) -> Result<(), Refused> {
+    pub fn receive(&self, node: Option<&str>, body: &[u8], now: SystemTime) -> Result<(), Refused> {
         let outcome = node.ok_or(Refused::NodeId).and_then(|node| {
             let report = DiagnosticsReport::parse(body)?;
             self.table().record(node, report, now)
@@ -423,7 +420,11 @@ mod tests {
             table.report("web-1", "checkout", 100).map(|r| r.at),
             Some(at(2))
         );
-        assert_eq!(table.report("web-1", "checkout", 99), None, "another request");
+        assert_eq!(
+            table.report("web-1", "checkout", 99),
+            None,
+            "another request"
+        );
     }
 
     #[test]
@@ -480,10 +481,17 @@ mod tests {
         let id = table.ask("d", "s", at(20));
         table.record("d", report("s", id), at(21)).expect("kept");
         assert_eq!(table.len().1, 2);
-        assert!(table.report("b", "s", 2).is_none(), "the oldest report went");
+        assert!(
+            table.report("b", "s", 2).is_none(),
+            "the oldest report went"
+        );
         assert!(table.report("d", "s", id).is_some());
         table.expire(at(80));
-        assert_eq!(table.len(), (0, 1), "only d's report, at 21 s, is younger than 60 s");
+        assert_eq!(
+            table.len(),
+            (0, 1),
+            "only d's report, at 21 s, is younger than 60 s"
+        );
     }
 
     #[test]
@@ -518,7 +526,12 @@ mod tests {
                 .get()
         };
         assert_eq!(
-            [count("node_id"), count("malformed"), count("service"), count("unrequested")],
+            [
+                count("node_id"),
+                count("malformed"),
+                count("service"),
+                count("unrequested")
+            ],
             [1, 1, 1, 1]
         );
         assert_eq!(metrics.accepted.get(), 0);

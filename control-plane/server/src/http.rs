@@ -503,7 +503,10 @@ async fn receive_diagnostics(
     {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
         Err(refused) => {
-            debug!(reason = refused.label(), "refused an endpoint diagnostics report");
+            debug!(
+                reason = refused.label(),
+                "refused an endpoint diagnostics report"
+            );
             let status = match refused {
                 ReportRefused::Unrequested => StatusCode::CONFLICT,
                 ReportRefused::Invalid(_) | ReportRefused::NodeId => StatusCode::BAD_REQUEST,

@@ -30,8 +30,7 @@
 use std::time::Duration;
 
 use fulcrum_core::diagnostics::{
-    MAX_SERVICE_BYTES, MAX_WORKER_BYTES, MAX_WORKERS, compose_report, encode_worker,
-    valid_service,
+    MAX_SERVICE_BYTES, MAX_WORKER_BYTES, MAX_WORKERS, compose_report, encode_worker, valid_service,
 };
 use proxy_wasm::hostcalls;
 
@@ -235,7 +234,8 @@ impl SharedDiagnostics {
                 .as_deref()
                 .and_then(owner)
                 .is_none_or(|(_, heartbeat)| heartbeat.saturating_add(SLOT_EXPIRY) <= now);
-            if free && hostcalls::set_shared_data(&key, Some(&value), Some(cas.unwrap_or(0))).is_ok()
+            if free
+                && hostcalls::set_shared_data(&key, Some(&value), Some(cas.unwrap_or(0))).is_ok()
             {
                 self.slot = Some(slot);
                 return Some(slot);

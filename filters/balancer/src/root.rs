@@ -406,7 +406,10 @@ impl Configured {
                 .flatten()
         };
         let metrics = self.worker.borrow().metrics().clone();
-        if status.as_deref().is_some_and(|status| status.starts_with(b"2")) {
+        if status
+            .as_deref()
+            .is_some_and(|status| status.starts_with(b"2"))
+        {
             metrics.diagnostics_report_sent();
         } else {
             metrics.diagnostics_report_failed();

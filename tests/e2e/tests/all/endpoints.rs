@@ -31,7 +31,10 @@ async fn endpoints(http: std::net::SocketAddr, node: &str) -> (u16, Value) {
         .unwrap();
     let status = response.status().as_u16();
     let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    (
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    )
 }
 
 /// The aggregate row of `address` in a report.
@@ -50,7 +53,12 @@ async fn endpoints_shows_an_ejected_endpoint_with_its_reason_on_the_proxy_that_e
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("endpoints.json");
     let addresses: Vec<_> = backends.iter().map(|b| b.addr).collect();
-    std::fs::write(&file, fulcrum_e2e::endpoints_json(&addresses).to_string()).unwrap();
+    let listed = fulcrum_e2e::endpoints_json(&addresses);
+    std::fs::write(
+        &file,
+        json!({"services": {SERVICE: {"endpoints": listed}}}).to_string(),
+    )
+    .unwrap();
     let any = "127.0.0.1:0".parse().unwrap();
     let control_plane = ControlPlane::start(Config {
         static_file: Some(file),
@@ -73,7 +81,9 @@ async fn endpoints_shows_an_ejected_endpoint_with_its_reason_on_the_proxy_that_e
             "max_ejection_percent": 50
         }
     });
-    let failing = envoy_with_control_plane(xds, http, policy.clone()).await.unwrap();
+    let failing = envoy_with_control_plane(xds, http, policy.clone())
+        .await
+        .unwrap();
     let quiet = envoy_with_control_plane(xds, http, policy).await.unwrap();
     let (failing_id, quiet_id) = (node_id(&failing).await, node_id(&quiet).await);
     failing
@@ -105,13 +115,21 @@ async fn endpoints_shows_an_ejected_endpoint_with_its_reason_on_the_proxy_that_e
     .await
     .unwrap_or_else(|error| panic!("{error}"));
     let ejected = row(&report, &dead);
-    assert_eq!(ejected["reasons"], json!(["consecutive_gateway_errors"]), "{report:#}");
+    assert_eq!(
+        ejected["reasons"],
+        json!(["consecutive_gateway_errors"]),
+        "{report:#}"
+    );
     let readmit = ejected["readmit_in_ms"].as_u64().unwrap();
     assert!(readmit > 0 && readmit <= 60_000, "{report:#}");
     let healthy = row(&report, &backends[1].addr.to_string());
     assert_eq!(healthy["open_on"], 0, "{report:#}");
     assert!(healthy["picks"].as_u64().unwrap() > 0, "{report:#}");
-    assert_eq!(report["workers"].as_array().unwrap().len(), 1, "concurrency 1");
+    assert_eq!(
+        report["workers"].as_array().unwrap().len(),
+        1,
+        "concurrency 1"
+    );
 
     let (status, report) = endpoints(http, &quiet_id).await;
     assert_eq!(status, 200, "{report:#}");
