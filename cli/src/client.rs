@@ -117,6 +117,46 @@ impl ControlPlane {
         json(response, &url)
     }
 
+    /// What proxy `node` believes about each endpoint of `service`
+    /// (`GET /v1/proxies/{node}/endpoints`), waiting up to `wait` for its report.
+    pub fn endpoints(
+        &self,
+        node: &str,
+        service: &str,
+        wait: Duration,
+    ) -> Result<crate::endpoints::Report> {
+        let mut url = reqwest::Url::parse(&format!("{}/v1/proxies", self.server))
+            .with_context(|| format!("--server {} is not a URL", self.server))?;
+        url.path_segments_mut()
+            .map_err(|()| anyhow!("--server {} cannot take a path", self.server))?
+            .push(node)
+            .push("endpoints");
+        url.query_pairs_mut()
+            .append_pair("service", service)
+            .append_pair("wait", &wait.as_secs().to_string());
+        let shown = url.to_string();
+        // The control plane holds the request for up to `wait`.
+        let request = self.client.get(url).timeout(wait + Duration::from_secs(5));
+        let response = send(request, &shown, "--server")?;
+        match response.status() {
+            StatusCode::NOT_FOUND => {
+                let body = response.text().unwrap_or_default();
+                if body.trim().is_empty() {
+                    bail!(
+                        "the control plane at {} has no endpoint diagnostics: it predates them; upgrade it",
+                        self.server
+                    );
+                }
+                bail!("{}", body.trim());
+            }
+            StatusCode::GATEWAY_TIMEOUT => {
+                let body = response.text().unwrap_or_default();
+                bail!("{}", body.trim());
+            }
+            _ => json(response, &shown),
+        }
+    }
+
     /// The kept policy versions, oldest first, the last current (`GET /v1/policy/history`
     /// on the admin API).
     pub fn policy_history(&self) -> Result<Vec<AppliedPolicy>> {

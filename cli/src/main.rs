@@ -11,6 +11,7 @@
 //! control plane refused).
 
 mod client;
+mod endpoints;
 mod output;
 mod policy;
 mod proxies;
@@ -54,6 +55,9 @@ enum Command {
     /// List the proxies whose filters poll the control plane (`--server`), the snapshot
     /// version each runs and whether it is current, behind or stale.
     Proxies(proxies::ProxiesCommand),
+    /// Show what one proxy's filter believes about each endpoint of a service: health,
+    /// breaker state and why, time until re-admission, latency, in flight, share of picks.
+    Endpoints(endpoints::EndpointsCommand),
 }
 
 /// What a command concluded, when it could do its job.
@@ -70,6 +74,7 @@ fn main() -> ExitCode {
     let outcome = match cli.command {
         Command::Policy(command) => command.run(&cli.global.endpoints, cli.global.output),
         Command::Proxies(command) => command.run(&cli.global.endpoints, cli.global.output),
+        Command::Endpoints(command) => command.run(&cli.global.endpoints, cli.global.output),
     };
     match outcome {
         Ok(Verdict::Yes) => ExitCode::SUCCESS,

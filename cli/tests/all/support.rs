@@ -8,6 +8,9 @@ use std::{
 };
 
 use fulcrum_control_plane::{Config, ControlPlane, OptionalSources, PolicySource};
+use fulcrum_core::diagnostics::{
+    EndpointDiagnostics, MAX_WORKER_BYTES, compose_report, encode_worker,
+};
 use fulcrum_test_support::eventually;
 
 /// How long any eventually-consistent expectation may take.
@@ -236,6 +239,60 @@ impl Served {
             loop {
                 poll(url.clone(), node_id.clone(), Some(version.clone())).await;
                 tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }))
+    }
+
+    /// Polls as [`Served::keep_polling_as`] does and answers every diagnostics request an
+    /// answer carries as a filter does: one report of `workers` (slot and endpoints) for the
+    /// service asked, built by the core functions the filter uses, posted to
+    /// `/v1/diagnostics`. Stops on drop.
+    pub fn answer_diagnostics_as(
+        &self,
+        node_id: &str,
+        version: &str,
+        workers: Vec<(u32, Vec<EndpointDiagnostics>)>,
+    ) -> Poller {
+        let base = format!("http://{}", self.control_plane().http_address());
+        let (node_id, version) = (node_id.to_owned(), version.to_owned());
+        Poller(self.runtime.spawn(async move {
+            let client = reqwest::Client::builder()
+                .no_proxy()
+                .build()
+                .expect("client");
+            loop {
+                let answer = client
+                    .get(format!("{base}/v1/snapshot"))
+                    .header("x-fulcrum-node-id", &node_id)
+                    .header("if-none-match", format!("\"{version}\""))
+                    .send()
+                    .await
+                    .expect("request");
+                let asked = answer
+                    .headers()
+                    .get("x-fulcrum-diagnose")
+                    .and_then(|value| value.to_str().ok())
+                    .and_then(|value| value.split_once(' '))
+                    .and_then(|(id, service)| Some((id.parse::<u64>().ok()?, service.to_owned())));
+                if let Some((id, service)) = asked {
+                    let blobs: Vec<Vec<u8>> = workers
+                        .iter()
+                        .map(|(slot, endpoints)| {
+                            encode_worker(*slot, Some(&version), endpoints, MAX_WORKER_BYTES)
+                        })
+                        .collect();
+                    let body = compose_report(&service, id, blobs.iter().map(Vec::as_slice));
+                    let status = client
+                        .post(format!("{base}/v1/diagnostics"))
+                        .header("x-fulcrum-node-id", &node_id)
+                        .body(body)
+                        .send()
+                        .await
+                        .expect("report")
+                        .status();
+                    assert_eq!(status.as_u16(), 204, "the report is kept");
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }))
     }

@@ -13,6 +13,17 @@
 //!   proxy table ([`crate::proxy_reports`]); a poll without them is answered all the same.
 //! - `GET /v1/proxies[?state=current|behind|stale]`: the proxies whose filters poll this
 //!   replica, sorted by node id ([`Proxies`]); `400` for another `state`.
+//! - `GET /v1/proxies/{node}/endpoints?service=S[&wait=SECONDS]`: what proxy `node`'s
+//!   workers believe about each endpoint of `S` ([`crate::diagnostics::EndpointsView`]).
+//!   The request is named to the proxy in `x-fulcrum-diagnose: <id> <S>` on its next poll
+//!   answer; the handler waits up to `wait` seconds (default 10, at most 30) for the report.
+//!   `400` for an invalid service or wait, `404` when the node has not polled this replica,
+//!   `504` when no report came in time (a filter predating diagnostics, or a proxy that
+//!   stopped polling).
+//! - `POST /v1/diagnostics`: a proxy's report (`x-fulcrum-node-id`, a JSON
+//!   [`fulcrum_core::diagnostics::DiagnosticsReport`] of at most
+//!   [`fulcrum_core::diagnostics::MAX_REPORT_BYTES`]); kept only when it answers a request
+//!   pending for that node. `204` kept, `400` invalid, `409` unrequested, `413` too large.
 //! - `GET /healthz`: `200` while the process serves.
 //! - `GET /readyz`: `200` once the first snapshot is built, `503` before.
 //! - `GET /metrics`: Prometheus (OpenMetrics text).
@@ -28,17 +39,24 @@
 //!   version); `404` with the kept versions when `N` is not kept.
 //! - `GET /v1/policy/history`, as above.
 
-use std::{sync::Arc, time::SystemTime};
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
 
 use axum::{
     Json, Router,
-    extract::{Query, Request, State},
+    body::Body,
+    extract::{Path, Query, Request, State},
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
     middleware::Next,
     response::{IntoResponse, Response},
     routing::{get, post},
 };
-use fulcrum_core::distribution::DELTA_MEDIA_TYPE;
+use fulcrum_core::{
+    diagnostics::{MAX_REPORT_BYTES, valid_service},
+    distribution::DELTA_MEDIA_TYPE,
+};
 use fulcrum_pipeline::{Dropped, Refused, SnapshotStore};
 use fulcrum_policy::{AppliedPolicy, PolicyStore, RollbackError};
 use fulcrum_registry::TokenAuth;
@@ -50,9 +68,10 @@ use prometheus_client::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::{
+    diagnostics::{Diagnostics, Refused as ReportRefused},
     proxies::{ProxyState, ProxyView},
     proxy_reports::ProxyReports,
 };
@@ -78,6 +97,8 @@ pub struct AppState {
     pub snapshot_answers: SnapshotAnswerMetrics,
     /// The proxies whose filters poll this replica.
     pub proxies: ProxyReports,
+    /// Endpoint diagnostics asked of proxies and their reports.
+    pub diagnostics: Diagnostics,
 }
 
 /// Labels of [`SnapshotAnswerMetrics`].
@@ -127,12 +148,24 @@ impl SnapshotAnswerMetrics {
 /// The header naming the replica that answered a snapshot request.
 pub const REPLICA_HEADER: &str = "x-fulcrum-replica";
 
+/// The snapshot-answer header asking the polling proxy for a service's endpoint diagnostics:
+/// `<request id> <service>`.
+pub const DIAGNOSE_HEADER: &str = "x-fulcrum-diagnose";
+
+/// Default of the `wait` of `GET /v1/proxies/{node}/endpoints`, in seconds.
+pub const DEFAULT_DIAGNOSTICS_WAIT_SECONDS: u64 = 10;
+
+/// Longest `wait` of `GET /v1/proxies/{node}/endpoints`, in seconds.
+pub const MAX_DIAGNOSTICS_WAIT_SECONDS: u64 = 30;
+
 /// The API's routes: read-only.
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/snapshot", get(snapshot))
         .route("/v1/status", get(status))
         .route("/v1/proxies", get(proxies))
+        .route("/v1/proxies/{node}/endpoints", get(endpoints))
+        .route("/v1/diagnostics", post(receive_diagnostics))
         .route("/v1/policy/history", get(policy_history))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(ready))
@@ -230,6 +263,16 @@ async fn snapshot(State(state): State<AppState>, headers: HeaderMap) -> Response
     };
     let etag = HeaderValue::from_str(&served.etag)
         .unwrap_or_else(|_| HeaderValue::from_static("\"invalid\""));
+    let mut diagnose = HeaderMap::new();
+    if let Some(node) = ProxyReports::node_id(&headers)
+        && let Some((id, service)) = state
+            .diagnostics
+            .table()
+            .request_for(&node, SystemTime::now())
+        && let Ok(value) = HeaderValue::from_str(&format!("{id} {service}"))
+    {
+        diagnose.insert(HeaderName::from_static(DIAGNOSE_HEADER), value);
+    }
     let replica = (HeaderName::from_static(REPLICA_HEADER), state.replica);
     let vary = (
         header::VARY,
@@ -239,6 +282,7 @@ async fn snapshot(State(state): State<AppState>, headers: HeaderMap) -> Response
         state.snapshot_answers.answered("not_modified", 0);
         return (
             StatusCode::NOT_MODIFIED,
+            diagnose,
             [(header::ETAG, etag), replica, vary],
         )
             .into_response();
@@ -256,6 +300,7 @@ async fn snapshot(State(state): State<AppState>, headers: HeaderMap) -> Response
     };
     state.snapshot_answers.answered(kind, body.len());
     (
+        diagnose,
         [
             (header::ETAG, etag),
             (header::CONTENT_TYPE, content_type),
@@ -382,6 +427,93 @@ async fn proxies(State(state): State<AppState>, Query(query): Query<ProxiesQuery
         expire_after_seconds: limits.expire_after.as_secs_f64(),
     })
     .into_response()
+}
+
+/// The query of `GET /v1/proxies/{node}/endpoints`.
+#[derive(Debug, Deserialize)]
+pub struct EndpointsQuery {
+    /// The service to diagnose.
+    pub service: String,
+    /// How long to wait for the proxy's report, in seconds.
+    pub wait: Option<u64>,
+}
+
+async fn endpoints(
+    State(state): State<AppState>,
+    Path(node): Path<String>,
+    Query(query): Query<EndpointsQuery>,
+) -> Response {
+    if !valid_service(&query.service) {
+        return (
+            StatusCode::BAD_REQUEST,
+            "service must be 1 to 253 bytes of printable ASCII without spaces\n",
+        )
+            .into_response();
+    }
+    let wait = query.wait.unwrap_or(DEFAULT_DIAGNOSTICS_WAIT_SECONDS);
+    if !(1..=MAX_DIAGNOSTICS_WAIT_SECONDS).contains(&wait) {
+        return (
+            StatusCode::BAD_REQUEST,
+            format!("wait must be 1 to {MAX_DIAGNOSTICS_WAIT_SECONDS} seconds\n"),
+        )
+            .into_response();
+    }
+    if !state.proxies.knows(&node, SystemTime::now()) {
+        return (
+            StatusCode::NOT_FOUND,
+            format!(
+                "proxy {node:?} has not polled this replica recently: see GET /v1/proxies (each replica knows only the proxies that poll it)\n"
+            ),
+        )
+            .into_response();
+    }
+    match state
+        .diagnostics
+        .ask_and_wait(&node, &query.service, Duration::from_secs(wait))
+        .await
+    {
+        Some(view) => Json(view).into_response(),
+        None => (
+            StatusCode::GATEWAY_TIMEOUT,
+            format!(
+                "proxy {node:?} sent no endpoint diagnostics within {wait} s: its filter may predate endpoint diagnostics, it may have stopped polling, or its report went to another replica\n"
+            ),
+        )
+            .into_response(),
+    }
+}
+
+async fn receive_diagnostics(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let Ok(body) = axum::body::to_bytes(body, MAX_REPORT_BYTES).await else {
+        state.diagnostics.refused_too_large();
+        return (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("a diagnostics report is at most {MAX_REPORT_BYTES} bytes\n"),
+        )
+            .into_response();
+    };
+    let node = ProxyReports::node_id(&headers);
+    match state
+        .diagnostics
+        .receive(node.as_deref(), &body, SystemTime::now())
+    {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(refused) => {
+            debug!(
+                reason = refused.label(),
+                "refused an endpoint diagnostics report"
+            );
+            let status = match refused {
+                ReportRefused::Unrequested => StatusCode::CONFLICT,
+                ReportRefused::Invalid(_) | ReportRefused::NodeId => StatusCode::BAD_REQUEST,
+            };
+            (status, format!("{refused}\n")).into_response()
+        }
+    }
 }
 
 async fn policy_history(State(state): State<AppState>) -> Json<Vec<AppliedPolicy>> {

@@ -5,6 +5,7 @@
 //! serves on the configured addresses; the binary (`main.rs`) only parses the command line,
 //! sets up logging and waits for a signal. Tests start the same thing in-process.
 
+pub mod diagnostics;
 pub mod http;
 pub mod limits;
 pub mod proxies;
@@ -207,6 +208,8 @@ impl ControlPlane {
         config.proxies.check()?;
         let proxy_metrics = ProxyMetrics::default();
         proxy_metrics.register(&mut metrics_registry);
+        let diagnostics_metrics = diagnostics::DiagnosticsMetrics::default();
+        diagnostics_metrics.register(&mut metrics_registry);
         let admin_tokens = admin_tokens(config.admin_address, config.admin_token_file.as_deref())?;
         let tls_metrics = TlsMetrics::default();
         tls_metrics.register(&mut metrics_registry);
@@ -356,6 +359,10 @@ impl ControlPlane {
             registry: Arc::new(metrics_registry),
             snapshot_answers,
             proxies: ProxyReports::new(config.proxies, proxy_metrics),
+            diagnostics: diagnostics::Diagnostics::new(
+                diagnostics::DiagnosticsLimits::default(),
+                diagnostics_metrics,
+            ),
             replica: axum::http::HeaderValue::from_str(&config.replica).with_context(|| {
                 format!(
                     "the replica name {:?} is not a valid header value",

@@ -414,6 +414,11 @@ impl ProxyTable {
         evicted
     }
 
+    /// Whether the table holds `node_id`.
+    pub fn knows(&self, node_id: &str) -> bool {
+        self.entries.contains_key(node_id)
+    }
+
     /// Forgets the proxies unheard for `expire_after` at `now`; returns how many.
     pub fn expire(&mut self, now: SystemTime) -> usize {
         let mut expired = 0;

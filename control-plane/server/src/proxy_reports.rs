@@ -144,6 +144,29 @@ impl ProxyReports {
         }
     }
 
+    /// Whether `node_id` polled this replica and is not forgotten at `now`.
+    pub fn knows(&self, node_id: &str, now: SystemTime) -> bool {
+        let mut table = self.table();
+        table.expire(now);
+        table.knows(node_id)
+    }
+
+    /// The node id a request names in `x-fulcrum-node-id`, when it is one the table would
+    /// record (a single printable value within bounds).
+    pub fn node_id(headers: &HeaderMap) -> Option<String> {
+        let mut values = headers.get_all(NODE_ID_HEADER).iter();
+        let first = values.next()?;
+        if values.next().is_some() {
+            return None;
+        }
+        Report::parse(RawReport {
+            node_id: Some(first.as_bytes()),
+            ..RawReport::default()
+        })
+        .report
+        .map(|report| report.node_id)
+    }
+
     /// Every proxy at `now` against the `served` version, sorted by node id, only those in
     /// state `only` when given. Forgets the expired first.
     pub fn view(

@@ -69,8 +69,11 @@
 //! - `get_buffer(PluginConfiguration, …)`, `get_property(["plugin_root_id"])`,
 //!   `set_tick_period`: `on_configure` only, operator data; Envoy answers `Ok` (or
 //!   `NotFound`, mapped to `None`, for the first two).
-//! - `dispatch_http_call` (`root.rs`): headers from the configuration; the SDK maps Envoy's
+//! - `dispatch_http_call` (`root.rs`): headers from the configuration (and, for a
+//!   diagnostics report, the node's checked id and cluster); the SDK maps Envoy's
 //!   `BadArgument` and `InternalFailure` (unknown cluster, no client) to `Err`.
+//! - `get_map_value_bytes(HttpCallResponseHeaders, "x-fulcrum-diagnose")` (`root.rs`): bytes,
+//!   only for an answer with headers, parsed by `crate::diagnostics` (bounded, else ignored).
 //! - `get_shared_data` / `set_shared_data` (`sync.rs`: the snapshot, per request the rate
 //!   limit's buckets, per possible failure, failure count and breaker transition the
 //!   ejection record): keys built from the root id and a snapshot service name, values the

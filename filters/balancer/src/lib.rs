@@ -10,9 +10,11 @@
 //! snapshot polling and sharing) and [`http`] (one context per request), over `worker`
 //! (the per-VM balancing state). [`input`] reads every request header and property, none of
 //! which the filter trusts; `report` is what each snapshot poll tells the control plane
-//! about the proxy.
+//! about the proxy, and `diagnostics` what its workers believe about a service's endpoints
+//! when the control plane asks (`fulcrum endpoints`).
 
 pub mod config;
+mod diagnostics;
 #[cfg(feature = "fault-injection")]
 mod fault;
 pub mod http;

@@ -116,6 +116,9 @@ pub struct Metrics {
     endpoint_metrics_dropped: MetricId,
     shared_ejections_invalid: MetricId,
     shared_ejections_write_failures: MetricId,
+    diagnostics_reports_sent: MetricId,
+    diagnostics_reports_failed: MetricId,
+    diagnostics_no_slot: MetricId,
 }
 
 impl Metrics {
@@ -154,6 +157,9 @@ impl Metrics {
             shared_ejections_write_failures: counter(
                 "fulcrum_shared_ejections_write_failures_total",
             ),
+            diagnostics_reports_sent: counter("fulcrum_diagnostics_reports_sent_total"),
+            diagnostics_reports_failed: counter("fulcrum_diagnostics_reports_failed_total"),
+            diagnostics_no_slot: counter("fulcrum_diagnostics_no_slot_total"),
         }
     }
 
@@ -245,6 +251,21 @@ impl Metrics {
     /// ejection only by their own failures, and a count not written is this worker's alone.
     pub fn shared_ejections_write_failed(&self) {
         add(self.shared_ejections_write_failures, 1);
+    }
+
+    /// An endpoint-diagnostics report reached the control plane (answered 2xx).
+    pub fn diagnostics_report_sent(&self) {
+        add(self.diagnostics_reports_sent, 1);
+    }
+
+    /// An endpoint-diagnostics report could not be sent or the control plane refused it.
+    pub fn diagnostics_report_failed(&self) {
+        add(self.diagnostics_reports_failed, 1);
+    }
+
+    /// A worker VM found every diagnostics slot held by a live VM, and stays out of reports.
+    pub fn diagnostics_no_slot(&self) {
+        add(self.diagnostics_no_slot, 1);
     }
 }
 

@@ -11,7 +11,9 @@
 //! does one whose tables exceed `max_table_bytes`. Answers are taken from one control-plane replica at a time
 //! (`fulcrum_core::replica`), so a proxy never alternates between two replicas' views. Each
 //! poll also names the proxy (its Envoy node id and cluster, read once here) and the last
-//! snapshot it refused (`crate::report`), for the control plane's `GET /v1/proxies`.
+//! snapshot it refused (`crate::report`), for the control plane's `GET /v1/proxies`. An
+//! answer may ask for a service's endpoint diagnostics (`crate::diagnostics`): every serving
+//! VM writes its own on its tick, and the VM holding the poll lease posts them together.
 //!
 //! Every VM ticks at least every [`EJECTION_SYNC_PERIOD`], static endpoints or not, and, once
 //! it has served a request (so not Envoy's main-thread VM), applies the ejections other
@@ -35,6 +37,7 @@ use fulcrum_core::{
     ServiceEndpoints, Snapshot,
     distribution::DELTA_ACCEPT,
     replica::{self, Followed, Verdict},
+    rng::{Rng, SplitMix64},
 };
 use proxy_wasm::{
     hostcalls,
@@ -44,6 +47,7 @@ use proxy_wasm::{
 
 use crate::{
     config::{ControlPlane, DEFAULT_OVERRIDE_HEADER, FilterConfig},
+    diagnostics::{DIAGNOSE_HEADER, DIAGNOSTICS_PATH, DiagnoseRequest, SharedDiagnostics},
     http::{PassThrough, Request},
     input::{self, NodeIdentity},
     log_debug, log_error, log_info, log_warn,
@@ -101,6 +105,10 @@ struct Configured {
     snapshot: SharedSnapshot,
     /// The token of the snapshot request in flight, if this VM holds the lease.
     pending_poll: Option<u32>,
+    /// The token of the endpoint-diagnostics report in flight, if this VM sent one.
+    pending_report: Option<u32>,
+    /// This VM's part in endpoint diagnostics: its slot, the requests it answered.
+    diagnostics: SharedDiagnostics,
     /// The Envoy node's id and cluster, named in every poll; read once, with a control plane.
     identity: NodeIdentity,
     /// Whether this VM has handed out a request context: only then does it apply shared
@@ -120,6 +128,11 @@ impl Context for Root {
         let Some(configured) = &mut self.configured else {
             return;
         };
+        if configured.pending_report == Some(token) {
+            configured.pending_report = None;
+            configured.on_report_response(headers);
+            return;
+        }
         if configured.pending_poll != Some(token) {
             return;
         }
@@ -195,6 +208,8 @@ impl RootContext for Root {
             keys,
             snapshot: SharedSnapshot::new(&root_id),
             pending_poll: None,
+            pending_report: None,
+            diagnostics: SharedDiagnostics::new(&root_id, SplitMix64::new(!seed).next_u64()),
             identity,
             serving: Cell::new(false),
         };
@@ -239,8 +254,10 @@ impl RootContext for Root {
         let Some(configured) = &mut self.configured else {
             return;
         };
-        if let Some(control_plane) = configured.config.control_plane.clone() {
-            configured.poll_if_lease_won(&control_plane);
+        let control_plane = configured.config.control_plane.clone();
+        let mut lease_won = false;
+        if let Some(control_plane) = &control_plane {
+            lease_won = configured.poll_if_lease_won(control_plane);
             configured.apply_published();
         }
         if configured.serving.get()
@@ -248,6 +265,14 @@ impl RootContext for Root {
         {
             worker.adopt_shared_ejections(now());
             worker.flush_metrics();
+            if control_plane.is_some() {
+                configured.diagnostics.tick(&mut worker, now());
+            }
+        }
+        if let Some(control_plane) = &control_plane
+            && lease_won
+        {
+            configured.report_diagnostics(control_plane);
         }
     }
 
@@ -278,13 +303,14 @@ impl Configured {
         Request::new(self.config.clone(), self.worker.clone(), metrics.clone())
     }
 
-    fn poll_if_lease_won(&mut self, control_plane: &ControlPlane) {
+    /// Polls the control plane when this VM wins the poll lease; whether it won.
+    fn poll_if_lease_won(&mut self, control_plane: &ControlPlane) -> bool {
         if self.pending_poll.is_some()
             || !self
                 .snapshot
                 .try_take_lease(now(), control_plane.poll_interval)
         {
-            return;
+            return false;
         }
         // The version the proxy's shared snapshot is at, so the control plane can answer with
         // what changed since; none when keys may be ahead of the index (a whole snapshot then).
@@ -327,6 +353,84 @@ impl Configured {
                 ));
             }
         }
+        true
+    }
+
+    /// Sends the endpoint-diagnostics report due, if one is (`crate::diagnostics`): called
+    /// by the VM holding the poll lease, so one VM of the proxy reports.
+    fn report_diagnostics(&mut self, control_plane: &ControlPlane) {
+        if self.pending_report.is_some() {
+            return;
+        }
+        let Some(body) = self.diagnostics.collect(now()) else {
+            return;
+        };
+        let mut headers = vec![
+            (":method", "POST"),
+            (":path", DIAGNOSTICS_PATH),
+            (":authority", control_plane.authority.as_str()),
+            ("content-type", "application/json"),
+        ];
+        if let Some(id) = &self.identity.id {
+            headers.push((NODE_ID_HEADER, id.as_str()));
+        }
+        if let Some(cluster) = &self.identity.cluster {
+            headers.push((NODE_CLUSTER_HEADER, cluster.as_str()));
+        }
+        match hostcalls::dispatch_http_call(
+            &control_plane.cluster,
+            headers,
+            Some(&body),
+            vec![],
+            control_plane.timeout,
+        ) {
+            Ok(token) => self.pending_report = Some(token),
+            Err(status) => {
+                self.worker.borrow().metrics().diagnostics_report_failed();
+                log_warn(&format!(
+                    "could not send endpoint diagnostics to cluster {}: {status:?}",
+                    control_plane.cluster
+                ));
+            }
+        }
+    }
+
+    /// Counts the control plane's answer to a diagnostics report (headers are read only when
+    /// there are some: see [`Self::on_snapshot_response`]).
+    fn on_report_response(&self, headers: usize) {
+        let status = if headers == 0 {
+            None
+        } else {
+            hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, ":status")
+                .ok()
+                .flatten()
+        };
+        let metrics = self.worker.borrow().metrics().clone();
+        if status
+            .as_deref()
+            .is_some_and(|status| status.starts_with(b"2"))
+        {
+            metrics.diagnostics_report_sent();
+        } else {
+            metrics.diagnostics_report_failed();
+            log_warn(&format!(
+                "endpoint diagnostics report answered {}",
+                describe_status(status.as_deref())
+            ));
+        }
+    }
+
+    /// Records the diagnostics request a snapshot answer carries, if any.
+    fn note_diagnose_request(&self) {
+        let Some(request) =
+            hostcalls::get_map_value_bytes(MapType::HttpCallResponseHeaders, DIAGNOSE_HEADER)
+                .ok()
+                .flatten()
+                .and_then(|value| DiagnoseRequest::parse_header(&value))
+        else {
+            return;
+        };
+        self.diagnostics.record(request, now());
     }
 
     /// Handles the answer to a snapshot request. `headers == 0` means the call was reset and
@@ -341,10 +445,11 @@ impl Configured {
                 .flatten()
         };
         let metrics = self.worker.borrow().metrics().clone();
-        if matches!(status.as_deref(), Some(b"200" | b"304"))
-            && !self.answered_by_followed_replica(control_plane, &metrics)
-        {
-            return;
+        if matches!(status.as_deref(), Some(b"200" | b"304")) {
+            if !self.answered_by_followed_replica(control_plane, &metrics) {
+                return;
+            }
+            self.note_diagnose_request();
         }
         let kept = || self.worker.borrow().version().map(str::to_owned);
         match status.as_deref() {

@@ -20,6 +20,7 @@ use fulcrum_core::{
     BreakerState, Endpoint, Outcome, Policy, Served, ServicePicker, ServicePolicy, SessionKeys,
     Snapshot, Transition, Transitions,
     breaker::{Consecutive, Verdict},
+    diagnostics::EndpointDiagnostics,
     distribution::content_hash,
     ejections::{FailureCounts, SharedEjection, rules_fingerprint},
     mesh::{Applied, Change, Hashed, Lifecycle, ServiceState, Services},
@@ -335,6 +336,12 @@ impl Worker {
         for service in self.services.values_mut() {
             service.metrics.flush();
         }
+    }
+
+    /// What this VM's picker of `service` believes about each endpoint at `now`
+    /// ([`ServicePicker::diagnose`]); `None` when the snapshot in force lacks the service.
+    pub fn diagnose(&mut self, service: &str, now: Duration) -> Option<Vec<EndpointDiagnostics>> {
+        Some(self.services.get_mut(service)?.picker.diagnose(now))
     }
 
     /// The state of a service the request context already holds the key of.

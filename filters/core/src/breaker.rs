@@ -74,6 +74,59 @@ impl BreakerState {
     }
 }
 
+/// Why a breaker last opened: which rule judged the endpoint, or that another worker of the
+/// proxy did. Kept while the breaker is open or half-open, forgotten when it closes, so an
+/// operator reading an ejection sees the rule to look at (issue #17, endpoint diagnostics).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum EjectionReason {
+    /// `consecutive_failures` failures in a row.
+    ConsecutiveFailures,
+    /// `consecutive_gateway_errors` gateway errors in a row.
+    ConsecutiveGatewayErrors,
+    /// The failure rate over the window reached `failure_rate.threshold_percent`.
+    FailureRate,
+    /// The slow-call rate over the window reached `slow_calls.threshold_percent`.
+    SlowCalls,
+    /// Calls slow against the peers' typical latency reached
+    /// `relative_latency.threshold_percent`.
+    RelativeLatency,
+    /// A probe after an ejection failed (or was slow against its peers).
+    ProbeFailed,
+    /// Another worker of the proxy ejected it ([`Event::EjectedElsewhere`]).
+    SharedFromAnotherWorker,
+}
+
+impl EjectionReason {
+    /// Every reason, in declaration order.
+    pub const ALL: [Self; 7] = [
+        Self::ConsecutiveFailures,
+        Self::ConsecutiveGatewayErrors,
+        Self::FailureRate,
+        Self::SlowCalls,
+        Self::RelativeLatency,
+        Self::ProbeFailed,
+        Self::SharedFromAnotherWorker,
+    ];
+
+    /// The reason's code in reports and logs: lowercase letters and `_`.
+    pub fn code(self) -> &'static str {
+        match self {
+            Self::ConsecutiveFailures => "consecutive_failures",
+            Self::ConsecutiveGatewayErrors => "consecutive_gateway_errors",
+            Self::FailureRate => "failure_rate",
+            Self::SlowCalls => "slow_calls",
+            Self::RelativeLatency => "relative_latency",
+            Self::ProbeFailed => "probe_failed",
+            Self::SharedFromAnotherWorker => "shared",
+        }
+    }
+
+    /// The reason of `code`, as [`code`](Self::code) names it.
+    pub fn from_code(code: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|reason| reason.code() == code)
+    }
+}
+
 /// How one completed request counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct Verdict {
@@ -248,6 +301,8 @@ pub struct Breaker {
     /// an endpoint that gets no requests (for one proxy, most endpoints of a large mesh)
     /// holds none. 408 bytes each, they were most of a VM's memory at 10,000 endpoints.
     window: Option<Box<Window>>,
+    /// Why it last opened; `None` while closed.
+    reason: Option<EjectionReason>,
 }
 
 impl Breaker {
@@ -260,7 +315,13 @@ impl Breaker {
             },
             consecutive: Consecutive::default(),
             window: None,
+            reason: None,
         }
+    }
+
+    /// Why the breaker last opened, while it is open or half-open; `None` while closed.
+    pub fn reason(&self) -> Option<EjectionReason> {
+        self.reason
     }
 
     /// The current state.
@@ -379,15 +440,16 @@ impl Breaker {
                 if let Event::CompleteCounted { proxy, .. } = event {
                     self.consecutive = proxy;
                 }
-                if self.should_trip(policy, now) && ctx.may_eject {
-                    let remembered = if now.saturating_sub(since) >= policy.max_ejection_time {
-                        0
-                    } else {
-                        ejections
-                    };
-                    Some(self.eject(remembered.saturating_add(1), ctx))
-                } else {
-                    None
+                match self.should_trip(policy, now) {
+                    Some(reason) if ctx.may_eject => {
+                        let remembered = if now.saturating_sub(since) >= policy.max_ejection_time {
+                            0
+                        } else {
+                            ejections
+                        };
+                        Some(self.eject(remembered.saturating_add(1), reason, ctx))
+                    }
+                    _ => None,
                 }
             }
             (
@@ -408,7 +470,11 @@ impl Breaker {
                 Event::Complete(verdict) | Event::CompleteCounted { verdict, .. },
             ) => {
                 if verdict.failure || verdict.slow_vs_peers {
-                    Some(self.eject(ejections.saturating_add(1), ctx))
+                    Some(self.eject(
+                        ejections.saturating_add(1),
+                        EjectionReason::ProbeFailed,
+                        ctx,
+                    ))
                 } else if successes.saturating_add(1) >= policy.half_open_max_probes {
                     self.reset_counters();
                     Some(BreakerState::Closed {
@@ -427,6 +493,9 @@ impl Breaker {
         };
         let to = next?;
         self.state = to;
+        if let BreakerState::Closed { .. } = to {
+            self.reason = None;
+        }
         (std::mem::discriminant(&from) != std::mem::discriminant(&to))
             .then_some(StateChange { from, to })
     }
@@ -451,6 +520,7 @@ impl Breaker {
                 ejections: local, ..
             } if ctx.may_eject => {
                 self.reset_counters();
+                self.reason = Some(EjectionReason::SharedFromAnotherWorker);
                 Some(adopted(local))
             }
             BreakerState::Closed { .. } => None,
@@ -462,6 +532,7 @@ impl Breaker {
                 ejections: local, ..
             } => {
                 self.reset_counters();
+                self.reason = Some(EjectionReason::SharedFromAnotherWorker);
                 Some(adopted(local))
             }
         }
@@ -479,42 +550,55 @@ impl Breaker {
             .record(now, verdict.sample());
     }
 
-    fn should_trip(&self, policy: &OutlierDetection, now: Duration) -> bool {
+    /// The first rule the counters break, if any.
+    fn should_trip(&self, policy: &OutlierDetection, now: Duration) -> Option<EjectionReason> {
         let reached = |count: u32, limit: u32| limit > 0 && count >= limit;
-        if reached(self.consecutive.failures, policy.consecutive_failures)
-            || reached(
-                self.consecutive.gateway_errors,
-                policy.consecutive_gateway_errors,
-            )
-        {
-            return true;
+        if reached(
+            self.consecutive.gateway_errors,
+            policy.consecutive_gateway_errors,
+        ) {
+            return Some(EjectionReason::ConsecutiveGatewayErrors);
+        }
+        if reached(self.consecutive.failures, policy.consecutive_failures) {
+            return Some(EjectionReason::ConsecutiveFailures);
         }
         let counts = self.recent(now);
         let over = |part: u32, percent: u32, minimum: u32| {
             counts.total >= minimum.max(1)
                 && u64::from(part) * 100 >= u64::from(percent) * u64::from(counts.total)
         };
-        policy.failure_rate.as_ref().is_some_and(|rate| {
+        if policy.failure_rate.as_ref().is_some_and(|rate| {
             over(
                 counts.failures,
                 rate.threshold_percent,
                 rate.minimum_requests,
             )
-        }) || policy
+        }) {
+            return Some(EjectionReason::FailureRate);
+        }
+        if policy
             .slow_calls
             .as_ref()
             .is_some_and(|slow| over(counts.slow, slow.threshold_percent, slow.minimum_requests))
-            || policy.relative_latency.as_ref().is_some_and(|relative| {
+        {
+            return Some(EjectionReason::SlowCalls);
+        }
+        policy
+            .relative_latency
+            .as_ref()
+            .is_some_and(|relative| {
                 over(
                     counts.slow_vs_peers,
                     relative.threshold_percent,
                     relative.minimum_requests,
                 )
             })
+            .then_some(EjectionReason::RelativeLatency)
     }
 
-    fn eject(&mut self, ejections: u32, ctx: &Context<'_>) -> BreakerState {
+    fn eject(&mut self, ejections: u32, reason: EjectionReason, ctx: &Context<'_>) -> BreakerState {
         self.reset_counters();
+        self.reason = Some(reason);
         BreakerState::Open {
             until: ctx.now.saturating_add(ejection_time(
                 ctx.policy,

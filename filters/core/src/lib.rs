@@ -18,6 +18,7 @@
 pub const OVERRIDE_HEADER: &str = "x-fulcrum-endpoint";
 
 pub mod breaker;
+pub mod diagnostics;
 pub mod distribution;
 pub mod duration;
 pub mod ejections;

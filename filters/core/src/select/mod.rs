@@ -64,6 +64,9 @@ pub(crate) struct EndpointStats {
     pub breaker: Breaker,
     /// Where its slow start stands.
     pub warmup: Warmup,
+    /// Requests picked for it since its diagnostics were last taken
+    /// ([`crate::ServicePicker::diagnose`]).
+    pub picks: u64,
 }
 
 impl Default for EndpointStats {
@@ -73,6 +76,7 @@ impl Default for EndpointStats {
             ewma: peak_ewma::Ewma::default(),
             breaker: Breaker::new(Duration::ZERO),
             warmup: Warmup::Warm,
+            picks: 0,
         }
     }
 }

@@ -18,6 +18,8 @@
 //!   retry targets);
 //! - `eligible.rs`: which endpoints may serve (health, selector, locality tiers, breakers,
 //!   panic threshold);
+//! - `diagnose.rs`: what the picker believes about each endpoint
+//!   ([`ServicePicker::diagnose`]), for `fulcrum endpoints`;
 //! - `explain.rs`: why a pick went where it did ([`PickExplanation`]), when asked;
 //! - `retry.rs`: which endpoints Envoy retries on ([`RetryTargets`]);
 //! - `outcome.rs`: what a response does (in-flight count, latency estimate, breaker;
@@ -29,6 +31,7 @@
 //!
 //! The algorithms themselves are in [`crate::select`], one file each.
 
+mod diagnose;
 mod eligible;
 mod explain;
 mod outcome;

@@ -168,10 +168,16 @@ impl Slots {
     ) {
         let stats = &mut self.list[slot].stats;
         stats.inflight = stats.inflight.saturating_add(1);
+        stats.picks = stats.picks.saturating_add(1);
         stats.warmup = stats.warmup.admitted(slow_start, now);
         self.total_inflight = self.total_inflight.saturating_add(1);
         // Admitting never changes the state kind except open → half-open (both ejected).
         let _ = self.transition(slot, Event::Admit, now, outlier_detection);
+    }
+
+    /// Restarts `slot`'s count of picks ([`super::ServicePicker::diagnose`]).
+    pub fn reset_picks(&mut self, slot: usize) {
+        self.list[slot].stats.picks = 0;
     }
 
     /// Takes a finished request off `slot`'s in-flight count.

@@ -2,6 +2,7 @@
 //! sample backends and control plane. Run by `cargo xtask test`.
 
 mod control_plane;
+mod endpoints;
 mod grpc;
 mod health_checks;
 mod proxies;

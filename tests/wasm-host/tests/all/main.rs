@@ -6,10 +6,12 @@
 //! `rate_limit` how the workers of a proxy share one limit; `replicas` how it follows one
 //! control-plane replica; `shared_ejections` how an ejection on one worker reaches the
 //! others; `node_locality` how the proxy's zone and region come from its node; `proxy_report` what
-//! each poll tells the control plane about the proxy; `untrusted_input` sends it hostile headers, properties and snapshot responses, and
+//! each poll tells the control plane about the proxy; `diagnostics` what its workers report
+//! about a service's endpoints when the control plane asks; `untrusted_input` sends it hostile headers, properties and snapshot responses, and
 //! `untrusted_input_property` thousands of generated ones.
 
 mod abi;
+mod diagnostics;
 mod explain;
 mod filter;
 mod grpc;
