@@ -20,10 +20,10 @@ fn merged(backends: &[&Backend]) -> Arc<Services> {
     let endpoints = backends.iter().map(|b| Endpoint::new(b.addr)).collect();
     Arc::new(BTreeMap::from([(
         "shop".to_owned(),
-        ServiceEndpoints {
+        std::sync::Arc::new(ServiceEndpoints {
             endpoints,
             protocol: None,
-        },
+        }),
     )]))
 }
 
