@@ -176,10 +176,10 @@ impl Mapping {
                 let protocol = port_protocol(port, slice_port);
                 out.insert(
                     cluster,
-                    ServiceEndpoints {
+                    std::sync::Arc::new(ServiceEndpoints {
                         endpoints,
                         protocol,
-                    },
+                    }),
                 );
             }
         }

@@ -23,7 +23,7 @@ use fulcrum_xds::ChangeTrace;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, info_span, warn};
 
-use crate::change::Traced;
+use crate::{change::Traced, share_unchanged};
 
 /// One probed endpoint: its service and address.
 type Key = (String, SocketAddr);
@@ -55,7 +55,11 @@ pub async fn run(
         };
         if let Some(endpoints) = endpoints {
             let trace = transition.take().unwrap_or(endpoints.trace);
-            let checked = Traced::new(overlay.apply(endpoints.value), trace);
+            let checked = overlay.apply(
+                endpoints.value,
+                output.borrow().as_ref().map(|current| &*current.value),
+            );
+            let checked = Traced::new(checked, trace);
             output.send_if_modified(|current| {
                 if current.as_ref() == Some(&checked) {
                     return false;
@@ -159,8 +163,9 @@ impl Overlay {
     }
 
     /// `endpoints` with the failing ones unhealthy; `endpoints` itself (not a copy) when
-    /// none changes.
-    fn apply(&self, endpoints: Arc<Services>) -> Arc<Services> {
+    /// none changes. Only the services with a failing endpoint are copied, and a copy equal
+    /// to the one in `previous` (the last output) is that one.
+    fn apply(&self, endpoints: Arc<Services>, previous: Option<&Services>) -> Arc<Services> {
         let mut checked: Option<Services> = None;
         for (service, address) in &self.failing {
             let passing = |services: &Services| {
@@ -178,12 +183,14 @@ impl Overlay {
             let checked = checked.get_or_insert_with(|| Services::clone(&endpoints));
             if let Some(endpoint) = checked
                 .get_mut(service)
-                .and_then(|service| service.endpoints.get_mut(index))
+                .and_then(|service| Arc::make_mut(service).endpoints.get_mut(index))
             {
                 endpoint.health = Health::Unhealthy;
             }
         }
-        checked.map_or(endpoints, Arc::new)
+        checked.map_or(endpoints, |checked| {
+            Arc::new(share_unchanged(checked, previous))
+        })
     }
 }
 
@@ -211,10 +218,10 @@ mod tests {
         Arc::new(
             [(
                 "shop".to_owned(),
-                ServiceEndpoints {
+                Arc::new(ServiceEndpoints {
                     endpoints,
                     protocol: None,
-                },
+                }),
             )]
             .into(),
         )
@@ -256,7 +263,7 @@ mod tests {
         ]);
         overlay.reconcile(Some(&merged), Some(&checked("other")));
         assert!(overlay.probes.is_empty());
-        assert_eq!(overlay.apply(merged.clone()), merged);
+        assert_eq!(overlay.apply(merged.clone(), None), merged);
 
         overlay.reconcile(Some(&merged), Some(&checked("shop")));
         assert_eq!(overlay.probes.len(), 2);
@@ -292,12 +299,12 @@ mod tests {
         overlay.reconcile(Some(&merged), Some(&checked("shop")));
         failing(&mut overlay, "127.0.0.1:3");
         assert_eq!(
-            overlay.apply(merged.clone()),
+            overlay.apply(merged.clone(), None),
             merged,
             "an endpoint the source already marks unhealthy changes nothing"
         );
         failing(&mut overlay, "127.0.0.1:1");
-        let overlaid = overlay.apply(merged.clone());
+        let overlaid = overlay.apply(merged.clone(), None);
         let health: Vec<Health> = overlaid["shop"]
             .endpoints
             .iter()

@@ -11,6 +11,12 @@
 //! 4. [`policy`]: attaches the current policy and versions the result, once;
 //! 5. [`publish`]: hands the snapshot to the xDS cache and the [`SnapshotStore`].
 //!
+//! The state is per service: every stage passes services on as [`Services`] (each behind
+//! an `Arc`), keeps the `Arc` of a service it did not change, and does its per-service work
+//! (screening, encoding, building Envoy resources) only for a service whose `Arc` is new.
+//! So a change costs what changed, plus a pass over the service names, and the stages and
+//! the recent snapshots share one copy of each service.
+//!
 //! The policy enters the flow in one place ([`Pipeline::start`]'s `policy`), read by the
 //! health and policy stages; everything downstream (Envoy, the filters, the registry's
 //! picks) sees it through the published snapshot, with one version for one state.
@@ -20,6 +26,7 @@
 //! change is one trace from where it entered to every Envoy's ACK of its version.
 
 pub mod change;
+pub mod encode;
 pub mod health;
 pub mod merge;
 pub mod metrics;
@@ -32,7 +39,7 @@ use std::sync::Arc;
 use fulcrum_core::Snapshot;
 use fulcrum_health::ProbeHub;
 use fulcrum_policy::AppliedPolicy;
-use fulcrum_sources::Source;
+use fulcrum_sources::{Services, Source};
 use fulcrum_xds::{ClusterOptions, SnapshotCache};
 use tokio::{sync::watch, task::JoinHandle};
 
@@ -159,6 +166,23 @@ impl Pipeline {
     pub fn stop(&self) {
         self.task.abort();
     }
+}
+
+/// `merged` with every service equal to the one in `previous` replaced by that one, so
+/// that an unchanged service keeps its [`Arc`] through every stage whichever source rebuilt
+/// it or which stage copied it (the stages cache their work per service by pointer).
+pub fn share_unchanged(mut merged: Services, previous: Option<&Services>) -> Services {
+    if let Some(previous) = previous {
+        for (name, service) in &mut merged {
+            if let Some(before) = previous.get(name)
+                && !Arc::ptr_eq(before, service)
+                && before == service
+            {
+                *service = Arc::clone(before);
+            }
+        }
+    }
+    merged
 }
 
 impl Drop for Pipeline {

@@ -24,7 +24,7 @@ use tokio::{
 };
 use tracing::{debug, info, info_span, warn};
 
-use crate::{change::Traced, metrics::PipelineMetrics};
+use crate::{change::Traced, metrics::PipelineMetrics, share_unchanged};
 
 /// Updates buffered between the sources and the pipeline.
 const UPDATE_QUEUE: usize = 64;
@@ -103,6 +103,10 @@ pub async fn run(
             protocol_conflicts,
         } = merge(states);
         metrics.observe_protocol_conflicts(protocol_conflicts);
+        let merged = share_unchanged(
+            merged,
+            output.borrow().as_ref().map(|current| &*current.value),
+        );
         if output.borrow().as_ref().map(|current| &*current.value) == Some(&merged) {
             debug!(folded, "sources changed nothing");
             continue;
@@ -131,55 +135,85 @@ pub struct Merged {
 }
 
 /// Merges `sources` (name, state), earlier sources taking precedence on conflicts.
-/// Endpoints come out sorted by address.
+/// Endpoints come out sorted by address. A service only one source knows, already sorted
+/// and without a repeated address, is passed on as it is (the same [`Arc`]).
 pub fn merge<'a>(sources: impl IntoIterator<Item = (&'a str, &'a Services)>) -> Merged {
-    let mut merged: BTreeMap<String, MergedService<'a>> = BTreeMap::new();
+    let mut by_service: BTreeMap<&'a str, Vec<(&'a str, &'a Arc<ServiceEndpoints>)>> =
+        BTreeMap::new();
     for (source, services) in sources {
         for (service, endpoints) in services {
-            let entry = merged.entry(service.clone()).or_default();
-            if let Some(protocol) = endpoints.protocol {
-                entry.name_protocol(service, source, protocol);
-            }
-            for endpoint in &endpoints.endpoints {
-                match entry.endpoints.get(&endpoint.address) {
-                    Some((winner, existing)) if *existing != endpoint => warn!(
-                        service = %service,
-                        address = %endpoint.address,
-                        kept_from = %winner,
-                        ignored_from = %source,
-                        "two sources disagree about one endpoint; keeping the earlier source's"
-                    ),
-                    Some(_) => {}
-                    None => {
-                        entry.endpoints.insert(endpoint.address, (source, endpoint));
-                    }
-                }
-            }
+            by_service
+                .entry(service.as_str())
+                .or_default()
+                .push((source, endpoints));
         }
     }
-    let protocol_conflicts = merged.values().filter(|service| service.conflict).count();
-    let services = merged
+    let mut protocol_conflicts = 0;
+    let services = by_service
         .into_iter()
-        .map(|(name, service)| {
-            let endpoints = service
-                .endpoints
-                .into_values()
-                .map(|(_, e)| e.clone())
-                .collect();
-            let protocol = service.protocol.map(|(_, protocol)| protocol);
-            (
-                name,
-                ServiceEndpoints {
-                    endpoints,
-                    protocol,
-                },
-            )
+        .map(|(name, known)| {
+            let merged = match known.as_slice() {
+                [(_, only)] if sorted_by_address(only) => Arc::clone(only),
+                _ => {
+                    let (merged, conflict) = merge_service(name, &known);
+                    protocol_conflicts += usize::from(conflict);
+                    Arc::new(merged)
+                }
+            };
+            (name.to_owned(), merged)
         })
         .collect();
     Merged {
         services,
         protocol_conflicts,
     }
+}
+
+/// Whether `service`'s endpoints are in strictly increasing address order.
+fn sorted_by_address(service: &ServiceEndpoints) -> bool {
+    service
+        .endpoints
+        .windows(2)
+        .all(|pair| pair[0].address < pair[1].address)
+}
+
+/// The union of what the sources `known` (name, state) say of `service`, and whether they
+/// named different protocols.
+fn merge_service<'a>(
+    service: &str,
+    known: &[(&'a str, &'a Arc<ServiceEndpoints>)],
+) -> (ServiceEndpoints, bool) {
+    let mut entry = MergedService::default();
+    for (source, endpoints) in known {
+        if let Some(protocol) = endpoints.protocol {
+            entry.name_protocol(service, source, protocol);
+        }
+        for endpoint in &endpoints.endpoints {
+            match entry.endpoints.get(&endpoint.address) {
+                Some((winner, existing)) if *existing != endpoint => warn!(
+                    service = %service,
+                    address = %endpoint.address,
+                    kept_from = %winner,
+                    ignored_from = %source,
+                    "two sources disagree about one endpoint; keeping the earlier source's"
+                ),
+                Some(_) => {}
+                None => {
+                    entry.endpoints.insert(endpoint.address, (source, endpoint));
+                }
+            }
+        }
+    }
+    let endpoints = entry
+        .endpoints
+        .into_values()
+        .map(|(_, e)| e.clone())
+        .collect();
+    let merged = ServiceEndpoints {
+        endpoints,
+        protocol: entry.protocol.map(|(_, protocol)| protocol),
+    };
+    (merged, entry.conflict)
 }
 
 /// One service while [`merge`] folds the sources in.
@@ -263,10 +297,10 @@ mod tests {
         )))];
         BTreeMap::from([(
             service.to_owned(),
-            ServiceEndpoints {
+            Arc::new(ServiceEndpoints {
                 endpoints,
                 protocol: None,
-            },
+            }),
         )])
     }
 
@@ -384,10 +418,10 @@ mod tests {
                     .collect();
                 (
                     (*name).to_owned(),
-                    ServiceEndpoints {
+                    Arc::new(ServiceEndpoints {
                         endpoints,
                         protocol: None,
-                    },
+                    }),
                 )
             })
             .collect()
@@ -414,14 +448,14 @@ mod tests {
     fn earlier_source_wins_a_conflicting_endpoint() {
         let file = services(&[("a", &["127.0.0.1:80"])]);
         let mut registry = services(&[("a", &["127.0.0.1:80"])]);
-        registry.get_mut("a").expect("a").endpoints[0].health = Health::Unhealthy;
+        Arc::make_mut(registry.get_mut("a").expect("a")).endpoints[0].health = Health::Unhealthy;
         let merged = merge([("file", &file), ("registry", &registry)]).services;
         assert_eq!(merged["a"].endpoints[0].health, Health::Healthy);
     }
 
     fn with_protocol(mut services: Services, protocol: Option<UpstreamProtocol>) -> Services {
         for service in services.values_mut() {
-            service.protocol = protocol;
+            Arc::make_mut(service).protocol = protocol;
         }
         services
     }
@@ -483,10 +517,10 @@ mod tests {
                     .collect();
                 BTreeMap::from([(
                     "svc".to_owned(),
-                    ServiceEndpoints {
+                    Arc::new(ServiceEndpoints {
                         endpoints,
                         protocol: None,
-                    },
+                    }),
                 )])
             };
             let (left, right) = (to_services(&left), to_services(&right));

@@ -1,5 +1,7 @@
 //! Stage 4, checked endpoints + policy → the published snapshot: attaches the current
-//! policy and versions the result once, with [`fulcrum_core::version::snapshot_version`].
+//! policy and versions the result once, with [`fulcrum_core::version::snapshot_version`]
+//! (computed from each service's JSON, encoded once per change of the service by
+//! [`crate::encode`]).
 //!
 //! This is where every published state gets the one version that Envoy (`version_info`), the
 //! filters (`/v1/snapshot`), the registry, logs and metrics all carry. A policy change alone
@@ -13,24 +15,28 @@
 
 use std::sync::Arc;
 
-use fulcrum_core::{Snapshot, version::snapshot_version};
+use fulcrum_core::Snapshot;
 use fulcrum_policy::AppliedPolicy;
 use fulcrum_sources::Services;
 use fulcrum_xds::ChangeTrace;
 use tokio::sync::watch;
 use tracing::{info_span, warn};
 
-use crate::change::Traced;
+use crate::{
+    change::Traced,
+    encode::{EncodedSnapshot, Encoder},
+};
 
 /// Runs the stage until `input` or `policy` closes, sending `output` every new snapshot;
 /// with `require_policy`, only once a policy is accepted.
 pub async fn run(
     mut input: watch::Receiver<Option<Traced<Services>>>,
     mut policy: watch::Receiver<Option<Arc<AppliedPolicy>>>,
-    output: watch::Sender<Option<Traced<Snapshot>>>,
+    output: watch::Sender<Option<Traced<EncodedSnapshot>>>,
     require_policy: bool,
 ) {
     let mut waiting_logged = false;
+    let mut encoder = Encoder::default();
     // Whether the policy alone changed since the last pass: the root of a trace of its own.
     let mut policy_changed = false;
     loop {
@@ -56,13 +62,16 @@ pub async fn run(
             };
             let span = info_span!(parent: None, "version", version = tracing::field::Empty);
             trace.adopt(&span);
-            let snapshot = attach(&endpoints, applied.as_deref());
-            span.record("version", snapshot.version.as_str());
+            let policy = applied
+                .as_deref()
+                .map(|applied| fulcrum_core::Policy::clone(&applied.policy));
+            let snapshot = encoder.encode(&endpoints, policy);
+            span.record("version", snapshot.snapshot.version.as_str());
             drop(span);
             output.send_if_modified(|current| {
                 if current
                     .as_ref()
-                    .is_some_and(|current| current.version == snapshot.version)
+                    .is_some_and(|current| current.snapshot.version == snapshot.snapshot.version)
                 {
                     return false;
                 }
@@ -77,19 +86,16 @@ pub async fn run(
     }
 }
 
-/// The snapshot of `endpoints` carrying `policy`, versioned by both.
+/// The snapshot of `endpoints` carrying `policy`, versioned by both (what the stage
+/// publishes for them, encoded from scratch).
 pub fn attach(endpoints: &Services, policy: Option<&AppliedPolicy>) -> Snapshot {
     let policy = policy.map(|applied| fulcrum_core::Policy::clone(&applied.policy));
-    Snapshot {
-        version: snapshot_version(endpoints, policy.as_ref()),
-        services: endpoints.clone(),
-        policy,
-    }
+    Arc::unwrap_or_clone(Encoder::default().encode(endpoints, policy).snapshot)
 }
 
 #[cfg(test)]
 mod tests {
-    use fulcrum_core::{Endpoint, ServiceEndpoints};
+    use fulcrum_core::{Endpoint, ServiceEndpoints, version::snapshot_version};
     use fulcrum_policy::{PolicyFormat, PolicyStore};
 
     use super::*;
@@ -102,10 +108,10 @@ mod tests {
         let endpoints = vec![Endpoint::new(([127, 0, 0, 1], port).into())];
         Services::from([(
             "shop".to_owned(),
-            ServiceEndpoints {
+            Arc::new(ServiceEndpoints {
                 endpoints,
                 protocol: None,
-            },
+            }),
         )])
     }
 
@@ -126,7 +132,7 @@ mod tests {
             .expect("valid");
         published.changed().await.expect("published");
         let snapshot = published.borrow().clone().expect("a snapshot");
-        assert!(snapshot.policy.is_some());
+        assert!(snapshot.snapshot.policy.is_some());
         stage.abort();
     }
 
@@ -138,7 +144,12 @@ mod tests {
         let stage = tokio::spawn(run(input, policy, output, false));
         published.changed().await.expect("published");
         assert_eq!(
-            published.borrow().as_ref().expect("a snapshot").policy,
+            published
+                .borrow()
+                .as_ref()
+                .expect("a snapshot")
+                .snapshot
+                .policy,
             None
         );
         stage.abort();

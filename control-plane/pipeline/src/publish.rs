@@ -1,8 +1,9 @@
 //! Stage 5, the published snapshot → its two sinks: the xDS cache Envoy streams from, and
 //! the [`SnapshotStore`] the filters poll (`/v1/snapshot`), with the same version in both.
 //!
-//! The stage serializes each snapshot to JSON once and the store keeps the bytes, so every
-//! `GET /v1/snapshot` of a version serves the same buffer. A snapshot whose JSON exceeds the
+//! The stage assembles each snapshot's JSON once, from its services' encodings
+//! ([`crate::encode`]), and the store keeps the bytes, so every `GET /v1/snapshot` of a
+//! version serves the same buffer. A snapshot whose JSON exceeds the
 //! budget (set below the filters' `max_snapshot_bytes`, which would refuse it on every proxy)
 //! is published to neither sink: Envoy and the filters keep the last good one, the refusal is
 //! logged, reported ([`Refused`], in `/v1/status`) and shown by
@@ -27,7 +28,7 @@ use tracing::{info, info_span};
 use serde::Serialize;
 use tracing::warn;
 
-use crate::{change::Traced, metrics::PipelineMetrics};
+use crate::{change::Traced, encode::EncodedSnapshot, metrics::PipelineMetrics};
 
 /// A snapshot the stage refused to publish because it is over the budget.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -58,14 +59,14 @@ pub struct Sinks {
 /// Runs the stage until `input` closes: every new snapshot within the budget goes to the
 /// cache (Envoy) and the store (the filters); one over it to neither.
 pub async fn run(
-    mut input: watch::Receiver<Option<Traced<Snapshot>>>,
+    mut input: watch::Receiver<Option<Traced<EncodedSnapshot>>>,
     sinks: Sinks,
     metrics: PipelineMetrics,
 ) {
     loop {
         let snapshot = input.borrow_and_update().clone();
         if let Some(snapshot) = snapshot {
-            publish(snapshot, &sinks, &metrics);
+            publish(&snapshot, &sinks, &metrics);
         }
         if input.changed().await.is_err() {
             return;
@@ -73,7 +74,8 @@ pub async fn run(
     }
 }
 
-fn publish(snapshot: Traced<Snapshot>, sinks: &Sinks, metrics: &PipelineMetrics) {
+fn publish(encoded: &Traced<EncodedSnapshot>, sinks: &Sinks, metrics: &PipelineMetrics) {
+    let snapshot = Arc::clone(&encoded.snapshot);
     let span = info_span!(
         parent: None,
         "publish",
@@ -83,12 +85,8 @@ fn publish(snapshot: Traced<Snapshot>, sinks: &Sinks, metrics: &PipelineMetrics)
         encoded = tracing::field::Empty,
         reused = tracing::field::Empty,
     );
-    snapshot.trace.adopt(&span);
-    let Traced {
-        value: snapshot, ..
-    } = snapshot;
-    // Plain data over ordered maps: serialization cannot fail.
-    let body = Bytes::from(serde_json::to_vec(&*snapshot).unwrap_or_default());
+    encoded.trace.adopt(&span);
+    let body = encoded.body();
     if body.len() > sinks.budget_bytes {
         warn!(
             version = %snapshot.version,
@@ -149,8 +147,10 @@ pub struct ServedSnapshot {
 #[derive(Debug, Clone, Default)]
 pub struct SnapshotStore {
     current: Arc<watch::Sender<Option<Arc<ServedSnapshot>>>>,
-    /// The last [`DELTA_HISTORY`] snapshots published before the current one, oldest first.
-    recent: Arc<Mutex<VecDeque<Arc<ServedSnapshot>>>>,
+    /// The last [`DELTA_HISTORY`] snapshots published before the current one, oldest first:
+    /// the snapshots alone (deltas are computed from them), not their bodies, and sharing
+    /// every service they have in common.
+    recent: Arc<Mutex<VecDeque<Arc<Snapshot>>>>,
 }
 
 impl SnapshotStore {
@@ -164,8 +164,9 @@ impl SnapshotStore {
             deltas: Mutex::new(Vec::new()),
         });
         if let Some(previous) = self.current.send_replace(Some(served)) {
+            let previous = Arc::clone(&previous.snapshot);
             let mut recent = lock(&self.recent);
-            recent.retain(|kept| kept.snapshot.version != previous.snapshot.version);
+            recent.retain(|kept| kept.version != previous.version);
             recent.push_back(previous);
             while recent.len() > DELTA_HISTORY {
                 recent.pop_front();
@@ -187,9 +188,9 @@ impl SnapshotStore {
         }
         let from = lock(&self.recent)
             .iter()
-            .find(|kept| kept.snapshot.version == base)
+            .find(|kept| kept.version == base)
             .cloned()?;
-        let delta = distribution::delta(&from.snapshot, &current.snapshot);
+        let delta = distribution::delta(&from, &current.snapshot);
         // Plain data over ordered maps: serialization cannot fail.
         let body = Bytes::from(serde_json::to_vec(&delta).unwrap_or_default());
         let mut deltas = lock(&current.deltas);
@@ -209,28 +210,25 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[cfg(test)]
 mod tests {
-    use fulcrum_core::{Endpoint, ServiceEndpoints, version::snapshot_version};
+    use fulcrum_core::{Endpoint, ServiceEndpoints};
     use fulcrum_xds::ClusterOptions;
 
     use super::*;
+    use crate::encode::Encoder;
 
-    fn snapshot(endpoints: u16) -> Arc<Snapshot> {
+    fn snapshot(endpoints: u16) -> Traced<EncodedSnapshot> {
         let endpoints = (1..=endpoints)
             .map(|port| Endpoint::new(([10, 0, 0, 1], port).into()))
             .collect();
         let services = [(
             "shop".to_owned(),
-            ServiceEndpoints {
+            Arc::new(ServiceEndpoints {
                 endpoints,
                 protocol: None,
-            },
+            }),
         )]
         .into();
-        Arc::new(Snapshot {
-            version: snapshot_version(&services, None),
-            services,
-            policy: None,
-        })
+        Traced::untraced(Arc::new(Encoder::default().encode(&services, None)))
     }
 
     fn sinks(budget_bytes: usize) -> Sinks {
@@ -256,38 +254,47 @@ mod tests {
     #[test]
     fn a_snapshot_over_the_budget_reaches_neither_sink_and_the_last_good_stays() {
         let small = snapshot(2);
-        let budget = serde_json::to_vec(&*small).expect("json").len() + 100;
+        let budget = serde_json::to_vec(&*small.snapshot).expect("json").len() + 100;
         let sinks = sinks(budget);
         let metrics = PipelineMetrics::default();
-        publish(Traced::untraced(Arc::clone(&small)), &sinks, &metrics);
+        publish(&small, &sinks, &metrics);
         assert_eq!(
             versions(&sinks),
-            (Some(small.version.clone()), Some(small.version.clone()))
+            (
+                Some(small.snapshot.version.clone()),
+                Some(small.snapshot.version.clone())
+            )
         );
 
         let big = snapshot(50);
-        publish(Traced::untraced(Arc::clone(&big)), &sinks, &metrics);
+        publish(&big, &sinks, &metrics);
         assert_eq!(
             versions(&sinks),
-            (Some(small.version.clone()), Some(small.version.clone())),
+            (
+                Some(small.snapshot.version.clone()),
+                Some(small.snapshot.version.clone())
+            ),
             "Envoy and the filters keep the last good snapshot"
         );
         let refused = sinks.refused.borrow().clone().expect("refused");
-        assert_eq!(refused.version, big.version);
+        assert_eq!(refused.version, big.snapshot.version);
         assert!(refused.bytes > budget);
         assert_eq!(metrics.over_budget.get(), 1);
 
         let fits = snapshot(3);
-        publish(Traced::untraced(Arc::clone(&fits)), &sinks, &metrics);
+        publish(&fits, &sinks, &metrics);
         assert_eq!(
             versions(&sinks),
-            (Some(fits.version.clone()), Some(fits.version.clone()))
+            (
+                Some(fits.snapshot.version.clone()),
+                Some(fits.snapshot.version.clone())
+            )
         );
         assert!(sinks.refused.borrow().is_none());
         assert_eq!(metrics.over_budget.get(), 0);
         assert_eq!(
             sinks.published.borrow().as_ref().map(|s| s.version.clone()),
-            Some(fits.version.clone()),
+            Some(fits.snapshot.version.clone()),
             "what follows the flow sees only what was published"
         );
     }
@@ -297,7 +304,7 @@ mod tests {
         let store = SnapshotStore::default();
         let versions: Vec<String> = (1..=DELTA_HISTORY as u16 + 2)
             .map(|endpoints| {
-                let snapshot = snapshot(endpoints);
+                let snapshot = Arc::clone(&snapshot(endpoints).snapshot);
                 let body = Bytes::from(serde_json::to_vec(&*snapshot).expect("json"));
                 store.publish(Arc::clone(&snapshot), body);
                 snapshot.version.clone()

@@ -11,9 +11,9 @@
 //! kept as a [`Dropped`] report for `/v1/status` and counted in
 //! `fulcrum_snapshot_dropped{kind}`, so an operator can alert on it.
 
-use std::sync::Arc;
+use std::{collections::BTreeMap, sync::Arc};
 
-use fulcrum_core::receive::screen_service;
+use fulcrum_core::{ServiceEndpoints, ValidationError, receive::screen_service};
 use fulcrum_sources::Services;
 use serde::Serialize;
 use tokio::sync::watch;
@@ -43,6 +43,7 @@ pub async fn run(
     report: watch::Sender<Arc<Dropped>>,
     metrics: PipelineMetrics,
 ) {
+    let mut screener = Screener::default();
     loop {
         let merged = input.borrow_and_update().clone();
         if let Some(merged) = merged {
@@ -53,7 +54,7 @@ pub async fn run(
                 dropped_services = tracing::field::Empty,
             );
             merged.trace.adopt(&span);
-            let (valid, dropped) = screen(merged.value);
+            let (valid, dropped) = screener.screen(merged.value);
             span.record("dropped_endpoints", dropped.endpoints);
             span.record("dropped_services", dropped.services);
             let valid = Traced::new(valid, merged.trace);
@@ -85,31 +86,87 @@ pub async fn run(
 
 /// The valid part of `merged` (`merged` itself when all of it is valid) and what was left out.
 pub fn screen(merged: Arc<Services>) -> (Arc<Services>, Dropped) {
-    let mut dropped = Dropped::default();
-    let mut valid = Services::new();
-    for (name, service) in merged.iter() {
-        match screen_service(name, service) {
-            Ok(screened) => {
-                if !screened.dropped.is_empty() {
-                    dropped.endpoints += service.endpoints.len() - screened.service.endpoints.len();
-                    report(&mut dropped, &screened.dropped);
-                }
-                valid.insert(name.clone(), screened.service);
-            }
-            Err(errors) => {
-                dropped.services += 1;
-                report(&mut dropped, &errors.errors);
-            }
+    Screener::default().screen(merged)
+}
+
+/// Screens services as [`screen`] does, remembering each service's result while its input
+/// is the same [`Arc`]: a change screens the services that changed, not the mesh.
+#[derive(Debug, Default)]
+pub struct Screener {
+    screened: BTreeMap<String, ScreenedService>,
+}
+
+/// What screening one service gave.
+#[derive(Debug)]
+struct ScreenedService {
+    /// The service as merged.
+    input: Arc<ServiceEndpoints>,
+    /// Its valid part (`input` itself when all of it is); `None`: left out whole.
+    valid: Option<Arc<ServiceEndpoints>>,
+    /// Endpoints left out.
+    dropped_endpoints: usize,
+    /// Why anything was left out.
+    problems: Vec<ValidationError>,
+}
+
+impl ScreenedService {
+    fn new(name: &str, input: Arc<ServiceEndpoints>) -> Self {
+        match screen_service(name, &input) {
+            Ok(screened) if screened.dropped.is_empty() => Self {
+                valid: Some(Arc::clone(&input)),
+                input,
+                dropped_endpoints: 0,
+                problems: Vec::new(),
+            },
+            Ok(screened) => Self {
+                dropped_endpoints: input.endpoints.len() - screened.service.endpoints.len(),
+                valid: Some(Arc::new(screened.service)),
+                input,
+                problems: screened.dropped,
+            },
+            Err(errors) => Self {
+                input,
+                valid: None,
+                dropped_endpoints: 0,
+                problems: errors.errors,
+            },
         }
     }
-    if dropped == Dropped::default() {
-        (merged, dropped)
-    } else {
+}
+
+impl Screener {
+    /// The valid part of `merged` (`merged` itself when all of it is valid) and what was
+    /// left out; equal to [`screen`]'s answer whatever was screened before.
+    pub fn screen(&mut self, merged: Arc<Services>) -> (Arc<Services>, Dropped) {
+        let mut previous = std::mem::take(&mut self.screened);
+        let mut dropped = Dropped::default();
+        for (name, service) in merged.iter() {
+            let screened = match previous.remove(name) {
+                Some(kept) if Arc::ptr_eq(&kept.input, service) => kept,
+                _ => ScreenedService::new(name, Arc::clone(service)),
+            };
+            if screened.valid.is_none() {
+                dropped.services += 1;
+            }
+            dropped.endpoints += screened.dropped_endpoints;
+            report(&mut dropped, &screened.problems);
+            self.screened.insert(name.clone(), screened);
+        }
+        if dropped == Dropped::default() {
+            return (merged, dropped);
+        }
+        let valid = self
+            .screened
+            .iter()
+            .filter_map(|(name, screened)| {
+                Some((name.clone(), Arc::clone(screened.valid.as_ref()?)))
+            })
+            .collect();
         (Arc::new(valid), dropped)
     }
 }
 
-fn report(dropped: &mut Dropped, problems: &[fulcrum_core::ValidationError]) {
+fn report(dropped: &mut Dropped, problems: &[ValidationError]) {
     let room = REPORTED.saturating_sub(dropped.problems.len());
     dropped.problems.extend(
         problems
@@ -141,7 +198,7 @@ mod tests {
                         endpoints,
                         protocol: None,
                     };
-                    (name.to_owned(), service)
+                    (name.to_owned(), Arc::new(service))
                 })
                 .collect(),
         )

@@ -62,6 +62,65 @@ fn registered_before(entry: &Entry, other: &Entry) -> bool {
     key(entry) < key(other)
 }
 
+/// One service as the endpoint source publishes it.
+#[derive(Debug, Clone)]
+struct PublishedService {
+    endpoints: Arc<ServiceEndpoints>,
+    /// Whether its registrations name different protocols.
+    protocol_conflict: bool,
+}
+
+/// Builds service `name` from its registrations `ids` (see [`View::services`]).
+fn build_service(state: &State, name: &str, ids: &BTreeSet<String>) -> PublishedService {
+    let mut by_address: BTreeMap<std::net::SocketAddr, &Entry> = BTreeMap::new();
+    let entries: Vec<&Entry> = ids.iter().filter_map(|id| state.entries.get(id)).collect();
+    for entry in &entries {
+        let address = entry.record.registration.address;
+        let keep = by_address
+            .get(&address)
+            .is_none_or(|kept| registered_before(entry, kept));
+        if keep {
+            by_address.insert(address, entry);
+        }
+    }
+    let naming = |entry: &&&Entry| entry.record.registration.protocol.upstream().is_some();
+    let kept = entries
+        .iter()
+        .filter(naming)
+        .reduce(|a, b| if registered_before(b, a) { b } else { a });
+    let protocol = kept.and_then(|kept| kept.record.registration.protocol.upstream());
+    let other = entries
+        .iter()
+        .filter(naming)
+        .find(|entry| entry.record.registration.protocol.upstream() != protocol);
+    if let (Some(kept), Some(other)) = (kept, other) {
+        warn!(
+            service = %name,
+            protocol = kept.record.registration.protocol.as_str(),
+            kept_from = %kept.record.registration.id,
+            other_protocol = other.record.registration.protocol.as_str(),
+            other = %other.record.registration.id,
+            "registrations of one service name different protocols; keeping the earliest registration's"
+        );
+    }
+    let endpoints = by_address
+        .into_values()
+        .map(|entry| {
+            entry
+                .record
+                .registration
+                .endpoint(entry.health.endpoint_health())
+        })
+        .collect();
+    PublishedService {
+        endpoints: Arc::new(ServiceEndpoints {
+            endpoints,
+            protocol,
+        }),
+        protocol_conflict: other.is_some() && kept.is_some(),
+    }
+}
+
 /// One live registration and its health.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {
@@ -115,6 +174,11 @@ struct State {
     /// service has a cell exactly when it is in `by_service`, and a filled cell equals its
     /// entries now (every write to one of them replaces the cell).
     service_entries: HashMap<String, OnceLock<Arc<[Entry]>>>,
+    /// Each service as the endpoint source publishes it, built by the first reader after a
+    /// change and shared with the pipeline until the next one, so a publish rebuilds only
+    /// the services that changed. Invariant: the same keys as `service_entries`, and a
+    /// filled cell is what [`build_service`] makes of the service's entries now.
+    published: HashMap<String, OnceLock<PublishedService>>,
     history: VecDeque<Change>,
 }
 
@@ -206,61 +270,27 @@ impl View {
     /// Every service with its endpoints, as the endpoint source publishes them. Two
     /// registrations of one service at one address (possible across etcd replicas racing)
     /// give one endpoint: the earliest registered. A service's protocol is the earliest
-    /// registration's that names one; registrations naming another are logged and counted
-    /// in [`RegistryServices::protocol_conflicts`].
+    /// registration's that names one; registrations naming another are logged (when the
+    /// service changes) and counted in [`RegistryServices::protocol_conflicts`].
+    ///
+    /// Only the services that changed since the last call are built; the others are the
+    /// same [`Arc`]s as then.
     pub fn services(&self) -> RegistryServices {
         let state = self.read();
         let mut services = Services::new();
         let mut protocol_conflicts = 0;
         for (name, ids) in &state.by_service {
-            let mut by_address: BTreeMap<std::net::SocketAddr, &Entry> = BTreeMap::new();
-            let entries: Vec<&Entry> = ids.iter().filter_map(|id| state.entries.get(id)).collect();
-            for entry in &entries {
-                let address = entry.record.registration.address;
-                let keep = by_address
-                    .get(&address)
-                    .is_none_or(|kept| registered_before(entry, kept));
-                if keep {
-                    by_address.insert(address, entry);
+            let built;
+            let published = match state.published.get(name) {
+                Some(cell) => cell.get_or_init(|| build_service(&state, name, ids)),
+                None => {
+                    debug_assert!(false, "service {name} has no published cell");
+                    built = build_service(&state, name, ids);
+                    &built
                 }
-            }
-            let naming = |entry: &&&Entry| entry.record.registration.protocol.upstream().is_some();
-            let kept = entries
-                .iter()
-                .filter(naming)
-                .reduce(|a, b| if registered_before(b, a) { b } else { a });
-            let protocol = kept.and_then(|kept| kept.record.registration.protocol.upstream());
-            let other = entries
-                .iter()
-                .filter(naming)
-                .find(|entry| entry.record.registration.protocol.upstream() != protocol);
-            if let (Some(kept), Some(other)) = (kept, other) {
-                protocol_conflicts += 1;
-                warn!(
-                    service = %name,
-                    protocol = kept.record.registration.protocol.as_str(),
-                    kept_from = %kept.record.registration.id,
-                    other_protocol = other.record.registration.protocol.as_str(),
-                    other = %other.record.registration.id,
-                    "registrations of one service name different protocols; keeping the earliest registration's"
-                );
-            }
-            let endpoints = by_address
-                .into_values()
-                .map(|entry| {
-                    entry
-                        .record
-                        .registration
-                        .endpoint(entry.health.endpoint_health())
-                })
-                .collect();
-            services.insert(
-                name.clone(),
-                ServiceEndpoints {
-                    endpoints,
-                    protocol,
-                },
-            );
+            };
+            protocol_conflicts += usize::from(published.protocol_conflict);
+            services.insert(name.clone(), Arc::clone(&published.endpoints));
         }
         RegistryServices {
             services,
@@ -505,8 +535,10 @@ fn record_change(state: &mut State, id: String, entry: Option<Entry>, services: 
             state
                 .service_entries
                 .insert((*service).clone(), OnceLock::new());
+            state.published.insert((*service).clone(), OnceLock::new());
         } else {
             state.service_entries.remove(*service);
+            state.published.remove(*service);
         }
     }
     if state.history.len() == HISTORY {
@@ -750,7 +782,70 @@ mod tests {
         );
     }
 
+    /// Every service built from the entries now, with no cell reused: what
+    /// [`View::services`] must equal.
+    fn services_from_scratch(view: &View) -> RegistryServices {
+        let state = view.read();
+        let mut services = Services::new();
+        let mut protocol_conflicts = 0;
+        for (name, ids) in &state.by_service {
+            let built = build_service(&state, name, ids);
+            protocol_conflicts += usize::from(built.protocol_conflict);
+            services.insert(name.clone(), built.endpoints);
+        }
+        RegistryServices {
+            services,
+            protocol_conflicts,
+        }
+    }
+
     proptest::proptest! {
+        #[test]
+        fn the_services_built_incrementally_equal_the_services_built_from_scratch(
+            steps in proptest::collection::vec((0u8..5, 0u8..6, 0u8..3, 0u8..3), 0..60),
+        ) {
+            let view = View::new("e");
+            for (step, (kind, id, service, port)) in steps.into_iter().enumerate() {
+                let id = format!("i-{id}");
+                let service = format!("svc-{service}");
+                match kind {
+                    0 | 1 => {
+                        let mut spec = spec(&service, &id, u16::from(port) + 1);
+                        spec.protocol = ["http", "grpc", "tcp"][usize::from(port)].to_owned();
+                        let mut record = record(spec);
+                        record.registered_at_unix_ms = u64::from(port);
+                        record.mod_revision = i64::try_from(step).expect("small");
+                        view.upsert(record);
+                    }
+                    2 => {
+                        view.remove(&id, None);
+                    }
+                    3 => {
+                        if let Some(entry) = view.get(&id) {
+                            let health = if port == 0 { HealthStatus::Unhealthy } else { HealthStatus::Healthy };
+                            view.set_health(&entry.record, health);
+                        }
+                    }
+                    _ => view.replace_all(
+                        view.entries()
+                            .into_iter()
+                            .filter(|entry| entry.record.registration.id != id)
+                            .map(|entry| (*entry.record).clone())
+                            .collect(),
+                    ),
+                }
+                let before = view.services();
+                proptest::prop_assert_eq!(&before, &services_from_scratch(&view));
+                let again = view.services();
+                for (name, service) in &again.services {
+                    proptest::prop_assert!(
+                        Arc::ptr_eq(service, &before.services[name]),
+                        "an unchanged service is shared, not rebuilt"
+                    );
+                }
+            }
+        }
+
         #[test]
         fn the_count_per_owner_follows_every_upsert_removal_and_reload(
             steps in proptest::collection::vec((0u8..4, 0u8..6, 0u8..3), 0..60),

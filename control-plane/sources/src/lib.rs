@@ -17,8 +17,15 @@ use tokio::sync::mpsc;
 
 pub use static_file::{StaticFileError, StaticFileSource, parse_static_file};
 
-/// Services by name, each with its endpoints: the state one source publishes.
-pub type Services = BTreeMap<String, ServiceEndpoints>;
+/// Services by name, each with its endpoints: the state one source publishes, and the shape
+/// of every stage's state after it.
+///
+/// Each service is behind an [`Arc`] so that a change of one service leaves the others
+/// shared: a source republishing its state, and every stage passing on what it did not
+/// touch, hands on the same allocation, and a stage tells an unchanged service by
+/// [`Arc::ptr_eq`] instead of comparing its endpoints. Build per-service output anew only for
+/// a service whose input changed.
+pub type Services = BTreeMap<String, Arc<ServiceEndpoints>>;
 
 /// A boxed future a source runs as.
 pub type SourceFuture = Pin<Box<dyn Future<Output = ()> + Send>>;

@@ -34,6 +34,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -146,10 +147,10 @@ pub fn parse_static_file(path: &Path, text: &str) -> Result<Services, StaticFile
         let protocol = protocol.map(UpstreamProtocol::from);
         services.insert(
             service,
-            ServiceEndpoints {
+            Arc::new(ServiceEndpoints {
                 endpoints,
                 protocol,
-            },
+            }),
         );
     }
     Ok(services)

@@ -91,6 +91,9 @@ pub struct XdsSnapshot {
     /// The trace of the change that made this version: the streams' pushes of it are its
     /// children ([`crate::trace`]).
     pub trace: ChangeTrace,
+    /// The services these resources were built from: a service that is the same [`Arc`] in
+    /// the next snapshot keeps its resources without being looked at.
+    built_from: BTreeMap<String, Arc<ServiceEndpoints>>,
 }
 
 impl XdsSnapshot {
@@ -112,8 +115,8 @@ pub struct UpdateSummary {
     pub reused: usize,
 }
 
-/// Builds the snapshot for `core`, reusing every resource of `previous` whose version is
-/// unchanged.
+/// Builds the snapshot for `core`, reusing every resource of `previous` whose service is
+/// the same `Arc` or whose version is unchanged.
 fn build(
     core: &Snapshot,
     trace: ChangeTrace,
@@ -127,6 +130,17 @@ fn build(
     let mut clusters = Resources::new();
     let mut endpoints = Resources::new();
     for (name, service) in &core.services {
+        if let Some(previous) = previous
+            && let Some(built) = previous.built_from.get(name)
+            && Arc::ptr_eq(built, service)
+            && let (Some(cluster), Some(assignment)) =
+                (previous.clusters.get(name), previous.endpoints.get(name))
+        {
+            summary.reused += 2;
+            clusters.insert(name.clone(), Arc::clone(cluster));
+            endpoints.insert(name.clone(), Arc::clone(assignment));
+            continue;
+        }
         let protocol = service.protocol.unwrap_or_default();
         let cluster_version =
             content_version(&[name.as_bytes(), &options_key, protocol.as_str().as_bytes()]);
@@ -158,6 +172,7 @@ fn build(
         clusters,
         endpoints,
         trace,
+        built_from: core.services.clone(),
     }
 }
 
@@ -277,7 +292,7 @@ mod tests {
             version: version.to_owned(),
             services: services
                 .iter()
-                .map(|(name, service)| ((*name).to_owned(), service.clone()))
+                .map(|(name, service)| ((*name).to_owned(), Arc::new(service.clone())))
                 .collect::<BTreeMap<_, _>>(),
             ..Default::default()
         }
@@ -486,10 +501,10 @@ mod tests {
             version: "v1".to_owned(),
             services: BTreeMap::from([(
                 "a".to_owned(),
-                ServiceEndpoints {
+                Arc::new(ServiceEndpoints {
                     endpoints: vec![unhealthy, draining],
                     protocol: None,
-                },
+                }),
             )]),
             ..Default::default()
         });

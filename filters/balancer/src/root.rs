@@ -30,6 +30,7 @@ use std::{
     cell::{Cell, RefCell},
     collections::BTreeMap,
     rc::Rc,
+    sync::Arc,
     time::Duration,
 };
 
@@ -686,17 +687,17 @@ fn uses_sticky_sessions(policy: &fulcrum_core::Policy) -> bool {
         .any(|service| matches!(service.load_balancer, fulcrum_core::LoadBalancer::Sticky(_)))
 }
 
-fn static_services(config: &FilterConfig) -> BTreeMap<String, ServiceEndpoints> {
+fn static_services(config: &FilterConfig) -> BTreeMap<String, Arc<ServiceEndpoints>> {
     config
         .endpoints
         .iter()
         .map(|(name, endpoints)| {
             (
                 name.clone(),
-                ServiceEndpoints {
+                Arc::new(ServiceEndpoints {
                     endpoints: endpoints.clone(),
                     protocol: None,
-                },
+                }),
             )
         })
         .collect()

@@ -17,8 +17,8 @@
 use std::{net::SocketAddr, rc::Rc, time::Duration};
 
 use fulcrum_core::{
-    BreakerState, Endpoint, Outcome, Policy, Served, ServicePicker, ServicePolicy, SessionKeys,
-    Snapshot, Transition, Transitions,
+    BreakerState, Endpoint, Outcome, Policy, Served, ServiceEndpoints, ServicePicker,
+    ServicePolicy, SessionKeys, Snapshot, Transition, Transitions,
     breaker::{Consecutive, Verdict},
     diagnostics::EndpointDiagnostics,
     distribution::content_hash,
@@ -374,10 +374,10 @@ impl Worker {
             .iter()
             .map(|(name, service)| {
                 // Plain data over ordered maps: serialization cannot fail.
-                let json = serde_json::to_vec(service).unwrap_or_default();
+                let json = serde_json::to_vec(&**service).unwrap_or_default();
                 let hashed = Hashed {
                     hash: content_hash(&json),
-                    value: service.clone(),
+                    value: ServiceEndpoints::clone(service),
                 };
                 (name.clone(), hashed)
             })

@@ -22,7 +22,10 @@
 //! [`ServiceEndpoints`] the same way), and its [`content_hash`] is what a filter compares to
 //! know whether a service changed, whichever answer brought it.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -108,11 +111,12 @@ pub fn delta<'a>(base: &'a Snapshot, current: &'a Snapshot) -> Delta<'a> {
         .services
         .iter()
         .filter(|(name, service)| {
-            base.services
-                .get(name.as_str())
-                .is_none_or(|before| before.endpoints != service.endpoints)
+            base.services.get(name.as_str()).is_none_or(|before| {
+                // A service the snapshots share is unchanged without a look inside.
+                !Arc::ptr_eq(before, service) && before.endpoints != service.endpoints
+            })
         })
-        .map(|(name, service)| (name.as_str(), service))
+        .map(|(name, service)| (name.as_str(), &**service))
         .collect();
     let removed = base
         .services

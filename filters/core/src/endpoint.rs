@@ -14,6 +14,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
+    sync::Arc,
 };
 
 use serde::{Deserialize, Serialize};
@@ -136,9 +137,43 @@ impl UpstreamProtocol {
 pub struct Snapshot {
     /// Opaque version string; compare for equality only.
     pub version: String,
-    /// Endpoints keyed by service name (the Envoy cluster name).
-    pub services: BTreeMap<String, ServiceEndpoints>,
+    /// Endpoints keyed by service name (the Envoy cluster name). Each service is shared, not
+    /// copied: the control plane's stages and its recent snapshots hold one copy of a
+    /// service that did not change, and compare it by pointer first. The JSON is the same
+    /// as for plain values.
+    #[serde(with = "shared_services")]
+    pub services: BTreeMap<String, Arc<ServiceEndpoints>>,
     /// The balancing policy, when the control plane serves one with the endpoints.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<crate::policy::Policy>,
+}
+
+/// (De)serializes [`Snapshot::services`] as a plain map of services.
+mod shared_services {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use super::ServiceEndpoints;
+
+    pub fn serialize<S: Serializer>(
+        services: &BTreeMap<String, Arc<ServiceEndpoints>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        let plain: BTreeMap<&str, &ServiceEndpoints> = services
+            .iter()
+            .map(|(name, service)| (name.as_str(), &**service))
+            .collect();
+        plain.serialize(serializer)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<BTreeMap<String, Arc<ServiceEndpoints>>, D::Error> {
+        let plain = BTreeMap::<String, ServiceEndpoints>::deserialize(deserializer)?;
+        Ok(plain
+            .into_iter()
+            .map(|(name, service)| (name, Arc::new(service)))
+            .collect())
+    }
 }

@@ -18,6 +18,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::SocketAddr,
+    sync::Arc,
 };
 
 use serde::Deserialize;
@@ -95,7 +96,7 @@ pub fn receive(body: &[u8]) -> Result<Received, ReceiveError> {
     for (name, value) in wire.services {
         match service(&name, value) {
             Ok(endpoints) => {
-                services.insert(name, endpoints);
+                services.insert(name, Arc::new(endpoints));
             }
             Err(reason) => skipped.push(Skipped {
                 service: name,

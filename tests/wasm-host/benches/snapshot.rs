@@ -84,10 +84,10 @@ fn mesh(shape: Shape, odd: bool) -> Snapshot {
                 .collect();
             (
                 format!("svc-{service:04}"),
-                ServiceEndpoints {
+                std::sync::Arc::new(ServiceEndpoints {
                     endpoints,
                     protocol: None,
-                },
+                }),
             )
         })
         .collect();

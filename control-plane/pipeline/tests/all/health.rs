@@ -21,10 +21,10 @@ fn merged(backends: &[&Backend]) -> Traced<Services> {
     let endpoints = backends.iter().map(|b| Endpoint::new(b.addr)).collect();
     Traced::untraced(Arc::new(BTreeMap::from([(
         "shop".to_owned(),
-        ServiceEndpoints {
+        std::sync::Arc::new(ServiceEndpoints {
             endpoints,
             protocol: None,
-        },
+        }),
     )])))
 }
 

@@ -261,7 +261,7 @@ async fn invalid_assignment_is_nacked_and_the_last_good_version_stays(api: AdsAp
         version: bad_version.to_owned(),
         services: [(
             "checkout".to_owned(),
-            ServiceEndpoints {
+            std::sync::Arc::new(ServiceEndpoints {
                 endpoints: vec![
                     Endpoint::new("127.0.0.1:19001".parse().expect("address")),
                     Endpoint {
@@ -270,7 +270,7 @@ async fn invalid_assignment_is_nacked_and_the_last_good_version_stays(api: AdsAp
                     },
                 ],
                 protocol: None,
-            },
+            }),
         )]
         .into(),
         policy: None,

@@ -3,7 +3,10 @@
 //! holding exactly the current snapshot, in both protocol variants, and its ACKs never
 //! trigger a resend.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
@@ -45,10 +48,10 @@ fn publish(cache: &SnapshotCache, index: usize, services: &BTreeMap<String, u16>
                 let endpoints = vec![Endpoint::new(address)];
                 (
                     name.clone(),
-                    ServiceEndpoints {
+                    Arc::new(ServiceEndpoints {
                         endpoints,
                         protocol: None,
-                    },
+                    }),
                 )
             })
             .collect(),

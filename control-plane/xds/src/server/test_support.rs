@@ -27,10 +27,10 @@ pub(super) fn snapshot_with_http2(
                 let endpoints = vec![Endpoint::new(address.parse().expect("address"))];
                 (
                     (*name).to_owned(),
-                    ServiceEndpoints {
+                    Arc::new(ServiceEndpoints {
                         endpoints,
                         protocol: http2.contains(name).then_some(UpstreamProtocol::Http2),
-                    },
+                    }),
                 )
             })
             .collect(),

@@ -359,10 +359,10 @@ fn snapshot(version: &str, services: &[(&str, Vec<Endpoint>)], policy: Option<Po
             .map(|(name, endpoints)| {
                 (
                     (*name).to_owned(),
-                    ServiceEndpoints {
+                    std::sync::Arc::new(ServiceEndpoints {
                         endpoints: endpoints.clone(),
                         protocol: None,
-                    },
+                    }),
                 )
             })
             .collect(),
