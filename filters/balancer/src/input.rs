@@ -259,6 +259,19 @@ pub struct NodeIdentity {
     pub cluster: Option<String>,
 }
 
+impl NodeIdentity {
+    /// The headers naming the node on a call to the control plane (`crate::report`): its id
+    /// and cluster, each when known.
+    pub fn headers(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        [
+            (crate::report::NODE_ID_HEADER, self.id.as_deref()),
+            (crate::report::NODE_CLUSTER_HEADER, self.cluster.as_deref()),
+        ]
+        .into_iter()
+        .filter_map(|(name, value)| Some((name, value?)))
+    }
+}
+
 /// The id and cluster of the proxy's Envoy node, each read at `xds.node.<field>`, else at the
 /// older `node.<field>`. A field is `None` when unset or empty, and also, counted, when it
 /// holds a byte that is not printable ASCII (it goes into a request header); one longer than

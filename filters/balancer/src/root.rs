@@ -54,9 +54,7 @@ use crate::{
     log_debug, log_error, log_info, log_warn,
     metrics::Metrics,
     now,
-    report::{
-        NODE_CLUSTER_HEADER, NODE_ID_HEADER, REJECTED_HEADER, RejectionReason, rejected_value,
-    },
+    report::{REJECTED_HEADER, RejectionReason, rejected_value},
     shared_snapshot::{PublishError, Published, ReadError, SharedSnapshot},
     sync::SharedKeys,
     worker::Worker,
@@ -328,12 +326,7 @@ impl Configured {
         if let Some(version) = &version {
             headers.push(("if-none-match", version.as_str()));
         }
-        if let Some(id) = &self.identity.id {
-            headers.push((NODE_ID_HEADER, id.as_str()));
-        }
-        if let Some(cluster) = &self.identity.cluster {
-            headers.push((NODE_CLUSTER_HEADER, cluster.as_str()));
-        }
+        headers.extend(self.identity.headers());
         let rejected = self.keys.last_rejection();
         if let Some(rejected) = &rejected {
             headers.push((REJECTED_HEADER, rejected.as_str()));
@@ -372,12 +365,7 @@ impl Configured {
             (":authority", control_plane.authority.as_str()),
             ("content-type", "application/json"),
         ];
-        if let Some(id) = &self.identity.id {
-            headers.push((NODE_ID_HEADER, id.as_str()));
-        }
-        if let Some(cluster) = &self.identity.cluster {
-            headers.push((NODE_CLUSTER_HEADER, cluster.as_str()));
-        }
+        headers.extend(self.identity.headers());
         match hostcalls::dispatch_http_call(
             &control_plane.cluster,
             headers,
