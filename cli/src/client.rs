@@ -124,7 +124,7 @@ impl ControlPlane {
         node: &str,
         service: &str,
         wait: Duration,
-    ) -> Result<crate::endpoints::Report> {
+    ) -> Result<fulcrum_core::diagnostics::EndpointsView> {
         let mut url = reqwest::Url::parse(&format!("{}/v1/proxies", self.server))
             .with_context(|| format!("--server {} is not a URL", self.server))?;
         url.path_segments_mut()

@@ -16,8 +16,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::{Result, bail};
 use clap::Args;
-use fulcrum_core::diagnostics::{EndpointAggregate, EndpointDiagnostics, WorkerDiagnostics};
-use serde::{Deserialize, Serialize};
+use fulcrum_core::diagnostics::{EndpointDiagnostics, EndpointsView, WorkerDiagnostics};
 
 use crate::{
     Verdict,
@@ -42,17 +41,6 @@ pub struct EndpointsCommand {
     /// Also list every worker's view of every endpoint.
     #[arg(long)]
     per_worker: bool,
-}
-
-/// The body of `GET /v1/proxies/{node}/endpoints`.
-#[derive(Debug, Serialize, Deserialize)]
-pub struct Report {
-    pub node_id: String,
-    pub service: String,
-    pub request: u64,
-    pub received_unix_ms: u64,
-    pub workers: Vec<WorkerDiagnostics>,
-    pub endpoints: Vec<EndpointAggregate>,
 }
 
 impl EndpointsCommand {
@@ -105,7 +93,7 @@ fn latency(ms: Option<f64>) -> String {
 }
 
 /// The tables: one line per endpoint over every worker, then per worker when asked.
-fn render(report: &Report, per_worker: bool, now: SystemTime) -> String {
+fn render(report: &EndpointsView, per_worker: bool, now: SystemTime) -> String {
     let age = now
         .duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |since| {
@@ -257,7 +245,7 @@ mod tests {
                 omitted: 0,
             },
         ];
-        let report = Report {
+        let report = EndpointsView {
             node_id: "web-1".to_owned(),
             service: "checkout".to_owned(),
             request: 1,

@@ -27,15 +27,12 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use fulcrum_core::diagnostics::{
-    DiagnosticsReport, EndpointAggregate, InvalidReport, WorkerDiagnostics, aggregate,
-};
+use fulcrum_core::diagnostics::{DiagnosticsReport, EndpointsView, InvalidReport, aggregate};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
-use serde::Serialize;
 use tokio::sync::Notify;
 
 /// Default of [`DiagnosticsLimits::max_reports`].
@@ -260,39 +257,20 @@ impl DiagnosticsMetrics {
     }
 }
 
-/// The body of `GET /v1/proxies/{node}/endpoints`: a stable schema, fields only ever added.
-#[derive(Debug, Serialize)]
-pub struct EndpointsView {
-    /// The proxy's Envoy node id.
-    pub node_id: String,
-    /// The service diagnosed.
-    pub service: String,
-    /// The request the report answers.
-    pub request: u64,
-    /// When the report arrived, ms since the Unix epoch.
-    pub received_unix_ms: u64,
-    /// Each worker's view, by slot.
-    pub workers: Vec<WorkerDiagnostics>,
-    /// Each endpoint over every worker, sorted by address.
-    pub endpoints: Vec<EndpointAggregate>,
-}
-
-impl EndpointsView {
-    /// The view of `received` from `node`.
-    pub fn new(node: &str, received: &Received) -> Self {
-        Self {
-            node_id: node.to_owned(),
-            service: received.report.service.clone(),
-            request: received.report.request,
-            received_unix_ms: received
-                .at
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map_or(0, |since| {
-                    u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
-                }),
-            endpoints: aggregate(&received.report.workers),
-            workers: received.report.workers.clone(),
-        }
+/// The body of `GET /v1/proxies/{node}/endpoints` for `received` from `node`.
+fn endpoints_view(node: &str, received: &Received) -> EndpointsView {
+    EndpointsView {
+        node_id: node.to_owned(),
+        service: received.report.service.clone(),
+        request: received.report.request,
+        received_unix_ms: received
+            .at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |since| {
+                u64::try_from(since.as_millis()).unwrap_or(u64::MAX)
+            }),
+        endpoints: aggregate(&received.report.workers),
+        workers: received.report.workers.clone(),
     }
 }
 
@@ -372,7 +350,7 @@ impl Diagnostics {
             // Registered before looking, so a report arriving in between is not missed.
             let arrived = self.arrived.notified();
             if let Some(received) = self.table().report(node, service, id) {
-                return Some(EndpointsView::new(node, received));
+                return Some(endpoints_view(node, received));
             }
             if tokio::time::timeout_at(deadline, arrived).await.is_err() {
                 return None;

@@ -315,6 +315,25 @@ pub fn compose_report<'a>(
     body
 }
 
+/// One proxy's view of one service's endpoints, as the control plane serves it
+/// (`GET /v1/proxies/{node}/endpoints`) and `fulcrum endpoints` reads it: a stable schema,
+/// fields only ever added.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndpointsView {
+    /// The proxy's Envoy node id.
+    pub node_id: String,
+    /// The service diagnosed.
+    pub service: String,
+    /// The request the report answers.
+    pub request: u64,
+    /// When the report arrived, ms since the Unix epoch.
+    pub received_unix_ms: u64,
+    /// Each worker's view, by slot.
+    pub workers: Vec<WorkerDiagnostics>,
+    /// Each endpoint over every worker, sorted by address.
+    pub endpoints: Vec<EndpointAggregate>,
+}
+
 /// One endpoint over every worker of a proxy.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EndpointAggregate {
