@@ -14,7 +14,7 @@
 //! - `GET /v1/proxies[?state=current|behind|stale]`: the proxies whose filters poll this
 //!   replica, sorted by node id ([`Proxies`]); `400` for another `state`.
 //! - `GET /v1/proxies/{node}/endpoints?service=S[&wait=SECONDS]`: what proxy `node`'s
-//!   workers believe about each endpoint of `S` ([`crate::diagnostics::EndpointsView`]).
+//!   workers believe about each endpoint of `S` ([`fulcrum_core::diagnostics::EndpointsView`]).
 //!   The request is named to the proxy in `x-fulcrum-diagnose: <id> <S>` on its next poll
 //!   answer; the handler waits up to `wait` seconds (default 10, at most 30) for the report.
 //!   `400` for an invalid service or wait, `404` when the node has not polled this replica,
