@@ -11,11 +11,11 @@ use std::{collections::BTreeMap, sync::Arc};
 
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
-use fulcrum_core::{ServiceEndpoints, Snapshot, version::content_version};
+use fulcrum_core::{DataPlane, Policy, ServiceEndpoints, Snapshot, version::content_version};
 use tokio::{sync::watch, time::Instant};
 
 use crate::{
-    resources::{self, ClusterOptions},
+    resources::{self, Balancing, ClusterOptions},
     trace::ChangeTrace,
 };
 
@@ -94,6 +94,8 @@ pub struct XdsSnapshot {
     /// The services these resources were built from: a service that is the same [`Arc`] in
     /// the next snapshot keeps its resources without being looked at.
     built_from: BTreeMap<String, Arc<ServiceEndpoints>>,
+    /// The policy these resources were built with: it decides each cluster's data plane.
+    built_with_policy: Option<Policy>,
 }
 
 impl XdsSnapshot {
@@ -124,13 +126,18 @@ fn build(
     previous: Option<&XdsSnapshot>,
     summary: &mut UpdateSummary,
 ) -> XdsSnapshot {
-    // The cluster depends on its name, its protocol and the shared options only. Plain data:
-    // serialization cannot fail and is stable.
+    // The cluster depends on its name, its protocol, the shared options and, on the native
+    // data plane, the service's policy. Plain data: serialization cannot fail and is stable.
     let options_key = serde_json::to_vec(options).unwrap_or_default();
     let mut clusters = Resources::new();
     let mut endpoints = Resources::new();
+    // A policy change can move a service between data planes, which changes its cluster:
+    // the shortcut by pointer holds only under the policy the previous resources were built
+    // with.
+    let same_policy = previous.is_some_and(|previous| previous.built_with_policy == core.policy);
     for (name, service) in &core.services {
-        if let Some(previous) = previous
+        if same_policy
+            && let Some(previous) = previous
             && let Some(built) = previous.built_from.get(name)
             && Arc::ptr_eq(built, service)
             && let (Some(cluster), Some(assignment)) =
@@ -142,8 +149,17 @@ fn build(
             continue;
         }
         let protocol = service.protocol.unwrap_or_default();
-        let cluster_version =
-            content_version(&[name.as_bytes(), &options_key, protocol.as_str().as_bytes()]);
+        let native_policy = native_policy(core.policy.as_ref(), name);
+        let balancing = match &native_policy {
+            Some(policy) => Balancing::Native { policy },
+            None => Balancing::OverrideHost,
+        };
+        let cluster_version = content_version(&[
+            name.as_bytes(),
+            &options_key,
+            protocol.as_str().as_bytes(),
+            native_policy.as_deref().unwrap_or_default().as_bytes(),
+        ]);
         clusters.insert(
             name.clone(),
             reuse_or_encode(
@@ -151,7 +167,7 @@ fn build(
                 name,
                 cluster_version,
                 summary,
-                || pack_any(resources::cluster(name, options, protocol)),
+                || pack_any(resources::cluster(name, options, protocol, balancing)),
             ),
         );
         let endpoints_version = content_version(&[name.as_bytes(), &service_key(service)]);
@@ -173,7 +189,17 @@ fn build(
         endpoints,
         trace,
         built_from: core.services.clone(),
+        built_with_policy: core.policy.clone(),
     }
+}
+
+/// The policy JSON of service `name` when its policy puts it on the native data plane; `None`
+/// for the wasm filter's services (and when no policy is served: the default is wasm).
+fn native_policy(policy: Option<&Policy>, name: &str) -> Option<String> {
+    let policy = policy?.for_service(name);
+    // A policy is plain data: serialization cannot fail.
+    (policy.data_plane == DataPlane::Native)
+        .then(|| serde_json::to_string(policy).unwrap_or_default())
 }
 
 fn service_key(service: &ServiceEndpoints) -> Vec<u8> {
@@ -272,7 +298,11 @@ mod tests {
             },
         },
     };
-    use fulcrum_core::{Endpoint, Health, UpstreamProtocol};
+    use envoy_types::pb::{
+        envoy::extensions::load_balancing_policies::dynamic_modules::v3::DynamicModulesLoadBalancerConfig,
+        google::protobuf::StringValue,
+    };
+    use fulcrum_core::{Endpoint, Health, ServicePolicy, UpstreamProtocol};
     use prost::Message;
 
     use super::*;
@@ -461,6 +491,119 @@ mod tests {
         let current = off.current().expect("set");
         let cluster = Cluster::decode(current.clusters["a"].any.value.as_slice()).expect("cluster");
         assert_eq!(cluster.circuit_breakers, None);
+    }
+
+    /// The name and decoded config of the load-balancing policy of the cluster of `name`.
+    fn cluster_policy(snapshot: &XdsSnapshot, name: &str) -> (String, Any) {
+        let cluster =
+            Cluster::decode(snapshot.clusters[name].any.value.as_slice()).expect("cluster");
+        let policy = cluster
+            .load_balancing_policy
+            .expect("a load-balancing policy")
+            .policies
+            .remove(0)
+            .typed_extension_config
+            .expect("a typed policy");
+        (policy.name, policy.typed_config.expect("config"))
+    }
+
+    fn native_policy_for(service: &str) -> Policy {
+        let mut policy = Policy::default();
+        policy.services.insert(
+            service.to_owned(),
+            ServicePolicy {
+                data_plane: DataPlane::Native,
+                retry: 2,
+                ..ServicePolicy::default()
+            },
+        );
+        policy
+    }
+
+    #[test]
+    fn a_native_service_gets_the_module_as_its_policy_configured_with_its_policy_json() {
+        let cache = SnapshotCache::new(ClusterOptions::default());
+        let mut core = snapshot(
+            "v1",
+            &[
+                ("native", service(&["127.0.0.1:1"])),
+                ("wasm", service(&["127.0.0.1:2"])),
+            ],
+        );
+        core.policy = Some(native_policy_for("native"));
+        cache.set(&core);
+        let current = cache.current().expect("set");
+
+        let (name, config) = cluster_policy(&current, "native");
+        assert_eq!(name, "envoy.load_balancing_policies.dynamic_modules");
+        let config =
+            DynamicModulesLoadBalancerConfig::decode(config.value.as_slice()).expect("config");
+        assert_eq!(
+            config.dynamic_module_config.expect("module").name,
+            fulcrum_core::NATIVE_MODULE
+        );
+        assert_eq!(config.lb_policy_name, fulcrum_core::NATIVE_LB_POLICY);
+        let json = config.lb_policy_config.expect("policy config");
+        assert_eq!(
+            json.type_url,
+            "type.googleapis.com/google.protobuf.StringValue"
+        );
+        let json = StringValue::decode(json.value.as_slice()).expect("a string");
+        let parsed: ServicePolicy = serde_json::from_str(&json.value).expect("policy JSON");
+        assert_eq!(
+            &parsed,
+            core.policy.as_ref().expect("policy").for_service("native")
+        );
+        let cluster =
+            Cluster::decode(current.clusters["native"].any.value.as_slice()).expect("cluster");
+        let options = HttpProtocolOptions::decode(
+            cluster.typed_extension_protocol_options
+                ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+                .value
+                .as_slice(),
+        )
+        .expect("http protocol options");
+        assert!(
+            options.http_filters.is_empty(),
+            "no override header to strip"
+        );
+
+        let (name, _) = cluster_policy(&current, "wasm");
+        assert_eq!(name, "envoy.load_balancing_policies.override_host");
+    }
+
+    #[test]
+    fn moving_a_service_to_the_native_data_plane_re_encodes_its_cluster_only() {
+        let cache = SnapshotCache::new(ClusterOptions::default());
+        let services = [
+            ("a", service(&["127.0.0.1:1"])),
+            ("b", service(&["127.0.0.1:2"])),
+        ];
+        let first = snapshot("v1", &services);
+        cache.set(&first);
+        // The same services (the same `Arc`s), another policy.
+        let mut second = Snapshot {
+            version: "v2".to_owned(),
+            ..first.clone()
+        };
+        second.policy = Some(native_policy_for("a"));
+        let summary = cache.set(&second);
+        assert_eq!(
+            summary,
+            UpdateSummary {
+                encoded: 1,
+                reused: 3
+            }
+        );
+        let current = cache.current().expect("set");
+        assert_eq!(
+            cluster_policy(&current, "a").0,
+            "envoy.load_balancing_policies.dynamic_modules"
+        );
+        assert_eq!(
+            cluster_policy(&current, "b").0,
+            "envoy.load_balancing_policies.override_host"
+        );
     }
 
     #[test]

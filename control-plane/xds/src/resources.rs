@@ -1,11 +1,13 @@
 //! Builds the Envoy resources of one service: its `Cluster` and its `ClusterLoadAssignment`.
 //!
-//! Every cluster is EDS over ADS and balances with Envoy's `override_host` policy: the
-//! fulcrum filter writes `IP:port` into [`OVERRIDE_HEADER`] and Envoy sends the request
-//! there; without the header (filter fail-open) the fallback policy, least request, picks.
-//! A cluster-level upstream `header_mutation` filter removes the header after host
-//! selection, so the upstream never sees it. (A route-level `request_headers_to_remove` would
-//! run before load balancing and disable the override.)
+//! Every cluster is EDS over ADS. A service on the wasm data plane (the default) balances
+//! with Envoy's `override_host` policy: the fulcrum filter writes `IP:port` into
+//! [`OVERRIDE_HEADER`] and Envoy sends the request there; without the header (filter
+//! fail-open) the fallback policy, least request, picks. A cluster-level upstream
+//! `header_mutation` filter removes the header after host selection, so the upstream never
+//! sees it. (A route-level `request_headers_to_remove` would run before load balancing and
+//! disable the override.) A service whose policy says `data_plane: native` balances with
+//! fulcrum's native module instead ([`Balancing::Native`]), its policy in the cluster.
 //!
 //! The cluster speaks the service's [`UpstreamProtocol`] to its endpoints through
 //! `typed_extension_protocol_options["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]`
@@ -38,6 +40,7 @@ use envoy_types::pb::{
             },
         },
         extensions::{
+            dynamic_modules::v3::DynamicModuleConfig,
             filters::{
                 http::{
                     header_mutation::v3::{HeaderMutation, Mutations},
@@ -46,6 +49,7 @@ use envoy_types::pb::{
                 network::http_connection_manager::v3::{HttpFilter, http_filter},
             },
             load_balancing_policies::{
+                dynamic_modules::v3::DynamicModulesLoadBalancerConfig,
                 least_request::v3::LeastRequest,
                 override_host::v3::{OverrideHost, override_host::OverrideHostSource},
             },
@@ -58,10 +62,15 @@ use envoy_types::pb::{
             },
         },
     },
-    google::protobuf::{Any, Duration, ListValue, Struct, UInt32Value, Value, value::Kind},
+    google::protobuf::{
+        Any, Duration, ListValue, StringValue, Struct, UInt32Value, Value, value::Kind,
+    },
 };
 use envoy_types::util::pack_any;
-use fulcrum_core::{Endpoint, Health, OVERRIDE_HEADER, ServiceEndpoints, UpstreamProtocol};
+use fulcrum_core::{
+    Endpoint, Health, NATIVE_LB_POLICY, NATIVE_MODULE, OVERRIDE_HEADER, ServiceEndpoints,
+    UpstreamProtocol,
+};
 
 /// The `filter_metadata` namespace endpoint attributes are published under.
 pub const METADATA_NAMESPACE: &str = "fulcrum";
@@ -110,34 +119,31 @@ fn typed_extension(name: &str, config: Any) -> TypedExtensionConfig {
     }
 }
 
-/// The `Cluster` of service `name`: EDS over ADS, `override_host` balancing with a least
-/// request fallback, the upstream filter chain that strips the override header, and
-/// `protocol` to the endpoints (HTTP/2 with prior knowledge for gRPC, else HTTP/1.1).
-pub fn cluster(name: &str, options: &ClusterOptions, protocol: UpstreamProtocol) -> Cluster {
-    let override_host = OverrideHost {
-        override_host_sources: vec![OverrideHostSource {
-            header: OVERRIDE_HEADER.to_owned(),
-            ..Default::default()
-        }],
-        fallback_policy: Some(LoadBalancingPolicy {
-            policies: vec![Policy {
-                typed_extension_config: Some(typed_extension(
-                    "envoy.load_balancing_policies.least_request",
-                    pack_any(LeastRequest::default()),
-                )),
-            }],
-        }),
-        ..Default::default()
-    };
-    let strip_override_header = HeaderMutation {
-        mutations: Some(Mutations {
-            request_mutations: vec![HeaderMutationRule {
-                action: Some(Action::Remove(OVERRIDE_HEADER.to_owned())),
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    };
+/// How a cluster balances: which data plane applies the service's policy
+/// ([`fulcrum_core::DataPlane`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Balancing<'a> {
+    /// The wasm filter picks: `override_host` reads [`OVERRIDE_HEADER`], least request is the
+    /// fallback when the header is absent, and an upstream filter strips the header.
+    OverrideHost,
+    /// fulcrum's native module is the cluster's policy
+    /// (`envoy.load_balancing_policies.dynamic_modules`), configured with `policy`, the
+    /// service's policy as JSON: Envoy asks the module for the host, so there is no header to
+    /// honour or strip.
+    Native {
+        /// The service's [`fulcrum_core::ServicePolicy`] as JSON.
+        policy: &'a str,
+    },
+}
+
+/// The `Cluster` of service `name`: EDS over ADS, balanced per `balancing`, and `protocol`
+/// to the endpoints (HTTP/2 with prior knowledge for gRPC, else HTTP/1.1).
+pub fn cluster(
+    name: &str,
+    options: &ClusterOptions,
+    protocol: UpstreamProtocol,
+    balancing: Balancing<'_>,
+) -> Cluster {
     let protocol_config = match protocol {
         UpstreamProtocol::Http1 => {
             ProtocolConfig::HttpProtocolOptions(Http1ProtocolOptions::default())
@@ -146,28 +152,43 @@ pub fn cluster(name: &str, options: &ClusterOptions, protocol: UpstreamProtocol)
             ProtocolConfig::Http2ProtocolOptions(Http2ProtocolOptions::default())
         }
     };
+    let (policy, http_filters, override_host_status) = match balancing {
+        Balancing::OverrideHost => (
+            typed_extension(
+                "envoy.load_balancing_policies.override_host",
+                pack_any(override_host()),
+            ),
+            strip_override_header_filters(),
+            // Draining endpoints stay reachable through the override header, so sticky
+            // sessions finish on them; new picks skip them in the filter.
+            Some(HealthStatusSet {
+                statuses: [
+                    HealthStatus::Unknown,
+                    HealthStatus::Healthy,
+                    HealthStatus::Degraded,
+                    HealthStatus::Draining,
+                ]
+                .into_iter()
+                .map(|status| status as i32)
+                .collect(),
+            }),
+        ),
+        Balancing::Native { policy } => (
+            typed_extension(
+                "envoy.load_balancing_policies.dynamic_modules",
+                pack_any(native_policy(policy)),
+            ),
+            Vec::new(),
+            None,
+        ),
+    };
     let protocol_options = HttpProtocolOptions {
         upstream_protocol_options: Some(UpstreamProtocolOptions::ExplicitHttpConfig(
             ExplicitHttpConfig {
                 protocol_config: Some(protocol_config),
             },
         )),
-        http_filters: vec![
-            HttpFilter {
-                name: "envoy.filters.http.header_mutation".to_owned(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                    strip_override_header,
-                ))),
-                ..Default::default()
-            },
-            HttpFilter {
-                name: "envoy.filters.http.upstream_codec".to_owned(),
-                config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                    UpstreamCodec::default(),
-                ))),
-                ..Default::default()
-            },
-        ],
+        http_filters,
         ..Default::default()
     };
     Cluster {
@@ -186,27 +207,12 @@ pub fn cluster(name: &str, options: &ClusterOptions, protocol: UpstreamProtocol)
         connect_timeout: Some(duration(options.connect_timeout)),
         load_balancing_policy: Some(LoadBalancingPolicy {
             policies: vec![Policy {
-                typed_extension_config: Some(typed_extension(
-                    "envoy.load_balancing_policies.override_host",
-                    pack_any(override_host),
-                )),
+                typed_extension_config: Some(policy),
             }],
         }),
         common_lb_config: Some(CommonLbConfig {
             update_merge_window: Some(duration(options.update_merge_window)),
-            // Draining endpoints stay reachable through the override header, so sticky
-            // sessions finish on them; new picks skip them in the filter.
-            override_host_status: Some(HealthStatusSet {
-                statuses: [
-                    HealthStatus::Unknown,
-                    HealthStatus::Healthy,
-                    HealthStatus::Degraded,
-                    HealthStatus::Draining,
-                ]
-                .into_iter()
-                .map(|status| status as i32)
-                .collect(),
-            }),
+            override_host_status,
             ..Default::default()
         }),
         typed_extension_protocol_options: HashMap::from([(
@@ -215,6 +221,71 @@ pub fn cluster(name: &str, options: &ClusterOptions, protocol: UpstreamProtocol)
         )]),
         circuit_breakers: retry_budget(options),
         ..Default::default()
+    }
+}
+
+/// `override_host` on [`OVERRIDE_HEADER`], least request when the header is absent.
+fn override_host() -> OverrideHost {
+    OverrideHost {
+        override_host_sources: vec![OverrideHostSource {
+            header: OVERRIDE_HEADER.to_owned(),
+            ..Default::default()
+        }],
+        fallback_policy: Some(LoadBalancingPolicy {
+            policies: vec![Policy {
+                typed_extension_config: Some(typed_extension(
+                    "envoy.load_balancing_policies.least_request",
+                    pack_any(LeastRequest::default()),
+                )),
+            }],
+        }),
+        ..Default::default()
+    }
+}
+
+/// The upstream filter chain that removes [`OVERRIDE_HEADER`] after host selection, so the
+/// upstream never sees it. (A route-level `request_headers_to_remove` would run before load
+/// balancing and disable the override.)
+fn strip_override_header_filters() -> Vec<HttpFilter> {
+    let strip_override_header = HeaderMutation {
+        mutations: Some(Mutations {
+            request_mutations: vec![HeaderMutationRule {
+                action: Some(Action::Remove(OVERRIDE_HEADER.to_owned())),
+            }],
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    vec![
+        HttpFilter {
+            name: "envoy.filters.http.header_mutation".to_owned(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                strip_override_header,
+            ))),
+            ..Default::default()
+        },
+        HttpFilter {
+            name: "envoy.filters.http.upstream_codec".to_owned(),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
+                UpstreamCodec::default(),
+            ))),
+            ..Default::default()
+        },
+    ]
+}
+
+/// fulcrum's native module ([`NATIVE_MODULE`]) as the load-balancing policy, configured with
+/// `policy` (the service's policy JSON), which Envoy hands the module as it is.
+fn native_policy(policy: &str) -> DynamicModulesLoadBalancerConfig {
+    DynamicModulesLoadBalancerConfig {
+        dynamic_module_config: Some(DynamicModuleConfig {
+            name: NATIVE_MODULE.to_owned(),
+            ..Default::default()
+        }),
+        lb_policy_name: NATIVE_LB_POLICY.to_owned(),
+        lb_policy_config: Some(pack_any(StringValue {
+            value: policy.to_owned(),
+        })),
     }
 }
 

@@ -3,7 +3,8 @@
 //! `on_http_request_headers` removes any client-sent override header (clients must not steer
 //! traffic), finds the service, asks the core for a pick and writes `IP:port[,IP:port…]` into
 //! the override header (the rest are retry targets, which Envoy's `override_host` policy hands
-//! to retries in order). A rejection becomes a local 429/503 or, when the policy says
+//! to retries in order). A service whose policy says `data_plane: native` is left to its
+//! cluster's policy, fulcrum's native module: no header, nothing counted. A rejection becomes a local 429/503 or, when the policy says
 //! `fail_open`, no header at all so Envoy's fallback policy picks. On the response path the
 //! outcome (status, Envoy's response flags, the upstream that really served, latency to the
 //! first response byte) goes back to the core, charged to the endpoint that earned it: a
@@ -101,7 +102,7 @@ use std::{
 };
 
 use fulcrum_core::{
-    Outcome, Rejection, RequestAttributes, RequestNeeds, RetryTargets, Served,
+    DataPlane, Outcome, Rejection, RequestAttributes, RequestNeeds, RetryTargets, Served,
     service::grpc_http_status,
 };
 use proxy_wasm::{
@@ -252,6 +253,11 @@ impl Request {
         else {
             return Action::Continue;
         };
+        if service.picker.policy().data_plane == DataPlane::Native {
+            // The cluster's own policy, fulcrum's native module, picks: nothing to steer
+            // and nothing failed, so nothing is counted (the module has its own stats).
+            return Action::Continue;
+        }
         let now = now();
         if service.picker.knows_of_failures() {
             // An endpoint is failing: another worker may have ejected it since this one last

@@ -17,6 +17,20 @@
 /// clusters the control plane, the demo and the Istio manifests configure.
 pub const OVERRIDE_HEADER: &str = "x-fulcrum-endpoint";
 
+/// The native data plane's dynamic module: Envoy loads `lib<NATIVE_MODULE>.so` from the
+/// directory in `ENVOY_DYNAMIC_MODULES_SEARCH_PATH`. With [`NATIVE_LB_POLICY`] and
+/// [`NATIVE_OUTCOME_FILTER`], the contract between the module and the clusters and filter
+/// chains the control plane, the demo and the Istio manifests configure.
+pub const NATIVE_MODULE: &str = "fulcrum_native";
+
+/// The load-balancing policy's name inside [`NATIVE_MODULE`] (`lb_policy_name` of a cluster's
+/// `DynamicModulesLoadBalancerConfig`); its configuration is the service's policy as JSON.
+pub const NATIVE_LB_POLICY: &str = "fulcrum";
+
+/// The HTTP filter's name inside [`NATIVE_MODULE`] (`filter_name` of a `DynamicModuleFilter`):
+/// it reports each response's outcome to the load-balancing policy that picked.
+pub const NATIVE_OUTCOME_FILTER: &str = "fulcrum_outcomes";
+
 pub mod breaker;
 pub mod diagnostics;
 pub mod distribution;
@@ -50,6 +64,6 @@ pub use service::{
 
 pub use breaker::BreakerState;
 pub use endpoint::{Endpoint, Health, ServiceEndpoints, Snapshot, UpstreamProtocol};
-pub use policy::{LoadBalancer, OnNoEndpoint, Policy, ServicePolicy};
+pub use policy::{DataPlane, LoadBalancer, OnNoEndpoint, Policy, ServicePolicy};
 pub use select::sticky::SessionKeys;
 pub use validate::{PolicyError, ValidationError, ValidationErrors};

@@ -91,6 +91,12 @@ pub struct ServicePolicy {
     /// this field. Default: none.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// Where this policy runs: the proxy-wasm filter (`wasm`, default) or the native Envoy
+    /// load-balancing module (`native`), which the control plane then configures as the
+    /// service's cluster policy; the wasm filter leaves a `native` service alone. Left out
+    /// of the JSON when `wasm`, so filters of releases without the field accept the policy.
+    #[serde(skip_serializing_if = "DataPlane::is_wasm")]
+    pub data_plane: DataPlane,
 }
 
 impl ServicePolicy {
@@ -111,6 +117,7 @@ impl ServicePolicy {
             retry,
             slow_start,
             health_check: _,
+            data_plane,
         } = self;
         *load_balancer == other.load_balancer
             && *endpoint_selector == other.endpoint_selector
@@ -121,6 +128,7 @@ impl ServicePolicy {
             && *rate_limit == other.rate_limit
             && *retry == other.retry
             && *slow_start == other.slow_start
+            && *data_plane == other.data_plane
     }
 }
 
@@ -760,6 +768,28 @@ impl Default for FailureKinds {
             reset: true,
             timeout: true,
         }
+    }
+}
+
+/// Which data plane applies a service's policy. Both run the same core with the same policy;
+/// they differ in how Envoy reaches it (docs/native.md says when to choose which).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "schema", derive(schemars::JsonSchema))]
+#[serde(rename_all = "snake_case")]
+pub enum DataPlane {
+    /// The proxy-wasm filter picks and steers through the override header; the cluster
+    /// balances with `override_host`.
+    #[default]
+    Wasm,
+    /// The cluster's load-balancing policy is fulcrum's native Envoy module
+    /// (`envoy.load_balancing_policies.dynamic_modules`), which picks the host itself.
+    Native,
+}
+
+impl DataPlane {
+    /// Whether this is the default, the wasm filter.
+    pub fn is_wasm(&self) -> bool {
+        *self == Self::Wasm
     }
 }
 

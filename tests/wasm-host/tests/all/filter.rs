@@ -342,6 +342,43 @@ fn only_listed_services_get_a_pick_and_the_rest_pass_with_no_header() -> anyhow:
     Ok(())
 }
 
+#[test]
+fn a_service_on_the_native_data_plane_passes_with_no_header_and_no_fail_open() -> anyhow::Result<()>
+{
+    let plugin = filter()
+        .configure(
+            r#"{"endpoints": {"checkout": [{"address": "10.0.0.1:8080"}],
+                              "payments": [{"address": "10.0.0.2:8080"}]},
+                "policy": {"default": {},
+                           "services": {"payments": {"data_plane": "native"}}}}"#,
+        )
+        .start()?;
+    for (service, expected) in [("checkout", Some("10.0.0.1:8080")), ("payments", None)] {
+        let mut request = plugin
+            .worker(0)
+            .request()
+            .header(":authority", service)
+            .header(OVERRIDE_HEADER, "10.0.0.9:1")
+            .send_headers()?;
+        assert_eq!(
+            request.request_header(OVERRIDE_HEADER).as_deref(),
+            expected,
+            "{service}"
+        );
+        request.respond(200).upstream("10.0.0.2:8080").finish()?;
+    }
+    for reason in ["unknown_service", "no_endpoints", "not_listed", "internal"] {
+        assert_eq!(
+            plugin.metric(&format!("fulcrum_fail_open_total.reason.{reason}"))?,
+            0,
+            "{reason}"
+        );
+    }
+    // A client's header is stripped whatever the data plane.
+    assert_eq!(plugin.metric("fulcrum_override_header_stripped_total")?, 2);
+    Ok(())
+}
+
 /// A plugin balancing checkout (10.0.0.1:8080) and payments (10.0.0.2:8080), with the
 /// configuration's other fields in `fields` (JSON members and a trailing comma, or nothing).
 fn checkout_and_payments(fields: &str) -> anyhow::Result<Plugin> {
