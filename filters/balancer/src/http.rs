@@ -102,7 +102,7 @@ use std::{
 };
 
 use fulcrum_core::{
-    DataPlane, Outcome, Rejection, RequestAttributes, RequestNeeds, RetryTargets, Served,
+    Outcome, Rejection, RequestAttributes, RequestNeeds, RetryTargets, Served,
     service::grpc_http_status,
 };
 use proxy_wasm::{
@@ -237,13 +237,19 @@ impl Request {
         let Some(name) = self.service_name().filter(|name| !name.is_empty()) else {
             return self.fail_open(FailOpen::NoService);
         };
-        if let Some(refused) = self.refuse_service(&name) {
-            return self.fail_open(refused);
-        }
         let worker_cell = self.worker.clone();
         let Ok(mut worker) = worker_cell.try_borrow_mut() else {
             return self.fail_open(FailOpen::Internal);
         };
+        if worker.is_native(&name) {
+            // The cluster's own policy, fulcrum's native module, picks: nothing to steer and
+            // nothing failed, so nothing is counted (the module has its own stats), whether
+            // or not the service is in `only_services`.
+            return Action::Continue;
+        }
+        if let Some(refused) = self.refuse_service(&name) {
+            return self.fail_open(refused);
+        }
         let Some(Routed {
             key,
             service,
@@ -253,11 +259,6 @@ impl Request {
         else {
             return Action::Continue;
         };
-        if service.picker.policy().data_plane == DataPlane::Native {
-            // The cluster's own policy, fulcrum's native module, picks: nothing to steer
-            // and nothing failed, so nothing is counted (the module has its own stats).
-            return Action::Continue;
-        }
         let now = now();
         if service.picker.knows_of_failures() {
             // An endpoint is failing: another worker may have ejected it since this one last

@@ -17,7 +17,7 @@
 use std::{net::SocketAddr, rc::Rc, time::Duration};
 
 use fulcrum_core::{
-    BreakerState, Endpoint, Outcome, Policy, Served, ServiceEndpoints, ServicePicker,
+    BreakerState, DataPlane, Endpoint, Outcome, Policy, Served, ServiceEndpoints, ServicePicker,
     ServicePolicy, SessionKeys, Snapshot, Transition, Transitions,
     breaker::{Consecutive, Verdict},
     diagnostics::EndpointDiagnostics,
@@ -342,6 +342,12 @@ impl Worker {
     /// ([`ServicePicker::diagnose`]); `None` when the snapshot in force lacks the service.
     pub fn diagnose(&mut self, service: &str, now: Duration) -> Option<Vec<EndpointDiagnostics>> {
         Some(self.services.get_mut(service)?.picker.diagnose(now))
+    }
+
+    /// Whether the policy in force puts `service` on the native data plane: its cluster's own
+    /// policy, fulcrum's native module, picks, so the filter leaves it alone.
+    pub fn is_native(&self, service: &str) -> bool {
+        self.services.policy().for_service(service).data_plane == DataPlane::Native
     }
 
     /// The state of a service the request context already holds the key of.

@@ -108,8 +108,8 @@ fn envoy_filters_match_the_envoyfilter_crd() -> Result<()> {
         .collect();
     assert_eq!(
         filters.len(),
-        3,
-        "control plane cluster, override_host, stats tags"
+        5,
+        "control plane cluster, override_host, stats tags, native LB, native outcomes"
     );
     for filter in &filters {
         validate(&schema, filter)?;

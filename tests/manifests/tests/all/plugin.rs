@@ -4,7 +4,9 @@
 
 use anyhow::{Context, Result};
 use fulcrum_balancer::config::FilterConfig;
-use fulcrum_core::Policy;
+use fulcrum_core::{
+    DataPlane, NATIVE_LB_POLICY, NATIVE_MODULE, NATIVE_OUTCOME_FILTER, Policy, ServicePolicy,
+};
 use serde_json::Value;
 
 use crate::test_support::{SAMPLE_DIGEST, istio_objects, rendered_template};
@@ -140,5 +142,92 @@ fn override_host_reads_and_strips_the_header_the_filter_writes() -> Result<()> {
             "envoy.filters.http.upstream_codec"
         );
     }
+    Ok(())
+}
+
+/// The native data plane's patches (istio/native): the cluster's policy is the module's,
+/// configured with exactly the ConfigMap's entry for that service, and the outcome filter
+/// names the same module; both reach only the workloads that carry it.
+#[test]
+fn native_patches_carry_the_configmaps_policy_to_the_module_of_labelled_workloads() -> Result<()> {
+    let rendered = crate::kustomize::render("istio/native")?;
+    assert_eq!(rendered.len(), 2, "the LB patch and the outcome filter");
+    let lb = object(
+        "networking.istio.io/v1alpha3/EnvoyFilter",
+        "fulcrum-native-lb",
+    )?;
+    let outcomes = object(
+        "networking.istio.io/v1alpha3/EnvoyFilter",
+        "fulcrum-native-outcomes",
+    )?;
+    assert_eq!(
+        lb["spec"]["workloadSelector"],
+        outcomes["spec"]["workloadSelector"]
+    );
+    assert_eq!(
+        lb["spec"]["workloadSelector"]["labels"]["fulcrum.io/native"],
+        "true"
+    );
+
+    let configmap = object("v1/ConfigMap", "fulcrum-policy")?;
+    let policy = Policy::from_yaml(
+        configmap["data"]["policy.yaml"]
+            .as_str()
+            .context("data.policy.yaml")?,
+    )?;
+    let patches = lb["spec"]["configPatches"]
+        .as_array()
+        .context("configPatches")?;
+    assert!(!patches.is_empty());
+    for patch in patches {
+        let cluster = &patch["match"]["cluster"];
+        let name = format!(
+            "outbound|{}||{}",
+            cluster["portNumber"],
+            cluster["service"]
+                .as_str()
+                .context("match.cluster.service")?
+        );
+        let module = &patch["patch"]["value"]["load_balancing_policy"]["policies"][0]["typed_extension_config"];
+        assert_eq!(
+            module["name"],
+            "envoy.load_balancing_policies.dynamic_modules"
+        );
+        let config = &module["typed_config"];
+        assert_eq!(config["dynamic_module_config"]["name"], NATIVE_MODULE);
+        assert_eq!(config["lb_policy_name"], NATIVE_LB_POLICY);
+        assert_eq!(
+            config["lb_policy_config"]["@type"],
+            "type.googleapis.com/google.protobuf.StringValue"
+        );
+        let json = config["lb_policy_config"]["value"]
+            .as_str()
+            .context("lb_policy_config.value")?;
+        let in_patch: ServicePolicy = serde_json::from_str(json)
+            .with_context(|| format!("{name}: the patch's policy JSON"))?;
+        let in_configmap = policy
+            .services
+            .get(&name)
+            .with_context(|| format!("{name} is not in the fulcrum-policy ConfigMap"))?;
+        assert_eq!(&in_patch, in_configmap, "{name}");
+        assert_eq!(in_patch.data_plane, DataPlane::Native, "{name}");
+    }
+    // Every native service of the ConfigMap is patched.
+    let native = policy
+        .services
+        .iter()
+        .filter(|(_, service)| service.data_plane == DataPlane::Native)
+        .count();
+    assert_eq!(native, patches.len());
+
+    let filter = &outcomes["spec"]["configPatches"][0]["patch"];
+    assert_eq!(filter["operation"], "INSERT_BEFORE");
+    let config = &filter["value"]["typed_config"];
+    assert_eq!(
+        config["@type"],
+        "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter"
+    );
+    assert_eq!(config["dynamic_module_config"]["name"], NATIVE_MODULE);
+    assert_eq!(config["filter_name"], NATIVE_OUTCOME_FILTER);
     Ok(())
 }
