@@ -6,6 +6,8 @@
 //! counts. The tests with two workers check what must hold across workers (the per-proxy rate
 //! limit, outcome attribution) and that both workers served.
 
+pub mod native;
+
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -394,7 +396,7 @@ impl Proxy {
 
 impl Client {
     /// A client of `listener` keeping at most `idle_connections` idle connections.
-    fn new(listener: SocketAddr, idle_connections: usize) -> Self {
+    pub(crate) fn new(listener: SocketAddr, idle_connections: usize) -> Self {
         // Title-Case header names on the wire, as some clients send them.
         let client = reqwest::Client::builder()
             .http1_title_case_headers()
