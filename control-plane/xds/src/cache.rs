@@ -272,6 +272,7 @@ mod tests {
             },
         },
     };
+    use envoy_types::pb::google::protobuf::value::Kind;
     use fulcrum_core::{Endpoint, Health, UpstreamProtocol};
     use prost::Message;
 
@@ -491,6 +492,8 @@ mod tests {
         draining.weight = 3;
         draining.zone = Some("zone-b".to_owned());
         draining.tags.insert("canary".to_owned());
+        draining.tags.insert("gpu".to_owned());
+        draining.capabilities.insert("llm.chat".to_owned());
         draining
             .metadata
             .insert("version".to_owned(), "v2".to_owned());
@@ -533,5 +536,13 @@ mod tests {
             .filter_metadata["fulcrum"];
         assert!(fulcrum.fields.contains_key("tags"));
         assert!(fulcrum.fields.contains_key("metadata"));
+        // The scalar form the native module reads through Envoy's load-balancer ABI.
+        let string = |key: &str| match fulcrum.fields.get(key).and_then(|v| v.kind.as_ref()) {
+            Some(Kind::StringValue(value)) => Some(value.as_str()),
+            _ => None,
+        };
+        assert_eq!(string("tags_csv"), Some("canary,gpu"));
+        assert_eq!(string("capabilities_csv"), Some("llm.chat"));
+        assert_eq!(string("metadata.version"), Some("v2"));
     }
 }

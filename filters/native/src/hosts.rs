@@ -12,9 +12,10 @@
 //! Health: a host in its priority's healthy list is `healthy`, any other `unhealthy` (Envoy
 //! only lets the policy return healthy hosts; degraded ones are not offered). Zone and region
 //! come from the host's locality. Tags, capabilities and metadata come from the endpoint's
-//! `filter_metadata["fulcrum"]`, which the LB ABI reads only as scalars: `tags_csv` and
-//! `capabilities_csv` (comma-joined strings), and `metadata.<key>` (one string per key) for
-//! each metadata key the policy's `endpoint_selector` matches on.
+//! `filter_metadata["fulcrum"]`, which the LB ABI reads only as scalars: the control plane's
+//! scalar form ([`fulcrum_core::endpoint::scalar_metadata`]): `tags_csv` and
+//! `capabilities_csv` (comma-joined strings), and `metadata.<key>` (one string per key), read
+//! for each metadata key the policy's `endpoint_selector` matches on.
 
 use std::{collections::HashMap, net::SocketAddr};
 
@@ -22,12 +23,9 @@ use fulcrum_core::{Endpoint, Health, ServicePolicy, endpoint::REGION_KEY};
 
 /// The `filter_metadata` namespace of an endpoint's fulcrum attributes.
 pub const METADATA_NAMESPACE: &str = "fulcrum";
-/// The key of an endpoint's comma-joined tags.
-pub const TAGS_KEY: &str = "tags_csv";
-/// The key of an endpoint's comma-joined capabilities.
-pub const CAPABILITIES_KEY: &str = "capabilities_csv";
-/// The prefix of the keys of an endpoint's metadata entries (`metadata.<key>`).
-pub const METADATA_KEY_PREFIX: &str = "metadata.";
+use fulcrum_core::endpoint::scalar_metadata::{
+    CAPABILITIES as CAPABILITIES_KEY, METADATA_PREFIX as METADATA_KEY_PREFIX, TAGS as TAGS_KEY,
+};
 
 /// Most hosts read from one cluster: a larger set is cut (and counted by the caller through
 /// the index's `truncated` flag) so one pathological cluster cannot exhaust memory.

@@ -9,6 +9,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use fulcrum_core::endpoint::scalar_metadata::TAGS;
 use fulcrum_test_support::{Envoy, EnvoyOptions, envoy::INGRESS_LISTENER};
 use serde_json::{Value, json};
 
@@ -47,12 +48,19 @@ pub struct Upstream {
     pub address: SocketAddr,
     /// Its load-balancing weight.
     pub weight: u32,
+    /// Its tags, published as the control plane does for the native module
+    /// (`filter_metadata.fulcrum.tags_csv`).
+    pub tags: Vec<&'static str>,
 }
 
 impl Upstream {
-    /// An upstream of weight 1.
+    /// An upstream of weight 1 without tags.
     pub fn at(address: SocketAddr) -> Self {
-        Self { address, weight: 1 }
+        Self {
+            address,
+            weight: 1,
+            tags: Vec::new(),
+        }
     }
 }
 
@@ -91,13 +99,19 @@ pub fn cluster(upstreams: &[Upstream], policy: &Value) -> Value {
     let endpoints: Vec<Value> = upstreams
         .iter()
         .map(|upstream| {
-            json!({
+            let mut endpoint = json!({
                 "endpoint": {"address": {"socket_address": {
                     "address": upstream.address.ip().to_string(),
                     "port_value": upstream.address.port(),
                 }}},
                 "load_balancing_weight": upstream.weight,
-            })
+            });
+            if !upstream.tags.is_empty() {
+                endpoint["metadata"] = json!({"filter_metadata": {"fulcrum": {
+                    TAGS: upstream.tags.join(","),
+                }}});
+            }
+            endpoint
         })
         .collect();
     json!({

@@ -75,8 +75,8 @@ async fn weighted_round_robin_spreads_exactly_by_weight_across_both_workers() {
         .iter()
         .zip([1, 2, 3])
         .map(|(b, weight)| Upstream {
-            address: b.addr,
             weight,
+            ..Upstream::at(b.addr)
         })
         .collect();
     let proxy = NativeProxy::with_upstreams(
@@ -442,4 +442,35 @@ async fn a_cluster_update_with_an_invalid_policy_is_refused_and_the_last_good_on
         [5, 5],
         "{counts:?}"
     );
+}
+
+#[tokio::test]
+async fn the_endpoint_selector_reads_tags_from_the_endpoints_metadata() {
+    let backends = backends(3).await.unwrap();
+    let members: Vec<Upstream> = backends
+        .iter()
+        .enumerate()
+        .map(|(i, b)| Upstream {
+            tags: if i == 0 {
+                vec!["stable"]
+            } else {
+                vec!["canary", "gpu"]
+            },
+            ..Upstream::at(b.addr)
+        })
+        .collect();
+    let proxy = NativeProxy::with_upstreams(
+        &members,
+        json!({"load_balancer": {"type": "round_robin"}, "endpoint_selector": {"tags": ["canary"]}}),
+        None,
+        WORKERS,
+    )
+    .await
+    .unwrap();
+
+    let counts = count_by_backend(&proxy.send(20).await);
+
+    assert_eq!(counts.get("b1"), None, "{counts:?}");
+    assert_eq!(counts.get("b2"), Some(&10), "{counts:?}");
+    assert_eq!(counts.get("b3"), Some(&10), "{counts:?}");
 }
