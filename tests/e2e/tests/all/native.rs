@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use fulcrum_e2e::{
-    Reply, backends, count_by_backend,
+    Reply, backends, connections_per_worker, count_by_backend,
     native::{Clusters, NativeProxy, Retries, Upstream, bootstrap, cds_file, cluster},
 };
 use fulcrum_example_backend::{Backend, Fault};
@@ -473,4 +473,85 @@ async fn the_endpoint_selector_reads_tags_from_the_endpoints_metadata() {
     assert_eq!(counts.get("b1"), None, "{counts:?}");
     assert_eq!(counts.get("b2"), Some(&10), "{counts:?}");
     assert_eq!(counts.get("b3"), Some(&10), "{counts:?}");
+}
+
+#[tokio::test]
+async fn an_ejection_judged_on_one_worker_holds_on_the_other() {
+    let backends = backends(3).await.unwrap();
+    backends[1]
+        .set_fault(Fault {
+            error_rate: 1.0,
+            ..Fault::default()
+        })
+        .unwrap();
+    let proxy = proxy(
+        &backends,
+        json!({
+            "load_balancer": {"type": "round_robin"},
+            "outlier_detection": {"consecutive_failures": 3, "base_ejection_time": "30s", "max_ejection_percent": 50}
+        }),
+        None,
+    )
+    .await;
+
+    // A connection per request: the kernel spreads them over both workers.
+    let mut replies = Vec::new();
+    for _ in 0..40 {
+        replies.push(proxy.send_with(&[("connection", "close")]).await);
+    }
+
+    let per_worker = connections_per_worker(&proxy.envoy).await.unwrap();
+    assert!(
+        per_worker.len() == 2 && per_worker.iter().all(|c| *c > 0),
+        "both workers served: {per_worker:?}"
+    );
+    let errors = replies.iter().filter(|r| r.status == Some(503)).count();
+    assert_eq!(
+        errors, 3,
+        "the proxy pays one threshold of failures, whichever worker saw them"
+    );
+}
+
+#[tokio::test]
+async fn a_flapping_endpoint_is_ejected_in_its_failing_phases() {
+    let backends = backends(3).await.unwrap();
+    backends[0]
+        .set_fault(Fault {
+            flap_period_ms: Some(400),
+            ..Fault::default()
+        })
+        .unwrap();
+    let proxy = proxy(
+        &backends,
+        json!({
+            "load_balancer": {"type": "round_robin"},
+            "outlier_detection": {
+                "consecutive_failures": 2,
+                "base_ejection_time": "300ms",
+                "ejection_jitter_percent": 0,
+                "max_ejection_percent": 50
+            }
+        }),
+        None,
+    )
+    .await;
+
+    let mut replies = Vec::new();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(3) && replies.len() < 3000 {
+        replies.push(proxy.send_with(&[]).await);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+
+    let errors = replies.iter().filter(|r| r.status == Some(503)).count();
+    let flapper = backends[0].stats();
+    assert!(
+        flapper.requests > flapper.errors,
+        "the flapper serves in its healthy phases: {flapper:?}"
+    );
+    assert!(
+        errors * 10 < replies.len(),
+        "ejections keep failures under 10% of {} requests: {errors} errors",
+        replies.len()
+    );
 }
