@@ -24,8 +24,9 @@
 //!
 //! # Panics
 //!
-//! Every exported hook runs its body inside [`std::panic::catch_unwind`]: nothing unwinds
-//! into Envoy. A hook that panics (or finds its state missing) fails open: `choose_host`
+//! Every exported hook that does work runs its body through `crate::guard` (inside
+//! [`std::panic::catch_unwind`]): nothing unwinds into Envoy. The no-op hooks only return a
+//! constant. A hook that panics (or finds its state missing) fails open: `choose_host`
 //! answers a healthy host by rotation and counts a fail-open, filter hooks continue the
 //! stream unchanged.
 
@@ -37,7 +38,6 @@ use std::{
     ffi::{c_char, c_void},
     hash::{BuildHasher, Hasher},
     net::{IpAddr, SocketAddr},
-    panic::{AssertUnwindSafe, catch_unwind},
     sync::{
         Arc,
         atomic::{AtomicBool, Ordering},
@@ -47,6 +47,7 @@ use std::{
 use crate::{
     balancer::{Cluster, Counters, Event, RequestContext, STREAM_HEADER, Streams, WorkerLb},
     config::parse_policy,
+    guard,
     hosts::{HostSet, METADATA_NAMESPACE},
     now,
     outcomes::{OutcomeFilter, ResponseHead},
@@ -231,13 +232,16 @@ fn log(level: u32, message: &str) {
     unsafe { envoy_dynamic_module_callback_log(level, ModuleBuffer::of(message)) }
 }
 
-/// Runs a hook's body, turning a panic into `fallback()` and a log line.
-fn guarded<R>(hook: &str, body: impl FnOnce() -> R, fallback: impl FnOnce() -> R) -> R {
-    catch_unwind(AssertUnwindSafe(body)).unwrap_or_else(|_| {
-        // Logging cannot unwind: the message is ours and Envoy's log call does not throw.
-        let _ = catch_unwind(|| log(LOG_ERROR, &format!("fulcrum_native: {hook} panicked")));
-        fallback()
-    })
+/// Runs a hook's body through [`guard::guarded`], answering `fallback` on a panic, which is
+/// reported in Envoy's log.
+fn guarded<R: Copy>(hook: &str, body: impl FnOnce() -> R, fallback: R) -> R {
+    guard::guarded(
+        hook,
+        body,
+        || fallback,
+        fallback,
+        |message| log(LOG_ERROR, message),
+    )
 }
 
 // ------------------------------------------------------------------------------------------
@@ -381,7 +385,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_lb_config_new(
             let cluster = Arc::new(Cluster::new(policy, seed, Box::new(Arc::clone(&counters))));
             Box::into_raw(Box::new(LbConfig { cluster, counters })) as *const c_void
         },
-        std::ptr::null,
+        std::ptr::null(),
     )
 }
 
@@ -394,10 +398,16 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_lb_config_destroy(config_module
     if config_module.is_null() {
         return;
     }
-    // SAFETY: made by `Box::into_raw` in `on_lb_config_new`; Envoy destroys it once.
-    let config = unsafe { Box::from_raw(config_module as *mut LbConfig) };
-    config.counters.alive.store(false, Ordering::Release);
-    drop(config);
+    guarded(
+        "on_lb_config_destroy",
+        || {
+            // SAFETY: made by `Box::into_raw` in `on_lb_config_new`; Envoy destroys it once.
+            let config = unsafe { Box::from_raw(config_module as *mut LbConfig) };
+            config.counters.alive.store(false, Ordering::Release);
+            drop(config);
+        },
+        (),
+    );
 }
 
 /// The LB ABI's view of one worker's priority set.
@@ -572,7 +582,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_lb_new(
             );
             Box::into_raw(Box::new(worker)).cast::<c_void>()
         },
-        std::ptr::null_mut,
+        std::ptr::null_mut(),
     )
 }
 
@@ -592,7 +602,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_lb_choose_host(
     if result_priority.is_null() || result_index.is_null() {
         return false;
     }
-    let chosen = guarded(
+    let chosen = guard::guarded(
         "on_lb_choose_host",
         || {
             if lb_module.is_null() {
@@ -609,12 +619,19 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_lb_choose_host(
             })
         },
         || {
-            // A panic: the first healthy host, if any.
+            // A panic: the first healthy host, if any, counted as a fail-open.
+            if !lb_module.is_null() {
+                // SAFETY: made by `on_lb_new`; only its shared, lock-free counters are used.
+                let worker = unsafe { &*lb_module.cast::<WorkerLb>() };
+                worker.cluster().count(Event::FailOpen);
+            }
             let hosts = EnvoyHosts { lb };
             (0..hosts.priorities())
                 .find(|p| hosts.healthy_hosts(*p) > 0)
                 .map(|p| (p, 0))
         },
+        None,
+        |message| log(LOG_ERROR, message),
     );
     let Some((priority, index)) = chosen else {
         return false;
@@ -651,7 +668,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_lb_on_host_membership_update(
             let worker = unsafe { &mut *lb_module.cast::<WorkerLb>() };
             worker.reread(&EnvoyHosts { lb });
         },
-        || (),
+        (),
     );
 }
 
@@ -664,8 +681,12 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_lb_destroy(lb_module: *mut c_vo
     if lb_module.is_null() {
         return;
     }
-    // SAFETY: made by `Box::into_raw` in `on_lb_new`; Envoy destroys it once.
-    drop(unsafe { Box::from_raw(lb_module.cast::<WorkerLb>()) });
+    guarded(
+        "on_lb_destroy",
+        // SAFETY: made by `Box::into_raw` in `on_lb_new`; Envoy destroys it once.
+        || drop(unsafe { Box::from_raw(lb_module.cast::<WorkerLb>()) }),
+        (),
+    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -699,7 +720,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
                 std::ptr::null()
             }
         },
-        std::ptr::null,
+        std::ptr::null(),
     )
 }
 
@@ -716,7 +737,7 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     guarded(
         "on_http_filter_new",
         || Box::into_raw(Box::new(OutcomeFilter::default())).cast::<c_void>(),
-        std::ptr::null_mut,
+        std::ptr::null_mut(),
     )
 }
 
@@ -809,7 +830,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             }
             CONTINUE
         },
-        || CONTINUE,
+        CONTINUE,
     )
 }
 
@@ -882,7 +903,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
             }
             CONTINUE
         },
-        || CONTINUE,
+        CONTINUE,
     )
 }
 
@@ -911,7 +932,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
             });
             CONTINUE
         },
-        || CONTINUE,
+        CONTINUE,
     )
 }
 
@@ -932,7 +953,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
                 end_stream(state);
             }
         },
-        || (),
+        (),
     );
 }
 
@@ -960,7 +981,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_modu
             let mut state = unsafe { Box::from_raw(filter_module.cast::<OutcomeFilter>()) };
             end_stream(&mut state);
         },
-        || (),
+        (),
     );
 }
 

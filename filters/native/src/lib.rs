@@ -15,6 +15,7 @@
 //! - [`balancer`]: the per-cluster shared picker and the per-worker LB (`choose_host`);
 //! - [`outcomes`]: the `fulcrum_outcomes` HTTP filter's logic (one stream per request, its
 //!   outcome charged to the pick);
+//! - `guard`: every hook's body behind `catch_unwind`, failing open on a panic;
 //! - `ffi`: the only module with `unsafe`: the ABI subset used (declared by hand from Envoy
 //!   1.40's `abi.h`), the exported event hooks, each behind `catch_unwind`. It is left out of
 //!   test builds: its callbacks are symbols of the Envoy binary.
@@ -30,6 +31,7 @@ pub mod config;
 mod ffi;
 #[cfg(test)]
 mod golden;
+mod guard;
 pub mod hosts;
 pub mod outcomes;
 
