@@ -197,7 +197,126 @@ fn parse_grpc_status(value: &str) -> Option<u64> {
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
+    use crate::{
+        balancer::{Cluster, Counters, Event, RequestContext, WorkerLb},
+        config::parse_policy,
+        hosts::test_hosts::{TestHost, TestHosts},
+    };
+
+    #[derive(Debug)]
+    struct NoCounters;
+
+    impl Counters for NoCounters {
+        fn count(&self, _event: Event) {}
+    }
+
+    struct Request(u64);
+
+    impl RequestContext for Request {
+        fn header(&self, name: &str) -> Option<String> {
+            (name == STREAM_HEADER).then(|| self.0.to_string())
+        }
+        fn refuses(&self, _priority: u32, _index: usize) -> bool {
+            false
+        }
+    }
+
+    /// A worker over one host, and a stream picked on it: the filter, the streams and the
+    /// cluster, to see what a response does to the host's breaker.
+    fn picked_stream() -> (OutcomeFilter, Streams, Arc<Cluster>) {
+        let hosts = TestHosts::one_priority(vec![TestHost::healthy("10.0.0.1:80")]);
+        let policy = parse_policy(br#"{"outlier_detection": {"consecutive_failures": 5}}"#)
+            .expect("a valid policy");
+        let cluster = Arc::new(Cluster::new(policy, 1, Box::new(NoCounters)));
+        let mut worker = WorkerLb::new(Arc::clone(&cluster), &hosts);
+        let mut streams = Streams::default();
+        let mut filter = OutcomeFilter::default();
+        let id = filter
+            .on_request(&mut streams, Duration::ZERO, None)
+            .expect("a stream");
+        worker
+            .choose(&hosts, &Request(id), &mut streams, Duration::ZERO)
+            .expect("the host");
+        (filter, streams, cluster)
+    }
+
+    fn grpc_head(grpc_status: Option<&str>) -> ResponseHead<'_> {
+        ResponseHead {
+            status: Some("200"),
+            content_type: Some("application/grpc"),
+            grpc_status,
+        }
+    }
+
+    fn failing(cluster: &Cluster) -> bool {
+        cluster.with_picker(|picker| picker.knows_of_failures())
+    }
+
+    fn inflight(cluster: &Cluster) -> u32 {
+        cluster.with_picker(|picker| picker.endpoints().map(|view| view.inflight).sum())
+    }
+
+    #[test]
+    fn a_grpc_call_is_judged_by_the_status_in_its_trailers() {
+        let (mut filter, mut streams, cluster) = picked_stream();
+
+        filter.on_response_headers(
+            &mut streams,
+            grpc_head(None),
+            false,
+            Duration::from_millis(2),
+        );
+        assert_eq!(inflight(&cluster), 1, "the status is still to come");
+        filter.on_response_trailers(&mut streams, Some("14"), Duration::from_millis(3));
+
+        assert_eq!(inflight(&cluster), 0);
+        assert!(failing(&cluster), "UNAVAILABLE is a failure");
+    }
+
+    #[test]
+    fn a_successful_grpc_call_counts_no_failure() {
+        let (mut filter, mut streams, cluster) = picked_stream();
+
+        filter.on_response_headers(
+            &mut streams,
+            grpc_head(None),
+            false,
+            Duration::from_millis(2),
+        );
+        filter.on_response_trailers(&mut streams, Some("0"), Duration::from_millis(3));
+        filter.on_stream_end(&mut streams, Duration::from_millis(4));
+
+        assert_eq!(inflight(&cluster), 0);
+        assert!(!failing(&cluster));
+    }
+
+    #[test]
+    fn a_trailers_only_grpc_failure_completes_at_the_headers() {
+        let (mut filter, mut streams, cluster) = picked_stream();
+
+        filter.on_response_headers(
+            &mut streams,
+            grpc_head(Some("14")),
+            true,
+            Duration::from_millis(2),
+        );
+
+        assert_eq!(inflight(&cluster), 0);
+        assert!(failing(&cluster));
+    }
+
+    #[test]
+    fn a_stream_reset_before_its_response_is_a_failure() {
+        let (mut filter, mut streams, cluster) = picked_stream();
+
+        filter.on_stream_end(&mut streams, Duration::from_millis(7));
+
+        assert_eq!(inflight(&cluster), 0);
+        assert!(failing(&cluster));
+    }
 
     #[test]
     fn a_status_must_be_three_digits() {

@@ -123,6 +123,17 @@ pub fn cluster(upstreams: &[Upstream], policy: &Value) -> Value {
     })
 }
 
+/// `cluster` speaking HTTP/2 to its upstreams (gRPC services).
+pub fn over_http2(mut cluster: Value) -> Value {
+    cluster["typed_extension_protocol_options"] = json!({
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}},
+        }
+    });
+    cluster
+}
+
 /// The bootstrap: an `ingress` listener routing everything to `SERVICE` (1 s timeout, the
 /// given retries) through `fulcrum_outcomes` and the router; `clusters` as given (static
 /// resources) or from `cds_path` (a file Envoy watches).

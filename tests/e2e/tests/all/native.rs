@@ -6,9 +6,12 @@ use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use fulcrum_e2e::{
     Reply, backends, connections_per_worker, count_by_backend,
-    native::{Clusters, NativeProxy, Retries, Upstream, bootstrap, cds_file, cluster},
+    native::{Clusters, NativeProxy, Retries, Upstream, bootstrap, cds_file, cluster, over_http2},
 };
-use fulcrum_example_backend::{Backend, Fault};
+use fulcrum_example_backend::{
+    Backend, Fault,
+    grpc::{self, GrpcBackend},
+};
 use fulcrum_test_support::eventually;
 use serde_json::{Value, json};
 
@@ -553,5 +556,51 @@ async fn a_flapping_endpoint_is_ejected_in_its_failing_phases() {
         errors * 10 < replies.len(),
         "ejections keep failures under 10% of {} requests: {errors} errors",
         replies.len()
+    );
+}
+
+#[tokio::test]
+async fn a_grpc_endpoint_failing_unavailable_is_ejected_by_its_grpc_status() {
+    let mut backends = Vec::new();
+    for (index, unavailable_percent) in [0, 0, 100].into_iter().enumerate() {
+        let name = format!("g{}", index + 1);
+        backends.push(
+            GrpcBackend::start(&name, unavailable_percent)
+                .await
+                .unwrap(),
+        );
+    }
+    let members: Vec<Upstream> = backends.iter().map(|b| Upstream::at(b.addr)).collect();
+    let policy = json!({
+        "load_balancer": {"type": "round_robin"},
+        "outlier_detection": {"consecutive_failures": 3, "base_ejection_time": "30s", "max_ejection_percent": 50}
+    });
+    let clusters = [over_http2(cluster(&members, &policy))];
+    let proxy = NativeProxy::start(&bootstrap(Clusters::Static(&clusters), None), WORKERS)
+        .await
+        .unwrap();
+    let listener = proxy.envoy.ingress_address().await.unwrap();
+    let mut client = grpc::client(listener).await.unwrap();
+
+    let mut codes = Vec::new();
+    for _ in 0..30 {
+        codes.push(grpc::check(&mut client).await);
+    }
+
+    let unavailable = codes
+        .iter()
+        .filter(|(_, code)| *code == tonic::Code::Unavailable)
+        .count();
+    assert_eq!(
+        unavailable, 3,
+        "three UNAVAILABLE calls (503 by their grpc-status) eject the endpoint: {codes:?}"
+    );
+    assert_eq!(backends[2].calls(), 3);
+    assert!(
+        codes
+            .iter()
+            .filter(|(_, code)| *code != tonic::Code::Unavailable)
+            .all(|(_, code)| *code == tonic::Code::Ok),
+        "{codes:?}"
     );
 }
