@@ -116,7 +116,8 @@ impl ModuleBuffer {
 const REQUEST_HEADER: u32 = 0;
 const RESPONSE_HEADER: u32 = 2;
 const RESPONSE_TRAILER: u32 = 3;
-/// `envoy_dynamic_module_type_attribute_id_SourceAddress` (`source.address`).
+/// `envoy_dynamic_module_type_attribute_id_SourceAddress` (`source.address`); checked by the
+/// e2e test hashing on the source IP (a wrong id reads no address, and the key is random).
 const ATTRIBUTE_SOURCE_ADDRESS: u32 = 24;
 /// `envoy_dynamic_module_type_log_level`.
 const LOG_INFO: u32 = 2;

@@ -604,3 +604,28 @@ async fn a_grpc_endpoint_failing_unavailable_is_ejected_by_its_grpc_status() {
         "{codes:?}"
     );
 }
+
+#[tokio::test]
+async fn hashing_on_the_source_ip_keeps_one_client_on_one_endpoint() {
+    let backends = backends(4).await.unwrap();
+    let proxy = proxy(
+        &backends,
+        json!({"load_balancer": {"type": "ring_hash", "hash_on": "source_ip"}}),
+        None,
+    )
+    .await;
+
+    // New connections (new source ports, both workers), one source IP: one endpoint.
+    let mut replies = Vec::new();
+    for _ in 0..20 {
+        replies.push(proxy.send_with(&[("connection", "close")]).await);
+    }
+
+    let counts = count_by_backend(&replies);
+    assert_eq!(
+        counts.len(),
+        1,
+        "127.0.0.1 hashes to one endpoint: {counts:?}"
+    );
+    assert_eq!(counts.values().sum::<usize>(), 20);
+}
