@@ -756,6 +756,31 @@ mod tests {
     }
 
     #[test]
+    fn a_removed_host_leaves_the_shared_picker_and_its_pending_pick_completes_harmlessly() {
+        let mut hosts = three_hosts();
+        let (mut worker, _) = worker(r#"{"load_balancer": {"type": "round_robin"}}"#, &hosts);
+        let mut streams = Streams::default();
+        let id = streams.open(Duration::ZERO, None).expect("open");
+        worker.choose(
+            &hosts,
+            &Request::of_stream(Some(id)),
+            &mut streams,
+            Duration::ZERO,
+        );
+
+        hosts.priorities[0].remove(0);
+        worker.reread(&hosts);
+        let remaining = worker
+            .cluster()
+            .with_picker(|picker| picker.endpoints().len());
+        let mut stream = streams.close(id).expect("open");
+        stream.complete(&Response::default(), Duration::from_millis(1));
+
+        assert_eq!(remaining, 2);
+        assert_eq!(inflight(&worker), 0);
+    }
+
+    #[test]
     fn no_healthy_host_fails_open_to_no_host() {
         let mut hosts = three_hosts();
         for host in &mut hosts.priorities[0] {
