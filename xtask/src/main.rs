@@ -47,9 +47,10 @@ struct Cli {
 enum Task {
     /// Install what is missing, build the release filter, run every test
     ///
-    /// Also builds the test-only fault-injection filter and the control plane's static
-    /// binary, then runs `cargo test --workspace` with FULCRUM_ENVOY, FULCRUM_FILTER_WASM,
-    /// FULCRUM_FAULT_WASM and FULCRUM_CONTROL_PLANE_BIN set.
+    /// Also builds the test-only fault-injection filter, the native module
+    /// (libfulcrum_native.so) and the control plane's static binary, then runs `cargo test
+    /// --workspace` with FULCRUM_ENVOY, FULCRUM_FILTER_WASM, FULCRUM_FAULT_WASM,
+    /// FULCRUM_NATIVE_MODULE and FULCRUM_CONTROL_PLANE_BIN set.
     Test {
         /// Arguments for `cargo test --workspace`, passed on as given
         /// (e.g. `-p fulcrum-core -- --nocapture`)
@@ -166,9 +167,9 @@ fn setup(purposes: &[Purpose]) -> Result<Tools> {
 }
 
 /// `cargo xtask test`: installs, builds the release filter, its test-only fault-injection
-/// variant and the control plane's static image binary, runs `cargo test --workspace` with
-/// `FULCRUM_ENVOY`, `FULCRUM_FILTER_WASM`, `FULCRUM_FAULT_WASM` and
-/// `FULCRUM_CONTROL_PLANE_BIN` set for the tests that load them.
+/// variant, the native module and the control plane's static image binary, runs `cargo test
+/// --workspace` with `FULCRUM_ENVOY`, `FULCRUM_FILTER_WASM`, `FULCRUM_FAULT_WASM`,
+/// `FULCRUM_NATIVE_MODULE` and `FULCRUM_CONTROL_PLANE_BIN` set for the tests that load them.
 fn test(cargo_test_args: &[String]) -> Result<()> {
     let started = Instant::now();
     let tools = setup(setup::FOR_TEST)?;
@@ -182,6 +183,9 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
         report_wasm(&wasm);
         command.env("FULCRUM_FILTER_WASM", &wasm);
         command.env("FULCRUM_FAULT_WASM", build_fault_wasm()?);
+    }
+    if native_exists() {
+        command.env("FULCRUM_NATIVE_MODULE", build_native()?);
     }
     command.env("FULCRUM_CONTROL_PLANE_BIN", image::build_binary()?);
     tools::run(&mut command).context("tests failed")?;
@@ -343,6 +347,32 @@ fn build_fault_wasm() -> Result<PathBuf> {
         bail!("the build succeeded but {} is missing", wasm.display());
     }
     Ok(wasm)
+}
+
+/// The native module's package and the shared object Envoy loads by module name.
+const NATIVE_PACKAGE: &str = "fulcrum-native";
+const NATIVE_MODULE: &str = "libfulcrum_native.so";
+
+/// Builds the native module (release, host target) and returns the `.so` path; its
+/// directory is what `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` names.
+fn build_native() -> Result<PathBuf> {
+    tools::run(cargo().args(["build", "--release", "--package", NATIVE_PACKAGE]))
+        .context("building the native module failed")?;
+    let module = target_dir()?.join("release").join(NATIVE_MODULE);
+    if !module.is_file() {
+        bail!("the build succeeded but {} is missing", module.display());
+    }
+    let size = std::fs::metadata(&module).map(|m| m.len()).unwrap_or(0);
+    eprintln!(
+        "xtask: native module {} ({} KiB)",
+        module.display(),
+        size / 1024
+    );
+    Ok(module)
+}
+
+fn native_exists() -> bool {
+    workspace_root().join("filters/native/Cargo.toml").is_file()
 }
 
 fn report_wasm(wasm: &Path) {

@@ -300,7 +300,7 @@ mod tests {
     };
     use envoy_types::pb::{
         envoy::extensions::load_balancing_policies::dynamic_modules::v3::DynamicModulesLoadBalancerConfig,
-        google::protobuf::StringValue,
+        google::protobuf::{StringValue, value::Kind},
     };
     use fulcrum_core::{Endpoint, Health, ServicePolicy, UpstreamProtocol};
     use prost::Message;
@@ -634,6 +634,8 @@ mod tests {
         draining.weight = 3;
         draining.zone = Some("zone-b".to_owned());
         draining.tags.insert("canary".to_owned());
+        draining.tags.insert("gpu".to_owned());
+        draining.capabilities.insert("llm.chat".to_owned());
         draining
             .metadata
             .insert("version".to_owned(), "v2".to_owned());
@@ -676,5 +678,13 @@ mod tests {
             .filter_metadata["fulcrum"];
         assert!(fulcrum.fields.contains_key("tags"));
         assert!(fulcrum.fields.contains_key("metadata"));
+        // The scalar form the native module reads through Envoy's load-balancer ABI.
+        let string = |key: &str| match fulcrum.fields.get(key).and_then(|v| v.kind.as_ref()) {
+            Some(Kind::StringValue(value)) => Some(value.as_str()),
+            _ => None,
+        };
+        assert_eq!(string("tags_csv"), Some("canary,gpu"));
+        assert_eq!(string("capabilities_csv"), Some("llm.chat"));
+        assert_eq!(string("metadata.version"), Some("v2"));
     }
 }

@@ -69,7 +69,7 @@ use envoy_types::pb::{
 use envoy_types::util::pack_any;
 use fulcrum_core::{
     Endpoint, Health, NATIVE_LB_POLICY, NATIVE_MODULE, OVERRIDE_HEADER, ServiceEndpoints,
-    UpstreamProtocol,
+    UpstreamProtocol, endpoint::scalar_metadata,
 };
 
 /// The `filter_metadata` namespace endpoint attributes are published under.
@@ -332,7 +332,10 @@ fn list_value<'a>(values: impl Iterator<Item = &'a String>) -> Value {
 }
 
 /// `filter_metadata["fulcrum"]` of one endpoint: `{metadata: {..}, tags: [..],
-/// capabilities: [..]}`, each present only when non-empty.
+/// capabilities: [..]}`, each present only when non-empty (what the wasm filter's snapshot
+/// and Istio read), and the same as scalar strings (`tags_csv`, `capabilities_csv`,
+/// `metadata.<key>`; [`scalar_metadata`]) for the native module, whose load-balancer ABI reads
+/// only scalar metadata by key.
 fn endpoint_metadata(endpoint: &Endpoint) -> Option<Metadata> {
     let mut fields = HashMap::new();
     if !endpoint.metadata.is_empty() {
@@ -347,14 +350,34 @@ fn endpoint_metadata(endpoint: &Endpoint) -> Option<Metadata> {
                 kind: Some(Kind::StructValue(Struct { fields: metadata })),
             },
         );
+        for (key, value) in &endpoint.metadata {
+            fields.insert(
+                format!("{}{key}", scalar_metadata::METADATA_PREFIX),
+                string_value(value),
+            );
+        }
     }
+    let joined = |items: &std::collections::BTreeSet<String>| {
+        string_value(
+            &items
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(","),
+        )
+    };
     if !endpoint.tags.is_empty() {
         fields.insert("tags".to_owned(), list_value(endpoint.tags.iter()));
+        fields.insert(scalar_metadata::TAGS.to_owned(), joined(&endpoint.tags));
     }
     if !endpoint.capabilities.is_empty() {
         fields.insert(
             "capabilities".to_owned(),
             list_value(endpoint.capabilities.iter()),
+        );
+        fields.insert(
+            scalar_metadata::CAPABILITIES.to_owned(),
+            joined(&endpoint.capabilities),
         );
     }
     (!fields.is_empty()).then(|| Metadata {

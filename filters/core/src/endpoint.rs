@@ -66,6 +66,20 @@ pub struct Endpoint {
 /// from their node's label; a static or registered endpoint sets it in its own metadata.
 pub const REGION_KEY: &str = "topology.kubernetes.io/region";
 
+/// Keys of an endpoint's attributes as scalar strings under its Envoy `filter_metadata`
+/// namespace `fulcrum`, beside the list and struct forms: for readers that see only scalar
+/// metadata by key, such as the native module through Envoy's load-balancer ABI. The control
+/// plane writes both forms; a tag or capability containing a comma cannot be told apart from
+/// two in the joined form.
+pub mod scalar_metadata {
+    /// The endpoint's tags, comma-joined in order.
+    pub const TAGS: &str = "tags_csv";
+    /// The endpoint's capabilities, comma-joined in order.
+    pub const CAPABILITIES: &str = "capabilities_csv";
+    /// The prefix of one key per metadata entry: `metadata.<key>` holds its value.
+    pub const METADATA_PREFIX: &str = "metadata.";
+}
+
 fn default_weight() -> u32 {
     1
 }

@@ -6,6 +6,8 @@
 //! counts. The tests with two workers check what must hold across workers (the per-proxy rate
 //! limit, outcome attribution) and that both workers served.
 
+pub mod native;
+
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -330,29 +332,10 @@ impl Proxy {
         replies
     }
 
-    /// Connections each Envoy worker accepted on the listener (`worker_<i>.downstream_cx_total`),
-    /// in worker order.
+    /// Connections each Envoy worker accepted on the listener, in worker order
+    /// ([`connections_per_worker`]).
     pub async fn connections_per_worker(&self) -> Result<Vec<u64>> {
-        let stats = self
-            .envoy
-            .admin_get("/stats?filter=downstream_cx_total")
-            .await?;
-        let mut per_worker: BTreeMap<u32, u64> = BTreeMap::new();
-        for line in stats.lines() {
-            let Some((name, value)) = line.split_once(": ") else {
-                continue;
-            };
-            let Some(worker) = name
-                .strip_prefix("listener.")
-                .and_then(|rest| rest.split_once(".worker_"))
-                .and_then(|(_, rest)| rest.strip_suffix(".downstream_cx_total"))
-                .and_then(|worker| worker.parse().ok())
-            else {
-                continue;
-            };
-            *per_worker.entry(worker).or_default() += value.trim().parse::<u64>()?;
-        }
-        Ok(per_worker.into_values().collect())
+        connections_per_worker(&self.envoy).await
     }
 
     /// Sends `n` requests one after another.
@@ -394,7 +377,7 @@ impl Proxy {
 
 impl Client {
     /// A client of `listener` keeping at most `idle_connections` idle connections.
-    fn new(listener: SocketAddr, idle_connections: usize) -> Self {
+    pub(crate) fn new(listener: SocketAddr, idle_connections: usize) -> Self {
         // Title-Case header names on the wire, as some clients send them.
         let client = reqwest::Client::builder()
             .http1_title_case_headers()
@@ -454,6 +437,28 @@ impl Client {
             },
         }
     }
+}
+
+/// Connections each of `envoy`'s workers accepted on its listeners
+/// (`worker_<i>.downstream_cx_total`), in worker order.
+pub async fn connections_per_worker(envoy: &Envoy) -> Result<Vec<u64>> {
+    let stats = envoy.admin_get("/stats?filter=downstream_cx_total").await?;
+    let mut per_worker: BTreeMap<u32, u64> = BTreeMap::new();
+    for line in stats.lines() {
+        let Some((name, value)) = line.split_once(": ") else {
+            continue;
+        };
+        let Some(worker) = name
+            .strip_prefix("listener.")
+            .and_then(|rest| rest.split_once(".worker_"))
+            .and_then(|(_, rest)| rest.strip_suffix(".downstream_cx_total"))
+            .and_then(|worker| worker.parse().ok())
+        else {
+            continue;
+        };
+        *per_worker.entry(worker).or_default() += value.trim().parse::<u64>()?;
+    }
+    Ok(per_worker.into_values().collect())
 }
 
 /// Requests per backend name (`-` for replies without a backend).

@@ -223,6 +223,15 @@ impl ServicePicker {
         transitions
     }
 
+    /// Releases the in-flight count of a pick whose outcome will never be known (the native
+    /// load balancer's pick for a stream no outcome filter observes), charging nobody: no
+    /// latency, no verdict, no breaker event. An address no longer present is ignored.
+    pub fn abandon(&mut self, picked: SocketAddr) {
+        if let Some(slot) = self.slots.find(picked) {
+            self.release(slot);
+        }
+    }
+
     /// The breaker event of `verdict` on `slot`: counted in `counts` first when it may change
     /// the proxy's consecutive counters (see [`complete_counted`](Self::complete_counted)).
     fn completion(

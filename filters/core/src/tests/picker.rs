@@ -211,3 +211,24 @@ fn the_upstream_is_classified_against_the_pick_and_its_retry_targets() {
         crate::Served::ByFallback(other)
     );
 }
+
+#[test]
+fn an_abandoned_pick_releases_its_inflight_count_and_charges_nothing() {
+    let mut picker = ServicePicker::new(&policy(LoadBalancer::RoundRobin {}), &endpoints(2));
+    let pick = picker
+        .pick(&Default::default(), ms(0), &mut seeded())
+        .unwrap();
+    let inflight = |picker: &ServicePicker| {
+        picker
+            .endpoints()
+            .find(|view| view.endpoint.address == pick.endpoint)
+            .map(|view| view.inflight)
+    };
+    assert_eq!(inflight(&picker), Some(1));
+
+    picker.abandon(pick.endpoint);
+    picker.abandon(addr(9));
+
+    assert_eq!(inflight(&picker), Some(0));
+    assert!(!picker.knows_of_failures());
+}

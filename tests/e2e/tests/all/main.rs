@@ -5,6 +5,7 @@ mod control_plane;
 mod endpoints;
 mod grpc;
 mod health_checks;
+mod native;
 mod proxies;
 mod static_endpoints;
 mod trace_headers;

@@ -67,6 +67,9 @@ pub struct EnvoyOptions {
     pub dir: Option<PathBuf>,
     /// The process's name in messages and file names.
     pub name: String,
+    /// Environment variables set for Envoy on top of the test's (e.g.
+    /// `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` for the native module).
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for EnvoyOptions {
@@ -78,6 +81,7 @@ impl Default for EnvoyOptions {
             extra_args: Vec::new(),
             dir: None,
             name: "envoy".to_owned(),
+            env: Vec::new(),
         }
     }
 }
@@ -101,6 +105,13 @@ impl Envoy {
 
     /// Starts Envoy with `bootstrap` and `options`, and waits until it is LIVE.
     pub async fn start_with(bootstrap: &Bootstrap, options: &EnvoyOptions) -> Result<Self, Error> {
+        Self::start_json(&bootstrap.to_json(), options).await
+    }
+
+    /// Starts Envoy with a bootstrap given as JSON (one [`Bootstrap`] does not model, such
+    /// as the native module's) and `options`, and waits until it is LIVE. Its admin address
+    /// must bind `127.0.0.1:0`.
+    pub async fn start_json(bootstrap: &Value, options: &EnvoyOptions) -> Result<Self, Error> {
         let binary = match &options.binary {
             Some(binary) => binary.clone(),
             None => envoy_binary()?,
@@ -118,8 +129,7 @@ impl Envoy {
         let name = &options.name;
         let bootstrap_path = dir.join(format!("{name}.json"));
         let admin_path = dir.join(format!("{name}.admin-address"));
-        let text =
-            serde_json::to_string_pretty(&bootstrap.to_json()).expect("a bootstrap is plain JSON");
+        let text = serde_json::to_string_pretty(bootstrap).expect("a bootstrap is plain JSON");
         fs::write(&bootstrap_path, text)
             .map_err(io(format!("writing {}", bootstrap_path.display())))?;
         let mut command = Command::new(&binary);
@@ -133,7 +143,8 @@ impl Envoy {
             .arg(dir.join(format!("{name}.base-id")))
             .arg("--admin-address-path")
             .arg(&admin_path)
-            .args(&options.extra_args);
+            .args(&options.extra_args)
+            .envs(options.env.iter().map(|(name, value)| (name, value)));
         let process = Process::spawn(name, &mut command, &dir.join(format!("{name}.log")))?;
         let http = reqwest::Client::builder()
             .no_proxy()

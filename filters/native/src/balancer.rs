@@ -1,0 +1,802 @@
+//! The load-balancing policy: one [`Cluster`] per Envoy cluster, shared by its per-worker
+//! [`WorkerLb`]s, choosing hosts with the core's [`ServicePicker`].
+//!
+//! # State and workers
+//!
+//! Envoy makes one policy config per cluster (`on_lb_config_new`) and one LB per worker
+//! (`on_lb_new`). In-process there is no need for the wasm filter's shared-data record: the
+//! cluster holds **one** picker behind a `Mutex`, which every worker picks from and every
+//! outcome is charged to. Picks, in-flight counts, latency estimates, breakers and the rate
+//! limit's buckets are therefore per proxy and agree across workers exactly (the wasm filter
+//! approximates this with per-worker pickers and a shared ejection record). The lock is held
+//! for one pick or one completion (microseconds, no IO, no allocation beyond the core's), so
+//! workers never wait for long.
+//!
+//! Each worker keeps its own [`HostIndex`]: Envoy updates workers' priority sets one after
+//! the other, and a host is returned by its index in the worker's own healthy list. A worker
+//! rereads its hosts when they change (`on_host_membership_update`) or when a healthy count
+//! differs from the one it read (a health change); it hands the endpoints to the shared
+//! picker only when they differ from what the picker has, so workers catching up do not
+//! rebuild the picker's tables again.
+//!
+//! # One pick per stream, retries on its retry targets
+//!
+//! The companion HTTP filter (`crate::outcomes`) opens a [`Stream`] for every request and
+//! names it in a request header ([`STREAM_HEADER`]) that `choose_host` reads: the first
+//! `choose_host` of a stream picks with the core and records the pick; a later one (Envoy
+//! retrying) takes the pick's next retry target that Envoy's retry predicate
+//! (`should_select_another_host`) does not refuse, just as the wasm filter hands its retry
+//! targets to `override_host`. The filter completes the pick once, when the response (or the
+//! stream's end) comes, with the host of the last attempt as the one that served. A request
+//! the filter did not open (no header, or an unknown one) still gets a pick, whose in-flight
+//! count is released at once ([`ServicePicker::abandon`]) and counted as unobserved.
+//!
+//! # Failing open
+//!
+//! When the core rejects a request that its policy lets fail open, when a pick is not among
+//! this worker's healthy hosts, or when any state is missing, the request goes to a healthy
+//! host chosen by rotation (counted in `fulcrum_native_fail_open_total`); with no healthy host
+//! the policy answers no host and Envoy replies 503 `no healthy upstream`. A rate-limited or
+//! fail-fast rejection answers no host too, and the filter turns Envoy's 503 into the wasm
+//! filter's 429 (`retry-after`) or 503 with `x-fulcrum-reason`.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use fulcrum_core::{
+    Endpoint, Rejection, RequestAttributes, RequestNeeds, RetryTargets, ServicePicker,
+    ServicePolicy, rng::SplitMix64,
+};
+
+use crate::hosts::{HostIndex, HostSet, read_hosts};
+
+/// The request header the outcome filter names its stream in, for `choose_host` to find.
+pub const STREAM_HEADER: &str = "x-fulcrum-stream";
+
+/// Most streams one worker tracks at once; a stream opened beyond is not tracked (its pick
+/// is released at once and counted as unobserved), so memory stays bounded whatever the load.
+pub const MAX_STREAMS: usize = 65_536;
+
+/// What the module counts, through Envoy's stats (see `crate::ffi`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A request went to a host fulcrum did not pick (`fulcrum_native_fail_open_total`).
+    FailOpen,
+    /// A pick whose outcome no filter observes (`fulcrum_native_unobserved_total`).
+    Unobserved,
+    /// A request refused by the rate limit (`fulcrum_native_rate_limited_total`).
+    RateLimited,
+    /// A request refused because no endpoint is admissible and the policy fails fast
+    /// (`fulcrum_native_fail_fast_total`).
+    FailFast,
+}
+
+/// Where the module's [`Event`]s are counted.
+pub trait Counters: Send + Sync + std::fmt::Debug {
+    /// Counts one `event`.
+    fn count(&self, event: Event);
+}
+
+/// One Envoy cluster under one service policy: the picker every worker shares.
+#[derive(Debug)]
+pub struct Cluster {
+    policy: ServicePolicy,
+    /// Which request attributes the policy reads, fixed with it.
+    needs: Needs,
+    state: Mutex<ClusterState>,
+    counters: Box<dyn Counters>,
+}
+
+#[derive(Debug)]
+struct ClusterState {
+    picker: ServicePicker,
+    /// The endpoints the picker has, to skip an update that changes nothing.
+    endpoints: Vec<Endpoint>,
+    rng: SplitMix64,
+}
+
+impl Cluster {
+    /// A cluster under `policy` (validated) with no endpoints yet; `seed` seeds its random
+    /// draws.
+    pub fn new(policy: ServicePolicy, seed: u64, counters: Box<dyn Counters>) -> Self {
+        let picker = ServicePicker::new(&policy, &[]);
+        let needs = Needs::of(picker.request_needs());
+        Self {
+            policy,
+            needs,
+            state: Mutex::new(ClusterState {
+                picker,
+                endpoints: Vec::new(),
+                rng: SplitMix64::new(seed),
+            }),
+            counters,
+        }
+    }
+
+    /// The policy the cluster applies.
+    pub fn policy(&self) -> &ServicePolicy {
+        &self.policy
+    }
+
+    /// Counts `event`.
+    pub fn count(&self, event: Event) {
+        self.counters.count(event);
+    }
+
+    /// The shared state; a worker that panicked while holding it left a picker whose
+    /// invariants the core keeps on every path, so the state is used as is.
+    fn lock(&self) -> MutexGuard<'_, ClusterState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Hands `endpoints` to the picker when they differ from what it has.
+    fn update(&self, endpoints: Vec<Endpoint>) {
+        let mut state = self.lock();
+        if state.endpoints != endpoints {
+            state.picker.update_endpoints(&endpoints);
+            state.endpoints = endpoints;
+        }
+    }
+
+    /// Runs `f` on the picker (tests and diagnostics).
+    pub fn with_picker<R>(&self, f: impl FnOnce(&mut ServicePicker) -> R) -> R {
+        f(&mut self.lock().picker)
+    }
+
+    /// Charges the end of `pick` to the picker: see [`Stream::complete`].
+    fn complete(&self, pick: &Pick, response: &Response, now: Duration) {
+        let served = fulcrum_core::Served::classify(
+            pick.picked,
+            &pick.retry_targets,
+            Some(pick.last),
+            Some(u64::from(pick.attempts)),
+        );
+        let outcome = fulcrum_core::Outcome {
+            status: response.status,
+            connect_failure: false,
+            reset: response.reset,
+            timeout: false,
+            latency: response.latency,
+        };
+        self.lock()
+            .picker
+            .complete(pick.picked, served, outcome, now);
+    }
+}
+
+/// What the core picked for a stream, and the attempts Envoy made with it.
+#[derive(Debug, Clone)]
+pub struct Pick {
+    cluster: Arc<Cluster>,
+    picked: SocketAddr,
+    retry_targets: RetryTargets,
+    /// The host of the last attempt.
+    last: SocketAddr,
+    /// How many attempts chose a host (1 for the pick itself).
+    attempts: u32,
+    /// A `Set-Cookie` value for the response (a new sticky session or hash cookie).
+    pub set_cookie: Option<String>,
+}
+
+impl Pick {
+    /// The address the core picked.
+    pub fn picked(&self) -> SocketAddr {
+        self.picked
+    }
+
+    /// The host of the last attempt.
+    pub fn last(&self) -> SocketAddr {
+        self.last
+    }
+}
+
+/// How a stream's response went, as the outcome filter saw it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Response {
+    /// The response's status (a gRPC response's status mapped to HTTP); `None` when no
+    /// response came.
+    pub status: Option<u16>,
+    /// The stream ended without a complete response (reset, or no response at all).
+    pub reset: bool,
+    /// From the request's headers to the response's headers.
+    pub latency: Duration,
+}
+
+/// One request the outcome filter follows, from its request headers to its end.
+#[derive(Debug)]
+pub struct Stream {
+    /// When the request's headers arrived.
+    pub started: Duration,
+    /// The downstream address, for a policy hashing on the source IP.
+    pub source_ip: Option<IpAddr>,
+    /// The pick, once `choose_host` made one.
+    pub pick: Option<Pick>,
+    /// Why `choose_host` answered no host, when it did.
+    pub rejection: Option<Rejection>,
+}
+
+impl Stream {
+    /// Charges the pick's end to its cluster's picker, once: the outcome goes to the host of
+    /// the last attempt and, when that is one of the pick's retry targets, the pick is
+    /// charged a retried-away failure (the core's `Served` classification).
+    pub fn complete(&mut self, response: &Response, now: Duration) {
+        if let Some(pick) = self.pick.take() {
+            pick.cluster.complete(&pick, response, now);
+        }
+    }
+}
+
+/// The streams one worker's outcome filter follows, by id.
+#[derive(Debug, Default)]
+pub struct Streams {
+    next: u64,
+    open: HashMap<u64, Stream>,
+}
+
+impl Streams {
+    /// Opens a stream started at `now`; `None` when [`MAX_STREAMS`] are open.
+    pub fn open(&mut self, now: Duration, source_ip: Option<IpAddr>) -> Option<u64> {
+        if self.open.len() >= MAX_STREAMS {
+            return None;
+        }
+        self.next = self.next.wrapping_add(1);
+        let id = self.next;
+        self.open.insert(
+            id,
+            Stream {
+                started: now,
+                source_ip,
+                pick: None,
+                rejection: None,
+            },
+        );
+        Some(id)
+    }
+
+    /// The open stream `id`.
+    pub fn get_mut(&mut self, id: u64) -> Option<&mut Stream> {
+        self.open.get_mut(&id)
+    }
+
+    /// Closes stream `id`, handing it back for its completion.
+    pub fn close(&mut self, id: u64) -> Option<Stream> {
+        self.open.remove(&id)
+    }
+
+    /// How many streams are open.
+    pub fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    /// Whether no stream is open.
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+}
+
+/// What `choose_host` reads of the request (the LB context's callbacks).
+pub trait RequestContext {
+    /// The first value of downstream request header `name` (lower case).
+    fn header(&self, name: &str) -> Option<String>;
+    /// Whether Envoy's retry predicates refuse host `index` of `priority` (a host already
+    /// tried, for instance).
+    fn refuses(&self, priority: u32, index: usize) -> bool;
+}
+
+/// One worker's load balancer over a shared [`Cluster`].
+#[derive(Debug)]
+pub struct WorkerLb {
+    cluster: Arc<Cluster>,
+    index: HostIndex,
+    /// Rotates fail-open choices over the healthy hosts.
+    spread: u64,
+}
+
+impl WorkerLb {
+    /// A worker's LB over `cluster`, reading `hosts` now.
+    pub fn new(cluster: Arc<Cluster>, hosts: &impl HostSet) -> Self {
+        let mut lb = Self {
+            cluster,
+            index: HostIndex::default(),
+            spread: 0,
+        };
+        lb.reread(hosts);
+        lb
+    }
+
+    /// The cluster this LB picks for.
+    pub fn cluster(&self) -> &Arc<Cluster> {
+        &self.cluster
+    }
+
+    /// Rereads the worker's hosts and hands them to the shared picker if they changed.
+    pub fn reread(&mut self, hosts: &impl HostSet) {
+        let (endpoints, index) = read_hosts(hosts, self.cluster.policy());
+        self.index = index;
+        self.cluster.update(endpoints);
+    }
+
+    /// Chooses the host for one attempt of a request: `(priority, index among the
+    /// priority's healthy hosts)`, or `None` for no host (Envoy answers 503). `streams` are
+    /// the worker's streams, `now` the clock every pick and outcome is measured on.
+    pub fn choose(
+        &mut self,
+        hosts: &impl HostSet,
+        request: &impl RequestContext,
+        streams: &mut Streams,
+        now: Duration,
+    ) -> Option<(u32, usize)> {
+        if self.index.is_stale(hosts) {
+            self.reread(hosts);
+        }
+        let stream_id = request
+            .header(STREAM_HEADER)
+            .and_then(|value| value.parse::<u64>().ok());
+        let stream = stream_id.and_then(|id| streams.get_mut(id));
+        let Some(stream) = stream else {
+            // No filter follows this request: pick, but release the pick at once.
+            let chosen = self.pick(request, None, now);
+            return match chosen {
+                Picked::Host { pick, place } => {
+                    pick.cluster.lock().picker.abandon(pick.picked);
+                    self.cluster.count(Event::Unobserved);
+                    Some(place)
+                }
+                Picked::Rejected(_) => None,
+                Picked::FailOpen => self.fail_open(),
+            };
+        };
+        if let Some(pick) = &mut stream.pick {
+            return self.retry(pick, request);
+        }
+        match self.pick(request, Some(stream), now) {
+            Picked::Host { pick, place } => {
+                stream.pick = Some(*pick);
+                Some(place)
+            }
+            Picked::Rejected(rejection) => {
+                stream.rejection = Some(rejection);
+                None
+            }
+            Picked::FailOpen => self.fail_open(),
+        }
+    }
+
+    /// The first pick of a request.
+    fn pick(
+        &mut self,
+        request: &impl RequestContext,
+        stream: Option<&Stream>,
+        now: Duration,
+    ) -> Picked {
+        let cluster = Arc::clone(&self.cluster);
+        let inputs = RequestInputs::read(request, stream, &cluster.needs);
+        let picked = {
+            let mut state = cluster.lock();
+            let ClusterState { picker, rng, .. } = &mut *state;
+            picker.pick(&inputs.attributes(), now, rng)
+        };
+        match picked {
+            Ok(pick) => {
+                let Some(place) = self.healthy_place(pick.endpoint) else {
+                    // Not among this worker's healthy hosts (its view lags the picker's).
+                    cluster.lock().picker.abandon(pick.endpoint);
+                    return Picked::FailOpen;
+                };
+                Picked::Host {
+                    place,
+                    pick: Box::new(Pick {
+                        cluster,
+                        picked: pick.endpoint,
+                        retry_targets: pick.retry_targets,
+                        last: pick.endpoint,
+                        attempts: 1,
+                        set_cookie: pick.set_sticky_cookie,
+                    }),
+                }
+            }
+            Err(rejection) if rejection.fails_open() => Picked::FailOpen,
+            Err(rejection) => {
+                cluster.count(match rejection {
+                    Rejection::RateLimited { .. } => Event::RateLimited,
+                    _ => Event::FailFast,
+                });
+                Picked::Rejected(rejection)
+            }
+        }
+    }
+
+    /// A retry's host: the pick's first retry target Envoy does not refuse and this worker
+    /// has healthy, else the pick again if Envoy accepts it, else a fail-open choice.
+    fn retry(&mut self, pick: &mut Pick, request: &impl RequestContext) -> Option<(u32, usize)> {
+        pick.attempts = pick.attempts.saturating_add(1);
+        let candidates = pick
+            .retry_targets
+            .as_slice()
+            .iter()
+            .copied()
+            .chain(std::iter::once(pick.picked));
+        for address in candidates {
+            let Some(slot) = self.index.get(address) else {
+                continue;
+            };
+            let Some(healthy_index) = slot.healthy_index else {
+                continue;
+            };
+            if request.refuses(slot.priority, slot.index) {
+                continue;
+            }
+            pick.last = address;
+            return Some((slot.priority, healthy_index));
+        }
+        let place = self.fail_open()?;
+        if let Some(address) = self.address_of(place) {
+            pick.last = address;
+        }
+        Some(place)
+    }
+
+    fn healthy_place(&self, address: SocketAddr) -> Option<(u32, usize)> {
+        let slot = self.index.get(address)?;
+        Some((slot.priority, slot.healthy_index?))
+    }
+
+    fn address_of(&self, place: (u32, usize)) -> Option<SocketAddr> {
+        self.index.address_at(place)
+    }
+
+    /// A healthy host by rotation, counted as a fail-open; `None` without one.
+    pub fn fail_open(&mut self) -> Option<(u32, usize)> {
+        self.cluster.count(Event::FailOpen);
+        self.spread = self.spread.wrapping_add(1);
+        self.index.first_healthy(self.spread)
+    }
+}
+
+/// What the first `choose_host` of a request came to.
+enum Picked {
+    /// The core's pick, at this place among the worker's healthy hosts.
+    Host {
+        pick: Box<Pick>,
+        place: (u32, usize),
+    },
+    /// The core refused the request (rate limit, or fail fast).
+    Rejected(Rejection),
+    /// Envoy's choice, not fulcrum's.
+    FailOpen,
+}
+
+/// [`RequestNeeds`], owned: what a cluster's policy reads of each request.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+struct Needs {
+    hash_header: Option<String>,
+    hash_cookie: Option<String>,
+    source_ip: bool,
+    sticky_cookie: Option<String>,
+    client_key_header: Option<String>,
+}
+
+impl Needs {
+    fn of(needs: RequestNeeds<'_>) -> Self {
+        Self {
+            hash_header: needs.hash_header.map(str::to_owned),
+            hash_cookie: needs.hash_cookie.map(str::to_owned),
+            source_ip: needs.source_ip,
+            sticky_cookie: needs.sticky_cookie.map(str::to_owned),
+            client_key_header: needs.client_key_header.map(str::to_owned),
+        }
+    }
+}
+
+/// The request attributes a policy reads, copied out of the request once.
+#[derive(Debug, Default)]
+struct RequestInputs {
+    hash_header: Option<String>,
+    cookies: Option<String>,
+    hash_cookie_name: Option<String>,
+    sticky_cookie_name: Option<String>,
+    source_ip: Option<IpAddr>,
+    client_key: Option<String>,
+}
+
+impl RequestInputs {
+    fn read(request: &impl RequestContext, stream: Option<&Stream>, needs: &Needs) -> Self {
+        let header = |name: &Option<String>| name.as_deref().and_then(|name| request.header(name));
+        let wants_cookies = needs.hash_cookie.is_some() || needs.sticky_cookie.is_some();
+        Self {
+            hash_header: header(&needs.hash_header),
+            cookies: wants_cookies.then(|| request.header("cookie")).flatten(),
+            hash_cookie_name: needs.hash_cookie.clone(),
+            sticky_cookie_name: needs.sticky_cookie.clone(),
+            source_ip: if needs.source_ip {
+                stream.and_then(|stream| stream.source_ip)
+            } else {
+                None
+            },
+            client_key: header(&needs.client_key_header),
+        }
+    }
+
+    fn attributes(&self) -> RequestAttributes<'_> {
+        let cookie = |name: &Option<String>| {
+            let (cookies, name) = (self.cookies.as_deref()?, name.as_deref()?);
+            cookie_value(cookies, name)
+        };
+        RequestAttributes {
+            hash_header: self.hash_header.as_deref(),
+            hash_cookie: cookie(&self.hash_cookie_name),
+            source_ip: self.source_ip,
+            sticky_cookie: cookie(&self.sticky_cookie_name),
+            client_key: self.client_key.as_deref(),
+        }
+    }
+}
+
+/// The value of cookie `name` in a `Cookie` header (`a=1; b=2`).
+fn cookie_value<'a>(cookies: &'a str, name: &str) -> Option<&'a str> {
+    cookies.split(';').find_map(|pair| {
+        let (key, value) = pair.trim().split_once('=')?;
+        (key == name).then(|| value.trim_matches('"'))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicU64, Ordering};
+
+    use super::*;
+    use crate::{
+        config::parse_policy,
+        hosts::test_hosts::{TestHost, TestHosts},
+    };
+
+    #[derive(Debug, Default)]
+    struct Counted(Arc<[AtomicU64; 4]>);
+
+    impl Counters for Counted {
+        fn count(&self, event: Event) {
+            let slot = match event {
+                Event::FailOpen => 0,
+                Event::Unobserved => 1,
+                Event::RateLimited => 2,
+                Event::FailFast => 3,
+            };
+            self.0[slot].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    struct Request {
+        headers: Vec<(&'static str, String)>,
+        refused: Vec<(u32, usize)>,
+    }
+
+    impl Request {
+        fn of_stream(id: Option<u64>) -> Self {
+            Self {
+                headers: id
+                    .map(|id| (STREAM_HEADER, id.to_string()))
+                    .into_iter()
+                    .collect(),
+                refused: Vec::new(),
+            }
+        }
+    }
+
+    impl RequestContext for Request {
+        fn header(&self, name: &str) -> Option<String> {
+            self.headers
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| value.clone())
+        }
+        fn refuses(&self, priority: u32, index: usize) -> bool {
+            self.refused.contains(&(priority, index))
+        }
+    }
+
+    fn three_hosts() -> TestHosts {
+        TestHosts::one_priority(vec![
+            TestHost::healthy("10.0.0.1:80"),
+            TestHost::healthy("10.0.0.2:80"),
+            TestHost::healthy("10.0.0.3:80"),
+        ])
+    }
+
+    fn worker(json: &str, hosts: &TestHosts) -> (WorkerLb, Arc<[AtomicU64; 4]>) {
+        let counts: Arc<[AtomicU64; 4]> = Arc::default();
+        let policy = parse_policy(json.as_bytes()).expect("a valid policy");
+        let cluster = Arc::new(Cluster::new(policy, 7, Box::new(Counted(counts.clone()))));
+        (WorkerLb::new(cluster, hosts), counts)
+    }
+
+    fn inflight(worker: &WorkerLb) -> u32 {
+        worker
+            .cluster()
+            .with_picker(|picker| picker.endpoints().map(|view| view.inflight).sum())
+    }
+
+    #[test]
+    fn a_retry_goes_to_the_picks_first_retry_target_envoy_accepts() {
+        let hosts = three_hosts();
+        let (mut worker, _) = worker(
+            r#"{"load_balancer": {"type": "round_robin"}, "retry": 2}"#,
+            &hosts,
+        );
+        let mut streams = Streams::default();
+        let id = streams.open(Duration::ZERO, None);
+        let mut request = Request::of_stream(id);
+
+        let first = worker.choose(&hosts, &request, &mut streams, Duration::ZERO);
+        assert_eq!(first, Some((0, 0)));
+        // Envoy refuses the first retry target (already tried, say): the second is taken.
+        request.refused.push((0, 1));
+        let retry = worker.choose(&hosts, &request, &mut streams, Duration::ZERO);
+
+        assert_eq!(retry, Some((0, 2)));
+        let pick = streams
+            .get_mut(id.expect("open"))
+            .and_then(|stream| stream.pick.clone())
+            .expect("the stream's pick");
+        assert_eq!(pick.last(), "10.0.0.3:80".parse().expect("an address"));
+        assert_eq!(
+            inflight(&worker),
+            1,
+            "one pick per stream, however many attempts"
+        );
+    }
+
+    #[test]
+    fn a_pick_no_filter_follows_is_released_at_once_and_counted() {
+        let hosts = three_hosts();
+        let (mut worker, counts) =
+            worker(r#"{"load_balancer": {"type": "least_request"}}"#, &hosts);
+        let mut streams = Streams::default();
+
+        let chosen = worker.choose(
+            &hosts,
+            &Request::of_stream(None),
+            &mut streams,
+            Duration::ZERO,
+        );
+
+        assert!(chosen.is_some());
+        assert_eq!(inflight(&worker), 0);
+        assert_eq!(counts[1].load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_completed_stream_releases_its_pick() {
+        let hosts = three_hosts();
+        let (mut worker, _) = worker(r#"{"load_balancer": {"type": "least_request"}}"#, &hosts);
+        let mut streams = Streams::default();
+        let id = streams.open(Duration::ZERO, None).expect("open");
+        worker.choose(
+            &hosts,
+            &Request::of_stream(Some(id)),
+            &mut streams,
+            Duration::ZERO,
+        );
+        assert_eq!(inflight(&worker), 1);
+
+        let mut stream = streams.close(id).expect("open");
+        stream.complete(
+            &Response {
+                status: Some(200),
+                reset: false,
+                latency: Duration::from_millis(3),
+            },
+            Duration::from_millis(3),
+        );
+
+        assert_eq!(inflight(&worker), 0);
+    }
+
+    #[test]
+    fn a_rate_limited_request_gets_no_host_and_its_stream_keeps_the_reason() {
+        let hosts = three_hosts();
+        let (mut worker, counts) = worker(
+            r#"{"rate_limit": {"requests_per_second": 1, "burst": 1}}"#,
+            &hosts,
+        );
+        let mut streams = Streams::default();
+        let mut choose = |streams: &mut Streams| {
+            let id = streams.open(Duration::ZERO, None).expect("open");
+            let chosen = worker.choose(
+                &hosts,
+                &Request::of_stream(Some(id)),
+                streams,
+                Duration::ZERO,
+            );
+            (id, chosen)
+        };
+
+        let (_, admitted) = choose(&mut streams);
+        let (refused_id, refused) = choose(&mut streams);
+
+        assert!(admitted.is_some());
+        assert_eq!(refused, None);
+        assert!(matches!(
+            streams.get_mut(refused_id).and_then(|s| s.rejection),
+            Some(Rejection::RateLimited { .. })
+        ));
+        assert_eq!(counts[2].load(Ordering::Relaxed), 1);
+    }
+
+    #[test]
+    fn a_host_turning_unhealthy_is_reread_before_the_next_pick() {
+        let mut hosts = three_hosts();
+        let (mut worker, _) = worker(r#"{"load_balancer": {"type": "round_robin"}}"#, &hosts);
+        hosts.priorities[0][0].healthy = false;
+        let mut streams = Streams::default();
+
+        let picked: Vec<_> = (0..4)
+            .map(|_| {
+                let place = worker
+                    .choose(
+                        &hosts,
+                        &Request::of_stream(None),
+                        &mut streams,
+                        Duration::ZERO,
+                    )
+                    .expect("a host");
+                hosts.healthy_address(place.0, place.1).expect("healthy")
+            })
+            .collect();
+
+        assert!(
+            picked.iter().all(|address| address != "10.0.0.1:80"),
+            "{picked:?}"
+        );
+    }
+
+    #[test]
+    fn a_removed_host_leaves_the_shared_picker_and_its_pending_pick_completes_harmlessly() {
+        let mut hosts = three_hosts();
+        let (mut worker, _) = worker(r#"{"load_balancer": {"type": "round_robin"}}"#, &hosts);
+        let mut streams = Streams::default();
+        let id = streams.open(Duration::ZERO, None).expect("open");
+        worker.choose(
+            &hosts,
+            &Request::of_stream(Some(id)),
+            &mut streams,
+            Duration::ZERO,
+        );
+
+        hosts.priorities[0].remove(0);
+        worker.reread(&hosts);
+        let remaining = worker
+            .cluster()
+            .with_picker(|picker| picker.endpoints().len());
+        let mut stream = streams.close(id).expect("open");
+        stream.complete(&Response::default(), Duration::from_millis(1));
+
+        assert_eq!(remaining, 2);
+        assert_eq!(inflight(&worker), 0);
+    }
+
+    #[test]
+    fn no_healthy_host_fails_open_to_no_host() {
+        let mut hosts = three_hosts();
+        for host in &mut hosts.priorities[0] {
+            host.healthy = false;
+        }
+        let (mut worker, counts) = worker("", &hosts);
+        let mut streams = Streams::default();
+
+        let chosen = worker.choose(
+            &hosts,
+            &Request::of_stream(None),
+            &mut streams,
+            Duration::ZERO,
+        );
+
+        assert_eq!(chosen, None);
+        assert_eq!(counts[0].load(Ordering::Relaxed), 1);
+    }
+}

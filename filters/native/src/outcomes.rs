@@ -1,0 +1,394 @@
+//! The companion HTTP filter `fulcrum_outcomes`: opens a [`Stream`](crate::balancer::Stream) per request, names it
+//! for `choose_host`, and on the response charges the pick's outcome to the shared picker.
+//!
+//! The LB ABI has no per-response callback; an HTTP filter of the same `.so`, placed before
+//! the router, sees every response and runs on the worker thread that chose the host, so the
+//! two meet in the worker's [`Streams`] (a thread-local in `crate::ffi`). Per request:
+//!
+//! - request headers: any client-sent [`STREAM_HEADER`] is replaced by the filter's own id
+//!   (a client cannot steer another stream's pick);
+//! - response headers: the status (a gRPC response's `grpc-status`, mapped as Envoy maps it,
+//!   when present; else its trailers are awaited) and the latency to the response headers
+//!   complete the pick; a sticky session's cookie is set; when the policy refused the request
+//!   (the LB answered no host, Envoy a 503), the reply becomes the wasm filter's 429 with
+//!   `retry-after` or 503 with `x-fulcrum-reason`;
+//! - response trailers: a gRPC status that came only there completes the pick;
+//! - stream end: a pick still open (no response: reset, timeout before headers) completes as
+//!   a reset.
+//!
+//! Envoy's router answers an upstream timeout with a local 504 and a connection failure with
+//! a local 503; both pass through this filter as responses, which the core counts as the
+//! gateway errors they are.
+
+use std::{net::IpAddr, time::Duration};
+
+use fulcrum_core::{Rejection, service::grpc_http_status};
+
+pub use crate::balancer::STREAM_HEADER;
+use crate::balancer::{Response, Streams};
+
+/// What one request's filter remembers between callbacks.
+#[derive(Debug, Default)]
+pub struct OutcomeFilter {
+    /// The stream's id in the worker's [`Streams`], while open.
+    stream: Option<u64>,
+    /// The HTTP status of a gRPC response whose `grpc-status` is awaited in its trailers,
+    /// with the latency to its headers.
+    awaiting_trailers: Option<(u16, Duration)>,
+}
+
+/// How the response headers are to be changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct HeaderChanges {
+    /// Replace `:status` with this.
+    pub status: Option<u16>,
+    /// Headers to set (replacing any value).
+    pub set: Vec<(&'static str, String)>,
+    /// A `Set-Cookie` to add.
+    pub set_cookie: Option<String>,
+}
+
+/// The response headers the filter reads.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct ResponseHead<'a> {
+    /// `:status`.
+    pub status: Option<&'a str>,
+    /// `content-type`.
+    pub content_type: Option<&'a str>,
+    /// `grpc-status`.
+    pub grpc_status: Option<&'a str>,
+}
+
+impl OutcomeFilter {
+    /// Request headers: opens the stream; returns the id to write into [`STREAM_HEADER`]
+    /// (`None` when the worker tracks too many streams: the header is then removed).
+    pub fn on_request(
+        &mut self,
+        streams: &mut Streams,
+        now: Duration,
+        source_ip: Option<IpAddr>,
+    ) -> Option<u64> {
+        self.stream = streams.open(now, source_ip);
+        self.stream
+    }
+
+    /// Response headers: what to change in them; completes the pick unless a gRPC status is
+    /// awaited in the trailers.
+    pub fn on_response_headers(
+        &mut self,
+        streams: &mut Streams,
+        head: ResponseHead<'_>,
+        end_of_stream: bool,
+        now: Duration,
+    ) -> HeaderChanges {
+        let Some(id) = self.stream else {
+            return HeaderChanges::default();
+        };
+        let Some(stream) = streams.get_mut(id) else {
+            return HeaderChanges::default();
+        };
+        let mut changes = HeaderChanges {
+            set_cookie: stream.pick.as_mut().and_then(|pick| pick.set_cookie.take()),
+            ..HeaderChanges::default()
+        };
+        if let Some(rejection) = stream.rejection {
+            reply_for(rejection, &mut changes);
+        }
+        let status = head.status.and_then(parse_status);
+        let latency = now.saturating_sub(stream.started);
+        let is_grpc = head
+            .content_type
+            .is_some_and(|content_type| content_type.starts_with("application/grpc"));
+        let grpc = head.grpc_status.and_then(parse_grpc_status);
+        match (is_grpc, grpc) {
+            (true, Some(code)) => {
+                self.finish(streams, Some(grpc_http_status(code)), false, latency, now)
+            }
+            (true, None) if !end_of_stream => {
+                self.awaiting_trailers = Some((status.unwrap_or(200), latency));
+            }
+            _ => self.finish(streams, status, false, latency, now),
+        }
+        changes
+    }
+
+    /// Response trailers: a gRPC status there completes the pick.
+    pub fn on_response_trailers(
+        &mut self,
+        streams: &mut Streams,
+        grpc_status: Option<&str>,
+        now: Duration,
+    ) {
+        let Some((status, latency)) = self.awaiting_trailers.take() else {
+            return;
+        };
+        let status = grpc_status
+            .and_then(parse_grpc_status)
+            .map_or(status, grpc_http_status);
+        self.finish(streams, Some(status), false, latency, now);
+    }
+
+    /// The stream's end: a pick not yet completed had no (complete) response.
+    pub fn on_stream_end(&mut self, streams: &mut Streams, now: Duration) {
+        let Some(id) = self.stream else {
+            return;
+        };
+        let (status, latency) = match self.awaiting_trailers.take() {
+            Some((status, latency)) => (Some(status), latency),
+            None => (
+                None,
+                streams
+                    .get_mut(id)
+                    .map_or(Duration::ZERO, |stream| now.saturating_sub(stream.started)),
+            ),
+        };
+        self.finish(streams, status, true, latency, now);
+    }
+
+    fn finish(
+        &mut self,
+        streams: &mut Streams,
+        status: Option<u16>,
+        reset: bool,
+        latency: Duration,
+        now: Duration,
+    ) {
+        let Some(mut stream) = self.stream.take().and_then(|id| streams.close(id)) else {
+            return;
+        };
+        stream.complete(
+            &Response {
+                status,
+                reset,
+                latency,
+            },
+            now,
+        );
+    }
+}
+
+/// The wasm filter's local reply for a refusal, over Envoy's `no healthy upstream` 503.
+fn reply_for(rejection: Rejection, changes: &mut HeaderChanges) {
+    changes
+        .set
+        .push(("x-fulcrum-reason", rejection.reason().to_owned()));
+    if let Rejection::RateLimited { retry_after } = rejection {
+        let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+        changes.status = Some(429);
+        changes
+            .set
+            .push(("retry-after", seconds.max(1).to_string()));
+    }
+}
+
+/// A `:status` of three digits; anything else is not trusted.
+fn parse_status(value: &str) -> Option<u16> {
+    (value.len() == 3 && value.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| value.parse().ok())
+        .flatten()
+}
+
+/// A `grpc-status` code (digits, at most 2).
+fn parse_grpc_status(value: &str) -> Option<u64> {
+    (!value.is_empty() && value.len() <= 2 && value.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| value.parse().ok())
+        .flatten()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{
+        balancer::{Cluster, Counters, Event, RequestContext, WorkerLb},
+        config::parse_policy,
+        hosts::test_hosts::{TestHost, TestHosts},
+    };
+
+    #[derive(Debug)]
+    struct NoCounters;
+
+    impl Counters for NoCounters {
+        fn count(&self, _event: Event) {}
+    }
+
+    struct Request(u64);
+
+    impl RequestContext for Request {
+        fn header(&self, name: &str) -> Option<String> {
+            (name == STREAM_HEADER).then(|| self.0.to_string())
+        }
+        fn refuses(&self, _priority: u32, _index: usize) -> bool {
+            false
+        }
+    }
+
+    /// A worker over one host, and a stream picked on it: the filter, the streams and the
+    /// cluster, to see what a response does to the host's breaker.
+    fn picked_stream() -> (OutcomeFilter, Streams, Arc<Cluster>) {
+        let hosts = TestHosts::one_priority(vec![TestHost::healthy("10.0.0.1:80")]);
+        let policy = parse_policy(br#"{"outlier_detection": {"consecutive_failures": 5}}"#)
+            .expect("a valid policy");
+        let cluster = Arc::new(Cluster::new(policy, 1, Box::new(NoCounters)));
+        let mut worker = WorkerLb::new(Arc::clone(&cluster), &hosts);
+        let mut streams = Streams::default();
+        let mut filter = OutcomeFilter::default();
+        let id = filter
+            .on_request(&mut streams, Duration::ZERO, None)
+            .expect("a stream");
+        worker
+            .choose(&hosts, &Request(id), &mut streams, Duration::ZERO)
+            .expect("the host");
+        (filter, streams, cluster)
+    }
+
+    fn grpc_head(grpc_status: Option<&str>) -> ResponseHead<'_> {
+        ResponseHead {
+            status: Some("200"),
+            content_type: Some("application/grpc"),
+            grpc_status,
+        }
+    }
+
+    fn failing(cluster: &Cluster) -> bool {
+        cluster.with_picker(|picker| picker.knows_of_failures())
+    }
+
+    fn inflight(cluster: &Cluster) -> u32 {
+        cluster.with_picker(|picker| picker.endpoints().map(|view| view.inflight).sum())
+    }
+
+    #[test]
+    fn a_grpc_call_is_judged_by_the_status_in_its_trailers() {
+        let (mut filter, mut streams, cluster) = picked_stream();
+
+        filter.on_response_headers(
+            &mut streams,
+            grpc_head(None),
+            false,
+            Duration::from_millis(2),
+        );
+        assert_eq!(inflight(&cluster), 1, "the status is still to come");
+        filter.on_response_trailers(&mut streams, Some("14"), Duration::from_millis(3));
+
+        assert_eq!(inflight(&cluster), 0);
+        assert!(failing(&cluster), "UNAVAILABLE is a failure");
+    }
+
+    #[test]
+    fn a_successful_grpc_call_counts_no_failure() {
+        let (mut filter, mut streams, cluster) = picked_stream();
+
+        filter.on_response_headers(
+            &mut streams,
+            grpc_head(None),
+            false,
+            Duration::from_millis(2),
+        );
+        filter.on_response_trailers(&mut streams, Some("0"), Duration::from_millis(3));
+        filter.on_stream_end(&mut streams, Duration::from_millis(4));
+
+        assert_eq!(inflight(&cluster), 0);
+        assert!(!failing(&cluster));
+    }
+
+    #[test]
+    fn a_trailers_only_grpc_failure_completes_at_the_headers() {
+        let (mut filter, mut streams, cluster) = picked_stream();
+
+        filter.on_response_headers(
+            &mut streams,
+            grpc_head(Some("14")),
+            true,
+            Duration::from_millis(2),
+        );
+
+        assert_eq!(inflight(&cluster), 0);
+        assert!(failing(&cluster));
+    }
+
+    #[test]
+    fn a_stream_reset_before_its_response_is_a_failure() {
+        let (mut filter, mut streams, cluster) = picked_stream();
+
+        filter.on_stream_end(&mut streams, Duration::from_millis(7));
+
+        assert_eq!(inflight(&cluster), 0);
+        assert!(failing(&cluster));
+    }
+
+    #[test]
+    fn a_status_must_be_three_digits() {
+        assert_eq!(parse_status("503"), Some(503));
+        assert_eq!(parse_status("50"), None);
+        assert_eq!(parse_status("5x3"), None);
+        assert_eq!(parse_status("2000"), None);
+    }
+
+    #[test]
+    fn a_grpc_status_must_be_a_small_number() {
+        assert_eq!(parse_grpc_status("14"), Some(14));
+        assert_eq!(parse_grpc_status("0"), Some(0));
+        assert_eq!(parse_grpc_status(""), None);
+        assert_eq!(parse_grpc_status("140"), None);
+    }
+
+    #[test]
+    fn a_rate_limited_refusal_becomes_a_429_with_retry_after_in_whole_seconds() {
+        let mut changes = HeaderChanges::default();
+        reply_for(
+            Rejection::RateLimited {
+                retry_after: Duration::from_millis(1200),
+            },
+            &mut changes,
+        );
+        assert_eq!(changes.status, Some(429));
+        assert_eq!(
+            changes.set,
+            [
+                ("x-fulcrum-reason", "rate_limited".to_owned()),
+                ("retry-after", "2".to_owned())
+            ]
+        );
+    }
+
+    #[test]
+    fn a_request_without_an_open_stream_changes_nothing() {
+        let mut filter = OutcomeFilter::default();
+        let mut streams = Streams::default();
+        let changes = filter.on_response_headers(
+            &mut streams,
+            ResponseHead {
+                status: Some("200"),
+                ..ResponseHead::default()
+            },
+            true,
+            Duration::ZERO,
+        );
+        assert_eq!(changes, HeaderChanges::default());
+    }
+
+    #[test]
+    fn a_stream_is_closed_by_its_response_or_its_end() {
+        let mut streams = Streams::default();
+        let mut answered = OutcomeFilter::default();
+        answered.on_request(&mut streams, Duration::ZERO, None);
+        let mut reset = OutcomeFilter::default();
+        reset.on_request(&mut streams, Duration::ZERO, None);
+        assert_eq!(streams.len(), 2);
+
+        answered.on_response_headers(
+            &mut streams,
+            ResponseHead {
+                status: Some("200"),
+                ..ResponseHead::default()
+            },
+            false,
+            Duration::from_millis(5),
+        );
+        reset.on_stream_end(&mut streams, Duration::from_millis(9));
+
+        assert!(streams.is_empty());
+    }
+}
