@@ -299,6 +299,11 @@ mod tests {
         },
     };
     use envoy_types::pb::{
+        envoy::config::common::mutation_rules::v3::header_mutation::Action,
+        envoy::extensions::filters::{
+            http::header_mutation::v3::HeaderMutation,
+            network::http_connection_manager::v3::http_filter,
+        },
         envoy::extensions::load_balancing_policies::dynamic_modules::v3::DynamicModulesLoadBalancerConfig,
         google::protobuf::{StringValue, value::Kind},
     };
@@ -563,9 +568,23 @@ mod tests {
                 .as_slice(),
         )
         .expect("http protocol options");
-        assert!(
-            options.http_filters.is_empty(),
-            "no override header to strip"
+        let strip = HeaderMutation::decode(
+            options.http_filters[0]
+                .config_type
+                .as_ref()
+                .map(|config| match config {
+                    http_filter::ConfigType::TypedConfig(any) => any.value.as_slice(),
+                    other => panic!("expected a typed config, got {other:?}"),
+                })
+                .expect("a config"),
+        )
+        .expect("header mutation");
+        assert_eq!(
+            strip.mutations.expect("mutations").request_mutations[0].action,
+            Some(Action::Remove(
+                fulcrum_core::NATIVE_STREAM_HEADER.to_owned()
+            )),
+            "the stream header is stripped after host selection, not the override header"
         );
 
         let (name, _) = cluster_policy(&current, "wasm");

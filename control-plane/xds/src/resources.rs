@@ -68,12 +68,12 @@ use envoy_types::pb::{
 };
 use envoy_types::util::pack_any;
 use fulcrum_core::{
-    Endpoint, Health, NATIVE_LB_POLICY, NATIVE_MODULE, OVERRIDE_HEADER, ServiceEndpoints,
-    UpstreamProtocol, endpoint::scalar_metadata,
+    Endpoint, Health, NATIVE_LB_POLICY, NATIVE_MODULE, NATIVE_STREAM_HEADER, OVERRIDE_HEADER,
+    ServiceEndpoints, UpstreamProtocol, endpoint::scalar_metadata,
 };
 
 /// The `filter_metadata` namespace endpoint attributes are published under.
-pub const METADATA_NAMESPACE: &str = "fulcrum";
+pub const METADATA_NAMESPACE: &str = scalar_metadata::NAMESPACE;
 const HTTP_PROTOCOL_OPTIONS_KEY: &str = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions";
 
 /// Settings shared by every generated cluster. The defaults suit fulcrum's filter.
@@ -128,8 +128,9 @@ pub enum Balancing<'a> {
     OverrideHost,
     /// fulcrum's native module is the cluster's policy
     /// (`envoy.load_balancing_policies.dynamic_modules`), configured with `policy`, the
-    /// service's policy as JSON: Envoy asks the module for the host, so there is no header to
-    /// honour or strip.
+    /// service's policy as JSON: Envoy asks the module for the host. The module's outcome
+    /// filter names each request's stream in [`NATIVE_STREAM_HEADER`], which the cluster
+    /// strips after host selection.
     Native {
         /// The service's [`fulcrum_core::ServicePolicy`] as JSON.
         policy: &'a str,
@@ -158,7 +159,7 @@ pub fn cluster(
                 "envoy.load_balancing_policies.override_host",
                 pack_any(override_host()),
             ),
-            strip_override_header_filters(),
+            strip_header_filters(OVERRIDE_HEADER),
             // Draining endpoints stay reachable through the override header, so sticky
             // sessions finish on them; new picks skip them in the filter.
             Some(HealthStatusSet {
@@ -178,7 +179,7 @@ pub fn cluster(
                 "envoy.load_balancing_policies.dynamic_modules",
                 pack_any(native_policy(policy)),
             ),
-            Vec::new(),
+            strip_header_filters(NATIVE_STREAM_HEADER),
             None,
         ),
     };
@@ -243,14 +244,14 @@ fn override_host() -> OverrideHost {
     }
 }
 
-/// The upstream filter chain that removes [`OVERRIDE_HEADER`] after host selection, so the
-/// upstream never sees it. (A route-level `request_headers_to_remove` would run before load
-/// balancing and disable the override.)
-fn strip_override_header_filters() -> Vec<HttpFilter> {
-    let strip_override_header = HeaderMutation {
+/// The upstream filter chain that removes `header` (the override header, or the native
+/// module's stream header) after host selection, so the upstream never sees it. (A
+/// route-level `request_headers_to_remove` would run before load balancing, which reads it.)
+fn strip_header_filters(header: &str) -> Vec<HttpFilter> {
+    let strip_header = HeaderMutation {
         mutations: Some(Mutations {
             request_mutations: vec![HeaderMutationRule {
-                action: Some(Action::Remove(OVERRIDE_HEADER.to_owned())),
+                action: Some(Action::Remove(header.to_owned())),
             }],
             ..Default::default()
         }),
@@ -259,9 +260,7 @@ fn strip_override_header_filters() -> Vec<HttpFilter> {
     vec![
         HttpFilter {
             name: "envoy.filters.http.header_mutation".to_owned(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(
-                strip_override_header,
-            ))),
+            config_type: Some(http_filter::ConfigType::TypedConfig(pack_any(strip_header))),
             ..Default::default()
         },
         HttpFilter {

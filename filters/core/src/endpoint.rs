@@ -72,6 +72,9 @@ pub const REGION_KEY: &str = "topology.kubernetes.io/region";
 /// plane writes both forms; a tag or capability containing a comma cannot be told apart from
 /// two in the joined form.
 pub mod scalar_metadata {
+    /// The `filter_metadata` namespace an endpoint's fulcrum attributes are published under
+    /// in Envoy's configuration (the lists and struct, and these scalars beside them).
+    pub const NAMESPACE: &str = "fulcrum";
     /// The endpoint's tags, comma-joined in order.
     pub const TAGS: &str = "tags_csv";
     /// The endpoint's capabilities, comma-joined in order.

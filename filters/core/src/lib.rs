@@ -31,6 +31,11 @@ pub const NATIVE_LB_POLICY: &str = "fulcrum";
 /// it reports each response's outcome to the load-balancing policy that picked.
 pub const NATIVE_OUTCOME_FILTER: &str = "fulcrum_outcomes";
 
+/// The request header [`NATIVE_OUTCOME_FILTER`] names a request's stream in for the module's
+/// `choose_host`; the control plane's native clusters remove it after host selection, so the
+/// upstream never sees it.
+pub const NATIVE_STREAM_HEADER: &str = "x-fulcrum-stream";
+
 pub mod breaker;
 pub mod diagnostics;
 pub mod distribution;

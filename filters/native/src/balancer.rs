@@ -42,6 +42,7 @@
 
 use std::{
     collections::HashMap,
+    hash::{BuildHasher, RandomState},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
@@ -55,7 +56,7 @@ use fulcrum_core::{
 use crate::hosts::{HostIndex, HostSet, read_hosts};
 
 /// The request header the outcome filter names its stream in, for `choose_host` to find.
-pub const STREAM_HEADER: &str = "x-fulcrum-stream";
+pub const STREAM_HEADER: &str = fulcrum_core::NATIVE_STREAM_HEADER;
 
 /// Most streams one worker tracks at once; a stream opened beyond is not tracked (its pick
 /// is released at once and counted as unobserved), so memory stays bounded whatever the load.
@@ -233,9 +234,15 @@ impl Stream {
 }
 
 /// The streams one worker's outcome filter follows, by id.
+///
+/// Ids are a keyed hash of a counter (SipHash under the process's random keys, which
+/// `RandomState` draws from the OS), not the counter: where a listener lacks the outcome
+/// filter, a client-sent [`STREAM_HEADER`] reaches `choose_host` as it is, and must not be
+/// able to name another request's open stream.
 #[derive(Debug, Default)]
 pub struct Streams {
     next: u64,
+    keys: RandomState,
     open: HashMap<u64, Stream>,
 }
 
@@ -245,8 +252,14 @@ impl Streams {
         if self.open.len() >= MAX_STREAMS {
             return None;
         }
-        self.next = self.next.wrapping_add(1);
-        let id = self.next;
+        let id = loop {
+            self.next = self.next.wrapping_add(1);
+            let id = self.keys.hash_one(self.next);
+            // Two ids of 64 random-looking bits collide about never; an open one is skipped.
+            if !self.open.contains_key(&id) {
+                break id;
+            }
+        };
         self.open.insert(
             id,
             Stream {

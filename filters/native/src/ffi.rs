@@ -56,9 +56,9 @@ use crate::{
 /// The ABI version Envoy 1.40 expects from `envoy_dynamic_module_on_program_init`.
 const ABI_VERSION: &std::ffi::CStr = c"v0.2.0";
 /// The `lb_policy_name` a cluster names fulcrum's policy by.
-const LB_POLICY_NAME: &str = "fulcrum";
+const LB_POLICY_NAME: &str = fulcrum_core::NATIVE_LB_POLICY;
 /// The `filter_name` of the outcome filter.
-const FILTER_NAME: &str = "fulcrum_outcomes";
+const FILTER_NAME: &str = fulcrum_core::NATIVE_OUTCOME_FILTER;
 
 /// `envoy_dynamic_module_type_envoy_buffer`: bytes owned by Envoy, valid for the callback.
 #[repr(C)]

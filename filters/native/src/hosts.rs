@@ -22,7 +22,7 @@ use std::{collections::HashMap, net::SocketAddr};
 use fulcrum_core::{Endpoint, Health, ServicePolicy, endpoint::REGION_KEY};
 
 /// The `filter_metadata` namespace of an endpoint's fulcrum attributes.
-pub const METADATA_NAMESPACE: &str = "fulcrum";
+pub const METADATA_NAMESPACE: &str = fulcrum_core::endpoint::scalar_metadata::NAMESPACE;
 use fulcrum_core::endpoint::scalar_metadata::{
     CAPABILITIES as CAPABILITIES_KEY, METADATA_PREFIX as METADATA_KEY_PREFIX, TAGS as TAGS_KEY,
 };
