@@ -102,8 +102,8 @@ use std::{
 };
 
 use fulcrum_core::{
-    Outcome, Rejection, RequestAttributes, RequestNeeds, RetryTargets, Served,
-    service::grpc_http_status,
+    Outcome, Rejection, RequestInputs, RetryTargets, Served,
+    service::{RequestHeader, grpc_http_status},
 };
 use proxy_wasm::{
     hostcalls,
@@ -265,7 +265,18 @@ impl Request {
             // looked. One read, only while a run of failures is known.
             let _ = service.adopt_shared_ejections(now, metrics);
         }
-        let inputs = RequestInputs::read(service.picker.request_needs(), metrics);
+        let inputs = RequestInputs::read(
+            service.picker.request_needs(),
+            |name, which| {
+                let input = match which {
+                    RequestHeader::HashHeader => Input::HashHeader,
+                    RequestHeader::Cookie => Input::Cookie,
+                    RequestHeader::ClientKey => Input::ClientKey,
+                };
+                input::request_header(name, input, metrics)
+            },
+            || source_ip(metrics),
+        );
         let attributes = inputs.attributes();
         let explain = self.asks_for_explanation();
         let picked = if explain {
@@ -543,52 +554,6 @@ impl HttpContext for PassThrough {
     }
 }
 
-/// The request attributes a policy reads, copied out of the request once.
-#[derive(Debug, Default)]
-struct RequestInputs {
-    hash_header: Option<String>,
-    cookies: Option<String>,
-    hash_cookie_name: Option<String>,
-    sticky_cookie_name: Option<String>,
-    source_ip: Option<IpAddr>,
-    client_key: Option<String>,
-}
-
-impl RequestInputs {
-    fn read(needs: RequestNeeds<'_>, metrics: &Metrics) -> Self {
-        let header = |name: Option<&str>, input| {
-            name.and_then(|name| input::request_header(name, input, metrics))
-        };
-        let wants_cookies = needs.hash_cookie.is_some() || needs.sticky_cookie.is_some();
-        Self {
-            hash_header: header(needs.hash_header, Input::HashHeader),
-            cookies: header(wants_cookies.then_some("cookie"), Input::Cookie),
-            hash_cookie_name: needs.hash_cookie.map(str::to_owned),
-            sticky_cookie_name: needs.sticky_cookie.map(str::to_owned),
-            source_ip: if needs.source_ip {
-                source_ip(metrics)
-            } else {
-                None
-            },
-            client_key: header(needs.client_key_header, Input::ClientKey),
-        }
-    }
-
-    fn attributes(&self) -> RequestAttributes<'_> {
-        let cookie = |name: &Option<String>| {
-            let (cookies, name) = (self.cookies.as_deref()?, name.as_deref()?);
-            cookie_value(cookies, name)
-        };
-        RequestAttributes {
-            hash_header: self.hash_header.as_deref(),
-            hash_cookie: cookie(&self.hash_cookie_name),
-            source_ip: self.source_ip,
-            sticky_cookie: cookie(&self.sticky_cookie_name),
-            client_key: self.client_key.as_deref(),
-        }
-    }
-}
-
 /// The downstream IP (`source.address` is `ip:port`, or an IP); anything else (a pipe path)
 /// is unusable and counted.
 fn source_ip(metrics: &Metrics) -> Option<IpAddr> {
@@ -619,14 +584,6 @@ pub fn strip_port(authority: &str) -> &str {
     }
 }
 
-/// The value of cookie `name` in a `Cookie` header (`a=1; b=2`).
-pub fn cookie_value<'a>(cookies: &'a str, name: &str) -> Option<&'a str> {
-    cookies.split(';').find_map(|pair| {
-        let (key, value) = pair.trim().split_once('=')?;
-        (key == name).then(|| value.trim_matches('"'))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -637,16 +594,5 @@ mod tests {
         assert_eq!(strip_port("checkout"), "checkout");
         assert_eq!(strip_port("[::1]:80"), "::1");
         assert_eq!(strip_port("::1"), "::1");
-    }
-
-    #[test]
-    fn finds_a_cookie_among_several() {
-        assert_eq!(
-            cookie_value("a=1; fulcrum-session=abc; b=2", "fulcrum-session"),
-            Some("abc")
-        );
-        assert_eq!(cookie_value("a=1;b=\"q\"", "b"), Some("q"));
-        assert_eq!(cookie_value("a=1", "b"), None);
-        assert_eq!(cookie_value("", "b"), None);
     }
 }

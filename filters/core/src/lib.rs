@@ -63,8 +63,8 @@ mod test_support;
 mod tests;
 
 pub use service::{
-    EndpointView, Outcome, Pick, PickExplanation, Rejection, RequestAttributes, RequestNeeds,
-    RetryTargets, Served, ServicePicker, Transition, Transitions,
+    EndpointView, Outcome, Pick, PickExplanation, Rejection, RequestAttributes, RequestInputs,
+    RequestNeeds, RetryTargets, Served, ServicePicker, Transition, Transitions,
 };
 
 pub use breaker::BreakerState;

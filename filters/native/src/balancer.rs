@@ -49,8 +49,8 @@ use std::{
 };
 
 use fulcrum_core::{
-    Endpoint, Rejection, RequestAttributes, RequestNeeds, RetryTargets, ServicePicker,
-    ServicePolicy, rng::SplitMix64,
+    Endpoint, Rejection, RequestInputs, RequestNeeds, RetryTargets, ServicePicker, ServicePolicy,
+    rng::SplitMix64,
 };
 
 use crate::hosts::{HostIndex, HostSet, read_hosts};
@@ -389,7 +389,11 @@ impl WorkerLb {
         now: Duration,
     ) -> Picked {
         let cluster = Arc::clone(&self.cluster);
-        let inputs = RequestInputs::read(request, stream, &cluster.needs);
+        let inputs = RequestInputs::read(
+            cluster.needs.borrowed(),
+            |name, _| request.header(name),
+            || stream.and_then(|stream| stream.source_ip),
+        );
         let picked = {
             let mut state = cluster.lock();
             let ClusterState { picker, rng, .. } = &mut *state;
@@ -496,6 +500,17 @@ struct Needs {
 }
 
 impl Needs {
+    /// The needs as the core states them, borrowed from these.
+    fn borrowed(&self) -> RequestNeeds<'_> {
+        RequestNeeds {
+            hash_header: self.hash_header.as_deref(),
+            hash_cookie: self.hash_cookie.as_deref(),
+            source_ip: self.source_ip,
+            sticky_cookie: self.sticky_cookie.as_deref(),
+            client_key_header: self.client_key_header.as_deref(),
+        }
+    }
+
     fn of(needs: RequestNeeds<'_>) -> Self {
         Self {
             hash_header: needs.hash_header.map(str::to_owned),
@@ -505,58 +520,6 @@ impl Needs {
             client_key_header: needs.client_key_header.map(str::to_owned),
         }
     }
-}
-
-/// The request attributes a policy reads, copied out of the request once.
-#[derive(Debug, Default)]
-struct RequestInputs {
-    hash_header: Option<String>,
-    cookies: Option<String>,
-    hash_cookie_name: Option<String>,
-    sticky_cookie_name: Option<String>,
-    source_ip: Option<IpAddr>,
-    client_key: Option<String>,
-}
-
-impl RequestInputs {
-    fn read(request: &impl RequestContext, stream: Option<&Stream>, needs: &Needs) -> Self {
-        let header = |name: &Option<String>| name.as_deref().and_then(|name| request.header(name));
-        let wants_cookies = needs.hash_cookie.is_some() || needs.sticky_cookie.is_some();
-        Self {
-            hash_header: header(&needs.hash_header),
-            cookies: wants_cookies.then(|| request.header("cookie")).flatten(),
-            hash_cookie_name: needs.hash_cookie.clone(),
-            sticky_cookie_name: needs.sticky_cookie.clone(),
-            source_ip: if needs.source_ip {
-                stream.and_then(|stream| stream.source_ip)
-            } else {
-                None
-            },
-            client_key: header(&needs.client_key_header),
-        }
-    }
-
-    fn attributes(&self) -> RequestAttributes<'_> {
-        let cookie = |name: &Option<String>| {
-            let (cookies, name) = (self.cookies.as_deref()?, name.as_deref()?);
-            cookie_value(cookies, name)
-        };
-        RequestAttributes {
-            hash_header: self.hash_header.as_deref(),
-            hash_cookie: cookie(&self.hash_cookie_name),
-            source_ip: self.source_ip,
-            sticky_cookie: cookie(&self.sticky_cookie_name),
-            client_key: self.client_key.as_deref(),
-        }
-    }
-}
-
-/// The value of cookie `name` in a `Cookie` header (`a=1; b=2`).
-fn cookie_value<'a>(cookies: &'a str, name: &str) -> Option<&'a str> {
-    cookies.split(';').find_map(|pair| {
-        let (key, value) = pair.trim().split_once('=')?;
-        (key == name).then(|| value.trim_matches('"'))
-    })
 }
 
 #[cfg(test)]

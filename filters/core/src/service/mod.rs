@@ -51,7 +51,10 @@ pub use self::{
         ChosenBy, Exclusions, ExplainedEndpoint, MAX_EXPLANATION_BYTES, PickExplanation, TRUNCATED,
     },
     outcome::{Outcome, Served, Transition, Transitions, grpc_http_status},
-    request::{Pick, Rejection, RequestAttributes, RequestNeeds},
+    request::{
+        Pick, Rejection, RequestAttributes, RequestHeader, RequestInputs, RequestNeeds,
+        cookie_value,
+    },
     retry::RetryTargets,
     slots::EndpointView,
 };

@@ -41,6 +41,80 @@ pub struct RequestNeeds<'a> {
     pub client_key_header: Option<&'a str>,
 }
 
+/// A request header a policy reads, for a data plane that counts unusable values per input.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestHeader {
+    /// The hash-on header ([`RequestNeeds::hash_header`]).
+    HashHeader,
+    /// `cookie`, for a hash-on or sticky cookie.
+    Cookie,
+    /// The rate limit's client key header ([`RequestNeeds::client_key_header`]).
+    ClientKey,
+}
+
+/// The request attributes a policy reads, copied out of the request once, so that
+/// [`RequestAttributes`] can borrow them: the one reading of a request both data planes
+/// share (the wasm filter through proxy-wasm, the native module through Envoy's LB context).
+#[derive(Debug, Default)]
+pub struct RequestInputs {
+    hash_header: Option<String>,
+    cookies: Option<String>,
+    hash_cookie_name: Option<String>,
+    sticky_cookie_name: Option<String>,
+    source_ip: Option<IpAddr>,
+    client_key: Option<String>,
+}
+
+impl RequestInputs {
+    /// Reads what `needs` asks and nothing else: `header(name, which)` answers a request
+    /// header's value (`None` when absent or unusable), `source_ip()` the downstream IP,
+    /// asked only when the policy hashes on it.
+    pub fn read(
+        needs: RequestNeeds<'_>,
+        mut header: impl FnMut(&str, RequestHeader) -> Option<String>,
+        source_ip: impl FnOnce() -> Option<IpAddr>,
+    ) -> Self {
+        let wants_cookies = needs.hash_cookie.is_some() || needs.sticky_cookie.is_some();
+        Self {
+            hash_header: needs
+                .hash_header
+                .and_then(|name| header(name, RequestHeader::HashHeader)),
+            cookies: wants_cookies
+                .then(|| header("cookie", RequestHeader::Cookie))
+                .flatten(),
+            hash_cookie_name: needs.hash_cookie.map(str::to_owned),
+            sticky_cookie_name: needs.sticky_cookie.map(str::to_owned),
+            source_ip: if needs.source_ip { source_ip() } else { None },
+            client_key: needs
+                .client_key_header
+                .and_then(|name| header(name, RequestHeader::ClientKey)),
+        }
+    }
+
+    /// The attributes for [`ServicePicker::pick`](crate::ServicePicker::pick), borrowed.
+    pub fn attributes(&self) -> RequestAttributes<'_> {
+        let cookie = |name: &Option<String>| {
+            let (cookies, name) = (self.cookies.as_deref()?, name.as_deref()?);
+            cookie_value(cookies, name)
+        };
+        RequestAttributes {
+            hash_header: self.hash_header.as_deref(),
+            hash_cookie: cookie(&self.hash_cookie_name),
+            source_ip: self.source_ip,
+            sticky_cookie: cookie(&self.sticky_cookie_name),
+            client_key: self.client_key.as_deref(),
+        }
+    }
+}
+
+/// The value of cookie `name` in a `Cookie` header (`a=1; b=2`), quotes removed.
+pub fn cookie_value<'a>(cookies: &'a str, name: &str) -> Option<&'a str> {
+    cookies.split(';').find_map(|pair| {
+        let (key, value) = pair.trim().split_once('=')?;
+        (key == name).then(|| value.trim_matches('"'))
+    })
+}
+
 /// Where to send a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Pick {
@@ -95,5 +169,43 @@ impl Rejection {
                 action: OnNoEndpoint::FailOpen
             }
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cookie_is_found_by_name_among_others_and_unquoted() {
+        assert_eq!(
+            cookie_value("a=1; fulcrum-session=abc; b=2", "fulcrum-session"),
+            Some("abc")
+        );
+        assert_eq!(cookie_value("a=1;b=\"q\"", "b"), Some("q"));
+        assert_eq!(cookie_value("a=1", "b"), None);
+        assert_eq!(cookie_value("", "b"), None);
+    }
+
+    #[test]
+    fn only_what_the_policy_needs_is_read() {
+        let needs = RequestNeeds {
+            sticky_cookie: Some("s"),
+            ..RequestNeeds::default()
+        };
+        let mut asked = Vec::new();
+        let inputs = RequestInputs::read(
+            needs,
+            |name, which| {
+                asked.push((name.to_owned(), which));
+                Some("a=1; s=\"tok\"".to_owned())
+            },
+            || panic!("the source IP is not needed"),
+        );
+        assert_eq!(asked, [("cookie".to_owned(), RequestHeader::Cookie)]);
+        let attributes = inputs.attributes();
+        assert_eq!(attributes.sticky_cookie, Some("tok"));
+        assert_eq!(attributes.hash_cookie, None);
+        assert_eq!(attributes.hash_header, None);
     }
 }

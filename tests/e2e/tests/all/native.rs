@@ -524,13 +524,17 @@ async fn a_flapping_endpoint_is_ejected_in_its_failing_phases() {
             ..Fault::default()
         })
         .unwrap();
+    // Ejections (100 ms, growing with each re-ejection but capped at 200 ms) stay shorter
+    // than half a flap period, so whatever phase the flapper is in when Envoy is up, a probe
+    // reaches each of its healthy phases.
     let proxy = proxy(
         &backends,
         json!({
             "load_balancer": {"type": "round_robin"},
             "outlier_detection": {
                 "consecutive_failures": 2,
-                "base_ejection_time": "300ms",
+                "base_ejection_time": "100ms",
+                "max_ejection_time": "200ms",
                 "ejection_jitter_percent": 0,
                 "max_ejection_percent": 50
             }
