@@ -3,16 +3,19 @@
 //!
 //! Follows go-control-plane's `pkg/cache/v3`: the cache builds and versions resources and
 //! never touches a stream; the server only reads what the cache published. Each resource is
-//! encoded once into an `Any` behind an `Arc`, and a resource whose content did not change
-//! keeps the very same `Arc` across snapshots, so churn in one service neither rebuilds nor
-//! resends the others.
+//! encoded once into an `Any`'s bytes behind an `Arc`, and a resource whose content did not
+//! change keeps the very same `Arc` across snapshots, so churn in one service neither rebuilds
+//! nor resends the others. The streams send those bytes themselves (`server::wire`): a
+//! resource is in memory once however many Envoys receive it.
 
 use std::{collections::BTreeMap, sync::Arc};
 
-use envoy_types::pb::google::protobuf::Any;
+use bytes::Bytes;
 use envoy_types::util::pack_any;
 use fulcrum_core::{ServiceEndpoints, Snapshot, version::content_version};
 use tokio::{sync::watch, time::Instant};
+
+use prost::Message;
 
 use crate::{
     resources::{self, ClusterOptions},
@@ -70,8 +73,40 @@ pub struct EncodedResource {
     /// Content version: a hash of what the resource was built from. Equal versions mean
     /// equal resources.
     pub version: String,
-    /// The encoded resource.
-    pub any: Any,
+    /// The resource as an encoded `google.protobuf.Any` (type URL and value): the tail of
+    /// [`entry`](Self::entry), the same allocation.
+    pub any: Bytes,
+    /// [`any`](Self::any) as a length-delimited field 2, its key and length first: one
+    /// element of `DiscoveryResponse.resources` and the `resource` field of a delta
+    /// `Resource`, as prost encodes them. Streams send these bytes themselves.
+    pub entry: Bytes,
+}
+
+impl EncodedResource {
+    /// Resource `name` at `version`, `any` being its encoded `Any`.
+    pub fn new(name: String, version: String, any: &[u8]) -> Self {
+        let mut entry = Vec::with_capacity(1 + prost::length_delimiter_len(any.len()) + any.len());
+        entry.push(FIELD_2_KEY);
+        // A `Vec` grows as needed: encoding the length cannot run out of room.
+        let _ = prost::encode_length_delimiter(any.len(), &mut entry);
+        let offset = entry.len();
+        entry.extend_from_slice(any);
+        let entry = Bytes::from(entry);
+        Self {
+            name,
+            version,
+            any: entry.slice(offset..),
+            entry,
+        }
+    }
+}
+
+#[cfg(test)]
+impl EncodedResource {
+    /// The `Any`, decoded (tests read what streams send).
+    pub(crate) fn unpacked(&self) -> envoy_types::pb::google::protobuf::Any {
+        prost::Message::decode(self.any.clone()).expect("the cache encodes an Any")
+    }
 }
 
 /// Encoded resources of one type, by name.
@@ -151,7 +186,7 @@ fn build(
                 name,
                 cluster_version,
                 summary,
-                || pack_any(resources::cluster(name, options, protocol)),
+                || encode_any(resources::cluster(name, options, protocol)),
             ),
         );
         let endpoints_version = content_version(&[name.as_bytes(), &service_key(service)]);
@@ -162,7 +197,7 @@ fn build(
                 name,
                 endpoints_version,
                 summary,
-                || pack_any(resources::load_assignment(name, service)),
+                || encode_any(resources::load_assignment(name, service)),
             ),
         );
     }
@@ -176,6 +211,14 @@ fn build(
     }
 }
 
+/// `message` packed in an `Any` and encoded.
+fn encode_any(message: impl prost::Name) -> Vec<u8> {
+    pack_any(message).encode_to_vec()
+}
+
+/// The key of field 2, length-delimited (protobuf wire format: number << 3 | type 2).
+pub(crate) const FIELD_2_KEY: u8 = (2 << 3) | 2;
+
 fn service_key(service: &ServiceEndpoints) -> Vec<u8> {
     // Serializing plain structs of BTree collections cannot fail, and the bytes are stable.
     serde_json::to_vec(service).unwrap_or_default()
@@ -186,7 +229,7 @@ fn reuse_or_encode(
     name: &str,
     version: String,
     summary: &mut UpdateSummary,
-    encode: impl FnOnce() -> Any,
+    encode: impl FnOnce() -> Vec<u8>,
 ) -> Arc<EncodedResource> {
     if let Some(existing) = previous
         .and_then(|resources| resources.get(name))
@@ -196,11 +239,7 @@ fn reuse_or_encode(
         return Arc::clone(existing);
     }
     summary.encoded += 1;
-    Arc::new(EncodedResource {
-        name: name.to_owned(),
-        version,
-        any: encode(),
-    })
+    Arc::new(EncodedResource::new(name.to_owned(), version, &encode()))
 }
 
 /// Holds the current [`XdsSnapshot`] and tells the streams when it changes.
@@ -318,14 +357,15 @@ mod tests {
         let current = cache.current().expect("set");
         assert_eq!(current.version, "v1");
         assert_eq!(current.clusters.keys().collect::<Vec<_>>(), ["a", "b"]);
-        let cluster = Cluster::decode(current.clusters["a"].any.value.as_slice()).expect("cluster");
+        let cluster =
+            Cluster::decode(current.clusters["a"].unpacked().value.as_slice()).expect("cluster");
         assert_eq!(cluster.name, "a");
         assert_eq!(
-            current.clusters["a"].any.type_url,
+            current.clusters["a"].unpacked().type_url,
             ResourceType::Cluster.type_url()
         );
         assert_eq!(
-            current.endpoints["b"].any.type_url,
+            current.endpoints["b"].unpacked().type_url,
             ResourceType::Endpoint.type_url()
         );
     }
@@ -392,7 +432,7 @@ mod tests {
     /// The protocol `explicit_http_config` of the encoded cluster of `name`.
     fn cluster_protocol(snapshot: &XdsSnapshot, name: &str) -> ProtocolConfig {
         let cluster =
-            Cluster::decode(snapshot.clusters[name].any.value.as_slice()).expect("cluster");
+            Cluster::decode(snapshot.clusters[name].unpacked().value.as_slice()).expect("cluster");
         let options = HttpProtocolOptions::decode(
             cluster.typed_extension_protocol_options
                 ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
@@ -444,7 +484,8 @@ mod tests {
         let cache = SnapshotCache::new(ClusterOptions::default());
         cache.set(&snapshot("v1", &[("a", service(&["127.0.0.1:1"]))]));
         let current = cache.current().expect("set");
-        let cluster = Cluster::decode(current.clusters["a"].any.value.as_slice()).expect("cluster");
+        let cluster =
+            Cluster::decode(current.clusters["a"].unpacked().value.as_slice()).expect("cluster");
         let thresholds = &cluster
             .circuit_breakers
             .expect("circuit breakers")
@@ -459,7 +500,8 @@ mod tests {
         });
         off.set(&snapshot("v1", &[("a", service(&["127.0.0.1:1"]))]));
         let current = off.current().expect("set");
-        let cluster = Cluster::decode(current.clusters["a"].any.value.as_slice()).expect("cluster");
+        let cluster =
+            Cluster::decode(current.clusters["a"].unpacked().value.as_slice()).expect("cluster");
         assert_eq!(cluster.circuit_breakers, None);
     }
 
@@ -509,8 +551,9 @@ mod tests {
             ..Default::default()
         });
         let current = cache.current().expect("set");
-        let assignment = ClusterLoadAssignment::decode(current.endpoints["a"].any.value.as_slice())
-            .expect("assignment");
+        let assignment =
+            ClusterLoadAssignment::decode(current.endpoints["a"].unpacked().value.as_slice())
+                .expect("assignment");
         let zones: Vec<_> = assignment
             .endpoints
             .iter()
