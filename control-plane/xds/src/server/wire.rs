@@ -18,7 +18,11 @@
 //! difference. Small pieces (field keys, lengths, names, versions, resources under
 //! [`COPY_BELOW`]) are copied into frames of up to 16 KiB between the shared ones: h2
 //! queues every frame of a response at once in a per-connection slab that never shrinks,
-//! so a response is one frame per large resource, not one per field.
+//! so a response is one frame per large resource, not one per field. A message under
+//! [`ONE_FRAME_BELOW`] (a change's push) is copied whole into one frame: h2 writes each
+//! frame it cannot join to the previous one in a write of its own, and a second small write
+//! waits on the peer's delayed ACK (Nagle), which cost every change 40 ms when its push
+//! was three frames.
 
 use std::{
     collections::VecDeque,
@@ -48,6 +52,8 @@ const GRPC_PREFIX: usize = 5;
 pub(crate) const COPY_BELOW: usize = 1024;
 /// A frame of copied pieces is closed at this size, so copies come in small allocations.
 const COPIED_FRAME: usize = 16 * 1024;
+/// A message shorter than this goes out as one frame, copied.
+pub(crate) const ONE_FRAME_BELOW: usize = 64 * 1024;
 
 /// One response of either ADS variant, before framing.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,16 +72,19 @@ pub(crate) struct Push {
 
 /// Frames under construction: small pieces accumulate in `small`, a large shared piece
 /// closes it.
-#[derive(Default)]
 struct Frames {
     frames: VecDeque<Bytes>,
     small: BytesMut,
+    /// Pieces at least this long are shared, not copied.
+    share_from: usize,
+    /// The copied frame closes at this length.
+    close_at: usize,
 }
 
 impl Frames {
     fn copy(&mut self, bytes: &[u8]) {
         self.small.put_slice(bytes);
-        if self.small.len() >= COPIED_FRAME {
+        if self.small.len() >= self.close_at {
             self.close();
         }
     }
@@ -96,12 +105,28 @@ impl Frames {
     }
 
     fn share(&mut self, bytes: &Bytes) {
-        if bytes.len() < COPY_BELOW {
+        if bytes.len() < self.share_from {
             self.copy(bytes);
             return;
         }
         self.close();
         self.frames.push_back(bytes.clone());
+    }
+
+    /// Frames for a message of `length` bytes after the gRPC prefix.
+    fn for_message(length: usize) -> Self {
+        let whole = GRPC_PREFIX + length;
+        let (share_from, close_at) = if whole < ONE_FRAME_BELOW {
+            (usize::MAX, usize::MAX)
+        } else {
+            (COPY_BELOW, COPIED_FRAME)
+        };
+        Self {
+            frames: VecDeque::new(),
+            small: BytesMut::with_capacity(whole.min(close_at)),
+            share_from,
+            close_at,
+        }
     }
 
     fn finish(mut self) -> VecDeque<Bytes> {
@@ -163,7 +188,7 @@ impl Push {
                 "an xDS response exceeds gRPC's 4 GiB message limit; split the mesh over more clusters",
             )
         })?;
-        let mut frames = Frames::default();
+        let mut frames = Frames::for_message(length as usize);
         frames.copy(&[0]);
         frames.copy(&length.to_be_bytes());
         frames.copy(&head);
@@ -391,7 +416,7 @@ mod tests {
 
     #[test]
     fn a_large_resource_is_sent_from_the_cache_allocation_not_a_copy() {
-        let large = resource("a", "1", 4 * COPY_BELOW);
+        let large = resource("a", "1", ONE_FRAME_BELOW);
         let small = resource("b", "1", 10);
         let push = push(vec![Arc::clone(&large), small], &[]);
         for kind in [StreamKind::Sotw, StreamKind::Delta] {
@@ -409,6 +434,18 @@ mod tests {
                 3,
                 "{kind:?}: head, the large resource, the small one with the tail"
             );
+        }
+    }
+
+    #[test]
+    fn a_small_push_is_one_frame_so_the_peer_gets_it_in_one_write() {
+        let push = push(
+            vec![resource("a", "1", 4 * COPY_BELOW), resource("b", "1", 10)],
+            &["gone"],
+        );
+        for kind in [StreamKind::Sotw, StreamKind::Delta] {
+            let frames = push.frames(kind).expect("frames");
+            assert_eq!(frames.len(), 1, "{kind:?}");
         }
     }
 
