@@ -8,10 +8,13 @@
 //! nor resends the others. The streams send those bytes themselves (`server::wire`): a
 //! resource is in memory once however many Envoys receive it.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, OnceLock},
+};
 
 use bytes::Bytes;
-use envoy_types::util::pack_any;
+use envoy_types::{pb::envoy::service::discovery::v3::Resource, util::pack_any};
 use fulcrum_core::{ServiceEndpoints, Snapshot, version::content_version};
 use tokio::{sync::watch, time::Instant};
 
@@ -66,7 +69,7 @@ impl ResourceType {
 }
 
 /// One resource, encoded once and shared by every stream that sends it.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub struct EncodedResource {
     /// The resource name (the service name for both types).
     pub name: String,
@@ -80,6 +83,16 @@ pub struct EncodedResource {
     /// element of `DiscoveryResponse.resources` and the `resource` field of a delta
     /// `Resource`, as prost encodes them. Streams send these bytes themselves.
     pub entry: Bytes,
+    /// The delta form, built by the first delta stream that sends the resource: see
+    /// [`delta_entry`](Self::delta_entry).
+    delta_entry: OnceLock<Bytes>,
+}
+
+/// Equal when name, version and bytes are (the delta form follows from them).
+impl PartialEq for EncodedResource {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.name, &self.version, &self.entry) == (&other.name, &other.version, &other.entry)
+    }
 }
 
 impl EncodedResource {
@@ -97,7 +110,35 @@ impl EncodedResource {
             version,
             any: entry.slice(offset..),
             entry,
+            delta_entry: OnceLock::new(),
         }
+    }
+
+    /// The resource as one element of `DeltaDiscoveryResponse.resources`, key and length
+    /// first: a `Resource` of this name and version whose field 2 is [`entry`](Self::entry),
+    /// as prost encodes it. Built once, by the first delta stream that needs it, so a fleet
+    /// of SotW Envoys never pays for it and a fleet of delta ones shares one copy; a delta
+    /// response is then one frame per large resource, as a SotW one is.
+    pub fn delta_entry(&self) -> &Bytes {
+        self.delta_entry.get_or_init(|| {
+            let version = Resource {
+                version: self.version.clone(),
+                ..Default::default()
+            };
+            let name = Resource {
+                name: self.name.clone(),
+                ..Default::default()
+            };
+            let inner = version.encoded_len() + self.entry.len() + name.encoded_len();
+            let mut element = Vec::with_capacity(1 + prost::length_delimiter_len(inner) + inner);
+            element.push(FIELD_2_KEY);
+            // A `Vec` grows as needed: encoding cannot run out of room.
+            let _ = prost::encode_length_delimiter(inner, &mut element);
+            let _ = version.encode(&mut element);
+            element.extend_from_slice(&self.entry);
+            let _ = name.encode(&mut element);
+            Bytes::from(element)
+        })
     }
 }
 

@@ -1,5 +1,5 @@
-//! ADS responses on the wire, framed from the cache's shared bytes: no stream copies a
-//! resource.
+//! ADS responses on the wire, framed from the cache's shared bytes: no stream keeps a
+//! buffer or a copy of the resources it sends.
 //!
 //! Why: tonic's generated server encodes each response message into a per-stream buffer
 //! that grows to the largest message the stream ever sent and keeps that allocation for the
@@ -10,19 +10,21 @@
 //! MiB of live heap (BENCHMARKS.md, "xDS at scale").
 //!
 //! Here a response is a [`Push`]: its fields and the cache's [`EncodedResource`]s, each
-//! holding its `Any` encoded once, as a ready field ([`EncodedResource::entry`]).
+//! holding its `Any` encoded once as a ready element of the response's field 2
+//! ([`EncodedResource::entry`] for SotW, [`EncodedResource::delta_entry`] for delta).
 //! [`Push::frames`] lays it out as one gRPC message whose resource bytes are those very
 //! allocations (reference counted), and [`PushBody`] hands the frames to hyper one by one.
 //! The bytes are what prost would encode for the same `DiscoveryResponse` or
 //! `DeltaDiscoveryResponse`, field for field (the tests compare them), so Envoy sees no
-//! difference. Small pieces (field keys, lengths, names, versions, resources under
-//! [`COPY_BELOW`]) are copied into frames of up to 16 KiB between the shared ones: h2
-//! queues every frame of a response at once in a per-connection slab that never shrinks,
-//! so a response is one frame per large resource, not one per field. A message under
-//! [`ONE_FRAME_BELOW`] (a change's push) is copied whole into one frame: h2 writes each
-//! frame it cannot join to the previous one in a write of its own, and a second small write
-//! waits on the peer's delayed ACK (Nagle), which cost every change 40 ms when its push
-//! was three frames.
+//! difference.
+//!
+//! Small pieces (the other fields, resources under [`COPY_BELOW`]) are copied into frames
+//! of up to 16 KiB between the shared ones: h2 queues every frame of a response at once in
+//! a per-connection slab that never shrinks, so a response is one frame per large resource,
+//! not one per field. A message under [`ONE_FRAME_BELOW`] (a change's push) is copied whole
+//! into one frame, freed once written: h2 writes each frame it cannot join to the previous
+//! one in a write of its own, and a second small write waits on the peer's delayed ACK
+//! (Nagle), which cost every change 40 ms when its push was three frames.
 
 use std::{
     collections::VecDeque,
@@ -32,16 +34,14 @@ use std::{
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryResponse, DiscoveryResponse, Resource,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
 use http_body::Frame;
 use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::{
-    cache::{EncodedResource, FIELD_2_KEY, ResourceType},
+    cache::{EncodedResource, ResourceType},
     status::StreamKind,
 };
 
@@ -95,15 +95,6 @@ impl Frames {
         }
     }
 
-    fn encode(&mut self, message: &impl Message) {
-        // `BytesMut` grows as needed: encoding cannot run out of room.
-        let _ = message.encode(&mut self.small);
-    }
-
-    fn length_delimiter(&mut self, length: usize) {
-        let _ = prost::encode_length_delimiter(length, &mut self.small);
-    }
-
     fn share(&mut self, bytes: &Bytes) {
         if bytes.len() < self.share_from {
             self.copy(bytes);
@@ -133,11 +124,6 @@ impl Frames {
         self.close();
         self.frames
     }
-}
-
-/// The length of a length-delimited field of `length` bytes with a one-byte key.
-fn field_len(length: usize) -> usize {
-    1 + prost::length_delimiter_len(length) + length
 }
 
 impl Push {
@@ -196,15 +182,7 @@ impl Push {
             match kind {
                 // The cache's entry is the element as it stands.
                 StreamKind::Sotw => frames.share(&resource.entry),
-                // A `Resource` whose field 2 is the cache's entry.
-                StreamKind::Delta => {
-                    let (version, name) = resource_fields(resource);
-                    frames.copy(&[FIELD_2_KEY]);
-                    frames.length_delimiter(delta_resource_len(resource));
-                    frames.encode(&version);
-                    frames.share(&resource.entry);
-                    frames.encode(&name);
-                }
+                StreamKind::Delta => frames.share(resource.delta_entry()),
             }
         }
         frames.copy(&tail);
@@ -238,33 +216,12 @@ impl Push {
     }
 }
 
-/// A delta `Resource`'s fields 1 (version) and 3 (name), each as a message of its own so
-/// prost encodes them; field 2, the `Any`, is the cache's bytes.
-fn resource_fields(resource: &EncodedResource) -> (Resource, Resource) {
-    (
-        Resource {
-            version: resource.version.clone(),
-            ..Default::default()
-        },
-        Resource {
-            name: resource.name.clone(),
-            ..Default::default()
-        },
-    )
-}
-
-/// The encoded length of a delta `Resource` holding `resource`.
-fn delta_resource_len(resource: &EncodedResource) -> usize {
-    let (version, name) = resource_fields(resource);
-    version.encoded_len() + resource.entry.len() + name.encoded_len()
-}
-
 /// The bytes one resource adds to a response of `kind`: one element of field 2 with its key
 /// and length.
 fn element_len(kind: StreamKind, resource: &EncodedResource) -> usize {
     match kind {
         StreamKind::Sotw => resource.entry.len(),
-        StreamKind::Delta => field_len(delta_resource_len(resource)),
+        StreamKind::Delta => resource.delta_entry().len(),
     }
 }
 
@@ -332,7 +289,7 @@ impl http_body::Body for PushBody {
 
 #[cfg(test)]
 mod tests {
-    use envoy_types::pb::google::protobuf::Any;
+    use envoy_types::pb::{envoy::service::discovery::v3::Resource, google::protobuf::Any};
 
     use super::*;
 
@@ -421,9 +378,13 @@ mod tests {
         let push = push(vec![Arc::clone(&large), small], &[]);
         for kind in [StreamKind::Sotw, StreamKind::Delta] {
             let frames = push.frames(kind).expect("frames");
+            let cached = match kind {
+                StreamKind::Sotw => &large.entry,
+                StreamKind::Delta => large.delta_entry(),
+            };
             let shared = frames
                 .iter()
-                .filter(|frame| frame.as_ptr() == large.entry.as_ptr())
+                .filter(|frame| frame.as_ptr() == cached.as_ptr())
                 .count();
             assert_eq!(
                 shared, 1,
