@@ -28,7 +28,7 @@ use fulcrum_sources::{Source, StaticFileSource};
 use fulcrum_xds::{AdsServer, ClusterOptions, NodeRegistry, SnapshotCache, XdsMetrics};
 use prometheus_client::registry::Registry;
 use tokio::{net::TcpListener, sync::watch, task::JoinHandle};
-use tonic::transport::server::TcpIncoming;
+use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 use crate::{
@@ -314,29 +314,28 @@ impl ControlPlane {
             xds_metrics,
             limits.xds_max_streams,
         );
-        let xds_server = {
-            let service = ads
-                .clone()
-                .into_service()
-                .max_decoding_message_size(limits.grpc_max_message_bytes);
-            let mut stopped = stop.subscribe();
-            let stopped = async move {
-                let _ = stopped.wait_for(|stop| *stop).await;
+        let xds_server =
+            {
+                let service = ads
+                    .clone()
+                    .into_service()
+                    .max_decoding_message_size(limits.grpc_max_message_bytes);
+                let mut stopped = stop.subscribe();
+                let stopped = async move {
+                    let _ = stopped.wait_for(|stop| *stop).await;
+                };
+                let server = limits.grpc_server().add_service(service);
+                match &tls {
+                    Some(tls) => tokio::spawn(server.serve_with_incoming_shutdown(
+                        tls.accept(xds_listener, GRPC_ALPN).into_stream(),
+                        stopped,
+                    )),
+                    None => tokio::spawn(server.serve_with_incoming_shutdown(
+                        TcpListenerStream::new(xds_listener),
+                        stopped,
+                    )),
+                }
             };
-            let server = limits.grpc_server().add_service(service);
-            match &tls {
-                Some(tls) => tokio::spawn(server.serve_with_incoming_shutdown(
-                    tls.accept(xds_listener, GRPC_ALPN).into_stream(),
-                    stopped,
-                )),
-                None => tokio::spawn(server.serve_with_incoming_shutdown(
-                    // Small pushes are not held back for Envoy's delayed ACKs (Nagle), as
-                    // on the TLS and registry listeners.
-                    TcpIncoming::from(xds_listener).with_nodelay(Some(true)),
-                    stopped,
-                )),
-            }
-        };
         let (registry_address, registry_server, registry_routes) = match registry {
             Some(started) => (
                 Some(started.grpc_address),
