@@ -3,16 +3,22 @@
 //!
 //! Follows go-control-plane's `pkg/cache/v3`: the cache builds and versions resources and
 //! never touches a stream; the server only reads what the cache published. Each resource is
-//! encoded once into an `Any` behind an `Arc`, and a resource whose content did not change
-//! keeps the very same `Arc` across snapshots, so churn in one service neither rebuilds nor
-//! resends the others.
+//! encoded once into an `Any`'s bytes behind an `Arc`, and a resource whose content did not
+//! change keeps the very same `Arc` across snapshots, so churn in one service neither rebuilds
+//! nor resends the others. The streams send those bytes themselves (`server::wire`): a
+//! resource is in memory once however many Envoys receive it.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    sync::{Arc, OnceLock},
+};
 
-use envoy_types::pb::google::protobuf::Any;
-use envoy_types::util::pack_any;
+use bytes::Bytes;
+use envoy_types::{pb::envoy::service::discovery::v3::Resource, util::pack_any};
 use fulcrum_core::{DataPlane, Policy, ServiceEndpoints, Snapshot, version::content_version};
 use tokio::{sync::watch, time::Instant};
+
+use prost::Message;
 
 use crate::{
     resources::{self, Balancing, ClusterOptions},
@@ -63,15 +69,85 @@ impl ResourceType {
 }
 
 /// One resource, encoded once and shared by every stream that sends it.
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub struct EncodedResource {
     /// The resource name (the service name for both types).
     pub name: String,
     /// Content version: a hash of what the resource was built from. Equal versions mean
     /// equal resources.
     pub version: String,
-    /// The encoded resource.
-    pub any: Any,
+    /// The resource as an encoded `google.protobuf.Any` (type URL and value): the tail of
+    /// [`entry`](Self::entry), the same allocation.
+    pub any: Bytes,
+    /// [`any`](Self::any) as a length-delimited field 2, its key and length first: one
+    /// element of `DiscoveryResponse.resources` and the `resource` field of a delta
+    /// `Resource`, as prost encodes them. Streams send these bytes themselves.
+    pub entry: Bytes,
+    /// The delta form, built by the first delta stream that sends the resource: see
+    /// [`delta_entry`](Self::delta_entry).
+    delta_entry: OnceLock<Bytes>,
+}
+
+/// Equal when name, version and bytes are (the delta form follows from them).
+impl PartialEq for EncodedResource {
+    fn eq(&self, other: &Self) -> bool {
+        (&self.name, &self.version, &self.entry) == (&other.name, &other.version, &other.entry)
+    }
+}
+
+impl EncodedResource {
+    /// Resource `name` at `version`, `any` being its encoded `Any`.
+    pub fn new(name: String, version: String, any: &[u8]) -> Self {
+        let mut entry = Vec::with_capacity(1 + prost::length_delimiter_len(any.len()) + any.len());
+        entry.push(FIELD_2_KEY);
+        // A `Vec` grows as needed: encoding the length cannot run out of room.
+        let _ = prost::encode_length_delimiter(any.len(), &mut entry);
+        let offset = entry.len();
+        entry.extend_from_slice(any);
+        let entry = Bytes::from(entry);
+        Self {
+            name,
+            version,
+            any: entry.slice(offset..),
+            entry,
+            delta_entry: OnceLock::new(),
+        }
+    }
+
+    /// The resource as one element of `DeltaDiscoveryResponse.resources`, key and length
+    /// first: a `Resource` of this name and version whose field 2 is [`entry`](Self::entry),
+    /// as prost encodes it. Built once, by the first delta stream that needs it, so a fleet
+    /// of SotW Envoys never pays for it and a fleet of delta ones shares one copy; a delta
+    /// response is then one frame per large resource, as a SotW one is.
+    pub fn delta_entry(&self) -> &Bytes {
+        self.delta_entry.get_or_init(|| {
+            let version = Resource {
+                version: self.version.clone(),
+                ..Default::default()
+            };
+            let name = Resource {
+                name: self.name.clone(),
+                ..Default::default()
+            };
+            let inner = version.encoded_len() + self.entry.len() + name.encoded_len();
+            let mut element = Vec::with_capacity(1 + prost::length_delimiter_len(inner) + inner);
+            element.push(FIELD_2_KEY);
+            // A `Vec` grows as needed: encoding cannot run out of room.
+            let _ = prost::encode_length_delimiter(inner, &mut element);
+            let _ = version.encode(&mut element);
+            element.extend_from_slice(&self.entry);
+            let _ = name.encode(&mut element);
+            Bytes::from(element)
+        })
+    }
+}
+
+#[cfg(test)]
+impl EncodedResource {
+    /// The `Any`, decoded (tests read what streams send).
+    pub(crate) fn unpacked(&self) -> envoy_types::pb::google::protobuf::Any {
+        prost::Message::decode(self.any.clone()).expect("the cache encodes an Any")
+    }
 }
 
 /// Encoded resources of one type, by name.
@@ -167,7 +243,7 @@ fn build(
                 name,
                 cluster_version,
                 summary,
-                || pack_any(resources::cluster(name, options, protocol, balancing)),
+                || encode_any(resources::cluster(name, options, protocol, balancing)),
             ),
         );
         let endpoints_version = content_version(&[name.as_bytes(), &service_key(service)]);
@@ -178,7 +254,7 @@ fn build(
                 name,
                 endpoints_version,
                 summary,
-                || pack_any(resources::load_assignment(name, service)),
+                || encode_any(resources::load_assignment(name, service)),
             ),
         );
     }
@@ -202,6 +278,14 @@ fn native_policy(policy: Option<&Policy>, name: &str) -> Option<String> {
         .then(|| serde_json::to_string(policy).unwrap_or_default())
 }
 
+/// `message` packed in an `Any` and encoded.
+fn encode_any(message: impl prost::Name) -> Vec<u8> {
+    pack_any(message).encode_to_vec()
+}
+
+/// The key of field 2, length-delimited (protobuf wire format: number << 3 | type 2).
+pub(crate) const FIELD_2_KEY: u8 = (2 << 3) | 2;
+
 fn service_key(service: &ServiceEndpoints) -> Vec<u8> {
     // Serializing plain structs of BTree collections cannot fail, and the bytes are stable.
     serde_json::to_vec(service).unwrap_or_default()
@@ -212,7 +296,7 @@ fn reuse_or_encode(
     name: &str,
     version: String,
     summary: &mut UpdateSummary,
-    encode: impl FnOnce() -> Any,
+    encode: impl FnOnce() -> Vec<u8>,
 ) -> Arc<EncodedResource> {
     if let Some(existing) = previous
         .and_then(|resources| resources.get(name))
@@ -222,11 +306,7 @@ fn reuse_or_encode(
         return Arc::clone(existing);
     }
     summary.encoded += 1;
-    Arc::new(EncodedResource {
-        name: name.to_owned(),
-        version,
-        any: encode(),
-    })
+    Arc::new(EncodedResource::new(name.to_owned(), version, &encode()))
 }
 
 /// Holds the current [`XdsSnapshot`] and tells the streams when it changes.
@@ -305,7 +385,7 @@ mod tests {
             network::http_connection_manager::v3::http_filter,
         },
         envoy::extensions::load_balancing_policies::dynamic_modules::v3::DynamicModulesLoadBalancerConfig,
-        google::protobuf::{StringValue, value::Kind},
+        google::protobuf::{Any, StringValue, value::Kind},
     };
     use fulcrum_core::{Endpoint, Health, ServicePolicy, UpstreamProtocol};
     use prost::Message;
@@ -353,14 +433,15 @@ mod tests {
         let current = cache.current().expect("set");
         assert_eq!(current.version, "v1");
         assert_eq!(current.clusters.keys().collect::<Vec<_>>(), ["a", "b"]);
-        let cluster = Cluster::decode(current.clusters["a"].any.value.as_slice()).expect("cluster");
+        let cluster =
+            Cluster::decode(current.clusters["a"].unpacked().value.as_slice()).expect("cluster");
         assert_eq!(cluster.name, "a");
         assert_eq!(
-            current.clusters["a"].any.type_url,
+            current.clusters["a"].unpacked().type_url,
             ResourceType::Cluster.type_url()
         );
         assert_eq!(
-            current.endpoints["b"].any.type_url,
+            current.endpoints["b"].unpacked().type_url,
             ResourceType::Endpoint.type_url()
         );
     }
@@ -427,7 +508,7 @@ mod tests {
     /// The protocol `explicit_http_config` of the encoded cluster of `name`.
     fn cluster_protocol(snapshot: &XdsSnapshot, name: &str) -> ProtocolConfig {
         let cluster =
-            Cluster::decode(snapshot.clusters[name].any.value.as_slice()).expect("cluster");
+            Cluster::decode(snapshot.clusters[name].unpacked().value.as_slice()).expect("cluster");
         let options = HttpProtocolOptions::decode(
             cluster.typed_extension_protocol_options
                 ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
@@ -479,7 +560,8 @@ mod tests {
         let cache = SnapshotCache::new(ClusterOptions::default());
         cache.set(&snapshot("v1", &[("a", service(&["127.0.0.1:1"]))]));
         let current = cache.current().expect("set");
-        let cluster = Cluster::decode(current.clusters["a"].any.value.as_slice()).expect("cluster");
+        let cluster =
+            Cluster::decode(current.clusters["a"].unpacked().value.as_slice()).expect("cluster");
         let thresholds = &cluster
             .circuit_breakers
             .expect("circuit breakers")
@@ -494,14 +576,15 @@ mod tests {
         });
         off.set(&snapshot("v1", &[("a", service(&["127.0.0.1:1"]))]));
         let current = off.current().expect("set");
-        let cluster = Cluster::decode(current.clusters["a"].any.value.as_slice()).expect("cluster");
+        let cluster =
+            Cluster::decode(current.clusters["a"].unpacked().value.as_slice()).expect("cluster");
         assert_eq!(cluster.circuit_breakers, None);
     }
 
     /// The name and decoded config of the load-balancing policy of the cluster of `name`.
     fn cluster_policy(snapshot: &XdsSnapshot, name: &str) -> (String, Any) {
         let cluster =
-            Cluster::decode(snapshot.clusters[name].any.value.as_slice()).expect("cluster");
+            Cluster::decode(snapshot.clusters[name].unpacked().value.as_slice()).expect("cluster");
         let policy = cluster
             .load_balancing_policy
             .expect("a load-balancing policy")
@@ -559,8 +642,8 @@ mod tests {
             &parsed,
             core.policy.as_ref().expect("policy").for_service("native")
         );
-        let cluster =
-            Cluster::decode(current.clusters["native"].any.value.as_slice()).expect("cluster");
+        let cluster = Cluster::decode(current.clusters["native"].unpacked().value.as_slice())
+            .expect("cluster");
         let options = HttpProtocolOptions::decode(
             cluster.typed_extension_protocol_options
                 ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
@@ -673,8 +756,9 @@ mod tests {
             ..Default::default()
         });
         let current = cache.current().expect("set");
-        let assignment = ClusterLoadAssignment::decode(current.endpoints["a"].any.value.as_slice())
-            .expect("assignment");
+        let assignment =
+            ClusterLoadAssignment::decode(current.endpoints["a"].unpacked().value.as_slice())
+                .expect("assignment");
         let zones: Vec<_> = assignment
             .endpoints
             .iter()

@@ -17,6 +17,6 @@ pub mod trace;
 pub use cache::{EncodedResource, ResourceType, SnapshotCache, UpdateSummary, XdsSnapshot};
 pub use metrics::XdsMetrics;
 pub use resources::ClusterOptions;
-pub use server::{AdsServer, DEFAULT_MAX_STREAMS};
+pub use server::{AdsServer, AdsService, DEFAULT_MAX_STREAMS};
 pub use status::{Nack, NodeRegistry, StreamKind, StreamStatus, TypeStatus};
 pub use trace::ChangeTrace;

@@ -427,6 +427,17 @@ fn report(args: &Args, runs: &[Run]) -> String {
             Box::new(move |run| format!("{:.0} B", per_endpoint(run))),
         ),
         (
+            "of which: per endpoint, no client (registered − empty) / endpoints; per client (synced − registered) / clients".to_owned(),
+            Box::new(move |run| {
+                let kib = |from: &Usage, to: &Usage| to.rss_kib.saturating_sub(from.rss_kib) as f64;
+                format!(
+                    "{:.0} B / {:.1} KiB",
+                    kib(&run.usage_empty, &run.usage_registered) * 1024.0 / args.endpoints as f64,
+                    kib(&run.usage_registered, &run.usage_synced) / args.clients as f64
+                )
+            }),
+        ),
+        (
             "per change and client: responses / encoded bytes".to_owned(),
             Box::new(move |run| {
                 let per = changes * args.clients as f64;

@@ -8,13 +8,11 @@ use std::{
     sync::Arc,
 };
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use fulcrum_core::{Endpoint, ServiceEndpoints, Snapshot};
 use proptest::prelude::*;
 
-use super::{delta::DeltaState, sotw::SotwState};
+use super::{delta::DeltaState, sotw::SotwState, wire::Push};
 use crate::{
     cache::{ResourceType, SnapshotCache, XdsSnapshot},
     resources::ClusterOptions,
@@ -67,12 +65,8 @@ struct DeltaClient {
 }
 
 impl DeltaClient {
-    fn apply(
-        &mut self,
-        state: &mut DeltaState,
-        response: DeltaDiscoveryResponse,
-        snapshot: &XdsSnapshot,
-    ) {
+    fn apply(&mut self, state: &mut DeltaState, push: Push, snapshot: &XdsSnapshot) {
+        let response = push.decoded_delta();
         let ty = ResourceType::from_type_url(&response.type_url).expect("served type");
         let held = self.held.entry(ty).or_default();
         for resource in &response.resources {
@@ -125,12 +119,8 @@ struct SotwClient {
 }
 
 impl SotwClient {
-    fn apply(
-        &mut self,
-        state: &mut SotwState,
-        response: DiscoveryResponse,
-        snapshot: &XdsSnapshot,
-    ) {
+    fn apply(&mut self, state: &mut SotwState, push: Push, snapshot: &XdsSnapshot) {
+        let response = push.decoded_sotw();
         use envoy_types::pb::envoy::config::{
             cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment,
         };

@@ -12,12 +12,10 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
-};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use crate::cache::{ResourceType, XdsSnapshot};
-use crate::server::RequestOutcome;
+use crate::server::{RequestOutcome, wire::Push};
 
 /// How many sent nonces per type are remembered to attribute ACKs/NACKs to a version.
 const REMEMBERED_NONCES: usize = 16;
@@ -61,7 +59,7 @@ impl DeltaState {
         ty: ResourceType,
         request: &DeltaDiscoveryRequest,
         snapshot: Option<&XdsSnapshot>,
-    ) -> (RequestOutcome, Option<DeltaDiscoveryResponse>) {
+    ) -> (RequestOutcome, Option<Push>) {
         let state = self.types.entry(ty).or_default();
         let first = !state.active;
         let outcome = if request.response_nonce.is_empty() {
@@ -126,18 +124,14 @@ impl DeltaState {
     }
 
     /// The responses a new snapshot calls for, clusters first.
-    pub(crate) fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<DeltaDiscoveryResponse> {
+    pub(crate) fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<Push> {
         ResourceType::ALL
             .into_iter()
             .filter_map(|ty| self.respond(ty, snapshot))
             .collect()
     }
 
-    fn respond(
-        &mut self,
-        ty: ResourceType,
-        snapshot: &XdsSnapshot,
-    ) -> Option<DeltaDiscoveryResponse> {
+    fn respond(&mut self, ty: ResourceType, snapshot: &XdsSnapshot) -> Option<Push> {
         let state = self.types.get_mut(&ty).filter(|state| state.active)?;
         let available = snapshot.resources(ty);
         let changed: Vec<_> = available
@@ -188,21 +182,12 @@ impl DeltaState {
                 endpoints.known.remove(name);
             }
         }
-        Some(DeltaDiscoveryResponse {
-            system_version_info: snapshot.version.clone(),
-            resources: changed
-                .iter()
-                .map(|resource| Resource {
-                    name: resource.name.clone(),
-                    version: resource.version.clone(),
-                    resource: Some(resource.any.clone()),
-                    ..Default::default()
-                })
-                .collect(),
-            type_url: ty.type_url().to_owned(),
-            removed_resources: removed,
+        Some(Push {
+            ty,
+            version: snapshot.version.clone(),
             nonce,
-            ..Default::default()
+            resources: changed,
+            removed,
         })
     }
 }
@@ -232,11 +217,11 @@ mod tests {
         }
     }
 
-    fn names(response: &DeltaDiscoveryResponse) -> Vec<&str> {
-        response
+    fn names(push: &Push) -> Vec<String> {
+        push.decoded_delta()
             .resources
-            .iter()
-            .map(|resource| resource.name.as_str())
+            .into_iter()
+            .map(|resource| resource.name)
             .collect()
     }
 
@@ -276,7 +261,7 @@ mod tests {
         );
         let responses = state.on_snapshot(&v2);
         assert_eq!(responses.len(), 1);
-        assert_eq!(responses[0].type_url, ResourceType::Endpoint.type_url());
+        assert_eq!(responses[0].ty, ResourceType::Endpoint);
         assert_eq!(names(&responses[0]), ["b"]);
     }
 
@@ -298,7 +283,7 @@ mod tests {
         let responses = state.on_snapshot(&v2);
         assert_eq!(responses.len(), 2);
         assert_eq!(names(&responses[0]), ["a"], "the changed cluster");
-        assert_eq!(responses[1].type_url, ResourceType::Endpoint.type_url());
+        assert_eq!(responses[1].ty, ResourceType::Endpoint);
         assert_eq!(names(&responses[1]), ["a"], "its assignment, again");
     }
 
@@ -348,7 +333,7 @@ mod tests {
         let responses = state.on_snapshot(&v2);
         assert_eq!(responses.len(), 1);
         assert!(responses[0].resources.is_empty());
-        assert_eq!(responses[0].removed_resources, ["b"]);
+        assert_eq!(responses[0].decoded_delta().removed_resources, ["b"]);
     }
 
     #[test]

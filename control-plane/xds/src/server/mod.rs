@@ -23,6 +23,7 @@ mod delta;
 mod sotw;
 #[cfg(test)]
 mod test_support;
+mod wire;
 
 use std::{
     collections::BTreeMap,
@@ -34,17 +35,19 @@ use std::{
 
 use envoy_types::pb::envoy::{
     config::core::v3::Node,
-    service::discovery::v3::{
-        DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-        aggregated_discovery_service_server::{
-            AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-        },
-    },
+    service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest},
 };
 use tokio::sync::{Semaphore, mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{
+    Status, Streaming,
+    body::Body,
+    codegen::{BoxFuture, Context, Poll, Service, StdError, http},
+    server::NamedService,
+};
+use tonic_prost::ProstDecoder;
 use tracing::{debug, info, info_span, warn};
+
+use self::wire::{Push, PushBody};
 
 use crate::{
     cache::{ResourceType, SnapshotCache, XdsSnapshot},
@@ -141,15 +144,18 @@ impl AdsServer {
         self.shared.closing.send_replace(true);
     }
 
-    /// The tonic service to add to a `tonic::transport::Server`.
-    pub fn into_service(self) -> AggregatedDiscoveryServiceServer<Self> {
-        AggregatedDiscoveryServiceServer::new(self)
+    /// The tonic service to add to a `tonic::transport::Server`, accepting request
+    /// messages up to 4 MiB (tonic's default) until
+    /// [`max_decoding_message_size`](AdsService::max_decoding_message_size) says otherwise.
+    pub fn into_service(self) -> AdsService {
+        AdsService {
+            server: self,
+            max_decoding_message_size: None,
+        }
     }
 
-    fn spawn<P: Protocol>(
-        &self,
-        requests: Streaming<P::Request>,
-    ) -> Result<ReceiverStream<Result<P::Response, Status>>, Status> {
+    /// Starts the driver of a new stream reading `requests`; the body streams its responses.
+    fn spawn<P: Protocol>(&self, requests: Streaming<P::Request>) -> Result<PushBody, Status> {
         let Ok(permit) = Arc::clone(&self.shared.streams).try_acquire_owned() else {
             self.shared.metrics.streams_refused.inc();
             warn!(
@@ -167,38 +173,104 @@ impl AdsServer {
             drive::<P>(shared, requests, responses).await;
             drop(permit);
         });
-        Ok(ReceiverStream::new(receiver))
+        Ok(PushBody::new(P::KIND, receiver))
     }
 }
 
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsServer {
-    type StreamAggregatedResourcesStream = ReceiverStream<Result<DiscoveryResponse, Status>>;
-    type DeltaAggregatedResourcesStream = ReceiverStream<Result<DeltaDiscoveryResponse, Status>>;
+/// The gRPC path of the state of the world stream.
+const SOTW_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+/// The gRPC path of the incremental stream.
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
-    async fn stream_aggregated_resources(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<Self::StreamAggregatedResourcesStream>, Status> {
-        Ok(Response::new(
-            self.spawn::<sotw::SotwState>(request.into_inner())?,
-        ))
+/// The ADS as a tonic service: both streaming methods of
+/// `envoy.service.discovery.v3.AggregatedDiscoveryService`, requests decoded by prost,
+/// responses framed from the cache's shared bytes (module `server::wire`) rather than
+/// encoded per stream as the generated `AggregatedDiscoveryServiceServer` would. Compression
+/// is not offered, as the generated server did not by default: a request in any
+/// `grpc-encoding` but `identity` is answered `UNIMPLEMENTED`.
+#[derive(Debug, Clone)]
+pub struct AdsService {
+    server: AdsServer,
+    max_decoding_message_size: Option<usize>,
+}
+
+impl AdsService {
+    /// Refuses request messages larger than `limit` bytes (tonic's default: 4 MiB).
+    #[must_use]
+    pub fn max_decoding_message_size(mut self, limit: usize) -> Self {
+        self.max_decoding_message_size = Some(limit);
+        self
     }
 
-    async fn delta_aggregated_resources(
-        &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
-        Ok(Response::new(
-            self.spawn::<delta::DeltaState>(request.into_inner())?,
-        ))
+    fn open<P, B>(&self, request: http::Request<B>) -> http::Response<Body>
+    where
+        P: Protocol,
+        B: tonic::codegen::Body + Send + 'static,
+        B::Error: Into<StdError> + Send,
+    {
+        let compressed = request
+            .headers()
+            .get("grpc-encoding")
+            .is_some_and(|encoding| encoding != "identity");
+        if compressed {
+            return Status::unimplemented(
+                "this ADS server does not accept compressed requests; send them uncompressed",
+            )
+            .into_http();
+        }
+        let requests = Streaming::new_request(
+            ProstDecoder::<P::Request>::default(),
+            request.into_body(),
+            None,
+            self.max_decoding_message_size,
+        );
+        match self.server.spawn::<P>(requests) {
+            Ok(body) => {
+                let mut response = http::Response::new(Body::new(body));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static("application/grpc"),
+                );
+                response
+            }
+            Err(status) => status.into_http(),
+        }
+    }
+}
+
+impl NamedService for AdsService {
+    const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
+}
+
+impl<B> Service<http::Request<B>> for AdsService
+where
+    B: tonic::codegen::Body + Send + 'static,
+    B::Error: Into<StdError> + Send,
+{
+    type Response = http::Response<Body>;
+    type Error = std::convert::Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let response = match request.uri().path() {
+            SOTW_PATH => self.open::<sotw::SotwState, B>(request),
+            DELTA_PATH => self.open::<delta::DeltaState, B>(request),
+            _ => Status::unimplemented("no such method in the Aggregated Discovery Service")
+                .into_http(),
+        };
+        Box::pin(std::future::ready(Ok(response)))
     }
 }
 
 /// What the stream driver needs from one protocol variant.
 trait Protocol: Default + Send + 'static {
-    type Request: Send + 'static;
-    type Response: Send + 'static;
+    type Request: prost::Message + Default + Send + 'static;
     const KIND: StreamKind;
 
     fn type_url(request: &Self::Request) -> &str;
@@ -208,15 +280,12 @@ trait Protocol: Default + Send + 'static {
         ty: ResourceType,
         request: &Self::Request,
         snapshot: Option<&XdsSnapshot>,
-    ) -> (RequestOutcome, Option<Self::Response>);
-    fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<Self::Response>;
-    /// (type URL, version, nonce, resources) of a response, for records and logs.
-    fn describe(response: &Self::Response) -> (&str, &str, &str, usize);
+    ) -> (RequestOutcome, Option<Push>);
+    fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<Push>;
 }
 
 impl Protocol for sotw::SotwState {
     type Request = DiscoveryRequest;
-    type Response = DiscoveryResponse;
     const KIND: StreamKind = StreamKind::Sotw;
 
     fn type_url(request: &DiscoveryRequest) -> &str {
@@ -230,25 +299,16 @@ impl Protocol for sotw::SotwState {
         ty: ResourceType,
         request: &DiscoveryRequest,
         snapshot: Option<&XdsSnapshot>,
-    ) -> (RequestOutcome, Option<DiscoveryResponse>) {
+    ) -> (RequestOutcome, Option<Push>) {
         sotw::SotwState::on_request(self, ty, request, snapshot)
     }
-    fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<DiscoveryResponse> {
+    fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<Push> {
         sotw::SotwState::on_snapshot(self, snapshot)
-    }
-    fn describe(response: &DiscoveryResponse) -> (&str, &str, &str, usize) {
-        (
-            &response.type_url,
-            &response.version_info,
-            &response.nonce,
-            response.resources.len(),
-        )
     }
 }
 
 impl Protocol for delta::DeltaState {
     type Request = DeltaDiscoveryRequest;
-    type Response = DeltaDiscoveryResponse;
     const KIND: StreamKind = StreamKind::Delta;
 
     fn type_url(request: &DeltaDiscoveryRequest) -> &str {
@@ -262,19 +322,11 @@ impl Protocol for delta::DeltaState {
         ty: ResourceType,
         request: &DeltaDiscoveryRequest,
         snapshot: Option<&XdsSnapshot>,
-    ) -> (RequestOutcome, Option<DeltaDiscoveryResponse>) {
+    ) -> (RequestOutcome, Option<Push>) {
         delta::DeltaState::on_request(self, ty, request, snapshot)
     }
-    fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<DeltaDiscoveryResponse> {
+    fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<Push> {
         delta::DeltaState::on_snapshot(self, snapshot)
-    }
-    fn describe(response: &DeltaDiscoveryResponse) -> (&str, &str, &str, usize) {
-        (
-            &response.type_url,
-            &response.system_version_info,
-            &response.nonce,
-            response.resources.len() + response.removed_resources.len(),
-        )
     }
 }
 
@@ -304,7 +356,7 @@ impl Drop for OpenStream {
 async fn drive<P: Protocol>(
     shared: Arc<Shared>,
     mut requests: Streaming<P::Request>,
-    responses: mpsc::Sender<Result<P::Response, Status>>,
+    responses: mpsc::Sender<Push>,
 ) {
     let stream_id = shared.next_stream_id.fetch_add(1, Ordering::Relaxed);
     let mut snapshots = shared.snapshots.clone();
@@ -317,7 +369,7 @@ async fn drive<P: Protocol>(
         if *closing.borrow_and_update() {
             break;
         }
-        let outgoing: Vec<(P::Response, Cause)> = tokio::select! {
+        let outgoing: Vec<(Push, Cause)> = tokio::select! {
             _ = closing.changed() => continue,
             message = requests.message() => {
                 let request = match message {
@@ -360,7 +412,7 @@ async fn drive<P: Protocol>(
         };
         for (response, cause) in outgoing {
             record_push::<P>(&shared, open.as_ref(), &response, &cause, &mut pushes);
-            if responses.send(Ok(response)).await.is_err() {
+            if responses.send(response).await.is_err() {
                 return;
             }
         }
@@ -529,14 +581,16 @@ fn push_span(
 fn record_push<P: Protocol>(
     shared: &Shared,
     open: Option<&OpenStream>,
-    response: &P::Response,
+    response: &Push,
     cause: &Cause,
     pushes: &mut BTreeMap<ResourceType, ChangeTrace>,
 ) {
-    let (type_url, version, nonce, resources) = P::describe(response);
-    let Some(ty) = ResourceType::from_type_url(type_url) else {
-        return;
-    };
+    let (ty, version, nonce) = (
+        response.ty,
+        response.version.as_str(),
+        response.nonce.as_str(),
+    );
+    let resources = response.resources.len() + response.removed.len();
     let published_at = match cause {
         Cause::Snapshot(snapshot) => Some(snapshot.published_at),
         Cause::Request(_) => None,

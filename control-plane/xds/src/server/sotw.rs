@@ -13,10 +13,12 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
 use crate::cache::{ResourceType, XdsSnapshot};
-use crate::server::RequestOutcome;
+use crate::server::{RequestOutcome, wire::Push};
 
 /// Which resources of one type Envoy asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -87,7 +89,7 @@ impl SotwState {
         ty: ResourceType,
         request: &DiscoveryRequest,
         snapshot: Option<&XdsSnapshot>,
-    ) -> (RequestOutcome, Option<DiscoveryResponse>) {
+    ) -> (RequestOutcome, Option<Push>) {
         let state = self.types.entry(ty).or_default();
         let outcome = if request.response_nonce.is_empty() {
             RequestOutcome::Initial
@@ -125,7 +127,7 @@ impl SotwState {
     }
 
     /// The responses a new snapshot calls for, clusters first.
-    pub(crate) fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<DiscoveryResponse> {
+    pub(crate) fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<Push> {
         ResourceType::ALL
             .into_iter()
             .filter_map(|ty| self.respond(ty, snapshot, false))
@@ -134,12 +136,7 @@ impl SotwState {
 
     /// A response for `ty` if Envoy subscribed and something it should hold differs from
     /// what was sent (or `force` for a type's first request).
-    fn respond(
-        &mut self,
-        ty: ResourceType,
-        snapshot: &XdsSnapshot,
-        force: bool,
-    ) -> Option<DiscoveryResponse> {
+    fn respond(&mut self, ty: ResourceType, snapshot: &XdsSnapshot, force: bool) -> Option<Push> {
         let state = self.types.get_mut(&ty)?;
         let subscription = state.subscription.as_ref()?;
         let in_scope = snapshot
@@ -199,15 +196,12 @@ impl SotwState {
                 endpoints.sent.remove(name);
             }
         }
-        Some(DiscoveryResponse {
-            version_info: snapshot.version.clone(),
-            resources: resources
-                .iter()
-                .map(|resource| resource.any.clone())
-                .collect(),
-            type_url: ty.type_url().to_owned(),
+        Some(Push {
+            ty,
+            version: snapshot.version.clone(),
             nonce,
-            ..Default::default()
+            resources: resources.into_iter().map(Arc::clone).collect(),
+            removed: Vec::new(),
         })
     }
 }
@@ -229,7 +223,8 @@ mod tests {
         }
     }
 
-    fn names(response: &DiscoveryResponse) -> Vec<String> {
+    fn names(push: &Push) -> Vec<String> {
+        let response = push.decoded_sotw();
         use envoy_types::pb::envoy::config::{
             cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment,
         };
@@ -262,7 +257,7 @@ mod tests {
         assert_eq!(outcome, RequestOutcome::Initial);
         let response = response.expect("clusters");
         assert_eq!(names(&response), ["a", "b"]);
-        assert_eq!(response.version_info, "v1");
+        assert_eq!(response.decoded_sotw().version_info, "v1");
         assert!(
             state.on_snapshot(&snap).is_empty(),
             "nothing new, no EDS subscription yet"
@@ -422,7 +417,7 @@ mod tests {
         );
         let responses = state.on_snapshot(&v2);
         assert_eq!(responses.len(), 1, "cluster set unchanged: no CDS push");
-        assert_eq!(responses[0].type_url, ResourceType::Endpoint.type_url());
+        assert_eq!(responses[0].ty, ResourceType::Endpoint);
         assert_eq!(names(&responses[0]), ["b"]);
         let v3 = snapshot(
             "v3",
@@ -458,8 +453,8 @@ mod tests {
         );
         let responses = state.on_snapshot(&v2);
         assert_eq!(responses.len(), 2);
-        assert_eq!(responses[0].type_url, ResourceType::Cluster.type_url());
-        assert_eq!(responses[1].type_url, ResourceType::Endpoint.type_url());
+        assert_eq!(responses[0].ty, ResourceType::Cluster);
+        assert_eq!(responses[1].ty, ResourceType::Endpoint);
         assert_eq!(
             names(&responses[1]),
             ["a"],

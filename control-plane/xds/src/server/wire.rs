@@ -1,0 +1,445 @@
+//! ADS responses on the wire, framed from the cache's shared bytes: no stream keeps a
+//! buffer or a copy of the resources it sends.
+//!
+//! Why: tonic's generated server encodes each response message into a per-stream buffer
+//! that grows to the largest message the stream ever sent and keeps that allocation for the
+//! stream's life (bytes' `BytesMut` reuses it). An Envoy's first EDS answer carries every
+//! endpoint it follows, so each stream kept about 0.5 MiB at 10,000 endpoints, and the
+//! response itself held one more copy of every resource (`Any` values are `Vec<u8>`). A
+//! heap profile of the control plane with 100 streams showed those buffers as 53 of its 78
+//! MiB of live heap (BENCHMARKS.md, "xDS at scale").
+//!
+//! Here a response is a [`Push`]: its fields and the cache's [`EncodedResource`]s, each
+//! holding its `Any` encoded once as a ready element of the response's field 2
+//! ([`EncodedResource::entry`] for SotW, [`EncodedResource::delta_entry`] for delta).
+//! [`Push::frames`] lays it out as one gRPC message whose resource bytes are those very
+//! allocations (reference counted), and [`PushBody`] hands the frames to hyper one by one.
+//! The bytes are what prost would encode for the same `DiscoveryResponse` or
+//! `DeltaDiscoveryResponse`, field for field (the tests compare them), so Envoy sees no
+//! difference.
+//!
+//! Small pieces (the other fields, resources under [`COPY_BELOW`]) are copied into frames
+//! of up to 16 KiB between the shared ones: h2 queues every frame of a response at once in
+//! a per-connection slab that never shrinks, so a response is one frame per large resource,
+//! not one per field. A message under [`ONE_FRAME_BELOW`] (a change's push) is copied whole
+//! into one frame, freed once written: h2 writes each frame it cannot join to the previous
+//! one in a write of its own, and a second small write waits on the peer's delayed ACK
+//! (Nagle), which cost every change 40 ms when its push was three frames.
+
+use std::{
+    collections::VecDeque,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
+use http_body::Frame;
+use prost::Message;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::{
+    cache::{EncodedResource, ResourceType},
+    status::StreamKind,
+};
+
+/// The gRPC message prefix: a compressed flag (never set) and the length, big endian.
+const GRPC_PREFIX: usize = 5;
+/// Resources smaller than this are copied into the surrounding frame rather than sent as a
+/// frame of their own.
+pub(crate) const COPY_BELOW: usize = 1024;
+/// A frame of copied pieces is closed at this size, so copies come in small allocations.
+const COPIED_FRAME: usize = 16 * 1024;
+/// A message shorter than this goes out as one frame, copied.
+pub(crate) const ONE_FRAME_BELOW: usize = 64 * 1024;
+
+/// One response of either ADS variant, before framing.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Push {
+    /// The resource type of every resource in it.
+    pub(crate) ty: ResourceType,
+    /// SotW `version_info`, delta `system_version_info`: the snapshot's version.
+    pub(crate) version: String,
+    /// The response nonce.
+    pub(crate) nonce: String,
+    /// The resources sent, shared with the cache.
+    pub(crate) resources: Vec<Arc<EncodedResource>>,
+    /// Delta only: names Envoy should drop.
+    pub(crate) removed: Vec<String>,
+}
+
+/// Frames under construction: small pieces accumulate in `small`, a large shared piece
+/// closes it.
+struct Frames {
+    frames: VecDeque<Bytes>,
+    small: BytesMut,
+    /// Pieces at least this long are shared, not copied.
+    share_from: usize,
+    /// The copied frame closes at this length.
+    close_at: usize,
+}
+
+impl Frames {
+    fn copy(&mut self, bytes: &[u8]) {
+        self.small.put_slice(bytes);
+        if self.small.len() >= self.close_at {
+            self.close();
+        }
+    }
+
+    fn close(&mut self) {
+        if !self.small.is_empty() {
+            self.frames.push_back(self.small.split().freeze());
+        }
+    }
+
+    fn share(&mut self, bytes: &Bytes) {
+        if bytes.len() < self.share_from {
+            self.copy(bytes);
+            return;
+        }
+        self.close();
+        self.frames.push_back(bytes.clone());
+    }
+
+    /// Frames for a message of `length` bytes after the gRPC prefix.
+    fn for_message(length: usize) -> Self {
+        let whole = GRPC_PREFIX + length;
+        let (share_from, close_at) = if whole < ONE_FRAME_BELOW {
+            (usize::MAX, usize::MAX)
+        } else {
+            (COPY_BELOW, COPIED_FRAME)
+        };
+        Self {
+            frames: VecDeque::new(),
+            small: BytesMut::with_capacity(whole.min(close_at)),
+            share_from,
+            close_at,
+        }
+    }
+
+    fn finish(mut self) -> VecDeque<Bytes> {
+        self.close();
+        self.frames
+    }
+}
+
+impl Push {
+    /// The response as one gRPC message (prefix included), in frames whose resource bytes
+    /// are the cache's. Fails only for a message beyond gRPC's 4 GiB length field.
+    pub(crate) fn frames(&self, kind: StreamKind) -> Result<VecDeque<Bytes>, Status> {
+        let type_url = self.ty.type_url().to_owned();
+        // Fields 1 and 4.. of the message, encoded by prost; field 2 (the resources) goes
+        // between them, as prost orders fields by number.
+        let (head, tail) = match kind {
+            StreamKind::Sotw => (
+                DiscoveryResponse {
+                    version_info: self.version.clone(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+                DiscoveryResponse {
+                    type_url,
+                    nonce: self.nonce.clone(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            ),
+            StreamKind::Delta => (
+                DeltaDiscoveryResponse {
+                    system_version_info: self.version.clone(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+                DeltaDiscoveryResponse {
+                    type_url,
+                    nonce: self.nonce.clone(),
+                    removed_resources: self.removed.clone(),
+                    ..Default::default()
+                }
+                .encode_to_vec(),
+            ),
+        };
+        let length = head.len()
+            + tail.len()
+            + self
+                .resources
+                .iter()
+                .map(|resource| element_len(kind, resource))
+                .sum::<usize>();
+        let length = u32::try_from(length).map_err(|_| {
+            Status::resource_exhausted(
+                "an xDS response exceeds gRPC's 4 GiB message limit; split the mesh over more clusters",
+            )
+        })?;
+        let mut frames = Frames::for_message(length as usize);
+        frames.copy(&[0]);
+        frames.copy(&length.to_be_bytes());
+        frames.copy(&head);
+        for resource in &self.resources {
+            match kind {
+                // The cache's entry is the element as it stands.
+                StreamKind::Sotw => frames.share(&resource.entry),
+                StreamKind::Delta => frames.share(resource.delta_entry()),
+            }
+        }
+        frames.copy(&tail);
+        let frames = frames.finish();
+        debug_assert_eq!(
+            frames.iter().map(Bytes::len).sum::<usize>(),
+            GRPC_PREFIX + length as usize,
+            "the gRPC prefix states the message's length"
+        );
+        Ok(frames)
+    }
+}
+
+#[cfg(test)]
+impl Push {
+    /// The message `frames` sends, decoded by prost (tests read pushes as Envoy does).
+    fn decoded<M: Message + Default>(&self, kind: StreamKind) -> M {
+        let frames = self.frames(kind).expect("frames");
+        let joined: Vec<u8> = frames.iter().flatten().copied().collect();
+        M::decode(&joined[GRPC_PREFIX..]).expect("a valid message")
+    }
+
+    /// The `DiscoveryResponse` a SotW stream sends for this push.
+    pub(crate) fn decoded_sotw(&self) -> DiscoveryResponse {
+        self.decoded(StreamKind::Sotw)
+    }
+
+    /// The `DeltaDiscoveryResponse` a delta stream sends for this push.
+    pub(crate) fn decoded_delta(&self) -> DeltaDiscoveryResponse {
+        self.decoded(StreamKind::Delta)
+    }
+}
+
+/// The bytes one resource adds to a response of `kind`: one element of field 2 with its key
+/// and length.
+fn element_len(kind: StreamKind, resource: &EncodedResource) -> usize {
+    match kind {
+        StreamKind::Sotw => resource.entry.len(),
+        StreamKind::Delta => resource.delta_entry().len(),
+    }
+}
+
+/// The body of one ADS stream's response: the frames of each [`Push`] the stream driver
+/// queues, then `grpc-status: 0` when the driver ends the stream (tonic's generated server
+/// ends it the same way).
+pub(crate) struct PushBody {
+    kind: StreamKind,
+    pushes: mpsc::Receiver<Push>,
+    pending: VecDeque<Bytes>,
+    ended: bool,
+}
+
+impl PushBody {
+    /// The body of a `kind` stream sending what arrives on `pushes`.
+    pub(crate) fn new(kind: StreamKind, pushes: mpsc::Receiver<Push>) -> Self {
+        Self {
+            kind,
+            pushes,
+            pending: VecDeque::new(),
+            ended: false,
+        }
+    }
+
+    fn trailers(&mut self, status: &Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        self.ended = true;
+        let mut trailers = tonic::codegen::http::HeaderMap::new();
+        match status.add_header(&mut trailers) {
+            Ok(()) => Poll::Ready(Some(Ok(Frame::trailers(trailers)))),
+            Err(status) => Poll::Ready(Some(Err(status))),
+        }
+    }
+}
+
+impl http_body::Body for PushBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        loop {
+            if let Some(frame) = self.pending.pop_front() {
+                return Poll::Ready(Some(Ok(Frame::data(frame))));
+            }
+            if self.ended {
+                return Poll::Ready(None);
+            }
+            match self.pushes.poll_recv(context) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => return self.trailers(&Status::ok("")),
+                Poll::Ready(Some(push)) => match push.frames(self.kind) {
+                    Ok(frames) => self.pending = frames,
+                    Err(status) => return self.trailers(&status),
+                },
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended && self.pending.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use envoy_types::pb::{envoy::service::discovery::v3::Resource, google::protobuf::Any};
+
+    use super::*;
+
+    fn resource(name: &str, version: &str, value_len: usize) -> Arc<EncodedResource> {
+        let any = Any {
+            type_url: ResourceType::Endpoint.type_url().to_owned(),
+            value: (0..value_len).map(|byte| byte as u8).collect(),
+        };
+        Arc::new(EncodedResource::new(
+            name.to_owned(),
+            version.to_owned(),
+            &any.encode_to_vec(),
+        ))
+    }
+
+    fn push(resources: Vec<Arc<EncodedResource>>, removed: &[&str]) -> Push {
+        Push {
+            ty: ResourceType::Endpoint,
+            version: "v7".to_owned(),
+            nonce: "12".to_owned(),
+            resources,
+            removed: removed.iter().map(|name| (*name).to_owned()).collect(),
+        }
+    }
+
+    /// The frames joined, checked for the gRPC prefix, without it.
+    fn message(frames: &VecDeque<Bytes>) -> Vec<u8> {
+        let joined: Vec<u8> = frames.iter().flatten().copied().collect();
+        assert_eq!(joined[0], 0, "never compressed");
+        let length = u32::from_be_bytes(joined[1..5].try_into().expect("four bytes")) as usize;
+        assert_eq!(length, joined.len() - GRPC_PREFIX);
+        joined[GRPC_PREFIX..].to_vec()
+    }
+
+    fn any(resource: &EncodedResource) -> Any {
+        Any::decode(resource.any.clone()).expect("an encoded Any")
+    }
+
+    #[test]
+    fn a_sotw_push_is_byte_for_byte_what_prost_encodes() {
+        let resources = vec![
+            resource("a", "1", 10),
+            resource("b", "2", 5000),
+            resource("c", "3", 0),
+        ];
+        let push = push(resources.clone(), &[]);
+        let frames = push.frames(StreamKind::Sotw).expect("frames");
+        let expected = DiscoveryResponse {
+            version_info: "v7".to_owned(),
+            resources: resources.iter().map(|resource| any(resource)).collect(),
+            type_url: ResourceType::Endpoint.type_url().to_owned(),
+            nonce: "12".to_owned(),
+            ..Default::default()
+        };
+        assert_eq!(message(&frames), expected.encode_to_vec());
+    }
+
+    #[test]
+    fn a_delta_push_is_byte_for_byte_what_prost_encodes() {
+        let resources = vec![resource("a", "1", 3000), resource("b", "2", 7)];
+        let push = push(resources.clone(), &["gone", "also-gone"]);
+        let frames = push.frames(StreamKind::Delta).expect("frames");
+        let expected = DeltaDiscoveryResponse {
+            system_version_info: "v7".to_owned(),
+            resources: resources
+                .iter()
+                .map(|resource| Resource {
+                    name: resource.name.clone(),
+                    version: resource.version.clone(),
+                    resource: Some(any(resource)),
+                    ..Default::default()
+                })
+                .collect(),
+            type_url: ResourceType::Endpoint.type_url().to_owned(),
+            removed_resources: vec!["gone".to_owned(), "also-gone".to_owned()],
+            nonce: "12".to_owned(),
+            ..Default::default()
+        };
+        assert_eq!(message(&frames), expected.encode_to_vec());
+    }
+
+    #[test]
+    fn a_large_resource_is_sent_from_the_cache_allocation_not_a_copy() {
+        let large = resource("a", "1", ONE_FRAME_BELOW);
+        let small = resource("b", "1", 10);
+        let push = push(vec![Arc::clone(&large), small], &[]);
+        for kind in [StreamKind::Sotw, StreamKind::Delta] {
+            let frames = push.frames(kind).expect("frames");
+            let cached = match kind {
+                StreamKind::Sotw => &large.entry,
+                StreamKind::Delta => large.delta_entry(),
+            };
+            let shared = frames
+                .iter()
+                .filter(|frame| frame.as_ptr() == cached.as_ptr())
+                .count();
+            assert_eq!(
+                shared, 1,
+                "{kind:?}: the large resource is one shared frame"
+            );
+            assert_eq!(
+                frames.len(),
+                3,
+                "{kind:?}: head, the large resource, the small one with the tail"
+            );
+        }
+    }
+
+    #[test]
+    fn a_small_push_is_one_frame_so_the_peer_gets_it_in_one_write() {
+        let push = push(
+            vec![resource("a", "1", 4 * COPY_BELOW), resource("b", "1", 10)],
+            &["gone"],
+        );
+        for kind in [StreamKind::Sotw, StreamKind::Delta] {
+            let frames = push.frames(kind).expect("frames");
+            assert_eq!(frames.len(), 1, "{kind:?}");
+        }
+    }
+
+    #[tokio::test]
+    async fn the_body_sends_every_push_then_an_ok_status() {
+        use http_body::Body as _;
+
+        let (sender, receiver) = mpsc::channel(4);
+        let mut body = std::pin::pin!(PushBody::new(StreamKind::Sotw, receiver));
+        let sent = push(vec![resource("a", "1", 2 * COPY_BELOW)], &[]);
+        let expected: Vec<u8> = sent
+            .frames(StreamKind::Sotw)
+            .expect("frames")
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
+        sender.send(sent).await.expect("open");
+        drop(sender);
+        let mut data = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) =
+            std::future::poll_fn(|context| body.as_mut().poll_frame(context)).await
+        {
+            let frame = frame.expect("no error");
+            match frame.into_data() {
+                Ok(bytes) => data.extend_from_slice(&bytes),
+                Err(frame) => trailers = frame.into_trailers().ok(),
+            }
+        }
+        assert_eq!(data, expected);
+        let trailers = trailers.expect("trailers");
+        assert_eq!(trailers["grpc-status"], "0");
+        assert!(body.is_end_stream());
+    }
+}
