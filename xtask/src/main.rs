@@ -75,8 +75,9 @@ enum Task {
     },
     /// Run every benchmark and rewrite BENCHMARKS.md's generated tables
     ///
-    /// The core's and the wasmtime filter's criterion benches, the data path (native round
-    /// robin vs a do-nothing wasm filter vs fulcrum on one Envoy), the comparison with
+    /// The core's and the wasmtime filter's criterion benches, the data path (Envoy's round
+    /// robin and least request vs a do-nothing wasm filter vs fulcrum's wasm filter and native
+    /// module, an Envoy each), the comparison with
     /// Envoy's balancers under faults, the registry's API and xDS at 10,000 endpoints, one
     /// after another (about 25 minutes). Each table goes between its `<!-- bench:NAME -->` markers in BENCHMARKS.md
     /// and to bench-results/NAME.md, stamped with date, commit, machine and load.
@@ -355,7 +356,7 @@ const NATIVE_MODULE: &str = "libfulcrum_native.so";
 
 /// Builds the native module (release, host target) and returns the `.so` path; its
 /// directory is what `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` names.
-fn build_native() -> Result<PathBuf> {
+pub(crate) fn build_native() -> Result<PathBuf> {
     tools::run(cargo().args(["build", "--release", "--package", NATIVE_PACKAGE]))
         .context("building the native module failed")?;
     let module = target_dir()?.join("release").join(NATIVE_MODULE);
