@@ -12,7 +12,7 @@ mod tools;
 
 use std::{
     env,
-    ffi::OsString,
+    ffi::{OsStr, OsString},
     hash::{BuildHasher, RandomState},
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -245,10 +245,16 @@ fn fuzz(minutes: u64, cases: u64) -> Result<()> {
 
 /// `cargo xtask demo [--duration SECS …]`: builds the filter (release) and the demo's
 /// programs, then runs `fulcrum-demo` (examples/demo), which starts the control plane, sample
-/// backends and Envoy, tells the fault story and stops everything it started.
+/// backends and Envoy, tells the fault story and stops everything it started. With
+/// `--data-plane native` it builds the native module too and passes it on.
 fn demo(demo_args: &[String]) -> Result<()> {
     let tools = setup(setup::FOR_DEMO)?;
     let wasm = build_wasm()?;
+    let native_module = if wants_native_data_plane(demo_args) {
+        Some(build_native()?)
+    } else {
+        None
+    };
     tools::run(cargo().args([
         "build",
         "--package",
@@ -268,9 +274,29 @@ fn demo(demo_args: &[String]) -> Result<()> {
             .arg(&wasm)
             .arg("--bin-dir")
             .arg(&bin_dir)
+            .args(
+                native_module
+                    .iter()
+                    .flat_map(|module| [OsStr::new("--native-module"), module.as_os_str()]),
+            )
             .args(demo_args),
     )
     .context("the demo failed")
+}
+
+/// Whether the demo's arguments choose the native data plane (`--data-plane native` or
+/// `--data-plane=native`; the last one given wins, as clap takes it).
+fn wants_native_data_plane(demo_args: &[String]) -> bool {
+    let mut chosen = None;
+    let mut args = demo_args.iter();
+    while let Some(arg) = args.next() {
+        if arg == "--data-plane" {
+            chosen = args.next().map(String::as_str);
+        } else if let Some(value) = arg.strip_prefix("--data-plane=") {
+            chosen = Some(value);
+        }
+    }
+    chosen == Some("native")
 }
 
 /// `cargo xtask bench-compare [--duration SECS] [--scenario NAME …] [--workers 1,2]`: builds the
@@ -448,6 +474,25 @@ mod tests {
             };
             assert_eq!(cargo_test_args, args);
         }
+    }
+
+    #[test]
+    fn the_demo_builds_the_native_module_only_when_its_data_plane_is_chosen() {
+        let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(wants_native_data_plane(&args(&["--data-plane", "native"])));
+        assert!(wants_native_data_plane(&args(&[
+            "--duration",
+            "30",
+            "--data-plane=native"
+        ])));
+        assert!(!wants_native_data_plane(&args(&["--data-plane", "wasm"])));
+        assert!(!wants_native_data_plane(&args(&[
+            "--data-plane",
+            "native",
+            "--data-plane",
+            "wasm"
+        ])));
+        assert!(!wants_native_data_plane(&args(&["--duration", "30"])));
     }
 
     #[test]

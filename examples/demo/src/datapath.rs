@@ -38,8 +38,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use fulcrum_core::NATIVE_MODULE;
-use fulcrum_demo::wrk;
+use fulcrum_demo::{stack::native_module_directory, wrk};
 use fulcrum_example_backend::Backend;
 use fulcrum_test_support::{
     Bootstrap, ClusterBalancing, ClusterOptions, Endpoints, Envoy, EnvoyOptions, FailurePolicy,
@@ -154,34 +153,6 @@ impl Setup {
     }
 }
 
-/// The directory Envoy searches for the native module (`ENVOY_DYNAMIC_MODULES_SEARCH_PATH`):
-/// `module`'s, which must name an existing `libfulcrum_native.so`.
-fn module_directory(module: Option<&Path>) -> Result<PathBuf> {
-    let module = module.context(
-        "the fulcrum-native setup needs --native-module PATH (or FULCRUM_NATIVE_MODULE): build the module with `cargo build --release -p fulcrum-native` and pass target/release/libfulcrum_native.so, or leave the setup out with --setup",
-    )?;
-    let expected = format!("lib{NATIVE_MODULE}.so");
-    if module.file_name().and_then(|name| name.to_str()) != Some(expected.as_str()) {
-        bail!(
-            "--native-module {} must name {expected}: Envoy loads the module by that name",
-            module.display()
-        );
-    }
-    if !module.is_file() {
-        bail!(
-            "--native-module {} does not exist; build it with `cargo build --release -p fulcrum-native`",
-            module.display()
-        );
-    }
-    let directory = module
-        .canonicalize()
-        .with_context(|| format!("resolving {}", module.display()))?;
-    Ok(directory
-        .parent()
-        .context("the module's directory")?
-        .to_path_buf())
-}
-
 /// One measured run.
 #[derive(Debug, Clone)]
 struct Sample {
@@ -225,7 +196,10 @@ async fn main() -> Result<()> {
         bail!("--setup baseline needs --baseline-wasm PATH");
     }
     let module_directory = if Setup::all(&args).contains(&Setup::FulcrumNative) {
-        Some(module_directory(args.native_module.as_deref())?)
+        Some(
+            native_module_directory(args.native_module.as_deref())
+                .context("the fulcrum-native setup (leave it out with --setup)")?,
+        )
     } else {
         None
     };
@@ -576,20 +550,6 @@ mod tests {
         assert_eq!(spread(Vec::new(), 2), "—");
         assert_eq!(spread(vec![1.0], 2), "1.00");
         assert_eq!(spread(vec![3.0, 1.0, 2.0], 1), "2.0 (1.0–3.0)");
-    }
-
-    #[test]
-    fn the_native_setup_without_a_module_says_how_to_build_one() {
-        let error = module_directory(None).unwrap_err().to_string();
-        assert!(error.contains("--native-module"), "{error}");
-        assert!(
-            error.contains("cargo build --release -p fulcrum-native"),
-            "{error}"
-        );
-        let misnamed = module_directory(Some(Path::new("/tmp/module.so")))
-            .unwrap_err()
-            .to_string();
-        assert!(misnamed.contains("libfulcrum_native.so"), "{misnamed}");
     }
 
     #[test]
