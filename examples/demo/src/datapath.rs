@@ -135,8 +135,12 @@ impl Setup {
     /// one was given).
     fn all(args: &Args) -> Vec<Self> {
         if !args.setups.is_empty() {
-            let mut chosen = args.setups.clone();
-            chosen.dedup();
+            let mut chosen = Vec::new();
+            for setup in &args.setups {
+                if !chosen.contains(setup) {
+                    chosen.push(*setup);
+                }
+            }
             return chosen;
         }
         let mut setups = vec![
