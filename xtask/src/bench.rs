@@ -246,9 +246,11 @@ fn wasm(context: &Run) -> Result<Fragment> {
     })
 }
 
-/// Native round robin, the do-nothing wasm floor and fulcrum on one Envoy (wrk).
+/// Envoy's round robin and least request, the do-nothing wasm floor, fulcrum's wasm filter and
+/// fulcrum's native module, an Envoy each (wrk).
 fn datapath(context: &Run) -> Result<Fragment> {
     let floor = build_floor_wasm()?;
+    let native_module = crate::build_native()?;
     let binary = release_binary("fulcrum-datapath")?;
     let out = context.results.join("datapath.raw.md");
     let quick: &[&str] = if context.quick { &["--quick"] } else { &[] };
@@ -260,6 +262,8 @@ fn datapath(context: &Run) -> Result<Fragment> {
             .arg(&context.wasm)
             .arg("--floor-wasm")
             .arg(&floor)
+            .arg("--native-module")
+            .arg(&native_module)
             .arg("--out")
             .arg(&out)
             .args(quick),

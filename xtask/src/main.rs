@@ -12,7 +12,7 @@ mod tools;
 
 use std::{
     env,
-    ffi::OsString,
+    ffi::{OsStr, OsString},
     hash::{BuildHasher, RandomState},
     path::{Path, PathBuf},
     process::{Command, ExitCode},
@@ -75,8 +75,9 @@ enum Task {
     },
     /// Run every benchmark and rewrite BENCHMARKS.md's generated tables
     ///
-    /// The core's and the wasmtime filter's criterion benches, the data path (native round
-    /// robin vs a do-nothing wasm filter vs fulcrum on one Envoy), the comparison with
+    /// The core's and the wasmtime filter's criterion benches, the data path (Envoy's round
+    /// robin and least request vs a do-nothing wasm filter vs fulcrum's wasm filter and native
+    /// module, an Envoy each), the comparison with
     /// Envoy's balancers under faults, the registry's API and xDS at 10,000 endpoints, one
     /// after another (about 25 minutes). Each table goes between its `<!-- bench:NAME -->` markers in BENCHMARKS.md
     /// and to bench-results/NAME.md, stamped with date, commit, machine and load.
@@ -244,10 +245,16 @@ fn fuzz(minutes: u64, cases: u64) -> Result<()> {
 
 /// `cargo xtask demo [--duration SECS …]`: builds the filter (release) and the demo's
 /// programs, then runs `fulcrum-demo` (examples/demo), which starts the control plane, sample
-/// backends and Envoy, tells the fault story and stops everything it started.
+/// backends and Envoy, tells the fault story and stops everything it started. With
+/// `--data-plane native` it builds the native module too and passes it on.
 fn demo(demo_args: &[String]) -> Result<()> {
     let tools = setup(setup::FOR_DEMO)?;
     let wasm = build_wasm()?;
+    let native_module = if wants_native_data_plane(demo_args) {
+        Some(build_native()?)
+    } else {
+        None
+    };
     tools::run(cargo().args([
         "build",
         "--package",
@@ -267,9 +274,29 @@ fn demo(demo_args: &[String]) -> Result<()> {
             .arg(&wasm)
             .arg("--bin-dir")
             .arg(&bin_dir)
+            .args(
+                native_module
+                    .iter()
+                    .flat_map(|module| [OsStr::new("--native-module"), module.as_os_str()]),
+            )
             .args(demo_args),
     )
     .context("the demo failed")
+}
+
+/// Whether the demo's arguments choose the native data plane (`--data-plane native` or
+/// `--data-plane=native`; the last one given wins, as clap takes it).
+fn wants_native_data_plane(demo_args: &[String]) -> bool {
+    let mut chosen = None;
+    let mut args = demo_args.iter();
+    while let Some(arg) = args.next() {
+        if arg == "--data-plane" {
+            chosen = args.next().map(String::as_str);
+        } else if let Some(value) = arg.strip_prefix("--data-plane=") {
+            chosen = Some(value);
+        }
+    }
+    chosen == Some("native")
 }
 
 /// `cargo xtask bench-compare [--duration SECS] [--scenario NAME …] [--workers 1,2]`: builds the
@@ -355,7 +382,7 @@ const NATIVE_MODULE: &str = "libfulcrum_native.so";
 
 /// Builds the native module (release, host target) and returns the `.so` path; its
 /// directory is what `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` names.
-fn build_native() -> Result<PathBuf> {
+pub(crate) fn build_native() -> Result<PathBuf> {
     tools::run(cargo().args(["build", "--release", "--package", NATIVE_PACKAGE]))
         .context("building the native module failed")?;
     let module = target_dir()?.join("release").join(NATIVE_MODULE);
@@ -447,6 +474,25 @@ mod tests {
             };
             assert_eq!(cargo_test_args, args);
         }
+    }
+
+    #[test]
+    fn the_demo_builds_the_native_module_only_when_its_data_plane_is_chosen() {
+        let args = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(wants_native_data_plane(&args(&["--data-plane", "native"])));
+        assert!(wants_native_data_plane(&args(&[
+            "--duration",
+            "30",
+            "--data-plane=native"
+        ])));
+        assert!(!wants_native_data_plane(&args(&["--data-plane", "wasm"])));
+        assert!(!wants_native_data_plane(&args(&[
+            "--data-plane",
+            "native",
+            "--data-plane",
+            "wasm"
+        ])));
+        assert!(!wants_native_data_plane(&args(&["--duration", "30"])));
     }
 
     #[test]

@@ -1,15 +1,24 @@
-//! `fulcrum-datapath`: what fulcrum costs per request, against the floor of running any wasm
-//! filter at all.
+//! `fulcrum-datapath`: what fulcrum costs per request on each data plane, against Envoy's own
+//! balancers and the floor of running any wasm filter at all.
 //!
-//! One Envoy, four in-process backends answering at once (0 ms), the same route, three ways:
-//! - **native**: Envoy's round robin, no filter;
+//! One Envoy per setup, four in-process backends answering at once (0 ms), the same route,
+//! timeouts and retries, five ways:
+//! - **native round_robin**: Envoy's round robin, no filter;
+//! - **native least_request**: Envoy's least request (P2C), no filter: what the native module
+//!   must match;
 //! - **floor**: a proxy-wasm filter that does nothing (`tests/floor-filter`) in front of the
 //!   same `override_host` cluster fulcrum uses, so floor − native is the price of V8 and the
 //!   `override_host` policy's fallback pick;
-//! - **fulcrum**: the release filter, static endpoints, default policy; fulcrum − floor is
-//!   fulcrum's own work;
-//! - with `--baseline-wasm`, a fourth: another build of fulcrum's filter (the commit before an
+//! - **fulcrum wasm**: the release filter, static endpoints, default policy; fulcrum − floor
+//!   is fulcrum's own work;
+//! - **fulcrum native**: the native module (`--native-module`, `libfulcrum_native.so`) as the
+//!   cluster's load-balancing policy under the default policy (least request, P2C) with its
+//!   outcome filter before the router; fulcrum native − least_request is what fulcrum's
+//!   algorithms cost over Envoy's own least request;
+//! - with `--baseline-wasm`, another: a second build of fulcrum's filter (the commit before an
 //!   optimisation), so what the optimisation bought is measured in the same interleaved run.
+//!
+//! `--setup` (repeatable) measures a subset; the paired ratios of a missing setup read `—`.
 //!
 //! For Envoy `--concurrency` 1 and 2 and at 1 and 64 connections, each configuration gets a
 //! fresh Envoy, a warm-up (V8 compiles the module's hot functions with its optimising tier
@@ -29,7 +38,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use fulcrum_demo::wrk;
+use fulcrum_demo::{stack::native_module_directory, wrk};
 use fulcrum_example_backend::Backend;
 use fulcrum_test_support::{
     Bootstrap, ClusterBalancing, ClusterOptions, Endpoints, Envoy, EnvoyOptions, FailurePolicy,
@@ -38,7 +47,9 @@ use fulcrum_test_support::{
 use serde_json::json;
 
 #[derive(Debug, Parser)]
-#[command(about = "Per-request cost of fulcrum vs a do-nothing wasm filter vs native round robin")]
+#[command(
+    about = "Per-request cost of fulcrum (wasm filter, native module) vs a do-nothing wasm filter vs Envoy's round robin and least request"
+)]
 struct Args {
     /// Envoy binary (cargo xtask bench passes the one it installed).
     #[arg(long, env = "FULCRUM_ENVOY")]
@@ -53,6 +64,14 @@ struct Args {
     /// a fourth setup interleaved with the others so the two builds compare in one run.
     #[arg(long)]
     baseline_wasm: Option<PathBuf>,
+    /// The native module (`libfulcrum_native.so`, `cargo build --release -p fulcrum-native`);
+    /// required when the `fulcrum-native` setup runs.
+    #[arg(long, env = "FULCRUM_NATIVE_MODULE")]
+    native_module: Option<PathBuf>,
+    /// Setups to measure (repeatable); default: all of them (the baseline only with
+    /// `--baseline-wasm`).
+    #[arg(long = "setup", value_enum)]
+    setups: Vec<Setup>,
     /// The wrk load generator.
     #[arg(long, default_value = "wrk")]
     wrk: PathBuf,
@@ -84,11 +103,18 @@ const ROUTE_TIMEOUT_MS: u64 = 1000;
 const RETRIES: u32 = 2;
 
 /// The ways one Envoy is set up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Setup {
+    /// Envoy's round robin, no filter.
     Native,
+    /// Envoy's least request (P2C), no filter.
+    LeastRequest,
+    /// The do-nothing wasm filter before the `override_host` cluster.
     Floor,
+    /// fulcrum's wasm filter before the `override_host` cluster.
     Fulcrum,
+    /// fulcrum's native module as the cluster's policy, its outcome filter before the router.
+    FulcrumNative,
     /// `--baseline-wasm`: fulcrum's filter as another build.
     Baseline,
 }
@@ -97,15 +123,33 @@ impl Setup {
     fn name(self) -> &'static str {
         match self {
             Self::Native => "native round_robin",
+            Self::LeastRequest => "native least_request",
             Self::Floor => "floor (do-nothing wasm)",
-            Self::Fulcrum => "fulcrum",
+            Self::Fulcrum => "fulcrum wasm",
+            Self::FulcrumNative => "fulcrum native",
             Self::Baseline => "fulcrum baseline (--baseline-wasm)",
         }
     }
 
-    /// The setups a run measures: the baseline too when one was given.
+    /// The setups a run measures: those of `--setup`, or all of them (the baseline only when
+    /// one was given).
     fn all(args: &Args) -> Vec<Self> {
-        let mut setups = vec![Self::Native, Self::Floor, Self::Fulcrum];
+        if !args.setups.is_empty() {
+            let mut chosen = Vec::new();
+            for setup in &args.setups {
+                if !chosen.contains(setup) {
+                    chosen.push(*setup);
+                }
+            }
+            return chosen;
+        }
+        let mut setups = vec![
+            Self::Native,
+            Self::LeastRequest,
+            Self::Floor,
+            Self::Fulcrum,
+            Self::FulcrumNative,
+        ];
         if args.baseline_wasm.is_some() {
             setups.push(Self::Baseline);
         }
@@ -152,6 +196,17 @@ async fn main() -> Result<()> {
     if let Some(bad) = args.connections.iter().find(|c| !(1..=1024).contains(*c)) {
         bail!("--connections must be 1..=1024, got {bad}");
     }
+    if args.setups.contains(&Setup::Baseline) && args.baseline_wasm.is_none() {
+        bail!("--setup baseline needs --baseline-wasm PATH");
+    }
+    let module_directory = if Setup::all(&args).contains(&Setup::FulcrumNative) {
+        Some(
+            native_module_directory(args.native_module.as_deref())
+                .context("the fulcrum-native setup (leave it out with --setup)")?,
+        )
+    } else {
+        None
+    };
     let dir = tempfile::Builder::new()
         .prefix("fulcrum-datapath-")
         .tempdir()?;
@@ -182,8 +237,11 @@ async fn main() -> Result<()> {
                     setup,
                     workers,
                     &addresses,
-                    dir.path(),
-                    &script,
+                    Paths {
+                        dir: dir.path(),
+                        script: &script,
+                        module_directory: module_directory.as_deref(),
+                    },
                 )
                 .await
                 .with_context(|| format!("{} with {workers} worker(s)", setup.name()))?;
@@ -203,6 +261,17 @@ async fn main() -> Result<()> {
     Ok(())
 }
 
+/// Where a run's files are.
+#[derive(Debug, Clone, Copy)]
+struct Paths<'a> {
+    /// Envoy's working directory.
+    dir: &'a Path,
+    /// wrk's report script.
+    script: &'a Path,
+    /// The native module's directory, when the `fulcrum-native` setup runs.
+    module_directory: Option<&'a Path>,
+}
+
 /// One configuration on a fresh Envoy: warm-up, then one measured run per connection count.
 async fn run(
     args: &Args,
@@ -210,15 +279,22 @@ async fn run(
     setup: Setup,
     workers: u32,
     addresses: &[std::net::SocketAddr],
-    dir: &Path,
-    script: &Path,
+    paths: Paths<'_>,
 ) -> Result<Vec<Sample>> {
+    let Paths {
+        dir,
+        script,
+        module_directory,
+    } = paths;
     let endpoints = addresses
         .iter()
         .map(|a| json!({"address": a.to_string()}))
         .collect::<Vec<_>>();
     let (balancing, filter) = match setup {
         Setup::Native => (ClusterBalancing::RoundRobin, None),
+        Setup::LeastRequest => (ClusterBalancing::LeastRequest, None),
+        // The default policy: least request (P2C), as Envoy's.
+        Setup::FulcrumNative => (ClusterBalancing::FulcrumNative { policy: json!({}) }, None),
         Setup::Floor => (
             ClusterBalancing::Fulcrum,
             Some(FilterSetup {
@@ -258,12 +334,21 @@ async fn run(
         }),
         locality: NodeLocality::default(),
     };
+    let env = match (setup, module_directory) {
+        (Setup::FulcrumNative, Some(module_directory)) => vec![(
+            "ENVOY_DYNAMIC_MODULES_SEARCH_PATH".to_owned(),
+            module_directory.display().to_string(),
+        )],
+        (Setup::FulcrumNative, None) => bail!("the fulcrum-native setup needs --native-module"),
+        _ => Vec::new(),
+    };
     let options = EnvoyOptions {
         binary: Some(args.envoy.clone()),
         concurrency: workers,
         log_level: "warning".to_owned(),
         dir: Some(dir.to_path_buf()),
         name: format!("envoy-{label}"),
+        env,
         ..EnvoyOptions::default()
     };
     let mut envoy = Envoy::start_with(&bootstrap, &options).await?;
@@ -329,9 +414,13 @@ fn summary(mut values: Vec<f64>) -> (f64, f64, f64) {
     (median, values[0], values[values.len() - 1])
 }
 
-/// `median (min–max)` with `decimals`, or the median alone when there was one repeat.
+/// `median (min–max)` with `decimals`, the median alone when there was one repeat, `—` when
+/// there was none (a setup left out).
 fn spread(values: Vec<f64>, decimals: usize) -> String {
     let count = values.len();
+    if count == 0 {
+        return "—".to_owned();
+    }
     let (median, min, max) = summary(values);
     if count > 1 {
         format!("{median:.decimals$} ({min:.decimals$}–{max:.decimals$})")
@@ -391,7 +480,7 @@ fn report(args: &Args, samples: &[Sample], load_before: &str, load_after: &str) 
     let baseline = args.baseline_wasm.is_some();
     let _ = writeln!(
         out,
-        "| workers | conns | fulcrum ÷ floor req/s | floor ÷ native req/s | fulcrum − floor CPU µs/req | floor − native CPU µs/req | fulcrum − floor p50 µs |{}",
+        "| workers | conns | fulcrum wasm ÷ floor req/s | floor ÷ native req/s | fulcrum wasm − floor CPU µs/req | floor − native CPU µs/req | fulcrum wasm − floor p50 µs | fulcrum native ÷ least_request req/s | fulcrum native − least_request CPU µs/req | fulcrum native ÷ fulcrum wasm req/s |{}",
         if baseline {
             " fulcrum ÷ baseline req/s | fulcrum − baseline CPU µs/req |"
         } else {
@@ -400,7 +489,7 @@ fn report(args: &Args, samples: &[Sample], load_before: &str, load_after: &str) 
     );
     let _ = writeln!(
         out,
-        "| --- | --- | --- | --- | --- | --- | --- |{}",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |{}",
         if baseline { " --- | --- |" } else { "" }
     );
     for &workers in &args.workers {
@@ -434,12 +523,15 @@ fn report(args: &Args, samples: &[Sample], load_before: &str, load_after: &str) 
             };
             let _ = writeln!(
                 out,
-                "| {workers} | {connections} | {} | {} | {} | {} | {} |{against_baseline}",
+                "| {workers} | {connections} | {} | {} | {} | {} | {} | {} | {} | {} |{against_baseline}",
                 spread(paired(Setup::Fulcrum, Setup::Floor, ratio), 2),
                 spread(paired(Setup::Floor, Setup::Native, ratio), 2),
                 spread(paired(Setup::Fulcrum, Setup::Floor, cpu), 1),
                 spread(paired(Setup::Floor, Setup::Native, cpu), 1),
                 spread(paired(Setup::Fulcrum, Setup::Floor, p50), 0),
+                spread(paired(Setup::FulcrumNative, Setup::LeastRequest, ratio), 2),
+                spread(paired(Setup::FulcrumNative, Setup::LeastRequest, cpu), 1),
+                spread(paired(Setup::FulcrumNative, Setup::Fulcrum, ratio), 2),
             );
         }
     }
@@ -455,6 +547,13 @@ mod tests {
         assert_eq!(summary(vec![3.0, 1.0, 2.0]), (2.0, 1.0, 3.0));
         assert_eq!(summary(vec![4.0, 1.0, 2.0, 3.0]), (2.5, 1.0, 4.0));
         assert_eq!(summary(vec![7.0]), (7.0, 7.0, 7.0));
+    }
+
+    #[test]
+    fn the_spread_of_a_setup_left_out_is_a_dash() {
+        assert_eq!(spread(Vec::new(), 2), "—");
+        assert_eq!(spread(vec![1.0], 2), "1.00");
+        assert_eq!(spread(vec![3.0, 1.0, 2.0], 1), "2.0 (1.0–3.0)");
     }
 
     #[test]

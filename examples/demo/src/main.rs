@@ -5,8 +5,13 @@
 //! p50/p99 latency, errors and breaker state, live when stdout is a terminal and as plain
 //! lines otherwise, then a summary per phase. Ends by itself after `--duration`; Ctrl-C or any
 //! failure stops every process it started. Normally run through `cargo xtask demo`.
+//!
+//! `--data-plane native` balances with fulcrum's native module (the control plane generates
+//! its cluster) instead of the wasm filter. The module keeps no per-endpoint stats, so the
+//! breaker column and the ejection counts say so; its counters are printed instead.
 
 use std::{
+    collections::BTreeMap,
     io::{IsTerminal, Write},
     net::SocketAddr,
     path::PathBuf,
@@ -18,7 +23,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use fulcrum_demo::{
     load::{self, LoadConfig, Recorder, Window},
-    stack::{Binaries, Stack},
+    stack::{Binaries, DataPlane, Stack, native_module_directory},
 };
 use fulcrum_example_backend::Fault;
 use serde_json::json;
@@ -31,9 +36,15 @@ struct Args {
     /// Envoy binary (cargo xtask demo passes the one it installed).
     #[arg(long, env = "FULCRUM_ENVOY")]
     envoy: PathBuf,
-    /// The filter (`fulcrum_balancer.wasm`).
+    /// The filter (`fulcrum_balancer.wasm`); required with `--data-plane wasm`.
     #[arg(long, env = "FULCRUM_FILTER_WASM")]
-    wasm: PathBuf,
+    wasm: Option<PathBuf>,
+    /// Which data plane balances: the proxy-wasm filter or the native module.
+    #[arg(long, value_enum, default_value_t = DataPlaneArg::Wasm)]
+    data_plane: DataPlaneArg,
+    /// The native module (`libfulcrum_native.so`); required with `--data-plane native`.
+    #[arg(long, env = "FULCRUM_NATIVE_MODULE")]
+    native_module: Option<PathBuf>,
     /// Directory holding `fulcrum-control-plane` and `fulcrum-backend`.
     #[arg(long)]
     bin_dir: PathBuf,
@@ -49,6 +60,27 @@ struct Args {
     /// Print plain lines even on a terminal.
     #[arg(long)]
     plain: bool,
+}
+
+/// `--data-plane`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DataPlaneArg {
+    Wasm,
+    Native,
+}
+
+/// The data plane `--data-plane` names, with the file it needs.
+fn data_plane(args: &Args) -> Result<DataPlane> {
+    match args.data_plane {
+        DataPlaneArg::Wasm => Ok(DataPlane::Wasm {
+            wasm: args.wasm.clone().context(
+                "--data-plane wasm needs --wasm PATH (or FULCRUM_FILTER_WASM): build the filter with `cargo xtask build-wasm`",
+            )?,
+        }),
+        DataPlaneArg::Native => Ok(DataPlane::Native {
+            module_directory: native_module_directory(args.native_module.as_deref())?,
+        }),
+    }
 }
 
 const SERVICE: &str = "demo";
@@ -78,17 +110,21 @@ const STORY: [(f64, Step, &str); 4] = [
 async fn main() -> Result<()> {
     let args = Args::parse();
     let duration = Duration::from_secs(args.duration.max(20));
+    let data_plane = data_plane(&args)?;
     let binaries = Binaries {
         envoy: args.envoy.clone(),
-        wasm: args.wasm.clone(),
         control_plane: args.bin_dir.join("fulcrum-control-plane"),
         backend: args.bin_dir.join("fulcrum-backend"),
     };
     println!(
-        "starting {BACKENDS} backends, the control plane and Envoy ({} workers)…",
-        args.workers
+        "starting {BACKENDS} backends, the control plane and Envoy ({} workers, {} data plane)…",
+        args.workers,
+        match data_plane {
+            DataPlane::Wasm { .. } => "wasm filter",
+            DataPlane::Native { .. } => "native module",
+        }
     );
-    let policy = json!({"default": {
+    let policy = json!({
         "load_balancer": {"type": "peak_ewma"},
         "retry": 2,
         "outlier_detection": {
@@ -97,8 +133,23 @@ async fn main() -> Result<()> {
             "max_ejection_percent": 50,
             "slow_calls": {"latency_threshold": "100ms", "threshold_percent": 50, "minimum_requests": 10}
         }
-    }});
-    let stack = Stack::start(&binaries, SERVICE, BACKENDS, args.workers, policy).await?;
+    });
+    let native = matches!(data_plane, DataPlane::Native { .. });
+    let stack = Stack::start(
+        &binaries,
+        SERVICE,
+        BACKENDS,
+        args.workers,
+        &data_plane,
+        policy,
+    )
+    .await?;
+    if native {
+        println!(
+            "native module: the cluster is the control plane's (CDS), the module its load-balancing policy; \
+             it keeps no per-endpoint stats, so breaker state and ejections per backend are not available"
+        );
+    }
     println!(
         "ready: Envoy listens on http://{} (admin http://{}), logs in {}",
         stack.listener,
@@ -106,7 +157,7 @@ async fn main() -> Result<()> {
         stack.dir.path().display()
     );
     tokio::select! {
-        result = tell_story(stack, duration, args.concurrency, args.plain || !std::io::stdout().is_terminal()) => result,
+        result = tell_story(stack, duration, args.concurrency, args.plain || !std::io::stdout().is_terminal(), native) => result,
         _ = tokio::signal::ctrl_c() => {
             println!("\ninterrupted: stopping every process");
             Ok(())
@@ -119,6 +170,7 @@ async fn tell_story(
     duration: Duration,
     concurrency: usize,
     plain: bool,
+    native: bool,
 ) -> Result<()> {
     let recorder = Arc::new(Recorder::default());
     let load = tokio::spawn(load::run(
@@ -158,22 +210,29 @@ async fn tell_story(
             }
             next_step += 1;
         }
-        let open = stack
-            .endpoint_stat("circuit_open")
-            .await
-            .unwrap_or_default();
+        // The native module has no per-endpoint breaker stats: `None`, shown as such.
+        let open = if native {
+            None
+        } else {
+            Some(
+                stack
+                    .endpoint_stat("circuit_open")
+                    .await
+                    .unwrap_or_default(),
+            )
+        };
         render(
             &stack,
             &mut window,
             &states,
-            &open,
+            open.as_ref(),
             started.elapsed(),
             plain,
             phases.last().map(|(name, _)| name.as_str()),
         );
     }
     load.await.context("load task")??;
-    summary(&stack, &mut phases).await
+    summary(&stack, &mut phases, native).await
 }
 
 async fn apply(stack: &mut Stack, step: Step, states: &mut [&str]) -> Result<()> {
@@ -213,7 +272,11 @@ async fn apply(stack: &mut Stack, step: Step, states: &mut [&str]) -> Result<()>
     Ok(())
 }
 
-fn breaker(open: &std::collections::BTreeMap<SocketAddr, i64>, address: SocketAddr) -> String {
+/// The breaker column: `n/a` when the data plane does not expose breaker state (native).
+fn breaker(open: Option<&BTreeMap<SocketAddr, i64>>, address: SocketAddr) -> String {
+    let Some(open) = open else {
+        return "n/a (native)".to_owned();
+    };
     match open.get(&address).copied().unwrap_or(0) {
         0 => "closed".to_owned(),
         n => format!("open in {n} worker(s)"),
@@ -224,7 +287,7 @@ fn render(
     stack: &Stack,
     window: &mut Window,
     states: &[&str],
-    open: &std::collections::BTreeMap<SocketAddr, i64>,
+    open: Option<&BTreeMap<SocketAddr, i64>>,
     elapsed: Duration,
     plain: bool,
     phase: Option<&str>,
@@ -242,7 +305,11 @@ fn render(
                 .backends
                 .get_mut(&backend.name)
                 .map_or(0.0, |b| b.quantile_ms(0.99));
-            let open_mark = if open.get(&backend.addr).copied().unwrap_or(0) > 0 {
+            let open_mark = if open
+                .and_then(|open| open.get(&backend.addr).copied())
+                .unwrap_or(0)
+                > 0
+            {
                 " OPEN"
             } else {
                 ""
@@ -299,11 +366,7 @@ fn render(
     let _ = stdout.flush();
 }
 
-async fn summary(stack: &Stack, phases: &mut [(String, Window)]) -> Result<()> {
-    let ejections = stack
-        .endpoint_stat("ejections_total")
-        .await
-        .unwrap_or_default();
+async fn summary(stack: &Stack, phases: &mut [(String, Window)], native: bool) -> Result<()> {
     println!("\n=== summary ===");
     for (name, window) in phases.iter_mut() {
         let p99 = window.all.quantile_ms(0.99);
@@ -321,6 +384,22 @@ async fn summary(stack: &Stack, phases: &mut [(String, Window)]) -> Result<()> {
         }
         println!("{line}");
     }
+    if native {
+        let counters = stack.native_counters().await?;
+        let shown: Vec<String> = counters
+            .iter()
+            .map(|(name, value)| format!("{name} {value}"))
+            .collect();
+        println!("native module counters: {}", shown.join(", "));
+        println!(
+            "ejections per backend: not available on the native data plane (the module keeps no per-endpoint stats)"
+        );
+        return Ok(());
+    }
+    let ejections = stack
+        .endpoint_stat("ejections_total")
+        .await
+        .unwrap_or_default();
     let ejected: Vec<String> = stack
         .backends
         .iter()

@@ -1,5 +1,9 @@
 //! The demo's stack as real processes: sample backends, fulcrum's control plane (static-file
-//! source), and Envoy with the fulcrum filter getting its clusters over ADS.
+//! source), and Envoy getting its clusters over ADS, on either data plane ([`DataPlane`]):
+//! the wasm filter (policy in its config, the `override_host` cluster), or the native module
+//! (policy in the control plane's policy file with `data_plane: native`, so the cluster Envoy
+//! balances with is the one the control plane generates, with the module as its policy; the
+//! outcome filter in the listener).
 //!
 //! The control plane and Envoy bind port 0 and report what they got (the control plane's
 //! `--address-file`, Envoy's admin). A backend must come back on the same port after it is
@@ -16,7 +20,8 @@ use std::{
     time::Duration,
 };
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
+use fulcrum_core::NATIVE_MODULE;
 use fulcrum_example_backend::Fault;
 use fulcrum_test_support::{
     AdsApi, Bootstrap, ClusterBalancing, ClusterOptions, Endpoints, Envoy, EnvoyOptions,
@@ -37,10 +42,55 @@ const CLUSTER_READY: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct Binaries {
     pub envoy: PathBuf,
-    pub wasm: PathBuf,
     pub control_plane: PathBuf,
     pub backend: PathBuf,
 }
+
+/// Which data plane balances the demo's service.
+#[derive(Debug, Clone)]
+pub enum DataPlane {
+    /// The proxy-wasm filter (`fulcrum_balancer.wasm`) picks; the cluster honours its header.
+    Wasm {
+        /// The filter.
+        wasm: PathBuf,
+    },
+    /// The native module (`libfulcrum_native.so`) is the cluster's load-balancing policy.
+    Native {
+        /// The directory holding the module (`ENVOY_DYNAMIC_MODULES_SEARCH_PATH`).
+        module_directory: PathBuf,
+    },
+}
+
+/// The directory Envoy searches for the native module (`ENVOY_DYNAMIC_MODULES_SEARCH_PATH`):
+/// `module`'s, which must name an existing `libfulcrum_native.so` (`--native-module`).
+pub fn native_module_directory(module: Option<&Path>) -> Result<PathBuf> {
+    let module = module.context(
+        "the native data plane needs --native-module PATH (or FULCRUM_NATIVE_MODULE): build the module with `cargo build --release -p fulcrum-native` and pass target/release/libfulcrum_native.so",
+    )?;
+    let expected = format!("lib{NATIVE_MODULE}.so");
+    if module.file_name().and_then(|name| name.to_str()) != Some(expected.as_str()) {
+        bail!(
+            "--native-module {} must name {expected}: Envoy loads the module by that name",
+            module.display()
+        );
+    }
+    if !module.is_file() {
+        bail!(
+            "--native-module {} does not exist; build it with `cargo build --release -p fulcrum-native`",
+            module.display()
+        );
+    }
+    let module = module
+        .canonicalize()
+        .with_context(|| format!("resolving {}", module.display()))?;
+    Ok(module
+        .parent()
+        .context("the module's directory")?
+        .to_path_buf())
+}
+
+/// The Envoy stats prefix of the native module's counters.
+const NATIVE_STATS_PREFIX: &str = "dynamicmodulescustom.";
 
 /// One sample backend process, which can be killed and restarted on the same ports.
 #[derive(Debug)]
@@ -128,12 +178,14 @@ pub struct Stack {
 
 impl Stack {
     /// Starts `backends` backends, the control plane serving them as `service`, and Envoy
-    /// with `workers` worker threads and the filter under `policy`.
+    /// with `workers` worker threads balancing on `data_plane` under `policy` (one service
+    /// policy, docs/policy.md).
     pub async fn start(
         binaries: &Binaries,
         service: &str,
         backends: usize,
         workers: u32,
+        data_plane: &DataPlane,
         policy: Value,
     ) -> Result<Self> {
         let dir = tempfile::Builder::new().prefix("fulcrum-demo-").tempdir()?;
@@ -154,6 +206,21 @@ impl Stack {
             json!({"services": {service: {"endpoints": endpoints}}}).to_string(),
         )?;
 
+        // The native module takes its policy from the cluster the control plane generates,
+        // which takes it from the control plane's policy file.
+        let mut extra_args = Vec::new();
+        if let DataPlane::Native { .. } = data_plane {
+            let mut native = policy.clone();
+            native["data_plane"] = json!("native");
+            let policy_file = log_dir.join("policy.json");
+            std::fs::write(
+                &policy_file,
+                json!({"services": {service: native}}).to_string(),
+            )?;
+            extra_args.push("--policy-file".to_owned());
+            extra_args.push(policy_file.display().to_string());
+        }
+        let extra_args: Vec<&str> = extra_args.iter().map(String::as_str).collect();
         let ControlPlane {
             process: control_plane,
             xds,
@@ -162,31 +229,50 @@ impl Stack {
             &binaries.control_plane,
             "control-plane",
             &static_file,
-            &[],
+            &extra_args,
             &log_dir,
         )
         .await?;
 
+        let (balancing, filter, snapshot_http, env) = match data_plane {
+            DataPlane::Wasm { wasm } => (
+                ClusterBalancing::Fulcrum,
+                Some(FilterSetup {
+                    wasm: wasm.clone(),
+                    config: json!({
+                        "control_plane": {"cluster": CONTROL_PLANE_CLUSTER, "poll_interval": "250ms"},
+                        // The one cluster this bootstrap patches with override_host.
+                        "only_services": [service],
+                        "policy": {"default": policy},
+                    }),
+                    failure_policy: FailurePolicy::default(),
+                }),
+                Some(snapshot_http),
+                Vec::new(),
+            ),
+            // The cluster comes over ADS (the control plane's); the ingress adds the outcome
+            // filter.
+            DataPlane::Native { module_directory } => (
+                ClusterBalancing::FulcrumNative { policy },
+                None,
+                None,
+                vec![(
+                    "ENVOY_DYNAMIC_MODULES_SEARCH_PATH".to_owned(),
+                    module_directory.display().to_string(),
+                )],
+            ),
+        };
         let bootstrap = Bootstrap {
             node_id: format!("fulcrum-demo-{}", std::process::id()),
             endpoints: Endpoints::Ads {
                 xds,
                 api: AdsApi::Sotw,
-                snapshot_http: Some(snapshot_http),
+                snapshot_http,
             },
             ingress: Some(Ingress {
                 service: service.to_owned(),
-                balancing: ClusterBalancing::Fulcrum,
-                filter: Some(FilterSetup {
-                    wasm: binaries.wasm.clone(),
-                    config: json!({
-                        "control_plane": {"cluster": CONTROL_PLANE_CLUSTER, "poll_interval": "250ms"},
-                        // The one cluster this bootstrap patches with override_host.
-                        "only_services": [service],
-                        "policy": policy,
-                    }),
-                    failure_policy: FailurePolicy::default(),
-                }),
+                balancing,
+                filter,
                 route_timeout_ms: 1000,
                 retries: 2,
                 retry_on: RETRY_ON_HTTP,
@@ -198,6 +284,7 @@ impl Stack {
             binary: Some(binaries.envoy.clone()),
             concurrency: workers,
             dir: Some(log_dir.clone()),
+            env,
             ..EnvoyOptions::default()
         };
         let envoy = Envoy::start_with(&bootstrap, &options).await?;
@@ -210,6 +297,15 @@ impl Stack {
             .context(
                 "Envoy did not receive the cluster with all endpoints from the control plane",
             )?;
+        if let DataPlane::Native { .. } = data_plane {
+            let dump = envoy.config_dump(false).await?.to_string();
+            if !dump.contains(NATIVE_MODULE) {
+                bail!(
+                    "the control plane's cluster for {service} is not balanced by the native module (no {NATIVE_MODULE} in Envoy's config dump); check the policy file in {}",
+                    dir.path().display()
+                );
+            }
+        }
         Ok(Self {
             service: service.to_owned(),
             backends: started,
@@ -227,7 +323,28 @@ impl Stack {
         Ok(self.control_plane.check_running()?)
     }
 
-    /// Envoy stats of the filter, summed per endpoint: `fulcrum_endpoint_<name>`.
+    /// The native module's counters (`fulcrum_native_*`), by name, as Envoy reports them.
+    pub async fn native_counters(&self) -> Result<BTreeMap<String, u64>> {
+        let text = self
+            .envoy
+            .admin_get("/stats?filter=fulcrum_native_")
+            .await?;
+        let mut values = BTreeMap::new();
+        for line in text.lines() {
+            let Some(rest) = line.strip_prefix(NATIVE_STATS_PREFIX) else {
+                continue;
+            };
+            let Some((name, value)) = rest.rsplit_once(": ") else {
+                continue;
+            };
+            if let Ok(value) = value.trim().parse() {
+                values.insert(name.to_owned(), value);
+            }
+        }
+        Ok(values)
+    }
+
+    /// Envoy stats of the wasm filter, summed per endpoint: `fulcrum_endpoint_<name>`.
     pub async fn endpoint_stat(&self, name: &str) -> Result<BTreeMap<SocketAddr, i64>> {
         let prefix = format!(
             "wasmcustom.fulcrum_endpoint_{name}.service.{}.endpoint.",
@@ -324,4 +441,37 @@ fn bound_addresses(text: &str) -> Option<(SocketAddr, SocketAddr)> {
     let addresses: Value = serde_json::from_str(text).ok()?;
     let address = |key: &str| addresses[key].as_str()?.parse().ok();
     Some((address("xds")?, address("http")?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_native_data_plane_without_a_module_says_how_to_build_one() {
+        let error = native_module_directory(None).unwrap_err().to_string();
+        assert!(error.contains("--native-module"), "{error}");
+        assert!(
+            error.contains("cargo build --release -p fulcrum-native"),
+            "{error}"
+        );
+        let misnamed = native_module_directory(Some(Path::new("/tmp/module.so")))
+            .unwrap_err()
+            .to_string();
+        assert!(misnamed.contains("libfulcrum_native.so"), "{misnamed}");
+    }
+
+    #[test]
+    fn the_control_planes_address_file_names_both_listeners() {
+        let text =
+            r#"{"xds": "127.0.0.1:18000", "http": "127.0.0.1:18001", "admin": "127.0.0.1:1"}"#;
+        assert_eq!(
+            bound_addresses(text),
+            Some((
+                SocketAddr::from(([127, 0, 0, 1], 18000)),
+                SocketAddr::from(([127, 0, 0, 1], 18001))
+            ))
+        );
+        assert_eq!(bound_addresses("{}"), None);
+    }
 }

@@ -1,7 +1,8 @@
 //! Fixtures for the native module (`libfulcrum_native.so`): real Envoy whose cluster's
 //! load-balancing policy is fulcrum's dynamic module, with the `fulcrum_outcomes` filter
-//! before the router, over in-process backends. No control plane: a static bootstrap, the
-//! shape the control plane generates (see `docs/native.md`).
+//! before the router, over in-process backends. The cluster is static, from a CDS file (the
+//! shape the control plane generates, see `docs/native.md`) or over ADS from fulcrum's
+//! control plane itself.
 
 use std::{
     net::SocketAddr,
@@ -189,6 +190,32 @@ pub fn bootstrap(clusters: Clusters<'_>, retries: Option<Retries>) -> Value {
                 "cds_config": {"path_config_source": {"path": path.display().to_string()}, "resource_api_version": "V3"}
             });
         }
+        Clusters::Ads(xds) => {
+            bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+                ["route_config"]["validate_clusters"] = json!(false);
+            bootstrap["static_resources"]["clusters"] = json!([{
+                "name": XDS_CLUSTER,
+                "type": "STATIC",
+                "connect_timeout": "1s",
+                "typed_extension_protocol_options": {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }},
+                "load_assignment": {"cluster_name": XDS_CLUSTER, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": {"socket_address": {
+                    "address": xds.ip().to_string(),
+                    "port_value": xds.port(),
+                }}}}]}]},
+            }]);
+            bootstrap["dynamic_resources"] = json!({
+                "ads_config": {
+                    "api_type": "GRPC",
+                    "transport_api_version": "V3",
+                    "set_node_on_first_message_only": true,
+                    "grpc_services": [{"envoy_grpc": {"cluster_name": XDS_CLUSTER}}],
+                },
+                "cds_config": {"ads": {}, "resource_api_version": "V3"},
+            });
+        }
     }
     bootstrap
 }
@@ -200,7 +227,13 @@ pub enum Clusters<'a> {
     Static(&'a [Value]),
     /// A CDS file Envoy watches (replace it with a rename to update it).
     File(&'a Path),
+    /// CDS + EDS over ADS (state of the world) from fulcrum's control plane at this xDS
+    /// address, which generates the native cluster of a `data_plane: native` service.
+    Ads(SocketAddr),
 }
+
+/// The static cluster carrying the ADS stream of [`Clusters::Ads`].
+const XDS_CLUSTER: &str = "fulcrum_xds";
 
 /// A CDS file's content: a discovery response with `clusters`.
 pub fn cds_file(clusters: &[Value]) -> Value {

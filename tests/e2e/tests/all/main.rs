@@ -6,6 +6,7 @@ mod endpoints;
 mod grpc;
 mod health_checks;
 mod native;
+mod native_control_plane;
 mod proxies;
 mod static_endpoints;
 mod trace_headers;

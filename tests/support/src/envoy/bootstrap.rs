@@ -3,7 +3,9 @@
 //!
 //! A [`Bootstrap`] is an Envoy whose clusters are static or come over ADS from fulcrum's
 //! control plane ([`Endpoints`]), with an optional `ingress` listener routing every request
-//! to one service ([`Ingress`]) through fulcrum's filter or none. fulcrum and Envoy's native
+//! to one service ([`Ingress`]) through fulcrum's wasm filter, fulcrum's native module (the
+//! cluster's policy and its outcome filter, [`ClusterBalancing::FulcrumNative`]) or neither.
+//! fulcrum and Envoy's native
 //! balancers are set up identically except for the one thing compared: the listener's wasm
 //! filter and the cluster's load-balancing policy. Both get the same route, retry policy and
 //! timeouts; native outlier detection gets `update_merge_window: 0s` so its ejections reach
@@ -12,7 +14,7 @@
 
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
-use fulcrum_core::OVERRIDE_HEADER;
+use fulcrum_core::{NATIVE_LB_POLICY, NATIVE_MODULE, NATIVE_OUTCOME_FILTER, OVERRIDE_HEADER};
 use serde_json::{Value, json};
 
 /// The static cluster carrying the ADS stream.
@@ -35,6 +37,13 @@ pub enum ClusterBalancing {
     /// Envoy's least request with outlier detection (5 consecutive 5xx / gateway errors,
     /// 10 s interval → ejections on each failure via `update_merge_window: 0s`).
     LeastRequestWithOutlierDetection,
+    /// fulcrum's native module is the cluster's load-balancing policy under `policy` (one
+    /// service's policy JSON, docs/policy.md), and the listener has its outcome filter before
+    /// the router. Envoy needs `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` (the module's directory).
+    FulcrumNative {
+        /// The service policy the module balances with.
+        policy: Value,
+    },
 }
 
 impl ClusterBalancing {
@@ -45,6 +54,7 @@ impl ClusterBalancing {
             Self::RoundRobin => "round_robin",
             Self::LeastRequest => "least_request",
             Self::LeastRequestWithOutlierDetection => "least_request+outlier_detection",
+            Self::FulcrumNative { .. } => "fulcrum native",
         }
     }
 }
@@ -357,6 +367,16 @@ impl Ingress {
             }
             http_filters.push(wasm);
         }
+        if matches!(self.balancing, ClusterBalancing::FulcrumNative { .. }) {
+            http_filters.push(json!({
+                "name": NATIVE_OUTCOME_FILTER,
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.dynamic_modules.v3.DynamicModuleFilter",
+                    "dynamic_module_config": {"name": NATIVE_MODULE},
+                    "filter_name": NATIVE_OUTCOME_FILTER,
+                },
+            }));
+        }
         http_filters.push(json!({
             "name": "envoy.filters.http.router",
             "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
@@ -429,7 +449,25 @@ impl Ingress {
                 "min_weight_percent": {"value": 10.0},
             }})
         });
-        match self.balancing {
+        match &self.balancing {
+            ClusterBalancing::FulcrumNative { policy } => {
+                cluster["load_balancing_policy"] = json!({"policies": [{"typed_extension_config": {
+                    "name": NATIVE_LB_POLICY,
+                    "typed_config": {
+                        "@type": "type.googleapis.com/envoy.extensions.load_balancing_policies.dynamic_modules.v3.DynamicModulesLoadBalancerConfig",
+                        "dynamic_module_config": {"name": NATIVE_MODULE},
+                        "lb_policy_name": NATIVE_LB_POLICY,
+                        "lb_policy_config": {
+                            "@type": "type.googleapis.com/google.protobuf.StringValue",
+                            "value": policy.to_string(),
+                        },
+                    },
+                }}]});
+                cluster["typed_extension_protocol_options"] = json!({"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": options.protocol.explicit_http_config(),
+                }});
+            }
             ClusterBalancing::Fulcrum => {
                 let override_host = override_host_options(options.protocol);
                 cluster["load_balancing_policy"] = override_host["load_balancing_policy"].clone();
@@ -579,6 +617,37 @@ mod tests {
             18000
         );
         assert_eq!(bootstrap["static_resources"]["listeners"], json!([]));
+    }
+
+    #[test]
+    fn a_native_ingress_gets_the_module_as_its_policy_and_the_outcome_filter_before_the_router() {
+        let policy = json!({"load_balancer": {"type": "peak_ewma"}});
+        let bootstrap = Bootstrap {
+            node_id: "native".to_owned(),
+            endpoints: Endpoints::Static(vec![SocketAddr::from(([127, 0, 0, 1], 8080))]),
+            ingress: Some(ingress(
+                ClusterBalancing::FulcrumNative {
+                    policy: policy.clone(),
+                },
+                None,
+            )),
+            locality: NodeLocality::default(),
+        }
+        .to_json();
+        let cluster = &bootstrap["static_resources"]["clusters"][0];
+        let config = &cluster["load_balancing_policy"]["policies"][0]["typed_extension_config"]["typed_config"];
+        assert_eq!(config["dynamic_module_config"]["name"], NATIVE_MODULE);
+        assert_eq!(config["lb_policy_name"], NATIVE_LB_POLICY);
+        assert_eq!(config["lb_policy_config"]["value"], policy.to_string());
+        assert!(cluster.get("lb_policy").is_none(), "{cluster}");
+        let filters = &bootstrap["static_resources"]["listeners"][0]["filter_chains"][0]["filters"]
+            [0]["typed_config"]["http_filters"];
+        assert_eq!(filters[0]["name"], NATIVE_OUTCOME_FILTER);
+        assert_eq!(
+            filters[0]["typed_config"]["filter_name"],
+            NATIVE_OUTCOME_FILTER
+        );
+        assert_eq!(filters[1]["name"], "envoy.filters.http.router");
     }
 
     #[test]

@@ -1,0 +1,173 @@
+//! The native data plane fed by fulcrum's control plane: a service whose policy says
+//! `data_plane: native` reaches Envoy over ADS as a cluster whose load-balancing policy is the
+//! module, configured with that policy; a policy change reaches Envoy as a new cluster.
+//! Needs `FULCRUM_NATIVE_MODULE` (`cargo xtask test` builds and sets it).
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use fulcrum_control_plane::{Config, ControlPlane, OptionalSources, PolicySource};
+use fulcrum_e2e::{
+    SERVICE, backends, count_by_backend,
+    native::{Clusters, NativeProxy, bootstrap},
+};
+use fulcrum_example_backend::Fault;
+use fulcrum_test_support::eventually;
+use serde_json::{Value, json};
+
+const WORKERS: u32 = 2;
+
+/// The service's endpoints, the last one tagged `canary`.
+fn write_endpoints(path: &Path, addresses: &[SocketAddr]) {
+    let last = addresses.len().saturating_sub(1);
+    let endpoints: Vec<Value> = addresses
+        .iter()
+        .enumerate()
+        .map(|(i, address)| {
+            let tags: Vec<&str> = if i == last { vec!["canary"] } else { vec![] };
+            json!({"address": address.to_string(), "tags": tags})
+        })
+        .collect();
+    std::fs::write(
+        path,
+        json!({"services": {SERVICE: {"endpoints": endpoints}}}).to_string(),
+    )
+    .unwrap();
+}
+
+/// The policy file: `policy` for the service, on the native data plane.
+fn write_policy(path: &Path, mut policy: Value) {
+    policy["data_plane"] = json!("native");
+    let staged = path.with_extension("new");
+    std::fs::write(&staged, json!({"services": {SERVICE: policy}}).to_string()).unwrap();
+    std::fs::rename(&staged, path).unwrap();
+}
+
+fn config(static_file: &Path) -> Config {
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    Config {
+        static_file: Some(static_file.to_path_buf()),
+        poll_interval: Duration::from_millis(100),
+        xds_address: any,
+        http_address: any,
+        debounce: Duration::from_millis(20),
+        ..Config::default()
+    }
+}
+
+#[tokio::test]
+async fn a_native_service_from_the_control_plane_is_balanced_by_the_module_and_follows_policy_changes()
+ {
+    let backends = backends(3).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints_file = dir.path().join("endpoints.json");
+    let policy_file = dir.path().join("policy.json");
+    write_endpoints(
+        &endpoints_file,
+        &backends.iter().map(|b| b.addr).collect::<Vec<_>>(),
+    );
+    write_policy(
+        &policy_file,
+        json!({
+            "load_balancer": {"type": "round_robin"},
+            "outlier_detection": {"consecutive_failures": 3, "base_ejection_time": "30s", "max_ejection_percent": 50}
+        }),
+    );
+    let control_plane = ControlPlane::start_with(
+        config(&endpoints_file),
+        OptionalSources {
+            policy: Some(PolicySource::File(policy_file.clone())),
+            ..OptionalSources::default()
+        },
+    )
+    .await
+    .unwrap();
+    let proxy = NativeProxy::start(
+        &bootstrap(Clusters::Ads(control_plane.xds_address()), None),
+        WORKERS,
+    )
+    .await
+    .unwrap();
+
+    let served = eventually(
+        Duration::from_secs(10),
+        "the cluster from the control plane to serve from every endpoint",
+        || async {
+            let counts = count_by_backend(&proxy.send(6).await);
+            (counts.len() == 3).then_some(counts)
+        },
+    )
+    .await;
+    assert!(
+        served.is_ok(),
+        "the native cluster arrives over ADS and serves"
+    );
+    let dump = proxy.envoy.config_dump(false).await.unwrap().to_string();
+    assert!(
+        dump.contains("DynamicModulesLoadBalancerConfig") && dump.contains("round_robin"),
+        "the cluster's policy is the module, configured with the served policy:\n{dump}"
+    );
+    let counts = count_by_backend(&proxy.send(30).await);
+    assert_eq!(
+        counts.values().copied().collect::<Vec<_>>(),
+        [10, 10, 10],
+        "round robin spreads evenly: {counts:?}"
+    );
+
+    backends[1]
+        .set_fault(Fault {
+            error_rate: 1.0,
+            ..Fault::default()
+        })
+        .unwrap();
+    let replies = proxy.send(30).await;
+    let errors = replies.iter().filter(|r| r.status == Some(503)).count();
+    assert_eq!(
+        errors,
+        3,
+        "the module learns from outcomes: three failures eject the endpoint: {:?}",
+        count_by_backend(&replies)
+    );
+    assert_eq!(backends[1].stats().errors, 3);
+
+    let modified_before = proxy
+        .envoy
+        .stat("cluster_manager.cluster_modified")
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    write_policy(
+        &policy_file,
+        json!({"load_balancer": {"type": "round_robin"}, "endpoint_selector": {"tags": ["canary"]}}),
+    );
+    let only_canary = eventually(
+        Duration::from_secs(10),
+        "only the canary picked",
+        || async {
+            let counts = count_by_backend(&proxy.send(6).await);
+            (counts.get("b3") == Some(&6)).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        only_canary.is_ok(),
+        "the new policy reaches the module as a new cluster"
+    );
+    let modified_after = proxy
+        .envoy
+        .stat("cluster_manager.cluster_modified")
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert!(
+        modified_after > modified_before,
+        "Envoy replaced the cluster: cluster_modified {modified_before} -> {modified_after}"
+    );
+    assert_eq!(
+        proxy
+            .counter("fulcrum_native_fail_open_total")
+            .await
+            .unwrap(),
+        0
+    );
+    control_plane.shutdown().await;
+}
