@@ -4,8 +4,9 @@
 //! traffic), finds the service, asks the core for a pick and writes `IP:port[,IP:port…]` into
 //! the override header (the rest are retry targets, which Envoy's `override_host` policy hands
 //! to retries in order). A service whose policy says `data_plane: native` is left to its
-//! cluster's policy, fulcrum's native module: no header, nothing counted. A rejection becomes a local 429/503 or, when the policy says
-//! `fail_open`, no header at all so Envoy's fallback policy picks. On the response path the
+//! cluster's policy, fulcrum's native module: no header, nothing counted. A rejection becomes
+//! a local 429/503 or, when the policy says `fail_open`, no header at all so Envoy's fallback
+//! policy picks. On the response path the
 //! outcome (status, Envoy's response flags, the upstream that really served, latency to the
 //! first response byte) goes back to the core, charged to the endpoint that earned it: a
 //! response from a host that is neither the pick nor one of its retry targets means Envoy's

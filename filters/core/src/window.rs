@@ -61,7 +61,8 @@ pub struct Sample {
 /// - counts are 16-bit and the latency sum is in microseconds, 32-bit: a bucket about to
 ///   overflow either (65,535 requests in one bucket of one endpoint, or 71 minutes of summed
 ///   latency) halves all of them first, which keeps its failure and slow-call ratios and its
-///   mean latency (within the rounding of halving, under 1 %) but gives it half its weight against the window's other buckets.
+///   mean latency (within the rounding of halving, under 1 %) but gives it half its weight
+///   against the window's other buckets.
 #[derive(Debug, Clone, Copy, Default)]
 struct Bucket {
     /// Which bucket period (`now / bucket_len`) these counts belong to, modulo 2^32.
