@@ -295,6 +295,11 @@ impl NativeProxy {
         self.client.send_with(headers).await
     }
 
+    /// Sends one request with raw header values (not UTF-8, huge, repeated names).
+    pub async fn send_raw(&self, headers: &[(&str, &[u8])]) -> Reply {
+        self.client.send_raw(headers).await
+    }
+
     /// Sends `n` plain requests one after the other.
     pub async fn send(&self, n: usize) -> Vec<Reply> {
         let mut replies = Vec::with_capacity(n);

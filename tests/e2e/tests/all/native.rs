@@ -289,6 +289,53 @@ async fn consistent_hashing_by_header_keeps_each_key_on_one_endpoint() {
     assert!(used.len() >= 3, "20 keys spread over the ring: {homes:?}");
 }
 
+/// What a client controls reaches the module as bytes: the hash header, the cookie and the
+/// outcome filter's own stream header, each not UTF-8, repeated and 32 KiB long. None crashes
+/// Envoy, fails a request or steers another request's pick, and the keys still hash home.
+#[tokio::test]
+async fn hostile_header_bytes_neither_crash_the_module_nor_steer() {
+    let backends = backends(3).await.unwrap();
+    let proxy = proxy(
+        &backends,
+        json!({"load_balancer": {"type": "ring_hash", "hash_on": {"header": "x-user"}}}),
+        None,
+    )
+    .await;
+    let high: Vec<u8> = (0x80..=0xFF).collect();
+    // Envoy answers 431 itself for 60 KiB (its default limit is 60 KiB for all headers).
+    let huge = vec![b'7'; 32 << 10];
+    for header in ["x-user", "cookie", fulcrum_core::NATIVE_STREAM_HEADER] {
+        for value in [&high[..], &huge[..], b"18446744073709551615", b"-1"] {
+            let reply = proxy.send_raw(&[(header, value)]).await;
+            assert_eq!(reply.status, Some(200), "{header}: {reply:?}");
+            let reply = proxy
+                .send_raw(&[(header, b"1"), (header, value), (header, b"2")])
+                .await;
+            assert_eq!(reply.status, Some(200), "{header} repeated: {reply:?}");
+        }
+    }
+
+    let mut homes: BTreeMap<String, String> = BTreeMap::new();
+    for _ in 0..2 {
+        for user in 0..10 {
+            let key = format!("user-{user}");
+            let reply = proxy.send_with(&[("x-user", &key)]).await;
+            let backend = reply.backend.expect("served by a backend");
+            assert_eq!(
+                homes.entry(key.clone()).or_insert(backend.clone()),
+                &backend
+            );
+        }
+    }
+    assert_eq!(
+        proxy
+            .counter("fulcrum_native_fail_open_total")
+            .await
+            .unwrap(),
+        0
+    );
+}
+
 #[tokio::test]
 async fn a_sticky_session_returns_to_its_endpoint() {
     let backends = backends(3).await.unwrap();
