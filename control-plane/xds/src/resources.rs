@@ -68,8 +68,8 @@ use envoy_types::pb::{
 };
 use envoy_types::util::pack_any;
 use fulcrum_core::{
-    Endpoint, Health, NATIVE_LB_POLICY, NATIVE_MODULE, NATIVE_STREAM_HEADER, OVERRIDE_HEADER,
-    ServiceEndpoints, UpstreamProtocol, endpoint::scalar_metadata,
+    Endpoint, Health, NATIVE_LB_POLICY, NATIVE_MODULE, OVERRIDE_HEADER, ServiceEndpoints,
+    UpstreamProtocol, endpoint::scalar_metadata,
 };
 
 /// The `filter_metadata` namespace endpoint attributes are published under.
@@ -129,8 +129,11 @@ pub enum Balancing<'a> {
     /// fulcrum's native module is the cluster's policy
     /// (`envoy.load_balancing_policies.dynamic_modules`), configured with `policy`, the
     /// service's policy as JSON: Envoy asks the module for the host. The module's outcome
-    /// filter names each request's stream in [`NATIVE_STREAM_HEADER`], which the cluster
-    /// strips after host selection.
+    /// filter names each request's stream in [`fulcrum_core::NATIVE_STREAM_HEADER`], which
+    /// the cluster leaves in place, an opaque per-request id like `x-request-id`: the host
+    /// selection of every attempt reads it, retries included, and an upstream filter
+    /// removing it would remove it from the request's own headers (the upstream filter chain
+    /// edits them in place), so a retry would no longer know its stream.
     Native {
         /// The service's [`fulcrum_core::ServicePolicy`] as JSON.
         policy: &'a str,
@@ -179,7 +182,7 @@ pub fn cluster(
                 "envoy.load_balancing_policies.dynamic_modules",
                 pack_any(native_policy(policy)),
             ),
-            strip_header_filters(NATIVE_STREAM_HEADER),
+            Vec::new(),
             None,
         ),
     };
@@ -244,9 +247,10 @@ fn override_host() -> OverrideHost {
     }
 }
 
-/// The upstream filter chain that removes `header` (the override header, or the native
-/// module's stream header) after host selection, so the upstream never sees it. (A
-/// route-level `request_headers_to_remove` would run before load balancing, which reads it.)
+/// The upstream filter chain that removes `header` (the override header) after host
+/// selection, so the upstream never sees it. (A route-level `request_headers_to_remove`
+/// would run before load balancing, which reads it.) `override_host` keeps the hosts it
+/// parsed for the request's retries, so removing the header does not change them.
 fn strip_header_filters(header: &str) -> Vec<HttpFilter> {
     let strip_header = HeaderMutation {
         mutations: Some(Mutations {

@@ -45,6 +45,15 @@ pub fn filter_wasm() -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A loopback address nothing listens on: bound, then released, so a connection to it is
+/// refused (a dead endpoint).
+pub async fn dead_address() -> Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .context("binding a free loopback port")?;
+    listener.local_addr().context("the free port's address")
+}
+
 /// `n` in-process backends named `b1`…`bn` on free loopback ports.
 pub async fn backends(n: usize) -> Result<Vec<Backend>> {
     let mut started = Vec::new();

@@ -5,7 +5,7 @@
 use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
 
 use fulcrum_e2e::{
-    Reply, backends, connections_per_worker, count_by_backend,
+    Reply, backends, connections_per_worker, count_by_backend, dead_address,
     native::{Clusters, NativeProxy, Retries, Upstream, bootstrap, cds_file, cluster, over_http2},
 };
 use fulcrum_example_backend::{
@@ -29,14 +29,6 @@ async fn proxy(backends: &[Backend], policy: Value, retries: Option<Retries>) ->
 
 fn all_ok(replies: &[Reply]) -> bool {
     replies.iter().all(|reply| reply.status == Some(200))
-}
-
-/// A loopback address nothing listens on: bound, then released.
-async fn dead_address() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("a free port");
-    listener.local_addr().expect("its address")
 }
 
 #[tokio::test]
@@ -120,7 +112,7 @@ async fn futures_join(proxy: &NativeProxy, n: usize) -> Vec<Reply> {
 #[tokio::test]
 async fn a_dead_endpoint_costs_at_most_its_threshold_and_retries_land_elsewhere() {
     let live = backends(2).await.unwrap();
-    let dead = dead_address().await;
+    let dead = dead_address().await.unwrap();
     let mut members = upstreams(&live);
     members.push(Upstream::at(dead));
     let proxy = NativeProxy::with_upstreams(

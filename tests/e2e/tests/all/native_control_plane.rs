@@ -7,8 +7,8 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use fulcrum_control_plane::{Config, ControlPlane, OptionalSources, PolicySource};
 use fulcrum_e2e::{
-    SERVICE, backends, count_by_backend,
-    native::{Clusters, NativeProxy, bootstrap},
+    SERVICE, backends, count_by_backend, dead_address,
+    native::{Clusters, NativeProxy, Retries, bootstrap},
 };
 use fulcrum_example_backend::Fault;
 use fulcrum_test_support::eventually;
@@ -42,6 +42,19 @@ fn write_policy(path: &Path, mut policy: Value) {
     std::fs::rename(&staged, path).unwrap();
 }
 
+/// The control plane over `endpoints_file` with the native policy in `policy_file`.
+async fn control_plane(endpoints_file: &Path, policy_file: &Path) -> ControlPlane {
+    ControlPlane::start_with(
+        config(endpoints_file),
+        OptionalSources {
+            policy: Some(PolicySource::File(policy_file.to_path_buf())),
+            ..OptionalSources::default()
+        },
+    )
+    .await
+    .unwrap()
+}
+
 fn config(static_file: &Path) -> Config {
     let any = SocketAddr::from(([127, 0, 0, 1], 0));
     Config {
@@ -72,15 +85,7 @@ async fn a_native_service_from_the_control_plane_is_balanced_by_the_module_and_f
             "outlier_detection": {"consecutive_failures": 3, "base_ejection_time": "30s", "max_ejection_percent": 50}
         }),
     );
-    let control_plane = ControlPlane::start_with(
-        config(&endpoints_file),
-        OptionalSources {
-            policy: Some(PolicySource::File(policy_file.clone())),
-            ..OptionalSources::default()
-        },
-    )
-    .await
-    .unwrap();
+    let control_plane = control_plane(&endpoints_file, &policy_file).await;
     let proxy = NativeProxy::start(
         &bootstrap(Clusters::Ads(control_plane.xds_address()), None),
         WORKERS,
@@ -168,6 +173,80 @@ async fn a_native_service_from_the_control_plane_is_balanced_by_the_module_and_f
             .await
             .unwrap(),
         0
+    );
+    control_plane.shutdown().await;
+}
+
+/// A retry is chosen by the module for the request's stream, on the cluster exactly as the
+/// control plane generates it: the stream header must still be there when Envoy asks for the
+/// retry's host. Were it stripped on the way upstream (an upstream filter edits the request's
+/// own header map), the retry would be an unobserved pick and the live endpoint's answer would
+/// be charged to the dead one, which would then never be ejected.
+#[tokio::test]
+async fn a_retry_on_a_control_plane_cluster_is_charged_to_the_endpoint_that_served_it() {
+    let live = backends(2).await.unwrap();
+    let dead = dead_address().await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let endpoints_file = dir.path().join("endpoints.json");
+    let policy_file = dir.path().join("policy.json");
+    let mut addresses: Vec<SocketAddr> = live.iter().map(|b| b.addr).collect();
+    addresses.push(dead);
+    write_endpoints(&endpoints_file, &addresses);
+    write_policy(
+        &policy_file,
+        json!({
+            "load_balancer": {"type": "round_robin"},
+            "retry": 1,
+            "outlier_detection": {"consecutive_gateway_errors": 3, "base_ejection_time": "30s", "max_ejection_percent": 50}
+        }),
+    );
+    let control_plane = control_plane(&endpoints_file, &policy_file).await;
+    let proxy = NativeProxy::start(
+        &bootstrap(
+            Clusters::Ads(control_plane.xds_address()),
+            Some(Retries {
+                on: "connect-failure",
+                count: 1,
+            }),
+        ),
+        WORKERS,
+    )
+    .await
+    .unwrap();
+    let arrived = eventually(
+        Duration::from_secs(10),
+        "the cluster from the control plane to serve",
+        || async {
+            let replies = proxy.send(1).await;
+            (replies.first().and_then(|reply| reply.status) == Some(200)).then_some(())
+        },
+    )
+    .await;
+    assert!(arrived.is_ok(), "the native cluster arrives over ADS");
+
+    let replies = proxy.send(60).await;
+
+    assert!(
+        replies.iter().all(|reply| reply.status == Some(200)),
+        "every request that met the dead endpoint was retried onto a live one: {replies:?}"
+    );
+    let connect_failures = proxy
+        .envoy
+        .stat(&format!("cluster.{SERVICE}.upstream_cx_connect_fail"))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert!(
+        (1..=3).contains(&connect_failures),
+        "the dead endpoint is charged its connect failures and ejected after 3, got {connect_failures}"
+    );
+    assert_eq!(
+        proxy
+            .counter("fulcrum_native_unobserved_total")
+            .await
+            .unwrap(),
+        0,
+        "every attempt, retries included, was chosen for its stream"
     );
     control_plane.shutdown().await;
 }
