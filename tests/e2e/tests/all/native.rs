@@ -2,7 +2,7 @@
 //! Envoy 1.40 with two workers: the wasm filter's scenarios, with hosts chosen directly.
 //! Needs `FULCRUM_NATIVE_MODULE` (`cargo xtask test` builds and sets it).
 
-use std::{collections::BTreeMap, net::SocketAddr, time::Duration};
+use std::{collections::BTreeMap, time::Duration};
 
 use fulcrum_e2e::{
     Reply, backends, connections_per_worker, count_by_backend, dead_address,
