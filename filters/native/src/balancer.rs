@@ -101,6 +101,12 @@ struct ClusterState {
 }
 
 impl Cluster {
+    /// Whether the policy hashes on the downstream source IP, which the outcome filter must
+    /// then read when it opens each stream.
+    pub fn reads_source_ip(&self) -> bool {
+        self.needs.source_ip
+    }
+
     /// A cluster under `policy` (validated) with no endpoints yet; `seed` seeds its random
     /// draws.
     pub fn new(policy: ServicePolicy, seed: u64, counters: Box<dyn Counters>) -> Self {
@@ -297,6 +303,12 @@ impl Streams {
 pub trait RequestContext {
     /// The first value of downstream request header `name` (lower case).
     fn header(&self, name: &str) -> Option<String>;
+    /// The stream the outcome filter named in [`STREAM_HEADER`]: its value as a decimal
+    /// `u64`, `None` when absent or anything else. An implementation may read it without
+    /// copying the value; it must parse exactly this way.
+    fn stream_id(&self) -> Option<u64> {
+        self.header(STREAM_HEADER)?.parse().ok()
+    }
     /// Whether Envoy's retry predicates refuse host `index` of `priority` (a host already
     /// tried, for instance).
     fn refuses(&self, priority: u32, index: usize) -> bool;
@@ -348,10 +360,7 @@ impl WorkerLb {
         if self.index.is_stale(hosts) {
             self.reread(hosts);
         }
-        let stream_id = request
-            .header(STREAM_HEADER)
-            .and_then(|value| value.parse::<u64>().ok());
-        let stream = stream_id.and_then(|id| streams.get_mut(id));
+        let stream = request.stream_id().and_then(|id| streams.get_mut(id));
         let Some(stream) = stream else {
             // No filter follows this request: pick, but release the pick at once.
             let chosen = self.pick(request, None, now);

@@ -40,7 +40,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
 };
 
@@ -50,7 +50,7 @@ use crate::{
     guard,
     hosts::{HostSet, METADATA_NAMESPACE},
     now,
-    outcomes::{OutcomeFilter, ResponseHead},
+    outcomes::{OutcomeFilter, ResponseHead, stream_header_value},
 };
 
 /// The ABI version Envoy 1.40 expects from `envoy_dynamic_module_on_program_init`.
@@ -74,18 +74,29 @@ impl EnvoyBuffer {
         length: 0,
     };
 
-    /// The bytes as UTF-8 text, copied; `None` when null or not UTF-8.
+    /// The bytes as UTF-8 text, borrowed; `None` when null or not UTF-8.
     ///
     /// # Safety
-    /// `ptr` must be null or point to `length` readable bytes (Envoy's contract for a
-    /// buffer it filled during the current callback).
-    unsafe fn to_string(self) -> Option<String> {
+    /// `ptr` must be null or point to `length` readable bytes that stay valid and unchanged
+    /// for `'a` (Envoy's contract for a buffer it filled: until the current hook returns, and
+    /// no longer than the header map is left unchanged).
+    unsafe fn as_str<'a>(self) -> Option<&'a str> {
         if self.ptr.is_null() {
             return None;
         }
-        // SAFETY: non-null, and per this function's contract `length` bytes are readable.
+        // SAFETY: non-null, and per this function's contract `length` bytes are readable
+        // for `'a`.
         let bytes = unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.length) };
-        std::str::from_utf8(bytes).ok().map(str::to_owned)
+        std::str::from_utf8(bytes).ok()
+    }
+
+    /// The bytes as UTF-8 text, copied; `None` when null or not UTF-8.
+    ///
+    /// # Safety
+    /// As [`as_str`](Self::as_str), for the duration of the call.
+    unsafe fn to_string(self) -> Option<String> {
+        // SAFETY: per this function's contract.
+        unsafe { self.as_str() }.map(str::to_owned)
     }
 }
 
@@ -384,6 +395,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_lb_config_new(
             let counters = Arc::new(EnvoyCounters::define(config));
             let seed = RandomState::new().build_hasher().finish();
             let cluster = Arc::new(Cluster::new(policy, seed, Box::new(Arc::clone(&counters))));
+            if cluster.reads_source_ip() {
+                SOURCE_IP_READERS.fetch_add(1, Ordering::AcqRel);
+            }
             Box::into_raw(Box::new(LbConfig { cluster, counters })) as *const c_void
         },
         std::ptr::null(),
@@ -405,6 +419,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_lb_config_destroy(config_module
             // SAFETY: made by `Box::into_raw` in `on_lb_config_new`; Envoy destroys it once.
             let config = unsafe { Box::from_raw(config_module as *mut LbConfig) };
             config.counters.alive.store(false, Ordering::Release);
+            if config.cluster.reads_source_ip() {
+                SOURCE_IP_READERS.fetch_sub(1, Ordering::AcqRel);
+            }
             drop(config);
         },
         (),
@@ -510,8 +527,9 @@ struct EnvoyRequest {
     context: *mut c_void,
 }
 
-impl RequestContext for EnvoyRequest {
-    fn header(&self, name: &str) -> Option<String> {
+impl EnvoyRequest {
+    /// The first value of downstream header `name`, borrowed for the `choose_host` call.
+    fn header_str(&self, name: &str) -> Option<&str> {
         if self.context.is_null() {
             return None;
         }
@@ -527,8 +545,19 @@ impl RequestContext for EnvoyRequest {
                 std::ptr::null_mut(),
             )
         };
-        // SAFETY: Envoy filled `result` with the header's value, valid during the hook.
-        found.then(|| unsafe { result.to_string() }).flatten()
+        // SAFETY: Envoy filled `result` with the header's value, valid during the hook, whose
+        // headers nothing changes; `self` lives no longer than the hook.
+        found.then(|| unsafe { result.as_str() }).flatten()
+    }
+}
+
+impl RequestContext for EnvoyRequest {
+    fn header(&self, name: &str) -> Option<String> {
+        self.header_str(name).map(str::to_owned)
+    }
+
+    fn stream_id(&self) -> Option<u64> {
+        self.header_str(STREAM_HEADER)?.parse().ok()
     }
 
     fn refuses(&self, priority: u32, index: usize) -> bool {
@@ -546,6 +575,11 @@ impl RequestContext for EnvoyRequest {
         }
     }
 }
+
+/// How many live LB configs hash on the source IP. The outcome filter runs before the
+/// route is known, so it reads `source.address` (an Envoy call, formatting and a parse per
+/// request) only while at least one cluster of the process needs it.
+static SOURCE_IP_READERS: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
     /// This worker's streams: the outcome filter opens and closes them, `choose_host` picks
@@ -742,11 +776,12 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     )
 }
 
-/// Header `name` of `header_type`, as text.
+/// Header `name` of `header_type`, as text borrowed from Envoy's header map.
 ///
 /// # Safety
-/// `filter` is the live filter pointer of the current hook.
-unsafe fn header(filter: *mut c_void, header_type: u32, name: &str) -> Option<String> {
+/// `filter` is the live filter pointer of the current hook, and `'a` ends before the hook
+/// returns or changes the headers of `header_type`.
+unsafe fn header<'a>(filter: *mut c_void, header_type: u32, name: &str) -> Option<&'a str> {
     let mut result = EnvoyBuffer::EMPTY;
     // SAFETY: live filter pointer (this function's contract); the key borrows `name`;
     // `result` a valid out pointer; the count is not asked (null).
@@ -760,8 +795,31 @@ unsafe fn header(filter: *mut c_void, header_type: u32, name: &str) -> Option<St
             std::ptr::null_mut(),
         )
     };
-    // SAFETY: Envoy filled `result` with the header's value, valid during the hook.
-    found.then(|| unsafe { result.to_string() }).flatten()
+    // SAFETY: Envoy filled `result` with the header's value, valid for `'a` per this
+    // function's contract.
+    found.then(|| unsafe { result.as_str() }).flatten()
+}
+
+/// The downstream source IP (`source.address`, `IP:port` or an IP).
+///
+/// # Safety
+/// `filter` is the live filter pointer of the current hook.
+unsafe fn source_ip(filter: *mut c_void) -> Option<IpAddr> {
+    let mut source = EnvoyBuffer::EMPTY;
+    // SAFETY: live filter pointer; `source` a valid out pointer.
+    let found = unsafe {
+        envoy_dynamic_module_callback_http_filter_get_attribute_string(
+            filter,
+            ATTRIBUTE_SOURCE_ADDRESS,
+            &mut source,
+        )
+    };
+    // SAFETY: Envoy filled `source`, valid during the hook; parsed before it returns.
+    let text = found.then(|| unsafe { source.as_str() }).flatten()?;
+    text.parse::<SocketAddr>()
+        .map(|socket| socket.ip())
+        .or_else(|_| text.parse::<IpAddr>())
+        .ok()
 }
 
 /// The filter of a hook, if any.
@@ -790,35 +848,22 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
             let Some(state) = (unsafe { filter_state(filter_module) }) else {
                 return CONTINUE;
             };
-            let mut source = EnvoyBuffer::EMPTY;
-            // SAFETY: live filter pointer; `source` a valid out pointer.
-            let found = unsafe {
-                envoy_dynamic_module_callback_http_filter_get_attribute_string(
-                    filter,
-                    ATTRIBUTE_SOURCE_ADDRESS,
-                    &mut source,
-                )
+            let source_ip = if SOURCE_IP_READERS.load(Ordering::Acquire) > 0 {
+                // SAFETY: live filter pointer, per this hook's contract.
+                unsafe { source_ip(filter) }
+            } else {
+                None
             };
-            let source_ip = found
-                // SAFETY: Envoy filled `source`, valid during the hook.
-                .then(|| unsafe { source.to_string() })
-                .flatten()
-                .and_then(|text| {
-                    text.parse::<SocketAddr>()
-                        .map(|socket| socket.ip())
-                        .or_else(|_| text.parse::<IpAddr>())
-                        .ok()
-                });
             let id = STREAMS.with(|streams| {
                 streams
                     .try_borrow_mut()
                     .ok()
                     .and_then(|mut streams| state.on_request(&mut streams, now(), source_ip))
             });
-            let value = id.map(|id| id.to_string());
-            let value = value
-                .as_deref()
-                .map_or(ModuleBuffer::NULL, ModuleBuffer::of);
+            let mut digits = [0; 20];
+            let value = id.map_or(ModuleBuffer::NULL, |id| {
+                ModuleBuffer::of(stream_header_value(id, &mut digits))
+            });
             // SAFETY: live filter pointer; the buffers borrow strings alive for the call; a
             // null value removes the header (a client's copy must not reach `choose_host`).
             unsafe {
@@ -853,18 +898,17 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
             let Some(state) = (unsafe { filter_state(filter_module) }) else {
                 return CONTINUE;
             };
-            // SAFETY: live filter pointer, in a response-headers hook.
-            let (status, content_type, grpc_status) = unsafe {
-                (
-                    header(filter, RESPONSE_HEADER, ":status"),
-                    header(filter, RESPONSE_HEADER, "content-type"),
-                    header(filter, RESPONSE_HEADER, "grpc-status"),
-                )
-            };
-            let head = ResponseHead {
-                status: status.as_deref(),
-                content_type: content_type.as_deref(),
-                grpc_status: grpc_status.as_deref(),
+            // SAFETY: live filter pointer, in a response-headers hook; the values are used
+            // before the headers change below. `grpc-status` matters only in a gRPC response.
+            let head = unsafe {
+                let content_type = header(filter, RESPONSE_HEADER, "content-type");
+                ResponseHead {
+                    status: header(filter, RESPONSE_HEADER, ":status"),
+                    content_type,
+                    grpc_status: content_type
+                        .filter(|value| ResponseHead::is_grpc_content_type(value))
+                        .and_then(|_| header(filter, RESPONSE_HEADER, "grpc-status")),
+                }
             };
             let changes = STREAMS.with(|streams| {
                 streams.try_borrow_mut().ok().map(|mut streams| {
@@ -928,7 +972,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
             let grpc_status = unsafe { header(filter, RESPONSE_TRAILER, "grpc-status") };
             STREAMS.with(|streams| {
                 if let Ok(mut streams) = streams.try_borrow_mut() {
-                    state.on_response_trailers(&mut streams, grpc_status.as_deref(), now());
+                    state.on_response_trailers(&mut streams, grpc_status, now());
                 }
             });
             CONTINUE
@@ -959,6 +1003,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
 }
 
 fn end_stream(state: &mut OutcomeFilter) {
+    if !state.is_open() {
+        return;
+    }
     STREAMS.with(|streams| {
         if let Ok(mut streams) = streams.try_borrow_mut() {
             state.on_stream_end(&mut streams, now());

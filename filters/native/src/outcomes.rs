@@ -59,6 +59,13 @@ pub struct ResponseHead<'a> {
     pub grpc_status: Option<&'a str>,
 }
 
+impl ResponseHead<'_> {
+    /// Whether a `content-type` is gRPC's: only then is `grpc-status` read.
+    pub fn is_grpc_content_type(value: &str) -> bool {
+        value.starts_with("application/grpc")
+    }
+}
+
 impl OutcomeFilter {
     /// Request headers: opens the stream; returns the id to write into [`STREAM_HEADER`]
     /// (`None` when the worker tracks too many streams: the header is then removed).
@@ -98,7 +105,7 @@ impl OutcomeFilter {
         let latency = now.saturating_sub(stream.started);
         let is_grpc = head
             .content_type
-            .is_some_and(|content_type| content_type.starts_with("application/grpc"));
+            .is_some_and(ResponseHead::is_grpc_content_type);
         let grpc = head.grpc_status.and_then(parse_grpc_status);
         match (is_grpc, grpc) {
             (true, Some(code)) => {
@@ -126,6 +133,12 @@ impl OutcomeFilter {
             .and_then(parse_grpc_status)
             .map_or(status, grpc_http_status);
         self.finish(streams, Some(status), false, latency, now);
+    }
+
+    /// Whether a stream is open: only then does [`on_stream_end`](Self::on_stream_end) need
+    /// the time.
+    pub fn is_open(&self) -> bool {
+        self.stream.is_some()
     }
 
     /// The stream's end: a pick not yet completed had no (complete) response.
@@ -165,6 +178,24 @@ impl OutcomeFilter {
             now,
         );
     }
+}
+
+/// Stream `id` as [`STREAM_HEADER`]'s value, decimal, written into `buffer`: no allocation
+/// on the request path. `choose_host` parses it back with `str::parse::<u64>`.
+pub fn stream_header_value(id: u64, buffer: &mut [u8; 20]) -> &str {
+    let mut start = buffer.len();
+    let mut rest = id;
+    loop {
+        start -= 1;
+        // `rest % 10` is one digit: the cast cannot truncate.
+        buffer[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    // Only ASCII digits were written.
+    std::str::from_utf8(&buffer[start..]).unwrap_or_default()
 }
 
 /// The wasm filter's local reply for a refusal, over Envoy's `no healthy upstream` 503.
@@ -390,5 +421,33 @@ mod tests {
         reset.on_stream_end(&mut streams, Duration::from_millis(9));
 
         assert!(streams.is_empty());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn the_stream_header_value_is_the_id_in_decimal_and_parses_back(id: u64) {
+            let mut buffer = [0; 20];
+            let value = stream_header_value(id, &mut buffer);
+            proptest::prop_assert_eq!(value, id.to_string());
+            proptest::prop_assert_eq!(Request(id).stream_id(), Some(id));
+        }
+    }
+
+    #[test]
+    fn the_stream_header_value_covers_the_extremes() {
+        let mut buffer = [0; 20];
+        assert_eq!(stream_header_value(0, &mut buffer), "0");
+        assert_eq!(
+            stream_header_value(u64::MAX, &mut buffer),
+            "18446744073709551615"
+        );
+    }
+
+    #[test]
+    fn grpc_status_is_read_only_for_a_grpc_content_type() {
+        assert!(ResponseHead::is_grpc_content_type("application/grpc"));
+        assert!(ResponseHead::is_grpc_content_type("application/grpc+proto"));
+        assert!(!ResponseHead::is_grpc_content_type("application/json"));
+        assert!(!ResponseHead::is_grpc_content_type(""));
     }
 }
