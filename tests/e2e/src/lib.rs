@@ -448,6 +448,15 @@ impl Client {
     }
 }
 
+/// Connections to the service's endpoints that failed to open (Envoy's
+/// `cluster.<service>.upstream_cx_connect_fail`): what a dead endpoint costs.
+pub async fn connect_failures(envoy: &Envoy) -> Result<u64> {
+    Ok(envoy
+        .stat(&format!("cluster.{SERVICE}.upstream_cx_connect_fail"))
+        .await?
+        .unwrap_or(0))
+}
+
 /// Connections each of `envoy`'s workers accepted on its listeners
 /// (`worker_<i>.downstream_cx_total`), in worker order.
 pub async fn connections_per_worker(envoy: &Envoy) -> Result<Vec<u64>> {

@@ -74,6 +74,22 @@ pub struct Retries {
     pub count: u32,
 }
 
+/// Retry a connect failure once: what a dead endpoint needs.
+pub const RETRY_A_CONNECT_FAILURE: Retries = Retries {
+    on: "connect-failure",
+    count: 1,
+};
+
+/// Round robin with one retry target, ejecting an endpoint after 3 gateway errors in a row:
+/// a dead endpoint costs at most 3 connect failures, each retried onto a live endpoint.
+pub fn dead_endpoint_policy() -> Value {
+    json!({
+        "load_balancer": {"type": "round_robin"},
+        "retry": 1,
+        "outlier_detection": {"consecutive_gateway_errors": 3, "base_ejection_time": "30s", "max_ejection_percent": 50}
+    })
+}
+
 /// The cluster's `load_balancing_policy`: fulcrum's module under `policy` (one service's
 /// policy JSON).
 pub fn load_balancing_policy(policy: &Value) -> Value {

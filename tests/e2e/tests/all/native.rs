@@ -5,8 +5,11 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use fulcrum_e2e::{
-    Reply, backends, connections_per_worker, count_by_backend, dead_address,
-    native::{Clusters, NativeProxy, Retries, Upstream, bootstrap, cds_file, cluster, over_http2},
+    Reply, backends, connect_failures, connections_per_worker, count_by_backend, dead_address,
+    native::{
+        Clusters, NativeProxy, RETRY_A_CONNECT_FAILURE, Retries, Upstream, bootstrap, cds_file,
+        cluster, dead_endpoint_policy, over_http2,
+    },
 };
 use fulcrum_example_backend::{
     Backend, Fault,
@@ -117,15 +120,8 @@ async fn a_dead_endpoint_costs_at_most_its_threshold_and_retries_land_elsewhere(
     members.push(Upstream::at(dead));
     let proxy = NativeProxy::with_upstreams(
         &members,
-        json!({
-            "load_balancer": {"type": "round_robin"},
-            "retry": 1,
-            "outlier_detection": {"consecutive_gateway_errors": 3, "base_ejection_time": "30s", "max_ejection_percent": 50}
-        }),
-        Some(Retries {
-            on: "connect-failure",
-            count: 1,
-        }),
+        dead_endpoint_policy(),
+        Some(RETRY_A_CONNECT_FAILURE),
         WORKERS,
     )
     .await
@@ -137,12 +133,7 @@ async fn a_dead_endpoint_costs_at_most_its_threshold_and_retries_land_elsewhere(
         all_ok(&replies),
         "every request retried onto a live endpoint: {replies:?}"
     );
-    let connect_failures = proxy
-        .envoy
-        .stat("cluster.shop.upstream_cx_connect_fail")
-        .await
-        .unwrap()
-        .unwrap_or(0);
+    let connect_failures = connect_failures(&proxy.envoy).await.unwrap();
     assert!(
         (1..=3).contains(&connect_failures),
         "the dead endpoint is ejected after 3 failures, got {connect_failures}"

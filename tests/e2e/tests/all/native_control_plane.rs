@@ -7,8 +7,8 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 
 use fulcrum_control_plane::{Config, ControlPlane, OptionalSources, PolicySource};
 use fulcrum_e2e::{
-    SERVICE, backends, count_by_backend, dead_address,
-    native::{Clusters, NativeProxy, Retries, bootstrap},
+    SERVICE, backends, connect_failures, count_by_backend, dead_address,
+    native::{Clusters, NativeProxy, RETRY_A_CONNECT_FAILURE, bootstrap, dead_endpoint_policy},
 };
 use fulcrum_example_backend::Fault;
 use fulcrum_test_support::eventually;
@@ -192,22 +192,12 @@ async fn a_retry_on_a_control_plane_cluster_is_charged_to_the_endpoint_that_serv
     let mut addresses: Vec<SocketAddr> = live.iter().map(|b| b.addr).collect();
     addresses.push(dead);
     write_endpoints(&endpoints_file, &addresses);
-    write_policy(
-        &policy_file,
-        json!({
-            "load_balancer": {"type": "round_robin"},
-            "retry": 1,
-            "outlier_detection": {"consecutive_gateway_errors": 3, "base_ejection_time": "30s", "max_ejection_percent": 50}
-        }),
-    );
+    write_policy(&policy_file, dead_endpoint_policy());
     let control_plane = control_plane(&endpoints_file, &policy_file).await;
     let proxy = NativeProxy::start(
         &bootstrap(
             Clusters::Ads(control_plane.xds_address()),
-            Some(Retries {
-                on: "connect-failure",
-                count: 1,
-            }),
+            Some(RETRY_A_CONNECT_FAILURE),
         ),
         WORKERS,
     )
@@ -230,12 +220,7 @@ async fn a_retry_on_a_control_plane_cluster_is_charged_to_the_endpoint_that_serv
         replies.iter().all(|reply| reply.status == Some(200)),
         "every request that met the dead endpoint was retried onto a live one: {replies:?}"
     );
-    let connect_failures = proxy
-        .envoy
-        .stat(&format!("cluster.{SERVICE}.upstream_cx_connect_fail"))
-        .await
-        .unwrap()
-        .unwrap_or(0);
+    let connect_failures = connect_failures(&proxy.envoy).await.unwrap();
     assert!(
         (1..=3).contains(&connect_failures),
         "the dead endpoint is charged its connect failures and ejected after 3, got {connect_failures}"

@@ -6,7 +6,7 @@
 
 use std::{net::SocketAddr, time::Duration};
 
-use fulcrum_e2e::{Proxy, SERVICE, backends, count_by_backend, filter_wasm};
+use fulcrum_e2e::{Proxy, SERVICE, backends, connect_failures, count_by_backend, filter_wasm};
 use fulcrum_example_backend::Backend;
 use fulcrum_test_support::{Endpoints, FailurePolicy, FilterSetup, ports};
 use serde_json::{Value, json};
@@ -253,12 +253,7 @@ async fn failures_under_load(workers: u32) -> (u64, u64) {
         "judged {judged}, adopted {adopted}"
     );
     let picks = proxy.picks(dead).await.unwrap();
-    let connect_failures = proxy
-        .envoy
-        .stat(&format!("cluster.{SERVICE}.upstream_cx_connect_fail"))
-        .await
-        .unwrap()
-        .unwrap_or(0);
+    let connect_failures = connect_failures(&proxy.envoy).await.unwrap();
     (picks, connect_failures)
 }
 
