@@ -210,22 +210,15 @@ async fn tell_story(
             }
             next_step += 1;
         }
-        // The native module has no per-endpoint breaker stats: `None`, shown as such.
-        let open = if native {
-            None
-        } else {
-            Some(
-                stack
-                    .endpoint_stat("circuit_open")
-                    .await
-                    .unwrap_or_default(),
-            )
-        };
+        let open = stack
+            .endpoint_stat("circuit_open")
+            .await
+            .unwrap_or_default();
         render(
             &stack,
             &mut window,
             &states,
-            open.as_ref(),
+            &open,
             started.elapsed(),
             plain,
             phases.last().map(|(name, _)| name.as_str()),
@@ -272,13 +265,16 @@ async fn apply(stack: &mut Stack, step: Step, states: &mut [&str]) -> Result<()>
     Ok(())
 }
 
-/// The breaker column: `n/a` when the data plane does not expose breaker state (native).
-fn breaker(open: Option<&BTreeMap<SocketAddr, i64>>, address: SocketAddr) -> String {
-    let Some(open) = open else {
-        return "n/a (native)".to_owned();
-    };
+/// The breaker column: the wasm filter's breakers are per worker VM, the native module's
+/// one per proxy.
+fn breaker(
+    open: &BTreeMap<SocketAddr, i64>,
+    address: SocketAddr,
+    shared_by_workers: bool,
+) -> String {
     match open.get(&address).copied().unwrap_or(0) {
         0 => "closed".to_owned(),
+        _ if shared_by_workers => "open".to_owned(),
         n => format!("open in {n} worker(s)"),
     }
 }
@@ -287,7 +283,7 @@ fn render(
     stack: &Stack,
     window: &mut Window,
     states: &[&str],
-    open: Option<&BTreeMap<SocketAddr, i64>>,
+    open: &BTreeMap<SocketAddr, i64>,
     elapsed: Duration,
     plain: bool,
     phase: Option<&str>,
@@ -305,11 +301,7 @@ fn render(
                 .backends
                 .get_mut(&backend.name)
                 .map_or(0.0, |b| b.quantile_ms(0.99));
-            let open_mark = if open
-                .and_then(|open| open.get(&backend.addr).copied())
-                .unwrap_or(0)
-                > 0
-            {
+            let open_mark = if open.get(&backend.addr).copied().unwrap_or(0) > 0 {
                 " OPEN"
             } else {
                 ""
@@ -351,7 +343,7 @@ fn render(
             p50,
             p99,
             errors,
-            breaker(open, backend.addr)
+            breaker(open, backend.addr, stack.native)
         ));
     }
     let local = window
@@ -391,10 +383,6 @@ async fn summary(stack: &Stack, phases: &mut [(String, Window)], native: bool) -
             .map(|(name, value)| format!("{name} {value}"))
             .collect();
         println!("native module counters: {}", shown.join(", "));
-        println!(
-            "ejections per backend: not available on the native data plane (the module keeps no per-endpoint stats)"
-        );
-        return Ok(());
     }
     let ejections = stack
         .endpoint_stat("ejections_total")
@@ -412,7 +400,12 @@ async fn summary(stack: &Stack, phases: &mut [(String, Window)], native: bool) -
         })
         .collect();
     println!(
-        "ejections per backend (all workers): {}",
+        "ejections per backend ({}): {}",
+        if native {
+            "the proxy's shared breakers"
+        } else {
+            "all workers"
+        },
         ejected.join(", ")
     );
     Ok(())

@@ -89,7 +89,7 @@ pub fn native_module_directory(module: Option<&Path>) -> Result<PathBuf> {
         .to_path_buf())
 }
 
-/// The Envoy stats prefix of the native module's counters.
+/// The Envoy stats prefix of the native module's metrics.
 const NATIVE_STATS_PREFIX: &str = "dynamicmodulescustom.";
 
 /// One sample backend process, which can be killed and restarted on the same ports.
@@ -167,6 +167,8 @@ impl BackendProcess {
 #[derive(Debug)]
 pub struct Stack {
     pub service: String,
+    /// Whether the native module balances (else the wasm filter).
+    pub native: bool,
     pub backends: Vec<BackendProcess>,
     pub listener: SocketAddr,
     pub admin: SocketAddr,
@@ -308,6 +310,7 @@ impl Stack {
         }
         Ok(Self {
             service: service.to_owned(),
+            native: matches!(data_plane, DataPlane::Native { .. }),
             backends: started,
             listener,
             admin,
@@ -323,18 +326,23 @@ impl Stack {
         Ok(self.control_plane.check_running()?)
     }
 
-    /// The native module's counters (`fulcrum_native_*`), by name, as Envoy reports them.
+    /// The native module's cluster counters (`fulcrum_native_*_total{cluster}` of the
+    /// service's cluster), by name, as Envoy reports them.
     pub async fn native_counters(&self) -> Result<BTreeMap<String, u64>> {
         let text = self
             .envoy
             .admin_get("/stats?filter=fulcrum_native_")
             .await?;
+        let suffix = format!(".cluster.{}", self.service);
         let mut values = BTreeMap::new();
         for line in text.lines() {
             let Some(rest) = line.strip_prefix(NATIVE_STATS_PREFIX) else {
                 continue;
             };
             let Some((name, value)) = rest.rsplit_once(": ") else {
+                continue;
+            };
+            let Some(name) = name.strip_suffix(&suffix) else {
                 continue;
             };
             if let Ok(value) = value.trim().parse() {
@@ -344,15 +352,25 @@ impl Stack {
         Ok(values)
     }
 
-    /// Envoy stats of the wasm filter, summed per endpoint: `fulcrum_endpoint_<name>`.
+    /// An endpoint stat of the data plane, per endpoint: the wasm filter's
+    /// `fulcrum_endpoint_<name>` summed over the workers' VMs, or the native module's
+    /// `fulcrum_native_endpoint_<name>` (one per proxy: its breakers are shared).
     pub async fn endpoint_stat(&self, name: &str) -> Result<BTreeMap<SocketAddr, i64>> {
-        let prefix = format!(
-            "wasmcustom.fulcrum_endpoint_{name}.service.{}.endpoint.",
-            self.service
-        );
+        let (filter, prefix) = if self.native {
+            let filter = format!("fulcrum_native_endpoint_{name}");
+            let prefix = format!(
+                "{NATIVE_STATS_PREFIX}{filter}.cluster.{}.endpoint.",
+                self.service
+            );
+            (filter, prefix)
+        } else {
+            let filter = format!("fulcrum_endpoint_{name}");
+            let prefix = format!("wasmcustom.{filter}.service.{}.endpoint.", self.service);
+            (filter, prefix)
+        };
         let text = self
             .envoy
-            .admin_get(&format!("/stats?filter=fulcrum_endpoint_{name}"))
+            .admin_get(&format!("/stats?filter={filter}"))
             .await?;
         let mut values = BTreeMap::new();
         for line in text.lines() {

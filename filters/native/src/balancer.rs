@@ -49,8 +49,8 @@ use std::{
 };
 
 use fulcrum_core::{
-    Endpoint, Rejection, RequestInputs, RequestNeeds, RetryTargets, ServicePicker, ServicePolicy,
-    rng::SplitMix64,
+    BreakerState, Endpoint, Rejection, RequestInputs, RequestNeeds, RetryTargets, ServicePicker,
+    ServicePolicy, Transition, rng::SplitMix64,
 };
 
 use crate::hosts::{HostIndex, HostSet, read_hosts};
@@ -74,6 +74,31 @@ pub enum Event {
     /// A request refused because no endpoint is admissible and the policy fails fast
     /// (`fulcrum_native_fail_fast_total`).
     FailFast,
+    /// The endpoint's breaker opened: ejected, or re-ejected after a failed probe
+    /// (`fulcrum_native_endpoint_ejections_total`).
+    Ejected(SocketAddr),
+    /// The endpoint's circuit left closed: ejected, then probing until it closes
+    /// (`fulcrum_native_endpoint_circuit_open` to 1).
+    CircuitOpen(SocketAddr),
+    /// The endpoint's circuit closed again, or the endpoint left the cluster while it was
+    /// open (`fulcrum_native_endpoint_circuit_open` to 0).
+    CircuitClosed(SocketAddr),
+}
+
+impl Event {
+    /// The events one breaker transition makes: an ejection when it opens, and the circuit
+    /// gauge's move when it leaves or returns to closed (the wasm filter's rules, per proxy
+    /// here since the breaker is shared by the workers).
+    fn of_transition(transition: &Transition, events: &mut Vec<Self>) {
+        if matches!(transition.to, BreakerState::Open { .. }) {
+            events.push(Self::Ejected(transition.endpoint));
+        }
+        match (transition.from.is_ejected(), transition.to.is_ejected()) {
+            (false, true) => events.push(Self::CircuitOpen(transition.endpoint)),
+            (true, false) => events.push(Self::CircuitClosed(transition.endpoint)),
+            _ => {}
+        }
+    }
 }
 
 /// Where the module's [`Event`]s are counted.
@@ -97,6 +122,9 @@ struct ClusterState {
     picker: ServicePicker,
     /// The endpoints the picker has, to skip an update that changes nothing.
     endpoints: Vec<Endpoint>,
+    /// Endpoints whose circuit is not closed, as the events told: an endpoint that leaves
+    /// the cluster with its circuit open gets its gauge back to 0.
+    open_circuits: Vec<SocketAddr>,
     rng: SplitMix64,
 }
 
@@ -118,6 +146,7 @@ impl Cluster {
             state: Mutex::new(ClusterState {
                 picker,
                 endpoints: Vec::new(),
+                open_circuits: Vec::new(),
                 rng: SplitMix64::new(seed),
             }),
             counters,
@@ -142,12 +171,41 @@ impl Cluster {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Hands `endpoints` to the picker when they differ from what it has.
+    /// Hands `endpoints` to the picker when they differ from what it has; the circuits of
+    /// endpoints that left are counted closed.
     fn update(&self, endpoints: Vec<Endpoint>) {
-        let mut state = self.lock();
-        if state.endpoints != endpoints {
+        let mut closed = Vec::new();
+        {
+            let mut state = self.lock();
+            if state.endpoints == endpoints {
+                return;
+            }
             state.picker.update_endpoints(&endpoints);
+            state.open_circuits.retain(|address| {
+                let stays = endpoints
+                    .iter()
+                    .any(|endpoint| endpoint.address == *address);
+                if !stays {
+                    closed.push(Event::CircuitClosed(*address));
+                }
+                stays
+            });
             state.endpoints = endpoints;
+        }
+        self.count_all(closed);
+    }
+
+    /// Counts every circuit still open as closed: the cluster's config is going away, and
+    /// the circuits it reported open end with it.
+    pub fn close_circuits(&self) {
+        let open = std::mem::take(&mut self.lock().open_circuits);
+        self.count_all(open.into_iter().map(Event::CircuitClosed).collect());
+    }
+
+    /// Counts `events` (outside the lock: counting calls into Envoy).
+    fn count_all(&self, events: Vec<Event>) {
+        for event in events {
+            self.count(event);
         }
     }
 
@@ -171,9 +229,24 @@ impl Cluster {
             timeout: false,
             latency: response.latency,
         };
-        self.lock()
-            .picker
-            .complete(pick.picked, served, outcome, now);
+        let mut events = Vec::new();
+        {
+            let mut state = self.lock();
+            let transitions = state.picker.complete(pick.picked, served, outcome, now);
+            for transition in transitions.iter() {
+                Event::of_transition(transition, &mut events);
+            }
+            for event in &events {
+                match *event {
+                    Event::CircuitOpen(address) => state.open_circuits.push(address),
+                    Event::CircuitClosed(address) => {
+                        state.open_circuits.retain(|open| *open != address);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        self.count_all(events);
     }
 }
 
@@ -533,27 +606,27 @@ impl Needs {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicU64, Ordering};
-
     use super::*;
     use crate::{
         config::parse_policy,
         hosts::test_hosts::{TestHost, TestHosts},
     };
 
+    /// Every event counted, in order.
+    type Events = Arc<Mutex<Vec<Event>>>;
+
     #[derive(Debug, Default)]
-    struct Counted(Arc<[AtomicU64; 4]>);
+    struct Counted(Events);
 
     impl Counters for Counted {
         fn count(&self, event: Event) {
-            let slot = match event {
-                Event::FailOpen => 0,
-                Event::Unobserved => 1,
-                Event::RateLimited => 2,
-                Event::FailFast => 3,
-            };
-            self.0[slot].fetch_add(1, Ordering::Relaxed);
+            self.0.lock().expect("events").push(event);
         }
+    }
+
+    fn counted(events: &Events, event: Event) -> usize {
+        let events = events.lock().expect("events");
+        events.iter().filter(|counted| **counted == event).count()
     }
 
     struct Request {
@@ -593,8 +666,8 @@ mod tests {
         ])
     }
 
-    fn worker(json: &str, hosts: &TestHosts) -> (WorkerLb, Arc<[AtomicU64; 4]>) {
-        let counts: Arc<[AtomicU64; 4]> = Arc::default();
+    fn worker(json: &str, hosts: &TestHosts) -> (WorkerLb, Events) {
+        let counts = Events::default();
         let policy = parse_policy(json.as_bytes()).expect("a valid policy");
         let cluster = Arc::new(Cluster::new(policy, 7, Box::new(Counted(counts.clone()))));
         (WorkerLb::new(cluster, hosts), counts)
@@ -652,7 +725,7 @@ mod tests {
 
         assert!(chosen.is_some());
         assert_eq!(inflight(&worker), 0);
-        assert_eq!(counts[1].load(Ordering::Relaxed), 1);
+        assert_eq!(counted(&counts, Event::Unobserved), 1);
     }
 
     #[test]
@@ -710,7 +783,7 @@ mod tests {
             streams.get_mut(refused_id).and_then(|s| s.rejection),
             Some(Rejection::RateLimited { .. })
         ));
-        assert_eq!(counts[2].load(Ordering::Relaxed), 1);
+        assert_eq!(counted(&counts, Event::RateLimited), 1);
     }
 
     #[test]
@@ -782,6 +855,94 @@ mod tests {
         );
 
         assert_eq!(chosen, None);
-        assert_eq!(counts[0].load(Ordering::Relaxed), 1);
+        assert_eq!(counted(&counts, Event::FailOpen), 1);
+    }
+
+    /// Picks and answers one request with `status`.
+    fn answer(worker: &mut WorkerLb, hosts: &TestHosts, status: u16, now: Duration) {
+        let mut streams = Streams::default();
+        let id = streams.open(now, None).expect("open");
+        worker.choose(hosts, &Request::of_stream(Some(id)), &mut streams, now);
+        let mut stream = streams.close(id).expect("open");
+        stream.complete(
+            &Response {
+                status: Some(status),
+                reset: false,
+                latency: Duration::from_millis(1),
+            },
+            now,
+        );
+    }
+
+    #[test]
+    fn an_ejection_is_counted_once_and_its_circuit_closes_when_the_endpoint_leaves() {
+        let one = TestHosts::one_priority(vec![TestHost::healthy("10.0.0.1:80")]);
+        let (mut worker, counts) = worker(
+            r#"{"outlier_detection": {"consecutive_failures": 2, "base_ejection_time": "30s", "max_ejection_percent": 100}}"#,
+            &one,
+        );
+        let endpoint: SocketAddr = "10.0.0.1:80".parse().expect("an address");
+
+        answer(&mut worker, &one, 503, Duration::from_millis(1));
+        assert!(
+            counts.lock().expect("events").is_empty(),
+            "one failure ejects nobody"
+        );
+        answer(&mut worker, &one, 503, Duration::from_millis(2));
+
+        assert_eq!(counted(&counts, Event::Ejected(endpoint)), 1);
+        assert_eq!(counted(&counts, Event::CircuitOpen(endpoint)), 1);
+        assert_eq!(counted(&counts, Event::CircuitClosed(endpoint)), 0);
+
+        let other = TestHosts::one_priority(vec![TestHost::healthy("10.0.0.2:80")]);
+        worker.reread(&other);
+        assert_eq!(
+            counted(&counts, Event::CircuitClosed(endpoint)),
+            1,
+            "an endpoint that left with its circuit open takes its gauge back to 0"
+        );
+        worker.reread(&one);
+        worker.reread(&other);
+        assert_eq!(
+            counted(&counts, Event::CircuitClosed(endpoint)),
+            1,
+            "a circuit is closed once: the endpoint came back closed"
+        );
+    }
+
+    #[test]
+    fn a_transition_makes_the_wasm_filters_events() {
+        let endpoint: SocketAddr = "10.0.0.1:80".parse().expect("an address");
+        let closed = BreakerState::Closed {
+            ejections: 0,
+            since: Duration::ZERO,
+        };
+        let open = BreakerState::Open {
+            until: Duration::from_secs(30),
+            ejections: 1,
+        };
+        let half_open = BreakerState::HalfOpen {
+            ejections: 1,
+            probes_admitted: 0,
+            successes: 0,
+            since: Duration::ZERO,
+        };
+        let events = |from, to| {
+            let mut events = Vec::new();
+            Event::of_transition(&Transition { endpoint, from, to }, &mut events);
+            events
+        };
+
+        assert_eq!(
+            events(closed, open),
+            [Event::Ejected(endpoint), Event::CircuitOpen(endpoint)]
+        );
+        assert_eq!(events(open, half_open), []);
+        assert_eq!(
+            events(half_open, open),
+            [Event::Ejected(endpoint)],
+            "a failed probe re-ejects: counted, the circuit stays open"
+        );
+        assert_eq!(events(half_open, closed), [Event::CircuitClosed(endpoint)]);
     }
 }

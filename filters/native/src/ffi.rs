@@ -39,8 +39,8 @@ use std::{
     hash::{BuildHasher, Hasher},
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        Arc, OnceLock, PoisonError, RwLock,
+        atomic::{AtomicUsize, Ordering},
     },
 };
 
@@ -211,6 +211,20 @@ unsafe extern "C" {
         label_values_length: usize,
         value: u64,
     ) -> u32;
+    fn envoy_dynamic_module_callback_lb_config_define_gauge(
+        config: *mut c_void,
+        name: ModuleBuffer,
+        label_names: *mut ModuleBuffer,
+        label_names_length: usize,
+        gauge_id: *mut usize,
+    ) -> u32;
+    fn envoy_dynamic_module_callback_lb_config_set_gauge(
+        config: *mut c_void,
+        id: usize,
+        label_values: *mut ModuleBuffer,
+        label_values_length: usize,
+        value: u64,
+    ) -> u32;
 
     fn envoy_dynamic_module_callback_http_get_header(
         filter: *mut c_void,
@@ -268,79 +282,147 @@ pub extern "C" fn envoy_dynamic_module_on_program_init() -> *const c_char {
 // ------------------------------------------------------------------------------------------
 // Load-balancing policy.
 
-/// The module's counters, in Envoy's stats through the LB config's metrics callbacks.
+/// The module's metrics, in Envoy's stats through the LB config's metrics callbacks, each
+/// labelled with the cluster (and the endpoint, for an endpoint's).
 #[derive(Debug)]
 struct EnvoyCounters {
     /// `lb_config_envoy_ptr`, valid until `on_lb_config_destroy`.
     config: usize,
-    /// Cleared by `on_lb_config_destroy`: no count after it.
-    alive: AtomicBool,
-    ids: [Option<usize>; 4],
+    /// Set to `false` by `on_lb_config_destroy` before Envoy frees the config: a metric is
+    /// updated only under the read lock while it is `true`, so no update can race the free
+    /// (a stream completing on a worker as the main thread destroys the config).
+    alive: RwLock<bool>,
+    /// The Envoy cluster's name, the `cluster` label: known from the first `on_lb_new`.
+    cluster: OnceLock<String>,
+    /// Ids of the [`CLUSTER_COUNTERS`].
+    counters: [Option<usize>; 4],
+    /// `fulcrum_native_endpoint_ejections_total{cluster, endpoint}`.
+    ejections: Option<usize>,
+    /// `fulcrum_native_endpoint_circuit_open{cluster, endpoint}`.
+    circuit_open: Option<usize>,
 }
 
-/// Counter names, in [`Event`] order.
-const COUNTER_NAMES: [&str; 4] = [
+/// The counters labelled by cluster, in [`Event`] order.
+const CLUSTER_COUNTERS: [&str; 4] = [
     "fulcrum_native_fail_open_total",
     "fulcrum_native_unobserved_total",
     "fulcrum_native_rate_limited_total",
     "fulcrum_native_fail_fast_total",
 ];
+const ENDPOINT_EJECTIONS: &str = "fulcrum_native_endpoint_ejections_total";
+const ENDPOINT_CIRCUIT_OPEN: &str = "fulcrum_native_endpoint_circuit_open";
+const CLUSTER_LABEL: &str = "cluster";
+const ENDPOINT_LABEL: &str = "endpoint";
 
-fn event_slot(event: Event) -> usize {
-    match event {
-        Event::FailOpen => 0,
-        Event::Unobserved => 1,
-        Event::RateLimited => 2,
-        Event::FailFast => 3,
-    }
-}
+/// A metric definition callback of the LB config (counter or gauge).
+type Define =
+    unsafe extern "C" fn(*mut c_void, ModuleBuffer, *mut ModuleBuffer, usize, *mut usize) -> u32;
+
+/// A metric update callback of the LB config (counter increment or gauge set).
+type Update = unsafe extern "C" fn(*mut c_void, usize, *mut ModuleBuffer, usize, u64) -> u32;
 
 impl EnvoyCounters {
-    /// Defines the counters; must run inside `on_lb_config_new` (Envoy freezes stat creation
+    /// Defines the metrics; must run inside `on_lb_config_new` (Envoy freezes stat creation
     /// after it).
     fn define(config: *mut c_void) -> Self {
-        let ids = COUNTER_NAMES.map(|name| {
+        let define = |callback: Define, name: &str, labels: &[&str]| {
+            let mut labels: Vec<ModuleBuffer> =
+                labels.iter().map(|l| ModuleBuffer::of(l)).collect();
             let mut id = 0usize;
-            // SAFETY: `config` is the live config pointer of `on_lb_config_new`; the name
-            // buffer borrows a static string; no labels (null, 0); `id` is a valid out pointer.
+            // SAFETY: `config` is the live config pointer of `on_lb_config_new`; the name and
+            // label buffers borrow strings alive for the call; `id` is a valid out pointer.
             let result = unsafe {
-                envoy_dynamic_module_callback_lb_config_define_counter(
+                callback(
                     config,
                     ModuleBuffer::of(name),
-                    std::ptr::null_mut(),
-                    0,
+                    labels.as_mut_ptr(),
+                    labels.len(),
                     &mut id,
                 )
             };
             (result == METRICS_SUCCESS).then_some(id)
-        });
+        };
+        let counter = envoy_dynamic_module_callback_lb_config_define_counter as Define;
+        let gauge = envoy_dynamic_module_callback_lb_config_define_gauge as Define;
+        let per_endpoint = [CLUSTER_LABEL, ENDPOINT_LABEL];
         Self {
             config: config as usize,
-            alive: AtomicBool::new(true),
-            ids,
+            alive: RwLock::new(true),
+            cluster: OnceLock::new(),
+            counters: CLUSTER_COUNTERS.map(|name| define(counter, name, &[CLUSTER_LABEL])),
+            ejections: define(counter, ENDPOINT_EJECTIONS, &per_endpoint),
+            circuit_open: define(gauge, ENDPOINT_CIRCUIT_OPEN, &per_endpoint),
         }
+    }
+
+    /// Updates metric `id` with `value` under `labels`, while the config is alive.
+    fn update(&self, callback: Update, id: Option<usize>, labels: &[&str], value: u64) {
+        let Some(id) = id else {
+            return;
+        };
+        let alive = self.alive.read().unwrap_or_else(PoisonError::into_inner);
+        if !*alive {
+            return;
+        }
+        let mut labels: Vec<ModuleBuffer> = labels.iter().map(|l| ModuleBuffer::of(l)).collect();
+        // SAFETY: the config pointer is live while `alive` holds `true` (its write lock is
+        // taken to clear it before Envoy frees the config); Envoy's LB config metrics are safe
+        // to update from any thread; the label buffers borrow strings alive for the call.
+        unsafe {
+            callback(
+                self.config as *mut c_void,
+                id,
+                labels.as_mut_ptr(),
+                labels.len(),
+                value,
+            );
+        }
+    }
+
+    /// Labels the metrics with the cluster's name, once (every worker's LB names the same
+    /// cluster), and makes the cluster's counters exist at 0, so that an alert's `increase()`
+    /// sees their first count.
+    fn name_cluster(&self, name: &str) {
+        if self.cluster.set(name.to_owned()).is_err() {
+            return;
+        }
+        let increment = envoy_dynamic_module_callback_lb_config_increment_counter as Update;
+        for id in self.counters {
+            self.update(increment, id, &[name], 0);
+        }
+    }
+
+    /// No update after this: Envoy is about to free the config.
+    fn retire(&self) {
+        *self.alive.write().unwrap_or_else(PoisonError::into_inner) = false;
     }
 }
 
 impl Counters for Arc<EnvoyCounters> {
     fn count(&self, event: Event) {
-        let Some(id) = self.ids[event_slot(event)] else {
-            return;
-        };
-        if !self.alive.load(Ordering::Acquire) {
-            return;
-        }
-        // SAFETY: the config pointer is live while `alive` is set (cleared before Envoy
-        // destroys the config); Envoy's LB config metrics are safe to update from any thread;
-        // no labels (null, 0).
-        unsafe {
-            envoy_dynamic_module_callback_lb_config_increment_counter(
-                self.config as *mut c_void,
-                id,
-                std::ptr::null_mut(),
-                0,
-                1,
-            );
+        let cluster = self.cluster.get().map_or("", String::as_str);
+        let increment = envoy_dynamic_module_callback_lb_config_increment_counter as Update;
+        let set = envoy_dynamic_module_callback_lb_config_set_gauge as Update;
+        let per_cluster = |slot: usize| self.update(increment, self.counters[slot], &[cluster], 1);
+        match event {
+            Event::FailOpen => per_cluster(0),
+            Event::Unobserved => per_cluster(1),
+            Event::RateLimited => per_cluster(2),
+            Event::FailFast => per_cluster(3),
+            Event::Ejected(endpoint) => {
+                self.update(
+                    increment,
+                    self.ejections,
+                    &[cluster, &endpoint.to_string()],
+                    1,
+                );
+            }
+            Event::CircuitOpen(endpoint) => {
+                self.update(set, self.circuit_open, &[cluster, &endpoint.to_string()], 1);
+            }
+            Event::CircuitClosed(endpoint) => {
+                self.update(set, self.circuit_open, &[cluster, &endpoint.to_string()], 0);
+            }
         }
     }
 }
@@ -418,7 +500,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_lb_config_destroy(config_module
         || {
             // SAFETY: made by `Box::into_raw` in `on_lb_config_new`; Envoy destroys it once.
             let config = unsafe { Box::from_raw(config_module as *mut LbConfig) };
-            config.counters.alive.store(false, Ordering::Release);
+            // Circuits this config reported open are its own: they end with it (a new config
+            // of the cluster starts with every breaker closed).
+            config.cluster.close_circuits();
+            config.counters.retire();
             if config.cluster.reads_source_ip() {
                 SOURCE_IP_READERS.fetch_sub(1, Ordering::AcqRel);
             }
@@ -611,6 +696,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_lb_new(
             unsafe { envoy_dynamic_module_callback_lb_get_cluster_name(lb, &mut name) };
             // SAFETY: Envoy filled `name` with the cluster's name, valid during the hook.
             let name = unsafe { name.to_string() }.unwrap_or_default();
+            config.counters.name_cluster(&name);
             log(
                 LOG_INFO,
                 &format!("fulcrum_native: balancing cluster {name} with fulcrum-core"),

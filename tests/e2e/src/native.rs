@@ -325,11 +325,24 @@ impl NativeProxy {
         replies
     }
 
-    /// The module's counter `name` (e.g. `fulcrum_native_fail_open_total`), 0 when absent.
+    /// The module's counter `name` of the service's cluster (e.g.
+    /// `fulcrum_native_fail_open_total{cluster="shop"}`), 0 when absent.
     pub async fn counter(&self, name: &str) -> Result<u64> {
         Ok(self
             .envoy
-            .stat(&format!("{STATS_PREFIX}{name}"))
+            .stat(&format!("{STATS_PREFIX}{name}.cluster.{SERVICE}"))
+            .await?
+            .unwrap_or(0))
+    }
+
+    /// The module's metric `fulcrum_native_endpoint_<name>` of `endpoint` in the service's
+    /// cluster (`ejections_total`, `circuit_open`), 0 when absent.
+    pub async fn endpoint_metric(&self, name: &str, endpoint: SocketAddr) -> Result<u64> {
+        Ok(self
+            .envoy
+            .stat(&format!(
+                "{STATS_PREFIX}fulcrum_native_endpoint_{name}.cluster.{SERVICE}.endpoint.{endpoint}"
+            ))
             .await?
             .unwrap_or(0))
     }

@@ -5,7 +5,8 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use fulcrum_e2e::{
-    Reply, backends, connect_failures, connections_per_worker, count_by_backend, dead_address,
+    Reply, SERVICE, backends, connect_failures, connections_per_worker, count_by_backend,
+    dead_address,
     native::{
         Clusters, NativeProxy, RETRY_A_CONNECT_FAILURE, Retries, Upstream, bootstrap, cds_file,
         cluster, dead_endpoint_policy, over_http2,
@@ -200,6 +201,26 @@ async fn an_erroring_endpoint_is_ejected_then_readmitted_once_it_recovers() {
         count_by_backend(&replies)
     );
     assert_eq!(backends[1].stats().errors, 3);
+    let b2 = backends[1].addr;
+    assert_eq!(
+        proxy.endpoint_metric("ejections_total", b2).await.unwrap(),
+        1
+    );
+    assert_eq!(proxy.endpoint_metric("circuit_open", b2).await.unwrap(), 1);
+    let prometheus = proxy.envoy.admin_get("/stats/prometheus").await.unwrap();
+    let series = format!(
+        "envoy_dynamicmodulescustom_fulcrum_native_endpoint_ejections_total{{cluster=\"{SERVICE}\",endpoint=\"{b2}\"}} 1"
+    );
+    assert!(
+        prometheus.lines().any(|line| line == series),
+        "the alert rules' series name, labelled by cluster and endpoint: {series} in\n{prometheus}"
+    );
+    assert!(
+        prometheus.contains(&format!(
+            "envoy_dynamicmodulescustom_fulcrum_native_fail_open_total{{cluster=\"{SERVICE}\"}} 0"
+        )),
+        "a cluster's counters exist at 0 before their first count"
+    );
 
     backends[1].set_fault(Fault::default()).unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
@@ -216,6 +237,24 @@ async fn an_erroring_endpoint_is_ejected_then_readmitted_once_it_recovers() {
     assert!(
         readmitted.is_ok(),
         "the recovered endpoint serves again after its ejection"
+    );
+    let closed = eventually(
+        Duration::from_secs(5),
+        "the recovered endpoint's circuit to close",
+        || async {
+            proxy.send(9).await;
+            (proxy.endpoint_metric("circuit_open", b2).await.ok() == Some(0)).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        closed.is_ok(),
+        "its circuit gauge is back to 0 once it closes"
+    );
+    assert_eq!(
+        proxy.endpoint_metric("ejections_total", b2).await.unwrap(),
+        1,
+        "one ejection"
     );
 }
 

@@ -133,6 +133,8 @@ async fn a_native_service_from_the_control_plane_is_balanced_by_the_module_and_f
         count_by_backend(&replies)
     );
     assert_eq!(backends[1].stats().errors, 3);
+    let b2 = backends[1].addr;
+    assert_eq!(proxy.endpoint_metric("circuit_open", b2).await.unwrap(), 1);
 
     let modified_before = proxy
         .envoy
@@ -166,6 +168,18 @@ async fn a_native_service_from_the_control_plane_is_balanced_by_the_module_and_f
     assert!(
         modified_after > modified_before,
         "Envoy replaced the cluster: cluster_modified {modified_before} -> {modified_after}"
+    );
+    let gauge_closed = eventually(
+        Duration::from_secs(10),
+        "the replaced cluster's open circuit to be reported closed",
+        || async {
+            (proxy.endpoint_metric("circuit_open", b2).await.ok() == Some(0)).then_some(())
+        },
+    )
+    .await;
+    assert!(
+        gauge_closed.is_ok(),
+        "a replaced cluster's circuits end with it: the new one starts with every breaker closed"
     );
     assert_eq!(
         proxy

@@ -1,9 +1,9 @@
 //! The alerts and the dashboard name only metrics fulcrum defines. Every `fulcrum_*` series in
 //! a PrometheusRule expression or a Grafana query is looked up in the names the code
 //! registers, read from the source itself — the control plane's `prometheus-client`
-//! registrations under `control-plane/*/src` and the filter's Envoy stat names under
-//! `filters/balancer/src` — so renaming or dropping a metric breaks this test instead of
-//! silently emptying an alert.
+//! registrations under `control-plane/*/src`, the filter's Envoy stat names under
+//! `filters/balancer/src` and the native module's under `filters/native/src` — so renaming
+//! or dropping a metric breaks this test instead of silently emptying an alert.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -183,10 +183,24 @@ fn control_plane_metrics() -> Result<Defined> {
 
 /// Every Envoy stat the filter defines: the string literals starting with `fulcrum_`, up to
 /// the first `.` (where the tag-extracted labels begin). Envoy exports counters and gauges
-/// under their own name.
+/// under their own name (`wasmcustom` is one of its custom stat namespaces, which its
+/// Prometheus output strips).
 fn filter_metrics() -> Result<Defined> {
+    envoy_stats_in("filters/balancer/src", "")
+}
+
+/// Every Envoy stat the native module defines: the string literals starting with
+/// `fulcrum_native_`, which Envoy's Prometheus output prefixes with
+/// `envoy_dynamicmodulescustom_` (the dynamic modules' namespace is not stripped), labels
+/// (`cluster`, `endpoint`) apart.
+fn native_metrics() -> Result<Defined> {
+    envoy_stats_in("filters/native/src", "envoy_dynamicmodulescustom_")
+}
+
+/// The `fulcrum_*` string literals of the Rust sources under `dir`, as `prefix` + name.
+fn envoy_stats_in(dir: &str, prefix: &str) -> Result<Defined> {
     let mut files = Vec::new();
-    rust_files(&repo_root().join("filters/balancer/src"), &mut files)?;
+    rust_files(&repo_root().join(dir), &mut files)?;
     let mut defined = Defined::new();
     for file in files {
         let source = std::fs::read_to_string(&file)?;
@@ -197,26 +211,37 @@ fn filter_metrics() -> Result<Defined> {
                 .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
                 .collect();
             let line = source[..at].lines().count();
-            defined.insert(name, format!("{origin}:{line}"));
+            defined.insert(format!("{prefix}{name}"), format!("{origin}:{line}"));
         }
     }
     Ok(defined)
 }
 
-/// The `fulcrum_*` metric names in a PromQL expression (quoted label values excluded).
+/// The fulcrum metric names in a PromQL expression (quoted label values excluded): those
+/// starting with `fulcrum_`, and the native module's `envoy_dynamicmodulescustom_fulcrum_*`.
 fn referenced_metrics(expr: &str) -> BTreeSet<String> {
-    expr.match_indices("fulcrum_")
-        .filter(|(at, _)| {
-            let before = expr[..*at].chars().next_back();
-            !before.is_some_and(|c| c.is_alphanumeric() || c == '_' || c == '"')
-        })
-        .map(|(at, _)| {
-            expr[at..]
-                .chars()
-                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
-                .collect()
-        })
-        .collect()
+    let mut names = BTreeSet::new();
+    let mut rest = expr;
+    let mut quoted = false;
+    while let Some(start) = rest.find(|c: char| c.is_ascii_alphanumeric() || c == '_' || c == '"') {
+        if rest[start..].starts_with('"') {
+            quoted = !quoted;
+            rest = &rest[start + 1..];
+            continue;
+        }
+        let token: String = rest[start..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':')
+            .collect();
+        rest = &rest[start + token.len()..];
+        if !quoted
+            && (token.starts_with("fulcrum_")
+                || token.starts_with("envoy_dynamicmodulescustom_fulcrum_"))
+        {
+            names.insert(token);
+        }
+    }
+    names
 }
 
 /// (alert name, expression) of every rule of the PrometheusRule.
@@ -290,6 +315,15 @@ fn the_source_scan_finds_the_metrics_of_each_kind() -> Result<()> {
     ] {
         ensure!(filter.contains_key(series), "{series}: {:?}", filter.keys());
     }
+    let native = native_metrics()?;
+    for series in [
+        "envoy_dynamicmodulescustom_fulcrum_native_fail_open_total",
+        "envoy_dynamicmodulescustom_fulcrum_native_unobserved_total",
+        "envoy_dynamicmodulescustom_fulcrum_native_endpoint_ejections_total",
+        "envoy_dynamicmodulescustom_fulcrum_native_endpoint_circuit_open",
+    ] {
+        ensure!(native.contains_key(series), "{series}: {:?}", native.keys());
+    }
     Ok(())
 }
 
@@ -338,11 +372,17 @@ fn the_scanner_reads_prefixes_kinds_and_label_values_correctly() {
         ]
     );
     let referenced = referenced_metrics(
-        r#"sum(rate(fulcrum_a_total{cluster="fulcrum_control_plane"}[5m])) / fulcrum_b"#,
+        r#"sum(rate(fulcrum_a_total{cluster="fulcrum_control_plane"}[5m])) / fulcrum_b
+           + envoy_dynamicmodulescustom_fulcrum_native_c{cluster="x fulcrum_d"}
+           + envoy_cluster_upstream_rq_total + my_fulcrum_e"#,
     );
     assert_eq!(
         referenced.into_iter().collect::<Vec<_>>(),
-        ["fulcrum_a_total", "fulcrum_b"]
+        [
+            "envoy_dynamicmodulescustom_fulcrum_native_c",
+            "fulcrum_a_total",
+            "fulcrum_b"
+        ]
     );
 }
 
@@ -350,6 +390,7 @@ fn the_scanner_reads_prefixes_kinds_and_label_values_correctly() {
 fn every_metric_in_the_alerts_and_the_dashboard_is_defined_by_the_code() -> Result<()> {
     let mut defined = control_plane_metrics()?;
     defined.extend(filter_metrics()?);
+    defined.extend(native_metrics()?);
     let mut queries: Vec<(String, String)> = alert_rules()?
         .into_iter()
         .map(|(alert, expr)| (format!("alert {alert}"), expr))
@@ -433,6 +474,20 @@ fn the_alerts_cover_the_seed_signals_with_their_thresholds() -> Result<()> {
             "< 2",
         ],
     )?;
+    expect(
+        "FulcrumNativeOutcomesUnobserved",
+        &[
+            "sum by (namespace, pod, cluster) (rate(envoy_dynamicmodulescustom_fulcrum_native_unobserved_total[5m]))",
+            "> 0",
+        ],
+    )?;
+    expect(
+        "FulcrumNativeFailingOpen",
+        &[
+            "envoy_dynamicmodulescustom_fulcrum_native_fail_open_total",
+            "> 0",
+        ],
+    )?;
     expect("FulcrumXdsNack", &["fulcrum_xds_nacks_total", "> 0"])
 }
 
@@ -453,6 +508,8 @@ fn dashboard_panels_have_unique_ids_and_the_registry_and_health_check_panels() -
         "fulcrum_registry_requests_total",
         "fulcrum_registry_request_duration_seconds_bucket",
         "fulcrum_health_checks_total",
+        "envoy_dynamicmodulescustom_fulcrum_native_endpoint_ejections_total",
+        "envoy_dynamicmodulescustom_fulcrum_native_endpoint_circuit_open",
     ] {
         ensure!(
             queries
