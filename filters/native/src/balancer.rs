@@ -195,11 +195,10 @@ impl Cluster {
         self.count_all(closed);
     }
 
-    /// Counts every circuit still open as closed: the cluster's config is going away, and
-    /// the circuits it reported open end with it.
-    pub fn close_circuits(&self) {
-        let open = std::mem::take(&mut self.lock().open_circuits);
-        self.count_all(open.into_iter().map(Event::CircuitClosed).collect());
+    /// The endpoints whose circuit is open, forgotten: the cluster's config is going away,
+    /// and the circuits it reported open end with it.
+    pub fn take_open_circuits(&self) -> Vec<SocketAddr> {
+        std::mem::take(&mut self.lock().open_circuits)
     }
 
     /// Counts `events` (outside the lock: counting calls into Envoy).

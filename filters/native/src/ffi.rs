@@ -392,9 +392,31 @@ impl EnvoyCounters {
         }
     }
 
-    /// No update after this: Envoy is about to free the config.
-    fn retire(&self) {
-        *self.alive.write().unwrap_or_else(PoisonError::into_inner) = false;
+    /// No update after this: Envoy is about to free the config. The circuits `cluster` still
+    /// has open are reported closed first, under the write lock, so that no update of another
+    /// thread lands in between (a new config of the cluster starts with every breaker closed).
+    fn retire(&self, cluster: &Cluster) {
+        let mut alive = self.alive.write().unwrap_or_else(PoisonError::into_inner);
+        let name = self.cluster.get().map_or("", String::as_str);
+        for endpoint in cluster.take_open_circuits() {
+            let Some(id) = self.circuit_open else {
+                break;
+            };
+            let endpoint = endpoint.to_string();
+            let mut labels = [ModuleBuffer::of(name), ModuleBuffer::of(&endpoint)];
+            // SAFETY: `on_lb_config_destroy` runs this before Envoy frees the config, so the
+            // pointer is live; the label buffers borrow strings alive for the call.
+            unsafe {
+                envoy_dynamic_module_callback_lb_config_set_gauge(
+                    self.config as *mut c_void,
+                    id,
+                    labels.as_mut_ptr(),
+                    labels.len(),
+                    0,
+                );
+            }
+        }
+        *alive = false;
     }
 }
 
@@ -500,10 +522,7 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_lb_config_destroy(config_module
         || {
             // SAFETY: made by `Box::into_raw` in `on_lb_config_new`; Envoy destroys it once.
             let config = unsafe { Box::from_raw(config_module as *mut LbConfig) };
-            // Circuits this config reported open are its own: they end with it (a new config
-            // of the cluster starts with every breaker closed).
-            config.cluster.close_circuits();
-            config.counters.retire();
+            config.counters.retire(&config.cluster);
             if config.cluster.reads_source_ip() {
                 SOURCE_IP_READERS.fetch_sub(1, Ordering::AcqRel);
             }
