@@ -16,7 +16,8 @@
 //!   outcome filter before the router; fulcrum native − least_request is what fulcrum's
 //!   algorithms cost over Envoy's own least request;
 //! - with `--baseline-wasm`, another: a second build of fulcrum's filter (the commit before an
-//!   optimisation), so what the optimisation bought is measured in the same interleaved run.
+//!   optimisation), so what the optimisation bought is measured in the same interleaved run;
+//!   `--baseline-native-module` does the same for the native module.
 //!
 //! `--setup` (repeatable) measures a subset; the paired ratios of a missing setup read `—`.
 //!
@@ -68,8 +69,12 @@ struct Args {
     /// required when the `fulcrum-native` setup runs.
     #[arg(long, env = "FULCRUM_NATIVE_MODULE")]
     native_module: Option<PathBuf>,
-    /// Setups to measure (repeatable); default: all of them (the baseline only with
-    /// `--baseline-wasm`).
+    /// Another build of the native module (a `libfulcrum_native.so` in another directory, e.g.
+    /// of the commit before an optimisation), run as one more setup interleaved with the
+    /// others.
+    #[arg(long)]
+    baseline_native_module: Option<PathBuf>,
+    /// Setups to measure (repeatable); default: all of them (the baselines only when given).
     #[arg(long = "setup", value_enum)]
     setups: Vec<Setup>,
     /// The wrk load generator.
@@ -117,6 +122,8 @@ enum Setup {
     FulcrumNative,
     /// `--baseline-wasm`: fulcrum's filter as another build.
     Baseline,
+    /// `--baseline-native-module`: the native module as another build.
+    NativeBaseline,
 }
 
 impl Setup {
@@ -128,6 +135,7 @@ impl Setup {
             Self::Fulcrum => "fulcrum wasm",
             Self::FulcrumNative => "fulcrum native",
             Self::Baseline => "fulcrum baseline (--baseline-wasm)",
+            Self::NativeBaseline => "fulcrum native baseline (--baseline-native-module)",
         }
     }
 
@@ -152,6 +160,9 @@ impl Setup {
         ];
         if args.baseline_wasm.is_some() {
             setups.push(Self::Baseline);
+        }
+        if args.baseline_native_module.is_some() {
+            setups.push(Self::NativeBaseline);
         }
         setups
     }
@@ -199,6 +210,15 @@ async fn main() -> Result<()> {
     if args.setups.contains(&Setup::Baseline) && args.baseline_wasm.is_none() {
         bail!("--setup baseline needs --baseline-wasm PATH");
     }
+    if args.setups.contains(&Setup::NativeBaseline) && args.baseline_native_module.is_none() {
+        bail!("--setup native-baseline needs --baseline-native-module PATH");
+    }
+    let baseline_module_directory = match &args.baseline_native_module {
+        Some(module) if Setup::all(&args).contains(&Setup::NativeBaseline) => {
+            Some(native_module_directory(Some(module)).context("--baseline-native-module")?)
+        }
+        _ => None,
+    };
     let module_directory = if Setup::all(&args).contains(&Setup::FulcrumNative) {
         Some(
             native_module_directory(args.native_module.as_deref())
@@ -241,6 +261,7 @@ async fn main() -> Result<()> {
                         dir: dir.path(),
                         script: &script,
                         module_directory: module_directory.as_deref(),
+                        baseline_module_directory: baseline_module_directory.as_deref(),
                     },
                 )
                 .await
@@ -270,6 +291,8 @@ struct Paths<'a> {
     script: &'a Path,
     /// The native module's directory, when the `fulcrum-native` setup runs.
     module_directory: Option<&'a Path>,
+    /// The baseline native module's directory, when the `native-baseline` setup runs.
+    baseline_module_directory: Option<&'a Path>,
 }
 
 /// One configuration on a fresh Envoy: warm-up, then one measured run per connection count.
@@ -285,6 +308,7 @@ async fn run(
         dir,
         script,
         module_directory,
+        baseline_module_directory,
     } = paths;
     let endpoints = addresses
         .iter()
@@ -294,7 +318,9 @@ async fn run(
         Setup::Native => (ClusterBalancing::RoundRobin, None),
         Setup::LeastRequest => (ClusterBalancing::LeastRequest, None),
         // The default policy: least request (P2C), as Envoy's.
-        Setup::FulcrumNative => (ClusterBalancing::FulcrumNative { policy: json!({}) }, None),
+        Setup::FulcrumNative | Setup::NativeBaseline => {
+            (ClusterBalancing::FulcrumNative { policy: json!({}) }, None)
+        }
         Setup::Floor => (
             ClusterBalancing::Fulcrum,
             Some(FilterSetup {
@@ -334,12 +360,20 @@ async fn run(
         }),
         locality: NodeLocality::default(),
     };
-    let env = match (setup, module_directory) {
-        (Setup::FulcrumNative, Some(module_directory)) => vec![(
+    let search_path = |directory: &Path| {
+        vec![(
             "ENVOY_DYNAMIC_MODULES_SEARCH_PATH".to_owned(),
-            module_directory.display().to_string(),
-        )],
-        (Setup::FulcrumNative, None) => bail!("the fulcrum-native setup needs --native-module"),
+            directory.display().to_string(),
+        )]
+    };
+    let env = match setup {
+        Setup::FulcrumNative => {
+            search_path(module_directory.context("the fulcrum-native setup needs --native-module")?)
+        }
+        Setup::NativeBaseline => search_path(
+            baseline_module_directory
+                .context("the native-baseline setup needs --baseline-native-module")?,
+        ),
         _ => Vec::new(),
     };
     let options = EnvoyOptions {
@@ -478,19 +512,26 @@ fn report(args: &Args, samples: &[Sample], load_before: &str, load_after: &str) 
         "\nPaired per repeat (the setups of one repeat), median (min–max):\n"
     );
     let baseline = args.baseline_wasm.is_some();
+    let native_baseline = args.baseline_native_module.is_some();
     let _ = writeln!(
         out,
-        "| workers | conns | fulcrum wasm ÷ floor req/s | floor ÷ native req/s | fulcrum wasm − floor CPU µs/req | floor − native CPU µs/req | fulcrum wasm − floor p50 µs | fulcrum native ÷ least_request req/s | fulcrum native − least_request CPU µs/req | fulcrum native ÷ fulcrum wasm req/s |{}",
+        "| workers | conns | fulcrum wasm ÷ floor req/s | floor ÷ native req/s | fulcrum wasm − floor CPU µs/req | floor − native CPU µs/req | fulcrum wasm − floor p50 µs | fulcrum native ÷ least_request req/s | fulcrum native − least_request CPU µs/req | fulcrum native ÷ fulcrum wasm req/s |{}{}",
         if baseline {
             " fulcrum ÷ baseline req/s | fulcrum − baseline CPU µs/req |"
+        } else {
+            ""
+        },
+        if native_baseline {
+            " fulcrum native ÷ native baseline req/s | fulcrum native − native baseline CPU µs/req |"
         } else {
             ""
         }
     );
     let _ = writeln!(
         out,
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |{}",
-        if baseline { " --- | --- |" } else { "" }
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |{}{}",
+        if baseline { " --- | --- |" } else { "" },
+        if native_baseline { " --- | --- |" } else { "" }
     );
     for &workers in &args.workers {
         for &connections in &args.connections {
@@ -521,9 +562,21 @@ fn report(args: &Args, samples: &[Sample], load_before: &str, load_after: &str) 
             } else {
                 String::new()
             };
+            let against_native_baseline = if native_baseline {
+                format!(
+                    " {} | {} |",
+                    spread(
+                        paired(Setup::FulcrumNative, Setup::NativeBaseline, ratio),
+                        2
+                    ),
+                    spread(paired(Setup::FulcrumNative, Setup::NativeBaseline, cpu), 1),
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 out,
-                "| {workers} | {connections} | {} | {} | {} | {} | {} | {} | {} | {} |{against_baseline}",
+                "| {workers} | {connections} | {} | {} | {} | {} | {} | {} | {} | {} |{against_baseline}{against_native_baseline}",
                 spread(paired(Setup::Fulcrum, Setup::Floor, ratio), 2),
                 spread(paired(Setup::Floor, Setup::Native, ratio), 2),
                 spread(paired(Setup::Fulcrum, Setup::Floor, cpu), 1),
