@@ -19,9 +19,14 @@
 //! Per-endpoint stats are defined lazily on first use, released when the endpoint leaves the
 //! snapshot, and capped at [`MAX_ENDPOINT_METRICS`] current endpoints per service and VM, so
 //! churning endpoints cannot grow the VM's memory without bound; past the cap
-//! `fulcrum_endpoint_metrics_dropped_total` counts what was not recorded.
+//! `fulcrum_endpoint_metrics_dropped_total` counts what was not recorded. They are kept in a
+//! vector sorted by address, grown towards the service's endpoint count rather than doubled,
+//! and not in a hash table: a proxy that talks to every endpoint of a 10,000-endpoint mesh
+//! holds one entry each, and a table's empty slots (up to half of them after it grows) cost
+//! as much as the entries. A pick's lookup is a binary search; an endpoint's first pick and
+//! its release shift the entries after it.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::net::SocketAddr;
 
 use fulcrum_core::{BreakerState, Rejection, Transition};
 use proxy_wasm::{hostcalls, types::MetricType};
@@ -290,13 +295,19 @@ pub struct ServiceMetrics {
     ejections_ended_elsewhere: MetricId,
     /// Copied from [`Metrics`] so the request path needs only this struct.
     endpoint_metrics_dropped: MetricId,
-    endpoints: HashMap<SocketAddr, EndpointMetrics>,
+    /// The endpoints' stats, sorted by address: defined at first use.
+    endpoints: Vec<(SocketAddr, EndpointMetrics)>,
+    /// How many endpoints the service has, as its last endpoint set said: how far the
+    /// vector grows at once, so it ends exactly as long as needed when every endpoint is
+    /// picked.
+    service_endpoints: usize,
     /// Whether some endpoint has unflushed picks, so an idle service's flush is free.
     unflushed: bool,
 }
 
 impl ServiceMetrics {
-    pub fn new(service: &str, vm: &Metrics) -> Self {
+    /// The stats of `service`, which has `endpoints` endpoints.
+    pub fn new(service: &str, endpoints: usize, vm: &Metrics) -> Self {
         let suffix = format!("service.{service}");
         Self {
             fail_fast: define(
@@ -321,7 +332,8 @@ impl ServiceMetrics {
             ),
             endpoint_metrics_dropped: vm.endpoint_metrics_dropped,
             suffix,
-            endpoints: HashMap::new(),
+            endpoints: Vec::new(),
+            service_endpoints: endpoints,
             unflushed: false,
         }
     }
@@ -341,8 +353,8 @@ impl ServiceMetrics {
     /// Counts a pick in the VM; Envoy sees it at the next [`ServiceMetrics::flush`].
     pub fn picked(&mut self, endpoint: SocketAddr) {
         // One lookup on the request path; only an endpoint's first pick defines its stats.
-        if let Some(metrics) = self.endpoints.get_mut(&endpoint) {
-            metrics.unflushed_picks += 1;
+        if let Ok(found) = self.position(endpoint) {
+            self.endpoints[found].1.unflushed_picks += 1;
             self.unflushed = true;
         } else if self.endpoint(endpoint).is_some() {
             self.picked(endpoint);
@@ -355,7 +367,7 @@ impl ServiceMetrics {
         if !std::mem::take(&mut self.unflushed) {
             return;
         }
-        for metrics in self.endpoints.values_mut() {
+        for (_, metrics) in &mut self.endpoints {
             flush_picks(metrics);
         }
     }
@@ -400,7 +412,8 @@ impl ServiceMetrics {
     /// share of the circuit-open gauge goes; its stat handles are forgotten (Envoy keeps the
     /// stats themselves; an endpoint that returns gets the same ones back by name).
     pub fn release(&mut self, endpoint: SocketAddr, circuit_open: bool) {
-        if let Some(mut metrics) = self.endpoints.remove(&endpoint) {
+        if let Ok(found) = self.position(endpoint) {
+            let (_, mut metrics) = self.endpoints.remove(found);
             flush_picks(&mut metrics);
             if circuit_open {
                 add(metrics.circuit_open, -1);
@@ -408,10 +421,22 @@ impl ServiceMetrics {
         }
     }
 
+    /// The service now has `endpoints` endpoints (called before an endpoint-set change).
+    pub fn set_service_endpoints(&mut self, endpoints: usize) {
+        self.service_endpoints = endpoints;
+    }
+
+    /// Where `endpoint`'s stats are, or where they would go.
+    fn position(&self, endpoint: SocketAddr) -> Result<usize, usize> {
+        self.endpoints
+            .binary_search_by_key(&endpoint, |(address, _)| *address)
+    }
+
     fn endpoint(&mut self, endpoint: SocketAddr) -> Option<EndpointMetrics> {
-        if let Some(metrics) = self.endpoints.get(&endpoint) {
-            return Some(*metrics);
-        }
+        let position = match self.position(endpoint) {
+            Ok(found) => return Some(self.endpoints[found].1),
+            Err(position) => position,
+        };
         if self.endpoints.len() >= MAX_ENDPOINT_METRICS {
             add(self.endpoint_metrics_dropped, 1);
             return None;
@@ -432,7 +457,14 @@ impl ServiceMetrics {
                 &format!("fulcrum_endpoint_circuit_open.{suffix}"),
             ),
         };
-        self.endpoints.insert(endpoint, metrics);
+        if self.endpoints.len() == self.endpoints.capacity() {
+            // Doubling, but never past the service's endpoint count unless it is out of date.
+            let len = self.endpoints.len();
+            let wanted = (2 * len).max(4).min(self.service_endpoints.max(len + 1));
+            self.endpoints
+                .reserve_exact(wanted.min(MAX_ENDPOINT_METRICS) - len);
+        }
+        self.endpoints.insert(position, (endpoint, metrics));
         Some(metrics)
     }
 }

@@ -233,12 +233,13 @@ impl Lifecycle<Service> for ServiceLifecycle {
                 name,
                 rules_fingerprint(&policy.outlier_detection, &policy.failure_kinds),
             ),
-            metrics: ServiceMetrics::new(name, &self.metrics),
+            metrics: ServiceMetrics::new(name, endpoints.len(), &self.metrics),
         }
     }
 
     fn release(&mut self, service: &mut Service, remaining: &[Endpoint]) {
         release_removed(service, remaining);
+        service.metrics.set_service_endpoints(remaining.len());
     }
 }
 

@@ -92,10 +92,15 @@ pub trait Lifecycle<S> {
 }
 
 /// One service and the content hash of what it was built from.
+///
+/// The state is boxed: a service's state is large (a picker is about a kilobyte) and a hash
+/// table keeps up to half of its slots empty after it grows, so inline states would leave
+/// that much memory unused at every size (1,000 services: 2,048 slots), and growing would
+/// hold the old and the new table, both of full-size states, at once.
 #[derive(Debug)]
 struct Member<S> {
     content: String,
-    state: S,
+    state: Box<S>,
 }
 
 /// A VM's services under the policy in force, at one version. See the module docs.
@@ -167,19 +172,19 @@ impl<S: ServiceState> Services<S> {
     pub fn get_key_value(&self, service: &str) -> Option<(&Rc<str>, &S)> {
         self.members
             .get_key_value(service)
-            .map(|(key, member)| (key, &member.state))
+            .map(|(key, member)| (key, &*member.state))
     }
 
     /// The state of `service`.
     pub fn get_mut(&mut self, service: &str) -> Option<&mut S> {
         self.members
             .get_mut(service)
-            .map(|member| &mut member.state)
+            .map(|member| &mut *member.state)
     }
 
     /// Every service's state.
     pub fn values_mut(&mut self) -> impl Iterator<Item = &mut S> {
-        self.members.values_mut().map(|member| &mut member.state)
+        self.members.values_mut().map(|member| &mut *member.state)
     }
 
     /// The change that brings these services to exactly `services` and `policy` at
@@ -271,7 +276,7 @@ impl<S: ServiceState> Services<S> {
                         Rc::from(name),
                         Member {
                             content: hash,
-                            state,
+                            state: Box::new(state),
                         },
                     );
                 }
@@ -347,7 +352,7 @@ impl<S: ServiceState> Services<S> {
                 .map(|view| view.endpoint.clone())
                 .collect();
             lifecycle.release(&mut member.state, &[]);
-            member.state = lifecycle.create(name, policy, &endpoints);
+            *member.state = lifecycle.create(name, policy, &endpoints);
             applied.rebuilt += 1;
         }
     }
