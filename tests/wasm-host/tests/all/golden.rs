@@ -6,6 +6,9 @@
 //! set), step by step: the host each request goes to (or the refusal, or failing open), the
 //! host a retry goes to, and the cookie each response sets.
 //!
+//! - **Same endpoints.** Five, with drawn weights and fixed zones, region, tags and metadata: the
+//!   filter's static endpoints, and the adapter's hosts with the locality and the
+//!   `filter_metadata["fulcrum"]` strings the control plane's EDS writes.
 //! - **Same inputs.** Each case is a sequence of operations drawn by proptest: send a request
 //!   (a hash-header value or none, a client address, a cookie the planes issued earlier, a
 //!   forged one or none), answer one of the requests in flight (an HTTP status, a gRPC status
@@ -37,6 +40,7 @@
 //! a failure prints the shrunk sequence that replays it.
 
 use std::{
+    collections::BTreeMap,
     net::{IpAddr, Ipv4Addr},
     sync::{
         Arc,
@@ -46,7 +50,11 @@ use std::{
 };
 
 use anyhow::{Context as _, ensure};
-use fulcrum_core::{OVERRIDE_HEADER, rng::vm_seed};
+use fulcrum_core::{
+    OVERRIDE_HEADER,
+    endpoint::{REGION_KEY, scalar_metadata},
+    rng::vm_seed,
+};
 use fulcrum_native::{
     balancer::{Cluster, Counters, Event, RequestContext, STREAM_HEADER, Streams, WorkerLb},
     config::parse_policy,
@@ -75,12 +83,51 @@ const SERVICE: &str = "checkout";
 const HASH_HEADER: &str = "x-user";
 /// The cookie of the sticky and cookie-hash families.
 const COOKIE: &str = "session";
-const ENDPOINTS: [&str; 5] = [
-    "10.0.0.1:8080",
-    "10.0.0.2:8080",
-    "10.0.0.3:8080",
-    "10.0.0.4:8080",
-    "10.0.0.5:8080",
+/// The region of every endpoint.
+const REGION: &str = "r1";
+
+/// One endpoint of every case (its weight is drawn): where it is and what it carries, which
+/// the filter reads from its static endpoints and the native adapter from the host's
+/// locality and `filter_metadata["fulcrum"]` strings.
+struct EndpointSpec {
+    address: &'static str,
+    zone: &'static str,
+    tags: &'static [&'static str],
+    /// Its `version` metadata.
+    version: &'static str,
+}
+
+const ENDPOINTS: [EndpointSpec; 5] = [
+    EndpointSpec {
+        address: "10.0.0.1:8080",
+        zone: "z1",
+        tags: &["canary"],
+        version: "v2",
+    },
+    EndpointSpec {
+        address: "10.0.0.2:8080",
+        zone: "z1",
+        tags: &[],
+        version: "v1",
+    },
+    EndpointSpec {
+        address: "10.0.0.3:8080",
+        zone: "z2",
+        tags: &["canary", "gpu"],
+        version: "v2",
+    },
+    EndpointSpec {
+        address: "10.0.0.4:8080",
+        zone: "z2",
+        tags: &["canary"],
+        version: "v2",
+    },
+    EndpointSpec {
+        address: "10.0.0.5:8080",
+        zone: "z3",
+        tags: &[],
+        version: "v2",
+    },
 ];
 /// A breaker that trips within a sequence: three consecutive failures eject for a second
 /// (jittered), up to three of the five endpoints at once.
@@ -259,7 +306,17 @@ fn filter_config(weights: &[u32], policy: &str) -> String {
     let endpoints: Vec<String> = ENDPOINTS
         .iter()
         .zip(weights)
-        .map(|(address, weight)| format!(r#"{{"address": "{address}", "weight": {weight}}}"#))
+        .map(|(spec, weight)| {
+            let tags: Vec<String> = spec.tags.iter().map(|tag| format!(r#""{tag}""#)).collect();
+            format!(
+                r#"{{"address": "{}", "weight": {weight}, "zone": "{}", "tags": [{}],
+                    "metadata": {{"{REGION_KEY}": "{REGION}", "version": "{}"}}}}"#,
+                spec.address,
+                spec.zone,
+                tags.join(", "),
+                spec.version
+            )
+        })
         .collect();
     format!(
         r#"{{"endpoints": {{"{SERVICE}": [{}]}}, "policy": {{"default": {policy}}}}}"#,
@@ -281,9 +338,18 @@ impl<'p> Planes<'p> {
             ENDPOINTS
                 .iter()
                 .zip(&case.weights)
-                .map(|(address, weight)| TestHost {
+                .map(|(spec, weight)| TestHost {
                     weight: *weight,
-                    ..TestHost::healthy(address)
+                    zone: spec.zone.to_owned(),
+                    region: REGION.to_owned(),
+                    metadata: BTreeMap::from([
+                        (scalar_metadata::TAGS.to_owned(), spec.tags.join(",")),
+                        (
+                            format!("{}version", scalar_metadata::METADATA_PREFIX),
+                            spec.version.to_owned(),
+                        ),
+                    ]),
+                    ..TestHost::healthy(spec.address)
                 })
                 .collect(),
         );
@@ -698,4 +764,22 @@ fn golden_fail_open_leaves_the_choice_to_envoy_alike_on_both_data_planes() {
             "outlier_detection": {"consecutive_failures": 1, "base_ejection_time": "2s",
                 "max_ejection_percent": 100, "panic_threshold_percent": 0}}"#,
     );
+}
+
+#[test]
+fn golden_zone_preference_with_failover_picks_alike_on_both_data_planes() {
+    both_planes_pick_alike(&format!(
+        r#"{{"load_balancer": {{"type": "round_robin"}}, "retry": 1,
+            "locality": {{"local_zone": "z1", "failover": ["z3"], "min_healthy_percent": 60}},
+            {BREAKER}}}"#
+    ));
+}
+
+#[test]
+fn golden_tag_and_metadata_selector_picks_alike_on_both_data_planes() {
+    both_planes_pick_alike(&format!(
+        r#"{{"load_balancer": {{"type": "least_request"}},
+            "endpoint_selector": {{"tags": ["canary"], "metadata": {{"version": "v2"}}}},
+            {BREAKER}}}"#
+    ));
 }
