@@ -38,7 +38,7 @@ use fulcrum_core::{
     ServiceEndpoints, Snapshot,
     distribution::DELTA_ACCEPT,
     replica::{self, Followed, Verdict},
-    rng::{Rng, SplitMix64},
+    rng::{Rng, SplitMix64, vm_seed},
 };
 use proxy_wasm::{
     hostcalls,
@@ -158,7 +158,7 @@ impl RootContext for Root {
             }
         };
         self.override_header = Rc::from(config.override_header.as_str());
-        let seed = (now().as_nanos() as u64) ^ (u64::from(self.context_id) << 32);
+        let seed = vm_seed(now(), self.context_id);
         let session_keys = config.session_keys();
         if session_keys.is_public_default() && uses_sticky_sessions(&config.policy) {
             log_warn(

@@ -200,9 +200,12 @@ fn parse_address(text: String) -> Option<SocketAddr> {
     text.parse().ok()
 }
 
-#[cfg(test)]
-pub(crate) mod test_hosts {
-    //! A priority set in plain vectors, standing in for Envoy's in unit tests of the adapter.
+pub mod test_hosts {
+    //! A priority set in plain vectors, standing in for Envoy's where the safe adapter is
+    //! driven without Envoy: this crate's unit tests, and the cross-data-plane golden test
+    //! (`tests/wasm-host/tests/all/golden.rs`), which gives the same requests to the wasm
+    //! filter and to [`WorkerLb`](crate::balancer::WorkerLb) over these hosts. Not used by
+    //! the module Envoy loads.
 
     use std::collections::BTreeMap;
 
@@ -211,15 +214,22 @@ pub(crate) mod test_hosts {
     /// One host of a [`TestHosts`] priority.
     #[derive(Debug, Clone)]
     pub struct TestHost {
+        /// `IP:port` (anything else is skipped, as a pipe would be).
         pub address: String,
+        /// Whether the host is among its priority's healthy hosts.
         pub healthy: bool,
+        /// Its load-balancing weight.
         pub weight: u32,
+        /// Its locality's region (empty: none).
         pub region: String,
+        /// Its locality's zone (empty: none).
         pub zone: String,
+        /// Its `filter_metadata["fulcrum"]` strings.
         pub metadata: BTreeMap<String, String>,
     }
 
     impl TestHost {
+        /// A healthy host of weight 1 at `address`, with no locality or metadata.
         pub fn healthy(address: &str) -> Self {
             Self {
                 address: address.to_owned(),
@@ -235,10 +245,12 @@ pub(crate) mod test_hosts {
     /// Hosts per priority.
     #[derive(Debug, Clone, Default)]
     pub struct TestHosts {
+        /// The hosts of priority 0, 1, …
         pub priorities: Vec<Vec<TestHost>>,
     }
 
     impl TestHosts {
+        /// `hosts`, all at priority 0.
         pub fn one_priority(hosts: Vec<TestHost>) -> Self {
             Self {
                 priorities: vec![hosts],

@@ -20,7 +20,9 @@
 //!   1.40's `abi.h`), the exported event hooks, each behind `catch_unwind`. It is left out of
 //!   test builds: its callbacks are symbols of the Envoy binary.
 //!
-//! Everything but `ffi` is safe Rust, tested without Envoy; the e2e tests
+//! Everything but `ffi` is safe Rust, tested without Envoy (over
+//! [`hosts::test_hosts`]); the wasm host's golden test (`tests/wasm-host/tests/all/golden.rs`)
+//! drives it beside the real wasm filter and checks both pick alike; the e2e tests
 //! (`tests/e2e/tests/all/native.rs`) run the `.so` in Envoy 1.40.
 
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -29,8 +31,6 @@ pub mod balancer;
 pub mod config;
 #[cfg(not(test))]
 mod ffi;
-#[cfg(test)]
-mod golden;
 mod guard;
 pub mod hosts;
 pub mod outcomes;

@@ -23,7 +23,7 @@ use crate::{
     http_call::{HttpCall, Outcome},
     property::{Property, path_key},
     request::RequestBuilder,
-    shared::{LogEntry, Shared, SharedDataCalls},
+    shared::{DEFAULT_CLOCK_START_NANOS, LogEntry, Shared, SharedDataCalls},
     vm::{Vm, VmConfig},
 };
 
@@ -46,6 +46,8 @@ pub struct PluginBuilder {
     log_level: LogLevel,
     fuel_per_callback: u64,
     random_seed: u64,
+    /// Where the clock starts, in nanoseconds since the Unix epoch.
+    clock_start: u64,
     /// Plugin-wide properties the test set, by dotted path.
     properties: Vec<(String, Property)>,
 }
@@ -301,6 +303,7 @@ impl PluginBuilder {
             log_level: LogLevel::Trace,
             fuel_per_callback: DEFAULT_FUEL_PER_CALLBACK,
             random_seed: 0x00f0_1c00,
+            clock_start: DEFAULT_CLOCK_START_NANOS,
             properties: Vec::new(),
         }
     }
@@ -373,11 +376,22 @@ impl PluginBuilder {
         self
     }
 
+    /// Starts the clock at `start` instead of 2025-01-01T00:00:00Z. The filter seeds each
+    /// worker's generator from the clock when it is configured (`fulcrum_core::rng::vm_seed`
+    /// of the time and the worker's [root context id](Worker::root_context_id)), so a start
+    /// is also a choice of seeds. A start before the Unix epoch reads as the epoch.
+    pub fn clock_start(mut self, start: SystemTime) -> Self {
+        self.clock_start = start.duration_since(UNIX_EPOCH).map_or(0, |since| {
+            u64::try_from(since.as_nanos()).unwrap_or(u64::MAX)
+        });
+        self
+    }
+
     /// Instantiates every worker and runs `proxy_on_vm_start` and `proxy_on_configure` in
     /// each root context. Fails, with the guest's logs, if the plugin refuses its
     /// configuration or traps.
     pub fn start(self) -> anyhow::Result<Plugin> {
-        let shared = Shared::new();
+        let shared = Shared::new(self.clock_start);
         let mut plugin_properties = HashMap::new();
         for (path, value) in [
             ("plugin_name", Property::string(&self.plugin_name)),
@@ -433,6 +447,11 @@ impl<'p> Worker<'p> {
     /// the filter's own work; the difference across a request is what the request cost.
     pub fn host_calls(self) -> u64 {
         self.plugin.vm(self.index).host_calls()
+    }
+
+    /// The id of this worker's root context (1, as Envoy numbers a VM's first context).
+    pub fn root_context_id(self) -> u32 {
+        self.plugin.vm(self.index).root_context()
     }
 
     /// Runs `proxy_on_tick` in this worker's root context if it set a tick period.

@@ -31,26 +31,37 @@ pub struct LogEntry {
 /// `proxy_get_current_time_nanoseconds` and WASI `clock_time_get` in every worker. It only
 /// moves when the test moves it.
 #[derive(Debug, Clone)]
-pub(crate) struct Clock(Arc<AtomicU64>);
+pub(crate) struct Clock {
+    now: Arc<AtomicU64>,
+    /// Where it started: the monotonic clock reads the time since.
+    start: u64,
+}
+
+/// The clock's start unless the test names another: 2025-01-01T00:00:00Z, a fixed point so
+/// runs are reproducible.
+pub(crate) const DEFAULT_CLOCK_START_NANOS: u64 = 1_735_689_600 * 1_000_000_000;
 
 impl Clock {
-    /// Starts at 2025-01-01T00:00:00Z, a fixed point so runs are reproducible.
-    pub(crate) fn new() -> Self {
-        Self(Arc::new(AtomicU64::new(1_735_689_600 * 1_000_000_000)))
+    /// A clock at `start` nanoseconds since the Unix epoch.
+    pub(crate) fn starting_at(start: u64) -> Self {
+        Self {
+            now: Arc::new(AtomicU64::new(start)),
+            start,
+        }
     }
 
     pub(crate) fn now_nanos(&self) -> u64 {
-        self.0.load(Ordering::SeqCst)
+        self.now.load(Ordering::SeqCst)
     }
 
     pub(crate) fn advance(&self, by: Duration) {
         let nanos = u64::try_from(by.as_nanos()).unwrap_or(u64::MAX);
-        self.0.fetch_add(nanos, Ordering::SeqCst);
+        self.now.fetch_add(nanos, Ordering::SeqCst);
     }
 
-    /// The monotonic reading: nanoseconds since the clock's fixed start.
+    /// The monotonic reading: nanoseconds since the clock's start.
     fn monotonic_nanos(&self) -> u64 {
-        self.now_nanos() - 1_735_689_600 * 1_000_000_000
+        self.now_nanos() - self.start
     }
 }
 
@@ -200,10 +211,12 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    pub(crate) fn new() -> Self {
+    /// The shared state of a plugin whose clock starts at `clock_start` (nanoseconds since
+    /// the Unix epoch).
+    pub(crate) fn new(clock_start: u64) -> Self {
         Self {
             state: Arc::new(Mutex::new(SharedState::default())),
-            clock: Clock::new(),
+            clock: Clock::starting_at(clock_start),
             responder: Responder::default(),
         }
     }

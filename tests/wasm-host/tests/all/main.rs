@@ -1,6 +1,7 @@
 //! Integration tests of the wasm host, as one binary: `abi` checks the host's ABI with
 //! hand-written WAT guests; `filter` runs scenarios against the real fulcrum filter;
-//! `explain` which responses say why their request went where it did;
+//! `explain` which responses say why their request went where it did; `golden` that the filter
+//! and the native module's adapter pick alike for the same requests and outcomes;
 //! `snapshots` how it takes control-plane snapshots and charges outcomes;
 //! `snapshot_distribution` how the VMs of a proxy share them, one key per service;
 //! `rate_limit` how the workers of a proxy share one limit; `replicas` how it follows one
@@ -14,6 +15,7 @@ mod abi;
 mod diagnostics;
 mod explain;
 mod filter;
+mod golden;
 mod grpc;
 mod host_calls;
 mod node_locality;
