@@ -128,15 +128,6 @@ pub const EXPLAIN_REQUEST_HEADER: &str = "x-fulcrum-explain";
 /// The response header carrying the explanation of the pick (`explain_picks`).
 pub const EXPLANATION_HEADER: &str = "x-fulcrum-pick";
 
-/// Envoy response flags (`StreamInfo::CoreResponseFlag` bits, as `response.flags` reports).
-mod flags {
-    pub const UPSTREAM_REQUEST_TIMEOUT: u64 = 0x4;
-    pub const UPSTREAM_REMOTE_RESET: u64 = 0x10;
-    pub const UPSTREAM_CONNECTION_FAILURE: u64 = 0x20;
-    pub const UPSTREAM_CONNECTION_TERMINATION: u64 = 0x40;
-    pub const STREAM_IDLE_TIMEOUT: u64 = 0x10000;
-}
-
 /// What the response said, as far as the callback that completes the request knows.
 #[derive(Debug, Clone, Copy)]
 enum Answer {
@@ -415,21 +406,18 @@ impl Request {
             });
         let served_by =
             Served::classify(pending.endpoint, &pending.retry_targets, upstream, attempts);
-        let flags = if answered_by_the_pick(status, served_by) {
-            0
-        } else {
+        let flags = if Outcome::needs_response_flags(status, served_by) {
             input::int_property(&["response", "flags"], Input::ResponseFlags, metrics).unwrap_or(0)
+        } else {
+            0
         };
-        let outcome = Outcome {
+        let outcome = Outcome::of_envoy_stream(
             status,
-            connect_failure: flags & flags::UPSTREAM_CONNECTION_FAILURE != 0,
-            reset: flags & (flags::UPSTREAM_REMOTE_RESET | flags::UPSTREAM_CONNECTION_TERMINATION)
-                != 0,
-            timeout: flags & (flags::UPSTREAM_REQUEST_TIMEOUT | flags::STREAM_IDLE_TIMEOUT) != 0,
-            latency: pending
+            flags,
+            pending
                 .to_headers
                 .unwrap_or_else(|| now.saturating_sub(pending.started)),
-        };
+        );
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
             return;
         };
@@ -447,15 +435,6 @@ impl Request {
             .flatten();
         service.complete(pending.endpoint, served_by, outcome, now, fetched, metrics);
     }
-}
-
-/// Whether the pick itself answered with a success or a redirect (below 400): then Envoy's
-/// response flags, which say how an attempt failed (connect failure, reset, timeout), are not
-/// read, saving a host call on nearly every request. The endpoint is judged by its answer
-/// even when an earlier attempt of the stream failed and a retry came back to it. A 4xx
-/// still reads them: a stream idle timeout ends as a local 408.
-fn answered_by_the_pick(status: Option<u16>, served_by: Served) -> bool {
-    status.is_some_and(|status| status < 400) && served_by == Served::ByPick
 }
 
 /// Whether an outcome may count as a failure under some policy: a 5xx, no response, a

@@ -64,7 +64,7 @@ mod tests;
 
 pub use service::{
     EndpointView, Outcome, Pick, PickExplanation, Rejection, RequestAttributes, RequestInputs,
-    RequestNeeds, RetryTargets, Served, ServicePicker, Transition, Transitions,
+    RequestNeeds, RetryTargets, Served, ServicePicker, Transition, Transitions, response_flags,
 };
 
 pub use breaker::BreakerState;

@@ -215,23 +215,17 @@ impl Cluster {
 
     /// Charges the end of `pick` to the picker: see [`Stream::complete`].
     fn complete(&self, pick: &Pick, response: &Response, now: Duration) {
-        let served = fulcrum_core::Served::classify(
-            pick.picked,
-            &pick.retry_targets,
-            Some(pick.last),
-            Some(u64::from(pick.attempts)),
+        let outcome = fulcrum_core::Outcome::of_envoy_stream(
+            response.status,
+            response.flags,
+            response.latency,
         );
-        let outcome = fulcrum_core::Outcome {
-            status: response.status,
-            connect_failure: false,
-            reset: response.reset,
-            timeout: false,
-            latency: response.latency,
-        };
         let mut events = Vec::new();
         {
             let mut state = self.lock();
-            let transitions = state.picker.complete(pick.picked, served, outcome, now);
+            let transitions = state
+                .picker
+                .complete(pick.picked, pick.served(), outcome, now);
             for transition in transitions.iter() {
                 Event::of_transition(transition, &mut events);
             }
@@ -273,6 +267,17 @@ impl Pick {
     pub fn last(&self) -> SocketAddr {
         self.last
     }
+
+    /// Who served the stream, relative to the pick: the last attempt's host and the attempt
+    /// count, classified as for the wasm filter.
+    pub fn served(&self) -> fulcrum_core::Served {
+        fulcrum_core::Served::classify(
+            self.picked,
+            &self.retry_targets,
+            Some(self.last),
+            Some(u64::from(self.attempts)),
+        )
+    }
 }
 
 /// How a stream's response went, as the outcome filter saw it.
@@ -281,8 +286,9 @@ pub struct Response {
     /// The response's status (a gRPC response's status mapped to HTTP); `None` when no
     /// response came.
     pub status: Option<u16>,
-    /// The stream ended without a complete response (reset, or no response at all).
-    pub reset: bool,
+    /// Envoy's response flags when they were read, else 0
+    /// ([`fulcrum_core::Outcome::needs_response_flags`]).
+    pub flags: u64,
     /// From the request's headers to the response's headers.
     pub latency: Duration,
 }
@@ -745,7 +751,7 @@ mod tests {
         stream.complete(
             &Response {
                 status: Some(200),
-                reset: false,
+                flags: 0,
                 latency: Duration::from_millis(3),
             },
             Duration::from_millis(3),
@@ -866,7 +872,7 @@ mod tests {
         stream.complete(
             &Response {
                 status: Some(status),
-                reset: false,
+                flags: 0,
                 latency: Duration::from_millis(1),
             },
             now,

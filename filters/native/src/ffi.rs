@@ -130,6 +130,9 @@ const RESPONSE_TRAILER: u32 = 3;
 /// `envoy_dynamic_module_type_attribute_id_SourceAddress` (`source.address`); checked by the
 /// e2e test hashing on the source IP (a wrong id reads no address, and the key is random).
 const ATTRIBUTE_SOURCE_ADDRESS: u32 = 24;
+/// `envoy_dynamic_module_type_attribute_id_ResponseFlags` (`response.flags`, as an int: the
+/// legacy bitmask); checked by the e2e tests on a timeout (`UT`) and a client's cancel.
+const ATTRIBUTE_RESPONSE_FLAGS: u32 = 17;
 /// `envoy_dynamic_module_type_log_level`.
 const LOG_INFO: u32 = 2;
 const LOG_ERROR: u32 = 4;
@@ -250,6 +253,11 @@ unsafe extern "C" {
         filter: *mut c_void,
         attribute_id: u32,
         result: *mut EnvoyBuffer,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_http_filter_get_attribute_int(
+        filter: *mut c_void,
+        attribute_id: u32,
+        result: *mut u64,
     ) -> bool;
 }
 
@@ -927,6 +935,24 @@ unsafe fn source_ip(filter: *mut c_void) -> Option<IpAddr> {
         .ok()
 }
 
+/// Envoy's response flags of the stream so far ([`fulcrum_core::response_flags`]), 0 when
+/// unknown.
+///
+/// # Safety
+/// `filter` is the live filter pointer of the current hook.
+unsafe fn response_flags(filter: *mut c_void) -> u64 {
+    let mut flags = 0u64;
+    // SAFETY: live filter pointer; `flags` a valid out pointer.
+    let found = unsafe {
+        envoy_dynamic_module_callback_http_filter_get_attribute_int(
+            filter,
+            ATTRIBUTE_RESPONSE_FLAGS,
+            &mut flags,
+        )
+    };
+    if found { flags } else { 0 }
+}
+
 /// The filter of a hook, if any.
 ///
 /// # Safety
@@ -1017,7 +1043,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_headers(
             };
             let changes = STREAMS.with(|streams| {
                 streams.try_borrow_mut().ok().map(|mut streams| {
-                    state.on_response_headers(&mut streams, head, end_of_stream, now())
+                    // SAFETY: live filter pointer, per this hook's contract.
+                    let flags = || unsafe { response_flags(filter) };
+                    state.on_response_headers(&mut streams, head, end_of_stream, now(), flags)
                 })
             });
             let Some(changes) = changes else {
@@ -1077,7 +1105,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
             let grpc_status = unsafe { header(filter, RESPONSE_TRAILER, "grpc-status") };
             STREAMS.with(|streams| {
                 if let Ok(mut streams) = streams.try_borrow_mut() {
-                    state.on_response_trailers(&mut streams, grpc_status, now());
+                    // SAFETY: live filter pointer, per this hook's contract.
+                    let flags = || unsafe { response_flags(filter) };
+                    state.on_response_trailers(&mut streams, grpc_status, now(), flags);
                 }
             });
             CONTINUE
@@ -1086,13 +1116,14 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_response_trailers(
     )
 }
 
-/// Completes a pick the response did not (a reset, no response).
+/// Completes a pick the response did not (no response: the client went away, or an
+/// upstream reset), judged by Envoy's response flags.
 ///
 /// # Safety
-/// Envoy's contract: `filter_module` from `on_http_filter_new`.
+/// Envoy's contract: `filter` live, `filter_module` from `on_http_filter_new`.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
-    _filter: *mut c_void,
+    filter: *mut c_void,
     filter_module: *mut c_void,
 ) {
     guarded(
@@ -1100,20 +1131,23 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_stream_complete(
         || {
             // SAFETY: per this hook's contract.
             if let Some(state) = unsafe { filter_state(filter_module) } {
-                end_stream(state);
+                // SAFETY: live filter pointer, per this hook's contract.
+                end_stream(state, || unsafe { response_flags(filter) });
             }
         },
         (),
     );
 }
 
-fn end_stream(state: &mut OutcomeFilter) {
+/// Ends a stream still open; `flags` reads Envoy's response flags, when there is a stream to
+/// read them of.
+fn end_stream(state: &mut OutcomeFilter, flags: impl FnOnce() -> u64) {
     if !state.is_open() {
         return;
     }
     STREAMS.with(|streams| {
         if let Ok(mut streams) = streams.try_borrow_mut() {
-            state.on_stream_end(&mut streams, now());
+            state.on_stream_end(&mut streams, now(), flags);
         }
     });
 }
@@ -1132,7 +1166,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_modu
         || {
             // SAFETY: made by `Box::into_raw` in `on_http_filter_new`; destroyed once.
             let mut state = unsafe { Box::from_raw(filter_module.cast::<OutcomeFilter>()) };
-            end_stream(&mut state);
+            // Envoy ends every stream it started with `stream_complete`; a stream still open
+            // here has no filter to read flags of: no upstream failure is known.
+            end_stream(&mut state, || 0);
         },
         (),
     );

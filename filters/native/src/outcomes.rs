@@ -13,8 +13,13 @@
 //!   (the LB answered no host, Envoy a 503), the reply becomes the wasm filter's 429 with
 //!   `retry-after` or 503 with `x-fulcrum-reason`;
 //! - response trailers: a gRPC status that came only there completes the pick;
-//! - stream end: a pick still open (no response: reset, timeout before headers) completes as
-//!   a reset.
+//! - stream end: a pick still open (no response: the client went away, or the upstream reset
+//!   a gRPC stream before its trailers) completes with Envoy's response flags, so an
+//!   upstream's reset counts and a client's cancel does not.
+//!
+//! Envoy's response flags (how attempts failed) are read only when they can change the
+//! outcome ([`Outcome::needs_response_flags`]), as the wasm filter reads them, and mean the
+//! same ([`Outcome::of_envoy_stream`]).
 //!
 //! Envoy's router answers an upstream timeout with a local 504 and a connection failure with
 //! a local 503; both pass through this filter as responses, which the core counts as the
@@ -22,10 +27,10 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use fulcrum_core::{Rejection, service::grpc_http_status};
+use fulcrum_core::{Outcome, Rejection, Served, service::grpc_http_status};
 
 pub use crate::balancer::STREAM_HEADER;
-use crate::balancer::{Response, Streams};
+use crate::balancer::{Pick, Response, Streams};
 
 /// What one request's filter remembers between callbacks.
 #[derive(Debug, Default)]
@@ -80,13 +85,15 @@ impl OutcomeFilter {
     }
 
     /// Response headers: what to change in them; completes the pick unless a gRPC status is
-    /// awaited in the trailers.
+    /// awaited in the trailers. `flags` reads Envoy's response flags, called only when they
+    /// can change the outcome ([`Outcome::needs_response_flags`]).
     pub fn on_response_headers(
         &mut self,
         streams: &mut Streams,
         head: ResponseHead<'_>,
         end_of_stream: bool,
         now: Duration,
+        flags: impl FnOnce() -> u64,
     ) -> HeaderChanges {
         let Some(id) = self.stream else {
             return HeaderChanges::default();
@@ -109,12 +116,12 @@ impl OutcomeFilter {
         let grpc = head.grpc_status.and_then(parse_grpc_status);
         match (is_grpc, grpc) {
             (true, Some(code)) => {
-                self.finish(streams, Some(grpc_http_status(code)), false, latency, now)
+                self.finish(streams, Some(grpc_http_status(code)), latency, now, flags)
             }
             (true, None) if !end_of_stream => {
                 self.awaiting_trailers = Some((status.unwrap_or(200), latency));
             }
-            _ => self.finish(streams, status, false, latency, now),
+            _ => self.finish(streams, status, latency, now, flags),
         }
         changes
     }
@@ -125,6 +132,7 @@ impl OutcomeFilter {
         streams: &mut Streams,
         grpc_status: Option<&str>,
         now: Duration,
+        flags: impl FnOnce() -> u64,
     ) {
         let Some((status, latency)) = self.awaiting_trailers.take() else {
             return;
@@ -132,7 +140,7 @@ impl OutcomeFilter {
         let status = grpc_status
             .and_then(parse_grpc_status)
             .map_or(status, grpc_http_status);
-        self.finish(streams, Some(status), false, latency, now);
+        self.finish(streams, Some(status), latency, now, flags);
     }
 
     /// Whether a stream is open: only then does [`on_stream_end`](Self::on_stream_end) need
@@ -141,8 +149,15 @@ impl OutcomeFilter {
         self.stream.is_some()
     }
 
-    /// The stream's end: a pick not yet completed had no (complete) response.
-    pub fn on_stream_end(&mut self, streams: &mut Streams, now: Duration) {
+    /// The stream's end: a pick not yet completed had no (complete) response. Envoy's
+    /// response flags tell an upstream's failure (reset, timeout) from a client that went
+    /// away, which charges the endpoint no failure, as the wasm filter judges it.
+    pub fn on_stream_end(
+        &mut self,
+        streams: &mut Streams,
+        now: Duration,
+        flags: impl FnOnce() -> u64,
+    ) {
         let Some(id) = self.stream else {
             return;
         };
@@ -155,24 +170,30 @@ impl OutcomeFilter {
                     .map_or(Duration::ZERO, |stream| now.saturating_sub(stream.started)),
             ),
         };
-        self.finish(streams, status, true, latency, now);
+        self.finish(streams, status, latency, now, flags);
     }
 
     fn finish(
         &mut self,
         streams: &mut Streams,
         status: Option<u16>,
-        reset: bool,
         latency: Duration,
         now: Duration,
+        flags: impl FnOnce() -> u64,
     ) {
         let Some(mut stream) = self.stream.take().and_then(|id| streams.close(id)) else {
             return;
         };
+        let served = stream.pick.as_ref().map_or(Served::ByPick, Pick::served);
+        let flags = if Outcome::needs_response_flags(status, served) {
+            flags()
+        } else {
+            0
+        };
         stream.complete(
             &Response {
                 status,
-                reset,
+                flags,
                 latency,
             },
             now,
@@ -230,6 +251,8 @@ fn parse_grpc_status(value: &str) -> Option<u64> {
 mod tests {
     use std::sync::Arc;
 
+    use fulcrum_core::response_flags;
+
     use super::*;
     use crate::{
         balancer::{Cluster, Counters, Event, RequestContext, WorkerLb},
@@ -282,6 +305,11 @@ mod tests {
         }
     }
 
+    /// Envoy reporting no response flag.
+    fn no_flags() -> u64 {
+        0
+    }
+
     fn failing(cluster: &Cluster) -> bool {
         cluster.with_picker(|picker| picker.knows_of_failures())
     }
@@ -299,9 +327,10 @@ mod tests {
             grpc_head(None),
             false,
             Duration::from_millis(2),
+            no_flags,
         );
         assert_eq!(inflight(&cluster), 1, "the status is still to come");
-        filter.on_response_trailers(&mut streams, Some("14"), Duration::from_millis(3));
+        filter.on_response_trailers(&mut streams, Some("14"), Duration::from_millis(3), no_flags);
 
         assert_eq!(inflight(&cluster), 0);
         assert!(failing(&cluster), "UNAVAILABLE is a failure");
@@ -316,9 +345,10 @@ mod tests {
             grpc_head(None),
             false,
             Duration::from_millis(2),
+            no_flags,
         );
-        filter.on_response_trailers(&mut streams, Some("0"), Duration::from_millis(3));
-        filter.on_stream_end(&mut streams, Duration::from_millis(4));
+        filter.on_response_trailers(&mut streams, Some("0"), Duration::from_millis(3), no_flags);
+        filter.on_stream_end(&mut streams, Duration::from_millis(4), no_flags);
 
         assert_eq!(inflight(&cluster), 0);
         assert!(!failing(&cluster));
@@ -333,6 +363,7 @@ mod tests {
             grpc_head(Some("14")),
             true,
             Duration::from_millis(2),
+            no_flags,
         );
 
         assert_eq!(inflight(&cluster), 0);
@@ -340,12 +371,50 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_reset_before_its_response_is_a_failure() {
+    fn a_stream_the_upstream_reset_before_its_response_is_a_failure() {
         let (mut filter, mut streams, cluster) = picked_stream();
 
-        filter.on_stream_end(&mut streams, Duration::from_millis(7));
+        filter.on_stream_end(&mut streams, Duration::from_millis(7), || {
+            response_flags::UPSTREAM_REMOTE_RESET
+        });
 
         assert_eq!(inflight(&cluster), 0);
+        assert!(failing(&cluster));
+    }
+
+    #[test]
+    fn a_client_that_goes_away_before_the_response_charges_the_endpoint_no_failure() {
+        let (mut filter, mut streams, cluster) = picked_stream();
+
+        // Envoy's `DC`, downstream connection termination: no upstream flag.
+        filter.on_stream_end(&mut streams, Duration::from_millis(7), || 0x4000);
+
+        assert_eq!(inflight(&cluster), 0, "the pick is released");
+        assert!(!failing(&cluster));
+    }
+
+    #[test]
+    fn response_flags_are_read_only_when_the_pick_did_not_answer_below_400() {
+        let reads = std::cell::Cell::new(0);
+        let flags = || {
+            reads.set(reads.get() + 1);
+            response_flags::UPSTREAM_CONNECTION_FAILURE
+        };
+        let head = |status| ResponseHead {
+            status: Some(status),
+            ..ResponseHead::default()
+        };
+        let (mut ok, mut streams, _) = picked_stream();
+        ok.on_response_headers(&mut streams, head("200"), true, Duration::ZERO, flags);
+        assert_eq!(reads.get(), 0, "a success of the pick costs no read");
+
+        let (mut failed, mut streams, cluster) = picked_stream();
+        failed.on_response_headers(&mut streams, head("503"), true, Duration::ZERO, flags);
+        assert_eq!(
+            reads.get(),
+            1,
+            "a 503 reads them: a connect failure, Envoy's local reply"
+        );
         assert!(failing(&cluster));
     }
 
@@ -396,6 +465,7 @@ mod tests {
             },
             true,
             Duration::ZERO,
+            no_flags,
         );
         assert_eq!(changes, HeaderChanges::default());
     }
@@ -417,8 +487,9 @@ mod tests {
             },
             false,
             Duration::from_millis(5),
+            no_flags,
         );
-        reset.on_stream_end(&mut streams, Duration::from_millis(9));
+        reset.on_stream_end(&mut streams, Duration::from_millis(9), no_flags);
 
         assert!(streams.is_empty());
     }

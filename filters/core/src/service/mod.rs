@@ -50,7 +50,7 @@ pub use self::{
     explain::{
         ChosenBy, Exclusions, ExplainedEndpoint, MAX_EXPLANATION_BYTES, PickExplanation, TRUNCATED,
     },
-    outcome::{Outcome, Served, Transition, Transitions, grpc_http_status},
+    outcome::{Outcome, Served, Transition, Transitions, grpc_http_status, response_flags},
     request::{
         Pick, Rejection, RequestAttributes, RequestHeader, RequestInputs, RequestNeeds,
         cookie_value,

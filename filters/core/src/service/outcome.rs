@@ -61,6 +61,33 @@ impl Served {
     }
 }
 
+impl Outcome {
+    /// Whether the response flags can change what `status` served by `served_by` says, so a
+    /// data plane reads them (a host call) only then: not when the pick itself answered
+    /// below 400. The endpoint is judged by its answer even when an earlier attempt of the
+    /// stream failed and a retry came back to it. A 4xx still needs them: a stream idle
+    /// timeout ends as a local 408.
+    pub fn needs_response_flags(status: Option<u16>, served_by: Served) -> bool {
+        !(status.is_some_and(|status| status < 400) && served_by == Served::ByPick)
+    }
+
+    /// A stream's outcome from what Envoy reports: its status (`None` when nothing was
+    /// answered: the client went away, say), its [`response_flags`] (0 when not read), and
+    /// the latency to the response's headers or to the stream's end. A stream without a
+    /// response and without an upstream flag (a client that cancelled) counts no failure:
+    /// only its latency is recorded.
+    pub fn of_envoy_stream(status: Option<u16>, flags: u64, latency: Duration) -> Self {
+        use response_flags::*;
+        Self {
+            status,
+            connect_failure: flags & UPSTREAM_CONNECTION_FAILURE != 0,
+            reset: flags & (UPSTREAM_REMOTE_RESET | UPSTREAM_CONNECTION_TERMINATION) != 0,
+            timeout: flags & (UPSTREAM_REQUEST_TIMEOUT | STREAM_IDLE_TIMEOUT) != 0,
+            latency,
+        }
+    }
+}
+
 /// The HTTP status of a gRPC status code, as Envoy maps it (`Grpc::Utility::grpcToHttpStatus`):
 /// `OK` is 200, `UNAVAILABLE` 503, `DEADLINE_EXCEEDED` 504, `INTERNAL`, `UNKNOWN` and
 /// `DATA_LOSS` 500, `RESOURCE_EXHAUSTED` 429, `UNIMPLEMENTED` 501, the caller's errors 4xx;
@@ -80,6 +107,22 @@ pub fn grpc_http_status(code: u64) -> u16 {
         16 => 401,
         _ => 500,
     }
+}
+
+/// Envoy's response flags fulcrum reads: bits of the legacy bitmask both data planes get from
+/// Envoy (the wasm filter's `response.flags` property, the native module's `ResponseFlags`
+/// attribute). They accumulate over a stream's attempts.
+pub mod response_flags {
+    /// `UT`: the upstream did not answer within the route's or the attempt's timeout.
+    pub const UPSTREAM_REQUEST_TIMEOUT: u64 = 0x4;
+    /// `UR`: the upstream reset the stream.
+    pub const UPSTREAM_REMOTE_RESET: u64 = 0x10;
+    /// `UF`: no connection to the upstream.
+    pub const UPSTREAM_CONNECTION_FAILURE: u64 = 0x20;
+    /// `UC`: the upstream's connection closed under the stream.
+    pub const UPSTREAM_CONNECTION_TERMINATION: u64 = 0x40;
+    /// `SI`: the stream idled past its idle timeout (answered with a local 408).
+    pub const STREAM_IDLE_TIMEOUT: u64 = 0x10000;
 }
 
 /// How a request ended, as the filter saw it.
@@ -263,7 +306,64 @@ impl ServicePicker {
 
 #[cfg(test)]
 mod tests {
-    use super::grpc_http_status;
+    use std::{net::SocketAddr, time::Duration};
+
+    use super::{Outcome, Served, grpc_http_status, response_flags};
+
+    #[test]
+    fn envoys_flags_say_how_an_attempt_failed_and_a_clients_cancel_is_none_of_them() {
+        let latency = Duration::from_millis(7);
+        let connect = Outcome::of_envoy_stream(
+            Some(503),
+            response_flags::UPSTREAM_CONNECTION_FAILURE,
+            latency,
+        );
+        assert!(connect.connect_failure && !connect.reset && !connect.timeout);
+        let reset = Outcome::of_envoy_stream(None, response_flags::UPSTREAM_REMOTE_RESET, latency);
+        assert!(reset.reset);
+        let closed = Outcome::of_envoy_stream(
+            None,
+            response_flags::UPSTREAM_CONNECTION_TERMINATION,
+            latency,
+        );
+        assert!(closed.reset);
+        let timeout =
+            Outcome::of_envoy_stream(Some(504), response_flags::UPSTREAM_REQUEST_TIMEOUT, latency);
+        assert!(timeout.timeout);
+        let idle =
+            Outcome::of_envoy_stream(Some(408), response_flags::STREAM_IDLE_TIMEOUT, latency);
+        assert!(idle.timeout);
+        // `DC`: the downstream connection terminated.
+        let cancelled = Outcome::of_envoy_stream(None, 0x4000, latency);
+        assert_eq!(
+            cancelled,
+            Outcome {
+                status: None,
+                connect_failure: false,
+                reset: false,
+                timeout: false,
+                latency,
+            }
+        );
+    }
+
+    #[test]
+    fn flags_are_needed_unless_the_pick_itself_answered_below_400() {
+        let other: SocketAddr = "10.0.0.2:80".parse().expect("an address");
+        assert!(!Outcome::needs_response_flags(Some(200), Served::ByPick));
+        assert!(!Outcome::needs_response_flags(Some(302), Served::ByPick));
+        assert!(Outcome::needs_response_flags(Some(408), Served::ByPick));
+        assert!(Outcome::needs_response_flags(Some(503), Served::ByPick));
+        assert!(Outcome::needs_response_flags(None, Served::ByPick));
+        assert!(Outcome::needs_response_flags(
+            Some(200),
+            Served::ByRetryTarget(other)
+        ));
+        assert!(Outcome::needs_response_flags(
+            Some(200),
+            Served::ByFallback(other)
+        ));
+    }
 
     #[test]
     fn grpc_failures_map_onto_the_http_statuses_envoy_uses() {

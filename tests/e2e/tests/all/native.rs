@@ -258,6 +258,71 @@ async fn an_erroring_endpoint_is_ejected_then_readmitted_once_it_recovers() {
     );
 }
 
+/// A client that gives up before the response (its connection closes, Envoy's `DC`) says
+/// nothing about the endpoint: the outcome filter reads Envoy's response flags at the
+/// stream's end, and only an upstream's reset or timeout there is a failure, as for the wasm
+/// filter. Counting it as a reset would eject a healthy but slow endpoint whenever impatient
+/// clients cancel.
+#[tokio::test]
+async fn clients_that_give_up_before_the_response_do_not_eject_a_slow_endpoint() {
+    let backends = backends(2).await.unwrap();
+    backends[1]
+        .set_fault(Fault {
+            latency_ms: 400,
+            ..Fault::default()
+        })
+        .unwrap();
+    let proxy = proxy(
+        &backends,
+        json!({
+            "load_balancer": {"type": "round_robin"},
+            "outlier_detection": {"consecutive_failures": 2, "base_ejection_time": "30s", "max_ejection_percent": 50}
+        }),
+        None,
+    )
+    .await;
+    let listener = proxy.envoy.ingress_address().await.unwrap();
+    let impatient = reqwest::Client::builder()
+        .timeout(Duration::from_millis(50))
+        .build()
+        .unwrap();
+
+    let mut gave_up = 0;
+    for _ in 0..10 {
+        if impatient
+            .get(format!("http://{listener}/"))
+            .send()
+            .await
+            .is_err()
+        {
+            gave_up += 1;
+        }
+    }
+    // Envoy ends each abandoned stream as its connection closes.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    assert!(
+        gave_up >= 4,
+        "the slow endpoint kept its turns, each abandoned by the client: {gave_up} of 10 \
+         (one ejected by the cancels would have had none after the second)"
+    );
+    let slow = backends[1].addr;
+    assert_eq!(
+        proxy
+            .endpoint_metric("ejections_total", slow)
+            .await
+            .unwrap(),
+        0,
+        "{gave_up} cancelled requests are no failure of the endpoint"
+    );
+    let replies = proxy.send(4).await;
+    assert_eq!(
+        count_by_backend(&replies).get("b2"),
+        Some(&2),
+        "the slow endpoint keeps its share: {replies:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_hanging_endpoint_times_out_and_is_ejected() {
     let backends = backends(3).await.unwrap();
@@ -285,6 +350,45 @@ async fn a_hanging_endpoint_times_out_and_is_ejected() {
         "two route timeouts eject the endpoint: {replies:?}"
     );
     assert_eq!(replies.iter().filter(|r| r.status == Some(200)).count(), 22);
+}
+
+/// With 5xx statuses not counted, only Envoy's `UT` flag makes a route timeout's local 504 a
+/// failure: the module reads the flag (attribute `ResponseFlags`) as the wasm filter reads
+/// `response.flags`.
+#[tokio::test]
+async fn a_route_timeout_is_judged_by_envoys_flag_when_statuses_do_not_count() {
+    let backends = backends(3).await.unwrap();
+    backends[2]
+        .set_fault(Fault {
+            blackhole: true,
+            ..Fault::default()
+        })
+        .unwrap();
+    let proxy = proxy(
+        &backends,
+        json!({
+            "load_balancer": {"type": "round_robin"},
+            "failure_kinds": {"server_errors": false, "gateway_errors": false, "connect_failure": false, "reset": false, "timeout": true},
+            "outlier_detection": {"consecutive_failures": 2, "base_ejection_time": "30s", "max_ejection_percent": 50}
+        }),
+        None,
+    )
+    .await;
+
+    let replies = proxy.send(24).await;
+
+    let timeouts = replies.iter().filter(|r| r.status == Some(504)).count();
+    assert_eq!(
+        timeouts, 2,
+        "two timeouts, known by their flag, eject the endpoint: {replies:?}"
+    );
+    assert_eq!(
+        proxy
+            .endpoint_metric("ejections_total", backends[2].addr)
+            .await
+            .unwrap(),
+        1
+    );
 }
 
 #[tokio::test]

@@ -27,13 +27,9 @@
 //! - **Outcomes as Envoy presents them to each.** The filter reads `:status`, `grpc-status`,
 //!   `upstream.address`, the attempt count and the response flags; the outcome filter sees
 //!   the response (Envoy's router answers an upstream reset or connect failure with a local
-//!   503 and a timeout with a local 504) and, for a retry, the second `choose_host` of the
-//!   stream.
-//!
-//! Left out, with the reason (docs/native.md, "Where the data planes differ"): a stream that
-//! ends with no response at all (the client went away first). The filter then reads no
-//! status and no upstream failure flag and charges the pick nothing; the outcome filter
-//! cannot read Envoy's response flags and counts it as a reset, a failure.
+//!   503 and a timeout with a local 504), the same response flags, and, for a retry, the
+//!   second `choose_host` of the stream. A client that goes away before the response ends
+//!   the stream with no response and Envoy's `DC` flag on both.
 //!
 //! The case count is [`CASES`] per policy family (`PROPTEST_CASES` overrides it) and the
 //! seed is fixed (`PROPTEST_RNG_SEED` overrides it): every run checks the same sequences, and
@@ -186,6 +182,24 @@ enum Answer {
     ConnectFailure,
     /// Envoy's local 504 for a route timeout (`UT`).
     Timeout,
+    /// The client went away before the response: no response, Envoy's `DC` flag.
+    ClientCancel,
+}
+
+/// Envoy's `DC` response flag: the downstream connection terminated.
+const DOWNSTREAM_CONNECTION_TERMINATION: u64 = 0x4000;
+
+impl Answer {
+    /// The response flags Envoy reports for this answer, to both data planes.
+    fn flags(self) -> u64 {
+        match self {
+            Self::UpstreamReset => response_flags::UPSTREAM_REMOTE_RESET,
+            Self::ConnectFailure => response_flags::UPSTREAM_CONNECTION_FAILURE,
+            Self::Timeout => response_flags::UPSTREAM_REQUEST_TIMEOUT,
+            Self::ClientCancel => DOWNSTREAM_CONNECTION_TERMINATION,
+            Self::Status(_) | Self::Grpc { .. } => 0,
+        }
+    }
 }
 
 fn answers() -> impl Strategy<Value = Answer> {
@@ -196,6 +210,7 @@ fn answers() -> impl Strategy<Value = Answer> {
         1 => Just(Answer::UpstreamReset),
         1 => Just(Answer::ConnectFailure),
         1 => Just(Answer::Timeout),
+        1 => Just(Answer::ClientCancel),
     ]
 }
 
@@ -469,6 +484,7 @@ impl<'p> Planes<'p> {
             // Envoy answers 503 `no healthy upstream`; the outcome filter makes it the
             // filter's reply.
             None => {
+                // Envoy's `UH`, no healthy upstream: not a flag fulcrum reads.
                 let changes = native.on_response_headers(
                     &mut self.streams,
                     ResponseHead {
@@ -477,6 +493,7 @@ impl<'p> Planes<'p> {
                     },
                     true,
                     now,
+                    || 0x2,
                 );
                 Routed::Refused(changes.status.unwrap_or(503))
             }
@@ -498,7 +515,7 @@ impl<'p> Planes<'p> {
             // Envoy's fallback serves a request fulcrum failed open (nobody is charged), or
             // the local reply ends it.
             wasm.reset()?;
-            native.on_stream_end(&mut self.streams, now);
+            native.on_stream_end(&mut self.streams, now, || 0);
         }
         Ok(())
     }
@@ -510,6 +527,16 @@ impl<'p> Planes<'p> {
         latency: Duration,
         retried: bool,
     ) -> anyhow::Result<()> {
+        if matches!(answer, Answer::ClientCancel) {
+            // Before any retry: the stream ends with no response and no upstream named.
+            self.plugin.advance_clock(latency);
+            request.wasm.reset()?;
+            let now = self.now();
+            request
+                .native
+                .on_stream_end(&mut self.streams, now, || answer.flags());
+            return Ok(());
+        }
         let retry_target = request.wasm_targets.get(1).filter(|_| retried).cloned();
         // Envoy's retry asks the native policy again for the stream's host.
         if let Some(target) = &retry_target {
@@ -532,19 +559,20 @@ impl<'p> Planes<'p> {
             Answer::Grpc { code, in_trailers } => (200, Some((code.to_string(), in_trailers))),
             Answer::UpstreamReset | Answer::ConnectFailure => (503, None),
             Answer::Timeout => (504, None),
+            Answer::ClientCancel => unreachable!("answered above"),
         };
         let mut response = request.wasm.respond(status);
         response = match answer {
             Answer::UpstreamReset => response
-                .flags(response_flags::UPSTREAM_REMOTE_RESET)
+                .flags(answer.flags())
                 .code_details("upstream_reset_before_response_started{remote_reset}"),
             Answer::ConnectFailure => response
-                .flags(response_flags::UPSTREAM_CONNECTION_FAILURE)
+                .flags(answer.flags())
                 .code_details("upstream_reset_before_response_started{connection_failure}"),
             Answer::Timeout => response
-                .flags(response_flags::UPSTREAM_REQUEST_TIMEOUT)
+                .flags(answer.flags())
                 .code_details("upstream_response_timeout"),
-            Answer::Status(_) | Answer::Grpc { .. } => response,
+            Answer::Status(_) | Answer::Grpc { .. } | Answer::ClientCancel => response,
         };
         if let Some((code, in_trailers)) = &grpc {
             response = response.header("content-type", "application/grpc");
@@ -581,13 +609,19 @@ impl<'p> Planes<'p> {
             },
             trailers_grpc_status.is_none(),
             now,
+            || answer.flags(),
         );
         if trailers_grpc_status.is_some() {
-            request
-                .native
-                .on_response_trailers(&mut self.streams, trailers_grpc_status, now);
+            request.native.on_response_trailers(
+                &mut self.streams,
+                trailers_grpc_status,
+                now,
+                || answer.flags(),
+            );
         }
-        request.native.on_stream_end(&mut self.streams, now);
+        request
+            .native
+            .on_stream_end(&mut self.streams, now, || answer.flags());
 
         ensure!(
             wasm_cookie == changes.set_cookie,
