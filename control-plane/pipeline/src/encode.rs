@@ -83,11 +83,7 @@ impl Encoder {
         for (name, service) in services {
             let encoded = match previous.remove(name) {
                 Some(kept) if Arc::ptr_eq(&kept.0, service) => kept,
-                // Plain structs over ordered collections: serialization cannot fail.
-                _ => (
-                    Arc::clone(service),
-                    Bytes::from(serde_json::to_vec(&**service).unwrap_or_default()),
-                ),
+                _ => (Arc::clone(service), encode_service(service)),
             };
             self.encoded.insert(name.clone(), encoded);
         }
@@ -110,6 +106,16 @@ impl Encoder {
                 .collect(),
         }
     }
+}
+
+/// `service`'s JSON, in an allocation of its length: it is kept while the service is
+/// unchanged, and the spare capacity `serde_json`'s doubling leaves (up to half) would be
+/// kept with it.
+fn encode_service(service: &ServiceEndpoints) -> Bytes {
+    // Plain structs over ordered collections: serialization cannot fail.
+    let mut json = serde_json::to_vec(service).unwrap_or_default();
+    json.shrink_to_fit();
+    Bytes::from(json)
 }
 
 #[cfg(test)]

@@ -10,13 +10,19 @@
 //! `fulcrum_snapshot_over_budget`. Each publication is logged with its version and reflected
 //! in the snapshot metrics.
 //!
-//! The store keeps the [`DELTA_HISTORY`] versions before the current one, so a filter that
-//! holds one of them gets only what changed since ([`SnapshotStore::delta`],
-//! `fulcrum_core::distribution`), each delta computed once and served to every proxy.
+//! The store keeps the [`DELTA_HISTORY`] versions before the current one that a proxy was
+//! answered with, so a filter that holds one of them gets only what changed since
+//! ([`SnapshotStore::delta`], `fulcrum_core::distribution`), each delta computed once and
+//! served to every proxy. A version no proxy was answered with is not kept: no filter can
+//! hold it, and keeping it would keep its services' older endpoint lists alive (a burst of
+//! registrations publishes a version every debounce, each with most services changed).
 
 use std::{
     collections::VecDeque,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use bytes::Bytes;
@@ -125,7 +131,8 @@ fn publish(encoded: &Traced<EncodedSnapshot>, sinks: &Sinks, metrics: &PipelineM
 }
 
 /// How many recent versions the store answers deltas from. A filter more versions behind
-/// (or holding one this replica never published) gets the whole snapshot.
+/// (or holding one this replica never published or never answered a proxy with) gets the
+/// whole snapshot.
 pub const DELTA_HISTORY: usize = 16;
 
 /// One snapshot with its JSON encoding, and the deltas to it computed so far.
@@ -140,6 +147,9 @@ pub struct ServedSnapshot {
     /// Delta bodies from earlier versions (at most [`DELTA_HISTORY`]), computed on first
     /// request: every proxy one change behind asks for the same one.
     deltas: Mutex<Vec<(String, Bytes)>>,
+    /// Whether a proxy was answered with this version (see
+    /// [`SnapshotStore::current_for_proxy`]): only then is it kept for deltas once replaced.
+    handed_out: AtomicBool,
 }
 
 /// The latest snapshot, shared by the pipeline (writer) and the HTTP API (readers), and the
@@ -147,9 +157,9 @@ pub struct ServedSnapshot {
 #[derive(Debug, Clone, Default)]
 pub struct SnapshotStore {
     current: Arc<watch::Sender<Option<Arc<ServedSnapshot>>>>,
-    /// The last [`DELTA_HISTORY`] snapshots published before the current one, oldest first:
-    /// the snapshots alone (deltas are computed from them), not their bodies, and sharing
-    /// every service they have in common.
+    /// The last [`DELTA_HISTORY`] snapshots published before the current one that a proxy
+    /// was answered with, oldest first: the snapshots alone (deltas are computed from them),
+    /// not their bodies, and sharing every service they have in common.
     recent: Arc<Mutex<VecDeque<Arc<Snapshot>>>>,
 }
 
@@ -162,8 +172,11 @@ impl SnapshotStore {
             body,
             etag,
             deltas: Mutex::new(Vec::new()),
+            handed_out: AtomicBool::new(false),
         });
-        if let Some(previous) = self.current.send_replace(Some(served)) {
+        if let Some(previous) = self.current.send_replace(Some(served))
+            && previous.handed_out.load(Ordering::Acquire)
+        {
             let previous = Arc::clone(&previous.snapshot);
             let mut recent = lock(&self.recent);
             recent.retain(|kept| kept.version != previous.version);
@@ -177,6 +190,16 @@ impl SnapshotStore {
     /// The latest snapshot, if any was built yet.
     pub fn current(&self) -> Option<Arc<ServedSnapshot>> {
         self.current.borrow().clone()
+    }
+
+    /// The latest snapshot, to answer a proxy with (whole, as a delta or as not modified):
+    /// marks it as one a proxy may hold, so it is kept for deltas once replaced. A proxy
+    /// answered with a version in the instant it is replaced may find it not kept and get
+    /// the whole snapshot next time.
+    pub fn current_for_proxy(&self) -> Option<Arc<ServedSnapshot>> {
+        let served = self.current()?;
+        served.handed_out.store(true, Ordering::Release);
+        Some(served)
     }
 
     /// The JSON of the delta from version `base` to `current`
@@ -307,6 +330,8 @@ mod tests {
                 let snapshot = Arc::clone(&snapshot(endpoints).snapshot);
                 let body = Bytes::from(serde_json::to_vec(&*snapshot).expect("json"));
                 store.publish(Arc::clone(&snapshot), body);
+                // A filter polls each version.
+                store.current_for_proxy().expect("published");
                 snapshot.version.clone()
             })
             .collect();
@@ -334,5 +359,30 @@ mod tests {
             1,
             "computed once"
         );
+    }
+
+    #[test]
+    fn only_versions_a_proxy_was_answered_with_are_kept_for_deltas() {
+        let store = SnapshotStore::default();
+        let publish = |endpoints: u16| {
+            let snapshot = Arc::clone(&snapshot(endpoints).snapshot);
+            let body = Bytes::from(serde_json::to_vec(&*snapshot).expect("json"));
+            store.publish(Arc::clone(&snapshot), body);
+            snapshot.version.clone()
+        };
+        let polled = publish(1);
+        store.current_for_proxy().expect("published");
+        let unseen = publish(2);
+        publish(3);
+        let current = store.current_for_proxy().expect("current");
+        assert!(
+            store.delta(&current, &polled).is_some(),
+            "a proxy may hold the polled version"
+        );
+        assert!(
+            store.delta(&current, &unseen).is_none(),
+            "no proxy can hold a version it was never answered with: not kept"
+        );
+        assert_eq!(lock(&store.recent).len(), 1);
     }
 }

@@ -90,7 +90,7 @@ impl Monitor {
     /// Records `entry` when it has a check, returning what to probe for it.
     fn keep(&mut self, entry: Entry) -> Option<(String, Wanted)> {
         let registration = &entry.record.registration;
-        let check = registration.health_check.as_ref()?;
+        let check = registration.health_check.as_deref()?;
         let wanted = Wanted {
             target: check.probe.target(registration.address),
             check: check.clone(),

@@ -16,7 +16,7 @@
 //! instance ids are never labels (refusals are logged with the identity).
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -300,7 +300,7 @@ impl RegistryMetrics {
         let mut tally = InstanceTally {
             gauge: self.instances.clone(),
             services: self.services.clone(),
-            known: HashMap::new(),
+            known: HashSet::new(),
         };
         tokio::spawn(view::follow(
             Arc::downgrade(view),
@@ -308,7 +308,7 @@ impl RegistryMetrics {
                 Since::Reset(entries) => tally.reset(&entries),
                 Since::Changes(changes) => {
                     for change in changes {
-                        tally.apply(change.id, change.entry.as_ref());
+                        tally.apply(&change.id, change.entry.as_ref());
                     }
                 }
             },
@@ -316,51 +316,106 @@ impl RegistryMetrics {
     }
 }
 
-/// What the gauge counts, per instance id, so a change can move one instance between label
-/// sets. Invariant: every label set's gauge equals the number of `known` values with it.
+/// What the gauge counts, per instance, so a change can move one instance between label
+/// sets. Invariant: every label set's gauge equals the number of `known` instances counted
+/// under it.
 #[derive(Debug)]
 struct InstanceTally {
     gauge: Family<InstanceLabels, Gauge>,
     services: ServiceLabels,
-    known: HashMap<String, InstanceLabels>,
+    known: HashSet<Counted>,
+}
+
+/// One counted instance: its entry as counted (the view's record, shared, not copied) and
+/// whether its service has its own series. Keyed by the record's id: 24 bytes a
+/// registration, where an id-keyed map of label sets took a copy of the id, a copy of the
+/// service name and a 64-byte slot.
+#[derive(Debug)]
+struct Counted {
+    entry: Entry,
+    named: bool,
+}
+
+impl Counted {
+    fn id(&self) -> &str {
+        &self.entry.record.registration.id
+    }
+
+    /// The label set it is counted under.
+    fn labels(&self) -> InstanceLabels {
+        InstanceLabels {
+            service: if self.named {
+                self.entry.record.registration.name.clone()
+            } else {
+                OTHER_SERVICES.to_owned()
+            },
+            health: self.entry.health.as_str(),
+        }
+    }
+}
+
+impl PartialEq for Counted {
+    fn eq(&self, other: &Self) -> bool {
+        self.id() == other.id()
+    }
+}
+
+impl Eq for Counted {}
+
+/// Hashes as its id, so the set is looked up by id ([`Borrow<str>`](std::borrow::Borrow)).
+impl std::hash::Hash for Counted {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.id().hash(state);
+    }
+}
+
+impl std::borrow::Borrow<str> for Counted {
+    fn borrow(&self) -> &str {
+        self.id()
+    }
 }
 
 impl InstanceTally {
-    fn labels(&self, entry: &Entry) -> InstanceLabels {
-        InstanceLabels {
-            service: self.services.label(&entry.record.registration.name),
-            health: entry.health.as_str(),
-        }
-    }
-
     fn reset(&mut self, entries: &[Entry]) {
         self.gauge.clear();
         self.known.clear();
         for entry in entries {
-            self.apply(entry.record.registration.id.clone(), Some(entry));
+            self.apply(&entry.record.registration.id, Some(entry));
         }
     }
 
-    fn apply(&mut self, id: String, entry: Option<&Entry>) {
-        let labels = entry.map(|entry| self.labels(entry));
-        if self.known.get(&id) == labels.as_ref() {
-            return;
-        }
-        if let Some(old) = self.known.remove(&id) {
-            let left = self.gauge.get_or_create(&old).dec() - 1;
-            if left <= 0 {
-                self.gauge.remove(&old);
+    fn apply(&mut self, id: &str, entry: Option<&Entry>) {
+        let counted = entry.map(|entry| {
+            let service = &entry.record.registration.name;
+            Counted {
+                entry: entry.clone(),
+                named: self.services.label(service) == *service,
+            }
+        });
+        let old = self.known.take(id).map(|old| old.labels());
+        let new = counted.as_ref().map(Counted::labels);
+        if old != new {
+            if let Some(old) = old {
+                let left = self.gauge.get_or_create(&old).dec() - 1;
+                if left <= 0 {
+                    self.gauge.remove(&old);
+                }
+            }
+            if let Some(new) = new {
+                self.gauge.get_or_create(&new).inc();
             }
         }
-        if let Some(labels) = labels {
-            self.gauge.get_or_create(&labels).inc();
-            self.known.insert(id, labels);
+        // The current record, even when the labels are the same: an old one is not kept.
+        if let Some(counted) = counted {
+            self.known.insert(counted);
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
     use crate::{
         test_support::{record, spec},
@@ -378,7 +433,7 @@ mod tests {
         InstanceTally {
             gauge: Family::default(),
             services: ServiceLabels::new(max_service_series),
-            known: HashMap::new(),
+            known: HashSet::new(),
         }
     }
 
@@ -393,54 +448,36 @@ mod tests {
     #[test]
     fn the_tally_moves_an_instance_between_label_sets_and_drops_empty_ones() {
         let mut tally = tally(10);
-        tally.apply(
-            "a-1".into(),
-            Some(&entry("a", "a-1", HealthStatus::Unknown)),
-        );
-        tally.apply(
-            "a-2".into(),
-            Some(&entry("a", "a-2", HealthStatus::Unknown)),
-        );
+        tally.apply("a-1", Some(&entry("a", "a-1", HealthStatus::Unknown)));
+        tally.apply("a-2", Some(&entry("a", "a-2", HealthStatus::Unknown)));
         // The same labels again (a re-registration): no double count.
-        tally.apply(
-            "a-2".into(),
-            Some(&entry("a", "a-2", HealthStatus::Unknown)),
-        );
+        tally.apply("a-2", Some(&entry("a", "a-2", HealthStatus::Unknown)));
         assert_eq!(count(&tally, "a", HealthStatus::Unknown), Some(2));
-        tally.apply(
-            "a-1".into(),
-            Some(&entry("a", "a-1", HealthStatus::Unhealthy)),
-        );
+        tally.apply("a-1", Some(&entry("a", "a-1", HealthStatus::Unhealthy)));
         assert_eq!(count(&tally, "a", HealthStatus::Unknown), Some(1));
         assert_eq!(count(&tally, "a", HealthStatus::Unhealthy), Some(1));
         // Moved to another service.
-        tally.apply(
-            "a-2".into(),
-            Some(&entry("b", "a-2", HealthStatus::Unknown)),
-        );
+        tally.apply("a-2", Some(&entry("b", "a-2", HealthStatus::Unknown)));
         assert_eq!(count(&tally, "a", HealthStatus::Unknown), None);
         assert_eq!(count(&tally, "b", HealthStatus::Unknown), Some(1));
-        tally.apply("a-1".into(), None);
+        tally.apply("a-1", None);
         assert_eq!(count(&tally, "a", HealthStatus::Unhealthy), None);
         // A removal of something never seen changes nothing.
-        tally.apply("ghost".into(), None);
+        tally.apply("ghost", None);
         assert_eq!(count(&tally, "b", HealthStatus::Unknown), Some(1));
     }
 
     #[test]
     fn a_reset_replaces_every_count() {
         let mut tally = tally(10);
-        tally.apply(
-            "a-1".into(),
-            Some(&entry("a", "a-1", HealthStatus::Healthy)),
-        );
+        tally.apply("a-1", Some(&entry("a", "a-1", HealthStatus::Healthy)));
         tally.reset(&[
             entry("b", "b-1", HealthStatus::Healthy),
             entry("b", "b-2", HealthStatus::Healthy),
         ]);
         assert_eq!(count(&tally, "a", HealthStatus::Healthy), None);
         assert_eq!(count(&tally, "b", HealthStatus::Healthy), Some(2));
-        tally.apply("b-1".into(), None);
+        tally.apply("b-1", None);
         assert_eq!(count(&tally, "b", HealthStatus::Healthy), Some(1));
     }
 
@@ -511,10 +548,7 @@ mod tests {
         let mut tally = tally(2);
         for service in ["a", "b", "c", "d"] {
             let id = format!("{service}-1");
-            tally.apply(
-                id.clone(),
-                Some(&entry(service, &id, HealthStatus::Unknown)),
-            );
+            tally.apply(&id, Some(&entry(service, &id, HealthStatus::Unknown)));
         }
         let mut series = exposed(&tally);
         series.sort();
@@ -545,7 +579,7 @@ mod tests {
                     _ => Some(HealthStatus::Unknown),
                 };
                 let entry = health.map(|health| entry(&format!("s-{service}"), &id, health));
-                tally.apply(id.clone(), entry.as_ref());
+                tally.apply(&id, entry.as_ref());
                 match entry {
                     Some(entry) => live.insert(id, entry),
                     None => live.remove(&id),

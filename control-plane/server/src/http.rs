@@ -258,7 +258,7 @@ async fn snapshot(State(state): State<AppState>, headers: HeaderMap) -> Response
     state
         .proxies
         .record_poll(&headers, named_versions(&headers).next(), SystemTime::now());
-    let Some(served) = state.store.current() else {
+    let Some(served) = state.store.current_for_proxy() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "no snapshot yet\n").into_response();
     };
     let etag = HeaderValue::from_str(&served.etag)

@@ -24,10 +24,11 @@ use crate::{
 /// How often expired leases are looked for.
 pub const REAP_EVERY: Duration = Duration::from_millis(100);
 
+/// A registration's lease: its deadline alone. Its owner and TTL are the stored record's
+/// (read from the view under the leases lock, which every write holds across its view
+/// update), not copied into every lease.
 #[derive(Debug)]
 struct Lease {
-    owner: String,
-    ttl: Duration,
     expires_at: Instant,
 }
 
@@ -87,8 +88,9 @@ impl MemoryBackend {
     ) -> Result<Arc<Record>, BackendError> {
         let mut leases = self.leases();
         let id = registration.id.clone();
-        if let Some(lease) = leases.get(&id)
-            && lease.owner != owner
+        let stored = leases.get(&id).and(self.view.get(&id));
+        if let Some(stored) = &stored
+            && stored.record.owner != owner
         {
             return Err(BackendError::NotOwner { id });
         }
@@ -107,8 +109,6 @@ impl MemoryBackend {
         leases.insert(
             id.clone(),
             Lease {
-                owner: owner.to_owned(),
-                ttl,
                 expires_at: Instant::now() + ttl,
             },
         );
@@ -147,18 +147,20 @@ impl RegistryBackend for MemoryBackend {
         Box::pin(async move {
             let mut leases = self.leases();
             let now = Instant::now();
-            match leases.get_mut(id) {
-                Some(lease) if lease.expires_at <= now => {
+            let stored = self.view.get(id);
+            match (leases.get_mut(id), stored) {
+                (Some(lease), _) if lease.expires_at <= now => {
                     Err(BackendError::NotFound { id: id.to_owned() })
                 }
-                Some(lease) if lease.owner != owner => {
+                (Some(_), Some(stored)) if stored.record.owner != owner => {
                     Err(BackendError::NotOwner { id: id.to_owned() })
                 }
-                Some(lease) => {
-                    lease.expires_at = now + lease.ttl;
-                    Ok(lease.ttl)
+                (Some(lease), Some(stored)) => {
+                    let ttl = stored.record.registration.ttl;
+                    lease.expires_at = now + ttl;
+                    Ok(ttl)
                 }
-                None => Err(BackendError::NotFound { id: id.to_owned() }),
+                _ => Err(BackendError::NotFound { id: id.to_owned() }),
             }
         })
     }
@@ -166,17 +168,19 @@ impl RegistryBackend for MemoryBackend {
     fn deregister<'a>(&'a self, id: &'a str, owner: &'a str) -> BackendFuture<'a, ()> {
         Box::pin(async move {
             let mut leases = self.leases();
-            match leases.get(id) {
-                Some(lease) if lease.owner != owner => {
-                    Err(BackendError::NotOwner { id: id.to_owned() })
-                }
-                Some(_) => {
-                    leases.remove(id);
-                    self.view.remove(id, None);
-                    Ok(())
-                }
-                None => Err(BackendError::NotFound { id: id.to_owned() }),
+            if !leases.contains_key(id) {
+                return Err(BackendError::NotFound { id: id.to_owned() });
             }
+            if self
+                .view
+                .get(id)
+                .is_some_and(|stored| stored.record.owner != owner)
+            {
+                return Err(BackendError::NotOwner { id: id.to_owned() });
+            }
+            leases.remove(id);
+            self.view.remove(id, None);
+            Ok(())
         })
     }
 }
