@@ -62,6 +62,33 @@ pub const STREAM_HEADER: &str = fulcrum_core::NATIVE_STREAM_HEADER;
 /// is released at once and counted as unobserved), so memory stays bounded whatever the load.
 pub const MAX_STREAMS: usize = 65_536;
 
+/// Most endpoints of one cluster config that get their own metric series
+/// (`fulcrum_native_endpoint_*{endpoint}`): Envoy never drops a stat, and endpoints churn
+/// (every new pod is a new address), so the series stay bounded whatever the churn. The wasm
+/// filter's cap is the same.
+pub const MAX_ENDPOINT_SERIES: usize = 16_384;
+
+/// Which endpoints have metric series, up to [`MAX_ENDPOINT_SERIES`].
+#[derive(Debug, Default)]
+pub struct EndpointSeries {
+    known: std::collections::HashSet<SocketAddr>,
+}
+
+impl EndpointSeries {
+    /// Whether `endpoint` may be reported: it has its series already, or there is room for
+    /// one. Beyond the cap a new endpoint's events are not reported (its breaker works the
+    /// same); the cluster's counters still are.
+    pub fn admits(&mut self, endpoint: SocketAddr) -> bool {
+        if self.known.contains(&endpoint) {
+            return true;
+        }
+        if self.known.len() >= MAX_ENDPOINT_SERIES {
+            return false;
+        }
+        self.known.insert(endpoint)
+    }
+}
+
 /// What the module counts, through Envoy's stats (see `crate::ffi`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
@@ -949,5 +976,20 @@ mod tests {
             "a failed probe re-ejects: counted, the circuit stays open"
         );
         assert_eq!(events(half_open, closed), [Event::CircuitClosed(endpoint)]);
+    }
+
+    #[test]
+    fn endpoint_series_stop_growing_at_the_cap_but_known_endpoints_keep_theirs() {
+        let mut series = EndpointSeries::default();
+        let address =
+            |i: usize| SocketAddr::from(([10, (i >> 16) as u8, (i >> 8) as u8, i as u8], 80));
+        for i in 0..MAX_ENDPOINT_SERIES {
+            assert!(series.admits(address(i)));
+        }
+        assert!(
+            !series.admits(address(MAX_ENDPOINT_SERIES)),
+            "a new one past the cap"
+        );
+        assert!(series.admits(address(0)), "a known one keeps its series");
     }
 }

@@ -39,13 +39,15 @@ use std::{
     hash::{BuildHasher, Hasher},
     net::{IpAddr, SocketAddr},
     sync::{
-        Arc, OnceLock, PoisonError, RwLock,
+        Arc, Mutex, OnceLock, PoisonError, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
 };
 
 use crate::{
-    balancer::{Cluster, Counters, Event, RequestContext, STREAM_HEADER, Streams, WorkerLb},
+    balancer::{
+        Cluster, Counters, EndpointSeries, Event, RequestContext, STREAM_HEADER, Streams, WorkerLb,
+    },
     config::parse_policy,
     guard,
     hosts::{HostSet, METADATA_NAMESPACE},
@@ -308,6 +310,8 @@ struct EnvoyCounters {
     ejections: Option<usize>,
     /// `fulcrum_native_endpoint_circuit_open{cluster, endpoint}`.
     circuit_open: Option<usize>,
+    /// The endpoints with series, bounded.
+    series: Mutex<EndpointSeries>,
 }
 
 /// The counters labelled by cluster, in [`Event`] order.
@@ -360,6 +364,7 @@ impl EnvoyCounters {
             counters: CLUSTER_COUNTERS.map(|name| define(counter, name, &[CLUSTER_LABEL])),
             ejections: define(counter, ENDPOINT_EJECTIONS, &per_endpoint),
             circuit_open: define(gauge, ENDPOINT_CIRCUIT_OPEN, &per_endpoint),
+            series: Mutex::default(),
         }
     }
 
@@ -406,10 +411,15 @@ impl EnvoyCounters {
     fn retire(&self, cluster: &Cluster) {
         let mut alive = self.alive.write().unwrap_or_else(PoisonError::into_inner);
         let name = self.cluster.get().map_or("", String::as_str);
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
         for endpoint in cluster.take_open_circuits() {
             let Some(id) = self.circuit_open else {
                 break;
             };
+            // An endpoint past the cap never had a series: none is made now.
+            if !series.admits(endpoint) {
+                continue;
+            }
             let endpoint = endpoint.to_string();
             let mut labels = [ModuleBuffer::of(name), ModuleBuffer::of(&endpoint)];
             // SAFETY: `on_lb_config_destroy` runs this before Envoy frees the config, so the
@@ -439,6 +449,14 @@ impl Counters for Arc<EnvoyCounters> {
             Event::Unobserved => per_cluster(1),
             Event::RateLimited => per_cluster(2),
             Event::FailFast => per_cluster(3),
+            Event::Ejected(endpoint)
+            | Event::CircuitOpen(endpoint)
+            | Event::CircuitClosed(endpoint)
+                if !self
+                    .series
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .admits(endpoint) => {}
             Event::Ejected(endpoint) => {
                 self.update(
                     increment,
