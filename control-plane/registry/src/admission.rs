@@ -426,11 +426,35 @@ impl Refusal {
     }
 }
 
-/// Registrations admitted but not yet in the view, per identity and in total.
+/// Registrations admitted whose write has not ended, per identity and in total, and by id:
+/// a write lands in the view before its reservation drops, so near a quota the ids tell
+/// which reservations the view already counts.
 #[derive(Debug, Default)]
 struct Pending {
     total: usize,
     by_owner: HashMap<String, usize>,
+    /// Reservations per registration id: (owner, count).
+    by_id: HashMap<String, (String, usize)>,
+}
+
+impl Pending {
+    /// The reservations whose registration the view already holds (for `owner`: held by
+    /// it), written and not yet released. Walks every reservation: only asked at a quota.
+    fn landed(&self, view: &View, owner: Option<&str>) -> usize {
+        self.by_id
+            .iter()
+            .filter(|(id, (holder, _))| match owner {
+                None => view.get(id).is_some(),
+                Some(owner) => {
+                    holder == owner
+                        && view
+                            .get(id)
+                            .is_some_and(|entry| entry.record.owner == owner)
+                }
+            })
+            .map(|(_, (_, count))| count)
+            .sum()
+    }
 }
 
 /// Admission of registrations for one registry: [`Limits`] plus the writes in flight.
@@ -444,12 +468,13 @@ pub(crate) struct Admission {
 #[derive(Debug)]
 pub(crate) struct Reservation<'a> {
     admission: &'a Admission,
-    owner: Option<String>,
+    /// (owner, registration id) of a reservation that holds a slot.
+    slot: Option<(String, String)>,
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        let Some(owner) = self.owner.take() else {
+        let Some((owner, id)) = self.slot.take() else {
             return;
         };
         let mut pending = self.admission.lock();
@@ -458,6 +483,12 @@ impl Drop for Reservation<'_> {
             *count -= 1;
             if *count == 0 {
                 pending.by_owner.remove(&owner);
+            }
+        }
+        if let Some((_, count)) = pending.by_id.get_mut(&id) {
+            *count -= 1;
+            if *count == 0 {
+                pending.by_id.remove(&id);
             }
         }
     }
@@ -499,29 +530,39 @@ impl Admission {
         if replaces {
             return Ok(Reservation {
                 admission: self,
-                owner: None,
+                slot: None,
             });
         }
         let mut pending = self.lock();
         let own = pending.by_owner.get(identity).copied().unwrap_or(0);
+        // The cheap count first; at a quota, the exact one: a write in its last instant is
+        // in the view and still reserved, and must not take a slot twice.
         if let Some(max) = scope.max
             && view.owned_by(identity) + own >= max
+            && (view.owned_by(identity) + own).saturating_sub(pending.landed(view, Some(identity)))
+                >= max
         {
             return Err(Refusal::IdentityQuota {
                 identity: identity.to_owned(),
                 max,
             });
         }
-        if view.len() + pending.total >= self.limits.max_instances {
-            return Err(Refusal::GlobalCap {
-                max: self.limits.max_instances,
-            });
+        let max = self.limits.max_instances;
+        if view.len() + pending.total >= max
+            && (view.len() + pending.total).saturating_sub(pending.landed(view, None)) >= max
+        {
+            return Err(Refusal::GlobalCap { max });
         }
         pending.total += 1;
         *pending.by_owner.entry(identity.to_owned()).or_default() += 1;
+        pending
+            .by_id
+            .entry(registration.id.clone())
+            .or_insert_with(|| (identity.to_owned(), 0))
+            .1 += 1;
         Ok(Reservation {
             admission: self,
-            owner: Some(identity.to_owned()),
+            slot: Some((identity.to_owned(), registration.id.clone())),
         })
     }
 }
@@ -702,6 +743,50 @@ mod tests {
         admission
             .admit(&registration("a"), "alice", &scope, &view)
             .expect("a replacement");
+    }
+
+    /// A write lands in the view a moment before its reservation drops; a registration
+    /// arriving in that moment, at the cap, must not count it twice (10,000 concurrent
+    /// registrations against the default cap of 10,000 on etcd lost 4 that way).
+    #[test]
+    fn a_write_that_landed_but_is_still_reserved_takes_one_slot_not_two() {
+        let admission = Admission::new(Limits {
+            max_instances: 2,
+            ..crate::test_support::loopback()
+        });
+        let view = View::new("e");
+        let scope = Arc::new(Scope {
+            max: Some(2),
+            ..Scope::default()
+        });
+        let registration = |id: &str| {
+            crate::test_support::spec("svc", id, 1)
+                .validate()
+                .expect("valid")
+        };
+        let landing = admission
+            .admit(&registration("a"), "alice", &scope, &view)
+            .expect("first");
+        // Its write is in the view (owned by alice, the fixture's owner), not yet released.
+        view.upsert(crate::test_support::record(crate::test_support::spec(
+            "svc", "a", 1,
+        )));
+
+        let second = admission
+            .admit(&registration("b"), "alice", &scope, &view)
+            .expect("the second of two slots, under both the identity's quota and the cap");
+        assert!(matches!(
+            admission.admit(&registration("c"), "bob", &Arc::default(), &view),
+            Err(Refusal::GlobalCap { max: 2 })
+        ));
+        drop(landing);
+        drop(second);
+        assert!(
+            admission
+                .admit(&registration("c"), "alice", &scope, &view)
+                .is_ok(),
+            "b's write failed: its slot is free again, a's is held by the view"
+        );
     }
 
     proptest! {
