@@ -698,22 +698,30 @@ mod tests {
         );
     }
 
-    #[test]
-    fn writes_in_flight_hold_their_slot_until_they_end() {
+    /// An admission under a cap of `max_instances`, an empty view, and a scope allowing
+    /// `identity_max` registrations.
+    fn quotas(max_instances: usize, identity_max: usize) -> (Admission, View, Arc<Scope>) {
         let admission = Admission::new(Limits {
-            max_instances: 3,
+            max_instances,
             ..crate::test_support::loopback()
         });
-        let view = View::new("e");
         let scope = Arc::new(Scope {
-            max: Some(2),
+            max: Some(identity_max),
             ..Scope::default()
         });
-        let registration = |id: &str| {
-            crate::test_support::spec("svc", id, 1)
-                .validate()
-                .expect("valid")
-        };
+        (admission, View::new("e"), scope)
+    }
+
+    /// A valid registration `id` of service `svc`.
+    fn registration(id: &str) -> Registration {
+        crate::test_support::spec("svc", id, 1)
+            .validate()
+            .expect("valid")
+    }
+
+    #[test]
+    fn writes_in_flight_hold_their_slot_until_they_end() {
+        let (admission, view, scope) = quotas(3, 2);
         let first = admission
             .admit(&registration("a"), "alice", &scope, &view)
             .expect("first");
@@ -750,20 +758,7 @@ mod tests {
     /// registrations against the default cap of 10,000 on etcd lost 4 that way).
     #[test]
     fn a_write_that_landed_but_is_still_reserved_takes_one_slot_not_two() {
-        let admission = Admission::new(Limits {
-            max_instances: 2,
-            ..crate::test_support::loopback()
-        });
-        let view = View::new("e");
-        let scope = Arc::new(Scope {
-            max: Some(2),
-            ..Scope::default()
-        });
-        let registration = |id: &str| {
-            crate::test_support::spec("svc", id, 1)
-                .validate()
-                .expect("valid")
-        };
+        let (admission, view, scope) = quotas(2, 2);
         let landing = admission
             .admit(&registration("a"), "alice", &scope, &view)
             .expect("first");

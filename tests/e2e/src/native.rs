@@ -80,14 +80,26 @@ pub const RETRY_A_CONNECT_FAILURE: Retries = Retries {
     count: 1,
 };
 
+/// Outlier detection ejecting an endpoint for 30 s once `rule` (`consecutive_failures`,
+/// `consecutive_gateway_errors`) reaches `count`, at most half the endpoints at once.
+pub fn ejecting_after(rule: &str, count: u32) -> Value {
+    json!({rule: count, "base_ejection_time": "30s", "max_ejection_percent": 50})
+}
+
+/// Round robin ejecting after `count` of `rule` ([`ejecting_after`]).
+pub fn round_robin_ejecting_after(rule: &str, count: u32) -> Value {
+    json!({
+        "load_balancer": {"type": "round_robin"},
+        "outlier_detection": ejecting_after(rule, count),
+    })
+}
+
 /// Round robin with one retry target, ejecting an endpoint after 3 gateway errors in a row:
 /// a dead endpoint costs at most 3 connect failures, each retried onto a live endpoint.
 pub fn dead_endpoint_policy() -> Value {
-    json!({
-        "load_balancer": {"type": "round_robin"},
-        "retry": 1,
-        "outlier_detection": {"consecutive_gateway_errors": 3, "base_ejection_time": "30s", "max_ejection_percent": 50}
-    })
+    let mut policy = round_robin_ejecting_after("consecutive_gateway_errors", 3);
+    policy["retry"] = json!(1);
+    policy
 }
 
 /// The cluster's `load_balancing_policy`: fulcrum's module under `policy` (one service's

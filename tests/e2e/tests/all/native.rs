@@ -9,7 +9,7 @@ use fulcrum_e2e::{
     dead_address,
     native::{
         Clusters, NativeProxy, RETRY_A_CONNECT_FAILURE, Retries, Upstream, bootstrap, cds_file,
-        cluster, dead_endpoint_policy, over_http2,
+        cluster, dead_endpoint_policy, over_http2, round_robin_ejecting_after,
     },
 };
 use fulcrum_example_backend::{
@@ -29,6 +29,13 @@ async fn proxy(backends: &[Backend], policy: Value, retries: Option<Retries>) ->
     NativeProxy::with_upstreams(&upstreams(backends), policy, retries, WORKERS)
         .await
         .expect("Envoy starts with the native module")
+}
+
+/// `n` backends, the one at `index` answering with `fault`.
+async fn backends_with_fault(n: usize, index: usize, fault: Fault) -> Vec<Backend> {
+    let backends = backends(n).await.expect("backends start");
+    backends[index].set_fault(fault).expect("the fault is set");
+    backends
 }
 
 fn all_ok(replies: &[Reply]) -> bool {
@@ -143,13 +150,15 @@ async fn a_dead_endpoint_costs_at_most_its_threshold_and_retries_land_elsewhere(
 
 #[tokio::test]
 async fn a_slow_endpoint_is_avoided_by_peak_ewma() {
-    let backends = backends(3).await.unwrap();
-    backends[0]
-        .set_fault(Fault {
+    let backends = backends_with_fault(
+        3,
+        0,
+        Fault {
             latency_ms: 150,
             ..Fault::default()
-        })
-        .unwrap();
+        },
+    )
+    .await;
     let proxy = proxy(
         &backends,
         json!({"load_balancer": {"type": "peak_ewma"}}),
@@ -170,13 +179,15 @@ async fn a_slow_endpoint_is_avoided_by_peak_ewma() {
 
 #[tokio::test]
 async fn an_erroring_endpoint_is_ejected_then_readmitted_once_it_recovers() {
-    let backends = backends(3).await.unwrap();
-    backends[1]
-        .set_fault(Fault {
+    let backends = backends_with_fault(
+        3,
+        1,
+        Fault {
             error_rate: 1.0,
             ..Fault::default()
-        })
-        .unwrap();
+        },
+    )
+    .await;
     let proxy = proxy(
         &backends,
         json!({
@@ -265,19 +276,18 @@ async fn an_erroring_endpoint_is_ejected_then_readmitted_once_it_recovers() {
 /// clients cancel.
 #[tokio::test]
 async fn clients_that_give_up_before_the_response_do_not_eject_a_slow_endpoint() {
-    let backends = backends(2).await.unwrap();
-    backends[1]
-        .set_fault(Fault {
+    let backends = backends_with_fault(
+        2,
+        1,
+        Fault {
             latency_ms: 400,
             ..Fault::default()
-        })
-        .unwrap();
+        },
+    )
+    .await;
     let proxy = proxy(
         &backends,
-        json!({
-            "load_balancer": {"type": "round_robin"},
-            "outlier_detection": {"consecutive_failures": 2, "base_ejection_time": "30s", "max_ejection_percent": 50}
-        }),
+        round_robin_ejecting_after("consecutive_failures", 2),
         None,
     )
     .await;
@@ -325,19 +335,18 @@ async fn clients_that_give_up_before_the_response_do_not_eject_a_slow_endpoint()
 
 #[tokio::test]
 async fn a_hanging_endpoint_times_out_and_is_ejected() {
-    let backends = backends(3).await.unwrap();
-    backends[2]
-        .set_fault(Fault {
+    let backends = backends_with_fault(
+        3,
+        2,
+        Fault {
             blackhole: true,
             ..Fault::default()
-        })
-        .unwrap();
+        },
+    )
+    .await;
     let proxy = proxy(
         &backends,
-        json!({
-            "load_balancer": {"type": "round_robin"},
-            "outlier_detection": {"consecutive_gateway_errors": 2, "base_ejection_time": "30s", "max_ejection_percent": 50}
-        }),
+        round_robin_ejecting_after("consecutive_gateway_errors", 2),
         None,
     )
     .await;
@@ -357,20 +366,22 @@ async fn a_hanging_endpoint_times_out_and_is_ejected() {
 /// `response.flags`.
 #[tokio::test]
 async fn a_route_timeout_is_judged_by_envoys_flag_when_statuses_do_not_count() {
-    let backends = backends(3).await.unwrap();
-    backends[2]
-        .set_fault(Fault {
+    let backends = backends_with_fault(
+        3,
+        2,
+        Fault {
             blackhole: true,
             ..Fault::default()
-        })
-        .unwrap();
+        },
+    )
+    .await;
     let proxy = proxy(
         &backends,
-        json!({
-            "load_balancer": {"type": "round_robin"},
-            "failure_kinds": {"server_errors": false, "gateway_errors": false, "connect_failure": false, "reset": false, "timeout": true},
-            "outlier_detection": {"consecutive_failures": 2, "base_ejection_time": "30s", "max_ejection_percent": 50}
-        }),
+        {
+            let mut policy = round_robin_ejecting_after("consecutive_failures", 2);
+            policy["failure_kinds"] = json!({"server_errors": false, "gateway_errors": false, "connect_failure": false, "reset": false, "timeout": true});
+            policy
+        },
         None,
     )
     .await;
@@ -653,19 +664,18 @@ async fn the_endpoint_selector_reads_tags_from_the_endpoints_metadata() {
 
 #[tokio::test]
 async fn an_ejection_judged_on_one_worker_holds_on_the_other() {
-    let backends = backends(3).await.unwrap();
-    backends[1]
-        .set_fault(Fault {
+    let backends = backends_with_fault(
+        3,
+        1,
+        Fault {
             error_rate: 1.0,
             ..Fault::default()
-        })
-        .unwrap();
+        },
+    )
+    .await;
     let proxy = proxy(
         &backends,
-        json!({
-            "load_balancer": {"type": "round_robin"},
-            "outlier_detection": {"consecutive_failures": 3, "base_ejection_time": "30s", "max_ejection_percent": 50}
-        }),
+        round_robin_ejecting_after("consecutive_failures", 3),
         None,
     )
     .await;
@@ -690,13 +700,15 @@ async fn an_ejection_judged_on_one_worker_holds_on_the_other() {
 
 #[tokio::test]
 async fn a_flapping_endpoint_is_ejected_in_its_failing_phases() {
-    let backends = backends(3).await.unwrap();
-    backends[0]
-        .set_fault(Fault {
+    let backends = backends_with_fault(
+        3,
+        0,
+        Fault {
             flap_period_ms: Some(400),
             ..Fault::default()
-        })
-        .unwrap();
+        },
+    )
+    .await;
     // Ejections (100 ms, growing with each re-ejection but capped at 200 ms) stay shorter
     // than half a flap period, so whatever phase the flapper is in when Envoy is up, a probe
     // reaches each of its healthy phases.
@@ -748,10 +760,7 @@ async fn a_grpc_endpoint_failing_unavailable_is_ejected_by_its_grpc_status() {
         );
     }
     let members: Vec<Upstream> = backends.iter().map(|b| Upstream::at(b.addr)).collect();
-    let policy = json!({
-        "load_balancer": {"type": "round_robin"},
-        "outlier_detection": {"consecutive_failures": 3, "base_ejection_time": "30s", "max_ejection_percent": 50}
-    });
+    let policy = round_robin_ejecting_after("consecutive_failures", 3);
     let clusters = [over_http2(cluster(&members, &policy))];
     let proxy = NativeProxy::start(&bootstrap(Clusters::Static(&clusters), None), WORKERS)
         .await

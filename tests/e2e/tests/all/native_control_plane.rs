@@ -8,7 +8,10 @@ use std::{net::SocketAddr, path::Path, time::Duration};
 use fulcrum_control_plane::{Config, ControlPlane, OptionalSources, PolicySource};
 use fulcrum_e2e::{
     SERVICE, backends, connect_failures, count_by_backend, dead_address,
-    native::{Clusters, NativeProxy, RETRY_A_CONNECT_FAILURE, bootstrap, dead_endpoint_policy},
+    native::{
+        Clusters, NativeProxy, RETRY_A_CONNECT_FAILURE, bootstrap, dead_endpoint_policy,
+        round_robin_ejecting_after,
+    },
 };
 use fulcrum_example_backend::Fault;
 use fulcrum_test_support::eventually;
@@ -80,10 +83,7 @@ async fn a_native_service_from_the_control_plane_is_balanced_by_the_module_and_f
     );
     write_policy(
         &policy_file,
-        json!({
-            "load_balancer": {"type": "round_robin"},
-            "outlier_detection": {"consecutive_failures": 3, "base_ejection_time": "30s", "max_ejection_percent": 50}
-        }),
+        round_robin_ejecting_after("consecutive_failures", 3),
     );
     let control_plane = control_plane(&endpoints_file, &policy_file).await;
     let proxy = NativeProxy::start(
