@@ -500,18 +500,22 @@ mod tests {
         assert_eq!(first.clusters["a"].version, second.clusters["a"].version);
     }
 
-    /// The protocol `explicit_http_config` of the encoded cluster of `name`.
-    fn cluster_protocol(snapshot: &XdsSnapshot, name: &str) -> ProtocolConfig {
+    /// The `HttpProtocolOptions` of the encoded cluster of `name`.
+    fn protocol_options(snapshot: &XdsSnapshot, name: &str) -> HttpProtocolOptions {
         let cluster =
             Cluster::decode(snapshot.clusters[name].unpacked().value.as_slice()).expect("cluster");
-        let options = HttpProtocolOptions::decode(
+        HttpProtocolOptions::decode(
             cluster.typed_extension_protocol_options
                 ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
                 .value
                 .as_slice(),
         )
-        .expect("http protocol options");
-        match options.upstream_protocol_options {
+        .expect("http protocol options")
+    }
+
+    /// The protocol `explicit_http_config` of the encoded cluster of `name`.
+    fn cluster_protocol(snapshot: &XdsSnapshot, name: &str) -> ProtocolConfig {
+        match protocol_options(snapshot, name).upstream_protocol_options {
             Some(UpstreamProtocolOptions::ExplicitHttpConfig(explicit)) => {
                 explicit.protocol_config.expect("protocol config")
             }
@@ -637,15 +641,7 @@ mod tests {
             &parsed,
             core.policy.as_ref().expect("policy").for_service("native")
         );
-        let cluster = Cluster::decode(current.clusters["native"].unpacked().value.as_slice())
-            .expect("cluster");
-        let options = HttpProtocolOptions::decode(
-            cluster.typed_extension_protocol_options
-                ["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
-                .value
-                .as_slice(),
-        )
-        .expect("http protocol options");
+        let options = protocol_options(&current, "native");
         assert!(
             options.http_filters.is_empty(),
             "no upstream filter edits the request's headers: a retry's host selection reads the \

@@ -765,13 +765,7 @@ mod tests {
         let hosts = three_hosts();
         let (mut worker, _) = worker(r#"{"load_balancer": {"type": "least_request"}}"#, &hosts);
         let mut streams = Streams::default();
-        let id = streams.open(Duration::ZERO, None).expect("open");
-        worker.choose(
-            &hosts,
-            &Request::of_stream(Some(id)),
-            &mut streams,
-            Duration::ZERO,
-        );
+        let id = picked_stream(&mut worker, &hosts, &mut streams, Duration::ZERO);
         assert_eq!(inflight(&worker), 1);
 
         let mut stream = streams.close(id).expect("open");
@@ -850,13 +844,7 @@ mod tests {
         let mut hosts = three_hosts();
         let (mut worker, _) = worker(r#"{"load_balancer": {"type": "round_robin"}}"#, &hosts);
         let mut streams = Streams::default();
-        let id = streams.open(Duration::ZERO, None).expect("open");
-        worker.choose(
-            &hosts,
-            &Request::of_stream(Some(id)),
-            &mut streams,
-            Duration::ZERO,
-        );
+        let id = picked_stream(&mut worker, &hosts, &mut streams, Duration::ZERO);
 
         hosts.priorities[0].remove(0);
         worker.reread(&hosts);
@@ -890,11 +878,22 @@ mod tests {
         assert_eq!(counted(&counts, Event::FailOpen), 1);
     }
 
+    /// A stream opened at `now` and picked for by `worker`: its id.
+    fn picked_stream(
+        worker: &mut WorkerLb,
+        hosts: &TestHosts,
+        streams: &mut Streams,
+        now: Duration,
+    ) -> u64 {
+        let id = streams.open(now, None).expect("open");
+        worker.choose(hosts, &Request::of_stream(Some(id)), streams, now);
+        id
+    }
+
     /// Picks and answers one request with `status`.
     fn answer(worker: &mut WorkerLb, hosts: &TestHosts, status: u16, now: Duration) {
         let mut streams = Streams::default();
-        let id = streams.open(now, None).expect("open");
-        worker.choose(hosts, &Request::of_stream(Some(id)), &mut streams, now);
+        let id = picked_stream(worker, hosts, &mut streams, now);
         let mut stream = streams.close(id).expect("open");
         stream.complete(
             &Response {
