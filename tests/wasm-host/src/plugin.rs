@@ -8,7 +8,7 @@
 
 use std::{
     cell::{RefCell, RefMut},
-    collections::{HashMap, HashSet},
+    collections::{BTreeMap, HashSet},
     path::{Path, PathBuf},
     sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
@@ -392,7 +392,7 @@ impl PluginBuilder {
     /// configuration or traps.
     pub fn start(self) -> anyhow::Result<Plugin> {
         let shared = Shared::new(self.clock_start);
-        let mut plugin_properties = HashMap::new();
+        let mut plugin_properties = BTreeMap::new();
         for (path, value) in [
             ("plugin_name", Property::string(&self.plugin_name)),
             ("plugin_root_id", Property::string(&self.root_id)),

@@ -313,10 +313,10 @@ impl<'p> Request<'p> {
 
     fn end(&mut self) -> anyhow::Result<()> {
         let mut vm = self.plugin.vm(self.worker);
-        let snapshot = vm.stream(self.id).cloned();
         let released = vm.end_stream(self.id)?;
-        // Until `proxy_done` releases it, the live state stays readable in the VM.
-        self.ended = released.or(snapshot);
+        // Until `proxy_done` releases it, the live state stays readable in the VM; the copy
+        // answers once it is gone.
+        self.ended = released.or_else(|| vm.stream(self.id).cloned());
         Ok(())
     }
 }

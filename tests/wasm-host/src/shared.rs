@@ -136,6 +136,10 @@ pub(crate) struct SharedState {
     pub(crate) queue_ready: Vec<QueueReady>,
     /// Metric id − 1 indexes this vector.
     pub(crate) metrics: Vec<Metric>,
+    /// Name → index in `metrics`: a filter defines a metric per endpoint, and a scan of
+    /// every name per definition made the 10,000-endpoint bench quadratic (Envoy's stats
+    /// scope finds a name by hash too).
+    metric_index: HashMap<String, usize>,
     pub(crate) logs: Vec<LogEntry>,
     /// Every http call any worker dispatched, in order.
     pub(crate) http_calls: Vec<HttpCall>,
@@ -185,13 +189,15 @@ impl SharedState {
     /// `proxy_define_metric`: the same name gives the same id (Envoy's stats scope dedupes by
     /// name); redefining a name with another type is a `BadArgument`.
     pub(crate) fn define_metric(&mut self, kind: MetricType, name: &str) -> Result<u32, Status> {
-        if let Some(index) = self.metrics.iter().position(|m| m.name == name) {
+        if let Some(&index) = self.metric_index.get(name) {
             return if self.metrics[index].kind == kind {
                 Ok(crate::abi::len_u32(index + 1))
             } else {
                 Err(Status::BadArgument)
             };
         }
+        self.metric_index
+            .insert(name.to_owned(), self.metrics.len());
         self.metrics.push(Metric {
             name: name.to_string(),
             kind,
