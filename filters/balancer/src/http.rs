@@ -96,7 +96,6 @@
 use std::{
     borrow::Cow,
     cell::RefCell,
-    fmt::Write as _,
     net::{IpAddr, SocketAddr},
     rc::Rc,
     time::Duration,
@@ -284,13 +283,7 @@ impl Request {
         };
         match picked {
             Ok((pick, explanation)) => {
-                // One allocation: addresses are written straight into the header value.
-                let mut value =
-                    String::with_capacity(22 * (1 + pick.retry_targets.as_slice().len()));
-                let _ = write!(value, "{}", pick.endpoint);
-                for target in pick.retry_targets.as_slice() {
-                    let _ = write!(value, ",{target}");
-                }
+                let value = pick.retry_targets.override_value(pick.endpoint);
                 let _ = hostcalls::set_map_value(
                     MapType::HttpRequestHeaders,
                     &self.config.override_header,

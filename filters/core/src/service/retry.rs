@@ -37,6 +37,24 @@ impl RetryTargets {
         &self.addresses[..usize::from(self.len)]
     }
 
+    /// The [`OVERRIDE_HEADER`](crate::OVERRIDE_HEADER) value of a pick of `picked` with
+    /// these targets: `IP:port` of the pick, then of each target, comma-separated (what
+    /// Envoy's `override_host` policy tries in order).
+    ///
+    /// One allocation of the final length's bound; IPv4 addresses are written digit by digit
+    /// (`core::fmt`'s `SocketAddr` display cost more than the rest of the header in the
+    /// filter's profile), IPv6 ones through `Display`, which compresses zeros.
+    pub fn override_value(&self, picked: SocketAddr) -> String {
+        let targets = self.as_slice();
+        let mut value = String::with_capacity(MAX_V4_ADDRESS * (1 + targets.len()));
+        write_address(&mut value, picked);
+        for &target in targets {
+            value.push(',');
+            write_address(&mut value, target);
+        }
+        value
+    }
+
     /// Whether `address` is one of the targets.
     pub fn contains(&self, address: &SocketAddr) -> bool {
         self.as_slice().contains(address)
@@ -83,5 +101,92 @@ impl RetryTargets {
             self.len += 1;
         }
         usize::from(self.len) < self.addresses.len()
+    }
+}
+
+/// The longest `IP:port` of an IPv4 address: `255.255.255.255:65535`.
+const MAX_V4_ADDRESS: usize = 21;
+
+/// Appends `address` as `Display` writes it.
+fn write_address(out: &mut String, address: SocketAddr) {
+    match address {
+        SocketAddr::V4(v4) => {
+            for (index, octet) in v4.ip().octets().into_iter().enumerate() {
+                if index > 0 {
+                    out.push('.');
+                }
+                write_decimal(out, u32::from(octet));
+            }
+            out.push(':');
+            write_decimal(out, u32::from(v4.port()));
+        }
+        SocketAddr::V6(_) => {
+            use std::fmt::Write as _;
+            // Writing to a `String` cannot fail.
+            let _ = write!(out, "{address}");
+        }
+    }
+}
+
+/// Appends `value` in decimal, without leading zeros.
+fn write_decimal(out: &mut String, value: u32) {
+    let mut digits = [0u8; 10];
+    let mut start = digits.len();
+    let mut rest = value;
+    loop {
+        start -= 1;
+        // `rest % 10` is one digit: the cast cannot truncate.
+        digits[start] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    for &digit in &digits[start..] {
+        out.push(char::from(digit));
+    }
+}
+
+#[cfg(test)]
+mod override_value_tests {
+    use std::net::{Ipv6Addr, SocketAddrV6};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn address() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<[u8; 4]>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::from((Ipv4Addr::from(ip), port))),
+            (any::<[u16; 8]>(), any::<u16>()).prop_map(|(segments, port)| {
+                SocketAddr::V6(SocketAddrV6::new(Ipv6Addr::from(segments), port, 0, 0))
+            }),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn the_override_value_is_the_pick_then_each_target_as_display_writes_them(
+            picked in address(),
+            targets in proptest::collection::vec(address(), 0..=5),
+        ) {
+            let expected: Vec<String> =
+                std::iter::once(picked).chain(targets.iter().copied()).map(|a| a.to_string()).collect();
+            prop_assert_eq!(RetryTargets::of(&targets).override_value(picked), expected.join(","));
+        }
+    }
+
+    #[test]
+    fn the_longest_ipv4_address_fits_the_bound() {
+        let longest = SocketAddr::from(([255, 255, 255, 255], 65535));
+        assert_eq!(
+            RetryTargets::default().override_value(longest).len(),
+            MAX_V4_ADDRESS
+        );
+        assert_eq!(
+            RetryTargets::default().override_value(SocketAddr::from(([0, 0, 0, 0], 0))),
+            "0.0.0.0:0"
+        );
     }
 }
