@@ -428,8 +428,9 @@ impl ServiceMetrics {
 
     /// Where `endpoint`'s stats are, or where they would go.
     fn position(&self, endpoint: SocketAddr) -> Result<usize, usize> {
-        self.endpoints
-            .binary_search_by_key(&endpoint, |(address, _)| *address)
+        self.endpoints.binary_search_by(|(address, _)| {
+            fulcrum_core::endpoint::address_cmp(address, &endpoint)
+        })
     }
 
     fn endpoint(&mut self, endpoint: SocketAddr) -> Option<EndpointMetrics> {

@@ -19,6 +19,24 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
+/// An IPv4 `IP:port` as one integer that sorts as `SocketAddr` sorts IPv4 addresses (IP,
+/// then port); `None` for IPv6. Sorted tables of endpoints search these: comparing two
+/// `SocketAddr`s is a function call per probe in wasm, comparing integers is not.
+pub fn v4_key(address: SocketAddr) -> Option<u64> {
+    match address {
+        SocketAddr::V4(v4) => Some((u64::from(v4.ip().to_bits()) << 16) | u64::from(v4.port())),
+        SocketAddr::V6(_) => None,
+    }
+}
+
+/// `SocketAddr`'s own order, with two IPv4 addresses compared as their [`v4_key`]s.
+pub fn address_cmp(a: &SocketAddr, b: &SocketAddr) -> std::cmp::Ordering {
+    match (v4_key(*a), v4_key(*b)) {
+        (Some(a), Some(b)) => a.cmp(&b),
+        _ => a.cmp(b),
+    }
+}
+
 /// Health of one endpoint as the control plane sees it (from its source or active checks).
 ///
 /// Mirrors Envoy's `HealthStatus` as Istio maps EndpointSlice conditions onto it.
@@ -192,5 +210,46 @@ mod shared_services {
             .into_iter()
             .map(|(name, service)| (name, Arc::new(service)))
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod address_order_tests {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV6};
+
+    use proptest::prelude::*;
+
+    use super::*;
+
+    fn address() -> impl Strategy<Value = SocketAddr> {
+        prop_oneof![
+            (any::<u32>(), any::<u16>())
+                .prop_map(|(ip, port)| SocketAddr::from((Ipv4Addr::from_bits(ip), port))),
+            (any::<u128>(), any::<u16>(), any::<u32>(), any::<u32>()).prop_map(
+                |(ip, port, flow, scope)| {
+                    SocketAddr::V6(SocketAddrV6::new(
+                        Ipv6Addr::from_bits(ip),
+                        port,
+                        flow,
+                        scope,
+                    ))
+                }
+            ),
+        ]
+    }
+
+    proptest! {
+        #[test]
+        fn address_cmp_orders_as_socket_addr_does(a in address(), b in address()) {
+            prop_assert_eq!(address_cmp(&a, &b), a.cmp(&b));
+            prop_assert_eq!(address_cmp(&a, &a), std::cmp::Ordering::Equal);
+        }
+
+        #[test]
+        fn v4_keys_order_as_the_addresses_do(a in any::<(u32, u16)>(), b in any::<(u32, u16)>()) {
+            let a = SocketAddr::from((Ipv4Addr::from_bits(a.0), a.1));
+            let b = SocketAddr::from((Ipv4Addr::from_bits(b.0), b.1));
+            prop_assert_eq!(v4_key(a).cmp(&v4_key(b)), a.cmp(&b));
+        }
     }
 }
