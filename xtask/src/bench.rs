@@ -221,6 +221,7 @@ fn core(context: &Run) -> Result<Fragment> {
 
 /// One request through the real `.wasm` in wasmtime beside the native core (criterion).
 fn wasm(context: &Run) -> Result<Fragment> {
+    let floor = build_floor_wasm()?;
     let since = SystemTime::now();
     let timing = criterion_timing(context.quick);
     let mut command = cargo();
@@ -234,12 +235,13 @@ fn wasm(context: &Run) -> Result<Fragment> {
             "--",
         ])
         .args(&timing)
-        .env("FULCRUM_FILTER_WASM", &context.wasm);
+        .env("FULCRUM_FILTER_WASM", &context.wasm)
+        .env("FULCRUM_FLOOR_WASM", &floor);
     tools::run(&mut command).context("the wasmtime filter bench failed")?;
     let results = criterion_results(&context.target, since)?;
     Ok(Fragment {
         command: format!(
-            "FULCRUM_FILTER_WASM=…/{FILTER_WASM} cargo bench -p fulcrum-wasm-host --bench filter -- {}",
+            "FULCRUM_FILTER_WASM=…/{FILTER_WASM} FULCRUM_FLOOR_WASM=…/fulcrum_floor_filter.wasm cargo bench -p fulcrum-wasm-host --bench filter -- {}",
             timing.join(" ")
         ),
         markdown: criterion_table(&results, "request_through_filter/", "where"),

@@ -7,6 +7,11 @@
 //! (header maps, properties, fuel metering). One native iteration is `pick` + `complete`.
 //! The difference is the price of the wasm boundary and the proxy-wasm ABI.
 //!
+//! With `FULCRUM_FLOOR_WASM` (the do-nothing filter of `tests/floor-filter`, which
+//! `cargo xtask bench` builds), `wasmtime_floor` drives the same stream through it: the
+//! host's and the boundary's share, which any filter pays in this host; the filter's own
+//! work is the difference between the two wasmtime rows.
+//!
 //! Needs the release filter: `cargo xtask build-wasm` (or `FULCRUM_FILTER_WASM`).
 
 use std::{hint::black_box, net::SocketAddr, time::Duration};
@@ -65,6 +70,38 @@ fn wasm(c: &mut Criterion) {
     group.finish();
 }
 
+fn floor(c: &mut Criterion) {
+    let Some(path) = std::env::var_os("FULCRUM_FLOOR_WASM") else {
+        return;
+    };
+    let mut group = c.benchmark_group("request_through_filter");
+    for size in SIZES {
+        // The floor reads no configuration: the size names the column, the stream is the same.
+        let plugin = Plugin::load(&path)
+            .and_then(|builder| builder.configure(config(size)).start())
+            .unwrap_or_else(|error| panic!("starting the floor filter: {error:#}"));
+        group.bench_with_input(BenchmarkId::new("wasmtime_floor", size), &size, |b, _| {
+            b.iter(|| {
+                let mut request = plugin
+                    .worker(0)
+                    .request()
+                    .header(":authority", "checkout")
+                    .header(":path", "/")
+                    .send_headers()
+                    .expect("request headers");
+                plugin.advance_clock(Duration::from_micros(50));
+                request
+                    .respond(200)
+                    .upstream("10.1.0.1:8080")
+                    .finish()
+                    .expect("response");
+                black_box(request.id())
+            })
+        });
+    }
+    group.finish();
+}
+
 fn native(c: &mut Criterion) {
     let mut group = c.benchmark_group("request_through_filter");
     for size in SIZES {
@@ -95,5 +132,5 @@ fn native(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, wasm, native);
+criterion_group!(benches, wasm, floor, native);
 criterion_main!(benches);
