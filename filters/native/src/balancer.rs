@@ -242,6 +242,11 @@ impl Cluster {
 
     /// Charges the end of `pick` to the picker: see [`Stream::complete`].
     fn complete(&self, pick: &Pick, response: &Response, now: Duration) {
+        let Some(served) = pick.served() else {
+            // Served by a host fulcrum cannot name: release the pick, charge nobody.
+            self.lock().picker.abandon(pick.picked);
+            return;
+        };
         let outcome = fulcrum_core::Outcome::of_envoy_stream(
             response.status,
             response.flags,
@@ -250,9 +255,7 @@ impl Cluster {
         let mut events = Vec::new();
         {
             let mut state = self.lock();
-            let transitions = state
-                .picker
-                .complete(pick.picked, pick.served(), outcome, now);
+            let transitions = state.picker.complete(pick.picked, served, outcome, now);
             for transition in transitions.iter() {
                 Event::of_transition(transition, &mut events);
             }
@@ -276,8 +279,9 @@ pub struct Pick {
     cluster: Arc<Cluster>,
     picked: SocketAddr,
     retry_targets: RetryTargets,
-    /// The host of the last attempt.
-    last: SocketAddr,
+    /// The host of the last attempt; `None` when it is a host fulcrum cannot name (not
+    /// `IP:port`), whose outcome is charged to nobody.
+    last: Option<SocketAddr>,
     /// How many attempts chose a host (1 for the pick itself).
     attempts: u32,
     /// A `Set-Cookie` value for the response (a new sticky session or hash cookie).
@@ -290,20 +294,23 @@ impl Pick {
         self.picked
     }
 
-    /// The host of the last attempt.
-    pub fn last(&self) -> SocketAddr {
+    /// The host of the last attempt; `None` when it is not `IP:port` (a pipe, say, which
+    /// Envoy's host set may hold beside the endpoints fulcrum picks).
+    pub fn last(&self) -> Option<SocketAddr> {
         self.last
     }
 
     /// Who served the stream, relative to the pick: the last attempt's host and the attempt
-    /// count, classified as for the wasm filter.
-    pub fn served(&self) -> fulcrum_core::Served {
-        fulcrum_core::Served::classify(
+    /// count, classified as for the wasm filter; `None` when the last attempt went to a host
+    /// fulcrum cannot name, whose outcome is then charged to nobody.
+    pub fn served(&self) -> Option<fulcrum_core::Served> {
+        let last = self.last?;
+        Some(fulcrum_core::Served::classify(
             self.picked,
             &self.retry_targets,
-            Some(self.last),
+            Some(last),
             Some(u64::from(self.attempts)),
-        )
+        ))
     }
 }
 
@@ -526,7 +533,7 @@ impl WorkerLb {
                         cluster,
                         picked: pick.endpoint,
                         retry_targets: pick.retry_targets,
-                        last: pick.endpoint,
+                        last: Some(pick.endpoint),
                         attempts: 1,
                         set_cookie: pick.set_sticky_cookie,
                     }),
@@ -563,23 +570,17 @@ impl WorkerLb {
             if request.refuses(slot.priority, slot.index) {
                 continue;
             }
-            pick.last = address;
+            pick.last = Some(address);
             return Some((slot.priority, healthy_index));
         }
         let place = self.fail_open()?;
-        if let Some(address) = self.address_of(place) {
-            pick.last = address;
-        }
+        pick.last = self.index.address_at(place);
         Some(place)
     }
 
     fn healthy_place(&self, address: SocketAddr) -> Option<(u32, usize)> {
         let slot = self.index.get(address)?;
         Some((slot.priority, slot.healthy_index?))
-    }
-
-    fn address_of(&self, place: (u32, usize)) -> Option<SocketAddr> {
-        self.index.address_at(place)
     }
 
     /// A healthy host by rotation, counted as a fail-open; `None` without one.
@@ -733,7 +734,10 @@ mod tests {
             .get_mut(id.expect("open"))
             .and_then(|stream| stream.pick.clone())
             .expect("the stream's pick");
-        assert_eq!(pick.last(), "10.0.0.3:80".parse().expect("an address"));
+        assert_eq!(
+            pick.last(),
+            Some("10.0.0.3:80".parse().expect("an address"))
+        );
         assert_eq!(
             inflight(&worker),
             1,
@@ -856,6 +860,77 @@ mod tests {
 
         assert_eq!(remaining, 2);
         assert_eq!(inflight(&worker), 0);
+    }
+
+    /// Hosts whose first priority holds `first` twice, healthy, and whose second holds the
+    /// only `canary`, which a policy selecting that tag always picks; and a stream picked on
+    /// the canary whose retry Envoy refuses everywhere, so it fails open by rotation onto the
+    /// second host of the first priority. Its chosen place, and the stream.
+    fn retry_failing_open_onto_the_second_of(first: &str) -> (Option<(u32, usize)>, Stream) {
+        let mut canary = TestHost::healthy("10.0.0.2:80");
+        canary
+            .metadata
+            .insert("tags_csv".to_owned(), "canary".to_owned());
+        let hosts = TestHosts {
+            priorities: vec![
+                vec![TestHost::healthy(first), TestHost::healthy(first)],
+                vec![canary],
+            ],
+        };
+        let (mut worker, _) = worker(
+            r#"{"load_balancer": {"type": "round_robin"},
+                "endpoint_selector": {"tags": ["canary"]},
+                "outlier_detection": {"consecutive_failures": 5}}"#,
+            &hosts,
+        );
+        let mut streams = Streams::default();
+        let id = streams.open(Duration::ZERO, None).expect("open");
+        let mut request = Request::of_stream(Some(id));
+        let first_attempt = worker.choose(&hosts, &request, &mut streams, Duration::ZERO);
+        assert_eq!(first_attempt, Some((1, 0)), "the canary");
+        request.refused = vec![(0, 0), (0, 1), (1, 0)];
+
+        let retry = worker.choose(&hosts, &request, &mut streams, Duration::ZERO);
+
+        (retry, streams.close(id).expect("open"))
+    }
+
+    #[test]
+    fn a_retry_failing_open_onto_a_duplicate_address_is_charged_to_that_address() {
+        let (retry, stream) = retry_failing_open_onto_the_second_of("10.0.0.1:80");
+
+        assert_eq!(retry, Some((0, 1)));
+        let pick = stream.pick.expect("the stream's pick");
+        assert_eq!(
+            pick.last(),
+            Some("10.0.0.1:80".parse().expect("an address")),
+            "Envoy sends the retry to 10.0.0.1:80, listed twice"
+        );
+    }
+
+    #[test]
+    fn a_retry_failing_open_onto_a_host_that_is_not_an_address_charges_nobody() {
+        let (retry, mut stream) = retry_failing_open_onto_the_second_of("/tmp/upstream.sock");
+        assert_eq!(retry, Some((0, 1)));
+        let cluster = Arc::clone(&stream.pick.as_ref().expect("the stream's pick").cluster);
+
+        stream.complete(
+            &Response {
+                status: Some(503),
+                flags: 0,
+                latency: Duration::from_millis(1),
+            },
+            Duration::from_millis(1),
+        );
+
+        assert!(
+            !cluster.with_picker(|picker| picker.knows_of_failures()),
+            "the pipe's 503 is not the canary's"
+        );
+        assert_eq!(
+            cluster.with_picker(|picker| picker.endpoints().map(|view| view.inflight).sum::<u32>()),
+            0
+        );
     }
 
     #[test]

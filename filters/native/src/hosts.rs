@@ -69,6 +69,9 @@ pub struct HostIndex {
     slots: HashMap<SocketAddr, HostSlot>,
     /// Healthy hosts per priority when read: a different count means health changed.
     healthy_counts: Vec<usize>,
+    /// The address of each healthy host read, per priority, by healthy index (`None`: not
+    /// `IP:port`): the host Envoy uses for a place, duplicates included.
+    healthy_addresses: Vec<Vec<Option<SocketAddr>>>,
     /// Whether the set had more than [`MAX_HOSTS`] hosts.
     pub truncated: bool,
 }
@@ -79,12 +82,13 @@ impl HostIndex {
         self.slots.get(&address).copied()
     }
 
-    /// The address of healthy host `index` of `priority`, as read.
+    /// The address of healthy host `index` of `priority`, as read: `None` when it is not
+    /// `IP:port` or was not read.
     pub fn address_at(&self, (priority, index): (u32, usize)) -> Option<SocketAddr> {
-        self.slots
-            .iter()
-            .find(|(_, slot)| slot.priority == priority && slot.healthy_index == Some(index))
-            .map(|(address, _)| *address)
+        *self
+            .healthy_addresses
+            .get(usize::try_from(priority).ok()?)?
+            .get(index)?
     }
 
     /// Whether the healthy counts of `hosts` differ from those read: health or membership
@@ -117,11 +121,15 @@ pub fn read_hosts(hosts: &impl HostSet, policy: &ServicePolicy) -> (Vec<Endpoint
         let healthy = hosts.healthy_hosts(priority);
         index.healthy_counts.push(healthy);
         let mut healthy_at: HashMap<SocketAddr, usize> = HashMap::with_capacity(healthy);
+        let mut addresses = Vec::new();
         for i in 0..healthy.min(MAX_HOSTS) {
-            if let Some(address) = hosts.healthy_address(priority, i).and_then(parse_address) {
+            let address = hosts.healthy_address(priority, i).and_then(parse_address);
+            if let Some(address) = address {
                 healthy_at.entry(address).or_insert(i);
             }
+            addresses.push(address);
         }
+        index.healthy_addresses.push(addresses);
         for i in 0..hosts.hosts(priority) {
             if endpoints.len() >= MAX_HOSTS {
                 index.truncated = true;

@@ -184,8 +184,13 @@ impl OutcomeFilter {
         let Some(mut stream) = self.stream.take().and_then(|id| streams.close(id)) else {
             return;
         };
-        let served = stream.pick.as_ref().map_or(Served::ByPick, Pick::served);
-        let flags = if Outcome::needs_response_flags(status, served) {
+        // Without a pick the stream is judged as the pick's own (nothing is charged); a pick
+        // served by a host fulcrum cannot name is charged to nobody, so needs no flags.
+        let served = stream
+            .pick
+            .as_ref()
+            .map_or(Some(Served::ByPick), Pick::served);
+        let flags = if served.is_some_and(|served| Outcome::needs_response_flags(status, served)) {
             flags()
         } else {
             0
