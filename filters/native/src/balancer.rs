@@ -14,10 +14,12 @@
 //!
 //! Each worker keeps its own [`HostIndex`]: Envoy updates workers' priority sets one after
 //! the other, and a host is returned by its index in the worker's own healthy list. A worker
-//! rereads its hosts when they change (`on_host_membership_update`) or when a healthy count
-//! differs from the one it read (a health change); it hands the endpoints to the shared
-//! picker only when they differ from what the picker has, so workers catching up do not
-//! rebuild the picker's tables again.
+//! rereads its hosts when they change (`on_host_membership_update`), when a healthy count
+//! differs from the one it read (a health change), or when the place it is about to answer
+//! no longer holds the host it read there (a health change that kept every count: one host
+//! down and another up between two picks; each answer is checked with one ABI read); it
+//! hands the endpoints to the shared picker only when they differ from what the picker has,
+//! so workers catching up do not rebuild the picker's tables again.
 //!
 //! # One pick per stream, retries on its retry targets
 //!
@@ -53,7 +55,7 @@ use fulcrum_core::{
     ServicePolicy, Transition, rng::SplitMix64,
 };
 
-use crate::hosts::{HostIndex, HostSet, read_hosts};
+use crate::hosts::{HostIndex, HostSet, HostSlot, read_hosts};
 
 /// The request header the outcome filter names its stream in, for `choose_host` to find.
 pub const STREAM_HEADER: &str = fulcrum_core::NATIVE_STREAM_HEADER;
@@ -475,7 +477,7 @@ impl WorkerLb {
         let stream = request.stream_id().and_then(|id| streams.get_mut(id));
         let Some(stream) = stream else {
             // No filter follows this request: pick, but release the pick at once.
-            let chosen = self.pick(request, None, now);
+            let chosen = self.pick(hosts, request, None, now);
             return match chosen {
                 Picked::Host { pick, place } => {
                     pick.cluster.lock().picker.abandon(pick.picked);
@@ -487,9 +489,9 @@ impl WorkerLb {
             };
         };
         if let Some(pick) = &mut stream.pick {
-            return self.retry(pick, request);
+            return self.retry(hosts, pick, request);
         }
-        match self.pick(request, Some(stream), now) {
+        match self.pick(hosts, request, Some(stream), now) {
             Picked::Host { pick, place } => {
                 stream.pick = Some(*pick);
                 Some(place)
@@ -505,6 +507,7 @@ impl WorkerLb {
     /// The first pick of a request.
     fn pick(
         &mut self,
+        hosts: &impl HostSet,
         request: &impl RequestContext,
         stream: Option<&Stream>,
         now: Duration,
@@ -522,8 +525,9 @@ impl WorkerLb {
         };
         match picked {
             Ok(pick) => {
-                let Some(place) = self.healthy_place(pick.endpoint) else {
-                    // Not among this worker's healthy hosts (its view lags the picker's).
+                let Some(place) = self.healthy_place(hosts, pick.endpoint) else {
+                    // Not among this worker's healthy hosts (its view lags the picker's, or
+                    // the picker's lagged Envoy's until this check reread the hosts).
                     cluster.lock().picker.abandon(pick.endpoint);
                     return Picked::FailOpen;
                 };
@@ -552,7 +556,12 @@ impl WorkerLb {
 
     /// A retry's host: the pick's first retry target Envoy does not refuse and this worker
     /// has healthy, else the pick again if Envoy accepts it, else a fail-open choice.
-    fn retry(&mut self, pick: &mut Pick, request: &impl RequestContext) -> Option<(u32, usize)> {
+    fn retry(
+        &mut self,
+        hosts: &impl HostSet,
+        pick: &mut Pick,
+        request: &impl RequestContext,
+    ) -> Option<(u32, usize)> {
         pick.attempts = pick.attempts.saturating_add(1);
         let candidates = pick
             .retry_targets
@@ -561,7 +570,7 @@ impl WorkerLb {
             .copied()
             .chain(std::iter::once(pick.picked));
         for address in candidates {
-            let Some(slot) = self.index.get(address) else {
+            let Some(slot) = self.healthy_slot(hosts, address) else {
                 continue;
             };
             let Some(healthy_index) = slot.healthy_index else {
@@ -574,13 +583,33 @@ impl WorkerLb {
             return Some((slot.priority, healthy_index));
         }
         let place = self.fail_open()?;
-        pick.last = self.index.address_at(place);
+        // Read from Envoy: a host listed twice, or one that is not `IP:port`, has no place
+        // of its own in the index.
+        pick.last = hosts.healthy_endpoint(place.0, place.1);
         Some(place)
     }
 
-    fn healthy_place(&self, address: SocketAddr) -> Option<(u32, usize)> {
-        let slot = self.index.get(address)?;
+    /// Where `address` is among this worker's healthy hosts.
+    fn healthy_place(&mut self, hosts: &impl HostSet, address: SocketAddr) -> Option<(u32, usize)> {
+        let slot = self.healthy_slot(hosts, address)?;
         Some((slot.priority, slot.healthy_index?))
+    }
+
+    /// `address`'s slot when it is healthy, checked against Envoy's list: a health change
+    /// that leaves every priority's healthy count as it was (one host down and another up
+    /// between two picks; Envoy calls no hook for health) is invisible to
+    /// [`HostIndex::is_stale`], so a place the index gives must still hold `address` (one
+    /// ABI read), or the worker rereads its hosts and looks again.
+    fn healthy_slot(&mut self, hosts: &impl HostSet, address: SocketAddr) -> Option<HostSlot> {
+        let slot = self.index.get(address)?;
+        let healthy_index = slot.healthy_index?;
+        if hosts.healthy_endpoint(slot.priority, healthy_index) == Some(address) {
+            return Some(slot);
+        }
+        self.reread(hosts);
+        self.index
+            .get(address)
+            .filter(|slot| slot.healthy_index.is_some())
     }
 
     /// A healthy host by rotation, counted as a fail-open; `None` without one.
@@ -841,6 +870,49 @@ mod tests {
             picked.iter().all(|address| address != "10.0.0.1:80"),
             "{picked:?}"
         );
+    }
+
+    #[test]
+    fn a_health_change_that_keeps_every_healthy_count_is_seen_before_the_next_pick() {
+        let mut hosts = three_hosts();
+        hosts.priorities[0][1].healthy = false;
+        let (mut worker, counts) = worker(r#"{"load_balancer": {"type": "round_robin"}}"#, &hosts);
+        // One host goes down and another comes up between two picks: Envoy calls no hook,
+        // and the priority still has two healthy hosts.
+        hosts.priorities[0][0].healthy = false;
+        hosts.priorities[0][1].healthy = true;
+        let mut streams = Streams::default();
+
+        let mut picked = Vec::new();
+        for _ in 0..4 {
+            let id = streams.open(Duration::ZERO, None).expect("open");
+            let place = worker
+                .choose(
+                    &hosts,
+                    &Request::of_stream(Some(id)),
+                    &mut streams,
+                    Duration::ZERO,
+                )
+                .expect("a host");
+            let envoys = hosts.healthy_endpoint(place.0, place.1);
+            // A pick made on the stale view fails open, once.
+            let mut stream = streams.close(id).expect("open");
+            if let Some(pick) = &stream.pick {
+                assert_eq!(
+                    pick.last(),
+                    envoys,
+                    "the host Envoy uses is the one charged"
+                );
+                picked.push(pick.picked());
+            }
+            stream.complete(&Response::default(), Duration::ZERO);
+        }
+
+        assert!(counted(&counts, Event::FailOpen) <= 1);
+        assert!(picked.len() >= 3);
+        let down: SocketAddr = "10.0.0.1:80".parse().expect("an address");
+        assert!(!picked.contains(&down), "{picked:?}");
+        assert_eq!(inflight(&worker), 0);
     }
 
     #[test]

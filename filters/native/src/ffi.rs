@@ -563,6 +563,26 @@ struct EnvoyHosts {
     lb: *mut c_void,
 }
 
+impl EnvoyHosts {
+    /// The address of healthy host `index` at `priority`, borrowed for the hook (`self`
+    /// lives no longer than it).
+    fn healthy_address_str(&self, priority: u32, index: usize) -> Option<&str> {
+        let mut result = EnvoyBuffer::EMPTY;
+        // SAFETY: live LB pointer, bounds-checked indexes, `result` a valid out pointer.
+        let found = unsafe {
+            envoy_dynamic_module_callback_lb_get_healthy_host_address(
+                self.lb,
+                priority,
+                index,
+                &mut result,
+            )
+        };
+        // SAFETY: Envoy filled `result` with the host's address, valid during the hook,
+        // which nothing here changes the host set in.
+        found.then(|| unsafe { result.as_str() }).flatten()
+    }
+}
+
 impl HostSet for EnvoyHosts {
     fn priorities(&self) -> u32 {
         // SAFETY: `lb` is the live LB pointer of the current hook.
@@ -591,18 +611,11 @@ impl HostSet for EnvoyHosts {
     }
 
     fn healthy_address(&self, priority: u32, index: usize) -> Option<String> {
-        let mut result = EnvoyBuffer::EMPTY;
-        // SAFETY: live LB pointer, bounds-checked indexes, `result` a valid out pointer.
-        let found = unsafe {
-            envoy_dynamic_module_callback_lb_get_healthy_host_address(
-                self.lb,
-                priority,
-                index,
-                &mut result,
-            )
-        };
-        // SAFETY: Envoy filled `result` with the host's address, valid during the hook.
-        found.then(|| unsafe { result.to_string() }).flatten()
+        self.healthy_address_str(priority, index).map(str::to_owned)
+    }
+
+    fn healthy_endpoint(&self, priority: u32, index: usize) -> Option<SocketAddr> {
+        self.healthy_address_str(priority, index)?.parse().ok()
     }
 
     fn weight(&self, priority: u32, index: usize) -> u32 {

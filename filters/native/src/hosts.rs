@@ -43,6 +43,13 @@ pub trait HostSet {
     fn address(&self, priority: u32, index: usize) -> Option<String>;
     /// The `IP:port` of healthy host `index` at `priority`.
     fn healthy_address(&self, priority: u32, index: usize) -> Option<String>;
+    /// Healthy host `index` at `priority` as an endpoint address; `None` when it is not
+    /// `IP:port`. An implementation may parse without copying; it must parse as
+    /// [`SocketAddr`]'s `FromStr` does.
+    fn healthy_endpoint(&self, priority: u32, index: usize) -> Option<SocketAddr> {
+        self.healthy_address(priority, index)
+            .and_then(parse_address)
+    }
     /// The load-balancing weight of host `index` at `priority`.
     fn weight(&self, priority: u32, index: usize) -> u32;
     /// The region and zone of host `index` at `priority` (empty when unset).
@@ -69,9 +76,6 @@ pub struct HostIndex {
     slots: HashMap<SocketAddr, HostSlot>,
     /// Healthy hosts per priority when read: a different count means health changed.
     healthy_counts: Vec<usize>,
-    /// The address of each healthy host read, per priority, by healthy index (`None`: not
-    /// `IP:port`): the host Envoy uses for a place, duplicates included.
-    healthy_addresses: Vec<Vec<Option<SocketAddr>>>,
     /// Whether the set had more than [`MAX_HOSTS`] hosts.
     pub truncated: bool,
 }
@@ -80,15 +84,6 @@ impl HostIndex {
     /// Where `address` is.
     pub fn get(&self, address: SocketAddr) -> Option<HostSlot> {
         self.slots.get(&address).copied()
-    }
-
-    /// The address of healthy host `index` of `priority`, as read: `None` when it is not
-    /// `IP:port` or was not read.
-    pub fn address_at(&self, (priority, index): (u32, usize)) -> Option<SocketAddr> {
-        *self
-            .healthy_addresses
-            .get(usize::try_from(priority).ok()?)?
-            .get(index)?
     }
 
     /// Whether the healthy counts of `hosts` differ from those read: health or membership
@@ -121,15 +116,11 @@ pub fn read_hosts(hosts: &impl HostSet, policy: &ServicePolicy) -> (Vec<Endpoint
         let healthy = hosts.healthy_hosts(priority);
         index.healthy_counts.push(healthy);
         let mut healthy_at: HashMap<SocketAddr, usize> = HashMap::with_capacity(healthy);
-        let mut addresses = Vec::new();
         for i in 0..healthy.min(MAX_HOSTS) {
-            let address = hosts.healthy_address(priority, i).and_then(parse_address);
-            if let Some(address) = address {
+            if let Some(address) = hosts.healthy_endpoint(priority, i) {
                 healthy_at.entry(address).or_insert(i);
             }
-            addresses.push(address);
         }
-        index.healthy_addresses.push(addresses);
         for i in 0..hosts.hosts(priority) {
             if endpoints.len() >= MAX_HOSTS {
                 index.truncated = true;
