@@ -515,7 +515,12 @@ impl WorkerLb {
         let cluster = Arc::clone(&self.cluster);
         let inputs = RequestInputs::read(
             cluster.needs.borrowed(),
-            |name, _| request.header(name),
+            // Longer than the core's cap reads as absent, as on the wasm filter.
+            |name, which| {
+                request
+                    .header(name)
+                    .filter(|value| value.len() <= which.cap())
+            },
             || stream.and_then(|stream| stream.source_ip),
         );
         let picked = {
@@ -812,6 +817,39 @@ mod tests {
         );
 
         assert_eq!(inflight(&worker), 0);
+    }
+
+    #[test]
+    fn a_cookie_header_beyond_8_kib_reads_as_no_cookie_as_on_the_wasm_filter() {
+        let hosts = three_hosts();
+        let (mut worker, _) = worker(
+            r#"{"load_balancer": {"type": "sticky", "cookie": "session"}}"#,
+            &hosts,
+        );
+        let mut streams = Streams::default();
+        let mut session_of = |cookie: Option<String>| {
+            let id = streams.open(Duration::ZERO, None).expect("open");
+            let mut request = Request::of_stream(Some(id));
+            request
+                .headers
+                .extend(cookie.map(|cookie| ("cookie", cookie)));
+            worker.choose(&hosts, &request, &mut streams, Duration::ZERO);
+            let mut stream = streams.close(id).expect("open");
+            let cookie = stream.pick.as_mut().and_then(|pick| pick.set_cookie.take());
+            stream.complete(&Response::default(), Duration::ZERO);
+            cookie
+        };
+        let set_cookie = session_of(None).expect("a new session");
+        let session = set_cookie.split(';').next().expect("name=value").to_owned();
+
+        let within = session_of(Some(format!("pad={}; {session}", "a".repeat(1 << 10))));
+        let beyond = session_of(Some(format!("pad={}; {session}", "a".repeat(9 << 10))));
+
+        assert_eq!(within, None, "the session is kept");
+        assert!(
+            beyond.is_some(),
+            "a longer header is no cookie: a new session"
+        );
     }
 
     #[test]

@@ -920,7 +920,13 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     )
 }
 
-/// Header `name` of `header_type`, as text borrowed from Envoy's header map.
+/// What a response header or trailer reads as when Envoy holds it but it is not UTF-8:
+/// present, and matching no rule (no status, no gRPC content type, a `grpc-status` that is
+/// `UNKNOWN`), as the wasm filter, which reads bytes, judges it.
+const NOT_TEXT: &str = "\u{fffd}";
+
+/// Header `name` of `header_type`, as text borrowed from Envoy's header map ([`NOT_TEXT`]
+/// when it is not UTF-8).
 ///
 /// # Safety
 /// `filter` is the live filter pointer of the current hook, and `'a` ends before the hook
@@ -941,7 +947,7 @@ unsafe fn header<'a>(filter: *mut c_void, header_type: u32, name: &str) -> Optio
     };
     // SAFETY: Envoy filled `result` with the header's value, valid for `'a` per this
     // function's contract.
-    found.then(|| unsafe { result.as_str() }).flatten()
+    found.then(|| unsafe { result.as_str() }.unwrap_or(NOT_TEXT))
 }
 
 /// The downstream source IP (`source.address`, `IP:port` or an IP).
