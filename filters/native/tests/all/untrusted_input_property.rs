@@ -205,6 +205,7 @@ struct ClientHeaders {
     source_ip: Option<IpAddr>,
 }
 
+/// One thing Envoy does; `request` picks among the requests in flight (modulo their number).
 #[derive(Debug, Clone)]
 enum Step {
     /// Request headers, then the first `choose_host`.
@@ -219,6 +220,7 @@ enum Step {
         request: usize,
         refused: u64,
     },
+    /// `on_http_filter_response_headers`, with Envoy's flags should the filter read them.
     ResponseHeaders {
         request: usize,
         status: Option<Vec<u8>>,
@@ -227,6 +229,7 @@ enum Step {
         end_of_stream: bool,
         flags: u64,
     },
+    /// `on_http_filter_response_trailers` (before the headers, or again, as it comes).
     Trailers {
         request: usize,
         grpc_status: Option<Vec<u8>>,
@@ -263,6 +266,7 @@ enum Step {
     },
 }
 
+/// A cluster, its first hosts, and what happens to it.
 #[derive(Debug, Clone)]
 struct Case {
     policy: usize,
@@ -274,8 +278,15 @@ struct Case {
     flood_at: Option<usize>,
 }
 
+/// A request value as the FFI reads it: `None` unless UTF-8.
 fn utf8(bytes: &[u8]) -> Option<&str> {
     std::str::from_utf8(bytes).ok()
+}
+
+/// A response value as the FFI reads it: one that is not UTF-8 is present but matches no
+/// rule.
+fn response_value(bytes: &[u8]) -> &str {
+    utf8(bytes).unwrap_or("\u{fffd}")
 }
 
 fn bytes_of(texts: &'static [&'static str]) -> impl Strategy<Value = Vec<u8>> + Clone {
@@ -579,9 +590,9 @@ impl Run {
                 flags,
             } => {
                 let head = ResponseHead {
-                    status: status.as_deref().and_then(utf8),
-                    content_type: content_type.as_deref().and_then(utf8),
-                    grpc_status: grpc_status.as_deref().and_then(utf8),
+                    status: status.as_deref().map(response_value),
+                    content_type: content_type.as_deref().map(response_value),
+                    grpc_status: grpc_status.as_deref().map(response_value),
                 };
                 self.with_filter(*request, |filter, stream, streams, now| {
                     let rejected = stream
@@ -597,7 +608,7 @@ impl Run {
                 grpc_status,
                 flags,
             } => self.with_filter(*request, |filter, _, streams, now| {
-                let grpc_status = grpc_status.as_deref().and_then(utf8);
+                let grpc_status = grpc_status.as_deref().map(response_value);
                 filter.on_response_trailers(streams, grpc_status, now, || *flags);
                 Ok(())
             }),
@@ -622,7 +633,7 @@ impl Run {
                 let mut filter = OutcomeFilter::default();
                 let streams = &mut self.workers[*worker].streams;
                 let head = ResponseHead {
-                    status: status.as_deref().and_then(utf8),
+                    status: status.as_deref().map(response_value),
                     ..ResponseHead::default()
                 };
                 let changes = filter.on_response_headers(streams, head, false, self.now, || *flags);
