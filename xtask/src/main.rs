@@ -84,11 +84,13 @@ enum Task {
     Bench(bench::Options),
     /// Build the release filter (.wasm) and print its path and size
     BuildWasm,
-    /// Drive the release filter with hostile requests and snapshots for M minutes
+    /// Drive both data planes with hostile input for M minutes
     ///
-    /// The long run of the untrusted-input property test: runs of N cases, each with a fresh
-    /// random seed, until M minutes have passed. A failing run stops with the seed that
-    /// reproduces it (PROPTEST_RNG_SEED).
+    /// The long run of the untrusted-input property tests: the release filter under hostile
+    /// requests and snapshots (tests/wasm-host), and the native module's adapter under hostile
+    /// requests, responses, host sets and callback orders (filters/native). Runs of N cases
+    /// of each, every run with a fresh random seed, until M minutes have passed. A failing
+    /// run stops with the seed that reproduces it (PROPTEST_RNG_SEED).
     Fuzz {
         /// Start runs until this many minutes have passed
         #[arg(long, value_name = "M", default_value_t = 60)]
@@ -194,13 +196,32 @@ fn test(cargo_test_args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// The property test that drives the real filter with hostile input (tests/wasm-host).
-const FUZZ_TEST: &str = "untrusted_input_property::hostile_requests_and_snapshots_never_trap_leak_the_override_header_or_grow_memory";
+/// A property test that drives a data plane with hostile input: its package and its name in
+/// the package's `all` test binary.
+struct FuzzTest {
+    package: &'static str,
+    name: &'static str,
+}
+
+/// The real filter under hostile requests and snapshots (tests/wasm-host, given the release
+/// `.wasm`), and the native module's safe adapter under hostile requests, responses, host
+/// sets and callback orders (filters/native).
+const FUZZ_TESTS: [FuzzTest; 2] = [
+    FuzzTest {
+        package: "fulcrum-wasm-host",
+        name: "untrusted_input_property::hostile_requests_and_snapshots_never_trap_leak_the_override_header_or_grow_memory",
+    },
+    FuzzTest {
+        package: "fulcrum-native",
+        name: "untrusted_input_property::hostile_requests_responses_and_host_sets_never_panic_misroute_or_leak_picks",
+    },
+];
 
 /// `cargo xtask fuzz [--minutes M] [--cases N]`: the long run of the untrusted-input property
-/// test (CI runs 10,000 cases with a fixed seed): runs of N cases (default 100,000), each with
-/// a fresh random seed, until M minutes (default 60) have passed. Prints each run's seed; a
-/// failing run stops with the seed that reproduces it (`PROPTEST_RNG_SEED`).
+/// tests (CI runs 10,000 cases of the filter's and 1,000 of the native module's with fixed
+/// seeds): runs of N cases (default 100,000) of each, every run with a fresh random seed,
+/// until M minutes (default 60) have passed. Prints each run's seed; a failing run stops with
+/// the test and the seed that reproduce it (`PROPTEST_RNG_SEED`).
 fn fuzz(minutes: u64, cases: u64) -> Result<()> {
     let wasm = build_wasm()?;
     let deadline = Instant::now() + std::time::Duration::from_secs(60 * minutes);
@@ -213,31 +234,27 @@ fn fuzz(minutes: u64, cases: u64) -> Result<()> {
             "xtask fuzz: run {} with PROPTEST_RNG_SEED={seed}, {cases} cases",
             runs + 1
         );
-        let mut command = cargo();
-        command
-            .args([
-                "test",
-                "--package",
-                "fulcrum-wasm-host",
-                "--test",
-                "all",
-                "--",
-                "--exact",
-            ])
-            .arg(FUZZ_TEST)
-            .env("FULCRUM_FILTER_WASM", &wasm)
-            .env("PROPTEST_CASES", cases.to_string())
-            .env("PROPTEST_RNG_SEED", seed.to_string());
-        tools::run(&mut command).with_context(|| {
-            format!(
-                "fuzz run failed; reproduce with PROPTEST_RNG_SEED={seed} PROPTEST_CASES={cases}"
-            )
-        })?;
+        for test in &FUZZ_TESTS {
+            let mut command = cargo();
+            command
+                .args(["test", "--package", test.package, "--test", "all"])
+                .args(["--", "--exact", test.name])
+                .env("FULCRUM_FILTER_WASM", &wasm)
+                .env("PROPTEST_CASES", cases.to_string())
+                .env("PROPTEST_RNG_SEED", seed.to_string());
+            tools::run(&mut command).with_context(|| {
+                format!(
+                    "fuzz run of {} failed; reproduce with PROPTEST_RNG_SEED={seed} \
+                     PROPTEST_CASES={cases} cargo test -p {} --test all -- --exact {}",
+                    test.package, test.package, test.name
+                )
+            })?;
+        }
         runs += 1;
         total += cases;
     }
     eprintln!(
-        "xtask fuzz: {total} cases in {runs} runs passed in {:.0?}",
+        "xtask fuzz: {total} cases of each property in {runs} runs passed in {:.0?}",
         started.elapsed()
     );
     Ok(())

@@ -19,15 +19,14 @@ use proxy_wasm::{hostcalls, types::MapType};
 use crate::{config::DEFAULT_OVERRIDE_HEADER, metrics::Metrics};
 
 /// Longest hash-key, client-key, service or authority header value, and longest string
-/// property, the filter uses: 4 KiB. A DNS name is at most 253 bytes and Istio cluster names
-/// stay far below this; anything longer is not a name.
-pub const MAX_VALUE_BYTES: usize = 4 << 10;
+/// property, the filter uses: 4 KiB, the core's cap, which the native module applies too. A
+/// DNS name is at most 253 bytes and Istio cluster names stay far below this; anything longer
+/// is not a name.
+pub use fulcrum_core::service::MAX_VALUE_BYTES;
 
-/// Longest `cookie` header the filter parses: 8 KiB, the per-header limit of nginx
-/// (`large_client_header_buffers`) and Apache (`LimitRequestFieldSize`), so a longer one would
-/// not pass the usual web servers either. A longer header reads as no cookie: a sticky client
-/// gets a new session, a hash cookie is generated afresh.
-pub const MAX_COOKIE_BYTES: usize = 8 << 10;
+/// Longest `cookie` header the filter parses: the core's cap (8 KiB), which the native module
+/// applies too.
+pub use fulcrum_core::service::MAX_COOKIE_BYTES;
 
 /// Longest node zone or region the filter takes: 253 bytes, a DNS name's limit; Kubernetes
 /// label values (where Istio takes them from) are at most 63.
@@ -159,11 +158,7 @@ pub fn is_grpc_response() -> bool {
     hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, "content-type")
         .ok()
         .flatten()
-        .is_some_and(|value| {
-            value.strip_prefix(b"application/grpc").is_some_and(|rest| {
-                rest.is_empty() || rest.starts_with(b"+") || rest.starts_with(b";")
-            })
-        })
+        .is_some_and(|value| fulcrum_core::service::is_grpc_content_type(&value))
 }
 
 /// The response's `:status`: three digits, 100 to 999 (Envoy's codecs refuse anything else
@@ -173,47 +168,25 @@ pub fn response_status(metrics: &Metrics) -> Option<u16> {
     let bytes = hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, ":status")
         .ok()
         .flatten()?;
-    let status = parse_status(&bytes);
+    let status = fulcrum_core::service::parse_http_status(&bytes);
     if status.is_none() {
         metrics.input_invalid(Input::ResponseCode);
     }
     status
 }
 
-/// `bytes` as an HTTP status code: exactly three ASCII digits, the first not 0.
-fn parse_status(bytes: &[u8]) -> Option<u16> {
-    match bytes {
-        [
-            hundreds @ b'1'..=b'9',
-            tens @ b'0'..=b'9',
-            units @ b'0'..=b'9',
-        ] => Some(
-            u16::from(hundreds - b'0') * 100
-                + u16::from(tens - b'0') * 10
-                + u16::from(units - b'0'),
-        ),
-        _ => None,
-    }
-}
-
 /// The `grpc-status` in `map` (the response headers of a trailers-only response, else the
 /// trailers); `None` when absent. A value that is not a decimal code is counted and read as
 /// `UNKNOWN` (2), a failure, as Envoy reads it.
 pub fn grpc_status(map: MapType, metrics: &Metrics) -> Option<u64> {
-    const UNKNOWN: u64 = 2;
     let bytes = hostcalls::get_map_value_bytes(map, "grpc-status")
         .ok()
         .flatten()?;
-    let code = (!bytes.is_empty() && bytes.len() <= 3 && bytes.iter().all(u8::is_ascii_digit))
-        .then(|| {
-            bytes
-                .iter()
-                .fold(0, |code, digit| code * 10 + u64::from(digit - b'0'))
-        });
+    let code = fulcrum_core::service::parse_grpc_status(&bytes);
     if code.is_none() {
         metrics.input_invalid(Input::GrpcStatus);
     }
-    Some(code.unwrap_or(UNKNOWN))
+    Some(code.unwrap_or(fulcrum_core::service::GRPC_UNKNOWN))
 }
 
 /// A string property as text, under the same rules as [`request_header`].
@@ -410,26 +383,6 @@ mod tests {
             &[0xff, b'a'],
         ] {
             assert_eq!(header_text(hostile, 256), None, "{hostile:?}");
-        }
-    }
-
-    #[test]
-    fn a_status_is_exactly_three_digits_from_100_to_999() {
-        assert_eq!(parse_status(b"200"), Some(200));
-        assert_eq!(parse_status(b"503"), Some(503));
-        assert_eq!(parse_status(b"100"), Some(100));
-        assert_eq!(parse_status(b"999"), Some(999));
-        for bad in [
-            &b""[..],
-            b"20",
-            b"2000",
-            b"099",
-            b"2x0",
-            b" 200",
-            b"-20",
-            &[0xff, b'0', b'0'],
-        ] {
-            assert_eq!(parse_status(bad), None, "{bad:?}");
         }
     }
 

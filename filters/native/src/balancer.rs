@@ -14,10 +14,12 @@
 //!
 //! Each worker keeps its own [`HostIndex`]: Envoy updates workers' priority sets one after
 //! the other, and a host is returned by its index in the worker's own healthy list. A worker
-//! rereads its hosts when they change (`on_host_membership_update`) or when a healthy count
-//! differs from the one it read (a health change); it hands the endpoints to the shared
-//! picker only when they differ from what the picker has, so workers catching up do not
-//! rebuild the picker's tables again.
+//! rereads its hosts when they change (`on_host_membership_update`), when a healthy count
+//! differs from the one it read (a health change), or when the place it is about to answer
+//! no longer holds the host it read there (a health change that kept every count: one host
+//! down and another up between two picks; each answer is checked with one ABI read); it
+//! hands the endpoints to the shared picker only when they differ from what the picker has,
+//! so workers catching up do not rebuild the picker's tables again.
 //!
 //! # One pick per stream, retries on its retry targets
 //!
@@ -53,7 +55,7 @@ use fulcrum_core::{
     ServicePolicy, Transition, rng::SplitMix64,
 };
 
-use crate::hosts::{HostIndex, HostSet, read_hosts};
+use crate::hosts::{HostIndex, HostSet, HostSlot, read_hosts};
 
 /// The request header the outcome filter names its stream in, for `choose_host` to find.
 pub const STREAM_HEADER: &str = fulcrum_core::NATIVE_STREAM_HEADER;
@@ -242,6 +244,11 @@ impl Cluster {
 
     /// Charges the end of `pick` to the picker: see [`Stream::complete`].
     fn complete(&self, pick: &Pick, response: &Response, now: Duration) {
+        let Some(served) = pick.served() else {
+            // Served by a host fulcrum cannot name: release the pick, charge nobody.
+            self.lock().picker.abandon(pick.picked);
+            return;
+        };
         let outcome = fulcrum_core::Outcome::of_envoy_stream(
             response.status,
             response.flags,
@@ -250,9 +257,7 @@ impl Cluster {
         let mut events = Vec::new();
         {
             let mut state = self.lock();
-            let transitions = state
-                .picker
-                .complete(pick.picked, pick.served(), outcome, now);
+            let transitions = state.picker.complete(pick.picked, served, outcome, now);
             for transition in transitions.iter() {
                 Event::of_transition(transition, &mut events);
             }
@@ -276,8 +281,9 @@ pub struct Pick {
     cluster: Arc<Cluster>,
     picked: SocketAddr,
     retry_targets: RetryTargets,
-    /// The host of the last attempt.
-    last: SocketAddr,
+    /// The host of the last attempt; `None` when it is a host fulcrum cannot name (not
+    /// `IP:port`), whose outcome is charged to nobody.
+    last: Option<SocketAddr>,
     /// How many attempts chose a host (1 for the pick itself).
     attempts: u32,
     /// A `Set-Cookie` value for the response (a new sticky session or hash cookie).
@@ -290,20 +296,23 @@ impl Pick {
         self.picked
     }
 
-    /// The host of the last attempt.
-    pub fn last(&self) -> SocketAddr {
+    /// The host of the last attempt; `None` when it is not `IP:port` (a pipe, say, which
+    /// Envoy's host set may hold beside the endpoints fulcrum picks).
+    pub fn last(&self) -> Option<SocketAddr> {
         self.last
     }
 
     /// Who served the stream, relative to the pick: the last attempt's host and the attempt
-    /// count, classified as for the wasm filter.
-    pub fn served(&self) -> fulcrum_core::Served {
-        fulcrum_core::Served::classify(
+    /// count, classified as for the wasm filter; `None` when the last attempt went to a host
+    /// fulcrum cannot name, whose outcome is then charged to nobody.
+    pub fn served(&self) -> Option<fulcrum_core::Served> {
+        let last = self.last?;
+        Some(fulcrum_core::Served::classify(
             self.picked,
             &self.retry_targets,
-            Some(self.last),
+            Some(last),
             Some(u64::from(self.attempts)),
-        )
+        ))
     }
 }
 
@@ -468,7 +477,7 @@ impl WorkerLb {
         let stream = request.stream_id().and_then(|id| streams.get_mut(id));
         let Some(stream) = stream else {
             // No filter follows this request: pick, but release the pick at once.
-            let chosen = self.pick(request, None, now);
+            let chosen = self.pick(hosts, request, None, now);
             return match chosen {
                 Picked::Host { pick, place } => {
                     pick.cluster.lock().picker.abandon(pick.picked);
@@ -480,9 +489,9 @@ impl WorkerLb {
             };
         };
         if let Some(pick) = &mut stream.pick {
-            return self.retry(pick, request);
+            return self.retry(hosts, pick, request);
         }
-        match self.pick(request, Some(stream), now) {
+        match self.pick(hosts, request, Some(stream), now) {
             Picked::Host { pick, place } => {
                 stream.pick = Some(*pick);
                 Some(place)
@@ -498,6 +507,7 @@ impl WorkerLb {
     /// The first pick of a request.
     fn pick(
         &mut self,
+        hosts: &impl HostSet,
         request: &impl RequestContext,
         stream: Option<&Stream>,
         now: Duration,
@@ -505,7 +515,12 @@ impl WorkerLb {
         let cluster = Arc::clone(&self.cluster);
         let inputs = RequestInputs::read(
             cluster.needs.borrowed(),
-            |name, _| request.header(name),
+            // Longer than the core's cap reads as absent, as on the wasm filter.
+            |name, which| {
+                request
+                    .header(name)
+                    .filter(|value| value.len() <= which.cap())
+            },
             || stream.and_then(|stream| stream.source_ip),
         );
         let picked = {
@@ -515,8 +530,9 @@ impl WorkerLb {
         };
         match picked {
             Ok(pick) => {
-                let Some(place) = self.healthy_place(pick.endpoint) else {
-                    // Not among this worker's healthy hosts (its view lags the picker's).
+                let Some(place) = self.healthy_place(hosts, pick.endpoint) else {
+                    // Not among this worker's healthy hosts (its view lags the picker's, or
+                    // the picker's lagged Envoy's until this check reread the hosts).
                     cluster.lock().picker.abandon(pick.endpoint);
                     return Picked::FailOpen;
                 };
@@ -526,7 +542,7 @@ impl WorkerLb {
                         cluster,
                         picked: pick.endpoint,
                         retry_targets: pick.retry_targets,
-                        last: pick.endpoint,
+                        last: Some(pick.endpoint),
                         attempts: 1,
                         set_cookie: pick.set_sticky_cookie,
                     }),
@@ -545,7 +561,12 @@ impl WorkerLb {
 
     /// A retry's host: the pick's first retry target Envoy does not refuse and this worker
     /// has healthy, else the pick again if Envoy accepts it, else a fail-open choice.
-    fn retry(&mut self, pick: &mut Pick, request: &impl RequestContext) -> Option<(u32, usize)> {
+    fn retry(
+        &mut self,
+        hosts: &impl HostSet,
+        pick: &mut Pick,
+        request: &impl RequestContext,
+    ) -> Option<(u32, usize)> {
         pick.attempts = pick.attempts.saturating_add(1);
         let candidates = pick
             .retry_targets
@@ -554,7 +575,7 @@ impl WorkerLb {
             .copied()
             .chain(std::iter::once(pick.picked));
         for address in candidates {
-            let Some(slot) = self.index.get(address) else {
+            let Some(slot) = self.healthy_slot(hosts, address) else {
                 continue;
             };
             let Some(healthy_index) = slot.healthy_index else {
@@ -563,23 +584,37 @@ impl WorkerLb {
             if request.refuses(slot.priority, slot.index) {
                 continue;
             }
-            pick.last = address;
+            pick.last = Some(address);
             return Some((slot.priority, healthy_index));
         }
         let place = self.fail_open()?;
-        if let Some(address) = self.address_of(place) {
-            pick.last = address;
-        }
+        // Read from Envoy: a host listed twice, or one that is not `IP:port`, has no place
+        // of its own in the index.
+        pick.last = hosts.healthy_endpoint(place.0, place.1);
         Some(place)
     }
 
-    fn healthy_place(&self, address: SocketAddr) -> Option<(u32, usize)> {
-        let slot = self.index.get(address)?;
+    /// Where `address` is among this worker's healthy hosts.
+    fn healthy_place(&mut self, hosts: &impl HostSet, address: SocketAddr) -> Option<(u32, usize)> {
+        let slot = self.healthy_slot(hosts, address)?;
         Some((slot.priority, slot.healthy_index?))
     }
 
-    fn address_of(&self, place: (u32, usize)) -> Option<SocketAddr> {
-        self.index.address_at(place)
+    /// `address`'s slot when it is healthy, checked against Envoy's list: a health change
+    /// that leaves every priority's healthy count as it was (one host down and another up
+    /// between two picks; Envoy calls no hook for health) is invisible to
+    /// [`HostIndex::is_stale`], so a place the index gives must still hold `address` (one
+    /// ABI read), or the worker rereads its hosts and looks again.
+    fn healthy_slot(&mut self, hosts: &impl HostSet, address: SocketAddr) -> Option<HostSlot> {
+        let slot = self.index.get(address)?;
+        let healthy_index = slot.healthy_index?;
+        if hosts.healthy_endpoint(slot.priority, healthy_index) == Some(address) {
+            return Some(slot);
+        }
+        self.reread(hosts);
+        self.index
+            .get(address)
+            .filter(|slot| slot.healthy_index.is_some())
     }
 
     /// A healthy host by rotation, counted as a fail-open; `None` without one.
@@ -733,7 +768,10 @@ mod tests {
             .get_mut(id.expect("open"))
             .and_then(|stream| stream.pick.clone())
             .expect("the stream's pick");
-        assert_eq!(pick.last(), "10.0.0.3:80".parse().expect("an address"));
+        assert_eq!(
+            pick.last(),
+            Some("10.0.0.3:80".parse().expect("an address"))
+        );
         assert_eq!(
             inflight(&worker),
             1,
@@ -779,6 +817,39 @@ mod tests {
         );
 
         assert_eq!(inflight(&worker), 0);
+    }
+
+    #[test]
+    fn a_cookie_header_beyond_8_kib_reads_as_no_cookie_as_on_the_wasm_filter() {
+        let hosts = three_hosts();
+        let (mut worker, _) = worker(
+            r#"{"load_balancer": {"type": "sticky", "cookie": "session"}}"#,
+            &hosts,
+        );
+        let mut streams = Streams::default();
+        let mut session_of = |cookie: Option<String>| {
+            let id = streams.open(Duration::ZERO, None).expect("open");
+            let mut request = Request::of_stream(Some(id));
+            request
+                .headers
+                .extend(cookie.map(|cookie| ("cookie", cookie)));
+            worker.choose(&hosts, &request, &mut streams, Duration::ZERO);
+            let mut stream = streams.close(id).expect("open");
+            let cookie = stream.pick.as_mut().and_then(|pick| pick.set_cookie.take());
+            stream.complete(&Response::default(), Duration::ZERO);
+            cookie
+        };
+        let set_cookie = session_of(None).expect("a new session");
+        let session = set_cookie.split(';').next().expect("name=value").to_owned();
+
+        let within = session_of(Some(format!("pad={}; {session}", "a".repeat(1 << 10))));
+        let beyond = session_of(Some(format!("pad={}; {session}", "a".repeat(9 << 10))));
+
+        assert_eq!(within, None, "the session is kept");
+        assert!(
+            beyond.is_some(),
+            "a longer header is no cookie: a new session"
+        );
     }
 
     #[test]
@@ -840,6 +911,49 @@ mod tests {
     }
 
     #[test]
+    fn a_health_change_that_keeps_every_healthy_count_is_seen_before_the_next_pick() {
+        let mut hosts = three_hosts();
+        hosts.priorities[0][1].healthy = false;
+        let (mut worker, counts) = worker(r#"{"load_balancer": {"type": "round_robin"}}"#, &hosts);
+        // One host goes down and another comes up between two picks: Envoy calls no hook,
+        // and the priority still has two healthy hosts.
+        hosts.priorities[0][0].healthy = false;
+        hosts.priorities[0][1].healthy = true;
+        let mut streams = Streams::default();
+
+        let mut picked = Vec::new();
+        for _ in 0..4 {
+            let id = streams.open(Duration::ZERO, None).expect("open");
+            let place = worker
+                .choose(
+                    &hosts,
+                    &Request::of_stream(Some(id)),
+                    &mut streams,
+                    Duration::ZERO,
+                )
+                .expect("a host");
+            let envoys = hosts.healthy_endpoint(place.0, place.1);
+            // A pick made on the stale view fails open, once.
+            let mut stream = streams.close(id).expect("open");
+            if let Some(pick) = &stream.pick {
+                assert_eq!(
+                    pick.last(),
+                    envoys,
+                    "the host Envoy uses is the one charged"
+                );
+                picked.push(pick.picked());
+            }
+            stream.complete(&Response::default(), Duration::ZERO);
+        }
+
+        assert!(counted(&counts, Event::FailOpen) <= 1);
+        assert!(picked.len() >= 3);
+        let down: SocketAddr = "10.0.0.1:80".parse().expect("an address");
+        assert!(!picked.contains(&down), "{picked:?}");
+        assert_eq!(inflight(&worker), 0);
+    }
+
+    #[test]
     fn a_removed_host_leaves_the_shared_picker_and_its_pending_pick_completes_harmlessly() {
         let mut hosts = three_hosts();
         let (mut worker, _) = worker(r#"{"load_balancer": {"type": "round_robin"}}"#, &hosts);
@@ -856,6 +970,77 @@ mod tests {
 
         assert_eq!(remaining, 2);
         assert_eq!(inflight(&worker), 0);
+    }
+
+    /// Hosts whose first priority holds `first` twice, healthy, and whose second holds the
+    /// only `canary`, which a policy selecting that tag always picks; and a stream picked on
+    /// the canary whose retry Envoy refuses everywhere, so it fails open by rotation onto the
+    /// second host of the first priority. Its chosen place, and the stream.
+    fn retry_failing_open_onto_the_second_of(first: &str) -> (Option<(u32, usize)>, Stream) {
+        let mut canary = TestHost::healthy("10.0.0.2:80");
+        canary
+            .metadata
+            .insert("tags_csv".to_owned(), "canary".to_owned());
+        let hosts = TestHosts {
+            priorities: vec![
+                vec![TestHost::healthy(first), TestHost::healthy(first)],
+                vec![canary],
+            ],
+        };
+        let (mut worker, _) = worker(
+            r#"{"load_balancer": {"type": "round_robin"},
+                "endpoint_selector": {"tags": ["canary"]},
+                "outlier_detection": {"consecutive_failures": 5}}"#,
+            &hosts,
+        );
+        let mut streams = Streams::default();
+        let id = streams.open(Duration::ZERO, None).expect("open");
+        let mut request = Request::of_stream(Some(id));
+        let first_attempt = worker.choose(&hosts, &request, &mut streams, Duration::ZERO);
+        assert_eq!(first_attempt, Some((1, 0)), "the canary");
+        request.refused = vec![(0, 0), (0, 1), (1, 0)];
+
+        let retry = worker.choose(&hosts, &request, &mut streams, Duration::ZERO);
+
+        (retry, streams.close(id).expect("open"))
+    }
+
+    #[test]
+    fn a_retry_failing_open_onto_a_duplicate_address_is_charged_to_that_address() {
+        let (retry, stream) = retry_failing_open_onto_the_second_of("10.0.0.1:80");
+
+        assert_eq!(retry, Some((0, 1)));
+        let pick = stream.pick.expect("the stream's pick");
+        assert_eq!(
+            pick.last(),
+            Some("10.0.0.1:80".parse().expect("an address")),
+            "Envoy sends the retry to 10.0.0.1:80, listed twice"
+        );
+    }
+
+    #[test]
+    fn a_retry_failing_open_onto_a_host_that_is_not_an_address_charges_nobody() {
+        let (retry, mut stream) = retry_failing_open_onto_the_second_of("/tmp/upstream.sock");
+        assert_eq!(retry, Some((0, 1)));
+        let cluster = Arc::clone(&stream.pick.as_ref().expect("the stream's pick").cluster);
+
+        stream.complete(
+            &Response {
+                status: Some(503),
+                flags: 0,
+                latency: Duration::from_millis(1),
+            },
+            Duration::from_millis(1),
+        );
+
+        assert!(
+            !cluster.with_picker(|picker| picker.knows_of_failures()),
+            "the pipe's 503 is not the canary's"
+        );
+        assert_eq!(
+            cluster.with_picker(|picker| picker.endpoints().map(|view| view.inflight).sum::<u32>()),
+            0
+        );
     }
 
     #[test]

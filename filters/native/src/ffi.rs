@@ -563,6 +563,26 @@ struct EnvoyHosts {
     lb: *mut c_void,
 }
 
+impl EnvoyHosts {
+    /// The address of healthy host `index` at `priority`, borrowed for the hook (`self`
+    /// lives no longer than it).
+    fn healthy_address_str(&self, priority: u32, index: usize) -> Option<&str> {
+        let mut result = EnvoyBuffer::EMPTY;
+        // SAFETY: live LB pointer, bounds-checked indexes, `result` a valid out pointer.
+        let found = unsafe {
+            envoy_dynamic_module_callback_lb_get_healthy_host_address(
+                self.lb,
+                priority,
+                index,
+                &mut result,
+            )
+        };
+        // SAFETY: Envoy filled `result` with the host's address, valid during the hook,
+        // which nothing here changes the host set in.
+        found.then(|| unsafe { result.as_str() }).flatten()
+    }
+}
+
 impl HostSet for EnvoyHosts {
     fn priorities(&self) -> u32 {
         // SAFETY: `lb` is the live LB pointer of the current hook.
@@ -591,18 +611,11 @@ impl HostSet for EnvoyHosts {
     }
 
     fn healthy_address(&self, priority: u32, index: usize) -> Option<String> {
-        let mut result = EnvoyBuffer::EMPTY;
-        // SAFETY: live LB pointer, bounds-checked indexes, `result` a valid out pointer.
-        let found = unsafe {
-            envoy_dynamic_module_callback_lb_get_healthy_host_address(
-                self.lb,
-                priority,
-                index,
-                &mut result,
-            )
-        };
-        // SAFETY: Envoy filled `result` with the host's address, valid during the hook.
-        found.then(|| unsafe { result.to_string() }).flatten()
+        self.healthy_address_str(priority, index).map(str::to_owned)
+    }
+
+    fn healthy_endpoint(&self, priority: u32, index: usize) -> Option<SocketAddr> {
+        self.healthy_address_str(priority, index)?.parse().ok()
     }
 
     fn weight(&self, priority: u32, index: usize) -> u32 {
@@ -907,7 +920,13 @@ pub extern "C" fn envoy_dynamic_module_on_http_filter_new(
     )
 }
 
-/// Header `name` of `header_type`, as text borrowed from Envoy's header map.
+/// What a response header or trailer reads as when Envoy holds it but it is not UTF-8:
+/// present, and matching no rule (no status, no gRPC content type, a `grpc-status` that is
+/// `UNKNOWN`), as the wasm filter, which reads bytes, judges it.
+const NOT_TEXT: &str = "\u{fffd}";
+
+/// Header `name` of `header_type`, as text borrowed from Envoy's header map ([`NOT_TEXT`]
+/// when it is not UTF-8).
 ///
 /// # Safety
 /// `filter` is the live filter pointer of the current hook, and `'a` ends before the hook
@@ -928,7 +947,7 @@ unsafe fn header<'a>(filter: *mut c_void, header_type: u32, name: &str) -> Optio
     };
     // SAFETY: Envoy filled `result` with the header's value, valid for `'a` per this
     // function's contract.
-    found.then(|| unsafe { result.as_str() }).flatten()
+    found.then(|| unsafe { result.as_str() }.unwrap_or(NOT_TEXT))
 }
 
 /// The downstream source IP (`source.address`, `IP:port` or an IP).

@@ -27,8 +27,8 @@ use fulcrum_core::endpoint::scalar_metadata::{
     CAPABILITIES as CAPABILITIES_KEY, METADATA_PREFIX as METADATA_KEY_PREFIX, TAGS as TAGS_KEY,
 };
 
-/// Most hosts read from one cluster: a larger set is cut (and counted by the caller through
-/// the index's `truncated` flag) so one pathological cluster cannot exhaust memory.
+/// Most hosts read from one cluster, and from one priority: a larger set is cut (the index's
+/// `truncated` flag says so) so one pathological cluster cannot exhaust memory or time.
 pub const MAX_HOSTS: usize = 65_536;
 
 /// Read access to one worker's priority set (the LB ABI's host callbacks).
@@ -43,6 +43,13 @@ pub trait HostSet {
     fn address(&self, priority: u32, index: usize) -> Option<String>;
     /// The `IP:port` of healthy host `index` at `priority`.
     fn healthy_address(&self, priority: u32, index: usize) -> Option<String>;
+    /// Healthy host `index` at `priority` as an endpoint address; `None` when it is not
+    /// `IP:port`. An implementation may parse without copying; it must parse as
+    /// [`SocketAddr`]'s `FromStr` does.
+    fn healthy_endpoint(&self, priority: u32, index: usize) -> Option<SocketAddr> {
+        self.healthy_address(priority, index)
+            .and_then(parse_address)
+    }
     /// The load-balancing weight of host `index` at `priority`.
     fn weight(&self, priority: u32, index: usize) -> u32;
     /// The region and zone of host `index` at `priority` (empty when unset).
@@ -79,14 +86,6 @@ impl HostIndex {
         self.slots.get(&address).copied()
     }
 
-    /// The address of healthy host `index` of `priority`, as read.
-    pub fn address_at(&self, (priority, index): (u32, usize)) -> Option<SocketAddr> {
-        self.slots
-            .iter()
-            .find(|(_, slot)| slot.priority == priority && slot.healthy_index == Some(index))
-            .map(|(address, _)| *address)
-    }
-
     /// Whether the healthy counts of `hosts` differ from those read: health or membership
     /// changed since (one ABI call per priority).
     pub fn is_stale(&self, hosts: &impl HostSet) -> bool {
@@ -116,13 +115,19 @@ pub fn read_hosts(hosts: &impl HostSet, policy: &ServicePolicy) -> (Vec<Endpoint
     for priority in 0..priorities {
         let healthy = hosts.healthy_hosts(priority);
         index.healthy_counts.push(healthy);
-        let mut healthy_at: HashMap<SocketAddr, usize> = HashMap::with_capacity(healthy);
+        // Envoy's counts size nothing beyond the cap: the index stays bounded whatever they say.
+        let mut healthy_at: HashMap<SocketAddr, usize> =
+            HashMap::with_capacity(healthy.min(MAX_HOSTS));
         for i in 0..healthy.min(MAX_HOSTS) {
-            if let Some(address) = hosts.healthy_address(priority, i).and_then(parse_address) {
+            if let Some(address) = hosts.healthy_endpoint(priority, i) {
                 healthy_at.entry(address).or_insert(i);
             }
         }
-        for i in 0..hosts.hosts(priority) {
+        let count = hosts.hosts(priority);
+        if count > MAX_HOSTS {
+            index.truncated = true;
+        }
+        for i in 0..count.min(MAX_HOSTS) {
             if endpoints.len() >= MAX_HOSTS {
                 index.truncated = true;
                 break;
@@ -411,6 +416,52 @@ mod tests {
         ]);
         let (endpoints, _) = read_hosts(&hosts, &ServicePolicy::default());
         assert_eq!(endpoints.len(), 1);
+    }
+
+    /// A priority set whose counts claim `count` hosts, healthy, where `hosts` lists fewer.
+    struct Claiming {
+        hosts: TestHosts,
+        count: usize,
+    }
+
+    impl HostSet for Claiming {
+        fn priorities(&self) -> u32 {
+            self.hosts.priorities()
+        }
+        fn hosts(&self, _priority: u32) -> usize {
+            self.count
+        }
+        fn healthy_hosts(&self, _priority: u32) -> usize {
+            self.count
+        }
+        fn address(&self, priority: u32, index: usize) -> Option<String> {
+            self.hosts.address(priority, index)
+        }
+        fn healthy_address(&self, priority: u32, index: usize) -> Option<String> {
+            self.hosts.healthy_address(priority, index)
+        }
+        fn weight(&self, priority: u32, index: usize) -> u32 {
+            self.hosts.weight(priority, index)
+        }
+        fn locality(&self, priority: u32, index: usize) -> Option<(String, String)> {
+            self.hosts.locality(priority, index)
+        }
+        fn metadata(&self, priority: u32, index: usize, key: &str) -> Option<String> {
+            self.hosts.metadata(priority, index, key)
+        }
+    }
+
+    #[test]
+    fn a_host_set_counting_more_hosts_than_the_cap_is_read_within_it() {
+        let hosts = Claiming {
+            hosts: TestHosts::one_priority(vec![TestHost::healthy("10.0.0.1:80")]),
+            count: usize::MAX,
+        };
+
+        let (endpoints, index) = read_hosts(&hosts, &ServicePolicy::default());
+
+        assert_eq!(endpoints.len(), 1);
+        assert!(index.truncated);
     }
 
     #[test]

@@ -17,6 +17,11 @@
 //!   a gRPC stream before its trailers) completes with Envoy's response flags, so an
 //!   upstream's reset counts and a client's cancel does not.
 //!
+//! Response values are read by the core's rules, the wasm filter's: `:status` is three digits
+//! from 100 to 999 ([`parse_http_status`]), `grpc-status` is read only under a gRPC
+//! `content-type` ([`is_grpc_content_type`]) and a value that is not a code is `UNKNOWN`, a
+//! failure ([`parse_grpc_status`]); a value that is not UTF-8 matches none of them.
+//!
 //! Envoy's response flags (how attempts failed) are read only when they can change the
 //! outcome ([`Outcome::needs_response_flags`]), as the wasm filter reads them, and mean the
 //! same ([`Outcome::of_envoy_stream`]).
@@ -27,7 +32,12 @@
 
 use std::{net::IpAddr, time::Duration};
 
-use fulcrum_core::{Outcome, Rejection, Served, service::grpc_http_status};
+use fulcrum_core::{
+    Outcome, Rejection, Served,
+    service::{
+        GRPC_UNKNOWN, grpc_http_status, is_grpc_content_type, parse_grpc_status, parse_http_status,
+    },
+};
 
 pub use crate::balancer::STREAM_HEADER;
 use crate::balancer::{Pick, Response, Streams};
@@ -65,9 +75,10 @@ pub struct ResponseHead<'a> {
 }
 
 impl ResponseHead<'_> {
-    /// Whether a `content-type` is gRPC's: only then is `grpc-status` read.
+    /// Whether a `content-type` is gRPC's (`application/grpc`, or a subtype or parameters
+    /// after it: the core's rule, the wasm filter's): only then is `grpc-status` read.
     pub fn is_grpc_content_type(value: &str) -> bool {
-        value.starts_with("application/grpc")
+        is_grpc_content_type(value.as_bytes())
     }
 }
 
@@ -108,12 +119,14 @@ impl OutcomeFilter {
         if let Some(rejection) = stream.rejection {
             reply_for(rejection, &mut changes);
         }
-        let status = head.status.and_then(parse_status);
+        let status = head
+            .status
+            .and_then(|value| parse_http_status(value.as_bytes()));
         let latency = now.saturating_sub(stream.started);
         let is_grpc = head
             .content_type
             .is_some_and(ResponseHead::is_grpc_content_type);
-        let grpc = head.grpc_status.and_then(parse_grpc_status);
+        let grpc = head.grpc_status.map(grpc_code);
         match (is_grpc, grpc) {
             (true, Some(code)) => {
                 self.finish(streams, Some(grpc_http_status(code)), latency, now, flags)
@@ -137,9 +150,7 @@ impl OutcomeFilter {
         let Some((status, latency)) = self.awaiting_trailers.take() else {
             return;
         };
-        let status = grpc_status
-            .and_then(parse_grpc_status)
-            .map_or(status, grpc_http_status);
+        let status = grpc_status.map(grpc_code).map_or(status, grpc_http_status);
         self.finish(streams, Some(status), latency, now, flags);
     }
 
@@ -184,8 +195,13 @@ impl OutcomeFilter {
         let Some(mut stream) = self.stream.take().and_then(|id| streams.close(id)) else {
             return;
         };
-        let served = stream.pick.as_ref().map_or(Served::ByPick, Pick::served);
-        let flags = if Outcome::needs_response_flags(status, served) {
+        // Without a pick the stream is judged as the pick's own (nothing is charged); a pick
+        // served by a host fulcrum cannot name is charged to nobody, so needs no flags.
+        let served = stream
+            .pick
+            .as_ref()
+            .map_or(Some(Served::ByPick), Pick::served);
+        let flags = if served.is_some_and(|served| Outcome::needs_response_flags(status, served)) {
             flags()
         } else {
             0
@@ -233,18 +249,10 @@ fn reply_for(rejection: Rejection, changes: &mut HeaderChanges) {
     }
 }
 
-/// A `:status` of three digits; anything else is not trusted.
-fn parse_status(value: &str) -> Option<u16> {
-    (value.len() == 3 && value.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| value.parse().ok())
-        .flatten()
-}
-
-/// A `grpc-status` code (digits, at most 2).
-fn parse_grpc_status(value: &str) -> Option<u64> {
-    (!value.is_empty() && value.len() <= 2 && value.bytes().all(|b| b.is_ascii_digit()))
-        .then(|| value.parse().ok())
-        .flatten()
+/// A `grpc-status` value's code: one that is not a decimal code is `UNKNOWN`, a failure, as
+/// Envoy and the wasm filter read it.
+fn grpc_code(value: &str) -> u64 {
+    parse_grpc_status(value.as_bytes()).unwrap_or(GRPC_UNKNOWN)
 }
 
 #[cfg(test)]
@@ -419,19 +427,43 @@ mod tests {
     }
 
     #[test]
-    fn a_status_must_be_three_digits() {
-        assert_eq!(parse_status("503"), Some(503));
-        assert_eq!(parse_status("50"), None);
-        assert_eq!(parse_status("5x3"), None);
-        assert_eq!(parse_status("2000"), None);
+    fn a_grpc_status_that_is_not_a_code_is_unknown_a_failure_as_on_the_wasm_filter() {
+        let (mut filter, mut streams, cluster) = picked_stream();
+
+        filter.on_response_headers(
+            &mut streams,
+            grpc_head(Some("abc")),
+            true,
+            Duration::from_millis(2),
+            no_flags,
+        );
+
+        assert_eq!(inflight(&cluster), 0);
+        assert!(failing(&cluster), "UNKNOWN is a failure");
     }
 
     #[test]
-    fn a_grpc_status_must_be_a_small_number() {
-        assert_eq!(parse_grpc_status("14"), Some(14));
-        assert_eq!(parse_grpc_status("0"), Some(0));
-        assert_eq!(parse_grpc_status(""), None);
-        assert_eq!(parse_grpc_status("140"), None);
+    fn a_content_type_that_only_starts_like_grpcs_is_not_grpc_as_on_the_wasm_filter() {
+        let (mut filter, mut streams, cluster) = picked_stream();
+
+        filter.on_response_headers(
+            &mut streams,
+            ResponseHead {
+                status: Some("200"),
+                content_type: Some("application/grpc-web"),
+                grpc_status: Some("14"),
+            },
+            false,
+            Duration::from_millis(2),
+            no_flags,
+        );
+
+        assert_eq!(
+            inflight(&cluster),
+            0,
+            "judged by its status, not awaiting trailers"
+        );
+        assert!(!failing(&cluster));
     }
 
     #[test]

@@ -50,10 +50,13 @@ pub use self::{
     explain::{
         ChosenBy, Exclusions, ExplainedEndpoint, MAX_EXPLANATION_BYTES, PickExplanation, TRUNCATED,
     },
-    outcome::{Outcome, Served, Transition, Transitions, grpc_http_status, response_flags},
+    outcome::{
+        GRPC_UNKNOWN, Outcome, Served, Transition, Transitions, grpc_http_status,
+        is_grpc_content_type, parse_grpc_status, parse_http_status, response_flags,
+    },
     request::{
-        Pick, Rejection, RequestAttributes, RequestHeader, RequestInputs, RequestNeeds,
-        cookie_value,
+        MAX_COOKIE_BYTES, MAX_VALUE_BYTES, Pick, Rejection, RequestAttributes, RequestHeader,
+        RequestInputs, RequestNeeds, cookie_value,
     },
     retry::RetryTargets,
     slots::EndpointView,

@@ -109,6 +109,47 @@ pub fn grpc_http_status(code: u64) -> u16 {
     }
 }
 
+/// gRPC's `UNKNOWN`: what a `grpc-status` that is not a decimal code reads as, as Envoy
+/// reads it (a failure, HTTP 500).
+pub const GRPC_UNKNOWN: u64 = 2;
+
+/// A response's `:status`, as bytes: exactly three ASCII digits, the first not 0 (100 to 999,
+/// what Envoy's codecs accept from an upstream); anything else is no status. Both data planes
+/// read it this way.
+pub fn parse_http_status(bytes: &[u8]) -> Option<u16> {
+    match bytes {
+        [
+            hundreds @ b'1'..=b'9',
+            tens @ b'0'..=b'9',
+            units @ b'0'..=b'9',
+        ] => Some(
+            u16::from(hundreds - b'0') * 100
+                + u16::from(tens - b'0') * 10
+                + u16::from(units - b'0'),
+        ),
+        _ => None,
+    }
+}
+
+/// A `grpc-status` value, as bytes: a decimal code of one to three ASCII digits; `None` for
+/// anything else, which a data plane reads as [`GRPC_UNKNOWN`] (and counts as invalid).
+pub fn parse_grpc_status(bytes: &[u8]) -> Option<u64> {
+    (!bytes.is_empty() && bytes.len() <= 3 && bytes.iter().all(u8::is_ascii_digit)).then(|| {
+        bytes
+            .iter()
+            .fold(0, |code, digit| code * 10 + u64::from(digit - b'0'))
+    })
+}
+
+/// Whether a response's `content-type`, as bytes, is gRPC's: `application/grpc`, alone or
+/// followed by `+` (a subtype, `application/grpc+proto`) or `;` (parameters). Only then does
+/// a data plane read `grpc-status`.
+pub fn is_grpc_content_type(bytes: &[u8]) -> bool {
+    bytes
+        .strip_prefix(b"application/grpc")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(b"+") || rest.starts_with(b";"))
+}
+
 /// Envoy's response flags fulcrum reads: bits of the legacy bitmask both data planes get from
 /// Envoy (the wasm filter's `response.flags` property, the native module's `ResponseFlags`
 /// attribute). They accumulate over a stream's attempts.
@@ -308,7 +349,64 @@ impl ServicePicker {
 mod tests {
     use std::{net::SocketAddr, time::Duration};
 
-    use super::{Outcome, Served, grpc_http_status, response_flags};
+    use super::{
+        Outcome, Served, grpc_http_status, is_grpc_content_type, parse_grpc_status,
+        parse_http_status, response_flags,
+    };
+
+    #[test]
+    fn a_status_is_three_digits_from_100_to_999_and_nothing_else() {
+        assert_eq!(parse_http_status(b"200"), Some(200));
+        assert_eq!(parse_http_status(b"100"), Some(100));
+        assert_eq!(parse_http_status(b"999"), Some(999));
+        for hostile in [
+            &b"099"[..],
+            b"000",
+            b"0",
+            b"20x",
+            b"+200",
+            b" 200",
+            b"2000",
+            b"",
+            b"\xd9\xa2\xd9\xa0\xd9\xa0",
+            b"20",
+            b"2x0",
+            b"-20",
+            &[0xff, b'0', b'0'],
+        ] {
+            assert_eq!(parse_http_status(hostile), None, "{hostile:?}");
+        }
+    }
+
+    #[test]
+    fn a_grpc_status_is_one_to_three_digits() {
+        assert_eq!(parse_grpc_status(b"0"), Some(0));
+        assert_eq!(parse_grpc_status(b"014"), Some(14));
+        assert_eq!(parse_grpc_status(b"999"), Some(999));
+        for hostile in [&b""[..], b"-1", b"+1", b"1a", b"1000", b" 1", b"\xff"] {
+            assert_eq!(parse_grpc_status(hostile), None, "{hostile:?}");
+        }
+    }
+
+    #[test]
+    fn grpc_content_types_are_application_grpc_and_its_subtypes_only() {
+        for grpc in [
+            &b"application/grpc"[..],
+            b"application/grpc+proto",
+            b"application/grpc;charset=utf-8",
+        ] {
+            assert!(is_grpc_content_type(grpc), "{grpc:?}");
+        }
+        for other in [
+            &b"application/grpc-web"[..],
+            b"application/grpcx",
+            b"APPLICATION/GRPC",
+            b"text/html",
+            b"",
+        ] {
+            assert!(!is_grpc_content_type(other), "{other:?}");
+        }
+    }
 
     #[test]
     fn envoys_flags_say_how_an_attempt_failed_and_a_clients_cancel_is_none_of_them() {

@@ -52,6 +52,28 @@ pub enum RequestHeader {
     ClientKey,
 }
 
+/// Longest hash-key or client-key header value a data plane uses: 4 KiB. A longer one reads
+/// as absent (the wasm filter counts it as invalid); the wasm filter caps the other names it
+/// reads (service, authority, string properties) the same.
+pub const MAX_VALUE_BYTES: usize = 4 << 10;
+
+/// Longest `cookie` header a data plane parses: 8 KiB, the per-header limit of nginx
+/// (`large_client_header_buffers`) and Apache (`LimitRequestFieldSize`), so a longer one would
+/// not pass the usual web servers either. A longer header reads as no cookie: a sticky client
+/// gets a new session, a hash cookie is generated afresh.
+pub const MAX_COOKIE_BYTES: usize = 8 << 10;
+
+impl RequestHeader {
+    /// The longest value of this header a data plane uses; a longer one reads as absent, on
+    /// both data planes alike.
+    pub fn cap(self) -> usize {
+        match self {
+            Self::Cookie => MAX_COOKIE_BYTES,
+            Self::HashHeader | Self::ClientKey => MAX_VALUE_BYTES,
+        }
+    }
+}
+
 /// The request attributes a policy reads, copied out of the request once, so that
 /// [`RequestAttributes`] can borrow them: the one reading of a request both data planes
 /// share (the wasm filter through proxy-wasm, the native module through Envoy's LB context).
