@@ -103,6 +103,9 @@ pub enum Event {
     /// A request refused because no endpoint is admissible and the policy fails fast
     /// (`fulcrum_native_fail_fast_total`).
     FailFast,
+    /// A worker read the cluster's hosts and kept only [`MAX_HOSTS`](crate::hosts::MAX_HOSTS)
+    /// of them (`fulcrum_native_hosts_truncated_total`): the others are never picked.
+    HostsTruncated,
     /// The endpoint's breaker opened: ejected, or re-ejected after a failed probe
     /// (`fulcrum_native_endpoint_ejections_total`).
     Ejected(SocketAddr),
@@ -457,6 +460,9 @@ impl WorkerLb {
     /// Rereads the worker's hosts and hands them to the shared picker if they changed.
     pub fn reread(&mut self, hosts: &impl HostSet) {
         let (endpoints, index) = read_hosts(hosts, self.cluster.policy());
+        if index.truncated {
+            self.cluster.count(Event::HostsTruncated);
+        }
         self.index = index;
         self.cluster.update(endpoints);
     }
@@ -676,7 +682,7 @@ mod tests {
     use super::*;
     use crate::{
         config::parse_policy,
-        hosts::test_hosts::{TestHost, TestHosts},
+        hosts::test_hosts::{Claiming, TestHost, TestHosts},
     };
 
     /// Every event counted, in order.
@@ -738,6 +744,23 @@ mod tests {
         let policy = parse_policy(json.as_bytes()).expect("a valid policy");
         let cluster = Arc::new(Cluster::new(policy, 7, Box::new(Counted(counts.clone()))));
         (WorkerLb::new(cluster, hosts), counts)
+    }
+
+    #[test]
+    fn a_worker_that_cuts_the_clusters_hosts_at_the_cap_counts_it() {
+        let policy = parse_policy(b"{}").expect("a valid policy");
+        let events = Events::default();
+        let cluster = Arc::new(Cluster::new(policy, 7, Box::new(Counted(events.clone()))));
+        let beyond_the_cap = Claiming {
+            hosts: three_hosts(),
+            count: crate::hosts::MAX_HOSTS + 1,
+        };
+
+        let _worker = WorkerLb::new(cluster, &beyond_the_cap);
+
+        assert_eq!(counted(&events, Event::HostsTruncated), 1);
+        let (_, events) = worker("{}", &three_hosts());
+        assert_eq!(counted(&events, Event::HostsTruncated), 0);
     }
 
     fn inflight(worker: &WorkerLb) -> u32 {

@@ -305,7 +305,7 @@ struct EnvoyCounters {
     /// The Envoy cluster's name, the `cluster` label: known from the first `on_lb_new`.
     cluster: OnceLock<String>,
     /// Ids of the [`CLUSTER_COUNTERS`].
-    counters: [Option<usize>; 4],
+    counters: [Option<usize>; 5],
     /// `fulcrum_native_endpoint_ejections_total{cluster, endpoint}`.
     ejections: Option<usize>,
     /// `fulcrum_native_endpoint_circuit_open{cluster, endpoint}`.
@@ -315,11 +315,12 @@ struct EnvoyCounters {
 }
 
 /// The counters labelled by cluster, in [`Event`] order.
-const CLUSTER_COUNTERS: [&str; 4] = [
+const CLUSTER_COUNTERS: [&str; 5] = [
     "fulcrum_native_fail_open_total",
     "fulcrum_native_unobserved_total",
     "fulcrum_native_rate_limited_total",
     "fulcrum_native_fail_fast_total",
+    "fulcrum_native_hosts_truncated_total",
 ];
 const ENDPOINT_EJECTIONS: &str = "fulcrum_native_endpoint_ejections_total";
 const ENDPOINT_CIRCUIT_OPEN: &str = "fulcrum_native_endpoint_circuit_open";
@@ -449,6 +450,7 @@ impl Counters for Arc<EnvoyCounters> {
             Event::Unobserved => per_cluster(1),
             Event::RateLimited => per_cluster(2),
             Event::FailFast => per_cluster(3),
+            Event::HostsTruncated => per_cluster(4),
             Event::Ejected(endpoint)
             | Event::CircuitOpen(endpoint)
             | Event::CircuitClosed(endpoint)

@@ -301,12 +301,49 @@ pub mod test_hosts {
             self.host(priority, index)?.metadata.get(key).cloned()
         }
     }
+
+    /// A priority set whose counts claim `count` hosts, healthy, where `hosts` lists fewer:
+    /// a set larger than the module's caps, without listing it.
+    #[derive(Debug)]
+    pub struct Claiming {
+        /// The hosts actually listed.
+        pub hosts: TestHosts,
+        /// The count every priority claims, of hosts and of healthy hosts.
+        pub count: usize,
+    }
+
+    impl HostSet for Claiming {
+        fn priorities(&self) -> u32 {
+            self.hosts.priorities()
+        }
+        fn hosts(&self, _priority: u32) -> usize {
+            self.count
+        }
+        fn healthy_hosts(&self, _priority: u32) -> usize {
+            self.count
+        }
+        fn address(&self, priority: u32, index: usize) -> Option<String> {
+            self.hosts.address(priority, index)
+        }
+        fn healthy_address(&self, priority: u32, index: usize) -> Option<String> {
+            self.hosts.healthy_address(priority, index)
+        }
+        fn weight(&self, priority: u32, index: usize) -> u32 {
+            self.hosts.weight(priority, index)
+        }
+        fn locality(&self, priority: u32, index: usize) -> Option<(String, String)> {
+            self.hosts.locality(priority, index)
+        }
+        fn metadata(&self, priority: u32, index: usize, key: &str) -> Option<String> {
+            self.hosts.metadata(priority, index, key)
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::{
-        test_hosts::{TestHost, TestHosts},
+        test_hosts::{Claiming, TestHost, TestHosts},
         *,
     };
 
@@ -416,39 +453,6 @@ mod tests {
         ]);
         let (endpoints, _) = read_hosts(&hosts, &ServicePolicy::default());
         assert_eq!(endpoints.len(), 1);
-    }
-
-    /// A priority set whose counts claim `count` hosts, healthy, where `hosts` lists fewer.
-    struct Claiming {
-        hosts: TestHosts,
-        count: usize,
-    }
-
-    impl HostSet for Claiming {
-        fn priorities(&self) -> u32 {
-            self.hosts.priorities()
-        }
-        fn hosts(&self, _priority: u32) -> usize {
-            self.count
-        }
-        fn healthy_hosts(&self, _priority: u32) -> usize {
-            self.count
-        }
-        fn address(&self, priority: u32, index: usize) -> Option<String> {
-            self.hosts.address(priority, index)
-        }
-        fn healthy_address(&self, priority: u32, index: usize) -> Option<String> {
-            self.hosts.healthy_address(priority, index)
-        }
-        fn weight(&self, priority: u32, index: usize) -> u32 {
-            self.hosts.weight(priority, index)
-        }
-        fn locality(&self, priority: u32, index: usize) -> Option<(String, String)> {
-            self.hosts.locality(priority, index)
-        }
-        fn metadata(&self, priority: u32, index: usize, key: &str) -> Option<String> {
-            self.hosts.metadata(priority, index, key)
-        }
     }
 
     #[test]
