@@ -37,6 +37,7 @@ pub const NATIVE_OUTCOME_FILTER: &str = "fulcrum_outcomes";
 pub const NATIVE_STREAM_HEADER: &str = "x-fulcrum-stream";
 
 pub mod breaker;
+pub mod decimal;
 pub mod diagnostics;
 pub mod distribution;
 pub mod duration;

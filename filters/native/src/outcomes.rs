@@ -220,19 +220,7 @@ impl OutcomeFilter {
 /// Stream `id` as [`STREAM_HEADER`]'s value, decimal, written into `buffer`: no allocation
 /// on the request path. `choose_host` parses it back with `str::parse::<u64>`.
 pub fn stream_header_value(id: u64, buffer: &mut [u8; 20]) -> &str {
-    let mut start = buffer.len();
-    let mut rest = id;
-    loop {
-        start -= 1;
-        // `rest % 10` is one digit: the cast cannot truncate.
-        buffer[start] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    // Only ASCII digits were written.
-    std::str::from_utf8(&buffer[start..]).unwrap_or_default()
+    fulcrum_core::decimal::decimal(id, buffer)
 }
 
 /// The wasm filter's local reply for a refusal, over Envoy's `no healthy upstream` 503.

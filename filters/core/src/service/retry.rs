@@ -10,6 +10,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::{
+    decimal::decimal,
     select::{Slot, candidates::Walk},
     validate::MAX_RETRY_TARGETS,
 };
@@ -115,35 +116,16 @@ fn write_address(out: &mut String, address: SocketAddr) {
                 if index > 0 {
                     out.push('.');
                 }
-                write_decimal(out, u32::from(octet));
+                out.push_str(decimal(u64::from(octet), &mut [0; 20]));
             }
             out.push(':');
-            write_decimal(out, u32::from(v4.port()));
+            out.push_str(decimal(u64::from(v4.port()), &mut [0; 20]));
         }
         SocketAddr::V6(_) => {
             use std::fmt::Write as _;
             // Writing to a `String` cannot fail.
             let _ = write!(out, "{address}");
         }
-    }
-}
-
-/// Appends `value` in decimal, without leading zeros.
-fn write_decimal(out: &mut String, value: u32) {
-    let mut digits = [0u8; 10];
-    let mut start = digits.len();
-    let mut rest = value;
-    loop {
-        start -= 1;
-        // `rest % 10` is one digit: the cast cannot truncate.
-        digits[start] = b'0' + (rest % 10) as u8;
-        rest /= 10;
-        if rest == 0 {
-            break;
-        }
-    }
-    for &digit in &digits[start..] {
-        out.push(char::from(digit));
     }
 }
 
