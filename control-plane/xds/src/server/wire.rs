@@ -21,10 +21,10 @@
 //! Small pieces (the other fields, resources under [`COPY_BELOW`]) are copied into frames
 //! closed once past 16 KiB, between the shared ones: h2 queues every frame of a response at
 //! once in a per-connection slab that never shrinks, so a response is one frame per large
-//! resource, not one per field. A message under [`ONE_FRAME_BELOW`] (a change's push) is copied whole
-//! into one frame, freed once written: h2 writes each frame it cannot join to the previous
-//! one in a write of its own, and a second small write waits on the peer's delayed ACK
-//! (Nagle), which cost every change 40 ms when its push was three frames.
+//! resource, not one per field. A message under [`ONE_FRAME_BELOW`] (a change's push) is
+//! copied whole into one frame, freed once written: h2 writes each frame it cannot join to
+//! the previous one in a write of its own, and a second small write waits on the peer's
+//! delayed ACK (Nagle), which cost every change 40 ms when its push was three frames.
 
 use std::{
     collections::VecDeque,
