@@ -153,9 +153,12 @@ mod override_value_tests {
             picked in address(),
             targets in proptest::collection::vec(address(), 0..=5),
         ) {
-            let expected: Vec<String> =
-                std::iter::once(picked).chain(targets.iter().copied()).map(|a| a.to_string()).collect();
-            prop_assert_eq!(RetryTargets::of(&targets).override_value(picked), expected.join(","));
+            let expected: Vec<String> = std::iter::once(picked)
+                .chain(targets.iter().copied())
+                .map(|address| address.to_string())
+                .collect();
+            let value = RetryTargets::of(&targets).override_value(picked);
+            prop_assert_eq!(value, expected.join(","));
         }
     }
 
