@@ -32,8 +32,9 @@ pub const NATIVE_LB_POLICY: &str = "fulcrum";
 pub const NATIVE_OUTCOME_FILTER: &str = "fulcrum_outcomes";
 
 /// The request header [`NATIVE_OUTCOME_FILTER`] names a request's stream in for the module's
-/// `choose_host`; the control plane's native clusters remove it after host selection, so the
-/// upstream never sees it.
+/// `choose_host`: an opaque random id, like `x-request-id`. It reaches the upstream: Envoy's
+/// upstream filters edit the request's own header map, so removing it after the first host
+/// selection would hide the stream from every retry's `choose_host` (docs/native.md).
 pub const NATIVE_STREAM_HEADER: &str = "x-fulcrum-stream";
 
 pub mod breaker;
