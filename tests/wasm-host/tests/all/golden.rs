@@ -130,6 +130,11 @@ const ENDPOINTS: [EndpointSpec; 5] = [
 const BREAKER: &str = r#""outlier_detection": {"consecutive_failures": 3, "base_ejection_time": "1s",
     "max_ejection_percent": 60}"#;
 
+/// Breakers that eject an endpoint at its first failure, every endpoint if need be, with no
+/// panic mode: a service can run out of admissible endpoints (its `on_no_endpoint` decides).
+const EJECT_EVERY_FAILING: &str = r#""outlier_detection": {"consecutive_failures": 1,
+    "base_ejection_time": "2s", "max_ejection_percent": 100, "panic_threshold_percent": 0}"#;
+
 /// One case: where the clock starts (the filter's seed), the endpoints' weights, the steps.
 #[derive(Debug, Clone)]
 struct Case {
@@ -784,20 +789,18 @@ fn golden_rate_limit_refuses_alike_on_both_data_planes() {
 
 #[test]
 fn golden_fail_fast_refuses_alike_on_both_data_planes() {
-    both_planes_pick_alike(
-        r#"{"load_balancer": {"type": "least_request"}, "on_no_endpoint": "fail_fast",
-            "outlier_detection": {"consecutive_failures": 1, "base_ejection_time": "2s",
-                "max_ejection_percent": 100, "panic_threshold_percent": 0}}"#,
-    );
+    both_planes_pick_alike(&format!(
+        r#"{{"load_balancer": {{"type": "least_request"}}, "on_no_endpoint": "fail_fast",
+            {EJECT_EVERY_FAILING}}}"#
+    ));
 }
 
 #[test]
 fn golden_fail_open_leaves_the_choice_to_envoy_alike_on_both_data_planes() {
-    both_planes_pick_alike(
-        r#"{"load_balancer": {"type": "round_robin"}, "on_no_endpoint": "fail_open",
-            "outlier_detection": {"consecutive_failures": 1, "base_ejection_time": "2s",
-                "max_ejection_percent": 100, "panic_threshold_percent": 0}}"#,
-    );
+    both_planes_pick_alike(&format!(
+        r#"{{"load_balancer": {{"type": "round_robin"}}, "on_no_endpoint": "fail_open",
+            {EJECT_EVERY_FAILING}}}"#
+    ));
 }
 
 #[test]
