@@ -71,11 +71,13 @@ impl ResourceType {
 /// One resource, encoded once and shared by every stream that sends it.
 #[derive(Debug)]
 pub struct EncodedResource {
-    /// The resource name (the service name for both types).
-    pub name: String,
+    /// The resource name (the service name for both types). Shared: every stream that
+    /// remembers what it sent holds this allocation, not a copy, so a stream's state costs
+    /// no string per resource however many Envoys connect.
+    pub name: Arc<str>,
     /// Content version: a hash of what the resource was built from. Equal versions mean
-    /// equal resources.
-    pub version: String,
+    /// equal resources. Shared with the streams like [`name`](Self::name).
+    pub version: Arc<str>,
     /// The resource as an encoded `google.protobuf.Any` (type URL and value): the tail of
     /// [`entry`](Self::entry), the same allocation.
     pub any: Bytes,
@@ -97,7 +99,7 @@ impl PartialEq for EncodedResource {
 
 impl EncodedResource {
     /// Resource `name` at `version`, `any` being its encoded `Any`.
-    pub fn new(name: String, version: String, any: &[u8]) -> Self {
+    pub fn new(name: impl Into<Arc<str>>, version: impl Into<Arc<str>>, any: &[u8]) -> Self {
         let mut entry = Vec::with_capacity(1 + prost::length_delimiter_len(any.len()) + any.len());
         entry.push(FIELD_2_KEY);
         // A `Vec` grows as needed: encoding the length cannot run out of room.
@@ -106,8 +108,8 @@ impl EncodedResource {
         entry.extend_from_slice(any);
         let entry = Bytes::from(entry);
         Self {
-            name,
-            version,
+            name: name.into(),
+            version: version.into(),
             any: entry.slice(offset..),
             entry,
             delta_entry: OnceLock::new(),
@@ -122,11 +124,11 @@ impl EncodedResource {
     pub fn delta_entry(&self) -> &Bytes {
         self.delta_entry.get_or_init(|| {
             let version = Resource {
-                version: self.version.clone(),
+                version: self.version.to_string(),
                 ..Default::default()
             };
             let name = Resource {
-                name: self.name.clone(),
+                name: self.name.to_string(),
                 ..Default::default()
             };
             let inner = version.encoded_len() + self.entry.len() + name.encoded_len();
@@ -298,15 +300,15 @@ fn reuse_or_encode(
     summary: &mut UpdateSummary,
     encode: impl FnOnce() -> Vec<u8>,
 ) -> Arc<EncodedResource> {
-    if let Some(existing) = previous
-        .and_then(|resources| resources.get(name))
-        .filter(|existing| existing.version == version)
-    {
+    let existing = previous.and_then(|resources| resources.get(name));
+    if let Some(existing) = existing.filter(|existing| *existing.version == *version) {
         summary.reused += 1;
         return Arc::clone(existing);
     }
     summary.encoded += 1;
-    Arc::new(EncodedResource::new(name.to_owned(), version, &encode()))
+    // A changed resource keeps its name's allocation, which the streams hold.
+    let name = existing.map_or_else(|| Arc::from(name), |existing| Arc::clone(&existing.name));
+    Arc::new(EncodedResource::new(name, version, &encode()))
 }
 
 /// Holds the current [`XdsSnapshot`] and tells the streams when it changes.
@@ -470,6 +472,10 @@ mod tests {
         assert!(Arc::ptr_eq(&before.clusters["a"], &after.clusters["a"]));
         assert!(Arc::ptr_eq(&before.endpoints["b"], &after.endpoints["b"]));
         assert_ne!(before.endpoints["a"].version, after.endpoints["a"].version);
+        assert!(
+            Arc::ptr_eq(&before.endpoints["a"].name, &after.endpoints["a"].name),
+            "a re-encoded resource keeps the name allocation the streams hold"
+        );
     }
 
     #[test]

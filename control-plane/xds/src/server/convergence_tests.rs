@@ -24,7 +24,7 @@ fn versions(snapshot: &XdsSnapshot, ty: ResourceType) -> Held {
     snapshot
         .resources(ty)
         .values()
-        .map(|resource| (resource.name.clone(), resource.version.clone()))
+        .map(|resource| (resource.name.to_string(), resource.version.to_string()))
         .collect()
 }
 

@@ -10,12 +10,15 @@
 //! warmed anew by Envoy, which waits for its assignment: that assignment is sent again right
 //! after the clusters, even when it did not change.
 
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::{
+    collections::{BTreeMap, BTreeSet, VecDeque},
+    sync::Arc,
+};
 
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use crate::cache::{ResourceType, XdsSnapshot};
-use crate::server::{RequestOutcome, wire::Push};
+use crate::server::{RequestOutcome, shared_name, wire::Push};
 
 /// How many sent nonces per type are remembered to attribute ACKs/NACKs to a version.
 const REMEMBERED_NONCES: usize = 16;
@@ -27,10 +30,12 @@ struct TypeState {
     active: bool,
     /// Envoy wants every resource of the type.
     wildcard: bool,
-    /// Names Envoy subscribed to explicitly.
-    names: BTreeSet<String>,
-    /// Name → version Envoy holds (as far as we sent or it told us).
-    known: BTreeMap<String, String>,
+    /// Names Envoy subscribed to explicitly, as the snapshot's shared allocations where it
+    /// has them.
+    names: BTreeSet<Arc<str>>,
+    /// Name → version Envoy holds (as far as we sent or it told us): the snapshot's shared
+    /// allocations for what was sent.
+    known: BTreeMap<Arc<str>, Arc<str>>,
     /// Recent (nonce, system version) pairs, oldest first.
     sent: VecDeque<(String, String)>,
     /// Whether any response went out for the type (the first one is sent even if empty,
@@ -94,7 +99,9 @@ impl DeltaState {
             state.known = request
                 .initial_resource_versions
                 .iter()
-                .map(|(name, version)| (name.clone(), version.clone()))
+                .map(|(name, version)| {
+                    (shared_name(snapshot, ty, name), Arc::from(version.as_str()))
+                })
                 .collect();
             // Legacy wildcard: a first CDS request naming nothing wants everything.
             state.wildcard = ty.is_wildcard() && request.resource_names_subscribe.is_empty();
@@ -103,14 +110,14 @@ impl DeltaState {
             if name == "*" {
                 state.wildcard = true;
             } else {
-                state.names.insert(name.clone());
+                state.names.insert(shared_name(snapshot, ty, name));
             }
         }
         for name in &request.resource_names_unsubscribe {
             if name == "*" {
                 state.wildcard = false;
             } else {
-                state.names.remove(name);
+                state.names.remove(name.as_str());
             }
         }
         let wildcard = state.wildcard;
@@ -140,20 +147,20 @@ impl DeltaState {
             .filter(|resource| state.known.get(&resource.name) != Some(&resource.version))
             .cloned()
             .collect();
-        let removed: Vec<String> = state
+        let removed: Vec<Arc<str>> = state
             .known
             .keys()
-            .filter(|name| !available.contains_key(*name))
+            .filter(|name| !available.contains_key(&***name))
             .cloned()
             .collect();
         if changed.is_empty() && removed.is_empty() && state.responded {
             return None;
         }
-        let updated_clusters: Vec<String> = if ty == ResourceType::Cluster {
+        let updated_clusters: Vec<Arc<str>> = if ty == ResourceType::Cluster {
             changed
                 .iter()
                 .filter(|resource| state.known.contains_key(&resource.name))
-                .map(|resource| resource.name.clone())
+                .map(|resource| Arc::clone(&resource.name))
                 .collect()
         } else {
             Vec::new()
@@ -161,7 +168,7 @@ impl DeltaState {
         for resource in &changed {
             state
                 .known
-                .insert(resource.name.clone(), resource.version.clone());
+                .insert(Arc::clone(&resource.name), Arc::clone(&resource.version));
         }
         for name in &removed {
             state.known.remove(name);
@@ -187,7 +194,7 @@ impl DeltaState {
             version: snapshot.version.clone(),
             nonce,
             resources: changed,
-            removed,
+            removed: removed.iter().map(|name| name.to_string()).collect(),
         })
     }
 }
@@ -345,7 +352,7 @@ mod tests {
             &subscribe(ResourceType::Cluster, &[]),
             Some(&v1),
         );
-        let held = cds.expect("clusters").resources[0].version.clone();
+        let held = cds.expect("clusters").resources[0].version.to_string();
         let mut reconnected = DeltaState::default();
         let mut request = subscribe(ResourceType::Cluster, &[]);
         request.initial_resource_versions = HashMap::from([("a".to_owned(), held)]);
@@ -410,5 +417,39 @@ mod tests {
             Some(&v1),
         );
         assert_eq!(outcome, RequestOutcome::Stale);
+    }
+
+    #[test]
+    fn a_stream_remembers_names_and_versions_as_the_snapshots_allocations_not_copies() {
+        let snap = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
+        let mut state = DeltaState::default();
+        state.on_request(
+            ResourceType::Cluster,
+            &subscribe(ResourceType::Cluster, &[]),
+            Some(&snap),
+        );
+        state.on_request(
+            ResourceType::Endpoint,
+            &subscribe(ResourceType::Endpoint, &["a", "b", "not-served"]),
+            Some(&snap),
+        );
+        for ty in ResourceType::ALL {
+            let held = &state.types[&ty];
+            assert_eq!(held.known.len(), 2, "{ty:?}");
+            for (name, version) in &held.known {
+                let resource = &snap.resources(ty)[&**name];
+                assert!(Arc::ptr_eq(name, &resource.name), "{ty:?} {name}");
+                assert!(Arc::ptr_eq(version, &resource.version), "{ty:?} {name}");
+            }
+        }
+        let subscribed = &state.types[&ResourceType::Endpoint].names;
+        for name in subscribed.iter().filter(|name| ***name != *"not-served") {
+            let resource = &snap.resources(ResourceType::Endpoint)[&**name];
+            assert!(Arc::ptr_eq(name, &resource.name), "{name}");
+        }
+        assert!(
+            subscribed.contains("not-served"),
+            "a name not served yet is kept"
+        );
     }
 }

@@ -330,6 +330,15 @@ impl Protocol for delta::DeltaState {
     }
 }
 
+/// `name` as the allocation `snapshot` shares with every stream when it holds a resource of
+/// type `ty` by that name, else a new one: what a stream remembers per resource (the names
+/// subscribed to, what was sent) then costs it no string, whatever the number of Envoys.
+fn shared_name(snapshot: Option<&XdsSnapshot>, ty: ResourceType, name: &str) -> Arc<str> {
+    snapshot
+        .and_then(|snapshot| snapshot.resources(ty).get(name))
+        .map_or_else(|| Arc::from(name), |resource| Arc::clone(&resource.name))
+}
+
 /// Removes the stream from the registry and the gauge however the task ends.
 struct OpenStream {
     shared: Arc<Shared>,

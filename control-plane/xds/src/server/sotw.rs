@@ -11,30 +11,36 @@
 //! protocol, say) is warmed anew by Envoy, which waits for its assignment: that assignment is
 //! sent again right after the clusters, even when it did not change.
 
-use std::collections::{BTreeMap, BTreeSet};
-
-use std::sync::Arc;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    sync::Arc,
+};
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
 use crate::cache::{ResourceType, XdsSnapshot};
-use crate::server::{RequestOutcome, wire::Push};
+use crate::server::{RequestOutcome, shared_name, wire::Push};
 
 /// Which resources of one type Envoy asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Subscription {
     /// Every resource of the type (CDS, or an empty / `*` name list).
     Wildcard,
-    /// Only these names (EDS).
-    Names(BTreeSet<String>),
+    /// Only these names (EDS), as the snapshot's shared allocations where it has them.
+    Names(BTreeSet<Arc<str>>),
 }
 
 impl Subscription {
-    fn from_request(ty: ResourceType, names: &[String]) -> Self {
+    fn from_request(ty: ResourceType, names: &[String], snapshot: Option<&XdsSnapshot>) -> Self {
         if ty.is_wildcard() && (names.is_empty() || names.iter().any(|name| name == "*")) {
             Subscription::Wildcard
         } else {
-            Subscription::Names(names.iter().cloned().collect())
+            Subscription::Names(
+                names
+                    .iter()
+                    .map(|name| shared_name(snapshot, ty, name))
+                    .collect(),
+            )
         }
     }
 
@@ -48,7 +54,7 @@ impl Subscription {
             // Equal lengths and every name held: the same set unless `names` repeats one,
             // which only makes a kept subscription look changed (then rebuilt, still right).
             Subscription::Names(held) => {
-                names.len() == held.len() && names.iter().all(|name| held.contains(name))
+                names.len() == held.len() && names.iter().all(|name| held.contains(name.as_str()))
             }
         }
     }
@@ -70,8 +76,8 @@ struct TypeState {
     nonce: Option<String>,
     /// The version of the last response sent.
     sent_version: Option<String>,
-    /// Resource name → version, as last sent.
-    sent: BTreeMap<String, String>,
+    /// Resource name → version, as last sent: the snapshot's shared allocations.
+    sent: BTreeMap<Arc<str>, Arc<str>>,
 }
 
 /// One SotW stream's state for every served type.
@@ -117,7 +123,7 @@ impl SotwState {
             // `on_snapshot`, which the stream runs for every snapshot it has not handled.
             return (outcome, None);
         }
-        let subscription = Subscription::from_request(ty, &request.resource_names);
+        let subscription = Subscription::from_request(ty, &request.resource_names, snapshot);
         let first = state.subscription.is_none();
         // Forget what was sent for names Envoy dropped, so a later subscription resends them.
         state.sent.retain(|name, _| subscription.contains(name));
@@ -163,7 +169,7 @@ impl SotwState {
             }
             changed
         };
-        let updated_clusters: Vec<String> = if ty == ResourceType::Cluster {
+        let updated_clusters: Vec<Arc<str>> = if ty == ResourceType::Cluster {
             resources
                 .iter()
                 .filter(|resource| {
@@ -172,7 +178,7 @@ impl SotwState {
                         .get(&resource.name)
                         .is_some_and(|sent| *sent != resource.version)
                 })
-                .map(|resource| resource.name.clone())
+                .map(|resource| Arc::clone(&resource.name))
                 .collect()
         } else {
             Vec::new()
@@ -183,7 +189,7 @@ impl SotwState {
         for resource in &resources {
             state
                 .sent
-                .insert(resource.name.clone(), resource.version.clone());
+                .insert(Arc::clone(&resource.name), Arc::clone(&resource.version));
         }
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
@@ -459,6 +465,40 @@ mod tests {
             names(&responses[1]),
             ["a"],
             "only the changed cluster's assignment"
+        );
+    }
+
+    #[test]
+    fn a_stream_remembers_names_and_versions_as_the_snapshots_allocations_not_copies() {
+        let snap = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
+        let mut state = SotwState::default();
+        for (ty, names) in [
+            (ResourceType::Cluster, &[][..]),
+            (ResourceType::Endpoint, &["a", "b", "not-served"][..]),
+        ] {
+            state.on_request(ty, &request(ty, names, "", ""), Some(&snap));
+        }
+        for ty in ResourceType::ALL {
+            let held = &state.types[&ty];
+            assert_eq!(held.sent.len(), 2, "{ty:?}");
+            for (name, version) in &held.sent {
+                let resource = &snap.resources(ty)[&**name];
+                assert!(Arc::ptr_eq(name, &resource.name), "{ty:?} {name}");
+                assert!(Arc::ptr_eq(version, &resource.version), "{ty:?} {name}");
+            }
+        }
+        let Some(Subscription::Names(subscribed)) =
+            &state.types[&ResourceType::Endpoint].subscription
+        else {
+            panic!("EDS subscribes by name");
+        };
+        for name in subscribed.iter().filter(|name| ***name != *"not-served") {
+            let resource = &snap.resources(ResourceType::Endpoint)[&**name];
+            assert!(Arc::ptr_eq(name, &resource.name), "{name}");
+        }
+        assert!(
+            subscribed.contains("not-served"),
+            "a name not served yet is kept"
         );
     }
 }

@@ -360,8 +360,8 @@ mod tests {
             resources: resources
                 .iter()
                 .map(|resource| Resource {
-                    name: resource.name.clone(),
-                    version: resource.version.clone(),
+                    name: resource.name.to_string(),
+                    version: resource.version.to_string(),
                     resource: Some(any(resource)),
                     ..Default::default()
                 })
