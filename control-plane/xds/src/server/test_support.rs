@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use fulcrum_core::{Endpoint, ServiceEndpoints, Snapshot, UpstreamProtocol};
 
-use crate::cache::{SnapshotCache, XdsSnapshot};
+use crate::cache::{ResourceType, SnapshotCache, XdsSnapshot};
 use crate::resources::ClusterOptions;
 
 /// The cache's snapshot of `services`, each `(name, "IP:port")` with one endpoint.
@@ -37,4 +37,32 @@ pub(super) fn snapshot_with_http2(
         ..Default::default()
     });
     cache.current().expect("set")
+}
+
+/// Asserts that a stream's memory of resources of type `ty` holds every resource of
+/// `snapshot` (`sent`: name → version) and every name it subscribed to (`subscribed`) as the
+/// snapshot's own allocations, not copies; a subscribed name the snapshot does not serve is
+/// kept as its own.
+pub(super) fn assert_shares_the_snapshots_allocations<'a>(
+    snapshot: &XdsSnapshot,
+    ty: ResourceType,
+    sent: impl ExactSizeIterator<Item = (&'a Arc<str>, &'a Arc<str>)>,
+    subscribed: impl IntoIterator<Item = &'a Arc<str>>,
+) {
+    let resources = snapshot.resources(ty);
+    assert_eq!(
+        sent.len(),
+        resources.len(),
+        "{ty:?}: every resource was sent"
+    );
+    for (name, version) in sent {
+        let resource = &resources[&**name];
+        assert!(Arc::ptr_eq(name, &resource.name), "{ty:?} {name}");
+        assert!(Arc::ptr_eq(version, &resource.version), "{ty:?} {name}");
+    }
+    for name in subscribed {
+        if let Some(resource) = resources.get(&**name) {
+            assert!(Arc::ptr_eq(name, &resource.name), "{ty:?} {name}");
+        }
+    }
 }
