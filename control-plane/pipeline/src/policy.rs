@@ -1,7 +1,7 @@
 //! Stage 4, checked endpoints + policy → the published snapshot: attaches the current
 //! policy and versions the result once, with [`fulcrum_core::version::snapshot_version`]
 //! (computed from each service's JSON, encoded once per change of the service by
-//! [`crate::encode`]).
+//! [`crate::encode`], which also assembles the snapshot's body from them).
 //!
 //! This is where every published state gets the one version that Envoy (`version_info`), the
 //! filters (`/v1/snapshot`), the registry, logs and metrics all carry. A policy change alone
@@ -60,13 +60,19 @@ pub async fn run(
                 )),
                 _ => endpoints.trace.clone(),
             };
-            let span = info_span!(parent: None, "version", version = tracing::field::Empty);
+            let span = info_span!(
+                parent: None,
+                "version",
+                version = tracing::field::Empty,
+                services_encoded = tracing::field::Empty,
+            );
             trace.adopt(&span);
             let policy = applied
                 .as_deref()
                 .map(|applied| fulcrum_core::Policy::clone(&applied.policy));
             let snapshot = encoder.encode(&endpoints, policy);
             span.record("version", snapshot.snapshot.version.as_str());
+            span.record("services_encoded", snapshot.encoded);
             drop(span);
             output.send_if_modified(|current| {
                 if current

@@ -1,9 +1,9 @@
 //! Stage 5, the published snapshot → its two sinks: the xDS cache Envoy streams from, and
 //! the [`SnapshotStore`] the filters poll (`/v1/snapshot`), with the same version in both.
 //!
-//! The stage assembles each snapshot's JSON once, from its services' encodings
-//! ([`crate::encode`]), and the store keeps the bytes, so every `GET /v1/snapshot` of a
-//! version serves the same buffer. A snapshot whose JSON exceeds the
+//! Each snapshot's JSON is assembled once, from its services' encodings, by the policy
+//! stage's encoder ([`crate::encode`]), and the store keeps those bytes, so every
+//! `GET /v1/snapshot` of a version serves the same buffer. A snapshot whose JSON exceeds the
 //! budget (set below the filters' `max_snapshot_bytes`, which would refuse it on every proxy)
 //! is published to neither sink: Envoy and the filters keep the last good one, the refusal is
 //! logged, reported ([`Refused`], in `/v1/status`) and shown by
@@ -92,7 +92,7 @@ fn publish(encoded: &Traced<EncodedSnapshot>, sinks: &Sinks, metrics: &PipelineM
         reused = tracing::field::Empty,
     );
     encoded.trace.adopt(&span);
-    let body = encoded.body();
+    let body = encoded.body.clone();
     if body.len() > sinks.budget_bytes {
         warn!(
             version = %snapshot.version,
