@@ -449,7 +449,7 @@ impl Pending {
                     holder == owner
                         && view
                             .get(id)
-                            .is_some_and(|entry| entry.record.owner == owner)
+                            .is_some_and(|entry| *entry.record.owner == *owner)
                 }
             })
             .map(|(_, (_, count))| count)
@@ -526,7 +526,7 @@ impl Admission {
         scope.check(identity, registration)?;
         let replaces = view
             .get(&registration.id)
-            .is_some_and(|entry| entry.record.owner == identity);
+            .is_some_and(|entry| *entry.record.owner == *identity);
         if replaces {
             return Ok(Reservation {
                 admission: self,

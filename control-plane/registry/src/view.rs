@@ -28,8 +28,9 @@ pub const HISTORY: usize = 4096;
 pub struct Record {
     /// The validated registration.
     pub registration: Registration,
-    /// Identity of the token that registered it.
-    pub owner: String,
+    /// Identity of the token that registered it: the view's one allocation per owner once
+    /// stored (a few owners hold most registrations).
+    pub owner: Arc<str>,
     /// First registration time, milliseconds since the Unix epoch (kept on re-registration).
     pub registered_at_unix_ms: u64,
     /// The backend's lease id (etcd), 0 in memory.
@@ -71,7 +72,7 @@ struct PublishedService {
 }
 
 /// Builds service `name` from its registrations `ids` (see [`View::services`]).
-fn build_service(state: &State, name: &str, ids: &BTreeSet<String>) -> PublishedService {
+fn build_service(state: &State, name: &str, ids: &BTreeSet<Arc<str>>) -> PublishedService {
     let mut by_address: BTreeMap<std::net::SocketAddr, &Entry> = BTreeMap::new();
     let entries: Vec<&Entry> = ids.iter().filter_map(|id| state.entries.get(id)).collect();
     for entry in &entries {
@@ -162,11 +163,14 @@ pub enum Since {
 #[derive(Debug, Default)]
 struct State {
     revision: u64,
-    entries: HashMap<String, Entry>,
+    /// Entries by instance id. The id key is one allocation, shared with `by_service` (and
+    /// the memory backend's leases, [`View::shared_id`]), not a copy per map.
+    entries: HashMap<Arc<str>, Entry>,
     /// Instance ids by service name.
-    by_service: BTreeMap<String, BTreeSet<String>>,
+    by_service: BTreeMap<String, BTreeSet<Arc<str>>>,
     /// Live registrations per owner. Invariant: equals the count of `entries` by owner.
-    by_owner: HashMap<String, usize>,
+    /// The key is the allocation every stored record of the owner shares.
+    by_owner: HashMap<Arc<str>, usize>,
     /// Bumped when anything in the service changes; keys cached balancers and answers.
     service_generation: HashMap<String, u64>,
     /// Each service's entries sorted by id, built by the first reader after a change (under
@@ -228,6 +232,15 @@ impl View {
     /// One entry.
     pub fn get(&self, id: &str) -> Option<Entry> {
         self.read().entries.get(id).cloned()
+    }
+
+    /// The view's allocation of `id`, for a map of the same ids kept beside the view (the
+    /// memory backend's leases): one allocation per id, not a copy per map.
+    pub fn shared_id(&self, id: &str) -> Option<Arc<str>> {
+        self.read()
+            .entries
+            .get_key_value(id)
+            .map(|(id, _)| Arc::clone(id))
     }
 
     /// How many registrations are live.
@@ -360,10 +373,10 @@ impl View {
             .iter()
             .map(|record| record.registration.id.clone())
             .collect();
-        let gone: Vec<String> = state
+        let gone: Vec<Arc<str>> = state
             .entries
             .keys()
-            .filter(|id| !keep.contains(*id))
+            .filter(|id| !keep.contains(&***id))
             .cloned()
             .collect();
         for id in gone {
@@ -380,7 +393,7 @@ impl View {
     pub fn set_health(&self, record: &Record, health: HealthStatus) -> bool {
         let mut state = self.write();
         let id = &record.registration.id;
-        let Some(entry) = state.entries.get(id) else {
+        let Some(entry) = state.entries.get(id.as_str()) else {
             return false;
         };
         if entry.health == health
@@ -394,7 +407,9 @@ impl View {
             health,
         };
         let service = entry.record.registration.name.clone();
-        state.entries.insert(id.clone(), entry.clone());
+        if let Some(stored) = state.entries.get_mut(id.as_str()) {
+            *stored = entry.clone();
+        }
         record_change(&mut state, id.clone(), Some(entry), &[&service]);
         self.publish(&state);
         true
@@ -415,9 +430,14 @@ fn sorted(state: &State) -> Vec<Entry> {
     entries
 }
 
-fn upsert_locked(state: &mut State, record: Record) {
-    let id = record.registration.id.clone();
-    let previous = state.entries.get(&id);
+fn upsert_locked(state: &mut State, mut record: Record) {
+    if let Some((owner, _)) = state.by_owner.get_key_value(&*record.owner) {
+        record.owner = Arc::clone(owner);
+    }
+    let (id, previous) = match state.entries.get_key_value(record.registration.id.as_str()) {
+        Some((id, previous)) => (Arc::clone(id), Some(previous)),
+        None => (Arc::from(record.registration.id.as_str()), None),
+    };
     if let Some(previous) = previous {
         if previous.record.mod_revision > record.mod_revision {
             return;
@@ -481,7 +501,7 @@ fn upsert_locked(state: &mut State, record: Record) {
     }
     let touched: Vec<String> = touched.into_iter().map(str::to_owned).collect();
     let touched: Vec<&String> = touched.iter().collect();
-    record_change(state, id, Some(entry), &touched);
+    record_change(state, id.to_string(), Some(entry), &touched);
 }
 
 /// Equal in everything but the backend's revision.
@@ -590,6 +610,38 @@ pub async fn follow(view: Weak<View>, mut apply: impl FnMut(Since)) {
 mod tests {
     use super::*;
     use crate::test_support::{record, spec};
+
+    #[test]
+    fn an_id_is_one_allocation_for_the_entries_and_the_services_sets() {
+        let view = View::new("epoch-a");
+        view.upsert(record(spec("a", "a-1", 1)));
+        view.upsert(record(spec("a", "a-1", 2)));
+        let state = view.read();
+        let (key, _) = state.entries.get_key_value("a-1").expect("registered");
+        let in_service = state.by_service["a"].get("a-1").expect("in its service");
+        assert!(
+            Arc::ptr_eq(key, in_service),
+            "one allocation, not a copy per map"
+        );
+        assert!(Arc::ptr_eq(
+            key,
+            &view.shared_id("a-1").expect("registered")
+        ));
+    }
+
+    #[test]
+    fn the_records_of_one_owner_share_one_allocation_of_its_name() {
+        let view = View::new("epoch-a");
+        view.upsert(record(spec("a", "a-1", 1)));
+        view.upsert(record(spec("b", "b-1", 2)));
+        let mut other = record(spec("a", "a-2", 3));
+        other.owner = "bob".into();
+        view.upsert(other);
+        let owner = |id: &str| view.get(id).expect("registered").record.owner.clone();
+        assert!(Arc::ptr_eq(&owner("a-1"), &owner("b-1")));
+        assert_eq!(&*owner("a-2"), "bob");
+        assert_eq!((view.owned_by("alice"), view.owned_by("bob")), (2, 1));
+    }
 
     #[test]
     fn a_cursor_in_the_history_gets_exactly_the_later_changes() {
@@ -856,7 +908,7 @@ mod tests {
                 match kind {
                     0 | 1 => {
                         let mut record = record(spec("svc", &id, u16::from(owner) + 1));
-                        record.owner = format!("o-{owner}");
+                        record.owner = format!("o-{owner}").into();
                         record.mod_revision = i64::try_from(step).expect("small");
                         view.upsert(record);
                     }
@@ -876,7 +928,7 @@ mod tests {
                     let held = view
                         .entries()
                         .iter()
-                        .filter(|entry| entry.record.owner == owner)
+                        .filter(|entry| *entry.record.owner == *owner)
                         .count();
                     proptest::prop_assert_eq!(view.owned_by(&owner), held);
                 }

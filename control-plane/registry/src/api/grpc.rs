@@ -170,7 +170,7 @@ fn health_to_proto(health: HealthStatus) -> pb::HealthStatus {
 fn registration_to_proto(entry: &Entry) -> pb::Registration {
     pb::Registration {
         instance: Some(spec_to_proto(entry.record.registration.to_spec())),
-        owner: entry.record.owner.clone(),
+        owner: entry.record.owner.to_string(),
         health: health_to_proto(entry.health) as i32,
         registered_at_unix_ms: entry.record.registered_at_unix_ms,
         ttl_ms: record_ttl_ms(&entry.record),

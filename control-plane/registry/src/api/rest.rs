@@ -56,7 +56,7 @@ impl From<&Entry> for RegistrationJson {
     fn from(entry: &Entry) -> Self {
         Self {
             instance: entry.record.registration.to_spec(),
-            owner: entry.record.owner.clone(),
+            owner: entry.record.owner.to_string(),
             health: entry.health.as_str().to_owned(),
             registered_at_unix_ms: entry.record.registered_at_unix_ms,
             ttl_ms: record_ttl_ms(&entry.record),

@@ -611,7 +611,7 @@ fn decode(prefix: &str, kv: &KeyValue) -> Option<Record> {
     };
     Some(Record {
         registration,
-        owner: stored.owner,
+        owner: stored.owner.into(),
         registered_at_unix_ms: stored.registered_at_unix_ms,
         lease: kv.lease(),
         mod_revision: kv.mod_revision(),
@@ -707,7 +707,7 @@ impl EtcdBackend {
         for _ in 0..MAX_ATTEMPTS {
             let current = etcd.fetch(&id, deadline).await?;
             let (guard, registered_at_unix_ms, old_lease) = match &current {
-                Some(current) if current.owner != owner => {
+                Some(current) if *current.owner != *owner => {
                     return Err(BackendError::NotOwner { id });
                 }
                 Some(current) => (
@@ -777,7 +777,7 @@ impl EtcdBackend {
             let mod_revision = response.header().map_or(0, |header| header.revision());
             let record = Record {
                 registration,
-                owner: owner.to_owned(),
+                owner: owner.into(),
                 registered_at_unix_ms,
                 lease,
                 mod_revision,
@@ -806,7 +806,7 @@ impl EtcdBackend {
             .fetch(id, deadline)
             .await?
             .ok_or_else(|| BackendError::NotFound { id: id.to_owned() })?;
-        if record.owner != owner {
+        if *record.owner != *owner {
             return Err(BackendError::NotOwner { id: id.to_owned() });
         }
         // `keep_alive` sends one renewal and reads its answer; a lease that is gone (it
@@ -845,7 +845,7 @@ impl EtcdBackend {
                 .fetch(id, deadline)
                 .await?
                 .ok_or_else(|| BackendError::NotFound { id: id.to_owned() })?;
-            if record.owner != owner {
+            if *record.owner != *owner {
                 return Err(BackendError::NotOwner { id: id.to_owned() });
             }
             let txn = Txn::new()

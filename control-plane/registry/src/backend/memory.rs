@@ -36,8 +36,9 @@ struct Lease {
 #[derive(Debug)]
 pub struct MemoryBackend {
     view: Arc<View>,
-    /// Leases by instance id. Locked across the view update so the two change together.
-    leases: Mutex<HashMap<String, Lease>>,
+    /// Leases by instance id (the view's allocation of it, [`View::shared_id`]). Locked
+    /// across the view update so the two change together.
+    leases: Mutex<HashMap<Arc<str>, Lease>>,
     revision: std::sync::atomic::AtomicI64,
 }
 
@@ -54,7 +55,7 @@ impl MemoryBackend {
         backend
     }
 
-    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<String, Lease>> {
+    fn leases(&self) -> std::sync::MutexGuard<'_, HashMap<Arc<str>, Lease>> {
         self.leases
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -69,7 +70,7 @@ impl MemoryBackend {
     /// Removes every registration whose lease expired by `now`.
     fn expire(&self, now: Instant) {
         let mut leases = self.leases();
-        let expired: Vec<String> = leases
+        let expired: Vec<Arc<str>> = leases
             .iter()
             .filter(|(_, lease)| lease.expires_at <= now)
             .map(|(id, _)| id.clone())
@@ -88,9 +89,9 @@ impl MemoryBackend {
     ) -> Result<Arc<Record>, BackendError> {
         let mut leases = self.leases();
         let id = registration.id.clone();
-        let stored = leases.get(&id).and(self.view.get(&id));
+        let stored = leases.get(id.as_str()).and(self.view.get(&id));
         if let Some(stored) = &stored
-            && stored.record.owner != owner
+            && *stored.record.owner != *owner
         {
             return Err(BackendError::NotOwner { id });
         }
@@ -101,19 +102,18 @@ impl MemoryBackend {
         let ttl = registration.ttl;
         let record = Record {
             registration,
-            owner: owner.to_owned(),
+            owner: owner.into(),
             registered_at_unix_ms,
             lease: 0,
             mod_revision: self.next_revision(),
         };
-        leases.insert(
-            id.clone(),
-            Lease {
-                expires_at: Instant::now() + ttl,
-            },
-        );
+        let expires_at = Instant::now() + ttl;
         self.view.upsert(record);
-        let stored = self.view.get(&id).ok_or(BackendError::NotFound { id })?;
+        let (Some(stored), Some(key)) = (self.view.get(&id), self.view.shared_id(&id)) else {
+            leases.remove(id.as_str());
+            return Err(BackendError::NotFound { id });
+        };
+        leases.insert(key, Lease { expires_at });
         Ok(stored.record)
     }
 }
@@ -152,7 +152,7 @@ impl RegistryBackend for MemoryBackend {
                 (Some(lease), _) if lease.expires_at <= now => {
                     Err(BackendError::NotFound { id: id.to_owned() })
                 }
-                (Some(_), Some(stored)) if stored.record.owner != owner => {
+                (Some(_), Some(stored)) if *stored.record.owner != *owner => {
                     Err(BackendError::NotOwner { id: id.to_owned() })
                 }
                 (Some(lease), Some(stored)) => {
@@ -174,7 +174,7 @@ impl RegistryBackend for MemoryBackend {
             if self
                 .view
                 .get(id)
-                .is_some_and(|stored| stored.record.owner != owner)
+                .is_some_and(|stored| *stored.record.owner != *owner)
             {
                 return Err(BackendError::NotOwner { id: id.to_owned() });
             }
@@ -194,6 +194,21 @@ mod tests {
         let mut spec = spec("svc", id, 1);
         spec.ttl_ms = ttl_ms;
         spec.validate().expect("valid")
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_is_keyed_by_the_views_allocation_of_the_id_not_a_copy() {
+        let view = Arc::new(View::new("e"));
+        let backend = MemoryBackend::start(view.clone());
+        for _ in 0..2 {
+            backend
+                .register(registration("a", 1000), "alice")
+                .await
+                .expect("registered");
+            let leases = backend.leases();
+            let (key, _) = leases.get_key_value("a").expect("leased");
+            assert!(Arc::ptr_eq(key, &view.shared_id("a").expect("in the view")));
+        }
     }
 
     #[tokio::test(start_paused = true)]
@@ -274,7 +289,7 @@ mod tests {
             backend.register(registration("a", 1000), "mallory").await,
             Err(BackendError::NotOwner { .. })
         ));
-        assert_eq!(view.get("a").expect("still there").record.owner, "alice");
+        assert_eq!(&*view.get("a").expect("still there").record.owner, "alice");
         backend
             .deregister("a", "alice")
             .await

@@ -158,7 +158,7 @@ async fn another_token_cannot_deregister_heartbeat_or_replace_a_registration() -
         .await?;
     assert_eq!(replace.status(), StatusCode::FORBIDDEN);
     let entry = served.registry.view().get("a-1").expect("still registered");
-    assert_eq!(entry.record.owner, "alice");
+    assert_eq!(&*entry.record.owner, "alice");
     assert_eq!(entry.record.registration.address.port(), 1);
 
     let delete = http()
