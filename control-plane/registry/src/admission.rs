@@ -314,7 +314,7 @@ impl Scope {
         {
             return Err(Refusal::ServiceScope {
                 identity: identity.to_owned(),
-                service: registration.name.clone(),
+                service: registration.name.to_string(),
                 allowed: list(patterns),
             });
         }
@@ -557,12 +557,12 @@ impl Admission {
         *pending.by_owner.entry(identity.to_owned()).or_default() += 1;
         pending
             .by_id
-            .entry(registration.id.clone())
+            .entry(registration.id.to_string())
             .or_insert_with(|| (identity.to_owned(), 0))
             .1 += 1;
         Ok(Reservation {
             admission: self,
-            slot: Some((identity.to_owned(), registration.id.clone())),
+            slot: Some((identity.to_owned(), registration.id.to_string())),
         })
     }
 }

@@ -96,7 +96,7 @@ impl Monitor {
             check: check.clone(),
             cluster: self.labels.label(&registration.name),
         };
-        let id = registration.id.clone();
+        let id = registration.id.to_string();
         self.records.insert(id.clone(), entry.record);
         Some((id, wanted))
     }

@@ -345,7 +345,7 @@ impl Counted {
     fn labels(&self) -> InstanceLabels {
         InstanceLabels {
             service: if self.named {
-                self.entry.record.registration.name.clone()
+                self.entry.record.registration.name.to_string()
             } else {
                 OTHER_SERVICES.to_owned()
             },
@@ -389,7 +389,7 @@ impl InstanceTally {
             let service = &entry.record.registration.name;
             Counted {
                 entry: entry.clone(),
-                named: self.services.label(service) == *service,
+                named: *self.services.label(service) == **service,
             }
         });
         let old = self.known.take(id).map(|old| old.labels());

@@ -17,6 +17,7 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     fmt,
     net::{IpAddr, SocketAddr},
+    sync::Arc,
     time::Duration,
 };
 
@@ -197,10 +198,11 @@ impl Protocol {
 /// A validated registration: every field in range, defaults applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Registration {
-    /// Service name.
-    pub name: String,
-    /// Instance id.
-    pub id: String,
+    /// Service name: once stored, the view's one allocation per service, which every
+    /// registration of the service shares.
+    pub name: Arc<str>,
+    /// Instance id: once stored, the one allocation the view's maps key it by too.
+    pub id: Arc<str>,
     /// Where Envoy sends traffic.
     pub address: SocketAddr,
     /// Application protocol.
@@ -459,8 +461,8 @@ impl InstanceSpec {
             return Err(FieldErrors(errors.0));
         }
         let registration = Registration {
-            name: self.name.clone(),
-            id: self.id.clone(),
+            name: self.name.as_str().into(),
+            id: self.id.as_str().into(),
             address: SocketAddr::new(ip, instance_port),
             protocol,
             weight,
@@ -613,8 +615,8 @@ impl Registration {
     /// store it and to answer clients.
     pub fn to_spec(&self) -> InstanceSpec {
         InstanceSpec {
-            name: self.name.clone(),
-            id: self.id.clone(),
+            name: self.name.to_string(),
+            id: self.id.to_string(),
             address: self.address.ip().to_string(),
             port: u32::from(self.address.port()),
             protocol: self.protocol.as_str().to_owned(),

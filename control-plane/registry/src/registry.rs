@@ -304,9 +304,9 @@ impl Registry {
                 && entry.record.registration.id != registration.id
         }) {
             return Err(RegistryError::AddressInUse {
-                service: registration.name.clone(),
+                service: registration.name.to_string(),
                 address: registration.address,
-                holder: holder.record.registration.id.clone(),
+                holder: holder.record.registration.id.to_string(),
             });
         }
         let record = self.backend.register(registration, owner).await?;
@@ -500,7 +500,7 @@ mod tests {
         discovery
             .entries
             .iter()
-            .map(|e| e.record.registration.id.as_str())
+            .map(|e| &*e.record.registration.id)
             .collect()
     }
 

@@ -57,7 +57,7 @@ fn registered_before(entry: &Entry, other: &Entry) -> bool {
     fn key(entry: &Entry) -> (u64, &str) {
         (
             entry.record.registered_at_unix_ms,
-            entry.record.registration.id.as_str(),
+            &entry.record.registration.id,
         )
     }
     key(entry) < key(other)
@@ -167,7 +167,9 @@ struct State {
     /// the memory backend's leases, [`View::shared_id`]), not a copy per map.
     entries: HashMap<Arc<str>, Entry>,
     /// Instance ids by service name.
-    by_service: BTreeMap<String, BTreeSet<Arc<str>>>,
+    /// The service name key is the allocation every stored registration of the service
+    /// shares.
+    by_service: BTreeMap<Arc<str>, BTreeSet<Arc<str>>>,
     /// Live registrations per owner. Invariant: equals the count of `entries` by owner.
     /// The key is the allocation every stored record of the owner shares.
     by_owner: HashMap<Arc<str>, usize>,
@@ -294,7 +296,7 @@ impl View {
         let mut protocol_conflicts = 0;
         for (name, ids) in &state.by_service {
             let built;
-            let published = match state.published.get(name) {
+            let published = match state.published.get(&**name) {
                 Some(cell) => cell.get_or_init(|| build_service(&state, name, ids)),
                 None => {
                     debug_assert!(false, "service {name} has no published cell");
@@ -303,7 +305,7 @@ impl View {
                 }
             };
             protocol_conflicts += usize::from(published.protocol_conflict);
-            services.insert(name.clone(), Arc::clone(&published.endpoints));
+            services.insert(name.to_string(), Arc::clone(&published.endpoints));
         }
         RegistryServices {
             services,
@@ -369,14 +371,14 @@ impl View {
     /// the differences.
     pub fn replace_all(&self, records: Vec<Record>) {
         let mut state = self.write();
-        let keep: BTreeSet<String> = records
+        let keep: BTreeSet<Arc<str>> = records
             .iter()
-            .map(|record| record.registration.id.clone())
+            .map(|record| Arc::clone(&record.registration.id))
             .collect();
         let gone: Vec<Arc<str>> = state
             .entries
             .keys()
-            .filter(|id| !keep.contains(&***id))
+            .filter(|id| !keep.contains(*id))
             .cloned()
             .collect();
         for id in gone {
@@ -393,7 +395,7 @@ impl View {
     pub fn set_health(&self, record: &Record, health: HealthStatus) -> bool {
         let mut state = self.write();
         let id = &record.registration.id;
-        let Some(entry) = state.entries.get(id.as_str()) else {
+        let Some(entry) = state.entries.get(id) else {
             return false;
         };
         if entry.health == health
@@ -406,11 +408,11 @@ impl View {
             record: entry.record.clone(),
             health,
         };
-        let service = entry.record.registration.name.clone();
-        if let Some(stored) = state.entries.get_mut(id.as_str()) {
+        let service = entry.record.registration.name.to_string();
+        if let Some(stored) = state.entries.get_mut(id) {
             *stored = entry.clone();
         }
-        record_change(&mut state, id.clone(), Some(entry), &[&service]);
+        record_change(&mut state, id.to_string(), Some(entry), &[&service]);
         self.publish(&state);
         true
     }
@@ -434,10 +436,15 @@ fn upsert_locked(state: &mut State, mut record: Record) {
     if let Some((owner, _)) = state.by_owner.get_key_value(&*record.owner) {
         record.owner = Arc::clone(owner);
     }
-    let (id, previous) = match state.entries.get_key_value(record.registration.id.as_str()) {
+    // The record shares the allocations the view already holds for its id and service.
+    let (id, previous) = match state.entries.get_key_value(&record.registration.id) {
         Some((id, previous)) => (Arc::clone(id), Some(previous)),
-        None => (Arc::from(record.registration.id.as_str()), None),
+        None => (Arc::clone(&record.registration.id), None),
     };
+    record.registration.id = Arc::clone(&id);
+    if let Some((service, _)) = state.by_service.get_key_value(&record.registration.name) {
+        record.registration.name = Arc::clone(service);
+    }
     if let Some(previous) = previous {
         if previous.record.mod_revision > record.mod_revision {
             return;
@@ -446,7 +453,7 @@ fn upsert_locked(state: &mut State, mut record: Record) {
             // A re-registration that changes nothing a reader sees: not a change (the
             // shared list is still rebuilt, to hold the stored record).
             let health = previous.health;
-            if let Some(cell) = state.service_entries.get_mut(&record.registration.name) {
+            if let Some(cell) = state.service_entries.get_mut(&*record.registration.name) {
                 *cell = OnceLock::new();
             }
             state.entries.insert(
@@ -495,7 +502,7 @@ fn upsert_locked(state: &mut State, mut record: Record) {
         health,
     };
     state.entries.insert(id.clone(), entry.clone());
-    let mut touched = vec![service.as_str()];
+    let mut touched = vec![&*service];
     if let Some(old) = old_service.as_deref() {
         touched.push(old);
     }
@@ -531,7 +538,7 @@ fn remove_locked(state: &mut State, id: &str, mod_revision: Option<i64>) -> bool
             state.by_service.remove(&service);
         }
     }
-    record_change(state, id.to_owned(), None, &[&service]);
+    record_change(state, id.to_owned(), None, &[&service.to_string()]);
     true
 }
 
@@ -551,7 +558,7 @@ fn record_change(state: &mut State, id: String, entry: Option<Entry>, services: 
             .service_generation
             .entry((*service).clone())
             .or_default() = state.revision;
-        if state.by_service.contains_key(*service) {
+        if state.by_service.contains_key(service.as_str()) {
             state
                 .service_entries
                 .insert((*service).clone(), OnceLock::new());
@@ -612,21 +619,44 @@ mod tests {
     use crate::test_support::{record, spec};
 
     #[test]
-    fn an_id_is_one_allocation_for_the_entries_and_the_services_sets() {
+    fn an_id_is_one_allocation_for_the_record_the_entries_and_the_services_sets() {
         let view = View::new("epoch-a");
         view.upsert(record(spec("a", "a-1", 1)));
         view.upsert(record(spec("a", "a-1", 2)));
         let state = view.read();
-        let (key, _) = state.entries.get_key_value("a-1").expect("registered");
+        let (key, entry) = state.entries.get_key_value("a-1").expect("registered");
         let in_service = state.by_service["a"].get("a-1").expect("in its service");
         assert!(
             Arc::ptr_eq(key, in_service),
             "one allocation, not a copy per map"
         );
+        assert!(Arc::ptr_eq(key, &entry.record.registration.id));
         assert!(Arc::ptr_eq(
             key,
             &view.shared_id("a-1").expect("registered")
         ));
+    }
+
+    #[test]
+    fn the_registrations_of_one_service_share_one_allocation_of_its_name() {
+        let view = View::new("epoch-a");
+        view.upsert(record(spec("a", "a-1", 1)));
+        view.upsert(record(spec("a", "a-2", 2)));
+        view.upsert(record(spec("b", "b-1", 3)));
+        let name = |id: &str| {
+            view.get(id)
+                .expect("registered")
+                .record
+                .registration
+                .name
+                .clone()
+        };
+        let (a1, a2, b1) = (name("a-1"), name("a-2"), name("b-1"));
+        assert!(Arc::ptr_eq(&a1, &a2));
+        assert_eq!(&*b1, "b");
+        let state = view.read();
+        let (key, _) = state.by_service.get_key_value("a").expect("a service");
+        assert!(Arc::ptr_eq(key, &a1));
     }
 
     #[test]
@@ -764,7 +794,7 @@ mod tests {
         view.service(service)
             .0
             .iter()
-            .map(|entry| entry.record.registration.id.clone())
+            .map(|entry| entry.record.registration.id.to_string())
             .collect()
     }
 
@@ -843,7 +873,7 @@ mod tests {
         for (name, ids) in &state.by_service {
             let built = build_service(&state, name, ids);
             protocol_conflicts += usize::from(built.protocol_conflict);
-            services.insert(name.clone(), built.endpoints);
+            services.insert(name.to_string(), built.endpoints);
         }
         RegistryServices {
             services,
@@ -881,7 +911,7 @@ mod tests {
                     _ => view.replace_all(
                         view.entries()
                             .into_iter()
-                            .filter(|entry| entry.record.registration.id != id)
+                            .filter(|entry| *entry.record.registration.id != *id)
                             .map(|entry| (*entry.record).clone())
                             .collect(),
                     ),
@@ -918,7 +948,7 @@ mod tests {
                     _ => view.replace_all(
                         view.entries()
                             .into_iter()
-                            .filter(|entry| entry.record.registration.id != id)
+                            .filter(|entry| *entry.record.registration.id != *id)
                             .map(|entry| (*entry.record).clone())
                             .collect(),
                     ),

@@ -192,7 +192,7 @@ fn watch_to_proto(since: Since, cursor: Cursor) -> pb::WatchResponse {
                 .iter()
                 .map(|entry| pb::Change {
                     kind: pb::change::Kind::Put as i32,
-                    id: entry.record.registration.id.clone(),
+                    id: entry.record.registration.id.to_string(),
                     registration: Some(registration_to_proto(entry)),
                     revision: 0,
                 })

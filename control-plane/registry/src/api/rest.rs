@@ -454,7 +454,7 @@ pub fn watch_json(since: Since, cursor: Cursor) -> WatchJson {
                 .iter()
                 .map(|entry| ChangeJson {
                     kind: "put".into(),
-                    id: entry.record.registration.id.clone(),
+                    id: entry.record.registration.id.to_string(),
                     registration: Some(entry.into()),
                     revision: 0,
                 })

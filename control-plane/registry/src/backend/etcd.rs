@@ -599,7 +599,7 @@ fn decode(prefix: &str, kv: &KeyValue) -> Option<Record> {
         }
     };
     let registration = match stored.instance.validate() {
-        Ok(registration) if registration.id == id => registration,
+        Ok(registration) if *registration.id == *id => registration,
         Ok(registration) => {
             warn!(key = %key, id = %registration.id, "skipping an etcd registration whose id is not its key");
             return None;
@@ -701,7 +701,7 @@ impl EtcdBackend {
         deadline: Instant,
     ) -> Result<Arc<Record>, BackendError> {
         let etcd = &self.etcd;
-        let id = registration.id.clone();
+        let id = registration.id.to_string();
         let ttl = registration.ttl;
         let key = etcd.key(&id);
         for _ in 0..MAX_ATTEMPTS {

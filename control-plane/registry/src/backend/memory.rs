@@ -88,7 +88,7 @@ impl MemoryBackend {
         owner: &str,
     ) -> Result<Arc<Record>, BackendError> {
         let mut leases = self.leases();
-        let id = registration.id.clone();
+        let id = registration.id.to_string();
         let stored = leases.get(id.as_str()).and(self.view.get(&id));
         if let Some(stored) = &stored
             && *stored.record.owner != *owner

@@ -152,7 +152,12 @@ async fn an_identity_registers_only_its_service_names_in_its_address_ranges() ->
         .view()
         .entries()
         .iter()
-        .map(|e| (e.record.registration.id.clone(), e.record.owner.to_string()))
+        .map(|e| {
+            (
+                e.record.registration.id.to_string(),
+                e.record.owner.to_string(),
+            )
+        })
         .collect();
     assert_eq!(
         owners,

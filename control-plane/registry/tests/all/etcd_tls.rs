@@ -222,7 +222,7 @@ fn discovered(registry: &Registry) -> Vec<String> {
         .expect("valid query")
         .entries
         .iter()
-        .map(|entry| entry.record.registration.id.clone())
+        .map(|entry| entry.record.registration.id.to_string())
         .collect()
 }
 
