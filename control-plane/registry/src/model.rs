@@ -209,6 +209,20 @@ pub struct Registration {
     pub protocol: Protocol,
     /// 1-10000.
     pub weight: u32,
+    /// Zone, tags, capabilities and metadata ([`Registration::attributes`]), boxed together
+    /// and only when one is set: most registrations have none, and inline they made every
+    /// stored registration 88 bytes larger.
+    attributes: Option<Box<Attributes>>,
+    /// Active health check, boxed: most registrations have none, and an unboxed one would
+    /// make every stored registration about 100 bytes larger.
+    pub health_check: Option<Box<HealthCheck>>,
+    /// Lease TTL, 1 s to 1 h.
+    pub ttl: Duration,
+}
+
+/// What a registration carries for policies and discovery to match on, besides its address.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Attributes {
     /// Failure domain.
     pub zone: Option<String>,
     /// Labels.
@@ -217,12 +231,24 @@ pub struct Registration {
     pub capabilities: BTreeSet<String>,
     /// Attributes.
     pub metadata: BTreeMap<String, String>,
-    /// Active health check, boxed: most registrations have none, and an unboxed one would
-    /// make every stored registration about 100 bytes larger.
-    pub health_check: Option<Box<HealthCheck>>,
-    /// Lease TTL, 1 s to 1 h.
-    pub ttl: Duration,
 }
+
+impl Attributes {
+    fn is_empty(&self) -> bool {
+        self.zone.is_none()
+            && self.tags.is_empty()
+            && self.capabilities.is_empty()
+            && self.metadata.is_empty()
+    }
+}
+
+/// A registration's attributes when it has none.
+static NO_ATTRIBUTES: Attributes = Attributes {
+    zone: None,
+    tags: BTreeSet::new(),
+    capabilities: BTreeSet::new(),
+    metadata: BTreeMap::new(),
+};
 
 /// Every field that failed validation, in field order.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -466,10 +492,13 @@ impl InstanceSpec {
             address: SocketAddr::new(ip, instance_port),
             protocol,
             weight,
-            zone,
-            tags,
-            capabilities,
-            metadata: self.metadata.clone(),
+            attributes: Some(Box::new(Attributes {
+                zone,
+                tags,
+                capabilities,
+                metadata: self.metadata.clone(),
+            }))
+            .filter(|attributes| !attributes.is_empty()),
             health_check,
             ttl,
         };
@@ -586,6 +615,11 @@ fn spec_field(path: &str) -> String {
 }
 
 impl Registration {
+    /// Its zone, tags, capabilities and metadata (each empty when not set).
+    pub fn attributes(&self) -> &Attributes {
+        self.attributes.as_deref().unwrap_or(&NO_ATTRIBUTES)
+    }
+
     /// Refuses a registration whose published endpoint would take more than
     /// [`MAX_ENDPOINT_BYTES`], naming the field that takes the most.
     fn check_published_size(&self) -> Result<(), FieldErrors> {
@@ -593,11 +627,12 @@ impl Registration {
         if size <= MAX_ENDPOINT_BYTES {
             return Ok(());
         }
+        let attributes = self.attributes();
         let parts = [
-            ("metadata", json_len(&self.metadata)),
-            ("tags", json_len(&self.tags)),
-            ("capabilities", json_len(&self.capabilities)),
-            ("zone", json_len(&self.zone)),
+            ("metadata", json_len(&attributes.metadata)),
+            ("tags", json_len(&attributes.tags)),
+            ("capabilities", json_len(&attributes.capabilities)),
+            ("zone", json_len(&attributes.zone)),
         ];
         let field = parts
             .iter()
@@ -614,6 +649,7 @@ impl Registration {
     /// The spec that validates back into this registration (defaults written out), used to
     /// store it and to answer clients.
     pub fn to_spec(&self) -> InstanceSpec {
+        let attributes = self.attributes();
         InstanceSpec {
             name: self.name.to_string(),
             id: self.id.to_string(),
@@ -621,10 +657,10 @@ impl Registration {
             port: u32::from(self.address.port()),
             protocol: self.protocol.as_str().to_owned(),
             weight: self.weight,
-            zone: self.zone.clone().unwrap_or_default(),
-            tags: self.tags.iter().cloned().collect(),
-            capabilities: self.capabilities.iter().cloned().collect(),
-            metadata: self.metadata.clone(),
+            zone: attributes.zone.clone().unwrap_or_default(),
+            tags: attributes.tags.iter().cloned().collect(),
+            capabilities: attributes.capabilities.iter().cloned().collect(),
+            metadata: attributes.metadata.clone(),
             health_check: self
                 .health_check
                 .as_deref()
@@ -635,13 +671,14 @@ impl Registration {
 
     /// The endpoint this registration contributes to its service, with `health`.
     pub fn endpoint(&self, health: fulcrum_core::Health) -> fulcrum_core::Endpoint {
+        let attributes = self.attributes();
         fulcrum_core::Endpoint {
             address: self.address,
             weight: self.weight,
-            zone: self.zone.clone(),
-            tags: self.tags.clone(),
-            capabilities: self.capabilities.clone(),
-            metadata: self.metadata.clone(),
+            zone: attributes.zone.clone(),
+            tags: attributes.tags.clone(),
+            capabilities: attributes.capabilities.clone(),
+            metadata: attributes.metadata.clone(),
             health,
         }
     }
@@ -704,6 +741,22 @@ mod tests {
     }
 
     #[test]
+    fn attributes_are_boxed_only_when_one_is_set_and_read_back_the_same() {
+        let mut tagged = spec();
+        tagged.tags = vec!["canary".into()];
+        let registration = tagged.validate().expect("valid");
+        let attributes = registration.attributes.as_deref().expect("boxed");
+        assert_eq!(attributes.tags, BTreeSet::from(["canary".to_owned()]));
+        assert_eq!(
+            registration.to_spec().validate().expect("valid"),
+            registration
+        );
+        let endpoint = registration.endpoint(fulcrum_core::Health::Healthy);
+        assert_eq!(endpoint.tags, attributes.tags);
+        assert_eq!(endpoint.zone, None);
+    }
+
+    #[test]
     fn minimal_spec_gets_the_documented_defaults() {
         let registration = spec().validate().expect("valid");
         assert_eq!(
@@ -713,7 +766,8 @@ mod tests {
         assert_eq!(registration.protocol, Protocol::Http);
         assert_eq!(registration.weight, 1);
         assert_eq!(registration.ttl, DEFAULT_TTL);
-        assert_eq!(registration.zone, None);
+        assert_eq!(registration.attributes(), &Attributes::default());
+        assert_eq!(registration.attributes, None, "nothing boxed");
         assert_eq!(registration.health_check, None);
     }
 

@@ -89,7 +89,7 @@ impl Query {
     }
 
     fn matches(&self, entry: &Entry) -> bool {
-        let registration = &entry.record.registration;
+        let registration = entry.record.registration.attributes();
         let health = entry.health;
         let health_ok = if self.health.is_empty() {
             health != HealthStatus::Unhealthy
