@@ -618,6 +618,19 @@ mod tests {
     use super::*;
     use crate::test_support::{record, spec};
 
+    /// Every registration is stored as one [`Record`]: a field added to it inline costs its
+    /// size once per endpoint of the mesh. Rarely set parts are boxed (the attributes, the
+    /// health check) and names are shared `Arc<str>`s.
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn a_stored_record_takes_at_most_144_bytes_inline() {
+        assert!(
+            std::mem::size_of::<Record>() <= 144,
+            "{} bytes",
+            std::mem::size_of::<Record>()
+        );
+    }
+
     #[test]
     fn an_id_is_one_allocation_for_the_record_the_entries_and_the_services_sets() {
         let view = View::new("epoch-a");
