@@ -226,6 +226,19 @@ mod tests {
         }
     }
 
+    /// A stream that subscribed as Envoy does, CDS wildcard then EDS for `endpoints`, both
+    /// answered from `snapshot` (the answers not kept).
+    fn subscribed(snapshot: &XdsSnapshot, endpoints: &[&str]) -> DeltaState {
+        let mut state = DeltaState::default();
+        for (ty, names) in [
+            (ResourceType::Cluster, &[][..]),
+            (ResourceType::Endpoint, endpoints),
+        ] {
+            state.on_request(ty, &subscribe(ty, names), Some(snapshot));
+        }
+        state
+    }
+
     fn names(push: &Push) -> Vec<String> {
         push.decoded_delta()
             .resources
@@ -257,17 +270,7 @@ mod tests {
     fn change_in_one_service_sends_only_its_endpoints() {
         let v1 = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
         let v2 = snapshot("v2", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:3")]);
-        let mut state = DeltaState::default();
-        state.on_request(
-            ResourceType::Cluster,
-            &subscribe(ResourceType::Cluster, &[]),
-            Some(&v1),
-        );
-        state.on_request(
-            ResourceType::Endpoint,
-            &subscribe(ResourceType::Endpoint, &["a", "b"]),
-            Some(&v1),
-        );
+        let mut state = subscribed(&v1, &["a", "b"]);
         let responses = state.on_snapshot(&v2);
         assert_eq!(responses.len(), 1);
         assert_eq!(responses[0].ty, ResourceType::Endpoint);
@@ -278,17 +281,7 @@ mod tests {
     fn a_changed_cluster_gets_its_unchanged_assignment_again_for_warming() {
         let v1 = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
         let v2 = snapshot_with_http2("v2", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")], &["a"]);
-        let mut state = DeltaState::default();
-        state.on_request(
-            ResourceType::Cluster,
-            &subscribe(ResourceType::Cluster, &[]),
-            Some(&v1),
-        );
-        state.on_request(
-            ResourceType::Endpoint,
-            &subscribe(ResourceType::Endpoint, &["a", "b"]),
-            Some(&v1),
-        );
+        let mut state = subscribed(&v1, &["a", "b"]);
         let responses = state.on_snapshot(&v2);
         assert_eq!(responses.len(), 2);
         assert_eq!(names(&responses[0]), ["a"], "the changed cluster");
@@ -424,17 +417,7 @@ mod tests {
     #[test]
     fn a_stream_remembers_names_and_versions_as_the_snapshots_allocations_not_copies() {
         let snap = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
-        let mut state = DeltaState::default();
-        state.on_request(
-            ResourceType::Cluster,
-            &subscribe(ResourceType::Cluster, &[]),
-            Some(&snap),
-        );
-        state.on_request(
-            ResourceType::Endpoint,
-            &subscribe(ResourceType::Endpoint, &["a", "b", "not-served"]),
-            Some(&snap),
-        );
+        let state = subscribed(&snap, &["a", "b", "not-served"]);
         for ty in ResourceType::ALL {
             let held = &state.types[&ty];
             assert_shares_the_snapshots_allocations(&snap, ty, held.known.iter(), &held.names);
