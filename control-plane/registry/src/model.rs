@@ -486,19 +486,19 @@ impl InstanceSpec {
         if !errors.0.is_empty() {
             return Err(FieldErrors(errors.0));
         }
+        let attributes = Attributes {
+            zone,
+            tags,
+            capabilities,
+            metadata: self.metadata.clone(),
+        };
         let registration = Registration {
             name: self.name.as_str().into(),
             id: self.id.as_str().into(),
             address: SocketAddr::new(ip, instance_port),
             protocol,
             weight,
-            attributes: Some(Box::new(Attributes {
-                zone,
-                tags,
-                capabilities,
-                metadata: self.metadata.clone(),
-            }))
-            .filter(|attributes| !attributes.is_empty()),
+            attributes: (!attributes.is_empty()).then(|| Box::new(attributes)),
             health_check,
             ttl,
         };
