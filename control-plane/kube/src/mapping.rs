@@ -41,7 +41,9 @@ use std::{
     sync::Arc,
 };
 
-use fulcrum_core::{Endpoint, Health, ServiceEndpoints, UpstreamProtocol, endpoint::REGION_KEY};
+use fulcrum_core::{
+    Attributes, Endpoint, Health, ServiceEndpoints, UpstreamProtocol, endpoint::REGION_KEY,
+};
 use fulcrum_sources::Services;
 use k8s_openapi::api::{
     core::v1::{Node, Pod, Service, ServicePort},
@@ -235,12 +237,14 @@ impl Mapping {
                     continue;
                 };
                 let address = SocketAddr::new(ip, target_port);
-                let mapped = Endpoint {
-                    zone: endpoint.zone.clone(),
-                    metadata: metadata(service, slice, endpoint, pod_labels, node_regions),
-                    health,
-                    ..Endpoint::new(address)
-                };
+                let mapped =
+                    Endpoint::new(address)
+                        .with_health(health)
+                        .with_attributes(Attributes {
+                            zone: endpoint.zone.clone(),
+                            metadata: metadata(service, slice, endpoint, pod_labels, node_regions),
+                            ..Attributes::default()
+                        });
                 match endpoints.get(&address) {
                     Some(kept) if health_rank(kept.health) <= health_rank(health) => {}
                     _ => {

@@ -210,9 +210,8 @@ mod tests {
     fn snapshot(endpoints: &[(&str, Health)]) -> Arc<Services> {
         let endpoints = endpoints
             .iter()
-            .map(|(address, health)| Endpoint {
-                health: *health,
-                ..Endpoint::new(address.parse().expect("address"))
+            .map(|(address, health)| {
+                Endpoint::new(address.parse().expect("address")).with_health(*health)
             })
             .collect();
         Arc::new(

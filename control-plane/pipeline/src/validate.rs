@@ -183,10 +183,7 @@ mod tests {
     use super::*;
 
     fn endpoint(address: &str, weight: u32) -> Endpoint {
-        Endpoint {
-            weight,
-            ..Endpoint::new(address.parse().expect("address"))
-        }
+        Endpoint::new(address.parse().expect("address")).with_weight(weight)
     }
 
     fn services(entries: Vec<(&str, Vec<Endpoint>)>) -> Arc<Services> {

@@ -21,6 +21,7 @@ use std::{
     time::Duration,
 };
 
+use fulcrum_core::Attributes;
 /// One invalid field: the same model as the policy's and the snapshot's validation errors.
 pub use fulcrum_core::ValidationError;
 use fulcrum_core::policy::{
@@ -209,46 +210,17 @@ pub struct Registration {
     pub protocol: Protocol,
     /// 1-10000.
     pub weight: u32,
-    /// Zone, tags, capabilities and metadata ([`Registration::attributes`]), boxed together
-    /// and only when one is set: most registrations have none, and inline they made every
-    /// stored registration 88 bytes larger.
-    attributes: Option<Box<Attributes>>,
+    /// Zone, tags, capabilities and metadata ([`Registration::attributes`]), allocated
+    /// together and only when one is set: most registrations have none, and inline they made
+    /// every stored registration 88 bytes larger. Shared with the endpoint the registration
+    /// publishes ([`Registration::endpoint`]).
+    attributes: Option<Arc<Attributes>>,
     /// Active health check, boxed: most registrations have none, and an unboxed one would
     /// make every stored registration about 100 bytes larger.
     pub health_check: Option<Box<HealthCheck>>,
     /// Lease TTL, 1 s to 1 h.
     pub ttl: Duration,
 }
-
-/// What a registration carries for policies and discovery to match on, besides its address.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Attributes {
-    /// Failure domain.
-    pub zone: Option<String>,
-    /// Labels.
-    pub tags: BTreeSet<String>,
-    /// Capabilities.
-    pub capabilities: BTreeSet<String>,
-    /// Attributes.
-    pub metadata: BTreeMap<String, String>,
-}
-
-impl Attributes {
-    fn is_empty(&self) -> bool {
-        self.zone.is_none()
-            && self.tags.is_empty()
-            && self.capabilities.is_empty()
-            && self.metadata.is_empty()
-    }
-}
-
-/// A registration's attributes when it has none.
-static NO_ATTRIBUTES: Attributes = Attributes {
-    zone: None,
-    tags: BTreeSet::new(),
-    capabilities: BTreeSet::new(),
-    metadata: BTreeMap::new(),
-};
 
 /// Every field that failed validation, in field order.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -498,7 +470,7 @@ impl InstanceSpec {
             address: SocketAddr::new(ip, instance_port),
             protocol,
             weight,
-            attributes: (!attributes.is_empty()).then(|| Box::new(attributes)),
+            attributes: (!attributes.is_empty()).then(|| Arc::new(attributes)),
             health_check,
             ttl,
         };
@@ -617,7 +589,7 @@ fn spec_field(path: &str) -> String {
 impl Registration {
     /// Its zone, tags, capabilities and metadata (each empty when not set).
     pub fn attributes(&self) -> &Attributes {
-        self.attributes.as_deref().unwrap_or(&NO_ATTRIBUTES)
+        self.attributes.as_deref().unwrap_or(Attributes::none())
     }
 
     /// Refuses a registration whose published endpoint would take more than
@@ -669,18 +641,13 @@ impl Registration {
         }
     }
 
-    /// The endpoint this registration contributes to its service, with `health`.
+    /// The endpoint this registration contributes to its service, with `health`: its
+    /// attributes are the registration's, shared.
     pub fn endpoint(&self, health: fulcrum_core::Health) -> fulcrum_core::Endpoint {
-        let attributes = self.attributes();
-        fulcrum_core::Endpoint {
-            address: self.address,
-            weight: self.weight,
-            zone: attributes.zone.clone(),
-            tags: attributes.tags.clone(),
-            capabilities: attributes.capabilities.clone(),
-            metadata: attributes.metadata.clone(),
-            health,
-        }
+        fulcrum_core::Endpoint::new(self.address)
+            .with_weight(self.weight)
+            .with_health(health)
+            .with_shared_attributes(self.attributes.clone())
     }
 }
 
@@ -741,19 +708,32 @@ mod tests {
     }
 
     #[test]
-    fn attributes_are_boxed_only_when_one_is_set_and_read_back_the_same() {
+    fn attributes_are_allocated_only_when_one_is_set_and_shared_with_the_endpoint() {
         let mut tagged = spec();
         tagged.tags = vec!["canary".into()];
         let registration = tagged.validate().expect("valid");
-        let attributes = registration.attributes.as_deref().expect("boxed");
+        let attributes = registration.attributes.as_ref().expect("allocated");
         assert_eq!(attributes.tags, BTreeSet::from(["canary".to_owned()]));
         assert_eq!(
             registration.to_spec().validate().expect("valid"),
             registration
         );
         let endpoint = registration.endpoint(fulcrum_core::Health::Healthy);
-        assert_eq!(endpoint.tags, attributes.tags);
-        assert_eq!(endpoint.zone, None);
+        assert_eq!(endpoint.tags(), &attributes.tags);
+        assert_eq!(endpoint.zone(), None);
+        assert!(
+            endpoint
+                .shared_attributes()
+                .is_some_and(|shared| Arc::ptr_eq(shared, attributes)),
+            "the endpoint shares the registration's attributes, not a copy"
+        );
+        let plain = spec().validate().expect("valid");
+        assert_eq!(
+            plain
+                .endpoint(fulcrum_core::Health::Healthy)
+                .shared_attributes(),
+            None
+        );
     }
 
     #[test]

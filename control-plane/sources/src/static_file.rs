@@ -287,7 +287,7 @@ services:
         let endpoints = &services["checkout"].endpoints;
         assert_eq!(endpoints[0].address.port(), 8081);
         assert_eq!(endpoints[0].weight, 2);
-        assert_eq!(endpoints[0].zone.as_deref(), Some("zone-a"));
+        assert_eq!(endpoints[0].zone(), Some("zone-a"));
         assert_eq!(endpoints[1].weight, 1);
         assert_eq!(endpoints[1].health, Health::Draining);
     }

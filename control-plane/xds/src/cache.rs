@@ -719,11 +719,15 @@ mod tests {
         let mut draining = Endpoint::new("10.0.0.2:80".parse().expect("address"));
         draining.health = Health::Draining;
         draining.weight = 3;
-        draining.zone = Some("zone-b".to_owned());
-        draining.tags.insert("canary".to_owned());
-        draining.tags.insert("gpu".to_owned());
-        draining.capabilities.insert("llm.chat".to_owned());
+        draining.attributes_mut().zone = Some("zone-b".to_owned());
+        draining.attributes_mut().tags.insert("canary".to_owned());
+        draining.attributes_mut().tags.insert("gpu".to_owned());
         draining
+            .attributes_mut()
+            .capabilities
+            .insert("llm.chat".to_owned());
+        draining
+            .attributes_mut()
             .metadata
             .insert("version".to_owned(), "v2".to_owned());
         let mut unhealthy = Endpoint::new("10.0.0.1:80".parse().expect("address"));

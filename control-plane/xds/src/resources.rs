@@ -341,9 +341,9 @@ fn list_value<'a>(values: impl Iterator<Item = &'a String>) -> Value {
 /// only scalar metadata by key.
 fn endpoint_metadata(endpoint: &Endpoint) -> Option<Metadata> {
     let mut fields = HashMap::new();
-    if !endpoint.metadata.is_empty() {
+    if !endpoint.metadata().is_empty() {
         let metadata = endpoint
-            .metadata
+            .metadata()
             .iter()
             .map(|(key, value)| (key.clone(), string_value(value)))
             .collect();
@@ -353,7 +353,7 @@ fn endpoint_metadata(endpoint: &Endpoint) -> Option<Metadata> {
                 kind: Some(Kind::StructValue(Struct { fields: metadata })),
             },
         );
-        for (key, value) in &endpoint.metadata {
+        for (key, value) in endpoint.metadata() {
             fields.insert(
                 format!("{}{key}", scalar_metadata::METADATA_PREFIX),
                 string_value(value),
@@ -369,18 +369,18 @@ fn endpoint_metadata(endpoint: &Endpoint) -> Option<Metadata> {
                 .join(","),
         )
     };
-    if !endpoint.tags.is_empty() {
-        fields.insert("tags".to_owned(), list_value(endpoint.tags.iter()));
-        fields.insert(scalar_metadata::TAGS.to_owned(), joined(&endpoint.tags));
+    if !endpoint.tags().is_empty() {
+        fields.insert("tags".to_owned(), list_value(endpoint.tags().iter()));
+        fields.insert(scalar_metadata::TAGS.to_owned(), joined(endpoint.tags()));
     }
-    if !endpoint.capabilities.is_empty() {
+    if !endpoint.capabilities().is_empty() {
         fields.insert(
             "capabilities".to_owned(),
-            list_value(endpoint.capabilities.iter()),
+            list_value(endpoint.capabilities().iter()),
         );
         fields.insert(
             scalar_metadata::CAPABILITIES.to_owned(),
-            joined(&endpoint.capabilities),
+            joined(endpoint.capabilities()),
         );
     }
     (!fields.is_empty()).then(|| Metadata {
@@ -418,7 +418,7 @@ pub fn load_assignment(name: &str, service: &ServiceEndpoints) -> ClusterLoadAss
     let mut by_zone: BTreeMap<&str, Vec<LbEndpoint>> = BTreeMap::new();
     for endpoint in &service.endpoints {
         by_zone
-            .entry(endpoint.zone.as_deref().unwrap_or(""))
+            .entry(endpoint.zone().unwrap_or(""))
             .or_default()
             .push(lb_endpoint(endpoint));
     }

@@ -19,10 +19,7 @@ fn endpoints(n: u32) -> Vec<Endpoint> {
     (0..n)
         .map(|i| {
             let [_, a, b, c] = i.to_be_bytes();
-            Endpoint {
-                weight: 1 + i % 3,
-                ..Endpoint::new(SocketAddr::from(([10, a, b, c], 8080)))
-            }
+            Endpoint::new(SocketAddr::from(([10, a, b, c], 8080))).with_weight(1 + i % 3)
         })
         .collect()
 }

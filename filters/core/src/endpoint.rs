@@ -17,7 +17,7 @@ use std::{
     sync::Arc,
 };
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Serialize, Serializer, ser::SerializeStruct};
 
 /// An IPv4 `IP:port` as one integer that sorts as `SocketAddr` sorts IPv4 addresses (IP,
 /// then port); `None` for IPv6. Sorted tables of endpoints search these: comparing two
@@ -53,30 +53,155 @@ pub enum Health {
 }
 
 /// One upstream instance of a service.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+///
+/// 48 bytes on 64-bit targets: the address, weight and health inline, and the attributes a
+/// policy matches on (zone, tags, capabilities, metadata) in one shared allocation made only
+/// when one is set, since most endpoints have none. The control plane holds one per
+/// endpoint of the mesh, and every filter VM one per endpoint of the services it balances;
+/// a copy of an endpoint (the control plane's stages, the registry's record and its
+/// endpoint) shares the attributes instead of copying them. Read the
+/// attributes through [`Endpoint::zone`], [`Endpoint::tags`], [`Endpoint::capabilities`] and
+/// [`Endpoint::metadata`]; set them with [`Endpoint::with_attributes`] or
+/// [`Endpoint::attributes_mut`].
+///
+/// The JSON is that of its fields, attributes included, exactly as when they were fields of
+/// their own: unknown fields are refused, absent ones take their defaults, empty attributes
+/// are left out.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(from = "EndpointFields")]
 pub struct Endpoint {
     /// The address Envoy knows the endpoint by; the filter writes it as `IP:port`.
     pub address: SocketAddr,
     /// Relative weight for the weighted algorithms; 1 unless set. Must be at least 1.
-    #[serde(default = "default_weight")]
     pub weight: u32,
+    /// Health as reported by the source and the control plane's active checks.
+    pub health: Health,
+    /// `None` when the endpoint has no attribute (they may also be empty, after
+    /// [`Endpoint::attributes_mut`] removed them all).
+    attributes: Option<Arc<Attributes>>,
+}
+
+/// What a policy matches an endpoint on, besides its address and health: its zone, tags,
+/// capabilities and metadata. Empty by default.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Attributes {
     /// Failure domain (Kubernetes `topology.kubernetes.io/zone`), for locality preference.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
     /// Free-form labels a policy can require (e.g. `canary`, `gpu`).
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub tags: BTreeSet<String>,
     /// What the instance can do (e.g. `llm.chat`, `tools.search`); a policy can require some.
-    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
     pub capabilities: BTreeSet<String>,
     /// Key/value attributes (labels, node name, version) a policy can match on; the region,
     /// for locality preference, under [`REGION_KEY`].
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub metadata: BTreeMap<String, String>,
-    /// Health as reported by the source and the control plane's active checks.
+}
+
+impl Attributes {
+    /// No attribute: what [`Endpoint::attributes`] reads for an endpoint that has none.
+    pub fn none() -> &'static Self {
+        &NO_ATTRIBUTES
+    }
+
+    /// Whether no attribute is set.
+    pub fn is_empty(&self) -> bool {
+        self.zone.is_none()
+            && self.tags.is_empty()
+            && self.capabilities.is_empty()
+            && self.metadata.is_empty()
+    }
+}
+
+/// The attributes of an endpoint that has none.
+static NO_ATTRIBUTES: Attributes = Attributes {
+    zone: None,
+    tags: BTreeSet::new(),
+    capabilities: BTreeSet::new(),
+    metadata: BTreeMap::new(),
+};
+
+/// An endpoint's JSON as it is read: every field of its own, as the schema has always had
+/// them. [`Endpoint`]'s `Serialize` writes the same fields.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EndpointFields {
+    address: SocketAddr,
+    #[serde(default = "default_weight")]
+    weight: u32,
     #[serde(default)]
-    pub health: Health,
+    zone: Option<String>,
+    #[serde(default)]
+    tags: BTreeSet<String>,
+    #[serde(default)]
+    capabilities: BTreeSet<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    #[serde(default)]
+    health: Health,
+}
+
+impl Serialize for Endpoint {
+    /// The fields of [`EndpointFields`], in its order and with its omissions, written
+    /// straight from the endpoint (serializing a whole mesh copies no attribute).
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let attributes = self.attributes();
+        let present = [
+            attributes.zone.is_some(),
+            !attributes.tags.is_empty(),
+            !attributes.capabilities.is_empty(),
+            !attributes.metadata.is_empty(),
+        ];
+        let fields = 3 + present.iter().filter(|present| **present).count();
+        let mut state = serializer.serialize_struct("Endpoint", fields)?;
+        state.serialize_field("address", &self.address)?;
+        state.serialize_field("weight", &self.weight)?;
+        match &attributes.zone {
+            Some(zone) => state.serialize_field("zone", zone)?,
+            None => state.skip_field("zone")?,
+        }
+        for (name, set) in [
+            ("tags", &attributes.tags),
+            ("capabilities", &attributes.capabilities),
+        ] {
+            if set.is_empty() {
+                state.skip_field(name)?;
+            } else {
+                state.serialize_field(name, set)?;
+            }
+        }
+        if attributes.metadata.is_empty() {
+            state.skip_field("metadata")?;
+        } else {
+            state.serialize_field("metadata", &attributes.metadata)?;
+        }
+        state.serialize_field("health", &self.health)?;
+        state.end()
+    }
+}
+
+impl From<EndpointFields> for Endpoint {
+    fn from(fields: EndpointFields) -> Self {
+        let EndpointFields {
+            address,
+            weight,
+            zone,
+            tags,
+            capabilities,
+            metadata,
+            health,
+        } = fields;
+        Self {
+            address,
+            weight,
+            health,
+            attributes: None,
+        }
+        .with_attributes(Attributes {
+            zone,
+            tags,
+            capabilities,
+            metadata,
+        })
+    }
 }
 
 /// The `metadata` key of an endpoint's region, Kubernetes' well-known node label (Envoy and
@@ -111,22 +236,93 @@ impl Endpoint {
         Self {
             address,
             weight: default_weight(),
-            zone: None,
-            tags: BTreeSet::new(),
-            capabilities: BTreeSet::new(),
-            metadata: BTreeMap::new(),
             health: Health::Healthy,
+            attributes: None,
         }
+    }
+
+    /// The endpoint with this weight.
+    pub fn with_weight(mut self, weight: u32) -> Self {
+        self.weight = weight;
+        self
+    }
+
+    /// The endpoint with this health.
+    pub fn with_health(mut self, health: Health) -> Self {
+        self.health = health;
+        self
+    }
+
+    /// The endpoint with these attributes (replacing any it had); empty ones take no
+    /// allocation.
+    pub fn with_attributes(mut self, attributes: Attributes) -> Self {
+        self.attributes = (!attributes.is_empty()).then(|| Arc::new(attributes));
+        self
+    }
+
+    /// The endpoint with these attributes, shared with their other holders (`None`: none).
+    pub fn with_shared_attributes(mut self, attributes: Option<Arc<Attributes>>) -> Self {
+        self.attributes = attributes.filter(|attributes| !attributes.is_empty());
+        self
+    }
+
+    /// The endpoint's attributes to change in place: allocated when it had none, copied
+    /// when they are shared.
+    pub fn attributes_mut(&mut self) -> &mut Attributes {
+        Arc::make_mut(self.attributes.get_or_insert_default())
+    }
+
+    /// The endpoint's attributes as shared, `None` when it has none: to share them with
+    /// another endpoint ([`Endpoint::with_shared_attributes`]).
+    pub fn shared_attributes(&self) -> Option<&Arc<Attributes>> {
+        self.attributes.as_ref()
+    }
+
+    /// The endpoint's attributes; empty when it has none.
+    pub fn attributes(&self) -> &Attributes {
+        self.attributes.as_deref().unwrap_or(Attributes::none())
+    }
+
+    /// Failure domain (Kubernetes `topology.kubernetes.io/zone`), for locality preference.
+    pub fn zone(&self) -> Option<&str> {
+        self.attributes().zone.as_deref()
+    }
+
+    /// Free-form labels a policy can require (e.g. `canary`, `gpu`).
+    pub fn tags(&self) -> &BTreeSet<String> {
+        &self.attributes().tags
+    }
+
+    /// What the instance can do (e.g. `llm.chat`, `tools.search`); a policy can require some.
+    pub fn capabilities(&self) -> &BTreeSet<String> {
+        &self.attributes().capabilities
+    }
+
+    /// Key/value attributes (labels, node name, version) a policy can match on; the region,
+    /// for locality preference, under [`REGION_KEY`].
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.attributes().metadata
     }
 
     /// The endpoint's region: its `metadata` entry [`REGION_KEY`], when set and not empty.
     pub fn region(&self) -> Option<&str> {
-        self.metadata
+        self.metadata()
             .get(REGION_KEY)
             .map(String::as_str)
             .filter(|region| !region.is_empty())
     }
 }
+
+impl PartialEq for Endpoint {
+    fn eq(&self, other: &Self) -> bool {
+        self.address == other.address
+            && self.weight == other.weight
+            && self.health == other.health
+            && self.attributes() == other.attributes()
+    }
+}
+
+impl Eq for Endpoint {}
 
 /// The endpoints of one service (one Envoy cluster).
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,6 +446,143 @@ mod address_order_tests {
             let a = SocketAddr::from((Ipv4Addr::from_bits(a.0), a.1));
             let b = SocketAddr::from((Ipv4Addr::from_bits(b.0), b.1));
             prop_assert_eq!(v4_key(a).cmp(&v4_key(b)), a.cmp(&b));
+        }
+    }
+}
+
+#[cfg(test)]
+mod compact_endpoint_tests {
+    use proptest::prelude::*;
+    use serde_json::{Map, Value, json};
+
+    use super::*;
+
+    #[test]
+    #[cfg(target_pointer_width = "64")]
+    fn an_endpoint_takes_48_bytes_inline() {
+        assert!(
+            std::mem::size_of::<Endpoint>() <= 48,
+            "{} bytes",
+            std::mem::size_of::<Endpoint>()
+        );
+    }
+
+    #[test]
+    fn an_endpoint_without_attributes_allocates_none() {
+        let plain: Endpoint = serde_json::from_value(json!({"address": "10.0.0.1:80"})).unwrap();
+        assert!(plain.shared_attributes().is_none());
+        let empty = json!({"address": "10.0.0.1:80", "tags": [], "metadata": {}});
+        let empty: Endpoint = serde_json::from_value(empty).unwrap();
+        assert!(empty.shared_attributes().is_none());
+        let built = Endpoint::new(plain.address).with_attributes(Attributes::default());
+        assert!(built.shared_attributes().is_none());
+        assert_eq!(plain.attributes(), Attributes::none());
+    }
+
+    #[test]
+    fn endpoints_compare_by_their_attributes_however_they_are_held() {
+        let plain = Endpoint::new("10.0.0.1:80".parse().unwrap());
+        let mut emptied = plain.clone();
+        emptied.attributes_mut().tags.insert("gpu".into());
+        assert_ne!(emptied, plain);
+        emptied.attributes_mut().tags.clear();
+        assert_eq!(emptied, plain, "empty attributes equal none");
+    }
+
+    #[test]
+    fn changing_a_copys_attributes_leaves_the_original_alone() {
+        let original = Endpoint::new("10.0.0.1:80".parse().unwrap()).with_attributes(Attributes {
+            zone: Some("z1".into()),
+            ..Attributes::default()
+        });
+        let mut copy = original.clone();
+        assert!(Arc::ptr_eq(
+            copy.shared_attributes().unwrap(),
+            original.shared_attributes().unwrap()
+        ));
+        copy.attributes_mut().zone = Some("z2".into());
+        assert_eq!(original.zone(), Some("z1"));
+        assert_eq!(copy.zone(), Some("z2"));
+    }
+
+    #[test]
+    fn unknown_and_misspelled_fields_are_refused() {
+        for field in ["zones", "tag", "Weight", "region"] {
+            let mut value = json!({"address": "10.0.0.1:80"});
+            value[field] = json!("x");
+            let error = serde_json::from_value::<Endpoint>(value).unwrap_err();
+            assert!(
+                error.to_string().contains("unknown field"),
+                "{field}: {error}"
+            );
+        }
+    }
+
+    fn words() -> impl Strategy<Value = Vec<String>> {
+        proptest::collection::vec("[a-z.]{1,6}", 0..3)
+    }
+
+    proptest! {
+        /// The JSON is the one the fields had when they were the struct's own: every field
+        /// read back, absent ones defaulted, empty attributes left out, in the old order.
+        #[test]
+        fn the_json_is_what_the_fields_alone_write(
+            weight in proptest::option::of(1u32..100),
+            zone in proptest::option::of("[a-z0-9-]{0,6}"),
+            tags in words(),
+            capabilities in words(),
+            metadata in proptest::collection::btree_map("[a-z/.]{1,8}", "[a-z0-9]{0,4}", 0..3),
+            health in proptest::option::of(prop_oneof![
+                Just("healthy"), Just("draining"), Just("unhealthy")
+            ]),
+        ) {
+            let mut input = Map::new();
+            input.insert("address".into(), json!("10.1.2.3:8080"));
+            if let Some(weight) = weight {
+                input.insert("weight".into(), json!(weight));
+            }
+            if let Some(zone) = &zone {
+                input.insert("zone".into(), json!(zone));
+            }
+            input.insert("tags".into(), json!(tags));
+            input.insert("capabilities".into(), json!(capabilities));
+            input.insert("metadata".into(), json!(metadata));
+            if let Some(health) = health {
+                input.insert("health".into(), json!(health));
+            }
+            let endpoint: Endpoint = serde_json::from_value(Value::Object(input)).unwrap();
+
+            let tags: BTreeSet<String> = tags.into_iter().collect();
+            let capabilities: BTreeSet<String> = capabilities.into_iter().collect();
+            let mut expected = vec![
+                ("address", json!("10.1.2.3:8080")),
+                ("weight", json!(weight.unwrap_or(1))),
+            ];
+            if let Some(zone) = zone {
+                expected.push(("zone", json!(zone)));
+            }
+            if !tags.is_empty() {
+                expected.push(("tags", json!(tags)));
+            }
+            if !capabilities.is_empty() {
+                expected.push(("capabilities", json!(capabilities)));
+            }
+            if !metadata.is_empty() {
+                expected.push(("metadata", json!(metadata)));
+            }
+            expected.push(("health", json!(health.unwrap_or("healthy"))));
+            let expected = format!(
+                "{{{}}}",
+                expected
+                    .iter()
+                    .map(|(key, value)| format!("\"{key}\":{value}"))
+                    .collect::<Vec<_>>()
+                    .join(",")
+            );
+            let written = serde_json::to_string(&endpoint).unwrap();
+            prop_assert_eq!(&written, &expected);
+            let read_back: Endpoint = serde_json::from_str(&written).unwrap();
+            prop_assert_eq!(read_back, endpoint);
         }
     }
 }

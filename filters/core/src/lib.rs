@@ -70,7 +70,7 @@ pub use service::{
 };
 
 pub use breaker::BreakerState;
-pub use endpoint::{Endpoint, Health, ServiceEndpoints, Snapshot, UpstreamProtocol};
+pub use endpoint::{Attributes, Endpoint, Health, ServiceEndpoints, Snapshot, UpstreamProtocol};
 pub use policy::{DataPlane, LoadBalancer, OnNoEndpoint, Policy, ServicePolicy};
 pub use select::sticky::SessionKeys;
 pub use validate::{PolicyError, ValidationError, ValidationErrors};

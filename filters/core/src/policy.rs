@@ -836,12 +836,13 @@ impl Default for RateLimit {
 impl EndpointSelector {
     /// Whether `endpoint` carries every required tag and capability and every metadata entry.
     pub fn matches(&self, endpoint: &crate::Endpoint) -> bool {
-        self.tags.is_subset(&endpoint.tags)
-            && self.capabilities.is_subset(&endpoint.capabilities)
+        let attributes = endpoint.attributes();
+        self.tags.is_subset(&attributes.tags)
+            && self.capabilities.is_subset(&attributes.capabilities)
             && self
                 .metadata
                 .iter()
-                .all(|(key, value)| endpoint.metadata.get(key) == Some(value))
+                .all(|(key, value)| attributes.metadata.get(key) == Some(value))
     }
 }
 

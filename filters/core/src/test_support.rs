@@ -3,7 +3,7 @@
 use std::{net::SocketAddr, time::Duration};
 
 use crate::{
-    Endpoint, Outcome, ServicePicker,
+    Attributes, Endpoint, Outcome, ServicePicker,
     policy::{LoadBalancer, OutlierDetection, ServicePolicy},
     rng::SplitMix64,
 };
@@ -24,19 +24,16 @@ pub fn weighted(weights: &[u32]) -> Vec<Endpoint> {
     weights
         .iter()
         .enumerate()
-        .map(|(i, &weight)| Endpoint {
-            weight,
-            ..Endpoint::new(addr(i as u32 + 1))
-        })
+        .map(|(i, &weight)| Endpoint::new(addr(i as u32 + 1)).with_weight(weight))
         .collect()
 }
 
 /// An endpoint in `zone`.
 pub fn in_zone(i: u32, zone: &str) -> Endpoint {
-    Endpoint {
+    Endpoint::new(addr(i)).with_attributes(Attributes {
         zone: Some(zone.to_owned()),
-        ..Endpoint::new(addr(i))
-    }
+        ..Attributes::default()
+    })
 }
 
 /// A service policy with this algorithm and otherwise defaults.

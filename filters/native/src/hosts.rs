@@ -17,9 +17,12 @@
 //! `capabilities_csv` (comma-joined strings), and `metadata.<key>` (one string per key), read
 //! for each metadata key the policy's `endpoint_selector` matches on.
 
-use std::{collections::HashMap, net::SocketAddr};
+use std::{
+    collections::{BTreeSet, HashMap},
+    net::SocketAddr,
+};
 
-use fulcrum_core::{Endpoint, Health, ServicePolicy, endpoint::REGION_KEY};
+use fulcrum_core::{Attributes, Endpoint, Health, ServicePolicy, endpoint::REGION_KEY};
 
 /// The `filter_metadata` namespace of an endpoint's fulcrum attributes.
 pub const METADATA_NAMESPACE: &str = fulcrum_core::endpoint::scalar_metadata::NAMESPACE;
@@ -162,22 +165,21 @@ fn endpoint(
     healthy_index: Option<usize>,
     policy: &ServicePolicy,
 ) -> Endpoint {
-    let mut endpoint = Endpoint::new(address);
-    endpoint.weight = hosts.weight(priority, i).max(1);
-    endpoint.health = if healthy_index.is_some() {
+    let health = if healthy_index.is_some() {
         Health::Healthy
     } else {
         Health::Unhealthy
     };
+    let mut attributes = Attributes::default();
     if let Some((region, zone)) = hosts.locality(priority, i) {
         if !zone.is_empty() {
-            endpoint.zone = Some(zone);
+            attributes.zone = Some(zone);
         }
         if !region.is_empty() {
-            endpoint.metadata.insert(REGION_KEY.to_owned(), region);
+            attributes.metadata.insert(REGION_KEY.to_owned(), region);
         }
     }
-    let list = |key: &str| -> Vec<String> {
+    let list = |key: &str| -> BTreeSet<String> {
         hosts
             .metadata(priority, i, key)
             .map(|joined| {
@@ -190,14 +192,17 @@ fn endpoint(
             })
             .unwrap_or_default()
     };
-    endpoint.tags = list(TAGS_KEY).into_iter().collect();
-    endpoint.capabilities = list(CAPABILITIES_KEY).into_iter().collect();
+    attributes.tags = list(TAGS_KEY);
+    attributes.capabilities = list(CAPABILITIES_KEY);
     for key in policy.endpoint_selector.metadata.keys() {
         if let Some(value) = hosts.metadata(priority, i, &format!("{METADATA_KEY_PREFIX}{key}")) {
-            endpoint.metadata.insert(key.clone(), value);
+            attributes.metadata.insert(key.clone(), value);
         }
     }
-    endpoint
+    Endpoint::new(address)
+        .with_weight(hosts.weight(priority, i).max(1))
+        .with_health(health)
+        .with_attributes(attributes)
 }
 
 /// `IP:port`; anything else (a pipe, an internal address) is not an endpoint fulcrum picks.
@@ -377,15 +382,15 @@ mod tests {
         let first = &endpoints[0];
         assert_eq!(first.address, addr("10.0.0.2:80"));
         assert_eq!(first.weight, 3);
-        assert_eq!(first.zone.as_deref(), Some("z1"));
+        assert_eq!(first.zone(), Some("z1"));
         assert_eq!(first.region(), Some("r1"));
         assert_eq!(
-            first.tags.iter().map(String::as_str).collect::<Vec<_>>(),
+            first.tags().iter().map(String::as_str).collect::<Vec<_>>(),
             ["canary", "gpu"]
         );
-        assert!(first.capabilities.contains("llm.chat"));
+        assert!(first.capabilities().contains("llm.chat"));
         assert_eq!(
-            first.metadata.get("version").map(String::as_str),
+            first.metadata().get("version").map(String::as_str),
             Some("v2")
         );
         assert_eq!(endpoints[1].address, addr("10.0.0.9:80"));

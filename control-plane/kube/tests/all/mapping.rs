@@ -284,9 +284,9 @@ fn zone_node_pod_and_labels_become_endpoint_attributes() {
     slice.metadata = with_labels(slice.metadata, &[("tier", "frontend")]);
     let mapped = Mapping::default().services(&[Arc::new(checkout)], &[Arc::new(slice)], &[], &[]);
     let endpoint = &mapped[CHECKOUT_HTTP].endpoints[0];
-    assert_eq!(endpoint.zone.as_deref(), Some("eu-west-1a"));
+    assert_eq!(endpoint.zone(), Some("eu-west-1a"));
     let metadata: Vec<(&str, &str)> = endpoint
-        .metadata
+        .metadata()
         .iter()
         .map(|(key, value)| (key.as_str(), value.as_str()))
         .collect();
@@ -365,7 +365,7 @@ fn allowed_pod_labels_become_endpoint_metadata_so_policies_select_subsets() {
     let mapped = Mapping::default().services(&[Arc::new(checkout)], &[Arc::new(slice)], &pods, &[]);
     let label = |index: usize, key: &str| {
         mapped[CHECKOUT_HTTP].endpoints[index]
-            .metadata
+            .metadata()
             .get(key)
             .cloned()
     };
@@ -396,7 +396,7 @@ fn allowed_pod_labels_become_endpoint_metadata_so_policies_select_subsets() {
     );
     assert_eq!(
         endpoints[CHECKOUT_HTTP].endpoints[0]
-            .metadata
+            .metadata()
             .get("version"),
         None
     );

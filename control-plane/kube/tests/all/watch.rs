@@ -172,9 +172,9 @@ async fn first_snapshot_holds_the_listed_endpoints_with_zone_and_labels() {
         .await;
     let endpoint = &snapshot.services[CHECKOUT].endpoints[0];
     assert_eq!(endpoint.health, Health::Healthy);
-    assert_eq!(endpoint.zone.as_deref(), Some("zone-a"));
-    assert_eq!(endpoint.metadata["app"], "checkout");
-    assert_eq!(endpoint.metadata["node_name"], "node-1");
+    assert_eq!(endpoint.zone(), Some("zone-a"));
+    assert_eq!(endpoint.metadata()["app"], "checkout");
+    assert_eq!(endpoint.metadata()["node_name"], "node-1");
 }
 
 #[tokio::test]
@@ -451,7 +451,7 @@ fn version_of(snapshot: &Snapshot) -> Option<String> {
         .get(CHECKOUT)?
         .endpoints
         .first()?
-        .metadata
+        .metadata()
         .get("version")
         .cloned()
 }
@@ -469,7 +469,7 @@ async fn a_pods_allowed_labels_follow_it_into_its_endpoints_metadata() {
             version_of(snapshot).as_deref() == Some("v1")
         })
         .await;
-    let metadata = &first.services[CHECKOUT].endpoints[0].metadata;
+    let metadata = first.services[CHECKOUT].endpoints[0].metadata();
     assert_eq!(metadata.get("team"), None, "not on the allow-list");
     harness.server.apply(&checkout_pod("pod-10.0.0.1", "v2"));
     harness

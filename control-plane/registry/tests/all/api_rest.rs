@@ -82,8 +82,8 @@ async fn a_registered_instance_is_discoverable_and_published_to_the_snapshot() -
     let snapshot = served.snapshots.borrow().clone().expect("snapshot");
     let endpoint = &snapshot.services["checkout"].endpoints[0];
     assert_eq!(endpoint.weight, 3);
-    assert_eq!(endpoint.zone.as_deref(), Some("zone-a"));
-    assert!(endpoint.tags.contains("canary"));
+    assert_eq!(endpoint.zone(), Some("zone-a"));
+    assert!(endpoint.tags().contains("canary"));
     Ok(())
 }
 

@@ -35,7 +35,7 @@ async fn snapshot_is_served_with_its_version_as_etag_then_304_for_that_etag() {
     assert_eq!(snapshot.services["checkout"].endpoints.len(), 2);
     assert!(
         snapshot.services["checkout"].endpoints[0]
-            .tags
+            .tags()
             .contains("canary")
     );
 

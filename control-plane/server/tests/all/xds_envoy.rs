@@ -264,10 +264,7 @@ async fn invalid_assignment_is_nacked_and_the_last_good_version_stays(api: AdsAp
             std::sync::Arc::new(ServiceEndpoints {
                 endpoints: vec![
                     Endpoint::new("127.0.0.1:19001".parse().expect("address")),
-                    Endpoint {
-                        weight: 0,
-                        ..Endpoint::new("127.0.0.1:19002".parse().expect("address"))
-                    },
+                    Endpoint::new("127.0.0.1:19002".parse().expect("address")).with_weight(0),
                 ],
                 protocol: None,
             }),

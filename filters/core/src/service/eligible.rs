@@ -177,7 +177,7 @@ impl<'a> Ranking<'a> {
         if self.tier_count() == 1 {
             return 0;
         }
-        let zone = endpoint.zone.as_deref();
+        let zone = endpoint.zone();
         if zone.is_some() && zone == self.zone {
             return 0;
         }

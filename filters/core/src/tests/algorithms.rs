@@ -453,11 +453,20 @@ fn the_selector_excludes_endpoints_without_the_required_tags_capabilities_and_me
         .insert("version".into(), "v2".into());
     let mut fleet = endpoints(4);
     for endpoint in &mut fleet[1..] {
-        endpoint.tags.insert("gpu".into());
-        endpoint.capabilities.insert("llm.chat".into());
-        endpoint.metadata.insert("version".into(), "v2".into());
+        endpoint.attributes_mut().tags.insert("gpu".into());
+        endpoint
+            .attributes_mut()
+            .capabilities
+            .insert("llm.chat".into());
+        endpoint
+            .attributes_mut()
+            .metadata
+            .insert("version".into(), "v2".into());
     }
-    fleet[2].metadata.insert("version".into(), "v1".into());
+    fleet[2]
+        .attributes_mut()
+        .metadata
+        .insert("version".into(), "v1".into());
     fleet[3].health = Health::Unhealthy;
     let mut picker = ServicePicker::new(&service, &fleet);
     let counts = counts(&mut picker, 10);
@@ -872,11 +881,9 @@ proptest! {
         ][algorithm].clone();
         let endpoints: Vec<Endpoint> = fleet
             .iter()
-            .map(|&(i, weight, health)| Endpoint {
-                weight,
-                health: [Health::Healthy, Health::Draining, Health::Unhealthy][health as usize],
-                ..Endpoint::new(addr(i))
-            })
+            .map(|&(i, weight, health)| Endpoint::new(addr(i))
+                .with_weight(weight)
+                .with_health([Health::Healthy, Health::Draining, Health::Unhealthy][health as usize]))
             .collect();
         let mut service = policy(load_balancer);
         service.retry = 5;
@@ -1006,22 +1013,10 @@ fn with_no_tier_healthy_enough_weighted_picks_span_the_tiers_by_weight() {
         service.locality.local_zone = Some("z1".into());
         service.locality.failover = vec!["z2".into()];
         let fleet = [
-            Endpoint {
-                weight: 1,
-                ..in_zone(1, "z1")
-            },
-            Endpoint {
-                weight: 3,
-                ..in_zone(2, "z2")
-            },
-            Endpoint {
-                weight: 2,
-                ..in_zone(3, "z1")
-            },
-            Endpoint {
-                weight: 2,
-                ..in_zone(4, "z2")
-            },
+            in_zone(1, "z1").with_weight(1),
+            in_zone(2, "z2").with_weight(3),
+            in_zone(3, "z1").with_weight(2),
+            in_zone(4, "z2").with_weight(2),
         ];
         let mut picker = ServicePicker::new(&service, &fleet);
         fail_on(&mut picker, addr(3), status(503), 1, ms(0));

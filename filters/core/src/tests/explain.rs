@@ -55,7 +55,7 @@ fn with_health(mut endpoint: Endpoint, health: Health) -> Endpoint {
 }
 
 fn tagged(mut endpoint: Endpoint) -> Endpoint {
-    endpoint.tags.insert("gpu".into());
+    endpoint.attributes_mut().tags.insert("gpu".into());
     endpoint
 }
 
@@ -484,7 +484,7 @@ fn any_endpoint(i: u32) -> impl Strategy<Value = Endpoint> {
         endpoint.health =
             [Health::Healthy, Health::Draining, Health::Unhealthy][usize::from(health)];
         if tag {
-            endpoint.tags.insert("gpu".into());
+            endpoint.attributes_mut().tags.insert("gpu".into());
         }
         endpoint
     })

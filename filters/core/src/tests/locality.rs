@@ -15,7 +15,10 @@ use crate::{
 /// An endpoint in `zone` of `region`.
 fn located(i: u32, zone: &str, region: &str) -> Endpoint {
     let mut endpoint = in_zone(i, zone);
-    endpoint.metadata.insert(REGION_KEY.into(), region.into());
+    endpoint
+        .attributes_mut()
+        .metadata
+        .insert(REGION_KEY.into(), region.into());
     endpoint
 }
 
@@ -185,9 +188,10 @@ fn fleet(places: &[Place], with_regions: bool) -> Vec<Endpoint> {
         .enumerate()
         .map(|(i, &(zone, region))| {
             let mut endpoint = Endpoint::new(addr(i as u32 + 1));
-            endpoint.zone = (zone > 0).then(|| ZONES[zone].to_owned());
+            endpoint.attributes_mut().zone = (zone > 0).then(|| ZONES[zone].to_owned());
             if with_regions && region > 0 {
                 endpoint
+                    .attributes_mut()
                     .metadata
                     .insert(REGION_KEY.into(), REGIONS[region].into());
             }

@@ -1,7 +1,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::{
-    Endpoint, Health,
+    Attributes, Endpoint, Health,
     policy::ServicePolicy,
     receive::{ENDPOINT_FIELDS, receive, screen_service, validate_service},
 };
@@ -114,15 +114,15 @@ fn a_body_without_a_version_is_refused_whole() {
 
 #[test]
 fn the_known_endpoint_fields_are_exactly_what_an_endpoint_serializes() {
-    let endpoint = Endpoint {
-        address: "10.0.0.1:80".parse().unwrap(),
-        weight: 2,
-        zone: Some("z".into()),
-        tags: BTreeSet::from(["t".to_owned()]),
-        capabilities: BTreeSet::from(["c".to_owned()]),
-        metadata: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
-        health: Health::Draining,
-    };
+    let endpoint = Endpoint::new("10.0.0.1:80".parse().unwrap())
+        .with_weight(2)
+        .with_health(Health::Draining)
+        .with_attributes(Attributes {
+            zone: Some("z".into()),
+            tags: BTreeSet::from(["t".to_owned()]),
+            capabilities: BTreeSet::from(["c".to_owned()]),
+            metadata: BTreeMap::from([("k".to_owned(), "v".to_owned())]),
+        });
     let serialized = serde_json::to_value(&endpoint).unwrap();
     let mut fields: Vec<&str> = serialized
         .as_object()
@@ -155,10 +155,8 @@ fn a_health_check_change_keeps_the_same_selection_and_a_retry_change_does_not() 
 
 #[test]
 fn screening_keeps_the_valid_endpoints_and_names_each_dropped_one() {
-    let endpoint = |address: &str, weight: u32| Endpoint {
-        weight,
-        ..Endpoint::new(address.parse().unwrap())
-    };
+    let endpoint =
+        |address: &str, weight: u32| Endpoint::new(address.parse().unwrap()).with_weight(weight);
     let service = crate::ServiceEndpoints {
         endpoints: vec![
             endpoint("10.0.0.1:80", 1),
@@ -198,13 +196,10 @@ proptest::proptest! {
     ) {
         let endpoints = endpoints
             .into_iter()
-            .map(|(host, port, weight, unspecified)| Endpoint {
-                weight,
-                ..Endpoint::new(std::net::SocketAddr::from((
+            .map(|(host, port, weight, unspecified)| Endpoint::new(std::net::SocketAddr::from((
                     if unspecified { [0, 0, 0, 0] } else { [10, 0, 0, host] },
                     port,
-                )))
-            })
+                ))).with_weight(weight))
             .collect();
         let service = crate::ServiceEndpoints {
             endpoints,
