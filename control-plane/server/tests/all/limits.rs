@@ -301,3 +301,74 @@ async fn xds_streams_beyond_the_cap_are_refused_with_resource_exhausted_until_on
     assert!(reopened.is_ok(), "closing a stream frees its slot");
     control_plane.shutdown().await;
 }
+
+#[tokio::test]
+async fn an_ads_request_many_times_the_first_request_buffer_is_read_whole_and_one_over_the_limit_ends_the_stream()
+ {
+    let (control_plane, _dir) = started(Config {
+        limits: ListenerLimits {
+            grpc_max_message_bytes: 64 * 1024,
+            ..ListenerLimits::default()
+        },
+        ..loopback_config(None)
+    })
+    .await;
+    let address = control_plane.xds_address();
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{address}"))
+        .await
+        .expect("connect");
+    let (requests, receiver) = mpsc::channel(4);
+    // 2,000 names, about 30 KiB: the stream's request buffer starts at 1 KiB.
+    let names: Vec<String> = (0..2_000)
+        .map(|i| format!("outbound|80||svc-{i}"))
+        .collect();
+    requests
+        .send(DiscoveryRequest {
+            type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".to_owned(),
+            resource_names: names
+                .iter()
+                .cloned()
+                .chain(["checkout".to_owned()])
+                .collect(),
+            ..DiscoveryRequest::default()
+        })
+        .await
+        .expect("queue the first request");
+    let mut stream = client
+        .stream_aggregated_resources(ReceiverStream::new(receiver))
+        .await
+        .expect("stream")
+        .into_inner();
+    let answer = tokio::time::timeout(Duration::from_secs(10), stream.message())
+        .await
+        .expect("answered in time")
+        .expect("an answer, not an error")
+        .expect("not closed");
+    assert_eq!(
+        answer.resources.len(),
+        1,
+        "the one subscribed cluster that exists"
+    );
+
+    requests
+        .send(DiscoveryRequest {
+            type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".to_owned(),
+            resource_names: names.iter().map(|name| name.repeat(3)).collect(),
+            ..DiscoveryRequest::default()
+        })
+        .await
+        .expect("queue the oversized request");
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                other => break other,
+            }
+        }
+    })
+    .await
+    .expect("ended in time");
+    let status = ended.expect_err("a request over the limit ends the stream with an error");
+    assert_eq!(status.code(), tonic::Code::OutOfRange, "{status}");
+    control_plane.shutdown().await;
+}

@@ -41,13 +41,14 @@ use tokio::sync::{Semaphore, mpsc, watch};
 use tonic::{
     Status, Streaming,
     body::Body,
+    codec::BufferSettings,
     codegen::{BoxFuture, Context, Poll, Service, StdError, http},
     server::NamedService,
 };
 use tonic_prost::ProstDecoder;
 use tracing::{debug, info, info_span, warn};
 
-use self::wire::{Push, PushBody};
+use self::wire::{Outgoing, Push, PushBody};
 
 use crate::{
     cache::{ResourceType, SnapshotCache, XdsSnapshot},
@@ -58,6 +59,11 @@ use crate::{
 
 /// Responses queued per stream before the stream task waits for Envoy to read.
 const RESPONSE_QUEUE: usize = 16;
+/// The first size of a stream's buffer for Envoy's requests: most are a few hundred bytes
+/// (an ACK, a subscription change); the buffer grows for a larger one (the first, with the
+/// node's metadata) in steps of this size and keeps the largest. tonic's default, 8 KiB,
+/// was 8 KiB per Envoy for the connection's life.
+const REQUEST_BUFFER: usize = 1024;
 
 /// Streams one server holds at most, by default: far more Envoys than one control plane
 /// serves, few enough that their state (a task, a queue, the resource versions sent) stays
@@ -221,7 +227,7 @@ impl AdsService {
             .into_http();
         }
         let requests = Streaming::new_request(
-            ProstDecoder::<P::Request>::default(),
+            ProstDecoder::<P::Request>::new(BufferSettings::new(REQUEST_BUFFER, REQUEST_BUFFER)),
             request.into_body(),
             None,
             self.max_decoding_message_size,
@@ -365,7 +371,7 @@ impl Drop for OpenStream {
 async fn drive<P: Protocol>(
     shared: Arc<Shared>,
     mut requests: Streaming<P::Request>,
-    responses: mpsc::Sender<Push>,
+    responses: mpsc::Sender<Outgoing>,
 ) {
     let stream_id = shared.next_stream_id.fetch_add(1, Ordering::Relaxed);
     let mut snapshots = shared.snapshots.clone();
@@ -386,6 +392,8 @@ async fn drive<P: Protocol>(
                     Ok(None) => break,
                     Err(status) => {
                         debug!(stream_id, %status, "xDS stream ended with an error");
+                        // Envoy logs the status it is closed with: say why.
+                        let _ = responses.send(Err(Box::new(status))).await;
                         break;
                     }
                 };
@@ -421,7 +429,7 @@ async fn drive<P: Protocol>(
         };
         for (response, cause) in outgoing {
             record_push::<P>(&shared, open.as_ref(), &response, &cause, &mut pushes);
-            if responses.send(response).await.is_err() {
+            if responses.send(Ok(Box::new(response))).await.is_err() {
                 return;
             }
         }

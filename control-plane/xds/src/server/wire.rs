@@ -228,19 +228,24 @@ fn element_len(kind: StreamKind, resource: &EncodedResource) -> usize {
     }
 }
 
+/// What a stream's driver hands its body: a response, or the error that ends the stream
+/// (a request the driver could not read). Both boxed: the channel allocates its slots 32
+/// at a time for the stream's life, and a `Push` is 104 bytes where a box is 8.
+pub(crate) type Outgoing = Result<Box<Push>, Box<Status>>;
+
 /// The body of one ADS stream's response: the frames of each [`Push`] the stream driver
 /// queues, then `grpc-status: 0` when the driver ends the stream (tonic's generated server
-/// ends it the same way).
+/// ends it the same way), or the status of the error it ended on.
 pub(crate) struct PushBody {
     kind: StreamKind,
-    pushes: mpsc::Receiver<Push>,
+    pushes: mpsc::Receiver<Outgoing>,
     pending: VecDeque<Bytes>,
     ended: bool,
 }
 
 impl PushBody {
     /// The body of a `kind` stream sending what arrives on `pushes`.
-    pub(crate) fn new(kind: StreamKind, pushes: mpsc::Receiver<Push>) -> Self {
+    pub(crate) fn new(kind: StreamKind, pushes: mpsc::Receiver<Outgoing>) -> Self {
         Self {
             kind,
             pushes,
@@ -277,7 +282,8 @@ impl http_body::Body for PushBody {
             match self.pushes.poll_recv(context) {
                 Poll::Pending => return Poll::Pending,
                 Poll::Ready(None) => return self.trailers(&Status::ok("")),
-                Poll::Ready(Some(push)) => match push.frames(self.kind) {
+                Poll::Ready(Some(Err(status))) => return self.trailers(&status),
+                Poll::Ready(Some(Ok(push))) => match push.frames(self.kind) {
                     Ok(frames) => self.pending = frames,
                     Err(status) => return self.trailers(&status),
                 },
@@ -427,7 +433,7 @@ mod tests {
             .flatten()
             .copied()
             .collect();
-        sender.send(sent).await.expect("open");
+        sender.send(Ok(Box::new(sent))).await.expect("open");
         drop(sender);
         let mut data = Vec::new();
         let mut trailers = None;
@@ -443,6 +449,28 @@ mod tests {
         assert_eq!(data, expected);
         let trailers = trailers.expect("trailers");
         assert_eq!(trailers["grpc-status"], "0");
+        assert!(body.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn the_body_ends_with_the_status_of_the_error_it_is_handed() {
+        use http_body::Body as _;
+
+        let (sender, receiver) = mpsc::channel(4);
+        let mut body = std::pin::pin!(PushBody::new(StreamKind::Delta, receiver));
+        let refused = Status::out_of_range("decoded message length too large");
+        sender.send(Err(Box::new(refused))).await.expect("open");
+        let frame = std::future::poll_fn(|context| body.as_mut().poll_frame(context))
+            .await
+            .expect("a frame")
+            .expect("no error");
+        let trailers = frame.into_trailers().expect("trailers, no data");
+        assert_eq!(trailers["grpc-status"], "11", "OUT_OF_RANGE");
+        // Percent-encoded, as gRPC sends a message.
+        assert_eq!(
+            trailers["grpc-message"],
+            "decoded%20message%20length%20too%20large"
+        );
         assert!(body.is_end_stream());
     }
 }
