@@ -165,10 +165,13 @@ impl DeltaState {
         } else {
             Vec::new()
         };
-        for resource in &changed {
-            state
-                .known
-                .insert(Arc::clone(&resource.name), Arc::clone(&resource.version));
+        let sent = changed
+            .iter()
+            .map(|resource| (Arc::clone(&resource.name), Arc::clone(&resource.version)));
+        if state.known.is_empty() {
+            state.known = super::packed(sent);
+        } else {
+            state.known.extend(sent);
         }
         for name in &removed {
             state.known.remove(name);

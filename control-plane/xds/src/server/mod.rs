@@ -336,6 +336,14 @@ impl Protocol for delta::DeltaState {
     }
 }
 
+/// What a stream remembers having sent of a type (name → version), built at once: from
+/// names in order, a B-tree's nodes come out full, 35-38 bytes an entry, where inserting
+/// them one by one left the nodes half full, 64-65 bytes an entry (100 and 1,000 names),
+/// for every type of every stream. Later changes are inserted one by one: they are few.
+fn packed(sent: impl Iterator<Item = (Arc<str>, Arc<str>)>) -> BTreeMap<Arc<str>, Arc<str>> {
+    sent.collect()
+}
+
 /// `name` as the allocation `snapshot` shares with every stream when it holds a resource of
 /// type `ty` by that name, else a new one: what a stream remembers per resource (the names
 /// subscribed to, what was sent) then costs it no string, whatever the number of Envoys.

@@ -183,13 +183,13 @@ impl SotwState {
         } else {
             Vec::new()
         };
-        if ty.is_wildcard() {
-            state.sent.clear();
-        }
-        for resource in &resources {
-            state
-                .sent
-                .insert(Arc::clone(&resource.name), Arc::clone(&resource.version));
+        let sent = resources
+            .iter()
+            .map(|resource| (Arc::clone(&resource.name), Arc::clone(&resource.version)));
+        if ty.is_wildcard() || state.sent.is_empty() {
+            state.sent = super::packed(sent);
+        } else {
+            state.sent.extend(sent);
         }
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
