@@ -227,7 +227,8 @@ impl AdsService {
             .into_http();
         }
         let requests = Streaming::new_request(
-            ProstDecoder::<P::Request>::new(BufferSettings::new(REQUEST_BUFFER, REQUEST_BUFFER)),
+            // The second setting, the yield threshold, is an encoder's: tonic's default.
+            ProstDecoder::<P::Request>::new(BufferSettings::new(REQUEST_BUFFER, 32 * 1024)),
             request.into_body(),
             None,
             self.max_decoding_message_size,
