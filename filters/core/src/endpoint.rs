@@ -140,7 +140,7 @@ struct EndpointFields {
 }
 
 impl Serialize for Endpoint {
-    /// The fields of [`EndpointFields`], in its order and with its omissions, written
+    /// The fields of `EndpointFields`, in its order and with its omissions, written
     /// straight from the endpoint (serializing a whole mesh copies no attribute).
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let attributes = self.attributes();
