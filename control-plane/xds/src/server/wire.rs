@@ -19,12 +19,13 @@
 //! difference.
 //!
 //! Small pieces (the other fields, resources under [`COPY_BELOW`]) are copied into frames
-//! closed once past 16 KiB, between the shared ones: h2 queues every frame of a response at
+//! closed once past 64 KiB, between the shared ones: h2 queues every frame of a response at
 //! once in a per-connection slab that never shrinks, so a response is one frame per large
-//! resource, not one per field. A message under [`ONE_FRAME_BELOW`] (a change's push) is
-//! copied whole into one frame, freed once written: h2 writes each frame it cannot join to
-//! the previous one in a write of its own, and a second small write waits on the peer's
-//! delayed ACK (Nagle), which cost every change 40 ms when its push was three frames.
+//! resource and a few for all the small ones, not one per field or per resource. A message
+//! under [`ONE_FRAME_BELOW`] (a change's push) is copied whole into one frame, freed once
+//! written: h2 writes each frame it cannot join to the previous one in a write of its own,
+//! and a second small write waits on the peer's delayed ACK (Nagle), which cost every
+//! change 40 ms when its push was three frames.
 
 use std::{
     collections::VecDeque,
@@ -53,8 +54,14 @@ const GRPC_PREFIX: usize = 5;
 /// about 100 frames and left each connection 20 KiB more than at 16 KiB, where the same
 /// answer is about 20 copied frames (the copies are freed once written).
 pub(crate) const COPY_BELOW: usize = 16 * 1024;
-/// A frame of copied pieces is closed at this size, so copies come in small allocations.
-const COPIED_FRAME: usize = 16 * 1024;
+/// A frame of copied pieces is closed at this size. Few frames keep h2's slab small (it holds
+/// one slot of about 300 bytes per frame queued at once, for the connection's life); the
+/// bound keeps each copy a heap allocation under glibc's mmap threshold (128 KiB), which
+/// later copies reuse. At 16 KiB an initial EDS answer of 100 clusters of 100 endpoints was
+/// about 20 frames and each connection kept 5-8 KiB more than at 64 KiB, where it is five;
+/// at 256 KiB the copies of 100 initial answers at once were mapped and unmapped whole and
+/// raised the peak RSS by 3-12 MiB at 20,000 endpoints (BENCHMARKS.md).
+const COPIED_FRAME: usize = 64 * 1024;
 /// A message shorter than this goes out as one frame, copied.
 pub(crate) const ONE_FRAME_BELOW: usize = 64 * 1024;
 
@@ -403,6 +410,31 @@ mod tests {
                 frames.len(),
                 3,
                 "{kind:?}: head, the large resource, the small one with the tail"
+            );
+        }
+    }
+
+    #[test]
+    fn small_resources_of_a_large_push_are_copied_into_few_frames() {
+        // An initial EDS answer: 100 clusters of 3 KiB, none large enough to share.
+        let resources: Vec<_> = (0..100)
+            .map(|index| resource(&format!("cluster-{index}"), "1", 3 * 1024))
+            .collect();
+        let push = push(resources, &[]);
+        for kind in [StreamKind::Sotw, StreamKind::Delta] {
+            let frames = push.frames(kind).expect("frames");
+            let whole: usize = frames.iter().map(Bytes::len).sum();
+            assert!(whole > 300 * 1024, "{kind:?}: {whole} bytes");
+            assert_eq!(
+                frames.len(),
+                whole.div_ceil(COPIED_FRAME),
+                "{kind:?}: frames of the bound and the rest"
+            );
+            assert!(
+                frames
+                    .iter()
+                    .all(|frame| frame.len() < COPIED_FRAME + 4 * 1024),
+                "{kind:?}: a frame closes once past the bound, by less than a resource"
             );
         }
     }
