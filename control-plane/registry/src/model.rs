@@ -470,7 +470,7 @@ impl InstanceSpec {
             address: SocketAddr::new(ip, instance_port),
             protocol,
             weight,
-            attributes: (!attributes.is_empty()).then(|| Arc::new(attributes)),
+            attributes: attributes.into_shared(),
             health_check,
             ttl,
         };

@@ -109,6 +109,12 @@ impl Attributes {
             && self.capabilities.is_empty()
             && self.metadata.is_empty()
     }
+
+    /// These attributes as endpoints hold them: one allocation to share, or `None` when
+    /// none is set, so that most endpoints allocate nothing for them.
+    pub fn into_shared(self) -> Option<Arc<Self>> {
+        (!self.is_empty()).then(|| Arc::new(self))
+    }
 }
 
 /// The attributes of an endpoint that has none.
@@ -256,7 +262,7 @@ impl Endpoint {
     /// The endpoint with these attributes (replacing any it had); empty ones take no
     /// allocation.
     pub fn with_attributes(mut self, attributes: Attributes) -> Self {
-        self.attributes = (!attributes.is_empty()).then(|| Arc::new(attributes));
+        self.attributes = attributes.into_shared();
         self
     }
 
