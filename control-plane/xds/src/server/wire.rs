@@ -60,7 +60,7 @@ pub(crate) const COPY_BELOW: usize = 16 * 1024;
 /// later copies reuse. At 16 KiB an initial EDS answer of 100 clusters of 100 endpoints was
 /// about 20 frames and each connection kept 5-8 KiB more than at 64 KiB, where it is five;
 /// at 256 KiB the copies of 100 initial answers at once were mapped and unmapped whole and
-/// raised the peak RSS by 3-12 MiB at 20,000 endpoints (BENCHMARKS.md).
+/// raised the peak RSS by up to 13 MiB at 20,000 endpoints (BENCHMARKS.md).
 const COPIED_FRAME: usize = 64 * 1024;
 /// A message shorter than this goes out as one frame, copied.
 pub(crate) const ONE_FRAME_BELOW: usize = 64 * 1024;
