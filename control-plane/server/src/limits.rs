@@ -2,7 +2,8 @@
 //!
 //! Every pod of a mesh can reach the control plane, so no client may make it hold unbounded
 //! state or wait forever: HTTP requests have a deadline, a body cap and a cap on how many are
-//! served at once (the rest get a prompt `503`); gRPC (xDS and the registry) caps streams per
+//! served at once (the rest get a prompt `503`; long polls have a share of their own and the
+//! kubelet's probes are never refused); gRPC (xDS and the registry) caps streams per
 //! connection and message sizes, and keeps connections alive only while the peer answers;
 //! the ADS server caps its streams in total (`fulcrum_xds::AdsServer::with_max_streams`).
 //! Each refusal is counted, so an alert sees a control plane at its limits.
@@ -49,13 +50,17 @@ impl Default for ListenerLimits {
     }
 }
 
+/// The kubelet's probes: constant-time answers that take no in-flight slot.
+pub const PROBE_PATHS: &[&str] = &["/healthz", "/readyz"];
+
 /// How long an idle HTTP/2 connection may go without answering a keepalive ping.
 const GRPC_KEEPALIVE: Duration = Duration::from_secs(30);
 
 /// Labels of [`LimitMetrics::limited`].
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct LimitLabels {
-    /// `in_flight` (refused at the in-flight cap) or `timeout` (cut at the deadline).
+    /// `in_flight` (refused at the in-flight cap), `long_poll` (refused at the long polls'
+    /// share of it) or `timeout` (cut at the deadline).
     pub reason: &'static str,
 }
 
@@ -83,6 +88,12 @@ impl ListenerLimits {
     /// at once), bodies up to [`http_max_body_bytes`](Self::http_max_body_bytes) (`413`), and a
     /// deadline of [`http_request_timeout`](Self::http_request_timeout) (`503` then), plus
     /// `long_poll` on top for requests to `long_poll_paths` (a watch that waits by design).
+    ///
+    /// Requests to `long_poll_paths` are served from slots of their own, a quarter of the
+    /// cap (at least one), so clients that wait by design cannot take the slots of snapshot
+    /// polls; refusals there are counted as `long_poll`. The kubelet's probes
+    /// ([`PROBE_PATHS`]) take no slot: a listener full of slow clients must not get the
+    /// replica restarted by its liveness probe.
     pub fn bound_http(
         &self,
         router: Router,
@@ -93,28 +104,37 @@ impl ListenerLimits {
         // One semaphore for the listener: `Router::layer` wraps every route on its own, so
         // the cap lives in the closure every route shares.
         let slots = Arc::new(Semaphore::new(self.http_max_in_flight));
+        let long_poll_slots = Arc::new(Semaphore::new((self.http_max_in_flight / 4).max(1)));
         let limited = metrics.limited.clone();
         let timeout = self.http_request_timeout;
         router
             .layer(axum::middleware::from_fn(
                 move |request: Request, next: Next| {
-                    let slot = Arc::clone(&slots).try_acquire_owned();
-                    let limited = limited.clone();
-                    let deadline = if long_poll_paths.contains(&request.uri().path()) {
-                        timeout + long_poll
+                    let path = request.uri().path();
+                    let (slot, deadline, full) = if PROBE_PATHS.contains(&path) {
+                        (None, timeout, "in_flight")
+                    } else if long_poll_paths.contains(&path) {
+                        let slot = Arc::clone(&long_poll_slots).try_acquire_owned();
+                        (Some(slot), timeout + long_poll, "long_poll")
                     } else {
-                        timeout
+                        let slot = Arc::clone(&slots).try_acquire_owned();
+                        (Some(slot), timeout, "in_flight")
                     };
+                    let limited = limited.clone();
                     async move {
                         let refuse = |reason, message| {
                             limited.get_or_create(&LimitLabels { reason }).inc();
                             (StatusCode::SERVICE_UNAVAILABLE, message).into_response()
                         };
-                        let Ok(_slot) = slot else {
-                            return refuse(
-                                "in_flight",
-                                "the control plane is serving as many requests as it may; retry\n",
-                            );
+                        let _slot = match slot {
+                            None => None,
+                            Some(Ok(slot)) => Some(slot),
+                            Some(Err(_)) => {
+                                return refuse(
+                                    full,
+                                    "the control plane is serving as many requests as it may; retry\n",
+                                );
+                            }
                         };
                         match tokio::time::timeout(deadline, next.run(request)).await {
                             Ok(response) => response,

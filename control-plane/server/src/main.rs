@@ -51,7 +51,8 @@ struct Cli {
     /// Deadline of an HTTP request, in milliseconds (the registry's watch adds its wait).
     #[arg(long, default_value_t = 10_000)]
     http_request_timeout_ms: u64,
-    /// HTTP requests served at once per listener; more get 503 at once.
+    /// HTTP requests served at once per listener; more get 503 at once. The registry's
+    /// watch long polls get a quarter of this on top, of their own; probes take none.
     #[arg(long, default_value_t = 1024)]
     http_max_in_flight: usize,
     /// Largest HTTP request body, in bytes.

@@ -194,7 +194,7 @@ async fn requests_beyond_the_in_flight_cap_are_refused_at_once_stalled_ones_cut_
     tokio::time::sleep(Duration::from_millis(200)).await;
     let http = http_client();
     let refused = http
-        .get(format!("http://{address}/healthz"))
+        .get(format!("http://{address}/metrics"))
         .send()
         .await
         .expect("request");
@@ -203,16 +203,26 @@ async fn requests_beyond_the_in_flight_cap_are_refused_at_once_stalled_ones_cut_
         StatusCode::SERVICE_UNAVAILABLE,
         "both slots are held by uploads that never finish"
     );
-    for stalled in &mut held {
-        let answer = answer(stalled, Duration::from_secs(5)).await;
-        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-    }
-    let healthy = http
+    let probed = http
         .get(format!("http://{address}/healthz"))
         .send()
         .await
         .expect("request");
-    assert_eq!(healthy.status(), StatusCode::OK, "the slots are free again");
+    assert_eq!(
+        probed.status(),
+        StatusCode::OK,
+        "the liveness probe takes no slot: slow clients cannot get the replica restarted"
+    );
+    for stalled in &mut held {
+        let answer = answer(stalled, Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    }
+    let served = http
+        .get(format!("http://{address}/v1/status"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(served.status(), StatusCode::OK, "the slots are free again");
     let metrics = http
         .get(format!("http://{address}/metrics"))
         .send()
@@ -239,6 +249,97 @@ async fn requests_beyond_the_in_flight_cap_are_refused_at_once_stalled_ones_cut_
     ] {
         assert!(metrics.contains(series), "{series} in {metrics}");
     }
+    control_plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn watch_long_polls_are_served_from_their_own_quarter_of_the_cap_and_leave_the_rest_to_other_requests()
+ {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let token_file = dir.path().join("tokens");
+    std::fs::write(&token_file, "tester registry-test-token-0123456789\n").expect("tokens");
+    let control_plane = ControlPlane::start_with(
+        Config {
+            limits: ListenerLimits {
+                // A quarter of 4: one long poll at a time.
+                http_max_in_flight: 4,
+                ..ListenerLimits::default()
+            },
+            ..loopback_config(None)
+        },
+        OptionalSources {
+            registry: Some(RegistryOptions {
+                backend: RegistryBackendOptions::Memory,
+                token_file,
+                limits: fulcrum_control_plane::registry::Limits::default(),
+                grpc_address: "127.0.0.1:0".parse().expect("address"),
+            }),
+            ..OptionalSources::default()
+        },
+    )
+    .await
+    .expect("control plane starts");
+    let address = control_plane.http_address();
+    let http = http_client();
+    let watch = format!("http://{address}/v1/registry/watch");
+    // No cursor: answered at once with the current state and a cursor to wait from.
+    let first: fulcrum_registry::api::rest::WatchJson = http
+        .get(&watch)
+        .bearer_auth("registry-test-token-0123456789")
+        .send()
+        .await
+        .expect("request")
+        .json()
+        .await
+        .expect("a watch answer");
+    let waiting_url = format!(
+        "{watch}?epoch={}&revision={}&wait_ms=30000",
+        first.cursor.epoch, first.cursor.revision
+    );
+    let waiting = tokio::spawn({
+        let (http, url) = (http.clone(), waiting_url.clone());
+        async move {
+            http.get(url)
+                .bearer_auth("registry-test-token-0123456789")
+                .send()
+                .await
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = http
+        .get(&waiting_url)
+        .bearer_auth("registry-test-token-0123456789")
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        second.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the long polls' one slot is taken"
+    );
+    for path in ["/metrics", "/v1/status", "/healthz"] {
+        let served = http
+            .get(format!("http://{address}{path}"))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(
+            served.status(),
+            StatusCode::OK,
+            "{path} has slots of its own"
+        );
+    }
+    let metrics = http
+        .get(format!("http://{address}/metrics"))
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("body");
+    let series = "fulcrum_http_requests_limited_total{reason=\"long_poll\"} 1";
+    assert!(metrics.contains(series), "{series} in {metrics}");
+    waiting.abort();
     control_plane.shutdown().await;
 }
 
