@@ -343,6 +343,9 @@ pub struct Stream {
     pub pick: Option<Pick>,
     /// Why `choose_host` answered no host, when it did.
     pub rejection: Option<Rejection>,
+    /// Which of Envoy's requests chose for the stream first ([`RequestContext::chooser`]):
+    /// only that request's attempts are the stream's.
+    pub chooser: Option<usize>,
 }
 
 impl Stream {
@@ -390,6 +393,7 @@ impl Streams {
                 source_ip,
                 pick: None,
                 rejection: None,
+                chooser: None,
             },
         );
         Some(id)
@@ -420,6 +424,11 @@ impl Streams {
 pub trait RequestContext {
     /// The first value of downstream request header `name` (lower case).
     fn header(&self, name: &str) -> Option<String>;
+    /// [`header`](Self::header) when at most `cap` bytes long, else `None`. An
+    /// implementation should not copy a longer value.
+    fn header_within(&self, name: &str, cap: usize) -> Option<String> {
+        self.header(name).filter(|value| value.len() <= cap)
+    }
     /// The stream the outcome filter named in [`STREAM_HEADER`]: its value as a decimal
     /// `u64`, `None` when absent or anything else. An implementation may read it without
     /// copying the value; it must parse exactly this way.
@@ -429,6 +438,13 @@ pub trait RequestContext {
     /// Whether Envoy's retry predicates refuse host `index` of `priority` (a host already
     /// tried, for instance).
     fn refuses(&self, priority: u32, index: usize) -> bool;
+    /// Which of Envoy's requests asks: the address of its LB context, one object (the
+    /// router) across a request's retries and hedges, another for a request Envoy makes from
+    /// it, such as a mirror, which carries its headers, [`STREAM_HEADER`] included. A
+    /// context that only ever makes one request's attempts may keep the default.
+    fn chooser(&self) -> usize {
+        0
+    }
 }
 
 /// One worker's load balancer over a shared [`Cluster`].
@@ -480,9 +496,18 @@ impl WorkerLb {
         if self.index.is_stale(hosts) {
             self.reread(hosts);
         }
-        let stream = request.stream_id().and_then(|id| streams.get_mut(id));
+        let chooser = request.chooser();
+        let mut stream = request
+            .stream_id()
+            .and_then(|id| streams.get_mut(id))
+            // A mirror of the stream's request: its pick is not the stream's attempt.
+            .filter(|stream| stream.chooser.is_none_or(|first| first == chooser));
+        if let Some(stream) = stream.as_deref_mut() {
+            stream.chooser = Some(chooser);
+        }
         let Some(stream) = stream else {
-            // No filter follows this request: pick, but release the pick at once.
+            // No filter follows this request (or it is another request's mirror): pick, but
+            // release the pick at once.
             let chosen = self.pick(hosts, request, None, now);
             return match chosen {
                 Picked::Host { pick, place } => {
@@ -522,11 +547,7 @@ impl WorkerLb {
         let inputs = RequestInputs::read(
             cluster.needs.borrowed(),
             // Longer than the core's cap reads as absent, as on the wasm filter.
-            |name, which| {
-                request
-                    .header(name)
-                    .filter(|value| value.len() <= which.cap())
-            },
+            |name, which| request.header_within(name, which.cap()),
             || stream.and_then(|stream| stream.source_ip),
         );
         let picked = {
@@ -705,6 +726,7 @@ mod tests {
     struct Request {
         headers: Vec<(&'static str, String)>,
         refused: Vec<(u32, usize)>,
+        chooser: usize,
     }
 
     impl Request {
@@ -715,6 +737,7 @@ mod tests {
                     .into_iter()
                     .collect(),
                 refused: Vec::new(),
+                chooser: 0,
             }
         }
     }
@@ -728,6 +751,9 @@ mod tests {
         }
         fn refuses(&self, priority: u32, index: usize) -> bool {
             self.refused.contains(&(priority, index))
+        }
+        fn chooser(&self) -> usize {
+            self.chooser
         }
     }
 
@@ -799,6 +825,49 @@ mod tests {
             inflight(&worker),
             1,
             "one pick per stream, however many attempts"
+        );
+    }
+
+    #[test]
+    fn a_mirror_carrying_the_streams_id_picks_unobserved_and_leaves_the_streams_pick_alone() {
+        let hosts = three_hosts();
+        let (mut worker, counts) = worker(
+            r#"{"load_balancer": {"type": "round_robin"}, "retry": 2}"#,
+            &hosts,
+        );
+        let mut streams = Streams::default();
+        let id = streams.open(Duration::ZERO, None);
+        let request = Request::of_stream(id);
+        // Envoy's shadow of the request: its headers, another LB context.
+        let mirror = Request {
+            chooser: 1,
+            ..Request::of_stream(id)
+        };
+
+        let first = worker.choose(&hosts, &request, &mut streams, Duration::ZERO);
+        let mirrored = worker.choose(&hosts, &mirror, &mut streams, Duration::ZERO);
+        let retry = worker.choose(&hosts, &request, &mut streams, Duration::ZERO);
+
+        assert_eq!(first, Some((0, 0)));
+        assert!(mirrored.is_some(), "the mirror is balanced too");
+        assert_eq!(
+            retry,
+            Some((0, 1)),
+            "the request's retry still has its first target"
+        );
+        let pick = streams
+            .get_mut(id.expect("open"))
+            .and_then(|stream| stream.pick.clone())
+            .expect("the stream's pick");
+        assert_eq!(
+            pick.last(),
+            Some("10.0.0.2:80".parse().expect("an address"))
+        );
+        assert_eq!(counted(&counts, Event::Unobserved), 1, "the mirror's pick");
+        assert_eq!(
+            inflight(&worker),
+            1,
+            "the mirror's pick is released at once"
         );
     }
 

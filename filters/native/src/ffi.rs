@@ -50,7 +50,7 @@ use crate::{
     },
     config::parse_policy,
     guard,
-    hosts::{HostSet, METADATA_NAMESPACE},
+    hosts::{HostSet, MAX_LOCALITY_BYTES, MAX_METADATA_BYTES, METADATA_NAMESPACE},
     now,
     outcomes::{OutcomeFilter, ResponseHead, stream_header_value},
 };
@@ -99,6 +99,19 @@ impl EnvoyBuffer {
     unsafe fn to_string(self) -> Option<String> {
         // SAFETY: per this function's contract.
         unsafe { self.as_str() }.map(str::to_owned)
+    }
+
+    /// [`to_string`](Self::to_string) when at most `cap` bytes long, else `None` without
+    /// reading or copying the bytes.
+    ///
+    /// # Safety
+    /// As [`as_str`](Self::as_str), for the duration of the call.
+    unsafe fn to_string_within(self, cap: usize) -> Option<String> {
+        if self.length > cap {
+            return None;
+        }
+        // SAFETY: per this function's contract.
+        unsafe { self.to_string() }
     }
 }
 
@@ -643,7 +656,12 @@ impl HostSet for EnvoyHosts {
             return None;
         }
         // SAFETY: Envoy filled the buffers with the host's locality, valid during the hook.
-        let (region, zone) = unsafe { (region.to_string(), zone.to_string()) };
+        let (region, zone) = unsafe {
+            (
+                region.to_string_within(MAX_LOCALITY_BYTES),
+                zone.to_string_within(MAX_LOCALITY_BYTES),
+            )
+        };
         Some((region.unwrap_or_default(), zone.unwrap_or_default()))
     }
 
@@ -662,7 +680,9 @@ impl HostSet for EnvoyHosts {
             )
         };
         // SAFETY: Envoy filled `result` with the metadata string, valid during the hook.
-        found.then(|| unsafe { result.to_string() }).flatten()
+        found
+            .then(|| unsafe { result.to_string_within(MAX_METADATA_BYTES) })
+            .flatten()
     }
 }
 
@@ -701,6 +721,12 @@ impl RequestContext for EnvoyRequest {
         self.header_str(name).map(str::to_owned)
     }
 
+    fn header_within(&self, name: &str, cap: usize) -> Option<String> {
+        self.header_str(name)
+            .filter(|value| value.len() <= cap)
+            .map(str::to_owned)
+    }
+
     fn stream_id(&self) -> Option<u64> {
         self.header_str(STREAM_HEADER)?.parse().ok()
     }
@@ -718,6 +744,12 @@ impl RequestContext for EnvoyRequest {
                 index,
             )
         }
+    }
+
+    fn chooser(&self) -> usize {
+        // Envoy passes its `Upstream::LoadBalancerContext` as it is: the router filter of the
+        // request, the same object for every attempt of it.
+        self.context as usize
     }
 }
 
@@ -767,6 +799,9 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_lb_new(
     )
 }
 
+/// Rotates the hosts `choose_host` answers after a panic.
+static PANIC_SPREAD: AtomicUsize = AtomicUsize::new(0);
+
 /// Chooses the host of one attempt: `(priority, index among its healthy hosts)`.
 ///
 /// # Safety
@@ -800,16 +835,23 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_lb_choose_host(
             })
         },
         || {
-            // A panic: the first healthy host, if any, counted as a fail-open.
+            // A panic: a healthy host of the first priority with any, by rotation (the
+            // worker's own rotation is behind the panic), counted as a fail-open.
             if !lb_module.is_null() {
                 // SAFETY: made by `on_lb_new`; only its shared, lock-free counters are used.
                 let worker = unsafe { &*lb_module.cast::<WorkerLb>() };
                 worker.cluster().count(Event::FailOpen);
             }
             let hosts = EnvoyHosts { lb };
-            (0..hosts.priorities())
-                .find(|p| hosts.healthy_hosts(*p) > 0)
-                .map(|p| (p, 0))
+            (0..hosts.priorities()).find_map(|priority| {
+                let healthy = hosts.healthy_hosts(priority);
+                (healthy > 0).then(|| {
+                    (
+                        priority,
+                        PANIC_SPREAD.fetch_add(1, Ordering::Relaxed) % healthy,
+                    )
+                })
+            })
         },
         None,
         |message| log(LOG_ERROR, message),

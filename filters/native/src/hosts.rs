@@ -34,6 +34,18 @@ use fulcrum_core::endpoint::scalar_metadata::{
 /// `truncated` flag says so) so one pathological cluster cannot exhaust memory or time.
 pub const MAX_HOSTS: usize = 65_536;
 
+/// Longest zone or region read from a host: a DNS name's limit, as the wasm filter's; a
+/// longer one reads as unset.
+pub const MAX_LOCALITY_BYTES: usize = 253;
+
+/// Longest `filter_metadata["fulcrum"]` string read from a host; a longer one reads as
+/// absent. The registry refuses metadata values over 256 bytes, and a tag list of 64 tags
+/// of 64 bytes fits.
+pub const MAX_METADATA_BYTES: usize = 4096;
+
+/// Most tags, and most capabilities, read from a host; the rest of a longer list is left.
+pub const MAX_LIST_ITEMS: usize = 64;
+
 /// Read access to one worker's priority set (the LB ABI's host callbacks).
 pub trait HostSet {
     /// Number of priorities.
@@ -55,9 +67,11 @@ pub trait HostSet {
     }
     /// The load-balancing weight of host `index` at `priority`.
     fn weight(&self, priority: u32, index: usize) -> u32;
-    /// The region and zone of host `index` at `priority` (empty when unset).
+    /// The region and zone of host `index` at `priority` (empty when unset or longer than
+    /// [`MAX_LOCALITY_BYTES`]).
     fn locality(&self, priority: u32, index: usize) -> Option<(String, String)>;
-    /// The string under `key` in the host's `filter_metadata["fulcrum"]`.
+    /// The string under `key` in the host's `filter_metadata["fulcrum"]`; `None` when
+    /// longer than [`MAX_METADATA_BYTES`], which an implementation should not copy.
     fn metadata(&self, priority: u32, index: usize, key: &str) -> Option<String>;
 }
 
@@ -187,6 +201,7 @@ fn endpoint(
                     .split(',')
                     .map(str::trim)
                     .filter(|item| !item.is_empty())
+                    .take(MAX_LIST_ITEMS)
                     .map(str::to_owned)
                     .collect()
             })
@@ -219,7 +234,7 @@ pub mod test_hosts {
 
     use std::collections::BTreeMap;
 
-    use super::HostSet;
+    use super::{HostSet, MAX_LOCALITY_BYTES, MAX_METADATA_BYTES};
 
     /// One host of a [`TestHosts`] priority.
     #[derive(Debug, Clone)]
@@ -300,10 +315,18 @@ pub mod test_hosts {
         }
         fn locality(&self, priority: u32, index: usize) -> Option<(String, String)> {
             let host = self.host(priority, index)?;
-            Some((host.region.clone(), host.zone.clone()))
+            let within = |text: &String| {
+                if text.len() <= MAX_LOCALITY_BYTES {
+                    text.clone()
+                } else {
+                    String::new()
+                }
+            };
+            Some((within(&host.region), within(&host.zone)))
         }
         fn metadata(&self, priority: u32, index: usize, key: &str) -> Option<String> {
-            self.host(priority, index)?.metadata.get(key).cloned()
+            let value = self.host(priority, index)?.metadata.get(key)?;
+            (value.len() <= MAX_METADATA_BYTES).then(|| value.clone())
         }
     }
 
@@ -401,6 +424,32 @@ mod tests {
                 index: 1,
                 healthy_index: Some(1)
             })
+        );
+    }
+
+    #[test]
+    fn a_hosts_oversized_locality_and_metadata_read_as_unset_and_a_long_list_is_cut() {
+        let mut hostile = TestHost::healthy("10.0.0.1:80");
+        hostile.zone = "z".repeat(MAX_LOCALITY_BYTES + 1);
+        hostile.region = "r1".to_owned();
+        let many: Vec<String> = (0..10_000).map(|item| format!("t{item}")).collect();
+        hostile
+            .metadata
+            .insert(TAGS_KEY.to_owned(), many[..500].join(","));
+        hostile
+            .metadata
+            .insert(CAPABILITIES_KEY.to_owned(), many.join(","));
+        let hosts = TestHosts::one_priority(vec![hostile]);
+
+        let (endpoints, _) = read_hosts(&hosts, &ServicePolicy::default());
+
+        let endpoint = &endpoints[0];
+        assert_eq!(endpoint.zone(), None, "a zone longer than a DNS name");
+        assert_eq!(endpoint.region(), Some("r1"));
+        assert_eq!(endpoint.tags().len(), MAX_LIST_ITEMS, "the first 64 of 500");
+        assert!(
+            endpoint.capabilities().is_empty(),
+            "a list longer than {MAX_METADATA_BYTES} bytes reads as absent"
         );
     }
 
