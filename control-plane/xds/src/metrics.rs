@@ -22,6 +22,15 @@ pub struct StreamLabels {
     pub stream: &'static str,
 }
 
+/// Labels of [`XdsMetrics::streams_refused`].
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusalLabels {
+    /// `max_streams` (a new stream, refused because the server held its maximum) or
+    /// `subscriptions` (a delta stream, ended because it subscribed to more names the
+    /// snapshot does not serve than a stream may hold).
+    pub reason: &'static str,
+}
+
 fn push_latency_histogram() -> Histogram {
     // 100 µs to ~3 s.
     Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
@@ -41,9 +50,9 @@ pub struct XdsMetrics {
     pub nacks: Family<TypeLabels, Counter>,
     /// `fulcrum_xds_connected_proxies`: open ADS streams.
     pub connected: Family<StreamLabels, Gauge>,
-    /// `fulcrum_xds_streams_refused_total`: streams refused because the server held its
-    /// maximum.
-    pub streams_refused: Counter,
+    /// `fulcrum_xds_streams_refused_total{reason}`: streams refused because the server held
+    /// its maximum, or ended because they subscribed to more names than a stream may hold.
+    pub streams_refused: Family<RefusalLabels, Counter>,
 }
 
 impl Default for XdsMetrics {
@@ -53,7 +62,7 @@ impl Default for XdsMetrics {
             push_latency: Family::new_with_constructor(push_latency_histogram),
             nacks: Family::default(),
             connected: Family::default(),
-            streams_refused: Counter::default(),
+            streams_refused: Family::default(),
         }
     }
 }
@@ -80,7 +89,7 @@ impl XdsMetrics {
         );
         xds.register(
             "streams_refused",
-            "ADS streams refused because the server held its maximum",
+            "ADS streams refused because the server held its maximum, or ended because they subscribed to more names than a stream may hold",
             self.streams_refused.clone(),
         );
     }

@@ -43,7 +43,8 @@ pub struct Nack {
     pub nonce: String,
     /// `error_detail.code` (a gRPC status code).
     pub code: i32,
-    /// `error_detail.message`: Envoy's reason.
+    /// `error_detail.message`: Envoy's reason, its first KiB (a longer one is cut, ending in
+    /// `…`).
     pub message: String,
     /// When it arrived, in milliseconds since the Unix epoch.
     pub at_unix_ms: u64,
@@ -54,7 +55,8 @@ pub struct Nack {
 pub struct TypeStatus {
     /// The version of the last response sent.
     pub last_sent_version: Option<String>,
-    /// The last version Envoy acknowledged: what it runs with.
+    /// The last version Envoy acknowledged: what it runs with. Only a version this stream
+    /// sent is recorded: an ACK naming another leaves the previous one.
     pub last_acked_version: Option<String>,
     /// Responses sent.
     pub responses_sent: u64,
@@ -69,9 +71,10 @@ pub struct TypeStatus {
 pub struct StreamStatus {
     /// Process-unique stream number.
     pub stream_id: u64,
-    /// `node.id` from the first request.
+    /// `node.id` from the first request, its first 256 bytes (a longer one is cut, ending in
+    /// `…`).
     pub node_id: String,
-    /// `node.cluster` from the first request.
+    /// `node.cluster` from the first request, cut as `node_id` is.
     pub node_cluster: String,
     /// SotW or delta.
     pub kind: StreamKind,

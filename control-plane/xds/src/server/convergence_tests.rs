@@ -80,7 +80,9 @@ impl DeltaClient {
             response_nonce: response.nonce.clone(),
             ..Default::default()
         };
-        let (_, resend) = state.on_request(ty, &ack, Some(snapshot));
+        let (_, resend) = state
+            .on_request(ty, &ack, Some(snapshot))
+            .expect("within the subscription limits");
         assert!(resend.is_none(), "an ACK triggered a response");
         if ty == ResourceType::Cluster {
             self.follow_clusters(state, snapshot);
@@ -104,7 +106,9 @@ impl DeltaClient {
             eds.retain(|name, _| clusters.contains(name));
         }
         self.eds_names = clusters;
-        let (_, response) = state.on_request(ResourceType::Endpoint, &request, Some(snapshot));
+        let (_, response) = state
+            .on_request(ResourceType::Endpoint, &request, Some(snapshot))
+            .expect("within the subscription limits");
         if let Some(response) = response {
             self.apply(state, response, snapshot);
         }
@@ -199,7 +203,8 @@ proptest! {
         let mut state = DeltaState::default();
         let mut client = DeltaClient::default();
         let first = DeltaDiscoveryRequest { type_url: ResourceType::Cluster.type_url().to_owned(), ..Default::default() };
-        let (_, response) = state.on_request(ResourceType::Cluster, &first, Some(&snapshot));
+        let (_, response) = state.on_request(ResourceType::Cluster, &first, Some(&snapshot))
+.expect("within the subscription limits");
         client.apply(&mut state, response.expect("first CDS response"), &snapshot);
         for (index, services) in sequence.iter().enumerate().skip(1) {
             publish(&cache, index, services);

@@ -16,11 +16,18 @@
 //! after it: it starts a trace of its own with a span link to the change that made the version
 //! sent, rather than growing an old trace without end. Spans are per response, never per
 //! resource or endpoint; a stream keeps the context of its last push per type only.
+//!
+//! Any pod can open a stream, so what one holds is bounded whatever its client sends: the
+//! strings it chose are cut and a delta stream's subscriptions capped
+//! ([`AdsServer::with_max_streams`] says how), and a NACK repeated with the same nonce is
+//! logged once.
 
 #[cfg(test)]
 mod convergence_tests;
 mod delta;
 mod sotw;
+#[cfg(test)]
+mod stream_tests;
 #[cfg(test)]
 mod test_support;
 mod wire;
@@ -52,7 +59,7 @@ use self::wire::{Outgoing, Push, PushBody};
 
 use crate::{
     cache::{ResourceType, SnapshotCache, XdsSnapshot},
-    metrics::{StreamLabels, TypeLabels, XdsMetrics},
+    metrics::{RefusalLabels, StreamLabels, TypeLabels, XdsMetrics},
     status::{Nack, NodeRegistry, StreamKind, StreamStatus, unix_ms_now},
     trace::ChangeTrace,
 };
@@ -64,6 +71,16 @@ const RESPONSE_QUEUE: usize = 16;
 /// node's metadata) in steps of this size and keeps the largest. tonic's default, 8 KiB,
 /// was 8 KiB per Envoy for the connection's life.
 const REQUEST_BUFFER: usize = 1024;
+
+/// Longest `node.id` and `node.cluster` a stream keeps (for its logs and `/v1/status`), in
+/// bytes: Envoy's are a pod's name and namespace, tens of bytes; a longer one is cut and
+/// marked (see [`bounded`]), so a client's 4 MiB node id costs the server 256 bytes. An
+/// unknown type URL is logged cut as well.
+const MAX_NODE_FIELD_BYTES: usize = 256;
+/// Longest NACK reason (`error_detail.message`) a stream keeps and logs, in bytes: Envoy's
+/// name the resource and the field it refused in a line or two; a longer one is cut and
+/// marked.
+const MAX_NACK_MESSAGE_BYTES: usize = 1024;
 
 /// Streams one server holds at most, by default: far more Envoys than one control plane
 /// serves, few enough that their state (a task, a queue, the resource versions sent) stays
@@ -77,8 +94,10 @@ pub(crate) enum RequestOutcome {
     Initial,
     /// Envoy applied the response with the echoed nonce.
     Ack {
-        /// The version it now runs with.
-        version: String,
+        /// The version it now runs with: the one sent with the nonce. `None` when the request
+        /// named another version (SotW `version_info`): what it runs with is then unknown,
+        /// and nothing the client made up is kept.
+        version: Option<String>,
     },
     /// Envoy refused the response with the echoed nonce and keeps its previous version.
     Nack {
@@ -88,7 +107,7 @@ pub(crate) enum RequestOutcome {
         nonce: String,
         /// `error_detail.code`.
         code: i32,
-        /// `error_detail.message`.
+        /// `error_detail.message`, cut to [`MAX_NACK_MESSAGE_BYTES`] (see [`bounded`]).
         message: String,
     },
     /// The nonce is not the latest sent: a newer response is on its way; ignored.
@@ -123,8 +142,11 @@ impl AdsServer {
 
     /// [`new`](Self::new) serving at most `max_streams` streams at once: a stream beyond it
     /// is refused with `RESOURCE_EXHAUSTED` (Envoy retries with backoff) and counted in
-    /// `fulcrum_xds_streams_refused_total`, so no number of clients can make the server hold
-    /// unbounded state.
+    /// `fulcrum_xds_streams_refused_total{reason="max_streams"}`, so no number of clients can
+    /// make the server hold unbounded state. What one stream holds is bounded too: the
+    /// strings its client chose are cut (node id and cluster to 256 bytes, NACK reasons to
+    /// 1 KiB), and a delta stream subscribing to more names the snapshot does not serve than
+    /// it may hold is ended, `RESOURCE_EXHAUSTED`, counted with `reason="subscriptions"`.
     pub fn with_max_streams(
         cache: &SnapshotCache,
         registry: NodeRegistry,
@@ -163,7 +185,13 @@ impl AdsServer {
     /// Starts the driver of a new stream reading `requests`; the body streams its responses.
     fn spawn<P: Protocol>(&self, requests: Streaming<P::Request>) -> Result<PushBody, Status> {
         let Ok(permit) = Arc::clone(&self.shared.streams).try_acquire_owned() else {
-            self.shared.metrics.streams_refused.inc();
+            self.shared
+                .metrics
+                .streams_refused
+                .get_or_create(&RefusalLabels {
+                    reason: "max_streams",
+                })
+                .inc();
             warn!(
                 max_streams = self.shared.max_streams,
                 "refused an xDS stream: the server holds as many as it may"
@@ -282,12 +310,13 @@ trait Protocol: Default + Send + 'static {
 
     fn type_url(request: &Self::Request) -> &str;
     fn node(request: &Self::Request) -> Option<&Node>;
+    /// The outcome and response of a request, or why the stream must end.
     fn on_request(
         &mut self,
         ty: ResourceType,
         request: &Self::Request,
         snapshot: Option<&XdsSnapshot>,
-    ) -> (RequestOutcome, Option<Push>);
+    ) -> Result<(RequestOutcome, Option<Push>), delta::TooManyNames>;
     fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<Push>;
 }
 
@@ -306,8 +335,9 @@ impl Protocol for sotw::SotwState {
         ty: ResourceType,
         request: &DiscoveryRequest,
         snapshot: Option<&XdsSnapshot>,
-    ) -> (RequestOutcome, Option<Push>) {
-        sotw::SotwState::on_request(self, ty, request, snapshot)
+    ) -> Result<(RequestOutcome, Option<Push>), delta::TooManyNames> {
+        // A SotW subscription is replaced by each request: one request's names at most.
+        Ok(sotw::SotwState::on_request(self, ty, request, snapshot))
     }
     fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<Push> {
         sotw::SotwState::on_snapshot(self, snapshot)
@@ -329,7 +359,7 @@ impl Protocol for delta::DeltaState {
         ty: ResourceType,
         request: &DeltaDiscoveryRequest,
         snapshot: Option<&XdsSnapshot>,
-    ) -> (RequestOutcome, Option<Push>) {
+    ) -> Result<(RequestOutcome, Option<Push>), delta::TooManyNames> {
         delta::DeltaState::on_request(self, ty, request, snapshot)
     }
     fn on_snapshot(&mut self, snapshot: &XdsSnapshot) -> Vec<Push> {
@@ -352,6 +382,21 @@ fn shared_name(snapshot: Option<&XdsSnapshot>, ty: ResourceType, name: &str) -> 
     snapshot
         .and_then(|snapshot| snapshot.resources(ty).get(name))
         .map_or_else(|| Arc::from(name), |resource| Arc::clone(&resource.name))
+}
+
+/// `text` cut to at most `max` bytes on a character boundary, ending in `…` when cut: what a
+/// stream keeps of a string its client chose, so that no client decides how much the
+/// server holds (or logs) for it.
+fn bounded(text: &str, max: usize) -> String {
+    const MARK: &str = "…";
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let kept = text.floor_char_boundary(max.saturating_sub(MARK.len()));
+    let mut cut = String::with_capacity(kept + MARK.len());
+    cut.push_str(&text[..kept]);
+    cut.push_str(MARK);
+    cut
 }
 
 /// Removes the stream from the registry and the gauge however the task ends.
@@ -389,6 +434,9 @@ async fn drive<P: Protocol>(
     let mut open: Option<OpenStream> = None;
     // The last push of each type, whose ACK or NACK is traced as its child.
     let mut pushes: BTreeMap<ResourceType, ChangeTrace> = BTreeMap::new();
+    // The nonce of the last NACK of each type: Envoy repeats a NACK with every request until
+    // it accepts a response, and it is logged once.
+    let mut nacked: BTreeMap<ResourceType, String> = BTreeMap::new();
     loop {
         if *closing.borrow_and_update() {
             break;
@@ -410,12 +458,22 @@ async fn drive<P: Protocol>(
                     open = Some(register::<P>(&shared, stream_id, P::node(&request)));
                 }
                 let Some(ty) = ResourceType::from_type_url(P::type_url(&request)) else {
-                    warn!(stream_id, type_url = P::type_url(&request), "ignoring a request for a type this server does not serve");
+                    let type_url = bounded(P::type_url(&request), MAX_NODE_FIELD_BYTES);
+                    warn!(stream_id, type_url, "ignoring a request for a type this server does not serve");
                     continue;
                 };
                 let snapshot = snapshots.borrow().clone();
-                let (outcome, response) = state.on_request(ty, &request, snapshot.as_deref());
-                record_outcome::<P>(&shared, open.as_ref(), ty, outcome, &mut pushes);
+                let (outcome, response) = match state.on_request(ty, &request, snapshot.as_deref()) {
+                    Ok(answer) => answer,
+                    Err(limit) => {
+                        refuse_subscriptions(&shared, stream_id, open.as_ref(), &limit);
+                        let _ = responses
+                            .send(Err(Box::new(Status::resource_exhausted(limit.to_string()))))
+                            .await;
+                        break;
+                    }
+                };
+                record_outcome::<P>(&shared, open.as_ref(), ty, outcome, &mut pushes, &mut nacked);
                 response
                     .into_iter()
                     .map(|response| (response, Cause::Request(snapshot.clone())))
@@ -445,9 +503,29 @@ async fn drive<P: Protocol>(
     }
 }
 
+/// Counts and logs a stream ended for holding more names than it may.
+fn refuse_subscriptions(
+    shared: &Shared,
+    stream_id: u64,
+    open: Option<&OpenStream>,
+    limit: &delta::TooManyNames,
+) {
+    shared
+        .metrics
+        .streams_refused
+        .get_or_create(&RefusalLabels {
+            reason: "subscriptions",
+        })
+        .inc();
+    let node = open.map_or("", |open| open.node_id.as_str());
+    warn!(stream_id, node, error = %limit, "ended an xDS stream: it subscribed to more names than a stream may hold");
+}
+
 fn register<P: Protocol>(shared: &Arc<Shared>, stream_id: u64, node: Option<&Node>) -> OpenStream {
-    let node_id = node.map(|node| node.id.clone()).unwrap_or_default();
-    let node_cluster = node.map(|node| node.cluster.clone()).unwrap_or_default();
+    let node_id = node.map_or_else(String::new, |node| bounded(&node.id, MAX_NODE_FIELD_BYTES));
+    let node_cluster = node.map_or_else(String::new, |node| {
+        bounded(&node.cluster, MAX_NODE_FIELD_BYTES)
+    });
     info!(stream_id, node = %node_id, node_cluster = %node_cluster, kind = P::KIND.as_str(), "xDS stream opened");
     shared.registry.open(StreamStatus {
         stream_id,
@@ -487,6 +565,7 @@ fn record_outcome<P: Protocol>(
     ty: ResourceType,
     outcome: RequestOutcome,
     pushes: &mut BTreeMap<ResourceType, ChangeTrace>,
+    nacked: &mut BTreeMap<ResourceType, String>,
 ) {
     let Some(open) = open else { return };
     if matches!(
@@ -503,10 +582,12 @@ fn record_outcome<P: Protocol>(
     match outcome {
         RequestOutcome::Initial | RequestOutcome::Stale => {}
         RequestOutcome::Ack { version } => {
-            debug!(stream_id = open.stream_id, node = %open.node_id, resource_type = ty.short_name(), version = %version, "ACK");
-            shared.registry.update(open.stream_id, ty, |status| {
-                status.last_acked_version = Some(version)
-            });
+            debug!(stream_id = open.stream_id, node = %open.node_id, resource_type = ty.short_name(), version = version.as_deref().unwrap_or(""), "ACK");
+            if let Some(version) = version {
+                shared.registry.update(open.stream_id, ty, |status| {
+                    status.last_acked_version = Some(version);
+                });
+            }
         }
         RequestOutcome::Nack {
             rejected_version,
@@ -514,16 +595,21 @@ fn record_outcome<P: Protocol>(
             code,
             message,
         } => {
-            warn!(
-                stream_id = open.stream_id,
-                node = %open.node_id,
-                resource_type = ty.short_name(),
-                rejected_version = %rejected_version,
-                nonce = %nonce,
-                code,
-                error = %message,
-                "Envoy rejected an xDS response (NACK); it keeps its last accepted version"
-            );
+            if nacked.get(&ty) == Some(&nonce) {
+                debug!(stream_id = open.stream_id, node = %open.node_id, resource_type = ty.short_name(), nonce = %nonce, "NACK repeated");
+            } else {
+                warn!(
+                    stream_id = open.stream_id,
+                    node = %open.node_id,
+                    resource_type = ty.short_name(),
+                    rejected_version = %rejected_version,
+                    nonce = %nonce,
+                    code,
+                    error = %message,
+                    "Envoy rejected an xDS response (NACK); it keeps its last accepted version"
+                );
+                nacked.insert(ty, nonce.clone());
+            }
             shared.metrics.nacks.get_or_create(&labels).inc();
             shared.registry.update(open.stream_id, ty, |status| {
                 status.nacks += 1;
@@ -548,7 +634,7 @@ fn trace_answer(open: &OpenStream, ty: ResourceType, outcome: &RequestOutcome, p
             node = %open.node_id,
             stream_id = open.stream_id,
             resource_type = ty.short_name(),
-            version = %version,
+            version = version.as_deref().unwrap_or(""),
         ),
         RequestOutcome::Nack {
             rejected_version,

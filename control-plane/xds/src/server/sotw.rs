@@ -19,7 +19,7 @@ use std::{
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
 use crate::cache::{ResourceType, XdsSnapshot};
-use crate::server::{RequestOutcome, shared_name, wire::Push};
+use crate::server::{MAX_NACK_MESSAGE_BYTES, RequestOutcome, bounded, shared_name, wire::Push};
 
 /// Which resources of one type Envoy asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,7 +70,9 @@ impl Subscription {
 /// Progress of one resource type on the stream.
 #[derive(Debug, Default)]
 struct TypeState {
-    /// `None` until Envoy's first request for the type.
+    /// `None` until Envoy's first request for the type. Replaced by each request changing
+    /// it, never added to: a stream holds one request's names at most, bounded by the
+    /// message size limit.
     subscription: Option<Subscription>,
     /// The nonce of the last response sent; only a request echoing it is current.
     nonce: Option<String>,
@@ -106,11 +108,16 @@ impl SotwState {
                 rejected_version: state.sent_version.clone().unwrap_or_default(),
                 nonce: request.response_nonce.clone(),
                 code: error.code,
-                message: error.message.clone(),
+                message: bounded(&error.message, MAX_NACK_MESSAGE_BYTES),
             }
         } else {
+            // Envoy echoes the version it accepted: the one sent with the nonce. Another
+            // string, of any size, is the client's own and is not kept.
             RequestOutcome::Ack {
-                version: request.version_info.clone(),
+                version: state
+                    .sent_version
+                    .clone()
+                    .filter(|sent| *sent == request.version_info),
             }
         };
         let kept = state
@@ -296,7 +303,7 @@ mod tests {
         assert_eq!(
             outcome,
             RequestOutcome::Ack {
-                version: "v1".to_owned()
+                version: Some("v1".to_owned())
             }
         );
         assert!(response.is_none());
@@ -360,7 +367,7 @@ mod tests {
         assert_eq!(
             outcome,
             RequestOutcome::Ack {
-                version: "v1".to_owned()
+                version: Some("v1".to_owned())
             }
         );
         assert!(response.is_none(), "the ACK itself calls for nothing");
@@ -497,6 +504,57 @@ mod tests {
         assert!(
             subscribed.contains("not-served"),
             "a name not served yet is kept"
+        );
+    }
+
+    #[test]
+    fn an_ack_naming_a_version_never_sent_reports_none_of_it() {
+        let snap = snapshot("v1", &[("a", "127.0.0.1:1")]);
+        let mut state = SotwState::default();
+        let (_, response) = state.on_request(
+            ResourceType::Cluster,
+            &request(ResourceType::Cluster, &[], "", ""),
+            Some(&snap),
+        );
+        let nonce = response.expect("clusters").nonce;
+        let made_up = "v".repeat(1 << 20);
+        let (outcome, response) = state.on_request(
+            ResourceType::Cluster,
+            &request(ResourceType::Cluster, &[], &made_up, &nonce),
+            Some(&snap),
+        );
+        assert_eq!(outcome, RequestOutcome::Ack { version: None });
+        assert!(response.is_none());
+    }
+
+    #[test]
+    fn a_nack_reason_is_cut_to_a_bounded_length() {
+        let snap = snapshot("v1", &[("a", "127.0.0.1:1")]);
+        let mut state = SotwState::default();
+        let (_, response) = state.on_request(
+            ResourceType::Cluster,
+            &request(ResourceType::Cluster, &[], "", ""),
+            Some(&snap),
+        );
+        let mut nack = request(
+            ResourceType::Cluster,
+            &[],
+            "v0",
+            &response.expect("clusters").nonce,
+        );
+        nack.error_detail = Some(Status {
+            code: 3,
+            message: "x".repeat(1 << 20),
+            details: vec![],
+        });
+        let (outcome, _) = state.on_request(ResourceType::Cluster, &nack, Some(&snap));
+        let RequestOutcome::Nack { message, .. } = outcome else {
+            panic!("a NACK: {outcome:?}");
+        };
+        assert_eq!(message.len(), crate::server::MAX_NACK_MESSAGE_BYTES);
+        assert!(
+            message.starts_with("xxx") && message.ends_with('…'),
+            "{message}"
         );
     }
 }
