@@ -3,6 +3,7 @@
 //! on the protocol.
 
 use fulcrum_core::{Health, Snapshot};
+use fulcrum_health::metrics::{MAX_CLUSTER_SERIES, OTHER_CLUSTERS};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge},
@@ -51,7 +52,8 @@ pub struct DroppedLabels {
 pub struct PipelineMetrics {
     /// `fulcrum_cluster_endpoints{cluster, health}`: endpoints per cluster and health in the
     /// current snapshot; every health of a known cluster has a series, 0 included, so
-    /// `fulcrum_cluster_endpoints{health="healthy"} < 2` alerts.
+    /// `fulcrum_cluster_endpoints{health="healthy"} < 2` alerts. Clusters past the first
+    /// [`MAX_CLUSTER_SERIES`] by name are summed under `cluster="(other)"`.
     pub endpoints: Family<ClusterHealthLabels, Gauge>,
     /// `fulcrum_snapshot_info{version}`: 1 for the current version only.
     pub info: Family<VersionLabels, Gauge>,
@@ -106,6 +108,18 @@ impl PipelineMetrics {
         );
     }
 
+    /// Sets `cluster`'s endpoint gauges to `counts`, in [`HEALTHS`] order.
+    fn set_endpoints(&self, cluster: &str, counts: [usize; HEALTHS.len()]) {
+        for (health, count) in HEALTHS.into_iter().zip(counts) {
+            self.endpoints
+                .get_or_create(&ClusterHealthLabels {
+                    cluster: cluster.to_owned(),
+                    health: health_label(health),
+                })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+
     /// Sets the protocol conflicts gauge from the latest merge.
     pub fn observe_protocol_conflicts(&self, services: usize) {
         self.protocol_conflicts
@@ -129,23 +143,30 @@ impl PipelineMetrics {
         }
     }
 
-    /// Replaces the gauges with `snapshot`'s values.
+    /// Replaces the gauges with `snapshot`'s values: the first [`MAX_CLUSTER_SERIES`]
+    /// clusters by name have series of their own, the rest are summed under
+    /// [`OTHER_CLUSTERS`] (cluster names come from registrants and sources, and every one
+    /// would be three series on every scrape).
     pub fn observe(&self, snapshot: &Snapshot) {
         self.endpoints.clear();
-        for (name, service) in &snapshot.services {
-            for health in HEALTHS {
-                let count = service
-                    .endpoints
-                    .iter()
-                    .filter(|endpoint| endpoint.health == health)
-                    .count();
-                self.endpoints
-                    .get_or_create(&ClusterHealthLabels {
-                        cluster: name.clone(),
-                        health: health_label(health),
-                    })
-                    .set(i64::try_from(count).unwrap_or(i64::MAX));
+        let mut others = [0_usize; HEALTHS.len()];
+        for (position, (name, service)) in snapshot.services.iter().enumerate() {
+            let mut counts = [0_usize; HEALTHS.len()];
+            for endpoint in &service.endpoints {
+                if let Some(slot) = HEALTHS.iter().position(|health| *health == endpoint.health) {
+                    counts[slot] += 1;
+                }
             }
+            if position < MAX_CLUSTER_SERIES {
+                self.set_endpoints(name, counts);
+            } else {
+                for (other, count) in others.iter_mut().zip(counts) {
+                    *other += count;
+                }
+            }
+        }
+        if snapshot.services.len() > MAX_CLUSTER_SERIES {
+            self.set_endpoints(OTHER_CLUSTERS, others);
         }
         self.info.clear();
         self.info
@@ -154,5 +175,73 @@ impl PipelineMetrics {
             })
             .set(1);
         self.updates.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, sync::Arc};
+
+    use fulcrum_core::{Endpoint, ServiceEndpoints};
+    use prometheus_client::encoding::text::encode;
+
+    use super::*;
+
+    fn scraped(metrics: &PipelineMetrics) -> String {
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        encode(&mut text, &registry).expect("encodes");
+        text
+    }
+
+    #[test]
+    fn clusters_past_the_series_cap_are_summed_under_other_and_the_first_keep_their_own() {
+        let service = |health| {
+            Arc::new(ServiceEndpoints {
+                endpoints: vec![
+                    Endpoint::new("10.0.0.1:80".parse().expect("address")).with_health(health),
+                ],
+                protocol: None,
+            })
+        };
+        let extra = 5;
+        let services: BTreeMap<String, Arc<ServiceEndpoints>> = (0..MAX_CLUSTER_SERIES + extra)
+            .map(|index| {
+                let health = if index < MAX_CLUSTER_SERIES {
+                    Health::Healthy
+                } else {
+                    Health::Unhealthy
+                };
+                (format!("svc-{index:05}"), service(health))
+            })
+            .collect();
+        let metrics = PipelineMetrics::default();
+
+        metrics.observe(&Snapshot {
+            version: "v1".to_owned(),
+            services,
+            policy: None,
+        });
+
+        let text = scraped(&metrics);
+        let series = text
+            .lines()
+            .filter(|line| line.starts_with("fulcrum_cluster_endpoints{"))
+            .count();
+        assert_eq!(
+            series,
+            3 * (MAX_CLUSTER_SERIES + 1),
+            "three healths a cluster"
+        );
+        assert!(
+            text.contains("fulcrum_cluster_endpoints{cluster=\"svc-00000\",health=\"healthy\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("fulcrum_cluster_endpoints{cluster=\"(other)\",health=\"unhealthy\"} 5"),
+            "the five past the cap, summed"
+        );
+        assert!(!text.contains(&format!("svc-{MAX_CLUSTER_SERIES:05}")));
     }
 }
