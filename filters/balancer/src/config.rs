@@ -111,7 +111,8 @@ impl<'de> Deserialize<'de> for ExplainPicks {
 #[serde(tag = "from", rename_all = "snake_case", deny_unknown_fields)]
 pub enum ServiceSource {
     /// The `:authority` (Host) header, without a `:port` suffix. The client's word: a request
-    /// whose routed cluster differs gets no header (`service_mismatch`).
+    /// whose routed cluster differs gets no header (`service_mismatch`), nor one Envoy routed
+    /// to no cluster (`no_route`). So do the next two.
     Authority,
     /// The value of a request header (lower-case name).
     Header { name: String },

@@ -3,8 +3,10 @@
 //! `on_http_request_headers` removes any client-sent override header (clients must not steer
 //! traffic), finds the service, asks the core for a pick and writes `IP:port[,IP:port…]` into
 //! the override header (the rest are retry targets, which Envoy's `override_host` policy hands
-//! to retries in order). A service whose policy says `data_plane: native` is left to its
-//! cluster's policy, fulcrum's native module: no header, nothing counted. A rejection becomes
+//! to retries in order). A service named by the client (or the configuration) must be the
+//! cluster Envoy routed the request to, else the request fails open, counted. A service whose
+//! policy says `data_plane: native` is left to its cluster's policy, fulcrum's native module:
+//! no header, nothing counted. A rejection becomes
 //! a local 429/503 or, when the policy says `fail_open`, no header at all so Envoy's fallback
 //! policy picks. On the response path the
 //! outcome (status, Envoy's response flags, the upstream that really served, latency to the
@@ -208,19 +210,20 @@ impl Request {
         }
     }
 
-    /// Why a request for service `name` must get no header: the service is not in the
-    /// configuration's `only_services`, or the route Envoy resolved goes to another cluster
-    /// (a name from `:authority` or a header is the client's word; the routed cluster is
-    /// Envoy's, and only its endpoints can honour the pick).
-    fn refuse_service(&self, name: &str) -> Option<FailOpen> {
-        if !self.config.opts_in(name) {
-            return Some(FailOpen::NotListed);
-        }
+    /// Why a request for service `name` must get no header because of where Envoy routed it:
+    /// the route Envoy resolved goes to another cluster, or Envoy names none (a name from
+    /// `:authority`, a header or the configuration is not Envoy's routing; the routed cluster
+    /// is, and only its endpoints can honour the pick, so a name that cannot be checked
+    /// against it is not trusted).
+    fn refuse_route(&self, name: &str) -> Option<FailOpen> {
         if matches!(self.config.service, ServiceSource::RouteCluster) {
             return None;
         }
-        let routed =
-            input::string_property(&["xds", "cluster_name"], Input::RouteCluster, &self.metrics)?;
+        let Some(routed) =
+            input::string_property(&["xds", "cluster_name"], Input::RouteCluster, &self.metrics)
+        else {
+            return Some(FailOpen::NoRoute);
+        };
         (routed != name).then_some(FailOpen::ServiceMismatch)
     }
 
@@ -232,14 +235,18 @@ impl Request {
         let Ok(mut worker) = worker_cell.try_borrow_mut() else {
             return self.fail_open(FailOpen::Internal);
         };
+        // Checked first, so that a client cannot pass uncounted by naming a native service.
+        if let Some(refused) = self.refuse_route(&name) {
+            return self.fail_open(refused);
+        }
         if worker.is_native(&name) {
-            // The cluster's own policy, fulcrum's native module, picks: nothing to steer and
-            // nothing failed, so nothing is counted (the module has its own stats), whether
-            // or not the service is in `only_services`.
+            // The routed cluster's own policy, fulcrum's native module, picks: nothing to
+            // steer and nothing failed, so nothing is counted (the module has its own stats),
+            // whether or not the service is in `only_services`.
             return Action::Continue;
         }
-        if let Some(refused) = self.refuse_service(&name) {
-            return self.fail_open(refused);
+        if !self.config.opts_in(&name) {
+            return self.fail_open(FailOpen::NotListed);
         }
         let Some(Routed {
             key,

@@ -88,6 +88,10 @@ pub enum FailOpen {
     /// The request's service name (from `:authority` or a header) is not the cluster Envoy
     /// routed it to, so the pick could not be honoured.
     ServiceMismatch,
+    /// The service name is not the routed cluster's (it comes from `:authority`, a header or
+    /// the configuration) and Envoy names no routed cluster (`xds.cluster_name` absent, or
+    /// unusable and counted as such), so the name could not be checked against it.
+    NoRoute,
     /// The plugin has no valid configuration on this VM (`on_configure` failed or has not
     /// run); the request passes through with only the override header stripped.
     NotConfigured,
@@ -105,6 +109,7 @@ pub struct Metrics {
     fail_open_not_configured: MetricId,
     fail_open_not_listed: MetricId,
     fail_open_service_mismatch: MetricId,
+    fail_open_no_route: MetricId,
     override_header_stripped: MetricId,
     /// `fulcrum_request_input_invalid_total.input.<input>`, indexed by `Input as usize`.
     input_invalid: [MetricId; Input::ALL.len()],
@@ -117,6 +122,7 @@ pub struct Metrics {
     snapshot_replica_failovers: MetricId,
     snapshot_services_parsed: MetricId,
     snapshot_torn_reads: MetricId,
+    snapshot_invalid_reads: MetricId,
     snapshot_over_table_budget: MetricId,
     endpoint_metrics_dropped: MetricId,
     shared_ejections_invalid: MetricId,
@@ -140,6 +146,7 @@ impl Metrics {
             fail_open_not_configured: counter("fulcrum_fail_open_total.reason.not_configured"),
             fail_open_not_listed: counter("fulcrum_fail_open_total.reason.not_listed"),
             fail_open_service_mismatch: counter("fulcrum_fail_open_total.reason.service_mismatch"),
+            fail_open_no_route: counter("fulcrum_fail_open_total.reason.no_route"),
             override_header_stripped: counter("fulcrum_override_header_stripped_total"),
             input_invalid: Input::ALL.map(|input| {
                 counter(&format!(
@@ -156,6 +163,7 @@ impl Metrics {
             snapshot_replica_failovers: counter("fulcrum_snapshot_replica_failovers_total"),
             snapshot_services_parsed: counter("fulcrum_snapshot_services_parsed_total"),
             snapshot_torn_reads: counter("fulcrum_snapshot_torn_reads_total"),
+            snapshot_invalid_reads: counter("fulcrum_snapshot_invalid_reads_total"),
             snapshot_over_table_budget: counter("fulcrum_snapshot_over_table_budget_total"),
             endpoint_metrics_dropped: counter("fulcrum_endpoint_metrics_dropped_total"),
             shared_ejections_invalid: counter("fulcrum_shared_ejections_invalid_total"),
@@ -179,6 +187,7 @@ impl Metrics {
             FailOpen::NotConfigured => self.fail_open_not_configured,
             FailOpen::NotListed => self.fail_open_not_listed,
             FailOpen::ServiceMismatch => self.fail_open_service_mismatch,
+            FailOpen::NoRoute => self.fail_open_no_route,
         };
         add(metric, 1);
     }
@@ -228,6 +237,13 @@ impl Metrics {
     /// left the change for its next tick.
     pub fn snapshot_torn_read(&self) {
         add(self.snapshot_torn_reads, 1);
+    }
+
+    /// A VM found the published snapshot invalid in shared data (corrupted: what the publisher
+    /// validated does not parse) and applied nothing; counted on each tick until the next
+    /// publication writes it over.
+    pub fn snapshot_invalid_read(&self) {
+        add(self.snapshot_invalid_reads, 1);
     }
 
     /// A VM refused a published snapshot whose tables exceed `max_table_bytes`.

@@ -8,8 +8,10 @@
 //! (`crate::shared_snapshot`), and applies any newer published version by reading, parsing
 //! and rebuilding only the services whose content changed (`fulcrum_core::mesh`); an invalid
 //! or failed fetch is logged and counted and the last good snapshot stays in force, and so
-//! does one whose tables exceed `max_table_bytes`. Answers are taken from one control-plane replica at a time
-//! (`fulcrum_core::replica`), so a proxy never alternates between two replicas' views. Each
+//! does one whose tables exceed `max_table_bytes` and one that shared data holds corrupted
+//! (counted each tick, logged once per distinct failure). Answers are taken from one
+//! control-plane replica at a time (`fulcrum_core::replica`), so a proxy never alternates
+//! between two replicas' views. Each
 //! poll also names the proxy (its Envoy node id and cluster, read once here) and the last
 //! snapshot it refused (`crate::report`), for the control plane's `GET /v1/proxies`. An
 //! answer may ask for a service's endpoint diagnostics (`crate::diagnostics`): every serving
@@ -39,6 +41,7 @@ use fulcrum_core::{
     distribution::DELTA_ACCEPT,
     replica::{self, Followed, Verdict},
     rng::{Rng, SplitMix64, vm_seed},
+    select::hash::hash_bytes,
 };
 use proxy_wasm::{
     hostcalls,
@@ -110,6 +113,9 @@ struct Configured {
     diagnostics: SharedDiagnostics,
     /// The Envoy node's id and cluster, named in every poll; read once, with a control plane.
     identity: NodeIdentity,
+    /// A hash of the last invalid-published-snapshot error logged, so that one corruption
+    /// is logged once rather than on every tick (it is counted on every tick).
+    invalid_read_logged: Cell<Option<u64>>,
     /// Whether this VM has handed out a request context: only then does it apply shared
     /// ejections. Envoy's main-thread VM ticks but never serves, so it stays out (and out of
     /// the circuit-open gauge, which counts the VMs that avoid an endpoint).
@@ -210,6 +216,7 @@ impl RootContext for Root {
             pending_report: None,
             diagnostics: SharedDiagnostics::new(&root_id, SplitMix64::new(!seed).next_u64()),
             identity,
+            invalid_read_logged: Cell::new(None),
             serving: Cell::new(false),
         };
         match &configured.config.control_plane {
@@ -603,7 +610,11 @@ impl Configured {
         {
             return;
         }
-        let change = match self.snapshot.read_change(worker.services()) {
+        let read = self.snapshot.read_change(worker.services());
+        if read.is_ok() {
+            self.invalid_read_logged.set(None);
+        }
+        let change = match read {
             Ok(Some(change)) => change,
             Ok(None) => return,
             Err(error @ ReadError::Torn(_)) => {
@@ -612,7 +623,15 @@ impl Configured {
                 return;
             }
             Err(error @ ReadError::Invalid(_)) => {
-                log_error(&error.to_string());
+                worker.metrics().snapshot_invalid_read();
+                let message = error.to_string();
+                let seen = hash_bytes(message.as_bytes());
+                if self.invalid_read_logged.replace(Some(seen)) != Some(seen) {
+                    log_error(&format!(
+                        "{message}; keeping version {:?} (logged once until the failure changes)",
+                        worker.version()
+                    ));
+                }
                 return;
             }
         };

@@ -12,6 +12,9 @@
 //!   released;
 //! - `poll_lease`: the poll lease ([`SharedSnapshot::try_take_lease`]).
 //!
+//! A lease or lock deadline further ahead than anyone takes it for (the poll interval, the
+//! lock's hold) reads as expired: shared data corrupted cannot stop polling or publishing.
+//!
 //! **Publishing** (the VM whose poll was answered, holding the lock): it reads the index,
 //! hashes each service of the answer ([`fulcrum_core::distribution::content_hash`]), parses
 //! and validates only the services whose hash the index does not already hold, then writes
@@ -46,7 +49,7 @@
 use std::{collections::BTreeMap, time::Duration};
 
 use fulcrum_core::{
-    distribution::{Answer, content_hash, parse_answer},
+    distribution::{Answer, content_hash, is_valid_version, parse_answer},
     mesh::{Change, Hashed, ServiceState, Services},
     receive::{ReceiveError, Skipped, receive_policy, receive_service},
 };
@@ -154,7 +157,7 @@ impl SharedSnapshot {
         let Ok((value, cas)) = hostcalls::get_shared_data(&self.lease) else {
             return false;
         };
-        if nanos(now) < deadline(value.as_deref()) {
+        if held(value.as_deref(), now, interval) {
             return false;
         }
         // Slightly shorter than the interval, so the holder's own next tick can take it again.
@@ -171,9 +174,14 @@ impl SharedSnapshot {
         .is_ok()
     }
 
-    /// The published version, if any (cheap: the version key is small).
+    /// The published version, if any (cheap: the version key is small). One that is not a
+    /// valid version ([`is_valid_version`]: shared data corrupted) reads as none: the next
+    /// poll then asks for a whole snapshot, whose publication writes it over.
     pub fn published_version(&self) -> Option<Vec<u8>> {
-        hostcalls::get_shared_data(&self.version).ok()?.0
+        hostcalls::get_shared_data(&self.version)
+            .ok()?
+            .0
+            .filter(|version| is_valid_version(version))
     }
 
     /// Whether a publisher died holding the lock, so the next answer must be whole.
@@ -181,8 +189,7 @@ impl SharedSnapshot {
         let Ok((value, _)) = hostcalls::get_shared_data(&self.lock) else {
             return false;
         };
-        let held_until = deadline(value.as_deref());
-        held_until != 0 && nanos(now) >= held_until
+        deadline(value.as_deref()) != 0 && !held(value.as_deref(), now, LOCK_HOLD)
     }
 
     /// Publishes a poll answer (see the module docs).
@@ -207,10 +214,10 @@ impl SharedSnapshot {
     /// be rewritten), or `Busy`.
     fn lock(&self, now: Duration) -> Result<bool, PublishError> {
         let (value, cas) = hostcalls::get_shared_data(&self.lock).map_err(PublishError::Host)?;
-        let held_until = deadline(value.as_deref());
-        if nanos(now) < held_until {
+        if held(value.as_deref(), now, LOCK_HOLD) {
             return Err(PublishError::Busy);
         }
+        let held_until = deadline(value.as_deref());
         let until = nanos(now).saturating_add(nanos(LOCK_HOLD));
         match hostcalls::set_shared_data(
             &self.lock,
@@ -374,14 +381,20 @@ impl SharedSnapshot {
         }))
     }
 
-    /// The published index and its CAS version; `Err` with why when it does not decode.
+    /// The published index and its CAS version; `Err` with why when it does not decode or
+    /// its version is not valid ([`is_valid_version`]).
     fn read_index(&self) -> Result<Option<(Index, Option<u32>)>, String> {
         let Ok((Some(bytes), cas)) = hostcalls::get_shared_data(&self.index) else {
             return Ok(None);
         };
-        serde_json::from_slice(&bytes)
-            .map(|index| Some((index, cas)))
-            .map_err(|error| error.to_string())
+        let index: Index = serde_json::from_slice(&bytes).map_err(|error| error.to_string())?;
+        if !is_valid_version(index.version.as_bytes()) {
+            return Err(format!(
+                "its version ({} bytes) is not a valid snapshot version",
+                index.version.len()
+            ));
+        }
+        Ok(Some((index, cas)))
     }
 
     /// The JSON under `key` when it holds content of `hash`; `None` when it holds other
@@ -409,6 +422,14 @@ impl SharedSnapshot {
 /// A time as ns since the Unix epoch, saturating.
 fn nanos(time: Duration) -> u64 {
     u64::try_from(time.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Whether a lease or lock value is held at `now`: its deadline is after `now`, by at most
+/// `longest`, the longest anyone takes it for. A later deadline (shared data corrupted, or a
+/// clock that jumped back) reads as expired, so it cannot stop polling or publishing.
+fn held(value: Option<&[u8]>, now: Duration, longest: Duration) -> bool {
+    let (now, until) = (nanos(now), deadline(value));
+    until > now && until - now <= nanos(longest)
 }
 
 /// The deadline a lease or lock value holds; 0 when absent or not 8 bytes.

@@ -256,7 +256,8 @@ pub enum Event {
     /// as its ejection number `ejections`: a closed or half-open breaker opens until then
     /// (a closed one only if the service allows one more ejection), an open one keeps the later
     /// deadline. The ejection count becomes the larger of the two, so the next ejection lasts
-    /// longer everywhere. An `until` already past changes nothing.
+    /// longer everywhere. An `until` already past changes nothing, and so does one further
+    /// ahead than `max_ejection_time` (no worker ejects for longer: shared data corrupted).
     EjectedElsewhere {
         /// When the shared ejection expires.
         until: Duration,
@@ -508,7 +509,13 @@ impl Breaker {
         ejections: u32,
         ctx: &Context<'_>,
     ) -> Option<BreakerState> {
-        if until <= ctx.now {
+        // No worker ejects for longer than the policy's cap: a later end is corrupt shared
+        // data, which must not eject an endpoint for ever.
+        let longest = ctx
+            .policy
+            .max_ejection_time
+            .max(ctx.policy.base_ejection_time);
+        if until <= ctx.now || until > ctx.now.saturating_add(longest) {
             return None;
         }
         let adopted = |local: u32| BreakerState::Open {

@@ -40,6 +40,16 @@ pub const DELTA_MEDIA_TYPE: &str = "application/vnd.fulcrum.snapshot-delta.v1+js
 /// whole snapshot as JSON (all a control plane older than deltas serves).
 pub const DELTA_ACCEPT: &str = "application/vnd.fulcrum.snapshot-delta.v1+json, application/json";
 
+/// The longest snapshot version a filter takes, in bytes. A version is kept in shared data,
+/// copied by every VM on every tick, sent back in `If-None-Match` and logged; the control
+/// plane's are 16 hex digits.
+pub const MAX_VERSION_BYTES: usize = 128;
+
+/// Whether `version` is one a filter takes: at most [`MAX_VERSION_BYTES`] of printable ASCII.
+pub fn is_valid_version(version: &[u8]) -> bool {
+    version.len() <= MAX_VERSION_BYTES && version.iter().all(|byte| (b' '..=b'~').contains(byte))
+}
+
 /// The content hash of one service's (or the policy's) JSON as the control plane sent it:
 /// 16 hex digits of SHA-256, as versions are.
 pub fn content_hash(json: &[u8]) -> String {
@@ -49,7 +59,8 @@ pub fn content_hash(json: &[u8]) -> String {
 /// A poll answer with its services and policy still as raw JSON, borrowed from the body.
 #[derive(Debug, Deserialize)]
 pub struct Answer<'a> {
-    /// The version the answer brings the filter to.
+    /// The version the answer brings the filter to; valid ([`is_valid_version`]).
+    #[serde(deserialize_with = "valid_version")]
     pub version: String,
     /// The version this answer is a delta against; `None`: a whole snapshot, which replaces
     /// every service.
@@ -77,14 +88,41 @@ impl Answer<'_> {
 }
 
 /// Reads a poll answer's structure without parsing any service: fails only for a body that
-/// is not a JSON object with a string `version` (fields it does not know are ignored, as in
-/// [`crate::receive`]).
+/// is not a JSON object with a valid string `version` ([`is_valid_version`]; fields it does
+/// not know are ignored, as in [`crate::receive`]).
 pub fn parse_answer(body: &[u8]) -> Result<Answer<'_>, ReceiveError> {
     serde_json::from_slice(body).map_err(|source| ReceiveError::Malformed {
         line: source.line(),
         column: source.column(),
         source,
     })
+}
+
+/// Deserializes a version, refusing one [`is_valid_version`] refuses before copying it.
+fn valid_version<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<String, D::Error> {
+    struct Version;
+    impl serde::de::Visitor<'_> for Version {
+        type Value = String;
+
+        fn expecting(&self, formatter: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            write!(
+                formatter,
+                "a version of at most {MAX_VERSION_BYTES} bytes of printable ASCII"
+            )
+        }
+
+        fn visit_str<E: serde::de::Error>(self, version: &str) -> Result<String, E> {
+            if is_valid_version(version.as_bytes()) {
+                Ok(version.to_owned())
+            } else {
+                Err(E::invalid_value(
+                    serde::de::Unexpected::Other("version"),
+                    &self,
+                ))
+            }
+        }
+    }
+    deserializer.deserialize_str(Version)
 }
 
 /// A delta answer, as the control plane serializes it.

@@ -91,12 +91,21 @@ impl BucketState {
         })
     }
 
-    /// Brings the bucket up to `now`; a clock that went backwards adds nothing.
+    /// Brings the bucket up to `now`; a clock that went backwards adds nothing. A time
+    /// later than `now` by more than the bucket takes to fill from empty cannot have been
+    /// written by a worker's clock (shared data corrupted): the bucket restarts full, so no
+    /// stored time keeps it empty for longer than a real one could.
     fn refill(&mut self, rate_micro_per_sec: u64, burst: u64, now: Duration) {
         let now = nanos(now);
+        let capacity = burst * MICROS_PER_TOKEN;
+        let fill_nanos =
+            u128::from(capacity) * 1_000_000_000 / u128::from(rate_micro_per_sec.max(1));
+        if u128::from(self.updated_at_nanos) > u128::from(now) + fill_nanos {
+            *self = Self::full(self.owner, burst, Duration::from_nanos(now));
+            return;
+        }
         let elapsed = now.saturating_sub(self.updated_at_nanos);
         let refill = u128::from(elapsed) * u128::from(rate_micro_per_sec) / 1_000_000_000;
-        let capacity = burst * MICROS_PER_TOKEN;
         // Also caps a bucket written under a larger burst.
         let refilled = (u128::from(self.micro_tokens) + refill).min(u128::from(capacity));
         // Rounding loses under one millionth of a token per call.
@@ -239,8 +248,11 @@ impl RateLimiter {
             let Some(mut state) = stored.filter(|state| state.owner == owner) else {
                 return;
             };
-            state.micro_tokens =
-                (state.micro_tokens + MICROS_PER_TOKEN).min(self.burst * MICROS_PER_TOKEN);
+            // A stored count may be anything (shared data): saturate, then cap.
+            state.micro_tokens = state
+                .micro_tokens
+                .saturating_add(MICROS_PER_TOKEN)
+                .min(self.burst * MICROS_PER_TOKEN);
             if buckets.write(bucket, state, version) {
                 return;
             }
@@ -409,6 +421,87 @@ mod tests {
             assert_eq!(
                 limiter.admit(&mut Broken, Some("a"), Duration::ZERO),
                 Ok(())
+            );
+        }
+    }
+
+    /// Writes `state` into `bucket` as another worker (or corrupted shared data) would.
+    fn store(buckets: &mut LocalBuckets, bucket: BucketId, state: BucketState) {
+        let (_, version) = buckets.read(bucket);
+        assert!(buckets.write(bucket, state, version));
+    }
+
+    #[test]
+    fn an_empty_bucket_stamped_later_than_it_takes_to_fill_restarts_full() {
+        // Fills from empty in 200 ms.
+        let (limiter, mut buckets) = (limiter(10.0, 2, 8), LocalBuckets::default());
+        let now = Duration::from_secs(5);
+        let empty_at = |at: Duration| BucketState {
+            owner: 0,
+            micro_tokens: 0,
+            updated_at_nanos: nanos(at),
+        };
+        // Within the fill time: an ordinary empty bucket, as a worker ahead could leave it.
+        store(
+            &mut buckets,
+            BucketId::Service,
+            empty_at(now + Duration::from_millis(200)),
+        );
+        assert!(limiter.admit(&mut buckets, None, now).is_err());
+        // Beyond it, up to the end of time: corrupt, so full.
+        for ahead in [
+            now + Duration::from_millis(201),
+            Duration::from_nanos(u64::MAX),
+        ] {
+            store(&mut buckets, BucketId::Service, empty_at(ahead));
+            assert_eq!(limiter.admit(&mut buckets, None, now), Ok(()));
+            assert_eq!(limiter.admit(&mut buckets, None, now), Ok(()));
+            assert!(limiter.admit(&mut buckets, None, now).is_err(), "one burst");
+        }
+    }
+
+    /// Buckets whose client slots always read as holding every token there is, as shared
+    /// data written by something else might.
+    struct Overfull(LocalBuckets);
+
+    impl BucketStore for Overfull {
+        fn read(&mut self, bucket: BucketId) -> (Option<BucketState>, u32) {
+            let (state, version) = self.0.read(bucket);
+            match bucket {
+                BucketId::Client(_) => (
+                    state.map(|state| BucketState {
+                        micro_tokens: u64::MAX,
+                        ..state
+                    }),
+                    version,
+                ),
+                BucketId::Service => (state, version),
+            }
+        }
+
+        fn write(&mut self, bucket: BucketId, state: BucketState, version: u32) -> bool {
+            self.0.write(bucket, state, version)
+        }
+    }
+
+    #[test]
+    fn a_stored_token_count_beyond_the_burst_is_capped_and_never_overflows() {
+        let (limiter, mut buckets) = (limiter(1.0, 2, 1), Overfull(LocalBuckets::default()));
+        let at = Duration::ZERO;
+        store(
+            &mut buckets.0,
+            BucketId::Service,
+            BucketState::full(0, 0, at),
+        );
+        // Alice's first take creates her slot; then every read of it holds u64::MAX tokens.
+        for _ in 0..3 {
+            // The service bucket is empty: alice's token is given back onto u64::MAX.
+            assert!(limiter.admit(&mut buckets, Some("alice"), at).is_err());
+            let (given_back, _) = buckets.0.read(BucketId::Client(0));
+            assert_eq!(
+                given_back.map(|state| state.micro_tokens),
+                Some(2 * MICROS_PER_TOKEN),
+                "capped at the burst"
             );
         }
     }

@@ -63,9 +63,10 @@ pub struct Skipped {
 /// Why a snapshot body could not be used at all.
 #[derive(Debug, thiserror::Error)]
 pub enum ReceiveError {
-    /// Not JSON, or no `version` string.
+    /// Not JSON, or no `version` string (or, in a poll answer, one
+    /// [`crate::distribution::is_valid_version`] refuses).
     #[error(
-        "snapshot is not a JSON object with a string `version` (line {line}, column {column}): {source}"
+        "snapshot is not a JSON object with a valid string `version` (line {line}, column {column}): {source}"
     )]
     Malformed {
         line: usize,

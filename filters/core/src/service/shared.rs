@@ -15,7 +15,7 @@ impl ServicePicker {
     /// Applies a service's shared ejections at `now` (the record's clock): every recorded
     /// ejection still running opens its endpoint's breaker here too
     /// ([`Event::EjectedElsewhere`]; refused like any ejection when `max_ejection_percent` is
-    /// reached), and, unless the record is full, every breaker not closed here whose endpoint
+    /// reached, ignored when it ends further ahead than `max_ejection_time`), and, unless the record is full, every breaker not closed here whose endpoint
     /// the record no longer holds learns that the ejection ended ([`Event::RestoredElsewhere`]).
     /// Every closed breaker then takes the record's consecutive counters for its endpoint
     /// ([`Event::CountedElsewhere`]; zero when the record has none and is not full of them),

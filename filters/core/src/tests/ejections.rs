@@ -512,6 +512,40 @@ fn a_second_worker_avoids_an_endpoint_the_first_ejected_without_failing_on_it() 
 }
 
 #[test]
+fn a_shared_ejection_ending_beyond_max_ejection_time_is_corrupt_and_ignored() {
+    let mut service = policy(LoadBalancer::RoundRobin {});
+    service.outlier_detection = strict_outlier_detection(5);
+    let now = secs(100);
+    let longest = service.outlier_detection.max_ejection_time;
+    let mut picker = ServicePicker::new(&service, &endpoints(3));
+    let mut record = EjectionRecord::default();
+    record.record_ejection(SharedEjection {
+        address: addr(1),
+        until: now + longest + ms(1),
+        ejections: 1,
+    });
+    record.record_ejection(SharedEjection {
+        address: addr(2),
+        until: Duration::MAX,
+        ejections: u32::MAX,
+    });
+    assert!(picker.apply_shared_ejections(&record, now).is_empty());
+    assert_eq!(state_of(&picker, addr(1)).name(), "closed");
+    assert_eq!(state_of(&picker, addr(2)).name(), "closed");
+    // Up to the cap, an ejection elsewhere is adopted as it is.
+    record.record_ejection(ejection(3, now + longest, 1));
+    let adopted = picker.apply_shared_ejections(&record, now);
+    assert_eq!(adopted.len(), 1);
+    assert_eq!(
+        state_of(&picker, addr(3)),
+        BreakerState::Open {
+            until: now + longest,
+            ejections: 1
+        }
+    );
+}
+
+#[test]
 fn the_end_of_an_ejection_reaches_the_second_worker_when_the_first_closes_it() {
     let mut service = policy(LoadBalancer::RoundRobin {});
     service.outlier_detection = strict_outlier_detection(5);

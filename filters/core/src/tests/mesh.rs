@@ -11,7 +11,7 @@ use crate::{
     distribution::{self, content_hash, parse_answer},
     mesh::{Applied, Change, Hashed, Lifecycle, Services},
     policy::{Maglev, RingHash},
-    receive::receive_service,
+    receive::{ReceiveError, receive_service},
     tables::{self, DEFAULT_TABLE_BUDGET_BYTES},
     test_support::{addr, endpoints, fail_on, policy, secs, status, strict_outlier_detection},
 };
@@ -428,6 +428,31 @@ fn a_service_parsed_from_its_raw_json_equals_the_one_serialized() {
             .expect_err("port 0")
             .contains("services.shop.endpoints[0].address")
     );
+}
+
+#[test]
+fn an_answer_whose_version_is_over_long_or_unprintable_is_refused_as_malformed() {
+    let answer = |version: &str| serde_json::to_vec(&serde_json::json!({"version": version}));
+    let body = answer(&"7".repeat(1 << 20)).expect("json");
+    assert!(matches!(
+        parse_answer(&body),
+        Err(ReceiveError::Malformed { .. })
+    ));
+    let body = answer("v1\nInjected: header").expect("json");
+    assert!(matches!(
+        parse_answer(&body),
+        Err(ReceiveError::Malformed { .. })
+    ));
+    let longest = "f".repeat(distribution::MAX_VERSION_BYTES);
+    for version in ["0123456789abcdef", "static", longest.as_str()] {
+        let body = answer(version).expect("json");
+        assert_eq!(
+            parse_answer(&body).expect("a valid version").version,
+            version
+        );
+    }
+    let body = answer(&"f".repeat(distribution::MAX_VERSION_BYTES + 1)).expect("json");
+    assert!(parse_answer(&body).is_err(), "one byte over the bound");
 }
 
 proptest! {

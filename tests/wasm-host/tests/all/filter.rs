@@ -448,3 +448,48 @@ fn a_client_named_service_other_than_the_routed_cluster_gets_no_pick() -> anyhow
     request.respond(200).upstream("10.0.0.1:8080").finish()?;
     Ok(())
 }
+
+/// A client naming a service on the native data plane cannot pass uncounted: the routed
+/// cluster is checked first.
+#[test]
+fn a_client_naming_a_native_service_other_than_the_routed_cluster_fails_open_counted()
+-> anyhow::Result<()> {
+    let plugin = checkout_and_payments(
+        r#""service": {"from": "authority"},
+           "policy": {"default": {}, "services": {"payments": {"data_plane": "native"}}},"#,
+    )?;
+    let mut request = routed(&plugin, "payments", "checkout")?;
+    assert_eq!(request.request_header(OVERRIDE_HEADER), None);
+    request.respond(200).finish()?;
+    assert_eq!(
+        plugin.metric("fulcrum_fail_open_total.reason.service_mismatch")?,
+        1
+    );
+    // Routed to it, the native service passes uncounted.
+    let mut request = routed(&plugin, "payments", "payments")?;
+    assert_eq!(request.request_header(OVERRIDE_HEADER), None);
+    request.respond(200).upstream("10.0.0.2:8080").finish()?;
+    assert_eq!(
+        plugin.metric("fulcrum_fail_open_total.reason.service_mismatch")?,
+        1
+    );
+    Ok(())
+}
+
+/// A name from the client cannot be checked against a route Envoy did not resolve: no pick,
+/// counted.
+#[test]
+fn a_client_named_service_with_no_routed_cluster_fails_open_counted() -> anyhow::Result<()> {
+    let plugin = checkout_and_payments(r#""service": {"from": "header", "name": "x-service"},"#)?;
+    let mut request = plugin
+        .worker(0)
+        .request()
+        .header("x-service", "checkout")
+        .header(OVERRIDE_HEADER, "10.0.0.9:1")
+        .without_route()
+        .send_headers()?;
+    assert_eq!(request.request_header(OVERRIDE_HEADER), None);
+    request.respond(200).finish()?;
+    assert_eq!(plugin.metric("fulcrum_fail_open_total.reason.no_route")?, 1);
+    Ok(())
+}

@@ -317,3 +317,78 @@ fn garbage_in_the_shared_snapshot_keys_changes_nothing_and_never_panics() -> any
     }
     Ok(())
 }
+
+#[test]
+fn an_invalid_published_snapshot_is_counted_on_every_tick_and_logged_once_per_failure()
+-> anyhow::Result<()> {
+    let plugin = two_workers()?;
+    deliver(
+        &plugin,
+        &json!({"version": "v1", "services": three_services()}),
+    )?;
+    let invalid = || plugin.metric("fulcrum_snapshot_invalid_reads_total");
+    let logged = |what: &str| plugin.logs_text().matches(what).count();
+    assert_eq!(invalid()?, 0);
+
+    // A service key at the hash the index names, holding what no publisher validated.
+    let garbage = "{\"endpoints\": 7}";
+    let mut published = index(&plugin);
+    published["version"] = json!("v2");
+    published["services"]["shop"] = json!(content_hash(garbage.as_bytes()));
+    plugin.set_shared_data(
+        &format!("{PREFIX}services/shop"),
+        format!("{}\n{garbage}", content_hash(garbage.as_bytes())),
+    );
+    plugin.set_shared_data(&format!("{PREFIX}index"), published.to_string());
+    plugin.set_shared_data(&format!("{PREFIX}version"), "v2");
+    plugin.tick_all()?;
+    let per_tick = invalid()?;
+    assert!(per_tick > 0, "counted");
+    plugin.tick_all()?;
+    plugin.tick_all()?;
+    assert_eq!(invalid()?, 3 * per_tick, "counted on every tick");
+    let once = logged("the published snapshot is invalid");
+    assert_eq!(u64::try_from(once)?, per_tick, "logged once by each VM");
+
+    // Another failure: an index whose version is over-long is corrupt too, and logged anew.
+    published["version"] = json!("v".repeat(1 << 10));
+    plugin.set_shared_data(&format!("{PREFIX}index"), published.to_string());
+    plugin.tick_all()?;
+    plugin.tick_all()?;
+    assert_eq!(invalid()?, 5 * per_tick);
+    assert_eq!(logged("the published snapshot is invalid"), 2 * once);
+    for worker in 0..2 {
+        assert_eq!(
+            pick(&plugin, worker, "shop")?.as_deref(),
+            Some("10.0.0.1:80"),
+            "v1 stays"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn a_poll_lease_or_publish_lock_held_until_the_end_of_time_reads_as_expired() -> anyhow::Result<()>
+{
+    let plugin = two_workers()?;
+    deliver(
+        &plugin,
+        &json!({"version": "v1", "services": three_services()}),
+    )?;
+    // Deadlines no VM takes (the poll interval is 1 s, the lock's hold 10 s): corrupted.
+    let end_of_time = u64::MAX.to_le_bytes();
+    plugin.set_shared_data(&format!("{PREFIX}poll_lease"), end_of_time);
+    plugin.set_shared_data(&format!("{PREFIX}publisher"), end_of_time);
+    deliver(
+        &plugin,
+        &json!({"version": "v2", "services": {"shop": service(&["10.0.0.2:80"])}}),
+    )?;
+    assert_eq!(index(&plugin)["version"], "v2", "polled and published");
+    for worker in 0..2 {
+        assert_eq!(
+            pick(&plugin, worker, "shop")?.as_deref(),
+            Some("10.0.0.2:80")
+        );
+    }
+    Ok(())
+}

@@ -333,7 +333,8 @@ fn service_source_survives(plugin: &Plugin, name: &str, label: &str) -> anyhow::
     let mut unusable = 0;
     for (variant, mut headers, counted) in hostile_variants(name, b"checkout") {
         headers.push((OVERRIDE_HEADER.as_bytes().to_vec(), b"6.6.6.6:1".to_vec()));
-        let mut builder = plugin.worker(0).request();
+        // Envoy routed the request for checkout to its cluster, whatever the client sent.
+        let mut builder = plugin.worker(0).request().cluster("checkout");
         for (name, value) in &headers {
             builder = builder.header_bytes(name, value);
         }
@@ -387,6 +388,7 @@ fn service_header_in_any_form_never_traps_and_an_unusable_one_fails_open() -> an
         .worker(0)
         .request()
         .header("x-service", "checkout")
+        .cluster("checkout")
         .send_headers()?;
     pick_in(&request, OVERRIDE_HEADER)?;
     request.respond(200).finish()?;

@@ -250,7 +250,7 @@ fn ordinary_request_is_picked(source: Source, plugin: &Plugin) -> anyhow::Result
     let builder = plugin.worker(0).request();
     let builder = match source {
         Source::Authority => builder.header(":authority", "checkout"),
-        Source::Header => builder.header("x-service", "checkout"),
+        Source::Header => builder.header("x-service", "checkout").cluster("checkout"),
         Source::RouteCluster => builder.cluster("checkout"),
     };
     let mut request = builder.header("x-user", "alice").send_headers()?;
