@@ -1,6 +1,7 @@
 //! Prometheus metrics of the registry: calls per API face, operation and outcome, their
-//! latency, refused registrations by reason, the live instances per service and health, and
-//! the services whose registrations disagree on the protocol.
+//! latency, refused registrations by reason, the live instances per service and health, the
+//! services whose registrations disagree on the protocol, and (with a backend that reloads,
+//! etcd) the failed reloads of the registrations.
 //!
 //! Both faces count at their edge (after the answer is decided, unauthenticated calls
 //! included) with the same labels, so one query covers REST and gRPC. The outcome is the
@@ -30,6 +31,7 @@ use tokio::task::JoinHandle;
 
 use crate::{
     admission::Refusal,
+    backend::RegistryBackend,
     view::{self, Entry, Since, View},
 };
 
@@ -207,6 +209,9 @@ pub struct RegistryMetrics {
     /// `fulcrum_registry_protocol_conflicts`: services whose registrations name different
     /// protocols (the earliest registration's is used), as last published.
     protocol_conflicts: Gauge,
+    /// `fulcrum_registry_etcd_reload_failures_total`: the backend's failed reloads
+    /// ([`RegistryBackend::reload_failures`]); not exposed without one.
+    etcd_reload_failures: Option<Counter>,
 }
 
 impl RegistryMetrics {
@@ -224,7 +229,13 @@ impl RegistryMetrics {
             instances: Family::default(),
             services: ServiceLabels::new(max_service_series),
             protocol_conflicts: Gauge::default(),
+            etcd_reload_failures: None,
         }
+    }
+
+    /// Exposes `backend`'s failed reloads, when it reloads (etcd).
+    pub fn count_reloads_of(&mut self, backend: &dyn RegistryBackend) {
+        self.etcd_reload_failures = backend.reload_failures();
     }
 
     /// The gauge of services whose registrations name different protocols, set by the
@@ -266,6 +277,13 @@ impl RegistryMetrics {
             "Registrations refused by admission, by reason",
             self.refusals.clone(),
         );
+        if let Some(failures) = &self.etcd_reload_failures {
+            prefixed.register(
+                "etcd_reload_failures",
+                "Failed reloads of the registrations from etcd after its watch broke (meanwhile the last loaded state is served)",
+                failures.clone(),
+            );
+        }
     }
 
     /// Counts one refused registration.

@@ -3,8 +3,10 @@
 //! [`InstanceSpec`] is the wire shape a client sends (REST JSON, and the gRPC message maps
 //! onto it field for field), with "empty means default" semantics like proto3. It is also
 //! how a registration is stored in etcd, so one validation guards every way in:
-//! [`InstanceSpec::validate`] applies the defaults and reports *every* bad field by name,
-//! giving a [`Registration`] whose invariants the rest of the crate relies on.
+//! [`InstanceSpec::validate`] applies the defaults and reports every bad field by name (the
+//! first 16, then how many more), giving a [`Registration`] whose invariants the rest of the
+//! crate relies on. A list or map over its limit is one error naming it, its entries unread.
+//! [`validate_discovery`] holds a discovery's filters to the same bounds.
 //!
 //! Sizes are bounded so that a registration cannot bloat what every filter loads: each
 //! string and list has a limit, and the endpoint a registration publishes (tags,
@@ -248,15 +250,49 @@ impl FieldErrors {
     }
 }
 
+/// Errors listed per request at most. A request with more gets these and one entry counting
+/// the rest, so the answer to hostile input does not grow with it.
+const MAX_ERRORS: usize = 16;
+
+/// The path of the entry counting the errors beyond [`MAX_ERRORS`]: no field is named so.
+const MORE_ERRORS: &str = "(more)";
+
 #[derive(Default)]
-struct Errors(Vec<ValidationError>);
+struct Errors {
+    /// The first [`MAX_ERRORS`] errors.
+    listed: Vec<ValidationError>,
+    /// How many more there were.
+    unlisted: usize,
+}
 
 impl Errors {
     fn add(&mut self, field: impl Into<String>, reason: impl Into<String>) {
-        self.0.push(ValidationError {
-            path: field.into(),
-            message: reason.into(),
-        });
+        if self.listed.len() < MAX_ERRORS {
+            self.listed.push(ValidationError {
+                path: field.into(),
+                message: reason.into(),
+            });
+        } else {
+            self.unlisted += 1;
+        }
+    }
+
+    /// `Ok` when nothing was added; else every listed error, then the count of the rest.
+    fn into_result(self) -> Result<(), FieldErrors> {
+        let mut listed = self.listed;
+        if listed.is_empty() {
+            return Ok(());
+        }
+        if self.unlisted > 0 {
+            listed.push(ValidationError {
+                path: MORE_ERRORS.to_owned(),
+                message: format!(
+                    "and {} more invalid fields, not listed: fix the ones above and send again to see them",
+                    self.unlisted
+                ),
+            });
+        }
+        Err(FieldErrors(listed))
     }
 }
 
@@ -333,19 +369,74 @@ fn override_port(value: u32, instance: u16, field: &str, errors: &mut Errors) ->
     (port != 0).then_some(port)
 }
 
-fn labels(values: &[String], field: &str, errors: &mut Errors) -> BTreeSet<String> {
+/// Checks tags or capabilities: more than [`MAX_LIST`] is one error naming `field`, without
+/// looking at any entry; else each entry must be a label.
+fn check_labels<'a>(
+    values: impl ExactSizeIterator<Item = &'a String>,
+    field: &str,
+    errors: &mut Errors,
+) {
     if values.len() > MAX_LIST {
         errors.add(
             field,
             format!("at most {MAX_LIST} entries, got {}", values.len()),
         );
+        return;
     }
-    for (index, value) in values.iter().enumerate() {
+    for (index, value) in values.enumerate() {
         if let Err(reason) = validate_label(value) {
             errors.add(format!("{field}[{index}]"), reason);
         }
     }
-    values.iter().cloned().collect()
+}
+
+/// Checks metadata: more than [`MAX_LIST`] entries is one error naming `metadata`, without
+/// looking at any entry; else each key must be a label and each value short enough.
+fn check_metadata(metadata: &BTreeMap<String, String>, errors: &mut Errors) {
+    if metadata.len() > MAX_LIST {
+        errors.add(
+            "metadata",
+            format!("at most {MAX_LIST} entries, got {}", metadata.len()),
+        );
+        return;
+    }
+    for (key, value) in metadata {
+        if let Err(reason) = validate_label(key) {
+            errors.add(format!("metadata[{key}]"), format!("key {reason}"));
+        }
+        if value.len() > MAX_METADATA_VALUE {
+            errors.add(
+                format!("metadata[{key}]"),
+                format!(
+                    "value must be at most {MAX_METADATA_VALUE} bytes, got {}",
+                    value.len()
+                ),
+            );
+        }
+    }
+}
+
+/// Checks a discovery: the service name, and the filters with the bounds of what a
+/// registration may hold (a filter beyond them could match no registration anyway). Errors
+/// name the field: `name`, `zone`, `tags`, `capabilities` or `metadata`.
+pub fn validate_discovery(
+    service: &str,
+    zone: Option<&str>,
+    tags: &BTreeSet<String>,
+    capabilities: &BTreeSet<String>,
+    metadata: &BTreeMap<String, String>,
+) -> Result<(), FieldErrors> {
+    let mut errors = Errors::default();
+    if let Err(reason) = validate_service_name(service) {
+        errors.add("name", reason);
+    }
+    if let Some(Err(reason)) = zone.map(validate_label) {
+        errors.add("zone", reason);
+    }
+    check_labels(tags.iter(), "tags", &mut errors);
+    check_labels(capabilities.iter(), "capabilities", &mut errors);
+    check_metadata(metadata, &mut errors);
+    errors.into_result()
 }
 
 fn millis(value: u32, default: Duration) -> Duration {
@@ -422,28 +513,9 @@ impl InstanceSpec {
             }
             Some(self.zone.clone())
         };
-        let tags = labels(&self.tags, "tags", &mut errors);
-        let capabilities = labels(&self.capabilities, "capabilities", &mut errors);
-        if self.metadata.len() > MAX_LIST {
-            errors.add(
-                "metadata",
-                format!("at most {MAX_LIST} entries, got {}", self.metadata.len()),
-            );
-        }
-        for (key, value) in &self.metadata {
-            if let Err(reason) = validate_label(key) {
-                errors.add(format!("metadata[{key}]"), format!("key {reason}"));
-            }
-            if value.len() > MAX_METADATA_VALUE {
-                errors.add(
-                    format!("metadata[{key}]"),
-                    format!(
-                        "value must be at most {MAX_METADATA_VALUE} bytes, got {}",
-                        value.len()
-                    ),
-                );
-            }
-        }
+        check_labels(self.tags.iter(), "tags", &mut errors);
+        check_labels(self.capabilities.iter(), "capabilities", &mut errors);
+        check_metadata(&self.metadata, &mut errors);
         let ttl = millis(self.ttl_ms, DEFAULT_TTL);
         if !(MIN_TTL..=MAX_TTL).contains(&ttl) {
             errors.add(
@@ -455,13 +527,11 @@ impl InstanceSpec {
             .health_check
             .as_ref()
             .map(|spec| Box::new(spec.validate(instance_port, &mut errors)));
-        if !errors.0.is_empty() {
-            return Err(FieldErrors(errors.0));
-        }
+        errors.into_result()?;
         let attributes = Attributes {
             zone,
-            tags,
-            capabilities,
+            tags: self.tags.iter().cloned().collect(),
+            capabilities: self.capabilities.iter().cloned().collect(),
             metadata: self.metadata.clone(),
         };
         let registration = Registration {
@@ -514,6 +584,8 @@ impl HealthCheckSpec {
                     format!("must be at most {MAX_CHECK_PATH} bytes, got {}", path.len()),
                 );
             }
+            // Over the limit, one error and no entry looked at.
+            let mut expected_statuses = Vec::new();
             if http.expected_statuses.len() > MAX_EXPECTED_STATUSES {
                 errors.add(
                     "health_check.http.expected_statuses",
@@ -522,15 +594,15 @@ impl HealthCheckSpec {
                         http.expected_statuses.len()
                     ),
                 );
-            }
-            let mut expected_statuses = Vec::new();
-            for (index, status) in http.expected_statuses.iter().enumerate() {
-                match u16::try_from(*status) {
-                    Ok(status) => expected_statuses.push(status),
-                    Err(_) => errors.add(
-                        format!("health_check.http.expected_statuses[{index}]"),
-                        format!("must be an HTTP status 100..=599, got {status}"),
-                    ),
+            } else {
+                for (index, status) in http.expected_statuses.iter().enumerate() {
+                    match u16::try_from(*status) {
+                        Ok(status) => expected_statuses.push(status),
+                        Err(_) => errors.add(
+                            format!("health_check.http.expected_statuses[{index}]"),
+                            format!("must be an HTTP status 100..=599, got {status}"),
+                        ),
+                    }
                 }
             }
             Probe::Http {
@@ -829,6 +901,98 @@ mod tests {
         });
         let error = input.validate().expect_err("invalid");
         assert_eq!(fields(&error), ["health_check.timeout_ms"]);
+    }
+
+    #[test]
+    fn a_list_over_its_limit_is_one_error_naming_it_without_its_entries_read() {
+        let mut input = spec();
+        input.tags = vec![String::new(); 100_000];
+        let error = input.validate().expect_err("too many tags");
+        assert_eq!(fields(&error), ["tags"]);
+        assert!(
+            error.to_string().contains("at most 64 entries, got 100000"),
+            "{error}"
+        );
+        let mut input = spec();
+        input.capabilities = vec![" ".into(); MAX_LIST + 1];
+        let error = input.validate().expect_err("too many capabilities");
+        assert_eq!(fields(&error), ["capabilities"]);
+        let mut input = spec();
+        input.health_check = Some(HealthCheckSpec {
+            http: Some(HttpCheckSpec {
+                expected_statuses: vec![u32::MAX; 100_000],
+                ..HttpCheckSpec::default()
+            }),
+            ..HealthCheckSpec::default()
+        });
+        let error = input.validate().expect_err("too many statuses");
+        assert_eq!(fields(&error), ["health_check.http.expected_statuses"]);
+    }
+
+    #[test]
+    fn metadata_over_its_limit_is_one_error_naming_it_without_its_entries_read() {
+        let mut input = spec();
+        input.metadata = (0..100_000)
+            .map(|index| (format!("bad key {index}"), "v".repeat(1000)))
+            .collect();
+        let error = input.validate().expect_err("too much metadata");
+        assert_eq!(fields(&error), ["metadata"]);
+        assert!(
+            error.to_string().contains("at most 64 entries, got 100000"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn errors_beyond_the_first_sixteen_are_counted_not_listed() {
+        let mut input = spec();
+        input.tags = vec![" ".into(); MAX_LIST];
+        input.capabilities = vec![String::new(); MAX_LIST];
+        let error = input.validate().expect_err("every entry invalid");
+        let fields = fields(&error);
+        assert_eq!(fields.len(), MAX_ERRORS + 1);
+        assert!(
+            fields[..MAX_ERRORS]
+                .iter()
+                .all(|field| field.starts_with("tags["))
+        );
+        assert_eq!(fields[MAX_ERRORS], MORE_ERRORS);
+        assert!(
+            error.to_string().contains("and 112 more invalid fields"),
+            "{error}"
+        );
+    }
+
+    #[test]
+    fn discovery_filters_are_held_to_a_registrations_bounds() {
+        let tags = (0..100_000).map(|index| index.to_string()).collect();
+        let error = validate_discovery("svc", None, &tags, &BTreeSet::new(), &BTreeMap::new())
+            .expect_err("too many tags");
+        assert_eq!(fields(&error), ["tags"]);
+        let metadata = BTreeMap::from([("k".to_owned(), "v".repeat(MAX_METADATA_VALUE + 1))]);
+        let error = validate_discovery(
+            "Bad Name",
+            Some(&"z".repeat(MAX_LABEL + 1)),
+            &BTreeSet::new(),
+            &BTreeSet::from([String::new()]),
+            &metadata,
+        )
+        .expect_err("every field bad");
+        assert_eq!(
+            fields(&error),
+            ["name", "zone", "capabilities[0]", "metadata[k]"]
+        );
+        let fine = BTreeSet::from(["a".to_owned()]);
+        assert_eq!(
+            validate_discovery(
+                "svc",
+                Some("z1"),
+                &fine,
+                &fine,
+                &BTreeMap::from([("k".to_owned(), String::new())])
+            ),
+            Ok(())
+        );
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::{
     backend::{BackendError, RegistryBackend, memory::MemoryBackend},
     health::spawn_monitor,
     metrics::RegistryMetrics,
-    model::{FieldErrors, InstanceSpec, validate_instance_id, validate_service_name},
+    model::{FieldErrors, InstanceSpec, validate_discovery, validate_instance_id},
     source::RegistrySource,
     view::{Cursor, Entry, HealthStatus, Record, Since, View},
 };
@@ -83,9 +83,17 @@ pub struct Query {
 }
 
 impl Query {
-    /// Checks the service name.
+    /// Checks the service name, and the filters with the bounds of a registration's
+    /// attributes ([`validate_discovery`]): a query beyond them is refused before it is
+    /// matched or kept by any cache.
     pub fn validate(&self) -> Result<(), FieldErrors> {
-        validate_service_name(&self.service).map_err(|reason| FieldErrors::one("name", reason))
+        validate_discovery(
+            &self.service,
+            self.zone.as_deref(),
+            &self.tags,
+            &self.capabilities,
+            &self.metadata,
+        )
     }
 
     fn matches(&self, entry: &Entry) -> bool {
@@ -212,7 +220,8 @@ impl Registry {
     /// starts the health monitor and the instances gauge's follower on the current runtime
     /// (both stop when the view is dropped).
     pub fn new(backend: Arc<dyn RegistryBackend>, view: Arc<View>, limits: Limits) -> Arc<Self> {
-        let metrics = RegistryMetrics::new(limits.max_service_series);
+        let mut metrics = RegistryMetrics::new(limits.max_service_series);
+        metrics.count_reloads_of(&*backend);
         spawn_monitor(
             &view,
             ProbeHub::global().clone(),
@@ -577,6 +586,61 @@ mod tests {
             ids(&registry.discover(&all).expect("ok")),
             ["svc-1", "svc-3", "svc-6"]
         );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_discovery_is_refused_naming_the_field_before_any_cache() {
+        let registry = registered(&[1, 2]).await;
+        let oversized = [
+            (
+                "tags",
+                Query {
+                    tags: (0..100_000).map(|index| format!("t{index}")).collect(),
+                    ..Query::default()
+                },
+            ),
+            (
+                "zone",
+                Query {
+                    zone: Some("z".repeat(100_000)),
+                    ..Query::default()
+                },
+            ),
+            (
+                "metadata",
+                Query {
+                    metadata: (0..100_000)
+                        .map(|index| (format!("k{index}"), String::new()))
+                        .collect(),
+                    ..Query::default()
+                },
+            ),
+        ];
+        for (field, query) in oversized {
+            for pick in [false, true] {
+                let query = Query {
+                    service: "svc".into(),
+                    pick,
+                    ..query.clone()
+                };
+                let error = registry.discover(&query).expect_err("oversized");
+                let RegistryError::Invalid(errors) = &error else {
+                    panic!("not a validation error: {error}");
+                };
+                assert_eq!(errors.0.len(), 1, "{error}");
+                assert_eq!(errors.0[0].path, field, "{error}");
+            }
+        }
+        assert_eq!(
+            registry.filtered.lock().len(),
+            0,
+            "a refused query was kept"
+        );
+        let picking = registry
+            .picking
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        assert!(picking.balancers.is_empty(), "a refused query was kept");
     }
 
     #[test]

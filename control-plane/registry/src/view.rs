@@ -173,7 +173,10 @@ struct State {
     /// Live registrations per owner. Invariant: equals the count of `entries` by owner.
     /// The key is the allocation every stored record of the owner shares.
     by_owner: HashMap<Arc<str>, usize>,
-    /// Bumped when anything in the service changes; keys cached balancers and answers.
+    /// Each service's generation: the view's revision at its last change; keys cached
+    /// balancers and answers. Invariant: the same keys as `by_service`. A service without
+    /// registrations reads as generation 0, which always means no entries, so a name gets no
+    /// lasting entry for having been registered once.
     service_generation: HashMap<String, u64>,
     /// Each service's entries sorted by id, built by the first reader after a change (under
     /// the read lock) and shared by every later one until the next change. Invariant: a
@@ -554,16 +557,16 @@ fn uncount_owner(state: &mut State, owner: &str) {
 fn record_change(state: &mut State, id: String, entry: Option<Entry>, services: &[&String]) {
     state.revision += 1;
     for service in services {
-        *state
-            .service_generation
-            .entry((*service).clone())
-            .or_default() = state.revision;
         if state.by_service.contains_key(service.as_str()) {
+            state
+                .service_generation
+                .insert((*service).clone(), state.revision);
             state
                 .service_entries
                 .insert((*service).clone(), OnceLock::new());
             state.published.insert((*service).clone(), OnceLock::new());
         } else {
+            state.service_generation.remove(*service);
             state.service_entries.remove(*service);
             state.published.remove(*service);
         }
@@ -892,6 +895,42 @@ mod tests {
             services,
             protocol_conflicts,
         }
+    }
+
+    #[test]
+    fn a_service_whose_last_registration_left_keeps_nothing_per_name() {
+        let view = View::new("e");
+        for index in 0..1_000_u16 {
+            let id = format!("s{index}-1");
+            view.upsert(record(spec(&format!("s{index}"), &id, index + 1)));
+            view.remove(&id, None);
+        }
+        // A service that moved every instance to another name leaves as well.
+        view.upsert(record(spec("before", "m-1", 1)));
+        view.upsert(record(spec("after", "m-1", 1)));
+        let state = view.read();
+        assert_eq!(
+            state.service_generation.keys().collect::<Vec<_>>(),
+            ["after"]
+        );
+        assert_eq!(state.service_entries.len(), 1);
+        assert_eq!(state.published.len(), 1);
+    }
+
+    #[test]
+    fn a_service_that_left_and_came_back_gets_a_new_generation() {
+        let view = View::new("e");
+        view.upsert(record(spec("a", "a-1", 1)));
+        let (_, present) = view.service("a");
+        view.remove("a-1", None);
+        let (empty, gone) = view.service("a");
+        assert!(empty.is_empty());
+        assert_eq!(gone, 0, "an absent service reads as generation 0");
+        assert_ne!(present, gone);
+        view.upsert(record(spec("a", "a-1", 1)));
+        let (back, again) = view.service("a");
+        assert_eq!(back.len(), 1);
+        assert!(again > present, "{again} after {present}");
     }
 
     proptest::proptest! {

@@ -55,7 +55,7 @@ struct Cli {
     /// watch long polls get a quarter of this on top, of their own; probes take none.
     #[arg(long, default_value_t = 1024)]
     http_max_in_flight: usize,
-    /// Largest HTTP request body, in bytes.
+    /// Largest HTTP request body, in bytes; also the registry's largest gRPC message.
     #[arg(long, default_value_t = 64 << 10)]
     http_max_body_bytes: usize,
     /// xDS streams served at once; more are refused with RESOURCE_EXHAUSTED.

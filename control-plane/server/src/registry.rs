@@ -114,6 +114,8 @@ impl StartedRegistry {
 
 /// Serves the registry's gRPC API until `stopped` turns true, within `limits`, over TLS when
 /// configured. Small answers are not held back for delayed ACKs (`TCP_NODELAY`, as Envoy does).
+/// A message is capped like a REST body (`http_max_body_bytes`, when below
+/// `grpc_max_message_bytes`): neither face reads a larger request than the other.
 pub(crate) async fn serve_grpc(
     api: ApiState,
     listener: TcpListener,
@@ -121,8 +123,11 @@ pub(crate) async fn serve_grpc(
     limits: ListenerLimits,
     mut stopped: watch::Receiver<bool>,
 ) -> Result<(), tonic::transport::Error> {
-    let service = fulcrum_registry::api::grpc::server(api)
-        .max_decoding_message_size(limits.grpc_max_message_bytes);
+    let service = fulcrum_registry::api::grpc::server(api).max_decoding_message_size(
+        limits
+            .grpc_max_message_bytes
+            .min(limits.http_max_body_bytes),
+    );
     let server = limits.grpc_server().add_service(service);
     let stopped = async move {
         let _ = stopped.wait_for(|stop| *stop).await;

@@ -8,12 +8,13 @@
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
 use fulcrum_proto::registry::v1 as pb;
+use tokio::sync::mpsc::Sender;
 use tokio_stream::{Stream, wrappers::ReceiverStream};
 use tonic::{Request, Response, Status, metadata::MetadataMap};
 
 use super::{ApiState, MAX_WATCH_WAIT};
 use crate::{
-    BackendError, InstanceSpec, Query, Refusal, RegistryError,
+    BackendError, InstanceSpec, Query, Refusal, Registry, RegistryError,
     auth::{AuthError, Identity},
     metrics::{Api, Operation, grpc_code_name},
     model::{GrpcCheckSpec, HealthCheckSpec, HttpCheckSpec, PortSpec},
@@ -351,33 +352,41 @@ impl GrpcApi {
         request: Request<pb::WatchRequest>,
     ) -> Result<Response<WatchStream>, Status> {
         identify(&self.state, request.metadata())?;
-        let mut cursor = request.into_inner().after.map(|after| Cursor {
+        let cursor = request.into_inner().after.map(|after| Cursor {
             epoch: after.epoch,
             revision: after.revision,
         });
-        let registry = self.state.registry.clone();
         let (sender, receiver) = tokio::sync::mpsc::channel(4);
-        tokio::spawn(async move {
-            let mut first = true;
-            loop {
-                let wait = if first {
-                    Duration::ZERO
-                } else {
-                    MAX_WATCH_WAIT
-                };
-                let (since, now) = registry.wait_since(cursor.as_ref(), wait).await;
-                let empty = matches!(&since, Since::Changes(changes) if changes.is_empty());
-                cursor = Some(now.clone());
-                if (first || !empty) && sender.send(Ok(watch_to_proto(since, now))).await.is_err() {
-                    return;
-                }
-                if sender.is_closed() {
-                    return;
-                }
-                first = false;
-            }
-        });
+        tokio::spawn(stream_watch(self.state.registry.clone(), cursor, sender));
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+    }
+}
+
+/// Sends a watch's answers to `sender`: the first at once (the changes after `cursor`, or a
+/// reset), then one per burst of changes. Ends as soon as the client goes away (the stream's
+/// receiver is dropped), even in the middle of a wait for changes.
+async fn stream_watch(
+    registry: Arc<Registry>,
+    mut cursor: Option<Cursor>,
+    sender: Sender<Result<pb::WatchResponse, Status>>,
+) {
+    let mut first = true;
+    loop {
+        let wait = if first {
+            Duration::ZERO
+        } else {
+            MAX_WATCH_WAIT
+        };
+        let (since, now) = tokio::select! {
+            answer = registry.wait_since(cursor.as_ref(), wait) => answer,
+            () = sender.closed() => return,
+        };
+        let empty = matches!(&since, Since::Changes(changes) if changes.is_empty());
+        cursor = Some(now.clone());
+        if (first || !empty) && sender.send(Ok(watch_to_proto(since, now))).await.is_err() {
+            return;
+        }
+        first = false;
     }
 }
 
@@ -424,5 +433,28 @@ impl pb::registry_server::Registry for GrpcApi {
     ) -> Result<Response<Self::WatchStream>, Status> {
         self.measured(Operation::Watch, self.watch_call(request))
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::loopback;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_watch_whose_client_went_away_ends_without_waiting_for_changes() {
+        let registry = Registry::in_memory(loopback());
+        let (sender, mut receiver) = tokio::sync::mpsc::channel(4);
+        let task = tokio::spawn(stream_watch(registry, None, sender));
+        let first = receiver.recv().await.expect("the first answer");
+        assert!(first.is_ok(), "{first:?}");
+        // The task now waits up to MAX_WATCH_WAIT for changes; the client goes away. With
+        // the clock paused, a task still waiting would let the timeout below fire first.
+        drop(receiver);
+        let ended = tokio::time::timeout(Duration::from_secs(1), task).await;
+        assert!(
+            matches!(ended, Ok(Ok(()))),
+            "the watch task still runs after its client went away: {ended:?}"
+        );
     }
 }

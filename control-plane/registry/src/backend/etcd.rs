@@ -11,7 +11,8 @@
 //!   A heartbeat is one keep-alive of the registration's lease; etcd itself deletes the key
 //!   when the lease runs out, and every replica sees the delete.
 //! - **Reads** come from the shared [`View`], which a watcher keeps current: it loads the
-//!   prefix at a revision, watches from the next one, and on any break (a member died, the
+//!   prefix at a revision (in pages of 500 keys, so a registry of any size fits
+//!   the client's 4 MiB answers), watches from the next one, and on any break (a member died, the
 //!   revision was compacted) loads again and applies the difference. While etcd has no
 //!   quorum, writes fail with [`BackendError::Unavailable`] and the view keeps the last
 //!   state it saw, so discovery and the endpoint source keep serving.
@@ -41,6 +42,7 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
     KeyValue, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
+use prometheus_client::metrics::counter::Counter;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -345,6 +347,8 @@ pub struct EtcdBackend {
     in_flight: Semaphore,
     /// Places of writes sent or waiting: `max_writes_in_flight + max_queued_writes` permits.
     places: Semaphore,
+    /// Failed reloads of the watcher.
+    reload_failures: Counter,
 }
 
 impl std::fmt::Debug for EtcdBackend {
@@ -662,11 +666,13 @@ impl EtcdBackend {
         let revision = load(&client, &config, &view)
             .await
             .map_err(|error| handshake_error(&config, tls, error))?;
+        let reload_failures = Counter::default();
         let watcher = tokio::spawn(watch_loop(
             client.clone(),
             config.clone(),
             Arc::downgrade(&view),
             revision,
+            reload_failures.clone(),
         ));
         info!(endpoints = %config.endpoints.join(","), tls, prefix = %config.prefix, registrations = view.len(), "etcd registry backend connected");
         Ok(Arc::new(Self {
@@ -674,6 +680,7 @@ impl EtcdBackend {
             watcher,
             in_flight: Semaphore::new(config.max_writes_in_flight),
             places: Semaphore::new(config.max_writes_in_flight + config.max_queued_writes),
+            reload_failures,
             etcd: Etcd {
                 client,
                 config,
@@ -874,30 +881,93 @@ impl EtcdBackend {
     }
 }
 
+/// Keys read per page by [`load`]. etcd's client refuses an answer over 4 MiB (its default
+/// maximum decoding size), and a registration the registry wrote takes at most about 3.5 KiB
+/// as JSON (its published attributes are capped at [`crate::model::MAX_ENDPOINT_BYTES`], its
+/// name, id, health check and owner are short), so a page of 500 stays under 2 MiB with room
+/// for key names and framing, while a registry of 10,000 registrations loads in 20 requests.
+const LOAD_PAGE: i64 = 500;
+
+/// The end of the key range of every key starting with `prefix` (etcd's `--prefix`): the
+/// prefix with its last byte below 0xff incremented and what follows dropped; `\0` (every
+/// key) when it is all 0xff bytes.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
 /// Loads every registration into the view (applying only differences); returns the
-/// revision the load was at.
+/// revision the load was at. The prefix is read in pages of [`LOAD_PAGE`] keys, every page
+/// at the revision of the first, so the view gets one consistent state however large the
+/// registry is. Any page failing (each has its own deadline) fails the whole load and the
+/// view keeps what it had.
 async fn load(client: &Client, config: &EtcdConfig, view: &View) -> Result<i64, BackendError> {
     let mut kv = client.kv_client();
-    let response = call(
-        config,
-        deadline(config),
-        "loading the registrations",
-        kv.get(config.prefix.clone(), Some(GetOptions::new().with_prefix())),
-    )
-    .await?;
-    let revision = response.header().map_or(0, |header| header.revision());
-    let records = response
-        .kvs()
-        .iter()
-        .filter_map(|kv| decode(&config.prefix, kv))
-        .collect();
+    let end = prefix_end(config.prefix.as_bytes());
+    let mut from = config.prefix.as_bytes().to_vec();
+    let mut revision = 0;
+    let mut records = Vec::new();
+    let mut page = LOAD_PAGE;
+    loop {
+        let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
+        if revision > 0 {
+            options = options.with_revision(revision);
+        }
+        let what = "loading the registrations";
+        let answer = tokio::time::timeout_at(deadline(config), kv.get(from.clone(), Some(options)));
+        let response = match answer.await {
+            Ok(Ok(response)) => response,
+            // An answer over the client's 4 MiB: values larger than this registry writes
+            // (another writer's under the prefix). Halve the page; one value (etcd takes at
+            // most 1.5 MiB by default) always fits.
+            Ok(Err(etcd_client::Error::GRpcStatus(status)))
+                if status.code() == tonic::Code::OutOfRange && page > 1 =>
+            {
+                page = (page / 2).max(1);
+                warn!(%status, page, "an etcd answer was too large; reading fewer keys at a time");
+                continue;
+            }
+            Ok(Err(error)) => return Err(unavailable(config, what, error)),
+            Err(_) => return Err(timed_out(config, what)),
+        };
+        if revision == 0 {
+            revision = response.header().map_or(0, |header| header.revision());
+        }
+        records.extend(
+            response
+                .kvs()
+                .iter()
+                .filter_map(|kv| decode(&config.prefix, kv)),
+        );
+        match response.kvs().last() {
+            Some(last) if response.more() => {
+                // The next page starts just after the last key read.
+                from = last.key().to_vec();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
     view.replace_all(records);
     Ok(revision)
 }
 
 /// Keeps the view current until it is dropped: watch from `revision + 1`; on a break,
-/// reload and watch again, with a backoff of up to 2 s while etcd is unreachable.
-async fn watch_loop(client: Client, config: EtcdConfig, view: Weak<View>, mut revision: i64) {
+/// reload and watch again, with a backoff of up to 2 s while etcd is unreachable, counting
+/// each failed reload in `reload_failures`.
+async fn watch_loop(
+    client: Client,
+    config: EtcdConfig,
+    view: Weak<View>,
+    mut revision: i64,
+    reload_failures: Counter,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
         match watch_once(&client, &config, &view, revision).await {
@@ -920,6 +990,7 @@ async fn watch_loop(client: Client, config: EtcdConfig, view: Weak<View>, mut re
                     break;
                 }
                 Err(error) => {
+                    reload_failures.inc();
                     warn!(%error, retry_in = ?backoff, "cannot reload from etcd; serving the last known registrations");
                     drop(strong);
                     tokio::time::sleep(backoff).await;
@@ -1001,6 +1072,10 @@ impl RegistryBackend for EtcdBackend {
         "etcd"
     }
 
+    fn reload_failures(&self) -> Option<Counter> {
+        Some(self.reload_failures.clone())
+    }
+
     fn register<'a>(
         &'a self,
         registration: Registration,
@@ -1039,5 +1114,13 @@ mod tests {
         assert_eq!(lease_seconds(Duration::from_millis(1000)), 1);
         assert_eq!(lease_seconds(Duration::from_millis(1001)), 2);
         assert_eq!(lease_seconds(Duration::from_millis(30_000)), 30);
+    }
+
+    #[test]
+    fn the_prefix_range_ends_after_every_key_with_the_prefix() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0");
+        assert_eq!(prefix_end(b"a\xff"), b"b");
+        assert_eq!(prefix_end(b"\xff\xff"), b"\0");
+        assert_eq!(prefix_end(b""), b"\0");
     }
 }

@@ -14,6 +14,8 @@ pub mod memory;
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
+use prometheus_client::metrics::counter::Counter;
+
 use crate::{model::Registration, view::Record};
 
 /// A boxed future a backend call returns.
@@ -23,6 +25,13 @@ pub type BackendFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendErr
 pub trait RegistryBackend: Send + Sync + std::fmt::Debug + 'static {
     /// `memory` or `etcd`, for logs and metrics.
     fn kind(&self) -> &'static str;
+
+    /// The count of failed reloads of every registration after the backend's watch broke
+    /// (while it grows, the view serves the last state it loaded); `None` for a backend that
+    /// never reloads.
+    fn reload_failures(&self) -> Option<Counter> {
+        None
+    }
 
     /// Creates or replaces the registration `registration.id` for `owner` and (re)starts
     /// its lease of `registration.ttl`. Replacing keeps the first registration time.

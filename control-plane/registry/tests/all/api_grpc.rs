@@ -142,6 +142,46 @@ async fn grpc_invalid_argument_names_the_field() -> Result<()> {
 }
 
 #[tokio::test]
+async fn grpc_discover_with_filters_beyond_a_registrations_bounds_is_invalid_naming_the_field()
+-> Result<()> {
+    let served = serve(Registry::in_memory(loopback())).await?;
+    let mut client = grpc_client(&served).await?;
+    let error = client
+        .discover(authed(
+            pb::DiscoverRequest {
+                name: "a".into(),
+                tags: (0..1_000).map(|index| format!("t{index}")).collect(),
+                ..pb::DiscoverRequest::default()
+            },
+            ALICE,
+        ))
+        .await
+        .expect_err("too many tags");
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(
+        error
+            .message()
+            .contains("tags: at most 64 entries, got 1000"),
+        "{}",
+        error.message()
+    );
+    let error = client
+        .discover(authed(
+            pb::DiscoverRequest {
+                name: "a".into(),
+                zone: "z".repeat(100),
+                ..pb::DiscoverRequest::default()
+            },
+            ALICE,
+        ))
+        .await
+        .expect_err("zone too long");
+    assert_eq!(error.code(), Code::InvalidArgument);
+    assert!(error.message().contains("zone:"), "{}", error.message());
+    Ok(())
+}
+
+#[tokio::test]
 async fn grpc_watch_streams_a_reset_then_each_change() -> Result<()> {
     let served = serve(Registry::in_memory(loopback())).await?;
     let mut client = grpc_client(&served).await?;
