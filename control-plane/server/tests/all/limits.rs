@@ -139,6 +139,30 @@ async fn an_admin_api_off_loopback_without_tokens_refuses_to_start() {
     assert!(message.contains("--admin-token-file"), "{message}");
 }
 
+/// A control plane within `limits` serving the in-memory registry, its token file in `dir`
+/// (the token `registry-test-token-0123456789`).
+async fn with_registry(dir: &tempfile::TempDir, limits: ListenerLimits) -> ControlPlane {
+    let token_file = dir.path().join("tokens");
+    std::fs::write(&token_file, "tester registry-test-token-0123456789\n").expect("tokens");
+    ControlPlane::start_with(
+        Config {
+            limits,
+            ..loopback_config(None)
+        },
+        OptionalSources {
+            registry: Some(RegistryOptions {
+                backend: RegistryBackendOptions::Memory,
+                token_file,
+                limits: fulcrum_control_plane::registry::Limits::default(),
+                grpc_address: "127.0.0.1:0".parse().expect("address"),
+            }),
+            ..OptionalSources::default()
+        },
+    )
+    .await
+    .expect("control plane starts")
+}
+
 /// Sends the head of a request whose body never comes, holding a request slot open.
 async fn stalled_upload(address: std::net::SocketAddr) -> TcpStream {
     let mut stream = TcpStream::connect(address).await.expect("connect");
@@ -166,29 +190,15 @@ async fn answer(stream: &mut TcpStream, within: Duration) -> String {
 async fn requests_beyond_the_in_flight_cap_are_refused_at_once_stalled_ones_cut_at_the_deadline_and_big_bodies_refused()
  {
     let dir = tempfile::tempdir().expect("tempdir");
-    let token_file = dir.path().join("tokens");
-    std::fs::write(&token_file, "tester registry-test-token-0123456789\n").expect("tokens");
-    let control_plane = ControlPlane::start_with(
-        Config {
-            limits: ListenerLimits {
-                http_max_in_flight: 2,
-                http_request_timeout: Duration::from_secs(1),
-                ..ListenerLimits::default()
-            },
-            ..loopback_config(None)
-        },
-        OptionalSources {
-            registry: Some(RegistryOptions {
-                backend: RegistryBackendOptions::Memory,
-                token_file,
-                limits: fulcrum_control_plane::registry::Limits::default(),
-                grpc_address: "127.0.0.1:0".parse().expect("address"),
-            }),
-            ..OptionalSources::default()
+    let control_plane = with_registry(
+        &dir,
+        ListenerLimits {
+            http_max_in_flight: 2,
+            http_request_timeout: Duration::from_secs(1),
+            ..ListenerLimits::default()
         },
     )
-    .await
-    .expect("control plane starts");
+    .await;
     let address = control_plane.http_address();
     let mut held = [stalled_upload(address).await, stalled_upload(address).await];
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -256,29 +266,15 @@ async fn requests_beyond_the_in_flight_cap_are_refused_at_once_stalled_ones_cut_
 async fn watch_long_polls_are_served_from_their_own_quarter_of_the_cap_and_leave_the_rest_to_other_requests()
  {
     let dir = tempfile::tempdir().expect("tempdir");
-    let token_file = dir.path().join("tokens");
-    std::fs::write(&token_file, "tester registry-test-token-0123456789\n").expect("tokens");
-    let control_plane = ControlPlane::start_with(
-        Config {
-            limits: ListenerLimits {
-                // A quarter of 4: one long poll at a time.
-                http_max_in_flight: 4,
-                ..ListenerLimits::default()
-            },
-            ..loopback_config(None)
-        },
-        OptionalSources {
-            registry: Some(RegistryOptions {
-                backend: RegistryBackendOptions::Memory,
-                token_file,
-                limits: fulcrum_control_plane::registry::Limits::default(),
-                grpc_address: "127.0.0.1:0".parse().expect("address"),
-            }),
-            ..OptionalSources::default()
+    let control_plane = with_registry(
+        &dir,
+        ListenerLimits {
+            // A quarter of 4: one long poll at a time.
+            http_max_in_flight: 4,
+            ..ListenerLimits::default()
         },
     )
-    .await
-    .expect("control plane starts");
+    .await;
     let address = control_plane.http_address();
     let http = http_client();
     let watch = format!("http://{address}/v1/registry/watch");
