@@ -15,7 +15,11 @@
 //! `override_host` ignored the pick (counted in `fulcrum_override_ignored_total`) and the pick
 //! is charged nothing. `on_log`, which Envoy calls for every stream,
 //! completes a request that ended without response headers (reset, timeout), so in-flight
-//! counts never leak.
+//! counts never leak. The request's end of stream is followed (headers, last body chunk,
+//! trailers: callbacks Envoy makes anyway, no host call): a stream the client ends before
+//! sending its whole request (it stalled its body until Envoy's stream idle timeout, or left
+//! mid-upload) charges the endpoint nothing unless the upstream itself failed
+//! ([`Outcome::of_envoy_stream`]).
 //!
 //! Under `explain_picks` (off by default) a request also gets why it went where it did: the
 //! core's [`PickExplanation`](fulcrum_core::PickExplanation), rendered (at most
@@ -104,7 +108,7 @@ use std::{
 };
 
 use fulcrum_core::{
-    Outcome, Rejection, RequestInputs, RetryTargets, Served,
+    Outcome, Rejection, RequestInputs, RequestSent, RetryTargets, Served,
     service::{RequestHeader, grpc_http_status},
 };
 use proxy_wasm::{
@@ -165,6 +169,9 @@ pub struct Request {
     /// The VM's stats (the worker's), reachable without borrowing the worker.
     metrics: Rc<Metrics>,
     pending: Option<Pending>,
+    /// How much of the request the client has sent: a stream that ends before the whole of
+    /// it is judged the client's doing ([`Outcome::of_envoy_stream`]).
+    request_sent: RequestSent,
 }
 
 impl Request {
@@ -179,6 +186,7 @@ impl Request {
             worker,
             metrics,
             pending: None,
+            request_sent: RequestSent::Partly,
         }
     }
 
@@ -417,11 +425,17 @@ impl Request {
             pending
                 .to_headers
                 .unwrap_or_else(|| now.saturating_sub(pending.started)),
+            self.request_sent,
         );
         let Ok(mut worker) = self.worker.try_borrow_mut() else {
             return;
         };
         let Some(service) = worker.service_by_key(&pending.service) else {
+            return;
+        };
+        let Some(outcome) = outcome else {
+            // The client stalled or left before sending its whole request: nobody is charged.
+            service.picker.abandon(pending.endpoint);
             return;
         };
         if matches!(served_by, Served::ByFallback(_)) {
@@ -452,11 +466,24 @@ fn may_be_a_failure(outcome: &Outcome, served_by: Served) -> bool {
 impl Context for Request {}
 
 impl HttpContext for Request {
-    fn on_http_request_headers(&mut self, _headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {
         #[cfg(feature = "fault-injection")]
         crate::fault::panic_if_asked();
+        self.request_sent = RequestSent::at(end_of_stream);
         input::strip_override_headers(&self.config.override_header, &self.metrics);
         self.pick()
+    }
+
+    fn on_http_request_body(&mut self, _body_size: usize, end_of_stream: bool) -> Action {
+        if end_of_stream {
+            self.request_sent = RequestSent::Whole;
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_trailers(&mut self, _trailers: usize) -> Action {
+        self.request_sent = RequestSent::Whole;
+        Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _headers: usize, end_of_stream: bool) -> Action {

@@ -66,7 +66,8 @@ mod tests;
 
 pub use service::{
     EndpointView, Outcome, Pick, PickExplanation, Rejection, RequestAttributes, RequestInputs,
-    RequestNeeds, RetryTargets, Served, ServicePicker, Transition, Transitions, response_flags,
+    RequestNeeds, RequestSent, RetryTargets, Served, ServicePicker, Transition, Transitions,
+    response_flags,
 };
 
 pub use breaker::BreakerState;

@@ -51,8 +51,8 @@ use std::{
 };
 
 use fulcrum_core::{
-    BreakerState, Endpoint, Rejection, RequestInputs, RequestNeeds, RetryTargets, ServicePicker,
-    ServicePolicy, Transition, rng::SplitMix64,
+    BreakerState, Endpoint, Rejection, RequestInputs, RequestNeeds, RequestSent, RetryTargets,
+    ServicePicker, ServicePolicy, Transition, rng::SplitMix64,
 };
 
 use crate::hosts::{HostIndex, HostSet, HostSlot, read_hosts};
@@ -252,11 +252,16 @@ impl Cluster {
             self.lock().picker.abandon(pick.picked);
             return;
         };
-        let outcome = fulcrum_core::Outcome::of_envoy_stream(
+        let Some(outcome) = fulcrum_core::Outcome::of_envoy_stream(
             response.status,
             response.flags,
             response.latency,
-        );
+            response.request,
+        ) else {
+            // The client stalled or left before sending its whole request: charge nobody.
+            self.lock().picker.abandon(pick.picked);
+            return;
+        };
         let mut events = Vec::new();
         {
             let mut state = self.lock();
@@ -330,6 +335,8 @@ pub struct Response {
     pub flags: u64,
     /// From the request's headers to the response's headers.
     pub latency: Duration,
+    /// How much of its request the client had sent.
+    pub request: RequestSent,
 }
 
 /// One request the outcome filter follows, from its request headers to its end.
@@ -904,6 +911,7 @@ mod tests {
                 status: Some(200),
                 flags: 0,
                 latency: Duration::from_millis(3),
+                request: RequestSent::Whole,
             },
             Duration::from_millis(3),
         );
@@ -1121,6 +1129,7 @@ mod tests {
                 status: Some(503),
                 flags: 0,
                 latency: Duration::from_millis(1),
+                request: RequestSent::Whole,
             },
             Duration::from_millis(1),
         );
@@ -1177,6 +1186,7 @@ mod tests {
                 status: Some(status),
                 flags: 0,
                 latency: Duration::from_millis(1),
+                request: RequestSent::Whole,
             },
             now,
         );

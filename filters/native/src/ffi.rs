@@ -44,6 +44,8 @@ use std::{
     },
 };
 
+use fulcrum_core::RequestSent;
+
 use crate::{
     balancer::{
         Cluster, Counters, EndpointSeries, Event, RequestContext, STREAM_HEADER, Streams, WorkerLb,
@@ -1051,7 +1053,7 @@ unsafe fn filter_state<'a>(filter_module: *mut c_void) -> Option<&'a mut Outcome
 pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
     filter: *mut c_void,
     filter_module: *mut c_void,
-    _end_of_stream: bool,
+    end_of_stream: bool,
 ) -> u32 {
     guarded(
         "on_http_filter_request_headers",
@@ -1067,10 +1069,10 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
                 None
             };
             let id = STREAMS.with(|streams| {
-                streams
-                    .try_borrow_mut()
-                    .ok()
-                    .and_then(|mut streams| state.on_request(&mut streams, now(), source_ip))
+                streams.try_borrow_mut().ok().and_then(|mut streams| {
+                    let request = RequestSent::at(end_of_stream);
+                    state.on_request(&mut streams, now(), source_ip, request)
+                })
             });
             let mut digits = [0; 20];
             let value = id.map_or(ModuleBuffer::NULL, |id| {
@@ -1255,26 +1257,55 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_destroy(filter_modu
     );
 }
 
+/// Request body: its last chunk ends the request (the client sent it whole).
+///
+/// # Safety
+/// Envoy's contract: `filter_module` from `on_http_filter_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
+    _filter: *mut c_void,
+    filter_module: *mut c_void,
+    end_of_stream: bool,
+) -> u32 {
+    if end_of_stream {
+        // SAFETY: per this hook's contract.
+        unsafe { request_ended(filter_module) };
+    }
+    CONTINUE
+}
+
+/// Request trailers end the request (the client sent it whole).
+///
+/// # Safety
+/// Envoy's contract: `filter_module` from `on_http_filter_new`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
+    _filter: *mut c_void,
+    filter_module: *mut c_void,
+) -> u32 {
+    // SAFETY: per this hook's contract.
+    unsafe { request_ended(filter_module) };
+    CONTINUE
+}
+
+/// Notes the request's end of stream on its filter state.
+///
+/// # Safety
+/// `filter_module` is null or a pointer `on_http_filter_new` returned, not yet destroyed.
+unsafe fn request_ended(filter_module: *mut c_void) {
+    guarded(
+        "on_http_filter_request_end",
+        || {
+            // SAFETY: per this function's contract.
+            if let Some(state) = unsafe { filter_state(filter_module) } {
+                state.on_request_end();
+            }
+        },
+        (),
+    );
+}
+
 // Hooks Envoy requires that fulcrum does not use: they continue and do nothing.
-
-/// Request body: continue.
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_body(
-    _filter: *mut c_void,
-    _filter_module: *mut c_void,
-    _end_of_stream: bool,
-) -> u32 {
-    CONTINUE
-}
-
-/// Request trailers: continue.
-#[unsafe(no_mangle)]
-pub extern "C" fn envoy_dynamic_module_on_http_filter_request_trailers(
-    _filter: *mut c_void,
-    _filter_module: *mut c_void,
-) -> u32 {
-    CONTINUE
-}
 
 /// Response body: continue.
 #[unsafe(no_mangle)]

@@ -7,6 +7,10 @@
 //!
 //! - request headers: any client-sent [`STREAM_HEADER`] is replaced by the filter's own id
 //!   (a client cannot steer another stream's pick);
+//! - the request's end of stream (its headers, its body's last chunk or its trailers) is
+//!   noted: a stream the client ends before sending its whole request (a body stalled until
+//!   Envoy's stream idle timeout, an upload abandoned) charges the endpoint nothing unless the
+//!   upstream itself failed ([`Outcome::of_envoy_stream`]), as in the wasm filter;
 //! - response headers: the status (a gRPC response's `grpc-status`, mapped as Envoy maps it,
 //!   when present; else its trailers are awaited) and the latency to the response headers
 //!   complete the pick; a sticky session's cookie is set; when the policy refused the request
@@ -33,7 +37,7 @@
 use std::{net::IpAddr, time::Duration};
 
 use fulcrum_core::{
-    Outcome, Rejection, Served,
+    Outcome, Rejection, RequestSent, Served,
     service::{
         GRPC_UNKNOWN, grpc_http_status, is_grpc_content_type, parse_grpc_status, parse_http_status,
     },
@@ -50,6 +54,8 @@ pub struct OutcomeFilter {
     /// The HTTP status of a gRPC response whose `grpc-status` is awaited in its trailers,
     /// with the latency to its headers.
     awaiting_trailers: Option<(u16, Duration)>,
+    /// How much of the request the client has sent.
+    request_sent: RequestSent,
 }
 
 /// How the response headers are to be changed.
@@ -85,14 +91,22 @@ impl ResponseHead<'_> {
 impl OutcomeFilter {
     /// Request headers: opens the stream; returns the id to write into [`STREAM_HEADER`]
     /// (`None` when the worker tracks too many streams: the header is then removed).
+    /// `request` says whether the headers ended the request.
     pub fn on_request(
         &mut self,
         streams: &mut Streams,
         now: Duration,
         source_ip: Option<IpAddr>,
+        request: RequestSent,
     ) -> Option<u64> {
+        self.request_sent = request;
         self.stream = streams.open(now, source_ip);
         self.stream
+    }
+
+    /// The request's end of stream, in its body or its trailers: the client sent it whole.
+    pub fn on_request_end(&mut self) {
+        self.request_sent = RequestSent::Whole;
     }
 
     /// Response headers: what to change in them; completes the pick unless a gRPC status is
@@ -211,6 +225,7 @@ impl OutcomeFilter {
                 status,
                 flags,
                 latency,
+                request: self.request_sent,
             },
             now,
         );
@@ -277,6 +292,11 @@ mod tests {
     /// A worker over one host, and a stream picked on it: the filter, the streams and the
     /// cluster, to see what a response does to the host's breaker.
     fn picked_stream() -> (OutcomeFilter, Streams, Arc<Cluster>) {
+        picked_stream_of(RequestSent::Whole)
+    }
+
+    /// [`picked_stream`] whose request headers say `request`.
+    fn picked_stream_of(request: RequestSent) -> (OutcomeFilter, Streams, Arc<Cluster>) {
         let hosts = TestHosts::one_priority(vec![TestHost::healthy("10.0.0.1:80")]);
         let policy = parse_policy(br#"{"outlier_detection": {"consecutive_failures": 5}}"#)
             .expect("a valid policy");
@@ -285,7 +305,7 @@ mod tests {
         let mut streams = Streams::default();
         let mut filter = OutcomeFilter::default();
         let id = filter
-            .on_request(&mut streams, Duration::ZERO, None)
+            .on_request(&mut streams, Duration::ZERO, None, request)
             .expect("a stream");
         worker
             .choose(&hosts, &Request(id), &mut streams, Duration::ZERO)
@@ -387,6 +407,47 @@ mod tests {
 
         assert_eq!(inflight(&cluster), 0, "the pick is released");
         assert!(!failing(&cluster));
+    }
+
+    /// Envoy's local reply when the stream idled past its `stream_idle_timeout`.
+    fn idle_timeout(filter: &mut OutcomeFilter, streams: &mut Streams) {
+        filter.on_response_headers(
+            streams,
+            ResponseHead {
+                status: Some("408"),
+                ..ResponseHead::default()
+            },
+            true,
+            Duration::from_secs(300),
+            || response_flags::STREAM_IDLE_TIMEOUT,
+        );
+    }
+
+    #[test]
+    fn a_client_stalling_its_body_until_the_idle_timeout_charges_the_endpoint_nothing() {
+        let (mut filter, mut streams, cluster) = picked_stream_of(RequestSent::Partly);
+
+        idle_timeout(&mut filter, &mut streams);
+
+        assert_eq!(inflight(&cluster), 0, "the pick is released");
+        assert!(
+            !failing(&cluster),
+            "the client's silence is not the endpoint's"
+        );
+    }
+
+    #[test]
+    fn an_idle_timeout_after_the_whole_body_was_sent_is_the_endpoints() {
+        let (mut filter, mut streams, cluster) = picked_stream_of(RequestSent::Partly);
+        filter.on_request_end();
+
+        idle_timeout(&mut filter, &mut streams);
+
+        assert_eq!(inflight(&cluster), 0);
+        assert!(
+            failing(&cluster),
+            "the endpoint went quiet on a whole request"
+        );
     }
 
     #[test]
@@ -494,9 +555,9 @@ mod tests {
     fn a_stream_is_closed_by_its_response_or_its_end() {
         let mut streams = Streams::default();
         let mut answered = OutcomeFilter::default();
-        answered.on_request(&mut streams, Duration::ZERO, None);
+        answered.on_request(&mut streams, Duration::ZERO, None, RequestSent::Whole);
         let mut reset = OutcomeFilter::default();
-        reset.on_request(&mut streams, Duration::ZERO, None);
+        reset.on_request(&mut streams, Duration::ZERO, None, RequestSent::Whole);
         assert_eq!(streams.len(), 2);
 
         answered.on_response_headers(

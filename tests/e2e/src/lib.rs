@@ -20,7 +20,7 @@ use fulcrum_example_backend::Backend;
 use fulcrum_test_support::{
     AdsApi, Bootstrap, ClusterBalancing, ClusterOptions, Endpoints, Envoy, EnvoyOptions,
     FailurePolicy, FilterSetup, Ingress, NodeLocality, RETRY_ON_GRPC, RETRY_ON_HTTP,
-    envoy::CONTROL_PLANE_CLUSTER,
+    envoy::{CONTROL_PLANE_CLUSTER, INGRESS_LISTENER},
 };
 use serde_json::{Value, json};
 
@@ -149,6 +149,7 @@ async fn envoy_with_control_plane_retrying(
         &options,
         retry_on,
         NodeLocality::default(),
+        &json!({}),
     )
     .await
 }
@@ -239,6 +240,25 @@ impl Proxy {
             options,
             RETRY_ON_HTTP,
             NodeLocality::default(),
+            &json!({}),
+        )
+        .await
+    }
+
+    /// Envoy (one worker) with `filter` in front of `endpoints`, its ingress listener's
+    /// `HttpConnectionManager` with `settings` besides ([`set_ingress_settings`]).
+    pub async fn start_with_ingress_settings(
+        endpoints: Endpoints,
+        filter: FilterSetup,
+        settings: &Value,
+    ) -> Result<Self> {
+        Self::start(
+            endpoints,
+            filter,
+            &EnvoyOptions::default(),
+            RETRY_ON_HTTP,
+            NodeLocality::default(),
+            settings,
         )
         .await
     }
@@ -256,18 +276,20 @@ impl Proxy {
             &EnvoyOptions::default(),
             RETRY_ON_HTTP,
             locality,
+            &json!({}),
         )
         .await
     }
 
     /// [`Proxy::start_with_options`] whose route retries on `retry_on`, its node in
-    /// `locality`.
+    /// `locality`, its ingress `HttpConnectionManager` with `settings` besides.
     async fn start(
         endpoints: Endpoints,
         filter: FilterSetup,
         options: &EnvoyOptions,
         retry_on: &'static str,
         locality: NodeLocality,
+        settings: &Value,
     ) -> Result<Self> {
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let started = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -285,7 +307,9 @@ impl Proxy {
             }),
             locality,
         };
-        let envoy = Envoy::start_with(&bootstrap, options).await?;
+        let mut bootstrap = bootstrap.to_json();
+        set_ingress_settings(&mut bootstrap, settings)?;
+        let envoy = Envoy::start_json(&bootstrap, options).await?;
         let listener = envoy.ingress_address().await?;
         let client = Client::new(listener, usize::MAX);
         Ok(Self {
@@ -446,6 +470,29 @@ impl Client {
             },
         }
     }
+}
+
+/// Sets `settings` (an object: fields of an `HttpConnectionManager`, such as
+/// `stream_idle_timeout`) on the ingress listener's connection manager in `bootstrap` JSON.
+pub fn set_ingress_settings(bootstrap: &mut Value, settings: &Value) -> Result<()> {
+    let Some(settings) = settings.as_object().filter(|settings| !settings.is_empty()) else {
+        return Ok(());
+    };
+    let manager = bootstrap["static_resources"]["listeners"]
+        .as_array_mut()
+        .and_then(|listeners| {
+            listeners
+                .iter_mut()
+                .find(|listener| listener["name"] == INGRESS_LISTENER)
+        })
+        .and_then(|listener| {
+            listener["filter_chains"][0]["filters"][0]["typed_config"].as_object_mut()
+        })
+        .context("the bootstrap has an ingress listener with a connection manager")?;
+    for (field, value) in settings {
+        manager.insert(field.clone(), value.clone());
+    }
+    Ok(())
 }
 
 /// Connections to the service's endpoints that failed to open (Envoy's

@@ -53,6 +53,10 @@ pub mod response_flags {
     pub const UPSTREAM_REMOTE_RESET: u64 = 0x10;
     /// `UH`: no healthy upstream.
     pub const NO_HEALTHY_UPSTREAM: u64 = 0x2;
+    /// `DC`: the downstream connection terminated.
+    pub const DOWNSTREAM_CONNECTION_TERMINATION: u64 = 0x4000;
+    /// `SI`: the stream idled past Envoy's stream idle timeout.
+    pub const STREAM_IDLE_TIMEOUT: u64 = 0x10000;
 }
 
 /// The path key for a dotted name: `upstream.address` → `upstream\0address`, the

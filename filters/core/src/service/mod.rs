@@ -51,7 +51,7 @@ pub use self::{
         ChosenBy, Exclusions, ExplainedEndpoint, MAX_EXPLANATION_BYTES, PickExplanation, TRUNCATED,
     },
     outcome::{
-        GRPC_UNKNOWN, Outcome, Served, Transition, Transitions, grpc_http_status,
+        GRPC_UNKNOWN, Outcome, RequestSent, Served, Transition, Transitions, grpc_http_status,
         is_grpc_content_type, parse_grpc_status, parse_http_status, response_flags,
     },
     request::{

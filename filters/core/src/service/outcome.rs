@@ -72,18 +72,67 @@ impl Outcome {
     }
 
     /// A stream's outcome from what Envoy reports: its status (`None` when nothing was
-    /// answered: the client went away, say), its [`response_flags`] (0 when not read), and
-    /// the latency to the response's headers or to the stream's end. A stream without a
-    /// response and without an upstream flag (a client that cancelled) counts no failure:
-    /// only its latency is recorded.
-    pub fn of_envoy_stream(status: Option<u16>, flags: u64, latency: Duration) -> Self {
+    /// answered: the client went away, say), its [`response_flags`] (0 when not read), the
+    /// latency to the response's headers or to the stream's end, and how much of its request
+    /// the client had sent ([`RequestSent`]). A stream without a response and without an
+    /// upstream flag (a client that cancelled) counts no failure: only its latency is
+    /// recorded.
+    ///
+    /// `None` when the stream says nothing about the endpoint because the client ended it
+    /// before sending its whole request: no response, a stream idle timeout (`SI`) or a 408,
+    /// and no upstream failure (connect failure, reset). A client that stalls its body until
+    /// Envoy's idle timeout must not get an endpoint ejected, nor feed its latency estimate
+    /// minutes of its own silence; the data plane releases the pick and charges nobody
+    /// ([`ServicePicker::abandon`]). An endpoint that answered before the request was sent
+    /// whole (a 503 that does not wait for the body) is judged by its answer.
+    pub fn of_envoy_stream(
+        status: Option<u16>,
+        flags: u64,
+        latency: Duration,
+        request: RequestSent,
+    ) -> Option<Self> {
         use response_flags::*;
-        Self {
+        let connect_failure = flags & UPSTREAM_CONNECTION_FAILURE != 0;
+        let reset = flags & (UPSTREAM_REMOTE_RESET | UPSTREAM_CONNECTION_TERMINATION) != 0;
+        let idle = flags & STREAM_IDLE_TIMEOUT != 0;
+        if request == RequestSent::Partly
+            && !connect_failure
+            && !reset
+            && (idle || status.is_none_or(|status| status == 408))
+        {
+            return None;
+        }
+        Some(Self {
             status,
-            connect_failure: flags & UPSTREAM_CONNECTION_FAILURE != 0,
-            reset: flags & (UPSTREAM_REMOTE_RESET | UPSTREAM_CONNECTION_TERMINATION) != 0,
-            timeout: flags & (UPSTREAM_REQUEST_TIMEOUT | STREAM_IDLE_TIMEOUT) != 0,
+            connect_failure,
+            reset,
+            timeout: flags & UPSTREAM_REQUEST_TIMEOUT != 0 || idle,
             latency,
+        })
+    }
+}
+
+/// How much of its request a client had sent when its stream's outcome was taken: what tells
+/// an endpoint that went quiet from a client that did ([`Outcome::of_envoy_stream`]). Both
+/// data planes follow the request's end of stream (its headers, its body's last chunk or its
+/// trailers).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum RequestSent {
+    /// The request's end of stream had been seen.
+    Whole,
+    /// The client was still sending (or never finished) its request: the state until its
+    /// end of stream is seen.
+    #[default]
+    Partly,
+}
+
+impl RequestSent {
+    /// `Whole` when the callback that delivered part of the request said it was the end.
+    pub fn at(end_of_stream: bool) -> Self {
+        if end_of_stream {
+            Self::Whole
+        } else {
+            Self::Partly
         }
     }
 }
@@ -350,7 +399,7 @@ mod tests {
     use std::{net::SocketAddr, time::Duration};
 
     use super::{
-        Outcome, Served, grpc_http_status, is_grpc_content_type, parse_grpc_status,
+        Outcome, RequestSent, Served, grpc_http_status, is_grpc_content_type, parse_grpc_status,
         parse_http_status, response_flags,
     };
 
@@ -411,28 +460,22 @@ mod tests {
     #[test]
     fn envoys_flags_say_how_an_attempt_failed_and_a_clients_cancel_is_none_of_them() {
         let latency = Duration::from_millis(7);
-        let connect = Outcome::of_envoy_stream(
-            Some(503),
-            response_flags::UPSTREAM_CONNECTION_FAILURE,
-            latency,
-        );
+        let whole = |status, flags| {
+            Outcome::of_envoy_stream(status, flags, latency, RequestSent::Whole)
+                .expect("a stream whose request was sent whole says something of its endpoint")
+        };
+        let connect = whole(Some(503), response_flags::UPSTREAM_CONNECTION_FAILURE);
         assert!(connect.connect_failure && !connect.reset && !connect.timeout);
-        let reset = Outcome::of_envoy_stream(None, response_flags::UPSTREAM_REMOTE_RESET, latency);
+        let reset = whole(None, response_flags::UPSTREAM_REMOTE_RESET);
         assert!(reset.reset);
-        let closed = Outcome::of_envoy_stream(
-            None,
-            response_flags::UPSTREAM_CONNECTION_TERMINATION,
-            latency,
-        );
+        let closed = whole(None, response_flags::UPSTREAM_CONNECTION_TERMINATION);
         assert!(closed.reset);
-        let timeout =
-            Outcome::of_envoy_stream(Some(504), response_flags::UPSTREAM_REQUEST_TIMEOUT, latency);
+        let timeout = whole(Some(504), response_flags::UPSTREAM_REQUEST_TIMEOUT);
         assert!(timeout.timeout);
-        let idle =
-            Outcome::of_envoy_stream(Some(408), response_flags::STREAM_IDLE_TIMEOUT, latency);
+        let idle = whole(Some(408), response_flags::STREAM_IDLE_TIMEOUT);
         assert!(idle.timeout);
         // `DC`: the downstream connection terminated.
-        let cancelled = Outcome::of_envoy_stream(None, 0x4000, latency);
+        let cancelled = whole(None, 0x4000);
         assert_eq!(
             cancelled,
             Outcome {
@@ -443,6 +486,43 @@ mod tests {
                 latency,
             }
         );
+    }
+
+    #[test]
+    fn a_client_that_stalls_or_leaves_before_its_request_is_sent_charges_the_endpoint_nothing() {
+        let latency = Duration::from_secs(300);
+        let partly =
+            |status, flags| Outcome::of_envoy_stream(status, flags, latency, RequestSent::Partly);
+        // Envoy's stream idle timeout while the client held back its body: a local 408.
+        assert_eq!(partly(Some(408), response_flags::STREAM_IDLE_TIMEOUT), None);
+        assert_eq!(partly(None, response_flags::STREAM_IDLE_TIMEOUT), None);
+        // A request timeout (a 408 with no flag fulcrum reads), a client gone mid-upload.
+        assert_eq!(partly(Some(408), 0), None);
+        assert_eq!(partly(None, 0x4000), None);
+    }
+
+    #[test]
+    fn an_endpoint_that_fails_before_the_request_is_sent_is_still_charged() {
+        let latency = Duration::from_millis(3);
+        let partly =
+            |status, flags| Outcome::of_envoy_stream(status, flags, latency, RequestSent::Partly);
+        let refused = partly(Some(503), response_flags::UPSTREAM_CONNECTION_FAILURE)
+            .expect("a connect failure is the endpoint's");
+        assert!(refused.connect_failure);
+        let reset = partly(None, response_flags::UPSTREAM_REMOTE_RESET)
+            .expect("a reset mid-upload is the endpoint's");
+        assert!(reset.reset);
+        let early = partly(Some(503), 0).expect("an answer that did not wait for the body");
+        assert_eq!(early.status, Some(503));
+        assert!(!early.timeout);
+        let ok = partly(Some(200), 0).expect("an answer that did not wait for the body");
+        assert_eq!(ok.status, Some(200));
+    }
+
+    #[test]
+    fn a_request_is_sent_whole_at_its_end_of_stream() {
+        assert_eq!(RequestSent::at(true), RequestSent::Whole);
+        assert_eq!(RequestSent::at(false), RequestSent::Partly);
     }
 
     #[test]

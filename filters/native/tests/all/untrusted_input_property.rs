@@ -37,7 +37,7 @@ use std::{
     time::Duration,
 };
 
-use fulcrum_core::OnNoEndpoint;
+use fulcrum_core::{OnNoEndpoint, RequestSent};
 use fulcrum_native::{
     balancer::{
         Cluster, Counters, Event, MAX_STREAMS, RequestContext, STREAM_HEADER, Streams, WorkerLb,
@@ -203,6 +203,8 @@ struct ClientHeaders {
     cookie: Vec<Vec<u8>>,
     client_key: Vec<Vec<u8>>,
     source_ip: Option<IpAddr>,
+    /// Whether the headers end the request (else the client never sends the rest).
+    end_of_stream: bool,
 }
 
 /// One thing Envoy does; `request` picks among the requests in flight (modulo their number).
@@ -406,13 +408,17 @@ fn step() -> impl Strategy<Value = Step> {
         repeated(cookie()),
         repeated(value()),
         source_ip(),
+        any::<bool>(),
     )
-        .prop_map(|(hash, cookie, client_key, source_ip)| ClientHeaders {
-            hash,
-            cookie,
-            client_key,
-            source_ip,
-        });
+        .prop_map(
+            |(hash, cookie, client_key, source_ip, end_of_stream)| ClientHeaders {
+                hash,
+                cookie,
+                client_key,
+                source_ip,
+                end_of_stream,
+            },
+        );
     let status = prop_oneof![3 => bytes_of(&STATUSES), 1 => value()];
     let content_type = prop_oneof![3 => bytes_of(&CONTENT_TYPES), 1 => value()];
     let grpc_status = prop_oneof![3 => bytes_of(&GRPC_STATUSES), 1 => value()];
@@ -710,7 +716,12 @@ impl Run {
         let id = match stream_header {
             StreamHeader::Filter => {
                 let mut opened = OutcomeFilter::default();
-                let id = opened.on_request(streams, self.now, headers.source_ip);
+                let id = opened.on_request(
+                    streams,
+                    self.now,
+                    headers.source_ip,
+                    RequestSent::at(headers.end_of_stream),
+                );
                 filter = Some(opened);
                 stream = id;
                 // The filter's id replaces the client's header, or removes it at the cap.

@@ -8,6 +8,7 @@ mod health_checks;
 mod native;
 mod native_control_plane;
 mod proxies;
+mod stalled_clients;
 mod static_endpoints;
 mod trace_headers;
 mod two_workers;

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use fulcrum_core::OVERRIDE_HEADER;
-use fulcrum_wasm_host::{Plugin, Request, Response};
+use fulcrum_wasm_host::{Plugin, Request, Response, response_flags};
 
 use crate::test_support::{filter, ms};
 
@@ -160,6 +160,79 @@ fn failing_endpoint_is_ejected_then_readmitted_through_half_open() -> anyhow::Re
         "not re-admitted: {after:?}"
     );
     assert_eq!(plugin.metric(&ejections)?, 1);
+    Ok(())
+}
+
+/// Sends a request with a body for `checkout`, sends the body's end when `finish_body`,
+/// and ends it as Envoy's stream idle timeout does: a local 408 with the `SI` flag, after
+/// two seconds of silence (a listener's `stream_idle_timeout: 2s`). Returns the pick.
+fn idle_timeout(plugin: &Plugin, finish_body: bool) -> anyhow::Result<String> {
+    let mut request = plugin
+        .worker(0)
+        .request()
+        .header(":authority", "checkout")
+        .header(":path", "/upload")
+        .header(":method", "POST")
+        .header("content-length", "1048576")
+        .send_headers_with_body()?;
+    if finish_body {
+        request.send_body(b"the whole body", true)?;
+    }
+    let pick = request
+        .request_header(OVERRIDE_HEADER)
+        .ok_or_else(|| anyhow::anyhow!("no pick; logs:\n{}", plugin.logs_text()))?;
+    let first = pick.split(',').next().unwrap_or_default().to_string();
+    request
+        .respond(408)
+        .flags(response_flags::STREAM_IDLE_TIMEOUT)
+        .code_details("stream_idle_timeout")
+        .upstream(&first)
+        .latency(ms(2_000))
+        .finish()?;
+    Ok(first)
+}
+
+#[test]
+fn a_client_stalling_its_body_until_the_idle_timeout_ejects_no_endpoint() -> anyhow::Result<()> {
+    let endpoints = ["10.0.0.1:8080", "10.0.0.2:8080"];
+    let policy = r#"{"load_balancer": {"type": "round_robin"},
+        "outlier_detection": {"consecutive_failures": 2, "base_ejection_time": "10s",
+          "ejection_jitter_percent": 0, "max_ejection_percent": 50, "panic_threshold_percent": 0}}"#;
+    let plugin = filter()
+        .configure(static_config(&endpoints, policy))
+        .start()?;
+    let ejections = |endpoint: &str| {
+        format!("fulcrum_endpoint_ejections_total.service.checkout.endpoint.{endpoint}")
+    };
+
+    // Four stalled uploads, two per endpoint: each idles out with Envoy's local 408.
+    let stalled = (0..4)
+        .map(|_| idle_timeout(&plugin, false))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    assert_eq!(
+        count(&stalled).len(),
+        2,
+        "both endpoints served: {stalled:?}"
+    );
+    for endpoint in endpoints {
+        // The series appears at the first ejection of the endpoint.
+        assert_eq!(plugin.metric(&ejections(endpoint)).unwrap_or(0), 0);
+    }
+    let after = (0..4)
+        .map(|_| round_trip(&plugin, 0, |_| (200, 5)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    assert_eq!(count(&after).len(), 2, "an endpoint was avoided: {after:?}");
+
+    // The same idle timeout after the whole request was sent is the endpoint's silence:
+    // both fail twice in a row, one is ejected (at most half of them may be).
+    for _ in 0..4 {
+        idle_timeout(&plugin, true)?;
+    }
+    let ejected: u64 = endpoints
+        .iter()
+        .map(|endpoint| plugin.metric(&ejections(endpoint)).unwrap_or(0))
+        .sum();
+    assert_eq!(ejected, 1);
     Ok(())
 }
 

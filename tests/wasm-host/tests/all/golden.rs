@@ -29,7 +29,12 @@
 //!   the response (Envoy's router answers an upstream reset or connect failure with a local
 //!   503 and a timeout with a local 504), the same response flags, and, for a retry, the
 //!   second `choose_host` of the stream. A client that goes away before the response ends
-//!   the stream with no response and Envoy's `DC` flag on both.
+//!   the stream with no response and Envoy's `DC` flag on both; a stream that idles past
+//!   Envoy's stream idle timeout ends with a local 408 and `SI`.
+//! - **Same request ends.** A request ends with its headers, or its body follows and ends,
+//!   or the client announces a body and stalls: the filter's `proxy_on_request_headers` and
+//!   `proxy_on_request_body` and the outcome filter's request end see the same, so a stalled
+//!   client's idle timeout charges nobody on either plane.
 //!
 //! The case count is [`CASES`] per policy family (`PROPTEST_CASES` overrides it) and the
 //! seed is fixed (`PROPTEST_RNG_SEED` overrides it): every run checks the same sequences, and
@@ -47,7 +52,7 @@ use std::{
 
 use anyhow::{Context as _, ensure};
 use fulcrum_core::{
-    OVERRIDE_HEADER,
+    OVERRIDE_HEADER, RequestSent,
     endpoint::{REGION_KEY, scalar_metadata},
     rng::vm_seed,
 };
@@ -146,11 +151,13 @@ struct Case {
 /// One step of a case, applied to both planes.
 #[derive(Debug, Clone)]
 enum Op {
-    /// A request: its hash-header value, its client (`192.0.2.<client>`), its cookie.
+    /// A request: its hash-header value, its client (`192.0.2.<client>`), its cookie, its
+    /// body.
     Send {
         key: Option<u8>,
         client: u8,
         cookie: CookieChoice,
+        body: Body,
     },
     /// The upstream answers one of the requests in flight after `latency_ms`.
     Answer {
@@ -173,6 +180,17 @@ enum CookieChoice {
     Forged,
 }
 
+/// Whether a request has a body, and whether the client sends all of it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Body {
+    /// The headers end the request.
+    None,
+    /// A body follows the headers, its last chunk right after them.
+    Sent,
+    /// A body is announced and never finished: the client stalls.
+    Stalled,
+}
+
 /// How the upstream, or Envoy's router on its behalf, answers.
 #[derive(Debug, Clone, Copy)]
 enum Answer {
@@ -189,10 +207,9 @@ enum Answer {
     Timeout,
     /// The client went away before the response: no response, Envoy's `DC` flag.
     ClientCancel,
+    /// Nothing moved on the stream for Envoy's stream idle timeout: a local 408, `SI`.
+    IdleTimeout,
 }
-
-/// Envoy's `DC` response flag: the downstream connection terminated.
-const DOWNSTREAM_CONNECTION_TERMINATION: u64 = 0x4000;
 
 impl Answer {
     /// The response flags Envoy reports for this answer, to both data planes.
@@ -201,7 +218,8 @@ impl Answer {
             Self::UpstreamReset => response_flags::UPSTREAM_REMOTE_RESET,
             Self::ConnectFailure => response_flags::UPSTREAM_CONNECTION_FAILURE,
             Self::Timeout => response_flags::UPSTREAM_REQUEST_TIMEOUT,
-            Self::ClientCancel => DOWNSTREAM_CONNECTION_TERMINATION,
+            Self::ClientCancel => response_flags::DOWNSTREAM_CONNECTION_TERMINATION,
+            Self::IdleTimeout => response_flags::STREAM_IDLE_TIMEOUT,
             Self::Status(_) | Self::Grpc { .. } => 0,
         }
     }
@@ -216,6 +234,7 @@ fn answers() -> impl Strategy<Value = Answer> {
         1 => Just(Answer::ConnectFailure),
         1 => Just(Answer::Timeout),
         1 => Just(Answer::ClientCancel),
+        1 => Just(Answer::IdleTimeout),
     ]
 }
 
@@ -225,9 +244,14 @@ fn ops() -> impl Strategy<Value = Op> {
         3 => any::<Index>().prop_map(CookieChoice::Issued),
         1 => Just(CookieChoice::Forged),
     ];
+    let body = prop_oneof![
+        6 => Just(Body::None),
+        2 => Just(Body::Sent),
+        2 => Just(Body::Stalled),
+    ];
     prop_oneof![
-        5 => (prop::option::weighted(0.9, 0u8..12), 0u8..6, cookie)
-            .prop_map(|(key, client, cookie)| Op::Send { key, client, cookie }),
+        5 => (prop::option::weighted(0.9, 0u8..12), 0u8..6, cookie, body)
+            .prop_map(|(key, client, cookie, body)| Op::Send { key, client, cookie, body }),
         4 => (any::<Index>(), answers(), 1u16..700, prop::bool::weighted(0.2)).prop_map(
             |(which, answer, latency_ms, retried)| Op::Answer { which, answer, latency_ms, retried }
         ),
@@ -404,6 +428,7 @@ impl<'p> Planes<'p> {
                 key,
                 client,
                 cookie,
+                body,
             } => {
                 let cookie = match cookie {
                     CookieChoice::None => None,
@@ -411,7 +436,7 @@ impl<'p> Planes<'p> {
                         .then(|| self.cookies[index.index(self.cookies.len())].clone()),
                     CookieChoice::Forged => Some(format!("{COOKIE}=forged")),
                 };
-                self.send(key.map(|key| key.to_string()), *client, cookie)
+                self.send(key.map(|key| key.to_string()), *client, cookie, *body)
             }
             Op::Answer {
                 which,
@@ -438,6 +463,7 @@ impl<'p> Planes<'p> {
         key: Option<String>,
         client: u8,
         cookie: Option<String>,
+        body: Body,
     ) -> anyhow::Result<()> {
         let now = self.now();
         let client = Ipv4Addr::new(192, 0, 2, client);
@@ -458,7 +484,11 @@ impl<'p> Planes<'p> {
             native_headers.push(("cookie", cookie.clone()));
         }
 
-        let mut wasm = builder.send_headers()?;
+        let mut wasm = if body == Body::None {
+            builder.send_headers()?
+        } else {
+            builder.send_headers_with_body()?
+        };
         let wasm_targets: Vec<String> = wasm
             .request_header(OVERRIDE_HEADER)
             .map(|header| header.split(',').map(str::to_owned).collect())
@@ -471,7 +501,12 @@ impl<'p> Planes<'p> {
 
         let mut native = OutcomeFilter::default();
         let stream = native
-            .on_request(&mut self.streams, now, Some(IpAddr::V4(client)))
+            .on_request(
+                &mut self.streams,
+                now,
+                Some(IpAddr::V4(client)),
+                RequestSent::at(body == Body::None),
+            )
             .context("the outcome filter opens a stream")?;
         native_headers.push((STREAM_HEADER, stream.to_string()));
         let native_request = NativeRequest(native_headers);
@@ -510,6 +545,10 @@ impl<'p> Planes<'p> {
              through the native module"
         );
         if matches!(wasm_routed, Routed::Picked(_)) {
+            if body == Body::Sent {
+                wasm.send_body(b"{}", true)?;
+                native.on_request_end();
+            }
             self.in_flight.push(InFlight {
                 wasm,
                 wasm_targets,
@@ -542,6 +581,8 @@ impl<'p> Planes<'p> {
                 .on_stream_end(&mut self.streams, now, || answer.flags());
             return Ok(());
         }
+        // An idle stream ends at the pick's attempt: Envoy retries nothing.
+        let retried = retried && !matches!(answer, Answer::IdleTimeout);
         let retry_target = request.wasm_targets.get(1).filter(|_| retried).cloned();
         // Envoy's retry asks the native policy again for the stream's host.
         if let Some(target) = &retry_target {
@@ -564,6 +605,7 @@ impl<'p> Planes<'p> {
             Answer::Grpc { code, in_trailers } => (200, Some((code.to_string(), in_trailers))),
             Answer::UpstreamReset | Answer::ConnectFailure => (503, None),
             Answer::Timeout => (504, None),
+            Answer::IdleTimeout => (408, None),
             Answer::ClientCancel => unreachable!("answered above"),
         };
         let mut response = request.wasm.respond(status);
@@ -577,6 +619,9 @@ impl<'p> Planes<'p> {
             Answer::Timeout => response
                 .flags(answer.flags())
                 .code_details("upstream_response_timeout"),
+            Answer::IdleTimeout => response
+                .flags(answer.flags())
+                .code_details("stream_idle_timeout"),
             Answer::Status(_) | Answer::Grpc { .. } | Answer::ClientCancel => response,
         };
         if let Some((code, in_trailers)) = &grpc {
