@@ -46,7 +46,7 @@ use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
     net::{IpAddr, SocketAddr},
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, Weak},
     time::Duration,
 };
 
@@ -118,6 +118,14 @@ pub enum Event {
 }
 
 impl Event {
+    /// Whether the event sets a gauge to a state (the circuit's) rather than adding to a
+    /// counter: such events are counted under the cluster's lock, in the order the state
+    /// changed, so that a circuit opened on one worker and closed on another (or leaving
+    /// with an EDS update) cannot leave its gauge at the older value.
+    fn sets_a_gauge(self) -> bool {
+        matches!(self, Self::CircuitOpen(_) | Self::CircuitClosed(_))
+    }
+
     /// The events one breaker transition makes: an ejection when it opens, and the circuit
     /// gauge's move when it leaves or returns to closed (the wasm filter's rules, per proxy
     /// here since the breaker is shared by the workers).
@@ -204,27 +212,23 @@ impl Cluster {
     }
 
     /// Hands `endpoints` to the picker when they differ from what it has; the circuits of
-    /// endpoints that left are counted closed.
+    /// endpoints that left are counted closed (under the lock: [`Event::sets_a_gauge`]).
     fn update(&self, endpoints: Vec<Endpoint>) {
-        let mut closed = Vec::new();
-        {
-            let mut state = self.lock();
-            if state.endpoints == endpoints {
-                return;
-            }
-            state.picker.update_endpoints(&endpoints);
-            state.open_circuits.retain(|address| {
-                let stays = endpoints
-                    .iter()
-                    .any(|endpoint| endpoint.address == *address);
-                if !stays {
-                    closed.push(Event::CircuitClosed(*address));
-                }
-                stays
-            });
-            state.endpoints = endpoints;
+        let mut state = self.lock();
+        if state.endpoints == endpoints {
+            return;
         }
-        self.count_all(closed);
+        state.picker.update_endpoints(&endpoints);
+        state.open_circuits.retain(|address| {
+            let stays = endpoints
+                .iter()
+                .any(|endpoint| endpoint.address == *address);
+            if !stays {
+                self.count(Event::CircuitClosed(*address));
+            }
+            stays
+        });
+        state.endpoints = endpoints;
     }
 
     /// The endpoints whose circuit is open, forgotten: the cluster's config is going away,
@@ -233,10 +237,13 @@ impl Cluster {
         std::mem::take(&mut self.lock().open_circuits)
     }
 
-    /// Counts `events` (outside the lock: counting calls into Envoy).
+    /// Counts `events` that add to counters (outside the lock: counting calls into Envoy;
+    /// gauge events were counted under it).
     fn count_all(&self, events: Vec<Event>) {
         for event in events {
-            self.count(event);
+            if !event.sets_a_gauge() {
+                self.count(event);
+            }
         }
     }
 
@@ -275,8 +282,9 @@ impl Cluster {
                     Event::CircuitClosed(address) => {
                         state.open_circuits.retain(|open| *open != address);
                     }
-                    _ => {}
+                    _ => continue,
                 }
+                self.count(*event);
             }
         }
         self.count_all(events);
@@ -286,7 +294,11 @@ impl Cluster {
 /// What the core picked for a stream, and the attempts Envoy made with it.
 #[derive(Debug, Clone)]
 pub struct Pick {
-    cluster: Arc<Cluster>,
+    /// The cluster (one LB config's picker) that picked: not kept alive by the stream. A
+    /// stream that outlives its config (a long gRPC stream across a policy change) charges
+    /// nobody at its end, so an old picker's tables are freed with the config and its
+    /// circuit gauges, reset when the config went, stay reset.
+    cluster: Weak<Cluster>,
     picked: SocketAddr,
     retry_targets: RetryTargets,
     /// The host of the last attempt; `None` when it is a host fulcrum cannot name (not
@@ -360,8 +372,10 @@ impl Stream {
     /// the last attempt and, when that is one of the pick's retry targets, the pick is
     /// charged a retried-away failure (the core's `Served` classification).
     pub fn complete(&mut self, response: &Response, now: Duration) {
-        if let Some(pick) = self.pick.take() {
-            pick.cluster.complete(&pick, response, now);
+        if let Some(pick) = self.pick.take()
+            && let Some(cluster) = pick.cluster.upgrade()
+        {
+            cluster.complete(&pick, response, now);
         }
     }
 }
@@ -518,7 +532,7 @@ impl WorkerLb {
             let chosen = self.pick(hosts, request, None, now);
             return match chosen {
                 Picked::Host { pick, place } => {
-                    pick.cluster.lock().picker.abandon(pick.picked);
+                    self.cluster.lock().picker.abandon(pick.picked);
                     self.cluster.count(Event::Unobserved);
                     Some(place)
                 }
@@ -573,7 +587,7 @@ impl WorkerLb {
                 Picked::Host {
                     place,
                     pick: Box::new(Pick {
-                        cluster,
+                        cluster: Arc::downgrade(&cluster),
                         picked: pick.endpoint,
                         retry_targets: pick.retry_targets,
                         last: Some(pick.endpoint),
@@ -920,6 +934,35 @@ mod tests {
     }
 
     #[test]
+    fn a_stream_that_outlives_its_cluster_keeps_nothing_alive_and_charges_nobody() {
+        let hosts = three_hosts();
+        let policy = r#"{"outlier_detection": {"consecutive_failures": 1}}"#;
+        let (mut worker, counts) = worker(policy, &hosts);
+        let mut streams = Streams::default();
+        let id = picked_stream(&mut worker, &hosts, &mut streams, Duration::ZERO);
+        let cluster = Arc::downgrade(worker.cluster());
+
+        // Envoy replaces the LB config (a policy change): its workers' LBs go.
+        drop(worker);
+        assert!(
+            cluster.upgrade().is_none(),
+            "the open stream holds the old picker"
+        );
+
+        let mut stream = streams.close(id).expect("open");
+        stream.complete(
+            &Response {
+                status: Some(503),
+                flags: 0,
+                latency: Duration::from_millis(3),
+                request: RequestSent::Whole,
+            },
+            Duration::from_millis(3),
+        );
+        assert!(counts.lock().expect("events").is_empty(), "nothing counted");
+    }
+
+    #[test]
     fn a_cookie_header_beyond_8_kib_reads_as_no_cookie_as_on_the_wasm_filter() {
         let hosts = three_hosts();
         let (mut worker, _) = worker(
@@ -1076,7 +1119,9 @@ mod tests {
     /// only `canary`, which a policy selecting that tag always picks; and a stream picked on
     /// the canary whose retry Envoy refuses everywhere, so it fails open by rotation onto the
     /// second host of the first priority. Its chosen place, and the stream.
-    fn retry_failing_open_onto_the_second_of(first: &str) -> (Option<(u32, usize)>, Stream) {
+    fn retry_failing_open_onto_the_second_of(
+        first: &str,
+    ) -> (Option<(u32, usize)>, Stream, WorkerLb) {
         let mut canary = TestHost::healthy("10.0.0.2:80");
         canary
             .metadata
@@ -1102,12 +1147,12 @@ mod tests {
 
         let retry = worker.choose(&hosts, &request, &mut streams, Duration::ZERO);
 
-        (retry, streams.close(id).expect("open"))
+        (retry, streams.close(id).expect("open"), worker)
     }
 
     #[test]
     fn a_retry_failing_open_onto_a_duplicate_address_is_charged_to_that_address() {
-        let (retry, stream) = retry_failing_open_onto_the_second_of("10.0.0.1:80");
+        let (retry, stream, _worker) = retry_failing_open_onto_the_second_of("10.0.0.1:80");
 
         assert_eq!(retry, Some((0, 1)));
         let pick = stream.pick.expect("the stream's pick");
@@ -1120,9 +1165,10 @@ mod tests {
 
     #[test]
     fn a_retry_failing_open_onto_a_host_that_is_not_an_address_charges_nobody() {
-        let (retry, mut stream) = retry_failing_open_onto_the_second_of("/tmp/upstream.sock");
+        let (retry, mut stream, worker) =
+            retry_failing_open_onto_the_second_of("/tmp/upstream.sock");
         assert_eq!(retry, Some((0, 1)));
-        let cluster = Arc::clone(&stream.pick.as_ref().expect("the stream's pick").cluster);
+        let cluster = Arc::clone(worker.cluster());
 
         stream.complete(
             &Response {
