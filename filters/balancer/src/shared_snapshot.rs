@@ -38,9 +38,10 @@
 //!    An index that does not decode (shared data corrupted) is likewise written over, whole, by
 //!    the next answer; until then every VM keeps what it has and logs why.
 //!
-//! Shared data cannot delete a key: the key of a removed service stays behind (its name is
-//! no longer in the index) and is reused if the service comes back; their number is bounded
-//! by the services the proxy ever saw, like the ejection records'.
+//! Shared data cannot delete a key: the key of a removed service (or one refused as invalid)
+//! is emptied once an index without it is published, and reused if the service comes back.
+//! What stays behind is its name, bounded by the services the proxy ever saw, like the
+//! ejection records'.
 //!
 //! The keys are new in this layout: an older module of the same plugin (during a module
 //! update Envoy may run both in one VM id) keeps its own `fulcrum/<root_id>/snapshot` and
@@ -316,6 +317,19 @@ impl SharedSnapshot {
         }
         hostcalls::set_shared_data(&self.version, Some(next.version.as_bytes()), None)
             .map_err(PublishError::Host)?;
+        // The services the index no longer names: their keys cannot be deleted, only
+        // emptied, now that no index names their content. A VM still reading the previous
+        // index finds the key empty, a torn read it retries on its next tick. A key left
+        // full (a host error) only holds memory: nothing reads it until a publish rewrites it.
+        for gone in held.services.keys() {
+            if !next.services.contains_key(gone) {
+                let _ = hostcalls::set_shared_data(
+                    &format!("{}{gone}", self.services),
+                    Some(&[]),
+                    None,
+                );
+            }
+        }
         Ok(Published {
             version: next.version,
             skipped,

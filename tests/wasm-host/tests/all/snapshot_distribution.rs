@@ -160,6 +160,48 @@ fn a_filter_asks_for_a_delta_from_the_published_version_and_applies_one() -> any
 }
 
 #[test]
+fn a_removed_services_key_is_emptied_and_filled_again_when_it_returns() -> anyhow::Result<()> {
+    let plugin = two_workers()?;
+    let key = format!("{PREFIX}services/search");
+    deliver(
+        &plugin,
+        &json!({"version": "v1", "services": three_services()}),
+    )?;
+    let held = |key: &str| plugin.shared_data(key).map(|(bytes, _)| bytes.len());
+    assert!(held(&key).is_some_and(|bytes| bytes > 0));
+
+    // Gone from a delta, then from a whole snapshot: its key holds nothing.
+    deliver(
+        &plugin,
+        &json!({"version": "v2", "base": "v1", "services": {}, "removed": ["search"]}),
+    )?;
+    assert_eq!(held(&key), Some(0));
+    let mut services = three_services();
+    services.as_object_mut().expect("an object").remove("cart");
+    deliver(&plugin, &json!({"version": "v3", "services": services}))?;
+    assert_eq!(held(&format!("{PREFIX}services/cart")), Some(0));
+    assert!(held(&format!("{PREFIX}services/shop")).is_some_and(|bytes| bytes > 0));
+
+    // Back again: published and picked as before.
+    deliver(
+        &plugin,
+        &json!({"version": "v4", "services": three_services()}),
+    )?;
+    assert!(held(&key).is_some_and(|bytes| bytes > 0));
+    for worker in 0..2 {
+        assert_eq!(
+            pick(&plugin, worker, "search")?.as_deref(),
+            Some("10.0.2.1:80")
+        );
+        assert_eq!(
+            pick(&plugin, worker, "cart")?.as_deref(),
+            Some("10.0.1.1:80")
+        );
+    }
+    Ok(())
+}
+
+#[test]
 fn a_delta_against_another_version_than_the_published_one_is_not_applied() -> anyhow::Result<()> {
     let plugin = two_workers()?;
     deliver(
