@@ -72,7 +72,24 @@ pub enum RecordError {
         /// The record's next version.
         next_version: u64,
     },
+    /// A counter no replica could have counted to: incrementing it could overflow.
+    #[error(
+        "the policy record's {field} is {value}, above {MAX_COUNTER} (2^53): fulcrum never \
+         counts that far, so the record was written by something else; delete the status \
+         ConfigMap to have it rewritten from a replica's memory"
+    )]
+    CounterOutOfRange {
+        /// `revision` or `next_version`.
+        field: &'static str,
+        /// Its value.
+        value: u64,
+    },
 }
+
+/// The largest `revision` or `next_version` a record may hold: 2^53, the largest integer
+/// every JSON reader (kubectl's, a dashboard's JavaScript) keeps exact, and far from where
+/// adding one could overflow.
+const MAX_COUNTER: u64 = 1 << 53;
 
 /// The digest of a source text: equal texts have equal digests.
 pub fn source_digest(text: &str) -> String {
@@ -101,6 +118,14 @@ impl PolicyRecord {
                 column: source.column(),
                 source,
             })?;
+        for (field, value) in [
+            ("revision", record.revision),
+            ("next_version", record.next_version),
+        ] {
+            if value > MAX_COUNTER {
+                return Err(RecordError::CounterOutOfRange { field, value });
+            }
+        }
         let numbers: Vec<u64> = record.versions.iter().map(|kept| kept.version).collect();
         let increasing = numbers.windows(2).all(|pair| pair[0] < pair[1]);
         if !increasing

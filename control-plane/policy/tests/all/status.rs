@@ -234,3 +234,28 @@ fn a_record_whose_versions_are_not_below_next_version_is_refused() {
     let problem = PolicyRecord::from_json(text).expect_err("inconsistent");
     assert!(problem.to_string().contains("next_version 2"), "{problem}");
 }
+
+#[test]
+fn a_record_whose_counters_could_overflow_is_refused_naming_the_field() {
+    for (field, text) in [
+        (
+            "revision",
+            r#"{"revision": 18446744073709551615, "next_version": 3, "versions": []}"#,
+        ),
+        (
+            "next_version",
+            r#"{"revision": 1, "next_version": 18446744073709551615, "versions": []}"#,
+        ),
+    ] {
+        let problem = PolicyRecord::from_json(text)
+            .expect_err("a counter at u64::MAX")
+            .to_string();
+        assert!(
+            problem.contains(&format!("{field} is 18446744073709551615")),
+            "{problem}"
+        );
+    }
+    let largest =
+        r#"{"revision": 9007199254740992, "next_version": 9007199254740992, "versions": []}"#;
+    PolicyRecord::from_json(largest).expect("2^53 is still a counter");
+}
