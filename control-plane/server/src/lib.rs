@@ -243,9 +243,10 @@ impl ControlPlane {
 
         let mut sources: Vec<Box<dyn Source>> = Vec::new();
         if let Some(static_file) = &config.static_file {
-            sources.push(Box::new(
-                StaticFileSource::new(static_file).with_poll_interval(config.poll_interval),
-            ));
+            let source =
+                StaticFileSource::new(static_file).with_poll_interval(config.poll_interval);
+            source.metrics().register(&mut metrics_registry);
+            sources.push(Box::new(source));
         }
         let needs_kube = optional.kubernetes.is_some()
             || matches!(optional.policy, Some(PolicySource::ConfigMap { .. }));

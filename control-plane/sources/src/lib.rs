@@ -15,7 +15,7 @@ use std::{collections::BTreeMap, future::Future, pin::Pin, sync::Arc};
 use fulcrum_core::ServiceEndpoints;
 use tokio::sync::mpsc;
 
-pub use static_file::{StaticFileError, StaticFileSource, parse_static_file};
+pub use static_file::{StaticFileError, StaticFileMetrics, StaticFileSource, parse_static_file};
 
 /// Services by name, each with its endpoints: the state one source publishes, and the shape
 /// of every stage's state after it.

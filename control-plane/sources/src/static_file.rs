@@ -29,7 +29,8 @@
 //! moment, and one read at that moment would publish a mesh missing services (every one of
 //! them, for an empty file) until the next poll. So a change applies one poll interval
 //! later. A file that cannot be read or parsed is reported with its path and the reason, and
-//! the last good state stays.
+//! the last good state stays; [`StaticFileMetrics`] counts it and says while it lasts, for an
+//! alert.
 
 use std::{
     collections::BTreeMap,
@@ -39,6 +40,10 @@ use std::{
 };
 
 use fulcrum_core::{Endpoint, ServiceEndpoints, UpstreamProtocol};
+use prometheus_client::{
+    metrics::{counter::Counter, gauge::Gauge},
+    registry::Registry,
+};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tracing::{error, info};
@@ -161,6 +166,40 @@ pub fn parse_static_file(path: &Path, text: &str) -> Result<Services, StaticFile
 pub struct StaticFileSource {
     path: PathBuf,
     poll_interval: Duration,
+    metrics: StaticFileMetrics,
+}
+
+/// What the static file source did with the contents it read; shared by its clones.
+#[derive(Debug, Clone, Default)]
+pub struct StaticFileMetrics {
+    /// Contents taken and published.
+    pub loaded: Counter,
+    /// Contents refused (unreadable or invalid); the last good state stayed.
+    pub refused: Counter,
+    /// 1 while the file's current content is refused (the last good state is served), else 0.
+    pub refusing: Gauge,
+}
+
+impl StaticFileMetrics {
+    /// Registers every metric under the `fulcrum_static_file` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        let file = registry.sub_registry_with_prefix("fulcrum_static_file");
+        file.register(
+            "loaded",
+            "Contents of the endpoints file taken and published",
+            self.loaded.clone(),
+        );
+        file.register(
+            "refused",
+            "Contents of the endpoints file refused as unreadable or invalid; the last good endpoints stayed",
+            self.refused.clone(),
+        );
+        file.register(
+            "refusing",
+            "1 while the endpoints file's current content is refused and the last good endpoints are served, else 0",
+            self.refusing.clone(),
+        );
+    }
 }
 
 impl StaticFileSource {
@@ -169,7 +208,13 @@ impl StaticFileSource {
         Self {
             path: path.into(),
             poll_interval: Duration::from_millis(500),
+            metrics: StaticFileMetrics::default(),
         }
+    }
+
+    /// What the source counts (register it before running the source).
+    pub fn metrics(&self) -> &StaticFileMetrics {
+        &self.metrics
     }
 
     /// Checks for changes every `interval` instead.
@@ -246,10 +291,14 @@ impl StaticFileSource {
         match parsed {
             Ok(services) => {
                 info!(path = %self.path.display(), services = services.len(), "loaded endpoints file");
+                self.metrics.loaded.inc();
+                self.metrics.refusing.set(0);
                 Some(services)
             }
             Err(error) => {
                 error!(path = %self.path.display(), %error, "keeping the last good endpoints");
+                self.metrics.refused.inc();
+                self.metrics.refusing.set(1);
                 None
             }
         }
@@ -417,6 +466,49 @@ services:
         );
         let next = source.poll(&mut seen).await.expect("read twice: taken");
         assert_eq!(next.keys().collect::<Vec<_>>(), ["other"]);
+    }
+
+    #[tokio::test]
+    async fn a_refused_content_is_counted_and_flagged_until_a_good_one_is_taken() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("endpoints.yaml");
+        let source = StaticFileSource::new(&file);
+        let metrics = source.metrics().clone();
+        let mut seen = Seen::default();
+        let mut take = async |content: &str| {
+            std::fs::write(&file, content).expect("write");
+            let first = source.poll(&mut seen).await;
+            assert!(first.is_none(), "read once");
+            source.poll(&mut seen).await
+        };
+
+        assert!(take(GOOD).await.is_some());
+        assert_eq!((metrics.loaded.get(), metrics.refused.get()), (1, 0));
+        assert_eq!(metrics.refusing.get(), 0);
+
+        assert!(take("services: [not, a, map]").await.is_none());
+        assert_eq!((metrics.loaded.get(), metrics.refused.get()), (1, 1));
+        assert_eq!(
+            metrics.refusing.get(),
+            1,
+            "the last good endpoints are served"
+        );
+
+        assert!(take("services: {}\n").await.is_some());
+        assert_eq!((metrics.loaded.get(), metrics.refused.get()), (2, 1));
+        assert_eq!(metrics.refusing.get(), 0);
+
+        let mut registry = Registry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        for name in [
+            "fulcrum_static_file_loaded_total 2",
+            "fulcrum_static_file_refused_total 1",
+            "fulcrum_static_file_refusing 0",
+        ] {
+            assert!(text.contains(name), "{name} in {text}");
+        }
     }
 
     #[tokio::test]
