@@ -28,9 +28,8 @@ use std::{
 use anyhow::Result;
 use fulcrum_proto::registry::v1::{self as pb, registry_client::RegistryClient};
 use fulcrum_registry::{
-    EtcdBackend, EtcdConfig, Limits, Registry, TokenAuth, View,
+    EtcdConfig, Limits, Registry, TokenAuth,
     api::{ApiState, grpc},
-    registry::new_epoch,
 };
 use tokio::net::TcpListener;
 use tonic::transport::{Channel, server::TcpIncoming};
@@ -262,11 +261,9 @@ async fn discover_load(url: &str, pick: bool, label: &str) -> Result<()> {
 }
 
 async fn etcd_registry(cluster: &etcd_cluster::EtcdCluster) -> Result<Arc<Registry>> {
-    let view = Arc::new(View::new(new_epoch()));
     let mut config = EtcdConfig::new(cluster.endpoints());
     config.request_timeout = Duration::from_secs(10);
-    let backend = EtcdBackend::connect(config, view.clone()).await?;
-    Ok(Registry::new(backend, view, loopback()))
+    Ok(Registry::on_etcd(config, loopback()).await?)
 }
 
 #[tokio::main]

@@ -75,6 +75,15 @@ impl AddressClass {
         }
     }
 
+    /// A short name for logs: `loopback`, `metadata` or `link_local`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Loopback => "loopback",
+            Self::Metadata => "metadata",
+            Self::LinkLocal => "link_local",
+        }
+    }
+
     fn describe(self) -> &'static str {
         match self {
             Self::Loopback => {
@@ -413,6 +422,14 @@ impl Refusal {
             Self::AddressScope { .. } => "address_scope",
             Self::IdentityQuota { .. } => "identity_quota",
             Self::GlobalCap { .. } => "global_cap",
+        }
+    }
+
+    /// The refused class, for an [`AddressClass`](Self::AddressClass) refusal.
+    pub fn address_class(&self) -> Option<AddressClass> {
+        match self {
+            Self::AddressClass { class, .. } => Some(*class),
+            _ => None,
         }
     }
 

@@ -1,7 +1,7 @@
 //! Prometheus metrics of the registry: calls per API face, operation and outcome, their
 //! latency, refused registrations by reason, the live instances per service and health, the
 //! services whose registrations disagree on the protocol, and (with a backend that reloads,
-//! etcd) the failed reloads of the registrations.
+//! etcd) the failed reloads of the registrations and the records kept out of the view.
 //!
 //! Both faces count at their edge (after the answer is decided, unauthenticated calls
 //! included) with the same labels, so one query covers REST and gRPC. The outcome is the
@@ -177,6 +177,13 @@ pub struct RefusalLabels {
     pub reason: &'static str,
 }
 
+/// Labels of `fulcrum_registry_etcd_records_refused_total`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct RefusedRecordLabels {
+    /// One of [`RecordRefusal::REASONS`](crate::backend::etcd::RecordRefusal::REASONS).
+    pub reason: &'static str,
+}
+
 /// Labels of `fulcrum_registry_instances`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct InstanceLabels {
@@ -212,6 +219,9 @@ pub struct RegistryMetrics {
     /// `fulcrum_registry_etcd_reload_failures_total`: the backend's failed reloads
     /// ([`RegistryBackend::reload_failures`]); not exposed without one.
     etcd_reload_failures: Option<Counter>,
+    /// `fulcrum_registry_etcd_records_refused_total{reason}`: records read from etcd that
+    /// the view does not take ([`RegistryBackend::records_refused`]); not exposed without.
+    etcd_records_refused: Option<Family<RefusedRecordLabels, Counter>>,
 }
 
 impl RegistryMetrics {
@@ -230,12 +240,15 @@ impl RegistryMetrics {
             services: ServiceLabels::new(max_service_series),
             protocol_conflicts: Gauge::default(),
             etcd_reload_failures: None,
+            etcd_records_refused: None,
         }
     }
 
-    /// Exposes `backend`'s failed reloads, when it reloads (etcd).
-    pub fn count_reloads_of(&mut self, backend: &dyn RegistryBackend) {
+    /// Exposes `backend`'s own counts, when it keeps them (etcd: failed reloads, refused
+    /// records).
+    pub fn count_backend(&mut self, backend: &dyn RegistryBackend) {
         self.etcd_reload_failures = backend.reload_failures();
+        self.etcd_records_refused = backend.records_refused();
     }
 
     /// The gauge of services whose registrations name different protocols, set by the
@@ -282,6 +295,13 @@ impl RegistryMetrics {
                 "etcd_reload_failures",
                 "Failed reloads of the registrations from etcd after its watch broke (meanwhile the last loaded state is served)",
                 failures.clone(),
+            );
+        }
+        if let Some(refused) = &self.etcd_records_refused {
+            prefixed.register(
+                "etcd_records_refused",
+                "Records read from etcd kept out of this replica's view, by reason (address_class: an address this replica refuses); each key counted once per revision",
+                refused.clone(),
             );
         }
     }

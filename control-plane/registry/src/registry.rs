@@ -24,7 +24,11 @@ use tracing::{info, warn};
 use crate::{
     admission::{Admission, Limits, Refusal},
     auth::Identity,
-    backend::{BackendError, RegistryBackend, memory::MemoryBackend},
+    backend::{
+        BackendError, RegistryBackend,
+        etcd::{EtcdBackend, EtcdConfig, EtcdConnectError},
+        memory::MemoryBackend,
+    },
     health::spawn_monitor,
     metrics::RegistryMetrics,
     model::{FieldErrors, InstanceSpec, validate_discovery, validate_instance_id},
@@ -216,12 +220,24 @@ impl Registry {
         Self::new(backend, view, limits)
     }
 
+    /// A registry over etcd admitting what `limits` allow, with health checks running. The
+    /// records every replica writes are admitted again with `limits`' address policy as
+    /// they are read (see [`crate::backend::etcd`]).
+    pub async fn on_etcd(
+        config: EtcdConfig,
+        limits: Limits,
+    ) -> Result<Arc<Self>, EtcdConnectError> {
+        let view = Arc::new(View::new(new_epoch()));
+        let backend = EtcdBackend::connect(config, view.clone(), limits.addresses.clone()).await?;
+        Ok(Self::new(backend, view, limits))
+    }
+
     /// A registry over `backend`, which keeps `view` current, admitting what `limits` allow;
     /// starts the health monitor and the instances gauge's follower on the current runtime
     /// (both stop when the view is dropped).
     pub fn new(backend: Arc<dyn RegistryBackend>, view: Arc<View>, limits: Limits) -> Arc<Self> {
         let mut metrics = RegistryMetrics::new(limits.max_service_series);
-        metrics.count_reloads_of(&*backend);
+        metrics.count_backend(&*backend);
         spawn_monitor(
             &view,
             ProbeHub::global().clone(),

@@ -12,8 +12,7 @@ use fulcrum_core::Snapshot;
 /// What the registry admits, the type of [`RegistryOptions::limits`].
 pub use fulcrum_registry::Limits;
 use fulcrum_registry::{
-    EtcdBackend, EtcdConfig, Registry, RegistrySource, TokenAuth, View, api::ApiState,
-    auth::TokenFileError, registry::new_epoch,
+    EtcdConfig, Registry, RegistrySource, TokenAuth, api::ApiState, auth::TokenFileError,
 };
 use tokio::{net::TcpListener, sync::watch};
 use tonic::transport::server::TcpIncoming;
@@ -39,6 +38,7 @@ pub struct RegistryOptions {
     /// scoped (`services=`, `addresses=`, `max=`).
     pub token_file: PathBuf,
     /// What the registry admits: allowed address ranges, its cap of live registrations.
+    /// With etcd, the records other replicas wrote are admitted with the same address ranges.
     pub limits: Limits,
     /// Where the registry's gRPC API listens (port 0: any free port).
     pub grpc_address: SocketAddr,
@@ -67,14 +67,12 @@ impl StartedRegistry {
         let registry = match options.backend {
             RegistryBackendOptions::Memory => Registry::in_memory(options.limits),
             RegistryBackendOptions::Etcd(config) => {
-                let view = Arc::new(View::new(new_epoch()));
                 let endpoints = config.endpoints.join(",");
-                let backend = EtcdBackend::connect(config, view.clone())
+                Registry::on_etcd(config, options.limits)
                     .await
                     .with_context(|| {
                         format!("cannot connect the registry to etcd at {endpoints}")
-                    })?;
-                Registry::new(backend, view, options.limits)
+                    })?
             }
         };
         let grpc_listener = TcpListener::bind(options.grpc_address)

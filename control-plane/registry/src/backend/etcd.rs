@@ -16,6 +16,17 @@
 //!   revision was compacted) loads again and applies the difference. While etcd has no
 //!   quorum, writes fail with [`BackendError::Unavailable`] and the view keeps the last
 //!   state it saw, so discovery and the endpoint source keep serving.
+//! - **Re-admission**: whatever wrote a key (this replica, one allowing more addresses
+//!   during a rolling change of `--registry-allow-addresses`, anyone with write access to
+//!   etcd), a record reaches the view only if this replica would admit its address too: the
+//!   [`AddressPolicy`] given to [`EtcdBackend::connect`] checks every record loaded or
+//!   watched, so Envoy is never sent to a loopback, link-local or cloud metadata address
+//!   this replica refuses. A refused record ([`RecordRefusal`]: also one that does not
+//!   decode, does not validate or is not under its id's key) is kept out of the view, or
+//!   removed from it when an update turns it bad, and logged and counted (by reason, in
+//!   `fulcrum_registry_etcd_records_refused_total`) once per key and revision: reloads read
+//!   it again without reporting it again. Writes read their key whatever its address, so
+//!   its owner can still replace, heartbeat or deregister such a record.
 //!
 //! **Deadlines and the write queue**: a write (register, heartbeat, deregister) has one
 //! deadline, `request_timeout` after it arrived, for everything it does: its wait in the
@@ -32,7 +43,9 @@
 pub mod commit;
 
 use std::{
+    collections::{HashMap, HashSet},
     future::Future,
+    net::SocketAddr,
     path::{Path, PathBuf},
     sync::{Arc, Weak},
     time::Duration,
@@ -42,7 +55,7 @@ use etcd_client::{
     Certificate, Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, Identity,
     KeyValue, PutOptions, TlsOptions, Txn, TxnOp, WatchOptions,
 };
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::{counter::Counter, family::Family};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 use serde::{Deserialize, Serialize};
 use tokio::{
@@ -55,7 +68,9 @@ use tracing::{debug, info, warn};
 use self::commit::{DirectTxn, Etcd, Guard, LeaseFate, TxnSender};
 use super::{BackendError, BackendFuture, RegistryBackend};
 use crate::{
-    model::{InstanceSpec, Registration},
+    admission::{AddressClass, AddressPolicy, Refusal},
+    metrics::RefusedRecordLabels,
+    model::{FieldErrors, InstanceSpec, Registration},
     unix_ms,
     view::{Record, View},
 };
@@ -349,6 +364,8 @@ pub struct EtcdBackend {
     places: Semaphore,
     /// Failed reloads of the watcher.
     reload_failures: Counter,
+    /// Records kept out of the view, by reason (see [`Intake`]).
+    records_refused: Family<RefusedRecordLabels, Counter>,
 }
 
 impl std::fmt::Debug for EtcdBackend {
@@ -591,29 +608,58 @@ pub fn lease_seconds(ttl: Duration) -> i64 {
         .max(1)
 }
 
-/// Decodes one key/value into a record; `None` (logged) when it is not a valid one.
-fn decode(prefix: &str, kv: &KeyValue) -> Option<Record> {
-    let key = String::from_utf8_lossy(kv.key());
-    let id = key.strip_prefix(prefix)?;
-    let stored: StoredRecord = match serde_json::from_slice(kv.value()) {
-        Ok(stored) => stored,
-        Err(error) => {
-            warn!(key = %key, %error, "skipping an etcd registration that is not valid JSON");
-            return None;
+/// Why a key under the prefix is kept out of the view; its [`reason`](Self::reason) labels
+/// `fulcrum_registry_etcd_records_refused_total`. See the module docs.
+#[derive(Debug, thiserror::Error)]
+pub enum RecordRefusal {
+    /// The value is not the JSON of a [`StoredRecord`].
+    #[error("the value is not a stored registration: {0}")]
+    Malformed(serde_json::Error),
+    /// A stored registration whose instance does not validate.
+    #[error("the stored instance is invalid: {0}")]
+    Invalid(FieldErrors),
+    /// A valid registration stored under another id's key.
+    #[error("the stored instance's id `{id}` is not the one its key names")]
+    IdMismatch {
+        /// The stored instance's id.
+        id: String,
+    },
+    /// A registration whose address this replica's [`AddressPolicy`] refuses.
+    #[error("{refusal}")]
+    AddressClass {
+        /// The registered address.
+        address: SocketAddr,
+        /// The policy's refusal.
+        refusal: Refusal,
+    },
+}
+
+impl RecordRefusal {
+    /// Every [`reason`](Self::reason) label.
+    pub const REASONS: [&'static str; 4] = ["malformed", "invalid", "id_mismatch", "address_class"];
+
+    /// The `reason` label: one of [`Self::REASONS`].
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Malformed(_) => "malformed",
+            Self::Invalid(_) => "invalid",
+            Self::IdMismatch { .. } => "id_mismatch",
+            Self::AddressClass { .. } => "address_class",
         }
-    };
-    let registration = match stored.instance.validate() {
-        Ok(registration) if *registration.id == *id => registration,
-        Ok(registration) => {
-            warn!(key = %key, id = %registration.id, "skipping an etcd registration whose id is not its key");
-            return None;
-        }
-        Err(error) => {
-            warn!(key = %key, %error, "skipping an invalid etcd registration");
-            return None;
-        }
-    };
-    Some(Record {
+    }
+}
+
+/// Decodes the value of `id`'s key into a record, whatever its address.
+fn decode(id: &str, kv: &KeyValue) -> Result<Record, RecordRefusal> {
+    let stored: StoredRecord =
+        serde_json::from_slice(kv.value()).map_err(RecordRefusal::Malformed)?;
+    let registration = stored.instance.validate().map_err(RecordRefusal::Invalid)?;
+    if *registration.id != *id {
+        return Err(RecordRefusal::IdMismatch {
+            id: registration.id.to_string(),
+        });
+    }
+    Ok(Record {
         registration,
         owner: stored.owner.into(),
         registered_at_unix_ms: stored.registered_at_unix_ms,
@@ -622,15 +668,110 @@ fn decode(prefix: &str, kv: &KeyValue) -> Option<Record> {
     })
 }
 
+/// What the watcher takes from etcd into the view: the records this replica admits (see
+/// the module docs). Owned by the watcher task.
+struct Intake {
+    prefix: String,
+    addresses: AddressPolicy,
+    /// `fulcrum_registry_etcd_records_refused_total{reason}`, every reason present from 0.
+    refused: Family<RefusedRecordLabels, Counter>,
+    /// Refused keys, each with the revision it was reported at. Invariant: only keys whose
+    /// last value read was refused (an admitted value or a delete forgets its key, a load
+    /// keeps only the keys it refused), so it holds at most the keys under the prefix.
+    reported: HashMap<Vec<u8>, i64>,
+}
+
+impl Intake {
+    fn new(prefix: String, addresses: AddressPolicy) -> Self {
+        let refused = Family::default();
+        for reason in RecordRefusal::REASONS {
+            let _ = refused.get_or_create(&RefusedRecordLabels { reason });
+        }
+        Self {
+            prefix,
+            addresses,
+            refused,
+            reported: HashMap::new(),
+        }
+    }
+
+    /// The instance id `key` names (every key read is under the prefix). A key that is not
+    /// UTF-8, read lossily, names no valid id.
+    fn id<'a>(&self, key: &'a str) -> &'a str {
+        key.strip_prefix(self.prefix.as_str()).unwrap_or(key)
+    }
+
+    /// The record `kv` holds when this replica admits it. Otherwise `None`, and the refusal
+    /// is reported unless it was at this revision already.
+    fn admit(&mut self, kv: &KeyValue) -> Option<Record> {
+        let key = String::from_utf8_lossy(kv.key());
+        let refusal = match decode(self.id(&key), kv) {
+            Ok(record) => {
+                let address = record.registration.address;
+                match self.addresses.check(address.ip()) {
+                    Ok(()) => {
+                        self.reported.remove(kv.key());
+                        return Some(record);
+                    }
+                    Err(refusal) => RecordRefusal::AddressClass { address, refusal },
+                }
+            }
+            Err(refusal) => refusal,
+        };
+        self.report(kv, &refusal);
+        None
+    }
+
+    /// Logs and counts `refusal` of `kv`, once per key and revision.
+    fn report(&mut self, kv: &KeyValue, refusal: &RecordRefusal) {
+        let revision = kv.mod_revision();
+        if self.reported.insert(kv.key().to_vec(), revision) == Some(revision) {
+            return;
+        }
+        let reason = refusal.reason();
+        self.refused
+            .get_or_create(&RefusedRecordLabels { reason })
+            .inc();
+        let key = String::from_utf8_lossy(kv.key());
+        match refusal {
+            RecordRefusal::AddressClass { address, refusal } => warn!(
+                %key,
+                revision,
+                %address,
+                class = refusal.address_class().map_or("", AddressClass::as_str),
+                reason,
+                "skipping an etcd registration whose address this replica refuses (written by another replica allowing it with --registry-allow-addresses, or by another etcd client); allow its range here too if it is intended"
+            ),
+            other => {
+                warn!(%key, revision, reason, error = %other, "skipping an etcd registration that is not a valid one")
+            }
+        }
+    }
+
+    /// Forgets `key`, deleted from etcd.
+    fn forget(&mut self, key: &[u8]) {
+        self.reported.remove(key);
+    }
+
+    /// Forgets every reported key but `refused`, the keys a whole load refused.
+    fn keep_reported(&mut self, refused: &HashSet<Vec<u8>>) {
+        self.reported.retain(|key, _| refused.contains(key));
+    }
+}
+
 impl EtcdBackend {
-    /// Connects, loads the current registrations into `view`, and starts the watcher.
-    /// Fails when the configuration cannot work (before connecting), when a TLS handshake
-    /// fails, or when no member answers within the deadlines.
+    /// Connects, loads the current registrations `addresses` admits into `view` (see the
+    /// module docs), and starts the watcher. `addresses` is the policy this replica's
+    /// registry admits registrations with ([`crate::Limits::addresses`];
+    /// [`Registry::on_etcd`](crate::Registry::on_etcd) passes it). Fails when the
+    /// configuration cannot work (before connecting), when a TLS handshake fails, or when no
+    /// member answers within the deadlines.
     pub async fn connect(
         config: EtcdConfig,
         view: Arc<View>,
+        addresses: AddressPolicy,
     ) -> Result<Arc<Self>, EtcdConnectError> {
-        Self::connect_with(config, view, Arc::new(DirectTxn)).await
+        Self::connect_with(config, view, addresses, Arc::new(DirectTxn)).await
     }
 
     /// [`connect`](Self::connect), sending every write transaction through `txns` (see
@@ -638,6 +779,7 @@ impl EtcdBackend {
     pub async fn connect_with(
         config: EtcdConfig,
         view: Arc<View>,
+        addresses: AddressPolicy,
         txns: Arc<dyn TxnSender>,
     ) -> Result<Arc<Self>, EtcdConnectError> {
         let mut options = ConnectOptions::new()
@@ -663,13 +805,16 @@ impl EtcdBackend {
             }
             Err(_) => return Err(timed_out(&config, "connecting to etcd").into()),
         };
-        let revision = load(&client, &config, &view)
+        let mut intake = Intake::new(config.prefix.clone(), addresses);
+        let revision = load(&client, &config, &mut intake, &view)
             .await
             .map_err(|error| handshake_error(&config, tls, error))?;
         let reload_failures = Counter::default();
+        let records_refused = intake.refused.clone();
         let watcher = tokio::spawn(watch_loop(
             client.clone(),
             config.clone(),
+            intake,
             Arc::downgrade(&view),
             revision,
             reload_failures.clone(),
@@ -681,6 +826,7 @@ impl EtcdBackend {
             in_flight: Semaphore::new(config.max_writes_in_flight),
             places: Semaphore::new(config.max_writes_in_flight + config.max_queued_writes),
             reload_failures,
+            records_refused,
             etcd: Etcd {
                 client,
                 config,
@@ -902,17 +1048,23 @@ fn prefix_end(prefix: &[u8]) -> Vec<u8> {
     vec![0]
 }
 
-/// Loads every registration into the view (applying only differences); returns the
-/// revision the load was at. The prefix is read in pages of [`LOAD_PAGE`] keys, every page
-/// at the revision of the first, so the view gets one consistent state however large the
-/// registry is. Any page failing (each has its own deadline) fails the whole load and the
-/// view keeps what it had.
-async fn load(client: &Client, config: &EtcdConfig, view: &View) -> Result<i64, BackendError> {
+/// Loads every registration `intake` admits into the view (applying only differences);
+/// returns the revision the load was at. The prefix is read in pages of [`LOAD_PAGE`] keys,
+/// every page at the revision of the first, so the view gets one consistent state however
+/// large the registry is. Any page failing (each has its own deadline) fails the whole load
+/// and the view keeps what it had.
+async fn load(
+    client: &Client,
+    config: &EtcdConfig,
+    intake: &mut Intake,
+    view: &View,
+) -> Result<i64, BackendError> {
     let mut kv = client.kv_client();
     let end = prefix_end(config.prefix.as_bytes());
     let mut from = config.prefix.as_bytes().to_vec();
     let mut revision = 0;
     let mut records = Vec::new();
+    let mut refused = HashSet::new();
     let mut page = LOAD_PAGE;
     loop {
         let mut options = GetOptions::new().with_range(end.clone()).with_limit(page);
@@ -939,12 +1091,14 @@ async fn load(client: &Client, config: &EtcdConfig, view: &View) -> Result<i64, 
         if revision == 0 {
             revision = response.header().map_or(0, |header| header.revision());
         }
-        records.extend(
-            response
-                .kvs()
-                .iter()
-                .filter_map(|kv| decode(&config.prefix, kv)),
-        );
+        for kv in response.kvs() {
+            match intake.admit(kv) {
+                Some(record) => records.push(record),
+                None => {
+                    refused.insert(kv.key().to_vec());
+                }
+            }
+        }
         match response.kvs().last() {
             Some(last) if response.more() => {
                 // The next page starts just after the last key read.
@@ -954,23 +1108,25 @@ async fn load(client: &Client, config: &EtcdConfig, view: &View) -> Result<i64, 
             _ => break,
         }
     }
+    intake.keep_reported(&refused);
     view.replace_all(records);
     Ok(revision)
 }
 
-/// Keeps the view current until it is dropped: watch from `revision + 1`; on a break,
-/// reload and watch again, with a backoff of up to 2 s while etcd is unreachable, counting
-/// each failed reload in `reload_failures`.
+/// Keeps the view current with what `intake` admits until it is dropped: watch from
+/// `revision + 1`; on a break, reload and watch again, with a backoff of up to 2 s while etcd
+/// is unreachable, counting each failed reload in `reload_failures`.
 async fn watch_loop(
     client: Client,
     config: EtcdConfig,
+    mut intake: Intake,
     view: Weak<View>,
     mut revision: i64,
     reload_failures: Counter,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match watch_once(&client, &config, &view, revision).await {
+        match watch_once(&client, &config, &mut intake, &view, revision).await {
             WatchEnd::ViewDropped => return,
             WatchEnd::Broken(reason) => {
                 warn!(%reason, "etcd watch ended; reloading the registrations");
@@ -978,7 +1134,7 @@ async fn watch_loop(
         }
         loop {
             let Some(strong) = view.upgrade() else { return };
-            match load(&client, &config, &strong).await {
+            match load(&client, &config, &mut intake, &strong).await {
                 Ok(loaded) => {
                     revision = loaded;
                     backoff = Duration::from_millis(100);
@@ -1009,6 +1165,7 @@ enum WatchEnd {
 async fn watch_once(
     client: &Client,
     config: &EtcdConfig,
+    intake: &mut Intake,
     view: &Weak<View>,
     revision: i64,
 ) -> WatchEnd {
@@ -1048,17 +1205,21 @@ async fn watch_once(
         };
         for event in response.events() {
             let Some(kv) = event.kv() else { continue };
+            let key = String::from_utf8_lossy(kv.key());
+            let id = intake.id(&key);
             match event.event_type() {
-                EventType::Put => {
-                    if let Some(record) = decode(&config.prefix, kv) {
-                        view.upsert(record);
+                EventType::Put => match intake.admit(kv) {
+                    Some(record) => view.upsert(record),
+                    // What the view held under this key is no longer what etcd holds.
+                    None => {
+                        if view.remove(id, Some(kv.mod_revision())) {
+                            info!(instance = %id, "registration removed: etcd now holds a value this replica refuses");
+                        }
                     }
-                }
+                },
                 EventType::Delete => {
-                    let key = String::from_utf8_lossy(kv.key());
-                    if let Some(id) = key.strip_prefix(&config.prefix)
-                        && view.remove(id, Some(kv.mod_revision()))
-                    {
+                    intake.forget(kv.key());
+                    if view.remove(id, Some(kv.mod_revision())) {
                         info!(instance = %id, "registration removed in etcd (deregistered or lease expired)");
                     }
                 }
@@ -1074,6 +1235,10 @@ impl RegistryBackend for EtcdBackend {
 
     fn reload_failures(&self) -> Option<Counter> {
         Some(self.reload_failures.clone())
+    }
+
+    fn records_refused(&self) -> Option<Family<RefusedRecordLabels, Counter>> {
+        Some(self.records_refused.clone())
     }
 
     fn register<'a>(
@@ -1114,6 +1279,26 @@ mod tests {
         assert_eq!(lease_seconds(Duration::from_millis(1000)), 1);
         assert_eq!(lease_seconds(Duration::from_millis(1001)), 2);
         assert_eq!(lease_seconds(Duration::from_millis(30_000)), 30);
+    }
+
+    #[test]
+    fn every_record_refusal_has_a_listed_reason() {
+        let loopback: SocketAddr = "127.0.0.1:80".parse().expect("address");
+        let refusals = [
+            RecordRefusal::Malformed(
+                serde_json::from_slice::<StoredRecord>(b"x").expect_err("not JSON"),
+            ),
+            RecordRefusal::Invalid(FieldErrors(Vec::new())),
+            RecordRefusal::IdMismatch { id: "a".into() },
+            RecordRefusal::AddressClass {
+                address: loopback,
+                refusal: AddressPolicy::default()
+                    .check(loopback.ip())
+                    .expect_err("loopback"),
+            },
+        ];
+        let reasons: Vec<&str> = refusals.iter().map(RecordRefusal::reason).collect();
+        assert_eq!(reasons, RecordRefusal::REASONS);
     }
 
     #[test]

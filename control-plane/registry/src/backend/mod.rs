@@ -14,9 +14,9 @@ pub mod memory;
 
 use std::{future::Future, pin::Pin, sync::Arc, time::Duration};
 
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::{counter::Counter, family::Family};
 
-use crate::{model::Registration, view::Record};
+use crate::{metrics::RefusedRecordLabels, model::Registration, view::Record};
 
 /// A boxed future a backend call returns.
 pub type BackendFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, BackendError>> + Send + 'a>>;
@@ -30,6 +30,13 @@ pub trait RegistryBackend: Send + Sync + std::fmt::Debug + 'static {
     /// (while it grows, the view serves the last state it loaded); `None` for a backend that
     /// never reloads.
     fn reload_failures(&self) -> Option<Counter> {
+        None
+    }
+
+    /// The count of records read from the store that the view does not take, by reason
+    /// (etcd: [`etcd::RecordRefusal`]); `None` for a backend whose view holds only its own,
+    /// admitted, writes.
+    fn records_refused(&self) -> Option<Family<RefusedRecordLabels, Counter>> {
         None
     }
 

@@ -7,8 +7,8 @@ use std::{collections::BTreeMap, sync::Arc};
 use anyhow::{Context, Result};
 use fulcrum_pipeline::policy::attach;
 use fulcrum_registry::{
-    EtcdBackend, EtcdConfig, Identity, InstanceSpec, Limits, Registry, TokenAuth, View,
-    api::rest::ErrorJson, model::MAX_ENDPOINT_BYTES, registry::new_epoch,
+    EtcdConfig, Identity, InstanceSpec, Limits, Registry, TokenAuth, api::rest::ErrorJson,
+    model::MAX_ENDPOINT_BYTES,
 };
 use reqwest::StatusCode;
 use serde_json::{Value, json};
@@ -236,9 +236,8 @@ async fn the_registry_holds_at_most_its_cap_of_live_registrations() -> Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_registrations_on_etcd_never_exceed_the_identitys_quota() -> Result<()> {
     let cluster = EtcdCluster::start(1).await?;
-    let view = Arc::new(View::new(new_epoch()));
-    let backend = EtcdBackend::connect(EtcdConfig::new(cluster.endpoints()), view.clone()).await?;
-    let registry = Registry::new(backend, view, Limits::default());
+    let registry =
+        Registry::on_etcd(EtcdConfig::new(cluster.endpoints()), Limits::default()).await?;
     let shop = tokens()
         .identify(Some(&format!("Bearer {SHOP}")))
         .expect("known");

@@ -14,11 +14,9 @@ use crate::{etcd_cluster::EtcdCluster, support::loopback};
 
 /// A control-plane replica: a registry on the cluster, with a short request deadline.
 async fn replica(cluster: &EtcdCluster) -> Result<Arc<Registry>> {
-    let view = Arc::new(View::new(new_epoch()));
     let mut config = EtcdConfig::new(cluster.endpoints());
     config.request_timeout = Duration::from_secs(2);
-    let backend = EtcdBackend::connect(config, view.clone()).await?;
-    Ok(Registry::new(backend, view, loopback()))
+    Ok(Registry::on_etcd(config, loopback()).await?)
 }
 
 fn spec(id: &str, port: u16, ttl_ms: u32) -> InstanceSpec {
@@ -242,7 +240,8 @@ async fn a_registry_larger_than_one_etcd_response_loads_whole() -> Result<()> {
     );
 
     let view = Arc::new(View::new(new_epoch()));
-    let _backend = EtcdBackend::connect(EtcdConfig::new(cluster.endpoints()), view.clone()).await?;
+    let config = EtcdConfig::new(cluster.endpoints());
+    let _backend = EtcdBackend::connect(config, view.clone(), loopback().addresses).await?;
     assert_eq!(view.len(), COUNT);
     for index in 0..COUNT {
         let id = format!("big-{index:05}");
@@ -268,7 +267,8 @@ async fn values_too_large_for_a_page_of_the_load_are_read_fewer_at_a_time() -> R
     write_large_registrations(&mut etcd, 2).await?;
 
     let view = Arc::new(View::new(new_epoch()));
-    let _backend = EtcdBackend::connect(EtcdConfig::new(cluster.endpoints()), view.clone()).await?;
+    let config = EtcdConfig::new(cluster.endpoints());
+    let _backend = EtcdBackend::connect(config, view.clone(), loopback().addresses).await?;
 
     assert_eq!(view.len(), 2, "the registrations loaded, the blobs skipped");
     assert!(view.get("big-00000").is_some() && view.get("big-00001").is_some());

@@ -7,9 +7,8 @@ use std::{path::PathBuf, process::Command, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use fulcrum_registry::{
-    EtcdBackend, EtcdConfig, Identity, InstanceSpec, Query, Registry, View,
+    EtcdConfig, Identity, InstanceSpec, Query, Registry,
     backend::etcd::{ClientCertFiles, EtcdConfigError, EtcdConnectError, EtcdTls},
-    registry::new_epoch,
 };
 use fulcrum_test_support::{Process, eventually};
 use rcgen::{
@@ -187,9 +186,7 @@ fn config(etcd: &TlsEtcd, tls: EtcdTls) -> EtcdConfig {
 }
 
 async fn replica(config: EtcdConfig) -> Result<Arc<Registry>, EtcdConnectError> {
-    let view = Arc::new(View::new(new_epoch()));
-    let backend = EtcdBackend::connect(config, view.clone()).await?;
-    Ok(Registry::new(backend, view, loopback()))
+    Registry::on_etcd(config, loopback()).await
 }
 
 /// The connection error for `config`; fails the test when it connects.

@@ -53,8 +53,10 @@ async fn replica_sending(
     let mut etcd = EtcdConfig::new(cluster.endpoints());
     etcd.request_timeout = REQUEST_TIMEOUT;
     config(&mut etcd);
-    let backend = EtcdBackend::connect_with(etcd, view.clone(), txns).await?;
-    Ok(Registry::new(backend, view, loopback()))
+    let limits = loopback();
+    let backend =
+        EtcdBackend::connect_with(etcd, view.clone(), limits.addresses.clone(), txns).await?;
+    Ok(Registry::new(backend, view, limits))
 }
 
 /// `count` registrations over REST at once; each one's status and how long it took.

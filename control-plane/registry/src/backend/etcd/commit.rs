@@ -106,10 +106,15 @@ impl Etcd {
             async move { kv.get(key, None).await }
         })
         .await?;
-        Ok(response
-            .kvs()
-            .first()
-            .and_then(|kv| decode(&self.config.prefix, kv)))
+        // Whatever its address: the owner may change or remove what it wrote. A value that
+        // does not decode was reported by the watcher.
+        Ok(response.kvs().first().and_then(|kv| match decode(id, kv) {
+            Ok(record) => Some(record),
+            Err(refusal) => {
+                debug!(instance = %id, %refusal, "the stored registration is not a valid one");
+                None
+            }
+        }))
     }
 
     /// Sends `txn` through the [`TxnSender`], failing over like any guarded write.
