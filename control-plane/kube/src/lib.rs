@@ -12,8 +12,10 @@
 //! Its tests run kube-rs against the fake API server of `fulcrum-test-support` (feature
 //! `kube-api`), which speaks the real list/watch protocol.
 
+pub mod left_out;
 pub mod mapping;
 mod source;
 
-pub use mapping::{Mapping, cluster_name, endpoint_health, port_protocol};
-pub use source::{KubeOptions, KubeSource, KubeSourceError};
+pub use left_out::{LeftOut, Reason};
+pub use mapping::{Mapped, Mapping, cluster_name, endpoint_health, port_protocol};
+pub use source::{KubeOptions, KubeSource, KubeSourceError, KubeSourceMetrics, LeftOutLabels};

@@ -13,9 +13,12 @@
 //!   matched to a slice port by name (an unnamed single port matches the unnamed slice port)
 //!   and protocol; the endpoint's address is its first address (the API says they are
 //!   fungible) with the slice port's number (the target port). `FQDN` slices are skipped.
+//!   Slices are read in name order, so what they disagree on (an `appProtocol`, the zone of
+//!   an address listed twice) does not depend on the order the store lists them in.
 //! - **Protocol** of a cluster, as Istio selects it ([`port_protocol`]): the Service port's
 //!   `appProtocol` (else its EndpointSlice port's) when set — `grpc`, `http2` and
-//!   `kubernetes.io/h2c` make the cluster HTTP/2, `http` HTTP/1.1, any other names none —
+//!   `kubernetes.io/h2c` make the cluster HTTP/2, `http` HTTP/1.1, any other names none
+//!   (compared case-insensitively, as service names are, RFC 6335) —
 //!   else the port name's prefix before the first `-` (`grpc`, `grpc-*`, `http2`, `http2-*`
 //!   HTTP/2; `http`, `http-*` HTTP/1.1), case-insensitive. A cluster with no protocol named
 //!   is HTTP/1.1.
@@ -34,10 +37,19 @@
 //!   Service, slice or pod label, and an endpoint whose node's region is unknown has none.
 //! - An address listed twice for one cluster (an endpoint moving between slices) is kept once,
 //!   with its healthiest state.
+//! - **Untrusted input** ([`crate::left_out`]): an address, slice port or slice Kubernetes
+//!   would not admit is left out on its own, as is a slice over the API's limits
+//!   ([`MAX_SLICE_ENDPOINTS`], [`MAX_SLICE_PORTS`]), and each is reported in
+//!   [`Mapped::left_out`]. Every label of a Service and of its slices is copied into each of
+//!   its endpoints, for each of its ports, so one Service could grow the snapshot of the
+//!   whole mesh past its budget: a Service whose clusters would take more than
+//!   [`Mapping::max_service_bytes`] is left out whole (its last published clusters stay,
+//!   [`Mapped::published_after`]), and building it stops there, so its cost is
+//!   bounded too.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
     sync::Arc,
 };
 
@@ -51,6 +63,8 @@ use k8s_openapi::api::{
 };
 use tracing::debug;
 
+use crate::left_out::{self, Family, LeftOut, Reason, is_tcp, serves};
+
 /// The label the EndpointSlice controller puts on every slice: the owning Service's name.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Metadata key of the node an endpoint runs on (the slice's `nodeName`).
@@ -60,9 +74,21 @@ pub const NODE_NAME_KEY: &str = "node_name";
 pub const NODE_REGION_LABEL: &str = "topology.kubernetes.io/region";
 /// Metadata key of the pod behind an endpoint (its `targetRef` when that is a Pod).
 pub const POD_NAME_KEY: &str = "pod_name";
+/// The most endpoints the EndpointSlice API admits in one slice; a slice with more is left out.
+pub const MAX_SLICE_ENDPOINTS: usize = 1000;
+/// The most ports the EndpointSlice API admits in one slice; a slice with more is left out.
+pub const MAX_SLICE_PORTS: usize = 100;
+/// Default of [`Mapping::max_service_bytes`]: a quarter of the pipeline's default snapshot
+/// budget (16 MiB), so no one Service can push the mesh's snapshot over it alone.
+pub const DEFAULT_MAX_SERVICE_BYTES: usize = 4 << 20;
+/// JSON bytes of an endpoint besides its address, zone and metadata strings (field names,
+/// quotes, weight, health).
+const ENDPOINT_JSON_BYTES: usize = 64;
+/// JSON bytes of a metadata entry besides its key and value (quotes, colon, comma).
+const ENTRY_JSON_BYTES: usize = 6;
 
 /// How Kubernetes objects become clusters. Defaults: `cluster.local`, unhealthy endpoints left
-/// out (Istio's `PILOT_SEND_UNHEALTHY_ENDPOINTS=false`).
+/// out (Istio's `PILOT_SEND_UNHEALTHY_ENDPOINTS=false`), [`DEFAULT_MAX_SERVICE_BYTES`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Mapping {
     /// The cluster's DNS domain, the suffix of `<svc>.<ns>.svc.<domain>`.
@@ -76,6 +102,10 @@ pub struct Mapping {
     /// Watch Nodes for their region label, which becomes the metadata [`REGION_KEY`] of the
     /// endpoints on them. Default: true. Needs list/watch on nodes.
     pub node_regions: bool,
+    /// The most bytes of snapshot JSON the clusters of one Service may take, estimated from
+    /// the lengths of their endpoints' addresses, zones and metadata; a Service over it is
+    /// left out (see the module docs).
+    pub max_service_bytes: usize,
 }
 
 impl Default for Mapping {
@@ -88,8 +118,85 @@ impl Default for Mapping {
                 .map(str::to_owned)
                 .collect(),
             node_regions: true,
+            max_service_bytes: DEFAULT_MAX_SERVICE_BYTES,
         }
     }
+}
+
+/// What [`Mapping::map`] made of the objects.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Mapped {
+    /// Every cluster, without what was left out.
+    pub services: Services,
+    /// What was left out and why, sorted, each entry once.
+    pub left_out: Vec<LeftOut>,
+    /// The clusters of the Services left out whole.
+    refused_clusters: Vec<String>,
+}
+
+impl Mapped {
+    /// What to publish after `previous`: [`Mapped::services`], each cluster equal to its
+    /// previous one shared with it (the pipeline screens and encodes again only the clusters
+    /// whose [`Arc`] changed), and the previous clusters of every Service left out whole (its
+    /// last good state stays while it is refused).
+    pub fn published_after(&self, previous: Option<&Services>) -> Services {
+        let mut services = self.services.clone();
+        let Some(previous) = previous else {
+            return services;
+        };
+        for (cluster, endpoints) in &mut services {
+            match previous.get(cluster) {
+                Some(kept) if kept == endpoints => *endpoints = Arc::clone(kept),
+                _ => {}
+            }
+        }
+        for cluster in &self.refused_clusters {
+            if let Some(kept) = previous.get(cluster) {
+                services.insert(cluster.clone(), Arc::clone(kept));
+            }
+        }
+        services
+    }
+}
+
+/// The snapshot bytes a Service's clusters may still take.
+struct Budget {
+    left: usize,
+}
+
+impl Budget {
+    /// Takes `bytes`; false once the budget is spent.
+    fn take(&mut self, bytes: usize) -> bool {
+        match self.left.checked_sub(bytes) {
+            Some(left) => {
+                self.left = left;
+                true
+            }
+            None => false,
+        }
+    }
+}
+
+/// The estimated JSON bytes of `endpoint` (see [`Mapping::max_service_bytes`]).
+fn endpoint_bytes(endpoint: &Endpoint) -> usize {
+    let metadata: usize = endpoint
+        .metadata()
+        .iter()
+        .map(|(key, value)| key.len() + value.len() + ENTRY_JSON_BYTES)
+        .sum();
+    ENDPOINT_JSON_BYTES
+        + endpoint.address.to_string().len()
+        + endpoint.zone().map_or(0, str::len)
+        + metadata
+}
+
+/// The bytes the labels of an object take in each endpoint's metadata.
+fn labels_bytes(labels: Option<&BTreeMap<String, String>>) -> usize {
+    labels
+        .into_iter()
+        .flatten()
+        .map(|(key, value)| key.len() + value.len() + ENTRY_JSON_BYTES)
+        .sum()
 }
 
 /// Istio's outbound cluster name for one Service port:
@@ -104,8 +211,8 @@ pub fn cluster_name(service: &str, namespace: &str, port: i32, cluster_domain: &
 /// `terminating` is draining (it finishes sticky sessions and gets no new ones); terminating
 /// and no longer serving is left out (Istio never sends terminating endpoints); any other
 /// not-ready endpoint is unhealthy, left out unless `send_unhealthy_endpoints`. Unset
-/// `serving` and `terminating` are read as the API defines them (serving defers to ready,
-/// terminating is false), where Istio reads both as true.
+/// conditions are read as the API defines them (`ready` and `serving` true, `terminating`
+/// false), where Istio reads an unset `terminating` as true.
 pub fn endpoint_health(
     conditions: Option<&EndpointConditions>,
     send_unhealthy_endpoints: bool,
@@ -114,7 +221,7 @@ pub fn endpoint_health(
     if ready {
         return Some(Health::Healthy);
     }
-    let serving = conditions.and_then(|c| c.serving).unwrap_or(ready);
+    let serving = conditions.and_then(|c| c.serving).unwrap_or(true);
     let terminating = conditions.and_then(|c| c.terminating).unwrap_or(false);
     match (serving, terminating) {
         (true, true) => Some(Health::Draining),
@@ -125,7 +232,7 @@ pub fn endpoint_health(
 
 impl Mapping {
     /// Every cluster of `services` with its endpoints from `slices`, labelled from `pods`
-    /// and placed in the regions of `nodes`.
+    /// and placed in the regions of `nodes` ([`Mapping::map`] without what it left out).
     pub fn services(
         &self,
         services: &[Arc<Service>],
@@ -133,25 +240,24 @@ impl Mapping {
         pods: &[Arc<Pod>],
         nodes: &[Arc<Node>],
     ) -> Services {
+        self.map(services, slices, pods, nodes).services
+    }
+
+    /// Every cluster of `services` with its endpoints from `slices`, labelled from `pods`
+    /// and placed in the regions of `nodes`, and what was left out.
+    pub fn map(
+        &self,
+        services: &[Arc<Service>],
+        slices: &[Arc<EndpointSlice>],
+        pods: &[Arc<Pod>],
+        nodes: &[Arc<Node>],
+    ) -> Mapped {
         let pod_labels = self.labels_by_pod(pods);
         let node_regions = regions_by_node(nodes);
-        let mut slices_by_service: HashMap<(&str, &str), Vec<&EndpointSlice>> = HashMap::new();
-        for slice in slices {
-            let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
-            let owner = slice
-                .metadata
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(SERVICE_NAME_LABEL));
-            match owner {
-                Some(owner) if slice.address_type != "FQDN" => slices_by_service
-                    .entry((namespace, owner.as_str()))
-                    .or_default()
-                    .push(slice),
-                _ => {}
-            }
-        }
+        let mut left_out = BTreeSet::new();
+        let slices_by_service = slices_by_service(slices, &mut left_out);
         let mut out = Services::new();
+        let mut refused_clusters = Vec::new();
         for service in services {
             let (Some(name), Some(spec)) = (service.metadata.name.as_deref(), &service.spec) else {
                 continue;
@@ -164,28 +270,96 @@ impl Mapping {
                 .get(&(namespace, name))
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            for port in spec
+            let ports: Vec<&ServicePort> = spec
                 .ports
                 .iter()
                 .flatten()
                 .filter(|port| is_tcp(&port.protocol))
-            {
+                .collect();
+            let mut budget = Budget {
+                left: self.max_service_bytes,
+            };
+            let mut clusters = Vec::with_capacity(ports.len());
+            let mut over_budget = None;
+            for port in &ports {
                 let cluster = cluster_name(name, namespace, port.port, &self.cluster_domain);
-                let endpoints = self.endpoints(service, port, slices, &pod_labels, &node_regions);
-                let slice_port = slices.iter().find_map(|slice| {
-                    matching_slice_port(port, slice.ports.as_deref().unwrap_or_default())
+                let context = EndpointContext {
+                    service,
+                    port,
+                    pod_labels: &pod_labels,
+                    node_regions: &node_regions,
+                };
+                let endpoints = match self.endpoints(&context, slices, &mut budget, &mut left_out) {
+                    Ok(endpoints) => endpoints,
+                    Err(endpoint_bytes) => {
+                        over_budget = Some(endpoint_bytes);
+                        break;
+                    }
+                };
+                let slice_port = slices.iter().find_map(|(slice, _)| {
+                    slice
+                        .ports
+                        .iter()
+                        .flatten()
+                        .find(|candidate| serves(candidate, port))
                 });
                 let protocol = port_protocol(port, slice_port);
-                out.insert(
+                clusters.push((
                     cluster,
-                    std::sync::Arc::new(ServiceEndpoints {
+                    Arc::new(ServiceEndpoints {
                         endpoints,
                         protocol,
                     }),
-                );
+                ));
             }
+            let Some(endpoint_bytes) = over_budget else {
+                out.extend(clusters);
+                continue;
+            };
+            left_out.insert(self.over_budget(service, ports.len(), endpoint_bytes));
+            refused_clusters.extend(
+                ports
+                    .iter()
+                    .map(|port| cluster_name(name, namespace, port.port, &self.cluster_domain)),
+            );
         }
-        out
+        Mapped {
+            services: out,
+            left_out: left_out.into_iter().collect(),
+            refused_clusters,
+        }
+    }
+
+    /// What is reported for `service`, with `ports` TCP ports, over its budget at an
+    /// endpoint of `endpoint_bytes`: its labels when they are most of each endpoint.
+    fn over_budget(&self, service: &Service, ports: usize, endpoint_bytes: usize) -> LeftOut {
+        let labels = service.metadata.labels.as_ref();
+        let label_bytes = labels_bytes(labels);
+        let (field, cause) = if label_bytes * 2 >= endpoint_bytes {
+            (
+                "metadata.labels",
+                format!(
+                    "each endpoint carries its {} labels ({label_bytes} bytes); remove labels from the Service (every one is copied into each endpoint of each port)",
+                    labels.map_or(0, BTreeMap::len)
+                ),
+            )
+        } else {
+            (
+                "spec.ports",
+                "its EndpointSlices list that many endpoints or carry that many labels; split the Service or trim its slices' labels".to_owned(),
+            )
+        };
+        LeftOut {
+            kind: "Service",
+            namespace: service.metadata.namespace.clone().unwrap_or_default(),
+            name: service.metadata.name.clone().unwrap_or_default(),
+            field: field.to_owned(),
+            reason: Reason::OverBudget,
+            message: format!(
+                "its {ports} clusters would take over {} bytes of the snapshot: {cause}, or raise the Kubernetes source's max_service_bytes; the Service is left out and its last published clusters stay",
+                self.max_service_bytes
+            ),
+        }
     }
 
     /// The allowed labels of every pod that has some, by namespace and name.
@@ -212,29 +386,41 @@ impl Mapping {
             .collect()
     }
 
-    /// The endpoints of one Service port, sorted by address, each address once.
+    /// The endpoints of one Service port, sorted by address, each address once; once the
+    /// Service's `budget` is spent, the size of the endpoint that did not fit.
     fn endpoints(
         &self,
-        service: &Service,
-        port: &ServicePort,
-        slices: &[&EndpointSlice],
-        pod_labels: &PodLabels<'_>,
-        node_regions: &NodeRegions<'_>,
-    ) -> Vec<Endpoint> {
+        context: &EndpointContext<'_>,
+        slices: &[(&EndpointSlice, Family)],
+        budget: &mut Budget,
+        left_out: &mut BTreeSet<LeftOut>,
+    ) -> Result<Vec<Endpoint>, usize> {
         let mut endpoints: BTreeMap<SocketAddr, Endpoint> = BTreeMap::new();
-        for slice in slices {
-            let Some(target_port) = matching_port(port, slice.ports.as_deref().unwrap_or_default())
-            else {
-                continue;
+        for (slice, family) in slices {
+            let target_port = match left_out::target_port(slice, context.port) {
+                Ok(Some(target_port)) => target_port,
+                Ok(None) => continue,
+                Err(problem) => {
+                    left_out.insert(problem);
+                    continue;
+                }
             };
-            for endpoint in &slice.endpoints {
+            for (index, endpoint) in slice.endpoints.iter().enumerate() {
                 let Some(health) =
                     endpoint_health(endpoint.conditions.as_ref(), self.send_unhealthy_endpoints)
                 else {
                     continue;
                 };
-                let Some(ip) = endpoint.addresses.first().and_then(|a| parse_ip(a, slice)) else {
+                // The API requires at least one address; the first stands for all.
+                let Some(address) = endpoint.addresses.first() else {
                     continue;
+                };
+                let ip = match left_out::endpoint_ip(slice, *family, index, address) {
+                    Ok(ip) => ip,
+                    Err(problem) => {
+                        left_out.insert(problem);
+                        continue;
+                    }
                 };
                 let address = SocketAddr::new(ip, target_port);
                 let mapped =
@@ -242,9 +428,13 @@ impl Mapping {
                         .with_health(health)
                         .with_attributes(Attributes {
                             zone: endpoint.zone.clone(),
-                            metadata: metadata(service, slice, endpoint, pod_labels, node_regions),
+                            metadata: metadata(context, slice, endpoint),
                             ..Attributes::default()
                         });
+                let bytes = endpoint_bytes(&mapped);
+                if !budget.take(bytes) {
+                    return Err(bytes);
+                }
                 match endpoints.get(&address) {
                     Some(kept) if health_rank(kept.health) <= health_rank(health) => {}
                     _ => {
@@ -253,31 +443,66 @@ impl Mapping {
                 }
             }
         }
-        endpoints.into_values().collect()
+        Ok(endpoints.into_values().collect())
     }
 }
 
-/// Whether a port's protocol is TCP (unset means TCP).
-fn is_tcp(protocol: &Option<String>) -> bool {
-    protocol.as_deref().is_none_or(|protocol| protocol == "TCP")
+/// What every endpoint of one Service port is mapped with.
+struct EndpointContext<'a> {
+    service: &'a Service,
+    port: &'a ServicePort,
+    pod_labels: &'a PodLabels<'a>,
+    node_regions: &'a NodeRegions<'a>,
 }
 
-/// The slice port serving `port`: same name (unset and empty alike), same protocol.
-fn matching_slice_port<'a>(
-    port: &ServicePort,
-    slice_ports: &'a [EndpointPort],
-) -> Option<&'a EndpointPort> {
-    let name = port.name.as_deref().unwrap_or_default();
-    slice_ports.iter().find(|candidate| {
-        candidate.name.as_deref().unwrap_or_default() == name && is_tcp(&candidate.protocol)
-    })
-}
-
-/// The slice port serving `port`, as a socket port number.
-fn matching_port(port: &ServicePort, slice_ports: &[EndpointPort]) -> Option<u16> {
-    matching_slice_port(port, slice_ports)
-        .and_then(|candidate| candidate.port)
-        .and_then(|number| u16::try_from(number).ok())
+/// The slices of every Service, by namespace and Service name, each with its family and in
+/// name order; slices of no Service (no [`SERVICE_NAME_LABEL`]) and `FQDN` slices are not
+/// mapped, and a slice of an unknown address type or over the API's limits is left out.
+fn slices_by_service<'a>(
+    slices: &'a [Arc<EndpointSlice>],
+    left_out: &mut BTreeSet<LeftOut>,
+) -> HashMap<(&'a str, &'a str), Vec<(&'a EndpointSlice, Family)>> {
+    let mut by_service: HashMap<(&str, &str), Vec<(&EndpointSlice, Family)>> = HashMap::new();
+    for slice in slices {
+        let Some(owner) = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|labels| labels.get(SERVICE_NAME_LABEL))
+        else {
+            continue;
+        };
+        let family = match Family::of(slice) {
+            Ok(Some(family)) => family,
+            Ok(None) => continue,
+            Err(problem) => {
+                left_out.insert(problem);
+                continue;
+            }
+        };
+        let ports = slice.ports.as_ref().map_or(0, Vec::len);
+        if slice.endpoints.len() > MAX_SLICE_ENDPOINTS || ports > MAX_SLICE_PORTS {
+            left_out.insert(LeftOut::slice(
+                slice,
+                if ports > MAX_SLICE_PORTS { "ports" } else { "endpoints" }.to_owned(),
+                Reason::TooManyEndpoints,
+                format!(
+                    "{} endpoints and {ports} ports, over the API's limits of {MAX_SLICE_ENDPOINTS} and {MAX_SLICE_PORTS} a slice; the slice is left out, split it (the API server this came from is not enforcing Kubernetes' validation)",
+                    slice.endpoints.len()
+                ),
+            ));
+            continue;
+        }
+        let namespace = slice.metadata.namespace.as_deref().unwrap_or_default();
+        by_service
+            .entry((namespace, owner.as_str()))
+            .or_default()
+            .push((slice, family));
+    }
+    for slices in by_service.values_mut() {
+        slices.sort_by(|(a, _), (b, _)| a.metadata.name.cmp(&b.metadata.name));
+    }
+    by_service
 }
 
 /// The protocol Envoy speaks to the endpoints of Service port `port`, whose EndpointSlice
@@ -300,10 +525,13 @@ pub fn port_protocol(
                 .map(|value| ("ports[].appProtocol", value))
         });
     if let Some((field, value)) = app_protocol {
-        let protocol = match value {
-            "grpc" | "http2" | "kubernetes.io/h2c" => Some(UpstreamProtocol::Http2),
-            "http" => Some(UpstreamProtocol::Http1),
-            _ => None,
+        let is = |name: &str| value.eq_ignore_ascii_case(name);
+        let protocol = if is("grpc") || is("http2") || is("kubernetes.io/h2c") {
+            Some(UpstreamProtocol::Http2)
+        } else if is("http") {
+            Some(UpstreamProtocol::Http1)
+        } else {
+            None
         };
         if protocol.is_none() {
             debug!(
@@ -323,17 +551,6 @@ pub fn port_protocol(
     } else {
         None
     }
-}
-
-fn parse_ip(address: &str, slice: &EndpointSlice) -> Option<IpAddr> {
-    let parsed = address.parse().ok();
-    if parsed.is_none() {
-        debug!(
-            slice = slice.metadata.name.as_deref().unwrap_or_default(),
-            address, "skipping an endpoint address that is not an IP"
-        );
-    }
-    parsed
 }
 
 /// Allowed pod labels by (namespace, pod name).
@@ -358,12 +575,16 @@ fn regions_by_node(nodes: &[Arc<Node>]) -> NodeRegions<'_> {
 /// Service labels, then slice labels, then the allowed labels of the endpoint's pod, then its
 /// node and pod names and its node's region (the region only from the node).
 fn metadata(
-    service: &Service,
+    context: &EndpointContext<'_>,
     slice: &EndpointSlice,
     endpoint: &k8s_openapi::api::discovery::v1::Endpoint,
-    pod_labels: &PodLabels<'_>,
-    node_regions: &NodeRegions<'_>,
 ) -> BTreeMap<String, String> {
+    let EndpointContext {
+        service,
+        pod_labels,
+        node_regions,
+        ..
+    } = context;
     let mut metadata: BTreeMap<String, String> = service
         .metadata
         .labels

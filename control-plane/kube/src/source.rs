@@ -2,6 +2,10 @@
 //! for the labels [`Mapping::pod_labels`] allows, and Nodes, for their region when
 //! [`Mapping::node_regions`]), consumed into the full service set after every change.
 //!
+//! What the mapping leaves out ([`crate::left_out`]) is logged at warn level, each entry
+//! with its object and field, when the set changes (not on every event), and counted in
+//! `fulcrum_kube_left_out{reason}` ([`KubeSourceMetrics`]).
+//!
 //! Pods are stored stripped to their name, namespace and allowed labels, Nodes to their name
 //! and region label: a pod's or node's spec and status are most of its size. Neither is
 //! waited for: clusters are published once Services and EndpointSlices are listed, so a
@@ -23,13 +27,64 @@ use kube::{
         watcher,
     },
 };
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{family::Family, gauge::Gauge},
+    registry::Registry,
+};
 use serde::de::DeserializeOwned;
 use tracing::{debug, info, warn};
 
-use crate::{Mapping, mapping::NODE_REGION_LABEL};
+use crate::{LeftOut, Mapping, Reason, mapping::NODE_REGION_LABEL};
 
 /// How often the source checks whether the pipeline stopped listening while no event comes.
 const SINK_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// The most entries left out logged one by one when they change; the metric counts all.
+const LOGGED: usize = 100;
+
+/// Labels naming why entries were left out.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+pub struct LeftOutLabels {
+    /// A [`Reason`]'s name: `address`, `address_type`, `port`, `too_many_endpoints`,
+    /// `over_budget`.
+    pub reason: &'static str,
+}
+
+/// What the Kubernetes source leaves out; shared by its clones.
+#[derive(Debug, Clone, Default)]
+pub struct KubeSourceMetrics {
+    /// `fulcrum_kube_left_out{reason}`: entries of Services and EndpointSlices (addresses,
+    /// slices, Services) the latest mapping left out; every reason has a series, 0 included.
+    /// Above 0, a controller (or whoever writes those objects) publishes what Envoy must not
+    /// be sent to; the warn log names each object and field.
+    pub left_out: Family<LeftOutLabels, Gauge>,
+}
+
+impl KubeSourceMetrics {
+    /// Registers every metric under the `fulcrum_kube` prefix.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.sub_registry_with_prefix("fulcrum_kube").register(
+            "left_out",
+            "Entries of Services and EndpointSlices the latest mapping left out, by reason",
+            self.left_out.clone(),
+        );
+    }
+
+    /// Sets the gauges from the latest mapping.
+    fn observe(&self, left_out: &[LeftOut]) {
+        for reason in Reason::ALL {
+            let count = left_out
+                .iter()
+                .filter(|entry| entry.reason == reason)
+                .count();
+            self.left_out
+                .get_or_create(&LeftOutLabels {
+                    reason: reason.as_str(),
+                })
+                .set(i64::try_from(count).unwrap_or(i64::MAX));
+        }
+    }
+}
 
 /// What to watch and how to map it. Defaults: every namespace, no label selector, the default
 /// [`Mapping`].
@@ -59,6 +114,7 @@ pub enum KubeSourceError {
 pub struct KubeSource {
     client: Client,
     options: KubeOptions,
+    metrics: KubeSourceMetrics,
 }
 
 impl Debug for KubeSource {
@@ -72,7 +128,16 @@ impl Debug for KubeSource {
 impl KubeSource {
     /// A source using `client` (tests point it at a fake API server).
     pub fn new(client: Client, options: KubeOptions) -> Self {
-        Self { client, options }
+        Self {
+            client,
+            options,
+            metrics: KubeSourceMetrics::default(),
+        }
+    }
+
+    /// What the source counts (register it before running the source).
+    pub fn metrics(&self) -> &KubeSourceMetrics {
+        &self.metrics
     }
 
     /// A source with the client configuration found in the environment: the in-cluster
@@ -166,6 +231,7 @@ impl KubeSource {
         let mut events = futures::stream::select_all(streams);
         let mut listed = vec![false; labels.len()];
         let mut published: Option<Services> = None;
+        let mut reported: Vec<LeftOut> = Vec::new();
         let mut sink_check = tokio::time::interval(SINK_CHECK_INTERVAL);
         loop {
             let (index, progress) = tokio::select! {
@@ -198,12 +264,18 @@ impl KubeSource {
             if !listed[..required].iter().all(|listed| *listed) {
                 continue;
             }
-            let services = self.options.mapping.services(
+            let mapped = self.options.mapping.map(
                 &states(&service_stores),
                 &states(&slice_stores),
                 &states(&pod_stores),
                 &states(&node_stores),
             );
+            self.metrics.observe(&mapped.left_out);
+            if mapped.left_out != reported {
+                log_left_out(&name, &mapped.left_out);
+                reported.clone_from(&mapped.left_out);
+            }
+            let services = mapped.published_after(published.as_ref());
             if published.as_ref() == Some(&services) {
                 debug!(source = %name, watched, "change left the clusters as they were");
                 continue;
@@ -331,6 +403,29 @@ where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
     stores.iter().flat_map(Store::state).collect()
+}
+
+/// Logs what the mapping now leaves out, the first [`LOGGED`] entries one by one.
+fn log_left_out(source: &str, left_out: &[LeftOut]) {
+    if left_out.is_empty() {
+        info!(source, "nothing is left out of the clusters any more");
+        return;
+    }
+    for entry in left_out.iter().take(LOGGED) {
+        warn!(
+            source,
+            reason = entry.reason.as_str(),
+            "left out of the clusters: {entry}"
+        );
+    }
+    if left_out.len() > LOGGED {
+        warn!(
+            source,
+            logged = LOGGED,
+            total = left_out.len(),
+            "more entries left out of the clusters than logged; fulcrum_kube_left_out counts them all"
+        );
+    }
 }
 
 fn log_watch_error(source: &str, watched: &str, error: &watcher::Error) {

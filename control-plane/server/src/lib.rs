@@ -271,7 +271,9 @@ impl ControlPlane {
         };
         policies.metrics().register(&mut metrics_registry);
         if let (Some(options), Some(client)) = (optional.kubernetes, &kube_client) {
-            sources.push(Box::new(KubeSource::new(client.clone(), options)));
+            let source = KubeSource::new(client.clone(), options);
+            source.metrics().register(&mut metrics_registry);
+            sources.push(Box::new(source));
         }
         let registry = match optional.registry {
             Some(options) => Some(StartedRegistry::start(options).await?),

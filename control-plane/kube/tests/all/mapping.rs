@@ -10,7 +10,7 @@ use fulcrum_test_support::kube_api::objects::{
 use k8s_openapi::{
     api::{
         core::v1::{Node, Pod, ServicePort},
-        discovery::v1::{EndpointConditions, EndpointPort},
+        discovery::v1::{EndpointConditions, EndpointPort, EndpointSlice},
     },
     apimachinery::pkg::apis::meta::v1::ObjectMeta,
 };
@@ -135,6 +135,9 @@ fn grpc_and_http2_ports_are_http2_clusters_by_app_protocol_then_by_istio_port_na
         (service_port("web", Some("grpc")), None, http2),
         (service_port("web", Some("http2")), None, http2),
         (service_port("web", Some("kubernetes.io/h2c")), None, http2),
+        // Service names compare case-insensitively (RFC 6335), as Istio reads them.
+        (service_port("web", Some("GRPC")), None, http2),
+        (service_port("web", Some("HTTP")), None, http1),
         (service_port("grpc", Some("http")), None, http1),
         (service_port("grpc", Some("kubernetes.io/ws")), None, None),
         (service_port("web", None), Some(slice_port("grpc")), http2),
@@ -460,4 +463,264 @@ fn the_region_of_an_endpoints_node_becomes_its_region_metadata_and_only_the_node
         .map(|endpoint| endpoint.region())
         .collect();
     assert_eq!(regions, [Some("eu-west-1"), Some("us-east-1"), None, None]);
+}
+
+/// What the mapping left out, each `kind namespace/name field reason`.
+fn left_out(mapped: &fulcrum_kube_source::Mapped) -> Vec<String> {
+    mapped
+        .left_out
+        .iter()
+        .map(|entry| {
+            format!(
+                "{} {}/{} {} {}",
+                entry.kind,
+                entry.namespace,
+                entry.name,
+                entry.field,
+                entry.reason.as_str()
+            )
+        })
+        .collect()
+}
+
+fn checkout_slice(
+    name: &str,
+    endpoints: Vec<k8s_openapi::api::discovery::v1::Endpoint>,
+) -> EndpointSlice {
+    endpoint_slice("shop", name, "checkout", &[("http", 8080)], endpoints)
+}
+
+fn map_checkout(slices: Vec<EndpointSlice>) -> fulcrum_kube_source::Mapped {
+    let slices: Vec<_> = slices.into_iter().map(Arc::new).collect();
+    Mapping::default().map(
+        &[Arc::new(service("shop", "checkout", &[("http", 80)]))],
+        &slices,
+        &[],
+        &[],
+    )
+}
+
+#[test]
+fn an_address_kubernetes_refuses_in_a_slice_is_left_out_naming_the_slice_and_field() {
+    // What the API server's ValidateEndpointIP refuses (the loopback and the node's cloud
+    // metadata service among them, also spelled IPv4-mapped), and what is no IP at all.
+    let refused = [
+        "127.0.0.1",
+        "::ffff:127.0.0.1",
+        "169.254.169.254",
+        "::ffff:169.254.169.254",
+        "0.0.0.0",
+        "224.0.0.251",
+        "not-an-ip",
+        "10.0.0.1%eth0",
+    ];
+    let mut endpoints: Vec<_> = refused.iter().map(|address| ready(address)).collect();
+    endpoints.push(ready("10.0.0.1"));
+    let mapped = map_checkout(vec![checkout_slice("checkout-a", endpoints)]);
+    assert_eq!(
+        addresses(&mapped.services, CHECKOUT_HTTP),
+        ["10.0.0.1:8080"]
+    );
+    let expected: Vec<String> = (0..refused.len())
+        .map(|index| {
+            format!("EndpointSlice shop/checkout-a endpoints[{index}].addresses[0] address")
+        })
+        .collect();
+    assert_eq!(left_out(&mapped), expected);
+    let message = mapped.left_out[2].to_string();
+    assert!(
+        message.contains("shop/checkout-a") && message.contains("link-local"),
+        "{message}"
+    );
+}
+
+#[test]
+fn an_address_is_read_in_its_slices_address_type_and_an_ipv4_mapped_one_as_ipv4() {
+    let mut ipv6 = checkout_slice(
+        "checkout-v6",
+        vec![
+            ready("fd00::1"),
+            ready("::ffff:10.0.0.3"),
+            ready("fe80::1%eth0"),
+        ],
+    );
+    ipv6.address_type = "IPv6".to_owned();
+    let ipv4 = checkout_slice(
+        "checkout-v4",
+        vec![
+            ready("10.0.0.1"),
+            ready("::ffff:10.0.0.2"),
+            ready("fd00::2"),
+        ],
+    );
+    let mut unknown = checkout_slice("checkout-x", vec![ready("10.0.0.9")]);
+    unknown.address_type = "IPv5".to_owned();
+    let mapped = map_checkout(vec![ipv6, ipv4, unknown]);
+    assert_eq!(
+        addresses(&mapped.services, CHECKOUT_HTTP),
+        ["10.0.0.1:8080", "10.0.0.2:8080", "[fd00::1]:8080"]
+    );
+    assert_eq!(
+        left_out(&mapped),
+        [
+            "EndpointSlice shop/checkout-v4 endpoints[2].addresses[0] address",
+            "EndpointSlice shop/checkout-v6 endpoints[1].addresses[0] address",
+            "EndpointSlice shop/checkout-v6 endpoints[2].addresses[0] address",
+            "EndpointSlice shop/checkout-x addressType address_type",
+        ]
+    );
+}
+
+#[test]
+fn a_slice_port_that_is_zero_unset_out_of_range_or_named_twice_leaves_that_slice_out_of_the_cluster()
+ {
+    let with_port = |name: &str, ip: &str, ports: Vec<EndpointPort>| {
+        let mut slice = checkout_slice(name, vec![ready(ip)]);
+        slice.ports = Some(ports);
+        slice
+    };
+    let port = |number: Option<i32>| EndpointPort {
+        name: Some("http".to_owned()),
+        port: number,
+        protocol: Some("TCP".to_owned()),
+        app_protocol: None,
+    };
+    let mapped = map_checkout(vec![
+        with_port("checkout-a", "10.0.0.1", vec![port(Some(8080))]),
+        with_port("checkout-b", "10.0.0.2", vec![port(Some(0))]),
+        with_port("checkout-c", "10.0.0.3", vec![port(None)]),
+        with_port("checkout-d", "10.0.0.4", vec![port(Some(70_000))]),
+        with_port(
+            "checkout-e",
+            "10.0.0.5",
+            vec![port(Some(8080)), port(Some(9090))],
+        ),
+        // No port of the Service's name, or none at all: nothing for this cluster, not an
+        // error (a slice serves the ports it lists).
+        with_port("checkout-f", "10.0.0.6", vec![]),
+    ]);
+    assert_eq!(
+        addresses(&mapped.services, CHECKOUT_HTTP),
+        ["10.0.0.1:8080"]
+    );
+    assert_eq!(
+        left_out(&mapped),
+        [
+            "EndpointSlice shop/checkout-b ports[0].port port",
+            "EndpointSlice shop/checkout-c ports[0].port port",
+            "EndpointSlice shop/checkout-d ports[0].port port",
+            "EndpointSlice shop/checkout-e ports[1].name port",
+        ]
+    );
+}
+
+#[test]
+fn a_slice_over_the_api_limit_of_endpoints_is_left_out_and_the_other_slices_are_published() {
+    let huge: Vec<_> = (0..=fulcrum_kube_source::mapping::MAX_SLICE_ENDPOINTS)
+        .map(|index| ready(&format!("10.1.{}.{}", index / 250, index % 250 + 1)))
+        .collect();
+    let mapped = map_checkout(vec![
+        checkout_slice("checkout-a", vec![ready("10.0.0.1")]),
+        checkout_slice("checkout-huge", huge),
+    ]);
+    assert_eq!(
+        addresses(&mapped.services, CHECKOUT_HTTP),
+        ["10.0.0.1:8080"]
+    );
+    assert_eq!(
+        left_out(&mapped),
+        ["EndpointSlice shop/checkout-huge endpoints too_many_endpoints"]
+    );
+}
+
+#[test]
+fn a_service_over_its_size_budget_is_left_out_alone_keeping_its_last_published_clusters() {
+    // Every label of a Service is copied into each of its endpoints: 500 valid labels on a
+    // Service of 1,000 endpoints would be about 20 MB of snapshot, over the snapshot budget
+    // of the whole mesh.
+    let mut bloated = service("shop", "bloated", &[("http", 80)]);
+    let labels: Vec<(String, String)> = (0..500)
+        .map(|index| (format!("example.com/label-{index:04}"), "x".repeat(20)))
+        .collect();
+    let labels: Vec<(&str, &str)> = labels
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .collect();
+    bloated.metadata = with_labels(bloated.metadata, &labels);
+    let endpoints: Vec<_> = (0..1000)
+        .map(|index| ready(&format!("10.2.{}.{}", index / 250, index % 250 + 1)))
+        .collect();
+    let services = [
+        Arc::new(service("shop", "checkout", &[("http", 80)])),
+        Arc::new(bloated),
+    ];
+    let slices = [
+        Arc::new(checkout_slice("checkout-a", vec![ready("10.0.0.1")])),
+        Arc::new(endpoint_slice(
+            "shop",
+            "bloated-a",
+            "bloated",
+            &[("http", 8080)],
+            endpoints,
+        )),
+    ];
+    let bloated_cluster = cluster_name("bloated", "shop", 80, "cluster.local");
+    let mapped = Mapping::default().map(&services, &slices, &[], &[]);
+    assert_eq!(
+        addresses(&mapped.services, CHECKOUT_HTTP),
+        ["10.0.0.1:8080"]
+    );
+    assert!(!mapped.services.contains_key(&bloated_cluster));
+    assert_eq!(
+        left_out(&mapped),
+        ["Service shop/bloated metadata.labels over_budget"]
+    );
+    // The last good state of the Service stays while it is over budget.
+    let mut previous = fulcrum_sources::Services::new();
+    previous.insert(
+        bloated_cluster.clone(),
+        Arc::new(fulcrum_core::ServiceEndpoints::default()),
+    );
+    let kept = mapped.published_after(Some(&previous));
+    assert!(kept.contains_key(&bloated_cluster));
+    assert!(kept.contains_key(CHECKOUT_HTTP));
+}
+
+#[test]
+fn the_clusters_do_not_depend_on_the_order_the_store_lists_slices_in() {
+    // Two slices disagreeing on the port's appProtocol and on an endpoint's zone.
+    let slice = |name: &str, app_protocol: &str, zone: &str| {
+        let mut endpoint = ready("10.0.0.1");
+        endpoint.zone = Some(zone.to_owned());
+        let mut slice = checkout_slice(name, vec![endpoint]);
+        if let Some(port) = slice.ports.as_mut().and_then(|ports| ports.first_mut()) {
+            port.app_protocol = Some(app_protocol.to_owned());
+        }
+        Arc::new(slice)
+    };
+    let a = slice("checkout-a", "kubernetes.io/h2c", "zone-a");
+    let b = slice("checkout-b", "http", "zone-b");
+    let services = [Arc::new(service("shop", "checkout", &[("http", 80)]))];
+    let forward = Mapping::default().services(&services, &[a.clone(), b.clone()], &[], &[]);
+    let backward = Mapping::default().services(&services, &[b, a], &[], &[]);
+    assert_eq!(forward, backward);
+    assert_eq!(
+        forward[CHECKOUT_HTTP].protocol,
+        Some(UpstreamProtocol::Http2),
+        "the first slice by name"
+    );
+    assert_eq!(forward[CHECKOUT_HTTP].endpoints[0].zone(), Some("zone-a"));
+}
+
+#[test]
+fn unset_serving_reads_as_true_as_the_api_documents_so_a_terminating_endpoint_drains() {
+    let terminating = EndpointConditions {
+        ready: Some(false),
+        serving: None,
+        terminating: Some(true),
+    };
+    assert_eq!(
+        endpoint_health(Some(&terminating), false),
+        Some(Health::Draining)
+    );
 }

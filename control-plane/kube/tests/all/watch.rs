@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use fulcrum_core::{Health, Snapshot};
-use fulcrum_kube_source::{KubeOptions, KubeSource};
+use fulcrum_kube_source::{KubeOptions, KubeSource, KubeSourceMetrics, Mapping};
 use fulcrum_pipeline::{Debounce, policy::attach};
 use fulcrum_sources::Source;
 use fulcrum_test_support::kube_api::{
@@ -25,6 +25,7 @@ const WAIT: Duration = Duration::from_secs(15);
 /// The source running in the real pipeline, its snapshots collected.
 struct Harness {
     server: FakeApiServer,
+    metrics: KubeSourceMetrics,
     snapshots: mpsc::UnboundedReceiver<Snapshot>,
     pipeline: tokio::task::JoinHandle<()>,
 }
@@ -56,7 +57,9 @@ impl Harness {
         server.serve::<Pod>();
         server.serve::<Node>();
         setup(&server);
-        let source: Box<dyn Source> = Box::new(KubeSource::new(server.client(), options));
+        let source = KubeSource::new(server.client(), options);
+        let metrics = source.metrics().clone();
+        let source: Box<dyn Source> = Box::new(source);
         let (sender, snapshots) = mpsc::unbounded_channel();
         let (merged, mut merges) = watch::channel(None);
         let merge = fulcrum_pipeline::merge::run(
@@ -78,6 +81,7 @@ impl Harness {
         });
         Self {
             server,
+            metrics,
             snapshots,
             pipeline,
         }
@@ -552,4 +556,191 @@ async fn an_endpoint_takes_the_region_of_its_node_and_follows_a_relabel() {
             region_of(snapshot).as_deref() == Some("eu-central-1")
         })
         .await;
+}
+
+/// The `fulcrum_kube_left_out` gauge of `reason`.
+fn left_out(metrics: &KubeSourceMetrics, reason: &'static str) -> i64 {
+    metrics
+        .left_out
+        .get_or_create(&fulcrum_kube_source::LeftOutLabels { reason })
+        .get()
+}
+
+#[tokio::test]
+async fn an_address_kubernetes_refuses_is_counted_and_left_out_and_the_rest_of_its_slice_published()
+{
+    let mut harness = Harness::start(|server| {
+        server.apply(&checkout_service());
+        server.apply(&checkout_slice(
+            "checkout-a",
+            vec![ready("10.0.0.1"), ready("169.254.169.254")],
+        ));
+    })
+    .await;
+    harness
+        .until(
+            "the valid endpoint alone",
+            has_addresses(CHECKOUT, &["10.0.0.1:8080"]),
+        )
+        .await;
+    assert_eq!(left_out(&harness.metrics, "address"), 1);
+    assert_eq!(left_out(&harness.metrics, "over_budget"), 0);
+    harness.server.apply(&checkout_slice(
+        "checkout-a",
+        vec![ready("10.0.0.1"), ready("10.0.0.2")],
+    ));
+    harness
+        .until(
+            "the fixed slice",
+            has_addresses(CHECKOUT, &["10.0.0.1:8080", "10.0.0.2:8080"]),
+        )
+        .await;
+    assert_eq!(left_out(&harness.metrics, "address"), 0);
+}
+
+#[tokio::test]
+async fn a_service_growing_over_its_budget_keeps_its_last_published_endpoints() {
+    const CART: &str = "outbound|80||cart.shop.svc.cluster.local";
+    let options = KubeOptions {
+        namespaces: vec!["shop".to_owned()],
+        mapping: Mapping {
+            max_service_bytes: 2048,
+            ..Mapping::default()
+        },
+        ..KubeOptions::default()
+    };
+    let mut harness = Harness::start_with(options, |server| {
+        server.apply(&checkout_service());
+        server.apply(&checkout_slice("checkout-a", vec![ready("10.0.0.1")]));
+    })
+    .await;
+    harness
+        .until(
+            "the listed endpoint",
+            has_addresses(CHECKOUT, &["10.0.0.1:8080"]),
+        )
+        .await;
+    // 40 labels of 63 characters, copied into each endpoint, outgrow 2 KiB.
+    let mut bloated = checkout_service();
+    let labels: Vec<(String, String)> = (0..40)
+        .map(|index| (format!("example.com/label-{index:02}"), "x".repeat(63)))
+        .collect();
+    let labels: Vec<(&str, &str)> = labels
+        .iter()
+        .map(|(key, value)| (key.as_str(), value.as_str()))
+        .collect();
+    bloated.metadata = with_labels(bloated.metadata, &labels);
+    // Each marker follows the change on the same watch, so seeing it means the change was
+    // mapped.
+    harness.server.apply(&bloated);
+    harness
+        .server
+        .apply(&service("shop", "cart", &[("http", 80)]));
+    let snapshot = harness
+        .until("the cart Service", |snapshot| {
+            snapshot.services.contains_key(CART)
+        })
+        .await;
+    assert_eq!(addresses(&snapshot, CHECKOUT), ["10.0.0.1:8080"]);
+    harness.server.apply(&checkout_slice(
+        "checkout-a",
+        vec![ready("10.0.0.1"), ready("10.0.0.2")],
+    ));
+    harness.server.apply(&endpoint_slice(
+        "shop",
+        "cart-a",
+        "cart",
+        &[("http", 8080)],
+        vec![ready("10.0.1.1")],
+    ));
+    let snapshot = harness
+        .until("the cart endpoint", has_addresses(CART, &["10.0.1.1:8080"]))
+        .await;
+    assert_eq!(
+        addresses(&snapshot, CHECKOUT),
+        ["10.0.0.1:8080"],
+        "the last published endpoints, while over budget"
+    );
+    assert_eq!(left_out(&harness.metrics, "over_budget"), 1);
+}
+
+#[tokio::test]
+async fn a_slice_relabelled_to_another_service_moves_its_endpoints_there() {
+    const CART: &str = "outbound|80||cart.shop.svc.cluster.local";
+    let mut harness = Harness::start(|server| {
+        server.apply(&checkout_service());
+        server.apply(&service("shop", "cart", &[("http", 80)]));
+        server.apply(&checkout_slice("shared-a", vec![ready("10.0.0.1")]));
+    })
+    .await;
+    harness
+        .until(
+            "the slice under checkout",
+            has_addresses(CHECKOUT, &["10.0.0.1:8080"]),
+        )
+        .await;
+    harness.server.apply(&endpoint_slice(
+        "shop",
+        "shared-a",
+        "cart",
+        &[("http", 8080)],
+        vec![ready("10.0.0.1")],
+    ));
+    let snapshot = harness
+        .until(
+            "the slice under cart",
+            has_addresses(CART, &["10.0.0.1:8080"]),
+        )
+        .await;
+    assert_eq!(addresses(&snapshot, CHECKOUT), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn an_update_shares_the_clusters_that_did_not_change_with_the_previous_one() {
+    // The pipeline screens and encodes again only the services whose `Arc` changed.
+    const CART: &str = "outbound|80||cart.shop.svc.cluster.local";
+    let server = FakeApiServer::start().await;
+    server.serve::<Service>();
+    server.serve::<EndpointSlice>();
+    server.apply(&checkout_service());
+    server.apply(&checkout_slice("checkout-a", vec![ready("10.0.0.1")]));
+    server.apply(&service("shop", "cart", &[("http", 80)]));
+    let source = KubeSource::new(
+        server.client(),
+        KubeOptions {
+            namespaces: vec!["shop".to_owned()],
+            mapping: Mapping {
+                pod_labels: Default::default(),
+                node_regions: false,
+                ..Mapping::default()
+            },
+            ..KubeOptions::default()
+        },
+    );
+    let (sender, mut updates) = mpsc::channel(8);
+    let task = tokio::spawn(Box::new(source).run(fulcrum_sources::SourceSink::new(0, sender)));
+    let mut next = async || {
+        tokio::time::timeout(WAIT, updates.recv())
+            .await
+            .expect("published in time")
+            .expect("source running")
+    };
+    let first = next().await;
+    server.apply(&endpoint_slice(
+        "shop",
+        "cart-a",
+        "cart",
+        &[("http", 8080)],
+        vec![ready("10.0.1.1")],
+    ));
+    let second = next().await;
+    assert_eq!(
+        second.services[CART].endpoints[0].address.to_string(),
+        "10.0.1.1:8080"
+    );
+    assert!(std::sync::Arc::ptr_eq(
+        &first.services[CHECKOUT],
+        &second.services[CHECKOUT]
+    ));
+    task.abort();
 }
