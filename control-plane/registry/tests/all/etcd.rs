@@ -5,12 +5,15 @@ use std::{sync::Arc, time::Duration};
 
 use anyhow::Result;
 use fulcrum_registry::{
-    BackendError, EtcdBackend, EtcdConfig, Identity, InstanceSpec, Query, Registry, RegistryError,
-    View, backend::etcd::StoredRecord, registry::new_epoch,
+    BackendError, EtcdBackend, EtcdConfig, Identity, InstanceSpec, Registry, RegistryError, View,
+    backend::etcd::StoredRecord, registry::new_epoch,
 };
 use fulcrum_test_support::eventually;
 
-use crate::{etcd_cluster::EtcdCluster, support::loopback};
+use crate::{
+    etcd_cluster::EtcdCluster,
+    support::{discovered_ids, loopback},
+};
 
 /// A control-plane replica: a registry on the cluster, with a short request deadline.
 async fn replica(cluster: &EtcdCluster) -> Result<Arc<Registry>> {
@@ -30,20 +33,6 @@ fn spec(id: &str, port: u16, ttl_ms: u32) -> InstanceSpec {
     }
 }
 
-fn discovered(registry: &Registry) -> Vec<String> {
-    let query = Query {
-        service: "svc".into(),
-        ..Query::default()
-    };
-    registry
-        .discover(&query)
-        .expect("valid query")
-        .entries
-        .iter()
-        .map(|entry| entry.record.registration.id.to_string())
-        .collect()
-}
-
 #[tokio::test]
 async fn replicas_on_one_etcd_see_the_same_registry_and_enforce_ownership() -> Result<()> {
     let cluster = EtcdCluster::start(3).await?;
@@ -56,7 +45,7 @@ async fn replicas_on_one_etcd_see_the_same_registry_and_enforce_ownership() -> R
     b.register(&spec("x-2", 2, 10_000), &Identity::unscoped("bob"))
         .await?;
     eventually(Duration::from_secs(5), "both replicas see both", || async {
-        discovered(&a) == ["x-1", "x-2"] && discovered(&b) == ["x-1", "x-2"]
+        discovered_ids(&a) == ["x-1", "x-2"] && discovered_ids(&b) == ["x-1", "x-2"]
     })
     .await?;
     let error = b
@@ -71,7 +60,7 @@ async fn replicas_on_one_etcd_see_the_same_registry_and_enforce_ownership() -> R
     eventually(
         Duration::from_secs(5),
         "removal seen by the other replica",
-        || async { discovered(&a) == ["x-2"] },
+        || async { discovered_ids(&a) == ["x-2"] },
     )
     .await?;
     Ok(())
@@ -89,13 +78,13 @@ async fn an_etcd_registration_without_heartbeats_is_removed_when_its_lease_expir
         registry.heartbeat("e-1", "alice").await?;
     }
     assert_eq!(
-        discovered(&registry),
+        discovered_ids(&registry),
         ["e-1"],
         "heartbeats keep it past its TTL"
     );
     let stopped = tokio::time::Instant::now();
     eventually(Duration::from_secs(5), "lease expired", || async {
-        discovered(&registry).is_empty()
+        discovered_ids(&registry).is_empty()
     })
     .await?;
     // etcd rounds a lease up to whole seconds and expires it on its leader's clock,
@@ -157,7 +146,7 @@ async fn one_member_down_keeps_writes_two_down_refuse_them_and_a_restore_loses_n
         "{error}"
     );
     assert_eq!(
-        discovered(&registry),
+        discovered_ids(&registry),
         ["q-1", "q-2"],
         "reads serve the last known state"
     );
@@ -179,10 +168,10 @@ async fn one_member_down_keeps_writes_two_down_refuse_them_and_a_restore_loses_n
     eventually(
         Duration::from_secs(5),
         "a new replica sees everything",
-        || async { discovered(&fresh) == ["q-1", "q-2", "q-3"] },
+        || async { discovered_ids(&fresh) == ["q-1", "q-2", "q-3"] },
     )
     .await?;
-    assert_eq!(discovered(&registry), ["q-1", "q-2", "q-3"]);
+    assert_eq!(discovered_ids(&registry), ["q-1", "q-2", "q-3"]);
     Ok(())
 }
 
@@ -303,6 +292,6 @@ async fn a_reload_that_fails_after_the_watch_broke_is_counted_and_the_last_state
         || async { reload_failures(&registry).is_some_and(|failures| failures >= 1.0) },
     )
     .await?;
-    assert_eq!(discovered(&registry), ["r-1"]);
+    assert_eq!(discovered_ids(&registry), ["r-1"]);
     Ok(())
 }

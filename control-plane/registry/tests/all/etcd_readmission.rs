@@ -6,14 +6,12 @@
 use std::{sync::Arc, time::Duration};
 
 use anyhow::Result;
-use fulcrum_registry::{
-    EtcdConfig, InstanceSpec, Limits, Query, Registry, backend::etcd::StoredRecord,
-};
+use fulcrum_registry::{EtcdConfig, InstanceSpec, Limits, Registry, backend::etcd::StoredRecord};
 use fulcrum_test_support::eventually;
 
 use crate::{
     etcd_cluster::EtcdCluster,
-    support::{loopback, value},
+    support::{discovered, loopback, value},
 };
 
 /// The registry's default key prefix.
@@ -53,27 +51,6 @@ async fn replica(cluster: &EtcdCluster, limits: Limits) -> Result<Arc<Registry>>
     let mut config = EtcdConfig::new(cluster.endpoints());
     config.request_timeout = Duration::from_secs(2);
     Ok(Registry::on_etcd(config, limits).await?)
-}
-
-/// The ids and addresses of service `svc` a discovery answers.
-fn discovered(registry: &Registry) -> Vec<(String, String)> {
-    let query = Query {
-        service: "svc".into(),
-        ..Query::default()
-    };
-    registry
-        .discover(&query)
-        .expect("valid query")
-        .entries
-        .iter()
-        .map(|entry| {
-            let registration = &entry.record.registration;
-            (
-                registration.id.to_string(),
-                registration.address.to_string(),
-            )
-        })
-        .collect()
 }
 
 /// The addresses the registry's endpoint source publishes for service `svc`.

@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::Command, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use fulcrum_registry::{
-    EtcdConfig, Identity, InstanceSpec, Query, Registry,
+    EtcdConfig, Identity, InstanceSpec, Registry,
     backend::etcd::{ClientCertFiles, EtcdConfigError, EtcdConnectError, EtcdTls},
 };
 use fulcrum_test_support::{Process, eventually};
@@ -16,7 +16,7 @@ use rcgen::{
     KeyPair, KeyUsagePurpose,
 };
 
-use crate::support::loopback;
+use crate::support::{discovered_ids, loopback};
 
 /// How long etcd may take to serve.
 const READY_WITHIN: Duration = Duration::from_secs(30);
@@ -209,20 +209,6 @@ fn spec(id: &str, port: u16) -> InstanceSpec {
     }
 }
 
-fn discovered(registry: &Registry) -> Vec<String> {
-    let query = Query {
-        service: "svc".into(),
-        ..Query::default()
-    };
-    registry
-        .discover(&query)
-        .expect("valid query")
-        .entries
-        .iter()
-        .map(|entry| entry.record.registration.id.to_string())
-        .collect()
-}
-
 #[tokio::test]
 async fn registrations_heartbeats_and_discovery_work_over_mutual_tls() -> Result<()> {
     let pki = Pki::generate()?;
@@ -246,12 +232,12 @@ async fn registrations_heartbeats_and_discovery_work_over_mutual_tls() -> Result
     eventually(
         Duration::from_secs(5),
         "both replicas see both, through their watches",
-        || async { discovered(&a) == ["t-1", "t-2"] && discovered(&b) == ["t-1", "t-2"] },
+        || async { discovered_ids(&a) == ["t-1", "t-2"] && discovered_ids(&b) == ["t-1", "t-2"] },
     )
     .await?;
     b.deregister("t-1", "alice").await?;
     eventually(Duration::from_secs(5), "the removal reaches a", || async {
-        discovered(&a) == ["t-2"]
+        discovered_ids(&a) == ["t-2"]
     })
     .await?;
     Ok(())

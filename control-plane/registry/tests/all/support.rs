@@ -7,7 +7,7 @@ use fulcrum_core::Snapshot;
 use fulcrum_pipeline::{Debounce, policy::attach};
 use fulcrum_proto::registry::v1::{self as pb, registry_client::RegistryClient};
 use fulcrum_registry::{
-    Limits, Registry, TokenAuth,
+    Limits, Query, Registry, TokenAuth,
     api::{ApiState, grpc, rest},
 };
 use tokio::{
@@ -219,4 +219,30 @@ pub fn value(text: &str, series: &str) -> Option<f64> {
             .and_then(|rest| rest.strip_prefix(' '))
             .and_then(|number| number.trim().parse().ok())
     })
+}
+
+/// The registrations a discovery of service `svc` answers, as `(id, address)`.
+pub fn discovered(registry: &Registry) -> Vec<(String, String)> {
+    let query = Query {
+        service: "svc".into(),
+        ..Query::default()
+    };
+    registry
+        .discover(&query)
+        .expect("valid query")
+        .entries
+        .iter()
+        .map(|entry| {
+            let registration = &entry.record.registration;
+            (
+                registration.id.to_string(),
+                registration.address.to_string(),
+            )
+        })
+        .collect()
+}
+
+/// The ids of the registrations a discovery of service `svc` answers.
+pub fn discovered_ids(registry: &Registry) -> Vec<String> {
+    discovered(registry).into_iter().map(|(id, _)| id).collect()
 }
