@@ -7,9 +7,12 @@
 //! `fulcrum_kube_left_out{reason}` ([`KubeSourceMetrics`]).
 //!
 //! Pods are stored stripped to their name, namespace and allowed labels, Nodes to their name
-//! and region label: a pod's or node's spec and status are most of its size. Neither is
-//! waited for: clusters are published once Services and EndpointSlices are listed, so a
-//! control plane without the RBAC for them loses labels or regions, never endpoints.
+//! and region label: a pod's or node's spec and status are most of its size. Services and
+//! EndpointSlices are stored without their `managedFields` and annotations, which the mapping
+//! never reads and which are often most of their size (every field manager's record, a
+//! `kubectl apply`'s copy of the whole object). Pods and Nodes are not waited for: clusters
+//! are published once Services and EndpointSlices are listed, so a control plane without the
+//! RBAC for them loses labels or regions, never endpoints.
 
 use std::{fmt::Debug, time::Duration};
 
@@ -185,13 +188,15 @@ impl KubeSource {
         let mut service_stores = Vec::new();
         let mut slice_stores = Vec::new();
         for (namespace, api) in self.apis::<Service>() {
-            let (store, stream) = reflect(api, config.clone(), streams.len());
+            let (store, stream) =
+                reflect_modified(api, config.clone(), streams.len(), strip_unread_metadata);
             labels.push(format!("services in {namespace}"));
             streams.push(stream);
             service_stores.push(store);
         }
         for (namespace, api) in self.apis::<EndpointSlice>() {
-            let (store, stream) = reflect(api, config.clone(), streams.len());
+            let (store, stream) =
+                reflect_modified(api, config.clone(), streams.len(), strip_unread_metadata);
             labels.push(format!("endpointslices in {namespace}"));
             streams.push(stream);
             slice_stores.push(store);
@@ -331,19 +336,8 @@ impl<K> From<Result<watcher::Event<K>, watcher::Error>> for Progress {
     }
 }
 
-/// A watcher on `api` feeding a reflector store, its events tagged with `index`.
-fn reflect<K>(
-    api: Api<K>,
-    config: watcher::Config,
-    index: usize,
-) -> (Store<K>, BoxStream<'static, (usize, Progress)>)
-where
-    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
-{
-    reflect_modified(api, config, index, |_: &mut K| {})
-}
-
-/// [`reflect`], with every object passed through `modify` before it is stored.
+/// A watcher on `api` feeding a reflector store, its events tagged with `index`, every object
+/// passed through `modify` before it is stored.
 fn reflect_modified<K>(
     api: Api<K>,
     config: watcher::Config,
@@ -359,6 +353,14 @@ where
         .map(move |event| (index, Progress::from(event)))
         .boxed();
     (reader, stream)
+}
+
+/// A Service or EndpointSlice as the store keeps it: without the metadata the mapping never
+/// reads (`managedFields`, annotations).
+fn strip_unread_metadata<K: Resource>(object: &mut K) {
+    let meta = object.meta_mut();
+    meta.managed_fields = None;
+    meta.annotations = None;
 }
 
 /// A pod as the store keeps it: name, namespace and the allowed labels only.
@@ -437,5 +439,56 @@ fn log_watch_error(source: &str, watched: &str, error: &watcher::Error) {
             "watch expired (410 Gone); relisting"
         ),
         error => warn!(source, watched, %error, "watch failed; retrying after a backoff"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ManagedFieldsEntry, ObjectMeta};
+
+    use super::*;
+
+    #[test]
+    fn a_stored_slice_keeps_what_the_mapping_reads_and_drops_managed_fields_and_annotations() {
+        let labels = BTreeMap::from([(
+            crate::mapping::SERVICE_NAME_LABEL.to_owned(),
+            "checkout".to_owned(),
+        )]);
+        let mut slice = EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some("checkout-a".into()),
+                namespace: Some("shop".into()),
+                uid: Some("u-1".into()),
+                resource_version: Some("7".into()),
+                labels: Some(labels.clone()),
+                annotations: Some(BTreeMap::from([(
+                    "kubectl.kubernetes.io/last-applied-configuration".to_owned(),
+                    "x".repeat(10_000),
+                )])),
+                managed_fields: Some(vec![ManagedFieldsEntry {
+                    manager: Some("endpointslice-controller".into()),
+                    ..ManagedFieldsEntry::default()
+                }]),
+                ..ObjectMeta::default()
+            },
+            address_type: "IPv4".into(),
+            endpoints: Vec::new(),
+            ports: None,
+        };
+        let expected = EndpointSlice {
+            metadata: ObjectMeta {
+                annotations: None,
+                managed_fields: None,
+                ..slice.metadata.clone()
+            },
+            ..slice.clone()
+        };
+
+        strip_unread_metadata(&mut slice);
+
+        assert_eq!(slice, expected);
+        assert_eq!(slice.metadata.labels, Some(labels));
     }
 }
