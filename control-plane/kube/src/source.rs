@@ -189,14 +189,14 @@ impl KubeSource {
         let mut slice_stores = Vec::new();
         for (namespace, api) in self.apis::<Service>() {
             let (store, stream) =
-                reflect_modified(api, config.clone(), streams.len(), strip_unread_metadata);
+                reflect(api, config.clone(), streams.len(), strip_unread_metadata);
             labels.push(format!("services in {namespace}"));
             streams.push(stream);
             service_stores.push(store);
         }
         for (namespace, api) in self.apis::<EndpointSlice>() {
             let (store, stream) =
-                reflect_modified(api, config.clone(), streams.len(), strip_unread_metadata);
+                reflect(api, config.clone(), streams.len(), strip_unread_metadata);
             labels.push(format!("endpointslices in {namespace}"));
             streams.push(stream);
             slice_stores.push(store);
@@ -209,7 +209,7 @@ impl KubeSource {
             // Pods carry their own labels, not the Services': no label selector.
             for (namespace, api) in self.apis::<Pod>() {
                 let allowed = self.options.mapping.pod_labels.clone();
-                let (store, stream) = reflect_modified(
+                let (store, stream) = reflect(
                     api,
                     watcher::Config::default(),
                     streams.len(),
@@ -223,7 +223,7 @@ impl KubeSource {
         let mut node_stores = Vec::new();
         if self.options.mapping.node_regions {
             // Nodes are cluster-scoped and carry their own labels: all of them, no selector.
-            let (store, stream) = reflect_modified(
+            let (store, stream) = reflect(
                 Api::<Node>::all(self.client.clone()),
                 watcher::Config::default(),
                 streams.len(),
@@ -338,7 +338,7 @@ impl<K> From<Result<watcher::Event<K>, watcher::Error>> for Progress {
 
 /// A watcher on `api` feeding a reflector store, its events tagged with `index`, every object
 /// passed through `modify` before it is stored.
-fn reflect_modified<K>(
+fn reflect<K>(
     api: Api<K>,
     config: watcher::Config,
     index: usize,
