@@ -18,5 +18,5 @@ pub use cache::{EncodedResource, ResourceType, SnapshotCache, UpdateSummary, Xds
 pub use metrics::XdsMetrics;
 pub use resources::ClusterOptions;
 pub use server::{AdsServer, AdsService, DEFAULT_MAX_STREAMS};
-pub use status::{Nack, NodeRegistry, StreamKind, StreamStatus, TypeStatus};
+pub use status::{Nack, NodeRegistry, StreamKind, StreamStatus, TypeStatus, TypeStatuses};
 pub use trace::ChangeTrace;

@@ -206,7 +206,14 @@ async fn status_shows_the_node_and_the_nack_reason_of_an_ordinary_stream() {
     assert_eq!(streams.len(), 1);
     assert_eq!(streams[0].node_id, "sidecar~10.0.0.7~cart-1.shop");
     assert_eq!(streams[0].node_cluster, "cart");
-    let nack = streams[0].types["cds"].last_nack.as_ref().expect("a NACK");
+    let nack = streams[0]
+        .types
+        .cds
+        .as_ref()
+        .expect("clusters served")
+        .last_nack
+        .as_ref()
+        .expect("a NACK");
     assert_eq!(nack.message, "weight must be at least 1");
 }
 
@@ -229,7 +236,14 @@ async fn a_megabyte_node_id_and_nack_reason_leave_bounded_status() {
         stream.node_cluster.len() <= MAX_NODE_FIELD_BYTES,
         "cluster cut"
     );
-    let nack = stream.types["cds"].last_nack.as_ref().expect("a NACK");
+    let nack = stream
+        .types
+        .cds
+        .as_ref()
+        .expect("clusters served")
+        .last_nack
+        .as_ref()
+        .expect("a NACK");
     assert!(
         nack.message.len() <= MAX_NACK_MESSAGE_BYTES,
         "NACK reason cut"
@@ -257,7 +271,13 @@ async fn status_keeps_the_acked_version_when_an_ack_names_one_never_sent() {
     client.sotw_response().await;
     let streams = registry.snapshot();
     assert_eq!(
-        streams[0].types["cds"].last_acked_version.as_deref(),
+        streams[0]
+            .types
+            .cds
+            .as_ref()
+            .expect("clusters served")
+            .last_acked_version
+            .as_deref(),
         Some(clusters.version_info.as_str())
     );
 }
@@ -333,7 +353,11 @@ async fn a_nack_repeated_with_the_same_nonce_is_logged_once() {
     let mut client = nack_clusters(&server, None, "weight must be at least 1").await;
     assert_eq!(warnings.load(Ordering::Relaxed), 1, "the first NACK");
     // Envoy repeats its NACK with each request until it accepts a response.
-    let clusters_nonce = registry.snapshot()[0].types["cds"]
+    let clusters_nonce = registry.snapshot()[0]
+        .types
+        .cds
+        .as_ref()
+        .expect("clusters served")
         .last_nack
         .as_ref()
         .expect("a NACK")
@@ -350,7 +374,12 @@ async fn a_nack_repeated_with_the_same_nonce_is_logged_once() {
     client.sotw_response().await;
     assert_eq!(warnings.load(Ordering::Relaxed), 1, "not logged again");
     assert_eq!(
-        registry.snapshot()[0].types["cds"].nacks,
+        registry.snapshot()[0]
+            .types
+            .cds
+            .as_ref()
+            .expect("clusters served")
+            .nacks,
         2,
         "still counted as received"
     );
