@@ -68,6 +68,30 @@ impl ResourceType {
     }
 }
 
+/// One `T` per [`ResourceType`]: what a stream keeps per type, in two fields where a map of
+/// two entries allocated a node of eleven for every connected Envoy.
+#[derive(Debug, Default)]
+pub(crate) struct PerType<T> {
+    clusters: T,
+    endpoints: T,
+}
+
+impl<T> PerType<T> {
+    pub(crate) fn get(&self, ty: ResourceType) -> &T {
+        match ty {
+            ResourceType::Cluster => &self.clusters,
+            ResourceType::Endpoint => &self.endpoints,
+        }
+    }
+
+    pub(crate) fn get_mut(&mut self, ty: ResourceType) -> &mut T {
+        match ty {
+            ResourceType::Cluster => &mut self.clusters,
+            ResourceType::Endpoint => &mut self.endpoints,
+        }
+    }
+}
+
 /// One resource, encoded once and shared by every stream that sends it.
 #[derive(Debug)]
 pub struct EncodedResource {
@@ -162,10 +186,11 @@ pub struct XdsSnapshot {
     pub version: String,
     /// When the cache published it (push latency is measured from here).
     pub published_at: Instant,
-    /// One `Cluster` per service.
-    pub clusters: Resources,
-    /// One `ClusterLoadAssignment` per service.
-    pub endpoints: Resources,
+    /// One `Cluster` per service. Shared with the streams up to date with it, as what their
+    /// Envoy holds, and with the next snapshot when that one changes no cluster.
+    pub clusters: Arc<Resources>,
+    /// One `ClusterLoadAssignment` per service, shared as [`clusters`](Self::clusters) is.
+    pub endpoints: Arc<Resources>,
     /// The trace of the change that made this version: the streams' pushes of it are its
     /// children ([`crate::trace`]).
     pub trace: ChangeTrace,
@@ -178,7 +203,7 @@ pub struct XdsSnapshot {
 
 impl XdsSnapshot {
     /// The resources of one type.
-    pub fn resources(&self, ty: ResourceType) -> &Resources {
+    pub fn resources(&self, ty: ResourceType) -> &Arc<Resources> {
         match ty {
             ResourceType::Cluster => &self.clusters,
             ResourceType::Endpoint => &self.endpoints,
@@ -241,7 +266,7 @@ fn build(
         clusters.insert(
             name.clone(),
             reuse_or_encode(
-                previous.map(|p| &p.clusters),
+                previous.map(|p| &*p.clusters),
                 name,
                 cluster_version,
                 summary,
@@ -252,7 +277,7 @@ fn build(
         endpoints.insert(
             name.clone(),
             reuse_or_encode(
-                previous.map(|p| &p.endpoints),
+                previous.map(|p| &*p.endpoints),
                 name,
                 endpoints_version,
                 summary,
@@ -263,11 +288,31 @@ fn build(
     XdsSnapshot {
         version: core.version.clone(),
         published_at: Instant::now(),
-        clusters,
-        endpoints,
+        clusters: same_or_new(previous.map(|previous| &previous.clusters), clusters),
+        endpoints: same_or_new(previous.map(|previous| &previous.endpoints), endpoints),
         trace,
         built_from: core.services.clone(),
         built_with_policy: core.policy.clone(),
+    }
+}
+
+/// `previous` when `built` holds the same resources (each the same allocation), else `built`:
+/// a change to endpoints alone keeps the clusters' map, which the streams that hold it then
+/// find unchanged at a glance.
+fn same_or_new(previous: Option<&Arc<Resources>>, built: Resources) -> Arc<Resources> {
+    match previous {
+        Some(previous)
+            if previous.len() == built.len()
+                && previous
+                    .iter()
+                    .zip(&built)
+                    .all(|((name, old), (new_name, new))| {
+                        name == new_name && Arc::ptr_eq(old, new)
+                    }) =>
+        {
+            Arc::clone(previous)
+        }
+        _ => Arc::new(built),
     }
 }
 

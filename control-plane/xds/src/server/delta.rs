@@ -10,15 +10,15 @@
 //! warmed anew by Envoy, which waits for its assignment: that assignment is sent again right
 //! after the clusters, even when it did not change.
 
-use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
-    sync::Arc,
-};
+use std::{collections::VecDeque, sync::Arc};
 
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
-use crate::cache::{ResourceType, XdsSnapshot};
-use crate::server::{MAX_NACK_MESSAGE_BYTES, RequestOutcome, bounded, shared_name, wire::Push};
+use crate::cache::{PerType, ResourceType, XdsSnapshot};
+use crate::server::{
+    MAX_NACK_MESSAGE_BYTES, RequestOutcome, bounded, held::Held, names::Names, shared_name,
+    wire::Push,
+};
 
 /// How many sent nonces per type are remembered to attribute ACKs/NACKs to a version.
 const REMEMBERED_NONCES: usize = 16;
@@ -66,14 +66,15 @@ struct TypeState {
     active: bool,
     /// Envoy wants every resource of the type.
     wildcard: bool,
-    /// Names Envoy subscribed to explicitly, as the snapshot's shared allocations where it
-    /// has them; of those it does not serve, at most [`MAX_UNSERVED_NAMES`].
-    names: BTreeSet<Arc<str>>,
-    /// Name → version Envoy holds (as far as we sent or it told us): the snapshot's shared
-    /// allocations for what was sent. What it told us (`initial_resource_versions`) is read
-    /// from the type's first request only, and what the snapshot does not serve leaves with
-    /// the first response: at most one request's worth is the client's own.
-    known: BTreeMap<Arc<str>, Arc<str>>,
+    /// Names Envoy subscribed to explicitly: the snapshot's cluster map when they are its
+    /// clusters, else the snapshot's shared allocations where it has them ([`Names`]); of those
+    /// it does not serve, at most [`MAX_UNSERVED_NAMES`].
+    names: Names,
+    /// Name → version Envoy holds (as far as we sent or it told us): once up to date, the
+    /// snapshot's map itself. What it told us (`initial_resource_versions`) is read from the
+    /// type's first request only, and what the snapshot does not serve leaves with the first
+    /// response: at most one request's worth is the client's own.
+    known: Held,
     /// Recent (nonce, system version) pairs, oldest first.
     sent: VecDeque<(String, String)>,
     /// Whether any response went out for the type (the first one is sent even if empty,
@@ -82,8 +83,9 @@ struct TypeState {
 }
 
 impl TypeState {
-    fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
+    /// Whether the subscription in force covers `name`.
+    fn wants(wildcard: bool, names: &Names) -> impl Fn(&str) -> bool + Copy + '_ {
+        move |name| wildcard || names.contains(name)
     }
 }
 
@@ -91,7 +93,7 @@ impl TypeState {
 #[derive(Debug, Default)]
 pub(crate) struct DeltaState {
     next_nonce: u64,
-    types: BTreeMap<ResourceType, TypeState>,
+    types: PerType<TypeState>,
 }
 
 impl DeltaState {
@@ -104,7 +106,7 @@ impl DeltaState {
         request: &DeltaDiscoveryRequest,
         snapshot: Option<&XdsSnapshot>,
     ) -> Result<(RequestOutcome, Option<Push>), TooManyNames> {
-        let state = self.types.entry(ty).or_default();
+        let state = self.types.get_mut(ty);
         let first = !state.active;
         let outcome = if request.response_nonce.is_empty() {
             RequestOutcome::Initial
@@ -135,9 +137,13 @@ impl DeltaState {
             // `on_snapshot`, which the stream runs for every snapshot it has not handled.
             return Ok((outcome, None));
         }
+        // What Envoy holds counts under the subscription in force: list it before that changes.
+        state
+            .known
+            .list(TypeState::wants(state.wildcard, &state.names));
         if first {
             state.active = true;
-            state.known = request
+            *state.known.list(|_| true) = request
                 .initial_resource_versions
                 .iter()
                 .map(|(name, version)| {
@@ -164,16 +170,14 @@ impl DeltaState {
                 state.names.remove(name.as_str());
             }
         }
+        state.names.share(snapshot);
         if adds_unserved {
             // Only a request adding an unserved name can take the stream over the bound.
             check_unserved(ty, &state.names, snapshot)?;
         }
-        let wildcard = state.wildcard;
-        let names = &state.names;
         // Envoy drops what it unsubscribed from; forget it so a new subscription resends.
-        state
-            .known
-            .retain(|name, _| wildcard || names.contains(name));
+        let wants = TypeState::wants(state.wildcard, &state.names);
+        state.known.list(wants).retain(|name, _| wants(name));
         let response = snapshot.and_then(|snapshot| self.respond(ty, snapshot));
         Ok((outcome, response))
     }
@@ -187,43 +191,42 @@ impl DeltaState {
     }
 
     fn respond(&mut self, ty: ResourceType, snapshot: &XdsSnapshot) -> Option<Push> {
-        let state = self.types.get_mut(&ty).filter(|state| state.active)?;
+        let state = self.types.get_mut(ty);
+        if !state.active {
+            return None;
+        }
         let available = snapshot.resources(ty);
+        if state.responded && state.known.is_whole(available) {
+            return None;
+        }
+        let wants = TypeState::wants(state.wildcard, &state.names);
+        let known = &state.known;
         let changed: Vec<_> = available
             .values()
-            .filter(|resource| state.wants(&resource.name))
-            .filter(|resource| state.known.get(&resource.name) != Some(&resource.version))
+            .filter(|resource| wants(&resource.name))
+            .filter(|resource| known.version(&resource.name, wants) != Some(&resource.version))
             .cloned()
             .collect();
-        let removed: Vec<Arc<str>> = state
-            .known
-            .keys()
+        let removed: Vec<Arc<str>> = known
+            .names(wants)
             .filter(|name| !available.contains_key(&***name))
             .cloned()
             .collect();
         if changed.is_empty() && removed.is_empty() && state.responded {
+            state.known.hold_whole(available);
             return None;
         }
         let updated_clusters: Vec<Arc<str>> = if ty == ResourceType::Cluster {
             changed
                 .iter()
-                .filter(|resource| state.known.contains_key(&resource.name))
+                .filter(|resource| known.version(&resource.name, wants).is_some())
                 .map(|resource| Arc::clone(&resource.name))
                 .collect()
         } else {
             Vec::new()
         };
-        let sent = changed
-            .iter()
-            .map(|resource| (Arc::clone(&resource.name), Arc::clone(&resource.version)));
-        if state.known.is_empty() {
-            state.known = super::packed(sent);
-        } else {
-            state.known.extend(sent);
-        }
-        for name in &removed {
-            state.known.remove(name);
-        }
+        // Envoy now holds every wanted resource at its version, and none of the removed.
+        state.known.hold_whole(available);
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
         if state.sent.len() == REMEMBERED_NONCES {
@@ -235,9 +238,13 @@ impl DeltaState {
         state.responded = true;
         // Envoy warms a changed cluster anew and waits for its assignment, unchanged or not:
         // forget Envoy holds it, so it goes out again right after this response.
-        if let Some(endpoints) = self.types.get_mut(&ResourceType::Endpoint) {
+        if !updated_clusters.is_empty() {
+            let endpoints = self.types.get_mut(ResourceType::Endpoint);
+            let known = endpoints
+                .known
+                .list(TypeState::wants(endpoints.wildcard, &endpoints.names));
             for name in &updated_clusters {
-                endpoints.known.remove(name);
+                known.remove(name);
             }
         }
         Some(Push {
@@ -258,7 +265,7 @@ fn is_served(snapshot: Option<&XdsSnapshot>, ty: ResourceType, name: &str) -> bo
 /// An error if `names` holds more names `snapshot` does not serve than a stream may.
 fn check_unserved(
     ty: ResourceType,
-    names: &BTreeSet<Arc<str>>,
+    names: &Names,
     snapshot: Option<&XdsSnapshot>,
 ) -> Result<(), TooManyNames> {
     let (count, bytes) = names
@@ -521,14 +528,14 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_remembers_names_and_versions_as_the_snapshots_allocations_not_copies() {
+    fn a_stream_remembers_what_envoy_holds_as_the_snapshots_map_and_names_as_its_allocations() {
         let snap = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
         let state = subscribed(&snap, &["a", "b", "not-served"]);
         for ty in ResourceType::ALL {
-            let held = &state.types[&ty];
-            assert_shares_the_snapshots_allocations(&snap, ty, held.known.iter(), &held.names);
+            let held = state.types.get(ty);
+            assert_shares_the_snapshots_allocations(&snap, ty, &held.known, held.names.iter());
         }
-        let subscribed = &state.types[&ResourceType::Endpoint].names;
+        let subscribed = &state.types.get(ResourceType::Endpoint).names;
         assert!(
             subscribed.contains("not-served"),
             "a name not served yet is kept"
@@ -587,7 +594,7 @@ mod tests {
             .expect("two served names and the limit of unserved ones");
         assert!(response.is_none(), "nothing new to send");
         assert_eq!(
-            state.types[&ResourceType::Endpoint].names.len(),
+            state.types.get(ResourceType::Endpoint).names.len(),
             MAX_UNSERVED_NAMES + 2
         );
     }

@@ -25,6 +25,8 @@
 #[cfg(test)]
 mod convergence_tests;
 mod delta;
+mod held;
+mod names;
 mod sotw;
 #[cfg(test)]
 mod stream_tests;
@@ -32,12 +34,9 @@ mod stream_tests;
 mod test_support;
 mod wire;
 
-use std::{
-    collections::BTreeMap,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+use std::sync::{
+    Arc,
+    atomic::{AtomicU64, Ordering},
 };
 
 use envoy_types::pb::envoy::{
@@ -58,7 +57,7 @@ use tracing::{debug, info, info_span, warn};
 use self::wire::{Outgoing, Push, PushBody};
 
 use crate::{
-    cache::{ResourceType, SnapshotCache, XdsSnapshot},
+    cache::{PerType, ResourceType, SnapshotCache, XdsSnapshot},
     metrics::{RefusalLabels, StreamLabels, TypeLabels, XdsMetrics},
     status::{Nack, NodeRegistry, StreamKind, StreamStatus, unix_ms_now},
     trace::ChangeTrace,
@@ -367,14 +366,6 @@ impl Protocol for delta::DeltaState {
     }
 }
 
-/// What a stream remembers having sent of a type (name → version), built at once: from
-/// names in order, a B-tree's nodes come out full, 35-38 bytes an entry, where inserting
-/// them one by one left the nodes half full, 64-65 bytes an entry (100 and 1,000 names),
-/// for every type of every stream. Later changes are inserted one by one: they are few.
-fn packed(sent: impl Iterator<Item = (Arc<str>, Arc<str>)>) -> BTreeMap<Arc<str>, Arc<str>> {
-    sent.collect()
-}
-
 /// `name` as the allocation `snapshot` shares with every stream when it holds a resource of
 /// type `ty` by that name, else a new one: what a stream remembers per resource (the names
 /// subscribed to, what was sent) then costs it no string, whatever the number of Envoys.
@@ -433,10 +424,10 @@ async fn drive<P: Protocol>(
     let mut state = P::default();
     let mut open: Option<OpenStream> = None;
     // The last push of each type, whose ACK or NACK is traced as its child.
-    let mut pushes: BTreeMap<ResourceType, ChangeTrace> = BTreeMap::new();
+    let mut pushes: PerType<Option<ChangeTrace>> = PerType::default();
     // The nonce of the last NACK of each type: Envoy repeats a NACK with every request until
     // it accepts a response, and it is logged once.
-    let mut nacked: BTreeMap<ResourceType, String> = BTreeMap::new();
+    let mut nacked: PerType<Option<String>> = PerType::default();
     loop {
         if *closing.borrow_and_update() {
             break;
@@ -564,14 +555,14 @@ fn record_outcome<P: Protocol>(
     open: Option<&OpenStream>,
     ty: ResourceType,
     outcome: RequestOutcome,
-    pushes: &mut BTreeMap<ResourceType, ChangeTrace>,
-    nacked: &mut BTreeMap<ResourceType, String>,
+    pushes: &mut PerType<Option<ChangeTrace>>,
+    nacked: &mut PerType<Option<String>>,
 ) {
     let Some(open) = open else { return };
     if matches!(
         outcome,
         RequestOutcome::Ack { .. } | RequestOutcome::Nack { .. }
-    ) && let Some(push) = pushes.remove(&ty)
+    ) && let Some(push) = pushes.get_mut(ty).take()
     {
         trace_answer(open, ty, &outcome, &push);
     }
@@ -595,7 +586,7 @@ fn record_outcome<P: Protocol>(
             code,
             message,
         } => {
-            if nacked.get(&ty) == Some(&nonce) {
+            if nacked.get(ty).as_ref() == Some(&nonce) {
                 debug!(stream_id = open.stream_id, node = %open.node_id, resource_type = ty.short_name(), nonce = %nonce, "NACK repeated");
             } else {
                 warn!(
@@ -608,7 +599,7 @@ fn record_outcome<P: Protocol>(
                     error = %message,
                     "Envoy rejected an xDS response (NACK); it keeps its last accepted version"
                 );
-                nacked.insert(ty, nonce.clone());
+                *nacked.get_mut(ty) = Some(nonce.clone());
             }
             shared.metrics.nacks.get_or_create(&labels).inc();
             shared.registry.update(open.stream_id, ty, |status| {
@@ -695,7 +686,7 @@ fn record_push<P: Protocol>(
     open: Option<&OpenStream>,
     response: &Push,
     cause: &Cause,
-    pushes: &mut BTreeMap<ResourceType, ChangeTrace>,
+    pushes: &mut PerType<Option<ChangeTrace>>,
 ) {
     let (ty, version, nonce) = (
         response.ty,
@@ -722,7 +713,7 @@ fn record_push<P: Protocol>(
     if let Some(open) = open {
         let push = push_span(open, ty, (version, nonce, resources), cause);
         if push.is_traced() {
-            pushes.insert(ty, push);
+            *pushes.get_mut(ty) = Some(push);
         }
         debug!(stream_id = open.stream_id, node = %open.node_id, resource_type = ty.short_name(), version, nonce, resources, "pushed");
         let version = version.to_owned();

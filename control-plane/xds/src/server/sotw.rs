@@ -11,23 +11,24 @@
 //! protocol, say) is warmed anew by Envoy, which waits for its assignment: that assignment is
 //! sent again right after the clusters, even when it did not change.
 
-use std::{
-    collections::{BTreeMap, BTreeSet},
-    sync::Arc,
-};
+use std::sync::Arc;
 
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
-use crate::cache::{ResourceType, XdsSnapshot};
-use crate::server::{MAX_NACK_MESSAGE_BYTES, RequestOutcome, bounded, shared_name, wire::Push};
+use crate::cache::{PerType, ResourceType, XdsSnapshot};
+use crate::server::{
+    MAX_NACK_MESSAGE_BYTES, RequestOutcome, bounded, held::Held, names::Names, shared_name,
+    wire::Push,
+};
 
 /// Which resources of one type Envoy asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Subscription {
     /// Every resource of the type (CDS, or an empty / `*` name list).
     Wildcard,
-    /// Only these names (EDS), as the snapshot's shared allocations where it has them.
-    Names(BTreeSet<Arc<str>>),
+    /// Only these names (EDS): the snapshot's cluster map when they are its clusters, else
+    /// the snapshot's shared allocations where it has them ([`Names`]).
+    Names(Names),
 }
 
 impl Subscription {
@@ -35,12 +36,12 @@ impl Subscription {
         if ty.is_wildcard() && (names.is_empty() || names.iter().any(|name| name == "*")) {
             Subscription::Wildcard
         } else {
-            Subscription::Names(
-                names
-                    .iter()
-                    .map(|name| shared_name(snapshot, ty, name))
-                    .collect(),
-            )
+            let mut names: Names = names
+                .iter()
+                .map(|name| shared_name(snapshot, ty, name))
+                .collect();
+            names.share(snapshot);
+            Subscription::Names(names)
         }
     }
 
@@ -78,15 +79,22 @@ struct TypeState {
     nonce: Option<String>,
     /// The version of the last response sent.
     sent_version: Option<String>,
-    /// Resource name → version, as last sent: the snapshot's shared allocations.
-    sent: BTreeMap<Arc<str>, Arc<str>>,
+    /// Resource name → version, as last sent (once up to date, the snapshot's map itself).
+    sent: Held,
+}
+
+impl TypeState {
+    /// Whether the subscription in force covers `name`.
+    fn covers(subscription: Option<&Subscription>) -> impl Fn(&str) -> bool + Copy + '_ {
+        move |name| subscription.is_some_and(|subscription| subscription.contains(name))
+    }
 }
 
 /// One SotW stream's state for every served type.
 #[derive(Debug, Default)]
 pub(crate) struct SotwState {
     next_nonce: u64,
-    types: BTreeMap<ResourceType, TypeState>,
+    types: PerType<TypeState>,
 }
 
 impl SotwState {
@@ -98,7 +106,7 @@ impl SotwState {
         request: &DiscoveryRequest,
         snapshot: Option<&XdsSnapshot>,
     ) -> (RequestOutcome, Option<Push>) {
-        let state = self.types.entry(ty).or_default();
+        let state = self.types.get_mut(ty);
         let outcome = if request.response_nonce.is_empty() {
             RequestOutcome::Initial
         } else if state.nonce.as_deref() != Some(request.response_nonce.as_str()) {
@@ -132,8 +140,12 @@ impl SotwState {
         }
         let subscription = Subscription::from_request(ty, &request.resource_names, snapshot);
         let first = state.subscription.is_none();
-        // Forget what was sent for names Envoy dropped, so a later subscription resends them.
-        state.sent.retain(|name, _| subscription.contains(name));
+        // Forget what was sent for names Envoy dropped, so a later subscription resends them
+        // (what was sent counts under the subscription it was sent for).
+        state
+            .sent
+            .list(TypeState::covers(state.subscription.as_ref()))
+            .retain(|name, _| subscription.contains(name));
         state.subscription = Some(subscription);
         let response = snapshot.and_then(|snapshot| self.respond(ty, snapshot, first));
         (outcome, response)
@@ -150,28 +162,35 @@ impl SotwState {
     /// A response for `ty` if Envoy subscribed and something it should hold differs from
     /// what was sent (or `force` for a type's first request).
     fn respond(&mut self, ty: ResourceType, snapshot: &XdsSnapshot, force: bool) -> Option<Push> {
-        let state = self.types.get_mut(&ty)?;
+        let state = self.types.get_mut(ty);
         let subscription = state.subscription.as_ref()?;
-        let in_scope = snapshot
-            .resources(ty)
+        let covers = TypeState::covers(Some(subscription));
+        let available = snapshot.resources(ty);
+        if !force && state.sent.is_whole(available) {
+            return None;
+        }
+        let in_scope = available
             .values()
             .filter(|resource| subscription.contains(&resource.name));
+        let sent = &state.sent;
         let resources: Vec<_> = if ty.is_wildcard() {
             // Full state: send everything whenever the set or any version differs.
             let current: Vec<_> = in_scope.collect();
-            let unchanged = current.len() == state.sent.len()
-                && current
-                    .iter()
-                    .all(|resource| state.sent.get(&resource.name) == Some(&resource.version));
+            let unchanged = sent.names(covers).count() == current.len()
+                && current.iter().all(|resource| {
+                    sent.version(&resource.name, covers) == Some(&resource.version)
+                });
             if unchanged && !force {
+                state.sent.hold_whole(available);
                 return None;
             }
             current
         } else {
             let changed: Vec<_> = in_scope
-                .filter(|resource| state.sent.get(&resource.name) != Some(&resource.version))
+                .filter(|resource| sent.version(&resource.name, covers) != Some(&resource.version))
                 .collect();
             if changed.is_empty() {
+                state.sent.hold_whole(available);
                 return None;
             }
             changed
@@ -180,9 +199,7 @@ impl SotwState {
             resources
                 .iter()
                 .filter(|resource| {
-                    state
-                        .sent
-                        .get(&resource.name)
+                    sent.version(&resource.name, covers)
                         .is_some_and(|sent| *sent != resource.version)
                 })
                 .map(|resource| Arc::clone(&resource.name))
@@ -190,23 +207,22 @@ impl SotwState {
         } else {
             Vec::new()
         };
-        let sent = resources
-            .iter()
-            .map(|resource| (Arc::clone(&resource.name), Arc::clone(&resource.version)));
-        if ty.is_wildcard() || state.sent.is_empty() {
-            state.sent = super::packed(sent);
-        } else {
-            state.sent.extend(sent);
-        }
+        // Every covered resource now went out at its version (a name the snapshot lost is
+        // forgotten: it would go out again if it came back).
+        state.sent.hold_whole(available);
         self.next_nonce += 1;
         let nonce = self.next_nonce.to_string();
         state.nonce = Some(nonce.clone());
         state.sent_version = Some(snapshot.version.clone());
         // Envoy warms a changed cluster anew and waits for its assignment, unchanged or not:
         // forget it was sent, so it goes out again right after this response.
-        if let Some(endpoints) = self.types.get_mut(&ResourceType::Endpoint) {
+        if !updated_clusters.is_empty() {
+            let endpoints = self.types.get_mut(ResourceType::Endpoint);
+            let sent = endpoints
+                .sent
+                .list(TypeState::covers(endpoints.subscription.as_ref()));
             for name in &updated_clusters {
-                endpoints.sent.remove(name);
+                sent.remove(name);
             }
         }
         Some(Push {
@@ -478,7 +494,7 @@ mod tests {
     }
 
     #[test]
-    fn a_stream_remembers_names_and_versions_as_the_snapshots_allocations_not_copies() {
+    fn a_stream_remembers_what_it_sent_as_the_snapshots_map_and_names_as_its_allocations() {
         let snap = snapshot("v1", &[("a", "127.0.0.1:1"), ("b", "127.0.0.1:2")]);
         let mut state = SotwState::default();
         for (ty, names) in [
@@ -487,19 +503,19 @@ mod tests {
         ] {
             state.on_request(ty, &request(ty, names, "", ""), Some(&snap));
         }
-        let held = |ty| &state.types[&ty];
+        let held = |ty| state.types.get(ty);
         let Some(Subscription::Names(subscribed)) = &held(ResourceType::Endpoint).subscription
         else {
             panic!("EDS subscribes by name");
         };
-        let clusters = held(ResourceType::Cluster).sent.iter();
+        let clusters = &held(ResourceType::Cluster).sent;
         assert_shares_the_snapshots_allocations(&snap, ResourceType::Cluster, clusters, []);
-        let endpoints = held(ResourceType::Endpoint).sent.iter();
+        let endpoints = &held(ResourceType::Endpoint).sent;
         assert_shares_the_snapshots_allocations(
             &snap,
             ResourceType::Endpoint,
             endpoints,
-            subscribed,
+            subscribed.iter(),
         );
         assert!(
             subscribed.contains("not-served"),

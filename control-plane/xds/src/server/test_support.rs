@@ -6,6 +6,7 @@ use fulcrum_core::{Endpoint, ServiceEndpoints, Snapshot, UpstreamProtocol};
 
 use crate::cache::{ResourceType, SnapshotCache, XdsSnapshot};
 use crate::resources::ClusterOptions;
+use crate::server::held::Held;
 
 /// The cache's snapshot of `services`, each `(name, "IP:port")` with one endpoint.
 pub(super) fn snapshot(version: &str, services: &[(&str, &str)]) -> Arc<XdsSnapshot> {
@@ -39,27 +40,21 @@ pub(super) fn snapshot_with_http2(
     cache.current().expect("set")
 }
 
-/// Asserts that a stream's memory of resources of type `ty` holds every resource of
-/// `snapshot` (`sent`: name → version) and every name it subscribed to (`subscribed`) as the
-/// snapshot's own allocations, not copies; a subscribed name the snapshot does not serve is
-/// kept as its own.
+/// Asserts that a stream's memory of what its Envoy holds of type `ty`, every resource of
+/// `snapshot`, is the snapshot's own map (not a copy of its names and versions), and that every
+/// name it subscribed to (`subscribed`) is the snapshot's own allocation; a subscribed name
+/// the snapshot does not serve is kept as its own.
 pub(super) fn assert_shares_the_snapshots_allocations<'a>(
     snapshot: &XdsSnapshot,
     ty: ResourceType,
-    sent: impl ExactSizeIterator<Item = (&'a Arc<str>, &'a Arc<str>)>,
+    held: &Held,
     subscribed: impl IntoIterator<Item = &'a Arc<str>>,
 ) {
     let resources = snapshot.resources(ty);
-    assert_eq!(
-        sent.len(),
-        resources.len(),
-        "{ty:?}: every resource was sent"
+    assert!(
+        held.is_whole(resources),
+        "{ty:?}: the snapshot's map is held"
     );
-    for (name, version) in sent {
-        let resource = &resources[&**name];
-        assert!(Arc::ptr_eq(name, &resource.name), "{ty:?} {name}");
-        assert!(Arc::ptr_eq(version, &resource.version), "{ty:?} {name}");
-    }
     for name in subscribed {
         if let Some(resource) = resources.get(&**name) {
             assert!(Arc::ptr_eq(name, &resource.name), "{ty:?} {name}");
