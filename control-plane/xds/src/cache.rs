@@ -521,6 +521,21 @@ mod tests {
             Arc::ptr_eq(&before.endpoints["a"].name, &after.endpoints["a"].name),
             "a re-encoded resource keeps the name allocation the streams hold"
         );
+        assert!(
+            Arc::ptr_eq(&before.clusters, &after.clusters),
+            "no cluster changed: the streams' clusters map is kept"
+        );
+        assert!(!Arc::ptr_eq(&before.endpoints, &after.endpoints));
+        cache.set(&snapshot(
+            "v3",
+            &[
+                ("a", service(&["127.0.0.1:1", "127.0.0.1:3"])),
+                ("b", service(&["127.0.0.1:2"])),
+                ("c", service(&["127.0.0.1:4"])),
+            ],
+        ));
+        let grown = cache.current().expect("set");
+        assert!(!Arc::ptr_eq(&after.clusters, &grown.clusters), "a cluster added");
     }
 
     #[test]

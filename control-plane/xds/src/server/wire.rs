@@ -12,14 +12,16 @@
 //! Here a response is a [`Push`]: its fields and the cache's [`EncodedResource`]s, each
 //! holding its `Any` encoded once as a ready element of the response's field 2
 //! ([`EncodedResource::entry`] for SotW, [`EncodedResource::delta_entry`] for delta).
-//! [`Push::frames`] lays it out as one gRPC message whose resource bytes are those very
-//! allocations (reference counted), and [`PushBody`] hands the frames to hyper one by one.
+//! A [`Framer`] lays it out as one gRPC message whose large resources are those very
+//! allocations (reference counted), and [`PushBody`] hands the frames to hyper one by one,
+//! each laid out when hyper asks for it and no more than [`MAX_IN_FLIGHT`] bytes ahead of
+//! what h2 has written.
 //! The bytes are what prost would encode for the same `DiscoveryResponse` or
 //! `DeltaDiscoveryResponse`, field for field (the tests compare them), so Envoy sees no
 //! difference.
 //!
 //! Small pieces (the other fields, resources under [`COPY_BELOW`]) are copied into frames
-//! closed once past 64 KiB, between the shared ones: h2 queues every frame of a response at
+//! closed once past 64 KiB, between the shared ones: h2 keeps a slot per frame it holds at
 //! once in a per-connection slab that never shrinks, so a response is one frame per large
 //! resource and a few for all the small ones, not one per field or per resource. A message
 //! under [`ONE_FRAME_BELOW`] (a change's push) is copied whole into one frame, freed once
@@ -27,11 +29,15 @@
 //! and a second small write waits on the peer's delayed ACK (Nagle), which cost every
 //! change 40 ms when its push was three frames.
 
+#[cfg(test)]
+use std::collections::VecDeque;
 use std::{
-    collections::VecDeque,
     pin::Pin,
-    sync::Arc,
-    task::{Context, Poll},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicUsize, Ordering},
+    },
+    task::{Context, Poll, Waker},
 };
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -80,93 +86,59 @@ pub(crate) struct Push {
     pub(crate) removed: Vec<String>,
 }
 
-/// Frames under construction: small pieces accumulate in `small`, a large shared piece
-/// closes it.
-struct Frames {
-    frames: VecDeque<Bytes>,
-    small: BytesMut,
+/// Lays one [`Push`] out as one gRPC message, a frame at a time: the gRPC prefix and the
+/// fields before the resources, each resource (shared when at least `share_from` bytes long,
+/// else copied into the frame being filled, which closes once past `close_at`), then the
+/// fields after them. A frame is laid out only when the body is polled for one, so a stream
+/// holds no more of an answer than [`PushBody`] lets it have in flight.
+pub(crate) struct Framer {
+    kind: StreamKind,
+    push: Box<Push>,
+    /// The prefix and the fields before the resources, until copied into the first frame.
+    head: Option<Vec<u8>>,
+    /// The fields after the resources, until copied into the last frame.
+    tail: Option<Vec<u8>>,
+    /// The next resource to lay out.
+    next: usize,
+    /// Bytes of the message, prefix included, not laid out yet.
+    remaining: usize,
     /// Pieces at least this long are shared, not copied.
     share_from: usize,
-    /// The copied frame closes at this length.
+    /// A frame of copied pieces closes at this length.
     close_at: usize,
 }
 
-impl Frames {
-    fn copy(&mut self, bytes: &[u8]) {
-        self.small.put_slice(bytes);
-        if self.small.len() >= self.close_at {
-            self.close();
-        }
-    }
-
-    fn close(&mut self) {
-        if !self.small.is_empty() {
-            self.frames.push_back(self.small.split().freeze());
-        }
-    }
-
-    fn share(&mut self, bytes: &Bytes) {
-        if bytes.len() < self.share_from {
-            self.copy(bytes);
-            return;
-        }
-        self.close();
-        self.frames.push_back(bytes.clone());
-    }
-
-    /// Frames for a message of `length` bytes after the gRPC prefix.
-    fn for_message(length: usize) -> Self {
-        let whole = GRPC_PREFIX + length;
-        let (share_from, close_at) = if whole < ONE_FRAME_BELOW {
-            (usize::MAX, usize::MAX)
-        } else {
-            (COPY_BELOW, COPIED_FRAME)
-        };
-        Self {
-            frames: VecDeque::new(),
-            small: BytesMut::with_capacity(whole.min(close_at)),
-            share_from,
-            close_at,
-        }
-    }
-
-    fn finish(mut self) -> VecDeque<Bytes> {
-        self.close();
-        self.frames
-    }
-}
-
-impl Push {
-    /// The response as one gRPC message (prefix included), in frames whose resource bytes
-    /// are the cache's. Fails only for a message beyond gRPC's 4 GiB length field.
-    pub(crate) fn frames(&self, kind: StreamKind) -> Result<VecDeque<Bytes>, Status> {
-        let type_url = self.ty.type_url().to_owned();
+impl Framer {
+    /// The framer of `push` for a `kind` stream. Fails only for a message beyond gRPC's 4 GiB
+    /// length field.
+    pub(crate) fn new(kind: StreamKind, push: Box<Push>) -> Result<Self, Status> {
+        let type_url = push.ty.type_url().to_owned();
         // Fields 1 and 4.. of the message, encoded by prost; field 2 (the resources) goes
         // between them, as prost orders fields by number.
         let (head, tail) = match kind {
             StreamKind::Sotw => (
                 DiscoveryResponse {
-                    version_info: self.version.clone(),
+                    version_info: push.version.clone(),
                     ..Default::default()
                 }
                 .encode_to_vec(),
                 DiscoveryResponse {
                     type_url,
-                    nonce: self.nonce.clone(),
+                    nonce: push.nonce.clone(),
                     ..Default::default()
                 }
                 .encode_to_vec(),
             ),
             StreamKind::Delta => (
                 DeltaDiscoveryResponse {
-                    system_version_info: self.version.clone(),
+                    system_version_info: push.version.clone(),
                     ..Default::default()
                 }
                 .encode_to_vec(),
                 DeltaDiscoveryResponse {
                     type_url,
-                    nonce: self.nonce.clone(),
-                    removed_resources: self.removed.clone(),
+                    nonce: push.nonce.clone(),
+                    removed_resources: push.removed.clone(),
                     ..Default::default()
                 }
                 .encode_to_vec(),
@@ -174,40 +146,105 @@ impl Push {
         };
         let length = head.len()
             + tail.len()
-            + self
+            + push
                 .resources
                 .iter()
-                .map(|resource| element_len(kind, resource))
+                .map(|resource| element(kind, resource).len())
                 .sum::<usize>();
         let length = u32::try_from(length).map_err(|_| {
             Status::resource_exhausted(
                 "an xDS response exceeds gRPC's 4 GiB message limit; split the mesh over more clusters",
             )
         })?;
-        let mut frames = Frames::for_message(length as usize);
-        frames.copy(&[0]);
-        frames.copy(&length.to_be_bytes());
-        frames.copy(&head);
-        for resource in &self.resources {
-            match kind {
-                // The cache's entry is the element as it stands.
-                StreamKind::Sotw => frames.share(&resource.entry),
-                StreamKind::Delta => frames.share(resource.delta_entry()),
-            }
+        let whole = GRPC_PREFIX + length as usize;
+        let (share_from, close_at) = if whole < ONE_FRAME_BELOW {
+            (usize::MAX, usize::MAX)
+        } else {
+            (COPY_BELOW, COPIED_FRAME)
+        };
+        let mut prefixed = Vec::with_capacity(GRPC_PREFIX + head.len());
+        prefixed.push(0);
+        prefixed.extend_from_slice(&length.to_be_bytes());
+        prefixed.extend_from_slice(&head);
+        Ok(Self {
+            kind,
+            push,
+            head: Some(prefixed),
+            tail: Some(tail),
+            next: 0,
+            remaining: whole,
+            share_from,
+            close_at,
+        })
+    }
+
+    /// The next frame of the message; `None` once it is all laid out.
+    pub(crate) fn next_frame(&mut self) -> Option<Bytes> {
+        let mut frame = BytesMut::new();
+        // A copied frame is one allocation: it ends past `close_at` by less than a copied piece.
+        let reserve = self
+            .remaining
+            .min(self.close_at.saturating_add(COPY_BELOW));
+        if let Some(head) = self.head.take() {
+            copy(&mut frame, &head, &mut self.remaining, reserve);
         }
-        frames.copy(&tail);
-        let frames = frames.finish();
-        debug_assert_eq!(
-            frames.iter().map(Bytes::len).sum::<usize>(),
-            GRPC_PREFIX + length as usize,
+        while frame.len() < self.close_at {
+            let Some(resource) = self.push.resources.get(self.next) else {
+                break;
+            };
+            let piece = element(self.kind, resource);
+            if piece.len() >= self.share_from {
+                if !frame.is_empty() {
+                    // The shared piece is the next frame.
+                    return Some(frame.freeze());
+                }
+                self.next += 1;
+                self.remaining -= piece.len();
+                return Some(piece.clone());
+            }
+            self.next += 1;
+            copy(&mut frame, piece, &mut self.remaining, reserve);
+        }
+        if frame.len() < self.close_at
+            && self.next == self.push.resources.len()
+            && let Some(tail) = self.tail.take()
+        {
+            copy(&mut frame, &tail, &mut self.remaining, reserve);
+        }
+        debug_assert!(
+            !frame.is_empty() || self.remaining == 0,
             "the gRPC prefix states the message's length"
         );
-        Ok(frames)
+        (!frame.is_empty()).then(|| frame.freeze())
+    }
+}
+
+/// Copies `bytes` into `frame`, reserving `reserve` bytes first when it has no room yet.
+fn copy(frame: &mut BytesMut, bytes: &[u8], remaining: &mut usize, reserve: usize) {
+    if frame.capacity() == 0 {
+        frame.reserve(reserve);
+    }
+    frame.put_slice(bytes);
+    *remaining -= bytes.len();
+}
+
+/// One resource as an element of a `kind` response's field 2, key and length first: the
+/// cache's bytes as they stand.
+fn element(kind: StreamKind, resource: &EncodedResource) -> &Bytes {
+    match kind {
+        StreamKind::Sotw => &resource.entry,
+        StreamKind::Delta => resource.delta_entry(),
     }
 }
 
 #[cfg(test)]
 impl Push {
+    /// Every frame of the push, laid out at once.
+    fn frames(&self, kind: StreamKind) -> Result<VecDeque<Bytes>, Status> {
+        let mut framer = Framer::new(kind, Box::new(self.clone()))?;
+        Ok(std::iter::from_fn(|| framer.next_frame()).collect())
+    }
+
     /// The message `frames` sends, decoded by prost (tests read pushes as Envoy does).
     fn decoded<M: Message + Default>(&self, kind: StreamKind) -> M {
         let frames = self.frames(kind).expect("frames");
@@ -226,27 +263,90 @@ impl Push {
     }
 }
 
-/// The bytes one resource adds to a response of `kind`: one element of field 2 with its key
-/// and length.
-fn element_len(kind: StreamKind, resource: &EncodedResource) -> usize {
-    match kind {
-        StreamKind::Sotw => resource.entry.len(),
-        StreamKind::Delta => resource.delta_entry().len(),
-    }
-}
-
 /// What a stream's driver hands its body: a response, or the error that ends the stream
 /// (a request the driver could not read). Both boxed: the channel allocates its slots 32
 /// at a time for the stream's life, and a `Push` is 104 bytes where a box is 8.
 pub(crate) type Outgoing = Result<Box<Push>, Box<Status>>;
 
+/// Bytes of its answers a stream may have handed to hyper that h2 has not written yet. Past
+/// it, the body lays out no further frame until h2 has written (and dropped) enough of them:
+/// h2 takes every frame it is given as long as Envoy's flow-control window allows, and
+/// Envoy's is 256 MiB, so a stream that laid out a whole answer at once held all of it until
+/// the socket drained, a copy per stream of every resource under [`COPY_BELOW`]: 0.7 MiB for
+/// an Envoy's first answer in a mesh of 1,000 services, 70 MiB for 100 Envoys reconnecting at
+/// once, which glibc then kept. Two copied frames' worth: the socket's own buffer is larger,
+/// so the writes never wait on it.
+pub(crate) const MAX_IN_FLIGHT: usize = 2 * COPIED_FRAME;
+
+/// A stream's frames handed to hyper and not yet dropped by h2, and the body's waker.
+#[derive(Debug, Default)]
+struct InFlight {
+    bytes: AtomicUsize,
+    /// The body, when it waits for bytes to leave.
+    waiting: Mutex<Option<Waker>>,
+}
+
+impl InFlight {
+    /// `frame`, counted until h2 drops it (once written, or with the connection).
+    fn track(self: &Arc<Self>, frame: Bytes) -> Bytes {
+        self.bytes.fetch_add(frame.len(), Ordering::AcqRel);
+        Bytes::from_owner(Tracked {
+            frame,
+            in_flight: Arc::clone(self),
+        })
+    }
+
+    /// Whether the body must wait before laying out another frame; if so, `waker` is woken
+    /// once bytes leave.
+    fn full(&self, waker: &Waker) -> bool {
+        if self.bytes.load(Ordering::Acquire) < MAX_IN_FLIGHT {
+            return false;
+        }
+        *self.waiting.lock().unwrap_or_else(PoisonError::into_inner) = Some(waker.clone());
+        // A frame dropped between the load and the registration found no waker: look again.
+        self.bytes.load(Ordering::Acquire) >= MAX_IN_FLIGHT
+    }
+}
+
+/// A frame as handed to hyper: its bytes leave the stream's count when h2 drops it.
+struct Tracked {
+    frame: Bytes,
+    in_flight: Arc<InFlight>,
+}
+
+impl AsRef<[u8]> for Tracked {
+    fn as_ref(&self) -> &[u8] {
+        &self.frame
+    }
+}
+
+impl Drop for Tracked {
+    fn drop(&mut self) {
+        self.in_flight
+            .bytes
+            .fetch_sub(self.frame.len(), Ordering::AcqRel);
+        let waiting = self
+            .in_flight
+            .waiting
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(waker) = waiting {
+            waker.wake();
+        }
+    }
+}
+
 /// The body of one ADS stream's response: the frames of each [`Push`] the stream driver
-/// queues, then `grpc-status: 0` when the driver ends the stream (tonic's generated server
-/// ends it the same way), or the status of the error it ended on.
+/// queues, laid out as h2 writes them ([`MAX_IN_FLIGHT`] ahead at most), then
+/// `grpc-status: 0` when the driver ends the stream (tonic's generated server ends it the same
+/// way), or the status of the error it ended on.
 pub(crate) struct PushBody {
     kind: StreamKind,
     pushes: mpsc::Receiver<Outgoing>,
-    pending: VecDeque<Bytes>,
+    /// The push being laid out.
+    framing: Option<Framer>,
+    in_flight: Arc<InFlight>,
     ended: bool,
 }
 
@@ -256,7 +356,8 @@ impl PushBody {
         Self {
             kind,
             pushes,
-            pending: VecDeque::new(),
+            framing: None,
+            in_flight: Arc::default(),
             ended: false,
         }
     }
@@ -276,30 +377,41 @@ impl http_body::Body for PushBody {
     type Error = Status;
 
     fn poll_frame(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         context: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
         loop {
-            if let Some(frame) = self.pending.pop_front() {
-                return Poll::Ready(Some(Ok(Frame::data(frame))));
+            if let Some(framing) = &mut this.framing {
+                if this.in_flight.full(context.waker()) {
+                    return Poll::Pending;
+                }
+                match framing.next_frame() {
+                    Some(frame) => {
+                        let frame = this.in_flight.track(frame);
+                        return Poll::Ready(Some(Ok(Frame::data(frame))));
+                    }
+                    None => this.framing = None,
+                }
+                continue;
             }
-            if self.ended {
+            if this.ended {
                 return Poll::Ready(None);
             }
-            match self.pushes.poll_recv(context) {
+            match this.pushes.poll_recv(context) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(None) => return self.trailers(&Status::ok("")),
-                Poll::Ready(Some(Err(status))) => return self.trailers(&status),
-                Poll::Ready(Some(Ok(push))) => match push.frames(self.kind) {
-                    Ok(frames) => self.pending = frames,
-                    Err(status) => return self.trailers(&status),
+                Poll::Ready(None) => return this.trailers(&Status::ok("")),
+                Poll::Ready(Some(Err(status))) => return this.trailers(&status),
+                Poll::Ready(Some(Ok(push))) => match Framer::new(this.kind, push) {
+                    Ok(framing) => this.framing = Some(framing),
+                    Err(status) => return this.trailers(&status),
                 },
             }
         }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.ended && self.pending.is_empty()
+        self.ended && self.framing.is_none()
     }
 }
 
@@ -482,6 +594,61 @@ mod tests {
         let trailers = trailers.expect("trailers");
         assert_eq!(trailers["grpc-status"], "0");
         assert!(body.is_end_stream());
+    }
+
+    #[test]
+    fn the_body_lays_out_an_answer_only_as_far_ahead_of_h2s_writes_as_its_bound() {
+        use http_body::Body as _;
+
+        // An Envoy's first answer in a mesh of 1,000 services: 1,000 small resources, each
+        // copied into frames.
+        let resources: Vec<_> = (0..1000)
+            .map(|index| resource(&format!("service-{index}"), "1", 700))
+            .collect();
+        let sent = push(resources, &[]);
+        let expected: Vec<u8> = sent
+            .frames(StreamKind::Sotw)
+            .expect("frames")
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
+        assert!(expected.len() > 4 * MAX_IN_FLIGHT);
+        let (sender, receiver) = mpsc::channel(4);
+        sender.try_send(Ok(Box::new(sent))).expect("room");
+        drop(sender);
+        let mut body = std::pin::pin!(PushBody::new(StreamKind::Sotw, receiver));
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        let mut data = Vec::new();
+        let mut waits = 0;
+        loop {
+            // What h2 holds: every frame handed over since it last wrote.
+            let mut held = Vec::new();
+            let ended = loop {
+                match body.as_mut().poll_frame(&mut context) {
+                    Poll::Pending => break false,
+                    Poll::Ready(None) => break true,
+                    Poll::Ready(Some(frame)) => match frame.expect("no error").into_data() {
+                        Ok(bytes) => held.push(bytes),
+                        Err(trailers) => assert!(trailers.is_trailers()),
+                    },
+                }
+            };
+            let in_flight: usize = held.iter().map(Bytes::len).sum();
+            assert!(
+                in_flight < MAX_IN_FLIGHT + COPIED_FRAME + COPY_BELOW,
+                "{in_flight} bytes laid out ahead of the writes"
+            );
+            // h2 writes them and drops them.
+            held.iter().for_each(|frame| data.extend_from_slice(frame));
+            drop(held);
+            if ended {
+                break;
+            }
+            waits += 1;
+        }
+        assert_eq!(data, expected, "the whole answer, byte for byte");
+        assert!(waits >= 4, "waited for the writes {waits} times");
     }
 
     #[tokio::test]
