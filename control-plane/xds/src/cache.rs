@@ -535,7 +535,10 @@ mod tests {
             ],
         ));
         let grown = cache.current().expect("set");
-        assert!(!Arc::ptr_eq(&after.clusters, &grown.clusters), "a cluster added");
+        assert!(
+            !Arc::ptr_eq(&after.clusters, &grown.clusters),
+            "a cluster added"
+        );
     }
 
     #[test]

@@ -182,9 +182,7 @@ impl Framer {
     pub(crate) fn next_frame(&mut self) -> Option<Bytes> {
         let mut frame = BytesMut::new();
         // A copied frame is one allocation: it ends past `close_at` by less than a copied piece.
-        let reserve = self
-            .remaining
-            .min(self.close_at.saturating_add(COPY_BELOW));
+        let reserve = self.remaining.min(self.close_at.saturating_add(COPY_BELOW));
         if let Some(head) = self.head.take() {
             copy(&mut frame, &head, &mut self.remaining, reserve);
         }
