@@ -182,8 +182,9 @@ pub type Resources = BTreeMap<String, Arc<EncodedResource>>;
 /// Every resource of one snapshot. Immutable once built; replaced whole on change.
 #[derive(Debug, PartialEq)]
 pub struct XdsSnapshot {
-    /// The version of the [`Snapshot`] this was built from.
-    pub version: String,
+    /// The version of the [`Snapshot`] this was built from. Shared with every stream that
+    /// remembers having sent it.
+    pub version: Arc<str>,
     /// When the cache published it (push latency is measured from here).
     pub published_at: Instant,
     /// One `Cluster` per service. Shared with the streams up to date with it, as what their
@@ -286,7 +287,7 @@ fn build(
         );
     }
     XdsSnapshot {
-        version: core.version.clone(),
+        version: Arc::from(core.version.as_str()),
         published_at: Instant::now(),
         clusters: same_or_new(previous.map(|previous| &previous.clusters), clusters),
         endpoints: same_or_new(previous.map(|previous| &previous.endpoints), endpoints),
@@ -388,7 +389,7 @@ impl SnapshotCache {
         self.current.send_if_modified(|current| {
             if current
                 .as_ref()
-                .is_some_and(|snapshot| snapshot.version == core.version)
+                .is_some_and(|snapshot| *snapshot.version == *core.version)
             {
                 return false;
             }
@@ -473,7 +474,7 @@ mod tests {
             }
         );
         let current = cache.current().expect("set");
-        assert_eq!(current.version, "v1");
+        assert_eq!(&*current.version, "v1");
         assert_eq!(current.clusters.keys().collect::<Vec<_>>(), ["a", "b"]);
         let cluster =
             Cluster::decode(current.clusters["a"].unpacked().value.as_slice()).expect("cluster");

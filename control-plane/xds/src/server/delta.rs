@@ -16,8 +16,8 @@ use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 
 use crate::cache::{PerType, ResourceType, XdsSnapshot};
 use crate::server::{
-    MAX_NACK_MESSAGE_BYTES, RequestOutcome, bounded, held::Held, names::Names, shared_name,
-    wire::Push,
+    MAX_NACK_MESSAGE_BYTES, RequestOutcome, bounded, held::Held, names::Names, sent_nonce,
+    shared_name, wire::Push,
 };
 
 /// How many sent nonces per type are remembered to attribute ACKs/NACKs to a version.
@@ -75,8 +75,9 @@ struct TypeState {
     /// type's first request only, and what the snapshot does not serve leaves with the first
     /// response: at most one request's worth is the client's own.
     known: Held,
-    /// Recent (nonce, system version) pairs, oldest first.
-    sent: VecDeque<(String, String)>,
+    /// Recent (nonce, system version) pairs, oldest first; the versions are the snapshots'
+    /// allocations.
+    sent: VecDeque<(u64, Arc<str>)>,
     /// Whether any response went out for the type (the first one is sent even if empty,
     /// so Envoy's initialization can finish).
     responded: bool,
@@ -114,8 +115,8 @@ impl DeltaState {
             let version = state
                 .sent
                 .iter()
-                .find(|(nonce, _)| *nonce == request.response_nonce)
-                .map(|(_, version)| version.clone());
+                .find(|(nonce, _)| Some(*nonce) == sent_nonce(&request.response_nonce))
+                .map(|(_, version)| version.to_string());
             match (&request.error_detail, version) {
                 (_, None) => RequestOutcome::Stale,
                 (Some(error), Some(version)) => RequestOutcome::Nack {
@@ -228,13 +229,11 @@ impl DeltaState {
         // Envoy now holds every wanted resource at its version, and none of the removed.
         state.known.hold_whole(available);
         self.next_nonce += 1;
-        let nonce = self.next_nonce.to_string();
+        let nonce = self.next_nonce;
         if state.sent.len() == REMEMBERED_NONCES {
             state.sent.pop_front();
         }
-        state
-            .sent
-            .push_back((nonce.clone(), snapshot.version.clone()));
+        state.sent.push_back((nonce, Arc::clone(&snapshot.version)));
         state.responded = true;
         // Envoy warms a changed cluster anew and waits for its assignment, unchanged or not:
         // forget Envoy holds it, so it goes out again right after this response.
@@ -249,8 +248,8 @@ impl DeltaState {
         }
         Some(Push {
             ty,
-            version: snapshot.version.clone(),
-            nonce,
+            version: Arc::clone(&snapshot.version),
+            nonce: nonce.to_string(),
             resources: changed,
             removed: removed.iter().map(|name| name.to_string()).collect(),
         })

@@ -366,6 +366,14 @@ impl Protocol for delta::DeltaState {
     }
 }
 
+/// The nonce this server sent that `echoed` names: the decimal number it wrote, nothing else
+/// (`+7` or `07` is no nonce of ours). A stream keeps its nonces as numbers, not strings.
+fn sent_nonce(echoed: &str) -> Option<u64> {
+    let canonical = echoed.bytes().all(|byte| byte.is_ascii_digit())
+        && (echoed == "0" || !echoed.starts_with('0'));
+    echoed.parse().ok().filter(|_| canonical)
+}
+
 /// `name` as the allocation `snapshot` shares with every stream when it holds a resource of
 /// type `ty` by that name, else a new one: what a stream remembers per resource (the names
 /// subscribed to, what was sent) then costs it no string, whatever the number of Envoys.
@@ -688,11 +696,7 @@ fn record_push<P: Protocol>(
     cause: &Cause,
     pushes: &mut PerType<Option<ChangeTrace>>,
 ) {
-    let (ty, version, nonce) = (
-        response.ty,
-        response.version.as_str(),
-        response.nonce.as_str(),
-    );
+    let (ty, version, nonce) = (response.ty, &*response.version, response.nonce.as_str());
     let resources = response.resources.len() + response.removed.len();
     let published_at = match cause {
         Cause::Snapshot(snapshot) => Some(snapshot.published_at),

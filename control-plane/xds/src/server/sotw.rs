@@ -17,8 +17,8 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
 use crate::cache::{PerType, ResourceType, XdsSnapshot};
 use crate::server::{
-    MAX_NACK_MESSAGE_BYTES, RequestOutcome, bounded, held::Held, names::Names, shared_name,
-    wire::Push,
+    MAX_NACK_MESSAGE_BYTES, RequestOutcome, bounded, held::Held, names::Names, sent_nonce,
+    shared_name, wire::Push,
 };
 
 /// Which resources of one type Envoy asked for.
@@ -76,9 +76,9 @@ struct TypeState {
     /// message size limit.
     subscription: Option<Subscription>,
     /// The nonce of the last response sent; only a request echoing it is current.
-    nonce: Option<String>,
-    /// The version of the last response sent.
-    sent_version: Option<String>,
+    nonce: Option<u64>,
+    /// The version of the last response sent: the snapshot's allocation.
+    sent_version: Option<Arc<str>>,
     /// Resource name → version, as last sent (once up to date, the snapshot's map itself).
     sent: Held,
 }
@@ -109,11 +109,11 @@ impl SotwState {
         let state = self.types.get_mut(ty);
         let outcome = if request.response_nonce.is_empty() {
             RequestOutcome::Initial
-        } else if state.nonce.as_deref() != Some(request.response_nonce.as_str()) {
+        } else if state.nonce.is_none() || state.nonce != sent_nonce(&request.response_nonce) {
             return (RequestOutcome::Stale, None);
         } else if let Some(error) = &request.error_detail {
             RequestOutcome::Nack {
-                rejected_version: state.sent_version.clone().unwrap_or_default(),
+                rejected_version: state.sent_version.as_deref().unwrap_or_default().to_owned(),
                 nonce: request.response_nonce.clone(),
                 code: error.code,
                 message: bounded(&error.message, MAX_NACK_MESSAGE_BYTES),
@@ -124,8 +124,9 @@ impl SotwState {
             RequestOutcome::Ack {
                 version: state
                     .sent_version
-                    .clone()
-                    .filter(|sent| *sent == request.version_info),
+                    .as_deref()
+                    .filter(|sent| *sent == request.version_info)
+                    .map(str::to_owned),
             }
         };
         let kept = state
@@ -211,9 +212,8 @@ impl SotwState {
         // forgotten: it would go out again if it came back).
         state.sent.hold_whole(available);
         self.next_nonce += 1;
-        let nonce = self.next_nonce.to_string();
-        state.nonce = Some(nonce.clone());
-        state.sent_version = Some(snapshot.version.clone());
+        state.nonce = Some(self.next_nonce);
+        state.sent_version = Some(Arc::clone(&snapshot.version));
         // Envoy warms a changed cluster anew and waits for its assignment, unchanged or not:
         // forget it was sent, so it goes out again right after this response.
         if !updated_clusters.is_empty() {
@@ -227,8 +227,8 @@ impl SotwState {
         }
         Some(Push {
             ty,
-            version: snapshot.version.clone(),
-            nonce,
+            version: Arc::clone(&snapshot.version),
+            nonce: self.next_nonce.to_string(),
             resources: resources.into_iter().map(Arc::clone).collect(),
             removed: Vec::new(),
         })
@@ -429,6 +429,42 @@ mod tests {
         );
         assert_eq!(outcome, RequestOutcome::Stale);
         assert!(response.is_none());
+    }
+
+    #[test]
+    fn only_the_nonce_as_written_is_current_not_another_spelling_of_its_number() {
+        let v1 = snapshot("v1", &[("a", "127.0.0.1:1")]);
+        let mut state = SotwState::default();
+        let (_, first) = state.on_request(
+            ResourceType::Cluster,
+            &request(ResourceType::Cluster, &[], "", ""),
+            Some(&v1),
+        );
+        let nonce = first.expect("clusters").nonce;
+        for spelling in [
+            format!("0{nonce}"),
+            format!("+{nonce}"),
+            format!("{nonce} "),
+            "x".into(),
+        ] {
+            let (outcome, _) = state.on_request(
+                ResourceType::Cluster,
+                &request(ResourceType::Cluster, &[], "v1", &spelling),
+                Some(&v1),
+            );
+            assert_eq!(outcome, RequestOutcome::Stale, "{spelling:?}");
+        }
+        let (outcome, _) = state.on_request(
+            ResourceType::Cluster,
+            &request(ResourceType::Cluster, &[], "v1", &nonce),
+            Some(&v1),
+        );
+        assert_eq!(
+            outcome,
+            RequestOutcome::Ack {
+                version: Some("v1".to_owned())
+            }
+        );
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub(crate) struct Push {
     /// The resource type of every resource in it.
     pub(crate) ty: ResourceType,
     /// SotW `version_info`, delta `system_version_info`: the snapshot's version.
-    pub(crate) version: String,
+    pub(crate) version: Arc<str>,
     /// The response nonce.
     pub(crate) nonce: String,
     /// The resources sent, shared with the cache.
@@ -118,7 +118,7 @@ impl Framer {
         let (head, tail) = match kind {
             StreamKind::Sotw => (
                 DiscoveryResponse {
-                    version_info: push.version.clone(),
+                    version_info: push.version.to_string(),
                     ..Default::default()
                 }
                 .encode_to_vec(),
@@ -131,7 +131,7 @@ impl Framer {
             ),
             StreamKind::Delta => (
                 DeltaDiscoveryResponse {
-                    system_version_info: push.version.clone(),
+                    system_version_info: push.version.to_string(),
                     ..Default::default()
                 }
                 .encode_to_vec(),
@@ -434,7 +434,7 @@ mod tests {
     fn push(resources: Vec<Arc<EncodedResource>>, removed: &[&str]) -> Push {
         Push {
             ty: ResourceType::Endpoint,
-            version: "v7".to_owned(),
+            version: Arc::from("v7"),
             nonce: "12".to_owned(),
             resources,
             removed: removed.iter().map(|name| (*name).to_owned()).collect(),
