@@ -31,7 +31,7 @@ use crate::{
     cache::{ResourceType, SnapshotCache},
     metrics::{RefusalLabels, XdsMetrics},
     resources::ClusterOptions,
-    status::NodeRegistry,
+    status::{NodeRegistry, StreamStatus, TypeStatus},
 };
 
 /// A request body the test writes gRPC messages into.
@@ -170,6 +170,14 @@ fn sotw_request(ty: ResourceType, names: &[&str], nonce: &str) -> DiscoveryReque
     }
 }
 
+/// The clusters' status of a stream that served them.
+fn clusters_status(stream: &StreamStatus) -> &TypeStatus {
+    stream
+        .types
+        .get(ResourceType::Cluster)
+        .expect("clusters served")
+}
+
 /// Opens a SotW stream as `node`, takes its clusters, NACKs them with `reason` and then asks
 /// for endpoints of `a` (whose answer shows the NACK was handled).
 async fn nack_clusters(server: &AdsServer, node: Option<Node>, reason: &str) -> Client {
@@ -204,11 +212,7 @@ async fn status_shows_the_node_and_the_nack_reason_of_an_ordinary_stream() {
     assert_eq!(streams.len(), 1);
     assert_eq!(streams[0].node_id, "sidecar~10.0.0.7~cart-1.shop");
     assert_eq!(streams[0].node_cluster, "cart");
-    let nack = streams[0]
-        .types
-        .cds
-        .as_ref()
-        .expect("clusters served")
+    let nack = clusters_status(&streams[0])
         .last_nack
         .as_ref()
         .expect("a NACK");
@@ -234,14 +238,7 @@ async fn a_megabyte_node_id_and_nack_reason_leave_bounded_status() {
         stream.node_cluster.len() <= MAX_NODE_FIELD_BYTES,
         "cluster cut"
     );
-    let nack = stream
-        .types
-        .cds
-        .as_ref()
-        .expect("clusters served")
-        .last_nack
-        .as_ref()
-        .expect("a NACK");
+    let nack = clusters_status(stream).last_nack.as_ref().expect("a NACK");
     assert!(
         nack.message.len() <= MAX_NACK_MESSAGE_BYTES,
         "NACK reason cut"
@@ -269,13 +266,7 @@ async fn status_keeps_the_acked_version_when_an_ack_names_one_never_sent() {
     client.sotw_response().await;
     let streams = registry.snapshot();
     assert_eq!(
-        streams[0]
-            .types
-            .cds
-            .as_ref()
-            .expect("clusters served")
-            .last_acked_version
-            .as_deref(),
+        clusters_status(&streams[0]).last_acked_version.as_deref(),
         Some(clusters.version_info.as_str())
     );
 }
@@ -384,11 +375,7 @@ async fn a_nack_repeated_with_the_same_nonce_is_logged_once() {
         "the first NACK"
     );
     // Envoy repeats its NACK with each request until it accepts a response.
-    let clusters_nonce = registry.snapshot()[0]
-        .types
-        .cds
-        .as_ref()
-        .expect("clusters served")
+    let clusters_nonce = clusters_status(&registry.snapshot()[0])
         .last_nack
         .as_ref()
         .expect("a NACK")
@@ -409,12 +396,7 @@ async fn a_nack_repeated_with_the_same_nonce_is_logged_once() {
         "not logged again"
     );
     assert_eq!(
-        registry.snapshot()[0]
-            .types
-            .cds
-            .as_ref()
-            .expect("clusters served")
-            .nacks,
+        clusters_status(&registry.snapshot()[0]).nacks,
         2,
         "still counted as received"
     );

@@ -441,6 +441,12 @@ mod tests {
         }
     }
 
+    /// The bytes of `push` on a `kind` stream, gRPC prefix included.
+    fn on_the_wire(push: &Push, kind: StreamKind) -> Vec<u8> {
+        let frames = push.frames(kind).expect("frames");
+        frames.iter().flatten().copied().collect()
+    }
+
     /// The frames joined, checked for the gRPC prefix, without it.
     fn message(frames: &VecDeque<Bytes>) -> Vec<u8> {
         let joined: Vec<u8> = frames.iter().flatten().copied().collect();
@@ -568,13 +574,7 @@ mod tests {
         let (sender, receiver) = mpsc::channel(4);
         let mut body = std::pin::pin!(PushBody::new(StreamKind::Sotw, receiver));
         let sent = push(vec![resource("a", "1", 2 * COPY_BELOW)], &[]);
-        let expected: Vec<u8> = sent
-            .frames(StreamKind::Sotw)
-            .expect("frames")
-            .iter()
-            .flatten()
-            .copied()
-            .collect();
+        let expected = on_the_wire(&sent, StreamKind::Sotw);
         sender.send(Ok(Box::new(sent))).await.expect("open");
         drop(sender);
         let mut data = Vec::new();
@@ -604,13 +604,7 @@ mod tests {
             .map(|index| resource(&format!("service-{index}"), "1", 700))
             .collect();
         let sent = push(resources, &[]);
-        let expected: Vec<u8> = sent
-            .frames(StreamKind::Sotw)
-            .expect("frames")
-            .iter()
-            .flatten()
-            .copied()
-            .collect();
+        let expected = on_the_wire(&sent, StreamKind::Sotw);
         assert!(expected.len() > 4 * MAX_IN_FLIGHT);
         let (sender, receiver) = mpsc::channel(4);
         sender.try_send(Ok(Box::new(sent))).expect("room");
