@@ -266,7 +266,10 @@ mod tests {
 
     fn versions(sinks: &Sinks) -> (Option<String>, Option<String>) {
         (
-            sinks.cache.current().map(|current| current.version.clone()),
+            sinks
+                .cache
+                .current()
+                .map(|current| current.version.to_string()),
             sinks
                 .store
                 .current()
