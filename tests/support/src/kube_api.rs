@@ -912,4 +912,22 @@ pub mod objects {
         }
         meta
     }
+
+    /// Adds `count` labels `example.com/label-NNNN` whose values are `value_len` bytes: an
+    /// object whose labels, copied into every endpoint, make its services large.
+    pub fn with_many_labels(meta: ObjectMeta, count: usize, value_len: usize) -> ObjectMeta {
+        let labels: Vec<(String, String)> = (0..count)
+            .map(|index| {
+                (
+                    format!("example.com/label-{index:04}"),
+                    "x".repeat(value_len),
+                )
+            })
+            .collect();
+        let labels: Vec<(&str, &str)> = labels
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_str()))
+            .collect();
+        with_labels(meta, &labels)
+    }
 }

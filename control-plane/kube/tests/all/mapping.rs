@@ -5,7 +5,7 @@ use std::sync::Arc;
 use fulcrum_core::{Health, UpstreamProtocol, endpoint::REGION_KEY};
 use fulcrum_kube_source::{Mapping, cluster_name, endpoint_health, port_protocol};
 use fulcrum_test_support::kube_api::objects::{
-    endpoint, endpoint_slice, ready, service, with_labels,
+    endpoint, endpoint_slice, ready, service, with_labels, with_many_labels,
 };
 use k8s_openapi::{
     api::{
@@ -639,14 +639,7 @@ fn a_service_over_its_size_budget_is_left_out_alone_keeping_its_last_published_c
     // Service of 1,000 endpoints would be about 20 MB of snapshot, over the snapshot budget
     // of the whole mesh.
     let mut bloated = service("shop", "bloated", &[("http", 80)]);
-    let labels: Vec<(String, String)> = (0..500)
-        .map(|index| (format!("example.com/label-{index:04}"), "x".repeat(20)))
-        .collect();
-    let labels: Vec<(&str, &str)> = labels
-        .iter()
-        .map(|(key, value)| (key.as_str(), value.as_str()))
-        .collect();
-    bloated.metadata = with_labels(bloated.metadata, &labels);
+    bloated.metadata = with_many_labels(bloated.metadata, 500, 20);
     let endpoints: Vec<_> = (0..1000)
         .map(|index| ready(&format!("10.2.{}.{}", index / 250, index % 250 + 1)))
         .collect();

@@ -9,7 +9,7 @@ use fulcrum_pipeline::{Debounce, policy::attach};
 use fulcrum_sources::Source;
 use fulcrum_test_support::kube_api::{
     FakeApiServer,
-    objects::{endpoint, endpoint_slice, ready, service, with_labels},
+    objects::{endpoint, endpoint_slice, ready, service, with_labels, with_many_labels},
 };
 use k8s_openapi::api::{
     core::v1::{ConfigMap, Node, Pod, Service},
@@ -622,14 +622,7 @@ async fn a_service_growing_over_its_budget_keeps_its_last_published_endpoints() 
         .await;
     // 40 labels of 63 characters, copied into each endpoint, outgrow 2 KiB.
     let mut bloated = checkout_service();
-    let labels: Vec<(String, String)> = (0..40)
-        .map(|index| (format!("example.com/label-{index:02}"), "x".repeat(63)))
-        .collect();
-    let labels: Vec<(&str, &str)> = labels
-        .iter()
-        .map(|(key, value)| (key.as_str(), value.as_str()))
-        .collect();
-    bloated.metadata = with_labels(bloated.metadata, &labels);
+    bloated.metadata = with_many_labels(bloated.metadata, 40, 63);
     // Each marker follows the change on the same watch, so seeing it means the change was
     // mapped.
     harness.server.apply(&bloated);
