@@ -6,9 +6,9 @@
 //! Both faces count at their edge (after the answer is decided, unauthenticated calls
 //! included) with the same labels, so one query covers REST and gRPC. The outcome is the
 //! gRPC status code name in snake case for both (REST's HTTP statuses map onto the same
-//! set, see [`crate::api`]). The instances gauge follows the [`View`]'s change history: it
-//! moves when a registration, a removal or a health transition happens, never by scanning
-//! on a request.
+//! set, see [`crate::api`]). The instances gauge is read at each scrape from the counts the
+//! [`View`] keeps per service and health (one read of the services, never a scan of the
+//! registrations).
 //!
 //! **Bounded series**: every label value is a fixed name, except the service, which clients
 //! choose. [`ServiceLabels`] gives the first `max_service_series` service names seen their
@@ -17,23 +17,22 @@
 //! instance ids are never labels (refusals are logged with the identity).
 
 use std::{
-    collections::HashSet,
-    sync::{Arc, Mutex},
+    collections::{BTreeMap, HashSet},
+    sync::{Arc, Mutex, OnceLock, Weak},
     time::Duration,
 };
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{
+        MetricType, counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge,
+        histogram::Histogram,
+    },
     registry::Registry as MetricsRegistry,
 };
-use tokio::task::JoinHandle;
 
-use crate::{
-    admission::Refusal,
-    backend::RegistryBackend,
-    view::{self, Entry, Since, View},
-};
+use crate::{admission::Refusal, backend::RegistryBackend, view::View};
 
 /// The service label of every service beyond the first `max_service_series`: a value no
 /// service name can take (service names have no parentheses).
@@ -208,9 +207,9 @@ pub struct RegistryMetrics {
     /// `fulcrum_registry_request_duration_seconds{api,operation}`: from the call reaching
     /// the handler to its answer (for a gRPC watch: to the stream being open).
     duration: Family<OperationLabels, Histogram, fn() -> Histogram>,
-    /// `fulcrum_registry_instances{service,health}`: live registrations. A label set whose
-    /// count drops to zero is removed, so gone services do not linger.
-    instances: Family<InstanceLabels, Gauge>,
+    /// `fulcrum_registry_instances{service,health}`: live registrations, read from the view
+    /// at each scrape; a label set at zero is not exposed, so gone services do not linger.
+    instances: Instances,
     /// The service labels of `instances` and of the registry's health checks.
     services: ServiceLabels,
     /// `fulcrum_registry_protocol_conflicts`: services whose registrations name different
@@ -227,6 +226,7 @@ pub struct RegistryMetrics {
 impl RegistryMetrics {
     /// Metrics naming at most `max_service_series` services (see [`ServiceLabels`]).
     pub fn new(max_service_series: usize) -> Self {
+        let services = ServiceLabels::new(max_service_series);
         let refusals = Family::default();
         // Every reason exposed from the start, at 0, so a rate over it is defined at once.
         for reason in Refusal::REASONS {
@@ -236,8 +236,11 @@ impl RegistryMetrics {
             refusals,
             requests: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
-            instances: Family::default(),
-            services: ServiceLabels::new(max_service_series),
+            instances: Instances {
+                view: Arc::default(),
+                services: services.clone(),
+            },
+            services,
             protocol_conflicts: Gauge::default(),
             etcd_reload_failures: None,
             etcd_records_refused: None,
@@ -275,11 +278,7 @@ impl RegistryMetrics {
             "Registry API call latency, by face and operation (a gRPC watch: until the stream is open)",
             self.duration.clone(),
         );
-        prefixed.register(
-            "instances",
-            "Live registrations, by service (the first ones seen; others as \"(other)\") and health",
-            self.instances.clone(),
-        );
+        prefixed.register_collector(Box::new(self.instances.clone()));
         prefixed.register(
             "protocol_conflicts",
             "Services whose registrations name different protocols (the earliest registration's is used)",
@@ -332,301 +331,233 @@ impl RegistryMetrics {
             .observe(elapsed.as_secs_f64());
     }
 
-    /// Keeps the instances gauge equal to `view`'s content by following its changes; the
-    /// task ends when the view is dropped.
-    pub fn follow(&self, view: &Arc<View>) -> JoinHandle<()> {
-        let mut tally = InstanceTally {
-            gauge: self.instances.clone(),
-            services: self.services.clone(),
-            known: HashSet::new(),
-        };
-        tokio::spawn(view::follow(
-            Arc::downgrade(view),
-            move |since| match since {
-                Since::Reset(entries) => tally.reset(&entries),
-                Since::Changes(changes) => {
-                    for change in changes {
-                        tally.apply(&change.id, change.entry.as_ref());
-                    }
-                }
-            },
-        ))
+    /// Counts `view`'s registrations in the instances gauge (read at each scrape; nothing
+    /// once the view is dropped). The first view named is the one counted.
+    pub fn count(&self, view: &Arc<View>) {
+        let _ = self.instances.view.set(Arc::downgrade(view));
     }
 }
 
-/// What the gauge counts, per instance, so a change can move one instance between label
-/// sets. Invariant: every label set's gauge equals the number of `known` instances counted
-/// under it.
-#[derive(Debug)]
-struct InstanceTally {
-    gauge: Family<InstanceLabels, Gauge>,
+/// `fulcrum_registry_instances{service,health}`, read from the [`View`] at each scrape: the
+/// view keeps its registrations' count per service and health, so the gauge is never
+/// behind it and takes nothing per instance (a tally of its own took a set entry per
+/// registration, 41 bytes at 10,000).
+#[derive(Debug, Clone)]
+struct Instances {
+    /// The view counted, once [`RegistryMetrics::count`] named it.
+    view: Arc<OnceLock<Weak<View>>>,
     services: ServiceLabels,
-    known: HashSet<Counted>,
 }
 
-/// One counted instance: its entry as counted (the view's record, shared, not copied) and
-/// whether its service has its own series. Keyed by the record's id: 24 bytes a
-/// registration, where an id-keyed map of label sets took a copy of the id, a copy of the
-/// service name and a 64-byte slot.
-#[derive(Debug)]
-struct Counted {
-    entry: Entry,
-    named: bool,
-}
+impl Instances {
+    /// Name of the gauge (under the registry's prefix) and its help.
+    const NAME: &str = "instances";
+    const HELP: &str =
+        "Live registrations, by service (the first ones seen; others as \"(other)\") and health";
 
-impl Counted {
-    fn id(&self) -> &str {
-        &self.entry.record.registration.id
-    }
-
-    /// The label set it is counted under.
-    fn labels(&self) -> InstanceLabels {
-        InstanceLabels {
-            service: if self.named {
-                self.entry.record.registration.name.to_string()
-            } else {
-                OTHER_SERVICES.to_owned()
-            },
-            health: self.entry.health.as_str(),
+    /// The series now: count per label set, every label set above zero.
+    fn series(&self) -> BTreeMap<(String, &'static str), usize> {
+        let mut series = BTreeMap::new();
+        let Some(view) = self.view.get().and_then(Weak::upgrade) else {
+            return series;
+        };
+        for (service, health, count) in view.instances_by_health() {
+            *series
+                .entry((self.services.label(&service), health.as_str()))
+                .or_default() += count;
         }
+        series
     }
 }
 
-impl PartialEq for Counted {
-    fn eq(&self, other: &Self) -> bool {
-        self.id() == other.id()
-    }
-}
-
-impl Eq for Counted {}
-
-/// Hashes as its id, so the set is looked up by id ([`Borrow<str>`](std::borrow::Borrow)).
-impl std::hash::Hash for Counted {
-    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
-        self.id().hash(state);
-    }
-}
-
-impl std::borrow::Borrow<str> for Counted {
-    fn borrow(&self) -> &str {
-        self.id()
-    }
-}
-
-impl InstanceTally {
-    fn reset(&mut self, entries: &[Entry]) {
-        self.gauge.clear();
-        self.known.clear();
-        for entry in entries {
-            self.apply(&entry.record.registration.id, Some(entry));
+impl Collector for Instances {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let series = self.series();
+        if series.is_empty() {
+            // As a family without series: not exposed.
+            return Ok(());
         }
-    }
-
-    fn apply(&mut self, id: &str, entry: Option<&Entry>) {
-        let counted = entry.map(|entry| {
-            let service = &entry.record.registration.name;
-            Counted {
-                entry: entry.clone(),
-                named: *self.services.label(service) == **service,
-            }
-        });
-        let old = self.known.take(id).map(|old| old.labels());
-        let new = counted.as_ref().map(Counted::labels);
-        if old != new {
-            if let Some(old) = old {
-                let left = self.gauge.get_or_create(&old).dec() - 1;
-                if left <= 0 {
-                    self.gauge.remove(&old);
-                }
-            }
-            if let Some(new) = new {
-                self.gauge.get_or_create(&new).inc();
-            }
+        let mut metric =
+            encoder.encode_descriptor(Self::NAME, Self::HELP, None, MetricType::Gauge)?;
+        for ((service, health), count) in series {
+            let labels = InstanceLabels { service, health };
+            ConstGauge::new(i64::try_from(count).unwrap_or(i64::MAX))
+                .encode(metric.encode_family(&labels)?)?;
         }
-        // The current record, even when the labels are the same: an old one is not kept.
-        if let Some(counted) = counted {
-            self.known.insert(counted);
-        }
+        Ok(())
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use std::collections::HashMap;
-
     use super::*;
     use crate::{
         test_support::{record, spec},
         view::HealthStatus,
     };
 
-    fn entry(service: &str, id: &str, health: HealthStatus) -> Entry {
-        Entry {
-            record: Arc::new(record(spec(service, id, 1))),
-            health,
-        }
-    }
-
-    fn tally(max_service_series: usize) -> InstanceTally {
-        InstanceTally {
-            gauge: Family::default(),
-            services: ServiceLabels::new(max_service_series),
-            known: HashSet::new(),
-        }
-    }
-
-    fn count(tally: &InstanceTally, service: &str, health: HealthStatus) -> Option<i64> {
-        let labels = InstanceLabels {
-            service: service.into(),
-            health: health.as_str(),
-        };
-        tally.gauge.get(&labels).map(|gauge| gauge.get())
-    }
-
-    #[test]
-    fn the_tally_moves_an_instance_between_label_sets_and_drops_empty_ones() {
-        let mut tally = tally(10);
-        tally.apply("a-1", Some(&entry("a", "a-1", HealthStatus::Unknown)));
-        tally.apply("a-2", Some(&entry("a", "a-2", HealthStatus::Unknown)));
-        // The same labels again (a re-registration): no double count.
-        tally.apply("a-2", Some(&entry("a", "a-2", HealthStatus::Unknown)));
-        assert_eq!(count(&tally, "a", HealthStatus::Unknown), Some(2));
-        tally.apply("a-1", Some(&entry("a", "a-1", HealthStatus::Unhealthy)));
-        assert_eq!(count(&tally, "a", HealthStatus::Unknown), Some(1));
-        assert_eq!(count(&tally, "a", HealthStatus::Unhealthy), Some(1));
-        // Moved to another service.
-        tally.apply("a-2", Some(&entry("b", "a-2", HealthStatus::Unknown)));
-        assert_eq!(count(&tally, "a", HealthStatus::Unknown), None);
-        assert_eq!(count(&tally, "b", HealthStatus::Unknown), Some(1));
-        tally.apply("a-1", None);
-        assert_eq!(count(&tally, "a", HealthStatus::Unhealthy), None);
-        // A removal of something never seen changes nothing.
-        tally.apply("ghost", None);
-        assert_eq!(count(&tally, "b", HealthStatus::Unknown), Some(1));
-    }
-
-    #[test]
-    fn a_reset_replaces_every_count() {
-        let mut tally = tally(10);
-        tally.apply("a-1", Some(&entry("a", "a-1", HealthStatus::Healthy)));
-        tally.reset(&[
-            entry("b", "b-1", HealthStatus::Healthy),
-            entry("b", "b-2", HealthStatus::Healthy),
-        ]);
-        assert_eq!(count(&tally, "a", HealthStatus::Healthy), None);
-        assert_eq!(count(&tally, "b", HealthStatus::Healthy), Some(2));
-        tally.apply("b-1", None);
-        assert_eq!(count(&tally, "b", HealthStatus::Healthy), Some(1));
-    }
-
-    #[tokio::test]
-    async fn the_follower_catches_up_with_a_view_whose_history_overflowed() {
+    /// A view counted by metrics naming at most `max_service_series` services.
+    fn counted(max_service_series: usize) -> (Arc<View>, RegistryMetrics) {
         let view = Arc::new(View::new("e"));
-        let metrics = RegistryMetrics::new(10);
-        let follower = metrics.follow(&view);
-        let count = |service: &str| {
-            metrics
-                .instances
-                .get(&InstanceLabels {
-                    service: service.into(),
-                    health: "unknown",
-                })
-                .map(|gauge| gauge.get())
-        };
-        let settles = |expected: &'static [(&'static str, Option<i64>)]| async move {
-            tokio::time::timeout(std::time::Duration::from_secs(5), async {
-                while !expected
-                    .iter()
-                    .all(|(service, value)| count(service) == *value)
-                {
-                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                }
+        let metrics = RegistryMetrics::new(max_service_series);
+        metrics.count(&view);
+        (view, metrics)
+    }
+
+    /// The instances gauge as scraped: (service, health, value), sorted.
+    fn exposed(metrics: &RegistryMetrics) -> Vec<(String, String, i64)> {
+        let mut registry = MetricsRegistry::default();
+        metrics.register(&mut registry);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        let mut series: Vec<_> = text
+            .lines()
+            .filter_map(|line| {
+                let rest = line.strip_prefix("fulcrum_registry_instances{service=\"")?;
+                let (service, rest) = rest.split_once("\",health=\"")?;
+                let (health, value) = rest.split_once("\"} ")?;
+                Some((service.to_owned(), health.to_owned(), value.parse().ok()?))
             })
-            .await
-            .is_ok()
-        };
+            .collect();
+        series.sort();
+        series
+    }
+
+    fn series(list: &[(&str, &str, i64)]) -> Vec<(String, String, i64)> {
+        list.iter()
+            .map(|(service, health, value)| ((*service).to_owned(), (*health).to_owned(), *value))
+            .collect()
+    }
+
+    fn set_health(view: &View, id: &str, health: HealthStatus) {
+        let entry = view.get(id).expect("registered");
+        assert!(view.set_health(&entry.record, health), "{id} changed");
+    }
+
+    #[test]
+    fn the_gauge_moves_an_instance_between_label_sets_and_drops_empty_ones() {
+        let (view, metrics) = counted(10);
+        view.upsert(record(spec("a", "a-1", 1)));
+        view.upsert(record(spec("a", "a-2", 2)));
+        // The same registration again: no double count.
+        view.upsert(record(spec("a", "a-2", 2)));
+        assert_eq!(exposed(&metrics), series(&[("a", "unknown", 2)]));
+        set_health(&view, "a-1", HealthStatus::Unhealthy);
+        assert_eq!(
+            exposed(&metrics),
+            series(&[("a", "unhealthy", 1), ("a", "unknown", 1)])
+        );
+        // Moved to another service.
+        view.upsert(record(spec("b", "a-2", 2)));
+        assert_eq!(
+            exposed(&metrics),
+            series(&[("a", "unhealthy", 1), ("b", "unknown", 1)])
+        );
+        view.remove("a-1", None);
+        assert_eq!(exposed(&metrics), series(&[("b", "unknown", 1)]));
+        // A removal of something never registered changes nothing.
+        view.remove("ghost", None);
+        assert_eq!(exposed(&metrics), series(&[("b", "unknown", 1)]));
+    }
+
+    #[test]
+    fn a_reload_replaces_every_count() {
+        let (view, metrics) = counted(10);
+        view.upsert(record(spec("a", "a-1", 1)));
+        set_health(&view, "a-1", HealthStatus::Healthy);
+        view.replace_all(vec![
+            record(spec("b", "b-1", 1)),
+            record(spec("b", "b-2", 2)),
+        ]);
+        assert_eq!(exposed(&metrics), series(&[("b", "unknown", 2)]));
+        view.remove("b-1", None);
+        assert_eq!(exposed(&metrics), series(&[("b", "unknown", 1)]));
+    }
+
+    #[test]
+    fn the_gauge_is_current_at_the_scrape_after_more_changes_than_the_history_keeps() {
+        let (view, metrics) = counted(10);
         view.upsert(record(spec("c", "c-1", 1)));
-        assert!(settles(&[("c", Some(1))]).await, "c-1 never counted");
-        // More changes than the history keeps, without the follower running in between: its
-        // cursor falls out of the history and it gets a reset.
         for port in 1..=u16::try_from(crate::view::HISTORY).expect("fits") + 10 {
             view.upsert(record(spec("a", &format!("a-{}", port % 3), port)));
         }
         view.remove("c-1", None);
         view.upsert(record(spec("b", "b-1", 1)));
-        assert!(
-            settles(&[("a", Some(3)), ("b", Some(1)), ("c", None)]).await,
-            "the gauge never reached a=3, b=1, no c"
+        assert_eq!(
+            exposed(&metrics),
+            series(&[("a", "unknown", 3), ("b", "unknown", 1)])
         );
-        drop(view);
-        tokio::time::timeout(std::time::Duration::from_secs(5), follower)
-            .await
-            .expect("the follower ends with the view")
-            .expect("no panic");
     }
 
-    /// The gauge's series as exposed: (service, health, value).
-    fn exposed(tally: &InstanceTally) -> Vec<(String, String, i64)> {
-        let mut registry = MetricsRegistry::default();
-        registry.register("i", "instances", tally.gauge.clone());
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
-        text.lines()
-            .filter_map(|line| {
-                let rest = line.strip_prefix("i{service=\"")?;
-                let (service, rest) = rest.split_once("\",health=\"")?;
-                let (health, value) = rest.split_once("\"} ")?;
-                Some((service.to_owned(), health.to_owned(), value.parse().ok()?))
-            })
-            .collect()
+    #[test]
+    fn nothing_is_exposed_without_a_view_or_after_it_is_dropped() {
+        let metrics = RegistryMetrics::new(10);
+        assert_eq!(exposed(&metrics), []);
+        let view = Arc::new(View::new("e"));
+        metrics.count(&view);
+        assert_eq!(exposed(&metrics), []);
+        view.upsert(record(spec("a", "a-1", 1)));
+        assert_eq!(exposed(&metrics), series(&[("a", "unknown", 1)]));
+        drop(view);
+        assert_eq!(exposed(&metrics), []);
     }
 
     #[test]
     fn services_beyond_the_series_cap_are_counted_as_other() {
-        let mut tally = tally(2);
-        for service in ["a", "b", "c", "d"] {
-            let id = format!("{service}-1");
-            tally.apply(&id, Some(&entry(service, &id, HealthStatus::Unknown)));
+        let (view, metrics) = counted(2);
+        for (port, service) in (1..).zip(["a", "b", "c", "d"]) {
+            view.upsert(record(spec(service, &format!("{service}-1"), port)));
         }
-        let mut series = exposed(&tally);
-        series.sort();
         assert_eq!(
-            series,
-            [
-                ("(other)".to_owned(), "unknown".to_owned(), 2),
-                ("a".to_owned(), "unknown".to_owned(), 1),
-                ("b".to_owned(), "unknown".to_owned(), 1),
-            ]
+            exposed(&metrics),
+            series(&[
+                ("(other)", "unknown", 2),
+                ("a", "unknown", 1),
+                ("b", "unknown", 1)
+            ])
         );
     }
 
     proptest::proptest! {
         #[test]
-        fn the_gauge_counts_every_live_instance_in_at_most_the_capped_series(
+        fn the_gauge_counts_every_live_instance_under_its_labels_in_at_most_the_capped_series(
             changes in proptest::collection::vec((0u8..40, 0u8..30, 0u8..4), 0..200),
         ) {
             let cap = 5;
-            let mut tally = tally(cap);
-            let mut live = HashMap::new();
+            let (view, metrics) = counted(cap);
             for (id, service, health) in changes {
                 let id = format!("i-{id}");
-                let health = match health {
-                    0 => None,
-                    1 => Some(HealthStatus::Healthy),
-                    2 => Some(HealthStatus::Unhealthy),
-                    _ => Some(HealthStatus::Unknown),
-                };
-                let entry = health.map(|health| entry(&format!("s-{service}"), &id, health));
-                tally.apply(&id, entry.as_ref());
-                match entry {
-                    Some(entry) => live.insert(id, entry),
-                    None => live.remove(&id),
-                };
-                let series = exposed(&tally);
-                let total: i64 = series.iter().map(|(_, _, value)| value).sum();
-                proptest::prop_assert_eq!(total, i64::try_from(live.len()).expect("small"));
-                proptest::prop_assert!(series.iter().all(|(_, _, value)| *value > 0));
-                let services: HashSet<&String> = series.iter().map(|(service, _, _)| service).collect();
+                match health {
+                    0 => {
+                        view.remove(&id, None);
+                    }
+                    1 | 2 => {
+                        if let Some(entry) = view.get(&id) {
+                            let health = if health == 1 {
+                                HealthStatus::Healthy
+                            } else {
+                                HealthStatus::Unhealthy
+                            };
+                            view.set_health(&entry.record, health);
+                        }
+                    }
+                    _ => view.upsert(record(spec(&format!("s-{service}"), &id, 1))),
+                }
+                let scraped = exposed(&metrics);
+                // What the registrations give, under the labels the scrape handed out.
+                let mut expected: BTreeMap<(String, String), i64> = BTreeMap::new();
+                for entry in view.entries() {
+                    let label = metrics.services.label(&entry.record.registration.name);
+                    *expected
+                        .entry((label, entry.health.as_str().to_owned()))
+                        .or_default() += 1;
+                }
+                let expected: Vec<_> = expected
+                    .into_iter()
+                    .map(|((service, health), value)| (service, health, value))
+                    .collect();
+                proptest::prop_assert_eq!(&scraped, &expected);
+                let services: HashSet<&String> = scraped.iter().map(|(service, _, _)| service).collect();
                 proptest::prop_assert!(services.len() <= cap + 1, "{services:?}");
             }
         }

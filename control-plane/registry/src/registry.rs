@@ -233,8 +233,8 @@ impl Registry {
     }
 
     /// A registry over `backend`, which keeps `view` current, admitting what `limits` allow;
-    /// starts the health monitor and the instances gauge's follower on the current runtime
-    /// (both stop when the view is dropped).
+    /// starts the health monitor on the current runtime (it stops when the view is dropped)
+    /// and counts the view in the instances gauge.
     pub fn new(backend: Arc<dyn RegistryBackend>, view: Arc<View>, limits: Limits) -> Arc<Self> {
         let mut metrics = RegistryMetrics::new(limits.max_service_series);
         metrics.count_backend(&*backend);
@@ -243,7 +243,7 @@ impl Registry {
             ProbeHub::global().clone(),
             metrics.service_labels().clone(),
         );
-        metrics.follow(&view);
+        metrics.count(&view);
         info!(
             backend = backend.kind(),
             max_instances = limits.max_instances,

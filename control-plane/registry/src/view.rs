@@ -72,9 +72,13 @@ struct PublishedService {
 }
 
 /// Builds service `name` from its registrations `ids` (see [`View::services`]).
-fn build_service(state: &State, name: &str, ids: &BTreeSet<Arc<str>>) -> PublishedService {
+fn build_service(
+    entries: &HashMap<Arc<str>, Entry>,
+    name: &str,
+    ids: &BTreeSet<Arc<str>>,
+) -> PublishedService {
     let mut by_address: BTreeMap<std::net::SocketAddr, &Entry> = BTreeMap::new();
-    let entries: Vec<&Entry> = ids.iter().filter_map(|id| state.entries.get(id)).collect();
+    let entries: Vec<&Entry> = ids.iter().filter_map(|id| entries.get(id)).collect();
     for entry in &entries {
         let address = entry.record.registration.address;
         let keep = by_address
@@ -163,32 +167,64 @@ pub enum Since {
 #[derive(Debug, Default)]
 struct State {
     revision: u64,
-    /// Entries by instance id. The id key is one allocation, shared with `by_service` (and
-    /// the memory backend's leases, [`View::shared_id`]), not a copy per map.
+    /// Entries by instance id. The id key is one allocation, shared with the services' id
+    /// sets (and the memory backend's leases, [`View::shared_id`]), not a copy per map.
     entries: HashMap<Arc<str>, Entry>,
-    /// Instance ids by service name.
-    /// The service name key is the allocation every stored registration of the service
-    /// shares.
-    by_service: BTreeMap<Arc<str>, BTreeSet<Arc<str>>>,
+    /// Every service with at least one registration, by name: everything kept per service
+    /// in one place, gone with its last registration (so a name gets no lasting entry for
+    /// having been registered once). The name key is the allocation every stored
+    /// registration of the service shares.
+    services: BTreeMap<Arc<str>, Service>,
     /// Live registrations per owner. Invariant: equals the count of `entries` by owner.
     /// The key is the allocation every stored record of the owner shares.
     by_owner: HashMap<Arc<str>, usize>,
-    /// Each service's generation: the view's revision at its last change; keys cached
-    /// balancers and answers. Invariant: the same keys as `by_service`. A service without
-    /// registrations reads as generation 0, which always means no entries, so a name gets no
-    /// lasting entry for having been registered once.
-    service_generation: HashMap<String, u64>,
-    /// Each service's entries sorted by id, built by the first reader after a change (under
-    /// the read lock) and shared by every later one until the next change. Invariant: a
-    /// service has a cell exactly when it is in `by_service`, and a filled cell equals its
-    /// entries now (every write to one of them replaces the cell).
-    service_entries: HashMap<String, OnceLock<Arc<[Entry]>>>,
-    /// Each service as the endpoint source publishes it, built by the first reader after a
-    /// change and shared with the pipeline until the next one, so a publish rebuilds only
-    /// the services that changed. Invariant: the same keys as `service_entries`, and a
-    /// filled cell is what [`build_service`] makes of the service's entries now.
-    published: HashMap<String, OnceLock<PublishedService>>,
     history: VecDeque<Change>,
+}
+
+/// What the view keeps per service. Invariants: `ids` is not empty and names exactly the
+/// entries of the service; `health` counts them by health; a filled cell is what its
+/// builder makes of those entries now (every write to one of them replaces both cells).
+#[derive(Debug, Default)]
+struct Service {
+    /// Its registrations' ids.
+    ids: BTreeSet<Arc<str>>,
+    /// Its registrations by health ([`health_index`]): what the instances gauge exposes,
+    /// read at a scrape ([`View::instances_by_health`]) rather than kept per instance.
+    health: [usize; 3],
+    /// The view's revision at its last change; keys cached balancers and answers. A
+    /// service without registrations reads as generation 0, which always means no entries.
+    generation: u64,
+    /// Its entries sorted by id, built by the first reader after a change (under the read
+    /// lock) and shared by every later one until the next change.
+    entries: OnceLock<Arc<[Entry]>>,
+    /// The service as the endpoint source publishes it ([`build_service`]), built by the
+    /// first reader after a change and shared with the pipeline until the next one, so a
+    /// publish rebuilds only the services that changed.
+    published: OnceLock<PublishedService>,
+}
+
+/// `health`'s place in [`Service::health`].
+fn health_index(health: HealthStatus) -> usize {
+    match health {
+        HealthStatus::Unknown => 0,
+        HealthStatus::Healthy => 1,
+        HealthStatus::Unhealthy => 2,
+    }
+}
+
+/// Every health, in [`health_index`] order.
+const HEALTHS: [HealthStatus; 3] = [
+    HealthStatus::Unknown,
+    HealthStatus::Healthy,
+    HealthStatus::Unhealthy,
+];
+
+impl Service {
+    /// Counts one more registration of `health` (`more`) or one less.
+    fn count(&mut self, health: HealthStatus, more: bool) {
+        let count = &mut self.health[health_index(health)];
+        *count = if more { *count + 1 } else { *count - 1 };
+    }
 }
 
 /// The view; see the module docs.
@@ -268,21 +304,35 @@ impl View {
     /// built once per change of the service.
     pub fn service(&self, service: &str) -> (Arc<[Entry]>, u64) {
         let state = self.read();
-        let entries = match (
-            state.by_service.get(service),
-            state.service_entries.get(service),
-        ) {
-            (Some(ids), Some(cell)) => cell
-                .get_or_init(|| {
-                    ids.iter()
+        match state.services.get(service) {
+            Some(kept) => {
+                let entries = kept.entries.get_or_init(|| {
+                    kept.ids
+                        .iter()
                         .filter_map(|id| state.entries.get(id).cloned())
                         .collect()
-                })
-                .clone(),
-            _ => Arc::from(Vec::new()),
-        };
-        let generation = state.service_generation.get(service).copied().unwrap_or(0);
-        (entries, generation)
+                });
+                (Arc::clone(entries), kept.generation)
+            }
+            None => (Arc::from(Vec::new()), 0),
+        }
+    }
+
+    /// How many registrations each service has in each health (counts above zero only), by
+    /// service name: what the instances gauge exposes, read when it is scraped.
+    pub fn instances_by_health(&self) -> Vec<(Arc<str>, HealthStatus, usize)> {
+        let state = self.read();
+        state
+            .services
+            .iter()
+            .flat_map(|(name, service)| {
+                HEALTHS
+                    .into_iter()
+                    .zip(service.health)
+                    .filter(|(_, count)| *count > 0)
+                    .map(|(health, count)| (Arc::clone(name), health, count))
+            })
+            .collect()
     }
 
     /// Every service with its endpoints, as the endpoint source publishes them. Two
@@ -297,16 +347,10 @@ impl View {
         let state = self.read();
         let mut services = Services::new();
         let mut protocol_conflicts = 0;
-        for (name, ids) in &state.by_service {
-            let built;
-            let published = match state.published.get(&**name) {
-                Some(cell) => cell.get_or_init(|| build_service(&state, name, ids)),
-                None => {
-                    debug_assert!(false, "service {name} has no published cell");
-                    built = build_service(&state, name, ids);
-                    &built
-                }
-            };
+        for (name, service) in &state.services {
+            let published = service
+                .published
+                .get_or_init(|| build_service(&state.entries, name, &service.ids));
             protocol_conflicts += usize::from(published.protocol_conflict);
             services.insert(name.to_string(), Arc::clone(&published.endpoints));
         }
@@ -407,15 +451,20 @@ impl View {
         {
             return false;
         }
+        let old_health = entry.health;
         let entry = Entry {
             record: entry.record.clone(),
             health,
         };
-        let service = entry.record.registration.name.to_string();
+        let service = entry.record.registration.name.clone();
         if let Some(stored) = state.entries.get_mut(id) {
             *stored = entry.clone();
         }
-        record_change(&mut state, id.to_string(), Some(entry), &[&service]);
+        if let Some(kept) = state.services.get_mut(&service) {
+            kept.count(old_health, false);
+            kept.count(health, true);
+        }
+        record_change(&mut state, id.to_string(), Some(entry), &[service]);
         self.publish(&state);
         true
     }
@@ -445,7 +494,7 @@ fn upsert_locked(state: &mut State, mut record: Record) {
         None => (Arc::clone(&record.registration.id), None),
     };
     record.registration.id = Arc::clone(&id);
-    if let Some((service, _)) = state.by_service.get_key_value(&record.registration.name) {
+    if let Some((service, _)) = state.services.get_key_value(&record.registration.name) {
         record.registration.name = Arc::clone(service);
     }
     if let Some(previous) = previous {
@@ -456,8 +505,8 @@ fn upsert_locked(state: &mut State, mut record: Record) {
             // A re-registration that changes nothing a reader sees: not a change (the
             // shared list is still rebuilt, to hold the stored record).
             let health = previous.health;
-            if let Some(cell) = state.service_entries.get_mut(&*record.registration.name) {
-                *cell = OnceLock::new();
+            if let Some(service) = state.services.get_mut(&*record.registration.name) {
+                service.entries = OnceLock::new();
             }
             state.entries.insert(
                 id,
@@ -478,7 +527,7 @@ fn upsert_locked(state: &mut State, mut record: Record) {
         }
         _ => HealthStatus::Unknown,
     };
-    let old_service = previous.map(|p| p.record.registration.name.clone());
+    let old = previous.map(|p| (p.record.registration.name.clone(), p.health));
     let old_owner = previous.map(|p| p.record.owner.clone());
     if old_owner.as_ref() != Some(&record.owner) {
         if let Some(old) = &old_owner {
@@ -487,31 +536,31 @@ fn upsert_locked(state: &mut State, mut record: Record) {
         *state.by_owner.entry(record.owner.clone()).or_default() += 1;
     }
     let service = record.registration.name.clone();
-    if let Some(old) = old_service.as_ref().filter(|old| **old != service)
-        && let Some(ids) = state.by_service.get_mut(old)
-    {
-        ids.remove(&id);
-        if ids.is_empty() {
-            state.by_service.remove(old);
-        }
+    if let Some((old_service, old_health)) = &old {
+        leave_service(state, old_service, &id, *old_health);
     }
-    state
-        .by_service
-        .entry(service.clone())
-        .or_default()
-        .insert(id.clone());
+    let kept = state.services.entry(service.clone()).or_default();
+    kept.ids.insert(id.clone());
+    kept.count(health, true);
     let entry = Entry {
         record: Arc::new(record),
         health,
     };
     state.entries.insert(id.clone(), entry.clone());
-    let mut touched = vec![&*service];
-    if let Some(old) = old_service.as_deref() {
-        touched.push(old);
-    }
-    let touched: Vec<String> = touched.into_iter().map(str::to_owned).collect();
-    let touched: Vec<&String> = touched.iter().collect();
+    let mut touched = vec![service];
+    touched.extend(old.map(|(old_service, _)| old_service));
     record_change(state, id.to_string(), Some(entry), &touched);
+}
+
+/// Takes registration `id` of `health` out of `service`, and the service with its last one.
+fn leave_service(state: &mut State, service: &str, id: &str, health: HealthStatus) {
+    if let Some(kept) = state.services.get_mut(service) {
+        kept.ids.remove(id);
+        kept.count(health, false);
+        if kept.ids.is_empty() {
+            state.services.remove(service);
+        }
+    }
 }
 
 /// Equal in everything but the backend's revision.
@@ -533,15 +582,11 @@ fn remove_locked(state: &mut State, id: &str, mod_revision: Option<i64>) -> bool
     }
     let service = entry.record.registration.name.clone();
     let owner = entry.record.owner.clone();
+    let health = entry.health;
     state.entries.remove(id);
     uncount_owner(state, &owner);
-    if let Some(ids) = state.by_service.get_mut(&service) {
-        ids.remove(id);
-        if ids.is_empty() {
-            state.by_service.remove(&service);
-        }
-    }
-    record_change(state, id.to_owned(), None, &[&service.to_string()]);
+    leave_service(state, &service, id, health);
+    record_change(state, id.to_owned(), None, &[service]);
     true
 }
 
@@ -554,21 +599,15 @@ fn uncount_owner(state: &mut State, owner: &str) {
     }
 }
 
-fn record_change(state: &mut State, id: String, entry: Option<Entry>, services: &[&String]) {
+/// Records a change of `id` to `entry` (`None`: removed) that touched `services` (those
+/// still registered get a new generation and their cached lists are dropped).
+fn record_change(state: &mut State, id: String, entry: Option<Entry>, services: &[Arc<str>]) {
     state.revision += 1;
     for service in services {
-        if state.by_service.contains_key(service.as_str()) {
-            state
-                .service_generation
-                .insert((*service).clone(), state.revision);
-            state
-                .service_entries
-                .insert((*service).clone(), OnceLock::new());
-            state.published.insert((*service).clone(), OnceLock::new());
-        } else {
-            state.service_generation.remove(*service);
-            state.service_entries.remove(*service);
-            state.published.remove(*service);
+        if let Some(kept) = state.services.get_mut(service) {
+            kept.generation = state.revision;
+            kept.entries = OnceLock::new();
+            kept.published = OnceLock::new();
         }
     }
     if state.history.len() == HISTORY {
@@ -641,7 +680,7 @@ mod tests {
         view.upsert(record(spec("a", "a-1", 2)));
         let state = view.read();
         let (key, entry) = state.entries.get_key_value("a-1").expect("registered");
-        let in_service = state.by_service["a"].get("a-1").expect("in its service");
+        let in_service = state.services["a"].ids.get("a-1").expect("in its service");
         assert!(
             Arc::ptr_eq(key, in_service),
             "one allocation, not a copy per map"
@@ -671,7 +710,7 @@ mod tests {
         assert!(Arc::ptr_eq(&a1, &a2));
         assert_eq!(&*b1, "b");
         let state = view.read();
-        let (key, _) = state.by_service.get_key_value("a").expect("a service");
+        let (key, _) = state.services.get_key_value("a").expect("a service");
         assert!(Arc::ptr_eq(key, &a1));
     }
 
@@ -886,8 +925,8 @@ mod tests {
         let state = view.read();
         let mut services = Services::new();
         let mut protocol_conflicts = 0;
-        for (name, ids) in &state.by_service {
-            let built = build_service(&state, name, ids);
+        for (name, service) in &state.services {
+            let built = build_service(&state.entries, name, &service.ids);
             protocol_conflicts += usize::from(built.protocol_conflict);
             services.insert(name.to_string(), built.endpoints);
         }
@@ -910,11 +949,13 @@ mod tests {
         view.upsert(record(spec("after", "m-1", 1)));
         let state = view.read();
         assert_eq!(
-            state.service_generation.keys().collect::<Vec<_>>(),
+            state
+                .services
+                .keys()
+                .map(|name| &**name)
+                .collect::<Vec<_>>(),
             ["after"]
         );
-        assert_eq!(state.service_entries.len(), 1);
-        assert_eq!(state.published.len(), 1);
     }
 
     #[test]
@@ -935,7 +976,7 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn the_services_built_incrementally_equal_the_services_built_from_scratch(
+        fn the_services_and_their_health_counts_kept_incrementally_equal_a_recount(
             steps in proptest::collection::vec((0u8..5, 0u8..6, 0u8..3, 0u8..3), 0..60),
         ) {
             let view = View::new("e");
@@ -970,6 +1011,17 @@ mod tests {
                 }
                 let before = view.services();
                 proptest::prop_assert_eq!(&before, &services_from_scratch(&view));
+                let mut counted: BTreeMap<(Arc<str>, &str), usize> = BTreeMap::new();
+                for entry in view.entries() {
+                    let key = (entry.record.registration.name.clone(), entry.health.as_str());
+                    *counted.entry(key).or_default() += 1;
+                }
+                let by_health: BTreeMap<(Arc<str>, &str), usize> = view
+                    .instances_by_health()
+                    .into_iter()
+                    .map(|(service, health, count)| ((service, health.as_str()), count))
+                    .collect();
+                proptest::prop_assert_eq!(by_health, counted, "the counts per service and health");
                 let again = view.services();
                 for (name, service) in &again.services {
                     proptest::prop_assert!(
