@@ -24,12 +24,14 @@ use crate::{
 /// How often expired leases are looked for.
 pub const REAP_EVERY: Duration = Duration::from_millis(100);
 
-/// A registration's lease: its deadline alone. Its owner and TTL are the stored record's
-/// (read from the view under the leases lock, which every write holds across its view
-/// update), not copied into every lease.
+/// A registration's lease: its deadline alone, in whole milliseconds after the backend
+/// started (8 bytes where an [`Instant`] takes 16, in a map of every registration), rounded
+/// up so a lease never ends early. Its owner and TTL are the stored record's (read from the
+/// view under the leases lock, which every write holds across its view update), not copied
+/// into every lease.
 #[derive(Debug)]
 struct Lease {
-    expires_at: Instant,
+    expires_ms: u64,
 }
 
 /// See the module docs.
@@ -39,6 +41,8 @@ pub struct MemoryBackend {
     /// Leases by instance id (the view's allocation of it, [`View::shared_id`]). Locked
     /// across the view update so the two change together.
     leases: Mutex<HashMap<Arc<str>, Lease>>,
+    /// What lease deadlines count from.
+    started: Instant,
     revision: std::sync::atomic::AtomicI64,
 }
 
@@ -49,6 +53,7 @@ impl MemoryBackend {
         let backend = Arc::new(Self {
             view,
             leases: Mutex::new(HashMap::new()),
+            started: Instant::now(),
             revision: std::sync::atomic::AtomicI64::new(0),
         });
         tokio::spawn(reap(Arc::downgrade(&backend)));
@@ -59,6 +64,21 @@ impl MemoryBackend {
         self.leases
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A lease renewed at `now` for `ttl`.
+    fn lease(&self, now: Instant, ttl: Duration) -> Lease {
+        let after = (now + ttl).saturating_duration_since(self.started);
+        let ms = after.as_millis() + u128::from(!after.subsec_nanos().is_multiple_of(1_000_000));
+        Lease {
+            expires_ms: u64::try_from(ms).unwrap_or(u64::MAX),
+        }
+    }
+
+    /// Whether `lease` ended by `now`.
+    fn ended(&self, lease: &Lease, now: Instant) -> bool {
+        let ms = now.saturating_duration_since(self.started).as_millis();
+        u128::from(lease.expires_ms) <= ms
     }
 
     fn next_revision(&self) -> i64 {
@@ -72,7 +92,7 @@ impl MemoryBackend {
         let mut leases = self.leases();
         let expired: Vec<Arc<str>> = leases
             .iter()
-            .filter(|(_, lease)| lease.expires_at <= now)
+            .filter(|(_, lease)| self.ended(lease, now))
             .map(|(id, _)| id.clone())
             .collect();
         for id in expired {
@@ -107,13 +127,13 @@ impl MemoryBackend {
             lease: 0,
             mod_revision: self.next_revision(),
         };
-        let expires_at = Instant::now() + ttl;
+        let lease = self.lease(Instant::now(), ttl);
         self.view.upsert(record);
         let (Some(stored), Some(key)) = (self.view.get(&id), self.view.shared_id(&id)) else {
             leases.remove(id.as_str());
             return Err(BackendError::NotFound { id });
         };
-        leases.insert(key, Lease { expires_at });
+        leases.insert(key, lease);
         Ok(stored.record)
     }
 }
@@ -149,7 +169,7 @@ impl RegistryBackend for MemoryBackend {
             let now = Instant::now();
             let stored = self.view.get(id);
             match (leases.get_mut(id), stored) {
-                (Some(lease), _) if lease.expires_at <= now => {
+                (Some(lease), _) if self.ended(lease, now) => {
                     Err(BackendError::NotFound { id: id.to_owned() })
                 }
                 (Some(_), Some(stored)) if *stored.record.owner != *owner => {
@@ -157,7 +177,7 @@ impl RegistryBackend for MemoryBackend {
                 }
                 (Some(lease), Some(stored)) => {
                     let ttl = stored.record.registration.ttl;
-                    lease.expires_at = now + ttl;
+                    *lease = self.lease(now, ttl);
                     Ok(ttl)
                 }
                 _ => Err(BackendError::NotFound { id: id.to_owned() }),
@@ -244,6 +264,30 @@ mod tests {
             view.get("a").is_none(),
             "gone one reap period after its TTL"
         );
+        assert!(matches!(
+            backend.heartbeat("a", "alice").await,
+            Err(BackendError::NotFound { .. })
+        ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lease_kept_in_whole_milliseconds_never_ends_before_its_ttl() {
+        let view = Arc::new(View::new("e"));
+        let backend = MemoryBackend::start(view.clone());
+        // Registered and renewed between two milliseconds of the backend's clock.
+        tokio::time::advance(Duration::from_micros(400)).await;
+        backend
+            .register(registration("a", 1000), "alice")
+            .await
+            .expect("registered");
+        tokio::time::advance(Duration::from_micros(999_900)).await;
+        backend
+            .heartbeat("a", "alice")
+            .await
+            .expect("renewed 0.1 ms before its TTL");
+        tokio::time::advance(Duration::from_micros(999_900)).await;
+        assert!(view.get("a").is_some(), "alive 0.1 ms before its TTL");
+        tokio::time::advance(Duration::from_millis(1)).await;
         assert!(matches!(
             backend.heartbeat("a", "alice").await,
             Err(BackendError::NotFound { .. })
