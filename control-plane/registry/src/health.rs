@@ -78,10 +78,10 @@ impl Monitor {
             }
             Since::Changes(changes) => {
                 for change in changes {
-                    self.records.remove(&change.id);
+                    self.records.remove(&*change.id);
                     let wanted = change.entry.and_then(|entry| self.keep(entry));
                     self.reconciler
-                        .set(change.id, wanted.map(|(_, wanted)| wanted));
+                        .set(change.id.to_string(), wanted.map(|(_, wanted)| wanted));
                 }
             }
         }

@@ -138,8 +138,8 @@ pub struct Entry {
 pub struct Change {
     /// The view revision this change made.
     pub revision: u64,
-    /// The instance id.
-    pub id: String,
+    /// The instance id (the view's allocation of it: the history holds no copy).
+    pub id: Arc<str>,
     /// The entry after the change; `None` when removed.
     pub entry: Option<Entry>,
 }
@@ -527,7 +527,8 @@ impl View {
             kept.count(old_health, false);
             kept.count(health, true);
         }
-        record_change(&mut state, id.to_string(), Some(entry), &[service]);
+        let id = Arc::clone(&entry.record.registration.id);
+        record_change(&mut state, id, Some(entry), &[service]);
         self.publish(&state);
         true
     }
@@ -609,7 +610,7 @@ fn upsert_locked(state: &mut State, mut record: Record) {
     state.entries.insert(entry.clone());
     let mut touched = vec![service];
     touched.extend(old.map(|(old_service, _)| old_service));
-    record_change(state, id.to_string(), Some(entry), &touched);
+    record_change(state, id, Some(entry), &touched);
 }
 
 /// Takes registration `id` of `health` out of `service`, and the service with its last one.
@@ -643,10 +644,11 @@ fn remove_locked(state: &mut State, id: &str, mod_revision: Option<i64>) -> bool
     let service = entry.record.registration.name.clone();
     let owner = entry.record.owner.clone();
     let health = entry.health;
-    state.entries.remove(id);
+    let id = Arc::clone(&entry.record.registration.id);
+    state.entries.remove(&id);
     uncount_owner(state, &owner);
-    leave_service(state, &service, id, health);
-    record_change(state, id.to_owned(), None, &[service]);
+    leave_service(state, &service, &id, health);
+    record_change(state, id, None, &[service]);
     true
 }
 
@@ -661,7 +663,7 @@ fn uncount_owner(state: &mut State, owner: &str) {
 
 /// Records a change of `id` to `entry` (`None`: removed) that touched `services` (those
 /// still registered get a new generation and their cached lists are dropped).
-fn record_change(state: &mut State, id: String, entry: Option<Entry>, services: &[Arc<str>]) {
+fn record_change(state: &mut State, id: Arc<str>, entry: Option<Entry>, services: &[Arc<str>]) {
     state.revision += 1;
     for service in services {
         if let Some(kept) = state.services.get_mut(service) {
@@ -742,7 +744,7 @@ mod tests {
     }
 
     #[test]
-    fn an_id_is_one_allocation_for_the_record_the_entries_and_the_services_sets() {
+    fn an_id_is_one_allocation_for_the_record_the_entries_the_services_sets_and_the_history() {
         let view = View::new("epoch-a");
         view.upsert(record(spec("a", "a-1", 1)));
         view.upsert(record(spec("a", "a-1", 2)));
@@ -758,6 +760,8 @@ mod tests {
             key,
             &view.shared_id("a-1").expect("registered")
         ));
+        let change = state.history.back().expect("a change");
+        assert!(Arc::ptr_eq(key, &change.id), "the history holds no copy");
     }
 
     #[test]
@@ -809,7 +813,7 @@ mod tests {
         };
         let ids: Vec<(&str, bool)> = changes
             .iter()
-            .map(|c| (c.id.as_str(), c.entry.is_some()))
+            .map(|c| (&*c.id, c.entry.is_some()))
             .collect();
         assert_eq!(ids, [("a-2", true), ("a-1", false)]);
         assert_eq!(now.revision, 3);

@@ -209,7 +209,7 @@ fn watch_to_proto(since: Since, cursor: Cursor) -> pb::WatchResponse {
                     } else {
                         pb::change::Kind::Delete
                     } as i32,
-                    id: change.id,
+                    id: change.id.to_string(),
                     registration: change.entry.as_ref().map(registration_to_proto),
                     revision: change.revision,
                 })

@@ -471,7 +471,7 @@ pub fn watch_json(since: Since, cursor: Cursor) -> WatchJson {
                         "delete"
                     }
                     .into(),
-                    id: change.id,
+                    id: change.id.to_string(),
                     registration: change.entry.as_ref().map(RegistrationJson::from),
                     revision: change.revision,
                 })
