@@ -7,7 +7,10 @@
 //! does not. For each ADS variant (state of the world, then delta), on a fresh control plane:
 //!
 //! 1. starts the real `fulcrum-control-plane` binary (release build) with the in-memory
-//!    registry as its only source, and reads its RSS empty;
+//!    registry as its only source, reads its RSS cold, warms it up (one endpoint registered
+//!    and one client of the variant synced, then both gone: what the process allocates or
+//!    pages in once, like the code of the registry, pipeline and xDS paths, is then in) and
+//!    reads its RSS empty;
 //! 2. registers the endpoints over the registry's gRPC API and waits until they are
 //!    published (its `fulcrum_cluster_endpoints` gauges add up);
 //! 3. connects the clients at once ([`ads_client`]: real tonic ADS clients that subscribe and
@@ -103,6 +106,7 @@ impl Args {
 struct Run {
     variant: Variant,
     registration: Duration,
+    usage_cold: Usage,
     usage_empty: Usage,
     usage_registered: Usage,
     usage_synced: Usage,
@@ -165,6 +169,8 @@ async fn run(args: &Args, variant: Variant) -> Result<Run> {
     let max_instances = args.endpoints + args.changes as usize + 16;
     let mut control_plane =
         ControlPlane::start(dir.path(), args.debounce_ms, max_instances).await?;
+    let usage_cold = control_plane.usage()?;
+    warm_up(&mut control_plane, variant).await?;
     let usage_empty = control_plane.usage()?;
 
     eprintln!(
@@ -278,6 +284,7 @@ async fn run(args: &Args, variant: Variant) -> Result<Run> {
     Ok(Run {
         variant,
         registration,
+        usage_cold,
         usage_empty,
         usage_registered,
         usage_synced,
@@ -289,6 +296,37 @@ async fn run(args: &Args, variant: Variant) -> Result<Run> {
         change_bytes: shared.bytes.load(Ordering::Relaxed) - bytes_before,
         change_responses: shared.responses.load(Ordering::Relaxed) - responses_before,
     })
+}
+
+/// Registers one endpoint, syncs one client of `variant` on it, then disconnects the client
+/// and removes the endpoint, so that the memory read next as "empty" holds what the process
+/// takes once (code paged in, the runtime's first buffers), not what an endpoint or a client
+/// costs.
+async fn warm_up(control_plane: &mut ControlPlane, variant: Variant) -> Result<()> {
+    eprintln!("{}: warming up", variant.label());
+    let mut registry = control_plane.registry_client().await?;
+    let id = "warm-up";
+    let instance = control_plane::instance(&service(0), id, endpoint_address(0), 8080);
+    control_plane::register(&mut registry, instance).await?;
+    control_plane.wait_for_endpoints(1, PUBLISH_LIMIT).await?;
+    let (_expect, expectation) = watch::channel(None);
+    let (events_sender, mut events) = mpsc::unbounded_channel();
+    let shared = Shared {
+        clusters: 1,
+        endpoints: 1,
+        expectation,
+        events: events_sender,
+        bytes: Arc::default(),
+        responses: Arc::default(),
+    };
+    let client = tokio::spawn(ads_client::run(variant, 0, control_plane.xds, shared));
+    let synced = collect(&mut events, SYNC_LIMIT, "warm-up sync", 1, |_| {}).await;
+    client.abort();
+    synced?;
+    control_plane::deregister(&mut registry, id).await?;
+    control_plane.wait_for_endpoints(0, PUBLISH_LIMIT).await?;
+    tokio::time::sleep(SETTLE).await;
+    Ok(())
 }
 
 /// Feeds the clients' next `count` reports to `on_event` (each client reports a sync or a
@@ -339,13 +377,12 @@ type Cell<'a> = Box<dyn Fn(&Run) -> String + 'a>;
 
 /// The markdown report: one column per variant.
 fn report(args: &Args, runs: &[Run]) -> String {
-    let per_endpoint = |run: &Run| {
-        (run.usage_synced
-            .rss_kib
-            .saturating_sub(run.usage_empty.rss_kib) as f64
-            * 1024.0)
+    let per_endpoint_from = |run: &Run, empty: &Usage| {
+        (run.usage_synced.rss_kib.saturating_sub(empty.rss_kib) as f64 * 1024.0)
             / args.endpoints as f64
     };
+    let per_endpoint = move |run: &Run| per_endpoint_from(run, &run.usage_empty);
+    let per_endpoint_cold = move |run: &Run| per_endpoint_from(run, &run.usage_cold);
     let changes = f64::from(args.changes.max(1));
     let rows: Vec<(String, Cell)> = vec![
         (
@@ -411,10 +448,11 @@ fn report(args: &Args, runs: &[Run]) -> String {
             Box::new(move |run| ms(run.cpu_changes.div_f64(changes))),
         ),
         (
-            "control-plane RSS: empty / endpoints registered / clients synced (peak)".to_owned(),
+            "control-plane RSS: cold start / empty (warmed up) / endpoints registered / clients synced (peak)".to_owned(),
             Box::new(|run| {
                 format!(
-                    "{} / {} / {} ({})",
+                    "{} / {} / {} / {} ({})",
+                    mib(run.usage_cold.rss_kib),
                     mib(run.usage_empty.rss_kib),
                     mib(run.usage_registered.rss_kib),
                     mib(run.usage_synced.rss_kib),
@@ -423,8 +461,14 @@ fn report(args: &Args, runs: &[Run]) -> String {
             }),
         ),
         (
-            "RSS per endpoint: (synced − empty) / endpoints".to_owned(),
-            Box::new(move |run| format!("{:.0} B", per_endpoint(run))),
+            "RSS per endpoint: (synced − empty) / endpoints; from a cold start: (synced − cold) / endpoints".to_owned(),
+            Box::new(move |run| {
+                format!(
+                    "{:.0} B; {:.0} B",
+                    per_endpoint(run),
+                    per_endpoint_cold(run)
+                )
+            }),
         ),
         (
             "of which: per endpoint, no client (registered − empty) / endpoints; per client (synced − registered) / clients".to_owned(),
@@ -449,12 +493,16 @@ fn report(args: &Args, runs: &[Run]) -> String {
             }),
         ),
         (
-            "targets: p99 ≤ 100 ms, ≤ 1 KiB RSS per endpoint".to_owned(),
+            "targets: p99 ≤ 100 ms, ≤ 1 KiB RSS per endpoint (warmed up; from a cold start)".to_owned(),
             Box::new(move |run| {
                 let latency = quantile(&run.change_latencies, 0.99) <= Duration::from_millis(100);
-                let memory = per_endpoint(run) <= 1024.0;
                 let verdict = |met: bool| if met { "met" } else { "missed" };
-                format!("{} / {}", verdict(latency), verdict(memory))
+                format!(
+                    "{} / {}; {}",
+                    verdict(latency),
+                    verdict(per_endpoint(run) <= 1024.0),
+                    verdict(per_endpoint_cold(run) <= 1024.0)
+                )
             }),
         ),
     ];
