@@ -327,7 +327,7 @@ impl Scope {
                 allowed: list(patterns),
             });
         }
-        let ip = registration.address.ip();
+        let ip = registration.address().ip();
         if let Some(ranges) = &self.addresses
             && !ranges
                 .iter()
@@ -539,7 +539,7 @@ impl Admission {
         scope: &Arc<Scope>,
         view: &View,
     ) -> Result<Reservation<'_>, Refusal> {
-        self.limits.addresses.check(registration.address.ip())?;
+        self.limits.addresses.check(registration.address().ip())?;
         scope.check(identity, registration)?;
         let replaces = view
             .get(&registration.id)

@@ -92,7 +92,7 @@ impl Monitor {
         let registration = &entry.record.registration;
         let check = registration.health_check.as_deref()?;
         let wanted = Wanted {
-            target: check.probe.target(registration.address),
+            target: check.probe.target(registration.address()),
             check: check.clone(),
             cluster: self.labels.label(&registration.name),
         };

@@ -316,7 +316,7 @@ impl Registry {
                     identity = owner,
                     instance = %registration.id,
                     service = %registration.name,
-                    address = %registration.address,
+                    address = %registration.address(),
                     reason = refusal.reason(),
                     %refusal,
                     "registration refused"
@@ -325,12 +325,12 @@ impl Registry {
             })?;
         let (entries, _) = self.view.service(&registration.name);
         if let Some(holder) = entries.iter().find(|entry| {
-            entry.record.registration.address == registration.address
+            entry.record.registration.address() == registration.address()
                 && entry.record.registration.id != registration.id
         }) {
             return Err(RegistryError::AddressInUse {
                 service: registration.name.to_string(),
-                address: registration.address,
+                address: registration.address(),
                 holder: holder.record.registration.id.to_string(),
             });
         }
@@ -343,7 +343,7 @@ impl Registry {
         info!(
             instance = %record.registration.id,
             service = %record.registration.name,
-            address = %record.registration.address,
+            address = %record.registration.address(),
             owner,
             "registered"
         );
@@ -427,7 +427,7 @@ impl Registry {
             let ids = entries
                 .iter()
                 .enumerate()
-                .map(|(index, entry)| (entry.record.registration.address, index))
+                .map(|(index, entry)| (entry.record.registration.address(), index))
                 .collect();
             let service_policy = policy.for_service(&query.service);
             let cached = CachedBalancer {
@@ -479,7 +479,7 @@ impl Registry {
 
 /// A registry record from a backend, for the API: entry plus effective values.
 pub fn record_ttl_ms(record: &Record) -> u32 {
-    u32::try_from(record.registration.ttl.as_millis()).unwrap_or(u32::MAX)
+    u32::try_from(record.registration.ttl().as_millis()).unwrap_or(u32::MAX)
 }
 
 /// A fresh epoch for a view: time and process id, unique per run.

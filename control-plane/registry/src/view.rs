@@ -78,7 +78,7 @@ fn build_service(entries: &Entries, name: &str, ids: &BTreeSet<Arc<str>>) -> Pub
     let mut by_address: BTreeMap<std::net::SocketAddr, &Entry> = BTreeMap::new();
     let entries: Vec<&Entry> = ids.iter().filter_map(|id| entries.get(id)).collect();
     for entry in &entries {
-        let address = entry.record.registration.address;
+        let address = entry.record.registration.address();
         let keep = by_address
             .get(&address)
             .is_none_or(|kept| registered_before(entry, kept));
@@ -512,7 +512,7 @@ impl View {
         };
         if entry.health == health
             || entry.record.registration.health_check != record.registration.health_check
-            || entry.record.registration.address != record.registration.address
+            || entry.record.registration.address() != record.registration.address()
         {
             return false;
         }
@@ -582,7 +582,7 @@ fn upsert_locked(state: &mut State, mut record: Record) {
     let health = match previous {
         Some(previous)
             if previous.record.registration.health_check == record.registration.health_check
-                && previous.record.registration.address == record.registration.address =>
+                && previous.record.registration.address() == record.registration.address() =>
         {
             previous.health
         }
@@ -724,12 +724,13 @@ mod tests {
 
     /// Every registration is stored as one [`Record`]: a field added to it inline costs its
     /// size once per endpoint of the mesh. Rarely set parts are boxed (the attributes, the
-    /// health check) and names are shared `Arc<str>`s.
+    /// health check), names are shared `Arc<str>`s, the address and TTL compact. At 120
+    /// bytes, with the `Arc`'s counts, an allocation takes 144 bytes where 144 took 176.
     #[test]
     #[cfg(target_pointer_width = "64")]
-    fn a_stored_record_takes_at_most_144_bytes_inline() {
+    fn a_stored_record_takes_at_most_120_bytes_inline() {
         assert!(
-            std::mem::size_of::<Record>() <= 144,
+            std::mem::size_of::<Record>() <= 120,
             "{} bytes",
             std::mem::size_of::<Record>()
         );
@@ -869,7 +870,7 @@ mod tests {
                 .expect("a-1")
                 .record
                 .registration
-                .address
+                .address()
                 .port(),
             1
         );

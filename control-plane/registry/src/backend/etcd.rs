@@ -707,7 +707,7 @@ impl Intake {
         let key = String::from_utf8_lossy(kv.key());
         let refusal = match decode(self.id(&key), kv) {
             Ok(record) => {
-                let address = record.registration.address;
+                let address = record.registration.address();
                 match self.addresses.check(address.ip()) {
                     Ok(()) => {
                         self.reported.remove(kv.key());
@@ -855,7 +855,7 @@ impl EtcdBackend {
     ) -> Result<Arc<Record>, BackendError> {
         let etcd = &self.etcd;
         let id = registration.id.to_string();
-        let ttl = registration.ttl;
+        let ttl = registration.ttl();
         let key = etcd.key(&id);
         for _ in 0..MAX_ATTEMPTS {
             let current = etcd.fetch(&id, deadline).await?;
@@ -877,7 +877,7 @@ impl EtcdBackend {
             };
             let value = serde_json::to_vec(&stored).unwrap_or_default();
             let leases = etcd.client.lease_client();
-            let seconds = lease_seconds(registration.ttl);
+            let seconds = lease_seconds(registration.ttl());
             let lease = call_failing_over(&etcd.config, deadline, "granting a lease", || {
                 let mut leases = leases.clone();
                 async move { leases.grant(seconds, None).await }
@@ -981,7 +981,7 @@ impl EtcdBackend {
             return Err(BackendError::NotFound { id: id.to_owned() });
         }
         Ok(Duration::from_secs(
-            lease_seconds(record.registration.ttl).unsigned_abs(),
+            lease_seconds(record.registration.ttl()).unsigned_abs(),
         ))
     }
 

@@ -119,7 +119,7 @@ impl MemoryBackend {
             .view
             .get(&id)
             .map_or_else(unix_ms, |entry| entry.record.registered_at_unix_ms);
-        let ttl = registration.ttl;
+        let ttl = registration.ttl();
         let record = Record {
             registration,
             owner: owner.into(),
@@ -176,7 +176,7 @@ impl RegistryBackend for MemoryBackend {
                     Err(BackendError::NotOwner { id: id.to_owned() })
                 }
                 (Some(lease), Some(stored)) => {
-                    let ttl = stored.record.registration.ttl;
+                    let ttl = stored.record.registration.ttl();
                     *lease = self.lease(now, ttl);
                     Ok(ttl)
                 }

@@ -41,7 +41,7 @@ pub trait RegistryBackend: Send + Sync + std::fmt::Debug + 'static {
     }
 
     /// Creates or replaces the registration `registration.id` for `owner` and (re)starts
-    /// its lease of `registration.ttl`. Replacing keeps the first registration time.
+    /// its lease of `registration.ttl()`. Replacing keeps the first registration time.
     /// Fails with [`BackendError::NotOwner`] when another identity holds the id.
     fn register<'a>(
         &'a self,

@@ -159,7 +159,7 @@ async fn another_token_cannot_deregister_heartbeat_or_replace_a_registration() -
     assert_eq!(replace.status(), StatusCode::FORBIDDEN);
     let entry = served.registry.view().get("a-1").expect("still registered");
     assert_eq!(&*entry.record.owner, "alice");
-    assert_eq!(entry.record.registration.address.port(), 1);
+    assert_eq!(entry.record.registration.address().port(), 1);
 
     let delete = http()
         .delete(format!("{url}/a-1"))

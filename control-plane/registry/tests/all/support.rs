@@ -236,7 +236,7 @@ pub fn discovered(registry: &Registry) -> Vec<(String, String)> {
             let registration = &entry.record.registration;
             (
                 registration.id.to_string(),
-                registration.address.to_string(),
+                registration.address().to_string(),
             )
         })
         .collect()
