@@ -285,10 +285,19 @@ const HEALTHS: [HealthStatus; 3] = [
 ];
 
 impl Service {
-    /// Counts one more registration of `health` (`more`) or one less.
+    /// Counts one more registration of `health` (`more`) or one less (never below zero:
+    /// a broken invariant shows as a wrong count, not a panic of the control plane).
     fn count(&mut self, health: HealthStatus, more: bool) {
         let count = &mut self.health[health_index(health)];
-        *count = if more { *count + 1 } else { *count - 1 };
+        debug_assert!(
+            more || *count > 0,
+            "uncounting a registration never counted"
+        );
+        *count = if more {
+            count.saturating_add(1)
+        } else {
+            count.saturating_sub(1)
+        };
     }
 }
 
