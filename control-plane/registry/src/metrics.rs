@@ -23,8 +23,7 @@ use std::{
 };
 
 use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    encoding::{EncodeLabelSet, EncodeMetric, MetricEncoder},
     metrics::{
         MetricType, counter::Counter, family::Family, gauge::ConstGauge, gauge::Gauge,
         histogram::Histogram,
@@ -209,7 +208,7 @@ pub struct RegistryMetrics {
     duration: Family<OperationLabels, Histogram, fn() -> Histogram>,
     /// `fulcrum_registry_instances{service,health}`: live registrations, read from the view
     /// at each scrape; a label set at zero is not exposed, so gone services do not linger.
-    instances: Instances,
+    instances: InstancesGauge,
     /// The service labels of `instances` and of the registry's health checks.
     services: ServiceLabels,
     /// `fulcrum_registry_protocol_conflicts`: services whose registrations name different
@@ -236,7 +235,7 @@ impl RegistryMetrics {
             refusals,
             requests: Family::default(),
             duration: Family::new_with_constructor(duration_histogram),
-            instances: Instances {
+            instances: InstancesGauge {
                 view: Arc::default(),
                 services: services.clone(),
             },
@@ -278,7 +277,11 @@ impl RegistryMetrics {
             "Registry API call latency, by face and operation (a gRPC watch: until the stream is open)",
             self.duration.clone(),
         );
-        prefixed.register_collector(Box::new(self.instances.clone()));
+        prefixed.register(
+            "instances",
+            "Live registrations, by service (the first ones seen; others as \"(other)\") and health",
+            self.instances.clone(),
+        );
         prefixed.register(
             "protocol_conflicts",
             "Services whose registrations name different protocols (the earliest registration's is used)",
@@ -343,18 +346,13 @@ impl RegistryMetrics {
 /// behind it and takes nothing per instance (a tally of its own took a set entry per
 /// registration, 41 bytes at 10,000).
 #[derive(Debug, Clone)]
-struct Instances {
+struct InstancesGauge {
     /// The view counted, once [`RegistryMetrics::count`] named it.
     view: Arc<OnceLock<Weak<View>>>,
     services: ServiceLabels,
 }
 
-impl Instances {
-    /// Name of the gauge (under the registry's prefix) and its help.
-    const NAME: &str = "instances";
-    const HELP: &str =
-        "Live registrations, by service (the first ones seen; others as \"(other)\") and health";
-
+impl InstancesGauge {
     /// The series now: count per label set, every label set above zero.
     fn series(&self) -> BTreeMap<(String, &'static str), usize> {
         let mut series = BTreeMap::new();
@@ -370,21 +368,24 @@ impl Instances {
     }
 }
 
-impl Collector for Instances {
-    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let series = self.series();
-        if series.is_empty() {
-            // As a family without series: not exposed.
-            return Ok(());
-        }
-        let mut metric =
-            encoder.encode_descriptor(Self::NAME, Self::HELP, None, MetricType::Gauge)?;
-        for ((service, health), count) in series {
+/// Encoded as a family of gauges is: one series per label set.
+impl EncodeMetric for InstancesGauge {
+    fn encode(&self, mut encoder: MetricEncoder) -> std::fmt::Result {
+        for ((service, health), count) in self.series() {
             let labels = InstanceLabels { service, health };
             ConstGauge::new(i64::try_from(count).unwrap_or(i64::MAX))
-                .encode(metric.encode_family(&labels)?)?;
+                .encode(encoder.encode_family(&labels)?)?;
         }
         Ok(())
+    }
+
+    fn metric_type(&self) -> MetricType {
+        MetricType::Gauge
+    }
+
+    /// As a family without series: not exposed.
+    fn is_empty(&self) -> bool {
+        self.series().is_empty()
     }
 }
 
