@@ -547,7 +547,7 @@ impl InstanceSpec {
             weight,
             attributes: attributes.into_shared(),
             health_check,
-            ttl_ms: u32::try_from(ttl.as_millis()).unwrap_or(u32::MAX),
+            ttl_ms: millis_u32(ttl),
         };
         registration.check_published_size()?;
         Ok(registration)

@@ -69,7 +69,7 @@ impl MemoryBackend {
     /// A lease renewed at `now` for `ttl`.
     fn lease(&self, now: Instant, ttl: Duration) -> Lease {
         let after = (now + ttl).saturating_duration_since(self.started);
-        let ms = after.as_millis() + u128::from(!after.subsec_nanos().is_multiple_of(1_000_000));
+        let ms = after.as_nanos().div_ceil(1_000_000);
         Lease {
             expires_ms: u64::try_from(ms).unwrap_or(u64::MAX),
         }
