@@ -57,8 +57,9 @@ pub struct PipelineMetrics {
     pub endpoints: Family<ClusterHealthLabels, Gauge>,
     /// `fulcrum_snapshot_info{version}`: 1 for the current version only.
     pub info: Family<VersionLabels, Gauge>,
-    /// `fulcrum_snapshot_updates_total`: snapshots published.
-    pub updates: Counter,
+    /// `fulcrum_snapshots_published_total`: snapshots published. Not `snapshot_updates`: the
+    /// filters count the snapshots they apply under that name, and one Prometheus holds both.
+    pub published: Counter,
     /// `fulcrum_snapshot_dropped{kind}`: endpoints and services the last validation left out
     /// of the published snapshot; above 0, a source publishes something Envoy or the filters
     /// would refuse (`/v1/status` names it).
@@ -87,9 +88,9 @@ impl PipelineMetrics {
             self.info.clone(),
         );
         fulcrum.register(
-            "snapshot_updates",
+            "snapshots_published",
             "Snapshots published",
-            self.updates.clone(),
+            self.published.clone(),
         );
         fulcrum.register(
             "snapshot_over_budget",
@@ -174,7 +175,7 @@ impl PipelineMetrics {
                 version: snapshot.version.clone(),
             })
             .set(1);
-        self.updates.inc();
+        self.published.inc();
     }
 }
 

@@ -87,7 +87,7 @@ async fn snapshot_is_served_with_its_version_as_etag_then_304_for_that_etag() {
         "{metrics}"
     );
     assert!(
-        metrics.contains("fulcrum_snapshot_updates_total 2"),
+        metrics.contains("fulcrum_snapshots_published_total 2"),
         "{metrics}"
     );
 }

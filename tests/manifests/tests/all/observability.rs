@@ -386,6 +386,30 @@ fn the_scanner_reads_prefixes_kinds_and_label_values_correctly() {
     );
 }
 
+/// One Prometheus scrapes the control plane and every sidecar: a series name both define
+/// would sum snapshots published with snapshots applied, and each query would have to tell
+/// them apart by a scrape label.
+#[test]
+fn no_series_name_is_defined_by_both_the_control_plane_and_a_data_plane() -> Result<()> {
+    let control_plane = control_plane_metrics()?;
+    let mut data_planes = filter_metrics()?;
+    data_planes.extend(native_metrics()?);
+    let shared: Vec<String> = control_plane
+        .iter()
+        .filter_map(|(series, at)| {
+            data_planes
+                .get(series)
+                .map(|other| format!("{series}: {at} and {other}"))
+        })
+        .collect();
+    ensure!(
+        shared.is_empty(),
+        "series defined twice, with two meanings:\n  {}",
+        shared.join("\n  ")
+    );
+    Ok(())
+}
+
 #[test]
 fn every_metric_in_the_alerts_and_the_dashboard_is_defined_by_the_code() -> Result<()> {
     let mut defined = control_plane_metrics()?;
