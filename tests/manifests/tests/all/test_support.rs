@@ -1,6 +1,7 @@
 //! Shared fixtures: the repository's manifests as JSON values, the vendored CRDs, the
-//! release filter (`FULCRUM_FILTER_WASM`, or built once for these tests) and the control
-//! plane's static binary (`FULCRUM_CONTROL_PLANE_BIN`, or built once).
+//! release filter (`FULCRUM_FILTER_WASM`, or built once for these tests), the native module
+//! (`FULCRUM_NATIVE_MODULE`, or built once) and the control plane's static binary
+//! (`FULCRUM_CONTROL_PLANE_BIN`, or built once).
 
 use std::{
     path::{Path, PathBuf},
@@ -107,73 +108,109 @@ pub fn rendered_template(name: &str, image: &str, sha256: &str) -> Result<Docume
     Ok(documents.remove(0))
 }
 
-/// The release filter: `FULCRUM_FILTER_WASM` (set by `cargo xtask test`), else built once
-/// into a target directory of its own so it never waits on the lock of the running build.
+/// The release filter's bytes (see [`filter_wasm_path`]).
 pub fn filter_wasm() -> Result<&'static [u8]> {
     static WASM: OnceLock<Result<Vec<u8>, String>> = OnceLock::new();
-    WASM.get_or_init(|| load_filter_wasm().map_err(|error| format!("{error:#}")))
-        .as_deref()
-        .map_err(|error| anyhow::anyhow!("{error}"))
+    WASM.get_or_init(|| {
+        let path = filter_wasm_path().map_err(|error| format!("{error:#}"))?;
+        std::fs::read(path).map_err(|error| format!("reading {}: {error}", path.display()))
+    })
+    .as_deref()
+    .map_err(|error| anyhow::anyhow!("{error}"))
 }
 
-fn load_filter_wasm() -> Result<Vec<u8>> {
-    if let Some(path) = std::env::var_os("FULCRUM_FILTER_WASM") {
-        return std::fs::read(&path).with_context(|| {
-            format!("reading FULCRUM_FILTER_WASM={}", Path::new(&path).display())
-        });
-    }
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("filter-wasm");
+/// The release filter: `FULCRUM_FILTER_WASM` (set by `cargo xtask test`), else built once
+/// into a target directory of its own so it never waits on the lock of the running build.
+pub fn filter_wasm_path() -> Result<&'static Path> {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Some(path) = std::env::var_os("FULCRUM_FILTER_WASM") {
+            return Ok(PathBuf::from(path));
+        }
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("filter-wasm");
+        cargo_build(
+            &target,
+            &["--package", "fulcrum-balancer", "--target", "wasm32-wasip1"],
+            &[],
+            "the filter (is the wasm32-wasip1 target installed? `cargo xtask setup`)",
+        )?;
+        Ok(target.join("wasm32-wasip1/release/fulcrum_balancer.wasm"))
+    })
+    .as_deref()
+    .map_err(|error| anyhow::anyhow!("{error}"))
+}
+
+/// The release native module, `libfulcrum_native.so`: `FULCRUM_NATIVE_MODULE` (set by `cargo
+/// xtask test`), else built once into a target directory of its own.
+pub fn native_module() -> Result<&'static Path> {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    PATH.get_or_init(|| {
+        if let Some(path) = std::env::var_os("FULCRUM_NATIVE_MODULE") {
+            return Ok(PathBuf::from(path));
+        }
+        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("native-module");
+        cargo_build(
+            &target,
+            &["--package", "fulcrum-native"],
+            &[],
+            "the native module",
+        )?;
+        Ok(target.join("release/libfulcrum_native.so"))
+    })
+    .as_deref()
+    .map_err(|error| anyhow::anyhow!("{error}"))
+}
+
+/// `cargo build --release` with `args` and `env` into `target`; the error names `what`.
+fn cargo_build(
+    target: &Path,
+    args: &[&str],
+    env: &[(&str, &str)],
+    what: &str,
+) -> Result<(), String> {
     let status = Command::new(env!("CARGO"))
         .current_dir(repo_root())
-        .args([
-            "build",
-            "--release",
-            "--package",
-            "fulcrum-balancer",
-            "--target",
-            "wasm32-wasip1",
-        ])
-        .env("CARGO_TARGET_DIR", &target)
+        .args(["build", "--release"])
+        .args(args)
+        .envs(env.iter().copied())
+        .env("CARGO_TARGET_DIR", target)
         .status()
-        .context("running cargo to build the filter")?;
-    if !status.success() {
-        bail!(
-            "building the filter failed ({status}); is the wasm32-wasip1 target installed (`cargo xtask setup`)?"
-        );
+        .map_err(|error| format!("running cargo to build {what}: {error}"))?;
+    if status.success() {
+        Ok(())
+    } else {
+        Err(format!("building {what} failed ({status})"))
     }
-    let wasm = target.join("wasm32-wasip1/release/fulcrum_balancer.wasm");
-    std::fs::read(&wasm).with_context(|| format!("reading {}", wasm.display()))
 }
 
 /// The control plane's static (musl) release binary: `FULCRUM_CONTROL_PLANE_BIN` (set by
 /// `cargo xtask test`, which builds it as `cargo xtask image` does), else built once into a
 /// target directory of its own.
 pub fn control_plane_binary() -> Result<&'static Path> {
+    const MUSL: &str = "x86_64-unknown-linux-musl";
     static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
     BINARY
-        .get_or_init(|| build_control_plane().map_err(|error| format!("{error:#}")))
+        .get_or_init(|| {
+            if let Some(path) = std::env::var_os("FULCRUM_CONTROL_PLANE_BIN") {
+                return Ok(PathBuf::from(path));
+            }
+            let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("control-plane-musl");
+            cargo_build(
+                &target,
+                &[
+                    "--package",
+                    "fulcrum-control-plane",
+                    "--bin",
+                    "fulcrum-control-plane",
+                    "--target",
+                    MUSL,
+                ],
+                &[("CC_x86_64_unknown_linux_musl", "musl-gcc")],
+                "the control plane for x86_64-unknown-linux-musl (are the target and musl-gcc \
+                 installed? `cargo xtask setup`)",
+            )?;
+            Ok(target.join(MUSL).join("release/fulcrum-control-plane"))
+        })
         .as_deref()
         .map_err(|error| anyhow::anyhow!("{error}"))
-}
-
-fn build_control_plane() -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os("FULCRUM_CONTROL_PLANE_BIN") {
-        return Ok(PathBuf::from(path));
-    }
-    const MUSL: &str = "x86_64-unknown-linux-musl";
-    let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("control-plane-musl");
-    let status = Command::new(env!("CARGO"))
-        .current_dir(repo_root())
-        .args(["build", "--release", "--package", "fulcrum-control-plane"])
-        .args(["--bin", "fulcrum-control-plane", "--target", MUSL])
-        .env("CARGO_TARGET_DIR", &target)
-        .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
-        .status()
-        .context("running cargo to build the control plane")?;
-    if !status.success() {
-        bail!(
-            "building the control plane for {MUSL} failed ({status}); are the target and musl-gcc installed (`cargo xtask setup`)?"
-        );
-    }
-    Ok(target.join(MUSL).join("release/fulcrum-control-plane"))
 }
