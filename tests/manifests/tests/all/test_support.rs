@@ -119,98 +119,97 @@ pub fn filter_wasm() -> Result<&'static [u8]> {
     .map_err(|error| anyhow::anyhow!("{error}"))
 }
 
-/// The release filter: `FULCRUM_FILTER_WASM` (set by `cargo xtask test`), else built once
-/// into a target directory of its own so it never waits on the lock of the running build.
-pub fn filter_wasm_path() -> Result<&'static Path> {
-    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Some(path) = std::env::var_os("FULCRUM_FILTER_WASM") {
-            return Ok(PathBuf::from(path));
-        }
-        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("filter-wasm");
-        cargo_build(
-            &target,
-            &["--package", "fulcrum-balancer", "--target", "wasm32-wasip1"],
-            &[],
-            "the filter (is the wasm32-wasip1 target installed? `cargo xtask setup`)",
-        )?;
-        Ok(target.join("wasm32-wasip1/release/fulcrum_balancer.wasm"))
-    })
-    .as_deref()
-    .map_err(|error| anyhow::anyhow!("{error}"))
+/// A release artifact these tests run: where `cargo xtask test` put it, else built once
+/// into a target directory of its own, so a build never waits on the lock of the running one.
+struct Artifact {
+    /// The variable `cargo xtask test` sets to the artifact's path.
+    env: &'static str,
+    /// The target directory's name under `CARGO_TARGET_TMPDIR`.
+    dir: &'static str,
+    /// `cargo build --release` arguments.
+    args: &'static [&'static str],
+    /// Environment of the build.
+    build_env: &'static [(&'static str, &'static str)],
+    /// The artifact's path in the target directory.
+    path: &'static str,
+    /// What it is, and what it needs, for the error of a failed build.
+    what: &'static str,
 }
 
-/// The release native module, `libfulcrum_native.so`: `FULCRUM_NATIVE_MODULE` (set by `cargo
-/// xtask test`), else built once into a target directory of its own.
-pub fn native_module() -> Result<&'static Path> {
-    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    PATH.get_or_init(|| {
-        if let Some(path) = std::env::var_os("FULCRUM_NATIVE_MODULE") {
-            return Ok(PathBuf::from(path));
-        }
-        let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("native-module");
-        cargo_build(
-            &target,
-            &["--package", "fulcrum-native"],
-            &[],
-            "the native module",
-        )?;
-        Ok(target.join("release/libfulcrum_native.so"))
-    })
-    .as_deref()
-    .map_err(|error| anyhow::anyhow!("{error}"))
-}
-
-/// `cargo build --release` with `args` and `env` into `target`; the error names `what`.
-fn cargo_build(
-    target: &Path,
-    args: &[&str],
-    env: &[(&str, &str)],
-    what: &str,
-) -> Result<(), String> {
-    let status = Command::new(env!("CARGO"))
-        .current_dir(repo_root())
-        .args(["build", "--release"])
-        .args(args)
-        .envs(env.iter().copied())
-        .env("CARGO_TARGET_DIR", target)
-        .status()
-        .map_err(|error| format!("running cargo to build {what}: {error}"))?;
-    if status.success() {
-        Ok(())
-    } else {
-        Err(format!("building {what} failed ({status})"))
-    }
-}
-
-/// The control plane's static (musl) release binary: `FULCRUM_CONTROL_PLANE_BIN` (set by
-/// `cargo xtask test`, which builds it as `cargo xtask image` does), else built once into a
-/// target directory of its own.
-pub fn control_plane_binary() -> Result<&'static Path> {
-    const MUSL: &str = "x86_64-unknown-linux-musl";
-    static BINARY: OnceLock<Result<PathBuf, String>> = OnceLock::new();
-    BINARY
-        .get_or_init(|| {
-            if let Some(path) = std::env::var_os("FULCRUM_CONTROL_PLANE_BIN") {
+impl Artifact {
+    /// The artifact's path, built at the first call if `env` is not set.
+    fn get(&self, cell: &'static OnceLock<Result<PathBuf, String>>) -> Result<&'static Path> {
+        cell.get_or_init(|| {
+            if let Some(path) = std::env::var_os(self.env) {
                 return Ok(PathBuf::from(path));
             }
-            let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join("control-plane-musl");
-            cargo_build(
-                &target,
-                &[
-                    "--package",
-                    "fulcrum-control-plane",
-                    "--bin",
-                    "fulcrum-control-plane",
-                    "--target",
-                    MUSL,
-                ],
-                &[("CC_x86_64_unknown_linux_musl", "musl-gcc")],
-                "the control plane for x86_64-unknown-linux-musl (are the target and musl-gcc \
-                 installed? `cargo xtask setup`)",
-            )?;
-            Ok(target.join(MUSL).join("release/fulcrum-control-plane"))
+            let target = Path::new(env!("CARGO_TARGET_TMPDIR")).join(self.dir);
+            let status = Command::new(env!("CARGO"))
+                .current_dir(repo_root())
+                .args(["build", "--release"])
+                .args(self.args)
+                .envs(self.build_env.iter().copied())
+                .env("CARGO_TARGET_DIR", &target)
+                .status()
+                .map_err(|error| format!("running cargo to build {}: {error}", self.what))?;
+            if !status.success() {
+                return Err(format!("building {} failed ({status})", self.what));
+            }
+            Ok(target.join(self.path))
         })
         .as_deref()
         .map_err(|error| anyhow::anyhow!("{error}"))
+    }
+}
+
+/// The release filter: `FULCRUM_FILTER_WASM`, else built once.
+pub fn filter_wasm_path() -> Result<&'static Path> {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    Artifact {
+        env: "FULCRUM_FILTER_WASM",
+        dir: "filter-wasm",
+        args: &["--package", "fulcrum-balancer", "--target", "wasm32-wasip1"],
+        build_env: &[],
+        path: "wasm32-wasip1/release/fulcrum_balancer.wasm",
+        what: "the filter (is the wasm32-wasip1 target installed? `cargo xtask setup`)",
+    }
+    .get(&PATH)
+}
+
+/// The release native module, `libfulcrum_native.so`: `FULCRUM_NATIVE_MODULE`, else built
+/// once.
+pub fn native_module() -> Result<&'static Path> {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    Artifact {
+        env: "FULCRUM_NATIVE_MODULE",
+        dir: "native-module",
+        args: &["--package", "fulcrum-native"],
+        build_env: &[],
+        path: "release/libfulcrum_native.so",
+        what: "the native module",
+    }
+    .get(&PATH)
+}
+
+/// The control plane's static (musl) release binary, as `cargo xtask image` builds it:
+/// `FULCRUM_CONTROL_PLANE_BIN`, else built once.
+pub fn control_plane_binary() -> Result<&'static Path> {
+    static PATH: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    Artifact {
+        env: "FULCRUM_CONTROL_PLANE_BIN",
+        dir: "control-plane-musl",
+        args: &[
+            "--package",
+            "fulcrum-control-plane",
+            "--bin",
+            "fulcrum-control-plane",
+            "--target",
+            "x86_64-unknown-linux-musl",
+        ],
+        build_env: &[("CC_x86_64_unknown_linux_musl", "musl-gcc")],
+        path: "x86_64-unknown-linux-musl/release/fulcrum-control-plane",
+        what: "the control plane for x86_64-unknown-linux-musl (are the target and musl-gcc \
+               installed? `cargo xtask setup`)",
+    }
+    .get(&PATH)
 }
