@@ -110,6 +110,9 @@ pub fn policies_in(file: &str, text: &str, key: &str) -> Result<Vec<PolicyText>>
 /// `apiVersion` and `kind`. `None` for a policy, or text that is not YAML at all (the policy
 /// parser then says what is wrong with it).
 fn manifest_objects(text: &str) -> Option<Vec<Value>> {
+    // A text whose aliases expand it past the budget is left to the policy parser, which
+    // refuses it with the same reason.
+    fulcrum_core::yaml::check_expansion(text).ok()?;
     let mut objects = Vec::new();
     for document in serde_norway::Deserializer::from_str(text) {
         match Value::deserialize(document) {

@@ -122,10 +122,11 @@ impl From<FileProtocol> for UpstreamProtocol {
 }
 
 /// Parses the YAML text of an endpoints file; `path` only names it in errors.
-/// Endpoints come out sorted by address.
+/// Endpoints come out sorted by address. A file whose aliases expand it past
+/// [`fulcrum_core::yaml::expansion_budget`] is refused before it is built.
 pub fn parse_static_file(path: &Path, text: &str) -> Result<Services, StaticFileError> {
     let file: StaticFile =
-        serde_norway::from_str(text).map_err(|source| StaticFileError::Parse {
+        fulcrum_core::yaml::from_str(text).map_err(|source| StaticFileError::Parse {
             path: path.to_owned(),
             source,
         })?;
@@ -394,6 +395,28 @@ services:
         )
         .expect_err("not IP:port");
         assert!(matches!(error, StaticFileError::Parse { .. }), "{error}");
+    }
+
+    #[test]
+    fn a_file_whose_aliases_expand_it_a_thousandfold_is_refused_before_it_is_built() {
+        // One endpoint's metadata anchored and named 5,000 times: 200 KB of text, about
+        // 200 MB built.
+        let mut text = format!(
+            "services:\n  a:\n    endpoints:\n      - address: 127.0.0.1:1\n        \
+             metadata: &m {{note: \"{}\"}}\n",
+            "x".repeat(40_000)
+        );
+        for port in 2..5_002 {
+            text.push_str(&format!(
+                "      - address: 127.0.0.1:{port}\n        metadata: *m\n"
+            ));
+        }
+        let error = parse_static_file(&path(), &text).expect_err("over the budget");
+        assert!(matches!(error, StaticFileError::Parse { .. }), "{error}");
+        assert!(
+            error.to_string().contains("expands through its aliases"),
+            "{error}"
+        );
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub mod tables;
 pub mod validate;
 pub mod version;
 pub mod window;
+#[cfg(feature = "yaml")]
+pub mod yaml;
 
 #[cfg(test)]
 mod test_support;

@@ -110,10 +110,11 @@ impl Policy {
         Ok(policy)
     }
 
-    /// Parses a YAML policy and validates it.
+    /// Parses a YAML policy and validates it; a policy whose aliases expand it past
+    /// [`crate::yaml::expansion_budget`] is refused before it is built.
     #[cfg(feature = "yaml")]
     pub fn from_yaml(text: &str) -> Result<Policy, PolicyError> {
-        let policy: Policy = serde_norway::from_str(text).map_err(|source| {
+        let policy: Policy = crate::yaml::from_str(text).map_err(|source| {
             let location = source.location();
             PolicyError::Yaml {
                 line: location.as_ref().map(|l| l.line()),

@@ -189,6 +189,30 @@ fn parses_yaml_and_reports_its_location() {
     assert!(error.to_string().contains("line 2"), "{error}");
 }
 
+/// A 140 KB policy naming one 100 KB zone 10,000 times would build a gigabyte: it is refused
+/// while it is walked, naming the field and the aliases.
+#[cfg(feature = "yaml")]
+#[test]
+fn a_yaml_policy_whose_aliases_expand_it_past_the_budget_is_refused_before_it_is_built() {
+    let mut text = format!(
+        "default:\n  locality:\n    failover: [&z \"{}\"",
+        "z".repeat(100_000)
+    );
+    for _ in 0..10_000 {
+        text.push_str(", *z");
+    }
+    text.push_str("]\n");
+    let error = Policy::from_yaml(&text).unwrap_err();
+    let message = error.to_string();
+    assert!(matches!(error, PolicyError::Yaml { .. }), "{message}");
+    assert!(message.contains("default.locality.failover"), "{message}");
+    assert!(message.contains("expands through its aliases"), "{message}");
+    assert!(
+        message.len() < 1_000,
+        "the message does not repeat the value"
+    );
+}
+
 #[test]
 fn a_health_check_gets_the_registrys_defaults() {
     let policy =
