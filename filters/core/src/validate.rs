@@ -130,7 +130,7 @@ impl Policy {
     pub fn validate(&self) -> Result<(), ValidationErrors> {
         let mut errors = Errors::default();
         for (name, service) in &self.services {
-            let path = format!("services.{name}");
+            let path = format!("services.{}", cut(name));
             if name.is_empty() {
                 errors.push(&path, "service name must not be empty".into());
             }
@@ -212,7 +212,10 @@ fn validate_health_check(check: &HealthCheck, path: &str, errors: &mut Errors) {
             if !http_path.starts_with('/') || !http_path.bytes().all(|b| b.is_ascii_graphic()) {
                 errors.push(
                     &at("http.path"),
-                    format!("must start with '/' and contain no spaces, got {http_path:?}"),
+                    format!(
+                        "must start with '/' and contain no spaces, got {}",
+                        shown(http_path)
+                    ),
                 );
             }
             for (i, status) in expected_statuses.iter().enumerate() {
@@ -371,7 +374,7 @@ fn validate_hash_on(hash_on: &HashOn, path: &str, errors: &mut Errors) {
             if name.is_empty() || !name.bytes().all(is_token_byte) {
                 errors.push(
                     &join(path, "header"),
-                    format!("must be a non-empty HTTP header name, got {name:?}"),
+                    format!("must be a non-empty HTTP header name, got {}", shown(name)),
                 );
             }
         }
@@ -392,7 +395,10 @@ fn validate_cookie_name(name: &str, path: &str, errors: &mut Errors) {
     if name.is_empty() || !name.bytes().all(is_token_byte) {
         errors.push(
             path,
-            format!("must be a non-empty cookie name of RFC 6265 token characters, got {name:?}"),
+            format!(
+                "must be a non-empty cookie name of RFC 6265 token characters, got {}",
+                shown(name)
+            ),
         );
     }
 }
@@ -407,16 +413,17 @@ fn validate_locality(locality: &Locality, path: &str, errors: &mut Errors) {
             errors.push(&at(field), "must not be empty; omit it instead".into());
         }
     }
+    let mut seen = std::collections::BTreeSet::new();
     for (i, zone) in locality.failover.iter().enumerate() {
         if zone.is_empty() {
             errors.push(
                 &format!("{}[{i}]", at("failover")),
                 "must not be empty".into(),
             );
-        } else if locality.failover[..i].contains(zone) {
+        } else if !seen.insert(zone.as_str()) {
             errors.push(
                 &format!("{}[{i}]", at("failover")),
-                format!("zone {zone:?} is listed twice"),
+                format!("zone {} is listed twice", shown(zone)),
             );
         }
     }
@@ -538,7 +545,10 @@ fn validate_rate_limit(rl: &RateLimit, path: &str, errors: &mut Errors) {
     {
         errors.push(
             &at("client_key_header"),
-            format!("must be a non-empty HTTP header name, got {header:?}"),
+            format!(
+                "must be a non-empty HTTP header name, got {}",
+                shown(header)
+            ),
         );
     }
     errors.range(&at("max_clients"), rl.max_clients, 1, 65_536);
@@ -561,6 +571,37 @@ fn is_prime(n: u32) -> bool {
         d += 1;
     }
     true
+}
+
+/// Longest part of a refused value an error message quotes, in bytes.
+const SHOWN_BYTES: usize = 64;
+
+/// The start of `value` an error message shows when `value` is longer than [`SHOWN_BYTES`].
+fn cut_at(value: &str) -> Option<&str> {
+    (value.len() > SHOWN_BYTES).then(|| {
+        let end = (0..=SHOWN_BYTES)
+            .rev()
+            .find(|&end| value.is_char_boundary(end))
+            .unwrap_or(0);
+        &value[..end]
+    })
+}
+
+/// `value` as a path segment: whole up to [`SHOWN_BYTES`], else its start and its length, so
+/// a value of any size makes a short message.
+fn cut(value: &str) -> std::borrow::Cow<'_, str> {
+    match cut_at(value) {
+        None => value.into(),
+        Some(start) => format!("{start}…({} bytes)", value.len()).into(),
+    }
+}
+
+/// `value` quoted for an error message, cut as [`cut`] does.
+fn shown(value: &str) -> String {
+    match cut_at(value) {
+        None => format!("{value:?}"),
+        Some(start) => format!("{start:?}… ({} bytes)", value.len()),
+    }
 }
 
 fn join(path: &str, field: &str) -> String {

@@ -213,6 +213,28 @@ fn a_yaml_policy_whose_aliases_expand_it_past_the_budget_is_refused_before_it_is
     );
 }
 
+/// A refused value is quoted by its start and its length, whatever its size, and a long
+/// list of zones is checked for repeats without comparing each with every other.
+#[test]
+fn error_messages_quote_a_long_value_by_its_start_and_length() {
+    let header = format!("x y{}", "z".repeat(100_000));
+    let zone = "é".repeat(50_000);
+    let json = serde_json::json!({"services": {header.clone(): {
+        "load_balancer": {"type": "ring_hash", "hash_on": {"header": header}},
+        "locality": {"failover": [zone, zone]},
+    }}});
+    let error = Policy::from_json(&json.to_string()).unwrap_err();
+    let message = error.to_string();
+    assert!(message.len() < 1_000, "{} bytes", message.len());
+    assert!(message.contains("(100003 bytes)"), "{message}");
+    assert!(message.contains("is listed twice"), "{message}");
+    assert!(message.contains("… (100000 bytes)"), "{message}");
+
+    let zones: Vec<String> = (0..50_000).map(|i| format!("zone-{i}")).collect();
+    let json = serde_json::json!({"default": {"locality": {"failover": zones}}});
+    Policy::from_json(&json.to_string()).expect("50,000 distinct zones");
+}
+
 #[test]
 fn a_health_check_gets_the_registrys_defaults() {
     let policy =
