@@ -158,12 +158,8 @@ impl<'de> de::Visitor<'de> for Walk<'_> {
         deserializer.deserialize_any(self)
     }
 
-    fn visit_newtype_struct<D: Deserializer<'de>>(
-        mut self,
-        deserializer: D,
-    ) -> Result<(), D::Error> {
-        self.charge::<D::Error>(0)?;
-        deserializer.deserialize_any(self)
+    fn visit_newtype_struct<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        self.visit_some(deserializer)
     }
 
     fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
