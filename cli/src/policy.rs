@@ -90,6 +90,10 @@ struct Checked {
     /// Every invalid field, with its dotted path.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     errors: Vec<FieldError>,
+    /// How many more invalid fields were found than `errors` lists (the control plane keeps
+    /// the first `fulcrum_core::validate::MAX_VALIDATION_ERRORS`).
+    #[serde(skip_serializing_if = "is_zero")]
+    omitted_errors: usize,
     /// Why the text could not be parsed at all (syntax, unknown field, wrong type).
     #[serde(skip_serializing_if = "Option::is_none")]
     malformed: Option<Malformed>,
@@ -110,9 +114,13 @@ struct Malformed {
     message: String,
 }
 
+fn is_zero(count: &usize) -> bool {
+    *count == 0
+}
+
 fn check(text: &document::PolicyText) -> Checked {
-    let (errors, malformed) = match text.format.parse(&text.text) {
-        Ok(_) => (Vec::new(), None),
+    let (errors, omitted_errors, malformed) = match text.format.parse(&text.text) {
+        Ok(_) => (Vec::new(), 0, None),
         Err(PolicyError::Invalid(invalid)) => (
             invalid
                 .errors
@@ -122,6 +130,7 @@ fn check(text: &document::PolicyText) -> Checked {
                     message: error.message,
                 })
                 .collect(),
+            invalid.omitted,
             None,
         ),
         Err(PolicyError::Json {
@@ -130,6 +139,7 @@ fn check(text: &document::PolicyText) -> Checked {
             source,
         }) => (
             Vec::new(),
+            0,
             Some(Malformed {
                 line: Some(line),
                 column: Some(column),
@@ -142,6 +152,7 @@ fn check(text: &document::PolicyText) -> Checked {
             source,
         }) => (
             Vec::new(),
+            0,
             Some(Malformed {
                 line,
                 column,
@@ -153,6 +164,7 @@ fn check(text: &document::PolicyText) -> Checked {
         source: text.source.to_string(),
         valid: errors.is_empty() && malformed.is_none(),
         errors,
+        omitted_errors,
         malformed,
     }
 }
@@ -175,6 +187,9 @@ fn validate(files: &[PathBuf], key: &str, format: Format) -> Result<Verdict> {
                         println!("{}: invalid", result.source);
                         for error in &result.errors {
                             println!("  {}: {}", error.path, error.message);
+                        }
+                        if result.omitted_errors > 0 {
+                            println!("  … and {} more invalid fields", result.omitted_errors);
                         }
                     }
                 }

@@ -478,7 +478,8 @@ impl PolicyStore {
                 }
                 error!(
                     origin,
-                    errors = invalid.errors.len(),
+                    errors = invalid.found(),
+                    errors_not_logged = invalid.omitted,
                     kept_version = ?kept,
                     "policy rejected; keeping the current policy"
                 );

@@ -247,6 +247,12 @@ impl FilterConfig {
             for error in policy_errors.errors {
                 push(&format!("policy.{}", error.path), error.message);
             }
+            if policy_errors.omitted > 0 {
+                push(
+                    "policy",
+                    format!("… and {} more invalid fields", policy_errors.omitted),
+                );
+            }
         }
         for (service, endpoints) in &self.endpoints {
             for (index, endpoint) in endpoints.iter().enumerate() {
@@ -386,7 +392,7 @@ impl FilterConfig {
         if errors.is_empty() {
             Ok(())
         } else {
-            Err(ValidationErrors { errors })
+            Err(ValidationErrors::new(errors))
         }
     }
 }

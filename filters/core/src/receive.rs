@@ -163,14 +163,9 @@ fn service(name: &str, mut value: serde_json::Value) -> Result<ServiceEndpoints,
 
 fn policy(value: serde_json::Value) -> Result<Policy, String> {
     let policy = Policy::deserialize(value).map_err(|error| format!("policy: {error}"))?;
-    policy.validate().map_err(|errors| {
-        errors
-            .errors
-            .iter()
-            .map(|error| format!("policy.{}: {}", error.path, error.message))
-            .collect::<Vec<_>>()
-            .join("; ")
-    })?;
+    policy
+        .validate()
+        .map_err(|errors| errors.lines("policy.").collect::<Vec<_>>().join("; "))?;
     Ok(policy)
 }
 
@@ -185,7 +180,7 @@ pub fn validate_service(name: &str, service: &ServiceEndpoints) -> Result<(), Va
     if errors.is_empty() {
         Ok(())
     } else {
-        Err(ValidationErrors { errors })
+        Err(ValidationErrors::new(errors))
     }
 }
 
@@ -207,7 +202,7 @@ pub fn screen_service(
 ) -> Result<Screened, ValidationErrors> {
     let errors = name_errors(name);
     if !errors.is_empty() {
-        return Err(ValidationErrors { errors });
+        return Err(ValidationErrors::new(errors));
     }
     let mut seen = BTreeSet::new();
     let mut screened = Screened {

@@ -40,20 +40,56 @@ pub struct ValidationError {
     pub message: String,
 }
 
-/// Every invalid field of a policy, in document order; never empty when returned as an error.
+/// Most invalid fields a [`ValidationErrors`] keeps; the rest are counted in
+/// [`ValidationErrors::omitted`]. A hostile or generated policy of a megabyte can hold tens of
+/// thousands of invalid fields: kept and logged one by one they would multiply its size and
+/// flood the log, while the first hundred tell the operator what to fix.
+pub const MAX_VALIDATION_ERRORS: usize = 100;
+
+/// Every invalid field of a policy, in document order, up to [`MAX_VALIDATION_ERRORS`];
+/// never empty when returned as an error.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub struct ValidationErrors {
-    /// The errors, in the order the fields appear in the schema.
+    /// The errors, in the order the fields appear in the schema; at most
+    /// [`MAX_VALIDATION_ERRORS`].
     pub errors: Vec<ValidationError>,
+    /// How many more invalid fields were found and not kept.
+    pub omitted: usize,
+}
+
+impl ValidationErrors {
+    /// `errors`, keeping the first [`MAX_VALIDATION_ERRORS`] and counting the rest.
+    pub fn new(mut errors: Vec<ValidationError>) -> Self {
+        let omitted = errors.len().saturating_sub(MAX_VALIDATION_ERRORS);
+        errors.truncate(MAX_VALIDATION_ERRORS);
+        Self { errors, omitted }
+    }
+
+    /// How many invalid fields were found, kept or not.
+    pub fn found(&self) -> usize {
+        self.errors.len() + self.omitted
+    }
+
+    /// The kept errors as `prefix` + `path: message`, one per item, then, when some were not
+    /// kept, `… and N more invalid fields`: the one rendering every reader of these errors
+    /// uses, so none can print more than [`MAX_VALIDATION_ERRORS`] lines.
+    pub fn lines<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = String> + 'a {
+        self.errors
+            .iter()
+            .map(move |error| format!("{prefix}{}: {}", error.path, error.message))
+            .chain(
+                (self.omitted > 0).then(|| format!("… and {} more invalid fields", self.omitted)),
+            )
+    }
 }
 
 impl fmt::Display for ValidationErrors {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        for (i, error) in self.errors.iter().enumerate() {
+        for (i, line) in self.lines("").enumerate() {
             if i > 0 {
                 writeln!(f)?;
             }
-            write!(f, "{}: {}", error.path, error.message)?;
+            f.write_str(&line)?;
         }
         Ok(())
     }
@@ -612,15 +648,24 @@ fn join(path: &str, field: &str) -> String {
     }
 }
 
+/// The errors of one validation: the first [`MAX_VALIDATION_ERRORS`] kept, the rest counted
+/// without building their messages' paths.
 #[derive(Default)]
-struct Errors(Vec<ValidationError>);
+struct Errors {
+    kept: Vec<ValidationError>,
+    omitted: usize,
+}
 
 impl Errors {
     fn push(&mut self, path: &str, message: String) {
-        self.0.push(ValidationError {
-            path: path.to_owned(),
-            message,
-        });
+        if self.kept.len() < MAX_VALIDATION_ERRORS {
+            self.kept.push(ValidationError {
+                path: path.to_owned(),
+                message,
+            });
+        } else {
+            self.omitted += 1;
+        }
     }
 
     fn range(&mut self, path: &str, value: u32, min: u32, max: u32) {
@@ -650,10 +695,13 @@ impl Errors {
     }
 
     fn finish(self) -> Result<(), ValidationErrors> {
-        if self.0.is_empty() {
+        if self.kept.is_empty() {
             Ok(())
         } else {
-            Err(ValidationErrors { errors: self.0 })
+            Err(ValidationErrors {
+                errors: self.kept,
+                omitted: self.omitted,
+            })
         }
     }
 }

@@ -236,6 +236,30 @@ fn error_messages_quote_a_long_value_by_its_start_and_length() {
 }
 
 #[test]
+fn a_policy_with_thousands_of_invalid_fields_keeps_the_first_hundred_and_counts_the_rest() {
+    let services: serde_json::Map<String, serde_json::Value> = (0..20_000)
+        .map(|i| (format!("s{i}"), serde_json::json!({"retry": 9})))
+        .collect();
+    let text = serde_json::json!({ "services": services }).to_string();
+    let Err(PolicyError::Invalid(invalid)) = Policy::from_json(&text) else {
+        panic!("20,000 retries out of range must be refused");
+    };
+    assert_eq!(invalid.errors.len(), crate::validate::MAX_VALIDATION_ERRORS);
+    assert_eq!(invalid.found(), 20_000);
+    assert_eq!(invalid.errors[0].path, "services.s0.retry");
+    let message = invalid.to_string();
+    assert_eq!(
+        message.lines().count(),
+        crate::validate::MAX_VALIDATION_ERRORS + 1
+    );
+    assert!(
+        message.ends_with("… and 19900 more invalid fields"),
+        "{}",
+        &message[message.len() - 80..]
+    );
+}
+
+#[test]
 fn a_health_check_gets_the_registrys_defaults() {
     let policy =
         Policy::from_json(r#"{"services": {"shop": {"health_check": {"http": {}}}}}"#).unwrap();
