@@ -27,6 +27,7 @@
 //! keys. A control plane older than this never sends the header, and one that sends it to an
 //! older filter gets no report (its CLI says so).
 
+use fulcrum_core::duration::nanos;
 use std::time::Duration;
 
 use fulcrum_core::diagnostics::{
@@ -104,10 +105,6 @@ impl Stored {
             at: Duration::from_nanos(u64::from_le_bytes(*at)),
         })
     }
-}
-
-fn nanos(time: Duration) -> u64 {
-    u64::try_from(time.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// A slot owner: its token and last heartbeat.

@@ -299,12 +299,14 @@ impl Request {
         match picked {
             Ok((pick, explanation)) => {
                 let value = pick.retry_targets.override_value(pick.endpoint);
+
                 let _ = hostcalls::set_map_value(
                     MapType::HttpRequestHeaders,
                     &self.config.override_header,
                     Some(&value),
                 );
                 service.metrics.picked(pick.endpoint);
+
                 if let Some(explanation) = &explanation {
                     log_debug(&format!("fulcrum: pick for service {key}: {explanation}"));
                 }
@@ -400,7 +402,7 @@ impl Request {
             &["upstream", "address"],
             Input::UpstreamAddress,
             metrics,
-            |address| address.parse::<SocketAddr>().ok(),
+            fulcrum_core::endpoint::parse_address,
         );
         // The attempt count matters only when another host answered: read it only then.
         let attempts = upstream
@@ -569,11 +571,9 @@ fn source_ip(metrics: &Metrics) -> Option<IpAddr> {
         Input::SourceAddress,
         metrics,
         |address| {
-            address
-                .parse::<SocketAddr>()
+            fulcrum_core::endpoint::parse_address(address)
                 .map(|socket| socket.ip())
-                .or_else(|_| address.parse::<IpAddr>())
-                .ok()
+                .or_else(|| address.parse::<IpAddr>().ok())
         },
     )
 }

@@ -47,6 +47,7 @@
 //! update Envoy may run both in one VM id) keeps its own `fulcrum/<root_id>/snapshot` and
 //! `poll_lease` and polls on its own until it drains.
 
+use fulcrum_core::duration::nanos;
 use std::{collections::BTreeMap, time::Duration};
 
 use fulcrum_core::{
@@ -431,11 +432,6 @@ impl SharedSnapshot {
         value.extend_from_slice(json);
         hostcalls::set_shared_data(key, Some(&value), None).map_err(PublishError::Host)
     }
-}
-
-/// A time as ns since the Unix epoch, saturating.
-fn nanos(time: Duration) -> u64 {
-    u64::try_from(time.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Whether a lease or lock value is held at `now`: its deadline is after `now`, by at most

@@ -307,15 +307,16 @@ impl Worker {
             ..
         } = self;
         let metrics = &lifecycle.metrics;
-        let Some(key) = services.get_key_value(service).map(|(key, _)| key.clone()) else {
-            metrics.fail_open(if services.version().is_some() {
+        let known = services.version().is_some();
+        let Some((key, service)) = services.get_key_value_mut(service) else {
+            metrics.fail_open(if known {
                 FailOpen::UnknownService
             } else {
                 FailOpen::NoSnapshot
             });
             return None;
         };
-        let service = services.get_mut(&key)?;
+        let key = key.clone();
         Some(Routed {
             key,
             service,

@@ -569,6 +569,12 @@ impl Breaker {
         if reached(self.consecutive.failures, policy.consecutive_failures) {
             return Some(EjectionReason::ConsecutiveFailures);
         }
+        if policy.failure_rate.is_none()
+            && policy.slow_calls.is_none()
+            && policy.relative_latency.is_none()
+        {
+            return None;
+        }
         let counts = self.recent(now);
         let over = |part: u32, percent: u32, minimum: u32| {
             counts.total >= minimum.max(1)

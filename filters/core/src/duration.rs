@@ -6,11 +6,29 @@
 //! millisecond. Serialization writes the shortest exact form (`"1500ms"`, `"30s"`).
 //!
 //! Time at run time is different: the picker takes `now: std::time::Duration` measured
-//! from an arbitrary monotonic epoch chosen by the caller (see the crate docs).
+//! from an arbitrary monotonic epoch chosen by the caller (see the crate docs). Its
+//! arithmetic goes through [`nanos`] and [`nanos_f64`], not `Duration::as_nanos`, whose `u128`
+//! has no WebAssembly instruction: the filter paid a software multiplication and conversion
+//! for each of the several a request makes.
 
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serializer, de::Error as _};
+
+/// `duration` in nanoseconds, saturating at `u64::MAX` (584 years): `as_nanos` without its
+/// `u128`.
+pub fn nanos(duration: Duration) -> u64 {
+    duration
+        .as_secs()
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::from(duration.subsec_nanos()))
+}
+
+/// `duration` in nanoseconds as a float: `as_nanos() as f64` without its `u128`, and the
+/// same value below 2^53 ns (104 days), where both are exact.
+pub fn nanos_f64(duration: Duration) -> f64 {
+    duration.as_secs() as f64 * 1e9 + f64::from(duration.subsec_nanos())
+}
 
 /// Parses a human duration (`"250ms"`, `"10s"`, `"1m30s"`, `"2h"`).
 ///

@@ -61,6 +61,7 @@
 //! [`Event::CompleteCounted`]: crate::breaker::Event::CompleteCounted
 //! [`Event::CountedElsewhere`]: crate::breaker::Event::CountedElsewhere
 
+use crate::duration::nanos;
 use std::{
     hash::Hasher,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
@@ -439,11 +440,6 @@ impl EjectionRecord {
         self.counts
             .binary_search_by_key(&address, |count| count.address)
     }
-}
-
-/// A duration as the `u64` nanoseconds of the encoding (saturating, some 584 years).
-fn nanos(duration: Duration) -> u64 {
-    u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Appends an address: family byte, IP, port.

@@ -333,7 +333,7 @@ impl LatencyTolerance {
     pub fn equal(&self, a: f64, b: f64) -> bool {
         let lower = a.min(b);
         let apart = (a - b).abs();
-        apart <= self.difference.as_nanos() as f64
+        apart <= crate::duration::nanos_f64(self.difference)
             || apart * 100.0 <= lower * f64::from(self.percent)
     }
 }

@@ -23,6 +23,7 @@
 //! slot holds another client's bucket takes the slot over with a full bucket: eviction is
 //! one write, whatever the number of keys a client invents.
 
+use crate::duration::nanos;
 use std::{collections::HashMap, time::Duration};
 
 use crate::{policy::RateLimit, select::hash::hash_bytes};
@@ -124,10 +125,6 @@ impl BucketState {
             u64::try_from(nanos).unwrap_or(u64::MAX),
         ))
     }
-}
-
-fn nanos(time: Duration) -> u64 {
-    u64::try_from(time.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Where one service's buckets live, with compare-and-swap.

@@ -84,7 +84,7 @@ impl Followed {
     /// Eight bytes of `last_heard` in nanoseconds (little endian), then the name: the form
     /// kept in shared data.
     pub fn encode(&self) -> Vec<u8> {
-        let nanos = u64::try_from(self.last_heard.as_nanos()).unwrap_or(u64::MAX);
+        let nanos = crate::duration::nanos(self.last_heard);
         let mut bytes = Vec::with_capacity(8 + self.replica.len());
         bytes.extend_from_slice(&nanos.to_le_bytes());
         bytes.extend_from_slice(&self.replica);

@@ -29,14 +29,6 @@ impl Counts {
     pub fn mean_latency(&self) -> Option<Duration> {
         (self.total > 0).then(|| self.latency / self.total)
     }
-
-    fn add(&mut self, other: &Counts) {
-        self.total = self.total.saturating_add(other.total);
-        self.failures = self.failures.saturating_add(other.failures);
-        self.slow = self.slow.saturating_add(other.slow);
-        self.slow_vs_peers = self.slow_vs_peers.saturating_add(other.slow_vs_peers);
-        self.latency = self.latency.saturating_add(other.latency);
-    }
 }
 
 /// One completed request as the window counts it.
@@ -75,16 +67,6 @@ struct Bucket {
 }
 
 impl Bucket {
-    fn counts(&self) -> Counts {
-        Counts {
-            total: u32::from(self.total),
-            failures: u32::from(self.failures),
-            slow: u32::from(self.slow),
-            slow_vs_peers: u32::from(self.slow_vs_peers),
-            latency: Duration::from_micros(u64::from(self.latency_micros)),
-        }
-    }
-
     fn halve(&mut self) {
         self.total /= 2;
         self.failures /= 2;
@@ -116,7 +98,7 @@ pub struct Window {
 impl Window {
     /// An empty window of length `window` (at least [`BUCKETS`] nanoseconds).
     pub fn new(window: Duration) -> Self {
-        let nanos = u64::try_from(window.as_nanos()).unwrap_or(u64::MAX);
+        let nanos = crate::duration::nanos(window);
         Self {
             bucket_nanos: (nanos / BUCKETS as u64).max(1),
             buckets: [Bucket::default(); BUCKETS],
@@ -125,7 +107,7 @@ impl Window {
 
     /// The bucket period of `now`, modulo 2^32 (see [`Bucket`]).
     fn period(&self, now: Duration) -> u32 {
-        let period = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX) / self.bucket_nanos;
+        let period = crate::duration::nanos(now) / self.bucket_nanos;
         period as u32
     }
 
@@ -143,16 +125,30 @@ impl Window {
     }
 
     /// The counts of the buckets that are still inside the window at `now`.
+    ///
+    /// Summed as the buckets' own integers (ten 16-bit counts cannot overflow a `u32`, nor ten
+    /// 32-bit latency sums a `u64`), converted once: the breaker asks on every completion.
     pub fn counts(&self, now: Duration) -> Counts {
         let period = self.period(now);
-        let mut sum = Counts::default();
+        let (mut total, mut failures, mut slow, mut slow_vs_peers) = (0u32, 0u32, 0u32, 0u32);
+        let mut latency_micros = 0u64;
         for bucket in &self.buckets {
             // A bucket ahead of now (time went backwards) wraps to a large age: left out.
             if (period.wrapping_sub(bucket.period) as usize) < BUCKETS {
-                sum.add(&bucket.counts());
+                total += u32::from(bucket.total);
+                failures += u32::from(bucket.failures);
+                slow += u32::from(bucket.slow);
+                slow_vs_peers += u32::from(bucket.slow_vs_peers);
+                latency_micros += u64::from(bucket.latency_micros);
             }
         }
-        sum
+        Counts {
+            total,
+            failures,
+            slow,
+            slow_vs_peers,
+            latency: Duration::from_micros(latency_micros),
+        }
     }
 }
 

@@ -285,7 +285,7 @@ pub(crate) fn two_choices<'a, R: Rng + ?Sized>(
         (Some(x), None) => (x, typical(x)),
         (None, Some(y)) => (typical(y), y),
         (None, None) => {
-            let default = estimate.default_rtt.as_nanos() as f64;
+            let default = crate::duration::nanos_f64(estimate.default_rtt);
             (default, default)
         }
         (Some(x), Some(y)) => (x, y),

@@ -38,7 +38,7 @@
 use std::time::Duration;
 
 use super::{Choice, Request, Select, candidates::Candidates, two_choices};
-use crate::{policy, rng::Rng};
+use crate::{duration, policy, rng::Rng};
 
 /// The least weight a sample gets in the blended estimate, however soon after the last one
 /// it comes: at thousands of answers a second, `1 - exp(-elapsed / decay)` gives each a
@@ -89,7 +89,7 @@ impl Level {
     /// Folds in one answer at `now` and returns the level it is measured against: the level
     /// before it, `None` for the service's first answer.
     pub fn observe(&mut self, rtt: Duration, now: Duration) -> Option<f64> {
-        let rtt = rtt.as_nanos() as f64;
+        let rtt = duration::nanos_f64(rtt);
         let before = self.at.map(|at| {
             let before = self.nanos;
             let weight = decay_weight(now.saturating_sub(at), LEVEL_DECAY);
@@ -143,7 +143,7 @@ impl Ewma {
     /// Records a failure at `now`: the estimate stays at least `penalty`, wearing off with
     /// time constant `decay`.
     pub fn penalize(&mut self, penalty: Duration, now: Duration, decay: Duration) {
-        self.penalty.raise(penalty.as_nanos() as f64, now, decay);
+        self.penalty.raise(duration::nanos_f64(penalty), now, decay);
     }
 
     /// Records one response time observed at `now` against the service's `level` (the
@@ -159,7 +159,7 @@ impl Ewma {
         config: &policy::PeakEwma,
     ) {
         let Some(level) = level else {
-            self.excess_nanos = rtt.as_nanos() as f64;
+            self.excess_nanos = duration::nanos_f64(rtt);
             self.updated_at = Some(now);
             self.unleveled = true;
             return;
@@ -167,7 +167,7 @@ impl Ewma {
         if std::mem::take(&mut self.unleveled) {
             self.excess_nanos -= level;
         }
-        let excess = rtt.as_nanos() as f64 - level;
+        let excess = duration::nanos_f64(rtt) - level;
         let confirmed_peak = excess
             .min(self.last_excesses_nanos[0])
             .min(self.last_excesses_nanos[1]);
@@ -221,11 +221,11 @@ impl Ewma {
 
 /// `exp(-elapsed / decay)`: the weight the old estimate keeps after `elapsed`.
 fn decay_weight(elapsed: Duration, decay: Duration) -> f64 {
-    let decay = decay.as_nanos() as f64;
+    let decay = duration::nanos_f64(decay);
     if decay <= 0.0 {
         return 0.0;
     }
-    (-(elapsed.as_nanos() as f64) / decay).exp()
+    (-duration::nanos_f64(elapsed) / decay).exp()
 }
 
 /// Peak EWMA under its policy, which also sets how every endpoint's estimate is kept.

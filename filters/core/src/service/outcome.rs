@@ -325,7 +325,13 @@ impl ServicePicker {
                 &self.policy.outlier_detection,
             ));
         }
-        if let Some(slot) = self.slots.find(served) {
+        // The pick served most requests: its slot is known already.
+        let served_slot = if served == picked {
+            picked_slot
+        } else {
+            self.slots.find(served)
+        };
+        if let Some(slot) = served_slot {
             let typical = self.slots.typical_latency(now, &policy.outlier_detection);
             let verdict = Verdict::classify(
                 outcome.status,

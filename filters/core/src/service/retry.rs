@@ -10,7 +10,7 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use crate::{
-    decimal::decimal,
+    decimal::push_decimal,
     select::{Slot, candidates::Walk},
     validate::MAX_RETRY_TARGETS,
 };
@@ -116,10 +116,10 @@ fn write_address(out: &mut String, address: SocketAddr) {
                 if index > 0 {
                     out.push('.');
                 }
-                out.push_str(decimal(u64::from(octet), &mut [0; 20]));
+                push_decimal(out, u64::from(octet));
             }
             out.push(':');
-            out.push_str(decimal(u64::from(v4.port()), &mut [0; 20]));
+            push_decimal(out, u64::from(v4.port()));
         }
         SocketAddr::V6(_) => {
             use std::fmt::Write as _;

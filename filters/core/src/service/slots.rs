@@ -197,6 +197,10 @@ impl Slots {
         stats.picks = stats.picks.saturating_add(1);
         stats.warmup = stats.warmup.admitted(slow_start, now);
         self.total_inflight = self.total_inflight.saturating_add(1);
+        // A closed breaker ignores an admission: nothing to judge on the request path.
+        if matches!(stats.breaker.state(), BreakerState::Closed { .. }) {
+            return;
+        }
         // Admitting never changes the state kind except open → half-open (both ejected).
         let _ = self.transition(slot, Event::Admit, now, outlier_detection);
     }
