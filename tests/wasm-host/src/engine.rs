@@ -10,14 +10,19 @@ use std::{
 };
 
 use anyhow::Context as _;
-use wasmtime::{Config, Engine, Module};
+use wasmtime::{Config, Engine, Module, ProfilingStrategy};
 
 /// The process-wide engine: fuel metering on, so a looping guest fails instead of hanging.
+/// With `FULCRUM_WASM_PERFMAP=1` wasmtime also writes `/tmp/perf-<pid>.map`, so that
+/// `perf report` names the guest's functions (how BENCHMARKS.md profiles the filter).
 pub(crate) fn engine() -> &'static Engine {
     static ENGINE: OnceLock<Engine> = OnceLock::new();
     ENGINE.get_or_init(|| {
         let mut config = Config::new();
         config.consume_fuel(true);
+        if std::env::var_os("FULCRUM_WASM_PERFMAP").is_some_and(|value| value == "1") {
+            config.profiler(ProfilingStrategy::PerfMap);
+        }
         Engine::new(&config).unwrap_or_else(|error| panic!("wasmtime engine: {error}"))
     })
 }

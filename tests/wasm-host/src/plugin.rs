@@ -449,6 +449,13 @@ impl<'p> Worker<'p> {
         self.plugin.vm(self.index).host_calls()
     }
 
+    /// WebAssembly operators this worker's VM has executed in its callbacks since it started
+    /// (wasmtime's fuel; host calls excluded). Unlike time it does not move with the
+    /// machine's load: the difference across a request is the guest's own work for it.
+    pub fn guest_fuel(self) -> u64 {
+        self.plugin.vm(self.index).guest_fuel()
+    }
+
     /// The id of this worker's root context (1, as Envoy numbers a VM's first context).
     pub fn root_context_id(self) -> u32 {
         self.plugin.vm(self.index).root_context()

@@ -85,6 +85,8 @@ pub(crate) struct Vm {
     store: Store<HostState>,
     exports: Exports,
     fuel_per_callback: u64,
+    /// Fuel the guest has burnt in its callbacks since the VM started.
+    fuel_used: u64,
     stdout: MemoryOutputPipe,
     stderr: MemoryOutputPipe,
     stdout_seen: usize,
@@ -108,6 +110,14 @@ impl Vm {
     /// Calls the guest has made into the host so far.
     pub(crate) fn host_calls(&self) -> u64 {
         self.store.data().host_calls
+    }
+
+    /// Fuel the guest has burnt in its callbacks since the VM started: wasmtime charges one
+    /// unit per WebAssembly operator executed (none for `nop`, `drop` and block markers), so
+    /// this counts the guest's own instructions, host calls excluded, the same on every
+    /// machine and run.
+    pub(crate) fn guest_fuel(&self) -> u64 {
+        self.fuel_used
     }
 
     /// Instantiates `module` for `worker` and runs `_initialize` (or `_start`). The root
@@ -206,6 +216,7 @@ impl Vm {
             store,
             exports,
             fuel_per_callback: config.fuel_per_callback,
+            fuel_used: 0,
             stdout,
             stderr,
             stdout_seen: 0,
@@ -542,6 +553,9 @@ impl Vm {
         self.store.data_mut().effective = context;
         let calls_before = self.host_calls();
         let result = func.call(&mut self.store, params);
+        self.fuel_used += self
+            .fuel_per_callback
+            .saturating_sub(self.store.get_fuel().unwrap_or(0));
         // Output is written through `fd_write`, a host call: a callback that made none wrote
         // nothing.
         if self.host_calls() != calls_before {

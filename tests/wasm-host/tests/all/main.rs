@@ -9,7 +9,8 @@
 //! others; `node_locality` how the proxy's zone and region come from its node; `proxy_report` what
 //! each poll tells the control plane about the proxy; `diagnostics` what its workers report
 //! about a service's endpoints when the control plane asks; `untrusted_input` sends it hostile headers, properties and snapshot responses, and
-//! `untrusted_input_property` thousands of generated ones.
+//! `untrusted_input_property` thousands of generated ones; `host_calls` and `guest_work` what a
+//! request costs in host calls and in the guest's own operators.
 
 mod abi;
 mod diagnostics;
@@ -17,6 +18,7 @@ mod explain;
 mod filter;
 mod golden;
 mod grpc;
+mod guest_work;
 mod host_calls;
 mod node_locality;
 mod proxy_report;
