@@ -299,14 +299,12 @@ impl Request {
         match picked {
             Ok((pick, explanation)) => {
                 let value = pick.retry_targets.override_value(pick.endpoint);
-
                 let _ = hostcalls::set_map_value(
                     MapType::HttpRequestHeaders,
                     &self.config.override_header,
                     Some(&value),
                 );
                 service.metrics.picked(pick.endpoint);
-
                 if let Some(explanation) = &explanation {
                     log_debug(&format!("fulcrum: pick for service {key}: {explanation}"));
                 }
@@ -402,7 +400,7 @@ impl Request {
             &["upstream", "address"],
             Input::UpstreamAddress,
             metrics,
-            fulcrum_core::endpoint::parse_address,
+            |address| address.parse::<SocketAddr>().ok(),
         );
         // The attempt count matters only when another host answered: read it only then.
         let attempts = upstream
@@ -571,9 +569,11 @@ fn source_ip(metrics: &Metrics) -> Option<IpAddr> {
         Input::SourceAddress,
         metrics,
         |address| {
-            fulcrum_core::endpoint::parse_address(address)
+            address
+                .parse::<SocketAddr>()
                 .map(|socket| socket.ip())
-                .or_else(|| address.parse::<IpAddr>().ok())
+                .or_else(|_| address.parse::<IpAddr>())
+                .ok()
         },
     )
 }

@@ -37,51 +37,6 @@ pub fn address_cmp(a: &SocketAddr, b: &SocketAddr) -> std::cmp::Ordering {
     }
 }
 
-/// `text` as `SocketAddr`'s `FromStr` reads it. An IPv4 address written as Envoy writes one
-/// (`10.1.2.3:8080`: no leading zeros) is read by hand, anything else by `FromStr`: both data
-/// planes read the upstream that served per request, and std's general parser cost about a
-/// tenth of the wasm filter's own work per request.
-pub fn parse_address(text: &str) -> Option<SocketAddr> {
-    canonical_v4(text.as_bytes()).or_else(|| text.parse().ok())
-}
-
-/// `a.b.c.d:port` with every number in its shortest decimal form, else `None` (which
-/// [`parse_address`] leaves to `FromStr`, so this never has to refuse what it accepts).
-fn canonical_v4(bytes: &[u8]) -> Option<SocketAddr> {
-    let mut octets = [0u8; 4];
-    let mut rest = bytes;
-    for (index, octet) in octets.iter_mut().enumerate() {
-        let (value, after) = shortest_decimal(rest, u16::from(u8::MAX))?;
-        let (&separator, after) = after.split_first()?;
-        if separator != if index < 3 { b'.' } else { b':' } {
-            return None;
-        }
-        *octet = u8::try_from(value).ok()?;
-        rest = after;
-    }
-    match shortest_decimal(rest, u16::MAX)? {
-        (port, []) => Some(SocketAddr::from((octets, port))),
-        _ => None,
-    }
-}
-
-/// The decimal number `bytes` start with, when it has no leading zero and is at most `max`,
-/// and the bytes after it.
-fn shortest_decimal(bytes: &[u8], max: u16) -> Option<(u16, &[u8])> {
-    let digits = bytes
-        .iter()
-        .take_while(|byte| byte.is_ascii_digit())
-        .count();
-    if digits == 0 || digits > 5 || (digits > 1 && bytes[0] == b'0') {
-        return None;
-    }
-    let value = bytes[..digits]
-        .iter()
-        .fold(0u32, |value, digit| value * 10 + u32::from(digit - b'0'));
-    let value = u16::try_from(value).ok().filter(|value| *value <= max)?;
-    Some((value, &bytes[digits..]))
-}
-
 /// Health of one endpoint as the control plane sees it (from its source or active checks).
 ///
 /// Mirrors Envoy's `HealthStatus` as Istio maps EndpointSlice conditions onto it.
@@ -457,65 +412,6 @@ mod shared_services {
             .into_iter()
             .map(|(name, service)| (name, Arc::new(service)))
             .collect())
-    }
-}
-
-#[cfg(test)]
-mod parse_address_tests {
-    use std::net::SocketAddr;
-
-    use proptest::prelude::*;
-
-    use super::parse_address;
-
-    /// Strings near an address: digits, dots, colons, brackets, signs, hex and spaces.
-    fn near_address() -> impl Strategy<Value = String> {
-        prop_oneof![
-            "[0-9.:]{0,24}",
-            "[0-9]{1,4}\\.[0-9]{1,4}\\.[0-9]{1,4}\\.[0-9]{1,4}:[0-9]{0,7}",
-            "\\[[0-9a-f:.]{0,40}\\]:[0-9]{1,6}",
-            "[0-9a-f.:+\\- \\[\\]%]{0,30}",
-        ]
-    }
-
-    proptest! {
-        #[test]
-        fn parse_address_reads_what_from_str_reads(text in near_address()) {
-            prop_assert_eq!(parse_address(&text), text.parse::<SocketAddr>().ok());
-        }
-
-        #[test]
-        fn parse_address_reads_back_every_address_display_writes(
-            v4 in any::<[u8; 4]>(),
-            v6 in any::<[u16; 8]>(),
-            port: u16,
-        ) {
-            // Display writes no IPv6 flow info, so addresses without one read back equal.
-            for address in [SocketAddr::from((v4, port)), SocketAddr::from((v6, port))] {
-                prop_assert_eq!(parse_address(&address.to_string()), Some(address));
-            }
-        }
-    }
-
-    #[test]
-    fn parse_address_leaves_leading_zeros_and_oversized_numbers_to_from_str() {
-        for text in [
-            "01.2.3.4:80",
-            "1.2.3.4:080",
-            "256.1.1.1:80",
-            "1.2.3.4:65536",
-            "1.2.3.4:",
-        ] {
-            assert_eq!(
-                parse_address(text),
-                text.parse::<SocketAddr>().ok(),
-                "{text}"
-            );
-        }
-        assert_eq!(
-            parse_address("10.1.2.3:8080"),
-            Some(SocketAddr::from(([10, 1, 2, 3], 8080)))
-        );
     }
 }
 

@@ -1012,9 +1012,10 @@ unsafe fn source_ip(filter: *mut c_void) -> Option<IpAddr> {
     };
     // SAFETY: Envoy filled `source`, valid during the hook; parsed before it returns.
     let text = found.then(|| unsafe { source.as_str() }).flatten()?;
-    fulcrum_core::endpoint::parse_address(text)
+    text.parse::<SocketAddr>()
         .map(|socket| socket.ip())
-        .or_else(|| text.parse::<IpAddr>().ok())
+        .or_else(|_| text.parse::<IpAddr>())
+        .ok()
 }
 
 /// Envoy's response flags of the stream so far ([`fulcrum_core::response_flags`]), 0 when

@@ -7,7 +7,7 @@
 //! parse, an allocation) has to say why here. The budget has a tenth of headroom for
 //! compiler changes. Measured on 2026-12-04 (BENCHMARKS.md, "The filter inside wasmtime"):
 //! 18,732 operators per request through `{"from": "authority"}` before the cuts of that day,
-//! 15,675 after (14,741 through `{"from": "route_cluster"}`); the do-nothing floor filter's stream
+//! 15,662 after (14,728 through `{"from": "route_cluster"}`); the do-nothing floor filter's stream
 //! is 1,283.
 
 use fulcrum_core::OVERRIDE_HEADER;
