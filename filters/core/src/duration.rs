@@ -163,6 +163,34 @@ impl schemars::JsonSchema for HumanDuration {
 pub const PATTERN: &str = "^(0|([0-9]+(ms|s|m|h))+)$";
 
 #[cfg(test)]
+mod nanos_tests {
+    use std::time::Duration;
+
+    use proptest::prelude::*;
+
+    use super::{nanos, nanos_f64};
+
+    proptest! {
+        #[test]
+        fn nanos_is_as_nanos_saturated_to_u64(secs: u64, subsec in 0u32..1_000_000_000) {
+            let duration = Duration::new(secs, subsec);
+            prop_assert_eq!(
+                nanos(duration),
+                u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+            );
+        }
+
+        #[test]
+        fn nanos_f64_is_as_nanos_as_a_float_below_2_to_the_53_ns(
+            total in 0u64..(1u64 << 53),
+        ) {
+            let duration = Duration::from_nanos(total);
+            prop_assert_eq!(nanos_f64(duration), duration.as_nanos() as f64);
+        }
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
