@@ -109,9 +109,11 @@ struct Member<S> {
 #[derive(Debug)]
 pub struct Services<S> {
     /// `Rc<str>` keys so that a request can keep its service's name until the response
-    /// without copying it. Hashed with foldhash, randomly seeded per table as std's SipHash
-    /// is: a request looks its service up twice (pick, completion), and in wasm SipHash cost
-    /// about 250 operators more per lookup. The keys are the snapshot's names, not a client's.
+    /// without copying it. Hashed with foldhash, not std's SipHash: a request looks its
+    /// service up twice (pick, completion), and in wasm SipHash cost about 250 operators more
+    /// per lookup. foldhash seeds from the clock and addresses (in wasm, mostly the clock) and
+    /// does not claim resistance to chosen collisions; it needs none here, as the keys are the
+    /// snapshot's service names, which the control plane chooses, never a client.
     members: HashMap<Rc<str>, Member<S>, foldhash::fast::RandomState>,
     /// The policy in force.
     policy: Policy,
