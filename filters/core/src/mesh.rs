@@ -112,8 +112,9 @@ pub struct Services<S> {
     /// without copying it. Hashed with foldhash, not std's SipHash: a request looks its
     /// service up twice (pick, completion), and in wasm SipHash cost about 250 operators more
     /// per lookup. foldhash seeds from the clock and addresses (in wasm, mostly the clock) and
-    /// does not claim resistance to chosen collisions; it needs none here, as the keys are the
-    /// snapshot's service names, which the control plane chooses, never a client.
+    /// does not claim resistance to chosen collisions: the keys are the snapshot's service
+    /// names, from the control plane's sources and never from a request, and colliding names
+    /// would need the VM's start time to the nanosecond.
     members: HashMap<Rc<str>, Member<S>, foldhash::fast::RandomState>,
     /// The policy in force.
     policy: Policy,
