@@ -141,7 +141,8 @@ pub const CAPABILITIES: &[Capability] = &[
     },
     Capability {
         name: "wrk runs",
-        why: "cargo xtask bench-compare drives load through Envoy with wrk",
+        why: "cargo xtask bench (its data path) and bench-compare drive load through Envoy \
+              with wrk",
         provider: Provider::Debian(&["wrk"]),
         purpose: Purpose::Bench,
         probe: probe_wrk,
