@@ -71,8 +71,8 @@ impl ValidationErrors {
     }
 
     /// The kept errors as `prefix` + `path: message`, one per item, then, when some were not
-    /// kept, `… and N more invalid fields`: the one rendering every reader of these errors
-    /// uses, so none can print more than [`MAX_VALIDATION_ERRORS`] lines.
+    /// kept, `… and N more invalid fields`: how `Display` and a snapshot's refusal render
+    /// them, in at most [`MAX_VALIDATION_ERRORS`] + 1 lines.
     pub fn lines<'a>(&'a self, prefix: &'a str) -> impl Iterator<Item = String> + 'a {
         self.errors
             .iter()
@@ -649,7 +649,7 @@ fn join(path: &str, field: &str) -> String {
 }
 
 /// The errors of one validation: the first [`MAX_VALIDATION_ERRORS`] kept, the rest counted
-/// without building their messages' paths.
+/// without keeping their paths or messages.
 #[derive(Default)]
 struct Errors {
     kept: Vec<ValidationError>,
