@@ -1,6 +1,7 @@
 //! Unsigned integers as decimal text, written into the caller's buffer or string: no
-//! allocation and no `core::fmt` on a request path, where both showed in profiles (the override header's
-//! addresses in the wasm filter, the stream id the native module names in a header).
+//! allocation and no `core::fmt` on a request path, where both showed in profiles (the
+//! override header's addresses in the wasm filter, the stream id the native module names in a
+//! header).
 
 /// `value` in decimal, without leading zeros, written at the end of `buffer` (20 bytes hold
 /// `u64::MAX`).
