@@ -10,10 +10,9 @@
 //! 15,662 after (14,728 through `{"from": "route_cluster"}`); the do-nothing floor filter's stream
 //! is 1,283.
 
-use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_wasm_host::Plugin;
 
-use crate::test_support::{filter, ms};
+use crate::test_support::{filter, request_answered_by_the_pick};
 
 /// The filter under its default policy (peak EWMA, the default outlier detection) with two
 /// endpoints, the service named by `service_source`.
@@ -30,23 +29,9 @@ fn plugin(service_source: &str) -> Plugin {
 
 /// Operators the guest executes for one request for `checkout` answered 200 by the pick.
 fn operators_for_one_request(plugin: &Plugin) -> u64 {
-    let worker = plugin.worker(0);
-    let before = worker.guest_fuel();
-    let mut request = worker
-        .request()
-        .header(":authority", "checkout")
-        .header(":path", "/")
-        .send_headers()
-        .expect("request headers");
-    let header = request.request_header(OVERRIDE_HEADER).expect("a pick");
-    let pick = header.split(',').next().expect("an address").to_owned();
-    plugin.advance_clock(ms(1));
-    request
-        .respond(200)
-        .upstream(&pick)
-        .finish()
-        .expect("the response");
-    worker.guest_fuel() - before
+    let before = plugin.worker(0).guest_fuel();
+    request_answered_by_the_pick(plugin, 200, &[]);
+    plugin.worker(0).guest_fuel() - before
 }
 
 /// The mean over 100 requests once every endpoint's stats exist (the first pick of an

@@ -24,10 +24,9 @@
 //! header lookup under `on_request`, and when a pick is explained the debug log line and the
 //! response header.
 
-use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_wasm_host::Plugin;
 
-use crate::test_support::{filter, ms};
+use crate::test_support::{filter, request_answered_by_the_pick};
 
 fn plugin(service_source: &str) -> Plugin {
     explaining(service_source, "off")
@@ -52,27 +51,9 @@ fn calls_for_one_request(plugin: &Plugin, status: u16) -> u64 {
 
 /// [`calls_for_one_request`] with extra request headers.
 fn calls_for_one_request_with(plugin: &Plugin, status: u16, headers: &[(&str, &str)]) -> u64 {
-    let worker = plugin.worker(0);
-    let before = worker.host_calls();
-    let mut builder = worker
-        .request()
-        .header(":authority", "checkout")
-        .header("x-service", "checkout")
-        .header(":path", "/");
-    for (name, value) in headers {
-        builder = builder.header(name, value);
-    }
-    let mut request = builder.send_headers().expect("request headers");
-    let header = request.request_header(OVERRIDE_HEADER).expect("a pick");
-    // The pick, then its retry targets.
-    let pick = header.split(',').next().expect("an address");
-    plugin.advance_clock(ms(1));
-    request
-        .respond(status)
-        .upstream(pick)
-        .finish()
-        .expect("the response");
-    worker.host_calls() - before
+    let before = plugin.worker(0).host_calls();
+    request_answered_by_the_pick(plugin, status, headers);
+    plugin.worker(0).host_calls() - before
 }
 
 /// Host calls of a request once both endpoints' stats exist (the first pick of an endpoint

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use fulcrum_core::OVERRIDE_HEADER;
 use fulcrum_wasm_host::{Plugin, PluginBuilder};
 
 /// The ABI test guest (see `guests/abi.wat`), with the cluster its ticks call declared.
@@ -28,4 +29,29 @@ pub fn filter() -> PluginBuilder {
 
 pub fn ms(millis: u64) -> Duration {
     Duration::from_millis(millis)
+}
+
+/// One request for `checkout` on worker 0 (`:authority` and `x-service` name it, plus
+/// `headers`), answered `status` 1 ms later by the endpoint the filter picked: the unit the
+/// cost budgets (`host_calls`, `guest_work`) count in.
+pub fn request_answered_by_the_pick(plugin: &Plugin, status: u16, headers: &[(&str, &str)]) {
+    let mut builder = plugin
+        .worker(0)
+        .request()
+        .header(":authority", "checkout")
+        .header("x-service", "checkout")
+        .header(":path", "/");
+    for (name, value) in headers {
+        builder = builder.header(name, value);
+    }
+    let mut request = builder.send_headers().expect("request headers");
+    let header = request.request_header(OVERRIDE_HEADER).expect("a pick");
+    // The pick, then its retry targets.
+    let pick = header.split(',').next().expect("an address");
+    plugin.advance_clock(ms(1));
+    request
+        .respond(status)
+        .upstream(pick)
+        .finish()
+        .expect("the response");
 }
