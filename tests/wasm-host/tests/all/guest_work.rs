@@ -5,17 +5,17 @@
 //! sidecar. These tests hold a successful request to a budget, as `host_calls` holds it to
 //! nine host calls, so that a change that adds work to the hot path (a hash table lookup, a
 //! parse, an allocation) has to say why here. The budget has a tenth of headroom for
-//! compiler changes. Measured on 2026-12-04 (BENCHMARKS.md, "The filter inside wasmtime"):
-//! 18,732 operators per request through `{"from": "authority"}` before the cuts of that day,
-//! 15,662 after (14,728 through `{"from": "route_cluster"}`); the do-nothing floor filter's stream
-//! is 1,283.
+//! compiler changes. Measured on 2026-12-04 (BENCHMARKS.md, "The guest's own work, counted in
+//! operators"): 18,732 operators per request through `{"from": "authority"}` before the cuts
+//! of that day, 15,662 after (14,728 through `{"from": "route_cluster"}`); the do-nothing
+//! floor filter's stream is 1,283.
 
 use fulcrum_wasm_host::Plugin;
 
 use crate::test_support::{filter, request_answered_by_the_pick};
 
-/// The filter under its default policy (peak EWMA, the default outlier detection) with two
-/// endpoints, the service named by `service_source`.
+/// The filter under its default policy (least request by power of two choices, the default
+/// outlier detection) with two endpoints, the service named by `service_source`.
 fn plugin(service_source: &str) -> Plugin {
     filter()
         .configure(format!(
