@@ -22,6 +22,10 @@
 //! end, is kept out of BENCHMARKS.md the same way: a regression could not be told from the
 //! machine.
 //!
+//! One benchmark counts instead of timing: `instructions` runs the data path's Envoys under
+//! valgrind's callgrind and reports instructions per request, which neither steal nor a slower
+//! machine changes, so its runs are never refused for them.
+//!
 //! Benchmarks run one after another, never beside a build, and each is bounded in time; a
 //! failing benchmark does not stop the others, and the command fails at the end naming it,
 //! with every table that did run already written. `--quick` runs each in its smoke mode (short
@@ -59,8 +63,8 @@ pub struct Options {
     /// Smoke mode: every benchmark briefly, results to bench-results/ only
     #[arg(long)]
     quick: bool,
-    /// Only these benchmarks (repeatable): core, wasm, datapath, compare, registry, xds,
-    /// snapshot
+    /// Only these benchmarks (repeatable): core, wasm, datapath, instructions, compare,
+    /// registry, xds, snapshot
     #[arg(long, value_name = "NAME")]
     only: Vec<String>,
     /// Keep BENCHMARKS.md's table when the host stole more than this share of the CPU
@@ -79,37 +83,52 @@ pub struct Options {
 struct Bench {
     name: &'static str,
     run: fn(&Run) -> Result<Fragment>,
+    /// It counts (instructions), it does not time: a machine that is slow or loses CPU to
+    /// its host changes nothing it reports, so such a run is not refused.
+    counts: bool,
 }
 
 /// The benchmarks, in the order they run (cheap and deterministic first).
-const BENCHES: [Bench; 7] = [
+const BENCHES: [Bench; 8] = [
     Bench {
         name: "core",
         run: core,
+        counts: false,
     },
     Bench {
         name: "wasm",
         run: wasm,
+        counts: false,
     },
     Bench {
         name: "datapath",
         run: datapath,
+        counts: false,
+    },
+    Bench {
+        name: "instructions",
+        run: instructions,
+        counts: true,
     },
     Bench {
         name: "compare",
         run: compare,
+        counts: false,
     },
     Bench {
         name: "registry",
         run: registry,
+        counts: false,
     },
     Bench {
         name: "xds",
         run: xds,
+        counts: false,
     },
     Bench {
         name: "snapshot",
         run: snapshot,
+        counts: false,
     },
 ];
 
@@ -198,7 +217,9 @@ pub fn run(options: &Options) -> Result<()> {
         let file = context.results.join(format!("{}.md", bench.name));
         fs::write(&file, format!("{generated}\n"))
             .with_context(|| format!("writing {}", file.display()))?;
-        if let Some(steal) = steal.filter(|steal| *steal > options.max_steal_percent) {
+        if let Some(steal) =
+            steal.filter(|steal| *steal > options.max_steal_percent && !bench.counts)
+        {
             eprintln!(
                 "xtask bench: {}: the host stole {steal:.1} % of the CPU during the run (more \
                  than --max-steal-percent {}); BENCHMARKS.md keeps its table, this run is in {}",
@@ -207,7 +228,7 @@ pub fn run(options: &Options) -> Result<()> {
                 file.display()
             );
             stolen.push(bench.name);
-        } else if slowdown > options.max_slowdown {
+        } else if slowdown > options.max_slowdown && !bench.counts {
             eprintln!(
                 "xtask bench: {}: this machine did the {REFERENCE} {slowdown:.2}× slower than when \
                  BENCHMARKS.md's table was made or than at the other end of this run (more \
@@ -413,6 +434,56 @@ fn datapath(context: &Run) -> Result<Fragment> {
         command: format!("fulcrum-datapath {}", quick.join(" "))
             .trim()
             .to_owned(),
+        markdown: fs::read_to_string(&out)?,
+    })
+}
+
+/// The data path's setups again, each Envoy under valgrind's callgrind: instructions per
+/// request, which the machine's speed and neighbours do not move.
+fn instructions(context: &Run) -> Result<Fragment> {
+    let floor = build_floor_wasm()?;
+    let native_module = crate::build_native()?;
+    let binary = release_binary("fulcrum-datapath")?;
+    let out = context.results.join("instructions.raw.md");
+    let arguments: &[&str] = if context.quick {
+        &["--quick", "--workers", "1", "--connections", "64"]
+    } else {
+        &[
+            "--workers",
+            "1",
+            "--workers",
+            "2",
+            "--connections",
+            "64",
+            "--repeats",
+            "3",
+            "--duration",
+            "5",
+            "--warmup",
+            "5",
+        ]
+    };
+    tools::run(
+        Command::new(&binary)
+            .arg("--count-instructions")
+            .arg("--envoy")
+            .arg(&context.envoy)
+            .arg("--wasm")
+            .arg(&context.wasm)
+            .arg("--floor-wasm")
+            .arg(&floor)
+            .arg("--native-module")
+            .arg(&native_module)
+            .arg("--out")
+            .arg(&out)
+            .args(arguments),
+    )
+    .context("fulcrum-datapath --count-instructions failed")?;
+    Ok(Fragment {
+        command: format!(
+            "fulcrum-datapath --count-instructions {}",
+            arguments.join(" ")
+        ),
         markdown: fs::read_to_string(&out)?,
     })
 }

