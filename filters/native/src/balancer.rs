@@ -44,7 +44,7 @@
 
 use std::{
     collections::HashMap,
-    hash::{BuildHasher, RandomState},
+    hash::{BuildHasher, BuildHasherDefault, Hasher, RandomState},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, MutexGuard, Weak},
     time::Duration,
@@ -385,12 +385,36 @@ impl Stream {
 /// Ids are a keyed hash of a counter (SipHash under the process's random keys, which
 /// `RandomState` draws from the OS), not the counter: where a listener lacks the outcome
 /// filter, a client-sent [`STREAM_HEADER`] reaches `choose_host` as it is, and must not be
-/// able to name another request's open stream.
+/// able to name another request's open stream. Being keyed hashes already, they index the
+/// table as they are ([`IdHasher`]): hashing them again cost three SipHash rounds per
+/// request, and a client-sent id can only be looked up, never inserted, so it cannot crowd
+/// the table.
 #[derive(Debug, Default)]
 pub struct Streams {
     next: u64,
     keys: RandomState,
-    open: HashMap<u64, Stream>,
+    open: HashMap<u64, Stream, BuildHasherDefault<IdHasher>>,
+}
+
+/// The hasher of [`Streams`]' table: a stream id is its own hash.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        // Only `u64` ids are hashed (`write_u64`); any other key folds its bytes in.
+        for &byte in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(byte);
+        }
+    }
+
+    fn write_u64(&mut self, id: u64) {
+        self.0 = id;
+    }
 }
 
 impl Streams {

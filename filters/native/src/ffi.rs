@@ -1075,18 +1075,34 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
                 })
             });
             let mut digits = [0; 20];
-            let value = id.map_or(ModuleBuffer::NULL, |id| {
-                ModuleBuffer::of(stream_header_value(id, &mut digits))
-            });
-            // SAFETY: live filter pointer; the buffers borrow strings alive for the call; a
-            // null value removes the header (a client's copy must not reach `choose_host`).
+            let value = id.map(|id| stream_header_value(id, &mut digits));
+            // SAFETY: live filter pointer, per this hook's contract; nothing borrowed.
+            let client_sent = unsafe { header(filter, REQUEST_HEADER, STREAM_HEADER) }.is_some();
+            // SAFETY: live filter pointer; the buffers borrow strings alive for the call.
             unsafe {
-                envoy_dynamic_module_callback_http_set_header(
-                    filter,
-                    REQUEST_HEADER,
-                    ModuleBuffer::of(STREAM_HEADER),
-                    value,
-                );
+                match (value, client_sent) {
+                    // The usual request: no copy to replace, so an add (Envoy's `set` looks
+                    // for copies to replace and costs three times as much).
+                    (Some(value), false) => {
+                        envoy_dynamic_module_callback_http_add_header(
+                            filter,
+                            REQUEST_HEADER,
+                            ModuleBuffer::of(STREAM_HEADER),
+                            ModuleBuffer::of(value),
+                        );
+                    }
+                    // A client's copy must not reach `choose_host`: replaced, or removed (a
+                    // null value) when no stream was opened.
+                    (value, true) => {
+                        envoy_dynamic_module_callback_http_set_header(
+                            filter,
+                            REQUEST_HEADER,
+                            ModuleBuffer::of(STREAM_HEADER),
+                            value.map_or(ModuleBuffer::NULL, ModuleBuffer::of),
+                        );
+                    }
+                    (None, false) => {}
+                }
             }
             CONTINUE
         },

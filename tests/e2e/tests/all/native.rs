@@ -428,7 +428,8 @@ async fn consistent_hashing_by_header_keeps_each_key_on_one_endpoint() {
 
 /// What a client controls reaches the module as bytes: the hash header, the cookie and the
 /// outcome filter's own stream header, each not UTF-8, repeated and 32 KiB long. None crashes
-/// Envoy, fails a request or steers another request's pick, and the keys still hash home.
+/// Envoy, fails a request or steers another request's pick, a client's stream header never
+/// stands for the filter's (every pick is observed), and the keys still hash home.
 #[tokio::test]
 async fn hostile_header_bytes_neither_crash_the_module_nor_steer() {
     let backends = backends(3).await.unwrap();
@@ -467,6 +468,13 @@ async fn hostile_header_bytes_neither_crash_the_module_nor_steer() {
     assert_eq!(
         proxy
             .counter("fulcrum_native_fail_open_total")
+            .await
+            .unwrap(),
+        0
+    );
+    assert_eq!(
+        proxy
+            .counter("fulcrum_native_unobserved_total")
             .await
             .unwrap(),
         0
