@@ -48,13 +48,14 @@ use fulcrum_core::RequestSent;
 
 use crate::{
     balancer::{
-        Cluster, Counters, EndpointSeries, Event, RequestContext, STREAM_HEADER, Streams, WorkerLb,
+        Cluster, Counters, EndpointSeries, Event, RequestContext, STREAM_HEADER, STREAM_ID_DIGITS,
+        Streams, WorkerLb, parse_stream_id, stream_id_text,
     },
     config::parse_policy,
     guard,
     hosts::{HostSet, MAX_LOCALITY_BYTES, MAX_METADATA_BYTES, METADATA_NAMESPACE},
     now,
-    outcomes::{OutcomeFilter, ResponseHead, stream_header_value},
+    outcomes::{OutcomeFilter, ResponseHead},
 };
 
 /// The ABI version Envoy 1.40 expects from `envoy_dynamic_module_on_program_init`.
@@ -78,20 +79,28 @@ impl EnvoyBuffer {
         length: 0,
     };
 
-    /// The bytes as UTF-8 text, borrowed; `None` when null or not UTF-8.
+    /// The bytes, borrowed; `None` when null.
     ///
     /// # Safety
     /// `ptr` must be null or point to `length` readable bytes that stay valid and unchanged
     /// for `'a` (Envoy's contract for a buffer it filled: until the current hook returns, and
     /// no longer than the header map is left unchanged).
-    unsafe fn as_str<'a>(self) -> Option<&'a str> {
+    unsafe fn as_bytes<'a>(self) -> Option<&'a [u8]> {
         if self.ptr.is_null() {
             return None;
         }
         // SAFETY: non-null, and per this function's contract `length` bytes are readable
         // for `'a`.
-        let bytes = unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.length) };
-        std::str::from_utf8(bytes).ok()
+        Some(unsafe { std::slice::from_raw_parts(self.ptr.cast::<u8>(), self.length) })
+    }
+
+    /// The bytes as UTF-8 text, borrowed; `None` when null or not UTF-8.
+    ///
+    /// # Safety
+    /// As [`as_bytes`](Self::as_bytes).
+    unsafe fn as_str<'a>(self) -> Option<&'a str> {
+        // SAFETY: per this function's contract.
+        std::str::from_utf8(unsafe { self.as_bytes() }?).ok()
     }
 
     /// The bytes as UTF-8 text, copied; `None` when null or not UTF-8.
@@ -696,7 +705,7 @@ struct EnvoyRequest {
 
 impl EnvoyRequest {
     /// The first value of downstream header `name`, borrowed for the `choose_host` call.
-    fn header_str(&self, name: &str) -> Option<&str> {
+    fn header_bytes(&self, name: &str) -> Option<&[u8]> {
         if self.context.is_null() {
             return None;
         }
@@ -714,7 +723,12 @@ impl EnvoyRequest {
         };
         // SAFETY: Envoy filled `result` with the header's value, valid during the hook, whose
         // headers nothing changes; `self` lives no longer than the hook.
-        found.then(|| unsafe { result.as_str() }).flatten()
+        found.then(|| unsafe { result.as_bytes() }).flatten()
+    }
+
+    /// [`header_bytes`](Self::header_bytes) as UTF-8 text; `None` when it is not.
+    fn header_str(&self, name: &str) -> Option<&str> {
+        std::str::from_utf8(self.header_bytes(name)?).ok()
     }
 }
 
@@ -730,7 +744,7 @@ impl RequestContext for EnvoyRequest {
     }
 
     fn stream_id(&self) -> Option<u64> {
-        self.header_str(STREAM_HEADER)?.parse().ok()
+        parse_stream_id(self.header_bytes(STREAM_HEADER)?)
     }
 
     fn refuses(&self, priority: u32, index: usize) -> bool {
@@ -1074,8 +1088,8 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
                     state.on_request(&mut streams, now(), source_ip, request)
                 })
             });
-            let mut digits = [0; 20];
-            let value = id.map(|id| stream_header_value(id, &mut digits));
+            let mut digits = [0; STREAM_ID_DIGITS];
+            let value = id.map(|id| stream_id_text(id, &mut digits));
             // SAFETY: live filter pointer, per this hook's contract; nothing borrowed.
             let client_sent = unsafe { header(filter, REQUEST_HEADER, STREAM_HEADER) }.is_some();
             // SAFETY: live filter pointer; the buffers borrow strings alive for the call.

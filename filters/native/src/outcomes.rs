@@ -232,12 +232,6 @@ impl OutcomeFilter {
     }
 }
 
-/// Stream `id` as [`STREAM_HEADER`]'s value, decimal, written into `buffer`: no allocation
-/// on the request path. `choose_host` parses it back with `str::parse::<u64>`.
-pub fn stream_header_value(id: u64, buffer: &mut [u8; 20]) -> &str {
-    fulcrum_core::decimal::decimal(id, buffer)
-}
-
 /// The wasm filter's local reply for a refusal, over Envoy's `no healthy upstream` 503.
 fn reply_for(rejection: Rejection, changes: &mut HeaderChanges) {
     changes
@@ -266,7 +260,10 @@ mod tests {
 
     use super::*;
     use crate::{
-        balancer::{Cluster, Counters, Event, RequestContext, WorkerLb},
+        balancer::{
+            Cluster, Counters, Event, RequestContext, STREAM_ID_DIGITS, WorkerLb, parse_stream_id,
+            stream_id_text,
+        },
         config::parse_policy,
         hosts::test_hosts::{TestHost, TestHosts},
     };
@@ -282,7 +279,10 @@ mod tests {
 
     impl RequestContext for Request {
         fn header(&self, name: &str) -> Option<String> {
-            (name == STREAM_HEADER).then(|| self.0.to_string())
+            (name == STREAM_HEADER).then(|| {
+                let mut buffer = [0; STREAM_ID_DIGITS];
+                stream_id_text(self.0, &mut buffer).to_owned()
+            })
         }
         fn refuses(&self, _priority: u32, _index: usize) -> bool {
             false
@@ -577,22 +577,35 @@ mod tests {
 
     proptest::proptest! {
         #[test]
-        fn the_stream_header_value_is_the_id_in_decimal_and_parses_back(id: u64) {
-            let mut buffer = [0; 20];
-            let value = stream_header_value(id, &mut buffer);
-            proptest::prop_assert_eq!(value, id.to_string());
+        fn the_stream_header_value_is_the_id_in_hexadecimal_and_parses_back(id: u64) {
+            let mut buffer = [0; STREAM_ID_DIGITS];
+            let value = stream_id_text(id, &mut buffer);
+            proptest::prop_assert_eq!(value, format!("{id:016x}"));
             proptest::prop_assert_eq!(Request(id).stream_id(), Some(id));
+        }
+
+        #[test]
+        fn a_stream_header_value_parses_only_as_the_filter_writes_it(value: Vec<u8>) {
+            let written = value.len() == STREAM_ID_DIGITS
+                && value.iter().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(b));
+            proptest::prop_assert_eq!(parse_stream_id(&value).is_some(), written);
         }
     }
 
     #[test]
     fn the_stream_header_value_covers_the_extremes() {
-        let mut buffer = [0; 20];
-        assert_eq!(stream_header_value(0, &mut buffer), "0");
-        assert_eq!(
-            stream_header_value(u64::MAX, &mut buffer),
-            "18446744073709551615"
-        );
+        let mut buffer = [0; STREAM_ID_DIGITS];
+        assert_eq!(stream_id_text(0, &mut buffer), "0000000000000000");
+        assert_eq!(stream_id_text(u64::MAX, &mut buffer), "ffffffffffffffff");
+        for refused in [
+            "",
+            "0",
+            "FFFFFFFFFFFFFFFF",
+            "+000000000000001",
+            "00000000000000001",
+        ] {
+            assert_eq!(parse_stream_id(refused.as_bytes()), None, "{refused}");
+        }
     }
 
     #[test]

@@ -11,8 +11,9 @@
 //! steps are what Envoy's callbacks can bring, in any order:
 //!
 //! - requests through the outcome filter or through a chain without it, whose
-//!   [`STREAM_HEADER`] the client wrote: absent, decimal, negative, overflowing, hex, padded
-//!   with whitespace, or naming another open stream of the worker; hash headers, cookies and
+//!   [`STREAM_HEADER`] the client wrote: absent, decimal, negative, overflowing, hex of
+//!   every width and case, padded with whitespace, or naming another open stream of the
+//!   worker; hash headers, cookies and
 //!   client keys as bytes (not UTF-8, empty, 60 KiB, repeated, where only the first value is
 //!   read, as the FFI reads it);
 //! - many retries of one request, with Envoy's retry predicate refusing any hosts;
@@ -40,14 +41,15 @@ use std::{
 use fulcrum_core::{OnNoEndpoint, RequestSent};
 use fulcrum_native::{
     balancer::{
-        Cluster, Counters, Event, MAX_STREAMS, RequestContext, STREAM_HEADER, Streams, WorkerLb,
+        Cluster, Counters, Event, MAX_STREAMS, RequestContext, STREAM_HEADER, STREAM_ID_DIGITS,
+        Streams, WorkerLb, stream_id_text,
     },
     config::parse_policy,
     hosts::{
         HostSet,
         test_hosts::{TestHost, TestHosts},
     },
-    outcomes::{OutcomeFilter, ResponseHead, stream_header_value},
+    outcomes::{OutcomeFilter, ResponseHead},
 };
 use proptest::{
     collection::vec,
@@ -129,9 +131,13 @@ const ADDRESSES: [&str; 13] = [
 ];
 
 /// Values a client writes into the stream header, beside other streams' ids.
-const FORGED_IDS: [&str; 12] = [
+const FORGED_IDS: [&str; 16] = [
     "-1",
     "0",
+    "0000000000000000",
+    "ffffffffffffffff",
+    "FFFFFFFFFFFFFFFF",
+    "00000000000000001",
     "18446744073709551615",
     "18446744073709551616",
     "99999999999999999999999999",
@@ -725,7 +731,11 @@ impl Run {
                 filter = Some(opened);
                 stream = id;
                 // The filter's id replaces the client's header, or removes it at the cap.
-                id.map(|id| stream_header_value(id, &mut [0; 20]).as_bytes().to_vec())
+                id.map(|id| {
+                    stream_id_text(id, &mut [0; STREAM_ID_DIGITS])
+                        .as_bytes()
+                        .to_vec()
+                })
             }
             StreamHeader::Absent => None,
             StreamHeader::Forged(bytes) => Some(bytes.clone()),
@@ -739,9 +749,9 @@ impl Run {
                 (!open.is_empty()).then(|| {
                     let id = open[which % open.len()];
                     match spelling {
-                        0 => id.to_string(),
-                        1 => format!("+{id}"),
-                        _ => format!("000{id}"),
+                        0 => format!("{id:016x}"),
+                        1 => format!("{id:016X}"),
+                        _ => id.to_string(),
                     }
                     .into_bytes()
                 })
