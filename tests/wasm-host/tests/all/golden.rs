@@ -57,7 +57,10 @@ use fulcrum_core::{
     rng::vm_seed,
 };
 use fulcrum_native::{
-    balancer::{Cluster, Counters, Event, RequestContext, STREAM_HEADER, Streams, WorkerLb},
+    balancer::{
+        Cluster, Counters, Event, RequestContext, STREAM_HEADER, STREAM_ID_DIGITS, Streams,
+        WorkerLb, stream_id_text,
+    },
     config::parse_policy,
     hosts::{
         HostSet,
@@ -508,7 +511,11 @@ impl<'p> Planes<'p> {
                 RequestSent::at(body == Body::None),
             )
             .context("the outcome filter opens a stream")?;
-        native_headers.push((STREAM_HEADER, stream.to_string()));
+        let mut digits = [0; STREAM_ID_DIGITS];
+        native_headers.push((
+            STREAM_HEADER,
+            stream_id_text(stream, &mut digits).to_owned(),
+        ));
         let native_request = NativeRequest(native_headers);
         let fail_opens = self.fail_opens.count();
         let chosen = self
