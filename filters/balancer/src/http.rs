@@ -50,8 +50,9 @@
 //!   `BadArgument` to a header read, which the SDK would turn into a panic.
 //! - `remove_map_value(HttpRequestHeaders, name)` ([`crate::input`]): the name comes from the
 //!   configuration; Envoy answers `Ok` while request headers exist.
-//! - `set_map_value(HttpRequestHeaders, override_header, …)`: the value is the filter's own
-//!   `IP:port` list; `Ok` in `on_http_request_headers`.
+//! - `add_map_value(HttpRequestHeaders, override_header, …)`: the value is the filter's own
+//!   `IP:port` list, added after every client copy was removed; `Ok` in
+//!   `on_http_request_headers`.
 //! - `get_map_value_bytes(HttpResponseHeaders | HttpResponseTrailers, name)` ([`crate::input`]:
 //!   `:status`, `content-type`, `grpc-status`): bytes, never decoded as text; read only in
 //!   `on_http_response_headers` and `on_http_response_trailers`, where the map exists, so
@@ -299,10 +300,12 @@ impl Request {
         match picked {
             Ok((pick, explanation)) => {
                 let value = pick.retry_targets.override_value(pick.endpoint);
-                let _ = hostcalls::set_map_value(
+                // Added, not set: `strip_override_headers` removed every client copy, and
+                // Envoy's set searches for copies to replace first.
+                let _ = hostcalls::add_map_value(
                     MapType::HttpRequestHeaders,
                     &self.config.override_header,
-                    Some(&value),
+                    &value,
                 );
                 service.metrics.picked(pick.endpoint);
                 if let Some(explanation) = &explanation {
