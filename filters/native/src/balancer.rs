@@ -509,8 +509,10 @@ pub trait RequestContext {
         self.header(name).filter(|value| value.len() <= cap)
     }
     /// The stream the outcome filter named in [`STREAM_HEADER`] ([`parse_stream_id`]),
-    /// `None` when absent or anything else. An implementation may read it without copying
-    /// the value; it must parse exactly this way.
+    /// `None` when absent or anything else. The filter appends its id after any copy a
+    /// client sent, so the header's **last** value is the one to read; the default reads
+    /// [`header`](Self::header), the first, and suits only requests that carry one. An
+    /// implementation may read it without copying the value; it must parse exactly this way.
     fn stream_id(&self) -> Option<u64> {
         parse_stream_id(self.header(STREAM_HEADER)?.as_bytes())
     }

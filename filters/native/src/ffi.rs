@@ -65,6 +65,26 @@ const LB_POLICY_NAME: &str = fulcrum_core::NATIVE_LB_POLICY;
 /// The `filter_name` of the outcome filter.
 const FILTER_NAME: &str = fulcrum_core::NATIVE_OUTCOME_FILTER;
 
+/// `envoy_dynamic_module_type_envoy_http_header`: a header's name and value as Envoy holds
+/// them (`key_ptr`, `key_length`, `value_ptr`, `value_length`).
+#[repr(C)]
+#[derive(Debug, Clone, Copy)]
+pub struct EnvoyHttpHeader {
+    key: EnvoyBuffer,
+    value: EnvoyBuffer,
+}
+
+impl EnvoyHttpHeader {
+    const EMPTY: Self = Self {
+        key: EnvoyBuffer::EMPTY,
+        value: EnvoyBuffer::EMPTY,
+    };
+}
+
+/// Headers [`EnvoyRequest::last_header_bytes`] lists on the stack; a request with more (up to
+/// Envoy's `max_request_headers_count`, 100 by default) lists them in a `Vec`.
+const LISTED_ON_STACK: usize = 64;
+
 /// `envoy_dynamic_module_type_envoy_buffer`: bytes owned by Envoy, valid for the callback.
 #[repr(C)]
 #[derive(Debug, Clone, Copy)]
@@ -219,6 +239,13 @@ unsafe extern "C" {
         result: *mut EnvoyBuffer,
         index: usize,
         optional_size: *mut usize,
+    ) -> bool;
+    fn envoy_dynamic_module_callback_lb_context_get_downstream_headers_size(
+        context: *mut c_void,
+    ) -> usize;
+    fn envoy_dynamic_module_callback_lb_context_get_downstream_headers(
+        context: *mut c_void,
+        result_headers: *mut EnvoyHttpHeader,
     ) -> bool;
     fn envoy_dynamic_module_callback_lb_context_should_select_another_host(
         lb: *mut c_void,
@@ -726,6 +753,51 @@ impl EnvoyRequest {
         found.then(|| unsafe { result.as_bytes() }).flatten()
     }
 
+    /// The last value of downstream header `name`, borrowed for the `choose_host` call: the
+    /// outcome filter appends its stream header after any copy a client sent. Read from the
+    /// list of all headers, which Envoy walks in order, rather than by name, whose first
+    /// lookup makes Envoy index the whole map (about 2,000 instructions, callgrind).
+    fn last_header_bytes(&self, name: &str) -> Option<&[u8]> {
+        if self.context.is_null() {
+            return None;
+        }
+        // SAFETY: live context pointer of `choose_host`.
+        let count = unsafe {
+            envoy_dynamic_module_callback_lb_context_get_downstream_headers_size(self.context)
+        };
+        if count == 0 {
+            return None;
+        }
+        let mut on_stack = [EnvoyHttpHeader::EMPTY; LISTED_ON_STACK];
+        let mut on_heap = Vec::new();
+        let listed: &mut [EnvoyHttpHeader] = if count <= LISTED_ON_STACK {
+            &mut on_stack[..count]
+        } else {
+            on_heap.resize(count, EnvoyHttpHeader::EMPTY);
+            &mut on_heap
+        };
+        // SAFETY: live context pointer; `listed` has room for the `count` headers Envoy just
+        // reported, and nothing changes the headers within this hook.
+        let filled = unsafe {
+            envoy_dynamic_module_callback_lb_context_get_downstream_headers(
+                self.context,
+                listed.as_mut_ptr(),
+            )
+        };
+        if !filled {
+            return None;
+        }
+        listed.iter().rev().find_map(|header| {
+            // SAFETY: Envoy filled each entry with a name and value valid during the hook,
+            // whose headers nothing changes; `self` lives no longer than the hook.
+            let key = unsafe { header.key.as_bytes() }?;
+            // SAFETY: as above.
+            (key == name.as_bytes())
+                .then(|| unsafe { header.value.as_bytes() })
+                .flatten()
+        })
+    }
+
     /// [`header_bytes`](Self::header_bytes) as UTF-8 text; `None` when it is not.
     fn header_str(&self, name: &str) -> Option<&str> {
         std::str::from_utf8(self.header_bytes(name)?).ok()
@@ -744,7 +816,7 @@ impl RequestContext for EnvoyRequest {
     }
 
     fn stream_id(&self) -> Option<u64> {
-        parse_stream_id(self.header_bytes(STREAM_HEADER)?)
+        parse_stream_id(self.last_header_bytes(STREAM_HEADER)?)
     }
 
     fn refuses(&self, priority: u32, index: usize) -> bool {
@@ -1089,33 +1161,30 @@ pub unsafe extern "C" fn envoy_dynamic_module_on_http_filter_request_headers(
                 })
             });
             let mut digits = [0; STREAM_ID_DIGITS];
-            let value = id.map(|id| stream_id_text(id, &mut digits));
-            // SAFETY: live filter pointer, per this hook's contract; nothing borrowed.
-            let client_sent = unsafe { header(filter, REQUEST_HEADER, STREAM_HEADER) }.is_some();
             // SAFETY: live filter pointer; the buffers borrow strings alive for the call.
             unsafe {
-                match (value, client_sent) {
-                    // The usual request: no copy to replace, so an add (Envoy's `set` looks
-                    // for copies to replace and costs three times as much).
-                    (Some(value), false) => {
+                match id {
+                    // Appended after any copy a client sent, which `choose_host` reads past (it
+                    // takes the last value): no lookup of the header here, so Envoy builds no
+                    // index of the request's headers for it.
+                    Some(id) => {
                         envoy_dynamic_module_callback_http_add_header(
                             filter,
                             REQUEST_HEADER,
                             ModuleBuffer::of(STREAM_HEADER),
-                            ModuleBuffer::of(value),
+                            ModuleBuffer::of(stream_id_text(id, &mut digits)),
                         );
                     }
-                    // A client's copy must not reach `choose_host`: replaced, or removed (a
-                    // null value) when no stream was opened.
-                    (value, true) => {
+                    // No stream (the table is full): a client's copy must not stand for one
+                    // at `choose_host`, so every copy is removed (a null value).
+                    None => {
                         envoy_dynamic_module_callback_http_set_header(
                             filter,
                             REQUEST_HEADER,
                             ModuleBuffer::of(STREAM_HEADER),
-                            value.map_or(ModuleBuffer::NULL, ModuleBuffer::of),
+                            ModuleBuffer::NULL,
                         );
                     }
-                    (None, false) => {}
                 }
             }
             CONTINUE

@@ -5,8 +5,9 @@
 //! the router, sees every response and runs on the worker thread that chose the host, so the
 //! two meet in the worker's [`Streams`] (a thread-local in `crate::ffi`). Per request:
 //!
-//! - request headers: any client-sent [`STREAM_HEADER`] is replaced by the filter's own id
-//!   (a client cannot steer another stream's pick);
+//! - request headers: the filter's own id is appended to [`STREAM_HEADER`] after any copy a
+//!   client sent, and `choose_host` reads the last (a client cannot steer another stream's
+//!   pick);
 //! - the request's end of stream (its headers, its body's last chunk or its trailers) is
 //!   noted: a stream the client ends before sending its whole request (a body stalled until
 //!   Envoy's stream idle timeout, an upload abandoned) charges the endpoint nothing unless the

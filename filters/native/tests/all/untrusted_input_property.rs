@@ -42,7 +42,7 @@ use fulcrum_core::{OnNoEndpoint, RequestSent};
 use fulcrum_native::{
     balancer::{
         Cluster, Counters, Event, MAX_STREAMS, RequestContext, STREAM_HEADER, STREAM_ID_DIGITS,
-        Streams, WorkerLb, stream_id_text,
+        Streams, WorkerLb, parse_stream_id, stream_id_text,
     },
     config::parse_policy,
     hosts::{
@@ -190,8 +190,9 @@ const FLAGS: [u64; 7] = [0, u64::MAX, 0x1, 0x2, 0x4, 0x4000, 1 << 63];
 /// How a request's [`STREAM_HEADER`] reaches `choose_host`.
 #[derive(Debug, Clone)]
 enum StreamHeader {
-    /// The outcome filter opened a stream and replaced any client copy with its id.
-    Filter,
+    /// The outcome filter opened a stream and appended its id after the client's copy, if
+    /// the client sent one.
+    Filter { client_copy: Option<Vec<u8>> },
     /// No filter on the chain; the client sent no header.
     Absent,
     /// No filter on the chain; the client's bytes.
@@ -393,7 +394,8 @@ fn host_set() -> impl Strategy<Value = TestHosts> {
 
 fn stream_header() -> impl Strategy<Value = StreamHeader> {
     prop_oneof![
-        8 => Just(StreamHeader::Filter),
+        8 => option::of(prop_oneof![bytes_of(&FORGED_IDS), value()])
+            .prop_map(|client_copy| StreamHeader::Filter { client_copy }),
         2 => Just(StreamHeader::Absent),
         2 => prop_oneof![bytes_of(&FORGED_IDS), value()].prop_map(StreamHeader::Forged),
         2 => (any::<usize>(), 0..3u8)
@@ -508,6 +510,16 @@ impl RequestContext for HostileRequest {
     fn header(&self, name: &str) -> Option<String> {
         let (_, value) = self.headers.iter().find(|(key, _)| *key == name)?;
         utf8(value).map(str::to_owned)
+    }
+
+    /// As the FFI reads the stream header: its last value, as bytes.
+    fn stream_id(&self) -> Option<u64> {
+        let (_, value) = self
+            .headers
+            .iter()
+            .rev()
+            .find(|(key, _)| *key == STREAM_HEADER)?;
+        parse_stream_id(value)
     }
 
     fn refuses(&self, priority: u32, index: usize) -> bool {
@@ -720,7 +732,7 @@ impl Run {
         let mut filter = None;
         let mut stream = None;
         let id = match stream_header {
-            StreamHeader::Filter => {
+            StreamHeader::Filter { client_copy } => {
                 let mut opened = OutcomeFilter::default();
                 let id = opened.on_request(
                     streams,
@@ -730,7 +742,11 @@ impl Run {
                 );
                 filter = Some(opened);
                 stream = id;
-                // The filter's id replaces the client's header, or removes it at the cap.
+                // The filter's id goes after the client's copy; at the cap the filter removes
+                // every copy.
+                if let (Some(copy), Some(_)) = (client_copy, id) {
+                    context.headers.push((STREAM_HEADER, copy.clone()));
+                }
                 id.map(|id| {
                     stream_id_text(id, &mut [0; STREAM_ID_DIGITS])
                         .as_bytes()
@@ -758,7 +774,8 @@ impl Run {
             }
         };
         if let Some(id) = id {
-            context.headers.insert(0, (STREAM_HEADER, id));
+            // Last among the request's headers, as Envoy appends an added header.
+            context.headers.push((STREAM_HEADER, id));
         }
         self.requests.push(Request {
             worker,
