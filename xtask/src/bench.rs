@@ -410,45 +410,25 @@ fn wasm(context: &Run) -> Result<Fragment> {
 /// Envoy's round robin and least request, the do-nothing wasm floor, fulcrum's wasm filter and
 /// fulcrum's native module, an Envoy each (wrk).
 fn datapath(context: &Run) -> Result<Fragment> {
-    let floor = build_floor_wasm()?;
-    let native_module = crate::build_native()?;
-    let binary = release_binary("fulcrum-datapath")?;
-    let out = context.results.join("datapath.raw.md");
-    let quick: &[&str] = if context.quick { &["--quick"] } else { &[] };
-    tools::run(
-        Command::new(&binary)
-            .arg("--envoy")
-            .arg(&context.envoy)
-            .arg("--wasm")
-            .arg(&context.wasm)
-            .arg("--floor-wasm")
-            .arg(&floor)
-            .arg("--native-module")
-            .arg(&native_module)
-            .arg("--out")
-            .arg(&out)
-            .args(quick),
-    )
-    .context("fulcrum-datapath failed")?;
-    Ok(Fragment {
-        command: format!("fulcrum-datapath {}", quick.join(" "))
-            .trim()
-            .to_owned(),
-        markdown: fs::read_to_string(&out)?,
-    })
+    let arguments: &[&str] = if context.quick { &["--quick"] } else { &[] };
+    run_datapath(context, "datapath", arguments)
 }
 
 /// The data path's setups again, each Envoy under valgrind's callgrind: instructions per
 /// request, which the machine's speed and neighbours do not move.
 fn instructions(context: &Run) -> Result<Fragment> {
-    let floor = build_floor_wasm()?;
-    let native_module = crate::build_native()?;
-    let binary = release_binary("fulcrum-datapath")?;
-    let out = context.results.join("instructions.raw.md");
     let arguments: &[&str] = if context.quick {
-        &["--quick", "--workers", "1", "--connections", "64"]
+        &[
+            "--count-instructions",
+            "--quick",
+            "--workers",
+            "1",
+            "--connections",
+            "64",
+        ]
     } else {
         &[
+            "--count-instructions",
             "--workers",
             "1",
             "--workers",
@@ -463,9 +443,18 @@ fn instructions(context: &Run) -> Result<Fragment> {
             "5",
         ]
     };
+    run_datapath(context, "instructions", arguments)
+}
+
+/// `fulcrum-datapath` with the filters and the native module built, its report written to
+/// `bench-results/<name>.raw.md`, and `arguments` after the paths.
+fn run_datapath(context: &Run, name: &str, arguments: &[&str]) -> Result<Fragment> {
+    let floor = build_floor_wasm()?;
+    let native_module = crate::build_native()?;
+    let binary = release_binary("fulcrum-datapath")?;
+    let out = context.results.join(format!("{name}.raw.md"));
     tools::run(
         Command::new(&binary)
-            .arg("--count-instructions")
             .arg("--envoy")
             .arg(&context.envoy)
             .arg("--wasm")
@@ -478,12 +467,11 @@ fn instructions(context: &Run) -> Result<Fragment> {
             .arg(&out)
             .args(arguments),
     )
-    .context("fulcrum-datapath --count-instructions failed")?;
+    .with_context(|| format!("fulcrum-datapath {} failed", arguments.join(" ")))?;
     Ok(Fragment {
-        command: format!(
-            "fulcrum-datapath --count-instructions {}",
-            arguments.join(" ")
-        ),
+        command: format!("fulcrum-datapath {}", arguments.join(" "))
+            .trim()
+            .to_owned(),
         markdown: fs::read_to_string(&out)?,
     })
 }

@@ -570,7 +570,7 @@ fn instructions_report(args: &Args, samples: &[Sample]) -> String {
     );
     let _ = writeln!(
         out,
-        "| workers | conns | setup | instructions/req | in the native module | requests counted |"
+        "| workers | conns | setup | instructions/req | in the native module | requests (all repeats) |"
     );
     let _ = writeln!(out, "| --- | --- | --- | --- | --- | --- |");
     let count = |sample: &Sample, value: fn(&Instructions) -> f64| {
