@@ -714,9 +714,9 @@ impl WorkerLb {
     /// [`HostIndex::is_stale`], so a place the index gives must still hold `address` (one
     /// ABI read), or the worker rereads its hosts and looks again.
     fn healthy_slot(&mut self, hosts: &impl HostSet, address: SocketAddr) -> Option<HostSlot> {
-        let slot = self.index.get(address)?;
+        let (slot, text) = self.index.get_with_text(address)?;
         let healthy_index = slot.healthy_index?;
-        if hosts.healthy_endpoint(slot.priority, healthy_index) == Some(address) {
+        if hosts.healthy_address_is(slot.priority, healthy_index, text) {
             return Some(slot);
         }
         self.reread(hosts);

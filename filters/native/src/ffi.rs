@@ -620,6 +620,11 @@ impl EnvoyHosts {
     /// The address of healthy host `index` at `priority`, borrowed for the hook (`self`
     /// lives no longer than it).
     fn healthy_address_str(&self, priority: u32, index: usize) -> Option<&str> {
+        std::str::from_utf8(self.healthy_address_bytes(priority, index)?).ok()
+    }
+
+    /// Healthy host `index` at `priority`'s address as Envoy holds it, borrowed for the hook.
+    fn healthy_address_bytes(&self, priority: u32, index: usize) -> Option<&[u8]> {
         let mut result = EnvoyBuffer::EMPTY;
         // SAFETY: live LB pointer, bounds-checked indexes, `result` a valid out pointer.
         let found = unsafe {
@@ -632,7 +637,7 @@ impl EnvoyHosts {
         };
         // SAFETY: Envoy filled `result` with the host's address, valid during the hook,
         // which nothing here changes the host set in.
-        found.then(|| unsafe { result.as_str() }).flatten()
+        found.then(|| unsafe { result.as_bytes() }).flatten()
     }
 }
 
@@ -665,6 +670,10 @@ impl HostSet for EnvoyHosts {
 
     fn healthy_address(&self, priority: u32, index: usize) -> Option<String> {
         self.healthy_address_str(priority, index).map(str::to_owned)
+    }
+
+    fn healthy_address_is(&self, priority: u32, index: usize, address: &str) -> bool {
+        self.healthy_address_bytes(priority, index) == Some(address.as_bytes())
     }
 
     fn healthy_endpoint(&self, priority: u32, index: usize) -> Option<SocketAddr> {

@@ -62,8 +62,12 @@ pub trait HostSet {
     /// `IP:port`. An implementation may parse without copying; it must parse as
     /// [`SocketAddr`]'s `FromStr` does.
     fn healthy_endpoint(&self, priority: u32, index: usize) -> Option<SocketAddr> {
-        self.healthy_address(priority, index)
-            .and_then(parse_address)
+        parse_address(&self.healthy_address(priority, index)?)
+    }
+    /// Whether healthy host `index` at `priority` is `address`, as Envoy spelled it when the
+    /// hosts were read. An implementation may compare without copying or parsing.
+    fn healthy_address_is(&self, priority: u32, index: usize, address: &str) -> bool {
+        self.healthy_address(priority, index).as_deref() == Some(address)
     }
     /// The load-balancing weight of host `index` at `priority`.
     fn weight(&self, priority: u32, index: usize) -> u32;
@@ -93,7 +97,9 @@ pub struct HostSlot {
 /// plane's endpoints name, never a request.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct HostIndex {
-    slots: HashMap<SocketAddr, HostSlot, foldhash::fast::RandomState>,
+    /// Each host's place, and its address as Envoy spells it (what an answer's check
+    /// compares with Envoy's list, without parsing it again).
+    slots: HashMap<SocketAddr, (HostSlot, Box<str>), foldhash::fast::RandomState>,
     /// Healthy hosts per priority when read: a different count means health changed.
     healthy_counts: Vec<usize>,
     /// Whether the set had more than [`MAX_HOSTS`] hosts.
@@ -103,7 +109,14 @@ pub struct HostIndex {
 impl HostIndex {
     /// Where `address` is.
     pub fn get(&self, address: SocketAddr) -> Option<HostSlot> {
-        self.slots.get(&address).copied()
+        self.slots.get(&address).map(|(slot, _)| *slot)
+    }
+
+    /// Where `address` is, and how Envoy spelled it.
+    pub fn get_with_text(&self, address: SocketAddr) -> Option<(HostSlot, &str)> {
+        self.slots
+            .get(&address)
+            .map(|(slot, text)| (*slot, &**text))
     }
 
     /// Whether the healthy counts of `hosts` differ from those read: health or membership
@@ -152,21 +165,23 @@ pub fn read_hosts(hosts: &impl HostSet, policy: &ServicePolicy) -> (Vec<Endpoint
                 index.truncated = true;
                 break;
             }
-            let Some(address) = hosts.address(priority, i).and_then(parse_address) else {
+            let Some(text) = hosts.address(priority, i) else {
+                continue;
+            };
+            let Some(address) = parse_address(&text) else {
                 continue;
             };
             if index.slots.contains_key(&address) {
                 continue;
             }
             let healthy_index = healthy_at.get(&address).copied();
-            index.slots.insert(
-                address,
-                HostSlot {
-                    priority,
-                    index: i,
-                    healthy_index,
-                },
-            );
+            // The host's one address object in Envoy spells it in both lists alike.
+            let slot = HostSlot {
+                priority,
+                index: i,
+                healthy_index,
+            };
+            index.slots.insert(address, (slot, text.into_boxed_str()));
             endpoints.push(endpoint(hosts, priority, i, address, healthy_index, policy));
         }
     }
@@ -224,7 +239,7 @@ fn endpoint(
 }
 
 /// `IP:port`; anything else (a pipe, an internal address) is not an endpoint fulcrum picks.
-fn parse_address(text: String) -> Option<SocketAddr> {
+fn parse_address(text: &str) -> Option<SocketAddr> {
     text.parse().ok()
 }
 
