@@ -552,6 +552,23 @@ fn paired(
         .collect()
 }
 
+/// The runs of `setup` with these `workers` and `connections`, every repeat's.
+fn runs_of(samples: &[Sample], (workers, connections): (u32, u32), setup: Setup) -> Vec<&Sample> {
+    samples
+        .iter()
+        .filter(|s| s.workers == workers && s.connections == connections && s.setup == setup)
+        .collect()
+}
+
+/// How every run of both reports was made, after the Envoy it names.
+fn how_run(args: &Args) -> String {
+    format!(
+        "4 in-process backends answering at once; wrk {} s per measured run after a {} s \
+         warm-up on each fresh Envoy; {} interleaved repeat(s), medians with (min–max).",
+        args.duration, args.warmup, args.repeats,
+    )
+}
+
 /// The report of a `--count-instructions` run: Envoy's instructions per request per setup,
 /// and the paired differences the timing report gives in CPU time.
 fn instructions_report(args: &Args, samples: &[Sample]) -> String {
@@ -559,14 +576,10 @@ fn instructions_report(args: &Args, samples: &[Sample]) -> String {
     let _ = writeln!(
         out,
         "Envoy `{}` under valgrind's callgrind (instrumentation on only during the measured \
-         runs); 4 in-process backends answering at once; wrk {} s per measured run after a \
-         {} s warm-up on each fresh Envoy; {} interleaved repeat(s), medians with (min–max). \
-         Instructions = what all of Envoy's threads executed in user space over the run ÷ \
-         the requests wrk completed; the kernel's work is not in them.\n",
+         runs); {} Instructions = what all of Envoy's threads executed in user space over the \
+         run ÷ the requests wrk completed; the kernel's work is not in them.\n",
         args.envoy.display(),
-        args.duration,
-        args.warmup,
-        args.repeats,
+        how_run(args),
     );
     let _ = writeln!(
         out,
@@ -579,12 +592,7 @@ fn instructions_report(args: &Args, samples: &[Sample]) -> String {
     for &workers in &args.workers {
         for &connections in &args.connections {
             for setup in Setup::all(args) {
-                let runs: Vec<&Sample> = samples
-                    .iter()
-                    .filter(|s| {
-                        s.workers == workers && s.connections == connections && s.setup == setup
-                    })
-                    .collect();
+                let runs = runs_of(samples, (workers, connections), setup);
                 let column = |value: fn(&Instructions) -> f64| {
                     spread(runs.iter().map(|s| count(s, value)).collect(), 0)
                 };
@@ -697,23 +705,13 @@ fn spread(values: Vec<f64>, decimals: usize) -> String {
 }
 
 fn report(args: &Args, samples: &[Sample], load_before: &str, load_after: &str) -> String {
-    let of = |workers: u32, connections: u32, setup: Setup| -> Vec<&Sample> {
-        samples
-            .iter()
-            .filter(|s| s.workers == workers && s.connections == connections && s.setup == setup)
-            .collect()
-    };
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "Envoy `{}`; 4 in-process backends answering at once; wrk {} s per measured run after \
-         a {} s warm-up on each fresh Envoy; {} interleaved repeat(s), medians with (min–max). \
-         Proxy CPU = Envoy's on-CPU time over the run ÷ requests. Load average before: \
-         {load_before}; after: {load_after}.\n",
+        "Envoy `{}`; {} Proxy CPU = Envoy's on-CPU time over the run ÷ requests. Load \
+         average before: {load_before}; after: {load_after}.\n",
         args.envoy.display(),
-        args.duration,
-        args.warmup,
-        args.repeats,
+        how_run(args),
     );
     let _ = writeln!(
         out,
@@ -723,7 +721,7 @@ fn report(args: &Args, samples: &[Sample], load_before: &str, load_after: &str) 
     for &workers in &args.workers {
         for &connections in &args.connections {
             for setup in Setup::all(args) {
-                let runs = of(workers, connections, setup);
+                let runs = runs_of(samples, (workers, connections), setup);
                 let column = |value: fn(&Sample) -> f64, decimals| {
                     spread(runs.iter().map(|s| value(s)).collect(), decimals)
                 };
