@@ -429,7 +429,8 @@ async fn consistent_hashing_by_header_keeps_each_key_on_one_endpoint() {
 /// What a client controls reaches the module as bytes: the hash header, the cookie and the
 /// outcome filter's own stream header, each not UTF-8, repeated and 32 KiB long. None crashes
 /// Envoy, fails a request or steers another request's pick, a client's stream header never
-/// stands for the filter's (every pick is observed), and the keys still hash home.
+/// stands for the filter's (every pick is observed, 90 copies too), and the keys still hash
+/// home.
 #[tokio::test]
 async fn hostile_header_bytes_neither_crash_the_module_nor_steer() {
     let backends = backends(3).await.unwrap();
@@ -452,6 +453,17 @@ async fn hostile_header_bytes_neither_crash_the_module_nor_steer() {
             assert_eq!(reply.status, Some(200), "{header} repeated: {reply:?}");
         }
     }
+    // More copies of the stream header than `choose_host` lists on its stack (64), under
+    // Envoy's default limit of 100 headers, one of them a well-formed id: the filter's own,
+    // appended last, is still the one read.
+    let copies: Vec<(&str, &[u8])> = (0..90)
+        .map(|i| {
+            let value: &[u8] = if i == 45 { b"00000000000000ff" } else { b"1" };
+            (fulcrum_core::NATIVE_STREAM_HEADER, value)
+        })
+        .collect();
+    let reply = proxy.send_raw(&copies).await;
+    assert_eq!(reply.status, Some(200), "90 stream headers: {reply:?}");
 
     let mut homes: BTreeMap<String, String> = BTreeMap::new();
     for _ in 0..2 {
