@@ -4,7 +4,10 @@
 //! An Envoy here runs one worker thread unless a test asks for more
 //! ([`Proxy::start_with_workers`]): per-worker balancing state then makes exact, repeatable
 //! counts. The tests with two workers check what must hold across workers (the per-proxy rate
-//! limit, outcome attribution) and that both workers served.
+//! limit, outcome attribution) and that both workers served. Their ingress listener balances
+//! connections exactly over the workers ([`balance_ingress_connections_exactly`]), so "both
+//! workers served" follows from opening two connections at once, not from the kernel's hash
+//! of the client's ports.
 
 pub mod native;
 
@@ -309,6 +312,7 @@ impl Proxy {
         };
         let mut bootstrap = bootstrap.to_json();
         set_ingress_settings(&mut bootstrap, settings)?;
+        balance_ingress_connections_exactly(&mut bootstrap)?;
         let envoy = Envoy::start_json(&bootstrap, options).await?;
         let listener = envoy.ingress_address().await?;
         let client = Client::new(listener, usize::MAX);
@@ -472,23 +476,41 @@ impl Client {
     }
 }
 
-/// Sets `settings` (an object: fields of an `HttpConnectionManager`, such as
-/// `stream_idle_timeout`) on the ingress listener's connection manager in `bootstrap` JSON.
-pub fn set_ingress_settings(bootstrap: &mut Value, settings: &Value) -> Result<()> {
-    let Some(settings) = settings.as_object().filter(|settings| !settings.is_empty()) else {
-        return Ok(());
-    };
-    let manager = bootstrap["static_resources"]["listeners"]
+/// Gives the ingress listener in `bootstrap` JSON Envoy's exact connection balancer: a new
+/// connection goes to the worker with the fewest active ones. Without it the kernel's
+/// `SO_REUSEPORT` hash of each connection's ports picks the worker, and a test's 8 connections
+/// all land on one of two workers once in 128 runs.
+pub fn balance_ingress_connections_exactly(bootstrap: &mut Value) -> Result<()> {
+    ingress_listener(bootstrap)?.insert(
+        "connection_balance_config".to_owned(),
+        json!({"exact_balance": {}}),
+    );
+    Ok(())
+}
+
+/// The ingress listener in `bootstrap` JSON.
+fn ingress_listener(bootstrap: &mut Value) -> Result<&mut serde_json::Map<String, Value>> {
+    bootstrap["static_resources"]["listeners"]
         .as_array_mut()
         .and_then(|listeners| {
             listeners
                 .iter_mut()
                 .find(|listener| listener["name"] == INGRESS_LISTENER)
         })
-        .and_then(|listener| {
-            listener["filter_chains"][0]["filters"][0]["typed_config"].as_object_mut()
-        })
-        .context("the bootstrap has an ingress listener with a connection manager")?;
+        .and_then(Value::as_object_mut)
+        .context("the bootstrap has an ingress listener")
+}
+
+/// Sets `settings` (an object: fields of an `HttpConnectionManager`, such as
+/// `stream_idle_timeout`) on the ingress listener's connection manager in `bootstrap` JSON.
+pub fn set_ingress_settings(bootstrap: &mut Value, settings: &Value) -> Result<()> {
+    let Some(settings) = settings.as_object().filter(|settings| !settings.is_empty()) else {
+        return Ok(());
+    };
+    let manager = ingress_listener(bootstrap)?
+        .get_mut("filter_chains")
+        .and_then(|chains| chains[0]["filters"][0]["typed_config"].as_object_mut())
+        .context("the bootstrap's ingress listener has a connection manager")?;
     for (field, value) in settings {
         manager.insert(field.clone(), value.clone());
     }
