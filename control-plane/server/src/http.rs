@@ -45,7 +45,7 @@ use std::{
 };
 
 use axum::{
-    Json, Router,
+    Extension, Json, Router,
     body::Body,
     extract::{Path, Query, Request, State},
     http::{HeaderMap, HeaderName, HeaderValue, StatusCode, header},
@@ -68,6 +68,8 @@ use prometheus_client::{
 };
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
+
+use crate::limits::SharedAnswer;
 use tracing::{debug, info, warn};
 
 use crate::{
@@ -157,6 +159,10 @@ pub const DEFAULT_DIAGNOSTICS_WAIT_SECONDS: u64 = 10;
 
 /// Longest `wait` of `GET /v1/proxies/{node}/endpoints`, in seconds.
 pub const MAX_DIAGNOSTICS_WAIT_SECONDS: u64 = 30;
+
+/// Routes that wait by design (an endpoint diagnostics ask waits for the proxy's report):
+/// served from the long polls' share of the in-flight cap, with their deadline.
+pub const LONG_POLL_ROUTES: &[&str] = &["/v1/proxies/{node}/endpoints"];
 
 /// The API's routes: read-only.
 pub fn router(state: AppState) -> Router {
@@ -307,6 +313,8 @@ async fn snapshot(State(state): State<AppState>, headers: HeaderMap) -> Response
             replica,
             vary,
         ],
+        // One copy of the snapshot (and of each delta) backs every proxy's answer.
+        Extension(SharedAnswer),
         body,
     )
         .into_response()

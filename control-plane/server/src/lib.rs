@@ -5,6 +5,7 @@
 //! serves on the configured addresses; the binary (`main.rs`) only parses the command line,
 //! sets up logging and waits for a signal. Tests start the same thing in-process.
 
+pub mod connections;
 pub mod diagnostics;
 pub mod http;
 pub mod limits;
@@ -32,6 +33,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tracing::{info, warn};
 
 use crate::{
+    connections::ConnectionMetrics,
     limits::LimitMetrics,
     proxy_reports::{ProxyMetrics, ProxyReports},
     registry::StartedRegistry,
@@ -42,6 +44,14 @@ pub use crate::{
     registry::{RegistryBackendOptions, RegistryOptions},
     tls::{Tls, TlsFiles, TlsMetrics},
 };
+
+/// What a long poll of the HTTP API may wait on top of the request deadline: the longest of
+/// the registry's watch and an endpoint diagnostics ask.
+const LONG_POLL_WAIT: Duration = fulcrum_registry::api::MAX_WATCH_WAIT;
+const _: () = assert!(
+    http::MAX_DIAGNOSTICS_WAIT_SECONDS <= LONG_POLL_WAIT.as_secs(),
+    "an endpoint diagnostics ask must fit in the long polls' deadline"
+);
 
 /// How long shutdown waits for the servers to finish before giving up on them.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
@@ -203,6 +213,8 @@ impl ControlPlane {
         telemetry::OtlpMetrics::global().register(&mut metrics_registry);
         let limit_metrics = LimitMetrics::default();
         limit_metrics.register(&mut metrics_registry);
+        let connection_metrics = ConnectionMetrics::default();
+        connection_metrics.register(&mut metrics_registry);
         let snapshot_answers = http::SnapshotAnswerMetrics::default();
         snapshot_answers.register(&mut metrics_registry);
         config.proxies.check()?;
@@ -378,10 +390,16 @@ impl ControlPlane {
             tls.as_ref(),
             limits.bound_http(
                 http::router(state.clone()).merge(registry_routes),
-                fulcrum_registry::api::rest::LONG_POLL_PATHS,
-                fulcrum_registry::api::MAX_WATCH_WAIT,
+                &[
+                    fulcrum_registry::api::rest::LONG_POLL_PATHS,
+                    http::LONG_POLL_ROUTES,
+                ]
+                .concat(),
+                LONG_POLL_WAIT,
                 &limit_metrics,
             ),
+            limits,
+            &connection_metrics,
             stop.subscribe(),
         );
         let admin_server = serve_http(
@@ -393,6 +411,8 @@ impl ControlPlane {
                 Duration::ZERO,
                 &limit_metrics,
             ),
+            limits,
+            &connection_metrics,
             stop.subscribe(),
         );
         info!(
@@ -503,25 +523,19 @@ fn serve_http(
     listener: TcpListener,
     tls: Option<&Tls>,
     router: axum::Router,
-    mut stopped: watch::Receiver<bool>,
+    limits: &ListenerLimits,
+    metrics: &ConnectionMetrics,
+    stopped: watch::Receiver<bool>,
 ) -> JoinHandle<std::io::Result<()>> {
-    let stopped = async move {
-        let _ = stopped.wait_for(|stop| *stop).await;
-    };
     match tls {
-        Some(tls) => {
-            let listener = tls.accept(listener, HTTP_ALPN);
-            tokio::spawn(async move {
-                axum::serve(listener, router)
-                    .with_graceful_shutdown(stopped)
-                    .await
-            })
-        }
-        None => tokio::spawn(async move {
-            axum::serve(listener, router)
-                .with_graceful_shutdown(stopped)
-                .await
-        }),
+        Some(tls) => connections::serve(
+            tls.accept(listener, HTTP_ALPN),
+            router,
+            limits,
+            metrics.clone(),
+            stopped,
+        ),
+        None => connections::serve(listener, router, limits, metrics.clone(), stopped),
     }
 }
 

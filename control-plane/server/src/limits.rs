@@ -3,20 +3,38 @@
 //! Every pod of a mesh can reach the control plane, so no client may make it hold unbounded
 //! state or wait forever: HTTP requests have a deadline, a body cap and a cap on how many are
 //! served at once (the rest get a prompt `503`; long polls have a share of their own and the
-//! kubelet's probes are never refused); gRPC (xDS and the registry) caps streams per
-//! connection and message sizes, and keeps connections alive only while the peer answers;
-//! the ADS server caps its streams in total (`fulcrum_xds::AdsServer::with_max_streams`).
-//! Each refusal is counted, so an alert sees a control plane at its limits.
+//! kubelet's probes are never refused); an answer must be taken by the client within a
+//! deadline of its own, and the answers built for one request (not the snapshot, which every
+//! proxy's answer shares) hold at most [`ListenerLimits::http_max_answer_bytes`] while they
+//! are sent, so clients that stop reading cannot pile up copies of a large answer; gRPC (xDS
+//! and the registry) caps streams per connection and message sizes, and keeps connections
+//! alive only while the peer answers; the ADS server caps its streams in total
+//! (`fulcrum_xds::AdsServer::with_max_streams`). The connections themselves are
+//! [`crate::connections`]'. Each refusal is counted, so an alert sees a control plane at its
+//! limits.
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll},
+    time::Duration,
+};
 
-use axum::{Router, extract::Request, http::StatusCode, middleware::Next, response::IntoResponse};
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::Request,
+    http::StatusCode,
+    middleware::Next,
+    response::IntoResponse,
+};
+use http_body::{Frame, SizeHint};
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family},
     registry::Registry,
 };
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tower_http::limit::RequestBodyLimitLayer;
 
 /// The bounds. The defaults suit a control plane serving a few thousand proxies.
@@ -29,6 +47,18 @@ pub struct ListenerLimits {
     pub http_max_in_flight: usize,
     /// Largest HTTP request body, in bytes; a larger one is refused with `413`.
     pub http_max_body_bytes: usize,
+    /// Bytes of answers built for one request (everything but the snapshot, whose answers
+    /// share one copy) held at once while they are sent; an answer beyond gets `503`.
+    pub http_max_answer_bytes: usize,
+    /// HTTP connections one listener holds at once; one more is closed as it is accepted.
+    pub http_max_connections: usize,
+    /// How long an HTTP/1 request's head may take to arrive.
+    pub http_header_read_timeout: Duration,
+    /// How long a connection may wait on its peer with no byte moving either way (an idle
+    /// keep-alive, a client that stopped reading); longer than a long poll's silence.
+    pub http_idle_timeout: Duration,
+    /// Concurrent streams on one HTTP/2 connection to the HTTP listeners.
+    pub http2_max_streams_per_connection: u32,
     /// xDS streams served at once; more are refused with `RESOURCE_EXHAUSTED`.
     pub xds_max_streams: usize,
     /// Concurrent gRPC streams on one HTTP/2 connection (xDS and the registry).
@@ -43,6 +73,11 @@ impl Default for ListenerLimits {
             http_request_timeout: Duration::from_secs(10),
             http_max_in_flight: 1024,
             http_max_body_bytes: 64 << 10,
+            http_max_answer_bytes: 64 << 20,
+            http_max_connections: 8192,
+            http_header_read_timeout: Duration::from_secs(10),
+            http_idle_timeout: Duration::from_secs(120),
+            http2_max_streams_per_connection: 64,
             xds_max_streams: fulcrum_xds::DEFAULT_MAX_STREAMS,
             grpc_max_streams_per_connection: 64,
             grpc_max_message_bytes: 4 << 20,
@@ -60,7 +95,8 @@ const GRPC_KEEPALIVE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct LimitLabels {
     /// `in_flight` (refused at the in-flight cap), `long_poll` (refused at the long polls'
-    /// share of it) or `timeout` (cut at the deadline).
+    /// share of it), `timeout` (cut at the deadline) or `answer_bytes` (an answer refused,
+    /// the large answers being sent holding the whole budget).
     pub reason: &'static str,
 }
 
@@ -76,28 +112,62 @@ impl LimitMetrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.sub_registry_with_prefix("fulcrum").register(
             "http_requests_limited",
-            "HTTP requests refused at the in-flight cap or cut at the request deadline",
+            "HTTP requests refused at the in-flight cap or the answer budget, or cut at the request deadline",
             self.limited.clone(),
         );
     }
 }
 
+/// Answers at least this large are held against [`ListenerLimits::http_max_answer_bytes`]
+/// while they are sent; smaller ones only count among the requests in flight.
+pub const COUNTED_ANSWER_BYTES: u64 = 64 << 10;
+
+/// Marks an answer whose body is shared with other answers (the snapshot's, one copy for
+/// every proxy), so it is not held against [`ListenerLimits::http_max_answer_bytes`].
+#[derive(Debug, Clone, Copy)]
+pub struct SharedAnswer;
+
+/// Whether `path` is one of `route`'s (axum's syntax: a `{name}` segment matches any one
+/// segment).
+pub fn route_matches(route: &str, path: &str) -> bool {
+    let (mut route, mut path) = (route.split('/'), path.split('/'));
+    loop {
+        match (route.next(), path.next()) {
+            (None, None) => return true,
+            (Some(expected), Some(segment))
+                if expected == segment
+                    || (expected.starts_with('{')
+                        && expected.ends_with('}')
+                        && !segment.is_empty()) => {}
+            _ => return false,
+        }
+    }
+}
+
+/// The KiB (rounded up, at least one) `bytes` take from the answer budget.
+fn kib(bytes: u64) -> u32 {
+    u32::try_from(bytes.div_ceil(1024).max(1)).unwrap_or(u32::MAX)
+}
+
 impl ListenerLimits {
     /// `router`, serving one listener, within the HTTP limits: at most
     /// [`http_max_in_flight`](Self::http_max_in_flight) requests at once (the rest get `503`
-    /// at once), bodies up to [`http_max_body_bytes`](Self::http_max_body_bytes) (`413`), and a
+    /// at once), bodies up to [`http_max_body_bytes`](Self::http_max_body_bytes) (`413`), a
     /// deadline of [`http_request_timeout`](Self::http_request_timeout) (`503` then), plus
-    /// `long_poll` on top for requests to `long_poll_paths` (a watch that waits by design).
+    /// `long_poll` on top for requests to `long_poll_routes` (a watch that waits by design),
+    /// and answers of [`COUNTED_ANSWER_BYTES`] or more held against
+    /// [`http_max_answer_bytes`](Self::http_max_answer_bytes) until their body is sent or
+    /// dropped (`503` when it is spent), unless marked [`SharedAnswer`].
     ///
-    /// Requests to `long_poll_paths` are served from slots of their own, a quarter of the
-    /// cap (at least one), so clients that wait by design cannot take the slots of snapshot
-    /// polls; refusals there are counted as `long_poll`. The kubelet's probes
-    /// ([`PROBE_PATHS`]) take no slot: a listener full of slow clients must not get the
-    /// replica restarted by its liveness probe.
+    /// Requests to `long_poll_routes` ([`route_matches`]) are served from slots of their
+    /// own, a quarter of the cap (at least one), so clients that wait by design cannot take
+    /// the slots of snapshot polls; refusals there are counted as `long_poll`. The kubelet's
+    /// probes ([`PROBE_PATHS`]) take no slot: a listener full of slow clients must not get
+    /// the replica restarted by its liveness probe.
     pub fn bound_http(
         &self,
         router: Router,
-        long_poll_paths: &'static [&'static str],
+        long_poll_routes: &[&'static str],
         long_poll: Duration,
         metrics: &LimitMetrics,
     ) -> Router {
@@ -105,6 +175,10 @@ impl ListenerLimits {
         // the cap lives in the closure every route shares.
         let slots = Arc::new(Semaphore::new(self.http_max_in_flight));
         let long_poll_slots = Arc::new(Semaphore::new((self.http_max_in_flight / 4).max(1)));
+        let answer_bytes = Arc::new(Semaphore::new(kib(
+            u64::try_from(self.http_max_answer_bytes).unwrap_or(u64::MAX)
+        ) as usize));
+        let long_poll_routes: Arc<[&'static str]> = long_poll_routes.into();
         let limited = metrics.limited.clone();
         let timeout = self.http_request_timeout;
         router
@@ -113,14 +187,17 @@ impl ListenerLimits {
                     let path = request.uri().path();
                     let (slot, deadline, full) = if PROBE_PATHS.contains(&path) {
                         (None, timeout, "in_flight")
-                    } else if long_poll_paths.contains(&path) {
+                    } else if long_poll_routes
+                        .iter()
+                        .any(|route| route_matches(route, path))
+                    {
                         let slot = Arc::clone(&long_poll_slots).try_acquire_owned();
                         (Some(slot), timeout + long_poll, "long_poll")
                     } else {
                         let slot = Arc::clone(&slots).try_acquire_owned();
                         (Some(slot), timeout, "in_flight")
                     };
-                    let limited = limited.clone();
+                    let (limited, answer_bytes) = (limited.clone(), Arc::clone(&answer_bytes));
                     async move {
                         let refuse = |reason, message| {
                             limited.get_or_create(&LimitLabels { reason }).inc();
@@ -136,10 +213,23 @@ impl ListenerLimits {
                                 );
                             }
                         };
-                        match tokio::time::timeout(deadline, next.run(request)).await {
-                            Ok(response) => response,
-                            Err(_) => refuse("timeout", "the request ran out of time; retry\n"),
+                        let Ok(response) = tokio::time::timeout(deadline, next.run(request)).await
+                        else {
+                            return refuse("timeout", "the request ran out of time; retry\n");
+                        };
+                        let size = http_body::Body::size_hint(response.body()).lower();
+                        if size < COUNTED_ANSWER_BYTES
+                            || response.extensions().get::<SharedAnswer>().is_some()
+                        {
+                            return response;
                         }
+                        let Ok(held) = answer_bytes.try_acquire_many_owned(kib(size)) else {
+                            return refuse(
+                                "answer_bytes",
+                                "the control plane is sending as many large answers as it may; retry\n",
+                            );
+                        };
+                        response.map(|body| Body::new(Held { body, _held: held }))
                     }
                 },
             ))
@@ -153,5 +243,57 @@ impl ListenerLimits {
             .http2_keepalive_interval(Some(GRPC_KEEPALIVE))
             .http2_keepalive_timeout(Some(GRPC_KEEPALIVE))
             .tcp_keepalive(Some(GRPC_KEEPALIVE))
+    }
+}
+
+/// An answer's body holding its share of [`ListenerLimits::http_max_answer_bytes`] until it
+/// is sent or dropped (the stream reset, the connection closed).
+struct Held {
+    body: Body,
+    _held: OwnedSemaphorePermit,
+}
+
+impl http_body::Body for Held {
+    type Data = Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::route_matches;
+
+    #[test]
+    fn a_route_matches_its_paths_with_any_one_segment_for_each_parameter() {
+        let route = "/v1/proxies/{node}/endpoints";
+        assert!(route_matches(
+            route,
+            "/v1/proxies/sidecar~10.0.0.1~a.ns/endpoints"
+        ));
+        assert!(route_matches("/v1/registry/watch", "/v1/registry/watch"));
+        for other in [
+            "/v1/proxies//endpoints",
+            "/v1/proxies/a/b/endpoints",
+            "/v1/proxies/a/endpoints/",
+            "/v1/proxies/a",
+            "/v1/proxies",
+            "/v1/snapshot",
+        ] {
+            assert!(!route_matches(route, other), "{other}");
+        }
     }
 }

@@ -58,6 +58,26 @@ struct Cli {
     /// Largest HTTP request body, in bytes; also the registry's largest gRPC message.
     #[arg(long, default_value_t = 64 << 10)]
     http_max_body_bytes: usize,
+    /// Bytes of answers built for one request (GET /v1/proxies, the registry's lists,
+    /// /metrics; not the snapshot, whose answers share one copy) held at once while they are
+    /// sent, per listener; an answer beyond gets 503. Clients that stop reading cannot pile
+    /// up copies.
+    #[arg(long, default_value_t = 64 << 20)]
+    http_max_answer_bytes: usize,
+    /// HTTP connections one listener holds at once; one more is closed as it is accepted.
+    #[arg(long, default_value_t = 8192)]
+    http_max_connections: usize,
+    /// How long an HTTP/1 request's head may take to arrive, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    http_header_read_timeout_ms: u64,
+    /// How long an HTTP connection may wait on its peer with no byte moving either way (an
+    /// idle keep-alive, a client that stopped reading), in milliseconds. Keep it above the
+    /// request deadline plus a long poll's wait (60 s).
+    #[arg(long, default_value_t = 120_000)]
+    http_idle_timeout_ms: u64,
+    /// Concurrent streams on one HTTP/2 connection to the HTTP listeners.
+    #[arg(long, default_value_t = 64)]
+    http2_max_streams_per_connection: u32,
     /// xDS streams served at once; more are refused with RESOURCE_EXHAUSTED.
     #[arg(long, default_value_t = fulcrum_xds::DEFAULT_MAX_STREAMS)]
     xds_max_streams: usize,
@@ -376,6 +396,11 @@ async fn main() -> ExitCode {
             http_request_timeout: Duration::from_millis(cli.http_request_timeout_ms),
             http_max_in_flight: cli.http_max_in_flight,
             http_max_body_bytes: cli.http_max_body_bytes,
+            http_max_answer_bytes: cli.http_max_answer_bytes,
+            http_max_connections: cli.http_max_connections,
+            http_header_read_timeout: Duration::from_millis(cli.http_header_read_timeout_ms),
+            http_idle_timeout: Duration::from_millis(cli.http_idle_timeout_ms),
+            http2_max_streams_per_connection: cli.http2_max_streams_per_connection,
             xds_max_streams: cli.xds_max_streams,
             grpc_max_streams_per_connection: cli.grpc_max_streams_per_connection,
             grpc_max_message_bytes: cli.grpc_max_message_bytes,

@@ -469,3 +469,304 @@ async fn an_ads_request_many_times_the_first_request_buffer_is_read_whole_and_on
     assert_eq!(status.code(), tonic::Code::OutOfRange, "{status}");
     control_plane.shutdown().await;
 }
+
+/// The control plane's metrics text.
+async fn metrics_of(address: std::net::SocketAddr) -> String {
+    http_client()
+        .get(format!("http://{address}/metrics"))
+        .send()
+        .await
+        .expect("request")
+        .text()
+        .await
+        .expect("body")
+}
+
+/// Whether the server closed `stream` within `within` (a read ends, or fails).
+async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
+    let mut buffer = [0; 1024];
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Err(_) => return false,
+            Ok(Ok(0) | Err(_)) => return true,
+            // An answer (a 408, say) before the close.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_half_sent_request_head_and_an_idle_connection_are_closed_at_their_deadlines() {
+    let (control_plane, _dir) = started(Config {
+        limits: ListenerLimits {
+            http_header_read_timeout: Duration::from_secs(1),
+            http_idle_timeout: Duration::from_secs(2),
+            ..ListenerLimits::default()
+        },
+        ..loopback_config(None)
+    })
+    .await;
+    let address = control_plane.http_address();
+    let mut half_sent = TcpStream::connect(address).await.expect("connect");
+    half_sent
+        .write_all(b"GET /v1/status HTTP/1.1\r\nhost: cp\r\nx-slow: aaaa")
+        .await
+        .expect("write");
+    let mut idle = TcpStream::connect(address).await.expect("connect");
+    let mut served = TcpStream::connect(address).await.expect("connect");
+    served
+        .write_all(b"GET /healthz HTTP/1.1\r\nhost: cp\r\n\r\n")
+        .await
+        .expect("write");
+    let answered = answer(&mut served, Duration::from_secs(5)).await;
+    assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+
+    assert!(
+        closed_within(&mut half_sent, Duration::from_secs(5)).await,
+        "a head not finished within the header deadline is cut"
+    );
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(6)).await,
+        "a connection that sends nothing is closed"
+    );
+    assert!(
+        closed_within(&mut served, Duration::from_secs(6)).await,
+        "a keep-alive connection idle past the idle timeout is closed"
+    );
+    let metrics = metrics_of(address).await;
+    for series in [
+        "fulcrum_http_connections_closed_total{reason=\"header_timeout\"} ",
+        "fulcrum_http_connections_closed_total{reason=\"stalled\"} ",
+    ] {
+        assert!(metrics.contains(series), "{series} in {metrics}");
+    }
+    control_plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn a_listener_holding_its_most_connections_closes_the_next_as_it_is_accepted() {
+    let (control_plane, _dir) = started(Config {
+        limits: ListenerLimits {
+            http_max_connections: 2,
+            ..ListenerLimits::default()
+        },
+        ..loopback_config(None)
+    })
+    .await;
+    let address = control_plane.http_address();
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: cp\r\n\r\n")
+            .await
+            .expect("write");
+        let answered = answer(&mut stream, Duration::from_secs(5)).await;
+        assert!(answered.starts_with("HTTP/1.1 200"), "{answered}");
+        held.push(stream);
+    }
+    let mut third = TcpStream::connect(address).await.expect("connect");
+    assert!(
+        closed_within(&mut third, Duration::from_secs(5)).await,
+        "a third connection is closed as it is accepted"
+    );
+    drop(held.pop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut again = TcpStream::connect(address).await.expect("connect");
+    again
+        .write_all(b"GET /metrics HTTP/1.1\r\nhost: cp\r\nconnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut metrics = String::new();
+    tokio::time::timeout(Duration::from_secs(5), again.read_to_string(&mut metrics))
+        .await
+        .expect("answered in time")
+        .expect("read");
+    assert!(
+        metrics.starts_with("HTTP/1.1 200"),
+        "a freed place serves again"
+    );
+    let series = "fulcrum_http_connections_closed_total{reason=\"max_connections\"} 1";
+    assert!(metrics.contains(series), "{series} in {metrics}");
+    assert!(
+        metrics.contains("fulcrum_http_connections 2"),
+        "the held connection and this one: {metrics}"
+    );
+    control_plane.shutdown().await;
+}
+
+/// Polls the snapshot as `nodes` proxies with long names, so that `GET /v1/proxies` answers
+/// with at least that many rows of a few hundred bytes.
+async fn polled_by(address: std::net::SocketAddr, nodes: usize) {
+    let http = http_client();
+    let snapshot = format!("http://{address}/v1/snapshot");
+    let published = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !http
+        .get(&snapshot)
+        .send()
+        .await
+        .expect("poll")
+        .status()
+        .is_success()
+    {
+        assert!(
+            tokio::time::Instant::now() < published,
+            "no snapshot published"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for node in 0..nodes {
+        let answer = http
+            .get(format!("http://{address}/v1/snapshot"))
+            .header(
+                "x-fulcrum-node-id",
+                format!("{node:06}-{}", "n".repeat(240)),
+            )
+            .header("x-fulcrum-node-cluster", "c".repeat(200))
+            .send()
+            .await
+            .expect("poll");
+        assert!(answer.status().is_success(), "{}", answer.status());
+    }
+}
+
+/// Sends `GET path` over HTTP/2 on a connection that grants the server no flow-control
+/// window: the answer's headers come, its body stays unsent in the server for as long as
+/// the connection lives (it answers pings: it is not stalled).
+async fn unread_request(address: std::net::SocketAddr, path: &str) -> impl Sized {
+    let tcp = TcpStream::connect(address).await.expect("connect");
+    let (mut client, connection) = h2::client::Builder::new()
+        .initial_window_size(0)
+        .handshake::<_, axum::body::Bytes>(tcp)
+        .await
+        .expect("h2c handshake");
+    let driver = tokio::spawn(connection);
+    let request = axum::http::Request::get(format!("http://{address}{path}"))
+        .body(())
+        .expect("request");
+    let (response, _) = client.send_request(request, true).expect("sent");
+    let response = response.await.expect("the answer's head");
+    assert_eq!(response.status(), StatusCode::OK);
+    // The body is never read, its window never opened.
+    (client, response, AbortOnDrop(driver))
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+#[tokio::test]
+async fn large_answers_clients_do_not_read_hold_at_most_the_answer_budget() {
+    let (control_plane, _dir) = started(Config {
+        limits: ListenerLimits {
+            http_max_answer_bytes: 1 << 20,
+            ..ListenerLimits::default()
+        },
+        ..loopback_config(None)
+    })
+    .await;
+    let address = control_plane.http_address();
+    polled_by(address, 1500).await;
+    let size = http_client()
+        .get(format!("http://{address}/v1/proxies"))
+        .send()
+        .await
+        .expect("request")
+        .bytes()
+        .await
+        .expect("body")
+        .len();
+    assert!(
+        (1 << 19..1 << 20).contains(&size),
+        "one answer fits the budget, two do not: {size} bytes"
+    );
+    let unread = unread_request(address, "/v1/proxies").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = http_client()
+        .get(format!("http://{address}/v1/proxies"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        refused.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the unread answer holds more than half the budget"
+    );
+    let snapshot = http_client()
+        .get(format!("http://{address}/v1/snapshot"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        snapshot.status(),
+        StatusCode::OK,
+        "snapshot answers share one copy and are not held against the budget"
+    );
+    drop(unread);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let served = http_client()
+        .get(format!("http://{address}/v1/proxies"))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(
+        served.status(),
+        StatusCode::OK,
+        "the budget comes back when the reader goes"
+    );
+    let series = "fulcrum_http_requests_limited_total{reason=\"answer_bytes\"} 1";
+    let metrics = metrics_of(address).await;
+    assert!(metrics.contains(series), "{series} in {metrics}");
+    control_plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn endpoint_diagnostics_asks_wait_in_the_long_polls_share_and_leave_snapshot_polls_served() {
+    let (control_plane, _dir) = started(Config {
+        limits: ListenerLimits {
+            // A quarter of 4: one long poll at a time.
+            http_max_in_flight: 4,
+            ..ListenerLimits::default()
+        },
+        ..loopback_config(None)
+    })
+    .await;
+    let address = control_plane.http_address();
+    polled_by(address, 1).await;
+    let node = format!("{:06}-{}", 0, "n".repeat(240));
+    let ask = format!("http://{address}/v1/proxies/{node}/endpoints?service=checkout&wait=20");
+    let waiting = tokio::spawn({
+        let ask = ask.clone();
+        async move { http_client().get(ask).send().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = http_client().get(&ask).send().await.expect("request");
+    assert_eq!(
+        second.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "the long polls' one slot is taken by the first ask"
+    );
+    for _ in 0..4 {
+        let polled = http_client()
+            .get(format!("http://{address}/v1/snapshot"))
+            .send()
+            .await
+            .expect("poll");
+        assert_eq!(
+            polled.status(),
+            StatusCode::OK,
+            "snapshot polls keep their slots"
+        );
+    }
+    let series = "fulcrum_http_requests_limited_total{reason=\"long_poll\"} 1";
+    let metrics = metrics_of(address).await;
+    assert!(metrics.contains(series), "{series} in {metrics}");
+    waiting.abort();
+    control_plane.shutdown().await;
+}
