@@ -60,8 +60,16 @@ pub enum AddressClass {
 }
 
 impl AddressClass {
-    /// The class of `ip` (IPv4-mapped IPv6 addresses as their IPv4 address), if refused.
+    /// The class of `ip`, if refused: an IPv6 address that carries an IPv4 address
+    /// ([`embedded_ipv4`]) is refused for that address's class too.
     pub fn of(ip: IpAddr) -> Option<Self> {
+        Self::of_one(ip).or_else(|| match ip {
+            IpAddr::V6(v6) => embedded_ipv4(v6).and_then(|v4| Self::of_one(IpAddr::V4(v4))),
+            IpAddr::V4(_) => None,
+        })
+    }
+
+    fn of_one(ip: IpAddr) -> Option<Self> {
         let ip = ip.to_canonical();
         if METADATA.contains(&ip) {
             return Some(Self::Metadata);
@@ -99,6 +107,30 @@ impl AddressClass {
     }
 }
 
+/// The IPv4 address an IPv6 address carries, where a network may deliver it to that IPv4
+/// address: IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`, deprecated but
+/// still routed by some stacks; not `::` or `::1`), 6to4 (`2002:AABB:CCDD::/48`) and NAT64's
+/// well-known prefix (`64:ff9b::a.b.c.d`). So `::7f00:1` or `64:ff9b::a9fe:a9fe` cannot
+/// stand in for a loopback or a metadata address.
+pub fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
+    let segments = ip.segments();
+    let last = Ipv4Addr::new(
+        ip.octets()[12],
+        ip.octets()[13],
+        ip.octets()[14],
+        ip.octets()[15],
+    );
+    match segments {
+        [0, 0, 0, 0, 0, 0xffff, _, _] => Some(last),
+        [0, 0, 0, 0, 0, 0, high, low] if (high, low) != (0, 0) && (high, low) != (0, 1) => {
+            Some(last)
+        }
+        [0x2002, high, low, ..] => Some(Ipv4Addr::from((u32::from(high) << 16) | u32::from(low))),
+        [0x0064, 0xff9b, 0, 0, 0, 0, _, _] => Some(last),
+        _ => None,
+    }
+}
+
 /// Parses an address range: a CIDR (`10.0.0.0/8`, `fd00::/8`) or one address (`10.0.0.7`,
 /// a /32 or /128). Host bits are cleared (`10.1.2.3/8` is `10.0.0.0/8`).
 pub fn parse_range(text: &str) -> Result<IpNet, String> {
@@ -128,12 +160,13 @@ impl AddressPolicy {
         let Some(class) = AddressClass::of(ip) else {
             return Ok(());
         };
-        let canonical = ip.to_canonical();
-        if self
-            .allowed
-            .iter()
-            .any(|range| range.contains(&ip) || range.contains(&canonical))
-        {
+        let embedded = match ip {
+            IpAddr::V6(v6) => embedded_ipv4(v6).map(IpAddr::V4),
+            IpAddr::V4(_) => None,
+        };
+        if self.allowed.iter().any(|range| {
+            range.contains(&ip) || embedded.is_some_and(|embedded| range.contains(&embedded))
+        }) {
             return Ok(());
         }
         Err(Refusal::AddressClass { address: ip, class })
@@ -607,6 +640,14 @@ mod tests {
             ("100.100.100.200", AddressClass::Metadata),
             ("169.254.10.1", AddressClass::LinkLocal),
             ("fe80::1", AddressClass::LinkLocal),
+            // IPv6 addresses carrying a refused IPv4 address.
+            ("::7f00:1", AddressClass::Loopback),
+            ("::127.0.0.1", AddressClass::Loopback),
+            ("2002:7f00:1::1", AddressClass::Loopback),
+            ("64:ff9b::a9fe:a9fe", AddressClass::Metadata),
+            ("64:ff9b::169.254.169.254", AddressClass::Metadata),
+            ("2002:a9fe:a9fe::", AddressClass::Metadata),
+            ("::ffff:169.254.1.1", AddressClass::LinkLocal),
         ] {
             assert_eq!(
                 policy.check(ip(address)),
@@ -623,6 +664,10 @@ mod tests {
             "100.64.0.1",
             "fd00::1",
             "2001:db8::1",
+            "::",
+            "::a00:1",
+            "2002:a00:1::1",
+            "64:ff9b::a00:1",
         ] {
             assert_eq!(policy.check(ip(routable)), Ok(()), "{routable}");
         }
@@ -633,6 +678,7 @@ mod tests {
         let policy = AddressPolicy::allowing(vec![parse_range("127.0.0.0/8").expect("range")]);
         assert_eq!(policy.check(ip("127.0.0.1")), Ok(()));
         assert_eq!(policy.check(ip("::ffff:127.0.0.1")), Ok(()));
+        assert_eq!(policy.check(ip("2002:7f00:1::1")), Ok(()));
         assert!(policy.check(ip("::1")).is_err());
         assert!(policy.check(ip("169.254.169.254")).is_err());
     }
