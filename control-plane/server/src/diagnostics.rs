@@ -12,8 +12,9 @@
 //!
 //! The table is bounded and forgets, like the proxy table ([`crate::proxies`]): one pending
 //! request per node (a newer one replaces it), at most [`DiagnosticsLimits::max_pending`]
-//! nodes with one, at most [`DiagnosticsLimits::max_reports`] reports (one per node and
-//! service, the oldest evicted), and everything older than
+//! nodes with one, at most [`DiagnosticsLimits::max_reports`] reports and
+//! [`DiagnosticsLimits::max_report_bytes`] of them (one per node and service, the oldest
+//! evicted), and everything older than
 //! [`DiagnosticsLimits::expire_after`] goes. Nothing here reads a clock: every call takes
 //! `now`.
 //!
@@ -38,6 +39,9 @@ use tokio::sync::Notify;
 /// Default of [`DiagnosticsLimits::max_reports`].
 pub const DEFAULT_MAX_REPORTS: usize = 1_000;
 
+/// Default of [`DiagnosticsLimits::max_report_bytes`]: 32 of the largest reports.
+pub const DEFAULT_MAX_REPORT_BYTES: usize = 64 << 20;
+
 /// Default of [`DiagnosticsLimits::max_pending`].
 pub const DEFAULT_MAX_PENDING: usize = 1_000;
 
@@ -49,6 +53,10 @@ pub const DEFAULT_EXPIRE_AFTER: Duration = Duration::from_secs(60);
 pub struct DiagnosticsLimits {
     /// Most reports kept; a new one beyond evicts the oldest received.
     pub max_reports: usize,
+    /// Most bytes of reports kept (as their bodies measured); a new one beyond evicts the
+    /// oldest received until it fits. A report is at most
+    /// [`fulcrum_core::diagnostics::MAX_REPORT_BYTES`].
+    pub max_report_bytes: usize,
     /// Most nodes with a pending request; a new one beyond evicts the oldest asked.
     pub max_pending: usize,
     /// A request or report older than this is forgotten.
@@ -59,6 +67,7 @@ impl Default for DiagnosticsLimits {
     fn default() -> Self {
         Self {
             max_reports: DEFAULT_MAX_REPORTS,
+            max_report_bytes: DEFAULT_MAX_REPORT_BYTES,
             max_pending: DEFAULT_MAX_PENDING,
             expire_after: DEFAULT_EXPIRE_AFTER,
         }
@@ -80,6 +89,8 @@ pub struct Received {
     pub report: DiagnosticsReport,
     /// When it arrived.
     pub at: SystemTime,
+    /// Its body's bytes, held against [`DiagnosticsLimits::max_report_bytes`].
+    pub bytes: usize,
 }
 
 /// Why a report was not kept.
@@ -119,6 +130,8 @@ pub struct DiagnosticsTable {
     next_id: u64,
     pending: BTreeMap<String, Pending>,
     reports: BTreeMap<(String, String), Received>,
+    /// The kept reports' bytes.
+    held: usize,
 }
 
 fn age(then: SystemTime, now: SystemTime) -> Duration {
@@ -133,6 +146,7 @@ impl DiagnosticsTable {
             next_id: first_id,
             pending: BTreeMap::new(),
             reports: BTreeMap::new(),
+            held: 0,
         }
     }
 
@@ -171,12 +185,15 @@ impl DiagnosticsTable {
             .map(|pending| (pending.id, pending.service.as_str()))
     }
 
-    /// Keeps `report` from `node` at `now` if it answers the request pending for that node;
-    /// the request is then answered.
+    /// Keeps `report` from `node` (a body of `bytes`) at `now` if it answers the request
+    /// pending for that node; the request is then answered. The oldest reports received go
+    /// to keep within [`DiagnosticsLimits::max_reports`] and
+    /// [`DiagnosticsLimits::max_report_bytes`].
     pub fn record(
         &mut self,
         node: &str,
         report: DiagnosticsReport,
+        bytes: usize,
         now: SystemTime,
     ) -> Result<(), Refused> {
         self.expire(now);
@@ -188,18 +205,38 @@ impl DiagnosticsTable {
         }
         self.pending.remove(node);
         let key = (node.to_owned(), report.service.clone());
-        if !self.reports.contains_key(&key)
-            && self.reports.len() >= self.limits.max_reports
-            && let Some(oldest) = self
+        self.forget(&key);
+        while !self.reports.is_empty()
+            && (self.reports.len() >= self.limits.max_reports
+                || self.held + bytes > self.limits.max_report_bytes)
+        {
+            let Some(oldest) = self
                 .reports
                 .iter()
                 .min_by_key(|(_, received)| received.at)
                 .map(|(key, _)| key.clone())
-        {
-            self.reports.remove(&oldest);
+            else {
+                break;
+            };
+            self.forget(&oldest);
         }
-        self.reports.insert(key, Received { report, at: now });
+        self.held += bytes;
+        self.reports.insert(
+            key,
+            Received {
+                report,
+                at: now,
+                bytes,
+            },
+        );
         Ok(())
+    }
+
+    /// Drops the report under `key`, if any.
+    fn forget(&mut self, key: &(String, String)) {
+        if let Some(gone) = self.reports.remove(key) {
+            self.held = self.held.saturating_sub(gone.bytes);
+        }
     }
 
     /// The report of `node` for `service` answering request `id`, if it arrived.
@@ -214,8 +251,14 @@ impl DiagnosticsTable {
         let expire_after = self.limits.expire_after;
         self.pending
             .retain(|_, pending| age(pending.asked, now) < expire_after);
-        self.reports
-            .retain(|_, received| age(received.at, now) < expire_after);
+        let held = &mut self.held;
+        self.reports.retain(|_, received| {
+            let keep = age(received.at, now) < expire_after;
+            if !keep {
+                *held = held.saturating_sub(received.bytes);
+            }
+            keep
+        });
     }
 
     /// How many requests are pending and reports kept.
@@ -307,7 +350,7 @@ impl Diagnostics {
     pub fn receive(&self, node: Option<&str>, body: &[u8], now: SystemTime) -> Result<(), Refused> {
         let outcome = node.ok_or(Refused::NodeId).and_then(|node| {
             let report = DiagnosticsReport::parse(body)?;
-            self.table().record(node, report, now)
+            self.table().record(node, report, body.len(), now)
         });
         match &outcome {
             Ok(()) => {
@@ -378,6 +421,7 @@ mod tests {
     fn limits() -> DiagnosticsLimits {
         DiagnosticsLimits {
             max_reports: 2,
+            max_report_bytes: 1000,
             max_pending: 2,
             expire_after: Duration::from_secs(60),
         }
@@ -391,7 +435,7 @@ mod tests {
         assert_eq!(table.request_for("web-1", at(1)), Some((100, "checkout")));
         assert_eq!(table.request_for("web-2", at(1)), None);
         table
-            .record("web-1", report("checkout", 100), at(2))
+            .record("web-1", report("checkout", 100), 1, at(2))
             .expect("answers the request");
         assert_eq!(table.request_for("web-1", at(3)), None, "answered");
         assert_eq!(
@@ -409,22 +453,22 @@ mod tests {
     fn a_report_nobody_asked_for_is_refused() {
         let mut table = DiagnosticsTable::new(limits(), 1);
         assert_eq!(
-            table.record("web-1", report("checkout", 1), at(0)),
+            table.record("web-1", report("checkout", 1), 1, at(0)),
             Err(Refused::Unrequested)
         );
         let id = table.ask("web-1", "checkout", at(0));
         assert_eq!(
-            table.record("web-1", report("cart", id), at(1)),
+            table.record("web-1", report("cart", id), 1, at(1)),
             Err(Refused::Unrequested),
             "another service"
         );
         assert_eq!(
-            table.record("web-2", report("checkout", id), at(1)),
+            table.record("web-2", report("checkout", id), 1, at(1)),
             Err(Refused::Unrequested),
             "another node"
         );
         assert_eq!(
-            table.record("web-1", report("checkout", id + 1), at(1)),
+            table.record("web-1", report("checkout", id + 1), 1, at(1)),
             Err(Refused::Unrequested),
             "another request"
         );
@@ -453,11 +497,11 @@ mod tests {
         for (i, node) in ["b", "c"].into_iter().enumerate() {
             let (id, _) = table.request_for(node, at(3)).expect("pending");
             table
-                .record(node, report("s", id), at(10 + i as u64))
+                .record(node, report("s", id), 1, at(10 + i as u64))
                 .expect("kept");
         }
         let id = table.ask("d", "s", at(20));
-        table.record("d", report("s", id), at(21)).expect("kept");
+        table.record("d", report("s", id), 1, at(21)).expect("kept");
         assert_eq!(table.len().1, 2);
         assert!(
             table.report("b", "s", 2).is_none(),
@@ -470,6 +514,46 @@ mod tests {
             (0, 1),
             "only d's report, at 21 s, is younger than 60 s"
         );
+    }
+
+    #[test]
+    fn reports_are_kept_within_their_byte_budget_evicting_the_oldest_received() {
+        let mut table = DiagnosticsTable::new(
+            DiagnosticsLimits {
+                max_reports: 10,
+                ..limits()
+            },
+            1,
+        );
+        let answer = |table: &mut DiagnosticsTable, node: &str, bytes, second| {
+            let id = table.ask(node, "s", at(second));
+            table
+                .record(node, report("s", id), bytes, at(second))
+                .expect("kept");
+            id
+        };
+        let a = answer(&mut table, "a", 400, 0);
+        let b = answer(&mut table, "b", 400, 1);
+        assert_eq!(table.len().1, 2, "800 of 1000 bytes");
+        let c = answer(&mut table, "c", 400, 2);
+        assert!(table.report("a", "s", a).is_none(), "the oldest went");
+        assert!(table.report("b", "s", b).is_some() && table.report("c", "s", c).is_some());
+        let b_again = answer(&mut table, "b", 600, 3);
+        assert!(
+            table.report("c", "s", c).is_some() && table.report("b", "s", b_again).is_some(),
+            "a node's new report replaces its old one's bytes: 400 + 600 fit"
+        );
+        let d = answer(&mut table, "d", 1000, 4);
+        assert_eq!(
+            table.len().1,
+            1,
+            "the largest report alone fills the budget"
+        );
+        assert!(table.report("d", "s", d).is_some());
+        table.expire(at(70));
+        assert_eq!(table.len(), (0, 0));
+        answer(&mut table, "e", 1000, 70);
+        assert_eq!(table.len().1, 1, "expired reports gave their bytes back");
     }
 
     #[test]

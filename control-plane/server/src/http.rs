@@ -164,6 +164,10 @@ pub const MAX_DIAGNOSTICS_WAIT_SECONDS: u64 = 30;
 /// served from the long polls' share of the in-flight cap, with their deadline.
 pub const LONG_POLL_ROUTES: &[&str] = &["/v1/proxies/{node}/endpoints"];
 
+/// Routes whose request bodies have a bound of their own, above the listener's: a proxy's
+/// endpoint diagnostics report (every worker's view, up to [`MAX_REPORT_BYTES`]).
+pub const LARGE_BODY_ROUTES: &[(&str, usize)] = &[("/v1/diagnostics", MAX_REPORT_BYTES)];
+
 /// The API's routes: read-only.
 pub fn router(state: AppState) -> Router {
     Router::new()

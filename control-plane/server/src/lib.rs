@@ -396,6 +396,7 @@ impl ControlPlane {
                 ]
                 .concat(),
                 LONG_POLL_WAIT,
+                http::LARGE_BODY_ROUTES,
                 &limit_metrics,
             ),
             limits,
@@ -409,6 +410,7 @@ impl ControlPlane {
                 http::admin_router(state, admin_tokens),
                 &[],
                 Duration::ZERO,
+                &[],
                 &limit_metrics,
             ),
             limits,

@@ -24,7 +24,7 @@ use axum::{
     Router,
     body::{Body, Bytes},
     extract::Request,
-    http::StatusCode,
+    http::{StatusCode, header::CONTENT_LENGTH},
     middleware::Next,
     response::IntoResponse,
 };
@@ -35,7 +35,6 @@ use prometheus_client::{
     registry::Registry,
 };
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tower_http::limit::RequestBodyLimitLayer;
 
 /// The bounds. The defaults suit a control plane serving a few thousand proxies.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -95,8 +94,9 @@ const GRPC_KEEPALIVE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct LimitLabels {
     /// `in_flight` (refused at the in-flight cap), `long_poll` (refused at the long polls'
-    /// share of it), `timeout` (cut at the deadline) or `answer_bytes` (an answer refused,
-    /// the large answers being sent holding the whole budget).
+    /// share of it), `timeout` (cut at the deadline), `answer_bytes` (an answer refused,
+    /// the large answers being sent holding the whole budget) or `body_too_large` (a
+    /// request body over its bound, answered `413`).
     pub reason: &'static str,
 }
 
@@ -112,7 +112,7 @@ impl LimitMetrics {
     pub fn register(&self, registry: &mut Registry) {
         registry.sub_registry_with_prefix("fulcrum").register(
             "http_requests_limited",
-            "HTTP requests refused at the in-flight cap or the answer budget, or cut at the request deadline",
+            "HTTP requests refused at the in-flight cap, the answer budget or the body bound, or cut at the request deadline",
             self.limited.clone(),
         );
     }
@@ -152,7 +152,8 @@ fn kib(bytes: u64) -> u32 {
 impl ListenerLimits {
     /// `router`, serving one listener, within the HTTP limits: at most
     /// [`http_max_in_flight`](Self::http_max_in_flight) requests at once (the rest get `503`
-    /// at once), bodies up to [`http_max_body_bytes`](Self::http_max_body_bytes) (`413`), a
+    /// at once), bodies up to [`http_max_body_bytes`](Self::http_max_body_bytes) or, on
+    /// `large_bodies`' routes, their own bound (`413`, counted as `body_too_large`), a
     /// deadline of [`http_request_timeout`](Self::http_request_timeout) (`503` then), plus
     /// `long_poll` on top for requests to `long_poll_routes` (a watch that waits by design),
     /// and answers of [`COUNTED_ANSWER_BYTES`] or more held against
@@ -169,6 +170,7 @@ impl ListenerLimits {
         router: Router,
         long_poll_routes: &[&'static str],
         long_poll: Duration,
+        large_bodies: &[(&'static str, usize)],
         metrics: &LimitMetrics,
     ) -> Router {
         // One semaphore for the listener: `Router::layer` wraps every route on its own, so
@@ -179,61 +181,85 @@ impl ListenerLimits {
             u64::try_from(self.http_max_answer_bytes).unwrap_or(u64::MAX)
         ) as usize));
         let long_poll_routes: Arc<[&'static str]> = long_poll_routes.into();
+        let large_bodies: Arc<[(&'static str, usize)]> = large_bodies.into();
         let limited = metrics.limited.clone();
         let timeout = self.http_request_timeout;
-        router
-            .layer(axum::middleware::from_fn(
-                move |request: Request, next: Next| {
-                    let path = request.uri().path();
-                    let (slot, deadline, full) = if PROBE_PATHS.contains(&path) {
-                        (None, timeout, "in_flight")
-                    } else if long_poll_routes
-                        .iter()
-                        .any(|route| route_matches(route, path))
-                    {
-                        let slot = Arc::clone(&long_poll_slots).try_acquire_owned();
-                        (Some(slot), timeout + long_poll, "long_poll")
-                    } else {
-                        let slot = Arc::clone(&slots).try_acquire_owned();
-                        (Some(slot), timeout, "in_flight")
+        let max_body = self.http_max_body_bytes;
+        router.layer(axum::middleware::from_fn(
+            move |request: Request, next: Next| {
+                let path = request.uri().path();
+                let body_limit = large_bodies
+                    .iter()
+                    .find(|(route, _)| route_matches(route, path))
+                    .map_or(max_body, |&(_, limit)| limit);
+                let declared = request
+                    .headers()
+                    .get(CONTENT_LENGTH)
+                    .and_then(|length| length.to_str().ok()?.parse::<u64>().ok());
+                let (slot, deadline, full) = if PROBE_PATHS.contains(&path) {
+                    (None, timeout, "in_flight")
+                } else if long_poll_routes
+                    .iter()
+                    .any(|route| route_matches(route, path))
+                {
+                    let slot = Arc::clone(&long_poll_slots).try_acquire_owned();
+                    (Some(slot), timeout + long_poll, "long_poll")
+                } else {
+                    let slot = Arc::clone(&slots).try_acquire_owned();
+                    (Some(slot), timeout, "in_flight")
+                };
+                let (limited, answer_bytes) = (limited.clone(), Arc::clone(&answer_bytes));
+                async move {
+                    let count = |reason| limited.get_or_create(&LimitLabels { reason }).inc();
+                    let refuse = |reason, message| {
+                        count(reason);
+                        (StatusCode::SERVICE_UNAVAILABLE, message).into_response()
                     };
-                    let (limited, answer_bytes) = (limited.clone(), Arc::clone(&answer_bytes));
-                    async move {
-                        let refuse = |reason, message| {
-                            limited.get_or_create(&LimitLabels { reason }).inc();
-                            (StatusCode::SERVICE_UNAVAILABLE, message).into_response()
-                        };
-                        let _slot = match slot {
-                            None => None,
-                            Some(Ok(slot)) => Some(slot),
-                            Some(Err(_)) => {
-                                return refuse(
-                                    full,
-                                    "the control plane is serving as many requests as it may; retry\n",
-                                );
-                            }
-                        };
-                        let Ok(response) = tokio::time::timeout(deadline, next.run(request)).await
-                        else {
-                            return refuse("timeout", "the request ran out of time; retry\n");
-                        };
-                        let size = http_body::Body::size_hint(response.body()).lower();
-                        if size < COUNTED_ANSWER_BYTES
-                            || response.extensions().get::<SharedAnswer>().is_some()
-                        {
-                            return response;
-                        }
-                        let Ok(held) = answer_bytes.try_acquire_many_owned(kib(size)) else {
-                            return refuse(
-                                "answer_bytes",
-                                "the control plane is sending as many large answers as it may; retry\n",
-                            );
-                        };
-                        response.map(|body| Body::new(Held { body, _held: held }))
+                    if declared.is_some_and(|length| length > body_limit as u64) {
+                        count("body_too_large");
+                        return (
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            format!("the request body is over {body_limit} bytes\n"),
+                        )
+                            .into_response();
                     }
-                },
-            ))
-            .layer(RequestBodyLimitLayer::new(self.http_max_body_bytes))
+                    // A body without a length (chunked) is cut at the bound as it is read,
+                    // and its handler answers `413`.
+                    let request = request
+                        .map(|body| Body::new(http_body_util::Limited::new(body, body_limit)));
+                    let _slot = match slot {
+                        None => None,
+                        Some(Ok(slot)) => Some(slot),
+                        Some(Err(_)) => {
+                            return refuse(
+                                full,
+                                "the control plane is serving as many requests as it may; retry\n",
+                            );
+                        }
+                    };
+                    let Ok(response) = tokio::time::timeout(deadline, next.run(request)).await
+                    else {
+                        return refuse("timeout", "the request ran out of time; retry\n");
+                    };
+                    if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                        count("body_too_large");
+                    }
+                    let size = http_body::Body::size_hint(response.body()).lower();
+                    if size < COUNTED_ANSWER_BYTES
+                        || response.extensions().get::<SharedAnswer>().is_some()
+                    {
+                        return response;
+                    }
+                    let Ok(held) = answer_bytes.try_acquire_many_owned(kib(size)) else {
+                        return refuse(
+                            "answer_bytes",
+                            "the control plane is sending as many large answers as it may; retry\n",
+                        );
+                    };
+                    response.map(|body| Body::new(Held { body, _held: held }))
+                }
+            },
+        ))
     }
 
     /// A gRPC server builder with these bounds.

@@ -770,3 +770,110 @@ async fn endpoint_diagnostics_asks_wait_in_the_long_polls_share_and_leave_snapsh
     waiting.abort();
     control_plane.shutdown().await;
 }
+
+/// A report of `service` answering request `id`: two workers of `endpoints` endpoints each.
+fn diagnostics_report(service: &str, id: u64, endpoints: usize) -> Vec<u8> {
+    use fulcrum_core::{
+        Health,
+        diagnostics::{BreakerKind, DiagnosticsReport, EndpointDiagnostics, WorkerDiagnostics},
+    };
+    let worker = |slot: u32| WorkerDiagnostics {
+        worker: slot,
+        version: Some("v1".to_owned()),
+        endpoints: (0..endpoints)
+            .map(|i| EndpointDiagnostics {
+                address: format!("10.1.{}.{}:8080", i / 250, i % 250)
+                    .parse()
+                    .expect("address"),
+                health: Health::Healthy,
+                weight: 1,
+                breaker: BreakerKind::Closed,
+                reason: None,
+                ejections: 0,
+                readmit_in_ms: None,
+                latency_ms: Some(1.5),
+                inflight: 0,
+                picks: 12,
+                consecutive_failures: 0,
+                window_requests: 40,
+                window_failures: 0,
+            })
+            .collect(),
+        omitted: 0,
+    };
+    serde_json::to_vec(&DiagnosticsReport {
+        service: service.to_owned(),
+        request: id,
+        workers: vec![worker(0), worker(1)],
+    })
+    .expect("a report")
+}
+
+#[tokio::test]
+async fn a_diagnostics_report_over_the_listeners_body_bound_is_taken_up_to_its_own() {
+    let (control_plane, _dir) = started(loopback_config(None)).await;
+    let address = control_plane.http_address();
+    polled_by(address, 1).await;
+    let node = format!("{:06}-{}", 0, "n".repeat(240));
+    let ask = tokio::spawn({
+        let url = format!("http://{address}/v1/proxies/{node}/endpoints?service=checkout&wait=10");
+        async move { http_client().get(url).send().await }
+    });
+    let poll = || {
+        http_client()
+            .get(format!("http://{address}/v1/snapshot"))
+            .header("x-fulcrum-node-id", node.clone())
+            .send()
+    };
+    let asked = tokio::time::Instant::now() + Duration::from_secs(5);
+    let id = loop {
+        let answer = poll().await.expect("poll");
+        if let Some(value) = answer.headers().get("x-fulcrum-diagnose") {
+            let value = value.to_str().expect("text").to_owned();
+            let (id, service) = value.split_once(' ').expect("id and service");
+            assert_eq!(service, "checkout");
+            break id.parse::<u64>().expect("an id");
+        }
+        assert!(tokio::time::Instant::now() < asked, "no request named");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let body = diagnostics_report("checkout", id, 250);
+    assert!(
+        body.len() > ListenerLimits::default().http_max_body_bytes,
+        "over the listener's bound: {} bytes",
+        body.len()
+    );
+    let posted = http_client()
+        .post(format!("http://{address}/v1/diagnostics"))
+        .header("x-fulcrum-node-id", node.clone())
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(posted.status(), StatusCode::NO_CONTENT);
+    let view = ask
+        .await
+        .expect("the ask")
+        .expect("answered")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        view.contains("10.1.0.249:8080"),
+        "the operator gets the report: {view}"
+    );
+
+    let oversized = http_client()
+        .post(format!("http://{address}/v1/diagnostics"))
+        .header("x-fulcrum-node-id", node)
+        .body(vec![b' '; fulcrum_core::diagnostics::MAX_REPORT_BYTES + 1])
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(oversized.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let series = "fulcrum_http_requests_limited_total{reason=\"body_too_large\"} 1";
+    let metrics = metrics_of(address).await;
+    assert!(metrics.contains(series), "{series} in {metrics}");
+    control_plane.shutdown().await;
+}
