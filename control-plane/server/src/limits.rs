@@ -177,9 +177,8 @@ impl ListenerLimits {
         // the cap lives in the closure every route shares.
         let slots = Arc::new(Semaphore::new(self.http_max_in_flight));
         let long_poll_slots = Arc::new(Semaphore::new((self.http_max_in_flight / 4).max(1)));
-        let answer_bytes = Arc::new(Semaphore::new(kib(
-            u64::try_from(self.http_max_answer_bytes).unwrap_or(u64::MAX)
-        ) as usize));
+        let answer_budget = kib(u64::try_from(self.http_max_answer_bytes).unwrap_or(u64::MAX));
+        let answer_bytes = Arc::new(Semaphore::new(answer_budget as usize));
         let long_poll_routes: Arc<[&'static str]> = long_poll_routes.into();
         let large_bodies: Arc<[(&'static str, usize)]> = large_bodies.into();
         let limited = metrics.limited.clone();
@@ -249,6 +248,12 @@ impl ListenerLimits {
                         || response.extensions().get::<SharedAnswer>().is_some()
                     {
                         return response;
+                    }
+                    if kib(size) > answer_budget {
+                        return refuse(
+                            "answer_bytes",
+                            "the answer is larger than the control plane's --http-max-answer-bytes; raise it\n",
+                        );
                     }
                     let Ok(held) = answer_bytes.try_acquire_many_owned(kib(size)) else {
                         return refuse(
