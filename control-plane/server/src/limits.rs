@@ -3,10 +3,11 @@
 //! Every pod of a mesh can reach the control plane, so no client may make it hold unbounded
 //! state or wait forever: HTTP requests have a deadline, a body cap and a cap on how many are
 //! served at once (the rest get a prompt `503`; long polls have a share of their own and the
-//! kubelet's probes are never refused); an answer must be taken by the client within a
-//! deadline of its own, and the answers built for one request (not the snapshot, which every
-//! proxy's answer shares) hold at most [`ListenerLimits::http_max_answer_bytes`] while they
-//! are sent, so clients that stop reading cannot pile up copies of a large answer; gRPC (xDS
+//! kubelet's probes are never refused; request bodies of their own, larger bound take slots of
+//! their own); the answers being sent hold at most [`ListenerLimits::http_max_answer_bytes`]
+//! (each its own bytes, none for the snapshot that every proxy's answer shares, plus a
+//! stream's overhead), handed to the connection a frame at a time, so clients that stop
+//! reading cannot pile up answers or streams; gRPC (xDS
 //! and the registry) caps streams per connection and message sizes, and keeps connections
 //! alive only while the peer answers; the ADS server caps its streams in total
 //! (`fulcrum_xds::AdsServer::with_max_streams`). The connections themselves are
@@ -46,8 +47,9 @@ pub struct ListenerLimits {
     pub http_max_in_flight: usize,
     /// Largest HTTP request body, in bytes; a larger one is refused with `413`.
     pub http_max_body_bytes: usize,
-    /// Bytes of answers built for one request (everything but the snapshot, whose answers
-    /// share one copy) held at once while they are sent; an answer beyond gets `503`.
+    /// Bytes of answers held at once while they are sent: each its own bytes (none for the
+    /// snapshot, whose answers share one copy) plus [`ANSWER_OVERHEAD_BYTES`]; an answer
+    /// beyond gets `503`.
     pub http_max_answer_bytes: usize,
     /// HTTP connections one listener holds at once; one more is closed as it is accepted.
     pub http_max_connections: usize,
@@ -94,9 +96,10 @@ const GRPC_KEEPALIVE: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 pub struct LimitLabels {
     /// `in_flight` (refused at the in-flight cap), `long_poll` (refused at the long polls'
-    /// share of it), `timeout` (cut at the deadline), `answer_bytes` (an answer refused,
-    /// the large answers being sent holding the whole budget) or `body_too_large` (a
-    /// request body over its bound, answered `413`).
+    /// share of it), `large_body` (refused at the large-body routes' slots), `timeout` (cut
+    /// at the deadline), `answer_bytes` (an answer refused, the answers being sent holding
+    /// the whole budget) or `body_too_large` (a request body over its bound, answered
+    /// `413`).
     pub reason: &'static str,
 }
 
@@ -118,12 +121,24 @@ impl LimitMetrics {
     }
 }
 
-/// Answers at least this large are held against [`ListenerLimits::http_max_answer_bytes`]
-/// while they are sent; smaller ones only count among the requests in flight.
-pub const COUNTED_ANSWER_BYTES: u64 = 64 << 10;
+/// What every answer being sent is charged against [`ListenerLimits::http_max_answer_bytes`]
+/// on top of its own bytes: a stream's and a connection's state for it. A shared answer
+/// ([`SharedAnswer`]) is charged this alone.
+pub const ANSWER_OVERHEAD_BYTES: u64 = 4 << 10;
+
+/// The frames an answer's body is handed to the connection in: the connection asks for the
+/// next only once it has room (its socket or its HTTP/2 window took the last), so an answer
+/// a client does not read stays in the body, charged, not in the connection's buffers.
+pub const ANSWER_FRAME_BYTES: usize = 16 << 10;
+
+/// Most requests with a body of their own bound (`large_bodies`) served at once, from slots
+/// of their own: clients trickling large bodies hold these, not the snapshot polls' slots,
+/// and at most this many such bodies are read at once.
+pub const LARGE_BODY_SLOTS: usize = 64;
 
 /// Marks an answer whose body is shared with other answers (the snapshot's, one copy for
-/// every proxy), so it is not held against [`ListenerLimits::http_max_answer_bytes`].
+/// every proxy), so only [`ANSWER_OVERHEAD_BYTES`] of it are held against
+/// [`ListenerLimits::http_max_answer_bytes`].
 #[derive(Debug, Clone, Copy)]
 pub struct SharedAnswer;
 
@@ -156,13 +171,16 @@ impl ListenerLimits {
     /// `large_bodies`' routes, their own bound (`413`, counted as `body_too_large`), a
     /// deadline of [`http_request_timeout`](Self::http_request_timeout) (`503` then), plus
     /// `long_poll` on top for requests to `long_poll_routes` (a watch that waits by design),
-    /// and answers of [`COUNTED_ANSWER_BYTES`] or more held against
-    /// [`http_max_answer_bytes`](Self::http_max_answer_bytes) until their body is sent or
-    /// dropped (`503` when it is spent), unless marked [`SharedAnswer`].
+    /// and every answer (but the probes') held against
+    /// [`http_max_answer_bytes`](Self::http_max_answer_bytes), its bytes (none when marked
+    /// [`SharedAnswer`]) and [`ANSWER_OVERHEAD_BYTES`], until its body is sent or dropped,
+    /// handed over in [`ANSWER_FRAME_BYTES`] frames (`503` when the budget is spent).
     ///
     /// Requests to `long_poll_routes` ([`route_matches`]) are served from slots of their
     /// own, a quarter of the cap (at least one), so clients that wait by design cannot take
-    /// the slots of snapshot polls; refusals there are counted as `long_poll`. The kubelet's
+    /// the slots of snapshot polls; refusals there are counted as `long_poll`. So are
+    /// requests to `large_bodies`' routes ([`LARGE_BODY_SLOTS`], refusals counted as
+    /// `large_body`). The kubelet's
     /// probes ([`PROBE_PATHS`]) take no slot: a listener full of slow clients must not get
     /// the replica restarted by its liveness probe.
     pub fn bound_http(
@@ -177,6 +195,7 @@ impl ListenerLimits {
         // the cap lives in the closure every route shares.
         let slots = Arc::new(Semaphore::new(self.http_max_in_flight));
         let long_poll_slots = Arc::new(Semaphore::new((self.http_max_in_flight / 4).max(1)));
+        let large_body_slots = Arc::new(Semaphore::new(LARGE_BODY_SLOTS));
         let answer_budget = kib(u64::try_from(self.http_max_answer_bytes).unwrap_or(u64::MAX));
         let answer_bytes = Arc::new(Semaphore::new(answer_budget as usize));
         let long_poll_routes: Arc<[&'static str]> = long_poll_routes.into();
@@ -187,16 +206,21 @@ impl ListenerLimits {
         router.layer(axum::middleware::from_fn(
             move |request: Request, next: Next| {
                 let path = request.uri().path();
-                let body_limit = large_bodies
+                let large_body = large_bodies
                     .iter()
                     .find(|(route, _)| route_matches(route, path))
-                    .map_or(max_body, |&(_, limit)| limit);
+                    .map(|&(_, limit)| limit);
+                let body_limit = large_body.unwrap_or(max_body);
                 let declared = request
                     .headers()
                     .get(CONTENT_LENGTH)
                     .and_then(|length| length.to_str().ok()?.parse::<u64>().ok());
-                let (slot, deadline, full) = if PROBE_PATHS.contains(&path) {
+                let probe = PROBE_PATHS.contains(&path);
+                let (slot, deadline, full) = if probe {
                     (None, timeout, "in_flight")
+                } else if large_body.is_some() {
+                    let slot = Arc::clone(&large_body_slots).try_acquire_owned();
+                    (Some(slot), timeout, "large_body")
                 } else if long_poll_routes
                     .iter()
                     .any(|route| route_matches(route, path))
@@ -243,25 +267,34 @@ impl ListenerLimits {
                     if response.status() == StatusCode::PAYLOAD_TOO_LARGE {
                         count("body_too_large");
                     }
-                    let size = http_body::Body::size_hint(response.body()).lower();
-                    if size < COUNTED_ANSWER_BYTES
-                        || response.extensions().get::<SharedAnswer>().is_some()
-                    {
+                    if probe {
                         return response;
                     }
-                    if kib(size) > answer_budget {
+                    let own = if response.extensions().get::<SharedAnswer>().is_some() {
+                        0
+                    } else {
+                        http_body::Body::size_hint(response.body()).lower()
+                    };
+                    let charge = kib(own.saturating_add(ANSWER_OVERHEAD_BYTES));
+                    if charge > answer_budget {
                         return refuse(
                             "answer_bytes",
                             "the answer is larger than the control plane's --http-max-answer-bytes; raise it\n",
                         );
                     }
-                    let Ok(held) = answer_bytes.try_acquire_many_owned(kib(size)) else {
+                    let Ok(held) = answer_bytes.try_acquire_many_owned(charge) else {
                         return refuse(
                             "answer_bytes",
-                            "the control plane is sending as many large answers as it may; retry\n",
+                            "the control plane is sending as many answers as it may; retry\n",
                         );
                     };
-                    response.map(|body| Body::new(Held { body, _held: held }))
+                    response.map(|body| {
+                        Body::new(Held {
+                            body,
+                            rest: Bytes::new(),
+                            _held: held,
+                        })
+                    })
                 }
             },
         ))
@@ -278,9 +311,14 @@ impl ListenerLimits {
 }
 
 /// An answer's body holding its share of [`ListenerLimits::http_max_answer_bytes`] until it
-/// is sent or dropped (the stream reset, the connection closed).
+/// is sent or dropped (the stream reset, the connection closed), handed over in frames of at
+/// most [`ANSWER_FRAME_BYTES`]: a body of one large chunk would be taken whole into the
+/// connection's buffers at once, end, and give its share back while a client that does not
+/// read still holds every byte.
 struct Held {
     body: Body,
+    /// What is left of the last frame the body gave.
+    rest: Bytes,
     _held: OwnedSemaphorePermit,
 }
 
@@ -292,15 +330,33 @@ impl http_body::Body for Held {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
-        Pin::new(&mut self.body).poll_frame(cx)
+        if self.rest.is_empty() {
+            let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => frame,
+                other => return other,
+            };
+            match frame.into_data() {
+                Ok(data) => self.rest = data,
+                Err(frame) => return Poll::Ready(Some(Ok(frame))),
+            }
+        }
+        let take = self.rest.len().min(ANSWER_FRAME_BYTES);
+        Poll::Ready(Some(Ok(Frame::data(self.rest.split_to(take)))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.body.is_end_stream()
+        self.rest.is_empty() && self.body.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.body.size_hint()
+        let rest = self.rest.len() as u64;
+        let body = self.body.size_hint();
+        let mut hint = SizeHint::new();
+        hint.set_lower(body.lower().saturating_add(rest));
+        if let Some(upper) = body.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }
 

@@ -58,10 +58,9 @@ struct Cli {
     /// Largest HTTP request body, in bytes; also the registry's largest gRPC message.
     #[arg(long, default_value_t = 64 << 10)]
     http_max_body_bytes: usize,
-    /// Bytes of answers built for one request (GET /v1/proxies, the registry's lists,
-    /// /metrics; not the snapshot, whose answers share one copy) held at once while they are
-    /// sent, per listener; an answer beyond gets 503. Clients that stop reading cannot pile
-    /// up copies.
+    /// Bytes of answers held at once while they are sent, per listener: each its own bytes
+    /// (none for the snapshot, whose answers share one copy) plus 4 KiB; an answer beyond
+    /// gets 503. Clients that stop reading cannot pile up answers.
     #[arg(long, default_value_t = 64 << 20)]
     http_max_answer_bytes: usize,
     /// HTTP connections one listener holds at once; one more is closed as it is accepted.

@@ -631,13 +631,13 @@ async fn polled_by(address: std::net::SocketAddr, nodes: usize) {
     }
 }
 
-/// Sends `GET path` over HTTP/2 on a connection that grants the server no flow-control
-/// window: the answer's headers come, its body stays unsent in the server for as long as
-/// the connection lives (it answers pings: it is not stalled).
+/// Sends `GET path` over HTTP/2 on a connection that grants the server a flow-control
+/// window of one byte: the answer's headers and first byte come, the rest stays unsent in
+/// the server for as long as the connection lives (it answers pings: it is not stalled).
 async fn unread_request(address: std::net::SocketAddr, path: &str) -> impl Sized {
     let tcp = TcpStream::connect(address).await.expect("connect");
     let (mut client, connection) = h2::client::Builder::new()
-        .initial_window_size(0)
+        .initial_window_size(1)
         .handshake::<_, axum::body::Bytes>(tcp)
         .await
         .expect("h2c handshake");
@@ -648,7 +648,7 @@ async fn unread_request(address: std::net::SocketAddr, path: &str) -> impl Sized
     let (response, _) = client.send_request(request, true).expect("sent");
     let response = response.await.expect("the answer's head");
     assert_eq!(response.status(), StatusCode::OK);
-    // The body is never read, its window never opened.
+    // The body is never read, its window never widened.
     (client, response, AbortOnDrop(driver))
 }
 
@@ -875,5 +875,54 @@ async fn a_diagnostics_report_over_the_listeners_body_bound_is_taken_up_to_its_o
     let series = "fulcrum_http_requests_limited_total{reason=\"body_too_large\"} 1";
     let metrics = metrics_of(address).await;
     assert!(metrics.contains(series), "{series} in {metrics}");
+    control_plane.shutdown().await;
+}
+
+#[tokio::test]
+async fn report_uploads_that_never_finish_hold_the_large_body_slots_only() {
+    let (control_plane, _dir) = started(loopback_config(None)).await;
+    let address = control_plane.http_address();
+    polled_by(address, 1).await;
+    let mut uploads = Vec::new();
+    for _ in 0..fulcrum_control_plane::limits::LARGE_BODY_SLOTS {
+        let mut stream = TcpStream::connect(address).await.expect("connect");
+        stream
+            .write_all(
+                b"POST /v1/diagnostics HTTP/1.1\r\nhost: cp\r\nx-fulcrum-node-id: n\r\n\
+                  content-type: application/json\r\ncontent-length: 100000\r\n\r\n{",
+            )
+            .await
+            .expect("write");
+        uploads.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let refused = http_client()
+        .post(format!("http://{address}/v1/diagnostics"))
+        .header("x-fulcrum-node-id", "n")
+        .body("{}")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(
+        refused.status(),
+        StatusCode::SERVICE_UNAVAILABLE,
+        "every report slot is held by an upload that never ends"
+    );
+    for _ in 0..4 {
+        let polled = http_client()
+            .get(format!("http://{address}/v1/snapshot"))
+            .send()
+            .await
+            .expect("poll");
+        assert_eq!(
+            polled.status(),
+            StatusCode::OK,
+            "snapshot polls keep their slots"
+        );
+    }
+    let series = "fulcrum_http_requests_limited_total{reason=\"large_body\"} 1";
+    let metrics = metrics_of(address).await;
+    assert!(metrics.contains(series), "{series} in {metrics}");
+    drop(uploads);
     control_plane.shutdown().await;
 }
