@@ -482,6 +482,28 @@ async fn metrics_of(address: std::net::SocketAddr) -> String {
         .expect("body")
 }
 
+/// Asserts the control plane's metrics hold `series` (a line's start: name, labels, value).
+async fn assert_counted(address: std::net::SocketAddr, series: &str) {
+    let metrics = metrics_of(address).await;
+    assert!(metrics.contains(series), "{series} in {metrics}");
+}
+
+/// Asserts snapshot polls are answered while other requests hold their own slots.
+async fn snapshot_polls_are_served(address: std::net::SocketAddr) {
+    for _ in 0..4 {
+        let polled = http_client()
+            .get(format!("http://{address}/v1/snapshot"))
+            .send()
+            .await
+            .expect("poll");
+        assert_eq!(
+            polled.status(),
+            StatusCode::OK,
+            "snapshot polls keep their slots"
+        );
+    }
+}
+
 /// Whether the server closed `stream` within `within` (a read ends, or fails).
 async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
     let mut buffer = [0; 1024];
@@ -720,9 +742,11 @@ async fn large_answers_clients_do_not_read_hold_at_most_the_answer_budget() {
         StatusCode::OK,
         "the budget comes back when the reader goes"
     );
-    let series = "fulcrum_http_requests_limited_total{reason=\"answer_bytes\"} 1";
-    let metrics = metrics_of(address).await;
-    assert!(metrics.contains(series), "{series} in {metrics}");
+    assert_counted(
+        address,
+        "fulcrum_http_requests_limited_total{reason=\"answer_bytes\"} 1",
+    )
+    .await;
     control_plane.shutdown().await;
 }
 
@@ -752,21 +776,12 @@ async fn endpoint_diagnostics_asks_wait_in_the_long_polls_share_and_leave_snapsh
         StatusCode::SERVICE_UNAVAILABLE,
         "the long polls' one slot is taken by the first ask"
     );
-    for _ in 0..4 {
-        let polled = http_client()
-            .get(format!("http://{address}/v1/snapshot"))
-            .send()
-            .await
-            .expect("poll");
-        assert_eq!(
-            polled.status(),
-            StatusCode::OK,
-            "snapshot polls keep their slots"
-        );
-    }
-    let series = "fulcrum_http_requests_limited_total{reason=\"long_poll\"} 1";
-    let metrics = metrics_of(address).await;
-    assert!(metrics.contains(series), "{series} in {metrics}");
+    snapshot_polls_are_served(address).await;
+    assert_counted(
+        address,
+        "fulcrum_http_requests_limited_total{reason=\"long_poll\"} 1",
+    )
+    .await;
     waiting.abort();
     control_plane.shutdown().await;
 }
@@ -872,9 +887,11 @@ async fn a_diagnostics_report_over_the_listeners_body_bound_is_taken_up_to_its_o
         .await
         .expect("post");
     assert_eq!(oversized.status(), StatusCode::PAYLOAD_TOO_LARGE);
-    let series = "fulcrum_http_requests_limited_total{reason=\"body_too_large\"} 1";
-    let metrics = metrics_of(address).await;
-    assert!(metrics.contains(series), "{series} in {metrics}");
+    assert_counted(
+        address,
+        "fulcrum_http_requests_limited_total{reason=\"body_too_large\"} 1",
+    )
+    .await;
     control_plane.shutdown().await;
 }
 
@@ -908,21 +925,12 @@ async fn report_uploads_that_never_finish_hold_the_large_body_slots_only() {
         StatusCode::SERVICE_UNAVAILABLE,
         "every report slot is held by an upload that never ends"
     );
-    for _ in 0..4 {
-        let polled = http_client()
-            .get(format!("http://{address}/v1/snapshot"))
-            .send()
-            .await
-            .expect("poll");
-        assert_eq!(
-            polled.status(),
-            StatusCode::OK,
-            "snapshot polls keep their slots"
-        );
-    }
-    let series = "fulcrum_http_requests_limited_total{reason=\"large_body\"} 1";
-    let metrics = metrics_of(address).await;
-    assert!(metrics.contains(series), "{series} in {metrics}");
+    snapshot_polls_are_served(address).await;
+    assert_counted(
+        address,
+        "fulcrum_http_requests_limited_total{reason=\"large_body\"} 1",
+    )
+    .await;
     drop(uploads);
     control_plane.shutdown().await;
 }
