@@ -41,11 +41,14 @@ pub const DEFAULT_MAX_INSTANCES: usize = 10_000;
 pub const DEFAULT_MAX_SERVICE_SERIES: usize = 1_000;
 
 /// Addresses of cloud metadata services: AWS, GCP, Azure, OpenStack (169.254.169.254),
-/// AWS over IPv6 (fd00:ec2::254) and Alibaba Cloud (100.100.100.200).
-const METADATA: [IpAddr; 3] = [
+/// AWS over IPv6 (fd00:ec2::254), GCP over IPv6 (fd20:ce::254), Alibaba Cloud
+/// (100.100.100.200) and Oracle Cloud's older endpoint (192.0.0.192).
+const METADATA: [IpAddr; 5] = [
     IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254)),
     IpAddr::V6(Ipv6Addr::new(0xfd00, 0x0ec2, 0, 0, 0, 0, 0, 0x0254)),
+    IpAddr::V6(Ipv6Addr::new(0xfd20, 0x00ce, 0, 0, 0, 0, 0, 0x0254)),
     IpAddr::V4(Ipv4Addr::new(100, 100, 100, 200)),
+    IpAddr::V4(Ipv4Addr::new(192, 0, 0, 192)),
 ];
 
 /// A class of addresses refused unless explicitly allowed.
@@ -64,7 +67,9 @@ impl AddressClass {
     /// ([`embedded_ipv4`]) is refused for that address's class too.
     pub fn of(ip: IpAddr) -> Option<Self> {
         Self::of_one(ip).or_else(|| match ip {
-            IpAddr::V6(v6) => embedded_ipv4(v6).and_then(|v4| Self::of_one(IpAddr::V4(v4))),
+            IpAddr::V6(v6) => embedded_ipv4(v6)
+                .into_iter()
+                .find_map(|v4| Self::of_one(IpAddr::V4(v4))),
             IpAddr::V4(_) => None,
         })
     }
@@ -107,27 +112,30 @@ impl AddressClass {
     }
 }
 
-/// The IPv4 address an IPv6 address carries, where a network may deliver it to that IPv4
-/// address: IPv4-mapped (`::ffff:a.b.c.d`), IPv4-compatible (`::a.b.c.d`, deprecated but
-/// still routed by some stacks; not `::` or `::1`), 6to4 (`2002:AABB:CCDD::/48`) and NAT64's
-/// well-known prefix (`64:ff9b::a.b.c.d`). So `::7f00:1` or `64:ff9b::a9fe:a9fe` cannot
-/// stand in for a loopback or a metadata address.
-pub fn embedded_ipv4(ip: Ipv6Addr) -> Option<Ipv4Addr> {
-    let segments = ip.segments();
-    let last = Ipv4Addr::new(
-        ip.octets()[12],
-        ip.octets()[13],
-        ip.octets()[14],
-        ip.octets()[15],
-    );
-    match segments {
-        [0, 0, 0, 0, 0, 0xffff, _, _] => Some(last),
-        [0, 0, 0, 0, 0, 0, high, low] if (high, low) != (0, 0) && (high, low) != (0, 1) => {
-            Some(last)
+/// The IPv4 addresses an IPv6 address carries, where a network may deliver it to one of
+/// them: IPv4-mapped (`::ffff:a.b.c.d`) and SIIT's IPv4-translated (`::ffff:0:a.b.c.d`),
+/// IPv4-compatible (`::a.b.c.d`, deprecated but still routed by some stacks; not `::` or
+/// `::1`), 6to4 (`2002:AABB:CCDD::/48`), NAT64's well-known prefix (`64:ff9b::a.b.c.d`) and
+/// its local-use prefix (`64:ff9b:1::/48`, the address at bits 48-88 or in the last 32),
+/// ISATAP's interface id (`…:0:5efe:a.b.c.d`, `…:200:5efe:a.b.c.d`) and Teredo
+/// (`2001::/32`: the server at bits 32-64, the client inverted in the last 32). So
+/// `::7f00:1` or `64:ff9b::a9fe:a9fe` cannot stand in for a loopback or a metadata address.
+pub fn embedded_ipv4(ip: Ipv6Addr) -> Vec<Ipv4Addr> {
+    let [s0, s1, s2, s3, s4, s5, s6, s7] = ip.segments();
+    let o = ip.octets();
+    let v4 = |high: u16, low: u16| Ipv4Addr::from((u32::from(high) << 16) | u32::from(low));
+    let last = v4(s6, s7);
+    match (s0, s1, s2, s3, s4, s5) {
+        (0, 0, 0, 0, 0, 0xffff) | (0, 0, 0, 0, 0xffff, 0) => vec![last],
+        (0, 0, 0, 0, 0, 0) if (s6, s7) != (0, 0) && (s6, s7) != (0, 1) => vec![last],
+        (0x2002, ..) => vec![v4(s1, s2)],
+        (0x0064, 0xff9b, 0, 0, 0, 0) => vec![last],
+        (0x0064, 0xff9b, 0x0001, ..) => {
+            vec![Ipv4Addr::new(o[6], o[7], o[9], o[10]), last]
         }
-        [0x2002, high, low, ..] => Some(Ipv4Addr::from((u32::from(high) << 16) | u32::from(low))),
-        [0x0064, 0xff9b, 0, 0, 0, 0, _, _] => Some(last),
-        _ => None,
+        (0x2001, 0, ..) => vec![v4(s2, s3), v4(!s6, !s7)],
+        (_, _, _, _, 0x0000 | 0x0200, 0x5efe) => vec![last],
+        _ => Vec::new(),
     }
 }
 
@@ -161,11 +169,14 @@ impl AddressPolicy {
             return Ok(());
         };
         let embedded = match ip {
-            IpAddr::V6(v6) => embedded_ipv4(v6).map(IpAddr::V4),
-            IpAddr::V4(_) => None,
+            IpAddr::V6(v6) => embedded_ipv4(v6),
+            IpAddr::V4(_) => Vec::new(),
         };
         if self.allowed.iter().any(|range| {
-            range.contains(&ip) || embedded.is_some_and(|embedded| range.contains(&embedded))
+            range.contains(&ip)
+                || embedded
+                    .iter()
+                    .any(|embedded| range.contains(&IpAddr::V4(*embedded)))
         }) {
             return Ok(());
         }
@@ -648,6 +659,17 @@ mod tests {
             ("64:ff9b::169.254.169.254", AddressClass::Metadata),
             ("2002:a9fe:a9fe::", AddressClass::Metadata),
             ("::ffff:169.254.1.1", AddressClass::LinkLocal),
+            ("::ffff:0:7f00:1", AddressClass::Loopback),
+            ("64:ff9b:1::7f00:1", AddressClass::Loopback),
+            ("64:ff9b:1::a9fe:a9fe", AddressClass::Metadata),
+            ("64:ff9b:1:7f00:1:0:0:0", AddressClass::Loopback),
+            ("2001:0:a9fe:a9fe::1", AddressClass::Metadata),
+            ("2001:0:a00:1::80ff:fefe", AddressClass::Loopback),
+            ("fe80::5efe:7f00:1", AddressClass::LinkLocal),
+            ("2001:db8::5efe:7f00:1", AddressClass::Loopback),
+            ("2001:db8::200:5efe:a9fe:a9fe", AddressClass::Metadata),
+            ("fd20:ce::254", AddressClass::Metadata),
+            ("192.0.0.192", AddressClass::Metadata),
         ] {
             assert_eq!(
                 policy.check(ip(address)),
@@ -668,6 +690,9 @@ mod tests {
             "::a00:1",
             "2002:a00:1::1",
             "64:ff9b::a00:1",
+            "64:ff9b:1::a00:1",
+            "2001:0:a00:1::f5ff:fffe",
+            "2001:db8::5efe:a00:1",
         ] {
             assert_eq!(policy.check(ip(routable)), Ok(()), "{routable}");
         }
