@@ -7,7 +7,9 @@
 //! connection carries at most [`ListenerLimits::http2_max_streams_per_connection`] streams and
 //! must answer keepalive pings; and a connection on which no byte moves either way for
 //! [`ListenerLimits::http_idle_timeout`] while it waits on the peer is closed ([`Stalled`]: a
-//! half-sent head, a reader that stopped reading, an idle keep-alive). Each closing is
+//! reader that stopped reading, a body that stopped coming; hyper's head deadline, which
+//! also runs while an HTTP/1 keep-alive connection waits for its next request, closes the
+//! idle ones first). Each closing is
 //! counted (`fulcrum_http_connections_closed_total{reason}`) and the open connections are a
 //! gauge, so an alert sees a listener filling up. What a request may hold once it is read
 //! (a slot, a deadline, its answer's bytes) is [`crate::limits`]'.

@@ -53,10 +53,11 @@ pub struct ListenerLimits {
     pub http_max_answer_bytes: usize,
     /// HTTP connections one listener holds at once; one more is closed as it is accepted.
     pub http_max_connections: usize,
-    /// How long an HTTP/1 request's head may take to arrive.
+    /// How long an HTTP/1 request's head may take to arrive, counted from when the
+    /// connection waits for it: also how long a keep-alive connection may sit idle.
     pub http_header_read_timeout: Duration,
-    /// How long a connection may wait on its peer with no byte moving either way (an idle
-    /// keep-alive, a client that stopped reading); longer than a long poll's silence.
+    /// How long a connection may wait on its peer with no byte moving either way (a client
+    /// that stopped reading, a body that stopped coming); longer than a long poll's silence.
     pub http_idle_timeout: Duration,
     /// Concurrent streams on one HTTP/2 connection to the HTTP listeners.
     pub http2_max_streams_per_connection: u32,

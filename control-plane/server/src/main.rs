@@ -66,12 +66,13 @@ struct Cli {
     /// HTTP connections one listener holds at once; one more is closed as it is accepted.
     #[arg(long, default_value_t = 8192)]
     http_max_connections: usize,
-    /// How long an HTTP/1 request's head may take to arrive, in milliseconds.
+    /// How long an HTTP/1 request's head may take to arrive, in milliseconds; also how long
+    /// an HTTP/1 keep-alive connection may sit idle between requests.
     #[arg(long, default_value_t = 10_000)]
     http_header_read_timeout_ms: u64,
-    /// How long an HTTP connection may wait on its peer with no byte moving either way (an
-    /// idle keep-alive, a client that stopped reading), in milliseconds. Keep it above the
-    /// request deadline plus a long poll's wait (60 s).
+    /// How long an HTTP connection may wait on its peer with no byte moving either way (a
+    /// client that stopped reading, a body that stopped coming), in milliseconds. Keep it
+    /// above the request deadline plus a long poll's wait (60 s).
     #[arg(long, default_value_t = 120_000)]
     http_idle_timeout_ms: u64,
     /// Concurrent streams on one HTTP/2 connection to the HTTP listeners.
