@@ -550,11 +550,11 @@ async fn a_half_sent_request_head_and_an_idle_connection_are_closed_at_their_dea
     );
     assert!(
         closed_within(&mut idle, Duration::from_secs(6)).await,
-        "a connection that sends nothing is closed"
+        "a connection that sends nothing is closed (stalled, at the idle timeout)"
     );
     assert!(
         closed_within(&mut served, Duration::from_secs(6)).await,
-        "a keep-alive connection idle past the idle timeout is closed"
+        "an idle keep-alive connection is closed (at the head deadline, which runs while it waits for its next request)"
     );
     let metrics = metrics_of(address).await;
     for series in [
