@@ -2,17 +2,16 @@
 //!
 //! Every pod of a mesh can reach the control plane, so no client may make it hold unbounded
 //! state or wait forever: HTTP requests have a deadline, a body cap and a cap on how many are
-//! served at once (the rest get a prompt `503`; long polls have a share of their own and the
-//! kubelet's probes are never refused; request bodies of their own, larger bound take slots of
-//! their own); the answers being sent hold at most [`ListenerLimits::http_max_answer_bytes`]
+//! served at once (the rest get a prompt `503`; long polls, and requests whose bodies have a
+//! larger bound of their own, have shares of their own, and the kubelet's probes are never
+//! refused); the answers being sent hold at most [`ListenerLimits::http_max_answer_bytes`]
 //! (each its own bytes, none for the snapshot that every proxy's answer shares, plus a
 //! stream's overhead), handed to the connection a frame at a time, so clients that stop
-//! reading cannot pile up answers or streams; gRPC (xDS
-//! and the registry) caps streams per connection and message sizes, and keeps connections
-//! alive only while the peer answers; the ADS server caps its streams in total
-//! (`fulcrum_xds::AdsServer::with_max_streams`). The connections themselves are
-//! [`crate::connections`]'. Each refusal is counted, so an alert sees a control plane at its
-//! limits.
+//! reading cannot pile up answers or streams; gRPC (xDS and the registry) caps streams per
+//! connection and message sizes, and keeps connections alive only while the peer answers;
+//! the ADS server caps its streams in total (`fulcrum_xds::AdsServer::with_max_streams`).
+//! The connections themselves are [`crate::connections`]'. Each refusal is counted, so an
+//! alert sees a control plane at its limits.
 
 use std::{
     pin::Pin,
@@ -181,9 +180,10 @@ impl ListenerLimits {
     /// own, a quarter of the cap (at least one), so clients that wait by design cannot take
     /// the slots of snapshot polls; refusals there are counted as `long_poll`. So are
     /// requests to `large_bodies`' routes ([`LARGE_BODY_SLOTS`], refusals counted as
-    /// `large_body`). The kubelet's
-    /// probes ([`PROBE_PATHS`]) take no slot: a listener full of slow clients must not get
-    /// the replica restarted by its liveness probe.
+    /// `large_body`). The kubelet's probes ([`PROBE_PATHS`]) take no slot and no answer
+    /// bytes: a listener full of slow clients must not get the replica restarted by its
+    /// liveness probe. An answer refused for its bytes comes after its handler ran: a
+    /// registry write it answered took effect (the writes are idempotent; retry).
     pub fn bound_http(
         &self,
         router: Router,
