@@ -139,6 +139,15 @@ async fn an_admin_api_off_loopback_without_tokens_refuses_to_start() {
     assert!(message.contains("--admin-token-file"), "{message}");
 }
 
+/// A control plane within `limits`, its endpoints file in the returned directory.
+async fn started_within(limits: ListenerLimits) -> (ControlPlane, tempfile::TempDir) {
+    started(Config {
+        limits,
+        ..loopback_config(None)
+    })
+    .await
+}
+
 /// A control plane within `limits` serving the in-memory registry, its token file in `dir`
 /// (the token `registry-test-token-0123456789`).
 async fn with_registry(dir: &tempfile::TempDir, limits: ListenerLimits) -> ControlPlane {
@@ -369,12 +378,9 @@ async fn open_ads_stream(
 
 #[tokio::test]
 async fn xds_streams_beyond_the_cap_are_refused_with_resource_exhausted_until_one_closes() {
-    let (control_plane, _dir) = started(Config {
-        limits: ListenerLimits {
-            xds_max_streams: 2,
-            ..ListenerLimits::default()
-        },
-        ..loopback_config(None)
+    let (control_plane, _dir) = started_within(ListenerLimits {
+        xds_max_streams: 2,
+        ..ListenerLimits::default()
     })
     .await;
     let address = control_plane.xds_address();
@@ -402,12 +408,9 @@ async fn xds_streams_beyond_the_cap_are_refused_with_resource_exhausted_until_on
 #[tokio::test]
 async fn an_ads_request_many_times_the_first_request_buffer_is_read_whole_and_one_over_the_limit_ends_the_stream()
  {
-    let (control_plane, _dir) = started(Config {
-        limits: ListenerLimits {
-            grpc_max_message_bytes: 64 * 1024,
-            ..ListenerLimits::default()
-        },
-        ..loopback_config(None)
+    let (control_plane, _dir) = started_within(ListenerLimits {
+        grpc_max_message_bytes: 64 * 1024,
+        ..ListenerLimits::default()
     })
     .await;
     let address = control_plane.xds_address();
@@ -520,13 +523,10 @@ async fn closed_within(stream: &mut TcpStream, within: Duration) -> bool {
 
 #[tokio::test]
 async fn a_half_sent_request_head_and_an_idle_connection_are_closed_at_their_deadlines() {
-    let (control_plane, _dir) = started(Config {
-        limits: ListenerLimits {
-            http_header_read_timeout: Duration::from_secs(1),
-            http_idle_timeout: Duration::from_secs(2),
-            ..ListenerLimits::default()
-        },
-        ..loopback_config(None)
+    let (control_plane, _dir) = started_within(ListenerLimits {
+        http_header_read_timeout: Duration::from_secs(1),
+        http_idle_timeout: Duration::from_secs(2),
+        ..ListenerLimits::default()
     })
     .await;
     let address = control_plane.http_address();
@@ -568,12 +568,9 @@ async fn a_half_sent_request_head_and_an_idle_connection_are_closed_at_their_dea
 
 #[tokio::test]
 async fn a_listener_holding_its_most_connections_closes_the_next_as_it_is_accepted() {
-    let (control_plane, _dir) = started(Config {
-        limits: ListenerLimits {
-            http_max_connections: 2,
-            ..ListenerLimits::default()
-        },
-        ..loopback_config(None)
+    let (control_plane, _dir) = started_within(ListenerLimits {
+        http_max_connections: 2,
+        ..ListenerLimits::default()
     })
     .await;
     let address = control_plane.http_address();
@@ -685,12 +682,9 @@ impl<T> Drop for AbortOnDrop<T> {
 
 #[tokio::test]
 async fn large_answers_clients_do_not_read_hold_at_most_the_answer_budget() {
-    let (control_plane, _dir) = started(Config {
-        limits: ListenerLimits {
-            http_max_answer_bytes: 1 << 20,
-            ..ListenerLimits::default()
-        },
-        ..loopback_config(None)
+    let (control_plane, _dir) = started_within(ListenerLimits {
+        http_max_answer_bytes: 1 << 20,
+        ..ListenerLimits::default()
     })
     .await;
     let address = control_plane.http_address();
@@ -752,13 +746,10 @@ async fn large_answers_clients_do_not_read_hold_at_most_the_answer_budget() {
 
 #[tokio::test]
 async fn endpoint_diagnostics_asks_wait_in_the_long_polls_share_and_leave_snapshot_polls_served() {
-    let (control_plane, _dir) = started(Config {
-        limits: ListenerLimits {
-            // A quarter of 4: one long poll at a time.
-            http_max_in_flight: 4,
-            ..ListenerLimits::default()
-        },
-        ..loopback_config(None)
+    let (control_plane, _dir) = started_within(ListenerLimits {
+        // A quarter of 4: one long poll at a time.
+        http_max_in_flight: 4,
+        ..ListenerLimits::default()
     })
     .await;
     let address = control_plane.http_address();
