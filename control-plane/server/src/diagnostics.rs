@@ -130,8 +130,6 @@ pub struct DiagnosticsTable {
     next_id: u64,
     pending: BTreeMap<String, Pending>,
     reports: BTreeMap<(String, String), Received>,
-    /// The kept reports' bytes.
-    held: usize,
 }
 
 fn age(then: SystemTime, now: SystemTime) -> Duration {
@@ -146,7 +144,6 @@ impl DiagnosticsTable {
             next_id: first_id,
             pending: BTreeMap::new(),
             reports: BTreeMap::new(),
-            held: 0,
         }
     }
 
@@ -205,10 +202,10 @@ impl DiagnosticsTable {
         }
         self.pending.remove(node);
         let key = (node.to_owned(), report.service.clone());
-        self.forget(&key);
-        while !self.reports.is_empty()
-            && (self.reports.len() >= self.limits.max_reports
-                || self.held + bytes > self.limits.max_report_bytes)
+        self.reports.remove(&key);
+        let mut held: usize = self.reports.values().map(|received| received.bytes).sum();
+        while self.reports.len() >= self.limits.max_reports
+            || held + bytes > self.limits.max_report_bytes
         {
             let Some(oldest) = self
                 .reports
@@ -218,9 +215,10 @@ impl DiagnosticsTable {
             else {
                 break;
             };
-            self.forget(&oldest);
+            if let Some(gone) = self.reports.remove(&oldest) {
+                held -= gone.bytes;
+            }
         }
-        self.held += bytes;
         self.reports.insert(
             key,
             Received {
@@ -230,13 +228,6 @@ impl DiagnosticsTable {
             },
         );
         Ok(())
-    }
-
-    /// Drops the report under `key`, if any.
-    fn forget(&mut self, key: &(String, String)) {
-        if let Some(gone) = self.reports.remove(key) {
-            self.held = self.held.saturating_sub(gone.bytes);
-        }
     }
 
     /// The report of `node` for `service` answering request `id`, if it arrived.
@@ -251,14 +242,8 @@ impl DiagnosticsTable {
         let expire_after = self.limits.expire_after;
         self.pending
             .retain(|_, pending| age(pending.asked, now) < expire_after);
-        let held = &mut self.held;
-        self.reports.retain(|_, received| {
-            let keep = age(received.at, now) < expire_after;
-            if !keep {
-                *held = held.saturating_sub(received.bytes);
-            }
-            keep
-        });
+        self.reports
+            .retain(|_, received| age(received.at, now) < expire_after);
     }
 
     /// How many requests are pending and reports kept.
